@@ -1,0 +1,38 @@
+# Every target creates/uses the local .venv and installs what it needs (fresh Debian, Python 3.11).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint build format clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Rebuild the Cython extensions in place (needed after editing a .pyx).
+build: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+demo: build
+	$(BIN)/python examples/demo.py
+
+test: build
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/hashring.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src simulators tests benchmarks examples
+	$(BIN)/ruff format --check src simulators tests benchmarks examples
+
+format: $(STAMP)
+	$(BIN)/ruff format src simulators tests benchmarks examples
+	$(BIN)/ruff check --fix src simulators tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/lmgw/_fast/*.so src/lmgw/_fast/*.c

@@ -1,0 +1,946 @@
+"""The HTTP face of a simulated merged (prefill+decode, role "pd") worker: vLLM's OpenAI-compatible
+API, /health, /metrics, /tokenize, /detokenize, plus /sim/* controls for tests.
+
+``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
+contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
+engine logic lives in :mod:`.engine` (sans-IO); this module only parses, validates, sleeps per the
+timing model and writes vLLM-shaped bytes.
+
+Hot path (the simulator is the "direct" baseline of the gateway-overhead benchmarks, run at
+``speed=inf``): requests are decoded by typed msgspec structs, the constant parts of every SSE
+event are encoded once per request, output pieces are pre-encoded in the vocabulary, and each
+decode step is one write.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+
+from lmgw.http.types import Request, Responder
+
+from .engine import (
+    PIECE_JSON,
+    VOCAB_SIZE,
+    Completion,
+    Engine,
+    EngineConfig,
+    PromptError,
+    SamplingSpec,
+    Ticket,
+    TimingModel,
+    render_chat,
+)
+from .faults import DropConnection, FaultInjector, Faults
+from .metrics import render_metrics
+
+RECENT = 256
+"""How many aborted requests and request ids /sim/stats remembers."""
+
+
+@dataclass(slots=True)
+class WorkerOptions:
+    """Configuration of one simulated worker (the CLI flags of ``python -m lmgw.simulators``)."""
+
+    model: str = "sim-model"
+    served_model_names: tuple[str, ...] = ()
+    role: str = "pd"
+    host: str = "127.0.0.1"
+    port: int = 0
+    speed: float = 1.0
+    seed: int = 0
+    max_num_seqs: int = 256
+    kv_blocks: int = 8192
+    block_size: int = 16
+    max_model_len: int = 8192
+    api_key: str | None = None
+    faults: Faults = field(default_factory=Faults)
+    exit_on_crash: bool = False
+    """True only when the worker is its own process: ``crash_at_token`` then exits it."""
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return self.served_model_names or (self.model,)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            seed=self.seed,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            kv_blocks=self.kv_blocks,
+            block_size=self.block_size,
+            timing=TimingModel(speed=self.speed),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Request bodies (typed views; unknown fields are ignored, as vLLM ignores extra fields)
+# ------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class _GenRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+class ChatRequest(_GenRequest, kw_only=True):
+    messages: list[Any]
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class CompletionRequest(_GenRequest, kw_only=True):
+    prompt: Any = None
+    echo: bool | None = False
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+_detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
+_encode = msgspec.json.encode
+
+
+class ApiError(Exception):
+    """An error answered with vLLM's error body ``{"error": {message, type, param, code}}``."""
+
+    TYPES = {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        404: "NotFoundError",
+        500: "InternalServerError",
+        503: "ServiceUnavailableError",
+    }
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        err_type = self.TYPES.get(self.status, "InternalServerError")
+        return _encode(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": err_type,
+                    "param": self.param,
+                    "code": self.status,
+                }
+            }
+        )
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-request plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one generation request will do: prompts, the precomputed choices, output shape."""
+
+    kind: str  # "chat" | "completion"
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    choices: list[Completion]
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    echo_texts: list[str] | None = None  # completions with echo: prompt text per choice
+    cached_tokens: int = 0  # known after prefill
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+
+def _sampling(req: _GenRequest, max_tokens: int | None) -> SamplingSpec:
+    stop = req.stop
+    stops: tuple[str, ...] = (
+        () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    )
+    return SamplingSpec(
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop=stops,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        seed=req.seed,
+    )
+
+
+def _validate_sampling(req: _GenRequest, max_tokens: int | None) -> int:
+    """vLLM's checks (messages as in ``SamplingParams._verify_args``); returns n."""
+    n = 1 if req.n is None else req.n
+    if n < 1:
+        raise _bad(f"n must be at least 1, got {n}.", "n")
+    if max_tokens is not None and max_tokens < 1:
+        raise _bad(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+    if req.min_tokens < 0:
+        raise _bad(
+            f"min_tokens must be greater than or equal to 0, got {req.min_tokens}.", "min_tokens"
+        )
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise _bad(
+            f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+            f"got {req.min_tokens}.",
+            "min_tokens",
+        )
+    if req.temperature is not None and req.temperature < 0:
+        raise _bad(f"temperature must be non-negative, got {req.temperature}.", "temperature")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise _bad(f"top_p must be in (0, 1], got {req.top_p}.", "top_p")
+    if req.stream_options is not None and not req.stream:
+        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker
+# ------------------------------------------------------------------------------------------------
+
+_JSON = (b"content-type", b"application/json")
+_SSE = (b"content-type", b"text/event-stream; charset=utf-8")
+_TEXT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+_DONE = b"data: [DONE]\n\n"
+
+Route = Callable[[Request, Responder, bytes], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Simulator-only bookkeeping behind GET /sim/stats (tests read it)."""
+
+    requests_total: int = 0
+    in_flight: int = 0
+    aborted_total: int = 0
+    dropped_total: int = 0
+    errors_injected: int = 0
+    aborted: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT))
+    last_headers: dict[str, str] = field(default_factory=dict)
+
+
+class SimWorker:
+    """A merged-role ("pd") simulated vLLM worker as an HTTP handler.
+
+    Args:
+        options: the worker's configuration; ``options.faults`` are the start-up faults.
+        engine: an engine to share (tests); a fresh one is built from ``options`` otherwise.
+    """
+
+    def __init__(self, options: WorkerOptions | None = None, *, engine: Engine | None = None):
+        self.options = options or WorkerOptions()
+        if self.options.role != "pd":
+            raise ValueError(unsupported_role_message(self.options.role))
+        self.engine = engine or Engine(self.options.engine_config())
+        self.faults = FaultInjector(self.options.faults, seed=self.options.seed)
+        self.engine.slow = self.faults.faults.slow
+        self.stats = SimStats()
+        self._slots = trio.Semaphore(max(1, self.options.max_num_seqs))
+        self._names = frozenset(self.options.served_names)
+        self._default_model = self.options.served_names[0]
+        self._created = int(time.time())
+        key = self.options.api_key
+        self._auth = f"Bearer {key}".encode() if key else None
+        self._routes: dict[str, tuple[frozenset[str], Route]] = {
+            "/v1/chat/completions": (frozenset({"POST"}), self._chat),
+            "/v1/completions": (frozenset({"POST"}), self._completions),
+            "/v1/models": (frozenset({"GET"}), self._models),
+            "/health": (frozenset({"GET"}), self._health),
+            "/metrics": (frozenset({"GET"}), self._metrics),
+            "/version": (frozenset({"GET"}), self._version),
+            "/tokenize": (frozenset({"POST"}), self._tokenize),
+            "/detokenize": (frozenset({"POST"}), self._detokenize),
+            "/sim/stats": (frozenset({"GET"}), self._sim_stats),
+            "/sim/faults": (frozenset({"GET", "POST"}), self._sim_faults),
+            "/sim/reset": (frozenset({"POST"}), self._sim_reset),
+        }
+        self._models_body = self._build_models_body()
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        path = request.path
+        entry = self._routes.get(path)
+        rid = request.header(b"x-request-id")
+        if rid is None:
+            rid = uuid.uuid4().hex.encode()
+        elif path != "/health" and path != "/metrics" and not path.startswith("/sim/"):
+            self.stats.request_ids.append(rid.decode("latin-1"))
+        if entry is None:
+            await _send_json(responder, 404, b'{"detail":"Not Found"}', rid)
+            return
+        methods, route = entry
+        if request.method not in methods:
+            await _send_json(responder, 405, b'{"detail":"Method Not Allowed"}', rid)
+            return
+        try:
+            if not path.startswith("/sim/"):
+                if path != "/health" and path != "/metrics":
+                    self.stats.last_headers = {
+                        k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
+                    }
+                if self.faults.faults.refuse:
+                    raise ApiError(503, "The simulated worker refuses requests (fault: refuse).")
+                if (
+                    self._auth is not None
+                    and path.startswith("/v1/")
+                    and request.header(b"authorization") != self._auth
+                ):
+                    await _send_json(responder, 401, b'{"error":"Unauthorized"}', rid)
+                    return
+            await route(request, responder, rid)
+        except ApiError as exc:
+            if responder.started:
+                raise
+            await _send_json(responder, exc.status, exc.body(), rid)
+
+    def _check_model(self, model: str | None) -> str:
+        if model is None:
+            return self._default_model
+        if model not in self._names:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+        return model
+
+    # -- generation -------------------------------------------------------------------------------
+
+    async def _chat(self, request: Request, responder: Responder, rid: bytes) -> None:
+        try:
+            req = _chat_decoder.decode(request.body)
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        n = _validate_sampling(req, max_tokens)
+        model = self._check_model(req.model)
+        try:
+            rendered = render_chat(
+                self.engine.tokenizer,
+                req.messages,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                media=self.engine.config.media,
+            )
+        except PromptError as exc:
+            raise _bad(str(exc), exc.param) from None
+        self._check_length(len(rendered.token_ids), max_tokens, "messages")
+        spec = _sampling(req, max_tokens)
+        ids = rendered.token_ids
+        choices = [self.engine.generate(ids, spec, i) for i in range(n)]
+        stream = bool(req.stream)
+        so = req.stream_options
+        plan = _Plan(
+            "chat",
+            rid.decode("latin-1"),
+            model,
+            [ids],
+            choices,
+            stream,
+            bool(stream and so is not None and so.include_usage),
+            bool(stream and so is not None and so.continuous_usage_stats),
+        )
+        await self._run(plan, responder, rid)
+
+    async def _completions(self, request: Request, responder: Responder, rid: bytes) -> None:
+        try:
+            req = _completion_decoder.decode(request.body)
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        n = _validate_sampling(req, req.max_tokens)
+        model = self._check_model(req.model)
+        prompts = self._completion_prompts(req.prompt)
+        for ids in prompts:
+            self._check_length(len(ids), req.max_tokens, "prompt")
+        spec = _sampling(req, req.max_tokens)
+        choices = [self.engine.generate(ids, spec, i) for ids in prompts for i in range(n)]
+        echo = None
+        if req.echo:
+            tok = self.engine.tokenizer
+            echo = [tok.decode(ids) for ids in prompts for _ in range(n)]
+        stream = bool(req.stream)
+        so = req.stream_options
+        plan = _Plan(
+            "completion",
+            rid.decode("latin-1"),
+            model,
+            prompts,
+            choices,
+            stream,
+            bool(stream and so is not None and so.include_usage),
+            bool(stream and so is not None and so.continuous_usage_stats),
+            echo,
+        )
+        await self._run(plan, responder, rid)
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        """str | list[str] | list[int] | list[list[int]] -> token id lists (vLLM's forms)."""
+        encode = self.engine.tokenizer.encode
+        if isinstance(prompt, str):
+            prompts = [encode(prompt)]
+        elif isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                prompts = [encode(p) for p in prompt]
+            elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+                prompts = [list(prompt)]
+            elif all(isinstance(p, list) for p in prompt):
+                prompts = [self._token_list(p) for p in prompt]
+            else:
+                raise _bad(
+                    "prompt must be a string, a list of strings, a list of token ids "
+                    "or a list of token id lists",
+                    "prompt",
+                )
+        else:
+            raise _bad("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+        for ids in prompts:
+            if not ids:
+                raise _bad("The decoder prompt cannot be empty", "prompt")
+            for t in ids:
+                if not 0 <= t < VOCAB_SIZE:
+                    raise _bad(f"Token id {t} is out of vocabulary", "prompt")
+        return prompts
+
+    @staticmethod
+    def _token_list(p: list[Any]) -> list[int]:
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise _bad("token id lists must contain integers only", "prompt")
+        return p
+
+    def _check_length(self, prompt_len: int, max_tokens: int | None, what: str) -> None:
+        limit = self.engine.config.max_model_len
+        if prompt_len >= limit:
+            raise _bad(
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {prompt_len} input tokens. Please reduce the length of the input {what}."
+            )
+        if max_tokens is not None and prompt_len + max_tokens > limit:
+            raise _bad(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
+                f"model's maximum context length is {limit} tokens and your request has "
+                f"{prompt_len} input tokens ({max_tokens} > {limit} - {prompt_len})."
+            )
+
+    async def _run(self, plan: _Plan, responder: Responder, rid: bytes) -> None:
+        """Queue, prefill, decode and answer one request, under the faults and timing model."""
+        stats = self.stats
+        stats.requests_total += 1
+        faults = self.faults.faults
+        if self.faults.should_error():
+            stats.errors_injected += 1
+            raise ApiError(500, "Simulated engine failure (fault: error_rate).")
+        engine = self.engine
+        arrival = trio.current_time()
+        stats.in_flight += 1
+        ticket: Ticket | None = None
+        writer = _StreamWriter(plan, self._created) if plan.stream else None
+        generated = 0
+        finished = False
+        acquired = False
+        try:
+            if faults.hang:
+                await trio.sleep_forever()
+            ticket = engine.submit(plan.prompt_tokens, len(plan.choices))
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._slots.acquire()
+            acquired = True
+            ticket.admit(plan.completion_tokens)
+            delay = ticket.prefill(plan.prompts)
+            plan.cached_tokens = ticket.cached_tokens
+            clock = arrival
+            if delay > 0:
+                clock = trio.current_time() + delay
+                await trio.sleep_until(clock)
+            ticket.begin_decode()
+            if writer is not None:
+                await responder.start(200, [_SSE, (b"x-request-id", rid)])
+            steps = max(c.num_tokens for c in plan.choices)
+            timed = not engine.config.timing.instant
+            faulty = faults.crash_at_token is not None or faults.drop_at_token is not None
+            if writer is not None or timed or faulty:
+                for step in range(steps):
+                    if faulty:
+                        await self._token_faults(step, plan, responder, rid, writer)
+                    if step == 0:
+                        engine.stats.ttft.observe(trio.current_time() - arrival)
+                    elif timed:
+                        # Deadline-driven steps (no drift), but never more than 50 ms of catch-up.
+                        clock = max(clock, trio.current_time() - 0.05) + ticket.decode_step_s()
+                        await trio.sleep_until(clock)
+                    if writer is not None:
+                        await responder.send(writer.step(step))
+                    generated = step + 1
+                if faulty:
+                    await self._token_faults(steps, plan, responder, rid, writer)
+            else:
+                engine.stats.ttft.observe(trio.current_time() - arrival)
+            generated = steps
+            if writer is not None:
+                await responder.send(writer.finish())
+                await responder.end()
+            else:
+                await responder.send_full(200, [_JSON, (b"x-request-id", rid)], self._body(plan))
+            finished = True
+        except trio.Cancelled:
+            stats.aborted_total += 1
+            stats.aborted.append(
+                {
+                    "request_id": plan.request_id,
+                    "at_monotonic": time.monotonic(),
+                    "tokens_sent": 0 if writer is None else writer.tokens,
+                }
+            )
+            raise
+        except DropConnection:
+            stats.dropped_total += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+            if acquired:
+                self._slots.release()
+            if ticket is not None:
+                self._close_ticket(ticket, plan, generated, finished, arrival)
+
+    def _close_ticket(
+        self, ticket: Ticket, plan: _Plan, generated: int, finished: bool, arrival: float
+    ) -> None:
+        if not finished:
+            ticket.emitted(generated)
+            ticket.close(aborted=True)
+            return
+        ticket.emitted(plan.completion_tokens)
+        prompts = plan.prompts
+        per_prompt = len(plan.choices) // len(prompts)
+        ticket.close(
+            [c.finish_reason for c in plan.choices],
+            [[*prompts[i // per_prompt], *c.token_ids] for i, c in enumerate(plan.choices)],
+        )
+        self.engine.stats.e2e.observe(trio.current_time() - arrival)
+
+    async def _token_faults(
+        self,
+        emitted: int,
+        plan: _Plan,
+        responder: Responder,
+        rid: bytes,
+        writer: _StreamWriter | None,
+    ) -> None:
+        """Act on crash_at_token / drop_at_token once ``emitted`` tokens went out."""
+        faults = self.faults.faults
+        if faults.crash_at_token == emitted:
+            if self.options.exit_on_crash:
+                os._exit(1)
+            raise DropConnection(f"crash at token {emitted} (in-process: connection dropped)")
+        if faults.drop_at_token == emitted:
+            if writer is None:
+                # Non-streamed: start the response and cut the body in half, so the client sees
+                # a truncated message rather than a clean error.
+                body = self._body(plan)
+                await responder.start(200, [_JSON, (b"x-request-id", rid)])
+                await responder.send(body[: max(1, len(body) // 2)])
+            raise DropConnection(f"drop at token {emitted}")
+
+    def _usage(self, plan: _Plan, cached: int) -> dict[str, Any]:
+        prompt = plan.prompt_tokens
+        completion = plan.completion_tokens
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def _body(self, plan: _Plan) -> bytes:
+        cached = plan.cached_tokens
+        if plan.kind == "chat":
+            return _encode(
+                {
+                    "id": f"chatcmpl-{plan.request_id}",
+                    "object": "chat.completion",
+                    "created": self._created,
+                    "model": plan.model,
+                    "choices": [
+                        {
+                            "index": i,
+                            "message": {
+                                "role": "assistant",
+                                "content": c.text,
+                                "refusal": None,
+                                "annotations": None,
+                                "audio": None,
+                                "function_call": None,
+                                "tool_calls": [],
+                                "reasoning_content": None,
+                            },
+                            "logprobs": None,
+                            "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                        for i, c in enumerate(plan.choices)
+                    ],
+                    "service_tier": None,
+                    "system_fingerprint": None,
+                    "usage": self._usage(plan, cached),
+                    "prompt_logprobs": None,
+                    "kv_transfer_params": None,
+                }
+            )
+        echo = plan.echo_texts
+        return _encode(
+            {
+                "id": f"cmpl-{plan.request_id}",
+                "object": "text_completion",
+                "created": self._created,
+                "model": plan.model,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": c.text if echo is None else echo[i] + c.text,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                        "prompt_logprobs": None,
+                    }
+                    for i, c in enumerate(plan.choices)
+                ],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": self._usage(plan, cached),
+                "kv_transfer_params": None,
+            }
+        )
+
+    # -- other vLLM routes ------------------------------------------------------------------------
+
+    def _build_models_body(self) -> bytes:
+        opts = self.options
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self._created,
+                "owned_by": "vllm",
+                "root": opts.model,
+                "parent": None,
+                "max_model_len": opts.max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{uuid.uuid4().hex}",
+                        "object": "model_permission",
+                        "created": self._created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+            for name in opts.served_names
+        ]
+        return _encode({"object": "list", "data": data})
+
+    async def _models(self, request: Request, responder: Responder, rid: bytes) -> None:
+        await _send_json(responder, 200, self._models_body, rid)
+
+    async def _health(self, request: Request, responder: Responder, rid: bytes) -> None:
+        if self.faults.health_ok():
+            await responder.send_full(200, [(b"x-request-id", rid)], b"")
+        else:
+            raise ApiError(503, "The simulated worker is unhealthy (fault).")
+
+    async def _metrics(self, request: Request, responder: Responder, rid: bytes) -> None:
+        body = render_metrics(self.engine, self._default_model).encode()
+        await responder.send_full(200, [_TEXT, (b"x-request-id", rid)], body)
+
+    async def _version(self, request: Request, responder: Responder, rid: bytes) -> None:
+        await _send_json(responder, 200, b'{"version":"0.0.0+lmgw.sim"}', rid)
+
+    async def _tokenize(self, request: Request, responder: Responder, rid: bytes) -> None:
+        try:
+            req = _tokenize_decoder.decode(request.body)
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        self._check_model(req.model)
+        tok = self.engine.tokenizer
+        if req.messages is not None:
+            try:
+                ids = render_chat(
+                    tok,
+                    req.messages,
+                    add_generation_prompt=req.add_generation_prompt
+                    and not req.continue_final_message,
+                    continue_final_message=req.continue_final_message,
+                    media=self.engine.config.media,
+                ).token_ids
+            except PromptError as exc:
+                raise _bad(str(exc), exc.param) from None
+        elif req.prompt is not None:
+            ids = tok.encode(req.prompt)
+        else:
+            raise _bad("Either prompt or messages must be provided.")
+        strs = [tok.id_to_piece(t) for t in ids] if req.return_token_strs else None
+        body = {
+            "count": len(ids),
+            "max_model_len": self.engine.config.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
+        await _send_json(responder, 200, _encode(body), rid)
+
+    async def _detokenize(self, request: Request, responder: Responder, rid: bytes) -> None:
+        try:
+            req = _detokenize_decoder.decode(request.body)
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        self._check_model(req.model)
+        for t in req.tokens:
+            if not 0 <= t < VOCAB_SIZE:
+                raise _bad(f"Token id {t} is out of vocabulary", "tokens")
+        text = self.engine.tokenizer.decode(req.tokens)
+        await _send_json(responder, 200, _encode({"prompt": text}), rid)
+
+    # -- simulator controls -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What GET /sim/stats answers (also handy for in-process tests)."""
+        s = self.stats
+        e = self.engine
+        return {
+            "role": self.options.role,
+            "model": self._default_model,
+            "requests_total": s.requests_total,
+            "in_flight": s.in_flight,
+            "aborted_total": s.aborted_total,
+            "dropped_total": s.dropped_total,
+            "errors_injected": s.errors_injected,
+            "aborted": list(s.aborted),
+            "request_ids": list(s.request_ids),
+            "last_headers": s.last_headers,
+            "running": e.running,
+            "waiting": e.waiting,
+            "kv_cache_usage": e.kv_cache_usage,
+            "prefix_cache": {
+                "blocks": len(e.cache),
+                "capacity_blocks": e.cache.capacity_blocks,
+                "queries": e.cache.queries,
+                "hits": e.cache.hits,
+                "evictions": e.cache.evictions,
+            },
+            "prompt_tokens_total": e.stats.prompt_tokens,
+            "generation_tokens_total": e.stats.generation_tokens,
+            "faults": self.faults.as_dict(),
+        }
+
+    async def _sim_stats(self, request: Request, responder: Responder, rid: bytes) -> None:
+        await _send_json(responder, 200, _encode(self.snapshot()), rid)
+
+    async def _sim_faults(self, request: Request, responder: Responder, rid: bytes) -> None:
+        if request.method == "POST":
+            try:
+                patch = msgspec.json.decode(request.body) if request.body else {}
+            except msgspec.DecodeError as exc:
+                raise _bad(str(exc)) from None
+            if not isinstance(patch, dict):
+                raise _bad("the body must be a JSON object of fault settings")
+            try:
+                self.faults.update(patch)
+            except ValueError as exc:
+                raise _bad(str(exc)) from None
+            self.engine.slow = self.faults.faults.slow
+        await _send_json(responder, 200, _encode(self.faults.as_dict()), rid)
+
+    async def _sim_reset(self, request: Request, responder: Responder, rid: bytes) -> None:
+        self.reset()
+        await _send_json(responder, 200, b"{}", rid)
+
+    def reset(self) -> None:
+        """Clear counters, history and the prefix cache; restore the start-up faults."""
+        in_flight = self.stats.in_flight
+        self.stats = SimStats(in_flight=in_flight)
+        self.engine.reset()
+        self.faults.reset()
+        self.engine.slow = self.faults.faults.slow
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming
+# ------------------------------------------------------------------------------------------------
+
+
+class _StreamWriter:
+    """Builds the SSE bytes of one request; constant parts are encoded once."""
+
+    __slots__ = ("_chat", "_head", "_plan", "_post", "_pre", "_usage_each", "tokens")
+
+    def __init__(self, plan: _Plan, created: int) -> None:
+        self._plan = plan
+        self._chat = plan.kind == "chat"
+        obj = "chat.completion.chunk" if self._chat else "text_completion"
+        prefix = "chatcmpl-" if self._chat else "cmpl-"
+        self._head = (
+            b'data: {"id":'
+            + _encode(prefix + plan.request_id)
+            + b',"object":"'
+            + obj.encode()
+            + b'","created":'
+            + str(created).encode()
+            + b',"model":'
+            + _encode(plan.model)
+            + b',"choices":['
+        )
+        self._usage_each = plan.continuous_usage
+        # Per-choice prefix up to the token text, and what follows it.
+        field_ = b'"delta":{"content":' if self._chat else b'"text":'
+        self._pre = [
+            self._head + b'{"index":' + str(i).encode() + b"," + field_
+            for i in range(len(plan.choices))
+        ]
+        self._post = b"}}]}\n\n" if self._chat else b"}]}\n\n"
+        self.tokens = 0
+
+    def _tail(self, completion_tokens: int) -> bytes:
+        if not self._usage_each:
+            return b"]}\n\n"
+        p = self._plan.prompt_tokens
+        return b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n' % (
+            p,
+            p + completion_tokens,
+            completion_tokens,
+        )
+
+    def _event(self, i: int, text_json: bytes, completion_tokens: int) -> bytes:
+        if not self._usage_each:
+            return self._pre[i] + text_json + self._post
+        close = b"}}" if self._chat else b"}"
+        return self._pre[i] + text_json + close + self._tail(completion_tokens)
+
+    def step(self, step: int) -> bytes:
+        """The events of decode step ``step``: one per choice that still has a token (plus, at
+        step 0, the chat role chunk or the echoed prompt)."""
+        out: list[bytes] = []
+        for i, c in enumerate(self._plan.choices):
+            if step >= c.num_tokens:
+                continue
+            if step == 0:
+                out.append(self._opening(i))
+            piece = c.pieces[step]
+            pj = PIECE_JSON.get(piece)
+            if pj is None:
+                pj = _encode(piece)
+            self.tokens += 1
+            out.append(self._event(i, pj, step + 1))
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _opening(self, i: int) -> bytes:
+        if self._chat:
+            return (
+                self._head
+                + b'{"index":'
+                + str(i).encode()
+                + b',"delta":{"role":"assistant","content":""}}'
+                + self._tail(0)
+            )
+        echo = self._plan.echo_texts
+        return b"" if echo is None else self._event(i, _encode(echo[i]), 0)
+
+    def finish(self) -> bytes:
+        """Final chunk per choice (finish_reason), the usage chunk if asked, then [DONE]."""
+        plan = self._plan
+        out: list[bytes] = []
+        for i, c in enumerate(plan.choices):
+            if c.num_tokens == 0:
+                out.append(self._opening(i))
+            body = b'{"index":%d,' % i
+            body += b'"delta":{"content":""}' if self._chat else b'"text":""'
+            body += b',"finish_reason":' + _encode(c.finish_reason)
+            if c.stop_reason is not None:
+                body += b',"stop_reason":' + _encode(c.stop_reason)
+            out.append(self._head + body + b"}" + self._tail(c.num_tokens))
+        if plan.include_usage:
+            p, n = plan.prompt_tokens, plan.completion_tokens
+            usage = {
+                "prompt_tokens": p,
+                "total_tokens": p + n,
+                "completion_tokens": n,
+                "prompt_tokens_details": {"cached_tokens": plan.cached_tokens},
+            }
+            out.append(self._head + b'],"usage":' + _encode(usage) + b"}\n\n")
+        out.append(_DONE)
+        return b"".join(out)
+
+
+async def _send_json(responder: Responder, status: int, body: bytes, rid: bytes) -> None:
+    await responder.send_full(status, [_JSON, (b"x-request-id", rid)], body)
+
+
+def unsupported_role_message(role: str) -> str:
+    return (
+        f"role {role!r} is not implemented yet: the disaggregated-flow issue adds "
+        "encode/prefill/decode simulators"
+    )
+
+
+__all__ = [
+    "ApiError",
+    "SimStats",
+    "SimWorker",
+    "WorkerOptions",
+    "unsupported_role_message",
+]

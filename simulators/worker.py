@@ -1,0 +1,120 @@
+"""Run one simulated worker as a process: ``python -m lmgw.simulators --role pd --port 0 ...``.
+
+The process prints exactly one line, ``READY http://<host>:<port>``, to stdout once it is bound
+(the fleet launcher waits for it; port 0 means "pick a free one"), logs only to stderr, and exits
+with status 0 on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .app import WorkerOptions, unsupported_role_message
+from .faults import Faults
+
+ROLES = ("pd",)
+"""Roles this version simulates (encode/prefill/decode come with the disaggregated flows)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lmgw.simulators",
+        description="A simulated vLLM worker (OpenAI-compatible HTTP API, timing model, faults).",
+    )
+    p.add_argument("--role", default="pd", help="worker role; only 'pd' (merged) for now")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on READY)")
+    p.add_argument("--model", default="sim-model", help="model name (also the served name)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="names the API accepts for the model (default: --model)",
+    )
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="divide every delay by this; 'inf': no delays"
+    )
+    p.add_argument("--seed", type=int, default=0, help="output and fault RNG seed")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="concurrent requests")
+    p.add_argument("--kv-blocks", type=int, default=8192, help="prefix cache capacity (blocks)")
+    p.add_argument("--block-size", type=int, default=16, help="prefix cache block (tokens)")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    faults = p.add_argument_group("fault injection (also settable at run time: POST /sim/faults)")
+    faults.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 500")
+    faults.add_argument("--hang", action="store_true", help="never answer generation requests")
+    faults.add_argument("--slow", type=float, default=1.0, help="multiply every delay")
+    faults.add_argument("--crash-at-token", type=int, default=None, help="exit(1) after k tokens")
+    faults.add_argument("--drop-at-token", type=int, default=None, help="drop conn after k tokens")
+    faults.add_argument("--refuse", action="store_true", help="answer 503 to everything")
+    faults.add_argument("--flap-health", action="store_true", help="/health alternates 200/503")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> WorkerOptions:
+    """WorkerOptions from parsed flags. Raises ``ValueError`` for an unsupported role or bad
+    fault values."""
+    if ns.role not in ROLES:
+        raise ValueError(unsupported_role_message(ns.role))
+    if math.isnan(ns.speed) or ns.speed <= 0:
+        raise ValueError("--speed must be > 0 (use 'inf' for no delays)")
+    faults = Faults(
+        error_rate=ns.error_rate,
+        hang=ns.hang,
+        slow=ns.slow,
+        crash_at_token=ns.crash_at_token,
+        drop_at_token=ns.drop_at_token,
+        refuse=ns.refuse,
+        flap_health=ns.flap_health,
+    )
+    return WorkerOptions(
+        model=ns.model,
+        served_model_names=tuple(ns.served_model_name or ()),
+        role=ns.role,
+        host=ns.host,
+        port=ns.port,
+        speed=ns.speed,
+        seed=ns.seed,
+        max_num_seqs=ns.max_num_seqs,
+        kv_blocks=ns.kv_blocks,
+        block_size=ns.block_size,
+        max_model_len=ns.max_model_len,
+        api_key=ns.api_key,
+        faults=faults,
+        exit_on_crash=as_process,
+    )
+
+
+async def run_worker_process(options: WorkerOptions) -> None:
+    """Serve until SIGTERM/SIGINT; print the READY line once bound."""
+    from .fleet import serve_worker_inprocess  # fleet imports this module's parser
+
+    # Install the signal receiver before announcing READY, so an early SIGTERM is never lost.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_worker_inprocess, options)
+            sys.stdout.write(f"READY {url}\n")
+            sys.stdout.flush()
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        options = options_from_args(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr)
+    trio.run(run_worker_process, options)
+    return 0

@@ -1,0 +1,50 @@
+"""The request router: path and method to handler, with OpenAI-shaped 404 and 405 answers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from ..errors import GatewayError
+from ..http.types import Request, Responder
+from .openai import OpenAIAPI, send_error
+from .ops import OpsAPI
+
+Endpoint = Callable[[Request, Responder], Awaitable[None]]
+
+
+class App:
+    """The handler both servers run. Exact-path routes in a dict: one lookup per request."""
+
+    def __init__(self, gateway) -> None:
+        self.openai = OpenAIAPI(gateway)
+        self.ops = OpsAPI(gateway)
+        self.routes: dict[str, dict[str, Endpoint]] = {
+            "/v1/chat/completions": {"POST": self.openai.chat},
+            "/v1/completions": {"POST": self.openai.completions},
+            "/v1/models": {"GET": self.openai.models},
+            "/health": {"GET": self.ops.health},
+            "/metrics": {"GET": self.ops.metrics},
+        }
+
+    def route(self, path: str, methods: dict[str, Endpoint]) -> None:
+        """Add or extend a route (used by later API modules and SDK extensions)."""
+        self.routes.setdefault(path, {}).update(methods)
+
+    async def __call__(self, req: Request, responder: Responder) -> None:
+        methods = self.routes.get(req.path)
+        if methods is None:
+            if req.path.startswith("/v1/models/") and req.method in ("GET", "HEAD"):
+                await self.openai.model(req, responder, req.path[len("/v1/models/") :])
+                return
+            await send_error(responder, GatewayError(404, f"no route for {req.method} {req.path}"))
+            return
+        handler = methods.get(req.method) or (methods.get("GET") if req.method == "HEAD" else None)
+        if handler is None:
+            allowed = ", ".join(sorted(methods))
+            await responder.send_full(
+                405,
+                [(b"content-type", b"application/json"), (b"allow", allowed.encode())],
+                GatewayError(405, f"method {req.method} not allowed on {req.path}; use {allowed}").body(),
+            )
+            return
+        await handler(req, responder)

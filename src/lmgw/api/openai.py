@@ -1,0 +1,187 @@
+"""OpenAI-compatible endpoints: chat completions, completions, models.
+
+The body is decoded into a small *view* struct with only what the gateway needs (model, stream,
+the fields it validates); the original bytes are forwarded, so unknown engine-specific fields
+pass through untouched (STYLE.md §4, "decode only what you use").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+import trio
+
+from ..errors import GatewayError, error_body, sse_error_event
+from ..http.types import Request, Responder
+from ..pipeline.request import GatewayRequest
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class _Common(msgspec.Struct):
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: NonNegInt | None = None
+    n: PosInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+
+class ChatView(_Common):
+    messages: list[dict] = msgspec.field(default_factory=list)
+    max_completion_tokens: NonNegInt | None = None
+
+
+class CompletionView(_Common):
+    # str, list of str, list of token ids or list of token-id lists: checked by the worker
+    prompt: str | list | None = None
+
+
+_decoders = {
+    "chat": msgspec.json.Decoder(ChatView),
+    "completions": msgspec.json.Decoder(CompletionView),
+}
+_PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+
+def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView:
+    """Validate the fields the gateway relies on; a 400 names the offending parameter."""
+    if not body:
+        raise GatewayError(400, "request body is empty; expected a JSON object")
+    try:
+        view = _decoders[endpoint].decode(body)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = _PARAM_RE.search(msg) or _MISSING_RE.search(msg)
+        raise GatewayError(400, f"invalid request: {msg}", param=m.group(1) if m else None) from None
+    except msgspec.DecodeError as exc:
+        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+    if view.stream_options is not None and not view.stream:
+        raise GatewayError(400, "stream_options can only be set when stream is true", param="stream_options")
+    if isinstance(view, ChatView):
+        if not view.messages:
+            raise GatewayError(400, "messages must be a non-empty list", param="messages")
+    elif view.prompt is None:
+        raise GatewayError(400, "prompt is required", param="prompt")
+    return view
+
+
+class OpenAIAPI:
+    """Handlers for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``."""
+
+    def __init__(self, gateway) -> None:  # gateway: lmgw.gateway.Gateway (avoid import cycle)
+        self.gw = gateway
+        self.metrics = gateway.metrics
+        self.request_timeout_s = gateway.config.limits.request_timeout_s or None
+        self.upstream_auth = (
+            b"Bearer " + gateway.config.upstream.api_key.encode() if gateway.config.upstream.api_key else None
+        )
+        self._rid_prefix = gateway.request_id_prefix
+        self._rid_counter = 0
+
+    def _request_id(self, req: Request) -> str:
+        rid = req.header(b"x-request-id")
+        if rid:
+            text = rid.decode("latin-1")
+            if len(text) <= 256 and text.isprintable():
+                return text
+        self._rid_counter += 1
+        return f"{self._rid_prefix}-{self._rid_counter:x}"
+
+    def _forward_headers(self, req: Request, rid: str) -> list[tuple[bytes, bytes]]:
+        out = [(b"x-request-id", rid.encode())]
+        auth = self.upstream_auth or req.header(b"authorization")
+        if auth:
+            out.append((b"authorization", auth))
+        for k, v in req.headers:
+            if k in (b"traceparent", b"tracestate", b"x-data-parallel-rank"):
+                out.append((k, v))
+        return out
+
+    def _resolve_model(self, model: str | None) -> str:
+        gw = self.gw
+        if model is None:
+            served = gw.served_models()
+            if len(served) == 1:
+                return next(iter(served))
+            raise GatewayError(400, "model is required when the gateway serves several models", param="model")
+        canonical = gw.model_aliases.get(model, model)
+        if not gw.knows_model(canonical):
+            raise GatewayError(404, f"The model `{model}` does not exist.", param="model")
+        return canonical
+
+    async def chat(self, req: Request, responder: Responder) -> None:
+        await self._generate(req, responder, "chat", "/v1/chat/completions")
+
+    async def completions(self, req: Request, responder: Responder) -> None:
+        await self._generate(req, responder, "completions", "/v1/completions")
+
+    async def _generate(self, req: Request, responder: Responder, endpoint: str, path: str) -> None:
+        t0 = trio.current_time()
+        rid = self._request_id(req)
+        model = "-"
+        status = 200
+        try:
+            view = decode_view(endpoint, req.body)
+            model = self._resolve_model(view.model)
+            greq = GatewayRequest(
+                endpoint, path, model, bool(view.stream), req.body, rid, self._forward_headers(req, rid), t0
+            )
+            with trio.move_on_after(self.request_timeout_s or float("inf")) as deadline:
+                await self.gw.pipeline.run(greq, responder)
+            if deadline.cancelled_caught:
+                status = 504
+                msg = f"request {rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
+                if responder.started:
+                    await responder.send(sse_error_event(504, msg))
+                    await responder.end()
+                else:
+                    await send_error(responder, GatewayError(504, msg), rid)
+        except GatewayError as exc:
+            status = exc.status
+            if responder.started:
+                await responder.send(sse_error_event(exc.status, exc.message))
+                await responder.end()
+            else:
+                await send_error(responder, exc, rid)
+        except trio.Cancelled:
+            status = 499
+            self.metrics.disconnects.inc((endpoint,))
+            raise
+        finally:
+            self.metrics.requests.inc((endpoint, model, str(status)))
+            self.metrics.e2e.observe((endpoint, model), trio.current_time() - t0)
+
+    async def models(self, req: Request, responder: Responder) -> None:
+        created = int(self.gw.started_at)
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "lmgw", "root": name, "parent": None}
+            for name in sorted(self.gw.served_models())
+        ]
+        await responder.send_full(200, [(b"content-type", b"application/json")], msgspec.json.encode({"object": "list", "data": data}))
+
+    async def model(self, req: Request, responder: Responder, name: str) -> None:
+        if name not in self.gw.served_models():
+            await send_error(responder, GatewayError(404, f"The model `{name}` does not exist.", param="model"))
+            return
+        body = {"id": name, "object": "model", "created": int(self.gw.started_at), "owned_by": "lmgw", "root": name, "parent": None}
+        await responder.send_full(200, [(b"content-type", b"application/json")], msgspec.json.encode(body))
+
+
+async def send_error(responder: Responder, exc: GatewayError, request_id: str | None = None) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    await responder.send_full(exc.status, headers, error_body(exc.status, exc.message, param=exc.param, type=exc.type))
+

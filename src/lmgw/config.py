@@ -1,0 +1,1166 @@
+"""Typed gateway configuration: a TOML file, then ``LMGW_*`` environment variables, then flags.
+
+Every section is a frozen ``msgspec.Struct`` with ``forbid_unknown_fields=True``, so a typo fails
+at startup with the key's path instead of being silently ignored. Values are checked twice: msgspec
+checks types while converting, and each struct's ``__post_init__`` checks ranges and shapes (and
+normalizes role names and worker URLs). Both kinds of failure surface as one exception type,
+`ConfigError`, whose message names the key as a path (``workers[1].role``) and, when known, where
+the value came from (a file, an environment variable or a flag).
+
+Layering is done on plain data before a single conversion: the file is parsed into a dict, the
+environment and the flags write into that dict (remembering which key came from where), and only
+then does msgspec build the structs. A value is therefore validated once, in its final context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+__all__ = [
+    "FLOWS",
+    "FLOW_ROLES",
+    "LOG_LEVELS",
+    "ROLES",
+    "ROLE_NAMES",
+    "SERVER_KINDS",
+    "ConfigError",
+    "Flow",
+    "GatewayConfig",
+    "HealthConfig",
+    "LimitsConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "ServerKind",
+    "UpstreamConfig",
+    "WorkerConfig",
+    "add_serve_arguments",
+    "config_from_args",
+    "config_from_mapping",
+    "dump_config",
+    "infer_flow",
+    "load_config",
+    "loads_config",
+    "normalize_role",
+    "parse_worker_flag",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary: roles, flows, server kinds, log levels.
+
+#: Canonical role names: encode, prefill, decode, merged prefill+decode.
+ROLES: tuple[str, ...] = ("e", "p", "d", "pd")
+#: Long name of each canonical role (used in messages, logs and docs).
+ROLE_NAMES: dict[str, str] = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
+_ROLE_ALIASES: dict[str, str] = {
+    **{r: r for r in ROLES},
+    **{name: r for r, name in ROLE_NAMES.items()},
+}
+_ROLE_HELP = "expected pd/merged, e/encode, p/prefill, d/decode"
+
+Flow = Literal["pd", "p/d", "e+pd", "e+p+d"]
+#: Every flow (the stage graph of a model), in the order of the docs.
+FLOWS: tuple[str, ...] = typing.get_args(Flow)
+#: The worker roles each flow dispatches to, in stage order.
+FLOW_ROLES: dict[str, tuple[str, ...]] = {
+    "pd": ("pd",),
+    "p/d": ("p", "d"),
+    "e+pd": ("e", "pd"),
+    "e+p+d": ("e", "p", "d"),
+}
+
+ServerKind = Literal["native", "hypercorn"]
+SERVER_KINDS: tuple[str, ...] = typing.get_args(ServerKind)
+
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+# Policy names come from a registry elsewhere (plus entry points), so only their shape is checked.
+_POLICY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+# --------------------------------------------------------------------------------------------------
+# The one error type.
+
+
+class ConfigError(ValueError):
+    """Bad configuration input: the only exception the public loaders raise for bad input.
+
+    Attributes:
+        reason: what is wrong, in words.
+        path: the key as a dotted path (``server.port``, ``workers[1].role``), or None.
+        source: where the value came from, as a phrase (``in file `lmgw.toml```,
+            ``from environment variable `LMGW_SERVER_PORT```), or None.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, source: str | None = None):
+        self.reason = reason
+        self.path = path or None
+        self.source = source
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        where = f" at `{self.path}`" if self.path else ""
+        src = f" {self.source}" if self.source else ""
+        return f"config error{where}{src}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only fields survive pickling (errors may cross process boundaries)
+        return (_rebuild_config_error, (self.reason, self.path, self.source))
+
+    def within(self, prefix: str | None = None, source: str | None = None) -> ConfigError:
+        """The same error seen from an enclosing table (``prefix``) and/or a known source."""
+        return ConfigError(
+            self.reason,
+            path=_join_path(prefix or "", self.path or ""),
+            source=self.source or source,
+        )
+
+
+def _rebuild_config_error(reason: str, path: str | None, source: str | None) -> ConfigError:
+    return ConfigError(reason, path=path, source=source)
+
+
+def _join_path(base: str, rel: str) -> str:
+    if not base:
+        return rel
+    if not rel:
+        return base
+    return base + rel if rel.startswith("[") else f"{base}.{rel}"
+
+
+def normalize_role(role: str) -> str:
+    """The canonical short role (``e``/``p``/``d``/``pd``) for a short or long name, any case.
+
+    Raises:
+        ConfigError: when ``role`` names no role.
+    """
+    if isinstance(role, str):
+        short = _ROLE_ALIASES.get(role.strip().lower())
+        if short is not None:
+            return short
+    raise ConfigError(f"{role!r} is not a role ({_ROLE_HELP})")
+
+
+def infer_flow(roles: Iterable[str]) -> str:
+    """The flow a set of worker roles can serve.
+
+    Rule: encode workers only ever add an ``e+`` stage in front; merged (``pd``) workers alone give
+    ``pd``; as soon as split roles (``p`` or ``d``) are present the flow is split (``p/d``) and
+    needs a worker for each half, where a merged worker can stand in for either half. Hence
+    ``{pd}`` -> ``pd``, ``{p,d}`` -> ``p/d``, ``{e,pd}`` -> ``e+pd``, ``{e,p,d}`` -> ``e+p+d``,
+    ``{pd,d}`` -> ``p/d``.
+
+    Raises:
+        ConfigError: no roles, an unknown role, encode workers alone, or one half of a split
+            flow with nobody to do the other half.
+    """
+    if isinstance(roles, str):  # "pd" would otherwise read as the roles "p" and "d"
+        raise TypeError("infer_flow() takes an iterable of roles, not one string")
+    found = {normalize_role(r) for r in roles}
+    if not found:
+        raise ConfigError("no worker roles to infer a flow from")
+    encode = "e" in found
+    if not found & {"p", "d"}:
+        if "pd" not in found:
+            raise ConfigError(
+                "encode workers alone cannot serve a model: add merged (pd) or prefill+decode"
+                " workers"
+            )
+        return "e+pd" if encode else "pd"
+    if not found & {"p", "pd"}:
+        raise ConfigError("decode workers need prefill workers (p) or merged workers (pd)")
+    if not found & {"d", "pd"}:
+        raise ConfigError("prefill workers need decode workers (d) or merged workers (pd)")
+    return "e+p+d" if encode else "p/d"
+
+
+# --------------------------------------------------------------------------------------------------
+# Small checks shared by the structs' __post_init__ methods. They raise ConfigError with a path
+# relative to the struct; msgspec (or the loader) adds the struct's own path in front.
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"must be a positive finite number, got {value!r}", path=key)
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"must be zero or a positive finite number, got {value!r}", path=key)
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"must be >= {low}, got {value!r}", path=key)
+
+
+def _non_empty(key: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError("must not be empty", path=key)
+
+
+def _one_of(key: str, value: object, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{value!r} is not one of: {', '.join(allowed)}", path=key)
+
+
+def _policy_name(key: str, value: str) -> None:
+    if not _POLICY_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{value!r} is not a policy name (letters, digits, '_', '-', '.'; not starting with a"
+            " digit)",
+            path=key,
+        )
+
+
+def _set(obj: msgspec.Struct, name: str, value: object) -> None:
+    # The structs are frozen for their users; normalization in __post_init__ is the one writer.
+    msgspec.structs.force_setattr(obj, name, value)
+
+
+_STRUCT_OPTS = {"forbid_unknown_fields": True, "kw_only": True, "frozen": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema.
+
+
+class ServerConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """The front door: where the gateway listens and which HTTP server runs there."""
+
+    # Loopback by default: exposing a gateway to the network should be a deliberate choice.
+    host: str = "127.0.0.1"
+    # 0 lets the OS pick a free port (tests, simulations); the bound port is reported at startup.
+    port: int = 8000
+    # "native" is the trio+httptools data plane (~24x less CPU per request than hypercorn);
+    # "hypercorn" serves everything through ASGI when TLS, HTTP/2 or WebSocket is needed.
+    server: ServerKind = "native"
+    # TLS certificate and key (PEM); only hypercorn terminates TLS, and it needs both.
+    certfile: str | None = None
+    keyfile: str | None = None
+    # listen() backlog: absorbs connection bursts while the accept loop is busy.
+    backlog: int = 1024
+    # On shutdown, in-flight requests get this long to finish before they are cancelled;
+    # 30 s covers most chat completions while keeping deploys quick.
+    graceful_shutdown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _non_empty("host", self.host)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{self.port!r} is out of range 0..65535", path="port")
+        _one_of("server", self.server, SERVER_KINDS)
+        _at_least("backlog", self.backlog, 1)
+        _non_negative("graceful_shutdown_s", self.graceful_shutdown_s)
+        if (self.certfile is None) != (self.keyfile is None):
+            missing = "keyfile" if self.keyfile is None else "certfile"
+            raise ConfigError("TLS needs both `certfile` and `keyfile`", path=missing)
+        if self.certfile is not None:
+            _non_empty("certfile", self.certfile)
+            _non_empty("keyfile", self.keyfile or "")
+            if self.server != "hypercorn":
+                raise ConfigError(
+                    'TLS is served by hypercorn only: set `server = "hypercorn"`', path="certfile"
+                )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the front door terminates TLS."""
+        return self.certfile is not None
+
+
+class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Bounds on what one client connection or request may cost the gateway."""
+
+    # Request head (request line + headers) size; larger gets 431. 64 KiB fits big auth cookies
+    # and tracing headers (nginx allows 32 KiB, h11 16 KiB by default).
+    max_header_bytes: int = 65536
+    # Request body size; larger gets 413. 32 MiB fits long prompts and inline base64 images.
+    max_body_bytes: int = 33554432
+    # Time to receive a full request head (slowloris defence), counted from the first byte.
+    header_timeout_s: float = 10.0
+    # Time to receive the body once the head is in; uploads of 32 MiB fit even on slow links.
+    body_timeout_s: float = 60.0
+    # Idle time allowed between requests on a kept-alive client connection; 75 s is nginx's
+    # default and outlives typical client pools' 60 s, so the client closes first.
+    keepalive_timeout_s: float = 75.0
+    # Whole-request deadline, including the stream; 0 disables. 600 s bounds runaway generations.
+    request_timeout_s: float = 600.0
+    # Requests a client may pipeline ahead on one connection before we stop reading (backpressure).
+    max_pipelined_requests: int = 32
+    # Open client connections; above it new ones wait in the backlog instead of exhausting fds.
+    max_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        _at_least("max_header_bytes", self.max_header_bytes, 1)
+        _at_least("max_body_bytes", self.max_body_bytes, 1)
+        _positive("header_timeout_s", self.header_timeout_s)
+        _positive("body_timeout_s", self.body_timeout_s)
+        _positive("keepalive_timeout_s", self.keepalive_timeout_s)
+        _non_negative("request_timeout_s", self.request_timeout_s)
+        _at_least("max_pipelined_requests", self.max_pipelined_requests, 1)
+        _at_least("max_connections", self.max_connections, 1)
+
+
+class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """How the gateway talks to workers."""
+
+    # TCP connect to a worker; a healthy worker on a LAN answers in milliseconds, so 5 s means down.
+    connect_timeout_s: float = 5.0
+    # Until the worker's response headers; long prefills of huge prompts can take minutes.
+    response_timeout_s: float = 600.0
+    # Lifetime of an idle pooled connection. Keep it below the worker's keep-alive so we never
+    # reuse a connection the worker is closing: vLLM's default is only 5 s
+    # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so run workers with a longer one (e.g. 60) or lower this.
+    idle_timeout_s: float = 55.0
+    # Idle connections kept per worker; 0 disables pooling. 256 covers bursts at high concurrency.
+    max_idle_per_worker: int = 256
+    # Attempts on connection failure before any byte reached the client (then it's too late);
+    # 2 rides over one stale pooled connection or one worker that just died.
+    max_attempts: int = 2
+    # Sent to workers as "Authorization: Bearer <key>" (vLLM --api-key); None sends nothing.
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("connect_timeout_s", self.connect_timeout_s)
+        _positive("response_timeout_s", self.response_timeout_s)
+        _positive("idle_timeout_s", self.idle_timeout_s)
+        _at_least("max_idle_per_worker", self.max_idle_per_worker, 0)
+        _at_least("max_attempts", self.max_attempts, 1)
+        if self.api_key is not None:
+            _non_empty("api_key", self.api_key)
+
+
+class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Which load-balancing policy picks the worker at each stage."""
+
+    # Default policy for every role: stateless, fair, and needs no load data to be right.
+    policy: str = "round_robin"
+    # Per-role overrides, e.g. {p = "cache_aware", d = "least_load"}; keys in any role spelling,
+    # stored in the short form.
+    policies: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        _policy_name("policy", self.policy)
+        normalized: dict[str, str] = {}
+        for key, name in self.policies.items():
+            try:
+                role = normalize_role(key)
+            except ConfigError as e:
+                raise e.within(f"policies.{key}") from None
+            if role in normalized:
+                raise ConfigError(f"role {role!r} is given twice", path=f"policies.{key}")
+            _policy_name(f"policies.{key}", name)
+            normalized[role] = name
+        _set(self, "policies", normalized)
+
+    def policy_for(self, role: str) -> str:
+        """The policy name for ``role`` (any spelling): the override, else the default."""
+        return self.policies.get(normalize_role(role), self.policy)
+
+
+class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Active health probes of workers."""
+
+    # Probe period: 5 s notices a dead worker quickly at one cheap GET per worker.
+    interval_s: float = 5.0
+    # A probe slower than this counts as a failure; a healthy worker answers /health in ms.
+    timeout_s: float = 2.0
+    # Consecutive failures before ejection: 2 ignores a single lost probe.
+    failure_threshold: int = 2
+    # Consecutive successes before a worker (re)joins; 1 brings recovered workers back fast.
+    success_threshold: int = 1
+    # vLLM and SGLang both serve GET /health.
+    path: str = "/health"
+
+    def __post_init__(self) -> None:
+        _positive("interval_s", self.interval_s)
+        _positive("timeout_s", self.timeout_s)
+        _at_least("failure_threshold", self.failure_threshold, 1)
+        _at_least("success_threshold", self.success_threshold, 1)
+        if not self.path.startswith("/"):
+            raise ConfigError(f"must start with '/', got {self.path!r}", path="path")
+
+
+class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Log output."""
+
+    # "info" logs lifecycle events (workers joining/leaving) but nothing per request.
+    level: str = "info"
+    # JSON lines for log shippers; plain text is easier to read in a terminal.
+    json: bool = False
+    # One line per request costs CPU on the hot path, so it is opt-in.
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        level = self.level.strip().lower()
+        _one_of("level", level, LOG_LEVELS)
+        _set(self, "level", level)
+
+
+class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """A model the gateway serves, and how its requests flow through the worker roles."""
+
+    # The name clients send as "model"; required because it is the routing key.
+    name: str
+    # Stage graph: "pd" (merged workers), "p/d", "e+pd", "e+p+d"; "pd" needs nothing special.
+    flow: Flow = "pd"
+    # The engine protocol used to build stage requests; plain OpenAI works for merged workers.
+    dialect: str = "openai"
+    # Other names clients may use for this model (e.g. a short name for a long HF id).
+    aliases: list[str] = []
+
+    def __post_init__(self) -> None:
+        _non_empty("name", self.name)
+        _one_of("flow", self.flow, FLOWS)
+        _non_empty("dialect", self.dialect)
+        seen = {self.name}
+        for i, alias in enumerate(self.aliases):
+            key = f"aliases[{i}]"
+            _non_empty(key, alias)
+            if alias in seen:
+                raise ConfigError(f"{alias!r} is already a name of this model", path=key)
+            seen.add(alias)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name and then the aliases: every name that routes to this model."""
+        return (self.name, *self.aliases)
+
+
+class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """A statically configured worker (discovery backends can add more at runtime)."""
+
+    # Base URL of the worker's HTTP API, e.g. "http://10.0.0.5:8000"; stored without trailing "/".
+    url: str
+    # Which stages it serves; any role spelling, stored short. Merged ("pd") is the plain vLLM case.
+    role: str = "pd"
+    # Models it serves; empty means whatever the worker reports on /v1/models.
+    models: list[str] = []
+    # Stable name in logs, metrics and the admin API; defaults to the URL (see `worker_id`).
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            role = normalize_role(self.role)
+        except ConfigError as e:
+            raise e.within("role") from None
+        _set(self, "role", role)
+        _set(self, "url", _check_worker_url(self.url))
+        for i, model in enumerate(self.models):
+            _non_empty(f"models[{i}]", model)
+        if self.id is not None:
+            _non_empty("id", self.id)
+
+    @property
+    def worker_id(self) -> str:
+        """The worker's stable id: ``id`` if given, else the URL."""
+        return self.id if self.id is not None else self.url
+
+
+def _check_worker_url(url: str) -> str:
+    def bad(why: str, shown: str = url) -> ConfigError:
+        return ConfigError(f"{shown!r} is not a worker URL: {why}", path="url")
+
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise bad("expected http://HOST[:PORT] or https://HOST[:PORT]")
+    if not parts.hostname:
+        raise bad("no host")
+    if port == 0:
+        raise bad("port 0")
+    if parts.username is not None or parts.password is not None:
+        hidden = parts._replace(netloc="...@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise bad("credentials in URLs leak into logs; use `upstream.api_key`", hidden)
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise bad("no query or fragment allowed")
+    return text.rstrip("/")
+
+
+class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """The whole gateway configuration (the root of the TOML file)."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # Empty: serve whatever models the workers report, each with the default flow.
+    models: list[ModelConfig] = []
+    # Empty: workers come from discovery or the admin API.
+    workers: list[WorkerConfig] = []
+
+    def __post_init__(self) -> None:
+        owner: dict[str, str] = {}  # every model name and alias -> the key that claimed it first
+        for i, model in enumerate(self.models):
+            key = f"models[{i}].name"
+            if model.name in owner:
+                raise ConfigError(
+                    f"duplicate model name {model.name!r} (already `{owner[model.name]}`)", path=key
+                )
+            owner[model.name] = key
+        for i, model in enumerate(self.models):
+            for j, alias in enumerate(model.aliases):
+                key = f"models[{i}].aliases[{j}]"
+                if alias in owner:
+                    raise ConfigError(f"alias {alias!r} collides with `{owner[alias]}`", path=key)
+                owner[alias] = key
+        ids: dict[str, int] = {}
+        for i, worker in enumerate(self.workers):
+            wid = worker.worker_id
+            if wid in ids:
+                hint = "ids must be unique" if worker.id is not None else "give each an `id`"
+                raise ConfigError(
+                    f"duplicate worker {wid!r} (also `workers[{ids[wid]}]`); {hint}",
+                    path=f"workers[{i}].{'id' if worker.id is not None else 'url'}",
+                )
+            ids[wid] = i
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The configured model that ``name`` (a name or an alias) refers to, if any."""
+        for model in self.models:
+            if name == model.name or name in model.aliases:
+                return model
+        return None
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "upstream": UpstreamConfig,
+    "routing": RoutingConfig,
+    "health": HealthConfig,
+    "logging": LoggingConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Turning msgspec's messages into ConfigError.
+
+_AT_KEY = re.compile(r"^(?P<msg>.*) - at `key` in `\$(?P<path>[^`]*)`$", re.S)
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+_PATH_TOKEN = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _split_path(path: str) -> list[str | int]:
+    """``workers[1].role`` -> ["workers", 1, "role"]."""
+    out: list[str | int] = []
+    for m in _PATH_TOKEN.finditer("." + path if path and not path.startswith("[") else path):
+        out.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+def _type_at(tokens: list[str | int]) -> Any:
+    """The declared type at a path below GatewayConfig, or None when unknown."""
+    tp: Any = GatewayConfig
+    for tok in tokens:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct) and isinstance(tok, str):
+            fields = {f.name: f.type for f in msgspec.structs.fields(tp)}
+            if tok not in fields:
+                return None
+            tp = fields[tok]
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    return tp
+
+
+def _value_at(data: Any, tokens: list[str | int]) -> Any:
+    """The raw value at a path, or UNSET (used to quote the bad value in messages)."""
+    for tok in tokens:
+        if not isinstance(data, list | dict):
+            return msgspec.UNSET
+        try:
+            data = data[tok]  # type: ignore[index]
+        except (IndexError, KeyError, TypeError):
+            return msgspec.UNSET
+    return data
+
+
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "object": "a table",
+    "array": "an array",
+}
+_TOML_KINDS = {
+    **_TYPE_WORDS,
+    "float": "a float",
+    "null": "nothing",
+    "date": "a date",
+    "datetime": "a date-time",
+    "time": "a time",
+}
+
+
+def _describe_expected(expected: str) -> str:
+    words = [w.strip() for w in expected.split("|")]
+    words = [_TYPE_WORDS.get(w, w) for w in words if w != "null"]
+    return " or ".join(words) or expected
+
+
+def _from_validation_error(
+    err: msgspec.ValidationError,
+    data: Any,
+    origins: Mapping[str, str],
+    default_source: str | None,
+) -> ConfigError:
+    msg = str(err)
+    m = _AT_KEY.match(msg)
+    key_error = m is not None
+    m = m or _AT.match(msg)
+    if m:
+        msg, path = m.group("msg"), m.group("path").lstrip(".")
+    else:
+        path = ""
+    # msgspec writes dict values as `[...]`; name the table instead.
+    path = path.replace("[...]", "")
+    cause = err.__cause__
+    if isinstance(cause, ConfigError):
+        full = _join_path(path, cause.path or "")
+        return ConfigError(
+            cause.reason, path=full, source=_source_of(full, origins, default_source)
+        )
+    tokens = _split_path(path)
+    reason = msg
+    if key_error:
+        reason = f"bad key: {msg[0].lower()}{msg[1:]}"
+    elif um := re.fullmatch(r"Object contains unknown field `(.*)`", msg):
+        reason = _unknown_key_reason(um.group(1), _type_at(tokens), top=not path)
+    elif mm := re.fullmatch(r"Object missing required field `(.*)`", msg):
+        reason = f"missing required key `{mm.group(1)}`"
+    elif em := re.fullmatch(r"Expected `(.*)`, got `(.*)`", msg):
+        value = _value_at(data, tokens)
+        got = _TOML_KINDS.get(em.group(2), em.group(2))
+        shown = f" {value!r}" if isinstance(value, str | int | float) else ""
+        reason = f"expected {_describe_expected(em.group(1))}, got {got}{shown}"
+    elif vm := re.fullmatch(r"Invalid enum value (.*)", msg):
+        allowed = typing.get_args(_unwrap(_type_at(tokens)))
+        reason = f"{vm.group(1)} is not one of: {', '.join(map(str, allowed))}"
+    else:
+        reason = msg[:1].lower() + msg[1:]
+    return ConfigError(reason, path=path, source=_source_of(path, origins, default_source))
+
+
+def _unknown_key_reason(key: str, table: Any, *, top: bool) -> str:
+    reason = f"unknown {'top-level ' if top else ''}key `{key}`"
+    table = _unwrap(table)
+    if isinstance(table, type) and issubclass(table, msgspec.Struct):
+        known = [f.name for f in msgspec.structs.fields(table)]
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            reason += f" (did you mean `{close[0]}`?)"
+        else:
+            reason += f" (known keys: {', '.join(known)})"
+    return reason
+
+
+def _source_of(path: str, origins: Mapping[str, str], default: str | None) -> str | None:
+    """The origin recorded for ``path`` or the nearest enclosing key, else ``default``."""
+    best, best_len = default, -1
+    for key, source in origins.items():
+        if (path == key or path.startswith((key + ".", key + "["))) and len(key) > best_len:
+            best, best_len = source, len(key)
+    return best
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: file -> dict -> env -> (flags) -> structs.
+
+
+def _read_toml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    source = f"in file `{os.fspath(path)}`"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the config file: {e.strerror or e}", source=source
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text: {e}", source=source) from None
+    return _parse_toml(text, source), source
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.fullmatch(r"(.*) \(at (line \d+, column \d+|end of document)\)", msg)
+        if m:
+            msg = f"TOML syntax error at {m.group(2)}: {m.group(1)[:1].lower()}{m.group(1)[1:]}"
+        else:
+            msg = f"TOML syntax error: {msg}"
+        raise ConfigError(msg, source=source) from None
+
+
+class _Layers:
+    """Raw config data plus where each overridden key came from."""
+
+    def __init__(self, data: dict[str, Any], source: str | None) -> None:
+        self.data = data
+        self.source = source
+        self.origins: dict[str, str] = {}
+
+    def section(self, name: str) -> dict[str, Any]:
+        table = self.data.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"expected a table, got {_TOML_KINDS.get(type(table).__name__, 'a value')}",
+                path=name,
+                source=self.source,
+            )
+        return table
+
+    def set(self, section: str, key: str, value: Any, origin: str) -> None:
+        self.section(section)[key] = value
+        self.origins[f"{section}.{key}"] = origin
+
+    def append(self, key: str, item: dict[str, Any], origin: str) -> int:
+        items = self.data.setdefault(key, [])
+        if not isinstance(items, list):
+            raise ConfigError("expected an array of tables", path=key, source=self.source)
+        items.append(item)
+        self.origins[f"{key}[{len(items) - 1}]"] = origin
+        return len(items) - 1
+
+    def build(self) -> GatewayConfig:
+        return _convert(self.data, self.origins, self.source)
+
+
+def _convert(
+    data: Any, origins: Mapping[str, str] | None = None, source: str | None = None
+) -> GatewayConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table at the top level, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, GatewayConfig, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise _from_validation_error(e, data, origins or {}, source) from None
+    except ConfigError as e:  # raised outside msgspec's wrapping (should not happen)
+        raise e.within(source=source) from None
+
+
+def config_from_mapping(data: Mapping[str, Any], *, source: str | None = None) -> GatewayConfig:
+    """Build a config from already-parsed data (a dict shaped like the TOML file).
+
+    ``source`` (a phrase such as ``in file `x.toml```) is added to error messages.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table at the top level, got {type(data).__name__}")
+    return _convert(dict(data), source=source)
+
+
+def loads_config(text: str, *, source: str | None = None) -> GatewayConfig:
+    """Build a config from TOML text, without looking at the environment."""
+    return _convert(_parse_toml(text, source or "in TOML text"), source=source)
+
+
+def _env_overrides(layers: _Layers, env: Mapping[str, str]) -> None:
+    for name in sorted(env):
+        if not name.startswith("LMGW_"):
+            continue
+        section, _, key = name[5:].partition("_")
+        section = section.lower()
+        if section not in _SECTIONS:
+            continue  # LMGW_CONFIG and variables of other tools
+        origin = f"from environment variable `{name}`"
+        key = key.lower()
+        fields = {f.name: f.type for f in msgspec.structs.fields(_SECTIONS[section])}
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean `LMGW_{section.upper()}_{close[0].upper()}`?)" if close else ""
+            raise ConfigError(f"`{section}` has no key `{key}`{hint}", source=origin)
+        path = f"{section}.{key}"
+        try:
+            value = _parse_env_value(env[name], fields[key])
+        except ConfigError as e:
+            raise ConfigError(e.reason, path=path, source=origin) from None
+        layers.set(section, key, value, origin)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_env_value(text: str, tp: Any) -> Any:
+    """Parse an environment string to a field's type (msgspec checks ranges and literals)."""
+    optional = _unwrap(tp) is not tp
+    tp = _unwrap(tp)
+    raw = text.strip()
+    if optional and raw == "":
+        return None
+    if tp is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"expected a boolean (true/false/1/0/yes/no/on/off), got {text!r}")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}") from None
+    if typing.get_origin(tp) is dict:
+        # ROLE=NAME pairs separated by commas, e.g. "p=cache_aware,d=least_load".
+        out: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            k, sep, v = item.partition("=")
+            if not sep or not k.strip() or not v.strip():
+                raise ConfigError(f"expected KEY=VALUE pairs separated by commas, got {text!r}")
+            out[k.strip()] = v.strip()
+        return out
+    return text  # str and Literal fields: msgspec validates the literal
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Load the configuration: the TOML file (or defaults), then ``LMGW_<SECTION>_<KEY>`` variables.
+
+    Args:
+        path: the TOML file; when None, ``LMGW_CONFIG`` names it, and when that is unset too the
+            defaults are used.
+        env: the environment to read (default ``os.environ``); tests pass a dict.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax, unknown keys, bad values, unknown ``LMGW_``
+            variables of a config section or values that do not parse; the message names the key
+            and where it came from.
+    """
+    return _load_layers(path, env).build()
+
+
+def _load_layers(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None) -> _Layers:
+    env = os.environ if env is None else env
+    if path is None and env.get("LMGW_CONFIG", "").strip():
+        path = env["LMGW_CONFIG"].strip()
+    if path is None:
+        layers = _Layers({}, None)
+    else:
+        data, source = _read_toml(path)
+        layers = _Layers(data, source)
+    _env_overrides(layers, env)
+    return layers
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line flags.
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``lmgw serve`` configuration flags. Every default is None, meaning "not given"."""
+    g = parser.add_argument_group("configuration (flags override LMGW_* variables and the file)")
+    g.add_argument("--config", metavar="PATH", default=None, help="TOML config file ($LMGW_CONFIG)")
+    g.add_argument("--host", default=None, metavar="HOST", help="listen address (server.host)")
+    g.add_argument("--port", type=int, default=None, help="listen port, 0 = any (server.port)")
+    g.add_argument(
+        "--worker",
+        action="append",
+        default=None,
+        metavar="ROLE=URL",
+        help="add a worker, e.g. pd=http://127.0.0.1:9001 or prefill=http://h:8000 (repeatable)",
+    )
+    g.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="serve this model (repeatable); its flow is inferred from the workers' roles",
+    )
+    g.add_argument(
+        "--policy",
+        default=None,
+        metavar="NAME",
+        help="routing policy for every role (routing.policy)",
+    )
+    g.add_argument(
+        "--server", choices=SERVER_KINDS, default=None, help="HTTP server (server.server)"
+    )
+    g.add_argument("--flow", choices=FLOWS, default=None, help="flow of the --model models")
+    g.add_argument("--dialect", default=None, metavar="NAME", help="dialect of the --model models")
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="per-request deadline, 0 = none (limits.request_timeout_s)",
+    )
+    g.add_argument(
+        "--certfile",
+        default=None,
+        metavar="PATH",
+        help="TLS certificate, hypercorn (server.certfile)",
+    )
+    g.add_argument(
+        "--keyfile",
+        default=None,
+        metavar="PATH",
+        help="TLS private key, hypercorn (server.keyfile)",
+    )
+    g.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level (logging.level)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="bearer key sent to workers (upstream.api_key)",
+    )
+
+
+# Keys whose values must not appear in messages or in a redacted dump.
+_SECRET_KEYS = frozenset({"api_key"})
+
+# flag attribute -> (section, key, flag text)
+_SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("host", "server", "host", "--host"),
+    ("port", "server", "port", "--port"),
+    ("server", "server", "server", "--server"),
+    ("certfile", "server", "certfile", "--certfile"),
+    ("keyfile", "server", "keyfile", "--keyfile"),
+    ("policy", "routing", "policy", "--policy"),
+    ("request_timeout", "limits", "request_timeout_s", "--request-timeout"),
+    ("log_level", "logging", "level", "--log-level"),
+    ("api_key", "upstream", "api_key", "--api-key"),
+)
+
+
+def parse_worker_flag(text: str) -> WorkerConfig:
+    """Parse a ``--worker ROLE=URL`` value (e.g. ``pd=http://127.0.0.1:9001``).
+
+    Raises:
+        ConfigError: naming the flag text, when it is not ROLE=URL with a known role and a
+            valid http(s) URL.
+    """
+    source = f"from flag `--worker {text}`"
+    role, sep, url = text.partition("=")
+    if not sep or not role.strip() or not url.strip():
+        raise ConfigError(
+            "expected ROLE=URL, e.g. pd=http://127.0.0.1:9001 (roles: pd/merged, e/encode,"
+            " p/prefill, d/decode)",
+            source=source,
+        )
+    try:
+        return WorkerConfig(url=url.strip(), role=role.strip())
+    except ConfigError as e:
+        raise ConfigError(e.reason, source=source) from None
+
+
+def _flow_for(name: str, workers: Iterable[WorkerConfig]) -> str:
+    roles = {w.role for w in workers if not w.models or name in w.models}
+    if not roles:
+        return "pd"  # no static workers serve it (discovery may add them): the plain default
+    try:
+        return infer_flow(roles)
+    except ConfigError as e:
+        raise ConfigError(
+            f"cannot infer the flow of model {name!r} from its workers' roles"
+            f" ({', '.join(sorted(roles))}): {e.reason}; give --flow",
+            source=f"from flag `--model {name}`",
+        ) from None
+
+
+def config_from_args(
+    ns: argparse.Namespace, *, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """The effective config of ``lmgw serve``: file, then environment, then the flags.
+
+    Scalar flags replace their key. Each ``--worker`` appends a worker that serves every model.
+    Each ``--model`` name not yet configured is appended with ``--flow``/``--dialect`` (or, without
+    ``--flow``, the flow inferred from the roles of the workers that serve it); for a name that is
+    already configured, ``--flow``/``--dialect`` override its values.
+
+    Raises:
+        ConfigError: for any bad input, naming the flag, variable or file key.
+    """
+    layers = _load_layers(getattr(ns, "config", None), env)
+    for attr, section, key, flag in _SCALAR_FLAGS:
+        value = getattr(ns, attr, None)
+        if value is not None:
+            shown = "..." if key in _SECRET_KEYS else value  # never echo a secret
+            layers.set(section, key, value, f"from flag `{flag} {shown}`")
+    for text in getattr(ns, "worker", None) or ():
+        worker = parse_worker_flag(text)
+        item = {"url": worker.url, "role": worker.role}
+        layers.append("workers", item, f"from flag `--worker {text}`")
+    cfg = layers.build()
+
+    names: list[str] = getattr(ns, "model", None) or []
+    flow: str | None = getattr(ns, "flow", None)
+    dialect: str | None = getattr(ns, "dialect", None)
+    if not names:
+        if flow is not None or dialect is not None:
+            raise ConfigError(
+                "--flow and --dialect apply to the models named with --model; add --model NAME",
+                source="from flags",
+            )
+        return cfg
+    models = list(cfg.models)
+    for name in dict.fromkeys(names):
+        source = f"from flag `--model {name}`"
+        try:
+            existing = cfg.model(name)
+            if existing is not None:
+                changes = {k: v for k, v in (("flow", flow), ("dialect", dialect)) if v is not None}
+                if changes:
+                    models[models.index(existing)] = msgspec.structs.replace(existing, **changes)
+                continue
+            model = ModelConfig(
+                name=name,
+                flow=flow if flow is not None else _flow_for(name, cfg.workers),
+                dialect=dialect if dialect is not None else "openai",
+            )
+        except ConfigError as e:
+            raise e.within(f"models[{len(models)}]", source) from None
+        models.append(model)
+    try:
+        return msgspec.structs.replace(cfg, models=models)
+    except ConfigError as e:
+        raise e.within(source="from flag `--model`") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing TOML back (tomllib only reads).
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value)  # "30.0", "1e-05", "inf", "-inf" are all TOML floats
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_table(lines: list[str], header: str | None, struct: msgspec.Struct, redact: bool) -> None:
+    scalars: list[tuple[str, Any]] = []
+    tables: list[tuple[str, msgspec.Struct]] = []
+    arrays: list[tuple[str, list[msgspec.Struct]]] = []
+    for f in msgspec.structs.fields(struct):
+        value = getattr(struct, f.name)
+        if value is None:
+            continue  # TOML has no null; a missing key loads as the default None
+        if redact and f.name in _SECRET_KEYS:
+            value = "<redacted>"
+        if isinstance(value, msgspec.Struct):
+            tables.append((f.name, value))
+        elif isinstance(value, list) and value and isinstance(value[0], msgspec.Struct):
+            arrays.append((f.name, value))
+        elif isinstance(value, list) and _struct_list(type(struct), f.name):
+            continue  # an empty array of tables: leave it out
+        else:
+            scalars.append((f.name, value))
+    if header is not None:
+        lines.append(header)
+    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
+    prefix = header[1:-1] + "." if header and not header.startswith("[[") else ""
+    for name, sub in tables:
+        if lines:
+            lines.append("")
+        _toml_table(lines, f"[{prefix}{_toml_key(name)}]", sub, redact)
+    for name, items in arrays:
+        for item in items:
+            lines.append("")
+            _toml_table(lines, f"[[{prefix}{_toml_key(name)}]]", item, redact)
+
+
+def _struct_list(cls: type[msgspec.Struct], name: str) -> bool:
+    tp = {f.name: f.type for f in msgspec.structs.fields(cls)}[name]
+    args = typing.get_args(tp)
+    return bool(args) and isinstance(args[0], type) and issubclass(args[0], msgspec.Struct)
+
+
+def dump_config(cfg: GatewayConfig, *, redact: bool = False) -> str:
+    """The effective config as TOML text (``lmgw serve --print-config``); loads back equal.
+
+    Args:
+        redact: replace secrets (``upstream.api_key``) with ``"<redacted>"``, for output that
+            may end up in a terminal log or a bug report.
+    """
+    lines: list[str] = []
+    _toml_table(lines, None, cfg, redact)
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,132 @@
+"""The Gateway: owns the root nursery, the fleet registry, the monitor, the pipeline and servers.
+
+``await nursery.start(gateway.run)`` returns the bound port once the first health round is done
+and the server is listening; cancelling the nursery stops everything (no task outlives it).
+:meth:`shutdown` is the graceful path: stop accepting, let requests in flight finish within
+``server.graceful_shutdown_s``, then cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import trio
+
+from .api.app import App
+from .config import ROLES, GatewayConfig, WorkerConfig
+from .http.server import HTTPServer, ServerLimits
+from .metrics import Metrics
+from .pipeline.runner import Pipeline
+from .routing.registry import make_policy
+from .transport.pool import ConnectionPool
+from .workers.monitor import HealthMonitor
+from .workers.registry import Registry
+from .workers.worker import Worker
+
+log = logging.getLogger("lmgw")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.request_id_prefix = os.urandom(4).hex()
+        self.metrics = Metrics(in_flight=self._in_flight_samples)
+        self.registry = Registry()
+        self.registry.subscribe(self._on_worker_change)
+        up = config.upstream
+        self.pool = ConnectionPool(up.connect_timeout_s, up.idle_timeout_s, up.max_idle_per_worker)
+        default = config.routing.policy
+        self.policies = {role: make_policy(config.routing.policies.get(role, default)) for role in ROLES}
+        self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
+        self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
+        self._configured = {m.name: m for m in config.models}
+        auth = b"Bearer " + up.api_key.encode() if up.api_key else None
+        self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
+        for wc in config.workers:
+            self.add_worker(wc)
+        self.app = App(self)
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+        self._cancel = trio.CancelScope()
+
+    # -- fleet ----------------------------------------------------------------------------
+    def add_worker(self, wc: WorkerConfig) -> Worker:
+        worker = Worker(wc.worker_id, wc.url, wc.role, frozenset(wc.models) if wc.models else None)
+        return self.registry.add(worker)
+
+    def remove_worker(self, worker_id: str) -> Worker:
+        worker = self.registry.remove(worker_id)
+        self.pool.forget(worker.origin)
+        for policy in self.policies.values():
+            policy.on_worker_removed(worker)
+        return worker
+
+    def configured_models(self) -> set[str]:
+        return set(self._configured)
+
+    def served_models(self) -> set[str]:
+        return set(self._configured) | self.registry.known_models()
+
+    def knows_model(self, name: str) -> bool:
+        return name in self._configured or self.registry.has_model(name)
+
+    def flow_of(self, model: str) -> str:
+        m = self._configured.get(model)
+        return m.flow if m is not None else "pd"
+
+    def _in_flight_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for w in self.registry:
+            yield (w.role, w.id), w.in_flight
+
+    def _on_worker_change(self, worker: Worker) -> None:
+        self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or shut down. Reports the bound port through ``task_status``."""
+        cfg = self.config
+        with self._cancel:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.monitor.run)
+                    if cfg.server.server == "hypercorn":
+                        from .http.asgi import serve_hypercorn
+
+                        self.port = await nursery.start(serve_hypercorn, self.app, cfg)
+                    else:
+                        lim = cfg.limits
+                        self.server = HTTPServer(
+                            self.app,
+                            ServerLimits(
+                                max_header_bytes=lim.max_header_bytes,
+                                max_body_bytes=lim.max_body_bytes,
+                                header_timeout_s=lim.header_timeout_s,
+                                body_timeout_s=lim.body_timeout_s,
+                                keepalive_timeout_s=lim.keepalive_timeout_s,
+                                max_pipelined_requests=lim.max_pipelined_requests,
+                                max_connections=lim.max_connections,
+                                backlog=cfg.server.backlog,
+                            ),
+                        )
+                        self.port = await nursery.start(self.server.serve, cfg.server.host, cfg.server.port)
+                    log.info("lmgw listening on http://%s:%d (%d workers)", cfg.server.host, self.port, len(self.registry))
+                    task_status.started(self.port)
+            finally:
+                self.pool.close()
+
+    async def shutdown(self) -> None:
+        """Graceful stop: refuse new connections, finish requests in flight, then cancel."""
+        grace = self.config.server.graceful_shutdown_s
+        if self.server is not None:
+            await self.server.drain()
+            with trio.move_on_after(grace):
+                await self.server.wait_idle()
+        self._cancel.cancel()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.host}:{self.port}"

@@ -1,0 +1,143 @@
+"""The same handlers as an ASGI application, served by hypercorn[trio] for TLS and HTTP/2.
+
+The native server is the fast data plane; this adapter exists for what hypercorn does well
+(``lmgw serve --server hypercorn``). A client disconnect (``http.disconnect``) cancels the
+handler exactly as the native server does, so cancellation reaches the workers either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ..errors import error_body
+from .types import Handler, Headers, Request
+
+Scope = dict[str, Any]
+
+
+class _ASGIResponder:
+    __slots__ = ("_head", "_send", "finished", "started")
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._head: dict | None = None
+        self.started = False
+        self.finished = False
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"%d" % len(body))]}
+        )
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        self.finished = True
+
+    async def start(self, status: int, headers: Headers) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self._head = {"type": "http.response.start", "status": status, "headers": list(headers)}
+
+    async def send(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._head is not None:
+            head, self._head = self._head, None
+            await self._send(head)
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            await self._send(head)
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.finished = True
+
+
+class ASGIAdapter:
+    """Wraps a :data:`~lmgw.http.types.Handler` as an ASGI 3 application."""
+
+    def __init__(self, handler: Handler, max_body_bytes: int = 32 << 20) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind != "http":
+            return
+        body = bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                payload = error_body(413, f"request body exceeds {self.max_body_bytes} bytes")
+                await _ASGIResponder(send).send_full(413, [(b"content-type", b"application/json")], payload)
+                return
+            if not msg.get("more_body", False):
+                break
+        client = scope.get("client") or ("", 0)
+        req = Request(
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b"").decode("latin-1"),
+            [(k.lower(), v) for k, v in scope["headers"]],
+            bytes(body),
+            True,
+            f"{client[0]}:{client[1]}",
+        )
+        responder = _ASGIResponder(send)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                await self.handler(req, responder)
+            finally:
+                nursery.cancel_scope.cancel()
+        if not responder.started:
+            await responder.send_full(500, [(b"content-type", b"application/json")], error_body(500, "no response produced"))
+        elif not responder.finished:
+            await responder.end()
+
+    @staticmethod
+    async def _watch_disconnect(receive, scope: trio.CancelScope) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                scope.cancel()
+                return
+
+
+async def serve_hypercorn(handler: Handler, cfg, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``handler`` with hypercorn[trio] per the gateway config; reports the bound port."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    hc = Config()
+    hc.bind = [f"{cfg.server.host}:{cfg.server.port}"]
+    hc.keep_alive_timeout = cfg.limits.keepalive_timeout_s
+    hc.h11_max_incomplete_size = cfg.limits.max_header_bytes
+    hc.backlog = cfg.server.backlog
+    hc.graceful_timeout = cfg.server.graceful_shutdown_s
+    hc.accesslog = None
+    hc.errorlog = None
+    if cfg.server.certfile:
+        hc.certfile = cfg.server.certfile
+        hc.keyfile = cfg.server.keyfile
+    app = ASGIAdapter(handler, cfg.limits.max_body_bytes)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, app, hc)
+        port = int(binds[0].rsplit(":", 1)[1])
+        task_status.started(port)

@@ -1,0 +1,191 @@
+"""Sans-IO HTTP/1.1 server connection on the httptools (llhttp) C parser.
+
+Bytes go in with :meth:`H1Connection.receive_data`; complete requests (or one protocol error) come
+out of :meth:`next_event`. There are no sockets, clocks or awaits here, so the same object serves
+the trio server and the tests (fed whole, byte-at-a-time, or with trailing pipelined data).
+
+Limits are constructor arguments; going over one produces a :class:`ProtocolError` carrying the
+HTTP status to answer with (400, 413, 431), after which the connection accepts nothing more.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import httptools
+
+from .types import Headers, Request
+
+#: What the reader found out about a message still in flight, for the server's timeouts.
+IDLE, HEAD, BODY = 0, 1, 2
+
+
+class ProtocolError(Exception):
+    """The peer sent something we will not process; ``status`` is the response to send."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _TooLarge(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+class H1Connection:
+    """One client connection's parser state.
+
+    Args:
+        max_header_bytes: request line plus headers; more gives 431 (nginx 8-32 KiB, h11 16 KiB;
+            the default in config is 64 KiB because long bearer tokens and trace headers exist).
+        max_body_bytes: request body; more gives 413 before the body is read when Content-Length
+            says so, or as soon as a chunked body crosses it.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_conn_hdr",
+        "_content_length",
+        "_error",
+        "_expect_continue",
+        "_head_size",
+        "_headers",
+        "_parser",
+        "_url",
+        "client",
+        "events",
+        "max_body_bytes",
+        "max_header_bytes",
+        "state",
+    )
+
+    def __init__(self, max_header_bytes: int = 65536, max_body_bytes: int = 32 << 20, client: str = ""):
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.client = client
+        self._parser = httptools.HttpRequestParser(self)
+        self.events: deque[Request | ProtocolError] = deque()
+        self.state = IDLE
+        self._error: ProtocolError | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+        self._head_size = 0
+        self._body_size = 0
+        self._content_length = -1
+        self._conn_hdr = b""
+        self._expect_continue = False
+
+    # -- public API -------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket. After an error, further data is ignored."""
+        if self._error is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _TooLarge):
+                self._fail(cause.status, cause.message)
+            else:  # a bug in our callbacks: surface it
+                raise
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    def next_event(self) -> Request | ProtocolError | None:
+        """The next complete request or protocol error, in arrival order; None if none yet."""
+        return self.events.popleft() if self.events else None
+
+    @property
+    def expect_continue(self) -> bool:
+        """True while the head of a request that asked for ``100-continue`` awaits its body."""
+        return self._expect_continue and self.state == BODY
+
+    def continue_sent(self) -> None:
+        self._expect_continue = False
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def _fail(self, status: int, message: str) -> None:
+        self._error = ProtocolError(status, message)
+        self.events.append(self._error)
+        self.state = IDLE
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.state = HEAD
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.max_header_bytes:
+            raise _TooLarge(431, f"request head exceeds {self.max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_header_bytes:
+            raise _TooLarge(431, f"request head exceeds {self.max_header_bytes} bytes")
+        name = name.lower()
+        if name == b"content-length":
+            try:
+                self._content_length = int(value)
+            except ValueError:
+                raise _TooLarge(400, "invalid Content-Length") from None
+            if self._content_length > self.max_body_bytes:
+                raise _TooLarge(413, f"request body exceeds {self.max_body_bytes} bytes")
+        elif name == b"connection":
+            self._conn_hdr = value.lower()
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self._expect_continue = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.state = BODY
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.max_body_bytes:
+            raise _TooLarge(413, f"request body exceeds {self.max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        p = self._parser
+        version = p.get_http_version()
+        conn = self._conn_hdr
+        # Decided from the header ourselves: httptools' should_keep_alive() is unreliable at
+        # on_headers_complete and always False after the message completes.
+        if version == "1.1":
+            keep_alive = b"close" not in conn
+        else:
+            keep_alive = b"keep-alive" in conn
+        url = self._url
+        qpos = url.find(b"?")
+        if qpos >= 0:
+            path, query = url[:qpos].decode("latin-1"), url[qpos + 1 :].decode("latin-1")
+        else:
+            path, query = url.decode("latin-1"), ""
+        body = self._body
+        req = Request(
+            p.get_method().decode("latin-1"),
+            path,
+            query,
+            self._headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            keep_alive,
+            self.client,
+            version == "1.0",
+        )
+        self.events.append(req)
+        self.state = IDLE
+        self._reset()

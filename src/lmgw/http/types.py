@@ -1,0 +1,71 @@
+"""The contract between HTTP servers (native trio server, ASGI adapter) and request handlers.
+
+A handler is ``async def handler(request: Request, responder: Responder) -> None``. It must answer
+exactly once, either with :meth:`Responder.send_full` or with ``start`` / ``send``... / ``end``.
+The server cancels the handler (a normal trio cancellation) when the client goes away, so handlers
+clean up in ``finally`` blocks and never poll for disconnects themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable, Protocol
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Request:
+    """A fully received HTTP request. Header names are lower-case bytes; the body is complete."""
+
+    __slots__ = ("body", "client", "headers", "http10", "keep_alive", "method", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body: bytes,
+        keep_alive: bool = True,
+        client: str = "",
+        http10: bool = False,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.client = client
+        self.http10 = http10
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of header ``name`` (lower-case bytes), or None. Linear: headers are few."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} body={len(self.body)}B>"
+
+
+class Responder(Protocol):
+    """How a handler answers. Implemented by each server; headers must not include framing ones
+    (``content-length``, ``transfer-encoding``, ``connection``): the server adds those."""
+
+    started: bool
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        """Send a complete response (head and body in one write)."""
+
+    async def start(self, status: int, headers: Headers) -> None:
+        """Begin a streamed response. The head is held back and written with the first chunk."""
+
+    async def send(self, data: bytes) -> None:
+        """Send one body chunk of a streamed response (empty data is ignored)."""
+
+    async def end(self) -> None:
+        """Finish a streamed response."""
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]

@@ -1,0 +1,135 @@
+"""Prometheus metrics: a small registry, cheap on the hot path, rendered as text on /metrics.
+
+Naming follows DESIGN.md §7: ``lmgw_`` prefix, seconds for time, ``_total`` for counters,
+``role`` and ``worker`` labels. Label values are tuples looked up in a dict; an observation is
+a bisect plus two additions, so metrics never show up in request profiles.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    if float(v).is_integer():
+        return str(int(v))
+    return repr(float(v))
+
+
+class Counter:
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        v = self.values
+        v[labels] = v.get(labels, 0.0) + amount
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for lv, v in sorted(self.values.items()):
+            yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
+
+
+class Gauge:
+    """A gauge whose values are set directly or read from a callback at scrape time."""
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labels: tuple[str, ...] = (),
+        collect: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+    ) -> None:
+        self.name, self.help, self.labelnames = name, help, labels
+        self.values: dict[tuple[str, ...], float] = {}
+        self.collect = collect
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        self.values[labels] = value
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        items = list(self.collect()) if self.collect else sorted(self.values.items())
+        for lv, v in items:
+            yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
+
+
+class Histogram:
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] = LATENCY_BUCKETS
+    ) -> None:
+        self.name, self.help, self.labelnames = name, help, labels
+        self.buckets = buckets
+        # per label set: [count per bucket (non-cumulative) + overflow, sum, count]
+        self.series: dict[tuple[str, ...], list] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+        s[0][bisect.bisect_left(self.buckets, value)] += 1
+        s[1] += value
+        s[2] += 1
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        for lv, (counts, total, n) in sorted(self.series.items()):
+            acc = 0
+            for bound, c in zip((*self.buckets, math.inf), counts, strict=True):
+                acc += c
+                le = 'le="' + _num(bound) + '"'
+                yield f"{self.name}_bucket{_labels(self.labelnames, lv, le)} {acc}"
+            yield f"{self.name}_sum{_labels(self.labelnames, lv)} {_num(total)}"
+            yield f"{self.name}_count{_labels(self.labelnames, lv)} {n}"
+
+
+class Metrics:
+    """The gateway's metric set. One instance per Gateway (no module-level state)."""
+
+    def __init__(self, in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None) -> None:
+        self.requests = Counter(
+            "lmgw_requests_total", "Client requests answered, by endpoint, model and HTTP status.", ("endpoint", "model", "status")
+        )
+        self.e2e = Histogram("lmgw_request_duration_seconds", "End-to-end request latency as the client sees it.", ("endpoint", "model"))
+        self.ttft = Histogram("lmgw_time_to_first_token_seconds", "Time from request arrival to the first streamed byte.", ("model",))
+        self.upstream_errors = Counter(
+            "lmgw_upstream_errors_total", "Failed exchanges with workers, by worker and kind.", ("role", "worker", "kind")
+        )
+        self.retries = Counter("lmgw_retries_total", "Requests re-dispatched to another worker before any byte reached the client.", ("role",))
+        self.worker_requests = Counter("lmgw_worker_requests_total", "Requests dispatched to each worker.", ("role", "worker"))
+        self.disconnects = Counter("lmgw_client_disconnects_total", "Requests abandoned because the client went away.", ("endpoint",))
+        self.in_flight = Gauge("lmgw_worker_in_flight", "Requests in flight per worker.", ("role", "worker"), collect=in_flight)
+        self.healthy = Gauge("lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker"))
+        self._all = [self.requests, self.e2e, self.ttft, self.upstream_errors, self.retries, self.worker_requests,
+                     self.disconnects, self.in_flight, self.healthy]  # fmt: skip
+
+    def add(self, metric: Counter | Gauge | Histogram) -> None:
+        self._all.append(metric)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for m in self._all:
+            lines.extend(m.render())
+        lines.append("")
+        return "\n".join(lines).encode()

@@ -1,0 +1,20 @@
+"""Round robin: each request goes to the next candidate in turn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..policy import Policy, RouteContext
+from ...workers.worker import Worker
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
+        i = self._next
+        self._next = i + 1
+        return candidates[i % len(candidates)]

@@ -1,0 +1,103 @@
+"""Stages over the OpenAI HTTP API as vLLM and SGLang serve it (the merged ``pd`` role for now).
+
+Knows the wire: request paths and headers, JSON error bodies, SSE framing. Knows nothing of
+policies or flows; the pipeline calls these functions with a chosen worker.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..errors import GatewayError, sse_error_event
+from ..http.types import Responder
+from ..pipeline.request import GatewayRequest
+from ..workers.worker import Worker
+from .pool import ConnectionPool, Response, UpstreamError
+from .sse import split_complete
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+async def send_stage(
+    pool: ConnectionPool, worker: Worker, greq: GatewayRequest, response_timeout_s: float
+) -> Response:
+    """POST the request body to the worker; return when its response head arrives."""
+    headers = [_JSON, *greq.forward_headers]
+    return await pool.request(
+        worker.origin, "POST", greq.path, headers, greq.body, response_timeout_s=response_timeout_s
+    )
+
+
+def worker_error(worker: Worker, status: int, body: bytes) -> GatewayError:
+    """Turn a worker's error response into an OpenAI-shaped error for the client.
+
+    4xx errors are the client's (bad parameters, unknown model on the worker): passed on with
+    the worker's status and message. 5xx are the gateway's problem to report: 502.
+    """
+    message, etype, param = "", None, None
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            etype = err.get("type") if isinstance(err.get("type"), str) else None
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+        elif isinstance(err, str):
+            message = err
+    if not message:
+        message = body[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    if 400 <= status < 500:
+        return GatewayError(status, message, param=param, type=etype)
+    return GatewayError(502, f"worker {worker.id} failed with HTTP {status}: {message}")
+
+
+async def read_error(resp: Response, worker: Worker) -> GatewayError:
+    try:
+        body = await resp.read_all(1 << 20)
+    except UpstreamError as exc:
+        body = exc.message.encode()
+    return worker_error(worker, resp.status, body)
+
+
+async def relay_json(resp: Response, responder: Responder, request_id: bytes) -> None:
+    """Relay a complete non-streamed response."""
+    body = await resp.read_all()
+    ctype = resp.content_type or b"application/json"
+    await responder.send_full(resp.status, [(b"content-type", ctype), (b"x-request-id", request_id)], body)
+
+
+async def relay_sse(resp: Response, responder: Responder, request_id: bytes, on_first_byte) -> None:
+    """Relay an SSE stream as bytes, one client write per group of complete events.
+
+    A worker that fails mid-stream gets an error event and ``[DONE]`` in its place, as vLLM
+    itself does for engine errors; the client never sees a silently truncated stream.
+    """
+    await responder.start(200, [*_SSE_HEADERS, (b"x-request-id", request_id)])
+    pending = b""
+    first = True
+    try:
+        while chunk := await resp.read_chunk():
+            if first:
+                first = False
+                on_first_byte()
+            data = pending + chunk if pending else chunk
+            cut = split_complete(data)
+            if cut == len(data):
+                pending = b""
+                await responder.send(data)
+            elif cut:
+                pending = data[cut:]
+                await responder.send(data[:cut])
+            else:
+                pending = data
+    except UpstreamError as exc:
+        await responder.send(sse_error_event(502, f"worker stream failed: {exc.message}"))
+        await responder.end()
+        raise
+    if pending:
+        await responder.send(pending)
+    await responder.end()

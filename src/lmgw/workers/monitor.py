@@ -1,0 +1,115 @@
+"""Active health probes and model discovery.
+
+Each interval every worker gets ``GET /health`` (and ``GET /v1/models`` to learn what it serves,
+unless config fixed its models). Thresholds turn probe streaks into state changes; an ejected
+worker (refused connections on the request path) is re-probed on the same schedule. The probes
+go through the same connection pool as requests, with their own short timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import trio
+
+from ..config import HealthConfig
+from ..transport.pool import ConnectionPool, UpstreamError
+from .registry import Registry
+from .worker import Worker, WorkerState
+
+log = logging.getLogger("lmgw.workers")
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelEntry]
+
+
+class _ModelEntry(msgspec.Struct):
+    id: str
+
+
+_decode_models = msgspec.json.Decoder(_ModelList).decode
+
+
+class HealthMonitor:
+    def __init__(self, registry: Registry, pool: ConnectionPool, cfg: HealthConfig, auth: bytes | None = None) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.cfg = cfg
+        self._headers = [(b"authorization", auth)] if auth else []
+        self._ok_streak: dict[str, int] = {}
+        self._fail_streak: dict[str, int] = {}
+
+    async def probe(self, worker: Worker) -> bool:
+        """One probe of ``worker``; updates its state and models. Returns health."""
+        ok, reason = False, ""
+        try:
+            with trio.fail_after(self.cfg.timeout_s):
+                resp = await self.pool.request(worker.origin, "GET", self.cfg.path, self._headers)
+                try:
+                    await resp.read_all(1 << 20)
+                finally:
+                    resp.release()
+                ok = 200 <= resp.status < 300
+                reason = "" if ok else f"health probe returned {resp.status}"
+                if ok and worker.static_models is None:
+                    await self._discover_models(worker)
+        except trio.TooSlowError:
+            reason = f"health probe timed out after {self.cfg.timeout_s:g} s"
+        except UpstreamError as exc:
+            reason = exc.message
+        self._apply(worker, ok, reason)
+        return ok
+
+    async def _discover_models(self, worker: Worker) -> None:
+        try:
+            resp = await self.pool.request(worker.origin, "GET", "/v1/models", self._headers)
+            try:
+                body = await resp.read_all(4 << 20)
+            finally:
+                resp.release()
+        except UpstreamError:
+            return
+        if resp.status != 200:
+            return
+        try:
+            models = frozenset(m.id for m in _decode_models(body).data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("worker %s: /v1/models answered something that is not a model list", worker.id)
+            return
+        self.registry.set_models(worker, models)
+
+    def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
+        wid = worker.id
+        if ok:
+            self._fail_streak[wid] = 0
+            streak = self._ok_streak[wid] = self._ok_streak.get(wid, 0) + 1
+            self.registry.record_success(worker)
+            if worker.state in (WorkerState.STARTING, WorkerState.EJECTED) and (
+                streak >= self.cfg.success_threshold or worker.state is WorkerState.STARTING
+            ):
+                self.registry.set_state(worker, WorkerState.HEALTHY)
+        else:
+            self._ok_streak[wid] = 0
+            streak = self._fail_streak[wid] = self._fail_streak.get(wid, 0) + 1
+            worker.last_error = reason
+            if worker.state is WorkerState.STARTING or (
+                worker.state is WorkerState.HEALTHY and streak >= self.cfg.failure_threshold
+            ):
+                self.registry.set_state(worker, WorkerState.EJECTED, reason)
+
+    async def probe_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for worker in self.registry:
+                if worker.state is not WorkerState.GONE:
+                    nursery.start_soon(self.probe, worker)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe everything once (so the gateway starts with a known fleet), then periodically."""
+        await self.probe_all()
+        task_status.started()
+        while True:
+            await trio.sleep(self.cfg.interval_s)
+            self.pool.sweep()
+            await self.probe_all()

@@ -1,0 +1,117 @@
+"""Fleet membership and worker state, with cheap per-request reads.
+
+Readers ask :meth:`Registry.candidates` for the routable workers of a (model, role); the answer
+is a tuple cached until membership or state changes, so a request never rebuilds or scans the
+fleet (ANCHORS.md complaint 22). Load accounting goes through :meth:`lease`, a context manager,
+so success, error and cancellation all release the in-flight count the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from .worker import Worker, WorkerState
+
+log = logging.getLogger("lmgw.workers")
+
+
+class Registry:
+    """The only writer of worker state."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, Worker] = {}
+        self._cache: dict[tuple[str, str], tuple[Worker, ...]] = {}
+        self._listeners: list[Callable[[Worker], None]] = []
+        self.generation = 0
+
+    # -- membership ---------------------------------------------------------------------------
+    def add(self, worker: Worker) -> Worker:
+        if worker.id in self._workers:
+            raise ValueError(f"worker {worker.id!r} is already registered")
+        self._workers[worker.id] = worker
+        self._changed(worker)
+        return worker
+
+    def remove(self, worker_id: str) -> Worker:
+        worker = self._workers.pop(worker_id)
+        worker.state = WorkerState.GONE
+        self._changed(worker)
+        return worker
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def subscribe(self, listener: Callable[[Worker], None]) -> None:
+        """Call ``listener(worker)`` after every membership or state change."""
+        self._listeners.append(listener)
+
+    # -- state (written only here) ----------------------------------------------------------
+    def set_state(self, worker: Worker, state: WorkerState, reason: str = "") -> None:
+        if worker.state is state or worker.state is WorkerState.GONE:
+            return
+        log.info("worker %s: %s -> %s%s", worker.id, worker.state.value, state.value, f" ({reason})" if reason else "")
+        worker.state = state
+        if reason:
+            worker.last_error = reason
+        self._changed(worker)
+
+    def set_models(self, worker: Worker, models: frozenset[str] | None) -> None:
+        if worker.static_models is not None or worker.models == models:
+            return
+        worker.models = models
+        self._changed(worker)
+
+    def record_success(self, worker: Worker) -> None:
+        worker.consecutive_failures = 0
+
+    def record_failure(self, worker: Worker, reason: str, *, eject: bool) -> None:
+        """A request to ``worker`` failed. ``eject`` for failures that make it unroutable at once
+        (refused connections); the monitor's probes bring it back."""
+        worker.consecutive_failures += 1
+        worker.last_error = reason
+        if eject and worker.state is WorkerState.HEALTHY:
+            self.set_state(worker, WorkerState.EJECTED, reason)
+
+    @contextmanager
+    def lease(self, worker: Worker) -> Iterator[Worker]:
+        worker.in_flight += 1
+        worker.total_requests += 1
+        try:
+            yield worker
+        finally:
+            worker.in_flight -= 1
+
+    # -- reads ------------------------------------------------------------------------------
+    def candidates(self, model: str, role: str) -> tuple[Worker, ...]:
+        key = (model, role)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = tuple(
+                w for w in self._workers.values() if w.role == role and w.routable and w.serves(model)
+            )
+        return found
+
+    def has_model(self, model: str) -> bool:
+        """True when some registered worker (in any state) serves or may serve ``model``."""
+        return any(w.serves(model) for w in self._workers.values())
+
+    def known_models(self) -> set[str]:
+        out: set[str] = set()
+        for w in self._workers.values():
+            if w.models is not None:
+                out |= w.models
+        return out
+
+    def _changed(self, worker: Worker) -> None:
+        self.generation += 1
+        self._cache.clear()
+        for listener in self._listeners:
+            listener(worker)

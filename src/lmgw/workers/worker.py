@@ -1,0 +1,80 @@
+"""A worker as the gateway sees it: identity, role, models, state and live load.
+
+Only the ``workers`` package writes these fields (state through :class:`~lmgw.workers.registry.Registry`,
+load through its leases); routing and the pipeline read them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ..config import ROLE_NAMES
+from ..transport.pool import Origin
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # registered, not yet probed
+    HEALTHY = "healthy"  # routable
+    DRAINING = "draining"  # finishes what it has, gets nothing new
+    EJECTED = "ejected"  # failing probes or requests; probed until it recovers
+    GONE = "gone"  # removed from the fleet
+
+
+class Worker:
+    """One inference worker endpoint serving one role."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "id",
+        "in_flight",
+        "last_error",
+        "models",
+        "origin",
+        "role",
+        "state",
+        "static_models",
+        "total_requests",
+        "url",
+    )
+
+    def __init__(self, id: str, url: str, role: str, models: frozenset[str] | None = None) -> None:
+        self.id = id
+        self.url = url.rstrip("/")
+        self.role = role
+        #: models named in config (fixed) or None: then ``models`` is discovered from /v1/models
+        self.static_models = models
+        #: models this worker serves; None = not known yet (treated as "any")
+        self.models: frozenset[str] | None = models
+        self.origin = Origin.from_url(self.url)
+        self.state = WorkerState.STARTING
+        self.in_flight = 0
+        self.total_requests = 0
+        self.consecutive_failures = 0
+        self.last_error = ""
+
+    @property
+    def routable(self) -> bool:
+        return self.state is WorkerState.HEALTHY
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def role_name(self) -> str:
+        return ROLE_NAMES[self.role]
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "role": self.role_name,
+            "state": self.state.value,
+            "models": sorted(self.models) if self.models is not None else None,
+            "in_flight": self.in_flight,
+            "total_requests": self.total_requests,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error or None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} {self.role} {self.state.value} in_flight={self.in_flight}>"
