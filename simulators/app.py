@@ -28,7 +28,6 @@ import trio
 from lmgw.http.types import Request, Responder
 
 from .engine import (
-    PIECE_JSON,
     VOCAB_SIZE,
     Completion,
     Engine,
@@ -533,7 +532,8 @@ class SimWorker:
             else:
                 await responder.send_full(200, [_JSON, (b"x-request-id", rid)], self._body(plan))
             finished = True
-        except trio.Cancelled:
+        except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client went away: the server cancelled us, or a write found the socket closed.
             stats.aborted_total += 1
             stats.aborted.append(
                 {
@@ -561,12 +561,7 @@ class SimWorker:
             ticket.close(aborted=True)
             return
         ticket.emitted(plan.completion_tokens)
-        prompts = plan.prompts
-        per_prompt = len(plan.choices) // len(prompts)
-        ticket.close(
-            [c.finish_reason for c in plan.choices],
-            [[*prompts[i // per_prompt], *c.token_ids] for i, c in enumerate(plan.choices)],
-        )
+        ticket.close(plan.choices)
         self.engine.stats.e2e.observe(trio.current_time() - arrival)
 
     async def _token_faults(
@@ -827,7 +822,7 @@ class SimWorker:
 class _StreamWriter:
     """Builds the SSE bytes of one request; constant parts are encoded once."""
 
-    __slots__ = ("_chat", "_head", "_plan", "_post", "_pre", "_usage_each", "tokens")
+    __slots__ = ("_chat", "_head", "_plan", "_post", "_pre", "_simple", "_usage_each", "tokens")
 
     def __init__(self, plan: _Plan, created: int) -> None:
         self._plan = plan
@@ -853,6 +848,7 @@ class _StreamWriter:
             for i in range(len(plan.choices))
         ]
         self._post = b"}}]}\n\n" if self._chat else b"}]}\n\n"
+        self._simple = len(plan.choices) == 1 and not self._usage_each
         self.tokens = 0
 
     def _tail(self, completion_tokens: int) -> bytes:
@@ -874,19 +870,18 @@ class _StreamWriter:
     def step(self, step: int) -> bytes:
         """The events of decode step ``step``: one per choice that still has a token (plus, at
         step 0, the chat role chunk or the echoed prompt)."""
+        if step and self._simple:  # the hot path: one choice, no per-chunk usage
+            self.tokens += 1
+            return self._pre[0] + self._plan.choices[0].pieces_json[step] + self._post
         out: list[bytes] = []
         for i, c in enumerate(self._plan.choices):
             if step >= c.num_tokens:
                 continue
             if step == 0:
                 out.append(self._opening(i))
-            piece = c.pieces[step]
-            pj = PIECE_JSON.get(piece)
-            if pj is None:
-                pj = _encode(piece)
             self.tokens += 1
-            out.append(self._event(i, pj, step + 1))
-        return out[0] if len(out) == 1 else b"".join(out)
+            out.append(self._event(i, c.pieces_json[step], step + 1))
+        return b"".join(out)
 
     def _opening(self, i: int) -> bytes:
         if self._chat:

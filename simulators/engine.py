@@ -57,17 +57,30 @@ _ENCODE_CACHE_MAX_CHARS = 32768
 _REVERSE_MAP_MAX = 262144
 
 
-def piece_id(piece: str) -> int:
-    """The id of one non-special piece: a stable hash (crc32 is C-fast and process-independent)."""
+def _hash_id(piece: str) -> int:
+    """A stable hash into the non-special ids (crc32 is C-fast and process-independent)."""
     return RESERVED + zlib.crc32(piece.encode()) % (VOCAB_SIZE - RESERVED)
+
+
+def piece_id(piece: str) -> int:
+    """The id of one non-special piece. Ids of the output vocabulary are kept for it (a colliding
+    input piece probes to the next free id), so generated text always decodes exactly."""
+    entry = _BY_PIECE.get(piece)
+    if entry is not None:
+        return entry.token_id
+    tid = _hash_id(piece)
+    while tid in _OUTPUT_IDS:
+        tid = RESERVED + (tid - RESERVED + 1) % (VOCAB_SIZE - RESERVED)
+    return tid
 
 
 class Tokenizer:
     """A deterministic word/punctuation tokenizer for the mock model.
 
     ``encode`` is lossless at the piece level; ``decode`` knows every id of the output vocabulary
-    and every piece this tokenizer has encoded (bounded map). Unknown ids decode to a visible
-    ``<|tokN|>`` marker rather than raising, like a real tokenizer decoding garbage ids.
+    and every piece this tokenizer has encoded (a bounded map; when two input pieces hash to the
+    same id the latest wins, so a round trip is exact unless a text holds such a pair). Unknown
+    ids decode to a visible ``<|tokN|>`` marker rather than raising.
     """
 
     def __init__(self) -> None:
@@ -152,7 +165,7 @@ def _build_output_vocab(size: int = 1024) -> tuple[VocabEntry, ...]:
     used: set[int] = set(SPECIAL_TOKENS.values())
     entries: list[VocabEntry] = []
     for piece in [",", ".", *(v for w in words for v in (f" {w}", w, f" {w.title()}", w.title()))]:
-        tid = piece_id(piece)
+        tid = _hash_id(piece)
         if tid in used:
             continue
         used.add(tid)
@@ -162,6 +175,7 @@ def _build_output_vocab(size: int = 1024) -> tuple[VocabEntry, ...]:
 
 OUTPUT_VOCAB: tuple[VocabEntry, ...] = _build_output_vocab()
 _BY_PIECE = {e.piece: e for e in OUTPUT_VOCAB}
+_OUTPUT_IDS = frozenset(e.token_id for e in OUTPUT_VOCAB)
 _COMMA = _BY_PIECE[","]
 _PERIOD = _BY_PIECE["."]
 # Indexed by word: (" word", "word", " Word", "Word") where all four survived de-duplication.
@@ -389,6 +403,8 @@ class Completion:
     text: str
     finish_reason: str
     stop_reason: str | int | None = None
+    pieces_json: tuple[bytes, ...] = ()
+    """``pieces`` pre-encoded as JSON strings (the streaming path splices them into events)."""
 
     @property
     def num_tokens(self) -> int:
@@ -475,7 +491,10 @@ def generate(
             ntok, cut, stop_str = hit
             token_ids, pieces = token_ids[:ntok], _cut_pieces(pieces[:ntok], cut)
             finish, stop_reason = "stop", stop_str
-    return Completion(tuple(token_ids), tuple(pieces), "".join(pieces), finish, stop_reason)
+    pieces_json = tuple(PIECE_JSON.get(p) or msgspec.json.encode(p) for p in pieces)
+    return Completion(
+        tuple(token_ids), tuple(pieces), "".join(pieces), finish, stop_reason, pieces_json
+    )
 
 
 def _find_stop(
@@ -553,13 +572,14 @@ class TimingModel:
 # ------------------------------------------------------------------------------------------------
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def block_hashes(token_ids: Sequence[int], block_size: int, known: Sequence[int] = ()) -> list[int]:
     """Chained hashes of the full blocks of ``token_ids``: block i's key covers blocks 0..i, so a
     hit on block i implies the whole prefix matches (vLLM's scheme). Python's hash of int tuples
-    is not randomised, so keys agree across processes."""
-    out: list[int] = []
-    parent = 0
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
+    is not randomised, so keys agree across processes. ``known`` are already computed hashes of
+    a prefix of ``token_ids`` (e.g. the prompt's, when hashing prompt + output)."""
+    out = list(known)
+    parent = out[-1] if out else 0
+    for start in range(len(out) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, *token_ids[start : start + block_size]))
         out.append(parent)
     return out
@@ -689,7 +709,16 @@ class Ticket:
     state holds, so no exit path (success, error, cancellation) leaks a running slot.
     """
 
-    __slots__ = ("_engine", "_kv_blocks", "_nseq", "cached_tokens", "prompt_tokens", "state")
+    __slots__ = (
+        "_engine",
+        "_kv_blocks",
+        "_nseq",
+        "_prompt_hashes",
+        "_prompts",
+        "cached_tokens",
+        "prompt_tokens",
+        "state",
+    )
 
     def __init__(self, engine: Engine, prompt_tokens: int, nseq: int) -> None:
         self._engine = engine
@@ -697,6 +726,8 @@ class Ticket:
         self._nseq = nseq
         self._kv_blocks = 0
         self.cached_tokens = 0
+        self._prompt_hashes: list[list[int]] = []
+        self._prompts: Sequence[Sequence[int]] = ()
         self.state = "waiting"
         engine.waiting += 1
         engine.stats.requests_total += 1
@@ -717,8 +748,10 @@ class Ticket:
         e = self._engine
         cache = e.cache
         uncached = 0
+        self._prompts = prompts
         for ids in prompts:
             hashes = block_hashes(ids, cache.block_size)
+            self._prompt_hashes.append(hashes)
             hit = cache.lookup(ids, hashes)
             self.cached_tokens += hit
             uncached += len(ids) - hit
@@ -739,14 +772,12 @@ class Ticket:
         e = self._engine
         return e.config.timing.decode_s(e.decoding, e.slow)
 
-    def close(
-        self,
-        finish_reasons: Iterable[str] = (),
-        outputs: Iterable[Sequence[int]] = (),
-        *,
-        aborted: bool = False,
-    ) -> None:
-        """Release everything the ticket holds (idempotent); record how it finished."""
+    def close(self, completions: Sequence[Completion] = (), *, aborted: bool = False) -> None:
+        """Release everything the ticket holds (idempotent); record how it finished.
+
+        ``completions`` are the request's choices in order, ``n`` per prompt given to
+        ``prefill``; their prompt + output blocks stay in the prefix cache, as in vLLM.
+        """
         e = self._engine
         if self.state == "closed":
             return
@@ -761,10 +792,21 @@ class Ticket:
         if aborted:
             e.stats.aborted_total += 1
             return
-        for reason in finish_reasons:
-            e.stats.finished[reason] = e.stats.finished.get(reason, 0) + 1
-        for ids in outputs:  # prompt + output blocks stay cached, as in vLLM
-            e.cache.insert(ids)
+        finished = e.stats.finished
+        for c in completions:
+            finished[c.finish_reason] = finished.get(c.finish_reason, 0) + 1
+        prompts, hashes = self._prompts, self._prompt_hashes
+        if not prompts or not completions:
+            return
+        per_prompt = max(1, len(completions) // len(prompts))
+        bs = e.cache.block_size
+        for i, c in enumerate(completions):
+            p = min(i // per_prompt, len(prompts) - 1)
+            ids = [*prompts[p], *c.token_ids]
+            e.cache.insert(ids, block_hashes(ids, bs, hashes[p]))
+
+
+_MEMO_ENTRIES = 1024
 
 
 class Engine:
@@ -784,19 +826,34 @@ class Engine:
         self.running = 0
         self.decoding = 0
         self.kv_blocks_in_use = 0
+        self._memo: OrderedDict[tuple[tuple[int, ...], SamplingSpec, int], Completion] = (
+            OrderedDict()
+        )
 
     def submit(self, prompt_tokens: int, nseq: int = 1) -> Ticket:
         """A new request enters the queue."""
         return Ticket(self, prompt_tokens, nseq)
 
     def generate(self, prompt_ids: Sequence[int], spec: SamplingSpec, index: int = 0) -> Completion:
-        return generate(
+        """:func:`generate` with this engine's seed, memoised: completions are immutable and
+        benchmarks repeat prompts, so a hit costs one tuple hash instead of a draw per token."""
+        key = (tuple(prompt_ids), spec, index)
+        memo = self._memo
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit
+        out = generate(
             prompt_ids,
             spec,
             engine_seed=self.config.seed,
             max_model_len=self.config.max_model_len,
             index=index,
         )
+        memo[key] = out
+        if len(memo) > _MEMO_ENTRIES:
+            memo.popitem(last=False)
+        return out
 
     @property
     def kv_cache_usage(self) -> float:

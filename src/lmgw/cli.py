@@ -25,7 +25,9 @@ def setup_logging(level: str = "info", json_lines: bool = False) -> None:
         if json_lines
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr
+    )
 
 
 async def _graceful(gateway, scope: trio.CancelScope) -> None:
@@ -67,7 +69,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     if not cfg.workers:
-        print("lmgw: no workers configured: give --worker ROLE=URL or [[workers]] in --config", file=sys.stderr)
+        print(
+            "lmgw: no workers configured: give --worker ROLE=URL or [[workers]] in --config",
+            file=sys.stderr,
+        )
         return 2
     setup_logging(cfg.logging.level, cfg.logging.json)
     try:
@@ -104,21 +109,33 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmgw", description="Low-latency gateway for disaggregated LLM serving.")
+    parser = argparse.ArgumentParser(
+        prog="lmgw", description="Low-latency gateway for disaggregated LLM serving."
+    )
     parser.add_argument("--version", action="version", version=f"lmgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_serve = sub.add_parser("serve", help="run the gateway in front of workers")
     add_serve_arguments(p_serve)
-    p_serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p_serve.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
     p_serve.set_defaults(func=_cmd_serve)
 
-    p_sim = sub.add_parser("simulate", help="start simulated workers and the gateway in front of them")
-    p_sim.add_argument("--workers", default="2pd", help="fleet spec, e.g. 2pd, 1e2pd, 3e2p4d (default 2pd)")
+    p_sim = sub.add_parser(
+        "simulate", help="start simulated workers and the gateway in front of them"
+    )
+    p_sim.add_argument(
+        "--workers", default="2pd", help="fleet spec, e.g. 2pd, 1e2pd, 3e2p4d (default 2pd)"
+    )
     p_sim.add_argument("--host", default="127.0.0.1")
     p_sim.add_argument("--port", type=int, default=8000, help="gateway port (0 picks a free one)")
-    p_sim.add_argument("--model", default="sim-llama-8b", help="model name the simulated workers serve")
-    p_sim.add_argument("--speed", type=float, default=1.0, help="simulator speed factor (inf: no delays)")
+    p_sim.add_argument(
+        "--model", default="sim-llama-8b", help="model name the simulated workers serve"
+    )
+    p_sim.add_argument(
+        "--speed", type=float, default=1.0, help="simulator speed factor (inf: no delays)"
+    )
     p_sim.add_argument("--seed", type=int, default=0)
     p_sim.add_argument("--policy", default=None, help="routing policy for every role")
     p_sim.add_argument("--server", choices=("native", "hypercorn"), default=None)

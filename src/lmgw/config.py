@@ -299,9 +299,8 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     keepalive_timeout_s: float = 75.0
     # Whole-request deadline, including the stream; 0 disables. 600 s bounds runaway generations.
     request_timeout_s: float = 600.0
-    # Requests a client may pipeline ahead on one connection before we stop reading (backpressure).
-    max_pipelined_requests: int = 32
-    # Open client connections; above it new ones wait in the backlog instead of exhausting fds.
+    # Open client connections; above it a new connection gets a 503 and is closed, so a flood
+    # cannot exhaust file descriptors.
     max_connections: int = 4096
 
     def __post_init__(self) -> None:
@@ -311,7 +310,6 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("body_timeout_s", self.body_timeout_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)
         _non_negative("request_timeout_s", self.request_timeout_s)
-        _at_least("max_pipelined_requests", self.max_pipelined_requests, 1)
         _at_least("max_connections", self.max_connections, 1)
 
 
@@ -322,10 +320,10 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
     connect_timeout_s: float = 5.0
     # Until the worker's response headers; long prefills of huge prompts can take minutes.
     response_timeout_s: float = 600.0
-    # Lifetime of an idle pooled connection. Keep it below the worker's keep-alive so we never
-    # reuse a connection the worker is closing: vLLM's default is only 5 s
-    # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so run workers with a longer one (e.g. 60) or lower this.
-    idle_timeout_s: float = 55.0
+    # Lifetime of an idle pooled connection. Below the worker's keep-alive so we rarely reuse a
+    # connection the worker is closing: vLLM's default is only 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    # A stale socket found anyway is retried on a fresh connection, invisibly.
+    idle_timeout_s: float = 4.0
     # Idle connections kept per worker; 0 disables pooling. 256 covers bursts at high concurrency.
     max_idle_per_worker: int = 256
     # Attempts on connection failure before any byte reached the client (then it's too late);

@@ -40,21 +40,32 @@ class GatewayError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.type = type or ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+        self.type = type or ERROR_TYPES.get(
+            status, "InternalServerError" if status >= 500 else "BadRequestError"
+        )
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, param=self.param, type=self.type)
 
     def payload(self) -> dict:
-        return {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        return {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.status,
+        }
 
 
 _encode = msgspec.json.encode
 
 
-def error_body(status: int, message: str, *, param: str | None = None, type: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, *, param: str | None = None, type: str | None = None
+) -> bytes:
     """The JSON body for an error response (also used as an SSE ``data:`` payload)."""
-    etype = type or ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+    etype = type or ERROR_TYPES.get(
+        status, "InternalServerError" if status >= 500 else "BadRequestError"
+    )
     return _encode({"error": {"message": message, "type": etype, "param": param, "code": status}})
 
 

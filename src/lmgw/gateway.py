@@ -40,7 +40,9 @@ class Gateway:
         up = config.upstream
         self.pool = ConnectionPool(up.connect_timeout_s, up.idle_timeout_s, up.max_idle_per_worker)
         default = config.routing.policy
-        self.policies = {role: make_policy(config.routing.policies.get(role, default)) for role in ROLES}
+        self.policies = {
+            role: make_policy(config.routing.policies.get(role, default)) for role in ROLES
+        }
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}
@@ -107,13 +109,19 @@ class Gateway:
                                 header_timeout_s=lim.header_timeout_s,
                                 body_timeout_s=lim.body_timeout_s,
                                 keepalive_timeout_s=lim.keepalive_timeout_s,
-                                max_pipelined_requests=lim.max_pipelined_requests,
                                 max_connections=lim.max_connections,
                                 backlog=cfg.server.backlog,
                             ),
                         )
-                        self.port = await nursery.start(self.server.serve, cfg.server.host, cfg.server.port)
-                    log.info("lmgw listening on http://%s:%d (%d workers)", cfg.server.host, self.port, len(self.registry))
+                        self.port = await nursery.start(
+                            self.server.serve, cfg.server.host, cfg.server.port
+                        )
+                    log.info(
+                        "lmgw listening on http://%s:%d (%d workers)",
+                        cfg.server.host,
+                        self.port,
+                        len(self.registry),
+                    )
                     task_status.started(self.port)
             finally:
                 self.pool.close()

@@ -11,7 +11,24 @@ import bisect
 import math
 from collections.abc import Callable, Iterable
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 
 
 def _escape(v: str) -> str:
@@ -76,7 +93,11 @@ class Gauge:
 
 class Histogram:
     def __init__(
-        self, name: str, help: str, labels: tuple[str, ...] = (), buckets: tuple[float, ...] = LATENCY_BUCKETS
+        self,
+        name: str,
+        help: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
     ) -> None:
         self.name, self.help, self.labelnames = name, help, labels
         self.buckets = buckets
@@ -107,20 +128,51 @@ class Histogram:
 class Metrics:
     """The gateway's metric set. One instance per Gateway (no module-level state)."""
 
-    def __init__(self, in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None) -> None:
+    def __init__(
+        self, in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None
+    ) -> None:
         self.requests = Counter(
-            "lmgw_requests_total", "Client requests answered, by endpoint, model and HTTP status.", ("endpoint", "model", "status")
+            "lmgw_requests_total",
+            "Client requests answered, by endpoint, model and HTTP status.",
+            ("endpoint", "model", "status"),
         )
-        self.e2e = Histogram("lmgw_request_duration_seconds", "End-to-end request latency as the client sees it.", ("endpoint", "model"))
-        self.ttft = Histogram("lmgw_time_to_first_token_seconds", "Time from request arrival to the first streamed byte.", ("model",))
+        self.e2e = Histogram(
+            "lmgw_request_duration_seconds",
+            "End-to-end request latency as the client sees it.",
+            ("endpoint", "model"),
+        )
+        self.ttft = Histogram(
+            "lmgw_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed byte.",
+            ("model",),
+        )
         self.upstream_errors = Counter(
-            "lmgw_upstream_errors_total", "Failed exchanges with workers, by worker and kind.", ("role", "worker", "kind")
+            "lmgw_upstream_errors_total",
+            "Failed exchanges with workers, by worker and kind.",
+            ("role", "worker", "kind"),
         )
-        self.retries = Counter("lmgw_retries_total", "Requests re-dispatched to another worker before any byte reached the client.", ("role",))
-        self.worker_requests = Counter("lmgw_worker_requests_total", "Requests dispatched to each worker.", ("role", "worker"))
-        self.disconnects = Counter("lmgw_client_disconnects_total", "Requests abandoned because the client went away.", ("endpoint",))
-        self.in_flight = Gauge("lmgw_worker_in_flight", "Requests in flight per worker.", ("role", "worker"), collect=in_flight)
-        self.healthy = Gauge("lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker"))
+        self.retries = Counter(
+            "lmgw_retries_total",
+            "Requests re-dispatched to another worker before any byte reached the client.",
+            ("role",),
+        )
+        self.worker_requests = Counter(
+            "lmgw_worker_requests_total", "Requests dispatched to each worker.", ("role", "worker")
+        )
+        self.disconnects = Counter(
+            "lmgw_client_disconnects_total",
+            "Requests abandoned because the client went away.",
+            ("endpoint",),
+        )
+        self.in_flight = Gauge(
+            "lmgw_worker_in_flight",
+            "Requests in flight per worker.",
+            ("role", "worker"),
+            collect=in_flight,
+        )
+        self.healthy = Gauge(
+            "lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker")
+        )
         self._all = [self.requests, self.e2e, self.ttft, self.upstream_errors, self.retries, self.worker_requests,
                      self.disconnects, self.in_flight, self.healthy]  # fmt: skip
 

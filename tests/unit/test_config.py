@@ -72,13 +72,12 @@ def test_defaults_without_file_or_env() -> None:
         body_timeout_s=60.0,
         keepalive_timeout_s=75.0,
         request_timeout_s=600.0,
-        max_pipelined_requests=32,
         max_connections=4096,
     )
     assert cfg.upstream == UpstreamConfig(
         connect_timeout_s=5.0,
         response_timeout_s=600.0,
-        idle_timeout_s=55.0,
+        idle_timeout_s=4.0,
         max_idle_per_worker=256,
         max_attempts=2,
         api_key=None,
@@ -287,7 +286,6 @@ BAD = [
     ("[limits]\nkeepalive_timeout_s = nan", "limits.keepalive_timeout_s", "positive"),
     ("[limits]\nrequest_timeout_s = -1", "limits.request_timeout_s", "zero or a positive"),
     ("[limits]\nrequest_timeout_s = inf", "limits.request_timeout_s", "finite"),
-    ("[limits]\nmax_pipelined_requests = 0", "limits.max_pipelined_requests", ">= 1"),
     ("[limits]\nmax_connections = 0", "limits.max_connections", ">= 1"),
     ("[upstream]\nconnect_timeout_s = 0", "upstream.connect_timeout_s", "positive"),
     ("[upstream]\nresponse_timeout_s = 0", "upstream.response_timeout_s", "positive"),

@@ -44,7 +44,9 @@ class App:
             await responder.send_full(
                 405,
                 [(b"content-type", b"application/json"), (b"allow", allowed.encode())],
-                GatewayError(405, f"method {req.method} not allowed on {req.path}; use {allowed}").body(),
+                GatewayError(
+                    405, f"method {req.method} not allowed on {req.path}; use {allowed}"
+                ).body(),
             )
             return
         await handler(req, responder)

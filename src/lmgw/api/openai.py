@@ -64,11 +64,15 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView:
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = _PARAM_RE.search(msg) or _MISSING_RE.search(msg)
-        raise GatewayError(400, f"invalid request: {msg}", param=m.group(1) if m else None) from None
+        raise GatewayError(
+            400, f"invalid request: {msg}", param=m.group(1) if m else None
+        ) from None
     except msgspec.DecodeError as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if view.stream_options is not None and not view.stream:
-        raise GatewayError(400, "stream_options can only be set when stream is true", param="stream_options")
+        raise GatewayError(
+            400, "stream_options can only be set when stream is true", param="stream_options"
+        )
     if isinstance(view, ChatView):
         if not view.messages:
             raise GatewayError(400, "messages must be a non-empty list", param="messages")
@@ -85,7 +89,9 @@ class OpenAIAPI:
         self.metrics = gateway.metrics
         self.request_timeout_s = gateway.config.limits.request_timeout_s or None
         self.upstream_auth = (
-            b"Bearer " + gateway.config.upstream.api_key.encode() if gateway.config.upstream.api_key else None
+            b"Bearer " + gateway.config.upstream.api_key.encode()
+            if gateway.config.upstream.api_key
+            else None
         )
         self._rid_prefix = gateway.request_id_prefix
         self._rid_counter = 0
@@ -115,7 +121,9 @@ class OpenAIAPI:
             served = gw.served_models()
             if len(served) == 1:
                 return next(iter(served))
-            raise GatewayError(400, "model is required when the gateway serves several models", param="model")
+            raise GatewayError(
+                400, "model is required when the gateway serves several models", param="model"
+            )
         canonical = gw.model_aliases.get(model, model)
         if not gw.knows_model(canonical):
             raise GatewayError(404, f"The model `{model}` does not exist.", param="model")
@@ -136,7 +144,14 @@ class OpenAIAPI:
             view = decode_view(endpoint, req.body)
             model = self._resolve_model(view.model)
             greq = GatewayRequest(
-                endpoint, path, model, bool(view.stream), req.body, rid, self._forward_headers(req, rid), t0
+                endpoint,
+                path,
+                model,
+                bool(view.stream),
+                req.body,
+                rid,
+                self._forward_headers(req, rid),
+                t0,
             )
             with trio.move_on_after(self.request_timeout_s or float("inf")) as deadline:
                 await self.gw.pipeline.run(greq, responder)
@@ -166,22 +181,47 @@ class OpenAIAPI:
     async def models(self, req: Request, responder: Responder) -> None:
         created = int(self.gw.started_at)
         data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "lmgw", "root": name, "parent": None}
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "lmgw",
+                "root": name,
+                "parent": None,
+            }
             for name in sorted(self.gw.served_models())
         ]
-        await responder.send_full(200, [(b"content-type", b"application/json")], msgspec.json.encode({"object": "list", "data": data}))
+        await responder.send_full(
+            200,
+            [(b"content-type", b"application/json")],
+            msgspec.json.encode({"object": "list", "data": data}),
+        )
 
     async def model(self, req: Request, responder: Responder, name: str) -> None:
         if name not in self.gw.served_models():
-            await send_error(responder, GatewayError(404, f"The model `{name}` does not exist.", param="model"))
+            await send_error(
+                responder, GatewayError(404, f"The model `{name}` does not exist.", param="model")
+            )
             return
-        body = {"id": name, "object": "model", "created": int(self.gw.started_at), "owned_by": "lmgw", "root": name, "parent": None}
-        await responder.send_full(200, [(b"content-type", b"application/json")], msgspec.json.encode(body))
+        body = {
+            "id": name,
+            "object": "model",
+            "created": int(self.gw.started_at),
+            "owned_by": "lmgw",
+            "root": name,
+            "parent": None,
+        }
+        await responder.send_full(
+            200, [(b"content-type", b"application/json")], msgspec.json.encode(body)
+        )
 
 
-async def send_error(responder: Responder, exc: GatewayError, request_id: str | None = None) -> None:
+async def send_error(
+    responder: Responder, exc: GatewayError, request_id: str | None = None
+) -> None:
     headers = [(b"content-type", b"application/json")]
     if request_id:
         headers.append((b"x-request-id", request_id.encode()))
-    await responder.send_full(exc.status, headers, error_body(exc.status, exc.message, param=exc.param, type=exc.type))
-
+    await responder.send_full(
+        exc.status, headers, error_body(exc.status, exc.message, param=exc.param, type=exc.type)
+    )

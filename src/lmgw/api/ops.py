@@ -7,6 +7,7 @@ import msgspec
 from ..config import FLOW_ROLES, ROLE_NAMES
 from ..http.types import Request, Responder
 
+
 class OpsAPI:
     def __init__(self, gateway) -> None:
         self.gw = gateway
@@ -29,8 +30,14 @@ class OpsAPI:
 
     async def health(self, req: Request, responder: Responder) -> None:
         ok, report = self.health_report()
-        await responder.send_full(200 if ok else 503, [(b"content-type", b"application/json")], msgspec.json.encode(report))
+        await responder.send_full(
+            200 if ok else 503,
+            [(b"content-type", b"application/json")],
+            msgspec.json.encode(report),
+        )
 
     async def metrics(self, req: Request, responder: Responder) -> None:
         body = self.gw.metrics.render()
-        await responder.send_full(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body)
+        await responder.send_full(
+            200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], body
+        )

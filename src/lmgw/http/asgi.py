@@ -31,7 +31,11 @@ class _ASGIResponder:
             raise RuntimeError("response already started")
         self.started = True
         await self._send(
-            {"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"%d" % len(body))]}
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", b"%d" % len(body))],
+            }
         )
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
         self.finished = True
@@ -85,7 +89,9 @@ class ASGIAdapter:
             body += msg.get("body", b"")
             if len(body) > self.max_body_bytes:
                 payload = error_body(413, f"request body exceeds {self.max_body_bytes} bytes")
-                await _ASGIResponder(send).send_full(413, [(b"content-type", b"application/json")], payload)
+                await _ASGIResponder(send).send_full(
+                    413, [(b"content-type", b"application/json")], payload
+                )
                 return
             if not msg.get("more_body", False):
                 break
@@ -107,7 +113,11 @@ class ASGIAdapter:
             finally:
                 nursery.cancel_scope.cancel()
         if not responder.started:
-            await responder.send_full(500, [(b"content-type", b"application/json")], error_body(500, "no response produced"))
+            await responder.send_full(
+                500,
+                [(b"content-type", b"application/json")],
+                error_body(500, "no response produced"),
+            )
         elif not responder.finished:
             await responder.end()
 
@@ -120,7 +130,9 @@ class ASGIAdapter:
                 return
 
 
-async def serve_hypercorn(handler: Handler, cfg, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_hypercorn(
+    handler: Handler, cfg, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve ``handler`` with hypercorn[trio] per the gateway config; reports the bound port."""
     from hypercorn.config import Config
     from hypercorn.trio import serve

@@ -63,7 +63,9 @@ class H1Connection:
         "state",
     )
 
-    def __init__(self, max_header_bytes: int = 65536, max_body_bytes: int = 32 << 20, client: str = ""):
+    def __init__(
+        self, max_header_bytes: int = 65536, max_body_bytes: int = 32 << 20, client: str = ""
+    ):
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.client = client

@@ -1,27 +1,24 @@
 """The data-plane HTTP/1.1 server: trio sockets around the sans-IO :class:`H1Connection`.
 
-Per connection there are two tasks with one owner (the connection's nursery): a *reader* that
-feeds the parser, enforces the head/body/idle timeouts and notices a client that goes away, and a
-*responder loop* that runs handlers one request at a time, so pipelined requests are answered in
-order. When the reader sees EOF or a reset while a handler runs, it cancels that handler's scope:
-that is how a disconnect reaches the upstream request (which then closes its worker connection).
+See :class:`HTTPServer` for the concurrency design (one task per connection; disconnect watchers
+and timeouts handled off the per-request path).
 
-Why not hypercorn for this path: its trio worker costs ~530 us CPU per request here, this ~30 us
+Why not hypercorn for this path: its trio worker costs ~530 us CPU per request here, this ~25 us
 (DESIGN.md §3). hypercorn still serves the same handlers through :mod:`lmgw.http.asgi`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import socket
 import time
 from dataclasses import dataclass
 
 import trio
 
 from ..errors import error_body
-from .h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
-from .types import Handler, Headers, Request
+from .h1 import HEAD, IDLE, H1Connection, ProtocolError
+from .types import Handler, Headers
 
 log = logging.getLogger("lmgw.http")
 
@@ -44,13 +41,20 @@ def _date_header() -> bytes:
     now = int(time.time())
     if now != _date_cache[0]:
         _date_cache[0] = now
-        _date_cache[1] = b"date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
+        _date_cache[1] = (
+            b"date: "
+            + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+            + b"\r\n"
+        )
     return _date_cache[1]
 
 
 def build_head(status: int, headers: Headers, framing: bytes, keep_alive: bool) -> bytes:
     """Status line + headers + framing header (content-length / chunked) + blank line."""
-    line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Status").encode())
+    line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d %s\r\n" % (
+        status,
+        _REASONS.get(status, "Status").encode(),
+    )
     parts = [line, _date_header()]
     for k, v in headers:
         parts.append(k + b": " + v + b"\r\n")
@@ -69,15 +73,27 @@ class ServerLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
-    max_pipelined_requests: int = 32
     max_connections: int = 4096
     backlog: int = 1024
+    #: a request running longer than this gets a disconnect watcher (see module docstring)
+    watch_after_s: float = 0.02
+    #: how often the watchdog arms watchers (and, every ~10 ticks, enforces timeouts)
+    watchdog_interval_s: float = 0.02
 
 
 class _Responder:
     """The :class:`~lmgw.http.types.Responder` for one request on an HTTP/1.1 connection."""
 
-    __slots__ = ("_head", "_head_only", "_http10", "_stream", "finished", "keep_alive", "started")
+    __slots__ = (
+        "_head",
+        "_head_only",
+        "_http10",
+        "_stream",
+        "broken",
+        "finished",
+        "keep_alive",
+        "started",
+    )
 
     def __init__(self, stream: trio.SocketStream, keep_alive: bool, head_only: bool, http10: bool):
         self._stream = stream
@@ -87,12 +103,15 @@ class _Responder:
         self._head: bytes | None = None
         self.started = False
         self.finished = False
+        self.broken = False
 
     async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
-        head = build_head(status, headers, b"content-length: %d\r\n\r\n" % len(body), self.keep_alive)
+        head = build_head(
+            status, headers, b"content-length: %d\r\n\r\n" % len(body), self.keep_alive
+        )
         await self._stream.send_all(head if self._head_only else head + body)
         self.finished = True
 
@@ -104,7 +123,9 @@ class _Responder:
             self.keep_alive = False
             self._head = build_head(status, headers, b"\r\n", False)
         else:
-            self._head = build_head(status, headers, b"transfer-encoding: chunked\r\n\r\n", self.keep_alive)
+            self._head = build_head(
+                status, headers, b"transfer-encoding: chunked\r\n\r\n", self.keep_alive
+            )
 
     async def send(self, data: bytes) -> None:
         if not data or self._head_only:
@@ -114,7 +135,15 @@ class _Responder:
         if head is not None:
             self._head = None
             frame = head + frame
-        await self._stream.send_all(frame)
+        if self.broken:
+            raise trio.BrokenResourceError("an earlier write on this response was interrupted")
+        try:
+            await self._stream.send_all(frame)
+        except BaseException:
+            # cancelled or failed mid-write: the client may hold a partial frame, so nothing
+            # more may be written to this response (a deadline's error event included)
+            self.broken = True
+            raise
 
     async def end(self) -> None:
         tail = b"" if (self._http10 or self._head_only) else b"0\r\n\r\n"
@@ -127,28 +156,62 @@ class _Responder:
         self.finished = True
 
 
-class _ConnState:
-    __slots__ = ("busy", "nursery", "scope")
+class _Conn:
+    """Per-connection state shared by the connection task, its watcher and the watchdog."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "busy",
+        "client",
+        "phase",
+        "phase_since",
+        "scope",
+        "stream",
+        "timeout_status",
+        "watch_done",
+        "watch_scope",
+    )
+
+    def __init__(self, stream: trio.SocketStream, client: str) -> None:
+        self.stream = stream
+        self.client = client
         self.busy = False
+        #: IDLE / HEAD / BODY while reading; the time that phase (or the running request) began
+        self.phase = IDLE
+        self.phase_since = trio.current_time()
+        #: cancels the whole connection: client gone, timeout, drain
         self.scope: trio.CancelScope | None = None
-        self.nursery: trio.Nursery | None = None
+        #: set by the watchdog when it cancels for a timeout: the status to answer with (or 0)
+        self.timeout_status = 0
+        self.watch_scope: trio.CancelScope | None = None
+        self.watch_done: trio.Event | None = None
 
 
 class HTTPServer:
     """Serves ``handler`` on one or more listeners until cancelled or drained.
 
-    Resource handling: every connection runs in this server's nursery and is closed when its
-    tasks end. ``drain()`` stops accepting and closes idle keep-alive connections; requests in
-    flight finish (their responses carry ``connection: close``) until the caller cancels.
+    One task per connection reads, parses and runs handlers in order (so pipelined requests are
+    answered in order), with no per-request tasks, channels or cancel scopes: those cost more
+    than the parsing itself. Two things need a second party, and get one only when needed:
+
+    * *Client disconnects.* A request still running after ``watch_after_s`` gets a watcher task
+      that waits for the socket to turn readable; EOF or a reset cancels the connection's scope,
+      which cancels the handler and so closes its upstream connection (the abort reaches the
+      worker). Short requests never pay for this; writes to a gone client fail by themselves.
+    * *Timeouts* (head, body, idle keep-alive): a watchdog task checks every connection a few
+      times a second and cancels those past their deadline (answering 408 where a request head
+      or body was in progress), instead of a cancel scope around every read.
+
+    Resource handling: every connection runs in this server's nursery and its socket is closed
+    when its task ends. ``drain()`` stops accepting and closes idle keep-alive connections;
+    requests in flight finish (their responses carry ``connection: close``).
     """
 
     def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.draining = False
-        self._conns: set[_ConnState] = set()
+        self._conns: set[_Conn] = set()
+        self._busy: set[_Conn] = set()
         self._listeners: list[trio.SocketListener] = []
         self._idle_event = trio.Event()
 
@@ -158,16 +221,19 @@ class HTTPServer:
 
     @property
     def busy_connections(self) -> int:
-        return sum(1 for c in self._conns if c.busy)
+        return len(self._busy)
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report the bound port through ``task_status``, and serve until cancelled."""
-        self._listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.limits.backlog)
+        self._listeners = await trio.open_tcp_listeners(
+            port, host=host, backlog=self.limits.backlog
+        )
         bound = self._listeners[0].socket.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog, nursery)
                 for listener in self._listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started(bound)
@@ -192,9 +258,9 @@ class HTTPServer:
         self.draining = True
         for listener in self._listeners:
             await listener.aclose()
-        for st in list(self._conns):
-            if not st.busy and st.nursery is not None:
-                st.nursery.cancel_scope.cancel()
+        for c in list(self._conns):
+            if not c.busy and c.scope is not None:
+                c.scope.cancel()
 
     async def wait_idle(self) -> None:
         """Return when no connection is open (used by graceful shutdown)."""
@@ -202,129 +268,160 @@ class HTTPServer:
             self._idle_event = trio.Event()
             await self._idle_event.wait()
 
+    # -- supervision ------------------------------------------------------------------------
+    async def _watchdog(self, nursery: trio.Nursery) -> None:
+        lim = self.limits
+        tick = 0
+        while True:
+            await trio.sleep(lim.watchdog_interval_s)
+            now = trio.current_time()
+            arm_before = now - lim.watch_after_s
+            for c in self._busy:
+                if c.watch_done is None and c.phase_since <= arm_before:
+                    c.watch_scope = trio.CancelScope()
+                    c.watch_done = trio.Event()
+                    nursery.start_soon(self._watch, c, c.watch_scope, c.watch_done)
+            tick += 1
+            if tick % 10:
+                continue
+            for c in self._conns:
+                if c.busy or c.scope is None:
+                    continue
+                if c.phase == IDLE:
+                    if now - c.phase_since > lim.keepalive_timeout_s:
+                        c.scope.cancel()  # idle keep-alive expired: close quietly
+                elif c.phase == HEAD:
+                    if now - c.phase_since > lim.header_timeout_s:
+                        c.timeout_status = 408
+                        c.scope.cancel()
+                elif now - c.phase_since > lim.body_timeout_s:
+                    c.timeout_status = 408
+                    c.scope.cancel()
+
+    @staticmethod
+    async def _watch(c: _Conn, scope: trio.CancelScope, done: trio.Event) -> None:
+        """Wait until the client's socket is readable: EOF or reset means the client is gone."""
+        try:
+            with scope:
+                sock = c.stream.socket
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    peek = await sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    peek = b""
+                if not peek and c.scope is not None:
+                    c.scope.cancel()
+                # else: a pipelined request is waiting; the connection task reads it later
+        finally:
+            done.set()
+
     # -- one connection ----------------------------------------------------------------------
     async def _connection(self, stream: trio.SocketStream) -> None:
         lim = self.limits
-        st = _ConnState()
         try:
-            try:
-                peer = stream.socket.getpeername()
-                client = f"{peer[0]}:{peer[1]}"
-            except OSError:
-                client = ""
+            peer = stream.socket.getpeername()
+            client = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            client = ""
+        c = _Conn(stream, client)
+        try:
             if len(self._conns) >= lim.max_connections:
-                body = error_body(503, "too many connections")
-                head = build_head(503, [(b"content-type", b"application/json")], b"content-length: %d\r\n\r\n" % len(body), False)
                 with trio.move_on_after(1):
-                    await stream.send_all(head + body)
+                    await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
-            self._conns.add(st)
-            conn = H1Connection(lim.max_header_bytes, lim.max_body_bytes, client)
-            send, recv = trio.open_memory_channel[Request | ProtocolError](lim.max_pipelined_requests)
-            async with trio.open_nursery() as nursery:
-                st.nursery = nursery
-                nursery.start_soon(self._reader, stream, conn, send, st)
-                await self._respond_loop(stream, recv, st)
-                nursery.cancel_scope.cancel()
+            self._conns.add(c)
+            with trio.CancelScope() as c.scope:
+                await self._serve_connection(c)
+            if c.timeout_status:
+                what = "request head" if c.phase == HEAD else "request body"
+                with trio.move_on_after(1):
+                    await self._send_error(
+                        stream, ProtocolError(c.timeout_status, f"timed out receiving the {what}")
+                    )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self._conns.discard(st)
+            c.scope = None
+            self._busy.discard(c)
+            self._conns.discard(c)
+            if c.watch_scope is not None:
+                c.watch_scope.cancel()
             if not self._conns:
                 self._idle_event.set()
             stream.socket.close()
 
-    async def _reader(
-        self,
-        stream: trio.SocketStream,
-        conn: H1Connection,
-        send: trio.MemorySendChannel[Request | ProtocolError],
-        st: _ConnState,
-    ) -> None:
+    @staticmethod
+    async def _send_error(stream: trio.SocketStream, err: ProtocolError) -> None:
+        body = error_body(err.status, err.message)
+        head = build_head(
+            err.status,
+            [(b"content-type", b"application/json")],
+            b"content-length: %d\r\n\r\n" % len(body),
+            False,
+        )
+        await stream.send_all(head + body)
+
+    async def _serve_connection(self, c: _Conn) -> None:
+        stream = c.stream
         lim = self.limits
-        phase_state = IDLE
-        phase_deadline = math.inf
-        with send:
-            while True:
-                state = conn.state
-                if state == IDLE:
-                    deadline = math.inf if st.busy else trio.current_time() + lim.keepalive_timeout_s
-                else:
-                    if state != phase_state:
-                        phase_state = state
-                        timeout = lim.header_timeout_s if state == HEAD else lim.body_timeout_s
-                        phase_deadline = trio.current_time() + timeout
-                    deadline = phase_deadline
-                try:
-                    with trio.move_on_at(deadline) as cs:
-                        data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if cs.cancelled_caught:
-                    if conn.state == IDLE:
-                        if st.busy or not send.statistics().current_buffer_used == 0:
-                            continue
-                        if st.nursery is not None:  # idle keep-alive expired: just close
-                            st.nursery.cancel_scope.cancel()
-                        return
-                    what = "request head" if conn.state == HEAD else "request body"
-                    await send.send(ProtocolError(408, f"timed out receiving the {what}"))
-                    return
-                if not data:  # EOF or reset: the client is gone
-                    if st.scope is not None:
-                        st.scope.cancel()
+        conn = H1Connection(lim.max_header_bytes, lim.max_body_bytes, c.client)
+        handler = self.handler
+        busy = self._busy
+        while True:
+            ev = conn.next_event()
+            if ev is None:
+                data = await stream.receive_some(65536)
+                if not data:
                     return
                 conn.receive_data(data)
-                if conn.state != phase_state and conn.state == IDLE:
-                    phase_state = IDLE
-                while (ev := conn.next_event()) is not None:
-                    await send.send(ev)
-                    if isinstance(ev, ProtocolError) or not ev.keep_alive:
-                        return
-                if conn.expect_continue and not st.busy and send.statistics().current_buffer_used == 0:
+                state = conn.state
+                if state != c.phase:
+                    c.phase = state
+                    c.phase_since = trio.current_time()
+                if conn.expect_continue and not conn.events:
                     conn.continue_sent()
                     await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    async def _respond_loop(
-        self,
-        stream: trio.SocketStream,
-        recv: trio.MemoryReceiveChannel[Request | ProtocolError],
-        st: _ConnState,
-    ) -> None:
-        handler = self.handler
-        async for ev in recv:
+                continue
             if isinstance(ev, ProtocolError):
-                body = error_body(ev.status, ev.message)
-                head = build_head(ev.status, [(b"content-type", b"application/json")], b"content-length: %d\r\n\r\n" % len(body), False)
                 with trio.move_on_after(1):
-                    await stream.send_all(head + body)
+                    await self._send_error(stream, ev)
                 return
-            responder = _Responder(stream, ev.keep_alive and not self.draining, ev.method == "HEAD", ev.http10)
-            st.busy = True
-            gone = False
-            with trio.CancelScope() as scope:
-                st.scope = scope
-                try:
-                    await handler(ev, responder)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    gone = True
-                except Exception:
-                    log.exception("handler failed on %s %s", ev.method, ev.path)
-                    if responder.started:
-                        return  # a half-sent response: closing is the only honest signal
-                    await responder.send_full(
-                        500, [(b"content-type", b"application/json")], error_body(500, "internal gateway error")
-                    )
-            st.scope = None
-            st.busy = False
-            if gone or scope.cancelled_caught:
+            responder = _Responder(
+                stream, ev.keep_alive and not self.draining, ev.method == "HEAD", ev.http10
+            )
+            c.busy = True
+            c.phase_since = trio.current_time()
+            busy.add(c)
+            try:
+                await handler(ev, responder)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            except Exception:
+                log.exception("handler failed on %s %s", ev.method, ev.path)
+                if responder.started:
+                    return  # a half-sent response: closing is the only honest signal
+                await responder.send_full(
+                    500,
+                    [(b"content-type", b"application/json")],
+                    error_body(500, "internal gateway error"),
+                )
+            finally:
+                busy.discard(c)
+                c.busy = False
+            if c.watch_done is not None:  # a watcher is waiting on our socket: retire it first
+                c.watch_scope.cancel()
+                await c.watch_done.wait()
+                c.watch_done = c.watch_scope = None
+            c.phase = conn.state
+            c.phase_since = trio.current_time()
             if not responder.finished:
                 if responder.started:
                     return
                 log.error("handler returned without responding to %s %s", ev.method, ev.path)
                 await responder.send_full(
-                    500, [(b"content-type", b"application/json")], error_body(500, "no response produced")
+                    500,
+                    [(b"content-type", b"application/json")],
+                    error_body(500, "no response produced"),
                 )
             if not responder.keep_alive or self.draining:
                 return

@@ -8,7 +8,8 @@ clean up in ``finally`` blocks and never poll for disconnects themselves.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
 

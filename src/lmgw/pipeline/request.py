@@ -10,7 +10,16 @@ from ..http.types import Headers
 
 
 class GatewayRequest:
-    __slots__ = ("body", "endpoint", "forward_headers", "model", "path", "request_id", "stream", "t_start")
+    __slots__ = (
+        "body",
+        "endpoint",
+        "forward_headers",
+        "model",
+        "path",
+        "request_id",
+        "stream",
+        "t_start",
+    )
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ cannot have started work on the worker (connection refused, stale socket, 503 fr
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import trio
@@ -40,17 +41,27 @@ class Pipeline:
         self.policies = policies
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
-        self.response_timeout_s = cfg.upstream.response_timeout_s
+        # A time-to-headers limit looser than the whole-request deadline would never fire:
+        # skip its cancel scope then (one fewer per request).
+        deadline = cfg.limits.request_timeout_s or math.inf
+        rt = cfg.upstream.response_timeout_s
+        self.response_timeout_s = rt if rt < deadline else math.inf
         self.flows = {m.name: m.flow for m in cfg.models}
 
-    def _pick(self, greq: GatewayRequest, role: str, ctx: RouteContext, exclude: set[Worker]) -> Worker:
+    def _pick(
+        self, greq: GatewayRequest, role: str, ctx: RouteContext, exclude: set[Worker]
+    ) -> Worker:
         candidates = self.registry.candidates(greq.model, role)
         if exclude:
             candidates = tuple(w for w in candidates if w not in exclude)
         if not candidates:
             if exclude:
-                raise GatewayError(502, f"every {role} worker tried for model {greq.model!r} failed")
-            raise GatewayError(503, f"no healthy worker available for model {greq.model!r} (role {role})")
+                raise GatewayError(
+                    502, f"every {role} worker tried for model {greq.model!r} failed"
+                )
+            raise GatewayError(
+                503, f"no healthy worker available for model {greq.model!r} (role {role})"
+            )
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
@@ -62,52 +73,68 @@ class Pipeline:
     async def _run_merged(self, greq: GatewayRequest, responder: Responder) -> None:
         role = "pd"
         ctx = RouteContext(greq.model, greq.request_id)
-        policy = self.policies[role]
         tried: set[Worker] = set()
-        rid = greq.request_id.encode()
-        metrics = self.metrics
         for attempt in range(self.max_attempts):
             worker = self._pick(greq, role, ctx, tried)
-            ok = False
-            with self.registry.lease(worker):
-                policy.on_dispatch(worker, ctx)
-                metrics.worker_requests.inc((role, worker.id))
-                try:
-                    resp = await openai_http.send_stage(self.pool, worker, greq, self.response_timeout_s)
-                    try:
-                        if resp.status >= 400:
-                            err = await openai_http.read_error(resp, worker)
-                            if resp.status == 503 and attempt + 1 < self.max_attempts:
-                                self.registry.record_failure(worker, err.message, eject=False)
-                                tried.add(worker)
-                                metrics.retries.inc((role,))
-                                continue
-                            if resp.status >= 500:
-                                self.registry.record_failure(worker, err.message, eject=False)
-                            raise err
-                        if greq.stream and resp.content_type.startswith(b"text/event-stream"):
-                            await openai_http.relay_sse(resp, responder, rid, lambda: self._first_byte(greq))
-                        else:
-                            await openai_http.relay_json(resp, responder, rid)
-                        ok = True
-                    finally:
-                        resp.release()
-                except UpstreamError as exc:
-                    metrics.upstream_errors.inc((role, worker.id, "timeout" if exc.status == 504 else "transport"))
-                    self.registry.record_failure(worker, exc.message, eject=exc.retryable)
-                    if responder.started:
-                        return  # the stream already carries the error event
-                    if exc.retryable and attempt + 1 < self.max_attempts:
-                        tried.add(worker)
-                        metrics.retries.inc((role,))
-                        log.info("request %s: retrying after %s", greq.request_id, exc.message)
-                        continue
-                    raise GatewayError(exc.status, exc.message) from None
-                finally:
-                    policy.on_finish(worker, ctx, ok)
-            if ok:
-                self.registry.record_success(worker)
-            return
+            retry = await self._dispatch(
+                greq, responder, role, worker, ctx, attempt + 1 < self.max_attempts
+            )
+            if not retry:
+                return
+            tried.add(worker)
+            self.metrics.retries.inc((role,))
+
+    async def _dispatch(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        role: str,
+        worker: Worker,
+        ctx: RouteContext,
+        may_retry: bool,
+    ) -> bool:
+        """Run one merged stage on ``worker``. Returns True when the caller should retry on
+        another worker (only possible before anything reached the client)."""
+        registry, policy, metrics = self.registry, self.policies[role], self.metrics
+        registry.acquire(worker)
+        policy.on_dispatch(worker, ctx)
+        metrics.worker_requests.inc((role, worker.id))
+        ok = False
+        try:
+            resp = await openai_http.send_stage(self.pool, worker, greq, self.response_timeout_s)
+            try:
+                if resp.status >= 400:
+                    err = await openai_http.read_error(resp, worker)
+                    if resp.status >= 500:
+                        registry.record_failure(worker, err.message, eject=False)
+                        if resp.status == 503 and may_retry:
+                            return True
+                    raise err
+                rid = greq.request_id.encode()
+                if greq.stream and resp.content_type.startswith(b"text/event-stream"):
+                    await openai_http.relay_sse(
+                        resp, responder, rid, lambda: self._first_byte(greq)
+                    )
+                else:
+                    await openai_http.relay_json(resp, responder, rid)
+                ok = True
+            finally:
+                resp.release()
+        except UpstreamError as exc:
+            kind = "timeout" if exc.status == 504 else "transport"
+            metrics.upstream_errors.inc((role, worker.id, kind))
+            registry.record_failure(worker, exc.message, eject=exc.retryable)
+            if responder.started:
+                return False  # the stream already carries the error event
+            if exc.retryable and may_retry:
+                log.info("request %s: retrying after %s", greq.request_id, exc.message)
+                return True
+            raise GatewayError(exc.status, exc.message) from None
+        finally:
+            policy.on_finish(worker, ctx, ok)
+            registry.release(worker)
+        registry.record_success(worker)
+        return False
 
     def _first_byte(self, greq: GatewayRequest) -> None:
         self.metrics.ttft.observe((greq.model,), trio.current_time() - greq.t_start)

@@ -33,7 +33,9 @@ def make_policy(name: str) -> Policy:
     factories = available()
     factory = factories.get(name)
     if factory is None:
-        raise UnknownPolicy(f"unknown routing policy {name!r}; available: {', '.join(sorted(factories))}")
+        raise UnknownPolicy(
+            f"unknown routing policy {name!r}; available: {', '.join(sorted(factories))}"
+        )
     if factory in BUILTIN.values():
         return factory()
     obj = factory()  # entry point: load() gives the class or factory

@@ -16,7 +16,9 @@ class UpstreamProtocolError(Exception):
     """The worker sent bytes that are not a valid HTTP/1.1 response."""
 
 
-def build_request_head(method: str, path: str, host: bytes, headers: Headers, body_len: int | None) -> bytes:
+def build_request_head(
+    method: str, path: str, host: bytes, headers: Headers, body_len: int | None
+) -> bytes:
     """Request line and headers. ``body_len`` None means no body (GET)."""
     parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)]
     for k, v in headers:
@@ -95,7 +97,11 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         self.status = p.get_status_code()
-        self.keep_alive = (b"close" not in self._conn_hdr) if p.get_http_version() == "1.1" else (b"keep-alive" in self._conn_hdr)
+        self.keep_alive = (
+            (b"close" not in self._conn_hdr)
+            if p.get_http_version() == "1.1"
+            else (b"keep-alive" in self._conn_hdr)
+        )
         self.headers_complete = True
 
     def on_body(self, body: bytes) -> None:

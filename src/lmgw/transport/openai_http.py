@@ -16,7 +16,10 @@ from .pool import ConnectionPool, Response, UpstreamError
 from .sse import split_complete
 
 _JSON = (b"content-type", b"application/json")
-_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
 
 
 async def send_stage(
@@ -67,7 +70,9 @@ async def relay_json(resp: Response, responder: Responder, request_id: bytes) ->
     """Relay a complete non-streamed response."""
     body = await resp.read_all()
     ctype = resp.content_type or b"application/json"
-    await responder.send_full(resp.status, [(b"content-type", ctype), (b"x-request-id", request_id)], body)
+    await responder.send_full(
+        resp.status, [(b"content-type", ctype), (b"x-request-id", request_id)], body
+    )
 
 
 async def relay_sse(resp: Response, responder: Responder, request_id: bytes, on_first_byte) -> None:

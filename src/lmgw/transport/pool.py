@@ -9,6 +9,7 @@ body, an error) closes the socket, which is also how an abandoned request is abo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ import trio
 
 from ..http.types import Headers
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
+
+
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class UpstreamError(Exception):
@@ -96,7 +100,12 @@ class ConnectionPool:
         max_idle_per_origin: extra idle connections beyond this are closed on release.
     """
 
-    def __init__(self, connect_timeout_s: float = 5.0, idle_timeout_s: float = 55.0, max_idle_per_origin: int = 256):
+    def __init__(
+        self,
+        connect_timeout_s: float = 5.0,
+        idle_timeout_s: float = 55.0,
+        max_idle_per_origin: int = 256,
+    ):
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_origin = max_idle_per_origin
@@ -112,13 +121,20 @@ class ConnectionPool:
         try:
             with trio.fail_after(self.connect_timeout_s):
                 if origin.scheme == "https":
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(origin.host, origin.port)
+                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                        origin.host, origin.port
+                    )
                 else:
                     stream = await trio.open_tcp_stream(origin.host, origin.port)
         except trio.TooSlowError:
-            raise UpstreamError(f"connect to {origin.host}:{origin.port} timed out", retryable=True, status=504) from None
+            raise UpstreamError(
+                f"connect to {origin.host}:{origin.port} timed out", retryable=True, status=504
+            ) from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}", retryable=True) from None
+            raise UpstreamError(
+                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}",
+                retryable=True,
+            ) from None
         self.stats.connects += 1
         self._origins.add(origin)
         return _Conn(stream)
@@ -160,7 +176,9 @@ class ConnectionPool:
         Raises :class:`UpstreamError` on connect/transport failures and on a response head that
         does not arrive within ``response_timeout_s`` (status 504).
         """
-        head = build_request_head(method, path, origin.host_header, headers, None if body is None else len(body))
+        head = build_request_head(
+            method, path, origin.host_header, headers, None if body is None else len(body)
+        )
         payload = head + body if body else head
         for _ in range(3):
             conn = self._checkout(origin)
@@ -171,7 +189,11 @@ class ConnectionPool:
             reader.reset()
             got_bytes = False
             try:
-                with trio.move_on_after(response_timeout_s) as scope:
+                with (
+                    trio.move_on_after(response_timeout_s)
+                    if response_timeout_s != math.inf
+                    else _NO_SCOPE as scope
+                ):
                     await conn.stream.send_all(payload)
                     while not reader.headers_complete:
                         data = await conn.stream.receive_some(65536)
@@ -179,10 +201,11 @@ class ConnectionPool:
                             raise trio.BrokenResourceError("worker closed the connection")
                         got_bytes = True
                         reader.feed(data)
-                if scope.cancelled_caught:
+                if scope is not None and scope.cancelled_caught:
                     conn.close()
                     raise UpstreamError(
-                        f"worker {origin.host}:{origin.port} sent no response within {response_timeout_s:g} s", status=504
+                        f"worker {origin.host}:{origin.port} sent no response within {response_timeout_s:g} s",
+                        status=504,
                     )
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 conn.close()
@@ -191,7 +214,8 @@ class ConnectionPool:
                     self.stats.stale_retries += 1
                     continue  # the server had closed that idle socket; it never saw the request
                 raise UpstreamError(
-                    f"worker {origin.host}:{origin.port} dropped the connection: {exc}", retryable=not got_bytes and reused
+                    f"worker {origin.host}:{origin.port} dropped the connection: {exc}",
+                    retryable=not got_bytes and reused,
                 ) from None
             except UpstreamProtocolError as exc:
                 conn.close()
@@ -201,7 +225,9 @@ class ConnectionPool:
                 raise
             conn.requests += 1
             return Response(self, origin, conn)
-        raise UpstreamError(f"worker {origin.host}:{origin.port} keeps closing connections", retryable=True)
+        raise UpstreamError(
+            f"worker {origin.host}:{origin.port} keeps closing connections", retryable=True
+        )
 
     def sweep(self) -> None:
         """Close idle connections past their lifetime (call periodically)."""

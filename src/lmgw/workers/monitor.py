@@ -33,7 +33,9 @@ _decode_models = msgspec.json.Decoder(_ModelList).decode
 
 
 class HealthMonitor:
-    def __init__(self, registry: Registry, pool: ConnectionPool, cfg: HealthConfig, auth: bytes | None = None) -> None:
+    def __init__(
+        self, registry: Registry, pool: ConnectionPool, cfg: HealthConfig, auth: bytes | None = None
+    ) -> None:
         self.registry = registry
         self.pool = pool
         self.cfg = cfg
@@ -76,7 +78,9 @@ class HealthMonitor:
         try:
             models = frozenset(m.id for m in _decode_models(body).data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            log.warning("worker %s: /v1/models answered something that is not a model list", worker.id)
+            log.warning(
+                "worker %s: /v1/models answered something that is not a model list", worker.id
+            )
             return
         self.registry.set_models(worker, models)
 

@@ -2,15 +2,15 @@
 
 Readers ask :meth:`Registry.candidates` for the routable workers of a (model, role); the answer
 is a tuple cached until membership or state changes, so a request never rebuilds or scans the
-fleet (ANCHORS.md complaint 22). Load accounting goes through :meth:`lease`, a context manager,
-so success, error and cancellation all release the in-flight count the same way.
+fleet (ANCHORS.md complaint 22). Load accounting goes through :meth:`acquire` and :meth:`release`, called
+around a dispatch with ``try/finally``, so success, error and cancellation all release the
+in-flight count the same way.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from .worker import Worker, WorkerState
 
@@ -57,7 +57,13 @@ class Registry:
     def set_state(self, worker: Worker, state: WorkerState, reason: str = "") -> None:
         if worker.state is state or worker.state is WorkerState.GONE:
             return
-        log.info("worker %s: %s -> %s%s", worker.id, worker.state.value, state.value, f" ({reason})" if reason else "")
+        log.info(
+            "worker %s: %s -> %s%s",
+            worker.id,
+            worker.state.value,
+            state.value,
+            f" ({reason})" if reason else "",
+        )
         worker.state = state
         if reason:
             worker.last_error = reason
@@ -80,14 +86,18 @@ class Registry:
         if eject and worker.state is WorkerState.HEALTHY:
             self.set_state(worker, WorkerState.EJECTED, reason)
 
-    @contextmanager
-    def lease(self, worker: Worker) -> Iterator[Worker]:
+    @staticmethod
+    def acquire(worker: Worker) -> None:
+        """Count a request in flight on ``worker``; pair with :meth:`release` in a ``finally``.
+
+        (Not a context manager: a generator-based one costs ~2 us per request on the hot path.)
+        """
         worker.in_flight += 1
         worker.total_requests += 1
-        try:
-            yield worker
-        finally:
-            worker.in_flight -= 1
+
+    @staticmethod
+    def release(worker: Worker) -> None:
+        worker.in_flight -= 1
 
     # -- reads ------------------------------------------------------------------------------
     def candidates(self, model: str, role: str) -> tuple[Worker, ...]:
@@ -95,7 +105,9 @@ class Registry:
         found = self._cache.get(key)
         if found is None:
             found = self._cache[key] = tuple(
-                w for w in self._workers.values() if w.role == role and w.routable and w.serves(model)
+                w
+                for w in self._workers.values()
+                if w.role == role and w.routable and w.serves(model)
             )
         return found
 

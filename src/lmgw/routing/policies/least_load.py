@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..policy import Policy, RouteContext
 from ...workers.worker import Worker
+from ..policy import Policy, RouteContext
 
 
 class LeastLoad(Policy):

@@ -1,0 +1,146 @@
+"""`make demo`: a simulated fleet behind the gateway, driven by the official `openai` client.
+
+Starts simulated merged (prefill+decode) workers as processes and the gateway in this process,
+sends chat and completion requests (non-streamed and streamed) through the gateway with the
+unmodified `openai` client, shows what came back, then runs a short concurrent load and prints
+a latency summary. Exits 0 when every request succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import trio
+
+from lmgw.config import GatewayConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.gateway import Gateway
+from lmgw.simulators.fleet import run_fleet
+
+MODEL = "sim-llama-8b"
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def drive(base_url: str, n_load: int, concurrency: int) -> bool:
+    """All client-side work (blocking `openai` calls): runs in a worker thread."""
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="demo", max_retries=0)
+    ok = True
+
+    print("\n== models ==")
+    print("  ", [m.id for m in client.models.list().data])
+
+    print("\n== chat, non-streamed ==")
+    messages = [{"role": "user", "content": "Explain disaggregated prefill and decode in one line."}]
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
+    print(f"   {r.choices[0].message.content!r}")
+    print(f"   finish={r.choices[0].finish_reason} usage={r.usage.model_dump(exclude_none=True)}"
+          f" in {1000 * (time.perf_counter() - t0):.0f} ms")
+
+    print("\n== chat, streamed (tokens as they arrive) ==")
+    t0 = time.perf_counter()
+    ttft = None
+    parts = []
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, stream=True, stream_options={"include_usage": True}
+    )
+    usage = None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                parts.append(choice.delta.content)
+                print(choice.delta.content, end="", flush=True)
+    print(f"\n   TTFT {1000 * (ttft or 0):.1f} ms, total {1000 * (time.perf_counter() - t0):.0f} ms,"
+          f" usage={usage.model_dump(exclude_none=True) if usage else None}")
+    if "".join(parts) != r.choices[0].message.content:
+        print("   !! streamed text differs from the non-streamed text for the same prompt")
+        ok = False
+
+    print("\n== completion, non-streamed ==")
+    c = client.completions.create(model=MODEL, prompt="The gateway routes each request to", max_tokens=12)
+    print(f"   {c.choices[0].text!r}  usage={c.usage.model_dump(exclude_none=True)}")
+
+    print("\n== an error, OpenAI-shaped ==")
+    try:
+        client.chat.completions.create(model="no-such-model", messages=messages)
+        ok = False
+    except openai.NotFoundError as exc:
+        print(f"   {type(exc).__name__} {exc.status_code}: {exc.body}")
+
+    print(f"\n== load: {n_load} streamed chats, {concurrency} at a time ==")
+    ttfts: list[float] = []
+    e2es: list[float] = []
+    cached = 0
+
+    def one(i: int) -> None:
+        nonlocal cached
+        prompt = [{"role": "system", "content": "You are a concise assistant. " * 8},
+                  {"role": "user", "content": f"Question {i}: what is request {i % 5}?"}]
+        t = time.perf_counter()
+        first = None
+        s = client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=16, stream=True,
+                                           stream_options={"include_usage": True})
+        for ch in s:
+            if first is None and ch.choices and ch.choices[0].delta.content:
+                first = time.perf_counter() - t
+            if ch.usage and ch.usage.prompt_tokens_details:
+                cached += ch.usage.prompt_tokens_details.cached_tokens or 0
+        e2es.append(time.perf_counter() - t)
+        ttfts.append(first or 0.0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n_load)))
+    wall = time.perf_counter() - t0
+    print(f"   {n_load} requests in {wall:.2f} s ({n_load / wall:.1f} req/s), prefix-cache hits: {cached} tokens")
+    print(f"   TTFT ms  p50 {1000 * pct(ttfts, 0.5):7.1f}  p90 {1000 * pct(ttfts, 0.9):7.1f}"
+          f"  p99 {1000 * pct(ttfts, 0.99):7.1f}")
+    print(f"   e2e  ms  p50 {1000 * pct(e2es, 0.5):7.1f}  p90 {1000 * pct(e2es, 0.9):7.1f}"
+          f"  p99 {1000 * pct(e2es, 0.99):7.1f}  mean {1000 * statistics.mean(e2es):.1f}")
+    return ok
+
+
+async def main(args: argparse.Namespace) -> int:
+    async with trio.open_nursery() as nursery:
+        print(f"starting {args.workers} simulated merged workers (speed x{args.speed:g}) ...")
+        fleet = await nursery.start(
+            lambda task_status: run_fleet({"pd": args.workers}, model=MODEL, speed=args.speed, task_status=task_status)
+        )
+        cfg = GatewayConfig(
+            server=ServerConfig(port=0),
+            models=[ModelConfig(name=MODEL)],
+            workers=[WorkerConfig(url=url, role=role) for role, url in fleet.endpoints()],
+        )
+        gateway = Gateway(cfg)
+        t0 = time.perf_counter()
+        await nursery.start(gateway.run)
+        print(f"gateway on {gateway.url} (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:")
+        for role, url in fleet.endpoints():
+            print(f"   {role} {url}")
+        ok = await trio.to_thread.run_sync(drive, gateway.url, args.requests, args.concurrency)
+        served = {w.id: w.total_requests for w in gateway.registry}
+        print(f"\nrequests per worker: {served}")
+        nursery.cancel_scope.cancel()
+    print("demo", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--concurrency", type=int, default=8)
+    sys.exit(trio.run(main, ap.parse_args()))

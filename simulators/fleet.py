@@ -1,0 +1,313 @@
+"""Start simulated workers: in-process (a trio task, for fast tests) or as a fleet of processes
+(for demos, benchmarks and chaos tests that kill workers).
+
+Resource handling: ``run_fleet`` owns its children. Each child is spawned in its own session,
+binds port 0 and reports its URL on a READY line. When ``run_fleet`` ends for any reason (its
+caller cancels it, a child fails to start, an unexpected error), every child gets SIGTERM, then
+SIGKILL (to its whole process group) after a grace period, and is reaped before ``run_fleet``
+returns, so no child outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from lmgw.http.server import serve_http
+
+from .app import SimWorker, WorkerOptions, unsupported_role_message
+from .worker import ROLES
+
+log = logging.getLogger("lmgw.simulators.fleet")
+
+STDERR_TAIL_BYTES = 16384
+"""How much of a child's stderr is kept for error messages (it is drained continuously so a
+chatty child never blocks on a full pipe)."""
+
+
+def _url(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+async def serve_worker_inprocess(
+    options: WorkerOptions | SimWorker,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    **limits: float,
+) -> None:
+    """Serve a simulated worker inside the caller's nursery until cancelled.
+
+    Args:
+        options: the worker's options, or a ready :class:`SimWorker` (so that a test keeps a
+            handle on its engine, stats and faults).
+        limits: server limits passed to :func:`lmgw.http.server.serve_http`.
+
+    ``task_status.started(url)`` reports ``http://host:port`` once the port is bound.
+    """
+    worker = options if isinstance(options, SimWorker) else SimWorker(options)
+    opts = worker.options
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
+        task_status.started(_url(opts.host, port))
+
+
+class FleetError(RuntimeError):
+    """A worker process failed to start (its exit status and stderr are in the message)."""
+
+
+@dataclass(slots=True)
+class FleetMember:
+    """One worker process of a fleet."""
+
+    role: str
+    index: int
+    process: trio.Process
+    url: str = ""
+    stderr_tail: bytearray = field(default_factory=bytearray)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stderr_text(self) -> str:
+        return self.stderr_tail.decode("utf-8", "replace")
+
+
+class Fleet:
+    """The running workers of :func:`run_fleet`: iterate for ``(role, url)`` pairs."""
+
+    def __init__(self) -> None:
+        self.members: list[FleetMember] = []
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.endpoints())
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """``(role, url)`` of every started worker, in spawn order."""
+        return [(m.role, m.url) for m in self.members if m.url]
+
+    def urls(self, role: str | None = None) -> list[str]:
+        return [m.url for m in self.members if m.url and (role is None or m.role == role)]
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one member (chaos tests); the fleet still reaps it at the end."""
+        member = self.members[index]
+        if member.alive:
+            member.process.send_signal(sig)
+
+
+def worker_command(
+    role: str,
+    *,
+    model: str,
+    speed: float,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv of one worker process (port 0: the child picks a free port)."""
+    return [
+        python,
+        "-m",
+        "lmgw.simulators",
+        "--role",
+        role,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--model",
+        model,
+        "--speed",
+        repr(float(speed)),
+        *extra_args,
+    ]
+
+
+async def run_fleet(
+    counts: Mapping[str, int],
+    *,
+    model: str,
+    speed: float,
+    extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 30.0,
+    grace_s: float = 3.0,
+    python: str = sys.executable,
+    task_status: trio.TaskStatus[Fleet] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Spawn ``counts[role]`` worker processes per role, wait for all to be READY, report the
+    :class:`Fleet` through ``task_status``, and keep them until cancelled.
+
+    Raises:
+        ValueError: an unknown role or a negative count (before anything is spawned).
+        FleetError: a child exited or stayed silent for ``ready_timeout_s`` before READY.
+    """
+    for role, count in counts.items():
+        if role not in ROLES:
+            raise ValueError(unsupported_role_message(role))
+        if count < 0:
+            raise ValueError(f"negative worker count for role {role!r}")
+    fleet = Fleet()
+    errors: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as starters:
+                index = 0
+                for role, count in counts.items():
+                    for _ in range(count):
+                        cmd = worker_command(
+                            role, model=model, speed=speed, extra_args=extra_args, python=python
+                        )
+                        starters.start_soon(
+                            _start_member, nursery, fleet, role, index, cmd, ready_timeout_s, errors
+                        )
+                        index += 1
+            if errors:
+                nursery.cancel_scope.cancel()
+            else:
+                fleet.members.sort(key=lambda m: m.index)
+                task_status.started(fleet)
+                await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _terminate_all(fleet.members, grace_s)
+    if errors:
+        raise FleetError("; ".join(errors))
+
+
+@asynccontextmanager
+async def open_fleet(
+    counts: Mapping[str, int], *, model: str, speed: float, **kwargs: object
+) -> AsyncIterator[Fleet]:
+    """``async with open_fleet({"pd": 2}, model=..., speed=...) as fleet:`` (see run_fleet)."""
+    async with trio.open_nursery() as nursery:
+        fleet = await nursery.start(
+            lambda task_status: run_fleet(
+                counts, model=model, speed=speed, task_status=task_status, **kwargs
+            )
+        )
+        try:
+            yield fleet
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _start_member(
+    nursery: trio.Nursery,
+    fleet: Fleet,
+    role: str,
+    index: int,
+    cmd: list[str],
+    ready_timeout_s: float,
+    errors: list[str],
+) -> None:
+    try:
+        proc = await trio.lowlevel.open_process(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        errors.append(f"{role}#{index}: cannot spawn {cmd[0]!r}: {exc}")
+        return
+    member = FleetMember(role, index, proc)
+    fleet.members.append(member)  # registered at once, so cleanup covers it whatever happens
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr_done = trio.Event()
+    nursery.start_soon(_drain_stderr, proc.stderr, member.stderr_tail, stderr_done)
+    line = b""
+    with trio.move_on_after(ready_timeout_s) as timeout:
+        line = await _read_line(proc.stdout)
+    if line.startswith(b"READY "):
+        member.url = line[6:].decode().strip()
+        nursery.start_soon(_drain, proc.stdout)
+        return
+    if timeout.cancelled_caught:
+        why = f"no READY line within {ready_timeout_s:g} s"
+    else:
+        with trio.move_on_after(2):
+            await proc.wait()
+            await stderr_done.wait()
+        why = f"exited with status {proc.returncode} before READY"
+        if line:
+            why += f" (stdout: {line[:200]!r})"
+    stderr = member.stderr_text().strip()[-4000:]
+    errors.append(
+        f"{role}#{index} (pid {proc.pid}) {why}" + (f"; stderr:\n{stderr}" if stderr else "")
+    )
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf.split(b"\n", 1)[0])
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+async def _drain_stderr(stream: trio.abc.ReceiveStream, tail: bytearray, done: trio.Event) -> None:
+    try:
+        while chunk := await stream.receive_some(65536):
+            tail += chunk
+            if len(tail) > STDERR_TAIL_BYTES:
+                del tail[: len(tail) - STDERR_TAIL_BYTES]
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        done.set()
+
+
+async def _terminate_all(members: list[FleetMember], grace_s: float) -> None:
+    """SIGTERM everyone, wait up to ``grace_s``, SIGKILL the process group of stragglers, reap."""
+    for m in members:
+        if m.alive:
+            try:
+                m.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    with trio.move_on_after(grace_s):
+        for m in members:
+            await m.process.wait()
+    for m in members:
+        # Only while the child is unreaped does its pid (= its process group id) still name it.
+        if m.alive:
+            log.warning("worker %s#%d (pid %d) ignored SIGTERM; killing", m.role, m.index, m.pid)
+            try:
+                os.killpg(m.pid, signal.SIGKILL)  # its session: also anything it spawned
+            except (ProcessLookupError, PermissionError):
+                m.process.kill()
+    for m in members:
+        await m.process.wait()
+        for pipe in (m.process.stdout, m.process.stderr):
+            if pipe is not None:
+                await pipe.aclose()

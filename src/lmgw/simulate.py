@@ -1,0 +1,56 @@
+"""``lmgw simulate``: a simulated fleet (worker processes) with the gateway in front of it.
+
+Workers run as real processes (``python -m lmgw.simulators``), each on a free port it reports;
+the gateway runs in this process. Ctrl-C or SIGTERM drains the gateway, then terminates every
+worker (SIGTERM, then SIGKILL after a grace period): nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import trio
+
+from .cli import run_until_signal
+from .config import GatewayConfig, LimitsConfig, ModelConfig, RoutingConfig, ServerConfig, WorkerConfig
+from .fleetspec import FleetSpec
+from .gateway import Gateway
+from .simulators.fleet import Fleet, FleetError, run_fleet
+
+log = logging.getLogger("lmgw.simulate")
+
+
+def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> GatewayConfig:
+    """Gateway configuration for a started fleet: one model, every worker, the CLI's choices."""
+    server = {"host": args.host, "port": args.port}
+    if getattr(args, "server", None):
+        server["server"] = args.server
+    routing = {"policy": args.policy} if getattr(args, "policy", None) else {}
+    return GatewayConfig(
+        server=ServerConfig(**server),
+        limits=LimitsConfig(),
+        routing=RoutingConfig(**routing),
+        models=[ModelConfig(name=args.model, flow=spec.flow)],
+        workers=[WorkerConfig(url=url, role=role, models=[args.model]) for role, url in fleet.endpoints()],
+    )
+
+
+async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
+    counts = {role: n for role, n in spec.counts().items() if n}
+    async with trio.open_nursery() as nursery:
+        try:
+            fleet: Fleet = await nursery.start(
+                lambda task_status: run_fleet(counts, model=args.model, speed=args.speed, task_status=task_status)
+            )
+        except FleetError as exc:
+            log.error("simulated fleet failed to start: %s", exc)
+            return 1
+        cfg = fleet_config(fleet, spec, args)
+        gateway = Gateway(cfg)
+        port = await nursery.start(gateway.run)
+        for role, url in fleet.endpoints():
+            print(f"  worker {role:<3} {url}", flush=True)
+        print(f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}  (Ctrl-C to stop)", flush=True)
+        await run_until_signal(gateway, nursery)
+    return 0
