@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import trio
 
-from lmgw.http.types import Request, Responder
+from lmgw.http.types import Headers, Request, Responder
 
 from .engine import (
     VOCAB_SIZE,
@@ -268,7 +268,7 @@ class SimStats:
     errors_injected: int = 0
     aborted: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT))
-    last_headers: dict[str, str] = field(default_factory=dict)
+    last_headers: Headers = field(default_factory=list)
 
 
 class SimWorker:
@@ -328,9 +328,7 @@ class SimWorker:
         try:
             if not path.startswith("/sim/"):
                 if path != "/health" and path != "/metrics":
-                    self.stats.last_headers = {
-                        k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
-                    }
+                    self.stats.last_headers = request.headers  # decoded only when asked
                 if self.faults.faults.refuse:
                     raise ApiError(503, "The simulated worker refuses requests (fault: refuse).")
                 if (
@@ -551,6 +549,8 @@ class SimWorker:
             if acquired:
                 self._slots.release()
             if ticket is not None:
+                if writer is not None:
+                    generated = writer.tokens  # counts every choice's tokens
                 self._close_ticket(ticket, plan, generated, finished, arrival)
 
     def _close_ticket(
@@ -767,7 +767,7 @@ class SimWorker:
             "errors_injected": s.errors_injected,
             "aborted": list(s.aborted),
             "request_ids": list(s.request_ids),
-            "last_headers": s.last_headers,
+            "last_headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in s.last_headers},
             "running": e.running,
             "waiting": e.waiting,
             "kv_cache_usage": e.kv_cache_usage,

@@ -348,8 +348,8 @@ async def _receive_until(stream: trio.SocketStream, needle: bytes) -> bytes:
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 async def test_client_disconnect_mid_stream_is_recorded(nursery: trio.Nursery, close: bool) -> None:
-    # keep-alive: the server notices EOF and cancels the handler; with "connection: close" the
-    # server stops reading after the request, and the next write fails instead.
+    # Whether the server notices EOF (and cancels the handler) or the next write fails, the
+    # worker must record the abort and release everything the request held.
     worker, url = await start_worker(nursery, speed=10.0)  # ~1 ms per token
     body = {**CHAT, "stream": True, "ignore_eos": True, "max_tokens": 5000}
     with trio.fail_after(5):

@@ -29,7 +29,9 @@ class ProtocolError(Exception):
         self.message = message
 
 
-class _TooLarge(Exception):
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with ``status`` (400, 413, 431)."""
+
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         self.message = message
@@ -52,8 +54,11 @@ class H1Connection:
         "_content_length",
         "_error",
         "_expect_continue",
+        "_head_raw",
         "_head_size",
         "_headers",
+        "_http10",
+        "_keep_alive",
         "_parser",
         "_url",
         "client",
@@ -73,6 +78,9 @@ class H1Connection:
         self.events: deque[Request | ProtocolError] = deque()
         self.state = IDLE
         self._error: ProtocolError | None = None
+        self._head_raw = 0
+        self._keep_alive = True
+        self._http10 = False
         self._reset()
 
     def _reset(self) -> None:
@@ -90,18 +98,37 @@ class H1Connection:
         """Feed bytes from the socket. After an error, further data is ignored."""
         if self._error is not None:
             return
+        before = self.state
+        queued = len(self.events)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _TooLarge):
+            if isinstance(cause, _Reject):
                 self._fail(cause.status, cause.message)
             else:  # a bug in our callbacks: surface it
                 raise
-        except httptools.HttpParserUpgrade:
+            return
+        except httptools.HttpParserUpgrade:  # not reached: on_headers_complete rejects first
             self._fail(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self.state == HEAD:
+            # The head is still incomplete. httptools buffers a header line until it ends, so
+            # the callbacks alone cannot bound a head that never ends: count raw bytes too.
+            # on_message_begin sets -1 ("began in this chunk"): the whole chunk is head if the
+            # connection was idle before it and no request completed in it, else the share is
+            # unknown and only the following chunks count (on_url/on_header count the rest).
+            if self._head_raw >= 0:
+                self._head_raw += len(data)
+            elif before == IDLE and len(self.events) == queued:
+                self._head_raw = len(data)
+            else:
+                self._head_raw = 0
+            if self._head_raw > self.max_header_bytes:
+                self._fail(431, f"request head exceeds {self.max_header_bytes} bytes")
 
     def next_event(self) -> Request | ProtocolError | None:
         """The next complete request or protocol error, in arrival order; None if none yet."""
@@ -127,50 +154,63 @@ class H1Connection:
     # -- httptools callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.state = HEAD
+        self._head_raw = -1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url)
         if self._head_size > self.max_header_bytes:
-            raise _TooLarge(431, f"request head exceeds {self.max_header_bytes} bytes")
+            raise _Reject(431, f"request head exceeds {self.max_header_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_header_bytes:
-            raise _TooLarge(431, f"request head exceeds {self.max_header_bytes} bytes")
+            raise _Reject(431, f"request head exceeds {self.max_header_bytes} bytes")
+        if self.state == BODY:
+            # a chunked body's trailer: counted against the head limit, but never merged into
+            # the headers that were judged (and routed on) before the body was read. llhttp
+            # honours a trailing "Connection: close" (it rejects any later request), so do we.
+            if name.lower() == b"connection" and b"close" in value.lower():
+                self._keep_alive = False
+            return
         name = name.lower()
         if name == b"content-length":
             try:
                 self._content_length = int(value)
             except ValueError:
-                raise _TooLarge(400, "invalid Content-Length") from None
+                raise _Reject(400, "invalid Content-Length") from None
             if self._content_length > self.max_body_bytes:
-                raise _TooLarge(413, f"request body exceeds {self.max_body_bytes} bytes")
+                raise _Reject(413, f"request body exceeds {self.max_body_bytes} bytes")
         elif name == b"connection":
             self._conn_hdr = value.lower()
-        elif name == b"expect" and value.lower() == b"100-continue":
+        elif name == b"expect" and value.rstrip().lower() == b"100-continue":
             self._expect_continue = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        p = self._parser
+        if p.should_upgrade():  # Upgrade + Connection: upgrade, or CONNECT
+            raise _Reject(400, "protocol upgrades are not supported")
+        # Decided from the header ourselves: httptools' should_keep_alive() is unreliable at
+        # on_headers_complete and always False after the message completes.
+        version = p.get_http_version()
+        if version == "1.1":
+            self._keep_alive = b"close" not in self._conn_hdr
+            self._http10 = False
+        elif version == "1.0":
+            self._keep_alive = b"keep-alive" in self._conn_hdr
+            self._http10 = True
+        else:  # llhttp also parses HTTP/0.9 simple requests and "HTTP/2.0" request lines
+            raise _Reject(400, f"unsupported HTTP version {version}")
         self.state = BODY
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.max_body_bytes:
-            raise _TooLarge(413, f"request body exceeds {self.max_body_bytes} bytes")
+            raise _Reject(413, f"request body exceeds {self.max_body_bytes} bytes")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        p = self._parser
-        version = p.get_http_version()
-        conn = self._conn_hdr
-        # Decided from the header ourselves: httptools' should_keep_alive() is unreliable at
-        # on_headers_complete and always False after the message completes.
-        if version == "1.1":
-            keep_alive = b"close" not in conn
-        else:
-            keep_alive = b"keep-alive" in conn
         url = self._url
         qpos = url.find(b"?")
         if qpos >= 0:
@@ -179,14 +219,14 @@ class H1Connection:
             path, query = url.decode("latin-1"), ""
         body = self._body
         req = Request(
-            p.get_method().decode("latin-1"),
+            self._parser.get_method().decode("latin-1"),
             path,
             query,
             self._headers,
             body[0] if len(body) == 1 else b"".join(body),
-            keep_alive,
+            self._keep_alive,
             self.client,
-            version == "1.0",
+            self._http10,
         )
         self.events.append(req)
         self.state = IDLE

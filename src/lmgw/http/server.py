@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import error_body
+from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
 from .types import Handler, Headers
 
@@ -95,7 +96,7 @@ class _Responder:
         "started",
     )
 
-    def __init__(self, stream: trio.SocketStream, keep_alive: bool, head_only: bool, http10: bool):
+    def __init__(self, stream: RawStream, keep_alive: bool, head_only: bool, http10: bool):
         self._stream = stream
         self.keep_alive = keep_alive
         self._head_only = head_only
@@ -171,7 +172,7 @@ class _Conn:
         "watch_scope",
     )
 
-    def __init__(self, stream: trio.SocketStream, client: str) -> None:
+    def __init__(self, stream: RawStream, client: str) -> None:
         self.stream = stream
         self.client = client
         self.busy = False
@@ -251,7 +252,11 @@ class HTTPServer:
                 log.error("accept failed: %s; retrying in 100 ms", exc)
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(self._connection, stream)
+            try:
+                raw = RawStream.from_trio(stream)
+            except OSError:  # the peer already left
+                continue
+            nursery.start_soon(self._connection, raw)
 
     async def drain(self) -> None:
         """Stop accepting; close idle connections now and busy ones after their response."""
@@ -304,11 +309,15 @@ class HTTPServer:
         try:
             with scope:
                 sock = c.stream.socket
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    peek = await sock.recv(1, socket.MSG_PEEK)
-                except OSError:
-                    peek = b""
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue  # spurious wake-up
+                    except OSError:
+                        peek = b""
+                    break
                 if not peek and c.scope is not None:
                     c.scope.cancel()
                 # else: a pipelined request is waiting; the connection task reads it later
@@ -316,7 +325,7 @@ class HTTPServer:
             done.set()
 
     # -- one connection ----------------------------------------------------------------------
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: RawStream) -> None:
         lim = self.limits
         try:
             peer = stream.socket.getpeername()
@@ -348,10 +357,10 @@ class HTTPServer:
                 c.watch_scope.cancel()
             if not self._conns:
                 self._idle_event.set()
-            stream.socket.close()
+            stream.close()
 
     @staticmethod
-    async def _send_error(stream: trio.SocketStream, err: ProtocolError) -> None:
+    async def _send_error(stream: RawStream, err: ProtocolError) -> None:
         body = error_body(err.status, err.message)
         head = build_head(
             err.status,

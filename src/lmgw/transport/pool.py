@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import trio
 
 from ..http.types import Headers
+from ..netio import RawStream, connect_tcp
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
-
 
 _NO_SCOPE = contextlib.nullcontext()
 
@@ -76,9 +76,12 @@ class _Conn:
         self.requests = 0
 
     def close(self) -> None:
-        sock = getattr(self.stream, "socket", None)
-        if sock is not None:
-            sock.close()  # synchronous: safe inside a cancelled scope, notifies trio first
+        # synchronous: safe inside a cancelled scope; trio is notified before the fd goes
+        stream = self.stream
+        if isinstance(stream, RawStream):
+            stream.close()
+        else:  # TLS: close the TCP socket under the SSL stream
+            stream.transport_stream.socket.close()
 
 
 @dataclass(slots=True)
@@ -125,7 +128,7 @@ class ConnectionPool:
                         origin.host, origin.port
                     )
                 else:
-                    stream = await trio.open_tcp_stream(origin.host, origin.port)
+                    stream = await connect_tcp(origin.host, origin.port)
         except trio.TooSlowError:
             raise UpstreamError(
                 f"connect to {origin.host}:{origin.port} timed out", retryable=True, status=504
