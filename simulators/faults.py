@@ -23,9 +23,11 @@ from typing import Any
 
 import msgspec
 
+from lmgw.http.types import AbortResponse
 
-class DropConnection(Exception):
-    """Raised by a handler to make the server close the connection mid-response."""
+
+class DropConnection(AbortResponse):
+    """Raised by a handler to make the server close the connection mid-response (quietly)."""
 
 
 class Faults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

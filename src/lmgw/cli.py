@@ -14,7 +14,9 @@ import sys
 import trio
 
 from . import __version__
-from .config import ConfigError, GatewayConfig, add_serve_arguments, config_from_args, dump_config
+from .config import ConfigError, add_serve_arguments, config_from_args, dump_config
+from .gateway import Gateway
+from .routing.registry import UnknownPolicy
 
 log = logging.getLogger("lmgw")
 
@@ -48,10 +50,8 @@ async def run_until_signal(gateway, nursery: trio.Nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
-async def serve(cfg: GatewayConfig, *, ready_line: bool = False) -> None:
-    from .gateway import Gateway
-
-    gateway = Gateway(cfg)
+async def serve(gateway: Gateway, *, ready_line: bool = False) -> None:
+    cfg = gateway.config
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         if ready_line:
@@ -66,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmgw: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(dump_config(cfg), end="")
+        print(dump_config(cfg, redact=True), end="")
         return 0
     if not cfg.workers:
         print(
@@ -76,11 +76,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.logging.level, cfg.logging.json)
     try:
-        trio.run(serve, cfg)
-    except OSError as exc:
-        print(f"lmgw: cannot start: {exc}", file=sys.stderr)
+        gateway = Gateway(cfg)
+    except (UnknownPolicy, ValueError) as exc:
+        print(f"lmgw: {exc}", file=sys.stderr)
+        return 2
+    return _run_reporting_start_errors(serve, gateway)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _run_reporting_start_errors(fn, *args) -> int:
+    """trio.run(fn, *args), turning a failure to bind or spawn into one line and exit 1."""
+    failed = False
+    result = None
+    try:
+        result = trio.run(fn, *args)
+    except* OSError as group:
+        failed = True
+        for exc in _leaves(group):
+            print(f"lmgw: cannot start: {exc}", file=sys.stderr)
+    if failed:
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -101,11 +122,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
         return 2
     setup_logging(args.log_level)
-    try:
-        return trio.run(run_simulation, spec, args)
-    except OSError as exc:
-        print(f"lmgw: cannot start: {exc}", file=sys.stderr)
-        return 1
+    return _run_reporting_start_errors(run_simulation, spec, args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,12 @@ class RawStream:
             await self._maybe_yield()
             return data
 
+    async def receive_reply(self, max_bytes: int = 65536) -> bytes:
+        """Like :meth:`receive_some`, but waits for readability first: for a read that right
+        after our own send cannot have data yet (saves a failing recv and its exception)."""
+        await wait_readable(self.socket)
+        return await self.receive_some(max_bytes)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
         try:

@@ -19,7 +19,7 @@ import trio
 from ..errors import error_body
 from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
-from .types import Handler, Headers
+from .types import AbortResponse, Handler, Headers
 
 log = logging.getLogger("lmgw.http")
 
@@ -403,7 +403,7 @@ class HTTPServer:
             busy.add(c)
             try:
                 await handler(ev, responder)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse):
                 return
             except Exception:
                 log.exception("handler failed on %s %s", ev.method, ev.path)

@@ -70,3 +70,11 @@ class Responder(Protocol):
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class AbortResponse(Exception):
+    """Raise from a handler to drop the connection at once, without an error log.
+
+    For deliberate aborts (fault injection, a response that cannot be finished honestly); the
+    client sees the connection close, mid-body if the response had started.
+    """

@@ -62,7 +62,15 @@ class ResponseReader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if self.complete:
+                # Bytes after a complete response (we never pipeline, so they answer nothing):
+                # on_message_begin stopped the parser before they could touch this response.
+                # Keep the response; never reuse the connection.
+                self.keep_alive = False
+                return
             raise UpstreamProtocolError(f"invalid response from worker: {exc}") from None
+        except httptools.HttpParserUpgrade:
+            raise UpstreamProtocolError("worker switched protocols on an HTTP request") from None
 
     def feed_eof(self) -> None:
         """The worker closed the connection. A body delimited by close is complete now."""
@@ -86,6 +94,10 @@ class ResponseReader:
         return body[0] if len(body) == 1 else b"".join(body)
 
     # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second message before reset(): stop here (see feed)
+            raise UpstreamProtocolError("data after the end of the response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"connection":
@@ -97,6 +109,11 @@ class ResponseReader:
     def on_headers_complete(self) -> None:
         p = self._parser
         self.status = p.get_status_code()
+        if self.status < 200:  # interim (100 Continue, 103 Early Hints): the final one follows
+            self.headers = []
+            self._conn_hdr = b""
+            self.content_type = b""
+            return
         self.keep_alive = (
             (b"close" not in self._conn_hdr)
             if p.get_http_version() == "1.1"
@@ -108,4 +125,5 @@ class ResponseReader:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self.headers_complete:  # not for an interim response
+            self.complete = True

@@ -197,9 +197,12 @@ class ConnectionPool:
                     if response_timeout_s != math.inf
                     else _NO_SCOPE as scope
                 ):
-                    await conn.stream.send_all(payload)
+                    stream = conn.stream
+                    await stream.send_all(payload)
+                    receive = stream.receive_reply if isinstance(stream, RawStream) else stream.receive_some
                     while not reader.headers_complete:
-                        data = await conn.stream.receive_some(65536)
+                        data = await receive(65536)
+                        receive = stream.receive_some
                         if not data:
                             raise trio.BrokenResourceError("worker closed the connection")
                         got_bytes = True

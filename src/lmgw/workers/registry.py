@@ -112,8 +112,13 @@ class Registry:
         return found
 
     def has_model(self, model: str) -> bool:
-        """True when some registered worker (in any state) serves or may serve ``model``."""
-        return any(w.serves(model) for w in self._workers.values())
+        """True when some registered worker (in any state) serves or may serve ``model``.
+        Cached per (model) until the fleet changes: asked on every request."""
+        key = (model, "")
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = tuple(w for w in self._workers.values() if w.serves(model))
+        return bool(found)
 
     def known_models(self) -> set[str]:
         out: set[str] = set()
