@@ -38,19 +38,27 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     print("  ", [m.id for m in client.models.list().data])
 
     print("\n== chat, non-streamed ==")
-    messages = [{"role": "user", "content": "Explain disaggregated prefill and decode in one line."}]
+    messages = [
+        {"role": "user", "content": "Explain disaggregated prefill and decode in one line."}
+    ]
     t0 = time.perf_counter()
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
     print(f"   {r.choices[0].message.content!r}")
-    print(f"   finish={r.choices[0].finish_reason} usage={r.usage.model_dump(exclude_none=True)}"
-          f" in {1000 * (time.perf_counter() - t0):.0f} ms")
+    print(
+        f"   finish={r.choices[0].finish_reason} usage={r.usage.model_dump(exclude_none=True)}"
+        f" in {1000 * (time.perf_counter() - t0):.0f} ms"
+    )
 
     print("\n== chat, streamed (tokens as they arrive) ==")
     t0 = time.perf_counter()
     ttft = None
     parts = []
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, stream=True, stream_options={"include_usage": True}
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     usage = None
     for chunk in stream:
@@ -62,14 +70,18 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
                     ttft = time.perf_counter() - t0
                 parts.append(choice.delta.content)
                 print(choice.delta.content, end="", flush=True)
-    print(f"\n   TTFT {1000 * (ttft or 0):.1f} ms, total {1000 * (time.perf_counter() - t0):.0f} ms,"
-          f" usage={usage.model_dump(exclude_none=True) if usage else None}")
+    print(
+        f"\n   TTFT {1000 * (ttft or 0):.1f} ms, total {1000 * (time.perf_counter() - t0):.0f} ms,"
+        f" usage={usage.model_dump(exclude_none=True) if usage else None}"
+    )
     if "".join(parts) != r.choices[0].message.content:
         print("   !! streamed text differs from the non-streamed text for the same prompt")
         ok = False
 
     print("\n== completion, non-streamed ==")
-    c = client.completions.create(model=MODEL, prompt="The gateway routes each request to", max_tokens=12)
+    c = client.completions.create(
+        model=MODEL, prompt="The gateway routes each request to", max_tokens=12
+    )
     print(f"   {c.choices[0].text!r}  usage={c.usage.model_dump(exclude_none=True)}")
 
     print("\n== an error, OpenAI-shaped ==")
@@ -86,12 +98,19 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
 
     def one(i: int) -> None:
         nonlocal cached
-        prompt = [{"role": "system", "content": "You are a concise assistant. " * 8},
-                  {"role": "user", "content": f"Question {i}: what is request {i % 5}?"}]
+        prompt = [
+            {"role": "system", "content": "You are a concise assistant. " * 8},
+            {"role": "user", "content": f"Question {i}: what is request {i % 5}?"},
+        ]
         t = time.perf_counter()
         first = None
-        s = client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=16, stream=True,
-                                           stream_options={"include_usage": True})
+        s = client.chat.completions.create(
+            model=MODEL,
+            messages=prompt,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         for ch in s:
             if first is None and ch.choices and ch.choices[0].delta.content:
                 first = time.perf_counter() - t
@@ -104,11 +123,17 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n_load)))
     wall = time.perf_counter() - t0
-    print(f"   {n_load} requests in {wall:.2f} s ({n_load / wall:.1f} req/s), prefix-cache hits: {cached} tokens")
-    print(f"   TTFT ms  p50 {1000 * pct(ttfts, 0.5):7.1f}  p90 {1000 * pct(ttfts, 0.9):7.1f}"
-          f"  p99 {1000 * pct(ttfts, 0.99):7.1f}")
-    print(f"   e2e  ms  p50 {1000 * pct(e2es, 0.5):7.1f}  p90 {1000 * pct(e2es, 0.9):7.1f}"
-          f"  p99 {1000 * pct(e2es, 0.99):7.1f}  mean {1000 * statistics.mean(e2es):.1f}")
+    print(
+        f"   {n_load} requests in {wall:.2f} s ({n_load / wall:.1f} req/s), prefix-cache hits: {cached} tokens"
+    )
+    print(
+        f"   TTFT ms  p50 {1000 * pct(ttfts, 0.5):7.1f}  p90 {1000 * pct(ttfts, 0.9):7.1f}"
+        f"  p99 {1000 * pct(ttfts, 0.99):7.1f}"
+    )
+    print(
+        f"   e2e  ms  p50 {1000 * pct(e2es, 0.5):7.1f}  p90 {1000 * pct(e2es, 0.9):7.1f}"
+        f"  p99 {1000 * pct(e2es, 0.99):7.1f}  mean {1000 * statistics.mean(e2es):.1f}"
+    )
     return ok
 
 
@@ -116,7 +141,9 @@ async def main(args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery:
         print(f"starting {args.workers} simulated merged workers (speed x{args.speed:g}) ...")
         fleet = await nursery.start(
-            lambda task_status: run_fleet({"pd": args.workers}, model=MODEL, speed=args.speed, task_status=task_status)
+            lambda task_status: run_fleet(
+                {"pd": args.workers}, model=MODEL, speed=args.speed, task_status=task_status
+            )
         )
         cfg = GatewayConfig(
             server=ServerConfig(port=0),
@@ -126,7 +153,9 @@ async def main(args: argparse.Namespace) -> int:
         gateway = Gateway(cfg)
         t0 = time.perf_counter()
         await nursery.start(gateway.run)
-        print(f"gateway on {gateway.url} (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:")
+        print(
+            f"gateway on {gateway.url} (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:"
+        )
         for role, url in fleet.endpoints():
             print(f"   {role} {url}")
         ok = await trio.to_thread.run_sync(drive, gateway.url, args.requests, args.concurrency)

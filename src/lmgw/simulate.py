@@ -13,7 +13,14 @@ import logging
 import trio
 
 from .cli import run_until_signal
-from .config import GatewayConfig, LimitsConfig, ModelConfig, RoutingConfig, ServerConfig, WorkerConfig
+from .config import (
+    GatewayConfig,
+    LimitsConfig,
+    ModelConfig,
+    RoutingConfig,
+    ServerConfig,
+    WorkerConfig,
+)
 from .fleetspec import FleetSpec
 from .gateway import Gateway
 from .simulators.fleet import Fleet, FleetError, run_fleet
@@ -32,7 +39,9 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
         limits=LimitsConfig(),
         routing=RoutingConfig(**routing),
         models=[ModelConfig(name=args.model, flow=spec.flow)],
-        workers=[WorkerConfig(url=url, role=role, models=[args.model]) for role, url in fleet.endpoints()],
+        workers=[
+            WorkerConfig(url=url, role=role, models=[args.model]) for role, url in fleet.endpoints()
+        ],
     )
 
 
@@ -41,7 +50,9 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery:
         try:
             fleet: Fleet = await nursery.start(
-                lambda task_status: run_fleet(counts, model=args.model, speed=args.speed, task_status=task_status)
+                lambda task_status: run_fleet(
+                    counts, model=args.model, speed=args.speed, task_status=task_status
+                )
             )
         except FleetError as exc:
             log.error("simulated fleet failed to start: %s", exc)
@@ -51,6 +62,9 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         port = await nursery.start(gateway.run)
         for role, url in fleet.endpoints():
             print(f"  worker {role:<3} {url}", flush=True)
-        print(f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}  (Ctrl-C to stop)", flush=True)
+        print(
+            f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}  (Ctrl-C to stop)",
+            flush=True,
+        )
         await run_until_signal(gateway, nursery)
     return 0

@@ -21,7 +21,7 @@ from lmgw.http.h1 import IDLE, H1Connection, ProtocolError
 from lmgw.http.types import Request
 from lmgw.transport.h1client import ResponseReader, UpstreamProtocolError
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- helpers --------------------------------------------------------------------------------

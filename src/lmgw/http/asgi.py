@@ -18,13 +18,19 @@ Scope = dict[str, Any]
 
 
 class _ASGIResponder:
-    __slots__ = ("_head", "_send", "finished", "started")
+    """Responder over ASGI ``send``. ``finishing`` turns True just before the last body message:
+    hypercorn answers that message by closing the stream, which delivers ``http.disconnect`` to
+    the receiver, and that one must not be taken for the client going away."""
+
+    __slots__ = ("_head", "_send", "client_gone", "finished", "finishing", "started")
 
     def __init__(self, send) -> None:
         self._send = send
         self._head: dict | None = None
         self.started = False
+        self.finishing = False
         self.finished = False
+        self.client_gone = False
 
     async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
         if self.started:
@@ -37,6 +43,7 @@ class _ASGIResponder:
                 "headers": [*headers, (b"content-length", b"%d" % len(body))],
             }
         )
+        self.finishing = True
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
         self.finished = True
 
@@ -58,6 +65,7 @@ class _ASGIResponder:
         if self._head is not None:
             head, self._head = self._head, None
             await self._send(head)
+        self.finishing = True
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         self.finished = True
 
@@ -107,11 +115,13 @@ class ASGIAdapter:
         )
         responder = _ASGIResponder(send)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder)
             try:
                 await self.handler(req, responder)
             finally:
                 nursery.cancel_scope.cancel()
+        if responder.client_gone:
+            return  # nobody to answer
         if not responder.started:
             await responder.send_full(
                 500,
@@ -122,11 +132,15 @@ class ASGIAdapter:
             await responder.end()
 
     @staticmethod
-    async def _watch_disconnect(receive, scope: trio.CancelScope) -> None:
+    async def _watch_disconnect(
+        receive, scope: trio.CancelScope, responder: _ASGIResponder
+    ) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                scope.cancel()
+                if not responder.finishing:  # else: hypercorn closing the finished stream
+                    responder.client_gone = True
+                    scope.cancel()
                 return
 
 

@@ -1,0 +1,122 @@
+"""The command line as a user runs it: exit codes, `lmgw simulate` end to end, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+LMGW = [sys.executable, "-m", "lmgw.cli"]
+
+
+def sim_pids() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"lmgw.simulators" in f.read():
+                        pids.add(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LMGW, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_serve_rejects_bad_input_with_exit_2() -> None:
+    r = run("serve", "--worker", "zz=http://127.0.0.1:1")
+    assert r.returncode == 2 and "'zz' is not a role" in r.stderr
+    r = run("serve", "--worker", "pd=http://127.0.0.1:1", "--policy", "nope")
+    assert r.returncode == 2 and "unknown routing policy 'nope'" in r.stderr
+    r = run("serve")
+    assert r.returncode == 2 and "no workers configured" in r.stderr
+    r = run("simulate", "--workers", "3e2p4d")
+    assert r.returncode == 2 and "not implement role(s) e, p, d yet" in r.stderr
+    r = run("simulate", "--workers", "2x")
+    assert r.returncode == 2
+
+
+def test_print_config_redacts_secrets() -> None:
+    r = run(
+        "serve",
+        "--worker",
+        "prefill=http://127.0.0.1:1",
+        "--worker",
+        "decode=http://127.0.0.1:2",
+        "--model",
+        "m",
+        "--api-key",
+        "sekrit",
+        "--print-config",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "sekrit" not in r.stdout
+    assert 'flow = "p/d"' in r.stdout and 'role = "p"' in r.stdout
+
+
+@pytest.mark.slow
+def test_simulate_serves_then_stops_cleanly_on_sigterm() -> None:
+    before = sim_pids()
+    proc = subprocess.Popen(
+        [
+            *LMGW,
+            "simulate",
+            "--workers",
+            "2pd",
+            "--port",
+            "0",
+            "--speed",
+            "inf",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+        assert url, proc.stderr.read()
+        assert len(sim_pids() - before) == 2
+        body = json.dumps(
+            {
+                "model": "sim-llama-8b",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            }
+        )
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=body.encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.load(resp)
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)
+    assert sim_pids() - before == set(), "simulated workers outlived lmgw simulate"
