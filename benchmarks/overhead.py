@@ -22,6 +22,10 @@ comparable (timings on a small shared box drift between runs; compare only figur
     upstream connections the gateway opened.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--rounds 3] [--duration 4] [--layout none]
+        [--ttft-n 60] [--startup-spawns 3] [--retries 1] [--nice N] [--out PATH]
+
+A worker or gateway that dies mid-round fails that round: the dead worker is restarted and the
+round re-run (--retries), and the death is listed under "ANOMALIES" and in the JSON.
 
 Needs `wrk` (Debian: `apt-get install -y wrk`; `make bench` installs it). Prints a table and
 writes benchmarks/results/overhead.json (raw figures of every run); child logs go to
@@ -45,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -487,6 +492,48 @@ def start_worker(children: Children, name: str) -> tuple[subprocess.Popen[bytes]
     raise BenchError(f"worker {name} printed no READY line in 30 s")
 
 
+def log_tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in lines[-n:])
+
+
+def ensure_workers(children: Children, ctx: dict[str, Any], deaths: list[dict[str, Any]]) -> None:
+    """Start the two workers, or restart any that died (each death is recorded)."""
+    procs = ctx.setdefault("worker_procs", [None, None])
+    for k in range(2):
+        name = f"worker{k + 1}"
+        proc = procs[k]
+        if proc is not None and proc.poll() is None:
+            continue
+        if proc is not None:
+            children.stop(proc)
+            death = {
+                "worker": name,
+                "exit": proc.returncode,
+                "log_tail": log_tail(LOG_DIR / f"{name}.log"),
+            }
+            deaths.append(death)
+            log(f"{name} had died (exit {proc.returncode}): {death['log_tail'][:300]}; restarting")
+            (LOG_DIR / f"{name}.log").rename(LOG_DIR / f"{name}-died-{len(deaths)}.log")
+        procs[k], url = start_worker(children, name)
+        ctx.setdefault("worker_urls", ["", ""])[k] = url
+    urls = ctx["worker_urls"]
+    ctx["worker_ports"] = [int(u.rsplit(":", 1)[1]) for u in urls]
+    ctx["w1_port"] = ctx["worker_ports"][0]
+    ctx["worker_pids"] = [p.pid for p in procs]
+
+
+def dead_workers(ctx: dict[str, Any]) -> list[str]:
+    return [
+        f"worker{k + 1} (exit {p.returncode})"
+        for k, p in enumerate(ctx.get("worker_procs", ()))
+        if p is not None and p.poll() is not None
+    ]
+
+
 def gateway_argv(port: int, worker_urls: Sequence[str]) -> list[str]:
     exe = Path(sys.executable).with_name("lmgw")
     cmd = str(exe) if exe.exists() else shutil.which("lmgw")
@@ -519,7 +566,7 @@ def wait_first_proxied(
                 resp = c.request("POST", "/v1/chat/completions", body)
             if resp.status == 200:
                 return {"listen_s": t_listen, "first_200_s": time.perf_counter() - t_spawn}
-        except OSError:
+        except (OSError, httptools.HttpParserError):
             pass
         time.sleep(0.005)
     raise BenchError(f"lmgw serve gave no 200 on a proxied request within {timeout:.0f} s")
@@ -602,7 +649,8 @@ def run_wrk(
             r = json.loads(line.split(" ", 1)[1])
             break
     else:
-        raise BenchError(f"wrk printed no summary (exit {proc.returncode}):\n{text[-2000:]}")
+        err = log_tail(LOG_DIR / "wrk.log", 2)
+        raise BenchError(f"wrk printed no summary (exit {proc.returncode}): {text[-1000:]} {err}")
     r["wrk_cpu_s"] = children_cpu_s() - before  # only wrk was reaped in between
     r["errors"] = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_timeout"))
     r["non_2xx"] = r["err_status"]  # wrk counts status >= 400 here
@@ -671,13 +719,19 @@ def percentile(xs: Sequence[float], p: float) -> float | None:
 
 def ttft_probe(port: int, n: int) -> dict[str, Any]:
     """`n` streamed requests over one keep-alive plain socket (no TCP_NODELAY, delayed ACKs on);
-    time from sending each request to the first `data:` line, and to the end of the stream."""
+    time from sending each request to the first `data:` line, and to the end of the stream.
+    A failed request is recorded (with how long it took) and the next one reconnects."""
     ttft, total, events, failures = [], [], [], []
     with HttpClient(port, timeout=10.0, nodelay=False) as c:
         for i in range(n):
-            resp = c.request("POST", "/v1/chat/completions", chat_body(i, stream=True))
+            t0 = time.perf_counter()
+            try:
+                resp = c.request("POST", "/v1/chat/completions", chat_body(i, stream=True))
+            except (OSError, httptools.HttpParserError) as exc:
+                failures.append(f"request {i}: {exc!r} after {time.perf_counter() - t0:.3f} s")
+                continue
             if resp.status != 200 or resp.t_first_data is None:
-                failures.append(f"status {resp.status}: {bytes(resp.body)[:200]!r}")
+                failures.append(f"request {i}: status {resp.status}: {bytes(resp.body)[:200]!r}")
                 continue
             ttft.append(resp.t_first_data * 1e6)
             total.append(resp.t_end * 1e6)
@@ -825,6 +879,8 @@ def table(summary: dict[str, Any]) -> str:
         if s is None:
             continue
         d, g = s["direct"], s["gateway"]
+        other = max(d["max_other_cores"], g["max_other_cores"])
+        noise = f"NOISY ({other:.2f})" if s["noisy"] else f"ok ({other:.2f})"
         if sc.startswith("stream"):
             cpu = f"{s['gw_cpu_us_per_chunk']:.1f} µs/chunk ({s['gw_cpu_us_per_req']:,.0f} µs/req)"
         else:
@@ -833,7 +889,7 @@ def table(summary: dict[str, Any]) -> str:
             f"| {LABELS[sc]} | {fmt(d['rps'])} | {fmt(g['rps'])} | {fmt(s['rps_ratio'], '.2f')} "
             f"| {two(d['p50_us'], d['p99_us'])} | {two(g['p50_us'], g['p99_us'])} "
             f"| {two(s['added_p50_us'], s['added_p99_us'], True)} "
-            f"| {cpu} | {'NOISY' if s['noisy'] else 'ok'} |"
+            f"| {cpu} | {noise} |"
         )
     t = summary.get("ttft")
     if t:
@@ -863,8 +919,9 @@ def notes(summary: dict[str, Any], meta: dict[str, Any], anomalies: list[str]) -
         f"Gateway CPU: {CPU_METHOD}. SSE: per chunk = per request / {SSE_EVENTS} events "
         f"(role + {STREAM_TOKENS} tokens + finish + [DONE]; the simulator sends the role event in "
         "the same write as the first token).",
-        f"noise: NOISY when processes outside the benchmark used more than {NOISE_CORES} cores on "
-        "average during a run (from /proc/stat minus our processes; a lower bound).",
+        "noise: the most CPU (cores, averaged over a wrk run) that processes outside the "
+        f"benchmark used during the scenario's runs; NOISY above {NOISE_CORES} (from /proc/stat "
+        "minus our processes, irq/softirq left out).",
     ]
     for sc in SCENARIOS:
         s = summary.get(sc)
@@ -915,7 +972,9 @@ def find_anomalies(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> lis
                     f"round {i} {sc}: gateway opened {g['conns_to_workers']} upstream connections "
                     f"for {g['requests']} requests at c={conns} (keep-alive not reused?)"
                 )
-            if d["bytes_per_req"] and abs(g["bytes_per_req"] / d["bytes_per_req"] - 1) > 0.1:
+            # sizes differ a little anyway: the worker builds its completion ids from the
+            # x-request-id it receives, and the gateway's ids are shorter than the worker's own
+            if d["bytes_per_req"] and abs(g["bytes_per_req"] / d["bytes_per_req"] - 1) > 0.3:
                 out.append(
                     f"round {i} {sc}: response size differs: gateway {g['bytes_per_req']:.0f} B vs "
                     f"direct {d['bytes_per_req']:.0f} B per request"
@@ -937,7 +996,9 @@ def find_anomalies(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> lis
                     f"round {i} ttft {target}: {t['over_20ms']}/{t['n']} first chunks took >20 ms "
                     "(delayed-ACK/Nagle stall?)"
                 )
-        if r.get("gateway_exit") not in (0, None):
+        if r.get("gateway_died_early"):
+            out.append(f"round {i}: the gateway died (exit {r['gateway_exit']}) before the end")
+        elif r.get("gateway_exit") not in (0, None):
             out.append(f"round {i}: gateway exited with {r['gateway_exit']} on SIGTERM")
         if r.get("gateway_log"):
             out.append(f"round {i}: gateway logged: {r['gateway_log'][-1][:300]}")
@@ -994,11 +1055,11 @@ def gateway_log_lines(tag: str) -> list[str]:
 
 
 def run_round(
-    i: int, children: Children, args: argparse.Namespace, ctx: dict[str, Any]
+    i: int, children: Children, args: argparse.Namespace, ctx: dict[str, Any], attempt: int = 0
 ) -> dict[str, Any]:
-    tag = f"r{i}"
+    tag = f"r{i}" if attempt == 0 else f"r{i}-retry{attempt}"
     proc, port, timing = start_gateway(children, ctx["worker_urls"], ctx["gw_cpus"], tag)
-    rec: dict[str, Any] = {"round": i, "gateway_start": timing, "runs": {}}
+    rec: dict[str, Any] = {"round": i, "attempt": attempt, "gateway_start": timing, "runs": {}}
     try:
         ctx["gw_pid"] = proc.pid
         targets = {
@@ -1034,7 +1095,13 @@ def run_round(
             f"round {i} ttft p50 direct {t['direct']['p50_us']:.0f} µs, gateway "
             f"{t['gateway']['p50_us']:.0f} µs; checks: {rec['checks']['problems'] or 'ok'}"
         )
+    except Exception as exc:
+        if proc.poll() is not None:
+            tail = log_tail(LOG_DIR / f"gateway-{tag}.log")
+            raise BenchError(f"the gateway died (exit {proc.returncode}): {tail}") from exc
+        raise
     finally:
+        rec["gateway_died_early"] = proc.poll() is not None
         rec["gateway_exit"] = children.stop(proc)
         rec["gateway_log"] = gateway_log_lines(tag)[-20:]
     return rec
@@ -1061,6 +1128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ttft-n", type=int, default=None, help="TTFT requests (60; --quick: 20)")
     ap.add_argument("--startup-spawns", type=int, default=3)
     ap.add_argument("--layout", choices=("pinned", "none"), default="pinned")
+    ap.add_argument(
+        "--retries", type=int, default=1, help="re-run a failed round this often (default 1)"
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness for this script and every process it starts (e.g. -5 on a box shared "
+        "with other load; needs privileges; recorded in the JSON)",
+    )
     ap.add_argument("--out", type=Path, default=OUT_JSON)
     args = ap.parse_args(argv)
     if args.rounds is None:
@@ -1093,6 +1170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             old.unlink()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    if args.nice:
+        os.nice(args.nice)  # inherited by every child
     allowed = sorted(os.sched_getaffinity(0))
     if args.layout == "pinned" and len(allowed) >= 2:
         gen_cpus, gw_cpus = {allowed[0]}, {allowed[1]}
@@ -1124,6 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "layout": args.layout,
         "layout_text": layout_text,
+        "nice": args.nice,
         "nproc": os.cpu_count(),
         "git": git_info(),
         "machine": machine_info(),
@@ -1135,24 +1215,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wrk_lua": WRK_LUA,
     }
     rounds: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    deaths: list[dict[str, Any]] = []
     startup: list[dict[str, float]] = []
     status = 0
     try:
-        workers = [start_worker(children, f"worker{k + 1}") for k in range(2)]
-        urls = [u for _, u in workers]
-        log(f"workers: {', '.join(urls)}; {layout_text}")
-        ctx: dict[str, Any] = {
-            "worker_urls": urls,
-            "worker_ports": [int(u.rsplit(":", 1)[1]) for u in urls],
-            "w1_port": int(urls[0].rsplit(":", 1)[1]),
-            "worker_pids": [p.pid for p, _ in workers],
-            "gw_cpus": gw_cpus,
-            "lua": lua,
-            "bodies": bodies,
-        }
+        ctx: dict[str, Any] = {"gw_cpus": gw_cpus, "lua": lua, "bodies": bodies}
+        ensure_workers(children, ctx, deaths)
+        log(f"workers: {', '.join(ctx['worker_urls'])}; {layout_text}")
         startup = measure_startup(children, args, ctx)
         for i in range(args.rounds):
-            rounds.append(run_round(i, children, args, ctx))
+            for attempt in range(args.retries + 1):
+                ensure_workers(children, ctx, deaths)
+                try:
+                    rounds.append(run_round(i, children, args, ctx, attempt))
+                    break
+                except (OSError, httptools.HttpParserError, BenchError, ValueError, KeyError):
+                    err = traceback.format_exc()
+                    dead = dead_workers(ctx)
+                    log(f"round {i} attempt {attempt} FAILED (dead: {dead or 'none'}):\n{err}")
+                    failed.append(
+                        {"round": i, "attempt": attempt, "dead_workers": dead, "error": err}
+                    )
+            else:
+                status = 1
     except KeyboardInterrupt:
         log("interrupted: stopping every child process")
         status = 130
@@ -1161,6 +1247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = exc.code if isinstance(exc.code, int) else 1
     except BenchError as exc:
         log(f"FAILED: {exc}")
+        status = 1
+    except Exception:
+        log(f"FAILED:\n{traceback.format_exc()}")
         status = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
@@ -1171,12 +1260,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["complete"] = status == 0
     summary = summarize(rounds, startup)
     anomalies = find_anomalies(rounds, summary)
+    anomalies += [
+        f"round {f['round']} attempt {f['attempt']} failed: "
+        f"{f['error'].strip().splitlines()[-1][:300]}; dead workers: {f['dead_workers'] or 'none'}"
+        for f in failed
+    ]
+    anomalies += [
+        f"{d['worker']} died (exit {d['exit']}) and was restarted: {d['log_tail'][:300]}"
+        for d in deaths
+    ]
     result = {
         "meta": meta,
         "summary": summary,
         "anomalies": anomalies,
         "startup": startup,
         "rounds": rounds,
+        "failed_rounds": failed,
+        "worker_deaths": deaths,
     }
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if rounds:
@@ -1184,6 +1284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(summary))
         print()
         print(notes(summary, meta, anomalies))
+    elif anomalies:
+        print("No complete round. ANOMALIES:\n" + "\n".join(f"  - {a}" for a in anomalies))
     log(f"wrote {args.out} ({meta['runtime_s']} s); child logs in {LOG_DIR}")
     return status
 

@@ -78,6 +78,15 @@ class App:
         await resp.send(b"world")
         await resp.end()
 
+    async def r_two_phase(self, req: Request, resp: Responder) -> None:
+        """One chunk out (so the head is on the wire), then wait for the test."""
+        await resp.start(200, [])
+        await resp.send(b"one")
+        self.entered.set()
+        await self.gate.wait()
+        await resp.send(b"two")
+        await resp.end()
+
     async def r_gated_full(self, req: Request, resp: Responder) -> None:
         self.entered.set()
         await self.gate.wait()
@@ -258,7 +267,7 @@ async def test_keep_alive_many_requests_on_one_connection(nursery: trio.Nursery)
             await c.send(post("/echo", b"body-%d" % i))
             expected = b"POST /echo? len=%d:body-%d" % (len(b"body-%d" % i), i)
         else:
-            await c.send(get("/echo?i=%d" % i))
+            await c.send(get(f"/echo?i={i}"))
             expected = b"GET /echo?i=%d len=0:" % i
         r = await c.response()
         assert (r.status, r.body) == (200, expected)
@@ -826,13 +835,31 @@ async def test_drain_lets_a_started_stream_finish(nursery: trio.Nursery) -> None
     await c.send(get("/gated-stream"))
     with trio.fail_after(2):
         await app.entered.wait()
-    await server.drain()
+    await server.drain()  # start() was called, but its head is not written yet
     app.gate.set()
     r = await c.response()
     assert r.body == b"helloworld"
+    assert r.headers[b"connection"] == b"close"
     assert await c.closed()
     with trio.fail_after(2):
         await server.wait_idle()
+
+
+async def test_drain_after_the_head_was_sent_closes_after_the_response(
+    nursery: trio.Nursery,
+) -> None:
+    app = App()
+    server, port = await start_server(nursery, app)
+    c = await Client.open(port)
+    await c.send(get("/two-phase") + get("/echo?never"))
+    with trio.fail_after(2):
+        await app.entered.wait()
+    await server.drain()
+    app.gate.set()
+    r = await c.response()
+    assert (r.status, r.body) == (200, b"onetwo")  # complete, then the connection ends
+    assert await c.closed()
+    assert [q.path for q in app.seen] == ["/two-phase"]
 
 
 async def test_serve_http_reports_its_port(nursery: trio.Nursery) -> None:
@@ -842,3 +869,22 @@ async def test_serve_http_reports_its_port(nursery: trio.Nursery) -> None:
     assert (await c.response()).body == b"GET /echo?via=serve_http len=0:"
     await c.send(b"GET / HTTP/1.1\r\nx: " + b"a" * 3000 + b"\r\n\r\n")
     assert (await c.response()).status == 431
+
+
+async def test_watcher_spawned_for_a_connection_that_already_closed_is_harmless() -> None:
+    """The watchdog can spawn a disconnect watcher in the same tick in which its connection
+    ends (handler error, abort) and closes the socket; the watcher then starts on a closed fd.
+    That must end quietly: an exception there would take the whole server down."""
+    from lmgw.http.server import _Conn
+    from lmgw.netio import RawStream
+
+    a, b = socket.socketpair()
+    b.close()
+    stream = RawStream(a)
+    c = _Conn(stream, "")
+    scope = trio.CancelScope()
+    scope.cancel()
+    stream.close()
+    done = trio.Event()
+    await HTTPServer._watch(c, scope, done)
+    assert done.is_set()

@@ -12,6 +12,7 @@ The promises checked, as h11's ``fuzz/afl-server.py`` does:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, example, given, settings
@@ -32,7 +33,7 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     if not data:
         return [data]
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [data]
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [data]
 
 
 def run_server(chunks: list[bytes], **limits: int) -> tuple[list[tuple], int | None]:
@@ -240,9 +241,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 @SETTINGS
 @given(data=mutated(), cuts=st.lists(st.integers(min_value=0), max_size=20))
-def test_mutated_requests_give_requests_or_one_protocol_error(
-    data: bytes, cuts: list[int]
-) -> None:
+def test_mutated_requests_give_requests_or_one_protocol_error(data: bytes, cuts: list[int]) -> None:
     whole = run_server([data])
     assert run_server(split_at(data, cuts)) == whole
     run_server([data], max_header_bytes=64, max_body_bytes=16)
@@ -416,9 +415,7 @@ def test_bytes_after_a_complete_response_do_not_change_it(resp: Resp, junk: byte
 @given(data=st.binary(max_size=2000), cuts=st.lists(st.integers(min_value=0), max_size=20))
 @example(data=b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", cuts=[])
 @example(data=b"HTTP/1.1 999999 OK\r\n\r\n", cuts=[])
-def test_response_garbage_raises_only_upstream_protocol_error(
-    data: bytes, cuts: list[int]
-) -> None:
+def test_response_garbage_raises_only_upstream_protocol_error(data: bytes, cuts: list[int]) -> None:
     for chunks in ([data], split_at(data, cuts)):
         r = ResponseReader()
         try:

@@ -137,7 +137,7 @@ def test_chunked_body_with_extensions_and_trailers() -> None:
         b"Transfer-Encoding: chunked\r\n"
         b"\r\n"
         b"5;name=value\r\nhello\r\n"
-        b"1;a;b=\"q\"\r\n \r\n"
+        b'1;a;b="q"\r\n \r\n'
         b"A\r\n0123456789\r\n"
         b"0\r\n"
         b"X-Checksum: abc\r\n"
@@ -205,8 +205,10 @@ def test_leading_whitespace_of_values_is_dropped() -> None:
     data = b"GET / HTTP/1.1\r\nA:   spaced\r\nB:\ttabbed\r\nC:\r\n\r\n"
     triple(
         data,
-        lambda r: (r.headers == [(b"a", b"spaced"), (b"b", b"tabbed"), (b"c", b"")])
-        or pytest.fail(repr(r.headers)),
+        lambda r: (
+            (r.headers == [(b"a", b"spaced"), (b"b", b"tabbed"), (b"c", b"")])
+            or pytest.fail(repr(r.headers))
+        ),
     )
 
 
@@ -491,3 +493,27 @@ def test_trailers_count_against_the_head_limit() -> None:
     trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 50) for i in range(40))
     data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n"
     one_error(data, 431, max_header_bytes=1024)
+
+
+@pytest.mark.parametrize("step", [1, 333])
+def test_one_endless_trailer_is_431_before_it_ends(step: int) -> None:
+    """httptools buffers a trailer line until it ends: that must be bounded too."""
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-T: "
+    one_error(data + b"a" * 5000, 431, step=step, max_header_bytes=1024)
+
+
+def test_long_chunk_extensions_are_bounded() -> None:
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;" + b"e" * 5000
+    one_error(data, 431, step=100, max_header_bytes=1024)
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_tiny_chunks_fed_slowly_are_not_mistaken_for_junk(step: int) -> None:
+    chunks = b"".join(b"1;x=y\r\n%c\r\n" % c for c in b"abcdefghijklmnopqrstuvwxyz" * 4)
+    data = (
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\nX-A: 1\r\nX-B: 2\r\n\r\n"
+    )
+    [req] = feed(data, step=step, max_header_bytes=80)
+    assert req.body == b"abcdefghijklmnopqrstuvwxyz" * 4

@@ -38,7 +38,8 @@ class _Common(msgspec.Struct):
 
 
 class ChatView(_Common):
-    messages: list[dict] = msgspec.field(default_factory=list)
+    # kept raw: the worker validates message contents; decoding them here would cost per token
+    messages: list[msgspec.Raw] = msgspec.field(default_factory=list)
     max_completion_tokens: NonNegInt | None = None
 
 
@@ -81,6 +82,13 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView:
     return view
 
 
+def _with_model(body: bytes, model: str) -> bytes:
+    """``body`` with its ``model`` replaced (alias requests only; other fields kept as sent)."""
+    obj = msgspec.json.decode(body)
+    obj["model"] = model
+    return msgspec.json.encode(obj)
+
+
 class OpenAIAPI:
     """Handlers for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``."""
 
@@ -98,9 +106,9 @@ class OpenAIAPI:
 
     def _request_id(self, req: Request) -> str:
         rid = req.header(b"x-request-id")
-        if rid:
-            text = rid.decode("latin-1")
-            if len(text) <= 256 and text.isprintable():
+        if rid and len(rid) <= 256 and rid.isascii():  # ASCII: forwarded and echoed as sent
+            text = rid.decode("ascii")
+            if text.isprintable():
                 return text
         self._rid_counter += 1
         return f"{self._rid_prefix}-{self._rid_counter:x}"
@@ -143,12 +151,15 @@ class OpenAIAPI:
         try:
             view = decode_view(endpoint, req.body)
             model = self._resolve_model(view.model)
+            body = req.body
+            if model != view.model and view.model is not None:
+                body = _with_model(body, model)  # an alias: workers know the canonical name
             greq = GatewayRequest(
                 endpoint,
                 path,
                 model,
                 bool(view.stream),
-                req.body,
+                body,
                 rid,
                 self._forward_headers(req, rid),
                 t0,
@@ -170,7 +181,9 @@ class OpenAIAPI:
                 await responder.end()
             else:
                 await send_error(responder, exc, rid)
-        except trio.Cancelled:
+        except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
+            # Cancelled: the server saw the client go; Broken/Closed: a write to it failed first.
+            # (A deadline's cancellation is caught by its own scope above and never gets here.)
             status = 499
             self.metrics.disconnects.inc((endpoint,))
             raise

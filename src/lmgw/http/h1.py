@@ -54,12 +54,14 @@ class H1Connection:
         "_content_length",
         "_error",
         "_expect_continue",
+        "_gap",
         "_head_raw",
         "_head_size",
         "_headers",
         "_http10",
         "_keep_alive",
         "_parser",
+        "_progress",
         "_url",
         "client",
         "events",
@@ -79,6 +81,8 @@ class H1Connection:
         self.state = IDLE
         self._error: ProtocolError | None = None
         self._head_raw = 0
+        self._gap = 0
+        self._progress = False
         self._keep_alive = True
         self._http10 = False
         self._reset()
@@ -99,7 +103,6 @@ class H1Connection:
         if self._error is not None:
             return
         before = self.state
-        queued = len(self.events)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -119,16 +122,28 @@ class H1Connection:
             # The head is still incomplete. httptools buffers a header line until it ends, so
             # the callbacks alone cannot bound a head that never ends: count raw bytes too.
             # on_message_begin sets -1 ("began in this chunk"): the whole chunk is head if the
-            # connection was idle before it and no request completed in it, else the share is
-            # unknown and only the following chunks count (on_url/on_header count the rest).
+            # connection was idle before it and no event is queued (so none completed in it),
+            # else the share is unknown and only the following chunks count (on_url/on_header
+            # count the rest). Undercounting is safe; overcounting would reject good requests.
             if self._head_raw >= 0:
                 self._head_raw += len(data)
-            elif before == IDLE and len(self.events) == queued:
+            elif before == IDLE and not self.events:
                 self._head_raw = len(data)
             else:
                 self._head_raw = 0
             if self._head_raw > self.max_header_bytes:
                 self._fail(431, f"request head exceeds {self.max_header_bytes} bytes")
+        elif self.state == BODY:
+            # Same for a chunked body's framing and trailers (httptools buffers a trailer line
+            # until it ends, too): whole reads that started in the body and brought no body
+            # byte and no complete trailer are counted; any progress resets the count.
+            if self._progress or before != BODY:
+                self._progress = False
+                self._gap = 0
+            else:
+                self._gap += len(data)
+                if self._gap > self.max_header_bytes:
+                    self._fail(431, f"request trailers exceed {self.max_header_bytes} bytes")
 
     def next_event(self) -> Request | ProtocolError | None:
         """The next complete request or protocol error, in arrival order; None if none yet."""
@@ -172,6 +187,7 @@ class H1Connection:
             # honours a trailing "Connection: close" (it rejects any later request), so do we.
             if name.lower() == b"connection" and b"close" in value.lower():
                 self._keep_alive = False
+            self._progress = True
             return
         name = name.lower()
         if name == b"content-length":
@@ -205,6 +221,7 @@ class H1Connection:
         self.state = BODY
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         self._body_size += len(body)
         if self._body_size > self.max_body_bytes:
             raise _Reject(413, f"request body exceeds {self.max_body_bytes} bytes")

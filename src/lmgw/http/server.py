@@ -65,6 +65,11 @@ def build_head(status: int, headers: Headers, framing: bytes, keep_alive: bool) 
     return b"".join(parts)
 
 
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
+#: lingering close after an error answer: stop discarding input after this much silence
+_LINGER_IDLE_S = 0.2
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Connection limits; see docs/configuration.md (``limits.*``) for the reasons behind each."""
@@ -110,9 +115,10 @@ class _Responder:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
-        head = build_head(
-            status, headers, b"content-length: %d\r\n\r\n" % len(body), self.keep_alive
-        )
+        framing = b"content-length: %d\r\n\r\n" % len(body)
+        if self._http10 and self.keep_alive:  # a 1.0 client closes unless told otherwise
+            framing = b"connection: keep-alive\r\n" + framing
+        head = build_head(status, headers, framing, self.keep_alive)
         await self._stream.send_all(head if self._head_only else head + body)
         self.finished = True
 
@@ -124,9 +130,7 @@ class _Responder:
             self.keep_alive = False
             self._head = build_head(status, headers, b"\r\n", False)
         else:
-            self._head = build_head(
-                status, headers, b"transfer-encoding: chunked\r\n\r\n", self.keep_alive
-            )
+            self._head = build_head(status, headers, _CHUNKED, self.keep_alive)
 
     async def send(self, data: bytes) -> None:
         if not data or self._head_only:
@@ -145,6 +149,26 @@ class _Responder:
             # more may be written to this response (a deadline's error event included)
             self.broken = True
             raise
+
+    def refuse_keep_alive(self) -> None:
+        """Close the connection after this response (drain). A head built by ``start()`` but
+        not written yet is amended, so the client learns it from the response itself."""
+        if not self.keep_alive:
+            return
+        self.keep_alive = False
+        head = self._head
+        if head is not None and head.endswith(_CHUNKED):
+            self._head = head[: -len(_CHUNKED)] + b"connection: close\r\n" + _CHUNKED
+
+    @property
+    def head_sent(self) -> bool:
+        """Whether any byte of the response has been written."""
+        return self.started and self._head is None
+
+    def unstart(self) -> None:
+        """Forget a ``start()`` whose head was never written, so that an error can be sent."""
+        self.started = False
+        self._head = None
 
     async def end(self) -> None:
         tail = b"" if (self._http10 or self._head_only) else b"0\r\n\r\n"
@@ -165,6 +189,7 @@ class _Conn:
         "client",
         "phase",
         "phase_since",
+        "responder",
         "scope",
         "stream",
         "timeout_status",
@@ -179,6 +204,8 @@ class _Conn:
         #: IDLE / HEAD / BODY while reading; the time that phase (or the running request) began
         self.phase = IDLE
         self.phase_since = trio.current_time()
+        #: the responder of the request in progress (drain turns off its keep-alive)
+        self.responder: _Responder | None = None
         #: cancels the whole connection: client gone, timeout, drain
         self.scope: trio.CancelScope | None = None
         #: set by the watchdog when it cancels for a timeout: the status to answer with (or 0)
@@ -264,7 +291,10 @@ class HTTPServer:
         for listener in self._listeners:
             await listener.aclose()
         for c in list(self._conns):
-            if not c.busy and c.scope is not None:
+            if c.busy:
+                if c.responder is not None:
+                    c.responder.refuse_keep_alive()
+            elif c.scope is not None:
                 c.scope.cancel()
 
     async def wait_idle(self) -> None:
@@ -310,7 +340,14 @@ class HTTPServer:
             with scope:
                 sock = c.stream.socket
                 while True:
-                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        await trio.lowlevel.wait_readable(sock)
+                    except (OSError, ValueError, trio.ClosedResourceError):
+                        # the connection closed its socket before this task first ran (it
+                        # was spawned in the same tick): wait_readable on fd -1 raises
+                        # ValueError even in a cancelled scope, and must not reach the
+                        # server's nursery
+                        return
                     try:
                         peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                     except BlockingIOError:
@@ -361,6 +398,13 @@ class HTTPServer:
 
     @staticmethod
     async def _send_error(stream: RawStream, err: ProtocolError) -> None:
+        """Answer ``err`` and close gracefully (callers bound the whole in time).
+
+        Lingering close, as nginx does: half-close, then discard what the client is still
+        sending until it stops. Closing with unread input makes the kernel send a reset, which
+        can destroy the answer before the client reads it (a 413 to a client that writes its
+        whole body before reading, a 408 to one still trickling its head, a 503).
+        """
         body = error_body(err.status, err.message)
         head = build_head(
             err.status,
@@ -369,6 +413,15 @@ class HTTPServer:
             False,
         )
         await stream.send_all(head + body)
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        while True:
+            with trio.move_on_after(_LINGER_IDLE_S) as quiet:
+                data = await stream.receive_some(65536)
+            if quiet.cancelled_caught or not data:
+                return
 
     async def _serve_connection(self, c: _Conn) -> None:
         stream = c.stream
@@ -379,6 +432,11 @@ class HTTPServer:
         while True:
             ev = conn.next_event()
             if ev is None:
+                if conn.expect_continue:
+                    # the head asking for it is complete and every earlier pipelined request
+                    # is answered: the 100 goes out in order, and before we wait for the body
+                    conn.continue_sent()
+                    await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 data = await stream.receive_some(65536)
                 if not data:
                     return
@@ -387,9 +445,6 @@ class HTTPServer:
                 if state != c.phase:
                     c.phase = state
                     c.phase_since = trio.current_time()
-                if conn.expect_continue and not conn.events:
-                    conn.continue_sent()
-                    await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 continue
             if isinstance(ev, ProtocolError):
                 with trio.move_on_after(1):
@@ -398,6 +453,7 @@ class HTTPServer:
             responder = _Responder(
                 stream, ev.keep_alive and not self.draining, ev.method == "HEAD", ev.http10
             )
+            c.responder = responder
             c.busy = True
             c.phase_since = trio.current_time()
             busy.add(c)
@@ -407,8 +463,9 @@ class HTTPServer:
                 return
             except Exception:
                 log.exception("handler failed on %s %s", ev.method, ev.path)
-                if responder.started:
+                if responder.head_sent:
                     return  # a half-sent response: closing is the only honest signal
+                responder.unstart()  # nothing written yet: a clean 500 is still possible
                 await responder.send_full(
                     500,
                     [(b"content-type", b"application/json")],
@@ -424,8 +481,9 @@ class HTTPServer:
             c.phase = conn.state
             c.phase_since = trio.current_time()
             if not responder.finished:
-                if responder.started:
+                if responder.head_sent:
                     return
+                responder.unstart()
                 log.error("handler returned without responding to %s %s", ev.method, ev.path)
                 await responder.send_full(
                     500,

@@ -45,4 +45,7 @@ class GatewayRequest:
         self.t_start = t_start
 
     def __repr__(self) -> str:
-        return f"<GatewayRequest {self.request_id} {self.endpoint} model={self.model} stream={self.stream}>"
+        return (
+            f"<GatewayRequest {self.request_id} {self.endpoint} model={self.model}"
+            f" stream={self.stream}>"
+        )

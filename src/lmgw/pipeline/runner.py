@@ -48,17 +48,9 @@ class Pipeline:
         self.response_timeout_s = rt if rt < deadline else math.inf
         self.flows = {m.name: m.flow for m in cfg.models}
 
-    def _pick(
-        self, greq: GatewayRequest, role: str, ctx: RouteContext, exclude: set[Worker]
-    ) -> Worker:
+    def _pick(self, greq: GatewayRequest, role: str, ctx: RouteContext) -> Worker:
         candidates = self.registry.candidates(greq.model, role)
-        if exclude:
-            candidates = tuple(w for w in candidates if w not in exclude)
         if not candidates:
-            if exclude:
-                raise GatewayError(
-                    502, f"every {role} worker tried for model {greq.model!r} failed"
-                )
             raise GatewayError(
                 503, f"no healthy worker available for model {greq.model!r} (role {role})"
             )
@@ -73,16 +65,22 @@ class Pipeline:
     async def _run_merged(self, greq: GatewayRequest, responder: Responder) -> None:
         role = "pd"
         ctx = RouteContext(greq.model, greq.request_id)
-        tried: set[Worker] = set()
+        worker = self._pick(greq, role, ctx)
+        last = self.max_attempts - 1
+        tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         for attempt in range(self.max_attempts):
-            worker = self._pick(greq, role, ctx, tried)
-            retry = await self._dispatch(
-                greq, responder, role, worker, ctx, attempt + 1 < self.max_attempts
-            )
-            if not retry:
+            failure = await self._dispatch(greq, responder, role, worker, ctx, attempt < last)
+            if failure is None:
                 return
-            tried.add(worker)
+            # A failure that cannot have started work: another worker, if there is one left;
+            # else the client hears what went wrong (not just "no worker left").
+            tried += (worker,)
+            candidates = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
+            if not candidates:
+                raise failure
+            worker = self.policies[role].choose(candidates, ctx)
             self.metrics.retries.inc((role,))
+            log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
 
     async def _dispatch(
         self,
@@ -92,9 +90,9 @@ class Pipeline:
         worker: Worker,
         ctx: RouteContext,
         may_retry: bool,
-    ) -> bool:
-        """Run one merged stage on ``worker``. Returns True when the caller should retry on
-        another worker (only possible before anything reached the client)."""
+    ) -> GatewayError | None:
+        """Run one merged stage on ``worker``. Returns the error when the caller should retry
+        on another worker (only before anything reached the client), else None."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         registry.acquire(worker)
         policy.on_dispatch(worker, ctx)
@@ -108,7 +106,7 @@ class Pipeline:
                     if resp.status >= 500:
                         registry.record_failure(worker, err.message, eject=False)
                         if resp.status == 503 and may_retry:
-                            return True
+                            return err
                     raise err
                 rid = greq.request_id.encode()
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
@@ -125,16 +123,15 @@ class Pipeline:
             metrics.upstream_errors.inc((role, worker.id, kind))
             registry.record_failure(worker, exc.message, eject=exc.retryable)
             if responder.started:
-                return False  # the stream already carries the error event
+                return None  # the stream already carries the error event
             if exc.retryable and may_retry:
-                log.info("request %s: retrying after %s", greq.request_id, exc.message)
-                return True
+                return GatewayError(exc.status, exc.message)
             raise GatewayError(exc.status, exc.message) from None
         finally:
             policy.on_finish(worker, ctx, ok)
             registry.release(worker)
         registry.record_success(worker)
-        return False
+        return None
 
     def _first_byte(self, greq: GatewayRequest) -> None:
         self.metrics.ttft.observe((greq.model,), trio.current_time() - greq.t_start)

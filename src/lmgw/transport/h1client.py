@@ -7,6 +7,8 @@ events that arrive together leave together (the relay writes each group in one s
 
 from __future__ import annotations
 
+import functools
+
 import httptools
 
 from ..http.types import Headers
@@ -20,13 +22,20 @@ def build_request_head(
     method: str, path: str, host: bytes, headers: Headers, body_len: int | None
 ) -> bytes:
     """Request line and headers. ``body_len`` None means no body (GET)."""
-    parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)]
+    parts = [_request_line(method, path, host)]
     for k, v in headers:
         parts.append(k + b": " + v + b"\r\n")
     if body_len is not None:
-        parts.append(b"content-length: %d\r\n" % body_len)
-    parts.append(b"\r\n")
+        parts.append(b"content-length: %d\r\n\r\n" % body_len)
+    else:
+        parts.append(b"\r\n")
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_line(method: str, path: str, host: bytes) -> bytes:
+    """The request line and Host header: the same few per worker, so formatted once."""
+    return b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
 
 
 class ResponseReader:

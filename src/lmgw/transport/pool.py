@@ -46,7 +46,8 @@ class Origin:
         self.host = host
         self.port = port
         self.scheme = scheme
-        self.host_header = f"{host}:{port}".encode()
+        # an IPv6 literal needs its brackets back in the Host header (RFC 9110 7.2)
+        self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.idle: list[_Conn] = []
 
     @classmethod
@@ -152,17 +153,20 @@ class ConnectionPool:
             if conn.idle_since > horizon:
                 self.stats.reuses += 1
                 return conn
-            conn.close()
-            self.stats.closed += 1
+            self._discard(conn)
         return None
+
+    def _discard(self, conn: _Conn) -> None:
+        """Close a connection for good; every close the pool makes is counted here."""
+        conn.close()
+        self.stats.closed += 1
 
     def _release(self, origin: Origin, conn: _Conn, reusable: bool) -> None:
         if reusable and not self._closed and len(origin.idle) < self.max_idle_per_origin:
             conn.idle_since = trio.current_time()
             origin.idle.append(conn)
         else:
-            conn.close()
-            self.stats.closed += 1
+            self._discard(conn)
 
     async def request(
         self,
@@ -183,8 +187,11 @@ class ConnectionPool:
             method, path, origin.host_header, headers, None if body is None else len(body)
         )
         payload = head + body if body else head
-        for _ in range(3):
-            conn = self._checkout(origin)
+        for attempt in range(2):
+            # After a stale socket, go straight to a fresh connection: the sockets below it in
+            # the stack have been idle even longer (after a worker restart all of them are
+            # dead, and retrying among them failed requests that a new connection would serve)
+            conn = self._checkout(origin) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin)
@@ -207,15 +214,8 @@ class ConnectionPool:
                             raise trio.BrokenResourceError("worker closed the connection")
                         got_bytes = True
                         reader.feed(data)
-                if scope is not None and scope.cancelled_caught:
-                    conn.close()
-                    raise UpstreamError(
-                        f"worker {origin.host}:{origin.port} sent no response within {response_timeout_s:g} s",
-                        status=504,
-                    )
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                conn.close()
-                self.stats.closed += 1
+                self._discard(conn)
                 if reused and not got_bytes:
                     self.stats.stale_retries += 1
                     continue  # the server had closed that idle socket; it never saw the request
@@ -224,11 +224,17 @@ class ConnectionPool:
                     retryable=not got_bytes and reused,
                 ) from None
             except UpstreamProtocolError as exc:
-                conn.close()
+                self._discard(conn)
                 raise UpstreamError(str(exc)) from None
-            except BaseException:
-                conn.close()
+            except BaseException:  # cancelled: closing is what aborts the request upstream
+                self._discard(conn)
                 raise
+            if scope is not None and scope.cancelled_caught:
+                self._discard(conn)
+                raise UpstreamError(
+                    f"worker {origin.host}:{origin.port} sent no response within {response_timeout_s:g} s",
+                    status=504,
+                )
             conn.requests += 1
             return Response(self, origin, conn)
         raise UpstreamError(
@@ -242,13 +248,13 @@ class ConnectionPool:
             keep = [c for c in origin.idle if c.idle_since > horizon]
             for c in origin.idle:
                 if c.idle_since <= horizon:
-                    c.close()
+                    self._discard(c)
             origin.idle[:] = keep
 
     def forget(self, origin: Origin) -> None:
         """Close and drop every idle connection to ``origin`` (worker removed or failing)."""
         for c in origin.idle:
-            c.close()
+            self._discard(c)
         origin.idle.clear()
         self._origins.discard(origin)
 
@@ -256,7 +262,7 @@ class ConnectionPool:
         self._closed = True
         for origin in self._origins:
             for c in origin.idle:
-                c.close()
+                self._discard(c)
             origin.idle.clear()
 
 
