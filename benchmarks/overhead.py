@@ -602,6 +602,31 @@ def worker_stats(ports: Sequence[int]) -> list[dict[str, int]]:
     return out
 
 
+GW_METRICS = (
+    "lmgw_requests_total",
+    "lmgw_upstream_errors_total",
+    "lmgw_retries_total",
+    "lmgw_client_disconnects_total",
+    "lmgw_worker_in_flight",
+    "lmgw_worker_healthy",
+)
+
+
+def gateway_metrics(port: int) -> dict[str, float]:
+    """The gateway's own counters that tell whether a run went cleanly (from GET /metrics)."""
+    try:
+        text = bytes(http_once(port, "GET", "/metrics", timeout=3.0).body).decode()
+    except (OSError, httptools.HttpParserError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(GW_METRICS):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
 def tcp_peers(ports: set[int]) -> set[tuple[int, int]]:
     """(local port, remote port) of every TCP socket (any state, TIME_WAIT included) whose remote
     port is one of `ports`: connections opened *to* those servers in the last minute or so."""
@@ -668,6 +693,8 @@ def measured_run(
     duration: int,
 ) -> dict[str, Any]:
     gw_tree = proc_tree(ctx["gw_pid"])
+    gw_port = ctx.get("gw_port")
+    met0 = gateway_metrics(gw_port) if gw_port else {}
     worker_pids = ctx["worker_pids"]
     stats0 = worker_stats(ctx["worker_ports"])
     peers0 = tcp_peers(set(ctx["worker_ports"]))
@@ -704,6 +731,16 @@ def measured_run(
     ]
     # new connections to the workers during the run: wrk's own (direct) or the gateway's upstream
     r["conns_to_workers"] = len(peers1 - peers0)
+    if gw_port:
+        met1 = gateway_metrics(gw_port)
+        # in flight before the run: not 0 means a leaked count (the last run ended > 0.3 s ago)
+        r["gw_in_flight_before"] = sum(v for k, v in met0.items() if "in_flight" in k)
+        r["gw_unhealthy_after"] = [k for k, v in met1.items() if "healthy" in k and v != 1]
+        r["gw_counters"] = {
+            k: v - met0.get(k, 0.0)
+            for k, v in met1.items()
+            if "_total" in k and v != met0.get(k, 0.0)
+        }
     return r
 
 
@@ -967,6 +1004,28 @@ def find_anomalies(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> lis
                         f"round {i} {sc} {target}: slowest request {run['max_us'] / 1e6:.2f} s"
                     )
             g, d = pair["gateway"], pair["direct"]
+            if g.get("gw_in_flight_before"):
+                out.append(
+                    f"round {i} {sc}: gateway reported {g['gw_in_flight_before']:.0f} requests in "
+                    "flight before the run started (leaked in-flight count?)"
+                )
+            for target, run in pair.items():
+                if run.get("gw_unhealthy_after"):
+                    out.append(
+                        f"round {i} {sc} {target}: the gateway marked workers unroutable: "
+                        f"{run['gw_unhealthy_after']}"
+                    )
+            # wrk stops with up to `conns` requests in flight: those end as 499 (client gone)
+            bad = {
+                k: v
+                for k, v in g.get("gw_counters", {}).items()
+                if "upstream_errors" in k
+                or "retries" in k
+                or ("requests_total" in k and 'status="200"' not in k and 'status="499"' not in k)
+                or ('status="499"' in k and v > conns)
+            }
+            if bad:
+                out.append(f"round {i} {sc}: gateway counters during the run: {bad}")
             if g["conns_to_workers"] > 4 * conns + 8:
                 out.append(
                     f"round {i} {sc}: gateway opened {g['conns_to_workers']} upstream connections "
@@ -1062,6 +1121,7 @@ def run_round(
     rec: dict[str, Any] = {"round": i, "attempt": attempt, "gateway_start": timing, "runs": {}}
     try:
         ctx["gw_pid"] = proc.pid
+        ctx["gw_port"] = port
         targets = {
             "direct": {
                 "url": f"{ctx['worker_urls'][0]}/v1/chat/completions",

@@ -914,11 +914,6 @@ async def test_worker_crash_before_answering_gives_502(gateway: GatewayFactory) 
     assert err["type"] == "BadGatewayError"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transport/pool.py re-sends a request whose reused connection closed before any "
-    "response byte, even when the worker had received and started it",
-)
 async def test_a_crashed_generation_is_not_sent_twice(gateway: GatewayFactory) -> None:
     gw = await gateway(1, faults={"crash_at_token": 2})
     body = {"model": MODEL, "prompt": "crash me", "max_tokens": 20}

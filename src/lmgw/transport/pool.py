@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -75,6 +76,24 @@ class _Conn:
         self.reader = ResponseReader()
         self.idle_since = 0.0
         self.requests = 0
+
+    def peer_closed(self) -> bool:
+        """Whether the worker closed this idle connection (or sent stray bytes on it).
+
+        One non-blocking peek per reuse. It is what makes resending safe to avoid: a request
+        is retried on a fresh connection only when it could not be sent, never when it may
+        have reached the worker (a POST must not run twice).
+        """
+        stream = self.stream
+        if not isinstance(stream, RawStream):
+            return False  # TLS: rely on the idle timeout
+        try:
+            stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # open and quiet: the only good state
+        except OSError:
+            return True
+        return True  # EOF, or bytes nobody asked for
 
     def close(self) -> None:
         # synchronous: safe inside a cancelled scope; trio is notified before the fd goes
@@ -151,6 +170,10 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             if conn.idle_since > horizon:
+                if conn.peer_closed():
+                    self.stats.stale_retries += 1
+                    self._discard(conn)
+                    continue
                 self.stats.reuses += 1
                 return conn
             self._discard(conn)
@@ -197,7 +220,7 @@ class ConnectionPool:
                 conn = await self._connect(origin)
             reader = conn.reader
             reader.reset()
-            got_bytes = False
+            sent = False
             try:
                 with (
                     trio.move_on_after(response_timeout_s)
@@ -206,22 +229,27 @@ class ConnectionPool:
                 ):
                     stream = conn.stream
                     await stream.send_all(payload)
-                    receive = stream.receive_reply if isinstance(stream, RawStream) else stream.receive_some
+                    sent = True
+                    receive = (
+                        stream.receive_reply
+                        if isinstance(stream, RawStream)
+                        else stream.receive_some
+                    )
                     while not reader.headers_complete:
                         data = await receive(65536)
                         receive = stream.receive_some
                         if not data:
                             raise trio.BrokenResourceError("worker closed the connection")
-                        got_bytes = True
                         reader.feed(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._discard(conn)
-                if reused and not got_bytes:
+                if reused and not sent:
                     self.stats.stale_retries += 1
-                    continue  # the server had closed that idle socket; it never saw the request
+                    continue  # the worker had closed that idle socket; it never got the request
+                # Once sent, the worker may have started on it: not ours to repeat.
                 raise UpstreamError(
                     f"worker {origin.host}:{origin.port} dropped the connection: {exc}",
-                    retryable=not got_bytes and reused,
+                    retryable=not sent,
                 ) from None
             except UpstreamProtocolError as exc:
                 self._discard(conn)
