@@ -54,6 +54,8 @@ class Gateway:
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self._cancel = trio.CancelScope()
+        self._hypercorn_stop = trio.Event()
+        self._server_done = trio.Event()
 
     # -- fleet ----------------------------------------------------------------------------
     def add_worker(self, wc: WorkerConfig) -> Worker:
@@ -96,9 +98,7 @@ class Gateway:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.monitor.run)
                     if cfg.server.server == "hypercorn":
-                        from .http.asgi import serve_hypercorn
-
-                        self.port = await nursery.start(serve_hypercorn, self.app, cfg)
+                        self.port = await nursery.start(self._run_hypercorn)
                     else:
                         lim = cfg.limits
                         self.server = HTTPServer(
@@ -126,13 +126,28 @@ class Gateway:
             finally:
                 self.pool.close()
 
+    async def _run_hypercorn(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from .http.asgi import serve_hypercorn
+
+        try:
+            await serve_hypercorn(
+                self.app, self.config, self._hypercorn_stop, task_status=task_status
+            )
+        finally:
+            self._server_done.set()
+
     async def shutdown(self) -> None:
         """Graceful stop: refuse new connections, finish requests in flight, then cancel."""
         grace = self.config.server.graceful_shutdown_s
-        if self.server is not None:
-            await self.server.drain()
-            with trio.move_on_after(grace):
+        with trio.move_on_after(grace):
+            if self.server is not None:
+                await self.server.drain()
                 await self.server.wait_idle()
+            else:  # hypercorn drains itself, bounded by the same grace period
+                self._hypercorn_stop.set()
+                await self._server_done.wait()
         self._cancel.cancel()
 
     @property

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from functools import partial
+
 import trio
 
 from ..errors import error_body
@@ -145,9 +147,16 @@ class ASGIAdapter:
 
 
 async def serve_hypercorn(
-    handler: Handler, cfg, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    handler: Handler,
+    cfg,
+    stop: trio.Event | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` with hypercorn[trio] per the gateway config; reports the bound port."""
+    """Serve ``handler`` with hypercorn[trio] per the gateway config; reports the bound port.
+
+    Setting ``stop`` shuts hypercorn down gracefully (it stops accepting and waits up to
+    ``server.graceful_shutdown_s`` for requests in flight); then this returns."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -163,7 +172,8 @@ async def serve_hypercorn(
         hc.certfile = cfg.server.certfile
         hc.keyfile = cfg.server.keyfile
     app = ASGIAdapter(handler, cfg.limits.max_body_bytes)
+    trigger = stop.wait if stop is not None else None
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, app, hc)
+        binds = await nursery.start(partial(serve, shutdown_trigger=trigger), app, hc)
         port = int(binds[0].rsplit(":", 1)[1])
         task_status.started(port)
