@@ -111,7 +111,9 @@ class Gateway:
                                 keepalive_timeout_s=lim.keepalive_timeout_s,
                                 max_connections=lim.max_connections,
                                 backlog=cfg.server.backlog,
+                                request_timeout_s=lim.request_timeout_s,
                             ),
+                            self.app.on_timeout,
                         )
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port

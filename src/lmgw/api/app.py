@@ -26,6 +26,10 @@ class App:
             "/metrics": {"GET": self.ops.metrics},
         }
 
+    async def on_timeout(self, req: Request, responder: Responder) -> None:
+        """The server's deadline hook (see :data:`lmgw.http.types.TimeoutHandler`)."""
+        await self.openai.on_timeout(req, responder)
+
     def route(self, path: str, methods: dict[str, Endpoint]) -> None:
         """Add or extend a route (used by later API modules and SDK extensions)."""
         self.routes.setdefault(path, {}).update(methods)

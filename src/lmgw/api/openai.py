@@ -145,7 +145,7 @@ class OpenAIAPI:
 
     async def _generate(self, req: Request, responder: Responder, endpoint: str, path: str) -> None:
         t0 = trio.current_time()
-        rid = self._request_id(req)
+        rid = req.request_id = self._request_id(req)
         model = "-"
         status = 200
         try:
@@ -164,16 +164,9 @@ class OpenAIAPI:
                 self._forward_headers(req, rid),
                 t0,
             )
-            with trio.move_on_after(self.request_timeout_s or float("inf")) as deadline:
-                await self.gw.pipeline.run(greq, responder)
-            if deadline.cancelled_caught:
-                status = 504
-                msg = f"request {rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
-                if responder.started:
-                    await responder.send(sse_error_event(504, msg))
-                    await responder.end()
-                else:
-                    await send_error(responder, GatewayError(504, msg), rid)
+            # The deadline (limits.request_timeout_s) is the server's: it cancels this handler
+            # and calls on_timeout() to answer (no cancel scope per request: see http/server.py).
+            await self.gw.pipeline.run(greq, responder)
         except GatewayError as exc:
             status = exc.status
             if responder.started:
@@ -182,14 +175,27 @@ class OpenAIAPI:
             else:
                 await send_error(responder, exc, rid)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
-            # Cancelled: the server saw the client go; Broken/Closed: a write to it failed first.
-            # (A deadline's cancellation is caught by its own scope above and never gets here.)
-            status = 499
-            self.metrics.disconnects.inc((endpoint,))
+            # Cancelled: the client went away, or the deadline passed (the server answers that
+            # one through on_timeout); Broken/Closed: a write to the client failed first.
+            if req.deadline_exceeded:
+                status = 504
+            else:
+                status = 499
+                self.metrics.disconnects.inc((endpoint,))
             raise
         finally:
             self.metrics.requests.inc((endpoint, model, str(status)))
             self.metrics.e2e.observe((endpoint, model), trio.current_time() - t0)
+
+    async def on_timeout(self, req: Request, responder: Responder) -> None:
+        """Answer a request the server cancelled at the deadline: 504, or an SSE error event
+        and ``[DONE]`` when the stream had already started."""
+        msg = f"request {req.request_id or ''} exceeded the gateway deadline of {self.request_timeout_s:g} s"
+        if responder.started:
+            await responder.send(sse_error_event(504, msg))
+            await responder.end()
+        else:
+            await send_error(responder, GatewayError(504, msg), req.request_id)
 
     async def models(self, req: Request, responder: Responder) -> None:
         created = int(self.gw.started_at)

@@ -7,14 +7,13 @@ handler exactly as the native server does, so cancellation reaches the workers e
 
 from __future__ import annotations
 
-from typing import Any
-
 from functools import partial
+from typing import Any
 
 import trio
 
 from ..errors import error_body
-from .types import Handler, Headers, Request
+from .types import Handler, Headers, Request, TimeoutHandler
 
 Scope = dict[str, Any]
 
@@ -75,9 +74,18 @@ class _ASGIResponder:
 class ASGIAdapter:
     """Wraps a :data:`~lmgw.http.types.Handler` as an ASGI 3 application."""
 
-    def __init__(self, handler: Handler, max_body_bytes: int = 32 << 20) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_body_bytes: int = 32 << 20,
+        request_timeout_s: float = 0.0,
+        on_timeout: TimeoutHandler | None = None,
+    ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        #: whole-request deadline (0: none); answered by ``on_timeout`` like the native server
+        self.request_timeout_s = request_timeout_s
+        self.on_timeout = on_timeout
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         kind = scope["type"]
@@ -118,12 +126,16 @@ class ASGIAdapter:
         responder = _ASGIResponder(send)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder)
+            if self.request_timeout_s:
+                nursery.start_soon(self._deadline, req, nursery.cancel_scope)
             try:
                 await self.handler(req, responder)
             finally:
                 nursery.cancel_scope.cancel()
         if responder.client_gone:
             return  # nobody to answer
+        if req.deadline_exceeded and self.on_timeout is not None and not responder.finished:
+            await self.on_timeout(req, responder)
         if not responder.started:
             await responder.send_full(
                 500,
@@ -132,6 +144,11 @@ class ASGIAdapter:
             )
         elif not responder.finished:
             await responder.end()
+
+    async def _deadline(self, req: Request, scope: trio.CancelScope) -> None:
+        await trio.sleep(self.request_timeout_s)
+        req.deadline_exceeded = True
+        scope.cancel()
 
     @staticmethod
     async def _watch_disconnect(
@@ -171,7 +188,12 @@ async def serve_hypercorn(
     if cfg.server.certfile:
         hc.certfile = cfg.server.certfile
         hc.keyfile = cfg.server.keyfile
-    app = ASGIAdapter(handler, cfg.limits.max_body_bytes)
+    app = ASGIAdapter(
+        handler,
+        cfg.limits.max_body_bytes,
+        cfg.limits.request_timeout_s,
+        getattr(handler, "on_timeout", None),
+    )
     trigger = stop.wait if stop is not None else None
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, shutdown_trigger=trigger), app, hc)

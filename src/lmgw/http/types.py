@@ -17,7 +17,18 @@ Headers = list[tuple[bytes, bytes]]
 class Request:
     """A fully received HTTP request. Header names are lower-case bytes; the body is complete."""
 
-    __slots__ = ("body", "client", "headers", "http10", "keep_alive", "method", "path", "query")
+    __slots__ = (
+        "body",
+        "client",
+        "deadline_exceeded",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "request_id",
+    )
 
     def __init__(
         self,
@@ -38,6 +49,10 @@ class Request:
         self.keep_alive = keep_alive
         self.client = client
         self.http10 = http10
+        #: set by the handler once it knows the request's id (used in timeout answers)
+        self.request_id: str | None = None
+        #: set by the server before it cancels a handler that ran past the request deadline
+        self.deadline_exceeded = False
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case bytes), or None. Linear: headers are few."""
@@ -70,6 +85,10 @@ class Responder(Protocol):
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
+
+#: Answers a request whose handler was cancelled at the deadline (``request.deadline_exceeded``):
+#: an error response if none started, else whatever ends the started stream honestly.
+TimeoutHandler = Callable[[Request, Responder], Awaitable[None]]
 
 
 class AbortResponse(Exception):
