@@ -22,7 +22,7 @@ comparable (timings on a small shared box drift between runs; compare only figur
     upstream connections the gateway opened.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--rounds 3] [--duration 4] [--layout none]
-        [--ttft-n 60] [--startup-spawns 3] [--retries 1] [--nice N] [--out PATH]
+        [--ttft-n 60] [--startup-spawns 3] [--retries 2] [--nice N] [--out PATH]
 
 A worker or gateway that dies mid-round fails that round: the dead worker is restarted and the
 round re-run (--retries), and the death is listed under "ANOMALIES" and in the JSON.
@@ -1189,7 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--startup-spawns", type=int, default=3)
     ap.add_argument("--layout", choices=("pinned", "none"), default="pinned")
     ap.add_argument(
-        "--retries", type=int, default=1, help="re-run a failed round this often (default 1)"
+        "--retries", type=int, default=2, help="re-run a failed round this often (default 2)"
     )
     ap.add_argument(
         "--nice",
@@ -1293,7 +1293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except (OSError, httptools.HttpParserError, BenchError, ValueError, KeyError):
                     err = traceback.format_exc()
                     dead = dead_workers(ctx)
-                    log(f"round {i} attempt {attempt} FAILED (dead: {dead or 'none'}):\n{err}")
+                    last = err.strip().splitlines()[-1]
+                    log(f"round {i} attempt {attempt} FAILED (dead: {dead or 'none'}): {last}")
                     failed.append(
                         {"round": i, "attempt": attempt, "dead_workers": dead, "error": err}
                     )

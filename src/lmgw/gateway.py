@@ -34,7 +34,9 @@ class Gateway:
         self.config = config
         self.started_at = time.time()
         self.request_id_prefix = os.urandom(4).hex()
-        self.metrics = Metrics(in_flight=self._in_flight_samples)
+        self.metrics = Metrics(
+            in_flight=self._in_flight_samples, worker_requests=self._worker_request_samples
+        )
         self.registry = Registry()
         self.registry.subscribe(self._on_worker_change)
         up = config.upstream
@@ -85,6 +87,10 @@ class Gateway:
     def _in_flight_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for w in self.registry:
             yield (w.role, w.id), w.in_flight
+
+    def _worker_request_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for w in self.registry:
+            yield (w.role, w.id), w.total_requests
 
     def _on_worker_change(self, worker: Worker) -> None:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)

@@ -51,9 +51,19 @@ def _num(v: float) -> str:
 
 
 class Counter:
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+    """A counter, incremented directly or read from a callback at scrape time (for counts the
+    code keeps anyway, such as a worker's request total: no second increment per request)."""
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labels: tuple[str, ...] = (),
+        collect: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+    ) -> None:
         self.name, self.help, self.labelnames = name, help, labels
         self.values: dict[tuple[str, ...], float] = {}
+        self.collect = collect
 
     def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
         v = self.values
@@ -62,7 +72,8 @@ class Counter:
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} counter"
-        for lv, v in sorted(self.values.items()):
+        items = list(self.collect()) if self.collect else sorted(self.values.items())
+        for lv, v in items:
             yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
 
 
@@ -129,7 +140,9 @@ class Metrics:
     """The gateway's metric set. One instance per Gateway (no module-level state)."""
 
     def __init__(
-        self, in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None
+        self,
+        in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+        worker_requests: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
     ) -> None:
         self.requests = Counter(
             "lmgw_requests_total",
@@ -157,7 +170,10 @@ class Metrics:
             ("role",),
         )
         self.worker_requests = Counter(
-            "lmgw_worker_requests_total", "Requests dispatched to each worker.", ("role", "worker")
+            "lmgw_worker_requests_total",
+            "Requests dispatched to each worker.",
+            ("role", "worker"),
+            collect=worker_requests,
         )
         self.disconnects = Counter(
             "lmgw_client_disconnects_total",

@@ -52,6 +52,9 @@ _decoders = {
     "chat": msgspec.json.Decoder(ChatView),
     "completions": msgspec.json.Decoder(CompletionView),
 }
+_JSON_CT = (b"content-type", b"application/json")
+#: client headers passed on to workers besides the request id and authorization
+_FORWARDED = frozenset({b"traceparent", b"tracestate", b"x-data-parallel-rank"})
 _PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
@@ -104,24 +107,33 @@ class OpenAIAPI:
         self._rid_prefix = gateway.request_id_prefix
         self._rid_counter = 0
 
-    def _request_id(self, req: Request) -> str:
-        rid = req.header(b"x-request-id")
-        if rid and len(rid) <= 256 and rid.isascii():  # ASCII: forwarded and echoed as sent
-            text = rid.decode("ascii")
-            if text.isprintable():
-                return text
-        self._rid_counter += 1
-        return f"{self._rid_prefix}-{self._rid_counter:x}"
-
-    def _forward_headers(self, req: Request, rid: str) -> list[tuple[bytes, bytes]]:
-        out = [(b"x-request-id", rid.encode())]
-        auth = self.upstream_auth or req.header(b"authorization")
-        if auth:
-            out.append((b"authorization", auth))
+    def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
+        """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
+        256 characters, else a new one) and the headers every stage request carries, in one
+        pass over the client's headers."""
+        rid = None
+        auth = self.upstream_auth
+        client_auth = None
+        trace: list[tuple[bytes, bytes]] | None = None
         for k, v in req.headers:
-            if k in (b"traceparent", b"tracestate", b"x-data-parallel-rank"):
-                out.append((k, v))
-        return out
+            if k == b"x-request-id":
+                if rid is None and len(v) <= 256 and v.isascii():  # forwarded/echoed as sent
+                    text = v.decode("ascii")
+                    if text.isprintable() and text:
+                        rid = text
+            elif k == b"authorization":
+                client_auth = v
+            elif k in _FORWARDED:
+                (trace := trace or []).append((k, v))
+        if rid is None:
+            self._rid_counter += 1
+            rid = f"{self._rid_prefix}-{self._rid_counter:x}"
+        out = [_JSON_CT, (b"x-request-id", rid.encode())]
+        if auth or client_auth:
+            out.append((b"authorization", auth or client_auth))
+        if trace:
+            out.extend(trace)
+        return rid, out
 
     def _resolve_model(self, model: str | None) -> str:
         gw = self.gw
@@ -138,14 +150,18 @@ class OpenAIAPI:
         return canonical
 
     async def chat(self, req: Request, responder: Responder) -> None:
-        await self._generate(req, responder, "chat", "/v1/chat/completions")
+        await self.generate(req, responder, endpoint="chat", path="/v1/chat/completions")
 
     async def completions(self, req: Request, responder: Responder) -> None:
-        await self._generate(req, responder, "completions", "/v1/completions")
+        await self.generate(req, responder, endpoint="completions", path="/v1/completions")
 
-    async def _generate(self, req: Request, responder: Responder, endpoint: str, path: str) -> None:
+    async def generate(
+        self, req: Request, responder: Responder, *, endpoint: str, path: str
+    ) -> None:
+        """Chat or completion (``endpoint``), relayed to the worker's ``path``."""
         t0 = trio.current_time()
-        rid = req.request_id = self._request_id(req)
+        rid, forward = self._identify(req)
+        req.request_id = rid
         model = "-"
         status = 200
         try:
@@ -161,7 +177,7 @@ class OpenAIAPI:
                 bool(view.stream),
                 body,
                 rid,
-                self._forward_headers(req, rid),
+                forward,
                 t0,
             )
             # The deadline (limits.request_timeout_s) is the server's: it cancels this handler

@@ -57,12 +57,10 @@ class Pipeline:
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
+        """Run the request's flow. Only ``pd`` (one merged stage) exists so far."""
         flow = self.flows.get(greq.model, "pd")
         if flow != "pd":
             raise GatewayError(501, f"flow {flow!r} of model {greq.model!r} is not implemented yet")
-        await self._run_merged(greq, responder)
-
-    async def _run_merged(self, greq: GatewayRequest, responder: Responder) -> None:
         role = "pd"
         ctx = RouteContext(greq.model, greq.request_id)
         worker = self._pick(greq, role, ctx)
@@ -94,12 +92,18 @@ class Pipeline:
         """Run one merged stage on ``worker``. Returns the error when the caller should retry
         on another worker (only before anything reached the client), else None."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
-        registry.acquire(worker)
+        registry.acquire(worker)  # also counts lmgw_worker_requests_total
         policy.on_dispatch(worker, ctx)
-        metrics.worker_requests.inc((role, worker.id))
         ok = False
         try:
-            resp = await openai_http.send_stage(self.pool, worker, greq, self.response_timeout_s)
+            resp = await self.pool.request(
+                worker.origin,
+                "POST",
+                greq.path,
+                greq.forward_headers,
+                greq.body,
+                response_timeout_s=self.response_timeout_s,
+            )
             try:
                 if resp.status >= 400:
                     err = await openai_http.read_error(resp, worker)

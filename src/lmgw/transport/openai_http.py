@@ -10,26 +10,14 @@ import msgspec
 
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
-from ..pipeline.request import GatewayRequest
 from ..workers.worker import Worker
-from .pool import ConnectionPool, Response, UpstreamError
+from .pool import Response, UpstreamError
 from .sse import split_complete
 
-_JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 ]
-
-
-async def send_stage(
-    pool: ConnectionPool, worker: Worker, greq: GatewayRequest, response_timeout_s: float
-) -> Response:
-    """POST the request body to the worker; return when its response head arrives."""
-    headers = [_JSON, *greq.forward_headers]
-    return await pool.request(
-        worker.origin, "POST", greq.path, headers, greq.body, response_timeout_s=response_timeout_s
-    )
 
 
 def worker_error(worker: Worker, status: int, body: bytes) -> GatewayError:
@@ -68,7 +56,9 @@ async def read_error(resp: Response, worker: Worker) -> GatewayError:
 
 async def relay_json(resp: Response, responder: Responder, request_id: bytes) -> None:
     """Relay a complete non-streamed response."""
-    body = await resp.read_all()
+    body = resp.take_complete_body()  # usually all there with the head: no await
+    if body is None:
+        body = await resp.read_all()
     ctype = resp.content_type or b"application/json"
     await responder.send_full(
         resp.status, [(b"content-type", ctype), (b"x-request-id", request_id)], body
