@@ -50,56 +50,44 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
-class Counter:
-    """A counter, incremented directly or read from a callback at scrape time (for counts the
-    code keeps anyway, such as a worker's request total: no second increment per request)."""
+Samples = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
+
+
+class _Scalar:
+    """A counter or gauge: values kept here, or read from ``collect`` at scrape time (for
+    numbers the code keeps anyway, such as a worker's request total: no second update per
+    request)."""
+
+    kind = "untyped"
 
     def __init__(
-        self,
-        name: str,
-        help: str,
-        labels: tuple[str, ...] = (),
-        collect: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+        self, name: str, help: str, labels: tuple[str, ...] = (), collect: Samples | None = None
     ) -> None:
         self.name, self.help, self.labelnames = name, help, labels
         self.values: dict[tuple[str, ...], float] = {}
         self.collect = collect
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        items = list(self.collect()) if self.collect else sorted(self.values.items())
+        for lv, v in items:
+            yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
+
+
+class Counter(_Scalar):
+    kind = "counter"
 
     def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
         v = self.values
         v[labels] = v.get(labels, 0.0) + amount
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        items = list(self.collect()) if self.collect else sorted(self.values.items())
-        for lv, v in items:
-            yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
 
-
-class Gauge:
-    """A gauge whose values are set directly or read from a callback at scrape time."""
-
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        labels: tuple[str, ...] = (),
-        collect: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
-    ) -> None:
-        self.name, self.help, self.labelnames = name, help, labels
-        self.values: dict[tuple[str, ...], float] = {}
-        self.collect = collect
+class Gauge(_Scalar):
+    kind = "gauge"
 
     def set(self, labels: tuple[str, ...], value: float) -> None:
         self.values[labels] = value
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        items = list(self.collect()) if self.collect else sorted(self.values.items())
-        for lv, v in items:
-            yield f"{self.name}{_labels(self.labelnames, lv)} {_num(v)}"
 
 
 class Histogram:
@@ -141,8 +129,8 @@ class Metrics:
 
     def __init__(
         self,
-        in_flight: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
-        worker_requests: Callable[[], Iterable[tuple[tuple[str, ...], float]]] | None = None,
+        in_flight: Samples | None = None,
+        worker_requests: Samples | None = None,
     ) -> None:
         self.requests = Counter(
             "lmgw_requests_total",

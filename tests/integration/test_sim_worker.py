@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 import trio
+from gateway_support import RawResponse, http_request, request_bytes
+
 from lmgw.simulators import (
     Fleet,
     FleetError,
@@ -28,91 +30,13 @@ MODEL = "sim-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 
-# -- a tiny HTTP/1.1 client ---------------------------------------------------------------------
-
-
-class Response(msgspec.Struct):
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    complete: bool = True
-
-    def json(self) -> Any:
-        return msgspec.json.decode(self.body)
-
-    def events(self) -> list[Any]:
-        """SSE events: decoded JSON, or the string "[DONE]"; asserts vLLM's exact framing."""
-        assert self.headers["content-type"].startswith("text/event-stream")
-        assert self.body.endswith(b"\n\n")
-        out: list[Any] = []
-        for raw in self.body[:-2].split(b"\n\n"):
-            assert raw.startswith(b"data: ") and b"\n" not in raw
-            payload = raw[6:]
-            out.append("[DONE]" if payload == b"[DONE]" else msgspec.json.decode(payload))
-        return out
-
-
-def _request_bytes(
-    url: str,
-    method: str,
-    path: str,
-    body: Any,
-    headers: dict[str, str] | None,
-    *,
-    close: bool = True,
-) -> bytes:
-    data = b"" if body is None else body if isinstance(body, bytes) else msgspec.json.encode(body)
-    host = urlsplit(url).netloc
-    lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
-    if close:
-        lines.append("connection: close")
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if body is not None:
-        lines += ["content-type: application/json", f"content-length: {len(data)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
-
-
-def _dechunk(data: bytes) -> tuple[bytes, bool]:
-    """Decoded chunked body, and whether it ended with the last-chunk (a dropped connection
-    leaves it truncated)."""
-    out = bytearray()
-    while True:
-        size_line, sep, rest = data.partition(b"\r\n")
-        if not sep or not size_line:
-            return bytes(out), False
-        size = int(size_line, 16)
-        if size == 0:
-            return bytes(out), True
-        out += rest[:size]
-        if len(rest) < size + 2:
-            return bytes(out), False
-        data = rest[size + 2 :]
+# the raw HTTP/1.1 client shared with the gateway tests
 
 
 async def http(
-    url: str,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    parts = urlsplit(url)
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    async with stream:
-        await stream.send_all(_request_bytes(url, method, path, body, headers))
-        raw = bytearray()
-        while chunk := await stream.receive_some(65536):
-            raw += chunk
-    head, _, payload = bytes(raw).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    hdrs = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    complete = True
-    if hdrs.get("transfer-encoding") == "chunked":
-        payload, complete = _dechunk(payload)
-    elif "content-length" in hdrs:
-        complete = len(payload) == int(hdrs["content-length"])
-    return Response(status, hdrs, payload, complete)
+    url: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> RawResponse:
+    return await http_request(url, method, path, body, headers)
 
 
 async def start_worker(nursery: trio.Nursery, **options: Any) -> tuple[SimWorker, str]:
@@ -329,7 +253,7 @@ async def test_sim_stats_records_ids_and_headers(sim: tuple[SimWorker, str]) -> 
 async def _open_stream(url: str, body: Any, *, close: bool) -> trio.SocketStream:
     parts = urlsplit(url)
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    request = _request_bytes(
+    request = request_bytes(
         url, "POST", "/v1/chat/completions", body, {"x-request-id": "gone"}, close=close
     )
     await stream.send_all(request)
