@@ -1082,7 +1082,7 @@ def git_info() -> dict[str, Any]:
     return {
         "commit": git("rev-parse", "--short", "HEAD") or "unknown",
         "dirty": bool(dirty),
-        "modified": [line[3:] for line in dirty.splitlines()],
+        "modified": [line.split(maxsplit=1)[-1] for line in dirty.splitlines()],
     }
 
 
@@ -1244,7 +1244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout_text = "no pinning" + (" (fewer than 2 CPUs)" if args.layout == "pinned" else "")
 
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["LMGW_LOG_LEVEL"] = env.get("LMGW_LOG_LEVEL", "warning")
     children = Children(env)
     lua = LOG_DIR / "wrk_bodies.lua"
     lua.write_text(WRK_LUA)
@@ -1313,9 +1312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"FAILED:\n{traceback.format_exc()}")
         status = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        # a second Ctrl-C or SIGTERM must not cut the cleanup short
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         children.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     meta["runtime_s"] = round(time.perf_counter() - t_start, 1)
     meta["complete"] = status == 0

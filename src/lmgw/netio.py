@@ -75,6 +75,8 @@ class RawStream:
     async def receive_reply(self, max_bytes: int = 65536) -> bytes:
         """Like :meth:`receive_some`, but waits for readability first: for a read that right
         after our own send cannot have data yet (saves a failing recv and its exception)."""
+        if self.closed:  # never wait on a closed fd: trio would register fd -1 for good
+            raise trio.ClosedResourceError("the socket was closed")
         await wait_readable(self.socket)
         return await self.receive_some(max_bytes)
 

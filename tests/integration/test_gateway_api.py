@@ -611,7 +611,9 @@ async def test_last_worker_failure_reaches_the_client(gateway: GatewayFactory) -
     await gw.sims[0].stop()
     err = assert_error_body(await gw.request("POST", "/v1/chat/completions", CHAT), 502)
     # a pooled socket to it may still be tried first: either way the client hears it is gone
-    assert "cannot connect" in err["message"] or "no longer accepts connections" in err["message"], err
+    assert (
+        "cannot connect" in err["message"] or "no longer accepts connections" in err["message"]
+    ), err
 
 
 async def test_model_alias_reaches_the_worker_as_its_name(gateway: GatewayFactory) -> None:

@@ -362,13 +362,15 @@ class HTTPServer:
             with scope:
                 sock = c.stream.socket
                 while True:
+                    # The connection may have closed its socket before this task first ran
+                    # (spawned in the same tick). Never wait on a closed socket: trio would
+                    # register fd -1, and every later wait on fd -1 raises BusyResourceError.
+                    # No checkpoint between this check and the registration below.
+                    if c.stream.closed or sock.fileno() < 0:
+                        return
                     try:
                         await trio.lowlevel.wait_readable(sock)
-                    except (OSError, ValueError, trio.ClosedResourceError):
-                        # the connection closed its socket before this task first ran (it
-                        # was spawned in the same tick): wait_readable on fd -1 raises
-                        # ValueError even in a cancelled scope, and must not reach the
-                        # server's nursery
+                    except (OSError, ValueError, trio.ClosedResourceError, trio.BusyResourceError):
                         return
                     try:
                         peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
