@@ -50,35 +50,45 @@ class RawStream:
         sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
         return cls(sock)
 
-    async def _maybe_yield(self) -> None:
-        self._fast += 1
-        if self._fast >= CHECKPOINT_EVERY:
-            self._fast = 0
-            await cancel_shielded_checkpoint()  # yield, but never lose data read already
-
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Bytes from the peer; b"" at EOF. Raises BrokenResourceError on a reset."""
         sock = self.socket
-        while True:
-            try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                await wait_readable(sock)
-                continue
-            except _BROKEN as exc:
-                raise trio.BrokenResourceError(str(exc)) from None
-            except OSError as exc:
-                raise self._translate(exc) from None
-            await self._maybe_yield()
-            return data
+        try:
+            data = sock.recv(max_bytes)
+        except BlockingIOError:
+            return await self._receive_after_wait(max_bytes)
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
+        except OSError as exc:
+            raise self._translate(exc) from None
+        # inline, not a helper coroutine: this runs for every read
+        fast = self._fast + 1
+        if fast >= CHECKPOINT_EVERY:
+            self._fast = 0
+            await cancel_shielded_checkpoint()  # yield, but never lose data read already
+        else:
+            self._fast = fast
+        return data
 
     async def receive_reply(self, max_bytes: int = 65536) -> bytes:
         """Like :meth:`receive_some`, but waits for readability first: for a read that right
         after our own send cannot have data yet (saves a failing recv and its exception)."""
         if self.closed:  # never wait on a closed fd: trio would register fd -1 for good
             raise trio.ClosedResourceError("the socket was closed")
-        await wait_readable(self.socket)
-        return await self.receive_some(max_bytes)
+        return await self._receive_after_wait(max_bytes)
+
+    async def _receive_after_wait(self, max_bytes: int) -> bytes:
+        sock = self.socket
+        while True:
+            await wait_readable(sock)  # a real yield to the scheduler: no checkpoint due
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                continue  # spurious wake-up
+            except _BROKEN as exc:
+                raise trio.BrokenResourceError(str(exc)) from None
+            except OSError as exc:
+                raise self._translate(exc) from None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
@@ -91,7 +101,12 @@ class RawStream:
         except OSError as exc:
             raise self._translate(exc) from None
         if sent == len(data):
-            await self._maybe_yield()
+            fast = self._fast + 1
+            if fast >= CHECKPOINT_EVERY:
+                self._fast = 0
+                await cancel_shielded_checkpoint()
+            else:
+                self._fast = fast
             return
         view = memoryview(data)[sent:]
         with view:

@@ -72,23 +72,29 @@ async def relay_sse(resp: Response, responder: Responder, request_id: bytes, on_
     itself does for engine errors; the client never sees a silently truncated stream.
     """
     await responder.start(200, [*_SSE_HEADERS, (b"x-request-id", request_id)])
+    send = responder.send
+    read = resp.read_chunk
     pending = b""
-    first = True
     try:
-        while chunk := await resp.read_chunk():
-            if first:
-                first = False
-                on_first_byte()
+        chunk = await read()
+        if chunk:
+            on_first_byte()
+        while chunk:
+            if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
+                await send(chunk)
+                chunk = await read()
+                continue
             data = pending + chunk if pending else chunk
             cut = split_complete(data)
             if cut == len(data):
                 pending = b""
-                await responder.send(data)
+                await send(data)
             elif cut:
                 pending = data[cut:]
-                await responder.send(data[:cut])
+                await send(data[:cut])
             else:
                 pending = data
+            chunk = await read()
     except UpstreamError as exc:
         await responder.send(sse_error_event(502, f"worker stream failed: {exc.message}"))
         await responder.end()
