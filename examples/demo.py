@@ -124,7 +124,8 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
         list(pool.map(one, range(n_load)))
     wall = time.perf_counter() - t0
     print(
-        f"   {n_load} requests in {wall:.2f} s ({n_load / wall:.1f} req/s), prefix-cache hits: {cached} tokens"
+        f"   {n_load} requests in {wall:.2f} s ({n_load / wall:.1f} req/s),"
+        f" prefix-cache hits: {cached} tokens"
     )
     print(
         f"   TTFT ms  p50 {1000 * pct(ttfts, 0.5):7.1f}  p90 {1000 * pct(ttfts, 0.9):7.1f}"
@@ -154,7 +155,8 @@ async def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         await nursery.start(gateway.run)
         print(
-            f"gateway on {gateway.url} (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:"
+            f"gateway on {gateway.url}"
+            f" (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:"
         )
         for role, url in fleet.endpoints():
             print(f"   {role} {url}")

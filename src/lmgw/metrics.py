@@ -177,8 +177,10 @@ class Metrics:
         self.healthy = Gauge(
             "lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker")
         )
-        self._all = [self.requests, self.e2e, self.ttft, self.upstream_errors, self.retries, self.worker_requests,
-                     self.disconnects, self.in_flight, self.healthy]  # fmt: skip
+        self._all: list[Counter | Gauge | Histogram] = [
+            self.requests, self.e2e, self.ttft, self.upstream_errors, self.retries,
+            self.worker_requests, self.disconnects, self.in_flight, self.healthy,
+        ]  # fmt: skip
 
     def add(self, metric: Counter | Gauge | Histogram) -> None:
         self._all.append(metric)

@@ -63,7 +63,8 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         for role, url in fleet.endpoints():
             print(f"  worker {role:<3} {url}", flush=True)
         print(
-            f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}  (Ctrl-C to stop)",
+            f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}"
+            "  (Ctrl-C to stop)",
             flush=True,
         )
         await run_until_signal(gateway, nursery)

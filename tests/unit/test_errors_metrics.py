@@ -29,7 +29,8 @@ def test_worker_errors_keep_4xx_and_wrap_5xx() -> None:
     e = worker_error(
         W,
         400,
-        b'{"error":{"message":"max_tokens too big","type":"BadRequestError","param":"max_tokens","code":400}}',
+        b'{"error":{"message":"max_tokens too big","type":"BadRequestError",'
+        b'"param":"max_tokens","code":400}}',
     )
     assert (e.status, e.message, e.param) == (400, "max_tokens too big", "max_tokens")
     old_style = worker_error(

@@ -87,5 +87,5 @@ def test_registry_rejects_duplicates() -> None:
 def test_policy_registry() -> None:
     assert {"round_robin", "least_load"} <= set(available())
     assert isinstance(make_policy("round_robin"), RoundRobin)
-    with pytest.raises(UnknownPolicy, match="available: .*round_robin"):
+    with pytest.raises(UnknownPolicy, match=r"available: .*round_robin"):
         make_policy("nope")

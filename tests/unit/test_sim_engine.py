@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from lmgw.simulators.engine import (
     IM_START_ID,
     MAX_NATURAL_TOKENS,

@@ -1,5 +1,7 @@
 """The SSE relay cuts at event boundaries: never half an event, never a lost byte."""
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,7 +44,7 @@ def test_examples() -> None:
 def test_any_split_reassembles_and_writes_whole_events(evs: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(evs)
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(points, points[1:], strict=False)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
     writes = relay(chunks)
     assert b"".join(writes) == stream
     for w in writes:  # every write ends on an event boundary

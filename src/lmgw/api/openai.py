@@ -8,6 +8,7 @@ pass through untouched (STYLE.md §4, "decode only what you use").
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated
 
 import msgspec
@@ -53,6 +54,7 @@ _decoders = {
     "completions": msgspec.json.Decoder(CompletionView),
 }
 _JSON_CT = (b"content-type", b"application/json")
+_now = time.perf_counter
 #: client headers passed on to workers besides the request id and authorization
 _FORWARDED = frozenset({b"traceparent", b"tracestate", b"x-data-parallel-rank"})
 _PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
@@ -106,6 +108,8 @@ class OpenAIAPI:
         )
         self._rid_prefix = gateway.request_id_prefix
         self._rid_counter = 0
+        self._models: dict[str, str] = {}
+        self._models_generation = -1
 
     def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
@@ -144,9 +148,18 @@ class OpenAIAPI:
             raise GatewayError(
                 400, "model is required when the gateway serves several models", param="model"
             )
-        canonical = gw.model_aliases.get(model, model)
-        if not gw.knows_model(canonical):
-            raise GatewayError(404, f"The model `{model}` does not exist.", param="model")
+        # asked on every request: answers cached until the fleet changes
+        cache = self._models
+        if self._models_generation != gw.registry.generation:
+            cache.clear()
+            self._models_generation = gw.registry.generation
+        canonical = cache.get(model)
+        if canonical is None:
+            canonical = gw.model_aliases.get(model, model)
+            if not gw.knows_model(canonical):
+                raise GatewayError(404, f"The model `{model}` does not exist.", param="model")
+            if len(cache) < 4096:  # bounded: names come from clients
+                cache[model] = canonical
         return canonical
 
     async def chat(self, req: Request, responder: Responder) -> None:
@@ -159,7 +172,7 @@ class OpenAIAPI:
         self, req: Request, responder: Responder, *, endpoint: str, path: str
     ) -> None:
         """Chat or completion (``endpoint``), relayed to the worker's ``path``."""
-        t0 = trio.current_time()
+        t0 = _now()
         rid, forward = self._identify(req)
         req.request_id = rid
         model = "-"
@@ -201,12 +214,15 @@ class OpenAIAPI:
             raise
         finally:
             self.metrics.requests.inc((endpoint, model, str(status)))
-            self.metrics.e2e.observe((endpoint, model), trio.current_time() - t0)
+            self.metrics.e2e.observe((endpoint, model), _now() - t0)
 
     async def on_timeout(self, req: Request, responder: Responder) -> None:
         """Answer a request the server cancelled at the deadline: 504, or an SSE error event
         and ``[DONE]`` when the stream had already started."""
-        msg = f"request {req.request_id or ''} exceeded the gateway deadline of {self.request_timeout_s:g} s"
+        msg = (
+            f"request {req.request_id or ''} exceeded the gateway deadline"
+            f" of {self.request_timeout_s:g} s"
+        )
         if responder.started:
             await responder.send(sse_error_event(504, msg))
             await responder.end()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
-
-import trio
 
 from ..config import GatewayConfig
 from ..errors import GatewayError
@@ -138,4 +137,4 @@ class Pipeline:
         return None
 
     def _first_byte(self, greq: GatewayRequest) -> None:
-        self.metrics.ttft.observe((greq.model,), trio.current_time() - greq.t_start)
+        self.metrics.ttft.observe((greq.model,), time.perf_counter() - greq.t_start)

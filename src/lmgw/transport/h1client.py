@@ -89,10 +89,7 @@ class ResponseReader:
 
     @property
     def _read_until_close(self) -> bool:
-        for k, _ in self.headers:
-            if k in (b"content-length", b"transfer-encoding"):
-                return False
-        return True
+        return all(k not in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
 
     def take_body(self) -> bytes:
         """All body bytes parsed so far (and forget them)."""

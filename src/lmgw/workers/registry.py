@@ -2,9 +2,9 @@
 
 Readers ask :meth:`Registry.candidates` for the routable workers of a (model, role); the answer
 is a tuple cached until membership or state changes, so a request never rebuilds or scans the
-fleet (ANCHORS.md complaint 22). Load accounting goes through :meth:`acquire` and :meth:`release`, called
-around a dispatch with ``try/finally``, so success, error and cancellation all release the
-in-flight count the same way.
+fleet (ANCHORS.md complaint 22). Load accounting goes through :meth:`acquire` and
+:meth:`release`, called around a dispatch with ``try/finally``, so success, error and
+cancellation all release the in-flight count the same way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A worker as the gateway sees it: identity, role, models, state and live load.
 
-Only the ``workers`` package writes these fields (state through :class:`~lmgw.workers.registry.Registry`,
-load through its leases); routing and the pipeline read them.
+Only the ``workers`` package writes these fields (state and load through
+:class:`~lmgw.workers.registry.Registry`); routing and the pipeline read them.
 """
 
 from __future__ import annotations
