@@ -23,6 +23,7 @@ test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: build
+	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/hashring.py
 
