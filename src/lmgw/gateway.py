@@ -8,11 +8,13 @@ and the server is listening; cancelling the nursery stops everything (no task ou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Iterable
 
+import msgspec
 import trio
 
 from .api.app import App
@@ -27,6 +29,15 @@ from .workers.registry import Registry
 from .workers.worker import Worker
 
 log = logging.getLogger("lmgw")
+
+
+def server_limits(cfg: GatewayConfig) -> ServerLimits:
+    """The server's limits from ``limits.*`` (same names) and ``server.backlog``."""
+    names = {f.name for f in dataclasses.fields(ServerLimits)}
+    given = msgspec.structs.asdict(cfg.limits)
+    return ServerLimits(
+        **{k: v for k, v in given.items() if k in names}, backlog=cfg.server.backlog
+    )
 
 
 class Gateway:
@@ -106,21 +117,7 @@ class Gateway:
                     if cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn)
                     else:
-                        lim = cfg.limits
-                        self.server = HTTPServer(
-                            self.app,
-                            ServerLimits(
-                                max_header_bytes=lim.max_header_bytes,
-                                max_body_bytes=lim.max_body_bytes,
-                                header_timeout_s=lim.header_timeout_s,
-                                body_timeout_s=lim.body_timeout_s,
-                                keepalive_timeout_s=lim.keepalive_timeout_s,
-                                max_connections=lim.max_connections,
-                                backlog=cfg.server.backlog,
-                                request_timeout_s=lim.request_timeout_s,
-                            ),
-                            self.app.on_timeout,
-                        )
+                        self.server = HTTPServer(self.app, server_limits(cfg), self.app.on_timeout)
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port
                         )
