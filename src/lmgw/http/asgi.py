@@ -62,12 +62,12 @@ class _ASGIResponder:
             await self._send(head)
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
-    async def end(self) -> None:
+    async def end(self, data: bytes = b"") -> None:
         if self._head is not None:
             head, self._head = self._head, None
             await self._send(head)
         self.finishing = True
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
         self.finished = True
 
 

@@ -178,14 +178,22 @@ class _Responder:
         self.started = False
         self._head = None
 
-    async def end(self) -> None:
+    async def end(self, data: bytes = b"") -> None:
         tail = b"" if (self._http10 or self._head_only) else b"0\r\n\r\n"
+        if data and not self._head_only:
+            tail = (data if self._http10 else b"%x\r\n%b\r\n" % (len(data), data)) + tail
         head = self._head
         if head is not None:
             self._head = None
             tail = head + tail
         if tail:
-            await self._stream.send_all(tail)
+            if self.broken:
+                raise trio.BrokenResourceError("an earlier write on this response was interrupted")
+            try:
+                await self._stream.send_all(tail)
+            except BaseException:
+                self.broken = True
+                raise
         self.finished = True
 
 

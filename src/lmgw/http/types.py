@@ -80,8 +80,8 @@ class Responder(Protocol):
     async def send(self, data: bytes) -> None:
         """Send one body chunk of a streamed response (empty data is ignored)."""
 
-    async def end(self) -> None:
-        """Finish a streamed response."""
+    async def end(self, data: bytes = b"") -> None:
+        """Finish a streamed response, with ``data`` as its last chunk (one write for both)."""
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]

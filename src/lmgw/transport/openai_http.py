@@ -81,6 +81,10 @@ async def relay_sse(resp: Response, responder: Responder, request_id: bytes, on_
             on_first_byte()
         while chunk:
             if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
+                if resp.complete:  # the last events: one write with the stream's end
+                    await resp.read_chunk()  # b"": hands the connection back to the pool
+                    await responder.end(chunk)
+                    return
                 await send(chunk)
                 chunk = await read()
                 continue
