@@ -144,14 +144,18 @@ class _Responder:
         if not data or self._head_only:
             return
         frame = data if self._http10 else b"%x\r\n%b\r\n" % (len(data), data)
+        await self._write(frame)
+
+    async def _write(self, data: bytes) -> None:
+        """Write ``data``, preceded by the held-back head if it is still unsent."""
         head = self._head
         if head is not None:
             self._head = None
-            frame = head + frame
+            data = head + data
         if self.broken:
             raise trio.BrokenResourceError("an earlier write on this response was interrupted")
         try:
-            await self._stream.send_all(frame)
+            await self._stream.send_all(data)
         except BaseException:
             # cancelled or failed mid-write: the client may hold a partial frame, so nothing
             # more may be written to this response (a deadline's error event included)
@@ -182,18 +186,8 @@ class _Responder:
         tail = b"" if (self._http10 or self._head_only) else b"0\r\n\r\n"
         if data and not self._head_only:
             tail = (data if self._http10 else b"%x\r\n%b\r\n" % (len(data), data)) + tail
-        head = self._head
-        if head is not None:
-            self._head = None
-            tail = head + tail
-        if tail:
-            if self.broken:
-                raise trio.BrokenResourceError("an earlier write on this response was interrupted")
-            try:
-                await self._stream.send_all(tail)
-            except BaseException:
-                self.broken = True
-                raise
+        if tail or self._head is not None:
+            await self._write(tail)
         self.finished = True
 
 
