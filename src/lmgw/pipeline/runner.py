@@ -12,18 +12,23 @@ import math
 import time
 from collections.abc import Mapping
 
-from ..config import GatewayConfig
+from ..config import ROLE_NAMES, GatewayConfig
 from ..errors import GatewayError
 from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.policy import Policy, RouteContext
 from ..transport import openai_http
+from ..transport.dialects import Dialect, get_dialect
 from ..transport.pool import ConnectionPool, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
+from .disagg import DisaggRunner
 from .request import GatewayRequest
 
 log = logging.getLogger("lmgw.pipeline")
+
+#: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
+DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
 
 
 class Pipeline:
@@ -46,27 +51,49 @@ class Pipeline:
         rt = cfg.upstream.response_timeout_s
         self.response_timeout_s = rt if rt < deadline else math.inf
         self.flows = {m.name: m.flow for m in cfg.models}
+        # models with a dialect other than plain OpenAI pass-through go through DisaggRunner
+        self.dialects: dict[str, Dialect] = {}
+        for m in cfg.models:
+            # "openai" is the default dialect name; for a split flow it means vLLM's default
+            name = DEFAULT_DIALECT[m.flow] if m.dialect == "openai" else m.dialect
+            dialect = get_dialect(name)
+            if m.flow not in dialect.flows:
+                raise ValueError(
+                    f"model {m.name!r}: dialect {m.dialect!r} cannot run flow {m.flow!r}"
+                    f" (it runs {', '.join(sorted(dialect.flows))})"
+                )
+            if name != "openai":
+                self.dialects[m.name] = dialect
+        self._default_dialect = get_dialect("vllm-nixl")
+        self.disagg = DisaggRunner(self)
 
-    def _pick(self, greq: GatewayRequest, role: str, ctx: RouteContext) -> Worker:
-        candidates = self.registry.candidates(greq.model, role)
+    def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
+        """The role's policy's choice among the routable workers of ``model``; 503 if none."""
+        candidates = self.registry.candidates(model, role)
         if not candidates:
             raise GatewayError(
-                503, f"no healthy worker available for model {greq.model!r} (role {role})"
+                503,
+                f"no healthy {ROLE_NAMES[role]} worker available for model {model!r}",
             )
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
         """Run the request's flow. Only ``pd`` (one merged stage) exists so far."""
         flow = self.flows.get(greq.model, "pd")
-        if flow != "pd":
-            raise GatewayError(501, f"flow {flow!r} of model {greq.model!r} is not implemented yet")
+        if flow != "pd" or greq.model in self.dialects:
+            dialect = self.dialects.get(greq.model) or self._default_dialect
+            await self.disagg.run(greq, responder, flow, dialect)
+            return
         role = "pd"
         ctx = RouteContext(greq.model, greq.request_id)
-        worker = self._pick(greq, role, ctx)
+        worker = self.pick(greq.model, role, ctx)
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         for attempt in range(self.max_attempts):
-            failure = await self._dispatch(greq, responder, role, worker, ctx, attempt < last)
+            failure = await self.dispatch(
+                greq, responder, role, worker, ctx, attempt < last,
+                greq.path, greq.forward_headers, greq.body,
+            )  # fmt: skip
             if failure is None:
                 return
             # A failure that cannot have started work: another worker, if there is one left;
@@ -79,7 +106,7 @@ class Pipeline:
             self.metrics.retries.inc((role,))
             log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
 
-    async def _dispatch(
+    async def dispatch(
         self,
         greq: GatewayRequest,
         responder: Responder,
@@ -87,9 +114,14 @@ class Pipeline:
         worker: Worker,
         ctx: RouteContext,
         may_retry: bool,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
     ) -> GatewayError | None:
-        """Run one merged stage on ``worker``. Returns the error when the caller should retry
-        on another worker (only before anything reached the client), else None."""
+        """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
+        when the caller should retry on another worker (only before anything reached the
+        client), else None. A decode leg (role ``d``) may be retried after any 5xx: the
+        hand-off is still valid and another decode worker can take it."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         registry.acquire(worker)  # also counts lmgw_worker_requests_total
         policy.on_dispatch(worker, ctx)
@@ -98,9 +130,9 @@ class Pipeline:
             resp = await self.pool.request(
                 worker.origin,
                 "POST",
-                greq.path,
-                greq.forward_headers,
-                greq.body,
+                path,
+                headers,
+                body,
                 response_timeout_s=self.response_timeout_s,
             )
             try:
@@ -108,7 +140,7 @@ class Pipeline:
                     err = await openai_http.read_error(resp, worker)
                     if resp.status >= 500:
                         registry.record_failure(worker, err.message, eject=False)
-                        if resp.status == 503 and may_retry:
+                        if may_retry and (resp.status == 503 or role == "d"):
                             return err
                     raise err
                 rid = greq.request_id.encode()

@@ -1,0 +1,234 @@
+"""Disaggregated flows: E -> P -> D (or E -> PD, P -> D) legs run in order, hand-offs carried.
+
+The dialect (``transport/dialects``) says what each leg sends and what its answer means; this
+module owns the I/O around it: choosing a worker per role, counting load, sending the legs,
+relaying the last one to the client, retrying a decode that failed before its first byte, and
+turning failures into errors that name the stage. It knows roles and stages, not wire formats.
+
+Ordering rules (DESIGN.md §2, PROTOCOLS.md §2-3):
+
+* encoder legs (one per media item) run concurrently and all must succeed before P;
+* vLLM dialects read P's whole answer, then build D from it; SGLang sends both at once and
+  drains P beside D (never leaving it unread, which the engine would take for an abort);
+* the client going away cancels the request's scope: legs not yet sent are never sent, legs in
+  flight have their connections closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import FLOW_ROLES
+from ..errors import GatewayError, sse_error_event
+from ..http.types import Responder
+from ..routing.policy import RouteContext
+from ..transport.dialects import (
+    BodyError,
+    ClientBody,
+    Dialect,
+    HandOff,
+    HandOffError,
+    Peer,
+    StageContext,
+    StageError,
+    StageRequest,
+)
+from ..transport.pool import UpstreamError
+from ..workers.worker import Worker
+from .request import GatewayRequest
+
+if TYPE_CHECKING:
+    from .runner import Pipeline
+
+log = logging.getLogger("lmgw.pipeline")
+
+STAGE_NAMES = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
+
+
+def _peer(worker: Worker | None) -> Peer | None:
+    return None if worker is None else Peer(worker.origin.host, worker.origin.port)
+
+
+class DisaggRunner:
+    """Runs one request through a multi-stage flow on behalf of :class:`Pipeline`."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+
+    async def run(
+        self, greq: GatewayRequest, responder: Responder, flow: str, dialect: Dialect
+    ) -> None:
+        roles = FLOW_ROLES[flow]
+        body = ClientBody(greq.body)
+        route = RouteContext(greq.model, greq.request_id)
+        p = self.p
+        prefill = p.pick(greq.model, "p", route) if "p" in roles else None
+        decode = p.pick(greq.model, "d" if "d" in roles else "pd", route)
+        ctx = StageContext(
+            request_id=greq.request_id,
+            path=greq.path,
+            headers=greq.forward_headers,
+            prefill=_peer(prefill),
+            decode=_peer(decode),
+        )
+        try:
+            if "e" in roles:
+                await self._encode(greq, body, ctx, dialect, route)
+            if prefill is None:  # e+pd: one merged leg with the original content
+                leg = dialect.decode_request(body, None, ctx)
+                await self._final(greq, responder, leg, decode, "pd", dialect, None, route)
+            elif dialect.concurrent_prefill_decode:
+                await self._concurrent(greq, responder, body, ctx, dialect, prefill, decode, route)
+            else:
+                pre = dialect.prefill_request(body, ctx)
+                status, answer = await self._leg(pre, prefill, "p", route)
+                handoff = dialect.read_prefill(pre, status, answer)
+                leg = dialect.decode_request(body, handoff, ctx)
+                await self._final(greq, responder, leg, decode, "d", dialect, handoff, route)
+        except StageError as exc:
+            raise GatewayError(
+                exc.client_status, f"{exc.stage} stage failed: {exc.message}"
+            ) from None
+        except BodyError as exc:
+            raise GatewayError(400, str(exc)) from None
+        except HandOffError as exc:  # a bug, but the client still gets an answer
+            log.error("request %s: %s", greq.request_id, exc)
+            raise GatewayError(500, f"internal hand-off error: {exc}") from None
+
+    # -- legs -------------------------------------------------------------------------------
+    async def _leg(
+        self, leg: StageRequest, worker: Worker, role: str, route: RouteContext
+    ) -> tuple[int, bytes]:
+        """Send one intermediate leg and read its whole answer (status, body)."""
+        p = self.p
+        policy = p.policies[role]
+        p.registry.acquire(worker)
+        policy.on_dispatch(worker, route)
+        ok = False
+        try:
+            resp = await p.pool.request(
+                worker.origin, "POST", leg.path, leg.headers, leg.body,
+                response_timeout_s=p.response_timeout_s,
+            )  # fmt: skip
+            try:
+                answer = await resp.read_all()
+            finally:
+                resp.release()
+            ok = resp.status < 500
+            return resp.status, answer
+        except UpstreamError as exc:
+            p.metrics.upstream_errors.inc(
+                (role, worker.id, "timeout" if exc.status == 504 else "transport")
+            )
+            p.registry.record_failure(worker, exc.message, eject=exc.retryable)
+            raise StageError(
+                STAGE_NAMES[role], exc.status, f"worker {worker.id}: {exc.message}"
+            ) from None
+        finally:
+            policy.on_finish(worker, route, ok)
+            p.registry.release(worker)
+
+    async def _encode(
+        self,
+        greq: GatewayRequest,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        route: RouteContext,
+    ) -> None:
+        legs = dialect.encode_requests(body, ctx)
+        if not legs:
+            return  # no media: the E stage is skipped
+
+        async def one(leg: StageRequest) -> None:
+            worker = self.p.pick(greq.model, "e", route)
+            status, answer = await self._leg(leg, worker, "e", route)
+            dialect.read_encode(leg, status, answer)
+
+        async with trio.open_nursery() as nursery:
+            for leg in legs:
+                nursery.start_soon(one, leg)
+
+    async def _final(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        leg: StageRequest,
+        worker: Worker,
+        role: str,
+        dialect: Dialect,
+        handoff: HandOff | None,
+        route: RouteContext,
+    ) -> None:
+        """The leg whose answer the client gets. A decode that fails before its first byte is
+        retried once on another worker of the role when the hand-off allows it."""
+        if dialect.rewrites_decode(handoff):
+            raise GatewayError(
+                501, f"{dialect.name}: merging prefill output into decode output is not wired yet"
+            )
+        p = self.p
+        attempts = 2 if (role == "pd" or dialect.decode_retry_keeps_handoff) else 1
+        tried: tuple[Worker, ...] = ()
+        for attempt in range(attempts):
+            failure = await p.dispatch(
+                greq, responder, role, worker, route, attempt + 1 < attempts,
+                leg.path, leg.headers, leg.body,
+            )  # fmt: skip
+            if failure is None:
+                return
+            tried += (worker,)
+            others = [w for w in p.registry.candidates(greq.model, role) if w not in tried]
+            if not others:
+                raise GatewayError(
+                    failure.status, f"{STAGE_NAMES[role]} stage failed: {failure.message}"
+                )
+            worker = p.policies[role].choose(others, route)
+            p.metrics.retries.inc((role,))
+            log.info(
+                "request %s: decode retried on %s after %s", greq.request_id, worker.id, failure
+            )
+
+    async def _concurrent(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        decode: Worker,
+        route: RouteContext,
+    ) -> None:
+        """SGLang: P and D at once with the room fixed up front; D relayed, P drained.
+
+        A failed prefill cancels the decode at once (it would otherwise wait on a bootstrap
+        room that never fills) and the client hears about the prefill."""
+        pre = dialect.prefill_request(body, ctx)
+        leg = dialect.decode_request(body, pre.handoff, ctx)
+        failed: list[StageError] = []
+
+        async def drain_prefill(cancel_decode: trio.CancelScope) -> None:
+            try:
+                status, answer = await self._leg(pre, prefill, "p", route)
+                dialect.read_prefill(pre, status, answer)
+            except StageError as exc:
+                failed.append(exc)
+                cancel_decode.cancel()
+
+        async with trio.open_nursery() as nursery:
+            decode_scope = trio.CancelScope()
+            nursery.start_soon(drain_prefill, decode_scope)
+            with decode_scope:
+                await self._final(greq, responder, leg, decode, "d", dialect, pre.handoff, route)
+        if failed:
+            exc = failed[0]
+            if not responder.started:
+                raise exc
+            if not getattr(responder, "broken", False) and not getattr(
+                responder, "finished", False
+            ):
+                await responder.send(sse_error_event(502, f"prefill stage failed: {exc.message}"))
+                await responder.end()
