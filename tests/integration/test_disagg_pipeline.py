@@ -1,0 +1,210 @@
+"""The disaggregated pipeline against scripted fake workers: what each leg carries, in what
+order, and what the client gets when a stage fails. (Simulated E/P/D workers test the same
+flows with real KV bytes elsewhere; these pin down the gateway's side exactly.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from gateway_support import http_request
+from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.gateway import Gateway
+from lmgw.http.server import serve_http
+from lmgw.http.types import Request, Responder
+
+MODEL = "m"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+JSON = [(b"content-type", b"application/json")]
+KV = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_engine_id": "engine-p0",
+    "remote_block_ids": [3, 4, 5],
+    "remote_host": "10.1.2.3",
+    "remote_port": 5600,
+    "remote_request_id": "rr-1",
+    "tp_size": 1,
+    "future_key": {"nested": [1, 2]},  # unknown to the gateway: must reach D untouched
+}
+
+
+def completion(text: str, **extra: Any) -> dict:
+    return {
+        "id": "chatcmpl-x",
+        "object": "chat.completion",
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        **extra,
+    }
+
+
+class Fake:
+    """A scripted worker: records every generation request; ``answer(body)`` decides."""
+
+    def __init__(self, name: str, answer: Callable[[dict], tuple[int, Any]]) -> None:
+        self.name = name
+        self.answer = answer
+        self.seen: list[dict] = []
+        self.headers: list[dict] = []
+        self.url = ""
+
+    async def __call__(self, req: Request, responder: Responder) -> None:
+        if req.method == "GET":  # health probes and model discovery
+            body = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+            await responder.send_full(200, JSON, msgspec.json.encode(body))
+            return
+        obj = msgspec.json.decode(req.body)
+        self.seen.append(obj)
+        self.headers.append({k.decode(): v.decode() for k, v in req.headers})
+        status, payload = self.answer(obj)
+        if isinstance(payload, list):  # SSE events
+            await responder.start(status, [(b"content-type", b"text/event-stream")])
+            for ev in payload:
+                await responder.send(b"data: " + (ev if isinstance(ev, bytes) else msgspec.json.encode(ev)) + b"\n\n")
+            await responder.end()
+        else:
+            await responder.send_full(status, JSON, msgspec.json.encode(payload))
+
+
+def decode_answer(obj: dict) -> tuple[int, Any]:
+    if "kv_transfer_params" not in obj:
+        return 400, {"error": {"message": "decode without kv_transfer_params", "type": "BadRequestError"}}
+    if obj.get("stream"):
+        chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "decoded"}}]}
+        return 200, [chunk, b"[DONE]"]
+    return 200, completion("decoded")
+
+
+async def start(nursery: trio.Nursery, fake: Fake) -> Fake:
+    port = await nursery.start(serve_http, fake, "127.0.0.1", 0)
+    fake.url = f"http://127.0.0.1:{port}"
+    return fake
+
+
+async def gateway_for(nursery: trio.Nursery, flow: str, dialect: str, workers: list[tuple[str, Fake]]) -> str:
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
+        workers=[WorkerConfig(url=f.url, role=role, id=f.name) for role, f in workers],
+    )
+    gw = Gateway(cfg)
+    port = await nursery.start(gw.run)
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_nixl_prefill_then_decode_with_handoff_untouched(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    d = await start(nursery, Fake("d0", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "min_tokens": 2, "x_engine": 7})
+    assert r.status == 200, r.body
+    assert r.json()["choices"][0]["message"]["content"] == "decoded"
+    (pre,) = p.seen
+    assert pre["max_tokens"] == 1 and pre["stream"] is False and "min_tokens" not in pre
+    assert pre["kv_transfer_params"] == {
+        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+        "remote_block_ids": None, "remote_host": None, "remote_port": None,
+    }  # fmt: skip
+    (dec,) = d.seen
+    assert dec["kv_transfer_params"] == KV  # copied, unknown keys included
+    assert dec["max_tokens"] == 5 and dec["min_tokens"] == 2 and dec["x_engine"] == 7
+    assert p.headers[0]["x-request-id"] == d.headers[0]["x-request-id"]
+
+
+async def test_nixl_streamed_decode_is_relayed(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    d = await start(nursery, Fake("d0", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    assert r.status == 200
+    events = r.events()
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["content"] == "decoded"
+    assert p.seen[0]["stream"] is False and d.seen[0]["stream"] is True
+
+
+async def test_prefill_failure_names_the_stage_and_sends_no_decode(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (500, {"error": {"message": "CUDA out of memory"}})))
+    d = await start(nursery, Fake("d0", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 502
+    err = r.json()["error"]
+    assert "prefill stage failed" in err["message"] and "CUDA out of memory" in err["message"]
+    assert d.seen == []  # a decode leg is never sent without the prefill's hand-off
+
+
+async def test_decode_failure_is_retried_once_on_another_decode_worker(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "KV fetch failed"}})))
+    good = await start(nursery, Fake("d-good", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", bad), ("d", good)])
+    for _ in range(2):  # round robin starts on either decode worker
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+        assert r.status == 200, r.body
+    assert len(p.seen) == 2  # prefill ran once per request: the retry reuses its hand-off
+    assert all(s["kv_transfer_params"] == KV for s in bad.seen + good.seen)
+    assert len(good.seen) == 2
+
+
+async def test_lmcache_decode_gets_the_unmodified_body(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x"))))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("plain"))))
+    url = await gateway_for(nursery, "p/d", "vllm-lmcache", [("p", p), ("d", d)])
+    body = {**CHAT, "x_extra": [1]}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == "plain"
+    assert p.seen[0]["max_tokens"] == 1
+    assert d.seen[0] == body
+
+
+async def test_sglang_legs_share_a_bootstrap_room(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x"))))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("sg"))))
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == "sg"
+    (pre,), (dec,) = p.seen, d.seen
+    assert pre == dec  # the same body to both legs
+    assert pre["bootstrap_host"] == "127.0.0.1"
+    assert 0 <= pre["bootstrap_room"] < 2**63
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize("flow", ["e+p+d", "e+pd"])
+async def test_epd_encodes_each_media_item_then_runs_the_rest(nursery: trio.Nursery, flow: str) -> None:
+    e = await start(nursery, Fake("e0", lambda b: (200, completion("x"))))
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    d = await start(nursery, Fake("d0", decode_answer if flow == "e+p+d" else lambda b: (200, completion("pd"))))
+    workers = [("e", e), ("p", p), ("d", d)] if flow == "e+p+d" else [("e", e), ("pd", d)]
+    url = await gateway_for(nursery, flow, "vllm-epd", workers)
+    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    assert len(e.seen) == 2  # one encoder request per media item
+    for leg in e.seen:
+        (msg,) = leg["messages"]
+        assert msg["content"] == [IMAGE] and leg["max_tokens"] == 1
+    last = d.seen[0]
+    assert last["messages"] == body["messages"]  # the original content after E
+    # no media: the E stage is skipped
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200 and len(e.seen) == 2
+
+
+async def test_no_decode_worker_is_a_503_before_any_leg(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    cfg_workers = [("p", p)]
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", cfg_workers)
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 503 and "decode" in r.json()["error"]["message"]
+    assert p.seen == []
