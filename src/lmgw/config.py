@@ -350,6 +350,11 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Per-role overrides, e.g. {p = "cache_aware", d = "least_load"}; keys in any role spelling,
     # stored in the short form.
     policies: dict[str, str] = {}
+    # Flow of models not listed in [[models]] (e.g. ones only the workers report); None infers
+    # it from the roles of the configured workers, so `--worker p=.. --worker d=..` just works.
+    flow: Flow | None = None
+    # Dialect of those models; "openai" means the engine default for the flow (see models[].dialect).
+    dialect: str = "openai"
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
@@ -1031,13 +1036,15 @@ def config_from_args(
     names: list[str] = getattr(ns, "model", None) or []
     flow: str | None = getattr(ns, "flow", None)
     dialect: str | None = getattr(ns, "dialect", None)
-    if not names:
-        if flow is not None or dialect is not None:
-            raise ConfigError(
-                "--flow and --dialect apply to the models named with --model; add --model NAME",
-                source="from flags",
-            )
-        return cfg
+    if not names:  # then --flow/--dialect set the defaults for every model the workers serve
+        changes = {k: v for k, v in (("flow", flow), ("dialect", dialect)) if v is not None}
+        if not changes:
+            return cfg
+        try:
+            routing = msgspec.structs.replace(cfg.routing, **changes)
+        except ConfigError as e:
+            raise e.within("routing", "from flags") from None
+        return msgspec.structs.replace(cfg, routing=routing)
     models = list(cfg.models)
     for name in dict.fromkeys(names):
         source = f"from flag `--model {name}`"

@@ -92,8 +92,7 @@ class Gateway:
         return name in self._configured or self.registry.has_model(name)
 
     def flow_of(self, model: str) -> str:
-        m = self._configured.get(model)
-        return m.flow if m is not None else "pd"
+        return self.pipeline.flows.get(model, self.pipeline.default_flow)
 
     def _in_flight_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for w in self.registry:

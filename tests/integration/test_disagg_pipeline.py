@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-
 from gateway_support import http_request
+
 from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
 from lmgw.gateway import Gateway
 from lmgw.http.server import serve_http
@@ -38,7 +38,9 @@ def completion(text: str, **extra: Any) -> dict:
         "id": "chatcmpl-x",
         "object": "chat.completion",
         "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
         "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
         **extra,
     }
@@ -66,7 +68,9 @@ class Fake:
         if isinstance(payload, list):  # SSE events
             await responder.start(status, [(b"content-type", b"text/event-stream")])
             for ev in payload:
-                await responder.send(b"data: " + (ev if isinstance(ev, bytes) else msgspec.json.encode(ev)) + b"\n\n")
+                await responder.send(
+                    b"data: " + (ev if isinstance(ev, bytes) else msgspec.json.encode(ev)) + b"\n\n"
+                )
             await responder.end()
         else:
             await responder.send_full(status, JSON, msgspec.json.encode(payload))
@@ -74,9 +78,14 @@ class Fake:
 
 def decode_answer(obj: dict) -> tuple[int, Any]:
     if "kv_transfer_params" not in obj:
-        return 400, {"error": {"message": "decode without kv_transfer_params", "type": "BadRequestError"}}
+        return 400, {
+            "error": {"message": "decode without kv_transfer_params", "type": "BadRequestError"}
+        }
     if obj.get("stream"):
-        chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "decoded"}}]}
+        chunk = {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "decoded"}}],
+        }
         return 200, [chunk, b"[DONE]"]
     return 200, completion("decoded")
 
@@ -87,7 +96,9 @@ async def start(nursery: trio.Nursery, fake: Fake) -> Fake:
     return fake
 
 
-async def gateway_for(nursery: trio.Nursery, flow: str, dialect: str, workers: list[tuple[str, Fake]]) -> str:
+async def gateway_for(
+    nursery: trio.Nursery, flow: str, dialect: str, workers: list[tuple[str, Fake]]
+) -> str:
     cfg = GatewayConfig(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
@@ -103,7 +114,9 @@ async def test_nixl_prefill_then_decode_with_handoff_untouched(nursery: trio.Nur
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
     d = await start(nursery, Fake("d0", decode_answer))
     url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
-    r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "min_tokens": 2, "x_engine": 7})
+    r = await http_request(
+        url, "POST", "/v1/chat/completions", {**CHAT, "min_tokens": 2, "x_engine": 7}
+    )
     assert r.status == 200, r.body
     assert r.json()["choices"][0]["message"]["content"] == "decoded"
     (pre,) = p.seen
@@ -130,7 +143,9 @@ async def test_nixl_streamed_decode_is_relayed(nursery: trio.Nursery) -> None:
 
 
 async def test_prefill_failure_names_the_stage_and_sends_no_decode(nursery: trio.Nursery) -> None:
-    p = await start(nursery, Fake("p0", lambda b: (500, {"error": {"message": "CUDA out of memory"}})))
+    p = await start(
+        nursery, Fake("p0", lambda b: (500, {"error": {"message": "CUDA out of memory"}}))
+    )
     d = await start(nursery, Fake("d0", decode_answer))
     url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
     r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
@@ -140,9 +155,13 @@ async def test_prefill_failure_names_the_stage_and_sends_no_decode(nursery: trio
     assert d.seen == []  # a decode leg is never sent without the prefill's hand-off
 
 
-async def test_decode_failure_is_retried_once_on_another_decode_worker(nursery: trio.Nursery) -> None:
+async def test_decode_failure_is_retried_once_on_another_decode_worker(
+    nursery: trio.Nursery,
+) -> None:
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
-    bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "KV fetch failed"}})))
+    bad = await start(
+        nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "KV fetch failed"}}))
+    )
     good = await start(nursery, Fake("d-good", decode_answer))
     url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", bad), ("d", good)])
     for _ in range(2):  # round robin starts on either decode worker
@@ -180,10 +199,14 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw
 
 
 @pytest.mark.parametrize("flow", ["e+p+d", "e+pd"])
-async def test_epd_encodes_each_media_item_then_runs_the_rest(nursery: trio.Nursery, flow: str) -> None:
+async def test_epd_encodes_each_media_item_then_runs_the_rest(
+    nursery: trio.Nursery, flow: str
+) -> None:
     e = await start(nursery, Fake("e0", lambda b: (200, completion("x"))))
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
-    d = await start(nursery, Fake("d0", decode_answer if flow == "e+p+d" else lambda b: (200, completion("pd"))))
+    d = await start(
+        nursery, Fake("d0", decode_answer if flow == "e+p+d" else lambda b: (200, completion("pd")))
+    )
     workers = [("e", e), ("p", p), ("d", d)] if flow == "e+p+d" else [("e", e), ("pd", d)]
     url = await gateway_for(nursery, flow, "vllm-epd", workers)
     content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE]
@@ -208,3 +231,25 @@ async def test_no_decode_worker_is_a_503_before_any_leg(nursery: trio.Nursery) -
     r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 503 and "decode" in r.json()["error"]["message"]
     assert p.seen == []
+
+
+async def test_flags_without_models_infer_the_flow_from_worker_roles(nursery: trio.Nursery) -> None:
+    """`lmgw serve --worker p=URL --worker d=URL` (no --model): models the workers report go
+    through P/D with vLLM's default dialect (NIXL); /health asks for both roles."""
+    from lmgw.cli import build_parser
+    from lmgw.config import config_from_args
+
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    d = await start(nursery, Fake("d0", decode_answer))
+    ns = build_parser().parse_args(
+        ["serve", "--port", "0", "--worker", f"p={p.url}", "--worker", f"d={d.url}"]
+    )
+    gw = Gateway(config_from_args(ns, env={}))
+    port = await nursery.start(gw.run)
+    url = f"http://127.0.0.1:{port}"
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200, r.body
+    assert d.seen[0]["kv_transfer_params"] == KV
+    health = (await http_request(url, "GET", "/health")).json()
+    assert health["models"][MODEL]["flow"] == "p/d"
+    assert health["models"][MODEL]["routable_workers"] == {"prefill": 1, "decode": 1}

@@ -665,9 +665,12 @@ def test_flag_flow_overrides_configured_model(tmp_path: Path) -> None:
     assert cfg.models == load_config(path, env={}).models
 
 
-def test_flag_flow_without_model_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="--model"):
-        config_from_args(parse_args("--flow", "pd"), env={})
+def test_flag_flow_and_dialect_without_model_set_the_routing_defaults() -> None:
+    ns = parse_args("--worker", "p=http://h:1", "--worker", "d=http://h:2", "--dialect", "vllm-nixl")
+    cfg = config_from_args(ns, env={})
+    assert cfg.models == [] and cfg.routing.dialect == "vllm-nixl" and cfg.routing.flow is None
+    cfg = config_from_args(parse_args("--flow", "p/d"), env={})
+    assert cfg.routing.flow == "p/d"
 
 
 def test_flag_flow_inference_failure() -> None:

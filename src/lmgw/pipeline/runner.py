@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Mapping
 
-from ..config import ROLE_NAMES, GatewayConfig
+from ..config import ROLE_NAMES, ConfigError, GatewayConfig, infer_flow
 from ..errors import GatewayError
 from ..http.types import Responder
 from ..metrics import Metrics
@@ -29,6 +29,20 @@ log = logging.getLogger("lmgw.pipeline")
 
 #: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
 DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
+
+
+def _dialect_for(flow: str, name: str, where: str) -> Dialect | None:
+    """The dialect object for a (flow, dialect name), None for merged OpenAI pass-through.
+
+    Raises ValueError (a start-up error) when the dialect cannot run the flow."""
+    name = DEFAULT_DIALECT[flow] if name == "openai" else name
+    dialect = get_dialect(name)
+    if flow not in dialect.flows:
+        raise ValueError(
+            f"{where}: dialect {name!r} cannot run flow {flow!r}"
+            f" (it runs {', '.join(sorted(dialect.flows))})"
+        )
+    return None if name == "openai" else dialect
 
 
 class Pipeline:
@@ -51,20 +65,18 @@ class Pipeline:
         rt = cfg.upstream.response_timeout_s
         self.response_timeout_s = rt if rt < deadline else math.inf
         self.flows = {m.name: m.flow for m in cfg.models}
-        # models with a dialect other than plain OpenAI pass-through go through DisaggRunner
-        self.dialects: dict[str, Dialect] = {}
-        for m in cfg.models:
-            # "openai" is the default dialect name; for a split flow it means vLLM's default
-            name = DEFAULT_DIALECT[m.flow] if m.dialect == "openai" else m.dialect
-            dialect = get_dialect(name)
-            if m.flow not in dialect.flows:
-                raise ValueError(
-                    f"model {m.name!r}: dialect {m.dialect!r} cannot run flow {m.flow!r}"
-                    f" (it runs {', '.join(sorted(dialect.flows))})"
-                )
-            if name != "openai":
-                self.dialects[m.name] = dialect
-        self._default_dialect = get_dialect("vllm-nixl")
+        # per model: the dialect when the flow is not plain merged OpenAI (None: the fast path)
+        self.dialects: dict[str, Dialect | None] = {
+            m.name: _dialect_for(m.flow, m.dialect, f"model {m.name!r}") for m in cfg.models
+        }
+        # models not in [[models]] (reported by workers): routing.flow, else what the roles say
+        roles = {w.role for w in cfg.workers}
+        try:
+            inferred = infer_flow(roles) if roles else "pd"
+        except ConfigError:
+            inferred = "pd"
+        self.default_flow = cfg.routing.flow or inferred
+        self.default_dialect = _dialect_for(self.default_flow, cfg.routing.dialect, "routing")
         self.disagg = DisaggRunner(self)
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
@@ -79,9 +91,12 @@ class Pipeline:
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
         """Run the request's flow. Only ``pd`` (one merged stage) exists so far."""
-        flow = self.flows.get(greq.model, "pd")
-        if flow != "pd" or greq.model in self.dialects:
-            dialect = self.dialects.get(greq.model) or self._default_dialect
+        flow = self.flows.get(greq.model)
+        if flow is None:
+            flow, dialect = self.default_flow, self.default_dialect
+        else:
+            dialect = self.dialects[greq.model]
+        if dialect is not None:
             await self.disagg.run(greq, responder, flow, dialect)
             return
         role = "pd"
