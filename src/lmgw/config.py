@@ -353,7 +353,7 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Flow of models not listed in [[models]] (e.g. ones only the workers report); None infers
     # it from the roles of the configured workers, so `--worker p=.. --worker d=..` just works.
     flow: Flow | None = None
-    # Dialect of those models; "openai" means the engine default for the flow (see models[].dialect).
+    # Dialect of those models; "openai" means the engine default for the flow (models[].dialect).
     dialect: str = "openai"
 
     def __post_init__(self) -> None:

@@ -666,7 +666,9 @@ def test_flag_flow_overrides_configured_model(tmp_path: Path) -> None:
 
 
 def test_flag_flow_and_dialect_without_model_set_the_routing_defaults() -> None:
-    ns = parse_args("--worker", "p=http://h:1", "--worker", "d=http://h:2", "--dialect", "vllm-nixl")
+    ns = parse_args(
+        "--worker", "p=http://h:1", "--worker", "d=http://h:2", "--dialect", "vllm-nixl"
+    )  # fmt: skip
     cfg = config_from_args(ns, env={})
     assert cfg.models == [] and cfg.routing.dialect == "vllm-nixl" and cfg.routing.flow is None
     cfg = config_from_args(parse_args("--flow", "p/d"), env={})
