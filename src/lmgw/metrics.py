@@ -152,6 +152,11 @@ class Metrics:
             "Failed exchanges with workers, by worker and kind.",
             ("role", "worker", "kind"),
         )
+        self.stage = Histogram(
+            "lmgw_stage_duration_seconds",
+            "Duration of the legs before the client-facing one (encode, prefill), per worker.",
+            ("role", "worker"),
+        )
         self.retries = Counter(
             "lmgw_retries_total",
             "Requests re-dispatched to another worker before any byte reached the client.",
@@ -178,7 +183,7 @@ class Metrics:
             "lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker")
         )
         self._all: list[Counter | Gauge | Histogram] = [
-            self.requests, self.e2e, self.ttft, self.upstream_errors, self.retries,
+            self.requests, self.e2e, self.ttft, self.stage, self.upstream_errors, self.retries,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
 

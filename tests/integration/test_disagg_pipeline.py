@@ -129,6 +129,9 @@ async def test_nixl_prefill_then_decode_with_handoff_untouched(nursery: trio.Nur
     assert dec["kv_transfer_params"] == KV  # copied, unknown keys included
     assert dec["max_tokens"] == 5 and dec["min_tokens"] == 2 and dec["x_engine"] == 7
     assert p.headers[0]["x-request-id"] == d.headers[0]["x-request-id"]
+    assert r.headers["server-timing"].startswith("prefill;dur=")
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert 'lmgw_stage_duration_seconds_count{role="p",worker="p0"} 1' in metrics
 
 
 async def test_nixl_streamed_decode_is_relayed(nursery: trio.Nursery) -> None:
@@ -219,6 +222,8 @@ async def test_epd_encodes_each_media_item_then_runs_the_rest(
         assert msg["content"] == [IMAGE] and leg["max_tokens"] == 1
     last = d.seen[0]
     assert last["messages"] == body["messages"]  # the original content after E
+    stages = [t.split(";")[0] for t in r.headers["server-timing"].split(", ")]
+    assert stages == ["encode", "encode"] + (["prefill"] if flow == "e+p+d" else [])
     # no media: the E stage is skipped
     r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 200 and len(e.seen) == 2

@@ -17,6 +17,7 @@ Ordering rules (DESIGN.md §2, PROTOCOLS.md §2-3):
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -84,7 +85,7 @@ class DisaggRunner:
                 await self._concurrent(greq, responder, body, ctx, dialect, prefill, decode, route)
             else:
                 pre = dialect.prefill_request(body, ctx)
-                status, answer = await self._leg(pre, prefill, "p", route)
+                status, answer = await self._leg(greq, pre, prefill, "p", route)
                 handoff = dialect.read_prefill(pre, status, answer)
                 leg = dialect.decode_request(body, handoff, ctx)
                 await self._final(greq, responder, leg, decode, "d", dialect, handoff, route)
@@ -100,7 +101,12 @@ class DisaggRunner:
 
     # -- legs -------------------------------------------------------------------------------
     async def _leg(
-        self, leg: StageRequest, worker: Worker, role: str, route: RouteContext
+        self,
+        greq: GatewayRequest,
+        leg: StageRequest,
+        worker: Worker,
+        role: str,
+        route: RouteContext,
     ) -> tuple[int, bytes]:
         """Send one intermediate leg and read its whole answer (status, body)."""
         p = self.p
@@ -108,6 +114,7 @@ class DisaggRunner:
         p.registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
+        t0 = time.perf_counter()
         try:
             resp = await p.pool.request(
                 worker.origin, "POST", leg.path, leg.headers, leg.body,
@@ -128,6 +135,11 @@ class DisaggRunner:
                 STAGE_NAMES[role], exc.status, f"worker {worker.id}: {exc.message}"
             ) from None
         finally:
+            elapsed = time.perf_counter() - t0
+            p.metrics.stage.observe((role, worker.id), elapsed)
+            if greq.timings is None:
+                greq.timings = []
+            greq.timings.append((STAGE_NAMES[role], elapsed))
             policy.on_finish(worker, route, ok)
             p.registry.release(worker)
 
@@ -145,7 +157,7 @@ class DisaggRunner:
 
         async def one(leg: StageRequest) -> None:
             worker = self.p.pick(greq.model, "e", route)
-            status, answer = await self._leg(leg, worker, "e", route)
+            status, answer = await self._leg(greq, leg, worker, "e", route)
             dialect.read_encode(leg, status, answer)
 
         async with trio.open_nursery() as nursery:
@@ -212,7 +224,7 @@ class DisaggRunner:
 
         async def drain_prefill(cancel_decode: trio.CancelScope) -> None:
             try:
-                status, answer = await self._leg(pre, prefill, "p", route)
+                status, answer = await self._leg(greq, pre, prefill, "p", route)
                 dialect.read_prefill(pre, status, answer)
             except StageError as exc:
                 failed.append(exc)

@@ -19,6 +19,7 @@ class GatewayRequest:
         "request_id",
         "stream",
         "t_start",
+        "timings",
     )
 
     def __init__(
@@ -43,6 +44,13 @@ class GatewayRequest:
         #: headers every stage request carries (x-request-id, auth, tracing)
         self.forward_headers = forward_headers
         self.t_start = t_start
+        #: (stage, seconds) of the legs run before the client-facing one: multi-stage flows
+        #: only; reported in the response's Server-Timing header
+        self.timings: list[tuple[str, float]] | None = None
+
+    def server_timing(self) -> bytes:
+        """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""
+        return ", ".join(f"{s};dur={1000 * d:.1f}" for s, d in self.timings or ()).encode()
 
     def __repr__(self) -> str:
         return (

@@ -158,13 +158,15 @@ class Pipeline:
                         if may_retry and (resp.status == 503 or role == "d"):
                             return err
                     raise err
-                rid = greq.request_id.encode()
+                out = [(b"x-request-id", greq.request_id.encode())]
+                if greq.timings:
+                    out.append((b"server-timing", greq.server_timing()))
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
                     await openai_http.relay_sse(
-                        resp, responder, rid, lambda: self._first_byte(greq)
+                        resp, responder, out, lambda: self._first_byte(greq)
                     )
                 else:
-                    await openai_http.relay_json(resp, responder, rid)
+                    await openai_http.relay_json(resp, responder, out)
                 ok = True
             finally:
                 resp.release()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from ..errors import GatewayError, sse_error_event
-from ..http.types import Responder
+from ..http.types import Headers, Responder
 from ..workers.worker import Worker
 from .pool import Response, UpstreamError
 from .sse import split_complete
@@ -54,24 +54,22 @@ async def read_error(resp: Response, worker: Worker) -> GatewayError:
     return worker_error(worker, resp.status, body)
 
 
-async def relay_json(resp: Response, responder: Responder, request_id: bytes) -> None:
-    """Relay a complete non-streamed response."""
+async def relay_json(resp: Response, responder: Responder, headers: Headers) -> None:
+    """Relay a complete non-streamed response (``headers``: the gateway's own, e.g. the id)."""
     body = resp.take_complete_body()  # usually all there with the head: no await
     if body is None:
         body = await resp.read_all()
     ctype = resp.content_type or b"application/json"
-    await responder.send_full(
-        resp.status, [(b"content-type", ctype), (b"x-request-id", request_id)], body
-    )
+    await responder.send_full(resp.status, [(b"content-type", ctype), *headers], body)
 
 
-async def relay_sse(resp: Response, responder: Responder, request_id: bytes, on_first_byte) -> None:
+async def relay_sse(resp: Response, responder: Responder, headers: Headers, on_first_byte) -> None:
     """Relay an SSE stream as bytes, one client write per group of complete events.
 
     A worker that fails mid-stream gets an error event and ``[DONE]`` in its place, as vLLM
     itself does for engine errors; the client never sees a silently truncated stream.
     """
-    await responder.start(200, [*_SSE_HEADERS, (b"x-request-id", request_id)])
+    await responder.start(200, [*_SSE_HEADERS, *headers])
     send = responder.send
     read = resp.read_chunk
     pending = b""
