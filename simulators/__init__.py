@@ -4,14 +4,17 @@ They stand in for GPU workers in lmgw's tests, demo and benchmarks: output is a 
 function of the prompt (so tests assert exact text through any route), latency follows a timing
 model shaped like a 7-8B model on one GPU (``speed`` divides it; ``inf`` removes it), a prefix cache
 makes ``cached_tokens`` and the vLLM metrics behave like the real thing, and faults (errors, hangs,
-crashes, dropped streams, flapping health) are injected per worker.
+crashes, dropped streams, flapping health) are injected per worker. Roles: ``pd`` (merged),
+``e``/``p``/``d`` (encode, prefill, decode) moving real bytes between them (vLLM NIXL P/D,
+SGLang bootstrap, vLLM EPD's shared encoder cache).
 
-Layout: :mod:`.engine` (sans-IO core), :mod:`.faults`, :mod:`.app` (HTTP handler),
+Layout: :mod:`.engine` (sans-IO core), :mod:`.disagg` (sans-IO hand-off artefacts),
+:mod:`.faults`, :mod:`.app` (HTTP handler),
 :mod:`.metrics` (Prometheus text), :mod:`.worker` (the ``python -m lmgw.simulators`` process),
 :mod:`.fleet` (in-process workers and process fleets).
 """
 
-from .app import SimWorker, WorkerOptions
+from .app import ROLES, SimWorker, WorkerOptions
 from .engine import (
     Completion,
     Engine,
@@ -33,6 +36,7 @@ from .fleet import (
 )
 
 __all__ = [
+    "ROLES",
     "Completion",
     "DropConnection",
     "Engine",

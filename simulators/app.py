@@ -1,5 +1,12 @@
-"""The HTTP face of a simulated merged (prefill+decode, role "pd") worker: vLLM's OpenAI-compatible
-API, /health, /metrics, /tokenize, /detokenize, plus /sim/* controls for tests.
+"""The HTTP face of a simulated vLLM worker: vLLM's OpenAI-compatible API, /health, /metrics,
+/tokenize, /detokenize, plus /sim/* controls for tests.
+
+Roles: ``pd`` (merged prefill+decode), and the disaggregated ``e`` (encoder: writes each media
+item's embedding to a shared ``ec_dir``), ``p`` (prefill: publishes the prompt's KV blocks and
+answers vLLM NIXL's ``kv_transfer_params``, or publishes under an SGLang ``bootstrap_room``) and
+``d`` (decode: fetches those blocks over the prefill worker's side channel, ``GET /sim/kv/<key>``
+on the same HTTP port, verifies them and generates exactly what a ``pd`` worker would). The
+artefacts themselves are in :mod:`.disagg` (sans-IO).
 
 ``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
 contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
@@ -21,17 +28,31 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, quote, unquote
 
 import msgspec
 import trio
 
 from lmgw.http.types import Headers, Request, Responder
+from lmgw.transport.pool import ConnectionPool, Origin, UpstreamError
 
+from .disagg import (
+    KV_BLOCK_BYTES,
+    EmbeddingError,
+    EmbeddingStore,
+    KVStore,
+    KVUnknownBlocks,
+    KVVerifyError,
+    derive_embedding,
+    prompt_digest,
+    verify_kv_blocks,
+)
 from .engine import (
     VOCAB_SIZE,
     Completion,
     Engine,
     EngineConfig,
+    MediaItem,
     PromptError,
     SamplingSpec,
     Ticket,
@@ -43,6 +64,11 @@ from .metrics import render_metrics
 
 RECENT = 256
 """How many aborted requests and request ids /sim/stats remembers."""
+
+ROLES = ("e", "p", "d", "pd")
+"""Roles a simulated worker can take: encode, prefill, decode, merged prefill+decode."""
+MAX_KV_WAIT_S = 600.0
+"""Upper bound on how long the side channel holds a fetch open for a KV not yet published."""
 
 
 @dataclass(slots=True)
@@ -64,6 +90,18 @@ class WorkerOptions:
     faults: Faults = field(default_factory=Faults)
     exit_on_crash: bool = False
     """True only when the worker is its own process: ``crash_at_token`` then exits it."""
+    engine_id: str | None = None
+    """The KV engine id a prefill worker reports as ``remote_engine_id`` (a uuid4 if unset)."""
+    ec_dir: str | None = None
+    """Shared encoder-cache directory: ``e`` writes embeddings there, ``p``/``pd`` require them."""
+    kv_ttl_s: float = 480.0
+    """How long a prefill worker keeps unfetched KV (vLLM's NIXL abort timeout)."""
+    kv_store_entries: int = 4096
+    """At most this many requests' KV held by a prefill worker (oldest evicted)."""
+    kv_fetch_timeout_s: float = 10.0
+    """A decode worker's bound on one KV fetch from its prefill worker."""
+    bootstrap_timeout_s: float = 30.0
+    """How long a decode worker waits for an SGLang room's KV to be published."""
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -104,6 +142,10 @@ class _GenRequest(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     temperature: float | None = None
     top_p: float | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: int | list[int] | None = None
 
 
 class ChatRequest(_GenRequest, kw_only=True):
@@ -193,6 +235,10 @@ class _Plan:
     continuous_usage: bool
     echo_texts: list[str] | None = None  # completions with echo: prompt text per choice
     cached_tokens: int = 0  # known after prefill
+    external_cached: int = 0  # prompt tokens whose KV came from a prefill worker
+    extra_prefill_s: float = 0.0  # e.g. the encoder's per-item time
+    after_prefill: Callable[[], None] | None = None  # publishes a hand-off once "computed"
+    kv_transfer_params: dict[str, Any] | None = None  # the non-stream body's field
 
     @property
     def prompt_tokens(self) -> int:
@@ -269,10 +315,24 @@ class SimStats:
     aborted: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT))
     last_headers: Headers = field(default_factory=list)
+    kv_blocks_fetched: int = 0
+    kv_blocks_verified: int = 0
+    kv_fetch_failures: int = 0
+    kv_verify_failures: int = 0
+
+
+class _Waiters:
+    """Fetches parked on a KV key not yet published (SGLang sends both legs at once)."""
+
+    __slots__ = ("count", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.count = 0
 
 
 class SimWorker:
-    """A merged-role ("pd") simulated vLLM worker as an HTTP handler.
+    """A simulated vLLM worker of one role (see the module docstring) as an HTTP handler.
 
     Args:
         options: the worker's configuration; ``options.faults`` are the start-up faults.
@@ -281,8 +341,19 @@ class SimWorker:
 
     def __init__(self, options: WorkerOptions | None = None, *, engine: Engine | None = None):
         self.options = options or WorkerOptions()
-        if self.options.role != "pd":
-            raise ValueError(unsupported_role_message(self.options.role))
+        opts = self.options
+        if opts.role not in ROLES:
+            raise ValueError(unsupported_role_message(opts.role))
+        if opts.role == "e" and not opts.ec_dir:
+            raise ValueError("an encode worker (role e) needs ec_dir (--ec-dir)")
+        self.engine_id = opts.engine_id or str(uuid.uuid4())
+        self.kv_store = KVStore(max_entries=opts.kv_store_entries, ttl_s=opts.kv_ttl_s)
+        self.ec_store = EmbeddingStore(opts.ec_dir) if opts.ec_dir and opts.role != "d" else None
+        self.bound_port: int | None = None
+        """The port the server bound (set by :func:`serve_worker_inprocess`): the side channel."""
+        self._kv_waiters: dict[str, _Waiters] = {}
+        self._pool = ConnectionPool(connect_timeout_s=min(5.0, opts.kv_fetch_timeout_s))
+        self._origins: dict[tuple[str, int], Origin] = {}
         self.engine = engine or Engine(self.options.engine_config())
         self.faults = FaultInjector(self.options.faults, seed=self.options.seed)
         self.engine.slow = self.faults.faults.slow
@@ -313,6 +384,8 @@ class SimWorker:
     async def __call__(self, request: Request, responder: Responder) -> None:
         path = request.path
         entry = self._routes.get(path)
+        if entry is None and path.startswith("/sim/kv/"):
+            entry = (frozenset({"GET"}), self._sim_kv)
         rid = request.header(b"x-request-id")
         if rid is None:
             rid = uuid.uuid4().hex.encode()
@@ -372,7 +445,7 @@ class SimWorker:
         except PromptError as exc:
             raise _bad(str(exc), exc.param) from None
         self._check_length(len(rendered.token_ids), max_tokens, "messages")
-        spec = _sampling(req, max_tokens)
+        spec = _sampling(req, self._leg_max_tokens(req, max_tokens))
         ids = rendered.token_ids
         choices = [self.engine.generate(ids, spec, i) for i in range(n)]
         stream = bool(req.stream)
@@ -387,6 +460,7 @@ class SimWorker:
             bool(stream and so is not None and so.include_usage),
             bool(stream and so is not None and so.continuous_usage_stats),
         )
+        await self._prepare_leg(req, plan, rendered.media)
         await self._run(plan, responder, rid)
 
     async def _completions(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -399,7 +473,7 @@ class SimWorker:
         prompts = self._completion_prompts(req.prompt)
         for ids in prompts:
             self._check_length(len(ids), req.max_tokens, "prompt")
-        spec = _sampling(req, req.max_tokens)
+        spec = _sampling(req, self._leg_max_tokens(req, req.max_tokens))
         choices = [self.engine.generate(ids, spec, i) for ids in prompts for i in range(n)]
         echo = None
         if req.echo:
@@ -418,6 +492,7 @@ class SimWorker:
             bool(stream and so is not None and so.continuous_usage_stats),
             echo,
         )
+        await self._prepare_leg(req, plan, ())
         await self._run(plan, responder, rid)
 
     def _completion_prompts(self, prompt: Any) -> list[list[int]]:
@@ -494,12 +569,14 @@ class SimWorker:
                 await self._slots.acquire()
             acquired = True
             ticket.admit(plan.completion_tokens)
-            delay = ticket.prefill(plan.prompts)
+            delay = ticket.prefill(plan.prompts, plan.external_cached) + plan.extra_prefill_s
             plan.cached_tokens = ticket.cached_tokens
             clock = arrival
             if delay > 0:
                 clock = trio.current_time() + delay
                 await trio.sleep_until(clock)
+            if plan.after_prefill is not None:
+                plan.after_prefill()
             ticket.begin_decode()
             if writer is not None:
                 await responder.start(200, [_SSE, (b"x-request-id", rid)])
@@ -629,7 +706,7 @@ class SimWorker:
                     "system_fingerprint": None,
                     "usage": self._usage(plan, cached),
                     "prompt_logprobs": None,
-                    "kv_transfer_params": None,
+                    "kv_transfer_params": plan.kv_transfer_params,
                 }
             )
         echo = plan.echo_texts
@@ -653,9 +730,323 @@ class SimWorker:
                 "service_tier": None,
                 "system_fingerprint": None,
                 "usage": self._usage(plan, cached),
-                "kv_transfer_params": None,
+                "kv_transfer_params": plan.kv_transfer_params,
             }
         )
+
+    # -- disaggregated roles ----------------------------------------------------------------------
+
+    @property
+    def side_host(self) -> str:
+        """The host a decode worker reaches this worker's side channel on."""
+        host = self.options.host
+        return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+    @property
+    def side_port(self) -> int:
+        """The side channel's port: the HTTP port (also the SGLang bootstrap port)."""
+        return self.bound_port if self.bound_port is not None else self.options.port
+
+    def _leg_max_tokens(self, req: _GenRequest, max_tokens: int | None) -> int | None:
+        """A prefill worker in SGLang mode gets the client's body unchanged and stops after the
+        first token (the decode worker produces the rest), as SGLang's prefill mode does."""
+        if self.options.role == "p" and req.bootstrap_room is not None:
+            params = req.kv_transfer_params
+            if not (isinstance(params, dict) and params.get("do_remote_decode")):
+                return 1
+        return max_tokens
+
+    async def _prepare_leg(
+        self, req: _GenRequest, plan: _Plan, media: tuple[MediaItem, ...]
+    ) -> None:
+        """The role's part of a request before it runs: check or arrange its hand-offs."""
+        role = self.options.role
+        if role == "e":
+            self._encode_leg(plan, media)
+            return
+        if role == "d":
+            await self._decode_leg(req, plan)
+            return
+        if self.ec_store is not None:
+            for item in media:
+                try:
+                    self.ec_store.require(item.content_hash, item.kind, item.length)
+                except EmbeddingError as exc:
+                    raise ApiError(500, f"Encoder cache: {exc}", "messages") from None
+        if role == "p":
+            self._prefill_leg(req, plan)
+
+    def _encode_leg(self, plan: _Plan, media: tuple[MediaItem, ...]) -> None:
+        if len(media) != 1:
+            raise _bad(
+                "an encode worker (role e) takes exactly one media item per request, "
+                f"got {len(media)}",
+                "messages",
+            )
+        (item,) = media
+        store = self.ec_store
+        assert store is not None  # checked in __init__
+        engine = self.engine
+        plan.extra_prefill_s = engine.config.timing.encode_s(1, engine.slow)
+
+        def publish() -> None:
+            store.put(
+                item.content_hash, derive_embedding(item.content_hash, item.kind, item.length)
+            )
+
+        plan.after_prefill = publish
+
+    def _prefill_leg(self, req: _GenRequest, plan: _Plan) -> None:
+        params = req.kv_transfer_params
+        nixl = isinstance(params, dict) and bool(params.get("do_remote_decode"))
+        if not nixl and req.bootstrap_room is None:
+            return  # a plain request: served like a merged worker
+        if len(plan.prompts) != 1:
+            raise _bad("a disaggregated prefill takes one prompt per request", "prompt")
+        ids = plan.prompts[0]
+        block_size = self.engine.config.block_size
+        if nixl:
+            if plan.stream:
+                return  # vLLM returns kv_transfer_params only in a non-streamed body
+            key = f"{plan.request_id}-{uuid.uuid4().hex[:12]}"
+
+            def publish() -> None:
+                entry = self.kv_store.put(key, ids, block_size, trio.current_time())
+                plan.kv_transfer_params = {
+                    "do_remote_prefill": True,
+                    "do_remote_decode": False,
+                    "remote_engine_id": self.engine_id,
+                    "remote_block_ids": entry.block_ids,
+                    "remote_host": self.side_host,
+                    "remote_port": self.side_port,
+                    "remote_request_id": key,
+                    "tp_size": 1,
+                }
+                self._published(key)
+
+        else:
+            key = f"room-{self._room(req)}"
+
+            def publish() -> None:
+                self.kv_store.put(key, ids, block_size, trio.current_time())
+                self._published(key)
+
+        plan.after_prefill = publish
+
+    @staticmethod
+    def _room(req: _GenRequest) -> int:
+        room = _single(req.bootstrap_room, "bootstrap_room")
+        if not isinstance(room, int) or isinstance(room, bool) or room < 0:
+            raise _bad("bootstrap_room must be a non-negative integer", "bootstrap_room")
+        return room
+
+    def _published(self, key: str) -> None:
+        waiters = self._kv_waiters.pop(key, None)
+        if waiters is not None:
+            waiters.event.set()
+
+    async def _decode_leg(self, req: _GenRequest, plan: _Plan) -> None:
+        """Fetch the prompt's KV from the prefill worker and verify it, or refuse the request:
+        a decode-only worker never computes a prompt on its own."""
+        if len(plan.prompts) != 1:
+            raise _bad("a disaggregated decode takes one prompt per request", "prompt")
+        ids = plan.prompts[0]
+        params = req.kv_transfer_params
+        engine_id: str | None = None
+        if isinstance(params, dict) and params.get("do_remote_prefill"):
+            host = _kv_param(params, "remote_host", str)
+            port = _kv_param(params, "remote_port", int)
+            key = _kv_param(params, "remote_request_id", str)
+            blocks = params.get("remote_block_ids")
+            if blocks is not None and not (
+                isinstance(blocks, list) and all(type(b) is int for b in blocks)
+            ):
+                raise _bad(
+                    "kv_transfer_params.remote_block_ids must be a list of integers",
+                    "kv_transfer_params",
+                )
+            raw_engine = params.get("remote_engine_id")
+            engine_id = raw_engine if isinstance(raw_engine, str) else None
+            query = "" if blocks is None else "?blocks=" + ",".join(map(str, blocks))
+            path = f"/sim/kv/{quote(key, safe='')}{query}"
+            timeout = self.options.kv_fetch_timeout_s
+            what = f"remote_request_id {key!r}"
+        elif req.bootstrap_room is not None:
+            room = self._room(req)
+            host = _single(req.bootstrap_host, "bootstrap_host")
+            port = _single(req.bootstrap_port, "bootstrap_port")
+            if not isinstance(host, str) or not host:
+                raise _bad("bootstrap_host must be the prefill worker's host", "bootstrap_host")
+            if type(port) is not int:
+                raise _bad(
+                    "bootstrap_port must be the prefill worker's bootstrap port (for this "
+                    "simulator: its HTTP port)",
+                    "bootstrap_port",
+                )
+            wait = self.options.bootstrap_timeout_s
+            path = f"/sim/kv/room-{room}?wait_s={wait:g}"
+            timeout = wait + self.options.kv_fetch_timeout_s
+            what = f"bootstrap_room {room}"
+        else:
+            raise _bad(
+                "this is a decode-only worker (role d): the request needs kv_transfer_params "
+                "with do_remote_prefill=true (copied from the prefill response) or SGLang's "
+                "bootstrap_host/bootstrap_port/bootstrap_room",
+                "kv_transfer_params",
+            )
+        stats = self.stats
+        body, peer_engine, peer_digest = await self._fetch_kv(host, port, path, timeout, what)
+        stats.kv_blocks_fetched += len(body) // KV_BLOCK_BYTES
+        try:
+            if engine_id is not None and peer_engine != engine_id:
+                raise KVVerifyError(
+                    f"the side channel at {host}:{port} belongs to engine {peer_engine!r}, "
+                    f"not remote_engine_id {engine_id!r}"
+                )
+            if peer_digest != prompt_digest(ids):
+                raise KVVerifyError(
+                    "the prefill worker computed KV for a different prompt than this request's"
+                )
+            verified = verify_kv_blocks(ids, self.engine.config.block_size, body)
+        except KVVerifyError as exc:
+            stats.kv_verify_failures += 1
+            raise ApiError(500, f"KV transfer for {what} failed verification: {exc}") from None
+        stats.kv_blocks_verified += verified
+        bs = self.engine.config.block_size
+        plan.external_cached = min(verified * bs, max(0, len(ids) - 1) // bs * bs)
+
+    async def _fetch_kv(
+        self, host: str, port: int, path: str, timeout_s: float, what: str
+    ) -> tuple[bytes, str | None, str | None]:
+        """GET the blocks from the prefill worker's side channel: (bytes, its engine id, its
+        prompt digest). Every failure is a vLLM-shaped 500 naming the prefill worker."""
+        origin = self._origins.get((host, port))
+        if origin is None:
+            origin = self._origins[(host, port)] = Origin(host, port)
+        where = f"prefill worker {host}:{port}"
+        try:
+            with trio.fail_after(timeout_s):
+                resp = await self._pool.request(origin, "GET", path, [])
+                try:
+                    body = await resp.read_all()
+                finally:
+                    resp.release()
+        except UpstreamError as exc:
+            self.stats.kv_fetch_failures += 1
+            raise ApiError(500, f"KV transfer for {what} failed: {where}: {exc.message}") from None
+        except trio.TooSlowError:
+            self.stats.kv_fetch_failures += 1
+            raise ApiError(
+                500, f"KV transfer for {what} failed: {where} gave no KV within {timeout_s:g} s"
+            ) from None
+        if resp.status != 200:
+            self.stats.kv_fetch_failures += 1
+            try:
+                detail = msgspec.json.decode(body)["error"]["message"]
+            except (msgspec.DecodeError, KeyError, TypeError):
+                detail = body[:200].decode("utf-8", "replace")
+            raise ApiError(
+                500, f"KV transfer for {what} failed: {where} answered {resp.status}: {detail}"
+            )
+        peer_engine = resp.header(b"x-sim-engine-id")
+        peer_digest = resp.header(b"x-sim-prompt-digest")
+        return (
+            body,
+            None if peer_engine is None else peer_engine.decode("latin-1"),
+            None if peer_digest is None else peer_digest.decode("latin-1"),
+        )
+
+    async def _sim_kv(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """The KV side channel: ``GET /sim/kv/<key>[?blocks=1,2,3][&wait_s=S]`` answers the
+        blocks (concatenated, in the order asked) and releases them; ``wait_s`` parks the fetch
+        until the key is published (SGLang's decode leg may arrive first)."""
+        key = unquote(request.path[len("/sim/kv/") :])
+        q = parse_qs(request.query, keep_blank_values=True)
+        blocks: list[int] | None = None
+        try:
+            if "blocks" in q:
+                raw = q["blocks"][0]
+                blocks = [int(b) for b in raw.split(",")] if raw else []
+            wait_s = min(MAX_KV_WAIT_S, max(0.0, float(q.get("wait_s", ["0"])[0])))
+        except ValueError:
+            raise _bad("blocks must be comma-separated integers and wait_s a number") from None
+        store = self.kv_store
+        if wait_s > 0 and store.get(key, trio.current_time()) is None:
+            await self._wait_published(key, wait_s)
+        try:
+            entry, body = store.take(key, blocks, trio.current_time())
+        except KVUnknownBlocks as exc:
+            raise ApiError(404, f"engine {self.engine_id}: {exc}", "blocks") from None
+        except KeyError:
+            raise ApiError(
+                404,
+                f"engine {self.engine_id} holds no KV for {key!r} (never published, already "
+                f"fetched, or expired after {store.ttl_s:g} s)",
+            ) from None
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"x-request-id", rid),
+            (b"x-sim-engine-id", self.engine_id.encode()),
+            (b"x-sim-prompt-digest", entry.digest.encode()),
+            (b"x-sim-num-tokens", str(entry.num_tokens).encode()),
+        ]
+        await responder.send_full(200, headers, body)
+
+    async def _wait_published(self, key: str, wait_s: float) -> None:
+        waiters = self._kv_waiters.get(key)
+        if waiters is None:
+            waiters = self._kv_waiters[key] = _Waiters()
+        waiters.count += 1
+        try:
+            with trio.move_on_after(wait_s):
+                await waiters.event.wait()
+        finally:
+            waiters.count -= 1
+            if waiters.count == 0 and self._kv_waiters.get(key) is waiters:
+                del self._kv_waiters[key]
+
+    def _handoff_snapshot(self) -> dict[str, Any]:
+        kv, ec, s = self.kv_store, self.ec_store, self.stats
+        return {
+            "kv_entries_held": len(kv),
+            "kv_entries_published": kv.published,
+            "kv_entries_released": kv.released,
+            "kv_entries_expired": kv.expired,
+            "kv_entries_evicted": kv.evicted,
+            "kv_blocks_served": kv.blocks_served,
+            "kv_blocks_fetched": s.kv_blocks_fetched,
+            "kv_blocks_verified": s.kv_blocks_verified,
+            "kv_fetch_failures": s.kv_fetch_failures,
+            "kv_verify_failures": s.kv_verify_failures,
+            "ec_dir": self.options.ec_dir,
+            "embeddings_stored": 0 if ec is None else ec.stored,
+            "embeddings_found": 0 if ec is None else ec.found,
+            "embeddings_missing": 0 if ec is None else ec.missing,
+        }
+
+    def _handoff_counters(self) -> list[tuple[str, str, float]]:
+        """Simulator-only series for /metrics (``lmgw_sim:`` prefix: not vLLM names)."""
+        snap = self._handoff_snapshot()
+        return [
+            ("lmgw_sim:kv_blocks_served_total", "KV blocks served to decode workers.",
+             snap["kv_blocks_served"]),
+            ("lmgw_sim:kv_blocks_fetched_total", "KV blocks fetched from prefill workers.",
+             snap["kv_blocks_fetched"]),
+            ("lmgw_sim:kv_blocks_verified_total", "Fetched KV blocks that matched the prompt.",
+             snap["kv_blocks_verified"]),
+            ("lmgw_sim:kv_transfer_failures_total", "KV fetches that failed or did not verify.",
+             snap["kv_fetch_failures"] + snap["kv_verify_failures"]),
+            ("lmgw_sim:embeddings_stored_total", "Encoder outputs written to the EC directory.",
+             snap["embeddings_stored"]),
+            ("lmgw_sim:embeddings_found_total", "Encoder outputs found for requests' media.",
+             snap["embeddings_found"]),
+            ("lmgw_sim:embeddings_missing_total", "Media items whose encoder output was missing.",
+             snap["embeddings_missing"]),
+        ]  # fmt: skip
+
+    def close(self) -> None:
+        """Close the side-channel client's idle connections (the server closes the rest)."""
+        self._pool.close()
 
     # -- other vLLM routes ------------------------------------------------------------------------
 
@@ -701,7 +1092,7 @@ class SimWorker:
             raise ApiError(503, "The simulated worker is unhealthy (fault).")
 
     async def _metrics(self, request: Request, responder: Responder, rid: bytes) -> None:
-        body = render_metrics(self.engine, self._default_model).encode()
+        body = render_metrics(self.engine, self._default_model, self._handoff_counters()).encode()
         await responder.send_full(200, [_TEXT, (b"x-request-id", rid)], body)
 
     async def _version(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -781,6 +1172,9 @@ class SimWorker:
             "prompt_tokens_total": e.stats.prompt_tokens,
             "generation_tokens_total": e.stats.generation_tokens,
             "faults": self.faults.as_dict(),
+            "engine_id": self.engine_id,
+            "side_channel": {"host": self.side_host, "port": self.side_port},
+            "handoff": self._handoff_snapshot(),
         }
 
     async def _sim_stats(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -809,6 +1203,9 @@ class SimWorker:
         """Clear counters, history and the prefix cache; restore the start-up faults."""
         in_flight = self.stats.in_flight
         self.stats = SimStats(in_flight=in_flight)
+        self.kv_store.clear()
+        if self.ec_store is not None:
+            self.ec_store.stored = self.ec_store.found = self.ec_store.missing = 0
         self.engine.reset()
         self.faults.reset()
         self.engine.slow = self.faults.faults.slow
@@ -926,13 +1323,31 @@ async def _send_json(responder: Responder, status: int, body: bytes, rid: bytes)
 
 
 def unsupported_role_message(role: str) -> str:
-    return (
-        f"role {role!r} is not implemented yet: the disaggregated-flow issue adds "
-        "encode/prefill/decode simulators"
-    )
+    return f"unknown worker role {role!r}: expected one of {', '.join(ROLES)}"
+
+
+def _kv_param(params: dict[str, Any], name: str, kind: type) -> Any:
+    value = params.get(name)
+    if type(value) is not kind or (kind is str and not value):
+        raise _bad(
+            f"kv_transfer_params.{name} must be a {kind.__name__} (copy the prefill response's "
+            "kv_transfer_params verbatim)",
+            "kv_transfer_params",
+        )
+    return value
+
+
+def _single(value: Any, name: str) -> Any:
+    """SGLang's bootstrap fields are per batch element; this simulator takes one element."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise _bad(f"{name} must be a single value (batched hand-offs are not simulated)", name)
+        return value[0]
+    return value
 
 
 __all__ = [
+    "ROLES",
     "ApiError",
     "SimStats",
     "SimWorker",

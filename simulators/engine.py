@@ -225,12 +225,15 @@ _MEDIA_KINDS = {
 @dataclass(frozen=True, slots=True)
 class MediaItem:
     """One multimodal item of a prompt: its kind, a content hash (like vLLM's mm_hash), and where
-    its placeholder tokens sit in the prompt."""
+    its placeholder tokens sit in the prompt. ``content_hash`` (sha256 of the data URL / URL, or
+    of the item's uuid) keys the item's embedding in a shared encoder cache, as vLLM's EC
+    connectors key it by mm hash."""
 
     kind: str
     mm_hash: str
     offset: int
     length: int
+    content_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +253,8 @@ def media_token_ids(mm_hash: str, count: int) -> list[int]:
     return [RESERVED + (base + 7919 * i) % span for i in range(count)]
 
 
-def _media_hash(part: dict[str, Any], key: str) -> str:
+def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
+    """(mm_hash for the placeholder ids, sha256 content hash for the encoder cache)."""
     payload = part.get(key)
     if isinstance(payload, dict):
         ident = payload.get("url") or payload.get("data") or msgspec.json.encode(payload).decode()
@@ -259,7 +263,8 @@ def _media_hash(part: dict[str, Any], key: str) -> str:
     uuid = part.get("uuid")
     if isinstance(uuid, str) and uuid:
         ident = "uuid:" + uuid
-    return hashlib.blake2b(ident.encode(), digest_size=16).hexdigest()
+    raw = ident.encode()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest(), hashlib.sha256(raw).hexdigest()
 
 
 def render_chat(
@@ -285,7 +290,7 @@ def render_chat(
         raise PromptError(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
         )
-    segments: list[str | tuple[str, str, int]] = []
+    segments: list[str | tuple[str, str, int, str]] = []
     last = len(messages) - 1
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
@@ -316,7 +321,7 @@ def _render_part(
     part: Any,
     i: int,
     j: int,
-    segments: list[str | tuple[str, str, int]],
+    segments: list[str | tuple[str, str, int, str]],
     media: MediaConfig,
 ) -> None:
     if isinstance(part, str):
@@ -340,11 +345,12 @@ def _render_part(
         "audio": media.audio_tokens,
         "video": media.video_tokens,
     }[media_kind]
-    segments.append((marker, _media_hash(part, kind), count))
+    mm_hash, content_hash = _media_hash(part, kind)
+    segments.append((marker, mm_hash, count, content_hash))
 
 
 def _tokenize_segments(
-    tokenizer: Tokenizer, segments: list[str | tuple[str, str, int]]
+    tokenizer: Tokenizer, segments: list[str | tuple[str, str, int, str]]
 ) -> RenderedPrompt:
     texts: list[str] = []
     ids: list[int] = []
@@ -363,9 +369,9 @@ def _tokenize_segments(
             pending.append(seg)
         else:
             flush()
-            marker, mm_hash, count = seg
+            marker, mm_hash, count, content_hash = seg
             texts.append(marker)
-            items.append(MediaItem(marker.strip("<|>"), mm_hash, len(ids), count))
+            items.append(MediaItem(marker.strip("<|>"), mm_hash, len(ids), count, content_hash))
             ids.extend(media_token_ids(mm_hash, count))
     flush()
     return RenderedPrompt("".join(texts), ids, tuple(items))
@@ -542,8 +548,9 @@ def _cut_pieces(pieces: list[str], cut: int) -> list[str]:
 class TimingModel:
     """Latency of a 7-8B model on one GPU, divided by ``speed`` (``inf``: no delays at all).
 
-    prefill_s = a + b * uncached_tokens; decode_s (per token step) = c + d * batch_size.
-    ``slow`` is the fault-injection multiplier applied on top.
+    prefill_s = a + b * uncached_tokens; decode_s (per token step) = c + d * batch_size;
+    encode_s = e per multimodal item (the encoder role). ``slow`` is the fault-injection
+    multiplier applied on top.
     """
 
     a: float = 0.002
@@ -551,6 +558,7 @@ class TimingModel:
     c: float = 0.008
     d: float = 0.0001
     speed: float = 1.0
+    e: float = 0.01
 
     @property
     def instant(self) -> bool:
@@ -565,6 +573,11 @@ class TimingModel:
         if self.instant:
             return 0.0
         return (self.c + self.d * max(1, batch_size)) * slow / self.speed
+
+    def encode_s(self, items: int, slow: float = 1.0) -> float:
+        if self.instant:
+            return 0.0
+        return self.e * max(0, items) * slow / self.speed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -743,8 +756,12 @@ class Ticket:
         e.kv_blocks_in_use += self._kv_blocks
         self.state = "running"
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> float:
-        """Look the prompts up in the prefix cache and cache them; returns the prefill seconds."""
+    def prefill(self, prompts: Sequence[Sequence[int]], external_cached: int = 0) -> float:
+        """Look the prompts up in the prefix cache and cache them; returns the prefill seconds.
+
+        ``external_cached`` tokens of each prompt arrived from elsewhere (a disaggregated decode
+        worker's KV fetched from its prefill worker): they count as cached, not computed, but
+        not as local prefix-cache hits (vLLM's metrics count those separately too)."""
         e = self._engine
         cache = e.cache
         uncached = 0
@@ -752,7 +769,7 @@ class Ticket:
         for ids in prompts:
             hashes = block_hashes(ids, cache.block_size)
             self._prompt_hashes.append(hashes)
-            hit = cache.lookup(ids, hashes)
+            hit = max(cache.lookup(ids, hashes), min(external_cached, len(ids)))
             self.cached_tokens += hit
             uncached += len(ids) - hit
             cache.insert(ids, hashes)

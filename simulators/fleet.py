@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,8 +26,7 @@ import trio
 
 from lmgw.http.server import serve_http
 
-from .app import SimWorker, WorkerOptions, unsupported_role_message
-from .worker import ROLES
+from .app import ROLES, SimWorker, WorkerOptions, unsupported_role_message
 
 log = logging.getLogger("lmgw.simulators.fleet")
 
@@ -61,9 +62,13 @@ async def serve_worker_inprocess(
     """
     worker = options if isinstance(options, SimWorker) else SimWorker(options)
     opts = worker.options
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
-        task_status.started(_url(opts.host, port))
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
+            worker.bound_port = port  # the KV side channel (and SGLang bootstrap) port
+            task_status.started(_url(opts.host, port))
+    finally:
+        worker.close()
 
 
 class FleetError(RuntimeError):
@@ -97,6 +102,8 @@ class Fleet:
 
     def __init__(self) -> None:
         self.members: list[FleetMember] = []
+        self.ec_dir: str | None = None
+        """The shared encoder-cache directory run_fleet created, if any."""
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.endpoints())
@@ -159,6 +166,10 @@ async def run_fleet(
     """Spawn ``counts[role]`` worker processes per role, wait for all to be READY, report the
     :class:`Fleet` through ``task_status``, and keep them until cancelled.
 
+    A fleet with encoders gets a shared encoder-cache directory (a temporary one, removed when
+    the fleet ends) passed as ``--ec-dir`` to its e, p and pd workers, unless ``extra_args``
+    already names one (``Fleet.ec_dir`` tells which).
+
     Raises:
         ValueError: an unknown role or a negative count (before anything is spawned).
         FleetError: a child exited or stayed silent for ``ready_timeout_s`` before READY.
@@ -170,14 +181,23 @@ async def run_fleet(
             raise ValueError(f"negative worker count for role {role!r}")
     fleet = Fleet()
     errors: list[str] = []
+    own_ec_dir: str | None = None
+    if counts.get("e", 0) > 0 and not any(
+        a == "--ec-dir" or a.startswith("--ec-dir=") for a in extra_args
+    ):
+        own_ec_dir = tempfile.mkdtemp(prefix="lmgw-sim-ec-")
+        fleet.ec_dir = own_ec_dir
     try:
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as starters:
                 index = 0
                 for role, count in counts.items():
+                    role_args = list(extra_args)
+                    if own_ec_dir is not None and role in ("e", "p", "pd"):
+                        role_args += ["--ec-dir", own_ec_dir]
                     for _ in range(count):
                         cmd = worker_command(
-                            role, model=model, speed=speed, extra_args=extra_args, python=python
+                            role, model=model, speed=speed, extra_args=role_args, python=python
                         )
                         starters.start_soon(
                             _start_member, nursery, fleet, role, index, cmd, ready_timeout_s, errors
@@ -192,6 +212,8 @@ async def run_fleet(
     finally:
         with trio.CancelScope(shield=True):
             await _terminate_all(fleet.members, grace_s)
+        if own_ec_dir is not None:
+            shutil.rmtree(own_ec_dir, ignore_errors=True)
     if errors:
         raise FleetError("; ".join(errors))
 

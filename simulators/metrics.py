@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .engine import Engine, Histogram
 
 
@@ -14,9 +16,12 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-def render_metrics(engine: Engine, model_name: str) -> str:
+def render_metrics(
+    engine: Engine, model_name: str, extra_counters: Iterable[tuple[str, str, float]] = ()
+) -> str:
     """The /metrics body: gauges, counters and histograms with ``model_name`` and ``engine``
-    labels (vLLM V1 labels every series with both)."""
+    labels (vLLM V1 labels every series with both). ``extra_counters`` are simulator-only
+    ``(name, help, value)`` series appended at the end (hand-off counters of the roles)."""
     labels = f'model_name="{_esc(model_name)}",engine="0"'
     stats = engine.stats
     cache = engine.cache
@@ -93,6 +98,8 @@ def render_metrics(engine: Engine, model_name: str) -> str:
         stats.e2e,
         labels,
     )
+    for name, help_, value in extra_counters:
+        metric(name, "counter", help_, value)
     return "".join(out)
 
 

@@ -1,5 +1,7 @@
 """Run one simulated worker as a process: ``python -m lmgw.simulators --role pd --port 0 ...``.
 
+Roles: ``pd`` (merged), ``e`` (encoder; needs ``--ec-dir``), ``p`` (prefill), ``d`` (decode).
+
 The process prints exactly one line, ``READY http://<host>:<port>``, to stdout once it is bound
 (the fleet launcher waits for it; port 0 means "pick a free one"), logs only to stderr, and exits
 with status 0 on SIGTERM or SIGINT.
@@ -16,11 +18,8 @@ from collections.abc import Sequence
 
 import trio
 
-from .app import WorkerOptions, unsupported_role_message
+from .app import ROLES, WorkerOptions, unsupported_role_message
 from .faults import Faults
-
-ROLES = ("pd",)
-"""Roles this version simulates (encode/prefill/decode come with the disaggregated flows)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lmgw.simulators",
         description="A simulated vLLM worker (OpenAI-compatible HTTP API, timing model, faults).",
     )
-    p.add_argument("--role", default="pd", help="worker role; only 'pd' (merged) for now")
+    p.add_argument(
+        "--role",
+        default="pd",
+        help="worker role: pd (merged), e (encode), p (prefill) or d (decode)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on READY)")
     p.add_argument("--model", default="sim-model", help="model name (also the served name)")
@@ -47,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="prefix cache block (tokens)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    dis = p.add_argument_group("disaggregation (roles e, p, d)")
+    dis.add_argument(
+        "--ec-dir",
+        default=None,
+        help="shared encoder-cache directory: e writes embeddings, p/pd require them",
+    )
+    dis.add_argument(
+        "--engine-id", default=None, help="KV engine id reported by a prefill worker (uuid4)"
+    )
+    dis.add_argument(
+        "--kv-ttl", type=float, default=480.0, help="seconds a prefill worker keeps unfetched KV"
+    )
+    dis.add_argument(
+        "--bootstrap-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a decode worker waits for an SGLang room's KV",
+    )
     faults = p.add_argument_group("fault injection (also settable at run time: POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 500")
     faults.add_argument("--hang", action="store_true", help="never answer generation requests")
@@ -66,6 +87,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError(unsupported_role_message(ns.role))
     if math.isnan(ns.speed) or ns.speed <= 0:
         raise ValueError("--speed must be > 0 (use 'inf' for no delays)")
+    if ns.role == "e" and not ns.ec_dir:
+        raise ValueError("--role e needs --ec-dir (where the embeddings go)")
+    if not ns.kv_ttl > 0 or not ns.bootstrap_timeout > 0:
+        raise ValueError("--kv-ttl and --bootstrap-timeout must be > 0")
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -90,6 +115,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         api_key=ns.api_key,
         faults=faults,
         exit_on_crash=as_process,
+        engine_id=ns.engine_id,
+        ec_dir=ns.ec_dir,
+        kv_ttl_s=ns.kv_ttl,
+        bootstrap_timeout_s=ns.bootstrap_timeout,
     )
 
 

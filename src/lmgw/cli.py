@@ -116,9 +116,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     missing = spec.unimplemented()
     if missing:
         print(
-            f"lmgw: the simulator does not implement role(s) {', '.join(missing)} yet "
-            f"(only merged 'pd' workers exist so far; e/p/d arrive with the disaggregated flows)",
-            file=sys.stderr,
+            f"lmgw: the simulator does not implement role(s) {', '.join(missing)}", file=sys.stderr
         )
         return 2
     setup_logging(args.log_level)
@@ -155,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sim.add_argument("--seed", type=int, default=0)
     p_sim.add_argument("--policy", default=None, help="routing policy for every role")
+    p_sim.add_argument(
+        "--dialect",
+        default=None,
+        help="disaggregation dialect (vllm-nixl, vllm-lmcache, vllm-epd, sglang-bootstrap);"
+        " default: the engine default for the flow of --workers",
+    )
     p_sim.add_argument("--server", choices=("native", "hypercorn"), default=None)
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)

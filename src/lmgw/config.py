@@ -455,8 +455,13 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     models: list[str] = []
     # Stable name in logs, metrics and the admin API; defaults to the URL (see `worker_id`).
     id: str | None = None
+    # SGLang prefill workers: the port of their bootstrap server (sent as `bootstrap_port`);
+    # unset sends null, which SGLang resolves itself.
+    bootstrap_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
+            raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
         try:
             role = normalize_role(self.role)
         except ConfigError as e:

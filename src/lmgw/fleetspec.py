@@ -21,7 +21,7 @@ from lmgw.config import ROLE_NAMES, ConfigError, infer_flow
 __all__ = ["FLEET_ORDER", "IMPLEMENTED_ROLES", "FleetSpec", "parse_fleet_spec"]
 
 #: Roles the simulator can run today; the CLI reports the others as not implemented yet.
-IMPLEMENTED_ROLES: frozenset[str] = frozenset({"pd"})
+IMPLEMENTED_ROLES: frozenset[str] = frozenset({"e", "p", "d", "pd"})
 #: Order of roles in the canonical spec text.
 FLEET_ORDER: tuple[str, ...] = ("e", "pd", "p", "d")
 

@@ -72,7 +72,13 @@ class Gateway:
 
     # -- fleet ----------------------------------------------------------------------------
     def add_worker(self, wc: WorkerConfig) -> Worker:
-        worker = Worker(wc.worker_id, wc.url, wc.role, frozenset(wc.models) if wc.models else None)
+        worker = Worker(
+            wc.worker_id,
+            wc.url,
+            wc.role,
+            frozenset(wc.models) if wc.models else None,
+            wc.bootstrap_port,
+        )
         return self.registry.add(worker)
 
     def remove_worker(self, worker_id: str) -> Worker:

@@ -34,14 +34,18 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     if getattr(args, "server", None):
         server["server"] = args.server
     routing = {"policy": args.policy} if getattr(args, "policy", None) else {}
+    dialect = getattr(args, "dialect", None) or "openai"
+    workers = []
+    for role, url in fleet.endpoints():
+        # a simulated prefill worker serves its SGLang bootstrap rendezvous on its HTTP port
+        port = int(url.rsplit(":", 1)[1]) if role == "p" else None
+        workers.append(WorkerConfig(url=url, role=role, models=[args.model], bootstrap_port=port))
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
         routing=RoutingConfig(**routing),
-        models=[ModelConfig(name=args.model, flow=spec.flow)],
-        workers=[
-            WorkerConfig(url=url, role=role, models=[args.model]) for role, url in fleet.endpoints()
-        ],
+        models=[ModelConfig(name=args.model, flow=spec.flow, dialect=dialect)],
+        workers=workers,
     )
 
 
@@ -58,7 +62,11 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             log.error("simulated fleet failed to start: %s", exc)
             return 1
         cfg = fleet_config(fleet, spec, args)
-        gateway = Gateway(cfg)
+        try:
+            gateway = Gateway(cfg)
+        except ValueError as exc:  # e.g. a dialect that cannot run the spec's flow
+            log.error("%s", exc)
+            return 2
         port = await nursery.start(gateway.run)
         for role, url in fleet.endpoints():
             print(f"  worker {role:<3} {url}", flush=True)

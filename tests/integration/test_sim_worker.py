@@ -428,8 +428,8 @@ async def test_process_crash_fault_and_failed_start() -> None:
             nursery.cancel_scope.cancel()
         with pytest.raises(FleetError, match="unrecognized arguments: --bogus"):
             await run_fleet({"pd": 1}, model=MODEL, speed=1.0, extra_args=["--bogus"])
-    with pytest.raises(ValueError, match="not implemented yet"):
-        await run_fleet({"p": 1}, model=MODEL, speed=1.0)
+    with pytest.raises(ValueError, match="unknown worker role"):
+        await run_fleet({"x": 1}, model=MODEL, speed=1.0)
 
 
 @pytest.mark.slow

@@ -99,11 +99,9 @@ def test_direct_construction_is_checked() -> None:
 
 
 def test_unimplemented_roles() -> None:
-    assert sorted(IMPLEMENTED_ROLES) == ["pd"]
-    assert parse_fleet_spec("4pd").unimplemented() == []
-    assert parse_fleet_spec("3e2p4d").unimplemented() == ["e", "p", "d"]
-    assert parse_fleet_spec("1e2pd").unimplemented() == ["e"]
-    assert parse_fleet_spec("4d2pd").unimplemented() == ["d"]
+    assert sorted(IMPLEMENTED_ROLES) == ["d", "e", "p", "pd"]
+    for spec in ("4pd", "3e2p4d", "1e2pd", "4d2pd"):
+        assert parse_fleet_spec(spec).unimplemented() == []
 
 
 def test_frozen() -> None:

@@ -50,7 +50,9 @@ STAGE_NAMES = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
 
 
 def _peer(worker: Worker | None) -> Peer | None:
-    return None if worker is None else Peer(worker.origin.host, worker.origin.port)
+    if worker is None:
+        return None
+    return Peer(worker.origin.host, worker.origin.port, bootstrap_port=worker.bootstrap_port)
 
 
 class DisaggRunner:

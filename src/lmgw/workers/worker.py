@@ -24,6 +24,7 @@ class Worker:
     """One inference worker endpoint serving one role."""
 
     __slots__ = (
+        "bootstrap_port",
         "consecutive_failures",
         "id",
         "in_flight",
@@ -37,10 +38,19 @@ class Worker:
         "url",
     )
 
-    def __init__(self, id: str, url: str, role: str, models: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        id: str,
+        url: str,
+        role: str,
+        models: frozenset[str] | None = None,
+        bootstrap_port: int | None = None,
+    ) -> None:
         self.id = id
         self.url = url.rstrip("/")
         self.role = role
+        #: SGLang prefill: the bootstrap server's port (dialects name it on the wire)
+        self.bootstrap_port = bootstrap_port
         #: models named in config (fixed) or None: then ``models`` is discovered from /v1/models
         self.static_models = models
         #: models this worker serves; None = not known yet (treated as "any")

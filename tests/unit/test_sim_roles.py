@@ -1,0 +1,178 @@
+"""Sans-IO pieces of the disaggregated simulator roles: KV block derivation and verification, the
+prefill worker's KV store, the encoder embedding store, media content hashes and the role CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from lmgw.simulators.disagg import (
+    EC_FILE_NAME,
+    EMBED_BYTES_PER_TOKEN,
+    KV_BLOCK_BYTES,
+    EmbeddingError,
+    EmbeddingStore,
+    KVStore,
+    KVUnknownBlocks,
+    KVVerifyError,
+    derive_embedding,
+    kv_block_payloads,
+    prompt_digest,
+    verify_kv_blocks,
+)
+from lmgw.simulators.engine import Engine, SamplingSpec, Tokenizer, render_chat
+from lmgw.simulators.worker import build_parser, options_from_args
+
+TOK = Tokenizer()
+PROMPT = list(range(1000, 1000 + 40))  # 2 full blocks of 16 + 8 tokens
+
+
+# -- KV blocks ------------------------------------------------------------------------------------
+
+
+def test_kv_blocks_are_deterministic_full_blocks_and_chained() -> None:
+    blocks = kv_block_payloads(PROMPT, 16)
+    assert len(blocks) == 2 and all(len(b) == KV_BLOCK_BYTES for b in blocks)
+    assert blocks == kv_block_payloads(list(PROMPT), 16)
+    assert blocks[0] != blocks[1]
+    assert kv_block_payloads(PROMPT[:15], 16) == []  # shorter than a block: nothing to move
+    # Chained: the same 16 tokens after a different prefix give different bytes.
+    other = [7] * 16 + PROMPT[16:32]
+    assert kv_block_payloads(other, 16)[1] != blocks[1]
+    # Tokens past the last full block do not change the full blocks.
+    assert kv_block_payloads(PROMPT[:32], 16) == blocks
+    assert kv_block_payloads(PROMPT, 8)[0] != blocks[0]
+    with pytest.raises(ValueError):
+        kv_block_payloads(PROMPT, 0)
+
+
+def test_verify_kv_blocks_names_the_problem() -> None:
+    blocks = kv_block_payloads(PROMPT, 16)
+    assert verify_kv_blocks(PROMPT, 16, b"".join(blocks)) == 2
+    assert verify_kv_blocks(PROMPT[:10], 16, b"") == 0
+    with pytest.raises(KVVerifyError, match="block 0 of 2 does not match"):
+        verify_kv_blocks(PROMPT, 16, blocks[1] + blocks[0])  # misordered
+    corrupt = bytearray(b"".join(blocks))
+    corrupt[KV_BLOCK_BYTES + 5] ^= 0xFF
+    with pytest.raises(KVVerifyError, match="block 1 of 2"):
+        verify_kv_blocks(PROMPT, 16, bytes(corrupt))
+    with pytest.raises(KVVerifyError, match=r"has 1 blocks but .* needs 2"):
+        verify_kv_blocks(PROMPT, 16, blocks[0])
+    with pytest.raises(KVVerifyError, match="whole number"):
+        verify_kv_blocks(PROMPT, 16, b"".join(blocks) + b"x")
+    assert prompt_digest(PROMPT) == prompt_digest(list(PROMPT)) != prompt_digest(PROMPT[:-1])
+
+
+def test_kv_store_take_releases_and_serves_in_asked_order() -> None:
+    store = KVStore(max_entries=8, ttl_s=10.0)
+    entry = store.put("r1", PROMPT, 16, now=0.0)
+    assert len(entry.block_ids) == 2 and entry.num_tokens == 40
+    assert entry.digest == prompt_digest(PROMPT)
+    second = store.put("r2", PROMPT, 16, now=0.0)
+    assert set(second.block_ids).isdisjoint(entry.block_ids)  # fresh block ids per request
+    with pytest.raises(KVUnknownBlocks):
+        store.take("r1", [entry.block_ids[0], 999], now=1.0)
+    assert "r1" in store  # a bad fetch does not release
+    _, data = store.take("r1", list(reversed(entry.block_ids)), now=1.0)
+    blocks = kv_block_payloads(PROMPT, 16)
+    assert data == blocks[1] + blocks[0]
+    assert "r1" not in store and store.released == 1 and store.blocks_served == 2
+    with pytest.raises(KeyError):
+        store.take("r1", None, now=1.0)  # fetched already
+    _, all_blocks = store.take("r2", None, now=1.0)
+    assert all_blocks == b"".join(blocks)
+
+
+def test_kv_store_ttl_and_capacity() -> None:
+    store = KVStore(max_entries=2, ttl_s=5.0)
+    store.put("a", PROMPT, 16, now=0.0)
+    store.put("b", PROMPT, 16, now=1.0)
+    store.put("c", PROMPT, 16, now=2.0)
+    assert "a" not in store and store.evicted == 1
+    assert store.get("b", now=6.5) is None and store.expired == 1  # published at 1 + ttl 5
+    assert store.get("c", now=6.5) is not None
+    assert store.expire(now=100.0) == 1 and len(store) == 0
+    store.clear()
+    assert (store.published, store.expired, store.evicted) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        KVStore(max_entries=0)
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+
+def test_embedding_store_atomic_layout_and_verification(tmp_path: Path) -> None:
+    store = EmbeddingStore(tmp_path)
+    h = hashlib.sha256(b"data:image/png;base64,AAAA").hexdigest()
+    data = derive_embedding(h, "image", 256)
+    assert len(data) == 256 * EMBED_BYTES_PER_TOKEN
+    assert data == derive_embedding(h, "image", 256) != derive_embedding(h, "audio", 256)
+    with pytest.raises(EmbeddingError, match="no encoder output"):
+        store.require(h, "image", 256)
+    assert store.missing == 1
+    assert store.put(h, data) is True and store.put(h, data) is False  # identical: no rewrite
+    assert (tmp_path / h / EC_FILE_NAME).read_bytes() == data
+    assert os.listdir(tmp_path / h) == [EC_FILE_NAME]  # no temp file left behind
+    store.require(h, "image", 256)
+    assert (store.stored, store.found) == (1, 1)
+    (tmp_path / h / EC_FILE_NAME).write_bytes(data[:-1] + b"\x00")
+    with pytest.raises(EmbeddingError, match="corrupted"):
+        store.require(h, "image", 256)
+    with pytest.raises(ValueError):
+        store.path("../etc")
+
+
+def test_media_items_carry_sha256_content_hash() -> None:
+    url = "data:image/png;base64,iVBORw0KGgo="
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Describe"},
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                {"type": "video_url", "video_url": {"url": "https://x/v.mp4"}, "uuid": "vid-1"},
+            ],
+        }
+    ]
+    r = render_chat(TOK, msgs)
+    assert [m.kind for m in r.media] == ["image", "audio", "video"]
+    assert r.media[0].content_hash == hashlib.sha256(url.encode()).hexdigest()
+    assert r.media[1].content_hash == hashlib.sha256(b"UklGRg==").hexdigest()
+    assert r.media[2].content_hash == hashlib.sha256(b"uuid:vid-1").hexdigest()
+
+
+def test_external_cached_tokens_skip_prefill_time() -> None:
+    engine = Engine()
+    ids = TOK.encode("word " * 200)
+    cold = engine.submit(len(ids))
+    cold.admit(1)
+    cold_s = cold.prefill([ids])
+    cold.close(aborted=True)
+    engine.reset()
+    warm = engine.submit(len(ids))
+    warm.admit(1)
+    warm_s = warm.prefill([ids], external_cached=len(ids) // 16 * 16)
+    assert warm.cached_tokens == len(ids) // 16 * 16
+    assert engine.cache.hits == 0  # remote KV is not a local prefix-cache hit
+    assert warm_s < cold_s / 5
+    warm.close(aborted=True)
+    assert engine.generate(ids, SamplingSpec()) == engine.generate(ids, SamplingSpec())
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_accepts_roles_and_checks_encoder_dir(tmp_path: Path) -> None:
+    parser = build_parser()
+    for role in ("e", "p", "d", "pd"):
+        ns = parser.parse_args(["--role", role, "--ec-dir", str(tmp_path), "--engine-id", "x1"])
+        opts = options_from_args(ns, as_process=False)
+        assert opts.role == role and opts.ec_dir == str(tmp_path) and opts.engine_id == "x1"
+    with pytest.raises(ValueError, match="--ec-dir"):
+        options_from_args(parser.parse_args(["--role", "e"]))
+    with pytest.raises(ValueError, match="unknown worker role 'x'"):
+        options_from_args(parser.parse_args(["--role", "x"]))
