@@ -23,6 +23,7 @@ from .config import (
 )
 from .fleetspec import FleetSpec
 from .gateway import Gateway
+from .pipeline.runner import dialect_for
 from .simulators.fleet import Fleet, FleetError, run_fleet
 
 log = logging.getLogger("lmgw.simulate")
@@ -51,6 +52,11 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
 
 async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
+    try:  # before any process starts: a dialect that cannot run the spec's flow
+        dialect_for(spec.flow, getattr(args, "dialect", None) or "openai", "--dialect")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     async with trio.open_nursery() as nursery:
         try:
             fleet: Fleet = await nursery.start(
@@ -64,8 +70,9 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         cfg = fleet_config(fleet, spec, args)
         try:
             gateway = Gateway(cfg)
-        except ValueError as exc:  # e.g. a dialect that cannot run the spec's flow
+        except ValueError as exc:
             log.error("%s", exc)
+            nursery.cancel_scope.cancel()  # stops the fleet
             return 2
         port = await nursery.start(gateway.run)
         for role, url in fleet.endpoints():

@@ -40,10 +40,10 @@ def test_serve_rejects_bad_input_with_exit_2() -> None:
     assert r.returncode == 2 and "unknown routing policy 'nope'" in r.stderr
     r = run("serve")
     assert r.returncode == 2 and "no workers configured" in r.stderr
-    r = run("simulate", "--workers", "3e2p4d")
-    assert r.returncode == 2 and "not implement role(s) e, p, d yet" in r.stderr
     r = run("simulate", "--workers", "2x")
     assert r.returncode == 2
+    r = run("simulate", "--workers", "1p1d", "--dialect", "nope")
+    assert r.returncode == 2 and "unknown dialect" in r.stderr.lower()
 
 
 def test_print_config_redacts_secrets() -> None:
@@ -65,14 +65,15 @@ def test_print_config_redacts_secrets() -> None:
 
 
 @pytest.mark.slow
-def test_simulate_serves_then_stops_cleanly_on_sigterm() -> None:
+@pytest.mark.parametrize(("spec", "n"), [("2pd", 2), ("1e1p1d", 3)])
+def test_simulate_serves_then_stops_cleanly_on_sigterm(spec: str, n: int) -> None:
     before = sim_pids()
     proc = subprocess.Popen(
         [
             *LMGW,
             "simulate",
             "--workers",
-            "2pd",
+            spec,
             "--port",
             "0",
             "--speed",
@@ -96,7 +97,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm() -> None:
                 url = m.group(1)
         assert url, proc.stderr.read()
         workers = sim_pids() - before  # the two worker processes (tests run one at a time)
-        assert len(workers) >= 2
+        assert len(workers) >= n
         body = json.dumps(
             {
                 "model": "sim-llama-8b",

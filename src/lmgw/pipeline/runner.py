@@ -31,7 +31,7 @@ log = logging.getLogger("lmgw.pipeline")
 DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
 
 
-def _dialect_for(flow: str, name: str, where: str) -> Dialect | None:
+def dialect_for(flow: str, name: str, where: str) -> Dialect | None:
     """The dialect object for a (flow, dialect name), None for merged OpenAI pass-through.
 
     Raises ValueError (a start-up error) when the dialect cannot run the flow."""
@@ -67,7 +67,7 @@ class Pipeline:
         self.flows = {m.name: m.flow for m in cfg.models}
         # per model: the dialect when the flow is not plain merged OpenAI (None: the fast path)
         self.dialects: dict[str, Dialect | None] = {
-            m.name: _dialect_for(m.flow, m.dialect, f"model {m.name!r}") for m in cfg.models
+            m.name: dialect_for(m.flow, m.dialect, f"model {m.name!r}") for m in cfg.models
         }
         # models not in [[models]] (reported by workers): routing.flow, else what the roles say
         roles = {w.role for w in cfg.workers}
@@ -76,7 +76,7 @@ class Pipeline:
         except ConfigError:
             inferred = "pd"
         self.default_flow = cfg.routing.flow or inferred
-        self.default_dialect = _dialect_for(self.default_flow, cfg.routing.dialect, "routing")
+        self.default_dialect = dialect_for(self.default_flow, cfg.routing.dialect, "routing")
         self.disagg = DisaggRunner(self)
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
