@@ -1,9 +1,11 @@
-"""`make demo`: a simulated fleet behind the gateway, driven by the official `openai` client.
+"""`make demo`: a simulated disaggregated fleet behind the gateway, driven by the `openai` client.
 
-Starts simulated merged (prefill+decode) workers as processes and the gateway in this process,
-sends chat and completion requests (non-streamed and streamed) through the gateway with the
-unmodified `openai` client, shows what came back, then runs a short concurrent load and prints
-a latency summary. Exits 0 when every request succeeded.
+Starts simulated workers as processes (default `3e2p4d`: 3 encoders, 2 prefill, 4 decode, vLLM
+NIXL / EPD dialects, real KV and embedding bytes moving between them) and the gateway in this
+process, sends chat and completion requests (non-streamed and streamed, with and without an
+image) through the gateway with the unmodified `openai` client, shows what came back and which
+stages ran, then runs a short concurrent load and prints a latency summary. Exits 0 when every
+request succeeded.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import trio
 
-from lmgw.config import GatewayConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.fleetspec import parse_fleet_spec
 from lmgw.gateway import Gateway
+from lmgw.simulate import fleet_config
 from lmgw.simulators.fleet import run_fleet
 
 MODEL = "sim-llama-8b"
+# a 1x1 PNG as a data URL: the encoder stage runs for requests that carry it
+IMAGE = {
+    "type": "image_url",
+    "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlE"
+        "QVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    },
+}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -77,6 +88,22 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     if "".join(parts) != r.choices[0].message.content:
         print("   !! streamed text differs from the non-streamed text for the same prompt")
         ok = False
+
+    print("\n== chat with an image (encoder stage first) ==")
+    with_image = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe this image."}, IMAGE]}
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=with_image, max_tokens=16
+    )
+    r = raw.parse()
+    print(f"   {r.choices[0].message.content!r}")
+    print(f"   stages before decode (Server-Timing): {raw.headers.get('server-timing')}")
+    print(f"   usage={r.usage.model_dump(exclude_none=True)}")
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=4
+    )
+    print(f"   a text-only request skips the encoder: {raw.headers.get('server-timing')}")
 
     print("\n== completion, non-streamed ==")
     c = client.completions.create(
@@ -139,19 +166,17 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
 
 
 async def main(args: argparse.Namespace) -> int:
+    spec = parse_fleet_spec(args.workers)
+    counts = {role: n for role, n in spec.counts().items() if n}
     async with trio.open_nursery() as nursery:
-        print(f"starting {args.workers} simulated merged workers (speed x{args.speed:g}) ...")
+        print(f"starting simulated workers {spec} (flow {spec.flow}, speed x{args.speed:g}) ...")
         fleet = await nursery.start(
             lambda task_status: run_fleet(
-                {"pd": args.workers}, model=MODEL, speed=args.speed, task_status=task_status
+                counts, model=MODEL, speed=args.speed, task_status=task_status
             )
         )
-        cfg = GatewayConfig(
-            server=ServerConfig(port=0),
-            models=[ModelConfig(name=MODEL)],
-            workers=[WorkerConfig(url=url, role=role) for role, url in fleet.endpoints()],
-        )
-        gateway = Gateway(cfg)
+        gw_args = argparse.Namespace(host="127.0.0.1", port=0, model=MODEL, dialect=args.dialect)
+        gateway = Gateway(fleet_config(fleet, spec, gw_args))
         t0 = time.perf_counter()
         await nursery.start(gateway.run)
         print(
@@ -159,10 +184,12 @@ async def main(args: argparse.Namespace) -> int:
             f" (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:"
         )
         for role, url in fleet.endpoints():
-            print(f"   {role} {url}")
+            print(f"   {role:<2} {url}")
         ok = await trio.to_thread.run_sync(drive, gateway.url, args.requests, args.concurrency)
-        served = {w.id: w.total_requests for w in gateway.registry}
-        print(f"\nrequests per worker: {served}")
+        served = {
+            w.id.rsplit(":", 1)[1] + f"({w.role})": w.total_requests for w in gateway.registry
+        }
+        print(f"\nrequests per worker (port(role): count): {served}")
         nursery.cancel_scope.cancel()
     print("demo", "OK" if ok else "FAILED")
     return 0 if ok else 1
@@ -170,7 +197,8 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="3e2p4d", help="fleet spec, e.g. 3e2p4d, 2p2d, 2pd")
+    ap.add_argument("--dialect", default=None, help="default: vLLM's for the flow (nixl / epd)")
     ap.add_argument("--speed", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=8)
