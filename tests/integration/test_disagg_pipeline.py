@@ -258,3 +258,40 @@ async def test_flags_without_models_infer_the_flow_from_worker_roles(nursery: tr
     health = (await http_request(url, "GET", "/health")).json()
     assert health["models"][MODEL]["flow"] == "p/d"
     assert health["models"][MODEL]["routable_workers"] == {"prefill": 1, "decode": 1}
+
+
+async def test_client_gone_during_prefill_sends_no_decode(nursery: trio.Nursery) -> None:
+    """A client that leaves while P runs: P's connection is closed, D is never sent."""
+    prefill_started = trio.Event()
+    prefill_cancelled = trio.Event()
+
+    class SlowPrefill(Fake):
+        async def __call__(self, req: Request, responder: Responder) -> None:
+            if req.method == "POST":
+                prefill_started.set()
+                try:
+                    await trio.sleep(5)
+                except trio.Cancelled:
+                    prefill_cancelled.set()
+                    raise
+            await super().__call__(req, responder)
+
+    p = await start(
+        nursery, SlowPrefill("p0", lambda b: (200, completion("x", kv_transfer_params=KV)))
+    )
+    d = await start(nursery, Fake("d0", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
+    host, port = url.rsplit("/", 1)[1].split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    body = msgspec.json.encode(CHAT)
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with trio.fail_after(5):
+        await prefill_started.wait()
+    await stream.aclose()
+    with trio.fail_after(2):  # the gateway closes the prefill leg's connection
+        await prefill_cancelled.wait()
+    await trio.sleep(0.2)
+    assert d.seen == []
