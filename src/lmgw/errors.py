@@ -69,6 +69,28 @@ def error_body(
     return _encode({"error": {"message": message, "type": etype, "param": param, "code": status}})
 
 
+def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
+    """(message, type, param) of an engine's error body: vLLM's ``{"error": {...}}``, the older
+    flat vLLM object, SGLang's ``{"error": "text"}``, or plain text. The message is never empty
+    unless the body is."""
+    message, etype, param = "", None, None
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            etype = err.get("type") if isinstance(err.get("type"), str) else None
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+        elif isinstance(err, str):
+            message = err
+    if not message:
+        message = body[:500].decode("utf-8", "replace").strip()
+    return message, etype, param
+
+
 def sse_error_event(status: int, message: str, *, type: str | None = None) -> bytes:
     """A mid-stream error as vLLM sends it: an error event, then the usual terminator."""
     return b"data: " + error_body(status, message, type=type) + b"\n\ndata: [DONE]\n\n"

@@ -6,9 +6,7 @@ policies or flows; the pipeline calls these functions with a chosen worker.
 
 from __future__ import annotations
 
-import msgspec
-
-from ..errors import GatewayError, sse_error_event
+from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..workers.worker import Worker
 from .pool import Response, UpstreamError
@@ -26,21 +24,8 @@ def worker_error(worker: Worker, status: int, body: bytes) -> GatewayError:
     4xx errors are the client's (bad parameters, unknown model on the worker): passed on with
     the worker's status and message. 5xx are the gateway's problem to report: 502.
     """
-    message, etype, param = "", None, None
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        obj = None
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict):
-            message = str(err.get("message") or "")
-            etype = err.get("type") if isinstance(err.get("type"), str) else None
-            param = err.get("param") if isinstance(err.get("param"), str) else None
-        elif isinstance(err, str):
-            message = err
-    if not message:
-        message = body[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    message, etype, param = parse_error_body(body)
+    message = message or f"HTTP {status}"
     if 400 <= status < 500:
         return GatewayError(status, message, param=param, type=etype)
     return GatewayError(502, f"worker {worker.id} failed with HTTP {status}: {message}")

@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ...errors import parse_error_body
+
 Headers = list[tuple[bytes, bytes]]
 
 _encode = msgspec.json.encode
@@ -164,19 +166,8 @@ def random_hex(rng: random.Random | None, chars: int) -> str:
 
 
 def error_message(body: bytes) -> str:
-    """The message of an engine error body: vLLM ``{"error": {...}}`` or flat, SGLang, text."""
-    try:
-        obj = _decode(body)
-    except msgspec.DecodeError:
-        obj = None
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str) and err:
-            return err
-    text = body[:500].decode("utf-8", "replace").strip()
-    return text or "no response body"
+    """The message of an engine error body (see :func:`lmgw.errors.parse_error_body`)."""
+    return parse_error_body(body)[0] or "no response body"
 
 
 def check_status(stage: str, status: int, body: bytes) -> None:
