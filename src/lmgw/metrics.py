@@ -29,6 +29,9 @@ LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+#: per-token latencies sit between ~1 ms and a few hundred ms (vLLM's own TPOT buckets are alike)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)  # fmt: skip
 
 
 def _escape(v: str) -> str:
@@ -154,8 +157,21 @@ class Metrics:
         )
         self.stage = Histogram(
             "lmgw_stage_duration_seconds",
-            "Duration of the legs before the client-facing one (encode, prefill), per worker.",
+            "Duration of each leg on a worker, by role (e encode, p prefill, d decode, pd"
+            " merged); the client-facing leg until its last byte is relayed.",
             ("role", "worker"),
+        )
+        self.stage_ttft = Histogram(
+            "lmgw_stage_time_to_first_token_seconds",
+            "From sending the client-facing leg (decode or merged) to its first streamed byte.",
+            ("role", "worker"),
+        )
+        self.stage_tpot = Histogram(
+            "lmgw_stage_time_per_output_token_seconds",
+            "Mean time between streamed events of the client-facing leg after the first"
+            " (vLLM and SGLang stream one token per event by default).",
+            ("role", "worker"),
+            buckets=TPOT_BUCKETS,
         )
         self.retries = Counter(
             "lmgw_retries_total",
@@ -183,7 +199,8 @@ class Metrics:
             "lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker")
         )
         self._all: list[Counter | Gauge | Histogram] = [
-            self.requests, self.e2e, self.ttft, self.stage, self.upstream_errors, self.retries,
+            self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
+            self.upstream_errors, self.retries,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
 

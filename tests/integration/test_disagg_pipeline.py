@@ -55,6 +55,7 @@ class Fake:
         self.seen: list[dict] = []
         self.headers: list[dict] = []
         self.url = ""
+        self.delay = 0.0  #: seconds before each generation answer
 
     async def __call__(self, req: Request, responder: Responder) -> None:
         if req.method == "GET":  # health probes and model discovery
@@ -64,6 +65,7 @@ class Fake:
         obj = msgspec.json.decode(req.body)
         self.seen.append(obj)
         self.headers.append({k.decode(): v.decode() for k, v in req.headers})
+        await trio.sleep(self.delay)
         status, payload = self.answer(obj)
         if isinstance(payload, list):  # SSE events
             await responder.start(status, [(b"content-type", b"text/event-stream")])
@@ -196,6 +198,87 @@ async def test_sglang_legs_share_a_bootstrap_room(nursery: trio.Nursery) -> None
     assert pre == dec  # the same body to both legs
     assert pre["bootstrap_host"] == "127.0.0.1"
     assert 0 <= pre["bootstrap_room"] < 2**63
+
+
+def sgl_generate(text: str, logprobs: list) -> dict:
+    """An SGLang ``/generate`` answer with its input logprobs ([logprob, token id, text])."""
+    return {"text": text, "meta_info": {"id": "r1", "input_token_logprobs": logprobs}}
+
+
+P_LOGPROBS = [[None, 1, None], [-1.5, 2, None]]
+D_LOGPROBS = [[-0.25, 3, None]]
+GEN = {"text": "hello", "sampling_params": {"max_new_tokens": 4}, "return_logprob": True}
+
+
+async def test_sglang_return_logprob_puts_prefill_logprobs_first(nursery: trio.Nursery) -> None:
+    """D answers long before P: its answer is held until P's logprobs can go in front."""
+    p = await start(nursery, Fake("p0", lambda b: (200, sgl_generate("", P_LOGPROBS))))
+    p.delay = 0.2
+    d = await start(nursery, Fake("d0", lambda b: (200, sgl_generate("sg", D_LOGPROBS))))
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/generate", GEN)
+    assert r.status == 200, r.body
+    out = r.json()
+    assert out["text"] == "sg"
+    assert out["meta_info"]["input_token_logprobs"] == P_LOGPROBS + D_LOGPROBS
+    assert p.seen[0]["bootstrap_room"] == d.seen[0]["bootstrap_room"]
+
+
+async def test_sglang_return_logprob_merges_into_the_stream(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, sgl_generate("", P_LOGPROBS))))
+    p.delay = 0.1
+    events = [sgl_generate("s", D_LOGPROBS), sgl_generate("sg", D_LOGPROBS), b"[DONE]"]
+    d = await start(nursery, Fake("d0", lambda b: (200, events)))
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/generate", {**GEN, "stream": True})
+    assert r.status == 200, r.body
+    data = [ln[6:] for ln in r.body.split(b"\n") if ln.startswith(b"data: ")]
+    assert data[-1] == b"[DONE]"
+    got = [msgspec.json.decode(x) for x in data[:-1]]
+    assert [g["text"] for g in got] == ["s", "sg"]
+    for g in got:
+        assert g["meta_info"]["input_token_logprobs"] == P_LOGPROBS + D_LOGPROBS
+
+
+async def test_sglang_without_return_logprob_relays_decode_untouched(
+    nursery: trio.Nursery,
+) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, sgl_generate("", P_LOGPROBS))))
+    d = await start(nursery, Fake("d0", lambda b: (200, sgl_generate("sg", D_LOGPROBS))))
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/generate", {**GEN, "return_logprob": False})
+    assert r.json()["meta_info"]["input_token_logprobs"] == D_LOGPROBS
+
+
+async def test_sglang_generate_without_input_is_a_400(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (200, sgl_generate("", P_LOGPROBS))))
+    d = await start(nursery, Fake("d0", lambda b: (200, sgl_generate("sg", D_LOGPROBS))))
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/generate", {"sampling_params": {}})
+    assert r.status == 400 and "input_ids" in r.json()["error"]["message"]
+    assert not p.seen and not d.seen
+
+
+async def test_stage_metrics_per_role_and_worker(nursery: trio.Nursery) -> None:
+    """Prefill duration, decode time to first token and time per output token, by worker."""
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "t"}}],
+    }
+    d = await start(nursery, Fake("d0", lambda b: (200, [chunk, chunk, chunk, b"[DONE]"])))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    assert r.status == 200
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    for line in (
+        'lmgw_stage_duration_seconds_count{role="p",worker="p0"} 1',
+        'lmgw_stage_duration_seconds_count{role="d",worker="d0"} 1',
+        'lmgw_stage_time_to_first_token_seconds_count{role="d",worker="d0"} 1',
+        'lmgw_stage_time_per_output_token_seconds_count{role="d",worker="d0"} 1',
+    ):
+        assert line in text, line
+    assert 'lmgw_stage_time_to_first_token_seconds_count{role="p"' not in text
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}

@@ -29,6 +29,10 @@ class App:
                     self.openai.generate, endpoint="completions", path="/v1/completions"
                 )
             },
+            # SGLang's native API (sgl-router serves it too): same relay, SGLang body shape
+            "/generate": {
+                "POST": partial(self.openai.generate, endpoint="generate", path="/generate")
+            },
             "/v1/models": {"GET": self.openai.models},
             "/health": {"GET": self.ops.health},
             "/metrics": {"GET": self.ops.metrics},

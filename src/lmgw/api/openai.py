@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: chat completions, completions, models.
+"""OpenAI-compatible endpoints: chat completions, completions, models (and SGLang's native
+``/generate``, relayed the same way).
 
 The body is decoded into a small *view* struct with only what the gateway needs (model, stream,
 the fields it validates); the original bytes are forwarded, so unknown engine-specific fields
@@ -49,9 +50,22 @@ class CompletionView(_Common):
     prompt: str | list | None = None
 
 
+class GenerateView(msgspec.Struct):
+    """SGLang's native ``/generate``: no ``model`` field as a rule (the gateway's only model),
+    sampling parameters nested; checked by the worker."""
+
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    text: str | list | None = None
+    input_ids: list | None = None
+    input_embeds: list | None = None
+
+
 _decoders = {
     "chat": msgspec.json.Decoder(ChatView),
     "completions": msgspec.json.Decoder(CompletionView),
+    "generate": msgspec.json.Decoder(GenerateView),
 }
 _JSON_CT = (b"content-type", b"application/json")
 _now = time.perf_counter
@@ -61,7 +75,7 @@ _PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
 
-def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView:
+def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView | GenerateView:
     """Validate the fields the gateway relies on; a 400 names the offending parameter."""
     if not body:
         raise GatewayError(400, "request body is empty; expected a JSON object")
@@ -82,6 +96,9 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView:
     if isinstance(view, ChatView):
         if not view.messages:
             raise GatewayError(400, "messages must be a non-empty list", param="messages")
+    elif isinstance(view, GenerateView):
+        if view.text is None and view.input_ids is None and view.input_embeds is None:
+            raise GatewayError(400, "one of text, input_ids or input_embeds is required")
     elif view.prompt is None:
         raise GatewayError(400, "prompt is required", param="prompt")
     return view

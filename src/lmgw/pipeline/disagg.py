@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -39,7 +40,7 @@ from ..transport.dialects import (
 )
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
-from .request import GatewayRequest
+from .request import Gate, GatewayRequest, Rewrite
 
 if TYPE_CHECKING:
     from .runner import Pipeline
@@ -176,20 +177,23 @@ class DisaggRunner:
         dialect: Dialect,
         handoff: HandOff | None,
         route: RouteContext,
+        gate: Gate | None = None,
     ) -> None:
         """The leg whose answer the client gets. A decode that fails before its first byte is
         retried once on another worker of the role when the hand-off allows it."""
-        if dialect.rewrites_decode(handoff):
-            raise GatewayError(
-                501, f"{dialect.name}: merging prefill output into decode output is not wired yet"
-            )
+        if gate is None and handoff is not None and dialect.rewrites_decode(handoff):
+            fixed = _rewrite(dialect, handoff)
+
+            async def gate() -> Rewrite:
+                return fixed
+
         p = self.p
         attempts = 2 if (role == "pd" or dialect.decode_retry_keeps_handoff) else 1
         tried: tuple[Worker, ...] = ()
         for attempt in range(attempts):
             failure = await p.dispatch(
                 greq, responder, role, worker, route, attempt + 1 < attempts,
-                leg.path, leg.headers, leg.body,
+                leg.path, leg.headers, leg.body, gate,
             )  # fmt: skip
             if failure is None:
                 return
@@ -219,15 +223,27 @@ class DisaggRunner:
         """SGLang: P and D at once with the room fixed up front; D relayed, P drained.
 
         A failed prefill cancels the decode at once (it would otherwise wait on a bootstrap
-        room that never fills) and the client hears about the prefill."""
+        room that never fills) and the client hears about the prefill. When D's output must
+        be merged with P's (``return_logprob``), D's answer is held at the gate until P's has
+        been read."""
         pre = dialect.prefill_request(body, ctx)
         leg = dialect.decode_request(body, pre.handoff, ctx)
         failed: list[StageError] = []
+        prefill_read = trio.Event()
+        merged: list[HandOff] = []
+        gate: Gate | None = None
+        if dialect.needs_prefill_response(body):
+
+            async def gate() -> Rewrite | None:
+                await prefill_read.wait()  # a failed P cancels the decode scope instead
+                handoff = merged[0]
+                return _rewrite(dialect, handoff) if dialect.rewrites_decode(handoff) else None
 
         async def drain_prefill(cancel_decode: trio.CancelScope) -> None:
             try:
                 status, answer = await self._leg(greq, pre, prefill, "p", route)
-                dialect.read_prefill(pre, status, answer)
+                merged.append(dialect.read_prefill(pre, status, answer))
+                prefill_read.set()
             except StageError as exc:
                 failed.append(exc)
                 cancel_decode.cancel()
@@ -236,7 +252,9 @@ class DisaggRunner:
             decode_scope = trio.CancelScope()
             nursery.start_soon(drain_prefill, decode_scope)
             with decode_scope:
-                await self._final(greq, responder, leg, decode, "d", dialect, pre.handoff, route)
+                await self._final(
+                    greq, responder, leg, decode, "d", dialect, pre.handoff, route, gate
+                )
         if failed:
             exc = failed[0]
             if not responder.started:
@@ -246,3 +264,9 @@ class DisaggRunner:
             ):
                 await responder.send(sse_error_event(502, f"prefill stage failed: {exc.message}"))
                 await responder.end()
+
+
+def _rewrite(dialect: Dialect, handoff: HandOff) -> Rewrite:
+    return Rewrite(
+        partial(dialect.merge_decode_body, handoff), partial(dialect.merge_decode_events, handoff)
+    )

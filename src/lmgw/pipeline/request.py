@@ -6,7 +6,22 @@ forwarded, so engine-specific fields the gateway does not know pass through unto
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
 from ..http.types import Headers
+
+
+class Rewrite(NamedTuple):
+    """Edits of the client-facing answer that a dialect needs (SGLang's logprob merge):
+    ``body`` for a whole JSON answer, ``events`` for each group of complete SSE events."""
+
+    body: Callable[[bytes], bytes]
+    events: Callable[[bytes], bytes]
+
+
+#: awaited before the client-facing answer is relayed; says how to rewrite it (None: as is)
+Gate = Callable[[], Awaitable[Rewrite | None]]
 
 
 class GatewayRequest:
@@ -33,7 +48,7 @@ class GatewayRequest:
         forward_headers: Headers,
         t_start: float,
     ) -> None:
-        #: "chat" or "completions" (metrics label, flow selection)
+        #: "chat", "completions" or "generate" (metrics label)
         self.endpoint = endpoint
         #: upstream path, e.g. "/v1/chat/completions"
         self.path = path

@@ -1,8 +1,9 @@
 """The pipeline: runs a request's stages on workers chosen by the role's policy.
 
-For now the only flow is ``pd`` (one merged prefill+decode stage); the disaggregated flows add
-stages here. Retries happen only before any byte reached the client and only for failures that
-cannot have started work on the worker (connection refused, stale socket, 503 from the worker).
+The merged ``pd`` flow runs here (one stage, the fast path); the multi-stage flows run in
+:mod:`.disagg`, which uses :meth:`Pipeline.dispatch` for the client-facing leg. Retries happen
+only before any byte reached the client and only for failures that cannot have started work on
+the worker (connection refused, stale socket, 503 from the worker).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from ..transport.pool import ConnectionPool, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
 from .disagg import DisaggRunner
-from .request import GatewayRequest
+from .request import Gate, GatewayRequest
 
 log = logging.getLogger("lmgw.pipeline")
+_now = time.perf_counter
 
 #: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
 DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
@@ -90,7 +92,7 @@ class Pipeline:
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
-        """Run the request's flow. Only ``pd`` (one merged stage) exists so far."""
+        """Run the request's flow: merged ``pd`` here, multi-stage flows in :mod:`.disagg`."""
         flow = self.flows.get(greq.model)
         if flow is None:
             flow, dialect = self.default_flow, self.default_dialect
@@ -132,15 +134,23 @@ class Pipeline:
         path: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
+        gate: Gate | None = None,
     ) -> GatewayError | None:
         """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
         when the caller should retry on another worker (only before anything reached the
         client), else None. A decode leg (role ``d``) may be retried after any 5xx: the
-        hand-off is still valid and another decode worker can take it."""
+        hand-off is still valid and another decode worker can take it.
+
+        ``gate``, when given, is awaited once the worker's answer has begun and before any of
+        it is relayed; it returns the rewrite to apply to the answer (a dialect merging the
+        prefill's output into decode's), or None."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         registry.acquire(worker)  # also counts lmgw_worker_requests_total
         policy.on_dispatch(worker, ctx)
         ok = False
+        labels = (role, worker.id)
+        t0 = _now()
+        t_first = 0.0
         try:
             resp = await self.pool.request(
                 worker.origin,
@@ -158,15 +168,25 @@ class Pipeline:
                         if may_retry and (resp.status == 503 or role == "d"):
                             return err
                     raise err
+                rewrite = await gate() if gate is not None else None
                 out = [(b"x-request-id", greq.request_id.encode())]
                 if greq.timings:
                     out.append((b"server-timing", greq.server_timing()))
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
-                    await openai_http.relay_sse(
-                        resp, responder, out, lambda: self._first_byte(greq)
+
+                    def first_byte() -> None:
+                        nonlocal t_first
+                        t_first = _now()
+                        metrics.ttft.observe((greq.model,), t_first - greq.t_start)
+                        metrics.stage_ttft.observe(labels, t_first - t0)
+
+                    events = await openai_http.relay_sse(
+                        resp, responder, out, first_byte, rewrite and rewrite.events
                     )
+                    if events > 1:
+                        metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
                 else:
-                    await openai_http.relay_json(resp, responder, out)
+                    await openai_http.relay_json(resp, responder, out, rewrite and rewrite.body)
                 ok = True
             finally:
                 resp.release()
@@ -180,10 +200,8 @@ class Pipeline:
                 return GatewayError(exc.status, exc.message)
             raise GatewayError(exc.status, exc.message) from None
         finally:
+            metrics.stage.observe(labels, _now() - t0)
             policy.on_finish(worker, ctx, ok)
             registry.release(worker)
         registry.record_success(worker)
         return None
-
-    def _first_byte(self, greq: GatewayRequest) -> None:
-        self.metrics.ttft.observe((greq.model,), time.perf_counter() - greq.t_start)

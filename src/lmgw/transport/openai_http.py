@@ -6,6 +6,8 @@ policies or flows; the pipeline calls these functions with a chosen worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..workers.worker import Worker
@@ -39,46 +41,66 @@ async def read_error(resp: Response, worker: Worker) -> GatewayError:
     return worker_error(worker, resp.status, body)
 
 
-async def relay_json(resp: Response, responder: Responder, headers: Headers) -> None:
-    """Relay a complete non-streamed response (``headers``: the gateway's own, e.g. the id)."""
+async def relay_json(
+    resp: Response,
+    responder: Responder,
+    headers: Headers,
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Relay a complete non-streamed response (``headers``: the gateway's own, e.g. the id).
+    ``rewrite`` edits a successful body (a dialect merging hand-off data into the answer)."""
     body = resp.take_complete_body()  # usually all there with the head: no await
     if body is None:
         body = await resp.read_all()
+    if rewrite is not None and resp.status < 300:
+        body = rewrite(body)
     ctype = resp.content_type or b"application/json"
     await responder.send_full(resp.status, [(b"content-type", ctype), *headers], body)
 
 
-async def relay_sse(resp: Response, responder: Responder, headers: Headers, on_first_byte) -> None:
+async def relay_sse(
+    resp: Response,
+    responder: Responder,
+    headers: Headers,
+    on_first_byte: Callable[[], None],
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> int:
     """Relay an SSE stream as bytes, one client write per group of complete events.
 
-    A worker that fails mid-stream gets an error event and ``[DONE]`` in its place, as vLLM
-    itself does for engine errors; the client never sees a silently truncated stream.
+    Returns how many events were relayed (for the per-token latency metric: engines stream one
+    token per event). ``rewrite`` edits each group of complete events (a dialect merging
+    hand-off data into the stream). A worker that fails mid-stream gets an error event and
+    ``[DONE]`` in its place, as vLLM itself does for engine errors; the client never sees a
+    silently truncated stream.
     """
     await responder.start(200, [*_SSE_HEADERS, *headers])
     send = responder.send
     read = resp.read_chunk
     pending = b""
+    events = 0
     try:
         chunk = await read()
         if chunk:
             on_first_byte()
         while chunk:
             if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
+                events += chunk.count(b"\n\n")
+                if rewrite is not None:
+                    chunk = rewrite(chunk)
                 if resp.complete:  # the last events: one write with the stream's end
                     await resp.read_chunk()  # b"": hands the connection back to the pool
                     await responder.end(chunk)
-                    return
+                    return events
                 await send(chunk)
                 chunk = await read()
                 continue
             data = pending + chunk if pending else chunk
             cut = split_complete(data)
-            if cut == len(data):
-                pending = b""
-                await send(data)
-            elif cut:
+            if cut:
+                whole = data[:cut]
                 pending = data[cut:]
-                await send(data[:cut])
+                events += whole.count(b"\n\n")
+                await send(rewrite(whole) if rewrite is not None else whole)
             else:
                 pending = data
             chunk = await read()
@@ -89,3 +111,4 @@ async def relay_sse(resp: Response, responder: Responder, headers: Headers, on_f
     if pending:
         await responder.send(pending)
     await responder.end()
+    return events
