@@ -444,6 +444,16 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
         return (self.name, *self.aliases)
 
 
+def check_kv_address(text: str) -> str:
+    """``host:port`` as vLLM's P2P NCCL connector parses it out of the request id."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or "_" in host or " " in host or not port.isdigit():
+        raise ConfigError(f"{text!r} is not 'host:port'", path="kv_address")
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"{port} is not a port", path="kv_address")
+    return f"{host}:{int(port)}"
+
+
 class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A statically configured worker (discovery backends can add more at runtime)."""
 
@@ -458,10 +468,15 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # SGLang prefill workers: the port of their bootstrap server (sent as `bootstrap_port`);
     # unset sends null, which SGLang resolves itself.
     bootstrap_port: int | None = None
+    # vLLM P2P NCCL workers: their KV address "ip:kv_port" (the connector's ZMQ address, not the
+    # HTTP one); the gateway writes it into the request id that pairs P with D.
+    kv_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
             raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
+        if self.kv_address is not None:
+            _set(self, "kv_address", check_kv_address(self.kv_address))
         try:
             role = normalize_role(self.role)
         except ConfigError as e:
@@ -978,23 +993,41 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+_WORKER_FLAG_KEYS = {"id": str, "bootstrap_port": int, "kv_address": str}
+
+
 def parse_worker_flag(text: str) -> WorkerConfig:
-    """Parse a ``--worker ROLE=URL`` value (e.g. ``pd=http://127.0.0.1:9001``).
+    """Parse a ``--worker ROLE=URL[,KEY=VALUE...]`` value, e.g. ``pd=http://127.0.0.1:9001`` or
+    ``p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001`` (keys: id, bootstrap_port, kv_address).
 
     Raises:
         ConfigError: naming the flag text, when it is not ROLE=URL with a known role and a
-            valid http(s) URL.
+            valid http(s) URL, or an option is unknown or malformed.
     """
     source = f"from flag `--worker {text}`"
-    role, sep, url = text.partition("=")
+    role, sep, rest = text.partition("=")
+    url, *options = rest.split(",")
     if not sep or not role.strip() or not url.strip():
         raise ConfigError(
-            "expected ROLE=URL, e.g. pd=http://127.0.0.1:9001 (roles: pd/merged, e/encode,"
-            " p/prefill, d/decode)",
+            "expected ROLE=URL[,KEY=VALUE...], e.g. pd=http://127.0.0.1:9001 (roles: pd/merged,"
+            " e/encode, p/prefill, d/decode; keys: " + ", ".join(_WORKER_FLAG_KEYS) + ")",
             source=source,
         )
+    extra: dict[str, Any] = {}
+    for opt in options:
+        key, eq, value = (x.strip() for x in opt.partition("="))
+        kind = _WORKER_FLAG_KEYS.get(key)
+        if kind is None or not eq or not value:
+            raise ConfigError(
+                f"bad option {opt!r}: expected KEY=VALUE with KEY one of "
+                + ", ".join(_WORKER_FLAG_KEYS),
+                source=source,
+            )
+        if kind is int and not value.isdigit():
+            raise ConfigError(f"{key} must be an integer, got {value!r}", source=source)
+        extra[key] = kind(value)
     try:
-        return WorkerConfig(url=url.strip(), role=role.strip())
+        return WorkerConfig(url=url.strip(), role=role.strip(), **extra)
     except ConfigError as e:
         raise ConfigError(e.reason, source=source) from None
 

@@ -78,6 +78,7 @@ class Gateway:
             wc.role,
             frozenset(wc.models) if wc.models else None,
             wc.bootstrap_port,
+            wc.kv_address,
         )
         return self.registry.add(worker)
 

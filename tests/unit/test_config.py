@@ -920,3 +920,32 @@ def test_example_mentions_every_section() -> None:
     for section in ("server", "limits", "upstream", "routing", "health", "logging"):
         assert re.search(rf"^\[{section}\]", text, re.M), section
     assert text.count("[[models]]") == 2 and text.count("[[workers]]") == 4
+
+
+def test_worker_flag_options_reach_the_worker_config() -> None:
+    wc = parse_worker_flag(
+        "p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001,bootstrap_port=8998,id=p0"
+    )
+    assert (wc.role, wc.url, wc.kv_address, wc.bootstrap_port, wc.id) == (
+        "p",
+        "http://10.0.0.1:8100",
+        "10.0.0.1:21001",
+        8998,
+        "p0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "needle"),
+    [
+        ("p=http://h:1,kv=1", "bad option"),
+        ("p=http://h:1,bootstrap_port=x", "integer"),
+        ("p=http://h:1,kv_address=nohost", "host:port"),
+        ("p=http://h:1,kv_address=h_x:12", "host:port"),
+        ("p=http://h:1,kv_address=h:70000", "not a port"),
+    ],
+)
+def test_worker_flag_bad_options_are_config_errors(flag: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_worker_flag(flag)
+    assert needle in str(info.value) and flag in str(info.value)

@@ -53,7 +53,12 @@ STAGE_NAMES = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
 def _peer(worker: Worker | None) -> Peer | None:
     if worker is None:
         return None
-    return Peer(worker.origin.host, worker.origin.port, bootstrap_port=worker.bootstrap_port)
+    return Peer(
+        worker.origin.host,
+        worker.origin.port,
+        kv_address=worker.kv_address,
+        bootstrap_port=worker.bootstrap_port,
+    )
 
 
 class DisaggRunner:

@@ -28,6 +28,7 @@ class Worker:
         "consecutive_failures",
         "id",
         "in_flight",
+        "kv_address",
         "last_error",
         "models",
         "origin",
@@ -45,12 +46,15 @@ class Worker:
         role: str,
         models: frozenset[str] | None = None,
         bootstrap_port: int | None = None,
+        kv_address: str | None = None,
     ) -> None:
         self.id = id
         self.url = url.rstrip("/")
         self.role = role
         #: SGLang prefill: the bootstrap server's port (dialects name it on the wire)
         self.bootstrap_port = bootstrap_port
+        #: vLLM P2P NCCL: the connector's "ip:kv_port" (written into the pairing request id)
+        self.kv_address = kv_address
         #: models named in config (fixed) or None: then ``models`` is discovered from /v1/models
         self.static_models = models
         #: models this worker serves; None = not known yet (treated as "any")
