@@ -1,0 +1,496 @@
+"""The native lmgw <-> worker protocol: typed messages and a sans-IO multipart codec.
+
+Why our own wire format instead of the seed's: the seed embedded vLLM's ``SamplingParams`` (so
+both ends had to run the same vLLM), used one type byte shared by both directions, resent
+cumulative text and prompt ids in every chunk, and let one malformed message kill its reader
+(PROTOCOLS.md §1.6). Here every message is a frozen, tagged, ``array_like`` msgspec Struct of
+our own; the union is decoded in one step by the tag; decoding anything malformed raises
+:class:`ProtocolError` and nothing else, so a reader can count it and go on.
+
+Framing of one ZeroMQ multipart message::
+
+    [envelope..., header, *payload]
+
+``envelope`` is what the socket adds (the peer identity on a ROUTER; nothing on a DEALER).
+``header`` is ``MAGIC`` + the framing version byte + the msgpack of one :data:`Message`.
+``payload`` frames are opaque bytes referenced by index from a message's ``tensors`` list
+(:class:`TensorRef`), so large arrays never pass through msgpack and can be sent with
+``copy=False``. Tensor encoding itself is left to ``_fast/tensorframe``.
+
+Compatibility rules: tags and field order never change; new fields are appended with defaults
+(old decoders skip trailing extras); the message-set version and the optional features are
+agreed once per session by :class:`Register` / :class:`RegisterAck` (see :func:`negotiate`).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from typing import Annotated, Any, NamedTuple, Union
+
+import msgspec
+
+__all__ = [
+    "CAPABILITIES",
+    "FRAMING_VERSION",
+    "MAGIC",
+    "MIN_PROTOCOL_VERSION",
+    "PROTOCOL_VERSION",
+    "TO_GATEWAY",
+    "TO_WORKER",
+    "Abort",
+    "Delta",
+    "Drain",
+    "Encode",
+    "EncodeDone",
+    "Exit",
+    "Failure",
+    "FailureCode",
+    "Finish",
+    "Generate",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Incoming",
+    "MediaItem",
+    "Message",
+    "Metrics",
+    "MetricsRequest",
+    "Prefill",
+    "PrefillDone",
+    "ProtocolError",
+    "Register",
+    "RegisterAck",
+    "SamplingParams",
+    "TensorRef",
+    "Token",
+    "Usage",
+    "decode_frames",
+    "decode_header",
+    "encode_frames",
+    "encode_header",
+    "negotiate",
+    "new_request_id",
+    "request_id_of",
+]
+
+MAGIC = b"LGW"
+"""First bytes of every header frame: a stray or foreign sender is rejected at byte 0."""
+FRAMING_VERSION = 1
+"""The byte after MAGIC. Changes only if the framing itself changes (never so far)."""
+PROTOCOL_VERSION = 1
+"""The message-set version this build speaks best; agreed per session at registration."""
+MIN_PROTOCOL_VERSION = 1
+"""The oldest message-set version this build still accepts."""
+
+CAPABILITIES: frozenset[str] = frozenset(
+    {"stream", "prefill", "encode", "abort", "metrics", "drain", "tensor_frames", "logprobs"}
+)
+"""Optional features this build understands; a session uses the intersection of both sides."""
+
+_HEADER_PREFIX = MAGIC + bytes([FRAMING_VERSION])
+_PREFIX_LEN = len(_HEADER_PREFIX)
+MAX_REQUEST_ID = 512
+
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)]
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class FailureCode(enum.StrEnum):
+    """Why a request (or a message) failed. Travels as its string value."""
+
+    BAD_REQUEST = "bad_request"  # the request is invalid; never retry it as is
+    OVERLOADED = "overloaded"  # queue full / not reading; another worker may take it
+    ENGINE_ERROR = "engine_error"  # the engine failed while running it
+    ABORTED = "aborted"  # aborted on request (client gone, deadline)
+    TIMEOUT = "timeout"  # the deadline passed, or no answer in time
+    UNSUPPORTED_VERSION = "unsupported_version"  # no common protocol version
+    UNSUPPORTED = "unsupported"  # the worker lacks the role or capability asked for
+    DRAINING = "draining"  # the worker takes nothing new
+    NOT_REGISTERED = "not_registered"  # a request before Register (e.g. worker restarted)
+    UNAVAILABLE = "unavailable"  # the peer is gone, restarted, or unreachable
+    PROTOCOL = "protocol"  # a malformed message
+
+
+_RETRYABLE = frozenset(
+    {
+        FailureCode.OVERLOADED,
+        FailureCode.DRAINING,
+        FailureCode.NOT_REGISTERED,
+        FailureCode.UNAVAILABLE,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a valid message. The only exception decoding ever raises."""
+
+    def __init__(self, message: str, code: FailureCode = FailureCode.PROTOCOL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- building blocks --------------------------------------------------------------------------
+
+
+class TensorRef(msgspec.Struct, frozen=True, array_like=True):
+    """A payload frame carrying an array. ``frame`` indexes the frames after the header;
+    ``header`` is a small opaque description (dtype, shape, layout) owned by tensorframe."""
+
+    frame: Count
+    header: bytes = b""
+
+
+class MediaItem(msgspec.Struct, frozen=True, array_like=True):
+    """One multimodal input: by URL, by content hash (expected cached), or by tensor."""
+
+    kind: Name  # "image" | "audio" | "video"
+    hash: Name | None = None
+    url: str | None = None
+    tensor: Count | None = None  # index into the message's ``tensors``
+
+
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
+    """Engine-neutral sampling settings (not vLLM's struct: no version coupling).
+    ``extra`` carries engine-specific keys through untouched."""
+
+    max_tokens: Count | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_tokens: Count | None = None
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Count | None = None
+    extra: dict[str, Any] | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, array_like=True):
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    cached_tokens: Count = 0
+
+
+class Token(msgspec.Struct, frozen=True, array_like=True):
+    """A logprob entry for one generated token."""
+
+    token_id: int
+    logprob: float
+
+
+# -- the message union ------------------------------------------------------------------------
+
+
+class Message(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
+    """Base of every wire message (never sent itself)."""
+
+
+class Register(Message, tag=1):
+    """Gateway -> worker, first on a session: who I am, which versions and features I speak."""
+
+    request_id: RequestId
+    client: Name
+    min_version: Count
+    max_version: Count
+    capabilities: list[Name] = []
+
+    def __post_init__(self) -> None:
+        if self.min_version > self.max_version:
+            raise ValueError("min_version > max_version")
+
+
+class _StageRequest(Message):
+    request_id: RequestId
+    model: Name
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    params: SamplingParams = SamplingParams()
+    media: list[MediaItem] = []
+    kv_transfer_params: dict[str, Any] | None = None
+    timeout_s: float | None = None  # time left when sent: a deadline without synchronized clocks
+    tensors: list[TensorRef] = []
+
+    def __post_init__(self) -> None:
+        if self.prompt is None and self.prompt_token_ids is None:
+            raise ValueError("a prompt or prompt_token_ids is required")
+
+
+class Generate(_StageRequest, tag=2):
+    """Gateway -> worker: run a merged or decode stage. Answer: Delta* then Finish | Failure.
+    ``stream=False`` lets the worker coalesce all deltas into one."""
+
+    stream: bool = True
+
+
+class Prefill(_StageRequest, tag=3):
+    """Gateway -> worker: run the prefill stage. Answer: PrefillDone | Failure."""
+
+
+class Encode(Message, tag=4):
+    """Gateway -> worker: run the encoder over media items. Answer: EncodeDone | Failure."""
+
+    request_id: RequestId
+    model: Name
+    media: list[MediaItem] = []
+    timeout_s: float | None = None
+    tensors: list[TensorRef] = []
+
+
+class Abort(Message, tag=5):
+    """Gateway -> worker: stop this request and free what it holds. No answer required."""
+
+    request_id: RequestId
+    reason: str = ""
+
+
+class Heartbeat(Message, tag=6):
+    """Gateway -> worker: liveness and load probe. Answer: HeartbeatAck."""
+
+    request_id: RequestId
+
+
+class MetricsRequest(Message, tag=7):
+    """Gateway -> worker: ask for gauges/counters. Answer: Metrics | Failure."""
+
+    request_id: RequestId
+
+
+class RegisterAck(Message, tag=16):
+    """Worker -> gateway: the agreed version and features, and what this worker is.
+    ``instance`` changes on every worker start, so a restart is visible to the gateway."""
+
+    request_id: RequestId
+    version: Count
+    capabilities: list[Name]
+    worker_id: Name
+    instance: Name
+    roles: list[Name] = []
+    models: list[Name] = []
+    max_inflight: Count = 0  # 0: no stated limit
+
+
+class Delta(Message, tag=17):
+    """Worker -> gateway: new output since the previous Delta (never cumulative).
+    ``seq`` counts the messages of one request from 0, so a gap is detectable."""
+
+    request_id: RequestId
+    seq: Count
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[Token] | None = None
+
+
+class Finish(Message, tag=18):
+    """Worker -> gateway: the end of a Generate, after its last Delta."""
+
+    request_id: RequestId
+    seq: Count
+    finish_reason: Name  # "stop" | "length" | "abort" | ...
+    stop_reason: str | int | None = None
+    usage: Usage = Usage()
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class PrefillDone(Message, tag=19):
+    """Worker -> gateway: prefill finished; ``kv_transfer_params`` is the hand-off for D."""
+
+    request_id: RequestId
+    kv_transfer_params: dict[str, Any] | None = None
+    usage: Usage = Usage()
+    first_token_ids: list[int] = []
+
+
+class EncodeDone(Message, tag=20):
+    """Worker -> gateway: encoder outputs stored; one hash per input item."""
+
+    request_id: RequestId
+    mm_hashes: list[Name] = []
+    ec_transfer_params: dict[str, Any] | None = None
+
+
+class HeartbeatAck(Message, tag=21):
+    request_id: RequestId
+    instance: Name
+    in_flight: Count = 0
+    queued: Count = 0
+    draining: bool = False
+
+
+class Metrics(Message, tag=22):
+    request_id: RequestId
+    values: dict[str, float] = {}
+
+
+class Failure(Message, tag=23):
+    """Worker -> gateway: a request failed. ``request_id`` is "" when the failure is about a
+    message that could not be read. ``code`` is a :class:`FailureCode` value; unknown codes
+    (from newer peers) read as ENGINE_ERROR through :attr:`failure_code`."""
+
+    request_id: str
+    code: Name
+    message: str = ""
+    retryable: bool = False
+
+    @property
+    def failure_code(self) -> FailureCode:
+        try:
+            return FailureCode(self.code)
+        except ValueError:
+            return FailureCode.ENGINE_ERROR
+
+    @classmethod
+    def of(cls, request_id: str, code: FailureCode, message: str = "") -> Failure:
+        return cls(request_id, code.value, message, code in _RETRYABLE)
+
+
+class Drain(Message, tag=24):
+    """Worker -> gateway, unsolicited: take nothing new; in-flight requests still finish."""
+
+    reason: str = ""
+    grace_s: float = 0.0
+
+
+class Exit(Message, tag=25):
+    """Worker -> gateway, unsolicited: leaving now; ``in_flight`` requests will not finish."""
+
+    reason: str = ""
+    in_flight: Count = 0
+
+
+_ALL = (
+    Register,
+    Generate,
+    Prefill,
+    Encode,
+    Abort,
+    Heartbeat,
+    MetricsRequest,
+    RegisterAck,
+    Delta,
+    Finish,
+    PrefillDone,
+    EncodeDone,
+    HeartbeatAck,
+    Metrics,
+    Failure,
+    Drain,
+    Exit,
+)
+TO_WORKER: frozenset[type[Message]] = frozenset(_ALL[:7])
+"""Messages a gateway sends and a worker accepts."""
+TO_GATEWAY: frozenset[type[Message]] = frozenset(_ALL[7:])
+"""Messages a worker sends and a gateway accepts."""
+
+AnyMessage = Union[_ALL]  # noqa: UP007 (a runtime tuple of types)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+# -- codec ------------------------------------------------------------------------------------
+
+
+class Incoming(NamedTuple):
+    """One decoded multipart message."""
+
+    envelope: list[Any]  # frames before the header, as received (ROUTER identity)
+    msg: Message
+    payload: list[Any]  # frames after the header, as received (zero-copy zmq Frames or bytes)
+
+
+def encode_header(msg: Message) -> bytearray:
+    """The header frame of ``msg`` (written in place after the prefix: no extra copy)."""
+    buf = bytearray(_HEADER_PREFIX)
+    _encoder.encode_into(msg, buf, _PREFIX_LEN)
+    return buf
+
+
+def encode_frames(msg: Message, payload: Sequence[Any] = (), envelope: Sequence[Any] = ()) -> list:
+    """``[*envelope, header, *payload]`` ready for ``send_multipart``."""
+    if payload or envelope:
+        return [*envelope, encode_header(msg), *payload]
+    return [encode_header(msg)]
+
+
+def decode_header(frame: Any) -> Message:
+    """Decode one header frame (bytes, memoryview or zmq Frame). Raises ProtocolError only."""
+    try:
+        view = memoryview(frame)
+    except TypeError:
+        raise ProtocolError(f"a frame must be a buffer, not {type(frame).__name__}") from None
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    if view[: len(MAGIC)] != MAGIC:
+        raise ProtocolError("not an lmgw message (bad magic)")
+    if len(view) < _PREFIX_LEN:
+        raise ProtocolError("truncated header frame")
+    if view[len(MAGIC)] != FRAMING_VERSION:
+        raise ProtocolError(
+            f"framing version {view[len(MAGIC)]} is not supported (this build reads "
+            f"{FRAMING_VERSION})",
+            FailureCode.UNSUPPORTED_VERSION,
+        )
+    try:
+        return _decoder.decode(view[_PREFIX_LEN:])
+    except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # ValidationError is a DecodeError; the rest guard against surprises in nested Any data
+        raise ProtocolError(f"malformed message: {exc}") from None
+
+
+def decode_frames(frames: Sequence[Any], envelope: int = 0) -> Incoming:
+    """Split ``frames`` into envelope, message and payload; check tensor references.
+
+    ``envelope`` is how many frames precede the header (1 on a ROUTER, 0 on a DEALER).
+    Raises ProtocolError (and nothing else) for anything malformed.
+    """
+    if len(frames) <= envelope:
+        raise ProtocolError(f"expected at least {envelope + 1} frames, got {len(frames)}")
+    msg = decode_header(frames[envelope])
+    payload = list(frames[envelope + 1 :])
+    refs = getattr(msg, "tensors", None)
+    if refs:
+        n = len(payload)
+        for ref in refs:
+            if ref.frame >= n:
+                raise ProtocolError(f"tensor frame {ref.frame} missing ({n} payload frames)")
+    media = getattr(msg, "media", None)
+    if media:
+        n = len(refs or ())
+        for item in media:
+            if item.tensor is not None and item.tensor >= n:
+                raise ProtocolError(f"media tensor {item.tensor} missing ({n} tensors)")
+    return Incoming(list(frames[:envelope]), msg, payload)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def request_id_of(msg: Message) -> str | None:
+    """The correlation id of ``msg``, or None for unsolicited control messages."""
+    return getattr(msg, "request_id", None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def negotiate(
+    reg: Register,
+    *,
+    min_version: int = MIN_PROTOCOL_VERSION,
+    max_version: int = PROTOCOL_VERSION,
+    capabilities: frozenset[str] = CAPABILITIES,
+) -> tuple[int, frozenset[str]]:
+    """The worker's side of registration: the highest common version and the common
+    capabilities. Raises ProtocolError(UNSUPPORTED_VERSION) when the ranges do not meet."""
+    version = min(reg.max_version, max_version)
+    if version < max(reg.min_version, min_version):
+        raise ProtocolError(
+            f"no common protocol version: peer speaks {reg.min_version}..{reg.max_version}, "
+            f"this side {min_version}..{max_version}",
+            FailureCode.UNSUPPORTED_VERSION,
+        )
+    return version, frozenset(reg.capabilities) & capabilities

@@ -1,0 +1,357 @@
+"""The native protocol codec: every message round-trips; anything malformed is a ProtocolError.
+
+Properties (hypothesis):
+
+* any message of any type, with any envelope and payload frames, decodes to an equal message
+  with the same envelope and payload;
+* arbitrary frames, arbitrary bytes after a valid prefix, and every truncation / bit flip of a
+  valid header give a message or ProtocolError, never another exception;
+* registration picks the highest common version and the common capabilities, or refuses with
+  UNSUPPORTED_VERSION.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmgw.protocol import (
+    CAPABILITIES,
+    FRAMING_VERSION,
+    MAGIC,
+    PROTOCOL_VERSION,
+    TO_GATEWAY,
+    TO_WORKER,
+    Abort,
+    Delta,
+    Drain,
+    Encode,
+    EncodeDone,
+    Exit,
+    Failure,
+    FailureCode,
+    Finish,
+    Generate,
+    Heartbeat,
+    HeartbeatAck,
+    MediaItem,
+    Metrics,
+    MetricsRequest,
+    Prefill,
+    PrefillDone,
+    ProtocolError,
+    Register,
+    RegisterAck,
+    SamplingParams,
+    TensorRef,
+    Token,
+    Usage,
+    decode_frames,
+    decode_header,
+    encode_frames,
+    negotiate,
+    request_id_of,
+)
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# -- strategies -------------------------------------------------------------------------------
+
+ids = st.text(min_size=1, max_size=40)
+names = st.text(max_size=20)
+counts = st.integers(0, 2**31)
+floats = st.floats(allow_nan=False)
+small_ints = st.lists(st.integers(-(2**63), 2**63 - 1), max_size=8)
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | floats | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+kv_params = st.none() | st.dictionaries(st.text(max_size=8), json_like, max_size=4)
+usage = st.builds(Usage, counts, counts, counts)
+params = st.builds(
+    SamplingParams,
+    max_tokens=st.none() | counts,
+    temperature=st.none() | floats,
+    top_p=st.none() | floats,
+    top_k=st.none() | st.integers(-1, 1000),
+    seed=st.none() | st.integers(-(2**63), 2**63 - 1),
+    stop=st.lists(st.text(max_size=5), max_size=3),
+    stop_token_ids=small_ints,
+    ignore_eos=st.booleans(),
+    logprobs=st.none() | st.integers(0, 20),
+    extra=kv_params,
+)
+
+
+@st.composite
+def tensors_and_media(draw: st.DrawFn) -> tuple[list[TensorRef], list[MediaItem], int]:
+    """Tensor refs pointing into ``n`` payload frames, media pointing into the refs."""
+    n = draw(st.integers(0, 3))
+    refs = (
+        draw(
+            st.lists(
+                st.builds(TensorRef, st.integers(0, max(n - 1, 0)), st.binary(max_size=16)),
+                max_size=n,
+            )
+        )
+        if n
+        else []
+    )
+    media = draw(
+        st.lists(
+            st.builds(
+                MediaItem,
+                st.sampled_from(["image", "audio", "video"]),
+                st.none() | names,
+                st.none() | st.text(max_size=30),
+                st.none() | st.integers(0, len(refs) - 1) if refs else st.none(),
+            ),
+            max_size=3,
+        )
+    )
+    return refs, media, n
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> tuple[object, int]:
+    """(message, number of payload frames it needs)."""
+    refs, media, n = draw(tensors_and_media())
+    prompt = draw(
+        st.one_of(
+            st.tuples(st.text(max_size=30), st.none()),
+            st.tuples(st.none(), small_ints),
+            st.tuples(st.text(max_size=5), small_ints),
+        )
+    )
+    stage = dict(
+        model=draw(names),
+        prompt=prompt[0],
+        prompt_token_ids=prompt[1],
+        params=draw(params),
+        media=media,
+        kv_transfer_params=draw(kv_params),
+        timeout_s=draw(st.none() | floats),
+        tensors=refs,
+    )
+    rid = draw(ids)
+    choices = [
+        lambda: Register(
+            rid, draw(names), 1, draw(st.integers(1, 9)), draw(st.lists(names, max_size=4))
+        ),
+        lambda: Generate(rid, stream=draw(st.booleans()), **stage),
+        lambda: Prefill(rid, **stage),
+        lambda: Encode(rid, draw(names), media, draw(st.none() | floats), refs),
+        lambda: Abort(rid, draw(names)),
+        lambda: Heartbeat(rid),
+        lambda: MetricsRequest(rid),
+        lambda: RegisterAck(
+            rid,
+            draw(counts),
+            draw(st.lists(names)),
+            draw(names),
+            draw(names),
+            ["prefill"],
+            ["m"],
+            draw(counts),
+        ),
+        lambda: delta_msg(rid, draw),
+        lambda: Finish(
+            rid,
+            draw(counts),
+            draw(names),
+            draw(st.none() | st.text(max_size=5) | st.integers(-5, 5)),
+            draw(usage),
+            draw(kv_params),
+        ),
+        lambda: PrefillDone(rid, draw(kv_params), draw(usage), draw(small_ints)),
+        lambda: EncodeDone(rid, draw(st.lists(names, max_size=3)), draw(kv_params)),
+        lambda: HeartbeatAck(rid, draw(names), draw(counts), draw(counts), draw(st.booleans())),
+        lambda: Metrics(rid, draw(st.dictionaries(names, floats, max_size=4))),
+        lambda: Failure.of(rid, draw(st.sampled_from(list(FailureCode))), draw(names)),
+        lambda: Drain(draw(names), draw(floats)),
+        lambda: Exit(draw(names), draw(counts)),
+    ]
+    msg = draw(st.sampled_from(choices))()
+    needs = n if getattr(msg, "tensors", None) else 0
+    return msg, needs
+
+
+def delta_msg(rid: str, draw: st.DrawFn) -> Delta:
+    logprobs = draw(
+        st.none() | st.lists(st.builds(Token, st.integers(0, 2**31), floats), max_size=3)
+    )
+    return Delta(rid, draw(counts), draw(st.text(max_size=20)), draw(small_ints), logprobs)
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    messages(),
+    st.lists(st.binary(max_size=8), max_size=2),
+    st.lists(st.binary(max_size=64), max_size=3),
+)
+def test_round_trip(
+    msg_needs: tuple[object, int], envelope: list[bytes], extra: list[bytes]
+) -> None:
+    msg, needs = msg_needs
+    payload = [bytes([i]) * 10 for i in range(needs)] + extra
+    frames = encode_frames(msg, payload, envelope)
+    assert len(frames) == len(envelope) + 1 + len(payload)
+    # as received from zmq with copy=True: bytes; with copy=False: buffers (memoryview here)
+    for received in (
+        [bytes(f) for f in frames],
+        [memoryview(bytes(f)) for f in frames],
+    ):
+        got = decode_frames(received, envelope=len(envelope))
+        assert got.msg == msg
+        assert type(got.msg) is type(msg)
+        assert [bytes(f) for f in got.envelope] == envelope
+        assert [bytes(f) for f in got.payload] == payload
+
+
+def test_directions_partition_the_message_set() -> None:
+    assert not (TO_WORKER & TO_GATEWAY)
+    assert Generate in TO_WORKER and Abort in TO_WORKER and Register in TO_WORKER
+    assert Finish in TO_GATEWAY and Failure in TO_GATEWAY and Exit in TO_GATEWAY
+
+
+def test_request_ids_correlate() -> None:
+    assert request_id_of(Abort("r-1")) == "r-1"
+    assert request_id_of(Drain("bye")) is None
+
+
+def test_header_starts_with_magic_and_framing_version() -> None:
+    header = bytes(encode_frames(Heartbeat("h"))[0])
+    assert header[: len(MAGIC)] == MAGIC
+    assert header[len(MAGIC)] == FRAMING_VERSION
+
+
+def test_failure_codes_and_retryability() -> None:
+    f = Failure.of("r", FailureCode.OVERLOADED, "queue full")
+    assert (f.failure_code, f.retryable) == (FailureCode.OVERLOADED, True)
+    assert not Failure.of("r", FailureCode.BAD_REQUEST).retryable
+    # a code from a newer peer is still a readable failure
+    newer = decode_header(bytes(encode_frames(Failure("r", "gpu_on_fire"))[0]))
+    assert newer.failure_code is FailureCode.ENGINE_ERROR
+
+
+def test_newer_peer_trailing_fields_are_skipped() -> None:
+    """Append-only evolution: an extra trailing field from a newer peer is ignored."""
+    body = msgspec.msgpack.encode([21, "hb-1", "inst", 3, 1, False, "a future field"])
+    ack = decode_header(MAGIC + bytes([FRAMING_VERSION]) + body)
+    assert ack == HeartbeatAck("hb-1", "inst", 3, 1, False)
+
+
+# -- malformed input --------------------------------------------------------------------------
+
+
+def expect_message_or_protocol_error(frames: list, envelope: int = 0) -> None:
+    try:
+        decode_frames(frames, envelope)
+    except ProtocolError as exc:
+        assert isinstance(exc.code, FailureCode)
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=64), max_size=4), st.integers(0, 2))
+def test_garbage_frames(frames: list[bytes], envelope: int) -> None:
+    expect_message_or_protocol_error(frames, envelope)
+
+
+@SETTINGS
+@given(st.binary(max_size=200))
+def test_garbage_after_valid_prefix(body: bytes) -> None:
+    expect_message_or_protocol_error([MAGIC + bytes([FRAMING_VERSION]) + body])
+
+
+@SETTINGS
+@given(st.lists(json_like, max_size=12), st.integers(0, 40))
+def test_wrong_shapes_after_a_valid_tag(items: list, tag: int) -> None:
+    """Well-formed msgpack of the wrong shape behind every possible tag."""
+    body = msgspec.msgpack.encode([tag, *items])
+    expect_message_or_protocol_error([MAGIC + bytes([FRAMING_VERSION]) + body])
+
+
+@SETTINGS
+@given(messages(), st.data())
+def test_truncations_and_bit_flips(msg_needs: tuple[object, int], data: st.DataObject) -> None:
+    msg, needs = msg_needs
+    header = bytes(encode_frames(msg)[0])
+    cut = data.draw(st.integers(0, len(header)))
+    expect_message_or_protocol_error([header[:cut]])
+    pos = data.draw(st.integers(0, len(header) - 1))
+    bit = data.draw(st.integers(0, 7))
+    flipped = bytearray(header)
+    flipped[pos] ^= 1 << bit
+    expect_message_or_protocol_error([bytes(flipped), *([b"x"] * needs)])
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b""], FailureCode.PROTOCOL),
+        ([b"GET / HTTP/1.1\r\n"], FailureCode.PROTOCOL),
+        ([MAGIC], FailureCode.PROTOCOL),
+        ([MAGIC + b"\x02" + msgspec.msgpack.encode([6, "h"])], FailureCode.UNSUPPORTED_VERSION),
+        ([], FailureCode.PROTOCOL),
+        (
+            [MAGIC + b"\x01" + msgspec.msgpack.encode([99, "h"])],
+            FailureCode.PROTOCOL,
+        ),  # unknown tag
+        ([MAGIC + b"\x01" + msgspec.msgpack.encode([6, ""])], FailureCode.PROTOCOL),  # empty id
+        (
+            [MAGIC + b"\x01" + msgspec.msgpack.encode([2, "r", "m"])],
+            FailureCode.PROTOCOL,
+        ),  # no prompt
+        ([MAGIC + b"\x01" + msgspec.msgpack.encode([1, "r", "gw", 3, 2])], FailureCode.PROTOCOL),
+        ([MAGIC + b"\x01" + msgspec.msgpack.encode([6, "x" * 513])], FailureCode.PROTOCOL),
+        ([MAGIC + b"\x01" + b"\x91" * 100_000], FailureCode.PROTOCOL),  # deep nesting
+        ([object()], FailureCode.PROTOCOL),
+    ],
+)
+def test_specific_malformed_inputs(frames: list, code: FailureCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_frames(frames)
+    assert info.value.code is code
+
+
+def test_dangling_tensor_references_are_rejected() -> None:
+    msg = Generate("r", "m", prompt="p", tensors=[TensorRef(1)])
+    with pytest.raises(ProtocolError, match="tensor frame 1"):
+        decode_frames(encode_frames(msg, [b"only one"]))
+    msg = Encode("r", "m", media=[MediaItem("image", tensor=0)])
+    with pytest.raises(ProtocolError, match="media tensor 0"):
+        decode_frames(encode_frames(msg))
+    ok = Encode("r", "m", media=[MediaItem("image", tensor=0)], tensors=[TensorRef(0, b"f32")])
+    assert decode_frames(encode_frames(ok, [b"\0" * 16])).payload == [b"\0" * 16]
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+@given(st.integers(0, 5), st.integers(0, 5), st.integers(0, 5), st.integers(0, 5))
+def test_negotiate_picks_highest_common_version(a: int, b: int, c: int, d: int) -> None:
+    lo, hi = min(a, b), max(a, b)
+    wlo, whi = min(c, d), max(c, d)
+    reg = Register("r", "gw", lo, hi, ["stream", "abort", "from_the_future"])
+    common = set(range(lo, hi + 1)) & set(range(wlo, whi + 1))
+    if common:
+        version, caps = negotiate(reg, min_version=wlo, max_version=whi)
+        assert version == max(common)
+        assert caps == {"stream", "abort"}
+    else:
+        with pytest.raises(ProtocolError) as info:
+            negotiate(reg, min_version=wlo, max_version=whi)
+        assert info.value.code is FailureCode.UNSUPPORTED_VERSION
+
+
+def test_this_build_negotiates_with_itself() -> None:
+    reg = Register("r", "gw", 1, PROTOCOL_VERSION, sorted(CAPABILITIES))
+    assert negotiate(reg) == (PROTOCOL_VERSION, CAPABILITIES)
