@@ -24,6 +24,11 @@ comparable (timings on a small shared box drift between runs; compare only figur
     .venv/bin/python benchmarks/overhead.py [--quick] [--rounds 3] [--duration 4] [--layout none]
         [--ttft-n 60] [--startup-spawns 3] [--retries 2] [--nice N] [--out PATH]
 
+P/D mode (`--pd vllm-nixl` or `--pd sglang-bootstrap`): the gateway runs a prefill and a decode
+simulator with that dialect (real KV bytes move from P to D over the simulators' side channel);
+the direct baseline stays a merged worker, which answers the same text. The gateway's CPU per
+request then covers both legs; "added" latency includes the prefill leg's round trip.
+
 A worker or gateway that dies mid-round fails that round: the dead worker is restarted and the
 round re-run (--retries), and the death is listed under "ANOMALIES" and in the JSON.
 
@@ -473,9 +478,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(children: Children, name: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_worker(
+    children: Children, name: str, role: str = "pd"
+) -> tuple[subprocess.Popen[bytes], str]:
     ready = LOG_DIR / f"{name}.stdout"
-    argv = [sys.executable, "-m", "lmgw.simulators", "--role", "pd", "--port", "0"]
+    argv = [sys.executable, "-m", "lmgw.simulators", "--role", role, "--port", "0"]
     argv += ["--model", MODEL, "--speed", "inf", "--log-level", "WARNING"]
     proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", stdout=ready)
     deadline = time.monotonic() + 30
@@ -501,9 +508,11 @@ def log_tail(path: Path, n: int = 3) -> str:
 
 
 def ensure_workers(children: Children, ctx: dict[str, Any], deaths: list[dict[str, Any]]) -> None:
-    """Start the two workers, or restart any that died (each death is recorded)."""
-    procs = ctx.setdefault("worker_procs", [None, None])
-    for k in range(2):
+    """Start the workers (``ctx["roles"]``), or restart any that died (each death is recorded).
+    Worker 1 is always a merged ``pd`` worker: the direct baseline."""
+    roles = ctx["roles"]
+    procs = ctx.setdefault("worker_procs", [None] * len(roles))
+    for k in range(len(roles)):
         name = f"worker{k + 1}"
         proc = procs[k]
         if proc is not None and proc.poll() is None:
@@ -518,8 +527,8 @@ def ensure_workers(children: Children, ctx: dict[str, Any], deaths: list[dict[st
             deaths.append(death)
             log(f"{name} had died (exit {proc.returncode}): {death['log_tail'][:300]}; restarting")
             (LOG_DIR / f"{name}.log").rename(LOG_DIR / f"{name}-died-{len(deaths)}.log")
-        procs[k], url = start_worker(children, name)
-        ctx.setdefault("worker_urls", ["", ""])[k] = url
+        procs[k], url = start_worker(children, name, roles[k])
+        ctx.setdefault("worker_urls", [""] * len(roles))[k] = url
     urls = ctx["worker_urls"]
     ctx["worker_ports"] = [int(u.rsplit(":", 1)[1]) for u in urls]
     ctx["w1_port"] = ctx["worker_ports"][0]
@@ -534,7 +543,22 @@ def dead_workers(ctx: dict[str, Any]) -> list[str]:
     ]
 
 
-def gateway_argv(port: int, worker_urls: Sequence[str]) -> list[str]:
+def gateway_workers(ctx: dict[str, Any]) -> list[str]:
+    """The gateway's ``--worker`` values: both merged workers, or (P/D mode) the p and d
+    workers with the dialect's options (a simulated prefill serves SGLang's bootstrap
+    rendezvous on its HTTP port)."""
+    specs = []
+    for role, url in zip(ctx["roles"], ctx["worker_urls"], strict=True):
+        if ctx["pd_dialect"] is None:
+            specs.append(f"pd={url}")
+        elif role == "p":
+            specs.append(f"p={url},bootstrap_port={url.rsplit(':', 1)[1]}")
+        elif role == "d":
+            specs.append(f"d={url}")
+    return specs
+
+
+def gateway_argv(port: int, worker_specs: Sequence[str], dialect: str | None = None) -> list[str]:
     exe = Path(sys.executable).with_name("lmgw")
     cmd = str(exe) if exe.exists() else shutil.which("lmgw")
     if cmd is None:
@@ -542,8 +566,10 @@ def gateway_argv(port: int, worker_urls: Sequence[str]) -> list[str]:
             "the `lmgw` command is not installed next to this Python (pip install -e .)"
         )
     argv = [cmd, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    for url in worker_urls:
-        argv += ["--worker", f"pd={url}"]
+    for spec in worker_specs:
+        argv += ["--worker", spec]
+    if dialect is not None:
+        argv += ["--dialect", dialect]
     return [*argv, "--log-level", "warning"]
 
 
@@ -573,12 +599,13 @@ def wait_first_proxied(
 
 
 def start_gateway(
-    children: Children, worker_urls: Sequence[str], cpus: set[int] | None, tag: str
+    children: Children, ctx: dict[str, Any], tag: str
 ) -> tuple[subprocess.Popen[bytes], int, dict[str, float]]:
     port = free_port()
     log_path = LOG_DIR / f"gateway-{tag}.log"
     t_spawn = time.perf_counter()
-    proc = children.spawn(gateway_argv(port, worker_urls), log_path=log_path, cpus=cpus)
+    argv = gateway_argv(port, gateway_workers(ctx), ctx["pd_dialect"])
+    proc = children.spawn(argv, log_path=log_path, cpus=ctx["gw_cpus"])
     timing = wait_first_proxied(proc, port, t_spawn)
     health = http_once(port, "GET", "/health")
     if health.status != 200:
@@ -1117,7 +1144,7 @@ def run_round(
     i: int, children: Children, args: argparse.Namespace, ctx: dict[str, Any], attempt: int = 0
 ) -> dict[str, Any]:
     tag = f"r{i}" if attempt == 0 else f"r{i}-retry{attempt}"
-    proc, port, timing = start_gateway(children, ctx["worker_urls"], ctx["gw_cpus"], tag)
+    proc, port, timing = start_gateway(children, ctx, tag)
     rec: dict[str, Any] = {"round": i, "attempt": attempt, "gateway_start": timing, "runs": {}}
     try:
         ctx["gw_pid"] = proc.pid
@@ -1170,7 +1197,7 @@ def run_round(
 def measure_startup(children: Children, args: argparse.Namespace, ctx: dict[str, Any]) -> list:
     samples = []
     for k in range(args.startup_spawns):
-        proc, _port, timing = start_gateway(children, ctx["worker_urls"], ctx["gw_cpus"], f"s{k}")
+        proc, _port, timing = start_gateway(children, ctx, f"s{k}")
         children.stop(proc)
         samples.append(timing)
         log(f"startup {k}: first proxied 200 after {timing['first_200_s']:.3f} s")
@@ -1198,8 +1225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="niceness for this script and every process it starts (e.g. -5 on a box shared "
         "with other load; needs privileges; recorded in the JSON)",
     )
-    ap.add_argument("--out", type=Path, default=OUT_JSON)
+    ap.add_argument(
+        "--pd",
+        metavar="DIALECT",
+        choices=("vllm-nixl", "sglang-bootstrap"),
+        help="P/D mode: the gateway runs prefill + decode workers with this dialect; the direct "
+        "baseline is a merged worker (same text). Default out: benchmarks/results/overhead-pd-"
+        "DIALECT.json",
+    )
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = OUT_JSON if args.pd is None else RESULTS / f"overhead-pd-{args.pd}.json"
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.duration is None:
@@ -1253,7 +1290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     meta: dict[str, Any] = {
-        "benchmark": "overhead",
+        "benchmark": "overhead" if args.pd is None else f"overhead-pd-{args.pd}",
+        "pd_dialect": args.pd,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "rounds": args.rounds,
         "duration_s": args.duration,
@@ -1279,7 +1317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     startup: list[dict[str, float]] = []
     status = 0
     try:
-        ctx: dict[str, Any] = {"gw_cpus": gw_cpus, "lua": lua, "bodies": bodies}
+        ctx: dict[str, Any] = {
+            "gw_cpus": gw_cpus,
+            "lua": lua,
+            "bodies": bodies,
+            "pd_dialect": args.pd,
+            "roles": ["pd", "pd"] if args.pd is None else ["pd", "p", "d"],
+        }
         ensure_workers(children, ctx, deaths)
         log(f"workers: {', '.join(ctx['worker_urls'])}; {layout_text}")
         startup = measure_startup(children, args, ctx)
