@@ -56,6 +56,7 @@ class Fake:
         self.headers: list[dict] = []
         self.url = ""
         self.delay = 0.0  #: seconds before each generation answer
+        self.kv_address: str | None = None  #: P2P NCCL "ip:kv_port" (set by start())
 
     async def __call__(self, req: Request, responder: Responder) -> None:
         if req.method == "GET":  # health probes and model discovery
@@ -95,6 +96,7 @@ def decode_answer(obj: dict) -> tuple[int, Any]:
 async def start(nursery: trio.Nursery, fake: Fake) -> Fake:
     port = await nursery.start(serve_http, fake, "127.0.0.1", 0)
     fake.url = f"http://127.0.0.1:{port}"
+    fake.kv_address = f"127.0.0.1:{port}"
     return fake
 
 
@@ -105,7 +107,10 @@ async def gateway_for(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
         models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
-        workers=[WorkerConfig(url=f.url, role=role, id=f.name) for role, f in workers],
+        workers=[
+            WorkerConfig(url=f.url, role=role, id=f.name, kv_address=f.kv_address)
+            for role, f in workers
+        ],
     )
     gw = Gateway(cfg)
     port = await nursery.start(gw.run)
@@ -312,6 +317,19 @@ async def test_epd_encodes_each_media_item_then_runs_the_rest(
     assert r.status == 200 and len(e.seen) == 2
 
 
+async def test_encoder_failure_is_a_502_naming_the_stage(nursery: trio.Nursery) -> None:
+    e = await start(nursery, Fake("e0", lambda b: (500, {"error": {"message": "bad pixels"}})))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(nursery, "e+pd", "vllm-epd", [("e", e), ("pd", d)])
+    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 502, r.body
+    assert "encode stage failed" in r.json()["error"]["message"]
+    assert "bad pixels" in r.json()["error"]["message"]
+    assert d.seen == []  # no P/PD leg without every embedding
+
+
 async def test_no_decode_worker_is_a_503_before_any_leg(nursery: trio.Nursery) -> None:
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
     cfg_workers = [("p", p)]
@@ -378,3 +396,55 @@ async def test_client_gone_during_prefill_sends_no_decode(nursery: trio.Nursery)
         await prefill_cancelled.wait()
     await trio.sleep(0.2)
     assert d.seen == []
+
+
+# -- failure semantics, per dialect (docs/protocols.md) -----------------------------------------
+PD_DIALECTS = ["vllm-nixl", "vllm-p2pnccl", "vllm-lmcache", "sglang-bootstrap"]
+#: dialects whose hand-off survives a decode failure (another decode worker can take it)
+RETRY_KEEPS_HANDOFF = {"vllm-nixl": True, "vllm-lmcache": True}
+
+
+def prefill_ok(body: dict) -> tuple[int, Any]:
+    return 200, completion("x", kv_transfer_params=KV)
+
+
+def any_decode(body: dict) -> tuple[int, Any]:
+    return 200, completion("decoded")
+
+
+@pytest.mark.parametrize("dialect", PD_DIALECTS)
+async def test_prefill_failure_is_a_502_naming_the_stage(
+    nursery: trio.Nursery, dialect: str
+) -> None:
+    p = await start(nursery, Fake("p0", lambda b: (500, {"error": {"message": "engine dead"}})))
+    d = await start(nursery, Fake("d0", any_decode))
+    d.delay = 2.0  # SGLang's decode waits for KV that never comes: it must be cancelled
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])
+    with trio.fail_after(1.5):  # nothing waits for the decode
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 502
+    assert "prefill stage failed" in r.json()["error"]["message"]
+    assert "engine dead" in r.json()["error"]["message"]
+    if dialect != "sglang-bootstrap":  # sequential dialects: no decode without the hand-off
+        assert d.seen == []
+
+
+@pytest.mark.parametrize("dialect", PD_DIALECTS)
+async def test_decode_failure_before_first_token(nursery: trio.Nursery, dialect: str) -> None:
+    """Retried once on the other decode worker when the hand-off allows it; otherwise a 502
+    naming the decode stage (a P2P NCCL id names one decode address; an SGLang room is used)."""
+    p = await start(nursery, Fake("p0", prefill_ok))
+    bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
+    good = await start(nursery, Fake("d-good", any_decode))
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", bad), ("d", good)])
+    results = [(await http_request(url, "POST", "/v1/chat/completions", CHAT)) for _ in range(4)]
+    failed = [r for r in results if r.status != 200]
+    assert bad.seen  # round robin sent some decodes to the failing worker
+    if RETRY_KEEPS_HANDOFF.get(dialect):
+        assert failed == [] and len(good.seen) == 4  # each bad attempt was retried on d-good
+    else:
+        assert len(failed) == len(bad.seen) and len(good.seen) == 4 - len(failed)
+        for r in failed:
+            assert r.status == 502
+            assert "decode stage failed" in r.json()["error"]["message"]
+    assert len(p.seen) == 4  # one prefill per request, retries included

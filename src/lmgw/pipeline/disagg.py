@@ -97,15 +97,15 @@ class DisaggRunner:
                 handoff = dialect.read_prefill(pre, status, answer)
                 leg = dialect.decode_request(body, handoff, ctx)
                 await self._final(greq, responder, leg, decode, "d", dialect, handoff, route)
-        except StageError as exc:
-            raise GatewayError(
-                exc.client_status, f"{exc.stage} stage failed: {exc.message}"
-            ) from None
-        except BodyError as exc:
-            raise GatewayError(400, str(exc)) from None
-        except HandOffError as exc:  # a bug, but the client still gets an answer
-            log.error("request %s: %s", greq.request_id, exc)
-            raise GatewayError(500, f"internal hand-off error: {exc}") from None
+        except BaseExceptionGroup as group:
+            # a failure inside a nursery (encoder fan-out, SGLang's concurrent legs): the first
+            # one is the client's answer; cancellations and the rest are dropped with the group
+            match, _rest = group.split(_ANSWERABLE)
+            if match is None:
+                raise
+            raise _client_error(greq, _first_leaf(match)) from None
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
 
     # -- legs -------------------------------------------------------------------------------
     async def _leg(
@@ -196,10 +196,17 @@ class DisaggRunner:
         attempts = 2 if (role == "pd" or dialect.decode_retry_keeps_handoff) else 1
         tried: tuple[Worker, ...] = ()
         for attempt in range(attempts):
-            failure = await p.dispatch(
-                greq, responder, role, worker, route, attempt + 1 < attempts,
-                leg.path, leg.headers, leg.body, gate,
-            )  # fmt: skip
+            try:
+                failure = await p.dispatch(
+                    greq, responder, role, worker, route, attempt + 1 < attempts,
+                    leg.path, leg.headers, leg.body, gate,
+                )  # fmt: skip
+            except GatewayError as exc:
+                if exc.status < 500:  # the request's fault, as the worker said: passed on
+                    raise
+                raise GatewayError(
+                    exc.status, f"{STAGE_NAMES[role]} stage failed: {exc.message}"
+                ) from None
             if failure is None:
                 return
             tried += (worker,)
@@ -269,6 +276,28 @@ class DisaggRunner:
             ):
                 await responder.send(sse_error_event(502, f"prefill stage failed: {exc.message}"))
                 await responder.end()
+
+
+_ANSWERABLE = (GatewayError, StageError, BodyError, HandOffError)
+
+
+def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:
+    """The OpenAI-shaped error the client gets for a failure of one of the legs."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, StageError):
+        return GatewayError(exc.client_status, f"{exc.stage} stage failed: {exc.message}")
+    if isinstance(exc, BodyError):
+        return GatewayError(400, str(exc))
+    log.error("request %s: %s", greq.request_id, exc)  # a hand-off bug: still answered
+    return GatewayError(500, f"internal hand-off error: {exc}")
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _rewrite(dialect: Dialect, handoff: HandOff) -> Rewrite:
