@@ -1,0 +1,531 @@
+"""A model's tokenizer, loaded from a local Hugging Face folder, safe to call from the event loop.
+
+Why this shape:
+
+- **Local files only.** lmgw never downloads from a model hub: a tokenizer is a folder on disk
+  (``tokenizer.json`` + ``tokenizer_config.json``, optionally ``special_tokens_map.json``,
+  ``generation_config.json``, ``config.json``). A hub id with no local copy is a configuration
+  error that says how to fetch it, never a silent download at startup.
+- **Transformers' semantics without transformers.** Only ``tokenizers`` (Rust) is used, but the
+  loaded tokenizer answers like ``AutoTokenizer.from_pretrained(folder)`` for what the gateway
+  needs: special tokens from ``tokenizer_config.json`` (``special_tokens_map.json`` only when the
+  config has no ``added_tokens_decoder``, as transformers 5 does), added tokens declared only in
+  the config, truncation and padding stored in ``tokenizer.json`` switched off (transformers
+  ignores them unless asked), ``clean_up_tokenization_spaces`` on decode (not for BPE).
+- **Off the loop when long.** ``tokenizers.Tokenizer.encode`` holds the GIL for the whole call
+  (DESIGN.md §3: a 1.5 MB document froze the loop for 1.2 s even from a thread), while
+  ``encode_batch_fast`` releases it. So :meth:`ModelTokenizer.encode_async` encodes short texts
+  inline (a thread hop costs more than they do) and sends long ones through ``encode_batch_fast``
+  in ``trio.to_thread.run_sync`` under a bounded :class:`trio.CapacityLimiter`.
+- **No prefix cache.** ``benchmarks/text.py`` measured it: see ``docs/text.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import trio
+from tokenizers import AddedToken, Tokenizer
+
+from lmgw.errors import GatewayError
+
+__all__ = [
+    "DEFAULT_OFFLOAD_THRESHOLD_CHARS",
+    "NAMED_SPECIAL_TOKENS",
+    "AddedTokenInfo",
+    "ModelTokenizer",
+    "TokenIdError",
+    "TokenizerLoadError",
+    "resolve_model_dir",
+]
+
+DEFAULT_OFFLOAD_THRESHOLD_CHARS = 4096
+"""Texts at least this long are encoded in a worker thread. At ~2-3 M chars/s per core an inline
+encode of 4 KiB costs ~1.5-2 ms of loop time, while a thread hop costs ~0.1 ms; see
+``benchmarks/text.py`` for the measured break-even."""
+
+DEFAULT_OFFLOAD_THRESHOLD_IDS = 16384
+"""Decodes of at least this many ids go to a worker thread (decode is ~5x cheaper per token)."""
+
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+"""The special tokens transformers exposes by name (and passes to chat templates)."""
+
+# config.json keys that bound the context, as vLLM reads them (the smallest one wins).
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+# transformers writes int(1e30) as model_max_length when a tokenizer has no limit.
+_NO_LIMIT = 10**12
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+
+
+class TokenizerLoadError(ValueError):
+    """A model folder cannot be used (missing, a hub id without local files, unreadable JSON).
+
+    Raised at startup; the message names the path and what to do about it.
+    """
+
+
+class TokenIdError(GatewayError):
+    """A token id outside the vocabulary (a 400 for ``/detokenize`` and prompt-token inputs)."""
+
+    def __init__(self, message: str, *, param: str = "tokens") -> None:
+        super().__init__(400, message, param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class AddedTokenInfo:
+    """One added token: special ones are skipped by ``decode(skip_special_tokens=True)``."""
+
+    id: int
+    content: str
+    special: bool
+
+
+def _default_hf_cache() -> Path:
+    if env := os.environ.get("HF_HUB_CACHE"):
+        return Path(env)
+    if env := os.environ.get("HF_HOME"):
+        return Path(env) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _hf_cache_snapshot(repo_id: str, cache: Path) -> Path | None:
+    """The local snapshot of ``repo_id`` in a Hugging Face cache, if one was downloaded before."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = snapshots / ref.read_text(encoding="utf-8").strip()
+        return snap if snap.is_dir() else None
+    found = sorted(p for p in snapshots.glob("*") if p.is_dir()) if snapshots.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def resolve_model_dir(
+    name_or_path: str | os.PathLike[str], *, hf_cache: str | os.PathLike[str] | None = None
+) -> Path:
+    """The local folder for a configured tokenizer: a path, or a hub id already in the local
+    Hugging Face cache (``HF_HUB_CACHE``, ``HF_HOME/hub`` or ``~/.cache/huggingface/hub``).
+
+    Raises:
+        TokenizerLoadError: the folder does not exist, or the id was never downloaded.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = os.fspath(name_or_path)
+    if path.exists():
+        raise TokenizerLoadError(f"tokenizer path {text!r} is a file; expected a model folder")
+    if _HUB_ID.match(text) and not text.startswith("."):
+        cache = Path(hf_cache) if hf_cache is not None else _default_hf_cache()
+        snap = _hf_cache_snapshot(text, cache)
+        if snap is not None:
+            return snap
+        raise TokenizerLoadError(
+            f"tokenizer {text!r} looks like a Hugging Face Hub id, but there is no local copy "
+            f"(no folder {text!r}, nothing in {cache}). lmgw never downloads models: fetch it "
+            f"first (e.g. `huggingface-cli download {text} --local-dir DIR`) and configure DIR"
+        )
+    raise TokenizerLoadError(f"tokenizer folder {text!r} does not exist")
+
+
+def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise TokenizerLoadError(f"{path} is missing") from None
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerLoadError(f"cannot read {path}: {exc}") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise TokenizerLoadError(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def _token_content(value: Any, where: str) -> str | None:
+    """A special-token entry: a string, an AddedToken dict (``{"content": ...}``) or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerLoadError(f"{where}: expected a string or {{'content': ...}}, got {value!r}")
+
+
+def _ids(value: Any, where: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TokenizerLoadError(f"{where}: expected a token id or a list of ids, got {value!r}")
+    return tuple(values)
+
+
+def _context_length(config: Mapping[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    found = [
+        v
+        for k in _CONTEXT_KEYS
+        if isinstance(v := config.get(k), int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT
+    ]
+    if found:
+        return min(found)
+    text_config = config.get("text_config")  # multimodal models nest the language model's
+    return _context_length(text_config) if isinstance(text_config, dict) else None
+
+
+class ModelTokenizer:
+    """One model's tokenizer: encode/decode/count, special tokens, EOS ids and context length.
+
+    Thread-safety: a ``tokenizers.Tokenizer`` may be used from several threads at once, so the
+    event loop and the worker threads share one instance. Nothing here mutates after ``__init__``.
+
+    Args:
+        tokenizer: the Rust tokenizer (truncation and padding are switched off here).
+        special_tokens_map: named special tokens (``bos_token``...) as transformers exposes them;
+            tokens named here that the vocabulary lacks are added as special tokens.
+        generation_config: the parsed ``generation_config.json`` (EOS ids, defaults).
+        max_model_len: the context length, if known.
+        clean_up_tokenization_spaces: transformers' decode clean-up (ignored for BPE models).
+        offload_threshold_chars: texts at least this long are encoded in a worker thread.
+        limiter: bounds the worker threads (share one across models); a private one with
+            ``offload_threads`` tokens is made on first use otherwise.
+        name: the folder or id, for messages.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        special_tokens_map: Mapping[str, str] | None = None,
+        extra_special_tokens: Sequence[str] = (),
+        generation_config: Mapping[str, Any] | None = None,
+        max_model_len: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        offload_threshold_chars: int = DEFAULT_OFFLOAD_THRESHOLD_CHARS,
+        offload_threshold_ids: int = DEFAULT_OFFLOAD_THRESHOLD_IDS,
+        offload_threads: int | None = None,
+        limiter: trio.CapacityLimiter | None = None,
+        name: str = "",
+    ) -> None:
+        if offload_threshold_chars < 0 or offload_threshold_ids < 0:
+            raise ValueError("offload thresholds must be >= 0")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        named = {k: v for k, v in (special_tokens_map or {}).items() if v is not None}
+        wanted = (*named.values(), *extra_special_tokens)
+        missing = [t for t in wanted if tokenizer.token_to_id(t) is None]
+        if missing:
+            tokenizer.add_special_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
+            )
+        self._tok = tokenizer
+        self.name = name
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens_map: Mapping[str, str] = MappingProxyType(named)
+        self.added_tokens: tuple[AddedTokenInfo, ...] = tuple(
+            AddedTokenInfo(i, t.content, bool(t.special))
+            for i, t in sorted(tokenizer.get_added_tokens_decoder().items())
+        )
+        special_ids = {a.id for a in self.added_tokens if a.special}
+        for t in (*named.values(), *extra_special_tokens):
+            if (tid := self._id_of(t)) is not None:
+                special_ids.add(tid)
+        self.all_special_ids: frozenset[int] = frozenset(special_ids)
+        self.bos_token: str | None = named.get("bos_token")
+        self.eos_token: str | None = named.get("eos_token")
+        self.pad_token: str | None = named.get("pad_token")
+        self.unk_token: str | None = named.get("unk_token")
+        self.bos_token_id = self._id_of(self.bos_token)
+        self.eos_token_id = self._id_of(self.eos_token)
+        self.pad_token_id = self._id_of(self.pad_token)
+        self.unk_token_id = self._id_of(self.unk_token)
+        gen = dict(generation_config or {})
+        self.generation_config: Mapping[str, Any] = MappingProxyType(gen)
+        eos = list(_ids(gen.get("eos_token_id"), "generation_config.eos_token_id"))
+        if self.eos_token_id is not None:
+            eos.append(self.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        """Every id that ends generation: generation_config's first, then the tokenizer's."""
+        self.max_model_len = max_model_len
+        self._cleanup = clean_up_tokenization_spaces and type(tokenizer.model).__name__ != "BPE"
+        self.offload_threshold_chars = offload_threshold_chars
+        self.offload_threshold_ids = offload_threshold_ids
+        self._offload_threads = offload_threads or max(1, min(8, (os.cpu_count() or 2) - 1))
+        self._limiter = limiter
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        max_model_len: int | None = None,
+        hf_cache: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> ModelTokenizer:
+        """Load from a local model folder (blocking file I/O: call at startup or in a thread).
+
+        Args:
+            name_or_path: the folder, or a hub id already in the local Hugging Face cache.
+            max_model_len: overrides the context length read from ``config.json`` /
+                ``tokenizer_config.json``.
+            hf_cache: where to look for hub ids (default: the usual HF cache locations).
+            **options: passed to :class:`ModelTokenizer` (thresholds, limiter, threads).
+
+        Raises:
+            TokenizerLoadError: missing folder or ``tokenizer.json``, a hub id with no local
+                copy, invalid JSON, or a tokenizer that ``tokenizers`` cannot build.
+        """
+        folder = resolve_model_dir(name_or_path, hf_cache=hf_cache)
+        tok_file = folder / "tokenizer.json"
+        if not tok_file.is_file():
+            slow_files = ("tokenizer.model", "vocab.json", "vocab.txt")
+            slow = [n for n in slow_files if (folder / n).exists()]
+            hint = (
+                f" (found {', '.join(slow)}: only fast tokenizers are supported; convert once "
+                "with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+                if slow
+                else ""
+            )
+            raise TokenizerLoadError(f"{tok_file} is missing{hint}")
+        try:
+            raw = tok_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerLoadError(f"cannot read {tok_file}: {exc}") from exc
+        try:
+            json.loads(raw)  # for a precise message: tokenizers' own says little
+        except json.JSONDecodeError as exc:
+            raise TokenizerLoadError(f"{tok_file} is not valid JSON: {exc}") from exc
+        try:
+            tokenizer = Tokenizer.from_str(raw)
+        except Exception as exc:  # tokenizers raises a bare Exception for bad models
+            raise TokenizerLoadError(f"{tok_file} is not a valid tokenizer: {exc}") from exc
+        config = _read_json(folder / "tokenizer_config.json", required=False) or {}
+        named: dict[str, str | None] = {
+            k: _token_content(config.get(k), f"tokenizer_config.json {k}")
+            for k in NAMED_SPECIAL_TOKENS
+            if k in config
+        }
+        extra: list[str] = []
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            value = config.get(key)
+            if isinstance(value, list):
+                extra += [
+                    t
+                    for v in value
+                    if (t := _token_content(v, f"tokenizer_config.json {key}")) is not None
+                ]
+        if "added_tokens_decoder" not in config:  # legacy folders: the map file wins
+            legacy = _read_json(folder / "special_tokens_map.json", required=False) or {}
+            for k in NAMED_SPECIAL_TOKENS:
+                if k in legacy:
+                    named[k] = _token_content(legacy[k], f"special_tokens_map.json {k}")
+        _add_config_tokens(tokenizer, config.get("added_tokens_decoder"), tok_file.parent)
+        gen = _read_json(folder / "generation_config.json", required=False)
+        model_config = _read_json(folder / "config.json", required=False)
+        if max_model_len is None:
+            max_model_len = _context_length(model_config)
+            cfg_len = config.get("model_max_length")
+            if (
+                max_model_len is None
+                and isinstance(cfg_len, int | float)
+                and math.isfinite(cfg_len)
+                and 0 < cfg_len < _NO_LIMIT
+            ):
+                max_model_len = int(cfg_len)
+        return cls(
+            tokenizer,
+            special_tokens_map={k: v for k, v in named.items() if v is not None},
+            extra_special_tokens=extra,
+            generation_config=gen,
+            max_model_len=max_model_len,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            name=os.fspath(name_or_path),
+            **options,
+        )
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, inline (holds the GIL: keep it for short texts).
+
+        ``add_special_tokens`` runs the tokenizer's post-processor (e.g. a BOS for completions);
+        a rendered chat prompt already carries its special tokens, so pass False for it, as
+        transformers' ``apply_chat_template`` and vLLM do.
+        """
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    async def encode_async(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Like :meth:`encode`; texts of ``offload_threshold_chars`` or more go to a worker
+        thread through the GIL-releasing ``encode_batch_fast``, bounded by the limiter."""
+        if len(text) < self.offload_threshold_chars:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return await trio.to_thread.run_sync(
+            self._encode_off_loop, text, add_special_tokens, limiter=self.limiter
+        )
+
+    def _encode_off_loop(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:
+        """How many tokens ``text`` encodes to (inline)."""
+        return len(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    async def count_tokens_async(self, text: str, *, add_special_tokens: bool = True) -> int:
+        """:meth:`count_tokens` with :meth:`encode_async`'s off-loop rule."""
+        return len(await self.encode_async(text, add_special_tokens=add_special_tokens))
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The limiter for worker threads (made on first use when none was given)."""
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self._offload_threads)
+        return self._limiter
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def check_ids(self, ids: Sequence[int], *, param: str = "tokens") -> None:
+        """Raise :class:`TokenIdError` unless every id is in ``[0, vocab_size)``."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise TokenIdError(
+                f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param
+            )
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of ``ids`` (transformers' default keeps special tokens, and so does vLLM's
+        ``/detokenize``).
+
+        Raises:
+            TokenIdError: an id is outside the vocabulary (``tokenizers`` would drop it silently).
+        """
+        self.check_ids(ids)
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._clean_up(text) if self._cleanup else text
+
+    async def decode_async(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """:meth:`decode`, in a worker thread for ``offload_threshold_ids`` ids or more."""
+        if len(ids) < self.offload_threshold_ids:
+            return self.decode(ids, skip_special_tokens=skip_special_tokens)
+        self.check_ids(ids)
+        text = await trio.to_thread.run_sync(
+            self._decode_off_loop, list(ids), skip_special_tokens, limiter=self.limiter
+        )
+        return self._clean_up(text) if self._cleanup else text
+
+    def _decode_off_loop(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    @staticmethod
+    def _clean_up(text: str) -> str:
+        for old, new in _CLEANUPS:
+            text = text.replace(old, new)
+        return text
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
+        """The vocabulary strings of ``ids`` (vLLM's ``token_strs``); None for unknown ids."""
+        to_token = self._tok.id_to_token
+        return [to_token(i) if i >= 0 else None for i in ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary string or added token."""
+        return self._tok.token_to_id(token)
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (shared: do not reconfigure it)."""
+        return self._tok
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelTokenizer({self.name!r}, vocab={self.vocab_size}, bos={self.bos_token!r}, "
+            f"eos={self.eos_token!r}, max_model_len={self.max_model_len})"
+        )
+
+
+def _add_config_tokens(tokenizer: Tokenizer, decoder: Any, where: Path) -> None:
+    """Add the tokens ``tokenizer_config.json`` declares but ``tokenizer.json`` lacks, at the ids
+    the config says (transformers does the same; a mismatch would shift every later id)."""
+    if decoder is None:
+        return
+    if not isinstance(decoder, dict):
+        raise TokenizerLoadError(f"{where}/tokenizer_config.json added_tokens_decoder: not a map")
+    entries: list[tuple[int, dict[str, Any]]] = []
+    for key, value in decoder.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(value, dict)):
+            raise TokenizerLoadError(
+                f"{where}/tokenizer_config.json added_tokens_decoder: bad entry {key!r}"
+            )
+        if not isinstance(value.get("content"), str):
+            raise TokenizerLoadError(
+                f"{where}/tokenizer_config.json added_tokens_decoder[{key}]: no content"
+            )
+        entries.append((int(key), value))
+    for tid, value in sorted(entries, key=lambda e: e[0]):
+        content = value["content"]
+        if tokenizer.id_to_token(tid) == content:
+            continue
+        token = AddedToken(
+            content,
+            single_word=bool(value.get("single_word", False)),
+            lstrip=bool(value.get("lstrip", False)),
+            rstrip=bool(value.get("rstrip", False)),
+            normalized=bool(value.get("normalized", not value.get("special", False))),
+            special=bool(value.get("special", False)),
+        )
+        if token.special:
+            tokenizer.add_special_tokens([token])
+        else:
+            tokenizer.add_tokens([token])
+        got = tokenizer.token_to_id(content)
+        if got != tid:
+            raise TokenizerLoadError(
+                f"{where}/tokenizer_config.json declares {content!r} as id {tid}, but "
+                f"tokenizer.json gives it id {got}: the files do not belong together"
+            )
