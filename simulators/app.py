@@ -3,10 +3,17 @@
 
 Roles: ``pd`` (merged prefill+decode), and the disaggregated ``e`` (encoder: writes each media
 item's embedding to a shared ``ec_dir``), ``p`` (prefill: publishes the prompt's KV blocks and
-answers vLLM NIXL's ``kv_transfer_params``, or publishes under an SGLang ``bootstrap_room``) and
-``d`` (decode: fetches those blocks over the prefill worker's side channel, ``GET /sim/kv/<key>``
-on the same HTTP port, verifies them and generates exactly what a ``pd`` worker would). The
-artefacts themselves are in :mod:`.disagg` (sans-IO).
+answers vLLM NIXL's ``kv_transfer_params``, or publishes under an SGLang ``bootstrap_room`` or a
+vLLM P2P NCCL pair id) and ``d`` (decode: fetches those blocks over the prefill worker's side
+channel, ``GET /sim/kv/<key>`` on its HTTP port and on its KV port, verifies them and generates
+exactly what a ``pd`` worker would). With ``kv_connector="lmcache"`` the p/d pair instead moves
+KV chunks through a shared directory standing in for LMCache's store. The artefacts themselves
+are in :mod:`.disagg` (sans-IO).
+
+Which hand-off a request uses is read from the request itself, in this order: NIXL
+``kv_transfer_params``, SGLang ``bootstrap_*`` fields, a P2P NCCL pair id in ``X-Request-Id``
+(``kv_connector="auto"`` only), LMCache (``kv_connector="lmcache"``); a decode worker with none
+of these refuses the request, since a decode-only worker never computes a prompt on its own.
 
 ``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
 contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
@@ -38,13 +45,18 @@ from lmgw.transport.pool import ConnectionPool, Origin, UpstreamError
 
 from .disagg import (
     KV_BLOCK_BYTES,
+    LMCACHE_CHUNK_TOKENS,
     EmbeddingError,
     EmbeddingStore,
     KVStore,
     KVUnknownBlocks,
     KVVerifyError,
+    LMCacheStore,
+    PairId,
     derive_embedding,
+    parse_pair_id,
     prompt_digest,
+    same_address,
     verify_kv_blocks,
 )
 from .engine import (
@@ -67,6 +79,8 @@ RECENT = 256
 
 ROLES = ("e", "p", "d", "pd")
 """Roles a simulated worker can take: encode, prefill, decode, merged prefill+decode."""
+KV_CONNECTORS = ("auto", "lmcache")
+"""``auto``: NIXL, SGLang or P2P NCCL, as each request asks; ``lmcache``: LMCache's shared store."""
 MAX_KV_WAIT_S = 600.0
 """Upper bound on how long the side channel holds a fetch open for a KV not yet published."""
 
@@ -101,7 +115,21 @@ class WorkerOptions:
     kv_fetch_timeout_s: float = 10.0
     """A decode worker's bound on one KV fetch from its prefill worker."""
     bootstrap_timeout_s: float = 30.0
-    """How long a decode worker waits for an SGLang room's KV to be published."""
+    """How long a decode worker waits for KV not yet published: an SGLang room's, or a P2P NCCL
+    pair's (sequential legs normally publish before D asks; the wait only covers a race)."""
+    kv_port: int | None = None
+    """The P2P NCCL KV listener (``kv_port`` of vLLM's KV transfer config): a second port serving
+    this same handler, so the side channel is reachable there; 0 picks a free port, None: none.
+    ``host:kv_port`` is the worker's KV address, the one pair ids name."""
+    kv_connector: str = "auto"
+    """One of :data:`KV_CONNECTORS`."""
+    lmcache_dir: str | None = None
+    """LMCache's store, simulated by a directory shared by the p and d workers."""
+    lmcache_strict: bool = True
+    """Decode with chunks missing from LMCache: a 500 (True) or recompute the prompt (False, what
+    real LMCache does silently)."""
+    lmcache_chunk_size: int = LMCACHE_CHUNK_TOKENS
+    """Tokens per LMCache chunk (its ``chunk_size``); p and d must agree."""
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -319,6 +347,9 @@ class SimStats:
     kv_blocks_verified: int = 0
     kv_fetch_failures: int = 0
     kv_verify_failures: int = 0
+    p2p_published: int = 0
+    p2p_received: int = 0
+    p2p_misrouted: int = 0
 
 
 class _Waiters:
@@ -346,11 +377,27 @@ class SimWorker:
             raise ValueError(unsupported_role_message(opts.role))
         if opts.role == "e" and not opts.ec_dir:
             raise ValueError("an encode worker (role e) needs ec_dir (--ec-dir)")
+        if opts.kv_connector not in KV_CONNECTORS:
+            raise ValueError(
+                f"unknown kv_connector {opts.kv_connector!r}: expected one of "
+                f"{', '.join(KV_CONNECTORS)}"
+            )
+        lmcache = opts.kv_connector == "lmcache" and opts.role in ("p", "d")
+        if lmcache and not opts.lmcache_dir:
+            raise ValueError("kv_connector lmcache needs lmcache_dir (--lmcache-dir)")
+        self.lmcache = (
+            LMCacheStore(opts.lmcache_dir, model=opts.model, chunk_size=opts.lmcache_chunk_size)
+            if lmcache and opts.lmcache_dir
+            else None
+        )
+        """The LMCache store of an lmcache p or d worker (None otherwise)."""
         self.engine_id = opts.engine_id or str(uuid.uuid4())
         self.kv_store = KVStore(max_entries=opts.kv_store_entries, ttl_s=opts.kv_ttl_s)
         self.ec_store = EmbeddingStore(opts.ec_dir) if opts.ec_dir and opts.role != "d" else None
         self.bound_port: int | None = None
         """The port the server bound (set by :func:`serve_worker_inprocess`): the side channel."""
+        self.kv_bound_port: int | None = None
+        """The KV listener's bound port (set by :func:`serve_worker_inprocess`)."""
         self._kv_waiters: dict[str, _Waiters] = {}
         self._pool = ConnectionPool(connect_timeout_s=min(5.0, opts.kv_fetch_timeout_s))
         self._origins: dict[tuple[str, int], Origin] = {}
@@ -747,6 +794,14 @@ class SimWorker:
         """The side channel's port: the HTTP port (also the SGLang bootstrap port)."""
         return self.bound_port if self.bound_port is not None else self.options.port
 
+    @property
+    def kv_address(self) -> str | None:
+        """``host:kv_port``, the P2P NCCL address pair ids name; None without a KV listener."""
+        port = self.kv_bound_port
+        if port is None:
+            port = self.options.kv_port or None  # 0 means "not bound yet"
+        return None if port is None else f"{self.side_host}:{port}"
+
     def _leg_max_tokens(self, req: _GenRequest, max_tokens: int | None) -> int | None:
         """A prefill worker in SGLang mode gets the client's body unchanged and stops after the
         first token (the decode worker produces the rest), as SGLang's prefill mode does."""
@@ -796,11 +851,23 @@ class SimWorker:
 
         plan.after_prefill = publish
 
+    def _pair_id(self, plan: _Plan) -> PairId | None:
+        """The P2P NCCL pair in the request id (``kv_connector="auto"`` only: a vLLM instance
+        with another connector does not read ids)."""
+        if self.options.kv_connector != "auto" or "___prefill_addr_" not in plan.request_id:
+            return None
+        return parse_pair_id(plan.request_id)
+
     def _prefill_leg(self, req: _GenRequest, plan: _Plan) -> None:
         params = req.kv_transfer_params
         nixl = isinstance(params, dict) and bool(params.get("do_remote_decode"))
         if not nixl and req.bootstrap_room is None:
-            return  # a plain request: served like a merged worker
+            pair = self._pair_id(plan)
+            if pair is not None:
+                self._p2p_prefill_leg(pair, plan)
+            elif self.lmcache is not None:
+                self._lmcache_prefill_leg(plan)
+            return  # otherwise a plain request: served like a merged worker
         if len(plan.prompts) != 1:
             raise _bad("a disaggregated prefill takes one prompt per request", "prompt")
         ids = plan.prompts[0]
@@ -833,6 +900,42 @@ class SimWorker:
 
         plan.after_prefill = publish
 
+    def _p2p_prefill_leg(self, pair: PairId, plan: _Plan) -> None:
+        """vLLM P2P NCCL's producer: the id must name this worker as the prefill; the prompt's KV
+        is published under the pair id (the simulator's stand-in for P pushing the tensors to
+        the decode address: D pulls them from this worker's KV port instead)."""
+        own = self.kv_address
+        if own is None or not same_address(pair.prefill_addr, own):
+            self.stats.p2p_misrouted += 1
+            raise ApiError(
+                500,
+                f"P2P NCCL: the request id names prefill {pair.prefill_addr}, but this worker's "
+                f"KV address is {own or 'unset (no --kv-port)'}",
+            )
+        if len(plan.prompts) != 1:
+            raise _bad("a disaggregated prefill takes one prompt per request", "prompt")
+        ids = plan.prompts[0]
+        block_size = self.engine.config.block_size
+
+        def publish() -> None:
+            self.kv_store.put(pair.key, ids, block_size, trio.current_time())
+            self.stats.p2p_published += 1
+            self._published(pair.key)
+
+        plan.after_prefill = publish
+
+    def _lmcache_prefill_leg(self, plan: _Plan) -> None:
+        """LMCache's producer: every prompt's chunks go to the shared store once computed."""
+        store = self.lmcache
+        assert store is not None
+        prompts = plan.prompts
+
+        def publish() -> None:
+            for ids in prompts:
+                store.put(ids)
+
+        plan.after_prefill = publish
+
     @staticmethod
     def _room(req: _GenRequest) -> int:
         room = _single(req.bootstrap_room, "bootstrap_room")
@@ -853,6 +956,7 @@ class SimWorker:
         ids = plan.prompts[0]
         params = req.kv_transfer_params
         engine_id: str | None = None
+        pair: PairId | None = None
         if isinstance(params, dict) and params.get("do_remote_prefill"):
             host = _kv_param(params, "remote_host", str)
             port = _kv_param(params, "remote_port", int)
@@ -887,11 +991,31 @@ class SimWorker:
             path = f"/sim/kv/room-{room}?wait_s={wait:g}"
             timeout = wait + self.options.kv_fetch_timeout_s
             what = f"bootstrap_room {room}"
+        elif (pair := self._pair_id(plan)) is not None:
+            own = self.kv_address
+            if own is None or not same_address(pair.decode_addr, own):
+                self.stats.p2p_misrouted += 1
+                raise ApiError(
+                    500,
+                    f"P2P NCCL: the KV was pushed to {pair.decode_addr}, this worker is "
+                    f"{own or 'without a KV address (no --kv-port)'}: the request id names "
+                    f"another decode worker (prefill {pair.prefill_addr})",
+                )
+            host, _, port_text = pair.prefill_addr.rpartition(":")
+            host, port = host.strip("[]"), int(port_text)
+            wait = self.options.bootstrap_timeout_s
+            path = f"/sim/kv/{quote(pair.key, safe='')}?wait_s={wait:g}"
+            timeout = wait + self.options.kv_fetch_timeout_s
+            what = f"P2P NCCL request {pair.key!r}"
+        elif self.lmcache is not None:
+            self._lmcache_decode_leg(ids, plan)
+            return
         else:
             raise _bad(
                 "this is a decode-only worker (role d): the request needs kv_transfer_params "
-                "with do_remote_prefill=true (copied from the prefill response) or SGLang's "
-                "bootstrap_host/bootstrap_port/bootstrap_room",
+                "with do_remote_prefill=true (copied from the prefill response), SGLang's "
+                "bootstrap_host/bootstrap_port/bootstrap_room, or a P2P NCCL pair id "
+                "(X-Request-Id ___prefill_addr_..___decode_addr_.._<hex>)",
                 "kv_transfer_params",
             )
         stats = self.stats
@@ -912,8 +1036,34 @@ class SimWorker:
             stats.kv_verify_failures += 1
             raise ApiError(500, f"KV transfer for {what} failed verification: {exc}") from None
         stats.kv_blocks_verified += verified
+        if pair is not None:
+            stats.p2p_received += 1
         bs = self.engine.config.block_size
         plan.external_cached = min(verified * bs, max(0, len(ids) - 1) // bs * bs)
+
+    def _lmcache_decode_leg(self, ids: list[int], plan: _Plan) -> None:
+        """LMCache's consumer: the prompt's chunks must all be in the store (verified).
+
+        Real LMCache recomputes whatever it misses, silently; this simulator answers 500
+        instead (unless ``lmcache_strict`` is off), so a decode leg sent before its prefill
+        finished, or a prefill of another prompt, fails loudly rather than costing only time.
+        """
+        store = self.lmcache
+        assert store is not None
+        try:
+            hit = store.lookup(ids)
+        except KVVerifyError as exc:
+            self.stats.kv_verify_failures += 1
+            raise ApiError(500, f"LMCache KV failed verification: {exc}") from None
+        if hit < len(ids) and self.options.lmcache_strict:
+            raise ApiError(
+                500,
+                f"LMCache holds KV for {hit} of this prompt's {len(ids)} tokens in "
+                f"{str(store.root)!r}: the prefill leg did not run first (real LMCache would "
+                "silently recompute the prompt; this simulator is strict)",
+            )
+        # A full hit still recomputes the last prompt token (vLLM's LMCache connector).
+        plan.external_cached = min(hit, len(ids) - 1)
 
     async def _fetch_kv(
         self, host: str, port: int, path: str, timeout_s: float, what: str
@@ -1006,7 +1156,7 @@ class SimWorker:
                 del self._kv_waiters[key]
 
     def _handoff_snapshot(self) -> dict[str, Any]:
-        kv, ec, s = self.kv_store, self.ec_store, self.stats
+        kv, ec, lm, s = self.kv_store, self.ec_store, self.lmcache, self.stats
         return {
             "kv_entries_held": len(kv),
             "kv_entries_published": kv.published,
@@ -1018,6 +1168,15 @@ class SimWorker:
             "kv_blocks_verified": s.kv_blocks_verified,
             "kv_fetch_failures": s.kv_fetch_failures,
             "kv_verify_failures": s.kv_verify_failures,
+            "p2p_published": s.p2p_published,
+            "p2p_received": s.p2p_received,
+            "p2p_misrouted": s.p2p_misrouted,
+            "lmcache_dir": None if lm is None else str(lm.root),
+            "lmcache_chunks_stored": 0 if lm is None else lm.chunks_stored,
+            "lmcache_chunks_hit": 0 if lm is None else lm.chunks_hit,
+            "lmcache_hit_tokens": 0 if lm is None else lm.hit_tokens,
+            "lmcache_hits": 0 if lm is None else lm.hits,
+            "lmcache_misses": 0 if lm is None else lm.misses,
             "ec_dir": self.options.ec_dir,
             "embeddings_stored": 0 if ec is None else ec.stored,
             "embeddings_found": 0 if ec is None else ec.found,
@@ -1036,6 +1195,17 @@ class SimWorker:
              snap["kv_blocks_verified"]),
             ("lmgw_sim:kv_transfer_failures_total", "KV fetches that failed or did not verify.",
              snap["kv_fetch_failures"] + snap["kv_verify_failures"]),
+            ("lmgw_sim:p2p_misrouted_total",
+             "P2P NCCL requests whose pair id names another worker's KV address.",
+             snap["p2p_misrouted"]),
+            ("lmgw_sim:lmcache_chunks_stored_total", "KV chunks written to the LMCache store.",
+             snap["lmcache_chunks_stored"]),
+            ("lmgw_sim:lmcache_hits_total", "Decode lookups that found the whole prompt.",
+             snap["lmcache_hits"]),
+            ("lmgw_sim:lmcache_misses_total", "Decode lookups with chunks missing from LMCache.",
+             snap["lmcache_misses"]),
+            ("lmgw_sim:lmcache_hit_tokens_total", "Prompt tokens whose KV was found in LMCache.",
+             snap["lmcache_hit_tokens"]),
             ("lmgw_sim:embeddings_stored_total", "Encoder outputs written to the EC directory.",
              snap["embeddings_stored"]),
             ("lmgw_sim:embeddings_found_total", "Encoder outputs found for requests' media.",
@@ -1174,6 +1344,8 @@ class SimWorker:
             "faults": self.faults.as_dict(),
             "engine_id": self.engine_id,
             "side_channel": {"host": self.side_host, "port": self.side_port},
+            "kv_address": self.kv_address,
+            "kv_connector": self.options.kv_connector,
             "handoff": self._handoff_snapshot(),
         }
 
@@ -1206,6 +1378,8 @@ class SimWorker:
         self.kv_store.clear()
         if self.ec_store is not None:
             self.ec_store.stored = self.ec_store.found = self.ec_store.missing = 0
+        if self.lmcache is not None:
+            self.lmcache.reset_counters()  # the shared directory is not this worker's to clear
         self.engine.reset()
         self.faults.reset()
         self.engine.slow = self.faults.faults.slow
@@ -1347,6 +1521,7 @@ def _single(value: Any, name: str) -> Any:
 
 
 __all__ = [
+    "KV_CONNECTORS",
     "ROLES",
     "ApiError",
     "SimStats",

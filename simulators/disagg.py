@@ -1,5 +1,6 @@
-"""Hand-off artefacts of the disaggregated roles, sans-IO: KV blocks (prefill -> decode) and encoder
-embeddings (encode -> prefill/merged). No sockets and no trio; the clock is passed in.
+"""Hand-off artefacts of the disaggregated roles, sans-IO: KV blocks (prefill -> decode), vLLM P2P
+NCCL pair ids, LMCache chunks in a shared directory (prefill -> decode) and encoder embeddings
+(encode -> prefill/merged). No sockets and no trio; the clock is passed in.
 
 Both artefacts are pure functions of what the receiving worker can compute on its own (the prompt
 token ids, a media item's content hash), so the receiver re-derives them and compares byte for
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from array import array
 from collections import OrderedDict
@@ -22,6 +24,10 @@ KV_BLOCK_BYTES = 256
 """Bytes of one simulated KV block (a real block is megabytes; a few hundred keep tests fast)."""
 EMBED_BYTES_PER_TOKEN = 16
 """Bytes of simulated encoder output per placeholder token of a media item."""
+LMCACHE_CHUNK_TOKENS = 256
+"""LMCache's default ``chunk_size``: tokens per stored KV chunk."""
+LMCACHE_BYTES_PER_TOKEN = 8
+"""Bytes of simulated LMCache KV per token of a chunk."""
 EC_FILE_NAME = "encoder_cache.bin"
 """File of one item under ``<ec_dir>/<content_hash>/`` (vLLM's example connector writes
 ``encoder_cache.safetensors`` there)."""
@@ -199,6 +205,165 @@ class KVStore:
 
 
 # ------------------------------------------------------------------------------------------------
+# vLLM P2P NCCL pair ids
+# ------------------------------------------------------------------------------------------------
+
+# vLLM's P2pNcclConnector.parse_request_id: P takes the decode address, D the prefill address.
+P2P_DECODE_ADDR = re.compile(r"___decode_addr_(.*):(\d+)")
+P2P_PREFILL_ADDR = re.compile(r"___prefill_addr_(.*):(\d+)___")
+_PAIR_ID = re.compile(r"___prefill_addr_\S+?:\d+___decode_addr_\S+?:\d+_[0-9a-f]{32}")
+
+
+@dataclass(frozen=True, slots=True)
+class PairId:
+    """What a P2P NCCL request id says: who prefills, who decodes, and the KV's name."""
+
+    prefill_addr: str
+    decode_addr: str
+    key: str
+    """The pair id itself (without any prefix or suffix the engine adds): both sides name the
+    KV by it, so an engine-side id suffix cannot make the keys disagree."""
+
+
+def parse_pair_id(request_id: str) -> PairId | None:
+    """The pair in ``...___prefill_addr_{P}___decode_addr_{D}_{32 hex}...``, or None when the id
+    is not one. Addresses are parsed with the connector's own patterns, so the simulator reads
+    exactly what vLLM would."""
+    m = _PAIR_ID.search(request_id)
+    if m is None:
+        return None
+    p = P2P_PREFILL_ADDR.search(request_id)
+    d = P2P_DECODE_ADDR.search(request_id)
+    if p is None or d is None:  # pragma: no cover - _PAIR_ID implies both
+        return None
+    return PairId(f"{p.group(1)}:{int(p.group(2))}", f"{d.group(1)}:{int(d.group(2))}", m.group(0))
+
+
+_LOOPBACK = {"localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def same_address(a: str, b: str) -> bool:
+    """Whether two ``host:port`` texts name the same listener (loopback spellings agree)."""
+    ha, _, pa = a.rpartition(":")
+    hb, _, pb = b.rpartition(":")
+    ha, hb = ha.strip("[]").lower(), hb.strip("[]").lower()
+    return pa == pb and _LOOPBACK.get(ha, ha) == _LOOPBACK.get(hb, hb)
+
+
+# ------------------------------------------------------------------------------------------------
+# LMCache chunks
+# ------------------------------------------------------------------------------------------------
+
+
+def lmcache_chunks(
+    token_ids: Sequence[int], chunk_size: int, model: str
+) -> list[tuple[str, int, int]]:
+    """``(key, start, end)`` of every chunk of a prompt: ``chunk_size`` tokens each, the last one
+    partial (LMCache with ``discard_partial_chunks: false``, as in vLLM's P/D example).
+
+    Keys are chained prefix hashes (like LMCache's): chunk i's key depends on the model and on
+    tokens ``0..end``, so prompts that share a prefix share its chunks, and the last key is a
+    digest of the whole prompt.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    out: list[tuple[str, int, int]] = []
+    parent = hashlib.blake2b(b"lmgw-sim-lmcache:" + model.encode(), digest_size=16).digest()
+    for start in range(0, len(token_ids), chunk_size):
+        end = min(len(token_ids), start + chunk_size)
+        chunk = array("i", token_ids[start:end]).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        out.append((parent.hex(), start, end))
+    return out
+
+
+def lmcache_chunk_payload(key: str, num_tokens: int) -> bytes:
+    """The simulated KV bytes of one chunk: a pure function of its key and length."""
+    return hashlib.shake_256(b"lmgw-sim-lmcache-kv:" + bytes.fromhex(key)).digest(
+        num_tokens * LMCACHE_BYTES_PER_TOKEN
+    )
+
+
+class LMCacheStore:
+    """LMCache's remote/P2P store, simulated by a directory shared by prefill and decode workers:
+    one file per chunk, ``<root>/<key>.kv`` (keys from :func:`lmcache_chunks`).
+
+    The producer stores every chunk of every prompt it prefills; the consumer looks the prompt's
+    chunks up in order, verifies each found one byte for byte, and counts the hit. Writes are
+    atomic (temporary file, then rename); the I/O is synchronous on purpose, as in
+    :class:`EmbeddingStore` (chunk files are a few KiB).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, model: str, chunk_size: int = LMCACHE_CHUNK_TOKENS
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.root = Path(root)
+        self.model = model
+        self.chunk_size = chunk_size
+        self.chunks_stored = 0
+        self.chunks_hit = 0
+        self.hit_tokens = 0
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.kv"
+
+    def put(self, token_ids: Sequence[int]) -> int:
+        """Store a prompt's chunks; returns how many were written (present ones are kept)."""
+        written = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        for key, start, end in lmcache_chunks(token_ids, self.chunk_size, self.model):
+            target = self.path(key)
+            if target.exists():
+                continue
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(lmcache_chunk_payload(key, end - start))
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            written += 1
+        self.chunks_stored += written
+        return written
+
+    def lookup(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of the prompt the store holds (whole chunks, in order; the
+        first missing chunk ends the hit, as in LMCache). Counts a hit only for the whole prompt.
+
+        Raises:
+            KVVerifyError: a found chunk's bytes are not this prompt's (corrupted or truncated).
+        """
+        chunks = lmcache_chunks(token_ids, self.chunk_size, self.model)
+        hit = 0
+        for i, (key, start, end) in enumerate(chunks):
+            try:
+                data = self.path(key).read_bytes()
+            except FileNotFoundError:
+                break
+            if data != lmcache_chunk_payload(key, end - start):
+                raise KVVerifyError(
+                    f"LMCache chunk {i} of {len(chunks)} (tokens {start}..{end}) in "
+                    f"{str(self.root)!r} does not match the prompt (corrupted)"
+                )
+            self.chunks_hit += 1
+            hit = end
+        self.hit_tokens += hit
+        if chunks and hit == len(token_ids):
+            self.hits += 1
+        else:
+            self.misses += 1
+        return hit
+
+    def reset_counters(self) -> None:
+        self.chunks_stored = self.chunks_hit = self.hit_tokens = self.hits = self.misses = 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Encoder embeddings
 # ------------------------------------------------------------------------------------------------
 
@@ -286,14 +451,24 @@ __all__ = [
     "EC_FILE_NAME",
     "EMBED_BYTES_PER_TOKEN",
     "KV_BLOCK_BYTES",
+    "LMCACHE_BYTES_PER_TOKEN",
+    "LMCACHE_CHUNK_TOKENS",
+    "P2P_DECODE_ADDR",
+    "P2P_PREFILL_ADDR",
     "EmbeddingError",
     "EmbeddingStore",
     "KVEntry",
     "KVStore",
     "KVUnknownBlocks",
     "KVVerifyError",
+    "LMCacheStore",
+    "PairId",
     "derive_embedding",
     "kv_block_payloads",
+    "lmcache_chunk_payload",
+    "lmcache_chunks",
+    "parse_pair_id",
     "prompt_digest",
+    "same_address",
     "verify_kv_blocks",
 ]

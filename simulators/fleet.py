@@ -58,7 +58,8 @@ async def serve_worker_inprocess(
             handle on its engine, stats and faults).
         limits: server limits passed to :func:`lmgw.http.server.serve_http`.
 
-    ``task_status.started(url)`` reports ``http://host:port`` once the port is bound.
+    ``task_status.started(url)`` reports ``http://host:port`` once the port is bound (and the
+    KV listener's, when ``options.kv_port`` is set: then ``worker.kv_address`` names it).
     """
     worker = options if isinstance(options, SimWorker) else SimWorker(options)
     opts = worker.options
@@ -66,6 +67,10 @@ async def serve_worker_inprocess(
         async with trio.open_nursery() as nursery:
             port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
             worker.bound_port = port  # the KV side channel (and SGLang bootstrap) port
+            if opts.kv_port is not None:  # P2P NCCL's KV port: the same handler, a second port
+                worker.kv_bound_port = await nursery.start(
+                    partial(serve_http, worker, opts.host, opts.kv_port, **limits)
+                )
             task_status.started(_url(opts.host, port))
     finally:
         worker.close()
@@ -83,6 +88,8 @@ class FleetMember:
     index: int
     process: trio.Process
     url: str = ""
+    kv_address: str | None = None
+    """``host:kv_port`` of a worker started with a KV port (P2P NCCL), from its READY line."""
     stderr_tail: bytearray = field(default_factory=bytearray)
 
     @property
@@ -104,6 +111,8 @@ class Fleet:
         self.members: list[FleetMember] = []
         self.ec_dir: str | None = None
         """The shared encoder-cache directory run_fleet created, if any."""
+        self.lmcache_dir: str | None = None
+        """The shared LMCache directory run_fleet created (dialect vllm-lmcache), if any."""
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.endpoints())
@@ -123,6 +132,27 @@ class Fleet:
         member = self.members[index]
         if member.alive:
             member.process.send_signal(sig)
+
+
+def dialect_args(dialect: str | None, role: str, lmcache_dir: str | None) -> list[str]:
+    """The worker flags a P/D dialect needs on the p and d workers of a fleet: a KV port for
+    vLLM P2P NCCL (pair ids name ``host:kv_port``), the LMCache connector and its shared store
+    for vLLM LMCache. Other dialects need nothing: the simulator reads NIXL, SGLang and EPD
+    hand-offs from the requests themselves."""
+    if role not in ("p", "d"):
+        return []
+    if dialect == "vllm-p2pnccl":
+        return ["--kv-port", "0"]
+    if dialect == "vllm-lmcache":
+        args = ["--kv-connector", "lmcache"]
+        if lmcache_dir is not None:  # else the caller's extra args name the directory
+            args += ["--lmcache-dir", lmcache_dir]
+        return args
+    return []
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def worker_command(
@@ -158,6 +188,7 @@ async def run_fleet(
     model: str,
     speed: float,
     extra_args: Sequence[str] = (),
+    dialect: str | None = None,
     ready_timeout_s: float = 30.0,
     grace_s: float = 3.0,
     python: str = sys.executable,
@@ -169,6 +200,11 @@ async def run_fleet(
     A fleet with encoders gets a shared encoder-cache directory (a temporary one, removed when
     the fleet ends) passed as ``--ec-dir`` to its e, p and pd workers, unless ``extra_args``
     already names one (``Fleet.ec_dir`` tells which).
+
+    ``dialect`` (the gateway's, e.g. ``vllm-p2pnccl``) adds what its p and d workers need
+    (:func:`dialect_args`): for ``vllm-lmcache`` that is a shared LMCache directory, temporary
+    and removed at the end like the encoder cache, unless ``extra_args`` names one
+    (``Fleet.lmcache_dir``); for ``vllm-p2pnccl`` a KV port each (``FleetMember.kv_address``).
 
     Raises:
         ValueError: an unknown role or a negative count (before anything is spawned).
@@ -182,11 +218,13 @@ async def run_fleet(
     fleet = Fleet()
     errors: list[str] = []
     own_ec_dir: str | None = None
-    if counts.get("e", 0) > 0 and not any(
-        a == "--ec-dir" or a.startswith("--ec-dir=") for a in extra_args
-    ):
+    own_lmcache_dir: str | None = None
+    if counts.get("e", 0) > 0 and not _has_flag(extra_args, "--ec-dir"):
         own_ec_dir = tempfile.mkdtemp(prefix="lmgw-sim-ec-")
         fleet.ec_dir = own_ec_dir
+    if dialect == "vllm-lmcache" and not _has_flag(extra_args, "--lmcache-dir"):
+        own_lmcache_dir = tempfile.mkdtemp(prefix="lmgw-sim-lmcache-")
+        fleet.lmcache_dir = own_lmcache_dir
     try:
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as starters:
@@ -195,6 +233,7 @@ async def run_fleet(
                     role_args = list(extra_args)
                     if own_ec_dir is not None and role in ("e", "p", "pd"):
                         role_args += ["--ec-dir", own_ec_dir]
+                    role_args += dialect_args(dialect, role, own_lmcache_dir)
                     for _ in range(count):
                         cmd = worker_command(
                             role, model=model, speed=speed, extra_args=role_args, python=python
@@ -212,8 +251,9 @@ async def run_fleet(
     finally:
         with trio.CancelScope(shield=True):
             await _terminate_all(fleet.members, grace_s)
-        if own_ec_dir is not None:
-            shutil.rmtree(own_ec_dir, ignore_errors=True)
+        for own_dir in (own_ec_dir, own_lmcache_dir):
+            if own_dir is not None:
+                shutil.rmtree(own_dir, ignore_errors=True)
     if errors:
         raise FleetError("; ".join(errors))
 
@@ -264,7 +304,12 @@ async def _start_member(
     with trio.move_on_after(ready_timeout_s) as timeout:
         line = await _read_line(proc.stdout)
     if line.startswith(b"READY "):
-        member.url = line[6:].decode().strip()
+        url, *fields = line[6:].decode().split()
+        member.url = url
+        for f in fields:  # "kv_address=HOST:PORT" from a worker with a KV port
+            key, _, value = f.partition("=")
+            if key == "kv_address" and value:
+                member.kv_address = value
         nursery.start_soon(_drain, proc.stdout)
         return
     if timeout.cancelled_caught:

@@ -1,10 +1,13 @@
 """Run one simulated worker as a process: ``python -m lmgw.simulators --role pd --port 0 ...``.
 
 Roles: ``pd`` (merged), ``e`` (encoder; needs ``--ec-dir``), ``p`` (prefill), ``d`` (decode).
+P/D hand-offs: vLLM NIXL and SGLang bootstrap need no flag; vLLM P2P NCCL needs ``--kv-port``
+on p and d; vLLM LMCache needs ``--kv-connector lmcache --lmcache-dir DIR`` on p and d.
 
-The process prints exactly one line, ``READY http://<host>:<port>``, to stdout once it is bound
-(the fleet launcher waits for it; port 0 means "pick a free one"), logs only to stderr, and exits
-with status 0 on SIGTERM or SIGINT.
+The process prints exactly one line, ``READY http://<host>:<port>`` (followed by
+`` kv_address=<host>:<kv_port>`` with ``--kv-port``), to stdout once it is bound (the fleet
+launcher waits for it; port 0 means "pick a free one"), logs only to stderr, and exits with
+status 0 on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import Sequence
 
 import trio
 
-from .app import ROLES, WorkerOptions, unsupported_role_message
+from .app import KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
+from .disagg import LMCACHE_CHUNK_TOKENS
 from .faults import Faults
 
 
@@ -66,7 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-timeout",
         type=float,
         default=30.0,
-        help="seconds a decode worker waits for an SGLang room's KV",
+        help="seconds a decode worker waits for KV not yet published (SGLang room, P2P NCCL)",
+    )
+    dis.add_argument(
+        "--kv-port",
+        type=int,
+        default=None,
+        help="vLLM P2P NCCL: serve the KV side channel on this port too (0: a free one); "
+        "HOST:KV_PORT is the address pair request ids name (reported on READY)",
+    )
+    dis.add_argument(
+        "--kv-connector",
+        choices=KV_CONNECTORS,
+        default="auto",
+        help="auto: NIXL, SGLang or P2P NCCL as each request asks; lmcache: LMCache "
+        "(p stores chunks in --lmcache-dir, d requires them)",
+    )
+    dis.add_argument(
+        "--lmcache-dir", default=None, help="shared directory standing in for LMCache's store"
+    )
+    dis.add_argument(
+        "--lmcache-strict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a decode whose chunks are missing fails (default) instead of recomputing",
+    )
+    dis.add_argument(
+        "--lmcache-chunk-size",
+        type=int,
+        default=LMCACHE_CHUNK_TOKENS,
+        help="tokens per LMCache chunk (p and d must agree)",
     )
     faults = p.add_argument_group("fault injection (also settable at run time: POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 500")
@@ -91,6 +124,12 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--role e needs --ec-dir (where the embeddings go)")
     if not ns.kv_ttl > 0 or not ns.bootstrap_timeout > 0:
         raise ValueError("--kv-ttl and --bootstrap-timeout must be > 0")
+    if ns.kv_port is not None and not 0 <= ns.kv_port < 65536:
+        raise ValueError(f"--kv-port {ns.kv_port} is not a port")
+    if ns.kv_connector == "lmcache" and ns.role in ("p", "d") and not ns.lmcache_dir:
+        raise ValueError("--kv-connector lmcache needs --lmcache-dir (the shared store)")
+    if ns.lmcache_chunk_size < 1:
+        raise ValueError("--lmcache-chunk-size must be >= 1")
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -119,6 +158,11 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         ec_dir=ns.ec_dir,
         kv_ttl_s=ns.kv_ttl,
         bootstrap_timeout_s=ns.bootstrap_timeout,
+        kv_port=ns.kv_port,
+        kv_connector=ns.kv_connector,
+        lmcache_dir=ns.lmcache_dir,
+        lmcache_strict=ns.lmcache_strict,
+        lmcache_chunk_size=ns.lmcache_chunk_size,
     )
 
 
@@ -126,11 +170,13 @@ async def run_worker_process(options: WorkerOptions) -> None:
     """Serve until SIGTERM/SIGINT; print the READY line once bound."""
     from .fleet import serve_worker_inprocess  # fleet imports this module's parser
 
+    worker = SimWorker(options)
     # Install the signal receiver before announcing READY, so an early SIGTERM is never lost.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve_worker_inprocess, options)
-            sys.stdout.write(f"READY {url}\n")
+            url = await nursery.start(serve_worker_inprocess, worker)
+            kv = worker.kv_address
+            sys.stdout.write(f"READY {url}" + (f" kv_address={kv}" if kv else "") + "\n")
             sys.stdout.flush()
             async for _ in signals:
                 nursery.cancel_scope.cancel()

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument(
         "--dialect",
         default=None,
-        help="disaggregation dialect (vllm-nixl, vllm-lmcache, vllm-epd, sglang-bootstrap);"
+        help="disaggregation dialect (vllm-nixl, vllm-p2pnccl, vllm-lmcache, vllm-epd,"
+        " sglang-bootstrap);"
         " default: the engine default for the flow of --workers",
     )
     p_sim.add_argument("--server", choices=("native", "hypercorn"), default=None)

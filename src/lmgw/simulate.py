@@ -1,8 +1,11 @@
 """``lmgw simulate``: a simulated fleet (worker processes) with the gateway in front of it.
 
 Workers run as real processes (``python -m lmgw.simulators``), each on a free port it reports;
-the gateway runs in this process. Ctrl-C or SIGTERM drains the gateway, then terminates every
-worker (SIGTERM, then SIGKILL after a grace period): nothing is left behind.
+the gateway runs in this process. The dialect shapes the fleet: ``vllm-p2pnccl`` gives every
+p/d worker a KV port (its ``kv_address`` goes into the gateway's config), ``vllm-lmcache`` starts
+them with the LMCache connector over a shared temporary directory. Ctrl-C or SIGTERM drains the
+gateway, then terminates every worker (SIGTERM, then SIGKILL after a grace period): nothing is
+left behind (the shared directories are removed too).
 """
 
 from __future__ import annotations
@@ -37,10 +40,20 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     routing = {"policy": args.policy} if getattr(args, "policy", None) else {}
     dialect = getattr(args, "dialect", None) or "openai"
     workers = []
-    for role, url in fleet.endpoints():
+    for m in fleet.members:
+        if not m.url:
+            continue
         # a simulated prefill worker serves its SGLang bootstrap rendezvous on its HTTP port
-        port = int(url.rsplit(":", 1)[1]) if role == "p" else None
-        workers.append(WorkerConfig(url=url, role=role, models=[args.model], bootstrap_port=port))
+        port = int(m.url.rsplit(":", 1)[1]) if m.role == "p" else None
+        workers.append(
+            WorkerConfig(
+                url=m.url,
+                role=m.role,
+                models=[args.model],
+                bootstrap_port=port,
+                kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
+            )
+        )
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
@@ -53,7 +66,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
 async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
     try:  # before any process starts: a dialect that cannot run the spec's flow
-        dialect_for(spec.flow, getattr(args, "dialect", None) or "openai", "--dialect")
+        dialect = dialect_for(spec.flow, getattr(args, "dialect", None) or "openai", "--dialect")
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -61,7 +74,11 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         try:
             fleet: Fleet = await nursery.start(
                 lambda task_status: run_fleet(
-                    counts, model=args.model, speed=args.speed, task_status=task_status
+                    counts,
+                    model=args.model,
+                    speed=args.speed,
+                    dialect=None if dialect is None else dialect.name,
+                    task_status=task_status,
                 )
             )
         except FleetError as exc:
@@ -75,8 +92,11 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()  # stops the fleet
             return 2
         port = await nursery.start(gateway.run)
-        for role, url in fleet.endpoints():
-            print(f"  worker {role:<3} {url}", flush=True)
+        for m in fleet.members:
+            kv = f"  kv_address={m.kv_address}" if m.kv_address else ""
+            print(f"  worker {m.role:<3} {m.url}{kv}", flush=True)
+        if fleet.lmcache_dir:
+            print(f"  lmcache dir {fleet.lmcache_dir}", flush=True)
         print(
             f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}"
             "  (Ctrl-C to stop)",

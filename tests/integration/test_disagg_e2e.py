@@ -21,10 +21,11 @@ WITH_IMAGE = [
     {"role": "user", "content": [{"type": "text", "text": "What is in the image?"}, IMAGE]}
 ]
 
-# (vllm-lmcache moves KV through LMCache's own store, which the simulators do not model: its
-# legs are pinned down against scripted workers in test_disagg_pipeline.py.)
 CASES = [
     ("p/d", "vllm-nixl", {"p": 1, "d": 2}),
+    # two decode workers: the pair id names one, and D's leg must reach exactly that one
+    ("p/d", "vllm-p2pnccl", {"p": 1, "d": 2}),
+    ("p/d", "vllm-lmcache", {"p": 1, "d": 2}),
     ("p/d", "sglang-bootstrap", {"p": 1, "d": 1}),
     ("e+p+d", "vllm-epd", {"e": 2, "p": 1, "d": 1}),
     ("e+pd", "vllm-epd", {"e": 1, "pd": 1}),
@@ -63,21 +64,29 @@ async def start_gateway(nursery: trio.Nursery, flow: str, dialect: str, workers:
 async def test_flow_gives_the_merged_workers_text(
     nursery: trio.Nursery, sim_worker, tmp_path: Path, flow: str, dialect: str, counts: dict
 ) -> None:
-    ec_dir = str(tmp_path)
+    ec_dir = str(tmp_path / "ec")
     reference = await sim_worker(role="pd", ec_dir=None)
     workers = []
-    decoders = []
+    decoders, prefills = [], []
     for role, n in counts.items():
         for _ in range(n):
             opts: dict[str, Any] = {"role": role}
             if role in ("e", "p", "pd") and "e" in counts:
                 opts["ec_dir"] = ec_dir
+            if dialect == "vllm-p2pnccl":
+                opts["kv_port"] = 0
+            elif dialect == "vllm-lmcache":
+                opts.update(kv_connector="lmcache", lmcache_dir=str(tmp_path / "lmcache"))
             sim = await sim_worker(**opts)
-            if role == "d":
-                decoders.append(sim)
+            (decoders if role == "d" else prefills).append(sim)
             port = int(sim.url.rsplit(":", 1)[1])
             workers.append(
-                WorkerConfig(url=sim.url, role=role, bootstrap_port=port if role == "p" else None)
+                WorkerConfig(
+                    url=sim.url,
+                    role=role,
+                    bootstrap_port=port if role == "p" else None,
+                    kv_address=sim.sim.kv_address,
+                )
             )
     url = await start_gateway(nursery, flow, dialect, workers)
     prompts = [TEXT_ONLY, WITH_IMAGE] if "e" in counts else [TEXT_ONLY]
@@ -90,9 +99,20 @@ async def test_flow_gives_the_merged_workers_text(
                 text, usage = await trio.to_thread.run_sync(run_client, url, messages, stream)
             assert text == expected, (flow, dialect, stream)
             assert usage.completion_tokens == 12
-    if dialect in ("vllm-nixl", "sglang-bootstrap", "vllm-epd") and "d" in counts:
+    d_stats = [(await w.stats())["handoff"] for w in decoders]
+    p_stats = [(await w.stats())["handoff"] for w in prefills]
+    if dialect in ("vllm-nixl", "vllm-p2pnccl", "sglang-bootstrap", "vllm-epd") and "d" in counts:
         # the decode side really fetched and verified KV blocks from the prefill worker
-        verified = 0
-        for w in decoders:
-            verified += (await w.stats())["handoff"]["kv_blocks_verified"]
+        verified = sum(h["kv_blocks_verified"] for h in d_stats)
         assert verified > 0
+        assert sum(h["kv_blocks_served"] for h in p_stats) == verified
+    if dialect == "vllm-p2pnccl":
+        # every request's KV went through a pair id, to the decode worker the id named
+        assert sum(h["p2p_received"] for h in d_stats) == 2
+        assert sum(h["p2p_published"] for h in p_stats) == 2
+        assert sum(h["p2p_misrouted"] for h in d_stats + p_stats) == 0
+    if dialect == "vllm-lmcache":
+        # both requests found the whole prompt in LMCache, stored there by the prefill leg
+        assert sum(h["lmcache_hits"] for h in d_stats) == 2
+        assert sum(h["lmcache_misses"] for h in d_stats) == 0
+        assert p_stats[0]["lmcache_chunks_stored"] > 0

@@ -1,12 +1,15 @@
 """Disaggregated simulator roles over real HTTP, driven the way the gateway will drive them: vLLM
 NIXL (prefill leg with ``kv_transfer_params``, then the decode leg with P's params copied in),
-SGLang bootstrap (both legs at once), and vLLM EPD (encode legs, then P/D or PD). Every route
-must produce the merged worker's exact text, and every broken hand-off must fail loudly."""
+vLLM P2P NCCL (a pair id in ``X-Request-Id`` on both legs), vLLM LMCache (prefill, then the
+unmodified body), SGLang bootstrap (both legs at once), and vLLM EPD (encode legs, then P/D or
+PD). Every route must produce the merged worker's exact text, and every broken hand-off must
+fail loudly."""
 
 from __future__ import annotations
 
 import copy
 import math
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -251,6 +254,155 @@ async def test_kv_ttl_releases_unfetched_blocks(nursery: trio.Nursery) -> None:
     r = await http(d_url, "/v1/completions", {**COMPLETION, "kv_transfer_params": params})
     assert "expired after 0.05 s" in error_of(r, 500)
     assert p.kv_store.expired == 1
+
+
+# -- vLLM P2P NCCL --------------------------------------------------------------------------------
+
+
+def pair_id(prefill: SimWorker, decode: SimWorker | str) -> str:
+    """The id the gateway writes (PROTOCOLS.md §2.3), with the workers' KV addresses."""
+    d_addr = decode if isinstance(decode, str) else decode.kv_address
+    return f"___prefill_addr_{prefill.kv_address}___decode_addr_{d_addr}_{secrets.token_hex(16)}"
+
+
+def p2p_prefill(body: dict[str, Any]) -> dict[str, Any]:
+    """The P2P NCCL / LMCache proxies' prefill leg: the body with max_tokens=1, not streamed."""
+    out = {k: v for k, v in body.items() if k != "stream_options"}
+    out.update(stream=False, max_tokens=1)
+    return out
+
+
+async def test_p2pnccl_pair_id_hands_kv_to_the_named_decode(
+    nursery: trio.Nursery, pd_url: str
+) -> None:
+    p, p_url = await start(nursery, "p", kv_port=0)
+    d, d_url = await start(nursery, "d", kv_port=0)
+    assert p.kv_bound_port not in (None, p.bound_port)
+    stats = (await http_request(p_url, "GET", "/sim/stats")).json()
+    assert stats["kv_address"] == p.kv_address == f"127.0.0.1:{p.kv_bound_port}"
+    for path, base in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)):
+        for stream in (False, True):
+            body = {**base, "stream": stream}
+            rid = pair_id(p, d)
+            pre = await http(p_url, path, p2p_prefill(body), {"x-request-id": rid})
+            assert pre.status == 200, pre.body
+            assert len(p.kv_store) == 1  # published under the pair id, waiting for D
+            dec = await http(d_url, path, body, {"x-request-id": rid})
+            ref = await http(pd_url, path, body)
+            assert dec.status == 200, dec.body
+            assert text_of(dec) == text_of(ref) != ""
+            assert len(p.kv_store) == 0  # D pulled it from P's KV port
+    d_stats = (await http_request(d_url, "GET", "/sim/stats")).json()["handoff"]
+    assert d_stats["p2p_received"] == 4 and d_stats["kv_blocks_verified"] > 0
+    assert d_stats["kv_blocks_verified"] == d_stats["kv_blocks_fetched"]
+    assert p.snapshot()["handoff"]["p2p_published"] == 4
+
+
+async def test_p2pnccl_misrouted_or_mismatched_pair_fails(nursery: trio.Nursery) -> None:
+    p, p_url = await start(nursery, "p", kv_port=0)
+    d1, d1_url = await start(nursery, "d", kv_port=0)
+    d2, d2_url = await start(nursery, "d", kv_port=0, bootstrap_timeout_s=0.2)
+    _, plain_d_url = await start(nursery, "d")
+    path = "/v1/chat/completions"
+
+    # D's leg sent to a decode worker the id does not name: the gateway's bug, caught by D.
+    rid = pair_id(p, d2)
+    assert (await http(p_url, path, p2p_prefill(CHAT), {"x-request-id": rid})).status == 200
+    msg = error_of(await http(d1_url, path, CHAT, {"x-request-id": rid}), 500)
+    assert f"KV was pushed to {d2.kv_address}, this worker is {d1.kv_address}" in msg
+    assert "without a KV address" in error_of(
+        await http(plain_d_url, path, CHAT, {"x-request-id": rid}), 500
+    )
+    assert len(p.kv_store) == 1  # not taken by the wrong worker: the named one still gets it
+    assert (await http(d2_url, path, CHAT, {"x-request-id": rid})).status == 200
+    assert d1.snapshot()["handoff"]["p2p_misrouted"] == 1
+
+    # P's leg sent to a prefill worker the id does not name.
+    wrong = pair_id(d2, d1)  # d2's address in the prefill slot
+    msg = error_of(await http(p_url, path, p2p_prefill(CHAT), {"x-request-id": wrong}), 500)
+    assert f"names prefill {d2.kv_address}" in msg and str(p.kv_address) in msg
+    assert len(p.kv_store) == 0
+
+    # The same pair id on two different prompts: D's verification names it.
+    rid = pair_id(p, d1)
+    other = {**CHAT, "messages": [{"role": "user", "content": LONG + "!"}]}
+    assert (await http(p_url, path, p2p_prefill(other), {"x-request-id": rid})).status == 200
+    msg = error_of(await http(d1_url, path, CHAT, {"x-request-id": rid}), 500)
+    assert "failed verification" in msg and "different prompt" in msg
+    assert d1.snapshot()["handoff"]["kv_verify_failures"] == 1
+
+    # A decode leg whose prefill never ran: a bounded wait, then a 500 naming the key.
+    rid = pair_id(p, d2)
+    with trio.fail_after(5):
+        msg = error_of(await http(d2_url, path, CHAT, {"x-request-id": rid}), 500)
+    assert "holds no KV" in msg and rid in msg
+
+    # Without a pair id (or any other hand-off) a decode worker still refuses.
+    r = await http(d1_url, path, CHAT, {"x-request-id": "___prefill_addr_x:1___decode_addr_y"})
+    assert "decode-only" in error_of(r, 400)
+
+
+# -- vLLM LMCache ---------------------------------------------------------------------------------
+
+
+async def test_lmcache_prefill_then_decode_matches_pd(
+    nursery: trio.Nursery, tmp_path: Path, pd_url: str
+) -> None:
+    lm = {"kv_connector": "lmcache", "lmcache_dir": str(tmp_path), "lmcache_chunk_size": 32}
+    p, p_url = await start(nursery, "p", **lm)
+    d, d_url = await start(nursery, "d", **lm)
+    path = "/v1/chat/completions"
+
+    # The decode leg before the prefill leg: strict on purpose (real LMCache would recompute).
+    msg = error_of(await http(d_url, path, CHAT), 500)
+    assert "prefill leg did not run first" in msg and str(tmp_path) in msg
+
+    pre = await http(p_url, path, p2p_prefill(CHAT))
+    assert pre.status == 200 and pre.json()["usage"]["completion_tokens"] == 1
+    prompt_tokens = pre.json()["usage"]["prompt_tokens"]
+    nchunks = -(-prompt_tokens // 32)
+    assert len(list(tmp_path.glob("*.kv"))) == nchunks > 1
+    for stream in (False, True):
+        body = {**CHAT, "stream": stream, "stream_options": {"include_usage": True}}
+        if not stream:
+            del body["stream_options"]
+        dec = await http(d_url, path, body)
+        ref = await http(pd_url, path, body)
+        assert dec.status == 200 and text_of(dec) == text_of(ref)
+        usage = dec.events()[-2]["usage"] if stream else dec.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == prompt_tokens - 1
+    h = d.snapshot()["handoff"]
+    assert (h["lmcache_hits"], h["lmcache_misses"]) == (2, 1)
+    assert h["lmcache_hit_tokens"] == 2 * prompt_tokens
+    assert p.snapshot()["handoff"]["lmcache_chunks_stored"] == nchunks
+    metrics = (await http_request(d_url, "GET", "/metrics")).body.decode()
+    assert f'lmgw_sim:lmcache_hits_total{{model_name="{MODEL}",engine="0"}} 2.0' in metrics
+    assert f'lmgw_sim:lmcache_misses_total{{model_name="{MODEL}",engine="0"}} 1.0' in metrics
+
+    # Another prompt sharing only a prefix: a partial hit is still a missing prefill.
+    longer = {**CHAT, "messages": [{"role": "user", "content": LONG + " And Carthage?"}]}
+    assert "did not run first" in error_of(await http(d_url, path, longer), 500)
+
+    # A corrupted chunk fails verification instead of producing text.
+    victim = sorted(tmp_path.glob("*.kv"))[0]
+    victim.write_bytes(bytes(len(victim.read_bytes())))
+    msg = error_of(await http(d_url, path, CHAT), 500)
+    assert "failed verification" in msg and "corrupted" in msg
+    assert d.snapshot()["handoff"]["kv_verify_failures"] == 1
+
+
+async def test_lmcache_not_strict_recomputes_like_real_lmcache(
+    nursery: trio.Nursery, tmp_path: Path, pd_url: str
+) -> None:
+    lm = {"kv_connector": "lmcache", "lmcache_dir": str(tmp_path), "lmcache_strict": False}
+    d, d_url = await start(nursery, "d", **lm)
+    dec = await http(d_url, "/v1/chat/completions", CHAT)
+    ref = await http(pd_url, "/v1/chat/completions", CHAT)
+    assert dec.status == 200 and text_of(dec) == text_of(ref)
+    assert dec.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert d.snapshot()["handoff"]["lmcache_misses"] == 1
+    with pytest.raises(ValueError, match="lmcache_dir"):
+        SimWorker(WorkerOptions(role="p", kv_connector="lmcache"))
 
 
 # -- SGLang bootstrap -----------------------------------------------------------------------------
