@@ -1,0 +1,678 @@
+"""The gateway's end of the native protocol: one DEALER per worker, many requests over it.
+
+Why DEALER (gateway, connects) to ROUTER (worker, binds):
+
+* Request/reply and streaming need both directions on one connection; PUSH/PULL (the seed)
+  needs two sockets per link and made workers open sockets to whatever ``proxy_addr`` a request
+  named. With DEALER/ROUTER the worker answers on the connection the request came in on, and
+  several gateways can share a worker (its ROUTER tells them apart).
+* One DEALER per worker keeps a worker's failures, HWM and heartbeats to itself and spreads the
+  load over one owner task per worker, instead of one gateway ROUTER task for the whole fleet.
+  The worker's address is known from discovery, like an HTTP worker's URL.
+* ``IMMEDIATE=1``: nothing is queued for a worker that is not connected, so a send to a dead
+  or not-yet-started worker fails at once (seed weakness 7) instead of being delivered late.
+
+Ownership: :meth:`RpcChannel.run` owns the socket and two tasks: the *reader* (the only task
+that waits for incoming messages; it routes them by request id into per-request bounded memory
+channels and never blocks on a slow consumer) and the *control* task (registration, heartbeats,
+liveness, queued aborts). Request tasks send directly (a send that finds room never waits)
+and wait on their own channel, each wait bounded by a timeout.
+
+Failure policy (a request never hangs): a worker :class:`~lmgw.protocol.Failure` raises
+:class:`RpcError` with its code; no answer within the per-wait timeout raises TIMEOUT; a worker
+that sends nothing (not even a heartbeat ack) for ``heartbeat_timeout_s``, that says Exit, or
+that restarted (its ``instance`` changed) fails every request in flight with UNAVAILABLE; a
+consumer that falls ``stream_buffer`` events behind fails with OVERLOADED. A request that ends
+early for any reason (cancelled scope, timeout, error, the caller stopped iterating) sends
+ABORT, so the worker stops generating.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+import zmq
+from trio.lowlevel import cancel_shielded_checkpoint
+
+from ...protocol.messages import (
+    CAPABILITIES,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    TO_GATEWAY,
+    Abort,
+    Delta,
+    Drain,
+    EncodeDone,
+    Exit,
+    Failure,
+    FailureCode,
+    Finish,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    Metrics,
+    MetricsRequest,
+    PrefillDone,
+    ProtocolError,
+    Register,
+    RegisterAck,
+    decode_frames,
+    encode_frames,
+)
+from .socket import DEFAULT_HWM, SendBlocked, ZmqSocket
+
+__all__ = ["ChannelState", "RpcChannel", "RpcError", "RpcStream", "Session"]
+
+log = logging.getLogger("lmgw.transport.zmq")
+
+_TERMINAL = (Finish, PrefillDone, EncodeDone, Metrics)
+_FIRST_RETRY_S = 0.005  # first re-try of a Register that found no connection
+_INTERNAL_PREFIX = "~"  # ids of the channel's own Register/Heartbeat messages
+
+
+class ChannelState(enum.Enum):
+    CONNECTING = "connecting"  # no session yet (or the worker restarted): registering
+    READY = "ready"
+    LOST = "lost"  # no traffic for heartbeat_timeout_s, or the worker said Exit
+    INCOMPATIBLE = "incompatible"  # no common protocol version
+    CLOSED = "closed"
+
+
+class RpcError(Exception):
+    """A request failed: the worker said so, or the channel gave up on it.
+
+    ``sent`` is False when the request never left the gateway, so retrying it elsewhere cannot
+    run it twice.
+    """
+
+    def __init__(
+        self,
+        code: FailureCode,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        sent: bool = True,
+    ) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = (
+            retryable
+            if retryable is not None
+            else code
+            in (
+                FailureCode.OVERLOADED,
+                FailureCode.DRAINING,
+                FailureCode.NOT_REGISTERED,
+                FailureCode.UNAVAILABLE,
+            )
+        )
+        self.sent = sent
+
+    @classmethod
+    def from_failure(cls, failure: Failure) -> RpcError:
+        return cls(failure.failure_code, failure.message, retryable=failure.retryable)
+
+
+class Session:
+    """What registration agreed on, and what the worker said it is."""
+
+    __slots__ = (
+        "capabilities",
+        "instance",
+        "max_inflight",
+        "models",
+        "roles",
+        "version",
+        "worker_id",
+    )
+
+    def __init__(self, ack: RegisterAck) -> None:
+        self.version = ack.version
+        self.capabilities = frozenset(ack.capabilities)
+        self.worker_id = ack.worker_id
+        self.instance = ack.instance
+        self.roles = tuple(ack.roles)
+        self.models = tuple(ack.models)
+        self.max_inflight = ack.max_inflight
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session v{self.version} worker={self.worker_id} instance={self.instance} "
+            f"roles={list(self.roles)}>"
+        )
+
+
+class _Route:
+    """The gateway's end of one request in flight."""
+
+    __slots__ = ("failure", "receive", "request_id", "send", "sent")
+
+    def __init__(self, request_id: str, size: int) -> None:
+        self.request_id = request_id
+        self.send, self.receive = trio.open_memory_channel[Message](size)
+        self.failure: RpcError | None = None
+        self.sent = False
+
+    def fail(self, error: RpcError) -> None:
+        """End the route with ``error`` (delivered after anything already buffered)."""
+        if self.failure is None:
+            self.failure = error
+        self.send.close()
+
+
+class RpcChannel:
+    """Many concurrent requests to one worker over one DEALER socket.
+
+    Run it in a nursery and use it while it runs::
+
+        chan = await nursery.start(RpcChannel("tcp://10.0.0.5:7000").run)
+        done = await chan.call(Prefill(rid, model, prompt=...))        # one answer
+        async with chan.stream(Generate(rid, model, prompt=...)) as events:
+            async for event in events:                                 # Delta..., Finish
+                ...
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        ctx: zmq.Context | None = None,
+        client_id: str = "lmgw",
+        hwm: int = DEFAULT_HWM,
+        send_timeout_s: float = 1.0,
+        reply_timeout_s: float = 60.0,
+        ready_timeout_s: float = 5.0,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        stream_buffer: int = 256,
+        max_inflight: int = 4096,
+        max_msg_size: int = 256 << 20,
+        recv_copy: bool = True,
+        capabilities: frozenset[str] = CAPABILITIES,
+        on_state: Callable[[ChannelState, str], None] | None = None,
+        on_notice: Callable[[Drain | Exit], None] | None = None,
+    ) -> None:
+        """Timeouts in seconds. ``reply_timeout_s`` bounds every single wait of a request
+        (for a stream: the gap between two events), ``ready_timeout_s`` the wait for a session
+        before the first registration succeeded. ``stream_buffer`` events may queue per request
+        before a slow consumer fails; ``max_inflight`` requests may run at once."""
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self.send_timeout_s = send_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.stream_buffer = stream_buffer
+        self.max_inflight = max_inflight
+        self.capabilities = capabilities
+        self._ctx = ctx
+        self._hwm = hwm
+        self._max_msg_size = max_msg_size
+        self._recv_copy = recv_copy
+        self._on_state = on_state
+        self._on_notice = on_notice
+        self._sock: ZmqSocket | None = None
+        self._routes: dict[str, _Route] = {}
+        self._ids = itertools.count()
+        self._aborts_send, self._aborts_recv = trio.open_memory_channel[str](1024)
+        self._state_changed = trio.Event()
+        self._fast = 0
+        self._rx = 0  # messages received; the control task compares it between ticks
+        self._rx_seen = -1
+        self._last_rx_at = 0.0
+        self.state = ChannelState.CONNECTING
+        self.state_reason = "not registered yet"
+        self.session: Session | None = None
+        self.draining = False
+        self.peer_load: HeartbeatAck | None = None
+        self.stats = dict.fromkeys(
+            (
+                "requests",
+                "failed",
+                "aborts_sent",
+                "aborts_dropped",
+                "malformed",
+                "stray",
+                "overflows",
+                "sessions",
+            ),
+            0,
+        )
+
+    # -- lifetime -----------------------------------------------------------------------------
+    async def run(
+        self, *, task_status: trio.TaskStatus[RpcChannel] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the socket until cancelled; ``task_status.started(self)`` once connecting
+        (registration goes on in the background: requests wait up to ``ready_timeout_s``)."""
+        sock = ZmqSocket.open(
+            self._ctx,
+            zmq.DEALER,
+            hwm=self._hwm,
+            immediate=True,
+            max_msg_size=self._max_msg_size,
+            options={zmq.RECONNECT_IVL: 100, zmq.RECONNECT_IVL_MAX: 1000},
+            send_timeout=self.send_timeout_s,
+        )
+        self._sock = sock
+        try:
+            sock.connect(self.endpoint)
+            self._last_rx_at = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, sock)
+                nursery.start_soon(self._control, sock)
+                task_status.started(self)
+        finally:
+            self._set_state(ChannelState.CLOSED, "channel closed")
+            self._fail_all(RpcError(FailureCode.UNAVAILABLE, f"channel to {self.endpoint} closed"))
+            sock.close()
+
+    # -- requests -----------------------------------------------------------------------------
+    async def call(
+        self, msg: Message, *, payload: Sequence[Any] = (), timeout: float | None = None
+    ) -> Message:
+        """Send a request and return its one answer (PrefillDone, EncodeDone, Metrics, or a
+        Generate's Finish after its deltas are dropped). Raises RpcError."""
+        async with self.stream(msg, payload=payload, timeout=timeout) as events:
+            async for event in events:
+                if not isinstance(event, Delta):
+                    return event
+        raise RpcError(FailureCode.PROTOCOL, "the stream ended without an answer")
+
+    def stream(
+        self, msg: Message, *, payload: Sequence[Any] = (), timeout: float | None = None
+    ) -> RpcStream:
+        """``async with chan.stream(msg) as events: async for event in events`` - each wait
+        bounded by ``timeout`` (default ``reply_timeout_s``). Leaving early sends ABORT."""
+        return RpcStream(self, msg, payload, self.reply_timeout_s if timeout is None else timeout)
+
+    async def metrics(self, *, timeout: float | None = None) -> dict[str, float]:
+        reply = await self.call(MetricsRequest(self._internal_id("m")), timeout=timeout)
+        assert isinstance(reply, Metrics)
+        return reply.values
+
+    async def wait_ready(self, timeout: float | None = None) -> Session:
+        """The session, waiting up to ``timeout`` for a first registration; fails fast when
+        the worker is lost, incompatible or the channel is closed."""
+        if self.state is ChannelState.READY:
+            assert self.session is not None
+            return self.session
+        if self.state is not ChannelState.CONNECTING:
+            raise RpcError(self._state_code(), self.state_reason, sent=False)
+        wait = self.ready_timeout_s if timeout is None else timeout
+        with trio.move_on_after(wait):
+            while self.state is ChannelState.CONNECTING:
+                await self._state_changed.wait()
+        if self.state is ChannelState.READY:
+            assert self.session is not None
+            return self.session
+        if self.state is ChannelState.CONNECTING:
+            raise RpcError(
+                FailureCode.UNAVAILABLE,
+                f"no session with {self.endpoint} within {wait:g}s ({self.state_reason})",
+                sent=False,
+            )
+        raise RpcError(self._state_code(), self.state_reason, sent=False)
+
+    def _state_code(self) -> FailureCode:
+        if self.state is ChannelState.INCOMPATIBLE:
+            return FailureCode.UNSUPPORTED_VERSION
+        return FailureCode.UNAVAILABLE
+
+    async def _open(self, request_id: str, msg: Message, payload: Sequence[Any]) -> _Route:
+        if self.state is not ChannelState.READY:
+            await self.wait_ready()
+        if request_id in self._routes:
+            raise ValueError(f"request id {request_id!r} is already in flight on this channel")
+        if len(self._routes) >= self.max_inflight:
+            raise RpcError(
+                FailureCode.OVERLOADED,
+                f"{len(self._routes)} requests in flight to {self.endpoint}",
+                sent=False,
+            )
+        sock = self._sock
+        assert sock is not None
+        route = _Route(request_id, self.stream_buffer)
+        self._routes[request_id] = route
+        self.stats["requests"] += 1
+        try:
+            await sock.send_multipart(encode_frames(msg, payload), timeout=self.send_timeout_s)
+        except SendBlocked as exc:
+            self._drop(route)
+            raise RpcError(FailureCode.OVERLOADED, f"{self.endpoint}: {exc}", sent=False) from None
+        except trio.ClosedResourceError:
+            self._drop(route)
+            raise RpcError(FailureCode.UNAVAILABLE, "channel closed", sent=False) from None
+        except BaseException:
+            self._drop(route)
+            raise
+        route.sent = True
+        return route
+
+    async def _receive(self, route: _Route, timeout: float) -> Message:
+        try:
+            msg = route.receive.receive_nowait()
+        except trio.WouldBlock:
+            msg = None
+        except trio.EndOfChannel:
+            raise self._route_error(route) from None
+        if msg is not None:
+            fast = self._fast + 1
+            if fast >= 16:
+                self._fast = 0
+                await cancel_shielded_checkpoint()
+            else:
+                self._fast = fast
+            return msg
+        with trio.move_on_after(timeout):
+            try:
+                return await route.receive.receive()
+            except trio.EndOfChannel:
+                raise self._route_error(route) from None
+        raise RpcError(FailureCode.TIMEOUT, f"no answer from {self.endpoint} within {timeout:g}s")
+
+    def _route_error(self, route: _Route) -> RpcError:
+        return route.failure or RpcError(FailureCode.PROTOCOL, "the request ended without answer")
+
+    def _finish(self, route: _Route, completed: bool, reason: str) -> None:
+        """Forget the route; ABORT it upstream unless it completed (or never left)."""
+        self._drop(route)
+        if not completed and route.sent and route.failure is None:
+            self._abort(route.request_id, reason)
+
+    def _drop(self, route: _Route) -> None:
+        if self._routes.get(route.request_id) is route:
+            del self._routes[route.request_id]
+        route.receive.close()
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        """Send ABORT now if the queue has room, else leave it to the control task. Synchronous,
+        so it works from a cancelled scope."""
+        sock = self._sock
+        if sock is None or sock.closed:
+            return
+        try:
+            if sock.try_send_multipart(encode_frames(Abort(request_id, reason))):
+                self.stats["aborts_sent"] += 1
+                return
+        except trio.ClosedResourceError:
+            return
+        try:
+            self._aborts_send.send_nowait(request_id)
+        except trio.WouldBlock:
+            self.stats["aborts_dropped"] += 1
+
+    # -- the reader: the only task waiting for incoming messages ----------------------------
+    async def _reader(self, sock: ZmqSocket) -> None:
+        copy = self._recv_copy
+        while True:
+            frames = await sock.recv_multipart(copy=copy)
+            self._rx += 1
+            try:
+                msg = decode_frames(frames).msg
+            except ProtocolError as exc:
+                self.stats["malformed"] += 1
+                log.warning("malformed message from %s ignored: %s", self.endpoint, exc)
+                continue
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: Message) -> None:
+        cls = type(msg)
+        if cls is Delta or cls in _TERMINAL:
+            route = self._routes.get(msg.request_id)  # type: ignore[attr-defined]
+            if route is None:
+                self.stats["stray"] += 1  # late answer to a request that ended
+                return
+            try:
+                route.send.send_nowait(msg)
+            except trio.WouldBlock:
+                self.stats["overflows"] += 1
+                route.fail(
+                    RpcError(
+                        FailureCode.OVERLOADED,
+                        f"consumer fell {self.stream_buffer} events behind",
+                        sent=True,
+                    )
+                )
+                self._drop_route_and_abort(route, "consumer too slow")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.stats["stray"] += 1
+                return
+            if cls is not Delta:
+                route.send.close()
+                self._routes.pop(route.request_id, None)
+        elif cls is Failure:
+            self._on_failure(msg)  # type: ignore[arg-type]
+        elif cls is HeartbeatAck:
+            self._on_heartbeat_ack(msg)  # type: ignore[arg-type]
+        elif cls is RegisterAck:
+            self._on_register_ack(msg)  # type: ignore[arg-type]
+        elif cls is Drain:
+            self.draining = True
+            self._notify(msg)  # type: ignore[arg-type]
+        elif cls is Exit:
+            self._lose(f"worker exited: {msg.reason}")  # type: ignore[attr-defined]
+            self._notify(msg)  # type: ignore[arg-type]
+        elif cls not in TO_GATEWAY:
+            self.stats["malformed"] += 1
+            log.warning("%s sent a %s, which only gateways send", self.endpoint, cls.__name__)
+
+    def _drop_route_and_abort(self, route: _Route, reason: str) -> None:
+        self._routes.pop(route.request_id, None)
+        self._abort(route.request_id, reason)
+
+    def _on_failure(self, failure: Failure) -> None:
+        rid = failure.request_id
+        code = failure.failure_code
+        if code is FailureCode.NOT_REGISTERED and self.state is ChannelState.READY:
+            self._restarted("the worker does not know this gateway (restarted?)")
+        if rid.startswith(_INTERNAL_PREFIX) and rid not in self._routes:  # our Register/Heartbeat
+            if code is FailureCode.UNSUPPORTED_VERSION:
+                self._set_state(ChannelState.INCOMPATIBLE, failure.message)
+                self._fail_all(RpcError(code, failure.message))
+            elif code is not FailureCode.NOT_REGISTERED:
+                log.warning("%s refused %s: %s", self.endpoint, rid, failure.message)
+            return
+        route = self._routes.pop(rid, None)
+        if route is None:
+            if rid:
+                self.stats["stray"] += 1
+            else:
+                log.warning("%s could not read a message: %s", self.endpoint, failure.message)
+            return
+        self.stats["failed"] += 1
+        route.fail(RpcError.from_failure(failure))
+
+    def _on_register_ack(self, ack: RegisterAck) -> None:
+        if not MIN_PROTOCOL_VERSION <= ack.version <= PROTOCOL_VERSION:
+            reason = f"worker chose protocol version {ack.version}, unsupported here"
+            self._set_state(ChannelState.INCOMPATIBLE, reason)
+            self._fail_all(RpcError(FailureCode.UNSUPPORTED_VERSION, reason))
+            return
+        old = self.session
+        if old is not None and old.instance != ack.instance:
+            self._fail_all(RpcError(FailureCode.UNAVAILABLE, "the worker restarted"))
+        self.session = Session(ack)
+        self.draining = False
+        self.stats["sessions"] += 1
+        self._last_rx_at = trio.current_time()
+        self._set_state(ChannelState.READY, "registered")
+
+    def _on_heartbeat_ack(self, ack: HeartbeatAck) -> None:
+        self.peer_load = ack
+        self.draining = ack.draining
+        session = self.session
+        if session is not None and ack.instance != session.instance:
+            self._restarted(f"the worker restarted (instance {session.instance} -> {ack.instance})")
+
+    def _restarted(self, reason: str) -> None:
+        self._fail_all(RpcError(FailureCode.UNAVAILABLE, reason))
+        self._set_state(ChannelState.CONNECTING, reason)
+        self._send_register()
+
+    def _lose(self, reason: str) -> None:
+        if self.state in (ChannelState.CLOSED, ChannelState.INCOMPATIBLE):
+            return
+        self._set_state(ChannelState.LOST, reason)
+        self._fail_all(RpcError(FailureCode.UNAVAILABLE, f"{self.endpoint}: {reason}"))
+
+    def _fail_all(self, error: RpcError) -> None:
+        routes, self._routes = self._routes, {}
+        for route in routes.values():
+            route.fail(error)
+
+    def _set_state(self, state: ChannelState, reason: str) -> None:
+        if state is self.state and reason == self.state_reason:
+            return
+        self.state, self.state_reason = state, reason
+        self._state_changed.set()  # wake wait_ready() callers; they re-check the state
+        self._state_changed = trio.Event()
+        log.info("zmq channel %s: %s (%s)", self.endpoint, state.value, reason)
+        if self._on_state is not None:
+            self._on_state(state, reason)
+
+    def _notify(self, msg: Drain | Exit) -> None:
+        if self._on_notice is not None:
+            self._on_notice(msg)
+
+    # -- control: registration, heartbeats, liveness, queued aborts --------------------------
+    async def _control(self, sock: ZmqSocket) -> None:
+        interval = self.heartbeat_interval_s
+        retry = _FIRST_RETRY_S
+        next_tick = trio.current_time()
+        while True:
+            with trio.move_on_at(next_tick):
+                async for request_id in self._aborts_recv:
+                    try:
+                        await sock.send_multipart(
+                            encode_frames(Abort(request_id, "cancelled")),
+                            timeout=self.send_timeout_s,
+                        )
+                        self.stats["aborts_sent"] += 1
+                    except SendBlocked:
+                        self.stats["aborts_dropped"] += 1
+            now = trio.current_time()
+            if self._tick(now):
+                retry = _FIRST_RETRY_S
+                next_tick = now + interval
+            else:  # a Register found no connection (IMMEDIATE): retry soon, backing off
+                next_tick = now + min(retry, interval)
+                retry *= 2
+
+    def _tick(self, now: float) -> bool:
+        """Liveness check and the message this tick owes. False: a Register could not be
+        queued (no connection yet)."""
+        if self._rx != self._rx_seen:
+            self._rx_seen = self._rx
+            self._last_rx_at = now
+        if self.state is ChannelState.READY:
+            silent = now - self._last_rx_at
+            if silent <= self.heartbeat_timeout_s:
+                self._try_send(Heartbeat(self._internal_id("hb")))
+                return True
+            self._lose(f"nothing received for {silent:.1f}s")
+        if self.state in (ChannelState.CONNECTING, ChannelState.LOST):
+            return self._send_register()
+        return True
+
+    def _send_register(self) -> bool:
+        return self._try_send(
+            Register(
+                self._internal_id("reg"),
+                self.client_id,
+                MIN_PROTOCOL_VERSION,
+                PROTOCOL_VERSION,
+                sorted(self.capabilities),
+            )
+        )
+
+    def _try_send(self, msg: Message) -> bool:
+        sock = self._sock
+        if sock is None or sock.closed:
+            return False
+        return sock.try_send_multipart(encode_frames(msg))
+
+    def _internal_id(self, kind: str) -> str:
+        return f"{_INTERNAL_PREFIX}{kind}-{os.getpid()}-{next(self._ids)}"
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._routes)
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        out["state"] = self.state.value
+        out["in_flight"] = len(self._routes)
+        if self._sock is not None:
+            out.update(self._sock.statistics())
+        return out
+
+    def __repr__(self) -> str:
+        return f"<RpcChannel {self.endpoint} {self.state.value} in_flight={len(self._routes)}>"
+
+
+class RpcStream:
+    """One request's answers, as an async context manager and iterator (see RpcChannel)."""
+
+    __slots__ = ("_chan", "_done", "_msg", "_payload", "_route", "_timeout")
+
+    def __init__(
+        self, chan: RpcChannel, msg: Message, payload: Sequence[Any], timeout: float
+    ) -> None:
+        request_id = getattr(msg, "request_id", None)
+        if not request_id:
+            raise ValueError(f"{type(msg).__name__} carries no request id")
+        self._chan = chan
+        self._msg = msg
+        self._payload = payload
+        self._timeout = timeout
+        self._route: _Route | None = None
+        self._done = False
+
+    async def __aenter__(self) -> RpcStream:
+        self._route = await self._chan._open(self._msg.request_id, self._msg, self._payload)  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        route = self._route
+        if route is not None:
+            if exc is None:
+                reason = "the caller stopped reading"
+            elif isinstance(exc, trio.Cancelled):
+                reason = "cancelled"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            self._chan._finish(route, self._done, reason)
+
+    def __aiter__(self) -> RpcStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._done:
+            raise StopAsyncIteration
+        route = self._route
+        if route is None:
+            raise RuntimeError("use `async with channel.stream(...)` before iterating")
+        try:
+            msg = await self._chan._receive(route, self._timeout)
+        except RpcError as exc:
+            if exc.code is not FailureCode.TIMEOUT:
+                self._done = True  # the worker ended it (or is gone): nothing to abort
+            raise
+        if type(msg) is not Delta:
+            self._done = True
+        return msg
+
+    @property
+    def request_id(self) -> str:
+        return self._msg.request_id  # type: ignore[attr-defined]
