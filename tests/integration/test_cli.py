@@ -64,9 +64,24 @@ def test_print_config_redacts_secrets() -> None:
     assert 'flow = "p/d"' in r.stdout and 'role = "p"' in r.stdout
 
 
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("spec", "n"), [("2pd", 2), ("1e1p1d", 3)])
-def test_simulate_serves_then_stops_cleanly_on_sigterm(spec: str, n: int) -> None:
+@pytest.mark.parametrize(
+    ("spec", "n", "dialect"),
+    [
+        ("2pd", 2, None),
+        ("1e1p1d", 3, None),
+        ("1p1d", 2, "vllm-p2pnccl"),
+        ("1p1d", 2, "vllm-lmcache"),
+    ],
+)
+def test_simulate_serves_then_stops_cleanly_on_sigterm(
+    spec: str, n: int, dialect: str | None
+) -> None:
     before = sim_pids()
     proc = subprocess.Popen(
         [
@@ -80,18 +95,25 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(spec: str, n: int) -> Non
             "inf",
             "--log-level",
             "warning",
+            *(["--dialect", dialect] if dialect else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    lmcache_dir = None
     try:
         url = None
+        workers_out: dict[str, str] = {}  # role -> the worker line's rest
         deadline = time.monotonic() + 30
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
+            if w := re.match(r"\s+worker (\w+)\s+(.*)$", line):
+                workers_out[w.group(1)] = w.group(2)
+            if d := re.match(r"\s+lmcache dir (\S+)$", line):
+                lmcache_dir = d.group(1)
             m = re.search(r"on (http://\S+)", line)
             if m:
                 url = m.group(1)
@@ -114,6 +136,15 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(spec: str, n: int) -> Non
             answer = json.load(resp)
         assert answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] == 4
+        if dialect is not None:  # the hand-off really went through the dialect's mechanism
+            d_url = workers_out["d"].split()[0]
+            handoff = get_json(d_url + "/sim/stats")["handoff"]
+            if dialect == "vllm-p2pnccl":
+                assert "kv_address=127.0.0.1:" in workers_out["p"]
+                assert handoff["p2p_received"] == 1
+            else:
+                assert lmcache_dir and os.path.isdir(lmcache_dir)
+                assert handoff["lmcache_hits"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -122,3 +153,5 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(spec: str, n: int) -> Non
             proc.wait()
     time.sleep(0.2)
     assert workers & sim_pids() == set(), "simulated workers outlived lmgw simulate"
+    if lmcache_dir is not None:
+        assert not os.path.exists(lmcache_dir), "the shared LMCache directory was left behind"

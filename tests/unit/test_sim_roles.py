@@ -1,5 +1,6 @@
 """Sans-IO pieces of the disaggregated simulator roles: KV block derivation and verification, the
-prefill worker's KV store, the encoder embedding store, media content hashes and the role CLI."""
+prefill worker's KV store, P2P NCCL pair ids, the LMCache chunk store, the encoder embedding
+store, media content hashes and the role CLI."""
 
 from __future__ import annotations
 
@@ -18,13 +19,21 @@ from lmgw.simulators.disagg import (
     KVStore,
     KVUnknownBlocks,
     KVVerifyError,
+    LMCacheStore,
+    PairId,
     derive_embedding,
     kv_block_payloads,
+    lmcache_chunk_payload,
+    lmcache_chunks,
+    parse_pair_id,
     prompt_digest,
+    same_address,
     verify_kv_blocks,
 )
 from lmgw.simulators.engine import Engine, SamplingSpec, Tokenizer, render_chat
+from lmgw.simulators.fleet import dialect_args
 from lmgw.simulators.worker import build_parser, options_from_args
+from lmgw.transport.dialects.vllm_p2pnccl import pair_request_id
 
 TOK = Tokenizer()
 PROMPT = list(range(1000, 1000 + 40))  # 2 full blocks of 16 + 8 tokens
@@ -99,6 +108,68 @@ def test_kv_store_ttl_and_capacity() -> None:
     assert (store.published, store.expired, store.evicted) == (0, 0, 0)
     with pytest.raises(ValueError):
         KVStore(max_entries=0)
+
+
+# -- P2P NCCL pair ids ----------------------------------------------------------------------------
+
+HEX = "0123456789abcdef" * 2
+
+
+def test_pair_id_parses_like_the_connector_and_ignores_engine_affixes() -> None:
+    rid = pair_request_id("10.0.0.1:21001", "10.0.0.2:22001", HEX)  # what the gateway sends
+    want = PairId("10.0.0.1:21001", "10.0.0.2:22001", rid)
+    assert parse_pair_id(rid) == want
+    assert parse_pair_id(f"chatcmpl-{rid}-0") == want  # vLLM's prefix, an engine suffix
+    assert parse_pair_id("cmpl-" + rid).key == rid  # same KV name on both legs
+    for not_pair in (
+        "plain-id",
+        rid[:-1],  # 31 hex digits
+        rid.replace("___decode_addr_", "___decoder_"),
+        f"___prefill_addr_10.0.0.1___decode_addr_10.0.0.2:1_{HEX}",  # no prefill port
+    ):
+        assert parse_pair_id(not_pair) is None, not_pair
+
+
+def test_same_address_accepts_loopback_spellings_only() -> None:
+    assert same_address("127.0.0.1:5", "localhost:5")
+    assert same_address("[::1]:5", "::1:5")
+    assert not same_address("127.0.0.1:5", "127.0.0.1:6")
+    assert not same_address("10.0.0.1:5", "10.0.0.2:5")
+
+
+# -- LMCache chunks -------------------------------------------------------------------------------
+
+
+def test_lmcache_chunks_are_chained_and_keep_the_partial_tail() -> None:
+    chunks = lmcache_chunks(PROMPT, 16, "m")
+    assert [(s, e) for _, s, e in chunks] == [(0, 16), (16, 32), (32, 40)]
+    assert chunks == lmcache_chunks(list(PROMPT), 16, "m")
+    assert lmcache_chunks(PROMPT[:32], 16, "m") == chunks[:2]  # a shared prefix shares keys
+    assert lmcache_chunks(PROMPT, 16, "other")[0][0] != chunks[0][0]  # keyed by model too
+    other = [7] * 16 + PROMPT[16:]
+    assert lmcache_chunks(other, 16, "m")[1][0] != chunks[1][0]  # chained
+    assert lmcache_chunks([], 16, "m") == []
+    with pytest.raises(ValueError):
+        lmcache_chunks(PROMPT, 0, "m")
+
+
+def test_lmcache_store_prefix_hits_and_corruption(tmp_path: Path) -> None:
+    producer = LMCacheStore(tmp_path, model="m", chunk_size=16)
+    consumer = LMCacheStore(tmp_path, model="m", chunk_size=16)
+    assert consumer.lookup(PROMPT) == 0 and consumer.misses == 1
+    assert producer.put(PROMPT[:20]) == 2  # chunks [0, 16) and the partial [16, 20)
+    assert consumer.lookup(PROMPT) == 16  # the prefix only: still a miss
+    assert producer.put(PROMPT) == 2 and producer.put(PROMPT) == 0  # [16, 32), [32, 40)
+    assert producer.chunks_stored == 4
+    assert consumer.lookup(PROMPT) == 40
+    assert (consumer.hits, consumer.misses, consumer.hit_tokens) == (1, 2, 56)
+    assert not list(tmp_path.glob(".tmp-*"))  # no temporary file left behind
+    key, start, end = lmcache_chunks(PROMPT, 16, "m")[1]
+    assert producer.path(key).read_bytes() == lmcache_chunk_payload(key, end - start)
+    producer.path(key).write_bytes(lmcache_chunk_payload(key, end - start)[:-1])
+    with pytest.raises(KVVerifyError, match="chunk 1 of 3"):
+        consumer.lookup(PROMPT)
+    assert LMCacheStore(tmp_path, model="other", chunk_size=16).lookup(PROMPT) == 0
 
 
 # -- embeddings -----------------------------------------------------------------------------------
@@ -176,3 +247,34 @@ def test_cli_accepts_roles_and_checks_encoder_dir(tmp_path: Path) -> None:
         options_from_args(parser.parse_args(["--role", "e"]))
     with pytest.raises(ValueError, match="unknown worker role 'x'"):
         options_from_args(parser.parse_args(["--role", "x"]))
+
+
+def test_cli_p2pnccl_and_lmcache_options(tmp_path: Path) -> None:
+    parser = build_parser()
+    opts = options_from_args(parser.parse_args(["--role", "p"]))
+    assert (opts.kv_port, opts.kv_connector, opts.lmcache_strict) == (None, "auto", True)
+    opts = options_from_args(parser.parse_args(["--role", "d", "--kv-port", "0"]))
+    assert opts.kv_port == 0
+    args = ["--role", "d", "--kv-connector", "lmcache", "--lmcache-dir", str(tmp_path)]
+    opts = options_from_args(parser.parse_args([*args, "--no-lmcache-strict"]))
+    assert opts.kv_connector == "lmcache" and opts.lmcache_dir == str(tmp_path)
+    assert opts.lmcache_strict is False
+    with pytest.raises(ValueError, match="--lmcache-dir"):
+        options_from_args(parser.parse_args(["--role", "p", "--kv-connector", "lmcache"]))
+    with pytest.raises(ValueError, match="not a port"):
+        options_from_args(parser.parse_args(["--role", "p", "--kv-port", "70000"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-connector", "mooncake"])
+
+
+def test_fleet_dialect_args_configure_p_and_d_only() -> None:
+    assert dialect_args("vllm-p2pnccl", "p", None) == ["--kv-port", "0"]
+    assert dialect_args("vllm-p2pnccl", "e", None) == []
+    assert dialect_args("vllm-lmcache", "d", "/x") == [
+        "--kv-connector",
+        "lmcache",
+        "--lmcache-dir",
+        "/x",
+    ]
+    assert dialect_args("vllm-lmcache", "pd", "/x") == []
+    assert dialect_args("vllm-nixl", "p", "/x") == dialect_args(None, "d", None) == []
