@@ -25,7 +25,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SIM_MODEL_NAME = "sim-model"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump when anything below changes what is written: the folder name carries it."""
 
 MAX_MODEL_LEN = 32768
@@ -132,6 +132,7 @@ Line two.
 Paragraph after a blank line.\r\nWindows line ending.
 """
 
+_ROLES = ("system", "user", "assistant", "tool")
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "st")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 
@@ -165,7 +166,10 @@ def _corpus() -> list[str]:
     syllables = [o + v for o in _ONSETS for v in _VOWELS]
     pseudo = " ".join(a + b for a in syllables for b in syllables[::7])
     # Repetition gives the common words enough frequency to merge into whole-word tokens.
-    return _CORPUS.splitlines(keepends=True) * 8 + sentences + [pseudo, pseudo.title()]
+    # Chat turns as the template writes them, so role names after <|im_start|> are whole tokens.
+    turns = [f"{role}\n{s}" for role, s in zip(_ROLES * 100, sentences, strict=False)]
+    lines = _CORPUS.splitlines(keepends=True) * 8
+    return lines + sentences + turns + [pseudo, pseudo.title()]
 
 
 def build_tokenizer() -> Tokenizer:

@@ -1,0 +1,299 @@
+"""ModelTokenizer: loading a local folder (and every way that fails), special tokens, encode and
+decode against transformers, and the off-loop path for long texts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lmgw.simulators import model_files
+from lmgw.text import ModelTokenizer, TokenIdError, TokenizerLoadError, resolve_model_dir
+
+TEXT = st.lists(
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=10),
+        st.sampled_from(["<|im_start|>", "<|im_end|>", "<tool_call>", " ", "  ", "\n", "\t"]),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return model_files.ensure_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def tok(sim_dir: Path) -> ModelTokenizer:
+    return ModelTokenizer.load(sim_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(sim_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(sim_dir))
+
+
+def _copy(sim_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(sim_dir, target)
+    return target
+
+
+# -- the sim model folder -------------------------------------------------------------------------
+
+
+def test_sim_model_dir_is_cached_and_deterministic(tmp_path: Path, sim_dir: Path) -> None:
+    first = model_files.ensure_model_dir(tmp_path)
+    assert model_files.ensure_model_dir(tmp_path) == first
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (first / name).read_bytes() == (sim_dir / name).read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary leftovers
+
+
+def test_load_reads_special_tokens_generation_config_and_context(tok: ModelTokenizer) -> None:
+    assert tok.bos_token == model_files.BOS
+    assert tok.eos_token == model_files.EOS
+    assert tok.pad_token == model_files.PAD
+    assert tok.unk_token is None and tok.unk_token_id is None
+    assert tok.special_tokens_map == {
+        "bos_token": model_files.BOS,
+        "eos_token": model_files.EOS,
+        "pad_token": model_files.PAD,
+    }
+    im_end, pad = tok.token_to_id(model_files.EOS), tok.token_to_id(model_files.PAD)
+    assert tok.eos_token_id == im_end
+    assert tok.eos_token_ids == (im_end, pad)  # generation_config's list, deduplicated
+    assert tok.max_model_len == model_files.MAX_MODEL_LEN
+    specials = {a.content for a in tok.added_tokens if a.special}
+    assert specials == set(model_files.SPECIAL_TOKENS)
+    plain = {a.content for a in tok.added_tokens if not a.special}
+    assert plain == set(model_files.ADDED_TEXT_TOKENS)
+    assert tok.all_special_ids == {tok.token_to_id(t) for t in model_files.SPECIAL_TOKENS}
+
+
+def test_max_model_len_override(sim_dir: Path) -> None:
+    assert ModelTokenizer.load(sim_dir, max_model_len=1024).max_model_len == 1024
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=TEXT, add_special=st.booleans())
+def test_encode_matches_transformers(tok: ModelTokenizer, hf, text: str, add_special: bool) -> None:
+    ids = tok.encode(text, add_special_tokens=add_special)
+    assert ids == hf.encode(text, add_special_tokens=add_special)
+    assert tok.count_tokens(text, add_special_tokens=add_special) == len(ids)
+    assert tok.decode(ids) == hf.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=TEXT)
+def test_byte_level_round_trip(tok: ModelTokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_add_special_tokens_adds_bos(tok: ModelTokenizer) -> None:
+    plain = tok.encode("hello world", add_special_tokens=False)
+    assert tok.encode("hello world") == [tok.bos_token_id, *plain]
+    assert tok.encode("<|im_start|>user")[0] == tok.bos_token_id
+    assert tok.token_to_id("<|im_start|>") in tok.encode(
+        "<|im_start|>user", add_special_tokens=False
+    )
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(tok: ModelTokenizer) -> None:
+    for bad in ([tok.vocab_size], [0, -1], [10**12]):
+        with pytest.raises(TokenIdError) as err:
+            tok.decode(bad)
+        assert err.value.status == 400 and err.value.param == "tokens"
+    assert tok.decode([]) == ""
+
+
+def test_convert_ids_to_tokens(tok: ModelTokenizer) -> None:
+    ids = tok.encode("<|im_start|>hello", add_special_tokens=False)
+    strs = tok.convert_ids_to_tokens([*ids, tok.vocab_size + 5, -3])
+    assert strs[0] == "<|im_start|>"
+    assert strs[-2:] == [None, None]
+
+
+# -- the off-loop path ----------------------------------------------------------------------------
+
+
+async def test_long_texts_go_through_the_limiter_short_ones_do_not(sim_dir: Path) -> None:
+    limiter = trio.CapacityLimiter(1)
+    tok = ModelTokenizer.load(sim_dir, offload_threshold_chars=100, limiter=limiter)
+    short, long = "short text", "The gateway routes each request. " * 20
+    results: dict[str, list[int]] = {}
+
+    async def encode(name: str, text: str) -> None:
+        results[name] = await tok.encode_async(text, add_special_tokens=False)
+
+    # Hold the only thread token: an off-loop encode has to wait for it, an inline one does not.
+    async with trio.open_nursery() as nursery, limiter:
+        nursery.start_soon(encode, "long", long)
+        await trio.testing.wait_all_tasks_blocked()
+        assert limiter.statistics().tasks_waiting == 1
+        await encode("short", short)  # inline: done while the limiter is still held
+        assert "long" not in results
+    assert results["short"] == tok.encode(short, add_special_tokens=False)
+    assert results["long"] == tok.encode(long, add_special_tokens=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(text=TEXT, add_special=st.booleans())
+async def test_off_loop_encode_equals_inline(sim_dir: Path, text: str, add_special: bool) -> None:
+    tok = ModelTokenizer.load(sim_dir, offload_threshold_chars=0, offload_threshold_ids=0)
+    ids = await tok.encode_async(text, add_special_tokens=add_special)
+    assert ids == tok.encode(text, add_special_tokens=add_special)
+    assert await tok.count_tokens_async(text, add_special_tokens=add_special) == len(ids)
+    assert await tok.decode_async(ids) == tok.decode(ids)
+
+
+async def test_decode_async_checks_ids_before_the_thread(sim_dir: Path) -> None:
+    tok = ModelTokenizer.load(sim_dir, offload_threshold_ids=0)
+    with pytest.raises(TokenIdError):
+        await tok.decode_async([tok.vocab_size])
+
+
+def test_default_limiter_is_created_once(sim_dir: Path) -> None:
+    tok = ModelTokenizer.load(sim_dir, offload_threads=3)
+    assert tok.limiter is tok.limiter
+    assert tok.limiter.total_tokens == 3
+
+
+# -- loading errors and transformers' loading rules ----------------------------------------------
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerLoadError, match="does not exist"):
+        ModelTokenizer.load(tmp_path / "nope")
+
+
+def test_a_file_is_not_a_folder(sim_dir: Path) -> None:
+    with pytest.raises(TokenizerLoadError, match="is a file"):
+        ModelTokenizer.load(sim_dir / "tokenizer.json")
+
+
+def test_hub_id_without_local_copy_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerLoadError) as err:
+        ModelTokenizer.load("some-org/some-model", hf_cache=tmp_path)
+    msg = str(err.value)
+    assert "Hub id" in msg and "never downloads" in msg and "huggingface-cli download" in msg
+
+
+def test_hub_id_resolves_to_an_existing_local_cache_snapshot(tmp_path: Path, sim_dir: Path) -> None:
+    repo = tmp_path / "models--some-org--some-model"
+    shutil.copytree(sim_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    assert resolve_model_dir("some-org/some-model", hf_cache=tmp_path) == (
+        repo / "snapshots" / "abc123"
+    )
+    tok = ModelTokenizer.load("some-org/some-model", hf_cache=tmp_path)
+    assert tok.name == "some-org/some-model" and tok.eos_token == model_files.EOS
+
+
+def test_missing_tokenizer_json_hints_at_conversion(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"\0")
+    with pytest.raises(TokenizerLoadError, match="only fast tokenizers"):
+        ModelTokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("tokenizer.json", "{not json", "not valid JSON"),
+        ("tokenizer.json", "{}", "not a valid tokenizer"),
+        ("tokenizer_config.json", "[1, 2]", "JSON object"),
+        ("tokenizer_config.json", '{"bos_token": 5}', "bos_token"),
+        ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id"),
+        ("tokenizer_config.json", '{"added_tokens_decoder": {"x": {}}}', "bad entry"),
+    ],
+)
+def test_bad_files(sim_dir: Path, tmp_path: Path, name: str, content: str, match: str) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    (folder / name).write_text(content)
+    with pytest.raises(TokenizerLoadError, match=match):
+        ModelTokenizer.load(folder)
+
+
+def test_legacy_special_tokens_map_applies_without_added_tokens_decoder(
+    sim_dir: Path, tmp_path: Path
+) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": {"content": "<|endoftext|>", "special": True}})
+    )
+    assert ModelTokenizer.load(folder).eos_token == "<|endoftext|>"
+    # With added_tokens_decoder present, tokenizer_config.json wins (transformers 5).
+    assert ModelTokenizer.load(sim_dir).eos_token == model_files.EOS
+
+
+def test_config_only_added_tokens_are_added_at_their_ids(sim_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    base = ModelTokenizer.load(sim_dir).vocab_size
+    entry = {"content": "<|new|>", "special": True, "normalized": False}
+    config["added_tokens_decoder"][str(base)] = entry
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = ModelTokenizer.load(folder)
+    assert tok.token_to_id("<|new|>") == base and base in tok.all_special_ids
+    config["added_tokens_decoder"] = {str(base + 7): entry}  # a gap: the files disagree
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerLoadError, match="do not belong together"):
+        ModelTokenizer.load(folder)
+
+
+def test_truncation_stored_in_tokenizer_json_is_ignored(sim_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    raw = json.loads((folder / "tokenizer.json").read_text())
+    raw["truncation"] = {
+        "direction": "Right",
+        "max_length": 4,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(raw))
+    assert len(ModelTokenizer.load(folder).encode("one two three four five six seven")) > 4
+
+
+def test_context_length_sources(sim_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    (folder / "config.json").write_text(
+        json.dumps({"text_config": {"max_position_embeddings": 8192, "seq_length": 4096}})
+    )
+    assert ModelTokenizer.load(folder).max_model_len == 4096  # the smallest bound, nested
+    (folder / "config.json").unlink()
+    assert ModelTokenizer.load(folder).max_model_len == model_files.MAX_MODEL_LEN  # tokenizer cfg
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 1e30  # transformers' "no limit"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ModelTokenizer.load(folder).max_model_len is None
+
+
+def test_clean_up_tokenization_spaces_like_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "hello": 1, ",": 2, "world": 3, "!": 4, "don": 5, "'": 6, "t": 7}
+    wp = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.save(str(tmp_path / "tokenizer.json"))
+    config = {"unk_token": "[UNK]", "clean_up_tokenization_spaces": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = ModelTokenizer.load(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = ours.encode("hello , world ! don ' t")
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert "," in ours.decode(ids) and " ," not in ours.decode(ids)
