@@ -29,16 +29,25 @@ ABORT, so the worker stops generating.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 import zmq
-from trio.lowlevel import cancel_shielded_checkpoint
+from trio.lowlevel import Abort as Abort_
+from trio.lowlevel import (
+    Task,
+    cancel_shielded_checkpoint,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
 
 from ...protocol.messages import (
     CAPABILITIES,
@@ -150,21 +159,57 @@ class Session:
 
 
 class _Route:
-    """The gateway's end of one request in flight."""
+    """The gateway's end of one request in flight: a bounded queue the reader fills and one
+    request task drains. (Lighter than a trio memory channel and a cancel scope per wait: the
+    reader reschedules the waiting task directly, and the control task enforces deadlines.)"""
 
-    __slots__ = ("failure", "receive", "request_id", "send", "sent")
+    __slots__ = (
+        "deadline",
+        "ended",
+        "failure",
+        "items",
+        "request_id",
+        "sent",
+        "size",
+        "timed_out",
+        "waiter",
+    )
 
     def __init__(self, request_id: str, size: int) -> None:
         self.request_id = request_id
-        self.send, self.receive = trio.open_memory_channel[Message](size)
+        self.size = size
+        self.items: collections.deque[Message] = collections.deque()
+        self.ended = False  # no more messages will come
         self.failure: RpcError | None = None
         self.sent = False
+        self.waiter: Task | None = None
+        self.deadline = math.inf  # of the current wait
+        self.timed_out = False
 
-    def fail(self, error: RpcError) -> None:
-        """End the route with ``error`` (delivered after anything already buffered)."""
-        if self.failure is None:
+    def push(self, msg: Message) -> bool:
+        """Queue a message (reader side); False when the consumer is ``size`` behind."""
+        if self.ended or len(self.items) >= self.size:
+            return False
+        self.items.append(msg)
+        self.wake()
+        return True
+
+    def end(self, error: RpcError | None = None) -> None:
+        """No more messages; ``error`` is raised after anything already queued."""
+        if error is not None and self.failure is None and not self.ended:
             self.failure = error
-        self.send.close()
+        self.ended = True
+        self.wake()
+
+    def wake(self) -> None:
+        task = self.waiter
+        if task is not None:
+            self.waiter = None
+            reschedule(task)
+
+    def _abort_wait(self, _: Any) -> Abort_:
+        self.waiter = None
+        return Abort_.SUCCEEDED
 
 
 class RpcChannel:
@@ -222,8 +267,9 @@ class RpcChannel:
         self._sock: ZmqSocket | None = None
         self._routes: dict[str, _Route] = {}
         self._ids = itertools.count()
-        self._aborts_send, self._aborts_recv = trio.open_memory_channel[str](1024)
+        self._aborts_send, self._aborts_recv = trio.open_memory_channel(1024)
         self._state_changed = trio.Event()
+        self._control_scope: trio.CancelScope | None = None
         self._fast = 0
         self._rx = 0  # messages received; the control task compares it between ticks
         self._rx_seen = -1
@@ -358,26 +404,37 @@ class RpcChannel:
         return route
 
     async def _receive(self, route: _Route, timeout: float) -> Message:
-        try:
-            msg = route.receive.receive_nowait()
-        except trio.WouldBlock:
-            msg = None
-        except trio.EndOfChannel:
-            raise self._route_error(route) from None
-        if msg is not None:
+        items = route.items
+        if items:
             fast = self._fast + 1
             if fast >= 16:
                 self._fast = 0
                 await cancel_shielded_checkpoint()
             else:
                 self._fast = fast
-            return msg
-        with trio.move_on_after(timeout):
-            try:
-                return await route.receive.receive()
-            except trio.EndOfChannel:
-                raise self._route_error(route) from None
-        raise RpcError(FailureCode.TIMEOUT, f"no answer from {self.endpoint} within {timeout:g}s")
+            return items.popleft()
+        if route.ended:
+            raise self._route_error(route)
+        if route.waiter is not None:
+            raise trio.BusyResourceError("another task is already reading this request")
+        deadline = trio.current_time() + timeout
+        route.deadline = deadline
+        route.timed_out = False
+        scope = self._control_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline  # the control task wakes in time to enforce it
+        route.waiter = current_task()
+        await wait_task_rescheduled(route._abort_wait)
+        route.deadline = math.inf
+        if items:
+            return items.popleft()
+        if route.ended:
+            raise self._route_error(route)
+        if route.timed_out:
+            raise RpcError(
+                FailureCode.TIMEOUT, f"no answer from {self.endpoint} within {timeout:g}s"
+            )
+        raise AssertionError("a request task was woken without a reason")
 
     def _route_error(self, route: _Route) -> RpcError:
         return route.failure or RpcError(FailureCode.PROTOCOL, "the request ended without answer")
@@ -391,7 +448,7 @@ class RpcChannel:
     def _drop(self, route: _Route) -> None:
         if self._routes.get(route.request_id) is route:
             del self._routes[route.request_id]
-        route.receive.close()
+        route.ended = True
 
     def _abort(self, request_id: str, reason: str) -> None:
         """Send ABORT now if the queue has room, else leave it to the control task. Synchronous,
@@ -431,25 +488,20 @@ class RpcChannel:
             if route is None:
                 self.stats["stray"] += 1  # late answer to a request that ended
                 return
-            try:
-                route.send.send_nowait(msg)
-            except trio.WouldBlock:
+            if not route.push(msg):
                 self.stats["overflows"] += 1
-                route.fail(
+                route.end(
                     RpcError(
                         FailureCode.OVERLOADED,
                         f"consumer fell {self.stream_buffer} events behind",
-                        sent=True,
                     )
                 )
-                self._drop_route_and_abort(route, "consumer too slow")
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.stats["stray"] += 1
+                del self._routes[route.request_id]
+                self._abort(route.request_id, "consumer too slow")
                 return
             if cls is not Delta:
-                route.send.close()
-                self._routes.pop(route.request_id, None)
+                route.end()
+                del self._routes[route.request_id]
         elif cls is Failure:
             self._on_failure(msg)  # type: ignore[arg-type]
         elif cls is HeartbeatAck:
@@ -465,10 +517,6 @@ class RpcChannel:
         elif cls not in TO_GATEWAY:
             self.stats["malformed"] += 1
             log.warning("%s sent a %s, which only gateways send", self.endpoint, cls.__name__)
-
-    def _drop_route_and_abort(self, route: _Route, reason: str) -> None:
-        self._routes.pop(route.request_id, None)
-        self._abort(route.request_id, reason)
 
     def _on_failure(self, failure: Failure) -> None:
         rid = failure.request_id
@@ -490,7 +538,7 @@ class RpcChannel:
                 log.warning("%s could not read a message: %s", self.endpoint, failure.message)
             return
         self.stats["failed"] += 1
-        route.fail(RpcError.from_failure(failure))
+        route.end(RpcError.from_failure(failure))
 
     def _on_register_ack(self, ack: RegisterAck) -> None:
         if not MIN_PROTOCOL_VERSION <= ack.version <= PROTOCOL_VERSION:
@@ -528,7 +576,7 @@ class RpcChannel:
     def _fail_all(self, error: RpcError) -> None:
         routes, self._routes = self._routes, {}
         for route in routes.values():
-            route.fail(error)
+            route.end(error)
 
     def _set_state(self, state: ChannelState, reason: str) -> None:
         if state is self.state and reason == self.state_reason:
@@ -550,23 +598,40 @@ class RpcChannel:
         retry = _FIRST_RETRY_S
         next_tick = trio.current_time()
         while True:
-            with trio.move_on_at(next_tick):
-                async for request_id in self._aborts_recv:
-                    try:
-                        await sock.send_multipart(
-                            encode_frames(Abort(request_id, "cancelled")),
-                            timeout=self.send_timeout_s,
-                        )
-                        self.stats["aborts_sent"] += 1
-                    except SendBlocked:
-                        self.stats["aborts_dropped"] += 1
+            request_id = None
+            with trio.move_on_at(min(next_tick, self._sweep(trio.current_time()))) as scope:
+                self._control_scope = scope  # request tasks pull its deadline in (_receive)
+                request_id = await self._aborts_recv.receive()
+            self._control_scope = None
+            if request_id is not None:
+                try:
+                    await sock.send_multipart(
+                        encode_frames(Abort(request_id, "cancelled")), timeout=self.send_timeout_s
+                    )
+                    self.stats["aborts_sent"] += 1
+                except SendBlocked:
+                    self.stats["aborts_dropped"] += 1
             now = trio.current_time()
+            if now < next_tick:
+                continue
             if self._tick(now):
                 retry = _FIRST_RETRY_S
                 next_tick = now + interval
             else:  # a Register found no connection (IMMEDIATE): retry soon, backing off
                 next_tick = now + min(retry, interval)
                 retry *= 2
+
+    def _sweep(self, now: float) -> float:
+        """Time out the waits whose deadline passed; return the earliest one left."""
+        earliest = math.inf
+        for route in self._routes.values():
+            if route.waiter is not None:
+                if route.deadline <= now:
+                    route.timed_out = True
+                    route.wake()
+                elif route.deadline < earliest:
+                    earliest = route.deadline
+        return earliest
 
     def _tick(self, now: float) -> bool:
         """Liveness check and the message this tick owes. False: a Register could not be
