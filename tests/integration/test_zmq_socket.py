@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import trio
+import trio.testing
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -483,6 +484,20 @@ async def test_reply_timeout_is_typed_and_aborts(nursery: trio.Nursery, ctx: zmq
         await chan.call(gen("slowpoke", prompt="hang"))
     assert info.value.code is FailureCode.TIMEOUT
     await until(lambda: "slowpoke" in worker.aborted)
+    # the timeout bounds each wait, not the whole stream: a slow but steady stream lives on
+    async with chan.stream(gen("steady", prompt="slow"), timeout=0.5) as events:
+        seqs = []
+        async for event in events:
+            seqs.append(event.seq)
+            if len(seqs) == 20:
+                break
+    assert seqs == list(range(20))
+    async with chan.stream(gen("shared", prompt="hang")) as events, trio.open_nursery() as n:
+        n.start_soon(events.__anext__)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):  # one reader per request
+            await events.__anext__()
+        n.cancel_scope.cancel()
 
 
 async def test_worker_failures_are_typed(nursery: trio.Nursery, ctx: zmq.Context) -> None:
