@@ -431,20 +431,69 @@ async def test_prefill_failure_is_a_502_naming_the_stage(
 
 @pytest.mark.parametrize("dialect", PD_DIALECTS)
 async def test_decode_failure_before_first_token(nursery: trio.Nursery, dialect: str) -> None:
-    """Retried once on the other decode worker when the hand-off allows it; otherwise a 502
-    naming the decode stage (a P2P NCCL id names one decode address; an SGLang room is used)."""
+    """Retried once on the other decode worker: with the same hand-off when any decode worker
+    can use it; else (a P2P NCCL id names one decode address, an SGLang room pairs one P with
+    one D) the pair restarts with a fresh prefill for the other decode worker."""
     p = await start(nursery, Fake("p0", prefill_ok))
     bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
     good = await start(nursery, Fake("d-good", any_decode))
     url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", bad), ("d", good)])
     results = [(await http_request(url, "POST", "/v1/chat/completions", CHAT)) for _ in range(4)]
-    failed = [r for r in results if r.status != 200]
-    assert bad.seen  # round robin sent some decodes to the failing worker
+    assert [r.status for r in results] == [200] * 4
+    assert bad.seen and len(good.seen) == 4  # each failed decode was retried on d-good
     if RETRY_KEEPS_HANDOFF.get(dialect):
-        assert failed == [] and len(good.seen) == 4  # each bad attempt was retried on d-good
+        assert len(p.seen) == 4  # the retry reused the prefill's hand-off
+        if dialect == "vllm-nixl":
+            assert all(b["kv_transfer_params"] == KV for b in good.seen)
     else:
-        assert len(failed) == len(bad.seen) and len(good.seen) == 4 - len(failed)
-        for r in failed:
-            assert r.status == 502
-            assert "decode stage failed" in r.json()["error"]["message"]
-    assert len(p.seen) == 4  # one prefill per request, retries included
+        assert len(p.seen) == 4 + len(bad.seen)  # a fresh pair per restart
+        if dialect == "vllm-p2pnccl":  # each decode got the id naming its own address
+            for seen, fake in ((good.headers, good), (bad.headers, bad)):
+                for h in seen:
+                    assert h["x-request-id"].split("___decode_addr_")[1][:-33] == fake.kv_address
+        else:  # a fresh room for the restarted pair
+            rooms = [b["bootstrap_room"] for b in p.seen]
+            assert len(set(rooms)) == len(rooms)
+
+
+async def test_decode_failure_with_no_other_decode_worker_is_a_502(nursery: trio.Nursery) -> None:
+    p = await start(nursery, Fake("p0", prefill_ok))
+    bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
+    url = await gateway_for(nursery, "p/d", "vllm-p2pnccl", [("p", p), ("d", bad)])
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 502
+    message = r.json()["error"]["message"]
+    assert "decode stage failed" in message and "oom" in message
+    assert len(p.seen) == 1 and len(bad.seen) == 1
+
+
+def test_p2pnccl_worker_without_kv_address_is_refused_at_start() -> None:
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-p2pnccl")],
+        workers=[
+            WorkerConfig(url="http://127.0.0.1:1", role="p", kv_address="127.0.0.1:2"),
+            WorkerConfig(url="http://127.0.0.1:3", role="d", id="d0"),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"worker d0: .*kv_address"):
+        Gateway(cfg)
+
+
+async def test_p2pnccl_worker_added_without_kv_address_is_a_503(nursery: trio.Nursery) -> None:
+    """A worker added at run time without its KV address: a clear 503, not a crash."""
+    p = await start(nursery, Fake("p0", prefill_ok))
+    d = await start(nursery, Fake("d0", any_decode))
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-p2pnccl")],
+        workers=[WorkerConfig(url=p.url, role="p", id="p0", kv_address=p.kv_address)],
+    )
+    gw = Gateway(cfg)
+    gw.add_worker(WorkerConfig(url=d.url, role="d", id="d0"))
+    port = await nursery.start(gw.run)
+    r = await http_request(f"http://127.0.0.1:{port}", "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 503, r.body
+    assert "kv_address" in r.json()["error"]["message"]
+    assert p.seen == [] and d.seen == []

@@ -18,6 +18,7 @@ from lmgw.transport.dialects import (
     HandOff,
     HandOffError,
     Peer,
+    PeerError,
     StageContext,
     StageError,
     find_media,
@@ -258,8 +259,10 @@ def test_p2pnccl_refuses_another_decode_worker_and_missing_addresses() -> None:
     handoff = d.read_prefill(pre, 200, b"{}")
     with pytest.raises(HandOffError, match="restart from prefill"):
         d.decode_request(b, handoff, ctx(decode=D2))
-    with pytest.raises(ValueError, match="ZMQ address"):
+    with pytest.raises(PeerError, match="decode worker's KV address"):
         d.prefill_request(b, ctx(decode=Peer("10.0.0.2", 8200)))
+    assert d.peer_problem("d", Peer("10.0.0.2", 8200)) is not None
+    assert d.peer_problem("p", P) is None and d.peer_problem("e", Peer("h", 1)) is None
     with pytest.raises(StageError):
         d.read_prefill(pre, 500, b"oops")
 

@@ -21,6 +21,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from ..config import FLOW_ROLES
@@ -34,6 +35,7 @@ from ..transport.dialects import (
     HandOff,
     HandOffError,
     Peer,
+    PeerError,
     StageContext,
     StageError,
     StageRequest,
@@ -50,15 +52,18 @@ log = logging.getLogger("lmgw.pipeline")
 STAGE_NAMES = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
 
 
-def _peer(worker: Worker | None) -> Peer | None:
-    if worker is None:
-        return None
+def peer_of(worker: Worker) -> Peer:
+    """How a dialect names ``worker`` on the wire."""
     return Peer(
         worker.origin.host,
         worker.origin.port,
         kv_address=worker.kv_address,
         bootstrap_port=worker.bootstrap_port,
     )
+
+
+def _peer(worker: Worker | None) -> Peer | None:
+    return None if worker is None else peer_of(worker)
 
 
 class DisaggRunner:
@@ -89,14 +94,10 @@ class DisaggRunner:
             if prefill is None:  # e+pd: one merged leg with the original content
                 leg = dialect.decode_request(body, None, ctx)
                 await self._final(greq, responder, leg, decode, "pd", dialect, None, route)
-            elif dialect.concurrent_prefill_decode:
-                await self._concurrent(greq, responder, body, ctx, dialect, prefill, decode, route)
             else:
-                pre = dialect.prefill_request(body, ctx)
-                status, answer = await self._leg(greq, pre, prefill, "p", route)
-                handoff = dialect.read_prefill(pre, status, answer)
-                leg = dialect.decode_request(body, handoff, ctx)
-                await self._final(greq, responder, leg, decode, "d", dialect, handoff, route)
+                await self._prefill_decode(
+                    greq, responder, body, ctx, dialect, prefill, decode, route
+                )
         except BaseExceptionGroup as group:
             # a failure inside a nursery (encoder fan-out, SGLang's concurrent legs): the first
             # one is the client's answer; cancellations and the rest are dropped with the group
@@ -106,6 +107,58 @@ class DisaggRunner:
             raise _client_error(greq, _first_leaf(match)) from None
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
+
+    async def _prefill_decode(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        decode: Worker,
+        route: RouteContext,
+    ) -> None:
+        """P then D (or both at once). A decode that fails before its first byte is retried:
+        by :meth:`_final` with the same hand-off when any decode worker can use it; else (the
+        hand-off names its decode: a P2P NCCL pair id, an SGLang room) the pair restarts once,
+        a fresh prefill for another decode worker."""
+        p = self.p
+        tried: tuple[Worker, ...] = ()
+        for restartable in (True, False):
+            try:
+                if dialect.concurrent_prefill_decode:
+                    await self._concurrent(
+                        greq, responder, body, ctx, dialect, prefill, decode, route, restartable
+                    )
+                else:
+                    pre = dialect.prefill_request(body, ctx)
+                    status, answer = await self._leg(greq, pre, prefill, "p", route)
+                    handoff = dialect.read_prefill(pre, status, answer)
+                    leg = dialect.decode_request(body, handoff, ctx)
+                    await self._final(
+                        greq, responder, leg, decode, "d", dialect, handoff, route,
+                        restartable=restartable,
+                    )  # fmt: skip
+                return
+            except BaseExceptionGroup as group:
+                match, rest = group.split(_RestartPair)
+                if match is None or rest is not None:
+                    raise
+                failure = _first_leaf(match).failure  # type: ignore[attr-defined]
+            except _RestartPair as restart:
+                failure = restart.failure
+            tried += (decode,)
+            others = [w for w in p.registry.candidates(greq.model, "d") if w not in tried]
+            if not others:
+                raise GatewayError(failure.status, f"decode stage failed: {failure.message}")
+            decode = p.policies["d"].choose(others, route)
+            ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+            p.metrics.retries.inc(("d",))
+            log.info(
+                "request %s: decode failed (%s); pair restarted with decode %s",
+                greq.request_id, failure, decode.id,
+            )  # fmt: skip
 
     # -- legs -------------------------------------------------------------------------------
     async def _leg(
@@ -183,9 +236,12 @@ class DisaggRunner:
         handoff: HandOff | None,
         route: RouteContext,
         gate: Gate | None = None,
+        *,
+        restartable: bool = False,
     ) -> None:
         """The leg whose answer the client gets. A decode that fails before its first byte is
-        retried once on another worker of the role when the hand-off allows it."""
+        retried once on another worker of the role when the hand-off allows it; when it does
+        not and ``restartable``, :class:`_RestartPair` asks the caller for a fresh pair."""
         if gate is None and handoff is not None and dialect.rewrites_decode(handoff):
             fixed = _rewrite(dialect, handoff)
 
@@ -193,12 +249,14 @@ class DisaggRunner:
                 return fixed
 
         p = self.p
-        attempts = 2 if (role == "pd" or dialect.decode_retry_keeps_handoff) else 1
+        keeps = role == "pd" or dialect.decode_retry_keeps_handoff
+        attempts = 2 if keeps else 1
         tried: tuple[Worker, ...] = ()
         for attempt in range(attempts):
             try:
                 failure = await p.dispatch(
-                    greq, responder, role, worker, route, attempt + 1 < attempts,
+                    greq, responder, role, worker, route,
+                    attempt + 1 < attempts or (restartable and not keeps),
                     leg.path, leg.headers, leg.body, gate,
                 )  # fmt: skip
             except GatewayError as exc:
@@ -209,6 +267,8 @@ class DisaggRunner:
                 ) from None
             if failure is None:
                 return
+            if not keeps:
+                raise _RestartPair(failure)
             tried += (worker,)
             others = [w for w in p.registry.candidates(greq.model, role) if w not in tried]
             if not others:
@@ -231,6 +291,7 @@ class DisaggRunner:
         prefill: Worker,
         decode: Worker,
         route: RouteContext,
+        restartable: bool = False,
     ) -> None:
         """SGLang: P and D at once with the room fixed up front; D relayed, P drained.
 
@@ -265,8 +326,9 @@ class DisaggRunner:
             nursery.start_soon(drain_prefill, decode_scope)
             with decode_scope:
                 await self._final(
-                    greq, responder, leg, decode, "d", dialect, pre.handoff, route, gate
-                )
+                    greq, responder, leg, decode, "d", dialect, pre.handoff, route, gate,
+                    restartable=restartable,
+                )  # fmt: skip
         if failed:
             exc = failed[0]
             if not responder.started:
@@ -278,7 +340,15 @@ class DisaggRunner:
                 await responder.end()
 
 
-_ANSWERABLE = (GatewayError, StageError, BodyError, HandOffError)
+class _RestartPair(Exception):
+    """A decode failed before its first byte and its hand-off names that decode worker."""
+
+    def __init__(self, failure: GatewayError) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+_ANSWERABLE = (GatewayError, StageError, BodyError, HandOffError, PeerError)
 
 
 def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:
@@ -289,6 +359,8 @@ def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:
         return GatewayError(exc.client_status, f"{exc.stage} stage failed: {exc.message}")
     if isinstance(exc, BodyError):
         return GatewayError(400, str(exc))
+    if isinstance(exc, PeerError):
+        return GatewayError(503, str(exc))
     log.error("request %s: %s", greq.request_id, exc)  # a hand-off bug: still answered
     return GatewayError(500, f"internal hand-off error: {exc}")
 

@@ -19,8 +19,8 @@ from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.policy import Policy, RouteContext
 from ..transport import openai_http
-from ..transport.dialects import Dialect, get_dialect
-from ..transport.pool import ConnectionPool, UpstreamError
+from ..transport.dialects import Dialect, Peer, get_dialect
+from ..transport.pool import ConnectionPool, Origin, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
 from .disagg import DisaggRunner
@@ -80,6 +80,22 @@ class Pipeline:
         self.default_flow = cfg.routing.flow or inferred
         self.default_dialect = dialect_for(self.default_flow, cfg.routing.dialect, "routing")
         self.disagg = DisaggRunner(self)
+        self._check_workers(cfg)
+
+    def _check_workers(self, cfg: GatewayConfig) -> None:
+        """Refuse to start with a configured worker that a model's dialect cannot name on the
+        wire (e.g. a P2P NCCL worker without its KV address): every request would fail."""
+        for wc in cfg.workers:
+            if wc.models:
+                dialects = [self.dialects.get(m, self.default_dialect) for m in wc.models]
+            else:  # serves whatever it reports: every configured dialect may reach it
+                dialects = [*self.dialects.values(), self.default_dialect]
+            origin = Origin.from_url(wc.url)
+            peer = Peer(origin.host, origin.port, wc.kv_address, wc.bootstrap_port)
+            for dialect in dialects:
+                problem = dialect.peer_problem(wc.role, peer) if dialect else None
+                if problem is not None:
+                    raise ValueError(f"worker {wc.worker_id}: {problem}")
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none."""

@@ -49,6 +49,11 @@ class BodyError(ValueError):
     status = 400
 
 
+class PeerError(ValueError):
+    """A chosen worker lacks what this dialect must name on the wire (a P2P NCCL worker
+    without its KV address): the fleet's configuration, not the request, is at fault."""
+
+
 class HandOffError(ValueError):
     """A leg was asked for without the hand-off its protocol requires (a pipeline bug).
 
@@ -198,6 +203,12 @@ class Dialect:
     flows: ClassVar[frozenset[str]]
     concurrent_prefill_decode: ClassVar[bool] = False
     decode_retry_keeps_handoff: ClassVar[bool] = True
+
+    def peer_problem(self, role: str, peer: Peer) -> str | None:
+        """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).
+        Checked at start for configured workers, and on every leg through the errors the
+        builders raise."""
+        return None
 
     # -- encode stage (EPD) -------------------------------------------------------------
     def encode_requests(self, body: ClientBody, ctx: StageContext) -> list[StageRequest]:

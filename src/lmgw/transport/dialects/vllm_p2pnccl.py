@@ -21,6 +21,7 @@ from .base import (
     HandOff,
     HandOffError,
     Peer,
+    PeerError,
     StageContext,
     StageRequest,
     check_status,
@@ -32,13 +33,21 @@ _ADDRESS = re.compile(r"[^\s_/]+:\d{1,5}")
 _DECODE_ADDR = re.compile(r"___decode_addr_(.+)_[0-9a-f]{32}$")
 
 
-def _kv_address(peer: Peer | None, role: str) -> str:
+def _problem(peer: Peer | None, role: str) -> str | None:
     addr = peer.kv_address if peer is not None else None
     if not addr or not _ADDRESS.fullmatch(addr):
-        raise ValueError(
-            f"vllm-p2pnccl needs the {role} worker's ZMQ address as 'ip:kv_port', got {addr!r}"
+        return (
+            f"vllm-p2pnccl needs the {role} worker's KV address as 'ip:kv_port'"
+            f" (workers[].kv_address), got {addr!r}"
         )
-    return addr
+    return None
+
+
+def _kv_address(peer: Peer | None, role: str) -> str:
+    problem = _problem(peer, role)
+    if problem is not None:
+        raise PeerError(problem)
+    return peer.kv_address  # type: ignore[union-attr,return-value]
 
 
 def pair_request_id(prefill_addr: str, decode_addr: str, hex32: str) -> str:
@@ -51,6 +60,11 @@ class VllmP2pNccl(Dialect):
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
     #: the KV went to the decode address inside the id: a retry needs a fresh prefill
     decode_retry_keeps_handoff: ClassVar[bool] = False
+
+    def peer_problem(self, role: str, peer: Peer) -> str | None:
+        if role in ("p", "d"):
+            return _problem(peer, "prefill" if role == "p" else "decode")
+        return None
 
     def prefill_request(self, body: ClientBody, ctx: StageContext) -> StageRequest:
         rid = pair_request_id(
