@@ -1068,6 +1068,11 @@ def config_from_args(
     for text in getattr(ns, "worker", None) or ():
         worker = parse_worker_flag(text)
         item = {"url": worker.url, "role": worker.role}
+        item.update(
+            (key, getattr(worker, key))
+            for key in _WORKER_FLAG_KEYS
+            if getattr(worker, key) is not None
+        )
         layers.append("workers", item, f"from flag `--worker {text}`")
     cfg = layers.build()
 

@@ -608,6 +608,16 @@ url = "http://file:1"
     assert all(w.role == "pd" and w.models == [] for w in cfg.workers)
 
 
+def test_worker_flag_options_survive_config_from_args() -> None:
+    ns = parse_args(
+        "--worker", "p=http://h:1,kv_address=h:21001,bootstrap_port=8998,id=p0",
+        "--worker", "d=http://h:2,kv_address=h:22001",
+    )  # fmt: skip
+    cfg = config_from_args(ns, env={})
+    got = [(w.id, w.role, w.kv_address, w.bootstrap_port) for w in cfg.workers]
+    assert got == [("p0", "p", "h:21001", 8998), (None, "d", "h:22001", None)]
+
+
 def test_config_from_args_accepts_partial_namespace() -> None:
     cfg = config_from_args(argparse.Namespace(port=0), env={})
     assert cfg.server.port == 0
