@@ -246,6 +246,15 @@ async def test_hash_depends_on_model_and_processor_kwargs() -> None:
     assert len({a.hash, b.hash, c.hash}) == 3
 
 
+async def test_deep_processor_kwargs_are_refused() -> None:
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    body = chat(image_part(data_url(encode_image(PIXELS, "PNG"))), mm_processor_kwargs={"x": deep})
+    err = await refused(body)
+    assert (err.reason, err.param) == ("bad_processor_kwargs", "mm_processor_kwargs")
+
+
 def _expected_image_hash(model_id: str, arr: np.ndarray, kwargs: list[tuple[bytes, bytes]]) -> str:
     """vLLM's layout written out by hand (hash_kwargs(model_id=..., image=<RGB PIL image>))."""
     h = hashlib.sha256()

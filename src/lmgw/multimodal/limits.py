@@ -167,6 +167,11 @@ class MediaLimits(msgspec.Struct, **_STRUCT_OPTS):
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ValueError(f"allowed_networks[{i}]: {net!r} is not a network") from None
+        if self.hash_algorithm == "blake3":
+            try:
+                import blake3  # noqa: F401
+            except ImportError:
+                raise ValueError("hash_algorithm: 'blake3' needs the `blake3` package") from None
         Image.init()
         for i, fmt in enumerate(self.image_formats):
             if fmt not in Image.OPEN:

@@ -240,6 +240,25 @@ async def _process(part: MediaPart, ctx: _Ctx) -> MediaItem:
     return await _cpu(ctx, True, _decode_video, loaded.data, ctx, item)
 
 
+#: processor arguments are hashed recursively; real ones are a level or two deep
+_MAX_KWARGS_DEPTH = 16
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile body may be deep)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > _MAX_KWARGS_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def _check_counts(parts: list[MediaPart], limits: MediaLimits) -> None:
     if len(parts) > limits.max_items:
         raise MediaError(
@@ -297,6 +316,12 @@ async def preprocess(
         return []
     _check_counts(parts, limits)
     kwargs = body.get("mm_processor_kwargs")
+    if isinstance(kwargs, dict) and _depth(kwargs) > _MAX_KWARGS_DEPTH:
+        raise MediaError(
+            f"mm_processor_kwargs is nested more than {_MAX_KWARGS_DEPTH} levels deep",
+            reason="bad_processor_kwargs",
+            param="mm_processor_kwargs",
+        )
     ctx = _Ctx(
         limits,
         model_id,
