@@ -398,6 +398,26 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
             raise ConfigError(f"must start with '/', got {self.path!r}", path="path")
 
 
+class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Workers that announce themselves, besides the static `[[workers]]`."""
+
+    # ZeroMQ address vLLM P2P NCCL instances ping every 3 s (their kv_connector_extra_config's
+    # proxy_ip:proxy_port), e.g. "tcp://0.0.0.0:30001"; unset: no listener. Announced workers
+    # join with their KV address; they serve whatever models they report.
+    p2p_nccl_bind: str | None = None
+    # An announced instance that has not pinged for this long is removed (3 missed pings + slack).
+    p2p_nccl_expiry_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive("p2p_nccl_expiry_s", self.p2p_nccl_expiry_s)
+        bind = self.p2p_nccl_bind
+        if bind is not None and not bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(
+                f"expected a ZeroMQ address like tcp://0.0.0.0:30001, got {bind!r}",
+                path="p2p_nccl_bind",
+            )
+
+
 class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Log output."""
 
@@ -526,6 +546,7 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
@@ -922,7 +943,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="ROLE=URL",
-        help="add a worker, e.g. pd=http://127.0.0.1:9001 or prefill=http://h:8000 (repeatable)",
+        help="add a worker, e.g. pd=http://127.0.0.1:9001 or prefill=http://h:8000,kv_address="
+        "h:21001 (repeatable; options: id, bootstrap_port, kv_address)",
     )
     g.add_argument(
         "--model",
@@ -974,6 +996,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="bearer key sent to workers (upstream.api_key)",
     )
+    g.add_argument(
+        "--p2p-discovery",
+        default=None,
+        metavar="ZMQ_ADDR",
+        help="listen for vLLM P2P NCCL worker pings, e.g. tcp://0.0.0.0:30001"
+        " (discovery.p2p_nccl_bind)",
+    )
 
 
 # Keys whose values must not appear in messages or in a redacted dump.
@@ -990,6 +1019,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("request_timeout", "limits", "request_timeout_s", "--request-timeout"),
     ("log_level", "logging", "level", "--log-level"),
     ("api_key", "upstream", "api_key", "--api-key"),
+    ("p2p_discovery", "discovery", "p2p_nccl_bind", "--p2p-discovery"),
 )
 
 

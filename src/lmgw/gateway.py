@@ -13,6 +13,8 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -27,6 +29,9 @@ from .transport.pool import ConnectionPool
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
 from .workers.worker import Worker
+
+if TYPE_CHECKING:
+    from .workers.p2p_discovery import P2pChange
 
 log = logging.getLogger("lmgw")
 
@@ -66,6 +71,8 @@ class Gateway:
         self.app = App(self)
         self.server: HTTPServer | None = None
         self.port: int | None = None
+        #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
+        self.p2p_endpoint: str | None = None
         self._cancel = trio.CancelScope()
         self._hypercorn_stop = trio.Event()
         self._server_done = trio.Event()
@@ -88,6 +95,21 @@ class Gateway:
         for policy in self.policies.values():
             policy.on_worker_removed(worker)
         return worker
+
+    def _on_p2p_change(self, change: P2pChange) -> None:
+        """A vLLM P2P NCCL instance announced itself or went silent (workers/p2p_discovery)."""
+        inst = change.instance
+        wid = f"p2p-{inst.http_address}"
+        known = self.registry.get(wid)
+        if change.kind == "add":
+            if known is None:
+                self.add_worker(
+                    WorkerConfig(
+                        url=inst.http_url, role=inst.role, id=wid, kv_address=inst.kv_address
+                    )
+                )
+        elif known is not None:
+            self.remove_worker(wid)
 
     def configured_models(self) -> set[str]:
         return set(self._configured)
@@ -120,6 +142,17 @@ class Gateway:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.monitor.run)
+                    if cfg.discovery.p2p_nccl_bind:
+                        from .workers.p2p_discovery import run_p2p_discovery
+
+                        self.p2p_endpoint = await nursery.start(
+                            partial(
+                                run_p2p_discovery,
+                                cfg.discovery.p2p_nccl_bind,
+                                self._on_p2p_change,
+                                expiry_s=cfg.discovery.p2p_nccl_expiry_s,
+                            )
+                        )
                     if cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn)
                     else:

@@ -12,7 +12,14 @@ import pytest
 import trio
 from gateway_support import http_request
 
-from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.config import (
+    DiscoveryConfig,
+    GatewayConfig,
+    HealthConfig,
+    ModelConfig,
+    ServerConfig,
+    WorkerConfig,
+)
 from lmgw.gateway import Gateway
 from lmgw.http.server import serve_http
 from lmgw.http.types import Request, Responder
@@ -497,3 +504,49 @@ async def test_p2pnccl_worker_added_without_kv_address_is_a_503(nursery: trio.Nu
     assert r.status == 503, r.body
     assert "kv_address" in r.json()["error"]["message"]
     assert p.seen == [] and d.seen == []
+
+
+async def test_p2pnccl_workers_join_by_discovery_pings_and_leave_when_silent(
+    nursery: trio.Nursery,
+) -> None:
+    """vLLM P2P NCCL instances announce themselves over ZeroMQ; no static workers."""
+    import zmq
+
+    p = await start(nursery, Fake("p0", prefill_ok))
+    d = await start(nursery, Fake("d0", any_decode))
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-p2pnccl")],
+        discovery=DiscoveryConfig(p2p_nccl_bind="tcp://127.0.0.1:*", p2p_nccl_expiry_s=0.5),
+    )
+    gw = Gateway(cfg)
+    url = f"http://127.0.0.1:{await nursery.start(gw.run)}"
+    ctx = zmq.Context.instance()
+    dealers = []
+    try:
+        for role, fake, kv in (("P", p, "127.0.0.1:21001"), ("D", d, "127.0.0.1:22001")):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(gw.p2p_endpoint)
+            ping = {"type": role, "http_address": fake.url[7:], "zmq_address": kv}
+            dealers.append((sock, msgspec.msgpack.encode(ping)))
+        with trio.fail_after(5):
+            while True:
+                for sock, ping in dealers:
+                    sock.send(ping)
+                r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+                if r.status == 200:
+                    break
+                await trio.sleep(0.05)
+        rid = d.headers[-1]["x-request-id"]
+        assert rid.startswith("___prefill_addr_127.0.0.1:21001___decode_addr_127.0.0.1:22001_")
+        assert p.headers[-1]["x-request-id"] == rid
+        with trio.fail_after(5):  # silence: both expire and the model has no workers left
+            while len(gw.registry):
+                await trio.sleep(0.1)
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+        assert r.status in (404, 503)
+    finally:
+        for sock, _ in dealers:
+            sock.close()

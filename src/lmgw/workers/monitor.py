@@ -42,9 +42,12 @@ class HealthMonitor:
         self._headers = [(b"authorization", auth)] if auth else []
         self._ok_streak: dict[str, int] = {}
         self._fail_streak: dict[str, int] = {}
+        self._wake = trio.Event()
+        self._probed: set[str] = set()  # worker ids probed at least once
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health."""
+        self._probed.add(worker.id)
         ok, reason = False, ""
         try:
             with trio.fail_after(self.cfg.timeout_s):
@@ -103,17 +106,37 @@ class HealthMonitor:
             ):
                 self.registry.set_state(worker, WorkerState.EJECTED, reason)
 
-    async def probe_all(self) -> None:
+    async def probe_all(self, only_new: bool = False) -> None:
+        """Probe every worker (``only_new``: those not probed yet) concurrently."""
         async with trio.open_nursery() as nursery:
             for worker in self.registry:
-                if worker.state is not WorkerState.GONE:
-                    nursery.start_soon(self.probe, worker)
+                if worker.state is WorkerState.GONE:
+                    continue
+                if only_new and worker.state is not WorkerState.STARTING:
+                    continue
+                nursery.start_soon(self.probe, worker)
+
+    def _on_change(self, worker: Worker) -> None:
+        if worker.state is WorkerState.STARTING and worker.id not in self._probed:
+            self._wake.set()  # added at run time: probe it now, not at the next period
+        elif worker.state is WorkerState.GONE:
+            self._probed.discard(worker.id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Probe everything once (so the gateway starts with a known fleet), then periodically."""
+        """Probe everything once (so the gateway starts with a known fleet), then periodically;
+        a worker added at run time is probed at once instead of at the next period."""
+        self._wake = trio.Event()
+        self.registry.subscribe(self._on_change)
         await self.probe_all()
         task_status.started()
+        next_round = trio.current_time() + self.cfg.interval_s
         while True:
-            await trio.sleep(self.cfg.interval_s)
+            with trio.move_on_at(next_round):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if trio.current_time() < next_round:
+                await self.probe_all(only_new=True)
+                continue
             self.pool.sweep()
             await self.probe_all()
+            next_round = trio.current_time() + self.cfg.interval_s
