@@ -34,6 +34,7 @@ from lmgw.multimodal import (
     MediaLimits,
     MediaProfile,
     find_media_parts,
+    hash_value,
     preprocess,
     uuid_hash,
 )
@@ -374,6 +375,23 @@ async def test_audio_wav_and_flac_of_same_samples_hash_alike() -> None:
     assert mono.dtype == np.float32 and mono.shape == (4000,)
     expected = sf.read(io.BytesIO(WAV), dtype="float32")[0].mean(axis=1, dtype=np.float32)
     np.testing.assert_array_equal(mono, expected)
+
+
+async def test_audio_and_video_hash_layouts(mp4: bytes) -> None:
+    mono = np.array([0, 16384, -32768, 32767], np.int16)
+    wav = encode_audio(mono, 8000, "WAV")
+    (item,) = await run(chat({"type": "audio_url", "audio_url": {"url": data_url(wav)}}))
+    samples = mono.astype(np.float32) / 32768
+    h = hashlib.sha256()
+    for part in (b"model_id", b"org/model", b"audio.0", b"ndarray.dtype", b"<f4"):
+        h.update(part)
+    h.update(b"ndarray.shape.0" + struct.pack("<q", 4) + b"ndarray.data" + samples.tobytes())
+    h.update(b"audio.1" + struct.pack("<q", 8000))
+    assert item.hash == h.hexdigest()
+    with av.open(io.BytesIO(mp4)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    (vid,) = await run(chat({"type": "video_url", "video_url": {"url": data_url(mp4)}}))
+    assert vid.hash == hash_value("video", frames, model_id="org/model")
 
 
 async def test_mp3_decodes() -> None:
