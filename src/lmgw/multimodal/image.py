@@ -38,7 +38,6 @@ class ImageInfo(msgspec.Struct, frozen=True):
     width: int
     height: int
     mode: str  #: the file's own mode (RGB, RGBA, P, L, CMYK, ...) before conversion
-    frames: int  #: frames in the file (animated GIF/WebP/APNG); only the first is used
 
 
 def open_image(data: bytes, limits: MediaLimits) -> tuple[Image.Image, ImageInfo]:
@@ -60,8 +59,18 @@ def open_image(data: bytes, limits: MediaLimits) -> tuple[Image.Image, ImageInfo
             f"cannot read the image: not a valid image in an accepted format ({names})",
             reason="image_unreadable",
         ) from None
+    try:
+        info = _check(im, limits)
+    except BaseException:
+        im.close()
+        raise
+    return im, info
+
+
+def _check(im: Image.Image, limits: MediaLimits) -> ImageInfo:
     width, height = im.size
-    info = ImageInfo(im.format or "?", width, height, im.mode, getattr(im, "n_frames", 1))
+    # Frames of an animated image are not counted: for GIF that means walking the whole file.
+    info = ImageInfo(im.format or "?", width, height, im.mode)
     if width <= 0 or height <= 0:
         raise MediaError("image has no pixels", reason="image_unreadable")
     if width * height > limits.max_image_pixels:
@@ -76,7 +85,7 @@ def open_image(data: bytes, limits: MediaLimits) -> tuple[Image.Image, ImageInfo
             "allowed (max_image_edge)",
             reason="image_too_large_edge",
         )
-    return im, info
+    return info
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -161,6 +161,12 @@ def _decode_image(im: Any, info: _image.ImageInfo, ctx: _Ctx, item: MediaItem) -
     return item
 
 
+def _open_and_decode_image(data: bytes, ctx: _Ctx, item: MediaItem) -> MediaItem:
+    im, info = _image.open_image(data, ctx.limits)
+    with im:
+        return _decode_image(im, info, ctx, item)
+
+
 def _decode_audio(data: bytes, ctx: _Ctx, item: MediaItem) -> MediaItem:
     decoded = _audio.decode_audio(data, ctx.limits)
     info = decoded.info
@@ -226,11 +232,10 @@ async def _process(part: MediaPart, ctx: _Ctx) -> MediaItem:
     item.source, item.nbytes, item.media_type = loaded.source, len(loaded.data), loaded.media_type
     item.data, item._limits = loaded.data, limits
     if part.kind == "image":
-        im, info = _image.open_image(loaded.data, limits)  # header only: cheap, on the loop
-        offload = (
-            len(loaded.data) >= limits.offload_bytes
-            or info.width * info.height >= limits.offload_pixels
-        )
+        if len(loaded.data) >= limits.offload_bytes:  # header parsing included
+            return await _cpu(ctx, True, _open_and_decode_image, loaded.data, ctx, item)
+        im, info = _image.open_image(loaded.data, limits)  # small file: header on the loop
+        offload = info.width * info.height >= limits.offload_pixels
         try:
             return await _cpu(ctx, offload, _decode_image, im, info, ctx, item)
         finally:
