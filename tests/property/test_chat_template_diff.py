@@ -5,9 +5,9 @@ Three real-world template styles are written here by hand (ChatML with tools, Ll
 header per turn and tools in the system turn, Mistral with [INST] and its alternation
 ``raise_exception``) and run over one byte-level BPE trained in the test. For every conversation
 both sides must agree on the text, on the token ids (through the inline and the off-loop encode
-paths), and on whether it is an error at all. vLLM's request layer (OpenAI-shaped messages with
-JSON-string tool arguments and list-of-text content) is checked against transformers run on the
-conversation vLLM would build.
+paths, with and without the segment cache), and on whether it is an error at all. vLLM's request
+layer (OpenAI-shaped messages with JSON-string tool arguments and list-of-text content) is
+checked against transformers run on the conversation vLLM would build.
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ def bpe() -> Tokenizer:
 @dataclass
 class Pair:
     ours: ModelTokenizer
+    cached: ModelTokenizer  # the same, with every stretch between special tokens cached
     template: ChatTemplate
     hf: Any
 
@@ -233,14 +234,23 @@ def pairs(bpe: Tokenizer) -> dict[str, Pair]:
             Tokenizer.from_str(bpe.to_str()),
             special_tokens_map=style.specials,
             offload_threshold_chars=64,  # long conversations exercise the off-loop path
+            prefix_cache_chars=0,
         )
+        cached = ModelTokenizer(
+            Tokenizer.from_str(bpe.to_str()),
+            special_tokens_map=style.specials,
+            offload_threshold_chars=64,
+            prefix_cache_min_chars=1,
+            prefix_cache_chars=4096,
+        )
+        assert cached.prefix_cache_off_reason is None
         template = ChatTemplate(style.template, special_tokens=ours.special_tokens_map)
         hf = transformers.PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer.from_str(bpe.to_str()),
             chat_template=style.template,
             **style.specials,
         )
-        out[style.name] = Pair(ours, template, hf)
+        out[style.name] = Pair(ours, cached, template, hf)
     return out
 
 
@@ -356,8 +366,9 @@ async def _assert_same(pair: Pair, req: dict[str, Any]) -> None:
         return
     assert ours[1] == theirs[1]
     hf_ids = pair.hf.apply_chat_template(req["messages"], tokenize=True, return_dict=False, **args)
-    assert pair.ours.encode(ours[1], add_special_tokens=False) == list(hf_ids)
-    assert await pair.ours.encode_async(ours[1], add_special_tokens=False) == list(hf_ids)
+    for tok in (pair.ours, pair.cached):
+        assert tok.encode(ours[1], add_special_tokens=False) == list(hf_ids)
+        assert await tok.encode_async(ours[1], add_special_tokens=False) == list(hf_ids)
 
 
 SETTINGS = settings(

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from lmgw.simulators import model_files
 from lmgw.text import ModelTokenizer, TokenIdError, TokenizerLoadError, resolve_model_dir
@@ -297,3 +297,96 @@ def test_clean_up_tokenization_spaces_like_transformers(tmp_path: Path) -> None:
     ids = ours.encode("hello , world ! don ' t")
     assert ours.decode(ids) == theirs.decode(ids)
     assert "," in ours.decode(ids) and " ," not in ours.decode(ids)
+
+
+# -- the segment (prefix) cache ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(TEXT, min_size=1, max_size=4))
+def test_segment_cache_gives_the_ids_of_a_whole_encode(sim_dir: Path, texts: list[str]) -> None:
+    cached = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=1, prefix_cache_chars=200)
+    assert cached.prefix_cache_off_reason is None
+    plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
+    for text in [*texts, *texts]:  # the second round hits what the first one stored
+        want = plain.encode(text, add_special_tokens=False)
+        assert cached.encode(text, add_special_tokens=False) == want
+        assert cached.count_tokens(text, add_special_tokens=False) == len(want)
+    stats = cached.prefix_cache_statistics()
+    assert stats is not None and stats.chars <= 200
+
+
+def test_segment_cache_reuses_a_shared_system_turn(sim_dir: Path) -> None:
+    tok = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=256)
+    system = "You are a helpful assistant. Answer briefly. " * 20
+    first = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    second = first.replace("hi", "what is the weather?")
+    tok.encode(first, add_special_tokens=False)
+    stats = tok.prefix_cache_statistics()
+    assert stats is not None and (stats.hits, stats.misses, stats.entries) == (0, 1, 1)
+    ids = tok.encode(second, add_special_tokens=False)
+    stats = tok.prefix_cache_statistics()
+    assert stats is not None and (stats.hits, stats.misses) == (1, 1)
+    assert stats.hit_tokens == tok.count_tokens(f"system\n{system}", add_special_tokens=False)
+    assert ids == ModelTokenizer.load(sim_dir, prefix_cache_chars=0).encode(
+        second, add_special_tokens=False
+    )
+    tok.encode(second)  # add_special_tokens=True (a completion) never uses the cache
+    assert tok.prefix_cache_statistics() == stats
+
+
+def test_segment_cache_evicts_least_recently_used(sim_dir: Path) -> None:
+    tok = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=10, prefix_cache_chars=100)
+    a, b, c, d, e = (ch * 24 for ch in "abcde")  # 24 chars each; entries over 25 are not kept
+
+    def hits(text: str) -> int:
+        tok.encode(f"{text}<|im_end|>", add_special_tokens=False)
+        stats = tok.prefix_cache_statistics()
+        assert stats is not None and stats.chars <= 100
+        return stats.hits
+
+    for text in (a, b, a, c, d):  # 96 chars; b is now the least recently used
+        hits(text)
+    hits(e)  # 120 chars: b goes
+    before = hits("x" * 5)
+    assert hits(a) == before + 1  # a survived
+    assert hits(b) == before + 1  # b was evicted: a miss
+    assert hits("f" * 30) == before + 1 and hits("f" * 30) == before + 1  # too big to keep
+
+
+def test_segment_cache_stays_off_where_it_could_be_wrong() -> None:
+    metaspace = Tokenizer(models.BPE())
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok = ModelTokenizer(metaspace)
+    assert tok.prefix_cache_statistics() is None
+    assert tok.prefix_cache_off_reason is not None and "Metaspace" in tok.prefix_cache_off_reason
+    stripping = Tokenizer(models.BPE())
+    stripping.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    assert "strips" in (ModelTokenizer(stripping).prefix_cache_off_reason or "")
+    off = ModelTokenizer(Tokenizer(models.BPE()), prefix_cache_chars=0)
+    assert off.prefix_cache_off_reason is not None and off.prefix_cache_statistics() is None
+
+
+async def test_segment_cache_misses_go_off_loop(sim_dir: Path) -> None:
+    limiter = trio.CapacityLimiter(1)
+    tok = ModelTokenizer.load(
+        sim_dir, prefix_cache_min_chars=50, offload_threshold_chars=500, limiter=limiter
+    )
+    system = "The gateway routes each request to a worker. " * 20
+    prompt = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    done: list[list[int]] = []
+
+    async def encode() -> None:
+        done.append(await tok.encode_async(prompt, add_special_tokens=False))
+
+    async with trio.open_nursery() as nursery, limiter:
+        nursery.start_soon(encode)
+        await trio.testing.wait_all_tasks_blocked()
+        assert limiter.statistics().tasks_waiting == 1  # the miss waits for a thread
+    # Now cached: only short misses are left, so it runs inline even with the limiter held.
+    async with limiter:
+        again = await tok.encode_async(prompt, add_special_tokens=False)
+    assert done == [again]
+    assert again == ModelTokenizer.load(sim_dir, prefix_cache_chars=0).encode(
+        prompt, add_special_tokens=False
+    )
