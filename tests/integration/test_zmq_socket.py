@@ -274,7 +274,8 @@ class FakeWorker:
     """A worker on a ROUTER speaking the native protocol, scripted by the prompt.
 
     prompt "hang": accept, never answer; "slow": a delta every 10 ms until aborted;
-    "fail": an engine_error Failure; anything else: ``max_tokens`` deltas then Finish.
+    "fail": an engine_error Failure; "busy": refused as overloaded;
+    anything else: ``max_tokens`` deltas then Finish.
     """
 
     def __init__(
@@ -364,6 +365,8 @@ class FakeWorker:
                 return
             if msg.prompt == "fail":
                 await self.send(ident, Failure.of(msg.request_id, FailureCode.ENGINE_ERROR, "boom"))
+            elif msg.prompt == "busy":
+                await self.send(ident, Failure.of(msg.request_id, FailureCode.OVERLOADED, "full"))
             elif msg.prompt == "slow":
                 nursery.start_soon(self.slow_stream, ident, msg.request_id)
             else:
@@ -517,7 +520,15 @@ async def test_worker_failures_are_typed(nursery: trio.Nursery, ctx: zmq.Context
         "boom",
         False,
     )
+    assert info.value.sent  # it ran: retrying elsewhere would run it twice
     assert "bad" not in worker.aborted  # the worker ended it: nothing to abort
+    with pytest.raises(RpcError) as info:
+        await chan.call(gen("refused", prompt="busy"))
+    assert (info.value.code, info.value.retryable, info.value.sent) == (
+        FailureCode.OVERLOADED,
+        True,
+        False,
+    )
     with pytest.raises(ValueError, match="already in flight"):
         async with chan.stream(gen("dup", prompt="hang")), chan.stream(gen("dup", prompt="hang")):
             pass

@@ -36,7 +36,9 @@ __all__ = [
     "FRAMING_VERSION",
     "MAGIC",
     "MIN_PROTOCOL_VERSION",
+    "NOT_STARTED_CODES",
     "PROTOCOL_VERSION",
+    "RETRYABLE_CODES",
     "TO_GATEWAY",
     "TO_WORKER",
     "Abort",
@@ -113,7 +115,7 @@ class FailureCode(enum.StrEnum):
     PROTOCOL = "protocol"  # a malformed message
 
 
-_RETRYABLE = frozenset(
+RETRYABLE_CODES: frozenset[FailureCode] = frozenset(
     {
         FailureCode.OVERLOADED,
         FailureCode.DRAINING,
@@ -121,6 +123,18 @@ _RETRYABLE = frozenset(
         FailureCode.UNAVAILABLE,
     }
 )
+"""Failures that say nothing about the request itself: another worker may well take it."""
+NOT_STARTED_CODES: frozenset[FailureCode] = frozenset(
+    {
+        FailureCode.OVERLOADED,
+        FailureCode.DRAINING,
+        FailureCode.NOT_REGISTERED,
+        FailureCode.UNSUPPORTED_VERSION,
+        FailureCode.UNSUPPORTED,
+        FailureCode.BAD_REQUEST,
+    }
+)
+"""Failures a worker sends only for requests it refused before starting them."""
 
 
 class ProtocolError(Exception):
@@ -343,7 +357,7 @@ class Failure(Message, tag=23):
 
     @classmethod
     def of(cls, request_id: str, code: FailureCode, message: str = "") -> Failure:
-        return cls(request_id, code.value, message, code in _RETRYABLE)
+        return cls(request_id, code.value, message, code in RETRYABLE_CODES)
 
 
 class Drain(Message, tag=24):

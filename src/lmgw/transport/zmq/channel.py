@@ -52,7 +52,9 @@ from trio.lowlevel import (
 from ...protocol.messages import (
     CAPABILITIES,
     MIN_PROTOCOL_VERSION,
+    NOT_STARTED_CODES,
     PROTOCOL_VERSION,
+    RETRYABLE_CODES,
     TO_GATEWAY,
     Abort,
     Delta,
@@ -96,8 +98,8 @@ class ChannelState(enum.Enum):
 class RpcError(Exception):
     """A request failed: the worker said so, or the channel gave up on it.
 
-    ``sent`` is False when the request never left the gateway, so retrying it elsewhere cannot
-    run it twice.
+    ``sent`` is False when the worker cannot have started the request (it never left the
+    gateway, or the worker refused it up front), so retrying it elsewhere cannot run it twice.
     """
 
     def __init__(
@@ -111,22 +113,15 @@ class RpcError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
-        self.retryable = (
-            retryable
-            if retryable is not None
-            else code
-            in (
-                FailureCode.OVERLOADED,
-                FailureCode.DRAINING,
-                FailureCode.NOT_REGISTERED,
-                FailureCode.UNAVAILABLE,
-            )
-        )
+        self.retryable = code in RETRYABLE_CODES if retryable is None else retryable
         self.sent = sent
 
     @classmethod
     def from_failure(cls, failure: Failure) -> RpcError:
-        return cls(failure.failure_code, failure.message, retryable=failure.retryable)
+        code = failure.failure_code
+        return cls(
+            code, failure.message, retryable=failure.retryable, sent=code not in NOT_STARTED_CODES
+        )
 
 
 class Session:
@@ -342,7 +337,8 @@ class RpcChannel:
 
     async def metrics(self, *, timeout: float | None = None) -> dict[str, float]:
         reply = await self.call(MetricsRequest(self._internal_id("m")), timeout=timeout)
-        assert isinstance(reply, Metrics)
+        if not isinstance(reply, Metrics):
+            raise RpcError(FailureCode.PROTOCOL, f"a {type(reply).__name__} answered metrics")
         return reply.values
 
     async def wait_ready(self, timeout: float | None = None) -> Session:
@@ -521,24 +517,24 @@ class RpcChannel:
     def _on_failure(self, failure: Failure) -> None:
         rid = failure.request_id
         code = failure.failure_code
+        route = self._routes.pop(rid, None)
+        if route is not None:
+            self.stats["failed"] += 1
+            route.end(RpcError.from_failure(failure))
         if code is FailureCode.NOT_REGISTERED and self.state is ChannelState.READY:
             self._restarted("the worker does not know this gateway (restarted?)")
-        if rid.startswith(_INTERNAL_PREFIX) and rid not in self._routes:  # our Register/Heartbeat
+        if route is not None:
+            return
+        if rid.startswith(_INTERNAL_PREFIX):  # our own Register / Heartbeat
             if code is FailureCode.UNSUPPORTED_VERSION:
                 self._set_state(ChannelState.INCOMPATIBLE, failure.message)
-                self._fail_all(RpcError(code, failure.message))
+                self._fail_all(RpcError(code, failure.message, sent=False))
             elif code is not FailureCode.NOT_REGISTERED:
                 log.warning("%s refused %s: %s", self.endpoint, rid, failure.message)
-            return
-        route = self._routes.pop(rid, None)
-        if route is None:
-            if rid:
-                self.stats["stray"] += 1
-            else:
-                log.warning("%s could not read a message: %s", self.endpoint, failure.message)
-            return
-        self.stats["failed"] += 1
-        route.end(RpcError.from_failure(failure))
+        elif rid:
+            self.stats["stray"] += 1
+        else:
+            log.warning("%s could not read a message: %s", self.endpoint, failure.message)
 
     def _on_register_ack(self, ack: RegisterAck) -> None:
         if not MIN_PROTOCOL_VERSION <= ack.version <= PROTOCOL_VERSION:
