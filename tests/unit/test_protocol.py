@@ -293,6 +293,13 @@ def test_truncations_and_bit_flips(msg_needs: tuple[object, int], data: st.DataO
     expect_message_or_protocol_error([bytes(flipped), *([b"x"] * needs)])
 
 
+_PARAMS = msgspec.msgpack.encode(SamplingParams())
+DEEP_ANY = (
+    b"\x98\x02\xa1r\xa1m\xa1p\xc0" + _PARAMS + b"\x90" + b"\x81\xa1a" + b"\x91" * 200_000 + b"\xc0"
+)
+"""A Generate whose kv_transfer_params nests 200k arrays deep (msgspec: RecursionError)."""
+
+
 @pytest.mark.parametrize(
     ("frames", "code"),
     [
@@ -314,6 +321,7 @@ def test_truncations_and_bit_flips(msg_needs: tuple[object, int], data: st.DataO
         ([MAGIC + b"\x01" + msgspec.msgpack.encode([6, "x" * 513])], FailureCode.PROTOCOL),
         ([MAGIC + b"\x01" + b"\x91" * 100_000], FailureCode.PROTOCOL),  # deep nesting
         ([object()], FailureCode.PROTOCOL),
+        ([MAGIC + b"\x01" + DEEP_ANY], FailureCode.PROTOCOL),  # RecursionError inside Any
     ],
 )
 def test_specific_malformed_inputs(frames: list, code: FailureCode) -> None:
