@@ -254,17 +254,24 @@ def media_token_ids(mm_hash: str, count: int) -> list[int]:
 
 
 def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
-    """(mm_hash for the placeholder ids, sha256 content hash for the encoder cache)."""
+    """(hash of the content for the placeholder ids, key for the encoder cache).
+
+    As in vLLM, a part's ``uuid`` is its cache key (E stores the embedding under it, P looks
+    it up by it), while what the model "sees" is the content: the same picture gives the same
+    text with or without a uuid. A part with a uuid and no media is known by the uuid alone."""
     payload = part.get(key)
     if isinstance(payload, dict):
         ident = payload.get("url") or payload.get("data") or msgspec.json.encode(payload).decode()
     else:
-        ident = str(payload)
+        ident = str(payload) if payload is not None else ""
     uuid = part.get("uuid")
-    if isinstance(uuid, str) and uuid:
-        ident = "uuid:" + uuid
-    raw = ident.encode()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest(), hashlib.sha256(raw).hexdigest()
+    has_uuid = isinstance(uuid, str) and bool(uuid)
+    seen = ident if ident and ident != "None" else ("uuid:" + uuid if has_uuid else ident)
+    cache = "uuid:" + uuid if has_uuid else ident
+    return (
+        hashlib.blake2b(seen.encode(), digest_size=16).hexdigest(),
+        hashlib.sha256(cache.encode()).hexdigest(),
+    )
 
 
 def render_chat(

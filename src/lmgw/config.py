@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .multimodal.limits import MediaLimits
+
 __all__ = [
     "FLOWS",
     "FLOW_ROLES",
@@ -348,7 +350,8 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Default policy for every role: stateless, fair, and needs no load data to be right.
     policy: str = "round_robin"
     # Per-role overrides, e.g. {p = "cache_aware", d = "least_load"}; keys in any role spelling,
-    # stored in the short form.
+    # stored in the short form. Without one, the encode role uses "consistent_hash" on each
+    # media item's hash (an item goes to the encoder that already has it), the others `policy`.
     policies: dict[str, str] = {}
     # Flow of models not listed in [[models]] (e.g. ones only the workers report); None infers
     # it from the roles of the configured workers, so `--worker p=.. --worker d=..` just works.
@@ -371,8 +374,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
         _set(self, "policies", normalized)
 
     def policy_for(self, role: str) -> str:
-        """The policy name for ``role`` (any spelling): the override, else the default."""
-        return self.policies.get(normalize_role(role), self.policy)
+        """The policy name for ``role`` (any spelling): the override, else the default
+        (``consistent_hash`` for encoders: media affinity)."""
+        role = normalize_role(role)
+        return self.policies.get(role, "consistent_hash" if role == "e" else self.policy)
 
 
 class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -547,6 +552,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    # Limits on request media and where it may come from (docs/multimodal.md).
+    media: MediaLimits = msgspec.field(default_factory=MediaLimits)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []

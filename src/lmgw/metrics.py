@@ -173,6 +173,11 @@ class Metrics:
             ("role", "worker"),
             buckets=TPOT_BUCKETS,
         )
+        self.encoder_cache_hits = Counter(
+            "lmgw_encoder_cache_hits_total",
+            "Media items whose encoder leg was skipped: the gateway saw them encoded recently.",
+            ("model",),
+        )
         self.retries = Counter(
             "lmgw_retries_total",
             "Requests re-dispatched to another worker before any byte reached the client.",
@@ -200,7 +205,7 @@ class Metrics:
         )
         self._all: list[Counter | Gauge | Histogram] = [
             self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
-            self.upstream_errors, self.retries,
+            self.upstream_errors, self.retries, self.encoder_cache_hits,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
 

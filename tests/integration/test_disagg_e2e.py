@@ -15,7 +15,13 @@ from gateway_support import MODEL
 from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
 from lmgw.gateway import Gateway
 
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSU="}}
+IMAGE = {
+    "type": "image_url",
+    "image_url": {
+        "url": "data:image/png;base64,"
+        "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEmR2hJIgAAAABJRU5ErkJggg=="
+    },
+}
 TEXT_ONLY = [{"role": "user", "content": "Tell me about disaggregated serving, " * 6}]
 WITH_IMAGE = [
     {"role": "user", "content": [{"type": "text", "text": "What is in the image?"}, IMAGE]}

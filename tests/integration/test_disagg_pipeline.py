@@ -23,6 +23,7 @@ from lmgw.config import (
 from lmgw.gateway import Gateway
 from lmgw.http.server import serve_http
 from lmgw.http.types import Request, Responder
+from lmgw.multimodal.limits import MediaLimits
 
 MODEL = "m"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
@@ -108,11 +109,16 @@ async def start(nursery: trio.Nursery, fake: Fake) -> Fake:
 
 
 async def gateway_for(
-    nursery: trio.Nursery, flow: str, dialect: str, workers: list[tuple[str, Fake]]
+    nursery: trio.Nursery,
+    flow: str,
+    dialect: str,
+    workers: list[tuple[str, Fake]],
+    media: MediaLimits | None = None,
 ) -> str:
     cfg = GatewayConfig(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
+        media=media or MediaLimits(),
         models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
         workers=[
             WorkerConfig(url=f.url, role=role, id=f.name, kv_address=f.kv_address)
@@ -293,7 +299,20 @@ async def test_stage_metrics_per_role_and_worker(nursery: trio.Nursery) -> None:
     assert 'lmgw_stage_time_to_first_token_seconds_count{role="p"' not in text
 
 
-IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+IMAGE2 = {
+    "type": "image_url",
+    "image_url": {
+        "url": "data:image/png;base64,"
+        "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGMUabJhYGBgYmBgYGBgAAAJ2gDWk0BfggAAAABJRU5ErkJggg=="
+    },
+}
+IMAGE = {
+    "type": "image_url",
+    "image_url": {
+        "url": "data:image/png;base64,"
+        "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEmR2hJIgAAAABJRU5ErkJggg=="
+    },
+}
 
 
 @pytest.mark.parametrize("flow", ["e+p+d", "e+pd"])
@@ -307,21 +326,86 @@ async def test_epd_encodes_each_media_item_then_runs_the_rest(
     )
     workers = [("e", e), ("p", p), ("d", d)] if flow == "e+p+d" else [("e", e), ("pd", d)]
     url = await gateway_for(nursery, flow, "vllm-epd", workers)
-    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE]
+    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE2, IMAGE]
     body = {**CHAT, "messages": [{"role": "user", "content": content}]}
     r = await http_request(url, "POST", "/v1/chat/completions", body)
     assert r.status == 200, r.body
-    assert len(e.seen) == 2  # one encoder request per media item
+    assert len(e.seen) == 2  # one encoder request per distinct media item
+    uuids = set()
     for leg in e.seen:
-        (msg,) = leg["messages"]
-        assert msg["content"] == [IMAGE] and leg["max_tokens"] == 1
+        ((part,),) = [m["content"] for m in leg["messages"]]
+        assert {k: v for k, v in part.items() if k != "uuid"} in (IMAGE, IMAGE2)
+        assert len(part["uuid"]) == 64 and leg["max_tokens"] == 1  # pinned by content hash
+        uuids.add(part["uuid"])
     last = d.seen[0]
-    assert last["messages"] == body["messages"]  # the original content after E
+    sent = last["messages"][0]["content"]  # the client's content, each item pinned by its uuid
+    assert [{k: v for k, v in p.items() if k != "uuid"} for p in sent] == content
+    assert {p.get("uuid") for p in sent[1:]} == uuids and sent[1]["uuid"] == sent[3]["uuid"]
     stages = [t.split(";")[0] for t in r.headers["server-timing"].split(", ")]
     assert stages == ["encode", "encode"] + (["prefill"] if flow == "e+p+d" else [])
     # no media: the E stage is skipped
     r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 200 and len(e.seen) == 2
+    # the same items again: in the encoder cache, so no encoder leg at all
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200 and len(e.seen) == 2
+    assert "encode" not in r.headers.get("server-timing", "")
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert 'lmgw_encoder_cache_hits_total{model="m"} 2' in text
+
+
+def media_body(*parts: dict) -> dict:
+    return {
+        **CHAT,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, *parts]}],
+    }
+
+
+async def test_bad_media_is_a_400_naming_the_part_before_any_leg(nursery: trio.Nursery) -> None:
+    e = await start(nursery, Fake("e0", lambda b: (200, completion("x"))))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(nursery, "e+pd", "vllm-epd", [("e", e), ("pd", d)])
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    r = await http_request(url, "POST", "/v1/chat/completions", media_body(IMAGE, broken))
+    assert r.status == 400, r.body
+    assert r.json()["error"]["param"].startswith("messages[0].content[2]")
+    private = {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/x.png"}}
+    r = await http_request(url, "POST", "/v1/chat/completions", media_body(private))
+    assert r.status == 400 and "messages[0].content[1]" in r.json()["error"]["param"]
+    assert e.seen == [] and d.seen == []
+
+
+async def test_media_preprocess_never_passes_media_unchecked(nursery: trio.Nursery) -> None:
+    e = await start(nursery, Fake("e0", lambda b: (200, completion("x"))))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(
+        nursery, "e+pd", "vllm-epd", [("e", e), ("pd", d)], MediaLimits(preprocess="never")
+    )
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    r = await http_request(url, "POST", "/v1/chat/completions", media_body(broken))
+    assert r.status == 200  # the encoder judges it (this fake accepts anything)
+    assert d.seen[0]["messages"][0]["content"][1] == broken  # not pinned: forwarded as sent
+
+
+async def test_an_item_goes_back_to_the_encoder_that_has_it(nursery: trio.Nursery) -> None:
+    encoders = [
+        await start(nursery, Fake(f"e{i}", lambda b: (200, completion("x")))) for i in range(3)
+    ]
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(
+        nursery, "e+pd", "vllm-epd", [*(("e", e) for e in encoders), ("pd", d)],
+        MediaLimits(encoder_cache_ttl_s=0),  # encode every time: affinity alone decides
+    )  # fmt: skip
+    for _ in range(3):
+        for image in (IMAGE, IMAGE2):
+            r = await http_request(url, "POST", "/v1/chat/completions", media_body(image))
+            assert r.status == 200
+    by_uuid: dict[str, set[str]] = {}
+    for e in encoders:
+        for leg in e.seen:
+            by_uuid.setdefault(leg["messages"][0]["content"][0]["uuid"], set()).add(e.name)
+    assert len(by_uuid) == 2 and all(len(names) == 1 for names in by_uuid.values())
+    assert sum(len(e.seen) for e in encoders) == 6
 
 
 async def test_encoder_failure_is_a_502_naming_the_stage(nursery: trio.Nursery) -> None:

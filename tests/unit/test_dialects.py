@@ -564,4 +564,10 @@ def test_media_finder_finds_exactly_the_media_parts(msgs) -> None:
     assert [(it.message, it.index) for it in items] == expected
     assert all(it.part is msgs[it.message]["content"][it.index] for it in items)
     reqs = get_dialect("vllm-epd").encode_requests(ClientBody(enc({"messages": msgs})), ctx())
-    assert [dec(r.body)["messages"][0]["content"] for r in reqs] == [[it.part] for it in items]
+    distinct: dict[str, object] = {}  # one encoder leg per distinct item, in order
+    for it in items:
+        key = it.uuid or it.sha256
+        if it.url is not None and key not in distinct:
+            distinct[key] = [it.part]
+    assert [dec(r.body)["messages"][0]["content"] for r in reqs] == list(distinct.values())
+    assert [r.key for r in reqs] == list(distinct)

@@ -8,6 +8,7 @@ pass through untouched (STYLE.md §4, "decode only what you use").
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Annotated
@@ -15,6 +16,7 @@ from typing import Annotated
 import msgspec
 import trio
 
+from ..config import FLOW_ROLES
 from ..errors import GatewayError, error_body, sse_error_event
 from ..http.types import Request, Responder
 from ..pipeline.request import GatewayRequest
@@ -71,6 +73,8 @@ _JSON_CT = (b"content-type", b"application/json")
 _now = time.perf_counter
 #: client headers passed on to workers besides the request id and authorization
 _FORWARDED = frozenset({b"traceparent", b"tracestate", b"x-data-parallel-rank"})
+#: a chat body that may carry media (checked on the raw bytes: text-only requests skip the rest)
+_MEDIA_MARK = re.compile(rb'"(?:image_url|input_audio|audio_url|video_url)"')
 _PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
@@ -127,6 +131,9 @@ class OpenAIAPI:
         self._rid_counter = 0
         self._models: dict[str, str] = {}
         self._models_generation = -1
+        self.media_limits = gateway.config.media
+        self._media_cpu: trio.CapacityLimiter | None = None
+        self._media_ssl = None
 
     def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
@@ -200,6 +207,9 @@ class OpenAIAPI:
             body = req.body
             if model != view.model and view.model is not None:
                 body = _with_model(body, model)  # an alias: workers know the canonical name
+            items = None
+            if endpoint == "chat" and _MEDIA_MARK.search(body) and self._checks_media(model):
+                body, items = await self._preprocess_media(body, model)
             greq = GatewayRequest(
                 endpoint,
                 path,
@@ -210,6 +220,7 @@ class OpenAIAPI:
                 forward,
                 t0,
             )
+            greq.media = items
             # The deadline (limits.request_timeout_s) is the server's: it cancels this handler
             # and calls on_timeout() to answer (no cancel scope per request: see http/server.py).
             await self.gw.pipeline.run(greq, responder)
@@ -232,6 +243,41 @@ class OpenAIAPI:
         finally:
             self.metrics.requests.inc((endpoint, model, str(status)))
             self.metrics.e2e.observe((endpoint, model), _now() - t0)
+
+    def _checks_media(self, model: str) -> bool:
+        mode = self.media_limits.preprocess
+        if mode == "auto":  # the hash keys encoder routing and the encoder cache
+            return "e" in FLOW_ROLES[self.gw.flow_of(model)]
+        return mode == "always"
+
+    async def _preprocess_media(self, body: bytes, model: str) -> tuple[bytes, list]:
+        """Load, check and hash the request's media (a 400 naming the part on any limit), and
+        pin each item by its hash as the part's ``uuid`` (a client's own uuid is kept): every
+        leg, E, P and D, then keys the item exactly as the gateway did, so encoder affinity and
+        the skip-E cache rest on the engine's own key."""
+        from ..multimodal import preprocess
+        from ..multimodal.fetch import default_ssl_context
+
+        if self._media_cpu is None:
+            self._media_cpu = trio.CapacityLimiter(os.cpu_count() or 1)
+            self._media_ssl = default_ssl_context()
+        try:
+            obj = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        items = await preprocess(
+            obj,
+            self.media_limits,
+            model_id=model,
+            cpu_limiter=self._media_cpu,
+            ssl_context=self._media_ssl,
+        )
+        pinned = False
+        for item in items:
+            if item.uuid is None:
+                obj["messages"][item.message]["content"][item.index]["uuid"] = item.hash
+                pinned = True
+        return (msgspec.json.encode(obj) if pinned else body), items
 
     async def on_timeout(self, req: Request, responder: Responder) -> None:
         """Answer a request the server cancelled at the deadline: 504, or an SSE error event

@@ -19,7 +19,6 @@ import math
 from typing import Literal
 
 import msgspec
-from PIL import Image
 
 from ..errors import GatewayError
 
@@ -142,6 +141,18 @@ class MediaLimits(msgspec.Struct, **_STRUCT_OPTS):
     # package). sha256 uses the CPU's SHA extensions and needs nothing extra.
     hash_algorithm: HashAlgorithm = "sha256"
 
+    # -- gateway use --
+    # When the gateway loads, checks and hashes media: "auto" for models whose flow has an
+    # encoder stage (the hash keys encoder routing and the cache), "always" (limits and the SSRF
+    # guard for every model, at a decode per image), "never" (media pass to workers unchecked).
+    preprocess: Literal["auto", "always", "never"] = "auto"
+    # How long an item the gateway saw encoded counts as in the encoder cache, so a request
+    # repeating it skips the E stage (vLLM's shared EC storage keeps it at least this long);
+    # 0 always encodes.
+    encoder_cache_ttl_s: float = 600.0
+    # Items remembered as encoded (oldest forgotten first).
+    encoder_cache_entries: int = 65536
+
     def __post_init__(self) -> None:
         for key in ("max_items", "max_item_bytes", "max_request_bytes", "max_image_pixels"):
             _at_least(key, getattr(self, key), 1)
@@ -152,6 +163,9 @@ class MediaLimits(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("max_video_frames", self.max_video_frames, 1)
         _at_least("max_video_pixels", self.max_video_pixels, 1)
         _at_least("max_concurrency", self.max_concurrency, 1)
+        _at_least("encoder_cache_entries", self.encoder_cache_entries, 0)
+        if not (self.encoder_cache_ttl_s >= 0 and math.isfinite(self.encoder_cache_ttl_s)):
+            raise ValueError("encoder_cache_ttl_s: must be a finite number >= 0")
         _at_least("offload_bytes", self.offload_bytes, 0)
         _at_least("offload_pixels", self.offload_pixels, 0)
         _at_least("min_audio_sample_rate", self.min_audio_sample_rate, 1)
@@ -172,6 +186,8 @@ class MediaLimits(msgspec.Struct, **_STRUCT_OPTS):
                 import blake3  # noqa: F401
             except ImportError:
                 raise ValueError("hash_algorithm: 'blake3' needs the `blake3` package") from None
+        from PIL import Image  # here, not at import: config loading must not pay for Pillow
+
         Image.init()
         for i, fmt in enumerate(self.image_formats):
             if fmt not in Image.OPEN:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -66,11 +67,47 @@ def _peer(worker: Worker | None) -> Peer | None:
     return None if worker is None else peer_of(worker)
 
 
+class EncodedItems:
+    """Media items an encoder answered for, per model, for ``ttl_s``: vLLM's shared encoder
+    cache (ECSharedStorageConnector) holds their embeddings, so a request repeating one skips
+    its encoder leg. Bounded: the oldest entries go first. A ttl of 0 remembers nothing."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def holds(self, model: str, key: str | None, now: float) -> bool:
+        if key is None or not self.ttl_s:
+            return False
+        until = self._until.get((model, key))
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[(model, key)]
+            return False
+        return True
+
+    def add(self, model: str, key: str | None, now: float) -> None:
+        if key is None or not self.ttl_s or not self.max_entries:
+            return
+        entries = self._until
+        entries[(model, key)] = now + self.ttl_s
+        entries.move_to_end((model, key))
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 class DisaggRunner:
     """Runs one request through a multi-stage flow on behalf of :class:`Pipeline`."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, encoded: EncodedItems | None = None) -> None:
         self.p = pipeline
+        #: media items the gateway saw encoded recently: a repeat skips the E stage
+        self.encoded = encoded if encoded is not None else EncodedItems(0.0, 0)
 
     async def run(
         self, greq: GatewayRequest, responder: Responder, flow: str, dialect: Dialect
@@ -215,14 +252,24 @@ class DisaggRunner:
         legs = dialect.encode_requests(body, ctx)
         if not legs:
             return  # no media: the E stage is skipped
+        cache = self.encoded
+        now = trio.current_time()
+        todo = [leg for leg in legs if not cache.holds(greq.model, leg.key, now)]
+        if len(todo) < len(legs):
+            self.p.metrics.encoder_cache_hits.inc((greq.model,), len(legs) - len(todo))
+        if not todo:
+            return  # every item is in the encoder cache already
 
         async def one(leg: StageRequest) -> None:
-            worker = self.p.pick(greq.model, "e", route)
-            status, answer = await self._leg(greq, leg, worker, "e", route)
+            # the item's key routes it: the encoder that has it (consistent_hash by default)
+            item_route = RouteContext(greq.model, greq.request_id, session_key=leg.key)
+            worker = self.p.pick(greq.model, "e", item_route)
+            status, answer = await self._leg(greq, leg, worker, "e", item_route)
             dialect.read_encode(leg, status, answer)
+            cache.add(greq.model, leg.key, trio.current_time())
 
         async with trio.open_nursery() as nursery:
-            for leg in legs:
+            for leg in todo:
                 nursery.start_soon(one, leg)
 
     async def _final(

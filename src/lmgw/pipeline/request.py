@@ -29,6 +29,7 @@ class GatewayRequest:
         "body",
         "endpoint",
         "forward_headers",
+        "media",
         "model",
         "path",
         "request_id",
@@ -62,6 +63,9 @@ class GatewayRequest:
         #: (stage, seconds) of the legs run before the client-facing one: multi-stage flows
         #: only; reported in the response's Server-Timing header
         self.timings: list[tuple[str, float]] | None = None
+        #: the checked and hashed media items (lmgw.multimodal.MediaItem), when the gateway
+        #: preprocessed them (media.preprocess); the body then pins each by ``uuid``
+        self.media: list | None = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""

@@ -23,7 +23,7 @@ from ..transport.dialects import Dialect, Peer, get_dialect
 from ..transport.pool import ConnectionPool, Origin, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
-from .disagg import DisaggRunner
+from .disagg import DisaggRunner, EncodedItems
 from .request import Gate, GatewayRequest
 
 log = logging.getLogger("lmgw.pipeline")
@@ -79,7 +79,10 @@ class Pipeline:
             inferred = "pd"
         self.default_flow = cfg.routing.flow or inferred
         self.default_dialect = dialect_for(self.default_flow, cfg.routing.dialect, "routing")
-        self.disagg = DisaggRunner(self)
+        media = cfg.media
+        self.disagg = DisaggRunner(
+            self, EncodedItems(media.encoder_cache_ttl_s, media.encoder_cache_entries)
+        )
         self._check_workers(cfg)
 
     def _check_workers(self, cfg: GatewayConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from .policies.consistent_hash import ConsistentHash
 from .policies.least_load import LeastLoad
 from .policies.round_robin import RoundRobin
 from .policy import Policy
@@ -14,6 +15,7 @@ from .policy import Policy
 BUILTIN: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobin,
     "least_load": LeastLoad,
+    "consistent_hash": ConsistentHash,
 }
 
 

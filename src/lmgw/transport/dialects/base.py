@@ -152,6 +152,9 @@ class StageRequest(msgspec.Struct, frozen=True):
     body: bytes
     role: str
     handoff: HandOff | None = None
+    #: encoder legs: the media item's key (its uuid, else a hash of its URL): encoder affinity
+    #: and the gateway's record of what is in the encoder cache
+    key: str | None = None
 
 
 def leg_headers(forward: Headers, request_id: str) -> Headers:

@@ -99,9 +99,10 @@ class VllmEpd(VllmNixl):
     flows: ClassVar[frozenset[str]] = frozenset({"e+pd", "e+p+d"})
 
     def encode_requests(self, body: ClientBody, ctx: StageContext) -> list[StageRequest]:
-        """One request per media item that has content, with only that item: ``max_tokens=1``,
-        ``stream=false``, child id ``{id}:{i}:{6 hex}``. Items given only by ``uuid`` (media
-        omitted) are expected in the cache already and have nothing to encode."""
+        """One request per distinct media item that has content, with only that item:
+        ``max_tokens=1``, ``stream=false``, child id ``{id}:{i}:{6 hex}``, ``key`` its uuid (the
+        gateway pins every item by its content hash) or a hash of its URL. Items given only by
+        ``uuid`` (media omitted) are expected in the cache already and have nothing to encode."""
         obj = body.obj
         common: dict[str, Any] = {}
         if "model" in obj:
@@ -109,10 +110,13 @@ class VllmEpd(VllmNixl):
         for key in _HASH_FIELDS:
             if key in obj:
                 common[key] = obj[key]
-        out = []
+        out: list[StageRequest] = []
+        keys: set[str] = set()
         for item in find_media(obj):
-            if item.url is None:
+            key = item.uuid or item.sha256
+            if item.url is None or key in keys:  # omitted media, or an item seen already
                 continue
+            keys.add(key)  # type: ignore[arg-type]
             payload = {
                 **common,
                 "messages": [{"role": "user", "content": [item.part]}],
@@ -126,6 +130,7 @@ class VllmEpd(VllmNixl):
                     leg_headers(ctx.headers, rid),
                     msgspec.json.encode(payload),
                     "encode",
+                    key=key,
                 )
             )
         return out
