@@ -25,6 +25,7 @@ from .parity import summarize as summarize
 from .tokenizer import DEFAULT_OFFLOAD_THRESHOLD_CHARS as DEFAULT_OFFLOAD_THRESHOLD_CHARS
 from .tokenizer import AddedTokenInfo as AddedTokenInfo
 from .tokenizer import ModelTokenizer as ModelTokenizer
+from .tokenizer import PrefixCacheStatistics as PrefixCacheStatistics
 from .tokenizer import TokenIdError as TokenIdError
 from .tokenizer import TokenizerLoadError as TokenizerLoadError
 from .tokenizer import resolve_model_dir as resolve_model_dir
