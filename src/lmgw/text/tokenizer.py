@@ -435,7 +435,7 @@ class ModelTokenizer:
         seg = self._segments
         if seg is not None and not add_special_tokens and len(text) >= seg.min_chars:
             plan = seg.plan(text)
-            return seg.assemble(plan, self._encode_many(plan.misses))
+            return seg.assemble(plan, self._encode_each(plan.misses))
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     async def encode_async(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -446,7 +446,7 @@ class ModelTokenizer:
         if seg is not None and not add_special_tokens and len(text) >= seg.min_chars:
             plan = seg.plan(text)
             if plan.miss_chars < self.offload_threshold_chars:
-                return seg.assemble(plan, self._encode_many(plan.misses))
+                return seg.assemble(plan, self._encode_each(plan.misses))
             misses = await trio.to_thread.run_sync(
                 self._encode_many, plan.misses, limiter=self.limiter
             )
@@ -459,6 +459,12 @@ class ModelTokenizer:
 
     def _encode_off_loop(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def _encode_each(self, texts: list[str]) -> list[list[int]]:
+        # Inline: keep the GIL (encode_batch_fast would release it, and taking it back can wait
+        # for another thread's switch interval).
+        encode = self._tok.encode
+        return [encode(t, add_special_tokens=False).ids for t in texts]
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
