@@ -28,7 +28,7 @@ from .routing.registry import make_policy
 from .transport.pool import ConnectionPool
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
-from .workers.worker import Worker
+from .workers.worker import Worker, WorkerState
 
 if TYPE_CHECKING:
     from .workers.p2p_discovery import P2pChange
@@ -62,6 +62,7 @@ class Gateway:
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
+        self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
         for wc in config.workers:
             self.add_worker(wc)
@@ -87,11 +88,67 @@ class Gateway:
         return self.registry.add(worker)
 
     def remove_worker(self, worker_id: str) -> Worker:
+        """Remove at once (requests in flight on it finish on their own connections)."""
         worker = self.registry.remove(worker_id)
         self.pool.forget(worker.origin)
         for policy in self.policies.values():
             policy.on_worker_removed(worker)
+        self._sources.pop(worker_id, None)
         return worker
+
+    def drain_worker(self, worker_id: str, reason: str = "drained") -> Worker:
+        """No new requests for the worker; those in flight finish. KeyError if unknown."""
+        worker = self.registry.get(worker_id)
+        if worker is None:
+            raise KeyError(worker_id)
+        self.registry.set_state(worker, WorkerState.DRAINING, reason)
+        return worker
+
+    async def retire_worker(self, worker_id: str, grace_s: float) -> Worker:
+        """Drain, wait up to ``grace_s`` for its requests in flight to end, then remove it."""
+        worker = self.drain_worker(worker_id, "retiring")
+        with trio.move_on_after(grace_s):
+            while worker.in_flight > 0:
+                await trio.sleep(0.05)
+        if self.registry.get(worker_id) is worker:
+            self.remove_worker(worker_id)
+        return worker
+
+    def sync_workers(self, source: str, desired: Iterable[WorkerConfig]) -> tuple[int, int]:
+        """Make the workers owned by ``source`` (a discovery backend) exactly ``desired``: add
+        the new ones, drain the ones gone (removed once idle, by :meth:`sweep_retired`).
+        Workers of other sources, static ones included, are never touched; a worker whose id
+        another source owns is skipped. Returns (added, retired)."""
+        want = {wc.worker_id: wc for wc in desired}
+        added = retired = 0
+        for wid, wc in want.items():
+            known = self.registry.get(wid)
+            if known is None:
+                self.add_worker(wc)
+                self._sources[wid] = source
+                added += 1
+            elif self._sources.get(wid) == source and known.state is WorkerState.DRAINING:
+                self.registry.set_state(known, WorkerState.STARTING, "announced again")
+        for wid, owner in list(self._sources.items()):
+            if owner == source and wid not in want:
+                worker = self.registry.get(wid)
+                if worker is not None and worker.state is not WorkerState.DRAINING:
+                    self.drain_worker(wid, f"gone from {source}")
+                    retired += 1
+        self.sweep_retired()
+        return added, retired
+
+    def sweep_retired(self) -> None:
+        """Remove discovered workers that were drained because their source dropped them and
+        have nothing in flight any more."""
+        for wid in [w for w, src in self._sources.items()]:
+            worker = self.registry.get(wid)
+            if worker is not None and worker.state is WorkerState.DRAINING and not worker.in_flight:
+                self.remove_worker(wid)
+
+    def source_of(self, worker_id: str) -> str:
+        """Which discovery source owns the worker ("static" for config and admin additions)."""
+        return self._sources.get(worker_id, "static")
 
     def _on_p2p_change(self, change: P2pChange) -> None:
         """A vLLM P2P NCCL instance announced itself or went silent (workers/p2p_discovery)."""
