@@ -58,9 +58,9 @@ __all__ = [
 ]
 
 DEFAULT_OFFLOAD_THRESHOLD_CHARS = 4096
-"""Texts at least this long are encoded in a worker thread. At ~2-3 M chars/s per core an inline
-encode of 4 KiB costs ~1.5-2 ms of loop time, while a thread hop costs ~0.1 ms; see
-``benchmarks/text.py`` for the measured break-even."""
+"""Texts at least this long are encoded in a worker thread. Measured (``benchmarks/text.py``):
+4 KiB costs ~0.85 ms inline and about the same wall time off-loop; below that the thread hop
+costs more than the encoding, above it the loop time saved grows with the text."""
 
 DEFAULT_OFFLOAD_THRESHOLD_IDS = 16384
 """Decodes of at least this many ids go to a worker thread (decode is ~5x cheaper per token)."""
