@@ -73,6 +73,7 @@ def test_load_reads_special_tokens_generation_config_and_context(tok: ModelToken
     assert tok.eos_token_id == im_end
     assert tok.eos_token_ids == (im_end, pad)  # generation_config's list, deduplicated
     assert tok.max_model_len == model_files.MAX_MODEL_LEN
+    assert tok.generation_max_tokens is None  # the sim's generation_config sets none
     specials = {a.content for a in tok.added_tokens if a.special}
     assert specials == set(model_files.SPECIAL_TOKENS)
     plain = {a.content for a in tok.added_tokens if not a.special}
@@ -390,3 +391,14 @@ async def test_segment_cache_misses_go_off_loop(sim_dir: Path) -> None:
     assert again == ModelTokenizer.load(sim_dir, prefix_cache_chars=0).encode(
         prompt, add_special_tokens=False
     )
+
+
+def test_generation_config_defaults(sim_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(sim_dir, tmp_path)
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 7, "max_length": 4096})
+    )
+    tok = ModelTokenizer.load(folder)
+    assert tok.eos_token_ids == (7, tok.eos_token_id)
+    assert tok.generation_max_tokens == 4096
+    assert tok.generation_config["max_length"] == 4096

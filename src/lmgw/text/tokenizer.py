@@ -308,6 +308,11 @@ class ModelTokenizer:
             eos.append(self.eos_token_id)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         """Every id that ends generation: generation_config's first, then the tokenizer's."""
+        gen_max = gen.get("max_new_tokens", gen.get("max_length"))
+        self.generation_max_tokens: int | None = (
+            gen_max if isinstance(gen_max, int) and not isinstance(gen_max, bool) else None
+        )
+        """generation_config's ``max_new_tokens`` (or ``max_length``): the model's own default."""
         self.max_model_len = max_model_len
         self._cleanup = clean_up_tokenization_spaces and type(tokenizer.model).__name__ != "BPE"
         self.offload_threshold_chars = offload_threshold_chars
