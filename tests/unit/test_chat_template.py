@@ -18,7 +18,7 @@ from lmgw.text import (
     ModelTokenizer,
     normalize_messages,
 )
-from lmgw.text.chat_template import detect_content_format, make_environment
+from lmgw.text.chat_template import detect_content_format, make_environment, normalize_tools
 
 # A minimal string-content template that shows every message key it gets.
 SHOW = (
@@ -348,10 +348,12 @@ def test_documents_and_tools_from_kwargs_or_arguments() -> None:
     assert tpl.render([user("")], chat_template_kwargs={"documents": docs}) == (
         f"{json.dumps(docs)}|null"
     )
-    assert tpl.render([user("")], tools=[{"a": 1}]) == 'null|[{"a": 1}]'
-    with pytest.raises(ChatTemplateError) as err:
-        tpl.render([user("")], tools=["f"])
-    assert err.value.param == "tools"
+    custom = {"type": "custom", "custom": {"name": "grep"}}
+    assert tpl.render([user("")], tools=[custom]) == f"null|[{json.dumps(custom)}]"
+    for bad in (["f"], [{"function": {}}], "f"):
+        with pytest.raises(ChatTemplateError) as err:
+            tpl.render([user("")], tools=bad)
+        assert err.value.param == "tools"
     with pytest.raises(ChatTemplateError) as err:
         tpl.render([user("")], documents=[1])
     assert err.value.param == "documents"
@@ -425,3 +427,27 @@ def test_sim_model_template_with_its_tokenizer(tmp_path: Path) -> None:
     ids = tok.encode(text, add_special_tokens=False)
     assert ids[:2] == [tok.bos_token_id, tok.token_to_id("<|im_start|>")]
     assert tok.token_to_id("<|image|>") in ids and tok.token_to_id("<tool_call>") in ids
+
+
+def test_tools_are_dumped_like_vllms_models() -> None:
+    tools = [{"function": {"name": "f", "x-extra": 1}, "id": 3}]
+    assert normalize_tools(tools) == [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": None,
+                "parameters": None,
+                "strict": None,
+                "x-extra": 1,
+            },
+            "id": 3,
+        }
+    ]
+    old_vllm = normalize_tools(tools, function_fields=("name", "description", "parameters"))
+    assert old_vllm is not None and "strict" not in old_vllm[0]["function"]
+    assert normalize_tools(None) is None
+    tpl = ChatTemplate("{{ tools[0].function | tojson }}")
+    assert tpl.render([user("")], tools=[{"type": "function", "function": {"name": "f"}}]) == (
+        '{"name": "f", "description": null, "parameters": null, "strict": null}'
+    )

@@ -14,6 +14,7 @@ from .chat_template import ChatTemplateError as ChatTemplateError
 from .chat_template import ContentFormat as ContentFormat
 from .chat_template import ContentFormatOption as ContentFormatOption
 from .chat_template import normalize_messages as normalize_messages
+from .chat_template import normalize_tools as normalize_tools
 from .parity import ParityReport as ParityReport
 from .parity import ParityVerdict as ParityVerdict
 from .parity import Probe as Probe

@@ -16,9 +16,10 @@ Two layers, because the gateway has to agree with two references at once:
   content normalised to the template's content format ("string": text parts joined with
   newlines, media as model placeholders in front; "openai": a list of ``{"type": "text"}``,
   ``{"type": "image"}``... parts; "auto" detects which one the template iterates over), tool-call
-  ``arguments`` parsed from JSON strings into objects, ``developer`` turned into ``system`` for
-  templates that do not know it, and ``chat_template_kwargs`` filtered to the variables the
-  template uses (``chat_template`` and ``tokenize`` rejected).
+  ``arguments`` parsed from JSON strings into objects, tools carrying all of vLLM's declared
+  fields (absent ones as None), ``developer`` turned into ``system`` for templates that do not
+  know it, and ``chat_template_kwargs`` filtered to the variables the template uses
+  (``chat_template`` and ``tokenize`` rejected).
 
 Errors: a problem with the configured template is a :class:`ChatTemplateConfigError` at load
 time; anything a request causes (bad message shapes, the template's ``raise_exception``, a
@@ -55,6 +56,7 @@ __all__ = [
     "detect_content_format",
     "make_environment",
     "normalize_messages",
+    "normalize_tools",
 ]
 
 ContentFormat = Literal["string", "openai"]
@@ -396,6 +398,43 @@ def _tool_calls(calls: Any, where: str) -> list[Any]:
         elif not isinstance(args, dict | list):
             fn["arguments"] = {}
         out.append({**call, "function": fn})
+    return out
+
+
+TOOL_FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+"""The fields of vLLM's ``FunctionDefinition``; older vLLM versions lack ``strict``."""
+
+
+def normalize_tools(
+    tools: Any, *, function_fields: Sequence[str] = TOOL_FUNCTION_FIELDS
+) -> list[dict[str, Any]] | None:
+    """Tools as vLLM hands them to the template: its pydantic models dumped back to dicts, so a
+    function tool always has every declared field (missing ones as None, which ``tojson``
+    writes as ``null``), declared fields first, then any extra keys. Other tool types pass
+    through.
+
+    Raises:
+        ChatTemplateError: not a list of objects, or a function tool without a name.
+    """
+    if tools is None:
+        return None
+    if not isinstance(tools, list | tuple):
+        raise ChatTemplateError("tools must be a list", param="tools")
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise ChatTemplateError(f"tools[{i}] must be an object", param="tools")
+        if tool.get("type", "function") != "function":
+            out.append(tool)
+            continue
+        fn = tool.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatTemplateError(f"tools[{i}].function.name must be a string", param="tools")
+        function = {k: fn.get(k) for k in function_fields}
+        function.update((k, v) for k, v in fn.items() if k not in function)
+        dumped = {"type": "function", "function": function}
+        dumped.update((k, v) for k, v in tool.items() if k not in dumped)
+        out.append(dumped)
     return out
 
 
@@ -745,6 +784,7 @@ class ChatTemplate:
         documents = kwargs.pop("documents", None)
         add_generation_prompt = bool(kwargs.pop("add_generation_prompt"))
         continue_final_message = bool(kwargs.pop("continue_final_message"))
+        tools = normalize_tools(tools)
         compiled = self.get(template_name, tools=tools)
         if add_generation_prompt and continue_final_message:
             raise ChatTemplateError(
