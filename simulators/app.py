@@ -28,6 +28,7 @@ decode step is one write.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -494,7 +495,9 @@ class SimWorker:
         self._check_length(len(rendered.token_ids), max_tokens, "messages")
         spec = _sampling(req, self._leg_max_tokens(req, max_tokens))
         ids = rendered.token_ids
-        choices = [self.engine.generate(ids, spec, i) for i in range(n)]
+        choices = self._continuation(req, spec) if req.continue_final_message and n == 1 else None
+        if choices is None:
+            choices = [self.engine.generate(ids, spec, i) for i in range(n)]
         stream = bool(req.stream)
         so = req.stream_options
         plan = _Plan(
@@ -509,6 +512,45 @@ class SimWorker:
         )
         await self._prepare_leg(req, plan, rendered.media)
         await self._run(plan, responder, rid)
+
+    def _continuation(self, req: Any, spec: SamplingSpec) -> list[Completion] | None:
+        """``continue_final_message`` on a partial answer of this model: the rest of the answer
+        the messages before it would have got, so a stream continued on another worker (the
+        gateway's mid-stream migration) ends exactly as the uninterrupted one. None when the
+        final message is not a prefix of that answer (then the request is served as sent)."""
+        msgs = req.messages
+        last = msgs[-1] if isinstance(msgs, list) and len(msgs) > 1 else None
+        if not (isinstance(last, dict) and last.get("role") == "assistant"):
+            return None
+        partial = last.get("content")
+        if not isinstance(partial, str):
+            return None
+        try:
+            orig = render_chat(
+                self.engine.tokenizer, msgs[:-1], media=self.engine.config.media
+            ).token_ids
+        except PromptError:
+            return None
+        full = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=None))
+        k, seen = 0, ""
+        while len(seen) < len(partial) and k < len(full.pieces):
+            seen += full.pieces[k]
+            k += 1
+        if seen != partial:
+            return None
+        budget = None if spec.max_tokens is None else spec.max_tokens + k
+        whole = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=budget))
+        pieces = whole.pieces[k:]
+        return [
+            Completion(
+                whole.token_ids[k:],
+                pieces,
+                "".join(pieces),
+                whole.finish_reason,
+                whole.stop_reason,
+                whole.pieces_json[k:],
+            )
+        ]
 
     async def _completions(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:

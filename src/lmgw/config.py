@@ -333,6 +333,12 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
     max_attempts: int = 2
     # Sent to workers as "Authorization: Bearer <key>" (vLLM --api-key); None sends nothing.
     api_key: str | None = None
+    # A stream whose worker dies after tokens reached the client is continued on another
+    # worker (prompt + the text so far) up to this many times; 0 ends it with an SSE error.
+    migrate_streams: int = 1
+    # Silence from a worker mid-stream longer than this is a failure (a hung worker), which
+    # the stream survives by migration; 0 waits forever. Above any sane inter-token gap.
+    stream_stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _positive("connect_timeout_s", self.connect_timeout_s)
@@ -340,6 +346,9 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("idle_timeout_s", self.idle_timeout_s)
         _at_least("max_idle_per_worker", self.max_idle_per_worker, 0)
         _at_least("max_attempts", self.max_attempts, 1)
+        _at_least("migrate_streams", self.migrate_streams, 0)
+        if not self.stream_stall_timeout_s >= 0:
+            raise ConfigError("must be >= 0", path="stream_stall_timeout_s")
         if self.api_key is not None:
             _non_empty("api_key", self.api_key)
 

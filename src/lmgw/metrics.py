@@ -178,6 +178,11 @@ class Metrics:
             "Media items whose encoder leg was skipped: the gateway saw them encoded recently.",
             ("model",),
         )
+        self.migrations = Counter(
+            "lmgw_stream_migrations_total",
+            "Streams that broke mid-way: continued on another worker, or ended with an error.",
+            ("role", "outcome"),
+        )
         self.retries = Counter(
             "lmgw_retries_total",
             "Requests re-dispatched to another worker before any byte reached the client.",
@@ -205,7 +210,7 @@ class Metrics:
         )
         self._all: list[Counter | Gauge | Histogram] = [
             self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
-            self.upstream_errors, self.retries, self.encoder_cache_hits,
+            self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
 

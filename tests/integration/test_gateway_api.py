@@ -922,3 +922,48 @@ async def test_a_crashed_generation_is_not_sent_twice(gateway: GatewayFactory) -
     body = {"model": MODEL, "prompt": "crash me", "max_tokens": 20}
     assert (await gw.request("POST", "/v1/completions", body, timeout=5)).status == 502
     assert (await gw.sims[0].stats())["requests_total"] == 1  # a POST is not idempotent
+
+
+async def test_stream_broken_mid_way_is_continued_on_another_worker(
+    gateway: GatewayFactory,
+) -> None:
+    """Mid-stream migration: the client gets one stream with exactly the text an unbroken
+    worker gives (the simulator continues a `continue_final_message` answer exactly)."""
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 4}}, {}])
+    body = {**CHAT, "stream": True, "max_tokens": 40, "stream_options": {"include_usage": True}}
+    direct = await http_request(gw.sims[1].url, "POST", "/v1/chat/completions", body)
+    expected = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in direct.events()[:-1] if e["choices"]
+    )
+    usage = direct.events()[-2]["usage"]
+    for _ in range(2):  # round robin: one of the two requests starts on the dropping worker
+        r = await gw.request("POST", "/v1/chat/completions", body, timeout=5)
+        events = r.events()
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]
+        )
+        assert text == expected
+        assert len({e["id"] for e in events[:-1]}) == 1  # one stream id throughout
+        roles = [e for e in events[:-1] if e["choices"] and e["choices"][0]["delta"].get("role")]
+        assert len(roles) == 1
+        assert events[-2]["usage"]["completion_tokens"] == usage["completion_tokens"]
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_stream_migrations_total{role="pd",outcome="continued"}') >= 1
+
+
+async def test_seeded_stream_is_not_continued(gateway: GatewayFactory) -> None:
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 3}}, {}])
+    body = {**CHAT, "stream": True, "seed": 7, "temperature": 0.8, "max_tokens": 30}
+    results = [await gw.request("POST", "/v1/chat/completions", body, timeout=5) for _ in range(2)]
+    broken = [r for r in results if "error" in r.events()[-2]]
+    assert len(broken) == 1
+    assert "seeded" in broken[0].events()[-2]["error"]["message"]
+
+
+async def test_non_stream_broken_mid_answer_is_retried_whole(gateway: GatewayFactory) -> None:
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 3}}, {}])
+    body = {"model": MODEL, "prompt": "drop me", "max_tokens": 20}
+    for _ in range(2):
+        r = await gw.request("POST", "/v1/completions", body, timeout=5)
+        assert r.status == 200, r.body

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+import msgspec
 
 from ..config import ROLE_NAMES, ConfigError, GatewayConfig, infer_flow
-from ..errors import GatewayError
+from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.policy import Policy, RouteContext
@@ -23,11 +25,17 @@ from ..transport.dialects import Dialect, Peer, get_dialect
 from ..transport.pool import ConnectionPool, Origin, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
+from . import migration
 from .disagg import DisaggRunner, EncodedItems
 from .request import Gate, GatewayRequest
 
 log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
+
+
+class MidStream(GatewayError):
+    """The worker's stream broke after its head reached the client (see ``dispatch``)."""
+
 
 #: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
 DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
@@ -61,6 +69,8 @@ class Pipeline:
         self.policies = policies
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
+        self.migrations = cfg.upstream.migrate_streams
+        self.stall_s = cfg.upstream.stream_stall_timeout_s or None
         # A time-to-headers limit looser than the whole-request deadline would never fire:
         # skip its cancel scope then (one fewer per request).
         deadline = cfg.limits.request_timeout_s or math.inf
@@ -125,12 +135,16 @@ class Pipeline:
         worker = self.pick(greq.model, role, ctx)
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
+        journal: list[bytes] | None = [] if greq.stream and self.migrations else None
         for attempt in range(self.max_attempts):
             failure = await self.dispatch(
                 greq, responder, role, worker, ctx, attempt < last,
-                greq.path, greq.forward_headers, greq.body,
+                greq.path, greq.forward_headers, greq.body, None, journal,
             )  # fmt: skip
             if failure is None:
+                return
+            if isinstance(failure, MidStream):
+                await self.continue_stream(greq, responder, role, ctx, (*tried, worker), journal)
                 return
             # A failure that cannot have started work: another worker, if there is one left;
             # else the client hears what went wrong (not just "no worker left").
@@ -141,6 +155,66 @@ class Pipeline:
             worker = self.policies[role].choose(candidates, ctx)
             self.metrics.retries.inc((role,))
             log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
+
+    async def continue_stream(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        role: str,
+        ctx: RouteContext,
+        tried: tuple[Worker, ...],
+        journal: list[bytes] | None,
+    ) -> None:
+        """A stream broke after the client got part of it: continue it on another worker
+        (:mod:`.migration`), at most ``upstream.migrate_streams`` times, or end it with an SSE
+        error event and ``[DONE]`` when it cannot be continued."""
+        endpoint = greq.endpoint
+        progress = migration.progress_of(journal or [], endpoint)
+        try:
+            obj = msgspec.json.decode(greq.body)
+        except msgspec.DecodeError:
+            obj = None
+        reason = migration.eligible(endpoint, obj)
+        for _ in range(self.migrations):
+            if reason is None and not progress.replayable:
+                reason = "the stream carried tool-call or logprob deltas"
+            if reason is None and progress.finished:
+                reason = "the answer was complete"
+            body = migration.continuation_body(endpoint, obj, progress) if reason is None else None
+            if reason is None and body is None:
+                reason = "the token budget was spent"
+            others = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
+            if reason is None and not others:
+                reason = "no other worker"
+            if reason is not None:
+                break
+            worker = self.policies[role].choose(others, ctx)
+            tried = (*tried, worker)
+            log.warning(
+                "request %s: stream broke after %d tokens; continuing on %s",
+                greq.request_id, progress.tokens, worker.id,
+            )  # fmt: skip
+            splice = migration.Splice(endpoint, progress)
+            more: list[bytes] = []
+            failure = await self.dispatch(
+                greq, responder, role, worker, ctx, False, greq.path, greq.forward_headers,
+                body, None, more, splice,
+            )  # fmt: skip
+            if failure is None:
+                self.metrics.migrations.inc((role, "continued"))
+                return
+            if not isinstance(failure, MidStream):  # the new worker refused: the client hears it
+                reason = failure.message
+                break
+            progress = migration.extend(progress, migration.progress_of(more, endpoint))
+        else:
+            reason = f"the stream broke {self.migrations + 1} times"
+        self.metrics.migrations.inc((role, "failed"))
+        if not getattr(responder, "broken", False):
+            await responder.send(
+                sse_error_event(502, f"worker stream failed and was not continued: {reason}")
+            )
+            await responder.end()
 
     async def dispatch(
         self,
@@ -154,6 +228,8 @@ class Pipeline:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         gate: Gate | None = None,
+        journal: list[bytes] | None = None,
+        splice: Callable[[bytes], bytes] | None = None,
     ) -> GatewayError | None:
         """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
         when the caller should retry on another worker (only before anything reached the
@@ -162,7 +238,12 @@ class Pipeline:
 
         ``gate``, when given, is awaited once the worker's answer has begun and before any of
         it is relayed; it returns the rewrite to apply to the answer (a dialect merging the
-        prefill's output into decode's), or None."""
+        prefill's output into decode's), or None.
+
+        ``journal`` (streams that may migrate) collects the relayed chunks; a stream that
+        breaks after its head reached the client then returns :class:`MidStream` instead of
+        ending the client's stream, so the caller can continue it elsewhere. ``splice``
+        rewrites a continuation's events into the client's stream (its head already sent)."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         registry.acquire(worker)  # also counts lmgw_worker_requests_total
         policy.on_dispatch(worker, ctx)
@@ -196,12 +277,14 @@ class Pipeline:
                     def first_byte() -> None:
                         nonlocal t_first
                         t_first = _now()
-                        metrics.ttft.observe((greq.model,), t_first - greq.t_start)
+                        if splice is None:  # a continuation's first byte is not the TTFT
+                            metrics.ttft.observe((greq.model,), t_first - greq.t_start)
                         metrics.stage_ttft.observe(labels, t_first - t0)
 
                     events = await openai_http.relay_sse(
-                        resp, responder, out, first_byte, rewrite and rewrite.events
-                    )
+                        resp, responder, out, first_byte,
+                        splice or (rewrite and rewrite.events), journal, self.stall_s,
+                    )  # fmt: skip
                     if events > 1:
                         metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
                 else:
@@ -214,8 +297,12 @@ class Pipeline:
             metrics.upstream_errors.inc((role, worker.id, kind))
             registry.record_failure(worker, exc.message, eject=exc.retryable)
             if responder.started:
+                if journal is not None:  # the caller continues the stream or ends it
+                    return MidStream(exc.status, exc.message)
                 return None  # the stream already carries the error event
-            if exc.retryable and may_retry:
+            # nothing reached the client: another worker may take the whole request, unless
+            # this one merely timed out (a retry would double the load of a slow fleet)
+            if may_retry and (exc.retryable or exc.status != 504):
                 return GatewayError(exc.status, exc.message)
             raise GatewayError(exc.status, exc.message) from None
         finally:

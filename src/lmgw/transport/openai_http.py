@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import trio
+
 from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..workers.worker import Worker
@@ -64,25 +66,60 @@ async def relay_sse(
     headers: Headers,
     on_first_byte: Callable[[], None],
     rewrite: Callable[[bytes], bytes] | None = None,
+    journal: list[bytes] | None = None,
+    stall_s: float | None = None,
 ) -> int:
     """Relay an SSE stream as bytes, one client write per group of complete events.
 
     Returns how many events were relayed (for the per-token latency metric: engines stream one
     token per event). ``rewrite`` edits each group of complete events (a dialect merging
-    hand-off data into the stream). A worker that fails mid-stream gets an error event and
-    ``[DONE]`` in its place, as vLLM itself does for engine errors; the client never sees a
-    silently truncated stream.
+    hand-off data into the stream, or a migrated stream's splice). ``journal``, when given,
+    collects every chunk as received (so a broken stream can be continued elsewhere); the
+    failure is then the caller's to report. Without it, a worker that fails mid-stream gets an
+    error event and ``[DONE]`` in its place, as vLLM itself does for engine errors: the client
+    never sees a silently truncated stream. If the client already has the stream's head (a
+    continuation), it is not sent again. ``stall_s`` bounds the silence between two chunks:
+    a hung worker is an :class:`UpstreamError` (504) instead of a stream that never ends.
     """
-    await responder.start(200, [*_SSE_HEADERS, *headers])
+    if not responder.started:
+        await responder.start(200, [*_SSE_HEADERS, *headers])
+    if stall_s is None:
+        return await _relay_events(resp, responder, on_first_byte, rewrite, journal)
+    with trio.CancelScope(deadline=trio.current_time() + stall_s) as scope:
+        return await _relay_events(resp, responder, on_first_byte, rewrite, journal, scope, stall_s)
+    exc = UpstreamError(f"worker sent nothing for {stall_s:g} s mid-stream", status=504)
+    resp.release()
+    if journal is None:
+        await responder.send(sse_error_event(504, f"worker stream failed: {exc.message}"))
+        await responder.end()
+    raise exc
+
+
+async def _relay_events(
+    resp: Response,
+    responder: Responder,
+    on_first_byte: Callable[[], None],
+    rewrite: Callable[[bytes], bytes] | None,
+    journal: list[bytes] | None,
+    scope: trio.CancelScope | None = None,
+    stall_s: float = 0.0,
+) -> int:
     send = responder.send
     read = resp.read_chunk
     pending = b""
     events = 0
+    keep = journal.append if journal is not None else None
     try:
         chunk = await read()
         if chunk:
             on_first_byte()
         while chunk:
+            if keep is not None:
+                keep(chunk)
+            if scope is not None:  # push the stall deadline out, rarely (a heap update)
+                now = trio.current_time()
+                if scope.deadline - now < stall_s / 2:
+                    scope.deadline = now + stall_s
             if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
                 events += chunk.count(b"\n\n")
                 if rewrite is not None:
@@ -91,7 +128,8 @@ async def relay_sse(
                     await resp.read_chunk()  # b"": hands the connection back to the pool
                     await responder.end(chunk)
                     return events
-                await send(chunk)
+                if chunk:  # a rewrite may drop every event of a group
+                    await send(chunk)
                 chunk = await read()
                 continue
             data = pending + chunk if pending else chunk
@@ -100,13 +138,17 @@ async def relay_sse(
                 whole = data[:cut]
                 pending = data[cut:]
                 events += whole.count(b"\n\n")
-                await send(rewrite(whole) if rewrite is not None else whole)
+                if rewrite is not None:
+                    whole = rewrite(whole)
+                if whole:
+                    await send(whole)
             else:
                 pending = data
             chunk = await read()
     except UpstreamError as exc:
-        await responder.send(sse_error_event(502, f"worker stream failed: {exc.message}"))
-        await responder.end()
+        if journal is None:
+            await responder.send(sse_error_event(502, f"worker stream failed: {exc.message}"))
+            await responder.end()
         raise
     if pending:
         await responder.send(pending)

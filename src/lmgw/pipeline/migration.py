@@ -1,0 +1,198 @@
+"""Mid-stream migration: continue a client's stream on another worker when its worker dies
+after tokens were already streamed (sans-IO: journal in, continuation request and event
+rewrite out).
+
+The relay keeps the raw bytes it forwarded (a list append per chunk: nothing is parsed on the
+hot path). Only when a stream breaks are they parsed, to rebuild what the client has seen: the
+text so far and how many token events carried it. The continuation asks another worker for
+the rest of the *same* answer:
+
+* chat: the messages plus an assistant message holding the partial text, with
+  ``continue_final_message=true`` and ``add_generation_prompt=false`` (vLLM's chat-template
+  flags), so the engine continues that message instead of starting a new one;
+* completions: the prompt with the partial text appended (string prompts only);
+* ``max_tokens``/``max_completion_tokens`` reduced by the tokens already streamed.
+
+The new worker's events are rewritten so that the client sees one stream: the opening
+role-only event is dropped, every event keeps the original ``id`` and ``created``, and the usage
+of the final event counts the whole answer. Requests whose replay would change what the client
+asked for are not migrated (they get an SSE error event and ``[DONE]``): ``n > 1`` or ``best_of``
+(several sequences), a ``seed`` with sampling (the same seed on a new prompt draws other
+tokens), beam search, ``echo``, token-list prompts, and streams that already carried tool-call
+or logprob deltas (which cannot be continued as text).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class Progress(msgspec.Struct):
+    """What the client has received of a broken stream."""
+
+    text: str = ""
+    tokens: int = 0  #: content events (one token per event, as vLLM and SGLang stream)
+    id: str | None = None
+    created: int | None = None
+    finished: bool = False  #: a finish_reason was already sent: nothing to continue
+    replayable: bool = True  #: no tool-call / logprob deltas seen
+
+
+def _events(data: bytes) -> list[Any]:
+    out = []
+    for block in data.replace(b"\r\n", b"\n").split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload and payload != b"[DONE]":
+                    try:
+                        out.append(_decode(payload))
+                    except msgspec.DecodeError:
+                        pass
+    return out
+
+
+def progress_of(journal: list[bytes], endpoint: str) -> Progress:
+    """Parse the bytes relayed so far (complete events only; a torn last event is ignored)."""
+    data = b"".join(journal)
+    cut = data.rfind(b"\n\n")
+    p = Progress()
+    parts: list[str] = []
+    for ev in _events(data[: cut + 2] if cut >= 0 else b""):
+        if not isinstance(ev, dict):
+            continue
+        p.id = p.id or ev.get("id")
+        p.created = p.created or ev.get("created")
+        for choice in ev.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason"):
+                p.finished = True
+            if choice.get("logprobs"):
+                p.replayable = False
+            if endpoint == "chat":
+                delta = choice.get("delta") or {}
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    p.replayable = False
+                text = delta.get("content")
+            else:
+                text = choice.get("text")
+            if isinstance(text, str) and text:
+                parts.append(text)
+                p.tokens += 1
+    p.text = "".join(parts)
+    return p
+
+
+def extend(before: Progress, after: Progress) -> Progress:
+    """Progress over two legs: what the client saw of the first, then of the continuation."""
+    return Progress(
+        before.text + after.text,
+        before.tokens + after.tokens,
+        before.id,
+        before.created,
+        after.finished,
+        before.replayable and after.replayable,
+    )
+
+
+def eligible(endpoint: str, obj: Any) -> str | None:
+    """Why the request cannot be continued elsewhere (None: it can)."""
+    if endpoint not in ("chat", "completions") or not isinstance(obj, dict):
+        return "only chat and completions streams can be continued"
+    n = obj.get("n")
+    if (isinstance(n, int) and n > 1) or obj.get("best_of") not in (None, 1):
+        return "several sequences (n > 1) cannot be continued"
+    temperature = obj.get("temperature")
+    if obj.get("seed") is not None and temperature != 0:
+        return "a seeded sampled answer would change on another worker"
+    if obj.get("use_beam_search"):
+        return "beam search cannot be continued"
+    if endpoint == "completions":
+        if obj.get("echo"):
+            return "echo cannot be continued"
+        if not isinstance(obj.get("prompt"), str):
+            return "only a single string prompt can be continued"
+    elif not isinstance(obj.get("messages"), list):
+        return "no messages"
+    return None
+
+
+def continuation_body(endpoint: str, obj: dict[str, Any], progress: Progress) -> bytes | None:
+    """The request that asks another worker for the rest of the answer; None when there is
+    nothing left to generate (the token budget was spent)."""
+    out = dict(obj)
+    for key in ("max_tokens", "max_completion_tokens"):
+        budget = out.get(key)
+        if isinstance(budget, int):
+            if budget - progress.tokens <= 0:
+                return None
+            out[key] = budget - progress.tokens
+    if endpoint == "chat":
+        out["messages"] = [*obj["messages"], {"role": "assistant", "content": progress.text}]
+        out["continue_final_message"] = True
+        out["add_generation_prompt"] = False
+    else:
+        out["prompt"] = obj["prompt"] + progress.text
+    return _encode(out)
+
+
+class Splice:
+    """Rewrites the continuation's events so the client sees one stream (see module doc)."""
+
+    def __init__(self, endpoint: str, progress: Progress) -> None:
+        self.endpoint = endpoint
+        self.progress = progress
+        self._opened = False
+
+    def __call__(self, events: bytes) -> bytes:
+        out = []
+        for block in events.split(b"\n\n"):
+            if not block.strip():
+                continue
+            fixed = self._event(block)
+            if fixed is not None:
+                out.append(fixed)
+        return b"".join(x + b"\n\n" for x in out)
+
+    def _event(self, block: bytes) -> bytes | None:
+        if not block.startswith(b"data:"):
+            return block
+        payload = block[5:].strip()
+        if payload == b"[DONE]":
+            return block
+        try:
+            ev = _decode(payload)
+        except msgspec.DecodeError:
+            return block
+        if not isinstance(ev, dict):
+            return block
+        p = self.progress
+        if p.id is not None and "id" in ev:
+            ev["id"] = p.id
+        if p.created is not None and "created" in ev:
+            ev["created"] = p.created
+        choices = ev.get("choices") or []
+        if not self._opened and self.endpoint == "chat" and choices:
+            delta = choices[0].get("delta") or {} if isinstance(choices[0], dict) else {}
+            if (
+                delta.get("role")
+                and not delta.get("content")
+                and not choices[0].get("finish_reason")
+            ):
+                self._opened = True
+                return None  # the client had its opening role event already
+        self._opened = True
+        usage = ev.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            usage["completion_tokens"] += p.tokens
+            if isinstance(usage.get("prompt_tokens"), int):
+                usage["prompt_tokens"] = max(0, usage["prompt_tokens"] - p.tokens)
+            if isinstance(usage.get("total_tokens"), int):
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return b"data: " + _encode(ev)
