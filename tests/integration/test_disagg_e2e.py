@@ -122,3 +122,49 @@ async def test_flow_gives_the_merged_workers_text(
         assert sum(h["lmcache_hits"] for h in d_stats) == 2
         assert sum(h["lmcache_misses"] for h in d_stats) == 0
         assert p_stats[0]["lmcache_chunks_stored"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flow", "dialect"),
+    [("p/d", "vllm-nixl"), ("p/d", "sglang-bootstrap"), ("e+pd", "vllm-epd")],
+)
+async def test_decode_dying_mid_stream_is_continued_with_the_exact_text(
+    nursery: trio.Nursery, sim_worker, tmp_path: Path, flow: str, dialect: str
+) -> None:
+    """Mid-stream migration through a disaggregated flow: a fresh prefill of the prompt plus
+    the text so far, decoded by another worker, spliced into the client's stream."""
+    ec_dir = str(tmp_path / "ec")
+    final_role = "d" if flow == "p/d" else "pd"
+    workers = []
+    for role, faults in (("p", None), ("e", None), (final_role, {"drop_at_token": 4}),
+                         (final_role, None)):  # fmt: skip
+        if role not in flow.replace("/", "+").split("+") and role != final_role:
+            continue
+        opts: dict[str, Any] = {"role": role}
+        if faults:
+            opts["faults"] = faults
+        if "e" in flow and role in ("e", "pd"):
+            opts["ec_dir"] = ec_dir
+        sim = await sim_worker(**opts)
+        if faults:
+            dropping = sim
+        port = int(sim.url.rsplit(":", 1)[1])
+        workers.append(
+            WorkerConfig(url=sim.url, role=role, bootstrap_port=port if role == "p" else None)
+        )
+    url = await start_gateway(nursery, flow, dialect, workers)
+    messages = WITH_IMAGE if "e" in flow else TEXT_ONLY
+    reference = await sim_worker(role="pd")
+
+    def stream_text(base: str) -> str:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        chunks = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True
+        )
+        return "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+
+    expected = await trio.to_thread.run_sync(stream_text, reference.url)
+    for _ in range(2):  # round robin: one of the two starts on the dropping worker
+        with trio.fail_after(20):
+            assert await trio.to_thread.run_sync(stream_text, url) == expected
+    assert (await dropping.stats())["dropped_total"] >= 1  # the stream really broke

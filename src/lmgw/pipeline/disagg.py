@@ -20,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -43,7 +43,9 @@ from ..transport.dialects import (
 )
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
-from .request import Gate, GatewayRequest, Rewrite
+from . import migration
+from .migration import Splice
+from .request import Gate, GatewayRequest, MidStream, Rewrite
 
 if TYPE_CHECKING:
     from .runner import Pipeline
@@ -125,16 +127,21 @@ class DisaggRunner:
             prefill=_peer(prefill),
             decode=_peer(decode),
         )
+        journal: list[bytes] | None = [] if greq.stream and p.migrations else None
         try:
-            if "e" in roles:
-                await self._encode(greq, body, ctx, dialect, route)
-            if prefill is None:  # e+pd: one merged leg with the original content
-                leg = dialect.decode_request(body, None, ctx)
-                await self._final(greq, responder, leg, decode, "pd", dialect, None, route)
-            else:
-                await self._prefill_decode(
-                    greq, responder, body, ctx, dialect, prefill, decode, route
+            try:
+                if "e" in roles:
+                    await self._encode(greq, body, ctx, dialect, route)
+                await self._generate(
+                    greq, responder, body, ctx, dialect, prefill, decode, route, journal
                 )
+            except BaseExceptionGroup as group:
+                broken = _only(group, _BrokenStream)
+                if broken is None:
+                    raise
+                await self._continue(greq, responder, roles, dialect, route, broken, journal)
+            except _BrokenStream as broken:
+                await self._continue(greq, responder, roles, dialect, route, broken, journal)
         except BaseExceptionGroup as group:
             # a failure inside a nursery (encoder fan-out, SGLang's concurrent legs): the first
             # one is the client's answer; cancellations and the rest are dropped with the group
@@ -144,6 +151,94 @@ class DisaggRunner:
             raise _client_error(greq, _first_leaf(match)) from None
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
+
+    async def _generate(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker | None,
+        decode: Worker,
+        route: RouteContext,
+        journal: list[bytes] | None,
+        splice: Splice | None = None,
+    ) -> None:
+        """The legs after E: one merged leg (``e+pd``) or prefill and decode."""
+        if prefill is None:  # e+pd: one merged leg with the original content
+            leg = dialect.decode_request(body, None, ctx)
+            await self._final(
+                greq, responder, leg, decode, "pd", dialect, None, route,
+                journal=journal, splice=splice,
+            )  # fmt: skip
+        else:
+            await self._prefill_decode(
+                greq, responder, body, ctx, dialect, prefill, decode, route, journal, splice
+            )
+
+    async def _continue(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        roles: tuple[str, ...],
+        dialect: Dialect,
+        route: RouteContext,
+        broken: _BrokenStream,
+        journal: list[bytes] | None,
+    ) -> None:
+        """The client-facing leg broke mid-stream: run the flow's legs again for the rest of
+        the answer on another decode (or merged) worker (:mod:`.migration`; E is not re-run:
+        the items are pinned and in the encoder cache), or end the stream with an error."""
+        p = self.p
+        endpoint = greq.endpoint
+        role = "d" if "d" in roles else "pd"
+        progress = migration.progress_of(journal or [], endpoint)
+        tried: tuple[Worker, ...] = (broken.worker,)
+        try:
+            obj = ClientBody(greq.body).obj
+        except BodyError:
+            obj = None
+        reason: str | None = None
+        for _ in range(p.migrations):
+            body, reason = migration.next_leg(endpoint, obj, progress)
+            others = [w for w in p.registry.candidates(greq.model, role) if w not in tried]
+            if reason is None and not others:
+                reason = "no other worker"
+            if reason is not None:
+                break
+            decode = p.policies[role].choose(others, route)
+            tried += (decode,)
+            prefill = p.pick(greq.model, "p", route) if "p" in roles else None
+            ctx = StageContext(
+                request_id=greq.request_id,
+                path=greq.path,
+                headers=greq.forward_headers,
+                prefill=_peer(prefill),
+                decode=_peer(decode),
+            )
+            log.warning(
+                "request %s: stream broke after %d tokens; continuing on %s",
+                greq.request_id, progress.tokens, decode.id,
+            )  # fmt: skip
+            more: list[bytes] = []
+            try:
+                await self._generate(
+                    greq, responder, ClientBody(body), ctx, dialect, prefill, decode, route,
+                    more, migration.Splice(endpoint, progress),
+                )  # fmt: skip
+            except BaseExceptionGroup as group:
+                if _only(group, _BrokenStream) is None:
+                    raise
+            except _BrokenStream:
+                pass
+            else:
+                p.metrics.migrations.inc((role, "continued"))
+                return
+            progress = migration.extend(progress, migration.progress_of(more, endpoint))
+        else:
+            reason = f"the stream broke {p.migrations + 1} times"
+        await p.end_broken_stream(responder, role, reason or "not continued")
 
     async def _prefill_decode(
         self,
@@ -155,6 +250,8 @@ class DisaggRunner:
         prefill: Worker,
         decode: Worker,
         route: RouteContext,
+        journal: list[bytes] | None = None,
+        splice: Splice | None = None,
     ) -> None:
         """P then D (or both at once). A decode that fails before its first byte is retried:
         by :meth:`_final` with the same hand-off when any decode worker can use it; else (the
@@ -166,8 +263,9 @@ class DisaggRunner:
             try:
                 if dialect.concurrent_prefill_decode:
                     await self._concurrent(
-                        greq, responder, body, ctx, dialect, prefill, decode, route, restartable
-                    )
+                        greq, responder, body, ctx, dialect, prefill, decode, route, restartable,
+                        journal, splice,
+                    )  # fmt: skip
                 else:
                     pre = dialect.prefill_request(body, ctx)
                     status, answer = await self._leg(greq, pre, prefill, "p", route)
@@ -175,7 +273,7 @@ class DisaggRunner:
                     leg = dialect.decode_request(body, handoff, ctx)
                     await self._final(
                         greq, responder, leg, decode, "d", dialect, handoff, route,
-                        restartable=restartable,
+                        restartable=restartable, journal=journal, splice=splice,
                     )  # fmt: skip
                 return
             except BaseExceptionGroup as group:
@@ -285,6 +383,8 @@ class DisaggRunner:
         gate: Gate | None = None,
         *,
         restartable: bool = False,
+        journal: list[bytes] | None = None,
+        splice: Splice | None = None,
     ) -> None:
         """The leg whose answer the client gets. A decode that fails before its first byte is
         retried once on another worker of the role when the hand-off allows it; when it does
@@ -304,7 +404,7 @@ class DisaggRunner:
                 failure = await p.dispatch(
                     greq, responder, role, worker, route,
                     attempt + 1 < attempts or (restartable and not keeps),
-                    leg.path, leg.headers, leg.body, gate,
+                    leg.path, leg.headers, leg.body, gate, journal, splice,
                 )  # fmt: skip
             except GatewayError as exc:
                 if exc.status < 500:  # the request's fault, as the worker said: passed on
@@ -314,6 +414,8 @@ class DisaggRunner:
                 ) from None
             if failure is None:
                 return
+            if isinstance(failure, MidStream):
+                raise _BrokenStream(worker)
             if not keeps:
                 raise _RestartPair(failure)
             tried += (worker,)
@@ -339,6 +441,8 @@ class DisaggRunner:
         decode: Worker,
         route: RouteContext,
         restartable: bool = False,
+        journal: list[bytes] | None = None,
+        splice: Splice | None = None,
     ) -> None:
         """SGLang: P and D at once with the room fixed up front; D relayed, P drained.
 
@@ -374,7 +478,7 @@ class DisaggRunner:
             with decode_scope:
                 await self._final(
                     greq, responder, leg, decode, "d", dialect, pre.handoff, route, gate,
-                    restartable=restartable,
+                    restartable=restartable, journal=journal, splice=splice,
                 )  # fmt: skip
         if failed:
             exc = failed[0]
@@ -385,6 +489,24 @@ class DisaggRunner:
             ):
                 await responder.send(sse_error_event(502, f"prefill stage failed: {exc.message}"))
                 await responder.end()
+
+
+class _BrokenStream(Exception):
+    """The client-facing leg broke after part of its stream reached the client."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker.id)
+        self.worker = worker
+
+
+def _only(group: BaseExceptionGroup, cls: type[BaseException]) -> Any:
+    """The one ``cls`` exception when it is all the group holds (besides cancellations)."""
+    match, rest = group.split(cls)
+    if match is None:
+        return None
+    if rest is not None and rest.split(trio.Cancelled)[1] is not None:
+        return None
+    return _first_leaf(match)
 
 
 class _RestartPair(Exception):

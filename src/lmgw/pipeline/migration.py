@@ -142,6 +142,20 @@ def continuation_body(endpoint: str, obj: dict[str, Any], progress: Progress) ->
     return _encode(out)
 
 
+def next_leg(endpoint: str, obj: Any, progress: Progress) -> tuple[bytes | None, str | None]:
+    """The continuation request for a broken stream, or why there is none: (body, None) or
+    (None, reason)."""
+    reason = eligible(endpoint, obj)
+    if reason is None and not progress.replayable:
+        reason = "the stream carried tool-call or logprob deltas"
+    if reason is None and progress.finished:
+        reason = "the answer was complete"
+    if reason is not None:
+        return None, reason
+    body = continuation_body(endpoint, obj, progress)
+    return (body, None) if body is not None else (None, "the token budget was spent")
+
+
 class Splice:
     """Rewrites the continuation's events so the client sees one stream (see module doc)."""
 

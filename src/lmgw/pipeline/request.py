@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from ..errors import GatewayError
 from ..http.types import Headers
+
+
+class MidStream(GatewayError):
+    """The worker's stream broke after its head reached the client (``Pipeline.dispatch``
+    with a journal): the caller continues it elsewhere or ends it."""
 
 
 class Rewrite(NamedTuple):

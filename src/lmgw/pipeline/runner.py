@@ -27,14 +27,10 @@ from ..workers.registry import Registry
 from ..workers.worker import Worker
 from . import migration
 from .disagg import DisaggRunner, EncodedItems
-from .request import Gate, GatewayRequest
+from .request import Gate, GatewayRequest, MidStream
 
 log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
-
-
-class MidStream(GatewayError):
-    """The worker's stream broke after its head reached the client (see ``dispatch``)."""
 
 
 #: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
@@ -174,15 +170,8 @@ class Pipeline:
             obj = msgspec.json.decode(greq.body)
         except msgspec.DecodeError:
             obj = None
-        reason = migration.eligible(endpoint, obj)
         for _ in range(self.migrations):
-            if reason is None and not progress.replayable:
-                reason = "the stream carried tool-call or logprob deltas"
-            if reason is None and progress.finished:
-                reason = "the answer was complete"
-            body = migration.continuation_body(endpoint, obj, progress) if reason is None else None
-            if reason is None and body is None:
-                reason = "the token budget was spent"
+            body, reason = migration.next_leg(endpoint, obj, progress)
             others = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
             if reason is None and not others:
                 reason = "no other worker"
@@ -209,6 +198,10 @@ class Pipeline:
             progress = migration.extend(progress, migration.progress_of(more, endpoint))
         else:
             reason = f"the stream broke {self.migrations + 1} times"
+        await self.end_broken_stream(responder, role, reason)
+
+    async def end_broken_stream(self, responder: Responder, role: str, reason: str) -> None:
+        """A broken stream that is not continued ends with an SSE error event and [DONE]."""
         self.metrics.migrations.inc((role, "failed"))
         if not getattr(responder, "broken", False):
             await responder.send(
