@@ -1,0 +1,189 @@
+"""A served model's text side in the gateway: prompt tokens, ``/tokenize``, ``/detokenize``, and
+the context-length check, in vLLM's request and response shapes.
+
+One :class:`ModelText` per model that has ``models[].tokenizer``; built at start-up (blocking
+file I/O) by :func:`load_model_texts`. Prompts are rendered exactly as vLLM renders them (chat:
+the template with the request's ``add_generation_prompt``/``continue_final_message``/``tools``/
+``documents``/``chat_template_kwargs``, then encoded without special tokens; completions: the
+prompt encoded with them), so the counts match what the engine will see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from ..errors import GatewayError
+from .chat_template import ChatTemplate, ChatTemplateConfigError
+from .tokenizer import ModelTokenizer, TokenizerLoadError
+
+
+class ModelText:
+    """The tokenizer and chat template of one model, with vLLM's request semantics."""
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: ModelTokenizer,
+        template: ChatTemplate | None,
+        max_model_len: int | None,
+        validate_context: bool = True,
+    ) -> None:
+        self.name = name
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_model_len = max_model_len
+        self.validate_context = validate_context and max_model_len is not None
+
+    # -- prompts ----------------------------------------------------------------------------
+    async def chat_ids(self, obj: Mapping[str, Any]) -> list[int]:
+        """A chat request's prompt ids, as vLLM computes them."""
+        if self.template is None:
+            raise GatewayError(400, f"model {self.name!r} has no chat template", param="messages")
+        kwargs = obj.get("chat_template_kwargs")
+        text = self.template.render(
+            obj.get("messages"),
+            add_generation_prompt=bool(obj.get("add_generation_prompt", True)),
+            continue_final_message=bool(obj.get("continue_final_message", False)),
+            tools=obj.get("tools") if obj.get("tool_choice") != "none" else None,
+            documents=obj.get("documents"),
+            chat_template_kwargs=kwargs if isinstance(kwargs, Mapping) else None,
+        )
+        special = bool(obj.get("add_special_tokens", False))
+        return await self.tokenizer.encode_async(text, add_special_tokens=special)
+
+    async def completion_ids(self, obj: Mapping[str, Any]) -> list[list[int]]:
+        """Each prompt's ids (a completions ``prompt`` may be a batch)."""
+        prompt = obj.get("prompt")
+        special = bool(obj.get("add_special_tokens", True))
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            return [await tok.encode_async(prompt, add_special_tokens=special)]
+        if isinstance(prompt, list) and prompt and all(type(x) is int for x in prompt):
+            tok.check_ids(prompt, param="prompt")
+            return [list(prompt)]
+        if isinstance(prompt, list) and prompt:
+            out = []
+            for p in prompt:
+                if isinstance(p, str):
+                    out.append(await tok.encode_async(p, add_special_tokens=special))
+                elif isinstance(p, list) and all(type(x) is int for x in p):
+                    tok.check_ids(p, param="prompt")
+                    out.append(list(p))
+                else:
+                    raise GatewayError(400, "prompt items must be strings or token-id lists",
+                                       param="prompt")  # fmt: skip
+            return out
+        raise GatewayError(400, "prompt must be a string, a list of strings or token ids",
+                           param="prompt")  # fmt: skip
+
+    # -- the context-length check -------------------------------------------------------------
+    def check_context(self, prompt_len: int, max_tokens: int | None, what: str) -> None:
+        """vLLM's 400 when the prompt plus the requested completion does not fit."""
+        limit = self.max_model_len
+        if limit is None:
+            return
+        if prompt_len >= limit or (max_tokens is not None and prompt_len + max_tokens > limit):
+            asked = prompt_len + (max_tokens or 0)
+            raise GatewayError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested"
+                f" {asked} tokens ({prompt_len} in the {what}, {max_tokens or 0} in the"
+                f" completion). Please reduce the length of the {what} or completion.",
+                param="max_tokens" if max_tokens and prompt_len < limit else what,
+            )
+
+    async def validate(self, endpoint: str, body: bytes) -> bytes:
+        """Check a chat/completions body against the context length; fill ``max_tokens`` in
+        when absent the way vLLM defaults it (what fits, capped by generation_config). Returns
+        the body to forward (the same bytes unless it was filled in)."""
+        try:
+            obj = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return body  # the view decode already refused invalid JSON
+        if not isinstance(obj, dict):
+            return body
+        key = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else None
+        max_tokens = obj.get(key or "max_tokens")
+        if not (max_tokens is None or type(max_tokens) is int):
+            return body  # the worker answers a badly typed value itself
+        if endpoint == "chat":
+            lengths = [len(await self.chat_ids(obj))]
+            what = "messages"
+        else:
+            lengths = [len(ids) for ids in await self.completion_ids(obj)]
+            what = "prompt"
+        for n in lengths:
+            self.check_context(n, max_tokens, what)
+        if max_tokens is not None or self.max_model_len is None:
+            return body
+        room = self.max_model_len - max(lengths)
+        cap = self.tokenizer.generation_max_tokens
+        obj["max_tokens"] = min(room, cap) if cap else room
+        return msgspec.json.encode(obj)
+
+    # -- /tokenize and /detokenize ------------------------------------------------------------
+    async def tokenize(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """vLLM's ``POST /tokenize`` answer for a chat (``messages``) or completion body."""
+        if "messages" in obj:
+            ids = await self.chat_ids(obj)
+        else:
+            prompt = obj.get("prompt")
+            if not isinstance(prompt, str):
+                raise GatewayError(400, "prompt must be a string", param="prompt")
+            ids = await self.tokenizer.encode_async(
+                prompt, add_special_tokens=bool(obj.get("add_special_tokens", True))
+            )
+        if self.max_model_len is not None and len(ids) > self.max_model_len:
+            raise GatewayError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However,"
+                f" your request has {len(ids)} input tokens.",
+            )
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if obj.get("return_token_strs") else None
+        return {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
+
+    async def detokenize(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        tokens = obj.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise GatewayError(400, "tokens must be a list of token ids", param="tokens")
+        self.tokenizer.check_ids(tokens, param="tokens")
+        return {"prompt": await self.tokenizer.decode_async(tokens)}
+
+
+def load_model_texts(models: Sequence[Any]) -> dict[str, ModelText]:
+    """:class:`ModelText` for every ``models[]`` entry with a tokenizer (blocking: start-up).
+
+    Raises:
+        ValueError: a tokenizer or template that cannot be loaded, naming the model.
+    """
+    out: dict[str, ModelText] = {}
+    for m in models:
+        if m.tokenizer is None:
+            continue
+        try:
+            tok = ModelTokenizer.load(m.tokenizer, max_model_len=m.max_model_len)
+            try:
+                template: ChatTemplate | None = ChatTemplate.load(
+                    m.tokenizer,
+                    override=m.chat_template,
+                    special_tokens=tok.special_tokens_map,
+                    content_format=m.chat_template_content_format,
+                    default_kwargs=dict(m.chat_template_kwargs),
+                    media_placeholders=dict(m.media_placeholders),
+                )
+            except ChatTemplateConfigError:
+                if m.chat_template is not None:
+                    raise
+                template = None  # a base model: completions only
+        except (TokenizerLoadError, ChatTemplateConfigError) as exc:
+            raise ValueError(f"model {m.name!r}: {exc}") from None
+        out[m.name] = ModelText(m.name, tok, template, tok.max_model_len, m.validate_context)
+    return out
