@@ -20,6 +20,7 @@ demo: build
 	$(BIN)/python examples/demo.py
 
 test: build
+	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: build

@@ -421,6 +421,26 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
     p2p_nccl_bind: str | None = None
     # An announced instance that has not pinged for this long is removed (3 missed pings + slack).
     p2p_nccl_expiry_s: float = 10.0
+    # A TOML (or .json) file of `[[workers]]`, watched for changes; unset: none. At start-up a
+    # bad file is an error; later a bad edit keeps the previous workers (a typo never drops them).
+    file: str | None = None
+    # How often the file is checked: one stat per second costs nothing.
+    file_interval_s: float = 1.0
+    # Whether a missing file means "no workers" (else it is an error at start-up and, if it
+    # vanishes later, its last workers stay: a file briefly gone during a deploy drops nothing).
+    file_missing_ok: bool = False
+    # redis://[[user]:password@]host[:port][/db] where workers register with a TTL; unset: none.
+    redis_url: str | None = None
+    # Keys are `{redis_prefix}:workers:{id}`; separate fleets can share one Redis.
+    redis_prefix: str = "lmgw"
+    # Poll period (SCAN + MGET); a dead worker leaves after its TTL plus up to this.
+    redis_interval_s: float = 2.0
+    # Per Redis command (and connect): a Redis on the LAN answers in milliseconds.
+    redis_timeout_s: float = 2.0
+    # After Redis comes back, workers missing from it are kept this long before they drain, so
+    # a restart that lost the keys does not empty the fleet before the workers write them again
+    # (the registration helper's default TTL is 10 s, refreshed every TTL/3).
+    redis_reconnect_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         _positive("p2p_nccl_expiry_s", self.p2p_nccl_expiry_s)
@@ -430,6 +450,20 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
                 f"expected a ZeroMQ address like tcp://0.0.0.0:30001, got {bind!r}",
                 path="p2p_nccl_bind",
             )
+        if self.file is not None:
+            _non_empty("file", self.file)
+        _positive("file_interval_s", self.file_interval_s)
+        if self.redis_url is not None:
+            from .workers.discovery.resp import parse_redis_url  # (no cycle: runs after import)
+
+            try:
+                parse_redis_url(self.redis_url)
+            except ValueError as e:  # its messages never contain the password
+                raise ConfigError(str(e), path="redis_url") from None
+        _non_empty("redis_prefix", self.redis_prefix)
+        _positive("redis_interval_s", self.redis_interval_s)
+        _positive("redis_timeout_s", self.redis_timeout_s)
+        _non_negative("redis_reconnect_grace_s", self.redis_reconnect_grace_s)
 
 
 class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -1019,6 +1053,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="listen for vLLM P2P NCCL worker pings, e.g. tcp://0.0.0.0:30001"
         " (discovery.p2p_nccl_bind)",
     )
+    g.add_argument(
+        "--discovery-file",
+        default=None,
+        metavar="PATH",
+        help="watch a TOML/JSON file of [[workers]] (discovery.file)",
+    )
+    g.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="discover workers registered in Redis, redis://[:password@]host:port/db"
+        " (discovery.redis_url)",
+    )
 
 
 # Keys whose values must not appear in messages or in a redacted dump.
@@ -1036,6 +1083,8 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("log_level", "logging", "level", "--log-level"),
     ("api_key", "upstream", "api_key", "--api-key"),
     ("p2p_discovery", "discovery", "p2p_nccl_bind", "--p2p-discovery"),
+    ("discovery_file", "discovery", "file", "--discovery-file"),
+    ("redis_url", "discovery", "redis_url", "--redis-url"),
 )
 
 

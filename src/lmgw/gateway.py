@@ -195,6 +195,11 @@ class Gateway:
         with self._cancel:
             try:
                 async with trio.open_nursery() as nursery:
+                    if cfg.discovery.file is not None or cfg.discovery.redis_url is not None:
+                        # before the monitor: its first round then probes the discovered workers
+                        from .workers.discovery import run_discovery
+
+                        await nursery.start(run_discovery, self, cfg.discovery)
                     await nursery.start(self.monitor.run)
                     if cfg.discovery.p2p_nccl_bind:
                         from .workers.p2p_discovery import run_p2p_discovery
