@@ -80,6 +80,8 @@ def test_toml_and_json_files_give_the_same_workers() -> None:
         ("f.json", '{"workers": [', "JSON syntax error"),
         ("f.json", '[{"url": "http://h"}]', "expected an object"),
         ("f.toml", "\xff", "not UTF-8"),
+        ("f.json", "[" * 100_000, "nested too deeply"),
+        ("f.toml", "a = " + "[" * 100_000, "nested too deeply"),
     ],
 )
 def test_bad_files_are_config_errors_worded_like_the_main_config(
@@ -208,6 +210,16 @@ async def test_gateway_starts_with_the_file_fleet_and_follows_it(
         while "'nope' is not a role" not in caplog.text:
             await trio.sleep(0.01)
     assert ids(gw) == {"b": "healthy"}  # ... and keeps the fleet
+
+
+async def test_a_missing_file_stops_the_gateway_start(tmp_path: Path) -> None:
+    missing = DiscoveryConfig(file=str(tmp_path / "none.toml"))
+    gw = Gateway(GatewayConfig(server=ServerConfig(port=0), discovery=missing))
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.run)
+    assert info.group_contains(ConfigError, match="does not exist", depth=None)
+    assert gw.port is None  # it never listened
 
 
 async def test_run_discovery_without_backends_starts_at_once(nursery: trio.Nursery) -> None:

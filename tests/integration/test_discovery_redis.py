@@ -158,6 +158,7 @@ def test_entries_parse_like_worker_config_and_bad_ones_are_skipped() -> None:
         (b"p:workers:bad-id", b'{"url": "http://h:5", "id": "other"}'),
         (b"p:workers:extra", b'{"url": "http://h:6", "ttl": 3}'),
         (b"p:workers:list", b"[1]"),
+        (b"p:workers:deep", b"[" * 100_000),
         (b"p:workers:\xff", good),
         (b"p:workers: ", good),
     ]
@@ -176,7 +177,8 @@ def test_entries_parse_like_worker_config_and_bad_ones_are_skipped() -> None:
     assert "JSON object" in bad[b"p:workers:list"]
     assert bad[b"p:workers:\xff"] == "key is not UTF-8"
     assert "empty worker id" in bad[b"p:workers: "]
-    assert len(bad) == 7
+    assert bad[b"p:workers:deep"].startswith("not JSON")
+    assert len(bad) == 8
 
 
 def test_key_pattern_escapes_glob_characters() -> None:

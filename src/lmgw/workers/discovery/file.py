@@ -50,18 +50,21 @@ def parse_workers_file(data: bytes, path: str) -> list[WorkerConfig]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text: {e}", source=source) from None
-    if path.lower().endswith(".json"):
-        try:
-            doc = msgspec.json.decode(text)
-        except msgspec.DecodeError as e:
-            raise ConfigError(f"JSON syntax error: {e}", source=source) from None
-        if not isinstance(doc, dict):
-            raise ConfigError('expected an object like {"workers": [...]}', source=source)
-        _only_workers(doc, source)
-        return config_from_mapping({"workers": doc.get("workers", [])}, source=source).workers
-    cfg = loads_config(text, source=source)  # TOML syntax and worker errors, worded as for config
-    _only_workers(tomllib.loads(text), source)
-    return cfg.workers
+    try:
+        if path.lower().endswith(".json"):
+            try:
+                doc = msgspec.json.decode(text)
+            except msgspec.DecodeError as e:
+                raise ConfigError(f"JSON syntax error: {e}", source=source) from None
+            if not isinstance(doc, dict):
+                raise ConfigError('expected an object like {"workers": [...]}', source=source)
+            _only_workers(doc, source)
+            return config_from_mapping({"workers": doc.get("workers", [])}, source=source).workers
+        cfg = loads_config(text, source=source)  # TOML syntax and worker errors, as for config
+        _only_workers(tomllib.loads(text), source)
+        return cfg.workers
+    except RecursionError:  # both parsers recurse on nesting; a worker list is two levels deep
+        raise ConfigError("nested too deeply to be a worker list", source=source) from None
 
 
 def _only_workers(doc: dict, source: str) -> None:
