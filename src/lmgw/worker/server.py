@@ -1,0 +1,689 @@
+"""The worker's end of the native protocol: an :class:`~lmgw.worker.engine.Engine` behind a
+ZeroMQ ROUTER (docs/native-protocol.md, "Worker side").
+
+Tasks and ownership (all in :meth:`WorkerServer.run`'s nurseries, nothing outlives it):
+
+* one *reader* per socket, the only task receiving on it. It decodes, answers control
+  messages (Register, Heartbeat, MetricsRequest, Abort, refusals) on the spot with a
+  non-blocking send, and starts one *job* task per stage request. It never awaits the engine
+  or a data send, so a heartbeat is answered while a job waits for room to send its tensors.
+* *jobs* (one per Generate/Prefill/Encode) run the engine and send their own answers.
+  ``Abort`` and the request's deadline cancel the job's scope; the job then awaits
+  ``engine.abort`` (shielded, bounded). A peer that stops reading makes the job's sends time
+  out, which aborts the job too: a worker never generates for nobody.
+* the *outbox* task retries control answers that found a full queue (bounded by time).
+* the *announcer* (with ``gateways``) tells registration endpoints where to reach us.
+
+Heartbeats never queue behind data (seed weakness 6). Inside the process they do not wait
+for engine work or for sends (the reader answers them at once). On the wire, a separate
+**control ROUTER** (``control_bind``) serves Heartbeat and MetricsRequest on its own TCP
+connection. A ZeroMQ pipe is FIFO per peer: once a 100 MiB tensor is handed to it, a
+heartbeat ack queued on the same connection waits until the whole tensor has gone out, and
+no sender-side priority can overtake bytes that are already in the pipe. A second
+connection can, so a gateway that probes there sees a worker that is alive even while its
+data connection is saturated or stuck.
+
+Sends: ROUTER with ``ROUTER_MANDATORY``. A job never uses a blocking send. With several
+peers a ROUTER reports POLLOUT when *any* peer has room, so waiting on POLLOUT would spin
+while one peer is full. Instead a job retries a non-blocking send with a short backoff until
+``send_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket as _socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+import zmq
+from trio.lowlevel import checkpoint
+
+from ..protocol.messages import (
+    CAPABILITIES,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Abort,
+    Delta,
+    Drain,
+    Encode,
+    EncodeDone,
+    Exit,
+    Failure,
+    FailureCode,
+    Finish,
+    Generate,
+    Heartbeat,
+    HeartbeatAck,
+    Incoming,
+    Message,
+    Metrics,
+    MetricsRequest,
+    Prefill,
+    PrefillDone,
+    ProtocolError,
+    Register,
+    RegisterAck,
+    Token,
+    Usage,
+    decode_frames,
+    encode_frames,
+    negotiate,
+)
+from ..transport.zmq.socket import DEFAULT_HWM, PeerUnreachable, ZmqSocket
+from .announce import Announce, advertised_endpoint, announce_loop
+from .engine import ROLE_NAMES, Engine, EngineError, EngineRequest
+
+__all__ = ["SERVER_CAPABILITIES", "WorkerServer", "control_endpoint_for"]
+
+log = logging.getLogger("lmgw.worker")
+
+SERVER_CAPABILITIES: frozenset[str] = frozenset({"abort", "metrics", "drain"})
+"""What the server implements for any engine (the engine adds its stage capabilities)."""
+WAITING_METRIC = "vllm:num_requests_waiting"
+"""The engine metric a HeartbeatAck reports as ``queued``."""
+
+_STAGE_ROLES: dict[type[Message], tuple[str, ...]] = {
+    Generate: ("d", "pd"),
+    Prefill: ("p", "pd"),
+    Encode: ("e",),
+}
+_CHECKPOINT_EVERY = 16
+_MAX_BACKOFF_S = 0.05
+
+
+class _PeerGone(Exception):
+    """A send found the peer disconnected, or not reading for ``send_timeout_s``."""
+
+
+class _Job:
+    __slots__ = ("aborted", "kind", "peer", "request_id", "scope", "timeout_s")
+
+    def __init__(
+        self, peer: bytes, request_id: str, kind: type[Message], timeout_s: float | None
+    ) -> None:
+        self.peer = peer
+        self.request_id = request_id
+        self.kind = kind
+        self.timeout_s = timeout_s
+        self.scope = trio.CancelScope()
+        if timeout_s is not None:
+            self.scope.deadline = trio.current_time() + timeout_s
+        self.aborted: str | None = None  # the gateway's reason, once it aborted the request
+
+
+class _Peer:
+    __slots__ = ("capabilities", "client", "version")
+
+    def __init__(self, client: str, version: int, capabilities: frozenset[str]) -> None:
+        self.client = client
+        self.version = version
+        self.capabilities = capabilities
+
+
+def control_endpoint_for(bind: str) -> str:
+    """The default control endpoint next to a data endpoint: same host on a free port for
+    tcp, ``<path>-ctl`` for ipc and inproc."""
+    scheme, sep, rest = bind.partition("://")
+    if not sep:
+        raise ValueError(f"not a ZeroMQ endpoint: {bind!r}")
+    if scheme == "tcp":
+        return f"tcp://{rest.rpartition(':')[0]}:0"
+    if scheme in ("ipc", "inproc"):
+        return f"{bind}-ctl"
+    raise ValueError(f"no default control endpoint for {scheme}:// (give control_bind)")
+
+
+class WorkerServer:
+    """Serve ``engine`` on a ROUTER until cancelled or drained.
+
+    ::
+
+        server = await nursery.start(WorkerServer(engine, bind="tcp://127.0.0.1:0").run)
+        server.endpoint, server.control_endpoint   # the bound addresses
+        server.drain()                             # finish in-flight work, then Exit
+
+    Args:
+        engine: what runs the stages.
+        bind: the data endpoint (``tcp://host:0`` picks a free port).
+        control_bind: the control endpoint (Heartbeat, MetricsRequest); ``"auto"`` derives
+            one from ``bind`` (:func:`control_endpoint_for`), None: no control socket.
+        max_inflight: stage requests running at once; more are refused ``overloaded``.
+        gateways: registration endpoints to announce this worker to (see :mod:`.announce`).
+        advertise: the data endpoint to announce (default: the bound one, wildcard host
+            replaced by the address that routes to each gateway).
+        send_timeout_s: how long a job waits for a peer that does not read before aborting.
+        drain_grace_s: how long :meth:`drain` lets in-flight requests finish.
+        abort_timeout_s: bound on ``engine.abort`` after a job ended early.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        bind: str = "tcp://127.0.0.1:0",
+        control_bind: str | None = "auto",
+        worker_id: str | None = None,
+        max_inflight: int = 256,
+        gateways: Sequence[str] = (),
+        advertise: str | None = None,
+        announce_interval_s: float = 2.0,
+        send_timeout_s: float = 10.0,
+        drain_grace_s: float = 30.0,
+        abort_timeout_s: float = 5.0,
+        hwm: int = DEFAULT_HWM,
+        max_msg_size: int = -1,
+        recv_copy: bool = True,
+        max_peers: int = 1024,
+        min_version: int = MIN_PROTOCOL_VERSION,
+        max_version: int = PROTOCOL_VERSION,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        self.engine = engine
+        self.bind = bind
+        self.control_bind = control_endpoint_for(bind) if control_bind == "auto" else control_bind
+        self.worker_id = worker_id or f"{engine.role}-{_socket.gethostname()}-{os.getpid()}"
+        self.max_inflight = max_inflight
+        self.gateways = tuple(gateways)
+        self.advertise = advertise
+        self.announce_interval_s = announce_interval_s
+        self.send_timeout_s = send_timeout_s
+        self.drain_grace_s = drain_grace_s
+        self.abort_timeout_s = abort_timeout_s
+        self.min_version = min_version
+        self.max_version = max_version
+        self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
+        self._ctx = ctx
+        self._hwm = hwm
+        self._max_msg_size = max_msg_size
+        self._recv_copy = recv_copy
+        self._max_peers = max_peers
+        self.instance = uuid.uuid4().hex
+        self.endpoint = ""
+        self.control_endpoint: str | None = None
+        self.draining = False
+        self.drain_reason = ""
+        self._sock: ZmqSocket | None = None
+        self._peers: collections.OrderedDict[bytes, _Peer] = collections.OrderedDict()
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_nursery: trio.Nursery | None = None
+        self._job_ended = trio.Event()
+        self._drain_requested = trio.Event()
+        self._state_changed = trio.Event()
+        self._outbox: collections.deque[tuple[ZmqSocket, list[Any], float]] = collections.deque()
+        self._outbox_ready = trio.Event()
+        self._fast = 0
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "requests",
+                "completed",
+                "failed",
+                "aborted",
+                "timeouts",
+                "rejected",
+                "killed",
+                "peer_gone",
+                "malformed",
+                "heartbeats",
+                "replies_dropped",
+            ),
+            0,
+        )
+
+    # -- lifetime -------------------------------------------------------------------------------
+    async def run(
+        self, *, task_status: trio.TaskStatus[WorkerServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, then serve until cancelled, or until a :meth:`drain` completes (then ``Exit``
+        has been sent to every registered gateway and this returns)."""
+        self.instance = uuid.uuid4().hex  # a new instance per start: restarts are visible
+        data = ZmqSocket.open(self._ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=self._max_msg_size)
+        control: ZmqSocket | None = None
+        exit_reason = "worker stopped"
+        try:
+            self.endpoint = data.bind(self.bind)
+            if self.control_bind:
+                control = ZmqSocket.open(self._ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=1 << 20)
+                self.control_endpoint = control.bind(self.control_bind)
+            self._sock = data
+            log.info(
+                "worker %s (%s) serving %s, control %s",
+                self.worker_id,
+                ROLE_NAMES[self.engine.role],
+                self.endpoint,
+                self.control_endpoint,
+            )
+            async with trio.open_nursery() as service:
+                service.start_soon(self._reader, data, False, name="worker reader")
+                if control is not None:
+                    service.start_soon(self._reader, control, True, name="worker control reader")
+                service.start_soon(self._outbox_task, name="worker outbox")
+                if self.gateways:
+                    service.start_soon(self._announce, name="worker announcer")
+                async with trio.open_nursery() as jobs:
+                    self._jobs_nursery = jobs
+                    task_status.started(self)
+                    await self._drain_requested.wait()
+                    exit_reason = await self._finish_drain(jobs)
+                self._jobs_nursery = None
+                self._send_exit(data, exit_reason, self.stats["killed"])
+                service.cancel_scope.cancel()
+        finally:
+            self._jobs_nursery = None
+            if not data.closed and self._peers:
+                self._send_exit(data, exit_reason, self.stats["killed"])
+            data.close()
+            if control is not None:
+                control.close()
+
+    def drain(self, reason: str = "draining", grace_s: float | None = None) -> None:
+        """Take nothing new (``Failure(draining)``), tell the gateways (``Drain``), let the
+        requests in flight finish for up to ``grace_s``, cancel the rest, send ``Exit`` and
+        return from :meth:`run`. Idempotent."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_reason = reason
+        if grace_s is not None:
+            self.drain_grace_s = grace_s
+        self._drain_requested.set()
+        self._wake_state()
+
+    async def _finish_drain(self, jobs: trio.Nursery) -> str:
+        sock = self._sock
+        assert sock is not None
+        notice = Drain(self.drain_reason, self.drain_grace_s)
+        for peer in list(self._peers):
+            self._reply(sock, peer, notice)
+        with trio.move_on_after(self.drain_grace_s):
+            while self._jobs:
+                await self._job_ended.wait()
+        left = len(self._jobs)
+        if left:
+            log.warning("drain grace (%gs) over: %d requests cut short", self.drain_grace_s, left)
+        jobs.cancel_scope.cancel()
+        return self.drain_reason
+
+    def _send_exit(self, sock: ZmqSocket, reason: str, in_flight: int) -> None:
+        notice = Exit(reason, in_flight)
+        for peer in list(self._peers):
+            with contextlib.suppress(PeerUnreachable, trio.ClosedResourceError):
+                sock.try_send_multipart(encode_frames(notice, envelope=(peer,)))
+        self._peers.clear()
+
+    def _wake_state(self) -> None:
+        event, self._state_changed = self._state_changed, trio.Event()
+        event.set()
+
+    # -- the readers ----------------------------------------------------------------------------
+    async def _reader(self, sock: ZmqSocket, control: bool) -> None:
+        copy = self._recv_copy
+        while True:
+            frames = await sock.recv_multipart(copy=copy)
+            first = frames[0]
+            peer = first.bytes if isinstance(first, zmq.Frame) else bytes(first)
+            try:
+                incoming = decode_frames(frames, envelope=1)
+            except ProtocolError as exc:
+                self.stats["malformed"] += 1
+                log.warning("unreadable message ignored: %s", exc)
+                self._reply(sock, peer, Failure.of("", exc.code, str(exc)))
+                continue
+            self._handle(sock, control, peer, incoming)
+
+    def _handle(self, sock: ZmqSocket, control: bool, peer: bytes, incoming: Incoming) -> None:
+        msg = incoming.msg
+        cls = type(msg)
+        if cls is Heartbeat:
+            self.stats["heartbeats"] += 1
+            if not control and peer not in self._peers:
+                self._refuse(sock, peer, msg, FailureCode.NOT_REGISTERED, "register first")
+                return
+            self._reply(sock, peer, self._heartbeat_ack(msg.request_id))  # type: ignore[attr-defined]
+        elif cls is MetricsRequest:
+            if not control and peer not in self._peers:
+                self._refuse(sock, peer, msg, FailureCode.NOT_REGISTERED, "register first")
+                return
+            self._reply(sock, peer, self._metrics(msg.request_id))  # type: ignore[attr-defined]
+        elif control:
+            self._refuse(
+                sock,
+                peer,
+                msg,
+                FailureCode.UNSUPPORTED,
+                "the control endpoint answers Heartbeat and MetricsRequest only",
+            )
+        elif cls is Register:
+            self._register(sock, peer, msg)  # type: ignore[arg-type]
+        elif cls is Abort:
+            job = self._jobs.get(msg.request_id)  # type: ignore[attr-defined]
+            if job is not None and job.peer == peer and job.aborted is None:
+                job.aborted = msg.reason or "aborted"  # type: ignore[attr-defined]
+                job.scope.cancel()
+        elif cls in _STAGE_ROLES:
+            self._admit(sock, peer, incoming)
+        else:
+            self.stats["malformed"] += 1
+            self._refuse(
+                sock, peer, msg, FailureCode.PROTOCOL, f"a worker does not accept {cls.__name__}"
+            )
+
+    def _register(self, sock: ZmqSocket, peer: bytes, msg: Register) -> None:
+        try:
+            version, caps = negotiate(
+                msg,
+                min_version=self.min_version,
+                max_version=self.max_version,
+                capabilities=self.capabilities,
+            )
+        except ProtocolError as exc:
+            self._reply(sock, peer, Failure.of(msg.request_id, exc.code, str(exc)))
+            return
+        peers = self._peers
+        peers[peer] = _Peer(msg.client, version, caps)
+        peers.move_to_end(peer)
+        while len(peers) > self._max_peers:  # identities of gateways that reconnected
+            peers.popitem(last=False)
+        engine = self.engine
+        ack = RegisterAck(
+            msg.request_id,
+            version,
+            sorted(caps),
+            self.worker_id,
+            self.instance,
+            [ROLE_NAMES[engine.role]],
+            list(engine.models),
+            self.max_inflight,
+        )
+        self._reply(sock, peer, ack)
+        if self.draining:  # a gateway that (re)connects during a drain learns it at once
+            self._reply(sock, peer, Drain(self.drain_reason, self.drain_grace_s))
+
+    def _admit(self, sock: ZmqSocket, peer: bytes, incoming: Incoming) -> None:
+        msg: Any = incoming.msg
+        rid: str = msg.request_id
+        engine = self.engine
+        if peer not in self._peers:
+            code, why = FailureCode.NOT_REGISTERED, "register first"
+        elif self.draining or self._jobs_nursery is None:
+            code, why = FailureCode.DRAINING, f"the worker is draining ({self.drain_reason})"
+        elif engine.role not in _STAGE_ROLES[type(msg)]:
+            code = FailureCode.UNSUPPORTED
+            why = f"a {ROLE_NAMES[engine.role]} worker does not run {type(msg).__name__}"
+        elif engine.models and msg.model not in engine.models:
+            code = FailureCode.BAD_REQUEST
+            why = f"model {msg.model!r} is not served here (serving {', '.join(engine.models)})"
+        elif rid in self._jobs:
+            code, why = FailureCode.BAD_REQUEST, f"request id {rid!r} is already in flight"
+        elif len(self._jobs) >= self.max_inflight:
+            code = FailureCode.OVERLOADED
+            why = f"{len(self._jobs)} requests in flight (max_inflight={self.max_inflight})"
+        elif msg.timeout_s is not None and msg.timeout_s <= 0:
+            code, why = FailureCode.TIMEOUT, "the request's deadline passed before it arrived"
+        else:
+            payload = incoming.payload
+            tensors = tuple(payload[ref.frame] for ref in msg.tensors)
+            job = _Job(peer, rid, type(msg), msg.timeout_s)
+            self._jobs[rid] = job
+            self.stats["requests"] += 1
+            self._jobs_nursery.start_soon(self._run_job, sock, job, EngineRequest(msg, tensors))
+            return
+        self.stats["rejected"] += 1
+        self._reply(sock, peer, Failure.of(rid, code, why))
+
+    # -- control answers ------------------------------------------------------------------------
+    def _heartbeat_ack(self, request_id: str) -> HeartbeatAck:
+        try:
+            queued = int(self.engine.metrics().get(WAITING_METRIC, 0))
+        except Exception:  # a probe must not fail because a gauge did
+            queued = 0
+        return HeartbeatAck(
+            request_id, self.instance, len(self._jobs), max(0, queued), self.draining
+        )
+
+    def _metrics(self, request_id: str) -> Message:
+        try:
+            values = {k: float(v) for k, v in self.engine.metrics().items()}
+        except Exception as exc:
+            log.exception("engine metrics failed")
+            return Failure.of(request_id, FailureCode.ENGINE_ERROR, f"metrics: {exc}")
+        stats = self.stats
+        values.update(
+            {
+                "lmgw_worker_in_flight": float(len(self._jobs)),
+                "lmgw_worker_max_inflight": float(self.max_inflight),
+                "lmgw_worker_draining": float(self.draining),
+                "lmgw_worker_requests_total": float(stats["requests"]),
+                "lmgw_worker_completed_total": float(stats["completed"]),
+                "lmgw_worker_failed_total": float(stats["failed"]),
+                "lmgw_worker_aborted_total": float(stats["aborted"]),
+                "lmgw_worker_timeouts_total": float(stats["timeouts"]),
+                "lmgw_worker_rejected_total": float(stats["rejected"]),
+                "lmgw_worker_malformed_total": float(stats["malformed"]),
+            }
+        )
+        return Metrics(request_id, values)
+
+    def _refuse(
+        self, sock: ZmqSocket, peer: bytes, msg: Message, code: FailureCode, why: str
+    ) -> None:
+        self._reply(sock, peer, Failure.of(getattr(msg, "request_id", "") or "", code, why))
+
+    def _reply(self, sock: ZmqSocket, peer: bytes, msg: Message) -> None:
+        """Send a control answer now; if the peer's queue is full, leave it to the outbox."""
+        frames = encode_frames(msg, envelope=(peer,))
+        try:
+            if sock.try_send_multipart(frames):
+                return
+        except PeerUnreachable:
+            self._peers.pop(peer, None)
+            return
+        except trio.ClosedResourceError:
+            return
+        if len(self._outbox) >= 4096:
+            self.stats["replies_dropped"] += 1
+            return
+        self._outbox.append((sock, frames, trio.current_time() + self.send_timeout_s))
+        self._outbox_ready.set()
+
+    async def _outbox_task(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            while self._outbox:
+                now = trio.current_time()
+                keep: collections.deque[tuple[ZmqSocket, list[Any], float]] = collections.deque()
+                for item in self._outbox:
+                    sock, frames, deadline = item
+                    try:
+                        sent = sock.try_send_multipart(frames)
+                    except (PeerUnreachable, trio.ClosedResourceError):
+                        sent = True  # nobody to send to: drop it
+                    if not sent:
+                        if now < deadline:
+                            keep.append(item)
+                        else:
+                            self.stats["replies_dropped"] += 1
+                self._outbox = keep
+                if keep:
+                    await trio.sleep(0.005)
+
+    # -- jobs -----------------------------------------------------------------------------------
+    async def _run_job(self, sock: ZmqSocket, job: _Job, req: EngineRequest[Any]) -> None:
+        rid = job.request_id
+        completed = False
+        try:
+            try:
+                with job.scope:
+                    if job.kind is Generate:
+                        await self._generate(sock, job, req)
+                    elif job.kind is Prefill:
+                        res = await self.engine.prefill(req)
+                        done = PrefillDone(
+                            rid, res.kv_transfer_params, res.usage, list(res.first_token_ids)
+                        )
+                        await self._send(sock, job.peer, done, res.payload)
+                    else:
+                        enc = await self.engine.encode(req)
+                        done_e = EncodeDone(rid, list(enc.mm_hashes), enc.ec_transfer_params)
+                        await self._send(sock, job.peer, done_e, enc.payload)
+                    completed = True
+            except trio.Cancelled:
+                self.stats["killed"] += 1  # cancelled from outside: the worker is stopping
+                raise
+            if completed:
+                self.stats["completed"] += 1
+            elif job.aborted is not None:
+                self.stats["aborted"] += 1  # the gateway asked: it expects no answer
+            else:
+                self.stats["timeouts"] += 1
+                await self._send_failure(
+                    sock, job, FailureCode.TIMEOUT, f"the deadline ({job.timeout_s:g}s) passed"
+                )
+        except _PeerGone as exc:
+            self.stats["peer_gone"] += 1
+            log.info("request %s stopped: %s", rid, exc)
+        except EngineError as exc:
+            self.stats["failed"] += 1
+            await self._send_failure(sock, job, exc.code, exc.message)
+        except Exception as exc:
+            self.stats["failed"] += 1
+            log.exception("request %s failed in the engine", rid)
+            await self._send_failure(
+                sock, job, FailureCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"
+            )
+        finally:
+            del self._jobs[rid]
+            if not completed:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self.abort_timeout_s
+                    try:
+                        await self.engine.abort(rid)
+                    except Exception:
+                        log.exception("engine.abort(%s) failed", rid)
+            event, self._job_ended = self._job_ended, trio.Event()
+            event.set()
+
+    async def _generate(self, sock: ZmqSocket, job: _Job, req: EngineRequest[Generate]) -> None:
+        rid, peer = job.request_id, job.peer
+        stream = req.msg.stream
+        seq = 0
+        texts: list[str] = []
+        ids: list[int] = []
+        logprobs: list[Token] | None = None
+        async with contextlib.aclosing(self.engine.generate(req)) as outputs:  # type: ignore[type-var]
+            async for out in outputs:
+                if out.text or out.token_ids or out.logprobs:
+                    if stream:
+                        delta = Delta(rid, seq, out.text, list(out.token_ids), out.logprobs)
+                        await self._send(sock, peer, delta)
+                        seq += 1
+                    else:
+                        texts.append(out.text)
+                        ids.extend(out.token_ids)
+                        if out.logprobs:
+                            logprobs = (logprobs or []) + out.logprobs
+                if out.finish_reason is not None:
+                    if not stream and (texts or ids or logprobs):
+                        await self._send(sock, peer, Delta(rid, 0, "".join(texts), ids, logprobs))
+                        seq = 1
+                    finish = Finish(
+                        rid,
+                        seq,
+                        out.finish_reason,
+                        out.stop_reason,
+                        out.usage or Usage(),
+                        out.kv_transfer_params,
+                    )
+                    await self._send(sock, peer, finish)
+                    return
+        raise EngineError(FailureCode.ENGINE_ERROR, "the engine ended without a finish reason")
+
+    async def _send(
+        self, sock: ZmqSocket, peer: bytes, msg: Message, payload: Sequence[Any] = ()
+    ) -> None:
+        """Send a job's answer (payload frames zero-copy). A checkpoint every few sends lets an
+        abort in; a full queue is retried with backoff for ``send_timeout_s``, then the peer
+        is given up on (``_PeerGone``)."""
+        frames = encode_frames(msg, payload, envelope=(peer,))
+        fast = self._fast + 1
+        if fast >= _CHECKPOINT_EVERY:
+            fast = 0
+            await checkpoint()  # before the send: a cancel here loses nothing
+        self._fast = fast
+        try:
+            if sock.try_send_multipart(frames):
+                return
+            deadline = trio.current_time() + self.send_timeout_s
+            delay = 0.001
+            while True:
+                await trio.sleep(delay)
+                if sock.try_send_multipart(frames):
+                    return
+                if trio.current_time() >= deadline:
+                    raise _PeerGone(f"the gateway read nothing for {self.send_timeout_s:g}s")
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+        except PeerUnreachable:
+            self._peers.pop(peer, None)
+            raise _PeerGone("the gateway disconnected") from None
+
+    async def _send_failure(
+        self, sock: ZmqSocket, job: _Job, code: FailureCode, message: str
+    ) -> None:
+        with contextlib.suppress(_PeerGone, trio.ClosedResourceError):
+            await self._send(sock, job.peer, Failure.of(job.request_id, code, message))
+
+    # -- announcing -----------------------------------------------------------------------------
+    async def _announce(self) -> None:
+        engine = self.engine
+        control = self.control_endpoint
+
+        def make(gateway: str) -> Announce:
+            endpoint = self.advertise or advertised_endpoint(self.endpoint, gateway)
+            return Announce(
+                self.worker_id,
+                self.instance,
+                endpoint,
+                advertised_endpoint(control, gateway) if control else None,
+                [ROLE_NAMES[engine.role]],
+                list(engine.models),
+                self.min_version,
+                self.max_version,
+                self.max_inflight,
+                self.announce_interval_s,
+                "draining" if self.draining else "up",
+            )
+
+        await announce_loop(
+            self.gateways,
+            make,
+            ctx=self._ctx,
+            interval_s=self.announce_interval_s,
+            wake=lambda: self._state_changed,
+        )
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        out["in_flight"] = len(self._jobs)
+        out["peers"] = len(self._peers)
+        out["draining"] = self.draining
+        if self._sock is not None:
+            out.update(self._sock.statistics())
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerServer {self.worker_id} {self.endpoint or 'unbound'} jobs={len(self._jobs)}>"
+        )
