@@ -43,11 +43,17 @@ class HealthMonitor:
         self._ok_streak: dict[str, int] = {}
         self._fail_streak: dict[str, int] = {}
         self._wake = trio.Event()
-        self._probed: set[str] = set()  # worker ids probed at least once
+        self._probing: set[str] = set()  # worker ids with a probe in progress
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health."""
-        self._probed.add(worker.id)
+        self._probing.add(worker.id)
+        try:
+            return await self._probe(worker)
+        finally:
+            self._probing.discard(worker.id)
+
+    async def _probe(self, worker: Worker) -> bool:
         ok, reason = False, ""
         try:
             with trio.fail_after(self.cfg.timeout_s):
@@ -117,10 +123,8 @@ class HealthMonitor:
                 nursery.start_soon(self.probe, worker)
 
     def _on_change(self, worker: Worker) -> None:
-        if worker.state is WorkerState.STARTING and worker.id not in self._probed:
-            self._wake.set()  # added at run time: probe it now, not at the next period
-        elif worker.state is WorkerState.GONE:
-            self._probed.discard(worker.id)
+        if worker.state is WorkerState.STARTING and worker.id not in self._probing:
+            self._wake.set()  # added (or re-announced) at run time: probe it now
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe everything once (so the gateway starts with a known fleet), then periodically;
