@@ -37,6 +37,7 @@ __all__ = [
     "ROLES",
     "ROLE_NAMES",
     "SERVER_KINDS",
+    "AdminConfig",
     "ConfigError",
     "Flow",
     "GatewayConfig",
@@ -304,8 +305,24 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Open client connections; above it a new connection gets a 503 and is closed, so a flood
     # cannot exhaust file descriptors.
     max_connections: int = 4096
+    # Requests the gateway runs at once (admission control); 0 = unlimited. Over it a request
+    # waits in the queue below, so an overloaded fleet sheds load with 429s instead of slowing
+    # every request down.
+    max_concurrent_requests: int = 0
+    # Requests in flight on one worker; a worker at the cap is skipped, and a request finding
+    # every worker at it gets a 503 with Retry-After. 0 = unlimited.
+    max_in_flight_per_worker: int = 0
+    # Requests that may wait for a slot under max_concurrent_requests (FIFO); a full queue is a
+    # 429 at once. 100 as in sgl-router; 0 rejects at once whenever the cap is reached.
+    queue_size: int = 100
+    # Longest wait in that queue before a 429; 60 s as in sgl-router.
+    queue_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _at_least("max_concurrent_requests", self.max_concurrent_requests, 0)
+        _at_least("max_in_flight_per_worker", self.max_in_flight_per_worker, 0)
+        _at_least("queue_size", self.queue_size, 0)
+        _positive("queue_timeout_s", self.queue_timeout_s)
         _at_least("max_header_bytes", self.max_header_bytes, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1)
         _positive("header_timeout_s", self.header_timeout_s)
@@ -482,6 +499,24 @@ class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
         _set(self, "level", level)
 
 
+class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Who may use the admin API (``/admin/*``: add, remove and drain workers)."""
+
+    # Bearer token of the admin API, separate from any API key; unset: the admin API answers
+    # 403 (never open by default). Prefer LMGW_ADMIN_TOKEN to a secret in a file.
+    token: str | None = None
+    # Let clients on a loopback address in without the token (a single-host setup). Off:
+    # behind a reverse proxy on the same host every client looks local.
+    allow_unauthenticated_localhost: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token is not None:
+            if self.token != self.token.strip() or not self.token:
+                raise ConfigError("must not be empty or start or end with whitespace", path="token")
+            if not self.token.isascii() or not self.token.isprintable():
+                raise ConfigError("must be printable ASCII (it is sent in a header)", path="token")
+
+
 class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A model the gateway serves, and how its requests flow through the worker roles."""
 
@@ -598,6 +633,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Limits on request media and where it may come from (docs/multimodal.md).
     media: MediaLimits = msgspec.field(default_factory=MediaLimits)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # The admin API's token (docs/operations.md, "Admin API").
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
     # Empty: workers come from discovery or the admin API.
@@ -644,6 +681,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "routing": RoutingConfig,
     "health": HealthConfig,
     "logging": LoggingConfig,
+    "admin": AdminConfig,
 }
 
 
@@ -1066,10 +1104,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="discover workers registered in Redis, redis://[:password@]host:port/db"
         " (discovery.redis_url)",
     )
+    g.add_argument(
+        "--admin-token",
+        default=None,
+        metavar="TOKEN",
+        help="bearer token of the admin API (admin.token); prefer $LMGW_ADMIN_TOKEN",
+    )
 
 
 # Keys whose values must not appear in messages or in a redacted dump.
-_SECRET_KEYS = frozenset({"api_key"})
+_SECRET_KEYS = frozenset({"api_key", "token"})
 
 # flag attribute -> (section, key, flag text)
 _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
@@ -1085,6 +1129,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("p2p_discovery", "discovery", "p2p_nccl_bind", "--p2p-discovery"),
     ("discovery_file", "discovery", "file", "--discovery-file"),
     ("redis_url", "discovery", "redis_url", "--redis-url"),
+    ("admin_token", "admin", "token", "--admin-token"),
 )
 
 
@@ -1301,8 +1346,8 @@ def dump_config(cfg: GatewayConfig, *, redact: bool = False) -> str:
     """The effective config as TOML text (``lmgw serve --print-config``); loads back equal.
 
     Args:
-        redact: replace secrets (``upstream.api_key``) with ``"<redacted>"``, for output that
-            may end up in a terminal log or a bug report.
+        redact: replace secrets (``upstream.api_key``, ``admin.token``) with ``"<redacted>"``,
+            for output that may end up in a terminal log or a bug report.
     """
     lines: list[str] = []
     _toml_table(lines, None, cfg, redact)

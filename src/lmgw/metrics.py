@@ -213,6 +213,26 @@ class Metrics:
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
+        # Admission control (lmgw.admission): the gauges are read at scrape time from the
+        # Admission object, which sets their ``collect``; the request path only counts.
+        self.requests_in_flight = Gauge(
+            "lmgw_requests_in_flight", "Client requests admitted and not yet finished."
+        )
+        self.admission_queue_depth = Gauge(
+            "lmgw_admission_queue_depth",
+            "Requests waiting for a slot under limits.max_concurrent_requests.",
+        )
+        self.admission_rejected = Counter(
+            "lmgw_admission_rejected_total",
+            "Requests turned away for capacity: queue_full and queue_timeout (429),"
+            " worker_capacity (503: every worker at limits.max_in_flight_per_worker).",
+            ("reason",),
+        )
+        for reason in ("queue_full", "queue_timeout", "worker_capacity"):
+            self.admission_rejected.inc((reason,), 0.0)  # exported as 0 before the first
+        for metric in (self.requests_in_flight, self.admission_queue_depth,
+                       self.admission_rejected):  # fmt: skip
+            self.add(metric)
 
     def add(self, metric: Counter | Gauge | Histogram) -> None:
         self._all.append(metric)

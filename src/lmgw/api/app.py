@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+from ..admission import Admission
 from ..errors import GatewayError
 from ..http.types import Request, Responder
+from .admin import PREFIX as ADMIN_WORKERS
+from .admin import AdminAPI
 from .openai import OpenAIAPI, send_error
 from .ops import OpsAPI
 
@@ -19,6 +22,15 @@ class App:
     def __init__(self, gateway) -> None:
         self.openai = OpenAIAPI(gateway)
         self.ops = OpsAPI(gateway)
+        self.admin = AdminAPI(gateway)
+        limits = gateway.config.limits
+        #: limits.max_concurrent_requests and its queue (lmgw.admission)
+        self.admission = self.openai.admission = Admission(
+            limits.max_concurrent_requests,
+            limits.queue_size,
+            limits.queue_timeout_s,
+            gateway.metrics,
+        )
         self.routes: dict[str, dict[str, Endpoint]] = {
             # partials, not the chat()/completions() wrappers: one coroutine frame fewer
             "/v1/chat/completions": {
@@ -36,6 +48,8 @@ class App:
             "/v1/models": {"GET": self.openai.models},
             "/health": {"GET": self.ops.health},
             "/metrics": {"GET": self.ops.metrics},
+            # /admin/workers/{id}[/drain|/undrain] are matched by prefix in __call__
+            ADMIN_WORKERS: {"GET": self.admin.workers, "POST": self.admin.workers},
         }
 
     async def on_timeout(self, req: Request, responder: Responder) -> None:
@@ -51,6 +65,9 @@ class App:
         if methods is None:
             if req.path.startswith("/v1/models/") and req.method in ("GET", "HEAD"):
                 await self.openai.model(req, responder, req.path[len("/v1/models/") :])
+                return
+            if req.path.startswith(ADMIN_WORKERS + "/"):
+                await self.admin.worker(req, responder)
                 return
             await send_error(responder, GatewayError(404, f"no route for {req.method} {req.path}"))
             return

@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 import trio
 
+from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
 from ..errors import GatewayError, error_body, sse_error_event
 from ..http.types import Request, Responder
@@ -117,6 +118,9 @@ def _with_model(body: bytes, model: str) -> bytes:
 
 class OpenAIAPI:
     """Handlers for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``."""
+
+    #: the gateway's admission control (limits.max_concurrent_requests), set by ``App``
+    admission: Admission
 
     def __init__(self, gateway) -> None:  # gateway: lmgw.gateway.Gateway (avoid import cycle)
         self.gw = gateway
@@ -221,14 +225,25 @@ class OpenAIAPI:
                 t0,
             )
             greq.media = items
-            # The deadline (limits.request_timeout_s) is the server's: it cancels this handler
-            # and calls on_timeout() to answer (no cancel scope per request: see http/server.py).
-            await self.gw.pipeline.run(greq, responder)
+            # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
+            # cap is off; else a FIFO wait that raises Rejected (429). No checkpoint between
+            # getting the slot and the try that gives it back.
+            admission = self.admission
+            if not admission.enter():
+                await admission.wait()
+            try:
+                # The deadline (limits.request_timeout_s) is the server's: it cancels this
+                # handler and calls on_timeout() to answer (no cancel scope per request).
+                await self.gw.pipeline.run(greq, responder)
+            finally:
+                admission.leave(t0)
         except GatewayError as exc:
             status = exc.status
             if responder.started:
                 await responder.send(sse_error_event(exc.status, exc.message))
                 await responder.end()
+            elif isinstance(exc, Rejected):  # 429/503 for capacity: with Retry-After
+                await exc.send(responder, rid)
             else:
                 await send_error(responder, exc, rid)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):

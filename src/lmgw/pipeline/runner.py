@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
+from ..admission import with_capacity, worker_capacity_error
 from ..config import ROLE_NAMES, ConfigError, GatewayConfig, infer_flow
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
@@ -90,6 +91,8 @@ class Pipeline:
             self, EncodedItems(media.encoder_cache_ttl_s, media.encoder_cache_entries)
         )
         self._check_workers(cfg)
+        #: limits.max_in_flight_per_worker (0: off), applied in pick()
+        self.worker_cap = cfg.limits.max_in_flight_per_worker
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
@@ -114,6 +117,10 @@ class Pipeline:
                 503,
                 f"no healthy {ROLE_NAMES[role]} worker available for model {model!r}",
             )
+        if self.worker_cap:  # off: not even a scan of the cached tuple
+            candidates = with_capacity(candidates, self.worker_cap)
+            if not candidates:
+                raise worker_capacity_error(model, ROLE_NAMES[role], self.worker_cap, self.metrics)
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
