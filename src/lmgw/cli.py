@@ -1,20 +1,32 @@
-"""``lmgw serve | simulate``: the command line.
+"""``lmgw serve | simulate | workers``: the command line.
 
 Exit codes: 0 on a clean stop (Ctrl-C or SIGTERM), 2 for bad configuration or flags, 1 when the
-gateway or the simulated fleet fails to start.
+gateway or the simulated fleet fails to start. ``lmgw workers ...`` (the admin API's client)
+exits 1 when the gateway cannot be reached or answers an error, with the gateway's message.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import logging
+import os
 import signal
 import sys
+from typing import Any
+from urllib.parse import quote, urlsplit
 
+import msgspec
 import trio
 
 from . import __version__
-from .config import ConfigError, add_serve_arguments, config_from_args, dump_config
+from .config import (
+    ConfigError,
+    add_serve_arguments,
+    config_from_args,
+    dump_config,
+    parse_worker_flag,
+)
 from .gateway import Gateway
 from .routing.registry import UnknownPolicy
 
@@ -123,6 +135,169 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return _run_reporting_start_errors(run_simulation, spec, args)
 
 
+# -- lmgw workers: a small client of the admin API (stdlib http.client: a CLI needs no pool) --
+
+
+class AdminClientError(Exception):
+    """The gateway could not be reached, or answered an error (the message says which)."""
+
+
+def admin_call(
+    gateway: str,
+    token: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 30.0,
+) -> Any:
+    """One admin API request; the decoded JSON answer. Raises AdminClientError."""
+    parts = urlsplit(gateway if "://" in gateway else "http://" + gateway)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdminClientError(f"--gateway {gateway!r} is not an http(s)://HOST[:PORT] URL")
+    conn_cls = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    headers = {"accept": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = msgspec.json.encode(body)
+        headers["content-type"] = "application/json"
+    conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path.rstrip("/") + path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise AdminClientError(f"cannot reach the gateway at {gateway}: {exc}") from None
+    finally:
+        conn.close()
+    try:
+        payload = msgspec.json.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        payload = None
+    if resp.status >= 400:
+        err = payload.get("error") if isinstance(payload, dict) else None
+        message = err.get("message") if isinstance(err, dict) else None
+        text = message or raw[:300].decode("utf-8", "replace").strip() or resp.reason
+        raise AdminClientError(f"gateway answered {resp.status}: {text}")
+    return payload
+
+
+def _worker_path(worker_id: str, action: str = "") -> str:
+    return "/admin/workers/" + quote(worker_id, safe="") + (f"/{action}" if action else "")
+
+
+_TABLE_COLUMNS = ("id", "role", "state", "in_flight", "total_requests", "source", "url", "models")
+
+
+def format_workers(workers: list[dict[str, Any]]) -> str:
+    """The ``lmgw workers list`` table: one row per worker, columns padded to fit."""
+
+    def cell(w: dict[str, Any], key: str) -> str:
+        value = w.get(key)
+        if key == "models":
+            return "*" if value is None else ",".join(value) or "-"
+        return "-" if value is None else str(value)
+
+    rows = [[c.upper() for c in _TABLE_COLUMNS]]
+    rows += [[cell(w, c) for c in _TABLE_COLUMNS] for w in workers]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_TABLE_COLUMNS))]
+    return "\n".join(
+        "  ".join(v.ljust(n) for v, n in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _summary(w: dict[str, Any]) -> str:
+    line = f"worker {w['id']}: {w['state']} ({w['role']}, {w['url']}, in flight {w['in_flight']})"
+    if w.get("last_error") and w["state"] in ("ejected", "draining"):
+        line += f": {w['last_error']}"
+    return line
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    token = args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
+    call = args.workers_command
+    try:
+        if call == "list":
+            answer = admin_call(args.gateway, token, "GET", "/admin/workers")
+            if not args.json:
+                print(format_workers(answer["data"]))
+        elif call == "add":
+            try:
+                wc = parse_worker_flag(args.spec)
+            except ConfigError as exc:
+                print(f"lmgw: {exc}", file=sys.stderr)
+                return 2
+            body = {k: v for k, v in msgspec.structs.asdict(wc).items() if v is not None}
+            if args.model:
+                body["models"] = args.model
+            answer = admin_call(args.gateway, token, "POST", "/admin/workers", body)
+        elif call == "remove":
+            path = _worker_path(args.id)
+            timeout = 30.0
+            if args.grace is not None:
+                path += f"?grace_s={args.grace:g}"
+                timeout += args.grace
+            answer = admin_call(args.gateway, token, "DELETE", path, timeout=timeout)
+        else:  # drain, undrain
+            answer = admin_call(args.gateway, token, "POST", _worker_path(args.id, call))
+    except AdminClientError as exc:
+        print(f"lmgw: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.encode(answer).decode())
+    elif call != "list":
+        print(_summary(answer))
+    return 0
+
+
+def _add_workers_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "workers", help="list, add, remove, drain or undrain a running gateway's workers"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--gateway",
+        default="http://127.0.0.1:8000",
+        metavar="URL",
+        help="the gateway's base URL (default http://127.0.0.1:8000)",
+    )
+    common.add_argument(
+        "--token",
+        default=None,
+        help="the admin token (default $LMGW_ADMIN_TOKEN; flags show in `ps`)",
+    )
+    common.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+    cmds = p.add_subparsers(dest="workers_command", required=True)
+    cmds.add_parser("list", parents=[common], help="print a table of the workers")
+    add = cmds.add_parser(
+        "add",
+        parents=[common],
+        help="add a worker: ROLE=URL[,id=..,bootstrap_port=..,kv_address=..]",
+    )
+    add.add_argument("spec", metavar="ROLE=URL[,K=V...]", help="as `lmgw serve --worker`")
+    add.add_argument(
+        "--model", action="append", default=None, help="a model it serves (repeatable)"
+    )
+    rm = cmds.add_parser("remove", parents=[common], help="remove a worker")
+    rm.add_argument("id")
+    rm.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="drain first; remove once idle or after SECONDS",
+    )
+    for name, what in (
+        ("drain", "stop sending it new requests (those in flight finish)"),
+        ("undrain", "route to it again (after one health probe)"),
+    ):
+        cmds.add_parser(name, parents=[common], help=what).add_argument("id")
+    p.set_defaults(func=_cmd_workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmgw", description="Low-latency gateway for disaggregated LLM serving."
@@ -163,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--server", choices=("native", "hypercorn"), default=None)
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)
+
+    _add_workers_parser(sub)
     return parser
 
 

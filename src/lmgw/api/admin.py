@@ -192,7 +192,7 @@ class AdminAPI:
                 grace = -1.0
             if not (grace >= 0 and math.isfinite(grace)):
                 raise GatewayError(
-                    400, f"grace_s must be a number of seconds >= 0, got {value!r}", "grace_s"
+                    400, f"grace_s must be a number of seconds >= 0, got {value!r}", param="grace_s"
                 )
         if grace is None:
             self.gw.remove_worker(worker_id)
