@@ -40,12 +40,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import trio
 import zmq
 from trio.lowlevel import checkpoint
 
 from ..protocol.messages import (
     CAPABILITIES,
+    MAGIC,
+    MAX_REQUEST_ID,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Abort,
@@ -139,6 +142,31 @@ def control_endpoint_for(bind: str) -> str:
     raise ValueError(f"no default control endpoint for {scheme}:// (give control_bind)")
 
 
+def _close_flushing(sock: ZmqSocket, linger_ms: int) -> None:
+    """Close with a short linger, so the Exit (or Drain) just queued still goes out: with
+    ``LINGER=0`` ZeroMQ drops what its I/O thread has not written yet. ZeroMQ flushes in the
+    background; nothing here waits. Call only when no task waits on the socket."""
+    if linger_ms > 0 and not sock.closed:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.socket.close(linger=linger_ms)
+    sock.close()  # idempotent for the zmq socket; tells trio the fd is gone
+
+
+def _request_id_hint(frames: Sequence[Any]) -> str:
+    """Best effort: the request id of a message that failed validation (a bad tensor
+    reference, a field out of range), so the gateway fails that request at once instead of
+    waiting for its timeout. "" when the header is not even msgpack."""
+    if len(frames) < 2:
+        return ""
+    try:
+        raw = msgspec.msgpack.decode(memoryview(frames[1])[len(MAGIC) + 1 :])
+    except (msgspec.DecodeError, TypeError, ValueError, RecursionError):
+        return ""
+    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], str):
+        return raw[1][:MAX_REQUEST_ID]
+    return ""
+
+
 class WorkerServer:
     """Serve ``engine`` on a ROUTER until cancelled or drained.
 
@@ -160,6 +188,8 @@ class WorkerServer:
         send_timeout_s: how long a job waits for a peer that does not read before aborting.
         drain_grace_s: how long :meth:`drain` lets in-flight requests finish.
         abort_timeout_s: bound on ``engine.abort`` after a job ended early.
+        exit_linger_ms: how long ZeroMQ may keep flushing the final Exit after the socket is
+            closed (in the background; 0 drops it if not yet written).
     """
 
     def __init__(
@@ -176,6 +206,7 @@ class WorkerServer:
         send_timeout_s: float = 10.0,
         drain_grace_s: float = 30.0,
         abort_timeout_s: float = 5.0,
+        exit_linger_ms: int = 250,
         hwm: int = DEFAULT_HWM,
         max_msg_size: int = -1,
         recv_copy: bool = True,
@@ -197,6 +228,7 @@ class WorkerServer:
         self.send_timeout_s = send_timeout_s
         self.drain_grace_s = drain_grace_s
         self.abort_timeout_s = abort_timeout_s
+        self.exit_linger_ms = exit_linger_ms
         self.min_version = min_version
         self.max_version = max_version
         self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
@@ -279,7 +311,7 @@ class WorkerServer:
             self._jobs_nursery = None
             if not data.closed and self._peers:
                 self._send_exit(data, exit_reason, self.stats["killed"])
-            data.close()
+            _close_flushing(data, self.exit_linger_ms)
             if control is not None:
                 control.close()
 
@@ -334,7 +366,7 @@ class WorkerServer:
             except ProtocolError as exc:
                 self.stats["malformed"] += 1
                 log.warning("unreadable message ignored: %s", exc)
-                self._reply(sock, peer, Failure.of("", exc.code, str(exc)))
+                self._reply(sock, peer, Failure.of(_request_id_hint(frames), exc.code, str(exc)))
                 continue
             self._handle(sock, control, peer, incoming)
 

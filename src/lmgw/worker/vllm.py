@@ -522,6 +522,11 @@ class VllmEngine(Engine):
         msg = req.msg
         if not msg.media:
             raise EngineError(FailureCode.BAD_REQUEST, "an Encode needs at least one media item")
+        for i, item in enumerate(msg.media):
+            if item.tensor is None:
+                raise EngineError(
+                    FailureCode.BAD_REQUEST, f"media[{i}]: an encoder needs the item's tensor"
+                )
         text = await self._encode_prompt(msg.media)
         kw = sampling_kwargs(SamplingParams(), stage="encode", known_fields=self._fields)
         await self._final(prompt_input(req, text=text), self._params(kw), msg.request_id)
