@@ -15,6 +15,7 @@ import gc
 import importlib.util
 import logging
 import math
+import mmap
 import re
 import struct
 import sys
@@ -398,6 +399,24 @@ def test_decode_views_the_buffer_read_only(impl) -> None:
     assert out[0, 0] == 7
     with pytest.raises(ValueError, match="read-only"):
         out[0, 0] = 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decoded_array_pins_its_buffer(impl) -> None:
+    """numpy's ndarray(buffer=...) alone keeps no buffer export: without one, a bytearray could
+    be reallocated, or an mmap unmapped, under the array (a use-after-free, not an exception)."""
+    header, _ = impl.encode(np.zeros(4, np.float32))
+    growable = bytearray(16)
+    out = impl.decode(header, growable)
+    with pytest.raises(BufferError):
+        growable.extend(bytes(1 << 20))
+    mapping = mmap.mmap(-1, mmap.PAGESIZE)
+    out = impl.decode(header, memoryview(mapping))
+    with pytest.raises(BufferError):
+        mapping.close()
+    del out
+    gc.collect()
+    mapping.close()  # once the array is gone
 
 
 @pytest.mark.parametrize("impl", IMPLS)

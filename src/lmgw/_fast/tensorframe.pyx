@@ -314,7 +314,7 @@ def decode(header, buffer):
                 total *= dim
         _contiguous(buffer, &bv, "buffer")
         size = <uint64_t>bv.len
-        PyBuffer_Release(&bv)  # numpy takes its own export below; only the length is needed here
+        PyBuffer_Release(&bv)
         if offset > size:
             raise TensorFrameError(f"offset {offset} is past the end of the {size}-byte buffer")
         if not empty and not _inside(p + C_FIXED, ndim, itemsize, offset, size):
@@ -327,8 +327,14 @@ def decode(header, buffer):
         strides = _ints(p + C_FIXED + 8 * ndim, ndim)
     finally:
         PyBuffer_Release(&hv)
+    # ndarray(buffer=...) keeps a reference to the exporter but not a buffer export (it even
+    # unwraps memoryviews), so a bytearray could be resized, or an mmap closed, under the array.
+    # frombuffer's array does hold the export, for as long as the result lives.
+    raw = np.frombuffer(buffer, np.uint8)
+    if raw.shape[0] != <Py_ssize_t>size:  # only an exporter that changed size meanwhile
+        raise TensorFrameError("buffer changed size while decoding")
     try:
-        out = np.ndarray(shape, dtype, buffer=buffer, offset=offset, strides=strides)
+        out = np.ndarray(shape, dtype, buffer=raw, offset=offset, strides=strides)
     except (ValueError, TypeError) as exc:  # not expected after the checks above; never leak
         raise TensorFrameError(f"numpy rejected the layout: {exc}") from None
     out.flags.writeable = False

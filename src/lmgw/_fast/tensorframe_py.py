@@ -219,7 +219,11 @@ def decode(header: Any, buffer: Any) -> np.ndarray:
                 f"{size}-byte buffer"
             )
     try:
-        out = np.ndarray(shape, dtype, buffer=buffer, offset=offset, strides=strides)
+        # ndarray(buffer=...) keeps a reference to the exporter but not a buffer export (it even
+        # unwraps memoryviews), so a bytearray could be resized, or an mmap closed, under the
+        # array. frombuffer's array does hold the export, for as long as the result lives.
+        raw = np.frombuffer(buffer, np.uint8)
+        out = np.ndarray(shape, dtype, buffer=raw, offset=offset, strides=strides)
     except (ValueError, TypeError) as exc:  # not expected after the checks above; never leak
         raise TensorFrameError(f"numpy rejected the layout: {exc}") from None
     out.flags.writeable = False
