@@ -528,11 +528,34 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     dialect: str = "openai"
     # Other names clients may use for this model (e.g. a short name for a long HF id).
     aliases: list[str] = []
+    # Local folder with the model's tokenizer.json (+ tokenizer_config.json, ...), or a hub id
+    # already in the local HF cache; never downloaded. Unset: no gateway-side tokenization
+    # (/tokenize is relayed to a worker; no context-length check; no parity self-test).
+    tokenizer: str | None = None
+    # Chat template override: a file path or a literal template (vLLM's --chat-template).
+    chat_template: str | None = None
+    # How message content reaches the template: "string", "openai" or "auto" (vLLM's rule).
+    chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    # Defaults for the template's variables (e.g. {enable_thinking = false}); requests'
+    # chat_template_kwargs win.
+    chat_template_kwargs: dict[str, Any] = {}
+    # Context length; unset: the tokenizer folder's (config.json / tokenizer_config.json).
+    max_model_len: int | None = None
+    # Text the "string" content format puts for media parts, e.g. {image = "<|image|>"}.
+    media_placeholders: dict[str, str] = {}
+    # Check prompt + max_tokens against max_model_len in the gateway (a 400 before any worker
+    # is busy, and max_tokens filled in like vLLM when absent); costs a render and an encode
+    # per request, so it is on only with a tokenizer.
+    validate_context: bool = True
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)
         _one_of("flow", self.flow, FLOWS)
         _non_empty("dialect", self.dialect)
+        if self.tokenizer is not None:
+            _non_empty("tokenizer", self.tokenizer)
+        if self.max_model_len is not None:
+            _at_least("max_model_len", self.max_model_len, 1)
         seen = {self.name}
         for i, alias in enumerate(self.aliases):
             key = f"aliases[{i}]"

@@ -20,6 +20,7 @@ import msgspec
 import trio
 
 from .api.app import App
+from .api.text import TextAPI
 from .config import ROLES, GatewayConfig, WorkerConfig
 from .http.server import HTTPServer, ServerLimits
 from .metrics import Metrics
@@ -31,7 +32,9 @@ from .workers.registry import Registry
 from .workers.worker import Worker, WorkerState
 
 if TYPE_CHECKING:
+    from .text.service import ModelText
     from .workers.p2p_discovery import P2pChange
+    from .workers.parity import ParityChecker
 
 log = logging.getLogger("lmgw")
 
@@ -66,7 +69,20 @@ class Gateway:
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
         for wc in config.workers:
             self.add_worker(wc)
+        # models with a gateway-side tokenizer (models[].tokenizer): loaded now, so a bad
+        # folder stops the start instead of failing requests
+        self.texts: dict[str, ModelText] = {}
+        self.parity: ParityChecker | None = None
+        if any(m.tokenizer for m in config.models):
+            from .text.service import load_model_texts
+            from .workers.parity import ParityChecker
+
+            self.texts = load_model_texts(config.models)
+            self.parity = ParityChecker(
+                self.registry, self.pool, self.texts, self.metrics.tokenizer_parity
+            )
         self.app = App(self)
+        TextAPI(self).install(self.app)
         self.server: HTTPServer | None = None
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
@@ -201,6 +217,8 @@ class Gateway:
 
                         await nursery.start(run_discovery, self, cfg.discovery)
                     await nursery.start(self.monitor.run)
+                    if self.parity is not None:
+                        await nursery.start(self.parity.run)
                     if cfg.discovery.p2p_nccl_bind:
                         from .workers.p2p_discovery import run_p2p_discovery
 

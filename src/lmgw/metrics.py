@@ -183,6 +183,12 @@ class Metrics:
             "Streams that broke mid-way: continued on another worker, or ended with an error.",
             ("role", "outcome"),
         )
+        self.tokenizer_parity = Gauge(
+            "lmgw_tokenizer_parity",
+            "1 when the gateway's template+tokenizer give the worker's prompt tokens exactly,"
+            " 0 when they differ (token-level routing then falls back to byte keys).",
+            ("model", "worker"),
+        )
         self.retries = Counter(
             "lmgw_retries_total",
             "Requests re-dispatched to another worker before any byte reached the client.",
@@ -211,6 +217,7 @@ class Metrics:
         self._all: list[Counter | Gauge | Histogram] = [
             self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
+            self.tokenizer_parity,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the

@@ -150,3 +150,29 @@ def test_a_bad_tokenizer_folder_stops_the_start(tmp_path: Path) -> None:
     cfg = GatewayConfig(models=[ModelConfig(name="m", tokenizer=str(tmp_path / "missing"))])
     with pytest.raises(ValueError, match="model 'm'"):
         Gateway(cfg)
+
+
+async def test_context_length_is_checked_and_max_tokens_filled_like_vllm(
+    nursery: trio.Nursery, model_dir: Path, text
+) -> None:
+    tok, tmpl = text
+    w = Worker(worker_tokens(tok, tmpl))
+    url, _ = await start(nursery, [w], tokenizer=str(model_dir), max_model_len=64)
+    long = [{"role": "user", "content": "word " * 200}]
+    r = await http_request(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": long})
+    assert r.status == 400, r.body
+    assert "maximum context length is 64 tokens" in r.json()["error"]["message"]
+    prompt_len = len(
+        tok.encode(tmpl.render(CHAT, add_generation_prompt=True), add_special_tokens=False)
+    )
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 64 - prompt_len + 1}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert w.seen == []  # refused before any worker was busy
+    r = await http_request(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": CHAT})
+    assert r.status == 200, r.body
+    assert w.seen[-1]["max_tokens"] == 64 - prompt_len  # what fits, as vLLM defaults it
+    r = await http_request(
+        url, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3}
+    )
+    assert r.status == 200 and w.seen[-1]["max_tokens"] == 3  # given: forwarded as sent

@@ -214,6 +214,9 @@ class OpenAIAPI:
             items = None
             if endpoint == "chat" and _MEDIA_MARK.search(body) and self._checks_media(model):
                 body, items = await self._preprocess_media(body, model)
+            text = self.gw.texts.get(model) if self.gw.texts else None
+            if text is not None and text.validate_context and endpoint != "generate":
+                body = await text.validate(endpoint, body)  # a 400 when it cannot fit
             greq = GatewayRequest(
                 endpoint,
                 path,
