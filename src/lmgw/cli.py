@@ -80,9 +80,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg, redact=True), end="")
         return 0
-    if not cfg.workers:
+    d = cfg.discovery
+    if not cfg.workers and not (d.file or d.redis_url or d.p2p_nccl_bind):
         print(
-            "lmgw: no workers configured: give --worker ROLE=URL or [[workers]] in --config",
+            "lmgw: no workers configured: give --worker ROLE=URL or [[workers]] in --config, or"
+            " a discovery source (--discovery-file, --redis-url, --p2p-discovery)",
             file=sys.stderr,
         )
         return 2
@@ -103,7 +105,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def _run_reporting_start_errors(fn, *args) -> int:
     """trio.run(fn, *args), turning a failure to bind or spawn into one line and exit 1."""
-    failed = False
+    failed = bad_config = False
     result = None
     try:
         result = trio.run(fn, *args)
@@ -111,6 +113,12 @@ def _run_reporting_start_errors(fn, *args) -> int:
         failed = True
         for exc in _leaves(group):
             print(f"lmgw: cannot start: {exc}", file=sys.stderr)
+    except* ConfigError as group:  # e.g. a discovery file found invalid at its first read
+        bad_config = True
+        for exc in _leaves(group):
+            print(f"lmgw: {exc}", file=sys.stderr)
+    if bad_config:
+        return 2
     if failed:
         return 1
     return result if isinstance(result, int) else 0

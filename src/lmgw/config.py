@@ -705,6 +705,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "health": HealthConfig,
     "logging": LoggingConfig,
     "admin": AdminConfig,
+    "discovery": DiscoveryConfig,
 }
 
 
@@ -1136,7 +1137,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Keys whose values must not appear in messages or in a redacted dump.
-_SECRET_KEYS = frozenset({"api_key", "token"})
+_SECRET_KEYS = frozenset({"api_key", "token", "redis_url"})  # a redis URL may hold a password
 
 # flag attribute -> (section, key, flag text)
 _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (

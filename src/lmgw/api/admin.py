@@ -167,7 +167,7 @@ class AdminAPI:
         if self.gw.registry.get(wid) is not None:
             raise GatewayError(409, f"a worker with id {wid!r} already exists", param="id")
         try:  # a worker some model's dialect cannot name on the wire would fail every request
-            self.gw.pipeline._check_workers(_OneWorker(wc))
+            self.gw.pipeline.check_worker(wc)
         except ValueError as exc:
             raise GatewayError(400, str(exc)) from None
         worker = self.gw.add_worker(wc)  # the monitor probes a new worker at once
@@ -231,10 +231,3 @@ class AdminAPI:
             [_JSON, (b"allow", text.encode())],
             GatewayError(405, f"method {req.method} not allowed on {req.path}; use {text}").body(),
         )
-
-
-class _OneWorker:
-    """The shape ``Pipeline._check_workers`` reads (``.workers``), for one new worker."""
-
-    def __init__(self, wc: WorkerConfig) -> None:
-        self.workers = [wc]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from ..admission import with_capacity, worker_capacity_error
-from ..config import ROLE_NAMES, ConfigError, GatewayConfig, infer_flow
+from ..config import ROLE_NAMES, ConfigError, GatewayConfig, WorkerConfig, infer_flow
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
@@ -98,16 +98,21 @@ class Pipeline:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
         wire (e.g. a P2P NCCL worker without its KV address): every request would fail."""
         for wc in cfg.workers:
-            if wc.models:
-                dialects = [self.dialects.get(m, self.default_dialect) for m in wc.models]
-            else:  # serves whatever it reports: every configured dialect may reach it
-                dialects = [*self.dialects.values(), self.default_dialect]
-            origin = Origin.from_url(wc.url)
-            peer = Peer(origin.host, origin.port, wc.kv_address, wc.bootstrap_port)
-            for dialect in dialects:
-                problem = dialect.peer_problem(wc.role, peer) if dialect else None
-                if problem is not None:
-                    raise ValueError(f"worker {wc.worker_id}: {problem}")
+            self.check_worker(wc)
+
+    def check_worker(self, wc: WorkerConfig) -> None:
+        """Raise ValueError when a dialect of the models ``wc`` serves cannot name it on the
+        wire (used at start and by the admin API before adding a worker)."""
+        if wc.models:
+            dialects = [self.dialects.get(m, self.default_dialect) for m in wc.models]
+        else:  # serves whatever it reports: every configured dialect may reach it
+            dialects = [*self.dialects.values(), self.default_dialect]
+        origin = Origin.from_url(wc.url)
+        peer = Peer(origin.host, origin.port, wc.kv_address, wc.bootstrap_port)
+        for dialect in dialects:
+            problem = dialect.peer_problem(wc.role, peer) if dialect else None
+            if problem is not None:
+                raise ValueError(f"worker {wc.worker_id}: {problem}")
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none."""
