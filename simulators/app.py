@@ -33,7 +33,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -61,16 +61,15 @@ from .disagg import (
     verify_kv_blocks,
 )
 from .engine import (
-    VOCAB_SIZE,
     Completion,
     Engine,
     EngineConfig,
     MediaItem,
     PromptError,
+    RenderedPrompt,
     SamplingSpec,
     Ticket,
     TimingModel,
-    render_chat,
 )
 from .faults import DropConnection, FaultInjector, Faults
 from .metrics import render_metrics
@@ -100,7 +99,11 @@ class WorkerOptions:
     max_num_seqs: int = 256
     kv_blocks: int = 8192
     block_size: int = 16
-    max_model_len: int = 8192
+    max_model_len: int | None = None
+    """The context length; None: the model folder's (``config.json``)."""
+    model_dir: str | None = None
+    """The model folder the worker tokenizes with (``tokenizer.json``, chat template), as vLLM's
+    model path; None: the sim-model built in the per-user cache (``~/.cache/lmgw``)."""
     api_key: str | None = None
     faults: Faults = field(default_factory=Faults)
     exit_on_crash: bool = False
@@ -144,6 +147,7 @@ class WorkerOptions:
             kv_blocks=self.kv_blocks,
             block_size=self.block_size,
             timing=TimingModel(speed=self.speed),
+            model_dir=self.model_dir,
         )
 
 
@@ -177,24 +181,42 @@ class _GenRequest(msgspec.Struct, kw_only=True):
     bootstrap_room: int | list[int] | None = None
 
 
+_NULL = msgspec.Raw(b"null")
+
+# What shapes a chat prompt (messages, tools, documents, chat_template_kwargs) stays raw JSON:
+# the bytes key the tokenizer's prompt cache and are decoded only on a miss (the simulator is
+# the overhead benchmarks' baseline).
+
+
 class ChatRequest(_GenRequest, kw_only=True):
-    messages: list[Any]
-    max_completion_tokens: int | None = None
+    messages: msgspec.Raw
+    tools: msgspec.Raw = _NULL
+    documents: msgspec.Raw = _NULL
+    chat_template_kwargs: msgspec.Raw = _NULL
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool = False
+    max_completion_tokens: int | None = None
 
 
 class CompletionRequest(_GenRequest, kw_only=True):
     prompt: Any = None
     echo: bool | None = False
+    add_special_tokens: bool = True
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's TokenizeChatRequest (``messages``) or TokenizeCompletionRequest (``prompt``)."""
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[Any] | None = None
+    messages: msgspec.Raw = _NULL
+    tools: msgspec.Raw = _NULL
+    documents: msgspec.Raw = _NULL
+    chat_template_kwargs: msgspec.Raw = _NULL
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # vLLM: False for chats, True for prompts
     return_token_strs: bool | None = False
 
 
@@ -257,7 +279,7 @@ class _Plan:
     kind: str  # "chat" | "completion"
     request_id: str
     model: str
-    prompts: list[list[int]]
+    prompts: list[Sequence[int]]
     choices: list[Completion]
     stream: bool
     include_usage: bool
@@ -482,16 +504,7 @@ class SimWorker:
         max_tokens = req.max_completion_tokens or req.max_tokens
         n = _validate_sampling(req, max_tokens)
         model = self._check_model(req.model)
-        try:
-            rendered = render_chat(
-                self.engine.tokenizer,
-                req.messages,
-                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message,
-                media=self.engine.config.media,
-            )
-        except PromptError as exc:
-            raise _bad(str(exc), exc.param) from None
+        rendered = self._render_chat(req, req.add_special_tokens)
         self._check_length(len(rendered.token_ids), max_tokens, "messages")
         spec = _sampling(req, self._leg_max_tokens(req, max_tokens))
         ids = rendered.token_ids
@@ -513,12 +526,51 @@ class SimWorker:
         await self._prepare_leg(req, plan, rendered.media)
         await self._run(plan, responder, rid)
 
-    def _continuation(self, req: Any, spec: SamplingSpec) -> list[Completion] | None:
+    def _render_chat(
+        self, req: ChatRequest | TokenizeRequest, add_special_tokens: bool
+    ) -> RenderedPrompt:
+        """A chat request's prompt, as vLLM builds it (the template, then the tokenizer), from
+        the tokenizer's cache when the same raw JSON was rendered before."""
+        tok = self.engine.tokenizer
+        media = self.engine.config.media
+        raw = (
+            bytes(req.messages),
+            bytes(req.tools),
+            bytes(req.documents),
+            bytes(req.chat_template_kwargs),
+        )
+        agp, cfm = req.add_generation_prompt, req.continue_final_message
+        key = ("chat-json", *raw, agp, cfm, add_special_tokens, media)
+        hit = tok.cached(key)
+        if hit is not None:
+            return hit
+        try:
+            messages, tools, documents, kwargs = (msgspec.json.decode(r) for r in raw)
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        try:
+            return tok.render_chat(
+                messages,
+                add_generation_prompt=agp,
+                continue_final_message=cfm,
+                tools=tools,
+                documents=documents,
+                chat_template_kwargs=kwargs,
+                add_special_tokens=add_special_tokens,
+                media=media,
+                cache_key=key,
+                cache_chars=sum(map(len, raw)),
+            )
+        except PromptError as exc:
+            raise _bad(str(exc), exc.param) from None
+
+    def _continuation(self, req: ChatRequest, spec: SamplingSpec) -> list[Completion] | None:
         """``continue_final_message`` on a partial answer of this model: the rest of the answer
-        the messages before it would have got, so a stream continued on another worker (the
-        gateway's mid-stream migration) ends exactly as the uninterrupted one. None when the
-        final message is not a prefix of that answer (then the request is served as sent)."""
-        msgs = req.messages
+        the messages before it would have got (rendered with ``add_generation_prompt``), so a
+        stream continued on another worker (the gateway's mid-stream migration) ends exactly as
+        the uninterrupted one. None when the final message is not a prefix of that answer (then
+        the request is served as sent)."""
+        msgs = msgspec.json.decode(req.messages)
         last = msgs[-1] if isinstance(msgs, list) and len(msgs) > 1 else None
         if not (isinstance(last, dict) and last.get("role") == "assistant"):
             return None
@@ -526,8 +578,14 @@ class SimWorker:
         if not isinstance(partial, str):
             return None
         try:
-            orig = render_chat(
-                self.engine.tokenizer, msgs[:-1], media=self.engine.config.media
+            orig = self.engine.tokenizer.render_chat(
+                msgs[:-1],
+                add_generation_prompt=True,
+                tools=msgspec.json.decode(req.tools),
+                documents=msgspec.json.decode(req.documents),
+                chat_template_kwargs=msgspec.json.decode(req.chat_template_kwargs),
+                add_special_tokens=req.add_special_tokens,
+                media=self.engine.config.media,
             ).token_ids
         except PromptError:
             return None
@@ -559,15 +617,19 @@ class SimWorker:
             raise _bad(str(exc)) from None
         n = _validate_sampling(req, req.max_tokens)
         model = self._check_model(req.model)
-        prompts = self._completion_prompts(req.prompt)
+        texts, prompts = self._completion_prompts(req.prompt, req.add_special_tokens)
         for ids in prompts:
             self._check_length(len(ids), req.max_tokens, "prompt")
         spec = _sampling(req, self._leg_max_tokens(req, req.max_tokens))
         choices = [self.engine.generate(ids, spec, i) for ids in prompts for i in range(n)]
         echo = None
-        if req.echo:
+        if req.echo:  # vLLM echoes a text prompt as sent, a token prompt decoded
             tok = self.engine.tokenizer
-            echo = [tok.decode(ids) for ids in prompts for _ in range(n)]
+            echo = [
+                text if text is not None else tok.decode(ids)
+                for text, ids in zip(texts, prompts, strict=True)
+                for _ in range(n)
+            ]
         stream = bool(req.stream)
         so = req.stream_options
         plan = _Plan(
@@ -584,18 +646,24 @@ class SimWorker:
         await self._prepare_leg(req, plan, ())
         await self._run(plan, responder, rid)
 
-    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
-        """str | list[str] | list[int] | list[list[int]] -> token id lists (vLLM's forms)."""
-        encode = self.engine.tokenizer.encode
-        if isinstance(prompt, str):
-            prompts = [encode(prompt)]
+    def _completion_prompts(
+        self, prompt: Any, add_special_tokens: bool
+    ) -> tuple[list[str | None], list[Sequence[int]]]:
+        """str | list[str] | list[int] | list[list[int]] -> (each prompt's text, None for token
+        prompts; its token ids), vLLM's forms. Text is encoded with ``add_special_tokens`` (a
+        BOS for the sim-model, as vLLM's completions do)."""
+        tok = self.engine.tokenizer
+        texts: list[str | None]
+        prompts: list[Sequence[int]]
+        if isinstance(prompt, str) and prompt:
+            texts = [prompt]
         elif isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                prompts = [encode(p) for p in prompt]
+                texts = list(prompt)
             elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-                prompts = [list(prompt)]
+                texts, prompts = [None], [list(prompt)]
             elif all(isinstance(p, list) for p in prompt):
-                prompts = [self._token_list(p) for p in prompt]
+                texts, prompts = [None] * len(prompt), [self._token_list(p) for p in prompt]
             else:
                 raise _bad(
                     "prompt must be a string, a list of strings, a list of token ids "
@@ -604,13 +672,16 @@ class SimWorker:
                 )
         else:
             raise _bad("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+        if texts[0] is not None:
+            prompts = [tok.encode(t or "", add_special_tokens=add_special_tokens) for t in texts]
         for ids in prompts:
             if not ids:
                 raise _bad("The decoder prompt cannot be empty", "prompt")
-            for t in ids:
-                if not 0 <= t < VOCAB_SIZE:
-                    raise _bad(f"Token id {t} is out of vocabulary", "prompt")
-        return prompts
+            try:
+                tok.check_ids(ids, "prompt")
+            except PromptError as exc:
+                raise _bad(str(exc), exc.param) from None
+        return texts, prompts
 
     @staticmethod
     def _token_list(p: list[Any]) -> list[int]:
@@ -619,7 +690,7 @@ class SimWorker:
         return p
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, what: str) -> None:
-        limit = self.engine.config.max_model_len
+        limit = self.engine.max_model_len
         if prompt_len >= limit:
             raise _bad(
                 f"This model's maximum context length is {limit} tokens. However, your request "
@@ -1083,7 +1154,7 @@ class SimWorker:
         bs = self.engine.config.block_size
         plan.external_cached = min(verified * bs, max(0, len(ids) - 1) // bs * bs)
 
-    def _lmcache_decode_leg(self, ids: list[int], plan: _Plan) -> None:
+    def _lmcache_decode_leg(self, ids: Sequence[int], plan: _Plan) -> None:
         """LMCache's consumer: the prompt's chunks must all be in the store (verified).
 
         Real LMCache recomputes whatever it misses, silently; this simulator answers 500
@@ -1272,7 +1343,7 @@ class SimWorker:
                 "owned_by": "vllm",
                 "root": opts.model,
                 "parent": None,
-                "max_model_len": opts.max_model_len,
+                "max_model_len": self.engine.max_model_len,
                 "permission": [
                     {
                         "id": f"modelperm-{uuid.uuid4().hex}",
@@ -1317,26 +1388,18 @@ class SimWorker:
             raise _bad(str(exc)) from None
         self._check_model(req.model)
         tok = self.engine.tokenizer
-        if req.messages is not None:
-            try:
-                ids = render_chat(
-                    tok,
-                    req.messages,
-                    add_generation_prompt=req.add_generation_prompt
-                    and not req.continue_final_message,
-                    continue_final_message=req.continue_final_message,
-                    media=self.engine.config.media,
-                ).token_ids
-            except PromptError as exc:
-                raise _bad(str(exc), exc.param) from None
+        special = req.add_special_tokens
+        ids: Sequence[int]
+        if bytes(req.messages) != b"null":  # a chat: rendered and encoded as for generation
+            ids = self._render_chat(req, bool(special)).token_ids
         elif req.prompt is not None:
-            ids = tok.encode(req.prompt)
+            ids = tok.encode(req.prompt, add_special_tokens=special is not False)
         else:
             raise _bad("Either prompt or messages must be provided.")
-        strs = [tok.id_to_piece(t) for t in ids] if req.return_token_strs else None
+        strs = tok.token_strs(ids) if req.return_token_strs else None
         body = {
             "count": len(ids),
-            "max_model_len": self.engine.config.max_model_len,
+            "max_model_len": self.engine.max_model_len,
             "tokens": ids,
             "token_strs": strs,
         }
@@ -1348,10 +1411,12 @@ class SimWorker:
         except msgspec.DecodeError as exc:
             raise _bad(str(exc)) from None
         self._check_model(req.model)
-        for t in req.tokens:
-            if not 0 <= t < VOCAB_SIZE:
-                raise _bad(f"Token id {t} is out of vocabulary", "tokens")
-        text = self.engine.tokenizer.decode(req.tokens)
+        tok = self.engine.tokenizer
+        try:
+            tok.check_ids(req.tokens, "tokens")
+        except PromptError as exc:
+            raise _bad(str(exc), exc.param) from None
+        text = tok.decode(req.tokens)
         await _send_json(responder, 200, _encode({"prompt": text}), rid)
 
     # -- simulator controls -----------------------------------------------------------------------

@@ -1,142 +1,55 @@
-"""The mock engine, sans-IO: tokenizer, chat rendering, deterministic output, timing model, prefix
-cache and accounting. No sockets, no clock, no trio, so the HTTP layer (``app.py``) and the later
-encode / prefill / decode simulators drive the same core, and unit tests run it directly.
+"""The mock engine: tokenizer, chat rendering, deterministic output, timing model, prefix cache and
+accounting. No sockets, no clock, no trio, so the HTTP layer (``app.py``) and the encode /
+prefill / decode roles drive the same core, and unit tests run it directly. The only I/O is
+reading the model folder once per process (:func:`load_tokenizer`).
+
+Tokenization is the real thing: a Hugging Face model folder (by default the locally built
+sim-model of :mod:`.model_files`) read with ``lmgw.text``, the gateway's own tokenizer and chat
+template code, used the way vLLM uses them (chat: render, then encode without special tokens;
+completions: encode with them). So a simulated worker's ``/tokenize`` equals the gateway's own
+tokenization of the same folder, token for token, which is what the gateway's parity self-test
+checks.
 
 Determinism is the point: the completion of a request is a pure function of (prompt token ids,
-worker seed, request ``seed``, choice index), so a test can assert the exact text whatever route
-(direct, through the gateway, through a P/D hand-off) the request took.
+worker seed, request ``seed``, choice index) -- media items enter through their placeholder ids,
+which derive from the items' content hashes -- so a test can assert the exact text whatever
+route (direct, through the gateway, through a P/D hand-off) the request took.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import math
+import os
 import random
-import re
 import struct
-import zlib
 from array import array
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from lmgw.text import (
+    ChatTemplate,
+    ChatTemplateConfigError,
+    ChatTemplateError,
+    ModelTokenizer,
+    TokenIdError,
+)
+
+from . import model_files
+
 # ------------------------------------------------------------------------------------------------
-# Tokenizer
+# Output vocabulary
 # ------------------------------------------------------------------------------------------------
 
-VOCAB_SIZE = 32000
-"""Token ids live in [0, VOCAB_SIZE); ids below RESERVED are special tokens."""
-RESERVED = 256
-
-UNK_ID = 0
-IM_START_ID = 1
-IM_END_ID = 2
-EOS_ID = 3
-SPECIAL_TOKENS: dict[str, int] = {
-    "<unk>": UNK_ID,
-    "<|im_start|>": IM_START_ID,
-    "<|im_end|>": IM_END_ID,
-    "<|endoftext|>": EOS_ID,
-    "<|image|>": 4,
-    "<|audio|>": 5,
-    "<|video|>": 6,
-}
-_SPECIAL_BY_ID = {v: k for k, v in SPECIAL_TOKENS.items()}
-
-# Every character belongs to exactly one piece, so "".join(pieces) == text (lossless round trip):
-# special tokens, a word with its leading whitespace, one punctuation char with its leading
-# whitespace, or trailing whitespace.
-_PIECE_RE = re.compile(r"<\|[a-z_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
-
-_ENCODE_CACHE_ENTRIES = 4096
-_ENCODE_CACHE_MAX_CHARS = 32768
-_REVERSE_MAP_MAX = 262144
-
-
-def _hash_id(piece: str) -> int:
-    """A stable hash into the non-special ids (crc32 is C-fast and process-independent)."""
-    return RESERVED + zlib.crc32(piece.encode()) % (VOCAB_SIZE - RESERVED)
-
-
-def piece_id(piece: str) -> int:
-    """The id of one non-special piece. Ids of the output vocabulary are kept for it (a colliding
-    input piece probes to the next free id), so generated text always decodes exactly."""
-    entry = _BY_PIECE.get(piece)
-    if entry is not None:
-        return entry.token_id
-    tid = _hash_id(piece)
-    while tid in _OUTPUT_IDS:
-        tid = RESERVED + (tid - RESERVED + 1) % (VOCAB_SIZE - RESERVED)
-    return tid
-
-
-class Tokenizer:
-    """A deterministic word/punctuation tokenizer for the mock model.
-
-    ``encode`` is lossless at the piece level; ``decode`` knows every id of the output vocabulary
-    and every piece this tokenizer has encoded (a bounded map; when two input pieces hash to the
-    same id the latest wins, so a round trip is exact unless a text holds such a pair). Unknown
-    ids decode to a visible ``<|tokN|>`` marker rather than raising.
-    """
-
-    def __init__(self) -> None:
-        self._piece_ids: dict[str, int] = {}
-        self._id_pieces: dict[int, str] = dict(_SPECIAL_BY_ID)
-        self._encode_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        for entry in OUTPUT_VOCAB:
-            self._piece_ids[entry.piece] = entry.token_id
-            self._id_pieces[entry.token_id] = entry.piece
-        self._static_ids = frozenset(self._id_pieces)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens in the text are recognised, as HF does)."""
-        cache = self._encode_cache
-        hit = cache.get(text)
-        if hit is not None:
-            cache.move_to_end(text)
-            return list(hit)
-        ids = self._encode_uncached(text)
-        if len(text) <= _ENCODE_CACHE_MAX_CHARS:
-            cache[text] = tuple(ids)
-            if len(cache) > _ENCODE_CACHE_ENTRIES:
-                cache.popitem(last=False)
-        return ids
-
-    def _encode_uncached(self, text: str) -> list[int]:
-        known = self._piece_ids
-        out: list[int] = []
-        append = out.append
-        for piece in _PIECE_RE.findall(text):
-            tid = known.get(piece)
-            if tid is None:
-                tid = SPECIAL_TOKENS.get(piece)
-                if tid is None:
-                    tid = piece_id(piece)
-                    self._remember(piece, tid)
-            append(tid)
-        return out
-
-    def _remember(self, piece: str, tid: int) -> None:
-        if len(self._piece_ids) >= _REVERSE_MAP_MAX:
-            # Bounded memory: forget learned pieces (the static output vocabulary stays).
-            self._piece_ids = {e.piece: e.token_id for e in OUTPUT_VOCAB}
-            self._id_pieces = {i: p for i, p in self._id_pieces.items() if i in self._static_ids}
-        self._piece_ids[piece] = tid
-        if tid not in self._static_ids:
-            self._id_pieces[tid] = piece
-
-    def id_to_piece(self, tid: int) -> str:
-        """The text of one token id."""
-        piece = self._id_pieces.get(tid)
-        return piece if piece is not None else f"<|tok{tid}|>"
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; exact inverse of ``encode`` for pieces this tokenizer has seen."""
-        return "".join(self.id_to_piece(t) for t in ids)
+MIN_OUTPUT_WORDS = 16
+"""A model folder must spell at least this many output words as single tokens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,51 +61,60 @@ class VocabEntry:
     json: bytes
 
 
-def _build_output_vocab(size: int = 1024) -> tuple[VocabEntry, ...]:
-    """Pseudo-words (fixed RNG, so identical in every process), each in four spellings: with and
-    without a leading space, lower and capitalised. Pieces whose ids collide are dropped so that
-    every output id decodes to exactly one text."""
-    rng = random.Random(0x5EED)
-    onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "st"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
-    words: list[str] = []
-    seen: set[str] = set()
-    while len(words) < size:
-        w = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3)))
-        if w not in seen:
-            seen.add(w)
-            words.append(w)
-    used: set[int] = set(SPECIAL_TOKENS.values())
-    entries: list[VocabEntry] = []
-    for piece in [",", ".", *(v for w in words for v in (f" {w}", w, f" {w.title()}", w.title()))]:
-        tid = _hash_id(piece)
-        if tid in used:
-            continue
-        used.add(tid)
-        entries.append(VocabEntry(tid, piece, msgspec.json.encode(piece)))
-    return tuple(entries)
+WordForms = tuple[VocabEntry, VocabEntry, VocabEntry, VocabEntry]
+"""One word's output tokens: (" word", "word", " Word", "Word")."""
 
 
-OUTPUT_VOCAB: tuple[VocabEntry, ...] = _build_output_vocab()
-_BY_PIECE = {e.piece: e for e in OUTPUT_VOCAB}
-_OUTPUT_IDS = frozenset(e.token_id for e in OUTPUT_VOCAB)
-_COMMA = _BY_PIECE[","]
-_PERIOD = _BY_PIECE["."]
-# Indexed by word: (" word", "word", " Word", "Word") where all four survived de-duplication.
-_WORD_FORMS: tuple[tuple[VocabEntry, VocabEntry, VocabEntry, VocabEntry], ...] = tuple(
-    (_BY_PIECE[f" {w}"], _BY_PIECE[w], _BY_PIECE[f" {w.title()}"], _BY_PIECE[w.title()])
-    for w in (
-        e.piece[1:] for e in OUTPUT_VOCAB if e.piece.startswith(" ") and e.piece[1:].islower()
-    )
-    if all(p in _BY_PIECE for p in (w, f" {w.title()}", w.title()))
-)
-PIECE_JSON: dict[str, bytes] = {e.piece: e.json for e in OUTPUT_VOCAB}
-"""Output pieces pre-encoded as JSON strings, so the streaming path never re-encodes them."""
+class OutputVocab:
+    """The tokens the mock model says: the sim-model's output words
+    (:func:`.model_files.output_words`) in four spellings (" word", "word", " Word", "Word"), a
+    comma and a period, each a single token of the folder's tokenizer that decodes to exactly its
+    text. So every streamed event is one real token, and the text re-tokenizes to the ids that
+    produced it (a follow-up turn hits the prefix cache on the previous answer).
+
+    Raises:
+        ValueError: the folder's tokenizer spells too few of the words as single tokens.
+    """
+
+    __slots__ = ("comma", "entries", "json_of", "period", "word_forms")
+
+    def __init__(self, tokenizer: ModelTokenizer) -> None:
+        def single(piece: str) -> VocabEntry | None:
+            ids = tokenizer.encode(piece, add_special_tokens=False)
+            if len(ids) != 1 or tokenizer.decode(ids) != piece:
+                return None
+            return VocabEntry(ids[0], piece, msgspec.json.encode(piece))
+
+        forms: list[WordForms] = []
+        for w in model_files.output_words():
+            a, b, c, d = (single(p) for p in (f" {w}", w, f" {w.title()}", w.title()))
+            if a and b and c and d:
+                forms.append((a, b, c, d))
+        comma, period = single(","), single(".")
+        if comma is None or period is None or len(forms) < MIN_OUTPUT_WORDS:
+            raise ValueError(
+                f"the tokenizer of {tokenizer.name!r} spells only {len(forms)} of the simulator's "
+                f"output words as single tokens (at least {MIN_OUTPUT_WORDS} are needed, and ',' "
+                "and '.'): use the sim-model folder (simulators/model_files.py)"
+            )
+        self.comma: VocabEntry = comma
+        self.period: VocabEntry = period
+        self.word_forms: tuple[WordForms, ...] = tuple(forms)
+        """Indexed by word: (" word", "word", " Word", "Word")."""
+        self.entries: tuple[VocabEntry, ...] = (comma, period, *(e for f in forms for e in f))
+        self.json_of: dict[str, bytes] = {e.piece: e.json for e in self.entries}
+        """Output pieces pre-encoded as JSON strings, so the streaming path never re-encodes."""
 
 
 # ------------------------------------------------------------------------------------------------
-# Chat rendering
+# Tokenizer and chat rendering
 # ------------------------------------------------------------------------------------------------
+
+PROMPT_CACHE_ENTRIES = 1024
+"""Tokenized prompts kept (LRU): benchmarks and retries repeat prompts."""
+PROMPT_CACHE_CHARS = 2**20
+"""...and at most this many characters of prompt text (JSON for chats) behind them; longer
+single prompts are not cached (the segment cache of ``ModelTokenizer`` still helps them)."""
 
 
 class PromptError(ValueError):
@@ -211,14 +133,20 @@ class MediaConfig:
     audio_tokens: int = 128
     video_tokens: int = 1024
 
+    def tokens(self, kind: str) -> int:
+        return {"image": self.image_tokens, "audio": self.audio_tokens}.get(kind, self.video_tokens)
 
-_MEDIA_KINDS = {
-    "image_url": ("image", "<|image|>"),
-    "image_pil": ("image", "<|image|>"),
-    "image_embeds": ("image", "<|image|>"),
-    "input_audio": ("audio", "<|audio|>"),
-    "audio_url": ("audio", "<|audio|>"),
-    "video_url": ("video", "<|video|>"),
+
+# Content-part type (or, untyped / with a uuid, payload key) -> modality, as lmgw.text (and vLLM)
+# read parts; the order is the payload keys' precedence.
+_MEDIA_KEYS = {
+    "image_url": "image",
+    "image_pil": "image",
+    "image_embeds": "image",
+    "audio_embeds": "audio",
+    "audio_url": "audio",
+    "input_audio": "audio",
+    "video_url": "video",
 }
 
 
@@ -238,19 +166,12 @@ class MediaItem:
 
 @dataclass(frozen=True, slots=True)
 class RenderedPrompt:
-    """A chat rendered for the model: template text (media as markers), token ids, media items."""
+    """A chat rendered for the model: the template's text (media as marker tokens), the token
+    ids (each marker expanded to the item's placeholder ids), and the media items."""
 
     text: str
-    token_ids: list[int]
+    token_ids: tuple[int, ...]
     media: tuple[MediaItem, ...] = ()
-
-
-def media_token_ids(mm_hash: str, count: int) -> list[int]:
-    """Placeholder ids that depend on the item's content, so different images do not share a
-    prefix-cache block (vLLM gets the same effect by keying blocks with the mm hash)."""
-    base = int(mm_hash[:8], 16)
-    span = VOCAB_SIZE - RESERVED
-    return [RESERVED + (base + 7919 * i) % span for i in range(count)]
 
 
 def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
@@ -274,114 +195,294 @@ def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
     )
 
 
-def render_chat(
-    tokenizer: Tokenizer,
-    messages: Sequence[Any],
-    *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    media: MediaConfig = MediaConfig(),
-) -> RenderedPrompt:
-    """Render messages with a ChatML-like template and tokenize them.
+def _media_key(part: dict[str, Any]) -> str | None:
+    """The payload key of a media part, read as ``lmgw.text`` reads parts: by ``type`` unless
+    the part carries a uuid (or no type), then by the first media payload key present."""
+    ptype = part.get("type")
+    if isinstance(ptype, str) and part.get("uuid") is None:
+        return ptype if ptype in _MEDIA_KEYS else None
+    for key in _MEDIA_KEYS:
+        if key in part and (key != "input_audio" or part[key] is not None):
+            return key
+    return None
 
-    Content is a string, None, or a list of parts: text parts are concatenated, each media part
-    (image_url, input_audio, audio_url, video_url) becomes a marker in the text and a fixed number
-    of placeholder tokens in the ids.
+
+def _media_parts(messages: Sequence[Any]) -> list[tuple[str, str, str]]:
+    """(modality, mm_hash, content_hash) of every media part, in message order."""
+    out: list[tuple[str, str, str]] = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            key = _media_key(part) if isinstance(part, dict) else None
+            if key is not None:
+                out.append((_MEDIA_KEYS[key], *_media_hash(part, key)))
+    return out
+
+
+class _PromptCache:
+    """An LRU of tokenized prompts bounded in entries and in characters of key text."""
+
+    __slots__ = ("_chars", "_entries", "max_chars", "max_entries")
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._entries: OrderedDict[Hashable, tuple[int, Any]] = OrderedDict()
+        self._chars = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> Any | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        self._entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: Hashable, value: Any, chars: int) -> None:
+        if chars > self.max_chars // 4 or self.max_entries <= 0 or key in self._entries:
+            return
+        self._entries[key] = (chars, value)
+        self._chars += chars
+        while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+            _, (old_chars, _) = self._entries.popitem(last=False)
+            self._chars -= old_chars
+
+
+class Tokenizer:
+    """The mock model's tokenizer and chat template, from a Hugging Face model folder.
+
+    Encoding, decoding and rendering are ``lmgw.text``'s :class:`~lmgw.text.ModelTokenizer` and
+    :class:`~lmgw.text.ChatTemplate`, the gateway's own code, so a simulated worker tokenizes
+    exactly like the gateway (and like a vLLM worker) with the same folder. On top: media marker
+    tokens expanded into per-item placeholder ids, the :class:`OutputVocab`, and an LRU of
+    tokenized prompts. Loading reads files: share instances (:func:`load_tokenizer`).
+
+    Args:
+        model_dir: the folder (default: :func:`.model_files.default_model_dir`).
+        cache_entries, cache_chars: the prompt LRU's bounds.
 
     Raises:
-        PromptError: a message or part has the wrong shape (the HTTP layer answers 400).
+        ValueError: the folder cannot be loaded, or lacks the output words (:class:`OutputVocab`).
     """
-    if not isinstance(messages, list | tuple) or not messages:
-        raise PromptError("messages must be a non-empty list", "messages")
-    if continue_final_message and add_generation_prompt:
-        raise PromptError(
-            "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
-        )
-    segments: list[str | tuple[str, str, int, str]] = []
-    last = len(messages) - 1
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise PromptError(f"messages[{i}] must be an object", "messages")
-        role = msg.get("role")
-        if not isinstance(role, str):
-            raise PromptError(f"messages[{i}].role must be a string", "messages")
-        segments.append(f"<|im_start|>{role}\n")
-        content = msg.get("content")
-        if isinstance(content, str):
-            segments.append(content)
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                _render_part(part, i, j, segments, media)
-        elif content is not None:
-            raise PromptError(f"messages[{i}].content must be a string or a list", "messages")
-        tool_calls = msg.get("tool_calls")
-        if tool_calls:
-            segments.append(f"<tool_call>{msgspec.json.encode(tool_calls).decode()}</tool_call>")
-        if not (continue_final_message and i == last):
-            segments.append("<|im_end|>\n")
-    if add_generation_prompt:
-        segments.append("<|im_start|>assistant\n")
-    return _tokenize_segments(tokenizer, segments)
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        *,
+        cache_entries: int = PROMPT_CACHE_ENTRIES,
+        cache_chars: int = PROMPT_CACHE_CHARS,
+    ) -> None:
+        folder = Path(model_dir) if model_dir is not None else model_files.default_model_dir()
+        self.model_dir = folder
+        try:
+            self.model = ModelTokenizer.load(folder)
+        except ValueError as exc:  # TokenizerLoadError
+            raise ValueError(f"simulated model folder: {exc}") from None
+        tok = self.model
+        markers = {
+            kind: token
+            for kind, token in model_files.MEDIA_TOKENS.items()
+            if tok.token_to_id(token) is not None
+        }
+        try:
+            self.template: ChatTemplate | None = ChatTemplate.load(
+                folder, special_tokens=tok.special_tokens_map, media_placeholders=markers
+            )
+        except ChatTemplateConfigError:
+            self.template = None  # a base model: completions only, as in vLLM
+        self.vocab_size: int = tok.vocab_size
+        self.max_model_len: int | None = tok.max_model_len
+        """The folder's context length (``config.json``), if it names one."""
+        self.output = OutputVocab(tok)
+        self._marker_kind: dict[int, str] = {
+            tid: kind
+            for kind, token in markers.items()
+            if (tid := tok.token_to_id(token)) is not None
+        }
+        # Placeholder ids come from the ordinary (trained) part of the vocabulary.
+        base = tok.backend.get_vocab_size(with_added_tokens=False)
+        added_below = [a.id for a in tok.added_tokens if a.id < base]
+        self._media_lo = max(added_below, default=-1) + 1
+        self._media_span = max(1, base - self._media_lo)
+        self._cache = _PromptCache(cache_entries, cache_chars)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.model_dir)!r}, vocab={self.vocab_size})"
+
+    # -- ids and text ------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> tuple[int, ...]:
+        """Token ids of ``text`` (``add_special_tokens``: the BOS a completion prompt gets, as
+        in vLLM and transformers); cached."""
+        key = ("prompt", text, add_special_tokens)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        ids = tuple(self.model.encode(text, add_special_tokens=add_special_tokens))
+        self._cache.put(key, ids, len(text))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens included (vLLM's ``/detokenize``).
+
+        Raises:
+            PromptError: an id outside the vocabulary.
+        """
+        try:
+            return self.model.decode(ids)
+        except TokenIdError as exc:
+            raise PromptError(exc.message, exc.param) from None
+
+    def check_ids(self, ids: Sequence[int], param: str = "prompt") -> None:
+        """Raise :class:`PromptError` unless every id is in the vocabulary."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise PromptError(f"Token id {bad} is out of vocabulary", param)
+
+    def token_strs(self, ids: Sequence[int]) -> list[str | None]:
+        """The vocabulary strings of ``ids`` (vLLM's ``token_strs``)."""
+        return self.model.convert_ids_to_tokens(ids)
+
+    def media_token_ids(self, mm_hash: str, count: int) -> list[int]:
+        """Placeholder ids that depend on the item's content, so different images do not share a
+        prefix-cache block (vLLM gets the same effect by keying blocks with the mm hash)."""
+        base = int(mm_hash[:8], 16)
+        lo, span = self._media_lo, self._media_span
+        return [lo + (base + 7919 * i) % span for i in range(count)]
+
+    # -- chats ---------------------------------------------------------------------------------
+
+    def cached(self, key: Hashable) -> Any | None:
+        """A prompt tokenized before under ``key`` (see :meth:`render_chat`), or None."""
+        return self._cache.get(key)
+
+    def render_chat(
+        self,
+        messages: Any,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Any = None,
+        documents: Any = None,
+        chat_template_kwargs: Any = None,
+        add_special_tokens: bool = False,
+        media: MediaConfig = MediaConfig(),
+        cache_key: Hashable | None = None,
+        cache_chars: int = 0,
+    ) -> RenderedPrompt:
+        """A chat request's prompt as vLLM builds it: the template rendered with the request's
+        options, encoded without special tokens (unless asked), and each media marker token
+        expanded into its item's placeholder ids.
+
+        ``cache_key`` (with the size of what it stands for, ``cache_chars``) files the result in
+        the LRU, for callers that look it up with :meth:`cached` before decoding a request (the
+        raw JSON makes a good key); without one, a key is made from the arguments' JSON.
+
+        Raises:
+            PromptError: bad messages or options, the template refused them, or media items that
+                do not match the template's markers (the HTTP layer answers 400).
+        """
+        if cache_key is None:
+            try:
+                blob = msgspec.json.encode(
+                    [messages, tools, documents, chat_template_kwargs], order="deterministic"
+                )
+            except (TypeError, msgspec.EncodeError):
+                blob = None
+            if blob is not None:
+                cache_key = ("chat", blob, add_generation_prompt, continue_final_message,
+                             add_special_tokens, media)  # fmt: skip
+                cache_chars = len(blob)
+                hit = self._cache.get(cache_key)
+                if hit is not None:
+                    return hit
+        if self.template is None:
+            raise PromptError(
+                "this model has no chat template: use /v1/completions (or configure a template)",
+                "messages",
+            )
+        kwargs = chat_template_kwargs
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise PromptError("chat_template_kwargs must be an object", "chat_template_kwargs")
+        try:
+            text = self.template.render(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                documents=documents,
+                chat_template_kwargs=kwargs,
+            )
+        except ChatTemplateError as exc:
+            raise PromptError(exc.message, exc.param) from None
+        ids = self.model.encode(text, add_special_tokens=add_special_tokens)
+        parts = _media_parts(messages)
+        items: tuple[MediaItem, ...] = ()
+        if parts or (self._marker_kind and any(ids.count(m) for m in self._marker_kind)):
+            ids, items = self._expand_media(ids, parts, media)
+        rendered = RenderedPrompt(text, tuple(ids), items)
+        if cache_key is not None:
+            self._cache.put(cache_key, rendered, cache_chars)
+        return rendered
+
+    def _expand_media(
+        self, ids: list[int], parts: list[tuple[str, str, str]], media: MediaConfig
+    ) -> tuple[list[int], tuple[MediaItem, ...]]:
+        """Replace the k-th marker of each modality by the k-th item's placeholder ids. As in
+        vLLM, markers and items must pair up exactly."""
+        queues: dict[str, deque[tuple[str, str]]] = {}
+        for kind, mm_hash, content_hash in parts:
+            queues.setdefault(kind, deque()).append((mm_hash, content_hash))
+        markers = self._marker_kind
+        out: list[int] = []
+        items: list[MediaItem] = []
+        last = 0
+        for pos, tid in enumerate(ids):
+            kind = markers.get(tid)
+            if kind is None:
+                continue
+            queue = queues.get(kind)
+            if not queue:
+                raise PromptError(
+                    f"the prompt has more {kind} placeholders than {kind} items", "messages"
+                )
+            mm_hash, content_hash = queue.popleft()
+            out += ids[last:pos]
+            count = media.tokens(kind)
+            items.append(MediaItem(kind, mm_hash, len(out), count, content_hash))
+            out += self.media_token_ids(mm_hash, count)
+            last = pos + 1
+        left = {kind: len(q) for kind, q in queues.items() if q}
+        if left:
+            kind, n = next(iter(left.items()))
+            if kind not in markers.values():
+                raise PromptError(f"this model does not accept {kind} input", "messages")
+            raise PromptError(
+                f"{n} {kind} item(s) have no placeholder in the rendered prompt", "messages"
+            )
+        out += ids[last:]
+        return out, tuple(items)
 
 
-def _render_part(
-    part: Any,
-    i: int,
-    j: int,
-    segments: list[str | tuple[str, str, int, str]],
-    media: MediaConfig,
-) -> None:
-    if isinstance(part, str):
-        segments.append(part)
-        return
-    if not isinstance(part, dict):
-        raise PromptError(f"messages[{i}].content[{j}] must be an object", "messages")
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise PromptError(f"messages[{i}].content[{j}].text must be a string", "messages")
-        segments.append(text)
-        return
-    known = _MEDIA_KINDS.get(kind) if isinstance(kind, str) else None
-    if known is None:
-        raise PromptError(f"Unknown part type: {kind!r}", "messages")
-    media_kind, marker = known
-    count = {
-        "image": media.image_tokens,
-        "audio": media.audio_tokens,
-        "video": media.video_tokens,
-    }[media_kind]
-    mm_hash, content_hash = _media_hash(part, kind)
-    segments.append((marker, mm_hash, count, content_hash))
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: str) -> Tokenizer:
+    return Tokenizer(folder)
 
 
-def _tokenize_segments(
-    tokenizer: Tokenizer, segments: list[str | tuple[str, str, int, str]]
-) -> RenderedPrompt:
-    texts: list[str] = []
-    ids: list[int] = []
-    items: list[MediaItem] = []
-    pending: list[str] = []
+def load_tokenizer(model_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The process-wide :class:`Tokenizer` of a model folder (default: the per-user sim-model,
+    built on first use), loaded once: every simulated worker of a process shares it."""
+    folder = model_files.default_model_dir() if model_dir is None else Path(model_dir)
+    return _load_tokenizer(os.path.realpath(folder))
 
-    def flush() -> None:
-        if pending:
-            chunk = "".join(pending)
-            ids.extend(tokenizer.encode(chunk))
-            pending.clear()
 
-    for seg in segments:
-        if isinstance(seg, str):
-            texts.append(seg)
-            pending.append(seg)
-        else:
-            flush()
-            marker, mm_hash, count, content_hash = seg
-            texts.append(marker)
-            items.append(MediaItem(marker.strip("<|>"), mm_hash, len(ids), count, content_hash))
-            ids.extend(media_token_ids(mm_hash, count))
-    flush()
-    return RenderedPrompt("".join(texts), ids, tuple(items))
+def render_chat(tokenizer: Tokenizer, messages: Any, **options: Any) -> RenderedPrompt:
+    """:meth:`Tokenizer.render_chat` (``add_generation_prompt`` defaults to True)."""
+    return tokenizer.render_chat(messages, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,24 +540,26 @@ def natural_length(key: int) -> int:
     return MIN_NATURAL_TOKENS + key % (MAX_NATURAL_TOKENS - MIN_NATURAL_TOKENS + 1)
 
 
-def _draw_tokens(key: int, count: int) -> list[VocabEntry]:
+def _draw_tokens(key: int, count: int, vocab: OutputVocab) -> list[VocabEntry]:
     """Sentence-like output: words, an occasional comma, a period every 6-16 words, capitals
-    after periods, no leading space on the very first token."""
+    after periods, no leading space on the very first token (never two punctuation tokens in a
+    row, so the text re-tokenizes to the same ids)."""
     rng = random.Random(key)
-    forms = _WORD_FORMS
+    forms = vocab.word_forms
     nforms = len(forms)
+    comma, period = vocab.comma, vocab.period
     out: list[VocabEntry] = []
     capital = True
     until_period = rng.randint(6, 16)
     for i in range(count):
-        if until_period <= 0 and not capital and out[-1] is not _COMMA:
-            out.append(_PERIOD)
+        if until_period <= 0 and not capital and out[-1] is not comma:
+            out.append(period)
             capital = True
             until_period = rng.randint(6, 16)
             continue
         r = rng.getrandbits(32)
-        if not capital and r % 13 == 0 and out and out[-1] is not _COMMA:
-            out.append(_COMMA)
+        if not capital and r % 13 == 0 and out and out[-1] is not comma:
+            out.append(comma)
             continue
         word = forms[(r >> 4) % nforms]
         out.append(word[(0 if i else 1) + (2 if capital else 0)])
@@ -471,9 +574,11 @@ def generate(
     *,
     engine_seed: int,
     max_model_len: int,
+    vocab: OutputVocab,
     index: int = 0,
 ) -> Completion:
-    """The completion for one choice: a pure function of its arguments."""
+    """The completion for one choice: a pure function of its arguments (``vocab``: the model
+    folder's output tokens)."""
     key = completion_key(prompt_ids, engine_seed, spec.seed, index)
     room = max(0, max_model_len - len(prompt_ids))
     cap = room if spec.max_tokens is None else min(spec.max_tokens, room)
@@ -483,7 +588,7 @@ def generate(
         length, finish = int(natural), "stop"
     else:
         length, finish = cap, "length"
-    entries = _draw_tokens(key, length)
+    entries = _draw_tokens(key, length, vocab)
     token_ids = [e.token_id for e in entries]
     pieces = [e.piece for e in entries]
     stop_reason: str | int | None = None
@@ -504,7 +609,8 @@ def generate(
             ntok, cut, stop_str = hit
             token_ids, pieces = token_ids[:ntok], _cut_pieces(pieces[:ntok], cut)
             finish, stop_reason = "stop", stop_str
-    pieces_json = tuple(PIECE_JSON.get(p) or msgspec.json.encode(p) for p in pieces)
+    json_of = vocab.json_of
+    pieces_json = tuple(json_of.get(p) or msgspec.json.encode(p) for p in pieces)
     return Completion(
         tuple(token_ids), tuple(pieces), "".join(pieces), finish, stop_reason, pieces_json
     )
@@ -713,12 +819,19 @@ class EngineConfig:
     """Everything that shapes the mock engine; the CLI and tests build one of these."""
 
     seed: int = 0
-    max_model_len: int = 8192
+    max_model_len: int | None = None
+    """The context length; None: the model folder's (else :data:`DEFAULT_MAX_MODEL_LEN`)."""
     max_num_seqs: int = 256
     kv_blocks: int = 8192
     block_size: int = 16
     timing: TimingModel = field(default_factory=TimingModel)
     media: MediaConfig = field(default_factory=MediaConfig)
+    model_dir: str | None = None
+    """The model folder (tokenizer, chat template); None: the per-user sim-model."""
+
+
+DEFAULT_MAX_MODEL_LEN = 8192
+"""The context length of a model folder that names none."""
 
 
 class Ticket:
@@ -842,7 +955,11 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self.tokenizer = Tokenizer()
+        self.tokenizer = load_tokenizer(self.config.model_dir)
+        self.max_model_len: int = (
+            self.config.max_model_len or self.tokenizer.max_model_len or DEFAULT_MAX_MODEL_LEN
+        )
+        """The context length: the config's, else the model folder's."""
         self.cache = PrefixCache(self.config.kv_blocks, self.config.block_size)
         self.stats = EngineStats()
         self.slow = 1.0
@@ -871,7 +988,8 @@ class Engine:
             prompt_ids,
             spec,
             engine_seed=self.config.seed,
-            max_model_len=self.config.max_model_len,
+            max_model_len=self.max_model_len,
+            vocab=self.tokenizer.output,
             index=index,
         )
         memo[key] = out

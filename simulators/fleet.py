@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from lmgw.http.server import serve_http
 
+from . import model_files
 from .app import ROLES, SimWorker, WorkerOptions, unsupported_role_message
 
 log = logging.getLogger("lmgw.simulators.fleet")
@@ -113,6 +115,9 @@ class Fleet:
         """The shared encoder-cache directory run_fleet created, if any."""
         self.lmcache_dir: str | None = None
         """The shared LMCache directory run_fleet created (dialect vllm-lmcache), if any."""
+        self.model_dir: Path | None = None
+        """The model folder every worker tokenizes with (``--model-dir``): give the gateway the
+        same one (``models[].tokenizer``) and its tokenization matches the workers'."""
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.endpoints())
@@ -155,6 +160,15 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1 :]
+    return None
+
+
 def worker_command(
     role: str,
     *,
@@ -189,6 +203,7 @@ async def run_fleet(
     speed: float,
     extra_args: Sequence[str] = (),
     dialect: str | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
     ready_timeout_s: float = 30.0,
     grace_s: float = 3.0,
     python: str = sys.executable,
@@ -206,6 +221,10 @@ async def run_fleet(
     and removed at the end like the encoder cache, unless ``extra_args`` names one
     (``Fleet.lmcache_dir``); for ``vllm-p2pnccl`` a KV port each (``FleetMember.kv_address``).
 
+    Every worker tokenizes with one model folder, passed as ``--model-dir``: ``model_dir``, the
+    one ``extra_args`` names, or the per-user sim-model (built here once, before any spawn, so
+    the workers do not race to build it). ``Fleet.model_dir`` tells which.
+
     Raises:
         ValueError: an unknown role or a negative count (before anything is spawned).
         FleetError: a child exited or stayed silent for ``ready_timeout_s`` before READY.
@@ -216,6 +235,14 @@ async def run_fleet(
         if count < 0:
             raise ValueError(f"negative worker count for role {role!r}")
     fleet = Fleet()
+    named = _flag_value(extra_args, "--model-dir")
+    if named is not None:
+        fleet.model_dir = Path(named)
+    else:
+        if model_dir is None:
+            model_dir = await trio.to_thread.run_sync(model_files.default_model_dir)
+        fleet.model_dir = Path(model_dir)
+        extra_args = [*extra_args, "--model-dir", os.fspath(model_dir)]
     errors: list[str] = []
     own_ec_dir: str | None = None
     own_lmcache_dir: str | None = None

@@ -7,9 +7,14 @@ corpus (deterministic: same bytes on every machine and in every process), a Chat
 template with tools and multimodal parts, bos/eos/pad, ``special_tokens_map.json``,
 ``generation_config.json`` and a ``config.json`` carrying the context length.
 
-Building takes a few milliseconds; :func:`ensure_model_dir` caches the folder under a directory
+The simulated workers tokenize with this folder through ``lmgw.text`` (the gateway's own code),
+so the gateway's parity self-test passes against them token for token, and the words they
+generate (:func:`output_words`, in four spellings) are whole tokens of this vocabulary.
+
+Building takes well under a second; :func:`ensure_model_dir` caches the folder under a directory
 you pass in, named by a version, and publishes it with an atomic rename, so concurrent processes
-(a gateway and its simulated workers) may call it at once.
+(a gateway and its simulated workers) may call it at once. :func:`default_model_dir` is that
+folder in the per-user cache (``$XDG_CACHE_HOME/lmgw`` or ``~/.cache/lmgw``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SIM_MODEL_NAME = "sim-model"
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Bump when anything below changes what is written: the folder name carries it."""
 
 MAX_MODEL_LEN = 32768
@@ -94,7 +99,7 @@ CHAT_TEMPLATE = """\
 """
 
 # The training corpus: prose, chat, code, JSON, numbers, several scripts, and the pseudo-words of
-# the simulators' output vocabulary (onsets x vowels), so generated text tokenizes compactly.
+# the simulators' output vocabulary (onsets x vowels; see output_words()).
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step.
 You are a helpful assistant. Answer the user's question as briefly and accurately as you can.
@@ -136,6 +141,29 @@ _ROLES = ("system", "user", "assistant", "tool")
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "st")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 
+OUTPUT_WORDS = 256
+"""How many pseudo-words the simulated model says. Each is trained as a whole token in four
+spellings (" word", "word", " Word", "Word"): 256 words leave the vocabulary ~1000 tokens under
+:data:`VOCAB_SIZE`; at 512 the budget runs out and some stop being single tokens."""
+
+
+def output_words(count: int = OUTPUT_WORDS) -> tuple[str, ...]:
+    """The simulated model's words (1-3 syllables from a fixed RNG: the same in every process).
+
+    Why here: the simulators' generated text should be made of real tokens of this vocabulary
+    (one token per streamed event, and the text re-tokenizes to the ids that produced it), so the
+    tokenizer is trained on exactly these words.
+    """
+    rng = random.Random(0x5EED)
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < count:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return tuple(words)
+
 
 _WORD_TEXT = """\
 the of and to a in is you that it he was for on are as with his they I at be this have from
@@ -169,7 +197,9 @@ def _corpus() -> list[str]:
     # Chat turns as the template writes them, so role names after <|im_start|> are whole tokens.
     turns = [f"{role}\n{s}" for role, s in zip(_ROLES * 100, sentences, strict=False)]
     lines = _CORPUS.splitlines(keepends=True) * 8
-    return lines + sentences + turns + [pseudo, pseudo.title()]
+    # Each output word alone in each spelling, twice (min_frequency): whole tokens each.
+    spelled = [f for w in output_words() for f in (w, f" {w}", w.title(), f" {w.title()}")] * 2
+    return lines + sentences + turns + [pseudo, pseudo.title()] + spelled
 
 
 def build_tokenizer() -> Tokenizer:
@@ -246,6 +276,24 @@ def write_model_dir(target: Path) -> None:
         (target / name).write_text(text, encoding="utf-8")
     marker = {"name": SIM_MODEL_NAME, "version": BUILD_VERSION}
     (target / _MARKER).write_text(json.dumps(marker), encoding="utf-8")
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache of lmgw: ``$XDG_CACHE_HOME/lmgw``, else ``~/.cache/lmgw``."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "lmgw"
+
+
+def default_model_dir() -> Path:
+    """The sim-model folder in :func:`default_cache_dir`, built on first use (safe to call from
+    several processes at once). Where that cache is not writable, a per-user folder under the
+    system's temporary directory is used instead."""
+    try:
+        return ensure_model_dir(default_cache_dir())
+    except OSError:
+        uid = os.getuid() if hasattr(os, "getuid") else "user"
+        return ensure_model_dir(Path(tempfile.gettempdir()) / f"lmgw-{uid}")
 
 
 def ensure_model_dir(cache_dir: str | os.PathLike[str]) -> Path:

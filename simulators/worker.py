@@ -23,6 +23,7 @@ import trio
 
 from .app import KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
 from .disagg import LMCACHE_CHUNK_TOKENS
+from .engine import load_tokenizer
 from .faults import Faults
 
 
@@ -52,7 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="concurrent requests")
     p.add_argument("--kv-blocks", type=int, default=8192, help="prefix cache capacity (blocks)")
     p.add_argument("--block-size", type=int, default=16, help="prefix cache block (tokens)")
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model folder's config.json)",
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="Hugging Face model folder to tokenize with (tokenizer.json, chat template), as "
+        "vLLM's model path; default: the sim-model built in ~/.cache/lmgw (XDG_CACHE_HOME)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     dis = p.add_argument_group("disaggregation (roles e, p, d)")
     dis.add_argument(
@@ -130,6 +142,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--kv-connector lmcache needs --lmcache-dir (the shared store)")
     if ns.lmcache_chunk_size < 1:
         raise ValueError("--lmcache-chunk-size must be >= 1")
+    if ns.max_model_len is not None and ns.max_model_len < 1:
+        raise ValueError("--max-model-len must be >= 1")
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -151,6 +165,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         kv_blocks=ns.kv_blocks,
         block_size=ns.block_size,
         max_model_len=ns.max_model_len,
+        model_dir=ns.model_dir,
         api_key=ns.api_key,
         faults=faults,
         exit_on_crash=as_process,
@@ -191,5 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr)
+    try:
+        load_tokenizer(options.model_dir)  # now: a bad model folder is a usage error
+    except ValueError as exc:
+        parser.error(str(exc))
     trio.run(run_worker_process, options)
     return 0

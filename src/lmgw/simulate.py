@@ -33,7 +33,8 @@ log = logging.getLogger("lmgw.simulate")
 
 
 def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> GatewayConfig:
-    """Gateway configuration for a started fleet: one model, every worker, the CLI's choices."""
+    """Gateway configuration for a started fleet: one model (tokenized with the workers' model
+    folder), every worker, the CLI's choices."""
     server = {"host": args.host, "port": args.port}
     if getattr(args, "server", None):
         server["server"] = args.server
@@ -54,11 +55,17 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
             )
         )
+    model: dict[str, object] = {"name": args.model, "flow": spec.flow, "dialect": dialect}
+    # The workers' own model folder, so the gateway tokenizes as they do (guarded: the config
+    # key arrived separately).
+    model_dir = getattr(fleet, "model_dir", None)
+    if model_dir is not None and "tokenizer" in ModelConfig.__struct_fields__:
+        model["tokenizer"] = str(model_dir)
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
         routing=RoutingConfig(**routing),
-        models=[ModelConfig(name=args.model, flow=spec.flow, dialect=dialect)],
+        models=[ModelConfig(**model)],  # type: ignore[arg-type]
         workers=workers,
     )
 

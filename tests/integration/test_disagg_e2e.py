@@ -99,12 +99,16 @@ async def test_flow_gives_the_merged_workers_text(
     for messages in prompts:
         # the same request straight to a merged worker; media are embedded there inline
         ref_worker = reference if messages is TEXT_ONLY else await sim_worker(role="pd")
-        expected, _ = await trio.to_thread.run_sync(run_client, ref_worker.url, messages, False)
+        expected, ref_usage = await trio.to_thread.run_sync(
+            run_client, ref_worker.url, messages, False
+        )
         for stream in (False, True):
             with trio.fail_after(20):
                 text, usage = await trio.to_thread.run_sync(run_client, url, messages, stream)
             assert text == expected, (flow, dialect, stream)
-            assert usage.completion_tokens == 12
+            # the merged worker's counts (the model may stop before max_tokens=12)
+            assert usage.completion_tokens == ref_usage.completion_tokens <= 12
+            assert usage.prompt_tokens == ref_usage.prompt_tokens
     d_stats = [(await w.stats())["handoff"] for w in decoders]
     p_stats = [(await w.stats())["handoff"] for w in prefills]
     if dialect in ("vllm-nixl", "vllm-p2pnccl", "sglang-bootstrap", "vllm-epd") and "d" in counts:

@@ -27,6 +27,7 @@ from lmgw.simulators import (
 from lmgw.simulators.faults import Faults
 
 MODEL = "sim-model"
+SIM_MAX_MODEL_LEN = 32768  # the sim-model folder's config.json
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 
@@ -140,9 +141,9 @@ async def test_stream_continuous_usage_and_n(sim: tuple[SimWorker, str]) -> None
 async def test_completion_prompt_forms(sim: tuple[SimWorker, str]) -> None:
     _, url = sim
     tok = (await http(url, "POST", "/tokenize", {"model": MODEL, "prompt": "Hello there"})).json()
-    assert tok["count"] == len(tok["tokens"]) == 2 and tok["max_model_len"] == 8192
+    assert tok["count"] == len(tok["tokens"]) > 1 and tok["max_model_len"] == SIM_MAX_MODEL_LEN
     detok = (await http(url, "POST", "/detokenize", {"tokens": tok["tokens"]})).json()
-    assert detok == {"prompt": "Hello there"}
+    assert detok == {"prompt": "<|startoftext|>Hello there"}  # the BOS a completion gets
     by_text = (await http(url, "POST", "/v1/completions", {"prompt": "Hello there"})).json()
     by_ids = (await http(url, "POST", "/v1/completions", {"prompt": tok["tokens"]})).json()
     assert by_text["object"] == "text_completion" and by_text["id"].startswith("cmpl-")
@@ -176,10 +177,14 @@ async def test_completion_prompt_forms(sim: tuple[SimWorker, str]) -> None:
         ("/v1/chat/completions", {**CHAT, "stream_options": {}}, 400, "stream=True"),
         ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "n must be at least 1"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": 1}]}, 400, "role"),
-        ("/v1/completions", {"prompt": "hi " * 9000}, 400, "maximum context length is 8192"),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 8192}, 400, "'max_tokens'"),
+        ("/v1/completions", {"prompt": [7] * 40000}, 400, "maximum context length is 32768"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 32768}, 400, "'max_tokens'"),
         ("/v1/completions", {"prompt": [99999999]}, 400, "out of vocabulary"),
-        ("/v1/completions", {"prompt": ""}, 400, "cannot be empty"),
+        ("/v1/completions", {"prompt": ""}, 400, "must be provided and non-empty"),
+        ("/v1/completions", {"prompt": [[]]}, 400, "cannot be empty"),
+        ("/v1/chat/completions", {**CHAT, "continue_final_message": True}, 400, "Cannot set both"),
+        ("/detokenize", {"tokens": [1, 99999999]}, 400, "out of vocabulary"),
+        ("/tokenize", {"model": MODEL}, 400, "prompt or messages"),
     ],
 )
 async def test_validation_errors_are_vllm_shaped(
@@ -202,7 +207,8 @@ async def test_models_health_metrics_and_unknown_routes(sim: tuple[SimWorker, st
     assert models["object"] == "list"
     (m,) = models["data"]
     assert m["id"] == MODEL and m["object"] == "model" and m["owned_by"] == "vllm"
-    assert m["root"] == MODEL and m["parent"] is None and m["max_model_len"] == 8192
+    assert m["root"] == MODEL and m["parent"] is None
+    assert m["max_model_len"] == SIM_MAX_MODEL_LEN
     health = await http(url, "GET", "/health")
     assert health.status == 200 and health.body == b""
     metrics = await http(url, "GET", "/metrics")

@@ -4,15 +4,14 @@ prefix cache, accounting, faults and metrics text. No sockets, no trio."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
+from lmgw.simulators import model_files
 from lmgw.simulators.engine import (
-    IM_START_ID,
     MAX_NATURAL_TOKENS,
     MIN_NATURAL_TOKENS,
-    RESERVED,
-    VOCAB_SIZE,
     Engine,
     EngineConfig,
     MediaConfig,
@@ -23,19 +22,38 @@ from lmgw.simulators.engine import (
     Tokenizer,
     block_hashes,
     generate,
+    load_tokenizer,
     render_chat,
 )
 from lmgw.simulators.faults import FaultInjector, Faults
 from lmgw.simulators.metrics import render_metrics
+from lmgw.text import ChatTemplate, ModelTokenizer
 
-TOK = Tokenizer()
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return model_files.ensure_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Tokenizer:
+    return load_tokenizer(model_dir)
 
 
 DEFAULT = SamplingSpec()
 
 
-def gen(prompt: str, spec: SamplingSpec = DEFAULT, *, seed: int = 0, index: int = 0):
-    return generate(TOK.encode(prompt), spec, engine_seed=seed, max_model_len=8192, index=index)
+def gen(
+    tok: Tokenizer, prompt: str, spec: SamplingSpec = DEFAULT, *, seed: int = 0, index: int = 0
+):
+    return generate(
+        tok.encode(prompt),
+        spec,
+        engine_seed=seed,
+        max_model_len=8192,
+        vocab=tok.output,
+        index=index,
+    )
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
@@ -47,57 +65,107 @@ def gen(prompt: str, spec: SamplingSpec = DEFAULT, *, seed: int = 0, index: int 
         "Hello, world!",
         "  leading and trailing  ",
         "tabs\tand\nnewlines\n\n",
-        "naïve café ☕ 42",
+        "naïve café ☕ 42 日本語 👍🏽",
         "",
     ],
 )
-def test_tokenizer_round_trips_and_stays_in_vocab(text: str) -> None:
-    ids = TOK.encode(text)
-    assert TOK.decode(ids) == text
-    assert all(0 <= t < VOCAB_SIZE for t in ids)
+def test_tokenizer_round_trips_and_stays_in_vocab(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert all(0 <= t < tok.vocab_size for t in ids)
+    bos = tok.model.bos_token_id
+    assert tok.encode(text) == (bos, *ids)  # a completion prompt gets the BOS, as in vLLM
+    assert tok.decode(tok.encode(text)) == model_files.BOS + text
 
 
-def test_tokenizer_is_stable_across_instances_and_knows_special_tokens() -> None:
+def test_tokenizer_is_the_model_folders_and_knows_special_tokens(
+    tok: Tokenizer, model_dir: Path
+) -> None:
+    reference = ModelTokenizer.load(model_dir)
     text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>"
-    assert Tokenizer().encode(text) == Tokenizer().encode(text) == TOK.encode(text)
-    ids = TOK.encode(text)
-    assert ids[0] == IM_START_ID
-    assert all(t >= RESERVED for t in ids[1:-1])
-    assert len(TOK.encode("one two three.")) == 4  # words carry their leading space
+    assert list(tok.encode(text)) == reference.encode(text)
+    assert list(tok.encode(text, add_special_tokens=False)) == reference.encode(
+        text, add_special_tokens=False
+    )
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[0] == reference.token_to_id("<|im_start|>")
+    assert ids[-1] == reference.token_to_id("<|im_end|>") == reference.eos_token_id
+    assert tok.max_model_len == model_files.MAX_MODEL_LEN
+    assert load_tokenizer(model_dir) is tok  # loaded once per process
+    with pytest.raises(PromptError, match="out of vocabulary"):
+        tok.decode([tok.vocab_size])
 
 
-def test_output_text_retokenizes_to_the_output_ids() -> None:
-    c = gen("Tell me a story")
-    assert TOK.encode(c.text) == list(c.token_ids)
-    assert Tokenizer().decode(c.token_ids) == c.text  # output vocabulary is static
+def test_tokenizer_caches_repeated_prompts(tok: Tokenizer, model_dir: Path) -> None:
+    tok = Tokenizer(model_dir, cache_entries=2)
+    a = tok.encode("first prompt")
+    assert tok.encode("first prompt") is a  # a hit: no re-encode
+    assert tok.encode("first prompt", add_special_tokens=False) is not a
+    msgs = [{"role": "user", "content": "hello"}]
+    r = tok.render_chat(msgs)
+    assert tok.render_chat([{"role": "user", "content": "hello"}]) is r
+    assert tok.render_chat(msgs, add_generation_prompt=False) is not r
+    tok.encode("third")  # two entries: the oldest are gone
+    assert tok.encode("first prompt") is not a and tok.encode("first prompt") == a
+
+
+def test_output_text_retokenizes_to_the_output_ids(tok: Tokenizer, model_dir: Path) -> None:
+    c = gen(tok, "Tell me a story")
+    assert tok.encode(c.text, add_special_tokens=False) == c.token_ids
+    assert ModelTokenizer.load(model_dir).decode(c.token_ids) == c.text
+    entries = tok.output.entries
+    assert len(tok.output.word_forms) == model_files.OUTPUT_WORDS  # all trained as whole tokens
+    assert len({e.token_id for e in entries}) == len(entries)
+    for e in entries:
+        assert tok.encode(e.piece, add_special_tokens=False) == (e.token_id,)
+        assert tok.decode([e.token_id]) == e.piece
 
 
 # -- chat rendering -------------------------------------------------------------------------------
 
 
-def test_render_chat_string_and_text_parts_agree() -> None:
-    plain = render_chat(TOK, [{"role": "user", "content": "Describe this picture"}])
+def test_render_chat_string_and_text_parts_agree(tok: Tokenizer, model_dir: Path) -> None:
+    plain = render_chat(tok, [{"role": "user", "content": "Describe this picture"}])
     parts = render_chat(
-        TOK,
+        tok,
         [{"role": "user", "content": [{"type": "text", "text": "Describe this picture"}]}],
     )
     assert plain.token_ids == parts.token_ids
-    assert (
-        plain.text == "<|im_start|>user\nDescribe this picture<|im_end|>\n<|im_start|>assistant\n"
+    assert plain.text == (
+        "<|startoftext|><|im_start|>user\nDescribe this picture<|im_end|>\n<|im_start|>assistant\n"
     )
+    # The gateway's own code on the same folder: the same text, the same ids.
+    template = ChatTemplate.load(model_dir, special_tokens=tok.model.special_tokens_map)
+    msgs = [{"role": "user", "content": "Describe this picture"}]
+    assert template.render(msgs, add_generation_prompt=True) == plain.text
+    reference = ModelTokenizer.load(model_dir)
+    assert list(plain.token_ids) == reference.encode(plain.text, add_special_tokens=False)
     no_gen = render_chat(
-        TOK, [{"role": "user", "content": "hi"}], add_generation_prompt=False
+        tok, [{"role": "user", "content": "hi"}], add_generation_prompt=False
     ).token_ids
-    assert len(no_gen) < len(render_chat(TOK, [{"role": "user", "content": "hi"}]).token_ids)
+    assert len(no_gen) < len(render_chat(tok, [{"role": "user", "content": "hi"}]).token_ids)
 
 
-def test_render_chat_counts_media_placeholders() -> None:
+def test_render_chat_passes_tools_and_continues_a_final_message(tok: Tokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = render_chat(tok, msgs, tools=tools)
+    assert '"name": "get_weather"' in with_tools.text and "# Tools" in with_tools.text
+    assert len(with_tools.token_ids) > len(render_chat(tok, msgs).token_ids)
+    partial = [*msgs, {"role": "assistant", "content": "It is"}]
+    cont = render_chat(tok, partial, add_generation_prompt=False, continue_final_message=True)
+    assert cont.text.endswith("<|im_start|>assistant\nIt is")
+    with pytest.raises(PromptError, match="Cannot set both"):
+        render_chat(tok, partial, continue_final_message=True)  # as vLLM: a 400
+
+
+def test_render_chat_counts_media_placeholders(tok: Tokenizer) -> None:
     media = MediaConfig(image_tokens=100, audio_tokens=30, video_tokens=500)
 
     def img(url: str) -> dict:
         return {"type": "image_url", "image_url": {"url": url}}
 
-    text_only = render_chat(TOK, [{"role": "user", "content": "What is in these?"}], media=media)
+    text_only = render_chat(tok, [{"role": "user", "content": "What is in these?"}], media=media)
     msgs = [
         {
             "role": "user",
@@ -110,7 +178,7 @@ def test_render_chat_counts_media_placeholders() -> None:
             ],
         }
     ]
-    r = render_chat(TOK, msgs, media=media)
+    r = render_chat(tok, msgs, media=media)
     assert len(r.token_ids) == len(text_only.token_ids) + 100 + 100 + 30 + 500
     assert [m.kind for m in r.media] == ["image", "image", "audio", "video"]
     cat, dog = r.media[0], r.media[1]
@@ -118,9 +186,14 @@ def test_render_chat_counts_media_placeholders() -> None:
     cat_ids = r.token_ids[cat.offset : cat.offset + cat.length]
     dog_ids = r.token_ids[dog.offset : dog.offset + dog.length]
     assert cat_ids != dog_ids
-    again = render_chat(TOK, msgs, media=media)
+    again = Tokenizer(tok.model_dir).render_chat(msgs, media=media)  # another process, say
     assert again.token_ids == r.token_ids  # same image, same placeholder ids (cacheable)
     assert r.text.count("<|image|>") == 2
+    assert all(0 <= t < tok.vocab_size for t in r.token_ids)  # /detokenize accepts them
+    assert not set(cat_ids) & tok.model.all_special_ids
+    # Markers and items must pair up, as in vLLM.
+    with pytest.raises(PromptError, match="more image placeholders than image items"):
+        render_chat(tok, [{"role": "user", "content": "typed <|image|>, no image"}])
 
 
 @pytest.mark.parametrize(
@@ -134,75 +207,77 @@ def test_render_chat_counts_media_placeholders() -> None:
         [{"role": "user", "content": [{"type": "text", "text": 1}]}],
     ],
 )
-def test_render_chat_rejects_bad_shapes(messages: list) -> None:
+def test_render_chat_rejects_bad_shapes(tok: Tokenizer, messages: list) -> None:
     with pytest.raises(PromptError):
-        render_chat(TOK, messages)
+        render_chat(tok, messages)
 
 
 # -- deterministic output -------------------------------------------------------------------------
 
 
-def test_same_prompt_and_seed_give_same_text_other_seeds_differ() -> None:
-    a = gen("What is the capital of France?")
-    assert gen("What is the capital of France?") == a
-    assert gen("What is the capital of France?", seed=1).text != a.text
-    assert gen("What is the capital of France?", SamplingSpec(seed=7)).text != a.text
-    assert gen("What is the capital of France?", index=1).text != a.text
-    assert gen("What is the capital of Spain?").text != a.text
+def test_same_prompt_and_seed_give_same_text_other_seeds_differ(tok: Tokenizer) -> None:
+    a = gen(tok, "What is the capital of France?")
+    assert gen(tok, "What is the capital of France?") == a
+    assert gen(tok, "What is the capital of France?", seed=1).text != a.text
+    assert gen(tok, "What is the capital of France?", SamplingSpec(seed=7)).text != a.text
+    assert gen(tok, "What is the capital of France?", index=1).text != a.text
+    assert gen(tok, "What is the capital of Spain?").text != a.text
     assert a.finish_reason == "stop"
     assert MIN_NATURAL_TOKENS <= a.num_tokens <= MAX_NATURAL_TOKENS
     assert a.text == "".join(a.pieces) and not a.text.startswith(" ")
 
 
-def test_natural_lengths_spread_over_the_range() -> None:
-    lengths = {gen(f"prompt number {i}").num_tokens for i in range(200)}
+def test_natural_lengths_spread_over_the_range(tok: Tokenizer) -> None:
+    lengths = {gen(tok, f"prompt number {i}").num_tokens for i in range(200)}
     assert min(lengths) >= MIN_NATURAL_TOKENS and max(lengths) <= MAX_NATURAL_TOKENS
     assert len(lengths) > 30
 
 
-def test_max_tokens_caps_with_finish_length_and_keeps_the_prefix() -> None:
-    full = gen("Count to ten")
-    capped = gen("Count to ten", SamplingSpec(max_tokens=3))
+def test_max_tokens_caps_with_finish_length_and_keeps_the_prefix(tok: Tokenizer) -> None:
+    full = gen(tok, "Count to ten")
+    capped = gen(tok, "Count to ten", SamplingSpec(max_tokens=3))
     assert capped.num_tokens == 3 and capped.finish_reason == "length"
     assert capped.token_ids == full.token_ids[:3]
     assert full.text.startswith(capped.text)
-    roomy = gen("Count to ten", SamplingSpec(max_tokens=1000))
+    roomy = gen(tok, "Count to ten", SamplingSpec(max_tokens=1000))
     assert roomy == full
 
 
-def test_ignore_eos_and_min_tokens_force_length() -> None:
-    c = gen("hi", SamplingSpec(max_tokens=200, ignore_eos=True))
+def test_ignore_eos_and_min_tokens_force_length(tok: Tokenizer) -> None:
+    c = gen(tok, "hi", SamplingSpec(max_tokens=200, ignore_eos=True))
     assert c.num_tokens == 200 and c.finish_reason == "length"
-    c = gen("hi", SamplingSpec(min_tokens=100, max_tokens=150))
+    c = gen(tok, "hi", SamplingSpec(min_tokens=100, max_tokens=150))
     assert c.num_tokens == 100 and c.finish_reason == "stop"
-    prompt = TOK.encode("hi")
-    c = generate(prompt, SamplingSpec(ignore_eos=True), engine_seed=0, max_model_len=64)
+    prompt = tok.encode("hi")
+    c = generate(
+        prompt, SamplingSpec(ignore_eos=True), engine_seed=0, max_model_len=64, vocab=tok.output
+    )
     assert c.num_tokens == 64 - len(prompt) and c.finish_reason == "length"
 
 
-def test_stop_strings_truncate_and_report_the_stop() -> None:
-    full = gen("Tell me a story")
+def test_stop_strings_truncate_and_report_the_stop(tok: Tokenizer) -> None:
+    full = gen(tok, "Tell me a story")
     word = full.pieces[3].strip()
     assert word
-    c = gen("Tell me a story", SamplingSpec(stop=("zzz-never", word)))
+    c = gen(tok, "Tell me a story", SamplingSpec(stop=("zzz-never", word)))
     assert c.finish_reason == "stop" and c.stop_reason == word
     assert c.text == full.text[: full.text.index(word)]
     assert c.num_tokens <= 4
-    inc = gen("Tell me a story", SamplingSpec(stop=(word,), include_stop_str_in_output=True))
+    inc = gen(tok, "Tell me a story", SamplingSpec(stop=(word,), include_stop_str_in_output=True))
     assert inc.text == full.text[: full.text.index(word) + len(word)]
 
 
-def test_stop_token_ids_and_min_tokens_defer_stops() -> None:
-    full = gen("Tell me a story")
+def test_stop_token_ids_and_min_tokens_defer_stops(tok: Tokenizer) -> None:
+    full = gen(tok, "Tell me a story")
     target = full.token_ids[2]
-    c = gen("Tell me a story", SamplingSpec(stop_token_ids=(target,)))
+    c = gen(tok, "Tell me a story", SamplingSpec(stop_token_ids=(target,)))
     assert c.num_tokens == full.token_ids.index(target) + 1
     assert c.stop_reason == target and c.finish_reason == "stop"
     # before min_tokens no stop condition applies
     first_word = full.pieces[0]
-    eager = gen("Tell me a story", SamplingSpec(stop=(first_word,)))
+    eager = gen(tok, "Tell me a story", SamplingSpec(stop=(first_word,)))
     assert eager.num_tokens == 1 and eager.text == ""
-    deferred = gen("Tell me a story", SamplingSpec(stop=(first_word,), min_tokens=5))
+    deferred = gen(tok, "Tell me a story", SamplingSpec(stop=(first_word,), min_tokens=5))
     assert deferred.num_tokens >= 5 and deferred.text.startswith(first_word)
 
 
@@ -263,9 +338,12 @@ def test_block_hashes_are_chained() -> None:
 # -- accounting -----------------------------------------------------------------------------------
 
 
-def test_tickets_track_queue_running_kv_and_release_on_every_path() -> None:
-    engine = Engine(EngineConfig(kv_blocks=100, block_size=16))
-    prompt = TOK.encode("word " * 40)
+def test_tickets_track_queue_running_kv_and_release_on_every_path(
+    tok: Tokenizer, model_dir: Path
+) -> None:
+    engine = Engine(EngineConfig(kv_blocks=100, block_size=16, model_dir=str(model_dir)))
+    assert engine.tokenizer is tok and engine.max_model_len == model_files.MAX_MODEL_LEN
+    prompt = tok.encode("word " * 40)
     t1 = engine.submit(len(prompt))
     t2 = engine.submit(len(prompt))
     assert (engine.waiting, engine.running) == (2, 0)

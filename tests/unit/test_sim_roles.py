@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lmgw.simulators import model_files
 from lmgw.simulators.disagg import (
     EC_FILE_NAME,
     EMBED_BYTES_PER_TOKEN,
@@ -30,12 +31,30 @@ from lmgw.simulators.disagg import (
     same_address,
     verify_kv_blocks,
 )
-from lmgw.simulators.engine import Engine, SamplingSpec, Tokenizer, render_chat
+from lmgw.simulators.engine import (
+    Engine,
+    EngineConfig,
+    SamplingSpec,
+    Tokenizer,
+    load_tokenizer,
+    render_chat,
+)
 from lmgw.simulators.fleet import dialect_args
 from lmgw.simulators.worker import build_parser, options_from_args
+from lmgw.simulators.worker import main as worker_main
 from lmgw.transport.dialects.vllm_p2pnccl import pair_request_id
 
-TOK = Tokenizer()
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return model_files.ensure_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Tokenizer:
+    return load_tokenizer(model_dir)
+
+
 PROMPT = list(range(1000, 1000 + 40))  # 2 full blocks of 16 + 8 tokens
 
 
@@ -196,7 +215,7 @@ def test_embedding_store_atomic_layout_and_verification(tmp_path: Path) -> None:
         store.path("../etc")
 
 
-def test_media_items_carry_sha256_content_hash() -> None:
+def test_media_items_carry_sha256_content_hash(tok: Tokenizer) -> None:
     url = "data:image/png;base64,iVBORw0KGgo="
     msgs = [
         {
@@ -209,16 +228,27 @@ def test_media_items_carry_sha256_content_hash() -> None:
             ],
         }
     ]
-    r = render_chat(TOK, msgs)
+    r = render_chat(tok, msgs)
     assert [m.kind for m in r.media] == ["image", "audio", "video"]
     assert r.media[0].content_hash == hashlib.sha256(url.encode()).hexdigest()
     assert r.media[1].content_hash == hashlib.sha256(b"UklGRg==").hexdigest()
     assert r.media[2].content_hash == hashlib.sha256(b"uuid:vid-1").hexdigest()
+    # The uuid keys the encoder cache; the content keys what the model sees (placeholder ids).
+    no_uuid = [{**msgs[0], "content": [*msgs[0]["content"][:3], {**msgs[0]["content"][3]}]}]
+    del no_uuid[0]["content"][3]["uuid"]
+    plain = render_chat(tok, no_uuid)
+    assert plain.token_ids == r.token_ids and plain.media[2].content_hash != r.media[2].content_hash
+    # A uuid-only item (media omitted: expected in the encoder cache) is known by its uuid.
+    ref_only = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": None, "uuid": "u1"}]}
+    ]
+    (item,) = render_chat(tok, ref_only).media
+    assert item.content_hash == hashlib.sha256(b"uuid:u1").hexdigest()
 
 
-def test_external_cached_tokens_skip_prefill_time() -> None:
-    engine = Engine()
-    ids = TOK.encode("word " * 200)
+def test_external_cached_tokens_skip_prefill_time(tok: Tokenizer, model_dir: Path) -> None:
+    engine = Engine(EngineConfig(model_dir=str(model_dir)))
+    ids = tok.encode("word " * 200)
     cold = engine.submit(len(ids))
     cold.admit(1)
     cold_s = cold.prefill([ids])
@@ -265,6 +295,20 @@ def test_cli_p2pnccl_and_lmcache_options(tmp_path: Path) -> None:
         options_from_args(parser.parse_args(["--role", "p", "--kv-port", "70000"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-connector", "mooncake"])
+
+
+def test_cli_model_dir_and_max_model_len(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser()
+    opts = options_from_args(parser.parse_args([]))
+    assert (opts.model_dir, opts.max_model_len) == (None, None)  # the sim-model's own
+    args = ["--model-dir", str(tmp_path), "--max-model-len", "4096"]
+    opts = options_from_args(parser.parse_args(args))
+    assert (opts.model_dir, opts.max_model_len) == (str(tmp_path), 4096)
+    with pytest.raises(ValueError, match="--max-model-len"):
+        options_from_args(parser.parse_args(["--max-model-len", "0"]))
+    with pytest.raises(SystemExit) as exc:  # a folder without tokenizer.json: a usage error
+        worker_main(["--model-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "tokenizer.json" in capsys.readouterr().err
 
 
 def test_fleet_dialect_args_configure_p_and_d_only() -> None:
