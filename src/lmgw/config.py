@@ -350,6 +350,9 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
     max_attempts: int = 2
     # Sent to workers as "Authorization: Bearer <key>" (vLLM --api-key); None sends nothing.
     api_key: str | None = None
+    # Pause before a retry on another worker: base * 2^(attempt-1), with +-50% jitter, so a
+    # fleet-wide blip is not hammered in lockstep; 0 retries at once.
+    retry_backoff_s: float = 0.01
     # A stream whose worker dies after tokens reached the client is continued on another
     # worker (prompt + the text so far) up to this many times; 0 ends it with an SSE error.
     migrate_streams: int = 1
@@ -364,6 +367,8 @@ class UpstreamConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("max_idle_per_worker", self.max_idle_per_worker, 0)
         _at_least("max_attempts", self.max_attempts, 1)
         _at_least("migrate_streams", self.migrate_streams, 0)
+        if not 0 <= self.retry_backoff_s <= 60:
+            raise ConfigError("must be between 0 and 60", path="retry_backoff_s")
         if not self.stream_stall_timeout_s >= 0:
             raise ConfigError("must be >= 0", path="stream_stall_timeout_s")
         if self.api_key is not None:
@@ -419,12 +424,25 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
     success_threshold: int = 1
     # vLLM and SGLang both serve GET /health.
     path: str = "/health"
+    # Passive outlier detection: this many failed requests in a row eject a worker without
+    # waiting for a probe (0: off). Refused connections eject at once.
+    outlier_failures: int = 5
+    # An ejected worker is kept out this long before a probe may bring it back (half-open),
+    # doubling with each ejection that follows soon after the last, up to the maximum.
+    outlier_base_ejection_s: float = 2.0
+    outlier_max_ejection_s: float = 60.0
+    # Scrape each worker's /metrics with every probe (vLLM's running/waiting/KV usage/prefix
+    # cache counters): least_load and /admin/workers use them.
+    scrape_metrics: bool = True
 
     def __post_init__(self) -> None:
         _positive("interval_s", self.interval_s)
         _positive("timeout_s", self.timeout_s)
         _at_least("failure_threshold", self.failure_threshold, 1)
         _at_least("success_threshold", self.success_threshold, 1)
+        _at_least("outlier_failures", self.outlier_failures, 0)
+        _positive("outlier_base_ejection_s", self.outlier_base_ejection_s)
+        _positive("outlier_max_ejection_s", self.outlier_max_ejection_s)
         if not self.path.startswith("/"):
             raise ConfigError(f"must start with '/', got {self.path!r}", path="path")
 

@@ -56,7 +56,10 @@ class Gateway:
         self.metrics = Metrics(
             in_flight=self._in_flight_samples, worker_requests=self._worker_request_samples
         )
-        self.registry = Registry()
+        h = config.health
+        self.registry = Registry(
+            h.outlier_failures, h.outlier_base_ejection_s, h.outlier_max_ejection_s
+        )
         self.registry.subscribe(self._on_worker_change)
         up = config.upstream
         self.pool = ConnectionPool(up.connect_timeout_s, up.idle_timeout_s, up.max_idle_per_worker)

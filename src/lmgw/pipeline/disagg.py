@@ -429,6 +429,7 @@ class DisaggRunner:
             log.info(
                 "request %s: decode retried on %s after %s", greq.request_id, worker.id, failure
             )
+            await p.backoff(attempt)
 
     async def _concurrent(
         self,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 
 import msgspec
+import trio
 
 from ..admission import with_capacity, worker_capacity_error
 from ..config import ROLE_NAMES, ConfigError, GatewayConfig, WorkerConfig, infer_flow
@@ -67,6 +69,7 @@ class Pipeline:
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
         self.migrations = cfg.upstream.migrate_streams
+        self.retry_backoff_s = cfg.upstream.retry_backoff_s
         self.stall_s = cfg.upstream.stream_stall_timeout_s or None
         # A time-to-headers limit looser than the whole-request deadline would never fire:
         # skip its cancel scope then (one fewer per request).
@@ -163,6 +166,13 @@ class Pipeline:
             worker = self.policies[role].choose(candidates, ctx)
             self.metrics.retries.inc((role,))
             log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
+            await self.backoff(attempt)
+
+    async def backoff(self, attempt: int) -> None:
+        """The pause before retry ``attempt + 1``: exponential, jittered (see the config)."""
+        base = self.retry_backoff_s
+        if base:
+            await trio.sleep(base * 2**attempt * (0.5 + random.random()))
 
     async def continue_stream(
         self,

@@ -9,6 +9,7 @@ go through the same connection pool as requests, with their own short timeout.
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 import trio
@@ -16,7 +17,7 @@ import trio
 from ..config import HealthConfig
 from ..transport.pool import ConnectionPool, UpstreamError
 from .registry import Registry
-from .worker import Worker, WorkerState
+from .worker import EngineLoad, Worker, WorkerState
 
 log = logging.getLogger("lmgw.workers")
 
@@ -30,6 +31,37 @@ class _ModelEntry(msgspec.Struct):
 
 
 _decode_models = msgspec.json.Decoder(_ModelList).decode
+
+
+#: the vLLM gauges and counters the gateway reads, and where they go
+_ENGINE_METRICS = {
+    b"vllm:num_requests_running": "running",
+    b"vllm:num_requests_waiting": "waiting",
+    b"vllm:kv_cache_usage_perc": "kv_usage",
+    b"vllm:gpu_cache_usage_perc": "kv_usage",  # the name before vLLM 0.10
+    b"vllm:prefix_cache_hits_total": "prefix_hits",
+    b"vllm:prefix_cache_queries_total": "prefix_queries",
+}
+
+
+def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
+    """Sum each known vLLM metric over its label sets (data-parallel ranks, models) into
+    ``load``; other lines are skipped without parsing them."""
+    sums: dict[str, float] = {}
+    for line in text.split(b"\n"):
+        if not line.startswith(b"vllm:"):
+            continue
+        name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i > 0), default=-1)
+        field = _ENGINE_METRICS.get(line[:name_end]) if name_end > 0 else None
+        if field is None:
+            continue
+        try:
+            value = float(line.rsplit(b" ", 1)[1])
+        except (ValueError, IndexError):
+            continue
+        sums[field] = sums.get(field, 0.0) + value
+    for field, value in sums.items():
+        setattr(load, field, value)
 
 
 class HealthMonitor:
@@ -66,6 +98,8 @@ class HealthMonitor:
                 reason = "" if ok else f"health probe returned {resp.status}"
                 if ok and worker.static_models is None:
                     await self._discover_models(worker)
+                if ok and self.cfg.scrape_metrics:
+                    await self._scrape(worker)
         except trio.TooSlowError:
             reason = f"health probe timed out after {self.cfg.timeout_s:g} s"
         except UpstreamError as exc:
@@ -93,15 +127,32 @@ class HealthMonitor:
             return
         self.registry.set_models(worker, models)
 
+    async def _scrape(self, worker: Worker) -> None:
+        """The worker's own load from its Prometheus ``/metrics`` (vLLM's names); a worker
+        without them (or unreadable ones) keeps its last values."""
+        try:
+            resp = await self.pool.request(worker.origin, "GET", "/metrics", self._headers)
+            try:
+                body = await resp.read_all(8 << 20)
+            finally:
+                resp.release()
+        except UpstreamError:
+            return
+        if resp.status == 200:
+            apply_engine_metrics(worker.engine, body)
+
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
         wid = worker.id
         if ok:
             self._fail_streak[wid] = 0
             streak = self._ok_streak[wid] = self._ok_streak.get(wid, 0) + 1
             self.registry.record_success(worker)
+            if worker.state is WorkerState.EJECTED and time.monotonic() < worker.ejected_until:
+                return  # passively ejected: out until its backoff ends, whatever probes say
             if worker.state in (WorkerState.STARTING, WorkerState.EJECTED) and (
                 streak >= self.cfg.success_threshold or worker.state is WorkerState.STARTING
             ):
+                worker.consecutive_failures = 0
                 self.registry.set_state(worker, WorkerState.HEALTHY)
         else:
             self._ok_streak[wid] = 0

@@ -10,6 +10,7 @@ cancellation all release the in-flight count the same way.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 from .worker import Worker, WorkerState
@@ -20,7 +21,15 @@ log = logging.getLogger("lmgw.workers")
 class Registry:
     """The only writer of worker state."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        outlier_failures: int = 5,
+        base_ejection_s: float = 2.0,
+        max_ejection_s: float = 60.0,
+    ) -> None:
+        self.outlier_failures = outlier_failures
+        self.base_ejection_s = base_ejection_s
+        self.max_ejection_s = max_ejection_s
         self._workers: dict[str, Worker] = {}
         self._cache: dict[tuple[str, str], tuple[Worker, ...]] = {}
         self._listeners: list[Callable[[Worker], None]] = []
@@ -80,10 +89,23 @@ class Registry:
 
     def record_failure(self, worker: Worker, reason: str, *, eject: bool) -> None:
         """A request to ``worker`` failed. ``eject`` for failures that make it unroutable at once
-        (refused connections); the monitor's probes bring it back."""
+        (refused connections); ``outlier_failures`` failures in a row eject it too (passive
+        outlier detection). An ejected worker stays out for a backoff that doubles with each
+        ejection in quick succession; then the monitor's probe may bring it back (half-open)."""
         worker.consecutive_failures += 1
         worker.last_error = reason
-        if eject and worker.state is WorkerState.HEALTHY:
+        if worker.state is not WorkerState.HEALTHY:
+            return
+        limit = self.outlier_failures
+        if eject or (limit and worker.consecutive_failures >= limit):
+            now = time.monotonic()
+            if now - worker.ejected_at > self.max_ejection_s:
+                worker.ejections = 0  # the last ejection is long past: start over
+            worker.ejections += 1
+            worker.ejected_at = now
+            worker.ejected_until = now + min(
+                self.max_ejection_s, self.base_ejection_s * 2 ** (worker.ejections - 1)
+            )
             self.set_state(worker, WorkerState.EJECTED, reason)
 
     @staticmethod

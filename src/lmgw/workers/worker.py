@@ -20,12 +20,32 @@ class WorkerState(enum.Enum):
     GONE = "gone"  # removed from the fleet
 
 
+class EngineLoad:
+    """A worker's own view of its load, from its ``/metrics`` (zero until scraped)."""
+
+    __slots__ = ("kv_usage", "prefix_hits", "prefix_queries", "running", "waiting")
+
+    def __init__(self) -> None:
+        self.running = 0.0  #: vllm:num_requests_running
+        self.waiting = 0.0  #: vllm:num_requests_waiting
+        self.kv_usage = 0.0  #: vllm:kv_cache_usage_perc (0..1)
+        self.prefix_hits = 0.0  #: vllm:prefix_cache_hits_total
+        self.prefix_queries = 0.0  #: vllm:prefix_cache_queries_total
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
 class Worker:
     """One inference worker endpoint serving one role."""
 
     __slots__ = (
         "bootstrap_port",
         "consecutive_failures",
+        "ejected_at",
+        "ejected_until",
+        "ejections",
+        "engine",
         "id",
         "in_flight",
         "kv_address",
@@ -65,6 +85,12 @@ class Worker:
         self.total_requests = 0
         self.consecutive_failures = 0
         self.last_error = ""
+        #: passive ejection: how many in a row, when the last began, and until when it holds
+        self.ejections = 0
+        self.ejected_at = 0.0
+        self.ejected_until = 0.0
+        #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
+        self.engine = EngineLoad()
 
     @property
     def routable(self) -> bool:
@@ -87,6 +113,8 @@ class Worker:
             "in_flight": self.in_flight,
             "total_requests": self.total_requests,
             "consecutive_failures": self.consecutive_failures,
+            "ejections": self.ejections,
+            "engine": self.engine.describe(),
             "last_error": self.last_error or None,
         }
 

@@ -1,0 +1,86 @@
+"""Passive outlier ejection with backoff, engine metric scrapes, and least_load's use of them."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmgw.routing.policies.least_load import LeastLoad
+from lmgw.routing.policy import RouteContext
+from lmgw.workers import monitor as monitor_mod
+from lmgw.workers.registry import Registry
+from lmgw.workers.worker import EngineLoad, Worker, WorkerState
+
+VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:gpu_cache_usage_perc{model_name="m"} 0.25
+vllm:prefix_cache_hits_total{model_name="m"} 40.0
+vllm:prefix_cache_queries_total{model_name="m"} 100.0
+vllm:num_requests_running_bogus 99
+garbage line
+vllm:num_requests_waiting{engine="1"} not-a-number
+"""
+
+
+def test_engine_metrics_are_summed_over_label_sets() -> None:
+    load = EngineLoad()
+    monitor_mod.apply_engine_metrics(load, VLLM_METRICS)
+    assert (load.running, load.waiting, load.kv_usage) == (5.0, 7.0, 0.25)
+    assert (load.prefix_hits, load.prefix_queries) == (40.0, 100.0)
+
+
+def healthy(registry: Registry, wid: str) -> Worker:
+    w = registry.add(Worker(wid, f"http://127.0.0.1:{len(registry) + 1}", "pd"))
+    registry.set_state(w, WorkerState.HEALTHY)
+    return w
+
+
+def test_consecutive_failures_eject_with_doubling_backoff(monkeypatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(monitor_mod.time, "monotonic", lambda: now[0])
+    import lmgw.workers.registry as registry_mod
+
+    monkeypatch.setattr(registry_mod.time, "monotonic", lambda: now[0])
+    reg = Registry(outlier_failures=3, base_ejection_s=2.0, max_ejection_s=60.0)
+    w = healthy(reg, "w")
+    for _ in range(2):
+        reg.record_failure(w, "500", eject=False)
+    assert w.state is WorkerState.HEALTHY
+    reg.record_success(w)  # a success in between resets the streak
+    for _ in range(2):
+        reg.record_failure(w, "500", eject=False)
+    assert w.state is WorkerState.HEALTHY
+    reg.record_failure(w, "500", eject=False)
+    assert w.state is WorkerState.EJECTED and w.ejected_until == 1002.0
+    mon = monitor_mod.HealthMonitor(reg, None, monitor_mod.HealthConfig())  # type: ignore[arg-type]
+    mon._apply(w, True, "")
+    assert w.state is WorkerState.EJECTED  # a good probe inside the backoff changes nothing
+    now[0] = 1002.5
+    mon._apply(w, True, "")  # half-open: the probe after the backoff brings it back
+    assert w.state is WorkerState.HEALTHY and w.consecutive_failures == 0
+    reg.record_failure(w, "refused", eject=True)  # soon after: the backoff doubles
+    assert w.ejections == 2 and w.ejected_until == pytest.approx(1006.5)
+    now[0] = 2000.0
+    mon._apply(w, True, "")
+    reg.record_failure(w, "refused", eject=True)  # long after: back to the base
+    assert w.ejections == 1 and w.ejected_until == pytest.approx(2002.0)
+
+
+def test_outlier_detection_off() -> None:
+    reg = Registry(outlier_failures=0)
+    w = healthy(reg, "w")
+    for _ in range(50):
+        reg.record_failure(w, "500", eject=False)
+    assert w.state is WorkerState.HEALTHY
+
+
+def test_least_load_counts_the_queue_the_worker_reports() -> None:
+    reg = Registry()
+    a, b = healthy(reg, "a"), healthy(reg, "b")
+    a.engine.waiting = 10.0  # busy with other gateways' requests
+    Registry.acquire(b)
+    policy = LeastLoad()
+    picks = {policy.choose((a, b), RouteContext("m")).id for _ in range(4)}
+    assert picks == {"b"}
