@@ -191,7 +191,7 @@ def mutated(draw) -> tuple[bytes, object]:
 
 
 @needs_fast
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=mutated())
 def test_mutated_frames_agree_and_stay_in_bounds(case: tuple[bytes, object]) -> None:
     check_agree_in_bounds(*case)
@@ -232,7 +232,7 @@ def check_agree_in_bounds(header: bytes, buffer) -> None:
 
 
 @needs_fast
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=layouts())
 def test_random_layouts_agree_and_stay_in_bounds(case: tuple[bytes, bytes]) -> None:
     check_agree_in_bounds(*case)
