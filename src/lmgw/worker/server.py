@@ -188,6 +188,8 @@ class WorkerServer:
         send_timeout_s: how long a job waits for a peer that does not read before aborting.
         drain_grace_s: how long :meth:`drain` lets in-flight requests finish.
         abort_timeout_s: bound on ``engine.abort`` after a job ended early.
+        exit_grace_s: after a drain's ``Exit``, how long the socket stays open (taking
+            nothing new) so gateways read what was sent before it closes.
         exit_linger_ms: how long ZeroMQ may keep flushing the final Exit after the socket is
             closed (in the background; 0 drops it if not yet written).
     """
@@ -206,6 +208,7 @@ class WorkerServer:
         send_timeout_s: float = 10.0,
         drain_grace_s: float = 30.0,
         abort_timeout_s: float = 5.0,
+        exit_grace_s: float = 0.5,
         exit_linger_ms: int = 250,
         hwm: int = DEFAULT_HWM,
         max_msg_size: int = -1,
@@ -228,7 +231,9 @@ class WorkerServer:
         self.send_timeout_s = send_timeout_s
         self.drain_grace_s = drain_grace_s
         self.abort_timeout_s = abort_timeout_s
+        self.exit_grace_s = exit_grace_s
         self.exit_linger_ms = exit_linger_ms
+        self.exited = False
         self.min_version = min_version
         self.max_version = max_version
         self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
@@ -306,6 +311,10 @@ class WorkerServer:
                     exit_reason = await self._finish_drain(jobs)
                 self._jobs_nursery = None
                 self._send_exit(data, exit_reason, self.stats["killed"])
+                # Keep the connection up a moment: a gateway DEALER with IMMEDIATE drops the
+                # messages it has received but not yet read when the connection closes, and
+                # the last Finish and the Exit may still be among them.
+                await trio.sleep(self.exit_grace_s)
                 service.cancel_scope.cancel()
         finally:
             self._jobs_nursery = None
@@ -344,6 +353,7 @@ class WorkerServer:
         return self.drain_reason
 
     def _send_exit(self, sock: ZmqSocket, reason: str, in_flight: int) -> None:
+        self.exited = True
         notice = Exit(reason, in_flight)
         for peer in list(self._peers):
             with contextlib.suppress(PeerUnreachable, trio.ClosedResourceError):
@@ -393,7 +403,8 @@ class WorkerServer:
                 "the control endpoint answers Heartbeat and MetricsRequest only",
             )
         elif cls is Register:
-            self._register(sock, peer, msg)  # type: ignore[arg-type]
+            if not self.exited:  # after Exit a new session would only be lost again
+                self._register(sock, peer, msg)  # type: ignore[arg-type]
         elif cls is Abort:
             job = self._jobs.get(msg.request_id)  # type: ignore[attr-defined]
             if job is not None and job.peer == peer and job.aborted is None:

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from ..protocol.messages import Encode, FailureCode, Generate, MediaItem, Prefill, Usage
+from ..simulators import engine as _core_module
 from ..simulators.app import WorkerOptions
 from ..simulators.disagg import (
     EmbeddingError,
@@ -45,7 +46,7 @@ from ..simulators.disagg import (
     prompt_digest,
     verify_kv_blocks,
 )
-from ..simulators.engine import VOCAB_SIZE, Completion, SamplingSpec, Ticket
+from ..simulators.engine import Completion, PromptError, SamplingSpec, Ticket
 from ..simulators.engine import Engine as SimCore
 from ..simulators.faults import FaultInjector
 from .engine import (
@@ -302,19 +303,37 @@ class SimEngine(Engine):
 
     # -- helpers --------------------------------------------------------------------------------
     def _prompt_ids(self, msg: Generate | Prefill) -> list[int]:
+        """Token ids as the HTTP simulator's completions make them (text encoded with the
+        model's special tokens, as vLLM does); ids out of the vocabulary are refused."""
+        tok = self.core.tokenizer
         if msg.prompt_token_ids is not None:
             ids = list(msg.prompt_token_ids)
-            for t in ids:
-                if not 0 <= t < VOCAB_SIZE:
-                    raise EngineError(FailureCode.BAD_REQUEST, f"Token id {t} is out of vocabulary")
+            check = getattr(tok, "check_ids", None)
+            if check is not None:
+                try:
+                    check(ids, "prompt")
+                except PromptError as exc:
+                    raise EngineError(FailureCode.BAD_REQUEST, str(exc)) from None
+            else:
+                vocab = getattr(tok, "vocab_size", None) or getattr(_core_module, "VOCAB_SIZE", 0)
+                for t in ids:
+                    if not 0 <= t < vocab:
+                        raise EngineError(
+                            FailureCode.BAD_REQUEST, f"Token id {t} is out of vocabulary"
+                        )
         else:
-            ids = self.core.tokenizer.encode(msg.prompt or "")
+            ids = list(tok.encode(msg.prompt or ""))
         if not ids:
             raise EngineError(FailureCode.BAD_REQUEST, "The decoder prompt cannot be empty")
         return ids
 
+    @property
+    def max_model_len(self) -> int:
+        core = self.core
+        return getattr(core, "max_model_len", None) or core.config.max_model_len
+
     def _check_length(self, prompt_len: int, max_tokens: int | None) -> None:
-        limit = self.core.config.max_model_len
+        limit = self.max_model_len
         if prompt_len >= limit:
             raise EngineError(
                 FailureCode.BAD_REQUEST,

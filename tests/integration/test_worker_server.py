@@ -1,0 +1,708 @@
+"""The worker side of the native protocol: the gateway's ``RpcChannel`` against a real
+``WorkerServer`` serving the simulator's engine (and small fake engines where a transport
+property needs one).
+
+Exact text over ZeroMQ equals the mock engine's (the HTTP simulator's) for the same prompt;
+prefill -> decode moves and verifies real KV bytes (a corrupted hand-off fails loudly); encode
+returns embeddings as payload frames; abort reaches the engine before the request would have
+finished; a heartbeat on the control endpoint is answered while the data connection is stuck
+behind large payloads; overloaded, drain -> Exit, version mismatch, unregistered and malformed
+input; a worker process killed mid-stream fails the request (no hang); announcements.
+
+Everything binds 127.0.0.1 port 0 or inproc://; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import trio
+import zmq
+
+from lmgw.protocol import (
+    Delta,
+    Drain,
+    Encode,
+    EncodeDone,
+    Exit,
+    Failure,
+    FailureCode,
+    Finish,
+    Generate,
+    Heartbeat,
+    HeartbeatAck,
+    MediaItem,
+    Message,
+    Metrics,
+    MetricsRequest,
+    Prefill,
+    PrefillDone,
+    Register,
+    RegisterAck,
+    SamplingParams,
+    TensorRef,
+    decode_frames,
+    encode_frames,
+)
+from lmgw.simulators import WorkerOptions
+from lmgw.simulators.disagg import derive_embedding, kv_block_payloads
+from lmgw.simulators.engine import Engine as MockEngine
+from lmgw.simulators.engine import EngineConfig, SamplingSpec, render_chat
+from lmgw.simulators.faults import Faults
+from lmgw.transport.zmq import ChannelState, RpcChannel, RpcError, ZmqSocket
+from lmgw.worker import (
+    EncodeResult,
+    Engine,
+    EngineRequest,
+    GenerateOutput,
+    PrefillResult,
+    WorkerServer,
+    decode_announce,
+)
+from lmgw.worker.sim import SimEngine
+
+BOUND = 20.0  # no single step may take longer (fails instead of hanging)
+MODEL = "sim-model"
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.005)
+
+
+def sim(role: str = "pd", **options: Any) -> SimEngine:
+    options.setdefault("speed", math.inf)
+    return SimEngine(WorkerOptions(role=role, model=MODEL, **options))
+
+
+async def start_server(
+    nursery: trio.Nursery, ctx: zmq.Context, engine: Engine, **kw: Any
+) -> WorkerServer:
+    kw.setdefault("bind", "tcp://127.0.0.1:0")
+    return await nursery.start(WorkerServer(engine, ctx=ctx, **kw).run)
+
+
+async def start_channel(
+    nursery: trio.Nursery, ctx: zmq.Context, endpoint: str, **kw: Any
+) -> RpcChannel:
+    kw.setdefault("heartbeat_interval_s", 0.05)
+    kw.setdefault("heartbeat_timeout_s", 1.0)
+    kw.setdefault("reply_timeout_s", 10.0)
+    ready = kw.pop("ready", True)
+    chan: RpcChannel = await nursery.start(RpcChannel(endpoint, ctx=ctx, **kw).run)
+    if ready:
+        with trio.fail_after(BOUND):
+            await chan.wait_ready()
+    return chan
+
+
+async def collect(chan: RpcChannel, msg: Generate) -> tuple[list[Delta], Finish]:
+    deltas: list[Delta] = []
+    with trio.fail_after(BOUND):
+        async with chan.stream(msg) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    deltas.append(event)
+                else:
+                    assert isinstance(event, Finish), event
+                    return deltas, event
+    raise AssertionError("no Finish")
+
+
+def expected(ids: list[int], spec: SamplingSpec, seed: int = 0) -> Any:
+    """The completion the mock engine (the HTTP simulator's core) gives for these ids."""
+    return MockEngine(EngineConfig(seed=seed)).generate(ids, spec)
+
+
+def encode_ids(text: str) -> list[int]:
+    return MockEngine().tokenizer.encode(text)
+
+
+class Raw:
+    """A bare DEALER speaking the protocol by hand (to see payload frames and refusals)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, hwm: int = 1000) -> None:
+        self.sock = ZmqSocket.open(ctx, zmq.DEALER, hwm=hwm)
+        self.sock.connect(endpoint)
+
+    async def send(self, msg: Message, payload: tuple[Any, ...] = ()) -> None:
+        await self.sock.send_multipart(encode_frames(msg, payload))
+
+    async def recv(self) -> tuple[Message, list[Any]]:
+        with trio.fail_after(BOUND):
+            incoming = decode_frames(await self.sock.recv_multipart())
+        return incoming.msg, incoming.payload
+
+    async def register(self) -> RegisterAck:
+        await self.send(Register("~reg", "raw", 1, 1, ["stream", "prefill", "encode"]))
+        ack, _ = await self.recv()
+        assert isinstance(ack, RegisterAck), ack
+        return ack
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# == generation ================================================================================
+
+
+async def test_generate_streams_the_simulators_exact_text(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    server = await start_server(nursery, ctx, sim(seed=7))
+    chan = await start_channel(nursery, ctx, server.endpoint)
+    session = chan.session
+    assert session is not None
+    assert session.roles == ("merged",) and session.models == (MODEL,)
+    assert session.instance == server.instance and session.max_inflight == server.max_inflight
+    assert {"stream", "prefill", "abort", "metrics", "drain"} <= session.capabilities
+
+    prompts = [f"request number {i}: tell me about the sea" for i in range(12)]
+    results: dict[int, tuple[list[Delta], Finish]] = {}
+
+    async def one(i: int) -> None:
+        msg = Generate(f"g{i}", MODEL, prompt=prompts[i], params=SamplingParams(max_tokens=40))
+        results[i] = await collect(chan, msg)
+
+    async with trio.open_nursery() as inner:  # concurrent streams on one socket
+        for i in range(len(prompts)):
+            inner.start_soon(one, i)
+    for i, prompt in enumerate(prompts):
+        ids = encode_ids(prompt)
+        want = expected(ids, SamplingSpec(max_tokens=40), seed=7)
+        deltas, finish = results[i]
+        assert "".join(d.text for d in deltas) == want.text
+        assert [t for d in deltas for t in d.token_ids] == list(want.token_ids)
+        assert [d.seq for d in deltas] == list(range(len(deltas)))
+        assert finish.seq == len(deltas)
+        assert finish.finish_reason == want.finish_reason
+        assert finish.usage.prompt_tokens == len(ids)
+        assert finish.usage.completion_tokens == want.num_tokens
+
+
+async def test_token_ids_chat_ids_stop_and_non_streamed(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    server = await start_server(nursery, ctx, sim())
+    chan = await start_channel(nursery, ctx, server.endpoint)
+    core = MockEngine()
+    ids = render_chat(core.tokenizer, [{"role": "user", "content": "Hi there"}]).token_ids
+    want = expected(ids, SamplingSpec(max_tokens=64, seed=3))
+
+    deltas, finish = await collect(
+        chan,
+        Generate("chat", MODEL, prompt_token_ids=ids, params=SamplingParams(max_tokens=64, seed=3)),
+    )
+    assert "".join(d.text for d in deltas) == want.text
+
+    # stream=False: one Delta with everything, then Finish(seq=1)
+    deltas, finish = await collect(
+        chan,
+        Generate(
+            "whole",
+            MODEL,
+            prompt_token_ids=ids,
+            params=SamplingParams(max_tokens=64, seed=3),
+            stream=False,
+        ),
+    )
+    assert len(deltas) == 1 and deltas[0].text == want.text and finish.seq == 1
+
+    # a stop string: the text is cut there, stop_reason says which
+    stop = want.text.split()[2]
+    cut = expected(ids, SamplingSpec(max_tokens=64, seed=3, stop=(stop,)))
+    deltas, finish = await collect(
+        chan,
+        Generate(
+            "stop",
+            MODEL,
+            prompt_token_ids=ids,
+            params=SamplingParams(max_tokens=64, seed=3, stop=[stop]),
+        ),
+    )
+    assert "".join(d.text for d in deltas) == cut.text
+    assert (finish.finish_reason, finish.stop_reason) == ("stop", stop)
+
+    # invalid requests are typed refusals, not engine errors
+    for msg, code in [
+        (Generate("bad1", MODEL, prompt="x", params=SamplingParams(max_tokens=0)), "bad_request"),
+        (Generate("bad2", MODEL, prompt_token_ids=[10**6]), "bad_request"),
+        (Generate("bad3", "other-model", prompt="x"), "bad_request"),
+        (Encode("bad4", MODEL, [MediaItem("image", hash="ab")]), "unsupported"),
+    ]:
+        with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+            await chan.call(msg)
+        assert info.value.code.value == code
+
+
+# == hand-offs =================================================================================
+
+
+async def test_prefill_then_decode_moves_and_verifies_kv(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    p_engine, d_engine = sim("p"), sim("d")
+    p_server = await start_server(nursery, ctx, p_engine)
+    d_server = await start_server(nursery, ctx, d_engine)
+    p_chan = await start_channel(nursery, ctx, p_server.endpoint)
+    d_chan = await start_channel(nursery, ctx, d_server.endpoint)
+    prompt = "a long prompt that spans several kv blocks " * 8
+    ids = encode_ids(prompt)
+    params = SamplingParams(max_tokens=30)
+
+    with trio.fail_after(BOUND):
+        done = await p_chan.call(Prefill("pd-1", MODEL, prompt=prompt, params=params))
+    assert isinstance(done, PrefillDone)
+    kv = done.kv_transfer_params
+    assert kv is not None and kv["do_remote_prefill"] is True
+    blocks = kv_block_payloads(ids, 16)
+    assert len(blocks) >= 3 and kv["sim_kv"] == b"".join(blocks)  # real bytes, in order
+    assert done.usage.prompt_tokens == len(ids)
+    want = expected(ids, SamplingSpec(max_tokens=30))
+    assert done.first_token_ids == list(want.token_ids[:1])
+
+    deltas, finish = await collect(
+        d_chan, Generate("pd-1", MODEL, prompt=prompt, params=params, kv_transfer_params=kv)
+    )
+    assert "".join(d.text for d in deltas) == want.text  # what a merged worker says
+    assert finish.usage.cached_tokens == len(blocks) * 16  # the KV came from P
+    assert d_engine.counters["kv_blocks_verified"] == len(blocks)
+
+    # a corrupted hand-off fails loudly, naming the block
+    bad = bytearray(kv["sim_kv"])
+    bad[256 + 7] ^= 0xFF  # a byte of block 1 (256-byte blocks)
+    with pytest.raises(RpcError, match="KV block 1 of") as info, trio.fail_after(BOUND):
+        await d_chan.call(
+            Generate("pd-2", MODEL, prompt=prompt, kv_transfer_params={**kv, "sim_kv": bytes(bad)})
+        )
+    assert info.value.code is FailureCode.ENGINE_ERROR
+    # reordered blocks and another prompt's KV fail too
+    swapped = blocks[1] + blocks[0] + b"".join(blocks[2:])
+    with pytest.raises(RpcError, match="KV block 0"), trio.fail_after(BOUND):
+        await d_chan.call(
+            Generate("pd-3", MODEL, prompt=prompt, kv_transfer_params={**kv, "sim_kv": swapped})
+        )
+    with pytest.raises(RpcError, match="different prompt"), trio.fail_after(BOUND):
+        await d_chan.call(Generate("pd-4", MODEL, prompt=prompt + " more", kv_transfer_params=kv))
+    # a decode-only worker never computes a prompt on its own
+    with pytest.raises(RpcError, match="decode-only") as info, trio.fail_after(BOUND):
+        await d_chan.call(Generate("pd-5", MODEL, prompt=prompt))
+    assert info.value.code is FailureCode.BAD_REQUEST
+    assert d_engine.counters["kv_verify_failures"] == 3
+    # roles are enforced by the server
+    with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+        await p_chan.call(Generate("pd-6", MODEL, prompt=prompt))
+    assert info.value.code is FailureCode.UNSUPPORTED
+
+
+async def test_encode_returns_embeddings_as_payload_frames(
+    ctx: zmq.Context, nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    ec_dir = str(tmp_path / "ec")
+    e_server = await start_server(nursery, ctx, sim("e", ec_dir=ec_dir))
+    pd_engine = sim("pd", ec_dir=ec_dir)
+    pd_server = await start_server(nursery, ctx, pd_engine)
+    media = [MediaItem("image", hash="aa" * 16), MediaItem("audio", url="https://x/a.wav")]
+
+    raw = Raw(ctx, e_server.endpoint)
+    try:
+        await raw.register()
+        await raw.send(Encode("enc-1", MODEL, media))
+        done, payload = await raw.recv()
+    finally:
+        raw.close()
+    assert isinstance(done, EncodeDone)
+    assert done.mm_hashes[0] == "aa" * 16 and len(done.mm_hashes) == 2
+    assert [bytes(f) for f in payload] == [
+        derive_embedding(done.mm_hashes[0], "image", 256),
+        derive_embedding(done.mm_hashes[1], "audio", 128),
+    ]
+
+    # the prefill/merged side checks what it is handed: by the shared store, or by tensor
+    chan = await start_channel(nursery, ctx, pd_server.endpoint)
+    image = MediaItem("image", hash="aa" * 16)
+    await collect(chan, Generate("mm-1", MODEL, prompt="look", media=[image]))
+    good = derive_embedding("aa" * 16, "image", 256)
+    as_tensor = MediaItem("image", hash="aa" * 16, tensor=0)
+    with trio.fail_after(BOUND):
+        async with chan.stream(
+            Generate("mm-2", MODEL, prompt="look", media=[as_tensor], tensors=[TensorRef(0)]),
+            payload=[good],
+        ) as events:
+            assert [type(e) async for e in events][-1] is Finish
+    assert pd_engine.counters["embeddings_verified"] == 2
+    # a tensor reference without its frame fails that request at once (not by timeout)
+    with pytest.raises(RpcError, match="tensor frame 0 missing") as info, trio.fail_after(BOUND):
+        await chan.call(
+            Generate("mm-x", MODEL, prompt="look", media=[as_tensor], tensors=[TensorRef(0)])
+        )
+    assert info.value.code is FailureCode.PROTOCOL
+    with trio.fail_after(BOUND):
+        async with chan.stream(
+            Generate("mm-3", MODEL, prompt="look", media=[as_tensor], tensors=[TensorRef(0)]),
+            payload=[good[::-1]],
+        ) as events:
+            with pytest.raises(RpcError, match="corrupted hand-off"):
+                async for _ in events:
+                    pass
+    with pytest.raises(RpcError, match="no encoder output"), trio.fail_after(BOUND):
+        await chan.call(Generate("mm-4", MODEL, prompt="x", media=[MediaItem("image", "bb")]))
+
+
+# == abort and deadlines =======================================================================
+
+
+@pytest.mark.parametrize("how", ["stop_reading", "cancel_scope"])
+async def test_abort_reaches_the_engine_before_the_request_would_finish(
+    ctx: zmq.Context, nursery: trio.Nursery, how: str
+) -> None:
+    engine = sim(speed=1.0)  # ~8 ms per token: 2000 tokens would take ~16 s
+    server = await start_server(nursery, ctx, engine)
+    chan = await start_channel(nursery, ctx, server.endpoint)
+    msg = Generate(
+        f"long-{how}",
+        MODEL,
+        prompt="go on",
+        params=SamplingParams(max_tokens=2000, ignore_eos=True),
+    )
+    got = 0
+    with trio.fail_after(BOUND):
+        with trio.CancelScope() as scope:
+            async with chan.stream(msg) as events:
+                async for event in events:
+                    assert isinstance(event, Delta)
+                    got += 1
+                    if got == 3:
+                        if how == "stop_reading":
+                            break
+                        scope.cancel()
+        await until(lambda: msg.request_id in engine.aborted)
+    run = engine.run_of(msg.request_id)
+    assert run is not None and run.state == "cut"
+    assert 3 <= run.emitted < run.total == 2000  # stopped long before it would have finished
+    assert server.stats["aborted"] == 1 and server.in_flight == 0
+    metrics = await chan.metrics()
+    assert metrics["vllm:num_requests_running"] == 0
+    assert metrics["vllm:request_aborted_total"] == 1
+
+
+async def test_deadline_passes_on_the_worker(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    engine = sim(speed=1.0)
+    server = await start_server(nursery, ctx, engine)
+    chan = await start_channel(nursery, ctx, server.endpoint)
+    msg = Generate(
+        "late",
+        MODEL,
+        prompt="go on",
+        params=SamplingParams(max_tokens=2000, ignore_eos=True),
+        timeout_s=0.1,
+    )
+    with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+        await collect(chan, msg)
+    assert info.value.code is FailureCode.TIMEOUT
+    await until(lambda: "late" in engine.aborted)
+    run = engine.run_of("late")
+    assert run is not None and run.state == "cut" and run.emitted < 2000
+
+
+# == heartbeats never wait behind data =========================================================
+
+
+class BigPayloadEngine(Engine):
+    """A prefill engine whose hand-off is a large payload frame."""
+
+    role = "p"
+    models = (MODEL,)
+
+    def __init__(self, size: int) -> None:
+        self.blob = bytes(size)
+
+    async def prefill(self, req: EngineRequest[Prefill]) -> PrefillResult:
+        await trio.lowlevel.checkpoint()
+        return PrefillResult({"size": len(self.blob)}, payload=[self.blob])
+
+    async def encode(self, req: EngineRequest[Encode]) -> EncodeResult:
+        raise NotImplementedError
+
+    async def generate(self, req: EngineRequest[Generate]) -> AsyncIterator[GenerateOutput]:  # type: ignore[override]
+        raise NotImplementedError
+        yield GenerateOutput()  # pragma: no cover
+
+    async def abort(self, request_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def metrics(self) -> dict[str, float]:
+        return {"vllm:num_requests_waiting": 0.0}
+
+
+async def test_heartbeat_answered_while_large_payloads_are_stuck(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    """The data connection is full of 8 MiB hand-offs its gateway does not read (so the
+    worker's sends to it block); a heartbeat on the control endpoint is still answered at
+    once. On the data connection the ack would sit behind the tensors (a ZeroMQ pipe is FIFO):
+    that is the seed's weakness 6."""
+    n, size = 6, 8 << 20
+    server = await start_server(nursery, ctx, BigPayloadEngine(size), hwm=1, send_timeout_s=BOUND)
+    data = Raw(ctx, server.endpoint, hwm=1)
+    control = Raw(ctx, server.control_endpoint or "")
+    try:
+        await data.register()
+        for i in range(n):
+            await data.send(Prefill(f"big-{i}", MODEL, prompt="x"))
+        # the worker is now blocked sending to the data peer
+        await until(lambda: server.statistics()["sends_blocked"] > 0, timeout=BOUND)
+        assert server.in_flight > 0
+        for i in range(3):
+            await control.send(Heartbeat(f"hb-{i}"))
+            ack, _ = await control.recv()
+            assert isinstance(ack, HeartbeatAck) and ack.request_id == f"hb-{i}"
+            assert ack.instance == server.instance and ack.in_flight > 0  # still sending
+        await control.send(MetricsRequest("m-1"))
+        metrics, _ = await control.recv()
+        assert isinstance(metrics, Metrics) and metrics.values["lmgw_worker_in_flight"] > 0
+        # the control endpoint runs no stage requests
+        await control.send(Prefill("ctl", MODEL, prompt="x"))
+        refusal, _ = await control.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "unsupported"
+        # once the gateway reads, every hand-off arrives whole
+        sizes = []
+        while len(sizes) < n:
+            done, payload = await data.recv()
+            assert isinstance(done, PrefillDone), done
+            sizes.append(sum(len(f) for f in payload))
+        assert sizes == [size] * n
+    finally:
+        data.close()
+        control.close()
+    await until(lambda: server.in_flight == 0)
+
+
+# == admission, drain, versions ================================================================
+
+
+async def test_overloaded_is_a_refusal_not_a_queue(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    engine = sim(faults=Faults(hang=True))
+    server = await start_server(nursery, ctx, engine, max_inflight=2)
+    chan = await start_channel(nursery, ctx, server.endpoint)
+    async with trio.open_nursery() as hanging:
+        for i in range(2):
+            hanging.start_soon(chan.call, Generate(f"hang-{i}", MODEL, prompt="x"))
+        await until(lambda: server.in_flight == 2)
+        with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+            await chan.call(Generate("third", MODEL, prompt="x"))
+        assert info.value.code is FailureCode.OVERLOADED
+        assert info.value.retryable and not info.value.sent
+        assert "max_inflight=2" in info.value.message
+        ack = chan.peer_load
+        await until(lambda: chan.peer_load is not ack)
+        assert chan.peer_load is not None and chan.peer_load.in_flight == 2
+        hanging.cancel_scope.cancel()  # the callers give up: aborts free the slots
+    await until(lambda: server.in_flight == 0 and len(engine.aborted) == 2)
+
+
+async def test_drain_finishes_in_flight_work_then_exits(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    engine = sim(speed=1.0)  # a 30-token answer takes ~0.25 s
+    server = WorkerServer(engine, ctx=ctx, drain_grace_s=BOUND)
+    notices: list[Message] = []
+    stopped = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[None]) -> None:
+        await server.run(task_status=task_status)
+        stopped.set()
+
+    await nursery.start(serve)
+    chan = await start_channel(nursery, ctx, server.endpoint, on_notice=notices.append)
+    prompts = ["first drained request", "second drained request"]
+    results: list[str] = []
+
+    async def one(i: int) -> None:
+        msg = Generate(f"d{i}", MODEL, prompt=prompts[i], params=SamplingParams(max_tokens=30))
+        deltas, _ = await collect(chan, msg)
+        results.append("".join(d.text for d in deltas))
+
+    async with trio.open_nursery() as inner:
+        for i in range(2):
+            inner.start_soon(one, i)
+        await until(lambda: server.in_flight == 2)
+        server.drain("maintenance")
+        await until(lambda: chan.draining)
+        with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+            await chan.call(Generate("late", MODEL, prompt="x"))
+        assert info.value.code is FailureCode.DRAINING and not info.value.sent
+    with trio.fail_after(BOUND):
+        await stopped.wait()
+    want = {expected(encode_ids(p), SamplingSpec(max_tokens=30)).text for p in prompts}
+    assert set(results) == want  # in-flight work finished whole
+    await until(lambda: any(isinstance(m, Exit) for m in notices))
+    assert isinstance(notices[0], Drain) and notices[0].reason == "maintenance"
+    exit_ = notices[-1]
+    assert isinstance(exit_, Exit) and exit_.in_flight == 0
+    assert chan.state is ChannelState.LOST
+
+
+async def test_drain_grace_cuts_the_rest_short(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    engine = sim(speed=1.0)
+    server = WorkerServer(engine, ctx=ctx)
+    notices: list[Message] = []
+    await nursery.start(server.run)
+    chan = await start_channel(nursery, ctx, server.endpoint, on_notice=notices.append)
+    msg = Generate("forever", MODEL, prompt="x", params=SamplingParams(ignore_eos=True))
+    with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+        async with chan.stream(msg) as events:
+            async for _ in events:
+                server.drain("shutdown", grace_s=0.05)
+    assert info.value.code is FailureCode.UNAVAILABLE, (info.value, notices)  # heard Exit
+    assert [type(m) for m in notices] == [Drain, Exit], (info.value, notices)
+    assert notices[-1].in_flight == 1  # type: ignore[attr-defined]
+    await until(lambda: "forever" in engine.aborted)
+
+
+async def test_version_mismatch_is_incompatible(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, ctx, sim(), min_version=2, max_version=3)
+    chan = await start_channel(nursery, ctx, server.endpoint, ready=False)
+    await until(lambda: chan.state is ChannelState.INCOMPATIBLE)
+    with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+        await chan.call(Generate("v", MODEL, prompt="x"))
+    assert info.value.code is FailureCode.UNSUPPORTED_VERSION and not info.value.sent
+    assert server.stats["requests"] == 0
+
+
+async def test_unregistered_and_malformed_input(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, ctx, sim())
+    raw = Raw(ctx, server.endpoint)
+    try:
+        await raw.send(Generate("early", MODEL, prompt="x"))
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "not_registered"
+        assert refusal.request_id == "early" and refusal.retryable
+        await raw.send(Heartbeat("hb"))
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "not_registered"
+
+        await raw.sock.send_multipart([b"garbage"])
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "protocol"
+        assert refusal.request_id == ""
+        await raw.sock.send_multipart([b"LGW\x09rest"])  # a framing from the future
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "unsupported_version"
+
+        ack = await raw.register()  # the reader survived all of that
+        assert ack.instance == server.instance
+        await raw.send(Generate("dup", MODEL, prompt="x", params=SamplingParams(max_tokens=2)))
+        seen = [type((await raw.recv())[0]) for _ in range(3)]
+        assert seen == [Delta, Delta, Finish]
+        await raw.send(RegisterAck("x", 1, [], "w", "i"))  # only workers send these
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "protocol"
+    finally:
+        raw.close()
+    assert server.stats["malformed"] == 3
+
+
+# == processes =================================================================================
+
+
+@pytest.mark.slow
+async def test_worker_process_killed_mid_stream_fails_the_request(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "lmgw.worker", "--role", "pd", "--speed", "1"]
+    cmd += ["--model", MODEL, "--bind", "tcp://127.0.0.1:0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(BOUND):
+            line = (await trio.to_thread.run_sync(proc.stdout.readline)).decode()
+        assert line.startswith("READY tcp://127.0.0.1:"), line
+        endpoint, control = line.split()[1], line.split()[2]
+        assert control.startswith("control=tcp://127.0.0.1:")
+        chan = await start_channel(nursery, ctx, endpoint, heartbeat_timeout_s=0.5)
+        msg = Generate("doomed", MODEL, prompt="x", params=SamplingParams(ignore_eos=True))
+        got = 0
+        with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+            async with chan.stream(msg) as events:
+                async for _ in events:
+                    got += 1
+                    if got == 2:
+                        proc.kill()
+        assert info.value.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT)
+        assert info.value.code is FailureCode.UNAVAILABLE  # liveness, not the reply timeout
+        with pytest.raises(RpcError), trio.fail_after(BOUND):  # new requests fail fast
+            await chan.call(Generate("after", MODEL, prompt="x"))
+    finally:
+        proc.kill()
+        proc.wait(timeout=BOUND)
+
+
+@pytest.mark.slow
+async def test_worker_process_drains_on_sigterm(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    cmd = [sys.executable, "-m", "lmgw.worker", "--role", "p", "--speed", "inf"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(BOUND):
+            line = (await trio.to_thread.run_sync(proc.stdout.readline)).decode()
+        notices: list[Message] = []
+        chan = await start_channel(nursery, ctx, line.split()[1], on_notice=notices.append)
+        with trio.fail_after(BOUND):
+            done = await chan.call(Prefill("p1", "sim-model", prompt="hello there"))
+        assert isinstance(done, PrefillDone)
+        proc.send_signal(signal.SIGTERM)
+        await until(lambda: any(isinstance(m, Exit) for m in notices), timeout=BOUND)
+        assert [type(m) for m in notices] == [Drain, Exit]
+        with trio.fail_after(BOUND):
+            assert await trio.to_thread.run_sync(proc.wait) == 0
+    finally:
+        proc.kill()
+        proc.wait(timeout=BOUND)
+
+
+# == announcements =============================================================================
+
+
+async def test_worker_announces_itself_to_gateways(ctx: zmq.Context, nursery: trio.Nursery) -> None:
+    with ZmqSocket.open(ctx, zmq.ROUTER) as registry:
+        gateway = registry.bind("tcp://127.0.0.1:0")
+        engine = sim("p")
+        server = WorkerServer(
+            engine, ctx=ctx, gateways=[gateway], announce_interval_s=0.05, worker_id="p-1"
+        )
+        async with trio.open_nursery() as inner:
+            await inner.start(server.run)
+            with trio.fail_after(BOUND):
+                _, first = decode_announce(await registry.recv_multipart())
+            assert first.worker_id == "p-1" and first.instance == server.instance
+            assert first.endpoint == server.endpoint
+            assert first.control_endpoint == server.control_endpoint
+            assert (first.roles, first.models, first.state) == (["prefill"], [MODEL], "up")
+            # the announced endpoint is a working worker: a gateway registers there as usual
+            chan = await start_channel(inner, ctx, first.endpoint)
+            assert chan.session is not None and chan.session.instance == first.instance
+            server.drain("bye", grace_s=1.0)
+            states = []
+            with trio.fail_after(BOUND):
+                while "leaving" not in states:
+                    _, msg = decode_announce(await registry.recv_multipart())
+                    states.append(msg.state)
+            assert "draining" in states
+            inner.cancel_scope.cancel()
