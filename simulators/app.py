@@ -15,6 +15,10 @@ Which hand-off a request uses is read from the request itself, in this order: NI
 (``kv_connector="auto"`` only), LMCache (``kv_connector="lmcache"``); a decode worker with none
 of these refuses the request, since a decode-only worker never computes a prompt on its own.
 
+Prompts are tokenized as a vLLM worker given the same model folder would (``model_dir``; see
+:mod:`.engine`): ``/tokenize`` and ``/detokenize`` answer in vLLM's shapes, and ``usage`` counts
+the same tokens, so the gateway's tokenization parity self-test passes against this worker.
+
 ``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
 contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
 engine logic lives in :mod:`.engine` (sans-IO); this module only parses, validates, sleeps per the

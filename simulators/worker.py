@@ -3,6 +3,8 @@
 Roles: ``pd`` (merged), ``e`` (encoder; needs ``--ec-dir``), ``p`` (prefill), ``d`` (decode).
 P/D hand-offs: vLLM NIXL and SGLang bootstrap need no flag; vLLM P2P NCCL needs ``--kv-port``
 on p and d; vLLM LMCache needs ``--kv-connector lmcache --lmcache-dir DIR`` on p and d.
+``--model-dir`` is the Hugging Face folder the worker tokenizes with (default: the sim-model,
+built once in ``~/.cache/lmgw``); a folder that cannot be loaded is a usage error (exit 2).
 
 The process prints exactly one line, ``READY http://<host>:<port>`` (followed by
 `` kv_address=<host>:<kv_port>`` with ``--kv-port``), to stdout once it is bound (the fleet

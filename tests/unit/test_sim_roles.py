@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,15 @@ def test_cli_model_dir_and_max_model_len(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as exc:  # a folder without tokenizer.json: a usage error
         worker_main(["--model-dir", str(tmp_path)])
     assert exc.value.code == 2 and "tokenizer.json" in capsys.readouterr().err
+
+
+def test_model_folder_is_built_once_under_concurrent_callers(tmp_path: Path) -> None:
+    # several workers starting at once on a fresh cache: one complete folder, no leftovers
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: model_files.ensure_model_dir(tmp_path), range(4)))
+    assert len(set(folders)) == 1 and folders[0].parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == [folders[0].name]
+    assert (folders[0] / "tokenizer.json").is_file() and load_tokenizer(folders[0]).vocab_size > 0
 
 
 def test_fleet_dialect_args_configure_p_and_d_only() -> None:
