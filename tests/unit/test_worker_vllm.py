@@ -393,6 +393,8 @@ class FakeAsyncLLM:
                     kv_transfer_params=params and {"remote_block_ids": [9], **params},
                 )
                 return
+            if prompt.get("prompt") == "too long":
+                raise ValueError("The decoder prompt is longer than the maximum model length")
             n = sp.max_tokens or 5
             for i in range(n):
                 await asyncio.sleep(0.001 if n > 100 else 0)
@@ -470,6 +472,10 @@ def test_engine_stages_under_trio_guest_mode() -> None:
             async for _ in engine.generate(EngineRequest(bad)):
                 pass
         out["bad"] = info.value.code
+        with pytest.raises(EngineError, match="maximum model length") as info:
+            async for _ in engine.generate(EngineRequest(Generate("tl", "m", prompt="too long"))):
+                pass
+        out["too_long"] = info.value.code
         # cancelling the trio side cancels vLLM's generate, which aborts the request
         with trio.move_on_after(0.05):
             long = Generate("long", "m", prompt="x", params=SamplingParams(max_tokens=100_000))
@@ -491,7 +497,7 @@ def test_engine_stages_under_trio_guest_mode() -> None:
     assert pre.first_token_ids == [100]
     assert out["encode"].mm_hashes == ["h"]
     assert out["no_tensor"] is FailureCode.BAD_REQUEST
-    assert out["bad"] is FailureCode.BAD_REQUEST
+    assert out["bad"] is out["too_long"] is FailureCode.BAD_REQUEST
     assert llm.cancelled == ["long"] and llm.aborted.count("long") == 2
     calls = {rid: (prompt, sp) for rid, prompt, sp in llm.calls}
     assert calls["g"][1].output_kind == RequestOutputKind.DELTA

@@ -25,8 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -357,6 +358,8 @@ class AsyncioBridge:
         finally:
             if not task.done():
                 task.cancel()
+        if task.cancelled():  # by the asyncio side (e.g. the engine shutting down)
+            raise EngineError(FailureCode.UNAVAILABLE, "the engine's asyncio task was cancelled")
         return task.result()
 
     async def stream(self, make: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
@@ -500,12 +503,19 @@ class VllmEngine(Engine):
         translator = OutputTranslator()
         llm = self.llm
         rid = msg.request_id
-        async for out in self.bridge.stream(lambda: llm.generate(prompt, params, rid)):
-            delta = translator.feed(out)
-            if delta is not None:
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+        outputs = self.bridge.stream(lambda: llm.generate(prompt, params, rid))
+        async with contextlib.aclosing(outputs):  # closing it cancels vLLM's generate
+            while True:
+                with _input_errors():
+                    try:
+                        out = await outputs.__anext__()
+                    except StopAsyncIteration:
+                        return
+                delta = translator.feed(out)
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
 
     async def prefill(self, req: EngineRequest[Prefill]) -> PrefillResult:
         msg = req.msg
@@ -535,8 +545,11 @@ class VllmEngine(Engine):
     async def _final(self, prompt: dict[str, Any], params: Any, rid: str) -> Any:
         final = None
         llm = self.llm
-        async for out in self.bridge.stream(lambda: llm.generate(prompt, params, rid)):
-            final = out
+        outputs = self.bridge.stream(lambda: llm.generate(prompt, params, rid))
+        async with contextlib.aclosing(outputs):
+            with _input_errors():
+                async for out in outputs:
+                    final = out
         if final is None:
             raise EngineError(FailureCode.ENGINE_ERROR, "vLLM returned no output")
         return final
@@ -558,6 +571,16 @@ class VllmEngine(Engine):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
         )
+
+
+@contextlib.contextmanager
+def _input_errors() -> Iterator[None]:
+    """vLLM refuses invalid input (prompt too long, bad sampling values) with ValueError or
+    TypeError from ``generate``: those are the request's fault, not the engine's."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise EngineError(FailureCode.BAD_REQUEST, f"vLLM refused the request: {exc}") from None
 
 
 def _stat_logger_factory(gauges: SchedulerGauges) -> Callable[..., Any]:
