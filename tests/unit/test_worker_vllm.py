@@ -16,7 +16,6 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import numpy as np
 import pytest
 import trio
@@ -36,6 +35,7 @@ from lmgw.protocol import (
     Token,
     Usage,
 )
+from lmgw.transport.tensors import pack_tensors
 from lmgw.transport.zmq import RpcChannel, RpcError
 from lmgw.worker import EngineError, EngineRequest, WorkerServer
 from lmgw.worker.vllm import (
@@ -219,9 +219,9 @@ def test_sampling_kwargs_prefill_and_encode() -> None:
         sampling_kwargs(params, stage="decode")
 
 
-def _tensor(arr: np.ndarray) -> tuple[TensorRef, bytes]:
-    header = msgspec.msgpack.encode({"dtype": arr.dtype.str, "shape": list(arr.shape)})
-    return TensorRef(0, header), arr.tobytes()
+def _tensor(arr: np.ndarray) -> tuple[TensorRef, Any]:
+    (ref,), (frame,) = pack_tensors([arr])
+    return ref, frame
 
 
 def test_prompt_input_shapes() -> None:
@@ -255,10 +255,10 @@ def test_prompt_input_shapes() -> None:
         prompt_input(EngineRequest(url_only))
     assert info.value.code is FailureCode.UNSUPPORTED
     with pytest.raises(EngineError) as info:
-        decode_tensor(b"\x00not msgpack", b"1234")
+        decode_tensor(b"\x00not a header", b"1234")
     assert info.value.code is FailureCode.BAD_REQUEST
-    with pytest.raises(EngineError):  # 5 bytes cannot be a (2, 2) uint8 array
-        decode_tensor(_tensor(np.zeros((2, 2), np.uint8))[0].header, b"12345")
+    with pytest.raises(EngineError):  # 3 bytes cannot be a (2, 2) uint8 array
+        decode_tensor(_tensor(np.zeros((2, 2), np.uint8))[0].header, b"123")
 
 
 # -- outputs ----------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
-import msgspec
 import trio
 
 from ..protocol.messages import (
@@ -140,24 +139,14 @@ def sampling_kwargs(
     return kw
 
 
-class _TensorHeader(msgspec.Struct, frozen=True):
-    dtype: str
-    shape: list[int]
-
-
-_tensor_header = msgspec.msgpack.Decoder(_TensorHeader)
-
-
 def decode_tensor(header: bytes, data: Any) -> Any:
-    """A payload frame as a numpy array. ``header`` is msgpack ``{"dtype", "shape"}``
-    (provisional: ``_fast/tensorframe`` will own this format). Raises EngineError."""
-    import numpy as np
+    """A payload frame as a read-only numpy array (``lmgw.transport.tensors``, the protocol's
+    tensor-frame format; bounds-checked). Raises EngineError(bad_request)."""
+    from ..transport.tensors import TensorFrameError, decode
 
     try:
-        spec = _tensor_header.decode(header)
-        arr = np.frombuffer(data, dtype=np.dtype(spec.dtype))
-        return arr.reshape(spec.shape)
-    except (msgspec.DecodeError, TypeError, ValueError) as exc:
+        return decode(header, data)
+    except TensorFrameError as exc:
         raise EngineError(FailureCode.BAD_REQUEST, f"unreadable tensor: {exc}") from None
 
 
