@@ -47,7 +47,7 @@ class ModelText:
             obj.get("messages"),
             add_generation_prompt=bool(obj.get("add_generation_prompt", True)),
             continue_final_message=bool(obj.get("continue_final_message", False)),
-            tools=obj.get("tools") if obj.get("tool_choice") != "none" else None,
+            tools=obj.get("tools"),  # rendered even with tool_choice "none", as vLLM does
             documents=obj.get("documents"),
             chat_template_kwargs=kwargs if isinstance(kwargs, Mapping) else None,
         )
@@ -110,6 +110,8 @@ class ModelText:
         if not (max_tokens is None or type(max_tokens) is int):
             return body  # the worker answers a badly typed value itself
         if endpoint == "chat":
+            if _has_media(obj):  # the engine expands each item to its own placeholder count
+                return body
             lengths = [len(await self.chat_ids(obj))]
             what = "messages"
         else:
@@ -136,12 +138,6 @@ class ModelText:
             ids = await self.tokenizer.encode_async(
                 prompt, add_special_tokens=bool(obj.get("add_special_tokens", True))
             )
-        if self.max_model_len is not None and len(ids) > self.max_model_len:
-            raise GatewayError(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However,"
-                f" your request has {len(ids)} input tokens.",
-            )
         strs = self.tokenizer.convert_ids_to_tokens(ids) if obj.get("return_token_strs") else None
         return {
             "count": len(ids),
@@ -156,6 +152,16 @@ class ModelText:
             raise GatewayError(400, "tokens must be a list of token ids", param="tokens")
         self.tokenizer.check_ids(tokens, param="tokens")
         return {"prompt": await self.tokenizer.decode_async(tokens)}
+
+
+def _has_media(obj: Mapping[str, Any]) -> bool:
+    for msg in obj.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") not in (None, "text") for p in content
+        ):
+            return True
+    return False
 
 
 def load_model_texts(models: Sequence[Any]) -> dict[str, ModelText]:
