@@ -176,3 +176,38 @@ async def test_context_length_is_checked_and_max_tokens_filled_like_vllm(
         url, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3}
     )
     assert r.status == 200 and w.seen[-1]["max_tokens"] == 3  # given: forwarded as sent
+
+
+async def test_usage_is_counted_when_the_worker_leaves_it_out(
+    nursery: trio.Nursery, model_dir: Path, text
+) -> None:
+    tok, tmpl = text
+
+    class NoUsage(Worker):
+        async def __call__(self, req: Request, responder: Responder) -> None:
+            if req.method == "POST" and req.path == "/v1/chat/completions":
+                answer = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "fine thanks"}}
+                    ],
+                }
+                await responder.send_full(200, JSON, msgspec.json.encode(answer))
+                return
+            await super().__call__(req, responder)
+
+    w = NoUsage(worker_tokens(tok, tmpl))
+    url, _ = await start(nursery, [w], tokenizer=str(model_dir))
+    r = await http_request(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": CHAT})
+    assert r.status == 200, r.body
+    usage = r.json()["usage"]
+    prompt = len(
+        tok.encode(tmpl.render(CHAT, add_generation_prompt=True), add_special_tokens=False)
+    )
+    completion = len(tok.encode("fine thanks", add_special_tokens=False))
+    assert usage == {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

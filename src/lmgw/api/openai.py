@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from functools import partial
 from typing import Annotated
 
 import msgspec
@@ -215,8 +216,9 @@ class OpenAIAPI:
             if endpoint == "chat" and _MEDIA_MARK.search(body) and self._checks_media(model):
                 body, items = await self._preprocess_media(body, model)
             text = self.gw.texts.get(model) if self.gw.texts else None
+            counted = None
             if text is not None and text.validate_context and endpoint != "generate":
-                body = await text.validate(endpoint, body)  # a 400 when it cannot fit
+                body, counted = await text.validate(endpoint, body)  # a 400 when it cannot fit
             greq = GatewayRequest(
                 endpoint,
                 path,
@@ -228,6 +230,8 @@ class OpenAIAPI:
                 t0,
             )
             greq.media = items
+            if counted is not None and not view.stream:
+                greq.usage_fill = partial(text.fill_usage, counted)
             # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
             # cap is off; else a FIFO wait that raises Rejected (429). No checkpoint between
             # getting the slot and the try that gives it back.

@@ -42,6 +42,7 @@ class GatewayRequest:
         "stream",
         "t_start",
         "timings",
+        "usage_fill",
     )
 
     def __init__(
@@ -72,6 +73,8 @@ class GatewayRequest:
         #: the checked and hashed media items (lmgw.multimodal.MediaItem), when the gateway
         #: preprocessed them (media.preprocess); the body then pins each by ``uuid``
         self.media: list | None = None
+        #: adds ``usage`` to a non-streamed answer that lacks it (text.service.fill_usage)
+        self.usage_fill: Callable[[bytes], bytes] | None = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""

@@ -303,7 +303,9 @@ class Pipeline:
                     if events > 1:
                         metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
                 else:
-                    await openai_http.relay_json(resp, responder, out, rewrite and rewrite.body)
+                    await openai_http.relay_json(
+                        resp, responder, out, rewrite.body if rewrite else greq.usage_fill
+                    )
                 ok = True
             finally:
                 resp.release()

@@ -95,23 +95,51 @@ class ModelText:
                 param="max_tokens" if max_tokens and prompt_len < limit else what,
             )
 
-    async def validate(self, endpoint: str, body: bytes) -> bytes:
-        """Check a chat/completions body against the context length; fill ``max_tokens`` in
-        when absent the way vLLM defaults it (what fits, capped by generation_config). Returns
-        the body to forward (the same bytes unless it was filled in)."""
+    def fill_usage(self, prompt_tokens: int | None, body: bytes) -> bytes:
+        """A non-streamed answer without ``usage`` (some engines and proxies leave it out) gets
+        one counted here: the prompt as the context check counted it, the completion by
+        encoding each choice's text. Answers that carry usage pass untouched (a bytes check)."""
+        if prompt_tokens is None or (b'"usage"' in body and b'"usage":null' not in body):
+            return body
         try:
             obj = msgspec.json.decode(body)
         except msgspec.DecodeError:
-            return body  # the view decode already refused invalid JSON
-        if not isinstance(obj, dict):
             return body
+        if not isinstance(obj, dict) or obj.get("usage") is not None:
+            return body
+        completion = 0
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                completion += len(self.tokenizer.encode(text, add_special_tokens=False))
+        obj["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        return msgspec.json.encode(obj)
+
+    async def validate(self, endpoint: str, body: bytes) -> tuple[bytes, int | None]:
+        """Check a chat/completions body against the context length; fill ``max_tokens`` in
+        when absent the way vLLM defaults it (what fits, capped by generation_config). Returns
+        the body to forward (the same bytes unless it was filled in) and the prompt's token
+        count (None when not counted: media chats, batches)."""
+        try:
+            obj = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return body, None  # the view decode already refused invalid JSON
+        if not isinstance(obj, dict):
+            return body, None
         key = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else None
         max_tokens = obj.get(key or "max_tokens")
         if not (max_tokens is None or type(max_tokens) is int):
-            return body  # the worker answers a badly typed value itself
+            return body, None  # the worker answers a badly typed value itself
         if endpoint == "chat":
             if _has_media(obj):  # the engine expands each item to its own placeholder count
-                return body
+                return body, None
             lengths = [len(await self.chat_ids(obj))]
             what = "messages"
         else:
@@ -119,12 +147,13 @@ class ModelText:
             what = "prompt"
         for n in lengths:
             self.check_context(n, max_tokens, what)
+        counted = lengths[0] if len(lengths) == 1 else None
         if max_tokens is not None or self.max_model_len is None:
-            return body
+            return body, counted
         room = self.max_model_len - max(lengths)
         cap = self.tokenizer.generation_max_tokens
         obj["max_tokens"] = min(room, cap) if cap else room
-        return msgspec.json.encode(obj)
+        return msgspec.json.encode(obj), counted
 
     # -- /tokenize and /detokenize ------------------------------------------------------------
     async def tokenize(self, obj: Mapping[str, Any]) -> dict[str, Any]:
