@@ -279,7 +279,8 @@ class WorkerServer:
         self, *, task_status: trio.TaskStatus[WorkerServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, then serve until cancelled, or until a :meth:`drain` completes (then ``Exit``
-        has been sent to every registered gateway and this returns)."""
+        has been sent to every registered gateway and this returns). A server runs once; a
+        :meth:`drain` asked for before ``run`` starts happens right after binding."""
         self.instance = uuid.uuid4().hex  # a new instance per start: restarts are visible
         data = ZmqSocket.open(self._ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=self._max_msg_size)
         control: ZmqSocket | None = None
