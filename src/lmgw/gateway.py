@@ -208,8 +208,17 @@ class Gateway:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled or shut down. Reports the bound port through ``task_status``."""
+    async def run(
+        self,
+        *,
+        serve: bool = True,
+        task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled or shut down. Reports the bound port through ``task_status``.
+
+        ``serve=False`` runs the fleet side only (monitor, discovery, parity) without listening,
+        for the in-process SDK (:class:`lmgw.sdk.Gateway`), which calls the handlers directly;
+        the port reported is then None."""
         cfg = self.config
         with self._cancel:
             try:
@@ -233,19 +242,22 @@ class Gateway:
                                 expiry_s=cfg.discovery.p2p_nccl_expiry_s,
                             )
                         )
-                    if cfg.server.server == "hypercorn":
+                    if not serve:
+                        self._server_done.set()  # shutdown() has no server to wait for
+                    elif cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn)
                     else:
                         self.server = HTTPServer(self.app, server_limits(cfg), self.app.on_timeout)
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port
                         )
-                    log.info(
-                        "lmgw listening on http://%s:%d (%d workers)",
-                        cfg.server.host,
-                        self.port,
-                        len(self.registry),
-                    )
+                    if serve:
+                        log.info(
+                            "lmgw listening on http://%s:%d (%d workers)",
+                            cfg.server.host,
+                            self.port,
+                            len(self.registry),
+                        )
                     task_status.started(self.port)
             finally:
                 self.pool.close()
