@@ -18,6 +18,8 @@ Everything binds 127.0.0.1 port 0, ipc:// under tmp_path or inproc://; every wai
 from __future__ import annotations
 
 import collections
+import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -265,6 +267,96 @@ async def test_receive_timeout_cancel_and_close(ctx: zmq.Context) -> None:
         with pytest.raises(trio.ClosedResourceError):
             await pull.recv_multipart()
         pull.close()  # idempotent
+
+
+class LoopFrozen(AssertionError):
+    """The event loop ran no other task for the watchdog's whole period."""
+
+
+@contextlib.contextmanager
+def loop_watchdog(seconds: float = BOUND) -> Iterator[None]:
+    """A hard bound on the block that also holds when code spins without ever yielding:
+    trio's deadlines cannot fire then, but a SIGALRM handler still runs between bytecodes."""
+
+    def frozen(signum: int, frame: object) -> None:
+        raise LoopFrozen(f"still running after {seconds:g}s: the event loop is frozen")
+
+    previous = signal.signal(signal.SIGALRM, frozen)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+async def test_router_send_to_a_full_peer_backs_off_instead_of_spinning(ctx: zmq.Context) -> None:
+    """With ROUTER_MANDATORY a ROUTER reports POLLOUT when *any* peer has room. A send to the
+    one full peer used to retry at once, forever, without a checkpoint: the event loop froze
+    (and the send timeout, a trio deadline, could never fire)."""
+    with (
+        ZmqSocket.open(ctx, zmq.ROUTER, hwm=2) as router,
+        ZmqSocket.open(ctx, zmq.DEALER, hwm=2) as full,
+        ZmqSocket.open(ctx, zmq.DEALER, hwm=2) as other,
+    ):
+        endpoint = router.bind("inproc://two-peers")
+        full.connect(endpoint)
+        other.connect(endpoint)
+        await full.send_multipart([b"full"])
+        await other.send_multipart([b"other"])
+        ident = {}
+        with trio.fail_after(BOUND):
+            for _ in range(2):
+                peer, body = await router.recv_multipart()
+                ident[body] = peer
+        queued = 0
+        while router.try_send_multipart([ident[b"full"], b"x"]):  # `full` never reads
+            queued += 1
+            assert queued < 1000
+        assert router.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT  # `other` has room
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0)
+                ticks += 1
+
+        with loop_watchdog(), trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                with pytest.raises(SendBlocked, match="SNDHWM=2"):
+                    await router.send_multipart([ident[b"full"], b"y"], timeout=0.1)
+                assert ticks > 0  # the loop ran other tasks while the send waited
+                # the other peer is served meanwhile, and the full one once it reads again
+                await router.send_multipart([ident[b"other"], b"fine"])
+                assert await other.recv_multipart() == [b"fine"]
+
+                async def read_later() -> None:
+                    await trio.sleep(0.02)
+                    for _ in range(queued):
+                        await full.recv_multipart()
+
+                nursery.start_soon(read_later)
+                await router.send_multipart([ident[b"full"], b"late"], timeout=BOUND)
+                assert await full.recv_multipart() == [b"late"]
+                nursery.cancel_scope.cancel()
+
+
+async def test_close_with_linger_still_delivers_what_was_queued(ctx: zmq.Context, tmp_path) -> None:
+    """``close(linger=ms)`` for graceful paths: a message queued for a peer that is not there
+    yet goes out once it appears (``close()`` keeps LINGER=0: shutdown never waits)."""
+    endpoint = f"ipc://{tmp_path}/late.sock"
+    dealer = ZmqSocket.open(ctx, zmq.DEALER)  # no IMMEDIATE: queued until a peer connects
+    dealer.connect(endpoint)
+    await dealer.send_multipart([b"last words"])
+    dealer.close(linger=10_000)
+    assert dealer.closed
+    dealer.close()  # still idempotent
+    with ZmqSocket.open(ctx, zmq.ROUTER) as router:
+        router.bind(endpoint)
+        frames = await router.recv_multipart(timeout=BOUND)
+    assert frames[1:] == [b"last words"]
 
 
 # == a scripted worker ==========================================================================

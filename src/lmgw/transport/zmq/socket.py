@@ -16,14 +16,21 @@ Why this is not a thin ``await wait_readable(fd)`` wrapper (DESIGN.md §3, ZeroM
   ``IMMEDIATE``) is waited out for at most the send timeout and then raised as
   :class:`SendBlocked`, naming the HWM. ``ROUTER_MANDATORY`` turns a send to an unknown peer
   into :class:`PeerUnreachable` instead of a silent drop.
+* A ROUTER never waits for POLLOUT: with ``ROUTER_MANDATORY`` it reports POLLOUT when *any*
+  peer has room, so a send to the one full peer would retry at once, forever, without a
+  checkpoint (the loop froze, and the send timeout could never fire). EAGAIN on a ROUTER
+  means "this peer is full": it is retried after a sleep that doubles from 1 ms to 25 ms.
+  Any other socket that finds no room right after POLLOUT said there was backs off the same
+  way, so no path is a busy loop.
 * Fast paths (the op succeeds at once) do not touch the scheduler; every ``checkpoint_every``
   of them yields once (shielded: data already sent or received is never lost to a cancel), so a
   busy socket cannot starve the loop.
 
 Resource handling: :meth:`ZmqSocket.close` is synchronous (usable in a cancelled scope), tells
 trio the fd is closing (a waiting task gets ``ClosedResourceError``) and closes with
-``LINGER=0``, so an unreachable peer never delays shutdown. ``with ZmqSocket.open(...)``
-closes on every exit path.
+``LINGER=0`` by default, so an unreachable peer never delays shutdown; a graceful path (a
+last ``Exit``) passes ``linger=ms``, and ZeroMQ flushes in the background. ``with
+ZmqSocket.open(...)`` closes on every exit path.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ __all__ = [
 DEFAULT_HWM = 1000
 """Messages queued per peer and direction before sends fail (ZeroMQ's own default)."""
 CHECKPOINT_EVERY = 16
+MIN_BACKOFF_S = 0.001
+"""First retry of a send that found a full peer where POLLOUT cannot tell (ROUTER)."""
+MAX_BACKOFF_S = 0.025
+"""The retry interval doubles up to this: a full peer costs ~40 wake-ups a second at most."""
 _POLLIN = zmq.POLLIN
 _POLLOUT = zmq.POLLOUT
 _NOBLOCK = zmq.NOBLOCK
@@ -78,6 +89,7 @@ class ZmqSocket:
         "_fast",
         "_fd",
         "_fd_busy",
+        "_is_router",
         "_kick_scope",
         "_lot",
         "_want_in",
@@ -102,6 +114,7 @@ class ZmqSocket:
         self.send_timeout = send_timeout
         self.checkpoint_every = checkpoint_every
         self._fd: int = sock.getsockopt(zmq.FD)
+        self._is_router = sock.type == zmq.ROUTER
         self._closed = False
         self._fast = 0
         self._fd_busy = False  # a task is inside wait_readable(fd)
@@ -194,9 +207,17 @@ class ZmqSocket:
             timeout = self.send_timeout
         if timeout is not None and timeout <= 0:
             raise self._blocked(0.0)
+        delay = MIN_BACKOFF_S
         with trio.move_on_after(timeout if timeout is not None else float("inf")):
             while True:
-                await self._wait(_POLLOUT)
+                if not self._is_router:  # POLLOUT is per socket there, so it can be trusted
+                    await self._wait(_POLLOUT)
+                    if self.try_send_multipart(frames, copy=copy):
+                        return
+                # A ROUTER's POLLOUT speaks for *some* peer, not this one; elsewhere POLLOUT
+                # just proved wrong. Either way, waiting for it again would spin: back off.
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
                 if self.try_send_multipart(frames, copy=copy):
                     return
         raise self._blocked(timeout)
@@ -301,15 +322,19 @@ class ZmqSocket:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Close now with LINGER=0 (synchronous, idempotent). Waiting tasks get
-        ``trio.ClosedResourceError``."""
+    def close(self, linger: int = 0) -> None:
+        """Close now (synchronous, idempotent). Waiting tasks get ``trio.ClosedResourceError``.
+
+        ``linger`` (ms): how long ZeroMQ may go on delivering what is queued, in its own
+        threads (this call never waits). 0, the default, drops it: shutdown is never held up
+        by a peer that is gone. A graceful path (a final ``Exit``) passes a short linger.
+        """
         if self._closed:
             return
         self._closed = True
         notify_closing(self._fd)
         self._lot.unpark_all()
-        self.socket.close(linger=0)
+        self.socket.close(linger=max(0, linger))
 
     def __enter__(self) -> ZmqSocket:
         return self
@@ -336,6 +361,4 @@ class ZmqSocket:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (
-            f"<ZmqSocket {self.socket.socket_type} {state} sent={self.sent} recv={self.received}>"
-        )
+        return f"<ZmqSocket {self.socket.type} {state} sent={self.sent} recv={self.received}>"
