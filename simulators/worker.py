@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -183,6 +184,14 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
     )
 
 
+async def _exit_with_parent(scope: trio.CancelScope, parent: int) -> None:
+    """A fleet member whose launcher died without stopping it (SIGKILL, a crash) stops by
+    itself within a second: ``lmgw simulate`` must never leave orphan workers behind."""
+    while os.getppid() == parent:
+        await trio.sleep(1.0)
+    scope.cancel()
+
+
 async def run_worker_process(options: WorkerOptions) -> None:
     """Serve until SIGTERM/SIGINT; print the READY line once bound."""
     from .fleet import serve_worker_inprocess  # fleet imports this module's parser
@@ -195,6 +204,7 @@ async def run_worker_process(options: WorkerOptions) -> None:
             kv = worker.kv_address
             sys.stdout.write(f"READY {url}" + (f" kv_address={kv}" if kv else "") + "\n")
             sys.stdout.flush()
+            nursery.start_soon(_exit_with_parent, nursery.cancel_scope, os.getppid())
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
