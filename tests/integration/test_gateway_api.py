@@ -967,3 +967,31 @@ async def test_non_stream_broken_mid_answer_is_retried_whole(gateway: GatewayFac
     for _ in range(2):
         r = await gw.request("POST", "/v1/completions", body, timeout=5)
         assert r.status == 200, r.body
+
+
+async def test_request_waiting_on_a_worker_that_gets_ejected_is_retried_elsewhere(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await gateway(per_worker=[{"faults": {"hang": True}}, {}])
+    hung = gw.gateway.registry.get("w0")
+    results: list[RawResponse] = []
+
+    async def client() -> None:
+        results.append(await gw.request("POST", "/v1/chat/completions", CHAT, timeout=10))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):  # round robin: one of them waits on the hung worker
+            nursery.start_soon(client)
+        await wait_until(lambda: hung.in_flight == 1)
+        gw.gateway.registry.set_state(hung, hung.state.EJECTED, "probe timed out")
+    assert [r.status for r in results] == [200, 200]
+    assert hung.in_flight == 0
+
+
+async def test_a_500_before_any_byte_is_retried_on_another_worker(gateway: GatewayFactory) -> None:
+    gw = await gateway(per_worker=[{"faults": {"error_rate": 1.0}}, {}])
+    for _ in range(4):
+        r = await gw.request("POST", "/v1/chat/completions", CHAT, timeout=5)
+        assert r.status == 200, r.body
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_retries_total{role="pd"}') >= 1

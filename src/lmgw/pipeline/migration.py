@@ -11,7 +11,8 @@ the rest of the *same* answer:
   ``continue_final_message=true`` and ``add_generation_prompt=false`` (vLLM's chat-template
   flags), so the engine continues that message instead of starting a new one;
 * completions: the prompt with the partial text appended (string prompts only);
-* ``max_tokens``/``max_completion_tokens`` reduced by the tokens already streamed.
+* ``max_tokens``/``max_completion_tokens`` and ``min_tokens`` reduced by the tokens already
+  streamed.
 
 The new worker's events are rewritten so that the client sees one stream: the opening
 role-only event is dropped, every event keeps the original ``id`` and ``created``, and the usage
@@ -133,6 +134,9 @@ def continuation_body(endpoint: str, obj: dict[str, Any], progress: Progress) ->
             if budget - progress.tokens <= 0:
                 return None
             out[key] = budget - progress.tokens
+    floor = out.get("min_tokens")
+    if isinstance(floor, int):  # the tokens already streamed count toward it
+        out["min_tokens"] = max(0, floor - progress.tokens)
     if endpoint == "chat":
         out["messages"] = [*obj["messages"], {"role": "assistant", "content": progress.text}]
         out["continue_final_message"] = True

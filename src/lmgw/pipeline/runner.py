@@ -248,8 +248,8 @@ class Pipeline:
     ) -> GatewayError | None:
         """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
         when the caller should retry on another worker (only before anything reached the
-        client), else None. A decode leg (role ``d``) may be retried after any 5xx: the
-        hand-off is still valid and another decode worker can take it.
+        client), else None: after a 5xx answer, a connection that failed before anything was
+        sent, or the worker's ejection while waiting for its answer.
 
         ``gate``, when given, is awaited once the worker's answer has begun and before any of
         it is relayed; it returns the rewrite to apply to the answer (a dialect merging the
@@ -267,20 +267,34 @@ class Pipeline:
         t0 = _now()
         t_first = 0.0
         try:
-            resp = await self.pool.request(
-                worker.origin,
-                "POST",
-                path,
-                headers,
-                body,
-                response_timeout_s=self.response_timeout_s,
-            )
+            # until the answer's head: cancelled if the worker is ejected meanwhile (a hung
+            # worker must not hold requests until the response timeout)
+            with trio.CancelScope() as waiting:
+                waiters = worker.waiters
+                waiters.add(waiting)
+                try:
+                    resp = await self.pool.request(
+                        worker.origin,
+                        "POST",
+                        path,
+                        headers,
+                        body,
+                        response_timeout_s=self.response_timeout_s,
+                    )
+                finally:
+                    waiters.discard(waiting)
+            if waiting.cancelled_caught:
+                raise UpstreamError(
+                    f"worker {worker.id} was taken out of rotation while the request waited for"
+                    " its answer",
+                    retryable=True,
+                )
             try:
                 if resp.status >= 400:
                     err = await openai_http.read_error(resp, worker)
                     if resp.status >= 500:
                         registry.record_failure(worker, err.message, eject=False)
-                        if may_retry and (resp.status == 503 or role == "d"):
+                        if may_retry:  # nothing reached the client: another worker may serve it
                             return err
                     raise err
                 rewrite = await gate() if gate is not None else None
