@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from ..admission import Admission
@@ -14,6 +14,39 @@ from .openai import OpenAIAPI, send_error
 from .ops import OpsAPI
 
 Endpoint = Callable[[Request, Responder], Awaitable[None]]
+#: ``async def middleware(request, responder, call_next)``: runs around the generation endpoints
+#: (chat, completions, /generate); ``await call_next(request, responder)`` runs the rest of the
+#: chain. It may edit the request, answer itself, or pass a wrapping responder to see or change
+#: the answer (streams are pushed through the responder, so there is no response to return).
+Middleware = Callable[[Request, Responder, Endpoint], Awaitable[None]]
+
+#: the generation routes that middleware wraps: path -> endpoint name of OpenAIAPI.generate
+GENERATE_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/generate": "generate",
+}
+
+
+class _Link:
+    """One middleware bound to the rest of its chain (a callable, not a closure: no frame of
+    ours between the server and the middleware)."""
+
+    __slots__ = ("middleware", "rest")
+
+    def __init__(self, middleware: Middleware, rest: Endpoint) -> None:
+        self.middleware = middleware
+        self.rest = rest
+
+    def __call__(self, req: Request, responder: Responder) -> Awaitable[None]:
+        return self.middleware(req, responder, self.rest)
+
+
+def with_middleware(handler: Endpoint, middleware: Sequence[Middleware]) -> Endpoint:
+    """``handler`` wrapped in ``middleware`` (the first one is the outermost)."""
+    for mw in reversed(middleware):
+        handler = _Link(mw, handler)
+    return handler
 
 
 class App:
@@ -31,20 +64,17 @@ class App:
             limits.queue_timeout_s,
             gateway.metrics,
         )
+        #: see :data:`Middleware`; add with :meth:`add_middleware` (none: nothing wraps, the
+        #: routes call the partials below directly, so an empty list costs nothing)
+        self.middleware: list[Middleware] = []
+        # partials, not the chat()/completions() wrappers: one coroutine frame fewer.
+        # /generate is SGLang's native API (sgl-router serves it too): same relay.
+        self._generate: dict[str, Endpoint] = {
+            path: partial(self.openai.generate, endpoint=endpoint, path=path)
+            for path, endpoint in GENERATE_ROUTES.items()
+        }
         self.routes: dict[str, dict[str, Endpoint]] = {
-            # partials, not the chat()/completions() wrappers: one coroutine frame fewer
-            "/v1/chat/completions": {
-                "POST": partial(self.openai.generate, endpoint="chat", path="/v1/chat/completions")
-            },
-            "/v1/completions": {
-                "POST": partial(
-                    self.openai.generate, endpoint="completions", path="/v1/completions"
-                )
-            },
-            # SGLang's native API (sgl-router serves it too): same relay, SGLang body shape
-            "/generate": {
-                "POST": partial(self.openai.generate, endpoint="generate", path="/generate")
-            },
+            **{path: {"POST": handler} for path, handler in self._generate.items()},
             "/v1/models": {"GET": self.openai.models},
             "/health": {"GET": self.ops.health},
             "/metrics": {"GET": self.ops.metrics},
@@ -59,6 +89,17 @@ class App:
     def route(self, path: str, methods: dict[str, Endpoint]) -> None:
         """Add or extend a route (used by later API modules and SDK extensions)."""
         self.routes.setdefault(path, {}).update(methods)
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Wrap the generation routes in ``middleware`` too (innermost so far: added last, runs
+        last). The chains are built here, once, not looked up per request."""
+        self.middleware.append(middleware)
+        for path, handler in self._generate.items():
+            self.routes[path]["POST"] = with_middleware(handler, self.middleware)
+
+    def generate_handler(self, path: str) -> Endpoint:
+        """The handler of a generation route, middleware included (the SDK's in-process path)."""
+        return self.routes[path]["POST"]
 
     async def __call__(self, req: Request, responder: Responder) -> None:
         methods = self.routes.get(req.path)
