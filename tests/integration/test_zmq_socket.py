@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -59,6 +60,7 @@ from lmgw.protocol import (
     encode_frames,
     negotiate,
 )
+from lmgw.transport.tensors import pack_tensors, unpack_tensors
 from lmgw.transport.zmq import (
     ChannelState,
     PeerUnreachable,
@@ -367,7 +369,9 @@ class FakeWorker:
 
     prompt "hang": accept, never answer; "slow": a delta every 10 ms until aborted;
     "fail": an engine_error Failure; "busy": refused as overloaded;
-    anything else: ``max_tokens`` deltas then Finish.
+    anything else: ``max_tokens`` deltas then Finish. A Prefill with prompt "tensors" answers
+    with two arrays in payload frames. ``control``: a second ROUTER answering Heartbeat and
+    MetricsRequest only (named in the RegisterAck with ``ack_control``).
     """
 
     def __init__(
@@ -379,6 +383,8 @@ class FakeWorker:
         versions: tuple[int, int] = (1, PROTOCOL_VERSION),
         hwm: int = 1000,
         deaf_after_register: bool = False,
+        control: bool = False,
+        ack_control: bool = False,
     ) -> None:
         self.ctx = ctx
         self.bind = bind
@@ -386,6 +392,10 @@ class FakeWorker:
         self.versions = versions
         self.hwm = hwm
         self.deaf_after_register = deaf_after_register
+        self.control = control
+        self.ack_control = ack_control
+        self.control_endpoint: str | None = None
+        self.control_received: list[Message] = []
         self.endpoint = ""
         self.clients: set[bytes] = set()
         self.aborted: list[str] = []
@@ -396,10 +406,17 @@ class FakeWorker:
     async def run(
         self, *, task_status: trio.TaskStatus[FakeWorker] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        with self.scope, ZmqSocket.open(self.ctx, zmq.ROUTER, hwm=self.hwm) as sock:
+        with (
+            self.scope,
+            ZmqSocket.open(self.ctx, zmq.ROUTER, hwm=self.hwm) as sock,
+            ZmqSocket.open(self.ctx, zmq.ROUTER) as control,
+        ):
             self.sock = sock
             self.endpoint = sock.bind(self.bind)
             async with trio.open_nursery() as nursery:
+                if self.control:
+                    self.control_endpoint = control.bind("tcp://127.0.0.1:*")
+                    nursery.start_soon(self.control_reader, control)
                 task_status.started(self)
                 while True:
                     frames = await sock.recv_multipart()
@@ -412,6 +429,19 @@ class FakeWorker:
 
     def stop(self) -> None:
         self.scope.cancel()
+
+    async def control_reader(self, sock: ZmqSocket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            msg = decode_frames(frames, envelope=1).msg
+            self.control_received.append(msg)
+            if isinstance(msg, Heartbeat):
+                reply: Message = HeartbeatAck(msg.request_id, self.instance, in_flight=7)
+            elif isinstance(msg, MetricsRequest):
+                reply = Metrics(msg.request_id, {"answered_on_control": 1.0})
+            else:
+                reply = Failure.of(getattr(msg, "request_id", ""), FailureCode.UNSUPPORTED, "no")
+            await sock.send_multipart([frames[0], *encode_frames(reply)])
 
     async def send(self, ident: bytes, msg: Message) -> None:
         assert self.sock is not None
@@ -432,7 +462,14 @@ class FakeWorker:
                 return
             self.clients.add(ident)
             ack = RegisterAck(
-                msg.request_id, version, sorted(caps), "fake", self.instance, ["decode"], ["m"]
+                msg.request_id,
+                version,
+                sorted(caps),
+                "fake",
+                self.instance,
+                ["decode"],
+                ["m"],
+                control_endpoint=self.control_endpoint if self.ack_control else None,
             )
             await self.send(ident, ack)
             if self.deaf_after_register:
@@ -448,6 +485,11 @@ class FakeWorker:
             self.aborted.append(msg.request_id)
         elif isinstance(msg, MetricsRequest):
             await self.send(ident, Metrics(msg.request_id, {"vllm:num_requests_running": 1.0}))
+        elif isinstance(msg, Prefill) and msg.prompt == "tensors":
+            refs, frames = pack_tensors(TENSORS)
+            done = PrefillDone(msg.request_id, tensors=refs)
+            assert self.sock is not None
+            await self.sock.send_multipart([ident, *encode_frames(done, frames)])
         elif isinstance(msg, Prefill):
             await self.send(ident, PrefillDone(msg.request_id, {"remote_block_ids": [1, 2]}))
         elif isinstance(msg, Encode):
@@ -473,6 +515,9 @@ class FakeWorker:
                 return
             await self.send(ident, Delta(rid, i, "."))
             await trio.sleep(0.01)
+
+
+TENSORS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((2, 2), dtype=np.int64).T]
 
 
 def gen(rid: str, prompt: str = "hello", max_tokens: int = 3) -> Generate:
@@ -587,13 +632,20 @@ async def test_reply_timeout_is_typed_and_aborts(nursery: trio.Nursery, ctx: zmq
     assert info.value.code is FailureCode.TIMEOUT
     await until(lambda: "slowpoke" in worker.aborted)
     # the timeout bounds each wait, not the whole stream: a slow but steady stream lives on
-    async with chan.stream(gen("steady", prompt="slow"), timeout=0.5) as events:
+    async with chan.stream(gen("steady", prompt="slow"), timeout=BOUND) as events:
+        assert events.timeout == BOUND
+        events.timeout = 0.5  # e.g. a stall bound once the first event came
         seqs = []
         async for event in events:
             seqs.append(event.seq)
             if len(seqs) == 20:
                 break
     assert seqs == list(range(20))
+    async with chan.stream(gen("lowered", prompt="hang"), timeout=BOUND) as events:
+        events.timeout = 0.05
+        with trio.fail_after(BOUND), pytest.raises(RpcError) as info:
+            await events.__anext__()
+    assert info.value.code is FailureCode.TIMEOUT
     async with chan.stream(gen("shared", prompt="hang")) as events, trio.open_nursery() as n:
         n.start_soon(events.__anext__)
         await trio.testing.wait_all_tasks_blocked()
@@ -796,3 +848,151 @@ async def test_channel_close_fails_in_flight(ctx: zmq.Context) -> None:
         outer.cancel_scope.cancel()
     assert errors[0].code is FailureCode.UNAVAILABLE
     assert chan.state is ChannelState.CLOSED
+
+
+async def test_answers_received_before_the_worker_closed_are_not_lost(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    """With ``IMMEDIATE=1`` libzmq ends the DEALER's pipe when the connection drops and
+    discards what it received but the app had not read yet (measured: 50 of 50). A worker that
+    sends its last deltas, Finish and Exit and closes at once lost them all."""
+    router = ZmqSocket.open(ctx, zmq.ROUTER)
+    endpoint = router.bind("tcp://127.0.0.1:*")
+    n = 50
+
+    async def worker() -> None:
+        while True:
+            frames = await router.recv_multipart()
+            ident, msg = frames[0], decode_frames(frames, envelope=1).msg
+            if isinstance(msg, Register):
+                ack = RegisterAck(msg.request_id, 1, [], "w", "i1", ["decode"], ["m"])
+                await router.send_multipart(encode_frames(ack, envelope=[ident]))
+            elif isinstance(msg, Generate):
+                for i in range(n):
+                    await router.send_multipart(
+                        encode_frames(Delta(msg.request_id, i, f"{i} "), envelope=[ident])
+                    )
+                finish = Finish(msg.request_id, n, "length")
+                await router.send_multipart(encode_frames(finish, envelope=[ident]))
+                await router.send_multipart(encode_frames(Exit("done", 0), envelope=[ident]))
+                router.close(linger=5_000)
+                # Freeze the loop (deliberately blocking): the channel's reader cannot run
+                # until the messages have arrived and the connection has dropped.
+                time.sleep(0.3)
+                return
+
+    nursery.start_soon(worker)
+    notices: list[Message] = []
+    chan = await start_channel(
+        nursery, ctx, endpoint, heartbeat_timeout_s=2.0, on_notice=notices.append
+    )
+    got: list[Message] = []
+    with trio.fail_after(BOUND):
+        async with chan.stream(gen("last-words", max_tokens=n)) as events:
+            async for event in events:
+                got.append(event)
+    assert [type(m) for m in got] == [Delta] * n + [Finish]
+    assert "".join(m.text for m in got[:-1]) == "".join(f"{i} " for i in range(n))
+    await until(lambda: bool(notices))
+    assert notices == [Exit("done", 0)]
+    assert chan.state is ChannelState.LOST
+
+
+async def test_answer_payload_frames_reach_the_caller(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    """``call_with_payload`` and ``RpcStream.payload``: the frames an answer's ``tensors``
+    reference, decoded back to the worker's arrays."""
+    worker = await start_worker(nursery, ctx)
+    for copy in (True, False):
+        chan = await start_channel(nursery, ctx, worker.endpoint, recv_copy=copy)
+        done, frames = await chan.call_with_payload(Prefill(f"t{copy}", "m", prompt="tensors"))
+        assert isinstance(done, PrefillDone) and len(done.tensors) == len(frames) == 2
+        for got, want in zip(unpack_tensors(done.tensors, frames), TENSORS, strict=True):
+            np.testing.assert_array_equal(got, want)
+        async with chan.stream(Prefill(f"s{copy}", "m", prompt="tensors")) as events:
+            assert events.payload == []
+            async for event in events:
+                assert isinstance(event, PrefillDone)
+                assert [bytes(f) for f in events.payload] == [bytes(f) for f in frames]
+        async with chan.stream(gen(f"g{copy}", max_tokens=2)) as events:
+            async for _ in events:
+                assert events.payload == []  # answers without payload have none
+        # the one-answer API is unchanged
+        assert await chan.call(Prefill(f"c{copy}", "m", prompt="x")) == PrefillDone(
+            f"c{copy}", {"remote_block_ids": [1, 2]}
+        )
+
+
+async def test_no_worker_is_a_clear_error_not_a_queue(
+    nursery: trio.Nursery, ctx: zmq.Context, tmp_path
+) -> None:
+    """Without IMMEDIATE a DEALER would queue for a worker that is not there; the connection
+    state (socket monitor) refuses instead, at once and unsent, and nothing piles up."""
+    endpoint = f"ipc://{tmp_path}/later.sock"
+    chan = await start_channel(nursery, ctx, endpoint, ready=False, ready_timeout_s=0.1)
+    with pytest.raises(RpcError) as info, trio.fail_after(BOUND):
+        await chan.call(gen("nobody"))
+    assert (info.value.code, info.value.sent) == (FailureCode.UNAVAILABLE, False)
+    stats = chan.statistics()
+    assert stats["connected"] is False and stats["sent"] == 0  # not even a Register queued
+    worker = await start_worker(nursery, ctx, endpoint)
+    await until(lambda: chan.state is ChannelState.READY, BOUND)
+    text, _ = await collect(chan, gen("finally", max_tokens=1))
+    assert text == "finally/0 "
+    assert [type(m) for m in worker.received].count(Register) == 1
+
+
+async def test_heartbeats_and_metrics_use_the_control_endpoint(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    worker = await start_worker(nursery, ctx, control=True)
+    chan = await start_channel(
+        nursery, ctx, worker.endpoint, control_endpoint=worker.control_endpoint
+    )
+    await until(lambda: chan.statistics()["control_acks"] >= 3)
+    assert chan.peer_load is not None and chan.peer_load.in_flight == 7  # the control's ack
+    assert await chan.metrics() == {"answered_on_control": 1.0}
+    assert not [m for m in worker.received if isinstance(m, Heartbeat | MetricsRequest)]
+    assert {type(m) for m in worker.control_received} == {Heartbeat, MetricsRequest}
+    text, _ = await collect(chan, gen("data", max_tokens=1))  # data still on the data socket
+    assert text == "data/0 "
+
+
+async def test_control_acks_keep_a_stuck_data_connection_alive(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    """A worker whose data connection is stuck (here: it stopped reading it) but whose control
+    endpoint answers is alive: heartbeat acks there count, as the worker library intends."""
+    worker = await start_worker(nursery, ctx, control=True, deaf_after_register=True)
+    chan = await start_channel(
+        nursery,
+        ctx,
+        worker.endpoint,
+        control_endpoint=worker.control_endpoint,
+        heartbeat_interval_s=0.02,
+        heartbeat_timeout_s=0.2,
+    )
+    # 30 acks, one per tick, span well over the 0.2 s heartbeat timeout
+    await until(lambda: chan.statistics()["control_acks"] >= 30, BOUND)
+    assert chan.state is ChannelState.READY
+
+
+async def test_control_endpoint_named_in_the_register_ack(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    worker = await start_worker(nursery, ctx, control=True, ack_control=True)
+    plain = await start_channel(nursery, ctx, worker.endpoint)  # not asked to: no control
+    chan = await start_channel(nursery, ctx, worker.endpoint, control_from_ack=True)
+    await until(lambda: chan.statistics()["control_acks"] >= 2)
+    assert chan.control_endpoint == worker.control_endpoint
+    assert plain.control_endpoint is None and plain.statistics()["control_acks"] == 0
+
+
+def test_control_endpoint_wildcard_host_is_the_data_host() -> None:
+    from lmgw.transport.zmq.channel import _resolve_control
+
+    assert _resolve_control("tcp://0.0.0.0:7001", "tcp://10.0.0.5:7000") == "tcp://10.0.0.5:7001"
+    assert _resolve_control("tcp://[::]:7001", "tcp://[fd00::5]:7000") == "tcp://[fd00::5]:7001"
+    assert _resolve_control("tcp://10.0.0.9:7001", "tcp://10.0.0.5:7000") == "tcp://10.0.0.9:7001"
+    assert _resolve_control("ipc:///run/w-ctl", "ipc:///run/w") == "ipc:///run/w-ctl"

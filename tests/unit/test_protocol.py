@@ -7,7 +7,10 @@ Properties (hypothesis):
 * arbitrary frames, arbitrary bytes after a valid prefix, and every truncation / bit flip of a
   valid header give a message or ProtocolError, never another exception;
 * registration picks the highest common version and the common capabilities, or refuses with
-  UNSUPPORTED_VERSION.
+  UNSUPPORTED_VERSION;
+* fields added later (``RegisterAck.control_endpoint``, ``tensors`` on PrefillDone/EncodeDone,
+  ``TensorRef.shm``, ``Announce``) decode from what older peers send, and shared-memory
+  handles are the transport's own wire shape.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from lmgw.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
     TO_GATEWAY,
+    TO_REGISTRY,
     TO_WORKER,
     Abort,
+    Announce,
     Delta,
     Drain,
     Encode,
@@ -45,6 +50,7 @@ from lmgw.protocol import (
     Register,
     RegisterAck,
     SamplingParams,
+    ShmHandle,
     TensorRef,
     Token,
     Usage,
@@ -54,6 +60,7 @@ from lmgw.protocol import (
     negotiate,
     request_id_of,
 )
+from lmgw.worker import decode_announce, encode_announce
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -88,6 +95,11 @@ params = st.builds(
 )
 
 
+shm_handles = st.builds(
+    ShmHandle, st.text(min_size=1, max_size=30), counts, st.binary(max_size=24), counts
+)
+
+
 @st.composite
 def tensors_and_media(draw: st.DrawFn) -> tuple[list[TensorRef], list[MediaItem], int]:
     """Tensor refs pointing into ``n`` payload frames, media pointing into the refs."""
@@ -95,7 +107,12 @@ def tensors_and_media(draw: st.DrawFn) -> tuple[list[TensorRef], list[MediaItem]
     refs = (
         draw(
             st.lists(
-                st.builds(TensorRef, st.integers(0, max(n - 1, 0)), st.binary(max_size=16)),
+                st.builds(
+                    TensorRef,
+                    st.integers(0, max(n - 1, 0)),
+                    st.binary(max_size=16),
+                    st.none() | shm_handles,
+                ),
                 max_size=n,
             )
         )
@@ -158,6 +175,7 @@ def messages(draw: st.DrawFn) -> tuple[object, int]:
             ["prefill"],
             ["m"],
             draw(counts),
+            draw(st.none() | st.text(min_size=1, max_size=30)),
         ),
         lambda: delta_msg(rid, draw),
         lambda: Finish(
@@ -168,13 +186,26 @@ def messages(draw: st.DrawFn) -> tuple[object, int]:
             draw(usage),
             draw(kv_params),
         ),
-        lambda: PrefillDone(rid, draw(kv_params), draw(usage), draw(small_ints)),
-        lambda: EncodeDone(rid, draw(st.lists(names, max_size=3)), draw(kv_params)),
+        lambda: PrefillDone(rid, draw(kv_params), draw(usage), draw(small_ints), refs),
+        lambda: EncodeDone(rid, draw(st.lists(names, max_size=3)), draw(kv_params), refs),
         lambda: HeartbeatAck(rid, draw(names), draw(counts), draw(counts), draw(st.booleans())),
         lambda: Metrics(rid, draw(st.dictionaries(names, floats, max_size=4))),
         lambda: Failure.of(rid, draw(st.sampled_from(list(FailureCode))), draw(names)),
         lambda: Drain(draw(names), draw(floats)),
         lambda: Exit(draw(names), draw(counts)),
+        lambda: Announce(
+            draw(names),
+            draw(names),
+            draw(st.text(min_size=1, max_size=30)),
+            draw(st.none() | st.text(min_size=1, max_size=30)),
+            draw(st.lists(names, max_size=2)),
+            draw(st.lists(names, max_size=2)),
+            1,
+            draw(st.integers(1, 9)),
+            draw(counts),
+            draw(floats),
+            draw(st.sampled_from(["up", "draining", "leaving"])),
+        ),
     ]
     msg = draw(st.sampled_from(choices))()
     needs = n if getattr(msg, "tensors", None) else 0
@@ -217,9 +248,10 @@ def test_round_trip(
 
 
 def test_directions_partition_the_message_set() -> None:
-    assert not (TO_WORKER & TO_GATEWAY)
+    assert not (TO_WORKER & TO_GATEWAY) and not (TO_REGISTRY & (TO_WORKER | TO_GATEWAY))
     assert Generate in TO_WORKER and Abort in TO_WORKER and Register in TO_WORKER
     assert Finish in TO_GATEWAY and Failure in TO_GATEWAY and Exit in TO_GATEWAY
+    assert {Announce} == TO_REGISTRY
 
 
 def test_request_ids_correlate() -> None:
@@ -247,6 +279,60 @@ def test_newer_peer_trailing_fields_are_skipped() -> None:
     body = msgspec.msgpack.encode([21, "hb-1", "inst", 3, 1, False, "a future field"])
     ack = decode_header(MAGIC + bytes([FRAMING_VERSION]) + body)
     assert ack == HeartbeatAck("hb-1", "inst", 3, 1, False)
+
+
+def test_fields_added_later_decode_from_older_peers() -> None:
+    """What a peer built before these fields sends still decodes, to the defaults."""
+    prefix = MAGIC + bytes([FRAMING_VERSION])
+    old_ack = [16, "reg-1", 1, ["stream"], "w", "inst", ["decode"], ["m"], 64]
+    ack = decode_header(prefix + msgspec.msgpack.encode(old_ack))
+    assert isinstance(ack, RegisterAck) and ack.control_endpoint is None
+    assert decode_header(prefix + msgspec.msgpack.encode([19, "p1"])) == PrefillDone("p1")
+    assert decode_header(prefix + msgspec.msgpack.encode([20, "e1", ["h"]])).tensors == []
+    params = msgspec.msgpack.decode(msgspec.msgpack.encode(SamplingParams()))
+    old_ref = prefix + msgspec.msgpack.encode(
+        [2, "r", "m", "p", None, params, [], None, None, [[0, b"h"]]]
+    )
+    assert decode_frames([old_ref, b"x"]).msg.tensors == [TensorRef(0, b"h", None)]
+    # the announcement the worker library sent before Announce joined the union
+    body = [26, "p-1", "i1", "tcp://10.0.0.5:7000", None, ["prefill"], ["m"], 1, 1, 256, 2.0]
+    _, announce = decode_announce([b"peer", prefix + msgspec.msgpack.encode([*body, "up"])])
+    expect = Announce("p-1", "i1", "tcp://10.0.0.5:7000", None, ["prefill"], ["m"], 1, 1, 256)
+    assert announce == expect
+
+
+def test_announce_decoder_takes_only_announcements() -> None:
+    frame = encode_announce(Announce("w", "i", "tcp://h:1", state="leaving"))
+    assert decode_announce([b"id", frame])[1].state == "leaving"
+    for frames in (
+        [b"id", bytes(encode_frames(Heartbeat("h"))[0])],  # a session message
+        [b"id", frame, b"payload"],  # an announcement is one frame
+        [b"id", b"LGW\x01\x93\x1a\xa1w"],  # an Announce without its endpoint
+        [frame],
+    ):
+        with pytest.raises(ProtocolError):
+            decode_announce(frames)
+
+
+def test_shm_handles_are_the_transports_wire_shape(tmp_path) -> None:
+    """``TensorRef.shm`` carries ``lmgw.transport.shm``'s handle byte for byte, and the
+    decoded handle maps the tensor; a shm ref needs no payload frame."""
+    np = pytest.importorskip("numpy")
+    from lmgw.transport import shm
+
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with shm.ShmPool(directory=str(tmp_path)) as pool:
+        handle = pool.put(array)
+        ours = ShmHandle(handle.name, handle.size, handle.header, handle.generation)
+        assert msgspec.msgpack.encode(handle) == msgspec.msgpack.encode(ours)
+        done = PrefillDone("p1", tensors=[TensorRef(0, shm=handle)])  # no frame at all
+        got = decode_frames(encode_frames(done)).msg
+        assert isinstance(got, PrefillDone) and got.tensors[0].shm == ours
+        mapped, close = shm.from_shm(got.tensors[0].shm, directory=str(tmp_path))
+        assert (mapped == array).all()
+        del mapped
+        close()
+    assert "tensor_shm" in CAPABILITIES
 
 
 # -- malformed input --------------------------------------------------------------------------

@@ -15,7 +15,11 @@ Framing of one ZeroMQ multipart message::
 ``header`` is ``MAGIC`` + the framing version byte + the msgpack of one :data:`Message`.
 ``payload`` frames are opaque bytes referenced by index from a message's ``tensors`` list
 (:class:`TensorRef`), so large arrays never pass through msgpack and can be sent with
-``copy=False``. Tensor encoding itself is left to ``_fast/tensorframe``.
+``copy=False``. Tensor encoding itself is left to ``_fast/tensorframe``; a tensor in shared
+memory travels as a :class:`ShmHandle` inside its ``TensorRef`` instead of a frame.
+
+:class:`Announce` (worker -> a gateway's registration endpoint) shares the framing and the
+union, so one decoder reads everything; it never travels on a session's sockets.
 
 Compatibility rules: tags and field order never change; new fields are appended with defaults
 (old decoders skip trailing extras); the message-set version and the optional features are
@@ -32,6 +36,7 @@ from typing import Annotated, Any, NamedTuple, Union
 import msgspec
 
 __all__ = [
+    "ANNOUNCE_STATES",
     "CAPABILITIES",
     "FRAMING_VERSION",
     "MAGIC",
@@ -40,8 +45,10 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RETRYABLE_CODES",
     "TO_GATEWAY",
+    "TO_REGISTRY",
     "TO_WORKER",
     "Abort",
+    "Announce",
     "Delta",
     "Drain",
     "Encode",
@@ -64,6 +71,7 @@ __all__ = [
     "Register",
     "RegisterAck",
     "SamplingParams",
+    "ShmHandle",
     "TensorRef",
     "Token",
     "Usage",
@@ -86,7 +94,17 @@ MIN_PROTOCOL_VERSION = 1
 """The oldest message-set version this build still accepts."""
 
 CAPABILITIES: frozenset[str] = frozenset(
-    {"stream", "prefill", "encode", "abort", "metrics", "drain", "tensor_frames", "logprobs"}
+    {
+        "stream",
+        "prefill",
+        "encode",
+        "abort",
+        "metrics",
+        "drain",
+        "tensor_frames",
+        "tensor_shm",  # TensorRef.shm: the array is in a same-host shared-memory segment
+        "logprobs",
+    }
 )
 """Optional features this build understands; a session uses the intersection of both sides."""
 
@@ -96,6 +114,7 @@ MAX_REQUEST_ID = 512
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
+Endpoint = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -148,12 +167,28 @@ class ProtocolError(Exception):
 # -- building blocks --------------------------------------------------------------------------
 
 
+class ShmHandle(msgspec.Struct, frozen=True, array_like=True):
+    """A tensor in a shared-memory segment on the same host (``lmgw.transport.shm``): the
+    segment, the data size, the tensor-frame header, and the segment's generation when written.
+
+    The wire shape of ``lmgw.transport.shm.ShmHandle`` (same fields, same order; either
+    encodes to the same bytes, and ``from_shm`` reads this one). Defined here so the protocol
+    needs no numpy; ``from_shm`` checks the name and everything else before mapping."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    size: Count
+    header: bytes
+    generation: Count = 0
+
+
 class TensorRef(msgspec.Struct, frozen=True, array_like=True):
-    """A payload frame carrying an array. ``frame`` indexes the frames after the header;
-    ``header`` is a small opaque description (dtype, shape, layout) owned by tensorframe."""
+    """An array. ``frame`` indexes the payload frames after the header; ``header`` is a small
+    opaque description (dtype, shape, layout) owned by tensorframe. With ``shm`` (capability
+    ``tensor_shm``), the array is in that segment instead and ``frame`` is ignored (0)."""
 
     frame: Count
     header: bytes = b""
+    shm: ShmHandle | None = None
 
 
 class MediaItem(msgspec.Struct, frozen=True, array_like=True):
@@ -284,6 +319,7 @@ class RegisterAck(Message, tag=16):
     roles: list[Name] = []
     models: list[Name] = []
     max_inflight: Count = 0  # 0: no stated limit
+    control_endpoint: Endpoint | None = None  # the control ROUTER (heartbeats, metrics)
 
 
 class Delta(Message, tag=17):
@@ -309,20 +345,24 @@ class Finish(Message, tag=18):
 
 
 class PrefillDone(Message, tag=19):
-    """Worker -> gateway: prefill finished; ``kv_transfer_params`` is the hand-off for D."""
+    """Worker -> gateway: prefill finished; ``kv_transfer_params`` is the hand-off for D;
+    ``tensors`` reference payload frames (KV blocks sent through the gateway)."""
 
     request_id: RequestId
     kv_transfer_params: dict[str, Any] | None = None
     usage: Usage = Usage()
     first_token_ids: list[int] = []
+    tensors: list[TensorRef] = []
 
 
 class EncodeDone(Message, tag=20):
-    """Worker -> gateway: encoder outputs stored; one hash per input item."""
+    """Worker -> gateway: encoder outputs stored; one hash per input item; ``tensors``
+    reference the embeddings in the payload frames, when the worker sends them."""
 
     request_id: RequestId
     mm_hashes: list[Name] = []
     ec_transfer_params: dict[str, Any] | None = None
+    tensors: list[TensorRef] = []
 
 
 class HeartbeatAck(Message, tag=21):
@@ -374,6 +414,27 @@ class Exit(Message, tag=25):
     in_flight: Count = 0
 
 
+ANNOUNCE_STATES = ("up", "draining", "leaving")
+
+
+class Announce(Message, tag=26):
+    """Worker -> a gateway's registration endpoint (not a session): "I am here, reach me at
+    ``endpoint``". Sent every ``interval_s``, at once on a drain, and as ``leaving`` on the
+    way out; never answered. Silence for ~3 intervals means the worker is gone."""
+
+    worker_id: Name
+    instance: Name  # changes at every start: a new value means the worker restarted
+    endpoint: Endpoint  # the data ROUTER, as reachable from the gateway
+    control_endpoint: Endpoint | None = None  # heartbeats and metrics (never behind data)
+    roles: list[Name] = []
+    models: list[Name] = []
+    min_version: Count = 1
+    max_version: Count = 1
+    max_inflight: Count = 0
+    interval_s: float = 2.0  # the next announcement comes within this
+    state: Name = "up"  # "up" | "draining" | "leaving"
+
+
 _ALL = (
     Register,
     Generate,
@@ -392,11 +453,14 @@ _ALL = (
     Failure,
     Drain,
     Exit,
+    Announce,
 )
 TO_WORKER: frozenset[type[Message]] = frozenset(_ALL[:7])
 """Messages a gateway sends and a worker accepts."""
-TO_GATEWAY: frozenset[type[Message]] = frozenset(_ALL[7:])
-"""Messages a worker sends and a gateway accepts."""
+TO_GATEWAY: frozenset[type[Message]] = frozenset(_ALL[7:17])
+"""Messages a worker sends and a gateway's session (``RpcChannel``) accepts."""
+TO_REGISTRY: frozenset[type[Message]] = frozenset(_ALL[17:])
+"""Messages a worker sends to a gateway's registration endpoint (not on a session)."""
 
 AnyMessage = Union[_ALL]  # noqa: UP007 (a runtime tuple of types)
 
@@ -468,7 +532,7 @@ def decode_frames(frames: Sequence[Any], envelope: int = 0) -> Incoming:
     if refs:
         n = len(payload)
         for ref in refs:
-            if ref.frame >= n:
+            if ref.frame >= n and ref.shm is None:
                 raise ProtocolError(f"tensor frame {ref.frame} missing ({n} payload frames)")
     media = getattr(msg, "media", None)
     if media:

@@ -13,9 +13,9 @@ Design (docs/native-protocol.md, "Worker side"): discovery and sessions are sepa
    for a worker configured statically. So one code path serves both, a worker never opens
    sockets to addresses found in requests (seed weakness 19), and announcing is optional.
 
-Wire format: the standard framing (``b"LGW" + framing byte + msgpack array``) with tag 26, so
-the message can move into :mod:`lmgw.protocol.messages`' union unchanged. Until it does, the
-registration endpoint decodes it with :func:`decode_announce`.
+Wire format: :class:`~lmgw.protocol.messages.Announce` (tag 26) in the standard framing;
+:mod:`lmgw.protocol.messages` is its one definition. :func:`decode_announce` is the
+registration endpoint's decoder: the shared codec, plus "exactly one frame, and an Announce".
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import trio
 import zmq
 
-from ..protocol.messages import FRAMING_VERSION, MAGIC, ProtocolError
+from ..protocol.messages import Announce, ProtocolError, decode_frames, encode_header
 
 __all__ = [
     "ANNOUNCE_TAG",
@@ -44,51 +44,23 @@ __all__ = [
 log = logging.getLogger("lmgw.worker")
 
 ANNOUNCE_TAG = 26
-"""The tag :class:`Announce` takes (the next free one after ``Exit``'s 25)."""
-_PREFIX = MAGIC + bytes([FRAMING_VERSION])
-_Name = Annotated[str, msgspec.Meta(max_length=256)]
-_Endpoint = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
-_Count = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class Announce(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag=ANNOUNCE_TAG):
-    """Worker -> gateway registration endpoint: "I am here, reach me at ``endpoint``"."""
-
-    worker_id: _Name
-    instance: _Name  # changes at every start: a new value means the worker restarted
-    endpoint: _Endpoint  # the data ROUTER, as reachable from the gateway
-    control_endpoint: str | None = None  # heartbeats and metrics (never behind data)
-    roles: list[_Name] = []
-    models: list[_Name] = []
-    min_version: _Count = 1
-    max_version: _Count = 1
-    max_inflight: _Count = 0
-    interval_s: float = 2.0  # the next announce comes within this; expire after ~3 of them
-    state: _Name = "up"  # "up" | "draining" | "leaving"
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Announce)
+"""The tag :class:`Announce` takes in the message union."""
 
 
 def encode_announce(msg: Announce) -> bytearray:
     """The one frame of an announcement (a DEALER sends it as is)."""
-    buf = bytearray(_PREFIX)
-    _encoder.encode_into(msg, buf, len(_PREFIX))
-    return buf
+    return encode_header(msg)
 
 
 def decode_announce(frames: Sequence[Any], envelope: int = 1) -> tuple[list[Any], Announce]:
-    """``(envelope, announce)`` from a registration ROUTER's frames. Raises ProtocolError."""
+    """``(envelope, announce)`` from a registration ROUTER's frames. Raises ProtocolError
+    (and nothing else) for anything but one well-formed Announce frame."""
     if len(frames) != envelope + 1:
         raise ProtocolError(f"an announcement is one frame after {envelope} of envelope")
-    view = memoryview(frames[envelope])
-    if view[: len(_PREFIX)] != _PREFIX:
-        raise ProtocolError("not an lmgw announcement (bad magic or framing version)")
-    try:
-        return list(frames[:envelope]), _decoder.decode(view[len(_PREFIX) :])
-    except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ProtocolError(f"malformed announcement: {exc}") from None
+    incoming = decode_frames(frames, envelope)
+    if type(incoming.msg) is not Announce:
+        raise ProtocolError(f"a {type(incoming.msg).__name__} is not an announcement")
+    return incoming.envelope, incoming.msg
 
 
 def advertised_endpoint(bound: str, gateway: str | None = None) -> str:

@@ -445,6 +445,7 @@ class WorkerServer:
             [ROLE_NAMES[engine.role]],
             list(engine.models),
             self.max_inflight,
+            self.control_endpoint,  # as bound: a gateway puts its own host for a wildcard
         )
         self._reply(sock, peer, ack)
         if self.draining:  # a gateway that (re)connects during a drain learns it at once

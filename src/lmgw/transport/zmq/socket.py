@@ -248,6 +248,11 @@ class ZmqSocket:
                     return frames
         raise ReceiveTimeout(f"nothing received within {timeout:g}s")
 
+    def try_recv_multipart(self, *, copy: bool = True) -> list | None:
+        """Receive one message if one is queued, else None. Never waits and never yields, so
+        a caller holds nothing received across a checkpoint unless it chooses to."""
+        return self._try_recv(copy)
+
     def _try_recv(self, copy: bool) -> list | None:
         if self._closed:
             raise trio.ClosedResourceError("the zmq socket was closed")
