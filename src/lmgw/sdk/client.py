@@ -21,6 +21,7 @@ from __future__ import annotations
 import select
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -41,13 +42,23 @@ from .types import (
     encode_request,
 )
 
-__all__ = ["Client"]
+__all__ = ["Client", "ClientStats"]
 
 _encode = msgspec.json.encode
 _now = time.monotonic
 #: an idle connection that is readable (EOF or stray bytes) or hung up is not reused
 _POLL_CLOSED = select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _READ = 65536
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Connection counters (a snapshot from :meth:`Client.statistics`)."""
+
+    connects: int = 0
+    reuses: int = 0
+    closed: int = 0
+    idle: int = 0
 
 
 class _Conn:
@@ -138,6 +149,7 @@ class Client:
             self._admin_headers.append((b"authorization", b"Bearer " + admin_token.encode()))
         self._idle: list[_Conn] = []
         self._closed = False
+        self._stats = ClientStats()
 
     async def __aenter__(self) -> Client:
         return self
@@ -150,10 +162,18 @@ class Client:
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await anyio.aclose_forcefully(conn.stream)
+            await self._discard(conn)
+
+    def statistics(self) -> ClientStats:
+        """Connections opened, reused and closed so far, and idle now."""
+        return replace(self._stats, idle=len(self._idle))
 
     def __repr__(self) -> str:
-        return f"<Client {self.base_url} idle={len(self._idle)}>"
+        s = self._stats
+        return (
+            f"<Client {self.base_url} idle={len(self._idle)} connects={s.connects}"
+            f" reuses={s.reuses}>"
+        )
 
     # -- the OpenAI API ---------------------------------------------------------------------
     async def chat(
@@ -405,8 +425,9 @@ class Client:
         while idle:
             conn = idle.pop()  # LIFO: the warmest socket
             if now - conn.idle_since < self.idle_timeout_s and not conn.peer_closed():
+                self._stats.reuses += 1
                 return conn
-            await anyio.aclose_forcefully(conn.stream)
+            await self._discard(conn)
         try:
             with anyio.fail_after(self.connect_timeout):
                 stream = await anyio.connect_tcp(
@@ -418,6 +439,7 @@ class Client:
             ) from None
         except (OSError, ExceptionGroup) as exc:  # several addresses: a group of OSErrors
             raise APIConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
+        self._stats.connects += 1
         return _Conn(stream)
 
     async def _release(self, conn: _Conn) -> None:
@@ -430,6 +452,7 @@ class Client:
         self._idle.append(conn)
 
     async def _discard(self, conn: _Conn) -> None:
+        self._stats.closed += 1
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(conn.stream)
 

@@ -1,0 +1,606 @@
+"""The SDK (issue 9): ``lmgw.Gateway`` in-process, ``lmgw.aio.Gateway`` (the asyncio bridge) and
+``lmgw.Client`` over HTTP, against simulated workers.
+
+Every behavioural scenario runs twice: under trio (pytest-trio, ``lmgw.Gateway`` and the Client
+on trio) and under asyncio (``asyncio.run`` in a plain test, ``lmgw.aio.Gateway`` and the Client
+on asyncio). Scenarios are written with anyio primitives so one body serves both. The simulated
+workers run on a trio thread of their own, shared by the module: ``fast`` (no delays), ``slow``
+(the realistic timing model: ~10 ms per token, so a long stream is still running when a test
+cancels it) and ``faulty`` (drops the connection at token 3).
+
+All waits are bounded (``anyio.fail_after``); nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import math
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+import trio
+from gateway_support import free_port_url
+
+import lmgw
+import lmgw.aio
+from lmgw.routing.policy import Policy
+from lmgw.sdk.aio import _END, _EventPipe
+from lmgw.simulators import SimWorker, WorkerOptions, serve_worker_inprocess
+from lmgw.simulators.faults import Faults
+
+MODEL = "sim-model"
+HI = [{"role": "user", "content": "Say something about gateways."}]
+LONG = {"max_tokens": 4000, "ignore_eos": True}  # outlives any test on the slow worker
+
+
+# -- simulated workers on their own trio thread ----------------------------------------------------
+
+
+class SimThread:
+    """Simulated workers served by ``trio.run`` on a thread (usable from trio and asyncio tests
+    alike); ``urls[name]`` and ``sims[name]`` (the :class:`SimWorker`, for its stats)."""
+
+    def __init__(self, options: dict[str, WorkerOptions]) -> None:
+        self.options = options
+        self.urls: dict[str, str] = {}
+        self.sims: dict[str, SimWorker] = {}
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="sims", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for name, opts in self.options.items():
+                self.sims[name] = sim = SimWorker(opts)
+                self.urls[name] = await nursery.start(serve_worker_inprocess, sim)
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def __enter__(self) -> SimThread:
+        self._thread.start()
+        assert self._ready.wait(60), "simulated workers did not start"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None and self._stop is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stop.set)
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+    def aborted(self, name: str) -> set[str]:
+        """Request ids the worker saw abandoned by the gateway (an abort reached it)."""
+        return {a["request_id"] for a in list(self.sims[name].stats.aborted)}
+
+    def seen(self, name: str) -> set[str]:
+        return set(list(self.sims[name].stats.request_ids))
+
+
+@pytest.fixture(scope="module")
+def sims() -> Any:
+    with SimThread(
+        {
+            "fast": WorkerOptions(model=MODEL, speed=math.inf),
+            "slow": WorkerOptions(model=MODEL, speed=1.0),
+            "faulty": WorkerOptions(model=MODEL, speed=math.inf, faults=Faults(drop_at_token=3)),
+        }
+    ) as fleet:
+        yield fleet
+
+
+# -- the two flavors -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    Gateway: Any  # lmgw.Gateway or lmgw.aio.Gateway
+
+
+TRIO = Flavor("trio", lmgw.Gateway)
+ASYNCIO = Flavor("asyncio", lmgw.aio.Gateway)
+
+Scenario = Callable[[Flavor, SimThread], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(fn: Scenario) -> Scenario:
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+async def maybe(value: Any) -> Any:
+    """``add_worker`` is synchronous on the trio gateway, a coroutine on the asyncio one."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"still waiting for {what} after {timeout:g} s") from None
+
+
+def bare(result: Any) -> Any:
+    """A result or event without what differs between two answers to the same request: the
+    id, the time, and the prefix-cache hits (the worker caches the first one's prompt)."""
+    if isinstance(result, list):
+        return [bare(r) for r in result]
+    if isinstance(result, lmgw.UsageEvent):
+        return msgspec.structs.replace(result, usage=bare(result.usage))
+    if isinstance(result, lmgw.Usage):
+        return msgspec.structs.replace(result, prompt_tokens_details=None)
+    if isinstance(result, lmgw.ChatResult | lmgw.CompletionResult):
+        usage = bare(result.usage) if result.usage is not None else None
+        return msgspec.structs.replace(result, id="", created=0, usage=usage)
+    return result
+
+
+def in_flight(gw: Any, worker_id: str) -> int:
+    return next(w["in_flight"] for w in gw.workers if w["id"] == worker_id)
+
+
+async def collect(stream: Any) -> list[Any]:
+    async with aclosing(stream) as events:
+        return [e async for e in events]
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(e.text for e in events if isinstance(e, lmgw.ContentDelta))
+
+
+# -- scenarios (each runs under trio and under asyncio) --------------------------------------------
+
+
+@scenario
+async def answers_equal_http(flavor: Flavor, sims: SimThread) -> None:
+    """chat / complete / both streams in-process equal the same requests over HTTP (served by
+    the same gateway), and the non-streamed chat equals the raw JSON the HTTP API returns."""
+    async with flavor.Gateway(workers=[sims.urls["fast"]]) as gw:
+        port = await gw.serve(port=0)
+        assert gw.url == f"http://127.0.0.1:{port}"
+        local = await gw.chat(model=MODEL, messages=HI, max_tokens=12)
+        assert isinstance(local, lmgw.ChatResult)
+        assert local.text and local.usage is not None and local.usage.completion_tokens == 12
+        usage_opts = {"stream_options": {"include_usage": True}}
+        async with lmgw.Client(gw.url) as client:
+            assert bare(await client.chat(model=MODEL, messages=HI, max_tokens=12)) == bare(local)
+            local_c = await gw.complete(model=MODEL, prompt="Once upon a time", max_tokens=9)
+            remote_c = await client.complete(model=MODEL, prompt="Once upon a time", max_tokens=9)
+            assert isinstance(local_c, lmgw.CompletionResult) and local_c.text
+            assert bare(remote_c) == bare(local_c)
+
+            events = await collect(
+                gw.chat_stream(model=MODEL, messages=HI, max_tokens=12, **usage_opts)
+            )
+            assert bare(events) == bare(
+                await collect(
+                    client.chat_stream(model=MODEL, messages=HI, max_tokens=12, **usage_opts)
+                )
+            )
+            assert text_of(events) == local.text
+            assert isinstance(events[-2], lmgw.Finish) and events[-2].reason == "length"
+            assert isinstance(events[-1], lmgw.UsageEvent)
+            assert bare(events[-1].usage) == bare(local.usage)
+
+            c_events = await collect(
+                gw.complete_stream(model=MODEL, prompt="Once upon", max_tokens=5)
+            )
+            assert c_events == await collect(
+                client.complete_stream(model=MODEL, prompt="Once upon", max_tokens=5)
+            )
+            assert sum(isinstance(e, lmgw.ContentDelta) for e in c_events) == 5
+
+            assert await gw.models() == await client.models()
+            assert [m.id for m in await gw.models()] == [MODEL]
+            tokens = await gw.tokenize(model=MODEL, prompt="hello gateway")
+            assert tokens == await client.tokenize(model=MODEL, prompt="hello gateway")
+            assert tokens.count == len(tokens.tokens) > 0
+            stats = client.statistics()
+            assert stats.connects == 1 and stats.reuses == 5, stats  # one kept-alive connection
+
+        body = msgspec.json.encode({"model": MODEL, "messages": HI, "max_tokens": 12})
+        raw = await anyio.to_thread.run_sync(_post_json, gw.url + "/v1/chat/completions", body)
+        choice = raw["choices"][0]
+        assert choice["message"]["content"] == local.text
+        assert choice["finish_reason"] == local.choices[0].finish_reason
+        assert bare(msgspec.convert(raw["usage"], lmgw.Usage)) == bare(local.usage)
+
+
+def _post_json(url: str, body: bytes) -> Any:
+    req = urllib.request.Request(url, body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return msgspec.json.decode(resp.read())
+
+
+@scenario
+async def errors_are_typed(flavor: Flavor, sims: SimThread) -> None:
+    """The HTTP API's errors raise the same typed exceptions in-process and over HTTP."""
+    async with flavor.Gateway(workers=[sims.urls["fast"]]) as gw:
+        await gw.serve()
+        async with lmgw.Client(gw.url) as client:
+            for make in (gw, client):
+                with pytest.raises(lmgw.NotFound) as info:
+                    await make.chat(model="no-such-model", messages=HI)
+                assert info.value.status == 404 and info.value.param == "model"
+                assert info.value.request_id  # the gateway's X-Request-Id comes back
+                with pytest.raises(lmgw.BadRequest) as info:
+                    await make.chat(model=MODEL, messages=HI, n=0)
+                assert info.value.param == "n"
+                with pytest.raises(lmgw.BadRequest) as info:
+                    await collect(make.chat_stream(model=MODEL, messages=[]))
+                assert info.value.param == "messages"
+                with pytest.raises(TypeError):
+                    await make.chat(model=MODEL, messages=HI, stream=True)
+
+    # no healthy worker: 503
+    async with flavor.Gateway(workers=[free_port_url()]) as gw:
+        with pytest.raises(lmgw.ServiceUnavailable):
+            await gw.chat(model=MODEL, messages=HI)
+        with pytest.raises(lmgw.ServiceUnavailable):
+            await collect(gw.chat_stream(model=MODEL, messages=HI))
+
+    # a worker that breaks mid-stream (no migration): the events before it, then BadGateway
+    async with flavor.Gateway(workers=[sims.urls["faulty"]], upstream={"migrate_streams": 0}) as gw:
+        await gw.serve()
+        async with lmgw.Client(gw.url) as client:
+            for make in (gw, client):
+                got: list[Any] = []
+                with pytest.raises(lmgw.BadGateway) as info:
+                    async with aclosing(make.chat_stream(model=MODEL, messages=HI, **LONG)) as s:
+                        async for event in s:
+                            got.append(event)
+                assert info.value.status == 502
+                assert any(isinstance(e, lmgw.ContentDelta) for e in got), got
+
+
+@scenario
+async def rate_limited_with_retry_after(flavor: Flavor, sims: SimThread) -> None:
+    limits = {"max_concurrent_requests": 1, "queue_size": 0}
+    async with flavor.Gateway(workers=[sims.urls["slow"]], limits=limits) as gw:
+        await gw.serve()
+        async with aclosing(gw.chat_stream(model=MODEL, messages=HI, **LONG)) as holder:
+            first = await holder.__anext__()  # the one slot is taken while this stream runs
+            assert isinstance(first, lmgw.ContentDelta)
+            with pytest.raises(lmgw.RateLimited) as info:
+                await gw.chat(model=MODEL, messages=HI, max_tokens=1)
+            assert info.value.status == 429
+            assert info.value.retry_after is not None and info.value.retry_after >= 1
+            async with lmgw.Client(gw.url) as client:
+                with pytest.raises(lmgw.RateLimited) as info:
+                    await client.chat(model=MODEL, messages=HI, max_tokens=1)
+            assert info.value.retry_after is not None and info.value.retry_after >= 1
+
+
+@scenario
+async def leaving_a_stream_aborts_it_upstream(flavor: Flavor, sims: SimThread) -> None:
+    """The caller leaves a stream after one event: the gateway cancels the request, the slow
+    worker sees the abort, and nothing stays in flight."""
+    rid = f"leave-{flavor.name}"
+    async with flavor.Gateway(workers=[sims.urls["slow"]]) as gw:
+        async with aclosing(gw.chat_stream(model=MODEL, messages=HI, request_id=rid, **LONG)) as s:
+            async for _event in s:
+                break
+        await wait_until(lambda: rid in sims.aborted("slow"), "the worker's abort")
+        await wait_until(lambda: in_flight(gw, sims.urls["slow"]) == 0, "in_flight back to 0")
+
+
+@scenario
+async def cancelling_a_call_aborts_it_upstream(flavor: Flavor, sims: SimThread) -> None:
+    """Cancelling the caller's scope/task during a non-streamed call cancels the gateway's
+    request (on the trio thread, for asyncio) and the worker's."""
+    rid = f"cancel-{flavor.name}"
+    async with flavor.Gateway(workers=[sims.urls["slow"]]) as gw:
+        finished = []
+
+        async def call() -> None:
+            await gw.chat(model=MODEL, messages=HI, request_id=rid, **LONG)
+            finished.append(True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await wait_until(lambda: rid in sims.seen("slow"), "the worker to start")
+            tg.cancel_scope.cancel()
+        assert not finished
+        await wait_until(lambda: rid in sims.aborted("slow"), "the worker's abort")
+        await wait_until(lambda: in_flight(gw, sims.urls["slow"]) == 0, "in_flight back to 0")
+
+
+@scenario
+async def gateway_side_failures_raise(flavor: Flavor, sims: SimThread) -> None:
+    """The gateway's request deadline ends a running stream with GatewayTimeout (after the
+    events it had) and a non-streamed call with GatewayTimeout."""
+    async with flavor.Gateway(workers=[sims.urls["slow"]], limits={"request_timeout_s": 0.3}) as gw:
+        got: list[Any] = []
+        with pytest.raises(lmgw.GatewayTimeout) as info:
+            async with aclosing(gw.chat_stream(model=MODEL, messages=HI, **LONG)) as s:
+                async for event in s:
+                    got.append(event)
+        assert "deadline" in info.value.message
+        assert got and isinstance(got[0], lmgw.ContentDelta)
+        with pytest.raises(lmgw.GatewayTimeout):
+            await gw.chat(model=MODEL, messages=HI, **LONG)
+        await wait_until(lambda: in_flight(gw, sims.urls["slow"]) == 0, "in_flight back to 0")
+
+
+@scenario
+async def admin_calls(flavor: Flavor, sims: SimThread) -> None:
+    token = "s3cret-admin"
+    async with flavor.Gateway(workers=[sims.urls["fast"]], admin={"token": token}) as gw:
+        fast = sims.urls["fast"]
+        assert [w["id"] for w in gw.workers] == [fast]
+        assert gw.workers[0]["state"] == "healthy" and gw.workers[0]["source"] == "static"
+        added = await maybe(gw.add_worker(sims.urls["slow"], "pd", id="slow"))
+        assert added["id"] == "slow" and added["role"] == "merged"
+        with pytest.raises(lmgw.Conflict):
+            await maybe(gw.add_worker(sims.urls["slow"], id="slow"))
+        with pytest.raises(lmgw.BadRequest):
+            await maybe(gw.add_worker("ftp://nowhere", id="bad"))
+        assert (await gw.drain("slow"))["state"] == "draining"
+        assert (await gw.undrain("slow"))["state"] == "healthy"
+        assert (await gw.drain("slow", grace_s=1.0))["state"] == "draining"
+        assert (await gw.remove_worker("slow", grace_s=1.0))["state"] == "gone"
+        assert [w["id"] for w in gw.workers] == [fast]
+        with pytest.raises(lmgw.NotFound):
+            await gw.drain("nobody")
+
+        await gw.serve()
+        async with lmgw.Client(gw.url, admin_token=token) as admin:
+            added = await admin.add_worker(sims.urls["slow"], id="slow2")
+            assert added["source"] == "static"
+            assert {w["id"] for w in await admin.workers()} == {fast, "slow2"}
+            assert {w["id"] for w in gw.workers} == {fast, "slow2"}  # the same registry
+            assert (await admin.drain_worker("slow2"))["state"] == "draining"
+            assert (await admin.remove_worker("slow2", grace_s=0.5))["state"] == "gone"
+            with pytest.raises(lmgw.NotFound):
+                await admin.worker("slow2")
+            with pytest.raises(lmgw.Conflict):
+                await admin.add_worker(fast, id=fast)
+        async with lmgw.Client(gw.url, admin_token="wrong") as intruder:
+            with pytest.raises(lmgw.AuthenticationError):
+                await intruder.workers()
+
+
+class LastWorker(Policy):
+    """A custom policy object: always the last candidate; counts its calls."""
+
+    name = "last_worker"
+
+    def __init__(self) -> None:
+        self.chosen: list[str] = []
+
+    def choose(self, candidates: Any, ctx: Any) -> Any:
+        self.chosen.append(candidates[-1].id)
+        return candidates[-1]
+
+
+@scenario
+async def extension_points(flavor: Flavor, sims: SimThread) -> None:
+    """Policy objects, middleware (in-process and over HTTP), lifecycle hooks."""
+    calls: list[str] = []
+    changes: list[tuple[str, str]] = []
+    seen_paths: list[str] = []
+    policy = LastWorker()
+
+    async def tag_requests(request: Any, responder: Any, call_next: Any) -> None:
+        seen_paths.append(request.path)
+        request.headers.append((b"x-request-id", b"mw-" + str(len(seen_paths)).encode()))
+        await call_next(request, responder)
+
+    async def started(gw: Any) -> None:
+        calls.append("startup")
+
+    async def stopping(gw: Any) -> None:
+        calls.append("shutdown")
+
+    async with flavor.Gateway(
+        workers=[{"url": sims.urls["slow"], "id": "a"}, {"url": sims.urls["fast"], "id": "b"}],
+        policies=policy,
+        middleware=[tag_requests],
+        on_startup=[started],
+        on_shutdown=[stopping],
+        on_worker_change=[lambda w: changes.append((w["id"], w["state"]))],
+    ) as gw:
+        assert calls == ["startup"]
+        result = await gw.chat(model=MODEL, messages=HI, max_tokens=2)
+        assert policy.chosen == ["b"]
+        assert "mw-1" in sims.seen("fast") and result.text  # the middleware's request id
+        await gw.serve()
+        async with lmgw.Client(gw.url) as client:
+            await collect(client.chat_stream(model=MODEL, messages=HI, max_tokens=2))
+        assert seen_paths == ["/v1/chat/completions"] * 2 and "mw-2" in sims.seen("fast")
+        await maybe(gw.add_worker(sims.urls["fast"], id="c"))
+        await wait_until(lambda: ("c", "healthy") in changes, "the worker-change hook")
+        assert ("c", "starting") in changes
+    assert calls == ["startup", "shutdown"]
+
+
+# -- running the scenarios under both -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_under_trio(name: str, sims: SimThread) -> None:
+    with trio.fail_after(30):
+        await SCENARIOS[name](TRIO, sims)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_under_asyncio(name: str, sims: SimThread) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(30):
+            await SCENARIOS[name](ASYNCIO, sims)
+
+    asyncio.run(bounded())
+
+
+# -- asyncio bridge specifics ----------------------------------------------------------------------
+
+
+def test_aio_close_while_streaming_raises_gateway_closed(sims: SimThread) -> None:
+    async def main() -> None:
+        gw = lmgw.aio.Gateway(workers=[sims.urls["slow"]])
+        async with gw:
+            stream = gw.chat_stream(model=MODEL, messages=HI, request_id="closing", **LONG)
+            async with aclosing(stream) as s:
+                await s.__anext__()
+                await gw.aclose()  # the gateway stops under the running stream
+                with pytest.raises(lmgw.GatewayClosed):
+                    async for _ in s:
+                        pass
+            with pytest.raises(lmgw.GatewayClosed):
+                await gw.chat(model=MODEL, messages=HI)
+        assert not gw._thread.is_alive()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    # the worker notices the closed connection on its own loop: wait for it (bounded)
+    asyncio.run(wait_until(lambda: "closing" in sims.aborted("slow"), "the worker's abort"))
+
+
+def test_aio_loop_closed_without_aclose_stops_the_thread(sims: SimThread) -> None:
+    gw = lmgw.aio.Gateway(workers=[sims.urls["fast"]])
+
+    async def main() -> None:
+        await gw.start()
+        assert (await gw.chat(model=MODEL, messages=HI, max_tokens=2)).text
+
+    asyncio.run(main())  # forgets aclose(); the loop closes
+    gw._thread.join(10)
+    assert not gw._thread.is_alive()
+
+
+def test_aio_start_error_raises_in_asyncio(tmp_path: Any) -> None:
+    """A failure while the trio thread builds or starts the gateway raises in ``start()``."""
+
+    async def main() -> None:
+        missing = str(tmp_path / "no-tokenizer-here")
+        gw = lmgw.aio.Gateway(models=[{"name": MODEL, "tokenizer": missing}])
+        with pytest.raises(Exception, match="no-tokenizer-here"):
+            await gw.start()
+        assert not gw._thread.is_alive()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_config_errors_raise_in_the_constructor() -> None:
+    with pytest.raises(lmgw.ConfigError):
+        lmgw.aio.Gateway(workers=["not a url"])
+    with pytest.raises(lmgw.ConfigError):
+        lmgw.Gateway(routing={"nonsense": 1})
+
+
+def test_event_pipe_is_bounded_and_ordered() -> None:
+    """A trio producer fills the pipe up to its bound and then waits for the asyncio reader;
+    everything arrives in order, and a reader leaving makes the producer's send fail."""
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        started = threading.Event()
+
+        async def produce() -> None:
+            pipe = box["pipe"] = _EventPipe(loop, trio.lowlevel.current_trio_token(), 2)
+            started.set()
+            for i in range(6):
+                await pipe.send([i])
+            pipe.close()
+
+        thread = threading.Thread(target=trio.run, args=(produce,))
+        thread.start()
+        await asyncio.to_thread(started.wait, 10)
+        pipe = box["pipe"]
+        async with asyncio.timeout(10):
+            while pipe._putter is None:  # the producer is blocked on a full pipe
+                await asyncio.sleep(0.01)
+        assert len(pipe._items) == 2
+        got = []
+        while (item := await pipe.get()) is not _END:
+            got.append(item)
+        assert got == [[i] for i in range(6)]
+        await asyncio.to_thread(thread.join, 10)
+
+        async def produce_to_nobody() -> None:
+            pipe = box["pipe2"] = _EventPipe(loop, trio.lowlevel.current_trio_token(), 1)
+            pipe.abandon()
+            with pytest.raises(trio.BrokenResourceError):
+                await pipe.send([1])
+            box["raised"] = True
+
+        await asyncio.to_thread(trio.run, produce_to_nobody)
+        assert box["raised"]
+
+    asyncio.run(main())
+
+
+# -- the client alone, and the package surface -----------------------------------------------------
+
+
+async def test_client_against_a_worker_directly(sims: SimThread) -> None:
+    """Any OpenAI-compatible server will do: the client talks to a worker without a gateway."""
+    async with lmgw.Client(sims.urls["fast"] + "/v1", timeout=10) as client:
+        result = await client.chat(model=MODEL, messages=HI, max_tokens=3)
+        assert result.usage is not None and result.usage.completion_tokens == 3
+        events = await collect(client.chat_stream(model=MODEL, messages=HI, max_tokens=3))
+        assert text_of(events) == result.text
+        with pytest.raises(lmgw.APIError) as info:
+            await client.chat(model="other", messages=HI)
+        assert info.value.status == 404
+        assert "connects=1" in repr(client)
+
+
+async def test_client_connection_errors() -> None:
+    async with lmgw.Client(free_port_url(), timeout=5) as client:
+        with pytest.raises(lmgw.APIConnectionError):
+            await client.models()
+        with pytest.raises(lmgw.APIConnectionError):
+            await collect(client.chat_stream(model=MODEL, messages=HI))
+
+
+def test_import_lmgw_is_cheap() -> None:
+    code = (
+        "import sys, lmgw\n"
+        "heavy = ('trio', 'httptools', 'numpy', 'anyio', 'msgspec')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "lmgw.APIError, lmgw.ChatResult\n"
+        "assert 'trio' not in sys.modules and 'httptools' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_public_names() -> None:
+    assert lmgw.__all__ == sorted(lmgw.__all__)
+    for name in lmgw.__all__:
+        assert getattr(lmgw, name) is not None, name
+    assert lmgw.aio.Gateway is lmgw.sdk.aio.Gateway
+    assert {"Client", "Gateway", "aio", "APIError", "ChatResult", "ContentDelta"} <= set(
+        lmgw.__all__
+    )
+    with pytest.raises(AttributeError):
+        lmgw.NoSuchThing  # noqa: B018
