@@ -6,6 +6,11 @@
     python -m lmgw.worker --engine vllm --role p --bind tcp://0.0.0.0:7000 \\
         --gateway tcp://gw:7100 --model Qwen/Qwen3-0.6B --kv-transfer-config '{...}'
 
+With ``--curve-secret-key FILE`` both ROUTERs use CURVE: the link is encrypted and gateways
+must know this worker's public key; ``--curve-allow DIR`` admits only the gateways whose
+public keys (``*.key`` files) are in DIR (re-read when it changes). Key files are ZeroMQ
+certificates, e.g. from ``lmgw.transport.zmq.curve.generate_keys(DIR, NAME)``.
+
 Arguments this parser does not know go to vLLM's engine-argument parser (``--engine vllm``
 only). Once bound the process prints exactly one line to stdout,
 ``READY <data endpoint> control=<control endpoint>`` (``control=none`` without one), as the
@@ -25,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from ..transport.zmq.curve import CurveError, CurveServer
 from .engine import Engine, role_name
 from .server import WorkerServer
 
@@ -63,6 +69,18 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=256, help="more are refused overloaded")
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds on SIGTERM")
     p.add_argument("--announce-interval", type=float, default=2.0)
+    p.add_argument(
+        "--curve-secret-key",
+        default=None,
+        metavar="FILE",
+        help="CURVE: this worker's key pair (a .key_secret file); encrypts both endpoints",
+    )
+    p.add_argument(
+        "--curve-allow",
+        default=None,
+        metavar="DIR",
+        help="CURVE: admit only gateways whose public key (*.key) is in DIR",
+    )
     p.add_argument("--log-level", default="WARNING")
     if not sim:
         return p
@@ -115,6 +133,15 @@ def sim_engine_from_args(ns: argparse.Namespace) -> Engine:
     return SimEngine(options)
 
 
+def curve_from_args(ns: argparse.Namespace) -> CurveServer | None:
+    """The CURVE settings the flags describe. Raises CurveError for unusable key files."""
+    if ns.curve_secret_key is None:
+        if ns.curve_allow is not None:
+            raise CurveError("--curve-allow needs --curve-secret-key")
+        return None
+    return CurveServer.from_files(ns.curve_secret_key, ns.curve_allow)
+
+
 def server_from_args(ns: argparse.Namespace, engine: Engine) -> WorkerServer:
     control = ns.control_bind
     return WorkerServer(
@@ -127,6 +154,7 @@ def server_from_args(ns: argparse.Namespace, engine: Engine) -> WorkerServer:
         advertise=ns.advertise,
         announce_interval_s=ns.announce_interval,
         drain_grace_s=ns.drain_grace,
+        curve=curve_from_args(ns),
     )
 
 
@@ -166,8 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr)
     try:
         role_name(ns.role)
-    except ValueError as exc:
+        curve = curve_from_args(ns)  # bad key files stop the start here, with exit 2
+    except ValueError as exc:  # CurveError is one
         parser.error(str(exc))
+    if curve is not None and curve.allow_dir is None:
+        log.warning(
+            "CURVE without --curve-allow: any gateway that knows this worker's public key "
+            "may connect (the link is encrypted, but gateways are not authenticated)"
+        )
     if ns.engine == "vllm":
         from .vllm import run_vllm_worker
 

@@ -78,6 +78,7 @@ from ..protocol.messages import (
     encode_frames,
     negotiate,
 )
+from ..transport.zmq.curve import CurveServer, ZapHandler
 from ..transport.zmq.socket import DEFAULT_HWM, PeerUnreachable, ZmqSocket
 from .announce import Announce, advertised_endpoint, announce_loop
 from .engine import ROLE_NAMES, Engine, EngineError, EngineRequest
@@ -192,6 +193,8 @@ class WorkerServer:
             nothing new) so gateways read what was sent before it closes.
         exit_linger_ms: how long ZeroMQ may keep flushing the final Exit after the socket is
             closed (in the background; 0 drops it if not yet written).
+        curve: CURVE on both ROUTERs: this worker's key pair and the gateways it admits
+            (:class:`~lmgw.transport.zmq.curve.CurveServer`); None: plaintext.
     """
 
     def __init__(
@@ -217,6 +220,7 @@ class WorkerServer:
         min_version: int = MIN_PROTOCOL_VERSION,
         max_version: int = PROTOCOL_VERSION,
         ctx: zmq.Context | None = None,
+        curve: CurveServer | None = None,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
@@ -238,6 +242,8 @@ class WorkerServer:
         self.max_version = max_version
         self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
         self._ctx = ctx
+        self.curve = curve
+        self.zap: ZapHandler | None = None  # with curve: its accepted/refused counters
         self._hwm = hwm
         self._max_msg_size = max_msg_size
         self._recv_copy = recv_copy
@@ -280,15 +286,44 @@ class WorkerServer:
     ) -> None:
         """Bind, then serve until cancelled, or until a :meth:`drain` completes (then ``Exit``
         has been sent to every registered gateway and this returns). A server runs once; a
-        :meth:`drain` asked for before ``run`` starts happens right after binding."""
+        :meth:`drain` asked for before ``run`` starts happens right after binding.
+
+        With ``curve``, both ROUTERs live in a context of their own whose ZAP handler (the
+        allow-list) is bound before them and closed after them: libzmq accepts every client
+        of a context that has no handler, and a context has only one."""
         self.instance = uuid.uuid4().hex  # a new instance per start: restarts are visible
-        data = ZmqSocket.open(self._ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=self._max_msg_size)
+        curve = self.curve
+        if curve is None:
+            await self._serve(self._ctx, {}, task_status)
+            return
+        ctx = zmq.Context()
+        try:
+            async with trio.open_nursery() as auth:
+                self.zap = ZapHandler(curve, ctx)
+                await auth.start(self.zap.run, name="worker ZAP handler")
+                await self._serve(ctx, curve.socket_options(), task_status)
+                auth.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):  # every socket is closed: only lingering Exits
+                await trio.to_thread.run_sync(ctx.term)
+
+    async def _serve(
+        self,
+        ctx: zmq.Context | None,
+        options: dict[int, int | bytes],
+        task_status: trio.TaskStatus[WorkerServer],
+    ) -> None:
+        data = ZmqSocket.open(
+            ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=self._max_msg_size, options=options
+        )
         control: ZmqSocket | None = None
         exit_reason = "worker stopped"
         try:
             self.endpoint = data.bind(self.bind)
             if self.control_bind:
-                control = ZmqSocket.open(self._ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=1 << 20)
+                control = ZmqSocket.open(
+                    ctx, zmq.ROUTER, hwm=self._hwm, max_msg_size=1 << 20, options=options
+                )
                 self.control_endpoint = control.bind(self.control_bind)
             self._sock = data
             log.info(
@@ -312,9 +347,9 @@ class WorkerServer:
                     exit_reason = await self._finish_drain(jobs)
                 self._jobs_nursery = None
                 self._send_exit(data, exit_reason, self.stats["killed"])
-                # Keep the connection up a moment: a gateway DEALER with IMMEDIATE drops the
-                # messages it has received but not yet read when the connection closes, and
-                # the last Finish and the Exit may still be among them.
+                # Keep the connection up a moment: a DEALER with IMMEDIATE (gateways before
+                # the socket monitor) drops what it received but has not read yet when the
+                # connection closes, and the last Finish and the Exit may be among them.
                 await trio.sleep(self.exit_grace_s)
                 service.cancel_scope.cancel()
         finally:

@@ -107,6 +107,8 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_DISCONNECTED
 )
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: event id, value
+_REDIAL_MIN_S = 0.5  # after a refused handshake (libzmq does not retry those itself)...
+_REDIAL_MAX_S = 30.0  # ...doubling up to this
 
 
 class ChannelState(enum.Enum):
@@ -326,6 +328,7 @@ class RpcChannel:
                 "sessions",
                 "disconnects",
                 "handshake_failures",
+                "redials",
                 "control_acks",
             ),
             0,
@@ -624,12 +627,29 @@ class RpcChannel:
 
     # -- connection state (socket monitor) ----------------------------------------------------
     async def _monitor(self, monitor: ZmqSocket, sock: ZmqSocket) -> None:
+        """Track the connection. A handshake refused by the worker (ZAP said no, or one side
+        uses CURVE and the other does not) is final for libzmq; here it is re-dialled with a
+        backoff, so fixing the allow-list or the worker's settings needs no gateway restart."""
+        redial_at = math.inf
+        delay = _REDIAL_MIN_S
         while True:
-            frames = await monitor.recv_multipart()
+            frames = None
+            with trio.move_on_at(redial_at):
+                frames = await monitor.recv_multipart()
+            if frames is None:
+                redial_at = math.inf
+                self.stats["redials"] += 1
+                try:
+                    sock.socket.disconnect(self.endpoint)
+                except zmq.ZMQError:
+                    pass  # no session left to end
+                sock.connect(self.endpoint)
+                continue
             if len(frames) != 2 or len(frames[0]) != _EVENT.size:
                 continue
             event, value = _EVENT.unpack(frames[0])
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                delay = _REDIAL_MIN_S
                 self._connected = True
                 if self.state in (ChannelState.CONNECTING, ChannelState.LOST):
                     self._send_register()  # at once, not at the next tick
@@ -649,6 +669,9 @@ class RpcChannel:
                 log.warning("zmq channel %s: %s", self.endpoint, reason)
                 if self.state is not ChannelState.READY:
                     self._set_state(self.state, reason)
+                if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # that one libzmq retries
+                    redial_at = trio.current_time() + delay
+                    delay = min(delay * 2, _REDIAL_MAX_S)
 
     def _dispatch(self, incoming: Incoming) -> None:
         msg = incoming.msg
