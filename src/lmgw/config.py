@@ -34,6 +34,7 @@ __all__ = [
     "FLOWS",
     "FLOW_ROLES",
     "LOG_LEVELS",
+    "NATIVE_DIALECT",
     "ROLES",
     "ROLE_NAMES",
     "SERVER_KINDS",
@@ -55,8 +56,10 @@ __all__ = [
     "config_from_mapping",
     "dump_config",
     "infer_flow",
+    "is_native_url",
     "load_config",
     "loads_config",
+    "native_endpoint",
     "normalize_role",
     "parse_worker_flag",
 ]
@@ -89,6 +92,11 @@ ServerKind = Literal["native", "hypercorn"]
 SERVER_KINDS: tuple[str, ...] = typing.get_args(ServerKind)
 
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+#: The dialect of models whose workers speak lmgw's native ZeroMQ protocol (docs/protocols.md,
+#: "Native workers"); their worker URLs are ``zmq+tcp://HOST:PORT`` or ``zmq+ipc://PATH``.
+NATIVE_DIALECT = "lmgw-native"
+_NATIVE_SCHEMES = ("zmq+tcp://", "zmq+ipc://")
 
 # Policy names come from a registry elsewhere (plus entry points), so only their shape is checked.
 _POLICY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -434,6 +442,12 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Scrape each worker's /metrics with every probe (vLLM's running/waiting/KV usage/prefix
     # cache counters): least_load and /admin/workers use them.
     scrape_metrics: bool = True
+    # Native (zmq+) workers are not probed over HTTP: their channel sends a heartbeat this often
+    # (any message from the worker counts as alive) ...
+    native_heartbeat_interval_s: float = 1.0
+    # ... and a worker silent this long is lost: its requests fail (retried or continued
+    # elsewhere) and it is ejected until it registers again. 5 heartbeats ride over a GC pause.
+    native_heartbeat_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         _positive("interval_s", self.interval_s)
@@ -443,6 +457,12 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("outlier_failures", self.outlier_failures, 0)
         _positive("outlier_base_ejection_s", self.outlier_base_ejection_s)
         _positive("outlier_max_ejection_s", self.outlier_max_ejection_s)
+        _positive("native_heartbeat_interval_s", self.native_heartbeat_interval_s)
+        if not self.native_heartbeat_timeout_s > self.native_heartbeat_interval_s:
+            raise ConfigError(
+                "must be greater than native_heartbeat_interval_s",
+                path="native_heartbeat_timeout_s",
+            )
         if not self.path.startswith("/"):
             raise ConfigError(f"must start with '/', got {self.path!r}", path="path")
 
@@ -601,7 +621,8 @@ def check_kv_address(text: str) -> str:
 class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A statically configured worker (discovery backends can add more at runtime)."""
 
-    # Base URL of the worker's HTTP API, e.g. "http://10.0.0.5:8000"; stored without trailing "/".
+    # Base URL of the worker's HTTP API, e.g. "http://10.0.0.5:8000" (stored without trailing
+    # "/"), or a native worker's ZeroMQ endpoint: "zmq+tcp://HOST:PORT" or "zmq+ipc://PATH".
     url: str
     # Which stages it serves; any role spelling, stored short. Merged ("pd") is the plain vLLM case.
     role: str = "pd"
@@ -638,18 +659,55 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
         return self.id if self.id is not None else self.url
 
 
+def is_native_url(url: str) -> bool:
+    """Whether a worker URL names a native (ZeroMQ) worker rather than an HTTP one."""
+    return url[:10].lower() in _NATIVE_SCHEMES
+
+
+def native_endpoint(url: str) -> str:
+    """The ZeroMQ endpoint of a native worker URL: ``zmq+tcp://h:1`` -> ``tcp://h:1``."""
+    return url[4:]
+
+
+def _check_native_url(text: str, bad: Any) -> str:
+    scheme, rest = text[:7].lower(), text[10:]
+    if "?" in rest or "#" in rest:
+        raise bad("no query or fragment allowed")
+    if scheme == "zmq+ipc":
+        if not rest.strip("/"):
+            raise bad("expected zmq+ipc://PATH")
+        return "zmq+ipc://" + rest
+    try:
+        parts = urlsplit("tcp://" + rest)
+        port = parts.port
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if not parts.hostname:
+        raise bad("no host")
+    if port is None or port == 0:
+        raise bad("expected zmq+tcp://HOST:PORT (a ZeroMQ endpoint needs its port)")
+    if parts.username is not None or parts.password is not None:
+        hidden = "zmq+tcp://...@" + parts.netloc.rpartition("@")[2]
+        raise bad("credentials in URLs leak into logs", hidden)
+    if parts.path.strip("/"):
+        raise bad("expected zmq+tcp://HOST:PORT and nothing else")
+    return "zmq+tcp://" + parts.netloc
+
+
 def _check_worker_url(url: str) -> str:
     def bad(why: str, shown: str = url) -> ConfigError:
         return ConfigError(f"{shown!r} is not a worker URL: {why}", path="url")
 
     text = url.strip()
+    if is_native_url(text):
+        return _check_native_url(text, bad)
     try:
         parts = urlsplit(text)
         port = parts.port  # raises ValueError for a non-numeric or out-of-range port
     except ValueError as e:
         raise bad(str(e)) from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise bad("expected http://HOST[:PORT] or https://HOST[:PORT]")
+        raise bad("expected http(s)://HOST[:PORT], zmq+tcp://HOST:PORT or zmq+ipc://PATH")
     if not parts.hostname:
         raise bad("no host")
     if port == 0:
