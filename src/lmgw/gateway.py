@@ -21,9 +21,10 @@ import trio
 
 from .api.app import App
 from .api.text import TextAPI
-from .config import ROLES, GatewayConfig, WorkerConfig
+from .config import ROLES, GatewayConfig, WorkerConfig, is_native_url
 from .http.server import HTTPServer, ServerLimits
 from .metrics import Metrics
+from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
 from .transport.pool import ConnectionPool
@@ -70,6 +71,10 @@ class Gateway:
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
+        # one RpcChannel per native (zmq+) worker, run in this gateway's nursery
+        self.native = NativeChannels(
+            self.registry, h, up.response_timeout_s, on_exit=self._on_native_exit
+        )
         for wc in config.workers:
             self.add_worker(wc)
         # models with a gateway-side tokenizer (models[].tokenizer): loaded now, so a bad
@@ -81,6 +86,7 @@ class Gateway:
             from .workers.parity import ParityChecker
 
             self.texts = load_model_texts(config.models)
+            self.pipeline.native.texts = self.texts
             self.parity = ParityChecker(
                 self.registry, self.pool, self.texts, self.metrics.tokenizer_parity
             )
@@ -96,6 +102,11 @@ class Gateway:
 
     # -- fleet ----------------------------------------------------------------------------
     def add_worker(self, wc: WorkerConfig) -> Worker:
+        if is_native_url(wc.url):  # its channel opens now (or when the gateway starts)
+            native = NativeWorker(wc)
+            self.registry.add(native)
+            self.native.open(native)
+            return native
         worker = Worker(
             wc.worker_id,
             wc.url,
@@ -109,6 +120,7 @@ class Gateway:
     def remove_worker(self, worker_id: str) -> Worker:
         """Remove at once (requests in flight on it finish on their own connections)."""
         worker = self.registry.remove(worker_id)
+        self.native.close(worker)
         self.pool.forget(worker.origin)
         for policy in self.policies.values():
             policy.on_worker_removed(worker)
@@ -184,6 +196,12 @@ class Gateway:
         elif known is not None:
             self.remove_worker(wid)
 
+    def _on_native_exit(self, worker: Worker) -> None:
+        """A native worker said Exit: a discovered one leaves the fleet; a static one stays
+        ejected (its channel saw it lost) until it registers again after a restart."""
+        if worker.id in self._sources:
+            self.remove_worker(worker.id)
+
     def configured_models(self) -> set[str]:
         return set(self._configured)
 
@@ -228,6 +246,7 @@ class Gateway:
                         from .workers.discovery import run_discovery
 
                         await nursery.start(run_discovery, self, cfg.discovery)
+                    await nursery.start(self.native.run)
                     await nursery.start(self.monitor.run)
                     if self.parity is not None:
                         await nursery.start(self.parity.run)

@@ -18,7 +18,14 @@ import msgspec
 import trio
 
 from ..admission import with_capacity, worker_capacity_error
-from ..config import ROLE_NAMES, ConfigError, GatewayConfig, WorkerConfig, infer_flow
+from ..config import (
+    ROLE_NAMES,
+    ConfigError,
+    GatewayConfig,
+    WorkerConfig,
+    infer_flow,
+    is_native_url,
+)
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
@@ -30,6 +37,7 @@ from ..workers.registry import Registry
 from ..workers.worker import Worker
 from . import migration
 from .disagg import DisaggRunner, EncodedItems
+from .native import NativeRunner
 from .request import Gate, GatewayRequest, MidStream
 
 log = logging.getLogger("lmgw.pipeline")
@@ -77,9 +85,13 @@ class Pipeline:
         rt = cfg.upstream.response_timeout_s
         self.response_timeout_s = rt if rt < deadline else math.inf
         self.flows = {m.name: m.flow for m in cfg.models}
+        # models whose workers speak the native ZeroMQ protocol run in .native
+        self.native = NativeRunner(self, cfg)
         # per model: the dialect when the flow is not plain merged OpenAI (None: the fast path)
         self.dialects: dict[str, Dialect | None] = {
-            m.name: dialect_for(m.flow, m.dialect, f"model {m.name!r}") for m in cfg.models
+            m.name: dialect_for(m.flow, m.dialect, f"model {m.name!r}")
+            for m in cfg.models
+            if m.name not in self.native.models
         }
         # models not in [[models]] (reported by workers): routing.flow, else what the roles say
         roles = {w.role for w in cfg.workers}
@@ -88,7 +100,11 @@ class Pipeline:
         except ConfigError:
             inferred = "pd"
         self.default_flow = cfg.routing.flow or inferred
-        self.default_dialect = dialect_for(self.default_flow, cfg.routing.dialect, "routing")
+        self.default_dialect = (
+            None
+            if self.native.default
+            else dialect_for(self.default_flow, cfg.routing.dialect, "routing")
+        )
         media = cfg.media
         self.disagg = DisaggRunner(
             self, EncodedItems(media.encoder_cache_ttl_s, media.encoder_cache_entries)
@@ -106,6 +122,8 @@ class Pipeline:
     def check_worker(self, wc: WorkerConfig) -> None:
         """Raise ValueError when a dialect of the models ``wc`` serves cannot name it on the
         wire (used at start and by the admin API before adding a worker)."""
+        if is_native_url(wc.url):
+            return  # named by its channel; native_models() checked its models at start
         if wc.models:
             dialects = [self.dialects.get(m, self.default_dialect) for m in wc.models]
         else:  # serves whatever it reports: every configured dialect may reach it
@@ -133,6 +151,9 @@ class Pipeline:
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
         """Run the request's flow: merged ``pd`` here, multi-stage flows in :mod:`.disagg`."""
+        if self.native.handles(greq.model):  # native (zmq+) workers: every flow in .native
+            await self.native.run(greq, responder)
+            return
         flow = self.flows.get(greq.model)
         if flow is None:
             flow, dialect = self.default_flow, self.default_dialect

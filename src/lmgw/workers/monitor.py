@@ -14,7 +14,7 @@ import time
 import msgspec
 import trio
 
-from ..config import HealthConfig
+from ..config import HealthConfig, is_native_url
 from ..transport.pool import ConnectionPool, UpstreamError
 from .registry import Registry
 from .worker import EngineLoad, Worker, WorkerState
@@ -78,7 +78,10 @@ class HealthMonitor:
         self._probing: set[str] = set()  # worker ids with a probe in progress
 
     async def probe(self, worker: Worker) -> bool:
-        """One probe of ``worker``; updates its state and models. Returns health."""
+        """One probe of ``worker``; updates its state and models. Returns health. Native
+        (zmq+) workers are not probed: their channel's heartbeat is their liveness."""
+        if is_native_url(worker.url):
+            return worker.routable
         self._probing.add(worker.id)
         try:
             return await self._probe(worker)
@@ -167,7 +170,7 @@ class HealthMonitor:
         """Probe every worker (``only_new``: those not probed yet) concurrently."""
         async with trio.open_nursery() as nursery:
             for worker in self.registry:
-                if worker.state is WorkerState.GONE:
+                if worker.state is WorkerState.GONE or is_native_url(worker.url):
                     continue
                 if only_new and worker.state is not WorkerState.STARTING:
                     continue

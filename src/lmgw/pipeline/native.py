@@ -1,0 +1,1016 @@
+"""Every flow over lmgw's native ZeroMQ protocol (models whose dialect is ``lmgw-native``).
+
+Native workers take token ids, not OpenAI bodies, so the gateway does what vLLM's OpenAI server
+would: it renders the chat template and tokenizes with the model's :class:`ModelText` (exactly
+as vLLM does), translates the body's sampling fields to our :class:`SamplingParams`, and builds
+the OpenAI answer from the worker's ``Delta``/``Finish`` events (:mod:`lmgw.transport.
+openai_synth`). The stages:
+
+* ``pd``: ``Generate`` on a merged worker;
+* ``p/d``: ``Prefill`` on P, then ``Generate`` on D with ``PrefillDone.kv_transfer_params``
+  relayed verbatim (the hand-off);
+* ``e+pd`` / ``e+p+d``: first one ``Encode`` per media item (the decoded pixels, samples or
+  frames as tensor frames, never base64) on the encoder its hash routes to; then the rest,
+  with the items named by hash only.
+
+Failure semantics are the HTTP flows' (docs/protocols.md, "Failure semantics"): a leg that
+fails before anything reached the client is retried on another worker when the worker cannot
+have started it (``RpcError.sent`` False) or the failure says nothing about the request
+(retryable codes); a decode that fails before its first token is retried once with the same
+hand-off; a stage that still fails is a 502 naming it (a worker's ``bad_request`` is the
+request's fault: a 400 with its message). A stream that breaks after its first byte is
+continued on another worker with the prompt plus the text so far (:mod:`.migration`'s rules),
+or ended with an SSE error event and ``[DONE]``.
+
+Cancellation is structured: every leg runs in the request's scope, and a leg that ends early
+(client gone, deadline, error) makes :class:`RpcChannel` send ``Abort`` to its worker.
+
+:class:`NativeChannels` (owned by the Gateway) keeps one :class:`RpcChannel` per native worker;
+the channel's state drives the worker's through the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from secrets import token_hex
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ..config import (
+    FLOW_ROLES,
+    NATIVE_DIALECT,
+    ROLE_NAMES,
+    ConfigError,
+    GatewayConfig,
+    HealthConfig,
+    WorkerConfig,
+    is_native_url,
+    native_endpoint,
+    normalize_role,
+)
+from ..errors import GatewayError
+from ..http.types import Responder
+from ..protocol.messages import (
+    Delta,
+    Drain,
+    Encode,
+    Exit,
+    FailureCode,
+    Finish,
+    Generate,
+    Prefill,
+    PrefillDone,
+    SamplingParams,
+)
+from ..protocol.messages import MediaItem as WireMedia
+from ..routing.policy import RouteContext
+from ..transport.openai_synth import OpenAISynth
+from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
+from ..workers.registry import Registry
+from ..workers.worker import Worker, WorkerState
+from . import migration
+from .request import GatewayRequest
+
+if TYPE_CHECKING:
+    from ..text.service import ModelText
+    from .runner import Pipeline
+
+__all__ = [
+    "NativeChannels",
+    "NativeRunner",
+    "NativeWorker",
+    "native_models",
+    "sampling_params",
+]
+
+log = logging.getLogger("lmgw.pipeline")
+_now = time.perf_counter
+
+STAGE_NAMES = {"e": "encode", "p": "prefill", "d": "decode", "pd": "merged"}
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+# -- workers and their channels -----------------------------------------------------------------
+
+
+class NativeWorker(Worker):
+    """A worker reached over the native protocol: a channel instead of an HTTP origin.
+
+    ``Worker`` parses an HTTP origin from its URL; a native worker has none, so it gets one
+    that refuses at once (port 0) should anything try HTTP on it."""
+
+    __slots__ = ("channel", "endpoint", "notice_drained", "scope")
+
+    def __init__(self, wc: WorkerConfig) -> None:
+        super().__init__(
+            wc.worker_id,
+            "http://0.0.0.0:0",
+            wc.role,
+            frozenset(wc.models) if wc.models else None,
+            wc.bootstrap_port,
+            wc.kv_address,
+        )
+        self.url = wc.url
+        #: the ZeroMQ endpoint the channel connects to (``tcp://h:p``, ``ipc://path``)
+        self.endpoint = native_endpoint(wc.url)
+        #: set by :meth:`NativeChannels.open`
+        self.channel: RpcChannel | None = None
+        #: DRAINING because the worker said Drain (not an operator): a new session undoes it
+        self.notice_drained = False
+        self.scope = trio.CancelScope()
+
+
+class NativeChannels:
+    """One :class:`RpcChannel` per native worker, each a child of :meth:`run`'s nursery (a
+    task of the Gateway's nursery), opened when the worker is added and closed when removed.
+
+    Channel state drives worker state, written through the registry: a session (READY) makes
+    the worker healthy (and tells its models); LOST (silent past the heartbeat timeout, or
+    Exit) and INCOMPATIBLE eject it; a Drain notice drains it; Exit calls ``on_exit`` (the
+    Gateway removes discovered workers; static ones stay ejected until they register again,
+    so a restarted worker comes back). A passively ejected worker (failed requests) returns
+    once its backoff has passed and its channel is up: the HTTP health monitor skips native
+    workers, their liveness is the channel's heartbeat."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        health: HealthConfig,
+        reply_timeout_s: float,
+        on_exit: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.health = health
+        self.reply_timeout_s = reply_timeout_s
+        self.on_exit = on_exit
+        self._client_id = f"lmgw-{os.getpid()}"
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[NativeWorker] = []
+        self._wake = trio.Event()
+
+    def open(self, worker: NativeWorker) -> None:
+        """Give ``worker`` its channel, started now or when :meth:`run` starts."""
+        worker.channel = RpcChannel(
+            worker.endpoint,
+            client_id=self._client_id,
+            reply_timeout_s=self.reply_timeout_s,
+            heartbeat_interval_s=self.health.native_heartbeat_interval_s,
+            heartbeat_timeout_s=self.health.native_heartbeat_timeout_s,
+            on_state=partial(self._on_state, worker),
+            on_notice=partial(self._on_notice, worker),
+        )
+        if self._nursery is None:
+            self._pending.append(worker)
+        else:
+            self._nursery.start_soon(self._serve, worker)
+
+    def close(self, worker: Worker) -> None:
+        """Close a removed worker's channel (requests still on it fail as unavailable)."""
+        if isinstance(worker, NativeWorker):
+            worker.scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the channels until cancelled. Reports started once every worker configured at
+        start registered, or ``health.timeout_s`` passed (as the monitor's first round)."""
+        self.registry.subscribe(self._on_change)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            first, self._pending = self._pending, []
+            for worker in first:
+                nursery.start_soon(self._serve, worker)
+            with trio.move_on_after(self.health.timeout_s):
+                for worker in first:
+                    if worker.channel is not None and worker.state is not WorkerState.GONE:
+                        try:
+                            await worker.channel.wait_ready()
+                        except RpcError:
+                            pass
+            task_status.started()
+            await self._supervise()
+
+    async def _serve(self, worker: NativeWorker) -> None:
+        assert worker.channel is not None
+        with worker.scope:
+            await worker.channel.run()
+
+    async def _supervise(self) -> None:
+        """Bring back workers whose channel is up: after a passive ejection's backoff, and
+        those set STARTING (re-announced, undrained)."""
+        period = self.health.native_heartbeat_interval_s
+        while True:
+            with trio.move_on_after(period):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = time.monotonic()
+            for worker in self.registry:
+                if (
+                    isinstance(worker, NativeWorker)
+                    and worker.state in (WorkerState.STARTING, WorkerState.EJECTED)
+                    and worker.channel is not None
+                    and worker.channel.state is ChannelState.READY
+                    and now >= worker.ejected_until
+                ):
+                    worker.consecutive_failures = 0
+                    self.registry.set_state(worker, WorkerState.HEALTHY, "channel ready")
+
+    def _on_change(self, worker: Worker) -> None:
+        if isinstance(worker, NativeWorker) and worker.state is WorkerState.STARTING:
+            self._wake.set()
+
+    def _on_state(self, worker: NativeWorker, state: ChannelState, reason: str) -> None:
+        registry = self.registry
+        if worker.state is WorkerState.GONE or state is ChannelState.CLOSED:
+            return
+        if worker.state is WorkerState.DRAINING and not worker.notice_drained:
+            return  # an operator's drain stands whatever the channel does
+        if state is ChannelState.READY:
+            chan = worker.channel
+            session = chan.session if chan is not None else None
+            if session is not None:
+                problem = _role_problem(worker, session.roles)
+                if problem is not None:
+                    registry.set_state(worker, WorkerState.EJECTED, problem)
+                    return
+                if session.models and worker.static_models is None:
+                    registry.set_models(worker, frozenset(session.models))
+            worker.notice_drained = False
+            if worker.state is WorkerState.DRAINING:
+                registry.set_state(worker, WorkerState.STARTING, "registered again")
+            if time.monotonic() >= worker.ejected_until:
+                worker.consecutive_failures = 0
+                registry.set_state(worker, WorkerState.HEALTHY, "registered")
+        elif state in (ChannelState.LOST, ChannelState.INCOMPATIBLE):
+            registry.set_state(worker, WorkerState.EJECTED, reason)
+
+    def _on_notice(self, worker: NativeWorker, notice: Drain | Exit) -> None:
+        if worker.state is WorkerState.GONE:
+            return
+        if isinstance(notice, Drain):
+            if worker.state is not WorkerState.DRAINING:
+                worker.notice_drained = True
+                self.registry.set_state(
+                    worker, WorkerState.DRAINING, f"worker draining: {notice.reason}"
+                )
+        elif self.on_exit is not None:
+            self.on_exit(worker)
+
+
+def _role_problem(worker: Worker, roles: Sequence[str]) -> str | None:
+    """Why a worker whose session reports ``roles`` cannot serve its configured role."""
+    served = set()
+    for r in roles:
+        try:
+            served.add(normalize_role(r))
+        except ConfigError:
+            continue
+    if roles and worker.role not in served:
+        return (
+            f"the worker serves {', '.join(roles)}, but is configured as {ROLE_NAMES[worker.role]}"
+        )
+    return None
+
+
+def native_models(cfg: GatewayConfig) -> tuple[frozenset[str], bool]:
+    """(the models served over the native protocol, whether models not in [[models]] are).
+
+    A model is native when its dialect is ``lmgw-native``, or when it is left at the default
+    (``openai``) and every configured worker is native; the same rule with
+    ``routing.dialect`` decides for unlisted models.
+
+    Raises:
+        ValueError: a native model without ``models[].tokenizer`` (the gateway must tokenize:
+            native workers take token ids), or a worker whose URL and models disagree.
+    """
+    all_native = bool(cfg.workers) and all(is_native_url(w.url) for w in cfg.workers)
+    names = set()
+    for m in cfg.models:
+        if m.dialect == NATIVE_DIALECT or (m.dialect == "openai" and all_native):
+            if m.tokenizer is None:
+                raise ValueError(
+                    f"model {m.name!r} is served by native (zmq+) workers, which take token ids:"
+                    " set models[].tokenizer to its tokenizer folder so that the gateway renders"
+                    " and tokenizes prompts as vLLM would"
+                )
+            names.add(m.name)
+    rd = cfg.routing.dialect
+    default = rd == NATIVE_DIALECT or (rd == "openai" and all_native)
+    if default and not cfg.models:
+        raise ValueError(
+            "native (zmq+) workers take token ids: list their models in [[models]] with a"
+            " tokenizer (models[].tokenizer) so that the gateway can render and tokenize prompts"
+        )
+    for wc in cfg.workers:
+        for model in wc.models:
+            native = model in names or (default and model not in {m.name for m in cfg.models})
+            if native != is_native_url(wc.url):
+                kind = "a native (zmq+)" if is_native_url(wc.url) else "an HTTP"
+                raise ValueError(
+                    f"worker {wc.worker_id} is {kind} worker but serves model {model!r}, whose"
+                    f" dialect is {'lmgw-native' if native else 'not lmgw-native'}"
+                )
+    return frozenset(names), default
+
+
+# -- translation --------------------------------------------------------------------------------
+
+#: body keys that are not sampling settings: not passed on in ``SamplingParams.extra``
+_NOT_SAMPLING = frozenset(
+    {
+        "model", "messages", "prompt", "stream", "stream_options", "n", "best_of", "user",
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "documents",
+        "chat_template", "chat_template_kwargs", "add_generation_prompt",
+        "continue_final_message", "add_special_tokens", "echo", "mm_processor_kwargs",
+        "request_id", "priority", "kv_transfer_params", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+        "min_tokens", "logprobs", "top_logprobs", "metadata", "store", "service_tier",
+        "modalities", "audio", "prediction", "web_search_options", "return_tokens_as_token_ids",
+    }
+)  # fmt: skip
+
+
+def _int(obj: Mapping[str, Any], key: str, low: int = 0) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < low:
+        raise GatewayError(400, f"{key} must be an integer >= {low}", param=key)
+    return value
+
+
+def _num(obj: Mapping[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float):
+        raise GatewayError(400, f"{key} must be a number", param=key)
+    return float(value)
+
+
+def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
+    """An OpenAI chat/completions body's sampling fields as our :class:`SamplingParams`:
+    the fields it has, and the other sampling keys (vLLM's ``repetition_penalty``,
+    ``min_p``, ``response_format``...) in ``extra``. Raises GatewayError(400)."""
+    n = obj.get("n")
+    if n not in (None, 1) or obj.get("best_of") not in (None, 1):
+        raise GatewayError(400, "n > 1 is not supported with native workers yet", param="n")
+    if endpoint == "chat":
+        max_tokens = _int(obj, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = _int(obj, "max_tokens")
+        logprobs = None
+        if obj.get("logprobs"):
+            logprobs = _int(obj, "top_logprobs") or 0
+    else:
+        max_tokens = _int(obj, "max_tokens")
+        logprobs = _int(obj, "logprobs")
+    stop = obj.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = stop
+    else:
+        raise GatewayError(400, "stop must be a string or a list of strings", param="stop")
+    stop_ids = obj.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(type(t) is int for t in stop_ids):
+        raise GatewayError(400, "stop_token_ids must be a list of integers", param="stop_token_ids")
+    seed = obj.get("seed")
+    if seed is not None and type(seed) is not int:
+        raise GatewayError(400, "seed must be an integer", param="seed")
+    top_k = obj.get("top_k")
+    if top_k is not None and type(top_k) is not int:
+        raise GatewayError(400, "top_k must be an integer", param="top_k")
+    extra = {k: v for k, v in obj.items() if k not in _NOT_SAMPLING and v is not None}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_num(obj, "temperature"),
+        top_p=_num(obj, "top_p"),
+        top_k=top_k,
+        min_tokens=_int(obj, "min_tokens"),
+        seed=seed,
+        stop=stops,
+        stop_token_ids=stop_ids,
+        ignore_eos=bool(obj.get("ignore_eos", False)),
+        logprobs=logprobs,
+        extra=extra or None,
+    )
+
+
+def _client_error(role: str, worker: Worker, exc: RpcError) -> GatewayError:
+    """What the client hears when a stage failed on ``worker``: a worker's ``bad_request`` is
+    the request's fault (400, its message); anything else names the stage."""
+    if exc.code is FailureCode.BAD_REQUEST:
+        return GatewayError(400, exc.message)
+    status = 504 if exc.code is FailureCode.TIMEOUT else 502
+    return GatewayError(
+        status, f"{STAGE_NAMES[role]} stage failed: worker {worker.id}: {exc.code}: {exc.message}"
+    )
+
+
+class _Broken(Exception):
+    """The client-facing leg broke after part of its stream reached the client."""
+
+    def __init__(self, worker: Worker, error: RpcError) -> None:
+        super().__init__(str(error))
+        self.worker = worker
+        self.error = error
+
+
+class _Job:
+    """One request as the native legs need it."""
+
+    __slots__ = ("created", "media", "obj", "params", "payload", "prompt", "tensors")
+
+    def __init__(self, obj: dict[str, Any], prompt: list[int], params: SamplingParams) -> None:
+        self.obj = obj
+        self.prompt = prompt
+        self.params = params
+        self.created = int(time.time())
+        #: the media as P, D and PD get them: by hash after an E stage, else as tensors
+        self.media: list[WireMedia] = []
+        self.tensors: list[Any] = []
+        self.payload: list[Any] = []
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+class NativeRunner:
+    """Runs the requests of native models on behalf of :class:`Pipeline` (see module doc)."""
+
+    def __init__(self, pipeline: Pipeline, cfg: GatewayConfig) -> None:
+        self.p = pipeline
+        self.models, self.default = native_models(cfg)
+        #: the models' text services (set by the Gateway once loaded)
+        self.texts: Mapping[str, ModelText] = {}
+        self.media_limits = cfg.media
+        self.request_timeout_s = cfg.limits.request_timeout_s or None
+        self.first_timeout_s = cfg.upstream.response_timeout_s
+        self.stall_s = cfg.upstream.stream_stall_timeout_s or math.inf
+        self._cpu: trio.CapacityLimiter | None = None
+        self._ssl: Any = None
+
+    def handles(self, model: str) -> bool:
+        """Whether ``model``'s requests run here."""
+        return model in self.models or (self.default and model not in self.p.flows)
+
+    @property
+    def cpu(self) -> trio.CapacityLimiter:
+        if self._cpu is None:
+            self._cpu = trio.CapacityLimiter(os.cpu_count() or 1)
+        return self._cpu
+
+    async def run(self, greq: GatewayRequest, responder: Responder) -> None:
+        """Run one request of a native model and answer the client."""
+        text = self.texts.get(greq.model)
+        if text is None:
+            raise GatewayError(
+                500, f"model {greq.model!r} is served by native workers but has no tokenizer"
+            )
+        if greq.endpoint not in ("chat", "completions"):
+            raise GatewayError(
+                400, "native workers serve /v1/chat/completions and /v1/completions only"
+            )
+        try:
+            obj = msgspec.json.decode(greq.body)
+        except msgspec.DecodeError as exc:
+            raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise GatewayError(400, "the request body must be a JSON object")
+        job = _Job(obj, await self._prompt(greq.endpoint, obj, text), sampling_params(
+            greq.endpoint, obj))  # fmt: skip
+        flow = self.p.flows.get(greq.model, self.p.default_flow)
+        roles = FLOW_ROLES[flow]
+        route = RouteContext(greq.model, greq.request_id)
+        route.tokens = job.prompt
+        await self._media(greq, job, roles, obj)
+        synth = self._synth(greq, job, text, obj)
+        await self._answer(greq, responder, job, roles, route, synth, text)
+
+    # -- preparation ----------------------------------------------------------------------------
+    @staticmethod
+    async def _prompt(endpoint: str, obj: Mapping[str, Any], text: ModelText) -> list[int]:
+        if endpoint == "chat":
+            return await text.chat_ids(obj)
+        prompts = await text.completion_ids(obj)
+        if len(prompts) != 1:
+            raise GatewayError(
+                400, "a batch of prompts is not supported with native workers yet", param="prompt"
+            )
+        return prompts[0]
+
+    def _synth(
+        self, greq: GatewayRequest, job: _Job, text: ModelText, obj: Mapping[str, Any]
+    ) -> OpenAISynth:
+        so = obj.get("stream_options") if greq.stream else None
+        so = so if isinstance(so, dict) else {}
+        echo = None
+        if greq.endpoint == "completions" and obj.get("echo"):
+            prompt = obj.get("prompt")
+            echo = prompt if isinstance(prompt, str) else text.tokenizer.decode(job.prompt)
+        tok = text.tokenizer
+        return OpenAISynth(
+            "chat" if greq.endpoint == "chat" else "completion",
+            greq.request_id,
+            greq.model,
+            job.created,
+            include_usage=bool(so.get("include_usage")),
+            continuous_usage=bool(so.get("continuous_usage_stats")),
+            prompt_tokens=len(job.prompt),
+            echo=echo,
+            logprobs=job.params.logprobs is not None,
+            token_text=lambda t: tok.decode([t]),
+        )
+
+    async def _media(
+        self, greq: GatewayRequest, job: _Job, roles: tuple[str, ...], obj: dict[str, Any]
+    ) -> None:
+        """The request's media: checked and hashed (by the API already when the flow has an
+        encoder), encoded on E (tensors as payload frames) or handed to the first prompt
+        stage as tensors."""
+        items = greq.media
+        if items is None and greq.endpoint == "chat" and _has_media(obj):
+            from ..multimodal import MediaProfile, preprocess
+            from ..multimodal.fetch import default_ssl_context
+
+            if self._ssl is None:
+                self._ssl = default_ssl_context()
+            items = await preprocess(
+                obj,
+                self.media_limits,
+                model_id=greq.model,
+                cpu_limiter=self.cpu,
+                ssl_context=self._ssl,
+                profile=MediaProfile(),
+            )
+        if not items:
+            return
+        if "e" in roles:
+            await self._encode(greq, items)
+            job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
+            return
+        # no encoder stage: the prompt's first worker encodes the raw media itself (no hash:
+        # a hashed item with a tensor would claim to be an encoder output)
+        arrays = [await self._array(item) for item in items]
+        from ..transport.tensors import pack_tensors
+
+        job.tensors, job.payload = pack_tensors(arrays)
+        job.media = [WireMedia(item.kind, tensor=i) for i, item in enumerate(items)]
+
+    async def _array(self, item: Any) -> Any:
+        try:
+            return await trio.to_thread.run_sync(item.array, limiter=self.cpu)
+        except ValueError as exc:  # named by uuid only: no media to send
+            raise GatewayError(400, str(exc), param=getattr(item, "param", None)) from None
+
+    # -- legs -----------------------------------------------------------------------------------
+    def _timeout_s(self, greq: GatewayRequest) -> float | None:
+        """The time the request has left: the worker's deadline (no synchronized clocks)."""
+        if self.request_timeout_s is None:
+            return None
+        return max(0.001, greq.t_start + self.request_timeout_s - _now())
+
+    def _pick(
+        self, model: str, role: str, route: RouteContext, tried: tuple[Worker, ...] = ()
+    ) -> Worker | None:
+        """The role's policy's choice among the routable native workers not ``tried``."""
+        candidates: Sequence[Worker] = self.p.registry.candidates(model, role)
+        if tried or not all(type(w) is NativeWorker for w in candidates):
+            candidates = [w for w in candidates if type(w) is NativeWorker and w not in tried]
+        if not candidates:
+            return None
+        return self.p.policies[role].choose(candidates, route)
+
+    def _first(self, model: str, role: str, route: RouteContext) -> NativeWorker:
+        worker = self._pick(model, role, route)
+        if worker is None:
+            raise GatewayError(
+                503, f"no healthy {ROLE_NAMES[role]} worker available for model {model!r}"
+            )
+        return worker  # type: ignore[return-value]
+
+    async def _call(
+        self,
+        greq: GatewayRequest,
+        worker: Worker,
+        role: str,
+        route: RouteContext,
+        msg: Any,
+        payload: Sequence[Any] = (),
+    ) -> Any:
+        """One intermediate leg (Encode, Prefill) and its answer, accounted like a dispatch."""
+        p = self.p
+        policy = p.policies[role]
+        chan = worker.channel  # type: ignore[attr-defined]
+        p.registry.acquire(worker)
+        policy.on_dispatch(worker, route)
+        ok = False
+        t0 = _now()
+        try:
+            for wire in _wire_ids(msg):
+                try:
+                    answer = await chan.call(wire, payload=payload, timeout=self.first_timeout_s)
+                    break
+                except ValueError:  # refused before sending: the id is in flight there
+                    continue
+            ok = True
+            return answer
+        except RpcError as exc:
+            self._failed(worker, role, exc)
+            raise
+        finally:
+            elapsed = _now() - t0
+            p.metrics.stage.observe((role, worker.id), elapsed)
+            if greq.timings is None:
+                greq.timings = []
+            greq.timings.append((STAGE_NAMES[role], elapsed))
+            policy.on_finish(worker, route, ok)
+            p.registry.release(worker)
+            if ok:
+                p.registry.record_success(worker)
+
+    def _failed(self, worker: Worker, role: str, exc: RpcError) -> None:
+        kind = "timeout" if exc.code is FailureCode.TIMEOUT else "transport"
+        self.p.metrics.upstream_errors.inc((role, worker.id, kind))
+        if exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED):
+            self.p.registry.record_failure(worker, str(exc), eject=False)
+
+    async def _with_retries(
+        self,
+        greq: GatewayRequest,
+        role: str,
+        route: RouteContext,
+        leg: Callable[[Worker], Any],
+        retry_sent: bool = False,
+    ) -> Any:
+        """Run ``leg(worker)`` on the role's choice; on a failure that cannot have started
+        work (or a retryable one, or any but a bad request when ``retry_sent``), again on
+        another worker, up to ``upstream.max_attempts`` times in all."""
+        p = self.p
+        worker: Worker = self._first(greq.model, role, route)
+        tried: tuple[Worker, ...] = ()
+        for attempt in range(p.max_attempts):
+            try:
+                return await leg(worker)
+            except RpcError as exc:
+                tried += (worker,)
+                again = not exc.sent or exc.retryable
+                if retry_sent:
+                    again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
+                other = self._pick(greq.model, role, route, tried)
+                if not again or other is None or attempt + 1 >= p.max_attempts:
+                    raise _client_error(role, worker, exc) from None
+                p.metrics.retries.inc((role,))
+                log.info("request %s: %s retried on %s after %s",
+                         greq.request_id, STAGE_NAMES[role], other.id, exc)  # fmt: skip
+                worker = other
+                await p.backoff(attempt)
+        raise AssertionError("unreachable")
+
+    async def _encode(self, greq: GatewayRequest, items: Sequence[Any]) -> None:
+        """One Encode per item not recently encoded, concurrently; each on the encoder its
+        hash routes to, with the item's tensor as a payload frame."""
+        from ..transport.tensors import pack_tensors
+
+        cache = self.p.disagg.encoded
+        now = trio.current_time()
+        todo = [
+            (i, item)
+            for i, item in enumerate(items)
+            if item.source != "uuid" and not cache.holds(greq.model, item.hash, now)
+        ]
+        hits = len(items) - len(todo)
+        if hits:
+            self.p.metrics.encoder_cache_hits.inc((greq.model,), hits)
+
+        async def one(i: int, item: Any) -> None:
+            array = await self._array(item)
+            refs, frames = pack_tensors([array])
+            msg = Encode(
+                f"{greq.request_id}:e{i}",
+                greq.model,
+                [WireMedia(item.kind, hash=item.hash, tensor=0)],
+                self._timeout_s(greq),
+                refs,
+            )
+            route = RouteContext(greq.model, greq.request_id, session_key=item.hash)
+            await self._with_retries(
+                greq, "e", route, lambda w: self._call(greq, w, "e", route, msg, frames)
+            )
+            cache.add(greq.model, item.hash, trio.current_time())
+
+        if len(todo) == 1:
+            await one(*todo[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for i, item in todo:
+                nursery.start_soon(one, i, item)
+
+    async def _prefill(
+        self,
+        greq: GatewayRequest,
+        job: _Job,
+        route: RouteContext,
+        prompt: list[int],
+        params: SamplingParams,
+    ) -> dict[str, Any] | None:
+        msg = Prefill(
+            greq.request_id,
+            greq.model,
+            prompt_token_ids=prompt,
+            params=params,
+            media=job.media,
+            timeout_s=self._timeout_s(greq),
+            tensors=job.tensors,
+        )
+
+        async def leg(worker: Worker) -> dict[str, Any] | None:
+            done = await self._call(greq, worker, "p", route, msg, job.payload)
+            if not isinstance(done, PrefillDone):
+                raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
+            return done.kv_transfer_params
+
+        return await self._with_retries(greq, "p", route, leg)
+
+    # -- the client-facing leg ------------------------------------------------------------------
+    async def _answer(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        roles: tuple[str, ...],
+        route: RouteContext,
+        synth: OpenAISynth,
+        text: ModelText,
+    ) -> None:
+        """Generate (after P, for split flows) and answer; continue a broken stream."""
+        p = self.p
+        role = "d" if "d" in roles else "pd"
+        prompt, params = job.prompt, job.params
+        tried: tuple[Worker, ...] = ()
+        done_tokens = 0  # tokens the client got from legs that broke
+        for migration_left in range(p.migrations if greq.stream else 0, -1, -1):
+            try:
+                await self._generate(
+                    greq, responder, job, roles, route, synth, prompt, params, tried, done_tokens
+                )
+                if tried:
+                    p.metrics.migrations.inc((role, "continued"))
+                return
+            except _Broken as broken:
+                tried += (broken.worker,)
+                reason = f"{broken.error.code}: {broken.error.message}"
+                if not migration_left:
+                    if p.migrations:
+                        reason = f"the stream broke {p.migrations + 1} times ({reason})"
+                    break
+                progress = migration.Progress(
+                    synth.text, synth.tokens, finished=False,
+                    replayable=job.params.logprobs is None,
+                )  # fmt: skip
+                body, why = migration.next_leg(greq.endpoint, job.obj, progress)
+                if why is None and self._pick(greq.model, role, route, tried) is None:
+                    why = "no other worker"
+                if why is not None or body is None:
+                    reason = why or reason
+                    break
+                obj = msgspec.json.decode(body)
+                prompt = await self._prompt(greq.endpoint, obj, text)
+                params = sampling_params(greq.endpoint, obj)
+                done_tokens = synth.tokens
+                log.warning("request %s: stream broke after %d tokens (%s); continuing",
+                            greq.request_id, synth.tokens, broken.error)  # fmt: skip
+        await p.end_broken_stream(responder, role, reason)
+
+    async def _generate(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        roles: tuple[str, ...],
+        route: RouteContext,
+        synth: OpenAISynth,
+        prompt: list[int],
+        params: SamplingParams,
+        tried: tuple[Worker, ...],
+        done_tokens: int,
+    ) -> None:
+        """P (split flows) then the client-facing Generate; a decode that failed before its
+        first byte is retried once on another decode worker with the same hand-off, a merged
+        leg like any leg."""
+        p = self.p
+        continued = bool(tried)
+        handoff = None
+        role = "d" if "p" in roles else "pd"
+        if role == "d":
+            handoff = await self._prefill(greq, job, route, prompt, params)
+        msg = Generate(
+            greq.request_id,
+            greq.model,
+            prompt_token_ids=prompt,
+            params=params,
+            media=job.media,
+            kv_transfer_params=handoff,
+            timeout_s=self._timeout_s(greq),
+            tensors=job.tensors,
+            stream=greq.stream,
+        )
+        worker = self._pick(greq.model, role, route, tried)
+        if worker is None:
+            raise GatewayError(
+                503, f"no healthy {ROLE_NAMES[role]} worker available for model {greq.model!r}"
+            )
+        attempts = 2 if role == "d" else p.max_attempts
+        for attempt in range(attempts):
+            try:
+                await self._final(greq, responder, worker, role, route, msg, job.payload, synth,
+                                  continued, done_tokens)  # fmt: skip
+                return
+            except RpcError as exc:
+                tried += (worker,)
+                again = not exc.sent or exc.retryable
+                if role == "d":  # the hand-off stays valid: any decode worker can take it
+                    again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
+                other = self._pick(greq.model, role, route, tried)
+                if not again or other is None or attempt + 1 >= attempts:
+                    raise _client_error(role, worker, exc) from None
+                p.metrics.retries.inc((role,))
+                log.info("request %s: %s retried on %s after %s",
+                         greq.request_id, STAGE_NAMES[role], other.id, exc)  # fmt: skip
+                worker = other
+                await p.backoff(attempt)
+
+    async def _final(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        worker: Worker,
+        role: str,
+        route: RouteContext,
+        msg: Generate,
+        payload: Sequence[Any],
+        synth: OpenAISynth,
+        continued: bool,
+        done_tokens: int,
+    ) -> None:
+        """Send the Generate and answer the client from its events. Raises RpcError when it
+        failed before anything reached the client, :class:`_Broken` after."""
+        p = self.p
+        registry, policy, metrics = p.registry, p.policies[role], p.metrics
+        chan: RpcChannel = worker.channel  # type: ignore[attr-defined]
+        registry.acquire(worker)
+        policy.on_dispatch(worker, route)
+        ok = False
+        t0 = _now()
+        try:
+            for wire in _wire_ids(msg):
+                entered = False
+                try:
+                    async with chan.stream(
+                        wire, payload=payload, timeout=self.first_timeout_s
+                    ) as a:
+                        entered = True
+                        if greq.stream:
+                            await self._relay(greq, responder, a, synth, worker, role, t0,
+                                              continued, done_tokens)  # fmt: skip
+                        else:
+                            await self._whole(greq, responder, a, synth)
+                    break
+                except ValueError:
+                    if entered:
+                        raise
+            ok = True
+        except RpcError as exc:
+            self._failed(worker, role, exc)
+            if responder.started:
+                raise _Broken(worker, exc) from None
+            raise
+        finally:
+            metrics.stage.observe((role, worker.id), _now() - t0)
+            policy.on_finish(worker, route, ok)
+            registry.release(worker)
+        registry.record_success(worker)
+
+    async def _relay(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        answers: Any,
+        synth: OpenAISynth,
+        worker: Worker,
+        role: str,
+        t0: float,
+        continued: bool,
+        done_tokens: int,
+    ) -> None:
+        """Stream the worker's events to the client as OpenAI SSE events, one write each."""
+        metrics = self.p.metrics
+        labels = (role, worker.id)
+        t_first = 0.0
+        events = 0
+        async for event in answers:
+            cls = type(event)
+            if cls is Delta:
+                data = synth.delta(event.text, event.token_ids, event.logprobs)
+            elif cls is Finish:
+                usage = event.usage
+                prompt_tokens = usage.prompt_tokens
+                if continued:  # as the HTTP splice: the continuation's prompt held them
+                    prompt_tokens = max(0, prompt_tokens - done_tokens)
+                data = synth.finish(
+                    event.finish_reason,
+                    event.stop_reason,
+                    prompt_tokens,
+                    usage.completion_tokens + done_tokens,
+                    usage.cached_tokens,
+                )
+            else:
+                raise RpcError(FailureCode.PROTOCOL, f"a {cls.__name__} in a stream")
+            if events == 0:
+                if not responder.started:
+                    await responder.start(200, self._headers(greq, _SSE))
+                t_first = _now()
+                if not continued:
+                    metrics.ttft.observe((greq.model,), t_first - greq.t_start)
+                metrics.stage_ttft.observe(labels, t_first - t0)
+                _stall(answers, self.stall_s)
+            events += 1
+            if cls is Finish:
+                await responder.end(data)
+                if events > 1:
+                    metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
+                return
+            await responder.send(data)
+        raise RpcError(FailureCode.PROTOCOL, "the stream ended without Finish")
+
+    async def _whole(
+        self, greq: GatewayRequest, responder: Responder, answers: Any, synth: OpenAISynth
+    ) -> None:
+        """A non-streamed answer: the worker's (merged) deltas, then one JSON body."""
+        parts: list[str] = []
+        ids: list[int] = []
+        logprobs: list[Any] | None = None
+        async for event in answers:
+            if type(event) is Delta:
+                parts.append(event.text)
+                ids.extend(event.token_ids)
+                if event.logprobs is not None:
+                    logprobs = (logprobs or []) + list(event.logprobs)
+                continue
+            if type(event) is not Finish:
+                raise RpcError(FailureCode.PROTOCOL, f"a {type(event).__name__} in a stream")
+            usage = event.usage
+            body = synth.response(
+                "".join(parts),
+                event.finish_reason,
+                event.stop_reason,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens,
+                ids,
+                logprobs,
+            )
+            await responder.send_full(200, self._headers(greq, [_JSON]), body)
+            return
+        raise RpcError(FailureCode.PROTOCOL, "the stream ended without Finish")
+
+    @staticmethod
+    def _headers(greq: GatewayRequest, base: list[tuple[bytes, bytes]]) -> list:
+        out = [*base, (b"x-request-id", greq.request_id.encode())]
+        if greq.timings:
+            out.append((b"server-timing", greq.server_timing()))
+        return out
+
+
+def _wire_ids(msg: Any) -> Iterator[Any]:
+    """The message, then the same with a suffixed id: a client may reuse an ``X-Request-Id``
+    that is still in flight on the worker, and a channel refuses a second one (ValueError
+    before anything is sent)."""
+    yield msg
+    yield msgspec.structs.replace(msg, request_id=f"{msg.request_id}~{token_hex(3)}")
+
+
+def _stall(answers: Any, stall_s: float) -> None:
+    """After the first event, bound each wait by the stall timeout rather than the time to
+    the first answer (``upstream.stream_stall_timeout_s``: a hung worker mid-stream)."""
+    if stall_s != math.inf:
+        answers.timeout = stall_s
+
+
+def _has_media(obj: Mapping[str, Any]) -> bool:
+    for msg in obj.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") not in (None, "text") for part in content
+        ):
+            return True
+    return False

@@ -1,0 +1,289 @@
+"""OpenAI answers synthesized from a native worker's deltas, in vLLM's exact shapes (sans-IO).
+
+Native workers stream ``Delta`` (new text and token ids) then ``Finish`` (reasons, usage); an
+HTTP client expects what vLLM's OpenAI server writes. :class:`OpenAISynth` turns one into the
+other with no I/O, so the shapes are unit-tested byte for byte and the pipeline only moves bytes:
+
+* streams: ``chat.completion.chunk`` / ``text_completion`` events, the chat role event first,
+  one event per delta, a final event with ``finish_reason`` and ``stop_reason``, the usage event
+  (``choices: []``) when ``stream_options.include_usage``, then ``data: [DONE]``;
+* whole answers: ``chat.completion`` / ``text_completion`` bodies as vLLM (and the simulator)
+  write them, usage with ``prompt_tokens_details.cached_tokens``.
+
+Ids are ``chatcmpl-<request id>`` and ``cmpl-<request id>`` (vLLM names answers after the
+``X-Request-Id`` it was given). Constant parts of every event are encoded once per request; a
+delta costs one JSON string encode and a few concatenations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+__all__ = ["DONE", "OpenAISynth", "usage_dict"]
+
+DONE = b"data: [DONE]\n\n"
+_encode = msgspec.json.encode
+
+
+def usage_dict(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    """vLLM's usage object (key order as vLLM writes it)."""
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+    }
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
+
+
+class OpenAISynth:
+    """One request's OpenAI answer built from deltas.
+
+    Args:
+        kind: ``"chat"`` or ``"completion"``.
+        request_id: the gateway's request id (the answer's id is derived from it).
+        model: the model name the client asked for.
+        created: the answer's ``created`` (seconds since the epoch), fixed per request.
+        include_usage: ``stream_options.include_usage``: a usage event before ``[DONE]``.
+        continuous_usage: ``stream_options.continuous_usage_stats``: usage on every event.
+        prompt_tokens: the prompt's length, for continuous usage (final usage comes from the
+            worker).
+        echo: completions with ``echo``: the prompt text, sent before the completion.
+        logprobs: render the deltas' logprobs (the client asked for them).
+        token_text: a token id's text, for logprobs entries.
+    """
+
+    __slots__ = (
+        "_head",
+        "_logprobs",
+        "_mid",
+        "_offset",
+        "_parts",
+        "_post",
+        "_pre",
+        "chat",
+        "continuous_usage",
+        "created",
+        "echo",
+        "id",
+        "include_usage",
+        "model",
+        "opened",
+        "prompt_tokens",
+        "token_text",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        request_id: str,
+        model: str,
+        created: int,
+        *,
+        include_usage: bool = False,
+        continuous_usage: bool = False,
+        prompt_tokens: int = 0,
+        echo: str | None = None,
+        logprobs: bool = False,
+        token_text: Callable[[int], str] | None = None,
+    ) -> None:
+        if kind not in ("chat", "completion"):
+            raise ValueError(f"kind must be 'chat' or 'completion', not {kind!r}")
+        self.chat = kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
+        self.echo = echo
+        self.token_text = token_text or str
+        self._logprobs = logprobs
+        obj = b"chat.completion.chunk" if self.chat else b"text_completion"
+        self._head = (
+            b'data: {"id":' + _encode(self.id) + b',"object":"' + obj + b'","created":'
+            + str(created).encode() + b',"model":' + _encode(model) + b',"choices":['
+        )  # fmt: skip
+        self._pre = self._head + (b'{"index":0,"delta":{"content":' if self.chat else
+                                  b'{"index":0,"text":')  # fmt: skip
+        self._mid = b"}" if self.chat else b""  # closes the chat delta object
+        self._post = b',"finish_reason":null' + (b"}" if self.chat else b',"stop_reason":null}')
+        self._parts: list[str] = []
+        self._offset = len(echo) if echo else 0  # completions logprobs' text_offset
+        self.tokens = 0
+        self.opened = False
+
+    # -- streams ------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The completion text streamed so far (without an echoed prompt)."""
+        return "".join(self._parts)
+
+    def open(self) -> bytes:
+        """The events that open a stream (chat: the role event; completions: the echoed prompt,
+        if any). Empty after the first call, so a continued stream never repeats them."""
+        if self.opened:
+            return b""
+        self.opened = True
+        if self.chat:
+            return (
+                self._head + b'{"index":0,"delta":{"role":"assistant","content":""},'
+                b'"logprobs":null,"finish_reason":null}' + self._tail(0)
+            )
+        if self.echo:
+            return self._pre + _encode(self.echo) + b',"logprobs":null' + self._post + self._tail(0)
+        return b""
+
+    def delta(
+        self, text: str, token_ids: Sequence[int] = (), logprobs: Sequence[Any] | None = None
+    ) -> bytes:
+        """One content event (the stream's opening events first, when not sent yet)."""
+        head = b"" if self.opened else self.open()
+        self._parts.append(text)
+        self.tokens += len(token_ids)
+        lp = self._render_logprobs(text, token_ids, logprobs)
+        return (
+            head + self._pre + _encode(text) + self._mid + b',"logprobs":' + lp
+            + self._post + self._tail(self.tokens)
+        )  # fmt: skip
+
+    def finish(
+        self,
+        finish_reason: str,
+        stop_reason: str | int | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+    ) -> bytes:
+        """The final event, the usage event when asked for, and ``[DONE]``."""
+        head = b"" if self.opened else self.open()
+        choice = b'{"index":0,' + (b'"delta":{"content":""}' if self.chat else b'"text":""')
+        choice += b',"logprobs":null,"finish_reason":' + _encode(finish_reason)
+        choice += b',"stop_reason":' + _encode(stop_reason) + b"}"
+        out = head + self._head + choice + self._tail(completion_tokens, prompt_tokens)
+        if self.include_usage:
+            usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
+            out += self._head + b'],"usage":' + _encode(usage) + b"}\n\n"
+        return out + DONE
+
+    def _tail(self, completion: int, prompt: int | None = None) -> bytes:
+        if not self.continuous_usage:
+            return b"]}\n\n"
+        p = self.prompt_tokens if prompt is None else prompt
+        return b'],"usage":' + _encode(usage_dict(p, completion)) + b"}\n\n"
+
+    # -- whole answers ------------------------------------------------------------------------
+    def response(
+        self,
+        text: str,
+        finish_reason: str,
+        stop_reason: str | int | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        token_ids: Sequence[int] = (),
+        logprobs: Sequence[Any] | None = None,
+    ) -> bytes:
+        """A non-streamed ``chat.completion`` or ``text_completion`` body."""
+        usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
+        lp = self._logprobs_obj(text, token_ids, logprobs)
+        if self.chat:
+            return _encode(
+                {
+                    "id": self.id,
+                    "object": "chat.completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": text,
+                                "refusal": None,
+                                "annotations": None,
+                                "audio": None,
+                                "function_call": None,
+                                "tool_calls": [],
+                                "reasoning_content": None,
+                            },
+                            "logprobs": lp,
+                            "finish_reason": finish_reason,
+                            "stop_reason": stop_reason,
+                        }
+                    ],
+                    "service_tier": None,
+                    "system_fingerprint": None,
+                    "usage": usage,
+                    "prompt_logprobs": None,
+                    "kv_transfer_params": None,
+                }
+            )
+        return _encode(
+            {
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": (self.echo or "") + text,
+                        "logprobs": lp,
+                        "finish_reason": finish_reason,
+                        "stop_reason": stop_reason,
+                        "prompt_logprobs": None,
+                    }
+                ],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "kv_transfer_params": None,
+            }
+        )
+
+    # -- logprobs -----------------------------------------------------------------------------
+    def _render_logprobs(
+        self, text: str, token_ids: Sequence[int], logprobs: Sequence[Any] | None
+    ) -> bytes:
+        if not self._logprobs or logprobs is None:
+            if not self.chat:
+                self._offset += len(text)
+            return b"null"
+        return _encode(self._logprobs_obj(text, token_ids, logprobs))
+
+    def _logprobs_obj(
+        self, text: str, token_ids: Sequence[int], logprobs: Sequence[Any] | None
+    ) -> dict[str, Any] | None:
+        """vLLM's logprobs for the sampled tokens (workers send no alternatives, so
+        ``top_logprobs`` is empty)."""
+        if not self._logprobs or logprobs is None:
+            return None
+        names = [self.token_text(t.token_id) for t in logprobs]
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": name,
+                        "logprob": max(t.logprob, -9999.0),
+                        "bytes": list(name.encode("utf-8")),
+                        "top_logprobs": [],
+                    }
+                    for name, t in zip(names, logprobs, strict=True)
+                ]
+            }
+        offsets = []
+        for name in names:
+            offsets.append(self._offset)
+            self._offset += len(name)
+        return {
+            "text_offset": offsets,
+            "token_logprobs": [max(t.logprob, -9999.0) for t in logprobs],
+            "tokens": names,
+            "top_logprobs": [{} for _ in logprobs],
+        }
