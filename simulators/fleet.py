@@ -1,5 +1,7 @@
 """Start simulated workers: in-process (a trio task, for fast tests) or as a fleet of processes
-(for demos, benchmarks and chaos tests that kill workers).
+(for demos, benchmarks and chaos tests that kill workers). A fleet speaks HTTP (the vLLM API,
+``python -m lmgw.simulators``) or the native ZeroMQ protocol (``python -m lmgw.worker``, the
+same simulated engine): ``transport``.
 
 Resource handling: ``run_fleet`` owns its children. Each child is spawned in its own session,
 binds port 0 and reports its URL on a READY line. When ``run_fleet`` ends for any reason (its
@@ -118,6 +120,8 @@ class Fleet:
         self.model_dir: Path | None = None
         """The model folder every worker tokenizes with (``--model-dir``): give the gateway the
         same one (``models[].tokenizer``) and its tokenization matches the workers'."""
+        self.transport = "http"
+        """``http`` (members' URLs are ``http://``) or ``zmq`` (``zmq+tcp://``)."""
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.endpoints())
@@ -169,6 +173,9 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
+TRANSPORTS = ("http", "zmq")
+
+
 def worker_command(
     role: str,
     *,
@@ -176,8 +183,27 @@ def worker_command(
     speed: float,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
+    transport: str = "http",
 ) -> list[str]:
-    """The argv of one worker process (port 0: the child picks a free port)."""
+    """The argv of one worker process (port 0: the child picks a free port); ``transport``
+    ``zmq`` starts the native worker (``python -m lmgw.worker``) around the same engine."""
+    if transport == "zmq":
+        return [
+            python,
+            "-m",
+            "lmgw.worker",
+            "--engine",
+            "sim",
+            "--role",
+            role,
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--model",
+            model,
+            "--speed",
+            repr(float(speed)),
+            *extra_args,
+        ]
     return [
         python,
         "-m",
@@ -207,6 +233,7 @@ async def run_fleet(
     ready_timeout_s: float = 30.0,
     grace_s: float = 3.0,
     python: str = sys.executable,
+    transport: str = "http",
     task_status: trio.TaskStatus[Fleet] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Spawn ``counts[role]`` worker processes per role, wait for all to be READY, report the
@@ -225,8 +252,14 @@ async def run_fleet(
     one ``extra_args`` names, or the per-user sim-model (built here once, before any spawn, so
     the workers do not race to build it). ``Fleet.model_dir`` tells which.
 
+    ``transport="zmq"`` starts native workers (``python -m lmgw.worker --engine sim``, the same
+    engine behind the native protocol; members' URLs are ``zmq+tcp://``). They take no
+    ``--model-dir`` yet and tokenize with the per-user sim-model, so another model folder is
+    refused, and ``dialect`` must be None (the hand-offs travel in the protocol).
+
     Raises:
-        ValueError: an unknown role or a negative count (before anything is spawned).
+        ValueError: an unknown role or a negative count, an unknown transport, or a model
+            folder or dialect a native fleet cannot use (before anything is spawned).
         FleetError: a child exited or stayed silent for ``ready_timeout_s`` before READY.
     """
     for role, count in counts.items():
@@ -234,9 +267,23 @@ async def run_fleet(
             raise ValueError(unsupported_role_message(role))
         if count < 0:
             raise ValueError(f"negative worker count for role {role!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}: expected one of {TRANSPORTS}")
     fleet = Fleet()
+    fleet.transport = transport
     named = _flag_value(extra_args, "--model-dir")
-    if named is not None:
+    if transport == "zmq":
+        if dialect is not None:
+            raise ValueError("a native (zmq) fleet takes no dialect: hand-offs use the protocol")
+        default = await trio.to_thread.run_sync(model_files.default_model_dir)
+        wanted = named if named is not None else model_dir
+        if wanted is not None and os.path.realpath(wanted) != os.path.realpath(default):
+            raise ValueError(
+                "native (zmq) workers take no --model-dir yet: they tokenize with the per-user"
+                f" sim-model ({default})"
+            )
+        fleet.model_dir = Path(default)
+    elif named is not None:
         fleet.model_dir = Path(named)
     else:
         if model_dir is None:
@@ -263,7 +310,12 @@ async def run_fleet(
                     role_args += dialect_args(dialect, role, own_lmcache_dir)
                     for _ in range(count):
                         cmd = worker_command(
-                            role, model=model, speed=speed, extra_args=role_args, python=python
+                            role,
+                            model=model,
+                            speed=speed,
+                            extra_args=role_args,
+                            python=python,
+                            transport=transport,
                         )
                         starters.start_soon(
                             _start_member, nursery, fleet, role, index, cmd, ready_timeout_s, errors
@@ -332,6 +384,8 @@ async def _start_member(
         line = await _read_line(proc.stdout)
     if line.startswith(b"READY "):
         url, *fields = line[6:].decode().split()
+        if url.startswith(("tcp://", "ipc://")):  # a native worker: "READY tcp://h:p control=.."
+            url = "zmq+" + url
         member.url = url
         for f in fields:  # "kv_address=HOST:PORT" from a worker with a KV port
             key, _, value = f.partition("=")

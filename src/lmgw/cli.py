@@ -344,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         " default: the engine default for the flow of --workers",
     )
     p_sim.add_argument("--server", choices=("native", "hypercorn"), default=None)
+    p_sim.add_argument(
+        "--transport",
+        choices=("http", "zmq"),
+        default="http",
+        help="how the gateway reaches the simulated workers: http (the vLLM API) or zmq (the"
+        " native protocol, media as tensor frames); default http",
+    )
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)
 

@@ -6,6 +6,11 @@ p/d worker a KV port (its ``kv_address`` goes into the gateway's config), ``vllm
 them with the LMCache connector over a shared temporary directory. Ctrl-C or SIGTERM drains the
 gateway, then terminates every worker (SIGTERM, then SIGKILL after a grace period): nothing is
 left behind (the shared directories are removed too).
+
+``--transport zmq`` runs the same simulated engine behind the native protocol instead
+(``python -m lmgw.worker``): the gateway reaches the workers at ``zmq+tcp://`` URLs, the model's
+dialect is ``lmgw-native``, and the gateway tokenizes with the workers' model folder (native
+workers take token ids). Media then go to the encoders as tensor frames.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import trio
 
 from .cli import run_until_signal
 from .config import (
+    NATIVE_DIALECT,
     GatewayConfig,
     LimitsConfig,
     ModelConfig,
@@ -39,13 +45,14 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     if getattr(args, "server", None):
         server["server"] = args.server
     routing = {"policy": args.policy} if getattr(args, "policy", None) else {}
-    dialect = getattr(args, "dialect", None) or "openai"
+    native = getattr(fleet, "transport", "http") == "zmq"
+    dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"
     workers = []
     for m in fleet.members:
         if not m.url:
             continue
         # a simulated prefill worker serves its SGLang bootstrap rendezvous on its HTTP port
-        port = int(m.url.rsplit(":", 1)[1]) if m.role == "p" else None
+        port = int(m.url.rsplit(":", 1)[1]) if m.role == "p" and not native else None
         workers.append(
             WorkerConfig(
                 url=m.url,
@@ -72,11 +79,20 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
 
 async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
-    try:  # before any process starts: a dialect that cannot run the spec's flow
-        dialect = dialect_for(spec.flow, getattr(args, "dialect", None) or "openai", "--dialect")
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    transport = getattr(args, "transport", None) or "http"
+    dialect = None
+    if transport == "zmq":
+        if getattr(args, "dialect", None):
+            log.error("--dialect is for HTTP workers; --transport zmq speaks %s", NATIVE_DIALECT)
+            return 2
+    else:
+        try:  # before any process starts: a dialect that cannot run the spec's flow
+            dialect = dialect_for(
+                spec.flow, getattr(args, "dialect", None) or "openai", "--dialect"
+            )
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
     async with trio.open_nursery() as nursery:
         try:
             fleet: Fleet = await nursery.start(
@@ -85,6 +101,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                     model=args.model,
                     speed=args.speed,
                     dialect=None if dialect is None else dialect.name,
+                    transport=transport,
                     task_status=task_status,
                 )
             )

@@ -155,3 +155,75 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
     assert workers & sim_pids() == set(), "simulated workers outlived lmgw simulate"
     if lmcache_dir is not None:
         assert not os.path.exists(lmcache_dir), "the shared LMCache directory was left behind"
+
+
+def native_worker_pids() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"lmgw.worker\x00" in f.read():
+                        pids.add(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
+    """`lmgw simulate --transport zmq`: native workers, the image through E as a tensor frame,
+    P -> D over the protocol; SIGTERM leaves no worker behind."""
+    before = native_worker_pids()
+    proc = subprocess.Popen(
+        [*LMGW, "simulate", "--workers", "1e1p1d", "--transport", "zmq", "--port", "0",
+         "--speed", "inf", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            assert not re.match(r"\s+worker", line) or "zmq+tcp://127.0.0.1:" in line, line
+            if m := re.search(r"on (http://\S+)", line):
+                url = m.group(1)
+        assert url, proc.stderr.read()
+        workers = native_worker_pids() - before
+        assert len(workers) >= 3
+        png = (
+            "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEm"
+            "R2hJIgAAAABJRU5ErkJggg=="
+        )
+        content = [
+            {"type": "text", "text": "What is in the image?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+        ]
+        body = {
+            "model": "sim-llama-8b",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+        }
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.load(resp)
+            timing = resp.headers.get("server-timing", "")
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] == 4
+        assert "encode;dur=" in timing and "prefill;dur=" in timing  # E, then P, then D
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)
+    assert workers & native_worker_pids() == set(), "native workers outlived lmgw simulate"
