@@ -38,6 +38,8 @@ from lmgw.routing.policy import Policy
 from lmgw.sdk.aio import _END, _EventPipe
 from lmgw.simulators import SimWorker, WorkerOptions, serve_worker_inprocess
 from lmgw.simulators.faults import Faults
+from lmgw.transport.dialects import DIALECTS
+from lmgw.transport.dialects.vllm_nixl import VllmNixl
 
 MODEL = "sim-model"
 HI = [{"role": "user", "content": "Say something about gateways."}]
@@ -108,6 +110,8 @@ def sims() -> Any:
             "fast": WorkerOptions(model=MODEL, speed=math.inf),
             "slow": WorkerOptions(model=MODEL, speed=1.0),
             "faulty": WorkerOptions(model=MODEL, speed=math.inf, faults=Faults(drop_at_token=3)),
+            "prefill": WorkerOptions(model=MODEL, speed=math.inf, role="p"),
+            "decode": WorkerOptions(model=MODEL, speed=math.inf, role="d"),
         }
     ) as fleet:
         yield fleet
@@ -556,6 +560,39 @@ def test_event_pipe_is_bounded_and_ordered() -> None:
         assert box["raised"]
 
     asyncio.run(main())
+
+
+class CountingNixl(VllmNixl):
+    """A custom dialect: vLLM NIXL's legs, counted."""
+
+    name = "test-counting-nixl"
+    prefills = 0
+
+    def prefill_request(self, body: Any, ctx: Any) -> Any:
+        type(self).prefills += 1
+        return super().prefill_request(body, ctx)
+
+
+async def test_custom_dialect_by_name(sims: SimThread) -> None:
+    lmgw.register_dialect(CountingNixl)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            lmgw.register_dialect(type("Other", (VllmNixl,), {"name": CountingNixl.name}))
+        async with lmgw.Gateway(
+            models=[{"name": MODEL, "flow": "p/d", "dialect": CountingNixl.name}],
+            workers=[
+                {"url": sims.urls["prefill"], "role": "p"},
+                {"url": sims.urls["decode"], "role": "d"},
+            ],
+        ) as gw:
+            result = await gw.chat(model=MODEL, messages=HI, max_tokens=4)
+            assert result.usage is not None and result.usage.completion_tokens == 4
+            events = await collect(gw.chat_stream(model=MODEL, messages=HI, max_tokens=4))
+            assert text_of(events) == result.text
+        assert CountingNixl.prefills == 2
+        assert sims.sims["decode"].stats.kv_blocks_verified > 0  # the hand-off really happened
+    finally:
+        DIALECTS.pop(CountingNixl.name, None)
 
 
 # -- the client alone, and the package surface -----------------------------------------------------
