@@ -81,12 +81,22 @@ FLOWS = {
 
 class Recording(SimEngine):
     """The simulator's engine, remembering what tests look at: each Encode's tensors (as
-    arrays) and when each abort arrived (trio's clock: the gateway runs in the same loop)."""
+    arrays), how many tensors each Prefill/Generate brought, and when each abort arrived
+    (trio's clock: the gateway runs in the same loop)."""
 
     def __init__(self, options: WorkerOptions) -> None:
         super().__init__(options)
         self.encoded: list[tuple[list[Any], list[np.ndarray]]] = []
+        self.stage_tensors: list[int] = []
         self.abort_at: dict[str, float] = {}
+
+    def generate(self, req: Any) -> Any:
+        self.stage_tensors.append(len(req.tensors))
+        return super().generate(req)
+
+    async def prefill(self, req: Any) -> Any:
+        self.stage_tensors.append(len(req.tensors))
+        return await super().prefill(req)
 
     async def encode(self, req: Any) -> Any:
         arrays = [np.array(a) for a in unpack_tensors(req.msg.tensors, req.tensors)]
@@ -222,12 +232,19 @@ async def test_every_flow_gives_the_http_simulators_text(
     if "d" in FLOWS[flow]:  # the decode side verified the KV the prefill worker computed
         assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
         assert sum(e.counters["kv_blocks_published"] for e in engines["p"]) > 0
-    if "e" not in FLOWS[flow]:
-        return
+
+    stages = [e for role in ("p", "d", "pd") for e in engines.get(role, [])]
+    seen = [len(e.stage_tensors) for e in stages]
     media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
     for stream in (False, True):
         text, usage, _ = await run(chat, url, WITH_IMAGE, stream)
         assert text == media_text, (flow, "media", stream)
+    # what the media requests' stages brought
+    tensors = [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
+    if "e" not in FLOWS[flow]:  # no encoder: the prompt's workers got the pixels themselves
+        assert tensors and all(n == 1 for n in tensors), tensors
+        return
+    assert tensors and all(n == 0 for n in tensors), tensors  # after E: by hash only
     # one Encode for the item (the second request found it in the gateway's encoder cache),
     # carrying the decoded pixels as a tensor frame, not the base64
     encodes = [rec for e in engines["e"] for rec in e.encoded]

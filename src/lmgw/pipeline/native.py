@@ -486,8 +486,8 @@ class NativeRunner:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise GatewayError(400, "the request body must be a JSON object")
-        job = _Job(obj, await self._prompt(greq.endpoint, obj, text), sampling_params(
-            greq.endpoint, obj))  # fmt: skip
+        params = sampling_params(greq.endpoint, obj)  # before tokenizing: a cheap 400 first
+        job = _Job(obj, await self._prompt(greq.endpoint, obj, text), params)
         flow = self.p.flows.get(greq.model, self.p.default_flow)
         roles = FLOW_ROLES[flow]
         route = RouteContext(greq.model, greq.request_id)
