@@ -19,6 +19,14 @@ Prompts are tokenized as a vLLM worker given the same model folder would (``mode
 :mod:`.engine`): ``/tokenize`` and ``/detokenize`` answer in vLLM's shapes, and ``usage`` counts
 the same tokens, so the gateway's tokenization parity self-test passes against this worker.
 
+Tool mode: a chat request with ``tools`` gets the model-style text of a call in the worker's
+``tool_format`` (``hermes`` unless configured) when ``tool_choice`` names a function, is
+``"required"``, or is ``"auto"`` and the user's final message names a tool; arguments are drawn
+from the function's JSON schema, deterministically. The text is answered raw, with
+``finish_reason: "stop"`` and no ``tool_calls``: a vLLM worker without
+``--enable-auto-tool-choice``, whose output the gateway parses (docs/tools.md says where the
+simulator and real vLLM differ).
+
 ``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
 contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
 engine logic lives in :mod:`.engine` (sans-IO); this module only parses, validates, sleeps per the
@@ -46,6 +54,7 @@ import msgspec
 import trio
 
 from lmgw.http.types import Headers, Request, Responder
+from lmgw.tools import TOOL_PARSERS
 from lmgw.transport.pool import ConnectionPool, Origin, UpstreamError
 
 from .disagg import (
@@ -65,6 +74,7 @@ from .disagg import (
     verify_kv_blocks,
 )
 from .engine import (
+    DEFAULT_TOOL_FORMAT,
     Completion,
     Engine,
     EngineConfig,
@@ -74,6 +84,8 @@ from .engine import (
     SamplingSpec,
     Ticket,
     TimingModel,
+    ToolPlan,
+    plan_tool_call,
 )
 from .faults import DropConnection, FaultInjector, Faults
 from .metrics import render_metrics
@@ -138,6 +150,10 @@ class WorkerOptions:
     real LMCache does silently)."""
     lmcache_chunk_size: int = LMCACHE_CHUNK_TOKENS
     """Tokens per LMCache chunk (its ``chunk_size``); p and d must agree."""
+    tool_format: str = DEFAULT_TOOL_FORMAT
+    """How the model writes tool calls (a parser name of :mod:`lmgw.tools`) when a chat request
+    carries ``tools``: the worker answers with that raw text, like a vLLM worker started without
+    ``--enable-auto-tool-choice``, and leaves the parsing to the gateway (docs/tools.md)."""
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -195,6 +211,7 @@ _NULL = msgspec.Raw(b"null")
 class ChatRequest(_GenRequest, kw_only=True):
     messages: msgspec.Raw
     tools: msgspec.Raw = _NULL
+    tool_choice: msgspec.Raw = _NULL
     documents: msgspec.Raw = _NULL
     chat_template_kwargs: msgspec.Raw = _NULL
     add_generation_prompt: bool = True
@@ -404,6 +421,11 @@ class SimWorker:
             raise ValueError(unsupported_role_message(opts.role))
         if opts.role == "e" and not opts.ec_dir:
             raise ValueError("an encode worker (role e) needs ec_dir (--ec-dir)")
+        if opts.tool_format not in TOOL_PARSERS:
+            raise ValueError(
+                f"unknown tool_format {opts.tool_format!r}: expected one of "
+                f"{', '.join(sorted(TOOL_PARSERS))}"
+            )
         if opts.kv_connector not in KV_CONNECTORS:
             raise ValueError(
                 f"unknown kv_connector {opts.kv_connector!r}: expected one of "
@@ -514,7 +536,8 @@ class SimWorker:
         ids = rendered.token_ids
         choices = self._continuation(req, spec) if req.continue_final_message and n == 1 else None
         if choices is None:
-            choices = [self.engine.generate(ids, spec, i) for i in range(n)]
+            tool = self._tool_plan(req)
+            choices = [self.engine.generate(ids, spec, i, tool) for i in range(n)]
         stream = bool(req.stream)
         so = req.stream_options
         plan = _Plan(
@@ -568,6 +591,27 @@ class SimWorker:
         except PromptError as exc:
             raise _bad(str(exc), exc.param) from None
 
+    def _tool_plan(self, req: ChatRequest, messages: Any = None) -> ToolPlan | None:
+        """The function the model calls for this request (tool mode), or None: requests
+        without ``tools`` never get here past one bytes comparison, so their output is the
+        plain deterministic text. ``messages``: already decoded ones, if the caller has them."""
+        raw_tools = bytes(req.tools)
+        if raw_tools == b"null":
+            return None
+        try:
+            tools = msgspec.json.decode(raw_tools)
+            choice = msgspec.json.decode(bytes(req.tool_choice))
+            if messages is None:
+                messages = msgspec.json.decode(bytes(req.messages))
+        except msgspec.DecodeError as exc:
+            raise _bad(str(exc)) from None
+        if not isinstance(tools, list):
+            raise _bad("tools must be a list", "tools")
+        try:
+            return plan_tool_call(tools, choice, messages, self.options.tool_format)
+        except PromptError as exc:
+            raise _bad(str(exc), exc.param) from None
+
     def _continuation(self, req: ChatRequest, spec: SamplingSpec) -> list[Completion] | None:
         """``continue_final_message`` on a partial answer of this model: the rest of the answer
         the messages before it would have got (rendered with ``add_generation_prompt``), so a
@@ -593,7 +637,8 @@ class SimWorker:
             ).token_ids
         except PromptError:
             return None
-        full = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=None))
+        tool = self._tool_plan(req, msgs[:-1])
+        full = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=None), 0, tool)
         k, seen = 0, ""
         while len(seen) < len(partial) and k < len(full.pieces):
             seen += full.pieces[k]
@@ -601,7 +646,7 @@ class SimWorker:
         if seen != partial:
             return None
         budget = None if spec.max_tokens is None else spec.max_tokens + k
-        whole = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=budget))
+        whole = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=budget), 0, tool)
         pieces = whole.pieces[k:]
         return [
             Completion(

@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import struct
 from array import array
 from collections import OrderedDict, deque
@@ -41,6 +42,7 @@ from lmgw.text import (
     ModelTokenizer,
     TokenIdError,
 )
+from lmgw.tools import TOOL_PARSERS
 
 from . import model_files
 
@@ -591,8 +593,15 @@ def generate(
     entries = _draw_tokens(key, length, vocab)
     token_ids = [e.token_id for e in entries]
     pieces = [e.piece for e in entries]
-    stop_reason: str | int | None = None
+    return _stop_and_pack(token_ids, pieces, finish, spec, vocab)
 
+
+def _stop_and_pack(
+    token_ids: list[int], pieces: list[str], finish: str, spec: SamplingSpec, vocab: OutputVocab
+) -> Completion:
+    """Apply the request's stop token ids and stop strings (as vLLM checks them after every
+    token) to a drawn output, and pack it."""
+    stop_reason: str | int | None = None
     first_checked = max(0, spec.min_tokens - 1)  # vLLM skips stop checks before min_tokens
     if spec.stop_token_ids:
         stop_ids = set(spec.stop_token_ids)
@@ -650,6 +659,205 @@ def _cut_pieces(pieces: list[str], cut: int) -> list[str]:
         out.append(p if keep == len(p) else p[:keep])
         pos += len(p)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tool mode
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_TOOL_FORMAT = "hermes"
+"""The tool-call format a simulated worker writes unless configured (``--tool-format``)."""
+_MAX_SCHEMA_DEPTH = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """A completion that calls a function: the format the model writes it in (a name of
+    :data:`lmgw.tools.TOOL_PARSERS`), the function, and its parameters schema as JSON text (so a
+    plan is hashable and keys the completion memo)."""
+
+    format: str
+    name: str
+    parameters: str = "{}"
+
+
+def _message_text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _function_of(tool: Any) -> dict[str, Any] | None:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]:
+        return fn
+    return None
+
+
+def plan_tool_call(tools: Any, tool_choice: Any, messages: Any, fmt: str) -> ToolPlan | None:
+    """Which function a chat request makes the simulated model call, if any.
+
+    ``tool_choice`` as OpenAI defines it: a named function is called; ``"required"`` calls the
+    first tool; ``"auto"`` (the default with tools) calls the first tool whose name the request's
+    final message mentions, when that message is the user's (after a tool result the model
+    answers in text, so an agent loop ends); ``"none"`` never calls.
+
+    Raises:
+        PromptError: a ``tool_choice`` vLLM would reject (unknown shape, or naming a function
+            that is not among ``tools``).
+    """
+    functions = [fn for fn in map(_function_of, tools or ()) if fn is not None]
+    if tool_choice is None:
+        tool_choice = "auto"
+    if isinstance(tool_choice, dict):
+        fn_choice = tool_choice.get("function")
+        wanted = fn_choice.get("name") if isinstance(fn_choice, dict) else None
+        if not isinstance(wanted, str):
+            raise PromptError("tool_choice.function.name must be a string", "tool_choice")
+        chosen = next((fn for fn in functions if fn["name"] == wanted), None)
+        if chosen is None:
+            raise PromptError(f"Tool '{wanted}' has not been passed in `tools`.", "tool_choice")
+    elif tool_choice == "none" or not functions:
+        return None
+    elif tool_choice == "required":
+        chosen = functions[0]
+    elif tool_choice == "auto":
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not (isinstance(last, dict) and last.get("role") == "user"):
+            return None
+        said = _message_text(last)
+        chosen = next(
+            (
+                fn
+                for fn in functions
+                if re.search(rf"(?<![A-Za-z0-9_]){re.escape(fn['name'])}(?![A-Za-z0-9_])", said)
+            ),
+            None,
+        )
+        if chosen is None:
+            return None
+    else:
+        raise PromptError(
+            "tool_choice must be 'none', 'auto', 'required' or a named function", "tool_choice"
+        )
+    params = chosen.get("parameters")
+    schema = params if isinstance(params, dict) else {}
+    return ToolPlan(fmt, chosen["name"], msgspec.json.encode(schema).decode())
+
+
+def schema_value(schema: Any, rng: random.Random, words: Sequence[str], depth: int = 0) -> Any:
+    """A value valid against a JSON schema (the subset tools use: type, enum, const,
+    properties + required, items, min/max bounds and lengths, anyOf/oneOf), drawn from ``rng``.
+    Optional object properties are included about half the time."""
+    if not isinstance(schema, dict):
+        schema = {}
+    if "const" in schema:
+        return schema["const"]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[rng.randrange(len(enum))]
+    for key in ("anyOf", "oneOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            return schema_value(options[0], rng, words, depth)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "null":
+        return None
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind in ("integer", "number"):
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", max(lo, 0) + 100))
+        if kind == "integer":
+            lo_i = math.ceil(lo) + (1 if "exclusiveMinimum" in schema and lo == int(lo) else 0)
+            hi_i = math.floor(hi) - (1 if "exclusiveMaximum" in schema and hi == int(hi) else 0)
+            return rng.randint(lo_i, max(lo_i, hi_i))
+        return round(lo + (hi - lo) * rng.random(), 2) if hi > lo else lo
+    if kind == "array":
+        if depth >= _MAX_SCHEMA_DEPTH:
+            return []
+        low = int(schema.get("minItems", 1))
+        high = max(low, min(int(schema.get("maxItems", 3)), 3))
+        return [
+            schema_value(schema.get("items"), rng, words, depth + 1)
+            for _ in range(rng.randint(low, high))
+        ]
+    if kind == "object":
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        required = schema.get("required")
+        required = set(required) if isinstance(required, list) else set()
+        out: dict[str, Any] = {}
+        for name, sub in props.items():
+            if name in required or (depth < _MAX_SCHEMA_DEPTH and rng.random() < 0.5):
+                out[name] = schema_value(sub, rng, words, depth + 1)
+        return out
+    # a string (and any type this subset does not know)
+    text = " ".join(words[rng.randrange(len(words))] for _ in range(rng.randint(1, 3)))
+    low = int(schema.get("minLength", 0))
+    high = schema.get("maxLength")
+    text = text.ljust(low, "x")
+    return text[: int(high)] if isinstance(high, int) else text
+
+
+def _decoded_pieces(model: ModelTokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token's new visible text, as vLLM's incremental detokenizer sends it: a token that
+    ends inside a UTF-8 character shows nothing until the character is complete."""
+    pieces: list[str] = []
+    shown = ""
+    for k in range(1, len(ids) + 1):
+        text = model.decode(ids[:k])
+        if text.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        pieces.append(text[len(shown) :])
+        shown = text
+    return pieces
+
+
+def generate_tool_call(
+    prompt_ids: Sequence[int],
+    spec: SamplingSpec,
+    plan: ToolPlan,
+    *,
+    engine_seed: int,
+    max_model_len: int,
+    tokenizer: Tokenizer,
+    index: int = 0,
+) -> Completion:
+    """A completion that calls ``plan``'s function, written as a model of ``plan.format``
+    writes calls (the gateway's parser of that name turns it back into the call): a pure
+    function of its arguments, like :func:`generate`. The arguments are drawn from the
+    function's schema with the completion key; the text is real tokens of the model folder.
+    Stops, ``max_tokens``, ``min_tokens`` and ``ignore_eos`` apply as to any output (words
+    follow the call when the model may not stop)."""
+    key = completion_key(prompt_ids, engine_seed, spec.seed, index)
+    vocab = tokenizer.output
+    words = [forms[1].piece for forms in vocab.word_forms]
+    args = schema_value(msgspec.json.decode(plan.parameters), random.Random(key), words)
+    if not isinstance(args, dict):
+        args = {}
+    text = TOOL_PARSERS[plan.format].render([(plan.name, args)])
+    token_ids = list(tokenizer.model.encode(text, add_special_tokens=False))
+    pieces = _decoded_pieces(tokenizer.model, token_ids)
+    room = max(0, max_model_len - len(prompt_ids))
+    cap = room if spec.max_tokens is None else min(spec.max_tokens, room)
+    natural: float = math.inf if spec.ignore_eos else max(len(token_ids), spec.min_tokens)
+    length, finish = (int(natural), "stop") if natural <= cap else (cap, "length")
+    if length > len(token_ids):
+        extra = _draw_tokens(key, length - len(token_ids), vocab)
+        token_ids += [e.token_id for e in extra]
+        pieces += [e.piece for e in extra]
+    return _stop_and_pack(token_ids[:length], pieces[:length], finish, spec, vocab)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -967,31 +1175,49 @@ class Engine:
         self.running = 0
         self.decoding = 0
         self.kv_blocks_in_use = 0
-        self._memo: OrderedDict[tuple[tuple[int, ...], SamplingSpec, int], Completion] = (
-            OrderedDict()
-        )
+        self._memo: OrderedDict[
+            tuple[tuple[int, ...], SamplingSpec, int, ToolPlan | None], Completion
+        ] = OrderedDict()
 
     def submit(self, prompt_tokens: int, nseq: int = 1) -> Ticket:
         """A new request enters the queue."""
         return Ticket(self, prompt_tokens, nseq)
 
-    def generate(self, prompt_ids: Sequence[int], spec: SamplingSpec, index: int = 0) -> Completion:
-        """:func:`generate` with this engine's seed, memoised: completions are immutable and
-        benchmarks repeat prompts, so a hit costs one tuple hash instead of a draw per token."""
-        key = (tuple(prompt_ids), spec, index)
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        spec: SamplingSpec,
+        index: int = 0,
+        tool: ToolPlan | None = None,
+    ) -> Completion:
+        """:func:`generate` with this engine's seed (:func:`generate_tool_call` when the request
+        makes the model call ``tool``), memoised: completions are immutable and benchmarks
+        repeat prompts, so a hit costs one tuple hash instead of a draw per token."""
+        key = (tuple(prompt_ids), spec, index, tool)
         memo = self._memo
         hit = memo.get(key)
         if hit is not None:
             memo.move_to_end(key)
             return hit
-        out = generate(
-            prompt_ids,
-            spec,
-            engine_seed=self.config.seed,
-            max_model_len=self.max_model_len,
-            vocab=self.tokenizer.output,
-            index=index,
-        )
+        if tool is None:
+            out = generate(
+                prompt_ids,
+                spec,
+                engine_seed=self.config.seed,
+                max_model_len=self.max_model_len,
+                vocab=self.tokenizer.output,
+                index=index,
+            )
+        else:
+            out = generate_tool_call(
+                prompt_ids,
+                spec,
+                tool,
+                engine_seed=self.config.seed,
+                max_model_len=self.max_model_len,
+                tokenizer=self.tokenizer,
+                index=index,
+            )
         memo[key] = out
         if len(memo) > _MEMO_ENTRIES:
             memo.popitem(last=False)

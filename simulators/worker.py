@@ -5,6 +5,7 @@ P/D hand-offs: vLLM NIXL and SGLang bootstrap need no flag; vLLM P2P NCCL needs 
 on p and d; vLLM LMCache needs ``--kv-connector lmcache --lmcache-dir DIR`` on p and d.
 ``--model-dir`` is the Hugging Face folder the worker tokenizes with (default: the sim-model,
 built once in ``~/.cache/lmgw``); a folder that cannot be loaded is a usage error (exit 2).
+``--tool-format`` is how the model writes tool calls (docs/tools.md).
 
 The process prints exactly one line, ``READY http://<host>:<port>`` (followed by
 `` kv_address=<host>:<kv_port>`` with ``--kv-port``), to stdout once it is bound (the fleet
@@ -24,9 +25,11 @@ from collections.abc import Sequence
 
 import trio
 
+from lmgw.tools import TOOL_PARSERS
+
 from .app import KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
 from .disagg import LMCACHE_CHUNK_TOKENS
-from .engine import load_tokenizer
+from .engine import DEFAULT_TOOL_FORMAT, load_tokenizer
 from .faults import Faults
 
 
@@ -116,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=LMCACHE_CHUNK_TOKENS,
         help="tokens per LMCache chunk (p and d must agree)",
     )
+    p.add_argument(
+        "--tool-format",
+        choices=sorted(TOOL_PARSERS),
+        default=DEFAULT_TOOL_FORMAT,
+        help="how the model writes tool calls for chat requests with tools (answered as raw "
+        "text, parsed by the gateway); default: %(default)s",
+    )
     faults = p.add_argument_group("fault injection (also settable at run time: POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0, help="fraction answered 500")
     faults.add_argument("--hang", action="store_true", help="never answer generation requests")
@@ -181,6 +191,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         lmcache_dir=ns.lmcache_dir,
         lmcache_strict=ns.lmcache_strict,
         lmcache_chunk_size=ns.lmcache_chunk_size,
+        tool_format=ns.tool_format,
     )
 
 
