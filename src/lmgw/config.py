@@ -496,6 +496,10 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
     # a restart that lost the keys does not empty the fleet before the workers write them again
     # (the registration helper's default TTL is 10 s, refreshed every TTL/3).
     redis_reconnect_grace_s: float = 10.0
+    # Registration endpoint for lmgw native workers (`python -m lmgw.worker --gateway ADDR`),
+    # e.g. "tcp://0.0.0.0:7100"; unset: none. Announced workers join as zmq+tcp:// workers and
+    # leave when they say so or stay silent for 3 of their announce intervals.
+    native_bind: str | None = None
 
     def __post_init__(self) -> None:
         _positive("p2p_nccl_expiry_s", self.p2p_nccl_expiry_s)
@@ -505,6 +509,21 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
                 f"expected a ZeroMQ address like tcp://0.0.0.0:30001, got {bind!r}",
                 path="p2p_nccl_bind",
             )
+        native = self.native_bind
+        if native is not None:
+            scheme, sep, rest = native.partition("://")
+            if scheme not in ("tcp", "ipc", "inproc") or not sep or not rest.strip():
+                raise ConfigError(
+                    f"expected a ZeroMQ address like tcp://0.0.0.0:7100, got {native!r}",
+                    path="native_bind",
+                )
+            if scheme == "tcp" and not rest.rpartition(":")[2].isdigit():
+                raise ConfigError(
+                    f"a tcp:// address needs a port (0: any free one), got {native!r}",
+                    path="native_bind",
+                )
+            if native == bind:
+                raise ConfigError("must differ from p2p_nccl_bind", path="native_bind")
         if self.file is not None:
             _non_empty("file", self.file)
         _positive("file_interval_s", self.file_interval_s)
@@ -636,6 +655,10 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # vLLM P2P NCCL workers: their KV address "ip:kv_port" (the connector's ZMQ address, not the
     # HTTP one); the gateway writes it into the request id that pairs P with D.
     kv_address: str | None = None
+    # Native workers with CURVE (`--curve-secret-key`): the worker's public key file (its `.key`
+    # certificate). The link is then encrypted and the worker authenticated; the gateway's own
+    # key pair is `native.curve_secret_key_file`. Unset: plaintext.
+    curve_server_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
@@ -652,6 +675,13 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
             _non_empty(f"models[{i}]", model)
         if self.id is not None:
             _non_empty("id", self.id)
+        if self.curve_server_key is not None:
+            _non_empty("curve_server_key", self.curve_server_key)
+            if self.url.lower().startswith(("http://", "https://")):
+                raise ConfigError(
+                    "CURVE is for native (zmq+tcp://) workers; use https:// for HTTP workers",
+                    path="curve_server_key",
+                )
 
     @property
     def worker_id(self) -> str:
@@ -720,6 +750,19 @@ def _check_worker_url(url: str) -> str:
     return text.rstrip("/")
 
 
+class NativeConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """The gateway's side of native (ZeroMQ) worker links (docs/native-protocol.md)."""
+
+    # CURVE: this gateway's key pair, a ZeroMQ certificate `.key_secret` file (from
+    # `lmgw.transport.zmq.curve.generate_keys(DIR, NAME)`; its `.key` twin goes into each
+    # worker's `--curve-allow` directory). Needed by workers with `curve_server_key`.
+    curve_secret_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.curve_secret_key_file is not None:
+            _non_empty("curve_secret_key_file", self.curve_secret_key_file)
+
+
 class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     """The whole gateway configuration (the root of the TOML file)."""
 
@@ -734,6 +777,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     # The admin API's token (docs/operations.md, "Admin API").
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
+    native: NativeConfig = msgspec.field(default_factory=NativeConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
     # Empty: workers come from discovery or the admin API.
@@ -764,6 +809,13 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                     path=f"workers[{i}].{'id' if worker.id is not None else 'url'}",
                 )
             ids[wid] = i
+        for i, worker in enumerate(self.workers):
+            if worker.curve_server_key is not None and self.native.curve_secret_key_file is None:
+                raise ConfigError(
+                    "a CURVE worker needs the gateway's key pair: set "
+                    "`native.curve_secret_key_file`",
+                    path=f"workers[{i}].curve_server_key",
+                )
 
     def model(self, name: str) -> ModelConfig | None:
         """The configured model that ``name`` (a name or an alias) refers to, if any."""
@@ -782,6 +834,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "logging": LoggingConfig,
     "admin": AdminConfig,
     "discovery": DiscoveryConfig,
+    "native": NativeConfig,
 }
 
 

@@ -96,6 +96,8 @@ class Gateway:
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
         self.p2p_endpoint: str | None = None
+        #: the bound native registration endpoint (``discovery.native_bind``), once listening
+        self.native_endpoint: str | None = None
         self._cancel = trio.CancelScope()
         self._hypercorn_stop = trio.Event()
         self._server_done = trio.Event()
@@ -260,6 +262,12 @@ class Gateway:
                                 self._on_p2p_change,
                                 expiry_s=cfg.discovery.p2p_nccl_expiry_s,
                             )
+                        )
+                    if cfg.discovery.native_bind:
+                        from .workers.native_discovery import run_native_discovery
+
+                        self.native_endpoint = await nursery.start(
+                            run_native_discovery, self, cfg.discovery.native_bind
                         )
                     if not serve:
                         self._server_done.set()  # shutdown() has no server to wait for
