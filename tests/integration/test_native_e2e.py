@@ -352,6 +352,35 @@ async def test_channel_state_drives_worker_state(nursery: trio.Nursery) -> None:
     assert b.state is WorkerState.HEALTHY and seen[-1] is WorkerState.GONE
 
 
+async def test_a_removed_worker_finishes_what_it_has(nursery: trio.Nursery) -> None:
+    """As an HTTP worker's requests finish on their own connections, a removed native
+    worker's channel stays open until its requests ended, then closes."""
+    _, w = await start_worker(nursery, "pd", speed=1.0)
+    gw, url = await start_gateway(nursery, gateway_config([("pd", w)]))
+    worker = gw.registry.get("pd0")
+    assert isinstance(worker, NativeWorker) and worker.channel is not None
+    full = await engine_answer(TEXT_ONLY, max_tokens=40, ignore_eos=True)
+    got: list[Any] = []
+
+    async def ask() -> None:
+        got.append(await run(stream_outcome, url, 40))
+
+    nursery.start_soon(ask)
+    with trio.fail_after(BOUND):
+        while worker.in_flight == 0:
+            await trio.sleep(0.005)
+    gw.remove_worker("pd0")
+    assert worker.channel.state is ChannelState.READY
+    with trio.fail_after(BOUND):
+        while worker.channel.state is not ChannelState.CLOSED:
+            await trio.sleep(0.01)
+    with trio.fail_after(BOUND):
+        while not got:
+            await trio.sleep(0.01)
+    text, finish, _, error = got[0]
+    assert error is None and finish == "length" and text == full.text
+
+
 async def test_client_disconnect_aborts_on_the_worker(nursery: trio.Nursery) -> None:
     """The abort reaches the engine after the client hung up (latency printed: the issue's
     bound is 100 ms)."""

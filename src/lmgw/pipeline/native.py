@@ -173,9 +173,20 @@ class NativeChannels:
             self._nursery.start_soon(self._serve, worker)
 
     def close(self, worker: Worker) -> None:
-        """Close a removed worker's channel (requests still on it fail as unavailable)."""
-        if isinstance(worker, NativeWorker):
+        """Close a removed worker's channel once the requests on it ended (as an HTTP worker's
+        requests finish on their own connections), within ``reply_timeout_s``."""
+        if not isinstance(worker, NativeWorker):
+            return
+        if worker.in_flight == 0 or self._nursery is None:
             worker.scope.cancel()
+        else:
+            self._nursery.start_soon(self._close_when_idle, worker)
+
+    async def _close_when_idle(self, worker: NativeWorker) -> None:
+        with trio.move_on_after(self.reply_timeout_s):
+            while worker.in_flight > 0:
+                await trio.sleep(0.05)
+        worker.scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the channels until cancelled. Reports started once every worker configured at
