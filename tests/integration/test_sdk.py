@@ -619,6 +619,92 @@ async def test_client_connection_errors() -> None:
             await collect(client.chat_stream(model=MODEL, messages=HI))
 
 
+async def test_client_drops_a_connection_the_server_closed(sims: SimThread) -> None:
+    """An idle connection the server closed is noticed before reuse (never sent on)."""
+    async with lmgw.Gateway(
+        workers=[sims.urls["fast"]], limits={"keepalive_timeout_s": 0.05}
+    ) as gw:
+        await gw.serve()
+        async with lmgw.Client(gw.url) as client:
+            await client.chat(model=MODEL, messages=HI, max_tokens=1)
+            idle = client._idle[0]
+            await wait_until(idle.peer_closed, "the gateway to close the idle connection")
+            assert (await client.chat(model=MODEL, messages=HI, max_tokens=1)).text
+            stats = client.statistics()
+            assert (stats.connects, stats.reuses, stats.closed) == (2, 0, 1), stats
+
+
+SSE = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    b": a comment\n\n"
+    b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+    b'data: {"choices":[{"index":1,"delta":{"tool_calls":[{"index":0,"id":"c1",'
+    b'"function":{"name":"f","arguments":"{\\"a\\""}}]}}]}\n\n'
+    b'event: x\ndata: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}'
+    b"\n\n"
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    lmgw.ReasoningDelta(text="hm"),
+    lmgw.ContentDelta(text="Hel"),
+    lmgw.ToolCallDelta(index=1, call_index=0, id="c1", name="f", arguments='{"a"'),
+    lmgw.ContentDelta(text="lo"),
+    lmgw.Finish(reason="stop"),
+    lmgw.UsageEvent(usage=lmgw.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
+]
+
+
+@pytest.mark.parametrize("step", [len(SSE), 1, 7, 64])
+@pytest.mark.parametrize("crlf", [False, True])
+def test_sse_decoder_any_cut(step: int, crlf: bool) -> None:
+    """Whole, byte at a time, or in odd pieces, LF or CRLF: the same events, then [DONE]."""
+    from lmgw.sdk.types import SSEDecoder
+
+    data = SSE.replace(b"\n", b"\r\n") if crlf else SSE
+    decoder = SSEDecoder()
+    events = []
+    for i in range(0, len(data), step):
+        events += decoder.feed(data[i : i + step])
+    events += decoder.feed_eof()
+    assert events == EXPECTED and decoder.done and decoder.error is None
+
+
+def test_sse_decoder_error_event() -> None:
+    from lmgw.sdk.types import SSEDecoder
+
+    decoder = SSEDecoder()
+    events = decoder.feed(
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+        b'data: {"error":{"message":"worker died","type":"BadGatewayError","code":502}}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"never"}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert events == [lmgw.ContentDelta(text="a")]
+    assert isinstance(decoder.error, lmgw.BadGateway) and decoder.error.message == "worker died"
+    assert decoder.done
+    decoder = SSEDecoder()
+    decoder.feed(b'data: {"error":"plain text from SGLang"}\n\n')
+    assert isinstance(decoder.error, lmgw.InternalServerError)
+    assert decoder.error.message == "plain text from SGLang"
+
+
+def test_error_bodies_to_exceptions() -> None:
+    from lmgw.sdk.errors import error_from_response
+
+    exc = error_from_response(
+        429,
+        b'{"error":{"message":"busy","type":"RateLimitError","param":null,"code":429}}',
+        [(b"retry-after", b"3"), (b"x-request-id", b"r1")],
+    )
+    assert isinstance(exc, lmgw.RateLimited) and exc.retry_after == 3.0 and exc.request_id == "r1"
+    exc = error_from_response(502, b"<html>proxy error</html>")
+    assert isinstance(exc, lmgw.BadGateway) and "proxy error" in exc.message
+    exc = error_from_response(418, b'{"error":{"message":"teapot"}}')
+    assert type(exc) is lmgw.APIError and exc.status == 418 and str(exc).startswith("418")
+
+
 def test_import_lmgw_is_cheap() -> None:
     code = (
         "import sys, lmgw\n"
