@@ -273,3 +273,27 @@ def test_worker_flags(keys: Keys, tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+
+
+# == the gateway's configuration =================================================================
+
+
+def test_curve_config_keys(keys: Keys) -> None:
+    from lmgw.config import ConfigError, GatewayConfig, NativeConfig, WorkerConfig
+
+    worker = WorkerConfig(url="zmq+tcp://127.0.0.1:7000", curve_server_key=str(keys.worker_public))
+    cfg = GatewayConfig(
+        native=NativeConfig(curve_secret_key_file=str(keys.gw_secret)), workers=[worker]
+    )
+    client = CurveClient.from_files(
+        cfg.native.curve_secret_key_file or "", cfg.workers[0].curve_server_key or ""
+    )
+    assert client == keys.client()
+    with pytest.raises(ConfigError, match=r"native\.curve_secret_key_file") as info:
+        GatewayConfig(workers=[worker])  # a CURVE worker without the gateway's key pair
+    assert info.value.path == "workers[0].curve_server_key"
+    with pytest.raises(ConfigError, match="zmq") as info:
+        WorkerConfig(url="http://127.0.0.1:8000", curve_server_key=str(keys.worker_public))
+    assert info.value.path == "curve_server_key"
+    with pytest.raises(ConfigError):
+        NativeConfig(curve_secret_key_file=" ")

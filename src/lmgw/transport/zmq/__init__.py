@@ -1,7 +1,8 @@
-"""ZeroMQ under trio: a socket wrapper (one fd waiter, no missed wake-ups) and the gateway's
-RPC channel for the native protocol (see docs/native-protocol.md)."""
+"""ZeroMQ under trio: a socket wrapper (one fd waiter, no missed wake-ups), the gateway's RPC
+channel for the native protocol, and CURVE for its links (see docs/native-protocol.md)."""
 
 from .channel import ChannelState, RpcChannel, RpcError, RpcStream, Session
+from .curve import CurveClient, CurveError, CurveServer, KeyPair, generate_keys
 from .socket import (
     DEFAULT_HWM,
     PeerUnreachable,
@@ -14,6 +15,10 @@ from .socket import (
 __all__ = [
     "DEFAULT_HWM",
     "ChannelState",
+    "CurveClient",
+    "CurveError",
+    "CurveServer",
+    "KeyPair",
     "PeerUnreachable",
     "ReceiveTimeout",
     "RpcChannel",
@@ -23,4 +28,5 @@ __all__ = [
     "Session",
     "ZmqSocket",
     "ZmqTransportError",
+    "generate_keys",
 ]
