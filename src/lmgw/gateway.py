@@ -73,7 +73,11 @@ class Gateway:
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
         # one RpcChannel per native (zmq+) worker, run in this gateway's nursery
         self.native = NativeChannels(
-            self.registry, h, up.response_timeout_s, on_exit=self._on_native_exit
+            self.registry,
+            h,
+            up.response_timeout_s,
+            on_exit=self._on_native_exit,
+            curve_secret_key_file=config.native.curve_secret_key_file,
         )
         for wc in config.workers:
             self.add_worker(wc)
@@ -106,8 +110,9 @@ class Gateway:
     def add_worker(self, wc: WorkerConfig) -> Worker:
         if is_native_url(wc.url):  # its channel opens now (or when the gateway starts)
             native = NativeWorker(wc)
+            self.native.prepare(native)  # bad CURVE key files raise before it joins
             self.registry.add(native)
-            self.native.open(native)
+            self.native.start(native)
             return native
         worker = Worker(
             wc.worker_id,

@@ -381,6 +381,46 @@ async def test_a_removed_worker_finishes_what_it_has(nursery: trio.Nursery) -> N
     assert error is None and finish == "length" and text == full.text
 
 
+async def test_curve_links(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """``workers[].curve_server_key`` + ``native.curve_secret_key_file``: the channel is
+    encrypted and the worker admits the gateway's key; a gateway the worker does not know
+    never gets a healthy worker (503)."""
+    from lmgw.config import NativeConfig
+    from lmgw.transport.zmq.curve import CurveServer, generate_keys
+
+    worker_public, worker_secret = generate_keys(tmp_path / "worker", "worker")
+    _, gw_secret = generate_keys(tmp_path / "gw", "gw")
+    _, stranger_secret = generate_keys(tmp_path / "stranger", "stranger")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "gw.key").write_bytes((tmp_path / "gw" / "gw.key").read_bytes())
+    engine = Recording(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
+    server = WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None,
+                          curve=CurveServer.from_files(worker_secret, allow))  # fmt: skip
+    await nursery.start(server.run)
+    plain = gateway_config([("pd", "zmq+" + server.endpoint)])
+    for secret, admitted in ((gw_secret, True), (stranger_secret, False)):
+        wc = msgspec.structs.replace(plain.workers[0], curve_server_key=str(worker_public))
+        cfg = msgspec.structs.replace(
+            plain,
+            workers=[wc],
+            native=NativeConfig(curve_secret_key_file=str(secret)),
+            health=msgspec.structs.replace(plain.health, timeout_s=1.0),
+        )
+        gw, url = await start_gateway(nursery, cfg)
+        worker = gw.registry.get("pd0")
+        if admitted:
+            assert worker.state is WorkerState.HEALTHY
+            text, _, _ = await run(chat, url, TEXT_ONLY, False)
+            assert text == (await engine_answer(TEXT_ONLY, max_tokens=12, seed=3)).text
+        else:
+            assert worker.state is not WorkerState.HEALTHY
+            with pytest.raises(openai.APIStatusError) as info:
+                await run(chat, url, TEXT_ONLY, False)
+            assert info.value.status_code == 503
+    assert len(engine.recent) == 1  # the stranger's request never reached the engine
+
+
 async def test_client_disconnect_aborts_on_the_worker(nursery: trio.Nursery) -> None:
     """The abort reaches the engine after the client hung up (latency printed: the issue's
     bound is 100 ms)."""

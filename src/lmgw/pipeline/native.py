@@ -107,7 +107,7 @@ class NativeWorker(Worker):
     ``Worker`` parses an HTTP origin from its URL; a native worker has none, so it gets one
     that refuses at once (port 0) should anything try HTTP on it."""
 
-    __slots__ = ("channel", "endpoint", "notice_drained", "scope")
+    __slots__ = ("channel", "curve_server_key", "endpoint", "notice_drained", "scope")
 
     def __init__(self, wc: WorkerConfig) -> None:
         super().__init__(
@@ -121,6 +121,8 @@ class NativeWorker(Worker):
         self.url = wc.url
         #: the ZeroMQ endpoint the channel connects to (``tcp://h:p``, ``ipc://path``)
         self.endpoint = native_endpoint(wc.url)
+        #: the worker's CURVE public key file (``workers[].curve_server_key``), or None
+        self.curve_server_key: str | None = getattr(wc, "curve_server_key", None)
         #: set by :meth:`NativeChannels.open`
         self.channel: RpcChannel | None = None
         #: DRAINING because the worker said Drain (not an operator): a new session undoes it
@@ -146,18 +148,32 @@ class NativeChannels:
         health: HealthConfig,
         reply_timeout_s: float,
         on_exit: Callable[[Worker], None] | None = None,
+        curve_secret_key_file: str | None = None,
     ) -> None:
         self.registry = registry
         self.health = health
         self.reply_timeout_s = reply_timeout_s
         self.on_exit = on_exit
+        #: this gateway's CURVE key pair (``native.curve_secret_key_file``), for workers with
+        #: ``curve_server_key``
+        self.curve_secret_key_file = curve_secret_key_file
         self._client_id = f"lmgw-{os.getpid()}"
         self._nursery: trio.Nursery | None = None
         self._pending: list[NativeWorker] = []
         self._wake = trio.Event()
 
-    def open(self, worker: NativeWorker) -> None:
-        """Give ``worker`` its channel, started now or when :meth:`run` starts."""
+    def prepare(self, worker: NativeWorker) -> None:
+        """Give ``worker`` its channel (not started: :meth:`start`). Raises ValueError
+        (CurveError) for CURVE key files that cannot be used."""
+        curve = None
+        if worker.curve_server_key is not None:
+            from ..transport.zmq.curve import CurveClient
+
+            if self.curve_secret_key_file is None:
+                raise ValueError(
+                    f"worker {worker.id} has curve_server_key: set native.curve_secret_key_file"
+                )
+            curve = CurveClient.from_files(self.curve_secret_key_file, worker.curve_server_key)
         worker.channel = RpcChannel(
             worker.endpoint,
             client_id=self._client_id,
@@ -166,7 +182,11 @@ class NativeChannels:
             heartbeat_timeout_s=self.health.native_heartbeat_timeout_s,
             on_state=partial(self._on_state, worker),
             on_notice=partial(self._on_notice, worker),
+            curve=curve,
         )
+
+    def start(self, worker: NativeWorker) -> None:
+        """Run the prepared channel of ``worker``: now, or when :meth:`run` starts."""
         if self._nursery is None:
             self._pending.append(worker)
         else:
