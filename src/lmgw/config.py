@@ -397,9 +397,70 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     flow: Flow | None = None
     # Dialect of those models; "openai" means the engine default for the flow (models[].dialect).
     dialect: str = "openai"
+    # Session key for consistent_hash / session_affinity: this request header (case-insensitive),
+    # else the body's OpenAI `user` field. X-Session-Id is what Dynamo and LiteLLM users send.
+    session_header: str = "x-session-id"
+    # session_affinity forgets a session idle this long: about how long an engine keeps an idle
+    # conversation's KV blocks under moderate load.
+    session_ttl_s: float = 600.0
+    # session_affinity's table bound (least recently used dropped first): ~250 B each.
+    session_max_entries: int = 100_000
+    # consistent_hash_bounded / prefix_hash: a worker takes a key only while its load stays
+    # within this factor of the mean (consistent hashing with bounded loads; 1.25 as SMG).
+    bounded_load_factor: float = 1.25
+    # prefix_hash keys on this many leading prompt tokens (x4 bytes without a tokenizer); 256
+    # as SMG: covers a system prompt plus the start of the first message.
+    prefix_hash_tokens: int = 256
+    # cache_aware block size in tokens (x4 bytes without a tokenizer); vLLM's default is 16.
+    cache_aware_block_size: int = 16
+    # cache_aware's hard memory bound for its prefix index, per role that uses it. 64 MiB hold
+    # about 2M blocks (32M tokens of prefixes): 64 workers x 500k cached tokens each.
+    cache_aware_budget_bytes: int = 64 * 1024 * 1024
+    # Only this many leading prompt tokens are hashed (bounds per-request CPU: ~1 us per 1k).
+    cache_aware_max_prefix_tokens: int = 65536
+    # cache_aware ignores a worker's predicted cache hit below this fraction of the prompt
+    # (SGLang's cache_threshold; 0.3 is its CLI default).
+    cache_threshold: float = 0.3
+    # Load slack S = max(balance_abs_threshold, (balance_rel_threshold - 1) x least load): a
+    # worker more than S requests above the least loaded is never chosen for its cache, and a
+    # full-prompt hit is worth at most S requests of extra load (SGLang's imbalance test).
+    balance_abs_threshold: int = 4
+    balance_rel_threshold: float = 1.5
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
+        header = self.session_header.strip().lower()
+        if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", header):
+            raise ConfigError(f"not a header name: {self.session_header!r}", path="session_header")
+        _set(self, "session_header", header)
+        _positive("session_ttl_s", self.session_ttl_s)
+        _at_least("session_max_entries", self.session_max_entries, 1)
+        if not (1.0 < self.bounded_load_factor <= 100.0):
+            raise ConfigError(
+                f"must be > 1 and <= 100, got {self.bounded_load_factor!r}",
+                path="bounded_load_factor",
+            )
+        _at_least("prefix_hash_tokens", self.prefix_hash_tokens, 1)
+        if not 1 <= self.cache_aware_block_size <= 4096:
+            raise ConfigError(
+                f"must be 1..4096, got {self.cache_aware_block_size!r}",
+                path="cache_aware_block_size",
+            )
+        _at_least("cache_aware_budget_bytes", self.cache_aware_budget_bytes, 64 * 1024)
+        _at_least(
+            "cache_aware_max_prefix_tokens",
+            self.cache_aware_max_prefix_tokens,
+            self.cache_aware_block_size,
+        )
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError(
+                f"must be between 0 and 1, got {self.cache_threshold!r}", path="cache_threshold"
+            )
+        _at_least("balance_abs_threshold", self.balance_abs_threshold, 0)
+        if not (self.balance_rel_threshold >= 1.0 and math.isfinite(self.balance_rel_threshold)):
+            raise ConfigError(
+                f"must be >= 1, got {self.balance_rel_threshold!r}", path="balance_rel_threshold"
+            )
         normalized: dict[str, str] = {}
         for key, name in self.policies.items():
             try:

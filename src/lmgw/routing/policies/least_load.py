@@ -3,15 +3,42 @@ the requests the worker itself reports waiting (its ``/metrics``, scraped with e
 from other gateways or clients shows there).
 
 Ties rotate (a round-robin cursor picks where the scan starts), so an idle fleet still spreads
-requests instead of sending every one to the first worker.
+requests instead of sending every one to the first worker. :func:`load` is the one load signal
+every load-aware policy uses (power_of_two, bounded consistent hashing, cache_aware).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ...workers.worker import Worker
 from ..policy import Policy, RouteContext
+
+if TYPE_CHECKING:
+    from ...config import RoutingConfig
+
+
+def load(worker: Worker) -> float:
+    """Requests in flight through this gateway plus those the engine reports waiting."""
+    return worker.in_flight + worker.engine.waiting
+
+
+def least_loaded(candidates: Sequence[Worker], start: int) -> int:
+    """Index of the least-loaded candidate; ties go to the first at or after ``start``."""
+    n = len(candidates)
+    start %= n
+    best = start
+    best_load = load(candidates[start])
+    for k in range(1, n):
+        i = start + k
+        if i >= n:
+            i -= n
+        w = candidates[i]
+        lw = w.in_flight + w.engine.waiting
+        if lw < best_load:
+            best, best_load = i, lw
+    return best
 
 
 class LeastLoad(Policy):
@@ -20,15 +47,11 @@ class LeastLoad(Policy):
     def __init__(self) -> None:
         self._start = 0
 
+    @classmethod
+    def from_config(cls, cfg: RoutingConfig) -> LeastLoad:
+        return cls()
+
     def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
-        n = len(candidates)
         start = self._start
         self._start = start + 1
-        best = candidates[start % n]
-        best_load = best.in_flight + best.engine.waiting
-        for k in range(1, n):
-            w = candidates[(start + k) % n]
-            load = w.in_flight + w.engine.waiting
-            if load < best_load:
-                best, best_load = w, load
-        return best
+        return candidates[least_loaded(candidates, start)]
