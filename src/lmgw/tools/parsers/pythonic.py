@@ -28,7 +28,7 @@ _START, _TEXT, _CALL, _ARGS, _VALUE, _AFTER, _LSTRIP = range(7)
 
 
 class PythonicStream(ToolStream):
-    __slots__ = ("_depth", "_kw", "_mode", "_nargs", "_quote", "_scan")
+    __slots__ = ("_depth", "_kw", "_mode", "_nargs", "_quote", "_scan", "_seen")
 
     def __init__(self, new_id: Any) -> None:
         super().__init__(new_id, None)
@@ -39,6 +39,7 @@ class PythonicStream(ToolStream):
         self._scan = 0
         self._depth = 0
         self._quote = ""
+        self._seen: list[str] = []  # a long value's text already scanned (linear buffering)
 
     def _value_end(self, buf: str, final: bool) -> int:
         """Index of the ``,`` or ``)`` that ends the keyword value at the start of ``buf``, or
@@ -145,19 +146,25 @@ class PythonicStream(ToolStream):
                 self._kw = m.group()
                 self._scan = self._depth = 0
                 self._quote = ""
+                self._seen = []
                 buf = buf[p + 1 :]
                 self._mode = _VALUE
             elif mode == _VALUE:
                 end = self._value_end(buf, final)
                 if end < 0:
                     if final:
-                        buf = self._fail(buf, 0, in_call=True)
+                        buf = self._fail("".join(self._seen) + buf, 0, in_call=True)
                         self._mode = _TEXT
+                    elif self._scan:  # keep only what is not scanned yet
+                        self._seen.append(buf[: self._scan])
+                        buf = buf[self._scan :]
+                        self._scan = 0
                     break
+                text = "".join(self._seen) + buf[:end]
                 try:
-                    value = canonical_json(ast.literal_eval(buf[:end].strip()))
+                    value = canonical_json(ast.literal_eval(text.strip()))
                 except _LITERAL_ERRORS:
-                    buf = self._fail(buf, 0, in_call=True)
+                    buf = self._fail("".join(self._seen) + buf, 0, in_call=True)
                     self._mode = _TEXT
                     continue
                 sep = ", " if self._nargs else "{"

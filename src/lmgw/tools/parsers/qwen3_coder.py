@@ -125,8 +125,8 @@ def _earliest(buf: str, markers: Sequence[str]) -> tuple[int, str]:
 
 
 class Qwen3CoderStream(ToolStream):
-    __slots__ = ("_mode", "_nparams", "_opened", "_param", "_props", "_spec", "_started",
-                 "_tools")  # fmt: skip
+    __slots__ = ("_mode", "_nparams", "_opened", "_param", "_props", "_seen", "_spec",
+                 "_started", "_tools")  # fmt: skip
 
     def __init__(self, new_id: Any, tools: list[Any]) -> None:
         super().__init__(new_id, "<")
@@ -138,6 +138,7 @@ class Qwen3CoderStream(ToolStream):
         self._spec: Any = None
         self._started = False
         self._opened = False
+        self._seen: list[str] = []  # a typed value's text so far (linear buffering)
 
     def _key(self) -> str:
         sep = ", " if self._nparams else ""
@@ -152,6 +153,7 @@ class Qwen3CoderStream(ToolStream):
             self._args(escape_text(tail) + '"')
         else:
             value = convert_parameter(tail, self._spec)
+            self._seen = []
             self._args(self._key() + canonical_json(value))
 
     def _run(self, final: bool) -> None:
@@ -229,6 +231,7 @@ class Qwen3CoderStream(ToolStream):
                 self._param = buf[:at].strip()
                 self._spec = self._props.get(self._param)
                 self._started = self._opened = False
+                self._seen = []
                 buf = buf[at + 1 :]
                 self._mode = _PVALUE
             elif mode == _PVALUE:
@@ -242,12 +245,15 @@ class Qwen3CoderStream(ToolStream):
                 if at >= 0 or final:
                     if at < 0:
                         at, which = len(buf), ""
-                    self._end_value(buf[:at])
+                    self._end_value("".join(self._seen) + buf[:at])
                     buf = buf[at + len(which) :] if which == PARAMETER_END else buf[at:]
                     self._mode = _BODY
                     continue
-                if _is_text(self._spec):  # stream the text, holding what may end it
-                    safe = len(buf) - max(held_prefix(buf, m) for m in _VALUE_ENDS)
+                safe = len(buf) - max(held_prefix(buf, m) for m in _VALUE_ENDS)
+                if not _is_text(self._spec):  # typed when complete; keep what is scanned
+                    self._seen.append(buf[:safe])
+                    buf = buf[safe:]
+                else:  # stream the text, holding what may end it
                     if safe and buf[safe - 1] == "\n":
                         safe -= 1  # may be the newline before the end tag
                     if not self._opened:
