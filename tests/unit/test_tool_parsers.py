@@ -518,3 +518,24 @@ def test_output_stream_parses_tools_only_in_the_content() -> None:
     plain = OutputStream(None, None)
     assert plain.feed("x") == [{"content": "x"}] and plain.finish() == [] and plain.calls == 0
     assert parse_output("x").content == "x"
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "request_"),
+    [
+        ("pythonic", "[f(code='", None),
+        ("qwen3_coder", "<function=f>\n<parameter=a>\n[", {"tools": [{"type": "function",
+         "function": {"name": "f", "parameters": {"properties": {"a": {"type": "array"}}}}}]}),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"code": "', None),
+    ],
+)  # fmt: skip
+def test_long_values_are_not_kept_in_the_stream_buffer(
+    name: str, head: str, request_: dict[str, Any] | None
+) -> None:
+    """Values typed only when complete move out of the buffer as they are scanned, so a long
+    argument costs linear time however finely it is chunked (h11's receive-buffer rule)."""
+    s = parser(name).stream(request_)
+    s.feed(head)
+    for _ in range(2000):
+        s.feed("1, ")
+        assert s.holding <= 16
