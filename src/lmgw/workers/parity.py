@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
+from ..config import is_native_url
 from ..text.parity import (
     ParityVerdict,
     build_probes,
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmgw.parity")
 _JSON = [(b"content-type", b"application/json")]
+
+
+def _native(worker: Worker) -> bool:
+    return is_native_url(worker.url)
 
 
 class ParityChecker:
@@ -61,7 +66,8 @@ class ParityChecker:
         self._wake = trio.Event()
 
     def _on_change(self, worker: Worker) -> None:
-        if worker.state is WorkerState.HEALTHY and worker.role != "e":
+        # native workers take token ids from the gateway: there is nothing to compare
+        if worker.state is WorkerState.HEALTHY and worker.role != "e" and not _native(worker):
             self._queue.append(worker)
             self._wake.set()
 
