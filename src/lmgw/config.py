@@ -665,6 +665,13 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # is busy, and max_tokens filled in like vLLM when absent); costs a render and an encode
     # per request, so it is on only with a tokenizer.
     validate_context: bool = True
+    # Parse the model's raw text into OpenAI tool_calls in the gateway (requests that offer
+    # tools): "hermes", "llama3_json", "mistral", "qwen3_coder", "pythonic", "deepseek_v3"
+    # (docs/tools.md). Unset: the worker's answer is relayed as it is.
+    tool_parser: str | None = None
+    # Split <think>...</think> into reasoning_content: "think" (the model writes both tags) or
+    # "think_opened" (the template opens the block, the model only closes it). Unset: off.
+    reasoning_parser: Literal["think", "think_opened"] | None = None
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -94,6 +94,19 @@ class Gateway:
             self.parity = ParityChecker(
                 self.registry, self.pool, self.texts, self.metrics.tokenizer_parity
             )
+        # per model: the tool-call parser and reasoning split applied to its chat answers
+        self.output_parsers: dict[str, tuple[Any, Any]] = {}
+        for m in config.models:
+            if m.tool_parser or m.reasoning_parser:
+                from .tools import ReasoningParser, get_tool_parser
+
+                tools = get_tool_parser(m.tool_parser) if m.tool_parser else None
+                reasoning = (
+                    ReasoningParser(opened=m.reasoning_parser == "think_opened")
+                    if m.reasoning_parser
+                    else None
+                )
+                self.output_parsers[m.name] = (tools, reasoning)
         self.app = App(self)
         TextAPI(self).install(self.app)
         self.server: HTTPServer | None = None

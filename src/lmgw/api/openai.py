@@ -230,6 +230,8 @@ class OpenAIAPI:
                 t0,
             )
             greq.media = items
+            if endpoint == "chat" and self.gw.output_parsers:
+                body = self._output_parsing(greq, model, body)
             if counted is not None and not view.stream:
                 greq.usage_fill = partial(text.fill_usage, counted)
             # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
@@ -265,6 +267,27 @@ class OpenAIAPI:
         finally:
             self.metrics.requests.inc((endpoint, model, str(status)))
             self.metrics.e2e.observe((endpoint, model), _now() - t0)
+
+    def _output_parsing(self, greq: GatewayRequest, model: str, body: bytes) -> bytes:
+        """Set up the model's tool-call parser (requests that offer tools) and reasoning split
+        on the answer; tool markers are special tokens, so the worker must keep them."""
+        parsers = self.gw.output_parsers.get(model)
+        if parsers is None:
+            return body
+        from ..tools import wants_tool_parsing
+        from ..tools.relay import OutputRewriter
+
+        tools, reasoning = parsers
+        obj = msgspec.json.decode(body)
+        if tools is not None and not wants_tool_parsing(obj):
+            tools = None
+        if tools is None and reasoning is None:
+            return body
+        greq.output = OutputRewriter(obj, tools, reasoning)
+        if tools is not None and "skip_special_tokens" not in obj:
+            body = msgspec.json.encode({**obj, "skip_special_tokens": False})
+            greq.body = body
+        return body
 
     def _checks_media(self, model: str) -> bool:
         mode = self.media_limits.preprocess

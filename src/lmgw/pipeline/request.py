@@ -7,7 +7,7 @@ forwarded, so engine-specific fields the gateway does not know pass through unto
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import GatewayError
 from ..http.types import Headers
@@ -37,6 +37,7 @@ class GatewayRequest:
         "forward_headers",
         "media",
         "model",
+        "output",
         "path",
         "request_id",
         "stream",
@@ -73,6 +74,8 @@ class GatewayRequest:
         #: the checked and hashed media items (lmgw.multimodal.MediaItem), when the gateway
         #: preprocessed them (media.preprocess); the body then pins each by ``uuid``
         self.media: list | None = None
+        #: the tool-call/reasoning parsing of the answer (tools.relay.OutputRewriter) or None
+        self.output: Any = None
         #: adds ``usage`` to a non-streamed answer that lacks it (text.service.fill_usage)
         self.usage_fill: Callable[[bytes], bytes] | None = None
 

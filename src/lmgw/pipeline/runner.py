@@ -44,6 +44,15 @@ log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
 
 
+def _chain(
+    first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes] | None
+) -> Callable[[bytes], bytes] | None:
+    """Two byte rewrites applied in order (either may be None)."""
+    if first is None or then is None:
+        return first or then
+    return lambda data: then(first(data))
+
+
 #: the dialect a model gets when config leaves ``dialect`` at its default ("openai")
 DEFAULT_DIALECT = {"pd": "openai", "p/d": "vllm-nixl", "e+pd": "vllm-epd", "e+p+d": "vllm-epd"}
 
@@ -331,16 +340,19 @@ class Pipeline:
                             metrics.ttft.observe((greq.model,), t_first - greq.t_start)
                         metrics.stage_ttft.observe(labels, t_first - t0)
 
+                    events_fix = splice or (rewrite and rewrite.events)
+                    if greq.output is not None:  # after the splice: one parse state throughout
+                        events_fix = _chain(events_fix, greq.output.events)
                     events = await openai_http.relay_sse(
-                        resp, responder, out, first_byte,
-                        splice or (rewrite and rewrite.events), journal, self.stall_s,
+                        resp, responder, out, first_byte, events_fix, journal, self.stall_s,
                     )  # fmt: skip
                     if events > 1:
                         metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
                 else:
-                    await openai_http.relay_json(
-                        resp, responder, out, rewrite.body if rewrite else greq.usage_fill
-                    )
+                    body_fix = _chain(rewrite.body if rewrite else None, greq.usage_fill)
+                    if greq.output is not None:
+                        body_fix = _chain(body_fix, greq.output.body)
+                    await openai_http.relay_json(resp, responder, out, body_fix)
                 ok = True
             finally:
                 resp.release()

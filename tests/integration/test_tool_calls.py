@@ -1,0 +1,77 @@
+"""Tool calls end to end: the simulated worker writes a model-style call as raw text, the
+gateway's parser turns it into OpenAI tool_calls (streamed and not) for the official client."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import openai
+import pytest
+import trio
+
+from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.gateway import Gateway
+
+MODEL = "sim-model"
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+    "required": ["city", "days"],
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+ASK = [{"role": "user", "content": "What is the weather like? use get_weather"}]
+
+
+async def start(nursery: trio.Nursery, sim_worker, fmt: str, **model) -> str:
+    sim = await sim_worker(model=MODEL, speed=math.inf, tool_format=fmt)
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, **model)],
+        workers=[WorkerConfig(url=sim.url, role="pd")],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def calls_of(base: str, stream: bool, **extra):
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+    args = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", **extra)
+    if not stream:
+        r = client.chat.completions.create(**args)
+        msg = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+        return msg.content, calls, r.choices[0].finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **args):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                name, arguments = calls.get(tc.index, ("", ""))
+                calls[tc.index] = (
+                    name + (tc.function.name or ""),
+                    arguments + (tc.function.arguments or ""),
+                )
+            finish = ch.finish_reason or finish
+    return content or None, list(calls.values()), finish
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "qwen3_coder"])
+async def test_tool_calls_through_the_gateway(nursery: trio.Nursery, sim_worker, fmt: str) -> None:
+    base = await start(nursery, sim_worker, fmt, tool_parser=fmt)
+    results = [await trio.to_thread.run_sync(calls_of, base, stream) for stream in (False, True)]
+    for content, calls, finish in results:
+        assert finish == "tool_calls"
+        ((name, arguments),) = calls
+        assert name == "get_weather"
+        args = json.loads(arguments)
+        assert isinstance(args["city"], str) and args["days"] >= 1
+        assert not content or "<tool_call>" not in content
+    assert results[0][1] == results[1][1]  # streamed calls reassemble to the whole answer
+
+
+async def test_without_a_parser_the_raw_text_is_relayed(nursery: trio.Nursery, sim_worker) -> None:
+    base = await start(nursery, sim_worker, "hermes")
+    content, calls, finish = await trio.to_thread.run_sync(calls_of, base, False)
+    assert calls == [] and "<tool_call>" in content and finish == "stop"
