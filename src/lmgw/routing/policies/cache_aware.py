@@ -28,7 +28,10 @@ conversation on a worker that is not the hot one keeps its affinity, complaint 3
 is worth at most S requests of extra load, a partial hit proportionally less (a hot shared
 system prompt spreads instead of piling, complaints 1, 2, 4), and a miss goes to the least
 loaded, never to the worker with the smallest index (complaint 1). A joining worker has the
-least load and gets the misses and the spill at once.
+least load and gets the misses and the spill at once; and since a hot prefix held by the
+others can outbid it at light load, a least-loaded worker that no decision chose for
+``STARVE_ROUNDS`` rounds of the fleet gets the next request ("warm"): from then on it holds
+the prefix too and competes on equal terms.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ _MAX_VIEWS = 16  # candidate sets remembered (models x roles)
 ALIAS_BYTES = 152
 #: share of the budget the aliases may take once KV events arrive (the index keeps the rest)
 ALIAS_SHARE = 4
+#: a least-loaded worker passed over for this many rounds of the fleet gets the next request
+STARVE_ROUNDS = 4
 
 
 class _View:
@@ -117,6 +122,7 @@ class CacheAware(Policy):
         self._last_view: _View | None = None
         self._cursor = 0
         self._last: _Decision | None = None
+        self._picked: dict[str, int] = {}  # worker id -> decision number it was last chosen
         # exact mode
         self._exact: set[str] = set()
         self._alias: dict[Any, Any] = {}  # engine block hash -> our hash (or tuple of ours)
@@ -125,7 +131,7 @@ class CacheAware(Policy):
         # counters (statistics())
         self.decisions = 0
         self.reasons: dict[str, int] = dict.fromkeys(
-            ("cache", "load", "below_threshold", "no_match", "no_prompt"), 0
+            ("cache", "load", "below_threshold", "no_match", "no_prompt", "warm"), 0
         )
         self.prompt_tokens = 0
         self.predicted_tokens = 0
@@ -209,6 +215,7 @@ class CacheAware(Policy):
             best = loads.index(lmin, start)
         except ValueError:
             best = loads.index(lmin)
+        base = best
         depths: dict[int, int] = {}
         usable = 0
         if hashes is None or not len(hashes):
@@ -246,7 +253,18 @@ class CacheAware(Policy):
                     if score > best_score or (score == best_score and loads[i] < best_load):
                         best, best_score, best_load = i, score, loads[i]
                 reason = "cache" if best_score > 0 else "load" if found else "below_threshold"
+        if reason == "cache" and best != base:
+            # Starvation guard: a least-loaded worker nobody chose for STARVE_ROUNDS rounds of
+            # the fleet (one that joined while every prompt shares a hot prefix others hold)
+            # gets this request, after which it holds the prefix and competes on equal terms.
+            idle = candidates[base].id
+            last = self._picked.get(idle)
+            if last is None:
+                self._picked[idle] = self.decisions
+            elif self.decisions - last > STARVE_ROUNDS * n:
+                best, reason = base, "warm"
         worker = candidates[best]
+        self._picked[worker.id] = self.decisions
         predicted = 0
         if depths:
             slot = self._slots.get(worker.id, -1)
@@ -288,6 +306,7 @@ class CacheAware(Policy):
     def on_worker_removed(self, worker: Worker) -> None:
         slot = self._slots.pop(worker.id, None)
         self._exact.discard(worker.id)
+        self._picked.pop(worker.id, None)
         if slot is not None:
             self._index.clear_slot(slot)
             self._free.append(slot)
