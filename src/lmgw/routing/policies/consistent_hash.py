@@ -40,12 +40,16 @@ class ConsistentHash(Policy):
     def __init__(self, vnodes: int = VNODES) -> None:
         self.vnodes = vnodes
         self._rings: dict[tuple[str, ...], tuple[HashRing, dict[str, Worker]]] = {}
+        self._last: tuple[object, tuple[HashRing, dict[str, Worker]] | None] = (None, None)
 
     @classmethod
     def from_config(cls, cfg: RoutingConfig) -> ConsistentHash:
         return cls()
 
     def _ring(self, candidates: Sequence[Worker]) -> tuple[HashRing, dict[str, Worker]]:
+        last, found = self._last
+        if last is candidates:  # the registry's cached tuple: no O(n) key to build
+            return found  # type: ignore[return-value]
         ids = tuple(w.id for w in candidates)
         found = self._rings.get(ids)
         if found is None:
@@ -55,6 +59,8 @@ class ConsistentHash(Policy):
             if len(self._rings) >= _MAX_RINGS:
                 self._rings.pop(next(iter(self._rings)))
             found = self._rings[ids] = (ring, {w.id: w for w in candidates})
+        if isinstance(candidates, tuple):  # a retry's list may change: not remembered
+            self._last = (candidates, found)
         return found
 
     def key(self, ctx: RouteContext) -> str | bytes:
@@ -70,6 +76,7 @@ class ConsistentHash(Policy):
 
     def on_worker_removed(self, worker: Worker) -> None:
         self._rings = {ids: r for ids, r in self._rings.items() if worker.id not in ids}
+        self._last = (None, None)
 
 
 class ConsistentHashBounded(ConsistentHash):
@@ -80,7 +87,7 @@ class ConsistentHashBounded(ConsistentHash):
             raise ValueError("load_factor must be > 1")
         super().__init__(vnodes)
         self.load_factor = load_factor
-        self._last: RouteInfo | None = None
+        self._info: RouteInfo | None = None
         self.spills = 0
 
     @classmethod
@@ -109,13 +116,13 @@ class ConsistentHashBounded(ConsistentHash):
                     break
             else:  # only when scraped engine queues fill every worker: least load
                 w = candidates[least_loaded(candidates, 0)]
-        self._last = info = RouteInfo(self.name, w.id, reason)
+        self._info = info = RouteInfo(self.name, w.id, reason)
         ctx.memo()[self] = info
         return w
 
     def route_info(self, ctx: RouteContext | None = None) -> RouteInfo | None:
         if ctx is None:
-            return self._last
+            return self._info
         return ctx.scratch.get(self) if ctx.scratch else None
 
     def statistics(self) -> dict[str, float]:

@@ -26,19 +26,12 @@ def load(worker: Worker) -> float:
 
 def least_loaded(candidates: Sequence[Worker], start: int) -> int:
     """Index of the least-loaded candidate; ties go to the first at or after ``start``."""
-    n = len(candidates)
-    start %= n
-    best = start
-    best_load = load(candidates[start])
-    for k in range(1, n):
-        i = start + k
-        if i >= n:
-            i -= n
-        w = candidates[i]
-        lw = w.in_flight + w.engine.waiting
-        if lw < best_load:
-            best, best_load = i, lw
-    return best
+    loads = [w.in_flight + w.engine.waiting for w in candidates]  # C-speed min and index
+    lmin = min(loads)
+    try:
+        return loads.index(lmin, start % len(loads))
+    except ValueError:
+        return loads.index(lmin)
 
 
 class LeastLoad(Policy):
