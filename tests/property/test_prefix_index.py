@@ -311,7 +311,7 @@ def test_api_edges(impl) -> None:
 
 def test_twin_memory_estimate_is_honest() -> None:
     """The twin charges what its nodes really cost (tracemalloc), give or take 25%."""
-    hs = HASH.block_hashes(list(range(16 * 12_000)), 16)
+    hs = HASH.block_hashes(list(range(16 * 6_000)), 16)
     for slots in (1, 64):
         ix = twin.PrefixIndex(1 << 34)
         tracemalloc.start()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import msgspec
@@ -168,6 +170,21 @@ def test_third_party_entry_points(monkeypatch) -> None:
     assert make_policy("round_robin", cfg).name == "round_robin"
     with pytest.raises(TypeError, match=r"not a lmgw\.routing\.Policy"):
         make_policy("broken", cfg)
+
+
+def test_the_documented_plugin_example_works(monkeypatch) -> None:
+    """docs/routing.md's third-party policy, loaded through a (fake) entry point."""
+    doc = (Path(__file__).parents[2] / "docs" / "routing.md").read_text(encoding="utf-8")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "FewestTokens" in b]
+    namespace: dict = {}
+    exec(compile(code, "docs/routing.md", "exec"), namespace)
+    ep = SimpleNamespace(name="fewest_tokens", load=lambda: namespace["FewestTokens"])
+    monkeypatch.setattr(policy_registry, "entry_points", lambda group: [ep])
+    policy = make_policy("fewest_tokens", RoutingConfig())
+    reg, _ws = fleet(3)
+    rng = random.Random(0)
+    Sim(policy, reg).run(lambda i: ctx_of(toks(rng, 10 + i % 50)), 100, 5)
+    assert policy.needs_tokens and set(policy.tokens.values()) == {0}
 
 
 def test_session_key_of() -> None:
