@@ -229,6 +229,9 @@ def test_never_picks_an_unroutable_worker(name: str) -> None:
     for i in range(120):
         w = policy.choose(cands(reg), varied_ctx(rng, i))
         assert w.id not in bad and w.routable
+        # a retry asks again with a list of the candidates not tried yet
+        retry = [c for c in cands(reg) if c is not w]
+        assert policy.choose(retry, varied_ctx(rng, i)) in retry
     ws[0].in_flight = 0
 
 
