@@ -64,7 +64,9 @@ class Gateway:
         self.registry.subscribe(self._on_worker_change)
         up = config.upstream
         self.pool = ConnectionPool(up.connect_timeout_s, up.idle_timeout_s, up.max_idle_per_worker)
-        self.policies = {role: make_policy(config.routing.policy_for(role)) for role in ROLES}
+        self.policies = {
+            role: make_policy(config.routing.policy_for(role), config.routing) for role in ROLES
+        }
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}

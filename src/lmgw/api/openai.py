@@ -12,7 +12,7 @@ import os
 import re
 import time
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import trio
@@ -22,6 +22,7 @@ from ..config import FLOW_ROLES
 from ..errors import GatewayError, error_body, sse_error_event
 from ..http.types import Request, Responder
 from ..pipeline.request import GatewayRequest
+from ..routing.policy import RouteContext, session_key_of
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -216,9 +217,9 @@ class OpenAIAPI:
             if endpoint == "chat" and _MEDIA_MARK.search(body) and self._checks_media(model):
                 body, items = await self._preprocess_media(body, model)
             text = self.gw.texts.get(model) if self.gw.texts else None
-            counted = None
+            prompt_ids = None
             if text is not None and text.validate_context and endpoint != "generate":
-                body, counted = await text.validate(endpoint, body)  # a 400 when it cannot fit
+                body, prompt_ids = await text.validate(endpoint, body)  # a 400 if it can't fit
             greq = GatewayRequest(
                 endpoint,
                 path,
@@ -232,8 +233,10 @@ class OpenAIAPI:
             greq.media = items
             if endpoint == "chat" and self.gw.output_parsers:
                 body = self._output_parsing(greq, model, body)
-            if counted is not None and not view.stream:
-                greq.usage_fill = partial(text.fill_usage, counted)
+            if prompt_ids is not None and not view.stream:
+                greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
+            if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
+                greq.route = self._route_context(req, greq, view, prompt_ids)
             # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
             # cap is off; else a FIFO wait that raises Rejected (429). No checkpoint between
             # getting the slot and the try that gives it back.
@@ -267,6 +270,36 @@ class OpenAIAPI:
         finally:
             self.metrics.requests.inc((endpoint, model, str(status)))
             self.metrics.e2e.observe((endpoint, model), _now() - t0)
+
+    def _route_context(
+        self, req: Request, greq: GatewayRequest, view: Any, prompt_ids: list[int] | None
+    ) -> RouteContext:
+        """The routing keys of this request, for policies that use them: the prompt's token
+        ids when the model's tokenizer agrees with its workers (else the raw prompt bytes, so
+        prefix locality still works), and the session key (header, else ``user``)."""
+        gw = self.gw
+        parity = gw.parity
+        if prompt_ids is not None and parity is not None and not parity.token_routing_safe.get(
+            greq.model, True
+        ):
+            prompt_ids = None
+        text_key = None
+        if prompt_ids is None:
+            body = greq.body
+            at = body.find(b'"messages"' if greq.endpoint == "chat" else b'"prompt"')
+            text_key = body[at:] if at >= 0 else body
+        session = None
+        header = gw.config.routing.session_header
+        if header:
+            wanted = header.lower().encode()
+            session = next((v for k, v in req.headers if k == wanted), None)
+        return RouteContext(
+            greq.model,
+            greq.request_id,
+            session_key=session_key_of(session, getattr(view, "user", None)),
+            tokens=prompt_ids,
+            text_key=text_key,
+        )
 
     def _output_parsing(self, greq: GatewayRequest, model: str, body: bytes) -> bytes:
         """Set up the model's tool-call parser (requests that offer tools) and reasoning split

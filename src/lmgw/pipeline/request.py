@@ -40,6 +40,7 @@ class GatewayRequest:
         "output",
         "path",
         "request_id",
+        "route",
         "stream",
         "t_start",
         "timings",
@@ -74,6 +75,9 @@ class GatewayRequest:
         #: the checked and hashed media items (lmgw.multimodal.MediaItem), when the gateway
         #: preprocessed them (media.preprocess); the body then pins each by ``uuid``
         self.media: list | None = None
+        #: the routing keys (prompt tokens or bytes, session) when a policy uses them; else the
+        #: pipeline builds a bare RouteContext
+        self.route: Any = None
         #: the tool-call/reasoning parsing of the answer (tools.relay.OutputRewriter) or None
         self.output: Any = None
         #: adds ``usage`` to a non-streamed answer that lacks it (text.service.fill_usage)

@@ -44,6 +44,10 @@ log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
 
 
+#: policies whose key is the session (X-Session-Id or the user field)
+_SESSION_POLICIES = frozenset({"consistent_hash", "consistent_hash_bounded", "session_affinity"})
+
+
 def _chain(
     first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes] | None
 ) -> Callable[[bytes], bytes] | None:
@@ -86,6 +90,10 @@ class Pipeline:
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
         self.migrations = cfg.upstream.migrate_streams
+        #: some role's policy routes on the prompt or the session: the API fills greq.route
+        self.route_keys = any(
+            p.needs_tokens or p.name in _SESSION_POLICIES for p in policies.values()
+        )
         self.retry_backoff_s = cfg.upstream.retry_backoff_s
         self.stall_s = cfg.upstream.stream_stall_timeout_s or None
         # A time-to-headers limit looser than the whole-request deadline would never fire:
@@ -172,7 +180,7 @@ class Pipeline:
             await self.disagg.run(greq, responder, flow, dialect)
             return
         role = "pd"
-        ctx = RouteContext(greq.model, greq.request_id)
+        ctx = greq.route or RouteContext(greq.model, greq.request_id)
         worker = self.pick(greq.model, role, ctx)
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path

@@ -122,11 +122,11 @@ class ModelText:
         }
         return msgspec.json.encode(obj)
 
-    async def validate(self, endpoint: str, body: bytes) -> tuple[bytes, int | None]:
+    async def validate(self, endpoint: str, body: bytes) -> tuple[bytes, list[int] | None]:
         """Check a chat/completions body against the context length; fill ``max_tokens`` in
         when absent the way vLLM defaults it (what fits, capped by generation_config). Returns
-        the body to forward (the same bytes unless it was filled in) and the prompt's token
-        count (None when not counted: media chats, batches)."""
+        the body to forward (the same bytes unless it was filled in) and the prompt's token ids
+        (None when not computed: media chats, batches) for usage counting and routing."""
         try:
             obj = msgspec.json.decode(body)
         except msgspec.DecodeError:
@@ -140,20 +140,20 @@ class ModelText:
         if endpoint == "chat":
             if _has_media(obj):  # the engine expands each item to its own placeholder count
                 return body, None
-            lengths = [len(await self.chat_ids(obj))]
+            prompts = [await self.chat_ids(obj)]
             what = "messages"
         else:
-            lengths = [len(ids) for ids in await self.completion_ids(obj)]
+            prompts = await self.completion_ids(obj)
             what = "prompt"
-        for n in lengths:
-            self.check_context(n, max_tokens, what)
-        counted = lengths[0] if len(lengths) == 1 else None
+        for ids in prompts:
+            self.check_context(len(ids), max_tokens, what)
+        single = prompts[0] if len(prompts) == 1 else None
         if max_tokens is not None or self.max_model_len is None:
-            return body, counted
-        room = self.max_model_len - max(lengths)
+            return body, single
+        room = self.max_model_len - max(len(ids) for ids in prompts)
         cap = self.tokenizer.generation_max_tokens
         obj["max_tokens"] = min(room, cap) if cap else room
-        return msgspec.json.encode(obj), counted
+        return msgspec.json.encode(obj), single
 
     # -- /tokenize and /detokenize ------------------------------------------------------------
     async def tokenize(self, obj: Mapping[str, Any]) -> dict[str, Any]:
