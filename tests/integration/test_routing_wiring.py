@@ -1,0 +1,45 @@
+"""The pipeline feeds the routing policies their keys: prompt tokens (or bytes), sessions."""
+
+from __future__ import annotations
+
+import trio
+from gateway_support import MODEL, GatewayFactory
+
+
+async def test_session_affinity_follows_the_session_header(gateway: GatewayFactory) -> None:
+    gw = await gateway(3, routing="session_affinity")
+    for session in ("alice", "bob", "carol"):
+        before = [s.sim.stats.requests_total for s in gw.sims]
+        for _ in range(3):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            r = await gw.request(
+                "POST", "/v1/chat/completions", body, headers={"x-session-id": session}
+            )
+            assert r.status == 200
+        after = [s.sim.stats.requests_total for s in gw.sims]
+        assert sorted(b - a for a, b in zip(before, after, strict=True)) == [0, 0, 3]
+
+
+async def test_cache_aware_keeps_a_conversation_on_one_worker(gateway: GatewayFactory) -> None:
+    """Without a gateway tokenizer the prompt's bytes are the key: each growing conversation
+    stays where its prefix is cached, while different conversations spread."""
+    gw = await gateway(2, routing="cache_aware")
+    homes: dict[str, set[int]] = {}
+    for turn in range(4):
+        for user in ("u1", "u2", "u3", "u4"):
+            history = [
+                {"role": "user", "content": f"{user} long shared context " * 40 + f"turn {t}"}
+                for t in range(turn + 1)
+            ]
+            before = [s.sim.stats.requests_total for s in gw.sims]
+            r = await gw.request(
+                "POST", "/v1/chat/completions", {"model": MODEL, "messages": history}
+            )
+            assert r.status == 200
+            after = [s.sim.stats.requests_total for s in gw.sims]
+            homes.setdefault(user, set()).add(
+                next(i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a)
+            )
+            await trio.sleep(0)
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len({next(iter(h)) for h in homes.values()}) == 2  # not all piled on one worker
