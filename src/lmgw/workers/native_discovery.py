@@ -270,7 +270,12 @@ class NativeDiscovery:
 
 def apply_to_gateway(gateway: Gateway, table: NativeTable, changes: list[NativeChange]) -> None:
     """Make the gateway's ``"native"`` workers what the table says. Workers another source owns
-    (a static ``[[workers]]`` entry with the same id) are left alone."""
+    (a static ``[[workers]]`` entry with the same id) are left alone. Without changes (the
+    periodic call) only drained workers that became idle are removed: a full sync would also
+    undo an operator's drain of an announced worker every second."""
+    if not changes:
+        gateway.sweep_retired()
+        return
     for change in changes:
         wid = change.worker.worker_id
         if gateway.source_of(wid) != SOURCE or gateway.registry.get(wid) is None:

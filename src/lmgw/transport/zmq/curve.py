@@ -38,7 +38,7 @@ import trio
 import zmq
 import zmq.auth
 
-from .socket import ZmqSocket
+from .socket import PeerUnreachable, ZmqSocket
 
 __all__ = [
     "PUBLIC_SUFFIX",
@@ -263,8 +263,13 @@ class ZapHandler:
             while True:
                 frames = await sock.recv_multipart()
                 reply = self.decide(frames)
-                if reply is not None and not sock.try_send_multipart(reply):
-                    log.warning("ZAP reply dropped (libzmq's queue is full)")
+                if reply is None:
+                    continue
+                try:
+                    if not sock.try_send_multipart(reply):
+                        log.warning("ZAP reply dropped (libzmq's queue is full)")
+                except PeerUnreachable:
+                    pass  # the handshake it was for is gone already
 
     def allowed_keys(self) -> frozenset[bytes] | None:
         """The allow-list now (re-read when the directory changed); None: any key."""

@@ -36,41 +36,38 @@ Target: gateway CPU per request over ZeroMQ <= 0.7x the HTTP path. One run, one 
   memcpy) is run too (``--quick`` unless ``--tensors-full``; ``--no-tensors`` skips it) and its
   medians are included.
 
-    .venv/bin/python benchmarks/zmq.py [--quick] [--rounds 3] [--duration 4] [--no-tensors]
+    .venv/bin/python benchmarks/zmq_vs_http.py [--quick] [--rounds 3] [--duration 4] [--no-tensors]
 
-Prints a table and writes benchmarks/results/zmq.json; child logs go to
-benchmarks/results/zmq-logs/. Needs ``wrk``, and a built sim-model folder (made on first use).
+Prints a table and writes benchmarks/results/zmq_vs_http.json; child logs go to
+benchmarks/results/zmq_vs_http-logs/. Needs ``wrk``, and the sim-model folder (built on first
+use). The issue asked for ``benchmarks/zmq.py``: a top-level ``zmq.py`` in benchmarks/ shadows
+pyzmq for every script there (``tensors.py`` failed) and makes ruff, whose ``src`` includes
+benchmarks/, treat ``zmq`` as first-party in the whole repository.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib.util
+import json
 import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-# This file is named like the pyzmq package: drop its folder from the import path before
-# anything imports `zmq`, or lmgw would import this script instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-HERE = Path(_HERE)
+HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-OUT_JSON = RESULTS / "zmq.json"
-LOG_DIR = RESULTS / "zmq-logs"
+OUT_JSON = RESULTS / "zmq_vs_http.json"
+LOG_DIR = RESULTS / "zmq_vs_http-logs"
 TARGET_RATIO = 0.7
 STREAM_TOKENS = 64
 PATHS = ("zmq", "http", "http-relay")
@@ -96,7 +93,7 @@ MODEL = oh.MODEL
 
 
 def log(*parts: object) -> None:
-    print(f"[zmq {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+    print(f"[zmq_vs_http {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 
 
 def write_bodies(path: Path, *, stream: bool, n: int = 64) -> None:
@@ -496,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (2 if args.quick else 4)
     if shutil.which("wrk") is None:
-        print("benchmarks/zmq.py needs wrk: apt-get install -y wrk", file=sys.stderr)
+        print("benchmarks/zmq_vs_http.py needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 2
 
     def terminate(signum: int, _frame: object) -> None:
@@ -547,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     same_text = len(set(ctx["answers"].values())) == 1
     tensors = None if args.no_tensors else run_tensors(args.tensors_full)
     meta = {
-        "benchmark": "zmq",
+        "benchmark": "zmq_vs_http",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "rounds": rounds,
         "duration_s": duration,
