@@ -400,6 +400,9 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Session key for consistent_hash / session_affinity: this request header (case-insensitive),
     # else the body's OpenAI `user` field. X-Session-Id is what Dynamo and LiteLLM users send.
     session_header: str = "x-session-id"
+    # Answer with an `x-lmgw-route` header: policy, worker, predicted cached tokens and any
+    # fallback reason (for debugging routing; off by default: it costs a few µs).
+    route_header: bool = False
     # session_affinity forgets a session idle this long: about how long an engine keeps an idle
     # conversation's KV blocks under moderate load.
     session_ttl_s: float = 600.0

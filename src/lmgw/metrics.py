@@ -189,6 +189,27 @@ class Metrics:
             " 0 when they differ (token-level routing then falls back to byte keys).",
             ("model", "worker"),
         )
+        self.routing_predicted = Counter(
+            "lmgw_routing_predicted_cached_tokens_total",
+            "Prompt tokens the routing policy expected the chosen worker to have cached.",
+            ("model",),
+        )
+        self.routing_reported = Counter(
+            "lmgw_routing_reported_cached_tokens_total",
+            "Prompt tokens the worker reported cached (usage.prompt_tokens_details), for the"
+            " requests the policy made a prediction for.",
+            ("model",),
+        )
+        self.routing_matched = Counter(
+            "lmgw_routing_matched_cached_tokens_total",
+            "min(predicted, reported) per request: precision = matched / predicted.",
+            ("model",),
+        )
+        self.routing_precision = Gauge(
+            "lmgw_routing_precision",
+            "Share of the predicted cached tokens the workers really had (since start).",
+            ("model",),
+        )
         self.retries = Counter(
             "lmgw_retries_total",
             "Requests re-dispatched to another worker before any byte reached the client.",
@@ -217,7 +238,8 @@ class Metrics:
         self._all: list[Counter | Gauge | Histogram] = [
             self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
-            self.tokenizer_parity,
+            self.tokenizer_parity, self.routing_predicted, self.routing_reported,
+            self.routing_matched, self.routing_precision,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the

@@ -217,3 +217,14 @@ class GatewayHandle:
 
 GatewayFactory = Callable[..., Awaitable[GatewayHandle]]
 """The ``gateway`` fixture: ``await gateway(n, **options)`` -> :class:`GatewayHandle`."""
+
+
+def metric_value(text: str, sample: str, default: float | None = 0.0) -> float:
+    """The value of one exact Prometheus sample (``name{labels}``) in ``text``; ``default``
+    when absent (None: absence is a test failure)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    if default is None:
+        raise AssertionError(f"no sample {sample!r} in /metrics")
+    return default

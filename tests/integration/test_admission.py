@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 from gateway_support import MODEL, GatewayFactory, GatewayHandle, RawResponse, http_request
+from gateway_support import metric_value as support_metric_value
 
 pytestmark = pytest.mark.usefixtures("hard_deadline")
 
@@ -33,10 +34,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 
 def metric_value(text: str, sample: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {sample!r} in /metrics")
+    return support_metric_value(text, sample, default=None)
 
 
 def assert_rejected(r: RawResponse, status: int, reason_words: str) -> None:

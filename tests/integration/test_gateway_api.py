@@ -21,6 +21,7 @@ from gateway_support import (
     RawResponse,
     free_port_url,
     http_request,
+    metric_value,
     open_stream,
     parse_sse,
     request_bytes,
@@ -64,14 +65,6 @@ async def wait_until(predicate, timeout: float = 2.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
-
-
-def metric_value(text: str, sample: str) -> float:
-    """The value of one exact sample line prefix (``name{labels}``); 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def wait_for_abort(sim: Any, request_id: str, timeout: float = 2.0) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import trio
-from gateway_support import MODEL, GatewayFactory
+from gateway_support import MODEL, GatewayFactory, http_request, metric_value
+
+from lmgw.config import GatewayConfig, HealthConfig, RoutingConfig, ServerConfig, WorkerConfig
+from lmgw.gateway import Gateway
 
 
 async def test_session_affinity_follows_the_session_header(gateway: GatewayFactory) -> None:
@@ -43,3 +46,25 @@ async def test_cache_aware_keeps_a_conversation_on_one_worker(gateway: GatewayFa
             await trio.sleep(0)
     assert all(len(h) == 1 for h in homes.values()), homes
     assert len({next(iter(h)) for h in homes.values()}) == 2  # not all piled on one worker
+    # the audit: what the policy predicted against what the workers reported cached
+    text = await gw.metrics()
+    predicted = metric_value(text, f'lmgw_routing_predicted_cached_tokens_total{{model="{MODEL}"}}')
+    reported = metric_value(text, f'lmgw_routing_reported_cached_tokens_total{{model="{MODEL}"}}')
+    assert predicted > 0 and reported > 0
+    assert 0 < metric_value(text, f'lmgw_routing_precision{{model="{MODEL}"}}') <= 1
+
+
+async def test_route_header_explains_the_decision(nursery: trio.Nursery, sim_worker) -> None:
+    sims = [await sim_worker() for _ in range(2)]
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        routing=RoutingConfig(policy="cache_aware", route_header=True),
+        workers=[WorkerConfig(url=s.url, role="pd", id=f"w{i}") for i, s in enumerate(sims)],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+    r = await http_request(f"http://127.0.0.1:{port}", "POST", "/v1/chat/completions", body)
+    assert r.status == 200
+    route = r.headers["x-lmgw-route"]
+    assert "cache_aware" in route and ("w0" in route or "w1" in route)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -29,7 +30,7 @@ from ..config import (
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
-from ..routing.policy import Policy, RouteContext
+from ..routing.policy import Policy, RouteContext, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
 from ..transport.pool import ConnectionPool, Origin, UpstreamError
@@ -43,6 +44,9 @@ from .request import Gate, GatewayRequest, MidStream
 log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
 
+
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 #: policies whose key is the session (X-Session-Id or the user field)
 _SESSION_POLICIES = frozenset({"consistent_hash", "consistent_hash_bounded", "session_affinity"})
@@ -90,6 +94,13 @@ class Pipeline:
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
         self.migrations = cfg.upstream.migrate_streams
+        self.route_header = cfg.routing.route_header
+        #: some policy learns from usage or predicts cached tokens: tap answers for usage
+        self.audits = any(
+            type(p).on_usage is not Policy.on_usage
+            or type(p).predicted_cached_tokens is not Policy.predicted_cached_tokens
+            for p in policies.values()
+        )
         #: some role's policy routes on the prompt or the session: the API fills greq.route
         self.route_keys = any(
             p.needs_tokens or p.name in _SESSION_POLICIES for p in policies.values()
@@ -205,6 +216,40 @@ class Pipeline:
             self.metrics.retries.inc((role,))
             log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
             await self.backoff(attempt)
+
+    def _audit(
+        self, policy: Policy, worker: Worker, ctx: RouteContext, greq: GatewayRequest
+    ) -> Callable[[bytes], bytes] | None:
+        """A tap on the answer's bytes that reads the worker's usage (prompt and cached
+        tokens) for the policy's ``on_usage`` and the routing precision audit. Reads only:
+        a bytes search per chunk, a regex on the one that carries usage."""
+        predicted = policy.predicted_cached_tokens(worker, ctx)
+        metrics = self.metrics
+        model = (greq.model,)
+        done = False
+
+        def tap(data: bytes) -> bytes:
+            nonlocal done
+            if done or b'"prompt_tokens"' not in data:
+                return data
+            m = _PROMPT_TOKENS.search(data)
+            if m is None:
+                return data
+            done = True
+            c = _CACHED_TOKENS.search(data)
+            cached = int(c.group(1)) if c else None
+            policy.on_usage(worker, ctx, int(m.group(1)), cached)
+            if predicted is not None and cached is not None:
+                metrics.routing_predicted.inc(model, predicted)
+                metrics.routing_reported.inc(model, cached)
+                metrics.routing_matched.inc(model, min(predicted, cached))
+                total = metrics.routing_predicted.values.get(model, 0.0)
+                if total:
+                    matched = metrics.routing_matched.values.get(model, 0.0)
+                    metrics.routing_precision.set(model, matched / total)
+            return data
+
+        return tap
 
     async def backoff(self, attempt: int) -> None:
         """The pause before retry ``attempt + 1``: exponential, jittered (see the config)."""
@@ -339,6 +384,9 @@ class Pipeline:
                 out = [(b"x-request-id", greq.request_id.encode())]
                 if greq.timings:
                     out.append((b"server-timing", greq.server_timing()))
+                if self.route_header:
+                    out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
+                audit = self._audit(policy, worker, ctx, greq) if self.audits else None
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
 
                     def first_byte() -> None:
@@ -348,7 +396,7 @@ class Pipeline:
                             metrics.ttft.observe((greq.model,), t_first - greq.t_start)
                         metrics.stage_ttft.observe(labels, t_first - t0)
 
-                    events_fix = splice or (rewrite and rewrite.events)
+                    events_fix = _chain(audit, splice or (rewrite and rewrite.events))
                     if greq.output is not None:  # after the splice: one parse state throughout
                         events_fix = _chain(events_fix, greq.output.events)
                     events = await openai_http.relay_sse(
@@ -357,7 +405,8 @@ class Pipeline:
                     if events > 1:
                         metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
                 else:
-                    body_fix = _chain(rewrite.body if rewrite else None, greq.usage_fill)
+                    body_fix = _chain(audit, rewrite.body if rewrite else None)
+                    body_fix = _chain(body_fix, greq.usage_fill)
                     if greq.output is not None:
                         body_fix = _chain(body_fix, greq.output.body)
                     await openai_http.relay_json(resp, responder, out, body_fix)
