@@ -23,7 +23,7 @@ from .api.app import App
 from .api.text import TextAPI
 from .config import ROLES, GatewayConfig, WorkerConfig, is_native_url
 from .http.server import HTTPServer, ServerLimits
-from .metrics import Metrics
+from .metrics import Gauge, Metrics
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
@@ -67,6 +67,15 @@ class Gateway:
         self.policies = {
             role: make_policy(config.routing.policy_for(role), config.routing) for role in ROLES
         }
+        self.metrics.add(
+            Gauge(
+                "lmgw_routing_policy_stat",
+                "What each role's routing policy reports about itself (cache_aware: index"
+                " entries, bytes, budget, evictions, hit ratio...).",
+                ("role", "policy", "stat"),
+                collect=self._policy_samples,
+            )
+        )
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}
@@ -243,6 +252,11 @@ class Gateway:
     def _worker_request_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for w in self.registry:
             yield (w.role, w.id), w.total_requests
+
+    def _policy_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for role, policy in self.policies.items():
+            for stat, value in policy.statistics().items():
+                yield (role, policy.name, stat), float(value)
 
     def _on_worker_change(self, worker: Worker) -> None:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)

@@ -68,3 +68,11 @@ async def test_route_header_explains_the_decision(nursery: trio.Nursery, sim_wor
     assert r.status == 200
     route = r.headers["x-lmgw-route"]
     assert "cache_aware" in route and ("w0" in route or "w1" in route)
+
+
+async def test_policy_statistics_are_exported(gateway: GatewayFactory) -> None:
+    gw = await gateway(2, routing="cache_aware")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 50}]}
+    assert (await gw.request("POST", "/v1/chat/completions", body)).status == 200
+    text = await gw.metrics()
+    assert 'lmgw_routing_policy_stat{role="pd",policy="cache_aware",stat="entries"}' in text
