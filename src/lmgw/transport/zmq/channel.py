@@ -572,8 +572,7 @@ class RpcChannel:
             frames = sock.try_recv_multipart(copy=copy)
             if frames is None:
                 fast = 0
-                frames = await sock.recv_multipart(copy=copy)  # returns right after the recv
-                self._on_frames(frames)
+                await sock.wait_recv_ready()
                 continue
             self._on_frames(frames)
             fast += 1

@@ -59,9 +59,11 @@ MIN_BACKOFF_S = 0.001
 """First retry of a send that found a full peer where POLLOUT cannot tell (ROUTER)."""
 MAX_BACKOFF_S = 0.025
 """The retry interval doubles up to this: a full peer costs ~40 wake-ups a second at most."""
-_POLLIN = zmq.POLLIN
-_POLLOUT = zmq.POLLOUT
-_NOBLOCK = zmq.NOBLOCK
+# plain ints: pyzmq's enum flags cost ~1 us per `&` on the hot path
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 _DEFAULT: Any = object()
 
 
@@ -182,7 +184,8 @@ class ZmqSocket:
             self.socket.send_multipart(frames, _NOBLOCK, copy=copy)
         except zmq.Again:
             self.sends_blocked += 1
-            self._recheck()  # the failed call may have consumed an edge someone waits for
+            if self._want_in or self._want_out:
+                self._recheck()  # the failed call may have consumed an edge someone waits for
             return False
         except zmq.ZMQError as exc:
             raise self._translate(exc) from None
@@ -253,13 +256,21 @@ class ZmqSocket:
         a caller holds nothing received across a checkpoint unless it chooses to."""
         return self._try_recv(copy)
 
+    async def wait_recv_ready(self) -> None:
+        """Return once a message is queued (``try_recv_multipart`` then gets it, unless another
+        task takes it first). For a reader loop that has just found the queue empty: it saves
+        the second failed receive that ``recv_multipart`` would start with (every libzmq call
+        costs syscalls). Raises ``trio.ClosedResourceError`` once closed."""
+        await self._wait(_POLLIN)
+
     def _try_recv(self, copy: bool) -> list | None:
         if self._closed:
             raise trio.ClosedResourceError("the zmq socket was closed")
         try:
             frames = self.socket.recv_multipart(_NOBLOCK, copy=copy)
         except zmq.Again:
-            self._recheck()
+            if self._want_in or self._want_out:
+                self._recheck()  # the failed call may have consumed an edge someone waits for
             return None
         except zmq.ZMQError as exc:
             raise self._translate(exc) from None
@@ -272,7 +283,7 @@ class ZmqSocket:
     def _recheck(self) -> int:
         """Read EVENTS (which may consume the fd's edge) and kick the fd waiter if something a
         waiting task wants is possible now. Call after anything that may have eaten an edge."""
-        events = self.socket.getsockopt(zmq.EVENTS)
+        events = self.socket.get(_EVENTS)
         if (
             (self._want_in and events & _POLLIN) or (self._want_out and events & _POLLOUT)
         ) and self._kick_scope is not None:
