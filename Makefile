@@ -26,7 +26,15 @@ test: build
 bench: build
 	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead.py --pd vllm-nixl
 	$(BIN)/python benchmarks/hashring.py
+	$(BIN)/python benchmarks/routing_decision.py
+	$(BIN)/python benchmarks/text.py
+	$(BIN)/python benchmarks/media.py
+	$(BIN)/python benchmarks/tools.py
+	$(BIN)/python benchmarks/tensors.py
+	$(BIN)/python benchmarks/zmq_vs_http.py
+	$(BIN)/python benchmarks/sdk.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples
