@@ -279,8 +279,10 @@ class OpenAIAPI:
         prefix locality still works), and the session key (header, else ``user``)."""
         gw = self.gw
         parity = gw.parity
-        if prompt_ids is not None and parity is not None and not parity.token_routing_safe.get(
-            greq.model, True
+        if (
+            prompt_ids is not None
+            and parity is not None
+            and not parity.token_routing_safe.get(greq.model, True)
         ):
             prompt_ids = None
         text_key = None
