@@ -27,6 +27,12 @@ from the function's JSON schema, deterministically. The text is answered raw, wi
 ``--enable-auto-tool-choice``, whose output the gateway parses (docs/tools.md says where the
 simulator and real vLLM differ).
 
+Routing fidelity: prefill takes time in proportion to the prompt tokens the prefix cache does
+not hold (a bounded LRU of chained block hashes, :class:`.engine.PrefixCache`); requests over
+``max_num_seqs`` wait, and with ``serial_prefill`` prefills compute one at a time, so a busy
+worker queues and a cache hit frees capacity. With ``kv_events`` the worker publishes its prefix
+cache's changes as vLLM does (:mod:`.kv_events`); ``GET /sim/prefix_cache`` lists what it holds.
+
 ``SimWorker`` is a handler in the contract of :mod:`lmgw.http.types`; any server that speaks that
 contract (the native trio server, the ASGI adapter, a fake responder in tests) can serve it. The
 engine logic lives in :mod:`.engine` (sans-IO); this module only parses, validates, sleeps per the
@@ -88,6 +94,7 @@ from .engine import (
     plan_tool_call,
 )
 from .faults import DropConnection, FaultInjector, Faults
+from .kv_events import KvEventPublisher
 from .metrics import render_metrics
 
 RECENT = 256
@@ -150,6 +157,12 @@ class WorkerOptions:
     real LMCache does silently)."""
     lmcache_chunk_size: int = LMCACHE_CHUNK_TOKENS
     """Tokens per LMCache chunk (its ``chunk_size``); p and d must agree."""
+    serial_prefill: bool = False
+    """Prefills compute one at a time, FIFO (:attr:`EngineConfig.serial_prefill`): a busy worker
+    queues, so time to first token grows with load and cache hits raise capacity."""
+    kv_events: str | None = None
+    """Bind a ZMQ publisher of vLLM-shaped KV events here (``tcp://127.0.0.1:0``: a free port;
+    :mod:`.kv_events`); None: no events."""
     tool_format: str = DEFAULT_TOOL_FORMAT
     """How the model writes tool calls (a parser name of :mod:`lmgw.tools`) when a chat request
     carries ``tools``: the worker answers with that raw text, like a vLLM worker started without
@@ -168,6 +181,7 @@ class WorkerOptions:
             block_size=self.block_size,
             timing=TimingModel(speed=self.speed),
             model_dir=self.model_dir,
+            serial_prefill=self.serial_prefill,
         )
 
 
@@ -455,6 +469,11 @@ class SimWorker:
         self.engine.slow = self.faults.faults.slow
         self.stats = SimStats()
         self._slots = trio.Semaphore(max(1, self.options.max_num_seqs))
+        self._prefill_lock = trio.Lock()  # FIFO: serial prefills queue in arrival order
+        self.kv_events = KvEventPublisher(opts.kv_events) if opts.kv_events else None
+        """The KV event publisher (``options.kv_events``); run by serve_worker_inprocess."""
+        if self.kv_events is not None:
+            self.engine.cache.listener = self.kv_events.add
         self._names = frozenset(self.options.served_names)
         self._default_model = self.options.served_names[0]
         self._created = int(time.time())
@@ -472,6 +491,7 @@ class SimWorker:
             "/sim/stats": (frozenset({"GET"}), self._sim_stats),
             "/sim/faults": (frozenset({"GET", "POST"}), self._sim_faults),
             "/sim/reset": (frozenset({"POST"}), self._sim_reset),
+            "/sim/prefix_cache": (frozenset({"GET"}), self._sim_prefix_cache),
         }
         self._models_body = self._build_models_body()
 
@@ -768,6 +788,7 @@ class SimWorker:
         generated = 0
         finished = False
         acquired = False
+        computing = False  # holds the prefill lock (serial_prefill)
         try:
             if faults.hang:
                 await trio.sleep_forever()
@@ -777,6 +798,9 @@ class SimWorker:
             except trio.WouldBlock:
                 await self._slots.acquire()
             acquired = True
+            if engine.config.serial_prefill and not engine.config.timing.instant:
+                await self._prefill_lock.acquire()  # still "waiting" until its prefill starts
+                computing = True
             ticket.admit(plan.completion_tokens)
             delay = ticket.prefill(plan.prompts, plan.external_cached) + plan.extra_prefill_s
             plan.cached_tokens = ticket.cached_tokens
@@ -784,6 +808,9 @@ class SimWorker:
             if delay > 0:
                 clock = trio.current_time() + delay
                 await trio.sleep_until(clock)
+            if computing:
+                computing = False
+                self._prefill_lock.release()
             if plan.after_prefill is not None:
                 plan.after_prefill()
             ticket.begin_decode()
@@ -832,6 +859,8 @@ class SimWorker:
             raise
         finally:
             stats.in_flight -= 1
+            if computing:
+                self._prefill_lock.release()
             if acquired:
                 self._slots.release()
             if ticket is not None:
@@ -1503,10 +1532,17 @@ class SimWorker:
             "kv_address": self.kv_address,
             "kv_connector": self.options.kv_connector,
             "handoff": self._handoff_snapshot(),
+            "kv_events": None if self.kv_events is None else self.kv_events.statistics(),
         }
 
     async def _sim_stats(self, request: Request, responder: Responder, rid: bytes) -> None:
         await _send_json(responder, 200, _encode(self.snapshot()), rid)
+
+    async def _sim_prefix_cache(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """The prefix cache's block hashes, least recently used first (what KV events told)."""
+        cache = self.engine.cache
+        body = {"block_size": cache.block_size, "blocks": cache.block_hashes()}
+        await _send_json(responder, 200, _encode(body), rid)
 
     async def _sim_faults(self, request: Request, responder: Responder, rid: bytes) -> None:
         if request.method == "POST":

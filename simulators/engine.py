@@ -28,7 +28,7 @@ import re
 import struct
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from lmgw.text import (
 )
 from lmgw.tools import TOOL_PARSERS
 
-from . import model_files
+from . import kv_events, model_files
 
 # ------------------------------------------------------------------------------------------------
 # Output vocabulary
@@ -923,14 +923,27 @@ class PrefixCache:
     """An LRU set of token blocks keyed by chained block hashes, with a capacity in blocks.
 
     Like vLLM, a lookup never reports the whole prompt as cached: the last token is always
-    computed, so at most ``(len - 1) // block_size`` blocks hit.
+    computed, so at most ``(len - 1) // block_size`` blocks hit. A prompt's blocks are touched
+    deepest first, so a prefix is always more recent than its extensions and eviction takes
+    leaves first (vLLM frees a request's blocks tail first for the same reason): an evicted
+    root never strands its descendants as unreachable garbage that still takes capacity.
+
+    ``listener``, when set, gets vLLM-shaped KV events (:mod:`.kv_events`) for every change:
+    ``BlockStored`` per run of new blocks, ``BlockRemoved`` for evictions, ``AllBlocksCleared``
+    on :meth:`clear`. It must not block (the publisher only appends to a list).
     """
 
-    def __init__(self, capacity_blocks: int = 8192, block_size: int = 16) -> None:
+    def __init__(
+        self,
+        capacity_blocks: int = 8192,
+        block_size: int = 16,
+        listener: Callable[[Any], None] | None = None,
+    ) -> None:
         if capacity_blocks < 0 or block_size < 1:
             raise ValueError("capacity_blocks must be >= 0 and block_size >= 1")
         self.capacity_blocks = capacity_blocks
         self.block_size = block_size
+        self.listener = listener
         self._blocks: OrderedDict[int, None] = OrderedDict()
         self.queries = 0
         self.hits = 0
@@ -938,6 +951,10 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def block_hashes(self) -> list[int]:
+        """The cached blocks' hashes, least recently used first (``/sim/prefix_cache``)."""
+        return list(self._blocks)
 
     def lookup(self, token_ids: Sequence[int], hashes: Sequence[int] | None = None) -> int:
         """Cached tokens for a prompt (a multiple of block_size); counts queries and hits."""
@@ -947,8 +964,9 @@ class PrefixCache:
         blocks = self._blocks
         n = 0
         while n < usable and hashes[n] in blocks:
-            blocks.move_to_end(hashes[n])
             n += 1
+        for i in range(n - 1, -1, -1):  # deepest first: the prefix stays the most recent
+            blocks.move_to_end(hashes[i])
         cached = n * self.block_size
         self.queries += len(token_ids)
         self.hits += cached
@@ -961,18 +979,51 @@ class PrefixCache:
         if hashes is None:
             hashes = block_hashes(token_ids, self.block_size)
         blocks = self._blocks
-        for h in hashes:
+        listener = self.listener
+        if listener is not None:
+            self._announce(token_ids, hashes, listener)
+        for i in range(len(hashes) - 1, -1, -1):  # deepest first, as in lookup
+            h = hashes[i]
             if h in blocks:
                 blocks.move_to_end(h)
             else:
                 blocks[h] = None
-        while len(blocks) > self.capacity_blocks:
-            blocks.popitem(last=False)
-            self.evictions += 1
+        if len(blocks) > self.capacity_blocks:
+            evicted = []
+            while len(blocks) > self.capacity_blocks:
+                evicted.append(blocks.popitem(last=False)[0])
+            self.evictions += len(evicted)
+            if listener is not None:
+                listener(kv_events.BlockRemoved(evicted))
+
+    def _announce(
+        self, token_ids: Sequence[int], hashes: Sequence[int], listener: Callable[[Any], None]
+    ) -> None:
+        """One ``BlockStored`` per run of blocks not cached yet, chained to the block before."""
+        blocks, bs = self._blocks, self.block_size
+        i, n = 0, len(hashes)
+        while i < n:
+            if hashes[i] in blocks:
+                i += 1
+                continue
+            j = i
+            while j < n and hashes[j] not in blocks:
+                j += 1
+            listener(
+                kv_events.BlockStored(
+                    list(hashes[i:j]),
+                    hashes[i - 1] if i else None,
+                    list(token_ids[i * bs : j * bs]),
+                    bs,
+                )
+            )
+            i = j
 
     def clear(self) -> None:
         self._blocks.clear()
         self.queries = self.hits = self.evictions = 0
+        if self.listener is not None:
+            self.listener(kv_events.AllBlocksCleared())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1036,6 +1087,10 @@ class EngineConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
     model_dir: str | None = None
     """The model folder (tokenizer, chat template); None: the per-user sim-model."""
+    serial_prefill: bool = False
+    """Prefills compute one at a time, first come first served, like one GPU's forward passes
+    (the I/O layer holds a lock for each prefill's duration; queued requests count as waiting).
+    Off: every request prefills in parallel, so load never delays a first token."""
 
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -1169,6 +1224,7 @@ class Engine:
         )
         """The context length: the config's, else the model folder's."""
         self.cache = PrefixCache(self.config.kv_blocks, self.config.block_size)
+        """The prefix cache; set ``cache.listener`` to receive its KV events."""
         self.stats = EngineStats()
         self.slow = 1.0
         self.waiting = 0

@@ -63,12 +63,15 @@ async def serve_worker_inprocess(
         limits: server limits passed to :func:`lmgw.http.server.serve_http`.
 
     ``task_status.started(url)`` reports ``http://host:port`` once the port is bound (and the
-    KV listener's, when ``options.kv_port`` is set: then ``worker.kv_address`` names it).
+    KV listener's, when ``options.kv_port`` is set: then ``worker.kv_address`` names it; and the
+    KV event publisher's, when ``options.kv_events`` is set: ``worker.kv_events.endpoint``).
     """
     worker = options if isinstance(options, SimWorker) else SimWorker(options)
     opts = worker.options
     try:
         async with trio.open_nursery() as nursery:
+            if worker.kv_events is not None:  # the publisher's socket owner task
+                await nursery.start(worker.kv_events.run)
             port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
             worker.bound_port = port  # the KV side channel (and SGLang bootstrap) port
             if opts.kv_port is not None:  # P2P NCCL's KV port: the same handler, a second port
@@ -94,6 +97,8 @@ class FleetMember:
     url: str = ""
     kv_address: str | None = None
     """``host:kv_port`` of a worker started with a KV port (P2P NCCL), from its READY line."""
+    kv_events: str | None = None
+    """The KV event publisher's endpoint of a worker started with ``--kv-events``."""
     stderr_tail: bytearray = field(default_factory=bytearray)
 
     @property
@@ -228,6 +233,7 @@ async def run_fleet(
     model: str,
     speed: float,
     extra_args: Sequence[str] = (),
+    role_args: Mapping[str, Sequence[str]] | None = None,
     dialect: str | None = None,
     model_dir: str | os.PathLike[str] | None = None,
     ready_timeout_s: float = 30.0,
@@ -251,6 +257,9 @@ async def run_fleet(
     Every worker tokenizes with one model folder, passed as ``--model-dir``: ``model_dir``, the
     one ``extra_args`` names, or the per-user sim-model (built here once, before any spawn, so
     the workers do not race to build it). ``Fleet.model_dir`` tells which.
+
+    ``role_args`` are further flags for the workers of one role (e.g. ``{"pd": ["--kv-events",
+    "tcp://127.0.0.1:0"]}``: a KV event publisher each, ``FleetMember.kv_events``).
 
     ``transport="zmq"`` starts native workers (``python -m lmgw.worker --engine sim``, the same
     engine behind the native protocol; members' URLs are ``zmq+tcp://``). They take no
@@ -304,16 +313,17 @@ async def run_fleet(
             async with trio.open_nursery() as starters:
                 index = 0
                 for role, count in counts.items():
-                    role_args = list(extra_args)
+                    args = list(extra_args)
                     if own_ec_dir is not None and role in ("e", "p", "pd"):
-                        role_args += ["--ec-dir", own_ec_dir]
-                    role_args += dialect_args(dialect, role, own_lmcache_dir)
+                        args += ["--ec-dir", own_ec_dir]
+                    args += dialect_args(dialect, role, own_lmcache_dir)
+                    args += (role_args or {}).get(role, ())
                     for _ in range(count):
                         cmd = worker_command(
                             role,
                             model=model,
                             speed=speed,
-                            extra_args=role_args,
+                            extra_args=args,
                             python=python,
                             transport=transport,
                         )
@@ -387,10 +397,12 @@ async def _start_member(
         if url.startswith(("tcp://", "ipc://")):  # a native worker: "READY tcp://h:p control=.."
             url = "zmq+" + url
         member.url = url
-        for f in fields:  # "kv_address=HOST:PORT" from a worker with a KV port
+        for f in fields:  # "kv_address=HOST:PORT" (a KV port), "kv_events=tcp://..."
             key, _, value = f.partition("=")
             if key == "kv_address" and value:
                 member.kv_address = value
+            elif key == "kv_events" and value:
+                member.kv_events = value
         nursery.start_soon(_drain, proc.stdout)
         return
     if timeout.cancelled_caught:

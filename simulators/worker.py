@@ -7,8 +7,12 @@ on p and d; vLLM LMCache needs ``--kv-connector lmcache --lmcache-dir DIR`` on p
 built once in ``~/.cache/lmgw``); a folder that cannot be loaded is a usage error (exit 2).
 ``--tool-format`` is how the model writes tool calls (docs/tools.md).
 
+``--serial-prefill`` computes prefills one at a time (a busy worker queues); ``--kv-events
+tcp://127.0.0.1:0`` publishes the prefix cache's changes as vLLM's KV events (ZMQ PUB).
+
 The process prints exactly one line, ``READY http://<host>:<port>`` (followed by
-`` kv_address=<host>:<kv_port>`` with ``--kv-port``), to stdout once it is bound (the fleet
+`` kv_address=<host>:<kv_port>`` with ``--kv-port`` and `` kv_events=tcp://<host>:<port>`` with
+``--kv-events``), to stdout once it is bound (the fleet
 launcher waits for it; port 0 means "pick a free one"), logs only to stderr, and exits with
 status 0 on SIGTERM or SIGINT.
 """
@@ -59,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="concurrent requests")
     p.add_argument("--kv-blocks", type=int, default=8192, help="prefix cache capacity (blocks)")
     p.add_argument("--block-size", type=int, default=16, help="prefix cache block (tokens)")
+    p.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="prefills compute one at a time, first come first served (a busy worker queues, "
+        "as on one GPU); default: every request prefills in parallel",
+    )
+    p.add_argument(
+        "--kv-events",
+        default=None,
+        metavar="ENDPOINT",
+        help="publish the prefix cache's changes as vLLM KV events (ZMQ PUB) bound here, e.g. "
+        "tcp://127.0.0.1:0 (a free port, reported on READY as kv_events=...)",
+    )
     p.add_argument(
         "--max-model-len",
         type=int,
@@ -157,6 +174,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--lmcache-chunk-size must be >= 1")
     if ns.max_model_len is not None and ns.max_model_len < 1:
         raise ValueError("--max-model-len must be >= 1")
+    if ns.kv_events is not None and not ns.kv_events.startswith(("tcp://", "ipc://")):
+        raise ValueError("--kv-events must be a ZMQ endpoint: tcp://HOST:PORT or ipc://PATH")
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -192,6 +211,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         lmcache_strict=ns.lmcache_strict,
         lmcache_chunk_size=ns.lmcache_chunk_size,
         tool_format=ns.tool_format,
+        serial_prefill=ns.serial_prefill,
+        kv_events=ns.kv_events,
     )
 
 
@@ -212,8 +233,12 @@ async def run_worker_process(options: WorkerOptions) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve_worker_inprocess, worker)
-            kv = worker.kv_address
-            sys.stdout.write(f"READY {url}" + (f" kv_address={kv}" if kv else "") + "\n")
+            line = f"READY {url}"
+            if worker.kv_address:
+                line += f" kv_address={worker.kv_address}"
+            if worker.kv_events is not None:
+                line += f" kv_events={worker.kv_events.endpoint}"
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
             nursery.start_soon(_exit_with_parent, nursery.cancel_scope, os.getppid())
             async for _ in signals:

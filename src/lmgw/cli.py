@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the gateway reaches the simulated workers: http (the vLLM API) or zmq (the"
         " native protocol, media as tensor frames); default http",
     )
+    p_sim.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="the workers publish their prefix cache's changes (vLLM KV events over ZMQ) and"
+        " the gateway subscribes (workers[].kv_events): cache_aware routes in exact mode",
+    )
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)
 

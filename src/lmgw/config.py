@@ -708,6 +708,21 @@ def check_kv_address(text: str) -> str:
     return f"{host}:{int(port)}"
 
 
+def check_kv_events_endpoint(text: str) -> str:
+    """A ZeroMQ endpoint to connect a SUB to: ``tcp://HOST:PORT`` (a real port) or
+    ``ipc://PATH``."""
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    bad = f"expected a ZeroMQ endpoint like tcp://10.0.0.5:5557 or ipc://PATH, got {text!r}"
+    if scheme not in ("tcp", "ipc") or not sep or not rest:
+        raise ConfigError(bad, path="kv_events")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(bad + " (a tcp:// endpoint needs its port)", path="kv_events")
+    return text
+
+
 class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A statically configured worker (discovery backends can add more at runtime)."""
 
@@ -730,10 +745,16 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # certificate). The link is then encrypted and the worker authenticated; the gateway's own
     # key pair is `native.curve_secret_key_file`. Unset: plaintext.
     curve_server_key: str | None = None
+    # The worker engine's KV-event publisher (vLLM `--kv-events-config` endpoint), e.g.
+    # "tcp://10.0.0.5:5557": policies that use engine events (cache_aware's exact mode) subscribe
+    # to it. Unset: the policy predicts the worker's cache from what it routed there.
+    kv_events: str | None = None
 
     def __post_init__(self) -> None:
         if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
             raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
+        if self.kv_events is not None:
+            _set(self, "kv_events", check_kv_events_endpoint(self.kv_events))
         if self.kv_address is not None:
             _set(self, "kv_address", check_kv_address(self.kv_address))
         try:

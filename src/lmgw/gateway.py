@@ -28,6 +28,7 @@ from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
 from .transport.pool import ConnectionPool
+from .workers.kv_events import KvEventSubscribers
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
 from .workers.worker import Worker, WorkerState
@@ -77,6 +78,8 @@ class Gateway:
             )
         )
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
+        # engine KV events (workers[].kv_events) for policies that use them, one SUB task each
+        self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
@@ -137,6 +140,7 @@ class Gateway:
             self.native.prepare(native)  # bad CURVE key files raise before it joins
             self.registry.add(native)
             self.native.start(native)
+            self.kv_events.watch(native, wc.kv_events)
             return native
         worker = Worker(
             wc.worker_id,
@@ -146,12 +150,15 @@ class Gateway:
             wc.bootstrap_port,
             wc.kv_address,
         )
-        return self.registry.add(worker)
+        self.registry.add(worker)
+        self.kv_events.watch(worker, wc.kv_events)
+        return worker
 
     def remove_worker(self, worker_id: str) -> Worker:
         """Remove at once (requests in flight on it finish on their own connections)."""
         worker = self.registry.remove(worker_id)
         self.native.close(worker)
+        self.kv_events.unwatch(worker)
         self.pool.forget(worker.origin)
         for policy in self.policies.values():
             policy.on_worker_removed(worker)
@@ -283,6 +290,7 @@ class Gateway:
 
                         await nursery.start(run_discovery, self, cfg.discovery)
                     await nursery.start(self.native.run)
+                    await nursery.start(self.kv_events.run)
                     await nursery.start(self.monitor.run)
                     if self.parity is not None:
                         await nursery.start(self.parity.run)

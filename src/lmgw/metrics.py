@@ -262,6 +262,15 @@ class Metrics:
         for metric in (self.requests_in_flight, self.admission_queue_depth,
                        self.admission_rejected):  # fmt: skip
             self.add(metric)
+        # Engine KV events (lmgw.workers.kv_events): batches lost or unreadable per worker; the
+        # policy then forgets that worker's blocks and rebuilds them from later events.
+        self.kv_event_gaps = Counter(
+            "lmgw_kv_event_gaps_total",
+            "Gaps in a worker's KV event stream (dropped, unreadable, or a restarted engine):"
+            " its cache view was reset.",
+            ("worker",),
+        )
+        self.add(self.kv_event_gaps)
 
     def add(self, metric: Counter | Gauge | Histogram) -> None:
         self._all.append(metric)

@@ -11,6 +11,11 @@ left behind (the shared directories are removed too).
 (``python -m lmgw.worker``): the gateway reaches the workers at ``zmq+tcp://`` URLs, the model's
 dialect is ``lmgw-native``, and the gateway tokenizes with the workers' model folder (native
 workers take token ids). Media then go to the encoders as tensor frames.
+
+``--kv-events`` starts every worker with a prefix cache (all but encoders) with a KV event
+publisher (``--kv-events tcp://127.0.0.1:0``, vLLM's wire format) and gives each its endpoint as
+``workers[].kv_events``: a ``cache_aware`` policy then routes from what the engines report
+they hold (exact mode, docs/routing.md).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from .simulators.fleet import Fleet, FleetError, run_fleet
 
 log = logging.getLogger("lmgw.simulate")
 
+KV_EVENTS_BIND = "tcp://127.0.0.1:0"
+"""Where ``--kv-events`` workers bind their publishers (a free port each, on READY)."""
+
 
 def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> GatewayConfig:
     """Gateway configuration for a started fleet: one model (tokenized with the workers' model
@@ -60,6 +68,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 models=[args.model],
                 bootstrap_port=port,
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
+                kv_events=getattr(m, "kv_events", None),  # set for --kv-events fleets
             )
         )
     model: dict[str, object] = {"name": args.model, "flow": spec.flow, "dialect": dialect}
@@ -93,6 +102,13 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return 2
+    roles_args: dict[str, list[str]] = {}
+    if getattr(args, "kv_events", False):
+        if transport == "zmq":
+            log.error("--kv-events is for HTTP workers (the simulated vLLM API)")
+            return 2
+        # every role with a prefix cache publishes (encoders have none)
+        roles_args = {r: ["--kv-events", KV_EVENTS_BIND] for r in counts if r != "e"}
     async with trio.open_nursery() as nursery:
         try:
             fleet: Fleet = await nursery.start(
@@ -100,6 +116,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                     counts,
                     model=args.model,
                     speed=args.speed,
+                    role_args=roles_args,
                     dialect=None if dialect is None else dialect.name,
                     transport=transport,
                     task_status=task_status,
@@ -118,6 +135,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         port = await nursery.start(gateway.run)
         for m in fleet.members:
             kv = f"  kv_address={m.kv_address}" if m.kv_address else ""
+            kv += f"  kv_events={m.kv_events}" if getattr(m, "kv_events", None) else ""
             print(f"  worker {m.role:<3} {m.url}{kv}", flush=True)
         if fleet.lmcache_dir:
             print(f"  lmcache dir {fleet.lmcache_dir}", flush=True)
