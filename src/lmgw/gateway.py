@@ -267,6 +267,9 @@ class Gateway:
 
     def _on_worker_change(self, worker: Worker) -> None:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)
+        if worker.state in (WorkerState.EJECTED, WorkerState.GONE):
+            # requests still waiting for its answer go elsewhere now, not at the timeout
+            self.pool.abort(worker.origin)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(

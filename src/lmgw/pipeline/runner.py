@@ -102,8 +102,10 @@ class Pipeline:
             for p in policies.values()
         )
         #: some role's policy routes on the prompt or the session: the API fills greq.route
-        self.route_keys = any(
-            p.needs_tokens or p.name in _SESSION_POLICIES for p in policies.values()
+        self.route_keys = any(  # (encoders route each item by its own hash: not here)
+            p.needs_tokens or p.name in _SESSION_POLICIES
+            for role, p in policies.items()
+            if role != "e"
         )
         self.retry_backoff_s = cfg.upstream.retry_backoff_s
         self.stall_s = cfg.upstream.stream_stall_timeout_s or None
@@ -350,28 +352,15 @@ class Pipeline:
         t0 = _now()
         t_first = 0.0
         try:
-            # until the answer's head: cancelled if the worker is ejected meanwhile (a hung
-            # worker must not hold requests until the response timeout)
-            with trio.CancelScope() as waiting:
-                waiters = worker.waiters
-                waiters.add(waiting)
-                try:
-                    resp = await self.pool.request(
-                        worker.origin,
-                        "POST",
-                        path,
-                        headers,
-                        body,
-                        response_timeout_s=self.response_timeout_s,
-                    )
-                finally:
-                    waiters.discard(waiting)
-            if waiting.cancelled_caught:
-                raise UpstreamError(
-                    f"worker {worker.id} was taken out of rotation while the request waited for"
-                    " its answer",
-                    retryable=True,
-                )
+            # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
+            resp = await self.pool.request(
+                worker.origin,
+                "POST",
+                path,
+                headers,
+                body,
+                response_timeout_s=self.response_timeout_s,
+            )
             try:
                 if resp.status >= 400:
                     err = await openai_http.read_error(resp, worker)

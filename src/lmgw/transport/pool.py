@@ -47,7 +47,7 @@ class UpstreamError(Exception):
 class Origin:
     """A worker address with its idle-connection stack. Hashable by identity; one per worker."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "scheme")
+    __slots__ = ("host", "host_header", "idle", "port", "scheme", "waiting")
 
     def __init__(self, host: str, port: int, scheme: str = "http") -> None:
         self.host = host
@@ -56,6 +56,8 @@ class Origin:
         # an IPv6 literal needs its brackets back in the Host header (RFC 9110 7.2)
         self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.idle: list[_Conn] = []
+        #: connections whose request waits for its answer's head (see ConnectionPool.abort)
+        self.waiting: set[_Conn] = set()
 
     @classmethod
     def from_url(cls, url: str) -> Origin:
@@ -75,10 +77,11 @@ class Origin:
 
 
 class _Conn:
-    __slots__ = ("idle_since", "poller", "reader", "requests", "stream")
+    __slots__ = ("aborted", "idle_since", "poller", "reader", "requests", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        self.aborted = False  #: closed by ConnectionPool.abort: the request may go elsewhere
         self.reader = ResponseReader()
         self.idle_since = 0.0
         self.requests = 0
@@ -239,6 +242,8 @@ class ConnectionPool:
             reader = conn.reader
             reader.reset()
             sent = got_bytes = False
+            waiting = origin.waiting
+            waiting.add(conn)
             try:
                 with (
                     trio.move_on_after(response_timeout_s)
@@ -261,7 +266,14 @@ class ConnectionPool:
                         got_bytes = True
                         reader.feed(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                waiting.discard(conn)
                 self._discard(conn)
+                if conn.aborted:
+                    raise UpstreamError(
+                        f"worker {origin.host}:{origin.port} was taken out of rotation while"
+                        " the request waited for its answer",
+                        retryable=True,
+                    ) from None
                 if reused and not sent:
                     self.stats.stale_retries += 1
                     continue  # the worker had closed that idle socket; it never got the request
@@ -275,11 +287,14 @@ class ConnectionPool:
                     retryable=not sent or gone,
                 ) from None
             except UpstreamProtocolError as exc:
+                waiting.discard(conn)
                 self._discard(conn)
                 raise UpstreamError(str(exc)) from None
             except BaseException:  # cancelled: closing is what aborts the request upstream
+                waiting.discard(conn)
                 self._discard(conn)
                 raise
+            waiting.discard(conn)
             if scope is not None and scope.cancelled_caught:
                 self._discard(conn)
                 raise UpstreamError(
@@ -302,6 +317,16 @@ class ConnectionPool:
                 if c.idle_since <= horizon:
                     self._discard(c)
             origin.idle[:] = keep
+
+    def abort(self, origin: Origin) -> int:
+        """Close the connections whose requests still wait for ``origin``'s answer (a worker
+        just ejected or removed): they fail at once as retryable instead of waiting for the
+        response timeout. Streams already answering are not touched. Returns how many."""
+        conns = list(origin.waiting)
+        for conn in conns:
+            conn.aborted = True
+            conn.close()
+        return len(conns)
 
     def forget(self, origin: Origin) -> None:
         """Close and drop every idle connection to ``origin`` (worker removed or failing)."""

@@ -46,7 +46,6 @@ class Registry:
     def remove(self, worker_id: str) -> Worker:
         worker = self._workers.pop(worker_id)
         worker.state = WorkerState.GONE
-        self._release_waiters(worker)
         self._changed(worker)
         return worker
 
@@ -77,14 +76,7 @@ class Registry:
         worker.state = state
         if reason:
             worker.last_error = reason
-        if state is WorkerState.EJECTED:
-            self._release_waiters(worker)
         self._changed(worker)
-
-    @staticmethod
-    def _release_waiters(worker: Worker) -> None:
-        for scope in list(worker.waiters):
-            scope.cancel()
 
     def set_models(self, worker: Worker, models: frozenset[str] | None) -> None:
         if worker.static_models is not None or worker.models == models:

@@ -57,7 +57,6 @@ class Worker:
         "static_models",
         "total_requests",
         "url",
-        "waiters",
     )
 
     def __init__(
@@ -92,9 +91,6 @@ class Worker:
         self.ejected_until = 0.0
         #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
         self.engine = EngineLoad()
-        #: cancel scopes of requests waiting for this worker's answer head: cancelled when the
-        #: worker is ejected or removed, so they are retried elsewhere
-        self.waiters: set = set()
 
     @property
     def routable(self) -> bool:
