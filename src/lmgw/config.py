@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .multimodal.limits import MediaLimits
+from .multimodal.limits import MediaLimits, MediaProfile
 
 __all__ = [
     "FLOWS",
@@ -675,6 +675,10 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Split <think>...</think> into reasoning_content: "think" (the model writes both tags) or
     # "think_opened" (the template opens the block, the model only closes it). Unset: off.
     reasoning_parser: Literal["think", "think_opened"] | None = None
+    # How media pixels are resized/normalised for this model's native (ZeroMQ) encoders:
+    # [models.media_profile.image] max_pixels, min_pixels, multiple_of, resample, ... (see
+    # docs/multimodal.md). Unset: original size, uint8. The HTTP path sends original bytes.
+    media_profile: MediaProfile | None = None
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)

@@ -901,7 +901,9 @@ def _doc_keys(cls: type, prefix: str) -> list[str]:
         if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
             keys += _doc_keys(tp, f"{path}.")
         elif args and isinstance(args[0], type) and issubclass(args[0], msgspec.Struct):
-            keys += _doc_keys(args[0], f"{path}[].")
+            # `X | None` is an optional table, `list[X]` an array of tables
+            optional = type(None) in args
+            keys += _doc_keys(args[0], f"{path}." if optional else f"{path}[].")
         else:
             keys.append(path)
     return keys
@@ -959,3 +961,16 @@ def test_worker_flag_bad_options_are_config_errors(flag: str, needle: str) -> No
     with pytest.raises(ConfigError) as info:
         parse_worker_flag(flag)
     assert needle in str(info.value) and flag in str(info.value)
+
+
+def test_media_profile_is_an_optional_table_per_model() -> None:
+    data = {
+        "models": [
+            {"name": "vl", "media_profile": {"image": {"max_pixels": 1024, "multiple_of": 28}}},
+            {"name": "text"},
+        ]
+    }
+    cfg = msgspec.convert(data, GatewayConfig)
+    vl, text = cfg.models
+    assert vl.media_profile.image.max_pixels == 1024 and vl.media_profile.image.multiple_of == 28
+    assert text.media_profile is None

@@ -484,6 +484,7 @@ class NativeRunner:
         #: the models' text services (set by the Gateway once loaded)
         self.texts: Mapping[str, ModelText] = {}
         self.media_limits = cfg.media
+        self.media_profiles = {m.name: m.media_profile for m in cfg.models if m.media_profile}
         self.request_timeout_s = cfg.limits.request_timeout_s or None
         self.first_timeout_s = cfg.upstream.response_timeout_s
         self.stall_s = cfg.upstream.stream_stall_timeout_s or math.inf
@@ -581,7 +582,7 @@ class NativeRunner:
                 model_id=greq.model,
                 cpu_limiter=self.cpu,
                 ssl_context=self._ssl,
-                profile=MediaProfile(),
+                profile=self.media_profiles.get(greq.model) or MediaProfile(),
             )
         if not items:
             return
@@ -591,15 +592,16 @@ class NativeRunner:
             return
         # no encoder stage: the prompt's first worker encodes the raw media itself (no hash:
         # a hashed item with a tensor would claim to be an encoder output)
-        arrays = [await self._array(item) for item in items]
+        arrays = [await self._array(item, greq.model) for item in items]
         from ..transport.tensors import pack_tensors
 
         job.tensors, job.payload = pack_tensors(arrays)
         job.media = [WireMedia(item.kind, tensor=i) for i, item in enumerate(items)]
 
-    async def _array(self, item: Any) -> Any:
+    async def _array(self, item: Any, model: str | None = None) -> Any:
+        profile = self.media_profiles.get(model) if model else None
         try:
-            return await trio.to_thread.run_sync(item.array, limiter=self.cpu)
+            return await trio.to_thread.run_sync(item.array, profile, limiter=self.cpu)
         except ValueError as exc:  # named by uuid only: no media to send
             raise GatewayError(400, str(exc), param=getattr(item, "param", None)) from None
 
@@ -724,7 +726,7 @@ class NativeRunner:
             self.p.metrics.encoder_cache_hits.inc((greq.model,), hits)
 
         async def one(i: int, item: Any) -> None:
-            array = await self._array(item)
+            array = await self._array(item, greq.model)
             refs, frames = pack_tensors([array])
             msg = Encode(
                 f"{greq.request_id}:e{i}",
