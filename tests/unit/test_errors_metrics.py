@@ -56,3 +56,16 @@ def test_metrics_text() -> None:
     assert 'lmgw_request_duration_seconds_count{endpoint="chat",model="m"} 1' in text
     assert 'lmgw_worker_in_flight{role="pd",worker="w1"} 3' in text
     assert "# TYPE lmgw_time_to_first_token_seconds histogram" in text
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/operations.md lists every metric a gateway exports (kept honest here)."""
+    from pathlib import Path
+
+    from lmgw.config import GatewayConfig
+    from lmgw.gateway import Gateway
+
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
+    names = [m.name for m in Gateway(GatewayConfig()).metrics._all]
+    assert "lmgw_requests_total" in names
+    assert [n for n in names if f"`{n}`" not in text] == []
