@@ -675,6 +675,11 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Split <think>...</think> into reasoning_content: "think" (the model writes both tags) or
     # "think_opened" (the template opens the block, the model only closes it). Unset: off.
     reasoning_parser: Literal["think", "think_opened"] | None = None
+    # With tool_parser: what the worker gets for tool_choice "auto" (or none given). "forward"
+    # sends it as is (vLLM with --enable-auto-tool-choice, the simulator); "none" suits a vLLM
+    # without that flag, which refuses "auto" — the tools are still rendered into the prompt
+    # unless the worker runs with --exclude-tools-when-tool-choice-none.
+    worker_tool_choice: Literal["forward", "none"] = "forward"
     # How media pixels are resized/normalised for this model's native (ZeroMQ) encoders:
     # [models.media_profile.image] max_pixels, min_pixels, multiple_of, resample, ... (see
     # docs/multimodal.md). Unset: original size, uint8. The HTTP path sends original bytes.

@@ -110,6 +110,7 @@ class Gateway:
             )
         # per model: the tool-call parser and reasoning split applied to its chat answers
         self.output_parsers: dict[str, tuple[Any, Any]] = {}
+        self.worker_tool_choice = {m.name: m.worker_tool_choice for m in config.models}
         for m in config.models:
             if m.tool_parser or m.reasoning_parser:
                 from .tools import ReasoningParser, get_tool_parser

@@ -75,3 +75,55 @@ async def test_without_a_parser_the_raw_text_is_relayed(nursery: trio.Nursery, s
     base = await start(nursery, sim_worker, "hermes")
     content, calls, finish = await trio.to_thread.run_sync(calls_of, base, False)
     assert calls == [] and "<tool_call>" in content and finish == "stop"
+
+
+async def test_worker_tool_choice_none_for_workers_without_auto_tool_choice(
+    nursery: trio.Nursery,
+) -> None:
+    """A worker that refuses "auto" gets "none"; the gateway still parses what it writes."""
+    import msgspec
+
+    from lmgw.http.server import serve_http
+
+    seen: list[dict] = []
+    call = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>'
+    )
+
+    async def worker(req, responder) -> None:
+        json_ct = [(b"content-type", b"application/json")]
+        if req.method == "GET":
+            models = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+            await responder.send_full(200, json_ct, msgspec.json.encode(models))
+            return
+        seen.append(json.loads(req.body))
+        answer = {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": call},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        await responder.send_full(200, json_ct, msgspec.json.encode(answer))
+
+    wport = await nursery.start(serve_http, worker, "127.0.0.1", 0)
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, tool_parser="hermes", worker_tool_choice="none")],
+        workers=[WorkerConfig(url=f"http://127.0.0.1:{wport}", role="pd")],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+
+    def ask() -> tuple:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+        return r.choices[0].finish_reason, r.choices[0].message.tool_calls
+
+    finish, calls = await trio.to_thread.run_sync(ask)
+    assert finish == "tool_calls" and calls[0].function.name == "get_weather"
+    assert seen[-1]["tool_choice"] == "none" and seen[-1]["tools"] == TOOLS

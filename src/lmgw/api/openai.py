@@ -319,8 +319,20 @@ class OpenAIAPI:
         if tools is None and reasoning is None:
             return body
         greq.output = OutputRewriter(obj, tools, reasoning)
-        if tools is not None and "skip_special_tokens" not in obj:
-            body = msgspec.json.encode({**obj, "skip_special_tokens": False})
+        if tools is None:
+            return body
+        leg: dict[str, Any] = {}
+        if "skip_special_tokens" not in obj:
+            leg["skip_special_tokens"] = False
+        # a vLLM worker started without --enable-auto-tool-choice refuses "auto" with a 400:
+        # it is told "none" (the tools are still rendered) and the gateway parses the calls
+        if self.gw.worker_tool_choice.get(model) == "none" and obj.get("tool_choice") in (
+            None,
+            "auto",
+        ):
+            leg["tool_choice"] = "none"
+        if leg:
+            body = msgspec.json.encode({**obj, **leg})
             greq.body = body
         return body
 
