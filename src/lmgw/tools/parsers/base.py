@@ -177,6 +177,18 @@ class ToolStream:
 
     # -- deltas ------------------------------------------------------------------------------
 
+    def _until_marker(self, buf: str, marker: str, final: bool) -> tuple[bool, str]:
+        """Plain text up to ``marker`` goes out as content, holding back a tail that may be
+        the marker's start (unless ``final``). Returns (found, rest): the text after the
+        marker when found, else what is held for the next feed."""
+        at = buf.find(marker)
+        if at < 0:
+            cut = len(buf) - (0 if final else held_prefix(buf, marker))
+            self._content(buf[:cut])
+            return False, buf[cut:]
+        self._content(buf[:at])
+        return True, buf[at + len(marker) :]
+
     def _content(self, text: str) -> None:
         if not text:
             return

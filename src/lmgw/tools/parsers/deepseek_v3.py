@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._json import JsonValue, canonical_json
-from .base import FAIL, HOLD, ToolParser, ToolStream, held_prefix, read_until, skip_ws
+from .base import FAIL, HOLD, ToolParser, ToolStream, read_until, skip_ws
 
 __all__ = ["DeepSeekV3Parser"]
 
@@ -60,14 +60,9 @@ class DeepSeekV3Stream(ToolStream):
         while True:
             mode = self._mode
             if mode == _TEXT:
-                at = buf.find(CALLS_BEGIN)
-                if at < 0:
-                    cut = len(buf) - (0 if final else held_prefix(buf, CALLS_BEGIN))
-                    self._content(buf[:cut])
-                    buf = buf[cut:]
+                found, buf = self._until_marker(buf, CALLS_BEGIN, final)
+                if not found:
                     break
-                self._content(buf[:at])
-                buf = buf[at + len(CALLS_BEGIN) :]
                 self._start_call(CALLS_BEGIN)
                 self._mode = _CALLS
             elif mode == _CALLS:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._json import Envelope, canonical_json
-from .base import ToolParser, ToolStream, held_prefix, skip_ws
+from .base import ToolParser, ToolStream, skip_ws
 
 __all__ = ["HermesParser"]
 
@@ -36,14 +36,9 @@ class HermesStream(ToolStream):
         while True:
             mode = self._mode
             if mode == _TEXT:
-                at = buf.find(START)
-                if at < 0:
-                    cut = len(buf) - (0 if final else held_prefix(buf, START))
-                    self._content(buf[:cut])
-                    buf = buf[cut:]
+                found, buf = self._until_marker(buf, START, final)
+                if not found:
                     break
-                self._content(buf[:at])
-                buf = buf[at + len(START) :]
                 self._start_call(START)
                 self._env = Envelope()
                 self._mode = _CALL

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._json import Envelope, canonical_json
-from .base import ToolParser, ToolStream, held_prefix, skip_ws
+from .base import ToolParser, ToolStream, skip_ws
 
 __all__ = ["Llama3JsonParser"]
 
@@ -56,14 +56,9 @@ class Llama3JsonStream(ToolStream):
                     self._mode = _TEXT
                     self._text = True
             elif mode == _TEXT:
-                at = buf.find(PYTHON_TAG)
-                if at < 0:
-                    cut = len(buf) - (0 if final else held_prefix(buf, PYTHON_TAG))
-                    self._content(buf[:cut])
-                    buf = buf[cut:]
+                found, buf = self._until_marker(buf, PYTHON_TAG, final)
+                if not found:
                     break
-                self._content(buf[:at])
-                buf = buf[at + len(PYTHON_TAG) :]
                 self._start_call(PYTHON_TAG)
                 self._mode = _AFTER_TAG
             elif mode == _AFTER_TAG:

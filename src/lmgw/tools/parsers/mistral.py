@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from .._json import Envelope, JsonValue, canonical_json
 from ..ids import mistral_tool_call_id
-from .base import FAIL, HOLD, ToolParser, ToolStream, held_prefix, read_until, skip_ws
+from .base import FAIL, HOLD, ToolParser, ToolStream, read_until, skip_ws
 
 __all__ = ["MistralParser"]
 
@@ -39,14 +39,9 @@ class MistralStream(ToolStream):
         while True:
             mode = self._mode
             if mode == _TEXT:
-                at = buf.find(TOOL_CALLS)
-                if at < 0:
-                    cut = len(buf) - (0 if final else held_prefix(buf, TOOL_CALLS))
-                    self._content(buf[:cut])
-                    buf = buf[cut:]
+                found, buf = self._until_marker(buf, TOOL_CALLS, final)
+                if not found:
                     break
-                self._content(buf[:at])
-                buf = buf[at + len(TOOL_CALLS) :]
                 self._start_call(TOOL_CALLS)
                 self._mode = _MARK
             elif mode == _MARK:
