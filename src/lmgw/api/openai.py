@@ -111,11 +111,36 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView | Gener
     return view
 
 
-def _with_model(body: bytes, model: str) -> bytes:
-    """``body`` with its ``model`` replaced (alias requests only; other fields kept as sent)."""
-    obj = msgspec.json.decode(body)
-    obj["model"] = model
-    return msgspec.json.encode(obj)
+class _Body:
+    """The client's body for the steps that edit it (alias, media pins, max_tokens, tool
+    flags): decoded at most once, whichever step needs the object first, and encoded at most
+    once at the end, only when a step changed it. A plain request never decodes it here."""
+
+    __slots__ = ("_obj", "changed", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._obj: dict[str, Any] | None = None
+        self.changed = False
+
+    @property
+    def obj(self) -> dict[str, Any]:
+        if self._obj is None:
+            try:
+                obj = msgspec.json.decode(self.raw)
+            except msgspec.DecodeError as exc:
+                raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+            if not isinstance(obj, dict):
+                raise GatewayError(400, "request body must be a JSON object")
+            self._obj = obj
+        return self._obj
+
+    def final(self) -> bytes:
+        """What goes to the workers: the client's bytes unless a step changed the object."""
+        if self.changed:
+            self.raw = msgspec.json.encode(self._obj)
+            self.changed = False
+        return self.raw
 
 
 class OpenAIAPI:
@@ -210,29 +235,34 @@ class OpenAIAPI:
         try:
             view = decode_view(endpoint, req.body)
             model = self._resolve_model(view.model)
-            body = req.body
+            body = _Body(req.body)
             if model != view.model and view.model is not None:
-                body = _with_model(body, model)  # an alias: workers know the canonical name
+                body.obj["model"] = model  # an alias: workers know the canonical name
+                body.changed = True
             items = None
-            if endpoint == "chat" and _MEDIA_MARK.search(body) and self._checks_media(model):
-                body, items = await self._preprocess_media(body, model)
+            if endpoint == "chat" and _MEDIA_MARK.search(req.body) and self._checks_media(model):
+                items = await self._preprocess_media(body, model)
             text = self.gw.texts.get(model) if self.gw.texts else None
             prompt_ids = None
             if text is not None and text.validate_context and endpoint != "generate":
-                body, prompt_ids = await text.validate(endpoint, body)  # a 400 if it can't fit
+                # a 400 when it cannot fit; max_tokens filled in when absent
+                filled, prompt_ids = await text.validate(endpoint, body.obj)
+                body.changed |= filled
+            output = None
+            if endpoint == "chat" and self.gw.output_parsers:
+                output = self._output_parsing(body, model)
             greq = GatewayRequest(
                 endpoint,
                 path,
                 model,
                 bool(view.stream),
-                body,
+                body.final(),
                 rid,
                 forward,
                 t0,
             )
             greq.media = items
-            if endpoint == "chat" and self.gw.output_parsers:
-                body = self._output_parsing(greq, model, body)
+            greq.output = output
             if prompt_ids is not None and not view.stream:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
@@ -303,38 +333,37 @@ class OpenAIAPI:
             text_key=text_key,
         )
 
-    def _output_parsing(self, greq: GatewayRequest, model: str, body: bytes) -> bytes:
-        """Set up the model's tool-call parser (requests that offer tools) and reasoning split
-        on the answer; tool markers are special tokens, so the worker must keep them."""
+    def _output_parsing(self, body: _Body, model: str) -> Any:
+        """The model's tool-call parser (requests that offer tools) and reasoning split on the
+        answer (a ``tools.relay.OutputRewriter``, or None); tool markers are special tokens,
+        so the worker must keep them."""
         parsers = self.gw.output_parsers.get(model)
         if parsers is None:
-            return body
+            return None
         from ..tools import wants_tool_parsing
         from ..tools.relay import OutputRewriter
 
         tools, reasoning = parsers
-        obj = msgspec.json.decode(body)
+        obj = body.obj
         if tools is not None and not wants_tool_parsing(obj):
             tools = None
         if tools is None and reasoning is None:
-            return body
-        greq.output = OutputRewriter(obj, tools, reasoning)
+            return None
+        rewriter = OutputRewriter(obj, tools, reasoning)
         if tools is None:
-            return body
-        leg: dict[str, Any] = {}
+            return rewriter
         if "skip_special_tokens" not in obj:
-            leg["skip_special_tokens"] = False
+            obj["skip_special_tokens"] = False
+            body.changed = True
         # a vLLM worker started without --enable-auto-tool-choice refuses "auto" with a 400:
         # it is told "none" (the tools are still rendered) and the gateway parses the calls
         if self.gw.worker_tool_choice.get(model) == "none" and obj.get("tool_choice") in (
             None,
             "auto",
         ):
-            leg["tool_choice"] = "none"
-        if leg:
-            body = msgspec.json.encode({**obj, **leg})
-            greq.body = body
-        return body
+            obj["tool_choice"] = "none"
+            body.changed = True
+        return rewriter
 
     def _checks_media(self, model: str) -> bool:
         mode = self.media_limits.preprocess
@@ -342,7 +371,7 @@ class OpenAIAPI:
             return "e" in FLOW_ROLES[self.gw.flow_of(model)]
         return mode == "always"
 
-    async def _preprocess_media(self, body: bytes, model: str) -> tuple[bytes, list]:
+    async def _preprocess_media(self, body: _Body, model: str) -> list:
         """Load, check and hash the request's media (a 400 naming the part on any limit), and
         pin each item by its hash as the part's ``uuid`` (a client's own uuid is kept): every
         leg, E, P and D, then keys the item exactly as the gateway did, so encoder affinity and
@@ -353,10 +382,7 @@ class OpenAIAPI:
         if self._media_cpu is None:
             self._media_cpu = trio.CapacityLimiter(os.cpu_count() or 1)
             self._media_ssl = default_ssl_context()
-        try:
-            obj = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        obj = body.obj
         items = await preprocess(
             obj,
             self.media_limits,
@@ -364,12 +390,11 @@ class OpenAIAPI:
             cpu_limiter=self._media_cpu,
             ssl_context=self._media_ssl,
         )
-        pinned = False
         for item in items:
             if item.uuid is None:
                 obj["messages"][item.message]["content"][item.index]["uuid"] = item.hash
-                pinned = True
-        return (msgspec.json.encode(obj) if pinned else body), items
+                body.changed = True
+        return items
 
     async def on_timeout(self, req: Request, responder: Responder) -> None:
         """Answer a request the server cancelled at the deadline: 504, or an SSE error event

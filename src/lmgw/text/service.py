@@ -122,24 +122,18 @@ class ModelText:
         }
         return msgspec.json.encode(obj)
 
-    async def validate(self, endpoint: str, body: bytes) -> tuple[bytes, list[int] | None]:
-        """Check a chat/completions body against the context length; fill ``max_tokens`` in
-        when absent the way vLLM defaults it (what fits, capped by generation_config). Returns
-        the body to forward (the same bytes unless it was filled in) and the prompt's token ids
-        (None when not computed: media chats, batches) for usage counting and routing."""
-        try:
-            obj = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            return body, None  # the view decode already refused invalid JSON
-        if not isinstance(obj, dict):
-            return body, None
+    async def validate(self, endpoint: str, obj: dict[str, Any]) -> tuple[bool, list[int] | None]:
+        """Check a chat/completions request (its decoded body) against the context length;
+        fill ``max_tokens`` in, in place, when absent the way vLLM defaults it (what fits,
+        capped by generation_config). Returns whether ``obj`` was changed and the prompt's
+        token ids (None when not computed: media chats, batches) for usage and routing."""
         key = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else None
         max_tokens = obj.get(key or "max_tokens")
         if not (max_tokens is None or type(max_tokens) is int):
-            return body, None  # the worker answers a badly typed value itself
+            return False, None  # the worker answers a badly typed value itself
         if endpoint == "chat":
             if _has_media(obj):  # the engine expands each item to its own placeholder count
-                return body, None
+                return False, None
             prompts = [await self.chat_ids(obj)]
             what = "messages"
         else:
@@ -149,11 +143,11 @@ class ModelText:
             self.check_context(len(ids), max_tokens, what)
         single = prompts[0] if len(prompts) == 1 else None
         if max_tokens is not None or self.max_model_len is None:
-            return body, single
+            return False, single
         room = self.max_model_len - max(len(ids) for ids in prompts)
         cap = self.tokenizer.generation_max_tokens
         obj["max_tokens"] = min(room, cap) if cap else room
-        return msgspec.json.encode(obj), single
+        return True, single
 
     # -- /tokenize and /detokenize ------------------------------------------------------------
     async def tokenize(self, obj: Mapping[str, Any]) -> dict[str, Any]:
