@@ -68,15 +68,13 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 models=[args.model],
                 bootstrap_port=port,
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
-                kv_events=getattr(m, "kv_events", None),  # set for --kv-events fleets
+                kv_events=m.kv_events,  # set for --kv-events fleets
             )
         )
     model: dict[str, object] = {"name": args.model, "flow": spec.flow, "dialect": dialect}
-    # The workers' own model folder, so the gateway tokenizes as they do (guarded: the config
-    # key arrived separately).
-    model_dir = getattr(fleet, "model_dir", None)
-    if model_dir is not None and "tokenizer" in ModelConfig.__struct_fields__:
-        model["tokenizer"] = str(model_dir)
+    # the workers' own model folder, so the gateway tokenizes as they do
+    if fleet.model_dir is not None:
+        model["tokenizer"] = str(fleet.model_dir)
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
