@@ -263,6 +263,8 @@ class OpenAIAPI:
             )
             greq.media = items
             greq.output = output
+            greq.obj = body._obj
+            greq.prompt_ids = prompt_ids
             if prompt_ids is not None and not view.stream:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session

@@ -512,14 +512,19 @@ class NativeRunner:
             raise GatewayError(
                 400, "native workers serve /v1/chat/completions and /v1/completions only"
             )
-        try:
-            obj = msgspec.json.decode(greq.body)
-        except msgspec.DecodeError as exc:
-            raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise GatewayError(400, "the request body must be a JSON object")
+        obj = greq.obj  # decoded by the API already (context check, aliases, media)?
+        if obj is None:
+            try:
+                obj = msgspec.json.decode(greq.body)
+            except msgspec.DecodeError as exc:
+                raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+            if not isinstance(obj, dict):
+                raise GatewayError(400, "the request body must be a JSON object")
         params = sampling_params(greq.endpoint, obj)  # before tokenizing: a cheap 400 first
-        job = _Job(obj, await self._prompt(greq.endpoint, obj, text), params)
+        prompt = greq.prompt_ids  # tokenized by the API's context check: not twice
+        if prompt is None:
+            prompt = await self._prompt(greq.endpoint, obj, text)
+        job = _Job(obj, prompt, params)
         flow = self.p.flows.get(greq.model, self.p.default_flow)
         roles = FLOW_ROLES[flow]
         route = RouteContext(greq.model, greq.request_id)

@@ -37,8 +37,10 @@ class GatewayRequest:
         "forward_headers",
         "media",
         "model",
+        "obj",
         "output",
         "path",
+        "prompt_ids",
         "request_id",
         "route",
         "stream",
@@ -82,6 +84,12 @@ class GatewayRequest:
         self.output: Any = None
         #: adds ``usage`` to a non-streamed answer that lacks it (text.service.fill_usage)
         self.usage_fill: Callable[[bytes], bytes] | None = None
+        #: the body as the API decoded it (same content as ``body``), or None when it relayed
+        #: the bytes undecoded; lets a stage that needs the object skip a second decode
+        self.obj: dict[str, Any] | None = None
+        #: the prompt's token ids when the API tokenized it (context check): the native
+        #: pipeline reuses them instead of rendering and tokenizing again
+        self.prompt_ids: list[int] | None = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""
