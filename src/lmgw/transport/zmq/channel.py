@@ -1010,6 +1010,13 @@ class RpcStream:
         return msg
 
     @property
+    def pending(self) -> int:
+        """Events already received and not yet returned: the next ``__anext__`` returns one
+        without waiting (lets a relay write several in one go)."""
+        route = self._route
+        return len(route.items) if route is not None else 0
+
+    @property
     def request_id(self) -> str:
         return self._msg.request_id  # type: ignore[attr-defined]
 
