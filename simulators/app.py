@@ -87,11 +87,13 @@ from .engine import (
     MediaItem,
     PromptError,
     RenderedPrompt,
+    ReplyPlan,
     SamplingSpec,
     Ticket,
     TimingModel,
     ToolPlan,
     plan_tool_call,
+    tool_results_reply,
 )
 from .faults import DropConnection, FaultInjector, Faults
 from .kv_events import KvEventPublisher
@@ -611,13 +613,21 @@ class SimWorker:
         except PromptError as exc:
             raise _bad(str(exc), exc.param) from None
 
-    def _tool_plan(self, req: ChatRequest, messages: Any = None) -> ToolPlan | None:
-        """The function the model calls for this request (tool mode), or None: requests
-        without ``tools`` never get here past one bytes comparison, so their output is the
-        plain deterministic text. ``messages``: already decoded ones, if the caller has them."""
+    def _tool_plan(self, req: ChatRequest, messages: Any = None) -> ToolPlan | ReplyPlan | None:
+        """The function the model calls for this request (tool mode), the quote of the tool
+        results the conversation ends with, or None: requests without ``tools`` and without a
+        tool message never get here past two bytes comparisons, so their output is the plain
+        deterministic text. ``messages``: already decoded ones, if the caller has them."""
         raw_tools = bytes(req.tools)
         if raw_tools == b"null":
-            return None
+            if b'"tool"' not in bytes(req.messages):
+                return None
+            if messages is None:
+                try:
+                    messages = msgspec.json.decode(bytes(req.messages))
+                except msgspec.DecodeError as exc:
+                    raise _bad(str(exc)) from None
+            return tool_results_reply(messages)
         try:
             tools = msgspec.json.decode(raw_tools)
             choice = msgspec.json.decode(bytes(req.tool_choice))

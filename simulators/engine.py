@@ -681,6 +681,29 @@ class ToolPlan:
     parameters: str = "{}"
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyPlan:
+    """A completion with fixed text: the simulated model's answer to tool results, which quotes
+    them (so a test sees that a result reached the model)."""
+
+    text: str
+
+
+def tool_results_reply(messages: Any) -> ReplyPlan | None:
+    """When the conversation ends with tool results: ``Tool results: <r1> | <r2>`` (in order);
+    else None."""
+    if not isinstance(messages, list):
+        return None
+    results: list[str] = []
+    for m in reversed(messages):
+        if not (isinstance(m, dict) and m.get("role") == "tool"):
+            break
+        results.append(_message_text(m))
+    if not results:
+        return None
+    return ReplyPlan("Tool results: " + " | ".join(reversed(results)))
+
+
 def _message_text(message: Any) -> str:
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, str):
@@ -699,13 +722,16 @@ def _function_of(tool: Any) -> dict[str, Any] | None:
     return None
 
 
-def plan_tool_call(tools: Any, tool_choice: Any, messages: Any, fmt: str) -> ToolPlan | None:
+def plan_tool_call(
+    tools: Any, tool_choice: Any, messages: Any, fmt: str
+) -> ToolPlan | ReplyPlan | None:
     """Which function a chat request makes the simulated model call, if any.
 
     ``tool_choice`` as OpenAI defines it: a named function is called; ``"required"`` calls the
     first tool; ``"auto"`` (the default with tools) calls the first tool whose name the request's
-    final message mentions, when that message is the user's (after a tool result the model
-    answers in text, so an agent loop ends); ``"none"`` never calls.
+    final message mentions, when that message is the user's; ``"none"`` never calls. When no call
+    is made and the conversation ends with tool results, the answer quotes them
+    (:func:`tool_results_reply`), so an agent loop ends and shows what the model read.
 
     Raises:
         PromptError: a ``tool_choice`` vLLM would reject (unknown shape, or naming a function
@@ -723,13 +749,13 @@ def plan_tool_call(tools: Any, tool_choice: Any, messages: Any, fmt: str) -> Too
         if chosen is None:
             raise PromptError(f"Tool '{wanted}' has not been passed in `tools`.", "tool_choice")
     elif tool_choice == "none" or not functions:
-        return None
+        return tool_results_reply(messages)
     elif tool_choice == "required":
         chosen = functions[0]
     elif tool_choice == "auto":
         last = messages[-1] if isinstance(messages, list) and messages else None
         if not (isinstance(last, dict) and last.get("role") == "user"):
-            return None
+            return tool_results_reply(messages)
         said = _message_text(last)
         chosen = next(
             (
@@ -847,6 +873,34 @@ def generate_tool_call(
     if not isinstance(args, dict):
         args = {}
     text = TOOL_PARSERS[plan.format].render([(plan.name, args)])
+    return _fixed_text(text, key, prompt_ids, spec, max_model_len, tokenizer)
+
+
+def generate_reply(
+    prompt_ids: Sequence[int],
+    spec: SamplingSpec,
+    plan: ReplyPlan,
+    *,
+    engine_seed: int,
+    max_model_len: int,
+    tokenizer: Tokenizer,
+    index: int = 0,
+) -> Completion:
+    """A completion whose text is ``plan.text`` (real tokens of the model folder); limits and
+    stops apply as in :func:`generate_tool_call`."""
+    key = completion_key(prompt_ids, engine_seed, spec.seed, index)
+    return _fixed_text(plan.text, key, prompt_ids, spec, max_model_len, tokenizer)
+
+
+def _fixed_text(
+    text: str,
+    key: int,
+    prompt_ids: Sequence[int],
+    spec: SamplingSpec,
+    max_model_len: int,
+    tokenizer: Tokenizer,
+) -> Completion:
+    vocab = tokenizer.output
     token_ids = list(tokenizer.model.encode(text, add_special_tokens=False))
     pieces = _decoded_pieces(tokenizer.model, token_ids)
     room = max(0, max_model_len - len(prompt_ids))
@@ -1232,7 +1286,7 @@ class Engine:
         self.decoding = 0
         self.kv_blocks_in_use = 0
         self._memo: OrderedDict[
-            tuple[tuple[int, ...], SamplingSpec, int, ToolPlan | None], Completion
+            tuple[tuple[int, ...], SamplingSpec, int, ToolPlan | ReplyPlan | None], Completion
         ] = OrderedDict()
 
     def submit(self, prompt_tokens: int, nseq: int = 1) -> Ticket:
@@ -1244,7 +1298,7 @@ class Engine:
         prompt_ids: Sequence[int],
         spec: SamplingSpec,
         index: int = 0,
-        tool: ToolPlan | None = None,
+        tool: ToolPlan | ReplyPlan | None = None,
     ) -> Completion:
         """:func:`generate` with this engine's seed (:func:`generate_tool_call` when the request
         makes the model call ``tool``), memoised: completions are immutable and benchmarks
@@ -1262,6 +1316,16 @@ class Engine:
                 engine_seed=self.config.seed,
                 max_model_len=self.max_model_len,
                 vocab=self.tokenizer.output,
+                index=index,
+            )
+        elif isinstance(tool, ReplyPlan):
+            out = generate_reply(
+                prompt_ids,
+                spec,
+                tool,
+                engine_seed=self.config.seed,
+                max_model_len=self.max_model_len,
+                tokenizer=self.tokenizer,
                 index=index,
             )
         else:

@@ -56,6 +56,8 @@ _SDK_NAMES = (
     "Usage",
     "UsageEvent",
     "register_dialect",
+    "register_tool",
+    "tool",
 )
 #: public name -> module that defines it; ``aio`` is a submodule
 _EXPORTS: dict[str, str] = {

@@ -45,10 +45,13 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "LoggingConfig",
+    "MCPServerConfig",
     "ModelConfig",
     "RoutingConfig",
     "ServerConfig",
     "ServerKind",
+    "ToolLoopConfig",
+    "ToolsConfig",
     "UpstreamConfig",
     "WorkerConfig",
     "add_serve_arguments",
@@ -638,6 +641,31 @@ class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
                 raise ConfigError("must be printable ASCII (it is sent in a header)", path="token")
 
 
+#: OpenAI's rule for function names (the tools a model may call)
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ToolLoopConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """The gateway-side tool loop of a model (docs/tools.md, "The tool loop")."""
+
+    # Run the loop on every chat request of the model. False: only requests that ask for it
+    # ("lmgw_tool_loop" in the body) run it, within the limits below.
+    enabled: bool = True
+    # Rounds of tool calls executed before the model must answer (requests may ask for fewer).
+    max_rounds: int = 4
+    # The gateway tools the model is offered (names); unset: every registered tool.
+    tools: list[str] | None = None
+    # Bound on one tool call; a call that takes longer becomes an error result the model reads.
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _at_least("max_rounds", self.max_rounds, 1)
+        _positive("timeout_s", self.timeout_s)
+        for i, name in enumerate(self.tools or ()):
+            if not TOOL_NAME.fullmatch(name):
+                raise ConfigError(f"{name!r} is not a tool name", path=f"tools[{i}]")
+
+
 class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A model the gateway serves, and how its requests flow through the worker roles."""
 
@@ -684,6 +712,10 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # [models.media_profile.image] max_pixels, min_pixels, multiple_of, resample, ... (see
     # docs/multimodal.md). Unset: original size, uint8. The HTTP path sends original bytes.
     media_profile: MediaProfile | None = None
+    # Execute calls of the gateway's tools (native and MCP) in the gateway and generate again,
+    # e.g. {max_rounds = 3, tools = ["get_weather"], timeout_s = 10}. Unset: the loop runs only
+    # for requests that ask for it (tools.per_request), with ToolLoopConfig's defaults.
+    tool_loop: ToolLoopConfig | None = None
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)
@@ -864,6 +896,69 @@ class NativeConfig(msgspec.Struct, **_STRUCT_OPTS):
             _non_empty("curve_secret_key_file", self.curve_secret_key_file)
 
 
+class MCPServerConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """An MCP server whose tools the gateway calls: a command (stdio) or a URL (streamable
+    HTTP)."""
+
+    # Names the server in logs, metrics and errors; unique among [[tools.mcp]].
+    name: str
+    # stdio: the program and its arguments, started by the gateway and stopped with it.
+    command: list[str] = []
+    # stdio: extra environment variables (the child gets a minimal environment plus these).
+    env: dict[str, str] = {}
+    # stdio: the working directory of the command; unset: the gateway's.
+    cwd: str | None = None
+    # streamable HTTP: the server's endpoint, e.g. "http://127.0.0.1:8931/mcp".
+    url: str | None = None
+    # streamable HTTP: headers on every request (e.g. an Authorization bearer token).
+    headers: dict[str, str] = {}
+    # Bound on connecting and listing the tools; a server that misses it is retried later.
+    timeout_s: float = 20.0
+    # Prepended to the server's tool names (e.g. "fs_"), to keep names of servers apart.
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        _non_empty("name", self.name)
+        if bool(self.command) == (self.url is not None):
+            raise ConfigError("set exactly one of `command` (stdio) or `url` (HTTP)", path="url")
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigError(f"{self.url!r} is not an http(s) URL", path="url")
+        if self.command:
+            _non_empty("command[0]", self.command[0])
+        _positive("timeout_s", self.timeout_s)
+        if self.prefix and not TOOL_NAME.fullmatch(self.prefix):
+            raise ConfigError(f"{self.prefix!r} cannot start a tool name", path="prefix")
+
+
+class ToolsConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Tools the gateway executes itself (docs/tools.md): native Python tools come from the SDK
+    and the ``lmgw.tools`` entry points, MCP servers from ``[[tools.mcp]]``."""
+
+    # Load the tools that installed packages declare under the `lmgw.tools` entry-point group.
+    entry_points: bool = True
+    # Let a request turn the tool loop on ("lmgw_tool_loop": true or {...}) for a model whose
+    # models[].tool_loop does not enable it. Off: only models[].tool_loop.enabled runs tools.
+    per_request: bool = True
+    # While tools run, a streamed answer gets an SSE comment this often, so proxies with idle
+    # timeouts (often 60-100 s) keep the connection.
+    keepalive_s: float = 10.0
+    # Threads for synchronous (blocking) native tools, shared by all requests.
+    threads: int = 8
+    # MCP servers, [[tools.mcp]] tables.
+    mcp: list[MCPServerConfig] = []
+
+    def __post_init__(self) -> None:
+        _positive("keepalive_s", self.keepalive_s)
+        _at_least("threads", self.threads, 1)
+        seen: set[str] = set()
+        for i, server in enumerate(self.mcp):
+            if server.name in seen:
+                raise ConfigError(f"duplicate MCP server name {server.name!r}", path=f"mcp[{i}].name")
+            seen.add(server.name)
+
+
 class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     """The whole gateway configuration (the root of the TOML file)."""
 
@@ -880,6 +975,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
     native: NativeConfig = msgspec.field(default_factory=NativeConfig)
+    # Tools the gateway runs itself: entry points, MCP servers, the tool loop's keep-alives.
+    tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
     # Empty: workers come from discovery or the admin API.
@@ -936,6 +1033,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "admin": AdminConfig,
     "discovery": DiscoveryConfig,
     "native": NativeConfig,
+    "tools": ToolsConfig,
 }
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ import trio
 
 from .api.app import App
 from .api.text import TextAPI
-from .config import ROLES, GatewayConfig, WorkerConfig, is_native_url
+from .config import ROLES, ConfigError, GatewayConfig, WorkerConfig, is_native_url
 from .http.server import HTTPServer, ServerLimits
 from .metrics import Gauge, Metrics
 from .pipeline.native import NativeChannels, NativeWorker
@@ -51,7 +51,10 @@ def server_limits(cfg: GatewayConfig) -> ServerLimits:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, tools: Sequence[Any] = ()) -> None:
+        """``tools``: native tools (functions or :class:`lmgw.tools.registry.Tool`) besides
+        those registered process-wide and those of the ``lmgw.tools`` entry points."""
+        native_tools = tools
         self.config = config
         self.started_at = time.time()
         self.request_id_prefix = os.urandom(4).hex()
@@ -122,6 +125,23 @@ class Gateway:
                     else None
                 )
                 self.output_parsers[m.name] = (tools, reasoning)
+        # tools the gateway executes itself (docs/tools.md): None when it has none, and then
+        # nothing of the tool loop runs per request
+        from .tools.caller import build_caller
+
+        self.tools = build_caller(config.tools, native_tools, self.metrics)
+        self.tool_loop = None
+        if self.tools is not None:
+            from .tools.loop import ToolLoop
+
+            self.tool_loop = ToolLoop(self.tools, config, self.pipeline)
+        else:
+            for i, m in enumerate(config.models):
+                if m.tool_loop is not None:
+                    raise ConfigError(
+                        "the gateway has no tools to run (register some, or add [[tools.mcp]])",
+                        path=f"models[{i}].tool_loop",
+                    )
         self.app = App(self)
         TextAPI(self).install(self.app)
         self.server: HTTPServer | None = None
@@ -295,6 +315,9 @@ class Gateway:
                         await nursery.start(run_discovery, self, cfg.discovery)
                     await nursery.start(self.native.run)
                     await nursery.start(self.kv_events.run)
+                    if self.tools is not None:  # MCP sessions; every server had one try
+                        await nursery.start(self.tools.run)
+                        self.tool_loop.check()
                     await nursery.start(self.monitor.run)
                     if self.parity is not None:
                         await nursery.start(self.parity.run)

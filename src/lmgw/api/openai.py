@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Annotated, Any
 
@@ -165,6 +166,8 @@ class OpenAIAPI:
         self.media_limits = gateway.config.media
         self._media_cpu: trio.CapacityLimiter | None = None
         self._media_ssl = None
+        #: the gateway-side tool loop (lmgw.tools.loop.ToolLoop) when the gateway has tools
+        self.tool_loop = gateway.tool_loop
 
     def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
@@ -242,6 +245,9 @@ class OpenAIAPI:
             items = None
             if endpoint == "chat" and _MEDIA_MARK.search(req.body) and self._checks_media(model):
                 items = await self._preprocess_media(body, model)
+            loop = None
+            if self.tool_loop is not None and endpoint == "chat":  # the gateway has tools
+                loop = self.tool_loop.plan(model, body, view)
             text = self.gw.texts.get(model) if self.gw.texts else None
             prompt_ids = None
             if text is not None and text.validate_context and endpoint != "generate":
@@ -278,7 +284,12 @@ class OpenAIAPI:
             try:
                 # The deadline (limits.request_timeout_s) is the server's: it cancels this
                 # handler and calls on_timeout() to answer (no cancel scope per request).
-                await self.gw.pipeline.run(greq, responder)
+                if loop is None:
+                    await self.gw.pipeline.run(greq, responder)
+                else:
+                    await self.tool_loop.run(
+                        loop, greq, responder, self._next_round(req, view, greq)
+                    )
             finally:
                 admission.leave(t0)
         except GatewayError as exc:
@@ -334,6 +345,38 @@ class OpenAIAPI:
             tokens=prompt_ids,
             text_key=text_key,
         )
+
+    def _next_round(
+        self, req: Request, view: ChatView, first: GatewayRequest
+    ) -> Callable[[dict[str, Any]], Awaitable[GatewayRequest]]:
+        """How the tool loop builds a later round's request from its body object: the steps
+        of :meth:`generate` that depend on the messages (context check, output parsing,
+        routing keys) run again; the media stay pinned as in the first round."""
+        gw = self.gw
+
+        async def build(obj: dict[str, Any]) -> GatewayRequest:
+            body = _Body(b"")
+            body._obj = obj
+            body.changed = True
+            model = first.model
+            text = gw.texts.get(model) if gw.texts else None
+            prompt_ids = None
+            if text is not None and text.validate_context:
+                prompt_ids = (await text.validate("chat", obj))[1]
+            output = self._output_parsing(body, model) if gw.output_parsers else None
+            greq = GatewayRequest(
+                "chat", first.path, model, first.stream, body.final(), first.request_id,
+                first.forward_headers, _now(),
+            )  # fmt: skip
+            greq.media = first.media
+            greq.output = output
+            if prompt_ids is not None and not first.stream:
+                greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
+            if gw.pipeline.route_keys:
+                greq.route = self._route_context(req, greq, view, prompt_ids)
+            return greq
+
+        return build
 
     def _output_parsing(self, body: _Body, model: str) -> Any:
         """The model's tool-call parser (requests that offer tools) and reasoning split on the

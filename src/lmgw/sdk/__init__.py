@@ -61,6 +61,8 @@ _EXPORTS: dict[str, str] = {
     },
     "Middleware": "..api.app",
     "register_dialect": ".extensions",
+    "register_tool": ".extensions",
+    "tool": ".extensions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -212,12 +212,17 @@ class Gateway:
         on_startup: Sequence[AsyncHook] = (),
         on_shutdown: Sequence[AsyncHook] = (),
         on_worker_change: Sequence[Callable[[dict[str, Any]], None]] = (),
+        tools: Sequence[Callable[..., Any]] = (),
         serve: bool = False,
         stream_queue: int = 16,
         **sections: Any,
     ) -> None:
         self.config = build_config(config, sections)
-        self._options = {"policies": policies, "middleware": middleware, "serve": serve}
+        # tools run on the gateway's trio thread: async ones must not need asyncio (anyio is
+        # fine); sync ones run in its worker threads
+        self._options = {
+            "policies": policies, "middleware": middleware, "serve": serve, "tools": tools
+        }
         self.on_startup = list(on_startup)
         self.on_shutdown = list(on_shutdown)
         self.on_worker_change = list(on_worker_change)

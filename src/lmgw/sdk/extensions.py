@@ -1,15 +1,17 @@
 """Extension points that need a registration step (the others are constructor arguments of
 :class:`lmgw.Gateway`: ``policies=``, ``middleware=``, ``on_startup=``, ``on_shutdown=``,
-``on_worker_change=``; see ``docs/sdk.md``).
+``on_worker_change=``, ``tools=``; see ``docs/sdk.md``). :func:`register_tool` and :func:`tool`
+are :mod:`lmgw.tools.registry`'s (docs/tools.md, "Gateway tools").
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+from ..tools.registry import register_tool, tool
 from ..transport.dialects import DIALECTS, Dialect
 
-__all__ = ["register_dialect"]
+__all__ = ["register_dialect", "register_tool", "tool"]
 
 D = TypeVar("D", bound=type[Dialect])
 
