@@ -955,7 +955,9 @@ class ToolsConfig(msgspec.Struct, **_STRUCT_OPTS):
         seen: set[str] = set()
         for i, server in enumerate(self.mcp):
             if server.name in seen:
-                raise ConfigError(f"duplicate MCP server name {server.name!r}", path=f"mcp[{i}].name")
+                raise ConfigError(
+                    f"duplicate MCP server name {server.name!r}", path=f"mcp[{i}].name"
+                )
             seen.add(server.name)
 
 

@@ -221,7 +221,10 @@ class Gateway:
         # tools run on the gateway's trio thread: async ones must not need asyncio (anyio is
         # fine); sync ones run in its worker threads
         self._options = {
-            "policies": policies, "middleware": middleware, "serve": serve, "tools": tools
+            "policies": policies,
+            "middleware": middleware,
+            "serve": serve,
+            "tools": tools,
         }
         self.on_startup = list(on_startup)
         self.on_shutdown = list(on_shutdown)

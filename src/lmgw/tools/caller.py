@@ -144,7 +144,9 @@ class ToolCaller:
         raise ConfigError(msg + f"; known: {', '.join(sorted(self._index)) or 'none'}")
 
     # -- calling --------------------------------------------------------------------------------
-    async def call(self, name: str, arguments: str | Mapping[str, Any], timeout_s: float) -> ToolResult:
+    async def call(
+        self, name: str, arguments: str | Mapping[str, Any], timeout_s: float
+    ) -> ToolResult:
         """Run one call within ``timeout_s``: always a result (see the module doc)."""
         entry = self._index.get(name)
         if entry is None:

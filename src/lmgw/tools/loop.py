@@ -377,9 +377,7 @@ class ToolLoop:
         self.caller = caller
         self.pipeline = pipeline
         self.models = {m.name: m.tool_loop for m in cfg.models if m.tool_loop is not None}
-        self._where = {
-            m.name: f"models[{i}].tool_loop.tools" for i, m in enumerate(cfg.models)
-        }
+        self._where = {m.name: f"models[{i}].tool_loop.tools" for i, m in enumerate(cfg.models)}
         self.per_request = cfg.tools.per_request
         self.keepalive_s = cfg.tools.keepalive_s
         self.default = ToolLoopConfig(enabled=False)

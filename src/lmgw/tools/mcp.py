@@ -17,6 +17,7 @@ is a result, not an exception.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, NamedTuple
@@ -71,7 +72,11 @@ def result_text(result: Any) -> tuple[str, bool]:
     structured = getattr(result, "structured_content", None)
     if not parts and structured is not None:
         parts.append(msgspec.json.encode(structured).decode())
-    return "\n".join(parts), bool(getattr(result, "is_error", False))
+    text = "\n".join(parts)
+    failed = bool(getattr(result, "is_error", False))
+    if failed and not text.lower().startswith("error"):
+        text = f"Error: {text}"
+    return text, failed
 
 
 class MCPServer:
@@ -107,26 +112,24 @@ class MCPServer:
         delay = _RETRY_MIN_S
         while True:
             try:
-                async with AsyncExitStack() as stack:
-                    with trio.fail_after(self.cfg.timeout_s):
+                # the deadline bounds connecting and listing; lifted once connected (a scope
+                # around the whole session: mcp's task groups must nest inside it)
+                with trio.CancelScope(deadline=trio.current_time() + self.cfg.timeout_s) as scope:
+                    async with AsyncExitStack() as stack:
                         client = await self._connect(stack)
                         tools = await self._list(client)
-                    self._client, self.tools, self.error = client, tools, None
-                    self._lost = trio.Event()
-                    self.connects += 1
-                    log.info("MCP server %s: connected, %d tools", self.name, len(tools))
-                    self.on_change(self)
-                    if not reported:
+                        scope.deadline = math.inf
+                        await self._hold(client, tools, task_status if not reported else None)
                         reported = True
-                        task_status.started()
-                    delay = _RETRY_MIN_S
-                    await self._lost.wait()
-                    log.warning("MCP server %s: session lost (%s); reconnecting", self.name,
-                                self.error)  # fmt: skip
-            except trio.TooSlowError:
-                self.error = f"no answer within {self.cfg.timeout_s:g} s"
+                        delay = _RETRY_MIN_S
+                        await self._lost.wait()
+                        log.warning("MCP server %s: session lost (%s); reconnecting", self.name,
+                                    self.error)  # fmt: skip
+                if scope.cancelled_caught:
+                    self.error = f"no answer within {self.cfg.timeout_s:g} s"
             except Exception as exc:  # spawn, handshake, transport: retried below
                 self.error = _describe(exc)
+                log.debug("MCP server %s", self.name, exc_info=True)
             finally:
                 was = self._client is not None
                 self._client = None
@@ -140,6 +143,19 @@ class MCPServer:
                 task_status.started()
             await trio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def _hold(
+        self, client: Any, tools: dict[str, MCPTool], task_status: trio.TaskStatus[None] | None
+    ) -> None:
+        """Publish a new session and its tools."""
+        self._client, self.tools, self.error = client, tools, None
+        self._lost = trio.Event()
+        self.connects += 1
+        log.info("MCP server %s: connected, %d tools", self.name, len(tools))
+        self.on_change(self)
+        if task_status is not None:
+            task_status.started()
+        await trio.lowlevel.checkpoint()
 
     async def _connect(self, stack: AsyncExitStack) -> Any:
         from mcp import Client, StdioServerParameters

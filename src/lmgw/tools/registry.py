@@ -18,6 +18,7 @@ Two tools of one name are an error naming both origins; nothing is silently repl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import typing
@@ -146,7 +147,8 @@ def _derive(
 ) -> tuple[dict[str, Any], type]:
     where = f"tool {name!r}"
     try:
-        hints = typing.get_type_hints(fn, include_extras=True)
+        inner = fn.func if isinstance(fn, functools.partial) else fn
+        hints = typing.get_type_hints(inner, include_extras=True)
     except Exception as exc:  # unresolvable forward references
         raise ToolError(f"{where}: cannot read the type hints: {exc}") from None
     fields: list[Any] = []
@@ -193,19 +195,21 @@ def make_tool(
         return fn
     if not callable(fn):
         raise ToolError(f"{origin}: {fn!r} is not callable")
-    name = name or getattr(fn, "__name__", None) or ""
+    inner = fn.func if isinstance(fn, functools.partial) else fn  # names, hints, docstring
+    name = name or getattr(inner, "__name__", None) or type(fn).__name__
     if not TOOL_NAME.fullmatch(name):
-        raise ToolError(
-            f"{origin}: {name!r} is not a tool name (1-64 letters, digits, '_' or '-')"
-        )
-    doc, arg_docs = _doc_parts(fn)
+        raise ToolError(f"{origin}: {name!r} is not a tool name (1-64 letters, digits, '_' or '-')")
+    # a callable object is described by its __call__ (its signature, hints and docstring)
+    plain = inspect.isroutine(fn) or isinstance(fn, functools.partial)
+    target = fn if plain else fn.__call__
+    doc, arg_docs = _doc_parts(inner if plain else target)
     if parameters is not None:
         schema = msgspec.to_builtins(dict(parameters))
         if schema.get("type", "object") != "object":
             raise ToolError(f"tool {name!r}: the parameters schema must describe an object")
         args_type = None
     else:
-        schema, args_type = _derive(fn, name, arg_docs)
+        schema, args_type = _derive(target, name, arg_docs)
     return Tool(
         name,
         doc if description is None else description,
