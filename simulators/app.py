@@ -25,7 +25,8 @@ Tool mode: a chat request with ``tools`` gets the model-style text of a call in 
 from the function's JSON schema, deterministically. The text is answered raw, with
 ``finish_reason: "stop"`` and no ``tool_calls``: a vLLM worker without
 ``--enable-auto-tool-choice``, whose output the gateway parses (docs/tools.md says where the
-simulator and real vLLM differ).
+simulator and real vLLM differ). A conversation that ends with tool results (and makes no call)
+gets ``Tool results: <r1> | <r2>``, so an agent loop's tests see what reached the model.
 
 Routing fidelity: prefill takes time in proportion to the prompt tokens the prefix cache does
 not hold (a bounded LRU of chained block hashes, :class:`.engine.PrefixCache`); requests over

@@ -1468,6 +1468,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Keys whose values must not appear in messages or in a redacted dump.
 _SECRET_KEYS = frozenset({"api_key", "token", "redis_url"})  # a redis URL may hold a password
+# Tables whose values may be secrets (tools.mcp[].headers: tokens; .env: credentials).
+_SECRET_TABLES = frozenset({"headers", "env"})
 
 # flag attribute -> (section, key, flag text)
 _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
@@ -1668,6 +1670,8 @@ def _toml_table(lines: list[str], header: str | None, struct: msgspec.Struct, re
             continue  # TOML has no null; a missing key loads as the default None
         if redact and f.name in _SECRET_KEYS:
             value = "<redacted>"
+        elif redact and f.name in _SECRET_TABLES and isinstance(value, dict):
+            value = dict.fromkeys(value, "<redacted>")
         if isinstance(value, msgspec.Struct):
             tables.append((f.name, value))
         elif isinstance(value, list) and value and isinstance(value[0], msgspec.Struct):
@@ -1679,7 +1683,8 @@ def _toml_table(lines: list[str], header: str | None, struct: msgspec.Struct, re
     if header is not None:
         lines.append(header)
     lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
-    prefix = header[1:-1] + "." if header and not header.startswith("[[") else ""
+    # a table inside an array item is [models.tool_loop]: TOML puts it in the last [[models]]
+    prefix = header.strip("[]") + "." if header else ""
     for name, sub in tables:
         if lines:
             lines.append("")
@@ -1700,7 +1705,8 @@ def dump_config(cfg: GatewayConfig, *, redact: bool = False) -> str:
     """The effective config as TOML text (``lmgw serve --print-config``); loads back equal.
 
     Args:
-        redact: replace secrets (``upstream.api_key``, ``admin.token``) with ``"<redacted>"``,
+        redact: replace secrets (``upstream.api_key``, ``admin.token``, the values of
+            ``tools.mcp[].headers`` and ``.env``) with ``"<redacted>"``,
             for output that may end up in a terminal log or a bug report.
     """
     lines: list[str] = []

@@ -17,6 +17,7 @@ import pytest
 import trio
 from gateway_support import MODEL, http_request, open_stream, request_bytes
 
+import lmgw
 from lmgw.config import (
     GatewayConfig,
     HealthConfig,
@@ -334,3 +335,27 @@ async def test_mcp_servers_stdio_and_http(nursery: trio.Nursery, sim_worker) -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_the_in_process_sdk_gateway_takes_tools(sim_worker) -> None:
+    """``lmgw.Gateway(tools=[...])`` with a decorated async tool; no HTTP hop."""
+    sim = await sim_worker(model=MODEL, speed=math.inf)
+
+    @lmgw.tool(name="get_weather")
+    async def weather(city: str) -> str:
+        """Today's weather."""
+        await trio.sleep(0)
+        return f"rain-in-{city}"
+
+    models = [{"name": MODEL, "tool_parser": "hermes", "tool_loop": {"max_rounds": 1}}]
+    async with lmgw.Gateway(
+        workers=[sim.url], models=models, tools=[weather], health={"interval_s": 30}
+    ) as gw:
+        assert gw.core.tools.names() == {"get_weather"}
+        r = await gw.chat(model=MODEL, messages=ASK_WEATHER)
+        assert r.text.startswith("Tool results: rain-in-")
+        events = [e async for e in gw.chat_stream(model=MODEL, messages=ASK_WEATHER)]
+        text = "".join(getattr(e, "text", "") or "" for e in events)
+        assert text.startswith("Tool results: rain-in-")
+    with pytest.raises(lmgw.ConfigError, match="keepalive_s"):
+        lmgw.Gateway(workers=[sim.url], tools={"keepalive_s": 0})

@@ -368,3 +368,35 @@ def test_usage_sums_and_round_bodies() -> None:
     only_ours = LoopPlan({**base, "tools": base["tools"][1:]}, 2, 1.0, frozenset(),
                          frozenset({"g"}), False)  # fmt: skip
     assert "tools" not in only_ours.round_body([], True)
+
+
+def test_tool_config_dumps_and_loads_back_with_secrets_redacted() -> None:
+    from lmgw.config import MCPServerConfig, dump_config, loads_config
+
+    cfg = GatewayConfig(
+        models=[ModelConfig(name="m", tool_loop=ToolLoopConfig(max_rounds=2, tools=["a"]))],
+        tools=ToolsConfig(mcp=[
+            MCPServerConfig(name="web", url="http://127.0.0.1:1/mcp",
+                            headers={"Authorization": "Bearer s3cret"}),
+            MCPServerConfig(name="fs", command=["srv", "--ro"], env={"KEY": "k3y"}, prefix="fs_"),
+        ]),
+    )  # fmt: skip
+    assert loads_config(dump_config(cfg)) == cfg
+    redacted = dump_config(cfg, redact=True)
+    assert "s3cret" not in redacted and "k3y" not in redacted
+    assert "[models.tool_loop]" in redacted and redacted.count("[[tools.mcp]]") == 2
+    for bad, where in (
+        ({"name": "x"}, "url"),
+        ({"name": "x", "command": ["a"], "url": "http://h/mcp"}, "url"),
+        ({"name": "x", "url": "ftp://h"}, "url"),
+        ({"name": "x", "url": "http://h/mcp", "prefix": "a b"}, "prefix"),
+    ):
+        with pytest.raises(ConfigError, match=where):
+            loads_config(f"[[tools.mcp]]\n{_toml(bad)}")
+    with pytest.raises(ConfigError, match="duplicate MCP server name"):
+        loads_config('[[tools.mcp]]\nname = "a"\nurl = "http://h/m"\n'
+                     '[[tools.mcp]]\nname = "a"\nurl = "http://h/n"\n')  # fmt: skip
+
+
+def _toml(table: dict[str, Any]) -> str:
+    return "".join(f"{k} = {msgspec.json.encode(v).decode()}\n" for k, v in table.items())

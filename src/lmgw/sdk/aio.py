@@ -212,11 +212,13 @@ class Gateway:
         on_startup: Sequence[AsyncHook] = (),
         on_shutdown: Sequence[AsyncHook] = (),
         on_worker_change: Sequence[Callable[[dict[str, Any]], None]] = (),
-        tools: Sequence[Callable[..., Any]] = (),
+        tools: Sequence[Callable[..., Any]] | Mapping[str, Any] = (),
         serve: bool = False,
         stream_queue: int = 16,
         **sections: Any,
     ) -> None:
+        if isinstance(tools, Mapping):  # the [tools] section, not tools
+            sections["tools"], tools = tools, ()
         self.config = build_config(config, sections)
         # tools run on the gateway's trio thread: async ones must not need asyncio (anyio is
         # fine); sync ones run in its worker threads

@@ -259,7 +259,8 @@ class Gateway:
         on_worker_change: ``def hook(worker: dict)`` on every membership or state change.
         tools: native tools the gateway may run (functions, sync or async, or
             :func:`lmgw.sdk.tool` objects), besides :func:`lmgw.sdk.register_tool`'s and the
-            ``lmgw.tools`` entry points' (docs/tools.md, "Gateway tools").
+            ``lmgw.tools`` entry points' (docs/tools.md, "Gateway tools"). A mapping is the
+            ``[tools]`` config section instead (like the other ``sections``).
         serve: also serve HTTP on ``server.host:server.port`` from the start.
         stream_buffer: event batches a stream may hold before the relay waits for its reader.
         sections: config sections as keywords, e.g. ``workers=["http://127.0.0.1:8001"]``,
@@ -275,11 +276,13 @@ class Gateway:
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
         on_worker_change: Sequence[WorkerHook] = (),
-        tools: Sequence[Callable[..., Any]] = (),
+        tools: Sequence[Callable[..., Any]] | Mapping[str, Any] = (),
         serve: bool = False,
         stream_buffer: int = 16,
         **sections: Any,
     ) -> None:
+        if isinstance(tools, Mapping):  # the [tools] section, not tools
+            sections["tools"], tools = tools, ()
         self.config = build_config(config, sections)
         #: the core gateway (registry, pool, pipeline, metrics, app) for advanced use
         self.core = CoreGateway(self.config, tools=tools)

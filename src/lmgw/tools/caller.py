@@ -46,6 +46,13 @@ class ToolCaller:
         self, cfg: ToolsConfig, native: Mapping[str, Tool], metrics: Metrics | None = None
     ) -> None:
         self.native = dict(native)
+        if cfg.mcp:
+            try:
+                import mcp  # noqa: F401 - imported by the sessions; checked here, at start
+            except ImportError:
+                raise ConfigError(
+                    "MCP servers need the `mcp` package: pip install 'lmgw[mcp]'", path="tools.mcp"
+                ) from None
         self.servers = [MCPServer(c, self._on_server_change) for c in cfg.mcp]
         self.limiter = trio.CapacityLimiter(cfg.threads)
         self._index: dict[str, Tool | tuple[MCPServer, MCPTool]] = dict(self.native)
