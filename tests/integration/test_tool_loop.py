@@ -53,11 +53,12 @@ async def start(
     *,
     tools: list = (),  # type: ignore[assignment]
     loop: ToolLoopConfig | None = ToolLoopConfig(),  # noqa: B008 - frozen
+    server: str = "native",
     **tools_cfg: Any,
 ) -> tuple[str, Gateway, Any]:
     sim = await sim_worker(model=MODEL, speed=math.inf)
     cfg = GatewayConfig(
-        server=ServerConfig(port=0, graceful_shutdown_s=1.0),
+        server=ServerConfig(port=0, graceful_shutdown_s=1.0, server=server),  # type: ignore[arg-type]
         health=HealthConfig(interval_s=30),
         models=[ModelConfig(name=MODEL, tool_parser="hermes", tool_loop=loop)],
         workers=[WorkerConfig(url=sim.url, role="pd")],
@@ -257,12 +258,17 @@ async def test_client_tools_go_back_to_the_client(nursery: trio.Nursery, sim_wor
     assert ran == []
 
 
-async def test_keep_alive_comments_while_tools_run(nursery: trio.Nursery, sim_worker) -> None:
+@pytest.mark.parametrize("server", ["native", "hypercorn"])
+async def test_keep_alive_comments_while_tools_run(
+    nursery: trio.Nursery, sim_worker, server: str
+) -> None:
     async def slow_lookup() -> str:
         await trio.sleep(0.35)
         return "found it"
 
-    url, _, _ = await start(nursery, sim_worker, tools=[slow_lookup], keepalive_s=0.1)
+    url, _, _ = await start(
+        nursery, sim_worker, tools=[slow_lookup], keepalive_s=0.1, server=server
+    )
     body = {"model": MODEL, "stream": True,
             "messages": [{"role": "user", "content": "do slow_lookup"}]}  # fmt: skip
     r = await http_request(url, "POST", "/v1/chat/completions", body)
