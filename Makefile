@@ -32,6 +32,7 @@ bench: build
 	$(BIN)/python benchmarks/text.py
 	$(BIN)/python benchmarks/media.py
 	$(BIN)/python benchmarks/tools.py
+	$(BIN)/python benchmarks/tool_loop.py
 	$(BIN)/python benchmarks/tensors.py
 	$(BIN)/python benchmarks/zmq_vs_http.py
 	$(BIN)/python benchmarks/sdk.py

@@ -23,6 +23,7 @@ from lmgw.config import (
     HealthConfig,
     MCPServerConfig,
     ModelConfig,
+    RoutingConfig,
     ServerConfig,
     ToolLoopConfig,
     ToolsConfig,
@@ -54,13 +55,16 @@ async def start(
     tools: list = (),  # type: ignore[assignment]
     loop: ToolLoopConfig | None = ToolLoopConfig(),  # noqa: B008 - frozen
     server: str = "native",
+    model: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
     **tools_cfg: Any,
 ) -> tuple[str, Gateway, Any]:
     sim = await sim_worker(model=MODEL, speed=math.inf)
     cfg = GatewayConfig(
         server=ServerConfig(port=0, graceful_shutdown_s=1.0, server=server),  # type: ignore[arg-type]
         health=HealthConfig(interval_s=30),
-        models=[ModelConfig(name=MODEL, tool_parser="hermes", tool_loop=loop)],
+        models=[ModelConfig(name=MODEL, tool_parser="hermes", tool_loop=loop, **(model or {}))],
+        routing=RoutingConfig(**(routing or {})),
         workers=[WorkerConfig(url=sim.url, role="pd")],
         tools=ToolsConfig(entry_points=False, **tools_cfg),
     )
@@ -144,6 +148,31 @@ async def test_a_native_tool_runs_in_the_loop(nursery: trio.Nursery, sim_worker)
     assert s["usage"].completion_tokens == stats.generation_tokens - before[1]
     metrics = gw.metrics.render().decode()
     assert 'lmgw_tool_calls_total{tool="get_weather",outcome="ok"} 2' in metrics
+
+
+async def test_rounds_get_the_context_check_and_routing_keys(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """With a gateway tokenizer each round is checked against the context (max_tokens filled
+    in per round) and routed on its own prompt tokens."""
+    from lmgw.simulators.model_files import default_model_dir
+
+    url, gw, sim = await start(
+        nursery, sim_worker, tools=[get_weather],
+        model={"tokenizer": str(default_model_dir())}, routing={"policy": "cache_aware"},
+    )  # fmt: skip
+    assert gw.pipeline.route_keys
+    stats = sim.sim.engine.stats
+    before = (stats.prompt_tokens, stats.requests_total)
+    r = await trio.to_thread.run_sync(ask, url, ASK_WEATHER)
+    assert "sunny-in-" in r.choices[0].message.content
+    assert stats.requests_total - before[1] == 2
+    assert r.usage.prompt_tokens == stats.prompt_tokens - before[0]
+    s = await trio.to_thread.run_sync(ask_stream, url, ASK_WEATHER)
+    assert "sunny-in-" in s["content"] and s["finish"] == "stop"
+    long = [{"role": "user", "content": "use get_weather " + "word " * 40000}]
+    r = await post(url, messages=long)
+    assert r.status == 400 and "context" in r.json()["error"]["message"]
 
 
 async def test_tool_errors_and_timeouts_are_results_the_model_reads(

@@ -49,6 +49,9 @@ class ChatView(_Common):
     # kept raw: the worker validates message contents; decoding them here would cost per token
     messages: list[msgspec.Raw] = msgspec.field(default_factory=list)
     max_completion_tokens: NonNegInt | None = None
+    # the gateway-side tool loop switch (lmgw.tools.loop): read here, in the decode the view
+    # costs anyway, so requests without it pay no search of the body; checked by the loop
+    lmgw_tool_loop: Any = msgspec.UNSET
 
 
 class CompletionView(_Common):
@@ -370,6 +373,8 @@ class OpenAIAPI:
             )  # fmt: skip
             greq.media = first.media
             greq.output = output
+            greq.obj = obj
+            greq.prompt_ids = prompt_ids
             if prompt_ids is not None and not first.stream:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if gw.pipeline.route_keys:

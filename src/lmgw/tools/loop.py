@@ -53,7 +53,6 @@ LOOP_FIELD = "lmgw_tool_loop"
 #: the answer field (and stream chunk field) with the messages the gateway appended
 MESSAGES_FIELD = "lmgw_tool_messages"
 KEEPALIVE = b": keep-alive\n\n"
-_LOOP_MARK = b'"lmgw_tool_loop"'
 _DONE = b"data: [DONE]\n\n"
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -391,17 +390,16 @@ class ToolLoop:
 
     # -- per request --------------------------------------------------------------------------
     def plan(self, model: str, body: Any, view: Any) -> LoopPlan | None:
-        """Whether the loop runs for this chat request (``body``: the API's editable body):
+        """Whether the loop runs for this chat request (``body``: the API's editable body,
+        ``view``: its decoded view, which carries ``lmgw_tool_loop``):
         None when it does not; else the gateway's tools are added to the request. Raises
         GatewayError (400) for a bad ``lmgw_tool_loop`` or a request the loop cannot serve."""
         cfg = self.models.get(model)
-        asked: Any = None
-        if _LOOP_MARK in body.raw:
-            obj = body.obj
-            if LOOP_FIELD in obj:
-                asked = obj.pop(LOOP_FIELD)
-                body.changed = True
-        if asked is None:
+        asked = view.lmgw_tool_loop  # decoded with the view: no search of the body
+        if asked is not msgspec.UNSET:
+            body.obj.pop(LOOP_FIELD, None)  # never forwarded to a worker
+            body.changed = True
+        if asked is msgspec.UNSET or asked is None:
             if cfg is None or not cfg.enabled:
                 return None
             asked = True
