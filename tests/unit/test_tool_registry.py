@@ -229,7 +229,7 @@ async def test_call_outcomes() -> None:
     bad = await caller.call("forecast", '{"days": 3}', 1)
     assert bad.error and "invalid arguments" in bad.content and "place" in bad.content
     outcomes = caller.calls.values
-    assert outcomes[("nap", "timeout")] == 1 and outcomes[("nope", "unknown")] == 1
+    assert outcomes[("nap", "timeout")] == 1 and outcomes[("<unknown>", "unknown")] == 1
     assert outcomes[("boom", "error")] == 1 and outcomes[("nap", "ok")] == 1
 
 

@@ -60,7 +60,8 @@ class ToolCaller:
         self._clashes: list[str] = []
         self.calls = Counter(
             "lmgw_tool_calls_total",
-            "Tool calls the gateway executed, by tool and outcome (ok, error, timeout, unknown).",
+            "Tool calls the gateway executed, by tool and outcome (ok, error, timeout, unknown;"
+            " unknown names are counted as <unknown>).",
             ("tool", "outcome"),
         )
         self.duration = Histogram(
@@ -157,7 +158,7 @@ class ToolCaller:
         """Run one call within ``timeout_s``: always a result (see the module doc)."""
         entry = self._index.get(name)
         if entry is None:
-            self.calls.inc((name if len(self._index) < 1000 else "?", "unknown"))
+            self.calls.inc(("<unknown>", "unknown"))  # names from a model: not a label
             known = ", ".join(sorted(self._index)) or "none"
             return ToolResult(f"Error: there is no tool named {name!r} (tools: {known})", True)
         if isinstance(arguments, str):
