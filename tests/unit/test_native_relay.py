@@ -114,3 +114,66 @@ async def test_bursts_flush_at_their_end_and_at_the_cap() -> None:
     # burst 1: one write; burst 2: one; burst 3 (the rest, Finish included): the cap splits it
     assert len(writes) == 4
     assert b"".join(writes) == await _expected(events)
+
+
+def _tool_events() -> list[Any]:
+    text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+    out: list[Any] = [Delta("r1", i, p, [i]) for i, p in enumerate(pieces)]
+    out.append(Finish("r1", len(pieces), "stop", usage=Usage(3, len(pieces))))
+    return out
+
+
+def _rewriter() -> Any:
+    from lmgw.tools import get_tool_parser
+    from lmgw.tools.relay import OutputRewriter
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    return OutputRewriter({"tools": tools}, get_tool_parser("hermes"), None)
+
+
+async def test_tool_calls_are_parsed_on_the_native_stream() -> None:
+    import json
+
+    greq = GatewayRequest("chat", "/v1/chat/completions", "m", True, b"{}", "r1", [], 0.0)
+    greq.output = _rewriter()
+    responder = Responder()
+    events = _tool_events()
+    bursts = [events[:5], *[[e] for e in events[5:]]]  # coalesced and lone events both
+    worker = SimpleNamespace(id="w1")
+    await _runner()._relay(greq, responder, Answers(bursts), _synth(), worker, "pd", 0.0, False, 0)
+    chunks = [
+        json.loads(line[6:])
+        for line in b"".join(responder.writes).decode().splitlines()
+        if line.startswith("data: {")
+    ]
+    calls = [
+        c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", []) if ch["choices"]
+    ]
+    assert calls and calls[0]["function"]["name"] == "get_weather"
+    args = "".join(c["function"].get("arguments", "") for c in calls)
+    assert json.loads(args) == {"city": "Paris"}
+    content = "".join(
+        ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"]
+    )
+    assert "<tool_call>" not in content and content.startswith("Sure.")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_tool_calls_are_parsed_on_the_native_whole_answer() -> None:
+    import json
+
+    greq = GatewayRequest("chat", "/v1/chat/completions", "m", False, b"{}", "r1", [], 0.0)
+    greq.output = _rewriter()
+    sent: dict[str, Any] = {}
+
+    class Whole(Responder):
+        async def send_full(self, status: int, headers: list, body: bytes) -> None:
+            sent["body"] = body
+
+    await _runner()._whole(greq, Whole(), Answers([_tool_events()]), _synth())
+    msg = json.loads(sent["body"])["choices"][0]
+    assert msg["finish_reason"] == "tool_calls"
+    call = msg["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}

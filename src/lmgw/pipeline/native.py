@@ -959,6 +959,7 @@ class NativeRunner:
         t_first = 0.0
         events = 0
         held: list[bytes] = []
+        output = greq.output  # tool-call / reasoning parsing (models[].tool_parser)
         async for event in answers:
             cls = type(event)
             if cls is Delta:
@@ -977,6 +978,8 @@ class NativeRunner:
                 )
             else:
                 raise RpcError(FailureCode.PROTOCOL, f"a {cls.__name__} in a stream")
+            if output is not None:  # may hold text back (a tool call being parsed): b""
+                data = output.events(data)
             if events == 0:
                 if not responder.started:
                     await responder.start(200, self._headers(greq, _SSE))
@@ -996,6 +999,8 @@ class NativeRunner:
                 return
             if answers.pending and len(held) < _COALESCE_MAX:
                 held.append(data)
+                continue
+            if not data and not held:
                 continue
             if held:
                 held.append(data)
@@ -1031,6 +1036,8 @@ class NativeRunner:
                 ids,
                 logprobs,
             )
+            if greq.output is not None:
+                body = greq.output.body(body)
             await responder.send_full(200, self._headers(greq, [_JSON]), body)
             return
         raise RpcError(FailureCode.PROTOCOL, "the stream ended without Finish")
