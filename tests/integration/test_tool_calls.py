@@ -12,6 +12,7 @@ import trio
 
 from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
 from lmgw.gateway import Gateway
+from lmgw.tools import TOOL_PARSERS
 
 MODEL = "sim-model"
 WEATHER = {
@@ -57,7 +58,7 @@ def calls_of(base: str, stream: bool, **extra):
     return content or None, list(calls.values()), finish
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "mistral", "qwen3_coder"])
+@pytest.mark.parametrize("fmt", sorted(TOOL_PARSERS))
 async def test_tool_calls_through_the_gateway(nursery: trio.Nursery, sim_worker, fmt: str) -> None:
     base = await start(nursery, sim_worker, fmt, tool_parser=fmt)
     results = [await trio.to_thread.run_sync(calls_of, base, stream) for stream in (False, True)]
