@@ -16,17 +16,33 @@ import pytest
 LMGW = [sys.executable, "-m", "lmgw.cli"]
 
 
-def sim_pids() -> set[int]:
+def _pids(marker: bytes, parent: int | None = None) -> set[int]:
+    """Processes whose command line holds ``marker`` (children of ``parent`` only, when
+    given: other sessions' fleets on the same machine must not count)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"lmgw.simulators" in f.read():
-                        pids.add(int(entry))
-            except OSError:
+                    if marker not in f.read():
+                        continue
+                if parent is not None:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                    if ppid != parent:
+                        continue
+                pids.add(int(entry))
+            except (OSError, ValueError, IndexError):
                 pass
     return pids
+
+
+def sim_pids(parent: int | None = None) -> set[int]:
+    return _pids(b"lmgw.simulators", parent)
+
+
+def native_worker_pids(parent: int | None = None) -> set[int]:
+    return _pids(b"lmgw.worker\x00", parent)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -118,7 +134,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             if m:
                 url = m.group(1)
         assert url, proc.stderr.read()
-        workers = sim_pids() - before  # the two worker processes (tests run one at a time)
+        workers = sim_pids(proc.pid) - before  # the worker processes lmgw simulate started
         assert len(workers) >= n
         body = json.dumps(
             {
@@ -157,19 +173,6 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
         assert not os.path.exists(lmcache_dir), "the shared LMCache directory was left behind"
 
 
-def native_worker_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"lmgw.worker\x00" in f.read():
-                        pids.add(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.mark.slow
 def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
     """`lmgw simulate --transport zmq`: native workers, the image through E as a tensor frame,
@@ -193,7 +196,7 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
             if m := re.search(r"on (http://\S+)", line):
                 url = m.group(1)
         assert url, proc.stderr.read()
-        workers = native_worker_pids() - before
+        workers = native_worker_pids(proc.pid) - before
         assert len(workers) >= 3
         png = (
             "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEm"
