@@ -313,7 +313,7 @@ def summary_tables(report: dict[str, Any]) -> list[Any]:
             *(
                 _fmt(st[c]) if c != "n" else f"{st['n']:,}"
                 for c in ("n", "mean", "p50", "p90", "p99", "max")
-            ),  # fmt: skip
+            ),
         )
     return [title, totals, lat]
 

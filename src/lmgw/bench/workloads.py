@@ -103,18 +103,19 @@ class LengthDist:
         return max(1, round(x))
 
 
-_WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or"
-    " had not first one their its new after but who have they has her two been other when there"
-    " all during into school time may years more most only over city some world would where later"
-    " up such used many can state about national out known university united then made age part"
-    " well system water people light house river story small place music name game early long"
-    " group number line point order power field market north south east west green black white"
-    " red blue stone paper table window garden summer winter morning evening night road bridge"
-    " village country island ocean mountain forest valley letter answer question reason season"
-    " animal bird horse flower tree leaf seed fruit bread cheese apple orange silver golden iron"
-    " copper glass wood metal cloud rain snow wind storm fire earth planet star moon sun sky"
-).split()
+_WORD_TEXT = """
+the of and to in is was for on that with as by at from his an were are which this be or had not
+first one their its new after but who have they has her two been other when there all during into
+school time may years more most only over city some world would where later up such used many can
+state about national out known university united then made age part well system water people light
+house river story small place music name game early long group number line point order power field
+market north south east west green black white red blue stone paper table window garden summer
+winter morning evening night road bridge village country island ocean mountain forest valley letter
+answer question reason season animal bird horse flower tree leaf seed fruit bread cheese apple
+orange silver golden iron copper glass wood metal cloud rain snow wind storm fire earth planet star
+moon sun sky
+"""
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 class _Corpus:
