@@ -21,7 +21,6 @@ one once, as HTTP clients do; every other failure is recorded as an error of its
 from __future__ import annotations
 
 import math
-import random
 import socket
 import ssl
 import time
@@ -38,7 +37,7 @@ from ..errors import parse_error_body
 from ..http.types import Headers
 from ..netio import RawStream
 from ..transport.h1client import ResponseReader, UpstreamProtocolError, build_request_head
-from .workloads import BenchRequest, Session, Workload, poisson_gaps
+from .workloads import BenchRequest, Session, Workload, poisson_gaps, rng_for
 
 _now = time.perf_counter
 
@@ -177,9 +176,10 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """Seconds per output token after the first; None below two tokens."""
+        """Seconds per output token after the first; None below two tokens or for an answer
+        that was not streamed (no token times)."""
         ttft = self.ttft
-        if ttft is None or self.completion_tokens < 2:
+        if ttft is None or self.completion_tokens < 2 or not self.token_times:
             return None
         return (self.e2e - ttft) / (self.completion_tokens - 1)
 
@@ -420,7 +420,7 @@ class LoadGenerator:
             await self._session(self.workload.session(index))
 
     async def _open_loop(self, nursery: trio.Nursery) -> None:
-        gaps = poisson_gaps(self.plan.rate or 1.0, random.Random(f"{self.plan.seed}:arrivals"))
+        gaps = poisson_gaps(self.plan.rate or 1.0, rng_for(self.plan.seed, "arrivals"))
         due = self._t0
         lags = self._lags
         while True:

@@ -156,9 +156,54 @@ def words(rng: random.Random, n: int) -> str:
     return _corpus.words(rng, n)
 
 
-def _rng(seed: int, *key: object) -> random.Random:
-    """A generator for one session (or one shared prefix): depends on the seed and key only."""
-    return random.Random(":".join(map(str, (seed, *key))))
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class SplitMix(random.Random):
+    """``random.Random`` over SplitMix64: seeding costs 0.3 us instead of Mersenne Twister's
+    5 us (a fresh generator per session is on the load loop's path), and consecutive seeds give
+    unrelated streams. Every ``Random`` method works (they draw on ``random``/``getrandbits``).
+    Not for anything secret."""
+
+    _s: int
+
+    def seed(self, a: Any = None, version: int = 2) -> None:
+        self._s = (a if isinstance(a, int) else hash(a)) & _M64
+
+    def getstate(self) -> Any:
+        return self._s
+
+    def setstate(self, state: Any) -> None:
+        self._s = state
+
+    def random(self) -> float:
+        s = self._s = (self._s + _GOLDEN) & _M64
+        z = ((s ^ (s >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return ((z ^ (z >> 31)) >> 11) * (1.0 / 9007199254740992.0)
+
+    def getrandbits(self, k: int) -> int:
+        out = got = 0
+        while got < k:
+            s = self._s = (self._s + _GOLDEN) & _M64
+            z = ((s ^ (s >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+            out = (out << 64) | (z ^ (z >> 31))
+            got += 64
+        return out >> (got - k)
+
+
+_TAGS = {"s": 1, "p": 2, "c": 3, "m": 4, "prefix": 5, "img": 6, "arrivals": 7}
+
+
+def rng_for(seed: int, tag: str, index: int = 0) -> random.Random:
+    """The generator of one session (or shared prefix, image, arrival process): a function of
+    the seed, the tag and the index only."""
+    return SplitMix(((seed * _GOLDEN) ^ (_TAGS[tag] << 56) ^ index) & _M64)
+
+
+_rng = rng_for
 
 
 # -- request bodies ------------------------------------------------------------------------------
