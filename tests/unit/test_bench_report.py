@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
+import sys
 from array import array
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmgw.bench.loadgen import RequestRecord, RunResult
+from lmgw.bench.plot import PlotUnavailable, plot_reports
 from lmgw.bench.report import (
     CDF_POINTS,
     SCHEMA,
@@ -28,6 +32,7 @@ from lmgw.bench.report import (
     write_report,
 )
 
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 
 
@@ -175,3 +180,33 @@ def test_tables_render() -> None:
     console.print(compare_table([rep, rep], ["a.json", "b.json"]))
     text = console.export_text()
     assert "http_404" in text and "TTFT" in text and "1.00x" in text and "concurrency 2" in text
+
+
+def test_plot_writes_a_png_and_needs_matplotlib(tmp_path: Path, monkeypatch) -> None:
+    rep = build_report(sample_result(), config={}, workload={})
+    path = tmp_path / "p.png"
+    plot_reports([rep, rep], ["a", "b"], path)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(PlotUnavailable, match=re.escape("pip install 'lmgw[bench]'")):
+        plot_reports([rep], ["a"], tmp_path / "q.png")
+    from lmgw.cli import main
+
+    argv = ["bench", "--url", "http://127.0.0.1:1", "--concurrency", "1", "--requests", "1"]
+    assert main([*argv, "--plot", str(tmp_path / "r.png")]) == 2  # before any request
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_every_bench_flag_is_documented() -> None:
+    from lmgw.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = sub.choices["bench"]
+    flags = [s for a in bench._actions for s in a.option_strings if s.startswith("--")]
+    assert "--concurrency" in flags and "--compare" in flags
+    for doc in ("bench.md", "configuration.md"):
+        text = (DOCS / doc).read_text(encoding="utf-8")
+        missing = [f for f in flags if f != "--help" and f"`{f}" not in text]
+        assert not missing, f"docs/{doc} does not mention {missing}"
