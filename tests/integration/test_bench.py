@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections import defaultdict
 from itertools import islice, pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +19,8 @@ from gateway_support import MODEL, free_port_url
 
 from lmgw.bench import BenchOptions, BenchSetupError, run_bench
 from lmgw.bench.workloads import poisson_gaps, rng_for
+from lmgw.config import GatewayConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.gateway import Gateway
 from lmgw.http.server import serve_http
 
 pytestmark = pytest.mark.usefixtures("hard_deadline")
@@ -175,3 +180,39 @@ async def test_model_from_the_target_and_setup_errors(sim_worker) -> None:
     ):
         with pytest.raises(BenchSetupError, match=re.escape(needle)):
             await run_bench(options(sim.url, **kw))
+
+
+@pytest.mark.parametrize("workload", ["shared-prefix", "multimodal"])
+async def test_prefix_and_image_workloads_run(sim_worker, workload: str) -> None:
+    sim = await sim_worker()
+    rep = await run_bench(
+        options(sim.url, concurrency=2, requests=6, workload=workload, image_size="32x32")
+    )
+    assert rep["summary"]["requests"]["ok"] == 6, rep["summary"]["error_examples"]
+    assert rep["workload"]["name"] == workload
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_https_target_with_cacert(sim_worker, nursery: trio.Nursery, tmp_path: Path) -> None:
+    sim = await sim_worker()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0, server="hypercorn", certfile=str(cert), keyfile=str(key)),
+        models=[ModelConfig(name=MODEL)],
+        workers=[WorkerConfig(url=sim.url)],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    url = f"https://127.0.0.1:{port}"
+    rep = await run_bench(options(url, model=None, cacert=str(cert), concurrency=2, requests=4))
+    assert rep["summary"]["requests"]["ok"] == 4 and rep["config"]["model"] == MODEL
+    assert (await sim.stats())["requests_total"] == 4
+    with pytest.raises(BenchSetupError, match="--cacert"):
+        await run_bench(options(url, cacert=str(tmp_path / "none.pem"), concurrency=1, requests=1))
+    rep = await run_bench(options(url, concurrency=1, requests=1))  # not trusted
+    assert rep["summary"]["errors_by_type"] == {"connect": 1}

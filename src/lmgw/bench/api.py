@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class BenchOptions:
     model: str | None = None
     api_key: str | None = None
     header: list[str] = field(default_factory=list)
+    cacert: str | None = None
     concurrency: int | None = None
     rate: float | None = None
     duration: float | None = None
@@ -112,6 +114,7 @@ class Prepared:
     plan: LoadPlan
     extra: dict[str, Any]
     model: str | None = None
+    ssl_context: ssl.SSLContext | None = None
     workload: Workload | None = None
     generator: LoadGenerator | None = None
 
@@ -180,6 +183,11 @@ def prepare(args: Any) -> Prepared:
         if not isinstance(extra, dict):
             raise BenchSetupError("--extra-body must be a JSON object")
     prepared = Prepared(o, target, plan, extra, model=o.model)
+    if target.scheme == "https" or o.cacert:
+        try:
+            prepared.ssl_context = ssl.create_default_context(cafile=o.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise BenchSetupError(f"--cacert {o.cacert}: {exc}") from None
     if o.dataset is None:
         try:  # the flags' checks now, with a placeholder model (built for real in resolve)
             _build(prepared, o.model or "?", check_only=True)
@@ -227,7 +235,7 @@ async def resolve(prepared: Prepared) -> None:
         return
     if prepared.model is None:
         try:
-            prepared.model = await fetch_model(prepared.target)
+            prepared.model = await fetch_model(prepared.target, ssl_context=prepared.ssl_context)
         except BenchFailure as exc:
             raise BenchSetupError(
                 f"cannot find the model to use: {exc} (give --model)", 1
@@ -242,7 +250,9 @@ async def run_prepared(prepared: Prepared, *, progress: bool = False) -> dict[st
     """Resolve the model if needed, build the workload, run, and return the report."""
     await resolve(prepared)
     assert prepared.workload is not None
-    gen = LoadGenerator(prepared.target, prepared.workload, prepared.plan)
+    gen = LoadGenerator(
+        prepared.target, prepared.workload, prepared.plan, ssl_context=prepared.ssl_context
+    )
     prepared.generator = gen
     if progress:
         from .progress import LiveProgress

@@ -43,6 +43,12 @@ def add_bench_parser(sub: Any) -> None:
         metavar="'NAME: VALUE'",
         help="an extra request header (repeatable)",
     )
+    p.add_argument(
+        "--cacert",
+        default=None,
+        metavar="FILE",
+        help="https: trust the CA certificates in FILE (PEM) instead of the system's",
+    )
     load = p.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency", type=int, default=None, help="closed loop: N sessions at a time"
