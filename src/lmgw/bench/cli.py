@@ -2,7 +2,8 @@
 
 Exit codes: 0 when the run completed with at least one successful request (or ``--compare``
 printed its table), 1 when no request succeeded or the target could not be asked for its
-model, 2 for bad flags, an unreadable dataset or report, or ``--plot`` without matplotlib.
+model, 2 for bad flags, an unreadable dataset or report, or ``--plot`` without matplotlib, 130
+for a Ctrl-C before the load began.
 """
 
 from __future__ import annotations
@@ -212,6 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = trio.run(_run_with_signals, prepared, args.quiet)
     except BenchSetupError as exc:
         return _fail(str(exc), exc.code)
+    if report is None:  # a second Ctrl-C, or one before the load began
+        return 130
     from .report import summary_tables, write_report
 
     _print(summary_tables(report))
@@ -230,13 +233,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if report["summary"]["requests"]["ok"] else 1
 
 
-async def _run_with_signals(prepared: Any, quiet: bool) -> dict[str, Any]:
-    """The run; the first Ctrl-C stops it (requests in flight are abandoned) and reports what
-    completed, a second one exits at once."""
-    from .api import resolve, run_prepared
+async def _run_with_signals(prepared: Any, quiet: bool) -> dict[str, Any] | None:
+    """The run; the first Ctrl-C (or SIGTERM) stops it (requests in flight are abandoned) and
+    reports what completed; a second one quits at once (None: no report)."""
+    from .api import BenchSetupError, resolve, run_prepared
 
-    await resolve(prepared)  # before the nursery: its errors stay plain exceptions
     interrupted = False
+    error: BenchSetupError | None = None
+    report: dict[str, Any] | None = None
+    run_scope = trio.CancelScope()
     async with trio.open_nursery() as nursery:
 
         async def watch(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -244,19 +249,25 @@ async def _run_with_signals(prepared: Any, quiet: bool) -> dict[str, Any]:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 task_status.started()
                 async for _ in signals:
-                    if interrupted:
-                        raise KeyboardInterrupt
+                    if interrupted:  # the body is cancelled too: no report
+                        nursery.cancel_scope.cancel()
+                        return
                     interrupted = True
                     print("\nlmgw bench: stopping (again to quit)", file=sys.stderr)
                     run_scope.cancel()
 
-        run_scope = trio.CancelScope()
         await nursery.start(watch)
         with run_scope:
-            report = await run_prepared(prepared, progress=not quiet and sys.stderr.isatty())
-        if run_scope.cancelled_caught:
-            report = prepared.report(interrupted=True)
+            try:
+                await resolve(prepared)
+                report = await run_prepared(prepared, progress=not quiet and sys.stderr.isatty())
+            except BenchSetupError as exc:  # raised below, outside the nursery's group
+                error = exc
+        if run_scope.cancelled_caught and prepared.generator is not None:
+            report = prepared.report(interrupted=True)  # else stopped before the load began
         nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return report
 
 
