@@ -210,3 +210,24 @@ def test_every_bench_flag_is_documented() -> None:
         text = (DOCS / doc).read_text(encoding="utf-8")
         missing = [f for f in flags if f != "--help" and f"`{f}" not in text]
         assert not missing, f"docs/{doc} does not mention {missing}"
+
+
+@pytest.mark.parametrize(
+    ("url", "base", "prefix"),
+    [
+        ("127.0.0.1:8000", "http://127.0.0.1:8000", ""),
+        ("http://h/v1/", "http://h:80", ""),
+        ("https://h/api/v1/chat/completions", "https://h:443/api", "/api"),
+        ("http://[::1]:9000/x/v1/completions", "http://[::1]:9000/x", "/x"),
+    ],
+)
+def test_target_urls(url: str, base: str, prefix: str) -> None:
+    from lmgw.bench.loadgen import Target, TargetError
+
+    t = Target.from_url(url, api_key="k", headers=[("X-A", " b ")])
+    assert t.base_url == base and t.prefix == prefix
+    assert (b"authorization", b"Bearer k") in t.headers and (b"x-a", b"b") in t.headers
+    with pytest.raises(TargetError):
+        Target.from_url("ftp://h")
+    with pytest.raises(TargetError):
+        Target.from_url("http://h:99999")

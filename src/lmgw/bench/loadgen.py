@@ -60,8 +60,9 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where requests go: ``scheme://host:port`` plus a path prefix (a trailing ``/v1`` is
-    dropped: the workloads' paths start with ``/v1``), and the headers every request carries."""
+    """Where requests go: ``scheme://host:port`` plus a path prefix (a trailing ``/v1``, or a
+    whole endpoint path, is dropped: the workloads' paths start with ``/v1``), and the headers
+    every request carries."""
 
     scheme: str
     host: str
@@ -82,8 +83,10 @@ class Target:
         except ValueError as exc:
             raise TargetError(f"--url {url!r}: {exc}") from None
         prefix = parts.path.rstrip("/")
-        if prefix.endswith("/v1"):
-            prefix = prefix[:-3]
+        for tail in ("/v1/chat/completions", "/v1/completions", "/v1"):
+            if prefix.endswith(tail):  # the workloads' paths start with /v1
+                prefix = prefix[: -len(tail)]
+                break
         host = parts.hostname
         host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         hdrs: Headers = [(b"content-type", b"application/json")]

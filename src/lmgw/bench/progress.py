@@ -17,10 +17,6 @@ REFRESH_S = 0.25
 RATE_WINDOW_S = 2.0
 
 
-def enabled(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
 class LiveProgress:
     """Call :meth:`run` in a nursery next to the load; it stops when cancelled."""
 
