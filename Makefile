@@ -36,6 +36,7 @@ bench: build
 	$(BIN)/python benchmarks/tensors.py
 	$(BIN)/python benchmarks/zmq_vs_http.py
 	$(BIN)/python benchmarks/sdk.py
+	$(BIN)/python benchmarks/loadgen.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -1,4 +1,4 @@
-"""``lmgw serve | simulate | workers``: the command line.
+"""``lmgw serve | simulate | workers | bench``: the command line.
 
 Exit codes: 0 on a clean stop (Ctrl-C or SIGTERM), 2 for bad configuration or flags, 1 when the
 gateway or the simulated fleet fails to start. ``lmgw workers ...`` (the admin API's client)
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.set_defaults(func=_cmd_simulate)
 
     _add_workers_parser(sub)
+    from .bench.cli import add_bench_parser  # light: rich and matplotlib load only when used
+
+    add_bench_parser(sub)
     return parser
 
 
