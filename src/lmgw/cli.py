@@ -28,20 +28,10 @@ from .config import (
     parse_worker_flag,
 )
 from .gateway import Gateway
+from .logs import setup_logging
 from .routing.registry import UnknownPolicy
 
 log = logging.getLogger("lmgw")
-
-
-def setup_logging(level: str = "info", json_lines: bool = False) -> None:
-    fmt = (
-        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if json_lines
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr
-    )
 
 
 async def _graceful(gateway, scope: trio.CancelScope) -> None:

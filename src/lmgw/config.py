@@ -40,6 +40,7 @@ __all__ = [
     "SERVER_KINDS",
     "AdminConfig",
     "ConfigError",
+    "DashboardConfig",
     "Flow",
     "GatewayConfig",
     "HealthConfig",
@@ -52,6 +53,7 @@ __all__ = [
     "ServerKind",
     "ToolLoopConfig",
     "ToolsConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "WorkerConfig",
     "add_serve_arguments",
@@ -616,11 +618,62 @@ class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
     json: bool = False
     # One line per request costs CPU on the hot path, so it is opt-in.
     access_log: bool = False
+    # Share of successful requests the access log writes (errors are always written): a busy
+    # gateway's every request is a lot of lines for little news.
+    access_log_sample: float = 0.1
 
     def __post_init__(self) -> None:
         level = self.level.strip().lower()
         _one_of("level", level, LOG_LEVELS)
         _set(self, "level", level)
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            raise ConfigError("must be between 0 and 1", path="access_log_sample")
+
+
+TRACE_EXPORTERS = ("otlp", "console", "none")
+
+
+class TracingConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """OpenTelemetry spans per request and per stage (needs the ``opentelemetry-sdk`` extra)."""
+
+    # Off: no OpenTelemetry import and no per-request work at all.
+    enabled: bool = False
+    # otlp: OTLP over HTTP (opentelemetry-exporter-otlp-proto-http); console: spans printed to
+    # stderr; none: the process's global tracer provider (set up by the embedding program).
+    exporter: str = "otlp"
+    # OTLP/HTTP traces URL; unset: the exporter's default or OTEL_EXPORTER_OTLP_ENDPOINT.
+    endpoint: str | None = None
+    service_name: str = "lmgw"
+    # Share of new traces kept (a client's sampled traceparent is always followed).
+    sample_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of("exporter", self.exporter, TRACE_EXPORTERS)
+        _non_empty("service_name", self.service_name)
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError("must be between 0 and 1", path="sample_ratio")
+
+
+class DashboardConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """``GET /dashboard``: the live page and its WebSocket feed."""
+
+    # On by default: the page costs nothing until someone opens it (one snapshot task).
+    enabled: bool = True
+    # How often the feed sends a snapshot.
+    interval_s: float = 1.0
+    # The sliding window of the rates and percentiles shown.
+    window_s: float = 60.0
+    # Browsers watching at once; more are turned away (each costs an encode per tick).
+    max_subscribers: int = 16
+    # Recent errors kept for the page.
+    recent_errors: int = 50
+
+    def __post_init__(self) -> None:
+        _positive("interval_s", self.interval_s)
+        if self.window_s < 2 * self.interval_s:
+            raise ConfigError("must be at least twice interval_s", path="window_s")
+        _positive("max_subscribers", self.max_subscribers)
+        _positive("recent_errors", self.recent_errors)
 
 
 class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -973,6 +1026,10 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Limits on request media and where it may come from (docs/multimodal.md).
     media: MediaLimits = msgspec.field(default_factory=MediaLimits)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # OpenTelemetry tracing (docs/observability.md).
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    # The live dashboard (docs/observability.md).
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     # The admin API's token (docs/operations.md, "Admin API").
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
@@ -1032,6 +1089,8 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "routing": RoutingConfig,
     "health": HealthConfig,
     "logging": LoggingConfig,
+    "tracing": TracingConfig,
+    "dashboard": DashboardConfig,
     "admin": AdminConfig,
     "discovery": DiscoveryConfig,
     "native": NativeConfig,
@@ -1433,6 +1492,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="log level (logging.level)",
     )
     g.add_argument(
+        "--log-json",
+        action="store_const",
+        const=True,
+        default=None,
+        help="log JSON lines (logging.json)",
+    )
+    g.add_argument(
+        "--access-log",
+        action="store_const",
+        const=True,
+        default=None,
+        help="log requests, sampled (logging.access_log)",
+    )
+    g.add_argument(
+        "--tracing",
+        action="store_const",
+        const=True,
+        default=None,
+        help="OpenTelemetry spans per request and stage (tracing.enabled)",
+    )
+    g.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_const",
+        const=False,
+        default=None,
+        help="turn GET /dashboard off (dashboard.enabled)",
+    )
+    g.add_argument(
         "--api-key",
         default=None,
         metavar="KEY",
@@ -1481,6 +1569,10 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("policy", "routing", "policy", "--policy"),
     ("request_timeout", "limits", "request_timeout_s", "--request-timeout"),
     ("log_level", "logging", "level", "--log-level"),
+    ("log_json", "logging", "json", "--log-json"),
+    ("access_log", "logging", "access_log", "--access-log"),
+    ("tracing", "tracing", "enabled", "--tracing"),
+    ("dashboard", "dashboard", "enabled", "--no-dashboard"),
     ("api_key", "upstream", "api_key", "--api-key"),
     ("p2p_discovery", "discovery", "p2p_nccl_bind", "--p2p-discovery"),
     ("discovery_file", "discovery", "file", "--discovery-file"),

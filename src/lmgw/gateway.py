@@ -22,11 +22,16 @@ import trio
 from .api.app import App
 from .api.text import TextAPI
 from .config import ROLES, ConfigError, GatewayConfig, WorkerConfig, is_native_url
+from .dashboard import Dashboard
+from .dashboard.snapshot import RecentErrors
+from .fleetstats import FleetStats
 from .http.server import HTTPServer, ServerLimits
+from .logs import AccessLog
 from .metrics import Gauge, Metrics
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
+from .tracing import Tracing
 from .transport.pool import ConnectionPool
 from .workers.kv_events import KvEventSubscribers
 from .workers.monitor import HealthMonitor
@@ -51,9 +56,13 @@ def server_limits(cfg: GatewayConfig) -> ServerLimits:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, *, tools: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, tools: Sequence[Any] = (), tracer_provider: Any = None
+    ) -> None:
         """``tools``: native tools (functions or :class:`lmgw.tools.registry.Tool`) besides
-        those registered process-wide and those of the ``lmgw.tools`` entry points."""
+        those registered process-wide and those of the ``lmgw.tools`` entry points.
+        ``tracer_provider``: an OpenTelemetry TracerProvider to trace into (turns tracing on,
+        whatever ``tracing.enabled`` says; else tracing follows the config)."""
         native_tools = tools
         self.config = config
         self.started_at = time.time()
@@ -61,6 +70,14 @@ class Gateway:
         self.metrics = Metrics(
             in_flight=self._in_flight_samples, worker_requests=self._worker_request_samples
         )
+        # observability (docs/observability.md): scrape-time metrics, the dashboard's error
+        # ring, tracing and the access log (None when off: one test per request)
+        self.fleet_stats = FleetStats(self)
+        self.fleet_stats.install(self.metrics)
+        self.recent_errors = RecentErrors(config.dashboard.recent_errors)
+        self.tracing = Tracing.from_config(config.tracing, tracer_provider)
+        lc = config.logging
+        self.access_log = AccessLog(lc.access_log_sample) if lc.access_log else None
         h = config.health
         self.registry = Registry(
             h.outlier_failures, h.outlier_base_ejection_s, h.outlier_max_ejection_s
@@ -144,6 +161,10 @@ class Gateway:
                     )
         self.app = App(self)
         TextAPI(self).install(self.app)
+        self.dashboard: Dashboard | None = None
+        if config.dashboard.enabled:
+            self.dashboard = Dashboard(self)
+            self.dashboard.install(self.app)
         self.server: HTTPServer | None = None
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
@@ -288,6 +309,7 @@ class Gateway:
 
     def _on_worker_change(self, worker: Worker) -> None:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)
+        self.fleet_stats.on_worker_change(worker)
         if worker.state in (WorkerState.EJECTED, WorkerState.GONE):
             # requests still waiting for its answer go elsewhere now, not at the timeout
             self.pool.abort(worker.origin)
@@ -319,6 +341,8 @@ class Gateway:
                         await nursery.start(self.tools.run)
                         self.tool_loop.check()
                     await nursery.start(self.monitor.run)
+                    if self.dashboard is not None:
+                        await nursery.start(self.dashboard.feed.run)
                     if self.parity is not None:
                         await nursery.start(self.parity.run)
                     if cfg.discovery.p2p_nccl_bind:
@@ -357,6 +381,8 @@ class Gateway:
                     task_status.started(self.port)
             finally:
                 self.pool.close()
+                if self.tracing is not None:
+                    self.tracing.shutdown()
 
     async def _run_hypercorn(
         self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED

@@ -137,8 +137,8 @@ class Metrics:
     ) -> None:
         self.requests = Counter(
             "lmgw_requests_total",
-            "Client requests answered, by endpoint, model and HTTP status.",
-            ("endpoint", "model", "status"),
+            "Client requests answered, by endpoint, model, the model's flow and HTTP status.",
+            ("endpoint", "model", "flow", "status"),
         )
         self.e2e = Histogram(
             "lmgw_request_duration_seconds",
@@ -149,6 +149,13 @@ class Metrics:
             "lmgw_time_to_first_token_seconds",
             "Time from request arrival to the first streamed byte.",
             ("model",),
+        )
+        self.tpot = Histogram(
+            "lmgw_time_per_output_token_seconds",
+            "Mean time between streamed events after the first, per streamed request (the"
+            " client-facing leg; one token per event as vLLM and SGLang stream by default).",
+            ("model",),
+            buckets=TPOT_BUCKETS,
         )
         self.upstream_errors = Counter(
             "lmgw_upstream_errors_total",
@@ -236,7 +243,8 @@ class Metrics:
             "lmgw_worker_healthy", "1 when the worker is routable.", ("role", "worker")
         )
         self._all: list[Counter | Gauge | Histogram] = [
-            self.requests, self.e2e, self.ttft, self.stage, self.stage_ttft, self.stage_tpot,
+            self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
+            self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
@@ -271,6 +279,78 @@ class Metrics:
             ("worker",),
         )
         self.add(self.kv_event_gaps)
+        self._observability()
+
+    def _observability(self) -> None:
+        """Issue 11's metrics. The ones read from state the gateway keeps anyway (pool
+        counters, worker states, policies' own tallies) are ``collect``-ed at scrape time; the
+        Gateway sets those callbacks. Nothing here adds work to a request unless noted."""
+        self.queue_time = Histogram(
+            "lmgw_queue_time_seconds",
+            "Time a generation request waited for an admission slot (only observed while"
+            " limits.max_concurrent_requests is on; 0 for requests admitted at once).",
+        )
+        self.encoder_cache_lookups = Counter(
+            "lmgw_encoder_cache_lookups_total",
+            "Media items looked up in the gateway's encoder cache (hits: see"
+            " lmgw_encoder_cache_hits_total).",
+            ("model",),
+        )
+        self.cache_hits = Counter(
+            "lmgw_cache_hits_total",
+            "Cache hits by tier: encoder (media items whose encode leg the gateway skipped),"
+            " prefix (prompt tokens the engines found in their prefix caches, from their"
+            " /metrics).",
+            ("tier",),
+        )
+        self.cache_queries = Counter(
+            "lmgw_cache_queries_total",
+            "Cache lookups by tier, in the unit of lmgw_cache_hits_total (items or tokens).",
+            ("tier",),
+        )
+        self.routing_decisions = Counter(
+            "lmgw_routing_decisions_total",
+            "Workers chosen by each role's policy, by the policy's reason (its fallbacks"
+            " included: e.g. cache_aware no_match, consistent_hash spill); reason=retry counts"
+            " choices that replaced a failed worker.",
+            ("role", "policy", "reason"),
+        )
+        self.pool_events = Counter(
+            "lmgw_upstream_pool_events_total",
+            "Upstream connection pool events: connect (new connection), reuse (keep-alive hit),"
+            " stale (an idle connection found closed by the worker), close.",
+            ("event",),
+        )
+        self.pool_connections = Gauge(
+            "lmgw_upstream_pool_connections",
+            "Upstream connections per worker: idle (pooled) and waiting (a request sent, its"
+            " answer's head not yet arrived).",
+            ("role", "worker", "state"),
+        )
+        self.worker_transitions = Counter(
+            "lmgw_worker_state_transitions_total",
+            "Worker state changes (from ``new`` when added, to ``gone`` when removed).",
+            ("role", "worker", "from", "to"),
+        )
+        self.worker_kv_usage = Gauge(
+            "lmgw_worker_kv_cache_usage",
+            "A worker's KV cache usage (0..1) from its /metrics, at the last scrape.",
+            ("role", "worker"),
+        )
+        self.worker_engine_requests = Gauge(
+            "lmgw_worker_engine_requests",
+            "Requests a worker's engine reports running or waiting, at the last scrape.",
+            ("role", "worker", "state"),
+        )
+        for metric in (self.queue_time, self.encoder_cache_lookups, self.cache_hits,
+                       self.cache_queries, self.routing_decisions, self.pool_events,
+                       self.pool_connections, self.worker_transitions, self.worker_kv_usage,
+                       self.worker_engine_requests):  # fmt: skip
+            self.add(metric)
+
+    def metric(self, name: str) -> Counter | Gauge | Histogram | None:
+        """The exported metric called ``name`` (None if there is none)."""
+        return next((m for m in self._all if m.name == name), None)
 
     def add(self, metric: Counter | Gauge | Histogram) -> None:
         self._all.append(metric)

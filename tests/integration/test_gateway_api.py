@@ -677,7 +677,7 @@ async def test_client_disconnect_mid_stream_aborts_the_worker(gateway: GatewayFa
     await assert_nothing_in_flight(gw)
     metrics = await gw.metrics()
     assert metric_value(metrics, 'lmgw_client_disconnects_total{endpoint="completions"}') == 1
-    sample = 'lmgw_requests_total{endpoint="completions",model="sim-model",status="499"}'
+    sample = 'lmgw_requests_total{endpoint="completions",model="sim-model",flow="pd",status="499"}'
     assert metric_value(metrics, sample) == 1
 
 
@@ -731,10 +731,11 @@ async def test_metrics_exposition(gateway: GatewayFactory) -> None:
     r = await gw.request("GET", "/metrics")
     assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.body.decode()
-    ok = 'lmgw_requests_total{endpoint="chat",model="sim-model",status="200"}'
+    ok = 'lmgw_requests_total{endpoint="chat",model="sim-model",flow="pd",status="200"}'
     assert metric_value(text, ok) == 4
-    assert metric_value(text, 'lmgw_requests_total{endpoint="chat",model="-",status="400"}') == 1
-    assert metric_value(text, 'lmgw_requests_total{endpoint="chat",model="-",status="404"}') == 1
+    bad = 'lmgw_requests_total{endpoint="chat",model="-",flow="-",status="%d"}'
+    assert metric_value(text, bad % 400) == 1
+    assert metric_value(text, bad % 404) == 1
     assert metric_value(text, 'lmgw_client_disconnects_total{endpoint="chat"}') == 0
     assert "# TYPE lmgw_request_duration_seconds histogram" in text
     e2e = 'lmgw_request_duration_seconds_count{endpoint="chat",model="sim-model"}'
@@ -875,7 +876,7 @@ async def test_deadline_on_a_started_stream(gateway: GatewayFactory) -> None:
     await wait_for_abort(gw.sims[0].sim, "late-1")
     await assert_nothing_in_flight(gw)
     text = await gw.metrics()
-    late = 'lmgw_requests_total{endpoint="completions",model="sim-model",status="504"}'
+    late = 'lmgw_requests_total{endpoint="completions",model="sim-model",flow="pd",status="504"}'
     assert metric_value(text, late) == 1
 
     def run() -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 from ..admission import Admission
 from ..errors import GatewayError
@@ -81,6 +82,21 @@ class App:
             # /admin/workers/{id}[/drain|/undrain] are matched by prefix in __call__
             ADMIN_WORKERS: {"GET": self.admin.workers, "POST": self.admin.workers},
         }
+        #: path -> ``async def hook(request, lmgw.http.websocket.WebSocketUpgrade)``: requests
+        #: that ask for a WebSocket (both servers call :meth:`upgrade`)
+        self.upgrades: dict[str, Callable[[Request, Any], Awaitable[None]]] = {}
+
+    async def upgrade(self, req: Request, upgrade: Any) -> None:
+        """A request asking for a WebSocket (see :attr:`upgrades`); 404 for other paths."""
+        hook = self.upgrades.get(req.path)
+        if hook is None:
+            await upgrade.reject(
+                404,
+                [(b"content-type", b"application/json")],
+                GatewayError(404, f"no WebSocket at {req.path}").body(),
+            )
+            return
+        await hook(req, upgrade)
 
     async def on_timeout(self, req: Request, responder: Responder) -> None:
         """The server's deadline hook (see :data:`lmgw.http.types.TimeoutHandler`)."""

@@ -171,6 +171,12 @@ class OpenAIAPI:
         self._media_ssl = None
         #: the gateway-side tool loop (lmgw.tools.loop.ToolLoop) when the gateway has tools
         self.tool_loop = gateway.tool_loop
+        #: lmgw.tracing.Tracing when tracing.enabled, lmgw.logs.AccessLog when
+        #: logging.access_log: None otherwise (one ``is None`` test per request each)
+        self.tracing = gateway.tracing
+        self.access_log = gateway.access_log
+        #: the dashboard's ring of recent errors (written on the error path only)
+        self.recent_errors = gateway.recent_errors
 
     def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
@@ -238,6 +244,7 @@ class OpenAIAPI:
         req.request_id = rid
         model = "-"
         status = 200
+        trace = None if self.tracing is None else self.tracing.request(req, endpoint, rid)
         try:
             view = decode_view(endpoint, req.body)
             model = self._resolve_model(view.model)
@@ -274,6 +281,7 @@ class OpenAIAPI:
             greq.output = output
             greq.obj = body._obj
             greq.prompt_ids = prompt_ids
+            greq.trace = trace
             if prompt_ids is not None and not view.stream:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
@@ -283,7 +291,11 @@ class OpenAIAPI:
             # getting the slot and the try that gives it back.
             admission = self.admission
             if not admission.enter():
+                t_queued = _now()
                 await admission.wait()
+                self.metrics.queue_time.observe((), _now() - t_queued)
+            elif admission.cap:
+                self.metrics.queue_time.observe((), 0.0)
             try:
                 # The deadline (limits.request_timeout_s) is the server's: it cancels this
                 # handler and calls on_timeout() to answer (no cancel scope per request).
@@ -297,6 +309,7 @@ class OpenAIAPI:
                 admission.leave(t0)
         except GatewayError as exc:
             status = exc.status
+            self.recent_errors.add(status, exc.message, rid, model, endpoint)
             if responder.started:
                 await responder.send(sse_error_event(exc.status, exc.message))
                 await responder.end()
@@ -309,13 +322,22 @@ class OpenAIAPI:
             # one through on_timeout); Broken/Closed: a write to the client failed first.
             if req.deadline_exceeded:
                 status = 504
+                self.recent_errors.add(504, "request deadline exceeded", rid, model, endpoint)
             else:
                 status = 499
                 self.metrics.disconnects.inc((endpoint,))
             raise
         finally:
-            self.metrics.requests.inc((endpoint, model, str(status)))
-            self.metrics.e2e.observe((endpoint, model), _now() - t0)
+            flow = self.gw.flow_of(model) if model != "-" else "-"
+            self.metrics.requests.inc((endpoint, model, flow, str(status)))
+            elapsed = _now() - t0
+            self.metrics.e2e.observe((endpoint, model), elapsed)
+            if trace is not None:
+                trace.end(status, model, flow)
+            if self.access_log is not None:
+                self.access_log.record(
+                    req.client, req.method, req.path, status, rid, model, flow, elapsed
+                )
 
     def _route_context(
         self, req: Request, greq: GatewayRequest, view: Any, prompt_ids: list[int] | None

@@ -97,6 +97,9 @@ class ASGIAdapter:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if kind != "http":
             return
         body = bytearray()
@@ -144,6 +147,31 @@ class ASGIAdapter:
             )
         elif not responder.finished:
             await responder.end()
+
+    async def _websocket(self, scope: Scope, receive, send) -> None:
+        """A WebSocket request goes to the handler's ``upgrade`` hook, as on the native
+        server (the dashboard's feed); without one it is refused."""
+        from .websocket import ASGIUpgrade
+
+        hook = getattr(self.handler, "upgrade", None)
+        upgrade = ASGIUpgrade(scope, receive, send)
+        if hook is None:
+            await upgrade.reject(400, [], b"")
+            return
+        client = scope.get("client") or ("", 0)
+        headers = [(k.lower(), v) for k, v in scope["headers"]]
+        if not any(k == b"upgrade" for k, _ in headers):  # HTTP/2 extended CONNECT has none
+            headers.append((b"upgrade", b"websocket"))
+        req = Request(
+            "GET",
+            scope["path"],
+            scope.get("query_string", b"").decode("latin-1"),
+            headers,
+            b"",
+            False,
+            f"{client[0]}:{client[1]}",
+        )
+        await hook(req, upgrade)
 
     async def _deadline(self, req: Request, scope: trio.CancelScope) -> None:
         await trio.sleep(self.request_timeout_s)

@@ -14,7 +14,7 @@ from collections import deque
 
 import httptools
 
-from .types import Headers, Request
+from .types import Headers, Request, UpgradeRequest
 
 #: What the reader found out about a message still in flight, for the server's timeouts.
 IDLE, HEAD, BODY = 0, 1, 2
@@ -62,6 +62,8 @@ class H1Connection:
         "_keep_alive",
         "_parser",
         "_progress",
+        "_upgrade",
+        "_upgraded",
         "_url",
         "client",
         "events",
@@ -85,6 +87,8 @@ class H1Connection:
         self._progress = False
         self._keep_alive = True
         self._http10 = False
+        #: the queued UpgradeRequest once the parser stopped at its head (nothing more is read)
+        self._upgraded: UpgradeRequest | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -96,11 +100,12 @@ class H1Connection:
         self._content_length = -1
         self._conn_hdr = b""
         self._expect_continue = False
+        self._upgrade = False
 
     # -- public API -------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the socket. After an error, further data is ignored."""
-        if self._error is not None:
+        if self._error is not None or self._upgraded is not None:
             return
         before = self.state
         try:
@@ -112,8 +117,16 @@ class H1Connection:
             else:  # a bug in our callbacks: surface it
                 raise
             return
-        except httptools.HttpParserUpgrade:  # not reached: on_headers_complete rejects first
-            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as exc:
+            # llhttp stops after the head of a request that asks to switch protocols (only
+            # WebSocket ones get here: on_headers_complete rejects the others)
+            upgraded = self.events[-1] if self.events else None
+            if not isinstance(upgraded, UpgradeRequest):
+                self._fail(400, "protocol upgrades are not supported")
+                return
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            upgraded.trailing = bytes(data[offset:])
+            self._upgraded = upgraded
             return
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
@@ -206,7 +219,9 @@ class H1Connection:
     def on_headers_complete(self) -> None:
         p = self._parser
         if p.should_upgrade():  # Upgrade + Connection: upgrade, or CONNECT
-            raise _Reject(400, "protocol upgrades are not supported")
+            if not self._wants_websocket():
+                raise _Reject(400, "protocol upgrades are not supported")
+            self._upgrade = True
         # Decided from the header ourselves: httptools' should_keep_alive() is unreliable at
         # on_headers_complete and always False after the message completes.
         version = p.get_http_version()
@@ -219,6 +234,14 @@ class H1Connection:
         else:  # llhttp also parses HTTP/0.9 simple requests and "HTTP/2.0" request lines
             raise _Reject(400, f"unsupported HTTP version {version}")
         self.state = BODY
+
+    def _wants_websocket(self) -> bool:
+        if self._parser.get_method() != b"GET":
+            return False
+        for name, value in self._headers:
+            if name == b"upgrade":
+                return b"websocket" in value.lower()
+        return False
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
@@ -235,13 +258,13 @@ class H1Connection:
         else:
             path, query = url.decode("latin-1"), ""
         body = self._body
-        req = Request(
+        req = (UpgradeRequest if self._upgrade else Request)(
             self._parser.get_method().decode("latin-1"),
             path,
             query,
             self._headers,
             body[0] if len(body) == 1 else b"".join(body),
-            self._keep_alive,
+            self._keep_alive and not self._upgrade,
             self.client,
             self._http10,
         )

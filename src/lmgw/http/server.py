@@ -20,17 +20,19 @@ import trio
 from ..errors import error_body
 from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
-from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler
+from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler, UpgradeRequest
 
 log = logging.getLogger("lmgw.http")
 
 _REASONS = {
-    100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted",
+    204: "No Content",
     301: "Moved Permanently", 302: "Found", 304: "Not Modified", 400: "Bad Request",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 409: "Conflict", 413: "Content Too Large",
     415: "Unsupported Media Type",
-    422: "Unprocessable Content", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    422: "Unprocessable Content", 426: "Upgrade Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     499: "Client Closed Request", 500: "Internal Server Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }  # fmt: skip
@@ -254,9 +256,14 @@ class HTTPServer:
     ) -> None:
         self.handler = handler
         self.on_timeout = on_timeout or _default_on_timeout
+        #: ``await handler.upgrade(request, lmgw.http.websocket.StreamUpgrade)`` for requests
+        #: asking for a WebSocket (the dashboard's feed); None: they get a 400
+        self.on_upgrade = getattr(handler, "upgrade", None)
         self.limits = limits or ServerLimits()
         self.draining = False
         self._conns: set[_Conn] = set()
+        #: connections handed to ``on_upgrade`` (closed by drain: they never finish alone)
+        self._upgraded: set[_Conn] = set()
         self._busy: set[_Conn] = set()
         self._listeners: list[trio.SocketListener] = []
         self._idle_event = trio.Event()
@@ -308,6 +315,9 @@ class HTTPServer:
         self.draining = True
         for listener in self._listeners:
             await listener.aclose()
+        for c in list(self._upgraded):
+            if c.scope is not None:
+                c.scope.cancel()
         for c in list(self._conns):
             if c.busy:
                 if c.responder is not None:
@@ -480,9 +490,12 @@ class HTTPServer:
                     c.phase = state
                     c.phase_since = _now()
                 continue
-            if isinstance(ev, ProtocolError):
-                with trio.move_on_after(1):
-                    await self._send_error(stream, ev)
+            if ev.__class__ is not Request:  # (one test for the two rare kinds of event)
+                if isinstance(ev, ProtocolError):
+                    with trio.move_on_after(1):
+                        await self._send_error(stream, ev)
+                elif isinstance(ev, UpgradeRequest):
+                    await self._upgrade(c, ev)
                 return
             responder = _Responder(
                 stream, ev.keep_alive and not self.draining, ev.method == "HEAD", ev.http10
@@ -527,6 +540,32 @@ class HTTPServer:
                 )
             if not responder.keep_alive or self.draining:
                 return
+
+    async def _upgrade(self, c: _Conn, req: UpgradeRequest) -> None:
+        """Hand the connection to the application's ``upgrade`` hook (a WebSocket). It is
+        neither idle (no keep-alive timeout) nor a request in flight (no deadline, no
+        disconnect watcher: the WebSocket reads its own socket); drain closes it."""
+        from .websocket import StreamUpgrade
+
+        responder = _Responder(c.stream, False, False, req.http10)
+        if self.on_upgrade is None:
+            await responder.send_full(
+                400,
+                [(b"content-type", b"application/json")],
+                error_body(400, "protocol upgrades are not supported"),
+            )
+            return
+        c.busy = True
+        self._upgraded.add(c)
+        try:
+            await self.on_upgrade(req, StreamUpgrade(req, c.stream, responder, req.trailing))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("upgrade handler failed on %s", req.path)
+        finally:
+            self._upgraded.discard(c)
+            c.busy = False
 
 
 async def _default_on_timeout(request: Request, responder: _Responder) -> None:

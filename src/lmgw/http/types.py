@@ -65,6 +65,19 @@ class Request:
         return f"<Request {self.method} {self.path} body={len(self.body)}B>"
 
 
+class UpgradeRequest(Request):
+    """A request that asks to switch protocols (``Upgrade: websocket``): the server hands the
+    connection to the application's ``upgrade`` hook instead of its request handler.
+    ``trailing`` holds the bytes that followed the head in the same read (the new protocol's
+    first bytes)."""
+
+    __slots__ = ("trailing",)
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.trailing = b""
+
+
 class Responder(Protocol):
     """How a handler answers. Implemented by each server; headers must not include framing ones
     (``content-length``, ``transfer-encoding``, ``connection``): the server adds those."""

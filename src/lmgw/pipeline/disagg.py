@@ -220,6 +220,7 @@ class DisaggRunner:
             log.warning(
                 "request %s: stream broke after %d tokens; continuing on %s",
                 greq.request_id, progress.tokens, decode.id,
+                extra={"request_id": greq.request_id, "worker": decode.id},
             )  # fmt: skip
             more: list[bytes] = []
             try:
@@ -293,6 +294,7 @@ class DisaggRunner:
             log.info(
                 "request %s: decode failed (%s); pair restarted with decode %s",
                 greq.request_id, failure, decode.id,
+                extra={"request_id": greq.request_id, "worker": decode.id},
             )  # fmt: skip
 
     # -- legs -------------------------------------------------------------------------------
@@ -307,13 +309,15 @@ class DisaggRunner:
         """Send one intermediate leg and read its whole answer (status, body)."""
         p = self.p
         policy = p.policies[role]
+        span = None if greq.trace is None else greq.trace.leg(role, worker)
+        headers = leg.headers if span is None else span.headers(leg.headers)
         p.registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
         t0 = time.perf_counter()
         try:
             resp = await p.pool.request(
-                worker.origin, "POST", leg.path, leg.headers, leg.body,
+                worker.origin, "POST", leg.path, headers, leg.body,
                 response_timeout_s=p.response_timeout_s,
             )  # fmt: skip
             try:
@@ -338,6 +342,8 @@ class DisaggRunner:
             greq.timings.append((STAGE_NAMES[role], elapsed))
             policy.on_finish(worker, route, ok)
             p.registry.release(worker)
+            if span is not None:
+                span.end(None if ok else "failed")
 
     async def _encode(
         self,
@@ -353,6 +359,7 @@ class DisaggRunner:
         cache = self.encoded
         now = trio.current_time()
         todo = [leg for leg in legs if not cache.holds(greq.model, leg.key, now)]
+        self.p.metrics.encoder_cache_lookups.inc((greq.model,), len(legs))
         if len(todo) < len(legs):
             self.p.metrics.encoder_cache_hits.inc((greq.model,), len(legs) - len(todo))
         if not todo:
@@ -427,8 +434,9 @@ class DisaggRunner:
             worker = p.policies[role].choose(others, route)
             p.metrics.retries.inc((role,))
             log.info(
-                "request %s: decode retried on %s after %s", greq.request_id, worker.id, failure
-            )
+                "request %s: decode retried on %s after %s", greq.request_id, worker.id, failure,
+                extra={"request_id": greq.request_id, "worker": worker.id},
+            )  # fmt: skip
             await p.backoff(attempt)
 
     async def _concurrent(
@@ -531,7 +539,8 @@ def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:
         return GatewayError(400, str(exc))
     if isinstance(exc, PeerError):
         return GatewayError(503, str(exc))
-    log.error("request %s: %s", greq.request_id, exc)  # a hand-off bug: still answered
+    log.error("request %s: %s", greq.request_id, exc,  # a hand-off bug: still answered
+              extra={"request_id": greq.request_id})  # fmt: skip
     return GatewayError(500, f"internal hand-off error: {exc}")
 
 

@@ -626,6 +626,8 @@ class NativeRunner:
             candidates = [w for w in candidates if type(w) is NativeWorker and w not in tried]
         if not candidates:
             return None
+        if not tried:
+            self.p.picks[role] += 1
         return self.p.policies[role].choose(candidates, route)
 
     def _first(self, model: str, role: str, route: RouteContext) -> NativeWorker:
@@ -709,7 +711,8 @@ class NativeRunner:
                     raise _client_error(role, worker, exc) from None
                 p.metrics.retries.inc((role,))
                 log.info("request %s: %s retried on %s after %s",
-                         greq.request_id, STAGE_NAMES[role], other.id, exc)  # fmt: skip
+                         greq.request_id, STAGE_NAMES[role], other.id, exc,
+                         extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
                 worker = other
                 await p.backoff(attempt)
         raise AssertionError("unreachable")
@@ -727,6 +730,7 @@ class NativeRunner:
             if item.source != "uuid" and not cache.holds(greq.model, item.hash, now)
         ]
         hits = len(items) - len(todo)
+        self.p.metrics.encoder_cache_lookups.inc((greq.model,), len(items))
         if hits:
             self.p.metrics.encoder_cache_hits.inc((greq.model,), hits)
 
@@ -826,7 +830,8 @@ class NativeRunner:
                 params = sampling_params(greq.endpoint, obj)
                 done_tokens = synth.tokens
                 log.warning("request %s: stream broke after %d tokens (%s); continuing",
-                            greq.request_id, synth.tokens, broken.error)  # fmt: skip
+                            greq.request_id, synth.tokens, broken.error,
+                            extra={"request_id": greq.request_id})  # fmt: skip
         await p.end_broken_stream(responder, role, reason)
 
     async def _generate(
@@ -883,7 +888,8 @@ class NativeRunner:
                     raise _client_error(role, worker, exc) from None
                 p.metrics.retries.inc((role,))
                 log.info("request %s: %s retried on %s after %s",
-                         greq.request_id, STAGE_NAMES[role], other.id, exc)  # fmt: skip
+                         greq.request_id, STAGE_NAMES[role], other.id, exc,
+                         extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
                 worker = other
                 await p.backoff(attempt)
 
@@ -995,7 +1001,10 @@ class NativeRunner:
                     data = b"".join(held)
                 await responder.end(data)
                 if events > 1:
-                    metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
+                    tpot = (_now() - t_first) / (events - 1)
+                    metrics.stage_tpot.observe(labels, tpot)
+                    if not continued:
+                        metrics.tpot.observe((greq.model,), tpot)
                 return
             if answers.pending and len(held) < _COALESCE_MAX:
                 held.append(data)

@@ -46,6 +46,7 @@ class GatewayRequest:
         "stream",
         "t_start",
         "timings",
+        "trace",
         "usage_fill",
     )
 
@@ -90,6 +91,8 @@ class GatewayRequest:
         #: the prompt's token ids when the API tokenized it (context check): the native
         #: pipeline reuses them instead of rendering and tokenizing again
         self.prompt_ids: list[int] | None = None
+        #: the request's span (lmgw.tracing.RequestTrace) when tracing is on, else None
+        self.trace: Any = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""

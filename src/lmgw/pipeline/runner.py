@@ -142,6 +142,8 @@ class Pipeline:
         self._check_workers(cfg)
         #: limits.max_in_flight_per_worker (0: off), applied in pick()
         self.worker_cap = cfg.limits.max_in_flight_per_worker
+        #: first choices per role (lmgw_routing_decisions_total for policies without reasons)
+        self.picks = dict.fromkeys(policies, 0)
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
@@ -177,6 +179,7 @@ class Pipeline:
             candidates = with_capacity(candidates, self.worker_cap)
             if not candidates:
                 raise worker_capacity_error(model, ROLE_NAMES[role], self.worker_cap, self.metrics)
+        self.picks[role] += 1
         return self.policies[role].choose(candidates, ctx)
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
@@ -216,7 +219,8 @@ class Pipeline:
                 raise failure
             worker = self.policies[role].choose(candidates, ctx)
             self.metrics.retries.inc((role,))
-            log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure)
+            log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure,
+                     extra={"request_id": greq.request_id, "worker": worker.id})  # fmt: skip
             await self.backoff(attempt)
 
     def _audit(
@@ -289,6 +293,7 @@ class Pipeline:
             log.warning(
                 "request %s: stream broke after %d tokens; continuing on %s",
                 greq.request_id, progress.tokens, worker.id,
+                extra={"request_id": greq.request_id, "worker": worker.id},
             )  # fmt: skip
             splice = migration.Splice(endpoint, progress)
             more: list[bytes] = []
@@ -345,6 +350,9 @@ class Pipeline:
         ending the client's stream, so the caller can continue it elsewhere. ``splice``
         rewrites a continuation's events into the client's stream (its head already sent)."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
+        leg = None if greq.trace is None else greq.trace.leg(role, worker)
+        if leg is not None:
+            headers = leg.headers(headers)
         registry.acquire(worker)  # also counts lmgw_worker_requests_total
         policy.on_dispatch(worker, ctx)
         ok = False
@@ -392,7 +400,10 @@ class Pipeline:
                         resp, responder, out, first_byte, events_fix, journal, self.stall_s,
                     )  # fmt: skip
                     if events > 1:
-                        metrics.stage_tpot.observe(labels, (_now() - t_first) / (events - 1))
+                        tpot = (_now() - t_first) / (events - 1)
+                        metrics.stage_tpot.observe(labels, tpot)
+                        if splice is None:
+                            metrics.tpot.observe((greq.model,), tpot)
                 else:
                     body_fix = _chain(audit, rewrite.body if rewrite else None)
                     body_fix = _chain(body_fix, greq.usage_fill)
@@ -419,5 +430,7 @@ class Pipeline:
             metrics.stage.observe(labels, _now() - t0)
             policy.on_finish(worker, ctx, ok)
             registry.release(worker)
+            if leg is not None:
+                leg.end(None if ok else "failed")
         registry.record_success(worker)
         return None

@@ -160,6 +160,12 @@ class Policy:
         """Numbers for metrics (index size, evictions, hit ratio...); empty by default."""
         return {}
 
+    def decision_counts(self) -> dict[str, int] | None:
+        """How many choices the policy made, by its reason (``cache``, ``no_match``,
+        ``spill``...), for ``lmgw_routing_decisions_total``; None when it keeps no reasons
+        (the pipeline's own count of choices is exported then)."""
+        return None
+
 
 def route_header(policy: Policy, worker: Worker, ctx: RouteContext) -> bytes:
     """The ``x-lmgw-route`` value for a dispatch: the policy's own explanation when it keeps

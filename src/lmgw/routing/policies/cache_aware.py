@@ -427,3 +427,6 @@ class CacheAware(Policy):
         for reason, count in self.reasons.items():
             out[f"routed_{reason}"] = count
         return out
+
+    def decision_counts(self) -> dict[str, int]:
+        return self.reasons

@@ -89,6 +89,7 @@ class ConsistentHashBounded(ConsistentHash):
         self.load_factor = load_factor
         self._info: RouteInfo | None = None
         self.spills = 0
+        self.rings = 0  # choices that kept the key's own worker
 
     @classmethod
     def from_config(cls, cfg: RoutingConfig) -> ConsistentHashBounded:
@@ -97,6 +98,7 @@ class ConsistentHashBounded(ConsistentHash):
     def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
         n = len(candidates)
         if n == 1:
+            self.rings += 1
             return candidates[0]
         ring, by_id = self._ring(candidates)
         key = self.key(ctx)
@@ -106,7 +108,9 @@ class ConsistentHashBounded(ConsistentHash):
         cap = math.ceil(self.load_factor * (total + 1) / n)
         w = by_id[ring.lookup(key)]
         reason = "ring"
-        if w.in_flight + w.engine.waiting + 1 > cap:
+        if w.in_flight + w.engine.waiting + 1 <= cap:
+            self.rings += 1
+        else:
             reason = "spill"
             self.spills += 1
             for wid in ring.candidates(key, n)[1:]:
@@ -127,3 +131,6 @@ class ConsistentHashBounded(ConsistentHash):
 
     def statistics(self) -> dict[str, float]:
         return {"spills": self.spills}
+
+    def decision_counts(self) -> dict[str, int]:
+        return {"ring": self.rings, "spill": self.spills}

@@ -127,3 +127,6 @@ class SessionAffinity(Policy):
 
     def statistics(self) -> dict[str, float]:
         return {"sessions": len(self._table), **{f"routed_{k}": v for k, v in self.counts.items()}}
+
+    def decision_counts(self) -> dict[str, int]:
+        return self.counts
