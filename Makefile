@@ -21,6 +21,7 @@ demo: build
 
 test: build
 	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: build

@@ -263,6 +263,8 @@ class Gateway:
             ``[tools]`` config section instead (like the other ``sections``).
         serve: also serve HTTP on ``server.host:server.port`` from the start.
         stream_buffer: event batches a stream may hold before the relay waits for its reader.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` to trace requests into (spans per
+            request and stage, ``traceparent`` to the workers); else ``tracing.*`` decides.
         sections: config sections as keywords, e.g. ``workers=["http://127.0.0.1:8001"]``,
             ``routing={"policy": "least_load"}``, ``limits={...}``.
     """
@@ -279,13 +281,14 @@ class Gateway:
         tools: Sequence[Callable[..., Any]] | Mapping[str, Any] = (),
         serve: bool = False,
         stream_buffer: int = 16,
+        tracer_provider: Any = None,
         **sections: Any,
     ) -> None:
         if isinstance(tools, Mapping):  # the [tools] section, not tools
             sections["tools"], tools = tools, ()
         self.config = build_config(config, sections)
         #: the core gateway (registry, pool, pipeline, metrics, app) for advanced use
-        self.core = CoreGateway(self.config, tools=tools)
+        self.core = CoreGateway(self.config, tools=tools, tracer_provider=tracer_provider)
         if policies is not None:
             self.set_policies(policies)
         for mw in middleware:

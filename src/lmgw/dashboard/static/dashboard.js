@@ -53,9 +53,9 @@ function push(key, value) {
   if (h.length > HISTORY) h.shift();
 }
 
-function bar(fraction) {
+function bar(fraction, good) {
   const f = Math.max(0, Math.min(1, fraction || 0));
-  const cls = f >= 0.95 ? "bar full" : f >= 0.8 ? "bar hot" : "bar";
+  const cls = good ? "bar good" : f >= 0.95 ? "bar full" : f >= 0.8 ? "bar hot" : "bar";
   const fill = el("i");
   fill.style.width = (f * 100).toFixed(1) + "%";
   return el("span", { class: cls }, fill);
@@ -78,15 +78,19 @@ function prepare(canvas) {
 function drawLines(canvas, series, colors, opts) {
   const [ctx, w, h] = prepare(canvas);
   const pad = opts && opts.axis ? 34 : 2;
-  let max = 0;
-  for (const s of series) for (const v of s) if (isFinite(v) && v > max) max = v;
+  let max = 0, n = 2;
+  for (const s of series) {
+    n = Math.max(n, s.length);
+    for (const v of s) if (isFinite(v) && v > max) max = v;
+  }
   if (max <= 0) max = 1;
   if (opts && opts.axis) {
     ctx.strokeStyle = "#263040"; ctx.fillStyle = "#8b98a8"; ctx.font = "11px system-ui";
     for (let i = 0; i <= 2; i++) {
       const y = 4 + (h - 8) * i / 2;
       ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(w, y); ctx.stroke();
-      ctx.fillText(fmtSeconds(max * (1 - i / 2)).replace(" ", ""), 0, y + 4);
+      const v = max * (1 - i / 2);
+      ctx.fillText(v > 0 ? fmtSeconds(v).replace(" ", "") : "0", 0, y + 4);
     }
   }
   series.forEach((s, k) => {
@@ -94,7 +98,7 @@ function drawLines(canvas, series, colors, opts) {
     let started = false;
     s.forEach((v, i) => {
       if (!isFinite(v)) { started = false; return; }
-      const x = pad + (w - pad - 2) * (i / Math.max(1, HISTORY - 1));
+      const x = pad + (w - pad - 2) * (i / (n - 1));
       const y = 4 + (h - 8) * (1 - v / max);
       if (started) ctx.lineTo(x, y); else { ctx.moveTo(x, y); started = true; }
     });
@@ -165,7 +169,7 @@ function renderCaches(cache) {
   const units = { encoder: "items", prefix: "tokens" };
   const items = Object.entries(cache).map(([tier, c]) => el("div", { class: "cache", "data-tier": tier },
     el("span", { class: "name" }, tier),
-    bar(c.hit_rate || 0),
+    bar(c.hit_rate || 0, true),
     el("span", {}, c.hit_rate === null ? "–" : (100 * c.hit_rate).toFixed(1) + "%"),
     el("span", { class: "meta" }, fmtCount(c.hits) + " / " + fmtCount(c.queries) + " " + units[tier])));
   $("caches").replaceChildren(...items);
