@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from lmgw.http.h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
-from lmgw.http.types import Request
+from lmgw.http.types import Request, UpgradeRequest
 
 Event = Request | ProtocolError
 NEXT = b"GET /next?n=1 HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -433,16 +433,25 @@ def test_http09_simple_request_is_rejected() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        # WebSocket upgrades are handed to the application instead (test_observability_unit)
+        b"POST /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
     ],
 )
-def test_upgrade_requests_are_400_and_never_dispatched(data: bytes) -> None:
+def test_other_upgrade_requests_are_400_and_never_dispatched(data: bytes) -> None:
     for step in (0, 1):
         events = feed(data, step=step)
         assert [type(e) for e in events] == [ProtocolError], events
         assert events[0].status == 400
+
+
+def test_websocket_upgrade_is_handed_over_whole_split_anywhere() -> None:
+    data = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    for step in (0, 1):
+        events = feed(data + b"\x88\x80", step=step)
+        assert [type(e) for e in events] == [UpgradeRequest], events
+        assert events[0].path == "/ws" and not events[0].keep_alive
 
 
 def test_upgrade_header_without_connection_upgrade_is_an_ordinary_request() -> None:
