@@ -639,7 +639,7 @@ class TracingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Off: no OpenTelemetry import and no per-request work at all.
     enabled: bool = False
     # otlp: OTLP over HTTP (opentelemetry-exporter-otlp-proto-http); console: spans printed to
-    # stderr; none: the process's global tracer provider (set up by the embedding program).
+    # stdout; none: the process's global tracer provider (set up by the embedding program).
     exporter: str = "otlp"
     # OTLP/HTTP traces URL; unset: the exporter's default or OTEL_EXPORTER_OTLP_ENDPOINT.
     endpoint: str | None = None
