@@ -195,8 +195,10 @@ async def test_dashboard_in_headless_chromium(nursery: trio.Nursery, sim_worker)
                 async def value(expr: str):
                     return await cdp.evaluate(expr)
 
+                # (the page may still be loading, after the redirect: no body yet)
+                shown = "Number((document.body && document.body.dataset.snapshots) || 0)"
                 with trio.fail_after(15):  # the page loaded and got its first snapshots
-                    while (await value("Number(document.body.dataset.snapshots || 0)")) < 2:
+                    while (await value(shown)) < 2:
                         await trio.sleep(0.1)
                 assert await value("location.pathname + location.search") == "/dashboard"
                 ids = await value(

@@ -397,6 +397,7 @@ class OpenAIAPI:
             greq.output = output
             greq.obj = obj
             greq.prompt_ids = prompt_ids
+            greq.trace = first.trace  # every round's legs under the request's span
             if prompt_ids is not None and not first.stream:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if gw.pipeline.route_keys:
