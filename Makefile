@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint build format clean
+.PHONY: demo test fuzz bench lint build format clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: build
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The fuzz targets of `make test` (tests/fuzz: HTTP bytes, API bodies, OpenAPI, SSE/ZeroMQ/tensor
+# decoders) with many more examples; LMGW_FUZZ_EXAMPLES=N sets how many per target.
+FUZZ_EXAMPLES ?= 2000
+fuzz: build
+	LMGW_FUZZ_EXAMPLES=$${LMGW_FUZZ_EXAMPLES:-$(FUZZ_EXAMPLES)} $(BIN)/python -m pytest -q tests/fuzz \
+		tests/property/test_h1_fuzz.py $(PYTEST_ARGS)
+
 bench: build
 	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python benchmarks/overhead.py
@@ -38,6 +45,7 @@ bench: build
 	$(BIN)/python benchmarks/zmq_vs_http.py
 	$(BIN)/python benchmarks/sdk.py
 	$(BIN)/python benchmarks/loadgen.py
+	$(BIN)/python benchmarks/security.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

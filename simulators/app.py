@@ -548,7 +548,7 @@ class SimWorker:
     async def _chat(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:
             req = _chat_decoder.decode(request.body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         n = _validate_sampling(req, max_tokens)
@@ -596,7 +596,7 @@ class SimWorker:
             return hit
         try:
             messages, tools, documents, kwargs = (msgspec.json.decode(r) for r in raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         try:
             return tok.render_chat(
@@ -634,7 +634,7 @@ class SimWorker:
             choice = msgspec.json.decode(bytes(req.tool_choice))
             if messages is None:
                 messages = msgspec.json.decode(bytes(req.messages))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         if not isinstance(tools, list):
             raise _bad("tools must be a list", "tools")
@@ -693,7 +693,7 @@ class SimWorker:
     async def _completions(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:
             req = _completion_decoder.decode(request.body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         n = _validate_sampling(req, req.max_tokens)
         model = self._check_model(req.model)
@@ -1295,7 +1295,7 @@ class SimWorker:
             self.stats.kv_fetch_failures += 1
             try:
                 detail = msgspec.json.decode(body)["error"]["message"]
-            except (msgspec.DecodeError, KeyError, TypeError):
+            except (msgspec.DecodeError, KeyError, TypeError, UnicodeDecodeError):
                 detail = body[:200].decode("utf-8", "replace")
             raise ApiError(
                 500, f"KV transfer for {what} failed: {where} answered {resp.status}: {detail}"
@@ -1473,7 +1473,7 @@ class SimWorker:
     async def _tokenize(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:
             req = _tokenize_decoder.decode(request.body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         self._check_model(req.model)
         tok = self.engine.tokenizer
@@ -1497,7 +1497,7 @@ class SimWorker:
     async def _detokenize(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:
             req = _detokenize_decoder.decode(request.body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
         self._check_model(req.model)
         tok = self.engine.tokenizer
@@ -1559,7 +1559,7 @@ class SimWorker:
         if request.method == "POST":
             try:
                 patch = msgspec.json.decode(request.body) if request.body else {}
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise _bad(str(exc)) from None
             if not isinstance(patch, dict):
                 raise _bad("the body must be a JSON object of fault settings")

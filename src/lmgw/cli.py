@@ -173,7 +173,7 @@ def admin_call(
         conn.close()
     try:
         payload = msgspec.json.decode(raw) if raw else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         payload = None
     if resp.status >= 400:
         err = payload.get("error") if isinstance(payload, dict) else None

@@ -39,6 +39,8 @@ __all__ = [
     "ROLE_NAMES",
     "SERVER_KINDS",
     "AdminConfig",
+    "ApiKeyConfig",
+    "AuthConfig",
     "ConfigError",
     "DashboardConfig",
     "Flow",
@@ -330,8 +332,46 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     queue_size: int = 100
     # Longest wait in that queue before a 429; 60 s as in sgl-router.
     queue_timeout_s: float = 60.0
+    # A response write that makes no progress for this long (a client that stopped reading)
+    # drops the connection, so it cannot hold a worker's generation until the deadline.
+    write_timeout_s: float = 60.0
+    # Open connections from one client address; 0 = no cap. Off by default: behind a load
+    # balancer or proxy every client shares its address.
+    max_connections_per_client: int = 0
+    # Nesting of a JSON body (arrays and objects); deeper gets 400. 64 is far above real
+    # requests (OpenAI's structured outputs allow 10 levels) and far below the ~1000 at which
+    # Python's own recursion limit would turn a body into an internal error. 0: not checked
+    # (saves a pass over the body, ~0.5 ns/byte; ~1000 levels are still refused).
+    max_json_depth: int = 64
+    # Chat messages in one request (400 above). Long agent traces stay far below it.
+    max_messages: int = 4096
+    # Content parts (text, image, audio, ...) over all messages of one request.
+    max_content_parts: int = 8192
+    # Cap on max_tokens / max_completion_tokens / max_new_tokens; 0 = none (a model with a
+    # tokenizer has its context checked, else the worker refuses what cannot fit).
+    max_output_tokens: int = 0
+    # Choices per request (`n`): each is a full generation. 128 is OpenAI's own cap.
+    max_n: int = 128
+    # Completions' `best_of` (sequences generated server-side); 20 is OpenAI's cap.
+    max_best_of: int = 20
+    # Stop sequences (`stop`, strings) per request; OpenAI allows 4, engines check each one
+    # against every new token.
+    max_stop_sequences: int = 16
+    # `logit_bias` entries per request; 300 is OpenAI's cap.
+    max_logit_bias: int = 300
 
     def __post_init__(self) -> None:
+        _positive("write_timeout_s", self.write_timeout_s)
+        _at_least("max_connections_per_client", self.max_connections_per_client, 0)
+        if not 0 <= self.max_json_depth <= 512:
+            raise ConfigError(
+                f"must be 0..512 (Python's recursion limit bounds it), got {self.max_json_depth!r}",
+                path="max_json_depth",
+            )
+        for key in ("max_messages", "max_content_parts", "max_n", "max_best_of"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("max_output_tokens", "max_stop_sequences", "max_logit_bias"):
+            _at_least(key, getattr(self, key), 0)
         _at_least("max_concurrent_requests", self.max_concurrent_requests, 0)
         _at_least("max_in_flight_per_worker", self.max_in_flight_per_worker, 0)
         _at_least("queue_size", self.queue_size, 0)
@@ -719,6 +759,97 @@ class ToolLoopConfig(msgspec.Struct, **_STRUCT_OPTS):
                 raise ConfigError(f"{name!r} is not a tool name", path=f"tools[{i}]")
 
 
+class ApiKeyConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """One client API key (``[[auth.keys]]`` or a ``[[keys]]`` table of ``auth.keys_file``)."""
+
+    # The key clients send as `Authorization: Bearer <key>`, or its `sha256:<hex>` digest
+    # (then the file holds no secret). Stored as the digest only, here and in memory.
+    key: str
+    # A label for logs, metrics and error messages; default `key-` + 8 hex of the digest.
+    name: str | None = None
+    # Models (names or aliases) the key may use; empty: all.
+    models: list[str] = []
+    # Requests per second (token bucket); unset: `auth.requests_per_s`; 0 = unlimited.
+    requests_per_s: float | None = None
+    # Requests the bucket allows at once after a pause; unset: one second's worth.
+    burst: int | None = None
+    # Requests of this key in progress at once; unset: `auth.max_concurrent`; 0 = unlimited.
+    max_concurrent: int | None = None
+    # Prompt + completion tokens per minute, charged at each request's end; unset:
+    # `auth.tokens_per_min`; 0 = unlimited.
+    tokens_per_min: int | None = None
+
+    def __post_init__(self) -> None:
+        from .auth import check_key_name, hash_key
+
+        try:
+            _set(self, "key", hash_key(self.key))
+        except ValueError as e:
+            raise ConfigError(str(e), path="key") from None
+        if self.name is not None:
+            try:
+                check_key_name(self.name)
+            except ValueError as e:
+                raise ConfigError(str(e), path="name") from None
+        for i, model in enumerate(self.models):
+            _non_empty(f"models[{i}]", model)
+        if self.requests_per_s is not None:
+            _non_negative("requests_per_s", self.requests_per_s)
+        for key in ("burst", "max_concurrent", "tokens_per_min"):
+            value = getattr(self, key)
+            if value is not None:
+                _at_least(key, value, 0)
+
+
+class AuthConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Client API keys for the OpenAI API (docs/security.md). The admin API has its own token."""
+
+    # Serve the API without keys (anyone who can reach the port may use it); a warning is
+    # logged at start. Without keys and without this, the gateway only starts on a loopback
+    # address (a warning says it is open to local clients); elsewhere it refuses to start.
+    open: bool = False
+    # A file of keys: one per line, `KEY [MODEL,MODEL...]` (`#` comments), or, for a `.toml`
+    # file, `[[keys]]` tables shaped like `auth.keys`. Re-read when it changes.
+    keys_file: str | None = None
+    # Keys in the config itself (prefer the file, or LMGW_API_KEYS: `KEY [MODELS]; KEY ...`).
+    keys: list[ApiKeyConfig] = []
+    # Limits of keys that do not set their own; 0 = unlimited.
+    requests_per_s: float = 0.0
+    max_concurrent: int = 0
+    tokens_per_min: int = 0
+    # Paths answered without a key: health probes, Prometheus and the API description.
+    open_paths: list[str] = msgspec.field(
+        default_factory=lambda: ["/health", "/metrics", "/openapi.json"]
+    )
+    # How often `keys_file` is checked for changes (a stat per check).
+    reload_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.keys_file is not None:
+            _non_empty("keys_file", self.keys_file)
+        if self.open and (self.keys or self.keys_file):
+            raise ConfigError(
+                "`open = true` with API keys configured: remove one of them", path="open"
+            )
+        _non_negative("requests_per_s", self.requests_per_s)
+        _at_least("max_concurrent", self.max_concurrent, 0)
+        _at_least("tokens_per_min", self.tokens_per_min, 0)
+        _positive("reload_interval_s", self.reload_interval_s)
+        for i, path in enumerate(self.open_paths):
+            if not path.startswith("/"):
+                raise ConfigError(f"must start with '/', got {path!r}", path=f"open_paths[{i}]")
+        seen: dict[str, int] = {}
+        for i, k in enumerate(self.keys):
+            if k.key in seen:
+                raise ConfigError(f"the same key as `keys[{seen[k.key]}]`", path=f"keys[{i}].key")
+            seen[k.key] = i
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether keys are configured (a keys file counts, whatever it holds)."""
+        return bool(self.keys) or self.keys_file is not None
+
+
 class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     """A model the gateway serves, and how its requests flow through the worker roles."""
 
@@ -1032,6 +1163,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     # The admin API's token (docs/operations.md, "Admin API").
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    # Client API keys and their limits (docs/security.md).
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
     native: NativeConfig = msgspec.field(default_factory=NativeConfig)
     # Tools the gateway runs itself: entry points, MCP servers, the tool loop's keep-alives.
@@ -1092,6 +1225,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "tracing": TracingConfig,
     "dashboard": DashboardConfig,
     "admin": AdminConfig,
+    "auth": AuthConfig,
     "discovery": DiscoveryConfig,
     "native": NativeConfig,
     "tools": ToolsConfig,
@@ -1336,7 +1470,31 @@ def loads_config(text: str, *, source: str | None = None) -> GatewayConfig:
     return _convert(_parse_toml(text, source or "in TOML text"), source=source)
 
 
+#: client API keys from the environment: `KEY [MODEL,...]` entries separated by ';' or newlines
+API_KEYS_ENV = "LMGW_API_KEYS"
+
+
+def _env_api_keys(layers: _Layers, text: str) -> None:
+    from .auth import parse_key_lines
+
+    origin = f"from environment variable `{API_KEYS_ENV}`"
+    try:
+        entries = parse_key_lines(text, separators="\n;")
+    except ValueError as e:
+        raise ConfigError(str(e), source=origin) from None
+    auth = layers.section("auth")
+    keys = auth.setdefault("keys", [])
+    if not isinstance(keys, list):
+        raise ConfigError("expected an array of tables", path="auth.keys", source=layers.source)
+    start = len(keys)
+    keys.extend(entries)
+    for i in range(start, len(keys)):
+        layers.origins[f"auth.keys[{i}]"] = origin
+
+
 def _env_overrides(layers: _Layers, env: Mapping[str, str]) -> None:
+    if env.get(API_KEYS_ENV, "").strip():
+        _env_api_keys(layers, env[API_KEYS_ENV])
     for name in sorted(env):
         if not name.startswith("LMGW_"):
             continue
@@ -1547,6 +1705,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         " (discovery.redis_url)",
     )
     g.add_argument(
+        "--api-keys-file",
+        default=None,
+        metavar="PATH",
+        help="client API keys, one `KEY [MODEL,...]` per line or [[keys]] in a .toml file"
+        " (auth.keys_file); also $LMGW_API_KEYS",
+    )
+    g.add_argument(
+        "--open",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve the API without API keys, to anyone who can reach it (auth.open)",
+    )
+    g.add_argument(
         "--admin-token",
         default=None,
         metavar="TOKEN",
@@ -1554,8 +1726,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Keys whose values must not appear in messages or in a redacted dump.
-_SECRET_KEYS = frozenset({"api_key", "token", "redis_url"})  # a redis URL may hold a password
+# Keys whose values must not appear in messages or in a redacted dump: a redis URL may hold a
+# password; `key` is auth.keys[].key (kept hashed, and redacted all the same).
+_SECRET_KEYS = frozenset({"api_key", "token", "redis_url", "key"})
 # Tables whose values may be secrets (tools.mcp[].headers: tokens; .env: credentials).
 _SECRET_TABLES = frozenset({"headers", "env"})
 
@@ -1578,6 +1751,8 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("discovery_file", "discovery", "file", "--discovery-file"),
     ("redis_url", "discovery", "redis_url", "--redis-url"),
     ("admin_token", "admin", "token", "--admin-token"),
+    ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
+    ("open", "auth", "open", "--open"),
 )
 
 

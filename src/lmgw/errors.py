@@ -60,13 +60,29 @@ _encode = msgspec.json.encode
 
 
 def error_body(
-    status: int, message: str, *, param: str | None = None, type: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    type: str | None = None,
+    code: str | int | None = None,
 ) -> bytes:
-    """The JSON body for an error response (also used as an SSE ``data:`` payload)."""
+    """The JSON body for an error response (also used as an SSE ``data:`` payload). ``code``
+    defaults to the status (vLLM's habit); auth errors pass OpenAI's strings
+    (``invalid_api_key``, ``rate_limit_exceeded``)."""
     etype = type or ERROR_TYPES.get(
         status, "InternalServerError" if status >= 500 else "BadRequestError"
     )
-    return _encode({"error": {"message": message, "type": etype, "param": param, "code": status}})
+    return _encode(
+        {
+            "error": {
+                "message": message,
+                "type": etype,
+                "param": param,
+                "code": status if code is None else code,
+            }
+        }
+    )
 
 
 def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
@@ -76,7 +92,7 @@ def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
     message, etype, param = "", None, None
     try:
         obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         obj = None
     if isinstance(obj, dict):
         err = obj.get("error", obj)

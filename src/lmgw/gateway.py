@@ -9,6 +9,7 @@ and the server is listening; cancelling the nursery stops everything (no task ou
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import msgspec
 import trio
 
 from .api.app import App
+from .api.keys import ApiKeys, AuthMetrics, Guarded
 from .api.text import TextAPI
 from .config import ROLES, ConfigError, GatewayConfig, WorkerConfig, is_native_url
 from .dashboard import Dashboard
@@ -44,6 +46,17 @@ if TYPE_CHECKING:
     from .workers.parity import ParityChecker
 
 log = logging.getLogger("lmgw")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address only accepts local clients (``localhost``, 127/8, ``::1``)."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def server_limits(cfg: GatewayConfig) -> ServerLimits:
@@ -159,12 +172,23 @@ class Gateway:
                         "the gateway has no tools to run (register some, or add [[tools.mcp]])",
                         path=f"models[{i}].tool_loop",
                     )
+        # client API keys (auth.*): None when none are configured (the API is then open)
+        self.keys = ApiKeys.from_config(config.auth, AuthMetrics(self.metrics))
+        if self.keys is None and not config.auth.open and not is_loopback_host(config.server.host):
+            raise ConfigError(
+                f"no API keys configured and server.host {config.server.host!r} is not a"
+                " loopback address: give keys (auth.keys_file / --api-keys-file,"
+                " LMGW_API_KEYS) or serve the API open on purpose (auth.open = true / --open)",
+                path="auth",
+            )
         self.app = App(self)
         TextAPI(self).install(self.app)
         self.dashboard: Dashboard | None = None
         if config.dashboard.enabled:
             self.dashboard = Dashboard(self)
             self.dashboard.install(self.app)
+        #: what the servers run: the App, behind the key check when keys are configured
+        self.handler = Guarded(self.app, self.keys) if self.keys is not None else self.app
         self.server: HTTPServer | None = None
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
@@ -362,12 +386,18 @@ class Gateway:
                         self.native_endpoint = await nursery.start(
                             run_native_discovery, self, cfg.discovery.native_bind
                         )
+                    if self.keys is not None and cfg.auth.keys_file is not None:
+                        await nursery.start(self.keys.watch)
+                    if serve:
+                        self._warn_if_open()
                     if not serve:
                         self._server_done.set()  # shutdown() has no server to wait for
                     elif cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn)
                     else:
-                        self.server = HTTPServer(self.app, server_limits(cfg), self.app.on_timeout)
+                        self.server = HTTPServer(
+                            self.handler, server_limits(cfg), self.app.on_timeout
+                        )
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port
                         )
@@ -391,10 +421,27 @@ class Gateway:
 
         try:
             await serve_hypercorn(
-                self.app, self.config, self._hypercorn_stop, task_status=task_status
+                self.handler, self.config, self._hypercorn_stop, task_status=task_status
             )
         finally:
             self._server_done.set()
+
+    def _warn_if_open(self) -> None:
+        cfg = self.config
+        if self.keys is not None:
+            log.info("API keys: %d configured", len(self.keys))
+        elif cfg.auth.open:
+            log.warning(
+                "auth.open: the API on %s:%s is open to anyone who can reach it (no API keys)",
+                cfg.server.host,
+                cfg.server.port,
+            )
+        else:
+            log.warning(
+                "no API keys configured: the API is open to every local client of %s; set"
+                " auth.keys_file or LMGW_API_KEYS (or auth.open = true to say it is meant)",
+                cfg.server.host,
+            )
 
     async def shutdown(self) -> None:
         """Graceful stop: refuse new connections, finish requests in flight, then cancel."""

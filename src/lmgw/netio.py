@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 import trio
 from trio.lowlevel import (
@@ -33,7 +34,7 @@ _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, Timeou
 class RawStream:
     """A connected TCP socket. One task may send and one may receive at a time."""
 
-    __slots__ = ("_fast", "closed", "socket")
+    __slots__ = ("_fast", "closed", "socket", "stalled_since")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -42,6 +43,10 @@ class RawStream:
         self.socket = sock
         self.closed = False
         self._fast = 0
+        #: perf_counter time since which a send has been waiting for the peer to read (0.0:
+        #: none is): the HTTP server's watchdog drops clients that stop reading
+        #: (limits.write_timeout_s). Set only on the slow path, after an EAGAIN.
+        self.stalled_since = 0.0
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> RawStream:
@@ -109,18 +114,22 @@ class RawStream:
                 self._fast = fast
             return
         view = memoryview(data)[sent:]
-        with view:
-            while view:
-                await wait_writable(sock)
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    continue
-                except _BROKEN as exc:
-                    raise trio.BrokenResourceError(str(exc)) from None
-                except OSError as exc:
-                    raise self._translate(exc) from None
-                view = view[sent:]
+        try:
+            with view:
+                while view:
+                    self.stalled_since = time.perf_counter()
+                    await wait_writable(sock)
+                    try:
+                        sent = sock.send(view)
+                    except BlockingIOError:
+                        continue
+                    except _BROKEN as exc:
+                        raise trio.BrokenResourceError(str(exc)) from None
+                    except OSError as exc:
+                        raise self._translate(exc) from None
+                    view = view[sent:]
+        finally:
+            self.stalled_since = 0.0
 
     def _translate(self, exc: OSError) -> Exception:
         if self.closed or exc.errno == errno.EBADF:

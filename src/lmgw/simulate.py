@@ -28,6 +28,7 @@ import trio
 from .cli import run_until_signal
 from .config import (
     NATIVE_DIALECT,
+    AuthConfig,
     GatewayConfig,
     LimitsConfig,
     ModelConfig,
@@ -78,6 +79,8 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
+        # a simulation serves its API without keys on purpose, wherever it listens (logged)
+        auth=AuthConfig(open=True),
         routing=RoutingConfig(**routing),
         models=[ModelConfig(**model)],  # type: ignore[arg-type]
         workers=workers,

@@ -32,6 +32,7 @@ from ..config import WorkerConfig
 from ..errors import GatewayError, error_body
 from ..http.types import Request, Responder
 from ..workers.worker import Worker, WorkerState
+from .limits import check_json_depth
 
 PREFIX = "/admin/workers"
 _JSON = (b"content-type", b"application/json")
@@ -145,9 +146,10 @@ class AdminAPI:
         return [self._describe(w) for w in self.gw.registry]
 
     def _add(self, body: bytes) -> tuple[int, dict]:
+        check_json_depth(body, self.gw.config.limits.max_json_depth)
         try:
             obj = msgspec.json.decode(body) if body else None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise GatewayError(

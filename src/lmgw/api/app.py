@@ -12,6 +12,7 @@ from ..http.types import Request, Responder
 from .admin import PREFIX as ADMIN_WORKERS
 from .admin import AdminAPI
 from .openai import OpenAIAPI, send_error
+from .openapi import openapi_json
 from .ops import OpsAPI
 
 Endpoint = Callable[[Request, Responder], Awaitable[None]]
@@ -79,6 +80,7 @@ class App:
             "/v1/models": {"GET": self.openai.models},
             "/health": {"GET": self.ops.health},
             "/metrics": {"GET": self.ops.metrics},
+            "/openapi.json": {"GET": openapi_json},
             # /admin/workers/{id}[/drain|/undrain] are matched by prefix in __call__
             ADMIN_WORKERS: {"GET": self.admin.workers, "POST": self.admin.workers},
         }

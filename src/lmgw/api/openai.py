@@ -20,10 +20,12 @@ import trio
 
 from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
-from ..errors import GatewayError, error_body, sse_error_event
+from ..errors import GatewayError, sse_error_event
 from ..http.types import Request, Responder
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
+from .keys import UsageMeter
+from .limits import RequestLimits
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -43,6 +45,19 @@ class _Common(msgspec.Struct):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
+    # bounded by limits.* (decoded only when present)
+    best_of: PosInt | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class _Sampling(msgspec.Struct):
+    """The fields of SGLang's ``sampling_params`` that limits.* bound."""
+
+    max_new_tokens: NonNegInt | None = None
+    n: PosInt | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class ChatView(_Common):
@@ -69,6 +84,8 @@ class GenerateView(msgspec.Struct):
     text: str | list | None = None
     input_ids: list | None = None
     input_embeds: list | None = None
+    # one table, or one per prompt of a batch
+    sampling_params: _Sampling | list[_Sampling] | None = None
 
 
 _decoders = {
@@ -86,10 +103,17 @@ _PARAM_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
 
-def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView | GenerateView:
-    """Validate the fields the gateway relies on; a 400 names the offending parameter."""
+_NO_LIMITS = RequestLimits()
+
+
+def decode_view(
+    endpoint: str, body: bytes, limits: RequestLimits = _NO_LIMITS
+) -> ChatView | CompletionView | GenerateView:
+    """Validate the fields the gateway relies on, and the bounds of ``limits.*``; a 400 names
+    the offending parameter."""
     if not body:
         raise GatewayError(400, "request body is empty; expected a JSON object")
+    brackets = limits.check_body(body)
     try:
         view = _decoders[endpoint].decode(body)
     except msgspec.ValidationError as exc:
@@ -98,7 +122,7 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView | Gener
         raise GatewayError(
             400, f"invalid request: {msg}", param=m.group(1) if m else None
         ) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if view.stream_options is not None and not view.stream:
         raise GatewayError(
@@ -107,11 +131,33 @@ def decode_view(endpoint: str, body: bytes) -> ChatView | CompletionView | Gener
     if isinstance(view, ChatView):
         if not view.messages:
             raise GatewayError(400, "messages must be a non-empty list", param="messages")
+        limits.check_chat(body, len(view.messages), brackets)
+        if view.max_completion_tokens is not None:
+            limits.check_sampling(
+                max_tokens=view.max_completion_tokens, max_tokens_param="max_completion_tokens"
+            )
     elif isinstance(view, GenerateView):
         if view.text is None and view.input_ids is None and view.input_embeds is None:
             raise GatewayError(400, "one of text, input_ids or input_embeds is required")
+        params = view.sampling_params
+        for p in params if isinstance(params, list) else () if params is None else (params,):
+            limits.check_sampling(
+                max_tokens=p.max_new_tokens,
+                max_tokens_param="max_new_tokens",
+                n=p.n,
+                stop=p.stop,
+                logit_bias=p.logit_bias,
+            )
+        return view
     elif view.prompt is None:
         raise GatewayError(400, "prompt is required", param="prompt")
+    limits.check_sampling(
+        max_tokens=view.max_tokens,
+        n=view.n,
+        best_of=view.best_of,
+        stop=view.stop,
+        logit_bias=view.logit_bias,
+    )
     return view
 
 
@@ -132,7 +178,7 @@ class _Body:
         if self._obj is None:
             try:
                 obj = msgspec.json.decode(self.raw)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "request body must be a JSON object")
@@ -162,12 +208,17 @@ class OpenAIAPI:
             if gateway.config.upstream.api_key
             else None
         )
+        # With gateway API keys the client's Authorization is the gateway's secret: never
+        # forwarded to workers. Without them it is passed on (a vLLM started with --api-key).
+        self.forward_client_auth = not gateway.config.auth.has_keys
         self._rid_prefix = gateway.request_id_prefix
         self._rid_counter = 0
         self._models: dict[str, str] = {}
         self._models_generation = -1
         self.media_limits = gateway.config.media
         self._media_cpu: trio.CapacityLimiter | None = None
+        #: the per-request bounds of limits.* (depth, messages, parts, n, stop, ...)
+        self.request_limits = RequestLimits.from_config(gateway.config.limits)
         self._media_ssl = None
         #: the gateway-side tool loop (lmgw.tools.loop.ToolLoop) when the gateway has tools
         self.tool_loop = gateway.tool_loop
@@ -193,7 +244,8 @@ class OpenAIAPI:
                     if text.isprintable() and text:
                         rid = text
             elif k == b"authorization":
-                client_auth = v
+                if self.forward_client_auth:
+                    client_auth = v
             elif k in _FORWARDED:
                 (trace := trace or []).append((k, v))
         if rid is None:
@@ -245,9 +297,15 @@ class OpenAIAPI:
         model = "-"
         status = 200
         trace = None if self.tracing is None else self.tracing.request(req, endpoint, rid)
+        key = req.principal
+        meter = None
         try:
-            view = decode_view(endpoint, req.body)
+            view = decode_view(endpoint, req.body, self.request_limits)
             model = self._resolve_model(view.model)
+            if key is not None:  # API keys: the model allow-list (403), the usage meter
+                self.gw.keys.check_model(key, model, view.model)
+                if key.tpm:
+                    responder = meter = UsageMeter(responder)
             body = _Body(req.body)
             if model != view.model and view.model is not None:
                 body.obj["model"] = model  # an alias: workers know the canonical name
@@ -328,6 +386,8 @@ class OpenAIAPI:
                 self.metrics.disconnects.inc((endpoint,))
             raise
         finally:
+            if meter is not None:
+                meter.charge(key, len(req.body))
             flow = self.gw.flow_of(model) if model != "-" else "-"
             self.metrics.requests.inc((endpoint, model, flow, str(status)))
             elapsed = _now() - t0
@@ -482,6 +542,19 @@ class OpenAIAPI:
         else:
             await send_error(responder, GatewayError(504, msg), req.request_id)
 
+    def _visible_models(self, req: Request) -> set[str]:
+        """The served models, less those the request's API key may not use."""
+        names = self.gw.served_models()
+        key = req.principal
+        if key is not None and key.models is not None:
+            aliases = self.gw.model_aliases
+            names = {
+                n
+                for n in names
+                if n in key.models or any(a in key.models for a, m in aliases.items() if m == n)
+            }
+        return names
+
     async def models(self, req: Request, responder: Responder) -> None:
         created = int(self.gw.started_at)
         data = [
@@ -493,7 +566,7 @@ class OpenAIAPI:
                 "root": name,
                 "parent": None,
             }
-            for name in sorted(self.gw.served_models())
+            for name in sorted(self._visible_models(req))
         ]
         await responder.send_full(
             200,
@@ -502,7 +575,7 @@ class OpenAIAPI:
         )
 
     async def model(self, req: Request, responder: Responder, name: str) -> None:
-        if name not in self.gw.served_models():
+        if name not in self._visible_models(req):
             await send_error(
                 responder, GatewayError(404, f"The model `{name}` does not exist.", param="model")
             )
@@ -526,6 +599,4 @@ async def send_error(
     headers = [(b"content-type", b"application/json")]
     if request_id:
         headers.append((b"x-request-id", request_id.encode()))
-    await responder.send_full(
-        exc.status, headers, error_body(exc.status, exc.message, param=exc.param, type=exc.type)
-    )
+    await responder.send_full(exc.status, headers, exc.body())

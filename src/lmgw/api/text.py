@@ -41,14 +41,18 @@ class TextAPI:
 
     async def _handle(self, req: Request, responder: Responder, path: str) -> None:
         try:
+            self.gw.app.openai.request_limits.check_body(req.body)  # limits.max_json_depth
             try:
                 obj = msgspec.json.decode(req.body)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "request body must be a JSON object")
             model = obj.get("model")
-            name = self.gw.app.openai._resolve_model(model if isinstance(model, str) else None)
+            asked = model if isinstance(model, str) else None
+            name = self.gw.app.openai._resolve_model(asked)
+            if req.principal is not None:  # API keys: the model allow-list
+                self.gw.keys.check_model(req.principal, name, asked)
             text = self.gw.texts.get(name)
             if text is None:
                 await self._relay(name, path, req, responder)

@@ -95,6 +95,10 @@ class ServerLimits:
     #: whole-request deadline (0: none). Enforced by the watchdog, not by a cancel scope per
     #: request: a trio CancelScope costs ~4-6 us to enter and leave, a fifth of a request here.
     request_timeout_s: float = 0.0
+    #: a response write waiting this long for the client to read drops the connection (0: never)
+    write_timeout_s: float = 60.0
+    #: open connections per client address (0: no cap); over it: 429 and close
+    max_connections_per_client: int = 0
 
 
 class _Responder:
@@ -265,6 +269,8 @@ class HTTPServer:
         #: connections handed to ``on_upgrade`` (closed by drain: they never finish alone)
         self._upgraded: set[_Conn] = set()
         self._busy: set[_Conn] = set()
+        #: client address -> open connections (kept only with max_connections_per_client)
+        self._per_client: dict[str, int] = {}
         self._listeners: list[trio.SocketListener] = []
         self._idle_event = trio.Event()
 
@@ -340,7 +346,17 @@ class HTTPServer:
             now = _now()
             arm_before = now - lim.watch_after_s
             deadline_before = now - lim.request_timeout_s if lim.request_timeout_s else -math.inf
+            stalled_before = now - lim.write_timeout_s if lim.write_timeout_s else -math.inf
             for c in self._busy:
+                stalled = c.stream.stalled_since
+                if stalled and stalled <= stalled_before and c.scope is not None:
+                    # the client stopped reading the answer: drop it (the handler's cancel
+                    # closes the worker's connection too)
+                    log.info(
+                        "client %s stopped reading for %gs: closed", c.client, lim.write_timeout_s
+                    )
+                    c.scope.cancel()
+                    continue
                 if (
                     c.phase_since <= deadline_before
                     and c.scope is not None
@@ -410,11 +426,28 @@ class HTTPServer:
         except OSError:
             client = ""
         c = _Conn(stream, client)
+        counted = ""
         try:
             if len(self._conns) >= lim.max_connections:
                 with trio.move_on_after(1):
                     await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
+            if lim.max_connections_per_client:
+                address = client.rpartition(":")[0]
+                open_now = self._per_client.get(address, 0)
+                if open_now >= lim.max_connections_per_client:
+                    with trio.move_on_after(1):
+                        await self._send_error(
+                            stream,
+                            ProtocolError(
+                                429,
+                                f"too many connections from this address (at most"
+                                f" {lim.max_connections_per_client})",
+                            ),
+                        )
+                    return
+                self._per_client[address] = open_now + 1
+                counted = address
             self._conns.add(c)
             with trio.CancelScope() as c.scope:
                 await self._serve_connection(c)
@@ -431,6 +464,12 @@ class HTTPServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            if counted:
+                left = self._per_client[counted] - 1
+                if left:
+                    self._per_client[counted] = left
+                else:
+                    del self._per_client[counted]
             c.scope = None
             self._busy.discard(c)
             self._conns.discard(c)

@@ -26,6 +26,7 @@ class Request:
         "keep_alive",
         "method",
         "path",
+        "principal",
         "query",
         "request_id",
     )
@@ -53,6 +54,9 @@ class Request:
         self.request_id: str | None = None
         #: set by the server before it cancels a handler that ran past the request deadline
         self.deadline_exceeded = False
+        #: the client's API key entry (``lmgw.auth.KeyEntry``) once the key check passed;
+        #: None when no keys are configured
+        self.principal = None
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header ``name`` (lower-case bytes), or None. Linear: headers are few."""

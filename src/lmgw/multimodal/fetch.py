@@ -10,7 +10,8 @@ The policy (see docs/multimodal.md):
   IPv6 pointing at one of those, a cloud metadata address), the URL is refused unless that
   address is inside ``allowed_networks``; metadata addresses need an exact /32 or /128 entry;
 * the connection goes to a vetted address itself, so a second DNS answer cannot swap in an
-  internal one (DNS rebinding); https checks the certificate against the host name (SNI);
+  internal one (DNS rebinding), and the address it actually reached (the socket's peer) is
+  vetted again before a byte is sent; https checks the certificate against the host name (SNI);
 * every redirect hop is parsed and vetted again; at most ``max_redirects`` hops;
 * the body stops being read as soon as it passes ``max_item_bytes`` (a declared
   Content-Length above it is refused before reading); one deadline covers the whole fetch.
@@ -58,6 +59,13 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: IPv6 forms that carry an IPv4 address but are never a route to the public Internet:
+#: IPv4-compatible (deprecated, ::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d, SIIT) and
+#: local-use NAT64 (64:ff9b:1::/48, RFC 8215, a site's own translator). Python's is_global
+#: calls some of them public; a translator on the path could reach internal IPv4 through them.
+_EMBEDDING_NOT_PUBLIC = tuple(
+    ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48")
+)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_HEAD = 64 * 1024
 _READ = 65536
@@ -192,7 +200,7 @@ class AddressPolicy:
         if ip.is_multicast or ip.is_unspecified or not ip.is_global:
             return "a non-public address"
         if ip.version == 6:
-            if ip.is_site_local:
+            if ip.is_site_local or any(ip in net for net in _EMBEDDING_NOT_PUBLIC):
                 return "a non-public address"
             embedded = _embedded_ipv4(ip)
             if embedded is not None:
@@ -317,12 +325,26 @@ async def _vetted_addresses(t: _Target, limits: MediaLimits, resolver: Resolver)
     return addrs
 
 
-async def _connect(t: _Target, addrs: Resolved) -> trio.SocketStream:
+def check_peer(sock: socket.socket | trio.socket.SocketType, policy: AddressPolicy) -> None:
+    """Vet the address the socket is actually connected to (its peer), not the name or the
+    answer it was resolved to: the last word against DNS rebinding, and against anything
+    between the resolver and the connect (a stale answer, a changed route)."""
+    try:
+        ip = ipaddress.ip_address(sock.getpeername()[0])
+    except (OSError, ValueError):
+        raise _err("cannot tell which address the connection reached", "fetch_failed") from None
+    why = policy.refusal(ip)
+    if why is not None:
+        raise _err(f"refusing to fetch: the connection reached {why}", "blocked_address")
+
+
+async def _connect(t: _Target, addrs: Resolved, policy: AddressPolicy) -> trio.SocketStream:
     last: OSError | None = None
     for family, sockaddr in addrs:
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             await sock.connect(sockaddr)
+            check_peer(sock, policy)
         except OSError as exc:
             sock.close()
             last = exc
@@ -407,7 +429,7 @@ async def _fetch(
     for _hop in range(limits.max_redirects + 1):
         t = _parse_http_url(url, limits)
         addrs = await _vetted_addresses(t, limits, resolver)
-        stream: trio.abc.Stream = await _connect(t, addrs)
+        stream: trio.abc.Stream = await _connect(t, addrs, address_policy(limits))
         try:
             if t.scheme == "https":
                 ctx = ssl_context or default_ssl_context()

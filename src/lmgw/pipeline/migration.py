@@ -53,7 +53,7 @@ def _events(data: bytes) -> list[Any]:
                 if payload and payload != b"[DONE]":
                     try:
                         out.append(_decode(payload))
-                    except msgspec.DecodeError:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                         pass
     return out
 
@@ -186,7 +186,7 @@ class Splice:
             return block
         try:
             ev = _decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return block
         if not isinstance(ev, dict):
             return block

@@ -279,7 +279,7 @@ class Pipeline:
         progress = migration.progress_of(journal or [], endpoint)
         try:
             obj = msgspec.json.decode(greq.body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             obj = None
         for _ in range(self.migrations):
             body, reason = migration.next_leg(endpoint, obj, progress)

@@ -214,7 +214,10 @@ def error_from_response(
     is), else whatever text the server sent (:func:`lmgw.errors.parse_error_body`)."""
     try:
         fields = _decode_error(body).error
-    except msgspec.DecodeError:  # not the OpenAI shape: SGLang's {"error": "..."}, plain text
+    except (
+        msgspec.DecodeError,
+        UnicodeDecodeError,
+    ):  # not the OpenAI shape: SGLang's {"error": "..."}, plain text
         message, etype, param = parse_error_body(body)
         fields = _ErrorFields(message, etype, param)
     return error_from_payload(status, fields, headers)

@@ -195,7 +195,7 @@ def decode_result(
         raise error_from_response(status, body, headers)
     try:
         result = _RESULT_DECODERS[kind].decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise APIError(status, f"unexpected {kind} answer: {exc}: {body[:200]!r}") from None
     return result.data if kind == "models" else result
 
@@ -317,7 +317,7 @@ class SSEDecoder:
     def _chunk(self, payload: bytes, out: list[StreamEvent]) -> None:
         try:
             chunk = _decode_chunk(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             self.error = APIError(502, f"undecodable stream event: {exc}: {payload[:200]!r}")
             return
         if chunk.error is not None:

@@ -103,7 +103,7 @@ class ModelText:
             return body
         try:
             obj = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return body
         if not isinstance(obj, dict) or obj.get("usage") is not None:
             return body

@@ -65,7 +65,7 @@ class OutputRewriter:
             return [block]
         try:
             ev = _decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return [block]
         choices = ev.get("choices") if isinstance(ev, dict) else None
         if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
@@ -111,7 +111,7 @@ class OutputRewriter:
     def body(self, data: bytes) -> bytes:
         try:
             obj = _decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return data
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list):

@@ -123,7 +123,7 @@ class HealthMonitor:
             return
         try:
             models = frozenset(m.id for m in _decode_models(body).data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             log.warning(
                 "worker %s: /v1/models answered something that is not a model list", worker.id
             )

@@ -120,7 +120,7 @@ class P2pTable:
             raise ValueError(f"expected [identity, payload], got {len(frames)} frames")
         try:
             ping = _decode_ping(frames[1])
-        except (msgspec.DecodeError, TypeError, RecursionError) as exc:
+        except (msgspec.DecodeError, TypeError, RecursionError, UnicodeDecodeError) as exc:
             raise ValueError(f"not a ping: {exc}") from None
         role = ping.type.lower()
         if role not in ("p", "d"):

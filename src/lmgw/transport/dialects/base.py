@@ -100,7 +100,7 @@ class ClientBody:
         if obj is None:
             try:
                 obj = _decode(self.raw)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise BodyError(f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise BodyError("request body must be a JSON object")

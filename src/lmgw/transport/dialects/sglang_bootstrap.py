@@ -98,7 +98,7 @@ def _last_event_logprobs(body: bytes) -> Any:
             if data and data != b"[DONE]":
                 try:
                     found = _logprobs_of(_decode(data)) or found
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, UnicodeDecodeError):
                     continue
     return found
 
@@ -164,7 +164,7 @@ class SglangBootstrap(Dialect):
         else:
             try:
                 obj = _decode(body)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 raise StageError("prefill", status, "answer is not JSON") from None
             batched = isinstance(obj, list)
             logprobs = [_logprobs_of(o) for o in obj] if batched else _logprobs_of(obj)
@@ -188,7 +188,7 @@ class SglangBootstrap(Dialect):
             return body
         try:
             obj = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return body
         items = obj if isinstance(obj, list) else [obj]
         changed = False
@@ -211,7 +211,7 @@ class SglangBootstrap(Dialect):
                 continue
             try:
                 obj = _decode(data)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
             if _prepend(obj, self._for(boot, obj, 0)):
                 parts[k] = b"data: " + _encode(obj)

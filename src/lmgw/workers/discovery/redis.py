@@ -92,7 +92,7 @@ def parse_entries(
                 raise ConfigError("empty worker id in the key")
             try:
                 doc = msgspec.json.decode(value)
-            except (msgspec.DecodeError, RecursionError) as e:
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as e:
                 raise ConfigError(f"not JSON: {e}") from None
             if not isinstance(doc, dict):
                 raise ConfigError('expected a JSON object like {"url": ..., "role": ...}')

@@ -1,0 +1,285 @@
+"""Client API keys at the API's edge: the check every request passes once, the usage meter of
+keys with a tokens-per-minute limit, and the keys file watcher (the key table itself is the
+sans-IO :mod:`lmgw.auth`).
+
+With no keys configured nothing here runs: the servers get the plain :class:`~lmgw.api.app.App`.
+With keys, they get :class:`Guarded`, which costs one header scan, one SHA-256 and one dict
+lookup per request, plus two bucket updates for keys with rate limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ..auth import AuthError, KeyEntry, KeySpec, KeyTable, read_keys_file, specs_from_entries
+from ..config import ApiKeyConfig, AuthConfig, ConfigError
+from ..http.types import Headers, Request, Responder
+from ..metrics import Counter, Gauge, Metrics
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("lmgw.auth")
+_now = time.monotonic
+#: the last `"total_tokens": N` of an answer (the usage object; non-streams end with it)
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+#: a prompt's tokens when the answer reports no usage: ~4 bytes of JSON per token
+_BYTES_PER_TOKEN = 4
+#: routes with their own credential (admin.token) instead of an API key
+_OWN_TOKEN_PREFIXES = ("/admin/", "/dashboard")
+
+
+def _validated(entries: Iterable[Any], path: str) -> list[ApiKeyConfig]:
+    out = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            out.append(msgspec.convert(entry, ApiKeyConfig))
+        except msgspec.ValidationError as e:
+            cause = e.__cause__
+            if isinstance(cause, ConfigError):
+                field = f"`{cause.path}`: " if cause.path else ""
+                reason = f"{field}{cause.reason}"
+            else:
+                reason = str(e)
+            raise ConfigError(f"keys file {path!r}, entry {i}: {reason}", path="auth.keys_file")
+    return out
+
+
+def load_specs(cfg: AuthConfig) -> list[KeySpec]:
+    """Every configured key (``auth.keys``, LMGW_API_KEYS and ``auth.keys_file``), hashed, with
+    the section's default limits filled in (blocking: reads the keys file).
+
+    Raises:
+        ConfigError: a bad keys file or entry (the message never holds a key).
+    """
+    entries: list[ApiKeyConfig] = list(cfg.keys)
+    if cfg.keys_file is not None:
+        try:
+            raw = read_keys_file(cfg.keys_file)
+        except ValueError as e:
+            raise ConfigError(str(e), path="auth.keys_file") from None
+        entries += _validated(raw, cfg.keys_file)
+    specs = specs_from_entries(entries, cfg)
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.digest in seen:
+            raise ConfigError(f"key {spec.name!r} is configured twice", path="auth")
+        seen.add(spec.digest)
+    return specs
+
+
+class AuthMetrics:
+    """The API-key metrics, registered whether or not keys are configured (so every gateway
+    exports the same names; without keys they stay empty)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.table: KeyTable | None = None
+        self.rejected = Counter(
+            "lmgw_auth_rejected_total",
+            "Requests refused by the API key check, by reason (missing_key, invalid_key,"
+            " model, rate, concurrency, tokens).",
+            ("reason",),
+        )
+        metrics.add(self.rejected)
+        metrics.add(
+            Counter(
+                "lmgw_api_key_requests_total",
+                "Requests admitted per API key (by the key's name, never the key).",
+                ("key",),
+                collect=lambda: (((e.name,), e.requests) for e in self._entries()),
+            )
+        )
+        metrics.add(
+            Counter(
+                "lmgw_api_key_tokens_total",
+                "Tokens charged per API key (usage of finished requests; keys with"
+                " tokens_per_min only).",
+                ("key",),
+                collect=lambda: (((e.name,), e.tokens) for e in self._entries() if e.tpm),
+            )
+        )
+        metrics.add(
+            Gauge(
+                "lmgw_api_key_in_flight",
+                "Requests in progress per API key.",
+                ("key",),
+                collect=lambda: (((e.name,), e.in_flight) for e in self._entries()),
+            )
+        )
+
+    def _entries(self) -> Iterable[KeyEntry]:
+        return iter(self.table) if self.table is not None else iter(())
+
+
+class ApiKeys:
+    """The gateway's key table with its configuration, metrics and file watcher."""
+
+    def __init__(self, cfg: AuthConfig, metrics: AuthMetrics) -> None:
+        self.cfg = cfg
+        self.table = KeyTable(load_specs(cfg), _now())
+        self.open_paths = frozenset(cfg.open_paths)
+        self.rejected = metrics.rejected
+        metrics.table = self.table
+        self._stamp = self._file_stamp()
+
+    @classmethod
+    def from_config(cls, cfg: AuthConfig, metrics: AuthMetrics) -> ApiKeys | None:
+        """The key table, or None when no key is configured (the API is then open)."""
+        return cls(cfg, metrics) if cfg.has_keys else None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # -- per request ------------------------------------------------------------------------
+    def admit(self, req: Request) -> KeyEntry:
+        """The request's key, counted in; raises :class:`AuthError` (401/429)."""
+        table = self.table
+        try:
+            entry = table.authenticate(req.header(b"authorization"))
+            table.admit(entry, _now())
+        except AuthError as exc:
+            self.rejected.inc((exc.reason,))
+            raise
+        return entry
+
+    def check_model(self, entry: KeyEntry, model: str, asked: str | None = None) -> None:
+        """A 403 unless the key may use the model."""
+        try:
+            KeyTable.check_model(entry, model, asked)
+        except AuthError as exc:
+            self.rejected.inc((exc.reason,))
+            raise
+
+    # -- the keys file ------------------------------------------------------------------------
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        path = self.cfg.keys_file
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-read ``auth.keys_file`` when it changes. A file that fails to load keeps the
+        keys in force (a bad edit never opens or empties the gateway); the error is logged."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.cfg.reload_interval_s)
+            stamp = await trio.to_thread.run_sync(self._file_stamp)
+            if stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                specs = await trio.to_thread.run_sync(load_specs, self.cfg)
+                self.table.replace(specs, _now())
+            except (ConfigError, ValueError) as e:
+                log.error("keys file not reloaded, the previous keys stay in force: %s", e)
+                continue
+            log.info("keys file reloaded: %d keys", len(self.table))
+
+
+class Guarded:
+    """The App behind the key check: what the servers run when keys are configured. Paths in
+    ``auth.open_paths``, the admin API and the dashboard (both guarded by ``admin.token``)
+    pass without a key."""
+
+    __slots__ = ("app", "keys", "open_paths")
+
+    def __init__(self, app: App, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+        self.open_paths = keys.open_paths
+
+    async def on_timeout(self, req: Request, responder: Responder) -> None:
+        await self.app.on_timeout(req, responder)
+
+    async def upgrade(self, req: Request, upgrade: Any) -> None:
+        """WebSocket requests (the dashboard's feed, guarded by ``admin.token``)."""
+        await self.app.upgrade(req, upgrade)
+
+    async def __call__(self, req: Request, responder: Responder) -> None:
+        path = req.path
+        if path in self.open_paths or path.startswith(_OWN_TOKEN_PREFIXES):
+            await self.app(req, responder)
+            return
+        keys = self.keys
+        try:
+            entry = keys.admit(req)
+        except AuthError as exc:
+            await responder.send_full(exc.status, exc.headers(), exc.body())
+            return
+        req.principal = entry
+        try:
+            await self.app(req, responder)
+        finally:
+            KeyTable.release(entry)
+
+
+class UsageMeter:
+    """A responder that passes everything on and notes the answer's token usage, for keys with
+    a tokens-per-minute limit. Reads only: a bytes search per write, a regex on the one that
+    carries usage. A stream without usage counts one token per event plus the prompt's
+    estimate (its bytes / 4)."""
+
+    __slots__ = ("_inner", "events", "status", "usage")
+
+    def __init__(self, inner: Responder) -> None:
+        self._inner = inner
+        self.usage: int | None = None
+        self.events = 0
+        self.status = 0
+
+    def __getattr__(self, name: str) -> Any:  # broken, head_sent, ... of the server's responder
+        return getattr(self._inner, name)
+
+    @property
+    def started(self) -> bool:
+        return self._inner.started
+
+    def _scan(self, data: bytes) -> None:
+        if b'"total_tokens"' in data:
+            found = _TOTAL_TOKENS.findall(data)
+            if found:
+                self.usage = int(found[-1])
+                return
+        self.events += data.count(b"data: ")
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        if status < 400:
+            self._scan(body)
+        await self._inner.send_full(status, headers, body)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.status = status
+        await self._inner.start(status, headers)
+
+    async def send(self, data: bytes) -> None:
+        self._scan(data)
+        await self._inner.send(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        if data:
+            self._scan(data)
+        await self._inner.end(data)
+
+    def tokens(self, request_bytes: int) -> int:
+        """The tokens to charge: the reported usage, else the estimate; 0 for an error."""
+        if self.status >= 400 or self.status == 0:
+            return 0
+        if self.usage is not None:
+            return self.usage
+        return max(0, self.events - 1) + request_bytes // _BYTES_PER_TOKEN  # minus [DONE]
+
+    def charge(self, entry: KeyEntry, request_bytes: int) -> None:
+        KeyTable.charge(entry, self.tokens(request_bytes), _now())

@@ -1,0 +1,650 @@
+"""``GET /openapi.json``: the HTTP API as implemented, in OpenAPI 3.1.
+
+Written by hand next to the handlers it describes (api/openai.py, api/text.py, api/ops.py,
+api/admin.py), and kept honest by a schemathesis run against a simulated fleet in the test
+suite (tests/fuzz/test_openapi.py): every documented operation is called with generated valid
+and invalid input, and the answers must match the status codes and schemas written here.
+
+Request schemas describe what the *gateway* checks (the fields it decodes and bounds, see
+``limits.*``); everything else passes through to the engine (``additionalProperties``), which
+validates it in turn. Response schemas give the fields clients rely on and allow more (engines
+add their own). Streams (``text/event-stream``) are described as text.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import msgspec
+
+from .. import __version__
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+
+
+#: the errors any API operation may answer (server-level ones included: 400 for a malformed
+#: request, 408 for a slow one, 413/431 for sizes, 429 for rate limits and admission)
+_COMMON_ERRORS = {
+    "400": _error("Invalid request (the message names the parameter in `param`)."),
+    "401": _error("Missing or invalid API key (`code`: `invalid_api_key`)."),
+    "404": _error("Unknown model or route."),
+    "405": _error("Method not allowed on this path."),
+    "408": _error("The request head or body arrived too slowly."),
+    "413": _error("Request body larger than `limits.max_body_bytes`."),
+    "429": _error(
+        "Rate limit of the API key (`code`: `rate_limit_exceeded`, with `Retry-After`) or the"
+        " gateway's admission queue is full."
+    ),
+    "431": _error("Request head larger than `limits.max_header_bytes`."),
+}
+_UPSTREAM_ERRORS = {
+    "403": _error("The API key may not use this model (`code`: `model_not_allowed`)."),
+    "502": _error("A worker failed."),
+    "503": _error("No healthy worker for the model, or every one is at its capacity."),
+    "504": _error("The request passed `limits.request_timeout_s`, or a worker timed out."),
+}
+
+_NON_NEG = {"type": "integer", "minimum": 0}
+_POS = {"type": "integer", "minimum": 1}
+_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_STREAM_OPTIONS = {
+    "type": "object",
+    "properties": {
+        "include_usage": {"type": ["boolean", "null"]},
+        "continuous_usage_stats": {"type": ["boolean", "null"]},
+    },
+}
+_COMMON_FIELDS = {
+    "model": {"type": "string", "description": "A served model name or alias."},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {
+        **_STREAM_OPTIONS,
+        "description": "Only with `stream: true`.",
+    },
+    "max_tokens": {**_NON_NEG, "description": "At most `limits.max_output_tokens` when set."},
+    "n": {**_POS, "description": "At most `limits.max_n`."},
+    "temperature": {"type": ["number", "null"]},
+    "top_p": {"type": ["number", "null"]},
+    "user": {"type": ["string", "null"]},
+    "stop": {**_STOP, "description": "At most `limits.max_stop_sequences` strings."},
+    "logit_bias": {
+        "type": "object",
+        "additionalProperties": {"type": "number"},
+        "description": "At most `limits.max_logit_bias` entries.",
+    },
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "integer", "null"]},
+                },
+            }
+        },
+    },
+    "Message": {
+        "type": "object",
+        "description": "A chat message; its content is checked by the engine (media by the"
+        " gateway when it preprocesses it).",
+        "required": ["role"],
+        "additionalProperties": True,
+        "properties": {
+            "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {"type": "null"},
+                    {"type": "array", "items": {"type": "object"}},
+                ]
+            },
+        },
+    },
+    "ChatCompletionRequest": {
+        "type": "object",
+        "required": ["messages"],
+        "additionalProperties": True,
+        "properties": {
+            **_COMMON_FIELDS,
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": _ref("Message"),
+                "description": "At most `limits.max_messages` messages and"
+                " `limits.max_content_parts` content parts in all.",
+            },
+            "max_completion_tokens": _NON_NEG,
+        },
+    },
+    "CompletionRequest": {
+        "type": "object",
+        "required": ["prompt"],
+        "additionalProperties": True,
+        "properties": {
+            **_COMMON_FIELDS,
+            "prompt": {
+                "oneOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}},
+                    {"type": "array", "items": {"type": "integer"}},
+                    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+                ]
+            },
+            "best_of": {**_POS, "description": "At most `limits.max_best_of`."},
+        },
+    },
+    "GenerateRequest": {
+        "type": "object",
+        "description": "SGLang's native request: one of `text`, `input_ids` or `input_embeds`.",
+        "additionalProperties": True,
+        "anyOf": [
+            {"required": ["text"]},
+            {"required": ["input_ids"]},
+            {"required": ["input_embeds"]},
+        ],
+        "properties": {
+            "model": {"type": "string"},
+            "stream": {"type": ["boolean", "null"]},
+            "text": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+            "input_ids": {"type": "array"},
+            "input_embeds": {"type": "array"},
+            "sampling_params": {
+                "oneOf": [
+                    _ref("SamplingParams"),
+                    {"type": "array", "items": _ref("SamplingParams")},
+                ]
+            },
+        },
+    },
+    "SamplingParams": {
+        "type": "object",
+        "additionalProperties": True,
+        "properties": {
+            "max_new_tokens": _NON_NEG,
+            "n": _POS,
+            "stop": _STOP,
+            "logit_bias": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["prompt_tokens", "total_tokens"],
+        "properties": {
+            "prompt_tokens": _NON_NEG,
+            "completion_tokens": {"type": ["integer", "null"]},
+            "total_tokens": _NON_NEG,
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "message"],
+                    "properties": {
+                        "index": _NON_NEG,
+                        "message": {
+                            "type": "object",
+                            "required": ["role"],
+                            "properties": {
+                                "role": {"type": "string"},
+                                "content": {"type": ["string", "null"]},
+                                "tool_calls": {"type": ["array", "null"]},
+                            },
+                        },
+                        "finish_reason": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    },
+    "Completion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "text_completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "text"],
+                    "properties": {
+                        "index": _NON_NEG,
+                        "text": {"type": "string"},
+                        "finish_reason": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "root": {"type": ["string", "null"]},
+            "parent": {"type": ["string", "null"]},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "models", "workers"],
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "models": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["flow", "ready", "routable_workers"],
+                    "properties": {
+                        "flow": {"type": "string"},
+                        "ready": {"type": "boolean"},
+                        "routable_workers": {
+                            "type": "object",
+                            "additionalProperties": _NON_NEG,
+                        },
+                    },
+                },
+            },
+            "workers": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "TokenizeRequest": {
+        "type": "object",
+        "description": "vLLM's: `prompt` (completions) or `messages` (chat), and options.",
+        "additionalProperties": True,
+        "properties": {
+            "model": {"type": "string"},
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "items": _ref("Message")},
+            "add_special_tokens": {"type": "boolean"},
+        },
+    },
+    "TokenizeResponse": {
+        "type": "object",
+        "required": ["count", "tokens"],
+        "properties": {
+            "count": _NON_NEG,
+            "max_model_len": {"type": ["integer", "null"]},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "token_strs": {"type": ["array", "null"]},
+        },
+    },
+    "DetokenizeRequest": {
+        "type": "object",
+        "required": ["tokens"],
+        "additionalProperties": True,
+        "properties": {
+            "model": {"type": "string"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+        },
+    },
+    "DetokenizeResponse": {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {"prompt": {"type": "string"}},
+    },
+    "Worker": {
+        "type": "object",
+        "required": ["id", "url", "role", "state", "in_flight", "source"],
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "role": {"type": "string"},
+            "state": {"enum": ["starting", "healthy", "draining", "ejected", "gone"]},
+            "models": {"type": ["array", "null"], "items": {"type": "string"}},
+            "in_flight": _NON_NEG,
+            "total_requests": _NON_NEG,
+            "last_error": {"type": ["string", "null"]},
+            "source": {"type": "string"},
+        },
+    },
+    "WorkerList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Worker")},
+        },
+    },
+    "WorkerConfig": {
+        "type": "object",
+        "description": "A `[[workers]]` table as JSON (docs/configuration.md).",
+        "required": ["url"],
+        "properties": {
+            "url": {"type": "string"},
+            "role": {"type": "string"},
+            "id": {"type": "string"},
+            "models": {"type": "array", "items": {"type": "string"}},
+            "bootstrap_port": {"type": "integer"},
+            "kv_address": {"type": "string"},
+        },
+    },
+}
+
+
+def _generation(summary: str, request: str, answer: str) -> dict:
+    return {
+        "summary": summary,
+        "security": [{"apiKey": []}, {}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "responses": {
+            "200": {
+                "description": "The answer; a stream of `data:` events with `stream: true`.",
+                "content": {JSON: {"schema": _ref(answer)}, SSE: {"schema": {"type": "string"}}},
+            },
+            **_COMMON_ERRORS,
+            **_UPSTREAM_ERRORS,
+        },
+    }
+
+
+def _json_op(summary: str, answer: str, *, request: str | None = None, **extra: Any) -> dict:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"apiKey": []}, {}],
+        "responses": {
+            "200": {"description": "OK", "content": {JSON: {"schema": _ref(answer)}}},
+            **_COMMON_ERRORS,
+            **extra,
+        },
+    }
+    if request is not None:
+        op["requestBody"] = {"required": True, "content": {JSON: {"schema": _ref(request)}}}
+    return op
+
+
+def _admin_op(summary: str, answer: str | None, **extra: Any) -> dict:
+    responses: dict[str, Any] = {
+        "401": _error("Missing or wrong admin token."),
+        "403": _error("The admin API is disabled (no `admin.token`)."),
+        "404": _error("No such worker."),
+        "405": _error("Method not allowed on this path."),
+        "400": _error("Invalid request."),
+        "413": _error("Request body too large."),
+        "431": _error("Request head too large."),
+        **extra,
+    }
+    if answer is not None:
+        responses.setdefault(
+            "200", {"description": "OK", "content": {JSON: {"schema": _ref(answer)}}}
+        )
+    return {"summary": summary, "security": [{"adminToken": []}], "responses": responses}
+
+
+_WORKER_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+    "description": "The worker's id, percent-encoded.",
+}
+
+
+def _dashboard_op(summary: str, content: dict, **extra: Any) -> dict:
+    return {
+        "summary": summary,
+        "security": [{"adminToken": []}, {}],
+        "responses": {
+            "200": {"description": "OK", "content": content},
+            "401": _error("`admin.token` is set and was not presented."),
+            "405": _error("Method not allowed on this path."),
+            **extra,
+        },
+    }
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """``/dashboard...`` (lmgw/dashboard: served when ``dashboard.enabled``; guarded by
+    ``admin.token`` when one is set, never by an API key)."""
+    from ..dashboard import PREFIX, load_assets
+
+    html = {"text/html": {"schema": {"type": "string"}}}
+    page = _dashboard_op(
+        "The live dashboard page.",
+        html,
+        **{"303": {"description": "`?token=` accepted: a cookie is set, back to the bare URL."}},
+    )
+    page["parameters"] = [
+        {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
+    ]
+    paths: dict[str, Any] = {
+        PREFIX: {"get": page},
+        PREFIX + "/": {"get": page},
+        PREFIX + "/snapshot": {
+            "get": _dashboard_op(
+                "One snapshot of the dashboard's data.", {JSON: {"schema": {"type": "object"}}}
+            )
+        },
+        PREFIX + "/ws": {
+            "get": _dashboard_op(
+                "The dashboard's WebSocket feed (hypercorn); plain HTTP gets an explanation.",
+                {JSON: {"schema": {"type": "object"}}},
+                **{"426": _error("A WebSocket upgrade is required.")},
+            )
+        },
+    }
+    for name in sorted(load_assets()):
+        paths[f"{PREFIX}/static/{name}"] = {
+            "get": _dashboard_op(
+                f"A file of the page ({name}).", {"*/*": {"schema": {"type": "string"}}}
+            )
+        }
+    return paths
+
+
+def build_spec() -> dict[str, Any]:
+    """The OpenAPI document (a fresh dict)."""
+    admin_delete = _admin_op("Remove a worker (drained first with `grace_s`).", "Worker")
+    admin_delete["parameters"] = [
+        {
+            "name": "grace_s",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "minimum": 0},
+        }
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "lmgw",
+            "version": __version__,
+            "description": "OpenAI-compatible gateway for disaggregated LLM serving. Errors are"
+            ' `{"error": {"message", "type", "param", "code"}}`.',
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A client API key (`auth.*`); not needed when none is"
+                    " configured.",
+                },
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The admin API's own token (`admin.token`).",
+                },
+            },
+        },
+        "paths": {
+            "/v1/chat/completions": {
+                "post": _generation("Chat completion.", "ChatCompletionRequest", "ChatCompletion")
+            },
+            "/v1/completions": {
+                "post": _generation("Text completion.", "CompletionRequest", "Completion")
+            },
+            "/generate": {
+                "post": {
+                    **_generation(
+                        "SGLang's native generation, relayed.", "GenerateRequest", "Error"
+                    ),
+                    "responses": {
+                        "200": {
+                            "description": "The engine's answer (SGLang's shape), or a stream.",
+                            "content": {JSON: {"schema": {}}, SSE: {"schema": {"type": "string"}}},
+                        },
+                        **_COMMON_ERRORS,
+                        **_UPSTREAM_ERRORS,
+                    },
+                }
+            },
+            "/v1/models": {"get": _json_op("The models served.", "ModelList")},
+            "/v1/models/{model}": {
+                "get": {
+                    **_json_op("One model.", "Model"),
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                }
+            },
+            "/tokenize": {
+                "post": _json_op(
+                    "Tokenize a prompt or chat (vLLM's shape).",
+                    "TokenizeResponse",
+                    request="TokenizeRequest",
+                    **_UPSTREAM_ERRORS,
+                )
+            },
+            "/detokenize": {
+                "post": _json_op(
+                    "Token ids back to text (vLLM's shape).",
+                    "DetokenizeResponse",
+                    request="DetokenizeRequest",
+                    **_UPSTREAM_ERRORS,
+                )
+            },
+            "/health": {
+                "get": {
+                    "summary": "Routable workers per model and role (no key needed).",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Every model can be served.",
+                            "content": {JSON: {"schema": _ref("Health")}},
+                        },
+                        "503": {
+                            "description": "Some model cannot be served.",
+                            "content": {JSON: {"schema": _ref("Health")}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (no key needed).",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Text exposition format 0.0.4.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document (no key needed).",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {JSON: {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            **_dashboard_paths(),
+            "/admin/workers": {
+                "get": _admin_op("List the workers.", "WorkerList"),
+                "post": {
+                    **_admin_op(
+                        "Add a worker.",
+                        None,
+                        **{
+                            "201": {
+                                "description": "Added.",
+                                "content": {JSON: {"schema": _ref("Worker")}},
+                            },
+                            "409": _error("A worker with this id exists."),
+                        },
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {JSON: {"schema": _ref("WorkerConfig")}},
+                    },
+                },
+            },
+            "/admin/workers/{id}": {
+                "parameters": [_WORKER_ID],
+                "get": _admin_op("One worker.", "Worker"),
+                "delete": admin_delete,
+            },
+            "/admin/workers/{id}/drain": {
+                "parameters": [_WORKER_ID],
+                "post": _admin_op("Stop sending it new requests.", "Worker"),
+            },
+            "/admin/workers/{id}/undrain": {
+                "parameters": [_WORKER_ID],
+                "post": _admin_op("Route to it again (after one probe).", "Worker"),
+            },
+        },
+    }
+
+
+@cache
+def spec_bytes() -> bytes:
+    """The document as JSON, encoded once."""
+    return msgspec.json.encode(build_spec())
+
+
+async def openapi_json(req: Any, responder: Any) -> None:
+    """``GET /openapi.json``."""
+    await responder.send_full(200, [(b"content-type", JSON.encode())], spec_bytes())
