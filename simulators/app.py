@@ -626,7 +626,7 @@ class SimWorker:
             if messages is None:
                 try:
                     messages = msgspec.json.decode(bytes(req.messages))
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     raise _bad(str(exc)) from None
             return tool_results_reply(messages)
         try:
