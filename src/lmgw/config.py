@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .cache.config import CacheConfig
 from .multimodal.limits import MediaLimits, MediaProfile
 
 __all__ = [
@@ -1169,6 +1170,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     native: NativeConfig = msgspec.field(default_factory=NativeConfig)
     # Tools the gateway runs itself: entry points, MCP servers, the tool loop's keep-alives.
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
+    # The distributed cache pool: tiers, budgets, Redis (docs/cache.md).
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
     # Empty: workers come from discovery or the admin API.
@@ -1229,6 +1232,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "discovery": DiscoveryConfig,
     "native": NativeConfig,
     "tools": ToolsConfig,
+    "cache": CacheConfig,
 }
 
 
@@ -1544,6 +1548,8 @@ def _parse_env_value(text: str, tp: Any) -> Any:
             return float(raw)
         except ValueError:
             raise ConfigError(f"expected a number, got {text!r}") from None
+    if typing.get_origin(tp) is list:  # comma-separated, e.g. LMGW_CACHE_TIERS=memory,redis
+        return [part.strip() for part in raw.split(",") if part.strip()]
     if typing.get_origin(tp) is dict:
         # ROLE=NAME pairs separated by commas, e.g. "p=cache_aware,d=least_load".
         out: dict[str, str] = {}
@@ -1719,6 +1725,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the API without API keys, to anyone who can reach it (auth.open)",
     )
     g.add_argument(
+        "--cache-tiers",
+        default=None,
+        metavar="LIST",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="cache pool tiers, fastest first, e.g. memory,shm,redis (cache.tiers)",
+    )
+    g.add_argument(
+        "--cache-redis-url",
+        default=None,
+        metavar="URL",
+        help="Redis of the cache pool's redis tier (cache.redis_url)",
+    )
+    g.add_argument(
         "--admin-token",
         default=None,
         metavar="TOKEN",
@@ -1753,6 +1772,8 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("admin_token", "admin", "token", "--admin-token"),
     ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
     ("open", "auth", "open", "--open"),
+    ("cache_tiers", "cache", "tiers", "--cache-tiers"),
+    ("cache_redis_url", "cache", "redis_url", "--cache-redis-url"),
 )
 
 

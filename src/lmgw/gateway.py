@@ -23,6 +23,8 @@ import trio
 from .api.app import App
 from .api.keys import ApiKeys, AuthMetrics, Guarded
 from .api.text import TextAPI
+from .cache import build_pool
+from .cache.metrics import CacheMetrics
 from .config import ROLES, ConfigError, GatewayConfig, WorkerConfig, is_native_url
 from .dashboard import Dashboard
 from .dashboard.snapshot import RecentErrors
@@ -111,6 +113,19 @@ class Gateway:
             )
         )
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
+        # the distributed cache pool ([cache]; None without tiers) and the encoder-output cache
+        self.cache_metrics = CacheMetrics(self.metrics)
+        self.cache = build_pool(
+            config.cache, producer=f"gateway-{self.request_id_prefix}", role="gateway"
+        )
+        if self.cache is not None:
+            self.cache_metrics.attach(self.cache)
+            if config.cache.encoder_outputs:
+                from .cache.encoder import PooledEncodedItems
+
+                self.pipeline.disagg.encoded = PooledEncodedItems(
+                    self.cache, config.media.encoder_cache_ttl_s
+                )
         # engine KV events (workers[].kv_events) for policies that use them, one SUB task each
         self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
@@ -354,6 +369,8 @@ class Gateway:
         with self._cancel:
             try:
                 async with trio.open_nursery() as nursery:
+                    if self.cache is not None:
+                        await nursery.start(self.cache.run)
                     if cfg.discovery.file is not None or cfg.discovery.redis_url is not None:
                         # before the monitor: its first round then probes the discovered workers
                         from .workers.discovery import run_discovery
@@ -413,6 +430,9 @@ class Gateway:
                 self.pool.close()
                 if self.tracing is not None:
                     self.tracing.shutdown()
+                if self.cache is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.cache.aclose()
 
     async def _run_hypercorn(
         self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED

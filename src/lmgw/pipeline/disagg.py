@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -102,13 +103,23 @@ class EncodedItems:
     def __len__(self) -> int:
         return len(self._until)
 
+    # the interface the runners use (shared with lmgw.cache.encoder.PooledEncodedItems)
+    async def holding(self, model: str, keys: Iterable[str | None]) -> set[str]:
+        """The keys among ``keys`` seen encoded within the ttl."""
+        now = trio.current_time()
+        return {k for k in keys if k is not None and self.holds(model, k, now)}
+
+    async def remember(self, model: str, key: str | None, producer: str) -> None:
+        self.add(model, key, trio.current_time())
+
 
 class DisaggRunner:
     """Runs one request through a multi-stage flow on behalf of :class:`Pipeline`."""
 
-    def __init__(self, pipeline: Pipeline, encoded: EncodedItems | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, encoded: Any = None) -> None:
         self.p = pipeline
-        #: media items the gateway saw encoded recently: a repeat skips the E stage
+        #: media items whose encoder output is cached: a repeat skips the E stage (an
+        #: EncodedItems, or lmgw.cache.encoder.PooledEncodedItems on the cache pool)
         self.encoded = encoded if encoded is not None else EncodedItems(0.0, 0)
 
     async def run(
@@ -357,8 +368,8 @@ class DisaggRunner:
         if not legs:
             return  # no media: the E stage is skipped
         cache = self.encoded
-        now = trio.current_time()
-        todo = [leg for leg in legs if not cache.holds(greq.model, leg.key, now)]
+        held = await cache.holding(greq.model, [leg.key for leg in legs])
+        todo = [leg for leg in legs if leg.key not in held] if held else legs
         self.p.metrics.encoder_cache_lookups.inc((greq.model,), len(legs))
         if len(todo) < len(legs):
             self.p.metrics.encoder_cache_hits.inc((greq.model,), len(legs) - len(todo))
@@ -371,7 +382,7 @@ class DisaggRunner:
             worker = self.p.pick(greq.model, "e", item_route)
             status, answer = await self._leg(greq, leg, worker, "e", item_route)
             dialect.read_encode(leg, status, answer)
-            cache.add(greq.model, leg.key, trio.current_time())
+            await cache.remember(greq.model, leg.key, worker.id)
 
         async with trio.open_nursery() as nursery:
             for leg in todo:

@@ -723,11 +723,11 @@ class NativeRunner:
         from ..transport.tensors import pack_tensors
 
         cache = self.p.disagg.encoded
-        now = trio.current_time()
+        held = await cache.holding(greq.model, [item.hash for item in items])
         todo = [
             (i, item)
             for i, item in enumerate(items)
-            if item.source != "uuid" and not cache.holds(greq.model, item.hash, now)
+            if item.source != "uuid" and item.hash not in held
         ]
         hits = len(items) - len(todo)
         self.p.metrics.encoder_cache_lookups.inc((greq.model,), len(items))
@@ -745,10 +745,14 @@ class NativeRunner:
                 refs,
             )
             route = RouteContext(greq.model, greq.request_id, session_key=item.hash)
-            await self._with_retries(
-                greq, "e", route, lambda w: self._call(greq, w, "e", route, msg, frames)
-            )
-            cache.add(greq.model, item.hash, trio.current_time())
+            encoder: list[str] = []
+
+            def leg(w: Worker) -> Any:
+                encoder[:] = [w.id]
+                return self._call(greq, w, "e", route, msg, frames)
+
+            await self._with_retries(greq, "e", route, leg)
+            await cache.remember(greq.model, item.hash, encoder[0] if encoder else "")
 
         if len(todo) == 1:
             await one(*todo[0])

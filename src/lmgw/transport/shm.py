@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import msgspec
@@ -52,16 +52,23 @@ import numpy as np
 from lmgw.transport.tensors import TensorFrameError, decode, encode
 
 __all__ = [
+    "DATA_OFFSET",
     "DEFAULT_DIR",
     "DEFAULT_PREFIX",
     "DEFAULT_THRESHOLD",
+    "SEGMENT_NAME_RE",
     "ShmError",
     "ShmHandle",
     "ShmPool",
+    "create_segment",
     "default_pool",
     "from_shm",
+    "pid_alive",
+    "pid_namespace",
+    "segment_base",
     "sweep_stale_segments",
     "to_shm",
+    "try_lock",
     "use_shm",
 ]
 
@@ -84,6 +91,9 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
 _NAME_RE = re.compile(
     r"(?P<prefix>[A-Za-z0-9_][A-Za-z0-9_.]{0,63})-(?P<ns>[0-9a-f]+)-(?P<pid>\d+)-\d+"
 )
+
+SEGMENT_NAME_RE = _NAME_RE
+"""``{prefix}-{pid ns in hex}-{pid}-{n}``: what every segment is named."""
 
 Name = Annotated[str, msgspec.Meta(pattern=rf"\A{_NAME_RE.pattern}\Z", max_length=128)]
 Size = Annotated[int, msgspec.Meta(ge=0)]
@@ -109,6 +119,53 @@ def use_shm(array_or_nbytes: np.ndarray | int, threshold: int = DEFAULT_THRESHOL
         return array_or_nbytes.nbytes >= threshold
     nbytes = int(array_or_nbytes)
     return nbytes >= threshold
+
+
+def pid_namespace() -> int:
+    """This process's pid namespace (segment names carry it: a pid means nothing elsewhere)."""
+    return _pid_namespace()
+
+
+def segment_base(prefix: str) -> str:
+    """The start of this process's segment names: ``{prefix}-{pid ns}-{pid}-`` (then a counter);
+    :func:`sweep_stale_segments` judges a segment by the owner these name."""
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"bad segment prefix {prefix!r}")
+    return f"{prefix}-{_pid_namespace():x}-{os.getpid()}-"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid namespace is alive (a zombie counts as dead)."""
+    return _pid_alive(pid)
+
+
+def try_lock(fd: int, how: int) -> bool:
+    """``flock`` without waiting: False when another holder's lock conflicts."""
+    return _try_lock(fd, how)
+
+
+def create_segment(
+    directory: str, base: str, counter: Iterator[int], capacity: int
+) -> tuple[str, int, mmap.mmap]:
+    """A new segment file ``{base}{n}`` (exclusive creation), exclusively locked, sized for a
+    control page plus ``capacity`` data bytes: ``(name, fd, read-write map of the data)``."""
+    while True:
+        name = f"{base}{next(counter)}"
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # left by an earlier process with our pid: pick another
+            continue
+        break
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows the name yet: never blocks
+        os.ftruncate(fd, DATA_OFFSET + capacity)
+        mm = mmap.mmap(fd, capacity, offset=DATA_OFFSET) if capacity else None
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return name, fd, mm  # type: ignore[return-value]
 
 
 def _pid_namespace() -> int:
@@ -181,7 +238,7 @@ class ShmPool:
         self.directory = directory
         self.max_idle_bytes = max_idle_bytes
         self.claim_timeout_s = claim_timeout_s
-        self._base = f"{prefix}-{_pid_namespace():x}-{os.getpid()}-"
+        self._base = segment_base(prefix)
         self._counter = itertools.count()
         self._segments: dict[str, _Segment] = {}
         self._lock = threading.Lock()
@@ -268,22 +325,13 @@ class ShmPool:
             return segment
 
     def _create(self, capacity: int) -> _Segment:
-        while True:
-            name = f"{self._base}{next(self._counter)}"
-            path = os.path.join(self.directory, name)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:  # left by an earlier process with our pid: pick another
-                continue
-            break
+        name, fd, mm = create_segment(self.directory, self._base, self._counter, capacity)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows the name yet: never blocks
-            os.ftruncate(fd, DATA_OFFSET + capacity)
             os.pwrite(fd, _CTRL.pack(_CTRL_MAGIC, 0, 0), 0)
-            mm = mmap.mmap(fd, capacity, offset=DATA_OFFSET)
         except BaseException:
+            mm.close()
             os.close(fd)
-            os.unlink(path)
+            os.unlink(os.path.join(self.directory, name))
             raise
         segment = _Segment(name, fd, mm, capacity)
         self._segments[name] = segment

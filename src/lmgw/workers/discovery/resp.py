@@ -1,10 +1,16 @@
 """A minimal Redis client for trio: a sans-IO RESP2 codec and one connection on trio sockets.
 
 redis-py's ``redis.asyncio`` needs an asyncio loop (under trio it fails with "no running event
-loop"), and discovery needs only a handful of commands (AUTH, SELECT, SCAN, MGET, SET, DEL,
-PING), so this is the small part of a client that is needed: :func:`encode_command` and
-:class:`RespParser` know the wire format and do no I/O; :class:`RedisConnection` owns one TCP
-stream and runs one command at a time, each under ``timeout_s``.
+loop"), and discovery and the cache pool's Redis tier need only a handful of commands (AUTH,
+SELECT, SCAN, GET, MGET, SET, DEL, EXISTS, PING), so this is the small part of a client that is
+needed: :func:`encode_command` and :class:`RespParser` know the wire format and do no I/O;
+:class:`RedisConnection` owns one TCP stream and runs one command, or one pipeline of commands
+(:meth:`RedisConnection.pipeline`: every command sent in one write, the replies read in order),
+at a time, each under ``timeout_s``.
+
+Arguments and bulk strings are binary-safe: ``bytes``, ``bytearray`` and ``memoryview``
+arguments go out as they are, and big ones are written from their own buffer rather than copied
+into the command (:func:`encode_command_parts`).
 
 Replies decode to Python values: simple strings to ``str``, bulk strings to ``bytes`` (``None``
 for nil), integers to ``int``, arrays to ``list`` (``None`` for a nil array) and error replies to
@@ -15,6 +21,7 @@ for nil), integers to ``int``, arrays to ``list`` (``None`` for a nil array) and
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -31,12 +38,18 @@ __all__ = [
     "RespParser",
     "RespProtocolError",
     "encode_command",
+    "encode_command_parts",
     "parse_redis_url",
 ]
 
 DEFAULT_PORT = 6379
 MAX_BULK_BYTES = 64 << 20
-"""Largest bulk string accepted: worker entries are ~200 bytes; this only stops a runaway."""
+"""Largest bulk string accepted by default: worker entries are ~200 bytes and the cache pool
+chunks values far below this; it only stops a runaway."""
+BIG_ARG_BYTES = 64 << 10
+"""Arguments at least this big are sent from their own buffer (no copy into the command)."""
+MAX_READ_BYTES = 4 << 20
+"""Most bytes read at once while a big bulk string is arriving (64 KiB otherwise)."""
 MAX_ARRAY_ITEMS = 1 << 20
 MAX_DEPTH = 8
 """SCAN replies nest two deep; anything much deeper is not a reply to our commands."""
@@ -75,9 +88,14 @@ NEED_DATA: Any = _NeedData()
 """Returned by :meth:`RespParser.next` until a whole reply has been fed."""
 
 
-def _arg(value: bytes | str | int | float) -> bytes:
-    if isinstance(value, bytes):
+Arg = bytes | bytearray | memoryview | str | int | float
+
+
+def _arg(value: Arg) -> bytes | bytearray | memoryview:
+    if isinstance(value, bytes | bytearray):
         return value
+    if isinstance(value, memoryview):
+        return value if value.format == "B" and value.ndim == 1 else value.cast("B")
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -85,13 +103,30 @@ def _arg(value: bytes | str | int | float) -> bytes:
     return str(value).encode()
 
 
-def encode_command(*args: bytes | str | int | float) -> bytes:
+def encode_command(*args: Arg) -> bytes:
     """One command as a RESP array of bulk strings (what every Redis command takes)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _arg(arg)
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def encode_command_parts(args: Sequence[Arg], out: list[Any]) -> None:
+    """Append one command to ``out`` as buffers to write in order: small pieces joined, each
+    argument of at least :data:`BIG_ARG_BYTES` as its own buffer (a view, not a copy)."""
+    small = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = _arg(arg)
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if n >= BIG_ARG_BYTES:
+            small.append(b"$%d\r\n" % n)
+            out.append(b"".join(small))
+            out.append(data)
+            small = [b"\r\n"]
+        else:
+            small += (b"$%d\r\n" % n, data, b"\r\n")
+    out.append(b"".join(small))
 
 
 class RespParser:
@@ -114,9 +149,15 @@ class RespParser:
         self._buf = bytearray()
         self._pos = 0
         self._stack: list[tuple[list[Any], int]] = []  # (items so far, items expected)
+        self._want = 0  # bytes still missing from the bulk string being received
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+
+    def wanted(self) -> int:
+        """Bytes the bulk string now arriving still lacks (0 when none is known): a reader can
+        ask for that much at once instead of 64 KiB at a time."""
+        return max(0, self._want - (len(self._buf) - self._pos))
 
     def next(self) -> Any:
         """The next complete reply, or NEED_DATA. Raises RespProtocolError on bad input."""
@@ -174,10 +215,13 @@ class RespParser:
                 raise RespProtocolError(f"bulk string length {n} out of range")
             else:
                 if len(buf) < after + n + 2:
+                    self._want = after + n + 2 - pos
                     return NEED_DATA
+                self._want = 0
                 if buf[after + n : after + n + 2] != b"\r\n":
                     raise RespProtocolError("bulk string not terminated by CRLF")
-                value = bytes(buf[after : after + n])
+                with memoryview(buf) as view:  # one copy, not a slice and then a copy
+                    value = bytes(view[after : after + n])
                 after += n + 2
         elif kind == 0x2A:  # * array
             n = self._int(line)
@@ -282,37 +326,87 @@ class RedisConnection:
             raise
         return conn
 
-    async def command(self, *args: bytes | str | int | float) -> Any:
+    async def command(self, *args: Arg) -> Any:
         """Send one command and return its reply; an error reply raises RedisReplyError."""
+        (reply,) = await self._exchange((args,))
+        if isinstance(reply, RespErrorReply):
+            raise RedisReplyError(reply.message)
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Send every command in one go and return their replies in order, error replies as
+        :class:`RespErrorReply` values (one failed command does not hide the others' replies).
+        Redis runs the commands of one connection in order, so a reader on another connection
+        sees the effects of earlier commands before those of later ones."""
+        if not commands:
+            return []
+        return await self._exchange(commands)
+
+    async def _exchange(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         if self._busy:  # an interrupted command's reply would be read as this one's
             await self.aclose()
         if self.closed:
             raise RedisConnectionError("connection closed")
-        reply: Any = NEED_DATA
+        out: list[Any] = []
+        for args in commands:
+            encode_command_parts(args, out)
+        replies: list[Any] = []
+        parser = self._parser
+        done = False
         with trio.move_on_after(self.timeout_s):
             try:
                 self._busy = True
-                await self._stream.send_all(encode_command(*args))
-                reply = self._parser.next()
-                while reply is NEED_DATA:
-                    data = await self._stream.receive_some(65536)
-                    if not data:
-                        raise RedisConnectionError(f"{self.address} closed the connection")
-                    self._parser.feed(data)
-                    reply = self._parser.next()
+                await self._send(out)
+                while len(replies) < len(commands):
+                    reply = parser.next()
+                    if reply is NEED_DATA:
+                        want = min(MAX_READ_BYTES, max(65536, parser.wanted()))
+                        data = await self._stream.receive_some(want)
+                        if not data:
+                            raise RedisConnectionError(f"{self.address} closed the connection")
+                        parser.feed(data)
+                        continue
+                    replies.append(reply)
                 self._busy = False
+                done = True
             except (OSError, trio.BrokenResourceError) as e:
                 await self.aclose()
                 raise RedisConnectionError(f"{self.address}: {e}") from None
             except RedisConnectionError:
                 await self.aclose()
                 raise
-        if reply is NEED_DATA:
+        if not done:
             await self.aclose()
             raise RedisConnectionError(f"{self.address}: no reply within {self.timeout_s:g} s")
-        if isinstance(reply, RespErrorReply):
-            raise RedisReplyError(reply.message)
-        return reply
+        return replies
+
+    async def _send(self, parts: list[Any]) -> None:
+        """Write the buffers in order: small neighbours joined, big ones from their own memory."""
+        pending: list[Any] = []
+        size = 0
+        for part in parts:
+            n = part.nbytes if isinstance(part, memoryview) else len(part)
+            if n >= BIG_ARG_BYTES:
+                if pending:
+                    await self._stream.send_all(b"".join(pending))
+                    pending, size = [], 0
+                await self._stream.send_all(part)
+            else:
+                pending.append(part)
+                size += n
+                if size >= BIG_ARG_BYTES:
+                    await self._stream.send_all(b"".join(pending))
+                    pending, size = [], 0
+        if pending:
+            await self._stream.send_all(b"".join(pending))
+
+    def close_now(self) -> None:
+        """Close without waiting (from sync code, or a ``finally`` under cancellation)."""
+        if not self.closed:
+            self.closed = True
+            sock = getattr(self._stream, "socket", None)
+            if sock is not None:
+                sock.close()
 
     async def aclose(self) -> None:
         if not self.closed:
