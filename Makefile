@@ -46,6 +46,7 @@ bench: build
 	$(BIN)/python benchmarks/sdk.py
 	$(BIN)/python benchmarks/loadgen.py
 	$(BIN)/python benchmarks/security.py
+	$(BIN)/python benchmarks/cachepool.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -30,9 +30,10 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
+import numpy as np
 import trio
 
 from ..workers.discovery.resp import (
@@ -54,12 +55,22 @@ log = logging.getLogger("lmgw.cache")
 DEFAULT_CHUNK_BYTES = 1 << 20
 """Values above this go in chunks: Redis is single-threaded, and one command moving 64 MiB
 stalls every other client for tens of milliseconds."""
-_HEAD = struct.Struct("<4sIIQ")  # magic, meta length, chunk count, version
+_HEAD = struct.Struct("<4sIIQI")  # magic, meta length, chunk count, version, chunk size
 _MAGIC = b"LGC1"
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 30.0
 
 T = TypeVar("T")
+
+
+class _Chunked(NamedTuple):
+    """A chunked value being read: where its reply goes, and the buffer its chunks fill."""
+
+    index: int
+    meta: Meta
+    names: list[str]
+    target: np.ndarray
+    step: int
 
 
 class _Down(Exception):
@@ -234,17 +245,20 @@ class RedisTier(Tier):
             self._supervised = False
 
     # -- entries ----------------------------------------------------------------------------
-    def _parse_head(self, head: bytes) -> tuple[Meta, int, int, int] | None:
-        """``(meta, chunk count, version, offset of inline data)``; None for a foreign value."""
+    def _parse_head(self, head: bytes) -> tuple[Meta, int, int, int, int] | None:
+        """``(meta, chunk count, version, chunk size, offset of inline data)``; None for a value
+        that is not a head of ours."""
         try:
-            magic, meta_len, nchunks, version = _HEAD.unpack_from(head)
+            magic, meta_len, nchunks, version, step = _HEAD.unpack_from(head)
             if magic != _MAGIC:
                 return None
             start = _HEAD.size
             meta = decode_meta(memoryview(head)[start : start + meta_len])
         except (struct.error, msgspec.DecodeError, msgspec.ValidationError):
             return None
-        return meta, nchunks, version, start + meta_len
+        if nchunks and (step < 1 or -(-meta.size // step) != nchunks):
+            return None
+        return meta, nchunks, version, step, start + meta_len
 
     def _inline(self, meta: Meta, head: bytes, offset: int) -> Value | None:
         if len(head) - offset != meta.size:
@@ -255,14 +269,13 @@ class RedisTier(Tier):
         except ValueError:
             return None
 
-    def _assemble(self, meta: Meta, chunks: list[Any]) -> Value | None:
-        if any(not isinstance(c, bytes) for c in chunks):
-            return None  # a chunk expired or its version was replaced: a miss
-        data = b"".join(chunks)
-        if len(data) != meta.size:
+    def _assemble(self, meta: Meta, target: np.ndarray, chunks: Any) -> Value | None:
+        """The value whose chunks the parser copied into ``target`` (each reply is then the
+        chunk's length); anything else (a nil: expired or replaced) is a miss."""
+        if not isinstance(chunks, list) or any(type(c) is not int for c in chunks):
             return None
         try:
-            return value_of(meta, data)
+            return value_of(meta, target if meta.kind else target.tobytes())
         except ValueError:
             return None
 
@@ -278,31 +291,36 @@ class RedisTier(Tier):
         async def fetch(conn: RedisConnection) -> list[tuple[Meta, Value] | None]:
             replies = await conn.pipeline([("GET", h) for h in heads])
             out: list[tuple[Meta, Value] | None] = [None] * len(keys)
-            chunked: list[tuple[int, Meta, list[str]]] = []
+            chunked: list[_Chunked] = []
             for i, reply in enumerate(replies):
                 if not isinstance(reply, bytes):
                     continue
                 parsed = self._parse_head(reply)
                 if parsed is None:
                     continue
-                meta, nchunks, version, offset = parsed
+                meta, nchunks, version, step, offset = parsed
                 if meta.expired(now):
                     continue
                 self.stats.read_bytes += len(reply)
                 if nchunks:
-                    chunked.append((i, meta, self._chunk_keys(heads[i], version, nchunks)))
+                    names = self._chunk_keys(heads[i], version, nchunks)
+                    chunked.append(_Chunked(i, meta, names, np.empty(meta.size, np.uint8), step))
                     continue
                 value = self._inline(meta, reply, offset)
                 if value is not None:
                     out[i] = (meta, value)
             if chunked:
-                replies = await conn.pipeline([("MGET", *names) for _i, _m, names in chunked])
-                for (i, meta, _names), chunks in zip(chunked, replies, strict=True):
-                    if isinstance(chunks, list):
-                        value = self._assemble(meta, chunks)
-                        if value is not None:
-                            self.stats.read_bytes += meta.size
-                            out[i] = (meta, value)
+                slots: list[memoryview] = []  # the parser copies each chunk into its place
+                for c in chunked:
+                    view = memoryview(c.target)
+                    slots += [view[j * c.step : (j + 1) * c.step] for j in range(len(c.names))]
+                commands = [("MGET", *c.names) for c in chunked]
+                replies = await conn.pipeline(commands, sink=slots)
+                for c, chunks in zip(chunked, replies, strict=True):
+                    value = self._assemble(c.meta, c.target, chunks)
+                    if value is not None:
+                        self.stats.read_bytes += c.meta.size
+                        out[c.index] = (c.meta, value)
             return out
 
         try:
@@ -354,9 +372,9 @@ class RedisTier(Tier):
             names = self._chunk_keys(head_key, version, nchunks)
             for i, name in enumerate(names):
                 commands.append(("SET", name, view[i * step : (i + 1) * step], *ttl))
-            head = _HEAD.pack(_MAGIC, len(meta_bytes), nchunks, version) + meta_bytes
+            head = _HEAD.pack(_MAGIC, len(meta_bytes), nchunks, version, step) + meta_bytes
         else:
-            head = b"".join((_HEAD.pack(_MAGIC, len(meta_bytes), 0, 0), meta_bytes, view))
+            head = b"".join((_HEAD.pack(_MAGIC, len(meta_bytes), 0, 0, 0), meta_bytes, view))
         commands.append(("SET", head_key, head, *ttl, "GET"))
 
         async def store(conn: RedisConnection) -> bool:

@@ -150,6 +150,16 @@ class RespParser:
         self._pos = 0
         self._stack: list[tuple[list[Any], int]] = []  # (items so far, items expected)
         self._want = 0  # bytes still missing from the bulk string being received
+        self._sink: Sequence[memoryview] | None = None
+        self._sink_at = 0
+
+    def sink(self, slots: Sequence[memoryview] | None) -> None:
+        """Copy the next bulk strings straight into ``slots`` (one slot per bulk string or nil,
+        in order): a bulk string whose length is its slot's is copied there and parsed as its
+        length (an int) instead of as bytes, which saves the caller a copy when it assembles
+        chunks of one value. A length that differs parses as bytes as usual. None: stop."""
+        self._sink = slots
+        self._sink_at = 0
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -211,6 +221,7 @@ class RespParser:
             n = self._int(line)
             if n == -1:
                 value = None
+                self._sink_at += 1
             elif not 0 <= n <= self.max_bulk_bytes:
                 raise RespProtocolError(f"bulk string length {n} out of range")
             else:
@@ -220,8 +231,14 @@ class RespParser:
                 self._want = 0
                 if buf[after + n : after + n + 2] != b"\r\n":
                     raise RespProtocolError("bulk string not terminated by CRLF")
+                sink, at = self._sink, self._sink_at
                 with memoryview(buf) as view:  # one copy, not a slice and then a copy
-                    value = bytes(view[after : after + n])
+                    if sink is not None and at < len(sink) and sink[at].nbytes == n:
+                        sink[at][:] = view[after : after + n]
+                        value = n
+                    else:
+                        value = bytes(view[after : after + n])
+                self._sink_at = at + 1
                 after += n + 2
         elif kind == 0x2A:  # * array
             n = self._int(line)
@@ -333,16 +350,21 @@ class RedisConnection:
             raise RedisReplyError(reply.message)
         return reply
 
-    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    async def pipeline(
+        self, commands: Sequence[Sequence[Arg]], sink: Sequence[memoryview] | None = None
+    ) -> list[Any]:
         """Send every command in one go and return their replies in order, error replies as
         :class:`RespErrorReply` values (one failed command does not hide the others' replies).
         Redis runs the commands of one connection in order, so a reader on another connection
-        sees the effects of earlier commands before those of later ones."""
+        sees the effects of earlier commands before those of later ones. ``sink``: the replies'
+        bulk strings are copied into these buffers (:meth:`RespParser.sink`)."""
         if not commands:
             return []
-        return await self._exchange(commands)
+        return await self._exchange(commands, sink)
 
-    async def _exchange(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    async def _exchange(
+        self, commands: Sequence[Sequence[Arg]], sink: Sequence[memoryview] | None = None
+    ) -> list[Any]:
         if self._busy:  # an interrupted command's reply would be read as this one's
             await self.aclose()
         if self.closed:
@@ -352,6 +374,7 @@ class RedisConnection:
             encode_command_parts(args, out)
         replies: list[Any] = []
         parser = self._parser
+        parser.sink(sink)
         done = False
         with trio.move_on_after(self.timeout_s):
             try:
@@ -369,6 +392,7 @@ class RedisConnection:
                     replies.append(reply)
                 self._busy = False
                 done = True
+                parser.sink(None)
             except (OSError, trio.BrokenResourceError) as e:
                 await self.aclose()
                 raise RedisConnectionError(f"{self.address}: {e}") from None
