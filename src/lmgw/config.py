@@ -475,9 +475,25 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # full-prompt hit is worth at most S requests of extra load (SGLang's imbalance test).
     balance_abs_threshold: int = 4
     balance_rel_threshold: float = 1.5
+    # cache_aware's credit per cached block by the KV-event medium it is stored in (vLLM: GPU,
+    # CPU with its offloading connector): a block the worker holds only in a slower tier counts
+    # this fraction of a GPU block (Dynamo's device/host/disk defaults). Media not listed are
+    # ignored.
+    cache_tier_weights: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"GPU": 1.0, "CPU": 0.75, "DISK": 0.25}
+    )
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
+        weights: dict[str, float] = {}
+        for medium, weight in self.cache_tier_weights.items():
+            if not medium.strip() or not 0.0 <= weight <= 1.0:
+                raise ConfigError(
+                    f"{medium!r} = {weight!r}: weights are between 0 and 1",
+                    path="cache_tier_weights",
+                )
+            weights[medium.strip().upper()] = float(weight)
+        _set(self, "cache_tier_weights", weights)
         header = self.session_header.strip().lower()
         if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", header):
             raise ConfigError(f"not a header name: {self.session_header!r}", path="session_header")

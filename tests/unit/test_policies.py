@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmgw.config import RoutingConfig
+from lmgw.config import ConfigError, RoutingConfig
 from lmgw.routing import registry as policy_registry
 from lmgw.routing.kv_events import (
     AllBlocksCleared,
@@ -694,7 +694,7 @@ def test_kv_events_replace_the_predictions() -> None:
     assert overlap(real) == 288
     policy.on_kv_event(ws[0], BlockRemoved([999]))  # never stored: unresolved, harmless
     policy.on_kv_event(ws[0], stored(real[:16], [5], parent=4242))  # unknown parent
-    policy.on_kv_event(ws[0], stored(real[:16], [6], medium="CPU"))  # not the GPU tier
+    policy.on_kv_event(ws[0], stored(real[:16], [6], medium="TAPE"))  # a medium without weight
     policy.on_kv_event(ws[0], stored(real[:16], [7], bs=24))  # not a multiple of 16
     st_ = policy.statistics()
     assert (st_["kv_blocks_unresolved"], st_["kv_events_ignored"]) == (2, 2)
@@ -784,3 +784,48 @@ def test_decode_vllm_batches_old_and_new_layouts() -> None:
     for bad in (b"\xc1", msgspec.msgpack.encode([1.0, [5]]), msgspec.msgpack.encode({"x": 1})):
         with pytest.raises(KVEventError):
             decode_vllm_batch(bad)
+
+
+def test_tier_weights_credit_blocks_by_the_medium_that_holds_them() -> None:
+    """GPU blocks count fully, host (CPU) blocks 0.75, disk 0.25 (Dynamo's defaults); a
+    worker's tiers add up from the heaviest down, blocks beyond the tiers above."""
+    reg, ws = fleet(3)
+    policy = CacheAware(cache_threshold=0.0)
+    rng = random.Random(5)
+    prompt = toks(rng, 320)  # 20 blocks
+    ctx = ctx_of([*prompt, 1])
+    # w0 holds the first 8 blocks on GPU; w1 the whole prompt in host memory only
+    policy.on_kv_event(ws[0], stored(prompt[:128], list(range(100, 108))))
+    policy.on_kv_event(ws[1], stored(prompt, list(range(200, 220)), medium="cpu"))
+    assert policy.choose(cands(reg), ctx) is ws[1]  # 20 x 0.75 = 15 > 8 GPU blocks
+    assert policy.predicted_cached_tokens(ws[1], ctx) == 320
+    # w2: 12 blocks on GPU beat w1's 15 host-block credit only with more: 12 < 15
+    policy.on_kv_event(ws[2], stored(prompt[:192], list(range(300, 312))))
+    assert policy.choose(cands(reg), ctx) is ws[1]
+    # w2 also offloaded the whole prompt to host memory: 12 + 8 x 0.75 = 18 > 15 (each tier
+    # matches a prefix from the first block, as the engine's caches hold prefixes)
+    policy.on_kv_event(ws[2], stored(prompt, list(range(320, 340)), medium="CPU"))
+    assert policy.choose(cands(reg), ctx) is ws[2]
+    st_ = policy.statistics()
+    assert st_["tier_slots"] == 2 and st_["kv_blocks_stored_cpu"] == 40
+    # removal in one tier leaves the other; the removed worker's tier slots are freed
+    policy.on_kv_event(ws[2], BlockRemoved(list(range(332, 340)), medium="CPU"))
+    assert policy.choose(cands(reg), ctx) is ws[1]
+    policy.on_worker_removed(ws[1])
+    assert policy.statistics()["tier_slots"] == 1
+    assert policy.choose((ws[0], ws[2]), ctx) is ws[2]
+    # configurable: with host blocks worth nothing, GPU blocks win
+    flat = CacheAware(cache_threshold=0.0, tier_weights={"GPU": 1.0, "CPU": 0.0})
+    flat.on_kv_event(ws[0], stored(prompt[:128], list(range(100, 108))))
+    flat.on_kv_event(ws[1], stored(prompt, list(range(200, 220)), medium="CPU"))
+    assert flat.choose(cands(reg), ctx) is ws[0]
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        CacheAware(tier_weights={"GPU": 2.0})
+
+
+def test_tier_weights_from_config() -> None:
+    cfg = RoutingConfig(cache_tier_weights={"gpu": 1.0, "Cpu": 0.5})
+    assert cfg.cache_tier_weights == {"GPU": 1.0, "CPU": 0.5}
+    assert CacheAware.from_config(cfg).tier_weights == {"GPU": 1.0, "CPU": 0.5}
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        RoutingConfig(cache_tier_weights={"GPU": -1.0})

@@ -14,6 +14,14 @@ Without a tokenizer, ``ctx.text_key`` (the raw conversation bytes) is hashed in 
 ``4 * block_size`` bytes per block, and a "token" below means 4 bytes. Either way the whole
 conversation counts, not its first message (complaint 5).
 
+**Tiers.** KV events carry the medium a block is stored in (vLLM: ``GPU``, and ``CPU`` for
+its offloading connector; others for disk or remote stores). Blocks of a non-GPU medium are
+indexed in a slot of their own per worker, and a worker's cached tokens are credited per tier:
+walking its tiers from the heaviest weight down, each tier adds ``weight x`` the blocks it holds
+beyond the tiers above (``tier_weights``, by default GPU 1.0, CPU 0.75, DISK 0.25 as Dynamo's
+router weighs device, host and disk hits). A medium without a weight is ignored. Without any
+non-GPU event the policy takes the untiered path below unchanged.
+
 **The decision.** With loads L (requests in flight plus the engine's queue, as least_load),
 L_min the least, and the slack S = max(balance_abs_threshold, (balance_rel_threshold - 1) *
 L_min) (SGLang's imbalance thresholds as one number):
@@ -37,7 +45,7 @@ the prefix too and competes on equal terms.
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -57,17 +65,23 @@ ALIAS_BYTES = 152
 ALIAS_SHARE = 4
 #: a least-loaded worker passed over for this many rounds of the fleet gets the next request
 STARVE_ROUNDS = 4
+#: credit per tier of a cached block (Dynamo's defaults: device, host, disk)
+DEFAULT_TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.75, "DISK": 0.25}
 
 
 class _View:
-    """A candidate set as the index sees it: each candidate's slot and the query bit set."""
+    """A candidate set as the index sees it: each candidate's slot and the query bit set
+    (with tiers: also every tier slot, and which candidate and weight each belongs to)."""
 
-    __slots__ = ("pos", "query", "slots")
+    __slots__ = ("owner", "pos", "query", "slots")
 
-    def __init__(self, slots: list[int], query: bytes) -> None:
+    def __init__(
+        self, slots: list[int], query: bytes, owner: dict[int, tuple[int, float]] | None = None
+    ) -> None:
         self.slots = slots
         self.pos = {s: i for i, s in enumerate(slots) if s >= 0}
         self.query = query
+        self.owner = owner
 
 
 class _Decision:
@@ -93,6 +107,7 @@ class CacheAware(Policy):
         balance_rel_threshold: float = 1.5,
         max_prefix_tokens: int = 65536,
         prefix_module: types.ModuleType | None = None,
+        tier_weights: Mapping[str, float] | None = None,
     ) -> None:
         if block_size < 1 or max_prefix_tokens < block_size:
             raise ValueError("block_size must be >= 1 and max_prefix_tokens >= block_size")
@@ -100,6 +115,10 @@ class CacheAware(Policy):
             raise ValueError("cache_threshold must be 0..1 and balance_abs_threshold >= 0")
         if balance_rel_threshold < 1.0:
             raise ValueError("balance_rel_threshold must be >= 1")
+        weights = DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights
+        self.tier_weights = {k.upper(): float(v) for k, v in weights.items()}
+        if any(not 0.0 <= w <= 1.0 for w in self.tier_weights.values()):
+            raise ValueError("tier weights must be between 0 and 1")
         mod = prefix_module or _prefix
         self._block_hashes = mod.block_hashes
         self._text_block_hashes = mod.text_block_hashes
@@ -123,6 +142,9 @@ class CacheAware(Policy):
         self._cursor = 0
         self._last: _Decision | None = None
         self._picked: dict[str, int] = {}  # worker id -> decision number it was last chosen
+        # tiers: (worker id, medium) -> slot of that worker's blocks in a non-GPU medium
+        self._tier_slots: dict[tuple[str, str], int] = {}
+        self.tier_blocks: dict[str, int] = {}  # blocks stored per medium (from events)
         # exact mode
         self._exact: set[str] = set()
         self._alias: dict[Any, Any] = {}  # engine block hash -> our hash (or tuple of ours)
@@ -152,6 +174,7 @@ class CacheAware(Policy):
             cfg.balance_abs_threshold,
             cfg.balance_rel_threshold,
             cfg.cache_aware_max_prefix_tokens,
+            tier_weights=cfg.cache_tier_weights,
         )
 
     # -- prompt and candidate set ---------------------------------------------------------------
@@ -174,17 +197,35 @@ class CacheAware(Policy):
         ctx.memo()[self._memo_key] = got
         return got
 
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next_slot < self._max_slots:
+            self._next_slot += 1
+            return self._next_slot - 1
+        return -1  # more workers than slots: this one is routed by load only
+
     def _slot(self, wid: str) -> int:
         slot = self._slots.get(wid)
         if slot is None:
-            if self._free:
-                slot = self._free.pop()
-            elif self._next_slot < self._max_slots:
-                slot = self._next_slot
-                self._next_slot += 1
-            else:
-                return -1  # more workers than slots: this one is routed by load only
+            slot = self._new_slot()
+            if slot < 0:
+                return -1
             self._slots[wid] = slot
+        return slot
+
+    def _tier_slot(self, wid: str, medium: str) -> int:
+        """The slot of ``wid``'s blocks in ``medium`` (the GPU's is the worker's own)."""
+        if medium == "GPU":
+            return self._slot(wid)
+        slot = self._tier_slots.get((wid, medium))
+        if slot is None:
+            slot = self._new_slot()
+            if slot < 0:
+                return -1
+            self._tier_slots[(wid, medium)] = slot
+            self._views.clear()  # candidate views now include this slot
+            self._last_candidates = self._last_view = None
         return slot
 
     def _view(self, candidates: Sequence[Worker]) -> _View:
@@ -194,7 +235,19 @@ class CacheAware(Policy):
         view = self._views.get(candidates) if cacheable else None  # type: ignore[call-overload]
         if view is None:
             slots = [self._slot(w.id) for w in candidates]
-            view = _View(slots, self._slot_mask(s for s in slots if s >= 0))
+            owner: dict[int, tuple[int, float]] | None = None
+            if self._tier_slots:
+                weights = self.tier_weights
+                gpu = weights.get("GPU", 1.0)
+                owner = {s: (i, gpu) for i, s in enumerate(slots) if s >= 0}
+                index = {w.id: i for i, w in enumerate(candidates)}
+                for (wid, medium), s in self._tier_slots.items():
+                    i = index.get(wid)
+                    if i is not None:
+                        owner[s] = (i, weights.get(medium, 0.0))
+                view = _View(slots, self._slot_mask(owner), owner)
+            else:
+                view = _View(slots, self._slot_mask(s for s in slots if s >= 0))
             if cacheable:
                 if len(self._views) >= _MAX_VIEWS:
                     self._views.pop(next(iter(self._views)))
@@ -227,7 +280,12 @@ class CacheAware(Policy):
             # tiers shallower than the threshold cannot count: the index skips them
             depths = self._index.match(hashes, len(hashes), view.query, -int(-floor // bs))
             reason = "no_match"
-            if depths:
+            if depths and view.owner is not None:
+                usable = (ntok - 1) // bs
+                best, reason, depths = self._choose_tiered(
+                    view, depths, loads, lmin, best, usable, ntok, floor
+                )
+            elif depths:
                 usable = (ntok - 1) // bs
                 slack = max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
                 per_token = slack / ntok
@@ -279,6 +337,52 @@ class CacheAware(Policy):
         ctx.memo()[self] = decision
         return worker
 
+    def _choose_tiered(
+        self,
+        view: _View,
+        depths: dict[int, int],
+        loads: list[int],
+        lmin: int,
+        best: int,
+        usable: int,
+        ntok: int,
+        floor: float,
+    ) -> tuple[int, str, dict[int, int]]:
+        """The decision when some worker reported non-GPU blocks: credit each candidate's tiers
+        by weight, then score as the untiered path does. Returns the choice, the reason, and the
+        deepest match per candidate (by its GPU slot: what the audit predicts)."""
+        owner = view.owner
+        assert owner is not None
+        per: dict[int, list[tuple[float, int]]] = {}
+        for slot, d in depths.items():
+            i, weight = owner[slot]
+            per.setdefault(i, []).append((weight, d if d < usable else usable))
+        bs = self.block_size
+        slack = max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
+        per_token = slack / ntok
+        best_score, best_load, found = 0.0, lmin, False
+        deepest: dict[int, int] = {}
+        for i, tiers in per.items():
+            tiers.sort(reverse=True)  # heaviest tier first
+            covered = credit = 0.0
+            for weight, d in tiers:
+                if d > covered:
+                    credit += weight * (d - covered)
+                    covered = d
+            deepest[view.slots[i]] = int(covered)
+            c = credit * bs
+            if c < floor or c <= 0:
+                continue
+            found = True
+            excess = loads[i] - lmin
+            if excess > slack:
+                continue
+            score = c * per_token - excess
+            if score > best_score or (score == best_score and loads[i] < best_load):
+                best, best_score, best_load = i, score, loads[i]
+        reason = "cache" if best_score > 0 else "load" if found else "below_threshold"
+        return best, reason, deepest
+
     # -- hooks ----------------------------------------------------------------------------------
     def on_dispatch(self, worker: Worker, ctx: RouteContext) -> None:
         """Predict on route: once it has prefilled, the worker holds the prompt's blocks."""
@@ -307,17 +411,21 @@ class CacheAware(Policy):
         slot = self._slots.pop(worker.id, None)
         self._exact.discard(worker.id)
         self._picked.pop(worker.id, None)
-        if slot is not None:
+        slots = [] if slot is None else [slot]
+        for key in [k for k in self._tier_slots if k[0] == worker.id]:
+            slots.append(self._tier_slots.pop(key))
+        for slot in slots:
             self._index.clear_slot(slot)
             self._free.append(slot)
-            self._free.sort(reverse=True)  # reuse the lowest: keeps the bit sets short
+        self._free.sort(reverse=True)  # reuse the lowest: keeps the bit sets short
         self._views.clear()
         self._last_candidates = self._last_view = None
 
     # -- exact mode -------------------------------------------------------------------------------
     def on_kv_event(self, worker: Worker, event: KVEvent) -> None:
         """Feed ``worker``'s engine events: from the first one on, its index entries are the
-        blocks the engine reported, replacing the dispatch-time predictions."""
+        blocks the engine reported, replacing the dispatch-time predictions. Blocks of a
+        weighted non-GPU medium go to that tier's slot."""
         slot = self._slot(worker.id)
         if slot < 0:
             return
@@ -329,12 +437,21 @@ class CacheAware(Policy):
                 self._index.resize(self.budget_bytes - share)
                 self._alias_max = max(1, share // ALIAS_BYTES)
         self.kv_events += 1
-        if isinstance(event, BlockStored):
-            self._stored(slot, event)
-        elif isinstance(event, BlockRemoved):
-            if event.medium not in (None, "GPU") or event.group_idx not in (None, 0):
-                self.kv_ignored += 1
+        if isinstance(event, AllBlocksCleared):
+            self._index.clear_slot(slot)
+            return
+        medium = "GPU" if event.medium is None else event.medium.upper()
+        if event.group_idx not in (None, 0) or medium not in self.tier_weights:
+            self.kv_ignored += 1
+            return
+        if medium != "GPU":
+            slot = self._tier_slot(worker.id, medium)
+            if slot < 0:
                 return
+        if isinstance(event, BlockStored):
+            if self._stored(slot, event):
+                self.tier_blocks[medium] = self.tier_blocks.get(medium, 0) + len(event.block_hashes)
+        elif isinstance(event, BlockRemoved):
             alias = self._alias
             for e in event.block_hashes:
                 ours = alias.get(e)
@@ -345,18 +462,12 @@ class CacheAware(Policy):
                         self._index.remove(slot, h)
                 else:
                     self._index.remove(slot, ours)
-        elif isinstance(event, AllBlocksCleared):
-            self._index.clear_slot(slot)
 
-    def _stored(self, slot: int, event: BlockStored) -> None:
+    def _stored(self, slot: int, event: BlockStored) -> bool:
         bs = self.block_size
-        if (
-            event.medium not in (None, "GPU")
-            or event.group_idx not in (None, 0)
-            or event.block_size % bs
-        ):
+        if event.block_size % bs:
             self.kv_ignored += 1
-            return
+            return False
         alias = self._alias
         if event.parent_block_hash is None:
             seed = self._token_seed
@@ -364,7 +475,7 @@ class CacheAware(Policy):
             parent = alias.get(event.parent_block_hash)
             if parent is None:  # its parent was never seen (or aged out): cannot chain
                 self.kv_unresolved += 1
-                return
+                return False
             seed = parent[-1] if isinstance(parent, tuple) else parent
         ours = self._block_hashes(event.token_ids, bs, -1, seed)
         r = event.block_size // bs
@@ -377,6 +488,7 @@ class CacheAware(Policy):
             self._alias = dict(islice(alias.items(), drop, None))
             self._alias_dropped += drop
         self._index.insert(slot, ours, k * r)
+        return True
 
     # -- audit and explanation -------------------------------------------------------------------
     def _decision(self, ctx: RouteContext | None) -> _Decision | None:
@@ -417,6 +529,7 @@ class CacheAware(Policy):
             "kv_events_ignored": self.kv_ignored,
             "kv_blocks_unresolved": self.kv_unresolved,
             "kv_aliases": len(self._alias),
+            "tier_slots": len(self._tier_slots),
             "audit_requests": self.audits,
             "audit_predicted_tokens": self.audit_predicted,
             "audit_cached_tokens": self.audit_cached,
@@ -426,6 +539,8 @@ class CacheAware(Policy):
         }
         for reason, count in self.reasons.items():
             out[f"routed_{reason}"] = count
+        for medium, count in self.tier_blocks.items():
+            out[f"kv_blocks_stored_{medium.lower()}"] = count
         return out
 
     def decision_counts(self) -> dict[str, int]:
