@@ -75,6 +75,7 @@ from .disagg import (
     LMCacheStore,
     PairId,
     derive_embedding,
+    kv_block_payloads,
     parse_pair_id,
     prompt_digest,
     same_address,
@@ -106,6 +107,10 @@ RECENT = 256
 ROLES = ("e", "p", "d", "pd")
 """Roles a simulated worker can take: encode, prefill, decode, merged prefill+decode."""
 KV_CONNECTORS = ("auto", "lmcache")
+HANDOFFS = ("direct", "pool")
+POOL_POLL_S = 0.005
+"""How often a decode worker looks for KV not yet in the pool (SGLang's concurrent legs)."""
+"""``direct``: the side channel and ``ec_dir``; ``pool``: the cache pool (``lmgw.cache``)."""
 """``auto``: NIXL, SGLang or P2P NCCL, as each request asks; ``lmcache``: LMCache's shared store."""
 MAX_KV_WAIT_S = 600.0
 """Upper bound on how long the side channel holds a fetch open for a KV not yet published."""
@@ -163,6 +168,17 @@ class WorkerOptions:
     serial_prefill: bool = False
     """Prefills compute one at a time, FIFO (:attr:`EngineConfig.serial_prefill`): a busy worker
     queues, so time to first token grows with load and cache hits raise capacity."""
+    handoff: str = "direct"
+    """How hand-offs travel: ``direct`` (KV blocks over the prefill worker's side channel,
+    encoder outputs in ``ec_dir``) or ``pool`` (both through the cache pool, :data:`pool_tiers`:
+    E puts each embedding, P puts the prompt's KV blocks, D takes them; verified byte for byte
+    as ever)."""
+    pool_tiers: tuple[str, ...] = ("shm",)
+    """The hand-off pool's tiers (``shm``: one host; ``redis``: across hosts)."""
+    pool_redis_url: str | None = None
+    pool_shm_name: str = "lmgw-handoff"
+    pool_ttl_s: float = 600.0
+    """How long a hand-off stays in the pool if nobody takes it (encoder outputs stay cached)."""
     kv_events: str | None = None
     """Bind a ZMQ publisher of vLLM-shaped KV events here (``tcp://127.0.0.1:0``: a free port;
     :mod:`.kv_events`); None: no events."""
@@ -327,6 +343,7 @@ class _Plan:
     external_cached: int = 0  # prompt tokens whose KV came from a prefill worker
     extra_prefill_s: float = 0.0  # e.g. the encoder's per-item time
     after_prefill: Callable[[], None] | None = None  # publishes a hand-off once "computed"
+    publish: Callable[[], Awaitable[None]] | None = None  # the same, through the cache pool
     kv_transfer_params: dict[str, Any] | None = None  # the non-stream body's field
 
     @property
@@ -411,6 +428,11 @@ class SimStats:
     p2p_published: int = 0
     p2p_received: int = 0
     p2p_misrouted: int = 0
+    pool_kv_published: int = 0
+    pool_kv_taken: int = 0
+    pool_embeddings_stored: int = 0
+    pool_embeddings_found: int = 0
+    pool_embeddings_missing: int = 0
 
 
 class _Waiters:
@@ -436,8 +458,10 @@ class SimWorker:
         opts = self.options
         if opts.role not in ROLES:
             raise ValueError(unsupported_role_message(opts.role))
-        if opts.role == "e" and not opts.ec_dir:
-            raise ValueError("an encode worker (role e) needs ec_dir (--ec-dir)")
+        if opts.handoff not in HANDOFFS:
+            raise ValueError(f"unknown handoff {opts.handoff!r}: expected one of {HANDOFFS}")
+        if opts.role == "e" and not opts.ec_dir and opts.handoff != "pool":
+            raise ValueError("an encode worker (role e) needs ec_dir (--ec-dir) or handoff pool")
         if opts.tool_format not in TOOL_PARSERS:
             raise ValueError(
                 f"unknown tool_format {opts.tool_format!r}: expected one of "
@@ -459,7 +483,26 @@ class SimWorker:
         """The LMCache store of an lmcache p or d worker (None otherwise)."""
         self.engine_id = opts.engine_id or str(uuid.uuid4())
         self.kv_store = KVStore(max_entries=opts.kv_store_entries, ttl_s=opts.kv_ttl_s)
-        self.ec_store = EmbeddingStore(opts.ec_dir) if opts.ec_dir and opts.role != "d" else None
+        self.ec_store = (
+            EmbeddingStore(opts.ec_dir)
+            if opts.ec_dir and opts.role != "d" and opts.handoff != "pool"
+            else None
+        )
+        self.handoff_pool = None
+        """The cache pool hand-offs go through (``handoff="pool"``), else None."""
+        if opts.handoff == "pool":
+            from lmgw.cache import CacheConfig, build_pool
+
+            self.handoff_pool = build_pool(
+                CacheConfig(
+                    tiers=list(opts.pool_tiers),
+                    redis_url=opts.pool_redis_url,
+                    shm_name=opts.pool_shm_name,
+                    ttl_s=opts.pool_ttl_s,
+                ),
+                producer=self.engine_id,
+                role=opts.role,
+            )
         self.bound_port: int | None = None
         """The port the server bound (set by :func:`serve_worker_inprocess`): the side channel."""
         self.kv_bound_port: int | None = None
@@ -824,6 +867,8 @@ class SimWorker:
                 self._prefill_lock.release()
             if plan.after_prefill is not None:
                 plan.after_prefill()
+            if plan.publish is not None:
+                await plan.publish()
             ticket.begin_decode()
             if writer is not None:
                 await responder.start(200, [_SSE, (b"x-request-id", rid)])
@@ -1030,8 +1075,40 @@ class SimWorker:
                     self.ec_store.require(item.content_hash, item.kind, item.length)
                 except EmbeddingError as exc:
                     raise ApiError(500, f"Encoder cache: {exc}", "messages") from None
+        elif self.handoff_pool is not None and media:
+            await self._pooled_embeddings(plan, media)
         if role == "p":
             self._prefill_leg(req, plan)
+
+    async def _pooled_embeddings(self, plan: _Plan, media: tuple[MediaItem, ...]) -> None:
+        """Every item's encoder output from the pool (``ec:{model}:{item key}``), verified."""
+        from lmgw.cache.encoder import encoder_key
+
+        pool = self.handoff_pool
+        assert pool is not None
+        keys = [encoder_key(plan.model, item.item_key) for item in media]
+        found = await pool.get_many(keys)
+        stats = self.stats
+        for item, key in zip(media, keys, strict=True):
+            data = found.get(key)
+            short = f"{item.kind} item {item.item_key[:16]}..."
+            if data is None or len(data) == 0:
+                stats.pool_embeddings_missing += 1
+                why = (
+                    "only the gateway's note that an encoder has it (the encoder does not hand"
+                    " off through the pool)"
+                    if data is not None
+                    else "nothing (the encode leg must finish first)"
+                )
+                raise ApiError(500, f"Encoder cache: the pool holds {why} for {short}", "messages")
+            if data != derive_embedding(item.content_hash, item.kind, item.length):
+                raise ApiError(
+                    500,
+                    f"Encoder cache: the encoder output of {short} in the pool is corrupted "
+                    "(does not match the item)",
+                    "messages",
+                )
+            stats.pool_embeddings_found += 1
 
     def _encode_leg(self, plan: _Plan, media: tuple[MediaItem, ...]) -> None:
         if len(media) != 1:
@@ -1041,10 +1118,22 @@ class SimWorker:
                 "messages",
             )
         (item,) = media
-        store = self.ec_store
-        assert store is not None  # checked in __init__
         engine = self.engine
         plan.extra_prefill_s = engine.config.timing.encode_s(1, engine.slow)
+        pool = self.handoff_pool
+        if pool is not None:
+            from lmgw.cache.encoder import encoder_key
+
+            async def put() -> None:
+                data = derive_embedding(item.content_hash, item.kind, item.length)
+                if not await pool.put(encoder_key(plan.model, item.item_key), data):
+                    raise ApiError(500, "Encoder cache: the cache pool refused the output")
+                self.stats.pool_embeddings_stored += 1
+
+            plan.publish = put
+            return
+        store = self.ec_store
+        assert store is not None  # checked in __init__
 
         def publish() -> None:
             store.put(
@@ -1101,6 +1190,7 @@ class SimWorker:
                 self._published(key)
 
         plan.after_prefill = publish
+        self._through_pool(plan, key, ids, block_size)
 
     def _p2p_prefill_leg(self, pair: PairId, plan: _Plan) -> None:
         """vLLM P2P NCCL's producer: the id must name this worker as the prefill; the prompt's KV
@@ -1125,6 +1215,25 @@ class SimWorker:
             self._published(pair.key)
 
         plan.after_prefill = publish
+        self._through_pool(plan, pair.key, ids, block_size)
+
+    def _through_pool(self, plan: _Plan, key: str, ids: Sequence[int], block_size: int) -> None:
+        """With ``handoff="pool"``: the prompt's KV blocks go to the cache pool under
+        ``kv:{key}`` (its prompt digest, then the blocks) instead of staying here for the side
+        channel; the hand-off parameters the answer carries are unchanged."""
+        pool = self.handoff_pool
+        if pool is None:
+            return
+
+        async def put() -> None:
+            data = prompt_digest(ids).encode() + b"".join(kv_block_payloads(ids, block_size))
+            ok = await pool.put(f"kv:{key}", data, ttl_s=self.options.kv_ttl_s)
+            self.kv_store.discard(key)
+            if not ok:
+                raise ApiError(500, "KV transfer: the cache pool refused the prompt's blocks")
+            self.stats.pool_kv_published += 1
+
+        plan.publish = put
 
     def _lmcache_prefill_leg(self, plan: _Plan) -> None:
         """LMCache's producer: every prompt's chunks go to the shared store once computed."""
@@ -1177,6 +1286,7 @@ class SimWorker:
             path = f"/sim/kv/{quote(key, safe='')}{query}"
             timeout = self.options.kv_fetch_timeout_s
             what = f"remote_request_id {key!r}"
+            pool_key, pool_wait = key, self.options.kv_fetch_timeout_s
         elif req.bootstrap_room is not None:
             room = self._room(req)
             host = _single(req.bootstrap_host, "bootstrap_host")
@@ -1193,6 +1303,7 @@ class SimWorker:
             path = f"/sim/kv/room-{room}?wait_s={wait:g}"
             timeout = wait + self.options.kv_fetch_timeout_s
             what = f"bootstrap_room {room}"
+            pool_key, pool_wait = f"room-{room}", wait
         elif (pair := self._pair_id(plan)) is not None:
             own = self.kv_address
             if own is None or not same_address(pair.decode_addr, own):
@@ -1209,6 +1320,7 @@ class SimWorker:
             path = f"/sim/kv/{quote(pair.key, safe='')}?wait_s={wait:g}"
             timeout = wait + self.options.kv_fetch_timeout_s
             what = f"P2P NCCL request {pair.key!r}"
+            pool_key, pool_wait = pair.key, wait
         elif self.lmcache is not None:
             self._lmcache_decode_leg(ids, plan)
             return
@@ -1221,7 +1333,10 @@ class SimWorker:
                 "kv_transfer_params",
             )
         stats = self.stats
-        body, peer_engine, peer_digest = await self._fetch_kv(host, port, path, timeout, what)
+        if self.handoff_pool is not None:
+            body, peer_engine, peer_digest = await self._take_kv(pool_key, pool_wait, what)
+        else:
+            body, peer_engine, peer_digest = await self._fetch_kv(host, port, path, timeout, what)
         stats.kv_blocks_fetched += len(body) // KV_BLOCK_BYTES
         try:
             if engine_id is not None and peer_engine != engine_id:
@@ -1266,6 +1381,32 @@ class SimWorker:
             )
         # A full hit still recomputes the last prompt token (vLLM's LMCache connector).
         plan.external_cached = min(hit, len(ids) - 1)
+
+    async def _take_kv(
+        self, key: str, wait_s: float, what: str
+    ) -> tuple[bytes, str | None, str | None]:
+        """The prompt's KV from the cache pool (``handoff="pool"``): waits up to ``wait_s`` for
+        the prefill worker to put it (SGLang's legs run at once), takes it (deletes it), and
+        returns (blocks, the producing engine's id, the prompt digest it was stored with)."""
+        pool = self.handoff_pool
+        assert pool is not None
+        deadline = trio.current_time() + wait_s
+        while (entry := await pool.get_entry(f"kv:{key}")) is None:
+            if trio.current_time() >= deadline:
+                self.stats.kv_fetch_failures += 1
+                raise ApiError(
+                    500,
+                    f"KV transfer for {what} failed: not in the cache pool within {wait_s:g} s "
+                    "(the prefill leg did not run, or its worker hands off elsewhere)",
+                )
+            await trio.sleep(POOL_POLL_S)
+        await pool.delete(f"kv:{key}")
+        data = entry.value
+        if not isinstance(data, bytes) or len(data) < 32:
+            self.stats.kv_fetch_failures += 1
+            raise ApiError(500, f"KV transfer for {what} failed: a malformed pool entry")
+        self.stats.pool_kv_taken += 1
+        return data[32:], entry.meta.producer, data[:32].decode("latin-1")
 
     async def _fetch_kv(
         self, host: str, port: int, path: str, timeout_s: float, what: str
@@ -1379,6 +1520,12 @@ class SimWorker:
             "lmcache_hit_tokens": 0 if lm is None else lm.hit_tokens,
             "lmcache_hits": 0 if lm is None else lm.hits,
             "lmcache_misses": 0 if lm is None else lm.misses,
+            "handoff_mode": self.options.handoff,
+            "pool_kv_published": s.pool_kv_published,
+            "pool_kv_taken": s.pool_kv_taken,
+            "pool_embeddings_stored": s.pool_embeddings_stored,
+            "pool_embeddings_found": s.pool_embeddings_found,
+            "pool_embeddings_missing": s.pool_embeddings_missing,
             "ec_dir": self.options.ec_dir,
             "embeddings_stored": 0 if ec is None else ec.stored,
             "embeddings_found": 0 if ec is None else ec.found,
@@ -1417,8 +1564,11 @@ class SimWorker:
         ]  # fmt: skip
 
     def close(self) -> None:
-        """Close the side-channel client's idle connections (the server closes the rest)."""
+        """Close the side-channel client's idle connections (the server closes the rest) and
+        the hand-off pool (its shared-memory entries go)."""
         self._pool.close()
+        if self.handoff_pool is not None:
+            self.handoff_pool.close()
 
     # -- other vLLM routes ------------------------------------------------------------------------
 

@@ -186,6 +186,10 @@ class KVStore:
         self.blocks_served += len(ids)
         return entry, b"".join(entry.payloads[b] for b in ids)
 
+    def discard(self, key: str) -> None:
+        """Forget an entry without counting it served (it went elsewhere: the cache pool)."""
+        self._entries.pop(key, None)
+
     def expire(self, now: float) -> int:
         """Drop entries past their deadline (oldest first, so the scan stops early)."""
         n = 0

@@ -164,6 +164,9 @@ class MediaItem:
     offset: int
     length: int
     content_hash: str = ""
+    item_key: str = ""
+    """The item as the gateway's dialects name it: its uuid, else the sha256 of its URL (the key
+    of its encoder output in the gateway's cache pool, ``ec:{model}:{item_key}``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +179,9 @@ class RenderedPrompt:
     media: tuple[MediaItem, ...] = ()
 
 
-def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
-    """(hash of the content for the placeholder ids, key for the encoder cache).
+def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str, str]:
+    """(hash of the content for the placeholder ids, key for the encoder cache, the item's key
+    as the gateway names it).
 
     As in vLLM, a part's ``uuid`` is its cache key (E stores the embedding under it, P looks
     it up by it), while what the model "sees" is the content: the same picture gives the same
@@ -194,6 +198,7 @@ def _media_hash(part: dict[str, Any], key: str) -> tuple[str, str]:
     return (
         hashlib.blake2b(seen.encode(), digest_size=16).hexdigest(),
         hashlib.sha256(cache.encode()).hexdigest(),
+        uuid if has_uuid else hashlib.sha256(ident.encode()).hexdigest(),  # type: ignore[return-value]
     )
 
 
@@ -209,9 +214,9 @@ def _media_key(part: dict[str, Any]) -> str | None:
     return None
 
 
-def _media_parts(messages: Sequence[Any]) -> list[tuple[str, str, str]]:
-    """(modality, mm_hash, content_hash) of every media part, in message order."""
-    out: list[tuple[str, str, str]] = []
+def _media_parts(messages: Sequence[Any]) -> list[tuple[str, str, str, str]]:
+    """(modality, mm_hash, content_hash, item_key) of every media part, in message order."""
+    out: list[tuple[str, str, str, str]] = []
     for msg in messages:
         content = msg.get("content") if isinstance(msg, dict) else None
         if not isinstance(content, list):
@@ -432,13 +437,13 @@ class Tokenizer:
         return rendered
 
     def _expand_media(
-        self, ids: list[int], parts: list[tuple[str, str, str]], media: MediaConfig
+        self, ids: list[int], parts: list[tuple[str, str, str, str]], media: MediaConfig
     ) -> tuple[list[int], tuple[MediaItem, ...]]:
         """Replace the k-th marker of each modality by the k-th item's placeholder ids. As in
         vLLM, markers and items must pair up exactly."""
-        queues: dict[str, deque[tuple[str, str]]] = {}
-        for kind, mm_hash, content_hash in parts:
-            queues.setdefault(kind, deque()).append((mm_hash, content_hash))
+        queues: dict[str, deque[tuple[str, str, str]]] = {}
+        for kind, mm_hash, content_hash, item_key in parts:
+            queues.setdefault(kind, deque()).append((mm_hash, content_hash, item_key))
         markers = self._marker_kind
         out: list[int] = []
         items: list[MediaItem] = []
@@ -452,10 +457,10 @@ class Tokenizer:
                 raise PromptError(
                     f"the prompt has more {kind} placeholders than {kind} items", "messages"
                 )
-            mm_hash, content_hash = queue.popleft()
+            mm_hash, content_hash, item_key = queue.popleft()
             out += ids[last:pos]
             count = media.tokens(kind)
-            items.append(MediaItem(kind, mm_hash, len(out), count, content_hash))
+            items.append(MediaItem(kind, mm_hash, len(out), count, content_hash, item_key))
             out += self.media_token_ids(mm_hash, count)
             last = pos + 1
         left = {kind: len(q) for kind, q in queues.items() if q}

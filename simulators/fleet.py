@@ -72,6 +72,8 @@ async def serve_worker_inprocess(
         async with trio.open_nursery() as nursery:
             if worker.kv_events is not None:  # the publisher's socket owner task
                 await nursery.start(worker.kv_events.run)
+            if worker.handoff_pool is not None:  # Redis reconnection, shm sweeps
+                await nursery.start(worker.handoff_pool.run)
             port = await nursery.start(partial(serve_http, worker, opts.host, opts.port, **limits))
             worker.bound_port = port  # the KV side channel (and SGLang bootstrap) port
             if opts.kv_port is not None:  # P2P NCCL's KV port: the same handler, a second port
@@ -302,7 +304,8 @@ async def run_fleet(
     errors: list[str] = []
     own_ec_dir: str | None = None
     own_lmcache_dir: str | None = None
-    if counts.get("e", 0) > 0 and not _has_flag(extra_args, "--ec-dir"):
+    pooled = _flag_value(extra_args, "--handoff") == "pool"  # embeddings go to the cache pool
+    if counts.get("e", 0) > 0 and not _has_flag(extra_args, "--ec-dir") and not pooled:
         own_ec_dir = tempfile.mkdtemp(prefix="lmgw-sim-ec-")
         fleet.ec_dir = own_ec_dir
     if dialect == "vllm-lmcache" and not _has_flag(extra_args, "--lmcache-dir"):

@@ -31,7 +31,7 @@ import trio
 
 from lmgw.tools import TOOL_PARSERS
 
-from .app import KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
+from .app import HANDOFFS, KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
 from .disagg import LMCACHE_CHUNK_TOKENS
 from .engine import DEFAULT_TOOL_FORMAT, load_tokenizer
 from .faults import Faults
@@ -136,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=LMCACHE_CHUNK_TOKENS,
         help="tokens per LMCache chunk (p and d must agree)",
     )
+    dis.add_argument(
+        "--handoff",
+        choices=HANDOFFS,
+        default="direct",
+        help="direct: KV over the prefill worker's side channel, embeddings in --ec-dir; pool: "
+        "both through the cache pool (--pool-tiers)",
+    )
+    dis.add_argument(
+        "--pool-tiers",
+        default="shm",
+        help="the hand-off pool's tiers, comma-separated: shm (this host), redis (default: shm)",
+    )
+    dis.add_argument("--pool-redis-url", default=None, help="the hand-off pool's Redis")
+    dis.add_argument(
+        "--pool-shm-name",
+        default="lmgw-handoff",
+        help="processes with the same name share the pool's shm tier (default: lmgw-handoff)",
+    )
     p.add_argument(
         "--tool-format",
         choices=sorted(TOOL_PARSERS),
@@ -162,8 +180,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError(unsupported_role_message(ns.role))
     if math.isnan(ns.speed) or ns.speed <= 0:
         raise ValueError("--speed must be > 0 (use 'inf' for no delays)")
-    if ns.role == "e" and not ns.ec_dir:
-        raise ValueError("--role e needs --ec-dir (where the embeddings go)")
+    if ns.role == "e" and not ns.ec_dir and ns.handoff != "pool":
+        raise ValueError("--role e needs --ec-dir (where the embeddings go) or --handoff pool")
     if not ns.kv_ttl > 0 or not ns.bootstrap_timeout > 0:
         raise ValueError("--kv-ttl and --bootstrap-timeout must be > 0")
     if ns.kv_port is not None and not 0 <= ns.kv_port < 65536:
@@ -213,6 +231,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         tool_format=ns.tool_format,
         serial_prefill=ns.serial_prefill,
         kv_events=ns.kv_events,
+        handoff=ns.handoff,
+        pool_tiers=tuple(t.strip() for t in ns.pool_tiers.split(",") if t.strip()),
+        pool_redis_url=ns.pool_redis_url,
+        pool_shm_name=ns.pool_shm_name,
     )
 
 

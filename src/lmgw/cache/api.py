@@ -282,8 +282,11 @@ class CachePool:
 
     async def aclose(self) -> None:
         """Close the tiers (a shared-memory tier removes this process's entries)."""
+        self.close()
+
+    def close(self) -> None:
         for tier in self.tiers:
-            await tier.aclose()
+            tier.close()
 
     def statistics(self) -> dict[str, dict[str, float]]:
         """Per tier: the tier's own numbers plus the pool's hits, misses, promotions and

@@ -415,7 +415,7 @@ class RedisTier(Tier):
         except (_Down, RedisError):
             return False
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         for conn in self._idle:
             conn.close_now()
         self._open -= len(self._idle)

@@ -394,9 +394,6 @@ class ShmTier(Tier):
             self._destroy(seg)
         self._free.clear()
 
-    async def aclose(self) -> None:
-        self.close()
-
     def statistics(self) -> dict[str, float]:
         out = super().statistics()
         out["idle_bytes"] = sum(s.capacity for s in self._free)

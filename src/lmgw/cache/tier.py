@@ -91,8 +91,11 @@ class Tier:
     async def run(self) -> None:
         """Background upkeep (reconnects, sweeps), run by :meth:`CachePool.run`; default none."""
 
+    def close(self) -> None:
+        """Release what the tier holds in this process (shm: its entries; redis: connections)."""
+
     async def aclose(self) -> None:
-        pass
+        self.close()
 
     def statistics(self) -> dict[str, float]:
         used, entries = self.usage()
