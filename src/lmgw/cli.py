@@ -347,6 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workers publish their prefix cache's changes (vLLM KV events over ZMQ) and"
         " the gateway subscribes (workers[].kv_events): cache_aware routes in exact mode",
     )
+    p_sim.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway replicas in front of the fleet (ports --port, --port+1, ...); more than"
+        " one needs --redis",
+    )
+    p_sim.add_argument(
+        "--redis",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="URL",
+        help="share state through Redis (URL, or a redis-server started here): the fleet is"
+        " registered there, the replicas share routing hints, health verdicts and a cache pool",
+    )
+    p_sim.add_argument(
+        "--handoff",
+        choices=("direct", "pool"),
+        default="direct",
+        help="how workers hand off encoder outputs and KV: direct (side channel, shared"
+        " directory) or pool (the cache pool: Redis with --redis, else shared memory)",
+    )
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)
 

@@ -666,6 +666,42 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
         _non_negative("redis_reconnect_grace_s", self.redis_reconnect_grace_s)
 
 
+class ReplicasConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Gateway replicas in front of one fleet, sharing routing hints and health verdicts."""
+
+    # redis://... the replicas share (a stream of events); unset: this gateway shares nothing.
+    redis_url: str | None = None
+    # The stream is `{prefix}:replicas:events`; the replicas of one deployment use the same.
+    prefix: str = "lmgw"
+    # This replica's name in the stream; unset: a random one per start.
+    id: str | None = None
+    # Share cache_aware's dispatch-time predictions (workers without KV events).
+    hints: bool = True
+    # Share worker ejections (and their remaining time) and recoveries.
+    health: bool = True
+    # Events the stream keeps (approximately): what a starting replica replays to warm up.
+    history: int = 100_000
+    # Events are published in batches gathered for at most this long.
+    flush_interval_s: float = 0.005
+    # Per Redis command (and connect).
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            from .workers.discovery.resp import parse_redis_url
+
+            try:
+                parse_redis_url(self.redis_url)
+            except ValueError as e:
+                raise ConfigError(str(e), path="redis_url") from None
+        _non_empty("prefix", self.prefix)
+        if self.id is not None:
+            _non_empty("id", self.id)
+        _at_least("history", self.history, 1)
+        _non_negative("flush_interval_s", self.flush_interval_s)
+        _positive("timeout_s", self.timeout_s)
+
+
 class LoggingConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Log output."""
 
@@ -1188,6 +1224,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     tools: ToolsConfig = msgspec.field(default_factory=ToolsConfig)
     # The distributed cache pool: tiers, budgets, Redis (docs/cache.md).
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    # Gateway replicas sharing routing hints and health verdicts through Redis.
+    replicas: ReplicasConfig = msgspec.field(default_factory=ReplicasConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
     # Empty: workers come from discovery or the admin API.
@@ -1249,6 +1287,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "native": NativeConfig,
     "tools": ToolsConfig,
     "cache": CacheConfig,
+    "replicas": ReplicasConfig,
 }
 
 

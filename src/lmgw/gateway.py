@@ -126,6 +126,12 @@ class Gateway:
                 self.pipeline.disagg.encoded = PooledEncodedItems(
                     self.cache, config.media.encoder_cache_ttl_s
                 )
+        # replicas sharing routing hints and health verdicts through Redis ([replicas])
+        self.replicas = None
+        if config.replicas.redis_url is not None:
+            from .workers.replicas import ReplicaSync
+
+            self.replicas = ReplicaSync(config.replicas, self.registry, self.policies, self.metrics)
         # engine KV events (workers[].kv_events) for policies that use them, one SUB task each
         self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
@@ -376,6 +382,8 @@ class Gateway:
                         from .workers.discovery import run_discovery
 
                         await nursery.start(run_discovery, self, cfg.discovery)
+                    if self.replicas is not None:  # warm from the shared history, then serve
+                        await nursery.start(self.replicas.run)
                     await nursery.start(self.native.run)
                     await nursery.start(self.kv_events.run)
                     if self.tools is not None:  # MCP sessions; every server had one try

@@ -12,6 +12,15 @@ left behind (the shared directories are removed too).
 dialect is ``lmgw-native``, and the gateway tokenizes with the workers' model folder (native
 workers take token ids). Media then go to the encoders as tensor frames.
 
+``--gateways N --redis [URL]`` runs N gateway replicas (ports ``--port``, ``--port``+1, ...; all
+free ones with ``--port 0``) in front of the one fleet, sharing state through Redis (``URL``, or
+a ``redis-server`` started here and stopped at the end): the fleet is registered there and every
+replica discovers it (``discovery.redis_url``), the replicas share routing hints and health
+verdicts (``[replicas]``), and their cache pools have a Redis tier (``[cache]``: memory, redis),
+so an image one replica had encoded skips E on the others. ``--handoff pool`` makes the workers
+hand encoder outputs and KV blocks through the cache pool (Redis with ``--redis``, else this
+host's shared memory) instead of their side channel.
+
 ``--kv-events`` starts every worker with a prefix cache (all but encoders) with a KV event
 publisher (``--kv-events tcp://127.0.0.1:0``, vLLM's wire format) and gives each its endpoint as
 ``workers[].kv_events``: a ``cache_aware`` policy then routes from what the engines report
@@ -22,16 +31,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
+import msgspec
 import trio
 
+from .cache import CacheConfig
 from .cli import run_until_signal
 from .config import (
     NATIVE_DIALECT,
     AuthConfig,
+    DiscoveryConfig,
     GatewayConfig,
     LimitsConfig,
     ModelConfig,
+    ReplicasConfig,
     RoutingConfig,
     ServerConfig,
     WorkerConfig,
@@ -87,9 +108,107 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     )
 
 
+def replica_configs(
+    base: GatewayConfig, n: int, redis_url: str | None, shm_name: str | None, port: int
+) -> list[GatewayConfig]:
+    """The gateways of a simulation: ``base`` alone, or ``n`` replicas that discover the fleet
+    in Redis and share hints, verdicts and a cache pool there."""
+    tiers = ["memory", "redis"] if redis_url else ["memory", "shm"] if shm_name else []
+    cache = CacheConfig(tiers=tiers, redis_url=redis_url, shm_name=shm_name or "lmgw-cache")
+    out = []
+    for i in range(n):
+        server = msgspec_replace(base.server, port=port + i if port else 0)
+        if redis_url is None:
+            out.append(msgspec_replace(base, server=server, cache=cache))
+            continue
+        out.append(
+            msgspec_replace(
+                base,
+                server=server,
+                workers=[],  # discovered in Redis, where the simulation registers them
+                discovery=DiscoveryConfig(
+                    redis_url=redis_url, redis_prefix=SIM_PREFIX, redis_interval_s=1.0
+                ),
+                replicas=ReplicasConfig(redis_url=redis_url, prefix=SIM_PREFIX, id=f"gw{i}"),
+                cache=msgspec_replace(cache, redis_prefix=SIM_PREFIX),
+            )
+        )
+    return out
+
+
+def msgspec_replace(obj: Any, **changes: Any) -> Any:
+    return msgspec.structs.replace(obj, **changes)
+
+
+SIM_PREFIX = "lmgw-sim"
+"""Key prefix of a simulation's fleet, events and cache entries in Redis."""
+
+
+async def local_redis(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """A ``redis-server`` on a free 127.0.0.1 port (no persistence) until cancelled; reports its
+    URL once it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FleetError("--redis without a URL needs redis-server (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="lmgw-sim-redis-")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--dir", workdir]  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(
+                partial(
+                    trio.run_process,
+                    args,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                )
+            )
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                        await stream.aclose()
+                        break
+                    except OSError:
+                        if proc.poll() is not None:
+                            raise FleetError("redis-server exited at start") from None
+                        await trio.sleep(0.02)
+            task_status.started(f"redis://127.0.0.1:{port}/0")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Gateways:
+    """Several gateways drained together (run_until_signal's one-gateway interface)."""
+
+    def __init__(self, gateways: Sequence[Gateway]) -> None:
+        self.gateways = gateways
+
+    async def shutdown(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for gw in self.gateways:
+                nursery.start_soon(gw.shutdown)
+
+
 async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
     transport = getattr(args, "transport", None) or "http"
+    n_gateways = getattr(args, "gateways", 1) or 1
+    redis_arg = getattr(args, "redis", None)
+    handoff = getattr(args, "handoff", None) or "direct"
+    if n_gateways < 1:
+        log.error("--gateways must be >= 1")
+        return 2
+    if n_gateways > 1 and redis_arg is None:
+        log.error("--gateways %d needs --redis (the replicas share state there)", n_gateways)
+        return 2
+    if (redis_arg is not None or handoff == "pool") and transport == "zmq":
+        log.error("--redis and --handoff pool are for HTTP workers")
+        return 2
     dialect = None
     if transport == "zmq":
         if getattr(args, "dialect", None):
@@ -111,12 +230,28 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         # every role with a prefix cache publishes (encoders have none)
         roles_args = {r: ["--kv-events", KV_EVENTS_BIND] for r in counts if r != "e"}
     async with trio.open_nursery() as nursery:
+        redis_url: str | None = None
+        if redis_arg is not None:
+            try:
+                redis_url = await nursery.start(local_redis) if redis_arg == "local" else redis_arg
+            except FleetError as exc:
+                log.error("%s", exc)
+                return 2
+        shm_name = f"lmgw-sim-{os.getpid()}" if handoff == "pool" and not redis_url else None
+        extra: list[str] = []
+        if handoff == "pool":
+            extra = ["--handoff", "pool"]
+            if redis_url:
+                extra += ["--pool-tiers", "redis", "--pool-redis-url", redis_url]
+            else:
+                extra += ["--pool-tiers", "shm", "--pool-shm-name", shm_name or ""]
         try:
             fleet: Fleet = await nursery.start(
                 lambda task_status: run_fleet(
                     counts,
                     model=args.model,
                     speed=args.speed,
+                    extra_args=extra,
                     role_args=roles_args,
                     dialect=None if dialect is None else dialect.name,
                     transport=transport,
@@ -125,25 +260,37 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             )
         except FleetError as exc:
             log.error("simulated fleet failed to start: %s", exc)
+            nursery.cancel_scope.cancel()
             return 1
-        cfg = fleet_config(fleet, spec, args)
+        base = fleet_config(fleet, spec, args)
+        if redis_url is not None:  # the fleet lives in Redis: every replica discovers it there
+            from .workers.discovery.redis import register
+
+            for wc in base.workers:
+                await nursery.start(partial(register, redis_url, wc, prefix=SIM_PREFIX, ttl_s=10.0))
+        configs = replica_configs(base, n_gateways, redis_url, shm_name, args.port)
         try:
-            gateway = Gateway(cfg)
+            gateways = [Gateway(cfg) for cfg in configs]
         except ValueError as exc:
             log.error("%s", exc)
             nursery.cancel_scope.cancel()  # stops the fleet
             return 2
-        port = await nursery.start(gateway.run)
+        ports = [await nursery.start(gw.run) for gw in gateways]
         for m in fleet.members:
             kv = f"  kv_address={m.kv_address}" if m.kv_address else ""
             kv += f"  kv_events={m.kv_events}" if getattr(m, "kv_events", None) else ""
             print(f"  worker {m.role:<3} {m.url}{kv}", flush=True)
         if fleet.lmcache_dir:
             print(f"  lmcache dir {fleet.lmcache_dir}", flush=True)
-        print(
-            f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}"
-            "  (Ctrl-C to stop)",
-            flush=True,
-        )
-        await run_until_signal(gateway, nursery)
+        if redis_url:
+            print(f"  redis {redis_url}  (prefix {SIM_PREFIX})", flush=True)
+        for port in ports:
+            print(
+                f"lmgw gateway for {spec} ({args.model}) on http://{args.host}:{port}"
+                "  (Ctrl-C to stop)",
+                flush=True,
+            )
+        await run_until_signal(_Gateways(gateways), nursery)
+    if shm_name:
+        shutil.rmtree(os.path.join("/dev/shm", shm_name), ignore_errors=True)
     return 0

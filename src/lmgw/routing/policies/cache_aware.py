@@ -142,9 +142,14 @@ class CacheAware(Policy):
         self._cursor = 0
         self._last: _Decision | None = None
         self._picked: dict[str, int] = {}  # worker id -> decision number it was last chosen
+        self._round = 0  # decisions here plus those other replicas reported (import_hint)
         # tiers: (worker id, medium) -> slot of that worker's blocks in a non-GPU medium
         self._tier_slots: dict[tuple[str, str], int] = {}
         self.tier_blocks: dict[str, int] = {}  # blocks stored per medium (from events)
+        # gateway replicas (lmgw.workers.replicas): dispatch predictions go out through
+        # hint_sink(worker id, block hashes) and come in through import_hint
+        self.hint_sink: Any = None
+        self.hints_imported = 0
         # exact mode
         self._exact: set[str] = set()
         self._alias: dict[Any, Any] = {}  # engine block hash -> our hash (or tuple of ours)
@@ -318,11 +323,12 @@ class CacheAware(Policy):
             idle = candidates[base].id
             last = self._picked.get(idle)
             if last is None:
-                self._picked[idle] = self.decisions
-            elif self.decisions - last > STARVE_ROUNDS * n:
+                self._picked[idle] = self._round
+            elif self._round - last > STARVE_ROUNDS * n:
                 best, reason = base, "warm"
         worker = candidates[best]
-        self._picked[worker.id] = self.decisions
+        self._picked[worker.id] = self._round
+        self._round += 1
         predicted = 0
         if depths:
             slot = self._slots.get(worker.id, -1)
@@ -393,6 +399,23 @@ class CacheAware(Policy):
             slot = self._slot(worker.id)
             if slot >= 0:
                 self._index.insert(slot, hashes)
+            if self.hint_sink is not None:
+                self.hint_sink(worker.id, hashes)
+
+    def import_hint(self, worker: Worker, hashes: Sequence[int]) -> None:
+        """Another gateway replica dispatched a prompt with these block hashes to ``worker``:
+        predict it as if this replica had (unless the worker's engine sends KV events), and
+        count the decision, so that the replicas' tie-break cursors and starvation rounds move
+        together and they decide alike."""
+        self._cursor += 1
+        self._picked[worker.id] = self._round
+        self._round += 1
+        if worker.id in self._exact or not len(hashes):
+            return
+        slot = self._slot(worker.id)
+        if slot >= 0:
+            self._index.insert(slot, hashes)
+            self.hints_imported += 1
 
     def on_usage(
         self, worker: Worker, ctx: RouteContext, prompt_tokens: int, cached_tokens: int | None
@@ -530,6 +553,7 @@ class CacheAware(Policy):
             "kv_blocks_unresolved": self.kv_unresolved,
             "kv_aliases": len(self._alias),
             "tier_slots": len(self._tier_slots),
+            "hints_imported": self.hints_imported,
             "audit_requests": self.audits,
             "audit_predicted_tokens": self.audit_predicted,
             "audit_cached_tokens": self.audit_cached,
