@@ -15,8 +15,13 @@ buys on a workload that repeats images.
    ``restart-redis`` (a restarted gateway whose pool has a Redis tier that the previous gateway
    filled). Reports the share of E legs skipped and TTFT p50/p90 per run, and the TTFT gain as
    the ratio to ``off`` in the same run.
-3. **Replicas** (``--gateways``): see ``benchmarks/README.md`` (routing agreement of two gateway
-   replicas sharing state through Redis).
+3. **Replicas.** Two gateway replicas (``cache_aware``, approximate mode: no KV events) in front
+   of 4 in-process merged workers, sharing routing hints through Redis (``[replicas]``), and a
+   control pair that shares nothing. 100 conversations of 3 turns with a shared system prompt,
+   interleaved, each request sent to a random replica, then a think time of 0, 5 or 20 ms.
+   Before each request both replicas are asked what they would choose for it (``peek``: the
+   decision without recording it); the agreement rate is the share of requests on which they
+   agree. Target: >= 99% at a realistic think time.
 
     .venv/bin/python benchmarks/cachepool.py [--quick]
 
@@ -296,6 +301,107 @@ async def encoder_cache(quick: bool, redis: Redis | None) -> list[dict[str, Any]
     return rows
 
 
+# -- 3. replicas --------------------------------------------------------------------------------
+
+
+def chat_body(text: str) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(
+        {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+    )
+
+
+async def send(url: str, body: bytes) -> None:
+    host, port = url.rsplit("/", 1)[1].split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(head + body)
+        buf = b""
+        while chunk := await stream.receive_some(65536):
+            buf += chunk
+    if not buf.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(buf[:300].decode("latin-1"))
+
+
+def peek(gw: Gateway, body: bytes, i: int) -> str:
+    """What this replica's cache_aware policy would choose for ``body`` now (no side effects),
+    with the routing key the API builds (the raw ``messages`` bytes: no gateway tokenizer)."""
+    from lmgw.routing.policy import RouteContext
+
+    ctx = RouteContext(MODEL, f"peek-{i}", text_key=body[body.find(b'"messages"') :])
+    return gw.policies["pd"].peek(gw.registry.candidates(MODEL, "pd"), ctx).id  # type: ignore[attr-defined]
+
+
+async def replicas(quick: bool, redis: Redis | None) -> list[dict[str, Any]]:
+    from lmgw.config import ReplicasConfig, RoutingConfig
+
+    if redis is None:
+        return []
+    rows = []
+    system = "You are a careful assistant for the cache pool benchmark. " * 8
+    n = 40 if quick else 100  # conversations, 3 turns each
+    async with trio.open_nursery() as nursery:
+        urls = []
+        for _ in range(4):
+            sim = SimWorker(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
+            urls.append(await nursery.start(serve_worker_inprocess, sim))
+        workers = [WorkerConfig(url=u, role="pd", id=f"w{i}") for i, u in enumerate(urls)]
+        for think_ms in (0, 5, 20):
+            for shared in (True, False):
+                prefix = f"bench-rep-{think_ms}-{int(shared)}"
+                gws: list[tuple[Gateway, str, trio.CancelScope]] = []
+                for _ in range(2):
+                    cfg = GatewayConfig(
+                        server=ServerConfig(port=0),
+                        health=HealthConfig(interval_s=30),
+                        routing=RoutingConfig(policy="cache_aware"),
+                        models=[ModelConfig(name=MODEL)],
+                        workers=workers,
+                        replicas=ReplicasConfig(
+                            redis_url=redis.url if shared else None, prefix=prefix
+                        ),
+                    )
+                    gws.append(await run_gateway_plain(nursery, cfg))
+                rng = random.Random(11)
+                convs = [f"{system} User {c} asks about topic {rng.randrange(10**6)}."
+                         for c in range(n)]  # fmt: skip
+                turns = [(c, t) for c in range(n) for t in range(3)]
+                turns.sort(key=lambda ct: (ct[0] // 8, ct[1], rng.random()))  # interleaved
+                agree = total = 0
+                for i, (c, t) in enumerate(turns):
+                    text = convs[c] + " Assistant: ... User: and then?" * t
+                    body = chat_body(text)
+                    choices = {peek(gw, body, i) for gw, _u, _s in gws}
+                    agree += len(choices) == 1
+                    total += 1
+                    await send(rng.choice(gws)[1], body)
+                    await trio.sleep(think_ms / 1000)
+                for _gw, _url, scope in gws:
+                    scope.cancel()
+                rows.append({"think_ms": think_ms, "shared": shared, "requests": total,
+                             "agreement": agree / total})  # fmt: skip
+        nursery.cancel_scope.cancel()
+    return rows
+
+
+async def run_gateway_plain(
+    nursery: trio.Nursery, cfg: GatewayConfig
+) -> tuple[Gateway, str, trio.CancelScope]:
+    gw = Gateway(cfg)
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        with scope:
+            await gw.run(task_status=task_status)
+
+    port = await nursery.start(run)
+    return gw, f"http://127.0.0.1:{port}", scope
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -323,10 +429,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{r['run']:>14} {r['e_legs']:>7} {r['skip_rate']:>8.0%} "
                   f"{r['ttft_p50_s'] * 1e3:>8.1f}ms {r['ttft_p90_s'] * 1e3:>7.1f}ms "
                   f"{r['ttft_gain']:>5.2f}x")  # fmt: skip
+        rep = await replicas(args.quick, redis)
+        if rep:
+            print("\n== two gateway replicas: same decision on the same request (target >= 99%)")
+            print(f"{'think':>7} {'shared':>8} {'unshared':>9}")
+            for think in sorted({r["think_ms"] for r in rep}):
+                by = {r["shared"]: r["agreement"] for r in rep if r["think_ms"] == think}
+                print(f"{think:>5}ms {by[True]:>8.1%} {by[False]:>9.1%}")
     finally:
         if redis is not None:
             redis.stop()
-    return {"tiers": tiers, "encoder_cache": ec}
+    return {"tiers": tiers, "encoder_cache": ec, "replicas": rep}
 
 
 if __name__ == "__main__":

@@ -682,7 +682,7 @@ class ReplicasConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Events the stream keeps (approximately): what a starting replica replays to warm up.
     history: int = 100_000
     # Events are published in batches gathered for at most this long.
-    flush_interval_s: float = 0.005
+    flush_interval_s: float = 0.001
     # Per Redis command (and connect).
     timeout_s: float = 2.0
 

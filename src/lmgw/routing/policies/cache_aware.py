@@ -316,16 +316,17 @@ class CacheAware(Policy):
                     if score > best_score or (score == best_score and loads[i] < best_load):
                         best, best_score, best_load = i, score, loads[i]
                 reason = "cache" if best_score > 0 else "load" if found else "below_threshold"
-        if reason == "cache" and best != base:
-            # Starvation guard: a least-loaded worker nobody chose for STARVE_ROUNDS rounds of
-            # the fleet (one that joined while every prompt shares a hot prefix others hold)
-            # gets this request, after which it holds the prefix and competes on equal terms.
-            idle = candidates[base].id
-            last = self._picked.get(idle)
-            if last is None:
-                self._picked[idle] = self._round
-            elif self._round - last > STARVE_ROUNDS * n:
-                best, reason = base, "warm"
+        # Starvation guard: a least-loaded worker nobody chose for STARVE_ROUNDS rounds of the
+        # fleet (one that joined while every prompt shares a hot prefix others hold) gets this
+        # request, after which it holds the prefix and competes on equal terms. (A worker never
+        # chosen counts from round 0, not from when this replica first saw it idle: gateway
+        # replicas then agree on who is starved.)
+        if (
+            reason == "cache"
+            and best != base
+            and self._round - self._picked.get(candidates[base].id, 0) > STARVE_ROUNDS * n
+        ):
+            best, reason = base, "warm"
         worker = candidates[best]
         self._picked[worker.id] = self._round
         self._round += 1
@@ -342,6 +343,20 @@ class CacheAware(Policy):
         self._last = decision
         ctx.memo()[self] = decision
         return worker
+
+    def peek(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
+        """The worker :meth:`choose` would pick now, without recording the decision (no
+        cursor, counters, starvation clock or explanation change): for comparing the decisions
+        of gateway replicas on the same request."""
+        saved = (self._cursor, self._round, dict(self._picked), self.decisions, dict(self.reasons),
+                 self.prompt_tokens, self.predicted_tokens, self._last)  # fmt: skip
+        try:
+            return self.choose(candidates, ctx)
+        finally:
+            (self._cursor, self._round, self._picked, self.decisions, self.reasons,
+             self.prompt_tokens, self.predicted_tokens, self._last) = saved  # fmt: skip
+            if ctx.scratch:
+                ctx.scratch.pop(self, None)
 
     def _choose_tiered(
         self,
