@@ -168,6 +168,8 @@ async def time_tiers(quick: bool, redis: Redis | None) -> list[dict[str, Any]]:
             )
     for pool in pools.values():
         await pool.aclose()
+    shm_dir = pools["shm"].tiers[0].path  # type: ignore[attr-defined]
+    shutil.rmtree(shm_dir, ignore_errors=True)
     return rows
 
 
