@@ -12,11 +12,8 @@ See :mod:`lmgw.cache.api` for the rules and docs/cache.md for the configuration.
 
 from __future__ import annotations
 
-from .api import CachePool
-from .config import CacheConfig, build_pool
-from .memory import MemoryTier
-from .tier import Evicted, Tier
-from .values import Entry, Meta, Value
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = [
     "CacheConfig",
@@ -32,14 +29,38 @@ __all__ = [
     "build_pool",
 ]
 
+# Loaded on first use: lmgw.config imports the [cache] section, and must not pull numpy in.
+_WHERE = {
+    "CacheConfig": ".config",
+    "build_pool": ".config",
+    "CachePool": ".api",
+    "MemoryTier": ".memory",
+    "ShmTier": ".shm",
+    "RedisTier": ".redis",
+    "Evicted": ".tier",
+    "Tier": ".tier",
+    "Entry": ".values",
+    "Meta": ".values",
+    "Value": ".values",
+}
 
-def __getattr__(name: str) -> object:  # the shm and redis tiers are imported when used
-    if name == "ShmTier":
-        from .shm import ShmTier
 
-        return ShmTier
-    if name == "RedisTier":
-        from .redis import RedisTier
+def __getattr__(name: str) -> object:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(where, __name__), name)
 
-        return RedisTier
-    raise AttributeError(name)
+
+if TYPE_CHECKING:
+    from .api import CachePool as CachePool
+    from .config import CacheConfig as CacheConfig
+    from .config import build_pool as build_pool
+    from .memory import MemoryTier as MemoryTier
+    from .redis import RedisTier as RedisTier
+    from .shm import ShmTier as ShmTier
+    from .tier import Evicted as Evicted
+    from .tier import Tier as Tier
+    from .values import Entry as Entry
+    from .values import Meta as Meta
+    from .values import Value as Value

@@ -7,6 +7,7 @@ messages never contain the Redis URL, which may hold a password.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import msgspec
@@ -14,6 +15,7 @@ import msgspec
 __all__ = ["TIER_NAMES", "CacheConfig", "build_pool"]
 
 TIER_NAMES = ("memory", "shm", "redis")
+_SHM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")  # as lmgw.cache.shm checks it
 
 
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -87,9 +89,7 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
                 parse_redis_url(self.redis_url)
             except ValueError as e:  # its messages never contain the password
                 raise bad("redis_url", f"{e}") from None
-        from .shm import _NAME_OK
-
-        if not _NAME_OK.fullmatch(self.shm_name):
+        if not _SHM_NAME.fullmatch(self.shm_name):
             raise bad("shm_name", "letters, digits, '_', '.', '-' (at most 64)")
 
 
