@@ -40,6 +40,8 @@ from .transport.pool import ConnectionPool
 from .workers.kv_events import KvEventSubscribers
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
+from .workers.replicas import ReplicaSync
+from .workers.replicas import register_metrics as register_replica_metrics
 from .workers.worker import Worker, WorkerState
 
 if TYPE_CHECKING:
@@ -127,11 +129,10 @@ class Gateway:
                     self.cache, config.media.encoder_cache_ttl_s
                 )
         # replicas sharing routing hints and health verdicts through Redis ([replicas])
-        self.replicas = None
+        self.replicas: ReplicaSync | None = None
         if config.replicas.redis_url is not None:
-            from .workers.replicas import ReplicaSync
-
-            self.replicas = ReplicaSync(config.replicas, self.registry, self.policies, self.metrics)
+            self.replicas = ReplicaSync(config.replicas, self.registry, self.policies)
+        register_replica_metrics(self.metrics, lambda: self.replicas)
         # engine KV events (workers[].kv_events) for policies that use them, one SUB task each
         self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}

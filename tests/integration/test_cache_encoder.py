@@ -135,5 +135,5 @@ async def test_redis_down_the_gateway_keeps_serving_media(
         assert await gw.chat(f"Question {i} about the image")
     assert (await encoder.stats())["requests_total"] == 1  # the memory tier held the note
     r = await http_request(gw.url, "GET", "/metrics")
-    assert metric_value(r.body.decode(), 'lmgw_cache_tier_up{tier="redis"}') == 0
+    assert metric_value(r.body.decode(), 'lmgw_cache_pool_tier_up{tier="redis"}') == 0
     gw.scope.cancel()

@@ -243,8 +243,8 @@ async def test_redis_down_the_pool_degrades_to_local_tiers_and_comes_back(
             assert await pool.get("before") == b"1"
             assert not redis.up and redis.stats.failures == 1
             text = metrics.render().decode()
-            assert 'lmgw_cache_tier_up{tier="redis"} 0' in text
-            assert 'lmgw_cache_tier_failures_total{tier="redis"} 1' in text
+            assert 'lmgw_cache_pool_tier_up{tier="redis"} 0' in text
+            assert 'lmgw_cache_pool_tier_failures_total{tier="redis"} 1' in text
             down = [r for r in caplog.records if "unreachable" in r.getMessage()]
             assert len(down) == 1, "logged once, not per operation"
             server.start()
@@ -254,7 +254,7 @@ async def test_redis_down_the_pool_degrades_to_local_tiers_and_comes_back(
             assert any("answers again" in r.getMessage() for r in caplog.records)
             assert await pool.put("after", b"3")
             assert await raw(server, "EXISTS", redis.head_key("after")) == 1
-            assert 'lmgw_cache_tier_up{tier="redis"} 1' in metrics.render().decode()
+            assert 'lmgw_cache_pool_tier_up{tier="redis"} 1' in metrics.render().decode()
             nursery.cancel_scope.cancel()
     finally:
         await pool.aclose()

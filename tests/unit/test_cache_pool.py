@@ -80,7 +80,7 @@ async def test_values_no_tier_can_take_are_refused() -> None:
 async def test_metrics_export_tier_counts_and_latencies() -> None:
     metrics = Metrics()
     cm = CacheMetrics(metrics)
-    assert "lmgw_cache_hits_total{" not in metrics.render().decode()  # no pool: no samples
+    assert "lmgw_cache_pool_hits_total{" not in metrics.render().decode()  # no pool: no samples
     pool = CachePool([MemoryTier(400)])
     cm.attach(pool)
     await pool.put("a", b"1" * 100)
@@ -88,15 +88,15 @@ async def test_metrics_export_tier_counts_and_latencies() -> None:
     assert await pool.get("b") and await pool.get("a") is None
     text = metrics.render().decode()
     for line in (
-        'lmgw_cache_hits_total{tier="memory"} 1',
-        'lmgw_cache_misses_total{tier="memory"} 1',
-        'lmgw_cache_evictions_total{tier="memory"} 1',
-        'lmgw_cache_entries{tier="memory"} 1',
-        'lmgw_cache_budget_bytes{tier="memory"} 400',
-        'lmgw_cache_transfer_bytes_total{tier="memory",direction="written"} 200',
-        'lmgw_cache_tier_up{tier="memory"} 1',
-        'lmgw_cache_operation_seconds_count{tier="memory",op="get"} 2',
-        'lmgw_cache_operation_seconds_count{tier="memory",op="put"} 2',
+        'lmgw_cache_pool_hits_total{tier="memory"} 1',
+        'lmgw_cache_pool_misses_total{tier="memory"} 1',
+        'lmgw_cache_pool_evictions_total{tier="memory"} 1',
+        'lmgw_cache_pool_entries{tier="memory"} 1',
+        'lmgw_cache_pool_budget_bytes{tier="memory"} 400',
+        'lmgw_cache_pool_transfer_bytes_total{tier="memory",direction="written"} 200',
+        'lmgw_cache_pool_tier_up{tier="memory"} 1',
+        'lmgw_cache_pool_operation_seconds_count{tier="memory",op="get"} 2',
+        'lmgw_cache_pool_operation_seconds_count{tier="memory",op="put"} 2',
     ):
         assert line in text, line
 

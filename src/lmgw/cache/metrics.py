@@ -1,4 +1,4 @@
-"""The cache pool's Prometheus metrics (``lmgw_cache_*``), registered in a gateway's Metrics.
+"""The cache pool's Prometheus metrics (``lmgw_cache_pool_*``), registered in a gateway's Metrics.
 
 Counts the pool and its tiers keep anyway are read at scrape time (``collect``), so the request
 path pays only for the latency histogram's observation per tier operation.
@@ -27,7 +27,7 @@ class CacheMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.pool: CachePool | None = None
         self.operation = Histogram(
-            "lmgw_cache_operation_seconds",
+            "lmgw_cache_pool_operation_seconds",
             "Duration of each cache operation on each tier (get, get_many, contains, put, delete).",
             ("tier", "op"),
             buckets=OPERATION_BUCKETS,
@@ -64,40 +64,40 @@ class CacheMetrics:
         tier = ("tier",)
         for metric in (
             self.operation,
-            Counter("lmgw_cache_hits_total", "Cache lookups a tier answered.", tier,
+            Counter("lmgw_cache_pool_hits_total", "Cache lookups a tier answered.", tier,
                     collect=pool_counts("hits")),
-            Counter("lmgw_cache_misses_total", "Cache lookups a tier did not hold.", tier,
+            Counter("lmgw_cache_pool_misses_total", "Cache lookups a tier did not hold.", tier,
                     collect=pool_counts("misses")),
-            Counter("lmgw_cache_promotions_total",
+            Counter("lmgw_cache_pool_promotions_total",
                     "Entries copied into a faster tier after a hit in a slower one.", tier,
                     collect=pool_counts("promotions")),
-            Counter("lmgw_cache_demotions_total",
+            Counter("lmgw_cache_pool_demotions_total",
                     "Entries evicted from a faster tier and written into this one.", tier,
                     collect=pool_counts("demotions")),
-            Counter("lmgw_cache_evictions_total",
+            Counter("lmgw_cache_pool_evictions_total",
                     "Entries a tier dropped to stay under its byte budget.", tier,
                     collect=tier_stat("evictions")),
-            Gauge("lmgw_cache_bytes",
+            Gauge("lmgw_cache_pool_bytes",
                   "Bytes a local tier holds (shm: this process's entries); charged as payload"
                   " + key + per-entry overhead (memory) or whole pages (shm).", tier,
                   collect=tier_stat("bytes")),
-            Gauge("lmgw_cache_entries", "Entries a local tier holds.", tier,
+            Gauge("lmgw_cache_pool_entries", "Entries a local tier holds.", tier,
                   collect=tier_stat("entries")),
-            Gauge("lmgw_cache_budget_bytes", "A local tier's byte budget.", tier,
+            Gauge("lmgw_cache_pool_budget_bytes", "A local tier's byte budget.", tier,
                   collect=tier_stat("budget_bytes")),
-            Counter("lmgw_cache_transfer_bytes_total",
+            Counter("lmgw_cache_pool_transfer_bytes_total",
                     "Value bytes read from and written to each tier.", ("tier", "direction"),
                     collect=transfer),
-            Counter("lmgw_cache_errors_total",
+            Counter("lmgw_cache_pool_errors_total",
                     "Tier operations that failed and were answered as misses (or dropped puts).",
                     tier, collect=tier_stat("errors")),
-            Gauge("lmgw_cache_tier_up",
+            Gauge("lmgw_cache_pool_tier_up",
                   "1 while a tier is usable; 0 while Redis is unreachable (the pool then runs"
                   " on its local tiers).", tier, collect=tier_stat("up")),
-            Counter("lmgw_cache_tier_failures_total",
+            Counter("lmgw_cache_pool_tier_failures_total",
                     "Times a tier went down (Redis unreachable).", tier,
                     collect=tier_stat("failures")),
-            Counter("lmgw_cache_refused_total",
+            Counter("lmgw_cache_pool_refused_total",
                     "Puts no tier took (too big for every budget, or every tier down).", (),
                     collect=refused),
         ):  # fmt: skip

@@ -16,7 +16,7 @@ GET``, and the chunks of the version it replaced are deleted. Every key gets the
 evicts them (use ``allkeys-lru`` on a Redis that serves as a cache). Needs Redis >= 6.2.
 
 **Redis down.** A failed connection or a command past ``timeout_s`` marks the tier down: it is
-logged once, ``lmgw_cache_tier_up{tier="redis"}`` goes to 0, and from then on the tier answers
+logged once, ``lmgw_cache_pool_tier_up{tier="redis"}`` goes to 0, and from then on the tier answers
 misses and drops puts at once, so the pool runs on its local tiers and requests keep flowing.
 :meth:`run` (the pool runs it) pings Redis with a jittered, growing backoff and puts the tier
 back when it answers (logged too); without it, an operation after the backoff tries again.

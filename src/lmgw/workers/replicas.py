@@ -26,7 +26,7 @@ import secrets
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..routing.policy import Policy
 
-__all__ = ["ReplicaSync", "stream_key"]
+__all__ = ["ReplicaSync", "register_metrics", "stream_key"]
 
 log = logging.getLogger("lmgw.replicas")
 
@@ -71,7 +71,6 @@ class ReplicaSync:
         cfg: ReplicasConfig,
         registry: Registry,
         policies: Mapping[str, Policy],
-        metrics: Metrics | None = None,
     ) -> None:
         assert cfg.redis_url is not None
         self.cfg = cfg
@@ -91,26 +90,6 @@ class ReplicaSync:
                     policy.hint_sink = partial(self._hint, role)  # type: ignore[attr-defined]
         if cfg.health:
             registry.subscribe(self._on_change)
-        if metrics is not None:
-            from ..metrics import Counter, Gauge
-
-            metrics.add(
-                Counter(
-                    "lmgw_replica_events_total",
-                    "Events shared with the other gateway replicas through Redis: published,"
-                    " applied (from another replica) or dropped (queue full), by kind (hint,"
-                    " verdict).",
-                    ("direction", "kind"),
-                    collect=self._count_samples,
-                )
-            )
-            metrics.add(
-                Gauge(
-                    "lmgw_replica_sync_up",
-                    "1 while this replica reads the shared event stream from Redis.",
-                    collect=lambda: [((), 1.0 if self.up else 0.0)],
-                )
-            )
 
     def _count_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
         return [(k, float(v)) for k, v in sorted(self.counts.items())]
@@ -299,3 +278,33 @@ class ReplicaSync:
                 continue
             for kind, _payload in batch:
                 self._count("published", kind)
+
+
+def register_metrics(metrics: Metrics, sync: Callable[[], ReplicaSync | None]) -> None:
+    """The replica metrics, exported by every gateway (empty without ``[replicas]``)."""
+    from ..metrics import Counter, Gauge
+
+    def events() -> Iterable[tuple[tuple[str, ...], float]]:
+        s = sync()
+        return () if s is None else s._count_samples()
+
+    def up() -> Iterable[tuple[tuple[str, ...], float]]:
+        s = sync()
+        return () if s is None else [((), 1.0 if s.up else 0.0)]
+
+    metrics.add(
+        Counter(
+            "lmgw_replica_events_total",
+            "Events shared with the other gateway replicas through Redis: published, applied"
+            " (from another replica) or dropped (queue full), by kind (hint, verdict).",
+            ("direction", "kind"),
+            collect=events,
+        )
+    )
+    metrics.add(
+        Gauge(
+            "lmgw_replica_sync_up",
+            "1 while this replica reads the shared event stream from Redis.",
+            collect=up,
+        )
+    )
