@@ -681,8 +681,11 @@ class ReplicasConfig(msgspec.Struct, **_STRUCT_OPTS):
     health: bool = True
     # Events the stream keeps (approximately): what a starting replica replays to warm up.
     history: int = 100_000
-    # Events are published in batches gathered for at most this long.
-    flush_interval_s: float = 0.001
+    # Events are published in batches gathered for at most this long. 0: what queued up while
+    # the previous batch was being written goes in the next one (batches still form under load),
+    # and a lone hint leaves at once: the other replicas see it ~1 ms sooner, which lifted the
+    # two-replica agreement at 0 ms think time from ~80% to ~97% (benchmarks/cachepool.py).
+    flush_interval_s: float = 0.0
     # Per Redis command (and connect).
     timeout_s: float = 2.0
 
