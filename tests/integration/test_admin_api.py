@@ -220,6 +220,7 @@ async def test_add_worker(admin_gateway: AdminGateway, sim_worker: SimFactory) -
         ({"url": "http://127.0.0.1:9", "models": "m"}, "models", "Expected `array`"),
         (["http://127.0.0.1:9"], None, "expected a JSON object"),
         (b"{not json", None, "not valid JSON"),
+        (b'{"url": "\xff"}', None, "not valid JSON"),
     ],
 )
 async def test_add_worker_rejects_bad_bodies(

@@ -334,6 +334,8 @@ async def test_error_bodies_are_exactly_openai_shaped(gateway: GatewayFactory) -
         (400, "POST", "/v1/chat/completions", b'{"model": "sim-model", "messages": [', None),
         (400, "POST", "/v1/chat/completions", b"", None),
         (400, "POST", "/v1/chat/completions", b"[1, 2]", None),
+        (400, "POST", "/v1/chat/completions", b'{"model": "\xff"}', None),  # not UTF-8
+        (400, "POST", "/v1/completions", b'{"prompt": "\xed\xa0\x80"}', None),
         (400, "POST", "/v1/chat/completions", {"model": MODEL}, "messages"),
         (400, "POST", "/v1/chat/completions", {**CHAT, "messages": "hi"}, "messages"),
         (400, "POST", "/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
