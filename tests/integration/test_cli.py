@@ -222,6 +222,16 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
         assert answer["choices"][0]["message"]["content"]
         assert answer["usage"]["completion_tokens"] == 4
         assert "encode;dur=" in timing and "prefill;dur=" in timing  # E, then P, then D
+        # no max_tokens: the gateway fills in the model folder's context length, which the
+        # native workers must share (they once defaulted to 8192 and refused it)
+        body = {"model": "sim-llama-8b", "messages": [{"role": "user", "content": "hi"}]}
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.load(resp)["choices"][0]["finish_reason"] in ("stop", "length")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

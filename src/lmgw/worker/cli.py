@@ -92,7 +92,9 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--max-num-seqs", type=int, default=256)
     group.add_argument("--kv-blocks", type=int, default=8192)
     group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--max-model-len", type=int, default=8192)
+    group.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
     group.add_argument("--engine-id", default=None, help="KV engine id a prefill worker reports")
     group.add_argument("--ec-dir", default=None, help="shared encoder-cache directory")
     group.add_argument("--error-rate", type=float, default=0.0)
