@@ -370,6 +370,15 @@ async def test_error_bodies_are_exactly_openai_shaped(gateway: GatewayFactory) -
     assert r.status == 200 and r.json()["id"] == MODEL
 
 
+async def test_model_route_takes_a_percent_encoded_name(gateway: GatewayFactory) -> None:
+    """Hugging Face names have a slash, which the openai client sends as %2F."""
+    gw = await gateway(1, models=["org/model-a"])
+    for path in ("/v1/models/org%2Fmodel-a", "/v1/models/org/model-a", "/v1/models/org%2fmodel-a"):
+        r = await gw.request("GET", path)
+        assert r.status == 200 and r.json()["id"] == "org/model-a", (path, r.body)
+    assert_error_body(await gw.request("GET", "/v1/models/org%2Fmodel-b"), 404)
+
+
 async def test_request_id_echoed_forwarded_and_generated(gateway: GatewayFactory) -> None:
     gw = await gateway(1)
     sim = gw.sims[0]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 import msgspec
 import trio
@@ -575,6 +576,7 @@ class OpenAIAPI:
         )
 
     async def model(self, req: Request, responder: Responder, name: str) -> None:
+        name = unquote(name)  # clients send a Hugging Face name's slash as %2F
         if name not in self._visible_models(req):
             await send_error(
                 responder, GatewayError(404, f"The model `{name}` does not exist.", param="model")
