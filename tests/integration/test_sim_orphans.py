@@ -1,4 +1,4 @@
-"""A simulated worker whose launcher dies (SIGKILL) stops by itself: no orphans."""
+"""A simulated worker (HTTP or native) whose launcher dies (SIGKILL) stops by itself: no orphans."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ import subprocess
 import sys
 import time
 
+import pytest
 
-def test_worker_exits_when_its_parent_dies(tmp_path) -> None:
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "'lmgw.simulators', '--port', '0'",
+        "'lmgw.worker', '--engine', 'sim'",  # lmgw simulate --transport zmq
+    ],
+)
+def test_worker_exits_when_its_parent_dies(tmp_path, command: str) -> None:
     pid_file = tmp_path / "worker.pid"
     launcher = (
         "import subprocess, sys, time\n"
-        "p = subprocess.Popen([sys.executable, '-m', 'lmgw.simulators', '--port', '0',"
+        f"p = subprocess.Popen([sys.executable, '-m', {command},"
         " '--speed', 'inf'], stdout=subprocess.PIPE, text=True)\n"
         "assert p.stdout.readline().startswith('READY')\n"
         f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"

@@ -16,7 +16,8 @@ only). Once bound the process prints exactly one line to stdout,
 ``READY <data endpoint> control=<control endpoint>`` (``control=none`` without one), as the
 simulator's ``READY <url>`` line; logs go to stderr. SIGTERM or SIGINT drains (no new work,
 in-flight work finishes for ``--drain-grace`` seconds, then ``Exit`` to the gateways) and
-exits 0; a second signal stops at once.
+exits 0; a second signal stops at once. A simulator worker (``--engine sim``) also stops when
+its launching process dies, as ``python -m lmgw.simulators`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -184,6 +186,24 @@ async def serve(server: WorkerServer, *, ready: Callable[[str], None] | None = N
             outer.cancel_scope.cancel()  # run() returned: the drain is complete
 
 
+async def serve_sim(server: WorkerServer) -> None:
+    """:func:`serve` for a simulator worker, which also stops when its launcher dies
+    (SIGKILL, a crash), as the HTTP simulator does: ``lmgw simulate --transport zmq`` must
+    never leave orphan workers behind."""
+    parent = os.getppid()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await trio.sleep(1.0)
+            log.warning("the launching process is gone: stopping")
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_parent)
+        await serve(server)
+        nursery.cancel_scope.cancel()
+
+
 def _print(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -214,5 +234,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = sim_engine_from_args(ns)
     except ValueError as exc:
         parser.error(str(exc))
-    trio.run(serve, server_from_args(ns, engine))
+    trio.run(serve_sim, server_from_args(ns, engine))
     return 0
