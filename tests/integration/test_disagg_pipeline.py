@@ -634,3 +634,58 @@ async def test_p2pnccl_workers_join_by_discovery_pings_and_leave_when_silent(
     finally:
         for sock, _ in dealers:
             sock.close()
+
+
+async def start_stoppable(nursery: trio.Nursery, fake: Fake) -> trio.CancelScope:
+    """Start ``fake``; cancelling the returned scope stops it (the port then refuses)."""
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await serve_http(fake, "127.0.0.1", 0, task_status=task_status)
+
+    port = await nursery.start(run)
+    fake.url = f"http://127.0.0.1:{port}"
+    fake.kv_address = f"127.0.0.1:{port}"
+    return scope
+
+
+async def test_prefill_leg_that_cannot_connect_is_retried_on_another_prefill(
+    nursery: trio.Nursery,
+) -> None:
+    dead = Fake("p-dead", lambda b: (200, completion("x", kv_transfer_params=KV)))
+    stop = await start_stoppable(nursery, dead)
+    good = await start(
+        nursery, Fake("p-good", lambda b: (200, completion("x", kv_transfer_params=KV)))
+    )
+    d = await start(nursery, Fake("d0", decode_answer))
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", dead), ("p", good), ("d", d)])
+    stop.cancel()  # the prefill worker dies after the gateway counted it healthy
+    await trio.sleep(0.05)
+    for _ in range(2):  # round robin starts on either prefill worker
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+        assert r.status == 200, r.body
+        assert r.json()["choices"][0]["message"]["content"] == "decoded"
+    assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 2
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert 'lmgw_retries_total{role="p"}' in metrics
+
+
+async def test_encode_leg_that_cannot_connect_is_retried_on_another_encoder(
+    nursery: trio.Nursery,
+) -> None:
+    def encoded(b: dict) -> tuple[int, Any]:
+        return 200, completion("")
+
+    dead = Fake("e-dead", encoded)
+    stop = await start_stoppable(nursery, dead)
+    good = await start(nursery, Fake("e-good", encoded))
+    d = await start(nursery, Fake("pd0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(nursery, "e+pd", "vllm-epd", [("e", dead), ("e", good), ("pd", d)])
+    stop.cancel()
+    await trio.sleep(0.05)
+    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE2]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 1

@@ -279,8 +279,9 @@ class DisaggRunner:
                         journal, splice,
                     )  # fmt: skip
                 else:
-                    pre = dialect.prefill_request(body, ctx)
-                    status, answer = await self._leg(greq, pre, prefill, "p", route)
+                    pre, status, answer, ctx = await self._prefill(
+                        greq, body, ctx, dialect, prefill, route
+                    )
                     handoff = dialect.read_prefill(pre, status, answer)
                     leg = dialect.decode_request(body, handoff, ctx)
                     await self._final(
@@ -309,6 +310,55 @@ class DisaggRunner:
             )  # fmt: skip
 
     # -- legs -------------------------------------------------------------------------------
+    def _other(
+        self,
+        greq: GatewayRequest,
+        role: str,
+        route: RouteContext,
+        tried: list[Worker],
+        exc: StageError,
+    ) -> Worker:
+        """Another worker of ``role`` for a leg that never reached its worker (connection
+        refused, the worker gone): re-raises ``exc`` when the failure is not of that kind,
+        ``upstream.max_attempts`` are spent, or no other worker is left."""  # fmt: skip
+        if not exc.retryable or len(tried) >= self.p.max_attempts:
+            raise exc
+        others = [w for w in self.p.registry.candidates(greq.model, role) if w not in tried]
+        if not others:
+            raise exc
+        worker = self.p.policies[role].choose(others, route)
+        self.p.metrics.retries.inc((role,))
+        log.info(
+            "request %s: %s leg not delivered (%s); retried on %s",
+            greq.request_id, STAGE_NAMES[role], exc.message, worker.id,
+            extra={"request_id": greq.request_id, "worker": worker.id},
+        )  # fmt: skip
+        tried.append(worker)
+        return worker
+
+    async def _prefill(
+        self,
+        greq: GatewayRequest,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        route: RouteContext,
+    ) -> tuple[StageRequest, int, bytes, StageContext]:
+        """The prefill leg of a sequential P then D, retried on another prefill worker when it
+        could not be delivered (the leg is rebuilt: it may name its prefill peer). Returns the
+        leg, the answer and the context naming the prefill worker that answered."""
+        tried = [prefill]
+        while True:
+            pre = dialect.prefill_request(body, ctx)
+            try:
+                status, answer = await self._leg(greq, pre, prefill, "p", route)
+                return pre, status, answer, ctx
+            except StageError as exc:
+                prefill = self._other(greq, "p", route, tried, exc)
+                ctx = msgspec.structs.replace(ctx, prefill=_peer(prefill))
+            await self.p.backoff(len(tried) - 2)
+
     async def _leg(
         self,
         greq: GatewayRequest,
@@ -343,7 +393,10 @@ class DisaggRunner:
             )
             p.registry.record_failure(worker, exc.message, eject=exc.retryable)
             raise StageError(
-                STAGE_NAMES[role], exc.status, f"worker {worker.id}: {exc.message}"
+                STAGE_NAMES[role],
+                exc.status,
+                f"worker {worker.id}: {exc.message}",
+                retryable=exc.retryable,
             ) from None
         finally:
             elapsed = time.perf_counter() - t0
@@ -380,7 +433,14 @@ class DisaggRunner:
             # the item's key routes it: the encoder that has it (consistent_hash by default)
             item_route = RouteContext(greq.model, greq.request_id, session_key=leg.key)
             worker = self.p.pick(greq.model, "e", item_route)
-            status, answer = await self._leg(greq, leg, worker, "e", item_route)
+            tried = [worker]
+            while True:
+                try:
+                    status, answer = await self._leg(greq, leg, worker, "e", item_route)
+                    break
+                except StageError as exc:  # not delivered: another encoder, same leg
+                    worker = self._other(greq, "e", item_route, tried, exc)
+                await self.p.backoff(len(tried) - 2)
             dialect.read_encode(leg, status, answer)
             await cache.remember(greq.model, leg.key, worker.id)
 

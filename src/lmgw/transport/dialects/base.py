@@ -65,11 +65,13 @@ class StageError(Exception):
     """A stage answered with a failure. ``status`` is the worker's HTTP status (200 when the
     answer was a success status with an unusable body)."""
 
-    def __init__(self, stage: str, status: int, message: str) -> None:
+    def __init__(self, stage: str, status: int, message: str, *, retryable: bool = False) -> None:
         super().__init__(f"{stage} stage failed (HTTP {status}): {message}")
         self.stage = stage
         self.status = status
         self.message = message
+        #: the worker cannot have started on it (e.g. connection refused): another may serve it
+        self.retryable = retryable
 
     @property
     def client_status(self) -> int:
