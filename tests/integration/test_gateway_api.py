@@ -627,6 +627,10 @@ async def test_model_alias_reaches_the_worker_as_its_name(gateway: GatewayFactor
     assert r.status == 200, r.body
     assert r.json()["model"] == MODEL
     assert r.json()["choices"] == direct.json()["choices"]
+    entry = await gw.request("GET", "/v1/models/short")  # what chat accepts, retrieve finds
+    assert entry.status == 200, entry.body
+    assert entry.json()["id"] == "short" and entry.json()["root"] == MODEL
+    assert (await gw.request("GET", "/v1/models/nope")).status == 404
 
 
 async def test_dead_worker_in_config_is_ejected_and_never_tried(gateway: GatewayFactory) -> None:

@@ -577,7 +577,8 @@ class OpenAIAPI:
 
     async def model(self, req: Request, responder: Responder, name: str) -> None:
         name = unquote(name)  # clients send a Hugging Face name's slash as %2F
-        if name not in self._visible_models(req):
+        canonical = self.gw.model_aliases.get(name, name)  # an alias chat accepts is a model
+        if canonical not in self._visible_models(req):
             await send_error(
                 responder, GatewayError(404, f"The model `{name}` does not exist.", param="model")
             )
@@ -587,7 +588,7 @@ class OpenAIAPI:
             "object": "model",
             "created": int(self.gw.started_at),
             "owned_by": "lmgw",
-            "root": name,
+            "root": canonical,
             "parent": None,
         }
         await responder.send_full(
