@@ -296,6 +296,18 @@ def _add_workers_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_workers)
 
 
+def _speed(text: str) -> float:
+    """``--speed``: a positive number (inf: no simulated delays); refused here, before any
+    worker starts, rather than by each worker."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0 (inf: no delays), not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmgw", description="Low-latency gateway for disaggregated LLM serving."
@@ -322,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="sim-llama-8b", help="model name the simulated workers serve"
     )
     p_sim.add_argument(
-        "--speed", type=float, default=1.0, help="simulator speed factor (inf: no delays)"
+        "--speed", type=_speed, default=1.0, help="simulator speed factor (inf: no delays)"
     )
     p_sim.add_argument("--seed", type=int, default=0)
     p_sim.add_argument("--policy", default=None, help="routing policy for every role")

@@ -60,6 +60,10 @@ def test_serve_rejects_bad_input_with_exit_2() -> None:
     assert r.returncode == 2
     r = run("simulate", "--workers", "1p1d", "--dialect", "nope")
     assert r.returncode == 2 and "unknown dialect" in r.stderr.lower()
+    for speed in ("0", "-1", "nan", "fast"):  # refused before any worker starts
+        r = run("simulate", "--workers", "2pd", "--speed", speed)
+        assert r.returncode == 2 and "--speed" in r.stderr, r.stderr
+        assert "usage: python -m lmgw.simulators" not in r.stderr
 
 
 def test_print_config_redacts_secrets() -> None:
