@@ -355,8 +355,8 @@ class Gateway:
         nursery = self._require_nursery()
         if self.core.server is not None:
             raise RuntimeError(f"already serving on port {self.core.port}")
-        app = self.core.app
-        server = HTTPServer(app, server_limits(self.config), app.on_timeout)
+        handler = self.core.handler  # the App behind the key check and CORS, as lmgw serve
+        server = HTTPServer(handler, server_limits(self.config), handler.on_timeout)
         self._host = host or self.config.server.host
         bound = await nursery.start(server.serve, self._host, port)
         self.core.server, self.core.port = server, bound
