@@ -276,9 +276,24 @@ class ServerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # On shutdown, in-flight requests get this long to finish before they are cancelled;
     # 30 s covers most chat completions while keeping deploys quick.
     graceful_shutdown_s: float = 30.0
+    # CORS: origins whose browser pages may call the API ("*" for any; vLLM's
+    # --allowed-origins). Empty (the default): no CORS headers, OPTIONS is a 405, as before.
+    cors_allow_origins: list[str] = msgspec.field(default_factory=list)
+    # Request headers and methods a preflight allows ("*": any, the browsers' wildcard).
+    cors_allow_headers: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    cors_allow_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "POST"])
+    # How long a browser may cache a preflight answer.
+    cors_max_age_s: int = 600
 
     def __post_init__(self) -> None:
         _non_empty("host", self.host)
+        for i, origin in enumerate(self.cors_allow_origins):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(
+                    f'{origin!r} is not an origin (scheme://host[:port], no path) or "*"',
+                    path=f"cors_allow_origins[{i}]",
+                )
+        _at_least("cors_max_age_s", self.cors_max_age_s, 0)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{self.port!r} is out of range 0..65535", path="port")
         _one_of("server", self.server, SERVER_KINDS)
@@ -1783,6 +1798,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the API without API keys, to anyone who can reach it (auth.open)",
     )
     g.add_argument(
+        "--cors-allow-origins",
+        default=None,
+        metavar="LIST",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help='browser origins allowed to call the API, e.g. https://ui.example.com or "*" '
+        "(server.cors_allow_origins)",
+    )
+    g.add_argument(
         "--cache-tiers",
         default=None,
         metavar="LIST",
@@ -1831,6 +1854,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
     ("open", "auth", "open", "--open"),
     ("cache_tiers", "cache", "tiers", "--cache-tiers"),
+    ("cors_allow_origins", "server", "cors_allow_origins", "--cors-allow-origins"),
     ("cache_redis_url", "cache", "redis_url", "--cache-redis-url"),
 )
 

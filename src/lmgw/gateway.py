@@ -211,6 +211,10 @@ class Gateway:
             self.dashboard.install(self.app)
         #: what the servers run: the App, behind the key check when keys are configured
         self.handler = Guarded(self.app, self.keys) if self.keys is not None else self.app
+        if config.server.cors_allow_origins:  # browser pages of other origins (api/cors.py)
+            from .api.cors import Cors, CorsHandler
+
+            self.handler = CorsHandler(self.handler, Cors(config.server))
         self.server: HTTPServer | None = None
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
@@ -422,7 +426,7 @@ class Gateway:
                         self.port = await nursery.start(self._run_hypercorn)
                     else:
                         self.server = HTTPServer(
-                            self.handler, server_limits(cfg), self.app.on_timeout
+                            self.handler, server_limits(cfg), self.handler.on_timeout
                         )
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port

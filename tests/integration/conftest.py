@@ -18,6 +18,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from gateway_support import MODEL, GatewayFactory, GatewayHandle, SimHandle, serve_sim
@@ -91,13 +92,20 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         health_interval_s: float = 30.0,
         models: Sequence[str] = (),
         aliases: Sequence[str] = (),
+        server_options: dict[str, Any] | None = None,
+        auth: Any = None,
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
         sims = [await sim_worker(**dict(opts)) for opts in option_sets]
         urls = [s.url for s in sims] + list(extra_urls)
         cfg = GatewayConfig(
-            server=ServerConfig(port=0, server=server, graceful_shutdown_s=1.0),  # type: ignore[arg-type]
+            server=ServerConfig(
+                port=0,
+                server=server,  # type: ignore[arg-type]
+                graceful_shutdown_s=1.0,
+                **(server_options or {}),
+            ),
             limits=LimitsConfig(**(limits or {})),
             upstream=UpstreamConfig(**{"connect_timeout_s": 2.0, **(upstream or {})}),
             routing=RoutingConfig(policy=routing),
@@ -105,6 +113,8 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             models=[ModelConfig(name=m, aliases=list(aliases)) for m in models],
             workers=[WorkerConfig(url=u, role="pd", id=f"w{i}") for i, u in enumerate(urls)],
         )
+        if auth is not None:
+            cfg = msgspec.structs.replace(cfg, auth=auth)
         gw = Gateway(cfg)
         with trio.fail_after(10):
             await nursery.start(gw.run)

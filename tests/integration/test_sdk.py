@@ -727,3 +727,24 @@ def test_public_names() -> None:
     )
     with pytest.raises(AttributeError):
         lmgw.NoSuchThing  # noqa: B018
+
+
+async def test_served_http_keeps_the_key_check_and_cors() -> None:
+    """``gw.serve()`` runs what ``lmgw serve`` runs: the App behind the API-key check and
+    CORS, not the bare App."""
+    from gateway_support import http_request
+
+    key = "sk-sdk-serve-test-0001"
+    async with lmgw.Gateway(
+        workers=[free_port_url()],
+        auth={"keys": [{"key": key}]},
+        server={"cors_allow_origins": ["*"]},
+    ) as gw:
+        await gw.serve(port=0)
+        body = {"model": MODEL, "messages": HI, "max_tokens": 2}
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body, {"origin": "x"})
+        assert r.status == 401 and r.headers["access-control-allow-origin"] == "*"
+        r = await http_request(
+            gw.url, "GET", "/v1/models", None, {"authorization": f"Bearer {key}"}
+        )
+        assert r.status == 200
