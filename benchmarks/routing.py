@@ -28,10 +28,13 @@ cache_aware; on the no-sharing control <= 1.05x round_robin; max/mean requests p
   their ``cache_aware`` policy, command lines as in ``run_peers.py``.
 * figures, over requests that arrived after the warm-up (the first ``--warmup`` share of each
   run): hit rate = sum of ``usage.prompt_tokens_details.cached_tokens`` / sum of prompt tokens;
-  TTFT p50/p99 at the client (first streamed token); throughput (completions per second of the
-  measured window: every system gets the same arrival schedule, so it differs only when a
-  system falls behind); max/mean requests per worker (the workers' own counts, whole run);
-  errors; CPU busy (the whole machine, /proc/stat: a box shared with other work shows it).
+  TTFT p50/p99 at the client (first streamed token); the p50 "floor" (each request's own
+  prefill time on the workers' timing model, for the tokens it did not find cached: its TTFT
+  with no queueing and no HTTP, below which no routing gets with the same hits); throughput
+  (completions per second of the measured window: every system gets the same arrival
+  schedule, so it differs only when a system falls behind); max/mean requests per worker (the
+  workers' own counts, whole run); errors; CPU busy (the whole machine, /proc/stat: a box
+  shared with other work shows it).
 
     .venv/bin/python benchmarks/routing.py [--quick] [--fleets 4,8] [--loads 0.7,0.9]
         [--workloads chat,sysprompt,rag,control] [--systems ...] [--duration 5] [--no-peers]
@@ -76,6 +79,7 @@ from lmgw.config import (
     dump_config,
 )
 from lmgw.simulators import model_files
+from lmgw.simulators.engine import TimingModel
 from lmgw.simulators.fleet import Fleet, open_fleet
 
 HERE = Path(__file__).resolve().parent
@@ -543,11 +547,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def summarize(records: list[Record], start: float, end: float) -> dict[str, Any]:
-    """Figures over the requests that arrived in [start, end)."""
+def summarize(
+    records: list[Record], start: float, end: float, speed: float = 1.0
+) -> dict[str, Any]:
+    """Figures over the requests that arrived in [start, end). ``prefill_floor_p50_ms``: the
+    median of each request's own prefill time (the workers' timing model on the tokens it
+    did not find cached), what its TTFT would be with no queueing and no HTTP: the lowest p50
+    routing can reach with the hits it got."""
     window = [r for r in records if start <= r.arrival < end]
     ok = [r for r in window if r.ok]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
+    timing = TimingModel(speed=speed)
+    floors = [timing.prefill_s(r.prompt_tokens - r.cached_tokens) for r in ok]
     prompt = sum(r.prompt_tokens for r in ok)
     done_in = [r for r in records if r.ok and r.done is not None and start <= r.done < end]
     errors = [r.error for r in window if not r.ok]
@@ -561,6 +572,7 @@ def summarize(records: list[Record], start: float, end: float) -> dict[str, Any]
         "ttft_p50_ms": None if not ttfts else 1e3 * statistics.median(ttfts),
         "ttft_p99_ms": None if not ttfts else 1e3 * (percentile(ttfts, 0.99) or 0.0),
         "ttft_mean_ms": None if not ttfts else 1e3 * statistics.fmean(ttfts),
+        "prefill_floor_p50_ms": None if not floors else 1e3 * statistics.median(floors),
         "throughput_rps": len(done_in) / (end - start) if end > start else 0.0,
     }
 
@@ -672,7 +684,7 @@ class Bench:
             await stop_process(proc)
         per_worker = [s["requests_total"] for s in stats]
         mean = statistics.fmean(per_worker) if per_worker else 0.0
-        figures = summarize(records, args.warmup * duration, duration)
+        figures = summarize(records, args.warmup * duration, duration, args.speed)
         result = {
             "system": system.name,
             "workers": n,
@@ -723,14 +735,15 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
 def table(results: list[dict[str, Any]]) -> str:
     rows = [r for r in results if r["mode"] == "open"]
     lines = [
-        "| workers | workload | load | system | hit rate | TTFT p50 | TTFT p99 | throughput "
-        "| max/mean load | errors | CPU busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers | workload | load | system | hit rate | TTFT p50 | (floor) | TTFT p99 "
+        "| throughput | max/mean load | errors | CPU busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workers']} | {r['workload']} | {r['load']:.0%} ({r['rate_rps']:.1f}/s) "
             f"| {r['system']} | {r['hit_rate']:.0%} | {_ms(r['ttft_p50_ms'])} "
+            f"| {_ms(r.get('prefill_floor_p50_ms'))} "
             f"| {_ms(r['ttft_p99_ms'])} | {r['throughput_rps']:.1f}/s "
             f"| {_f(r['max_mean_load'])} | {r['errors'] + r['dropped']} | {r['cpu_busy']:.0%} |"
         )

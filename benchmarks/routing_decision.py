@@ -6,9 +6,10 @@ twice, on the Cython prefix module and on its pure-Python twin, so the extension
 build step; the components (hashing a prompt, one index match) are timed on both as well.
 
 The workload is the one cache-aware routing exists for: 256 conversations sharing a 1k-token
-system prompt, the index warmed by one dispatch of each, 20% of requests new conversations,
-worker loads random in 0..4. Each decision gets a fresh RouteContext and a fresh token list
-(new int objects, as a tokenizer makes them), built outside the timed call. The garbage
+system prompt, the index warmed by one completed request of each (conversation k on worker k
+mod n), 20% of requests new conversations, worker loads random in 0..4. Each decision gets a
+fresh RouteContext and a fresh token list (new int objects, as a tokenizer makes them), built
+outside the timed call. The garbage
 collector is off while timing: its pauses belong to the whole process, not to a decision.
 
     .venv/bin/python benchmarks/routing_decision.py [--quick]
@@ -105,9 +106,15 @@ class Workload:
 
 
 def warm(policy, fleet: tuple[Worker, ...], work: Workload) -> None:
+    """One completed request per conversation, conversation k on worker k mod n (as a fleet
+    that spread them would hold them): every policy, and every version of one, is timed on
+    the same index, whatever its own choices would have been."""
     for k, conv in enumerate(work.convs):
         ctx = RouteContext("m", f"warm-{k}", session_key=f"conv-{k}", tokens=conv.tolist())
-        policy.on_dispatch(policy.choose(fleet, ctx), ctx)
+        policy.choose(fleet, ctx)
+        worker = fleet[k % len(fleet)]
+        policy.on_dispatch(worker, ctx)
+        policy.on_finish(worker, ctx, True)
 
 
 def time_decisions(policy, fleet, work: Workload, n: int) -> list[float]:

@@ -471,6 +471,7 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     session_max_entries: int = 100_000
     # consistent_hash_bounded / prefix_hash: a worker takes a key only while its load stays
     # within this factor of the mean (consistent hashing with bounded loads; 1.25 as SMG).
+    # cache_aware: a worker takes a cache hit only while its recent dispatches do.
     bounded_load_factor: float = 1.25
     # prefix_hash keys on this many leading prompt tokens (x4 bytes without a tokenizer); 256
     # as SMG: covers a system prompt plus the start of the first message.
@@ -486,8 +487,8 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # (SGLang's cache_threshold; 0.3 is its CLI default).
     cache_threshold: float = 0.3
     # Load slack S = max(balance_abs_threshold, (balance_rel_threshold - 1) x least load): a
-    # worker more than S requests above the least loaded is never chosen for its cache, and a
-    # full-prompt hit is worth at most S requests of extra load (SGLang's imbalance test).
+    # worker more than S requests above the least loaded is never chosen for its cache
+    # (SGLang's imbalance test).
     balance_abs_threshold: int = 4
     balance_rel_threshold: float = 1.5
     # cache_aware's credit per cached block by the KV-event medium it is stored in (vLLM: GPU,
@@ -497,6 +498,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     cache_tier_weights: dict[str, float] = msgspec.field(
         default_factory=lambda: {"GPU": 1.0, "CPU": 0.75, "DISK": 0.25}
     )
+    # cache_aware's cost model, in prompt tokens of prefill: the fixed cost of one queued
+    # prefill, and what each request in flight on a worker adds to a new request's wait.
+    cache_aware_request_tokens: float = 32.0
+    cache_aware_load_tokens: float = 64.0
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
@@ -537,6 +542,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
                 f"must be between 0 and 1, got {self.cache_threshold!r}", path="cache_threshold"
             )
         _at_least("balance_abs_threshold", self.balance_abs_threshold, 0)
+        for key in ("cache_aware_request_tokens", "cache_aware_load_tokens"):
+            value = getattr(self, key)
+            if not (0.0 <= value <= 1e9):
+                raise ConfigError(f"must be between 0 and 1e9, got {value!r}", path=key)
         if not (self.balance_rel_threshold >= 1.0 and math.isfinite(self.balance_rel_threshold)):
             raise ConfigError(
                 f"must be >= 1, got {self.balance_rel_threshold!r}", path="balance_rel_threshold"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 from gateway_support import MODEL, GatewayFactory, http_request, metric_value
 
 from lmgw.config import GatewayConfig, HealthConfig, RoutingConfig, ServerConfig, WorkerConfig
 from lmgw.gateway import Gateway
+from lmgw.routing.policies.cache_aware import CacheAware
+from lmgw.routing.policy import RouteContext
+from lmgw.workers.worker import Worker
 
 
 async def test_session_affinity_follows_the_session_header(gateway: GatewayFactory) -> None:
@@ -76,3 +80,30 @@ async def test_policy_statistics_are_exported(gateway: GatewayFactory) -> None:
     assert (await gw.request("POST", "/v1/chat/completions", body)).status == 200
     text = await gw.metrics()
     assert 'lmgw_routing_policy_stat{role="pd",policy="cache_aware",stat="entries"}' in text
+
+
+async def test_cache_aware_hears_when_a_streams_prefill_ends(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay tells the policy when a stream's first event arrives (the worker's prefill
+    for it is over); a non-streamed answer ends its prefill when it finishes. Either way
+    nothing stays queued."""
+    seen: list[tuple[str, float]] = []
+    original = CacheAware.on_first_token
+
+    def record(self: CacheAware, worker: Worker, ctx: RouteContext) -> None:
+        seen.append((worker.id, self.statistics()["queued_requests"]))
+        original(self, worker, ctx)
+
+    monkeypatch.setattr(CacheAware, "on_first_token", record)
+    gw = await gateway(2, routing="cache_aware")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 50}]}
+    stat = 'lmgw_routing_policy_stat{role="pd",policy="cache_aware",stat="queued_requests"}'
+    assert (
+        await gw.request("POST", "/v1/chat/completions", {**body, "stream": True})
+    ).status == 200
+    assert len(seen) == 1 and seen[0][1] == 1  # it was queued until then
+    assert metric_value(await gw.metrics(), stat) == 0
+    assert (await gw.request("POST", "/v1/chat/completions", body)).status == 200
+    assert len(seen) == 1
+    assert metric_value(await gw.metrics(), stat) == 0

@@ -45,6 +45,41 @@ SEEDS = st.sampled_from([0, 1, -1, 2**61 - 1, 2**61, 2**63 - 1, -(2**63)]) | st.
 )
 
 
+# --- cache_aware's least wait -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    data=st.data(),
+    cap=st.sampled_from([0.0, 1.0, 2.5, 4.0, 100.0]),
+    weight=st.sampled_from([0.0, 1.0, 64.0]),
+)
+def test_least_wait(impl, n: int, data: st.DataObject, cap: float, weight: float) -> None:
+    """The least ``bias[slot] + weight x load`` among loads within ``cap``, ties to the
+    smaller ``front[slot]``, then the first from ``start`` round the list (-1 if none); both
+    implementations, against the obvious computation (slot -1 and out-of-range slots read the
+    last entry, which stays 0)."""
+    size = 9
+    values = st.sampled_from([0.0, 8.0, 40.0, 96.0])
+    bias = [*data.draw(st.lists(values, min_size=size - 1, max_size=size - 1)), 0.0]
+    front = [*data.draw(st.lists(st.integers(0, 3), min_size=size - 1, max_size=size - 1)), 0]
+    slots = data.draw(st.lists(st.integers(-1, size + 2), min_size=n, max_size=n))
+    loads = data.draw(st.lists(st.sampled_from([0, 1, 2.0, 3, 5.0]), min_size=n, max_size=n))
+    start = data.draw(st.integers(0, n - 1))
+    got = impl.least_wait(bias, front, slots, loads, weight, cap, start)
+    key = {}
+    for j in range(n):
+        i = (start + j) % n
+        if loads[i] <= cap:
+            s = slots[i] if 0 <= slots[i] < size - 1 else size - 1
+            key[i] = (bias[s] + weight * loads[i], front[s], j)
+    assert got == (min(key, key=key.__getitem__) if key else -1)
+    if fast is not None:
+        assert got == twin.least_wait(bias, front, slots, loads, weight, cap, start)
+
+
 # --- block hashes ----------------------------------------------------------------------------
 
 

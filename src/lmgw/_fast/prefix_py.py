@@ -33,6 +33,7 @@ __all__ = [
     "TOKEN_SEED",
     "PrefixIndex",
     "block_hashes",
+    "least_wait",
     "nodes_for_budget",
     "slot_mask",
     "text_block_hashes",
@@ -101,6 +102,39 @@ def slot_mask(slots: Iterable[int]) -> bytes:
             raise ValueError(f"slot {s} out of range 0..{MAX_SLOTS - 1}")
         mask |= 1 << s
     return mask.to_bytes(8 * ((mask.bit_length() + 63) // 64), "little")
+
+
+def least_wait(
+    bias: Sequence[float],
+    front: Sequence[int],
+    slots: Sequence[int],
+    loads: Sequence[float],
+    load_weight: float,
+    cap: float,
+    start: int,
+) -> int:
+    """The candidate (index into ``slots``/``loads``) with the least wait, ``bias[slot] +
+    load_weight x load``, among those whose load is at most ``cap``; ties go to the smaller
+    ``front[slot]``, then to the first from ``start`` round the list. -1 when none qualifies.
+    (cache_aware's scan of the fleet: one pass, compiled in the extension.)"""
+    n = len(loads)
+    last = len(bias) - 1
+    best, least, first = -1, 0.0, 0
+    for j in range(n):
+        i = start + j
+        if i >= n:
+            i -= n
+        x = loads[i]
+        if x > cap:
+            continue
+        s = slots[i]
+        if not 0 <= s < last:
+            s = last
+        w = bias[s] + load_weight * x
+        f = front[s]
+        if best < 0 or w < least or (w == least and f < first):
+            best, least, first = i, w, f
+    return best
 
 
 class PrefixIndex:

@@ -929,7 +929,7 @@ class NativeRunner:
                         entered = True
                         if greq.stream:
                             await self._relay(greq, responder, a, synth, worker, role, t0,
-                                              continued, done_tokens)  # fmt: skip
+                                              continued, done_tokens, route)  # fmt: skip
                         else:
                             await self._whole(greq, responder, a, synth)
                     break
@@ -959,6 +959,7 @@ class NativeRunner:
         t0: float,
         continued: bool,
         done_tokens: int,
+        route: RouteContext | None = None,
     ) -> None:
         """Stream the worker's events to the client as OpenAI SSE events. Events that are
         already queued when one is ready go out in one write (a worker faster than the loop
@@ -997,6 +998,8 @@ class NativeRunner:
                 if not continued:
                     metrics.ttft.observe((greq.model,), t_first - greq.t_start)
                 metrics.stage_ttft.observe(labels, t_first - t0)
+                if route is not None and role in self.p.first_token_roles:  # prefill is over
+                    self.p.policies[role].on_first_token(worker, route)
                 _stall(answers, self.stall_s)
             events += 1
             if cls is Finish:

@@ -101,6 +101,12 @@ class Pipeline:
             or type(p).predicted_cached_tokens is not Policy.predicted_cached_tokens
             for p in policies.values()
         )
+        #: roles whose policy wants to hear when a stream's first token arrives
+        self.first_token_roles = frozenset(
+            role
+            for role, p in policies.items()
+            if type(p).on_first_token is not Policy.on_first_token
+        )
         #: some role's policy routes on the prompt or the session: the API fills greq.route
         self.route_keys = any(  # (encoders route each item by its own hash: not here)
             p.needs_tokens or p.name in _SESSION_POLICIES
@@ -385,6 +391,7 @@ class Pipeline:
                     out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
                 audit = self._audit(policy, worker, ctx, greq) if self.audits else None
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
+                    hook = role in self.first_token_roles
 
                     def first_byte() -> None:
                         nonlocal t_first
@@ -392,6 +399,8 @@ class Pipeline:
                         if splice is None:  # a continuation's first byte is not the TTFT
                             metrics.ttft.observe((greq.model,), t_first - greq.t_start)
                         metrics.stage_ttft.observe(labels, t_first - t0)
+                        if hook:  # this leg's prefill is over
+                            policy.on_first_token(worker, ctx)
 
                     events_fix = _chain(audit, splice or (rewrite and rewrite.events))
                     if greq.output is not None:  # after the splice: one parse state throughout

@@ -130,6 +130,11 @@ class Policy:
     def on_dispatch(self, worker: Worker, ctx: RouteContext) -> None:
         """The request was sent to ``worker`` (the final choice: record affinity here)."""
 
+    def on_first_token(self, worker: Worker, ctx: RouteContext) -> None:
+        """The streamed answer from ``worker`` began: its prefill is over. Called only for
+        streams (the first event relayed), and only when a policy overrides it; a request may
+        end without it (no stream, an error), so release per-request state in ``on_finish``."""
+
     def on_finish(self, worker: Worker, ctx: RouteContext, ok: bool) -> None:
         """The request on ``worker`` ended (success, error or cancellation)."""
 

@@ -19,32 +19,42 @@ its offloading connector; others for disk or remote stores). Blocks of a non-GPU
 indexed in a slot of their own per worker, and a worker's cached tokens are credited per tier:
 walking its tiers from the heaviest weight down, each tier adds ``weight x`` the blocks it holds
 beyond the tiers above (``tier_weights``, by default GPU 1.0, CPU 0.75, DISK 0.25 as Dynamo's
-router weighs device, host and disk hits). A medium without a weight is ignored. Without any
-non-GPU event the policy takes the untiered path below unchanged.
+router weighs device, host and disk hits): that credit is ``cached(w)`` below. A medium
+without a weight is ignored. Without any non-GPU event the matched blocks count as they are.
 
-**The decision.** With loads L (requests in flight plus the engine's queue, as least_load),
-L_min the least, and the slack S = max(balance_abs_threshold, (balance_rel_threshold - 1) *
-L_min) (SGLang's imbalance thresholds as one number):
+**The decision** minimises the expected time to first token, in tokens of prefill (prefill
+time grows about linearly with the tokens computed). On worker w (:func:`prefill_cost`):
 
-    cached(w) = tokens of the prompt predicted cached on w (vLLM recomputes the last token)
-    ratio(w)  = cached(w) / prompt tokens, counted only when >= cache_threshold
-    score(w)  = ratio(w) * S - (L(w) - L_min)
+    cost(w) = wait(w) + prompt tokens - cached(w)
+    wait(w) = queued(w) + load_tokens * L(w) + SPREAD_TOKENS * recent(w)
 
-The highest score wins; ties go to the less loaded, then round robin. So a worker is never
-chosen while more than S above the least loaded (the fleet-imbalance fallback, per worker: a
-conversation on a worker that is not the hot one keeps its affinity, complaint 3), a full hit
-is worth at most S requests of extra load, a partial hit proportionally less (a hot shared
-system prompt spreads instead of piling, complaints 1, 2, 4), and a miss goes to the least
-loaded, never to the worker with the smallest index (complaint 1). A joining worker has the
-least load and gets the misses and the spill at once; and since a hot prefix held by the
-others can outbid it at light load, a least-loaded worker that no decision chose for
-``STARVE_ROUNDS`` rounds of the fleet gets the next request ("warm"): from then on it holds
-the prefix too and competes on equal terms.
+``queued(w)``: the prefill work dispatched to w that has not ended, each request's tokens not
+predicted cached there plus ``request_tokens`` (tracked from ``on_dispatch`` to its first token,
+``on_first_token``, or its end; a first token also ends the prefills sent there before it, as
+engines prefill first come, first served). Requests that only decode delay a new prefill
+little: they count ``load_tokens`` each through L(w), the load (requests in flight plus the
+engine's queue, as least_load). ``recent(w)``: w's share of the last ``SPREAD_ROUNDS`` rounds of
+the fleet's dispatches, a small term that places new prefixes on the workers that serve least.
+``cached(w)`` counts only when it is at least ``cache_threshold`` of the prompt (complaint 4);
+with tiers it is the tier-weighted credit above.
+
+Two bounds hold whatever the costs. A worker more than the slack S = max(
+balance_abs_threshold, (balance_rel_threshold - 1) * L_min) above the least loaded is never
+chosen (SGLang's imbalance thresholds as one number, per worker: a conversation on a worker
+that is not the hot one keeps its affinity, complaint 3; load is always counted, complaint 2).
+And a worker takes a cache hit only while its recent dispatches stay within
+``bounded_load_factor`` times the mean (+2): a hot prefix held by few workers then spreads
+(complaints 1, 2), as consistent hashing with bounded loads spreads a hot key. A miss goes to
+the least wait, never to the worker with the smallest index (complaint 1). Ties go to the
+worker whose oldest queued prefill was sent first (it is nearer done), then round robin. A
+least-loaded worker that no decision chose for ``STARVE_ROUNDS`` rounds of the fleet gets the
+next request ("warm"): a joining worker then holds the hot prefixes too.
 """
 
 from __future__ import annotations
 
 import types
+from collections import deque
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -67,6 +77,34 @@ ALIAS_SHARE = 4
 STARVE_ROUNDS = 4
 #: credit per tier of a cached block (Dynamo's defaults: device, host, disk)
 DEFAULT_TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.75, "DISK": 0.25}
+#: after this many holders weighed one by one, the least wait of all candidates (one pass)
+#: bounds the rest: a prefix that many hold alike costs two passes, not one step per holder
+_SCAN_ABOVE = 4
+#: ``recent(w)`` counts w's dispatches among the last this many rounds of the fleet
+SPREAD_ROUNDS = 32
+#: what each of those recent dispatches adds to a worker's wait, in tokens (a tie-breaker that
+#: places new prefixes, and splits a shared one, toward the workers that serve least)
+SPREAD_TOKENS = 8.0
+
+
+def prefill_cost(wait: float, prompt_tokens: int, cached_tokens: int) -> float:
+    """A request's expected time to first token on a worker, in tokens of prefill: what it
+    waits for there (``wait``: the queued prefill work and the load, see the module doc), then
+    its own prefill, the prompt tokens not cached there. (Its own fixed per-request cost is
+    the same everywhere and left out.)"""
+    return wait + prompt_tokens - cached_tokens
+
+
+class _Queued:
+    """A dispatched request whose prefill has not ended (no first token seen yet)."""
+
+    __slots__ = ("cost", "live", "seq", "slot")
+
+    def __init__(self, slot: int, cost: float, seq: int) -> None:
+        self.slot = slot
+        self.cost = cost
+        self.seq = seq
+        self.live = True
 
 
 class _View:
@@ -108,6 +146,9 @@ class CacheAware(Policy):
         max_prefix_tokens: int = 65536,
         prefix_module: types.ModuleType | None = None,
         tier_weights: Mapping[str, float] | None = None,
+        request_tokens: float = 32.0,
+        load_tokens: float = 64.0,
+        bounded_load_factor: float = 1.25,
     ) -> None:
         if block_size < 1 or max_prefix_tokens < block_size:
             raise ValueError("block_size must be >= 1 and max_prefix_tokens >= block_size")
@@ -115,6 +156,10 @@ class CacheAware(Policy):
             raise ValueError("cache_threshold must be 0..1 and balance_abs_threshold >= 0")
         if balance_rel_threshold < 1.0:
             raise ValueError("balance_rel_threshold must be >= 1")
+        if not (0.0 <= request_tokens <= 1e9 and 0.0 <= load_tokens <= 1e9):
+            raise ValueError("request_tokens and load_tokens must be 0..1e9")
+        if not 1.0 < bounded_load_factor <= 100.0:
+            raise ValueError("bounded_load_factor must be > 1 and <= 100")
         weights = DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights
         self.tier_weights = {k.upper(): float(v) for k, v in weights.items()}
         if any(not 0.0 <= w <= 1.0 for w in self.tier_weights.values()):
@@ -123,6 +168,7 @@ class CacheAware(Policy):
         self._block_hashes = mod.block_hashes
         self._text_block_hashes = mod.text_block_hashes
         self._slot_mask = mod.slot_mask
+        self._least_wait_of = mod.least_wait
         self._token_seed = mod.TOKEN_SEED
         self._max_slots = mod.MAX_SLOTS
         self.block_size = block_size
@@ -131,6 +177,9 @@ class CacheAware(Policy):
         self.balance_abs = balance_abs_threshold
         self.balance_rel = balance_rel_threshold
         self.max_blocks = max_prefix_tokens // block_size
+        self.request_tokens = float(request_tokens)
+        self.load_tokens = float(load_tokens)
+        self.bounded_load_factor = bounded_load_factor
         self._index = mod.PrefixIndex(budget_bytes)
         self._memo_key = ("prefix", block_size, self.max_blocks)
         self._slots: dict[str, int] = {}  # worker id -> slot in the index
@@ -142,6 +191,20 @@ class CacheAware(Policy):
         self._cursor = 0
         self._last: _Decision | None = None
         self._picked: dict[str, int] = {}  # worker id -> decision number it was last chosen
+        # Per slot (index -1, the slot of workers past MAX_SLOTS, stays 0): the wait that does
+        # not depend on the load, queued prefill work + SPREAD_TOKENS x recent dispatches; the
+        # recent dispatches (the last ones' slots in ``_ring``); the queued requests in order.
+        self._bias = [0.0] * (self._max_slots + 1)
+        self._recent = [0] * (self._max_slots + 1)
+        self._front = [0] * (self._max_slots + 1)  # the oldest queued prefill's seq (0: none)
+        self._ring: deque[int] = deque()
+        self._rcount = [0]  # known workers by their number of recent dispatches
+        self._rmin = 0  # the fewest recent dispatches of any known worker
+        self._fifo: dict[int, deque[_Queued]] = {}
+        self._qkey = ("queued", id(self))  # this policy's _Queued in a request's memo
+        self._seq = 0
+        self.queued_requests = 0
+        self.queued_tokens = 0.0
         self._round = 0  # decisions here plus those other replicas reported (import_hint)
         # tiers: (worker id, medium) -> slot of that worker's blocks in a non-GPU medium
         self._tier_slots: dict[tuple[str, str], int] = {}
@@ -180,6 +243,9 @@ class CacheAware(Policy):
             cfg.balance_rel_threshold,
             cfg.cache_aware_max_prefix_tokens,
             tier_weights=cfg.cache_tier_weights,
+            request_tokens=cfg.cache_aware_request_tokens,
+            load_tokens=cfg.cache_aware_load_tokens,
+            bounded_load_factor=cfg.bounded_load_factor,
         )
 
     # -- prompt and candidate set ---------------------------------------------------------------
@@ -217,7 +283,23 @@ class CacheAware(Policy):
             if slot < 0:
                 return -1
             self._slots[wid] = slot
+            self._rcount[0] += 1  # a worker with no recent dispatch
+            self._rmin = 0
         return slot
+
+    def _recount(self, slot: int, delta: int) -> None:
+        """``recent[slot] += delta`` (+1 or -1), keeping ``_rmin``, the fewest recent
+        dispatches of any known worker (so ``SPREAD_TOKENS x _rmin`` bounds every wait)."""
+        recent, count = self._recent, self._rcount
+        old = recent[slot]
+        new = old + delta
+        recent[slot] = new
+        count[old] -= 1
+        if new == len(count):
+            count.append(0)
+        count[new] += 1
+        if new < self._rmin or (old == self._rmin and not count[old]):
+            self._rmin = new
 
     def _tier_slot(self, wid: str, medium: str) -> int:
         """The slot of ``wid``'s blocks in ``medium`` (the GPU's is the worker's own)."""
@@ -265,57 +347,87 @@ class CacheAware(Policy):
     def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
         hashes, ntok = self._prompt(ctx)
         n = len(candidates)
+        view = self._view(candidates)
+        slots = view.slots
         loads = [w.in_flight + w.engine.waiting for w in candidates]
         lmin = min(loads)
+        cap = lmin + max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
         start = self._cursor % n
         self._cursor += 1
         try:
-            best = loads.index(lmin, start)
+            base = loads.index(lmin, start)
         except ValueError:
-            best = loads.index(lmin)
-        base = best
+            base = loads.index(lmin)
+        bias = self._bias
+        lt = self.load_tokens
+        least = lt * lmin + SPREAD_TOKENS * self._rmin  # no candidate waits less
+        best = -1
+        best_cost = 0.0
+        best_c = 0
         depths: dict[int, int] = {}
         usable = 0
+        found = scanned = False
         if hashes is None or not len(hashes):
             reason = "no_prompt" if hashes is None else "no_match"
         else:
-            view = self._view(candidates)
             bs = self.block_size
             floor = self.cache_threshold * ntok
             # tiers shallower than the threshold cannot count: the index skips them
             depths = self._index.match(hashes, len(hashes), view.query, -int(-floor // bs))
             reason = "no_match"
-            if depths and view.owner is not None:
+            if depths:
                 usable = (ntok - 1) // bs
-                best, reason, depths = self._choose_tiered(
-                    view, depths, loads, lmin, best, usable, ntok, floor
-                )
-            elif depths:
-                usable = (ntok - 1) // bs
-                slack = max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
-                per_token = slack / ntok
-                # the least loaded worker's own score (it may hold part of the prompt too)
-                c = min(depths.get(view.slots[best], 0), usable) * bs
-                best_score = c * per_token if c >= floor and c > 0 else 0.0
-                best_load = lmin
-                found = False
+                # blocks each holder has, deepest first: matched, or with tiers credited
+                held: dict[int, Any] = depths
+                if view.owner is not None:
+                    held, depths = self._tier_credit(view, depths, usable)
+                limit = self.bounded_load_factor * (len(self._ring) + 1) / n + 2
+                recent = self._recent
                 pos = view.pos
-                for slot, d in depths.items():  # deepest first: the bound below only falls
+                k = 0
+                for slot, d in held.items():  # deepest first: the cost bound only rises
                     c = (d if d < usable else usable) * bs
                     if c < floor or c <= 0:
                         continue
                     found = True
-                    bound = c * per_token  # the best score this or any later entry can have
-                    if bound < best_score or (bound == best_score and best_load == lmin):
+                    # (prefill_cost, inlined in this loop) the least this or any later one costs
+                    bound = least + ntok - c
+                    if best >= 0 and (bound > best_cost or (scanned and bound == best_cost)):
                         break
-                    i = pos[slot]
-                    excess = loads[i] - lmin
-                    if excess > slack:
+                    k += 1
+                    if k > _SCAN_ABOVE and not scanned:
+                        # Many hold the prompt alike: the least wait of all candidates, and
+                        # its cost as a hit or a miss, bound the rest of the loop tightly.
+                        scanned = True
+                        i = self._least_wait(slots, loads, cap, start, base)
+                        si = slots[i]
+                        least = bias[si] + lt * loads[i]
+                        ci = min(held.get(si, 0), usable) * bs
+                        if ci < floor or recent[si] + 1 > limit:
+                            ci = 0
+                        cost = prefill_cost(least, ntok, ci)
+                        if best < 0 or cost < best_cost:
+                            best, best_cost, best_c = i, cost, ci
+                        if prefill_cost(least, ntok, c) >= best_cost:
+                            break
+                    if recent[slot] + 1 > limit:  # served more than its share lately
                         continue
-                    score = bound - excess
-                    if score > best_score or (score == best_score and loads[i] < best_load):
-                        best, best_score, best_load = i, score, loads[i]
-                reason = "cache" if best_score > 0 else "load" if found else "below_threshold"
+                    i = pos[slot]
+                    x = loads[i]
+                    if x > cap:  # never more than the slack above the least loaded
+                        continue
+                    cost = bias[slot] + lt * x + ntok - c
+                    if best < 0 or cost < best_cost or (cost == best_cost and x < loads[best]):
+                        best, best_cost, best_c = i, cost, c
+                reason = "cache" if best_c > 0 else "load" if found else "below_threshold"
+        if not scanned and (best < 0 or best_cost >= prefill_cost(least, ntok, 0)):
+            # a miss may do as well: the least wait within the slack (a full scan, only now)
+            miss = self._least_wait(slots, loads, cap, start, base)
+            cost = prefill_cost(bias[slots[miss]] + lt * loads[miss], ntok, 0)
+            if best < 0 or cost < best_cost or (cost == best_cost and loads[miss] < loads[best]):
+                best, best_c = miss, 0
+                if reason == "cache":
+                    reason = "load"
         # Starvation guard: a least-loaded worker nobody chose for STARVE_ROUNDS rounds of the
         # fleet (one that joined while every prompt shares a hot prefix others hold) gets this
         # request, after which it holds the prefix and competes on equal terms. (A worker never
@@ -358,64 +470,59 @@ class CacheAware(Policy):
             if ctx.scratch:
                 ctx.scratch.pop(self, None)
 
-    def _choose_tiered(
-        self,
-        view: _View,
-        depths: dict[int, int],
-        loads: list[int],
-        lmin: int,
-        best: int,
-        usable: int,
-        ntok: int,
-        floor: float,
-    ) -> tuple[int, str, dict[int, int]]:
-        """The decision when some worker reported non-GPU blocks: credit each candidate's tiers
-        by weight, then score as the untiered path does. Returns the choice, the reason, and the
-        deepest match per candidate (by its GPU slot: what the audit predicts)."""
+    def _tier_credit(
+        self, view: _View, depths: dict[int, int], usable: int
+    ) -> tuple[dict[int, float], dict[int, int]]:
+        """With tiers (some worker reported non-GPU blocks): each candidate's cached blocks
+        credited by weight, walking its tiers from the heaviest down, each tier for the blocks
+        it holds beyond the tiers above; by the candidate's GPU slot, largest credit first (for
+        the cost, :func:`prefill_cost`). Also the deepest match per candidate (what the audit
+        predicts)."""
         owner = view.owner
         assert owner is not None
         per: dict[int, list[tuple[float, int]]] = {}
         for slot, d in depths.items():
             i, weight = owner[slot]
             per.setdefault(i, []).append((weight, d if d < usable else usable))
-        bs = self.block_size
-        slack = max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
-        per_token = slack / ntok
-        best_score, best_load, found = 0.0, lmin, False
+        credit: dict[int, float] = {}
         deepest: dict[int, int] = {}
         for i, tiers in per.items():
             tiers.sort(reverse=True)  # heaviest tier first
-            covered = credit = 0.0
+            covered = total = 0.0
             for weight, d in tiers:
                 if d > covered:
-                    credit += weight * (d - covered)
+                    total += weight * (d - covered)
                     covered = d
             deepest[view.slots[i]] = int(covered)
-            c = credit * bs
-            if c < floor or c <= 0:
-                continue
-            found = True
-            excess = loads[i] - lmin
-            if excess > slack:
-                continue
-            score = c * per_token - excess
-            if score > best_score or (score == best_score and loads[i] < best_load):
-                best, best_score, best_load = i, score, loads[i]
-        reason = "cache" if best_score > 0 else "load" if found else "below_threshold"
-        return best, reason, deepest
+            if total > 0:
+                credit[view.slots[i]] = total
+        ranked = dict(sorted(credit.items(), key=lambda kv: kv[1], reverse=True))
+        return ranked, deepest
+
+    def _least_wait(
+        self, slots: list[int], loads: list[float], cap: float, start: int, base: int
+    ) -> int:
+        """The candidate with the least wait among those within the slack (one pass over the
+        fleet, compiled); ties go to the one whose oldest queued prefill was sent first (the
+        nearest to done: dispatch order stands in for a clock), then round robin."""
+        i = self._least_wait_of(self._bias, self._front, slots, loads, self.load_tokens, cap, start)
+        return base if i < 0 else i
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_dispatch(self, worker: Worker, ctx: RouteContext) -> None:
-        """Predict on route: once it has prefilled, the worker holds the prompt's blocks."""
-        if worker.id in self._exact:
-            return  # its engine's events will say what it stored
-        hashes, _ = self._prompt(ctx)
-        if hashes is not None and len(hashes):
-            slot = self._slot(worker.id)
-            if slot >= 0:
-                self._index.insert(slot, hashes)
-            if self.hint_sink is not None:
-                self.hint_sink(worker.id, hashes)
+        """Queue the request's prefill on ``worker``, count the dispatch, and predict on route:
+        once it has prefilled, the worker holds the prompt's blocks."""
+        hashes, ntok = self._prompt(ctx)
+        wid = worker.id
+        slot = self._slot(wid)
+        if slot >= 0:
+            self._queue(slot, ctx, ntok)
+        if wid in self._exact or hashes is None or not len(hashes):
+            return  # an engine that sends KV events says itself what it stored
+        if slot >= 0:
+            self._index.insert(slot, hashes)
+        if self.hint_sink is not None:
+            self.hint_sink(wid, hashes)
 
     def import_hint(self, worker: Worker, hashes: Sequence[int]) -> None:
         """Another gateway replica dispatched a prompt with these block hashes to ``worker``:
@@ -425,12 +532,100 @@ class CacheAware(Policy):
         self._cursor += 1
         self._picked[worker.id] = self._round
         self._round += 1
+        slot = self._slot(worker.id)
+        if slot < 0:
+            return
+        self._count(slot)  # its share of recent dispatches: all the replicas' (no queue: unknown)
         if worker.id in self._exact or not len(hashes):
             return
-        slot = self._slot(worker.id)
-        if slot >= 0:
-            self._index.insert(slot, hashes)
-            self.hints_imported += 1
+        self._index.insert(slot, hashes)
+        self.hints_imported += 1
+
+    def _queue(self, slot: int, ctx: RouteContext, ntok: int) -> None:
+        memo = ctx.memo()
+        old = memo.get(self._qkey)
+        if old is not None and old.live:  # dispatched again without a finish: count it once
+            self._release(old)
+        # the work it queues: the prompt tokens the decision predicted not cached there
+        decision = memo.get(self)
+        cached = 0
+        if decision is not None and decision.depths:
+            cached = min(decision.depths.get(slot, 0), decision.usable) * self.block_size
+        self._seq += 1
+        entry = _Queued(slot, max(0, ntok - cached) + self.request_tokens, self._seq)
+        memo[self._qkey] = entry
+        q = self._fifo.get(slot)
+        if q is None:
+            q = self._fifo[slot] = deque()
+            self._front[slot] = entry.seq
+        q.append(entry)
+        self.queued_requests += 1
+        self.queued_tokens += entry.cost
+        self._bias[slot] += entry.cost
+        self._count(slot)
+
+    def _count(self, slot: int) -> None:
+        """One more dispatch to ``slot`` in the recent window (the oldest one leaves it)."""
+        bias, ring = self._bias, self._ring
+        bias[slot] += SPREAD_TOKENS
+        self._recount(slot, 1)
+        ring.append(slot)
+        if len(ring) > SPREAD_ROUNDS * max(1, len(self._slots)):
+            old_slot = ring.popleft()
+            self._recount(old_slot, -1)
+            bias[old_slot] -= SPREAD_TOKENS
+            if old_slot not in self._fifo:
+                bias[old_slot] = SPREAD_TOKENS * self._recent[old_slot]  # exact, no drift
+
+    def on_first_token(self, worker: Worker, ctx: RouteContext) -> None:
+        """The request's first token came: its prefill ended, and so did the prefills of the
+        requests sent to ``worker`` before it (engines prefill first come, first served)."""
+        entry = ctx.scratch.get(self._qkey) if ctx.scratch else None
+        if entry is not None and entry.live:
+            self._drain(entry)
+
+    def on_finish(self, worker: Worker, ctx: RouteContext, ok: bool) -> None:
+        """The request ended: its prefill is no longer queued, whatever happened (a success
+        also ends the prefills sent before it, as a first token does)."""
+        entry = ctx.scratch.pop(self._qkey, None) if ctx.scratch else None
+        if entry is not None and entry.live:
+            if ok:
+                self._drain(entry)
+            else:
+                self._release(entry)
+
+    def _release(self, entry: _Queued) -> None:
+        entry.live = False
+        self.queued_requests -= 1
+        self.queued_tokens -= entry.cost
+        slot = entry.slot
+        q = self._fifo.get(slot)
+        if q is None:  # its worker left meanwhile
+            return
+        while q and not q[0].live:
+            q.popleft()
+        if q:
+            self._bias[slot] -= entry.cost
+            self._front[slot] = q[0].seq
+        else:  # nothing queued there: exact, whatever the float sums left
+            del self._fifo[slot]
+            self._front[slot] = 0
+            self._bias[slot] = SPREAD_TOKENS * self._recent[slot]
+            if not self._fifo:
+                self.queued_tokens = 0.0
+
+    def _drain(self, entry: _Queued) -> None:
+        """Release ``entry`` and every request queued on its worker before it."""
+        seq, slot = entry.seq, entry.slot
+        q = self._fifo.get(slot)
+        while q and q[0].seq < seq:
+            if q[0].live:
+                self._release(q[0])  # pops it and the dead ones behind it
+            else:
+                q.popleft()
+            q = self._fifo.get(slot)
+        if entry.live:
+            self._release(entry)
 
     def on_usage(
         self, worker: Worker, ctx: RouteContext, prompt_tokens: int, cached_tokens: int | None
@@ -449,6 +644,23 @@ class CacheAware(Policy):
         slot = self._slots.pop(worker.id, None)
         self._exact.discard(worker.id)
         self._picked.pop(worker.id, None)
+        if slot is not None:
+            for entry in self._fifo.pop(slot, ()):
+                if entry.live:
+                    entry.live = False
+                    self.queued_requests -= 1
+                    self.queued_tokens -= entry.cost
+            if not self._fifo:
+                self.queued_tokens = 0.0
+            # its slot goes to the next new worker: with no queue and no recent dispatches
+            self._ring = deque(s for s in self._ring if s != slot)
+            count = self._rcount
+            count[self._recent[slot]] -= 1
+            self._recent[slot] = 0
+            self._bias[slot] = 0.0
+            self._front[slot] = 0
+            # the fewest recent dispatches among the workers left (none: 0)
+            self._rmin = next((v for v, c in enumerate(count) if c), 0)
         slots = [] if slot is None else [slot]
         for key in [k for k in self._tier_slots if k[0] == worker.id]:
             slots.append(self._tier_slots.pop(key))
@@ -567,6 +779,8 @@ class CacheAware(Policy):
             "kv_events_ignored": self.kv_ignored,
             "kv_blocks_unresolved": self.kv_unresolved,
             "kv_aliases": len(self._alias),
+            "queued_requests": self.queued_requests,
+            "queued_tokens": self.queued_tokens,
             "tier_slots": len(self._tier_slots),
             "hints_imported": self.hints_imported,
             "audit_requests": self.audits,
