@@ -152,13 +152,20 @@ def decode_view(
         return view
     elif view.prompt is None:
         raise GatewayError(400, "prompt is required", param="prompt")
-    limits.check_sampling(
-        max_tokens=view.max_tokens,
-        n=view.n,
-        best_of=view.best_of,
-        stop=view.stop,
-        logit_bias=view.logit_bias,
-    )
+    if (  # the usual request sets none of these: no keyword call on the hot path
+        limits.max_output_tokens
+        or view.n is not None
+        or view.best_of is not None
+        or view.stop is not None
+        or view.logit_bias is not None
+    ):
+        limits.check_sampling(
+            max_tokens=view.max_tokens,
+            n=view.n,
+            best_of=view.best_of,
+            stop=view.stop,
+            logit_bias=view.logit_bias,
+        )
     return view
 
 
