@@ -55,6 +55,35 @@ _UPSTREAM_ERRORS = {
 }
 
 _NON_NEG = {"type": "integer", "minimum": 0}
+
+
+def _answer(obj: str, choice_required: list[str], choice_fields: dict[str, Any]) -> dict:
+    """A non-streamed chat or text completion: the shared envelope around its choices."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": obj},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": choice_required,
+                    "properties": {
+                        "index": _NON_NEG,
+                        **choice_fields,
+                        "finish_reason": {"type": ["string", "null"]},
+                    },
+                },
+            },
+            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    }
+
+
 _POS = {"type": "integer", "minimum": 1}
 _STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 _STREAM_OPTIONS = {
@@ -193,60 +222,22 @@ _SCHEMAS: dict[str, Any] = {
             "total_tokens": _NON_NEG,
         },
     },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message"],
-                    "properties": {
-                        "index": _NON_NEG,
-                        "message": {
-                            "type": "object",
-                            "required": ["role"],
-                            "properties": {
-                                "role": {"type": "string"},
-                                "content": {"type": ["string", "null"]},
-                                "tool_calls": {"type": ["array", "null"]},
-                            },
-                        },
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
+    "ChatCompletion": _answer(
+        "chat.completion",
+        ["index", "message"],
+        {
+            "message": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"type": "string"},
+                    "content": {"type": ["string", "null"]},
+                    "tool_calls": {"type": ["array", "null"]},
                 },
             },
-            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}]},
         },
-    },
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "text_completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "text"],
-                    "properties": {
-                        "index": _NON_NEG,
-                        "text": {"type": "string"},
-                        "finish_reason": {"type": ["string", "null"]},
-                    },
-                },
-            },
-            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}]},
-        },
-    },
+    ),
+    "Completion": _answer("text_completion", ["index", "text"], {"text": {"type": "string"}}),
     "Model": {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
