@@ -11,6 +11,10 @@ question per path is how close it gets to the cost of one memcpy. Paths, for flo
   process, two PAIR sockets each in its own zmq.Context (so each side has its own I/O thread):
   ``pack_tensors`` + ``encode_frames(Encode(...))`` sent with ``copy=False``, received with
   ``copy=False``, ``decode_frames`` + ``unpack_tensors`` (the received array views the frame);
+* socket: the ceiling of loopback TCP on this machine, no ZeroMQ and no protocol: a plain
+  socket pair over 127.0.0.1, ``sendall`` of the array's buffer in this thread, ``recv_into``
+  a preallocated, already-touched buffer in a second thread (both release the GIL, so the
+  two copies the kernel makes run on two CPUs). ``tcp`` is also reported as a fraction of it;
 * shm: `ShmPool.put` in this process (one copy into a warm segment), the msgpack'd handle over a
   pipe to a second process that runs ``from_shm`` (lock, map with MAP_POPULATE, decode), closes
   it and acks; one round trip per tensor. The first transfer of each size (a new segment, whose
@@ -38,9 +42,11 @@ if any(v in os.environ for v in _BLAS_VARS):  # before numpy is imported
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import socket  # noqa: E402
 import statistics  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -55,7 +61,7 @@ from lmgw.transport.zmq.socket import ZmqSocket  # noqa: E402
 
 MIB = 1 << 20
 SIZES_MIB = (1, 16, 64, 256)
-PATHS = ("memcpy", "frames", "tcp", "shm")
+PATHS = ("memcpy", "frames", "tcp", "socket", "shm")
 TARGETS = {"shm": 0.5, "tcp": 0.3}
 RESULTS = Path(__file__).parent / "results" / "tensors.json"
 PREFIX = "lmgwbench"
@@ -138,6 +144,39 @@ class TcpPair:
             ctx.term()
 
 
+class SocketPair:
+    """Loopback TCP with nothing on top: what any TCP path on this box can reach at most."""
+
+    def __init__(self, capacity: int) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.tx = socket.create_connection(listener.getsockname())
+            self.rx, _ = listener.accept()
+        self.sink = bytearray(capacity)  # touched once: no page faults in the timed runs
+
+    def run(self, src: np.ndarray, n: int) -> float:
+        nbytes = src.nbytes
+        view = memoryview(self.sink)[:nbytes]
+
+        def receive() -> None:
+            for _ in range(n):
+                got = 0
+                while got < nbytes:
+                    got += self.rx.recv_into(view[got:], nbytes - got)
+
+        reader = threading.Thread(target=receive)
+        start = time.perf_counter()
+        reader.start()
+        data = memoryview(src).cast("B")
+        for _ in range(n):
+            self.tx.sendall(data)
+        reader.join()
+        return rate(nbytes * n, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()
+
+
 class ShmPeer:
     """A receiver process: handles in over its stdin, one ack byte back per tensor."""
 
@@ -184,6 +223,7 @@ async def measure(
     runs: dict[tuple[int, str], list[float]] = {}
     cold: dict[int, float] = {}
     tcp, peer = TcpPair(), ShmPeer()
+    raw = SocketPair(max(a.nbytes for a in arrays.values()))
     try:
         peer.warm_up()
         for mib, src in arrays.items():  # first transfer: a new segment (cold pages)
@@ -192,16 +232,19 @@ async def measure(
             cold[mib] = rate(src.nbytes, time.perf_counter() - start)
             peer.pool.reclaim()
             await tcp.run(src, 1)  # warm the connection and allocator
+            raw.run(src, 1)
         for _ in range(repeats):
             for mib, src in arrays.items():
                 n = per_run(src.nbytes, budget)
                 runs.setdefault((mib, "memcpy"), []).append(bench_memcpy(src, dsts[mib], n))
                 runs.setdefault((mib, "frames"), []).append(bench_frames(src, n * 100))
                 runs.setdefault((mib, "tcp"), []).append(await tcp.run(src, n))
+                runs.setdefault((mib, "socket"), []).append(raw.run(src, n))
                 runs.setdefault((mib, "shm"), []).append(peer.run(src, n))
         return runs, cold, peer.pool.statistics()
     finally:
         tcp.close()
+        raw.close()
         peer.close()
 
 
@@ -232,14 +275,19 @@ def main() -> None:
         f"same repeat's memcpy (shm_cold: to the median memcpy); "
         f"tensorframe={tensors.IMPLEMENTATION}; tcp = ZmqSocket under trio, 2 contexts"
     )
-    print(f"{'MiB':>4} {'memcpy':>8} {'frames':>14} {'tcp':>14} {'shm':>14} {'shm_cold':>14}")
+    head = ("memcpy", "frames", "tcp", "socket", "shm", "shm_cold")
+    print(f"{'MiB':>4} {head[0]:>8} " + " ".join(f"{h:>14}" for h in head[1:]) + "   tcp/socket")
     rows = []
     for mib in SIZES_MIB:
         base = med[(mib, "memcpy")]
         cells = [f"{base:>8.2f}"]
-        for path in ("frames", "tcp", "shm"):
+        for path in ("frames", "tcp", "socket", "shm"):
             cells.append(f"{med[(mib, path)]:>7.1f} {paired[(mib, path)]:>5.2f}x")
         cells.append(f"{cold[mib]:>7.2f} {cold[mib] / base:>5.2f}x")
+        of_socket = statistics.median(
+            t / r for t, r in zip(runs[(mib, "tcp")], runs[(mib, "socket")], strict=True)
+        )
+        cells.append(f"{of_socket:>12.2f}")
         print(f"{mib:>4} " + " ".join(cells))
         rows.append(
             {
@@ -250,11 +298,18 @@ def main() -> None:
                 | {"shm_cold": cold[mib] / base},
                 "runs_gb_per_s": {p: runs[(mib, p)] for p in PATHS},
                 "meets_target": {p: paired[(mib, p)] >= t for p, t in TARGETS.items()},
+                "tcp_to_socket_paired": of_socket,
+                "socket_ceiling_meets_tcp_target": paired[(mib, "socket")] >= TARGETS["tcp"],
             }
         )
     for path, target in TARGETS.items():
         ok = [r["mib"] for r in rows if r["meets_target"][path]]
         print(f"target {path} >= {target:.0%} of memcpy: met at {ok or 'no'} MiB")
+    ceiling = [r["mib"] for r in rows if r["socket_ceiling_meets_tcp_target"]]
+    print(
+        f"a bare loopback socket itself reaches {TARGETS['tcp']:.0%} of memcpy at"
+        f" {ceiling or 'no'} MiB"
+    )
     print(f"shm pool after the run: {stats}", file=sys.stderr)
 
     meta = {
@@ -270,6 +325,8 @@ def main() -> None:
         "quick": args.quick,
         "unset_env": os.environ.get("LMGW_BENCH_UNSET_BLAS", ""),
         "tcp": "ZmqSocket under trio, PAIR over tcp://127.0.0.1, one zmq.Context per side",
+        "socket": "plain loopback TCP socket pair, sendall / recv_into a touched buffer in a"
+        " second thread: the ceiling of any TCP path here",
         "shm": "ShmPool.put + handle over a pipe to a second process: from_shm, close, ack",
         "frames_note": "zero-copy: the rate is nbytes over per-call overhead, not a data copy",
     }
