@@ -35,6 +35,7 @@ bench: build
 	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/overhead.py --pd vllm-nixl
+	$(BIN)/python benchmarks/floor.py
 	$(BIN)/python benchmarks/hashring.py
 	$(BIN)/python benchmarks/routing_decision.py
 	$(BIN)/python benchmarks/text.py

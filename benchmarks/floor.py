@@ -1,0 +1,239 @@
+"""lmgw's CPU per proxied request beside the floor of any trio relay, in one run.
+
+Why: issue 2 asks for gateway CPU per small request at c=64 of at most 0.75x vllm-router's.
+Whether that is within reach of a Python/trio gateway at all is a measurement, not a belief:
+this script runs, against the same two workers and the same wrk load,
+
+* ``relay``: `floor_relay.py`, the smallest relay trio can run (one task and one upstream
+  connection per client connection, Content-Length framing, nothing else), and
+* ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults,
+
+each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
+alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
+``/proc/<pid>/task/*/schedstat``) and lmgw's ratio to the relay, medians over rounds. With
+``--strace`` it also counts system calls per request for each (``strace -c -f`` attached for
+one extra run; strace slows the process, so those runs are not timed).
+
+Workers: ``python -m lmgw.simulators --role pd --speed inf`` by default; ``--mock PATH`` uses
+the peer harness's faster mock worker (``../shared/bench/mock_worker.py``) instead, as the
+peer comparison in benchmarks/README.md does.
+
+    .venv/bin/python benchmarks/floor.py [--rounds 3] [--duration 4] [--strace] [--mock PATH]
+
+Writes benchmarks/results/floor.json; logs in benchmarks/results/floor-logs/. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT_JSON = RESULTS / "floor.json"
+LOG_DIR = RESULTS / "floor-logs"
+CONNS = 64
+SYSTEMS = ("relay", "lmgw")
+
+
+def _load_overhead() -> Any:
+    """benchmarks/overhead.py's process, CPU and wrk helpers (one harness for all)."""
+    spec = importlib.util.spec_from_file_location("lmgw_bench_overhead", HERE / "overhead.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.LOG_DIR = LOG_DIR
+    return module
+
+
+oh = _load_overhead()
+
+
+def log(*parts: object) -> None:
+    print(f"[floor {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def start_workers(children: Any, mock: str | None) -> list[int]:
+    ports = []
+    for i in range(2):
+        if mock is None:
+            _, url = oh.start_worker(children, f"worker{i + 1}")
+            ports.append(int(url.rsplit(":", 1)[1]))
+            continue
+        port = oh.free_port()
+        argv = [sys.executable, mock, "--port", str(port), "--model", oh.MODEL]
+        children.spawn(argv, log_path=LOG_DIR / f"mock{i + 1}.log")
+        ports.append(port)
+    for port in ports:
+        wait_answering(port)
+    return ports
+
+
+def wait_answering(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (
+                oh.http_once(
+                    port, "POST", "/v1/chat/completions", oh.chat_body(0, stream=False)
+                ).status
+                == 200
+            ):
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise oh.BenchError(f"nothing answered 200 on port {port} within {timeout:.0f} s")
+
+
+def start_system(
+    children: Any, name: str, workers: list[int], cpus: set[int] | None
+) -> tuple[Any, int]:
+    port = oh.free_port()
+    if name == "relay":
+        argv = [sys.executable, str(HERE / "floor_relay.py"), str(port), *map(str, workers)]
+    else:
+        argv = oh.gateway_argv(port, [f"pd=http://127.0.0.1:{w}" for w in workers])
+    proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus)
+    wait_answering(port)
+    return proc, port
+
+
+def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
+    proc, port = start_system(children, name, ctx["workers"], ctx["cpus"])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        oh.run_wrk(children, url, ctx["bodies"], CONNS, 1, ctx["lua"])  # warm-up
+        tree = oh.proc_tree(proc.pid)
+        c0 = oh.cpu_s(tree)
+        r = oh.run_wrk(children, url, ctx["bodies"], CONNS, ctx["duration"], ctx["lua"])
+        cpu = oh.cpu_s(tree) - c0
+        if r["errors"] or r["non_2xx"]:
+            raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
+        return {"rps": r["rps"], "cpu_us_per_req": cpu / max(r["requests"], 1) * 1e6}
+    finally:
+        children.stop(proc)
+
+
+def syscalls(children: Any, ctx: dict[str, Any], name: str) -> dict[str, float]:
+    """System calls per request while wrk runs, from ``strace -c -f`` attached to the process."""
+    proc, port = start_system(children, name, ctx["workers"], ctx["cpus"])
+    out = LOG_DIR / f"strace-{name}.txt"
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        oh.run_wrk(children, url, ctx["bodies"], CONNS, 1, ctx["lua"])
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-p", str(proc.pid), "-o", str(out)],
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        r = oh.run_wrk(children, url, ctx["bodies"], CONNS, 2, ctx["lua"])
+        tracer.send_signal(2)
+        tracer.wait(30)
+    finally:
+        children.stop(proc)
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            counts[parts[-1]] = int(parts[3])
+    # wrk's count covers a little less than strace's window: per request via the client sends
+    # (one sendto per answered request in both systems)
+    n = max(counts.get("sendto", 0) / 2, 1) if name == "lmgw" else max(r["requests"], 1)
+    return {k: round(v / n, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
+    parser.add_argument("--strace", action="store_true", help="also count syscalls per request")
+    parser.add_argument("--mock", help="the peer harness's mock_worker.py as the workers")
+    args = parser.parse_args()
+    rounds, duration = (1, 2) if args.quick else (args.rounds, args.duration)
+    if shutil.which("wrk") is None:
+        print("benchmarks/floor.py needs wrk: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    if args.strace and shutil.which("strace") is None:
+        print("--strace needs strace: apt-get install -y strace", file=sys.stderr)
+        return 2
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = None
+    if len(allowed) >= 2:
+        cpus = {allowed[1]}
+        os.sched_setaffinity(0, {allowed[0]})  # inherited by the workers and wrk
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    children = oh.Children(env)
+    lua = LOG_DIR / "wrk_bodies.lua"
+    lua.write_text(oh.WRK_LUA)
+    bodies = LOG_DIR / "bodies.jsonl"
+    oh.write_bodies(bodies, stream=False)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}
+    counted: dict[str, dict[str, float]] = {}
+    try:
+        ctx = {"workers": start_workers(children, args.mock), "cpus": cpus, "lua": lua}
+        ctx |= {"bodies": bodies, "duration": duration}
+        for i in range(rounds):
+            order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]
+            for name in order:
+                runs[name].append(measure(children, ctx, name))
+                log(f"round {i + 1}/{rounds} {name}: {runs[name][-1]['cpu_us_per_req']:.1f} µs/req")
+        if args.strace:
+            counted = {name: syscalls(children, ctx, name) for name in SYSTEMS}
+    finally:
+        children.stop_all()
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "cpu_us_per_req")}
+        for name, rs in runs.items()
+    }
+    ratios = [
+        lm["cpu_us_per_req"] / rl["cpu_us_per_req"]
+        for lm, rl in zip(runs["lmgw"], runs["relay"], strict=True)
+    ]
+    print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
+    print(f"{'system':<8} {'req/s':>9} {'CPU µs/req':>11}")
+    for name in SYSTEMS:
+        print(f"{name:<8} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
+    print(f"lmgw / relay CPU per request: x{statistics.median(ratios):.2f} (paired per round)")
+    for name, calls in counted.items():
+        shown = ", ".join(f"{k} {v:g}" for k, v in list(calls.items())[:6])
+        print(f"syscalls per request, {name}: {shown}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    OUT_JSON.write_text(
+        json.dumps(
+            {
+                "benchmark": "floor",
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "workers": args.mock or "lmgw.simulators --speed inf",
+                "rounds": rounds,
+                "duration_s": duration,
+                "cpu_method": oh.CPU_METHOD,
+                "runs": runs,
+                "medians": med,
+                "lmgw_to_relay_paired": ratios,
+                "syscalls_per_request": counted,
+            },
+            indent=2,
+        )
+    )
+    log(f"wrote {OUT_JSON}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
