@@ -94,12 +94,19 @@ from .engine import (
     Ticket,
     TimingModel,
     ToolPlan,
+    choice_sampling,
     plan_tool_call,
     tool_results_reply,
 )
 from .faults import DropConnection, FaultInjector, Faults
 from .kv_events import KvEventPublisher
 from .metrics import render_metrics
+
+BEST_OF_MESSAGE = (
+    "best_of > 1 is not supported (vLLM V1 removed it): ask for n choices with logprobs and"
+    " pick one"
+)
+"""The 400 for ``best_of > 1``, worded as the gateway's native path words it."""
 
 RECENT = 256
 """How many aborted requests and request ids /sim/stats remembers."""
@@ -220,6 +227,7 @@ class _GenRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     n: int | None = 1
+    best_of: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -376,6 +384,8 @@ def _validate_sampling(req: _GenRequest, max_tokens: int | None) -> int:
     n = 1 if req.n is None else req.n
     if n < 1:
         raise _bad(f"n must be at least 1, got {n}.", "n")
+    if req.best_of not in (None, 1):  # vLLM V1 refused it, then dropped the field
+        raise _bad(BEST_OF_MESSAGE, "best_of")
     if max_tokens is not None and max_tokens < 1:
         raise _bad(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
     if req.min_tokens < 0:
@@ -603,7 +613,7 @@ class SimWorker:
         choices = self._continuation(req, spec) if req.continue_final_message and n == 1 else None
         if choices is None:
             tool = self._tool_plan(req)
-            choices = [self.engine.generate(ids, spec, i, tool) for i in range(n)]
+            choices = [self.engine.generate(ids, *choice_sampling(spec, i), tool) for i in range(n)]
         stream = bool(req.stream)
         so = req.stream_options
         plan = _Plan(
@@ -744,7 +754,11 @@ class SimWorker:
         for ids in prompts:
             self._check_length(len(ids), req.max_tokens, "prompt")
         spec = _sampling(req, self._leg_max_tokens(req, req.max_tokens))
-        choices = [self.engine.generate(ids, spec, i) for ids in prompts for i in range(n)]
+        choices = [
+            self.engine.generate(ids, *choice_sampling(spec, i))
+            for ids in prompts
+            for i in range(n)
+        ]
         echo = None
         if req.echo:  # vLLM echoes a text prompt as sent, a token prompt decoded
             tok = self.engine.tokenizer

@@ -13,7 +13,9 @@ checks.
 Determinism is the point: the completion of a request is a pure function of (prompt token ids,
 worker seed, request ``seed``, choice index) -- media items enter through their placeholder ids,
 which derive from the items' content hashes -- so a test can assert the exact text whatever
-route (direct, through the gateway, through a P/D hand-off) the request took.
+route (direct, through the gateway, through a P/D hand-off) the request took. The choices of an
+``n > 1`` request follow vLLM's rule (:func:`choice_sampling`), so a gateway that sends one
+request per choice gets the same texts as the worker that fans out itself.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import struct
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -530,6 +532,27 @@ class Completion:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+SAMPLE_INDEX = "lmgw_sample_index"
+"""The key of ``SamplingParams.extra`` that names an unseeded choice's index (the gateway's
+fan-out of ``n > 1`` to one native Generate per choice: see :func:`choice_sampling`)."""
+
+
+def choice_sampling(spec: SamplingSpec, index: int) -> tuple[SamplingSpec, int]:
+    """(spec, index) that choice ``index`` of a request is drawn with. vLLM runs choice ``i``
+    of ``n`` as a child request with ``seed + i`` when the request is seeded (its
+    ``ParentRequest``): choice ``i`` is then exactly the ``n = 1`` answer for that seed. An
+    unseeded child is random in vLLM; here it is drawn by its index, so choices differ."""
+    if index == 0 or spec.seed is None:
+        return spec, index
+    return replace(spec, seed=spec.seed + index), 0
+
+
+def sample_index(extra: Mapping[str, Any] | None) -> int:
+    """The choice index a native request names in ``SamplingParams.extra`` (0 if none)."""
+    value = (extra or {}).get(SAMPLE_INDEX)
+    return value if type(value) is int and value > 0 else 0
 
 
 def completion_key(

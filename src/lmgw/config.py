@@ -370,6 +370,9 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     max_n: int = 128
     # Completions' `best_of` (sequences generated server-side); 20 is OpenAI's cap.
     max_best_of: int = 20
+    # Choices in one answer: a completions prompt batch's length times `n` (each a generation;
+    # native workers get one Generate per choice, so this bounds the gateway's fan-out).
+    max_choices: int = 2048
     # Stop sequences (`stop`, strings) per request; OpenAI allows 4, engines check each one
     # against every new token.
     max_stop_sequences: int = 16
@@ -384,7 +387,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
                 f"must be 0..512 (Python's recursion limit bounds it), got {self.max_json_depth!r}",
                 path="max_json_depth",
             )
-        for key in ("max_messages", "max_content_parts", "max_n", "max_best_of"):
+        for key in ("max_messages", "max_content_parts", "max_n", "max_best_of", "max_choices"):
             _at_least(key, getattr(self, key), 1)
         for key in ("max_output_tokens", "max_stop_sequences", "max_logit_bias"):
             _at_least(key, getattr(self, key), 0)

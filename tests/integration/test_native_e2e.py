@@ -47,7 +47,7 @@ from lmgw.config import (
     WorkerConfig,
 )
 from lmgw.gateway import Gateway
-from lmgw.pipeline.native import NativeWorker, sampling_params
+from lmgw.pipeline.native import NativeWorker, choices, sampling_params
 from lmgw.simulators import WorkerOptions, model_files
 from lmgw.simulators.engine import Engine as MockEngine
 from lmgw.simulators.engine import EngineConfig, SamplingSpec
@@ -272,11 +272,11 @@ async def test_response_ids_and_shapes(nursery: trio.Nursery) -> None:
     assert body["object"] == "chat.completion" and body["model"] == MODEL
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
-    def too_many() -> None:
-        client.chat.completions.create(model=MODEL, messages=TEXT_ONLY, n=2)
+    def best_of() -> None:  # n > 1 is fanned out (test_native_fanout.py); best_of is gone
+        client.completions.create(model=MODEL, prompt="x", best_of=2)
 
-    with pytest.raises(openai.BadRequestError, match="n > 1"):
-        await run(too_many)
+    with pytest.raises(openai.BadRequestError, match="best_of > 1 is not supported"):
+        await run(best_of)
 
     def bad_for_the_worker() -> None:  # the engine refuses it: its message, as a 400
         client.chat.completions.create(
@@ -555,8 +555,12 @@ def test_sampling_params_from_an_openai_body() -> None:
     assert (sp.stop, sp.stop_token_ids, sp.ignore_eos, sp.logprobs) == (["x"], [5], True, 3)
     assert sp.extra == {"repetition_penalty": 1.1}
     assert sampling_params("completions", {"prompt": "p", "logprobs": 2}).logprobs == 2
-    with pytest.raises(Exception, match="n > 1"):
-        sampling_params("chat", {"n": 3})
+    assert sampling_params("chat", {"n": 3}).extra is None  # n is the fan-out's, not sampling
+    assert (choices({}), choices({"n": 3, "best_of": 1})) == (1, 3)
+    with pytest.raises(Exception, match="best_of"):
+        choices({"best_of": 3})
+    with pytest.raises(Exception, match="n must be"):
+        choices({"n": 0})
 
 
 def test_native_models_need_a_tokenizer() -> None:

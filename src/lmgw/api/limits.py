@@ -1,5 +1,6 @@
 """Per-request bounds on what a JSON body may ask for (``limits.*``): nesting depth, messages,
-content parts, ``max_tokens``, ``n``, ``best_of``, stop sequences and ``logit_bias`` entries.
+content parts, ``max_tokens``, ``n``, ``best_of``, choices (prompt batch x ``n``), stop sequences
+and ``logit_bias`` entries.
 
 Each check costs next to nothing on ordinary requests: the depth and content-part checks first
 count brackets with ``bytes.count`` (C speed, ~0.1 µs per KiB), and only a body with more
@@ -109,6 +110,7 @@ class RequestLimits:
     max_output_tokens: int = 0
     max_n: int = 128
     max_best_of: int = 20
+    max_choices: int = 2048
     max_stop_sequences: int = 16
     max_logit_bias: int = 300
 
@@ -138,6 +140,18 @@ class RequestLimits:
                     " (limits.max_content_parts)",
                     param="messages",
                 )
+
+    def check_choices(self, prompts: int, n: int | None) -> None:
+        """``prompts`` (a completions batch's length) times ``n`` choices at most
+        ``max_choices``: native workers get one Generate per choice."""
+        choices = prompts * (n or 1)
+        if choices > self.max_choices:
+            raise GatewayError(
+                400,
+                f"{prompts} prompts x n={n or 1} is {choices} choices; at most"
+                f" {self.max_choices} (limits.max_choices)",
+                param="prompt" if prompts > 1 else "n",
+            )
 
     def check_sampling(
         self,

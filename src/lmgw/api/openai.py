@@ -150,8 +150,14 @@ def decode_view(
                 logit_bias=p.logit_bias,
             )
         return view
-    elif view.prompt is None:
-        raise GatewayError(400, "prompt is required", param="prompt")
+    batch = 0
+    if isinstance(view, CompletionView):
+        prompt = view.prompt
+        if prompt is None:
+            raise GatewayError(400, "prompt is required", param="prompt")
+        # a batch (a list of strings or of token-id lists, not one token-id list)
+        if type(prompt) is list and len(prompt) > 1 and type(prompt[0]) is not int:
+            batch = len(prompt)
     if (  # the usual request sets none of these: no keyword call on the hot path
         limits.max_output_tokens
         or view.n is not None
@@ -166,6 +172,8 @@ def decode_view(
             stop=view.stop,
             logit_bias=view.logit_bias,
         )
+    if batch or view.n is not None:  # prompts x n choices (the native path's fan-out)
+        limits.check_choices(batch or 1, view.n)
     return view
 
 

@@ -76,6 +76,7 @@ from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
+from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request
 from .request import GatewayRequest
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ __all__ = [
     "NativeChannels",
     "NativeRunner",
     "NativeWorker",
+    "choices",
     "native_models",
     "sampling_params",
 ]
@@ -385,13 +387,24 @@ def _num(obj: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def choices(obj: Mapping[str, Any]) -> int:
+    """The body's ``n`` (choices per prompt; :mod:`.fanout` runs one Generate per choice).
+    ``best_of > 1`` is a 400: vLLM V1 refused it, then removed it."""
+    n = obj.get("n")
+    if n is None:
+        n = 1
+    elif type(n) is not int or n < 1:
+        raise GatewayError(400, "n must be an integer >= 1", param="n")
+    if obj.get("best_of") not in (None, 1):
+        raise GatewayError(400, BEST_OF_MESSAGE, param="best_of")
+    return n
+
+
 def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
     """An OpenAI chat/completions body's sampling fields as our :class:`SamplingParams`:
     the fields it has, and the other sampling keys (vLLM's ``repetition_penalty``,
-    ``min_p``, ``response_format``...) in ``extra``. Raises GatewayError(400)."""
-    n = obj.get("n")
-    if n not in (None, 1) or obj.get("best_of") not in (None, 1):
-        raise GatewayError(400, "n > 1 is not supported with native workers yet", param="n")
+    ``min_p``, ``response_format``...) in ``extra`` (``n`` is :func:`choices`'). Raises
+    GatewayError(400)."""
     if endpoint == "chat":
         max_tokens = _int(obj, "max_completion_tokens")
         if max_tokens is None:
@@ -520,39 +533,124 @@ class NativeRunner:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "the request body must be a JSON object")
-        params = sampling_params(greq.endpoint, obj)  # before tokenizing: a cheap 400 first
+        n = choices(obj)  # before tokenizing: a cheap 400 first
+        params = sampling_params(greq.endpoint, obj)
         prompt = greq.prompt_ids  # tokenized by the API's context check: not twice
-        if prompt is None:
-            prompt = await self._prompt(greq.endpoint, obj, text)
-        job = _Job(obj, prompt, params)
+        prompts = [prompt] if prompt is not None else await self._prompts(greq.endpoint, obj, text)
+        job = _Job(obj, prompts[0], params)
         flow = self.p.flows.get(greq.model, self.p.default_flow)
         roles = FLOW_ROLES[flow]
+        await self._media(greq, job, roles, obj)
+        if n > 1 or len(prompts) > 1:
+            await self._fan_out(greq, responder, job, prompts, n, roles, text)
+            return
         route = RouteContext(greq.model, greq.request_id)
         route.tokens = job.prompt
-        await self._media(greq, job, roles, obj)
         synth = self._synth(greq, job, text, obj)
         await self._answer(greq, responder, job, roles, route, synth, text)
 
+    async def _fan_out(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        prompts: Sequence[list[int]],
+        n: int,
+        roles: tuple[str, ...],
+        text: ModelText,
+    ) -> None:
+        """``n > 1`` or a batch of prompts: one child request per choice, run concurrently
+        in this request's scope, merged into one answer (:mod:`.fanout`)."""
+        batch = len(prompts) > 1
+        items = job.obj.get("prompt") if batch else None
+        jobs: list[_Job] = []
+        synths: list[OpenAISynth] = []
+        for i, ids in enumerate(prompts):
+            for sample in range(n):
+                child = _Job(job.obj, ids, child_params(job.params, sample))
+                child.created, child.media = job.created, job.media
+                child.tensors, child.payload = job.tensors, job.payload
+                k = len(jobs)
+                jobs.append(child)
+                source = items[i] if isinstance(items, list) else None
+                synths.append(self._synth(greq, child, text, job.obj, k, source))
+        fan = Fanout(responder, synths, n)
+
+        async def one(k: int) -> None:
+            cgreq = child_request(greq, k)
+            route = RouteContext(greq.model, cgreq.request_id)
+            route.tokens = jobs[k].prompt
+            try:
+                await self._generate(cgreq, fan.sink(k), jobs[k], roles, route, synths[k],
+                                     jobs[k].prompt, jobs[k].params, (), 0, child=True)  # fmt: skip
+            except _Broken as broken:
+                fan.fail(GatewayError(
+                    502, f"worker stream failed and was not continued: choice {k}: worker"
+                    f" {broken.worker.id}: {broken.error.code}: {broken.error.message}",
+                ))  # fmt: skip
+            except GatewayError as exc:
+                fan.fail(exc)
+
+        async def legs() -> None:
+            try:
+                async with trio.open_nursery() as nursery:
+                    fan.scope = nursery.cancel_scope
+                    for k in range(len(jobs)):
+                        nursery.start_soon(one, k)
+                if greq.stream and fan.error is None:
+                    await fan.put(synths[0].tail(*fan.usage()))
+            finally:
+                if greq.stream:
+                    fan.close()  # the writer drains what is queued, then stops
+
+        def first() -> None:
+            self.p.metrics.ttft.observe((greq.model,), _now() - greq.t_start)
+
+        try:
+            if greq.stream:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(legs)
+                    await fan.pump(partial(self._headers, greq, _SSE), first)
+            else:
+                await legs()
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+        if fan.error is not None:
+            raise fan.error
+        if not greq.stream:
+            await responder.send_full(200, self._headers(greq, [_JSON]), fan.merged())
+
     # -- preparation ----------------------------------------------------------------------------
     @staticmethod
-    async def _prompt(endpoint: str, obj: Mapping[str, Any], text: ModelText) -> list[int]:
+    async def _prompts(endpoint: str, obj: Mapping[str, Any], text: ModelText) -> list[list[int]]:
+        """Each prompt's ids: a chat's one, or a completions batch's (vLLM's forms)."""
         if endpoint == "chat":
-            return await text.chat_ids(obj)
-        prompts = await text.completion_ids(obj)
+            return [await text.chat_ids(obj)]
+        return await text.completion_ids(obj)
+
+    async def _prompt(self, endpoint: str, obj: Mapping[str, Any], text: ModelText) -> list[int]:
+        """The one prompt of a continuation (a stream continued on another worker)."""
+        prompts = await self._prompts(endpoint, obj, text)
         if len(prompts) != 1:
-            raise GatewayError(
-                400, "a batch of prompts is not supported with native workers yet", param="prompt"
-            )
+            raise GatewayError(400, "a continuation has one prompt", param="prompt")
         return prompts[0]
 
     def _synth(
-        self, greq: GatewayRequest, job: _Job, text: ModelText, obj: Mapping[str, Any]
+        self,
+        greq: GatewayRequest,
+        job: _Job,
+        text: ModelText,
+        obj: Mapping[str, Any],
+        index: int | None = None,
+        source: Any = None,
     ) -> OpenAISynth:
+        """The answer's builder; ``index``: choice ``index`` of a fanned-out request (no
+        ``[DONE]`` of its own), ``source``: its prompt as a batch gave it (echo)."""
         so = obj.get("stream_options") if greq.stream else None
         so = so if isinstance(so, dict) else {}
         echo = None
         if greq.endpoint == "completions" and obj.get("echo"):
-            prompt = obj.get("prompt")
+            prompt = obj.get("prompt") if source is None else source
             echo = prompt if isinstance(prompt, str) else text.tokenizer.decode(job.prompt)
         tok = text.tokenizer
         return OpenAISynth(
@@ -566,6 +664,8 @@ class NativeRunner:
             echo=echo,
             logprobs=job.params.logprobs is not None,
             token_text=lambda t: tok.decode([t]),
+            index=index or 0,
+            last=index is None,
         )
 
     async def _media(
@@ -850,12 +950,15 @@ class NativeRunner:
         params: SamplingParams,
         tried: tuple[Worker, ...],
         done_tokens: int,
+        *,
+        child: bool = False,
     ) -> None:
         """P (split flows) then the client-facing Generate; a decode that failed before its
         first byte is retried once on another decode worker with the same hand-off, a merged
-        leg like any leg."""
+        leg like any leg. ``child``: one choice of a fanned-out request (the request's time to
+        first token is the fan-out's)."""
         p = self.p
-        continued = bool(tried)
+        continued = child or bool(tried)
         handoff = None
         role = "d" if "p" in roles else "pd"
         if role == "d":
@@ -1064,6 +1167,16 @@ class NativeRunner:
         if greq.timings:
             out.append((b"server-timing", greq.server_timing()))
         return out
+
+
+def _leaf(group: BaseExceptionGroup) -> BaseException:
+    """What a nursery's group means to the caller: its first failure that is not a
+    cancellation (a client write that failed), else its first cancellation."""
+    match, _ = group.split(lambda e: not isinstance(e, (trio.Cancelled, BaseExceptionGroup)))
+    exc: BaseException = match if match is not None else group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _wire_ids(msg: Any) -> Iterator[Any]:

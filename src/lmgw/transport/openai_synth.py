@@ -55,10 +55,15 @@ class OpenAISynth:
         echo: completions with ``echo``: the prompt text, sent before the completion.
         logprobs: render the deltas' logprobs (the client asked for them).
         token_text: a token id's text, for logprobs entries.
+        index: the choice's ``index`` in every event and body (a request fanned out to one
+            Generate per choice: ``prompt_index * n + sample_index``, as vLLM numbers them).
+        last: end the stream with ``[DONE]`` (and the usage event) after the final event; a
+            fanned-out choice leaves both to :meth:`tail`, written once all choices ended.
     """
 
     __slots__ = (
         "_head",
+        "_index",
         "_logprobs",
         "_mid",
         "_offset",
@@ -69,8 +74,10 @@ class OpenAISynth:
         "continuous_usage",
         "created",
         "echo",
+        "final_usage",
         "id",
         "include_usage",
+        "last",
         "model",
         "opened",
         "prompt_tokens",
@@ -91,6 +98,8 @@ class OpenAISynth:
         echo: str | None = None,
         logprobs: bool = False,
         token_text: Callable[[int], str] | None = None,
+        index: int = 0,
+        last: bool = True,
     ) -> None:
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be 'chat' or 'completion', not {kind!r}")
@@ -104,13 +113,17 @@ class OpenAISynth:
         self.echo = echo
         self.token_text = token_text or str
         self._logprobs = logprobs
+        self.last = last
+        #: (prompt, completion, cached) tokens of the answer, once it finished
+        self.final_usage: tuple[int, int, int] | None = None
+        self._index = index
+        idx = b'{"index":%d,' % index
         obj = b"chat.completion.chunk" if self.chat else b"text_completion"
         self._head = (
             b'data: {"id":' + _encode(self.id) + b',"object":"' + obj + b'","created":'
             + str(created).encode() + b',"model":' + _encode(model) + b',"choices":['
         )  # fmt: skip
-        self._pre = self._head + (b'{"index":0,"delta":{"content":' if self.chat else
-                                  b'{"index":0,"text":')  # fmt: skip
+        self._pre = self._head + idx + (b'"delta":{"content":' if self.chat else b'"text":')
         self._mid = b"}" if self.chat else b""  # closes the chat delta object
         self._post = b',"finish_reason":null' + (b"}" if self.chat else b',"stop_reason":null}')
         self._parts: list[str] = []
@@ -132,8 +145,8 @@ class OpenAISynth:
         self.opened = True
         if self.chat:
             return (
-                self._head + b'{"index":0,"delta":{"role":"assistant","content":""},'
-                b'"logprobs":null,"finish_reason":null}' + self._tail(0)
+                self._head + b'{"index":%d,"delta":{"role":"assistant","content":""},'
+                b'"logprobs":null,"finish_reason":null}' % self._index + self._tail(0)
             )
         if self.echo:
             return self._pre + _encode(self.echo) + b',"logprobs":null' + self._post + self._tail(0)
@@ -160,16 +173,26 @@ class OpenAISynth:
         completion_tokens: int,
         cached_tokens: int,
     ) -> bytes:
-        """The final event, the usage event when asked for, and ``[DONE]``."""
+        """The final event, the usage event when asked for, and ``[DONE]`` (only the final
+        event when not ``last``)."""
+        self.final_usage = (prompt_tokens, completion_tokens, cached_tokens)
         head = b"" if self.opened else self.open()
-        choice = b'{"index":0,' + (b'"delta":{"content":""}' if self.chat else b'"text":""')
+        choice = b'{"index":%d,' % self._index
+        choice += b'"delta":{"content":""}' if self.chat else b'"text":""'
         choice += b',"logprobs":null,"finish_reason":' + _encode(finish_reason)
         choice += b',"stop_reason":' + _encode(stop_reason) + b"}"
         out = head + self._head + choice + self._tail(completion_tokens, prompt_tokens)
-        if self.include_usage:
-            usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
-            out += self._head + b'],"usage":' + _encode(usage) + b"}\n\n"
-        return out + DONE
+        if not self.last:
+            return out
+        return out + self.tail(prompt_tokens, completion_tokens, cached_tokens)
+
+    def tail(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> bytes:
+        """What ends a stream: the usage event when asked for (the whole answer's usage: every
+        choice's when fanned out), then ``[DONE]``."""
+        if not self.include_usage:
+            return DONE
+        usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
+        return self._head + b'],"usage":' + _encode(usage) + b"}\n\n" + DONE
 
     def _tail(self, completion: int, prompt: int | None = None) -> bytes:
         if not self.continuous_usage:
@@ -190,6 +213,7 @@ class OpenAISynth:
         logprobs: Sequence[Any] | None = None,
     ) -> bytes:
         """A non-streamed ``chat.completion`` or ``text_completion`` body."""
+        self.final_usage = (prompt_tokens, completion_tokens, cached_tokens)
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
         lp = self._logprobs_obj(text, token_ids, logprobs)
         if self.chat:
@@ -201,7 +225,7 @@ class OpenAISynth:
                     "model": self.model,
                     "choices": [
                         {
-                            "index": 0,
+                            "index": self._index,
                             "message": {
                                 "role": "assistant",
                                 "content": text,
@@ -232,7 +256,7 @@ class OpenAISynth:
                 "model": self.model,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": self._index,
                         "text": (self.echo or "") + text,
                         "logprobs": lp,
                         "finish_reason": finish_reason,

@@ -46,7 +46,7 @@ from ..simulators.disagg import (
     prompt_digest,
     verify_kv_blocks,
 )
-from ..simulators.engine import Completion, PromptError, SamplingSpec, Ticket
+from ..simulators.engine import Completion, PromptError, SamplingSpec, Ticket, sample_index
 from ..simulators.engine import Engine as SimCore
 from ..simulators.faults import FaultInjector
 from .engine import (
@@ -152,7 +152,7 @@ class SimEngine(Engine):
         self._inject_error()
         extra_s = self._check_media(req)
         external = self._verify_handoff(msg, ids)
-        completion = self.core.generate(ids, spec)
+        completion = self.core.generate(ids, spec, sample_index(msg.params.extra))
         run = self._start(msg.request_id, "generate", completion.num_tokens)
         ticket = self.core.submit(len(ids))
         arrival = trio.current_time()
@@ -203,7 +203,9 @@ class SimEngine(Engine):
         self._inject_error()
         extra_s = self._check_media(req)
         # the first token, as vLLM's prefill (max_tokens=1) computes it
-        first = self.core.generate(ids, _replace_max_tokens(spec, 1))
+        first = self.core.generate(
+            ids, _replace_max_tokens(spec, 1), sample_index(msg.params.extra)
+        )
         run = self._start(msg.request_id, "prefill", first.num_tokens)
         ticket = self.core.submit(len(ids))
         arrival = trio.current_time()
