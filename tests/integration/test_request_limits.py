@@ -92,6 +92,7 @@ LIMITS = {
     "max_output_tokens": 50,
     "max_n": 2,
     "max_best_of": 3,
+    "max_choices": 3,
     "max_stop_sequences": 2,
     "max_logit_bias": 2,
 }
@@ -130,6 +131,8 @@ CASES = [
     (CHAT, chat(logit_bias={"1": 1, "2": 1, "3": 1}), "logit_bias", "max_logit_bias"),
     (COMPLETIONS, {"model": MODEL, "prompt": "x", "best_of": 4}, "best_of", "max_best_of"),
     (COMPLETIONS, {"model": MODEL, "prompt": nested(40)}, None, "max_json_depth"),
+    (COMPLETIONS, {"model": MODEL, "prompt": ["x", "y"], "n": 2}, "prompt", "max_choices"),
+    (COMPLETIONS, {"model": MODEL, "prompt": [[1], [2], [3], [4]]}, "prompt", "max_choices"),
     (
         "/generate",
         {"text": "x", "sampling_params": {"max_new_tokens": 99}},

@@ -175,7 +175,8 @@ _SCHEMAS: dict[str, Any] = {
                     {"type": "array", "items": {"type": "string"}},
                     {"type": "array", "items": {"type": "integer"}},
                     {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-                ]
+                ],
+                "description": "A batch: at most `limits.max_choices` prompts x `n`.",
             },
             "best_of": {**_POS, "description": "At most `limits.max_best_of`."},
         },

@@ -13,6 +13,9 @@ openai_synth`). The stages:
   frames as tensor frames, never base64) on the encoder its hash routes to; then the rest,
   with the items named by hash only.
 
+``n > 1`` and batched completion prompts run one child request per choice after the media
+stage, merged into one answer (:mod:`.fanout`).
+
 Failure semantics are the HTTP flows' (docs/protocols.md, "Failure semantics"): a leg that
 fails before anything reached the client is retried on another worker when the worker cannot
 have started it (``RpcError.sent`` False) or the failure says nothing about the request
