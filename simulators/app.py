@@ -100,6 +100,16 @@ from .engine import (
 )
 from .faults import DropConnection, FaultInjector, Faults
 from .kv_events import KvEventPublisher
+from .logprobs import (
+    MAX_TOP_LOGPROBS,
+    TokenLogprob,
+    chat_entry,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    sglang_tokens,
+    sglang_top,
+)
 from .metrics import render_metrics
 
 BEST_OF_MESSAGE = (
@@ -221,7 +231,16 @@ class StreamOptions(msgspec.Struct):
     continuous_usage_stats: bool | None = False
 
 
-class _GenRequest(msgspec.Struct, kw_only=True):
+class _HandOffFields(msgspec.Struct, kw_only=True):
+    """What names a disaggregated request's hand-off (any generation route)."""
+
+    kv_transfer_params: dict[str, Any] | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: int | list[int] | None = None
+
+
+class _GenRequest(_HandOffFields, kw_only=True):
     model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -236,10 +255,7 @@ class _GenRequest(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     temperature: float | None = None
     top_p: float | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-    bootstrap_host: str | list[str] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: int | list[int] | None = None
+    prompt_logprobs: int | None = None
 
 
 _NULL = msgspec.Raw(b"null")
@@ -259,12 +275,46 @@ class ChatRequest(_GenRequest, kw_only=True):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_GenRequest, kw_only=True):
     prompt: Any = None
     echo: bool | None = False
     add_special_tokens: bool = True
+    logprobs: int | None = None
+
+
+class SglangSampling(msgspec.Struct, kw_only=True):
+    """SGLang's ``sampling_params`` (the fields that change the simulator's output)."""
+
+    max_new_tokens: int | None = 128
+    min_new_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    no_stop_trim: bool = False
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    sampling_seed: int | None = None
+
+
+class GenerateRequest(_HandOffFields, kw_only=True):
+    """SGLang's native ``/generate`` (``GenerateReqInput``): a prompt or a batch of them;
+    the per-prompt fields may be lists (one per prompt)."""
+
+    model: str | None = None
+    text: str | list[str] | None = None
+    input_ids: list[Any] | None = None  # one prompt's ids, or a list of them
+    sampling_params: SglangSampling | list[SglangSampling] | None = None
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -291,6 +341,7 @@ _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 _detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
+_generate_decoder = msgspec.json.Decoder(GenerateRequest)
 _encode = msgspec.json.encode
 
 
@@ -338,7 +389,7 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 class _Plan:
     """What one generation request will do: prompts, the precomputed choices, output shape."""
 
-    kind: str  # "chat" | "completion"
+    kind: str  # "chat" | "completion" | "generate" (SGLang's native route)
     request_id: str
     model: str
     prompts: list[Sequence[int]]
@@ -348,11 +399,21 @@ class _Plan:
     continuous_usage: bool
     echo_texts: list[str] | None = None  # completions with echo: prompt text per choice
     cached_tokens: int = 0  # known after prefill
-    external_cached: int = 0  # prompt tokens whose KV came from a prefill worker
+    cached_per_prompt: list[int] = field(default_factory=list)  # the same, per prompt
+    external_cached: int | list[int] = 0  # prompt tokens whose KV came from a prefill worker
     extra_prefill_s: float = 0.0  # e.g. the encoder's per-item time
     after_prefill: Callable[[], None] | None = None  # publishes a hand-off once "computed"
     publish: Callable[[], Awaitable[None]] | None = None  # the same, through the cache pool
     kv_transfer_params: dict[str, Any] | None = None  # the non-stream body's field
+    logprobs: int | None = None  # OpenAI routes: top logprobs per output token; None: not asked
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs; None: not asked
+    sglang: _SglangOptions | None = None  # /generate: its per-prompt options
+    output_logprobs: list[list[TokenLogprob]] | None = None  # per choice, computed once
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return max(1, len(self.choices) // max(1, len(self.prompts)))
 
     @property
     def prompt_tokens(self) -> int:
@@ -361,6 +422,18 @@ class _Plan:
     @property
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
+
+
+@dataclass(slots=True)
+class _SglangOptions:
+    """A ``/generate`` request's per-prompt options (lists of the batch's length)."""
+
+    batch: bool  # the answer is a list (a batch, or n > 1), else one object
+    rids: list[str]  # meta_info.id per choice
+    return_logprob: list[bool]
+    start: list[int]  # logprob_start_len, resolved (-1: the last prompt token)
+    top: list[int]  # top_logprobs_num
+    with_text: bool  # return_text_in_logprobs
 
 
 def _sampling(req: _GenRequest, max_tokens: int | None) -> SamplingSpec:
@@ -405,6 +478,102 @@ def _validate_sampling(req: _GenRequest, max_tokens: int | None) -> int:
     if req.stream_options is not None and not req.stream:
         raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
     return n
+
+
+def _validate_sglang_sampling(sp: SglangSampling) -> None:
+    """SGLang's ``SamplingParams.verify`` checks (the ones that concern the simulator)."""
+    if sp.max_new_tokens is not None and sp.max_new_tokens < 0:
+        raise _bad(
+            f"max_new_tokens must be at least 0, got {sp.max_new_tokens}.", "sampling_params"
+        )
+    if sp.min_new_tokens < 0:
+        raise _bad(
+            f"min_new_tokens must be at least 0, got {sp.min_new_tokens}.", "sampling_params"
+        )
+    if sp.temperature is not None and sp.temperature < 0:
+        raise _bad(f"temperature must be non-negative, got {sp.temperature}.", "sampling_params")
+    if sp.top_p is not None and not 0.0 < sp.top_p <= 1.0:
+        raise _bad(f"top_p must be in (0, 1], got {sp.top_p}.", "sampling_params")
+
+
+def _per_prompt(value: Any, default: Any, count: int, n: int, name: str) -> list[Any]:
+    """A ``/generate`` field given once or per prompt, as one value per prompt."""
+    if value is None:
+        return [default] * count
+    if not isinstance(value, list):
+        return [value] * count
+    if n > 1:
+        raise _bad(f"Cannot use list {name} with parallel_sample_num > 1", name)
+    if len(value) != count:
+        raise _bad(f"{name} must have one entry per prompt ({count})", name)
+    return list(value)
+
+
+def _logprob_start(start: int, prompt_len: int) -> int:
+    """``logprob_start_len`` resolved: -1 is the prompt's last token (SGLang's default)."""
+    if start == -1:
+        return prompt_len - 1
+    if not 0 <= start < prompt_len:
+        raise _bad(
+            f"logprob_start_len ({start}) is higher than the number of input tokens "
+            f"({prompt_len}). Request with a lower logprob_start_len.",
+            "logprob_start_len",
+        )
+    return start
+
+
+def _sglang_rids(rid: Any, request_id: str, count: int, single: bool) -> list[str]:
+    """Each answer's ``meta_info.id``: the ``rid`` given (``{rid}_{k}`` for a batch from one
+    string), else the request's id."""
+    if isinstance(rid, list):
+        if len(rid) != count:
+            raise _bad("The specified rids length mismatch with the batch_size.", "rid")
+        return [str(r) for r in rid]
+    base = rid if isinstance(rid, str) else request_id
+    return [base] if single else [f"{base}_{k}" for k in range(count)]
+
+
+def _max_logprobs(k: int, what: str, param: str) -> int:
+    if k > MAX_TOP_LOGPROBS:
+        raise _bad(
+            f"Requested {what} logprobs of {k}, which is greater than max allowed: "
+            f"{MAX_TOP_LOGPROBS}",
+            param,
+        )
+    return k
+
+
+def _chat_logprobs(req: ChatRequest) -> int | None:
+    """The top logprobs a chat asks for per token (None: no logprobs); vLLM's checks."""
+    top = req.top_logprobs
+    if top is not None:
+        if top < 0:
+            raise _bad("`top_logprobs` must be a positive value.", "top_logprobs")
+        if top > 0 and not req.logprobs:
+            raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    if not req.logprobs:
+        return None
+    return _max_logprobs(top or 0, "sample", "top_logprobs")
+
+
+def _completion_logprobs(req: CompletionRequest) -> int | None:
+    k = req.logprobs
+    if k is None:
+        return None
+    if k < 0:
+        raise _bad("`logprobs` must be a positive value.", "logprobs")
+    return _max_logprobs(k, "sample", "logprobs")
+
+
+def _prompt_logprobs(req: _GenRequest) -> int | None:
+    k = req.prompt_logprobs
+    if k is None:
+        return None
+    if req.stream and k > 0:
+        raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    if k < 0:
+        raise _bad("`prompt_logprobs` must be a positive value.", "prompt_logprobs")
+    return _max_logprobs(k, "prompt", "prompt_logprobs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,6 +707,7 @@ class SimWorker:
         self._routes: dict[str, tuple[frozenset[str], Route]] = {
             "/v1/chat/completions": (frozenset({"POST"}), self._chat),
             "/v1/completions": (frozenset({"POST"}), self._completions),
+            "/generate": (frozenset({"POST"}), self._generate),
             "/v1/models": (frozenset({"GET"}), self._models),
             "/health": (frozenset({"GET"}), self._health),
             "/metrics": (frozenset({"GET"}), self._metrics),
@@ -625,6 +795,8 @@ class SimWorker:
             stream,
             bool(stream and so is not None and so.include_usage),
             bool(stream and so is not None and so.continuous_usage_stats),
+            logprobs=_chat_logprobs(req),
+            prompt_logprobs=_prompt_logprobs(req),
         )
         await self._prepare_leg(req, plan, rendered.media)
         await self._run(plan, responder, rid)
@@ -740,6 +912,8 @@ class SimWorker:
                 whole.finish_reason,
                 whole.stop_reason,
                 whole.pieces_json[k:],
+                whole.key,
+                k,
             )
         ]
 
@@ -779,9 +953,174 @@ class SimWorker:
             bool(stream and so is not None and so.include_usage),
             bool(stream and so is not None and so.continuous_usage_stats),
             echo,
+            logprobs=_completion_logprobs(req),
+            prompt_logprobs=_prompt_logprobs(req),
         )
         await self._prepare_leg(req, plan, ())
         await self._run(plan, responder, rid)
+
+    async def _generate(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """SGLang's native ``/generate``: a prompt (``text`` or ``input_ids``) or a batch, each
+        sampled ``sampling_params.n`` times; logprobs with ``return_logprob``. The same
+        completions as ``/v1/completions`` for the same prompt ids and options."""
+        try:
+            req = _generate_decoder.decode(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _bad(str(exc)) from None
+        single, prompts = self._generate_prompts(req)
+        count = len(prompts)
+        params = req.sampling_params
+        if params is None:
+            per_prompt = [SglangSampling()] * count
+        elif isinstance(params, list):
+            if len(params) != count:
+                raise _bad(
+                    "sampling_params must be one table, or one per prompt", "sampling_params"
+                )
+            per_prompt = params
+        else:
+            per_prompt = [params] * count
+        n = per_prompt[0].n
+        if any(p.n != n for p in per_prompt):
+            raise _bad(
+                "The parallel_sample_num should be the same for all samples in sample params.",
+                "sampling_params",
+            )
+        if n < 1:
+            raise _bad(f"n must be at least 1, got {n}.", "sampling_params")
+        specs = []
+        for ids, sp in zip(prompts, per_prompt, strict=True):
+            _validate_sglang_sampling(sp)
+            self._check_length(len(ids), sp.max_new_tokens or None, "prompt")
+            specs.append(self._sglang_spec(req, sp))
+        choices = [
+            self.engine.generate(ids, spec, j)
+            for ids, spec in zip(prompts, specs, strict=True)
+            for j in range(n)
+        ]
+        request_id = rid.decode("latin-1")
+        options = _SglangOptions(
+            batch=not single or n > 1,
+            rids=_sglang_rids(req.rid, request_id, len(choices), single and n == 1),
+            return_logprob=_per_prompt(req.return_logprob, False, count, n, "return_logprob"),
+            start=_per_prompt(req.logprob_start_len, -1, count, n, "logprob_start_len"),
+            top=_per_prompt(req.top_logprobs_num, 0, count, n, "top_logprobs_num"),
+            with_text=req.return_text_in_logprobs,
+        )
+        for i, ids in enumerate(prompts):
+            options.start[i] = _logprob_start(options.start[i], len(ids))
+            top = options.top[i]
+            if not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise _bad(
+                    f"top_logprobs_num must be between 0 and {MAX_TOP_LOGPROBS}, got {top}",
+                    "top_logprobs_num",
+                )
+        plan = _Plan(
+            "generate", request_id, self._default_model, prompts, choices, req.stream, False, False
+        )
+        plan.sglang = options
+        await self._prepare_leg(req, plan, ())
+        await self._run(plan, responder, rid)
+
+    def _generate_prompts(self, req: GenerateRequest) -> tuple[bool, list[Sequence[int]]]:
+        """(a single prompt?, each prompt's ids): ``text`` encoded as SGLang's tokenizer
+        manager does (special tokens added, as completions), or ``input_ids`` as given."""
+        if (req.text is None) == (req.input_ids is None):
+            raise _bad("Either text, input_ids or input_embeds should be provided.", "text")
+        tok = self.engine.tokenizer
+        if req.text is not None:
+            single = isinstance(req.text, str)
+            texts = [req.text] if isinstance(req.text, str) else req.text
+            if not texts:
+                raise _bad("text must not be an empty list", "text")
+            prompts: list[Sequence[int]] = [tok.encode(t) for t in texts]
+        else:
+            ids = req.input_ids
+            if not ids:
+                raise _bad("input_ids cannot be empty.", "input_ids")
+            single = not isinstance(ids[0], list)
+            raw = [ids] if single else ids
+            prompts = [self._token_list(p, "input_ids") for p in raw]
+        for p in prompts:
+            if not p:
+                raise _bad("The decoder prompt cannot be empty", "text")
+            try:
+                tok.check_ids(p, "input_ids")
+            except PromptError as exc:
+                raise _bad(str(exc), exc.param) from None
+        return single, prompts
+
+    def _sglang_spec(self, req: GenerateRequest, sp: SglangSampling) -> SamplingSpec:
+        stop = sp.stop
+        return SamplingSpec(
+            max_tokens=self._leg_max_tokens(req, sp.max_new_tokens),
+            min_tokens=sp.min_new_tokens,
+            ignore_eos=sp.ignore_eos,
+            stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+            stop_token_ids=tuple(sp.stop_token_ids or ()),
+            include_stop_str_in_output=sp.no_stop_trim,
+            seed=sp.sampling_seed,
+        )
+
+    def _generate_choice(self, plan: _Plan, c: int, upto: int | None = None) -> dict[str, Any]:
+        """One ``/generate`` answer object for choice ``c`` (its first ``upto`` tokens while
+        streaming: text, ids and output logprobs cumulative, ``finish_reason`` only at the
+        end), in SGLang's shape."""
+        opts = plan.sglang
+        assert opts is not None
+        completion = plan.choices[c]
+        i = c // plan.n
+        ids = plan.prompts[i]
+        done = upto is None or upto >= completion.num_tokens
+        count = completion.num_tokens if upto is None else min(upto, completion.num_tokens)
+        out_ids = completion.token_ids[:count]
+        cached = plan.cached_per_prompt[i] if i < len(plan.cached_per_prompt) else 0
+        meta: dict[str, Any] = {
+            "id": opts.rids[c],
+            "finish_reason": self._sglang_finish(completion) if done else None,
+            "prompt_tokens": len(ids),
+            "completion_tokens": count,
+            "cached_tokens": cached,
+        }
+        if opts.return_logprob[i]:
+            src = self.engine.logprobs
+            text = src.text if opts.with_text else None
+            if self.options.role == "d":
+                inputs: list[TokenLogprob | None] = []  # KV from P: no prompt position computed
+                input_ids: Sequence[int] = ()
+            else:
+                inputs = src.prompt(ids, opts.start[i])
+                inputs[0] = None  # SGLang pads the first position it reports with None
+                input_ids = ids[opts.start[i] :]
+            outputs = self._output_logprobs(plan)[c][:count]
+            meta["input_token_logprobs"] = sglang_tokens(inputs, input_ids, text)
+            meta["output_token_logprobs"] = sglang_tokens(outputs, out_ids, text)
+            top = opts.top[i]
+            if top > 0:
+                meta["input_top_logprobs"] = sglang_top(inputs, top, text)
+                meta["output_top_logprobs"] = sglang_top(outputs, top, text)
+        body: dict[str, Any] = {
+            "text": "".join(completion.pieces[:count]),
+            "output_ids": list(out_ids),
+            "meta_info": meta,
+        }
+        if opts.batch:
+            body["index"] = c
+        return body
+
+    def _sglang_finish(self, c: Completion) -> dict[str, Any]:
+        if c.finish_reason == "length":
+            return {"type": "length", "length": c.num_tokens}
+        matched = c.stop_reason
+        if matched is None:
+            matched = self.engine.tokenizer.model.eos_token_id
+        return {"type": "stop", "matched": matched}
+
+    def _generate_body(self, plan: _Plan) -> Any:
+        opts = plan.sglang
+        assert opts is not None
+        answers = [self._generate_choice(plan, c) for c in range(len(plan.choices))]
+        return answers if opts.batch else answers[0]
 
     def _completion_prompts(
         self, prompt: Any, add_special_tokens: bool
@@ -821,9 +1160,11 @@ class SimWorker:
         return texts, prompts
 
     @staticmethod
-    def _token_list(p: list[Any]) -> list[int]:
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise _bad("token id lists must contain integers only", "prompt")
+    def _token_list(p: Any, param: str = "prompt") -> list[int]:
+        if not isinstance(p, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in p
+        ):
+            raise _bad("token id lists must contain integers only", param)
         return p
 
     def _check_length(self, prompt_len: int, max_tokens: int | None, what: str) -> None:
@@ -852,7 +1193,7 @@ class SimWorker:
         arrival = trio.current_time()
         stats.in_flight += 1
         ticket: Ticket | None = None
-        writer = _StreamWriter(plan, self._created) if plan.stream else None
+        writer = self._writer(plan) if plan.stream else None
         generated = 0
         finished = False
         acquired = False
@@ -872,6 +1213,7 @@ class SimWorker:
             ticket.admit(plan.completion_tokens)
             delay = ticket.prefill(plan.prompts, plan.external_cached) + plan.extra_prefill_s
             plan.cached_tokens = ticket.cached_tokens
+            plan.cached_per_prompt = ticket.cached_per_prompt
             clock = arrival
             if delay > 0:
                 clock = trio.current_time() + delay
@@ -982,8 +1324,68 @@ class SimWorker:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
+    def _writer(self, plan: _Plan) -> _StreamWriter | _GenerateStreamWriter:
+        if plan.kind == "generate":
+            return _GenerateStreamWriter(plan, self._generate_choice)
+        return _StreamWriter(plan, self._created, self._stream_logprobs(plan))
+
+    def _stream_logprobs(self, plan: _Plan) -> Callable[[int, int], bytes] | None:
+        """``(choice, step) -> ,"logprobs":{...}`` for a stream's token events (vLLM's chunk
+        shapes: the step's token only; completions' ``text_offset`` counts the text streamed
+        before it, echo included), or None when not asked."""
+        k = plan.logprobs
+        if k is None:
+            return None
+        entries = self._output_logprobs(plan)
+        text = self.engine.logprobs.text
+        if plan.kind == "chat":
+            return lambda i, step: (
+                b',"logprobs":' + _encode({"content": [chat_entry(entries[i][step], k, text)]})
+            )
+        echo = plan.echo_texts
+        offsets: list[list[int]] = []
+        for i, c in enumerate(plan.choices):
+            at = 0 if echo is None else len(echo[i])
+            row = []
+            for piece in c.pieces:
+                row.append(at)
+                at += len(piece)
+            offsets.append(row)
+        return lambda i, step: (
+            b',"logprobs":'
+            + _encode(completion_logprobs([entries[i][step]], k, text, offsets[i][step]))
+        )
+
+    def _output_logprobs(self, plan: _Plan) -> list[list[TokenLogprob]]:
+        """Each choice's output logprobs (computed once per request, only when asked)."""
+        if plan.output_logprobs is None:
+            src = self.engine.logprobs
+            plan.output_logprobs = [src.output(c.key, c.token_ids, c.offset) for c in plan.choices]
+        return plan.output_logprobs
+
+    def _choice_logprobs(self, plan: _Plan, i: int) -> Any:
+        """Choice ``i``'s ``logprobs`` object in vLLM's shape, or None when not asked."""
+        k = plan.logprobs
+        if k is None:
+            return None
+        entries = self._output_logprobs(plan)[i]
+        text = self.engine.logprobs.text
+        if plan.kind == "chat":
+            return chat_logprobs(entries, k, text)
+        echo = plan.echo_texts
+        return completion_logprobs(entries, k, text, 0 if echo is None else len(echo[i]))
+
+    def _prompt_logprobs_of(self, plan: _Plan, prompt: int) -> Any:
+        k = plan.prompt_logprobs
+        if k is None:
+            return None
+        src = self.engine.logprobs
+        return prompt_logprobs(src.prompt(plan.prompts[prompt]), k, src.text)
+
     def _body(self, plan: _Plan) -> bytes:
         cached = plan.cached_tokens
+        if plan.kind == "generate":
+            return _encode(self._generate_body(plan))
         if plan.kind == "chat":
             return _encode(
                 {
@@ -1004,7 +1406,7 @@ class SimWorker:
                                 "tool_calls": [],
                                 "reasoning_content": None,
                             },
-                            "logprobs": None,
+                            "logprobs": self._choice_logprobs(plan, i),
                             "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason,
                         }
@@ -1013,7 +1415,7 @@ class SimWorker:
                     "service_tier": None,
                     "system_fingerprint": None,
                     "usage": self._usage(plan, cached),
-                    "prompt_logprobs": None,
+                    "prompt_logprobs": self._prompt_logprobs_of(plan, 0),
                     "kv_transfer_params": plan.kv_transfer_params,
                 }
             )
@@ -1028,10 +1430,10 @@ class SimWorker:
                     {
                         "index": i,
                         "text": c.text if echo is None else echo[i] + c.text,
-                        "logprobs": None,
+                        "logprobs": self._choice_logprobs(plan, i),
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
-                        "prompt_logprobs": None,
+                        "prompt_logprobs": self._prompt_logprobs_of(plan, i // plan.n),
                     }
                     for i, c in enumerate(plan.choices)
                 ],
@@ -1063,7 +1465,7 @@ class SimWorker:
             port = self.options.kv_port or None  # 0 means "not bound yet"
         return None if port is None else f"{self.side_host}:{port}"
 
-    def _leg_max_tokens(self, req: _GenRequest, max_tokens: int | None) -> int | None:
+    def _leg_max_tokens(self, req: _HandOffFields, max_tokens: int | None) -> int | None:
         """A prefill worker in SGLang mode gets the client's body unchanged and stops after the
         first token (the decode worker produces the rest), as SGLang's prefill mode does."""
         if self.options.role == "p" and req.bootstrap_room is not None:
@@ -1073,7 +1475,7 @@ class SimWorker:
         return max_tokens
 
     async def _prepare_leg(
-        self, req: _GenRequest, plan: _Plan, media: tuple[MediaItem, ...]
+        self, req: _HandOffFields, plan: _Plan, media: tuple[MediaItem, ...]
     ) -> None:
         """The role's part of a request before it runs: check or arrange its hand-offs."""
         role = self.options.role
@@ -1163,7 +1565,7 @@ class SimWorker:
             return None
         return parse_pair_id(plan.request_id)
 
-    def _prefill_leg(self, req: _GenRequest, plan: _Plan) -> None:
+    def _prefill_leg(self, req: _HandOffFields, plan: _Plan) -> None:
         params = req.kv_transfer_params
         nixl = isinstance(params, dict) and bool(params.get("do_remote_decode"))
         if not nixl and req.bootstrap_room is None:
@@ -1173,38 +1575,46 @@ class SimWorker:
             elif self.lmcache is not None:
                 self._lmcache_prefill_leg(plan)
             return  # otherwise a plain request: served like a merged worker
+        block_size = self.engine.config.block_size
+        if not nixl:
+            self._sglang_prefill_leg(req, plan, block_size)
+            return
         if len(plan.prompts) != 1:
             raise _bad("a disaggregated prefill takes one prompt per request", "prompt")
         ids = plan.prompts[0]
-        block_size = self.engine.config.block_size
-        if nixl:
-            if plan.stream:
-                return  # vLLM returns kv_transfer_params only in a non-streamed body
-            key = f"{plan.request_id}-{uuid.uuid4().hex[:12]}"
+        if plan.stream:
+            return  # vLLM returns kv_transfer_params only in a non-streamed body
+        key = f"{plan.request_id}-{uuid.uuid4().hex[:12]}"
 
-            def publish() -> None:
-                entry = self.kv_store.put(key, ids, block_size, trio.current_time())
-                plan.kv_transfer_params = {
-                    "do_remote_prefill": True,
-                    "do_remote_decode": False,
-                    "remote_engine_id": self.engine_id,
-                    "remote_block_ids": entry.block_ids,
-                    "remote_host": self.side_host,
-                    "remote_port": self.side_port,
-                    "remote_request_id": key,
-                    "tp_size": 1,
-                }
-                self._published(key)
+        def publish() -> None:
+            entry = self.kv_store.put(key, ids, block_size, trio.current_time())
+            plan.kv_transfer_params = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_engine_id": self.engine_id,
+                "remote_block_ids": entry.block_ids,
+                "remote_host": self.side_host,
+                "remote_port": self.side_port,
+                "remote_request_id": key,
+                "tp_size": 1,
+            }
+            self._published(key)
 
-        else:
-            key = f"room-{self._room(req)}"
+        plan.after_prefill = publish
+        self._through_pool(plan, [(key, ids)], block_size)
 
-            def publish() -> None:
-                self.kv_store.put(key, ids, block_size, trio.current_time())
+    def _sglang_prefill_leg(self, req: _HandOffFields, plan: _Plan, block_size: int) -> None:
+        """SGLang's prefill: every sequence's KV published under its room once computed."""
+        keyed = [(f"room-{seq.room}", seq.ids) for seq in _sglang_sequences(req, plan)]
+
+        def publish() -> None:
+            now = trio.current_time()
+            for key, ids in keyed:
+                self.kv_store.put(key, ids, block_size, now)
                 self._published(key)
 
         plan.after_prefill = publish
-        self._through_pool(plan, key, ids, block_size)
+        self._through_pool(plan, keyed, block_size)
 
     def _p2p_prefill_leg(self, pair: PairId, plan: _Plan) -> None:
         """vLLM P2P NCCL's producer: the id must name this worker as the prefill; the prompt's KV
@@ -1229,10 +1639,12 @@ class SimWorker:
             self._published(pair.key)
 
         plan.after_prefill = publish
-        self._through_pool(plan, pair.key, ids, block_size)
+        self._through_pool(plan, [(pair.key, ids)], block_size)
 
-    def _through_pool(self, plan: _Plan, key: str, ids: Sequence[int], block_size: int) -> None:
-        """With ``handoff="pool"``: the prompt's KV blocks go to the cache pool under
+    def _through_pool(
+        self, plan: _Plan, keyed: Sequence[tuple[str, Sequence[int]]], block_size: int
+    ) -> None:
+        """With ``handoff="pool"``: each prompt's KV blocks go to the cache pool under
         ``kv:{key}`` (its prompt digest, then the blocks) instead of staying here for the side
         channel; the hand-off parameters the answer carries are unchanged."""
         pool = self.handoff_pool
@@ -1240,12 +1652,13 @@ class SimWorker:
             return
 
         async def put() -> None:
-            data = prompt_digest(ids).encode() + b"".join(kv_block_payloads(ids, block_size))
-            ok = await pool.put(f"kv:{key}", data, ttl_s=self.options.kv_ttl_s)
-            self.kv_store.discard(key)
-            if not ok:
-                raise ApiError(500, "KV transfer: the cache pool refused the prompt's blocks")
-            self.stats.pool_kv_published += 1
+            for key, ids in keyed:
+                data = prompt_digest(ids).encode() + b"".join(kv_block_payloads(ids, block_size))
+                ok = await pool.put(f"kv:{key}", data, ttl_s=self.options.kv_ttl_s)
+                self.kv_store.discard(key)
+                if not ok:
+                    raise ApiError(500, "KV transfer: the cache pool refused the prompt's blocks")
+                self.stats.pool_kv_published += 1
 
         plan.publish = put
 
@@ -1261,28 +1674,26 @@ class SimWorker:
 
         plan.after_prefill = publish
 
-    @staticmethod
-    def _room(req: _GenRequest) -> int:
-        room = _single(req.bootstrap_room, "bootstrap_room")
-        if not isinstance(room, int) or isinstance(room, bool) or room < 0:
-            raise _bad("bootstrap_room must be a non-negative integer", "bootstrap_room")
-        return room
-
     def _published(self, key: str) -> None:
         waiters = self._kv_waiters.pop(key, None)
         if waiters is not None:
             waiters.event.set()
 
-    async def _decode_leg(self, req: _GenRequest, plan: _Plan) -> None:
+    async def _decode_leg(self, req: _HandOffFields, plan: _Plan) -> None:
         """Fetch the prompt's KV from the prefill worker and verify it, or refuse the request:
         a decode-only worker never computes a prompt on its own."""
+        params = req.kv_transfer_params
+        nixl = isinstance(params, dict) and bool(params.get("do_remote_prefill"))
+        if not nixl and req.bootstrap_room is not None:
+            await self._sglang_decode_leg(req, plan)
+            return
         if len(plan.prompts) != 1:
             raise _bad("a disaggregated decode takes one prompt per request", "prompt")
         ids = plan.prompts[0]
-        params = req.kv_transfer_params
         engine_id: str | None = None
         pair: PairId | None = None
-        if isinstance(params, dict) and params.get("do_remote_prefill"):
+        if nixl:
+            assert isinstance(params, dict)
             host = _kv_param(params, "remote_host", str)
             port = _kv_param(params, "remote_port", int)
             key = _kv_param(params, "remote_request_id", str)
@@ -1301,23 +1712,6 @@ class SimWorker:
             timeout = self.options.kv_fetch_timeout_s
             what = f"remote_request_id {key!r}"
             pool_key, pool_wait = key, self.options.kv_fetch_timeout_s
-        elif req.bootstrap_room is not None:
-            room = self._room(req)
-            host = _single(req.bootstrap_host, "bootstrap_host")
-            port = _single(req.bootstrap_port, "bootstrap_port")
-            if not isinstance(host, str) or not host:
-                raise _bad("bootstrap_host must be the prefill worker's host", "bootstrap_host")
-            if type(port) is not int:
-                raise _bad(
-                    "bootstrap_port must be the prefill worker's bootstrap port (for this "
-                    "simulator: its HTTP port)",
-                    "bootstrap_port",
-                )
-            wait = self.options.bootstrap_timeout_s
-            path = f"/sim/kv/room-{room}?wait_s={wait:g}"
-            timeout = wait + self.options.kv_fetch_timeout_s
-            what = f"bootstrap_room {room}"
-            pool_key, pool_wait = f"room-{room}", wait
         elif (pair := self._pair_id(plan)) is not None:
             own = self.kv_address
             if own is None or not same_address(pair.decode_addr, own):
@@ -1346,6 +1740,64 @@ class SimWorker:
                 "(X-Request-Id ___prefill_addr_..___decode_addr_.._<hex>)",
                 "kv_transfer_params",
             )
+        verified = await self._fetch_verified(
+            host, port, path, timeout, what, pool_key, pool_wait, ids, engine_id
+        )
+        if pair is not None:
+            self.stats.p2p_received += 1
+        plan.external_cached = self._external(verified, ids)
+
+    async def _sglang_decode_leg(self, req: _HandOffFields, plan: _Plan) -> None:
+        """SGLang's decode: each sequence's KV from its room on its prefill worker, verified
+        against that sequence's prompt (a room paired with another prompt fails loudly)."""
+        wait = self.options.bootstrap_timeout_s
+        external = [len(ids) for ids in plan.prompts]
+        n = plan.n
+        for c, seq in enumerate(_sglang_sequences(req, plan)):
+            if not isinstance(seq.host, str) or not seq.host:
+                raise _bad("bootstrap_host must be the prefill worker's host", "bootstrap_host")
+            if type(seq.port) is not int:
+                raise _bad(
+                    "bootstrap_port must be the prefill worker's bootstrap port (for this "
+                    "simulator: its HTTP port)",
+                    "bootstrap_port",
+                )
+            key = f"room-{seq.room}"
+            verified = await self._fetch_verified(
+                seq.host,
+                seq.port,
+                f"/sim/kv/{key}?wait_s={wait:g}",
+                wait + self.options.kv_fetch_timeout_s,
+                f"bootstrap_room {seq.room}",
+                key,
+                wait,
+                seq.ids,
+                None,
+            )
+            i = c // n
+            external[i] = min(external[i], self._external(verified, seq.ids))
+        plan.external_cached = external[0] if len(external) == 1 else external
+
+    def _external(self, verified_blocks: int, ids: Sequence[int]) -> int:
+        """Prompt tokens counted as cached for ``verified_blocks`` arrived blocks (the last
+        token is always computed, as vLLM does)."""
+        bs = self.engine.config.block_size
+        return min(verified_blocks * bs, max(0, len(ids) - 1) // bs * bs)
+
+    async def _fetch_verified(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        timeout: float,
+        what: str,
+        pool_key: str,
+        pool_wait: float,
+        ids: Sequence[int],
+        engine_id: str | None,
+    ) -> int:
+        """One hand-off's KV blocks (side channel or pool), verified against ``ids``; returns
+        the blocks verified. Every failure is a 500 naming the hand-off."""
         stats = self.stats
         if self.handoff_pool is not None:
             body, peer_engine, peer_digest = await self._take_kv(pool_key, pool_wait, what)
@@ -1367,10 +1819,7 @@ class SimWorker:
             stats.kv_verify_failures += 1
             raise ApiError(500, f"KV transfer for {what} failed verification: {exc}") from None
         stats.kv_blocks_verified += verified
-        if pair is not None:
-            stats.p2p_received += 1
-        bs = self.engine.config.block_size
-        plan.external_cached = min(verified * bs, max(0, len(ids) - 1) // bs * bs)
+        return verified
 
     def _lmcache_decode_leg(self, ids: Sequence[int], plan: _Plan) -> None:
         """LMCache's consumer: the prompt's chunks must all be in the store (verified).
@@ -1760,10 +2209,26 @@ class SimWorker:
 class _StreamWriter:
     """Builds the SSE bytes of one request; constant parts are encoded once."""
 
-    __slots__ = ("_chat", "_head", "_plan", "_post", "_pre", "_simple", "_usage_each", "tokens")
+    __slots__ = (
+        "_chat",
+        "_head",
+        "_logprobs",
+        "_plan",
+        "_post",
+        "_pre",
+        "_simple",
+        "_usage_each",
+        "tokens",
+    )
 
-    def __init__(self, plan: _Plan, created: int) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        created: int,
+        logprobs: Callable[[int, int], bytes] | None = None,
+    ) -> None:
         self._plan = plan
+        self._logprobs = logprobs
         self._chat = plan.kind == "chat"
         obj = "chat.completion.chunk" if self._chat else "text_completion"
         prefix = "chatcmpl-" if self._chat else "cmpl-"
@@ -1786,7 +2251,7 @@ class _StreamWriter:
             for i in range(len(plan.choices))
         ]
         self._post = b"}}]}\n\n" if self._chat else b"}]}\n\n"
-        self._simple = len(plan.choices) == 1 and not self._usage_each
+        self._simple = len(plan.choices) == 1 and not self._usage_each and logprobs is None
         self.tokens = 0
 
     def _tail(self, completion_tokens: int) -> bytes:
@@ -1799,10 +2264,10 @@ class _StreamWriter:
             completion_tokens,
         )
 
-    def _event(self, i: int, text_json: bytes, completion_tokens: int) -> bytes:
-        if not self._usage_each:
+    def _event(self, i: int, text_json: bytes, completion_tokens: int, lp: bytes = b"") -> bytes:
+        if not self._usage_each and not lp:
             return self._pre[i] + text_json + self._post
-        close = b"}}" if self._chat else b"}"
+        close = b"}" + lp + b"}" if self._chat else lp + b"}"
         return self._pre[i] + text_json + close + self._tail(completion_tokens)
 
     def step(self, step: int) -> bytes:
@@ -1818,7 +2283,8 @@ class _StreamWriter:
             if step == 0:
                 out.append(self._opening(i))
             self.tokens += 1
-            out.append(self._event(i, c.pieces_json[step], step + 1))
+            lp = b"" if self._logprobs is None else self._logprobs(i, step)
+            out.append(self._event(i, c.pieces_json[step], step + 1, lp))
         return b"".join(out)
 
     def _opening(self, i: int) -> bytes:
@@ -1859,6 +2325,38 @@ class _StreamWriter:
         return b"".join(out)
 
 
+class _GenerateStreamWriter:
+    """The SSE bytes of a streamed ``/generate``: per decode step one event per choice that has
+    a token, with text, ids and logprobs so far (SGLang's default, cumulative) and the
+    ``finish_reason`` on a choice's last event; ``index`` when the answer is a batch."""
+
+    __slots__ = ("_choice", "_plan", "tokens")
+
+    def __init__(
+        self, plan: _Plan, choice: Callable[[_Plan, int, int | None], dict[str, Any]]
+    ) -> None:
+        self._plan = plan
+        self._choice = choice
+        self.tokens = 0
+
+    def _event(self, c: int, upto: int) -> bytes:
+        return b"data: " + _encode(self._choice(self._plan, c, upto)) + b"\n\n"
+
+    def step(self, step: int) -> bytes:
+        out: list[bytes] = []
+        for c, completion in enumerate(self._plan.choices):
+            if step < completion.num_tokens:
+                self.tokens += 1
+                out.append(self._event(c, step + 1))
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """Choices that said nothing get their (final) event; then ``[DONE]``."""
+        out = [self._event(c, 0) for c, x in enumerate(self._plan.choices) if x.num_tokens == 0]
+        out.append(_DONE)
+        return b"".join(out)
+
+
 async def _send_json(responder: Responder, status: int, body: bytes, rid: bytes) -> None:
     await responder.send_full(status, [_JSON, (b"x-request-id", rid)], body)
 
@@ -1878,13 +2376,57 @@ def _kv_param(params: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _single(value: Any, name: str) -> Any:
-    """SGLang's bootstrap fields are per batch element; this simulator takes one element."""
-    if isinstance(value, list):
-        if len(value) != 1:
-            raise _bad(f"{name} must be a single value (batched hand-offs are not simulated)", name)
-        return value[0]
-    return value
+@dataclass(frozen=True, slots=True)
+class _Sequence:
+    """One sequence of an SGLang request (a prompt's sample): its bootstrap fields and ids."""
+
+    room: int
+    host: Any
+    port: Any
+    ids: Sequence[int]
+
+
+def _sglang_sequences(req: _HandOffFields, plan: _Plan) -> list[_Sequence]:
+    """The request's sequences in answer order (prompt ``i``'s sample ``j`` is ``i * n + j``),
+    each with its bootstrap fields. SGLang expands a batch of P prompts sampled n times in
+    sample-major order (element ``j * P + i``): a list of P * n rooms is read in that order, one
+    room is expanded to ``room + k``, as SGLang expands it. Rooms must be distinct: two
+    sequences in one room would take each other's KV."""
+    count = len(plan.prompts)
+    n = plan.n
+    total = count * n
+    rooms = _expand(req.bootstrap_room, count, n, "bootstrap_room", rooms=True)
+    for room in rooms:
+        if not isinstance(room, int) or isinstance(room, bool) or room < 0:
+            raise _bad("bootstrap_room must be a non-negative integer", "bootstrap_room")
+    if len(set(rooms)) != total:
+        raise _bad("bootstrap_room: each sequence needs a room of its own", "bootstrap_room")
+    hosts = _expand(req.bootstrap_host, count, n, "bootstrap_host")
+    ports = _expand(req.bootstrap_port, count, n, "bootstrap_port")
+    return [_Sequence(rooms[c], hosts[c], ports[c], plan.prompts[c // n]) for c in range(total)]
+
+
+def _expand(value: Any, count: int, n: int, name: str, *, rooms: bool = False) -> list[Any]:
+    """A bootstrap field as one value per sequence, in answer order (see
+    :func:`_sglang_sequences`): a scalar for all (a room: ``room + k``), a list of one per
+    sequence in SGLang's expanded order, or (not for rooms) one per prompt."""
+    total = count * n
+    if not isinstance(value, list):
+        if rooms and total > 1 and isinstance(value, int) and not isinstance(value, bool):
+            return [value + (c % n) * count + c // n for c in range(total)]
+        return [value] * total
+    if len(value) == total:
+        return [value[(c % n) * count + c // n] for c in range(total)]
+    if len(value) == count and not rooms:
+        return [value[c // n] for c in range(total)]
+    what = f"{count} prompt(s) x n={n}"
+    raise _bad(
+        f"{name} has {len(value)} entries for {total} sequences ({what}): SGLang pairs one "
+        f"room with each (prompt, sample); give {total}"
+        + ("" if rooms else f", {count} (one per prompt)")
+        + " or one value",
+        name,
+    )
 
 
 __all__ = [

@@ -47,6 +47,7 @@ from lmgw.text import (
 from lmgw.tools import TOOL_PARSERS
 
 from . import kv_events, model_files
+from .logprobs import LogprobSource
 
 # ------------------------------------------------------------------------------------------------
 # Output vocabulary
@@ -528,6 +529,11 @@ class Completion:
     stop_reason: str | int | None = None
     pieces_json: tuple[bytes, ...] = ()
     """``pieces`` pre-encoded as JSON strings (the streaming path splices them into events)."""
+    key: int = 0
+    """The completion key it derives from (its logprobs too: :mod:`.logprobs`)."""
+    offset: int = 0
+    """The position of its first token in the answer it is part of (a continued answer's
+    tokens keep the uninterrupted answer's logprobs)."""
 
     @property
     def num_tokens(self) -> int:
@@ -621,11 +627,16 @@ def generate(
     entries = _draw_tokens(key, length, vocab)
     token_ids = [e.token_id for e in entries]
     pieces = [e.piece for e in entries]
-    return _stop_and_pack(token_ids, pieces, finish, spec, vocab)
+    return _stop_and_pack(token_ids, pieces, finish, spec, vocab, key)
 
 
 def _stop_and_pack(
-    token_ids: list[int], pieces: list[str], finish: str, spec: SamplingSpec, vocab: OutputVocab
+    token_ids: list[int],
+    pieces: list[str],
+    finish: str,
+    spec: SamplingSpec,
+    vocab: OutputVocab,
+    key: int,
 ) -> Completion:
     """Apply the request's stop token ids and stop strings (as vLLM checks them after every
     token) to a drawn output, and pack it."""
@@ -649,7 +660,7 @@ def _stop_and_pack(
     json_of = vocab.json_of
     pieces_json = tuple(json_of.get(p) or msgspec.json.encode(p) for p in pieces)
     return Completion(
-        tuple(token_ids), tuple(pieces), "".join(pieces), finish, stop_reason, pieces_json
+        tuple(token_ids), tuple(pieces), "".join(pieces), finish, stop_reason, pieces_json, key
     )
 
 
@@ -939,7 +950,7 @@ def _fixed_text(
         extra = _draw_tokens(key, length - len(token_ids), vocab)
         token_ids += [e.token_id for e in extra]
         pieces += [e.piece for e in extra]
-    return _stop_and_pack(token_ids[:length], pieces[:length], finish, spec, vocab)
+    return _stop_and_pack(token_ids[:length], pieces[:length], finish, spec, vocab, key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1193,6 +1204,7 @@ class Ticket:
         "_nseq",
         "_prompt_hashes",
         "_prompts",
+        "cached_per_prompt",
         "cached_tokens",
         "prompt_tokens",
         "state",
@@ -1204,6 +1216,7 @@ class Ticket:
         self._nseq = nseq
         self._kv_blocks = 0
         self.cached_tokens = 0
+        self.cached_per_prompt: list[int] = []
         self._prompt_hashes: list[list[int]] = []
         self._prompts: Sequence[Sequence[int]] = ()
         self.state = "waiting"
@@ -1221,21 +1234,26 @@ class Ticket:
         e.kv_blocks_in_use += self._kv_blocks
         self.state = "running"
 
-    def prefill(self, prompts: Sequence[Sequence[int]], external_cached: int = 0) -> float:
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], external_cached: int | Sequence[int] = 0
+    ) -> float:
         """Look the prompts up in the prefix cache and cache them; returns the prefill seconds.
 
-        ``external_cached`` tokens of each prompt arrived from elsewhere (a disaggregated decode
-        worker's KV fetched from its prefill worker): they count as cached, not computed, but
-        not as local prefix-cache hits (vLLM's metrics count those separately too)."""
+        ``external_cached`` tokens of each prompt (one count for all, or one per prompt)
+        arrived from elsewhere (a disaggregated decode worker's KV fetched from its prefill
+        worker): they count as cached, not computed, but not as local prefix-cache hits
+        (vLLM's metrics count those separately too)."""
         e = self._engine
         cache = e.cache
         uncached = 0
         self._prompts = prompts
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
             hashes = block_hashes(ids, cache.block_size)
             self._prompt_hashes.append(hashes)
-            hit = max(cache.lookup(ids, hashes), min(external_cached, len(ids)))
+            ext = external_cached if isinstance(external_cached, int) else external_cached[i]
+            hit = max(cache.lookup(ids, hashes), min(ext, len(ids)))
             self.cached_tokens += hit
+            self.cached_per_prompt.append(hit)
             uncached += len(ids) - hit
             cache.insert(ids, hashes)
         e.stats.prompt_tokens += sum(len(p) for p in prompts)
@@ -1370,6 +1388,17 @@ class Engine:
         if len(memo) > _MEMO_ENTRIES:
             memo.popitem(last=False)
         return out
+
+    @functools.cached_property
+    def logprobs(self) -> LogprobSource:
+        """This model's logprobs (:mod:`.logprobs`): the output vocabulary as candidates, each
+        token named by its text decoded alone (what vLLM's ``decoded_token`` is)."""
+        tok = self.tokenizer
+        return LogprobSource(
+            [e.token_id for e in tok.output.entries],
+            self.config.seed,
+            lambda t: tok.model.decode([t]),
+        )
 
     @property
     def kv_cache_usage(self) -> float:
