@@ -412,6 +412,12 @@ def test_sglang_unknown_port_and_ipv6_host() -> None:
         ("/generate", {"input_ids": [1, 2]}, None),
         ("/generate", {"text": ["a", "b"]}, 2),
         ("/generate", {"text": "a"}, None),
+        # one room per (prompt, sample): SGLang reads P * n rooms in its expanded order
+        ("/v1/completions", {"prompt": ["a", "b"], "n": 2}, 4),
+        ("/v1/completions", {"prompt": "a", "n": 2}, None),  # one room, expanded by SGLang
+        ("/generate", {"text": ["a", "b"], "sampling_params": {"n": 3}}, 6),
+        ("/generate", {"input_ids": [[1], [2]], "sampling_params": [{"n": 2}, {"n": 2}]}, 4),
+        ("/generate", {"text": "a", "sampling_params": {"n": 2}}, None),
     ],
 )
 def test_sglang_arrays_for_batches(path, fields, n) -> None:
@@ -473,6 +479,38 @@ def test_sglang_logprob_merge_batch() -> None:
     chunk = {**_meta([[-6, 6]]), "index": 1}
     out = d.merge_decode_events(handoff, b"data: " + enc(chunk) + b"\n\n")
     assert dec(out[6:-2])["meta_info"]["input_token_logprobs"] == [[-2, 2], [-6, 6]]
+
+
+def test_sglang_logprob_merge_puts_prefill_top_logprobs_first_too() -> None:
+    d = get_dialect("sglang-bootstrap")
+    b = ClientBody(enc({"text": "hi", "return_logprob": True, "top_logprobs_num": 1}))
+    pre = d.prefill_request(b, ctx(path="/generate"))
+
+    def meta(lp: list, top: list) -> dict:
+        return {"meta_info": {"input_token_logprobs": lp, "input_top_logprobs": top}}
+
+    handoff = d.read_prefill(pre, 200, enc(meta([[None, 1], [-0.2, 2]], [None, [[-0.1, 7]]])))
+    merged = dec(d.merge_decode_body(handoff, enc(meta([], []))))["meta_info"]
+    assert merged == meta([[None, 1], [-0.2, 2]], [None, [[-0.1, 7]]])["meta_info"]
+    # a decode answer without top logprobs keeps none
+    only = dec(d.merge_decode_body(handoff, enc({"meta_info": {"input_token_logprobs": []}})))
+    assert only["meta_info"] == {"input_token_logprobs": [[None, 1], [-0.2, 2]]}
+
+
+def test_sglang_streamed_prefill_batch_keeps_each_elements_logprobs() -> None:
+    """P streamed a batch: each element's last event carries that element's lists, and D's
+    events get their own element's, by ``index``."""
+    d = get_dialect("sglang-bootstrap")
+    b = ClientBody(enc({"text": ["a", "b"], "return_logprob": True, "stream": True}))
+    pre = d.prefill_request(b, ctx(path="/generate"))
+    sse = b"".join(
+        b"data: " + enc({**_meta(lp), "index": i}) + b"\n\n"
+        for i, lp in ((0, [[-1, 1]]), (1, [[-2, 2]]), (0, [[-1, 1], [-3, 3]]))
+    )
+    handoff = d.read_prefill(pre, 200, sse + b"data: [DONE]\n\n")
+    for i, expected in ((0, [[-1, 1], [-3, 3], [-9, 9]]), (1, [[-2, 2], [-9, 9]])):
+        out = d.merge_decode_events(handoff, b"data: " + enc({**_meta([[-9, 9]]), "index": i}))
+        assert dec(out[6:])["meta_info"]["input_token_logprobs"] == expected
 
 
 # -- openai -----------------------------------------------------------------------------------

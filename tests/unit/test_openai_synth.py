@@ -144,7 +144,7 @@ def test_logprobs_when_asked() -> None:
         "text_offset": [0, 2],
         "token_logprobs": [-1.0, -2.0],
         "tokens": ["ab", "ab"],
-        "top_logprobs": [{}, {}],
+        "top_logprobs": [{"ab": -1.0}, {"ab": -2.0}],  # the sampled token, as vLLM's logprobs=0
     }
     quiet = OpenAISynth("chat", "r", "m", 1)  # not asked: null, whatever the worker sent
     assert events(quiet.delta("x", [5], [Token(5, -0.25)]))[1]["choices"][0]["logprobs"] is None

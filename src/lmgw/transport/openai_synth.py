@@ -284,8 +284,9 @@ class OpenAISynth:
     def _logprobs_obj(
         self, text: str, token_ids: Sequence[int], logprobs: Sequence[Any] | None
     ) -> dict[str, Any] | None:
-        """vLLM's logprobs for the sampled tokens (workers send no alternatives, so
-        ``top_logprobs`` is empty)."""
+        """vLLM's logprobs for the sampled tokens. Workers send no alternatives, so a chat's
+        ``top_logprobs`` is empty and a completion's holds the sampled token alone (what vLLM
+        answers to ``top_logprobs: 0`` / ``logprobs: 0``)."""
         if not self._logprobs or logprobs is None:
             return None
         names = [self.token_text(t.token_id) for t in logprobs]
@@ -309,5 +310,7 @@ class OpenAISynth:
             "text_offset": offsets,
             "token_logprobs": [max(t.logprob, -9999.0) for t in logprobs],
             "tokens": names,
-            "top_logprobs": [{} for _ in logprobs],
+            "top_logprobs": [
+                {name: max(t.logprob, -9999.0)} for name, t in zip(names, logprobs, strict=True)
+            ],
         }

@@ -34,7 +34,15 @@ from typing import Any
 
 import trio
 
-from ..protocol.messages import Encode, FailureCode, Generate, MediaItem, Prefill, Usage
+from ..protocol.messages import (
+    Encode,
+    FailureCode,
+    Generate,
+    MediaItem,
+    Prefill,
+    Token,
+    Usage,
+)
 from ..simulators import engine as _core_module
 from ..simulators.app import WorkerOptions
 from ..simulators.disagg import (
@@ -143,6 +151,12 @@ class SimEngine(Engine):
             0,
         )
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The role's, plus ``logprobs`` where it generates (the sampled tokens' values)."""
+        caps = super().capabilities
+        return caps | {"logprobs"} if "stream" in caps else caps
+
     # -- the Engine interface -------------------------------------------------------------------
     async def generate(self, req: EngineRequest[Generate]) -> AsyncIterator[GenerateOutput]:  # type: ignore[override]
         msg = req.msg
@@ -167,6 +181,13 @@ class SimEngine(Engine):
             run.state = "decode"
             timed = not self.core.config.timing.instant
             crash = self.faults.faults.crash_at_token
+            # the sampled tokens' logprobs, the HTTP simulator's values (the protocol carries
+            # no alternatives)
+            lps = (
+                None
+                if msg.params.logprobs is None
+                else self.core.logprobs.output(completion.key, completion.token_ids)
+            )
             for step, (tid, piece) in enumerate(
                 zip(completion.token_ids, completion.pieces, strict=True)
             ):
@@ -178,7 +199,9 @@ class SimEngine(Engine):
                     # deadline-driven steps (no drift), at most 50 ms of catch-up: as app.py
                     clock = max(clock, trio.current_time() - 0.05) + ticket.decode_step_s()
                     await trio.sleep_until(clock)
-                yield GenerateOutput(piece, (tid,))
+                yield GenerateOutput(
+                    piece, (tid,), None if lps is None else [Token(tid, lps[step].logprob)]
+                )
                 run.emitted = step + 1
             if crash is not None and crash == completion.num_tokens:
                 self._crash(crash)

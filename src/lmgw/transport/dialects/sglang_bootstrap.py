@@ -2,11 +2,15 @@
 
 Both legs get the *same* body: the client's plus ``bootstrap_host`` (P's host),
 ``bootstrap_port`` (P's bootstrap server, or null) and ``bootstrap_room`` (random 63-bit),
-one entry per sequence for batches and ``n > 1``. They are sent concurrently: D registers the
-room with P's bootstrap server and blocks until P pushes the KV, and P in prefill mode only
-prefills, so there is no ``max_tokens`` rewrite. D is streamed back; P is drained. With
-``return_logprob``, P's ``meta_info.input_token_logprobs`` go in front of D's (D only saw the
-prompt's last token), so P must then be read before D's output is relayed.
+one entry per sequence for batches and ``n > 1``: a batch of P prompts sampled n times is
+P * n sequences, one room each (SGLang reads such a list in its expanded order; a list of P
+rooms would have a prompt's samples share a room, and a room serves one transfer). A single
+prompt with ``n > 1`` outside chat keeps one room, which SGLang expands to ``room + k``. The
+legs are sent concurrently: D registers the room with P's bootstrap server and blocks until P
+pushes the KV, and P in prefill mode only prefills, so there is no ``max_tokens`` rewrite. D is
+streamed back; P is drained. With ``return_logprob``, P's ``meta_info.input_token_logprobs``
+(and ``input_top_logprobs``) go in front of D's (D computed no prompt position), so P must then
+be read before D's output is relayed.
 """
 
 from __future__ import annotations
@@ -43,11 +47,17 @@ class _Bootstrap(msgspec.Struct, frozen=True):
     batched: bool = False
 
 
+def _samples(n: Any) -> int:
+    return n if type(n) is int and n > 1 else 1
+
+
 def batch_size(path: str, obj: dict[str, Any]) -> int | None:
-    """How many sequences the engine will make of the request (None: a single one).
+    """How many sequences the engine will make of the request (None: a single one, or one
+    prompt sampled ``n`` times outside chat: one room, which SGLang expands itself).
 
     Chat: ``n > 1``. Completions: a prompt list of strings or of token lists (a flat list of
-    ints is one prompt). Native ``/generate``: a list of texts or of token lists.
+    ints is one prompt), times ``n``. Native ``/generate``: a list of texts or of token lists,
+    times ``sampling_params.n``.
     """
     if path.endswith("/chat/completions"):
         n = obj.get("n")
@@ -55,14 +65,18 @@ def batch_size(path: str, obj: dict[str, Any]) -> int | None:
     if path.endswith("/completions"):
         prompt = obj.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            return len(prompt)
+            return len(prompt) * _samples(obj.get("n"))
         return None
+    params = obj.get("sampling_params")
+    if isinstance(params, list):
+        params = params[0] if params else None
+    n = _samples(params.get("n") if isinstance(params, dict) else None)
     ids = obj.get("input_ids")
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
-        return len(ids)
+        return len(ids) * n
     text = obj.get("text")
     if isinstance(text, list) and text:
-        return len(text)
+        return len(text) * n
     return None
 
 
@@ -71,36 +85,55 @@ def _wants_logprobs(obj: dict[str, Any]) -> bool:
     return flag is True or (isinstance(flag, list) and True in flag)
 
 
-def _logprobs_of(obj: Any) -> Any:
+#: the per-prompt-position lists P computes and D does not (D got the prompt's KV)
+_INPUT_FIELDS = ("input_token_logprobs", "input_top_logprobs")
+
+
+def _logprobs_of(obj: Any) -> dict[str, list[Any]] | None:
+    """P's input lists of one answer (None without ``input_token_logprobs``)."""
     meta = obj.get("meta_info") if isinstance(obj, dict) else None
-    value = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
-    return value if isinstance(value, list) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("input_token_logprobs"), list):
+        return None
+    return {k: meta[k] for k in _INPUT_FIELDS if isinstance(meta.get(k), list)}
 
 
 def _prepend(obj: Any, prefill: Any) -> bool:
-    """Put P's list in front of D's, in place; only where both are lists (as sgl-router)."""
+    """Put P's lists in front of D's, in place; only where both are lists (as sgl-router
+    does for ``input_token_logprobs``; ``input_top_logprobs`` go the same way, so a client
+    asking ``top_logprobs_num`` gets the prompt's alternatives too)."""
     meta = obj.get("meta_info") if isinstance(obj, dict) else None
-    if not isinstance(prefill, list) or not isinstance(meta, dict):
+    if not isinstance(prefill, dict) or not isinstance(meta, dict):
         return False
-    decode = meta.get("input_token_logprobs")
-    if not isinstance(decode, list):
-        return False
-    meta["input_token_logprobs"] = prefill + decode
-    return True
+    changed = False
+    for key, lists in prefill.items():
+        decode = meta.get(key)
+        if isinstance(decode, list):
+            meta[key] = lists + decode
+            changed = True
+    return changed
 
 
-def _last_event_logprobs(body: bytes) -> Any:
-    """P answered with SSE (``stream: true``): its last JSON event that carries logprobs."""
-    found = None
+def _last_event_logprobs(body: bytes) -> tuple[Any, bool]:
+    """P answered with SSE (``stream: true``): the last JSON event that carries logprobs, or
+    for a batch (events with an ``index``) the last one of each element: (lists, batched)."""
+    found: dict[int, Any] = {}
+    batched = False
     for line in body.splitlines():
         if line.startswith(b"data:"):
             data = line[5:].strip()
             if data and data != b"[DONE]":
                 try:
-                    found = _logprobs_of(_decode(data)) or found
+                    obj = _decode(data)
                 except (msgspec.DecodeError, UnicodeDecodeError):
                     continue
-    return found
+                index = obj.get("index") if isinstance(obj, dict) else None
+                batched |= type(index) is int
+                lists = _logprobs_of(obj)
+                if lists is not None:
+                    found[index if type(index) is int and index >= 0 else 0] = lists
+    if not batched:
+        return found.get(0), False
+    return [found.get(i) for i in range(max(found, default=-1) + 1)], True
 
 
 class SglangBootstrap(Dialect):
@@ -160,7 +193,7 @@ class SglangBootstrap(Dialect):
         if not boot.want_logprobs:
             return HandOff(self.name, boot, prefill_done=True)
         if body.lstrip()[:5] == b"data:":
-            logprobs, batched = _last_event_logprobs(body), False
+            logprobs, batched = _last_event_logprobs(body)
         else:
             try:
                 obj = _decode(body)

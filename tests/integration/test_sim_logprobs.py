@@ -1,0 +1,395 @@
+"""Logprobs, batches and ``n > 1`` end to end through the gateway, against simulated workers
+whose logprobs are a deterministic function of (prompt, seed, position), like their text:
+
+* SGLang ``/generate`` through ``sglang-bootstrap`` P/D: P answers the prompt's logprobs, D
+  the output's (D computed no prompt position), and the gateway puts P's in front; the client
+  gets exactly what a merged worker answers, for one prompt, a batch, ``n = 2`` and a batch
+  sampled twice (one room per (prompt, sample)), JSON and SSE.
+* Chat and completions logprobs (``top_logprobs``, ``prompt_logprobs``) equal through the
+  merged flow, vLLM NIXL P/D and SGLang P/D, streamed or not; the values are valid.
+* A native (ZeroMQ) worker answers the HTTP simulator's values (the sampled tokens'; the
+  native protocol carries no alternatives).
+* The simulators themselves: a room paired with the wrong prompt fails loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import trio
+from gateway_support import MODEL, RawResponse, http_request
+
+from lmgw.config import (
+    GatewayConfig,
+    HealthConfig,
+    ModelConfig,
+    RoutingConfig,
+    ServerConfig,
+    WorkerConfig,
+)
+from lmgw.gateway import Gateway
+from lmgw.simulators import SimWorker, WorkerOptions, model_files, serve_worker_inprocess
+from lmgw.worker.server import WorkerServer
+from lmgw.worker.sim import SimEngine
+
+BOUND = 20.0
+LONG = "Summarise the history of the Roman empire in a few short sentences, please. " * 3
+MESSAGES = [{"role": "user", "content": LONG}]
+
+
+async def start_gateway(
+    nursery: trio.Nursery, flow: str, dialect: str, workers: list[WorkerConfig], **model: Any
+) -> str:
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        routing=RoutingConfig(policy="round_robin"),
+        models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect, **model)],
+        workers=workers,
+    )
+    with trio.fail_after(BOUND):
+        port = await nursery.start(Gateway(cfg).run)
+    return f"http://127.0.0.1:{port}"
+
+
+async def sim(nursery: trio.Nursery, role: str) -> tuple[SimWorker, str]:
+    worker = SimWorker(WorkerOptions(role=role, model=MODEL, speed=math.inf))
+    return worker, await nursery.start(serve_worker_inprocess, worker)
+
+
+async def pd_pair(nursery: trio.Nursery, dialect: str) -> tuple[str, SimWorker, SimWorker]:
+    """A gateway in front of one prefill and one decode simulator speaking ``dialect``."""
+    p, p_url = await sim(nursery, "p")
+    d, d_url = await sim(nursery, "d")
+    port = int(p_url.rsplit(":", 1)[1])
+    workers = [
+        WorkerConfig(url=p_url, role="p", bootstrap_port=port),
+        WorkerConfig(url=d_url, role="d"),
+    ]
+    return await start_gateway(nursery, "p/d", dialect, workers), p, d
+
+
+async def merged(nursery: trio.Nursery) -> str:
+    _, url = await sim(nursery, "pd")
+    return await start_gateway(nursery, "pd", "openai", [WorkerConfig(url=url, role="pd")])
+
+
+async def post(url: str, path: str, body: dict[str, Any]) -> RawResponse:
+    r = await http_request(url, "POST", path, body, timeout=BOUND)
+    assert r.status == 200, (url, path, r.status, r.body[:500])
+    return r
+
+
+def answer(r: RawResponse) -> Any:
+    """The JSON body, or the SSE events (``[DONE]`` included)."""
+    return r.events() if r.headers["content-type"].startswith("text/event-stream") else r.json()
+
+
+def generate_view(obj: Any) -> Any:
+    """A ``/generate`` answer without what differs by route: the request ids, and the cached
+    tokens (D counts the KV it fetched, a merged worker its own prefix cache)."""
+    if isinstance(obj, list):
+        return [generate_view(o) for o in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = copy.deepcopy(obj)
+    out["meta_info"].pop("id")
+    out["meta_info"].pop("cached_tokens")
+    return out
+
+
+def check_valid(entries: list[dict[str, Any]], k: int) -> None:
+    """vLLM chat logprob entries: values <= 0, ``k`` alternatives best first, the chosen
+    token among them whenever it is at least as likely as the last of them."""
+    assert entries
+    for e in entries:
+        assert e["logprob"] <= 0 and e["bytes"] == list(e["token"].encode())
+        top = e["top_logprobs"]
+        assert len(top) == k
+        values = [t["logprob"] for t in top]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        if k and e["logprob"] >= values[-1]:
+            assert {"token": e["token"], "logprob": e["logprob"]} in [
+                {"token": t["token"], "logprob": t["logprob"]} for t in top
+            ]
+
+
+# -- SGLang /generate through sglang-bootstrap P/D --------------------------------------------
+
+GENERATE_CASES = {
+    "one prompt, top 3, text": {
+        "text": LONG,
+        "sampling_params": {"max_new_tokens": 10},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": 3,
+        "return_text_in_logprobs": True,
+    },
+    "default start": {
+        "text": LONG,
+        "sampling_params": {"max_new_tokens": 6},
+        "return_logprob": True,
+    },
+    "batch of 2": {
+        "text": [LONG, "Another prompt, shorter than the first one."],
+        "sampling_params": {"max_new_tokens": 8},
+        "return_logprob": True,
+        "logprob_start_len": 2,
+        "top_logprobs_num": 2,
+    },
+    "n=2": {
+        "input_ids": list(range(100, 140)),
+        "sampling_params": {"max_new_tokens": 8, "n": 2},
+        "return_logprob": True,
+        "logprob_start_len": 5,
+    },
+    "batch of 2, n=2": {
+        "text": [LONG, "Another prompt, shorter than the first one."],
+        "sampling_params": {"max_new_tokens": 6, "n": 2},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    },
+    "no logprobs": {"text": [LONG, "Tiny."], "sampling_params": {"max_new_tokens": 5}},
+}
+SEQUENCES = {"batch of 2": 2, "n=2": 2, "batch of 2, n=2": 4, "no logprobs": 2}
+
+
+async def test_generate_through_sglang_pd_equals_the_merged_worker(
+    nursery: trio.Nursery,
+) -> None:
+    ref_url = await merged(nursery)
+    pd_url, p, d = await pd_pair(nursery, "sglang-bootstrap")
+    for name, body in GENERATE_CASES.items():
+        sequences = SEQUENCES.get(name, 1)
+        for stream in (False, True):
+            req = {**body, "stream": stream}
+            released = p.kv_store.released
+            expected = answer(await post(ref_url, "/generate", req))
+            got = answer(await post(pd_url, "/generate", req))
+            assert generate_view(got) == generate_view(expected), (name, stream)
+            # one room per (prompt, sample): each one's KV fetched from P and verified
+            assert p.kv_store.released - released == sequences, (name, stream)
+            assert d.stats.kv_verify_failures == 0
+            if stream:
+                assert got[-1] == "[DONE]"
+                continue
+            items = expected if isinstance(expected, list) else [expected]
+            assert len(items) == sequences
+            if "return_logprob" not in body:
+                assert all("input_token_logprobs" not in o["meta_info"] for o in items)
+                continue
+            for o in items:
+                meta = o["meta_info"]
+                inputs, outputs = meta["input_token_logprobs"], meta["output_token_logprobs"]
+                start = body.get("logprob_start_len", meta["prompt_tokens"] - 1)
+                # the prompt's positions from logprob_start_len; the first one has no value
+                assert len(inputs) == meta["prompt_tokens"] - start and inputs[0][0] is None
+                assert all(lp < 0 for lp, _, _ in inputs[1:] + outputs)
+                assert [t for _, t, _ in outputs] == o["output_ids"]
+                with_text = body.get("return_text_in_logprobs", False)
+                assert all((text is not None) == with_text for _, _, text in inputs + outputs)
+                if body.get("top_logprobs_num"):
+                    tops = meta["output_top_logprobs"]
+                    assert len(tops) == len(outputs) and meta["input_top_logprobs"][0] is None
+                    for lps in tops + meta["input_top_logprobs"][1:]:
+                        values = [v for v, _, _ in lps]
+                        assert len(values) == body["top_logprobs_num"]
+                        assert values == sorted(values, reverse=True)
+    # the samples of one prompt differ (their own completions), as on the merged worker
+    pair = await post(ref_url, "/generate", GENERATE_CASES["n=2"])
+    a, b = pair.json()
+    assert a["output_ids"] != b["output_ids"]
+
+
+async def test_sglang_prefill_and_decode_answer_their_halves(nursery: trio.Nursery) -> None:
+    """Straight to the simulators: P the prompt's logprobs and its first token, D the output's
+    and none of the prompt's (so the gateway's merge is what makes the client's list whole)."""
+    _, p_url = await sim(nursery, "p")
+    _, d_url = await sim(nursery, "d")
+    _, pd_url = await sim(nursery, "pd")
+    port = int(p_url.rsplit(":", 1)[1])
+    body = {**GENERATE_CASES["one prompt, top 3, text"], "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": port, "bootstrap_room": 7}  # fmt: skip
+    out: dict[str, Any] = {}
+
+    async def leg(name: str, url: str) -> None:
+        out[name] = (await post(url, "/generate", body)).json()["meta_info"]
+
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as legs:
+            legs.start_soon(leg, "d", d_url)
+            legs.start_soon(leg, "p", p_url)
+    ref = (await post(pd_url, "/generate", GENERATE_CASES["one prompt, top 3, text"])).json()
+    ref_meta = ref["meta_info"]
+    assert out["p"]["input_token_logprobs"] == ref_meta["input_token_logprobs"]
+    assert out["p"]["input_top_logprobs"] == ref_meta["input_top_logprobs"]
+    assert out["p"]["output_token_logprobs"] == ref_meta["output_token_logprobs"][:1]
+    assert out["d"]["input_token_logprobs"] == [] == out["d"]["input_top_logprobs"]
+    assert out["d"]["output_token_logprobs"] == ref_meta["output_token_logprobs"]
+    assert out["d"]["output_top_logprobs"] == ref_meta["output_top_logprobs"]
+
+
+async def test_sglang_rooms_pair_each_sequence_or_fail_loudly(nursery: trio.Nursery) -> None:
+    _, p_url = await sim(nursery, "p")
+    d, d_url = await sim(nursery, "d")
+    d.options.bootstrap_timeout_s = 0.5
+    port = int(p_url.rsplit(":", 1)[1])
+    batch = {
+        "text": [LONG, "Another prompt, shorter than the first one."],
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": port,
+    }
+    results: dict[str, RawResponse] = {}
+
+    async def leg(name: str, url: str, body: dict[str, Any]) -> None:
+        results[name] = await http_request(url, "POST", "/generate", body, timeout=BOUND)
+
+    # D's rooms in the other order: each room holds the other prompt's KV
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as legs:
+            legs.start_soon(leg, "d", d_url, {**batch, "bootstrap_room": [22, 11]})
+            legs.start_soon(leg, "p", p_url, {**batch, "bootstrap_room": [11, 22]})
+    assert results["p"].status == 200
+    err = results["d"]
+    assert err.status == 500, err.body
+    msg = err.json()["error"]["message"]
+    assert "bootstrap_room" in msg and "different prompt" in msg
+    assert d.stats.kv_verify_failures == 1
+    # a prompt's samples cannot share its room: one room per (prompt, sample), or one room
+    sampled = {**batch, "sampling_params": {"n": 2}, "bootstrap_room": [1, 2]}
+    r = await http_request(d_url, "POST", "/generate", sampled, timeout=BOUND)
+    assert r.status == 400 and "4 sequences" in r.json()["error"]["message"], r.body
+    dup = {**batch, "bootstrap_room": [5, 5]}
+    r = await http_request(d_url, "POST", "/generate", dup, timeout=BOUND)
+    assert r.status == 400 and "room of its own" in r.json()["error"]["message"]
+
+
+# -- OpenAI logprobs across flows ---------------------------------------------------------------
+
+
+def stream_logprobs(events: list[Any], field: str) -> dict[int, Any]:
+    """Per choice index: the chat ``content`` entries or the completion lists, joined."""
+    out: dict[int, Any] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            lp = c.get("logprobs")
+            if not lp:
+                continue
+            if field == "content":
+                out.setdefault(c["index"], []).extend(lp["content"])
+            else:
+                acc = out.setdefault(c["index"], {k: [] for k in lp})
+                for k, v in lp.items():
+                    acc[k].extend(v)
+    return out
+
+
+async def test_chat_and_completion_logprobs_equal_across_flows(nursery: trio.Nursery) -> None:
+    urls = {
+        "merged": await merged(nursery),
+        "vllm-nixl": (await pd_pair(nursery, "vllm-nixl"))[0],
+        "sglang-bootstrap": (await pd_pair(nursery, "sglang-bootstrap"))[0],
+    }
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "seed": 5,
+            "logprobs": True, "top_logprobs": 3}  # fmt: skip
+    completion = {"model": MODEL, "prompt": LONG, "max_tokens": 10, "logprobs": 2}
+    for n in (1, 2):
+        answers = {}
+        for flow, url in urls.items():
+            body = (await post(url, "/v1/chat/completions", {**chat, "n": n})).json()
+            answers[flow] = [(c["message"]["content"], c["logprobs"]) for c in body["choices"]]
+            streamed_body = {**chat, "n": n, "stream": True}
+            events = answer(await post(url, "/v1/chat/completions", streamed_body))
+            streamed = stream_logprobs(events, "content")
+            assert [streamed[i] for i in range(n)] == [lp["content"] for _, lp in answers[flow]]
+        assert answers["vllm-nixl"] == answers["merged"] == answers["sglang-bootstrap"], n
+        for text, lp in answers["merged"]:
+            check_valid(lp["content"], 3)
+            assert "".join(e["token"] for e in lp["content"]) == text
+        if n == 2:
+            assert answers["merged"][0] != answers["merged"][1]
+    # prompt_logprobs (every worker computes the prompt's the same) and completions' shapes
+    seen: dict[str, list[Any]] = {"prompt": [], "completion": []}
+    for flow in ("merged", "vllm-nixl"):
+        body = await post(urls[flow], "/v1/chat/completions", {**chat, "prompt_logprobs": 2})
+        plp = body.json()["prompt_logprobs"]
+        assert plp[0] is None and all(1 <= len(p) <= 3 for p in plp[1:])
+        seen["prompt"].append(plp)
+        r = (await post(urls[flow], "/v1/completions", completion)).json()
+        (choice,) = r["choices"]
+        seen["completion"].append(choice)
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == choice["text"]
+        offsets = lp["text_offset"]
+        assert offsets[0] == 0
+        steps = zip(offsets, offsets[1:], lp["tokens"], strict=False)
+        assert all(b - a == len(t) for a, b, t in steps)
+        for tok, value, top in zip(
+            lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+        ):
+            assert top[tok] == value and 2 <= len(top) <= 3  # the best 2, and the chosen one
+        events = answer(await post(urls[flow], "/v1/completions", {**completion, "stream": True}))
+        assert stream_logprobs(events, "lists")[0] == lp
+    assert seen["prompt"][0] == seen["prompt"][1]
+    assert seen["completion"][0] == seen["completion"][1]
+    bad = await http_request(urls["merged"], "POST", "/v1/chat/completions",
+                             {**chat, "top_logprobs": 21}, timeout=BOUND)  # fmt: skip
+    assert bad.status == 400 and "max allowed: 20" in bad.body.decode()
+
+
+# -- the native protocol answers the HTTP simulator's values -----------------------------------
+
+
+async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nursery) -> None:
+    http_url = await merged(nursery)
+    engine = SimEngine(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
+    with trio.fail_after(BOUND):
+        server = await nursery.start(
+            WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
+        )
+    native_url = await start_gateway(
+        nursery,
+        "pd",
+        "openai",
+        [WorkerConfig(url="zmq+" + server.endpoint, role="pd", id="pd0")],
+        tokenizer=str(model_files.default_model_dir()),
+    )
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "seed": 2,
+            "logprobs": True, "top_logprobs": 0}  # fmt: skip
+    completion = {"model": MODEL, "prompt": LONG, "max_tokens": 8, "logprobs": 0}
+    for path, body, field in (
+        ("/v1/chat/completions", chat, "content"),
+        ("/v1/completions", completion, "lists"),
+    ):
+        ref = (await post(http_url, path, body)).json()["choices"][0]["logprobs"]
+        with trio.fail_after(BOUND):
+            while True:  # the native worker registers with the gateway
+                r = await http_request(native_url, "POST", path, body, timeout=BOUND)
+                if r.status != 503:
+                    break
+                await trio.sleep(0.05)
+        assert r.status == 200, r.body
+        assert r.json()["choices"][0]["logprobs"] == ref, path
+        events = answer(await post(native_url, path, {**body, "stream": True}))
+        streamed = stream_logprobs(events, field)[0]
+        assert streamed == (ref["content"] if field == "content" else ref)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprob_requests_vllm_refuses(nursery: trio.Nursery, stream: bool) -> None:
+    _, url = await sim(nursery, "pd")
+    base = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": stream}
+    cases = [
+        ({"top_logprobs": 2}, "`logprobs` must be set to true"),
+        ({"logprobs": True, "top_logprobs": -1}, "must be a positive value"),
+        ({"logprobs": True, "top_logprobs": 21}, "max allowed: 20"),
+    ]
+    if stream:
+        cases.append(({"prompt_logprobs": 1}, "not available when `stream=True`"))
+    for extra, message in cases:
+        r = await http_request(url, "POST", "/v1/chat/completions", {**base, **extra})
+        assert r.status == 400 and message in r.json()["error"]["message"], (extra, r.body)
