@@ -1,7 +1,8 @@
 """Simulated inference workers: vLLM-compatible HTTP servers backed by a mock engine.
 
 They stand in for GPU workers in lmgw's tests, demo and benchmarks: output is a deterministic
-function of the prompt (so tests assert exact text through any route), latency follows a timing
+function of the prompt (so tests assert exact text through any route), and so are logprobs
+(:mod:`.logprobs`: vLLM's and SGLang's shapes, equal through any route), latency follows a timing
 model shaped like a 7-8B model on one GPU (``speed`` divides it; ``inf`` removes it), a prefix cache
 makes ``cached_tokens`` and the vLLM metrics behave like the real thing, and faults (errors, hangs,
 crashes, dropped streams, flapping health) are injected per worker. Roles: ``pd`` (merged),
@@ -9,7 +10,8 @@ crashes, dropped streams, flapping health) are injected per worker. Roles: ``pd`
 SGLang bootstrap, vLLM EPD's shared encoder cache).
 
 Layout: :mod:`.engine` (sans-IO core), :mod:`.disagg` (sans-IO hand-off artefacts),
-:mod:`.faults`, :mod:`.app` (HTTP handler),
+:mod:`.logprobs` (sans-IO logprobs and their shapes), :mod:`.faults`, :mod:`.app` (HTTP
+handler: vLLM's OpenAI routes and SGLang's ``/generate``),
 :mod:`.metrics` (Prometheus text), :mod:`.worker` (the ``python -m lmgw.simulators`` process),
 :mod:`.fleet` (in-process workers and process fleets).
 """

@@ -1,5 +1,12 @@
-"""The HTTP face of a simulated vLLM worker: vLLM's OpenAI-compatible API, /health, /metrics,
-/tokenize, /detokenize, plus /sim/* controls for tests.
+"""The HTTP face of a simulated vLLM worker: vLLM's OpenAI-compatible API, SGLang's native
+``/generate``, /health, /metrics, /tokenize, /detokenize, plus /sim/* controls for tests.
+
+Logprobs (:mod:`.logprobs`) are a deterministic function of (prompt, seed, position), like the
+text: chat ``logprobs`` + ``top_logprobs``, completions ``logprobs``, ``prompt_logprobs``, in
+vLLM's shapes (streamed events carry their token's); ``/generate`` answers ``return_logprob``
+with SGLang's ``meta_info.input_token_logprobs`` / ``output_token_logprobs`` (and the top ones
+with ``top_logprobs_num``). A prefill worker answers the prompt's, a decode worker only the
+output's (it computed no prompt position), so a gateway's merge of the two is visible.
 
 Roles: ``pd`` (merged prefill+decode), and the disaggregated ``e`` (encoder: writes each media
 item's embedding to a shared ``ec_dir``), ``p`` (prefill: publishes the prompt's KV blocks and

@@ -312,6 +312,13 @@ async def test_chat_and_completion_logprobs_equal_across_flows(nursery: trio.Nur
             assert "".join(e["token"] for e in lp["content"]) == text
         if n == 2:
             assert answers["merged"][0] != answers["merged"][1]
+    # a batch of prompts sampled twice: one room per (prompt, sample) through SGLang's P/D
+    batch = {**completion, "prompt": [LONG, "Another one."], "n": 2, "logprobs": 1}
+    by_flow = [
+        (await post(urls[flow], "/v1/completions", batch)).json()["choices"]
+        for flow in ("merged", "sglang-bootstrap")
+    ]
+    assert by_flow[0] == by_flow[1] and len(by_flow[0]) == 4
     # prompt_logprobs (every worker computes the prompt's the same) and completions' shapes
     seen: dict[str, list[Any]] = {"prompt": [], "completion": []}
     for flow in ("merged", "vllm-nixl"):
