@@ -1001,7 +1001,7 @@ class SimWorker:
             self._check_length(len(ids), sp.max_new_tokens or None, "prompt")
             specs.append(self._sglang_spec(req, sp))
         choices = [
-            self.engine.generate(ids, spec, j)
+            self.engine.generate(ids, *choice_sampling(spec, j))
             for ids, spec in zip(prompts, specs, strict=True)
             for j in range(n)
         ]

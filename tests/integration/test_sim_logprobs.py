@@ -384,6 +384,15 @@ async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nu
         events = answer(await post(native_url, path, {**body, "stream": True}))
         streamed = stream_logprobs(events, field)[0]
         assert streamed == (ref["content"] if field == "content" else ref)
+        # n > 1 (the native path fans out one Generate per choice): each choice's values
+        refs = [
+            c["logprobs"] for c in (await post(http_url, path, {**body, "n": 2})).json()["choices"]
+        ]
+        got = [
+            c["logprobs"]
+            for c in (await post(native_url, path, {**body, "n": 2})).json()["choices"]
+        ]
+        assert got == refs and refs[0] != refs[1], path
 
 
 @pytest.mark.parametrize("stream", [False, True])
