@@ -71,10 +71,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(dump_config(cfg, redact=True), end="")
         return 0
     d = cfg.discovery
-    if not cfg.workers and not (d.file or d.redis_url or d.p2p_nccl_bind):
+    if not cfg.workers and not (d.file or d.redis_url or d.p2p_nccl_bind or d.k8s_selectors):
         print(
             "lmgw: no workers configured: give --worker ROLE=URL or [[workers]] in --config, or"
-            " a discovery source (--discovery-file, --redis-url, --p2p-discovery)",
+            " a discovery source (--discovery-file, --redis-url, --p2p-discovery,"
+            " --k8s-selector)",
             file=sys.stderr,
         )
         return 2

@@ -653,8 +653,50 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
     # e.g. "tcp://0.0.0.0:7100"; unset: none. Announced workers join as zmq+tcp:// workers and
     # leave when they say so or stay silent for 3 of their announce intervals.
     native_bind: str | None = None
+    # Kubernetes: pods in `k8s_namespace` matching a label selector become workers while they
+    # are Running, Ready and not terminating (docs/operations.md, "Running on Kubernetes").
+    # One selector per role, e.g. "app=vllm,tier=llm"; unset: that role is not watched.
+    k8s_selector: str | None = None  # merged (pd) workers
+    k8s_prefill_selector: str | None = None
+    k8s_decode_selector: str | None = None
+    k8s_encode_selector: str | None = None
+    # Unset: the service account's namespace (in a pod), else "default".
+    k8s_namespace: str | None = None
+    # The workers' HTTP port; unset: the container port named `k8s_port_name`.
+    k8s_port: int | None = None
+    k8s_port_name: str = "http"
+    # Pod annotations read per pod ("": not read). SGLang prefill workers' bootstrap port,
+    # as SMG reads it; models, comma-separated (unset or absent: learnt from /v1/models); a
+    # native worker's ZeroMQ port (present: the worker is zmq+tcp://POD_IP:PORT).
+    k8s_bootstrap_port_annotation: str | None = "sglang.ai/bootstrap-port"
+    k8s_models_annotation: str | None = None
+    k8s_native_port_annotation: str | None = "lmgw.io/native-port"
+    # The API server; unset: in-cluster (KUBERNETES_SERVICE_HOST/_PORT, https).
+    k8s_api_url: str | None = None
+    # Bearer token (re-read as it rotates) and CA bundle; unset: the service account's files
+    # when in-cluster, else no token and the system's trust store.
+    k8s_token_file: str | None = None
+    k8s_ca_file: str | None = None
+    # Skip TLS verification of the API server (dev clusters only; logged as a warning).
+    k8s_insecure_skip_verify: bool = False
+    # Each watch asks the API server to end it after this long (then it is renewed).
+    k8s_watch_timeout_s: float = 300.0
+    # Connect, response head and list timeout.
+    k8s_timeout_s: float = 10.0
+
+    @property
+    def k8s_selectors(self) -> dict[str, str]:
+        """The configured selectors by role (``pd``, ``p``, ``d``, ``e``)."""
+        by_role = {
+            "pd": self.k8s_selector,
+            "p": self.k8s_prefill_selector,
+            "d": self.k8s_decode_selector,
+            "e": self.k8s_encode_selector,
+        }
+        return {role: sel for role, sel in by_role.items() if sel is not None}
 
     def __post_init__(self) -> None:
+        self._check_k8s()
         _positive("p2p_nccl_expiry_s", self.p2p_nccl_expiry_s)
         bind = self.p2p_nccl_bind
         if bind is not None and not bind.startswith(("tcp://", "ipc://", "inproc://")):
@@ -691,6 +733,52 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("redis_interval_s", self.redis_interval_s)
         _positive("redis_timeout_s", self.redis_timeout_s)
         _non_negative("redis_reconnect_grace_s", self.redis_reconnect_grace_s)
+
+    def _check_k8s(self) -> None:
+        for key in ("k8s_selector", "k8s_prefill_selector", "k8s_decode_selector",
+                    "k8s_encode_selector"):  # fmt: skip
+            sel = getattr(self, key)
+            if sel is not None:
+                _non_empty(key, sel)
+                if not sel.isprintable():
+                    raise ConfigError("must be a label selector on one line", path=key)
+                _set(self, key, sel.strip())
+        ns = self.k8s_namespace
+        if ns is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns):
+            raise ConfigError(
+                f"{ns!r} is not a namespace name (RFC 1123 label)", path="k8s_namespace"
+            )
+        if self.k8s_port is not None and not 0 < self.k8s_port < 65536:
+            raise ConfigError(f"{self.k8s_port} is not a port", path="k8s_port")
+        _non_empty("k8s_port_name", self.k8s_port_name)
+        for key in ("k8s_bootstrap_port_annotation", "k8s_models_annotation",
+                    "k8s_native_port_annotation"):  # fmt: skip
+            if not (getattr(self, key) or "").strip():
+                _set(self, key, None)  # "" turns a default annotation off (TOML has no null)
+        for key in ("k8s_token_file", "k8s_ca_file"):
+            if getattr(self, key) is not None:
+                _non_empty(key, getattr(self, key))
+        url = self.k8s_api_url
+        if url is not None:
+            try:
+                parts = urlsplit(url.strip())
+                parts.port  # noqa: B018 (raises ValueError for a bad port)
+            except ValueError as e:
+                raise ConfigError(f"{url!r}: {e}", path="k8s_api_url") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"expected https://HOST[:PORT][/PATH], got {url!r}", path="k8s_api_url"
+                )
+            if parts.username is not None or parts.query or parts.fragment:
+                raise ConfigError(
+                    "no credentials, query or fragment (the token goes in k8s_token_file)",
+                    path="k8s_api_url",
+                )
+            if parts.scheme == "http" and self.k8s_ca_file is not None:
+                raise ConfigError("a CA file needs an https:// k8s_api_url", path="k8s_ca_file")
+            _set(self, "k8s_api_url", url.strip().rstrip("/"))
+        _positive("k8s_watch_timeout_s", self.k8s_watch_timeout_s)
+        _positive("k8s_timeout_s", self.k8s_timeout_s)
 
 
 class ReplicasConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -1795,6 +1883,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="discover workers registered in Redis, redis://[:password@]host:port/db"
         " (discovery.redis_url)",
     )
+    for role, flag in (
+        ("pd", "--k8s-selector"),
+        ("prefill", "--k8s-prefill-selector"),
+        ("decode", "--k8s-decode-selector"),
+        ("encode", "--k8s-encode-selector"),
+    ):
+        key = "k8s_selector" if role == "pd" else f"k8s_{role}_selector"
+        g.add_argument(
+            flag,
+            default=None,
+            dest=key,
+            metavar="SELECTOR",
+            help=f"Kubernetes label selector of {role} worker pods, e.g. app=vllm"
+            f" (discovery.{key})",
+        )
+    g.add_argument(
+        "--k8s-namespace",
+        default=None,
+        metavar="NAME",
+        help="namespace of the worker pods (discovery.k8s_namespace)",
+    )
     g.add_argument(
         "--api-keys-file",
         default=None,
@@ -1862,6 +1971,11 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("p2p_discovery", "discovery", "p2p_nccl_bind", "--p2p-discovery"),
     ("discovery_file", "discovery", "file", "--discovery-file"),
     ("redis_url", "discovery", "redis_url", "--redis-url"),
+    ("k8s_selector", "discovery", "k8s_selector", "--k8s-selector"),
+    ("k8s_prefill_selector", "discovery", "k8s_prefill_selector", "--k8s-prefill-selector"),
+    ("k8s_decode_selector", "discovery", "k8s_decode_selector", "--k8s-decode-selector"),
+    ("k8s_encode_selector", "discovery", "k8s_encode_selector", "--k8s-encode-selector"),
+    ("k8s_namespace", "discovery", "k8s_namespace", "--k8s-namespace"),
     ("admin_token", "admin", "token", "--admin-token"),
     ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
     ("open", "auth", "open", "--open"),

@@ -37,6 +37,8 @@ from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
 from .tracing import Tracing
 from .transport.pool import ConnectionPool
+from .workers.discovery import configured as discovery_configured
+from .workers.discovery.kubernetes import K8sMetrics
 from .workers.kv_events import KvEventSubscribers
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
@@ -133,6 +135,7 @@ class Gateway:
         if config.replicas.redis_url is not None:
             self.replicas = ReplicaSync(config.replicas, self.registry, self.policies)
         register_replica_metrics(self.metrics, lambda: self.replicas)
+        self.k8s_metrics = K8sMetrics(self.metrics)  # Kubernetes discovery (discovery.k8s_*)
         # engine KV events (workers[].kv_events) for policies that use them, one SUB task each
         self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
@@ -382,11 +385,15 @@ class Gateway:
                 async with trio.open_nursery() as nursery:
                     if self.cache is not None:
                         await nursery.start(self.cache.run)
-                    if cfg.discovery.file is not None or cfg.discovery.redis_url is not None:
+                    if discovery_configured(cfg.discovery):
                         # before the monitor: its first round then probes the discovered workers
                         from .workers.discovery import run_discovery
 
-                        await nursery.start(run_discovery, self, cfg.discovery)
+                        await nursery.start(
+                            partial(
+                                run_discovery, self, cfg.discovery, k8s_metrics=self.k8s_metrics
+                            )
+                        )
                     if self.replicas is not None:  # warm from the shared history, then serve
                         await nursery.start(self.replicas.run)
                     await nursery.start(self.native.run)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import select
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -130,6 +131,7 @@ class ConnectionPool:
         idle_timeout_s: an idle connection older than this is closed instead of reused; keep it
             below the worker's keep-alive (vLLM/uvicorn: 5 s unless VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
         max_idle_per_origin: extra idle connections beyond this are closed on release.
+        ssl_context: for https:// origins (None: the system's trust store and hostname checks).
     """
 
     def __init__(
@@ -137,7 +139,10 @@ class ConnectionPool:
         connect_timeout_s: float = 5.0,
         idle_timeout_s: float = 55.0,
         max_idle_per_origin: int = 256,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ):
+        self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_origin = max_idle_per_origin
@@ -154,7 +159,7 @@ class ConnectionPool:
             with trio.fail_after(self.connect_timeout_s):
                 if origin.scheme == "https":
                     stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        origin.host, origin.port
+                        origin.host, origin.port, ssl_context=self.ssl_context
                     )
                 else:
                     stream = await connect_tcp(origin.host, origin.port)
