@@ -2,8 +2,8 @@
 
 Each backend computes the workers its source wants and hands them to the gateway's
 ``sync_workers(source, workers)`` (sources ``file:<path>``, ``redis`` and ``k8s:<namespace>``);
-the gateway adds the new ones and drains, then removes once idle, the ones that are gone. A backend never touches
-the workers of another source or the static ones.
+the gateway adds the new ones and drains, then removes once idle, the ones that are gone. A
+backend never touches the workers of another source or the static ones.
 
 ``await nursery.start(run_discovery, gateway, cfg.discovery)`` runs every configured backend as a
 child of its own nursery and reports started once each has done its first sync, so the gateway
