@@ -287,7 +287,8 @@ class ConnectionPool:
                 # as one the worker closed after reading): then another worker may take it.
                 gone = reused and not got_bytes and not await self._reachable(origin)
                 raise UpstreamError(
-                    f"worker {origin.host}:{origin.port} dropped the connection: {exc}"
+                    f"worker {origin.host}:{origin.port} dropped the connection:"
+                    f" {str(exc) or exc.__cause__}"  # (TLS failures: the cause says why)
                     + (" (and no longer accepts connections)" if gone else ""),
                     retryable=not sent or gone,
                 ) from None

@@ -433,7 +433,8 @@ class K8sDiscovery:
                 self._origin, "GET", path, headers, response_timeout_s=self.timeout_s
             )
         except UpstreamError as e:
-            raise ApiError("timeout" if e.status == 504 else "unreachable", e.message) from None
+            why = e.message.removeprefix("worker ")  # (the pool speaks of workers)
+            raise ApiError("timeout" if e.status == 504 else "unreachable", why) from None
         if resp.status == 200:
             return resp
         body = b""
