@@ -257,7 +257,7 @@ class _RoleWatch:
 class K8sDiscovery:
     """Watches each configured role's pods and keeps source ``k8s:{namespace}`` in sync.
 
-    ``lists``, ``watches`` and ``failures`` count for tests and status pages.
+    ``lists`` and ``watches`` count the requests that succeeded (for tests and status pages).
     """
 
     def __init__(
@@ -288,10 +288,11 @@ class K8sDiscovery:
             ),
         )
         self.token = BearerToken(target.token_file)
+        # No keep-alive: a watch holds its connection for minutes and a LIST is rare, while a
+        # pooled TLS connection that a load balancer closed while idle would read as an outage.
         self.pool = ConnectionPool(
-            self.timeout_s, idle_timeout_s=30.0, max_idle_per_origin=8,
-            ssl_context=target.ssl_context,
-        )  # fmt: skip
+            self.timeout_s, max_idle_per_origin=0, ssl_context=target.ssl_context
+        )
         self._origin = target.origin
         self._path = f"{target.base_path}/api/v1/namespaces/{quote(target.namespace)}/pods"
         self._down: dict[str, str] = {}  # role -> why, while its requests fail
