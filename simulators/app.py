@@ -727,6 +727,10 @@ class SimWorker:
             "/sim/prefix_cache": (frozenset({"GET"}), self._sim_prefix_cache),
         }
         self._models_body = self._build_models_body()
+        from .passthru import install  # pooling, Responses, Anthropic, audio (not generation)
+
+        self._prefix_routes: list[tuple[str, tuple[frozenset[str], Route]]] = []
+        install(self)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -735,6 +739,8 @@ class SimWorker:
         entry = self._routes.get(path)
         if entry is None and path.startswith("/sim/kv/"):
             entry = (frozenset({"GET"}), self._sim_kv)
+        elif entry is None:
+            entry = next((e for p, e in self._prefix_routes if path.startswith(p)), None)
         rid = request.header(b"x-request-id")
         if rid is None:
             rid = uuid.uuid4().hex.encode()

@@ -472,6 +472,11 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     session_ttl_s: float = 600.0
     # session_affinity's table bound (least recently used dropped first): ~250 B each.
     session_max_entries: int = 100_000
+    # Responses API: how long the gateway remembers which worker stored a response (vLLM keeps
+    # it in that process's memory; previous_response_id, GET and cancel must reach it), and how
+    # many such ids it keeps (least recently used dropped first; ~200 B each). 0 entries: off.
+    response_affinity_ttl_s: float = 86400.0
+    response_affinity_entries: int = 100_000
     # consistent_hash_bounded / prefix_hash: a worker takes a key only while its load stays
     # within this factor of the mean (consistent hashing with bounded loads; 1.25 as SMG).
     # cache_aware: a worker takes a cache hit only while its recent dispatches do.
@@ -523,6 +528,8 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
         _set(self, "session_header", header)
         _positive("session_ttl_s", self.session_ttl_s)
         _at_least("session_max_entries", self.session_max_entries, 1)
+        _positive("response_affinity_ttl_s", self.response_affinity_ttl_s)
+        _at_least("response_affinity_entries", self.response_affinity_entries, 0)
         if not (1.0 < self.bounded_load_factor <= 100.0):
             raise ConfigError(
                 f"must be > 1 and <= 100, got {self.bounded_load_factor!r}",

@@ -208,6 +208,8 @@ class Gateway:
             )
         self.app = App(self)
         TextAPI(self).install(self.app)
+        if self.replicas is not None:  # Responses API ids: any replica routes a follow-up
+            self.replicas.share_responses(self.app.passthru.affinity)
         self.dashboard: Dashboard | None = None
         if config.dashboard.enabled:
             self.dashboard = Dashboard(self)

@@ -14,6 +14,7 @@ from .admin import AdminAPI
 from .openai import OpenAIAPI, send_error
 from .openapi import openapi_json
 from .ops import OpsAPI
+from .passthru import PassThroughAPI
 
 Endpoint = Callable[[Request, Responder], Awaitable[None]]
 #: ``async def middleware(request, responder, call_next)``: runs around the generation endpoints
@@ -84,6 +85,13 @@ class App:
             # /admin/workers/{id}[/drain|/undrain] are matched by prefix in __call__
             ADMIN_WORKERS: {"GET": self.admin.workers, "POST": self.admin.workers},
         }
+        #: (prefix, handler): paths under a prefix with an id in them, matched in order only
+        #: when no exact route matches (see :meth:`route_prefix`)
+        self.prefixes: list[tuple[str, Endpoint]] = []
+        #: embeddings, pooling, rerank, Anthropic messages, the Responses API, /version, ...
+        #: relayed to merged workers (api/passthru.py)
+        self.passthru = PassThroughAPI(gateway, self.openai)
+        self.passthru.install(self)
         #: path -> ``async def hook(request, lmgw.http.websocket.WebSocketUpgrade)``: requests
         #: that ask for a WebSocket (both servers call :meth:`upgrade`)
         self.upgrades: dict[str, Callable[[Request, Any], Awaitable[None]]] = {}
@@ -108,6 +116,11 @@ class App:
         """Add or extend a route (used by later API modules and SDK extensions)."""
         self.routes.setdefault(path, {}).update(methods)
 
+    def route_prefix(self, prefix: str, handler: Endpoint) -> None:
+        """Route every path under ``prefix`` (any method) to ``handler``, which parses the
+        rest of the path and answers 404/405 itself."""
+        self.prefixes.append((prefix, handler))
+
     def add_middleware(self, middleware: Middleware) -> None:
         """Wrap the generation routes in ``middleware`` too (innermost so far: added last, runs
         last). The chains are built here, once, not looked up per request."""
@@ -128,6 +141,10 @@ class App:
             if req.path.startswith(ADMIN_WORKERS + "/"):
                 await self.admin.worker(req, responder)
                 return
+            for prefix, handler in self.prefixes:
+                if req.path.startswith(prefix):
+                    await handler(req, responder)
+                    return
             await send_error(responder, GatewayError(404, f"no route for {req.method} {req.path}"))
             return
         handler = methods.get(req.method) or (methods.get("GET") if req.method == "HEAD" else None)

@@ -142,8 +142,13 @@ class ApiKeys:
     def admit(self, req: Request) -> KeyEntry:
         """The request's key, counted in; raises :class:`AuthError` (401/429)."""
         table = self.table
+        authorization = req.header(b"authorization")
+        if authorization is None:  # Anthropic's clients send the key as X-Api-Key
+            key = req.header(b"x-api-key")
+            if key is not None:
+                authorization = b"Bearer " + key
         try:
-            entry = table.authenticate(req.header(b"authorization"))
+            entry = table.authenticate(authorization)
             table.admit(entry, _now())
         except AuthError as exc:
             self.rejected.inc((exc.reason,))

@@ -365,9 +365,7 @@ class OpenAIAPI:
             # getting the slot and the try that gives it back.
             admission = self.admission
             if not admission.enter():
-                t_queued = _now()
-                await admission.wait()
-                self.metrics.queue_time.observe((), _now() - t_queued)
+                await self.queue()
             elif admission.cap:
                 self.metrics.queue_time.observe((), 0.0)
             try:
@@ -382,38 +380,70 @@ class OpenAIAPI:
             finally:
                 admission.leave(t0)
         except GatewayError as exc:
-            status = exc.status
-            self.recent_errors.add(status, exc.message, rid, model, endpoint)
-            if responder.started:
-                await responder.send(sse_error_event(exc.status, exc.message))
-                await responder.end()
-            elif isinstance(exc, Rejected):  # 429/503 for capacity: with Retry-After
-                await exc.send(responder, rid)
-            else:
-                await send_error(responder, exc, rid)
+            status = await self.answer_error(exc, responder, rid, model, endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
-            # Cancelled: the client went away, or the deadline passed (the server answers that
-            # one through on_timeout); Broken/Closed: a write to the client failed first.
-            if req.deadline_exceeded:
-                status = 504
-                self.recent_errors.add(504, "request deadline exceeded", rid, model, endpoint)
-            else:
-                status = 499
-                self.metrics.disconnects.inc((endpoint,))
+            status = self.abandoned(req, rid, model, endpoint)
             raise
         finally:
-            if meter is not None:
-                meter.charge(key, len(req.body))
-            flow = self.gw.flow_of(model) if model != "-" else "-"
-            self.metrics.requests.inc((endpoint, model, flow, str(status)))
-            elapsed = _now() - t0
-            self.metrics.e2e.observe((endpoint, model), elapsed)
-            if trace is not None:
-                trace.end(status, model, flow)
-            if self.access_log is not None:
-                self.access_log.record(
-                    req.client, req.method, req.path, status, rid, model, flow, elapsed
-                )
+            self.account(req, endpoint, model, status, t0, trace, meter)
+
+    # -- the steps every model-routed endpoint shares (generation and pass-through) ----------
+    async def queue(self) -> None:
+        """Wait in the admission queue (limits.max_concurrent_requests is reached)."""
+        t_queued = _now()
+        await self.admission.wait()
+        self.metrics.queue_time.observe((), _now() - t_queued)
+
+    async def answer_error(
+        self, exc: GatewayError, responder: Responder, rid: str, model: str, endpoint: str
+    ) -> int:
+        """Answer a request that failed with ``exc`` (an SSE error event and the stream's end
+        when it had started); returns the status to account."""
+        self.recent_errors.add(exc.status, exc.message, rid, model, endpoint)
+        if responder.started:
+            await responder.send(sse_error_event(exc.status, exc.message))
+            await responder.end()
+        elif isinstance(exc, Rejected):  # 429/503 for capacity: with Retry-After
+            await exc.send(responder, rid)
+        else:
+            await send_error(responder, exc, rid)
+        return exc.status
+
+    def abandoned(self, req: Request, rid: str, model: str, endpoint: str) -> int:
+        """A request cancelled (the client went away, or the deadline passed: the server
+        answers that one through on_timeout) or whose write to the client failed: the status
+        to account, 504 or 499."""
+        if req.deadline_exceeded:
+            self.recent_errors.add(504, "request deadline exceeded", rid, model, endpoint)
+            return 504
+        self.metrics.disconnects.inc((endpoint,))
+        return 499
+
+    def account(
+        self,
+        req: Request,
+        endpoint: str,
+        model: str,
+        status: int,
+        t0: float,
+        trace: Any,
+        meter: UsageMeter | None,
+    ) -> None:
+        """The request's metrics, span end, access log line and (keys with a token budget)
+        usage charge."""
+        if meter is not None:
+            meter.charge(req.principal, len(req.body))
+        flow = self.gw.flow_of(model) if model != "-" else "-"
+        self.metrics.requests.inc((endpoint, model, flow, str(status)))
+        elapsed = _now() - t0
+        self.metrics.e2e.observe((endpoint, model), elapsed)
+        if trace is not None:
+            trace.end(status, model, flow)
+        if self.access_log is not None:
+            rid = req.request_id or "-"
+            self.access_log.record(
+                req.client, req.method, req.path, status, rid, model, flow, elapsed
+            )
 
     def _route_context(
         self, req: Request, greq: GatewayRequest, view: Any, prompt_ids: list[int] | None

@@ -36,6 +36,7 @@ class GatewayRequest:
         "endpoint",
         "forward_headers",
         "media",
+        "merged_only",
         "model",
         "obj",
         "output",
@@ -45,6 +46,7 @@ class GatewayRequest:
         "route",
         "stream",
         "t_start",
+        "tap",
         "timings",
         "trace",
         "usage_fill",
@@ -61,7 +63,7 @@ class GatewayRequest:
         forward_headers: Headers,
         t_start: float,
     ) -> None:
-        #: "chat", "completions" or "generate" (metrics label)
+        #: "chat", "completions", "generate" or a pass-through endpoint (metrics label)
         self.endpoint = endpoint
         #: upstream path, e.g. "/v1/chat/completions"
         self.path = path
@@ -93,6 +95,12 @@ class GatewayRequest:
         self.prompt_ids: list[int] | None = None
         #: the request's span (lmgw.tracing.RequestTrace) when tracing is on, else None
         self.trace: Any = None
+        #: pass-through endpoints (embeddings, responses, ...): merged workers only, whatever
+        #: the model's flow (its disaggregated legs serve generation only)
+        self.merged_only = False
+        #: given the chosen worker once its answer begins, the read-only taps to run on that
+        #: answer (the Responses API's id -> worker record); None: nothing taps it
+        self.tap: Callable[[Any], Rewrite | None] | None = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""

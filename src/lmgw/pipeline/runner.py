@@ -198,7 +198,7 @@ class Pipeline:
             flow, dialect = self.default_flow, self.default_dialect
         else:
             dialect = self.dialects[greq.model]
-        if dialect is not None:
+        if dialect is not None and not greq.merged_only:
             await self.disagg.run(greq, responder, flow, dialect)
             return
         role = "pd"
@@ -228,6 +228,18 @@ class Pipeline:
             log.info("request %s: retrying on %s after %s", greq.request_id, worker.id, failure,
                      extra={"request_id": greq.request_id, "worker": worker.id})  # fmt: skip
             await self.backoff(attempt)
+
+    async def run_pinned(
+        self, greq: GatewayRequest, responder: Responder, worker: Worker, method: str = "POST"
+    ) -> None:
+        """Run a merged request on ``worker`` and nowhere else: a Responses API follow-up that
+        only the worker which stored the response can answer. No retry elsewhere (another
+        worker would answer 404) and no continuation; a failure is the client's answer."""
+        ctx = greq.route or RouteContext(greq.model, greq.request_id)
+        await self.dispatch(
+            greq, responder, "pd", worker, ctx, False, greq.path, greq.forward_headers,
+            greq.body, method=method,
+        )  # fmt: skip
 
     def _audit(
         self, policy: Policy, worker: Worker, ctx: RouteContext, greq: GatewayRequest
@@ -341,6 +353,7 @@ class Pipeline:
         gate: Gate | None = None,
         journal: list[bytes] | None = None,
         splice: Callable[[bytes], bytes] | None = None,
+        method: str = "POST",
     ) -> GatewayError | None:
         """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
         when the caller should retry on another worker (only before anything reached the
@@ -354,7 +367,8 @@ class Pipeline:
         ``journal`` (streams that may migrate) collects the relayed chunks; a stream that
         breaks after its head reached the client then returns :class:`MidStream` instead of
         ending the client's stream, so the caller can continue it elsewhere. ``splice``
-        rewrites a continuation's events into the client's stream (its head already sent)."""
+        rewrites a continuation's events into the client's stream (its head already sent).
+        ``method``: a pass-through read (``GET /v1/responses/{id}``) is not a POST."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         leg = None if greq.trace is None else greq.trace.leg(role, worker)
         if leg is not None:
@@ -369,7 +383,7 @@ class Pipeline:
             # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
             resp = await self.pool.request(
                 worker.origin,
-                "POST",
+                method,
                 path,
                 headers,
                 body,
@@ -383,7 +397,12 @@ class Pipeline:
                         if may_retry:  # nothing reached the client: another worker may serve it
                             return err
                     raise err
-                rewrite = await gate() if gate is not None else None
+                if gate is not None:
+                    rewrite = await gate()
+                elif greq.tap is not None:  # a pass-through answer read as it passes
+                    rewrite = greq.tap(worker)
+                else:
+                    rewrite = None
                 out = [(b"x-request-id", greq.request_id.encode())]
                 if greq.timings:
                     out.append((b"server-timing", greq.server_timing()))

@@ -9,7 +9,9 @@ replica publishes, and applies what the others publish:
 * **routing hints**: ``cache_aware``'s dispatch predictions (role, worker, the prompt's chained
   block hashes; the hashes are deterministic, so every replica's index gets the same entries).
   Workers whose engines send KV events need none: every replica subscribes to the same events;
-* **health verdicts**: a worker ejected (with the time it stays out) or back to healthy.
+* **health verdicts**: a worker ejected (with the time it stays out) or back to healthy;
+* **stored responses**: which worker holds a Responses API response (its id, worker, model,
+  owner key and the time left), so a follow-up reaches it through any replica.
 
 Transport: one Redis stream, ``{prefix}:replicas:events`` (``XADD ... MAXLEN ~ history``), so a
 replica that starts or restarts replays the recent history before it serves (warm), then reads
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from ..config import ReplicasConfig
     from ..metrics import Metrics
     from ..routing.policy import Policy
+    from ..routing.responses import ResponseAffinity, Stored
 
 __all__ = ["ReplicaSync", "register_metrics", "stream_key"]
 
@@ -84,12 +87,18 @@ class ReplicaSync:
         self._applying = False
         self.counts: dict[tuple[str, str], int] = {}
         self.up = False
+        self.affinity: ResponseAffinity | None = None
         if cfg.hints:
             for role, policy in policies.items():
                 if hasattr(policy, "hint_sink"):
                     policy.hint_sink = partial(self._hint, role)  # type: ignore[attr-defined]
         if cfg.health:
             registry.subscribe(self._on_change)
+
+    def share_responses(self, affinity: ResponseAffinity) -> None:
+        """Publish the Responses API ids this replica records, and record the others'."""
+        self.affinity = affinity
+        affinity.listener = self._response
 
     def _count_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
         return [(k, float(v)) for k, v in sorted(self.counts.items())]
@@ -110,6 +119,12 @@ class ReplicaSync:
     def _hint(self, role: str, worker_id: str, hashes: Any) -> None:
         if not self._applying:
             self._push("hint", [self.id, "hint", role, worker_id, bytes(memoryview(hashes))])
+
+    def _response(self, response_id: str, stored: Stored) -> None:
+        assert self.affinity is not None
+        left = self.affinity.remaining_s(stored)
+        self._push("response", [self.id, "response", response_id, stored.worker_id,
+                                stored.model, stored.owner, time.time(), left])  # fmt: skip
 
     def _on_change(self, worker: Worker) -> None:
         if self._applying:
@@ -140,6 +155,8 @@ class ReplicaSync:
                 return self._apply_hint(entry)
             if kind == "verdict":
                 return self._apply_verdict(entry)
+            if kind == "response":
+                return self._apply_response(entry)
         except (ValueError, TypeError, IndexError):
             return False
         finally:
@@ -154,6 +171,15 @@ class ReplicaSync:
             return False
         policy.import_hint(worker, array("q", raw))  # type: ignore[attr-defined]
         self._count("applied", "hint")
+        return True
+
+    def _apply_response(self, entry: list[Any]) -> bool:
+        _origin, _kind, response_id, worker_id, model, owner, at, remaining = entry
+        left = remaining - max(0.0, time.time() - at)
+        if self.affinity is None or left <= 0:
+            return False
+        self.affinity.record(response_id, worker_id, model, owner, left, share=False)
+        self._count("applied", "response")
         return True
 
     def _apply_verdict(self, entry: list[Any]) -> bool:
@@ -296,7 +322,7 @@ def register_metrics(metrics: Metrics, sync: Callable[[], ReplicaSync | None]) -
         Counter(
             "lmgw_replica_events_total",
             "Events shared with the other gateway replicas through Redis: published, applied"
-            " (from another replica) or dropped (queue full), by kind (hint, verdict).",
+            " (from another replica) or dropped (queue full), by kind (hint, verdict, response).",
             ("direction", "kind"),
             collect=events,
         )
