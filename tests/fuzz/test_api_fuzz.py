@@ -29,6 +29,22 @@ BASES: dict[str, dict[str, Any]] = {
     "/generate": {"text": "hello", "sampling_params": {"max_new_tokens": 4}},
     "/tokenize": {"model": MODEL, "prompt": "hello"},
     "/detokenize": {"model": MODEL, "tokens": [1, 2, 3]},
+    # relayed to the worker as sent (api/passthru.py): the simulator checks these
+    "/v1/embeddings": {"model": MODEL, "input": ["hello", "world"], "dimensions": 8},
+    "/v2/embed": {"model": MODEL, "texts": ["hello"], "embedding_types": ["float"]},
+    "/classify": {"model": MODEL, "input": "hello"},
+    "/score": {"model": MODEL, "text_1": "hello", "text_2": ["hello", "world"]},
+    "/rerank": {"model": MODEL, "query": "hello", "documents": ["a", "b"], "top_n": 1},
+    "/v1/messages": {
+        "model": MODEL,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    "/v1/chat/completions/batch": {
+        "model": MODEL,
+        "messages": [[{"role": "user", "content": "hi"}]],
+    },
+    "/v1/responses": {"model": MODEL, "input": "hello", "max_output_tokens": 4},
 }
 #: fields the gateway or the engine read: the ones most worth breaking
 FIELDS = [
@@ -37,6 +53,9 @@ FIELDS = [
     "user", "tools", "tool_choice", "response_format", "seed", "logprobs", "top_logprobs",
     "echo", "chat_template_kwargs", "add_special_tokens", "tokens", "text", "input_ids",
     "sampling_params", "skip_special_tokens", "continue_final_message",
+    "input", "dimensions", "encoding_format", "texts", "embedding_types", "text_1", "text_2",
+    "query", "documents", "top_n", "system", "stop_sequences", "previous_response_id",
+    "instructions", "background", "store", "max_output_tokens",
 ]  # fmt: skip
 
 scalars = st.one_of(
@@ -90,7 +109,7 @@ def valid_ish(draw: st.DrawFn) -> tuple[str, bytes]:
             body[field] = draw(messages)
         else:
             body[field] = draw(json_values)
-    if draw(st.booleans()) and path != "/tokenize":
+    if draw(st.booleans()) and path not in ("/tokenize", "/v1/chat/completions/batch"):
         body["stream"] = True
     return path, json.dumps(body).encode()
 

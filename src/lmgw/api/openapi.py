@@ -466,6 +466,159 @@ def _dashboard_paths() -> dict[str, Any]:
     return paths
 
 
+_PASS_REQUEST = {
+    "type": "object",
+    "description": "Relayed to a merged worker as sent (the engine checks the rest); the"
+    " gateway reads `model` (a served name or alias) and `stream`.",
+    "additionalProperties": True,
+    "properties": {
+        "model": {"type": "string"},
+        "stream": {"type": ["boolean", "null"]},
+        "user": {"type": ["string", "null"]},
+    },
+}
+_ANY_JSON = {"type": "object"}
+_STORED_ERRORS = {
+    "404": _error("Unknown response id, or its worker left the fleet (the response is gone)."),
+    "409": _error("The response's worker is draining: it takes no new turn."),
+    "503": _error("The response's worker is out of rotation for now (ejected); retry later."),
+}
+
+
+def _pass_op(
+    summary: str, answer: dict, *, streams: bool = False, form: bool = False, stored: bool = False
+) -> dict:
+    """A pass-through operation (api/passthru.py): merged workers only."""
+    content: dict[str, Any] = {JSON: {"schema": answer}}
+    if streams:
+        content[SSE] = {"schema": {"type": "string"}}
+    if form:
+        body = {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "model": {"type": "string"},
+                        "stream": {"type": "string", "enum": ["true", "false"]},
+                    },
+                }
+            }
+        }
+    else:
+        body = {JSON: {"schema": _PASS_REQUEST}}
+    return {
+        "summary": summary,
+        "description": "Relayed to a merged (`pd`) worker of the model; a model whose flow"
+        " is disaggregated and has no merged worker answers 400.",
+        "security": [{"apiKey": []}, {}],
+        "requestBody": {"required": True, "content": body},
+        "responses": {
+            "200": {"description": "The engine's answer.", "content": content},
+            **_COMMON_ERRORS,
+            **_UPSTREAM_ERRORS,
+            **(_STORED_ERRORS if stored else {}),
+        },
+    }
+
+
+def _response_id_op(summary: str, streams: bool) -> dict:
+    op = _pass_op(summary, _ANY_JSON, streams=streams, stored=True)
+    del op["requestBody"]
+    op["description"] = "Sent to the worker that stored the response (response affinity)."
+    op["parameters"] = [
+        {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    if streams:
+        op["parameters"] += [
+            {"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean"}},
+            {
+                "name": "starting_after",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer"},
+            },
+        ]
+    return op
+
+
+def _passthru_paths() -> dict[str, Any]:
+    """vLLM's non-generation routes, relayed (api/passthru.py)."""
+    listing = {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array"}},
+    }
+    pooling = _pass_op("Pooling (vLLM's /pooling).", listing)
+    score = _pass_op("Scores of text pairs (vLLM).", listing)
+    rerank = _pass_op("Documents ranked by relevance (Jina/Cohere style).", _ANY_JSON)
+    messages = _pass_op(
+        "Anthropic Messages (`event:` streams relayed as sent).", _ANY_JSON, streams=True
+    )
+    audio = _pass_op("Speech to text (multipart form; routed by its `model`).", _ANY_JSON)
+    audio["responses"]["200"]["content"]["text/plain"] = {"schema": {"type": "string"}}
+    audio["responses"]["200"]["content"][SSE] = {"schema": {"type": "string"}}
+    return {
+        "/v1/embeddings": {"post": _pass_op("Embeddings.", listing)},
+        "/v2/embed": {"post": _pass_op("Embeddings, Cohere's shape.", _ANY_JSON)},
+        "/pooling": {"post": pooling},
+        "/classify": {"post": _pass_op("Classification (vLLM).", listing)},
+        "/score": {"post": score},
+        "/v1/score": {"post": score},
+        "/rerank": {"post": rerank},
+        "/v1/rerank": {"post": rerank},
+        "/v2/rerank": {"post": rerank},
+        "/v1/messages": {"post": messages},
+        "/v1/messages/count_tokens": {"post": _pass_op("Anthropic token count.", _ANY_JSON)},
+        "/v1/chat/completions/batch": {
+            "post": _pass_op("Several chats in one request (vLLM; no streaming).", _ANY_JSON)
+        },
+        "/v1/audio/transcriptions": {"post": audio},
+        "/v1/audio/translations": {"post": audio},
+        "/v1/responses": {
+            "post": _pass_op(
+                "Responses API; previous_response_id goes to the worker that stored it.",
+                _ANY_JSON,
+                streams=True,
+                stored=True,
+            )
+        },
+        "/v1/responses/{response_id}": {"get": _response_id_op("A stored response.", True)},
+        "/v1/responses/{response_id}/cancel": {
+            "post": _response_id_op("Cancel a background response.", False)
+        },
+        "/version": {
+            "get": {
+                "summary": "The gateway's version and each HTTP worker's (null: no answer).",
+                "security": [{"apiKey": []}, {}],
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["version", "server", "workers"],
+                                    "properties": {
+                                        "version": {"type": "string"},
+                                        "server": {"const": "lmgw"},
+                                        "workers": {
+                                            "type": "object",
+                                            "additionalProperties": {"type": ["string", "null"]},
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_COMMON_ERRORS,
+                },
+            }
+        },
+    }
+
+
 def build_spec() -> dict[str, Any]:
     """The OpenAPI document (a fresh dict)."""
     admin_delete = _admin_op("Remove a worker (drained first with `grace_s`).", "Worker")
@@ -593,6 +746,7 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            **_passthru_paths(),
             **_dashboard_paths(),
             "/admin/workers": {
                 "get": _admin_op("List the workers.", "WorkerList"),
