@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 import trio
-from gateway_support import MODEL, GatewayFactory, GatewayHandle, http_request, metric_value
+from gateway_support import (
+    MODEL,
+    GatewayFactory,
+    GatewayHandle,
+    http_request,
+    metric_value,
+)
 
 from lmgw.config import (
     ApiKeyConfig,
@@ -338,6 +344,26 @@ async def test_errors(gateway: GatewayFactory) -> None:
     await gw.sims[0].set_faults(error_rate=1.0)
     err = error_of(await gw.request("POST", "/rerank", {"model": MODEL, "query": "q"}), 502)
     assert "w0" in err["message"]
+
+
+async def test_retry_deadline_and_abort(gateway: GatewayFactory) -> None:
+    # a worker that refuses requests (503): each is retried on the other one
+    gw = await gateway(2, limits={"request_timeout_s": 0.3})
+    await gw.sims[1].set_faults(refuse=True)
+    for _ in range(2):  # round robin: one of them tries w1 first
+        r = await gw.request("POST", "/v1/embeddings", {"model": MODEL, "input": "x"})
+        assert r.status == 200, r.body
+    assert metric_value(await gw.metrics(), 'lmgw_retries_total{role="pd"}') == 1
+    # the deadline: a 504 in OpenAI's shape, and the worker hears the abort
+    for sim in gw.sims:
+        await sim.set_faults(hang=True, refuse=False)
+    headers = {"x-request-id": "hung-1"}
+    body = {"model": MODEL, "input": "hello", "stream": True}
+    err = error_of(await gw.request("POST", "/v1/responses", body, headers), 504)
+    assert "deadline" in err["message"]
+    with trio.fail_after(3):
+        while not any(a["request_id"] == "hung-1" for s in gw.sims for a in s.sim.stats.aborted):
+            await trio.sleep(0.01)
 
 
 async def test_keys_apply_to_pass_through(gateway: GatewayFactory) -> None:

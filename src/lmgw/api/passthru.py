@@ -35,7 +35,7 @@ import trio
 from .. import __version__
 from ..errors import GatewayError
 from ..http.types import Request, Responder
-from ..pipeline.request import GatewayRequest, Rewrite
+from ..pipeline.request import PassThroughRequest, Rewrite
 from ..routing.responses import IdReader, ResponseAffinity, Stored
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker, WorkerState
@@ -201,11 +201,11 @@ class PassThroughAPI:
             if route.form:  # the worker reads the form by its boundary
                 forward[0] = (b"content-type", req.header(b"content-type") or b"")
             path = f"{req.path}?{req.query}" if req.query else req.path
-            greq = GatewayRequest(endpoint, path, model, asked.stream, body, rid, forward, t0)
-            greq.merged_only = True
+            greq = PassThroughRequest(
+                endpoint, path, model, asked.stream, body, rid, forward, t0,
+                tap=self._recorder(model, owner) if route.responses else None,
+            )  # fmt: skip
             greq.trace = trace
-            if route.responses:
-                greq.tap = self._recorder(model, owner)
             if self.gw.pipeline.route_keys and pinned is None:
                 greq.route = api._route_context(req, greq, asked.view, None)
             admission = api.admission

@@ -31,12 +31,18 @@ Gate = Callable[[], Awaitable[Rewrite | None]]
 
 
 class GatewayRequest:
+    #: pass-through endpoints (:class:`PassThroughRequest`): merged workers only, whatever the
+    #: model's flow. Class-level defaults, so a generation request pays nothing to set them.
+    merged_only: bool = False
+    #: given the chosen worker once its answer begins, the read-only taps to run on that answer
+    #: (the Responses API's id -> worker record); None: nothing taps it
+    tap: Callable[[Any], Rewrite | None] | None = None
+
     __slots__ = (
         "body",
         "endpoint",
         "forward_headers",
         "media",
-        "merged_only",
         "model",
         "obj",
         "output",
@@ -46,7 +52,6 @@ class GatewayRequest:
         "route",
         "stream",
         "t_start",
-        "tap",
         "timings",
         "trace",
         "usage_fill",
@@ -95,12 +100,6 @@ class GatewayRequest:
         self.prompt_ids: list[int] | None = None
         #: the request's span (lmgw.tracing.RequestTrace) when tracing is on, else None
         self.trace: Any = None
-        #: pass-through endpoints (embeddings, responses, ...): merged workers only, whatever
-        #: the model's flow (its disaggregated legs serve generation only)
-        self.merged_only = False
-        #: given the chosen worker once its answer begins, the read-only taps to run on that
-        #: answer (the Responses API's id -> worker record); None: nothing taps it
-        self.tap: Callable[[Any], Rewrite | None] | None = None
 
     def server_timing(self) -> bytes:
         """``Server-Timing`` value: one ``stage;dur=<ms>`` entry per leg, in order."""
@@ -111,3 +110,16 @@ class GatewayRequest:
             f"<GatewayRequest {self.request_id} {self.endpoint} model={self.model}"
             f" stream={self.stream}>"
         )
+
+
+class PassThroughRequest(GatewayRequest):
+    """A pass-through endpoint's request (embeddings, the Responses API, ...: api/passthru.py):
+    it runs on merged workers only (a disaggregated flow's legs serve generation), and may tap
+    the answer."""
+
+    __slots__ = ("merged_only", "tap")
+
+    def __init__(self, *args: Any, tap: Callable[[Any], Rewrite | None] | None = None) -> None:
+        super().__init__(*args)
+        self.merged_only = True
+        self.tap = tap
