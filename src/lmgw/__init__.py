@@ -34,6 +34,8 @@ _SDK_NAMES = (
     "CompletionResult",
     "Conflict",
     "ContentDelta",
+    "Embedding",
+    "EmbeddingResult",
     "Finish",
     "FunctionCall",
     "Gateway",

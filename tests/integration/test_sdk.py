@@ -446,6 +446,30 @@ async def extension_points(flavor: Flavor, sims: SimThread) -> None:
     assert calls == ["startup", "shutdown"]
 
 
+@scenario
+async def pass_through_routes(flavor: Flavor, sims: SimThread) -> None:
+    """Embeddings and the Responses API in-process equal the HTTP Client's answers (the
+    affinity itself: tests/integration/test_passthru_api.py)."""
+    async with flavor.Gateway(workers=[sims.urls["fast"]]) as gw:
+        await gw.serve(port=0)
+        local = await gw.embeddings(model=MODEL, input=["a", "b"])
+        assert isinstance(local, lmgw.EmbeddingResult) and len(local.vectors) == 2
+        first = await gw.create_response(model=MODEL, input="hello")
+        async with lmgw.Client(gw.url) as client:
+            remote = await client.embeddings(model=MODEL, input=["a", "b"])
+            assert remote.vectors == local.vectors
+            follow = await client.create_response(
+                model=MODEL, input="more", previous_response_id=first["id"]
+            )
+            assert follow["previous_response_id"] == first["id"]
+            assert (await client.retrieve_response(first["id"]))["id"] == first["id"]
+            with pytest.raises(lmgw.NotFound):
+                await client.cancel_response("resp_unknown")
+        assert (await gw.retrieve_response(follow["id"]))["status"] == "completed"
+        with pytest.raises(lmgw.BadRequest):  # a finished response cannot be cancelled
+            await gw.cancel_response(follow["id"])
+
+
 # -- running the scenarios under both -------------------------------------------------------------
 
 

@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
             "CompletionChoice",
             "CompletionResult",
             "ContentDelta",
+            "Embedding",
+            "EmbeddingResult",
             "Finish",
             "FunctionCall",
             "ModelInfo",

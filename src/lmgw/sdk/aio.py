@@ -50,6 +50,7 @@ from .inprocess import _headers, build_config
 from .types import (
     ChatResult,
     CompletionResult,
+    EmbeddingResult,
     ModelInfo,
     StreamEvent,
     TokenizeResult,
@@ -483,6 +484,23 @@ class Gateway:
 
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return await self._call(partial(self._gw().detokenize, tokens, model=model))
+
+    async def embeddings(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> EmbeddingResult:
+        return await self._call(partial(self._gw().embeddings, input=input, model=model, **params))
+
+    async def create_response(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        gw = self._gw()
+        return await self._call(partial(gw.create_response, input=input, model=model, **params))
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]:
+        return await self._call(partial(self._gw().retrieve_response, response_id))
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]:
+        return await self._call(partial(self._gw().cancel_response, response_id))
 
     @property
     def workers(self) -> list[dict[str, Any]]:

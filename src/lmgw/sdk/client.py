@@ -34,12 +34,14 @@ from .errors import APIConnectionError, APIError, APITimeoutError
 from .types import (
     ChatResult,
     CompletionResult,
+    EmbeddingResult,
     ModelInfo,
     SSEDecoder,
     StreamEvent,
     TokenizeResult,
     decode_result,
     encode_request,
+    response_path,
 )
 
 __all__ = ["Client", "ClientStats"]
@@ -245,6 +247,29 @@ class Client:
             "POST", "/detokenize", encode_request(model, {"tokens": list(tokens)}), "json"
         )
         return answer["prompt"]
+
+    async def embeddings(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> EmbeddingResult:
+        """``POST /v1/embeddings``: ``input`` a string, strings, or token ids."""
+        body = encode_request(model, params, input=input)
+        return await self._call("POST", "/v1/embeddings", body, "embeddings")
+
+    async def create_response(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """``POST /v1/responses`` (``previous_response_id=`` continues a stored response on the
+        worker that holds it)."""
+        body = encode_request(model, params, input=input)
+        return await self._call("POST", "/v1/responses", body, "json")
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``."""
+        return await self._call("GET", response_path(response_id), None, "json")
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]:
+        """``POST /v1/responses/{id}/cancel`` (a background response)."""
+        return await self._call("POST", response_path(response_id) + "/cancel", b"", "json")
 
     # -- the admin API (needs admin_token) --------------------------------------------------
     async def workers(self) -> list[dict[str, Any]]:

@@ -54,12 +54,14 @@ from .errors import (
 from .types import (
     ChatResult,
     CompletionResult,
+    EmbeddingResult,
     ModelInfo,
     SSEDecoder,
     StreamEvent,
     TokenizeResult,
     decode_result,
     encode_request,
+    response_path,
 )
 
 __all__ = ["Gateway", "build_config"]
@@ -469,6 +471,27 @@ class Gateway:
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         body = encode_request(model, {"tokens": list(tokens)})
         return (await self._route("POST", "/detokenize", body, "json"))["prompt"]
+
+    async def embeddings(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> EmbeddingResult:
+        """``/v1/embeddings`` on a merged worker of the model."""
+        body = encode_request(model, params, input=input)
+        return await self._route("POST", "/v1/embeddings", body, "embeddings")
+
+    async def create_response(
+        self, *, input: Any, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """The Responses API (``previous_response_id=`` continues a stored response on the
+        worker that holds it)."""
+        body = encode_request(model, params, input=input)
+        return await self._route("POST", "/v1/responses", body, "json")
+
+    async def retrieve_response(self, response_id: str) -> dict[str, Any]:
+        return await self._route("GET", response_path(response_id), b"", "json")
+
+    async def cancel_response(self, response_id: str) -> dict[str, Any]:
+        return await self._route("POST", response_path(response_id) + "/cancel", b"", "json")
 
     # -- fleet --------------------------------------------------------------------------------
     @property

@@ -37,6 +37,8 @@ __all__ = [
     "CompletionChoice",
     "CompletionResult",
     "ContentDelta",
+    "Embedding",
+    "EmbeddingResult",
     "Finish",
     "FunctionCall",
     "ModelInfo",
@@ -157,6 +159,28 @@ class TokenizeResult(msgspec.Struct, frozen=True):
     token_strs: list[str] | None = None
 
 
+class Embedding(msgspec.Struct, frozen=True):
+    index: int = 0
+    #: the vector, or its base64 float32 bytes with ``encoding_format="base64"``
+    embedding: list[float] | str = []
+
+
+class EmbeddingResult(msgspec.Struct, frozen=True):
+    """A ``/v1/embeddings`` answer."""
+
+    id: str = ""
+    object: str = "list"
+    created: int = 0
+    model: str = ""
+    data: list[Embedding] = []
+    usage: Usage | None = None
+
+    @property
+    def vectors(self) -> list[list[float] | str]:
+        """Every input's embedding, in input order."""
+        return [d.embedding for d in sorted(self.data, key=lambda d: d.index)]
+
+
 class _ModelList(msgspec.Struct):
     data: list[ModelInfo] = []
 
@@ -167,6 +191,7 @@ _RESULT_DECODERS: dict[str, msgspec.json.Decoder] = {
     "completions": msgspec.json.Decoder(CompletionResult),
     "models": msgspec.json.Decoder(_ModelList),
     "tokenize": msgspec.json.Decoder(TokenizeResult),
+    "embeddings": msgspec.json.Decoder(EmbeddingResult),
     "json": msgspec.json.Decoder(),
 }
 
@@ -186,11 +211,18 @@ def encode_request(
     return _encode(obj)
 
 
+def response_path(response_id: str) -> str:
+    """The path of a stored Responses API response."""
+    from urllib.parse import quote
+
+    return "/v1/responses/" + quote(response_id, safe="")
+
+
 def decode_result(
     kind: str, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> Any:
     """A whole answer as the typed result of ``kind`` (chat, completions, models, tokenize,
-    json), or the typed error for an error status."""
+    embeddings, json), or the typed error for an error status."""
     if status >= 400:
         raise error_from_response(status, body, headers)
     try:
