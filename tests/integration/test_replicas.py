@@ -173,3 +173,28 @@ async def test_without_sharing_the_replicas_disagree(nursery: trio.Nursery, sim_
     assert await agreement(a, b, 16, seed=2, shared=False) < 0.75
     a.scope.cancel()
     b.scope.cancel()
+
+
+async def test_replicas_share_stored_response_ids(
+    nursery: trio.Nursery, sim_worker, redis_server: RedisServer
+) -> None:
+    """A Responses API response created through one replica is continued through the other:
+    its id -> worker record travels through Redis."""
+    sims = [await sim_worker() for _ in range(3)]
+    urls = [s.url for s in sims]
+    a = await start_replica(nursery, urls, redis_server.url, "responses")
+    b = await start_replica(nursery, urls, redis_server.url, "responses")
+    with trio.fail_after(10):
+        r = await http_request(a.url, "POST", "/v1/responses", {"model": MODEL, "input": "hi"})
+    assert r.status == 200, r.body
+    rid = r.json()["id"]
+    await wait_for(lambda: b.gateway.app.passthru.affinity.lookup(rid) is not None, "the record")
+    holder = [i for i, s in enumerate(sims) if rid in s.sim.response_store.entries]
+    for _ in range(3):  # b's own round robin would miss the holder twice in three
+        body = {"model": MODEL, "input": "more", "previous_response_id": rid}
+        with trio.fail_after(10):
+            r = await http_request(b.url, "POST", "/v1/responses", body)
+        assert r.status == 200, r.body
+        assert [
+            i for i, s in enumerate(sims) if r.json()["id"] in s.sim.response_store.entries
+        ] == holder
