@@ -228,7 +228,7 @@ async def test_openai_client_errors(gateway: GatewayFactory) -> None:
                 )
             ),
             "unknown_model": _status_error(lambda: chat.create(model="nope", messages=MESSAGES)),
-            "unknown_route": _status_error(lambda: client.get("/embeddings", cast_to=object)),
+            "unknown_route": _status_error(lambda: client.get("/images/edits", cast_to=object)),
             "wrong_method": _status_error(lambda: client.get("/chat/completions", cast_to=object)),
             "worker_4xx": _status_error(
                 lambda: chat.create(model=MODEL, messages=MESSAGES, top_p=5.0)
@@ -352,7 +352,7 @@ async def test_error_bodies_are_exactly_openai_shaped(gateway: GatewayFactory) -
         (400, "POST", "/v1/chat/completions", {**CHAT, "top_p": 7}, "top_p"),  # the worker's
         (400, "POST", "/v1/chat/completions", {**CHAT, "top_p": 7, "stream": True}, "top_p"),
         (404, "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-nope"}, "model"),
-        (404, "GET", "/v1/embeddings", None, None),
+        (404, "GET", "/v1/images/edits", None, None),
         (404, "GET", "/v1/models/gpt-nope", None, "model"),
         (405, "GET", "/v1/chat/completions", None, None),
         (405, "DELETE", "/v1/models", None, None),
