@@ -86,6 +86,18 @@ def _usage(tokens: int) -> dict[str, Any]:
     }
 
 
+def _listing(kind: str, model: str, data: list[Any], tokens: int) -> dict[str, Any]:
+    """vLLM's envelope of a pooling answer: an ``object: list`` of ``data`` with usage."""
+    return {
+        "id": new_id(kind),
+        "object": "list",
+        "created": now(),
+        "model": model,
+        "data": data,
+        "usage": _usage(tokens),
+    }
+
+
 async def embeddings(sim: SimWorker, request: Request, responder: Responder, rid: bytes) -> None:
     """``/v1/embeddings`` (object ``embedding``) and ``/pooling`` (object ``pooling``)."""
     req = decode(_embedding, request.body)
@@ -102,15 +114,7 @@ async def embeddings(sim: SimWorker, request: Request, responder: Responder, rid
             data.append({"index": i, "object": "pooling", "data": value})
         else:
             data.append({"index": i, "object": "embedding", "embedding": value})
-    body = {
-        "id": new_id("pool" if pooling else "embd"),
-        "object": "list",
-        "created": now(),
-        "model": model,
-        "data": data,
-        "usage": _usage(tokens),
-    }
-    await reply(responder, body, rid)
+    await reply(responder, _listing("pool" if pooling else "embd", model, data, tokens), rid)
 
 
 async def cohere_embed(sim: SimWorker, request: Request, responder: Responder, rid: bytes) -> None:
@@ -153,15 +157,7 @@ async def classify(sim: SimWorker, request: Request, responder: Responder, rid: 
         data.append(
             {"index": i, "label": LABELS[p1 > 0.5], "probs": probs, "num_classes": len(probs)}
         )
-    body = {
-        "id": new_id("classify"),
-        "object": "list",
-        "created": now(),
-        "model": model,
-        "data": data,
-        "usage": _usage(tokens),
-    }
-    await reply(responder, body, rid)
+    await reply(responder, _listing("classify", model, data, tokens), rid)
 
 
 async def score(sim: SimWorker, request: Request, responder: Responder, rid: bytes) -> None:
@@ -181,15 +177,7 @@ async def score(sim: SimWorker, request: Request, responder: Responder, rid: byt
         {"index": i, "object": "score", "score": similarity(a.encode(), b.encode())}
         for i, (a, b) in enumerate(zip(left, right, strict=True))
     ]
-    body = {
-        "id": new_id("score"),
-        "object": "list",
-        "created": now(),
-        "model": model,
-        "data": data,
-        "usage": _usage(tokens),
-    }
-    await reply(responder, body, rid)
+    await reply(responder, _listing("score", model, data, tokens), rid)
 
 
 async def rerank(sim: SimWorker, request: Request, responder: Responder, rid: bytes) -> None:
