@@ -14,10 +14,14 @@ Each key may carry:
 * ``max_concurrent``: requests of the key in progress at once (429);
 * ``tokens_per_min``: a bucket refilled continuously, charged with each request's usage at
   its end; a key whose bucket is empty gets a 429 on its *next* request (the one that spent
-  the tokens is never cut short).
+  the tokens is never cut short);
+* for the admission queue (:mod:`lmgw.fairqueue`): a ``weight`` (its share of the slots when
+  tenants compete), a default ``priority`` and a ``min_priority``: the most urgent priority
+  (lowest number) its requests may ask for; a request asking for more gets a 403.
 
 Errors are OpenAI's: ``invalid_api_key`` (401), ``model_not_allowed`` (403),
-``rate_limit_exceeded`` (429, with ``Retry-After``). Nothing here logs or echoes a key.
+``rate_limit_exceeded`` (429, with ``Retry-After``), ``priority_not_allowed`` (403). Nothing
+here logs or echoes a key.
 """
 
 from __future__ import annotations
@@ -125,6 +129,10 @@ class KeySpec:
     burst: int = 0
     max_concurrent: int = 0
     tokens_per_min: int = 0
+    #: the admission queue: share of slots, default priority, most urgent priority allowed
+    weight: float = 1.0
+    priority: int = 0
+    min_priority: int | None = None
 
 
 class AuthError(GatewayError):
@@ -173,8 +181,10 @@ class KeyEntry:
         "digest",
         "in_flight",
         "max_concurrent",
+        "min_priority",
         "models",
         "name",
+        "priority",
         "rate",
         "rate_level",
         "rate_stamp",
@@ -183,6 +193,7 @@ class KeyEntry:
         "tpm",
         "tpm_level",
         "tpm_stamp",
+        "weight",
     )
 
     def __init__(self, spec: KeySpec, now: float) -> None:
@@ -203,6 +214,9 @@ class KeyEntry:
         self.burst = spec.burst or max(1, math.ceil(spec.requests_per_s))
         self.max_concurrent = spec.max_concurrent
         self.tpm = spec.tokens_per_min
+        self.weight = spec.weight
+        self.priority = spec.priority
+        self.min_priority = spec.min_priority
         if hasattr(self, "rate_level"):
             self.rate_level = min(self.rate_level, float(self.burst))
             self.tpm_level = min(self.tpm_level, float(self.tpm))
@@ -331,6 +345,21 @@ class KeyTable:
             entry.tpm_level, entry.tpm_stamp = level - tokens, now
 
     @staticmethod
+    def check_priority(entry: KeyEntry, priority: int) -> None:
+        """A 403 when a request asks for more urgency (a lower ``priority``) than its key's
+        ``min_priority`` allows."""
+        floor = entry.min_priority
+        if floor is not None and priority < floor:
+            raise AuthError(
+                403,
+                f"The API key {entry.name} may not send a priority below {floor} (lower runs"
+                f" first); got {priority}.",
+                "priority_not_allowed",
+                "priority",
+                param="priority",
+            )
+
+    @staticmethod
     def check_model(entry: KeyEntry, model: str, asked: str | None = None) -> None:
         """A 403 unless the key may use ``model`` (the canonical name, or ``asked``, the name
         or alias the client sent)."""
@@ -360,6 +389,16 @@ def specs_from_entries(
         rps = get("requests_per_s")
         conc = get("max_concurrent")
         tpm = get("tokens_per_min")
+        priority = get("priority")
+        floor = get("min_priority")
+        if floor is None:
+            floor = getattr(defaults, "min_priority", None)
+        if priority is None:
+            priority = getattr(defaults, "priority", 0)
+        if floor is not None and priority < floor:
+            raise ValueError(
+                f"key {name!r}: its priority {priority} is below its min_priority {floor}"
+            )
         out.append(
             KeySpec(
                 digest=digest,
@@ -369,6 +408,9 @@ def specs_from_entries(
                 burst=get("burst") or 0,
                 max_concurrent=defaults.max_concurrent if conc is None else conc,
                 tokens_per_min=defaults.tokens_per_min if tpm is None else tpm,
+                weight=get("weight") or 1.0,
+                priority=priority,
+                min_priority=floor,
             )
         )
     return out

@@ -348,6 +348,20 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     queue_size: int = 100
     # Longest wait in that queue before a 429; 60 s as in sgl-router.
     queue_timeout_s: float = 60.0
+    # The queue's order: "fair" (by the body's `priority`, lower first, with aging; then fair
+    # share between tenants, i.e. API keys, by weight) or "fifo" (arrival order only).
+    queue_policy: Literal["fair", "fifo"] = "fair"
+    # Aging of the fair queue: a waiter gains one level of priority per this many seconds of
+    # wait, so a low level is never starved for good; 0 = strict priority.
+    priority_aging_s: float = 10.0
+    # What a request costs its tenant in fair sharing: "tokens" (estimated: body bytes / 4 +
+    # max_tokens x n) or "requests" (1 each).
+    fair_share_cost: Literal["tokens", "requests"] = "tokens"
+    # Without API keys: the request header naming a request's tenant for fair sharing (e.g.
+    # "X-Tenant-Id"); unset: all requests are one tenant. Clients choose it freely, so it is
+    # for trusted clients behind a proxy; an error together with API keys (the key is the
+    # tenant then).
+    tenant_header: str | None = None
     # A response write that makes no progress for this long (a client that stopped reading)
     # drops the connection, so it cannot hold a worker's generation until the deadline.
     write_timeout_s: float = 60.0
@@ -395,6 +409,13 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("max_in_flight_per_worker", self.max_in_flight_per_worker, 0)
         _at_least("queue_size", self.queue_size, 0)
         _positive("queue_timeout_s", self.queue_timeout_s)
+        _non_negative("priority_aging_s", self.priority_aging_s)
+        if self.tenant_header is not None and not re.fullmatch(
+            r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", self.tenant_header
+        ):
+            raise ConfigError(
+                f"must be an HTTP header name, got {self.tenant_header!r}", path="tenant_header"
+            )
         _at_least("max_header_bytes", self.max_header_bytes, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1)
         _positive("header_timeout_s", self.header_timeout_s)
@@ -956,6 +977,15 @@ class ApiKeyConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Prompt + completion tokens per minute, charged at each request's end; unset:
     # `auth.tokens_per_min`; 0 = unlimited.
     tokens_per_min: int | None = None
+    # The key's share of admission slots against other keys waiting at the same priority
+    # (limits.queue_policy = "fair"): a key of weight 3 gets three slots to another's one.
+    weight: float = 1.0
+    # The priority of the key's requests that send none (vLLM's: lower runs first); unset:
+    # `auth.priority`.
+    priority: int | None = None
+    # The most urgent priority the key's requests may ask for: a lower `priority` gets 403
+    # (priority_not_allowed); unset: `auth.min_priority`.
+    min_priority: int | None = None
 
     def __post_init__(self) -> None:
         from .auth import check_key_name, hash_key
@@ -977,6 +1007,13 @@ class ApiKeyConfig(msgspec.Struct, **_STRUCT_OPTS):
             value = getattr(self, key)
             if value is not None:
                 _at_least(key, value, 0)
+        _positive("weight", self.weight)
+        floor = self.min_priority
+        if self.priority is not None and floor is not None and self.priority < floor:
+            raise ConfigError(
+                f"below min_priority ({floor}): the key could not send its own default",
+                path="priority",
+            )
 
 
 class AuthConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -995,6 +1032,10 @@ class AuthConfig(msgspec.Struct, **_STRUCT_OPTS):
     requests_per_s: float = 0.0
     max_concurrent: int = 0
     tokens_per_min: int = 0
+    # Default `priority` and `min_priority` of keys (the admission queue); min_priority unset:
+    # a key may ask for any priority.
+    priority: int = 0
+    min_priority: int | None = None
     # Paths answered without a key: health probes, Prometheus and the API description.
     open_paths: list[str] = msgspec.field(
         default_factory=lambda: ["/health", "/metrics", "/openapi.json"]
@@ -1371,6 +1412,12 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                 if alias in owner:
                     raise ConfigError(f"alias {alias!r} collides with `{owner[alias]}`", path=key)
                 owner[alias] = key
+        if self.limits.tenant_header is not None and self.auth.has_keys:
+            raise ConfigError(
+                "with API keys the key is a request's tenant: remove `limits.tenant_header`"
+                " (clients could pick any tenant with it)",
+                path="limits.tenant_header",
+            )
         ids: dict[str, int] = {}
         for i, worker in enumerate(self.workers):
             wid = worker.worker_id

@@ -261,14 +261,39 @@ class Metrics:
         )
         self.admission_rejected = Counter(
             "lmgw_admission_rejected_total",
-            "Requests turned away for capacity: queue_full and queue_timeout (429),"
+            "Requests turned away for capacity: queue_full, queue_timeout and evicted (429),"
             " worker_capacity (503: every worker at limits.max_in_flight_per_worker).",
             ("reason",),
         )
-        for reason in ("queue_full", "queue_timeout", "worker_capacity"):
+        for reason in ("queue_full", "queue_timeout", "evicted", "worker_capacity"):
             self.admission_rejected.inc((reason,), 0.0)  # exported as 0 before the first
+        # The queue by priority class (high < 0, normal = 0, low > 0: raw priorities are
+        # unbounded) and tenant (an API key's name, "-" without keys: bounded by the keys).
+        # Only requests that wait touch these.
+        self.admission_waiting = Gauge(
+            "lmgw_admission_waiting",
+            "Requests waiting for a slot now, by priority class and tenant.",
+            ("priority_class", "tenant"),
+        )
+        self.admission_wait = Histogram(
+            "lmgw_admission_wait_seconds",
+            "Time waited in the admission queue by requests that got a slot, by priority class.",
+            ("priority_class",),
+        )
+        self.admission_tenant_requests = Counter(
+            "lmgw_admission_tenant_requests_total",
+            "Requests that found no free slot, by tenant and how their wait ended: admitted,"
+            " queue_full, queue_timeout, evicted, cancelled.",
+            ("tenant", "outcome"),
+        )
+        self.admission_tenant_wait = Counter(
+            "lmgw_admission_tenant_wait_seconds_total",
+            "Seconds waited in the admission queue, summed per tenant (every outcome).",
+            ("tenant",),
+        )
         for metric in (self.requests_in_flight, self.admission_queue_depth,
-                       self.admission_rejected):  # fmt: skip
+                       self.admission_rejected, self.admission_waiting, self.admission_wait,
+                       self.admission_tenant_requests, self.admission_tenant_wait):  # fmt: skip
             self.add(metric)
         # Engine KV events (lmgw.workers.kv_events): batches lost or unreadable per worker; the
         # policy then forgets that worker's blocks and rebuilds them from later events.

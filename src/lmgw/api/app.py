@@ -66,6 +66,10 @@ class App:
             limits.queue_size,
             limits.queue_timeout_s,
             gateway.metrics,
+            policy=limits.queue_policy,
+            aging_s=limits.priority_aging_s,
+            cost=limits.fair_share_cost,
+            tenant_header=limits.tenant_header,
         )
         #: see :data:`Middleware`; add with :meth:`add_middleware` (none: nothing wraps, the
         #: routes call the partials below directly, so an empty list costs nothing)

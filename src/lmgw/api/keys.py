@@ -67,7 +67,10 @@ def load_specs(cfg: AuthConfig) -> list[KeySpec]:
         except ValueError as e:
             raise ConfigError(str(e), path="auth.keys_file") from None
         entries += _validated(raw, cfg.keys_file)
-    specs = specs_from_entries(entries, cfg)
+    try:
+        specs = specs_from_entries(entries, cfg)
+    except ValueError as e:
+        raise ConfigError(str(e), path="auth") from None
     seen: set[str] = set()
     for spec in specs:
         if spec.digest in seen:
@@ -85,7 +88,7 @@ class AuthMetrics:
         self.rejected = Counter(
             "lmgw_auth_rejected_total",
             "Requests refused by the API key check, by reason (missing_key, invalid_key,"
-            " model, rate, concurrency, tokens).",
+            " model, rate, concurrency, tokens, priority).",
             ("reason",),
         )
         metrics.add(self.rejected)
@@ -154,6 +157,14 @@ class ApiKeys:
             self.rejected.inc((exc.reason,))
             raise
         return entry
+
+    def check_priority(self, entry: KeyEntry, priority: int) -> None:
+        """A 403 unless the key may ask for that priority (``min_priority``)."""
+        try:
+            KeyTable.check_priority(entry, priority)
+        except AuthError as exc:
+            self.rejected.inc((exc.reason,))
+            raise
 
     def check_model(self, entry: KeyEntry, model: str, asked: str | None = None) -> None:
         """A 403 unless the key may use the model."""

@@ -50,6 +50,8 @@ class _Common(msgspec.Struct):
     best_of: PosInt | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's request priority (lower runs first): the admission queue's order; passed on as is
+    priority: int | None = None
 
 
 class _Sampling(msgspec.Struct):
@@ -87,6 +89,8 @@ class GenerateView(msgspec.Struct):
     input_embeds: list | None = None
     # one table, or one per prompt of a batch
     sampling_params: _Sampling | list[_Sampling] | None = None
+    # read with vLLM's meaning (lower runs first) for the admission queue; passed on as is
+    priority: int | None = None
 
 
 _decoders = {
@@ -320,6 +324,8 @@ class OpenAIAPI:
             model = self._resolve_model(view.model)
             if key is not None:  # API keys: the model allow-list (403), the usage meter
                 self.gw.keys.check_model(key, model, view.model)
+                if view.priority is not None and key.min_priority is not None:
+                    self.gw.keys.check_priority(key, view.priority)
                 if key.tpm:
                     responder = meter = UsageMeter(responder)
             body = _Body(req.body)
@@ -361,11 +367,12 @@ class OpenAIAPI:
             if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
                 greq.route = self._route_context(req, greq, view, prompt_ids)
             # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
-            # cap is off; else a FIFO wait that raises Rejected (429). No checkpoint between
-            # getting the slot and the try that gives it back.
+            # cap is off; else a wait in the queue's order (priority, tenant) that raises
+            # Rejected (429). No checkpoint between getting the slot and the try that gives
+            # it back.
             admission = self.admission
             if not admission.enter():
-                await self.queue()
+                await self.queue(req, view)
             elif admission.cap:
                 self.metrics.queue_time.observe((), 0.0)
             try:
@@ -388,10 +395,12 @@ class OpenAIAPI:
             self.account(req, endpoint, model, status, t0, trace, meter)
 
     # -- the steps every model-routed endpoint shares (generation and pass-through) ----------
-    async def queue(self) -> None:
-        """Wait in the admission queue (limits.max_concurrent_requests is reached)."""
+    async def queue(self, req: Request | None = None, view: Any = None) -> None:
+        """Wait in the admission queue (limits.max_concurrent_requests is reached); ``req``
+        and ``view`` (the decoded body) give its place in the queue's order: priority, tenant
+        (the API key), cost (see :meth:`lmgw.admission.Admission.waiter`)."""
         t_queued = _now()
-        await self.admission.wait()
+        await self.admission.wait(req, view)
         self.metrics.queue_time.observe((), _now() - t_queued)
 
     async def answer_error(

@@ -210,7 +210,7 @@ class PassThroughAPI:
                 greq.route = api._route_context(req, greq, asked.view, None)
             admission = api.admission
             if not admission.enter():
-                await api.queue()
+                await api.queue(req)  # its key's tenant and default priority
             elif admission.cap:
                 api.metrics.queue_time.observe((), 0.0)
             try:
