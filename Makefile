@@ -48,6 +48,7 @@ bench: build
 	$(BIN)/python benchmarks/loadgen.py
 	$(BIN)/python benchmarks/security.py
 	$(BIN)/python benchmarks/cachepool.py
+	$(BIN)/python benchmarks/fairness.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples
