@@ -343,8 +343,9 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Requests in flight on one worker; a worker at the cap is skipped, and a request finding
     # every worker at it gets a 503 with Retry-After. 0 = unlimited.
     max_in_flight_per_worker: int = 0
-    # Requests that may wait for a slot under max_concurrent_requests (FIFO); a full queue is a
-    # 429 at once. 100 as in sgl-router; 0 rejects at once whenever the cap is reached.
+    # Requests that may wait for a slot under max_concurrent_requests (in queue_policy's
+    # order); a full queue is a 429 at once. 100 as in sgl-router; 0 rejects at once whenever
+    # the cap is reached.
     queue_size: int = 100
     # Longest wait in that queue before a 429; 60 s as in sgl-router.
     queue_timeout_s: float = 60.0

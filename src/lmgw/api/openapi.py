@@ -42,13 +42,17 @@ _COMMON_ERRORS = {
     "408": _error("The request head or body arrived too slowly."),
     "413": _error("Request body larger than `limits.max_body_bytes`."),
     "429": _error(
-        "Rate limit of the API key (`code`: `rate_limit_exceeded`, with `Retry-After`) or the"
-        " gateway's admission queue is full."
+        "Rate limit of the API key (`code`: `rate_limit_exceeded`, with `Retry-After`), or the"
+        " gateway's admission queue is full, its wait timed out, or the waiter yielded its"
+        " place in a full queue (with `Retry-After`)."
     ),
     "431": _error("Request head larger than `limits.max_header_bytes`."),
 }
 _UPSTREAM_ERRORS = {
-    "403": _error("The API key may not use this model (`code`: `model_not_allowed`)."),
+    "403": _error(
+        "The API key may not use this model (`code`: `model_not_allowed`) or ask for that"
+        " `priority` (`code`: `priority_not_allowed`)."
+    ),
     "502": _error("A worker failed."),
     "503": _error("No healthy worker for the model, or every one is at its capacity."),
     "504": _error("The request passed `limits.request_timeout_s`, or a worker timed out."),
@@ -110,6 +114,12 @@ _COMMON_FIELDS = {
         "type": "object",
         "additionalProperties": {"type": "number"},
         "description": "At most `limits.max_logit_bias` entries.",
+    },
+    "priority": {
+        "type": ["integer", "null"],
+        "description": "vLLM's request priority, lower first (default 0): orders the gateway's"
+        " admission queue (`limits.queue_policy`) and is passed on to the worker as sent. Not"
+        " below the API key's `min_priority` (403 `priority_not_allowed`).",
     },
 }
 
