@@ -342,6 +342,9 @@ async def test_terms_from_the_key_the_body_and_the_header() -> None:
     assert (w.tenant, w.label, w.priority) == (b"team-a", "-", 0)
     assert adm.waiter(*request(None)).tenant is None
     assert adm.waiter().priority == 0
+    req, _ = request(k)  # a pass-through route: no view, the key's tenant and default
+    w = adm.waiter(req)
+    assert (w.priority, w.tenant, w.cost) == (4, k, len(req.body) // 4 + 256)
     req, view = request(None, max_tokens=100)
     assert adm.waiter(req, view).cost == len(req.body) // 4 + 100
     assert Admission(1, 10, 60.0, cost="requests").waiter(req, view).cost == 1.0
