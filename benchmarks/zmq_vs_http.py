@@ -172,10 +172,29 @@ def start_gateway(children: Any, ctx: dict[str, Any], path: str) -> tuple[Any, i
 # ------------------------------------------------------------------------------------------------
 
 
+def io_thread_s(pids: Sequence[int]) -> float:
+    """CPU time of ZeroMQ's I/O threads (``ZMQbg/IO/*``) in these processes, seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                if not Path(f"/proc/{pid}/task/{task}/comm").read_text().startswith("ZMQbg/IO"):
+                    continue
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
+
+
 def measured(children: Any, ctx: dict[str, Any], gw: Any, port: int, scenario: str) -> dict:
     pool, conns = SCENARIOS[scenario]
     tree = oh.proc_tree(gw.pid)
     worker_pids = [w["proc"].pid for w in ctx["workers"].values()]
+    io0 = io_thread_s(tree)
     g0, w0, m0, me0 = (
         oh.cpu_s(tree),
         oh.cpu_s(worker_pids),
@@ -192,8 +211,10 @@ def measured(children: Any, ctx: dict[str, Any], gw: Any, port: int, scenario: s
         oh.machine_busy_s(),
         oh.cpu_s([os.getpid()]),
     )
+    io1 = io_thread_s(tree)
     n = max(r["requests"], 1)
     r["gw_cpu_us_per_req"] = (g1 - g0) / n * 1e6
+    r["gw_io_thread_us_per_req"] = (io1 - io0) / n * 1e6
     r["worker_cpu_us_per_req"] = (w1 - w0) / n * 1e6
     ours = (g1 - g0) + (w1 - w0) + r["wrk_cpu_s"] + (me1 - me0)
     r["other_cores"] = max(0.0, (m1 - m0) - ours) / wall
@@ -292,9 +313,11 @@ async def transport_client(kind: str, target: str, conns: int, duration: float) 
             origin = Origin.from_url(target)
             client = ConnectionPool()
         await phase(client, 1.0, False)  # warm-up: connections, caches
-        c0, t0 = time.process_time(), time.perf_counter()
+        me = [os.getpid()]
+        c0, t0, io0 = time.process_time(), time.perf_counter(), io_thread_s(me)
         await phase(client, duration, True)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        io = io_thread_s(me) - io0
         nursery.cancel_scope.cancel()
     lat.sort()
     n = max(len(lat), 1)
@@ -302,6 +325,7 @@ async def transport_client(kind: str, target: str, conns: int, duration: float) 
         "calls": len(lat),
         "calls_per_s": len(lat) / wall,
         "cpu_us_per_call": cpu / n * 1e6,
+        "io_thread_us_per_call": io / n * 1e6,
         "p50_us": lat[len(lat) // 2] * 1e6 if lat else None,
         "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6 if lat else None,
     }
@@ -337,7 +361,7 @@ def run_transport(children: Any, ctx: dict[str, Any], rounds: int) -> dict[str, 
     summary: dict[str, Any] = {
         key: {
             k: med([r[k] for r in rs])
-            for k in ("calls_per_s", "cpu_us_per_call", "p50_us", "p99_us")
+            for k in ("calls_per_s", "cpu_us_per_call", "io_thread_us_per_call", "p50_us", "p99_us")
         }
         for key, rs in runs.items()
     }
@@ -354,14 +378,16 @@ def run_transport(children: Any, ctx: dict[str, Any], rounds: int) -> dict[str, 
 def transport_table(t: dict[str, Any]) -> str:
     s = t["summary"]
     lines = [
-        f"{'client':<8} {'c':>3} {'calls/s':>9} {'CPU us/call':>12} {'p50 us':>8} {'p99 us':>8}"
+        f"{'client':<8} {'c':>3} {'calls/s':>9} {'CPU us/call':>12} {'(ZMQ IO)':>9} "
+        f"{'p50 us':>8} {'p99 us':>8}"
     ]
     for conns in (1, 64):
         for kind in ("zmq", "http"):
             r = s[f"{kind}_c{conns}"]
             lines.append(
                 f"{kind:<8} {conns:>3} {fmt(r['calls_per_s']):>9} "
-                f"{fmt(r['cpu_us_per_call'], '.1f'):>12} {fmt(r['p50_us']):>8} "
+                f"{fmt(r['cpu_us_per_call'], '.1f'):>12} "
+                f"{fmt(r.get('io_thread_us_per_call'), '.1f'):>9} {fmt(r['p50_us']):>8} "
                 f"{fmt(r['p99_us']):>8}"
             )
         lines.append(
@@ -389,6 +415,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                     "p99_us",
                     "gw_cpu_us_per_req",
                     "gw_cpu_us_per_event",
+                    "gw_io_thread_us_per_req",
                     "worker_cpu_us_per_req",
                     "other_cores",
                 )
@@ -416,7 +443,7 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 def table(summary: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<11} {'path':<10} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} "
-        f"{'gw us/req':>10} {'worker us/req':>14} {'noise':>6}",
+        f"{'gw us/req':>10} {'(ZMQ IO)':>9} {'worker us/req':>14} {'noise':>6}",
     ]
     for s, row in summary.items():
         for path in PATHS:
@@ -424,6 +451,7 @@ def table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"{s:<11} {path:<10} {fmt(r['rps']):>9} {fmt(r['p50_us']):>8} "
                 f"{fmt(r['p99_us']):>8} {fmt(r['gw_cpu_us_per_req'], '.1f'):>10} "
+                f"{fmt(r['gw_io_thread_us_per_req'], '.1f'):>9} "
                 f"{fmt(r['worker_cpu_us_per_req'], '.1f'):>14} {fmt(r['other_cores'], '.2f'):>6}"
             )
         for base in ("http", "http-relay"):
