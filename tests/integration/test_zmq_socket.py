@@ -32,8 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmgw.protocol import (
+    CAPABILITIES,
     PROTOCOL_VERSION,
     Abort,
+    Batch,
     Delta,
     Drain,
     Encode,
@@ -371,7 +373,9 @@ class FakeWorker:
     "fail": an engine_error Failure; "busy": refused as overloaded;
     anything else: ``max_tokens`` deltas then Finish. A Prefill with prompt "tensors" answers
     with two arrays in payload frames. ``control``: a second ROUTER answering Heartbeat and
-    MetricsRequest only (named in the RegisterAck with ``ack_control``).
+    MetricsRequest only (named in the RegisterAck with ``ack_control``). ``batch``: agree on
+    the capability (it then reads batches; it always answers message by message); False: an
+    older worker that does not know it.
     """
 
     def __init__(
@@ -385,8 +389,11 @@ class FakeWorker:
         deaf_after_register: bool = False,
         control: bool = False,
         ack_control: bool = False,
+        batch: bool = True,
     ) -> None:
         self.ctx = ctx
+        self.batch = batch
+        self.batches_received = 0
         self.bind = bind
         self.instance = instance
         self.versions = versions
@@ -425,7 +432,13 @@ class FakeWorker:
                     except ProtocolError as exc:
                         await self.send(frames[0], Failure.of("", exc.code, str(exc)))
                         continue
-                    await self.handle(nursery, frames[0], incoming.msg)
+                    if isinstance(incoming.msg, Batch):
+                        assert self.batch, "a batch to a worker that did not agree on it"
+                        self.batches_received += 1
+                        for item in incoming.msg.messages:
+                            await self.handle(nursery, frames[0], item)
+                    else:
+                        await self.handle(nursery, frames[0], incoming.msg)
 
     def stop(self) -> None:
         self.scope.cancel()
@@ -455,7 +468,10 @@ class FakeWorker:
         if isinstance(msg, Register):
             try:
                 version, caps = negotiate(
-                    msg, min_version=self.versions[0], max_version=self.versions[1]
+                    msg,
+                    min_version=self.versions[0],
+                    max_version=self.versions[1],
+                    capabilities=CAPABILITIES if self.batch else CAPABILITIES - {"batch"},
                 )
             except ProtocolError as exc:
                 await self.send(ident, Failure.of(msg.request_id, exc.code, str(exc)))
@@ -800,19 +816,29 @@ async def test_slow_consumer_fails_alone(nursery: trio.Nursery, ctx: zmq.Context
     await collect(chan, gen("others-unaffected"))
 
 
-async def test_worker_not_reading_gives_overloaded(nursery: trio.Nursery, ctx: zmq.Context) -> None:
-    worker = await start_worker(nursery, ctx, "inproc://deaf", hwm=2, deaf_after_register=True)
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "no-batch"])
+async def test_worker_not_reading_gives_overloaded(
+    nursery: trio.Nursery, ctx: zmq.Context, batch: bool
+) -> None:
+    """Unsent and typed, batched or not (batched, the flusher's send times out and fails the
+    requests it held; the caller learns it at its first wait)."""
+    worker = await start_worker(
+        nursery, ctx, "inproc://deaf", hwm=2, deaf_after_register=True, batch=batch
+    )
     chan = await start_channel(
         nursery, ctx, worker.endpoint, hwm=2, send_timeout_s=0.05, heartbeat_timeout_s=60.0
     )
     await chan.wait_ready()
+    assert chan.statistics()["batching"] is batch
     codes = []
     with trio.fail_after(BOUND):
         for i in range(100):  # bounded: the queue is a few messages deep
             try:
-                async with chan.stream(gen(f"q{i}", prompt="hang")):
-                    pass
+                async with chan.stream(gen(f"q{i}", prompt="hang"), timeout=0.1) as events:
+                    await events.__anext__()
             except RpcError as exc:
+                if exc.code is FailureCode.TIMEOUT and exc.sent:
+                    continue  # it went out; the worker does not read it
                 codes.append((exc.code, exc.sent, "SNDHWM=2" in exc.message))
                 break
     assert codes == [(FailureCode.OVERLOADED, False, True)]

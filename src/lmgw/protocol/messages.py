@@ -13,6 +13,9 @@ Framing of one ZeroMQ multipart message::
 
 ``envelope`` is what the socket adds (the peer identity on a ROUTER; nothing on a DEALER).
 ``header`` is ``MAGIC`` + the framing version byte + the msgpack of one :data:`Message`.
+A :class:`Batch` (capability ``batch``) is one such message whose field is a list of
+frame-less messages for the same peer: one ZeroMQ message, one msgspec decode, several
+messages, dispatched in order as if each had arrived alone.
 ``payload`` frames are opaque bytes referenced by index from a message's ``tensors`` list
 (:class:`TensorRef`), so large arrays never pass through msgpack and can be sent with
 ``copy=False``. Tensor encoding itself is left to ``_fast/tensorframe``; a tensor in shared
@@ -40,6 +43,7 @@ __all__ = [
     "CAPABILITIES",
     "FRAMING_VERSION",
     "MAGIC",
+    "MAX_BATCH",
     "MIN_PROTOCOL_VERSION",
     "NOT_STARTED_CODES",
     "PROTOCOL_VERSION",
@@ -49,6 +53,7 @@ __all__ = [
     "TO_WORKER",
     "Abort",
     "Announce",
+    "Batch",
     "Delta",
     "Drain",
     "Encode",
@@ -75,10 +80,12 @@ __all__ = [
     "TensorRef",
     "Token",
     "Usage",
+    "batch_header",
     "decode_frames",
     "decode_header",
     "encode_frames",
     "encode_header",
+    "encode_message",
     "negotiate",
     "new_request_id",
     "request_id_of",
@@ -104,6 +111,7 @@ CAPABILITIES: frozenset[str] = frozenset(
         "tensor_frames",
         "tensor_shm",  # TensorRef.shm: the array is in a same-host shared-memory segment
         "logprobs",
+        "batch",  # several frame-less messages in one ZeroMQ message (Batch), both directions
     }
 )
 """Optional features this build understands; a session uses the intersection of both sides."""
@@ -111,6 +119,8 @@ CAPABILITIES: frozenset[str] = frozenset(
 _HEADER_PREFIX = MAGIC + bytes([FRAMING_VERSION])
 _PREFIX_LEN = len(_HEADER_PREFIX)
 MAX_REQUEST_ID = 512
+MAX_BATCH = 4096
+"""The most messages one Batch may hold (a receiver's bound; senders pack far fewer)."""
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
@@ -462,7 +472,22 @@ TO_GATEWAY: frozenset[type[Message]] = frozenset(_ALL[7:17])
 TO_REGISTRY: frozenset[type[Message]] = frozenset(_ALL[17:])
 """Messages a worker sends to a gateway's registration endpoint (not on a session)."""
 
-AnyMessage = Union[_ALL]  # noqa: UP007 (a runtime tuple of types)
+SessionMessage = Union[_ALL[:17]]  # noqa: UP007 (a runtime tuple of types)
+
+
+class Batch(Message, tag=27):
+    """Either direction, only when both sides agreed on the ``batch`` capability: several
+    messages for the same peer in one ZeroMQ message, in the order they were queued. Each is
+    handled exactly as if it had arrived alone. Only frame-less messages travel in a batch (a
+    batch has no payload frames: a ``TensorRef`` inside must point to shared memory); a batch
+    never holds a batch nor an ``Announce``. Why: every ZeroMQ message costs a libzmq send, a
+    wake-up of ZeroMQ's I/O thread and a receive on the other side; a request's Delta and
+    Finish, or the Generates of many requests started together, need only one."""
+
+    messages: Annotated[list[SessionMessage], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+AnyMessage = Union[(*_ALL, Batch)]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
@@ -484,6 +509,34 @@ def encode_header(msg: Message) -> bytearray:
     buf = bytearray(_HEADER_PREFIX)
     _encoder.encode_into(msg, buf, _PREFIX_LEN)
     return buf
+
+
+def encode_message(msg: Message) -> bytes:
+    """The msgpack of ``msg`` alone (no prefix): a batch item, or, after ``MAGIC`` and the
+    framing byte, a header frame (:func:`batch_header` builds either)."""
+    return _encoder.encode(msg)
+
+
+_BATCH_TAG = Batch.__struct_config__.tag
+assert isinstance(_BATCH_TAG, int) and 0 <= _BATCH_TAG < 128  # a positive fixint
+# the msgpack of a Batch up to its list's length: a 2-array (tag, messages) and the tag
+_BATCH_PREFIX = _HEADER_PREFIX + bytes([0x92, _BATCH_TAG])
+
+
+def batch_header(items: Sequence[bytes]) -> bytes:
+    """The header frame holding ``items`` (each :func:`encode_message` output): the message
+    itself for one item, else a :class:`Batch` of them, spliced without decoding them again
+    (byte for byte what encoding ``Batch([...])`` gives)."""
+    n = len(items)
+    if n == 1:
+        return _HEADER_PREFIX + items[0]
+    if n < 16:
+        head = _BATCH_PREFIX + bytes([0x90 | n])
+    elif n <= 0xFFFF:
+        head = _BATCH_PREFIX + b"\xdc" + n.to_bytes(2, "big")
+    else:
+        raise ValueError(f"a batch of {n} messages")
+    return b"".join((head, *items))
 
 
 def encode_frames(msg: Message, payload: Sequence[Any] = (), envelope: Sequence[Any] = ()) -> list:
@@ -528,19 +581,29 @@ def decode_frames(frames: Sequence[Any], envelope: int = 0) -> Incoming:
         raise ProtocolError(f"expected at least {envelope + 1} frames, got {len(frames)}")
     msg = decode_header(frames[envelope])
     payload = list(frames[envelope + 1 :])
+    if type(msg) is Batch:
+        if payload:
+            raise ProtocolError(f"a batch carries no payload frames ({len(payload)} came)")
+        for item in msg.messages:
+            if getattr(item, "tensors", None) or getattr(item, "media", None):
+                _check_references(item, 0)
+    else:
+        _check_references(msg, len(payload))
+    return Incoming(list(frames[:envelope]), msg, payload)
+
+
+def _check_references(msg: Message, frames: int) -> None:
     refs = getattr(msg, "tensors", None)
     if refs:
-        n = len(payload)
         for ref in refs:
-            if ref.frame >= n and ref.shm is None:
-                raise ProtocolError(f"tensor frame {ref.frame} missing ({n} payload frames)")
+            if ref.frame >= frames and ref.shm is None:
+                raise ProtocolError(f"tensor frame {ref.frame} missing ({frames} payload frames)")
     media = getattr(msg, "media", None)
     if media:
         n = len(refs or ())
         for item in media:
             if item.tensor is not None and item.tensor >= n:
                 raise ProtocolError(f"media tensor {item.tensor} missing ({n} tensors)")
-    return Incoming(list(frames[:envelope]), msg, payload)
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ Tasks and ownership (all in :meth:`WorkerServer.run`'s nurseries, nothing outliv
   ``engine.abort`` (shielded, bounded). A peer that stops reading makes the job's sends time
   out, which aborts the job too: a worker never generates for nobody.
 * the *outbox* task retries control answers that found a full queue (bounded by time).
+* the *flusher* (capability ``batch``): jobs and control answers for a gateway that agreed on
+  it queue their messages in that peer's :class:`~lmgw.protocol.outbox.Outbox`; the flusher
+  sends what each peer's outbox holds when it runs, as one ZeroMQ message (``Batch``) per peer
+  and bound. So a non-streamed answer's Delta and Finish, and the messages every job produced
+  in one scheduler pass, share a send; a lone message leaves at the next pass.
 * the *announcer* (with ``gateways``) tells registration endpoints where to reach us.
 
 Heartbeats never queue behind data (seed weakness 6). Inside the process they do not wait
@@ -26,7 +31,9 @@ data connection is saturated or stuck.
 Sends: ROUTER with ``ROUTER_MANDATORY``. A job never uses a blocking send. With several
 peers a ROUTER reports POLLOUT when *any* peer has room, so waiting on POLLOUT would spin
 while one peer is full. Instead a job retries a non-blocking send with a short backoff until
-``send_timeout_s``.
+``send_timeout_s``; batched, the flusher retries a full peer the same way and gives it up
+after ``send_timeout_s`` (its jobs then stop at their next send), and a job whose peer's
+outbox is over its bound waits for room, at most ``send_timeout_s``.
 """
 
 from __future__ import annotations
@@ -48,10 +55,12 @@ from trio.lowlevel import checkpoint
 from ..protocol.messages import (
     CAPABILITIES,
     MAGIC,
+    MAX_BATCH,
     MAX_REQUEST_ID,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Abort,
+    Batch,
     Delta,
     Drain,
     Encode,
@@ -78,8 +87,10 @@ from ..protocol.messages import (
     encode_frames,
     negotiate,
 )
+from ..protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
 from ..transport.zmq.curve import CurveServer, ZapHandler
 from ..transport.zmq.socket import DEFAULT_HWM, PeerUnreachable, ZmqSocket
+from ..transport.zmq.wakeup import Wakeup
 from .announce import Announce, advertised_endpoint, announce_loop
 from .engine import ROLE_NAMES, Engine, EngineError, EngineRequest
 
@@ -87,7 +98,7 @@ __all__ = ["SERVER_CAPABILITIES", "WorkerServer", "control_endpoint_for"]
 
 log = logging.getLogger("lmgw.worker")
 
-SERVER_CAPABILITIES: frozenset[str] = frozenset({"abort", "metrics", "drain"})
+SERVER_CAPABILITIES: frozenset[str] = frozenset({"abort", "metrics", "drain", "batch"})
 """What the server implements for any engine (the engine adds its stage capabilities)."""
 WAITING_METRIC = "vllm:num_requests_waiting"
 """The engine metric a HeartbeatAck reports as ``queued``."""
@@ -98,20 +109,42 @@ _STAGE_ROLES: dict[type[Message], tuple[str, ...]] = {
     Encode: ("e",),
 }
 _CHECKPOINT_EVERY = 16
+_MIN_BACKOFF_S = 0.001
 _MAX_BACKOFF_S = 0.05
+_BATCH_TAG = Batch.__struct_config__.tag
 
 
 class _PeerGone(Exception):
     """A send found the peer disconnected, or not reading for ``send_timeout_s``."""
 
 
+class _PeerOutbox(Outbox):
+    """A gateway's outbox, with the flusher's bookkeeping."""
+
+    __slots__ = ("blocked_since", "gone", "peer", "room", "scheduled")
+
+    def __init__(self, peer: bytes, max_batch: int, max_batch_bytes: int) -> None:
+        super().__init__(envelope=(peer,), max_batch=max_batch, max_batch_bytes=max_batch_bytes)
+        self.peer = peer
+        self.scheduled = False  # in the flusher's list (dirty, or blocked and retried)
+        self.blocked_since: float | None = None  # the first send that found the peer full
+        self.gone: str | None = None  # given up: why (its jobs stop at their next send)
+        self.room: trio.Event | None = None  # jobs waiting for the outbox to shrink
+
+
 class _Job:
-    __slots__ = ("aborted", "kind", "peer", "request_id", "scope", "timeout_s")
+    __slots__ = ("aborted", "kind", "outbox", "peer", "request_id", "scope", "timeout_s")
 
     def __init__(
-        self, peer: bytes, request_id: str, kind: type[Message], timeout_s: float | None
+        self,
+        peer: bytes,
+        request_id: str,
+        kind: type[Message],
+        timeout_s: float | None,
+        outbox: _PeerOutbox | None = None,
     ) -> None:
         self.peer = peer
+        self.outbox = outbox  # the peer agreed on "batch": answers go through it
         self.request_id = request_id
         self.kind = kind
         self.timeout_s = timeout_s
@@ -122,12 +155,19 @@ class _Job:
 
 
 class _Peer:
-    __slots__ = ("capabilities", "client", "version")
+    __slots__ = ("capabilities", "client", "outbox", "version")
 
-    def __init__(self, client: str, version: int, capabilities: frozenset[str]) -> None:
+    def __init__(
+        self,
+        client: str,
+        version: int,
+        capabilities: frozenset[str],
+        outbox: _PeerOutbox | None = None,
+    ) -> None:
         self.client = client
         self.version = version
         self.capabilities = capabilities
+        self.outbox = outbox
 
 
 def control_endpoint_for(bind: str) -> str:
@@ -153,19 +193,27 @@ def _close_flushing(sock: ZmqSocket, linger_ms: int) -> None:
     sock.close()  # idempotent for the zmq socket; tells trio the fd is gone
 
 
-def _request_id_hint(frames: Sequence[Any]) -> str:
-    """Best effort: the request id of a message that failed validation (a bad tensor
-    reference, a field out of range), so the gateway fails that request at once instead of
-    waiting for its timeout. "" when the header is not even msgpack."""
+def _request_id_hints(frames: Sequence[Any]) -> list[str]:
+    """Best effort: the request ids of a message that failed validation (a bad tensor
+    reference, a field out of range; in a batch, those of all its messages), so the gateway
+    fails those requests at once instead of waiting for their timeouts. [""] when the header
+    is not even msgpack."""
     if len(frames) < 2:
-        return ""
+        return [""]
     try:
         raw = msgspec.msgpack.decode(memoryview(frames[1])[len(MAGIC) + 1 :])
     except (msgspec.DecodeError, TypeError, ValueError, RecursionError):
-        return ""
-    if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], str):
-        return raw[1][:MAX_REQUEST_ID]
-    return ""
+        return [""]
+    if not isinstance(raw, list) or len(raw) < 2:
+        return [""]
+    if raw[0] == _BATCH_TAG and isinstance(raw[1], list):
+        ids = {
+            item[1][:MAX_REQUEST_ID]: None
+            for item in raw[1][:MAX_BATCH]
+            if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str) and item[1]
+        }
+        return list(ids) or [""]
+    return [raw[1][:MAX_REQUEST_ID]] if isinstance(raw[1], str) else [""]
 
 
 class WorkerServer:
@@ -195,6 +243,9 @@ class WorkerServer:
             closed (in the background; 0 drops it if not yet written).
         curve: CURVE on both ROUTERs: this worker's key pair and the gateways it admits
             (:class:`~lmgw.transport.zmq.curve.CurveServer`); None: plaintext.
+        batch: offer the ``batch`` capability (False: every message on its own, as a
+            worker before it). ``max_batch`` / ``max_batch_bytes`` bound one batch;
+            ``outbox_limit_bytes``: a job whose gateway's outbox holds more waits for room.
     """
 
     def __init__(
@@ -221,6 +272,10 @@ class WorkerServer:
         max_version: int = PROTOCOL_VERSION,
         ctx: zmq.Context | None = None,
         curve: CurveServer | None = None,
+        batch: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        outbox_limit_bytes: int = 4 << 20,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
@@ -241,6 +296,12 @@ class WorkerServer:
         self.min_version = min_version
         self.max_version = max_version
         self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
+        if not batch:
+            self.capabilities -= {"batch"}
+        Outbox(max_batch=max_batch)  # checks the bound now, not at the first registration
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.outbox_limit_bytes = outbox_limit_bytes
         self._ctx = ctx
         self.curve = curve
         self.zap: ZapHandler | None = None  # with curve: its accepted/refused counters
@@ -262,6 +323,8 @@ class WorkerServer:
         self._state_changed = trio.Event()
         self._outbox: collections.deque[tuple[ZmqSocket, list[Any], float]] = collections.deque()
         self._outbox_ready = trio.Event()
+        self._dirty: list[_PeerOutbox] = []  # batch outboxes with something to send
+        self._flush_wakeup = Wakeup()
         self._fast = 0
         self.stats: dict[str, int] = dict.fromkeys(
             (
@@ -276,6 +339,9 @@ class WorkerServer:
                 "malformed",
                 "heartbeats",
                 "replies_dropped",
+                "batches_sent",
+                "batched_sent",
+                "batches_received",
             ),
             0,
         )
@@ -338,6 +404,7 @@ class WorkerServer:
                 if control is not None:
                     service.start_soon(self._reader, control, True, name="worker control reader")
                 service.start_soon(self._outbox_task, name="worker outbox")
+                service.start_soon(self._flusher, data, name="worker flusher")
                 if self.gateways:
                     service.start_soon(self._announce, name="worker announcer")
                 async with trio.open_nursery() as jobs:
@@ -389,9 +456,16 @@ class WorkerServer:
         return self.drain_reason
 
     def _send_exit(self, sock: ZmqSocket, reason: str, in_flight: int) -> None:
+        """Best effort, now: after what each gateway's outbox still holds (an Exit read
+        before the last Finish would fail that request)."""
         self.exited = True
         notice = Exit(reason, in_flight)
-        for peer in list(self._peers):
+        for peer, state in list(self._peers.items()):
+            outbox = state.outbox
+            if outbox is not None and outbox.gone is None:
+                outbox.add(notice)
+                self._flush_outbox(sock, outbox)
+                continue
             with contextlib.suppress(PeerUnreachable, trio.ClosedResourceError):
                 sock.try_send_multipart(encode_frames(notice, envelope=(peer,)))
         self._peers.clear()
@@ -412,7 +486,15 @@ class WorkerServer:
             except ProtocolError as exc:
                 self.stats["malformed"] += 1
                 log.warning("unreadable message ignored: %s", exc)
-                self._reply(sock, peer, Failure.of(_request_id_hint(frames), exc.code, str(exc)))
+                for rid in _request_id_hints(frames):
+                    self._reply(sock, peer, Failure.of(rid, exc.code, str(exc)))
+                continue
+            msg = incoming.msg
+            if type(msg) is Batch:  # each as if it had arrived alone
+                self.stats["batches_received"] += 1
+                envelope = incoming.envelope
+                for item in msg.messages:
+                    self._handle(sock, control, peer, Incoming(envelope, item, []))
                 continue
             self._handle(sock, control, peer, incoming)
 
@@ -466,7 +548,13 @@ class WorkerServer:
             self._reply(sock, peer, Failure.of(msg.request_id, exc.code, str(exc)))
             return
         peers = self._peers
-        peers[peer] = _Peer(msg.client, version, caps)
+        outbox = None
+        if "batch" in caps and sock is self._sock:
+            old = peers.get(peer)
+            outbox = old.outbox if old is not None else None  # the same connection: keep it
+            if outbox is None or outbox.gone is not None:
+                outbox = _PeerOutbox(peer, self.max_batch, self.max_batch_bytes)
+        peers[peer] = _Peer(msg.client, version, caps, outbox)
         peers.move_to_end(peer)
         while len(peers) > self._max_peers:  # identities of gateways that reconnected
             peers.popitem(last=False)
@@ -510,7 +598,7 @@ class WorkerServer:
         else:
             payload = incoming.payload
             tensors = tuple(payload[ref.frame] for ref in msg.tensors)
-            job = _Job(peer, rid, type(msg), msg.timeout_s)
+            job = _Job(peer, rid, type(msg), msg.timeout_s, self._peers[peer].outbox)
             self._jobs[rid] = job
             self.stats["requests"] += 1
             self._jobs_nursery.start_soon(self._run_job, sock, job, EngineRequest(msg, tensors))
@@ -557,7 +645,19 @@ class WorkerServer:
         self._reply(sock, peer, Failure.of(getattr(msg, "request_id", "") or "", code, why))
 
     def _reply(self, sock: ZmqSocket, peer: bytes, msg: Message) -> None:
-        """Send a control answer now; if the peer's queue is full, leave it to the outbox."""
+        """Send a control answer now; if the peer's queue is full, leave it to the outbox
+        task. For a gateway that agreed on ``batch`` (data socket only), queue it in its
+        batch outbox instead (dropped when that holds twice its bound)."""
+        if sock is self._sock:
+            state = self._peers.get(peer)
+            outbox = state.outbox if state is not None else None
+            if outbox is not None and outbox.gone is None:
+                if outbox.nbytes > 2 * self.outbox_limit_bytes:
+                    self.stats["replies_dropped"] += 1
+                    return
+                outbox.add(msg)
+                self._schedule(outbox)
+                return
         frames = encode_frames(msg, envelope=(peer,))
         try:
             if sock.try_send_multipart(frames):
@@ -609,11 +709,11 @@ class WorkerServer:
                         done = PrefillDone(
                             rid, res.kv_transfer_params, res.usage, list(res.first_token_ids)
                         )
-                        await self._send(sock, job.peer, done, res.payload)
+                        await self._send(sock, job, done, res.payload)
                     else:
                         enc = await self.engine.encode(req)
                         done_e = EncodeDone(rid, list(enc.mm_hashes), enc.ec_transfer_params)
-                        await self._send(sock, job.peer, done_e, enc.payload)
+                        await self._send(sock, job, done_e, enc.payload)
                     completed = True
             except trio.Cancelled:
                 self.stats["killed"] += 1  # cancelled from outside: the worker is stopping
@@ -652,7 +752,7 @@ class WorkerServer:
             event.set()
 
     async def _generate(self, sock: ZmqSocket, job: _Job, req: EngineRequest[Generate]) -> None:
-        rid, peer = job.request_id, job.peer
+        rid = job.request_id
         stream = req.msg.stream
         seq = 0
         texts: list[str] = []
@@ -663,7 +763,7 @@ class WorkerServer:
                 if out.text or out.token_ids or out.logprobs:
                     if stream:
                         delta = Delta(rid, seq, out.text, list(out.token_ids), out.logprobs)
-                        await self._send(sock, peer, delta)
+                        await self._send(sock, job, delta)
                         seq += 1
                     else:
                         texts.append(out.text)
@@ -671,8 +771,9 @@ class WorkerServer:
                         if out.logprobs:
                             logprobs = (logprobs or []) + out.logprobs
                 if out.finish_reason is not None:
+                    merged = None
                     if not stream and (texts or ids or logprobs):
-                        await self._send(sock, peer, Delta(rid, 0, "".join(texts), ids, logprobs))
+                        merged = Delta(rid, 0, "".join(texts), ids, logprobs)
                         seq = 1
                     finish = Finish(
                         rid,
@@ -682,27 +783,53 @@ class WorkerServer:
                         out.usage or Usage(),
                         out.kv_transfer_params,
                     )
-                    await self._send(sock, peer, finish)
+                    if merged is not None:  # one send for both (one batch when batching)
+                        await self._send(sock, job, merged, then=finish)
+                    else:
+                        await self._send(sock, job, finish)
                     return
         raise EngineError(FailureCode.ENGINE_ERROR, "the engine ended without a finish reason")
 
     async def _send(
-        self, sock: ZmqSocket, peer: bytes, msg: Message, payload: Sequence[Any] = ()
+        self,
+        sock: ZmqSocket,
+        job: _Job,
+        msg: Message,
+        payload: Sequence[Any] = (),
+        *,
+        then: Message | None = None,
     ) -> None:
-        """Send a job's answer (payload frames zero-copy). A checkpoint every few sends lets an
-        abort in; a full queue is retried with backoff for ``send_timeout_s``, then the peer
-        is given up on (``_PeerGone``)."""
-        frames = encode_frames(msg, payload, envelope=(peer,))
+        """Send a job's answer (payload frames zero-copy), and ``then`` right after it. A
+        checkpoint every few sends lets an abort in. Batched: queue both in the peer's outbox
+        (one flush sends them together); past the outbox's bound, wait for room. Else a full
+        queue is retried with backoff. Either way a peer that reads nothing for
+        ``send_timeout_s`` is given up on (``_PeerGone``)."""
         fast = self._fast + 1
         if fast >= _CHECKPOINT_EVERY:
             fast = 0
             await checkpoint()  # before the send: a cancel here loses nothing
         self._fast = fast
+        outbox = job.outbox
+        if outbox is not None:
+            if outbox.gone is not None:
+                raise _PeerGone(outbox.gone)
+            outbox.add(msg, payload)
+            if then is not None:
+                outbox.add(then)
+            self._schedule(outbox)
+            if outbox.nbytes > self.outbox_limit_bytes:
+                await self._wait_room(outbox)
+            return
+        await self._send_now(sock, job.peer, encode_frames(msg, payload, envelope=(job.peer,)))
+        if then is not None:
+            await self._send_now(sock, job.peer, encode_frames(then, envelope=(job.peer,)))
+
+    async def _send_now(self, sock: ZmqSocket, peer: bytes, frames: list[Any]) -> None:
         try:
             if sock.try_send_multipart(frames):
                 return
             deadline = trio.current_time() + self.send_timeout_s
-            delay = 0.001
+            delay = _MIN_BACKOFF_S
             while True:
                 await trio.sleep(delay)
                 if sock.try_send_multipart(frames):
@@ -714,11 +841,104 @@ class WorkerServer:
             self._peers.pop(peer, None)
             raise _PeerGone("the gateway disconnected") from None
 
+    async def _wait_room(self, outbox: _PeerOutbox) -> None:
+        """Backpressure: wait until the flusher got the outbox under its bound."""
+        limit = self.outbox_limit_bytes
+        with trio.move_on_after(self.send_timeout_s):
+            while outbox.gone is None and outbox.nbytes > limit:
+                if outbox.room is None:
+                    outbox.room = trio.Event()
+                await outbox.room.wait()
+        if outbox.gone is not None:
+            raise _PeerGone(outbox.gone)
+        if outbox.nbytes > limit:
+            raise _PeerGone(f"the gateway read nothing for {self.send_timeout_s:g}s")
+
+    # -- the flusher (capability "batch") -------------------------------------------------------
+    def _schedule(self, outbox: _PeerOutbox) -> None:
+        if not outbox.scheduled:
+            outbox.scheduled = True
+            self._dirty.append(outbox)
+            self._flush_wakeup.wake()
+
+    async def _flusher(self, sock: ZmqSocket) -> None:
+        """Send what the scheduled outboxes hold: after the jobs of this scheduler pass ran,
+        so what they queued leaves together. A peer whose queue is full (HWM) is retried with
+        a backoff of 1 to 50 ms, and given up after ``send_timeout_s`` without room."""
+        wakeup = self._flush_wakeup
+        blocked: list[_PeerOutbox] = []
+        delay = _MIN_BACKOFF_S
+        while True:
+            if not blocked:
+                delay = _MIN_BACKOFF_S
+                await wakeup.sleep()
+            else:
+                with trio.move_on_after(delay):
+                    await wakeup.sleep()
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+            todo, self._dirty = blocked + self._dirty, []
+            blocked = []
+            now = None
+            for outbox in todo:
+                if self._flush_outbox(sock, outbox):
+                    outbox.scheduled = False
+                    continue
+                now = trio.current_time() if now is None else now
+                if outbox.blocked_since is None:
+                    outbox.blocked_since = now
+                elif now - outbox.blocked_since >= self.send_timeout_s:
+                    self._give_up(outbox, f"the gateway read nothing for {self.send_timeout_s:g}s")
+                    outbox.scheduled = False
+                    continue
+                blocked.append(outbox)
+
+    def _flush_outbox(self, sock: ZmqSocket, outbox: _PeerOutbox) -> bool:
+        """Send without waiting; False when the peer's queue is full (HWM)."""
+        stats = self.stats
+        try:
+            while outbox:
+                if not sock.try_send_multipart(outbox.peek()):
+                    if outbox.room is not None and outbox.nbytes <= self.outbox_limit_bytes:
+                        outbox.room.set()
+                        outbox.room = None
+                    return False
+                n = outbox.commit()
+                if n > 1:
+                    stats["batches_sent"] += 1
+                    stats["batched_sent"] += n
+        except PeerUnreachable:
+            state = self._peers.get(outbox.peer)
+            if state is not None and state.outbox is outbox:
+                del self._peers[outbox.peer]
+            self._give_up(outbox, "the gateway disconnected")
+            return True
+        except trio.ClosedResourceError:
+            self._give_up(outbox, "the worker is closing")
+            return True
+        outbox.blocked_since = None
+        if outbox.room is not None:
+            outbox.room.set()
+            outbox.room = None
+        return True
+
+    def _give_up(self, outbox: _PeerOutbox, reason: str) -> None:
+        """Drop what ``outbox`` holds; its jobs stop at their next send. A gateway that is
+        still registered gets a fresh outbox (it may read again: new requests then work)."""
+        outbox.gone = reason
+        outbox.clear()
+        if outbox.room is not None:
+            outbox.room.set()
+            outbox.room = None
+        state = self._peers.get(outbox.peer)
+        if state is not None and state.outbox is outbox:
+            state.outbox = _PeerOutbox(outbox.peer, self.max_batch, self.max_batch_bytes)
+        log.info("gave up sending to a gateway: %s", reason)
+
     async def _send_failure(
         self, sock: ZmqSocket, job: _Job, code: FailureCode, message: str
     ) -> None:
         with contextlib.suppress(_PeerGone, trio.ClosedResourceError):
-            await self._send(sock, job.peer, Failure.of(job.request_id, code, message))
+            await self._send(sock, job, Failure.of(job.request_id, code, message))
 
     # -- announcing -----------------------------------------------------------------------------
     async def _announce(self) -> None:
@@ -759,6 +979,7 @@ class WorkerServer:
         out["in_flight"] = len(self._jobs)
         out["peers"] = len(self._peers)
         out["draining"] = self.draining
+        out["outboxes"] = sum(1 for p in self._peers.values() if p.outbox is not None)
         if self._sock is not None:
             out.update(self._sock.statistics())
         return out

@@ -18,11 +18,16 @@ Why DEALER (gateway, connects) to ROUTER (worker, binds):
   before it. A message that was queued in the instant before the drop reaches the next
   connection, which the worker sees as a new, unregistered peer and refuses.
 
-Ownership: :meth:`RpcChannel.run` owns the socket and three tasks: the *reader* (the only task
+Ownership: :meth:`RpcChannel.run` owns the socket and four tasks: the *reader* (the only task
 that waits for incoming messages; it routes them by request id into per-request bounded
 queues and never blocks on a slow consumer), the *control* task (registration, heartbeats,
-liveness, queued aborts) and the *monitor* (connection state). Request tasks send directly (a
-send that finds room never waits) and wait on their own queue, each wait bounded by a timeout.
+liveness, queued aborts), the *monitor* (connection state) and the *flusher*. Request tasks
+send directly (a send that finds room never waits) and wait on their own queue, each wait
+bounded by a timeout. With a worker that agreed on the ``batch`` capability, request tasks
+and aborts queue their messages in an :class:`~lmgw.protocol.outbox.Outbox` instead, and the
+flusher sends whatever is queued when it runs as one ZeroMQ message (a ``Batch``): a lone
+message leaves at the next scheduler pass, the messages of one pass share a send, and a
+send that stays blocked for ``send_timeout_s`` fails the requests it held, unsent.
 An optional *control endpoint* gets a second DEALER and its own reader: heartbeats and metrics
 go there, so they never queue behind large payloads on the data connection.
 
@@ -66,6 +71,7 @@ from ...protocol.messages import (
     RETRYABLE_CODES,
     TO_GATEWAY,
     Abort,
+    Batch,
     Delta,
     Drain,
     EncodeDone,
@@ -86,7 +92,9 @@ from ...protocol.messages import (
     decode_frames,
     encode_frames,
 )
+from ...protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
 from .socket import CHECKPOINT_EVERY, DEFAULT_HWM, SendBlocked, ZmqSocket
+from .wakeup import Wakeup
 
 if TYPE_CHECKING:
     from .curve import CurveClient
@@ -109,6 +117,7 @@ _MONITOR_EVENTS = (
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: event id, value
 _REDIAL_MIN_S = 0.5  # after a refused handshake (libzmq does not retry those itself)...
 _REDIAL_MAX_S = 30.0  # ...doubling up to this
+_ABORT_META = "abort"  # an Abort's meta in the outbox (a request's is its _Route)
 
 
 class ChannelState(enum.Enum):
@@ -266,6 +275,8 @@ class RpcChannel:
         control_endpoint: str | None = None,
         control_from_ack: bool = False,
         curve: CurveClient | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         """Timeouts in seconds. ``reply_timeout_s`` bounds every single wait of a request
         (for a stream: the gap between two events), ``ready_timeout_s`` the wait for a session
@@ -276,7 +287,10 @@ class RpcChannel:
         ``Announce.control_endpoint``); heartbeats and metrics go there, on a connection of
         their own. ``control_from_ack``: without one, use the endpoint the worker names in
         ``RegisterAck.control_endpoint`` (a wildcard host becomes this endpoint's host).
-        ``curve``: encrypt and authenticate both connections (:mod:`.curve`)."""
+        ``curve``: encrypt and authenticate both connections (:mod:`.curve`).
+
+        ``max_batch`` / ``max_batch_bytes``: the bounds of one batch (capability ``batch``;
+        leave ``"batch"`` out of ``capabilities`` to send every message on its own)."""
         self.endpoint = endpoint
         self.control_endpoint = control_endpoint
         self.control_from_ack = control_from_ack
@@ -305,6 +319,10 @@ class RpcChannel:
         self._routes: dict[str, _Route] = {}
         self._ids = itertools.count()
         self._aborts_send, self._aborts_recv = trio.open_memory_channel(1024)
+        self._outbox = Outbox(max_batch=max_batch, max_batch_bytes=max_batch_bytes)
+        self._outbox_cap = max(1024, 2 * max_inflight)
+        self._batching = False  # the session agreed on "batch": sends go through the outbox
+        self._flush_wakeup = Wakeup()  # the flusher sleeps there while the outbox is empty
         self._state_changed = trio.Event()
         self._control_scope: trio.CancelScope | None = None
         self._fast = 0
@@ -330,6 +348,9 @@ class RpcChannel:
                 "handshake_failures",
                 "redials",
                 "control_acks",
+                "batches_sent",
+                "batched_sent",
+                "batches_received",
             ),
             0,
         )
@@ -354,6 +375,7 @@ class RpcChannel:
                 self._nursery = nursery
                 nursery.start_soon(self._reader, sock)
                 nursery.start_soon(self._control, sock)
+                nursery.start_soon(self._flusher, sock)
                 if monitor is not None:
                     nursery.start_soon(self._monitor, monitor, sock)
                 if self.control_endpoint:
@@ -468,10 +490,24 @@ class RpcChannel:
         sock = self._sock
         assert sock is not None
         route = _Route(request_id, self.stream_buffer)
+        csock = self._csock
+        if self._batching and not (control and csock is not None and not csock.closed):
+            outbox = self._outbox
+            if len(outbox) >= self._outbox_cap:
+                raise RpcError(
+                    FailureCode.OVERLOADED,
+                    f"{len(outbox)} messages waiting to be sent to {self.endpoint}",
+                    sent=False,
+                )
+            self._routes[request_id] = route
+            self.stats["requests"] += 1
+            route.sent = True  # it leaves with the next flush, or fails unsent (_flush)
+            outbox.add(msg, payload, route)
+            self._flush_wakeup.wake()
+            return route
         self._routes[request_id] = route
         self.stats["requests"] += 1
         frames = encode_frames(msg, payload)
-        csock = self._csock
         if control and csock is not None and not csock.closed:
             try:
                 if csock.try_send_multipart(frames):
@@ -550,6 +586,15 @@ class RpcChannel:
         if not self._connected:
             self.stats["aborts_dropped"] += 1
             return
+        if self._batching:
+            outbox = self._outbox
+            if len(outbox) >= self._outbox_cap:
+                self.stats["aborts_dropped"] += 1
+                return
+            outbox.add(Abort(request_id, reason), (), _ABORT_META)
+            self.stats["aborts_sent"] += 1  # taken back if the flush drops it
+            self._flush_wakeup.wake()
+            return
         try:
             if sock.try_send_multipart(encode_frames(Abort(request_id, reason))):
                 self.stats["aborts_sent"] += 1
@@ -560,6 +605,52 @@ class RpcChannel:
             self._aborts_send.send_nowait(request_id)
         except trio.WouldBlock:
             self.stats["aborts_dropped"] += 1
+
+    # -- the flusher: the outbox's one sender (capability "batch") ----------------------------
+    async def _flusher(self, sock: ZmqSocket) -> None:
+        """Send what the outbox holds whenever it holds something. Request tasks queue and
+        unpark this task, which runs after them: what a scheduler pass queued leaves as one
+        ZeroMQ message (up to the outbox's bounds), a lone message at once."""
+        outbox, wakeup = self._outbox, self._flush_wakeup
+        while True:
+            if not outbox:
+                await wakeup.sleep()
+                continue
+            await self._flush(sock)
+
+    async def _flush(self, sock: ZmqSocket) -> None:
+        outbox = self._outbox
+        while outbox:
+            if not self._connected or sock.closed:
+                reason = "channel closed" if sock.closed else f"not connected to {self.endpoint}"
+                self._drop_outbox(RpcError(FailureCode.UNAVAILABLE, reason, sent=False))
+                return
+            frames = outbox.peek()
+            try:
+                await sock.send_multipart(frames, timeout=self.send_timeout_s)
+            except SendBlocked as exc:  # the worker read nothing for send_timeout_s
+                error = RpcError(FailureCode.OVERLOADED, f"{self.endpoint}: {exc}", sent=False)
+                self._drop_outbox(error)
+                return
+            except trio.ClosedResourceError:
+                self._drop_outbox(RpcError(FailureCode.UNAVAILABLE, "channel closed", sent=False))
+                return
+            n = outbox.commit()  # 0 when _fail_all emptied it meanwhile
+            if n > 1:
+                self.stats["batches_sent"] += 1
+                self.stats["batched_sent"] += n
+
+    def _drop_outbox(self, error: RpcError | None) -> None:
+        """Forget what is queued; fail its requests with ``error`` (None: their routes are
+        being failed anyway)."""
+        for meta in self._outbox.clear():
+            if meta is _ABORT_META:
+                self.stats["aborts_sent"] -= 1
+                self.stats["aborts_dropped"] += 1
+            elif error is not None and meta is not None:
+                if self._routes.get(meta.request_id) is meta:
+                    del self._routes[meta.request_id]
+                meta.end(error)
 
     # -- the readers: the only tasks waiting for incoming messages ---------------------------
     async def _reader(self, sock: ZmqSocket) -> None:
@@ -594,6 +685,15 @@ class RpcChannel:
         except ProtocolError as exc:
             self.stats["malformed"] += 1
             log.warning("malformed message from %s ignored: %s", self.endpoint, exc)
+            return
+        msg = incoming.msg
+        if type(msg) is Batch:
+            # each as if it had arrived alone; a request woken by the first of its messages
+            # finds the rest queued when it runs (one wake-up per batch)
+            self.stats["batches_received"] += 1
+            dispatch, envelope = self._dispatch, incoming.envelope
+            for item in msg.messages:
+                dispatch(Incoming(envelope, item, []))
             return
         self._dispatch(incoming)
 
@@ -746,6 +846,7 @@ class RpcChannel:
             if control != self.control_endpoint or self._control_cancel is None:
                 self._start_control_socket(control)
         self.session = Session(ack)
+        self._batching = self._outbox.batching = "batch" in self.session.capabilities
         self.draining = False
         self.stats["sessions"] += 1
         self._last_rx_at = trio.current_time()
@@ -772,6 +873,7 @@ class RpcChannel:
         self._fail_all(RpcError(FailureCode.UNAVAILABLE, f"{self.endpoint}: {reason}"))
 
     def _fail_all(self, error: RpcError) -> None:
+        self._drop_outbox(None)  # requests of routes failed here, aborts for a lost session
         routes, self._routes = self._routes, {}
         for route in routes.values():
             route.end(error)
@@ -895,6 +997,8 @@ class RpcChannel:
         out["state"] = self.state.value
         out["connected"] = self._connected
         out["in_flight"] = len(self._routes)
+        out["batching"] = self._batching
+        out["outbox"] = len(self._outbox)
         if self._sock is not None:
             out.update(self._sock.statistics())
         return out
