@@ -134,6 +134,22 @@ def test_zmq_decoder_on_well_framed_wrong_shapes(
     expect_message_or_protocol_error([b"env", b"", header, *payload], envelope=2)
 
 
+@SETTINGS
+@given(
+    st.lists(st.tuples(st.integers(0, 60), st.lists(msgpack_values, max_size=8)), max_size=6),
+    st.lists(msgpack_values, max_size=3),
+    st.lists(st.binary(max_size=16), max_size=2),
+)
+def test_zmq_decoder_on_batches_of_wrong_shapes(
+    items: list[tuple[int, list]], extra: list, payload: list[bytes]
+) -> None:
+    """A Batch (tag 27) of arbitrary tagged items, with arbitrary trailing fields and frames."""
+    body = msgspec.msgpack.encode([27, [[tag, *fields] for tag, fields in items], *extra])
+    header = MAGIC + bytes([FRAMING_VERSION]) + body
+    expect_message_or_protocol_error([header, *payload])
+    expect_message_or_protocol_error([b"env", header, *payload], envelope=1)
+
+
 # -- tensor frames -------------------------------------------------------------------------------
 
 IMPLS = [tensorframe_py.decode, tensors.decode]

@@ -10,7 +10,11 @@ Properties (hypothesis):
   UNSUPPORTED_VERSION;
 * fields added later (``RegisterAck.control_endpoint``, ``tensors`` on PrefillDone/EncodeDone,
   ``TensorRef.shm``, ``Announce``) decode from what older peers send, and shared-memory
-  handles are the transport's own wire shape.
+  handles are the transport's own wire shape;
+* batches (capability ``batch``): any list of frame-less session messages spliced by
+  ``batch_header`` is byte for byte msgspec's ``Batch`` and decodes to the same messages in
+  order; malformed batches (empty, nested, too long, with payload frames, a dangling tensor
+  reference, an Announce, garbage items, truncations) are ProtocolError.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from lmgw.protocol import (
     CAPABILITIES,
     FRAMING_VERSION,
     MAGIC,
+    MAX_BATCH,
     PROTOCOL_VERSION,
     TO_GATEWAY,
     TO_REGISTRY,
     TO_WORKER,
     Abort,
     Announce,
+    Batch,
     Delta,
     Drain,
     Encode,
@@ -54,9 +60,12 @@ from lmgw.protocol import (
     TensorRef,
     Token,
     Usage,
+    batch_header,
     decode_frames,
     decode_header,
     encode_frames,
+    encode_header,
+    encode_message,
     negotiate,
     request_id_of,
 )
@@ -252,6 +261,97 @@ def test_directions_partition_the_message_set() -> None:
     assert Generate in TO_WORKER and Abort in TO_WORKER and Register in TO_WORKER
     assert Finish in TO_GATEWAY and Failure in TO_GATEWAY and Exit in TO_GATEWAY
     assert {Announce} == TO_REGISTRY
+    assert Batch not in TO_WORKER | TO_GATEWAY | TO_REGISTRY  # either direction, a wrapper
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def frameless(msg_needs: tuple[object, int]) -> bool:
+    msg, needs = msg_needs
+    return needs == 0 and not isinstance(msg, Announce)
+
+
+BATCH_SETTINGS = settings(SETTINGS, max_examples=40)  # lists of messages: slower examples
+
+
+@BATCH_SETTINGS
+@given(st.lists(messages().filter(frameless), min_size=1, max_size=8))
+def test_batch_splice_is_msgspecs_batch_and_round_trips(msgs: list) -> None:
+    items = [m for m, _ in msgs]
+    header = batch_header([encode_message(m) for m in items])
+    got = decode_frames([header])
+    if len(items) == 1:  # a lone message travels as itself
+        assert header == bytes(encode_frames(items[0])[0])
+        assert got.msg == items[0]
+        return
+    assert header == bytes(encode_header(Batch(items)))
+    assert type(got.msg) is Batch and got.msg.messages == items
+    assert [type(m) for m in got.msg.messages] == [type(m) for m in items]
+    routed = decode_frames([b"peer", header], envelope=1)  # as a ROUTER reads it
+    assert routed.envelope == [b"peer"] and routed.msg == got.msg
+
+
+def test_batch_of_16_and_more_uses_a_longer_length() -> None:
+    for n in (15, 16, 17, 300, MAX_BATCH):
+        items = [Delta("r", i, "x") for i in range(n)]
+        header = batch_header([encode_message(m) for m in items])
+        assert header == bytes(encode_header(Batch(items)))
+        assert decode_frames([header]).msg.messages == items
+
+
+_PREFIX = MAGIC + bytes([FRAMING_VERSION])
+_HB = msgspec.msgpack.decode(encode_message(Heartbeat("h")))
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ([27, []], "empty"),
+        ([27, [[27, [_HB, _HB]], _HB]], "nested"),
+        ([27, [_HB] * (MAX_BATCH + 1)], "too long"),
+        ([27, _HB], "not a list"),
+        ([27, [_HB, [26, "w", "i", "tcp://h:1"]]], "an Announce"),
+        ([27, [_HB, [99, "x"]]], "unknown tag"),
+        ([27, [_HB, [6, ""]]], "invalid item"),
+        ([27, [_HB, "garbage"]], "garbage item"),
+        ([27, [_HB, [2, "r", "m", "p", None, [], [], None, None, [[0, b"h"]]]]], "tensor frame"),
+        ([27, [_HB, [4, "r", "m", [["image", None, None, 0]]]]], "media tensor"),
+    ],
+)
+def test_malformed_batches_are_protocol_errors(body: list, why: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_frames([_PREFIX + msgspec.msgpack.encode(body)])
+    assert info.value.code is FailureCode.PROTOCOL, why
+
+
+def test_a_batch_carries_no_payload_frames_but_may_point_to_shared_memory() -> None:
+    header = batch_header([encode_message(Heartbeat("a")), encode_message(Abort("b"))])
+    with pytest.raises(ProtocolError, match="no payload frames"):
+        decode_frames([header, b"a frame"])
+    shm = TensorRef(0, b"h", ShmHandle("seg", 16, b"h"))
+    items = [PrefillDone("p", tensors=[shm]), Finish("g", 0, "stop")]
+    assert decode_frames([batch_header([encode_message(m) for m in items])]).msg.messages == items
+
+
+@BATCH_SETTINGS
+@given(st.lists(messages().filter(frameless), min_size=2, max_size=4), st.data())
+def test_batch_truncations_and_bit_flips(msgs: list, data: st.DataObject) -> None:
+    header = batch_header([encode_message(m) for m, _ in msgs])
+    cut = data.draw(st.integers(0, len(header)))
+    expect_message_or_protocol_error([header[:cut]])
+    pos = data.draw(st.integers(0, len(header) - 1))
+    flipped = bytearray(header)
+    flipped[pos] ^= 1 << data.draw(st.integers(0, 7))
+    expect_message_or_protocol_error([bytes(flipped)])
+
+
+@BATCH_SETTINGS
+@given(st.lists(st.lists(json_like, max_size=8), min_size=1, max_size=6), st.integers(0, 40))
+def test_batches_of_wrong_shapes(items: list, tag: int) -> None:
+    """Well-formed msgpack of the wrong shape behind every tag, inside a batch."""
+    body = msgspec.msgpack.encode([27, [[tag, *item] for item in items]])
+    expect_message_or_protocol_error([_PREFIX + body])
 
 
 def test_request_ids_correlate() -> None:
@@ -449,3 +549,13 @@ def test_negotiate_picks_highest_common_version(a: int, b: int, c: int, d: int) 
 def test_this_build_negotiates_with_itself() -> None:
     reg = Register("r", "gw", 1, PROTOCOL_VERSION, sorted(CAPABILITIES))
     assert negotiate(reg) == (PROTOCOL_VERSION, CAPABILITIES)
+
+
+def test_batch_is_agreed_only_when_both_sides_have_it() -> None:
+    """An older peer (either side) lacks the capability, so neither side batches."""
+    old = sorted(CAPABILITIES - {"batch"})
+    assert "batch" in negotiate(Register("r", "gw", 1, 1, sorted(CAPABILITIES)))[1]
+    assert "batch" not in negotiate(Register("r", "old-gw", 1, 1, old))[1]
+    older_worker = CAPABILITIES - {"batch"}
+    reg = Register("r", "gw", 1, 1, sorted(CAPABILITIES))
+    assert "batch" not in negotiate(reg, capabilities=older_worker)[1]
