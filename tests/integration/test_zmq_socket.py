@@ -575,12 +575,14 @@ async def collect(chan: RpcChannel, msg: Generate) -> tuple[str, Finish]:
 # == the channel ===============================================================================
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "no-batch"])
 async def test_many_concurrent_requests_on_one_channel(
-    nursery: trio.Nursery, ctx: zmq.Context
+    nursery: trio.Nursery, ctx: zmq.Context, batch: bool
 ) -> None:
-    worker = await start_worker(nursery, ctx)
+    worker = await start_worker(nursery, ctx, batch=batch)
     chan = await start_channel(nursery, ctx, worker.endpoint)
     session = await chan.wait_ready()
+    assert ("batch" in session.capabilities) is batch
     assert (session.version, session.instance, session.roles) == (
         PROTOCOL_VERSION,
         "w1",
@@ -616,7 +618,44 @@ async def test_many_concurrent_requests_on_one_channel(
     assert enc == EncodeDone("e1", ["abc"])
     assert await chan.metrics() == {"vllm:num_requests_running": 1.0}
     assert chan.in_flight == 0
-    assert chan.statistics()["stray"] == 0
+    stats = chan.statistics()
+    assert stats["stray"] == 0 and stats["outbox"] == 0
+    # 64 tasks starting requests in the same scheduler passes: their Generates share sends
+    assert (stats["batches_sent"] > 0) is (worker.batches_received > 0) is batch
+    assert stats["batched_sent"] >= 2 * stats["batches_sent"]
+
+
+async def test_old_and_new_peers_side_by_side(nursery: trio.Nursery, ctx: zmq.Context) -> None:
+    """A worker without the capability never gets a batch (FakeWorker asserts it), and a
+    gateway without it sends none; both work next to batching peers, concurrently."""
+    new_worker = await start_worker(nursery, ctx)
+    old_worker = await start_worker(nursery, ctx, batch=False)
+    chans = {
+        "new-new": await start_channel(nursery, ctx, new_worker.endpoint),
+        "new-old": await start_channel(nursery, ctx, old_worker.endpoint),
+        "old-new": await start_channel(
+            nursery, ctx, new_worker.endpoint, capabilities=CAPABILITIES - {"batch"}
+        ),
+    }
+    texts: dict[str, str] = {}
+
+    async def client(name: str, t: int) -> None:
+        for i in range(5):
+            rid = f"{name}:{t}-{i}"
+            texts[rid], finish = await collect(chans[name], gen(rid, max_tokens=3))
+            assert finish.seq == 3
+
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as clients:
+            for name in chans:
+                for t in range(16):
+                    clients.start_soon(client, name, t)
+    assert len(texts) == 3 * 16 * 5
+    assert all(text == "".join(f"{rid}/{k} " for k in range(3)) for rid, text in texts.items())
+    assert chans["new-new"].statistics()["batches_sent"] > 0
+    assert chans["new-old"].statistics()["batching"] is False
+    assert chans["old-new"].statistics()["batches_sent"] == 0
+    assert new_worker.batches_received > 0 and old_worker.batches_received == 0
 
 
 async def test_cancellation_sends_abort(nursery: trio.Nursery, ctx: zmq.Context) -> None:
