@@ -33,7 +33,6 @@ import trio
 import zmq
 
 from lmgw.protocol import (
-    CAPABILITIES,
     Batch,
     Delta,
     Drain,
