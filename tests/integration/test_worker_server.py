@@ -54,6 +54,7 @@ from lmgw.protocol import (
     Register,
     RegisterAck,
     SamplingParams,
+    ShmHandle,
     TensorRef,
     batch_header,
     decode_frames,
@@ -670,6 +671,19 @@ async def test_a_malformed_batch_fails_each_of_its_requests(
         assert sorted(f.request_id for f in failures) == ["bad", "ok"]  # type: ignore[attr-defined]
         assert all(isinstance(f, Failure) and f.code == "protocol" for f in failures)
         assert server.stats["malformed"] == 1 and server.stats["requests"] == 0
+        # a tensor in shared memory needs no frame (a batch may carry it), but this worker
+        # never offered tensor_shm: refused, alone or batched, and the reader goes on
+        shm = TensorRef(0, b"h", ShmHandle("seg", 16, b"h"))
+        await raw.send(Generate("shm1", MODEL, prompt="x", tensors=[shm]))
+        refusal, _ = await raw.recv()
+        assert isinstance(refusal, Failure) and refusal.code == "unsupported"
+        shm2 = encode_message(Generate("shm2", MODEL, prompt="x", tensors=[shm]))
+        await raw.sock.send_multipart([batch_header([shm2, encode_message(Heartbeat("hb"))])])
+        got = []
+        while len(got) < 2:
+            got += await raw.recv_all()
+        assert {type(m) for m in got} == {Failure, HeartbeatAck}
+        assert server.stats["rejected"] == 2
     finally:
         raw.close()
 

@@ -585,11 +585,16 @@ def decode_frames(frames: Sequence[Any], envelope: int = 0) -> Incoming:
         if payload:
             raise ProtocolError(f"a batch carries no payload frames ({len(payload)} came)")
         for item in msg.messages:
-            if getattr(item, "tensors", None) or getattr(item, "media", None):
+            if type(item) in _WITH_REFERENCES:
                 _check_references(item, 0)
     else:
         _check_references(msg, len(payload))
     return Incoming(list(frames[:envelope]), msg, payload)
+
+
+_WITH_REFERENCES = frozenset({Generate, Prefill, Encode, PrefillDone, EncodeDone})
+"""The messages with ``tensors`` or ``media`` (a batch checks only these: cheaper than
+looking for the fields on every Delta)."""
 
 
 def _check_references(msg: Message, frames: int) -> None:

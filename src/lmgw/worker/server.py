@@ -72,7 +72,6 @@ from ..protocol.messages import (
     Generate,
     Heartbeat,
     HeartbeatAck,
-    Incoming,
     Message,
     Metrics,
     MetricsRequest,
@@ -492,14 +491,15 @@ class WorkerServer:
             msg = incoming.msg
             if type(msg) is Batch:  # each as if it had arrived alone
                 self.stats["batches_received"] += 1
-                envelope = incoming.envelope
+                handle = self._handle
                 for item in msg.messages:
-                    self._handle(sock, control, peer, Incoming(envelope, item, []))
+                    handle(sock, control, peer, item, ())
                 continue
-            self._handle(sock, control, peer, incoming)
+            self._handle(sock, control, peer, msg, incoming.payload)
 
-    def _handle(self, sock: ZmqSocket, control: bool, peer: bytes, incoming: Incoming) -> None:
-        msg = incoming.msg
+    def _handle(
+        self, sock: ZmqSocket, control: bool, peer: bytes, msg: Message, payload: Sequence[Any]
+    ) -> None:
         cls = type(msg)
         if cls is Heartbeat:
             self.stats["heartbeats"] += 1
@@ -529,7 +529,7 @@ class WorkerServer:
                 job.aborted = msg.reason or "aborted"  # type: ignore[attr-defined]
                 job.scope.cancel()
         elif cls in _STAGE_ROLES:
-            self._admit(sock, peer, incoming)
+            self._admit(sock, peer, msg, payload)
         else:
             self.stats["malformed"] += 1
             self._refuse(
@@ -574,8 +574,7 @@ class WorkerServer:
         if self.draining:  # a gateway that (re)connects during a drain learns it at once
             self._reply(sock, peer, Drain(self.drain_reason, self.drain_grace_s))
 
-    def _admit(self, sock: ZmqSocket, peer: bytes, incoming: Incoming) -> None:
-        msg: Any = incoming.msg
+    def _admit(self, sock: ZmqSocket, peer: bytes, msg: Any, payload: Sequence[Any]) -> None:
         rid: str = msg.request_id
         engine = self.engine
         if peer not in self._peers:
@@ -595,8 +594,10 @@ class WorkerServer:
             why = f"{len(self._jobs)} requests in flight (max_inflight={self.max_inflight})"
         elif msg.timeout_s is not None and msg.timeout_s <= 0:
             code, why = FailureCode.TIMEOUT, "the request's deadline passed before it arrived"
+        elif msg.tensors and any(ref.shm is not None for ref in msg.tensors):
+            code = FailureCode.UNSUPPORTED  # it never offers tensor_shm: no frame to read
+            why = "this worker takes tensors as payload frames, not in shared memory"
         else:
-            payload = incoming.payload
             tensors = tuple(payload[ref.frame] for ref in msg.tensors)
             job = _Job(peer, rid, type(msg), msg.timeout_s, self._peers[peer].outbox)
             self._jobs[rid] = job

@@ -206,7 +206,8 @@ class _Route:
     def __init__(self, request_id: str, size: int) -> None:
         self.request_id = request_id
         self.size = size
-        self.items: collections.deque[Incoming] = collections.deque()
+        # a Message, or an Incoming when it came with payload frames
+        self.items: collections.deque[Message | Incoming] = collections.deque()
         self.ended = False  # no more messages will come
         self.failure: RpcError | None = None
         self.sent = False
@@ -214,11 +215,11 @@ class _Route:
         self.deadline = math.inf  # of the current wait
         self.timed_out = False
 
-    def push(self, incoming: Incoming) -> bool:
+    def push(self, item: Message | Incoming) -> bool:
         """Queue a message (reader side); False when the consumer is ``size`` behind."""
         if self.ended or len(self.items) >= self.size:
             return False
-        self.items.append(incoming)
+        self.items.append(item)
         self.wake()
         return True
 
@@ -529,7 +530,7 @@ class RpcChannel:
         route.sent = True
         return route
 
-    async def _receive(self, route: _Route, timeout: float) -> Incoming:
+    async def _receive(self, route: _Route, timeout: float) -> Message | Incoming:
         items = route.items
         if items:
             fast = self._fast + 1
@@ -691,11 +692,11 @@ class RpcChannel:
             # each as if it had arrived alone; a request woken by the first of its messages
             # finds the rest queued when it runs (one wake-up per batch)
             self.stats["batches_received"] += 1
-            dispatch, envelope = self._dispatch, incoming.envelope
+            dispatch = self._dispatch
             for item in msg.messages:
-                dispatch(Incoming(envelope, item, []))
+                dispatch(item, item)
             return
-        self._dispatch(incoming)
+        self._dispatch(msg, incoming if incoming.payload else msg)
 
     async def _control_reader(self, endpoint: str, scope: trio.CancelScope) -> None:
         """Own the control DEALER: heartbeats and metrics, on a connection of their own.
@@ -772,15 +773,16 @@ class RpcChannel:
                     redial_at = trio.current_time() + delay
                     delay = min(delay * 2, _REDIAL_MAX_S)
 
-    def _dispatch(self, incoming: Incoming) -> None:
-        msg = incoming.msg
+    def _dispatch(self, msg: Message, item: Message | Incoming) -> None:
+        """Route ``msg``; ``item`` is what a request's queue keeps (``msg`` itself, or its
+        Incoming when payload frames came with it)."""
         cls = type(msg)
         if cls is Delta or cls in _TERMINAL:
             route = self._routes.get(msg.request_id)  # type: ignore[attr-defined]
             if route is None:
                 self.stats["stray"] += 1  # late answer to a request that ended
                 return
-            if not route.push(incoming):
+            if not route.push(item):
                 self.stats["overflows"] += 1
                 route.end(
                     RpcError(
@@ -1102,13 +1104,17 @@ class RpcStream:
         if route is None:
             raise RuntimeError("use `async with channel.stream(...)` before iterating")
         try:
-            incoming = await self._chan._receive(route, self._timeout)
+            item = await self._chan._receive(route, self._timeout)
         except RpcError as exc:
             if exc.code is not FailureCode.TIMEOUT:
                 self._done = True  # the worker ended it (or is gone): nothing to abort
             raise
-        msg = incoming.msg
-        self.payload = incoming.payload
+        if type(item) is Incoming:
+            msg = item.msg
+            self.payload = item.payload
+        else:
+            msg = item  # type: ignore[assignment]
+            self.payload = []
         if type(msg) is not Delta:
             self._done = True
         return msg
