@@ -578,6 +578,23 @@ async def test_batches_respect_the_bound_and_keep_each_requests_order(
     assert server.stats["batches_received"] == 1
 
 
+async def test_a_fast_stream_in_batches_never_overflows_a_consumer_that_keeps_up(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    """A worker faster than the gateway sends one request's deltas in batches; the channel's
+    reader yields after every batch and a consumer with a half-full queue drains it before
+    yielding, so the request never fails for falling ``stream_buffer`` behind."""
+    engine = sim()
+    server = await start_server(nursery, ctx, engine, max_batch=16)
+    chan = await start_channel(nursery, ctx, server.endpoint, stream_buffer=64)
+    n = engine.max_model_len - 16
+    msg = Generate("fast", MODEL, prompt="x", params=SamplingParams(max_tokens=n, ignore_eos=True))
+    deltas, finish = await collect(chan, msg)
+    assert [d.seq for d in deltas] == list(range(n)) and finish.seq == n
+    stats = chan.statistics()
+    assert stats["overflows"] == 0 and stats["batches_received"] > 0
+
+
 async def test_a_worker_without_batch_serves_a_batching_gateway(
     ctx: zmq.Context, nursery: trio.Nursery
 ) -> None:

@@ -20,8 +20,9 @@ from .messages import MAX_BATCH, Message, batch_header, encode_message
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_BATCH_BYTES", "Outbox"]
 
-DEFAULT_MAX_BATCH = 256
-"""Messages per ZeroMQ message, at most."""
+DEFAULT_MAX_BATCH = 64
+"""Messages per ZeroMQ message, at most. Well under half a gateway's ``stream_buffer`` (256
+events per request): a batch that is all one request's deltas cannot overflow its queue."""
 DEFAULT_MAX_BATCH_BYTES = 48 << 10
 """Encoded bytes per batch, at most (a single larger message still goes, alone). Below
 pyzmq's zero-copy threshold (64 KiB): a smaller frame is copied once, a larger one is
