@@ -76,6 +76,7 @@ from lmgw.worker import (
     WorkerServer,
     decode_announce,
 )
+from lmgw.worker.cli import build_parser, server_from_args
 from lmgw.worker.sim import SimEngine
 
 BOUND = 20.0  # no single step may take longer (fails instead of hanging)
@@ -593,6 +594,13 @@ async def test_a_fast_stream_in_batches_never_overflows_a_consumer_that_keeps_up
     assert [d.seq for d in deltas] == list(range(n)) and finish.seq == n
     stats = chan.statistics()
     assert stats["overflows"] == 0 and stats["batches_received"] > 0
+
+
+def test_no_batch_flag() -> None:
+    parser = build_parser()
+    assert "batch" in server_from_args(parser.parse_args([]), sim()).capabilities
+    off = server_from_args(parser.parse_args(["--no-batch"]), sim())
+    assert "batch" not in off.capabilities and "abort" in off.capabilities
 
 
 async def test_a_worker_without_batch_serves_a_batching_gateway(

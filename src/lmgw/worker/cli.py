@@ -72,6 +72,11 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds on SIGTERM")
     p.add_argument("--announce-interval", type=float, default=2.0)
     p.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="do not offer the batch capability: every message is its own ZeroMQ message",
+    )
+    p.add_argument(
         "--curve-secret-key",
         default=None,
         metavar="FILE",
@@ -159,6 +164,7 @@ def server_from_args(ns: argparse.Namespace, engine: Engine) -> WorkerServer:
         announce_interval_s=ns.announce_interval,
         drain_grace_s=ns.drain_grace,
         curve=curve_from_args(ns),
+        batch=not ns.no_batch,
     )
 
 
