@@ -26,7 +26,8 @@ union, so one decoder reads everything; it never travels on a session's sockets.
 
 Compatibility rules: tags and field order never change; new fields are appended with defaults
 (old decoders skip trailing extras); the message-set version and the optional features are
-agreed once per session by :class:`Register` / :class:`RegisterAck` (see :func:`negotiate`).
+agreed once per session by :class:`Register` / :class:`RegisterAck` (see :func:`negotiate`);
+a new message type is sent only to a peer that agreed on its capability (``Batch``: ``batch``).
 """
 
 from __future__ import annotations
