@@ -818,6 +818,8 @@ class WorkerServer:
             if then is not None:
                 outbox.add(then)
             self._schedule(outbox)
+            if outbox.gone is not None:
+                raise _PeerGone(outbox.gone)
             if outbox.nbytes > self.outbox_limit_bytes:
                 await self._wait_room(outbox)
             return
@@ -857,13 +859,19 @@ class WorkerServer:
 
     # -- the flusher (capability "batch") -------------------------------------------------------
     def _schedule(self, outbox: _PeerOutbox) -> None:
+        """Something was queued. The first message since the flusher last took this outbox
+        goes at once (a lone message waits for nothing); the flusher, woken now, runs after
+        this scheduler pass and sends what the pass queued after it, together."""
         if not outbox.scheduled:
             outbox.scheduled = True
             self._dirty.append(outbox)
             self._flush_wakeup.wake()
+            sock = self._sock
+            if sock is not None:
+                self._flush_outbox(sock, outbox)
 
     async def _flusher(self, sock: ZmqSocket) -> None:
-        """Send what the scheduled outboxes hold: after the jobs of this scheduler pass ran,
+        """Send what the scheduled outboxes hold: after the tasks of this scheduler pass ran,
         so what they queued leaves together. A peer whose queue is full (HWM) is retried with
         a backoff of 1 to 50 ms, and given up after ``send_timeout_s`` without room."""
         wakeup = self._flush_wakeup

@@ -324,6 +324,7 @@ class RpcChannel:
         self._outbox_cap = max(1024, 2 * max_inflight)
         self._batching = False  # the session agreed on "batch": sends go through the outbox
         self._flush_wakeup = Wakeup()  # the flusher sleeps there while the outbox is empty
+        self._flush_due = False  # the flusher was woken and has not run yet (or is sending)
         self._state_changed = trio.Event()
         self._control_scope: trio.CancelScope | None = None
         self._fast = 0
@@ -502,9 +503,9 @@ class RpcChannel:
                 )
             self._routes[request_id] = route
             self.stats["requests"] += 1
-            route.sent = True  # it leaves with the next flush, or fails unsent (_flush)
+            route.sent = True  # it leaves now or with the next flush, or fails unsent (_flush)
             outbox.add(msg, payload, route)
-            self._flush_wakeup.wake()
+            self._queued(sock)
             return route
         self._routes[request_id] = route
         self.stats["requests"] += 1
@@ -598,7 +599,7 @@ class RpcChannel:
                 return
             outbox.add(Abort(request_id, reason), (), _ABORT_META)
             self.stats["aborts_sent"] += 1  # taken back if the flush drops it
-            self._flush_wakeup.wake()
+            self._queued(sock)
             return
         try:
             if sock.try_send_multipart(encode_frames(Abort(request_id, reason))):
@@ -612,16 +613,37 @@ class RpcChannel:
             self.stats["aborts_dropped"] += 1
 
     # -- the flusher: the outbox's one sender (capability "batch") ----------------------------
+    def _queued(self, sock: ZmqSocket) -> None:
+        """A message was queued. The first one since the flusher last ran is sent at once (a
+        lone message waits for nothing) and wakes the flusher, which runs after this scheduler
+        pass: whatever the pass queues after it leaves with that flush, in one message."""
+        if self._flush_due:
+            return
+        self._flush_due = True
+        self._flush_wakeup.wake()
+        outbox = self._outbox
+        try:
+            while outbox and self._connected:
+                if not sock.try_send_multipart(outbox.peek()):
+                    return  # the queue is full: the flusher waits for room
+                self._sent(outbox.commit())
+        except trio.ClosedResourceError:
+            return  # the flusher fails what is queued
+
+    def _sent(self, n: int) -> None:
+        if n > 1:
+            self.stats["batches_sent"] += 1
+            self.stats["batched_sent"] += n
+
     async def _flusher(self, sock: ZmqSocket) -> None:
-        """Send what the outbox holds whenever it holds something. Request tasks queue and
-        unpark this task, which runs after them: what a scheduler pass queued leaves as one
-        ZeroMQ message (up to the outbox's bounds), a lone message at once."""
+        """Send what the outbox holds whenever it holds something (see :meth:`_queued`)."""
         outbox, wakeup = self._outbox, self._flush_wakeup
         while True:
-            if not outbox:
-                await wakeup.sleep()
+            if outbox:
+                await self._flush(sock)
                 continue
-            await self._flush(sock)
+            self._flush_due = False
+            await wakeup.sleep()
 
     async def _flush(self, sock: ZmqSocket) -> None:
         outbox = self._outbox
@@ -640,10 +662,7 @@ class RpcChannel:
             except trio.ClosedResourceError:
                 self._drop_outbox(RpcError(FailureCode.UNAVAILABLE, "channel closed", sent=False))
                 return
-            n = outbox.commit()  # 0 when _fail_all emptied it meanwhile
-            if n > 1:
-                self.stats["batches_sent"] += 1
-                self.stats["batched_sent"] += n
+            self._sent(outbox.commit())  # 0 when _fail_all emptied it meanwhile
 
     def _drop_outbox(self, error: RpcError | None) -> None:
         """Forget what is queued; fail its requests with ``error`` (None: their routes are
