@@ -13,10 +13,11 @@ Tasks and ownership (all in :meth:`WorkerServer.run`'s nurseries, nothing outliv
   out, which aborts the job too: a worker never generates for nobody.
 * the *outbox* task retries control answers that found a full queue (bounded by time).
 * the *flusher* (capability ``batch``): jobs and control answers for a gateway that agreed on
-  it queue their messages in that peer's :class:`~lmgw.protocol.outbox.Outbox`; the flusher
-  sends what each peer's outbox holds when it runs, as one ZeroMQ message (``Batch``) per peer
-  and bound. So a non-streamed answer's Delta and Finish, and the messages every job produced
-  in one scheduler pass, share a send; a lone message leaves at the next pass.
+  it queue their messages in that peer's :class:`~lmgw.protocol.outbox.Outbox`. The first one
+  since the flusher last took the outbox goes at once and wakes the flusher, which runs after
+  the scheduler pass and sends what the pass queued since, as one ZeroMQ message (``Batch``)
+  per bound. So a lone message waits for nothing, a non-streamed answer's Delta and Finish are
+  one send, and so are (nearly all) the messages the jobs produced in one pass.
 * the *announcer* (with ``gateways``) tells registration endpoints where to reach us.
 
 Heartbeats never queue behind data (seed weakness 6). Inside the process they do not wait

@@ -24,10 +24,11 @@ queues and never blocks on a slow consumer), the *control* task (registration, h
 liveness, queued aborts), the *monitor* (connection state) and the *flusher*. Request tasks
 send directly (a send that finds room never waits) and wait on their own queue, each wait
 bounded by a timeout. With a worker that agreed on the ``batch`` capability, request tasks
-and aborts queue their messages in an :class:`~lmgw.protocol.outbox.Outbox` instead, and the
-flusher sends whatever is queued when it runs as one ZeroMQ message (a ``Batch``): a lone
-message leaves at the next scheduler pass, the messages of one pass share a send, and a
-send that stays blocked for ``send_timeout_s`` fails the requests it held, unsent.
+and aborts queue their messages in an :class:`~lmgw.protocol.outbox.Outbox` instead: the first
+one since the flusher last ran is sent at once and wakes the flusher, which runs after the
+scheduler pass and sends what the pass queued since as one ZeroMQ message (a ``Batch``). A
+lone message waits for nothing, the messages of one pass (nearly) share a send, and a send
+that stays blocked for ``send_timeout_s`` fails the requests it held, unsent.
 An optional *control endpoint* gets a second DEALER and its own reader: heartbeats and metrics
 go there, so they never queue behind large payloads on the data connection.
 
