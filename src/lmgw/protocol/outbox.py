@@ -1,11 +1,12 @@
 """Messages queued for one peer, packed into as few ZeroMQ messages as the bounds allow.
 
-Sans-IO: the transport adds messages as they are produced and, whenever it flushes (the
-first message of a scheduler pass at once, the rest when its flusher task runs after the
-pass), sends :meth:`Outbox.peek` and calls :meth:`Outbox.commit` once the send succeeded.
-Natural batching, no timers: whatever was queued since the last flush leaves together. Why each message is encoded when it is added (one
-msgspec call, as before batching) and the batch spliced from those bytes: the byte bound is
-then exact, and a peer without the ``batch`` capability gets the same bytes one by one.
+Sans-IO: the transport adds messages as they are produced and, whenever it flushes (at once
+when it is idle, else when its flusher task runs after the scheduler pass), sends
+:meth:`Outbox.peek` and calls :meth:`Outbox.commit` once the send succeeded. Natural
+batching, no timers: whatever was queued since the last flush leaves together. Why each
+message is encoded when it is added (one msgspec call, as before batching) and the batch
+spliced from those bytes: the byte bound is then exact, and a peer without the ``batch``
+capability gets the same bytes one by one.
 
 Order is kept: a message with payload frames (tensors) goes out on its own, after what was
 queued before it and before what was queued after it.

@@ -13,11 +13,11 @@ Tasks and ownership (all in :meth:`WorkerServer.run`'s nurseries, nothing outliv
   out, which aborts the job too: a worker never generates for nobody.
 * the *outbox* task retries control answers that found a full queue (bounded by time).
 * the *flusher* (capability ``batch``): jobs and control answers for a gateway that agreed on
-  it queue their messages in that peer's :class:`~lmgw.protocol.outbox.Outbox`. The first one
-  since the flusher last took the outbox goes at once and wakes the flusher, which runs after
-  the scheduler pass and sends what the pass queued since, as one ZeroMQ message (``Batch``)
-  per bound. So a lone message waits for nothing, a non-streamed answer's Delta and Finish are
-  one send, and so are (nearly all) the messages the jobs produced in one pass.
+  it queue their messages in that peer's :class:`~lmgw.protocol.outbox.Outbox`; the flusher,
+  woken by the first, runs after the scheduler pass and sends what the pass queued as one
+  ZeroMQ message (``Batch``) per bound (an idle worker sends the first one at once). So a lone
+  message waits for nothing, a non-streamed answer's Delta and Finish are one send, and so
+  are the messages the jobs produced in one pass.
 * the *announcer* (with ``gateways``) tells registration endpoints where to reach us.
 
 Heartbeats never queue behind data (seed weakness 6). Inside the process they do not wait
@@ -860,16 +860,18 @@ class WorkerServer:
 
     # -- the flusher (capability "batch") -------------------------------------------------------
     def _schedule(self, outbox: _PeerOutbox) -> None:
-        """Something was queued. The first message since the flusher last took this outbox
-        goes at once (a lone message waits for nothing); the flusher, woken now, runs after
-        this scheduler pass and sends what the pass queued after it, together."""
-        if not outbox.scheduled:
-            outbox.scheduled = True
-            self._dirty.append(outbox)
-            self._flush_wakeup.wake()
-            sock = self._sock
-            if sock is not None:
-                self._flush_outbox(sock, outbox)
+        """Something was queued: wake the flusher, which runs after this scheduler pass and
+        sends what the pass queued, together. With one job running at most (an idle worker:
+        nothing else is likely to share the send) the first message goes at once instead, so
+        it waits for nothing; what the pass queues after it waits for the flusher."""
+        if outbox.scheduled:
+            return  # the flusher takes it
+        outbox.scheduled = True
+        self._dirty.append(outbox)
+        self._flush_wakeup.wake()
+        sock = self._sock
+        if len(self._jobs) <= 1 and sock is not None:
+            self._flush_outbox(sock, outbox)
 
     async def _flusher(self, sock: ZmqSocket) -> None:
         """Send what the scheduled outboxes hold: after the tasks of this scheduler pass ran,

@@ -24,11 +24,11 @@ queues and never blocks on a slow consumer), the *control* task (registration, h
 liveness, queued aborts), the *monitor* (connection state) and the *flusher*. Request tasks
 send directly (a send that finds room never waits) and wait on their own queue, each wait
 bounded by a timeout. With a worker that agreed on the ``batch`` capability, request tasks
-and aborts queue their messages in an :class:`~lmgw.protocol.outbox.Outbox` instead: the first
-one since the flusher last ran is sent at once and wakes the flusher, which runs after the
-scheduler pass and sends what the pass queued since as one ZeroMQ message (a ``Batch``). A
-lone message waits for nothing, the messages of one pass (nearly) share a send, and a send
-that stays blocked for ``send_timeout_s`` fails the requests it held, unsent.
+and aborts queue their messages in an :class:`~lmgw.protocol.outbox.Outbox` instead; the
+flusher, woken by the first, runs after the scheduler pass and sends what the pass queued as
+one ZeroMQ message (a ``Batch``; an idle channel sends the first one at once). A lone message
+waits for nothing, the messages of one pass share a send, and a send that stays blocked for
+``send_timeout_s`` fails the requests it held, unsent.
 An optional *control endpoint* gets a second DEALER and its own reader: heartbeats and metrics
 go there, so they never queue behind large payloads on the data connection.
 
@@ -615,21 +615,21 @@ class RpcChannel:
 
     # -- the flusher: the outbox's one sender (capability "batch") ----------------------------
     def _queued(self, sock: ZmqSocket) -> None:
-        """A message was queued. The first one since the flusher last ran is sent at once (a
-        lone message waits for nothing) and wakes the flusher, which runs after this scheduler
-        pass: whatever the pass queues after it leaves with that flush, in one message."""
+        """A message was queued: wake the flusher, which runs after this scheduler pass and
+        sends what the pass queued, together. With one request in flight at most (an idle
+        channel: nothing else is likely to share the send) the first message goes at once
+        instead, so it waits for nothing; what the pass queues after it waits for the flusher."""
         if self._flush_due:
-            return
+            return  # the flusher takes it
         self._flush_due = True
         self._flush_wakeup.wake()
-        outbox = self._outbox
-        try:
-            while outbox and self._connected:
-                if not sock.try_send_multipart(outbox.peek()):
-                    return  # the queue is full: the flusher waits for room
-                self._sent(outbox.commit())
-        except trio.ClosedResourceError:
-            return  # the flusher fails what is queued
+        if len(self._routes) <= 1 and self._connected:
+            outbox = self._outbox
+            try:
+                while outbox and sock.try_send_multipart(outbox.peek()):
+                    self._sent(outbox.commit())
+            except trio.ClosedResourceError:
+                pass  # the flusher fails what is queued
 
     def _sent(self, n: int) -> None:
         if n > 1:
