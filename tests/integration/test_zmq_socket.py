@@ -625,6 +625,33 @@ async def test_many_concurrent_requests_on_one_channel(
     assert stats["batched_sent"] >= 2 * stats["batches_sent"]
 
 
+async def test_idle_sends_at_once_busy_sends_after_the_pass(
+    nursery: trio.Nursery, ctx: zmq.Context
+) -> None:
+    """No added latency when idle: with nothing else in flight the Generate is handed to
+    ZeroMQ before the stream even opens. With other requests in flight it waits for the
+    flusher, which sends what the scheduler pass queued in one message."""
+    worker = await start_worker(nursery, ctx)
+    chan = await start_channel(  # no heartbeats on the data socket: they would count as sent
+        nursery, ctx, worker.endpoint, heartbeat_interval_s=60.0, heartbeat_timeout_s=120.0
+    )
+    sent = chan.statistics()["sent"]
+    with trio.fail_after(BOUND):
+        async with chan.stream(gen("idle", prompt="hang")):
+            stats = chan.statistics()  # no checkpoint since the stream opened
+            assert (stats["sent"], stats["outbox"]) == (sent + 1, 0)
+            async with (
+                chan.stream(gen("busy-1", prompt="hang")),
+                chan.stream(gen("busy-2", prompt="hang")),
+            ):
+                stats = chan.statistics()
+                assert (stats["sent"], stats["outbox"]) == (sent + 1, 2)  # for the flusher
+                await until(lambda: chan.statistics()["outbox"] == 0)
+                assert chan.statistics()["sent"] == sent + 2  # both in one batch
+                assert chan.statistics()["batches_sent"] == 1
+        await until(lambda: {"idle", "busy-1", "busy-2"} <= set(worker.aborted))
+
+
 async def test_old_and_new_peers_side_by_side(nursery: trio.Nursery, ctx: zmq.Context) -> None:
     """A worker without the capability never gets a batch (FakeWorker asserts it), and a
     gateway without it sends none; both work next to batching peers, concurrently."""
