@@ -21,7 +21,9 @@ Target: gateway CPU per request over ZeroMQ <= 0.7x the HTTP path. One run, one 
 * scenarios (wrk, one thread, ``--duration`` s each): non-streamed chat, 16 tokens
   (``ignore_eos``), at c=1 and c=64; streamed chat, 64 tokens, at c=16 (CPU per SSE event).
 * figures: wrk req/s and latency p50/p99; gateway CPU per request (all threads of the gateway
-  process, ``/proc/<pid>/task/*/schedstat``, over the wrk run, divided by completed requests);
+  process, ``/proc/<pid>/task/*/schedstat``, over the wrk run, divided by completed requests),
+  and the part of it spent in ZeroMQ's I/O thread (``ZMQbg/IO/*``; the transport-alone rows
+  split it the same way);
   the worker's CPU per request; medians over rounds. The gateway runs alone on the second CPU
   (``--layout pinned``, the default with 2+ CPUs); wrk, the workers and this script on the first.
 * transport alone (``--transport``, on by default): the gateway's two clients without the rest
