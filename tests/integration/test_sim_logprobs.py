@@ -351,48 +351,150 @@ async def test_chat_and_completion_logprobs_equal_across_flows(nursery: trio.Nur
 # -- the native protocol answers the HTTP simulator's values -----------------------------------
 
 
-async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nursery) -> None:
-    http_url = await merged(nursery)
+async def native_gateway(nursery: trio.Nursery) -> str:
+    """A gateway in front of one native simulated worker (``pd``), once it registered."""
     engine = SimEngine(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
     with trio.fail_after(BOUND):
         server = await nursery.start(
             WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
         )
-    native_url = await start_gateway(
+    url = await start_gateway(
         nursery,
         "pd",
         "openai",
         [WorkerConfig(url="zmq+" + server.endpoint, role="pd", id="pd0")],
         tokenizer=str(model_files.default_model_dir()),
     )
-    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "seed": 2,
-            "logprobs": True, "top_logprobs": 0}  # fmt: skip
-    completion = {"model": MODEL, "prompt": LONG, "max_tokens": 8, "logprobs": 0}
-    for path, body, field in (
-        ("/v1/chat/completions", chat, "content"),
-        ("/v1/completions", completion, "lists"),
-    ):
-        ref = (await post(http_url, path, body)).json()["choices"][0]["logprobs"]
-        with trio.fail_after(BOUND):
-            while True:  # the native worker registers with the gateway
-                r = await http_request(native_url, "POST", path, body, timeout=BOUND)
-                if r.status != 503:
-                    break
-                await trio.sleep(0.05)
-        assert r.status == 200, r.body
-        assert r.json()["choices"][0]["logprobs"] == ref, path
-        events = answer(await post(native_url, path, {**body, "stream": True}))
-        streamed = stream_logprobs(events, field)[0]
-        assert streamed == (ref["content"] if field == "content" else ref)
-        # n > 1 (the native path fans out one Generate per choice): each choice's values
-        refs = [
-            c["logprobs"] for c in (await post(http_url, path, {**body, "n": 2})).json()["choices"]
-        ]
-        got = [
-            c["logprobs"]
-            for c in (await post(native_url, path, {**body, "n": 2})).json()["choices"]
-        ]
-        assert got == refs and refs[0] != refs[1], path
+    probe = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    with trio.fail_after(BOUND):
+        while (await http_request(url, "POST", "/v1/completions", probe)).status == 503:
+            await trio.sleep(0.05)  # the native worker registers with the gateway
+    return url
+
+
+def body_view(obj: dict[str, Any]) -> dict[str, Any]:
+    """A whole answer without what differs by route: ids, ``created`` and cached tokens."""
+    out = copy.deepcopy(obj)
+    for key in ("id", "created"):
+        out.pop(key)
+    out["usage"].pop("prompt_tokens_details", None)
+    return out
+
+
+CHAT = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "seed": 2, "logprobs": True}
+COMPLETION = {"model": MODEL, "prompt": LONG, "max_tokens": 8}
+NATIVE_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    *[(f"chat top {k}", "/v1/chat/completions", {**CHAT, "top_logprobs": k}) for k in (0, 3, 20)],
+    ("chat, no top_logprobs", "/v1/chat/completions", CHAT),
+    *[(f"completion {k}", "/v1/completions", {**COMPLETION, "logprobs": k}) for k in (0, 2, 5)],
+    ("completion echo", "/v1/completions", {**COMPLETION, "logprobs": 3, "echo": True}),
+    ("completion batch", "/v1/completions", {**COMPLETION, "prompt": [LONG, "Another one."],
+                                             "logprobs": 1}),  # fmt: skip
+]
+PROMPT_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("chat prompt 0", "/v1/chat/completions", {**CHAT, "prompt_logprobs": 0}),
+    ("chat prompt 2, top 3", "/v1/chat/completions",
+     {**CHAT, "top_logprobs": 3, "prompt_logprobs": 2}),  # fmt: skip
+    ("chat prompt 20, no logprobs", "/v1/chat/completions",
+     {**CHAT, "logprobs": False, "prompt_logprobs": 20}),  # fmt: skip
+    ("completion prompt 3", "/v1/completions", {**COMPLETION, "logprobs": 2, "prompt_logprobs": 3}),
+    ("completion batch prompt 1", "/v1/completions",
+     {**COMPLETION, "prompt": [LONG, "Another one."], "prompt_logprobs": 1}),  # fmt: skip
+]
+
+
+async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nursery) -> None:
+    """Chat ``top_logprobs`` (0, 3, 20), completions ``logprobs: k`` (echo, batches): the
+    native worker's answers are the HTTP simulator's, whole and streamed, ``n`` 1 and 2."""
+    http_url = await merged(nursery)
+    native_url = await native_gateway(nursery)
+    for name, path, body in NATIVE_CASES:
+        field = "content" if path == "/v1/chat/completions" else "lists"
+        for n in (1, 2):
+            req = {**body, "n": n}
+            ref = (await post(http_url, path, req)).json()
+            got = (await post(native_url, path, req)).json()
+            assert body_view(got) == body_view(ref), (name, n)
+            lps = [c["logprobs"] for c in ref["choices"]]
+            assert all(lp is not None for lp in lps), name
+            if field == "content":
+                for lp in lps:
+                    check_valid(lp["content"], body.get("top_logprobs", 0))
+            if n == 2:
+                assert lps[0] != lps[1], name
+            events = answer(await post(native_url, path, {**req, "stream": True}))
+            ref_events = answer(await post(http_url, path, {**req, "stream": True}))
+            assert events[-1] == "[DONE]"
+            streamed = stream_logprobs(events, field)
+            assert streamed == stream_logprobs(ref_events, field), (name, n)
+            want = {c["index"]: c["logprobs"] for c in ref["choices"]}
+            if field == "content":
+                want = {i: lp["content"] for i, lp in want.items()}
+            assert streamed == want, (name, n)
+
+
+async def test_native_worker_gives_the_http_simulators_prompt_logprobs(
+    nursery: trio.Nursery,
+) -> None:
+    """``prompt_logprobs``: chat's at the top level, completions' per choice (each prompt's
+    in a batch; the extra choices of ``n = 2`` did not compute them but carry them)."""
+    http_url = await merged(nursery)
+    native_url = await native_gateway(nursery)
+    for name, path, body in PROMPT_CASES:
+        for n in (1, 2):
+            req = {**body, "n": n}
+            ref = (await post(http_url, path, req)).json()
+            got = (await post(native_url, path, req)).json()
+            assert body_view(got) == body_view(ref), (name, n)
+            k = body["prompt_logprobs"]
+            if path == "/v1/chat/completions":
+                plps = [ref["prompt_logprobs"]]
+            else:
+                plps = [c["prompt_logprobs"] for c in ref["choices"]]
+                assert len(plps) == n * (2 if isinstance(body["prompt"], list) else 1)
+            for plp in plps:
+                assert plp[0] is None and all(1 <= len(p) <= k + 1 for p in plp[1:]), name
+                ranks = [[v["rank"] for v in p.values()] for p in plp[1:]]
+                assert any(r[0] > k for r in ranks) or k == 20, name  # the prompt token first
+        # a stream asking for none is answered (without them), as vLLM
+        if body["prompt_logprobs"] == 0:
+            streamed = {**body, "stream": True}
+            events = answer(await post(native_url, path, streamed))
+            ref_events = answer(await post(http_url, path, streamed))
+            field = "content" if path == "/v1/chat/completions" else "lists"
+            assert stream_logprobs(events, field) == stream_logprobs(ref_events, field)
+            assert all("prompt_logprobs" not in e for e in events[:-1])
+
+
+REFUSALS: list[tuple[str, dict[str, Any], str]] = [
+    ("/v1/chat/completions", {"top_logprobs": 2}, "`logprobs` must be set to true"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "must be a positive value"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "max allowed: 20"),
+    ("/v1/chat/completions", {"prompt_logprobs": 21}, "max allowed: 20"),
+    ("/v1/chat/completions", {"prompt_logprobs": -2}, "must be a positive value"),
+    ("/v1/completions", {"logprobs": 21}, "max allowed: 20"),
+    ("/v1/completions", {"logprobs": -1}, "must be a positive value"),
+]
+
+
+async def test_native_path_refuses_what_vllm_refuses(nursery: trio.Nursery) -> None:
+    """The same 400s (status and vLLM's message) from a native worker as from the HTTP
+    simulator; ``prompt_logprobs`` above 0 in a stream too."""
+    http_url = await merged(nursery)
+    native_url = await native_gateway(nursery)
+    stream_case = ("/v1/chat/completions", {"prompt_logprobs": 1},
+                   "not available when `stream=True`")  # fmt: skip
+    for stream in (False, True):
+        cases = [stream_case] if stream else []
+        cases += [c for c in REFUSALS if not (stream and "prompt_logprobs" in c[1])]
+        for path, extra, message in cases:
+            base = {"model": MODEL, "max_tokens": 4, "stream": stream}
+            base.update({"messages": MESSAGES} if "chat" in path else {"prompt": LONG})
+            req = {**base, **extra}
+            for url in (http_url, native_url):
+                r = await http_request(url, "POST", path, req, timeout=BOUND)
+                assert r.status == 400, (url, extra, r.body)
+                assert message in r.json()["error"]["message"], (url, extra, r.body)
 
 
 @pytest.mark.parametrize("stream", [False, True])

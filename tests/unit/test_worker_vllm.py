@@ -320,7 +320,7 @@ def test_output_translator_edge_cases() -> None:
     lps = [{5: Logprob(-0.5), 6: Logprob(-2.0)}, {7: Logprob(-0.1)}]
     tr = OutputTranslator()
     d = tr.feed(RequestOutput([CompletionOutput("ab", [5, 7], logprobs=lps)]))
-    assert d is not None and d.logprobs == [Token(5, -0.5), Token(7, -0.1)]
+    assert d is not None and d.logprobs == [Token(5, -0.5, 1), Token(7, -0.1, 1)]
     # finished without a reason (e.g. aborted inside the engine): still a finish
     d = tr.feed(RequestOutput([CompletionOutput("", [])], finished=True))
     assert d is not None and d.finish_reason == "stop" and d.usage is not None

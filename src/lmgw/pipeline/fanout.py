@@ -61,12 +61,17 @@ BEST_OF_MESSAGE = (
 def child_params(params: SamplingParams, sample: int) -> SamplingParams:
     """The sampling parameters of choice ``sample`` of a prompt: vLLM's rule (a seeded
     request's child ``i`` gets ``seed + i``; an unseeded one is independent). Choice 0 is the
-    request's own parameters, so it answers what ``n = 1`` would."""
+    request's own parameters, so it answers what ``n = 1`` would. Only choice 0 asks for the
+    prompt's logprobs (the same for every choice: :meth:`Fanout.merged` copies them)."""
     if sample == 0:
         return params
     if params.seed is not None:
-        return msgspec.structs.replace(params, seed=params.seed + sample)
-    return msgspec.structs.replace(params, extra={**(params.extra or {}), SAMPLE_INDEX: sample})
+        changes: dict[str, Any] = {"seed": params.seed + sample}
+    else:
+        changes = {"extra": {**(params.extra or {}), SAMPLE_INDEX: sample}}
+    if params.prompt_logprobs is not None:
+        changes["prompt_logprobs"] = None
+    return msgspec.structs.replace(params, **changes)
 
 
 def child_request(greq: GatewayRequest, k: int) -> GatewayRequest:
@@ -181,12 +186,19 @@ class Fanout:
 
     # -- whole answers ------------------------------------------------------------------------
     def merged(self) -> bytes:
-        """The choices' bodies as one: the first body's envelope, every choice in index order,
-        the summed usage."""
+        """The choices' bodies as one: the first body's envelope (a chat's ``prompt_logprobs``
+        with it), every choice in index order (a completion choice with its prompt's
+        ``prompt_logprobs``, which its prompt's first choice brought), the summed usage."""
         objs: list[Any] = [msgspec.json.decode(b) for b in self.bodies if b is not None]
         if len(objs) != len(self.bodies):
             raise GatewayError(502, "a choice ended without an answer")
         out = objs[0]
         out["choices"] = [c for o in objs for c in o.get("choices") or ()]
+        choices, n = out["choices"], self.n
+        for k in range(len(choices)):
+            if k % n and isinstance(choices[k], dict) and choices[k].get("prompt_logprobs") is None:
+                first = choices[k - k % n]
+                if isinstance(first, dict) and first.get("prompt_logprobs") is not None:
+                    choices[k]["prompt_logprobs"] = first["prompt_logprobs"]
         out["usage"] = usage_dict(*self.usage())
         return msgspec.json.encode(out)

@@ -39,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
@@ -368,6 +368,7 @@ _NOT_SAMPLING = frozenset(
         "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
         "min_tokens", "logprobs", "top_logprobs", "metadata", "store", "service_tier",
         "modalities", "audio", "prediction", "web_search_options", "return_tokens_as_token_ids",
+        "prompt_logprobs",
     }
 )  # fmt: skip
 
@@ -378,6 +379,14 @@ def _int(obj: Mapping[str, Any], key: str, low: int = 0) -> int | None:
         return None
     if type(value) is not int or value < low:
         raise GatewayError(400, f"{key} must be an integer >= {low}", param=key)
+    return value
+
+
+def _integer(obj: Mapping[str, Any], key: str) -> int | None:
+    """An integer of any sign (the caller words the range check as vLLM does)."""
+    value = obj.get(key)
+    if value is not None and type(value) is not int:
+        raise GatewayError(400, f"{key} must be an integer", param=key)
     return value
 
 
@@ -412,12 +421,9 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
         max_tokens = _int(obj, "max_completion_tokens")
         if max_tokens is None:
             max_tokens = _int(obj, "max_tokens")
-        logprobs = None
-        if obj.get("logprobs"):
-            logprobs = _int(obj, "top_logprobs") or 0
     else:
         max_tokens = _int(obj, "max_tokens")
-        logprobs = _int(obj, "logprobs")
+    logprobs, prompt_logprobs = logprob_counts(endpoint, obj)
     stop = obj.get("stop")
     if stop is None:
         stops: list[str] = []
@@ -449,7 +455,43 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
         ignore_eos=bool(obj.get("ignore_eos", False)),
         logprobs=logprobs,
         extra=extra or None,
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def logprob_counts(endpoint: str, obj: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(alternatives per output token, per prompt position) a body asks for (None: no
+    logprobs), with vLLM's checks and messages (the most a worker allows, vLLM's
+    ``max_logprobs``, is the worker's to check). A stream's ``prompt_logprobs: 0`` asks for
+    nothing: streams carry no prompt logprobs (vLLM refuses more than 0)."""
+    if endpoint == "chat":
+        top = _integer(obj, "top_logprobs")
+        if top is not None:
+            if top < 0:
+                raise GatewayError(400, "`top_logprobs` must be a positive value.",
+                                   param="top_logprobs")  # fmt: skip
+            if top > 0 and not obj.get("logprobs"):
+                raise GatewayError(
+                    400,
+                    "when using `top_logprobs`, `logprobs` must be set to true.",
+                    param="top_logprobs",
+                )
+        logprobs = (top or 0) if obj.get("logprobs") else None
+    else:
+        logprobs = _integer(obj, "logprobs")
+        if logprobs is not None and logprobs < 0:
+            raise GatewayError(400, "`logprobs` must be a positive value.", param="logprobs")
+    prompt = _integer(obj, "prompt_logprobs")
+    if prompt is not None:
+        if obj.get("stream"):
+            if prompt > 0:
+                raise GatewayError(400, "`prompt_logprobs` are not available when `stream=True`.",
+                                   param="prompt_logprobs")  # fmt: skip
+            prompt = None
+        elif prompt < 0:
+            raise GatewayError(400, "`prompt_logprobs` must be a positive value.",
+                               param="prompt_logprobs")  # fmt: skip
+    return logprobs, prompt
 
 
 def _client_error(role: str, worker: Worker, exc: RpcError) -> GatewayError:
@@ -506,6 +548,25 @@ class NativeRunner:
         self.stall_s = cfg.upstream.stream_stall_timeout_s or math.inf
         self._cpu: trio.CapacityLimiter | None = None
         self._ssl: Any = None
+        self._names: dict[str, tuple[Any, Callable[[int], str]]] = {}
+
+    def _token_text(self, model: str, tok: Any) -> Callable[[int], str]:
+        """``model``'s token names for logprobs: an id decoded alone (vLLM's
+        ``decoded_token``), remembered (an answer with 20 alternatives per token names the
+        same few thousand ids again and again); "" for an id outside the tokenizer's vocabulary
+        (a model's padded logits)."""
+        entry = self._names.get(model)
+        if entry is None or entry[0] is not tok:
+
+            def name(token_id: int) -> str:
+                try:
+                    return tok.decode([token_id])
+                except GatewayError:  # TokenIdError: not in the vocabulary
+                    return ""
+
+            entry = (tok, lru_cache(maxsize=1 << 16)(name))
+            self._names[model] = entry
+        return entry[1]
 
     def handles(self, model: str) -> bool:
         """Whether ``model``'s requests run here."""
@@ -656,6 +717,10 @@ class NativeRunner:
             prompt = obj.get("prompt") if source is None else source
             echo = prompt if isinstance(prompt, str) else text.tokenizer.decode(job.prompt)
         tok = text.tokenizer
+        params = job.params
+        names = None
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            names = self._token_text(greq.model, tok)
         return OpenAISynth(
             "chat" if greq.endpoint == "chat" else "completion",
             greq.request_id,
@@ -665,8 +730,8 @@ class NativeRunner:
             continuous_usage=bool(so.get("continuous_usage_stats")),
             prompt_tokens=len(job.prompt),
             echo=echo,
-            logprobs=job.params.logprobs is not None,
-            token_text=lambda t: tok.decode([t]),
+            logprobs=params.logprobs is not None,
+            token_text=names,
             index=index or 0,
             last=index is None,
         )
@@ -1021,6 +1086,8 @@ class NativeRunner:
         p = self.p
         registry, policy, metrics = p.registry, p.policies[role], p.metrics
         chan: RpcChannel = worker.channel  # type: ignore[attr-defined]
+        if msg.params.logprobs or msg.params.prompt_logprobs is not None:
+            _check_top_logprobs(chan, worker)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1157,6 +1224,7 @@ class NativeRunner:
                 usage.cached_tokens,
                 ids,
                 logprobs,
+                prompt_lps=event.prompt_logprobs,
             )
             if greq.output is not None:
                 body = greq.output.body(body)
@@ -1170,6 +1238,20 @@ class NativeRunner:
         if greq.timings:
             out.append((b"server-timing", greq.server_timing()))
         return out
+
+
+def _check_top_logprobs(chan: RpcChannel, worker: Worker) -> None:
+    """Alternatives and prompt logprobs need a worker that agreed on ``top_logprobs``: an
+    older one would answer the sampled tokens alone. Raised before anything is sent (another
+    worker may take the request), and never counted against the worker."""
+    session = chan.session
+    if session is not None and "top_logprobs" not in session.capabilities:
+        raise RpcError(
+            FailureCode.UNSUPPORTED,
+            f"worker {worker.id} does not send top logprobs or prompt logprobs (capability"
+            " top_logprobs: an older lmgw worker)",
+            sent=False,
+        )
 
 
 def _leaf(group: BaseExceptionGroup) -> BaseException:

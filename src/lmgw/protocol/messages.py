@@ -112,6 +112,7 @@ CAPABILITIES: frozenset[str] = frozenset(
         "tensor_frames",
         "tensor_shm",  # TensorRef.shm: the array is in a same-host shared-memory segment
         "logprobs",
+        "top_logprobs",  # Token.rank/top_*, SamplingParams.prompt_logprobs, Finish.prompt_logprobs
         "batch",  # several frame-less messages in one ZeroMQ message (Batch), both directions
     }
 )
@@ -226,6 +227,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
     ignore_eos: bool = False
     logprobs: Count | None = None
     extra: dict[str, Any] | None = None
+    prompt_logprobs: Count | None = None  # vLLM's: the prompt's, with this many alternatives
 
 
 class Usage(msgspec.Struct, frozen=True, array_like=True):
@@ -235,10 +237,25 @@ class Usage(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Token(msgspec.Struct, frozen=True, array_like=True):
-    """A logprob entry for one generated token."""
+    """The logprob entry of one position: the token there (sampled, or the prompt's own), its
+    logprob and rank (1: the most likely; None: not reported), and the ``k`` most likely
+    tokens asked for (``SamplingParams.logprobs`` / ``prompt_logprobs``) as parallel lists,
+    best first (rank ``i + 1`` at index ``i``; the token itself among them when its rank is at
+    most ``k``). Ids only: the gateway names tokens with the model's tokenizer, as vLLM's
+    ``decoded_token`` does (each id decoded alone). ``rank`` and ``top_*`` came with the
+    ``top_logprobs`` capability; a peer without it sends ``[token_id, logprob]``."""
 
     token_id: int
     logprob: float
+    rank: Count | None = None
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+    def __post_init__(self) -> None:
+        if len(self.top_ids) != len(self.top_logprobs):
+            raise ValueError(
+                f"{len(self.top_ids)} top_ids but {len(self.top_logprobs)} top_logprobs"
+            )
 
 
 # -- the message union ------------------------------------------------------------------------
@@ -353,6 +370,9 @@ class Finish(Message, tag=18):
     stop_reason: str | int | None = None
     usage: Usage = Usage()
     kv_transfer_params: dict[str, Any] | None = None
+    #: ``SamplingParams.prompt_logprobs``: one entry per prompt position, None for the first
+    #: (vLLM's ``prompt_logprobs``, sent once as vLLM's first output does; here at the end)
+    prompt_logprobs: list[Token | None] | None = None
 
 
 class PrefillDone(Message, tag=19):

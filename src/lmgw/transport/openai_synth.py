@@ -22,7 +22,14 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["DONE", "OpenAISynth", "usage_dict"]
+__all__ = [
+    "DONE",
+    "OpenAISynth",
+    "chat_logprobs",
+    "completion_logprobs",
+    "prompt_logprobs",
+    "usage_dict",
+]
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
@@ -211,11 +218,14 @@ class OpenAISynth:
         cached_tokens: int,
         token_ids: Sequence[int] = (),
         logprobs: Sequence[Any] | None = None,
+        prompt_lps: Sequence[Any] | None = None,
     ) -> bytes:
-        """A non-streamed ``chat.completion`` or ``text_completion`` body."""
+        """A non-streamed ``chat.completion`` or ``text_completion`` body; ``prompt_lps``: the
+        worker's ``Finish.prompt_logprobs`` (rendered as vLLM's ``prompt_logprobs``)."""
         self.final_usage = (prompt_tokens, completion_tokens, cached_tokens)
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
         lp = self._logprobs_obj(text, token_ids, logprobs)
+        plp = None if prompt_lps is None else prompt_logprobs(prompt_lps, self.token_text)
         if self.chat:
             return _encode(
                 {
@@ -244,7 +254,7 @@ class OpenAISynth:
                     "service_tier": None,
                     "system_fingerprint": None,
                     "usage": usage,
-                    "prompt_logprobs": None,
+                    "prompt_logprobs": plp,
                     "kv_transfer_params": None,
                 }
             )
@@ -261,7 +271,7 @@ class OpenAISynth:
                         "logprobs": lp,
                         "finish_reason": finish_reason,
                         "stop_reason": stop_reason,
-                        "prompt_logprobs": None,
+                        "prompt_logprobs": plp,
                     }
                 ],
                 "service_tier": None,
@@ -284,33 +294,98 @@ class OpenAISynth:
     def _logprobs_obj(
         self, text: str, token_ids: Sequence[int], logprobs: Sequence[Any] | None
     ) -> dict[str, Any] | None:
-        """vLLM's logprobs for the sampled tokens. Workers send no alternatives, so a chat's
-        ``top_logprobs`` is empty and a completion's holds the sampled token alone (what vLLM
-        answers to ``top_logprobs: 0`` / ``logprobs: 0``)."""
+        """vLLM's logprobs object for the sampled tokens (:func:`chat_logprobs`,
+        :func:`completion_logprobs`); completions' ``text_offset`` goes on from the text
+        before."""
         if not self._logprobs or logprobs is None:
             return None
-        names = [self.token_text(t.token_id) for t in logprobs]
         if self.chat:
-            return {
-                "content": [
+            return chat_logprobs(logprobs, self.token_text)
+        obj, self._offset = completion_logprobs(logprobs, self.token_text, self._offset)
+        return obj
+
+
+# -- logprobs rendering (sans-IO): the protocol's Token entries -> vLLM's shapes ----------------
+#
+# A Token carries the k best alternatives the client asked for, best first, so ``k`` is theirs.
+# Names are the token ids decoded alone (``token_text``), as vLLM's ``decoded_token``.
+# Where vLLM's own order differs (a chat's ``top_logprobs`` list: vLLM puts the sampled token
+# first, then the best, and so drops the k-th best when the sampled token is not among them),
+# the lists here are the k best, best first: the HTTP simulator's answer, byte for byte.
+
+_MIN_LOGPROB = -9999.0  # vLLM's clamp (-inf is not JSON)
+
+
+def chat_logprobs(tokens: Sequence[Any], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """A chat choice's (or chunk's) ``logprobs``: ``{"content": [...]}``, one entry per token
+    with ``token``, ``logprob``, ``bytes`` and ``top_logprobs`` (each ``token``, ``logprob``,
+    ``bytes``)."""
+    content = []
+    for t in tokens:
+        name = token_text(t.token_id)
+        content.append(
+            {
+                "token": name,
+                "logprob": max(t.logprob, _MIN_LOGPROB),
+                "bytes": list(name.encode("utf-8")),
+                "top_logprobs": [
                     {
-                        "token": name,
-                        "logprob": max(t.logprob, -9999.0),
-                        "bytes": list(name.encode("utf-8")),
-                        "top_logprobs": [],
+                        "token": (alt := token_text(tid)),
+                        "logprob": max(lp, _MIN_LOGPROB),
+                        "bytes": list(alt.encode("utf-8")),
                     }
-                    for name, t in zip(names, logprobs, strict=True)
-                ]
+                    for tid, lp in zip(t.top_ids, t.top_logprobs, strict=True)
+                ],
             }
-        offsets = []
-        for name in names:
-            offsets.append(self._offset)
-            self._offset += len(name)
-        return {
-            "text_offset": offsets,
-            "token_logprobs": [max(t.logprob, -9999.0) for t in logprobs],
-            "tokens": names,
-            "top_logprobs": [
-                {name: max(t.logprob, -9999.0)} for name, t in zip(names, logprobs, strict=True)
-            ],
+        )
+    return {"content": content}
+
+
+def completion_logprobs(
+    tokens: Sequence[Any], token_text: Callable[[int], str], offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """A completion choice's (or chunk's) ``logprobs`` (``text_offset``, ``token_logprobs``,
+    ``tokens``, ``top_logprobs``) and the offset after it. Each ``top_logprobs`` object holds
+    the k best and the sampled token (OpenAI's ``logprobs: k``: k + 1 entries at most, the
+    sampled one last when it is not among the best); offsets count each token's text from
+    ``offset``, as vLLM's ``_create_completion_logprobs``."""
+    offsets, names, values, tops = [], [], [], []
+    for t in tokens:
+        name = token_text(t.token_id)
+        value = max(t.logprob, _MIN_LOGPROB)
+        offsets.append(offset)
+        offset += len(name)
+        names.append(name)
+        values.append(value)
+        top = {
+            token_text(tid): max(lp, _MIN_LOGPROB)
+            for tid, lp in zip(t.top_ids, t.top_logprobs, strict=True)
         }
+        top.setdefault(name, value)
+        tops.append(top)
+    obj = {"text_offset": offsets, "token_logprobs": values, "tokens": names, "top_logprobs": tops}
+    return obj, offset
+
+
+def prompt_logprobs(
+    entries: Sequence[Any], token_text: Callable[[int], str]
+) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs`` (chat: top level; completions: per choice): per prompt
+    position None (the first) or ``{token id: {logprob, rank, decoded_token}}`` for the
+    prompt's token (first, with its rank) and the k best (ranks 1..k)."""
+    out: list[dict[str, Any] | None] = []
+    for t in entries:
+        if t is None:
+            out.append(None)
+            continue
+        d = {str(t.token_id): _vllm_logprob(t.logprob, t.rank, token_text(t.token_id))}
+        for rank, (tid, lp) in enumerate(zip(t.top_ids, t.top_logprobs, strict=True), 1):
+            key = str(tid)
+            if key not in d:
+                d[key] = _vllm_logprob(lp, rank, token_text(tid))
+        out.append(d)
+    return out
+
+
+def _vllm_logprob(logprob: float, rank: int | None, decoded: str) -> dict[str, Any]:
+    return {"logprob": max(logprob, _MIN_LOGPROB), "rank": rank, "decoded_token": decoded}

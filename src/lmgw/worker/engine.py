@@ -99,7 +99,10 @@ class EngineRequest(Generic[Msg]):
 @dataclass(frozen=True, slots=True)
 class GenerateOutput:
     """New output since the previous one. The last one carries ``finish_reason`` (and may
-    carry text too); ``usage`` and ``kv_transfer_params`` are read from the last one."""
+    carry text too); ``usage`` and ``kv_transfer_params`` are read from the last one.
+    ``logprobs``: one :class:`~lmgw.protocol.Token` per token id (with the alternatives
+    asked for); ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``): one entry per prompt
+    position, None for the first, on any one output (the server sends them on ``Finish``)."""
 
     text: str = ""
     token_ids: Sequence[int] = ()
@@ -108,6 +111,7 @@ class GenerateOutput:
     stop_reason: str | int | None = None
     usage: Usage | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    prompt_logprobs: list[Token | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +147,8 @@ class Engine(abc.ABC):
     @property
     def capabilities(self) -> frozenset[str]:
         """Stage capabilities (``stream``, ``prefill``, ``encode``, ``tensor_frames``,
-        ``logprobs``); the server adds what it implements itself."""
+        ``logprobs``, ``top_logprobs``: alternatives and prompt logprobs); the server adds what
+        it implements itself."""
         return ROLE_CAPABILITIES[self.role]
 
     @abc.abstractmethod

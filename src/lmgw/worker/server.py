@@ -760,8 +760,11 @@ class WorkerServer:
         texts: list[str] = []
         ids: list[int] = []
         logprobs: list[Token] | None = None
+        prompt_logprobs: list[Token | None] | None = None
         async with contextlib.aclosing(self.engine.generate(req)) as outputs:  # type: ignore[type-var]
             async for out in outputs:
+                if out.prompt_logprobs is not None:  # once, on any output: sent with Finish
+                    prompt_logprobs = out.prompt_logprobs
                 if out.text or out.token_ids or out.logprobs:
                     if stream:
                         delta = Delta(rid, seq, out.text, list(out.token_ids), out.logprobs)
@@ -784,6 +787,7 @@ class WorkerServer:
                         out.stop_reason,
                         out.usage or Usage(),
                         out.kv_transfer_params,
+                        prompt_logprobs,
                     )
                     if merged is not None:  # one send for both (one batch when batching)
                         await self._send(sock, job, merged, then=finish)

@@ -57,6 +57,7 @@ from ..simulators.disagg import (
 from ..simulators.engine import Completion, PromptError, SamplingSpec, Ticket, sample_index
 from ..simulators.engine import Engine as SimCore
 from ..simulators.faults import FaultInjector
+from ..simulators.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from .engine import (
     EncodeResult,
     Engine,
@@ -67,7 +68,7 @@ from .engine import (
     role_name,
 )
 
-__all__ = ["SimEngine", "SimRun", "sampling_spec"]
+__all__ = ["SimEngine", "SimRun", "check_logprobs", "sampling_spec", "wire_token"]
 
 RECENT = 256
 """How many ended runs and aborted ids the engine remembers (tests read them)."""
@@ -83,6 +84,31 @@ class SimRun:
     total: int
     emitted: int = 0
     state: str = "waiting"
+
+
+def check_logprobs(params: Any) -> None:
+    """vLLM's bound on alternatives (``max_logprobs``: the HTTP simulator's 20), as
+    ``bad_request`` with vLLM's message."""
+    for what, k in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+        if k is not None and k > MAX_TOP_LOGPROBS:
+            raise EngineError(
+                FailureCode.BAD_REQUEST,
+                f"Requested {what} logprobs of {k}, which is greater than max allowed: "
+                f"{MAX_TOP_LOGPROBS}",
+            )
+
+
+def wire_token(entry: TokenLogprob, k: int) -> Token:
+    """The simulator's logprobs of one position as the protocol's entry, with the ``k``
+    most likely tokens (what the HTTP simulator renders from the same entry)."""
+    top = entry.top[:k]
+    return Token(
+        entry.token_id,
+        entry.logprob,
+        entry.rank,
+        [t for t, _ in top],
+        [lp for _, lp in top],
+    )
 
 
 def sampling_spec(params: Any) -> SamplingSpec:
@@ -153,15 +179,17 @@ class SimEngine(Engine):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """The role's, plus ``logprobs`` where it generates (the sampled tokens' values)."""
+        """The role's, plus ``logprobs`` and ``top_logprobs`` where it generates (the HTTP
+        simulator's values: sampled tokens, alternatives, the prompt's)."""
         caps = super().capabilities
-        return caps | {"logprobs"} if "stream" in caps else caps
+        return caps | {"logprobs", "top_logprobs"} if "stream" in caps else caps
 
     # -- the Engine interface -------------------------------------------------------------------
     async def generate(self, req: EngineRequest[Generate]) -> AsyncIterator[GenerateOutput]:  # type: ignore[override]
         msg = req.msg
         ids = self._prompt_ids(msg)
         spec = sampling_spec(msg.params)
+        check_logprobs(msg.params)
         self._check_length(len(ids), spec.max_tokens)
         self._inject_error()
         extra_s = self._check_media(req)
@@ -181,12 +209,14 @@ class SimEngine(Engine):
             run.state = "decode"
             timed = not self.core.config.timing.instant
             crash = self.faults.faults.crash_at_token
-            # the sampled tokens' logprobs, the HTTP simulator's values (the protocol carries
-            # no alternatives)
+            # the HTTP simulator's logprobs: the sampled tokens' with the alternatives asked for
+            k = msg.params.logprobs
             lps = (
                 None
-                if msg.params.logprobs is None
-                else self.core.logprobs.output(completion.key, completion.token_ids)
+                if k is None
+                else self.core.logprobs.output(
+                    completion.key, completion.token_ids, completion.offset
+                )
             )
             for step, (tid, piece) in enumerate(
                 zip(completion.token_ids, completion.pieces, strict=True)
@@ -200,7 +230,7 @@ class SimEngine(Engine):
                     clock = max(clock, trio.current_time() - 0.05) + ticket.decode_step_s()
                     await trio.sleep_until(clock)
                 yield GenerateOutput(
-                    piece, (tid,), None if lps is None else [Token(tid, lps[step].logprob)]
+                    piece, (tid,), None if lps is None else [wire_token(lps[step], k or 0)]
                 )
                 run.emitted = step + 1
             if crash is not None and crash == completion.num_tokens:
@@ -212,6 +242,7 @@ class SimEngine(Engine):
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
                 usage=Usage(len(ids), completion.num_tokens, ticket.cached_tokens),
+                prompt_logprobs=self._prompt_logprobs(ids, msg.params.prompt_logprobs),
             )
         finally:
             if acquired:
@@ -327,6 +358,12 @@ class SimEngine(Engine):
         }
 
     # -- helpers --------------------------------------------------------------------------------
+    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list[Token | None] | None:
+        """The prompt's logprobs (``prompt_logprobs: k``): position 0 None, as vLLM's."""
+        if k is None:
+            return None
+        return [None if e is None else wire_token(e, k) for e in self.core.logprobs.prompt(ids)]
+
     def _prompt_ids(self, msg: Generate | Prefill) -> list[int]:
         """Token ids as the HTTP simulator's completions make them (text encoded with the
         model's special tokens, as vLLM does); ids out of the vocabulary are refused."""

@@ -10,7 +10,10 @@ here, unit-tested with vLLM-shaped fakes:
 * :func:`prompt_input`: a stage message -> vLLM's prompt dict (``TokensPrompt``/``TextPrompt``
   with ``multi_modal_data`` and ``multi_modal_uuids``).
 * :class:`OutputTranslator`: ``RequestOutput`` objects (DELTA or CUMULATIVE) -> our deltas,
-  usage (with cached tokens), finish and stop reasons and the returned ``kv_transfer_params``.
+  usage (with cached tokens), finish and stop reasons, the returned ``kv_transfer_params``,
+  and logprobs: vLLM's per-position ``{token_id: Logprob(logprob, rank, decoded_token)}``
+  dicts (the sampled or prompt token first, then the ``k`` best) -> :class:`Token` entries
+  (the token's logprob and rank, the ``k`` best by rank), ``prompt_logprobs`` sent once.
 * :class:`SchedulerGauges`: vLLM's stat-logger callbacks -> :meth:`Engine.metrics` values.
 
 The event loops: vLLM runs on asyncio, the worker server on trio. :func:`run_vllm_worker` runs
@@ -78,7 +81,10 @@ NIXL_PREFILL_PARAMS: dict[str, Any] = {
 }
 """What a proxy sets on the prefill leg when the gateway sent none (PROTOCOLS.md §2.2)."""
 
-_DIRECT = ("max_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed", "logprobs")
+_DIRECT = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed", "logprobs",
+    "prompt_logprobs",
+)  # fmt: skip
 _NOT_FROM_EXTRA = frozenset({"n", "output_kind", "extra_args"})
 
 
@@ -127,6 +133,7 @@ def sampling_kwargs(
     elif stage in ("prefill", "encode"):
         kw["max_tokens"] = 1
         kw.pop("min_tokens", None)
+        kw.pop("prompt_logprobs", None)  # a hand-off carries none: the decode leg answers them
         kw["output_kind"] = "FINAL_ONLY"
         if stage == "prefill" and kv_transfer_params is None:
             kv_transfer_params = dict(NIXL_PREFILL_PARAMS)
@@ -203,17 +210,36 @@ class OutputTranslator:
     """``RequestOutput``s of one request (n=1) -> :class:`GenerateOutput` deltas.
 
     Reads ``outputs[0].text/token_ids/logprobs/finish_reason/stop_reason``,
-    ``prompt_token_ids``, ``num_cached_tokens``, ``finished`` and ``kv_transfer_params``.
-    ``cumulative=True`` for outputs that repeat everything so far (vLLM's default
-    CUMULATIVE kind): only the new part is emitted.
+    ``prompt_token_ids``, ``prompt_logprobs``, ``num_cached_tokens``, ``finished`` and
+    ``kv_transfer_params``. ``cumulative=True`` for outputs that repeat everything so far
+    (vLLM's default CUMULATIVE kind): only the new part is emitted. ``top_logprobs`` /
+    ``prompt_top``: the alternatives asked for per output / prompt position
+    (``SamplingParams.logprobs`` / ``prompt_logprobs``); the prompt's logprobs go out with the
+    finishing delta (vLLM sends them once, on its first output).
     """
 
-    __slots__ = ("_ids_seen", "_text_seen", "completion_tokens", "cumulative", "prompt_tokens")
+    __slots__ = (
+        "_ids_seen",
+        "_prompt_ids",
+        "_prompt_lps",
+        "_text_seen",
+        "completion_tokens",
+        "cumulative",
+        "prompt_tokens",
+        "prompt_top",
+        "top_logprobs",
+    )
 
-    def __init__(self, *, cumulative: bool = False) -> None:
+    def __init__(
+        self, *, cumulative: bool = False, top_logprobs: int = 0, prompt_top: int = 0
+    ) -> None:
         self.cumulative = cumulative
+        self.top_logprobs = top_logprobs
+        self.prompt_top = prompt_top
         self._text_seen = 0
         self._ids_seen = 0
+        self._prompt_ids: list[int] = []
+        self._prompt_lps: list[Any] = []
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -224,6 +250,13 @@ class OutputTranslator:
         prompt_ids = getattr(out, "prompt_token_ids", None)
         if prompt_ids:
             self.prompt_tokens = len(prompt_ids)
+            self._prompt_ids = prompt_ids
+        prompt_lps = getattr(out, "prompt_logprobs", None)
+        if prompt_lps:  # once (V1); every time (cumulative, older engines); or in chunks
+            if self.cumulative:
+                self._prompt_lps = list(prompt_lps)
+            else:
+                self._prompt_lps.extend(prompt_lps)
         text, ids, lps = "", [], None
         if comp is not None:
             text = comp.text or ""
@@ -236,7 +269,7 @@ class OutputTranslator:
                     raw_lps = raw_lps[self._ids_seen :]
                 self._text_seen += len(text)
                 self._ids_seen += len(ids)
-            lps = _logprobs(ids, raw_lps)
+            lps = _logprobs(ids, raw_lps, self.top_logprobs)
         self.completion_tokens += len(ids)
         finish: str | None = None
         stop_reason: str | int | None = None
@@ -255,23 +288,62 @@ class OutputTranslator:
             stop_reason,
             Usage(self.prompt_tokens, self.completion_tokens, _cached(out)),
             getattr(out, "kv_transfer_params", None),
+            self._prompt_logprobs(),
         )
+
+    def _prompt_logprobs(self) -> list[Token | None] | None:
+        """The prompt's entries (None where vLLM has none: position 0), or None if vLLM sent
+        none (not asked)."""
+        if not self._prompt_lps:
+            return None
+        ids, k = self._prompt_ids, self.prompt_top
+        return [
+            None if entry is None or p >= len(ids) else _token(ids[p], entry, k)
+            for p, entry in enumerate(self._prompt_lps)
+        ]
 
 
 def _cached(out: Any) -> int:
     return int(getattr(out, "num_cached_tokens", 0) or 0)
 
 
-def _logprobs(ids: Sequence[int], raw: Any) -> list[Token] | None:
-    """vLLM's per-position ``{token_id: Logprob}`` -> the sampled tokens' entries."""
+def _logprobs(ids: Sequence[int], raw: Any, k: int = 0) -> list[Token] | None:
+    """vLLM's per-position ``{token_id: Logprob}`` (a list, or vLLM's list-like
+    ``FlatLogprobs``) -> the sampled tokens' entries with ``k`` alternatives."""
     if raw is None:
         return None
     out: list[Token] = []
     for tid, entry in zip(ids, raw, strict=False):
-        lp = entry.get(tid) if entry is not None else None
-        if lp is not None:
-            out.append(Token(tid, float(getattr(lp, "logprob", lp))))
+        token = None if entry is None else _token(tid, entry, k)
+        if token is not None:
+            out.append(token)
     return out
+
+
+def _token(tid: int, entry: Any, k: int) -> Token | None:
+    """One position's dict -> its entry: ``tid``'s logprob and rank, and the ``k`` best by
+    rank (vLLM's dict holds ``tid`` first, then ranks 1..k; ``tid`` keeps its own rank when it
+    is among them). Values may be bare floats (no rank): then the best by logprob."""
+    own = entry.get(tid)
+    if own is None:
+        return None
+    if not k:
+        return Token(tid, _value(own), _rank(own))
+    ranked = [(_rank(lp), -_value(lp), t) for t, lp in entry.items()]
+    if all(r is not None for r, _, _ in ranked):
+        best = sorted(x for x in ranked if x[0] <= k)[:k]
+    else:
+        best = sorted(ranked, key=lambda x: x[1])[:k]
+    return Token(tid, _value(own), _rank(own), [t for _, _, t in best], [-v for _, v, _ in best])
+
+
+def _value(lp: Any) -> float:
+    return float(getattr(lp, "logprob", lp))
+
+
+def _rank(lp: Any) -> int | None:
+    rank = getattr(lp, "rank", None)
+    return None if rank is None else int(rank)
 
 
 def prefill_result(final: Any) -> PrefillResult:
@@ -457,6 +529,13 @@ class VllmEngine(Engine):
         self._fields = frozenset(fields) if fields else None
         self._encode_prompt = encode_prompt or self._chat_template_prompt
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The role's, plus ``logprobs`` and ``top_logprobs`` where it generates (vLLM returns
+        alternatives, ranks and prompt logprobs)."""
+        caps = super().capabilities
+        return caps | {"logprobs", "top_logprobs"} if "stream" in caps else caps
+
     @classmethod
     async def create(cls, engine_args: Any, *, role: str) -> VllmEngine:
         """Build ``AsyncLLM.from_engine_args`` in the running asyncio loop, with a stat logger
@@ -489,7 +568,9 @@ class VllmEngine(Engine):
         )
         params = self._params(kw)
         prompt = prompt_input(req)
-        translator = OutputTranslator()
+        translator = OutputTranslator(
+            top_logprobs=msg.params.logprobs or 0, prompt_top=msg.params.prompt_logprobs or 0
+        )
         llm = self.llm
         rid = msg.request_id
         outputs = self.bridge.stream(lambda: llm.generate(prompt, params, rid))
