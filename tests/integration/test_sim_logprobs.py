@@ -343,8 +343,9 @@ async def test_chat_and_completion_logprobs_equal_across_flows(nursery: trio.Nur
         assert stream_logprobs(events, "lists")[0] == lp
     assert seen["prompt"][0] == seen["prompt"][1]
     assert seen["completion"][0] == seen["completion"][1]
-    bad = await http_request(urls["merged"], "POST", "/v1/chat/completions",
-                             {**chat, "top_logprobs": 21}, timeout=BOUND)  # fmt: skip
+    bad = await http_request(
+        urls["merged"], "POST", "/v1/chat/completions", {**chat, "top_logprobs": 21}, timeout=BOUND
+    )
     assert bad.status == 400 and "max allowed: 20" in bad.body.decode()
 
 
@@ -388,18 +389,30 @@ NATIVE_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("chat, no top_logprobs", "/v1/chat/completions", CHAT),
     *[(f"completion {k}", "/v1/completions", {**COMPLETION, "logprobs": k}) for k in (0, 2, 5)],
     ("completion echo", "/v1/completions", {**COMPLETION, "logprobs": 3, "echo": True}),
-    ("completion batch", "/v1/completions", {**COMPLETION, "prompt": [LONG, "Another one."],
-                                             "logprobs": 1}),  # fmt: skip
+    (
+        "completion batch",
+        "/v1/completions",
+        {**COMPLETION, "prompt": [LONG, "Another one."], "logprobs": 1},
+    ),
 ]
 PROMPT_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("chat prompt 0", "/v1/chat/completions", {**CHAT, "prompt_logprobs": 0}),
-    ("chat prompt 2, top 3", "/v1/chat/completions",
-     {**CHAT, "top_logprobs": 3, "prompt_logprobs": 2}),  # fmt: skip
-    ("chat prompt 20, no logprobs", "/v1/chat/completions",
-     {**CHAT, "logprobs": False, "prompt_logprobs": 20}),  # fmt: skip
+    (
+        "chat prompt 2, top 3",
+        "/v1/chat/completions",
+        {**CHAT, "top_logprobs": 3, "prompt_logprobs": 2},
+    ),
+    (
+        "chat prompt 20, no logprobs",
+        "/v1/chat/completions",
+        {**CHAT, "logprobs": False, "prompt_logprobs": 20},
+    ),
     ("completion prompt 3", "/v1/completions", {**COMPLETION, "logprobs": 2, "prompt_logprobs": 3}),
-    ("completion batch prompt 1", "/v1/completions",
-     {**COMPLETION, "prompt": [LONG, "Another one."], "prompt_logprobs": 1}),  # fmt: skip
+    (
+        "completion batch prompt 1",
+        "/v1/completions",
+        {**COMPLETION, "prompt": [LONG, "Another one."], "prompt_logprobs": 1},
+    ),
 ]
 
 
@@ -464,6 +477,50 @@ async def test_native_worker_gives_the_http_simulators_prompt_logprobs(
             field = "content" if path == "/v1/chat/completions" else "lists"
             assert stream_logprobs(events, field) == stream_logprobs(ref_events, field)
             assert all("prompt_logprobs" not in e for e in events[:-1])
+
+
+class OlderEngine(SimEngine):
+    """A worker built before the ``top_logprobs`` capability: sampled tokens' values only."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities - {"top_logprobs"}
+
+
+async def test_alternatives_go_only_to_workers_that_send_them(nursery: trio.Nursery) -> None:
+    """A request that needs alternatives or prompt logprobs is never answered by an older
+    worker (it would leave them out): another worker takes it, else a 502 that says why;
+    the older worker is not blamed, and still answers ``top_logprobs: 0``."""
+    workers = []
+    for name, cls in (("old", OlderEngine), ("new", SimEngine)):
+        engine = cls(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
+        with trio.fail_after(BOUND):
+            server = await nursery.start(
+                WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
+            )
+        workers.append(WorkerConfig(url="zmq+" + server.endpoint, role="pd", id=name))
+    tok = str(model_files.default_model_dir())
+    both = await start_gateway(nursery, "pd", "openai", workers, tokenizer=tok)
+    old_only = await start_gateway(nursery, "pd", "openai", workers[:1], tokenizer=tok)
+    ref_url = await merged(nursery)
+    probe = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    for url in (both, old_only):
+        with trio.fail_after(BOUND):
+            while (await http_request(url, "POST", "/v1/completions", probe)).status == 503:
+                await trio.sleep(0.05)
+    asks = [{**CHAT, "top_logprobs": 3}, {**CHAT, "prompt_logprobs": 1}]
+    for body in asks:
+        ref = (await post(ref_url, "/v1/chat/completions", body)).json()
+        for _ in range(4):  # round robin: half of them picked the old worker first
+            got = (await post(both, "/v1/chat/completions", body)).json()
+            assert body_view(got) == body_view(ref)
+        for _ in range(6):  # more than health.outlier_failures (5): no passive ejection
+            r = await http_request(old_only, "POST", "/v1/chat/completions", body, timeout=BOUND)
+            assert r.status == 502 and "capability top_logprobs" in r.body.decode(), r.body
+    plain = {**CHAT, "top_logprobs": 0}
+    ref = (await post(ref_url, "/v1/chat/completions", plain)).json()
+    got = (await post(old_only, "/v1/chat/completions", plain)).json()
+    assert body_view(got) == body_view(ref)
 
 
 REFUSALS: list[tuple[str, dict[str, Any], str]] = [

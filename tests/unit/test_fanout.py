@@ -12,7 +12,7 @@ import trio
 from lmgw.errors import GatewayError
 from lmgw.pipeline.fanout import SAMPLE_INDEX, Fanout, child_params, child_request
 from lmgw.pipeline.request import GatewayRequest
-from lmgw.protocol.messages import SamplingParams
+from lmgw.protocol.messages import SamplingParams, Token
 from lmgw.simulators.engine import Engine, EngineConfig, SamplingSpec, choice_sampling, sample_index
 from lmgw.transport.openai_synth import DONE, OpenAISynth
 
@@ -52,6 +52,11 @@ def test_child_params_follow_vllms_seed_rule() -> None:
     assert child_params(free, 0) is free
     assert child_params(free, 3).seed is None and child_params(free, 3).extra == {SAMPLE_INDEX: 3}
     assert sample_index(child_params(free, 3).extra) == 3 and sample_index(None) == 0
+    # the prompt's logprobs: asked of a prompt's first choice only (the merge copies them)
+    asked = SamplingParams(seed=1, logprobs=2, prompt_logprobs=3)
+    assert child_params(asked, 0).prompt_logprobs == 3
+    assert child_params(asked, 1).prompt_logprobs is None and child_params(asked, 1).logprobs == 2
+    assert child_params(SamplingParams(prompt_logprobs=0), 2).prompt_logprobs is None
 
 
 def test_the_simulators_choices_follow_the_same_rule() -> None:
@@ -112,6 +117,33 @@ def test_merged_bodies_and_usage() -> None:
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in body["choices"]] == ["t0", "t1", "t2", "t3"]
     assert body["usage"]["prompt_tokens"] == 12 and body["usage"]["total_tokens"] == 22
+    assert [c["prompt_logprobs"] for c in body["choices"]] == [None] * 4
+
+
+def test_merged_completions_copy_each_prompts_prompt_logprobs() -> None:
+    """Only a prompt's first choice computed its prompt logprobs: every choice of that prompt
+    carries them (as vLLM's answer); a chat keeps them at the top level, from choice 0."""
+    synths = _synths(4, token_text=str)
+    fan = Fanout(_Responder(), synths, 2)  # type: ignore[arg-type]
+    for k, s in enumerate(synths):
+        plps = [None, Token(10 + k, -1.0, 1)] if k % 2 == 0 else None
+        fan.bodies[k] = s.response(f"t{k}", "stop", None, 2, 1, 0, prompt_lps=plps)
+    got = [c["prompt_logprobs"] for c in msgspec.json.decode(fan.merged())["choices"]]
+    one = {"logprob": -1.0, "rank": 1}
+    assert (
+        got
+        == [[None, {"10": {**one, "decoded_token": "10"}}]] * 2
+        + [[None, {"12": {**one, "decoded_token": "12"}}]] * 2
+    )
+    chats = [OpenAISynth("chat", "r", "m", 1, index=k, last=False, token_text=str)
+             for k in range(2)]  # fmt: skip
+    fan = Fanout(_Responder(), chats, 2)  # type: ignore[arg-type]
+    for k, s in enumerate(chats):
+        plps = [None, Token(7, -1.0, 1)] if k == 0 else None
+        fan.bodies[k] = s.response("x", "stop", None, 2, 1, 0, prompt_lps=plps)
+    body = msgspec.json.decode(fan.merged())
+    assert body["prompt_logprobs"] == [None, {"7": {**one, "decoded_token": "7"}}]
+    assert all("prompt_logprobs" not in c for c in body["choices"])
 
 
 async def test_pump_writes_once_ends_once_and_stops_on_failure() -> None:

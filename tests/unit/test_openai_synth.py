@@ -8,11 +8,22 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmgw.protocol.messages import Token
+from lmgw.simulators import logprobs as sim_lp
 from lmgw.simulators.app import SimWorker, WorkerOptions, _Plan, _StreamWriter
 from lmgw.simulators.engine import Engine, EngineConfig, SamplingSpec
-from lmgw.transport.openai_synth import DONE, OpenAISynth, usage_dict
+from lmgw.transport.openai_synth import (
+    DONE,
+    OpenAISynth,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    usage_dict,
+)
+from lmgw.worker.sim import wire_token
 
 
 def events(data: bytes) -> list[Any]:
@@ -148,6 +159,85 @@ def test_logprobs_when_asked() -> None:
     }
     quiet = OpenAISynth("chat", "r", "m", 1)  # not asked: null, whatever the worker sent
     assert events(quiet.delta("x", [5], [Token(5, -0.25)]))[1]["choices"][0]["logprobs"] is None
+
+
+def _name(t: int) -> str:
+    return f"<{t % 7}>"  # a few shared names: duplicates within one top list happen
+
+
+def _source() -> sim_lp.LogprobSource:
+    return sim_lp.LogprobSource(range(100, 160), 7, _name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**40),
+    st.lists(st.integers(100, 159), min_size=1, max_size=6),
+    st.integers(0, sim_lp.MAX_TOP_LOGPROBS),
+    st.integers(0, 50),
+)
+def test_rendering_equals_the_http_simulators(key: int, ids: list[int], k: int, at: int) -> None:
+    """The wire entries of the simulator's logprobs render to the HTTP simulator's shapes, for
+    any k: chat ``content`` (alternatives best first), completions' lists (the k best and the
+    sampled token; offsets from ``at``), and ``prompt_logprobs`` (the prompt token first)."""
+    src = _source()
+    entries = src.output(key, ids)
+    wire = [wire_token(e, k) for e in entries]
+    assert chat_logprobs(wire, _name) == sim_lp.chat_logprobs(entries, k, _name)
+    obj, end = completion_logprobs(wire, _name, at)
+    assert obj == sim_lp.completion_logprobs(entries, k, _name, at)
+    assert end == at + sum(len(_name(t)) for t in ids)
+    prompt = src.prompt(ids)
+    wired = [None if e is None else wire_token(e, k) for e in prompt]
+    assert prompt_logprobs(wired, _name) == sim_lp.prompt_logprobs(prompt, k, _name)
+    # byte for byte too (the same key order)
+    assert msgspec.json.encode(prompt_logprobs(wired, _name)) == msgspec.json.encode(
+        sim_lp.prompt_logprobs(prompt, k, _name)
+    )
+
+
+def test_alternatives_in_streams_and_bodies() -> None:
+    """Chat chunks carry their token's alternatives; completions' offsets run on across
+    chunks (after an echo); prompt logprobs go in the body where vLLM puts them; -inf is
+    clamped; a sampled token outside the best k comes last in a completion's object."""
+    names = {1: "a", 2: "bb", 3: "c", 4: "dd"}.__getitem__
+    t1 = Token(1, -0.5, 1, [1, 3], [-0.5, -1.0])
+    t2 = Token(2, float("-inf"), 40, [4, 3], [-0.1, -0.2])
+    chat = OpenAISynth("chat", "r", "m", 1, logprobs=True, token_text=names)
+    ev = events(chat.delta("a", [1], [t1]))[1]["choices"][0]["logprobs"]
+    assert ev == {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
+        {"token": "a", "logprob": -0.5, "bytes": [97]},
+        {"token": "c", "logprob": -1.0, "bytes": [99]}]}]}  # fmt: skip
+    ev = events(chat.delta("bb", [2], [t2]))[0]["choices"][0]["logprobs"]["content"][0]
+    assert ev["logprob"] == -9999.0 and [t["token"] for t in ev["top_logprobs"]] == ["dd", "c"]
+    comp = OpenAISynth("completion", "r", "m", 1, logprobs=True, token_text=names, echo="xyz")
+    first = events(comp.delta("a", [1], [t1]))
+    assert first[0]["choices"][0]["text"] == "xyz"
+    lp = first[1]["choices"][0]["logprobs"]
+    assert lp == {"text_offset": [3], "token_logprobs": [-0.5], "tokens": ["a"],
+                  "top_logprobs": [{"a": -0.5, "c": -1.0}]}  # fmt: skip
+    lp = events(comp.delta("bb", [2], [t2]))[0]["choices"][0]["logprobs"]
+    assert lp["text_offset"] == [4] and lp["token_logprobs"] == [-9999.0]
+    assert list(lp["top_logprobs"][0].items()) == [("dd", -0.1), ("c", -0.2), ("bb", -9999.0)]
+    # whole answers: prompt_logprobs at the chat's top level, in a completion's choice
+    plps = [None, Token(3, -2.0, 3, [4, 1], [-0.3, -0.9]), Token(4, -0.1, 1, [4, 1], [-0.1, -2.5])]
+    want = [
+        None,
+        {"3": {"logprob": -2.0, "rank": 3, "decoded_token": "c"},
+         "4": {"logprob": -0.3, "rank": 1, "decoded_token": "dd"},
+         "1": {"logprob": -0.9, "rank": 2, "decoded_token": "a"}},
+        {"4": {"logprob": -0.1, "rank": 1, "decoded_token": "dd"},
+         "1": {"logprob": -2.5, "rank": 2, "decoded_token": "a"}},
+    ]  # fmt: skip
+    chat = OpenAISynth("chat", "r", "m", 1, logprobs=False, token_text=names)
+    body = msgspec.json.decode(chat.response("a", "stop", None, 3, 1, 0, [1], None, plps))
+    assert body["prompt_logprobs"] == want and body["choices"][0]["logprobs"] is None
+    comp = OpenAISynth("completion", "r", "m", 1, logprobs=True, token_text=names)
+    body = msgspec.json.decode(comp.response("a", "stop", None, 3, 1, 0, [1], [t1], plps))
+    assert body["choices"][0]["prompt_logprobs"] == want
+    assert "prompt_logprobs" not in body
+    plain = msgspec.json.decode(comp.response("a", "stop", None, 3, 1, 0, [1], [t1]))
+    assert plain["choices"][0]["prompt_logprobs"] is None
 
 
 def test_usage_dict_and_bad_kind() -> None:

@@ -101,6 +101,7 @@ params = st.builds(
     ignore_eos=st.booleans(),
     logprobs=st.none() | st.integers(0, 20),
     extra=kv_params,
+    prompt_logprobs=st.none() | st.integers(0, 20),
 )
 
 
@@ -194,6 +195,7 @@ def messages(draw: st.DrawFn) -> tuple[object, int]:
             draw(st.none() | st.text(max_size=5) | st.integers(-5, 5)),
             draw(usage),
             draw(kv_params),
+            draw(st.none() | st.lists(st.none() | tokens(), max_size=3)),
         ),
         lambda: PrefillDone(rid, draw(kv_params), draw(usage), draw(small_ints), refs),
         lambda: EncodeDone(rid, draw(st.lists(names, max_size=3)), draw(kv_params), refs),
@@ -221,10 +223,19 @@ def messages(draw: st.DrawFn) -> tuple[object, int]:
     return msg, needs
 
 
+@st.composite
+def tokens(draw: st.DrawFn) -> Token:
+    """A logprob entry: the token's alone (an older peer's), or with rank and alternatives."""
+    tid, value = draw(st.integers(0, 2**31)), draw(floats)
+    if draw(st.booleans()):
+        return Token(tid, value)
+    top = draw(st.lists(st.tuples(st.integers(0, 2**31), floats), max_size=4))
+    rank = draw(st.none() | st.integers(1, 10**6))
+    return Token(tid, value, rank, [t for t, _ in top], [v for _, v in top])
+
+
 def delta_msg(rid: str, draw: st.DrawFn) -> Delta:
-    logprobs = draw(
-        st.none() | st.lists(st.builds(Token, st.integers(0, 2**31), floats), max_size=3)
-    )
+    logprobs = draw(st.none() | st.lists(tokens(), max_size=3))
     return Delta(rid, draw(counts), draw(st.text(max_size=20)), draw(small_ints), logprobs)
 
 
@@ -399,6 +410,97 @@ def test_fields_added_later_decode_from_older_peers() -> None:
     _, announce = decode_announce([b"peer", prefix + msgspec.msgpack.encode([*body, "up"])])
     expect = Announce("p-1", "i1", "tcp://10.0.0.5:7000", None, ["prefill"], ["m"], 1, 1, 256)
     assert announce == expect
+
+
+# -- logprobs: Token, Finish and SamplingParams before and after the top_logprobs capability ----
+
+
+class OldToken(msgspec.Struct, frozen=True, array_like=True):
+    """``Token`` as builds before the ``top_logprobs`` capability define it."""
+
+    token_id: int
+    logprob: float
+
+
+class OldMessage(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
+    pass
+
+
+class OldDelta(OldMessage, tag=17):
+    request_id: str
+    seq: int
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[OldToken] | None = None
+
+
+class OldFinish(OldMessage, tag=18):
+    request_id: str
+    seq: int
+    finish_reason: str
+    stop_reason: str | int | None = None
+    usage: Usage = Usage()
+    kv_transfer_params: dict | None = None
+
+
+class OldSamplingParams(msgspec.Struct, frozen=True, array_like=True):
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_tokens: int | None = None
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    extra: dict | None = None
+
+
+OLD_DECODER = msgspec.msgpack.Decoder(OldDelta | OldFinish)
+PREFIX = MAGIC + bytes([FRAMING_VERSION])
+
+
+def test_old_peers_read_new_logprobs_and_skip_the_alternatives() -> None:
+    """A gateway built before ``top_logprobs`` decodes a new worker's Delta and Finish: the
+    sampled tokens' values, the alternatives and prompt logprobs skipped (appended fields)."""
+    new = Token(7, -0.25, 2, [3, 7, 9], [-0.1, -0.25, -3.0])
+    delta = Delta("r", 0, "ab", [7, 8], [new, Token(8, -1.5, 1, [8], [-1.5])])
+    got = OLD_DECODER.decode(encode_message(delta))
+    assert got == OldDelta("r", 0, "ab", [7, 8], [OldToken(7, -0.25), OldToken(8, -1.5)])
+    finish = Finish("r", 1, "stop", None, Usage(5, 2, 0), None, [None, new])
+    assert OLD_DECODER.decode(encode_message(finish)) == OldFinish("r", 1, "stop", None,
+                                                                   Usage(5, 2, 0))  # fmt: skip
+    # and a worker built before reads a new gateway's sampling parameters
+    params = SamplingParams(max_tokens=3, logprobs=5, extra={"x": 1}, prompt_logprobs=2)
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=OldSamplingParams)
+    assert old == OldSamplingParams(max_tokens=3, logprobs=5, extra={"x": 1})
+
+
+def test_new_peers_read_old_logprobs_as_no_alternatives() -> None:
+    """What an older worker sends decodes here with the new fields at their defaults (no
+    rank, no alternatives, no prompt logprobs): byte for byte the old entries' shape."""
+    old = OldDelta("r", 0, "ab", [7], [OldToken(7, -0.25)])
+    got = decode_header(PREFIX + msgspec.msgpack.encode(old))
+    assert got == Delta("r", 0, "ab", [7], [Token(7, -0.25)])
+    assert got.logprobs[0].rank is None and got.logprobs[0].top_ids == []
+    finish = decode_header(PREFIX + msgspec.msgpack.encode(OldFinish("r", 1, "length")))
+    assert finish == Finish("r", 1, "length") and finish.prompt_logprobs is None
+    old_params = msgspec.msgpack.encode(OldSamplingParams(logprobs=2))
+    assert msgspec.msgpack.decode(old_params, type=SamplingParams).prompt_logprobs is None
+    # an old peer's Token is the new one's first two fields, and nothing else
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(Token(1, -2.0)))[:2] == [1, -2.0]
+    assert msgspec.msgpack.encode(OldToken(1, -2.0)) == msgspec.msgpack.encode([1, -2.0])
+
+
+def test_token_alternatives_are_checked() -> None:
+    """Ids and values of the alternatives pair up; anything else is a ProtocolError."""
+    with pytest.raises(ValueError, match="2 top_ids but 1 top_logprobs"):
+        Token(1, -1.0, 1, [1, 2], [-1.0])
+    bad = msgspec.msgpack.encode([17, "r", 0, "", [1], [[1, -1.0, 1, [1, 2], [-1.0]]]])
+    with pytest.raises(ProtocolError):
+        decode_header(PREFIX + bad)
+    assert "top_logprobs" in CAPABILITIES
 
 
 def test_announce_decoder_takes_only_announcements() -> None:

@@ -12,6 +12,7 @@ encode, and cancellation reaching the asyncio side (vLLM aborts a cancelled ``ge
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,10 +55,28 @@ from lmgw.worker.vllm import (
 
 
 class Logprob:
-    def __init__(self, logprob: float) -> None:
+    def __init__(self, logprob: float, rank: int | None = 1, decoded_token: str | None = None):
         self.logprob = logprob
-        self.rank = 1
-        self.decoded_token = None
+        self.rank = rank
+        self.decoded_token = decoded_token
+
+
+def position(sampled: int, rank: int, k: int, own: float = -5.0) -> dict[int, Logprob]:
+    """One position of vLLM's logprobs: the sampled token first (with its rank), then the
+    ``k`` best with ranks 1..k (ids 2000 + rank, logprob -0.1 * rank), as vLLM's
+    ``append_logprobs_for_next_position`` builds it: the sampled token, when among them,
+    keeps its first place and takes the value at its rank."""
+    out = {sampled: Logprob(own, rank, "s")}
+    for r in range(1, k + 1):
+        tid = sampled if r == rank else 2000 + r
+        out[tid] = Logprob(-0.1 * r, r, "x")
+    return out
+
+
+def expected(sampled: int, rank: int, k: int, own: float = -5.0) -> Token:
+    ids = [sampled if r == rank else 2000 + r for r in range(1, k + 1)]
+    value = -0.1 * rank if rank <= k else own
+    return Token(sampled, value, rank, ids, [-0.1 * r for r in range(1, k + 1)])
 
 
 class CompletionOutput:
@@ -88,10 +107,12 @@ class RequestOutput:
         num_cached_tokens: int | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
         request_id: str = "r",
+        prompt_logprobs: list[dict[int, Logprob] | None] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = None
         self.prompt_token_ids = prompt_token_ids
+        self.prompt_logprobs = prompt_logprobs
         self.outputs = outputs
         self.finished = finished
         self.num_cached_tokens = num_cached_tokens
@@ -119,6 +140,7 @@ class FakeSamplingParams:
         "stop_token_ids",
         "ignore_eos",
         "logprobs",
+        "prompt_logprobs",
         "repetition_penalty",
         "output_kind",
         "extra_args",
@@ -215,6 +237,11 @@ def test_sampling_kwargs_prefill_and_encode() -> None:
     assert kw["extra_args"]["kv_transfer_params"] == mine  # the gateway's, verbatim
     kw = sampling_kwargs(SamplingParams(), stage="encode")
     assert kw == {"n": 1, "max_tokens": 1, "output_kind": "FINAL_ONLY"}
+    # the prompt's logprobs: asked of the client-facing leg only (a hand-off carries none)
+    asked = SamplingParams(logprobs=2, prompt_logprobs=3)
+    assert sampling_kwargs(asked)["prompt_logprobs"] == 3
+    kw = sampling_kwargs(asked, stage="prefill")
+    assert "prompt_logprobs" not in kw and kw["logprobs"] == 2
     with pytest.raises(ValueError):
         sampling_kwargs(params, stage="decode")
 
@@ -331,6 +358,83 @@ def test_output_translator_edge_cases() -> None:
     assert d is not None and d.finish_reason == "length"
 
 
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_output_translator_alternatives_and_prompt_logprobs(cumulative: bool) -> None:
+    """vLLM's dicts -> Token entries: the sampled token's logprob and rank, the k best by rank
+    whether the sampled token is first, among them or outside them; the prompt's entries
+    (position 0 None) once, with the finishing delta, whatever output kind brought them."""
+    k = 3
+    prompt = [50, 51, 52]
+    plps = [None, position(51, 2, 1, -0.7), position(52, 9, 1, -6.0)]
+    steps = [(1000, 1), (1001, 3), (1002, 7)]  # ranks: first, among the best, outside
+    outs, lps = [], []
+    for i, (tid, rank) in enumerate(steps):
+        lps.append(position(tid, rank, k))
+        last = i == len(steps) - 1
+        comp = CompletionOutput("x", [tid], "stop" if last else None, logprobs=[lps[-1]])
+        outs.append(RequestOutput([comp], finished=last, prompt_token_ids=prompt,
+                                  prompt_logprobs=plps if i == 0 else None))  # fmt: skip
+    if cumulative:  # everything so far, the prompt's logprobs again each time (older engines)
+        outs = [
+            RequestOutput(
+                [
+                    CompletionOutput(
+                        "x" * (i + 1),
+                        [t for t, _ in steps[: i + 1]],
+                        o.outputs[0].finish_reason,
+                        logprobs=lps[: i + 1],
+                    )
+                ],
+                finished=o.finished,
+                prompt_token_ids=prompt,
+                prompt_logprobs=plps,
+            )
+            for i, o in enumerate(outs)
+        ]
+    tr = OutputTranslator(cumulative=cumulative, top_logprobs=k, prompt_top=1)
+    got = [tr.feed(o) for o in outs]
+    assert all(d is not None for d in got)
+    tokens = [t for d in got for t in d.logprobs]  # type: ignore[union-attr]
+    assert tokens == [expected(tid, rank, k) for tid, rank in steps]
+    assert tokens[1].top_ids == [2001, 2002, 1001]  # the sampled token at its rank
+    assert tokens[2].top_ids == [2001, 2002, 2003] and tokens[2].rank == 7
+    assert [d.prompt_logprobs for d in got[:-1]] == [None, None]  # type: ignore[union-attr]
+    assert got[-1].prompt_logprobs == [  # type: ignore[union-attr]
+        None,
+        Token(51, -0.7, 2, [2001], [-0.1]),
+        Token(52, -6.0, 9, [2001], [-0.1]),
+    ]
+    # k = 0: the sampled token alone (with its rank); no prompt logprobs asked: none
+    d = OutputTranslator().feed(RequestOutput([CompletionOutput("x", [1000],
+                                                                logprobs=[lps[0]])]))  # fmt: skip
+    assert d is not None and d.logprobs == [Token(1000, -0.1, 1)] and d.prompt_logprobs is None
+
+
+def test_output_translator_without_ranks_and_flat_logprobs() -> None:
+    """Bare floats (no rank): the best by logprob; vLLM's list-like ``FlatLogprobs`` (slices,
+    iteration) reads as a list; a dict without the sampled token gives no entry."""
+
+    class Flat(collections.abc.Sequence):
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i: Any) -> Any:
+            return Flat(self.items[i]) if isinstance(i, slice) else self.items[i]
+
+    raw = Flat([{5: -3.0, 1: -0.2, 2: -0.9}, {6: -0.1, 1: -0.5}, {9: -1.0}])
+    tr = OutputTranslator(cumulative=True, top_logprobs=2)
+    d = tr.feed(RequestOutput([CompletionOutput("ab", [5, 6], logprobs=raw[:2])]))
+    assert d is not None and d.logprobs == [
+        Token(5, -3.0, None, [1, 2], [-0.2, -0.9]),
+        Token(6, -0.1, None, [6, 1], [-0.1, -0.5]),
+    ]
+    d = tr.feed(RequestOutput([CompletionOutput("abc", [5, 6, 7], logprobs=raw)]))
+    assert d is not None and d.token_ids == [7] and d.logprobs == []  # 7 is not in its dict
+
+
 def test_prefill_result() -> None:
     final = RequestOutput(
         [CompletionOutput("x", [42], finish_reason="length")],
@@ -399,12 +503,19 @@ class FakeAsyncLLM:
             for i in range(n):
                 await asyncio.sleep(0.001 if n > 100 else 0)
                 last = i == n - 1
+                lps = None if sp.logprobs is None else [position(1000 + i, i % 4 + 1, sp.logprobs)]
+                plps = None
+                if i == 0 and sp.prompt_logprobs is not None:  # once, on the first output
+                    k = sp.prompt_logprobs
+                    plps = [None] + [position(t, p % 3 + 1, k) for p, t in enumerate(ids) if p]
                 yield RequestOutput(
-                    [CompletionOutput(f"t{i} ", [1000 + i], "length" if last else None)],
+                    [CompletionOutput(f"t{i} ", [1000 + i], "length" if last else None,
+                                      logprobs=lps)],
                     finished=last,
                     prompt_token_ids=ids,
                     num_cached_tokens=1,
-                )
+                    prompt_logprobs=plps,
+                )  # fmt: skip
         except asyncio.CancelledError:
             self.cancelled.append(request_id)
             await self.abort(request_id)
@@ -506,6 +617,56 @@ def test_engine_stages_under_trio_guest_mode() -> None:
     assert e_prompt["prompt"] == "USER:<image>ASSISTANT:"
     assert e_prompt["multi_modal_data"]["image"].shape == (2, 2, 3)
     assert e_prompt["multi_modal_uuids"] == {"image": ["h"]}
+
+
+def test_capabilities_name_top_logprobs_where_the_role_generates() -> None:
+    bridge = AsyncioBridge(asyncio.new_event_loop())
+    try:
+        for role, has in (("pd", True), ("d", True), ("p", False), ("e", False)):
+            caps = make_engine(FakeAsyncLLM(), bridge, role).capabilities
+            assert ("top_logprobs" in caps) is has and ("logprobs" in caps) is has, role
+    finally:
+        bridge.loop.close()
+
+
+def test_worker_server_sends_alternatives_and_prompt_logprobs() -> None:
+    """Over the wire from vLLM's shapes: streamed Deltas carry each token's entry with its
+    alternatives; a whole answer's one Delta all of them, its Finish the prompt's logprobs."""
+    llm = FakeAsyncLLM()
+    ctx = zmq.Context()
+    params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=1)
+
+    async def main(bridge: AsyncioBridge) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    WorkerServer(make_engine(llm, bridge), ctx=ctx, control_bind=None).run
+                )
+                chan = await nursery.start(RpcChannel(server.endpoint, ctx=ctx).run)
+                session = await chan.wait_ready()
+                out["caps"] = session.capabilities
+                for stream in (True, False):
+                    msg = Generate(f"s{stream}", "m", prompt_token_ids=[7, 8, 9], params=params,
+                                   stream=stream)  # fmt: skip
+                    async with chan.stream(msg) as events:
+                        out[stream] = [e async for e in events]
+                nursery.cancel_scope.cancel()
+        return out
+
+    try:
+        out = run_guest(main)
+    finally:
+        ctx.destroy(linger=0)
+    assert "top_logprobs" in out["caps"]
+    want = [expected(1000 + i, i % 4 + 1, 2) for i in range(6)]
+    prompt = [None, expected(8, 2, 1), expected(9, 3, 1)]
+    *deltas, finish = out[True]
+    assert [t for d in deltas for t in d.logprobs] == want and len(deltas) == 6
+    assert isinstance(finish, Finish) and finish.prompt_logprobs == prompt
+    delta, finish = out[False]
+    assert delta.logprobs == want and finish.prompt_logprobs == prompt
+    assert llm.calls[-1][2].prompt_logprobs == 1 and llm.calls[-1][2].logprobs == 2
 
 
 def test_worker_server_serves_the_vllm_adapter() -> None:
