@@ -7,8 +7,10 @@ whose logprobs are a deterministic function of (prompt, seed, position), like th
   sampled twice (one room per (prompt, sample)), JSON and SSE.
 * Chat and completions logprobs (``top_logprobs``, ``prompt_logprobs``) equal through the
   merged flow, vLLM NIXL P/D and SGLang P/D, streamed or not; the values are valid.
-* A native (ZeroMQ) worker answers the HTTP simulator's values (the sampled tokens'; the
-  native protocol carries no alternatives).
+* Native (ZeroMQ) workers, merged or a P/D pair, answer the HTTP simulator's values exactly:
+  chat ``top_logprobs`` 0, 3 and 20, completions ``logprobs: k`` (echo, batches),
+  ``prompt_logprobs``, whole and streamed, ``n = 2``; the same 400s as vLLM; a worker without
+  the ``top_logprobs`` capability never answers a request that needs alternatives.
 * The simulators themselves: a room paired with the wrong prompt fails loudly.
 """
 
@@ -352,19 +354,19 @@ async def test_chat_and_completion_logprobs_equal_across_flows(nursery: trio.Nur
 # -- the native protocol answers the HTTP simulator's values -----------------------------------
 
 
-async def native_gateway(nursery: trio.Nursery) -> str:
-    """A gateway in front of one native simulated worker (``pd``), once it registered."""
-    engine = SimEngine(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
-    with trio.fail_after(BOUND):
-        server = await nursery.start(
-            WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
-        )
+async def native_gateway(nursery: trio.Nursery, flow: str = "pd") -> str:
+    """A gateway in front of native simulated workers (``pd``, or a ``p/d`` pair), once they
+    registered."""
+    workers = []
+    for role in ("p", "d") if flow == "p/d" else ("pd",):
+        engine = SimEngine(WorkerOptions(role=role, model=MODEL, speed=math.inf))
+        with trio.fail_after(BOUND):
+            server = await nursery.start(
+                WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
+            )
+        workers.append(WorkerConfig(url="zmq+" + server.endpoint, role=role, id=role + "0"))
     url = await start_gateway(
-        nursery,
-        "pd",
-        "openai",
-        [WorkerConfig(url="zmq+" + server.endpoint, role="pd", id="pd0")],
-        tokenizer=str(model_files.default_model_dir()),
+        nursery, flow, "openai", workers, tokenizer=str(model_files.default_model_dir())
     )
     probe = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
     with trio.fail_after(BOUND):
@@ -416,11 +418,15 @@ PROMPT_CASES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("flow", ["pd", "p/d"])
+async def test_native_worker_gives_the_http_simulators_logprobs(
+    nursery: trio.Nursery, flow: str
+) -> None:
     """Chat ``top_logprobs`` (0, 3, 20), completions ``logprobs: k`` (echo, batches): the
-    native worker's answers are the HTTP simulator's, whole and streamed, ``n`` 1 and 2."""
+    native workers' answers (merged, or a P/D pair's decode worker) are the HTTP simulator's,
+    whole and streamed, ``n`` 1 and 2."""
     http_url = await merged(nursery)
-    native_url = await native_gateway(nursery)
+    native_url = await native_gateway(nursery, flow)
     for name, path, body in NATIVE_CASES:
         field = "content" if path == "/v1/chat/completions" else "lists"
         for n in (1, 2):
@@ -446,13 +452,15 @@ async def test_native_worker_gives_the_http_simulators_logprobs(nursery: trio.Nu
             assert streamed == want, (name, n)
 
 
+@pytest.mark.parametrize("flow", ["pd", "p/d"])
 async def test_native_worker_gives_the_http_simulators_prompt_logprobs(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, flow: str
 ) -> None:
     """``prompt_logprobs``: chat's at the top level, completions' per choice (each prompt's
-    in a batch; the extra choices of ``n = 2`` did not compute them but carry them)."""
+    in a batch; the extra choices of ``n = 2`` did not compute them but carry them). In P/D
+    the decode worker answers them, as over HTTP."""
     http_url = await merged(nursery)
-    native_url = await native_gateway(nursery)
+    native_url = await native_gateway(nursery, flow)
     for name, path, body in PROMPT_CASES:
         for n in (1, 2):
             req = {**body, "n": n}
