@@ -25,6 +25,7 @@ import base64
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ from lmgw.config import (
     UpstreamConfig,
     WorkerConfig,
 )
+from lmgw.errors import GatewayError
 from lmgw.gateway import Gateway
 from lmgw.pipeline.native import NativeWorker, choices, sampling_params
 from lmgw.simulators import WorkerOptions, model_files
@@ -556,6 +558,24 @@ def test_sampling_params_from_an_openai_body() -> None:
     assert sp.extra == {"repetition_penalty": 1.1}
     assert sampling_params("completions", {"prompt": "p", "logprobs": 2}).logprobs == 2
     assert sampling_params("chat", {"n": 3}).extra is None  # n is the fan-out's, not sampling
+    # prompt_logprobs: a field of its own (never in extra); a stream's 0 asks for nothing
+    sp = sampling_params("completions", {"prompt": "p", "prompt_logprobs": 4, "logprobs": 0})
+    assert (sp.prompt_logprobs, sp.logprobs, sp.extra) == (4, 0, None)
+    sp = sampling_params("chat", {"prompt_logprobs": 0, "stream": True})
+    assert (sp.prompt_logprobs, sp.logprobs, sp.extra) == (None, None, None)
+    assert sampling_params("chat", {"logprobs": True}).logprobs == 0
+    assert sampling_params("chat", {"logprobs": False, "top_logprobs": 0}).logprobs is None
+    for body, message in (
+        ({"top_logprobs": 2}, "`logprobs` must be set to true"),
+        ({"logprobs": True, "top_logprobs": -1}, "`top_logprobs` must be a positive value"),
+        ({"prompt_logprobs": 1, "stream": True}, "not available when `stream=True`"),
+        ({"prompt_logprobs": -1}, "`prompt_logprobs` must be a positive value"),
+        ({"prompt_logprobs": "2"}, "prompt_logprobs must be an integer"),
+    ):
+        with pytest.raises(GatewayError, match=re.escape(message)):
+            sampling_params("chat", body)
+    with pytest.raises(GatewayError, match="`logprobs` must be a positive value"):
+        sampling_params("completions", {"logprobs": -3})
     assert (choices({}), choices({"n": 3, "best_of": 1})) == (1, 3)
     with pytest.raises(Exception, match="best_of"):
         choices({"best_of": 3})
