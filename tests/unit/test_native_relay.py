@@ -28,6 +28,13 @@ class Answers:
     def pending(self) -> int:
         return len(self.bursts[0]) if self.bursts else 0
 
+    def deltas(self, limit: int) -> list[Any]:
+        burst = self.bursts[0] if self.bursts else []
+        out = []
+        while burst and len(out) < limit and type(burst[0]) is Delta:
+            out.append(burst.pop(0))
+        return out
+
     def __aiter__(self) -> Answers:
         return self
 

@@ -1137,17 +1137,26 @@ class NativeRunner:
         """Stream the worker's events to the client as OpenAI SSE events. Events that are
         already queued when one is ready go out in one write (a worker faster than the loop
         sends bursts; one syscall each was the larger part of the relay's cost); a lone event
-        is written at once, so coalescing never delays a token."""
+        is written at once, so coalescing never delays a token. The Deltas of a burst are taken
+        together and built in one go (:meth:`OpenAISynth.deltas`), not one wake-up each."""
         metrics = self.p.metrics
         labels = (role, worker.id)
         t_first = 0.0
         events = 0
         held: list[bytes] = []
+        held_n = 0  # events in ``held``
         output = greq.output  # tool-call / reasoning parsing (models[].tool_parser)
         async for event in answers:
             cls = type(event)
+            n = 1
             if cls is Delta:
-                data = synth.delta(event.text, event.token_ids, event.logprobs)
+                burst = answers.deltas(_COALESCE_MAX - held_n) if answers.pending else None
+                if burst:
+                    burst.insert(0, event)
+                    n = len(burst)
+                    data = synth.deltas(burst)
+                else:
+                    data = synth.delta(event.text, event.token_ids, event.logprobs)
             elif cls is Finish:
                 usage = event.usage
                 prompt_tokens = usage.prompt_tokens
@@ -1174,7 +1183,7 @@ class NativeRunner:
                 if route is not None and role in self.p.first_token_roles:  # prefill is over
                     self.p.policies[role].on_first_token(worker, route)
                 _stall(answers, self.stall_s)
-            events += 1
+            events += n
             if cls is Finish:
                 if held:
                     held.append(data)
@@ -1186,8 +1195,9 @@ class NativeRunner:
                     if not continued:
                         metrics.tpot.observe((greq.model,), tpot)
                 return
-            if answers.pending and len(held) < _COALESCE_MAX:
+            if answers.pending and held_n + n <= _COALESCE_MAX:
                 held.append(data)
+                held_n += n
                 continue
             if not data and not held:
                 continue
@@ -1195,6 +1205,7 @@ class NativeRunner:
                 held.append(data)
                 data = b"".join(held)
                 held.clear()
+                held_n = 0
             await responder.send(data)
         raise RpcError(FailureCode.PROTOCOL, "the stream ended without Finish")
 

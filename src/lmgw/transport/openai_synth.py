@@ -12,12 +12,15 @@ other with no I/O, so the shapes are unit-tested byte for byte and the pipeline 
 
 Ids are ``chatcmpl-<request id>`` and ``cmpl-<request id>`` (vLLM names answers after the
 ``X-Request-Id`` it was given). Constant parts of every event are encoded once per request; a
-delta costs one JSON string encode and a few concatenations.
+plain content event (no logprobs, no continuous usage) is the request's prefix, the delta's
+JSON-encoded text and the request's suffix; a burst of them (:meth:`OpenAISynth.deltas`) is one
+``join``; a plain whole answer is a byte template with the text, reasons and usage spliced in.
+The general builders stay for logprobs and usage on every event, and give the same bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -28,11 +31,26 @@ __all__ = [
     "chat_logprobs",
     "completion_logprobs",
     "prompt_logprobs",
+    "usage_bytes",
     "usage_dict",
 ]
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
+#: a plain chat answer's message after its content (the keys vLLM writes, all empty)
+_CHAT_MESSAGE_END = (
+    b',"refusal":null,"annotations":null,"audio":null,"function_call":null,"tool_calls":[],'
+    b'"reasoning_content":null}'
+)
+
+
+def usage_bytes(prompt: int, completion: int, cached: int | None = None) -> bytes:
+    """:func:`usage_dict` encoded (the same bytes, without building the dict)."""
+    head = b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d' % (
+        prompt, prompt + completion, completion)  # fmt: skip
+    if cached is None:
+        return head + b"}"
+    return head + b',"prompt_tokens_details":{"cached_tokens":%d}}' % cached
 
 
 def usage_dict(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
@@ -69,6 +87,8 @@ class OpenAISynth:
     """
 
     __slots__ = (
+        "_end",
+        "_fast",
         "_head",
         "_index",
         "_logprobs",
@@ -133,6 +153,10 @@ class OpenAISynth:
         self._pre = self._head + idx + (b'"delta":{"content":' if self.chat else b'"text":')
         self._mid = b"}" if self.chat else b""  # closes the chat delta object
         self._post = b',"finish_reason":null' + (b"}" if self.chat else b',"stop_reason":null}')
+        #: what follows a plain event's text (no logprobs, no continuous usage)
+        self._end = self._mid + b',"logprobs":null' + self._post + b"]}\n\n"
+        #: plain events take the template path (set once the stream is open)
+        self._fast = False
         self._parts: list[str] = []
         self._offset = len(echo) if echo else 0  # completions logprobs' text_offset
         self.tokens = 0
@@ -150,6 +174,7 @@ class OpenAISynth:
         if self.opened:
             return b""
         self.opened = True
+        self._fast = not self._logprobs and not self.continuous_usage
         if self.chat:
             return (
                 self._head + b'{"index":%d,"delta":{"role":"assistant","content":""},'
@@ -163,6 +188,10 @@ class OpenAISynth:
         self, text: str, token_ids: Sequence[int] = (), logprobs: Sequence[Any] | None = None
     ) -> bytes:
         """One content event (the stream's opening events first, when not sent yet)."""
+        if self._fast:  # plain: the template (as the general builder's bytes below)
+            self._parts.append(text)
+            self.tokens += len(token_ids)
+            return self._pre + _encode(text) + self._end
         head = b"" if self.opened else self.open()
         self._parts.append(text)
         self.tokens += len(token_ids)
@@ -171,6 +200,23 @@ class OpenAISynth:
             head + self._pre + _encode(text) + self._mid + b',"logprobs":' + lp
             + self._post + self._tail(self.tokens)
         )  # fmt: skip
+
+    def deltas(self, events: Iterable[Any]) -> bytes:
+        """Several content events at once (``Delta``-likes: ``text``, ``token_ids``,
+        ``logprobs``): the bytes of :meth:`delta` for each, joined. Plain events are one join of
+        their encoded texts (a burst costs about one string encode per event)."""
+        head = b"" if self.opened else self.open()
+        if not self._fast:
+            return head + b"".join([self.delta(e.text, e.token_ids, e.logprobs) for e in events])
+        texts = []
+        tokens = 0
+        for e in events:
+            texts.append(e.text)
+            tokens += len(e.token_ids)
+        self._parts += texts
+        self.tokens += tokens
+        pre, end = self._pre, self._end
+        return head + pre + (end + pre).join(map(_encode, texts)) + end
 
     def finish(
         self,
@@ -223,6 +269,10 @@ class OpenAISynth:
         """A non-streamed ``chat.completion`` or ``text_completion`` body; ``prompt_lps``: the
         worker's ``Finish.prompt_logprobs`` (rendered as vLLM's ``prompt_logprobs``)."""
         self.final_usage = (prompt_tokens, completion_tokens, cached_tokens)
+        if (not self._logprobs or logprobs is None) and prompt_lps is None:  # plain: template
+            return self._plain_response(
+                text, finish_reason, stop_reason, prompt_tokens, completion_tokens, cached_tokens
+            )
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
         lp = self._logprobs_obj(text, token_ids, logprobs)
         plp = None if prompt_lps is None else prompt_logprobs(prompt_lps, self.token_text)
@@ -280,6 +330,40 @@ class OpenAISynth:
                 "kv_transfer_params": None,
             }
         )
+
+    def _plain_response(
+        self,
+        text: str,
+        finish_reason: str,
+        stop_reason: str | int | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+    ) -> bytes:
+        """:meth:`response` without logprobs, spliced into bytes: exactly what encoding its
+        dict gives (``test_openai_synth`` holds the two equal)."""
+        head = b'{"id":' + _encode(self.id)
+        if self.chat:
+            head += b',"object":"chat.completion"'
+        else:
+            head += b',"object":"text_completion"'
+            text = (self.echo or "") + text
+        head += b',"created":%d,"model":' % self.created + _encode(self.model)
+        reasons = b',"logprobs":null,"finish_reason":' + _encode(finish_reason)
+        reasons += b',"stop_reason":' + _encode(stop_reason)
+        usage = usage_bytes(prompt_tokens, completion_tokens, cached_tokens)
+        if self.chat:
+            return (
+                head + b',"choices":[{"index":%d,"message":{"role":"assistant","content":'
+                % self._index + _encode(text) + _CHAT_MESSAGE_END + reasons
+                + b'}],"service_tier":null,"system_fingerprint":null,"usage":' + usage
+                + b',"prompt_logprobs":null,"kv_transfer_params":null}'
+            )  # fmt: skip
+        return (
+            head + b',"choices":[{"index":%d,"text":' % self._index + _encode(text) + reasons
+            + b',"prompt_logprobs":null}],"service_tier":null,"system_fingerprint":null,'
+            b'"usage":' + usage + b',"kv_transfer_params":null}'
+        )  # fmt: skip
 
     # -- logprobs -----------------------------------------------------------------------------
     def _render_logprobs(

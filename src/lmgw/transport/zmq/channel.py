@@ -719,9 +719,17 @@ class RpcChannel:
             # finds the rest queued when it runs (one wake-up per batch)
             self.stats["batches_received"] += 1
             dispatch = self._dispatch
+            routes = self._routes
             items = msg.messages
             for item in items:
-                dispatch(item, item)
+                if type(item) is Delta:  # the bulk of a batch: queued here, no call each
+                    route = routes.get(item.request_id)
+                    if route is not None and not route.ended and len(route.items) < route.size:
+                        route.items.append(item)
+                        if route.waiter is not None:
+                            route.wake()
+                        continue
+                dispatch(item, item)  # the rest, and the Deltas that are stray or overflow
             return len(items)
         self._dispatch(msg, incoming if incoming.payload else msg)
         return 1
@@ -1153,6 +1161,20 @@ class RpcStream:
         without waiting (lets a relay write several in one go)."""
         route = self._route
         return len(route.items) if route is not None else 0
+
+    def deltas(self, limit: int) -> list[Delta]:
+        """Up to ``limit`` Deltas already received, in order, without waiting: a relay builds
+        and writes a burst together instead of one ``__anext__`` each. Stops before anything
+        else (the Finish, a Delta with payload frames): ``__anext__`` returns those, and any
+        failure after them."""
+        route = self._route
+        if route is None or self._done:
+            return []
+        items = route.items
+        out: list[Delta] = []
+        while items and len(out) < limit and type(items[0]) is Delta:
+            out.append(items.popleft())  # type: ignore[arg-type]
+        return out
 
     @property
     def request_id(self) -> str:
