@@ -44,6 +44,7 @@ bench: build
 	$(BIN)/python benchmarks/tool_loop.py
 	$(BIN)/python benchmarks/tensors.py
 	$(BIN)/python benchmarks/zmq_vs_http.py
+	$(BIN)/python benchmarks/native_synth.py
 	$(BIN)/python benchmarks/sdk.py
 	$(BIN)/python benchmarks/loadgen.py
 	$(BIN)/python benchmarks/security.py
