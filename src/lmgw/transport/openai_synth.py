@@ -341,7 +341,7 @@ class OpenAISynth:
         cached_tokens: int,
     ) -> bytes:
         """:meth:`response` without logprobs, spliced into bytes: exactly what encoding its
-        dict gives (``test_openai_synth`` holds the two equal)."""
+        dict gives (``tests/property/test_synth_templates.py``)."""
         head = b'{"id":' + _encode(self.id)
         if self.chat:
             head += b',"object":"chat.completion"'
