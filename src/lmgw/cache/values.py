@@ -11,12 +11,13 @@ same way), until when it lives, and how often this tier answered it (``hits``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
-import numpy as np
 
-from ..transport.tensors import decode, encode
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "KIND_ARRAY",
@@ -33,7 +34,10 @@ __all__ = [
 KIND_BYTES = 0
 KIND_ARRAY = 1
 
-Value = bytes | np.ndarray
+if TYPE_CHECKING:
+    Value = bytes | np.ndarray
+else:
+    Value = Any  # numpy (~100 ms to import) loads with the first array, not with the gateway
 
 
 class Meta(msgspec.Struct, array_like=True):
@@ -92,7 +96,10 @@ def payload_of(value: Any) -> tuple[int, bytes, Any]:
     """
     if isinstance(value, bytes):
         return KIND_BYTES, b"", value
-    if isinstance(value, np.ndarray):
+    numpy = sys.modules.get("numpy")  # an array exists only once numpy is loaded
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        from ..transport.tensors import encode
+
         header, buffer = encode(value)
         return KIND_ARRAY, header, buffer
     if isinstance(value, bytearray | memoryview):
@@ -104,6 +111,8 @@ def value_of(meta: Meta, buffer: Any) -> Value:
     """The value of ``meta`` over ``buffer``: bytes (a copy unless already bytes) or a read-only
     array viewing the buffer. Raises TensorFrameError for a header that does not fit it."""
     if meta.kind == KIND_ARRAY:
+        from ..transport.tensors import decode
+
         return decode(meta.header, buffer)
     if isinstance(buffer, bytes):
         return buffer
