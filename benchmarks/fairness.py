@@ -45,7 +45,6 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -72,7 +71,7 @@ from lmgw.config import (
     WorkerConfig,
     dump_config,
 )
-from lmgw.simulators.fleet import open_fleet
+from lmgw.simulators.fleet import open_fleet, stop_process
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -233,23 +232,6 @@ async def start_gateway(fleet_urls: list[str], mode: Mode, tag: str) -> tuple[tr
         except OSError:
             pass
         await trio.sleep(0.2)
-
-
-async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            with trio.move_on_after(grace):
-                await proc.wait()
-            if proc.returncode is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    proc.kill()
-                await proc.wait()
 
 
 async def tenant_waits(url: str) -> dict[str, tuple[float, float]]:

@@ -80,7 +80,7 @@ from lmgw.config import (
 )
 from lmgw.simulators import model_files
 from lmgw.simulators.engine import TimingModel
-from lmgw.simulators.fleet import Fleet, open_fleet
+from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -208,23 +208,6 @@ def gateway_argv(system: System, fleet: Fleet, port: int, run_dir: Path) -> list
     path = run_dir / f"{system.name}.toml"
     path.write_text(dump_config(cfg))
     return [sys.executable, "-m", "lmgw.cli", "serve", "--config", str(path)]
-
-
-async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
-    with trio.CancelScope(shield=True):
-        if proc.returncode is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            with trio.move_on_after(grace):
-                await proc.wait()
-            if proc.returncode is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    proc.kill()
-                await proc.wait()
 
 
 # ------------------------------------------------------------------------------------------------

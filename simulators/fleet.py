@@ -450,6 +450,25 @@ async def _drain_stderr(stream: trio.abc.ReceiveStream, tail: bytearray, done: t
         done.set()
 
 
+async def stop_process(proc: trio.Process, grace_s: float = 5.0) -> None:
+    """Stop one child started in its own session (shielded, so it works while cancelled):
+    SIGTERM, up to ``grace_s`` to exit, then SIGKILL its process group; reaped either way."""
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(grace_s):
+                await proc.wait()
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    proc.kill()
+                await proc.wait()
+
+
 async def _terminate_all(members: list[FleetMember], grace_s: float) -> None:
     """SIGTERM everyone, wait up to ``grace_s``, SIGKILL the process group of stragglers, reap."""
     for m in members:
