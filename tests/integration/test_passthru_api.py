@@ -431,3 +431,20 @@ async def test_disaggregated_model_needs_merged_workers(
     r = await http_request(gw.url, "POST", "/v1/chat/completions", chat)
     assert r.status == 200, r.body
     assert p.sim.stats.requests_total == 1 and pd.sim.stats.requests_total == 1
+
+
+async def test_a_pass_through_body_priority_is_bounded_by_its_key(
+    gateway: GatewayFactory,
+) -> None:
+    """Embeddings carry vLLM's ``priority`` like generation requests: a key's ``min_priority``
+    refuses more urgency (403); at or above it the request is served."""
+    keys = [ApiKeyConfig(key="sk-capped-012345678", name="capped", min_priority=0)]
+    gw = await gateway(1, auth=AuthConfig(keys=keys))
+    capped = {"authorization": "Bearer sk-capped-012345678"}
+    emb = {"model": MODEL, "input": "x"}
+    err = error_of(await gw.request("POST", "/v1/embeddings", {**emb, "priority": -1}, capped), 403)
+    assert (err["code"], err["param"]) == ("priority_not_allowed", "priority")
+    assert (
+        await gw.request("POST", "/v1/embeddings", {**emb, "priority": 2}, capped)
+    ).status == 200
+    error_of(await gw.request("POST", "/v1/embeddings", {**emb, "priority": "x"}, capped), 400)

@@ -97,6 +97,7 @@ class _View(msgspec.Struct):
     stream: bool | None = False
     user: str | None = None
     previous_response_id: str | None = None
+    priority: int | None = None  # vLLM's (lower runs first): the admission queue's order too
 
 
 _decode_view = msgspec.json.Decoder(_View).decode
@@ -188,6 +189,9 @@ class PassThroughAPI:
                 model = stored.model
             if key is not None:  # API keys: the model allow-list (403), the usage meter
                 self.gw.keys.check_model(key, model, asked.model)
+                priority = asked.view.priority
+                if priority is not None and key.min_priority is not None:
+                    self.gw.keys.check_priority(key, priority)
                 if key.tpm:
                     responder = meter = UsageMeter(responder)
             body = req.body
@@ -210,7 +214,7 @@ class PassThroughAPI:
                 greq.route = api._route_context(req, greq, asked.view, None)
             admission = api.admission
             if not admission.enter():
-                await api.queue(req)  # its key's tenant and default priority
+                await api.queue(req, asked.view)  # its priority, key (tenant), cost
             elif admission.cap:
                 api.metrics.queue_time.observe((), 0.0)
             try:
