@@ -8,7 +8,6 @@ exits 1 when the gateway cannot be reached or answers an error, with the gateway
 from __future__ import annotations
 
 import argparse
-import http.client
 import logging
 import os
 import signal
@@ -150,6 +149,8 @@ def admin_call(
     timeout: float = 30.0,
 ) -> Any:
     """One admin API request; the decoded JSON answer. Raises AdminClientError."""
+    import http.client  # here: `lmgw serve` does not pay for it (~25 ms with email.parser)
+
     parts = urlsplit(gateway if "://" in gateway else "http://" + gateway)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AdminClientError(f"--gateway {gateway!r} is not an http(s)://HOST[:PORT] URL")
