@@ -281,9 +281,10 @@ def stat_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def cpu_s(pids: Sequence[int]) -> float:
-    """CPU time of these processes (all their threads), seconds."""
-    if not HAVE_SCHEDSTAT:
+def cpu_s(pids: Sequence[int], thread_prefix: str | None = None) -> float:
+    """CPU time of these processes (all their threads, or only those whose name starts with
+    ``thread_prefix``), seconds."""
+    if not HAVE_SCHEDSTAT and thread_prefix is None:
         return sum(stat_cpu_s(p) for p in pids)
     total = 0
     for pid in pids:
@@ -292,8 +293,11 @@ def cpu_s(pids: Sequence[int]) -> float:
         except OSError:
             continue
         for task in tasks:
+            path = f"/proc/{pid}/task/{task}/"
             try:
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+                if thread_prefix and not Path(path + "comm").read_text().startswith(thread_prefix):
+                    continue
+                total += int(Path(path + "schedstat").read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 pass
     return total / 1e9

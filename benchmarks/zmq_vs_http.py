@@ -176,20 +176,7 @@ def start_gateway(children: Any, ctx: dict[str, Any], path: str) -> tuple[Any, i
 
 def io_thread_s(pids: Sequence[int]) -> float:
     """CPU time of ZeroMQ's I/O threads (``ZMQbg/IO/*``) in these processes, seconds."""
-    total = 0
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                if not Path(f"/proc/{pid}/task/{task}/comm").read_text().startswith("ZMQbg/IO"):
-                    continue
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    return total / 1e9
+    return oh.cpu_s(pids, thread_prefix="ZMQbg/IO")
 
 
 def measured(children: Any, ctx: dict[str, Any], gw: Any, port: int, scenario: str) -> dict:
