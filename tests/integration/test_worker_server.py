@@ -579,6 +579,33 @@ async def test_batches_respect_the_bound_and_keep_each_requests_order(
     assert server.stats["batches_received"] == 1
 
 
+async def test_the_flusher_sends_what_was_queued_before_it_first_ran() -> None:
+    """Messages scheduled before the flusher task's first step (its doorbell rang with
+    nobody asleep) still leave: it looks for work before it sleeps. Before the fix this hung
+    about one run in twenty of the batching test above, with every answer queued, unsent."""
+    from lmgw.worker.server import _PeerOutbox
+
+    class Sock:
+        def __init__(self) -> None:
+            self.sent: list[list[Any]] = []
+
+        def try_send_multipart(self, frames: list[Any]) -> bool:
+            self.sent.append(frames)
+            return True
+
+    server = WorkerServer(sim(), bind="inproc://unused")
+    outbox = _PeerOutbox(b"peer", 4, 1 << 16)
+    outbox.add(Heartbeat("hb"))
+    server._schedule(outbox)  # no socket yet, no sleeper: the wake-up is lost
+    assert server._dirty == [outbox]
+    sock = Sock()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._flusher, sock)
+        await until(lambda: bool(sock.sent), timeout=BOUND)
+        nursery.cancel_scope.cancel()
+    assert not outbox and not outbox.scheduled and len(sock.sent) == 1
+
+
 async def test_a_fast_stream_in_batches_never_overflows_a_consumer_that_keeps_up(
     ctx: zmq.Context, nursery: trio.Nursery
 ) -> None:

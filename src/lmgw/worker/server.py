@@ -887,7 +887,8 @@ class WorkerServer:
         while True:
             if not blocked:
                 delay = _MIN_BACKOFF_S
-                await wakeup.sleep()
+                if not self._dirty:  # work queued before this task first ran has no wake-up
+                    await wakeup.sleep()
             else:
                 with trio.move_on_after(delay):
                     await wakeup.sleep()
