@@ -41,6 +41,7 @@ bench: build
 	$(BIN)/python benchmarks/overhead.py --pd vllm-nixl
 	$(BIN)/python benchmarks/floor.py
 	$(BIN)/python benchmarks/hashring.py
+	$(BIN)/python benchmarks/chunked.py
 	$(BIN)/python benchmarks/routing_decision.py
 	$(BIN)/python benchmarks/text.py
 	$(BIN)/python benchmarks/media.py

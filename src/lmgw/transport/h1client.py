@@ -3,6 +3,12 @@
 :class:`ResponseReader` is fed socket bytes and exposes the status, headers and the body bytes
 parsed so far. Body bytes are handed out in whatever groups the socket delivered them, so SSE
 events that arrive together leave together (the relay writes each group in one send).
+
+A chunked body (every streamed answer) is decoded by the compiled :mod:`.chunked` decoder
+instead of httptools: httptools calls back into Python once per chunk, i.e. once per SSE event,
+where the decoder takes a whole socket read in one call. The head still goes through httptools
+(fed exactly up to its blank line), so what is accepted or refused there does not change; a
+head that does not end in CRLF CRLF, or a body that is not chunked, stays with httptools.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ import functools
 import httptools
 
 from ..http.types import Headers
+from .chunked import IMPLEMENTATION, ChunkedDecoder, ChunkedError
+
+#: decode chunked bodies ourselves only when that is faster than httptools (the compiled one)
+_FAST_CHUNKED = IMPLEMENTATION == "cython"
 
 
 class UpstreamProtocolError(Exception):
@@ -42,8 +52,12 @@ class ResponseReader:
     """State of one response being read. Reusable: :meth:`reset` before the next request."""
 
     __slots__ = (
+        "_chunked",
         "_conn_hdr",
+        "_head_tail",
         "_parser",
+        "_scan",
+        "_te",
         "body",
         "complete",
         "content_type",
@@ -55,9 +69,16 @@ class ResponseReader:
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._chunked: ChunkedDecoder | None = None
         self.reset()
 
     def reset(self) -> None:
+        if self._chunked is not None:  # httptools stopped at that body: a fresh one
+            self._parser = httptools.HttpResponseParser(self)
+            self._chunked = None
+        self._scan = _FAST_CHUNKED  # look for the head's end ourselves (see feed)
+        self._head_tail = b""
+        self._te = b""
         self.status = 0
         self.headers: Headers = []
         self.headers_complete = False
@@ -68,6 +89,57 @@ class ResponseReader:
         self.body: list[bytes] = []
 
     def feed(self, data: bytes) -> None:
+        dec = self._chunked
+        if dec is not None:
+            self._feed_chunked(dec, data)
+        elif self._scan and not self.headers_complete:
+            self._feed_head(data)
+        else:
+            self._feed_parser(data)
+
+    def _feed_head(self, data: bytes) -> None:
+        """Give httptools the bytes up to the head's blank line; a chunked body after it goes
+        to the decoder, anything else back to httptools."""
+        tail = self._head_tail
+        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+        if end < 0:
+            self._head_tail = (tail + data)[-3:]
+            self._feed_parser(data)
+            return
+        cut = end + 4 - len(tail)  # > 0: the blank line was not in the bytes fed before
+        self._head_tail = b""
+        if cut == len(data):
+            self._feed_parser(data)
+            rest = b""
+        else:
+            self._feed_parser(data[:cut])
+            rest = data[cut:]
+        if not self.headers_complete:  # an interim response (1xx): the final head follows
+            if rest:
+                self._feed_head(rest)
+            return
+        self._scan = False
+        if self.complete or self._te.rsplit(b",", 1)[-1].strip() != b"chunked":
+            if rest:
+                self._feed_parser(rest)
+            return
+        self._chunked = dec = ChunkedDecoder()
+        if rest:
+            self._feed_chunked(dec, rest)
+
+    def _feed_chunked(self, dec: ChunkedDecoder, data: bytes) -> None:
+        try:
+            body = dec.feed(data)
+        except ChunkedError as exc:
+            raise UpstreamProtocolError(f"invalid response from worker: {exc}") from None
+        if body:
+            self.body.append(body)
+        if dec.done:
+            self.complete = True
+            if dec.extra:  # bytes after the response: keep it, never reuse the connection
+                self.keep_alive = False
+
+    def _feed_parser(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -110,6 +182,8 @@ class ResponseReader:
             self._conn_hdr = value.lower()
         elif name == b"content-type":
             self.content_type = value
+        elif name == b"transfer-encoding":
+            self._te = value.lower()
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -119,6 +193,7 @@ class ResponseReader:
             self.headers = []
             self._conn_hdr = b""
             self.content_type = b""
+            self._te = b""
             return
         self.keep_alive = (
             (b"close" not in self._conn_hdr)

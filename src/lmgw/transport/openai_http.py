@@ -13,6 +13,7 @@ import trio
 from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..workers.worker import Worker
+from .chunked import count_events
 from .pool import Response, UpstreamError
 from .sse import split_complete
 
@@ -121,7 +122,7 @@ async def _relay_events(
                 if scope.deadline - now < stall_s / 2:
                     scope.deadline = now + stall_s
             if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
-                events += chunk.count(b"\n\n")
+                events += count_events(chunk)
                 if rewrite is not None:
                     chunk = rewrite(chunk)
                 if resp.complete:  # the last events: one write with the stream's end
@@ -137,7 +138,7 @@ async def _relay_events(
             if cut:
                 whole = data[:cut]
                 pending = data[cut:]
-                events += whole.count(b"\n\n")
+                events += count_events(whole)
                 if rewrite is not None:
                     whole = rewrite(whole)
                 if whole:
