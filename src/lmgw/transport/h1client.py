@@ -7,8 +7,9 @@ events that arrive together leave together (the relay writes each group in one s
 A chunked body (every streamed answer) is decoded by the compiled :mod:`.chunked` decoder
 instead of httptools: httptools calls back into Python once per chunk, i.e. once per SSE event,
 where the decoder takes a whole socket read in one call. The head still goes through httptools
-(fed exactly up to its blank line), so what is accepted or refused there does not change; a
-head that does not end in CRLF CRLF, or a body that is not chunked, stays with httptools.
+(what is accepted or refused there does not change): ``on_headers_complete`` of a chunked answer
+stops the parser, and the decoder takes the bytes after the head's blank line. Other bodies stay
+with httptools at no extra cost, as does a chunked body after a head without CRLF CRLF.
 """
 
 from __future__ import annotations
@@ -48,15 +49,21 @@ def _request_line(method: str, path: str, host: bytes) -> bytes:
     return b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
 
 
+class _SwitchToDecoder(Exception):
+    """Raised in ``on_headers_complete`` to stop httptools where a chunked body begins."""
+
+
 class ResponseReader:
     """State of one response being read. Reusable: :meth:`reset` before the next request."""
 
     __slots__ = (
         "_chunked",
         "_conn_hdr",
+        "_cut",
+        "_feeding",
         "_head_tail",
+        "_heads",
         "_parser",
-        "_scan",
         "_te",
         "body",
         "complete",
@@ -73,11 +80,13 @@ class ResponseReader:
         self.reset()
 
     def reset(self) -> None:
-        if self._chunked is not None:  # httptools stopped at that body: a fresh one
+        if self._chunked is not None:  # httptools was stopped at that body: a fresh one
             self._parser = httptools.HttpResponseParser(self)
             self._chunked = None
-        self._scan = _FAST_CHUNKED  # look for the head's end ourselves (see feed)
-        self._head_tail = b""
+        self._feeding = b""  # the bytes of the feed in progress
+        self._heads = 0  # heads completed within it (interim ones included)
+        self._head_tail = b""  # the last bytes of earlier feeds of an unfinished head
+        self._cut = -1  # where the chunked body starts in ``_feeding``
         self._te = b""
         self.status = 0
         self.headers: Headers = []
@@ -92,40 +101,47 @@ class ResponseReader:
         dec = self._chunked
         if dec is not None:
             self._feed_chunked(dec, data)
-        elif self._scan and not self.headers_complete:
-            self._feed_head(data)
-        else:
-            self._feed_parser(data)
+            return
+        self._feeding = data
+        self._heads = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cut = self._cut
+            if cut >= 0:  # on_headers_complete stopped the parser: the body is ours
+                self._cut = -1
+                self._chunked = dec = ChunkedDecoder()
+                if cut < len(data):
+                    self._feed_chunked(dec, data[cut:])
+                return
+            if self.complete:
+                # Bytes after a complete response (we never pipeline, so they answer nothing):
+                # on_message_begin stopped the parser before they could touch this response.
+                # Keep the response; never reuse the connection.
+                self.keep_alive = False
+                return
+            raise UpstreamProtocolError(f"invalid response from worker: {exc}") from None
+        except httptools.HttpParserUpgrade:
+            raise UpstreamProtocolError("worker switched protocols on an HTTP request") from None
+        if not self.headers_complete:  # a head split across reads (rare): keep its end
+            self._head_tail = (self._head_tail + data)[-3:]
 
-    def _feed_head(self, data: bytes) -> None:
-        """Give httptools the bytes up to the head's blank line; a chunked body after it goes
-        to the decoder, anything else back to httptools."""
+    def _body_offset(self) -> int:
+        """Where the body of the head just completed starts in the current feed, or -1.
+
+        Heads contain no CRLF CRLF and interim heads have no body, so the head completed
+        ``_heads``-th in this feed ends at the ``_heads``-th (non-overlapping) CRLF CRLF of
+        the feed, counting from the end of the earlier feeds' unfinished head. -1 when it is
+        not there (a head that llhttp accepted with bare LFs): httptools then keeps the body."""
         tail = self._head_tail
-        end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
-        if end < 0:
-            self._head_tail = (tail + data)[-3:]
-            self._feed_parser(data)
-            return
-        cut = end + 4 - len(tail)  # > 0: the blank line was not in the bytes fed before
-        self._head_tail = b""
-        if cut == len(data):
-            self._feed_parser(data)
-            rest = b""
-        else:
-            self._feed_parser(data[:cut])
-            rest = data[cut:]
-        if not self.headers_complete:  # an interim response (1xx): the final head follows
-            if rest:
-                self._feed_head(rest)
-            return
-        self._scan = False
-        if self.complete or self._te.rsplit(b",", 1)[-1].strip() != b"chunked":
-            if rest:
-                self._feed_parser(rest)
-            return
-        self._chunked = dec = ChunkedDecoder()
-        if rest:
-            self._feed_chunked(dec, rest)
+        buf = tail + self._feeding if tail else self._feeding
+        end = -4
+        for _ in range(self._heads):
+            end = buf.find(b"\r\n\r\n", end + 4)
+            if end < 0:
+                return -1
+        cut = end + 4 - len(tail)
+        return cut if 0 < cut <= len(self._feeding) else -1
 
     def _feed_chunked(self, dec: ChunkedDecoder, data: bytes) -> None:
         try:
@@ -138,20 +154,6 @@ class ResponseReader:
             self.complete = True
             if dec.extra:  # bytes after the response: keep it, never reuse the connection
                 self.keep_alive = False
-
-    def _feed_parser(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if self.complete:
-                # Bytes after a complete response (we never pipeline, so they answer nothing):
-                # on_message_begin stopped the parser before they could touch this response.
-                # Keep the response; never reuse the connection.
-                self.keep_alive = False
-                return
-            raise UpstreamProtocolError(f"invalid response from worker: {exc}") from None
-        except httptools.HttpParserUpgrade:
-            raise UpstreamProtocolError("worker switched protocols on an HTTP request") from None
 
     def feed_eof(self) -> None:
         """The worker closed the connection. A body delimited by close is complete now."""
@@ -188,6 +190,7 @@ class ResponseReader:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        self._heads += 1
         self.status = p.get_status_code()
         if self.status < 200:  # interim (100 Continue, 103 Early Hints): the final one follows
             self.headers = []
@@ -201,6 +204,17 @@ class ResponseReader:
             else (b"keep-alive" in self._conn_hdr)
         )
         self.headers_complete = True
+        te = self._te
+        if (
+            te
+            and _FAST_CHUNKED
+            and self.status not in (204, 304)  # no body, whatever the headers say
+            and te.rsplit(b",", 1)[-1].strip() == b"chunked"
+        ):
+            cut = self._body_offset()
+            if cut >= 0:
+                self._cut = cut
+                raise _SwitchToDecoder
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)

@@ -352,7 +352,7 @@ class ConnectionPool:
 class Response:
     """A response whose head has arrived. Read the body, then :meth:`release` (in a finally)."""
 
-    __slots__ = ("_conn", "_origin", "_pool", "headers", "status")
+    __slots__ = ("_conn", "_origin", "_pool", "_short", "headers", "status")
 
     def __init__(self, pool: ConnectionPool, origin: Origin, conn: _Conn) -> None:
         self._pool = pool
@@ -361,6 +361,7 @@ class Response:
         r = conn.reader
         self.status = r.status
         self.headers = r.headers
+        self._short = False
 
     @property
     def content_type(self) -> bytes:
@@ -388,11 +389,19 @@ class Response:
             if r.complete:
                 self.release()
                 return b""
+            stream = conn.stream
             try:
-                data = await conn.stream.receive_some(65536)
+                # After a short read the socket was empty: a paced stream (a token every few
+                # ms) finds it empty again, so wait first instead of failing a receive (EAGAIN)
+                # per token. After a full read, more is likely queued: read at once.
+                if self._short and type(stream) is RawStream:
+                    data = await stream.receive_reply(65536)
+                else:
+                    data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.release()
                 raise UpstreamError(f"worker connection failed mid-response: {exc}") from None
+            self._short = len(data) < 65536
             if not data:
                 r.feed_eof()
                 if not r.complete:
