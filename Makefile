@@ -40,6 +40,7 @@ bench: build
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/overhead.py --pd vllm-nixl
 	$(BIN)/python benchmarks/floor.py
+	$(BIN)/python benchmarks/stream_relay.py
 	$(BIN)/python benchmarks/hashring.py
 	$(BIN)/python benchmarks/chunked.py
 	$(BIN)/python benchmarks/routing_decision.py
