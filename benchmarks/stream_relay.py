@@ -50,8 +50,10 @@ def _load(name: str) -> Any:
     return module
 
 
-oh = _load("overhead")
+floor = _load("floor")  # its process/CPU/wrk helpers (overhead.py's) and wait_answering
+oh = floor.oh
 oh.LOG_DIR = LOG_DIR
+wait_answering = floor.wait_answering
 
 
 def log(*parts: object) -> None:
@@ -91,19 +93,6 @@ def start_mocks(children: Any, delay: float, tag: str) -> list[int]:
     for port in ports:
         wait_answering(port)
     return ports
-
-
-def wait_answering(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            body = oh.chat_body(0, stream=False)
-            if oh.http_once(port, "POST", "/v1/chat/completions", body).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise oh.BenchError(f"nothing answered 200 on port {port} within {timeout:.0f} s")
 
 
 def measure(children: Any, ctx: dict[str, Any], name: str, conns: int) -> dict[str, float]:
