@@ -400,3 +400,37 @@ def test_tool_config_dumps_and_loads_back_with_secrets_redacted() -> None:
 
 def _toml(table: dict[str, Any]) -> str:
     return "".join(f"{k} = {msgspec.json.encode(v).decode()}\n" for k, v in table.items())
+
+
+async def test_an_mcp_transport_error_during_shutdown_does_not_escape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway stopping while an MCP client is mid-connect: the client's tasks may raise a
+    transport error beside the Cancelled (an exception group of both). Stopping must stay
+    clean; before the fix the error escaped and failed the whole gateway (seen in CI)."""
+    from lmgw.config import MCPServerConfig
+    from lmgw.tools.mcp import MCPServer
+
+    connecting = trio.Event()
+
+    async def connect(self: MCPServer, stack: object) -> object:
+        async def transport() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise ConnectionError("all attempts to connect to 127.0.0.1:9 failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport)
+            connecting.set()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(MCPServer, "_connect", connect)
+    server = MCPServer(MCPServerConfig(name="web", url="http://127.0.0.1:9/mcp", timeout_s=30))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            await connecting.wait()
+            nursery.cancel_scope.cancel()
+    assert not server.connected

@@ -130,6 +130,14 @@ class MCPServer:
             except Exception as exc:  # spawn, handshake, transport: retried below
                 self.error = _describe(exc)
                 log.debug("MCP server %s", self.name, exc_info=True)
+            except BaseExceptionGroup as group:
+                # Cancelled (the gateway stopping) together with a transport error raised by
+                # the mcp client's tasks as they were torn down: the cancellation is what
+                # happened; the error must not escape and fail the gateway's shutdown.
+                cancelled, _ = group.split(trio.Cancelled)
+                if cancelled is None:
+                    raise
+                raise cancelled from None
             finally:
                 was = self._client is not None
                 self._client = None
