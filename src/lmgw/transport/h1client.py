@@ -107,6 +107,7 @@ class ResponseReader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._feeding = b""
             cut = self._cut
             if cut >= 0:  # on_headers_complete stopped the parser: the body is ours
                 self._cut = -1
@@ -123,6 +124,7 @@ class ResponseReader:
             raise UpstreamProtocolError(f"invalid response from worker: {exc}") from None
         except httptools.HttpParserUpgrade:
             raise UpstreamProtocolError("worker switched protocols on an HTTP request") from None
+        self._feeding = b""  # a pooled connection must not hold on to the last read
         if not self.headers_complete:  # a head split across reads (rare): keep its end
             self._head_tail = (self._head_tail + data)[-3:]
 
