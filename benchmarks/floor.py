@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,10 @@ def log(*parts: object) -> None:
     print(f"[floor {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 
 
-def start_workers(children: Any, mock: str | None) -> list[int]:
+def start_workers(
+    children: Any, mock: str | None, mock_args: Sequence[str] = (), tag: str = ""
+) -> list[int]:
+    """Two workers: simulators, or ``mock`` (the peer harness's mock) with ``mock_args``."""
     ports = []
     for i in range(2):
         if mock is None:
@@ -72,8 +76,8 @@ def start_workers(children: Any, mock: str | None) -> list[int]:
             ports.append(int(url.rsplit(":", 1)[1]))
             continue
         port = oh.free_port()
-        argv = [sys.executable, mock, "--port", str(port), "--model", oh.MODEL]
-        children.spawn(argv, log_path=LOG_DIR / f"mock{i + 1}.log")
+        argv = [sys.executable, mock, "--port", str(port), "--model", oh.MODEL, *mock_args]
+        children.spawn(argv, log_path=LOG_DIR / f"mock{tag}{i + 1}.log")
         ports.append(port)
     for port in ports:
         wait_answering(port)

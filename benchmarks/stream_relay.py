@@ -81,20 +81,6 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
     return [*argv, *urls, "--policy", "round_robin"]
 
 
-def start_mocks(children: Any, delay: float, tag: str) -> list[int]:
-    ports = []
-    for i in range(2):
-        port = oh.free_port()
-        argv = [sys.executable, str(MOCK), "--port", str(port), "--model", oh.MODEL]
-        if delay > 0:
-            argv += ["--token-delay", str(delay)]
-        children.spawn(argv, log_path=LOG_DIR / f"mock-{tag}{i + 1}.log")
-        ports.append(port)
-    for port in ports:
-        wait_answering(port)
-    return ports
-
-
 def measure(children: Any, ctx: dict[str, Any], name: str, conns: int) -> dict[str, float]:
     port = oh.free_port()
     proc = children.spawn(
@@ -132,6 +118,7 @@ def main() -> int:
         return 2
     systems = ["lmgw"] + (["vllm-router"] if VLLM_ROUTER.exists() else [])
     LOG_DIR.mkdir(parents=True, exist_ok=True)
+    floor.LOG_DIR.mkdir(parents=True, exist_ok=True)  # its start_workers logs there
     allowed = sorted(os.sched_getaffinity(0))
     cpus = None
     if len(allowed) >= 2:
@@ -156,7 +143,8 @@ def main() -> int:
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
         for regime, (delay, conns) in regimes.items():
-            workers = start_mocks(children, delay, regime)
+            extra = ["--token-delay", str(delay)] if delay > 0 else []
+            workers = floor.start_workers(children, str(MOCK), extra, tag=f"-{regime}")
             ctx = {"workers": workers, "cpus": cpus, "lua": lua, "bodies": bodies}
             ctx["duration"] = args.duration
             runs[regime] = {name: [] for name in systems}

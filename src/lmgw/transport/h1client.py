@@ -126,7 +126,7 @@ class ResponseReader:
             raise UpstreamProtocolError("worker switched protocols on an HTTP request") from None
         self._feeding = b""  # a pooled connection must not hold on to the last read
         if not self.headers_complete:  # a head split across reads (rare): keep its end
-            self._head_tail = (self._head_tail + data)[-3:]
+            self._head_tail = (self._head_tail + data[-3:])[-3:]
 
     def _body_offset(self) -> int:
         """Where the body of the head just completed starts in the current feed, or -1.
