@@ -768,6 +768,7 @@ class RpcChannel:
         backoff, so fixing the allow-list or the worker's settings needs no gateway restart."""
         redial_at = math.inf
         delay = _REDIAL_MIN_S
+        diagnosed = False  # a specific handshake failure seen since the last success
         while True:
             frames = None
             with trio.move_on_at(redial_at):
@@ -786,6 +787,7 @@ class RpcChannel:
             event, value = _EVENT.unpack(frames[0])
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 delay = _REDIAL_MIN_S
+                diagnosed = False
                 self._connected = True
                 if self.state in (ChannelState.CONNECTING, ChannelState.LOST):
                     self._send_register()  # at once, not at the next tick
@@ -803,9 +805,13 @@ class RpcChannel:
                 self.stats["handshake_failures"] += 1
                 reason = _handshake_failure(event, value, self._curve is not None)
                 log.warning("zmq channel %s: %s", self.endpoint, reason)
-                if self.state is not ChannelState.READY:
+                vague = event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                # libzmq's own retries of a refused handshake often end with no detail (the
+                # peer closed first); they must not hide the diagnosis an operator can act on.
+                if self.state is not ChannelState.READY and not (vague and diagnosed):
                     self._set_state(self.state, reason)
-                if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # that one libzmq retries
+                diagnosed = diagnosed or not vague
+                if not vague:  # a vague one libzmq retries itself
                     redial_at = trio.current_time() + delay
                     delay = min(delay * 2, _REDIAL_MAX_S)
 
