@@ -49,6 +49,8 @@ __all__ = [
     "NOT_STARTED_CODES",
     "PROTOCOL_VERSION",
     "RETRYABLE_CODES",
+    "STRUCTURED_KINDS",
+    "STRUCTURED_OPTIONS",
     "TO_GATEWAY",
     "TO_REGISTRY",
     "TO_WORKER",
@@ -78,6 +80,7 @@ __all__ = [
     "RegisterAck",
     "SamplingParams",
     "ShmHandle",
+    "StructuredOutput",
     "TensorRef",
     "Token",
     "Usage",
@@ -114,6 +117,7 @@ CAPABILITIES: frozenset[str] = frozenset(
         "logprobs",
         "top_logprobs",  # Token.rank/top_*, SamplingParams.prompt_logprobs, Finish.prompt_logprobs
         "batch",  # several frame-less messages in one ZeroMQ message (Batch), both directions
+        "structured_outputs",  # SamplingParams.structured: the worker constrains its output
     }
 )
 """Optional features this build understands; a session uses the intersection of both sides."""
@@ -212,6 +216,47 @@ class MediaItem(msgspec.Struct, frozen=True, array_like=True):
     tensor: Count | None = None  # index into the message's ``tensors``
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+"""What a :class:`StructuredOutput` may constrain output to (vLLM's ``StructuredOutputsParams``
+kinds; one per request)."""
+STRUCTURED_OPTIONS = frozenset(
+    {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern",
+     "disable_fallback"}
+)  # fmt: skip
+"""The settings that may come with a constraint (vLLM's names)."""
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, array_like=True):
+    """Output the engine must constrain (capability ``structured_outputs``): ``kind`` one of
+    :data:`STRUCTURED_KINDS`; ``spec`` the schema (``json``: an object), the text (``regex``,
+    ``grammar``, ``structural_tag``) or the options (``choice``: a list of strings), None for
+    ``json_object``; ``options`` of :data:`STRUCTURED_OPTIONS`. Why a field of its own and not
+    ``extra``: an engine that ignored it would answer free text where the client asked for
+    JSON, so only workers that agreed on the capability get such a request."""
+
+    kind: Name
+    spec: Any = None
+    options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        kind, spec = self.kind, self.spec
+        if kind not in STRUCTURED_KINDS:
+            raise ValueError(f"unknown structured output kind {kind!r}")
+        if kind == "json" and not isinstance(spec, dict):
+            raise ValueError("a json constraint needs a schema object")
+        if kind in ("regex", "grammar", "structural_tag") and not (isinstance(spec, str) and spec):
+            raise ValueError(f"a {kind} constraint needs a non-empty string")
+        if kind == "choice" and not (
+            isinstance(spec, list) and spec and all(isinstance(c, str) for c in spec)
+        ):
+            raise ValueError("a choice constraint needs a non-empty list of strings")
+        if kind == "json_object" and spec is not None:
+            raise ValueError("a json_object constraint has no spec")
+        if self.options is not None and not self.options.keys() <= STRUCTURED_OPTIONS:
+            unknown = sorted(self.options.keys() - STRUCTURED_OPTIONS)
+            raise ValueError(f"unknown structured output options: {', '.join(unknown)}")
+
+
 class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
     """Engine-neutral sampling settings (not vLLM's struct: no version coupling).
     ``extra`` carries engine-specific keys through untouched."""
@@ -228,6 +273,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
     logprobs: Count | None = None
     extra: dict[str, Any] | None = None
     prompt_logprobs: Count | None = None  # vLLM's: the prompt's, with this many alternatives
+    structured: StructuredOutput | None = None  # capability structured_outputs
 
 
 class Usage(msgspec.Struct, frozen=True, array_like=True):
