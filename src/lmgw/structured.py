@@ -199,8 +199,7 @@ def _from_response_format(rf: Any, found: dict[str, Any]) -> None:
         _add(found, "structural_tag", msgspec.json.encode(rf).decode(), "response_format")
     else:
         raise StructuredOutputError(
-            "response_format.type must be 'text', 'json_object', 'json_schema' or"
-            " 'structural_tag'",
+            "response_format.type must be 'text', 'json_object', 'json_schema' or 'structural_tag'",
             "response_format",
         )
 
@@ -259,9 +258,7 @@ def _spec(kind: str, value: Any, param: str) -> Any:
 
 def _add(found: dict[str, Any], kind: str, spec: Any, param: str) -> None:
     if kind in found and found[kind] != spec:
-        raise StructuredOutputError(
-            f"{param}: a second, different {kind} constraint", param
-        )
+        raise StructuredOutputError(f"{param}: a second, different {kind} constraint", param)
     found[kind] = spec
 
 

@@ -32,6 +32,7 @@ from lmgw.protocol import (
     Prefill,
     PrefillDone,
     SamplingParams,
+    StructuredOutput,
     TensorRef,
     Token,
     Usage,
@@ -49,6 +50,7 @@ from lmgw.worker.vllm import (
     prefill_result,
     prompt_input,
     sampling_kwargs,
+    structured_kwargs,
 )
 
 # -- vLLM-shaped fakes (same attribute names as vLLM's classes) --------------------------------
@@ -725,3 +727,79 @@ def test_worker_server_serves_the_vllm_adapter() -> None:
     assert out["wrong_model"] is FailureCode.BAD_REQUEST
     assert out["metrics"]["vllm:num_requests_running"] == 0
     assert math.isfinite(out["metrics"]["lmgw_worker_requests_total"])
+
+
+# -- structured outputs -------------------------------------------------------------------------
+
+
+class FakeStructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams`` (a dataclass): its field names, nothing else."""
+
+    FIELDS = ("json", "regex", "choice", "grammar", "json_object", "disable_fallback",
+              "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern",
+              "structural_tag")  # fmt: skip
+
+    def __init__(self, **kw: Any) -> None:
+        unknown = set(kw) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        self.__dict__.update(dict.fromkeys(self.FIELDS), **kw)
+
+
+class FakeNewSamplingParams(FakeSamplingParams):
+    __struct_fields__ = (*FakeSamplingParams.__struct_fields__, "structured_outputs")
+
+
+class FakeOldSamplingParams(FakeSamplingParams):
+    __struct_fields__ = (*FakeSamplingParams.__struct_fields__, "guided_decoding")
+
+
+def test_structured_kwargs_name_the_one_constraint_and_its_options() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert structured_kwargs(StructuredOutput("json", schema)) == {"json": schema}
+    assert structured_kwargs(StructuredOutput("json_object")) == {"json_object": True}
+    got = structured_kwargs(
+        StructuredOutput("choice", ["yes", "no"], {"disable_any_whitespace": True})
+    )
+    assert got == {"choice": ["yes", "no"], "disable_any_whitespace": True}
+    params = SamplingParams(max_tokens=5, structured=StructuredOutput("regex", "[a-z]+"))
+    assert sampling_kwargs(params)["structured_outputs"] == {"regex": "[a-z]+"}
+    # a hand-off leg emits one token that nobody reads: no grammar to compile there
+    assert "structured_outputs" not in sampling_kwargs(params, stage="prefill")
+
+
+@pytest.mark.parametrize(
+    ("sp_cls", "field"),
+    [(FakeNewSamplingParams, "structured_outputs"), (FakeOldSamplingParams, "guided_decoding")],
+)
+def test_engine_passes_the_constraint_under_the_field_its_vllm_has(
+    sp_cls: type, field: str
+) -> None:
+    llm = FakeAsyncLLM()
+    schema = {"type": "object"}
+
+    async def main(bridge: AsyncioBridge) -> tuple[frozenset[str], list[str]]:
+        engine = VllmEngine(
+            llm, role="pd", models=["m"], bridge=bridge, sampling_params_cls=sp_cls,
+            output_kinds=RequestOutputKind, structured_params_cls=FakeStructuredOutputsParams,
+        )  # fmt: skip
+        params = SamplingParams(max_tokens=2, structured=StructuredOutput("json", schema))
+        gen = Generate("g", "m", prompt_token_ids=[1, 2], params=params)
+        texts = [d.text async for d in engine.generate(EngineRequest(gen))]
+        return engine.capabilities, texts
+
+    caps, texts = run_guest(main)
+    assert "structured_outputs" in caps and texts
+    ((_, _, sp),) = llm.calls
+    constraint = getattr(sp, field)
+    assert isinstance(constraint, FakeStructuredOutputsParams)
+    assert constraint.json == schema and constraint.regex is None
+
+
+def test_an_engine_without_the_class_does_not_claim_the_capability() -> None:
+    bridge = AsyncioBridge(asyncio.new_event_loop())
+    try:
+        caps = make_engine(FakeAsyncLLM(), bridge).capabilities
+        assert "structured_outputs" not in caps and "top_logprobs" in caps
+    finally:
+        bridge.loop.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -345,7 +345,7 @@ class OpenAIAPI:
                 filled, prompt_ids = await text.validate(endpoint, body.obj)
                 body.changed |= filled
             output = None
-            if endpoint == "chat" and self.gw.output_parsers:
+            if endpoint == "chat" and (self.gw.output_parsers or self._native(model)):
                 output = self._output_parsing(body, model)
             greq = GatewayRequest(
                 endpoint,
@@ -503,7 +503,11 @@ class OpenAIAPI:
             prompt_ids = None
             if text is not None and text.validate_context:
                 prompt_ids = (await text.validate("chat", obj))[1]
-            output = self._output_parsing(body, model) if gw.output_parsers else None
+            output = (
+                self._output_parsing(body, model)
+                if gw.output_parsers or self._native(model)
+                else None
+            )
             greq = GatewayRequest(
                 "chat", first.path, model, first.stream, body.final(), first.request_id,
                 first.forward_headers, _now(),
@@ -525,14 +529,15 @@ class OpenAIAPI:
         """The model's tool-call parser (requests that offer tools) and reasoning split on the
         answer (a ``tools.relay.OutputRewriter``, or None); tool markers are special tokens,
         so the worker must keep them."""
-        parsers = self.gw.output_parsers.get(model)
-        if parsers is None:
-            return None
         from ..tools import wants_tool_parsing
         from ..tools.relay import OutputRewriter
 
-        tools, reasoning = parsers
+        tools, reasoning = self.gw.output_parsers.get(model) or (None, None)
         obj = body.obj
+        if self._native(model) and "tool_choice" in obj:
+            forced = _forced_tool_parser(obj)
+            if forced is not None:  # the gateway constrains the output: it reads it back
+                return OutputRewriter(obj, forced, reasoning)
         if tools is not None and not wants_tool_parsing(obj):
             tools = None
         if tools is None and reasoning is None:
@@ -552,6 +557,11 @@ class OpenAIAPI:
             obj["tool_choice"] = "none"
             body.changed = True
         return rewriter
+
+    def _native(self, model: str) -> bool:
+        """Whether ``model`` is served by native workers (the gateway builds its answers)."""
+        native = self.gw.pipeline.native
+        return bool(native.models or native.default) and native.handles(model)
 
     def _checks_media(self, model: str) -> bool:
         mode = self.media_limits.preprocess
@@ -657,3 +667,19 @@ async def send_error(
     if request_id:
         headers.append((b"x-request-id", request_id.encode()))
     await responder.send_full(exc.status, headers, exc.body())
+
+
+def _forced_tool_parser(obj: Mapping[str, Any]) -> Any:
+    """The reader of a forced tool choice's constrained output (``tools.parsers.forced``), or
+    None when the request does not force one. Raises GatewayError(400) for a tool choice that
+    cannot be honoured (no tools, an unknown function)."""
+    from ..structured import StructuredOutputError, forced_tool
+    from ..tools.parsers.forced import NamedCallParser, RequiredCallsParser
+
+    try:
+        forced = forced_tool(obj)
+    except StructuredOutputError as exc:
+        raise GatewayError(400, str(exc), param=exc.param) from None
+    if forced is None:
+        return None
+    return RequiredCallsParser() if forced[1] is None else NamedCallParser(forced[1])

@@ -74,6 +74,8 @@ from ..protocol.messages import (
 )
 from ..protocol.messages import MediaItem as WireMedia
 from ..routing.policy import RouteContext
+from ..structured import FIELDS as STRUCTURED_FIELDS
+from ..structured import StructuredOutputError, structured_output
 from ..transport.openai_synth import OpenAISynth
 from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
@@ -368,7 +370,7 @@ _NOT_SAMPLING = frozenset(
         "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
         "min_tokens", "logprobs", "top_logprobs", "metadata", "store", "service_tier",
         "modalities", "audio", "prediction", "web_search_options", "return_tokens_as_token_ids",
-        "prompt_logprobs",
+        "prompt_logprobs", *STRUCTURED_FIELDS,
     }
 )  # fmt: skip
 
@@ -442,6 +444,10 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
     top_k = obj.get("top_k")
     if top_k is not None and type(top_k) is not int:
         raise GatewayError(400, "top_k must be an integer", param="top_k")
+    try:
+        structured = structured_output(endpoint, obj)
+    except StructuredOutputError as exc:
+        raise GatewayError(400, str(exc), param=exc.param) from None
     extra = {k: v for k, v in obj.items() if k not in _NOT_SAMPLING and v is not None}
     return SamplingParams(
         max_tokens=max_tokens,
@@ -456,6 +462,7 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
         logprobs=logprobs,
         extra=extra or None,
         prompt_logprobs=prompt_logprobs,
+        structured=structured,
     )
 
 
@@ -989,7 +996,8 @@ class NativeRunner:
                     break
                 progress = migration.Progress(
                     synth.text, synth.tokens, finished=False,
-                    replayable=job.params.logprobs is None,
+                    # a constrained output restarts its grammar on another worker
+                    replayable=job.params.logprobs is None and job.params.structured is None,
                 )  # fmt: skip
                 body, why = migration.next_leg(greq.endpoint, job.obj, progress)
                 if why is None and self._pick(greq.model, role, route, tried) is None:
@@ -1086,8 +1094,11 @@ class NativeRunner:
         p = self.p
         registry, policy, metrics = p.registry, p.policies[role], p.metrics
         chan: RpcChannel = worker.channel  # type: ignore[attr-defined]
-        if msg.params.logprobs or msg.params.prompt_logprobs is not None:
-            _check_top_logprobs(chan, worker)
+        params = msg.params
+        if params.logprobs or params.prompt_logprobs is not None:
+            _check_capability(chan, worker, "top_logprobs", _NO_TOP_LOGPROBS)
+        if params.structured is not None:
+            _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1251,16 +1262,23 @@ class NativeRunner:
         return out
 
 
-def _check_top_logprobs(chan: RpcChannel, worker: Worker) -> None:
-    """Alternatives and prompt logprobs need a worker that agreed on ``top_logprobs``: an
-    older one would answer the sampled tokens alone. Raised before anything is sent (another
-    worker may take the request), and never counted against the worker."""
+_NO_TOP_LOGPROBS = "does not send top logprobs or prompt logprobs (an older lmgw worker)"
+_NO_STRUCTURED = (
+    "does not constrain its output (response_format, structured outputs, a forced tool choice)"
+)
+
+
+def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: str) -> None:
+    """A request that needs ``capability`` goes only to a worker that agreed on it: alternatives
+    and prompt logprobs (``top_logprobs``; an older worker answers the sampled tokens alone),
+    a constraint (``structured_outputs``; an engine that ignored it would answer free text).
+    Raised before anything is sent (another worker may take the request), and never counted
+    against the worker."""
     session = chan.session
-    if session is not None and "top_logprobs" not in session.capabilities:
+    if session is not None and capability not in session.capabilities:
         raise RpcError(
             FailureCode.UNSUPPORTED,
-            f"worker {worker.id} does not send top logprobs or prompt logprobs (capability"
-            " top_logprobs: an older lmgw worker)",
+            f"worker {worker.id} {lacks} (capability {capability})",
             sent=False,
         )
 

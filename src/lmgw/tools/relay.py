@@ -38,6 +38,7 @@ class OutputRewriter:
         self.tools = tools
         self.reasoning = reasoning
         self._streams: dict[int, OutputStream] = {}
+        self._calls_finish = tools is None or tools.finish_tool_calls
 
     # -- streamed -----------------------------------------------------------------------------
     def _stream(self, index: int) -> OutputStream:
@@ -87,7 +88,7 @@ class OutputRewriter:
         for d in made:
             events.append(self._chunk(ev, choice, d, None))
         if upstream is not None:
-            reason = finish_reason(upstream, stream.calls)
+            reason = finish_reason(upstream, stream.calls if self._calls_finish else 0)
             if events and not events[-1]["choices"][0].get("finish_reason"):
                 events[-1]["choices"][0]["finish_reason"] = reason
             else:
@@ -130,6 +131,6 @@ class OutputRewriter:
             if parsed.tool_calls:
                 message["tool_calls"] = parsed.tool_calls
             choice["finish_reason"] = finish_reason(
-                choice.get("finish_reason"), len(parsed.tool_calls)
+                choice.get("finish_reason"), len(parsed.tool_calls) if self._calls_finish else 0
             )
         return _encode(obj)

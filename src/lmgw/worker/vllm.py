@@ -42,6 +42,7 @@ from ..protocol.messages import (
     MediaItem,
     Prefill,
     SamplingParams,
+    StructuredOutput,
     Token,
     Usage,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "prompt_input",
     "run_vllm_worker",
     "sampling_kwargs",
+    "structured_kwargs",
 ]
 
 log = logging.getLogger("lmgw.worker")
@@ -143,6 +145,17 @@ def sampling_kwargs(
         extra_args["kv_transfer_params"] = kv_transfer_params
     if extra_args:
         kw["extra_args"] = extra_args
+    if params.structured is not None and stage == "generate":  # a hand-off leg emits 1 token
+        kw["structured_outputs"] = structured_kwargs(params.structured)
+    return kw
+
+
+def structured_kwargs(structured: StructuredOutput) -> dict[str, Any]:
+    """Keyword arguments for vLLM's ``StructuredOutputsParams`` (``GuidedDecodingParams``
+    before 0.10.2: the same names): the one constraint, then its options."""
+    kw: dict[str, Any] = dict(structured.options or {})
+    kind = structured.kind
+    kw[kind] = True if kind == "json_object" else structured.spec
     return kw
 
 
@@ -490,6 +503,23 @@ class _Pump:
 # -- the engine -------------------------------------------------------------------------------
 
 
+def _vllm_structured_cls() -> Any:
+    """vLLM's constraint class: ``StructuredOutputsParams`` (0.10.2 on), else
+    ``GuidedDecodingParams``; None when neither is there."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams  # type: ignore[import-not-found]
+
+        return StructuredOutputsParams
+    except ImportError:
+        pass
+    try:
+        from vllm.sampling_params import GuidedDecodingParams  # type: ignore[import-not-found]
+
+        return GuidedDecodingParams
+    except ImportError:
+        return None
+
+
 class VllmEngine(Engine):
     """vLLM's ``AsyncLLM`` (or anything with its ``generate``/``abort`` shape) as an Engine.
 
@@ -509,6 +539,7 @@ class VllmEngine(Engine):
         bridge: AsyncioBridge,
         sampling_params_cls: Any = None,
         output_kinds: Any = None,
+        structured_params_cls: Any = None,
         gauges: SchedulerGauges | None = None,
         encode_prompt: Callable[[Sequence[MediaItem]], Awaitable[str]] | None = None,
     ) -> None:
@@ -518,6 +549,7 @@ class VllmEngine(Engine):
 
             sampling_params_cls = sampling_params_cls or VllmSamplingParams
             output_kinds = output_kinds or RequestOutputKind
+            structured_params_cls = structured_params_cls or _vllm_structured_cls()
         self.llm = llm
         self.role = role_name(role)
         self.models = tuple(models)
@@ -527,6 +559,13 @@ class VllmEngine(Engine):
         self._kinds = output_kinds
         fields = getattr(sampling_params_cls, "__struct_fields__", None)
         self._fields = frozenset(fields) if fields else None
+        # vLLM >= 0.10.2 names the field structured_outputs; before, guided_decoding
+        self._so_cls = structured_params_cls
+        self._so_field = (
+            "guided_decoding"
+            if self._fields is not None and "structured_outputs" not in self._fields
+            else "structured_outputs"
+        )
         self._encode_prompt = encode_prompt or self._chat_template_prompt
 
     @property
@@ -534,7 +573,10 @@ class VllmEngine(Engine):
         """The role's, plus ``logprobs`` and ``top_logprobs`` where it generates (vLLM returns
         alternatives, ranks and prompt logprobs)."""
         caps = super().capabilities
-        return caps | {"logprobs", "top_logprobs"} if "stream" in caps else caps
+        if "stream" not in caps:
+            return caps
+        caps = caps | {"logprobs", "top_logprobs"}
+        return caps | {"structured_outputs"} if self._so_cls is not None else caps
 
     @classmethod
     async def create(cls, engine_args: Any, *, role: str) -> VllmEngine:
@@ -554,6 +596,11 @@ class VllmEngine(Engine):
         kw = dict(kw)
         kw["output_kind"] = getattr(self._kinds, kw["output_kind"])
         try:
+            structured = kw.pop("structured_outputs", None)
+            if structured is not None:
+                if self._so_cls is None:  # the gateway checks the capability first
+                    raise EngineError(FailureCode.UNSUPPORTED, "no structured outputs here")
+                kw[self._so_field] = self._so_cls(**structured)
             return self._sp_cls(**kw)
         except (TypeError, ValueError) as exc:
             raise EngineError(FailureCode.BAD_REQUEST, f"sampling parameters: {exc}") from None

@@ -341,6 +341,8 @@ class ToolParser(ABC):
 
     name: ClassVar[str]
     default_new_id: ClassVar[Callable[[], str]] = staticmethod(tool_call_id)
+    #: whether an answer with calls finishes with ``"tool_calls"`` (see tools.finish_reason)
+    finish_tool_calls: ClassVar[bool] = True
 
     def __init__(self, *, new_id: Callable[[], str] | None = None) -> None:
         self.new_id: Callable[[], str] = new_id or type(self).default_new_id
