@@ -60,6 +60,7 @@ from .config import (
 from .fleetspec import FleetSpec
 from .gateway import Gateway
 from .pipeline.runner import dialect_for
+from .simulators.engine import DEFAULT_TOOL_FORMAT
 from .simulators.fleet import Fleet, FleetError, run_fleet
 
 log = logging.getLogger("lmgw.simulate")
@@ -93,7 +94,12 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 kv_events=m.kv_events,  # set for --kv-events fleets
             )
         )
-    model: dict[str, object] = {"name": args.model, "flow": spec.flow, "dialect": dialect}
+    # the simulated workers write tool calls as text in this format (a vLLM without
+    # --enable-auto-tool-choice): the gateway parses them, so clients get tool_calls
+    model: dict[str, object] = {
+        "name": args.model, "flow": spec.flow, "dialect": dialect,
+        "tool_parser": DEFAULT_TOOL_FORMAT,
+    }  # fmt: skip
     # the workers' own model folder, so the gateway tokenizes as they do
     if fleet.model_dir is not None:
         model["tokenizer"] = str(fleet.model_dir)
