@@ -35,6 +35,13 @@ from the function's JSON schema, deterministically. The text is answered raw, wi
 simulator and real vLLM differ). A conversation that ends with tool results (and makes no call)
 gets ``Tool results: <r1> | <r2>``, so an agent loop's tests see what reached the model.
 
+Structured outputs: ``response_format``, ``structured_outputs`` and the ``guided_*`` fields of a
+chat or completions request are read by :mod:`lmgw.structured` (vLLM's rules, its 400s), and the
+answer is text that satisfies the constraint (:mod:`.structured`: JSON valid against the schema,
+a string the regex matches, one of the choices), deterministic like any answer; a constraint the
+simulator cannot produce (a grammar, a regex backreference) is a 400 naming its field. A tool
+call wins over a constraint (the simulator's tool mode handles ``tool_choice`` itself).
+
 Routing fidelity: prefill takes time in proportion to the prompt tokens the prefix cache does
 not hold (a bounded LRU of chained block hashes, :class:`.engine.PrefixCache`); requests over
 ``max_num_seqs`` wait, and with ``serial_prefill`` prefills compute one at a time, so a busy
@@ -68,6 +75,7 @@ import msgspec
 import trio
 
 from lmgw.http.types import Headers, Request, Responder
+from lmgw.structured import StructuredOutputError, structured_output
 from lmgw.tools import TOOL_PARSERS
 from lmgw.transport.pool import ConnectionPool, Origin, UpstreamError
 
@@ -98,6 +106,7 @@ from .engine import (
     RenderedPrompt,
     ReplyPlan,
     SamplingSpec,
+    StructuredPlan,
     Ticket,
     TimingModel,
     ToolPlan,
@@ -118,6 +127,7 @@ from .logprobs import (
     sglang_top,
 )
 from .metrics import render_metrics
+from .structured import Unsimulated
 
 BEST_OF_MESSAGE = (
     "best_of > 1 is not supported (vLLM V1 removed it): ask for n choices with logprobs and"
@@ -247,6 +257,9 @@ class _HandOffFields(msgspec.Struct, kw_only=True):
     bootstrap_room: int | list[int] | None = None
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _GenRequest(_HandOffFields, kw_only=True):
     model: str | None = None
     stream: bool | None = False
@@ -263,9 +276,25 @@ class _GenRequest(_HandOffFields, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     prompt_logprobs: int | None = None
+    # structured outputs (lmgw.structured reads them): raw, decoded only when sent
+    response_format: msgspec.Raw = _NULL
+    structured_outputs: msgspec.Raw = _NULL
+    guided_json: msgspec.Raw = _NULL
+    guided_regex: msgspec.Raw = _NULL
+    guided_choice: msgspec.Raw = _NULL
+    guided_grammar: msgspec.Raw = _NULL
+    guided_whitespace_pattern: msgspec.Raw = _NULL
 
 
-_NULL = msgspec.Raw(b"null")
+_STRUCTURED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+)
 
 # What shapes a chat prompt (messages, tools, documents, chat_template_kwargs) stays raw JSON:
 # the bytes key the tokenizer's prompt cache and are decoded only on a miss (the simulator is
@@ -793,10 +822,21 @@ class SimWorker:
         self._check_length(len(rendered.token_ids), max_tokens, "messages")
         spec = _sampling(req, self._leg_max_tokens(req, max_tokens))
         ids = rendered.token_ids
-        choices = self._continuation(req, spec) if req.continue_final_message and n == 1 else None
-        if choices is None:
-            tool = self._tool_plan(req)
-            choices = [self.engine.generate(ids, *choice_sampling(spec, i), tool) for i in range(n)]
+        structured = self._structured(req, "chat")
+        constraint = structured[0] if structured is not None else None
+        try:
+            choices = (
+                self._continuation(req, spec, constraint)
+                if req.continue_final_message and n == 1
+                else None
+            )
+            if choices is None:
+                tool = self._output_plan(req, constraint)
+                choices = [
+                    self.engine.generate(ids, *choice_sampling(spec, i), tool) for i in range(n)
+                ]
+        except Unsimulated as exc:
+            raise _bad(str(exc), structured[1] if structured else None) from None
         stream = bool(req.stream)
         so = req.stream_options
         plan = _Plan(
@@ -852,6 +892,39 @@ class SimWorker:
         except PromptError as exc:
             raise _bad(str(exc), exc.param) from None
 
+    def _structured(self, req: _GenRequest, endpoint: str) -> tuple[StructuredPlan, str] | None:
+        """The request's structured-output constraint (read by :mod:`lmgw.structured`, as the
+        gateway reads it) as a plan, with the body field it came from (a 400 for output the
+        simulator cannot produce names it); None without one. A request that sends none of
+        the fields costs seven bytes comparisons (the overhead benchmarks' hot path)."""
+        sent = {
+            name: msgspec.json.decode(raw)  # valid JSON: the body decoder checked it
+            for name in _STRUCTURED_FIELDS
+            if (raw := bytes(getattr(req, name))) != b"null"
+        }
+        if not sent:
+            return None
+        try:
+            c = structured_output(endpoint, sent, tools=False)
+        except StructuredOutputError as exc:
+            raise _bad(str(exc), exc.param) from None
+        except ValueError as exc:  # the constraint itself refused it (StructuredOutput's checks)
+            raise _bad(str(exc), "structured_outputs") from None
+        if c is None:
+            return None
+        return StructuredPlan.of(c), _constraint_field(c.kind, sent)
+
+    def _output_plan(
+        self, req: ChatRequest, structured: StructuredPlan | None, messages: Any = None
+    ) -> ToolPlan | ReplyPlan | StructuredPlan | None:
+        """What shapes a chat answer: a tool call (tool mode wins, as the simulator's tool mode
+        handles ``tool_choice`` itself), else the request's constraint, else the quote of the
+        tool results the conversation ends with, else nothing (plain text)."""
+        tool = self._tool_plan(req, messages)
+        if structured is not None and not isinstance(tool, ToolPlan):
+            return structured
+        return tool
+
     def _tool_plan(self, req: ChatRequest, messages: Any = None) -> ToolPlan | ReplyPlan | None:
         """The function the model calls for this request (tool mode), the quote of the tool
         results the conversation ends with, or None: requests without ``tools`` and without a
@@ -881,7 +954,9 @@ class SimWorker:
         except PromptError as exc:
             raise _bad(str(exc), exc.param) from None
 
-    def _continuation(self, req: ChatRequest, spec: SamplingSpec) -> list[Completion] | None:
+    def _continuation(
+        self, req: ChatRequest, spec: SamplingSpec, structured: StructuredPlan | None = None
+    ) -> list[Completion] | None:
         """``continue_final_message`` on a partial answer of this model: the rest of the answer
         the messages before it would have got (rendered with ``add_generation_prompt``), so a
         stream continued on another worker (the gateway's mid-stream migration) ends exactly as
@@ -906,7 +981,7 @@ class SimWorker:
             ).token_ids
         except PromptError:
             return None
-        tool = self._tool_plan(req, msgs[:-1])
+        tool = self._output_plan(req, structured, msgs[:-1])
         full = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=None), 0, tool)
         k, seen = 0, ""
         while len(seen) < len(partial) and k < len(full.pieces):
@@ -941,11 +1016,16 @@ class SimWorker:
         for ids in prompts:
             self._check_length(len(ids), req.max_tokens, "prompt")
         spec = _sampling(req, self._leg_max_tokens(req, req.max_tokens))
-        choices = [
-            self.engine.generate(ids, *choice_sampling(spec, i))
-            for ids in prompts
-            for i in range(n)
-        ]
+        structured = self._structured(req, "completion")
+        constraint = structured[0] if structured is not None else None
+        try:
+            choices = [
+                self.engine.generate(ids, *choice_sampling(spec, i), constraint)
+                for ids in prompts
+                for i in range(n)
+            ]
+        except Unsimulated as exc:
+            raise _bad(str(exc), structured[1] if structured else None) from None
         echo = None
         if req.echo:  # vLLM echoes a text prompt as sent, a token prompt decoded
             tok = self.engine.tokenizer
@@ -2368,6 +2448,19 @@ class _GenerateStreamWriter:
         out = [self._event(c, 0) for c, x in enumerate(self._plan.choices) if x.num_tokens == 0]
         out.append(_DONE)
         return b"".join(out)
+
+
+def _constraint_field(kind: str, sent: dict[str, Any]) -> str:
+    """The body field a constraint of ``kind`` came from (one kind per request, so one field
+    states it, besides ``guided_whitespace_pattern``)."""
+    rf = sent.get("response_format")
+    if kind in ("json", "json_object", "structural_tag") and isinstance(rf, dict):
+        return "response_format"
+    so = sent.get("structured_outputs")
+    if isinstance(so, dict) and so.get(kind) not in (None, False):
+        return "structured_outputs"
+    legacy = "guided_" + kind
+    return legacy if legacy in sent else "structured_outputs"
 
 
 async def _send_json(responder: Responder, status: int, body: bytes, rid: bytes) -> None:

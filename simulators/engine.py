@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 
+from lmgw.protocol import StructuredOutput
 from lmgw.text import (
     ChatTemplate,
     ChatTemplateConfigError,
@@ -48,6 +49,7 @@ from lmgw.tools import TOOL_PARSERS
 
 from . import kv_events, model_files
 from .logprobs import LogprobSource
+from .structured import constrained_text, schema_value
 
 # ------------------------------------------------------------------------------------------------
 # Output vocabulary
@@ -706,7 +708,6 @@ def _cut_pieces(pieces: list[str], cut: int) -> list[str]:
 
 DEFAULT_TOOL_FORMAT = "hermes"
 """The tool-call format a simulated worker writes unless configured (``--tool-format``)."""
-_MAX_SCHEMA_DEPTH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,6 +727,28 @@ class ReplyPlan:
     them (so a test sees that a result reached the model)."""
 
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredPlan:
+    """A completion constrained by a request's structured output (:mod:`.structured`): its kind
+    and spec, the spec as JSON text (so a plan is hashable and keys the completion memo; keys
+    keep their order, which is the order a schema's properties are written in). Options
+    (whitespace) are left out: they do not change the compact output."""
+
+    kind: str
+    spec: str = "null"
+
+    @classmethod
+    def of(cls, c: StructuredOutput) -> StructuredPlan:
+        return cls(c.kind, msgspec.json.encode(c.spec).decode())
+
+    def constraint(self) -> StructuredOutput:
+        return StructuredOutput(self.kind, msgspec.json.decode(self.spec))
+
+
+OutputPlan = ToolPlan | ReplyPlan | StructuredPlan
+"""What shapes a completion other than the prompt: a tool call, fixed text, a constraint."""
 
 
 def tool_results_reply(messages: Any) -> ReplyPlan | None:
@@ -815,65 +838,6 @@ def plan_tool_call(
     return ToolPlan(fmt, chosen["name"], msgspec.json.encode(schema).decode())
 
 
-def schema_value(schema: Any, rng: random.Random, words: Sequence[str], depth: int = 0) -> Any:
-    """A value valid against a JSON schema (the subset tools use: type, enum, const,
-    properties + required, items, min/max bounds and lengths, anyOf/oneOf), drawn from ``rng``.
-    Optional object properties are included about half the time."""
-    if not isinstance(schema, dict):
-        schema = {}
-    if "const" in schema:
-        return schema["const"]
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[rng.randrange(len(enum))]
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if isinstance(options, list) and options:
-            return schema_value(options[0], rng, words, depth)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    if kind == "null":
-        return None
-    if kind == "boolean":
-        return rng.random() < 0.5
-    if kind in ("integer", "number"):
-        lo = schema.get("minimum", schema.get("exclusiveMinimum", 0))
-        hi = schema.get("maximum", schema.get("exclusiveMaximum", max(lo, 0) + 100))
-        if kind == "integer":
-            lo_i = math.ceil(lo) + (1 if "exclusiveMinimum" in schema and lo == int(lo) else 0)
-            hi_i = math.floor(hi) - (1 if "exclusiveMaximum" in schema and hi == int(hi) else 0)
-            return rng.randint(lo_i, max(lo_i, hi_i))
-        return round(lo + (hi - lo) * rng.random(), 2) if hi > lo else lo
-    if kind == "array":
-        if depth >= _MAX_SCHEMA_DEPTH:
-            return []
-        low = int(schema.get("minItems", 1))
-        high = max(low, min(int(schema.get("maxItems", 3)), 3))
-        return [
-            schema_value(schema.get("items"), rng, words, depth + 1)
-            for _ in range(rng.randint(low, high))
-        ]
-    if kind == "object":
-        props = schema.get("properties")
-        props = props if isinstance(props, dict) else {}
-        required = schema.get("required")
-        required = set(required) if isinstance(required, list) else set()
-        out: dict[str, Any] = {}
-        for name, sub in props.items():
-            if name in required or (depth < _MAX_SCHEMA_DEPTH and rng.random() < 0.5):
-                out[name] = schema_value(sub, rng, words, depth + 1)
-        return out
-    # a string (and any type this subset does not know)
-    text = " ".join(words[rng.randrange(len(words))] for _ in range(rng.randint(1, 3)))
-    low = int(schema.get("minLength", 0))
-    high = schema.get("maxLength")
-    text = text.ljust(low, "x")
-    return text[: int(high)] if isinstance(high, int) else text
-
-
 def _decoded_pieces(model: ModelTokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's new visible text, as vLLM's incremental detokenizer sends it: a token that
     ends inside a UTF-8 character shows nothing until the character is complete."""
@@ -929,6 +893,30 @@ def generate_reply(
     stops apply as in :func:`generate_tool_call`."""
     key = completion_key(prompt_ids, engine_seed, spec.seed, index)
     return _fixed_text(plan.text, key, prompt_ids, spec, max_model_len, tokenizer)
+
+
+def generate_structured(
+    prompt_ids: Sequence[int],
+    spec: SamplingSpec,
+    plan: StructuredPlan,
+    *,
+    engine_seed: int,
+    max_model_len: int,
+    tokenizer: Tokenizer,
+    index: int = 0,
+) -> Completion:
+    """A completion that satisfies ``plan``'s constraint (:func:`.structured.constrained_text`
+    drawn with the completion key): a pure function of its arguments, like
+    :func:`generate_tool_call`, whose limits and stops apply (``max_tokens`` cuts the text
+    short with ``finish_reason: "length"``, as a real worker's).
+
+    Raises:
+        Unsimulated: a constraint the simulator does not produce output for.
+    """
+    key = completion_key(prompt_ids, engine_seed, spec.seed, index)
+    words = [forms[1].piece for forms in tokenizer.output.word_forms]
+    text = constrained_text(plan.constraint(), random.Random(key), words)
+    return _fixed_text(text, key, prompt_ids, spec, max_model_len, tokenizer)
 
 
 def _fixed_text(
@@ -1332,7 +1320,7 @@ class Engine:
         self.decoding = 0
         self.kv_blocks_in_use = 0
         self._memo: OrderedDict[
-            tuple[tuple[int, ...], SamplingSpec, int, ToolPlan | ReplyPlan | None], Completion
+            tuple[tuple[int, ...], SamplingSpec, int, OutputPlan | None], Completion
         ] = OrderedDict()
 
     def submit(self, prompt_tokens: int, nseq: int = 1) -> Ticket:
@@ -1344,11 +1332,16 @@ class Engine:
         prompt_ids: Sequence[int],
         spec: SamplingSpec,
         index: int = 0,
-        tool: ToolPlan | ReplyPlan | None = None,
+        tool: OutputPlan | None = None,
     ) -> Completion:
         """:func:`generate` with this engine's seed (:func:`generate_tool_call` when the request
-        makes the model call ``tool``), memoised: completions are immutable and benchmarks
-        repeat prompts, so a hit costs one tuple hash instead of a draw per token."""
+        makes the model call ``tool``, :func:`generate_reply` for fixed text,
+        :func:`generate_structured` for a constraint), memoised: completions are immutable and
+        benchmarks repeat prompts, so a hit costs one tuple hash instead of a draw per token.
+
+        Raises:
+            Unsimulated: a :class:`StructuredPlan` the simulator cannot produce output for.
+        """
         key = (tuple(prompt_ids), spec, index, tool)
         memo = self._memo
         hit = memo.get(key)
@@ -1362,6 +1355,16 @@ class Engine:
                 engine_seed=self.config.seed,
                 max_model_len=self.max_model_len,
                 vocab=self.tokenizer.output,
+                index=index,
+            )
+        elif isinstance(tool, StructuredPlan):
+            out = generate_structured(
+                prompt_ids,
+                spec,
+                tool,
+                engine_seed=self.config.seed,
+                max_model_len=self.max_model_len,
+                tokenizer=self.tokenizer,
                 index=index,
             )
         elif isinstance(tool, ReplyPlan):

@@ -54,10 +54,18 @@ from ..simulators.disagg import (
     prompt_digest,
     verify_kv_blocks,
 )
-from ..simulators.engine import Completion, PromptError, SamplingSpec, Ticket, sample_index
+from ..simulators.engine import (
+    Completion,
+    PromptError,
+    SamplingSpec,
+    StructuredPlan,
+    Ticket,
+    sample_index,
+)
 from ..simulators.engine import Engine as SimCore
 from ..simulators.faults import FaultInjector
 from ..simulators.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+from ..simulators.structured import Unsimulated
 from .engine import (
     EncodeResult,
     Engine,
@@ -179,10 +187,12 @@ class SimEngine(Engine):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """The role's, plus ``logprobs`` and ``top_logprobs`` where it generates (the HTTP
-        simulator's values: sampled tokens, alternatives, the prompt's)."""
+        """The role's, plus ``logprobs``, ``top_logprobs`` and ``structured_outputs`` where it
+        generates (the HTTP simulator's values: sampled tokens, alternatives, the prompt's;
+        constrained text, :mod:`lmgw.simulators.structured`)."""
         caps = super().capabilities
-        return caps | {"logprobs", "top_logprobs"} if "stream" in caps else caps
+        extra = {"logprobs", "top_logprobs", "structured_outputs"}
+        return caps | extra if "stream" in caps else caps
 
     # -- the Engine interface -------------------------------------------------------------------
     async def generate(self, req: EngineRequest[Generate]) -> AsyncIterator[GenerateOutput]:  # type: ignore[override]
@@ -194,7 +204,12 @@ class SimEngine(Engine):
         self._inject_error()
         extra_s = self._check_media(req)
         external = self._verify_handoff(msg, ids)
-        completion = self.core.generate(ids, spec, sample_index(msg.params.extra))
+        structured = msg.params.structured
+        plan = StructuredPlan.of(structured) if structured is not None else None
+        try:
+            completion = self.core.generate(ids, spec, sample_index(msg.params.extra), plan)
+        except Unsimulated as exc:
+            raise EngineError(FailureCode.BAD_REQUEST, str(exc)) from None
         run = self._start(msg.request_id, "generate", completion.num_tokens)
         ticket = self.core.submit(len(ids))
         arrival = trio.current_time()
@@ -256,7 +271,8 @@ class SimEngine(Engine):
         self._check_length(len(ids), 1)
         self._inject_error()
         extra_s = self._check_media(req)
-        # the first token, as vLLM's prefill (max_tokens=1) computes it
+        # the first token, as vLLM's prefill (max_tokens=1) computes it (unconstrained: the
+        # decode worker's Generate carries the constraint and answers the whole text)
         first = self.core.generate(
             ids, _replace_max_tokens(spec, 1), sample_index(msg.params.extra)
         )
