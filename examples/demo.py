@@ -11,6 +11,7 @@ request succeeded.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -110,6 +111,50 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
         model=MODEL, prompt="The gateway routes each request to", max_tokens=12
     )
     print(f"   {c.choices[0].text!r}  usage={c.usage.model_dump(exclude_none=True)}")
+
+    print("\n== tool call (the gateway parses the model's call text into tool_calls) ==")
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather],
+        tool_choice="required",
+        max_tokens=64,
+    )
+    calls = r.choices[0].message.tool_calls or []
+    for call in calls:
+        print(f"   {call.function.name}({call.function.arguments})  id={call.id}")
+    print(f"   finish={r.choices[0].finish_reason}")
+    ok &= bool(calls) and calls[0].function.name == "get_weather"
+
+    print("\n== structured output (response_format: json_schema) ==")
+    schema = {
+        "type": "object",
+        "properties": {
+            "summary": {"type": "string"},
+            "stages": {"type": "array", "items": {"enum": ["encode", "prefill", "decode"]}},
+        },
+        "required": ["summary", "stages"],
+    }
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=96,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    answer = json.loads(r.choices[0].message.content or "null")
+    print(f"   {answer}")
+    ok &= isinstance(answer, dict) and set(schema["required"]) <= answer.keys()
 
     print("\n== an error, OpenAI-shaped ==")
     try:
