@@ -919,6 +919,14 @@ def generate_structured(
     return _fixed_text(text, key, prompt_ids, spec, max_model_len, tokenizer)
 
 
+_PLAN_TEXT: dict[type, Callable[..., Completion]] = {
+    ToolPlan: generate_tool_call,
+    ReplyPlan: generate_reply,
+    StructuredPlan: generate_structured,
+}
+"""The completion each kind of output plan makes (same arguments: prompt, spec, plan, ...)."""
+
+
 def _fixed_text(
     text: str,
     key: int,
@@ -1357,31 +1365,12 @@ class Engine:
                 vocab=self.tokenizer.output,
                 index=index,
             )
-        elif isinstance(tool, StructuredPlan):
-            out = generate_structured(
+        else:  # a completion with text of the plan's making
+            make = _PLAN_TEXT[type(tool)]
+            out = make(
                 prompt_ids,
                 spec,
-                tool,
-                engine_seed=self.config.seed,
-                max_model_len=self.max_model_len,
-                tokenizer=self.tokenizer,
-                index=index,
-            )
-        elif isinstance(tool, ReplyPlan):
-            out = generate_reply(
-                prompt_ids,
-                spec,
-                tool,
-                engine_seed=self.config.seed,
-                max_model_len=self.max_model_len,
-                tokenizer=self.tokenizer,
-                index=index,
-            )
-        else:
-            out = generate_tool_call(
-                prompt_ids,
-                spec,
-                tool,
+                tool,  # type: ignore[arg-type]
                 engine_seed=self.config.seed,
                 max_model_len=self.max_model_len,
                 tokenizer=self.tokenizer,

@@ -204,6 +204,16 @@ def test_required_calls_and_named_call_answers() -> None:
     assert not NamedCallParser.finish_tool_calls and RequiredCallsParser.finish_tool_calls
 
 
+def _streamed(stream: Any, text: str, cuts: list[int]) -> list[dict[str, Any]]:
+    """The deltas of ``text`` fed in pieces cut at ``cuts``, then finished."""
+    deltas: list[dict[str, Any]] = []
+    last = 0
+    for cut in [*sorted({c % (len(text) + 1) for c in cuts}), len(text)]:
+        deltas += stream.feed(text[last:cut])
+        last = cut
+    return deltas + stream.finish()
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=8),
     lambda kids: (
@@ -235,13 +245,7 @@ def test_required_calls_stream_as_they_extract_however_cut(
         (n, a) for n, a in calls
     ]
     stream = RequiredCallsParser(new_id=_ids()).stream()
-    deltas: list[dict[str, Any]] = []
-    last = 0
-    for cut in [*sorted({c % (len(text) + 1) for c in cuts}), len(text)]:
-        deltas += stream.feed(text[last:cut])
-        last = cut
-    deltas += stream.finish()
-    assert assemble(deltas) == whole
+    assert assemble(_streamed(stream, text, cuts)) == whole
     assert stream.calls == len(calls) and not stream.broken
 
 
@@ -255,11 +259,6 @@ def test_any_text_never_raises_and_streams_as_whole(text: str, cuts: list[int]) 
     for make in makers:
         whole = make().extract(text)
         stream = make().stream()
-        deltas: list[dict[str, Any]] = []
-        last = 0
-        for cut in [*sorted({c % (len(text) + 1) for c in cuts}), len(text)]:
-            deltas += stream.feed(text[last:cut])
-            last = cut
-        deltas += stream.finish()
+        deltas = _streamed(stream, text, cuts)
         if not stream.broken:
             assert assemble(deltas) == whole
