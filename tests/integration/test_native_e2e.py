@@ -576,6 +576,15 @@ def test_sampling_params_from_an_openai_body() -> None:
             sampling_params("chat", body)
     with pytest.raises(GatewayError, match="`logprobs` must be a positive value"):
         sampling_params("completions", {"logprobs": -3})
+    # logit_bias: JSON keys are strings; engines take token ids (vLLM clamps to [-100, 100])
+    sp = sampling_params("chat", {"logit_bias": {"12": 150, "7": -3.5}})
+    assert sp.extra == {"logit_bias": {12: 100.0, 7: -3.5}}
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(sp), type=type(sp)) == sp
+    assert sampling_params("chat", {"logit_bias": {}}).extra is None
+    for bad in ({"x": 1}, {"1": "2"}, [1]):
+        with pytest.raises(GatewayError) as info:
+            sampling_params("chat", {"logit_bias": bad})
+        assert info.value.param == "logit_bias"
     assert (choices({}), choices({"n": 3, "best_of": 1})) == (1, 3)
     with pytest.raises(Exception, match="best_of"):
         choices({"best_of": 3})

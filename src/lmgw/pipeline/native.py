@@ -449,6 +449,8 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
     except StructuredOutputError as exc:
         raise GatewayError(400, str(exc), param=exc.param) from None
     extra = {k: v for k, v in obj.items() if k not in _NOT_SAMPLING and v is not None}
+    if "logit_bias" in extra and (bias := _logit_bias(extra.pop("logit_bias"))):
+        extra["logit_bias"] = bias
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_num(obj, "temperature"),
@@ -464,6 +466,24 @@ def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
         prompt_logprobs=prompt_logprobs,
         structured=structured,
     )
+
+
+def _logit_bias(bias: Any) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as JSON keys, so strings) as an engine takes it:
+    int keys, each bias clamped to [-100, 100], as vLLM's OpenAI layer does."""
+    if not isinstance(bias, dict):
+        raise GatewayError(400, "logit_bias must be an object", param="logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise GatewayError(400, f"logit_bias: {key!r} is not a token id",
+                               param="logit_bias") from None  # fmt: skip
+        if type(value) not in (int, float):
+            raise GatewayError(400, "logit_bias values must be numbers", param="logit_bias")
+        out[token] = min(100.0, max(-100.0, float(value)))
+    return out or None
 
 
 def logprob_counts(endpoint: str, obj: Mapping[str, Any]) -> tuple[int | None, int | None]:
