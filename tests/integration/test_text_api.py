@@ -178,6 +178,41 @@ async def test_context_length_is_checked_and_max_tokens_filled_like_vllm(
     assert r.status == 200 and w.seen[-1]["max_tokens"] == 3  # given: forwarded as sent
 
 
+async def test_truncate_prompt_tokens_is_applied_before_the_context_check_like_vllm(
+    nursery: trio.Nursery, model_dir: Path, text
+) -> None:
+    """vLLM keeps the prompt's last k tokens before checking the context length: a long prompt
+    with ``truncate_prompt_tokens`` is served, not refused (and max_tokens fills what is left
+    after truncation); the body goes to the worker as sent, which truncates it itself."""
+    tok, tmpl = text
+    w = Worker(worker_tokens(tok, tmpl))
+    url, gw = await start(nursery, [w], tokenizer=str(model_dir), max_model_len=64)
+    long = [{"role": "user", "content": "word " * 200}]
+    body = {"model": MODEL, "messages": long, "truncate_prompt_tokens": 20}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    assert w.seen[-1]["max_tokens"] == 64 - 20 and w.seen[-1]["truncate_prompt_tokens"] == 20
+    r = await http_request(
+        url, "POST", "/v1/completions",
+        {"model": MODEL, "prompt": "word " * 200, "truncate_prompt_tokens": -1, "max_tokens": 1},
+    )  # fmt: skip
+    assert r.status == 400 and r.json()["error"]["param"] == "prompt"  # 64 left: no room
+    for bad, words in ((65, "greater than max_model_len (64)"), (0, "-1 or a positive"),
+                       ("3", "-1 or a positive")):  # fmt: skip
+        body = {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": bad}
+        r = await http_request(url, "POST", "/v1/completions", body)
+        assert r.status == 400 and words in r.json()["error"]["message"], r.body
+        assert r.json()["error"]["param"] == "truncate_prompt_tokens"
+    mt = gw.texts[MODEL]
+    ids = await mt.completion_ids({"prompt": "word " * 10})
+    assert await mt.completion_ids({"prompt": "word " * 10, "truncate_prompt_tokens": 4}) == [
+        ids[0][-4:]
+    ]
+    assert await mt.completion_ids({"prompt": [5, 6, 7], "truncate_prompt_tokens": 9}) == [
+        [5, 6, 7]
+    ]
+
+
 async def test_usage_is_counted_when_the_worker_leaves_it_out(
     nursery: trio.Nursery, model_dir: Path, text
 ) -> None:

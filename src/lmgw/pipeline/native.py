@@ -370,7 +370,7 @@ _NOT_SAMPLING = frozenset(
         "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
         "min_tokens", "logprobs", "top_logprobs", "metadata", "store", "service_tier",
         "modalities", "audio", "prediction", "web_search_options", "return_tokens_as_token_ids",
-        "prompt_logprobs", *STRUCTURED_FIELDS,
+        "prompt_logprobs", "truncate_prompt_tokens", *STRUCTURED_FIELDS,
     }
 )  # fmt: skip
 

@@ -52,10 +52,16 @@ class ModelText:
             chat_template_kwargs=kwargs if isinstance(kwargs, Mapping) else None,
         )
         special = bool(obj.get("add_special_tokens", False))
-        return await self.tokenizer.encode_async(text, add_special_tokens=special)
+        ids = await self.tokenizer.encode_async(text, add_special_tokens=special)
+        return self._truncated(ids, obj)
 
     async def completion_ids(self, obj: Mapping[str, Any]) -> list[list[int]]:
         """Each prompt's ids (a completions ``prompt`` may be a batch)."""
+        if obj.get("truncate_prompt_tokens") is not None:
+            return [self._truncated(ids, obj) for ids in await self._completion_ids(obj)]
+        return await self._completion_ids(obj)
+
+    async def _completion_ids(self, obj: Mapping[str, Any]) -> list[list[int]]:
         prompt = obj.get("prompt")
         special = bool(obj.get("add_special_tokens", True))
         tok = self.tokenizer
@@ -78,6 +84,30 @@ class ModelText:
             return out
         raise GatewayError(400, "prompt must be a string, a list of strings or token ids",
                            param="prompt")  # fmt: skip
+
+    def _truncated(self, ids: list[int], obj: Mapping[str, Any]) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: keep the prompt's last k tokens (-1: the context
+        length), before the context check, as vLLM's OpenAI layer does. A native worker gets
+        token ids, so only the gateway can apply it; over HTTP the count matches the worker's."""
+        k = obj.get("truncate_prompt_tokens")
+        if k is None:
+            return ids
+        limit = self.max_model_len
+        if type(k) is not int or k == 0 or k < -1:
+            raise GatewayError(400, "truncate_prompt_tokens must be -1 or a positive integer",
+                               param="truncate_prompt_tokens")  # fmt: skip
+        if k == -1:
+            if limit is None:
+                return ids
+            k = limit
+        if limit is not None and k > limit:
+            raise GatewayError(
+                400,
+                f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({limit})."
+                " Please, select a smaller truncation size.",
+                param="truncate_prompt_tokens",
+            )
+        return ids[-k:] if len(ids) > k else ids
 
     # -- the context-length check -------------------------------------------------------------
     def check_context(self, prompt_len: int, max_tokens: int | None, what: str) -> None:
