@@ -916,6 +916,31 @@ class DashboardConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("recent_errors", self.recent_errors)
 
 
+class StreamsConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Resumable answers (``lmgw.streams``): a generation request sent with
+    ``X-Lmgw-Resumable: 1`` keeps generating when its client's connection drops, and the
+    client picks the answer up again at ``GET /v1/streams/{id}`` (``Last-Event-ID``)."""
+
+    # Off by default: a dropped client then costs its worker up to grace_s more of generation.
+    resumable: bool = False
+    # How long a generation goes on with nobody reading it before it is aborted.
+    grace_s: float = 30.0
+    # How long a finished answer stays available to a client that comes back.
+    retain_s: float = 60.0
+    # Resumable answers held at once (running or retained); past it a request is served
+    # without resumption (no X-Lmgw-Stream-Id in its answer).
+    max_streams: int = 256
+    # Bytes of events kept per answer; older events are dropped past it (a resume from before
+    # them is a 410).
+    max_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        _positive("grace_s", self.grace_s)
+        _non_negative("retain_s", self.retain_s)
+        _positive("max_streams", self.max_streams)
+        _positive("max_bytes", self.max_bytes)
+
+
 class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Who may use the admin API (``/admin/*``: add, remove and drain workers)."""
 
@@ -1383,6 +1408,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     # The admin API's token (docs/operations.md, "Admin API").
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    # Resumable answers (X-Lmgw-Resumable, GET /v1/streams/{id}).
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     # Client API keys and their limits (docs/security.md).
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
@@ -1974,6 +2001,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the API without API keys, to anyone who can reach it (auth.open)",
     )
     g.add_argument(
+        "--resumable-streams",
+        action="store_const",
+        const=True,
+        default=None,
+        help="keep generating for clients whose connection drops, resumable at"
+        " GET /v1/streams/{id} (streams.resumable; requests opt in with X-Lmgw-Resumable: 1)",
+    )
+    g.add_argument(
         "--cors-allow-origins",
         default=None,
         metavar="LIST",
@@ -2034,6 +2069,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("admin_token", "admin", "token", "--admin-token"),
     ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
     ("open", "auth", "open", "--open"),
+    ("resumable_streams", "streams", "resumable", "--resumable-streams"),
     ("cache_tiers", "cache", "tiers", "--cache-tiers"),
     ("cors_allow_origins", "server", "cors_allow_origins", "--cors-allow-origins"),
     ("cache_redis_url", "cache", "redis_url", "--cache-redis-url"),

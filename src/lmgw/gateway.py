@@ -206,7 +206,19 @@ class Gateway:
                 " LMGW_API_KEYS) or serve the API open on purpose (auth.open = true / --open)",
                 path="auth",
             )
+        #: resumable answers (streams.resumable): None when off, and nothing of them runs
+        self.streams = None
+        if config.streams.resumable:
+            from .streams import StreamStore
+
+            self.streams = StreamStore(
+                config.streams, request_timeout_s=config.limits.request_timeout_s
+            )
+            self.metrics.add(self.streams.active)
+            self.metrics.add(self.streams.resumes)
         self.app = App(self)
+        if self.streams is not None:
+            self.streams.on_timeout = self.app.on_timeout
         TextAPI(self).install(self.app)
         if self.replicas is not None:  # Responses API ids: any replica routes a follow-up
             self.replicas.share_responses(self.app.passthru.affinity)
@@ -399,6 +411,8 @@ class Gateway:
                     if self.replicas is not None:  # warm from the shared history, then serve
                         await nursery.start(self.replicas.run)
                     await nursery.start(self.native.run)
+                    if self.streams is not None:
+                        await nursery.start(self.streams.run)
                     await nursery.start(self.kv_events.run)
                     if self.tools is not None:  # MCP sessions; every server had one try
                         await nursery.start(self.tools.run)

@@ -86,8 +86,12 @@ def _exported() -> dict[str, tuple[str, tuple[str, ...]]]:
         """A native tool: the gateway then exports the tool-loop metrics too."""
         return x
 
-    # plain; with a native tool and an MCP server (not contacted: the gateway is not run)
-    gateways = [Gateway(GatewayConfig())]
+    # plain, with resumable answers; with a native tool and an MCP server (not contacted:
+    # the gateway is not run)
+    gateways = [
+        Gateway(GatewayConfig()),
+        Gateway(config_from_mapping({"streams": {"resumable": True}})),
+    ]
     try:
         mcp = config_from_mapping(
             {"tools": {"mcp": [{"name": "docs", "url": "http://127.0.0.1:9/mcp"}]}}

@@ -96,6 +96,12 @@ class App:
         #: relayed to merged workers (api/passthru.py)
         self.passthru = PassThroughAPI(gateway, self.openai)
         self.passthru.install(self)
+        streams = getattr(gateway, "streams", None)
+        if streams is not None:  # resumable answers: the outermost middleware (lmgw.streams)
+            from ..streams import PREFIX
+
+            self.add_middleware(streams.middleware)
+            self.route_prefix(PREFIX, streams.endpoint)
         #: path -> ``async def hook(request, lmgw.http.websocket.WebSocketUpgrade)``: requests
         #: that ask for a WebSocket (both servers call :meth:`upgrade`)
         self.upgrades: dict[str, Callable[[Request, Any], Awaitable[None]]] = {}

@@ -1,0 +1,399 @@
+"""Resumable answers: a generation that outlives its client's connection, and a client that
+picks the answer up again where it lost it (``streams.resumable``; docs/api.md, "Resumable
+answers").
+
+Why: an answer that takes minutes (long outputs, reasoning, agents) dies with the first flaky
+connection, a mobile handover or a proxy's idle cut, and asking again pays the whole prefill
+and decode once more. None of the routers this replaces keeps the answer (ANCHORS.md §5.4).
+
+How it works: a generation request sent with ``X-Lmgw-Resumable: 1`` runs in the
+:class:`StreamStore`'s nursery instead of its connection's task, against a
+:class:`BufferResponder` that keeps what the pipeline writes. The connection's task only
+*follows* that buffer: SSE events are relayed with an ``id:`` line each (their sequence number,
+from 0), and the answer carries ``X-Lmgw-Stream-Id``, a random token. When the connection drops
+the generation goes on; ``GET /v1/streams/{token}`` (with ``Last-Event-ID: n``, or
+``?after=n``) answers the same status and headers and the events after ``n``, then follows live.
+``DELETE /v1/streams/{token}`` ends it at once. A generation nobody follows for ``grace_s`` is
+cancelled (its worker gets the usual abort); a finished answer is kept ``retain_s`` for late
+comers, within ``max_bytes`` per answer (older events are dropped; resuming before them is a
+410) and ``max_streams`` answers (past it, requests are served without resumption). Only the
+API key that started an answer may resume it.
+
+The event bookkeeping (:func:`split_events`, :meth:`StreamEntry.after`) is sans-IO.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .config import StreamsConfig
+from .errors import GatewayError, sse_error_event
+from .http.types import Headers, Request, Responder
+from .metrics import Counter, Gauge
+
+log = logging.getLogger("lmgw.streams")
+
+RESUMABLE_HEADER = b"x-lmgw-resumable"
+STREAM_ID_HEADER = b"x-lmgw-stream-id"
+PREFIX = "/v1/streams/"
+_SEP = b"\n\n"
+_TRUE = (b"1", b"true", b"yes")
+
+Endpoint = Callable[[Request, Responder], Awaitable[None]]
+
+
+def split_events(tail: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """SSE blocks completed by ``data`` after the unfinished ``tail`` of earlier writes: (each
+    complete block with its blank line, the new unfinished tail)."""
+    buf = tail + data if tail else data
+    end = buf.rfind(_SEP)
+    if end < 0:
+        return [], buf
+    parts = buf[:end].split(_SEP)
+    return [p + _SEP for p in parts if p], buf[end + 2 :]
+
+
+class StreamEntry:
+    """One resumable answer: its head and its blocks. Every block has a position (a follower's
+    cursor); data events also have a sequence number from 0 (their ``id:``, what a client
+    resumes after); comments such as keep-alives carry the number of the event after them."""
+
+    __slots__ = ("_changed", "body", "bytes", "cancel", "done", "ended_at", "events",
+                 "first_pos", "first_seq", "followers", "headers", "idle_since", "key",
+                 "next_pos", "next_seq", "status", "tail", "token")  # fmt: skip
+
+    def __init__(self, token: str, key: str | None) -> None:
+        self.token = token
+        self.key = key  #: the API key's name that started it (None: no keys)
+        self.status: int | None = None
+        self.headers: Headers = []
+        self.body: bytes | None = None  #: a whole (not streamed) answer
+        self.events: deque[tuple[int, bytes]] = deque()  # (seq, block as sent)
+        self.first_pos = 0  #: the position of events[0]
+        self.next_pos = 0
+        self.first_seq = 0  #: the oldest data event still held
+        self.next_seq = 0
+        self.bytes = 0
+        self.tail = b""
+        self.done = False
+        self.ended_at = math.inf
+        self.followers = 0
+        self.idle_since = 0.0
+        self.cancel = trio.CancelScope()
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+    def add(self, data: bytes, max_bytes: int) -> None:
+        """Keep the blocks ``data`` completes (data events numbered, with their ``id:`` line);
+        past ``max_bytes``, drop the oldest."""
+        blocks, self.tail = split_events(self.tail, data)
+        for block in blocks:
+            seq = self.next_seq
+            if block.startswith(b"data:"):
+                block = b"id: %d\n" % seq + block
+                self.next_seq += 1
+            self.events.append((seq, block))
+            self.next_pos += 1
+            self.bytes += len(block)
+        while self.bytes > max_bytes and len(self.events) > 1:
+            _, block = self.events.popleft()
+            self.first_pos += 1
+            self.bytes -= len(block)
+            self.first_seq = self.events[0][0]
+        if blocks:
+            self.changed()
+
+    def position_after(self, seq: int) -> int | None:
+        """The position of the first block after data event ``seq`` (None: dropped already)."""
+        if seq + 1 < self.first_seq:
+            return None
+        pos = self.first_pos
+        for s, _ in self.events:
+            if s > seq:
+                return pos
+            pos += 1
+        return pos
+
+    def blocks(self, pos: int) -> bytes | None:
+        """The held blocks from position ``pos`` on (None: some were dropped already)."""
+        i = pos - self.first_pos
+        if i < 0:
+            return None
+        if i >= len(self.events):
+            return b""
+        return b"".join(block for _, block in list(self.events)[i:])
+
+
+class BufferResponder:
+    """The responder a resumable generation writes to: everything goes into its entry."""
+
+    __slots__ = ("entry", "max_bytes", "started")
+
+    def __init__(self, entry: StreamEntry, max_bytes: int) -> None:
+        self.entry = entry
+        self.max_bytes = max_bytes
+        self.started = False
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        e = self.entry
+        e.status, e.headers, e.body = status, list(headers), body
+        self.started = True
+        e.changed()
+
+    async def start(self, status: int, headers: Headers) -> None:
+        e = self.entry
+        e.status, e.headers = status, list(headers)
+        self.started = True
+        e.changed()
+
+    async def send(self, data: bytes) -> None:
+        if data:
+            self.entry.add(data, self.max_bytes)
+
+    async def end(self, data: bytes = b"") -> None:
+        await self.send(data)
+        self.entry.done = True
+        self.entry.changed()
+
+
+class StreamStore:
+    """The resumable answers of one gateway, and the nursery their generations run in."""
+
+    def __init__(
+        self,
+        config: StreamsConfig,
+        *,
+        request_timeout_s: float = 0.0,
+        on_timeout: Endpoint | None = None,
+    ) -> None:
+        self.config = config
+        self.request_timeout_s = request_timeout_s
+        self.on_timeout = on_timeout
+        self.entries: dict[str, StreamEntry] = {}
+        self._nursery: trio.Nursery | None = None
+        self.active = Gauge(
+            "lmgw_resumable_streams",
+            "Resumable answers held: generating, or finished and kept for late readers.",
+            ("state",),
+            collect=self._collect,
+        )
+        self.resumes = Counter(
+            "lmgw_stream_resumes_total",
+            "GET /v1/streams/{id}: answers picked up again, by outcome.",
+            ("outcome",),
+        )
+
+    def _collect(self) -> list[tuple[tuple[str, ...], float]]:
+        running = sum(1 for e in self.entries.values() if not e.done)
+        return [(("running",), running), (("finished",), len(self.entries) - running)]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the generations, and drop finished answers after ``retain_s``."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(max(1.0, self.config.retain_s / 4))
+                    self.evict(trio.current_time())
+            finally:
+                self._nursery = None
+
+    def evict(self, now: float) -> None:
+        retain = self.config.retain_s
+        for token in [t for t, e in self.entries.items() if now - e.ended_at >= retain]:
+            del self.entries[token]
+
+    # -- the middleware ---------------------------------------------------------------------
+    async def middleware(self, req: Request, responder: Responder, call_next: Endpoint) -> None:
+        """Around the generation routes: a request that asks for resumption (and fits) runs
+        here; any other goes on as usual."""
+        if not _asks(req.headers) or self._nursery is None:
+            await call_next(req, responder)
+            return
+        self.evict(trio.current_time())
+        if len(self.entries) >= self.config.max_streams:
+            log.warning("resumable answers: %d held, serving one without", len(self.entries))
+            await call_next(req, responder)
+            return
+        token = secrets.token_urlsafe(18)
+        entry = self.entries[token] = StreamEntry(token, _key_name(req))
+        entry.idle_since = trio.current_time()
+        # start_soon, not start: the generation must never run inside this connection's scope
+        # (a client that leaves at once would cancel it there)
+        self._nursery.start_soon(self._generate, entry, req, call_next)
+        await self.follow(entry, -1, responder)
+
+    async def _generate(
+        self,
+        entry: StreamEntry,
+        req: Request,
+        handler: Endpoint,
+    ) -> None:
+        buf = BufferResponder(entry, self.config.max_bytes)
+        try:
+            with entry.cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, entry, nursery.cancel_scope)
+                    await self._handle(req, buf, handler)
+                    nursery.cancel_scope.cancel()
+        except Exception:  # the handler answers its own errors; this is a bug: say so
+            log.exception("resumable answer %s failed", entry.token)
+            if not buf.started:
+                await buf.send_full(*_error_parts(GatewayError(500, "internal error")))
+        finally:
+            if entry.status is None:  # cancelled before any answer: the client asked it so
+                entry.status, entry.headers = 499, []
+                entry.body = GatewayError(499, "the answer was cancelled").body()
+            entry.done = True
+            entry.ended_at = trio.current_time()
+            entry.changed()
+
+    async def _handle(self, req: Request, buf: BufferResponder, handler: Endpoint) -> None:
+        """The generation, under the request deadline the server applies to other requests."""
+        timeout = self.request_timeout_s
+        if not timeout:
+            await handler(req, buf)
+            return
+        with trio.move_on_after(timeout) as scope:
+            await handler(req, buf)
+        if scope.cancelled_caught and self.on_timeout is not None:
+            req.deadline_exceeded = True
+            await self.on_timeout(req, buf)
+
+    async def _watch(self, entry: StreamEntry, scope: trio.CancelScope) -> None:
+        """Cancel the generation once nobody has followed it for ``grace_s``."""
+        grace = self.config.grace_s
+        while True:
+            if entry.followers:
+                await entry.wait()
+                continue
+            left = entry.idle_since + grace - trio.current_time()
+            if left <= 0:
+                log.info("resumable answer %s: nobody read it for %gs, cancelled",
+                         entry.token, grace)  # fmt: skip
+                scope.cancel()
+                return
+            with trio.move_on_after(left):
+                await entry.wait()
+
+    # -- following --------------------------------------------------------------------------
+    async def follow(self, entry: StreamEntry, after: int, responder: Responder) -> None:
+        """Answer ``responder`` from ``entry``: its head, the events after data event
+        ``after``, then the live ones until the answer ends or this client leaves."""
+        entry.followers += 1
+        entry.changed()
+        try:
+            while entry.status is None:
+                await entry.wait()
+            headers = [*entry.headers, (STREAM_ID_HEADER, entry.token.encode())]
+            if entry.body is not None:
+                await responder.send_full(entry.status, headers, entry.body)
+                return
+            pos = entry.position_after(after)
+            if pos is None:
+                await send_error(responder, _gone(entry))
+                return
+            await responder.start(entry.status, headers)
+            while True:
+                chunk = entry.blocks(pos)
+                if chunk is None:  # fell behind the buffer
+                    await responder.send(sse_error_event(410, _gone(entry).message))
+                    await responder.end()
+                    return
+                if chunk:
+                    pos = entry.next_pos
+                    await responder.send(chunk)
+                    continue
+                if entry.done:
+                    await responder.end()
+                    return
+                await entry.wait()
+        finally:
+            entry.followers -= 1
+            if not entry.followers:
+                entry.idle_since = trio.current_time()
+            entry.changed()
+
+    # -- GET / DELETE /v1/streams/{id} ------------------------------------------------------
+    async def endpoint(self, req: Request, responder: Responder) -> None:
+        token = req.path[len(PREFIX) :]
+        entry = self.entries.get(token)
+        if entry is None or entry.key != _key_name(req):  # another key's: as if unknown
+            self.resumes.inc(("unknown",))
+            await send_error(responder, GatewayError(404, f"no resumable answer {token!r}"))
+            return
+        if req.method == "DELETE":
+            entry.cancel.cancel()
+            await responder.send_full(
+                200,
+                [(b"content-type", b"application/json")],
+                b'{"id":"%s","object":"stream","cancelled":true}' % token.encode(),
+            )
+            return
+        if req.method not in ("GET", "HEAD"):
+            await send_error(responder, GatewayError(405, "use GET or DELETE"))
+            return
+        try:
+            after = _after(req)
+        except ValueError:
+            await send_error(
+                responder,
+                GatewayError(
+                    400, "Last-Event-ID must be an event id (an integer)", param="last-event-id"
+                ),
+            )
+            return
+        self.resumes.inc(("resumed",))
+        await self.follow(entry, after, responder)
+
+
+def _asks(headers: Headers) -> bool:
+    for k, v in headers:
+        if k == RESUMABLE_HEADER:
+            return v.strip().lower() in _TRUE
+    return False
+
+
+def _key_name(req: Request) -> str | None:
+    key = req.principal
+    return None if key is None else getattr(key, "name", str(key))
+
+
+def _after(req: Request) -> int:
+    """The last event the client has: ``Last-Event-ID``, else ``?after=``; -1 for none."""
+    for k, v in req.headers:
+        if k == b"last-event-id":
+            return int(v.strip() or b"-1")
+    for part in req.query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "after":
+            return int(value)
+    return -1
+
+
+def _gone(entry: StreamEntry) -> GatewayError:
+    return GatewayError(
+        410,
+        f"events before {entry.first_seq} of this answer are no longer held (streams.max_bytes)",
+    )
+
+
+def _error_parts(exc: GatewayError) -> tuple[int, Headers, bytes]:
+    return exc.status, [(b"content-type", b"application/json")], exc.body()
+
+
+async def send_error(responder: Responder, exc: GatewayError) -> None:
+    await responder.send_full(*_error_parts(exc))
