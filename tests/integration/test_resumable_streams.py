@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 import trio
 from gateway_support import MODEL, open_stream, parse_response, request_bytes
 
@@ -237,3 +238,74 @@ def test_event_bookkeeping() -> None:
     e.add(b"data: " + b"x" * 40 + b"\n\n", 60)  # past max_bytes: the oldest go
     assert e.first_seq == 3 and e.position_after(1) is None and e.blocks(0) is None
     assert e.blocks(e.position_after(2)).startswith(b"id: 3\n")
+
+
+async def cutting_proxy(nursery: trio.Nursery, target: str, cut_after: int) -> str:
+    """A TCP forwarder to ``target`` whose first connection is cut after ``cut_after`` bytes
+    of answer (mid-event, mid-chunk): a flaky network between a client and the gateway."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    cuts = [cut_after]
+
+    async def handle(client: trio.SocketStream) -> None:
+        cut = cuts.pop() if cuts else None
+        try:
+            upstream = await open_stream(target)
+            async with client, upstream, trio.open_nursery() as nursery:
+
+                async def forward() -> None:
+                    while data := await client.receive_some(65536):
+                        await upstream.send_all(data)
+
+                nursery.start_soon(forward)
+                sent = 0
+                while data := await upstream.receive_some(65536):
+                    if cut is not None and sent + len(data) >= cut:
+                        await client.send_all(data[: cut - sent])
+                        break
+                    await client.send_all(data)
+                    sent += len(data)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_the_sdk_resumes_a_broken_stream_by_itself(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    from lmgw.sdk import Client
+    from lmgw.sdk.types import ContentDelta
+
+    gw, _ = await resumable_gateway(nursery, sim_worker)
+    params = {k: v for k, v in body().items() if k not in ("messages", "stream", "model")}
+    messages = body()["messages"]
+    async with Client(gw.url) as direct:
+        whole = [
+            e.text
+            async for e in direct.chat_stream(model=MODEL, messages=messages, **params)
+            if isinstance(e, ContentDelta)
+        ]
+    flaky = await cutting_proxy(nursery, gw.url, cut_after=1500)
+    async with Client(flaky) as client:
+        got = [
+            e.text
+            async for e in client.chat_stream(
+                model=MODEL, messages=messages, resumable=True, **params
+            )
+            if isinstance(e, ContentDelta)
+        ]
+        assert got == whole  # no gap, no repeat
+        assert client.statistics().connects == 2  # the cut one, then the resume
+    metrics = (await get(gw.url, "/metrics")).body.decode()
+    assert 'lmgw_stream_resumes_total{outcome="resumed"} 1' in metrics
+    # without resumable, the same cut is the caller's error
+    flaky = await cutting_proxy(nursery, gw.url, cut_after=1500)
+    async with Client(flaky) as client:
+        from lmgw.sdk.errors import APIConnectionError
+
+        with pytest.raises(APIConnectionError):
+            async for _ in client.chat_stream(model=MODEL, messages=messages, **params):
+                pass

@@ -198,14 +198,17 @@ class Client:
         model: str | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        resumable: bool = False,
         **params: Any,
     ) -> AsyncIterator[StreamEvent]:
         """``POST /v1/chat/completions`` with ``stream: true``: ``async for event in ...``.
 
-        Leaving the loop early closes the connection (at once under ``contextlib.aclosing``,
-        else when the generator is collected)."""
+        ``resumable``: ask the gateway to keep the answer (``streams.resumable``); a connection
+        that breaks mid-stream is then replaced and the stream goes on from the last event
+        received, without a gap or a repeat. Leaving the loop early closes the connection (at
+        once under ``contextlib.aclosing``, else when the generator is collected)."""
         body = encode_request(model, params, messages=messages, stream=True)
-        return self._stream("/v1/chat/completions", body, request_id, headers)
+        return self._stream("/v1/chat/completions", body, request_id, headers, resumable)
 
     async def complete(
         self,
@@ -227,11 +230,12 @@ class Client:
         model: str | None = None,
         request_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        resumable: bool = False,
         **params: Any,
     ) -> AsyncIterator[StreamEvent]:
-        """``POST /v1/completions`` with ``stream: true``."""
+        """``POST /v1/completions`` with ``stream: true`` (``resumable``: as chat_stream)."""
         body = encode_request(model, params, prompt=prompt, stream=True)
-        return self._stream("/v1/completions", body, request_id, headers)
+        return self._stream("/v1/completions", body, request_id, headers, resumable)
 
     async def models(self) -> list[ModelInfo]:
         """``GET /v1/models``."""
@@ -358,8 +362,11 @@ class Client:
         body: bytes,
         request_id: str | None,
         extra: Mapping[str, str] | None,
+        resumable: bool = False,
     ) -> AsyncIterator[StreamEvent]:
         headers = self._request_headers(False, request_id, extra)
+        if resumable:
+            headers = [*headers, _RESUMABLE]
         timeout = self.timeout
         try:
             with anyio.fail_after(timeout):
@@ -367,15 +374,11 @@ class Client:
         except TimeoutError:
             raise APITimeoutError(f"POST {path}: no answer within {timeout:g} s") from None
         reader = conn.reader
+        token = _header(reader.headers, b"x-lmgw-stream-id") if resumable else None
+        resumes = 0
         clean = False
         try:
-            if reader.status >= 400 or not reader.content_type.startswith(b"text/event-stream"):
-                with anyio.fail_after(timeout):
-                    while not reader.complete:
-                        await self._receive(conn)
-                data = reader.take_body()
-                decode_result("json", reader.status, data, reader.headers)  # raises on errors
-                raise APIError(reader.status, f"expected an event stream, got {data[:200]!r}")
+            await self._expect_events(conn)
             decoder = SSEDecoder()
             while True:
                 data = reader.take_body()
@@ -391,6 +394,14 @@ class Client:
                         await self._receive(conn)
                 except TimeoutError:
                     raise APITimeoutError(f"stream silent for {timeout:g} s") from None
+                except APIConnectionError:
+                    if token is None or decoder.done or resumes >= _RESUMES:
+                        raise
+                    resumes += 1
+                    await self._discard(conn)
+                    decoder.drop_partial()
+                    conn = await self._resume(token, decoder.last_id)
+                    reader = conn.reader
             for event in decoder.feed_eof():
                 yield event
             if decoder.error is not None:
@@ -401,6 +412,41 @@ class Client:
                 await self._release(conn)
             else:
                 await self._discard(conn)
+
+    async def _expect_events(self, conn: _Conn) -> None:
+        """Raise the error an answer that is not an event stream carries."""
+        reader = conn.reader
+        if reader.status >= 400 or not reader.content_type.startswith(b"text/event-stream"):
+            with anyio.fail_after(self.timeout):
+                while not reader.complete:
+                    await self._receive(conn)
+            data = reader.take_body()
+            decode_result("json", reader.status, data, reader.headers)  # raises on errors
+            raise APIError(reader.status, f"expected an event stream, got {data[:200]!r}")
+
+    async def _resume(self, token: str, last_id: bytes | None) -> _Conn:
+        """A broken resumable stream's next connection: ``GET /v1/streams/{token}`` after the
+        last event received, tried a few times with a growing pause (a gateway restarting its
+        listener, a flapping network)."""
+        headers = self._request_headers(False, None, None)
+        if last_id is not None:
+            headers = [*headers, (b"last-event-id", last_id)]
+        path = self._prefix + "/v1/streams/" + quote(token, safe="")
+        for attempt in range(_RESUMES):
+            try:
+                with anyio.fail_after(self.timeout):
+                    conn = await self._exchange("GET", path, None, headers)
+                break
+            except (APIConnectionError, TimeoutError):
+                if attempt == _RESUMES - 1:
+                    raise APIConnectionError(f"could not resume stream {token}") from None
+                await anyio.sleep(0.1 * 3**attempt)
+        try:
+            await self._expect_events(conn)
+        except BaseException:
+            await self._discard(conn)
+            raise
+        return conn
 
     async def _exchange(
         self, method: str, path: str, body: bytes | None, headers: list[tuple[bytes, bytes]]
@@ -480,6 +526,18 @@ class Client:
         self._stats.closed += 1
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(conn.stream)
+
+
+_RESUMABLE = (b"x-lmgw-resumable", b"1")
+_RESUMES = 3
+"""Connections a resumable stream may break (and attempts per resume) before it gives up."""
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
 
 
 def _worker_path(worker_id: str) -> str:

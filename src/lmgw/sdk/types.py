@@ -310,12 +310,18 @@ class SSEDecoder:
     out the events before it. :attr:`done` is set by ``data: [DONE]``.
     """
 
-    __slots__ = ("_pending", "done", "error")
+    __slots__ = ("_pending", "done", "error", "last_id")
 
     def __init__(self) -> None:
         self._pending = b""
         self.done = False
         self.error: APIError | None = None
+        #: the ``id:`` of the last complete event that had one (a resumable answer's)
+        self.last_id: bytes | None = None
+
+    def drop_partial(self) -> None:
+        """Forget an event cut short (its connection broke): a resumed answer sends it again."""
+        self._pending = b""
 
     def feed(self, data: bytes) -> list[StreamEvent]:
         if self._pending:
@@ -335,6 +341,8 @@ class SSEDecoder:
             if block.startswith(b"data: ") and b"\n" not in block:
                 payload = block[6:]
             else:
+                if block.startswith(b"id:"):
+                    self.last_id = block[3 : block.find(b"\n")].strip()
                 payload = _data_of(block)
                 if payload is None:
                     continue  # a comment or an event without data
