@@ -1,5 +1,7 @@
-"""CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw
-and (when the peer harness's venv has it) vllm-router, in one run.
+"""CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw,
+lmgw keeping every answer resumable (``--resumable-streams`` and ``X-Lmgw-Resumable: 1``: the
+buffer and follower of ``lmgw.streams`` on the path), and (when the peer harness's venv has
+it) vllm-router, in one run.
 
 Why two regimes: the peer harness streams 256 tokens with no delay, so at c=32 lmgw runs
 its CPU at 100% and its "CPU per chunk" is one core divided by the event rate, which the load
@@ -39,6 +41,7 @@ LOG_DIR = RESULTS / "stream-relay-logs"
 MOCK = HERE.parent.parent / "shared" / "bench" / "mock_worker.py"
 VLLM_ROUTER = Path.home() / ".cache" / "lmgw-peers-venv" / "bin" / "vllm-router"
 TOKENS = 256
+CT = '{["Content-Type"] = "application/json"}'
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,6 +80,8 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
     urls = [f"http://127.0.0.1:{w}" for w in workers]
     if name == "lmgw":
         return oh.gateway_argv(port, [f"pd={u}" for u in urls])
+    if name == "lmgw-resumable":  # every answer kept and relayed through its buffer
+        return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--resumable-streams"]
     argv = [str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--worker-urls"]
     return [*argv, *urls, "--policy", "round_robin"]
 
@@ -89,10 +94,11 @@ def measure(children: Any, ctx: dict[str, Any], name: str, conns: int) -> dict[s
     try:
         wait_answering(port)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        oh.run_wrk(children, url, ctx["bodies"], conns, 1, ctx["lua"])  # warm-up
+        lua = ctx["resumable_lua"] if name == "lmgw-resumable" else ctx["lua"]
+        oh.run_wrk(children, url, ctx["bodies"], conns, 1, lua)  # warm-up
         tree = oh.proc_tree(proc.pid)
         u0, s0 = user_sys_s(tree)
-        r = oh.run_wrk(children, url, ctx["bodies"], conns, ctx["duration"], ctx["lua"])
+        r = oh.run_wrk(children, url, ctx["bodies"], conns, ctx["duration"], lua)
         u1, s1 = user_sys_s(tree)
         if r["errors"] or r["non_2xx"]:
             raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
@@ -116,7 +122,7 @@ def main() -> int:
     if shutil.which("wrk") is None or not MOCK.exists():
         print("needs wrk and ../shared/bench/mock_worker.py", file=sys.stderr)
         return 2
-    systems = ["lmgw"] + (["vllm-router"] if VLLM_ROUTER.exists() else [])
+    systems = ["lmgw", "lmgw-resumable"] + (["vllm-router"] if VLLM_ROUTER.exists() else [])
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     floor.LOG_DIR.mkdir(parents=True, exist_ok=True)  # its start_workers logs there
     allowed = sorted(os.sched_getaffinity(0))
@@ -128,6 +134,8 @@ def main() -> int:
     children = oh.Children(env)
     lua = LOG_DIR / "wrk_bodies.lua"
     lua.write_text(oh.WRK_LUA)
+    resumable_lua = LOG_DIR / "wrk_bodies_resumable.lua"
+    resumable_lua.write_text(oh.WRK_LUA.replace(CT, CT[:-1] + ', ["X-Lmgw-Resumable"] = "1"}'))
     bodies = LOG_DIR / "stream_bodies.jsonl"
     with bodies.open("w") as f:
         for i in range(64):
@@ -146,6 +154,7 @@ def main() -> int:
             extra = ["--token-delay", str(delay)] if delay > 0 else []
             workers = floor.start_workers(children, str(MOCK), extra, tag=f"-{regime}")
             ctx = {"workers": workers, "cpus": cpus, "lua": lua, "bodies": bodies}
+            ctx["resumable_lua"] = resumable_lua
             ctx["duration"] = args.duration
             runs[regime] = {name: [] for name in systems}
             for i in range(args.rounds):
@@ -171,6 +180,10 @@ def main() -> int:
                 f"  {name:<12} {m['events_per_s']:>9,.0f} {m['user_us_per_event']:>8.2f}"
                 f" {m['sys_us_per_event']:>7.2f} {m['cpu_us_per_event']:>13.2f}"
             )
+        resumable = med[regime]["lmgw-resumable"]["cpu_us_per_event"]
+        print(
+            f"  resumable / plain lmgw: x{resumable / med[regime]['lmgw']['cpu_us_per_event']:.2f}"
+        )
         if "vllm-router" in med[regime]:
             ratio = med[regime]["lmgw"]["cpu_us_per_event"] / max(
                 med[regime]["vllm-router"]["cpu_us_per_event"], 1e-9

@@ -131,9 +131,15 @@ class StreamEntry:
         i = pos - self.first_pos
         if i < 0:
             return None
-        if i >= len(self.events):
+        k = len(self.events) - i  # from the right: a live follower wants the last few
+        if k <= 0:
             return b""
-        return b"".join(block for _, block in list(self.events)[i:])
+        if k == 1:
+            return self.events[-1][1]
+        it = reversed(self.events)
+        out = [next(it)[1] for _ in range(k)]
+        out.reverse()
+        return b"".join(out)
 
 
 class BufferResponder:

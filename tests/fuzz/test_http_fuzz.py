@@ -33,10 +33,15 @@ def live(request: pytest.FixtureRequest) -> Iterator[LiveGateway]:
         yield gw
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n"
+
+
 def check(live: LiveGateway, data: bytes) -> None:
     answer = live.exchange_raw(data)
     if not answer:
         return  # nothing complete to answer (e.g. the head or body was cut short)
+    if data.startswith(H2_PREFACE) and answer[3:4] == b"\x04" and live.server == "hypercorn":
+        return  # HTTP/2's preface: hypercorn speaks HTTP/2 (a SETTINGS frame), as it should
     assert answer.startswith(b"HTTP/1."), answer[:200]
     codes = [int(c) for c in STATUS.findall(answer)]
     assert codes, answer[:200]
@@ -183,3 +188,14 @@ def test_mutated_valid_requests(live: LiveGateway, base: bytes, edits: list) -> 
 
 def test_still_healthy_after_the_fuzzing(live: LiveGateway) -> None:
     live.assert_healthy()
+
+
+def test_the_http2_preface(live: LiveGateway) -> None:
+    """The grammar can build HTTP/2's connection preface: hypercorn answers it in HTTP/2,
+    the native server (HTTP/1.1 only) with an HTTP/1 error."""
+    answer = live.exchange_raw(H2_PREFACE + b"\r\nSM\r\n\r\n")
+    if live.server == "hypercorn":
+        assert answer[3:4] == b"\x04", answer[:100]  # a SETTINGS frame
+    else:
+        assert not answer or answer.startswith(b"HTTP/1."), answer[:100]
+    check(live, H2_PREFACE + b"\r\nSM\r\n\r\n")
