@@ -12,6 +12,7 @@ import trio
 from gateway_support import http_request
 
 from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, ServerConfig, WorkerConfig
+from lmgw.errors import GatewayError
 from lmgw.gateway import Gateway
 from lmgw.http.server import serve_http
 from lmgw.http.types import Request, Responder
@@ -211,6 +212,24 @@ async def test_truncate_prompt_tokens_is_applied_before_the_context_check_like_v
     assert await mt.completion_ids({"prompt": [5, 6, 7], "truncate_prompt_tokens": 9}) == [
         [5, 6, 7]
     ]
+
+
+async def test_a_requests_own_chat_template_is_left_to_the_worker(
+    nursery: trio.Nursery, model_dir: Path, text
+) -> None:
+    """The gateway cannot count a prompt rendered with a template it does not run: the context
+    check steps aside (the worker renders and checks); prompt ids are not made from it."""
+    tok, tmpl = text
+    w = Worker(worker_tokens(tok, tmpl))
+    url, gw = await start(nursery, [w], tokenizer=str(model_dir), max_model_len=64)
+    long = [{"role": "user", "content": "word " * 200}]
+    body = {"model": MODEL, "messages": long, "chat_template": "{{ messages[0].content }}"}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200 and w.seen[-1]["chat_template"] == body["chat_template"]
+    assert "max_tokens" not in w.seen[-1]
+    with pytest.raises(GatewayError) as info:  # what a native worker's prompt would need
+        await gw.texts[MODEL].chat_ids(body)
+    assert info.value.status == 400 and info.value.param == "chat_template"
 
 
 async def test_usage_is_counted_when_the_worker_leaves_it_out(

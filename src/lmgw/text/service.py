@@ -42,6 +42,13 @@ class ModelText:
         """A chat request's prompt ids, as vLLM computes them."""
         if self.template is None:
             raise GatewayError(400, f"model {self.name!r} has no chat template", param="messages")
+        if obj.get("chat_template") is not None:  # rendering it here would need trust in it
+            raise GatewayError(
+                400,
+                "a request's own chat_template is not rendered by this gateway (the model's"
+                " template is: models[].chat_template)",
+                param="chat_template",
+            )
         kwargs = obj.get("chat_template_kwargs")
         text = self.template.render(
             obj.get("messages"),
@@ -163,6 +170,8 @@ class ModelText:
             return False, None  # the worker answers a badly typed value itself
         if endpoint == "chat":
             if _has_media(obj):  # the engine expands each item to its own placeholder count
+                return False, None
+            if obj.get("chat_template") is not None:  # the worker renders its own: not ours
                 return False, None
             prompts = [await self.chat_ids(obj)]
             what = "messages"
