@@ -803,3 +803,15 @@ def test_an_engine_without_the_class_does_not_claim_the_capability() -> None:
         assert "structured_outputs" not in caps and "top_logprobs" in caps
     finally:
         bridge.loop.close()
+
+
+def test_cache_salt_goes_into_the_prompt_not_the_sampling_params() -> None:
+    """vLLM isolates prefix caches per ``cache_salt``, a field of the prompt: left among the
+    sampling extras it would land in extra_args, and tenants would share cached prefixes."""
+    params = SamplingParams(max_tokens=3, extra={"cache_salt": "tenant-a", "min_p": 0.1})
+    gen = Generate("g", "m", prompt_token_ids=[1, 2], params=params)
+    prompt = prompt_input(EngineRequest(gen))
+    assert prompt == {"prompt_token_ids": [1, 2], "cache_salt": "tenant-a"}
+    kw = sampling_kwargs(params, known_fields=FakeSamplingParams.__struct_fields__)
+    assert "cache_salt" not in kw and "cache_salt" not in kw.get("extra_args", {})
+    assert "cache_salt" not in prompt_input(EngineRequest(Generate("h", "m", prompt="x")))

@@ -87,7 +87,7 @@ _DIRECT = (
     "max_tokens", "temperature", "top_p", "top_k", "min_tokens", "seed", "logprobs",
     "prompt_logprobs",
 )  # fmt: skip
-_NOT_FROM_EXTRA = frozenset({"n", "output_kind", "extra_args"})
+_NOT_FROM_EXTRA = frozenset({"n", "output_kind", "extra_args", "cache_salt"})
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -177,7 +177,9 @@ def prompt_input(
     tensor_decoder: Callable[[bytes, Any], Any] = decode_tensor,
 ) -> dict[str, Any]:
     """vLLM's prompt dict for a stage request: token ids when given (``TokensPrompt``), else
-    the text (``text`` overrides it: an encoder request has none of its own).
+    the text (``text`` overrides it: an encoder request has none of its own). The request's
+    ``cache_salt`` (vLLM's per-tenant prefix-cache isolation; it rides in ``params.extra``)
+    goes into the prompt, where vLLM reads it.
 
     Media: tensors become ``multi_modal_data[kind]`` entries; items' hashes become
     ``multi_modal_uuids`` (vLLM keys its encoder cache, and EC connectors their stores, by
@@ -193,6 +195,10 @@ def prompt_input(
         prompt = {"prompt_token_ids": list(ids)}
     else:
         prompt = {"prompt": msg.prompt}
+    params = getattr(msg, "params", None)
+    salt = params.extra.get("cache_salt") if params is not None and params.extra else None
+    if isinstance(salt, str) and salt:  # a prompt field in vLLM, not a sampling one
+        prompt["cache_salt"] = salt
     data: dict[str, list[Any]] = {}
     uuids: dict[str, list[str | None]] = {}
     for i, item in enumerate(msg.media):
