@@ -93,7 +93,9 @@ async def get(url: str, path: str, method: str = "GET", **headers: str) -> Any:
     return parse_response(bytes(raw))
 
 
-async def resumable_gateway(nursery: trio.Nursery, sim_worker: Any, **streams: Any) -> Any:
+async def resumable_gateway(
+    nursery: trio.Nursery, sim_worker: Any, server: str = "native", **streams: Any
+) -> Any:
     from lmgw.config import (
         GatewayConfig,
         HealthConfig,
@@ -104,7 +106,7 @@ async def resumable_gateway(nursery: trio.Nursery, sim_worker: Any, **streams: A
 
     sim = await sim_worker(speed=1.0)
     cfg = GatewayConfig(
-        server=ServerConfig(port=0),
+        server=ServerConfig(port=0, server=server),  # type: ignore[arg-type]
         health=HealthConfig(interval_s=30, timeout_s=2.0),
         streams=StreamsConfig(resumable=True, **streams),
         workers=[WorkerConfig(url=sim.url, role="pd", id="w0")],
@@ -115,10 +117,11 @@ async def resumable_gateway(nursery: trio.Nursery, sim_worker: Any, **streams: A
     return gw, sim
 
 
+@pytest.mark.parametrize("server", ["native", "hypercorn"])
 async def test_a_dropped_stream_resumes_where_it_stopped(
-    nursery: trio.Nursery, sim_worker: Any
+    nursery: trio.Nursery, sim_worker: Any, server: str
 ) -> None:
-    gw, sim = await resumable_gateway(nursery, sim_worker)
+    gw, sim = await resumable_gateway(nursery, sim_worker, server)
     first_resp, first = await partial_read(gw.url, 5)
     token = first_resp.headers["x-lmgw-stream-id"]
     got = events(first)
