@@ -158,7 +158,9 @@ async def test_a_whole_answer_is_fetched_after_the_client_left(
     await stream.send_all(
         request_bytes(gw.url, "POST", "/v1/chat/completions", body(stream=False), RESUMABLE)
     )
-    await trio.sleep(0.05)
+    with trio.fail_after(BOUND):  # the gateway has the request (a loaded box may take a while)
+        while not gw.streams.entries:
+            await trio.sleep(0.01)
     await stream.aclose()  # gone before the answer: no head came, so no id either
     (token,) = gw.streams.entries
     r = await get(gw.url, f"/v1/streams/{token}")
