@@ -189,6 +189,7 @@ class StreamStore:
         self.on_timeout = on_timeout
         self.entries: dict[str, StreamEntry] = {}
         self._nursery: trio.Nursery | None = None
+        self._full = False
         self.active = Gauge(
             "lmgw_resumable_streams",
             "Resumable answers held: generating, or finished and kept for late readers.",
@@ -231,9 +232,13 @@ class StreamStore:
             return
         self.evict(trio.current_time())
         if len(self.entries) >= self.config.max_streams:
-            log.warning("resumable answers: %d held, serving one without", len(self.entries))
+            if not self._full:  # once per spell of being full, not per request
+                log.warning("resumable answers: %d held (streams.max_streams), serving new"
+                            " requests without resumption", len(self.entries))  # fmt: skip
+                self._full = True
             await call_next(req, responder)
             return
+        self._full = False
         token = secrets.token_urlsafe(18)
         entry = self.entries[token] = StreamEntry(token, _key_name(req))
         entry.idle_since = trio.current_time()
