@@ -486,6 +486,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Session key for consistent_hash / session_affinity: this request header (case-insensitive),
     # else the body's OpenAI `user` field. X-Session-Id is what Dynamo and LiteLLM users send.
     session_header: str = "x-session-id"
+    # Candidate policies asked beside the active one on live traffic and never obeyed, each in
+    # its own counterfactual world (docs/routing.md, "Shadow policies"): agreement, predicted
+    # cache hits and load skew per policy, to switch with evidence. Costs each one's decision.
+    shadow_policies: list[str] = []
     # Answer with an `x-lmgw-route` header: policy, worker, predicted cached tokens and any
     # fallback reason (for debugging routing; off by default: it costs a few µs).
     route_header: bool = False
@@ -593,6 +597,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
             _policy_name(f"policies.{key}", name)
             normalized[role] = name
         _set(self, "policies", normalized)
+        for i, name in enumerate(self.shadow_policies):
+            _policy_name(f"shadow_policies[{i}]", name)
+        if len(set(self.shadow_policies)) != len(self.shadow_policies):
+            raise ConfigError("a policy is named twice", path="shadow_policies")
 
     def policy_for(self, role: str) -> str:
         """The policy name for ``role`` (any spelling): the override, else the default

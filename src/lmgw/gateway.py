@@ -107,6 +107,17 @@ class Gateway:
         self.policies = {
             role: make_policy(config.routing.policy_for(role), config.routing) for role in ROLES
         }
+        if config.routing.shadow_policies:  # candidates asked on live traffic, never obeyed
+            from .routing.shadow import Shadowed, ShadowMetrics
+
+            shadow_metrics = ShadowMetrics()
+            for metric in shadow_metrics.all():
+                self.metrics.add(metric)
+            for role, active in self.policies.items():
+                names = [n for n in config.routing.shadow_policies if n != active.name]
+                if role != "e" and names:  # encoders: media affinity, not prompt routing
+                    shadows = [make_policy(n, config.routing) for n in names]
+                    self.policies[role] = Shadowed(role, active, shadows, shadow_metrics)
         self.metrics.add(
             Gauge(
                 "lmgw_routing_policy_stat",

@@ -91,6 +91,7 @@ def _exported() -> dict[str, tuple[str, tuple[str, ...]]]:
     gateways = [
         Gateway(GatewayConfig()),
         Gateway(config_from_mapping({"streams": {"resumable": True}})),
+        Gateway(config_from_mapping({"routing": {"shadow_policies": ["cache_aware"]}})),
     ]
     try:
         mcp = config_from_mapping(
