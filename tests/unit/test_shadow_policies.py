@@ -72,6 +72,7 @@ def test_the_active_policy_routes_as_alone_and_the_shadow_learns_its_own_world()
     assert skews[("pd", "round_robin")] == pytest.approx(8 / 7.5)
     assert skews[("pd", "cache_aware")] >= 1.0
     assert shadowed.name == "round_robin" and shadowed.needs_tokens  # the shadow needs tokens
+    assert not shadowed.active.needs_tokens  # ... and the active policy is left as it was
 
 
 def test_a_shadow_that_fails_never_breaks_routing(caplog: pytest.LogCaptureFixture) -> None:
@@ -112,6 +113,11 @@ def test_the_gateway_wraps_every_role_but_the_encoders_and_exports_the_metrics()
         assert isinstance(p, Shadowed) and [s.name for s in p.shadows] == ["round_robin"]
         assert p.statistics() == p.active.statistics()  # the active policy's own API
     assert not isinstance(gw.policies["e"], Shadowed)
+    # an attribute of the active policy is set on it (a replica's hint sink)
+    pd = gw.policies["pd"]
+    assert hasattr(pd, "hint_sink")
+    pd.hint_sink = print  # type: ignore[attr-defined]
+    assert pd.active.hint_sink is print  # type: ignore[attr-defined]
     text = gw.metrics.render().decode()
     for name in ("lmgw_shadow_decisions_total", "lmgw_shadow_load_skew"):
         assert f"# TYPE {name}" in text

@@ -91,6 +91,10 @@ def load_skew(choices: Iterable[str]) -> float | None:
     return max(tally.values()) * len(tally) / sum(tally.values())
 
 
+_OWN = frozenset({"role", "active", "shadows", "metrics", "name", "needs_tokens",
+                  "wants_kv_events", "windows", "_failed"})  # fmt: skip
+
+
 class Shadowed(Policy):
     """A role's active policy, with shadows asked beside it (see the module doc)."""
 
@@ -111,7 +115,16 @@ class Shadowed(Policy):
         metrics.roles.append(self)
 
     def __getattr__(self, name: str) -> Any:  # the active policy's own API (hints, stats)
-        return getattr(self.active, name)
+        return getattr(self.__dict__["active"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Attributes the active policy has are its own (a replica sets cache_aware's
+        # hint_sink); the rest are this wrapper's.
+        active = self.__dict__.get("active")
+        if active is not None and name not in _OWN and hasattr(active, name):
+            setattr(active, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     # -- deciding ---------------------------------------------------------------------------
     def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
