@@ -1,4 +1,5 @@
-"""Routing decision time: every policy's choose() at 8 and 64 workers, 1k- and 8k-token prompts.
+"""Routing decision time: every policy's choose() at 8 and 64 workers, 1k- and 8k-token prompts
+(and round_robin with a cache_aware shadow: what routing.shadow_policies adds per decision).
 
 Why: the decision sits on every request's path, and cache_aware's target is p50 <= 20 us at 64
 workers with 8k-token prompts (tokenization excluded, block hashing included). cache_aware runs
@@ -36,6 +37,7 @@ from lmgw.config import RoutingConfig
 from lmgw.routing.policies.cache_aware import CacheAware
 from lmgw.routing.policy import RouteContext
 from lmgw.routing.registry import make_policy
+from lmgw.routing.shadow import Shadowed, ShadowMetrics
 from lmgw.workers.registry import Registry
 from lmgw.workers.worker import Worker, WorkerState
 
@@ -60,6 +62,7 @@ POLICIES = (
     "prefix_hash",
     "cache_aware",
     "cache_aware[python]",
+    "round_robin+shadow:cache_aware",
 )
 RESULTS = Path(__file__).parent / "results" / "routing_decision.json"
 
@@ -75,6 +78,10 @@ def build_fleet(n: int) -> tuple[Worker, ...]:
 def make(name: str):
     if name == "cache_aware[python]":
         return CacheAware(prefix_module=twin)
+    if "+shadow:" in name:  # routing.shadow_policies: the active one plus a shadow's decision
+        active, shadow = name.split("+shadow:")
+        cfg = RoutingConfig()
+        return Shadowed("pd", make_policy(active, cfg), [make_policy(shadow, cfg)], ShadowMetrics())
     return make_policy(name, RoutingConfig())
 
 
