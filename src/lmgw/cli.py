@@ -341,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--seed", type=int, default=0)
     p_sim.add_argument("--policy", default=None, help="routing policy for every role")
     p_sim.add_argument(
+        "--shadow-policies",
+        default=None,
+        metavar="LIST",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
+    )
+    p_sim.add_argument(
         "--dialect",
         default=None,
         help="disaggregation dialect (vllm-nixl, vllm-p2pnccl, vllm-lmcache, vllm-epd,"

@@ -1888,6 +1888,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="routing policy for every role (routing.policy)",
     )
     g.add_argument(
+        "--shadow-policies",
+        default=None,
+        metavar="LIST",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="policies asked beside the active one on live traffic and never obeyed, e.g."
+        " cache_aware,prefix_hash (routing.shadow_policies; see /metrics lmgw_shadow_*)",
+    )
+    g.add_argument(
         "--server", choices=SERVER_KINDS, default=None, help="HTTP server (server.server)"
     )
     g.add_argument("--flow", choices=FLOWS, default=None, help="flow of the --model models")
@@ -2059,6 +2067,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("certfile", "server", "certfile", "--certfile"),
     ("keyfile", "server", "keyfile", "--keyfile"),
     ("policy", "routing", "policy", "--policy"),
+    ("shadow_policies", "routing", "shadow_policies", "--shadow-policies"),
     ("request_timeout", "limits", "request_timeout_s", "--request-timeout"),
     ("log_level", "logging", "level", "--log-level"),
     ("log_json", "logging", "json", "--log-json"),

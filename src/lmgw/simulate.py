@@ -75,7 +75,9 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     server = {"host": args.host, "port": args.port}
     if getattr(args, "server", None):
         server["server"] = args.server
-    routing = {"policy": args.policy} if getattr(args, "policy", None) else {}
+    routing: dict[str, Any] = {"policy": args.policy} if getattr(args, "policy", None) else {}
+    if getattr(args, "shadow_policies", None):
+        routing["shadow_policies"] = args.shadow_policies
     native = getattr(fleet, "transport", "http") == "zmq"
     dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"
     workers = []

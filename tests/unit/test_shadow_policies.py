@@ -99,6 +99,7 @@ def test_load_skew() -> None:
     assert load_skew([]) is None
     assert load_skew(["a", "b", "a", "b"]) == 1.0
     assert load_skew(["a", "a", "a", "b"]) == 1.5
+    assert load_skew(["a", "b", "a", "b"], workers=4) == 2.0  # two workers never chosen
 
 
 def test_the_gateway_wraps_every_role_but_the_encoders_and_exports_the_metrics() -> None:

@@ -66,8 +66,8 @@ class ShadowMetrics:
         self.roles: list[Shadowed] = []
         self.skew = Gauge(
             "lmgw_shadow_load_skew",
-            "Max over mean dispatches per worker among each policy's last 1024 choices"
-            " (1.0: even).",
+            "Max over mean dispatches per worker (of the role's candidates) among each"
+            " policy's last 1024 choices (1.0: even).",
             ("role", "policy"),
             collect=self._skews,
         )
@@ -78,21 +78,23 @@ class ShadowMetrics:
     def _skews(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for shadowed in self.roles:
             for name, window in shadowed.windows.items():
-                skew = load_skew(window)
+                skew = load_skew(window, shadowed.fleet_size)
                 if skew is not None:
                     yield (shadowed.role, name), skew
 
 
-def load_skew(choices: Iterable[str]) -> float | None:
-    """Max over mean of how often each worker id appears (None for no choices)."""
+def load_skew(choices: Iterable[str], workers: int = 0) -> float | None:
+    """Max over mean of how often each of ``workers`` workers was chosen (workers never chosen
+    count as 0; at least as many as appear); None for no choices."""
     tally = Tally(choices)
     if not tally:
         return None
-    return max(tally.values()) * len(tally) / sum(tally.values())
+    n = max(workers, len(tally))
+    return max(tally.values()) * n / sum(tally.values())
 
 
 _OWN = frozenset({"role", "active", "shadows", "metrics", "name", "needs_tokens",
-                  "wants_kv_events", "windows", "_failed"})  # fmt: skip
+                  "wants_kv_events", "windows", "_failed", "fleet_size"})  # fmt: skip
 
 
 class Shadowed(Policy):
@@ -112,6 +114,7 @@ class Shadowed(Policy):
             p.name: deque(maxlen=WINDOW) for p in (active, *shadows)
         }
         self._failed: set[str] = set()
+        self.fleet_size = 0  #: candidates at the last decision (the skew's worker count)
         metrics.roles.append(self)
 
     def __getattr__(self, name: str) -> Any:  # the active policy's own API (hints, stats)
@@ -129,6 +132,7 @@ class Shadowed(Policy):
     # -- deciding ---------------------------------------------------------------------------
     def choose(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
         chosen = self.active.choose(candidates, ctx)
+        self.fleet_size = len(candidates)
         picks = ctx.memo()[self] = [self._ask(s, candidates, ctx) for s in self.shadows]
         m, role = self.metrics, self.role
         n = len(ctx.tokens) if ctx.tokens is not None else None
