@@ -13,17 +13,21 @@ How it works: a generation request sent with ``X-Lmgw-Resumable: 1`` runs in the
 from 0), and the answer carries ``X-Lmgw-Stream-Id``, a random token. When the connection drops
 the generation goes on; ``GET /v1/streams/{token}`` (with ``Last-Event-ID: n``, or
 ``?after=n``) answers the same status and headers and the events after ``n``, then follows live.
-``DELETE /v1/streams/{token}`` ends it at once. A generation nobody follows for ``grace_s`` is
-cancelled (its worker gets the usual abort); a finished answer is kept ``retain_s`` for late
-comers, within ``max_bytes`` per answer (older events are dropped; resuming before them is a
-410) and ``max_streams`` answers (past it, requests are served without resumption). Only the
-API key that started an answer may resume it.
+``DELETE /v1/streams/{token}`` ends it at once. A request that also sends ``Idempotency-Key``
+and comes again (a client's retry: same API key, same key, same path and body) follows the
+answer already generating or kept, from ``Last-Event-ID`` when it sends one, instead of
+generating twice; the same key with another body is a 422. A generation nobody follows for
+``grace_s`` is cancelled (its worker gets the usual abort); a finished answer is kept
+``retain_s`` for late comers, within ``max_bytes`` per answer (older events are dropped;
+resuming before them is a 410) and ``max_streams`` answers (past it, requests are served
+without resumption). Only the API key that started an answer may resume it.
 
-The event bookkeeping (:func:`split_events`, :meth:`StreamEntry.after`) is sans-IO.
+The event bookkeeping (:func:`split_events`, :class:`StreamEntry`) is sans-IO.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -40,6 +44,7 @@ from .metrics import Counter, Gauge
 log = logging.getLogger("lmgw.streams")
 
 RESUMABLE_HEADER = b"x-lmgw-resumable"
+IDEMPOTENCY_HEADER = b"idempotency-key"
 STREAM_ID_HEADER = b"x-lmgw-stream-id"
 PREFIX = "/v1/streams/"
 _SEP = b"\n\n"
@@ -64,9 +69,9 @@ class StreamEntry:
     cursor); data events also have a sequence number from 0 (their ``id:``, what a client
     resumes after); comments such as keep-alives carry the number of the event after them."""
 
-    __slots__ = ("_changed", "body", "bytes", "cancel", "done", "ended_at", "events",
-                 "first_pos", "first_seq", "followers", "headers", "idle_since", "key",
-                 "next_pos", "next_seq", "status", "tail", "token")  # fmt: skip
+    __slots__ = ("_changed", "body", "bytes", "cancel", "digest", "done", "ended_at", "events",
+                 "first_pos", "first_seq", "followers", "headers", "idempotency", "idle_since",
+                 "key", "next_pos", "next_seq", "status", "tail", "token")  # fmt: skip
 
     def __init__(self, token: str, key: str | None) -> None:
         self.token = token
@@ -87,6 +92,9 @@ class StreamEntry:
         self.idle_since = 0.0
         self.cancel = trio.CancelScope()
         self._changed = trio.Event()
+        #: (API key name, Idempotency-Key) when the request had one, and its body's digest
+        self.idempotency: tuple[str | None, bytes] | None = None
+        self.digest = b""
 
     def changed(self) -> None:
         self._changed.set()
@@ -188,6 +196,8 @@ class StreamStore:
         self.request_timeout_s = request_timeout_s
         self.on_timeout = on_timeout
         self.entries: dict[str, StreamEntry] = {}
+        #: (API key name, Idempotency-Key) -> its answer, while the answer is held
+        self.by_key: dict[tuple[str | None, bytes], StreamEntry] = {}
         self._nursery: trio.Nursery | None = None
         self._full = False
         self.active = Gauge(
@@ -221,7 +231,9 @@ class StreamStore:
     def evict(self, now: float) -> None:
         retain = self.config.retain_s
         for token in [t for t, e in self.entries.items() if now - e.ended_at >= retain]:
-            del self.entries[token]
+            entry = self.entries.pop(token)
+            if entry.idempotency is not None:
+                self.by_key.pop(entry.idempotency, None)
 
     # -- the middleware ---------------------------------------------------------------------
     async def middleware(self, req: Request, responder: Responder, call_next: Endpoint) -> None:
@@ -231,6 +243,19 @@ class StreamStore:
             await call_next(req, responder)
             return
         self.evict(trio.current_time())
+        key_name = _key_name(req)
+        idem = _header(req.headers, IDEMPOTENCY_HEADER)
+        if idem is not None:  # a retry of a request this gateway holds: follow its answer
+            ikey = (key_name, idem)
+            digest = hashlib.blake2b(req.path.encode() + b"\0" + req.body, digest_size=16)
+            known = self.by_key.get(ikey)
+            if known is not None:
+                if known.digest != digest.digest():
+                    await send_error(responder, _key_reused(idem))
+                    return
+                self.resumes.inc(("idempotent",))
+                await self.follow(known, _last_event(req), responder)
+                return
         if len(self.entries) >= self.config.max_streams:
             if not self._full:  # once per spell of being full, not per request
                 log.warning("resumable answers: %d held (streams.max_streams), serving new"
@@ -240,8 +265,11 @@ class StreamStore:
             return
         self._full = False
         token = secrets.token_urlsafe(18)
-        entry = self.entries[token] = StreamEntry(token, _key_name(req))
+        entry = self.entries[token] = StreamEntry(token, key_name)
         entry.idle_since = trio.current_time()
+        if idem is not None:
+            entry.idempotency, entry.digest = ikey, digest.digest()
+            self.by_key[ikey] = entry
         # start_soon, not start: the generation must never run inside this connection's scope
         # (a client that leaves at once would cancel it there)
         self._nursery.start_soon(self._generate, entry, req, call_next)
@@ -381,6 +409,30 @@ def _asks(headers: Headers) -> bool:
 def _key_name(req: Request) -> str | None:
     key = req.principal
     return None if key is None else getattr(key, "name", str(key))
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _last_event(req: Request) -> int:
+    """``Last-Event-ID`` of a retried request (-1 when absent or not a number)."""
+    try:
+        return _after(req)
+    except ValueError:
+        return -1
+
+
+def _key_reused(idem: bytes) -> GatewayError:
+    return GatewayError(
+        422,
+        f"Idempotency-Key {idem.decode('latin-1')!r} was used for another request (a"
+        " different path or body); use a new key for a new request",
+        param="idempotency-key",
+    )
 
 
 def _after(req: Request) -> int:

@@ -314,3 +314,76 @@ async def test_the_sdk_resumes_a_broken_stream_by_itself(
         with pytest.raises(APIConnectionError):
             async for _ in client.chat_stream(model=MODEL, messages=messages, **params):
                 pass
+
+
+async def test_a_retry_with_the_same_idempotency_key_follows_the_first_answer(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """A client that retries a request (the same Idempotency-Key, path and body) gets the
+    answer already generating, from its Last-Event-ID: the worker generates once."""
+    gw, sim = await resumable_gateway(nursery, sim_worker)
+    key = {"idempotency-key": "retry-1"}
+    _, first = await partial_read(gw.url, 3, **key)
+    got = events(first)
+    last = got[-1][0]
+    stream = await open_stream(gw.url)
+    raw = bytearray()
+    with trio.fail_after(BOUND):
+        async with stream:
+            await stream.send_all(
+                request_bytes(
+                    gw.url, "POST", "/v1/chat/completions", body(),
+                    {**RESUMABLE, **key, "last-event-id": str(last)},
+                )
+            )  # fmt: skip
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+    rest = events(parse_response(bytes(raw)).body)
+    assert rest[0][0] == last + 1 and rest[-1][1] == "[DONE]"
+    stats = await sim.stats()
+    assert stats["requests_total"] == 1, stats  # generated once
+    # the same key for another request is refused
+    stream = await open_stream(gw.url)
+    other = body(max_tokens=5)
+    raw = bytearray()
+    with trio.fail_after(BOUND):
+        async with stream:
+            await stream.send_all(
+                request_bytes(gw.url, "POST", "/v1/chat/completions", other, {**RESUMABLE, **key})
+            )
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+    r = parse_response(bytes(raw))
+    assert r.status == 422 and r.json()["error"]["param"] == "idempotency-key"
+    metrics = (await get(gw.url, "/metrics")).body.decode()
+    assert 'lmgw_stream_resumes_total{outcome="idempotent"} 1' in metrics
+
+
+async def test_the_sdk_sends_a_request_again_when_it_broke_before_the_answer(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """The connection breaks before any byte of the answer (no stream id known yet): the SDK
+    sends the request again with the same Idempotency-Key and follows the one generation."""
+    from lmgw.sdk import Client
+    from lmgw.sdk.types import ContentDelta
+
+    gw, sim = await resumable_gateway(nursery, sim_worker)
+    params = {k: v for k, v in body().items() if k not in ("messages", "stream", "model")}
+    messages = body()["messages"]
+    flaky = await cutting_proxy(nursery, gw.url, cut_after=0)
+    async with Client(flaky) as client:
+        got = [
+            e.text
+            async for e in client.chat_stream(
+                model=MODEL, messages=messages, resumable=True, **params
+            )
+            if isinstance(e, ContentDelta)
+        ]
+    async with Client(gw.url) as direct:
+        whole = [
+            e.text
+            async for e in direct.chat_stream(model=MODEL, messages=messages, **params)
+            if isinstance(e, ContentDelta)
+        ]
+    assert got == whole
+    assert (await sim.stats())["requests_total"] == 2  # one for the flaky client, one direct

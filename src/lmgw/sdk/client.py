@@ -18,6 +18,7 @@ client's own ``timeout`` :class:`APITimeoutError`.
 
 from __future__ import annotations
 
+import secrets
 import select
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -365,14 +366,21 @@ class Client:
         resumable: bool = False,
     ) -> AsyncIterator[StreamEvent]:
         headers = self._request_headers(False, request_id, extra)
-        if resumable:
-            headers = [*headers, _RESUMABLE]
+        if resumable:  # the key makes sending the request again safe: the gateway answers once
+            idem = secrets.token_hex(16).encode()
+            headers = [*headers, _RESUMABLE, (b"idempotency-key", idem)]
         timeout = self.timeout
-        try:
-            with anyio.fail_after(timeout):
-                conn = await self._exchange("POST", self._prefix + path, body, headers)
-        except TimeoutError:
-            raise APITimeoutError(f"POST {path}: no answer within {timeout:g} s") from None
+        for attempt in range(_RESUMES if resumable else 1):
+            try:
+                with anyio.fail_after(timeout):
+                    conn = await self._exchange("POST", self._prefix + path, body, headers)
+                break
+            except TimeoutError:
+                raise APITimeoutError(f"POST {path}: no answer within {timeout:g} s") from None
+            except APIConnectionError:  # before the answer's head: send it again (same key)
+                if attempt == _RESUMES - 1 or not resumable:
+                    raise
+                await anyio.sleep(0.1 * 3**attempt)
         reader = conn.reader
         token = _header(reader.headers, b"x-lmgw-stream-id") if resumable else None
         resumes = 0
