@@ -21,6 +21,7 @@ import trio
 from . import __version__
 from .config import (
     ConfigError,
+    comma_list,
     add_serve_arguments,
     config_from_args,
     dump_config,
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shadow-policies",
         default=None,
         metavar="LIST",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        type=comma_list,
         help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
     )
     p_sim.add_argument(

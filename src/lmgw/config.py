@@ -237,6 +237,11 @@ def _one_of(key: str, value: object, allowed: Iterable[str]) -> None:
         raise ConfigError(f"{value!r} is not one of: {', '.join(allowed)}", path=key)
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated flag value as a list (blanks dropped): ``a, b,`` -> ``["a", "b"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _policy_name(key: str, value: str) -> None:
     if not _POLICY_NAME.fullmatch(value):
         raise ConfigError(
@@ -1891,7 +1896,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--shadow-policies",
         default=None,
         metavar="LIST",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        type=comma_list,
         help="policies asked beside the active one on live traffic and never obeyed, e.g."
         " cache_aware,prefix_hash (routing.shadow_policies; see /metrics lmgw_shadow_*)",
     )
@@ -2028,7 +2033,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--cors-allow-origins",
         default=None,
         metavar="LIST",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        type=comma_list,
         help='browser origins allowed to call the API, e.g. https://ui.example.com or "*" '
         "(server.cors_allow_origins)",
     )
@@ -2036,7 +2041,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-tiers",
         default=None,
         metavar="LIST",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        type=comma_list,
         help="cache pool tiers, fastest first, e.g. memory,shm,redis (cache.tiers)",
     )
     g.add_argument(
