@@ -21,8 +21,8 @@ import trio
 from . import __version__
 from .config import (
     ConfigError,
-    comma_list,
     add_serve_arguments,
+    comma_list,
     config_from_args,
     dump_config,
     parse_worker_flag,
