@@ -278,42 +278,37 @@ async def cutting_proxy(nursery: trio.Nursery, target: str, cut_after: int) -> s
     return f"http://127.0.0.1:{port}"
 
 
-async def test_the_sdk_resumes_a_broken_stream_by_itself(
-    nursery: trio.Nursery, sim_worker: Any
-) -> None:
+async def sdk_text(url: str, resumable: bool = False) -> list[str]:
+    """The content deltas of the test's chat through the SDK's stream."""
     from lmgw.sdk import Client
     from lmgw.sdk.types import ContentDelta
 
-    gw, _ = await resumable_gateway(nursery, sim_worker)
     params = {k: v for k, v in body().items() if k not in ("messages", "stream", "model")}
-    messages = body()["messages"]
-    async with Client(gw.url) as direct:
-        whole = [
-            e.text
-            async for e in direct.chat_stream(model=MODEL, messages=messages, **params)
-            if isinstance(e, ContentDelta)
-        ]
-    flaky = await cutting_proxy(nursery, gw.url, cut_after=1500)
-    async with Client(flaky) as client:
-        got = [
+    async with Client(url) as client:
+        return [
             e.text
             async for e in client.chat_stream(
-                model=MODEL, messages=messages, resumable=True, **params
+                model=MODEL, messages=body()["messages"], resumable=resumable, **params
             )
             if isinstance(e, ContentDelta)
         ]
-        assert got == whole  # no gap, no repeat
-        assert client.statistics().connects == 2  # the cut one, then the resume
+
+
+async def test_the_sdk_resumes_a_broken_stream_by_itself(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    from lmgw.sdk.errors import APIConnectionError
+
+    gw, _ = await resumable_gateway(nursery, sim_worker)
+    whole = await sdk_text(gw.url)
+    flaky = await cutting_proxy(nursery, gw.url, cut_after=1500)
+    assert await sdk_text(flaky, resumable=True) == whole  # no gap, no repeat
     metrics = (await get(gw.url, "/metrics")).body.decode()
-    assert 'lmgw_stream_resumes_total{outcome="resumed"} 1' in metrics
+    assert 'lmgw_stream_resumes_total{outcome="resumed"} 1' in metrics  # the one resume
     # without resumable, the same cut is the caller's error
     flaky = await cutting_proxy(nursery, gw.url, cut_after=1500)
-    async with Client(flaky) as client:
-        from lmgw.sdk.errors import APIConnectionError
-
-        with pytest.raises(APIConnectionError):
-            async for _ in client.chat_stream(model=MODEL, messages=messages, **params):
-                pass
+    with pytest.raises(APIConnectionError):
+        await sdk_text(flaky)
 
 
 async def test_a_retry_with_the_same_idempotency_key_follows_the_first_answer(
@@ -364,26 +359,9 @@ async def test_the_sdk_sends_a_request_again_when_it_broke_before_the_answer(
 ) -> None:
     """The connection breaks before any byte of the answer (no stream id known yet): the SDK
     sends the request again with the same Idempotency-Key and follows the one generation."""
-    from lmgw.sdk import Client
-    from lmgw.sdk.types import ContentDelta
-
     gw, sim = await resumable_gateway(nursery, sim_worker)
-    params = {k: v for k, v in body().items() if k not in ("messages", "stream", "model")}
-    messages = body()["messages"]
     flaky = await cutting_proxy(nursery, gw.url, cut_after=0)
-    async with Client(flaky) as client:
-        got = [
-            e.text
-            async for e in client.chat_stream(
-                model=MODEL, messages=messages, resumable=True, **params
-            )
-            if isinstance(e, ContentDelta)
-        ]
-    async with Client(gw.url) as direct:
-        whole = [
-            e.text
-            async for e in direct.chat_stream(model=MODEL, messages=messages, **params)
-            if isinstance(e, ContentDelta)
-        ]
+    got = await sdk_text(flaky, resumable=True)
+    whole = await sdk_text(gw.url)
     assert got == whole
     assert (await sim.stats())["requests_total"] == 2  # one for the flaky client, one direct
