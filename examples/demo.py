@@ -3,23 +3,28 @@
 Starts simulated workers as processes (default `3e2p4d`: 3 encoders, 2 prefill, 4 decode, vLLM
 NIXL / EPD dialects, real KV and embedding bytes moving between them) and the gateway in this
 process, sends chat and completion requests (non-streamed and streamed, with and without an
-image) through the gateway with the unmodified `openai` client, shows what came back and which
-stages ran, then runs a short concurrent load and prints a latency summary. Exits 0 when every
-request succeeded.
+image, a forced tool call, a JSON-schema answer) through the gateway with the unmodified `openai`
+client, shows what came back and which stages ran, drops a resumable stream's connection and
+picks the answer up again, then runs a short concurrent load and prints a latency summary and
+what a cache_aware shadow policy predicted beside the active one. Exits 0 when every request
+succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import openai
 import trio
 
+from lmgw.config import StreamsConfig
 from lmgw.fleetspec import parse_fleet_spec
 from lmgw.gateway import Gateway
 from lmgw.simulate import fleet_config
@@ -156,6 +161,8 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     print(f"   {answer}")
     ok &= isinstance(answer, dict) and set(schema["required"]) <= answer.keys()
 
+    ok &= resumable_answer(base_url, messages)
+
     print("\n== an error, OpenAI-shaped ==")
     try:
         client.chat.completions.create(model="no-such-model", messages=messages)
@@ -207,7 +214,79 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
         f"   e2e  ms  p50 {1000 * pct(e2es, 0.5):7.1f}  p90 {1000 * pct(e2es, 0.9):7.1f}"
         f"  p99 {1000 * pct(e2es, 0.99):7.1f}  mean {1000 * statistics.mean(e2es):.1f}"
     )
+    shadow_summary(base_url)
     return ok
+
+
+def resumable_answer(base_url: str, messages: list[dict]) -> bool:
+    """A stream whose connection drops after a few events, picked up where it stopped
+    (streams.resumable; the SDK's ``resumable=True`` does this by itself)."""
+    print("\n== a resumable answer: the connection drops, the answer does not ==")
+    host, port = base_url.removeprefix("http://").split(":")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 24, "stream": True}
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body),
+        {"content-type": "application/json", "x-lmgw-resumable": "1"},
+    )  # fmt: skip
+    resp = conn.getresponse()
+    token = resp.getheader("x-lmgw-stream-id")
+    before, last = sse_text(resp, stop_after=4)
+    conn.close()  # the client is gone; the generation is not
+    print(f"   read {last + 1} events, then the connection closed: {before!r}")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", f"/v1/streams/{token}", headers={"last-event-id": str(last)})
+    after, _ = sse_text(conn.getresponse())
+    conn.close()
+    print(f"   GET /v1/streams/{token} (Last-Event-ID: {last}) -> the rest: {after!r}")
+    r = openai.OpenAI(base_url=base_url + "/v1", api_key="demo", max_retries=0)
+    whole = r.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
+    same = before + after == whole.choices[0].message.content
+    print(f"   the two pieces are the uninterrupted answer: {same}")
+    return same
+
+
+def sse_text(resp: http.client.HTTPResponse, stop_after: int = 0) -> tuple[str, int]:
+    """Content of an SSE answer (stopping after ``stop_after`` events if set), and the last
+    event id read."""
+    text, last, n = [], -1, 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("id: "):
+            last = int(line[4:])
+        elif line.startswith("data: {"):
+            for c in json.loads(line[6:]).get("choices", []):
+                text.append(c.get("delta", {}).get("content") or "")
+            n += 1
+            if stop_after and n >= stop_after:
+                break
+    return "".join(text), last
+
+
+def shadow_summary(base_url: str) -> None:
+    """What a cache_aware shadow predicted next to the active policy (routing.shadow_policies)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(base_url + "/metrics", timeout=10).read().decode()
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for line in text.splitlines():
+        for metric in ("predicted_cached_tokens_total", "prompt_tokens_total", "load_skew"):
+            if line.startswith(f"lmgw_shadow_{metric}{{"):
+                labels, value = line[line.index("{") + 1 :].split("} ")
+                fields = dict(kv.split("=") for kv in labels.split(","))
+                key = (fields["role"].strip('"'), fields["policy"].strip('"'))
+                rows.setdefault(key, {})[metric] = float(value)
+    if not rows:
+        return
+    print("\n== shadow policies: what each policy predicts on this traffic (never obeyed) ==")
+    for (role, policy), r in sorted(rows.items()):
+        prompt = r.get("prompt_tokens_total") or 0.0
+        predicted = r.get("predicted_cached_tokens_total", 0.0)
+        hits = f"{100 * predicted / prompt:5.1f}%" if prompt and predicted else "    - "
+        print(
+            f"   {role:<2} {policy:<12} predicted prefix-cache hits {hits}"
+            f"  load skew {r.get('load_skew', 0.0):.2f}"
+        )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -220,8 +299,13 @@ async def main(args: argparse.Namespace) -> int:
                 counts, model=MODEL, speed=args.speed, task_status=task_status
             )
         )
-        gw_args = argparse.Namespace(host="127.0.0.1", port=0, model=MODEL, dialect=args.dialect)
-        gateway = Gateway(fleet_config(fleet, spec, gw_args))
+        gw_args = argparse.Namespace(
+            host="127.0.0.1", port=0, model=MODEL, dialect=args.dialect,
+            shadow_policies=["cache_aware"],  # asked beside the active policy, never obeyed
+        )  # fmt: skip
+        config = fleet_config(fleet, spec, gw_args)
+        config = msgspec.structs.replace(config, streams=StreamsConfig(resumable=True))
+        gateway = Gateway(config)
         t0 = time.perf_counter()
         await nursery.start(gateway.run)
         print(
