@@ -69,7 +69,7 @@ class StreamEntry:
     cursor); data events also have a sequence number from 0 (their ``id:``, what a client
     resumes after); comments such as keep-alives carry the number of the event after them."""
 
-    __slots__ = ("_changed", "body", "bytes", "cancel", "digest", "done", "ended_at", "events",
+    __slots__ = ("_lot", "body", "bytes", "cancel", "digest", "done", "ended_at", "events",
                  "first_pos", "first_seq", "followers", "headers", "idempotency", "idle_since",
                  "key", "next_pos", "next_seq", "status", "tail", "token")  # fmt: skip
 
@@ -91,17 +91,18 @@ class StreamEntry:
         self.followers = 0
         self.idle_since = 0.0
         self.cancel = trio.CancelScope()
-        self._changed = trio.Event()
+        self._lot = trio.lowlevel.ParkingLot()  # followers and the watchdog wait here
         #: (API key name, Idempotency-Key) when the request had one, and its body's digest
         self.idempotency: tuple[str | None, bytes] | None = None
         self.digest = b""
 
     def changed(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        """Wake everyone waiting (they look at the state again: nothing is lost between a
+        look and a wait, as no await lies between them)."""
+        self._lot.unpark_all()
 
     async def wait(self) -> None:
-        await self._changed.wait()
+        await self._lot.park()
 
     def add(self, data: bytes, max_bytes: int) -> None:
         """Keep the blocks ``data`` completes (data events numbered, with their ``id:`` line);
