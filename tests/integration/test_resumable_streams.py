@@ -63,14 +63,17 @@ def text_of(evs: list[tuple[int | None, Any]]) -> str:
     )
 
 
-async def partial_read(url: str, n_events: int, **headers: str) -> tuple[Any, bytes]:
+async def partial_read(
+    url: str, n_events: int, payload: dict[str, Any] | None = None, **headers: str
+) -> tuple[Any, bytes]:
     """Start a resumable stream, read until ``n_events`` data events came, then drop the
     connection: (the response head, the body read so far)."""
     stream = await open_stream(url)
     raw = bytearray()
+    payload = body() if payload is None else payload
     with trio.fail_after(BOUND):
         await stream.send_all(
-            request_bytes(url, "POST", "/v1/chat/completions", body(), {**RESUMABLE, **headers})
+            request_bytes(url, "POST", "/v1/chat/completions", payload, {**RESUMABLE, **headers})
         )
         while True:
             raw += await stream.receive_some(65536)
@@ -365,3 +368,49 @@ async def test_the_sdk_sends_a_request_again_when_it_broke_before_the_answer(
     whole = await sdk_text(gw.url)
     assert got == whole
     assert (await sim.stats())["requests_total"] == 2  # one for the flaky client, one direct
+
+
+async def test_a_worker_dropping_mid_stream_is_continued_and_resumable(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """A resumable stream whose worker drops the connection mid-answer: the pipeline continues
+    it on the other worker (migration) into the same buffer, and a client that left and comes
+    back reads the whole answer, equal to an uninterrupted one."""
+    from lmgw.config import GatewayConfig, HealthConfig, ServerConfig, UpstreamConfig, WorkerConfig
+    from lmgw.gateway import Gateway
+
+    broken = await sim_worker(speed=1.0, faults={"drop_at_token": 10})
+    good = await sim_worker(speed=1.0)
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        upstream=UpstreamConfig(migrate_streams=1),
+        streams=StreamsConfig(resumable=True),
+        workers=[
+            WorkerConfig(url=broken.url, role="pd", id="w0"),
+            WorkerConfig(url=good.url, role="pd", id="w1"),
+        ],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    greedy = {**body(), "temperature": 0.0}  # replayable on another worker: no seed drawn
+    del greedy["seed"]
+    # round robin: w0 first, which drops at token 10
+    resp, _ = await partial_read(gw.url, 2, greedy)
+    token = resp.headers["x-lmgw-stream-id"]
+    r = await get(gw.url, f"/v1/streams/{token}")
+    assert r.status == 200
+    evs = events(r.body)
+    assert evs[-1][1] == "[DONE]" and [i for i, _ in evs[:-1]] == list(range(len(evs) - 1))
+    assert not any(isinstance(d, dict) and "error" in d for _, d in evs), evs[-3:]
+    stream = await open_stream(good.url)  # the uninterrupted answer, straight from a worker
+    raw = bytearray()
+    with trio.fail_after(BOUND):
+        async with stream:
+            await stream.send_all(request_bytes(good.url, "POST", "/v1/chat/completions", greedy))
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+    assert text_of(evs) == text_of(events(parse_response(bytes(raw)).body))
+    metrics = (await get(gw.url, "/metrics")).body.decode()
+    assert 'lmgw_stream_migrations_total{role="pd",outcome="continued"} 1' in metrics
