@@ -338,6 +338,11 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     keepalive_timeout_s: float = 75.0
     # Whole-request deadline, including the stream; 0 disables. 600 s bounds runaway generations.
     request_timeout_s: float = 600.0
+    # A streamed request still waiting for its first event after this long (admission queue,
+    # engine queue, a long prefill) commits to its 200 and sends an SSE comment every as long,
+    # so proxies that cut idle connections (60-100 s) leave it alone; errors after that are
+    # SSE error events. 0 (the default) keeps the status until the answer begins.
+    sse_keepalive_s: float = 0.0
     # Open client connections; above it a new connection gets a 503 and is closed, so a flood
     # cannot exhaust file descriptors.
     max_connections: int = 4096
@@ -428,6 +433,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("body_timeout_s", self.body_timeout_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)
         _non_negative("request_timeout_s", self.request_timeout_s)
+        _non_negative("sse_keepalive_s", self.sse_keepalive_s)
         _at_least("max_connections", self.max_connections, 1)
 
 

@@ -25,6 +25,7 @@ from ..errors import GatewayError, sse_error_event
 from ..http.types import Request, Responder
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
+from .keepalive import KeepAliveResponder, with_keepalive
 from .keys import UsageMeter
 from .limits import RequestLimits
 
@@ -242,6 +243,8 @@ class OpenAIAPI:
         self._media_ssl = None
         #: the gateway-side tool loop (lmgw.tools.loop.ToolLoop) when the gateway has tools
         self.tool_loop = gateway.tool_loop
+        #: limits.sse_keepalive_s: comments while a stream waits for its first event (0: off)
+        self.sse_keepalive_s = gateway.config.limits.sse_keepalive_s
         #: lmgw.tracing.Tracing when tracing.enabled, lmgw.logs.AccessLog when
         #: logging.access_log: None otherwise (one ``is None`` test per request each)
         self.tracing = gateway.tracing
@@ -366,26 +369,15 @@ class OpenAIAPI:
                 greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
             if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
                 greq.route = self._route_context(req, greq, view, prompt_ids)
-            # Admission (limits.max_concurrent_requests): a counter when a slot is free or the
-            # cap is off; else a wait in the queue's order (priority, tenant) that raises
-            # Rejected (429). No checkpoint between getting the slot and the try that gives
-            # it back.
-            admission = self.admission
-            if not admission.enter():
-                await self.queue(req, view)
-            elif admission.cap:
-                self.metrics.queue_time.observe((), 0.0)
-            try:
-                # The deadline (limits.request_timeout_s) is the server's: it cancels this
-                # handler and calls on_timeout() to answer (no cancel scope per request).
-                if loop is None:
-                    await self.gw.pipeline.run(greq, responder)
-                else:
-                    await self.tool_loop.run(
-                        loop, greq, responder, self._next_round(req, view, greq)
-                    )
-            finally:
-                admission.leave(t0)
+            if self.sse_keepalive_s and greq.stream:  # comments until the first event
+                responder = KeepAliveResponder(responder, rid)
+                await with_keepalive(
+                    responder,
+                    self.sse_keepalive_s,
+                    partial(self._admit_and_run, req, view, greq, loop, responder, t0),
+                )
+            else:
+                await self._admit_and_run(req, view, greq, loop, responder, t0)
         except GatewayError as exc:
             status = await self.answer_error(exc, responder, rid, model, endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -393,6 +385,35 @@ class OpenAIAPI:
             raise
         finally:
             self.account(req, endpoint, model, status, t0, trace, meter)
+
+    async def _admit_and_run(
+        self,
+        req: Request,
+        view: Any,
+        greq: GatewayRequest,
+        loop: Any,
+        responder: Responder,
+        t0: float,
+    ) -> None:
+        """Admission (limits.max_concurrent_requests), then the pipeline or the tool loop.
+
+        Admission is a counter when a slot is free or the cap is off; else a wait in the
+        queue's order (priority, tenant) that raises Rejected (429). No checkpoint between
+        getting the slot and the try that gives it back. The deadline
+        (limits.request_timeout_s) is the server's: it cancels the handler and calls
+        on_timeout() to answer (no cancel scope per request)."""
+        admission = self.admission
+        if not admission.enter():
+            await self.queue(req, view)
+        elif admission.cap:
+            self.metrics.queue_time.observe((), 0.0)
+        try:
+            if loop is None:
+                await self.gw.pipeline.run(greq, responder)
+            else:
+                await self.tool_loop.run(loop, greq, responder, self._next_round(req, view, greq))
+        finally:
+            admission.leave(t0)
 
     # -- the steps every model-routed endpoint shares (generation and pass-through) ----------
     async def queue(self, req: Request | None = None, view: Any = None) -> None:

@@ -1,0 +1,116 @@
+"""SSE keep-alives while a streamed request waits for its first event (``limits.
+sse_keepalive_s``; ANCHORS.md §5.13).
+
+Why: a streamed request can wait long before its first token: in the admission queue, in an
+engine's queue, or in the prefill of a long context (minutes at 100k+ tokens). Load balancers
+and proxies cut connections idle for 60-100 s, and the client sees a reset instead of its
+answer. With keep-alives on, a stream with nothing to say after ``sse_keepalive_s`` commits to
+its ``200`` and event-stream head and sends an SSE comment (``: keep-alive``, which clients
+ignore) every ``sse_keepalive_s`` until its first event.
+
+How: :class:`KeepAliveResponder` wraps the client's responder for the request. To the
+pipeline it looks unstarted until the pipeline itself writes (so retries on another worker and
+error answers work as without it); a whole answer (``send_full``) arriving after the head went
+out becomes its body as an SSE error event (an error: a streamed request's success is a stream)
+and the end of the stream. The beat runs in the request's own nursery; the first real write
+waits for a comment in flight (one lock, taken once), so the two never interleave on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..errors import parse_error_body, sse_error_event
+from ..http.types import Headers, Responder
+
+KEEPALIVE = b": keep-alive\n\n"
+SSE_HEAD: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+]
+
+
+class KeepAliveResponder:
+    """The client's responder, with keep-alive comments until the pipeline's first write."""
+
+    __slots__ = ("_head_sent", "_inner", "_lock", "_request_id", "content")
+
+    def __init__(self, inner: Responder, request_id: str) -> None:
+        self._inner = inner
+        self._request_id = request_id
+        self._lock = trio.Lock()
+        self._head_sent = False  # by a keep-alive: the status is 200 now, whatever comes
+        #: the pipeline wrote (the beat has stopped)
+        self.content = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the *answer* began (keep-alives are not an answer)."""
+        return self.content
+
+    async def beat(self, interval_s: float) -> None:
+        """Until the first real write: after each ``interval_s`` of silence, a comment."""
+        while True:
+            await trio.sleep(interval_s)
+            async with self._lock:
+                if self.content:
+                    return
+                with trio.CancelScope(shield=True):  # never cut a comment in half
+                    if not self._head_sent:
+                        self._head_sent = True
+                        head = [*SSE_HEAD, (b"x-request-id", self._request_id.encode())]
+                        await self._inner.start(200, head)
+                    await self._inner.send(KEEPALIVE)
+
+    async def _begin(self) -> None:
+        if not self.content:
+            async with self._lock:  # a comment in flight finishes first
+                self.content = True
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self._begin()
+        if not self._head_sent:  # else the head went out with the first keep-alive
+            await self._inner.start(status, headers)
+
+    async def send(self, data: bytes) -> None:
+        if not self.content:
+            await self._begin()
+        await self._inner.send(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        if not self.content:
+            await self._begin()
+        await self._inner.end(data)
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        await self._begin()
+        if not self._head_sent:
+            await self._inner.send_full(status, headers, body)
+            return
+        # The head (200, event stream) went out with a keep-alive: a whole answer now is an
+        # error answer (a streamed request's success is a stream): its message as an event.
+        message, etype, _ = parse_error_body(body)
+        await self._inner.send(sse_error_event(status, message or f"error {status}", type=etype))
+        await self._inner.end()
+
+
+async def with_keepalive(
+    responder: KeepAliveResponder,
+    interval_s: float,
+    run: Callable[[], Awaitable[None]],
+) -> None:
+    """Await ``run()`` (which answers through ``responder``) with keep-alive comments until its
+    first write. Its exception comes out as raised, not inside an exception group."""
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(responder.beat, interval_s)
+        try:
+            await run()
+        except BaseException as exc:  # re-raised below, outside the nursery
+            failure = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
