@@ -1919,6 +1919,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-request deadline, 0 = none (limits.request_timeout_s)",
     )
     g.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="SSE keep-alive comments while a stream waits for its first event, e.g. 15"
+        " (limits.sse_keepalive_s; 0 = off)",
+    )
+    g.add_argument(
         "--certfile",
         default=None,
         metavar="PATH",
@@ -2080,6 +2088,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("policy", "routing", "policy", "--policy"),
     ("shadow_policies", "routing", "shadow_policies", "--shadow-policies"),
     ("request_timeout", "limits", "request_timeout_s", "--request-timeout"),
+    ("sse_keepalive", "limits", "sse_keepalive_s", "--sse-keepalive"),
     ("log_level", "logging", "level", "--log-level"),
     ("log_json", "logging", "json", "--log-json"),
     ("access_log", "logging", "access_log", "--access-log"),
