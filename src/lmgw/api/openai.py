@@ -402,18 +402,23 @@ class OpenAIAPI:
         getting the slot and the try that gives it back. The deadline
         (limits.request_timeout_s) is the server's: it cancels the handler and calls
         on_timeout() to answer (no cancel scope per request)."""
-        admission = self.admission
-        if not admission.enter():
-            await self.queue(req, view)
-        elif admission.cap:
-            self.metrics.queue_time.observe((), 0.0)
+        await self.admit(req, view)
         try:
             if loop is None:
                 await self.gw.pipeline.run(greq, responder)
             else:
                 await self.tool_loop.run(loop, greq, responder, self._next_round(req, view, greq))
         finally:
-            admission.leave(t0)
+            self.admission.leave(t0)
+
+    async def admit(self, req: Request, view: Any) -> None:
+        """Take an admission slot: at once when one is free or the cap is off (no checkpoint:
+        the caller's ``try`` that gives it back follows directly), else in the queue."""
+        admission = self.admission
+        if not admission.enter():
+            await self.queue(req, view)
+        elif admission.cap:
+            self.metrics.queue_time.observe((), 0.0)
 
     # -- the steps every model-routed endpoint shares (generation and pass-through) ----------
     async def queue(self, req: Request | None = None, view: Any = None) -> None:

@@ -212,18 +212,14 @@ class PassThroughAPI:
             greq.trace = trace
             if self.gw.pipeline.route_keys and pinned is None:
                 greq.route = api._route_context(req, greq, asked.view, None)
-            admission = api.admission
-            if not admission.enter():
-                await api.queue(req, asked.view)  # its priority, key (tenant), cost
-            elif admission.cap:
-                api.metrics.queue_time.observe((), 0.0)
+            await api.admit(req, asked.view)  # its priority, key (tenant), cost
             try:
                 if pinned is None:
                     await self.gw.pipeline.run(greq, responder)
                 else:
                     await self.gw.pipeline.run_pinned(greq, responder, pinned, req.method)
             finally:
-                admission.leave(t0)
+                api.admission.leave(t0)
         except GatewayError as exc:
             status = await api.answer_error(exc, responder, rid, model, endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
