@@ -77,6 +77,7 @@ import trio
 from lmgw.http.types import Headers, Request, Responder
 from lmgw.structured import StructuredOutputError, structured_output
 from lmgw.tools import TOOL_PARSERS
+from lmgw.transport.openai_synth import token_id_name
 from lmgw.transport.pool import ConnectionPool, Origin, UpstreamError
 
 from .disagg import (
@@ -276,6 +277,7 @@ class _GenRequest(_HandOffFields, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
     # structured outputs (lmgw.structured reads them): raw, decoded only when sent
     response_format: msgspec.Raw = _NULL
     structured_outputs: msgspec.Raw = _NULL
@@ -445,6 +447,7 @@ class _Plan:
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs; None: not asked
     sglang: _SglangOptions | None = None  # /generate: its per-prompt options
     output_logprobs: list[list[TokenLogprob]] | None = None  # per choice, computed once
+    token_ids_as_names: bool = False  # vLLM's return_tokens_as_token_ids: "token_id:N"
 
     @property
     def n(self) -> int:
@@ -850,6 +853,7 @@ class SimWorker:
             bool(stream and so is not None and so.continuous_usage_stats),
             logprobs=_chat_logprobs(req),
             prompt_logprobs=_prompt_logprobs(req),
+            token_ids_as_names=bool(req.return_tokens_as_token_ids),
         )
         await self._prepare_leg(req, plan, rendered.media)
         await self._run(plan, responder, rid)
@@ -1048,6 +1052,7 @@ class SimWorker:
             echo,
             logprobs=_completion_logprobs(req),
             prompt_logprobs=_prompt_logprobs(req),
+            token_ids_as_names=bool(req.return_tokens_as_token_ids),
         )
         await self._prepare_leg(req, plan, ())
         await self._run(plan, responder, rid)
@@ -1430,7 +1435,7 @@ class SimWorker:
         if k is None:
             return None
         entries = self._output_logprobs(plan)
-        text = self.engine.logprobs.text
+        text = token_id_name if plan.token_ids_as_names else self.engine.logprobs.text
         if plan.kind == "chat":
             return lambda i, step: (
                 b',"logprobs":' + _encode({"content": [chat_entry(entries[i][step], k, text)]})
@@ -1462,7 +1467,7 @@ class SimWorker:
         if k is None:
             return None
         entries = self._output_logprobs(plan)[i]
-        text = self.engine.logprobs.text
+        text = token_id_name if plan.token_ids_as_names else self.engine.logprobs.text
         if plan.kind == "chat":
             return chat_logprobs(entries, k, text)
         echo = plan.echo_texts

@@ -396,6 +396,17 @@ NATIVE_CASES: list[tuple[str, str, dict[str, Any]]] = [
         "/v1/completions",
         {**COMPLETION, "prompt": [LONG, "Another one."], "logprobs": 1},
     ),
+    # vLLM's return_tokens_as_token_ids: tokens named "token_id:N" (prompt logprobs keep text)
+    (
+        "chat token ids",
+        "/v1/chat/completions",
+        {**CHAT, "top_logprobs": 2, "return_tokens_as_token_ids": True},
+    ),
+    (
+        "completion token ids, echo",
+        "/v1/completions",
+        {**COMPLETION, "logprobs": 2, "echo": True, "return_tokens_as_token_ids": True},
+    ),
 ]
 PROMPT_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("chat prompt 0", "/v1/chat/completions", {**CHAT, "prompt_logprobs": 0}),
@@ -449,6 +460,12 @@ async def test_native_worker_gives_the_http_simulators_logprobs(
             want = {c["index"]: c["logprobs"] for c in ref["choices"]}
             if field == "content":
                 want = {i: lp["content"] for i, lp in want.items()}
+            elif body.get("return_tokens_as_token_ids"):
+                # vLLM's offsets: by the names within an answer, by the text from one event
+                # to the next; with names that are not the text, the two differ (both sides)
+                for lps in (streamed, want):
+                    for lp in lps.values():
+                        lp.pop("text_offset")
             assert streamed == want, (name, n)
 
 
@@ -576,3 +593,17 @@ async def test_logprob_requests_vllm_refuses(nursery: trio.Nursery, stream: bool
     for extra, message in cases:
         r = await http_request(url, "POST", "/v1/chat/completions", {**base, **extra})
         assert r.status == 400 and message in r.json()["error"]["message"], (extra, r.body)
+
+
+async def test_tokens_named_by_id(nursery: trio.Nursery) -> None:
+    """``return_tokens_as_token_ids``: every token and alternative is ``token_id:N``; the
+    prompt's ``decoded_token`` stays text, as in vLLM."""
+    native_url = await native_gateway(nursery, "pd")
+    req = {**CHAT, "top_logprobs": 2, "prompt_logprobs": 1, "return_tokens_as_token_ids": True}
+    got = (await post(native_url, "/v1/chat/completions", req)).json()
+    content = got["choices"][0]["logprobs"]["content"]
+    names = [e["token"] for e in content] + [a["token"] for e in content for a in e["top_logprobs"]]
+    assert names and all(n.startswith("token_id:") and n[9:].isdigit() for n in names)
+    assert all(bytes(e["bytes"]) == e["token"].encode() for e in content)
+    decoded = [v["decoded_token"] for p in got["prompt_logprobs"][1:] for v in p.values()]
+    assert decoded and not any(d.startswith("token_id:") for d in decoded)

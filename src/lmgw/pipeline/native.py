@@ -76,7 +76,7 @@ from ..protocol.messages import MediaItem as WireMedia
 from ..routing.policy import RouteContext
 from ..structured import FIELDS as STRUCTURED_FIELDS
 from ..structured import StructuredOutputError, structured_output
-from ..transport.openai_synth import OpenAISynth
+from ..transport.openai_synth import OpenAISynth, token_id_name
 from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
@@ -745,9 +745,11 @@ class NativeRunner:
             echo = prompt if isinstance(prompt, str) else text.tokenizer.decode(job.prompt)
         tok = text.tokenizer
         params = job.params
-        names = None
+        names = prompt_names = None
         if params.logprobs is not None or params.prompt_logprobs is not None:
-            names = self._token_text(greq.model, tok)
+            names = prompt_names = self._token_text(greq.model, tok)
+            if obj.get("return_tokens_as_token_ids"):  # vLLM's: ids, not decoded text
+                names = token_id_name
         return OpenAISynth(
             "chat" if greq.endpoint == "chat" else "completion",
             greq.request_id,
@@ -759,6 +761,7 @@ class NativeRunner:
             echo=echo,
             logprobs=params.logprobs is not None,
             token_text=names,
+            prompt_token_text=prompt_names,
             index=index or 0,
             last=index is None,
         )

@@ -107,6 +107,7 @@ class OpenAISynth:
         "last",
         "model",
         "opened",
+        "prompt_token_text",
         "prompt_tokens",
         "token_text",
         "tokens",
@@ -125,6 +126,7 @@ class OpenAISynth:
         echo: str | None = None,
         logprobs: bool = False,
         token_text: Callable[[int], str] | None = None,
+        prompt_token_text: Callable[[int], str] | None = None,
         index: int = 0,
         last: bool = True,
     ) -> None:
@@ -139,6 +141,9 @@ class OpenAISynth:
         self.prompt_tokens = prompt_tokens
         self.echo = echo
         self.token_text = token_text or str
+        #: prompt logprobs' ``decoded_token`` (vLLM names them by text whatever
+        #: ``return_tokens_as_token_ids`` says)
+        self.prompt_token_text = prompt_token_text or self.token_text
         self._logprobs = logprobs
         self.last = last
         #: (prompt, completion, cached) tokens of the answer, once it finished
@@ -275,7 +280,7 @@ class OpenAISynth:
             )
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
         lp = self._logprobs_obj(text, token_ids, logprobs)
-        plp = None if prompt_lps is None else prompt_logprobs(prompt_lps, self.token_text)
+        plp = None if prompt_lps is None else prompt_logprobs(prompt_lps, self.prompt_token_text)
         if self.chat:
             return _encode(
                 {
@@ -380,12 +385,14 @@ class OpenAISynth:
     ) -> dict[str, Any] | None:
         """vLLM's logprobs object for the sampled tokens (:func:`chat_logprobs`,
         :func:`completion_logprobs`); completions' ``text_offset`` goes on from the text
-        before."""
+        before: within one event by the tokens' names, from one event to the next by the text
+        (vLLM's ``previous_text_lens``; the two differ with ``return_tokens_as_token_ids``)."""
         if not self._logprobs or logprobs is None:
             return None
         if self.chat:
             return chat_logprobs(logprobs, self.token_text)
-        obj, self._offset = completion_logprobs(logprobs, self.token_text, self._offset)
+        obj, _ = completion_logprobs(logprobs, self.token_text, self._offset)
+        self._offset += len(text)
         return obj
 
 
@@ -398,6 +405,12 @@ class OpenAISynth:
 # the lists here are the k best, best first: the HTTP simulator's answer, byte for byte.
 
 _MIN_LOGPROB = -9999.0  # vLLM's clamp (-inf is not JSON)
+
+
+def token_id_name(token_id: int) -> str:
+    """vLLM's name of a token with ``return_tokens_as_token_ids``: ``token_id:N`` (ids even
+    for tokens that do not decode to text on their own)."""
+    return f"token_id:{token_id}"
 
 
 def chat_logprobs(tokens: Sequence[Any], token_text: Callable[[int], str]) -> dict[str, Any]:
