@@ -26,9 +26,9 @@ BODY = {
 }
 
 
-@pytest.fixture
-def server() -> str:
-    return "native"
+@pytest.fixture(params=["native", "hypercorn"])
+def server(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 def blocks(payload: bytes) -> list[bytes]:
