@@ -69,9 +69,10 @@ class StreamEntry:
     cursor); data events also have a sequence number from 0 (their ``id:``, what a client
     resumes after); comments such as keep-alives carry the number of the event after them."""
 
-    __slots__ = ("_lot", "body", "bytes", "cancel", "digest", "done", "ended_at", "events",
-                 "first_pos", "first_seq", "followers", "headers", "idempotency", "idle_since",
-                 "key", "next_pos", "next_seq", "status", "tail", "token")  # fmt: skip
+    __slots__ = ("_lot", "_watch_lot", "body", "bytes", "cancel", "digest", "done", "ended_at",
+                 "events", "first_pos", "first_seq", "followers", "headers", "idempotency",
+                 "idle_since", "key", "next_pos", "next_seq", "status", "tail",
+                 "token")  # fmt: skip
 
     def __init__(self, token: str, key: str | None) -> None:
         self.token = token
@@ -91,7 +92,8 @@ class StreamEntry:
         self.followers = 0
         self.idle_since = 0.0
         self.cancel = trio.CancelScope()
-        self._lot = trio.lowlevel.ParkingLot()  # followers and the watchdog wait here
+        self._lot = trio.lowlevel.ParkingLot()  # followers wait here for news
+        self._watch_lot = trio.lowlevel.ParkingLot()  # the watchdog: followers come and go
         #: (API key name, Idempotency-Key) when the request had one, and its body's digest
         self.idempotency: tuple[str | None, bytes] | None = None
         self.digest = b""
@@ -103,6 +105,13 @@ class StreamEntry:
 
     async def wait(self) -> None:
         await self._lot.park()
+
+    def followers_changed(self) -> None:
+        """Wake the watchdog (only when a follower comes or goes: not per event)."""
+        self._watch_lot.unpark_all()
+
+    async def wait_followers(self) -> None:
+        await self._watch_lot.park()
 
     def add(self, data: bytes, max_bytes: int) -> None:
         """Keep the blocks ``data`` completes (data events numbered, with their ``id:`` line);
@@ -318,7 +327,7 @@ class StreamStore:
         grace = self.config.grace_s
         while True:
             if entry.followers:
-                await entry.wait()
+                await entry.wait_followers()
                 continue
             left = entry.idle_since + grace - trio.current_time()
             if left <= 0:
@@ -327,14 +336,14 @@ class StreamStore:
                 scope.cancel()
                 return
             with trio.move_on_after(left):
-                await entry.wait()
+                await entry.wait_followers()
 
     # -- following --------------------------------------------------------------------------
     async def follow(self, entry: StreamEntry, after: int, responder: Responder) -> None:
         """Answer ``responder`` from ``entry``: its head, the events after data event
         ``after``, then the live ones until the answer ends or this client leaves."""
         entry.followers += 1
-        entry.changed()
+        entry.followers_changed()
         try:
             while entry.status is None:
                 await entry.wait()
@@ -365,7 +374,7 @@ class StreamStore:
             entry.followers -= 1
             if not entry.followers:
                 entry.idle_since = trio.current_time()
-            entry.changed()
+            entry.followers_changed()
 
     # -- GET / DELETE /v1/streams/{id} ------------------------------------------------------
     async def endpoint(self, req: Request, responder: Responder) -> None:
