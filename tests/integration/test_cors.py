@@ -38,6 +38,8 @@ async def test_listed_origin(gateway) -> None:
         r = await gw.request("POST", "/v1/chat/completions", body, headers={"origin": UI})
         assert r.headers["access-control-allow-origin"] == UI, (body, r.status)
         assert "x-request-id" in r.headers["access-control-expose-headers"]
+        # a page resumes an answer by its id (streams.resumable): it must be able to read it
+        assert "x-lmgw-stream-id" in r.headers["access-control-expose-headers"]
     assert r.status == 404  # errors carry it too: the page can read the message
 
     other = {"origin": "https://evil.example.com"}

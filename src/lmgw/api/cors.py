@@ -15,7 +15,7 @@ from ..config import ServerConfig
 from ..http.types import Headers, Request, Responder
 
 #: response headers a page may read (request id, stage timings, back-off hints, routing)
-_EXPOSED = b"x-request-id, server-timing, retry-after, x-lmgw-route"
+_EXPOSED = b"x-request-id, server-timing, retry-after, x-lmgw-route, x-lmgw-stream-id"
 
 
 class Cors:
