@@ -1299,6 +1299,9 @@ class SimWorker:
         try:
             if faults.hang:
                 await trio.sleep_forever()
+            stall = self.faults.stall_s()
+            if stall:
+                await trio.sleep(stall)
             ticket = engine.submit(plan.prompt_tokens, len(plan.choices))
             try:
                 self._slots.acquire_nowait()

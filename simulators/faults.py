@@ -14,6 +14,9 @@ What each fault does to the worker:
   without finishing the body (the client sees a truncated stream).
 - ``refuse``: every route answers 503 (except ``/sim/*``, so a test can lift the fault).
 - ``flap_health``: ``/health`` alternates between 200 and 503 on every probe.
+- ``stall_rate`` / ``stall_s``: that fraction of generation requests waits ``stall_s`` before
+  its prefill (a preempted or swapping engine, a GC pause): the late first tokens that a
+  gateway's hedging exists for. Seeded draws, as ``error_rate``.
 """
 
 from __future__ import annotations
@@ -40,10 +43,15 @@ class Faults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drop_at_token: int | None = None
     refuse: bool = False
     flap_health: bool = False
+    stall_rate: float = 0.0
+    stall_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError("error_rate must be within [0, 1]")
+        for name in ("error_rate", "stall_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if not self.stall_s >= 0.0:
+            raise ValueError("stall_s must be >= 0")
         if not self.slow > 0.0:
             raise ValueError("slow must be > 0")
         for name in ("crash_at_token", "drop_at_token"):
@@ -84,6 +92,11 @@ class FaultInjector:
         """Whether this generation request fails (one seeded draw per call when enabled)."""
         rate = self.faults.error_rate
         return rate > 0.0 and self._rng.random() < rate
+
+    def stall_s(self) -> float:
+        """How long this generation request stalls before its prefill (0.0: not at all)."""
+        rate = self.faults.stall_rate
+        return self.faults.stall_s if rate > 0.0 and self._rng.random() < rate else 0.0
 
     def health_ok(self) -> bool:
         """Health verdict for one probe: flapping alternates ok, failing, ok, ..."""

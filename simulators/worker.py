@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--drop-at-token", type=int, default=None, help="drop conn after k tokens")
     faults.add_argument("--refuse", action="store_true", help="answer 503 to everything")
     faults.add_argument("--flap-health", action="store_true", help="/health alternates 200/503")
+    faults.add_argument(
+        "--stall-rate", type=float, default=0.0, help="fraction stalled before their prefill"
+    )
+    faults.add_argument("--stall-s", type=float, default=1.0, help="how long a stall lasts")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -202,6 +206,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         drop_at_token=ns.drop_at_token,
         refuse=ns.refuse,
         flap_health=ns.flap_health,
+        stall_rate=ns.stall_rate,
+        stall_s=ns.stall_s,
     )
     return WorkerOptions(
         model=ns.model,

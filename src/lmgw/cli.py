@@ -349,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
     )
     p_sim.add_argument(
+        "--hedge",
+        action="store_true",
+        help="hedge streams whose first token is late (hedging.enabled)",
+    )
+    p_sim.add_argument(
         "--dialect",
         default=None,
         help="disaggregation dialect (vllm-nixl, vllm-p2pnccl, vllm-lmcache, vllm-epd,"

@@ -960,6 +960,38 @@ class StreamsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("max_bytes", self.max_bytes)
 
 
+class HedgingConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Hedged streams (``lmgw.pipeline.hedge``): a merged-flow stream whose first token is
+    late goes to a second worker too; the first to answer wins and the other is aborted.
+    Cuts the TTFT tail left by a stalled or overloaded worker, at the price of some
+    duplicated prefill, bounded by ``max_ratio``."""
+
+    # Off by default: a hedge repeats the request's prefill on a second worker.
+    enabled: bool = False
+    # Wait this long for the first token before hedging; 0 = adaptive: the `quantile` of
+    # the model's recent times to first token at this gateway (no hedge until `min_samples`).
+    delay_s: float = 0.0
+    quantile: float = 0.95
+    # The adaptive delay never goes below this: under it a hedge buys little.
+    min_delay_s: float = 0.02
+    min_samples: int = 32
+    # At most this share of requests is hedged (a token bucket; a burst of 10 hedges).
+    max_ratio: float = 0.05
+    # Only requests whose body is at most this many bytes: a short prompt's prefill is cheap
+    # to repeat, a long one's is not.
+    max_body_bytes: int = 64 << 10
+
+    def __post_init__(self) -> None:
+        _non_negative("delay_s", self.delay_s)
+        if not 0.5 <= self.quantile < 1.0:
+            raise ConfigError(f"must be in [0.5, 1), got {self.quantile!r}", path="quantile")
+        _non_negative("min_delay_s", self.min_delay_s)
+        _at_least("min_samples", self.min_samples, 1)
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {self.max_ratio!r}", path="max_ratio")
+        _positive("max_body_bytes", self.max_body_bytes)
+
+
 class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Who may use the admin API (``/admin/*``: add, remove and drain workers)."""
 
@@ -1429,6 +1461,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     # Resumable answers (X-Lmgw-Resumable, GET /v1/streams/{id}).
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    # Hedged streams: a late first token sends the request to a second worker too.
+    hedging: HedgingConfig = msgspec.field(default_factory=HedgingConfig)
     # Client API keys and their limits (docs/security.md).
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.
@@ -1491,22 +1525,12 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
         return None
 
 
+#: every section of the root table, for LMGW_<SECTION>_<KEY> overrides (all of them: a
+#: section missing here made its variables silently ignored)
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
-    "server": ServerConfig,
-    "limits": LimitsConfig,
-    "upstream": UpstreamConfig,
-    "routing": RoutingConfig,
-    "health": HealthConfig,
-    "logging": LoggingConfig,
-    "tracing": TracingConfig,
-    "dashboard": DashboardConfig,
-    "admin": AdminConfig,
-    "auth": AuthConfig,
-    "discovery": DiscoveryConfig,
-    "native": NativeConfig,
-    "tools": ToolsConfig,
-    "cache": CacheConfig,
-    "replicas": ReplicasConfig,
+    f.name: f.type
+    for f in msgspec.structs.fields(GatewayConfig)
+    if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct)
 }
 
 
@@ -2044,6 +2068,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         " GET /v1/streams/{id} (streams.resumable; requests opt in with X-Lmgw-Resumable: 1)",
     )
     g.add_argument(
+        "--hedge",
+        action="store_const",
+        const=True,
+        default=None,
+        help="send a stream whose first token is late to a second worker too; the first to"
+        " answer wins (hedging.enabled; the delay adapts unless hedging.delay_s is set)",
+    )
+    g.add_argument(
         "--cors-allow-origins",
         default=None,
         metavar="LIST",
@@ -2107,6 +2139,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("api_keys_file", "auth", "keys_file", "--api-keys-file"),
     ("open", "auth", "open", "--open"),
     ("resumable_streams", "streams", "resumable", "--resumable-streams"),
+    ("hedge", "hedging", "enabled", "--hedge"),
     ("cache_tiers", "cache", "tiers", "--cache-tiers"),
     ("cors_allow_origins", "server", "cors_allow_origins", "--cors-allow-origins"),
     ("cache_redis_url", "cache", "redis_url", "--cache-redis-url"),

@@ -50,6 +50,7 @@ from .config import (
     AuthConfig,
     DiscoveryConfig,
     GatewayConfig,
+    HedgingConfig,
     LimitsConfig,
     ModelConfig,
     ReplicasConfig,
@@ -78,6 +79,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     routing: dict[str, Any] = {"policy": args.policy} if getattr(args, "policy", None) else {}
     if getattr(args, "shadow_policies", None):
         routing["shadow_policies"] = args.shadow_policies
+    hedging = HedgingConfig(enabled=bool(getattr(args, "hedge", False)))
     native = getattr(fleet, "transport", "http") == "zmq"
     dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"
     workers = []
@@ -111,6 +113,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
         # a simulation serves its API without keys on purpose, wherever it listens (logged)
         auth=AuthConfig(open=True),
         routing=RoutingConfig(**routing),
+        hedging=hedging,
         models=[ModelConfig(**model)],  # type: ignore[arg-type]
         workers=workers,
     )

@@ -94,6 +94,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         aliases: Sequence[str] = (),
         server_options: dict[str, Any] | None = None,
         auth: Any = None,
+        hedging: Any = None,
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
@@ -115,6 +116,8 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         )
         if auth is not None:
             cfg = msgspec.structs.replace(cfg, auth=auth)
+        if hedging is not None:
+            cfg = msgspec.structs.replace(cfg, hedging=hedging)
         gw = Gateway(cfg)
         with trio.fail_after(10):
             await nursery.start(gw.run)

@@ -92,6 +92,7 @@ def _exported() -> dict[str, tuple[str, tuple[str, ...]]]:
         Gateway(GatewayConfig()),
         Gateway(config_from_mapping({"streams": {"resumable": True}})),
         Gateway(config_from_mapping({"routing": {"shadow_policies": ["cache_aware"]}})),
+        Gateway(config_from_mapping({"hedging": {"enabled": True}})),
     ]
     try:
         mcp = config_from_mapping(

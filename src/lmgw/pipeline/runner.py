@@ -38,6 +38,7 @@ from ..workers.registry import Registry
 from ..workers.worker import Worker
 from . import migration
 from .disagg import DisaggRunner, EncodedItems
+from .hedge import hedger_for
 from .native import NativeRunner
 from .request import Gate, GatewayRequest, MidStream
 
@@ -150,6 +151,8 @@ class Pipeline:
         self.worker_cap = cfg.limits.max_in_flight_per_worker
         #: first choices per role (lmgw_routing_decisions_total for policies without reasons)
         self.picks = dict.fromkeys(policies, 0)
+        #: hedged streams (hedging.enabled): None when off, one attribute test per stream
+        self.hedger = hedger_for(cfg.hedging, metrics, policies)
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
@@ -207,11 +210,13 @@ class Pipeline:
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         journal: list[bytes] | None = [] if greq.stream and self.migrations else None
+        hedge = None if self.hedger is None else self.hedger.delay(greq)
         for attempt in range(self.max_attempts):
             failure = await self.dispatch(
                 greq, responder, role, worker, ctx, attempt < last,
-                greq.path, greq.forward_headers, greq.body, None, journal,
+                greq.path, greq.forward_headers, greq.body, None, journal, hedge=hedge,
             )  # fmt: skip
+            hedge = None  # the first attempt only
             if failure is None:
                 return
             if isinstance(failure, MidStream):
@@ -354,6 +359,7 @@ class Pipeline:
         journal: list[bytes] | None = None,
         splice: Callable[[bytes], bytes] | None = None,
         method: str = "POST",
+        hedge: float | None = None,
     ) -> GatewayError | None:
         """Run the client-facing leg on ``worker`` and relay its answer. Returns the error
         when the caller should retry on another worker (only before anything reached the
@@ -368,9 +374,12 @@ class Pipeline:
         breaks after its head reached the client then returns :class:`MidStream` instead of
         ending the client's stream, so the caller can continue it elsewhere. ``splice``
         rewrites a continuation's events into the client's stream (its head already sent).
-        ``method``: a pass-through read (``GET /v1/responses/{id}``) is not a POST."""
+        ``method``: a pass-through read (``GET /v1/responses/{id}``) is not a POST. ``hedge``:
+        seconds to wait for the first token before the stream also goes to a second worker
+        (:mod:`.hedge`; the winner then takes ``worker``'s place)."""
         registry, policy, metrics = self.registry, self.policies[role], self.metrics
         leg = None if greq.trace is None else greq.trace.leg(role, worker)
+        base_headers = headers
         if leg is not None:
             headers = leg.headers(headers)
         registry.acquire(worker)  # also counts lmgw_worker_requests_total
@@ -381,14 +390,24 @@ class Pipeline:
         t_first = 0.0
         try:
             # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
-            resp = await self.pool.request(
-                worker.origin,
-                method,
-                path,
-                headers,
-                body,
-                response_timeout_s=self.response_timeout_s,
-            )
+            if hedge is None:
+                resp = await self.pool.request(
+                    worker.origin,
+                    method,
+                    path,
+                    headers,
+                    body,
+                    response_timeout_s=self.response_timeout_s,
+                )
+            else:
+                worker, got, leg = await self.hedger.race(
+                    self, greq, role, worker, leg, ctx, method, path, headers, base_headers,
+                    body, hedge,
+                )  # fmt: skip
+                labels = (role, worker.id)
+                if isinstance(got, UpstreamError):
+                    raise got
+                resp = got
             try:
                 if resp.status >= 400:
                     err = await openai_http.read_error(resp, worker)
@@ -411,6 +430,7 @@ class Pipeline:
                 audit = self._audit(policy, worker, ctx, greq) if self.audits else None
                 if greq.stream and resp.content_type.startswith(b"text/event-stream"):
                     hook = role in self.first_token_roles
+                    hedger = self.hedger if role == "pd" and splice is None else None
 
                     def first_byte() -> None:
                         nonlocal t_first
@@ -420,6 +440,8 @@ class Pipeline:
                         metrics.stage_ttft.observe(labels, t_first - t0)
                         if hook:  # this leg's prefill is over
                             policy.on_first_token(worker, ctx)
+                        if hedger is not None:  # the adaptive hedging delay's sample
+                            hedger.observe(greq.model, t_first - t0)
 
                     events_fix = _chain(audit, splice or (rewrite and rewrite.events))
                     if greq.output is not None:  # after the splice: one parse state throughout

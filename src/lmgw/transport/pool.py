@@ -402,17 +402,39 @@ class Response:
                 self.release()
                 raise UpstreamError(f"worker connection failed mid-response: {exc}") from None
             self._short = len(data) < 65536
-            if not data:
-                r.feed_eof()
-                if not r.complete:
-                    self.release()
-                    raise UpstreamError("worker closed the connection mid-response")
-                continue
-            try:
-                r.feed(data)
-            except UpstreamProtocolError as exc:
+            self._feed(r, data)
+
+    def _feed(self, r: ResponseReader, data: bytes) -> None:
+        """Body bytes (b"": the worker closed) into the reader; an UpstreamError (the
+        connection given up) when the response cannot be complete or does not parse."""
+        if not data:
+            r.feed_eof()
+            if not r.complete:
                 self.release()
-                raise UpstreamError(str(exc)) from None
+                raise UpstreamError("worker closed the connection mid-response")
+            return
+        try:
+            r.feed(data)
+        except UpstreamProtocolError as exc:
+            self.release()
+            raise UpstreamError(str(exc)) from None
+
+    async def wait_body(self) -> None:
+        """Wait until body bytes (or the body's end) arrived, without taking them: the next
+        :meth:`read_chunk` returns them. A hedged stream's race is won by the first answer
+        with a token in it, not by the first head (vLLM sends its head before any token)."""
+        conn = self._conn
+        if conn is None:
+            return
+        r = conn.reader
+        while not r.body and not r.complete:
+            stream = conn.stream
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.release()
+                raise UpstreamError(f"worker connection failed mid-response: {exc}") from None
+            self._feed(r, data)
 
     def take_complete_body(self) -> bytes | None:
         """The whole body if it already arrived with the head (then the connection goes back
