@@ -497,6 +497,25 @@ def test_env_without_file() -> None:
     assert cfg.server.port == 0 and cfg.upstream.max_attempts == 3
 
 
+def test_env_reaches_every_section() -> None:
+    """Every section of the root table takes LMGW_<SECTION>_<KEY> (streams and media once
+    ignored such variables without a word)."""
+    cfg = load_config(
+        env={
+            "LMGW_STREAMS_RESUMABLE": "true",
+            "LMGW_HEDGING_ENABLED": "1",
+            "LMGW_HEDGING_DELAY_S": "0.25",
+            "LMGW_MEDIA_MAX_ITEMS": "3",
+        }
+    )
+    assert cfg.streams.resumable and cfg.hedging.enabled and cfg.hedging.delay_s == 0.25
+    assert cfg.media.max_items == 3
+    roots = {f.name for f in msgspec.structs.fields(GatewayConfig)} - {"models", "workers"}
+    for section in roots:
+        with pytest.raises(ConfigError, match="has no key"):
+            load_config(env={f"LMGW_{section.upper()}_NO_SUCH_KEY": "1"})
+
+
 def test_env_empty_optional_means_none(tmp_path: Path) -> None:
     path = write(tmp_path, "[upstream]\napi_key = 'k'\n")
     assert load_config(path, env={"LMGW_UPSTREAM_API_KEY": ""}).upstream.api_key is None

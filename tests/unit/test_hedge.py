@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,18 +17,20 @@ _times = st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=1, max_size=6
 @given(_times, st.sampled_from([0.5, 0.9, 0.95, 0.99]))
 def test_the_delay_is_the_nearest_rank_quantile_of_the_window(times: list[float], q: float) -> None:
     """After a recompute the estimate equals a brute-force nearest-rank quantile of the last
-    ``window`` observations, whatever came before them."""
+    ``window`` observations, or twice their median when that is more, whatever came before."""
     est = DelayEstimator(q, window=64, every=8)
     for t in times:
         est.observe(t)
     est.recompute()
     window = sorted(times[-64:])
-    assert est.value == window[max(1, math.ceil(q * len(window))) - 1]
+    rank = max(1, math.ceil(q * len(window)))
+    median = window[max(1, math.ceil(len(window) / 2)) - 1]
+    assert est.value == max(window[rank - 1], 2 * median)
     assert est.samples == len(window)
 
 
 def test_the_delay_follows_a_new_regime_within_a_window() -> None:
-    est = DelayEstimator(0.95, window=256, every=32)
+    est = DelayEstimator(0.95, window=256, every=32, median_factor=0.0)
     for _ in range(256):
         est.observe(0.010)
     assert est.value == 0.010
@@ -40,7 +43,20 @@ def test_the_first_samples_give_an_estimate_at_once() -> None:
     est = DelayEstimator(0.95, every=32)
     assert math.isnan(est.value)
     est.observe(0.05)
-    assert est.value == 0.05
+    assert est.value == 0.1  # twice the median of one
+
+
+def test_a_tight_distribution_hedges_past_twice_its_median() -> None:
+    """53-56 ms first tokens with a few 0.5 s stalls: the 0.95 quantile is jitter (56 ms);
+    the delay is twice the median instead, and a heavy tail keeps its own quantile."""
+    tight = DelayEstimator(0.95)
+    for i in range(256):
+        tight.observe(0.5 if i % 33 == 0 else 0.053 + (i % 4) * 0.001)
+    assert tight.value == pytest.approx(2 * 0.055)  # not the 0.95 quantile, 0.056
+    heavy = DelayEstimator(0.95)
+    for i in range(256):
+        heavy.observe(0.01 * (1 + i % 20) ** 2)  # p50 1.0 s, p95 3.61 s
+    assert heavy.value == 0.01 * 19**2
 
 
 @settings(max_examples=200, deadline=None)

@@ -41,16 +41,28 @@ if TYPE_CHECKING:
 
 
 class DelayEstimator:
-    """A quantile of the last ``window`` observations, recomputed every ``every`` of them.
+    """The hedging delay from the last ``window`` first-token times, recomputed every
+    ``every`` of them: their ``quantile``, but at least ``median_factor`` times their median.
+
+    Why the median floor: on a fleet whose times are tight (53-56 ms, say), the 0.95 quantile
+    is ordinary jitter; a stream late by that much is nearly done, a hedge cannot beat it (a
+    fresh leg needs about the median itself) and only spends the budget that a stalled stream
+    needed. Past twice the median, the hedge wins whenever the primary would have taken more
+    than three times the median: the outliers hedging is for.
 
     Why not a streaming sketch: a sorted copy of 256 floats every 32 requests is ~1 µs
     amortized per request, exact over its window, and forgets old regimes by construction.
     """
 
-    __slots__ = ("_count", "_every", "_next", "_ring", "quantile", "value", "window")
+    __slots__ = (
+        "_count", "_every", "_next", "_ring", "median_factor", "quantile", "value", "window",
+    )  # fmt: skip
 
-    def __init__(self, quantile: float, window: int = 256, every: int = 32) -> None:
+    def __init__(
+        self, quantile: float, window: int = 256, every: int = 32, median_factor: float = 2.0
+    ) -> None:
         self.quantile = quantile
+        self.median_factor = median_factor
         self.window = window
         self._every = every
         self._ring: list[float] = []
@@ -77,9 +89,10 @@ class DelayEstimator:
     def recompute(self) -> None:
         ordered = sorted(self._ring)
         if ordered:
-            # the nearest-rank quantile: the value at or below which `quantile` of them lie
+            # nearest-rank quantiles: the value at or below which that share of them lie
             rank = max(1, math.ceil(self.quantile * len(ordered)))
-            self.value = ordered[rank - 1]
+            median = ordered[max(1, math.ceil(0.5 * len(ordered))) - 1]
+            self.value = max(ordered[rank - 1], self.median_factor * median)
 
 
 class Budget:
