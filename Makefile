@@ -56,6 +56,7 @@ bench: build
 	$(BIN)/python benchmarks/security.py
 	$(BIN)/python benchmarks/cachepool.py
 	$(BIN)/python benchmarks/fairness.py
+	$(BIN)/python benchmarks/hedging.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -162,6 +162,9 @@ class WorkerOptions:
     port: int = 0
     speed: float = 1.0
     seed: int = 0
+    #: the fault RNG's seed (None: ``seed``): a fleet gives each worker its own, so that their
+    #: error and stall draws are independent while their answers stay the same
+    fault_seed: int | None = None
     max_num_seqs: int = 256
     kv_blocks: int = 8192
     block_size: int = 16
@@ -729,7 +732,10 @@ class SimWorker:
         self._pool = ConnectionPool(connect_timeout_s=min(5.0, opts.kv_fetch_timeout_s))
         self._origins: dict[tuple[str, int], Origin] = {}
         self.engine = engine or Engine(self.options.engine_config())
-        self.faults = FaultInjector(self.options.faults, seed=self.options.seed)
+        fault_seed = self.options.fault_seed
+        self.faults = FaultInjector(
+            self.options.faults, seed=self.options.seed if fault_seed is None else fault_seed
+        )
         self.engine.slow = self.faults.faults.slow
         self.stats = SimStats()
         self._slots = trio.Semaphore(max(1, self.options.max_num_seqs))

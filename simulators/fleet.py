@@ -322,11 +322,16 @@ async def run_fleet(
                     args += dialect_args(dialect, role, own_lmcache_dir)
                     args += (role_args or {}).get(role, ())
                     for _ in range(count):
+                        # independent fault draws per worker (the same answers): correlated
+                        # stalls or errors across a fleet would be no fleet's reality
+                        own = []
+                        if transport == "http" and not _has_flag(args, "--fault-seed"):
+                            own = ["--fault-seed", str(index)]
                         cmd = worker_command(
                             role,
                             model=model,
                             speed=speed,
-                            extra_args=args,
+                            extra_args=[*args, *own],
                             python=python,
                             transport=transport,
                         )

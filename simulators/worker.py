@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=float, default=1.0, help="divide every delay by this; 'inf': no delays"
     )
     p.add_argument("--seed", type=int, default=0, help="output and fault RNG seed")
+    p.add_argument(
+        "--fault-seed", type=int, default=None, help="the fault RNG's own seed (default: --seed)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=256, help="concurrent requests")
     p.add_argument("--kv-blocks", type=int, default=8192, help="prefix cache capacity (blocks)")
     p.add_argument("--block-size", type=int, default=16, help="prefix cache block (tokens)")
@@ -217,6 +220,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         port=ns.port,
         speed=ns.speed,
         seed=ns.seed,
+        fault_seed=ns.fault_seed,
         max_num_seqs=ns.max_num_seqs,
         kv_blocks=ns.kv_blocks,
         block_size=ns.block_size,

@@ -7,6 +7,8 @@ vLLM does, so clients that switch on either field keep working.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 ERROR_TYPES: dict[int, str] = {
@@ -32,6 +34,10 @@ ERROR_TYPES: dict[int, str] = {
 
 class GatewayError(Exception):
     """An error with a status and an OpenAI error body. ``param`` names the offending field."""
+
+    #: the workers of a failed attempt that ``Pipeline.dispatch`` hands back for a retry (a
+    #: hedged attempt may have had two): the retry goes to none of them
+    workers: tuple[Any, ...] = ()
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, type: str | None = None

@@ -244,3 +244,24 @@ async def test_hedging_through_the_http_api_keeps_the_request_id(gateway: Gatewa
         )
     assert r.status == 200 and r.headers.get("x-request-id") == "hedge-42"
     assert [list(h.sim.stats.request_ids)[-1:] for h in gw.sims] == [["hedge-42"]] * 2
+
+
+async def test_a_winning_hedge_that_breaks_is_not_continued_on_itself(
+    gateway: GatewayFactory,
+) -> None:
+    """w0 stalls, its hedge on w1 wins and breaks after two tokens: the continuation may go
+    to neither leg's worker (none is left here), so the stream ends with an error event, and
+    w1 was asked once."""
+    gw = await gateway(
+        2,
+        per_worker=[
+            {"faults": {"stall_rate": 1.0, "stall_s": 5.0}},
+            {"faults": {"drop_at_token": 2}},
+        ],
+        hedging=HedgingConfig(enabled=True, delay_s=0.02, max_ratio=1.0),
+    )
+    with trio.fail_after(3):
+        r = await gw.request("POST", "/v1/chat/completions", _chat("break"))
+    assert r.status == 200
+    assert b"not continued" in r.body and r.body.rstrip().endswith(b"data: [DONE]")
+    assert gw.sims[1].sim.stats.requests_total == 1

@@ -415,6 +415,33 @@ async def test_process_fleet_serves_and_leaves_no_child() -> None:
 
 
 @pytest.mark.slow
+async def test_a_fleet_draws_faults_independently_per_worker() -> None:
+    """Same answers, but each worker its own fault seed: with error_rate 0.5 the two workers'
+    sequences of failures differ (equal by chance once in 65536)."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            fleet: Fleet = await nursery.start(
+                lambda task_status: run_fleet(
+                    {"pd": 2},
+                    model=MODEL,
+                    speed=math.inf,
+                    extra_args=["--error-rate", "0.5"],
+                    task_status=task_status,
+                )
+            )
+            draws = []
+            for _, url in fleet:
+                statuses = [
+                    (await http(url, "POST", "/v1/chat/completions", CHAT)).status
+                    for _ in range(16)
+                ]
+                assert set(statuses) <= {200, 500}
+                draws.append(statuses)
+            assert draws[0] != draws[1]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
 async def test_process_crash_fault_and_failed_start() -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:

@@ -207,14 +207,14 @@ class Hedger:
         base_headers: Headers,
         body: bytes,
         delay: float,
-    ) -> tuple[Worker, Response | UpstreamError, LegTrace | None]:
+    ) -> tuple[Worker, Response | UpstreamError, LegTrace | None, tuple[Worker, ...]]:
         """Send to ``primary``; if no token came within ``delay``, to a second worker too.
 
         Returns the leg that decides: the first with a token (or a whole answer) in a
         success status, else the last to fail, as (worker, its response or its error, its
-        trace). The caller (``Pipeline.dispatch``) did the primary's accounting and finishes
-        the returned worker's; this finishes every other leg's (the loser's connection is
-        closed, which aborts its generation)."""
+        trace, every leg's worker). The caller (``Pipeline.dispatch``) did the primary's
+        accounting and finishes the returned worker's; this finishes every other leg's (the
+        loser's connection is closed, which aborts its generation)."""
         legs = [_Leg(primary, primary_trace, True)]
         decided = trio.Event()
         winner: list[_Leg] = []
@@ -283,7 +283,8 @@ class Hedger:
         if len(legs) > 1:
             outcome = "failed" if not won.answered else "primary" if won.primary else "hedge"
             self.hedges.inc((*model, outcome))
-        return won.worker, (won.resp if won.resp is not None else won.error), won.trace
+        got = won.resp if won.resp is not None else won.error
+        return won.worker, got, won.trace, tuple(leg.worker for leg in legs)
 
     def _second(
         self, pipe: Pipeline, greq: GatewayRequest, role: str, primary: Worker, ctx: RouteContext

@@ -219,12 +219,13 @@ class Pipeline:
             hedge = None  # the first attempt only
             if failure is None:
                 return
+            # the attempt's workers: a hedged one may have had two (dispatch sets them)
+            tried += failure.workers or (worker,)
             if isinstance(failure, MidStream):
-                await self.continue_stream(greq, responder, role, ctx, (*tried, worker), journal)
+                await self.continue_stream(greq, responder, role, ctx, tried, journal)
                 return
             # A failure that cannot have started work: another worker, if there is one left;
             # else the client hears what went wrong (not just "no worker left").
-            tried += (worker,)
             candidates = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
             if not candidates:
                 raise failure
@@ -388,6 +389,7 @@ class Pipeline:
         labels = (role, worker.id)
         t0 = _now()
         t_first = 0.0
+        legs: tuple[Worker, ...] = (worker,)  # the workers this attempt used (hedged: two)
         try:
             # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
             if hedge is None:
@@ -400,7 +402,7 @@ class Pipeline:
                     response_timeout_s=self.response_timeout_s,
                 )
             else:
-                worker, got, leg = await self.hedger.race(
+                worker, got, leg, legs = await self.hedger.race(
                     self, greq, role, worker, leg, ctx, method, path, headers, base_headers,
                     body, hedge,
                 )  # fmt: skip
@@ -414,6 +416,7 @@ class Pipeline:
                     if resp.status >= 500:
                         registry.record_failure(worker, err.message, eject=False)
                         if may_retry:  # nothing reached the client: another worker may serve it
+                            err.workers = legs
                             return err
                     raise err
                 if gate is not None:
@@ -469,12 +472,16 @@ class Pipeline:
             registry.record_failure(worker, exc.message, eject=exc.retryable)
             if responder.started:
                 if journal is not None:  # the caller continues the stream or ends it
-                    return MidStream(exc.status, exc.message)
+                    broken = MidStream(exc.status, exc.message)
+                    broken.workers = legs
+                    return broken
                 return None  # the stream already carries the error event
             # nothing reached the client: another worker may take the whole request, unless
             # this one merely timed out (a retry would double the load of a slow fleet)
             if may_retry and (exc.retryable or exc.status != 504):
-                return GatewayError(exc.status, exc.message)
+                retry = GatewayError(exc.status, exc.message)
+                retry.workers = legs
+                return retry
             raise GatewayError(exc.status, exc.message) from None
         finally:
             metrics.stage.observe(labels, _now() - t0)
