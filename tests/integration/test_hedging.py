@@ -265,3 +265,68 @@ async def test_a_winning_hedge_that_breaks_is_not_continued_on_itself(
     assert r.status == 200
     assert b"not continued" in r.body and r.body.rstrip().endswith(b"data: [DONE]")
     assert gw.sims[1].sim.stats.requests_total == 1
+
+
+@pytest.mark.parametrize("routing", ["cache_aware", "least_load"])
+async def test_policy_accounting_returns_to_zero_after_races(
+    gateway: GatewayFactory, routing: str
+) -> None:
+    """When either leg wins, the policy's queued prefills and in-flight counts come back to
+    zero."""
+    gw = await gateway(
+        2,
+        routing=routing,
+        per_worker=[
+            {"faults": {"stall_rate": 1.0, "stall_s": 0.3}},
+            {"faults": {"stall_rate": 1.0, "stall_s": 5.0}},
+        ],
+        hedging=HedgingConfig(enabled=True, delay_s=0.05, max_ratio=1.0),
+    )
+    with trio.fail_after(5):
+        for i in range(3):
+            r = await gw.request("POST", "/v1/chat/completions", _chat(f"account {i}"))
+            assert r.status == 200, r.body
+    await _settled(
+        gw,
+        'lmgw_worker_in_flight{role="pd",worker="w0"}',
+        'lmgw_worker_in_flight{role="pd",worker="w1"}',
+    )
+    policy = gw.gateway.policies["pd"]
+    if routing == "cache_aware":
+        assert policy.queued_requests == 0 and policy.queued_tokens == 0
+    text = await gw.metrics()
+    won = sum(
+        metric_value(text, f'lmgw_hedges_total{{model="{MODEL}",outcome="{o}"}}')
+        for o in ("primary", "hedge")
+    )
+    assert won == 3
+
+
+async def test_each_leg_is_queued_on_its_own_worker(gateway: GatewayFactory) -> None:
+    """Each leg has its own routing context: while both legs wait, cache_aware counts a
+    queued prefill on each worker (one shared context counted only the last dispatch), and
+    both are gone once the client leaves."""
+    gw = await gateway(
+        2,
+        routing="cache_aware",
+        faults={"stall_rate": 1.0, "stall_s": 5.0},
+        hedging=HedgingConfig(enabled=True, delay_s=0.05, max_ratio=1.0),
+    )
+    policy = gw.gateway.policies["pd"]
+    queued = []
+
+    async def watch() -> None:
+        await trio.sleep(0.3)
+        queued.append(policy.queued_requests)
+
+    with trio.move_on_after(0.5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await gw.request("POST", "/v1/chat/completions", _chat("both wait"))
+    assert queued == [2]
+    await _settled(
+        gw,
+        'lmgw_worker_in_flight{role="pd",worker="w0"}',
+        'lmgw_worker_in_flight{role="pd",worker="w1"}',
+    )
+    assert policy.queued_requests == 0

@@ -117,13 +117,17 @@ class Budget:
         return False
 
 
-class _Leg:
-    """One worker's attempt in a race: its answer's head and first bytes, or its failure."""
+class Leg:
+    """One worker's attempt in a race: its answer's head and first bytes, or its failure;
+    its routing context (a hedge's is its own: :meth:`RouteContext.fork`) and trace."""
 
-    __slots__ = ("done", "error", "primary", "resp", "scope", "trace", "worker")
+    __slots__ = ("ctx", "done", "error", "primary", "resp", "scope", "trace", "worker")
 
-    def __init__(self, worker: Worker, trace: LegTrace | None, primary: bool) -> None:
+    def __init__(
+        self, worker: Worker, ctx: RouteContext, trace: LegTrace | None, primary: bool
+    ) -> None:
         self.worker = worker
+        self.ctx = ctx
         self.trace = trace
         self.primary = primary
         self.scope = trio.CancelScope()
@@ -207,20 +211,20 @@ class Hedger:
         base_headers: Headers,
         body: bytes,
         delay: float,
-    ) -> tuple[Worker, Response | UpstreamError, LegTrace | None, tuple[Worker, ...]]:
+    ) -> tuple[Leg, tuple[Worker, ...]]:
         """Send to ``primary``; if no token came within ``delay``, to a second worker too.
 
-        Returns the leg that decides: the first with a token (or a whole answer) in a
-        success status, else the last to fail, as (worker, its response or its error, its
-        trace, every leg's worker). The caller (``Pipeline.dispatch``) did the primary's
-        accounting and finishes the returned worker's; this finishes every other leg's (the
-        loser's connection is closed, which aborts its generation)."""
-        legs = [_Leg(primary, primary_trace, True)]
+        Returns the leg that decides (the first with a token, or a whole answer, in a
+        success status; else the last to fail: its ``resp`` or its ``error``) and every leg's
+        worker. The caller (``Pipeline.dispatch``) did the primary's accounting and finishes
+        the returned leg's; this finishes every other leg's (the loser's connection is
+        closed, which aborts its generation)."""
+        legs = [Leg(primary, ctx, primary_trace, True)]
         decided = trio.Event()
-        winner: list[_Leg] = []
+        winner: list[Leg] = []
         stall_s = pipe.stall_s or math.inf
 
-        def settle(leg: _Leg) -> None:
+        def settle(leg: Leg) -> None:
             leg.done = True
             if decided.is_set():
                 return
@@ -231,7 +235,7 @@ class Hedger:
                     if other is not leg:
                         other.scope.cancel()
 
-        async def run(leg: _Leg, leg_headers: Headers) -> None:
+        async def run(leg: Leg, leg_headers: Headers) -> None:
             with leg.scope:
                 try:
                     resp = await pipe.pool.request(
@@ -263,14 +267,15 @@ class Hedger:
                 with trio.move_on_after(delay):
                     await decided.wait()
                 if not decided.is_set():
-                    second = self._second(pipe, greq, role, primary, ctx)
+                    hctx = ctx.fork()
+                    second = self._second(pipe, greq, role, primary, hctx)
                     if second is not None:
                         trace = None if greq.trace is None else greq.trace.leg(role, second)
-                        leg = _Leg(second, trace, False)
+                        leg = Leg(second, hctx, trace, False)
                         legs.append(leg)
                         leg_headers = base_headers if trace is None else trace.headers(base_headers)
                         pipe.registry.acquire(second)
-                        pipe.policies[role].on_dispatch(second, ctx)
+                        pipe.policies[role].on_dispatch(second, hctx)
                         nursery.start_soon(run, leg, leg_headers)
                 await decided.wait()
         finally:
@@ -279,12 +284,11 @@ class Hedger:
                 if leg is not won:
                     # cancelled from outside (no winner): the caller accounts for the primary
                     account = won is not None or not leg.primary
-                    self._finish_loser(pipe, role, leg, ctx, account)
+                    self._finish_loser(pipe, role, leg, account)
         if len(legs) > 1:
             outcome = "failed" if not won.answered else "primary" if won.primary else "hedge"
             self.hedges.inc((*model, outcome))
-        got = won.resp if won.resp is not None else won.error
-        return won.worker, got, won.trace, tuple(leg.worker for leg in legs)
+        return won, tuple(leg.worker for leg in legs)
 
     def _second(
         self, pipe: Pipeline, greq: GatewayRequest, role: str, primary: Worker, ctx: RouteContext
@@ -302,9 +306,7 @@ class Hedger:
         return pipe.policies[role].choose(others, ctx)
 
     @staticmethod
-    def _finish_loser(
-        pipe: Pipeline, role: str, leg: _Leg, ctx: RouteContext, account: bool
-    ) -> None:
+    def _finish_loser(pipe: Pipeline, role: str, leg: Leg, account: bool) -> None:
         """Close a losing leg and (``account``) end its accounting: the primary's too when it
         lost, the caller then accounts for the winner."""
         worker = leg.worker
@@ -320,7 +322,7 @@ class Hedger:
             pipe.registry.record_failure(worker, exc.message, eject=exc.retryable)
         if not account:
             return
-        pipe.policies[role].on_finish(worker, ctx, False)
+        pipe.policies[role].on_finish(worker, leg.ctx, False)
         pipe.registry.release(worker)
         if leg.trace is not None:
             leg.trace.end("hedge lost")

@@ -402,14 +402,15 @@ class Pipeline:
                     response_timeout_s=self.response_timeout_s,
                 )
             else:
-                worker, got, leg, legs = await self.hedger.race(
+                won, legs = await self.hedger.race(
                     self, greq, role, worker, leg, ctx, method, path, headers, base_headers,
                     body, hedge,
                 )  # fmt: skip
+                worker, ctx, leg = won.worker, won.ctx, won.trace  # the winner's, from now on
                 labels = (role, worker.id)
-                if isinstance(got, UpstreamError):
-                    raise got
-                resp = got
+                if won.resp is None:
+                    raise won.error
+                resp = won.resp
             try:
                 if resp.status >= 400:
                     err = await openai_http.read_error(resp, worker)

@@ -61,6 +61,15 @@ class RouteContext:
         self.text_key = text_key
         self.scratch: dict[Any, Any] | None = None
 
+    def fork(self) -> RouteContext:
+        """The same request routed a second time (a hedge): the same keys, its own scratch,
+        so that what a policy remembers of one dispatch (a queued prefill) is not the
+        other's."""
+        return RouteContext(
+            self.model, self.request_id, self.session_key, self.headers, self.tokens,
+            self.text_key,
+        )  # fmt: skip
+
     def memo(self) -> dict[Any, Any]:
         """The per-request scratch dict (created on first use)."""
         s = self.scratch
