@@ -5,12 +5,14 @@ function of the prompt (so tests assert exact text through any route), and so ar
 (:mod:`.logprobs`: vLLM's and SGLang's shapes, equal through any route), latency follows a timing
 model shaped like a 7-8B model on one GPU (``speed`` divides it; ``inf`` removes it), a prefix cache
 makes ``cached_tokens`` and the vLLM metrics behave like the real thing, and faults (errors, hangs,
-crashes, dropped streams, flapping health) are injected per worker. Roles: ``pd`` (merged),
+crashes, dropped streams, stalls, flapping health) are injected per worker, and LoRA adapters load
+and unload at run time as vLLM's do. Roles: ``pd`` (merged),
 ``e``/``p``/``d`` (encode, prefill, decode) moving real bytes between them (vLLM NIXL P/D,
 SGLang bootstrap, vLLM EPD's shared encoder cache).
 
 Layout: :mod:`.engine` (sans-IO core), :mod:`.disagg` (sans-IO hand-off artefacts),
-:mod:`.logprobs` (sans-IO logprobs and their shapes), :mod:`.faults`, :mod:`.app` (HTTP
+:mod:`.logprobs` (sans-IO logprobs and their shapes), :mod:`.faults`, :mod:`.lora` (sans-IO
+adapter bookkeeping), :mod:`.app` (HTTP
 handler: vLLM's OpenAI routes and SGLang's ``/generate``),
 :mod:`.metrics` (Prometheus text), :mod:`.worker` (the ``python -m lmgw.simulators`` process),
 :mod:`.fleet` (in-process workers and process fleets).

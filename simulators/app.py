@@ -53,6 +53,11 @@ contract (the native trio server, the ASGI adapter, a fake responder in tests) c
 engine logic lives in :mod:`.engine` (sans-IO); this module only parses, validates, sleeps per the
 timing model and writes vLLM-shaped bytes.
 
+LoRA (``enable_lora``, or adapters given at start with ``lora_modules``): vLLM's runtime adapter
+routes (``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, as vLLM mounts them with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), adapters listed in ``/v1/models`` after the base model and
+accepted as ``model`` by every route that checks it; their bookkeeping is :mod:`.lora`.
+
 Hot path (the simulator is the "direct" baseline of the gateway-overhead benchmarks, run at
 ``speed=inf``): requests are decoded by typed msgspec structs, the constant parts of every SSE
 event are encoded once per request, output pieces are pre-encoded in the vocabulary, and each
@@ -61,12 +66,13 @@ decode step is one write.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -127,6 +133,7 @@ from .logprobs import (
     sglang_tokens,
     sglang_top,
 )
+from .lora import LoraAdapters, LoraError
 from .metrics import render_metrics
 from .structured import Unsimulated
 
@@ -224,10 +231,19 @@ class WorkerOptions:
     """How the model writes tool calls (a parser name of :mod:`lmgw.tools`) when a chat request
     carries ``tools``: the worker answers with that raw text, like a vLLM worker started without
     ``--enable-auto-tool-choice``, and leaves the parsing to the gateway (docs/tools.md)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters and mount vLLM's runtime load/unload routes (``--enable-lora``)."""
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    """``(name, path)`` adapters loaded at start (``--lora-modules``); implies ``enable_lora``."""
 
     @property
     def served_names(self) -> tuple[str, ...]:
         return self.served_model_names or (self.model,)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the LoRA routes exist: asked for, or implied by start-up adapters."""
+        return self.enable_lora or bool(self.lora_modules)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -378,11 +394,29 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
 
 
+class LoadLoraRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``LoadLoRAAdapterRequest``: both fields required (absent: a 400 from decoding,
+    as vLLM's validation answers; empty: vLLM's own 400)."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``UnloadLoRAAdapterRequest`` (``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 _detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
 _generate_decoder = msgspec.json.Decoder(GenerateRequest)
+_load_lora_decoder = msgspec.json.Decoder(LoadLoraRequest)
+_unload_lora_decoder = msgspec.json.Decoder(UnloadLoraRequest)
 _encode = msgspec.json.encode
 
 
@@ -397,14 +431,18 @@ class ApiError(Exception):
         503: "ServiceUnavailableError",
     }
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, *, err_type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.err_type = err_type
+        """The error ``type`` where vLLM names one of its own (default: by status)."""
 
     def body(self) -> bytes:
-        err_type = self.TYPES.get(self.status, "InternalServerError")
+        err_type = self.err_type or self.TYPES.get(self.status, "InternalServerError")
         return _encode(
             {
                 "error": {
@@ -654,6 +692,8 @@ class SimStats:
     pool_embeddings_stored: int = 0
     pool_embeddings_found: int = 0
     pool_embeddings_missing: int = 0
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    """Requests per LoRA adapter: those that named it as ``model`` and passed the model check."""
 
 
 class _Waiters:
@@ -764,6 +804,11 @@ class SimWorker:
             "/sim/reset": (frozenset({"POST"}), self._sim_reset),
             "/sim/prefix_cache": (frozenset({"GET"}), self._sim_prefix_cache),
         }
+        self.lora = LoraAdapters(opts.lora_modules)
+        """The LoRA adapters served (none unless ``options.lora_enabled``)."""
+        if opts.lora_enabled:
+            self._routes["/v1/load_lora_adapter"] = (frozenset({"POST"}), self._load_lora)
+            self._routes["/v1/unload_lora_adapter"] = (frozenset({"POST"}), self._unload_lora)
         self._models_body = self._build_models_body()
         from .passthru import install  # pooling, Responses, Anthropic, audio (not generation)
 
@@ -810,12 +855,23 @@ class SimWorker:
                 raise
             await _send_json(responder, exc.status, exc.body(), rid)
 
-    def _check_model(self, model: str | None) -> str:
+    def _resolve_model(self, model: str | None) -> str:
+        """The served name ``model`` asks for (a base name first, then an adapter, as vLLM
+        checks), or vLLM's 404."""
         if model is None:
             return self._default_model
-        if model not in self._names:
+        if model not in self._names and model not in self.lora:
             raise ApiError(404, f"The model `{model}` does not exist.", "model")
         return model
+
+    def _check_model(self, model: str | None) -> str:
+        """:meth:`_resolve_model` for a request that runs the model: one naming an adapter is
+        counted in ``stats.lora_requests`` (what tests of adapter routing read)."""
+        name = self._resolve_model(model)
+        if name not in self._names:
+            counts = self.stats.lora_requests
+            counts[name] = counts.get(name, 0) + 1
+        return name
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -2143,39 +2199,73 @@ class SimWorker:
     # -- other vLLM routes ------------------------------------------------------------------------
 
     def _build_models_body(self) -> bytes:
+        """The /v1/models body, built once and again whenever the adapters change: the base
+        model's names, then each adapter (its path as ``root``, the first name as ``parent``,
+        no ``max_model_len``), as vLLM lists them."""
         opts = self.options
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": self._created,
-                "owned_by": "vllm",
-                "root": opts.model,
-                "parent": None,
-                "max_model_len": self.engine.max_model_len,
-                "permission": [
-                    {
-                        "id": f"modelperm-{uuid.uuid4().hex}",
-                        "object": "model_permission",
-                        "created": self._created,
-                        "allow_create_engine": False,
-                        "allow_sampling": True,
-                        "allow_logprobs": True,
-                        "allow_search_indices": False,
-                        "allow_view": True,
-                        "allow_fine_tuning": False,
-                        "organization": "*",
-                        "group": None,
-                        "is_blocking": False,
-                    }
-                ],
-            }
-            for name in opts.served_names
-        ]
+        max_len = self.engine.max_model_len
+        data = [self._model_card(name, opts.model, None, max_len) for name in opts.served_names]
+        parent = self._default_model
+        data += [self._model_card(name, path, parent, None) for name, path in self.lora]
         return _encode({"object": "list", "data": data})
+
+    def _model_card(
+        self, name: str, root: str, parent: str | None, max_model_len: int | None
+    ) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vllm",
+            "root": root,
+            "parent": parent,
+            "max_model_len": max_model_len,
+            "permission": [
+                {
+                    "id": f"modelperm-{uuid.uuid4().hex}",
+                    "object": "model_permission",
+                    "created": self._created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
+        }
 
     async def _models(self, request: Request, responder: Responder, rid: bytes) -> None:
         await _send_json(responder, 200, self._models_body, rid)
+
+    async def _load_lora(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """vLLM's ``POST /v1/load_lora_adapter``: plain-text success, vLLM's error bodies."""
+        try:
+            req = _load_lora_decoder.decode(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _bad(str(exc)) from None
+        with _lora_errors():
+            text = self.lora.load(req.lora_name, req.lora_path, inplace=req.load_inplace)
+        await self._lora_changed(responder, text, rid)
+
+    async def _unload_lora(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """vLLM's ``POST /v1/unload_lora_adapter``."""
+        try:
+            req = _unload_lora_decoder.decode(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _bad(str(exc)) from None
+        with _lora_errors():
+            text = self.lora.unload(req.lora_name)
+        await self._lora_changed(responder, text, rid)
+
+    async def _lora_changed(self, responder: Responder, text: str, rid: bytes) -> None:
+        self._models_body = self._build_models_body()
+        # vLLM answers the bare string (a Starlette Response without a media type): no
+        # content-type header, which is what a client of the real server sees
+        await responder.send_full(200, [(b"x-request-id", rid)], text.encode())
 
     async def _health(self, request: Request, responder: Responder, rid: bytes) -> None:
         if self.faults.health_ok():
@@ -2195,7 +2285,7 @@ class SimWorker:
             req = _tokenize_decoder.decode(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
-        self._check_model(req.model)
+        self._resolve_model(req.model)
         tok = self.engine.tokenizer
         special = req.add_special_tokens
         ids: Sequence[int]
@@ -2219,7 +2309,7 @@ class SimWorker:
             req = _detokenize_decoder.decode(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _bad(str(exc)) from None
-        self._check_model(req.model)
+        self._resolve_model(req.model)
         tok = self.engine.tokenizer
         try:
             tok.check_ids(req.tokens, "tokens")
@@ -2264,6 +2354,8 @@ class SimWorker:
             "kv_connector": self.options.kv_connector,
             "handoff": self._handoff_snapshot(),
             "kv_events": None if self.kv_events is None else self.kv_events.statistics(),
+            "lora_adapters": self.lora.as_dict(),
+            "lora_requests": dict(s.lora_requests),
         }
 
     async def _sim_stats(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -2295,7 +2387,8 @@ class SimWorker:
         await _send_json(responder, 200, b"{}", rid)
 
     def reset(self) -> None:
-        """Clear counters, history and the prefix cache; restore the start-up faults."""
+        """Clear counters, history and the prefix cache; restore the start-up faults and LoRA
+        adapters."""
         in_flight = self.stats.in_flight
         self.stats = SimStats(in_flight=in_flight)
         self.kv_store.clear()
@@ -2306,6 +2399,8 @@ class SimWorker:
         self.engine.reset()
         self.faults.reset()
         self.engine.slow = self.faults.faults.slow
+        self.lora.reset()  # as a restarted engine: only the start-up adapters
+        self._models_body = self._build_models_body()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2475,6 +2570,15 @@ def _constraint_field(kind: str, sent: dict[str, Any]) -> str:
         return "structured_outputs"
     legacy = "guided_" + kind
     return legacy if legacy in sent else "structured_outputs"
+
+
+@contextlib.contextmanager
+def _lora_errors() -> Iterator[None]:
+    """A refused adapter load or unload as vLLM's error body (its status and error type)."""
+    try:
+        yield
+    except LoraError as exc:
+        raise ApiError(exc.status, exc.message, err_type=exc.err_type) from None
 
 
 async def _send_json(responder: Responder, status: int, body: bytes, rid: bytes) -> None:

@@ -5,7 +5,8 @@ P/D hand-offs: vLLM NIXL and SGLang bootstrap need no flag; vLLM P2P NCCL needs 
 on p and d; vLLM LMCache needs ``--kv-connector lmcache --lmcache-dir DIR`` on p and d.
 ``--model-dir`` is the Hugging Face folder the worker tokenizes with (default: the sim-model,
 built once in ``~/.cache/lmgw``); a folder that cannot be loaded is a usage error (exit 2).
-``--tool-format`` is how the model writes tool calls (docs/tools.md).
+``--tool-format`` is how the model writes tool calls (docs/tools.md). ``--enable-lora`` mounts
+vLLM's runtime LoRA adapter routes; ``--lora-modules NAME=PATH ...`` loads adapters at start.
 
 ``--serial-prefill`` computes prefills one at a time (a busy worker queues); ``--kv-events
 tcp://127.0.0.1:0`` publishes the prefix cache's changes as vLLM's KV events (ZMQ PUB).
@@ -35,6 +36,7 @@ from .app import HANDOFFS, KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsup
 from .disagg import LMCACHE_CHUNK_TOKENS
 from .engine import DEFAULT_TOOL_FORMAT, load_tokenizer
 from .faults import Faults
+from .lora import LoraAdapters, parse_lora_module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         "vLLM's model path; default: the sim-model built in ~/.cache/lmgw (XDG_CACHE_HOME)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(as with VLLM_ALLOW_RUNTIME_LORA_UPDATING), adapters accepted as the model",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters loaded at start (implies --enable-lora); /sim/reset keeps them",
+    )
     dis = p.add_argument_group("disaggregation (roles e, p, d)")
     dis.add_argument(
         "--ec-dir",
@@ -201,6 +216,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--max-model-len must be >= 1")
     if ns.kv_events is not None and not ns.kv_events.startswith(("tcp://", "ipc://")):
         raise ValueError("--kv-events must be a ZMQ endpoint: tcp://HOST:PORT or ipc://PATH")
+    lora_modules = tuple(parse_lora_module(spec) for spec in ns.lora_modules or ())
+    LoraAdapters(lora_modules)  # a repeated name: a usage error now, not at start-up
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -245,6 +262,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         pool_tiers=tuple(t.strip() for t in ns.pool_tiers.split(",") if t.strip()),
         pool_redis_url=ns.pool_redis_url,
         pool_shm_name=ns.pool_shm_name,
+        enable_lora=ns.enable_lora or bool(lora_modules),
+        lora_modules=lora_modules,
     )
 
 

@@ -40,6 +40,7 @@ from .transport.pool import ConnectionPool
 from .workers.discovery import configured as discovery_configured
 from .workers.discovery.kubernetes import K8sMetrics
 from .workers.kv_events import KvEventSubscribers
+from .workers.lora import AdapterManager
 from .workers.monitor import HealthMonitor
 from .workers.registry import Registry
 from .workers.replicas import ReplicaSync
@@ -154,6 +155,8 @@ class Gateway:
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
+        # LoRA adapters loaded on the fleet through the admin API, and kept loaded
+        self.adapters = AdapterManager(self.registry, self.pool, auth, self.metrics)
         # one RpcChannel per native (zmq+) worker, run in this gateway's nursery
         self.native = NativeChannels(
             self.registry,
@@ -429,6 +432,7 @@ class Gateway:
                         await nursery.start(self.tools.run)
                         self.tool_loop.check()
                     await nursery.start(self.monitor.run)
+                    await nursery.start(self.adapters.run)
                     if self.dashboard is not None:
                         await nursery.start(self.dashboard.feed.run)
                     if self.parity is not None:

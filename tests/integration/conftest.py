@@ -95,6 +95,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         server_options: dict[str, Any] | None = None,
         auth: Any = None,
         hedging: Any = None,
+        admin: Any = None,
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
@@ -118,6 +119,8 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             cfg = msgspec.structs.replace(cfg, auth=auth)
         if hedging is not None:
             cfg = msgspec.structs.replace(cfg, hedging=hedging)
+        if admin is not None:
+            cfg = msgspec.structs.replace(cfg, admin=admin)
         gw = Gateway(cfg)
         with trio.fail_after(10):
             await nursery.start(gw.run)

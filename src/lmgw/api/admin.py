@@ -69,7 +69,7 @@ class AdminAPI:
         self._request_timeout_s = gateway.config.limits.request_timeout_s
 
     # -- auth -------------------------------------------------------------------------------
-    def _authorize(self, req: Request) -> None:
+    def authorize(self, req: Request) -> None:
         """Raise 403 when no token is configured, 401 when the bearer token is missing or
         wrong; loopback clients pass without one when the config allows it."""
         if self._localhost_ok and _is_loopback(req.client):
@@ -87,12 +87,12 @@ class AdminAPI:
                 "missing or invalid admin token: send `Authorization: Bearer <admin.token>`",
             )
 
-    async def _answer(
+    async def answer(
         self, req: Request, responder: Responder, status: int, payload: object
     ) -> None:
         await responder.send_full(status, [_JSON], msgspec.json.encode(payload))
 
-    async def _fail(self, responder: Responder, exc: GatewayError) -> None:
+    async def fail(self, responder: Responder, exc: GatewayError) -> None:
         headers = [_JSON]
         if exc.status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="lmgw-admin"'))
@@ -103,24 +103,24 @@ class AdminAPI:
     async def workers(self, req: Request, responder: Responder) -> None:
         """``/admin/workers``: GET lists, POST adds."""
         try:
-            self._authorize(req)
+            self.authorize(req)
             if req.method == "POST":
                 status, payload = self._add(req.body)
             else:
                 status, payload = 200, {"object": "list", "data": self._describe_all()}
         except GatewayError as exc:
-            await self._fail(responder, exc)
+            await self.fail(responder, exc)
             return
-        await self._answer(req, responder, status, payload)
+        await self.answer(req, responder, status, payload)
 
     async def worker(self, req: Request, responder: Responder) -> None:
         """``/admin/workers/{id}[/drain|/undrain]`` (the App sends every path under it here)."""
         try:
-            self._authorize(req)
+            self.authorize(req)
             worker_id, action = self._parse_path(req.path)
             allowed = ("POST",) if action else ("DELETE", "GET", "HEAD")
             if req.method not in allowed:
-                await self._not_allowed(req, responder, allowed)
+                await self.not_allowed(req, responder, allowed)
                 return
             worker = self.gw.registry.get(worker_id)
             if worker is None:
@@ -132,9 +132,9 @@ class AdminAPI:
             elif req.method == "DELETE":
                 await self._remove(worker_id, req.query)
         except GatewayError as exc:
-            await self._fail(responder, exc)
+            await self.fail(responder, exc)
             return
-        await self._answer(req, responder, 200, self._describe(worker))
+        await self.answer(req, responder, 200, self._describe(worker))
 
     # -- the operations ---------------------------------------------------------------------
     def _describe(self, worker: Worker) -> dict:
@@ -224,7 +224,7 @@ class AdminAPI:
             raise GatewayError(404, f"no route for {path}")
         return worker_id, action
 
-    async def _not_allowed(
+    async def not_allowed(
         self, req: Request, responder: Responder, allowed: tuple[str, ...]
     ) -> None:
         text = ", ".join(allowed)

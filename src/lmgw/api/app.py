@@ -11,6 +11,7 @@ from ..errors import GatewayError
 from ..http.types import Request, Responder
 from .admin import PREFIX as ADMIN_WORKERS
 from .admin import AdminAPI
+from .lora import LoraAPI
 from .openai import OpenAIAPI, send_error
 from .openapi import openapi_json
 from .ops import OpsAPI
@@ -59,6 +60,7 @@ class App:
         self.openai = OpenAIAPI(gateway)
         self.ops = OpsAPI(gateway)
         self.admin = AdminAPI(gateway)
+        self.lora = LoraAPI(gateway, self.admin)
         limits = gateway.config.limits
         #: limits.max_concurrent_requests and its queue (lmgw.admission)
         self.admission = self.openai.admission = Admission(
@@ -96,6 +98,7 @@ class App:
         #: relayed to merged workers (api/passthru.py)
         self.passthru = PassThroughAPI(gateway, self.openai)
         self.passthru.install(self)
+        self.lora.install(self)  # /admin/lora_adapters, vLLM's /v1/(un)load_lora_adapter
         streams = getattr(gateway, "streams", None)
         if streams is not None:  # resumable answers: the outermost middleware (lmgw.streams)
             from ..streams import PREFIX

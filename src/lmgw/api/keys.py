@@ -34,7 +34,7 @@ _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 #: a prompt's tokens when the answer reports no usage: ~4 bytes of JSON per token
 _BYTES_PER_TOKEN = 4
 #: routes with their own credential (admin.token) instead of an API key
-_OWN_TOKEN_PREFIXES = ("/admin/", "/dashboard")
+_OWN_TOKEN_PREFIXES = ("/admin/", "/dashboard", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def _validated(entries: Iterable[Any], path: str) -> list[ApiKeyConfig]:

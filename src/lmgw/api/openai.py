@@ -648,17 +648,20 @@ class OpenAIAPI:
 
     async def models(self, req: Request, responder: Responder) -> None:
         created = int(self.gw.started_at)
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "lmgw",
-                "root": name,
-                "parent": None,
-            }
-            for name in sorted(self._visible_models(req))
-        ]
+        adapters = self.gw.adapters.adapters
+        data = []
+        for name in sorted(self._visible_models(req)):
+            lora = adapters.get(name)  # as vLLM lists an adapter: root its path, parent its base
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "lmgw",
+                    "root": name if lora is None else lora.path,
+                    "parent": None if lora is None else lora.base,
+                }
+            )
         await responder.send_full(
             200,
             [(b"content-type", b"application/json")],

@@ -350,6 +350,53 @@ _SCHEMAS: dict[str, Any] = {
             "data": {"type": "array", "items": _ref("Worker")},
         },
     },
+    "LoraLoad": {
+        "type": "object",
+        "description": "vLLM's LoadLoRAAdapterRequest, plus `model`: only workers serving that"
+        " base model get it.",
+        "required": ["lora_name", "lora_path"],
+        "properties": {
+            "lora_name": {"type": "string", "minLength": 1},
+            "lora_path": {"type": "string", "minLength": 1},
+            "model": {"type": "string"},
+            "load_inplace": {"type": "boolean"},
+        },
+    },
+    "LoraUnload": {
+        "type": "object",
+        "required": ["lora_name"],
+        "properties": {"lora_name": {"type": "string", "minLength": 1}},
+    },
+    "LoraAdapter": {
+        "type": "object",
+        "required": ["object", "lora_name", "lora_path", "loaded", "failed"],
+        "properties": {
+            "object": {"const": "lora_adapter"},
+            "lora_name": {"type": "string"},
+            "lora_path": {"type": "string"},
+            "model": {"type": ["string", "null"]},
+            "loaded": {"type": "array", "items": {"type": "string"}},
+            "failed": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "LoraAdapterList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("LoraAdapter")},
+        },
+    },
+    "LoraUnloaded": {
+        "type": "object",
+        "required": ["object", "lora_name", "unloaded", "failed"],
+        "properties": {
+            "object": {"const": "lora_adapter"},
+            "lora_name": {"type": "string"},
+            "unloaded": {"type": "array", "items": {"type": "string"}},
+            "failed": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
     "WorkerConfig": {
         "type": "object",
         "description": "A `[[workers]]` table as JSON (docs/configuration.md).",
@@ -413,6 +460,51 @@ def _admin_op(summary: str, answer: str | None, **extra: Any) -> dict:
             "200", {"description": "OK", "content": {JSON: {"schema": _ref(answer)}}}
         )
     return {"summary": summary, "security": [{"adminToken": []}], "responses": responses}
+
+
+_LORA_ERRORS = {
+    "404": _error("No such adapter (managed by the gateway)."),
+    "409": _error("The adapter is loaded from another path (use load_inplace)."),
+    "502": _error("No worker loaded the adapter (each worker's reason in the message)."),
+    "503": _error("No healthy worker that can take it."),
+}
+
+
+def _lora_paths() -> dict[str, Any]:
+    """The LoRA adapter routes (api/lora.py): the admin API's, and vLLM's own two."""
+
+    def body(schema: str) -> dict[str, Any]:
+        return {"required": True, "content": {JSON: {"schema": _ref(schema)}}}
+
+    load = {
+        **_admin_op("Load a LoRA adapter on every worker of its base model.", "LoraAdapter",
+                    **_LORA_ERRORS),
+        "requestBody": body("LoraLoad"),
+    }  # fmt: skip
+    unload = {
+        **_admin_op("Unload a LoRA adapter everywhere.", "LoraUnloaded", **_LORA_ERRORS),
+        "requestBody": body("LoraUnload"),
+    }
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+        "description": "The adapter's name, percent-encoded.",
+    }
+    return {
+        "/admin/lora_adapters": {
+            "get": _admin_op("The LoRA adapters loaded through the gateway.", "LoraAdapterList"),
+            "post": load,
+        },
+        "/admin/lora_adapters/{name}": {
+            "parameters": [name],
+            "get": _admin_op("One adapter.", "LoraAdapter", **_LORA_ERRORS),
+            "delete": _admin_op("Unload it everywhere.", "LoraUnloaded", **_LORA_ERRORS),
+        },
+        "/v1/load_lora_adapter": {"post": load},
+        "/v1/unload_lora_adapter": {"post": unload},
+    }
 
 
 _WORKER_ID = {
@@ -791,6 +883,7 @@ def build_spec() -> dict[str, Any]:
                 "parameters": [_WORKER_ID],
                 "post": _admin_op("Route to it again (after one probe).", "Worker"),
             },
+            **_lora_paths(),
         },
     }
 

@@ -84,6 +84,13 @@ class Registry:
         worker.models = models
         self._changed(worker)
 
+    def set_adapters(self, worker: Worker, adapters: frozenset[str]) -> None:
+        """The LoRA adapters the gateway loaded on ``worker`` (routing follows at once)."""
+        if worker.adapters == adapters:
+            return
+        worker.adapters = adapters
+        self._changed(worker)
+
     def record_success(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
 
@@ -147,6 +154,7 @@ class Registry:
         for w in self._workers.values():
             if w.models is not None:
                 out |= w.models
+            out |= w.adapters
         return out
 
     def _changed(self, worker: Worker) -> None:

@@ -40,6 +40,7 @@ class Worker:
     """One inference worker endpoint serving one role."""
 
     __slots__ = (
+        "adapters",
         "bootstrap_port",
         "consecutive_failures",
         "ejected_at",
@@ -79,6 +80,9 @@ class Worker:
         self.static_models = models
         #: models this worker serves; None = not known yet (treated as "any")
         self.models: frozenset[str] | None = models
+        #: LoRA adapters the gateway loaded here (workers/lora.py): served whatever ``models``
+        #: says (a worker whose models config fixed serves them too)
+        self.adapters: frozenset[str] = frozenset()
         self.origin = Origin.from_url(self.url)
         self.state = WorkerState.STARTING
         self.in_flight = 0
@@ -97,7 +101,7 @@ class Worker:
         return self.state is WorkerState.HEALTHY
 
     def serves(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        return self.models is None or model in self.models or model in self.adapters
 
     @property
     def role_name(self) -> str:
@@ -110,6 +114,7 @@ class Worker:
             "role": self.role_name,
             "state": self.state.value,
             "models": sorted(self.models) if self.models is not None else None,
+            "lora_adapters": sorted(self.adapters),
             "in_flight": self.in_flight,
             "total_requests": self.total_requests,
             "consecutive_failures": self.consecutive_failures,

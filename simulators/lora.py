@@ -1,0 +1,101 @@
+"""The LoRA adapters of a simulated vLLM worker (sans-IO): which adapter names it serves and from
+which paths, with vLLM's rules and messages for loading and unloading them at run time
+(``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``; vLLM's ``OpenAIServingModels``).
+
+No weights exist: an adapter is a name the API accepts as ``model`` and lists in ``/v1/models``,
+so a gateway's adapter-aware routing can be tested. Every path "loads" (vLLM would 404 a path
+with no adapter in it). The adapters given at start (vLLM's ``--lora-modules``) come back on
+:meth:`LoraAdapters.reset`, as after an engine restart; those loaded at run time do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+INVALID_USER_INPUT = "InvalidUserInput"
+NOT_FOUND = "NotFoundError"
+
+
+class LoraError(Exception):
+    """A refused load or unload: the HTTP status, vLLM's message and its error ``type``."""
+
+    def __init__(self, status: int, message: str, err_type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+
+
+def parse_lora_module(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` (one ``--lora-modules`` item) as ``(name, path)``; ``ValueError`` if it is
+    not of that form, so that a bad flag is a usage error rather than a worker without it."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules expects NAME=PATH items, got {spec!r}")
+    return name, path
+
+
+class LoraAdapters:
+    """The adapters a worker serves, name -> path, in load order (``/v1/models`` lists them in
+    that order, as vLLM does).
+
+    Args:
+        modules: the start-up adapters (``--lora-modules``); a repeated name is a
+            ``ValueError``, as vLLM's start-up fails loading the second one.
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, str]] = ()) -> None:
+        self._startup: dict[str, str] = {}
+        for name, path in modules:
+            if name in self._startup:
+                raise ValueError(f"LoRA adapter {name!r} is given twice in --lora-modules")
+            self._startup[name] = path
+        self._paths = dict(self._startup)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._paths.items()))
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self._paths)
+
+    def load(self, name: str, path: str, *, inplace: bool = False) -> str:
+        """Add ``name`` (or, with ``inplace``, repoint an existing one, keeping its place);
+        vLLM's success text, or :class:`LoraError` with vLLM's 400s."""
+        if not name or not path:
+            raise LoraError(
+                400, "Both 'lora_name' and 'lora_path' must be provided.", INVALID_USER_INPUT
+            )
+        if name in self._paths and not inplace:
+            raise LoraError(
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True.",
+                INVALID_USER_INPUT,
+            )
+        self._paths[name] = path
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload(self, name: str) -> str:
+        """Remove ``name`` (a start-up adapter too, as vLLM allows); vLLM's success text, or
+        :class:`LoraError` (400 without a name, 404 for a name not loaded)."""
+        if not name:
+            message = "'lora_name' needs to be provided to unload a LoRA adapter."
+            raise LoraError(400, message, INVALID_USER_INPUT)
+        if name not in self._paths:
+            raise LoraError(404, f"The lora adapter '{name}' cannot be found.", NOT_FOUND)
+        del self._paths[name]
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def reset(self) -> None:
+        """Back to the start-up adapters, as a restarted engine would have (run-time loads are
+        gone, unloaded start-up adapters and their paths are back)."""
+        self._paths = dict(self._startup)
+
+
+__all__ = ["LoraAdapters", "LoraError", "parse_lora_module"]

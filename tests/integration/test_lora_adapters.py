@@ -1,0 +1,172 @@
+"""LoRA adapters on the whole fleet: loaded on every worker through the gateway (its admin API
+or vLLM's own paths), routed to the workers that hold them at once, reloaded on a worker that
+lost one (a restart) or joined later, unloaded everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from gateway_support import MODEL, GatewayFactory, GatewayHandle, http_request
+
+from lmgw.config import AdminConfig
+
+pytestmark = pytest.mark.parametrize("server", ["native"])
+
+TOKEN = "admin-secret"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+ADAPTER = {"lora_name": "sql-lora", "lora_path": "/adapters/sql"}
+
+
+async def _lora_gateway(gateway: GatewayFactory, n: int = 2, **options: Any) -> GatewayHandle:
+    options.setdefault("enable_lora", True)
+    return await gateway(n, admin=AdminConfig(token=TOKEN), **options)
+
+
+def _chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def _lora_requests(gw: GatewayHandle, name: str = "sql-lora") -> list[int]:
+    return [h.sim.stats.lora_requests.get(name, 0) for h in gw.sims]
+
+
+async def _worker_lists(url: str, name: str) -> bool:
+    models = (await http_request(url, "GET", "/v1/models")).json()["data"]
+    return any(m["id"] == name for m in models)
+
+
+async def test_load_route_unload(gateway: GatewayFactory) -> None:
+    gw = await _lora_gateway(gateway)
+    r = await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)
+    assert r.status == 200, r.body
+    out = r.json()
+    assert out["loaded"] == ["w0", "w1"] and out["failed"] == {}
+    for h in gw.sims:
+        assert await _worker_lists(h.url, "sql-lora")
+    listed = {m["id"]: m for m in (await gw.request("GET", "/v1/models")).json()["data"]}
+    assert listed["sql-lora"]["root"] == "/adapters/sql" and listed[MODEL]["parent"] is None
+    with trio.fail_after(5):
+        for _ in range(4):
+            r = await gw.request("POST", "/v1/chat/completions", _chat("sql-lora"))
+            assert r.status == 200, r.body
+    assert _lora_requests(gw) == [2, 2]
+    r = await gw.request("GET", "/admin/lora_adapters", None, AUTH)
+    assert r.status == 200
+    [entry] = r.json()["data"]
+    assert entry["lora_name"] == "sql-lora" and entry["loaded"] == ["w0", "w1"]
+
+    r = await gw.request("POST", "/v1/unload_lora_adapter", {"lora_name": "sql-lora"}, AUTH)
+    assert r.status == 200, r.body
+    assert r.json()["unloaded"] == ["w0", "w1"]
+    for h in gw.sims:
+        assert not await _worker_lists(h.url, "sql-lora")
+    r = await gw.request("POST", "/v1/chat/completions", _chat("sql-lora"))
+    assert r.status == 404, r.body
+    assert (await gw.request("GET", "/admin/lora_adapters", None, AUTH)).json()["data"] == []
+
+
+async def test_the_admin_token_guards_the_adapter_routes(gateway: GatewayFactory) -> None:
+    gw = await _lora_gateway(gateway, 1)
+    for method, path, body in (
+        ("POST", "/v1/load_lora_adapter", ADAPTER),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"}),
+        ("GET", "/admin/lora_adapters", None),
+        ("POST", "/admin/lora_adapters", ADAPTER),
+        ("DELETE", "/admin/lora_adapters/x", None),
+    ):
+        r = await gw.request(method, path, body)
+        assert r.status == 401, (path, r.body)
+        assert r.json()["error"]["message"].startswith("missing or invalid admin token")
+    assert gw.sims[0].sim.stats.requests_total == 0
+
+
+async def test_a_worker_without_lora_is_reported_and_skipped(gateway: GatewayFactory) -> None:
+    gw = await _lora_gateway(gateway, per_worker=[{"enable_lora": True}, {}])
+    r = await gw.request("POST", "/admin/lora_adapters", ADAPTER, AUTH)
+    assert r.status == 200, r.body
+    out = r.json()
+    assert out["loaded"] == ["w0"] and list(out["failed"]) == ["w1"]
+    assert out["failed"]["w1"].startswith("404")
+    with trio.fail_after(5):
+        for _ in range(4):
+            r = await gw.request("POST", "/v1/chat/completions", _chat("sql-lora"))
+            assert r.status == 200, r.body
+    assert _lora_requests(gw) == [4, 0]
+
+
+async def test_a_load_no_worker_takes_is_an_error_and_forgotten(gateway: GatewayFactory) -> None:
+    gw = await _lora_gateway(gateway, enable_lora=False)
+    r = await gw.request("POST", "/admin/lora_adapters", ADAPTER, AUTH)
+    assert r.status == 502, r.body
+    message = r.json()["error"]["message"]
+    assert "no worker loaded adapter `sql-lora`" in message and "w0: 404" in message
+    assert (await gw.request("GET", "/admin/lora_adapters", None, AUTH)).json()["data"] == []
+    assert "sql-lora" not in (await gw.request("GET", "/v1/models")).body.decode()
+
+
+async def test_bad_requests(gateway: GatewayFactory) -> None:
+    gw = await _lora_gateway(gateway, 1)
+    r = await gw.request("POST", "/v1/load_lora_adapter", {"lora_name": "x"}, AUTH)
+    assert r.status == 400 and "lora_path" in r.json()["error"]["message"]
+    r = await gw.request("POST", "/v1/load_lora_adapter", b"{not json", AUTH)
+    assert r.status == 400
+    r = await gw.request("POST", "/v1/unload_lora_adapter", {"lora_name": "nope"}, AUTH)
+    assert r.status == 404
+    r = await gw.request("DELETE", "/admin/lora_adapters/nope", None, AUTH)
+    assert r.status == 404
+    r = await gw.request("PUT", "/admin/lora_adapters/nope", None, AUTH)
+    assert r.status == 405
+    assert (await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)).status == 200
+    other = {**ADAPTER, "lora_path": "/adapters/other"}
+    r = await gw.request("POST", "/v1/load_lora_adapter", other, AUTH)
+    assert r.status == 409, r.body
+    r = await gw.request("POST", "/v1/load_lora_adapter", {**other, "load_inplace": True}, AUTH)
+    assert r.status == 200, r.body
+    r = await gw.request("GET", "/admin/lora_adapters/sql-lora", None, AUTH)
+    assert r.status == 200 and r.json()["lora_path"] == "/adapters/other"
+    # loading again is idempotent (the worker says "already loaded": that is loaded)
+    assert (await gw.request("POST", "/v1/load_lora_adapter", other, AUTH)).status == 200
+    body = {"lora_name": "other", "lora_path": "/adapters/o", "model": "no-such"}
+    r = await gw.request("POST", "/admin/lora_adapters", body, AUTH)
+    assert r.status == 503 and "no-such" in r.json()["error"]["message"]
+
+
+async def test_a_worker_that_lost_the_adapter_gets_it_again(gateway: GatewayFactory) -> None:
+    """A worker restarted (its run-time adapters gone): its next /v1/models tells, and the
+    gateway stops routing the adapter there and loads it again."""
+    gw = await _lora_gateway(gateway)
+    assert (await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)).status == 200
+    r = await http_request(gw.sims[1].url, "POST", "/sim/reset")
+    assert r.status == 200
+    assert not await _worker_lists(gw.sims[1].url, "sql-lora")
+    worker = gw.gateway.registry.get("w1")
+    await gw.gateway.monitor.probe(worker)  # the next health round, now
+    with trio.fail_after(5):
+        while not await _worker_lists(gw.sims[1].url, "sql-lora"):
+            await trio.sleep(0.05)
+        while "sql-lora" not in worker.adapters:
+            await trio.sleep(0.05)
+    r = await gw.request("POST", "/v1/chat/completions", _chat("sql-lora"))
+    assert r.status == 200
+
+
+async def test_a_worker_added_later_gets_the_adapter(
+    gateway: GatewayFactory, sim_worker: Any
+) -> None:
+    gw = await _lora_gateway(gateway, 1)
+    assert (await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)).status == 200
+    late = await sim_worker(enable_lora=True)
+    r = await gw.request(
+        "POST", "/admin/workers", {"url": late.url, "role": "pd", "id": "late"}, AUTH
+    )
+    assert r.status == 201, r.body
+    with trio.fail_after(5):
+        while not await _worker_lists(late.url, "sql-lora"):
+            await trio.sleep(0.05)
+    r = await gw.request("GET", "/admin/lora_adapters/sql-lora", None, AUTH)
+    with trio.fail_after(5):
+        while r.json()["loaded"] != ["late", "w0"]:
+            await trio.sleep(0.05)
+            r = await gw.request("GET", "/admin/lora_adapters/sql-lora", None, AUTH)

@@ -1,0 +1,258 @@
+"""The simulated worker's LoRA adapters over real HTTP: vLLM's runtime load/unload routes (their
+exact bodies, statuses and error types), adapters in /v1/models, adapters as ``model``, per-adapter
+counts in /sim/stats, ``--lora-modules`` at start, and /sim/reset as an engine restart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import SimFactory
+from gateway_support import MODEL, RawResponse, SimHandle, http_request
+
+from lmgw.simulators.lora import LoraAdapters, parse_lora_module
+from lmgw.simulators.worker import build_parser, options_from_args
+
+LOAD = "/v1/load_lora_adapter"
+UNLOAD = "/v1/unload_lora_adapter"
+SIM_MAX_MODEL_LEN = 32768  # the sim-model folder's config.json
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+async def load(h: SimHandle, name: str, path: str, **extra: Any) -> RawResponse:
+    return await http_request(h.url, "POST", LOAD, {"lora_name": name, "lora_path": path, **extra})
+
+
+async def unload(h: SimHandle, name: str) -> RawResponse:
+    return await http_request(h.url, "POST", UNLOAD, {"lora_name": name})
+
+
+async def chat(h: SimHandle, model: str) -> RawResponse:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 4}
+    return await http_request(h.url, "POST", "/v1/chat/completions", body)
+
+
+async def model_ids(h: SimHandle) -> list[str]:
+    r = await http_request(h.url, "GET", "/v1/models")
+    assert r.status == 200, r.body
+    return [card["id"] for card in r.json()["data"]]
+
+
+def error(message: str, err_type: str, code: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+# -- load and unload ------------------------------------------------------------------------------
+
+
+async def test_load_and_unload_answer_vllm_plain_text(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    r = await load(h, "sql", "/adapters/sql")
+    assert r.status == 200
+    assert r.body == b"Success: LoRA adapter 'sql' added successfully."
+    assert "content-type" not in r.headers  # vLLM answers a bare string
+    r = await unload(h, "sql")
+    assert r.status == 200
+    assert r.body == b"Success: LoRA adapter 'sql' removed successfully."
+    assert await model_ids(h) == [MODEL]
+
+
+async def test_load_errors_are_vllm_error_bodies(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    both = error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+    r = await load(h, "", "/adapters/x")
+    assert (r.status, r.json()) == (400, both)
+    r = await load(h, "x", "")
+    assert (r.status, r.json()) == (400, both)
+    r = await http_request(h.url, "POST", LOAD, {"lora_name": "x"})  # absent: a validation 400
+    assert r.status == 400
+    assert r.json()["error"]["type"] == "BadRequestError"
+    assert "lora_path" in r.json()["error"]["message"]
+    assert (await load(h, "x", "/adapters/x")).status == 200
+    r = await load(h, "x", "/adapters/other")
+    assert r.status == 400
+    assert r.json() == error(
+        "The lora adapter 'x' has already been loaded. If you want to load the adapter in "
+        "place, set 'load_inplace' to True.",
+        "InvalidUserInput",
+        400,
+    )
+    assert h.sim.lora.as_dict() == {"x": "/adapters/x"}
+
+
+async def test_load_inplace_repoints_an_adapter_in_its_place(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    assert (await load(h, "a", "/v1/a")).status == 200
+    assert (await load(h, "b", "/v1/b")).status == 200
+    r = await load(h, "a", "/v2/a", load_inplace=True)
+    assert r.status == 200
+    assert r.body == b"Success: LoRA adapter 'a' added successfully."
+    cards = (await http_request(h.url, "GET", "/v1/models")).json()["data"]
+    assert [(c["id"], c["root"]) for c in cards] == [
+        (MODEL, MODEL),
+        ("a", "/v2/a"),
+        ("b", "/v1/b"),
+    ]
+
+
+async def test_unload_errors(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    r = await unload(h, "ghost")
+    assert r.status == 404
+    assert r.json() == error("The lora adapter 'ghost' cannot be found.", "NotFoundError", 404)
+    r = await unload(h, "")
+    assert r.status == 400
+    assert r.json() == error(
+        "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput", 400
+    )
+    r = await http_request(h.url, "GET", UNLOAD)
+    assert r.status == 405
+
+
+async def test_lora_routes_need_the_api_key(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True, api_key="k")
+    assert (await load(h, "a", "/a")).status == 401
+    r = await http_request(
+        h.url, "POST", LOAD, {"lora_name": "a", "lora_path": "/a"}, {"authorization": "Bearer k"}
+    )
+    assert r.status == 200
+    assert h.sim.lora.as_dict() == {"a": "/a"}
+
+
+# -- /v1/models and requests ----------------------------------------------------------------------
+
+
+async def test_models_list_adapters_after_the_base_model(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True, served_model_names=("base", "alias"))
+    assert (await load(h, "sql", "/adapters/sql")).status == 200
+    assert (await load(h, "chat", "/adapters/chat")).status == 200
+    cards = (await http_request(h.url, "GET", "/v1/models")).json()["data"]
+    assert [c["id"] for c in cards] == ["base", "alias", "sql", "chat"]
+    base, sql = cards[0], cards[2]
+    assert (base["root"], base["parent"], base["max_model_len"]) == (
+        MODEL,
+        None,
+        SIM_MAX_MODEL_LEN,
+    )
+    assert {k: v for k, v in sql.items() if k not in ("created", "permission")} == {
+        "id": "sql",
+        "object": "model",
+        "owned_by": "vllm",
+        "root": "/adapters/sql",
+        "parent": "base",
+        "max_model_len": None,
+    }
+    assert isinstance(sql["created"], int)
+    assert len(sql["permission"]) == 1
+    assert sql["permission"][0]["object"] == "model_permission"
+
+
+async def test_requests_name_an_adapter_and_are_counted(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    assert (await load(h, "sql", "/adapters/sql")).status == 200
+    r = await chat(h, "sql")
+    assert r.status == 200, r.body
+    assert r.json()["model"] == "sql"
+    body = {"model": "sql", "prompt": "SELECT", "max_tokens": 2}
+    r = await http_request(h.url, "POST", "/v1/completions", body)
+    assert r.status == 200, r.body
+    assert r.json()["model"] == "sql"
+    assert (await chat(h, MODEL)).status == 200  # the base model: not an adapter's
+    r = await http_request(h.url, "POST", "/tokenize", {"model": "sql", "prompt": "hi"})
+    assert r.status == 200  # accepted, but runs nothing: not counted
+    stats = await h.stats()
+    assert stats["lora_requests"] == {"sql": 2}
+    assert stats["lora_adapters"] == {"sql": "/adapters/sql"}
+    assert stats["requests_total"] == 3
+
+
+async def test_an_unloaded_adapter_is_an_unknown_model(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    assert (await load(h, "sql", "/adapters/sql")).status == 200
+    assert (await chat(h, "sql")).status == 200
+    assert (await unload(h, "sql")).status == 200
+    r = await chat(h, "sql")
+    assert r.status == 404
+    assert r.json() == error("The model `sql` does not exist.", "NotFoundError", 404, "model")
+    assert await model_ids(h) == [MODEL]
+
+
+async def test_without_enable_lora_the_routes_do_not_exist(sim_worker: SimFactory) -> None:
+    h = await sim_worker()
+    for path in (LOAD, UNLOAD):
+        r = await http_request(h.url, "POST", path, {"lora_name": "a", "lora_path": "/a"})
+        assert (r.status, r.body) == (404, b'{"detail":"Not Found"}')
+    assert (await chat(h, "a")).status == 404
+    assert (await h.stats())["lora_requests"] == {}
+
+
+# -- start-up adapters and reset ------------------------------------------------------------------
+
+
+async def test_lora_modules_load_at_start_and_imply_enable_lora(sim_worker: SimFactory) -> None:
+    h = await sim_worker(lora_modules=(("sql", "/adapters/sql"), ("law", "/adapters/law")))
+    assert await model_ids(h) == [MODEL, "sql", "law"]
+    r = await chat(h, "law")
+    assert (r.status, r.json()["model"]) == (200, "law")
+    assert (await load(h, "extra", "/adapters/extra")).status == 200
+
+
+def test_cli_flags() -> None:
+    parse = build_parser().parse_args
+    opts = options_from_args(parse(["--lora-modules", "sql=/a/sql", "x=/p=q"]), as_process=False)
+    assert opts.enable_lora is True
+    assert opts.lora_modules == (("sql", "/a/sql"), ("x", "/p=q"))
+    opts = options_from_args(parse(["--enable-lora"]), as_process=False)
+    assert (opts.enable_lora, opts.lora_modules) == (True, ())
+    opts = options_from_args(parse([]), as_process=False)
+    assert (opts.enable_lora, opts.lora_modules) == (False, ())
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        options_from_args(parse(["--lora-modules", "sql"]), as_process=False)
+    with pytest.raises(ValueError, match="given twice"):
+        options_from_args(parse(["--lora-modules", "a=/1", "a=/2"]), as_process=False)
+
+
+async def test_cli_lora_modules_serve(sim_worker: SimFactory) -> None:
+    ns = build_parser().parse_args(["--lora-modules", "sql=/adapters/sql"])
+    opts = options_from_args(ns, as_process=False)
+    h = await sim_worker(enable_lora=opts.enable_lora, lora_modules=opts.lora_modules)
+    assert await model_ids(h) == [MODEL, "sql"]
+    assert (await chat(h, "sql")).status == 200
+    assert (await h.stats())["lora_requests"] == {"sql": 1}
+
+
+async def test_reset_keeps_only_the_start_up_adapters(sim_worker: SimFactory) -> None:
+    h = await sim_worker(lora_modules=(("sql", "/adapters/sql"),))
+    assert (await load(h, "run", "/adapters/run")).status == 200
+    assert (await load(h, "sql", "/adapters/sql-v2", load_inplace=True)).status == 200
+    assert (await chat(h, "run")).status == 200
+    assert (await h.stats())["lora_requests"] == {"run": 1}
+    r = await http_request(h.url, "POST", "/sim/reset")
+    assert r.status == 200
+    assert await model_ids(h) == [MODEL, "sql"]
+    assert h.sim.lora.as_dict() == {"sql": "/adapters/sql"}
+    assert (await chat(h, "run")).status == 404
+    assert (await h.stats())["lora_requests"] == {}
+    assert (await unload(h, "sql")).status == 200
+    h.sim.reset()  # an unloaded start-up adapter comes back too
+    assert await model_ids(h) == [MODEL, "sql"]
+
+
+# -- the sans-IO bookkeeping ----------------------------------------------------------------------
+
+
+def test_parse_lora_module() -> None:
+    assert parse_lora_module("a=/x") == ("a", "/x")
+    for bad in ("a", "=/x", "a="):
+        with pytest.raises(ValueError, match="NAME=PATH"):
+            parse_lora_module(bad)
+
+
+def test_adapters_keep_load_order() -> None:
+    adapters = LoraAdapters([("s", "/s")])
+    adapters.load("b", "/b")
+    adapters.load("a", "/a")
+    assert list(adapters) == [("s", "/s"), ("b", "/b"), ("a", "/a")]
+    assert "a" in adapters and "z" not in adapters and len(adapters) == 3
+    with pytest.raises(ValueError, match="given twice"):
+        LoraAdapters([("s", "/1"), ("s", "/2")])
