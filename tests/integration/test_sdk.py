@@ -112,6 +112,7 @@ def sims() -> Any:
             "faulty": WorkerOptions(model=MODEL, speed=math.inf, faults=Faults(drop_at_token=3)),
             "prefill": WorkerOptions(model=MODEL, speed=math.inf, role="p"),
             "decode": WorkerOptions(model=MODEL, speed=math.inf, role="d"),
+            "lora": WorkerOptions(model=MODEL, speed=math.inf, enable_lora=True),
         }
     ) as fleet:
         yield fleet
@@ -390,6 +391,32 @@ async def admin_calls(flavor: Flavor, sims: SimThread) -> None:
         async with lmgw.Client(gw.url, admin_token="wrong") as intruder:
             with pytest.raises(lmgw.AuthenticationError):
                 await intruder.workers()
+
+
+@scenario
+async def lora_adapters(flavor: Flavor, sims: SimThread) -> None:
+    """Adapters through the in-process gateway and through the HTTP client: loaded, routed,
+    listed, unloaded (the worker is shared: the scenario leaves it as it found it)."""
+    token = "s3cret-admin"
+    async with flavor.Gateway(workers=[sims.urls["lora"]], admin={"token": token}) as gw:
+        out = await gw.load_lora_adapter("sdk-lora", "/adapters/sdk")
+        assert out["loaded"] == [sims.urls["lora"]] and out["failed"] == {}
+        answer = await gw.chat(model="sdk-lora", messages=[{"role": "user", "content": "hi"}])
+        assert answer.model == "sdk-lora"
+        assert [a["lora_name"] for a in gw.lora_adapters] == ["sdk-lora"]
+        with pytest.raises(lmgw.NotFound):
+            await gw.unload_lora_adapter("nope")
+        await gw.serve()
+        async with lmgw.Client(gw.url, admin_token=token) as admin:
+            assert [a["lora_path"] for a in await admin.lora_adapters()] == ["/adapters/sdk"]
+            with pytest.raises(lmgw.Conflict):
+                await admin.load_lora_adapter("sdk-lora", "/adapters/elsewhere")
+            gone = await admin.unload_lora_adapter("sdk-lora")
+            assert gone["unloaded"] == [sims.urls["lora"]]
+            assert await admin.lora_adapters() == []
+            again = await admin.load_lora_adapter("sdk-lora", "/adapters/sdk", inplace=True)
+            assert again["loaded"] == [sims.urls["lora"]]
+        assert (await gw.unload_lora_adapter("sdk-lora"))["failed"] == {}
 
 
 class LastWorker(Policy):

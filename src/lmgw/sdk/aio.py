@@ -526,6 +526,20 @@ class Gateway:
     async def remove_worker(self, worker_id: str, grace_s: float | None = None) -> dict[str, Any]:
         return await self._call(self._gw().remove_worker, worker_id, grace_s)
 
+    @property
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        return self._gw().lora_adapters
+
+    async def load_lora_adapter(
+        self, name: str, path: str, *, model: str | None = None, inplace: bool = False
+    ) -> dict[str, Any]:
+        gw = self._gw()
+        return await self._call(partial(gw.load_lora_adapter, name, path, model=model,
+                                        inplace=inplace))  # fmt: skip
+
+    async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
+        return await self._call(self._gw().unload_lora_adapter, name)
+
     async def serve(self, port: int = 0, host: str | None = None) -> int:
         """Also serve HTTP (from the trio thread); returns the bound port."""
         return await self._call(self._gw().serve, port, host)

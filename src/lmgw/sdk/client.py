@@ -312,6 +312,28 @@ class Client:
             path += f"?grace_s={grace_s:g}"
         return await self._call("DELETE", path, None, "json", admin=True)
 
+    async def lora_adapters(self) -> list[dict[str, Any]]:
+        """``GET /admin/lora_adapters``: the adapters loaded through the gateway, and where."""
+        answer = await self._call("GET", "/admin/lora_adapters", None, "json", admin=True)
+        return answer["data"]
+
+    async def load_lora_adapter(
+        self, name: str, path: str, *, model: str | None = None, inplace: bool = False
+    ) -> dict[str, Any]:
+        """Load a LoRA adapter on every worker (of base ``model`` when given) and keep it
+        loaded; the outcome per worker (``loaded``, ``failed``)."""
+        body: dict[str, Any] = {"lora_name": name, "lora_path": path}
+        if model is not None:
+            body["model"] = model
+        if inplace:
+            body["load_inplace"] = True
+        return await self._call("POST", "/admin/lora_adapters", _encode(body), "json", admin=True)
+
+    async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
+        """Unload it everywhere and forget it."""
+        path = "/admin/lora_adapters/" + quote(name, safe="")
+        return await self._call("DELETE", path, None, "json", admin=True)
+
     # -- HTTP -------------------------------------------------------------------------------
     def _request_headers(
         self, admin: bool, request_id: str | None, extra: Mapping[str, str] | None

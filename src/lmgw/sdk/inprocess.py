@@ -551,6 +551,28 @@ class Gateway:
             worker = await self.core.retire_worker(worker_id, grace_s)
         return self._describe(worker)
 
+    @property
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """The LoRA adapters loaded through the gateway, and where (``GET
+        /admin/lora_adapters``)."""
+        return self.core.adapters.describe()
+
+    async def load_lora_adapter(
+        self, name: str, path: str, *, model: str | None = None, inplace: bool = False
+    ) -> dict[str, Any]:
+        """Load a LoRA adapter on every worker (of base ``model`` when given) and keep it
+        loaded (docs/operations.md, "LoRA adapters"). Raises the API's errors, typed."""
+        try:
+            return await self.core.adapters.load(name, path, model, inplace)
+        except GatewayError as exc:
+            raise _typed(exc) from None
+
+    async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
+        try:
+            return await self.core.adapters.unload(name)
+        except GatewayError as exc:
+            raise _typed(exc) from None
+
     def _get(self, worker_id: str) -> Worker:
         worker = self.core.registry.get(worker_id)
         if worker is None:
