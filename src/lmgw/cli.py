@@ -349,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
     )
     p_sim.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="simulated workers take LoRA adapters at run time (POST /v1/load_lora_adapter"
+        " through the gateway, with --admin-token)",
+    )
+    p_sim.add_argument(
         "--hedge",
         action="store_true",
         help="hedge streams whose first token is late (hedging.enabled)",

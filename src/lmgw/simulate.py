@@ -47,6 +47,7 @@ from .cache import CacheConfig
 from .cli import run_until_signal
 from .config import (
     NATIVE_DIALECT,
+    AdminConfig,
     AuthConfig,
     DiscoveryConfig,
     GatewayConfig,
@@ -110,8 +111,13 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
-        # a simulation serves its API without keys on purpose, wherever it listens (logged)
+        # a simulation serves its API without keys on purpose, wherever it listens (logged);
+        # its admin API (workers, LoRA adapters) takes $LMGW_ADMIN_TOKEN, else local clients
         auth=AuthConfig(open=True),
+        admin=AdminConfig(
+            token=os.environ.get("LMGW_ADMIN_TOKEN") or None,
+            allow_unauthenticated_localhost=not os.environ.get("LMGW_ADMIN_TOKEN"),
+        ),
         routing=RoutingConfig(**routing),
         hedging=hedging,
         models=[ModelConfig(**model)],  # type: ignore[arg-type]
@@ -240,6 +246,13 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             return 2
         # every role with a prefix cache publishes (encoders have none)
         roles_args = {r: ["--kv-events", KV_EVENTS_BIND] for r in counts if r != "e"}
+    if getattr(args, "enable_lora", False):
+        if transport == "zmq":
+            log.error("--enable-lora is for HTTP workers (vLLM's runtime adapter routes)")
+            return 2
+        for role in counts:
+            if role != "e":  # generating workers take adapters (load with the admin token)
+                roles_args.setdefault(role, []).append("--enable-lora")
     async with trio.open_nursery() as nursery:
         redis_url: str | None = None
         if redis_arg is not None:

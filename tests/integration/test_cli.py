@@ -97,11 +97,15 @@ def get_json(url: str) -> dict:
         ("1e1p1d", 3, None),
         ("1p1d", 2, "vllm-p2pnccl"),
         ("1p1d", 2, "vllm-lmcache"),
+        ("1p1d", 2, "lora"),  # --enable-lora: an adapter loaded through the gateway, then asked
     ],
 )
 def test_simulate_serves_then_stops_cleanly_on_sigterm(
     spec: str, n: int, dialect: str | None
 ) -> None:
+    lora = dialect == "lora"
+    if lora:
+        dialect = None
     before = sim_pids()
     proc = subprocess.Popen(
         [
@@ -116,6 +120,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             "--log-level",
             "warning",
             *(["--dialect", dialect] if dialect else []),
+            *(["--enable-lora"] if lora else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -140,9 +145,19 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
         assert url, proc.stderr.read()
         workers = sim_pids(proc.pid) - before  # the worker processes lmgw simulate started
         assert len(workers) >= n
+        model = "sim-llama-8b"
+        if lora:  # the simulation's admin API is open to local clients (no token set)
+            load = urllib.request.Request(
+                url + "/v1/load_lora_adapter",
+                data=json.dumps({"lora_name": "sim-lora", "lora_path": "/a"}).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(load, timeout=10) as resp:
+                assert len(json.load(resp)["loaded"]) == 2  # prefill and decode
+            model = "sim-lora"
         body = json.dumps(
             {
-                "model": "sim-llama-8b",
+                "model": model,
                 "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 4,
             }

@@ -81,6 +81,8 @@ class AdapterManager:
         if auth:
             self._headers.append((b"authorization", auth))
         self.adapters: dict[str, Adapter] = {}
+        #: (worker id, adapter) loads in flight: reconciliation does not start a second one
+        self._pending: set[tuple[str, str]] = set()
         self._wake = trio.Event()
 
     # -- where an adapter belongs ---------------------------------------------------------------
@@ -197,6 +199,14 @@ class AdapterManager:
 
     async def _load_one(self, worker: Worker, adapter: Adapter, inplace: bool) -> str | None:
         """Load on one worker; None on success (or when it already had it), else why not."""
+        key = (worker.id, adapter.name)
+        self._pending.add(key)
+        try:
+            return await self._load(worker, adapter, inplace)
+        finally:
+            self._pending.discard(key)
+
+    async def _load(self, worker: Worker, adapter: Adapter, inplace: bool) -> str | None:
         payload: dict = {"lora_name": adapter.name, "lora_path": adapter.path}
         if inplace:
             payload["load_inplace"] = True
@@ -266,6 +276,8 @@ class AdapterManager:
                     self._mark(worker, name, False)  # it lost it (restarted): stop routing
                 last = adapter.failed.get(worker.id)
                 if last is not None and now - last[0] < RETRY_S:
+                    continue
+                if (worker.id, name) in self._pending:
                     continue
                 work.append((worker, adapter))
         if not work:
