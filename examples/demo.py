@@ -5,9 +5,9 @@ NIXL / EPD dialects, real KV and embedding bytes moving between them) and the ga
 process, sends chat and completion requests (non-streamed and streamed, with and without an
 image, a forced tool call, a JSON-schema answer) through the gateway with the unmodified `openai`
 client, shows what came back and which stages ran, drops a resumable stream's connection and
-picks the answer up again, then runs a short concurrent load and prints a latency summary and
-what a cache_aware shadow policy predicted beside the active one. Exits 0 when every request
-succeeded.
+picks the answer up again, loads a LoRA adapter on the whole fleet and asks for it, then runs a
+short concurrent load and prints a latency summary and what a cache_aware shadow policy
+predicted beside the active one. Exits 0 when every request succeeded.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     ok &= isinstance(answer, dict) and set(schema["required"]) <= answer.keys()
 
     ok &= resumable_answer(base_url, messages)
+    ok &= lora_adapter(base_url, client, messages)
 
     print("\n== an error, OpenAI-shaped ==")
     try:
@@ -246,6 +247,30 @@ def resumable_answer(base_url: str, messages: list[dict]) -> bool:
     return same
 
 
+def lora_adapter(base_url: str, client: openai.OpenAI, messages: list[dict]) -> bool:
+    """A LoRA adapter loaded on the whole fleet with vLLM's own call (the gateway fans it out
+    to every prefill and decode worker), asked for by name, then unloaded everywhere."""
+    import urllib.request
+
+    print("\n== a LoRA adapter, loaded on every worker with one call ==")
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(
+            base_url + path, json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
+
+    out = post("/v1/load_lora_adapter", {"lora_name": "demo-lora", "lora_path": "/adapters/demo"})
+    print(f"   POST /v1/load_lora_adapter -> loaded on {len(out['loaded'])} workers:"
+          f" {[w.rsplit(':', 1)[1] for w in out['loaded']]}")  # fmt: skip
+    r = client.chat.completions.create(model="demo-lora", messages=messages, max_tokens=8)
+    print(f"   model={r.model!r}: {r.choices[0].message.content!r}")
+    gone = post("/v1/unload_lora_adapter", {"lora_name": "demo-lora"})
+    print(f"   POST /v1/unload_lora_adapter -> unloaded from {len(gone['unloaded'])} workers")
+    return r.model == "demo-lora" and not out["failed"] and not gone["failed"]
+
+
 def sse_text(resp: http.client.HTTPResponse, stop_after: int = 0) -> tuple[str, int]:
     """Content of an SSE answer (stopping after ``stop_after`` events if set), and the last
     event id read."""
@@ -294,9 +319,11 @@ async def main(args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
     async with trio.open_nursery() as nursery:
         print(f"starting simulated workers {spec} (flow {spec.flow}, speed x{args.speed:g}) ...")
+        # generating workers take LoRA adapters at run time (vLLM's runtime adapter API)
+        lora = {role: ["--enable-lora"] for role in counts if role != "e"}
         fleet = await nursery.start(
             lambda task_status: run_fleet(
-                counts, model=MODEL, speed=args.speed, task_status=task_status
+                counts, model=MODEL, speed=args.speed, role_args=lora, task_status=task_status
             )
         )
         gw_args = argparse.Namespace(
