@@ -33,6 +33,13 @@ def _text(body: bytes) -> str:
     )
 
 
+#: both workers' in-flight gauges: 0 once a race is over, whichever way it ended
+IDLE = (
+    'lmgw_worker_in_flight{role="pd",worker="w0"}',
+    'lmgw_worker_in_flight{role="pd",worker="w1"}',
+)
+
+
 async def _settled(gw: Any, *samples: str) -> str:
     """/metrics once every sample in ``samples`` reads 0 (in-flight gauges after a race)."""
     with trio.fail_after(5):
@@ -68,11 +75,7 @@ async def test_a_stalled_primary_loses_to_the_hedge_and_a_fast_one_wins(
             if body["stream"]:
                 texts.append(_text(r.body))
     assert texts[0] == texts[1] and texts[0]
-    text = await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    text = await _settled(gw, *IDLE)
     assert metric_value(text, f'lmgw_hedges_total{{model="{MODEL}",outcome="primary"}}') == 1
     assert metric_value(text, f'lmgw_hedges_total{{model="{MODEL}",outcome="hedge"}}') == 1
     # w1 saw two legs and answered neither: both were aborted by the gateway
@@ -161,11 +164,7 @@ async def test_both_legs_failing_ends_the_stream_with_an_error(gateway: GatewayF
     else:
         assert r.status in (502, 504), r.body
         assert r.json()["error"]["message"]
-    text = await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    text = await _settled(gw, *IDLE)
     assert metric_value(text, f'lmgw_hedges_total{{model="{MODEL}",outcome="failed"}}') == 1
 
 
@@ -194,11 +193,7 @@ async def test_a_client_leaving_mid_race_aborts_both_legs(gateway: GatewayFactor
     )
     with trio.move_on_after(0.3):
         await gw.request("POST", "/v1/chat/completions", _chat("bye"))
-    await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    await _settled(gw, *IDLE)
     with trio.fail_after(3):
         while sum(h.sim.stats.aborted_total for h in gw.sims) < 2:
             await trio.sleep(0.02)
@@ -223,11 +218,7 @@ async def test_the_adaptive_delay_learns_from_first_tokens(gateway: GatewayFacto
     # both stall now: the hedge fires (and loses nothing: the client leaves after 0.3 s)
     with trio.move_on_after(0.3):
         await gw.request("POST", "/v1/chat/completions", _chat("late"))
-    await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    await _settled(gw, *IDLE)
     assert sum(h.sim.stats.requests_total for h in gw.sims) == 6
 
 
@@ -286,11 +277,7 @@ async def test_policy_accounting_returns_to_zero_after_races(
         for i in range(3):
             r = await gw.request("POST", "/v1/chat/completions", _chat(f"account {i}"))
             assert r.status == 200, r.body
-    await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    await _settled(gw, *IDLE)
     policy = gw.gateway.policies["pd"]
     if routing == "cache_aware":
         assert policy.queued_requests == 0 and policy.queued_tokens == 0
@@ -324,9 +311,5 @@ async def test_each_leg_is_queued_on_its_own_worker(gateway: GatewayFactory) -> 
             nursery.start_soon(watch)
             await gw.request("POST", "/v1/chat/completions", _chat("both wait"))
     assert queued == [2]
-    await _settled(
-        gw,
-        'lmgw_worker_in_flight{role="pd",worker="w0"}',
-        'lmgw_worker_in_flight{role="pd",worker="w1"}',
-    )
+    await _settled(gw, *IDLE)
     assert policy.queued_requests == 0
