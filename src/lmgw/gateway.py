@@ -369,6 +369,11 @@ class Gateway:
     def served_models(self) -> set[str]:
         return set(self._configured) | self.registry.known_models()
 
+    def is_lora(self, model: str) -> bool:
+        """Whether ``model`` is a LoRA adapter: loaded through the gateway, or listed by a
+        worker's ``/v1/models`` with a ``parent``."""
+        return model in self.adapters.adapters or model in self.registry.lora_models
+
     def knows_model(self, name: str) -> bool:
         return name in self._configured or self.registry.has_model(name)
 

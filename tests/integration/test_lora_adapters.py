@@ -170,3 +170,15 @@ async def test_a_worker_added_later_gets_the_adapter(
         while r.json()["loaded"] != ["late", "w0"]:
             await trio.sleep(0.05)
             r = await gw.request("GET", "/admin/lora_adapters/sql-lora", None, AUTH)
+
+
+async def test_adapters_are_known_as_adapters_for_routing(gateway: GatewayFactory) -> None:
+    """Routing keys an adapter's prompt apart from the base model's (engines cache them apart):
+    the gateway knows a model is an adapter when it loaded it, or when a worker's /v1/models
+    lists it with a parent (an adapter the worker was started with)."""
+    gw = await _lora_gateway(gateway, 1, lora_modules=(("boot-lora", "/adapters/boot"),))
+    core = gw.gateway
+    assert core.is_lora("boot-lora") and not core.is_lora(MODEL)
+    assert not core.is_lora("sql-lora")
+    assert (await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)).status == 200
+    assert core.is_lora("sql-lora")

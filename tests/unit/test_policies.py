@@ -1041,3 +1041,57 @@ def test_tier_weights_from_config() -> None:
     assert CacheAware.from_config(cfg).tier_weights == {"GPU": 1.0, "CPU": 0.5}
     with pytest.raises(ConfigError, match="between 0 and 1"):
         RoutingConfig(cache_tier_weights={"GPU": -1.0})
+
+
+# --- LoRA adapters: cached apart from the base model ----------------------------------------
+
+
+def _overlap(policy: CacheAware, reg: Registry, worker: Worker, ctx: RouteContext) -> int:
+    policy.choose(cands(reg), ctx)
+    return policy.predicted_cached_tokens(worker, ctx) or 0
+
+
+@pytest.mark.parametrize("prefix_module", [None, "py"])
+def test_an_adapter_does_not_hit_the_base_models_blocks(prefix_module: str | None) -> None:
+    """vLLM keys each block by its adapter: a prompt the base model cached is no hit for an
+    adapter (nor one adapter's for another), and the adapter's own blocks are, for both the
+    token and the text keys (the Cython index and its pure-Python twin alike)."""
+    mod = None
+    if prefix_module == "py":
+        from lmgw._fast import prefix_py as mod
+    reg, ws = fleet(2)
+    policy = CacheAware(prefix_module=mod)
+    prompt = toks(random.Random(7), 320)
+    warm(policy, ws[0], prompt)
+    probe = [*prompt, 1]
+    assert _overlap(policy, reg, ws[0], ctx_of(probe)) == 320
+    lora = RouteContext("m", "r", tokens=probe, lora="sql")
+    assert _overlap(policy, reg, ws[0], lora) == 0
+    ctx = RouteContext("m", "r", tokens=prompt, lora="sql")
+    policy.choose([ws[1]], ctx)
+    policy.on_dispatch(ws[1], ctx)
+    policy.on_finish(ws[1], ctx, True)
+    assert _overlap(policy, reg, ws[1], RouteContext("m", "r", tokens=probe, lora="sql")) == 320
+    assert _overlap(policy, reg, ws[1], RouteContext("m", "r", tokens=probe, lora="x")) == 0
+    assert _overlap(policy, reg, ws[1], ctx_of(probe)) == 0
+    text = b'"messages":[{"role":"user","content":"' + b"a long shared text " * 40 + b'"}]'
+    policy.on_dispatch(ws[0], RouteContext("m", "t", text_key=text))
+    assert _overlap(policy, reg, ws[0], RouteContext("m", "t", text_key=text)) > 0
+    assert _overlap(policy, reg, ws[0], RouteContext("m", "t", text_key=text, lora="sql")) == 0
+
+
+def test_kv_events_of_an_adapter_count_for_that_adapter_only() -> None:
+    """A BlockStored with lora_name chains from the adapter's root: it predicts hits for that
+    adapter's requests, not the base model's; one with only a lora_id (older vLLM: which
+    adapter is unknown) is ignored rather than taken for base-model blocks."""
+    reg, ws = fleet(1)
+    policy = CacheAware()
+    prompt = toks(random.Random(9), 160)
+    policy.on_kv_event(ws[0], stored(prompt, list(range(10)), lora_id=1, lora_name="sql"))
+    probe = [*prompt, 1]
+    assert _overlap(policy, reg, ws[0], RouteContext("m", "r", tokens=probe, lora="sql")) == 160
+    assert _overlap(policy, reg, ws[0], ctx_of(probe)) == 0
+    ignored = policy.kv_ignored
+    policy.on_kv_event(ws[0], stored(prompt, list(range(20, 30)), lora_id=2))
+    assert policy.kv_ignored == ignored + 1
+    assert _overlap(policy, reg, ws[0], ctx_of(probe)) == 0

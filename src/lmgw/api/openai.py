@@ -510,6 +510,7 @@ class OpenAIAPI:
             session_key=session_key_of(session, getattr(view, "user", None)),
             tokens=prompt_ids,
             text_key=text_key,
+            lora=greq.model if gw.is_lora(greq.model) else None,
         )
 
     def _next_round(

@@ -46,6 +46,9 @@ class BlockStored(msgspec.Struct, frozen=True, gc=False):
     medium: str | None = None
     #: KV-cache group (hybrid models); only group 0 / None is the full-attention prefix cache
     group_idx: int | None = None
+    #: the LoRA adapter the blocks were computed with (newer vLLM; older ones send only
+    #: lora_id, whose names the gateway cannot know)
+    lora_name: str | None = None
 
 
 class BlockRemoved(msgspec.Struct, frozen=True, gc=False):
@@ -93,6 +96,7 @@ def _event(raw: Any) -> KVEvent | None:
             f.get("lora_id"),
             f.get("medium"),
             f.get("group_idx"),
+            f.get("lora_name"),
         )
     if tag == "BlockRemoved":
         f = _fields(raw, _BLOCK_REMOVED_FIELDS)

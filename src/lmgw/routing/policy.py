@@ -36,6 +36,7 @@ class RouteContext:
 
     __slots__ = (
         "headers",
+        "lora",
         "model",
         "request_id",
         "scratch",
@@ -52,6 +53,7 @@ class RouteContext:
         headers: list[tuple[bytes, bytes]] | None = None,
         tokens: Sequence[int] | None = None,
         text_key: bytes | None = None,
+        lora: str | None = None,
     ) -> None:
         self.model = model
         self.request_id = request_id
@@ -59,6 +61,9 @@ class RouteContext:
         self.headers = headers or []
         self.tokens = tokens
         self.text_key = text_key
+        #: the LoRA adapter ``model`` names (None: a base model): engines cache an adapter's
+        #: blocks apart from the base model's (vLLM keys every block by its adapter too)
+        self.lora = lora
         self.scratch: dict[Any, Any] | None = None
 
     def fork(self) -> RouteContext:
@@ -67,7 +72,7 @@ class RouteContext:
         other's."""
         return RouteContext(
             self.model, self.request_id, self.session_key, self.headers, self.tokens,
-            self.text_key,
+            self.text_key, self.lora,
         )  # fmt: skip
 
     def memo(self) -> dict[Any, Any]:

@@ -28,6 +28,7 @@ class _ModelList(msgspec.Struct):
 
 class _ModelEntry(msgspec.Struct):
     id: str
+    parent: str | None = None  # vLLM: a LoRA adapter's base model
 
 
 _decode_models = msgspec.json.Decoder(_ModelList).decode
@@ -122,12 +123,14 @@ class HealthMonitor:
         if resp.status != 200:
             return
         try:
-            models = frozenset(m.id for m in _decode_models(body).data)
+            entries = _decode_models(body).data
+            models = frozenset(m.id for m in entries)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             log.warning(
                 "worker %s: /v1/models answered something that is not a model list", worker.id
             )
             return
+        self.registry.note_lora(m.id for m in entries if m.parent is not None)
         self.registry.set_models(worker, models)
 
     async def _scrape(self, worker: Worker) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .worker import Worker, WorkerState
 
@@ -34,6 +34,8 @@ class Registry:
         self._cache: dict[tuple[str, str], tuple[Worker, ...]] = {}
         self._listeners: list[Callable[[Worker], None]] = []
         self.generation = 0
+        #: model names some worker listed as LoRA adapters (kept: a name stays an adapter)
+        self.lora_models: set[str] = set()
 
     # -- membership ---------------------------------------------------------------------------
     def add(self, worker: Worker) -> Worker:
@@ -83,6 +85,10 @@ class Registry:
             return
         worker.models = models
         self._changed(worker)
+
+    def note_lora(self, names: Iterable[str]) -> None:
+        """Models some worker lists as LoRA adapters (``parent`` set in its /v1/models)."""
+        self.lora_models.update(names)
 
     def set_adapters(self, worker: Worker, adapters: frozenset[str]) -> None:
         """The LoRA adapters the gateway loaded on ``worker`` (routing follows at once)."""

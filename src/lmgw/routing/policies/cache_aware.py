@@ -53,6 +53,7 @@ next request ("warm"): a joining worker then holds the hot prefixes too.
 
 from __future__ import annotations
 
+import hashlib
 import types
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -170,6 +171,9 @@ class CacheAware(Policy):
         self._slot_mask = mod.slot_mask
         self._least_wait_of = mod.least_wait
         self._token_seed = mod.TOKEN_SEED
+        self._text_seed = mod.TEXT_SEED
+        #: (LoRA adapter, base seed) -> the adapter's root seed (adapters cache apart)
+        self._lora_seeds: dict[tuple[str, int], int] = {}
         self._max_slots = mod.MAX_SLOTS
         self.block_size = block_size
         self.budget_bytes = budget_bytes
@@ -257,16 +261,33 @@ class CacheAware(Policy):
             if got is not None:
                 return got
         tokens = ctx.tokens
+        lora = ctx.lora
         if tokens is not None:
-            got = (self._block_hashes(tokens, self.block_size, self.max_blocks), len(tokens))
+            seed = self._token_seed if lora is None else self._lora_seed(lora, self._token_seed)
+            hashes = self._block_hashes(tokens, self.block_size, self.max_blocks, seed)
+            got = (hashes, len(tokens))
         elif ctx.text_key is not None:
             data = ctx.text_key
-            hashes = self._text_block_hashes(data, 4 * self.block_size, self.max_blocks)
+            seed = self._text_seed if lora is None else self._lora_seed(lora, self._text_seed)
+            hashes = self._text_block_hashes(data, 4 * self.block_size, self.max_blocks, seed)
             got = (hashes, len(data) // 4)
         else:
             got = (None, 0)
         ctx.memo()[self._memo_key] = got
         return got
+
+    def _lora_seed(self, name: str, base: int) -> int:
+        """The chain root of a LoRA adapter's blocks: an engine caches an adapter's blocks
+        apart from the base model's and other adapters' (vLLM keys each block by its adapter),
+        so a prompt the base model cached is no hit for the adapter. Stable across processes
+        (gateway replicas share block hashes), unlike ``hash(str)``."""
+        seed = self._lora_seeds.get((name, base))
+        if seed is None:
+            digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+            seed = hash((base, int.from_bytes(digest, "little", signed=True)))
+            if len(self._lora_seeds) < 4096:  # bounded: names come from requests' models
+                self._lora_seeds[(name, base)] = seed
+        return seed
 
     def _new_slot(self) -> int:
         if self._free:
@@ -719,8 +740,13 @@ class CacheAware(Policy):
             self.kv_ignored += 1
             return False
         alias = self._alias
+        if event.lora_id is not None and event.lora_name is None:
+            self.kv_ignored += 1  # an adapter's blocks, but which adapter is unknown here
+            return False
         if event.parent_block_hash is None:
             seed = self._token_seed
+            if event.lora_name is not None:
+                seed = self._lora_seed(event.lora_name, seed)
         else:
             parent = alias.get(event.parent_block_hash)
             if parent is None:  # its parent was never seen (or aged out): cannot chain
