@@ -108,6 +108,7 @@ from .engine import (
     Completion,
     Engine,
     EngineConfig,
+    LoraKey,
     MediaItem,
     PromptError,
     RenderedPrompt,
@@ -873,6 +874,14 @@ class SimWorker:
             counts[name] = counts.get(name, 0) + 1
         return name
 
+    def _lora_key(self, plan: _Plan) -> LoraKey | None:
+        """The adapter a plan runs, for the prefix cache to keep its blocks apart (vLLM hashes
+        the adapter into every block); None for a base model name, the common case."""
+        name = plan.model
+        if name in self._names:
+            return None
+        return LoraKey.of(name, self.lora.lora_id(name))
+
     # -- generation -------------------------------------------------------------------------------
 
     async def _chat(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -1364,7 +1373,7 @@ class SimWorker:
             stall = self.faults.stall_s()
             if stall:
                 await trio.sleep(stall)
-            ticket = engine.submit(plan.prompt_tokens, len(plan.choices))
+            ticket = engine.submit(plan.prompt_tokens, len(plan.choices), self._lora_key(plan))
             try:
                 self._slots.acquire_nowait()
             except trio.WouldBlock:

@@ -995,13 +995,43 @@ class TimingModel:
 # ------------------------------------------------------------------------------------------------
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, known: Sequence[int] = ()) -> list[int]:
+@functools.lru_cache(maxsize=1024)
+def lora_root(name: str) -> int:
+    """The root an adapter's block-hash chains start from, instead of the base model's 0.
+
+    vLLM puts the adapter into every block's hash, so an adapter never hits blocks of the base
+    model or of another adapter; one root per adapter does the same at no cost per block. A
+    digest of the name, not ``hash(name)`` (randomised per process), so that hashes, and the KV
+    events that carry them, agree across workers and restarts; never 0."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
+
+
+@dataclass(frozen=True, slots=True)
+class LoraKey:
+    """The LoRA adapter a request runs, as the prefix cache needs it: ``root`` keys its blocks
+    (:func:`lora_root`), ``lora_id`` and ``name`` label its ``BlockStored`` events as vLLM's
+    ``lora_id`` and ``lora_name``."""
+
+    name: str
+    lora_id: int | None
+    root: int
+
+    @classmethod
+    def of(cls, name: str, lora_id: int | None) -> LoraKey:
+        return cls(name, lora_id, lora_root(name))
+
+
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, known: Sequence[int] = (), root: int = 0
+) -> list[int]:
     """Chained hashes of the full blocks of ``token_ids``: block i's key covers blocks 0..i, so a
     hit on block i implies the whole prefix matches (vLLM's scheme). Python's hash of int tuples
     is not randomised, so keys agree across processes. ``known`` are already computed hashes of
-    a prefix of ``token_ids`` (e.g. the prompt's, when hashing prompt + output)."""
+    a prefix of ``token_ids`` (e.g. the prompt's, when hashing prompt + output); ``root`` is the
+    parent of the first block: 0 for the base model, :func:`lora_root` for an adapter."""
     out = list(known)
-    parent = out[-1] if out else 0
+    parent = out[-1] if out else root
     for start in range(len(out) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash((parent, *token_ids[start : start + block_size]))
         out.append(parent)
@@ -1061,16 +1091,22 @@ class PrefixCache:
         self.hits += cached
         return cached
 
-    def insert(self, token_ids: Sequence[int], hashes: Sequence[int] | None = None) -> None:
-        """Cache every full block of ``token_ids`` (most recently used), evicting LRU blocks."""
+    def insert(
+        self,
+        token_ids: Sequence[int],
+        hashes: Sequence[int] | None = None,
+        lora: LoraKey | None = None,
+    ) -> None:
+        """Cache every full block of ``token_ids`` (most recently used), evicting LRU blocks;
+        ``lora``: the adapter that computed them (None: the base model)."""
         if self.capacity_blocks == 0:
             return
         if hashes is None:
-            hashes = block_hashes(token_ids, self.block_size)
+            hashes = block_hashes(token_ids, self.block_size, root=lora.root if lora else 0)
         blocks = self._blocks
         listener = self.listener
         if listener is not None:
-            self._announce(token_ids, hashes, listener)
+            self._announce(token_ids, hashes, listener, lora)
         for i in range(len(hashes) - 1, -1, -1):  # deepest first, as in lookup
             h = hashes[i]
             if h in blocks:
@@ -1086,7 +1122,11 @@ class PrefixCache:
                 listener(kv_events.BlockRemoved(evicted))
 
     def _announce(
-        self, token_ids: Sequence[int], hashes: Sequence[int], listener: Callable[[Any], None]
+        self,
+        token_ids: Sequence[int],
+        hashes: Sequence[int],
+        listener: Callable[[Any], None],
+        lora: LoraKey | None = None,
     ) -> None:
         """One ``BlockStored`` per run of blocks not cached yet, chained to the block before."""
         blocks, bs = self._blocks, self.block_size
@@ -1098,14 +1138,8 @@ class PrefixCache:
             j = i
             while j < n and hashes[j] not in blocks:
                 j += 1
-            listener(
-                kv_events.BlockStored(
-                    list(hashes[i:j]),
-                    hashes[i - 1] if i else None,
-                    list(token_ids[i * bs : j * bs]),
-                    bs,
-                )
-            )
+            parent = hashes[i - 1] if i else None
+            listener(_block_stored(list(hashes[i:j]), parent, token_ids[i * bs : j * bs], bs, lora))
             i = j
 
     def clear(self) -> None:
@@ -1113,6 +1147,18 @@ class PrefixCache:
         self.queries = self.hits = self.evictions = 0
         if self.listener is not None:
             self.listener(kv_events.AllBlocksCleared())
+
+
+def _block_stored(
+    hashes: list[int], parent: int | None, token_ids: Sequence[int], bs: int, lora: LoraKey | None
+) -> kv_events.BlockStored:
+    """A ``BlockStored`` event; an adapter's blocks carry its ``lora_id`` and ``lora_name`` where
+    vLLM puts them, the base model's leave ``lora_id`` unset and have no ``lora_name``."""
+    if lora is None:
+        return kv_events.BlockStored(hashes, parent, list(token_ids), bs)
+    return kv_events.LoraBlockStored(
+        hashes, parent, list(token_ids), bs, lora.lora_id, lora_name=lora.name
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1197,6 +1243,7 @@ class Ticket:
     __slots__ = (
         "_engine",
         "_kv_blocks",
+        "_lora",
         "_nseq",
         "_prompt_hashes",
         "_prompts",
@@ -1206,10 +1253,13 @@ class Ticket:
         "state",
     )
 
-    def __init__(self, engine: Engine, prompt_tokens: int, nseq: int) -> None:
+    def __init__(
+        self, engine: Engine, prompt_tokens: int, nseq: int, lora: LoraKey | None = None
+    ) -> None:
         self._engine = engine
         self.prompt_tokens = prompt_tokens
         self._nseq = nseq
+        self._lora = lora
         self._kv_blocks = 0
         self.cached_tokens = 0
         self.cached_per_prompt: list[int] = []
@@ -1241,17 +1291,19 @@ class Ticket:
         (vLLM's metrics count those separately too)."""
         e = self._engine
         cache = e.cache
+        lora = self._lora
+        root = 0 if lora is None else lora.root
         uncached = 0
         self._prompts = prompts
         for i, ids in enumerate(prompts):
-            hashes = block_hashes(ids, cache.block_size)
+            hashes = block_hashes(ids, cache.block_size, root=root)
             self._prompt_hashes.append(hashes)
             ext = external_cached if isinstance(external_cached, int) else external_cached[i]
             hit = max(cache.lookup(ids, hashes), min(ext, len(ids)))
             self.cached_tokens += hit
             self.cached_per_prompt.append(hit)
             uncached += len(ids) - hit
-            cache.insert(ids, hashes)
+            cache.insert(ids, hashes, lora)
         e.stats.prompt_tokens += sum(len(p) for p in prompts)
         return e.config.timing.prefill_s(uncached, e.slow)
 
@@ -1296,10 +1348,12 @@ class Ticket:
             return
         per_prompt = max(1, len(completions) // len(prompts))
         bs = e.cache.block_size
+        lora = self._lora
+        root = 0 if lora is None else lora.root  # a prompt under one block has no known hashes
         for i, c in enumerate(completions):
             p = min(i // per_prompt, len(prompts) - 1)
             ids = [*prompts[p], *c.token_ids]
-            e.cache.insert(ids, block_hashes(ids, bs, hashes[p]))
+            e.cache.insert(ids, block_hashes(ids, bs, hashes[p], root), lora)
 
 
 _MEMO_ENTRIES = 1024
@@ -1331,9 +1385,10 @@ class Engine:
             tuple[tuple[int, ...], SamplingSpec, int, OutputPlan | None], Completion
         ] = OrderedDict()
 
-    def submit(self, prompt_tokens: int, nseq: int = 1) -> Ticket:
-        """A new request enters the queue."""
-        return Ticket(self, prompt_tokens, nseq)
+    def submit(self, prompt_tokens: int, nseq: int = 1, lora: LoraKey | None = None) -> Ticket:
+        """A new request enters the queue; ``lora``: the adapter it runs (None: the base model),
+        whose blocks the prefix cache keeps apart."""
+        return Ticket(self, prompt_tokens, nseq, lora)
 
     def generate(
         self,

@@ -10,6 +10,8 @@ a SUB, and the worker can tell a subscriber joined); the payload is a msgpack
 ``KVEventBatch(ts, events)`` in vLLM's ``array_like`` encoding, events tagged by class name:
 ``BlockStored(block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium)``,
 ``BlockRemoved(block_hashes, medium)``, ``AllBlocksCleared()``. ``seq`` counts batches from 0.
+A LoRA adapter's blocks add vLLM's next field, ``lora_name``, after ``medium``
+(:class:`LoraBlockStored`); a decoder that knows fewer fields ignores trailing ones.
 
 Publishing never blocks the engine: the prefix cache hands events to :meth:`KvEventPublisher.add`
 (a list append), and one owner task sends them as a batch at its next turn. PUB drops messages
@@ -49,7 +51,17 @@ class BlockStored(_Event):
     token_ids: list[int]
     block_size: int
     lora_id: int | None = None
+    """The adapter's number (:meth:`.lora.LoraAdapters.lora_id`); None: the base model."""
     medium: str | None = "GPU"
+
+
+class LoraBlockStored(BlockStored, tag="BlockStored"):
+    """``BlockStored`` of an adapter's blocks, with vLLM's ``lora_name``. A subclass rather than
+    a field of :class:`BlockStored` because ``array_like`` encodes every field, defaults too:
+    the base model's events keep their bytes."""
+
+    lora_name: str | None = None
+    """The adapter's name (vLLM keys blocks by it since ``lora_id`` was deprecated)."""
 
 
 class BlockRemoved(_Event):

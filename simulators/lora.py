@@ -6,6 +6,12 @@ No weights exist: an adapter is a name the API accepts as ``model`` and lists in
 so a gateway's adapter-aware routing can be tested. Every path "loads" (vLLM would 404 a path
 with no adapter in it). The adapters given at start (vLLM's ``--lora-modules``) come back on
 :meth:`LoraAdapters.reset`, as after an engine restart; those loaded at run time do not.
+
+Each adapter has a number, vLLM's ``lora_int_id`` (:meth:`LoraAdapters.lora_id`), which its KV
+events carry as ``lora_id``: as in vLLM, start-up adapters are 1..k in ``--lora-modules`` order
+and each run-time load takes the next number, never reused while the worker runs; an in-place
+reload keeps its number (its blocks stay keyed by its name), and :meth:`LoraAdapters.reset`
+numbers the start-up adapters 1..k again.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ class LoraAdapters:
                 raise ValueError(f"LoRA adapter {name!r} is given twice in --lora-modules")
             self._startup[name] = path
         self._paths = dict(self._startup)
+        self._ids: dict[str, int] = {}
+        self._last_id = 0
+        self._number_startup()
+
+    def _number_startup(self) -> None:
+        self._ids = {name: i for i, name in enumerate(self._startup, 1)}
+        self._last_id = len(self._ids)
+
+    def lora_id(self, name: str) -> int | None:
+        """The adapter's number (vLLM's ``lora_int_id``, >= 1), or None if it is not loaded."""
+        return self._ids.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._paths
@@ -79,6 +96,9 @@ class LoraAdapters:
                 INVALID_USER_INPUT,
             )
         self._paths[name] = path
+        if name not in self._ids:
+            self._last_id += 1
+            self._ids[name] = self._last_id
         return f"Success: LoRA adapter '{name}' added successfully."
 
     def unload(self, name: str) -> str:
@@ -90,12 +110,14 @@ class LoraAdapters:
         if name not in self._paths:
             raise LoraError(404, f"The lora adapter '{name}' cannot be found.", NOT_FOUND)
         del self._paths[name]
+        del self._ids[name]
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def reset(self) -> None:
         """Back to the start-up adapters, as a restarted engine would have (run-time loads are
         gone, unloaded start-up adapters and their paths are back)."""
         self._paths = dict(self._startup)
+        self._number_startup()
 
 
 __all__ = ["LoraAdapters", "LoraError", "parse_lora_module"]

@@ -374,6 +374,30 @@ class Gateway:
         worker's ``/v1/models`` with a ``parent``."""
         return model in self.adapters.adapters or model in self.registry.lora_models
 
+    def base_of(self, model: str) -> str:
+        """The base model of a LoRA adapter (its tokenizer, template and context are the
+        base's), ``model`` itself for anything else: the parent a worker lists, else the base
+        it was loaded for, else the only configured model with a tokenizer."""
+        parent = self.registry.lora_models.get(model)
+        if parent is not None:
+            return parent
+        managed = self.adapters.adapters.get(model)
+        if managed is None:
+            return model
+        if managed.base is not None:
+            return managed.base
+        return next(iter(self.texts)) if len(self.texts) == 1 else model
+
+    def text_for(self, model: str) -> ModelText | None:
+        """The tokenizer and chat template of ``model`` (an adapter's: its base model's)."""
+        texts = self.texts
+        if not texts:
+            return None
+        text = texts.get(model)
+        if text is None and self.is_lora(model):
+            text = texts.get(self.base_of(model))
+        return text
+
     def knows_model(self, name: str) -> bool:
         return name in self._configured or self.registry.has_model(name)
 

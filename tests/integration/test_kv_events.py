@@ -345,3 +345,45 @@ async def test_serial_prefill_queues_a_busy_worker(sim_worker) -> None:
             while (engine.running, engine.waiting) != (1, 1):
                 await trio.sleep(0.005)
     assert (engine.running, engine.waiting) == (0, 0)
+
+
+async def test_exact_mode_keeps_an_adapters_blocks_apart(nursery: trio.Nursery, sim_worker) -> None:
+    """A worker started with a LoRA adapter (listed with a parent in /v1/models): the same
+    prompt for the base model and for the adapter are different cache entries in the engine
+    (its events carry lora_name) and in the gateway's view, so every prediction equals what
+    the worker then reports cached, whichever model asks: the adapter's first ask predicts
+    nothing although the base model's blocks are there."""
+    sims = [
+        await sim_worker(kv_events="tcp://127.0.0.1:0", lora_modules=(("law", "/adapters/law"),))
+    ]
+    workers = [
+        WorkerConfig(url=s.url, id=f"w{i}", kv_events=s.sim.kv_events.endpoint)
+        for i, s in enumerate(sims)
+    ]
+    gw = await start_gateway(nursery, workers, route_header=True)
+    assert gw.is_lora("law")
+    await wait_until(
+        lambda: all(s.sim.kv_events.subscriptions > 0 for s in sims), "the subscriptions"
+    )
+    messages = chat("ann", 1, [])
+    hits = []
+    for model in (MODEL, "law", "law", MODEL):
+        body = {"model": model, "messages": messages, "max_tokens": 4}
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+        route = dict(
+            kv.split("=", 1) for kv in r.headers["x-lmgw-route"].replace(" ", "").split(";")
+        )
+        predicted, usage = int(route.get("predicted", 0)), r.json()["usage"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert predicted == (cached if cached >= 0.3 * usage["prompt_tokens"] else 0), model
+        hits.append(cached > 0)
+        await wait_until(
+            lambda: all(
+                policy_view(gw, f"w{i}") == set(s.sim.engine.cache.block_hashes())
+                for i, s in enumerate(sims)
+            ),
+            "the gateway's view to match the workers' caches",
+        )
+    assert hits == [False, False, True, True]
+    assert gw.policies["pd"].statistics()["kv_blocks_unresolved"] == 0

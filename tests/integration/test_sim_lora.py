@@ -1,17 +1,24 @@
 """The simulated worker's LoRA adapters over real HTTP: vLLM's runtime load/unload routes (their
 exact bodies, statuses and error types), adapters in /v1/models, adapters as ``model``, per-adapter
-counts in /sim/stats, ``--lora-modules`` at start, and /sim/reset as an engine restart."""
+counts in /sim/stats, ``--lora-modules`` at start, /sim/reset as an engine restart, and a prefix
+cache (and KV events) per adapter."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
+import trio
+import zmq
 from conftest import SimFactory
 from gateway_support import MODEL, RawResponse, SimHandle, http_request
 
+from lmgw.routing.kv_events import decode_vllm_batch
+from lmgw.simulators.engine import block_hashes, lora_root
 from lmgw.simulators.lora import LoraAdapters, parse_lora_module
 from lmgw.simulators.worker import build_parser, options_from_args
+from lmgw.transport.zmq import ZmqSocket
 
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
@@ -256,3 +263,82 @@ def test_adapters_keep_load_order() -> None:
     assert "a" in adapters and "z" not in adapters and len(adapters) == 3
     with pytest.raises(ValueError, match="given twice"):
         LoraAdapters([("s", "/1"), ("s", "/2")])
+
+
+# -- the prefix cache per adapter -----------------------------------------------------------------
+
+REPORT = "The quarterly report covers revenue, costs, hiring and the outlook. " * 8
+"""A prompt of several 16-token blocks."""
+MEMO = "Please summarise the memo on travel, budgets and the new office. " * 8
+
+
+async def cached(h: SimHandle, model: str, prompt: str = REPORT) -> int:
+    """``usage.prompt_tokens_details.cached_tokens`` of one completion of ``prompt``."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 4}
+    r = await http_request(h.url, "POST", "/v1/completions", body)
+    assert r.status == 200, r.body
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+async def test_an_adapter_does_not_hit_the_base_models_blocks(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True)
+    assert (await load(h, "sql", "/adapters/sql")).status == 200
+    assert (await load(h, "law", "/adapters/law")).status == 200
+    assert await cached(h, MODEL) == 0
+    assert await cached(h, "sql") == 0  # the base model's blocks are not the adapter's
+    hit = await cached(h, "sql")
+    assert hit >= 3 * 16 and hit % 16 == 0  # the adapter's own blocks are
+    assert await cached(h, "law") == 0  # nor another adapter's
+    assert await cached(h, MODEL) == hit  # the base model's blocks are still there
+    cache = (await h.stats())["prefix_cache"]
+    assert cache["hits"] == 2 * hit  # vLLM's prefix-cache counters follow
+
+
+async def test_the_base_model_does_not_hit_an_adapters_blocks(sim_worker: SimFactory) -> None:
+    h = await sim_worker(lora_modules=(("sql", "/adapters/sql"),))
+    assert await cached(h, "sql", MEMO) == 0
+    assert await cached(h, "sql", MEMO) > 0
+    assert await cached(h, MODEL, MEMO) == 0
+    assert await cached(h, MODEL, MEMO) > 0
+    body = {"model": "sql", "messages": [{"role": "user", "content": MEMO}], "max_tokens": 4}
+    for want_hit in (False, True):  # chat keys its blocks by adapter too
+        r = await http_request(h.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+        assert (r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) is want_hit
+
+
+async def test_kv_events_of_an_adapter_carry_its_lora_id_and_name(sim_worker: SimFactory) -> None:
+    """On the wire, in vLLM's field order: ``[tag, block_hashes, parent_block_hash, token_ids,
+    block_size, lora_id, medium, lora_name]``; the base model's events are as before."""
+    h = await sim_worker(enable_lora=True, kv_events="tcp://127.0.0.1:0")
+    assert (await load(h, "sql", "/adapters/sql")).status == 200
+    assert (await load(h, "law", "/adapters/law")).status == 200  # lora_id 2
+    publisher = h.sim.kv_events
+    assert publisher is not None and publisher.endpoint
+    events: list[list[Any]] = []
+    with ZmqSocket.open(None, zmq.SUB, options={zmq.SUBSCRIBE: b""}) as sub:
+        sub.connect(publisher.endpoint)
+        with trio.fail_after(10):
+            while publisher.subscriptions == 0:
+                await trio.sleep(0.01)
+        assert await cached(h, MODEL) == 0
+        assert await cached(h, "law") == 0
+        received = 0
+        with trio.fail_after(10):
+            while received < publisher.seq:
+                _, _, payload = await sub.recv_multipart()
+                received += 1
+                events += msgspec.msgpack.decode(payload)[1]
+                assert decode_vllm_batch(payload)  # the gateway's decoder takes them
+    stored = [e for e in events if e[0] == "BlockStored"]
+    base = [e for e in stored if len(e) == 7]
+    law = [e for e in stored if len(e) == 8]
+    assert base and law and len(base) + len(law) == len(stored)
+    assert all(e[5:] == [None, "GPU"] for e in base)
+    assert all(e[5:] == [2, "GPU", "law"] for e in law)
+    r = await http_request(h.url, "POST", "/tokenize", {"model": "law", "prompt": REPORT})
+    ids = r.json()["tokens"]
+    first = next(e for e in law if e[2] is None)
+    assert first[1][0] == block_hashes(ids, 16, root=lora_root("law"))[0]
+    base_hashes = {x for e in base for x in e[1]}
+    assert base_hashes.isdisjoint(x for e in law for x in e[1])

@@ -341,7 +341,7 @@ class OpenAIAPI:
             loop = None
             if self.tool_loop is not None and endpoint == "chat":  # the gateway has tools
                 loop = self.tool_loop.plan(model, body, view)
-            text = self.gw.texts.get(model) if self.gw.texts else None
+            text = self.gw.text_for(model)  # an adapter's: its base model's
             prompt_ids = None
             if text is not None and text.validate_context and endpoint != "generate":
                 # a 400 when it cannot fit; max_tokens filled in when absent
@@ -491,7 +491,7 @@ class OpenAIAPI:
         if (
             prompt_ids is not None
             and parity is not None
-            and not parity.token_routing_safe.get(greq.model, True)
+            and not parity.token_routing_safe.get(gw.base_of(greq.model), True)
         ):
             prompt_ids = None
         text_key = None
@@ -526,7 +526,7 @@ class OpenAIAPI:
             body._obj = obj
             body.changed = True
             model = first.model
-            text = gw.texts.get(model) if gw.texts else None
+            text = gw.text_for(model)
             prompt_ids = None
             if text is not None and text.validate_context:
                 prompt_ids = (await text.validate("chat", obj))[1]

@@ -130,7 +130,7 @@ class HealthMonitor:
                 "worker %s: /v1/models answered something that is not a model list", worker.id
             )
             return
-        self.registry.note_lora(m.id for m in entries if m.parent is not None)
+        self.registry.note_lora((m.id, m.parent) for m in entries if m.parent is not None)
         self.registry.set_models(worker, models)
 
     async def _scrape(self, worker: Worker) -> None:

@@ -34,8 +34,9 @@ class Registry:
         self._cache: dict[tuple[str, str], tuple[Worker, ...]] = {}
         self._listeners: list[Callable[[Worker], None]] = []
         self.generation = 0
-        #: model names some worker listed as LoRA adapters (kept: a name stays an adapter)
-        self.lora_models: set[str] = set()
+        #: LoRA adapters some worker listed (name -> its parent, the base model); kept: a
+        #: name stays an adapter
+        self.lora_models: dict[str, str] = {}
 
     # -- membership ---------------------------------------------------------------------------
     def add(self, worker: Worker) -> Worker:
@@ -86,9 +87,10 @@ class Registry:
         worker.models = models
         self._changed(worker)
 
-    def note_lora(self, names: Iterable[str]) -> None:
-        """Models some worker lists as LoRA adapters (``parent`` set in its /v1/models)."""
-        self.lora_models.update(names)
+    def note_lora(self, adapters: Iterable[tuple[str, str]]) -> None:
+        """(name, parent) of models some worker lists as LoRA adapters (``parent`` set in its
+        /v1/models)."""
+        self.lora_models.update(adapters)
 
     def set_adapters(self, worker: Worker, adapters: frozenset[str]) -> None:
         """The LoRA adapters the gateway loaded on ``worker`` (routing follows at once)."""
