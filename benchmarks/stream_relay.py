@@ -1,7 +1,8 @@
 """CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw,
 lmgw keeping every answer resumable (``--resumable-streams`` and ``X-Lmgw-Resumable: 1``: the
-buffer and follower of ``lmgw.streams`` on the path), and (when the peer harness's venv has
-it) vllm-router, in one run.
+buffer and follower of ``lmgw.streams`` on the path), lmgw coalescing (``--coalesce`` with
+greedy requests, all distinct: every one eligible, none shared, the price of the option), and
+(when the peer harness's venv has it) vllm-router, in one run.
 
 Why two regimes: the peer harness streams 256 tokens with no delay, so at c=32 lmgw runs
 its CPU at 100% and its "CPU per chunk" is one core divided by the event rate, which the load
@@ -82,6 +83,8 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
         return oh.gateway_argv(port, [f"pd={u}" for u in urls])
     if name == "lmgw-resumable":  # every answer kept and relayed through its buffer
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--resumable-streams"]
+    if name == "lmgw-coalesce":  # greedy requests, each eligible to be shared (none is)
+        return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--coalesce"]
     argv = [str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--worker-urls"]
     return [*argv, *urls, "--policy", "round_robin"]
 
@@ -95,10 +98,11 @@ def measure(children: Any, ctx: dict[str, Any], name: str, conns: int) -> dict[s
         wait_answering(port)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         lua = ctx["resumable_lua"] if name == "lmgw-resumable" else ctx["lua"]
-        oh.run_wrk(children, url, ctx["bodies"], conns, 1, lua)  # warm-up
+        bodies = ctx["greedy_bodies"] if name == "lmgw-coalesce" else ctx["bodies"]
+        oh.run_wrk(children, url, bodies, conns, 1, lua)  # warm-up
         tree = oh.proc_tree(proc.pid)
         u0, s0 = user_sys_s(tree)
-        r = oh.run_wrk(children, url, ctx["bodies"], conns, ctx["duration"], lua)
+        r = oh.run_wrk(children, url, bodies, conns, ctx["duration"], lua)
         u1, s1 = user_sys_s(tree)
         if r["errors"] or r["non_2xx"]:
             raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
@@ -122,7 +126,8 @@ def main() -> int:
     if shutil.which("wrk") is None or not MOCK.exists():
         print("needs wrk and ../shared/bench/mock_worker.py", file=sys.stderr)
         return 2
-    systems = ["lmgw", "lmgw-resumable"] + (["vllm-router"] if VLLM_ROUTER.exists() else [])
+    systems = ["lmgw", "lmgw-resumable", "lmgw-coalesce"]
+    systems += ["vllm-router"] if VLLM_ROUTER.exists() else []
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     floor.LOG_DIR.mkdir(parents=True, exist_ok=True)  # its start_workers logs there
     allowed = sorted(os.sched_getaffinity(0))
@@ -137,8 +142,9 @@ def main() -> int:
     resumable_lua = LOG_DIR / "wrk_bodies_resumable.lua"
     resumable_lua.write_text(oh.WRK_LUA.replace(CT, CT[:-1] + ', ["X-Lmgw-Resumable"] = "1"}'))
     bodies = LOG_DIR / "stream_bodies.jsonl"
-    with bodies.open("w") as f:
-        for i in range(64):
+    greedy_bodies = LOG_DIR / "stream_bodies_greedy.jsonl"  # distinct: eligible, none shared
+    with bodies.open("w") as f, greedy_bodies.open("w") as g:
+        for i in range(256):
             body = {
                 "model": oh.MODEL,
                 "messages": [{"role": "user", "content": f"Request {i}: stream a status note."}],
@@ -147,6 +153,7 @@ def main() -> int:
                 "stream": True,
             }
             f.write(json.dumps(body) + "\n")
+            g.write(json.dumps({**body, "temperature": 0}) + "\n")
     regimes = {"paced": (args.token_delay, 64), "burst": (0.0, 32)}
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
@@ -154,6 +161,7 @@ def main() -> int:
             extra = ["--token-delay", str(delay)] if delay > 0 else []
             workers = floor.start_workers(children, str(MOCK), extra, tag=f"-{regime}")
             ctx = {"workers": workers, "cpus": cpus, "lua": lua, "bodies": bodies}
+            ctx["greedy_bodies"] = greedy_bodies
             ctx["resumable_lua"] = resumable_lua
             ctx["duration"] = args.duration
             runs[regime] = {name: [] for name in systems}
@@ -180,10 +188,9 @@ def main() -> int:
                 f"  {name:<12} {m['events_per_s']:>9,.0f} {m['user_us_per_event']:>8.2f}"
                 f" {m['sys_us_per_event']:>7.2f} {m['cpu_us_per_event']:>13.2f}"
             )
-        resumable = med[regime]["lmgw-resumable"]["cpu_us_per_event"]
-        print(
-            f"  resumable / plain lmgw: x{resumable / med[regime]['lmgw']['cpu_us_per_event']:.2f}"
-        )
+        plain = med[regime]["lmgw"]["cpu_us_per_event"]
+        for name in ("lmgw-resumable", "lmgw-coalesce"):
+            print(f"  {name} / plain lmgw: x{med[regime][name]['cpu_us_per_event'] / plain:.2f}")
         if "vllm-router" in med[regime]:
             ratio = med[regime]["lmgw"]["cpu_us_per_event"] / max(
                 med[regime]["vllm-router"]["cpu_us_per_event"], 1e-9

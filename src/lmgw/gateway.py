@@ -222,7 +222,7 @@ class Gateway:
             )
         #: resumable answers (streams.resumable): None when off, and nothing of them runs
         self.streams = None
-        if config.streams.resumable:
+        if config.streams.resumable or config.streams.coalesce:
             from .streams import StreamStore
 
             self.streams = StreamStore(
@@ -230,6 +230,7 @@ class Gateway:
             )
             self.metrics.add(self.streams.active)
             self.metrics.add(self.streams.resumes)
+            self.metrics.add(self.streams.coalesced)
         self.app = App(self)
         if self.streams is not None:
             self.streams.on_timeout = self.app.on_timeout

@@ -22,6 +22,14 @@ generating twice; the same key with another body is a 422. A generation nobody f
 resuming before them is a 410) and ``max_streams`` answers (past it, requests are served
 without resumption). Only the API key that started an answer may resume it.
 
+Coalescing (``streams.coalesce``) runs on the same machinery: an identical deterministic
+request (same API key, path and body; ``temperature`` 0 or a ``seed``; one choice) that arrives
+while another is generating follows that generation instead of sending the worker the same
+work again (ANCHORS.md §5.7: agents repeating a call, evaluation harnesses, double submits). Its
+followers see exactly what a lone request would (no ``id:`` lines; their own ``X-Request-Id``
+when they sent one, else the generation's);
+the generation ends when its last follower leaves, and is forgotten when it ends.
+
 The event bookkeeping (:func:`split_events`, :class:`StreamEntry`) is sans-IO.
 """
 
@@ -34,6 +42,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import trio
 
 from .config import StreamsConfig
@@ -69,14 +78,18 @@ class StreamEntry:
     cursor); data events also have a sequence number from 0 (their ``id:``, what a client
     resumes after); comments such as keep-alives carry the number of the event after them."""
 
-    __slots__ = ("_lot", "_watch_lot", "body", "bytes", "cancel", "digest", "done", "ended_at",
-                 "events", "first_pos", "first_seq", "followers", "headers", "idempotency",
-                 "idle_since", "key", "next_pos", "next_seq", "status", "tail",
-                 "token")  # fmt: skip
+    __slots__ = ("_lot", "_watch_lot", "body", "bytes", "cancel", "coalesce", "digest", "done",
+                 "ended_at", "events", "first_pos", "first_seq", "followers", "headers",
+                 "idempotency", "idle_since", "key", "next_pos", "next_seq", "resumable",
+                 "status", "tail", "token")  # fmt: skip
 
-    def __init__(self, token: str, key: str | None) -> None:
+    def __init__(self, token: str, key: str | None, resumable: bool = True) -> None:
         self.token = token
         self.key = key  #: the API key's name that started it (None: no keys)
+        #: a resumable answer (``id:`` lines, a stream id); else one shared by coalescing
+        self.resumable = resumable
+        #: its key in StreamStore.inflight while coalescing requests may join it
+        self.coalesce: bytes | None = None
         self.status: int | None = None
         self.headers: Headers = []
         self.body: bytes | None = None  #: a whole (not streamed) answer
@@ -117,10 +130,12 @@ class StreamEntry:
         """Keep the blocks ``data`` completes (data events numbered, with their ``id:`` line);
         past ``max_bytes``, drop the oldest."""
         blocks, self.tail = split_events(self.tail, data)
+        ids = self.resumable
         for block in blocks:
             seq = self.next_seq
             if block.startswith(b"data:"):
-                block = b"id: %d\n" % seq + block
+                if ids:
+                    block = b"id: %d\n" % seq + block
                 self.next_seq += 1
             self.events.append((seq, block))
             self.next_pos += 1
@@ -221,6 +236,14 @@ class StreamStore:
             "GET /v1/streams/{id}: answers picked up again, by outcome.",
             ("outcome",),
         )
+        #: streams.coalesce: generations that identical requests may join, by key
+        self.inflight: dict[bytes, StreamEntry] = {}
+        self.coalesced = Counter(
+            "lmgw_coalesced_requests_total",
+            "Requests that joined an identical deterministic one in flight (streams.coalesce)"
+            " instead of generating again, by path.",
+            ("path",),
+        )
 
     def _collect(self) -> list[tuple[tuple[str, ...], float]]:
         running = sum(1 for e in self.entries.values() if not e.done)
@@ -248,9 +271,16 @@ class StreamStore:
     # -- the middleware ---------------------------------------------------------------------
     async def middleware(self, req: Request, responder: Responder, call_next: Endpoint) -> None:
         """Around the generation routes: a request that asks for resumption (and fits) runs
-        here; any other goes on as usual."""
-        if not _asks(req.headers) or self._nursery is None:
+        here, so does a deterministic one when coalescing; any other goes on as usual."""
+        if self._nursery is None:
             await call_next(req, responder)
+            return
+        if not (self.config.resumable and _asks(req.headers)):
+            ckey = coalesce_key(req) if self.config.coalesce else None
+            if ckey is None:
+                await call_next(req, responder)
+            else:
+                await self._coalesce(ckey, req, responder, call_next)
             return
         self.evict(trio.current_time())
         key_name = _key_name(req)
@@ -285,6 +315,25 @@ class StreamStore:
         self._nursery.start_soon(self._generate, entry, req, call_next)
         await self.follow(entry, -1, responder)
 
+    async def _coalesce(
+        self, ckey: bytes, req: Request, responder: Responder, call_next: Endpoint
+    ) -> None:
+        """Follow the identical generation in flight, or start the one later copies follow."""
+        entry = self.inflight.get(ckey)
+        if entry is not None and not entry.done:
+            self.coalesced.inc((req.path,))
+            rid = _header(req.headers, b"x-request-id")  # the follower's own, when it sent one
+            if rid is not None and (len(rid) > 256 or not rid.isascii()):
+                rid = None  # as the API would not echo it either
+            await self.follow(entry, -1, responder, rid)
+            return
+        entry = StreamEntry("", _key_name(req), resumable=False)
+        entry.coalesce = ckey
+        entry.idle_since = trio.current_time()
+        self.inflight[ckey] = entry
+        self._nursery.start_soon(self._generate, entry, req, call_next)
+        await self.follow(entry, -1, responder)
+
     async def _generate(
         self,
         entry: StreamEntry,
@@ -308,6 +357,8 @@ class StreamStore:
                 entry.body = GatewayError(499, "the answer was cancelled").body()
             entry.done = True
             entry.ended_at = trio.current_time()
+            if entry.coalesce is not None and self.inflight.get(entry.coalesce) is entry:
+                del self.inflight[entry.coalesce]  # later copies generate anew
             entry.changed()
 
     async def _handle(self, req: Request, buf: BufferResponder, handler: Endpoint) -> None:
@@ -323,8 +374,9 @@ class StreamStore:
             await self.on_timeout(req, buf)
 
     async def _watch(self, entry: StreamEntry, scope: trio.CancelScope) -> None:
-        """Cancel the generation once nobody has followed it for ``grace_s``."""
-        grace = self.config.grace_s
+        """Cancel the generation once nobody has followed it for ``grace_s`` (a coalesced
+        one at once: like any request whose client left)."""
+        grace = self.config.grace_s if entry.resumable else 0.0
         while True:
             if entry.followers:
                 await entry.wait_followers()
@@ -339,15 +391,27 @@ class StreamStore:
                 await entry.wait_followers()
 
     # -- following --------------------------------------------------------------------------
-    async def follow(self, entry: StreamEntry, after: int, responder: Responder) -> None:
+    async def follow(
+        self,
+        entry: StreamEntry,
+        after: int,
+        responder: Responder,
+        request_id: bytes | None = None,
+    ) -> None:
         """Answer ``responder`` from ``entry``: its head, the events after data event
-        ``after``, then the live ones until the answer ends or this client leaves."""
+        ``after``, then the live ones until the answer ends or this client leaves.
+        ``request_id``: a coalesced follower's own, in place of the generation's."""
         entry.followers += 1
         entry.followers_changed()
         try:
             while entry.status is None:
                 await entry.wait()
-            headers = [*entry.headers, (STREAM_ID_HEADER, entry.token.encode())]
+            if entry.resumable:
+                headers = [*entry.headers, (STREAM_ID_HEADER, entry.token.encode())]
+            elif request_id is not None:
+                headers = [(k, request_id if k == b"x-request-id" else v) for k, v in entry.headers]
+            else:
+                headers = entry.headers
             if entry.body is not None:
                 await responder.send_full(entry.status, headers, entry.body)
                 return
@@ -407,6 +471,38 @@ class StreamStore:
             return
         self.resumes.inc(("resumed",))
         await self.follow(entry, after, responder)
+
+
+class _Sampling(msgspec.Struct):
+    """What makes a generation request deterministic (the rest of the body is not read)."""
+
+    temperature: float | None = None
+    seed: int | None = None
+    n: int | None = None
+    best_of: int | None = None
+    use_beam_search: bool = False
+
+
+_sampling = msgspec.json.Decoder(_Sampling).decode
+
+
+def coalesce_key(req: Request) -> bytes | None:
+    """The key under which identical requests share a generation (API key, path, body), or
+    None for a request whose copies must not share one: sampled ones (two answers to the
+    same prompt are meant to differ) and those asking for several choices."""
+    try:
+        s = _sampling(req.body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # the handler answers its 400
+    if s.temperature != 0 and s.seed is None:
+        return None
+    if (s.n or 1) != 1 or (s.best_of or 1) != 1 or s.use_beam_search:
+        return None
+    key = _key_name(req) or ""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(key.encode() + b"\0" + req.path.encode() + b"\0")
+    h.update(req.body)
+    return h.digest()
 
 
 def _asks(headers: Headers) -> bool:

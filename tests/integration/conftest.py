@@ -96,6 +96,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         auth: Any = None,
         hedging: Any = None,
         admin: Any = None,
+        streams: Any = None,
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
@@ -121,6 +122,8 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             cfg = msgspec.structs.replace(cfg, hedging=hedging)
         if admin is not None:
             cfg = msgspec.structs.replace(cfg, admin=admin)
+        if streams is not None:
+            cfg = msgspec.structs.replace(cfg, streams=streams)
         gw = Gateway(cfg)
         with trio.fail_after(10):
             await nursery.start(gw.run)
