@@ -2077,8 +2077,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="identical deterministic requests in flight share one generation"
-        " (streams.coalesce)",
+        help="identical deterministic requests in flight share one generation (streams.coalesce)",
     )
     g.add_argument(
         "--hedge",
