@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
+from trio.lowlevel import current_statistics
 
 from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
@@ -96,6 +97,12 @@ async def relay_sse(
     raise exc
 
 
+#: a burst (at least this many events came in one read) on a busy loop waits BURST_WAIT_S
+#: before the next read (see _relay_events)
+BURST_EVENTS = 3
+BURST_WAIT_S = 0.0005
+
+
 async def _relay_events(
     resp: Response,
     responder: Responder,
@@ -122,7 +129,8 @@ async def _relay_events(
                 if scope.deadline - now < stall_s / 2:
                     scope.deadline = now + stall_s
             if not pending and chunk.endswith(b"\n\n"):  # the usual case: whole events
-                events += count_events(chunk)
+                n = count_events(chunk)
+                events += n
                 if rewrite is not None:
                     chunk = rewrite(chunk)
                 if resp.complete:  # the last events: one write with the stream's end
@@ -131,6 +139,14 @@ async def _relay_events(
                     return events
                 if chunk:  # a rewrite may drop every event of a group
                     await send(chunk)
+                if n >= BURST_EVENTS and current_statistics().tasks_runnable:
+                    # The worker outpaces a busy loop: read again at once and each read is
+                    # a few events, a recv and a send each. Waiting half a millisecond lets
+                    # more pile up: fewer, larger reads and writes, more streams served per
+                    # CPU second (-11% CPU per event, +5-10% events/s, benchmarks/README.md).
+                    # Never before the first event (TTFT), never on an idle loop, never for
+                    # paced engines (one event per read).
+                    await trio.sleep(BURST_WAIT_S)
                 chunk = await read()
                 continue
             data = pending + chunk if pending else chunk
