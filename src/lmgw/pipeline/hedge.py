@@ -162,8 +162,9 @@ class Hedger:
         )
         self.delay_gauge = Gauge(
             "lmgw_hedge_delay_seconds",
-            "The wait for a first token before a stream is hedged (adaptive: the quantile of"
-            " recent first-token times; NaN until enough were seen).",
+            "The adaptive wait for a first token before a stream is hedged: the quantile of"
+            " recent first-token times, at least twice their median and min_delay_s (hedging"
+            " starts once min_samples were seen).",
             ("model",),
         )
         for metric in (self.hedges, self.skipped, self.delay_gauge):
