@@ -182,3 +182,18 @@ async def test_adapters_are_known_as_adapters_for_routing(gateway: GatewayFactor
     assert not core.is_lora("sql-lora")
     assert (await gw.request("POST", "/v1/load_lora_adapter", ADAPTER, AUTH)).status == 200
     assert core.is_lora("sql-lora")
+
+
+async def test_unloading_an_adapter_the_workers_started_with(gateway: GatewayFactory) -> None:
+    """vLLM's unload through the gateway reaches every worker that lists the adapter, also
+    one it did not load (--lora-modules); its requests then find no worker."""
+    gw = await _lora_gateway(gateway, 2, lora_modules=(("boot-lora", "/adapters/boot"),))
+    r = await gw.request("POST", "/v1/unload_lora_adapter", {"lora_name": "boot-lora"}, AUTH)
+    assert r.status == 200, r.body
+    assert r.json()["unloaded"] == ["w0", "w1"]
+    for h in gw.sims:
+        assert not await _worker_lists(h.url, "boot-lora")
+    r = await gw.request("POST", "/v1/chat/completions", _chat("boot-lora"))
+    assert r.status == 404, r.body
+    r = await gw.request("POST", "/v1/unload_lora_adapter", {"lora_name": "boot-lora"}, AUTH)
+    assert r.status == 404

@@ -145,11 +145,18 @@ class AdapterManager:
         return self._summary(adapter, failed)
 
     async def unload(self, name: str) -> dict:
-        """Unload ``name`` wherever it is loaded and forget it (404 if it is not managed)."""
-        adapter = self.adapters.pop(name, None)
-        if adapter is None:
-            raise GatewayError(404, f"no LoRA adapter `{name}` was loaded through the gateway")
-        holders = self.holders(name)
+        """Unload ``name`` wherever it is loaded and forget it: where the gateway loaded it,
+        and on workers that list it as an adapter of their own (started with it); 404 when
+        no worker has it."""
+        self.adapters.pop(name, None)
+        holders = [
+            w
+            for w in self.registry
+            if name in w.adapters
+            or (name in self.registry.lora_models and w.models is not None and name in w.models)
+        ]
+        if not holders:
+            raise GatewayError(404, f"no worker holds a LoRA adapter `{name}`")
         failed: dict[str, str] = {}
         async with trio.open_nursery() as nursery:
             for worker in holders:
