@@ -1,8 +1,9 @@
-"""``lmgw serve | simulate | workers | bench``: the command line.
+"""``lmgw serve | simulate | workers | lora | bench``: the command line.
 
 Exit codes: 0 on a clean stop (Ctrl-C or SIGTERM), 2 for bad configuration or flags, 1 when the
-gateway or the simulated fleet fails to start. ``lmgw workers ...`` (the admin API's client)
-exits 1 when the gateway cannot be reached or answers an error, with the gateway's message.
+gateway or the simulated fleet fails to start. ``lmgw workers ...`` and ``lmgw lora ...`` (the
+admin API's client) exit 1 when the gateway cannot be reached or answers an error, with the
+gateway's message.
 """
 
 from __future__ import annotations
@@ -254,10 +255,8 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_workers_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "workers", help="list, add, remove, drain or undrain a running gateway's workers"
-    )
+def _admin_common() -> argparse.ArgumentParser:
+    """The flags every admin API command takes (``lmgw workers``, ``lmgw lora``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--gateway",
@@ -271,6 +270,14 @@ def _add_workers_parser(sub: Any) -> None:
         help="the admin token (default $LMGW_ADMIN_TOKEN; flags show in `ps`)",
     )
     common.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+    return common
+
+
+def _add_workers_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "workers", help="list, add, remove, drain or undrain a running gateway's workers"
+    )
+    common = _admin_common()
     cmds = p.add_subparsers(dest="workers_command", required=True)
     cmds.add_parser("list", parents=[common], help="print a table of the workers")
     add = cmds.add_parser(
@@ -297,6 +304,68 @@ def _add_workers_parser(sub: Any) -> None:
     ):
         cmds.add_parser(name, parents=[common], help=what).add_argument("id")
     p.set_defaults(func=_cmd_workers)
+
+
+def format_adapters(adapters: list[dict[str, Any]]) -> str:
+    """The ``lmgw lora list`` lines: each adapter, where it is loaded and where it failed."""
+    if not adapters:
+        return "no LoRA adapters loaded through this gateway"
+    lines = []
+    for a in adapters:
+        lines.append(
+            f"{a['lora_name']}  {a['lora_path']}  base={a.get('model') or '*'}"
+            f"  loaded on {len(a['loaded'])}: {', '.join(a['loaded']) or '-'}"
+        )
+        lines += [f"   failed on {wid}: {why}" for wid, why in sorted(a["failed"].items())]
+    return "\n".join(lines)
+
+
+def _cmd_lora(args: argparse.Namespace) -> int:
+    token = args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
+    call = args.lora_command
+    try:
+        if call == "list":
+            answer = admin_call(args.gateway, token, "GET", "/admin/lora_adapters")
+            text = format_adapters(answer["data"])
+        elif call == "load":
+            body: dict[str, Any] = {"lora_name": args.name, "lora_path": args.path}
+            if args.model:
+                body["model"] = args.model
+            if args.inplace:
+                body["load_inplace"] = True
+            # one load may read the adapter from a hub on every worker: minutes, not seconds
+            answer = admin_call(
+                args.gateway, token, "POST", "/admin/lora_adapters", body, timeout=180.0
+            )
+            text = format_adapters([answer])
+        else:
+            path = "/admin/lora_adapters/" + quote(args.name, safe="")
+            answer = admin_call(args.gateway, token, "DELETE", path, timeout=180.0)
+            text = f"unloaded {args.name} from {len(answer['unloaded'])} workers" + "".join(
+                f"\n   failed on {wid}: {why}" for wid, why in sorted(answer["failed"].items())
+            )
+    except AdminClientError as exc:
+        print(f"lmgw: {exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(answer).decode() if args.json else text)
+    return 0
+
+
+def _add_lora_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "lora", help="list, load or unload LoRA adapters on a running gateway's whole fleet"
+    )
+    common = _admin_common()
+    cmds = p.add_subparsers(dest="lora_command", required=True)
+    cmds.add_parser("list", parents=[common], help="the adapters and where they are loaded")
+    load = cmds.add_parser("load", parents=[common], help="load an adapter on every worker")
+    load.add_argument("name")
+    load.add_argument("path", help="where the workers read it (vLLM's lora_path)")
+    load.add_argument("--model", default=None, help="only workers serving this base model")
+    load.add_argument("--inplace", action="store_true", help="reload a name from a new path")
+    unload = cmds.add_parser("unload", parents=[common], help="unload it everywhere")
+    unload.add_argument("name")
+    p.set_defaults(func=_cmd_lora)
 
 
 def _speed(text: str) -> float:
@@ -407,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim.set_defaults(func=_cmd_simulate)
 
     _add_workers_parser(sub)
+    _add_lora_parser(sub)
     from .bench.cli import add_bench_parser  # light: rich and matplotlib load only when used
 
     add_bench_parser(sub)

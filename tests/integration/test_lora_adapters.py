@@ -197,3 +197,32 @@ async def test_unloading_an_adapter_the_workers_started_with(gateway: GatewayFac
     assert r.status == 404, r.body
     r = await gw.request("POST", "/v1/unload_lora_adapter", {"lora_name": "boot-lora"}, AUTH)
     assert r.status == 404
+
+
+async def test_the_lora_cli(
+    gateway: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``lmgw lora list|load|unload``: the admin API's client, as ``lmgw workers``."""
+    from lmgw import cli
+
+    async def run(*argv: str) -> int:
+        with trio.fail_after(15):
+            return await trio.to_thread.run_sync(cli.main, list(argv))
+
+    gw = await _lora_gateway(gateway, per_worker=[{"enable_lora": True}, {}])
+    monkeypatch.setenv("LMGW_ADMIN_TOKEN", TOKEN)
+    common = ("--gateway", gw.url)
+    assert await run("lora", "list", *common) == 0
+    assert "no LoRA adapters" in capsys.readouterr().out
+    assert await run("lora", "load", "sql-lora", "/adapters/sql", *common) == 0
+    out = capsys.readouterr().out
+    assert "sql-lora  /adapters/sql  base=*  loaded on 1: w0" in out
+    assert "failed on w1: 404" in out
+    assert await run("lora", "list", "--json", *common) == 0
+    assert '"lora_name":"sql-lora"' in capsys.readouterr().out
+    assert await run("lora", "unload", "sql-lora", *common) == 0
+    assert "unloaded sql-lora from 1 workers" in capsys.readouterr().out
+    assert await run("lora", "unload", "sql-lora", *common) == 1
+    assert "404" in capsys.readouterr().err
