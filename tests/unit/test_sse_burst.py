@@ -1,7 +1,7 @@
-"""The SSE relay's burst pacing (transport/openai_http.py): after a read of several events on
-a busy loop it waits BURST_WAIT_S before reading again, so that reads and writes carry more
-events each; never on an idle loop, never after a read of one or two events, and the first
-event always goes out at once."""
+"""The SSE relay's burst pacing (transport/pacing.py, used by transport/openai_http.py):
+after a read of several events on a busy loop it waits BURST_WAIT_S before
+reading again, so that reads and writes carry more events each; never on an idle loop, never
+after a read of one or two events, and the first event always goes out at once."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from lmgw.transport import openai_http
-from lmgw.transport.openai_http import BURST_WAIT_S, relay_sse
+from lmgw.transport import pacing
+from lmgw.transport.openai_http import relay_sse
+from lmgw.transport.pacing import BURST_WAIT_S
 
 
 class FakeResponse:
@@ -59,7 +60,7 @@ async def _relay(
 ) -> tuple[FakeResponse, Sink, int]:
     """Relay ``groups`` with the loop reported busy (other tasks runnable) or idle."""
     stats = SimpleNamespace(tasks_runnable=3 if busy else 0)
-    monkeypatch.setattr(openai_http, "current_statistics", lambda: stats)
+    monkeypatch.setattr(pacing, "current_statistics", lambda: stats)
     resp, sink = FakeResponse(groups), Sink()
     events = await relay_sse(resp, sink, [], lambda: None)  # type: ignore[arg-type]
     return resp, sink, events
@@ -90,4 +91,4 @@ async def test_the_first_event_is_never_delayed(
 
 
 def test_the_constants_are_what_the_benchmark_measured() -> None:
-    assert openai_http.BURST_EVENTS == 3 and BURST_WAIT_S == 0.0005
+    assert pacing.BURST_EVENTS == 3 and BURST_WAIT_S == 0.0005

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import trio
-from trio.lowlevel import current_statistics
 
 from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..workers.worker import Worker
 from .chunked import count_events
+from .pacing import after_write
 from .pool import Response, UpstreamError
 from .sse import split_complete
 
@@ -97,12 +97,6 @@ async def relay_sse(
     raise exc
 
 
-#: a burst (at least this many events came in one read) on a busy loop waits BURST_WAIT_S
-#: before the next read (see _relay_events)
-BURST_EVENTS = 3
-BURST_WAIT_S = 0.0005
-
-
 async def _relay_events(
     resp: Response,
     responder: Responder,
@@ -139,14 +133,7 @@ async def _relay_events(
                     return events
                 if chunk:  # a rewrite may drop every event of a group
                     await send(chunk)
-                if n >= BURST_EVENTS and current_statistics().tasks_runnable:
-                    # The worker outpaces a busy loop: read again at once and each read is
-                    # a few events, a recv and a send each. Waiting half a millisecond lets
-                    # more pile up: fewer, larger reads and writes, more streams served per
-                    # CPU second (-11% CPU per event, +5-10% events/s, benchmarks/README.md).
-                    # Never before the first event (TTFT), never on an idle loop, never for
-                    # paced engines (one event per read).
-                    await trio.sleep(BURST_WAIT_S)
+                await after_write(n)  # a burst on a busy loop: let more pile up (pacing.py)
                 chunk = await read()
                 continue
             data = pending + chunk if pending else chunk
