@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import trio
+from fakes import RecordingResponder
 
 from lmgw.metrics import Metrics
 from lmgw.pipeline.native import _COALESCE_MAX, NativeRunner
@@ -47,21 +48,6 @@ class Answers:
         return self.bursts[0].pop(0)
 
 
-class Responder:
-    def __init__(self) -> None:
-        self.started = False
-        self.writes: list[bytes] = []
-
-    async def start(self, status: int, headers: list) -> None:
-        self.started = True
-
-    async def send(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    async def end(self, data: bytes = b"") -> None:
-        self.writes.append(data)
-
-
 def _runner() -> NativeRunner:
     runner = object.__new__(NativeRunner)
     runner.p = SimpleNamespace(metrics=Metrics())
@@ -81,7 +67,7 @@ def _events(n: int) -> list[Any]:
 
 async def _relay(bursts: list[list[Any]]) -> list[bytes]:
     greq = GatewayRequest("chat", "/v1/chat/completions", "m", True, b"{}", "r1", [], 0.0)
-    responder = Responder()
+    responder = RecordingResponder()
     worker = SimpleNamespace(id="w1")
     await _runner()._relay(greq, responder, Answers(bursts), _synth(), worker, "pd", 0.0, False, 0)
     return responder.writes
@@ -144,7 +130,7 @@ async def test_tool_calls_are_parsed_on_the_native_stream() -> None:
 
     greq = GatewayRequest("chat", "/v1/chat/completions", "m", True, b"{}", "r1", [], 0.0)
     greq.output = _rewriter()
-    responder = Responder()
+    responder = RecordingResponder()
     events = _tool_events()
     bursts = [events[:5], *[[e] for e in events[5:]]]  # coalesced and lone events both
     worker = SimpleNamespace(id="w1")
@@ -174,7 +160,7 @@ async def test_tool_calls_are_parsed_on_the_native_whole_answer() -> None:
     greq.output = _rewriter()
     sent: dict[str, Any] = {}
 
-    class Whole(Responder):
+    class Whole(RecordingResponder):
         async def send_full(self, status: int, headers: list, body: bytes) -> None:
             sent["body"] = body
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from fakes import RecordingResponder
 
 from lmgw.transport import pacing
 from lmgw.transport.openai_http import relay_sse
@@ -39,29 +39,13 @@ class FakeResponse:
         pass
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.started = False
-        self.writes: list[bytes] = []
-
-    async def start(self, status: int, headers: Any) -> None:
-        self.started = True
-
-    async def send(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    async def end(self, data: bytes = b"") -> None:
-        if data:
-            self.writes.append(data)
-
-
 async def _relay(
     groups: list[int], busy: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple[FakeResponse, Sink, int]:
+) -> tuple[FakeResponse, RecordingResponder, int]:
     """Relay ``groups`` with the loop reported busy (other tasks runnable) or idle."""
     stats = SimpleNamespace(tasks_runnable=3 if busy else 0)
     monkeypatch.setattr(pacing, "current_statistics", lambda: stats)
-    resp, sink = FakeResponse(groups), Sink()
+    resp, sink = FakeResponse(groups), RecordingResponder()
     events = await relay_sse(resp, sink, [], lambda: None)  # type: ignore[arg-type]
     return resp, sink, events
 
