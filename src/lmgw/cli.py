@@ -424,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         " through the gateway, with --admin-token)",
     )
     p_sim.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="identical deterministic requests in flight share one generation (streams.coalesce)",
+    )
+    p_sim.add_argument(
         "--hedge",
         action="store_true",
         help="hedge streams whose first token is late (hedging.enabled)",

@@ -57,6 +57,7 @@ from .config import (
     ReplicasConfig,
     RoutingConfig,
     ServerConfig,
+    StreamsConfig,
     WorkerConfig,
 )
 from .fleetspec import FleetSpec
@@ -120,6 +121,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
         ),
         routing=RoutingConfig(**routing),
         hedging=hedging,
+        streams=StreamsConfig(coalesce=bool(getattr(args, "coalesce", False))),
         models=[ModelConfig(**model)],  # type: ignore[arg-type]
         workers=workers,
     )

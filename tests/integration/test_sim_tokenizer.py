@@ -340,6 +340,24 @@ def test_fleet_config_gives_the_gateway_the_fleets_folder(model_dir: Path) -> No
     assert model.name == MODEL
 
 
+def test_fleet_config_takes_the_simulate_flags(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lmgw simulate --hedge --coalesce`: the gateway config says so; the simulation's admin
+    API takes $LMGW_ADMIN_TOKEN, else local clients."""
+    fleet = Fleet()
+    fleet.model_dir = model_dir
+    args = argparse.Namespace(host="127.0.0.1", port=0, model=MODEL, hedge=True, coalesce=True)
+    monkeypatch.delenv("LMGW_ADMIN_TOKEN", raising=False)
+    cfg = fleet_config(fleet, FleetSpec(pd=1), args)
+    assert cfg.hedging.enabled and cfg.streams.coalesce and not cfg.streams.resumable
+    assert cfg.admin.token is None and cfg.admin.allow_unauthenticated_localhost
+    monkeypatch.setenv("LMGW_ADMIN_TOKEN", "t0ken")
+    cfg = fleet_config(fleet, FleetSpec(pd=1), argparse.Namespace(host="h", port=0, model=MODEL))
+    assert not cfg.hedging.enabled and not cfg.streams.coalesce
+    assert cfg.admin.token == "t0ken" and not cfg.admin.allow_unauthenticated_localhost
+
+
 @pytest.mark.slow
 async def test_process_fleet_shares_one_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
