@@ -474,7 +474,7 @@ class Pipeline:
             if responder.started:
                 if journal is not None:  # the caller continues the stream or ends it
                     broken = MidStream(exc.status, exc.message)
-                    broken.workers = legs
+                    broken.workers = (worker,)  # the one whose stream broke (a hedge's winner)
                     return broken
                 return None  # the stream already carries the error event
             # nothing reached the client: another worker may take the whole request, unless
