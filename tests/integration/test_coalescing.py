@@ -133,3 +133,19 @@ async def test_everyone_leaving_aborts_the_generation(gateway: GatewayFactory) -
             await trio.sleep(0.02)
     assert gw.sims[0].sim.stats.in_flight == 0
     assert gw.gateway.streams.inflight == {}
+
+
+async def test_resumable_requests_are_not_coalesced_and_plain_ones_are(
+    gateway: GatewayFactory,
+) -> None:
+    """Both options on: a request asking for resumption gets its own resumable answer (an id,
+    ``id:`` lines), identical plain greedy requests still share one generation."""
+    gw = await gateway(1, streams=StreamsConfig(coalesce=True, resumable=True), **SLOW)
+    body = _chat(True, temperature=0)
+    resumable = {"x-lmgw-resumable": "1"}
+    rs = await _together(gw, [body, body, body], [resumable, {}, {}])
+    assert [r.status for r in rs] == [200] * 3
+    assert "x-lmgw-stream-id" in rs[0].headers and b"id: 0\n" in rs[0].body
+    assert rs[1].body == rs[2].body and b"id: " not in rs[1].body
+    assert gw.sims[0].sim.stats.requests_total == 2
+    assert await _coalesced(gw) == 1

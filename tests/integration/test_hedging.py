@@ -315,3 +315,23 @@ async def test_each_leg_is_queued_on_its_own_worker(gateway: GatewayFactory) -> 
     assert queued == [2]
     await _settled(gw, *IDLE)
     assert policy.queued_requests == 0
+
+
+async def test_a_resumable_stream_is_hedged_too(gateway: GatewayFactory) -> None:
+    """The generation of a resumable answer runs the same pipeline: a late first token is
+    hedged, and the answer (with its event ids) is the hedge's."""
+    from lmgw.config import StreamsConfig
+
+    gw = await gateway(
+        2,
+        per_worker=[{"faults": {"stall_rate": 1.0, "stall_s": 5.0}}, {}],
+        hedging=HedgingConfig(enabled=True, delay_s=0.02, max_ratio=1.0),
+        streams=StreamsConfig(resumable=True),
+    )
+    with trio.fail_after(3):
+        r = await gw.request(
+            "POST", "/v1/chat/completions", _chat("resume"), {"x-lmgw-resumable": "1"}
+        )
+    assert r.status == 200 and "x-lmgw-stream-id" in r.headers and b"id: 0\n" in r.body
+    text = await _settled(gw, *IDLE)
+    assert metric_value(text, f'lmgw_hedges_total{{model="{MODEL}",outcome="hedge"}}') == 1
