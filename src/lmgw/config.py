@@ -501,6 +501,11 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # its own counterfactual world (docs/routing.md, "Shadow policies"): agreement, predicted
     # cache hits and load skew per policy, to switch with evidence. Costs each one's decision.
     shadow_policies: list[str] = []
+    # A LoRA adapter's requests go only to workers where the adapter is active or a LoRA slot
+    # is free (vLLM --max-loras, from its /metrics and the gateway's own dispatches), when
+    # there are such; the policy chooses among them (docs/routing.md, "LoRA affinity"). Off:
+    # it costs every request a wrapper call (~0.5 µs) and matters only for LoRA fleets.
+    lora_affinity: bool = False
     # Answer with an `x-lmgw-route` header: policy, worker, predicted cached tokens and any
     # fallback reason (for debugging routing; off by default: it costs a few µs).
     route_header: bool = False
@@ -2073,6 +2078,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         " GET /v1/streams/{id} (streams.resumable; requests opt in with X-Lmgw-Resumable: 1)",
     )
     g.add_argument(
+        "--lora-affinity",
+        action="store_const",
+        const=True,
+        default=None,
+        help="route a LoRA adapter's requests where it is active or a slot is free"
+        " (routing.lora_affinity)",
+    )
+    g.add_argument(
         "--coalesce",
         action="store_const",
         const=True,
@@ -2153,6 +2166,7 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("resumable_streams", "streams", "resumable", "--resumable-streams"),
     ("hedge", "hedging", "enabled", "--hedge"),
     ("coalesce", "streams", "coalesce", "--coalesce"),
+    ("lora_affinity", "routing", "lora_affinity", "--lora-affinity"),
     ("cache_tiers", "cache", "tiers", "--cache-tiers"),
     ("cors_allow_origins", "server", "cors_allow_origins", "--cors-allow-origins"),
     ("cache_redis_url", "cache", "redis_url", "--cache-redis-url"),

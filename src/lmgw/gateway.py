@@ -119,6 +119,11 @@ class Gateway:
                 if role != "e" and names:  # encoders: media affinity, not prompt routing
                     shadows = [make_policy(n, config.routing) for n in names]
                     self.policies[role] = Shadowed(role, active, shadows, shadow_metrics)
+        if config.routing.lora_affinity:  # adapters where they are active or can be
+            from .routing.lora_affinity import LoraAffine
+
+            for role in ("pd", "p", "d"):
+                self.policies[role] = LoraAffine(self.policies[role])
         self.metrics.add(
             Gauge(
                 "lmgw_routing_policy_stat",
@@ -129,6 +134,7 @@ class Gateway:
             )
         )
         self.pipeline = Pipeline(config, self.registry, self.pool, self.policies, self.metrics)
+        self.pipeline.is_lora = self.is_lora
         # the distributed cache pool ([cache]; None without tiers) and the encoder-output cache
         self.cache_metrics = CacheMetrics(self.metrics)
         self.cache = build_pool(

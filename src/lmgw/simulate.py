@@ -81,6 +81,8 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     routing: dict[str, Any] = {"policy": args.policy} if getattr(args, "policy", None) else {}
     if getattr(args, "shadow_policies", None):
         routing["shadow_policies"] = args.shadow_policies
+    if getattr(args, "enable_lora", False):  # adapters where they are active (--max-loras)
+        routing["lora_affinity"] = True
     hedging = HedgingConfig(enabled=bool(getattr(args, "hedge", False)))
     native = getattr(fleet, "transport", "http") == "zmq"
     dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"

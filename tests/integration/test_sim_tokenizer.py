@@ -347,14 +347,18 @@ def test_fleet_config_takes_the_simulate_flags(
     API takes $LMGW_ADMIN_TOKEN, else local clients."""
     fleet = Fleet()
     fleet.model_dir = model_dir
-    args = argparse.Namespace(host="127.0.0.1", port=0, model=MODEL, hedge=True, coalesce=True)
+    args = argparse.Namespace(
+        host="127.0.0.1", port=0, model=MODEL, hedge=True, coalesce=True, enable_lora=True
+    )
     monkeypatch.delenv("LMGW_ADMIN_TOKEN", raising=False)
     cfg = fleet_config(fleet, FleetSpec(pd=1), args)
     assert cfg.hedging.enabled and cfg.streams.coalesce and not cfg.streams.resumable
+    assert cfg.routing.lora_affinity
     assert cfg.admin.token is None and cfg.admin.allow_unauthenticated_localhost
     monkeypatch.setenv("LMGW_ADMIN_TOKEN", "t0ken")
     cfg = fleet_config(fleet, FleetSpec(pd=1), argparse.Namespace(host="h", port=0, model=MODEL))
     assert not cfg.hedging.enabled and not cfg.streams.coalesce
+    assert not cfg.routing.lora_affinity
     assert cfg.admin.token == "t0ken" and not cfg.admin.allow_unauthenticated_localhost
 
 

@@ -127,7 +127,7 @@ class DisaggRunner:
     ) -> None:
         roles = FLOW_ROLES[flow]
         body = ClientBody(greq.body)
-        route = greq.route or RouteContext(greq.model, greq.request_id)
+        route = greq.route or self.p.route_of(greq)
         p = self.p
         prefill = p.pick(greq.model, "p", route) if "p" in roles else None
         decode = p.pick(greq.model, "d" if "d" in roles else "pd", route)

@@ -153,6 +153,10 @@ class Pipeline:
         self.picks = dict.fromkeys(policies, 0)
         #: hedged streams (hedging.enabled): None when off, one attribute test per stream
         self.hedger = hedger_for(cfg.hedging, metrics, policies)
+        #: routing.lora_affinity: a request's context names its LoRA adapter (the gateway
+        #: sets ``is_lora``: whether a model is an adapter)
+        self.lora_affinity = cfg.routing.lora_affinity
+        self.is_lora: Callable[[str], bool] = lambda model: False
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
@@ -175,6 +179,13 @@ class Pipeline:
             problem = dialect.peer_problem(wc.role, peer) if dialect else None
             if problem is not None:
                 raise ValueError(f"worker {wc.worker_id}: {problem}")
+
+    def route_of(self, greq: GatewayRequest) -> RouteContext:
+        """The routing context of a request the API gave none (no policy routes on its
+        prompt or session): its model, and its LoRA adapter when affinity routes on it."""
+        model = greq.model
+        lora = model if self.lora_affinity and self.is_lora(model) else None
+        return RouteContext(model, greq.request_id, lora=lora)
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none."""
@@ -205,7 +216,7 @@ class Pipeline:
             await self.disagg.run(greq, responder, flow, dialect)
             return
         role = "pd"
-        ctx = greq.route or RouteContext(greq.model, greq.request_id)
+        ctx = greq.route or self.route_of(greq)
         worker = self.pick(greq.model, role, ctx)
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
@@ -241,7 +252,7 @@ class Pipeline:
         """Run a merged request on ``worker`` and nowhere else: a Responses API follow-up that
         only the worker which stored the response can answer. No retry elsewhere (another
         worker would answer 404) and no continuation; a failure is the client's answer."""
-        ctx = greq.route or RouteContext(greq.model, greq.request_id)
+        ctx = greq.route or self.route_of(greq)
         await self.dispatch(
             greq, responder, "pd", worker, ctx, False, greq.path, greq.forward_headers,
             greq.body, method=method,

@@ -9,6 +9,7 @@ go through the same connection pool as requests, with their own short timeout.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import msgspec
@@ -45,12 +46,27 @@ _ENGINE_METRICS = {
 }
 
 
+_LORA_INFO = b"vllm:lora_requests_info{"
+_LABEL = re.compile(rb'(\w+)="([^"]*)"')
+
+
 def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
     """Sum each known vLLM metric over its label sets (data-parallel ranks, models) into
-    ``load``; other lines are skipped without parsing them."""
+    ``load``; other lines are skipped without parsing them. ``vllm:lora_requests_info`` (a
+    gauge whose value is the time it was set, one label set per state seen) gives the running
+    adapters and ``max_lora`` of its latest sample."""
     sums: dict[str, float] = {}
+    lora: tuple[float, bytes] | None = None
     for line in text.split(b"\n"):
         if not line.startswith(b"vllm:"):
+            continue
+        if line.startswith(_LORA_INFO):
+            try:
+                at = float(line.rsplit(b" ", 1)[1])
+            except (ValueError, IndexError):
+                continue
+            if lora is None or at > lora[0]:
+                lora = (at, line)
             continue
         name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i > 0), default=-1)
         field = _ENGINE_METRICS.get(line[:name_end]) if name_end > 0 else None
@@ -63,6 +79,14 @@ def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
         sums[field] = sums.get(field, 0.0) + value
     for field, value in sums.items():
         setattr(load, field, value)
+    if lora is not None:
+        labels = {k.decode(): v.decode() for k, v in _LABEL.findall(lora[1])}
+        running = labels.get("running_lora_adapters", "")
+        load.lora_running = frozenset(a for a in running.split(",") if a)
+        try:
+            load.lora_max = int(labels.get("max_lora", "0"))
+        except ValueError:
+            load.lora_max = 0
 
 
 class HealthMonitor:

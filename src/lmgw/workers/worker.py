@@ -23,7 +23,10 @@ class WorkerState(enum.Enum):
 class EngineLoad:
     """A worker's own view of its load, from its ``/metrics`` (zero until scraped)."""
 
-    __slots__ = ("kv_usage", "prefix_hits", "prefix_queries", "running", "waiting")
+    __slots__ = (
+        "kv_usage", "lora_max", "lora_running", "prefix_hits", "prefix_queries", "running",
+        "waiting",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.running = 0.0  #: vllm:num_requests_running
@@ -31,9 +34,14 @@ class EngineLoad:
         self.kv_usage = 0.0  #: vllm:kv_cache_usage_perc (0..1)
         self.prefix_hits = 0.0  #: vllm:prefix_cache_hits_total
         self.prefix_queries = 0.0  #: vllm:prefix_cache_queries_total
+        #: vllm:lora_requests_info: adapters with running requests, and max_lora (0: unknown)
+        self.lora_running: frozenset[str] = frozenset()
+        self.lora_max = 0
 
     def describe(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+        out = {k: getattr(self, k) for k in self.__slots__}
+        out["lora_running"] = sorted(self.lora_running)
+        return out
 
 
 class Worker:
