@@ -37,92 +37,21 @@ import json
 import os
 import platform
 import re
-import socket
-import statistics
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
 
+from fleet_runs import MODEL, RESULTS, http, med, reset_workers, start_gateway, worker_requests
 from lmgw.bench import BenchOptions, run_bench
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LOG_DIR = RESULTS / "hedging-logs"
-MODEL = "sim-model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: the gateway flags of each system (beyond the workers); "fixed" also gets
 #: LMGW_HEDGING_DELAY_S (see start_gateway)
 SYSTEMS: dict[str, list[str]] = {"off": [], "adaptive": ["--hedge"], "fixed": ["--hedge"]}
-
-
-async def http(url: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    host, port = url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    async with stream:
-        head = (
-            f"{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n"
-            "content-type: application/json\r\nconnection: close\r\n\r\n"
-        ).encode()
-        await stream.send_all(head + body)
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head_bytes, _, payload = data.partition(b"\r\n\r\n")
-    status = int(head_bytes.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in head_bytes.lower():
-        out, rest = b"", payload
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2 :]
-        payload = out
-    return status, payload
-
-
-async def start_gateway(
-    name: str, flags: list[str], fleet: Fleet, fixed_delay: float
-) -> tuple[trio.Process, str]:
-    port = free_port()
-    argv = [sys.executable, "-c", "import sys; from lmgw.cli import main; sys.exit(main())"]
-    argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    for m in fleet.members:
-        argv += ["--worker", f"pd={m.url}"]
-    argv += ["--log-level", "warning", "--open", *flags]
-    env = dict(os.environ)
-    if name == "fixed":
-        env["LMGW_HEDGING_DELAY_S"] = str(fixed_delay)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    logf = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-    proc = await trio.lowlevel.open_process(
-        argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, start_new_session=True
-    )
-    logf.close()
-    url = f"http://127.0.0.1:{port}"
-    body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    ).encode()
-    with trio.fail_after(60):
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {LOG_DIR}")
-            try:
-                if (await http(url, "POST", "/v1/chat/completions", body))[0] == 200:
-                    return proc, url
-            except OSError:
-                pass
-            await trio.sleep(0.2)
 
 
 _HEDGE_LINE = re.compile(
@@ -145,14 +74,11 @@ def hedge_counts(metrics: str) -> dict[str, float]:
 async def one_run(
     name: str, flags: list[str], fleet: Fleet, args: argparse.Namespace
 ) -> dict[str, Any]:
-    for m in fleet.members:  # same stall draws per worker for every system
-        status, _ = await http(m.url, "POST", "/sim/reset")
-        assert status == 200
-    proc, url = await start_gateway(name, flags, fleet, args.fixed_delay)
+    await reset_workers(fleet)  # same stall draws per worker for every system
+    env = {"LMGW_HEDGING_DELAY_S": str(args.fixed_delay)} if name == "fixed" else None
+    proc, url = await start_gateway(name, flags, fleet, LOG_DIR, env)
     try:
-        before = 0
-        for m in fleet.members:
-            before += json.loads((await http(m.url, "GET", "/sim/stats"))[1])["requests_total"]
+        before = await worker_requests(fleet)
         report = await run_bench(
             BenchOptions(
                 url=url,
@@ -168,9 +94,7 @@ async def one_run(
             )
         )
         await trio.sleep(0.5)  # let aborted legs settle in the workers' counters
-        legs = -before
-        for m in fleet.members:
-            legs += json.loads((await http(m.url, "GET", "/sim/stats"))[1])["requests_total"]
+        legs = await worker_requests(fleet) - before
         metrics = (await http(url, "GET", "/metrics"))[1].decode()
     finally:
         await stop_process(proc)
@@ -189,17 +113,6 @@ async def one_run(
     }
 
 
-def _med(runs: list[dict[str, Any]], *path: str) -> float | None:
-    values = []
-    for r in runs:
-        v: Any = r
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
-        if isinstance(v, (int, float)):
-            values.append(float(v))
-    return statistics.median(values) if values else None
-
-
 def table(by_system: dict[str, list[dict[str, Any]]]) -> str:
     def f(v: float | None, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
@@ -211,13 +124,13 @@ def table(by_system: dict[str, list[dict[str, Any]]]) -> str:
     ]
     for name, runs in by_system.items():
         rows.append(
-            f"| {name} | {f(_med(runs, 'ttft_ms', 'p50'))} | {f(_med(runs, 'ttft_ms', 'p90'))}"
-            f" | {f(_med(runs, 'ttft_ms', 'p99'))} | {f(_med(runs, 'ttft_ms', 'max'))}"
-            f" | {f(_med(runs, 'e2e_ms', 'p99'))} | {f(_med(runs, 'errors'), '{:.0f}')}"
-            f" | {f(_med(runs, 'extra_legs_per_request'), '{:.3f}')}"
-            f" | {f(_med(runs, 'hedges', 'won_by_hedge'), '{:.0f}')}"
-            f" / {f(_med(runs, 'hedges', 'won_by_primary'), '{:.0f}')}"
-            f" | {f(_med(runs, 'hedges', 'skipped_budget'), '{:.0f}')} |"
+            f"| {name} | {f(med(runs, 'ttft_ms', 'p50'))} | {f(med(runs, 'ttft_ms', 'p90'))}"
+            f" | {f(med(runs, 'ttft_ms', 'p99'))} | {f(med(runs, 'ttft_ms', 'max'))}"
+            f" | {f(med(runs, 'e2e_ms', 'p99'))} | {f(med(runs, 'errors'), '{:.0f}')}"
+            f" | {f(med(runs, 'extra_legs_per_request'), '{:.3f}')}"
+            f" | {f(med(runs, 'hedges', 'won_by_hedge'), '{:.0f}')}"
+            f" / {f(med(runs, 'hedges', 'won_by_primary'), '{:.0f}')}"
+            f" | {f(med(runs, 'hedges', 'skipped_budget'), '{:.0f}')} |"
         )
     return "\n".join(rows)
 
@@ -240,10 +153,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     f" hedges {r['hedges']}",
                     flush=True,
                 )
-    off = _med(by_system["off"], "ttft_ms", "p99")
+    off = med(by_system["off"], "ttft_ms", "p99")
     ratios: dict[str, float | None] = {}
     for n, rs in by_system.items():
-        p99 = _med(rs, "ttft_ms", "p99")
+        p99 = med(rs, "ttft_ms", "p99")
         ratios[n] = None if not off or p99 is None else round(p99 / off, 3)
     return {
         "benchmark": "hedging",

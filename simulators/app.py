@@ -56,7 +56,9 @@ timing model and writes vLLM-shaped bytes.
 LoRA (``enable_lora``, or adapters given at start with ``lora_modules``): vLLM's runtime adapter
 routes (``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, as vLLM mounts them with
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), adapters listed in ``/v1/models`` after the base model and
-accepted as ``model`` by every route that checks it; their bookkeeping is :mod:`.lora`.
+accepted as ``model`` by every route that checks it; their bookkeeping is :mod:`.lora`. With
+``max_loras`` (vLLM's ``--max-loras``) only that many adapters run at once: another adapter's
+request waits for a slot (:class:`.lora.LoraSlots`); ``/metrics`` has ``vllm:lora_requests_info``.
 
 Hot path (the simulator is the "direct" baseline of the gateway-overhead benchmarks, run at
 ``speed=inf``): requests are decoded by typed msgspec structs, the constant parts of every SSE
@@ -134,8 +136,8 @@ from .logprobs import (
     sglang_tokens,
     sglang_top,
 )
-from .lora import LoraAdapters, LoraError
-from .metrics import render_metrics
+from .lora import LoraAdapters, LoraError, LoraSlots
+from .metrics import render_lora_info, render_metrics
 from .structured import Unsimulated
 
 BEST_OF_MESSAGE = (
@@ -236,6 +238,12 @@ class WorkerOptions:
     """Serve LoRA adapters and mount vLLM's runtime load/unload routes (``--enable-lora``)."""
     lora_modules: tuple[tuple[str, str], ...] = ()
     """``(name, path)`` adapters loaded at start (``--lora-modules``); implies ``enable_lora``."""
+    max_loras: int | None = None
+    """Adapters active in the running batch at once (vLLM's ``--max-loras``): a request whose
+    adapter finds no slot waits, as in vLLM's scheduler; None: unlimited, no waiting."""
+    lora_load_s: float = 0.02
+    """Activating an adapter in a slot (loading its weights onto the GPU), at speed 1; only with
+    ``max_loras``."""
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -781,6 +789,8 @@ class SimWorker:
         self.stats = SimStats()
         self._slots = trio.Semaphore(max(1, self.options.max_num_seqs))
         self._prefill_lock = trio.Lock()  # FIFO: serial prefills queue in arrival order
+        self._lora_slots = LoraSlots(opts.max_loras)
+        self._lora_freed = trio.lowlevel.ParkingLot()  # requests waiting for a LoRA slot
         self.kv_events = KvEventPublisher(opts.kv_events) if opts.kv_events else None
         """The KV event publisher (``options.kv_events``); run by serve_worker_inprocess."""
         if self.kv_events is not None:
@@ -1367,6 +1377,7 @@ class SimWorker:
         finished = False
         acquired = False
         computing = False  # holds the prefill lock (serial_prefill)
+        lora_held: str | None = None  # the adapter whose LoRA slot this request holds
         try:
             if faults.hang:
                 await trio.sleep_forever()
@@ -1374,6 +1385,11 @@ class SimWorker:
             if stall:
                 await trio.sleep(stall)
             ticket = engine.submit(plan.prompt_tokens, len(plan.choices), self._lora_key(plan))
+            if plan.model not in self._names:  # an adapter: vLLM schedules it only in a slot
+                load_s = await self._acquire_lora(plan.model)
+                lora_held = plan.model
+                if load_s > 0:
+                    await trio.sleep(load_s)
             try:
                 self._slots.acquire_nowait()
             except trio.WouldBlock:
@@ -1447,10 +1463,34 @@ class SimWorker:
                 self._prefill_lock.release()
             if acquired:
                 self._slots.release()
+            if lora_held is not None and self._lora_slots.release(lora_held):
+                self._lora_freed.unpark_all()  # an idle adapter may be swapped out now
             if ticket is not None:
                 if writer is not None:
                     generated = writer.tokens  # counts every choice's tokens
                 self._close_ticket(ticket, plan, generated, finished, arrival)
+
+    async def _acquire_lora(self, name: str) -> float:
+        """Take a LoRA slot for one request of ``name``, waiting (counted in vLLM's waiting
+        adapters) while every slot is busy; the seconds its activation then takes (0 when the
+        adapter was active already, or without ``max_loras``)."""
+        slots = self._lora_slots
+        loads = slots.needs_load(name)
+        if not slots.try_acquire(name)[0]:
+            slots.wait(name)
+            try:
+                while True:
+                    await self._lora_freed.park()
+                    loads = slots.needs_load(name)
+                    if slots.try_acquire(name)[0]:
+                        break
+            finally:
+                slots.unwait(name)
+            self._lora_freed.unpark_all()  # waiters for this adapter may join it now
+        if not loads or slots.max_loras is None:
+            return 0.0
+        timing = self.engine.config.timing
+        return 0.0 if timing.instant else self.options.lora_load_s * self.engine.slow / timing.speed
 
     def _close_ticket(
         self, ticket: Ticket, plan: _Plan, generated: int, finished: bool, arrival: float
@@ -2283,8 +2323,19 @@ class SimWorker:
             raise ApiError(503, "The simulated worker is unhealthy (fault).")
 
     async def _metrics(self, request: Request, responder: Responder, rid: bytes) -> None:
-        body = render_metrics(self.engine, self._default_model, self._handoff_counters()).encode()
+        text = render_metrics(self.engine, self._default_model, self._handoff_counters())
+        if self.options.lora_enabled:
+            text += render_lora_info(
+                self._lora_slots.running(), self._lora_slots.waiting(), self._max_lora_label()
+            )
+        body = text.encode()
         await responder.send_full(200, [_TEXT, (b"x-request-id", rid)], body)
+
+    def _max_lora_label(self) -> int:
+        """vLLM's ``max_lora`` label: ``max_loras``, or without a limit the adapters served
+        (at least 1), since all of them may run at once (a router reads it as capacity)."""
+        limit = self.options.max_loras
+        return limit if limit is not None else max(1, len(self.lora))
 
     async def _version(self, request: Request, responder: Responder, rid: bytes) -> None:
         await _send_json(responder, 200, b'{"version":"0.0.0+lmgw.sim"}', rid)
@@ -2365,6 +2416,11 @@ class SimWorker:
             "kv_events": None if self.kv_events is None else self.kv_events.statistics(),
             "lora_adapters": self.lora.as_dict(),
             "lora_requests": dict(s.lora_requests),
+            "lora_slots": {
+                "max_loras": self.options.max_loras,
+                "active": self._lora_slots.active(),
+                "waiting": self._lora_slots.waiting(),
+            },
         }
 
     async def _sim_stats(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -2409,6 +2465,8 @@ class SimWorker:
         self.faults.reset()
         self.engine.slow = self.faults.faults.slow
         self.lora.reset()  # as a restarted engine: only the start-up adapters
+        self._lora_slots.clear_idle()
+        self._lora_freed.unpark_all()
         self._models_body = self._build_models_body()
 
 

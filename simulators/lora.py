@@ -16,6 +16,7 @@ numbers the start-up adapters 1..k again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 INVALID_USER_INPUT = "InvalidUserInput"
@@ -120,4 +121,82 @@ class LoraAdapters:
         self._number_startup()
 
 
-__all__ = ["LoraAdapters", "LoraError", "parse_lora_module"]
+class LoraSlots:
+    """vLLM's ``--max-loras``: at most ``max_loras`` adapters are active in the running batch
+    (sans-IO; the worker does the waiting). An adapter's request joins it if active, else takes
+    a free slot or evicts the least recently used active adapter with no running requests; with
+    every slot busy it must wait, so a gateway sees vLLM's adapter contention.
+
+    Args:
+        max_loras: the slots (>= 1); None: unlimited (never waits nor evicts), still tracking
+            which adapters run for vLLM's ``lora_requests_info``.
+    """
+
+    def __init__(self, max_loras: int | None) -> None:
+        if max_loras is not None and max_loras < 1:
+            raise ValueError("max_loras must be >= 1")
+        self.max_loras = max_loras
+        self._active: OrderedDict[str, int] = OrderedDict()  # name -> running, LRU first
+        self._waiting: dict[str, int] = {}
+
+    def try_acquire(self, name: str) -> tuple[bool, str | None]:
+        """Take a slot for one request of ``name``: ``(False, None)`` if it must wait, else
+        ``(True, evicted)`` where ``evicted`` is the adapter swapped out, if any. Whether the
+        adapter must be loaded (and cost its load time) is :meth:`needs_load` asked before."""
+        if name in self._active:
+            self._active[name] += 1
+            self._active.move_to_end(name)
+            return True, None
+        evicted: str | None = None
+        if self.max_loras is not None and len(self._active) >= self.max_loras:
+            evicted = next((n for n, running in self._active.items() if running == 0), None)
+            if evicted is None:
+                return False, None
+            del self._active[evicted]
+        self._active[name] = 1
+        return True, evicted
+
+    def needs_load(self, name: str) -> bool:
+        """Whether taking a slot for ``name`` would load it (it is not active)."""
+        return name not in self._active
+
+    def release(self, name: str) -> bool:
+        """One request of ``name`` ended; True if its adapter became idle (a waiter may now
+        evict it)."""
+        running = self._active.get(name)
+        if not running:
+            return False
+        self._active[name] = running - 1
+        return running == 1
+
+    def wait(self, name: str) -> None:
+        """Count one request of ``name`` as waiting for a slot (vLLM's waiting adapters)."""
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+
+    def unwait(self, name: str) -> None:
+        left = self._waiting.get(name, 0) - 1
+        if left > 0:
+            self._waiting[name] = left
+        else:
+            self._waiting.pop(name, None)
+
+    def active(self) -> dict[str, int]:
+        """Active adapters -> running requests, least recently used first."""
+        return dict(self._active)
+
+    def running(self) -> list[str]:
+        """Adapters with running requests (vLLM's ``running_lora_adapters``)."""
+        return [n for n, count in self._active.items() if count > 0]
+
+    def waiting(self) -> list[str]:
+        """Adapters with requests waiting for a slot (vLLM's ``waiting_lora_adapters``)."""
+        return list(self._waiting)
+
+    def clear_idle(self) -> None:
+        """Drop the idle adapters (a reset engine has none loaded); busy ones stay counted so
+        their requests release correctly."""
+        for name in [n for n, count in self._active.items() if count == 0]:
+            del self._active[name]
+
+
+__all__ = ["LoraAdapters", "LoraError", "LoraSlots", "parse_lora_module"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from .engine import Engine, Histogram
@@ -101,6 +102,20 @@ def render_metrics(
     for name, help_, value in extra_counters:
         metric(name, "counter", help_, value)
     return "".join(out)
+
+
+def render_lora_info(running: Iterable[str], waiting: Iterable[str], max_lora: int) -> str:
+    """vLLM's ``vllm:lora_requests_info`` gauge (no model or engine labels; its value the time
+    it was set), which adapter-aware routers read to place a request where its adapter runs."""
+    name = "vllm:lora_requests_info"
+    labels = (
+        f'max_lora="{max_lora}",waiting_lora_adapters="{_esc(",".join(waiting))}",'
+        f'running_lora_adapters="{_esc(",".join(running))}"'
+    )
+    return (
+        f"# HELP {name} Running stats on lora requests.\n# TYPE {name} gauge\n"
+        f"{name}{{{labels}}} {_num(time.time())}\n"
+    )
 
 
 def _histogram(out: list[str], name: str, help_: str, hist: Histogram, labels: str) -> None:

@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="LoRA adapters loaded at start (implies --enable-lora); /sim/reset keeps them",
     )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="adapters active in a batch at once, as vLLM's; others wait (default: unlimited)",
+    )
+    p.add_argument(
+        "--lora-load-s",
+        type=float,
+        default=0.02,
+        help="seconds to activate an adapter in a slot at speed 1 (with --max-loras)",
+    )
     dis = p.add_argument_group("disaggregation (roles e, p, d)")
     dis.add_argument(
         "--ec-dir",
@@ -217,6 +229,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
     if ns.kv_events is not None and not ns.kv_events.startswith(("tcp://", "ipc://")):
         raise ValueError("--kv-events must be a ZMQ endpoint: tcp://HOST:PORT or ipc://PATH")
     lora_modules = tuple(parse_lora_module(spec) for spec in ns.lora_modules or ())
+    if ns.max_loras is not None and ns.max_loras < 1:
+        raise ValueError("--max-loras must be >= 1")
+    if not ns.lora_load_s >= 0:
+        raise ValueError("--lora-load-s must be >= 0")
     LoraAdapters(lora_modules)  # a repeated name: a usage error now, not at start-up
     faults = Faults(
         error_rate=ns.error_rate,
@@ -264,6 +280,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         pool_shm_name=ns.pool_shm_name,
         enable_lora=ns.enable_lora or bool(lora_modules),
         lora_modules=lora_modules,
+        max_loras=ns.max_loras,
+        lora_load_s=ns.lora_load_s,
     )
 
 

@@ -5,6 +5,8 @@ cache (and KV events) per adapter."""
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import msgspec
@@ -342,3 +344,136 @@ async def test_kv_events_of_an_adapter_carry_its_lora_id_and_name(sim_worker: Si
     assert first[1][0] == block_hashes(ids, 16, root=lora_root("law"))[0]
     base_hashes = {x for e in base for x in e[1]}
     assert base_hashes.isdisjoint(x for e in law for x in e[1])
+
+
+# -- LoRA slots (vLLM's --max-loras) --------------------------------------------------------------
+
+SLOTS: dict[str, Any] = {
+    "enable_lora": True,
+    "max_loras": 1,
+    "lora_modules": (("a", "/a"), ("b", "/b")),
+    "speed": 1.0,  # ~8 ms a token: a 1000-token request runs for seconds
+}
+LORA_INFO = re.compile(
+    r'^vllm:lora_requests_info\{max_lora="(\d+)",waiting_lora_adapters="([^"]*)",'
+    r'running_lora_adapters="([^"]*)"\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+async def generate(h: SimHandle, model: str, max_tokens: int) -> RawResponse:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True}
+    return await http_request(h.url, "POST", "/v1/chat/completions", body)
+
+
+async def lora_info(h: SimHandle) -> tuple[str, str, str, float]:
+    """(max_lora, waiting, running, value) of the one ``vllm:lora_requests_info`` sample."""
+    text = (await http_request(h.url, "GET", "/metrics")).body.decode()
+    [(max_lora, waiting, running, value)] = LORA_INFO.findall(text)
+    return max_lora, waiting, running, float(value)
+
+
+async def until(predicate: Any) -> None:
+    while not predicate():
+        await trio.sleep(0.005)
+
+
+def slot_state(h: SimHandle) -> dict[str, Any]:
+    return h.sim.snapshot()["lora_slots"]
+
+
+async def test_a_second_adapter_waits_for_the_only_slot(sim_worker: SimFactory) -> None:
+    h = await sim_worker(**SLOTS)
+    done: list[int] = []
+
+    async def second() -> None:
+        done.append((await generate(h, "b", 2)).status)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer, trio.open_nursery() as first:
+            first.start_soon(generate, h, "a", 1000)
+            await until(lambda: h.sim.engine.running == 1)  # "a" loaded and decoding
+            outer.start_soon(second)
+            await until(lambda: slot_state(h)["waiting"] == ["b"])
+            assert h.sim.engine.waiting == 1 and h.sim.engine.running == 1
+            max_lora, waiting, running, _ = await lora_info(h)
+            assert (max_lora, waiting, running) == ("1", "b", "a")
+            assert not done
+            # Ending "a" (its client goes) frees the slot: "b" evicts it and runs.
+            first.cancel_scope.cancel()
+        await until(lambda: h.sim.stats.in_flight == 0)
+    assert done == [200]
+    assert slot_state(h) == {"max_loras": 1, "active": {"b": 0}, "waiting": []}
+    assert (await lora_info(h))[1:3] == ("", "")
+
+
+async def test_requests_of_one_adapter_share_its_slot(sim_worker: SimFactory) -> None:
+    h = await sim_worker(**SLOTS)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(generate, h, "a", 1000)
+            clients.start_soon(generate, h, "a", 1000)
+            await until(lambda: h.sim.engine.running == 2)
+            assert slot_state(h)["active"] == {"a": 2}
+            assert (await lora_info(h))[1:3] == ("", "a")
+            clients.cancel_scope.cancel()
+    await until(lambda: h.sim.stats.in_flight == 0)
+    assert slot_state(h)["active"] == {"a": 0}
+
+
+async def test_base_model_requests_never_wait_for_a_slot(sim_worker: SimFactory) -> None:
+    h = await sim_worker(**SLOTS)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(generate, h, "a", 1000)
+            await until(lambda: h.sim.engine.running == 1)  # "a" loaded and decoding
+            clients.start_soon(generate, h, "b", 1000)
+            await until(lambda: slot_state(h)["waiting"] == ["b"])
+            r = await generate(h, MODEL, 2)
+            assert r.status == 200
+            assert slot_state(h)["waiting"] == ["b"]  # "b" still waits behind "a"
+            clients.cancel_scope.cancel()
+
+
+async def test_a_waiting_request_that_goes_away_leaves_no_trace(sim_worker: SimFactory) -> None:
+    h = await sim_worker(**SLOTS)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(generate, h, "a", 1000)
+            await until(lambda: h.sim.engine.running == 1)  # "a" loaded and decoding
+            async with trio.open_nursery() as waiter:
+                waiter.start_soon(generate, h, "b", 2)
+                await until(lambda: slot_state(h)["waiting"] == ["b"])
+                waiter.cancel_scope.cancel()
+            await until(lambda: h.sim.stats.in_flight == 1)
+            assert slot_state(h) == {"max_loras": 1, "active": {"a": 1}, "waiting": []}
+            clients.cancel_scope.cancel()
+
+
+async def test_lora_info_metric_shape(sim_worker: SimFactory) -> None:
+    h = await sim_worker(enable_lora=True, lora_modules=(("a", "/a"), ("b", "/b")))
+    text = (await http_request(h.url, "GET", "/metrics")).body.decode()
+    assert "# TYPE vllm:lora_requests_info gauge\n" in text
+    before = time.time()
+    max_lora, waiting, running, value = await lora_info(h)
+    assert (max_lora, waiting, running) == ("2", "", "")  # unlimited: every adapter may run
+    assert before - 1 <= value <= time.time() + 1  # vLLM sets it to the current time
+    assert (await chat(h, "a")).status == 200
+    assert (await lora_info(h))[0] == "2"
+    h2 = await sim_worker(**SLOTS)
+    assert (await lora_info(h2))[0] == "1"
+
+
+async def test_no_lora_info_without_lora(sim_worker: SimFactory) -> None:
+    h = await sim_worker()
+    text = (await http_request(h.url, "GET", "/metrics")).body.decode()
+    assert "lora_requests_info" not in text
+
+
+def test_max_loras_flags() -> None:
+    opts = options_from_args(build_parser().parse_args(["--max-loras", "2", "--lora-load-s", "0"]))
+    assert (opts.max_loras, opts.lora_load_s) == (2, 0.0)
+    opts = options_from_args(build_parser().parse_args([]))
+    assert (opts.max_loras, opts.lora_load_s) == (None, 0.02)
+    with pytest.raises(ValueError, match="max-loras"):
+        options_from_args(build_parser().parse_args(["--max-loras", "0"]))
