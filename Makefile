@@ -57,6 +57,7 @@ bench: build
 	$(BIN)/python benchmarks/cachepool.py
 	$(BIN)/python benchmarks/fairness.py
 	$(BIN)/python benchmarks/hedging.py
+	$(BIN)/python benchmarks/lora_affinity.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

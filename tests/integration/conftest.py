@@ -97,6 +97,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         hedging: Any = None,
         admin: Any = None,
         streams: Any = None,
+        routing_options: dict[str, Any] | None = None,
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
@@ -111,7 +112,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             ),
             limits=LimitsConfig(**(limits or {})),
             upstream=UpstreamConfig(**{"connect_timeout_s": 2.0, **(upstream or {})}),
-            routing=RoutingConfig(policy=routing),
+            routing=RoutingConfig(policy=routing, **(routing_options or {})),
             health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0),
             models=[ModelConfig(name=m, aliases=list(aliases)) for m in models],
             workers=[WorkerConfig(url=u, role="pd", id=f"w{i}") for i, u in enumerate(urls)],

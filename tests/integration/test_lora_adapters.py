@@ -4,6 +4,7 @@ lost one (a restart) or joined later, unloaded everywhere."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
@@ -226,3 +227,35 @@ async def test_the_lora_cli(
     assert "unloaded sql-lora from 1 workers" in capsys.readouterr().out
     assert await run("lora", "unload", "sql-lora", *common) == 1
     assert "404" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+async def test_affinity_sends_an_adapter_where_a_slot_is_free(
+    gateway: GatewayFactory, affinity: bool
+) -> None:
+    """Two workers with one LoRA slot each (vLLM --max-loras 1). A long `a` stream holds w0's
+    slot; a base-model request moves round robin on; `b` would then go to w0 and wait there
+    for the slot: with affinity it goes to w1, whose slot is free."""
+    lora = (("a", "/adapters/a"), ("b", "/adapters/b"))
+    gw = await _lora_gateway(
+        gateway,
+        2,
+        lora_modules=lora,
+        max_loras=1,
+        speed=1.0,
+        routing_options={"lora_affinity": affinity},
+    )
+    assert [w.engine.lora_max for w in gw.gateway.registry] == [1, 1]  # scraped at start
+    long_a = {**_chat("a"), "max_tokens": 5000, "stream": True}  # holds w0's slot throughout
+    chat = partial(gw.request, "POST", "/v1/chat/completions")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chat, long_a)
+            while _lora_requests(gw, "a") != [1, 0]:  # a runs on w0
+                await trio.sleep(0.01)
+            assert (await chat(_chat(MODEL))).status == 200  # round robin: w1
+            nursery.start_soon(chat, _chat("b"))  # (on w0 it would wait for a's slot)
+            while sum(_lora_requests(gw, "b")) != 1:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert _lora_requests(gw, "b") == ([0, 1] if affinity else [1, 0])
