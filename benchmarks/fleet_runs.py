@@ -118,3 +118,28 @@ def med(runs: list[dict[str, Any]], *path: str) -> float | None:
         if isinstance(v, (int, float)):
             values.append(float(v))
     return statistics.median(values) if values else None
+
+
+def result(name: str, args: Any, **fields: Any) -> dict[str, Any]:
+    """A benchmark's JSON result: what ran where and with which arguments, then ``fields``."""
+    import datetime
+    import platform
+
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "args": vars(args),
+        **fields,
+    }
+
+
+def save(name: str, data: dict[str, Any]) -> None:
+    """Print the table and write ``results/<name>.json``."""
+    print()
+    print(data["table"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")

@@ -32,17 +32,23 @@ benchmarks/results/hedging-logs/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import re
 import sys
 from typing import Any
 
 import trio
 
-from fleet_runs import MODEL, RESULTS, http, med, reset_workers, start_gateway, worker_requests
+from fleet_runs import (
+    MODEL,
+    RESULTS,
+    http,
+    med,
+    reset_workers,
+    result,
+    save,
+    start_gateway,
+    worker_requests,
+)
 from lmgw.bench import BenchOptions, run_bench
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
@@ -158,16 +164,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for n, rs in by_system.items():
         p99 = med(rs, "ttft_ms", "p99")
         ratios[n] = None if not off or p99 is None else round(p99 / off, 3)
-    return {
-        "benchmark": "hedging",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "args": vars(args),
-        "runs": by_system,
-        "ttft_p99_vs_off": ratios,
-        "table": table(by_system),
-    }
+    return result("hedging", args, runs=by_system, ttft_p99_vs_off=ratios, table=table(by_system))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,13 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 8.0
-    result = trio.run(main_async, args)
-    print()
-    print(result["table"])
-    print("TTFT p99 / off:", result["ttft_p99_vs_off"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hedging.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {RESULTS / 'hedging.json'}")
+    data = trio.run(main_async, args)
+    save("hedging", data)
+    print("TTFT p99 / off:", data["ttft_p99_vs_off"])
     return 0
 
 

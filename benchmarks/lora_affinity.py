@@ -25,10 +25,7 @@ Prints a table and writes benchmarks/results/lora_affinity.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
 import re
 import sys
@@ -37,7 +34,7 @@ from typing import Any
 
 import trio
 
-from fleet_runs import RESULTS, http, med, reset_workers, start_gateway
+from fleet_runs import RESULTS, http, med, reset_workers, result, save, start_gateway
 from lmgw.bench import BenchOptions, run_bench
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
@@ -152,16 +149,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             a = med(by_system[base], "ttft_ms", q)
             b = med(by_system[base + "+affinity"], "ttft_ms", q)
             ratios[base][q] = None if not a or b is None else round(b / a, 3)
-    return {
-        "benchmark": "lora_affinity",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "args": vars(args),
-        "runs": by_system,
-        "ttft_with_affinity_vs_without": ratios,
-        "table": table(by_system),
-    }
+    return result(
+        "lora_affinity",
+        args,
+        runs=by_system,
+        ttft_with_affinity_vs_without=ratios,
+        table=table(by_system),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 6.0
-    result = trio.run(main_async, args)
-    print()
-    print(result["table"])
-    print("TTFT with affinity / without:", result["ttft_with_affinity_vs_without"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lora_affinity.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {RESULTS / 'lora_affinity.json'}")
+    data = trio.run(main_async, args)
+    save("lora_affinity", data)
+    print("TTFT with affinity / without:", data["ttft_with_affinity_vs_without"])
     return 0
 
 
