@@ -424,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         " through the gateway, with --admin-token)",
     )
     p_sim.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --enable-lora: N LoRA slots per worker, as vLLM's --max-loras",
+    )
+    p_sim.add_argument(
         "--coalesce",
         action="store_true",
         help="identical deterministic requests in flight share one generation (streams.coalesce)",

@@ -254,9 +254,12 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         if transport == "zmq":
             log.error("--enable-lora is for HTTP workers (vLLM's runtime adapter routes)")
             return 2
+        slots = getattr(args, "max_loras", None)
         for role in counts:
             if role != "e":  # generating workers take adapters (load with the admin token)
                 roles_args.setdefault(role, []).append("--enable-lora")
+                if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
+                    roles_args[role] += ["--max-loras", str(slots)]
     async with trio.open_nursery() as nursery:
         redis_url: str | None = None
         if redis_arg is not None:

@@ -120,7 +120,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             "--log-level",
             "warning",
             *(["--dialect", dialect] if dialect else []),
-            *(["--enable-lora"] if lora else []),
+            *(["--enable-lora", "--max-loras", "1"] if lora else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -155,6 +155,9 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             with urllib.request.urlopen(load, timeout=10) as resp:
                 assert len(json.load(resp)["loaded"]) == 2  # prefill and decode
             model = "sim-lora"
+            p_url = workers_out["p"].split()[0]
+            slots = get_json(p_url + "/sim/stats")["lora_slots"]
+            assert slots["max_loras"] == 1  # --max-loras reached the workers
         body = json.dumps(
             {
                 "model": model,
