@@ -219,7 +219,7 @@ def _summary(w: dict[str, Any]) -> str:
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
-    token = args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
+    token = _admin_token(args)
     call = args.workers_command
     try:
         if call == "list":
@@ -253,6 +253,11 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     elif call != "list":
         print(_summary(answer))
     return 0
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """``--token``, else ``$LMGW_ADMIN_TOKEN`` (``lmgw workers`` and ``lmgw lora``)."""
+    return args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
 
 
 def _admin_common() -> argparse.ArgumentParser:
@@ -321,7 +326,7 @@ def format_adapters(adapters: list[dict[str, Any]]) -> str:
 
 
 def _cmd_lora(args: argparse.Namespace) -> int:
-    token = args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
+    token = _admin_token(args)
     call = args.lora_command
     try:
         if call == "list":

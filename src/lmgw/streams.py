@@ -47,7 +47,7 @@ import trio
 
 from .config import StreamsConfig
 from .errors import GatewayError, sse_error_event
-from .http.types import Headers, Request, Responder
+from .http.types import Headers, Request, Responder, accepted_request_id
 from .metrics import Counter, Gauge
 
 log = logging.getLogger("lmgw.streams")
@@ -322,10 +322,9 @@ class StreamStore:
         entry = self.inflight.get(ckey)
         if entry is not None and not entry.done:
             self.coalesced.inc((req.path,))
-            rid = _header(req.headers, b"x-request-id")  # the follower's own, when it sent one
-            if rid is not None and (len(rid) > 256 or not rid.isascii()):
-                rid = None  # as the API would not echo it either
-            await self.follow(entry, -1, responder, rid)
+            sent = _header(req.headers, b"x-request-id")  # the follower's own, when it sent one
+            rid = None if sent is None else accepted_request_id(sent)  # as the API echoes it
+            await self.follow(entry, -1, responder, None if rid is None else rid.encode())
             return
         entry = StreamEntry("", _key_name(req), resumable=False)
         entry.coalesce = ckey

@@ -22,7 +22,7 @@ import trio
 from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
 from ..errors import GatewayError, sse_error_event
-from ..http.types import Request, Responder
+from ..http.types import Request, Responder, accepted_request_id
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
 from .keepalive import KeepAliveResponder, with_keepalive
@@ -262,10 +262,8 @@ class OpenAIAPI:
         trace: list[tuple[bytes, bytes]] | None = None
         for k, v in req.headers:
             if k == b"x-request-id":
-                if rid is None and len(v) <= 256 and v.isascii():  # forwarded/echoed as sent
-                    text = v.decode("ascii")
-                    if text.isprintable() and text:
-                        rid = text
+                if rid is None:  # forwarded/echoed as sent
+                    rid = accepted_request_id(v)
             elif k == b"authorization":
                 if self.forward_client_auth:
                     client_auth = v

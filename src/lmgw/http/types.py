@@ -114,3 +114,13 @@ class AbortResponse(Exception):
     For deliberate aborts (fault injection, a response that cannot be finished honestly); the
     client sees the connection close, mid-body if the response had started.
     """
+
+
+def accepted_request_id(value: bytes) -> str | None:
+    """A client's ``X-Request-Id`` as the gateway echoes and forwards it: printable ASCII of at
+    most 256 characters; None for anything else (a new id is made then)."""
+    if len(value) <= 256 and value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and text:
+            return text
+    return None
