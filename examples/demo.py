@@ -252,7 +252,7 @@ def lora_adapter(base_url: str, client: openai.OpenAI, messages: list[dict]) -> 
     to every prefill and decode worker), asked for by name, then unloaded everywhere."""
     import urllib.request
 
-    print("\n== a LoRA adapter, loaded on every worker with one call ==")
+    print("\n== a LoRA adapter, loaded on every worker with one call, then a canary ==")
 
     def post(path: str, body: dict) -> dict:
         req = urllib.request.Request(
@@ -266,9 +266,25 @@ def lora_adapter(base_url: str, client: openai.OpenAI, messages: list[dict]) -> 
           f" {[w.rsplit(':', 1)[1] for w in out['loaded']]}")  # fmt: skip
     r = client.chat.completions.create(model="demo-lora", messages=messages, max_tokens=8)
     print(f"   model={r.model!r}: {r.choices[0].message.content!r}")
+    # a canary: clients keep asking for "demo-chat"; one request in four goes to the adapter
+    route = {"targets": [{"model": MODEL, "weight": 3}, {"model": "demo-lora", "weight": 1}]}
+    req = urllib.request.Request(
+        base_url + "/admin/model_routes/demo-chat", json.dumps(route).encode(),
+        {"content-type": "application/json"}, method="PUT",
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        shares = {t["model"]: t["share"] for t in json.load(resp)["targets"]}
+    print(f"   PUT /admin/model_routes/demo-chat -> shares {shares}")
+    served = [
+        client.chat.completions.create(model="demo-chat", messages=messages, max_tokens=4).model
+        for _ in range(8)
+    ]
+    split = {m: served.count(m) for m in sorted(set(served))}
+    print(f"   8 requests for 'demo-chat' were served by {split}")
     gone = post("/v1/unload_lora_adapter", {"lora_name": "demo-lora"})
     print(f"   POST /v1/unload_lora_adapter -> unloaded from {len(gone['unloaded'])} workers")
-    return r.model == "demo-lora" and not out["failed"] and not gone["failed"]
+    canary_ok = split == {MODEL: 6, "demo-lora": 2}
+    return r.model == "demo-lora" and canary_ok and not out["failed"] and not gone["failed"]
 
 
 def sse_text(resp: http.client.HTTPResponse, stop_after: int = 0) -> tuple[str, int]:

@@ -1,15 +1,16 @@
-"""``lmgw serve | simulate | workers | lora | bench``: the command line.
+"""``lmgw serve | simulate | workers | lora | routes | bench``: the command line.
 
 Exit codes: 0 on a clean stop (Ctrl-C or SIGTERM), 2 for bad configuration or flags, 1 when the
-gateway or the simulated fleet fails to start. ``lmgw workers ...`` and ``lmgw lora ...`` (the
-admin API's client) exit 1 when the gateway cannot be reached or answers an error, with the
-gateway's message.
+gateway or the simulated fleet fails to start. ``lmgw workers ...``, ``lmgw lora ...`` and
+``lmgw routes ...`` (the admin API's client) exit 1 when the gateway cannot be reached or
+answers an error, with the gateway's message.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ from .config import (
 )
 from .gateway import Gateway
 from .logs import setup_logging
+from .model_routes import SPLITS
 from .routing.registry import UnknownPolicy
 
 log = logging.getLogger("lmgw")
@@ -256,12 +258,12 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 
 def _admin_token(args: argparse.Namespace) -> str | None:
-    """``--token``, else ``$LMGW_ADMIN_TOKEN`` (``lmgw workers`` and ``lmgw lora``)."""
+    """``--token``, else ``$LMGW_ADMIN_TOKEN`` (``lmgw workers``, ``lora``, ``routes``)."""
     return args.token if args.token is not None else os.environ.get("LMGW_ADMIN_TOKEN") or None
 
 
 def _admin_common() -> argparse.ArgumentParser:
-    """The flags every admin API command takes (``lmgw workers``, ``lmgw lora``)."""
+    """The flags every admin API command takes (``lmgw workers``, ``lora``, ``routes``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--gateway",
@@ -371,6 +373,102 @@ def _add_lora_parser(sub: Any) -> None:
     unload = cmds.add_parser("unload", parents=[common], help="unload it everywhere")
     unload.add_argument("name")
     p.set_defaults(func=_cmd_lora)
+
+
+def format_routes(routes: list[dict[str, Any]]) -> str:
+    """The ``lmgw routes list`` lines: each route's targets (weight and share), fallbacks,
+    split, and the requests each target was given since the route was set."""
+    if not routes:
+        return "no model routes on this gateway"
+    lines = []
+    for r in routes:
+        targets = "  ".join(
+            f"{t['model']}={t['weight']:g} ({round(t['share'] * 100, 2):g}%)" for t in r["targets"]
+        )
+        given = " ".join(f"{m}={n}" for m, n in r["requests"].items())
+        lines.append(
+            f"{r['model']}  {targets}  fallbacks={','.join(r['fallbacks']) or '-'}"
+            f"  split={r['split']}  requests {given or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def _route_targets(specs: list[str]) -> list[dict[str, Any]]:
+    """``MODEL=WEIGHT`` (a bare ``MODEL``: weight 1) as the admin API's targets; ValueError
+    naming the bad one (a weight the gateway would refuse anyway is caught before asking)."""
+    targets = []
+    for spec in specs:
+        model, eq, text = spec.rpartition("=")
+        if not eq:
+            model, text = spec, "1"
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"target {spec!r}: the weight must be a number >= 0 (MODEL=WEIGHT)")
+        targets.append({"model": model, "weight": weight})
+    return targets
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    token = _admin_token(args)
+    call = args.routes_command
+    try:
+        if call == "list":
+            answer = admin_call(args.gateway, token, "GET", "/admin/model_routes")
+            text = format_routes(answer["data"])
+        elif call == "set":
+            try:
+                targets = _route_targets(args.targets)
+            except ValueError as exc:
+                print(f"lmgw: {exc}", file=sys.stderr)
+                return 2
+            body = {"targets": targets, "fallbacks": args.fallback, "split": args.split}
+            path = "/admin/model_routes/" + quote(args.name, safe="")
+            answer = admin_call(args.gateway, token, "PUT", path, body)
+            text = format_routes([answer])
+        else:
+            path = "/admin/model_routes/" + quote(args.name, safe="")
+            answer = admin_call(args.gateway, token, "DELETE", path)
+            text = f"deleted model route {args.name}"
+    except AdminClientError as exc:
+        print(f"lmgw: {exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(answer).decode() if args.json else text)
+    return 0
+
+
+def _add_routes_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "routes", help="list, set or delete model routes (weighted splits, fallbacks) at run time"
+    )
+    common = _admin_common()
+    cmds = p.add_subparsers(dest="routes_command", required=True)
+    cmds.add_parser("list", parents=[common], help="the routes, their shares and request counts")
+    put = cmds.add_parser(
+        "set", parents=[common], help="add or replace a route: the next request is split anew"
+    )
+    put.add_argument("name", help="the model name clients send")
+    put.add_argument(
+        "targets", nargs="+", metavar="MODEL[=WEIGHT]", help="a model behind it (weight 1)"
+    )
+    put.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="tried in order when the chosen model cannot serve (repeatable)",
+    )
+    put.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="request",
+        help="request: exact weighted shares; session: a session stays on one model",
+    )
+    delete = cmds.add_parser("delete", parents=[common], help="the name stops being a route")
+    delete.add_argument("name")
+    p.set_defaults(func=_cmd_routes)
 
 
 def _speed(text: str) -> float:
@@ -494,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_workers_parser(sub)
     _add_lora_parser(sub)
+    _add_routes_parser(sub)
     from .bench.cli import add_bench_parser  # light: rich and matplotlib load only when used
 
     add_bench_parser(sub)

@@ -1002,6 +1002,39 @@ class HedgingConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("max_body_bytes", self.max_body_bytes)
 
 
+class RouteTargetConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """A model behind a model route and its weight (its share: weight / the route's total)."""
+
+    model: str
+    weight: float = 1.0
+
+
+class ModelRouteConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """A name clients send that the gateway splits between models (canary, A/B) and falls
+    back from (``lmgw.model_routes``)."""
+
+    # The name clients send as "model". May be a served model's own name: the route then
+    # stands in front of it (a target may name that model).
+    model: str
+    # The models behind it, with weights; a target is a served model, an alias or a LoRA
+    # adapter, never another route.
+    targets: list[RouteTargetConfig]
+    # Tried in order when the chosen target cannot serve a request (no routable worker, its
+    # workers failed or are overloaded) before anything reached the client.
+    fallbacks: list[str] = []
+    # "request": weighted round robin (exact shares); "session": a session (the routing
+    # session header, else `user`, else the API key) stays on one target.
+    split: Literal["request", "session"] = "request"
+
+    def __post_init__(self) -> None:
+        from .model_routes import Target, check_route
+
+        targets = [Target(t.model, t.weight) for t in self.targets]
+        problem = check_route(self.model, targets, self.fallbacks, self.split)
+        if problem is not None:
+            raise ConfigError(problem, path="targets" if "target" in problem else None)
+
+
 class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Who may use the admin API (``/admin/*``: add, remove and drain workers)."""
 
@@ -1485,6 +1518,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     replicas: ReplicasConfig = msgspec.field(default_factory=ReplicasConfig)
     # Empty: serve whatever models the workers report, each with the default flow.
     models: list[ModelConfig] = []
+    # Names clients send that are split between models and fall back to others.
+    model_routes: list[ModelRouteConfig] = []
     # Empty: workers come from discovery or the admin API.
     workers: list[WorkerConfig] = []
 
@@ -1503,6 +1538,26 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                 if alias in owner:
                     raise ConfigError(f"alias {alias!r} collides with `{owner[alias]}`", path=key)
                 owner[alias] = key
+        routes: set[str] = set()
+        for i, route in enumerate(self.model_routes):
+            if route.model in routes:
+                raise ConfigError(
+                    f"duplicate model route {route.model!r}", path=f"model_routes[{i}].model"
+                )
+            routes.add(route.model)
+        for i, route in enumerate(self.model_routes):
+            for j, t in enumerate(route.targets):
+                if t.model in routes and t.model != route.model:
+                    raise ConfigError(
+                        f"target {t.model!r} is a model route: a route's targets are models",
+                        path=f"model_routes[{i}].targets[{j}].model",
+                    )
+            for j, f in enumerate(route.fallbacks):
+                if f in routes and f != route.model:
+                    raise ConfigError(
+                        f"fallback {f!r} is a model route: a route's fallbacks are models",
+                        path=f"model_routes[{i}].fallbacks[{j}]",
+                    )
         if self.limits.tenant_header is not None and self.auth.has_keys:
             raise ConfigError(
                 "with API keys the key is a request's tenant: remove `limits.tenant_header`"

@@ -22,16 +22,25 @@ import trio
 
 from .api.app import App
 from .api.keys import ApiKeys, AuthMetrics, Guarded
+from .api.model_routes import register_route_metrics, route_from_config
 from .api.text import TextAPI
 from .cache import build_pool
 from .cache.metrics import CacheMetrics
-from .config import ROLES, ConfigError, GatewayConfig, WorkerConfig, is_native_url
+from .config import (
+    ROLES,
+    ConfigError,
+    GatewayConfig,
+    ModelRouteConfig,
+    WorkerConfig,
+    is_native_url,
+)
 from .dashboard import Dashboard
 from .dashboard.snapshot import RecentErrors
 from .fleetstats import FleetStats
 from .http.server import HTTPServer, ServerLimits
 from .logs import AccessLog
 from .metrics import Gauge, Metrics
+from .model_routes import ModelRoute, ModelRoutes
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .routing.registry import make_policy
@@ -158,6 +167,9 @@ class Gateway:
         self.kv_events = KvEventSubscribers(self.policies, self.metrics)
         self.model_aliases = {alias: m.name for m in config.models for alias in m.aliases}
         self._configured = {m.name: m for m in config.models}
+        # names split between models and falling back to others ([[model_routes]])
+        self.model_routes = ModelRoutes(route_from_config(r) for r in config.model_routes)
+        register_route_metrics(self.metrics, self.model_routes)
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
@@ -404,6 +416,12 @@ class Gateway:
         if text is None and self.is_lora(model):
             text = texts.get(self.base_of(model))
         return text
+
+    def set_model_route(self, cfg: ModelRouteConfig) -> tuple[ModelRoute, bool]:
+        """Add or replace a model route at run time (the admin API, the SDK); True when it
+        replaced one. ValueError when it would chain routes (:meth:`ModelRoutes.set`)."""
+        route = route_from_config(cfg)
+        return route, self.model_routes.set(route)
 
     def knows_model(self, name: str) -> bool:
         return name in self._configured or self.registry.has_model(name)

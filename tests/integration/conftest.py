@@ -98,6 +98,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         admin: Any = None,
         streams: Any = None,
         routing_options: dict[str, Any] | None = None,
+        model_routes: Sequence[Any] = (),
         **worker_options: Any,
     ) -> GatewayHandle:
         option_sets = list(per_worker) if per_worker is not None else [worker_options] * n
@@ -125,6 +126,8 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             cfg = msgspec.structs.replace(cfg, admin=admin)
         if streams is not None:
             cfg = msgspec.structs.replace(cfg, streams=streams)
+        if model_routes:
+            cfg = msgspec.structs.replace(cfg, model_routes=list(model_routes))
         gw = Gateway(cfg)
         with trio.fail_after(10):
             await nursery.start(gw.run)

@@ -12,6 +12,10 @@ import time
 import urllib.request
 
 import pytest
+import trio
+from gateway_support import GatewayFactory
+
+from lmgw.config import AdminConfig
 
 LMGW = [sys.executable, "-m", "lmgw.cli"]
 
@@ -262,3 +266,64 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
             proc.wait()
     time.sleep(0.2)
     assert workers & native_worker_pids() == set(), "native workers outlived lmgw simulate"
+
+
+@pytest.mark.parametrize("server", ["native"])
+async def test_the_routes_cli(
+    gateway: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``lmgw routes list|set|delete``: the admin API's client, as ``lmgw lora``; a route set
+    here splits the gateway's next requests, a deleted one is an unknown model again."""
+    from lmgw import cli
+
+    async def lmgw(*argv: str) -> int:
+        with trio.fail_after(15):
+            return await trio.to_thread.run_sync(cli.main, list(argv))
+
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def served_by(n: int) -> list[str]:
+        answers = [await gw.request("POST", "/v1/chat/completions", chat) for _ in range(n)]
+        assert all(r.status == 200 for r in answers), [r.body for r in answers]
+        return sorted(r.json()["model"] for r in answers)
+
+    token = "admin-secret"
+    gw = await gateway(
+        per_worker=[{"model": "model-a"}, {"model": "model-b"}], admin=AdminConfig(token=token)
+    )
+    monkeypatch.setenv("LMGW_ADMIN_TOKEN", token)
+    common = ("--gateway", gw.url)
+    assert await lmgw("routes", "list", *common) == 0
+    assert "no model routes" in capsys.readouterr().out
+
+    set_ab = ("routes", "set", "chat", "model-a=3", "model-b", "--fallback", "model-b")
+    assert await lmgw(*set_ab, *common) == 0
+    line = "chat  model-a=3 (75%)  model-b=1 (25%)  fallbacks=model-b  split=request"
+    assert capsys.readouterr().out == line + "  requests model-a=0 model-b=0\n"
+    assert await served_by(4) == ["model-a"] * 3 + ["model-b"]
+    assert await lmgw("routes", "list", *common) == 0
+    assert capsys.readouterr().out == line + "  requests model-a=3 model-b=1\n"
+
+    assert await lmgw("routes", "set", "chat", "model-b=1", "--split", "session", "--json",
+                      *common) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert '"split":"session"' in out and '"fallbacks":[]' in out
+    assert await served_by(2) == ["model-b"] * 2
+
+    for bad in ("model-a=lots", "model-a=-1", "model-a=nan"):  # refused before any request
+        assert await lmgw("routes", "set", "chat", bad, *common) == 2
+        assert f"target '{bad}': the weight must be a number >= 0" in capsys.readouterr().err
+    assert await lmgw("routes", "set", "chat", "model-a=0", *common) == 1  # the gateway's rule
+    assert "400: invalid model route: at least one target" in capsys.readouterr().err
+    assert await served_by(1) == ["model-b"]  # the refused definitions changed nothing
+
+    assert await lmgw("routes", "delete", "chat", *common) == 0
+    assert "deleted model route chat" in capsys.readouterr().out
+    r = await gw.request("POST", "/v1/chat/completions", chat)
+    assert r.status == 404 and "chat" in r.json()["error"]["message"]
+    assert await lmgw("routes", "delete", "chat", *common) == 1
+    assert "404: no model route `chat`" in capsys.readouterr().err
+    assert await lmgw("routes", "list", "--token", "wrong", *common) == 1
+    assert "401" in capsys.readouterr().err

@@ -42,6 +42,7 @@ from lmgw.transport.dialects import DIALECTS
 from lmgw.transport.dialects.vllm_nixl import VllmNixl
 
 MODEL = "sim-model"
+ROUTE_A, ROUTE_B = "route-model-a", "route-model-b"  # one worker each: who answered shows
 HI = [{"role": "user", "content": "Say something about gateways."}]
 LONG = {"max_tokens": 4000, "ignore_eos": True}  # outlives any test on the slow worker
 
@@ -113,6 +114,8 @@ def sims() -> Any:
             "prefill": WorkerOptions(model=MODEL, speed=math.inf, role="p"),
             "decode": WorkerOptions(model=MODEL, speed=math.inf, role="d"),
             "lora": WorkerOptions(model=MODEL, speed=math.inf, enable_lora=True),
+            "route-a": WorkerOptions(model=ROUTE_A, speed=math.inf),
+            "route-b": WorkerOptions(model=ROUTE_B, speed=math.inf),
         }
     ) as fleet:
         yield fleet
@@ -417,6 +420,54 @@ async def lora_adapters(flavor: Flavor, sims: SimThread) -> None:
             again = await admin.load_lora_adapter("sdk-lora", "/adapters/sdk", inplace=True)
             assert again["loaded"] == [sims.urls["lora"]]
         assert (await gw.unload_lora_adapter("sdk-lora"))["failed"] == {}
+
+
+@scenario
+async def model_routes(flavor: Flavor, sims: SimThread) -> None:
+    """Routes through the in-process gateway and through the HTTP client: set (the next
+    request goes to the target), replaced, listed, deleted (the name is unknown again); bad
+    definitions and chained routes are BadRequests saying why."""
+    token = "s3cret-admin"
+    workers = [sims.urls["route-a"], sims.urls["route-b"]]
+    async with flavor.Gateway(workers=workers, admin={"token": token}) as gw:
+        assert gw.model_routes == []
+        route = await gw.set_model_route("chat", {ROUTE_A: 1}, fallbacks=[ROUTE_B])
+        assert route["targets"] == [{"model": ROUTE_A, "weight": 1.0, "share": 1.0}]
+        assert route["fallbacks"] == [ROUTE_B] and route["split"] == "request"
+        assert (await gw.chat(model="chat", messages=HI, max_tokens=2)).model == ROUTE_A
+        await gw.set_model_route("chat", [(ROUTE_A, 0), (ROUTE_B, 2)], split="session")
+        assert (await gw.chat(model="chat", messages=HI, max_tokens=2)).model == ROUTE_B
+        [listed] = gw.model_routes
+        assert listed["split"] == "session" and listed["requests"] == {ROUTE_A: 0, ROUTE_B: 1}
+        with pytest.raises(lmgw.BadRequest, match="weight must be between 0 and 1e9"):
+            await gw.set_model_route("bad", {ROUTE_A: -1})
+        with pytest.raises(lmgw.BadRequest, match="split"):
+            await gw.set_model_route("bad", {ROUTE_A: 1}, split="sticky")
+        with pytest.raises(lmgw.BadRequest, match="`chat` is a model route"):
+            await gw.set_model_route("chained", {"chat": 1})
+        with pytest.raises(lmgw.NotFound, match="no model route `nope`"):
+            await gw.delete_model_route("nope")
+        assert [r["model"] for r in gw.model_routes] == ["chat"]  # the failures changed nothing
+
+        await gw.serve()
+        async with lmgw.Client(gw.url, admin_token=token) as admin:
+            assert [r["model"] for r in await admin.model_routes()] == ["chat"]
+            route = await admin.set_model_route("chat", [(ROUTE_A, 3), (ROUTE_B, 1)])
+            assert [t["share"] for t in route["targets"]] == [0.75, 0.25]
+            served = [(await admin.chat(model="chat", messages=HI, max_tokens=2)).model
+                      for _ in range(4)]  # fmt: skip
+            assert sorted(served) == [ROUTE_A] * 3 + [ROUTE_B]  # exact shares
+            assert (await admin.model_routes())[0]["requests"] == {ROUTE_A: 3, ROUTE_B: 1}
+            with pytest.raises(lmgw.BadRequest, match="at least one target needs a weight"):
+                await admin.set_model_route("bad", {ROUTE_A: 0})
+            assert await admin.delete_model_route("chat") == {"model": "chat", "deleted": True}
+            with pytest.raises(lmgw.NotFound):
+                await admin.chat(model="chat", messages=HI, max_tokens=2)
+            with pytest.raises(lmgw.NotFound):
+                await admin.delete_model_route("chat")
+        assert gw.model_routes == []
+        with pytest.raises(lmgw.NotFound):
+            await gw.chat(model="chat", messages=HI, max_tokens=2)
 
 
 class LastWorker(Policy):

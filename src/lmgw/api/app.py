@@ -12,6 +12,7 @@ from ..http.types import Request, Responder
 from .admin import PREFIX as ADMIN_WORKERS
 from .admin import AdminAPI
 from .lora import LoraAPI
+from .model_routes import ModelRoutesAPI
 from .openai import OpenAIAPI, send_error
 from .openapi import openapi_json
 from .ops import OpsAPI
@@ -61,6 +62,7 @@ class App:
         self.ops = OpsAPI(gateway)
         self.admin = AdminAPI(gateway)
         self.lora = LoraAPI(gateway, self.admin)
+        self.model_routes = ModelRoutesAPI(gateway, self.admin)
         limits = gateway.config.limits
         #: limits.max_concurrent_requests and its queue (lmgw.admission)
         self.admission = self.openai.admission = Admission(
@@ -99,6 +101,7 @@ class App:
         self.passthru = PassThroughAPI(gateway, self.openai)
         self.passthru.install(self)
         self.lora.install(self)  # /admin/lora_adapters, vLLM's /v1/(un)load_lora_adapter
+        self.model_routes.install(self)  # /admin/model_routes
         streams = getattr(gateway, "streams", None)
         if streams is not None:  # resumable answers: the outermost middleware (lmgw.streams)
             from ..streams import PREFIX

@@ -8,6 +8,7 @@ pass through untouched (STYLE.md §4, "decode only what you use").
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -23,11 +24,14 @@ from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Request, Responder, accepted_request_id
+from ..model_routes import ModelRoute
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
 from .keepalive import KeepAliveResponder, with_keepalive
 from .keys import UsageMeter
 from .limits import RequestLimits
+
+_log = logging.getLogger("lmgw.api")
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -214,6 +218,20 @@ class _Body:
         return self.raw
 
 
+def _heaviest(route: ModelRoute) -> str:
+    """What /v1/models gives as a model route's ``root``: its target with the most weight."""
+    return max(route.targets, key=lambda t: t.weight).model
+
+
+def falls_back(exc: GatewayError) -> bool:
+    """Whether a model route's request may go to its next model after ``exc``: the model
+    could not serve it (no routable worker, its workers failed, overloaded or did not know
+    it), not the request (4xx) nor the gateway as a whole (its admission queue)."""
+    if isinstance(exc, Rejected):
+        return exc.reason == "worker_capacity"  # that model's workers are full
+    return exc.status in (404, 429, 500, 502, 503)
+
+
 class OpenAIAPI:
     """Handlers for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``."""
 
@@ -279,7 +297,10 @@ class OpenAIAPI:
             out.extend(trace)
         return rid, out
 
-    def _resolve_model(self, model: str | None) -> str:
+    def _resolve_model(self, model: str | None, route: str | None = None) -> str:
+        """The canonical name of the model a request asks for (an alias's model; a model
+        route's target, chosen by its split); 404 for a name nobody serves. ``route``: the
+        route ``model`` is a target of (it then names a model, never a route)."""
         gw = self.gw
         if model is None:
             served = gw.served_models()
@@ -288,6 +309,10 @@ class OpenAIAPI:
             raise GatewayError(
                 400, "model is required when the gateway serves several models", param="model"
             )
+        if route is None and gw.model_routes.by_name:
+            found = gw.model_routes.by_name.get(model)
+            if found is not None:  # endpoints without fallbacks: the split's choice
+                return self._resolve_model(gw.model_routes.choose(found), route=found.name)
         # asked on every request: answers cached until the fleet changes
         cache = self._models
         if self._models_generation != gw.registry.generation:
@@ -297,6 +322,10 @@ class OpenAIAPI:
         if canonical is None:
             canonical = gw.model_aliases.get(model, model)
             if not gw.knows_model(canonical):
+                if route is not None:  # the client's name exists: the fleet lacks its model
+                    raise GatewayError(
+                        503, f"model route `{route}`: no worker serves its model `{model}`"
+                    )
                 raise GatewayError(404, f"The model `{model}` does not exist.", param="model")
             if len(cache) < 4096:  # bounded: names come from clients
                 cache[model] = canonical
@@ -322,60 +351,31 @@ class OpenAIAPI:
         meter = None
         try:
             view = decode_view(endpoint, req.body, self.request_limits)
-            model = self._resolve_model(view.model)
+            routes = self.gw.model_routes.by_name
+            route = routes.get(view.model) if routes else None
+            model = self._resolve_model(view.model) if route is None else route.name
             if key is not None:  # API keys: the model allow-list (403), the usage meter
                 self.gw.keys.check_model(key, model, view.model)
                 if view.priority is not None and key.min_priority is not None:
                     self.gw.keys.check_priority(key, view.priority)
                 if key.tpm:
                     responder = meter = UsageMeter(responder)
-            body = _Body(req.body)
-            if model != view.model and view.model is not None:
-                body.obj["model"] = model  # an alias: workers know the canonical name
-                body.changed = True
-            items = None
-            if endpoint == "chat" and _MEDIA_MARK.search(req.body) and self._checks_media(model):
-                items = await self._preprocess_media(body, model)
-            loop = None
-            if self.tool_loop is not None and endpoint == "chat":  # the gateway has tools
-                loop = self.tool_loop.plan(model, body, view)
-            text = self.gw.text_for(model)  # an adapter's: its base model's
-            prompt_ids = None
-            if text is not None and text.validate_context and endpoint != "generate":
-                # a 400 when it cannot fit; max_tokens filled in when absent
-                filled, prompt_ids = await text.validate(endpoint, body.obj)
-                body.changed |= filled
-            output = None
-            if endpoint == "chat" and (self.gw.output_parsers or self._native(model)):
-                output = self._output_parsing(body, model)
-            greq = GatewayRequest(
-                endpoint,
-                path,
-                model,
-                bool(view.stream),
-                body.final(),
-                rid,
-                forward,
-                t0,
-            )
-            greq.media = items
-            greq.output = output
-            greq.obj = body._obj
-            greq.prompt_ids = prompt_ids
-            greq.trace = trace
-            if prompt_ids is not None and not view.stream:
-                greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
-            if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
-                greq.route = self._route_context(req, greq, view, prompt_ids)
-            if self.sse_keepalive_s and greq.stream:  # comments until the first event
-                responder = KeepAliveResponder(responder, rid)
-                await with_keepalive(
-                    responder,
-                    self.sse_keepalive_s,
-                    partial(self._admit_and_run, req, view, greq, loop, responder, t0),
-                )
-            else:
-                await self._admit_and_run(req, view, greq, loop, responder, t0)
+            served = [model]  # a model route's: the model tried last (for the metrics)
+            if route is None:
+                serve = partial(self._serve_model, req, view, model, endpoint, path, rid,
+                                forward, t0, trace)  # fmt: skip
+            else:  # split between models, falling back (lmgw.model_routes)
+                serve = partial(self._run_route, req, view, route, served, endpoint, path, rid,
+                                forward, t0, trace)  # fmt: skip
+            try:
+                if self.sse_keepalive_s and view.stream:  # comments until the first event
+                    responder = KeepAliveResponder(responder, rid)
+                    await with_keepalive(responder, self.sse_keepalive_s,
+                                         partial(serve, responder))  # fmt: skip
+                else:
+                    await serve(responder)
+            finally:
+                model = served[0]
         except GatewayError as exc:
             status = await self.answer_error(exc, responder, rid, model, endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -384,22 +384,67 @@ class OpenAIAPI:
         finally:
             self.account(req, endpoint, model, status, t0, trace, meter)
 
-    async def _admit_and_run(
+    async def _serve_model(
         self,
         req: Request,
         view: Any,
-        greq: GatewayRequest,
-        loop: Any,
-        responder: Responder,
+        model: str,
+        endpoint: str,
+        path: str,
+        rid: str,
+        forward: list[tuple[bytes, bytes]],
         t0: float,
+        trace: Any,
+        responder: Responder,
     ) -> None:
-        """Admission (limits.max_concurrent_requests), then the pipeline or the tool loop.
+        """Serve the request with ``model`` (the canonical name). First the request as its
+        workers get it: the name itself (an alias or a route's target), media pins, the
+        context check and max_tokens, output parsing, routing keys, the tool loop's plan.
 
+        Then admission (limits.max_concurrent_requests), and the pipeline or the tool loop.
         Admission is a counter when a slot is free or the cap is off; else a wait in the
         queue's order (priority, tenant) that raises Rejected (429). No checkpoint between
         getting the slot and the try that gives it back. The deadline
         (limits.request_timeout_s) is the server's: it cancels the handler and calls
         on_timeout() to answer (no cancel scope per request)."""
+        body = _Body(req.body)
+        if model != view.model and view.model is not None:
+            body.obj["model"] = model  # an alias: workers know the canonical name
+            body.changed = True
+        items = None
+        if endpoint == "chat" and _MEDIA_MARK.search(req.body) and self._checks_media(model):
+            items = await self._preprocess_media(body, model)
+        loop = None
+        if self.tool_loop is not None and endpoint == "chat":  # the gateway has tools
+            loop = self.tool_loop.plan(model, body, view)
+        text = self.gw.text_for(model)  # an adapter's: its base model's
+        prompt_ids = None
+        if text is not None and text.validate_context and endpoint != "generate":
+            # a 400 when it cannot fit; max_tokens filled in when absent
+            filled, prompt_ids = await text.validate(endpoint, body.obj)
+            body.changed |= filled
+        output = None
+        if endpoint == "chat" and (self.gw.output_parsers or self._native(model)):
+            output = self._output_parsing(body, model)
+        greq = GatewayRequest(
+            endpoint,
+            path,
+            model,
+            bool(view.stream),
+            body.final(),
+            rid,
+            forward,
+            t0,
+        )
+        greq.media = items
+        greq.output = output
+        greq.obj = body._obj
+        greq.prompt_ids = prompt_ids
+        greq.trace = trace
+        if prompt_ids is not None and not view.stream:
+            greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
+        if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
+            greq.route = self._route_context(req, greq, view, prompt_ids)
         await self.admit(req, view)
         try:
             if loop is None:
@@ -408,6 +453,73 @@ class OpenAIAPI:
                 await self.tool_loop.run(loop, greq, responder, self._next_round(req, view, greq))
         finally:
             self.admission.leave(t0)
+
+    async def _run_route(
+        self,
+        req: Request,
+        view: Any,
+        route: ModelRoute,
+        served: list[str],
+        endpoint: str,
+        path: str,
+        rid: str,
+        forward: list[tuple[bytes, bytes]],
+        t0: float,
+        trace: Any,
+        responder: Responder,
+    ) -> None:
+        """A chat or completion request for a model route (see :meth:`try_in_order`)."""
+
+        async def attempt(model: str) -> None:
+            await self._serve_model(
+                req, view, model, endpoint, path, rid, forward, t0, trace, responder
+            )
+
+        order = self.gw.model_routes.order(route, self._split_key(req, view, route))
+        await self.try_in_order(route, order, responder, served, attempt, rid)
+
+    async def try_in_order(
+        self,
+        route: ModelRoute,
+        order: tuple[str, ...],
+        responder: Responder,
+        served: list[str],
+        attempt: Callable[[str], Awaitable[None]],
+        rid: str,
+    ) -> None:
+        """Run ``attempt(model)`` for the route's models in ``order`` (its split's target, then
+        its fallbacks), going on to the next while the model tried could not serve the request
+        (:func:`falls_back`) and nothing reached the client; the last one's error is the
+        answer. ``served[0]``: the model tried last (the request's metrics label)."""
+        routes = self.gw.model_routes
+        for i, target in enumerate(order):
+            served[0] = target
+            try:
+                await attempt(self._resolve_model(target, route=route.name))
+                return
+            except GatewayError as exc:
+                if i + 1 == len(order) or responder.started or not falls_back(exc):
+                    raise
+                routes.fell_back(route, target, order[i + 1])
+                _log.info(
+                    "request %s: model route %r: %s could not serve it (%d %s); trying %s",
+                    rid, route.name, target, exc.status, exc.message, order[i + 1],
+                )  # fmt: skip
+
+    def _split_key(self, req: Request, view: Any, route: ModelRoute) -> str | None:
+        """What keeps a client on one target of a ``"session"`` route: the routing session
+        header, else the body's ``user``, else the API key's name; None for ``"request"``."""
+        if route.split != "session":
+            return None
+        session = None
+        header = self.gw.config.routing.session_header
+        if header:
+            wanted = header.lower().encode()
+            session = next((v for k, v in req.headers if k == wanted), None)
+        key = session_key_of(session, getattr(view, "user", None))
+        if key is None and req.principal is not None:
+            key = "key:" + req.principal.name
+        return key
 
     async def admit(self, req: Request, view: Any) -> None:
         """Take an admission slot: at once when one is free or the cap is off (no checkpoint:
@@ -633,8 +745,9 @@ class OpenAIAPI:
             await send_error(responder, GatewayError(504, msg), req.request_id)
 
     def _visible_models(self, req: Request) -> set[str]:
-        """The served models, less those the request's API key may not use."""
-        names = self.gw.served_models()
+        """The served models and model routes, less those the request's API key may not
+        use."""
+        names = self.gw.served_models() | {r.name for r in self.gw.model_routes}
         key = req.principal
         if key is not None and key.models is not None:
             aliases = self.gw.model_aliases
@@ -649,15 +762,20 @@ class OpenAIAPI:
         created = int(self.gw.started_at)
         adapters = self.gw.adapters.adapters
         data = []
+        routes = self.gw.model_routes
         for name in sorted(self._visible_models(req)):
             lora = adapters.get(name)  # as vLLM lists an adapter: root its path, parent its base
+            route = routes.get(name)  # a model route: root its heaviest target
+            root = name if lora is None else lora.path
+            if route is not None:
+                root = _heaviest(route)
             data.append(
                 {
                     "id": name,
                     "object": "model",
                     "created": created,
                     "owned_by": "lmgw",
-                    "root": name if lora is None else lora.path,
+                    "root": root,
                     "parent": None if lora is None else lora.base,
                 }
             )
@@ -669,7 +787,8 @@ class OpenAIAPI:
 
     async def model(self, req: Request, responder: Responder, name: str) -> None:
         name = unquote(name)  # clients send a Hugging Face name's slash as %2F
-        canonical = self.gw.model_aliases.get(name, name)  # an alias chat accepts is a model
+        route = self.gw.model_routes.get(name)
+        canonical = name if route is not None else self.gw.model_aliases.get(name, name)
         if canonical not in self._visible_models(req):
             await send_error(
                 responder, GatewayError(404, f"The model `{name}` does not exist.", param="model")
@@ -680,7 +799,7 @@ class OpenAIAPI:
             "object": "model",
             "created": int(self.gw.started_at),
             "owned_by": "lmgw",
-            "root": canonical,
+            "root": canonical if route is None else _heaviest(route),
             "parent": None,
         }
         await responder.send_full(

@@ -397,6 +397,60 @@ _SCHEMAS: dict[str, Any] = {
             "failed": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },
+    "RouteTarget": {
+        "type": "object",
+        "required": ["model"],
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "weight": {"type": "number", "minimum": 0, "maximum": 1e9},
+        },
+    },
+    "ModelRouteSet": {
+        "type": "object",
+        "description": "A `[[model_routes]]` table as JSON, without its name (the path's).",
+        "required": ["targets"],
+        "properties": {
+            "targets": {"type": "array", "minItems": 1, "items": _ref("RouteTarget")},
+            "fallbacks": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "split": {"enum": ["request", "session"]},
+            "model": {"type": "string"},
+        },
+    },
+    "ModelRoute": {
+        "type": "object",
+        "required": ["model", "targets", "fallbacks", "split", "requests"],
+        "properties": {
+            "model": {"type": "string"},
+            "targets": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["model", "weight", "share"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "weight": {"type": "number"},
+                        "share": {"type": "number"},
+                    },
+                },
+            },
+            "fallbacks": {"type": "array", "items": {"type": "string"}},
+            "split": {"enum": ["request", "session"]},
+            "requests": {"type": "object", "additionalProperties": _NON_NEG},
+        },
+    },
+    "ModelRouteList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("ModelRoute")},
+        },
+    },
+    "ModelRouteDeleted": {
+        "type": "object",
+        "required": ["model", "deleted"],
+        "properties": {"model": {"type": "string"}, "deleted": {"const": True}},
+    },
     "WorkerConfig": {
         "type": "object",
         "description": "A `[[workers]]` table as JSON (docs/configuration.md).",
@@ -504,6 +558,39 @@ def _lora_paths() -> dict[str, Any]:
         },
         "/v1/load_lora_adapter": {"post": load},
         "/v1/unload_lora_adapter": {"post": unload},
+    }
+
+
+def _model_route_paths() -> dict[str, Any]:
+    """The model routes' admin API (api/model_routes.py)."""
+    missing = {"404": _error("No such model route.")}
+    put = {
+        **_admin_op(
+            "Add or replace a model route (at once: the next request follows it).",
+            "ModelRoute",
+            **{
+                "201": {"description": "Created", "content": {JSON: {"schema": _ref("ModelRoute")}}}
+            },
+        ),
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("ModelRouteSet")}}},
+    }
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+        "description": "The name clients send, percent-encoded.",
+    }
+    return {
+        "/admin/model_routes": {
+            "get": _admin_op("The model routes: targets, shares, fallbacks.", "ModelRouteList"),
+        },
+        "/admin/model_routes/{name}": {
+            "parameters": [name],
+            "get": _admin_op("One model route.", "ModelRoute", **missing),
+            "put": put,
+            "delete": _admin_op("Remove it.", "ModelRouteDeleted", **missing),
+        },
     }
 
 
@@ -884,6 +971,7 @@ def build_spec() -> dict[str, Any]:
                 "post": _admin_op("Route to it again (after one probe).", "Worker"),
             },
             **_lora_paths(),
+            **_model_route_paths(),
         },
     }
 

@@ -176,11 +176,20 @@ class PassThroughAPI:
             key = req.principal
             owner = key.name if key is not None else None
             stored: Stored | None = None
+            order: tuple[str, ...] | None = None  # a model route's models, in order
+            routes = self.gw.model_routes
             if stored_id is None:
                 asked = self._read(req, route)
-                model = api._resolve_model(asked.model)
-                if asked.response_id is not None:  # continues a stored response
-                    stored = self._stored(asked.response_id, owner, model)
+                mroute = routes.get(asked.model) if routes else None
+                if mroute is not None and asked.response_id is None:
+                    order = routes.order(mroute, api._split_key(req, asked.view, mroute))
+                    model = mroute.name
+                else:
+                    model = api._resolve_model(asked.model)
+                    if asked.response_id is not None:  # continues a stored response
+                        stored = self._stored(asked.response_id, owner, model)
+                        if stored is not None and mroute is not None:
+                            model = stored.model  # a route's follow-up: the stored one's
             else:
                 stream = parse_qs(req.query).get("stream", [""])[-1].lower() in _TRUE
                 asked = _Asked(None, stream, stored_id, _View())
@@ -194,32 +203,21 @@ class PassThroughAPI:
                     self.gw.keys.check_priority(key, priority)
                 if key.tpm:
                     responder = meter = UsageMeter(responder)
-            body = req.body
-            if asked.model is not None and model != asked.model:
-                body = self._renamed(req, route, model)  # an alias: workers know the name
-            pinned = None
-            if stored is not None:
-                pinned = self._worker_of(asked.response_id or "", stored, stored_id is None)
-            else:
-                self._check_merged(model, req.path)
-            if route.form:  # the worker reads the form by its boundary
-                forward[0] = (b"content-type", req.header(b"content-type") or b"")
-            path = f"{req.path}?{req.query}" if req.query else req.path
-            greq = PassThroughRequest(
-                endpoint, path, model, asked.stream, body, rid, forward, t0,
-                tap=self._recorder(model, owner) if route.responses else None,
-            )  # fmt: skip
-            greq.trace = trace
-            if self.gw.pipeline.route_keys and pinned is None:
-                greq.route = api._route_context(req, greq, asked.view, None)
-            await api.admit(req, asked.view)  # its priority, key (tenant), cost
-            try:
-                if pinned is None:
-                    await self.gw.pipeline.run(greq, responder)
-                else:
-                    await self.gw.pipeline.run_pinned(greq, responder, pinned, req.method)
-            finally:
-                api.admission.leave(t0)
+            if order is None:
+                await self._attempt(req, responder, route, asked, model, stored, stored_id,
+                                    rid, forward, t0, trace, owner)  # fmt: skip
+            else:  # a model route: its models in order while they cannot serve it
+                assert mroute is not None
+                served = [model]
+
+                async def attempt(target: str) -> None:
+                    await self._attempt(req, responder, route, asked, target, None, None,
+                                        rid, forward, t0, trace, owner)  # fmt: skip
+
+                try:
+                    await api.try_in_order(mroute, order, responder, served, attempt, rid)
+                finally:
+                    model = served[0]
         except GatewayError as exc:
             status = await api.answer_error(exc, responder, rid, model, endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -227,6 +225,52 @@ class PassThroughAPI:
             raise
         finally:
             api.account(req, endpoint, model, status, t0, trace, meter)
+
+    async def _attempt(
+        self,
+        req: Request,
+        responder: Responder,
+        route: Route,
+        asked: Any,
+        model: str,
+        stored: Stored | None,
+        stored_id: str | None,
+        rid: str,
+        forward: list[tuple[bytes, bytes]],
+        t0: float,
+        trace: Any,
+        owner: str | None,
+    ) -> None:
+        """Relay the request to a worker of ``model`` (the stored response's for follow-ups):
+        the body as sent, but naming ``model`` when the client named an alias or a route."""
+        api = self.api
+        endpoint = route.name
+        body = req.body
+        if asked.model is not None and model != asked.model:
+            body = self._renamed(req, route, model)  # workers know the canonical name
+        pinned = None
+        if stored is not None:
+            pinned = self._worker_of(asked.response_id or "", stored, stored_id is None)
+        else:
+            self._check_merged(model, req.path)
+        if route.form:  # the worker reads the form by its boundary
+            forward[0] = (b"content-type", req.header(b"content-type") or b"")
+        path = f"{req.path}?{req.query}" if req.query else req.path
+        greq = PassThroughRequest(
+            endpoint, path, model, asked.stream, body, rid, forward, t0,
+            tap=self._recorder(model, owner) if route.responses else None,
+        )  # fmt: skip
+        greq.trace = trace
+        if self.gw.pipeline.route_keys and pinned is None:
+            greq.route = api._route_context(req, greq, asked.view, None)
+        await api.admit(req, asked.view)  # its priority, key (tenant), cost
+        try:
+            if pinned is None:
+                await self.gw.pipeline.run(greq, responder)
+            else:
+                await self.gw.pipeline.run_pinned(greq, responder, pinned, req.method)
+        finally:
+            api.admission.leave(t0)
 
     # -- reading the request ---------------------------------------------------------------------
     def _read(self, req: Request, route: Route) -> _Asked:

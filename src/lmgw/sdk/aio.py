@@ -540,6 +540,26 @@ class Gateway:
     async def unload_lora_adapter(self, name: str) -> dict[str, Any]:
         return await self._call(self._gw().unload_lora_adapter, name)
 
+    @property
+    def model_routes(self) -> list[dict[str, Any]]:
+        return self._gw().model_routes
+
+    async def set_model_route(
+        self,
+        name: str,
+        targets: Mapping[str, float] | Sequence[tuple[str, float]],
+        *,
+        fallbacks: Sequence[str] = (),
+        split: str = "request",
+    ) -> dict[str, Any]:
+        """Add or replace a route (on the trio thread: requests read the routes there)."""
+        gw = self._gw()
+        return await self._call(partial(gw.set_model_route, name, targets, fallbacks=fallbacks,
+                                        split=split))  # fmt: skip
+
+    async def delete_model_route(self, name: str) -> dict[str, Any]:
+        return await self._call(self._gw().delete_model_route, name)
+
     async def serve(self, port: int = 0, host: str | None = None) -> int:
         """Also serve HTTP (from the trio thread); returns the bound port."""
         return await self._call(self._gw().serve, port, host)

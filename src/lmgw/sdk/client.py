@@ -334,6 +334,34 @@ class Client:
         path = "/admin/lora_adapters/" + quote(name, safe="")
         return await self._call("DELETE", path, None, "json", admin=True)
 
+    async def model_routes(self) -> list[dict[str, Any]]:
+        """``GET /admin/model_routes``: every route, its targets' weights and shares, fallbacks,
+        split and the requests each target was given."""
+        answer = await self._call("GET", "/admin/model_routes", None, "json", admin=True)
+        return answer["data"]
+
+    async def set_model_route(
+        self,
+        name: str,
+        targets: Mapping[str, float] | Sequence[tuple[str, float]],
+        *,
+        fallbacks: Sequence[str] = (),
+        split: str = "request",
+    ) -> dict[str, Any]:
+        """Add or replace the route ``name`` (``{model: weight}``): the next request is split
+        the new way, so a canary's share moves without a restart. The route as set."""
+        pairs = targets.items() if isinstance(targets, Mapping) else targets
+        body = {
+            "targets": [{"model": m, "weight": w} for m, w in pairs],
+            "fallbacks": list(fallbacks),
+            "split": split,
+        }
+        return await self._call("PUT", _route_path(name), _encode(body), "json", admin=True)
+
+    async def delete_model_route(self, name: str) -> dict[str, Any]:
+        """The name stops being a route (a served model of that name is reached again)."""
+        return await self._call("DELETE", _route_path(name), None, "json", admin=True)
+
     # -- HTTP -------------------------------------------------------------------------------
     def _request_headers(
         self, admin: bool, request_id: str | None, extra: Mapping[str, str] | None
@@ -572,3 +600,7 @@ def _header(headers: Any, name: bytes) -> str | None:
 
 def _worker_path(worker_id: str) -> str:
     return "/admin/workers/" + quote(worker_id, safe="")
+
+
+def _route_path(name: str) -> str:
+    return "/admin/model_routes/" + quote(name, safe="")

@@ -35,7 +35,15 @@ import msgspec
 import trio
 
 from ..api.app import Middleware
-from ..config import ROLES, GatewayConfig, WorkerConfig, config_from_mapping, normalize_role
+from ..config import (
+    ROLES,
+    ConfigError,
+    GatewayConfig,
+    ModelRouteConfig,
+    WorkerConfig,
+    config_from_mapping,
+    normalize_role,
+)
 from ..errors import GatewayError
 from ..gateway import Gateway as CoreGateway
 from ..gateway import server_limits
@@ -572,6 +580,47 @@ class Gateway:
             return await self.core.adapters.unload(name)
         except GatewayError as exc:
             raise _typed(exc) from None
+
+    @property
+    def model_routes(self) -> list[dict[str, Any]]:
+        """Every model route, its targets' weights and shares, fallbacks, split and the
+        requests each target was given (``GET /admin/model_routes``)."""
+        return [route.describe() for route in self.core.model_routes]
+
+    async def set_model_route(
+        self,
+        name: str,
+        targets: Mapping[str, float] | Sequence[tuple[str, float]],
+        *,
+        fallbacks: Sequence[str] = (),
+        split: str = "request",
+    ) -> dict[str, Any]:
+        """Add or replace the route ``name`` (``{model: weight}``): the next request is split
+        the new way. The route as set; BadRequest for a bad definition or a chained route."""
+        pairs = targets.items() if isinstance(targets, Mapping) else targets
+        table = {
+            "model": name,
+            "targets": [{"model": m, "weight": w} for m, w in pairs],
+            "fallbacks": list(fallbacks),
+            "split": split,
+        }
+        try:
+            cfg = msgspec.convert(table, ModelRouteConfig)
+        except msgspec.ValidationError as exc:
+            # the HTTP API's words: the rule broken (ConfigError.reason), not msgspec's wrapping
+            why = exc.__cause__.reason if isinstance(exc.__cause__, ConfigError) else exc
+            raise _typed(GatewayError(400, f"invalid model route: {why}")) from None
+        try:
+            route, _ = self.core.set_model_route(cfg)
+        except ValueError as exc:  # it would chain routes
+            raise _typed(GatewayError(400, str(exc))) from None
+        return route.describe()
+
+    async def delete_model_route(self, name: str) -> dict[str, Any]:
+        """The name stops being a route; NotFound when it is none."""
+        if not self.core.model_routes.remove(name):
+            raise _typed(GatewayError(404, f"no model route `{name}`", param="model"))
+        return {"model": name, "deleted": True}
 
     def _get(self, worker_id: str) -> Worker:
         worker = self.core.registry.get(worker_id)
