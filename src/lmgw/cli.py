@@ -31,7 +31,7 @@ from .config import (
 )
 from .gateway import Gateway
 from .logs import setup_logging
-from .model_routes import SPLITS
+from .model_routes import SPLITS, route_body
 from .routing.registry import UnknownPolicy
 
 log = logging.getLogger("lmgw")
@@ -386,15 +386,18 @@ def format_routes(routes: list[dict[str, Any]]) -> str:
             f"{t['model']}={t['weight']:g} ({round(t['share'] * 100, 2):g}%)" for t in r["targets"]
         )
         given = " ".join(f"{m}={n}" for m, n in r["requests"].items())
+        mirror = ""
+        if r.get("mirror"):
+            mirror = f"  mirror={r['mirror']} ({round(r['mirror_share'] * 100, 2):g}%)"
         lines.append(
             f"{r['model']}  {targets}  fallbacks={','.join(r['fallbacks']) or '-'}"
-            f"  split={r['split']}  requests {given or '-'}"
+            f"  split={r['split']}{mirror}  requests {given or '-'}"
         )
     return "\n".join(lines)
 
 
-def _route_targets(specs: list[str]) -> list[dict[str, Any]]:
-    """``MODEL=WEIGHT`` (a bare ``MODEL``: weight 1) as the admin API's targets; ValueError
+def _route_targets(specs: list[str]) -> list[tuple[str, float]]:
+    """``MODEL=WEIGHT`` (a bare ``MODEL``: weight 1) as (model, weight) pairs; ValueError
     naming the bad one (a weight the gateway would refuse anyway is caught before asking)."""
     targets = []
     for spec in specs:
@@ -407,7 +410,7 @@ def _route_targets(specs: list[str]) -> list[dict[str, Any]]:
             weight = math.nan
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"target {spec!r}: the weight must be a number >= 0 (MODEL=WEIGHT)")
-        targets.append({"model": model, "weight": weight})
+        targets.append((model, weight))
     return targets
 
 
@@ -424,7 +427,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 print(f"lmgw: {exc}", file=sys.stderr)
                 return 2
-            body = {"targets": targets, "fallbacks": args.fallback, "split": args.split}
+            body = route_body(targets, args.fallback, args.split, args.mirror, args.mirror_share)
             path = "/admin/model_routes/" + quote(args.name, safe="")
             answer = admin_call(args.gateway, token, "PUT", path, body)
             text = format_routes([answer])
@@ -465,6 +468,19 @@ def _add_routes_parser(sub: Any) -> None:
         choices=SPLITS,
         default="request",
         help="request: exact weighted shares; session: a session stays on one model",
+    )
+    put.add_argument(
+        "--mirror",
+        default=None,
+        metavar="MODEL",
+        help="also send a copy of the requests to this model (answers dropped)",
+    )
+    put.add_argument(
+        "--mirror-share",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="the share of requests copied to --mirror, in (0, 1] (default 1)",
     )
     delete = cmds.add_parser("delete", parents=[common], help="the name stops being a route")
     delete.add_argument("name")

@@ -1025,14 +1025,23 @@ class ModelRouteConfig(msgspec.Struct, **_STRUCT_OPTS):
     # "request": weighted round robin (exact shares); "session": a session (the routing
     # session header, else `user`, else the API key) stays on one target.
     split: Literal["request", "session"] = "request"
+    # A model that also gets a copy of `mirror_share` of the requests (shadow traffic: its
+    # answers are dropped; lmgw.mirrors). Unset: none.
+    mirror: str | None = None
+    mirror_share: float = 1.0
 
     def __post_init__(self) -> None:
         from .model_routes import Target, check_route
 
         targets = [Target(t.model, t.weight) for t in self.targets]
-        problem = check_route(self.model, targets, self.fallbacks, self.split)
+        problem = check_route(
+            self.model, targets, self.fallbacks, self.split, self.mirror, self.mirror_share
+        )
         if problem is not None:
-            raise ConfigError(problem, path="targets" if "target" in problem else None)
+            path = (
+                "targets" if "target" in problem else "mirror_share" if "share" in problem else None
+            )
+            raise ConfigError(problem, path=path)
 
 
 class AdminConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -1558,6 +1567,11 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                         f"fallback {f!r} is a model route: a route's fallbacks are models",
                         path=f"model_routes[{i}].fallbacks[{j}]",
                     )
+            if route.mirror in routes and route.mirror != route.model:
+                raise ConfigError(
+                    f"mirror {route.mirror!r} is a model route: a route's mirror is a model",
+                    path=f"model_routes[{i}].mirror",
+                )
         if self.limits.tenant_header is not None and self.auth.has_keys:
             raise ConfigError(
                 "with API keys the key is a request's tenant: remove `limits.tenant_header`"

@@ -40,6 +40,7 @@ from .fleetstats import FleetStats
 from .http.server import HTTPServer, ServerLimits
 from .logs import AccessLog
 from .metrics import Gauge, Metrics
+from .mirrors import Mirrors
 from .model_routes import ModelRoute, ModelRoutes
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
@@ -170,6 +171,8 @@ class Gateway:
         # names split between models and falling back to others ([[model_routes]])
         self.model_routes = ModelRoutes(route_from_config(r) for r in config.model_routes)
         register_route_metrics(self.metrics, self.model_routes)
+        # copies of a share of a route's requests to its mirror model (shadow traffic)
+        self.mirrors = Mirrors(self.metrics)
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
@@ -487,6 +490,7 @@ class Gateway:
                         self.tool_loop.check()
                     await nursery.start(self.monitor.run)
                     await nursery.start(self.adapters.run)
+                    await nursery.start(self.mirrors.run)
                     if self.dashboard is not None:
                         await nursery.start(self.dashboard.feed.run)
                     if self.parity is not None:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 Split = Literal["request", "session"]
 SPLITS = ("request", "session")
 
-__all__ = ["SPLITS", "ModelRoute", "ModelRoutes", "Split", "Target"]
+__all__ = ["SPLITS", "ModelRoute", "ModelRoutes", "Split", "Target", "route_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,34 @@ class Target:
     weight: float
 
 
+def route_body(
+    targets: Mapping[str, float] | Sequence[tuple[str, float]],
+    fallbacks: Sequence[str] = (),
+    split: str = "request",
+    mirror: str | None = None,
+    mirror_share: float = 1.0,
+) -> dict[str, object]:
+    """A route's definition as the admin API takes it (``PUT /admin/model_routes/{name}``),
+    from ``{model: weight}`` or (model, weight) pairs: one shape for the SDK and the CLI."""
+    pairs = targets.items() if isinstance(targets, Mapping) else targets
+    body: dict[str, object] = {
+        "targets": [{"model": m, "weight": w} for m, w in pairs],
+        "fallbacks": list(fallbacks),
+        "split": split,
+    }
+    if mirror is not None:
+        body["mirror"] = mirror
+        body["mirror_share"] = mirror_share
+    return body
+
+
 def check_route(
-    name: str, targets: Sequence[Target], fallbacks: Sequence[str], split: str
+    name: str,
+    targets: Sequence[Target],
+    fallbacks: Sequence[str],
+    split: str,
+    mirror: str | None = None,
+    mirror_share: float = 1.0,
 ) -> str | None:
     """What is wrong with a route's definition, in words (None: nothing). One rule for the
     config file and the admin API."""
@@ -71,6 +97,10 @@ def check_route(
         return "a fallback must not be empty or start or end with whitespace"
     if split not in SPLITS:
         return f"split must be one of {', '.join(SPLITS)}, got {split!r}"
+    if mirror is not None and (not mirror or mirror != mirror.strip()):
+        return "the mirror must not be empty or start or end with whitespace"
+    if not (0.0 < mirror_share <= 1.0):
+        return f"mirror_share must be in (0, 1], got {mirror_share!r}"
     return None
 
 
@@ -78,8 +108,8 @@ class ModelRoute:
     """One route: its targets, fallbacks and split, the round robin's state, and how many
     requests each target was given."""
 
-    __slots__ = ("_bounds", "_current", "_total", "fallbacks", "given", "name", "split",
-                 "targets")  # fmt: skip
+    __slots__ = ("_bounds", "_current", "_mirror_credit", "_total", "fallbacks", "given",
+                 "mirror", "mirror_share", "mirrored", "name", "split", "targets")  # fmt: skip
 
     def __init__(
         self,
@@ -87,8 +117,10 @@ class ModelRoute:
         targets: Sequence[Target],
         fallbacks: Sequence[str] = (),
         split: str = "request",
+        mirror: str | None = None,
+        mirror_share: float = 1.0,
     ) -> None:
-        problem = check_route(name, targets, fallbacks, split)
+        problem = check_route(name, targets, fallbacks, split, mirror, mirror_share)
         if problem is not None:
             raise ValueError(problem)
         self.name = name
@@ -104,6 +136,12 @@ class ModelRoute:
         self._current = [0.0] * len(self.targets)
         #: target model -> requests given to it first (fallbacks not counted)
         self.given: dict[str, int] = dict.fromkeys((t.model for t in self.targets), 0)
+        #: the model a copy of ``mirror_share`` of the requests also goes to (lmgw.mirrors)
+        self.mirror = mirror
+        self.mirror_share = mirror_share
+        self._mirror_credit = 0.0
+        #: requests a copy was due for
+        self.mirrored = 0
 
     def choose(self, key: str | None = None) -> str:
         """The target a request goes to first (``key``: its session key, for ``"session"``)."""
@@ -118,6 +156,18 @@ class ModelRoute:
         """The models a request tries, in order: the chosen target, then the fallbacks."""
         first = self.choose(key)
         return (first, *(f for f in self.fallbacks if f != first))
+
+    def mirror_due(self) -> bool:
+        """Whether this request's copy goes to the mirror: exactly ``mirror_share`` of the
+        requests, evenly spread (a credit that each request adds the share to)."""
+        if self.mirror is None:
+            return False
+        self._mirror_credit += self.mirror_share
+        if self._mirror_credit < 1.0 - 1e-9:
+            return False
+        self._mirror_credit -= 1.0
+        self.mirrored += 1
+        return True
 
     def _next(self) -> str:
         """Smooth weighted round robin: every target gains its weight, the richest is chosen
@@ -140,8 +190,9 @@ class ModelRoute:
         return min(i, len(self.targets) - 1)
 
     def models(self) -> tuple[str, ...]:
-        """Every model the route may send a request to: targets, then fallbacks."""
-        return (*(t.model for t in self.targets), *self.fallbacks)
+        """Every model the route may send a request to: targets, fallbacks, the mirror."""
+        mirror = () if self.mirror is None else (self.mirror,)
+        return (*(t.model for t in self.targets), *self.fallbacks, *mirror)
 
     def describe(self) -> dict[str, object]:
         """The route as the admin API lists it."""
@@ -154,6 +205,9 @@ class ModelRoute:
             "fallbacks": list(self.fallbacks),
             "split": self.split,
             "requests": dict(self.given),
+            "mirror": self.mirror,
+            "mirror_share": self.mirror_share,
+            "mirrored": self.mirrored,
         }
 
 
@@ -215,10 +269,11 @@ class ModelRoutes:
         ValueError when it would chain routes: its targets and fallbacks must be models, and
         no other route may send requests to its name."""
         name = route.name
-        for model in (*(t.model for t in route.targets), *route.fallbacks):
+        for model in route.models():
             if model != name and model in self._routes:
                 raise ValueError(
-                    f"`{model}` is a model route: a route's targets and fallbacks are models"
+                    f"`{model}` is a model route: a route's targets, fallbacks and mirror are"
+                    " models"
                 )
         for other in self._routes.values():
             if other.name != name and name in other.models():

@@ -311,6 +311,18 @@ async def test_the_routes_cli(
     out = capsys.readouterr().out
     assert '"split":"session"' in out and '"fallbacks":[]' in out
     assert await served_by(2) == ["model-b"] * 2
+    set_mirror = (
+        "routes",
+        "set",
+        "chat",
+        "model-b",
+        "--mirror",
+        "model-a",
+        "--mirror-share",
+        "0.5",
+    )
+    assert await lmgw(*set_mirror, *common) == 0
+    assert "split=request  mirror=model-a (50%)  requests" in capsys.readouterr().out
 
     for bad in ("model-a=lots", "model-a=-1", "model-a=nan"):  # refused before any request
         assert await lmgw("routes", "set", "chat", bad, *common) == 2

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import trio
 from gateway_support import GatewayFactory, metric_value
 
 from lmgw.config import AdminConfig, ApiKeyConfig, AuthConfig, ModelRouteConfig, RouteTargetConfig
@@ -237,3 +238,78 @@ async def test_a_route_may_stand_in_front_of_a_model_of_its_name(
     text = await gw.metrics()
     sample = 'lmgw_model_route_fallbacks_total{route="model-a",from="model-a",to="model-b"}'
     assert metric_value(text, sample) == 3
+
+
+# -- mirrors (lmgw.mirrors) ----------------------------------------------------------------------
+
+
+async def _mirrored(gw: Any, sample_outcome: str, n: int) -> str:
+    """/metrics once ``n`` copies to model B ended with ``sample_outcome`` (they run in the
+    background, after the client's answer)."""
+    sample = (
+        f'lmgw_mirror_requests_total{{route="chat",model="model-b",outcome="{sample_outcome}"}}'
+    )
+    with trio.fail_after(5):
+        while True:
+            text = await gw.metrics()
+            if metric_value(text, sample) >= n:
+                assert metric_value(text, sample) == n
+                return text
+            await trio.sleep(0.02)
+
+
+async def test_a_mirror_gets_copies_of_its_share_and_clients_see_only_the_target(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await _fleet(gateway, _route("chat", (A, 1), mirror=B, mirror_share=0.5))
+    assert await _served_by(gw, 3) == [A, A, A]
+    r = await gw.request("POST", "/v1/chat/completions", _chat("chat", stream=True))
+    assert r.events()[0]["model"] == A and r.events()[-1] == "[DONE]"
+    text = await _mirrored(gw, "ok", 2)  # every second request, the stream included
+    assert 'lmgw_mirror_request_seconds_count{model="model-b"} 2' in text
+    stats = [await s.stats() for s in gw.sims[:2]]
+    assert stats[0]["requests_total"] == 4 and stats[1]["requests_total"] == 2
+    assert all(rid.endswith("-mirror") for rid in stats[1]["request_ids"])
+    assert not any(rid.endswith("-mirror") for rid in stats[0]["request_ids"])
+    assert (
+        metric_value(
+            text, 'lmgw_requests_total{endpoint="chat",model="model-b",flow="pd",status="200"}'
+        )
+        == 0
+    )  # fmt: skip  (copies are not client requests)
+
+
+async def test_a_failing_or_missing_mirror_never_touches_the_client(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await _fleet(
+        gateway,
+        _route("chat", (A, 1), mirror=B),
+        per_worker=[{"model": A}, {"model": B, "faults": {"error_rate": 1.0}}, {"model": C}],
+    )
+    assert await _served_by(gw, 2) == [A, A]
+    await _mirrored(gw, "error", 2)
+    # no copy at all while the service cannot take one: skipped, counted
+    gw.gateway.mirrors.max_in_flight = 0
+    assert await _served_by(gw, 1) == [A]
+    await _mirrored(gw, "skipped", 1)
+
+
+async def test_the_admin_api_sets_a_mirror(gateway: GatewayFactory) -> None:
+    gw = await _fleet(gateway, _route("chat", (A, 1)))
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    body = {"targets": [{"model": A}], "mirror": B, "mirror_share": 1.0}
+    r = await gw.request("PUT", "/admin/model_routes/chat", body, headers=auth)
+    assert r.status == 200 and r.json()["mirror"] == B
+    assert await _served_by(gw, 1) == [A]
+    await _mirrored(gw, "ok", 1)
+    r = await gw.request("GET", "/admin/model_routes/chat", headers=auth)
+    assert r.json()["mirrored"] == 1
+    for bad, words in (({"mirror_share": 0}, "mirror_share"), ({"mirror": "chat2"}, "route")):
+        await gw.request(
+            "PUT", "/admin/model_routes/chat2", {"targets": [{"model": C}]}, headers=auth
+        )
+        r = await gw.request(
+            "PUT", "/admin/model_routes/chat", {"targets": [{"model": A}], **bad}, headers=auth
+        )
+        assert r.status == 400 and words in r.json()["error"]["message"], r.body

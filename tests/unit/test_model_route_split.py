@@ -145,3 +145,29 @@ def test_the_config_file_takes_routes_and_names_the_bad_key() -> None:
     # a route may wrap the model of its own name
     assert _config([{"model": "a", "targets": [{"model": "a"}], "fallbacks": ["a2"]}])
     assert msgspec.structs.asdict(cfg.model_routes[0])["split"] == "session"
+
+
+@given(st.integers(min_value=1, max_value=20), st.integers(min_value=1, max_value=20))
+def test_a_mirror_gets_exactly_its_share_evenly(num: int, den: int) -> None:
+    share = min(num, den) / den
+    route = ModelRoute("r", [Target("a", 1.0)], mirror="m", mirror_share=share)
+    due = [route.mirror_due() for _ in range(3 * den)]
+    assert sum(due) == 3 * min(num, den) == route.mirrored
+    # evenly: every window of den requests holds the share, never a burst of copies
+    for i in range(len(due) - den + 1):
+        assert sum(due[i : i + den]) in (min(num, den), min(num, den) - 1, min(num, den) + 1)
+    assert not _route([1.0]).mirror_due()  # no mirror: never
+
+
+def test_mirror_rules() -> None:
+    with pytest.raises(ValueError, match="mirror_share"):
+        ModelRoute("r", [Target("a", 1.0)], mirror="m", mirror_share=0.0)
+    with pytest.raises(ValueError, match="mirror must not be empty"):
+        ModelRoute("r", [Target("a", 1.0)], mirror="")
+    routes = ModelRoutes([_route([1.0])])
+    with pytest.raises(ValueError, match="is a model route"):
+        routes.set(ModelRoute("s", [Target("a", 1.0)], mirror="r"))
+    with pytest.raises(ConfigError) as e:
+        _config([{"model": "x", "targets": [{"model": "a"}], "mirror": "y"},
+                 {"model": "y", "targets": [{"model": "b"}]}])  # fmt: skip
+    assert "model_routes[0].mirror" in str(e.value)

@@ -36,12 +36,19 @@ class _RouteBody(msgspec.Struct, forbid_unknown_fields=True):
     targets: list[RouteTargetConfig]
     fallbacks: list[str] = []
     split: str = "request"
+    mirror: str | None = None
+    mirror_share: float = 1.0
     model: str | None = None  # when given, the name in the path
 
 
 def route_from_config(cfg: ModelRouteConfig) -> ModelRoute:
     return ModelRoute(
-        cfg.model, [Target(t.model, t.weight) for t in cfg.targets], cfg.fallbacks, cfg.split
+        cfg.model,
+        [Target(t.model, t.weight) for t in cfg.targets],
+        cfg.fallbacks,
+        cfg.split,
+        cfg.mirror,
+        cfg.mirror_share,
     )
 
 
@@ -131,6 +138,7 @@ class ModelRoutesAPI:
             cfg = ModelRouteConfig(
                 model=name, targets=body.targets, fallbacks=body.fallbacks,
                 split=body.split,  # type: ignore[arg-type]
+                mirror=body.mirror, mirror_share=body.mirror_share,
             )  # fmt: skip
         except ConfigError as exc:
             raise GatewayError(400, f"invalid model route: {exc.reason}") from None

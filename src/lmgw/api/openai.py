@@ -396,6 +396,7 @@ class OpenAIAPI:
         t0: float,
         trace: Any,
         responder: Responder,
+        admit: bool = True,
     ) -> None:
         """Serve the request with ``model`` (the canonical name). First the request as its
         workers get it: the name itself (an alias or a route's target), media pins, the
@@ -445,6 +446,9 @@ class OpenAIAPI:
             greq.usage_fill = partial(text.fill_usage, len(prompt_ids))
         if self.gw.pipeline.route_keys:  # a policy routes on the prompt or the session
             greq.route = self._route_context(req, greq, view, prompt_ids)
+        if not admit:  # a mirror's copy: its own bound (lmgw.mirrors), no tools run twice
+            await self.gw.pipeline.run(greq, responder)
+            return
         await self.admit(req, view)
         try:
             if loop is None:
@@ -476,7 +480,35 @@ class OpenAIAPI:
             )
 
         order = self.gw.model_routes.order(route, self._split_key(req, view, route))
+        if route.mirror_due():  # a copy to the mirror model, answer dropped
+            self._mirror(req, view, route, endpoint, path, rid, forward)
         await self.try_in_order(route, order, responder, served, attempt, rid)
+
+    def _mirror(
+        self,
+        req: Request,
+        view: Any,
+        route: ModelRoute,
+        endpoint: str,
+        path: str,
+        rid: str,
+        forward: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Send a copy of the request to the route's mirror model in the background
+        (:mod:`lmgw.mirrors`): as the model's own clients would send it, under its own
+        request id, its answer read and dropped."""
+        assert route.mirror is not None
+        mirror_rid = rid + "-mirror"
+        headers = [(k, mirror_rid.encode()) if k == b"x-request-id" else (k, v) for k, v in forward]
+
+        async def run(sink: Responder) -> None:
+            model = self._resolve_model(route.mirror, route=route.name)
+            await self._serve_model(
+                req, view, model, endpoint, path, mirror_rid, headers, _now(), None, sink,
+                admit=False,
+            )  # fmt: skip
+
+        self.gw.mirrors.submit(route.name, route.mirror, run)
 
     async def try_in_order(
         self,

@@ -413,6 +413,8 @@ _SCHEMAS: dict[str, Any] = {
             "targets": {"type": "array", "minItems": 1, "items": _ref("RouteTarget")},
             "fallbacks": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "split": {"enum": ["request", "session"]},
+            "mirror": {"type": ["string", "null"]},
+            "mirror_share": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "model": {"type": "string"},
         },
     },
@@ -436,6 +438,9 @@ _SCHEMAS: dict[str, Any] = {
             "fallbacks": {"type": "array", "items": {"type": "string"}},
             "split": {"enum": ["request", "session"]},
             "requests": {"type": "object", "additionalProperties": _NON_NEG},
+            "mirror": {"type": ["string", "null"]},
+            "mirror_share": {"type": "number"},
+            "mirrored": _NON_NEG,
         },
     },
     "ModelRouteList": {

@@ -551,11 +551,14 @@ class Gateway:
         *,
         fallbacks: Sequence[str] = (),
         split: str = "request",
+        mirror: str | None = None,
+        mirror_share: float = 1.0,
     ) -> dict[str, Any]:
         """Add or replace a route (on the trio thread: requests read the routes there)."""
         gw = self._gw()
         return await self._call(partial(gw.set_model_route, name, targets, fallbacks=fallbacks,
-                                        split=split))  # fmt: skip
+                                        split=split, mirror=mirror,
+                                        mirror_share=mirror_share))  # fmt: skip
 
     async def delete_model_route(self, name: str) -> dict[str, Any]:
         return await self._call(self._gw().delete_model_route, name)

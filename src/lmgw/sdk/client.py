@@ -30,6 +30,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from ..model_routes import route_body
 from ..transport.h1client import ResponseReader, UpstreamProtocolError, build_request_head
 from .errors import APIConnectionError, APIError, APITimeoutError
 from .types import (
@@ -347,15 +348,13 @@ class Client:
         *,
         fallbacks: Sequence[str] = (),
         split: str = "request",
+        mirror: str | None = None,
+        mirror_share: float = 1.0,
     ) -> dict[str, Any]:
         """Add or replace the route ``name`` (``{model: weight}``): the next request is split
-        the new way, so a canary's share moves without a restart. The route as set."""
-        pairs = targets.items() if isinstance(targets, Mapping) else targets
-        body = {
-            "targets": [{"model": m, "weight": w} for m, w in pairs],
-            "fallbacks": list(fallbacks),
-            "split": split,
-        }
+        the new way, so a canary's share moves without a restart; ``mirror`` also gets a copy
+        of ``mirror_share`` of the requests (answers dropped). The route as set."""
+        body = route_body(targets, fallbacks, split, mirror, mirror_share)
         return await self._call("PUT", _route_path(name), _encode(body), "json", admin=True)
 
     async def delete_model_route(self, name: str) -> dict[str, Any]:

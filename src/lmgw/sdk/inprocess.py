@@ -49,6 +49,7 @@ from ..gateway import Gateway as CoreGateway
 from ..gateway import server_limits
 from ..http.server import HTTPServer
 from ..http.types import Headers, Request
+from ..model_routes import route_body
 from ..routing.policy import Policy
 from ..workers.worker import Worker, WorkerState
 from .errors import (
@@ -594,16 +595,13 @@ class Gateway:
         *,
         fallbacks: Sequence[str] = (),
         split: str = "request",
+        mirror: str | None = None,
+        mirror_share: float = 1.0,
     ) -> dict[str, Any]:
         """Add or replace the route ``name`` (``{model: weight}``): the next request is split
-        the new way. The route as set; BadRequest for a bad definition or a chained route."""
-        pairs = targets.items() if isinstance(targets, Mapping) else targets
-        table = {
-            "model": name,
-            "targets": [{"model": m, "weight": w} for m, w in pairs],
-            "fallbacks": list(fallbacks),
-            "split": split,
-        }
+        the new way; ``mirror`` also gets a copy of ``mirror_share`` of the requests. The
+        route as set; BadRequest for a bad definition or a chained route."""
+        table = {"model": name, **route_body(targets, fallbacks, split, mirror, mirror_share)}
         try:
             cfg = msgspec.convert(table, ModelRouteConfig)
         except msgspec.ValidationError as exc:
