@@ -101,8 +101,8 @@ class Admission:
             admission.leave(t_start)
     """
 
-    __slots__ = ("_by_cost", "_hold_s", "_limit", "_metrics", "_queue", "cap", "in_flight",
-                 "policy", "queue_size", "queue_timeout_s", "tenant_header",
+    __slots__ = ("_by_cost", "_hold_s", "_kv_rate", "_limit", "_metrics", "_queue", "by_kv",
+                 "cap", "in_flight", "policy", "queue_size", "queue_timeout_s", "tenant_header",
                  "waiting")  # fmt: skip
 
     def __init__(
@@ -128,7 +128,12 @@ class Admission:
         #: "fair" (priority levels, fair share by tenant) or "fifo"
         self.policy = policy
         self._queue: FairQueue | FifoQueue = FairQueue(aging_s) if policy == "fair" else FifoQueue()
-        self._by_cost = cost == "tokens" and policy == "fair"
+        self._by_cost = cost in ("tokens", "kv_seconds") and policy == "fair"
+        #: fair_share_cost = "kv_seconds": a grant charges an estimate, :meth:`settle` the rest
+        self.by_kv = cost == "kv_seconds" and policy == "fair"
+        # KV token-seconds per estimated token of the requests settled lately (the estimate's
+        # scale; a running mean from a start of one second per token)
+        self._kv_rate = 1.0
         #: without API keys: the header that names a request's tenant (None: one tenant)
         self.tenant_header = tenant_header.lower().encode() if tenant_header else None
         # the comparison bound of enter(): with the cap off it is never reached, so the off
@@ -194,13 +199,30 @@ class Admission:
                 priority = key.priority
         elif self.tenant_header is not None and req is not None:
             tenant = req.header(self.tenant_header)
-        cost = 1.0
+        cost = basis = 1.0
         if self._by_cost and req is not None:
-            cost = float(estimated_tokens(len(req.body), view))
-        return Waiter(priority or 0, tenant, cost, weight, label, trio.current_time())
+            cost = basis = float(estimated_tokens(len(req.body), view))
+            if self.by_kv:
+                cost = basis * self._kv_rate
+        w = Waiter(priority or 0, tenant, cost, weight, label, trio.current_time())
+        w.basis = basis
+        return w
 
-    async def wait(self, req: Request | None = None, view: Any = None) -> None:
-        """Wait in line for a slot (after :meth:`enter` said no). Returns holding a slot.
+    def settle(self, w: Waiter, kv_token_seconds: float) -> None:
+        """A request granted from the queue (``w``) ended having held ``kv_token_seconds`` in
+        the engines' KV cache (``fair_share_cost = "kv_seconds"``): its tenant's counter is
+        corrected from the estimate charged at the grant to that, and the estimate's scale
+        learns from it."""
+        if not self.by_kv or w.state != GRANTED:
+            return
+        self._queue.charge(w, kv_token_seconds - w.cost)
+        if w.basis > 0:
+            self._kv_rate += (kv_token_seconds / w.basis - self._kv_rate) * _EWMA_ALPHA
+            self._kv_rate = max(self._kv_rate, 1e-6)
+
+    async def wait(self, req: Request | None = None, view: Any = None) -> Waiter:
+        """Wait in line for a slot (after :meth:`enter` said no). Returns holding a slot, with
+        the waiter it was granted as (for :meth:`settle`).
 
         ``req`` and ``view`` (the decoded body) give the request's place in the order (see
         :meth:`waiter`); without them it is a priority-0 request of the one anonymous tenant.
@@ -241,7 +263,7 @@ class Admission:
             waited = self._count(w, "admitted")
             if self._metrics is not None:
                 self._metrics.admission_wait.observe((priority_class(w.priority),), waited)
-            return
+            return w
         if w.state == EVICTED:
             self._count(w, "evicted")
             raise self._reject(

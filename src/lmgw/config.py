@@ -366,8 +366,13 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # wait, so a low level is never starved for good; 0 = strict priority.
     priority_aging_s: float = 10.0
     # What a request costs its tenant in fair sharing: "tokens" (estimated: body bytes / 4 +
-    # max_tokens x n) or "requests" (1 each).
-    fair_share_cost: Literal["tokens", "requests"] = "tokens"
+    # max_tokens x n), "requests" (1 each) or "kv_seconds" (what it held in the engines' KV
+    # cache, token-seconds: estimated when granted, settled with the measured figure when it
+    # ends; turns kv_accounting on).
+    fair_share_cost: Literal["tokens", "requests", "kv_seconds"] = "tokens"
+    # Measure each generation's KV-cache occupancy (token-seconds, from its usage and timing)
+    # per tenant: lmgw_tenant_kv_token_seconds_total. Off: no meter on the answers.
+    kv_accounting: bool = False
     # Without API keys: the request header naming a request's tenant for fair sharing (e.g.
     # "X-Tenant-Id"); unset: all requests are one tenant. Clients choose it freely, so it is
     # for trusted clients behind a proxy; an error together with API keys (the key is the

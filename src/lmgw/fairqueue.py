@@ -50,8 +50,8 @@ _IDLE_TENANTS = 64
 class Waiter:
     """One request waiting for a slot: its terms, and how its wait ended (``state``)."""
 
-    __slots__ = ("arrival", "cost", "event", "label", "level", "priority", "queue", "state",
-                 "tenant", "weight")  # fmt: skip
+    __slots__ = ("arrival", "basis", "cost", "event", "label", "level", "priority", "queue",
+                 "state", "tenant", "weight")  # fmt: skip
 
     def __init__(
         self,
@@ -74,6 +74,8 @@ class Waiter:
         self.event = trio.Event()
         self.level: _Level | None = None
         self.queue: _Tenant | None = None
+        #: what ``cost`` was estimated from (``lmgw.admission``: the estimated tokens)
+        self.basis = 0.0
 
     def __repr__(self) -> str:
         return f"Waiter(p={self.priority}, tenant={self.label}, state={self.state})"
@@ -109,6 +111,9 @@ class FifoQueue:
     def evict_for(self, w: Waiter) -> Waiter | None:
         """FIFO never evicts: a full queue turns the newcomer away."""
         return None
+
+    def charge(self, w: Waiter, amount: float) -> None:
+        """FIFO keeps no counters."""
 
 
 class _Tenant:
@@ -221,10 +226,12 @@ class FairQueue:
         heap = level.heap
         while True:
             served, seq, tenant = heap[0]
-            if tenant.live:
+            if tenant.live and served == tenant.served:
                 break
-            heapq.heappop(heap)  # emptied by cancellations
-            tenant.in_heap = False
+            heapq.heappop(heap)
+            if served == tenant.served:  # its entry, and it was emptied by cancellations
+                tenant.in_heap = False
+            # else an entry from before a charge() moved its counter: the new one is queued
         waiters = tenant.waiters
         w = waiters.popleft()
         while w.state != WAITING:
@@ -240,6 +247,20 @@ class FairQueue:
             tenant.in_heap = False
         self._left(level)
         return w
+
+    def charge(self, w: Waiter, amount: float) -> None:
+        """Add ``amount`` (negative: a refund) to the counter of the tenant ``w`` was granted
+        from, once the request's actual cost is known (``fair_share_cost = "kv_seconds"``:
+        the grant charged an estimate). Nothing when the level's busy period ended since:
+        its counters are gone, as they would be for any cost."""
+        level, tenant = w.level, w.queue
+        if not amount or level is None or tenant is None or level.gone:
+            return
+        if level.tenants.get(w.tenant) is not tenant:  # pruned while idle
+            return
+        tenant.served += amount / tenant.weight
+        if tenant.in_heap:  # its heap entry holds the old counter: a new one (the old skipped)
+            heapq.heappush(level.heap, (tenant.served, next(self._seq), tenant))
 
     def remove(self, w: Waiter) -> None:
         """Take out a waiter that gave up (cancelled, timed out)."""

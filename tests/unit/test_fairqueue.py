@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmgw.fairqueue import EVICTED, GONE, WAITING, FairQueue, FifoQueue, Waiter
 
@@ -275,3 +277,92 @@ def test_states() -> None:
     q.push(w)
     assert list(q) == [w]
     assert q.pop() is w and len(q) == 0
+
+
+# -- settling the actual cost (fair_share_cost = "kv_seconds") ----------------------------------
+
+
+def test_charging_the_actual_cost_after_the_grant_shares_by_it() -> None:
+    """Both tenants are charged an estimate of 1 per grant; the actual cost of a's requests
+    comes out 4x b's once they end: with the charges settled, b gets 4 grants to a's 1."""
+    q = FairQueue()
+    for i in range(200):
+        q.push(Waiter(0, "a", 1.0, 1.0, "a", arrival=i))
+        q.push(Waiter(0, "b", 1.0, 1.0, "b", arrival=i + 0.5))
+    got: Counter = Counter()
+    for _ in range(150):
+        w = q.pop()
+        got[w.tenant] += 1
+        q.charge(w, (4.0 if w.tenant == "a" else 1.0) - w.cost)  # the request ended
+    assert abs(got["b"] / got["a"] - 4.0) <= 0.5, got
+
+
+def test_a_charge_reorders_a_tenant_that_is_waiting() -> None:
+    """A refund to a waiting tenant moves it ahead at once (its queued entry is replaced)."""
+    q = FairQueue()
+    a1, a2 = Waiter(0, "a", 10.0, arrival=0), Waiter(0, "a", 10.0, arrival=1)
+    b1, b2 = Waiter(0, "b", 10.0, arrival=2), Waiter(0, "b", 10.0, arrival=3)
+    for w in (a1, a2, b1, b2):
+        q.push(w)
+    assert q.pop() is a1  # a: 10, b: 0
+    assert q.pop() is b1  # a: 10, b: 10; ties in arrival order of entries
+    q.charge(a1, -9.0)  # a1 cost far less than estimated: a at 1
+    assert q.pop() is a2
+    assert q.pop() is b2
+    assert len(q) == 0
+
+
+def test_a_charge_after_the_busy_period_is_dropped_and_fifo_ignores_charges() -> None:
+    q = FairQueue()
+    w = Waiter(0, "a", 1.0)
+    q.push(w)
+    assert q.pop() is w  # the level empties: its counters are gone
+    q.charge(w, 100.0)
+    other = Waiter(0, "a", 1.0)
+    q.push(other)
+    assert q.pop() is other
+    fifo = FifoQueue()
+    fifo.push(w)
+    fifo.charge(fifo.pop(), 5.0)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pop", "charge", "remove"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.floats(min_value=-5.0, max_value=20.0, allow_nan=False),
+        ),
+        max_size=80,
+    )
+)
+def test_pop_always_serves_a_least_charged_tenant(ops: list[tuple[str, str, float]]) -> None:
+    """Model check: whatever mix of arrivals, grants, charges and cancellations, the grant goes
+    to a waiting tenant whose counter is the least of the waiting tenants' (one level), and
+    the queue's size is the model's."""
+    q = FairQueue()
+    waiting: list[Waiter] = []
+    granted: list[Waiter] = []
+    t = 0.0
+    for op, tenant, amount in ops:
+        t += 1.0
+        if op == "push":
+            w = Waiter(0, tenant, 1.0, arrival=t)
+            q.push(w)
+            waiting.append(w)
+        elif op == "pop" and waiting:
+            counters = {w.queue.served for w in waiting if w.queue is not None}
+            w = q.pop()
+            assert w in waiting
+            assert w.queue is not None and w.queue.served - w.cost == min(counters)
+            waiting.remove(w)
+            granted.append(w)
+        elif op == "charge" and granted:
+            q.charge(granted[-1], amount)
+        elif op == "remove":
+            mine = [w for w in waiting if w.tenant == tenant]
+            if mine:
+                q.remove(mine[0])
+                waiting.remove(mine[0])
+        assert len(q) == len(waiting)

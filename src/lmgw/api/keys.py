@@ -31,6 +31,8 @@ log = logging.getLogger("lmgw.auth")
 _now = time.monotonic
 #: the last `"total_tokens": N` of an answer (the usage object; non-streams end with it)
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 #: a prompt's tokens when the answer reports no usage: ~4 bytes of JSON per token
 _BYTES_PER_TOKEN = 4
 #: routes with their own credential (admin.token) instead of an API key
@@ -242,18 +244,24 @@ class Guarded:
 
 
 class UsageMeter:
-    """A responder that passes everything on and notes the answer's token usage, for keys with
-    a tokens-per-minute limit. Reads only: a bytes search per write, a regex on the one that
-    carries usage. A stream without usage counts one token per event plus the prompt's
-    estimate (its bytes / 4)."""
+    """A responder that passes everything on and notes the answer's token usage and timing:
+    for keys with a tokens-per-minute limit, and for KV accounting (``limits.kv_accounting``).
+    Reads only: a bytes search per write, a regex on the one that carries usage. A stream
+    without usage counts one token per event, and the prompt's estimate (its bytes / 4)."""
 
-    __slots__ = ("_inner", "events", "status", "usage")
+    __slots__ = ("_inner", "completion", "events", "prompt", "status", "t_end", "t_first",
+                 "t_start", "usage")  # fmt: skip
 
     def __init__(self, inner: Responder) -> None:
         self._inner = inner
         self.usage: int | None = None
+        self.prompt: int | None = None
+        self.completion: int | None = None
         self.events = 0
         self.status = 0
+        self.t_start = _now()
+        self.t_first = 0.0  # a stream's first event (0: a whole answer, or none yet)
+        self.t_end = 0.0
 
     def __getattr__(self, name: str) -> Any:  # broken, head_sent, ... of the server's responder
         return getattr(self._inner, name)
@@ -267,6 +275,10 @@ class UsageMeter:
             found = _TOTAL_TOKENS.findall(data)
             if found:
                 self.usage = int(found[-1])
+                prompt = _PROMPT_TOKENS.findall(data)
+                completion = _COMPLETION_TOKENS.findall(data)
+                if prompt and completion:
+                    self.prompt, self.completion = int(prompt[-1]), int(completion[-1])
                 return
         self.events += data.count(b"data: ")
 
@@ -274,6 +286,7 @@ class UsageMeter:
         self.status = status
         if status < 400:
             self._scan(body)
+        self.t_end = _now()
         await self._inner.send_full(status, headers, body)
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -281,12 +294,17 @@ class UsageMeter:
         await self._inner.start(status, headers)
 
     async def send(self, data: bytes) -> None:
+        if not self.t_first:
+            self.t_first = _now()
         self._scan(data)
         await self._inner.send(data)
 
     async def end(self, data: bytes = b"") -> None:
         if data:
+            if not self.t_first:
+                self.t_first = _now()
             self._scan(data)
+        self.t_end = _now()
         await self._inner.end(data)
 
     def tokens(self, request_bytes: int) -> int:
@@ -296,6 +314,27 @@ class UsageMeter:
         if self.usage is not None:
             return self.usage
         return max(0, self.events - 1) + request_bytes // _BYTES_PER_TOKEN  # minus [DONE]
+
+    def kv_token_seconds(self, request_bytes: int) -> float:
+        """What the answer held in an engine's KV cache, in token-seconds (an estimate from
+        what the gateway sees; 0 for an error): the prompt's tokens from the first byte of the
+        answer to its end, plus the output growing from none to all meanwhile (half of it,
+        on average); before the first byte, the prompt filling in (half of it, on average).
+        A whole (non-streamed) answer's first byte is its end: prompt and output all count
+        half from the start. ``prompt``/``completion`` from the answer's usage, else the
+        prompt's estimate (bytes / 4) and one token per streamed event."""
+        if self.status >= 400 or self.status == 0 or not self.t_end:
+            return 0.0
+        prompt = self.prompt if self.prompt is not None else request_bytes // _BYTES_PER_TOKEN
+        completion = self.completion
+        if completion is None:
+            completion = max(0, self.events - 1)  # minus [DONE]
+        first = self.t_first or self.t_end
+        filling = max(0.0, first - self.t_start)
+        holding = max(0.0, self.t_end - first)
+        if holding == 0.0:  # one write: no way to tell prefill from decode
+            return (prompt + completion) / 2 * filling
+        return prompt / 2 * filling + (prompt + completion / 2) * holding
 
     def charge(self, entry: KeyEntry, request_bytes: int) -> None:
         KeyTable.charge(entry, self.tokens(request_bytes), _now())

@@ -23,7 +23,9 @@ import trio
 from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
 from ..errors import GatewayError, sse_error_event
+from ..fairqueue import Waiter
 from ..http.types import Request, Responder, accepted_request_id
+from ..metrics import Counter
 from ..model_routes import ModelRoute
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
@@ -32,6 +34,8 @@ from .keys import UsageMeter
 from .limits import RequestLimits
 
 _log = logging.getLogger("lmgw.api")
+#: the endpoints whose answers hold KV cache (limits.kv_accounting)
+GENERATION_ENDPOINTS = frozenset(("chat", "completions", "generate"))
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -269,6 +273,17 @@ class OpenAIAPI:
         self.access_log = gateway.access_log
         #: the dashboard's ring of recent errors (written on the error path only)
         self.recent_errors = gateway.recent_errors
+        limits = gateway.config.limits
+        #: limits.kv_accounting (or fair share by KV): a meter on every generation's answer
+        self.kv_accounting = limits.kv_accounting or limits.fair_share_cost == "kv_seconds"
+        self.kv_seconds = Counter(
+            "lmgw_tenant_kv_token_seconds_total",
+            "KV-cache occupancy of finished generations, in token-seconds (prompt and output"
+            " tokens held, times how long; estimated from usage and timing), by tenant: the API"
+            " key's name, '-' without keys (limits.kv_accounting).",
+            ("tenant",),
+        )
+        gateway.metrics.add(self.kv_seconds)
 
     def _identify(self, req: Request) -> tuple[str, list[tuple[bytes, bytes]]]:
         """The request id (the client's ``X-Request-Id`` when it is printable ASCII of at most
@@ -354,19 +369,19 @@ class OpenAIAPI:
             routes = self.gw.model_routes.by_name
             route = routes.get(view.model) if routes else None
             model = self._resolve_model(view.model) if route is None else route.name
-            if key is not None:  # API keys: the model allow-list (403), the usage meter
+            if key is not None:  # API keys: the model allow-list (403)
                 self.gw.keys.check_model(key, model, view.model)
                 if view.priority is not None and key.min_priority is not None:
                     self.gw.keys.check_priority(key, view.priority)
-                if key.tpm:
-                    responder = meter = UsageMeter(responder)
+            if self.kv_accounting or (key is not None and key.tpm):  # usage and timing
+                responder = meter = UsageMeter(responder)
             served = [model]  # a model route's: the model tried last (for the metrics)
             if route is None:
                 serve = partial(self._serve_model, req, view, model, endpoint, path, rid,
-                                forward, t0, trace)  # fmt: skip
+                                forward, t0, trace, meter=meter)  # fmt: skip
             else:  # split between models, falling back (lmgw.model_routes)
                 serve = partial(self._run_route, req, view, route, served, endpoint, path, rid,
-                                forward, t0, trace)  # fmt: skip
+                                forward, t0, trace, meter=meter)  # fmt: skip
             try:
                 if self.sse_keepalive_s and view.stream:  # comments until the first event
                     responder = KeepAliveResponder(responder, rid)
@@ -397,6 +412,7 @@ class OpenAIAPI:
         trace: Any,
         responder: Responder,
         admit: bool = True,
+        meter: UsageMeter | None = None,
     ) -> None:
         """Serve the request with ``model`` (the canonical name). First the request as its
         workers get it: the name itself (an alias or a route's target), media pins, the
@@ -449,7 +465,7 @@ class OpenAIAPI:
         if not admit:  # a mirror's copy: its own bound (lmgw.mirrors), no tools run twice
             await self.gw.pipeline.run(greq, responder)
             return
-        await self.admit(req, view)
+        granted = await self.admit(req, view)
         try:
             if loop is None:
                 await self.gw.pipeline.run(greq, responder)
@@ -457,6 +473,8 @@ class OpenAIAPI:
                 await self.tool_loop.run(loop, greq, responder, self._next_round(req, view, greq))
         finally:
             self.admission.leave(t0)
+            if granted is not None and meter is not None and self.admission.by_kv:
+                self.admission.settle(granted, meter.kv_token_seconds(len(req.body)))
 
     async def _run_route(
         self,
@@ -471,13 +489,15 @@ class OpenAIAPI:
         t0: float,
         trace: Any,
         responder: Responder,
+        meter: UsageMeter | None = None,
     ) -> None:
         """A chat or completion request for a model route (see :meth:`try_in_order`)."""
 
         async def attempt(model: str) -> None:
             await self._serve_model(
-                req, view, model, endpoint, path, rid, forward, t0, trace, responder
-            )
+                req, view, model, endpoint, path, rid, forward, t0, trace, responder,
+                meter=meter,
+            )  # fmt: skip
 
         order = self.gw.model_routes.order(route, self._split_key(req, view, route))
         if route.mirror_due():  # a copy to the mirror model, answer dropped
@@ -553,23 +573,26 @@ class OpenAIAPI:
             key = "key:" + req.principal.name
         return key
 
-    async def admit(self, req: Request, view: Any) -> None:
+    async def admit(self, req: Request, view: Any) -> Waiter | None:
         """Take an admission slot: at once when one is free or the cap is off (no checkpoint:
-        the caller's ``try`` that gives it back follows directly), else in the queue."""
+        the caller's ``try`` that gives it back follows directly), else in the queue (then
+        the waiter it was granted as, for :meth:`lmgw.admission.Admission.settle`)."""
         admission = self.admission
         if not admission.enter():
-            await self.queue(req, view)
-        elif admission.cap:
+            return await self.queue(req, view)
+        if admission.cap:
             self.metrics.queue_time.observe((), 0.0)
+        return None
 
     # -- the steps every model-routed endpoint shares (generation and pass-through) ----------
-    async def queue(self, req: Request | None = None, view: Any = None) -> None:
+    async def queue(self, req: Request | None = None, view: Any = None) -> Waiter:
         """Wait in the admission queue (limits.max_concurrent_requests is reached); ``req``
         and ``view`` (the decoded body) give its place in the queue's order: priority, tenant
         (the API key), cost (see :meth:`lmgw.admission.Admission.waiter`)."""
         t_queued = _now()
-        await self.admission.wait(req, view)
+        w = await self.admission.wait(req, view)
         self.metrics.queue_time.observe((), _now() - t_queued)
+        return w
 
     async def answer_error(
         self, exc: GatewayError, responder: Responder, rid: str, model: str, endpoint: str
@@ -606,10 +629,15 @@ class OpenAIAPI:
         trace: Any,
         meter: UsageMeter | None,
     ) -> None:
-        """The request's metrics, span end, access log line and (keys with a token budget)
-        usage charge."""
+        """The request's metrics, span end, access log line, (keys with a token budget)
+        usage charge and (limits.kv_accounting) KV-cache occupancy."""
         if meter is not None:
-            meter.charge(req.principal, len(req.body))
+            key = req.principal
+            if key is not None and key.tpm:
+                meter.charge(key, len(req.body))
+            if self.kv_accounting and endpoint in GENERATION_ENDPOINTS:
+                tenant = key.name if key is not None else "-"
+                self.kv_seconds.inc((tenant,), meter.kv_token_seconds(len(req.body)))
         flow = self.gw.flow_of(model) if model != "-" else "-"
         self.metrics.requests.inc((endpoint, model, flow, str(status)))
         elapsed = _now() - t0
