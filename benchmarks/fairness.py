@@ -18,6 +18,11 @@ with ``ignore_eos`` (so every answer has exactly ``max_tokens`` tokens).
   capacity in requests. Modes ``fair`` with ``fair_share_cost = "requests"`` and ``"tokens"``:
   the first shares slots by request count (so ``long`` holds ~4x the slot time), the second
   by estimated tokens.
+* ``kv``: keys ``agent`` (a ~960-token prompt held through 96 output tokens) and ``bulk``
+  (~1056 prompt tokens, 1 output token): the same estimated tokens per request, but the agent's
+  requests hold their context in the KV cache (and a slot) ~30x longer. Each offers 0.8x the
+  capacity in requests. Modes ``fair`` with ``fair_share_cost = "tokens"`` (both pay the same
+  per request) and ``"kv_seconds"`` (each pays what it held, settled when it ends).
 
 Per key, over the requests that arrived after the warm-up (the first 20% of a run): sent,
 answered (200), turned away (429: ``queue_full``, ``queue_timeout``, ``evicted``), TTFT p50 and
@@ -84,9 +89,10 @@ QUEUE_SIZE = 64
 QUEUE_TIMEOUT_S = 10.0
 WARMUP = 0.2
 SEED = 7
-PROMPT = "Summarize the history of fair queueing in network schedulers. " * 6
+PROMPT_SENTENCE = "Summarize the history of fair queueing in network schedulers. "
 KEYS = {name: f"sk-bench-{name}-0123456789abcdef" for name in ("heavy", "light1", "light2")}
 KEYS.update({name: f"sk-bench-{name}-0123456789abcdef" for name in ("long", "short")})
+KEYS.update({name: f"sk-bench-{name}-0123456789abcdef" for name in ("agent", "bulk")})
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Tenant:
     name: str
     load: float  # offered requests, as a share of the gateway's capacity in requests
     max_tokens: int
+    prompt_repeat: int = 6  # the prompt: PROMPT_SENTENCE this many times
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ SCENARIOS: dict[str, tuple[list[Tenant], list[Mode]]] = {
     "cost": (
         [Tenant("long", 1.0, 96), Tenant("short", 1.0, 24)],
         [Mode("fair/requests", "fair", "requests"), Mode("fair/tokens", "fair", "tokens")],
+    ),
+    # the same estimated tokens (prompt bytes / 4 + max_tokens), very different KV-seconds
+    "kv": (
+        [Tenant("agent", 0.8, 96, prompt_repeat=60), Tenant("bulk", 0.8, 1, prompt_repeat=66)],
+        [Mode("fair/tokens", "fair", "tokens"), Mode("fair/kv_seconds", "fair", "kv_seconds")],
     ),
 }
 
@@ -176,10 +188,10 @@ async def request(
     return Answer(status, ttft, rest)
 
 
-def chat(max_tokens: int) -> dict[str, Any]:
+def chat(max_tokens: int, prompt_repeat: int = 6) -> dict[str, Any]:
     return {
         "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": PROMPT_SENTENCE * prompt_repeat}],
         "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
@@ -298,8 +310,8 @@ async def run_once(
 
         async def one(rec: Record, tenant: Tenant) -> None:
             try:
-                r = await request(url, "/v1/chat/completions", chat(tenant.max_tokens),
-                                  KEYS[tenant.name])  # fmt: skip
+                payload = chat(tenant.max_tokens, tenant.prompt_repeat)
+                r = await request(url, "/v1/chat/completions", payload, KEYS[tenant.name])
             except OSError:
                 rec.status = -1
                 return

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -223,20 +224,22 @@ def _summary(w: dict[str, Any]) -> str:
 def _cmd_workers(args: argparse.Namespace) -> int:
     token = _admin_token(args)
     call = args.workers_command
-    try:
+    body: dict[str, Any] = {}
+    if call == "add":
+        try:
+            wc = parse_worker_flag(args.spec)
+        except ConfigError as exc:
+            print(f"lmgw: {exc}", file=sys.stderr)
+            return 2
+        body = {k: v for k, v in msgspec.structs.asdict(wc).items() if v is not None}
+        if args.model:
+            body["models"] = args.model
+
+    def run() -> tuple[Any, str]:
         if call == "list":
             answer = admin_call(args.gateway, token, "GET", "/admin/workers")
-            if not args.json:
-                print(format_workers(answer["data"]))
-        elif call == "add":
-            try:
-                wc = parse_worker_flag(args.spec)
-            except ConfigError as exc:
-                print(f"lmgw: {exc}", file=sys.stderr)
-                return 2
-            body = {k: v for k, v in msgspec.structs.asdict(wc).items() if v is not None}
-            if args.model:
-                body["models"] = args.model
+            return answer, format_workers(answer["data"])
+        if call == "add":
             answer = admin_call(args.gateway, token, "POST", "/admin/workers", body)
         elif call == "remove":
             path = _worker_path(args.id)
@@ -247,13 +250,21 @@ def _cmd_workers(args: argparse.Namespace) -> int:
             answer = admin_call(args.gateway, token, "DELETE", path, timeout=timeout)
         else:  # drain, undrain
             answer = admin_call(args.gateway, token, "POST", _worker_path(args.id, call))
+        return answer, _summary(answer)
+
+    return _admin_printed(args, run)
+
+
+def _admin_printed(args: argparse.Namespace, run: Callable[[], tuple[Any, str]]) -> int:
+    """Run an admin API call (``run``: its answer and that answer as text) and print it, as
+    JSON with ``--json``; 1 with the gateway's message when it fails (``lmgw workers``,
+    ``lora``, ``routes``)."""
+    try:
+        answer, text = run()
     except AdminClientError as exc:
         print(f"lmgw: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(msgspec.json.encode(answer).decode())
-    elif call != "list":
-        print(_summary(answer))
+    print(msgspec.json.encode(answer).decode() if args.json else text)
     return 0
 
 
@@ -330,11 +341,12 @@ def format_adapters(adapters: list[dict[str, Any]]) -> str:
 def _cmd_lora(args: argparse.Namespace) -> int:
     token = _admin_token(args)
     call = args.lora_command
-    try:
+
+    def run() -> tuple[Any, str]:
         if call == "list":
             answer = admin_call(args.gateway, token, "GET", "/admin/lora_adapters")
-            text = format_adapters(answer["data"])
-        elif call == "load":
+            return answer, format_adapters(answer["data"])
+        if call == "load":
             body: dict[str, Any] = {"lora_name": args.name, "lora_path": args.path}
             if args.model:
                 body["model"] = args.model
@@ -344,18 +356,15 @@ def _cmd_lora(args: argparse.Namespace) -> int:
             answer = admin_call(
                 args.gateway, token, "POST", "/admin/lora_adapters", body, timeout=180.0
             )
-            text = format_adapters([answer])
-        else:
-            path = "/admin/lora_adapters/" + quote(args.name, safe="")
-            answer = admin_call(args.gateway, token, "DELETE", path, timeout=180.0)
-            text = f"unloaded {args.name} from {len(answer['unloaded'])} workers" + "".join(
-                f"\n   failed on {wid}: {why}" for wid, why in sorted(answer["failed"].items())
-            )
-    except AdminClientError as exc:
-        print(f"lmgw: {exc}", file=sys.stderr)
-        return 1
-    print(msgspec.json.encode(answer).decode() if args.json else text)
-    return 0
+            return answer, format_adapters([answer])
+        path = "/admin/lora_adapters/" + quote(args.name, safe="")
+        answer = admin_call(args.gateway, token, "DELETE", path, timeout=180.0)
+        text = f"unloaded {args.name} from {len(answer['unloaded'])} workers" + "".join(
+            f"\n   failed on {wid}: {why}" for wid, why in sorted(answer["failed"].items())
+        )
+        return answer, text
+
+    return _admin_printed(args, run)
 
 
 def _add_lora_parser(sub: Any) -> None:
@@ -417,29 +426,27 @@ def _route_targets(specs: list[str]) -> list[tuple[str, float]]:
 def _cmd_routes(args: argparse.Namespace) -> int:
     token = _admin_token(args)
     call = args.routes_command
-    try:
+    targets: list[tuple[str, float]] = []
+    if call == "set":
+        try:
+            targets = _route_targets(args.targets)
+        except ValueError as exc:
+            print(f"lmgw: {exc}", file=sys.stderr)
+            return 2
+
+    def run() -> tuple[Any, str]:
         if call == "list":
             answer = admin_call(args.gateway, token, "GET", "/admin/model_routes")
-            text = format_routes(answer["data"])
-        elif call == "set":
-            try:
-                targets = _route_targets(args.targets)
-            except ValueError as exc:
-                print(f"lmgw: {exc}", file=sys.stderr)
-                return 2
+            return answer, format_routes(answer["data"])
+        path = "/admin/model_routes/" + quote(args.name, safe="")
+        if call == "set":
             body = route_body(targets, args.fallback, args.split, args.mirror, args.mirror_share)
-            path = "/admin/model_routes/" + quote(args.name, safe="")
             answer = admin_call(args.gateway, token, "PUT", path, body)
-            text = format_routes([answer])
-        else:
-            path = "/admin/model_routes/" + quote(args.name, safe="")
-            answer = admin_call(args.gateway, token, "DELETE", path)
-            text = f"deleted model route {args.name}"
-    except AdminClientError as exc:
-        print(f"lmgw: {exc}", file=sys.stderr)
-        return 1
-    print(msgspec.json.encode(answer).decode() if args.json else text)
-    return 0
+            return answer, format_routes([answer])
+        answer = admin_call(args.gateway, token, "DELETE", path)
+        return answer, f"deleted model route {args.name}"
+
+    return _admin_printed(args, run)
 
 
 def _add_routes_parser(sub: Any) -> None:

@@ -226,6 +226,17 @@ def _at_least(key: str, value: int, low: int) -> None:
         raise ConfigError(f"must be >= {low}, got {value!r}", path=key)
 
 
+def _unique(names: list[str], what: str, path: str) -> set[str]:
+    """The names as a set; ConfigError naming the first repeated one (``path``: its key, with
+    ``{}`` for its index)."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ConfigError(f"duplicate {what} {name!r}", path=path.format(i))
+        seen.add(name)
+    return seen
+
+
 def _non_empty(key: str, value: str) -> None:
     if not value.strip():
         raise ConfigError("must not be empty", path=key)
@@ -1489,13 +1500,7 @@ class ToolsConfig(msgspec.Struct, **_STRUCT_OPTS):
     def __post_init__(self) -> None:
         _positive("keepalive_s", self.keepalive_s)
         _at_least("threads", self.threads, 1)
-        seen: set[str] = set()
-        for i, server in enumerate(self.mcp):
-            if server.name in seen:
-                raise ConfigError(
-                    f"duplicate MCP server name {server.name!r}", path=f"mcp[{i}].name"
-                )
-            seen.add(server.name)
+        _unique([server.name for server in self.mcp], "MCP server name", "mcp[{}].name")
 
 
 class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
@@ -1552,13 +1557,9 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                 if alias in owner:
                     raise ConfigError(f"alias {alias!r} collides with `{owner[alias]}`", path=key)
                 owner[alias] = key
-        routes: set[str] = set()
-        for i, route in enumerate(self.model_routes):
-            if route.model in routes:
-                raise ConfigError(
-                    f"duplicate model route {route.model!r}", path=f"model_routes[{i}].model"
-                )
-            routes.add(route.model)
+        routes = _unique(
+            [route.model for route in self.model_routes], "model route", "model_routes[{}].model"
+        )
         for i, route in enumerate(self.model_routes):
             for j, t in enumerate(route.targets):
                 if t.model in routes and t.model != route.model:
