@@ -313,3 +313,21 @@ async def test_the_admin_api_sets_a_mirror(gateway: GatewayFactory) -> None:
             "PUT", "/admin/model_routes/chat", {"targets": [{"model": A}], **bad}, headers=auth
         )
         assert r.status == 400 and words in r.json()["error"]["message"], r.body
+
+
+async def test_a_prompt_too_long_for_the_model_falls_back_to_a_longer_context(
+    gateway: GatewayFactory,
+) -> None:
+    """A's workers take 64 tokens of context, B's 4096: a long prompt gets A's 400 (vLLM's
+    "maximum context length") and goes on to B; a short one stays on A."""
+    gw = await _fleet(
+        gateway,
+        _route("chat", (A, 1), fallbacks=[B]),
+        per_worker=[{"model": A, "max_model_len": 64}, {"model": B, "max_model_len": 4096},
+                    {"model": C}],
+    )  # fmt: skip
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}]}
+    assert await _served_by(gw, 1, **long_prompt) == [B]
+    assert await _served_by(gw, 1) == [A]
+    r = await gw.request("POST", "/v1/chat/completions", _chat(A, **long_prompt))
+    assert r.status == 400 and "maximum context length" in r.json()["error"]["message"]

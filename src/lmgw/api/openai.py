@@ -34,6 +34,8 @@ from .keys import UsageMeter
 from .limits import RequestLimits
 
 _log = logging.getLogger("lmgw.api")
+#: how vLLM (and the gateway's own context check) says a request does not fit the model
+_CONTEXT_TOO_LONG = "maximum context length is"
 #: the endpoints whose answers hold KV cache (limits.kv_accounting)
 GENERATION_ENDPOINTS = frozenset(("chat", "completions", "generate"))
 
@@ -230,9 +232,13 @@ def _heaviest(route: ModelRoute) -> str:
 def falls_back(exc: GatewayError) -> bool:
     """Whether a model route's request may go to its next model after ``exc``: the model
     could not serve it (no routable worker, its workers failed, overloaded or did not know
-    it), not the request (4xx) nor the gateway as a whole (its admission queue)."""
+    it, or its context is too short for the request: vLLM's words, from the gateway's check
+    or the worker), not the request (other 4xx) nor the gateway as a whole (its admission
+    queue)."""
     if isinstance(exc, Rejected):
         return exc.reason == "worker_capacity"  # that model's workers are full
+    if exc.status == 400:
+        return _CONTEXT_TOO_LONG in exc.message  # a longer-context model may take it
     return exc.status in (404, 429, 500, 502, 503)
 
 
