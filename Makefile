@@ -58,6 +58,7 @@ bench: build
 	$(BIN)/python benchmarks/fairness.py
 	$(BIN)/python benchmarks/hedging.py
 	$(BIN)/python benchmarks/lora_affinity.py
+	$(BIN)/python benchmarks/model_routes.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples
