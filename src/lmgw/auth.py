@@ -44,6 +44,7 @@ __all__ = [
     "KeyTable",
     "hash_key",
     "parse_key_lines",
+    "rate_limit_headers",
 ]
 
 #: the stored form of a key: ``sha256:`` and 64 lowercase hex digits
@@ -154,6 +155,8 @@ class AuthError(GatewayError):
         #: the ``reason`` label of ``lmgw_auth_rejected_total``
         self.reason = reason
         self.retry_after = retry_after
+        #: the key's ``x-ratelimit-*`` headers (a 429 of its rate or token limit)
+        self.limits: list[tuple[bytes, bytes]] = []
 
     def body(self) -> bytes:
         return error_body(
@@ -166,11 +169,46 @@ class AuthError(GatewayError):
             out.append((b"www-authenticate", b'Bearer realm="lmgw"'))
         if self.retry_after:
             out.append((b"retry-after", str(self.retry_after).encode()))
+        out.extend(self.limits)
         return out
 
 
 def _retry_after(seconds: float) -> int:
     return min(_RETRY_MAX_S, max(_RETRY_MIN_S, math.ceil(seconds)))
+
+
+def _duration(seconds: float) -> bytes:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1.0:
+        return f"{max(0, round(seconds * 1000))}ms".encode()
+    if seconds < 60.0:
+        return f"{round(seconds, 3):g}s".encode()
+    minutes, rest = divmod(seconds, 60.0)
+    return f"{int(minutes)}m{round(rest):d}s".encode()
+
+
+def rate_limit_headers(entry: KeyEntry, now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-*`` headers for a key with limits, as its buckets stand at
+    ``now`` (read, not spent): per limit, its size (``requests_per_s``' burst, or
+    ``tokens_per_min``), what is left, and the time until the bucket is full again. Clients
+    and agent frameworks throttle themselves on them before they meet a 429."""
+    out: list[tuple[bytes, bytes]] = []
+    if entry.rate:
+        level = min(float(entry.burst), entry.rate_level + (now - entry.rate_stamp) * entry.rate)
+        out += [
+            (b"x-ratelimit-limit-requests", str(entry.burst).encode()),
+            (b"x-ratelimit-remaining-requests", str(max(0, math.floor(level))).encode()),
+            (b"x-ratelimit-reset-requests", _duration((entry.burst - level) / entry.rate)),
+        ]
+    if entry.tpm:
+        tpm = float(entry.tpm)
+        level = min(tpm, entry.tpm_level + (now - entry.tpm_stamp) * tpm / 60.0)
+        out += [
+            (b"x-ratelimit-limit-tokens", str(entry.tpm).encode()),
+            (b"x-ratelimit-remaining-tokens", str(max(0, math.floor(level))).encode()),
+            (b"x-ratelimit-reset-tokens", _duration((tpm - level) * 60.0 / tpm)),
+        ]
+    return out
 
 
 class KeyEntry:
@@ -299,7 +337,7 @@ class KeyTable:
             )
             entry.tpm_level, entry.tpm_stamp = level, now
             if level <= 0:
-                raise AuthError(
+                exc = AuthError(
                     429,
                     f"Rate limit reached for key {entry.name}: {entry.tpm} tokens per minute.",
                     "rate_limit_exceeded",
@@ -307,6 +345,8 @@ class KeyTable:
                     type="tokens",
                     retry_after=_retry_after((1.0 - level) * 60.0 / entry.tpm),
                 )
+                exc.limits = rate_limit_headers(entry, now)
+                raise exc
         if entry.rate:
             level = min(
                 float(entry.burst), entry.rate_level + (now - entry.rate_stamp) * entry.rate
@@ -314,7 +354,7 @@ class KeyTable:
             entry.rate_stamp = now
             if level < 1.0:
                 entry.rate_level = level
-                raise AuthError(
+                exc = AuthError(
                     429,
                     f"Rate limit reached for key {entry.name}: {entry.rate:g} requests per second.",
                     "rate_limit_exceeded",
@@ -322,6 +362,8 @@ class KeyTable:
                     type="requests",
                     retry_after=_retry_after((1.0 - level) / entry.rate),
                 )
+                exc.limits = rate_limit_headers(entry, now)
+                raise exc
             entry.rate_level = level - 1.0
         entry.in_flight += 1
         entry.requests += 1

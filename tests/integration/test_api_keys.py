@@ -120,18 +120,30 @@ async def test_keys_guard_the_api(
     )
     assert_error(r, 403, "model_not_allowed")
 
-    # requests per second: a burst of 2, then 429 with Retry-After
-    for _ in range(2):
-        assert (await http_request(url, "POST", chat, CHAT, auth(SLOW))).status == 200
+    # requests per second: a burst of 2, then 429 with Retry-After; OpenAI's x-ratelimit-*
+    # headers on every answer of a key with limits (none for a key without)
+    r = await http_request(url, "POST", chat, CHAT, auth(KEY))
+    assert r.status == 200 and not any(h.startswith("x-ratelimit") for h in r.headers)
+    for left in ("1", "0"):
+        r = await http_request(url, "POST", chat, CHAT, auth(SLOW))
+        assert r.status == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "2"
+        assert r.headers["x-ratelimit-remaining-requests"] == left
+        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
     r = await http_request(url, "POST", chat, CHAT, auth(SLOW))
     assert_error(r, 429, "rate_limit_exceeded")
     assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
 
     # tokens per minute: charged from the answer's usage at its end, refusing the next one
-    assert (await http_request(url, "POST", chat, CHAT, auth(TOKENS))).status == 200
+    r = await http_request(url, "POST", chat, CHAT, auth(TOKENS))
+    assert r.status == 200
+    assert r.headers["x-ratelimit-limit-tokens"] == "10"
+    assert r.headers["x-ratelimit-remaining-tokens"] == "10"  # as the answer began
     r = await http_request(url, "POST", chat, CHAT, auth(TOKENS))
     err = assert_error(r, 429, "rate_limit_exceeded")
     assert err["type"] == "tokens" and int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
 
     metrics = (await http_request(url, "GET", "/metrics")).body.decode()
     assert 'lmgw_auth_rejected_total{reason="missing_key"}' in metrics
@@ -211,4 +223,30 @@ async def test_open_gateway_warns_at_start(
     r = await http_request(gw.url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 200
     assert not math.isnan(gw.port or 0)
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.usefixtures("hard_deadline")
+async def test_the_openai_client_reads_the_rate_limit_headers(
+    nursery: trio.Nursery, sim_worker, server: str
+) -> None:
+    """The official client sees x-ratelimit-* on a stream's head, as it does from OpenAI."""
+    import openai
+
+    sim = await sim_worker()
+    limited = ApiKeyConfig(key=SLOW, name="slow", requests_per_s=1.0, burst=5)
+    gw = await start(nursery, sim.url, server, keys=[limited])
+
+    def stream() -> tuple[dict[str, str], str]:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=SLOW, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        return dict(raw.headers), text
+
+    headers, text = await trio.to_thread.run_sync(stream)
+    assert text
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    assert headers["x-ratelimit-remaining-requests"] == "4"
     nursery.cancel_scope.cancel()

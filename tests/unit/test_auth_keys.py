@@ -16,6 +16,7 @@ from lmgw.auth import (
     KeyTable,
     hash_key,
     parse_key_lines,
+    rate_limit_headers,
     read_keys_file,
 )
 from lmgw.config import (
@@ -145,6 +146,35 @@ def test_tokens_per_minute_are_charged_at_the_end_and_refuse_the_next() -> None:
     assert 35 <= err.retry_after <= 41
     table.admit(entry, 41.0)
     assert entry.tokens == 1000
+
+
+def test_rate_limit_headers_say_what_is_left_and_when_it_is_full_again() -> None:
+    """OpenAI's x-ratelimit-* headers, read from the buckets without spending them."""
+    table = KeyTable([spec(requests_per_s=2.0, burst=10, tokens_per_min=6000)], now=0.0)
+    entry = table.authenticate(bearer(KEY))
+    for _ in range(4):
+        table.admit(entry, 0.0)
+    KeyTable.charge(entry, 1500, 0.0)
+    got = dict(rate_limit_headers(entry, 0.5))
+    assert got == {
+        b"x-ratelimit-limit-requests": b"10",
+        b"x-ratelimit-remaining-requests": b"7",  # 6 left, +1 refilled in 0.5 s
+        b"x-ratelimit-reset-requests": b"1.5s",  # 3 short at 2/s
+        b"x-ratelimit-limit-tokens": b"6000",
+        b"x-ratelimit-remaining-tokens": b"4550",  # 4500 + 50 refilled (100/s)
+        b"x-ratelimit-reset-tokens": b"14.5s",
+    }
+    assert rate_limit_headers(entry, 0.5) == rate_limit_headers(entry, 0.5)  # nothing spent
+    KeyTable.charge(entry, 60000, 0.5)  # far over: remaining 0, reset in minutes
+    got = dict(rate_limit_headers(entry, 0.5))
+    assert got[b"x-ratelimit-remaining-tokens"] == b"0"
+    assert got[b"x-ratelimit-reset-tokens"] == b"10m14s"  # 61450 short at 100/s
+    full = dict(rate_limit_headers(entry, 1000.0))
+    assert full[b"x-ratelimit-reset-requests"] == b"0ms"
+    assert dict(rate_limit_headers(KeyTable([spec()]).authenticate(bearer(KEY)), 0.0)) == {}
+    # a 429 of a rate or token limit carries them too
+    err = refused(table.admit, entry, 0.5)
+    assert (b"x-ratelimit-remaining-tokens", b"0") in err.headers()
 
 
 def test_reload_keeps_buckets_and_drops_removed_keys() -> None:

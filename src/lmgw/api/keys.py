@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from ..auth import AuthError, KeyEntry, KeySpec, KeyTable, read_keys_file, specs_from_entries
+from ..auth import (
+    AuthError,
+    KeyEntry,
+    KeySpec,
+    KeyTable,
+    rate_limit_headers,
+    read_keys_file,
+    specs_from_entries,
+)
 from ..config import ApiKeyConfig, AuthConfig, ConfigError
 from ..http.types import Headers, Request, Responder
 from ..metrics import Counter, Gauge, Metrics
@@ -237,10 +245,43 @@ class Guarded:
             await responder.send_full(exc.status, exc.headers(), exc.body())
             return
         req.principal = entry
+        if entry.rate or entry.tpm:  # what is left of its limits, on every answer
+            responder = RateLimitHeaders(responder, entry)
         try:
             await self.app(req, responder)
         finally:
             KeyTable.release(entry)
+
+
+class RateLimitHeaders:
+    """The client's responder, adding OpenAI's ``x-ratelimit-*`` headers (the key's limits as
+    they stand when the answer starts) to the answer's head."""
+
+    __slots__ = ("_entry", "_inner")
+
+    def __init__(self, inner: Responder, entry: KeyEntry) -> None:
+        self._inner = inner
+        self._entry = entry
+
+    def __getattr__(self, name: str) -> Any:  # broken, head_sent, ... of the server's responder
+        return getattr(self._inner, name)
+
+    @property
+    def started(self) -> bool:
+        return self._inner.started
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        limits = rate_limit_headers(self._entry, _now())
+        await self._inner.send_full(status, [*headers, *limits], body)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self._inner.start(status, [*headers, *rate_limit_headers(self._entry, _now())])
+
+    async def send(self, data: bytes) -> None:
+        await self._inner.send(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._inner.end(data)
 
 
 class UsageMeter:
