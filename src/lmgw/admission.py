@@ -190,6 +190,8 @@ class Admission:
         ``limits.tenant_header`` value, else one tenant for all), the key's weight, and its
         cost (estimated tokens, or 1 per request)."""
         priority = getattr(view, "priority", None)
+        if priority is None:  # an in-process request's own (lmgw.http.local: batch lines)
+            priority = getattr(req, "priority", None)
         key = getattr(req, "principal", None)
         tenant: Any = None
         weight, label = 1.0, "-"

@@ -956,6 +956,34 @@ class DashboardConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("recent_errors", self.recent_errors)
 
 
+class BatchesConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """OpenAI's Files and Batch APIs run by the gateway (``lmgw.batch``): a JSONL file of
+    requests uploaded, run on the fleet in the background at a low priority, the answers
+    collected in an output file."""
+
+    # Serve /v1/files and /v1/batches.
+    enabled: bool = True
+    # Bounds of the in-memory file store (inputs and outputs): one file, and all of them.
+    max_file_bytes: int = 32 << 20
+    max_total_bytes: int = 512 << 20
+    # Requests in one batch file.
+    max_lines: int = 50_000
+    # Batch requests in flight at once, across batches.
+    concurrency: int = 8
+    # The admission queue's priority of batch requests (vLLM's meaning: higher runs later),
+    # so interactive traffic goes first when the gateway is at its cap.
+    priority: int = 10
+    # Files and finished batches are forgotten after this long.
+    retention_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        _positive("max_file_bytes", self.max_file_bytes)
+        _positive("max_total_bytes", self.max_total_bytes)
+        _positive("max_lines", self.max_lines)
+        _at_least("concurrency", self.concurrency, 1)
+        _positive("retention_s", self.retention_s)
+
+
 class StreamsConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Resumable answers (``lmgw.streams``): a generation request sent with
     ``X-Lmgw-Resumable: 1`` keeps generating when its client's connection drops, and the
@@ -1523,6 +1551,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     # Resumable answers (X-Lmgw-Resumable, GET /v1/streams/{id}).
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    # OpenAI's Files and Batch APIs (/v1/files, /v1/batches), run on the fleet.
+    batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
     # Hedged streams: a late first token sends the request to a second worker too.
     hedging: HedgingConfig = msgspec.field(default_factory=HedgingConfig)
     # Client API keys and their limits (docs/security.md).

@@ -21,9 +21,11 @@ import msgspec
 import trio
 
 from .api.app import App
+from .api.batches import BatchesAPI
 from .api.keys import ApiKeys, AuthMetrics, Guarded
 from .api.model_routes import register_route_metrics, route_from_config
 from .api.text import TextAPI
+from .batch import BatchService
 from .cache import build_pool
 from .cache.metrics import CacheMetrics
 from .config import (
@@ -256,6 +258,13 @@ class Gateway:
         if self.streams is not None:
             self.streams.on_timeout = self.app.on_timeout
         TextAPI(self).install(self.app)
+        # OpenAI's Files and Batch APIs: batches run through the app itself (lmgw.batch)
+        self.batches: BatchService | None = None
+        if config.batches.enabled:
+            self.batches = BatchService(
+                config.batches, self.app, config.limits.request_timeout_s or None
+            )
+            BatchesAPI(self.batches, config.limits.max_json_depth).install(self.app)
         if self.replicas is not None:  # Responses API ids: any replica routes a follow-up
             self.replicas.share_responses(self.app.passthru.affinity)
         self.dashboard: Dashboard | None = None
@@ -491,6 +500,8 @@ class Gateway:
                     await nursery.start(self.monitor.run)
                     await nursery.start(self.adapters.run)
                     await nursery.start(self.mirrors.run)
+                    if self.batches is not None:
+                        await nursery.start(self.batches.run)
                     if self.dashboard is not None:
                         await nursery.start(self.dashboard.feed.run)
                     if self.parity is not None:

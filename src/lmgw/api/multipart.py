@@ -124,6 +124,27 @@ def form_fields(body: bytes, content_type: bytes | None, names: frozenset[str]) 
     return out
 
 
+def part_filename(body: bytes, span: slice) -> str | None:
+    """The ``filename`` of the part whose value is ``body[span]`` (from :func:`form_spans`):
+    its ``Content-Disposition`` header, just before the value; None when it names none."""
+    head_end = span.start - 4
+    head = body[max(0, head_end - MAX_PART_HEADERS) : head_end]
+    head = head[head.rfind(b"\r\n--") + 2 :] if b"\r\n--" in head else head
+    for line in head.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() != b"content-disposition":
+            continue
+        for param in value.split(b";")[1:]:
+            pname, _, pvalue = param.strip().partition(b"=")
+            if pname.strip().lower() == b"filename":
+                pvalue = pvalue.strip()
+                if len(pvalue) >= 2 and pvalue[:1] == pvalue[-1:] == b'"':
+                    pvalue = pvalue[1:-1]
+                name = pvalue.decode(errors="replace")[:255]
+                return name or None
+    return None
+
+
 def replace_value(body: bytes, field: Field, value: str) -> bytes:
     """The body with one field's value replaced (a part carries no length: safe to splice)."""
     return body[: field.start] + value.encode() + body[field.end :]

@@ -566,6 +566,145 @@ def _lora_paths() -> dict[str, Any]:
     }
 
 
+def _batch_paths() -> dict[str, Any]:
+    """OpenAI's Files and Batch APIs (api/batches.py)."""
+    file_obj = {
+        "type": "object",
+        "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "file"},
+            "bytes": _NON_NEG,
+            "created_at": _NON_NEG,
+            "expires_at": _NON_NEG,
+            "filename": {"type": "string"},
+            "purpose": {"enum": ["batch", "batch_output"]},
+            "status": {"type": "string"},
+        },
+    }
+    batch_obj = {
+        "type": "object",
+        "required": ["id", "object", "endpoint", "status", "input_file_id", "request_counts"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "batch"},
+            "endpoint": {"type": "string"},
+            "status": {
+                "enum": [
+                    "validating",
+                    "in_progress",
+                    "finalizing",
+                    "completed",
+                    "failed",
+                    "expired",
+                    "cancelling",
+                    "cancelled",
+                ],
+            },
+            "input_file_id": {"type": "string"},
+            "output_file_id": {"type": ["string", "null"]},
+            "error_file_id": {"type": ["string", "null"]},
+            "request_counts": {"type": "object"},
+        },
+    }
+
+    def listing(item: dict) -> dict:
+        return {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item}},
+        }
+
+    def op(summary: str, answer: dict, *, body: dict | None = None, **extra: Any) -> dict:
+        o: dict[str, Any] = {
+            "summary": summary,
+            "security": [{"apiKey": []}, {}],
+            "responses": {
+                "200": {"description": "OK", "content": {JSON: {"schema": answer}}},
+                **_COMMON_ERRORS,
+                **extra,
+            },
+        }
+        if body is not None:
+            o["requestBody"] = {"required": True, "content": body}
+        return o
+
+    def path_id(name: str) -> dict:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+    upload = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "purpose": {"const": "batch"},
+                },
+            }
+        }
+    }
+    create = {
+        JSON: {
+            "schema": {
+                "type": "object",
+                "required": ["input_file_id", "endpoint"],
+                "properties": {
+                    "input_file_id": {"type": "string"},
+                    "endpoint": {
+                        "enum": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+                    },
+                    "completion_window": {"const": "24h"},
+                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            }
+        }
+    }
+    content = op("A file's bytes.", {"type": "string"})
+    content["responses"]["200"]["content"] = {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    deleted = {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "file"},
+            "deleted": {"const": True},
+        },
+    }
+    full = {"507": _error("The gateway's file store is full (batches.max_total_bytes).")}
+    return {
+        "/v1/files": {
+            "get": op("The key's files.", listing(file_obj)),
+            "post": op("Upload a batch input file (JSONL).", file_obj, body=upload, **full),
+        },
+        "/v1/files/{file_id}": {
+            "parameters": [path_id("file_id")],
+            "get": op("A file.", file_obj),
+            "delete": op("Delete a file.", deleted),
+        },
+        "/v1/files/{file_id}/content": {"parameters": [path_id("file_id")], "get": content},
+        "/v1/batches": {
+            "get": op("The key's batches, newest first.", listing(batch_obj)),
+            "post": op(
+                "Run a file of requests on the fleet.",
+                batch_obj,
+                body=create,
+                **{"503": _error("The batch service is not running.")},
+            ),
+        },
+        "/v1/batches/{batch_id}": {
+            "parameters": [path_id("batch_id")],
+            "get": op("A batch.", batch_obj),
+        },
+        "/v1/batches/{batch_id}/cancel": {
+            "parameters": [path_id("batch_id")],
+            "post": op("Cancel a batch (its answers so far are kept).", batch_obj),
+        },
+    }
+
+
 def _model_route_paths() -> dict[str, Any]:
     """The model routes' admin API (api/model_routes.py)."""
     missing = {"404": _error("No such model route.")}
@@ -977,6 +1116,7 @@ def build_spec() -> dict[str, Any]:
             },
             **_lora_paths(),
             **_model_route_paths(),
+            **_batch_paths(),
         },
     }
 

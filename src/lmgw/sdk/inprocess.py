@@ -25,7 +25,6 @@ bug is logged and raised as :class:`~lmgw.sdk.errors.InternalServerError` (the H
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -47,8 +46,9 @@ from ..config import (
 from ..errors import GatewayError
 from ..gateway import Gateway as CoreGateway
 from ..gateway import server_limits
+from ..http.local import Collector, LocalRequest
 from ..http.server import HTTPServer
-from ..http.types import Headers, Request
+from ..http.types import Headers
 from ..model_routes import route_body
 from ..routing.policy import Policy
 from ..workers.worker import Worker, WorkerState
@@ -115,56 +115,6 @@ def build_config(
 
 
 # -- in-memory requests and responders ----------------------------------------------------------
-
-
-class _LocalRequest(Request):
-    """A request made in-process. ``deadline_exceeded`` is computed from its deadline scope (the
-    HTTP server sets the flag before cancelling a late handler; here the scope cancels it)."""
-
-    __slots__ = ("deadline",)
-
-    def __init__(self, path: str, headers: Headers, body: bytes, method: str = "POST") -> None:
-        self.deadline = math.inf
-        super().__init__(method, path, "", headers, body, client="in-process")
-
-    @property  # type: ignore[override]
-    def deadline_exceeded(self) -> bool:
-        return trio.current_time() >= self.deadline
-
-    @deadline_exceeded.setter
-    def deadline_exceeded(self, value: bool) -> None:
-        pass  # Request.__init__ sets it; ours is derived
-
-
-class _Collector:
-    """A responder that keeps a whole answer (``send_full``, or a start/send/end stream)."""
-
-    __slots__ = ("finished", "headers", "parts", "started", "status")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.finished = False
-        self.status = 0
-        self.headers: Headers = []
-        self.parts: list[bytes] = []
-
-    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
-        self.status, self.headers, self.parts, self.finished = status, headers, [body], True
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.started, self.status, self.headers = True, status, headers
-
-    async def send(self, data: bytes) -> None:
-        if data:
-            self.parts.append(data)
-
-    async def end(self, data: bytes = b"") -> None:
-        if data:
-            self.parts.append(data)
-        self.finished = True
-
-    def body(self) -> bytes:
-        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
 
 class EventSink(Protocol):
@@ -632,7 +582,7 @@ class Gateway:
         return out
 
     # -- the request path ---------------------------------------------------------------------
-    async def _invoke(self, path: str, req: _LocalRequest, responder: Any) -> None:
+    async def _invoke(self, path: str, req: LocalRequest, responder: Any) -> None:
         """Run the route's handler (middleware included) as the HTTP server would: within the
         request deadline (answered through the app's ``on_timeout``), handler bugs as 500."""
         app = self.core.app
@@ -654,16 +604,16 @@ class Gateway:
 
     async def _call(self, endpoint: str, body: bytes, headers: Headers) -> Any:
         self._require_nursery()
-        req = _LocalRequest(_PATHS[endpoint], headers, body)
-        out = _Collector()
+        req = LocalRequest(_PATHS[endpoint], headers, body)
+        out = Collector()
         await self._invoke(req.path, req, out)
         return decode_result(endpoint, out.status, out.body(), out.headers)
 
     async def _route(self, method: str, path: str, body: bytes, kind: str) -> Any:
         """Any other route, through the app's router (same answers as over HTTP)."""
         self._require_nursery()
-        req = _LocalRequest(path, [_JSON_CT], body, method)
-        out = _Collector()
+        req = LocalRequest(path, [_JSON_CT], body, method)
+        out = Collector()
         await self._invoke(path, req, out)
         return decode_result(kind, out.status, out.body(), out.headers)
 
@@ -674,7 +624,7 @@ class Gateway:
         responder = _StreamResponder(sink)
         try:
             try:
-                req = _LocalRequest(_PATHS[endpoint], headers, body)
+                req = LocalRequest(_PATHS[endpoint], headers, body)
                 await self._invoke(req.path, req, responder)
                 error = None
                 if not responder.finished:
