@@ -163,6 +163,7 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
 
     ok &= resumable_answer(base_url, messages)
     ok &= lora_adapter(base_url, client, messages)
+    ok &= batch(client)
 
     print("\n== an error, OpenAI-shaped ==")
     try:
@@ -285,6 +286,36 @@ def lora_adapter(base_url: str, client: openai.OpenAI, messages: list[dict]) -> 
     print(f"   POST /v1/unload_lora_adapter -> unloaded from {len(gone['unloaded'])} workers")
     canary_ok = split == {MODEL: 6, "demo-lora": 2}
     return r.model == "demo-lora" and canary_ok and not out["failed"] and not gone["failed"]
+
+
+def batch(client: openai.OpenAI) -> bool:
+    """OpenAI's Batch API on the gateway: a file of requests run on the fleet in the
+    background (at a low admission priority), the answers read from the output file."""
+    print("\n== a batch: a JSONL file of requests, run on the fleet ==")
+    lines = [
+        json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": MODEL, "max_tokens": 6,
+                             "messages": [{"role": "user", "content": f"Question {i}?"}]}})
+        for i in range(4)
+    ]  # fmt: skip
+    f = client.files.create(file=("questions.jsonl", "\n".join(lines).encode()), purpose="batch")
+    b = client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 30
+    while b.status not in ("completed", "failed", "cancelled", "expired"):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        b = client.batches.retrieve(b.id)
+    counts = b.request_counts
+    print(f"   {b.id}: {b.status}, {counts.completed}/{counts.total} answered" if counts else b)
+    if b.output_file_id is None:
+        return False
+    first = json.loads(client.files.content(b.output_file_id).text.splitlines()[0])
+    text = first["response"]["body"]["choices"][0]["message"]["content"]
+    print(f"   {first['custom_id']}: {text!r} (output file {b.output_file_id})")
+    return b.status == "completed" and counts is not None and counts.completed == 4
 
 
 def sse_text(resp: http.client.HTTPResponse, stop_after: int = 0) -> tuple[str, int]:
