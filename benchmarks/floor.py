@@ -117,17 +117,41 @@ def start_system(
 def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
     proc, port = start_system(children, name, ctx["workers"], ctx["cpus"])
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        oh.run_wrk(children, url, ctx["bodies"], CONNS, 1, ctx["lua"])  # warm-up
-        tree = oh.proc_tree(proc.pid)
-        c0 = oh.cpu_s(tree)
-        r = oh.run_wrk(children, url, ctx["bodies"], CONNS, ctx["duration"], ctx["lua"])
-        cpu = oh.cpu_s(tree) - c0
-        if r["errors"] or r["non_2xx"]:
-            raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
-        return {"rps": r["rps"], "cpu_us_per_req": cpu / max(r["requests"], 1) * 1e6}
+        return wrk_cpu(children, ctx, name, proc, port, ctx["bodies"])
     finally:
         children.stop(proc)
+
+
+def wrk_cpu(
+    children: Any, ctx: dict[str, Any], name: str, proc: Any, port: int, bodies: Path
+) -> dict[str, Any]:
+    """wrk at ``CONNS`` connections against ``port`` (a warm-up second, then
+    ``ctx["duration"]``): requests/s and the process's CPU µs per request."""
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    oh.run_wrk(children, url, bodies, CONNS, 1, ctx["lua"])  # warm-up
+    tree = oh.proc_tree(proc.pid)
+    c0 = oh.cpu_s(tree)
+    r = oh.run_wrk(children, url, bodies, CONNS, ctx["duration"], ctx["lua"])
+    cpu = oh.cpu_s(tree) - c0
+    if r["errors"] or r["non_2xx"]:
+        raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
+    return {"rps": r["rps"], "cpu_us_per_req": cpu / max(r["requests"], 1) * 1e6}
+
+
+def harness() -> tuple[set[int] | None, Any, Path]:
+    """The measured process's CPU (the second one, when there are two: this process, the
+    workers and wrk keep the first), the children's keeper, and wrk's body script."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = None
+    if len(allowed) >= 2:
+        cpus = {allowed[1]}
+        os.sched_setaffinity(0, {allowed[0]})  # inherited by the workers and wrk
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    children = oh.Children(env)
+    lua = LOG_DIR / "wrk_bodies.lua"
+    lua.write_text(oh.WRK_LUA)
+    return cpus, children, lua
 
 
 def syscalls(children: Any, ctx: dict[str, Any], name: str) -> dict[str, float]:
@@ -173,16 +197,7 @@ def main() -> int:
     if args.strace and shutil.which("strace") is None:
         print("--strace needs strace: apt-get install -y strace", file=sys.stderr)
         return 2
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    allowed = sorted(os.sched_getaffinity(0))
-    cpus = None
-    if len(allowed) >= 2:
-        cpus = {allowed[1]}
-        os.sched_setaffinity(0, {allowed[0]})  # inherited by the workers and wrk
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    children = oh.Children(env)
-    lua = LOG_DIR / "wrk_bodies.lua"
-    lua.write_text(oh.WRK_LUA)
+    cpus, children, lua = harness()
     bodies = LOG_DIR / "bodies.jsonl"
     oh.write_bodies(bodies, stream=False)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}

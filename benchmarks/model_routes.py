@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -85,16 +84,7 @@ def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
     proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=ctx["cpus"])
     try:
         floor.wait_answering(port)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        bodies = ctx["bodies"][model]
-        oh.run_wrk(children, url, bodies, CONNS, 1, ctx["lua"])  # warm-up
-        tree = oh.proc_tree(proc.pid)
-        c0 = oh.cpu_s(tree)
-        r = oh.run_wrk(children, url, bodies, CONNS, ctx["duration"], ctx["lua"])
-        cpu = oh.cpu_s(tree) - c0
-        if r["errors"] or r["non_2xx"]:
-            raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
-        return {"rps": r["rps"], "cpu_us_per_req": cpu / max(r["requests"], 1) * 1e6}
+        return floor.wrk_cpu(children, ctx, name, proc, port, ctx["bodies"][model])
     finally:
         children.stop(proc)
 
@@ -109,16 +99,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("benchmarks/model_routes.py needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 2
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    allowed = sorted(os.sched_getaffinity(0))
-    cpus = None
-    if len(allowed) >= 2:
-        cpus = {allowed[1]}
-        os.sched_setaffinity(0, {allowed[0]})  # inherited by the workers and wrk
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    children = oh.Children(env)
-    lua = LOG_DIR / "wrk_bodies.lua"
-    lua.write_text(oh.WRK_LUA)
+    cpus, children, lua = floor.harness()
     bodies = {model: bodies_for(model) for model in {m for _, m in SYSTEMS.values()}}
     names = list(SYSTEMS)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

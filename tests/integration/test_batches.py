@@ -85,6 +85,7 @@ async def test_a_batch_runs_on_the_fleet_and_answers_as_single_requests(
     assert all(v["response"]["status_code"] == 200 and v["error"] is None for v in out.values())
     assert err["req-6"]["response"]["status_code"] == 404
     assert {f.purpose for f in listed.data} == {"batch", "batch_output"}
+    assert "input.jsonl" in {f.filename for f in listed.data}  # as the client named it
     assert b.in_progress_at and b.completed_at and b.finalizing_at
     # each request reached a worker as the line's body, under the batch's request id
     ids = [rid for s in gw.sims for rid in (await s.stats())["request_ids"]]

@@ -54,13 +54,18 @@ def boundary_of(content_type: bytes | None) -> bytes:
 
 def _field_name(headers: bytes) -> bytes | None:
     """The ``name`` of a part's ``Content-Disposition: form-data; name="..."``."""
+    return _disposition(headers, b"name")
+
+
+def _disposition(headers: bytes, wanted: bytes) -> bytes | None:
+    """A parameter (``name``, ``filename``) of a part's ``Content-Disposition`` header."""
     for line in headers.split(b"\r\n"):
         key, _, value = line.partition(b":")
         if key.strip().lower() != b"content-disposition":
             continue
         for param in value.split(b";")[1:]:
             pname, _, pvalue = param.strip().partition(b"=")
-            if pname.strip().lower() == b"name":
+            if pname.strip().lower() == wanted:
                 pvalue = pvalue.strip()
                 if len(pvalue) >= 2 and pvalue[:1] == pvalue[-1:] == b'"':
                     pvalue = pvalue[1:-1]
@@ -130,19 +135,10 @@ def part_filename(body: bytes, span: slice) -> str | None:
     head_end = span.start - 4
     head = body[max(0, head_end - MAX_PART_HEADERS) : head_end]
     head = head[head.rfind(b"\r\n--") + 2 :] if b"\r\n--" in head else head
-    for line in head.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() != b"content-disposition":
-            continue
-        for param in value.split(b";")[1:]:
-            pname, _, pvalue = param.strip().partition(b"=")
-            if pname.strip().lower() == b"filename":
-                pvalue = pvalue.strip()
-                if len(pvalue) >= 2 and pvalue[:1] == pvalue[-1:] == b'"':
-                    pvalue = pvalue[1:-1]
-                name = pvalue.decode(errors="replace")[:255]
-                return name or None
-    return None
+    name = _disposition(head, b"filename")
+    if name is None:
+        return None
+    return name.decode(errors="replace")[:255] or None
 
 
 def replace_value(body: bytes, field: Field, value: str) -> bytes:
