@@ -59,11 +59,12 @@ class FileStore:
     def __iter__(self) -> Iterator[StoredFile]:
         return iter(list(self._files.values()))
 
-    def add(self, owner: str | None, filename: str, purpose: str, data: bytes, now: float
-            ) -> StoredFile:  # fmt: skip
-        """Keep a new file; FileError when it is too large or the store is full."""
+    def add(self, owner: str | None, filename: str, purpose: str, data: bytes, now: float,
+            *, upload: bool = True) -> StoredFile:  # fmt: skip
+        """Keep a new file; FileError when it is too large (an ``upload``: the gateway's own
+        output files are bounded by the store's total only) or the store is full."""
         self.expire(now)
-        if len(data) > self.max_file_bytes:
+        if upload and len(data) > self.max_file_bytes:
             raise FileError(
                 413, f"the file has {len(data)} bytes; at most {self.max_file_bytes} are taken"
             )

@@ -349,8 +349,9 @@ class BatchService:
                     continue
                 try:
                     f = self.files.add(
-                        job.owner, f"{job.id}_{name}.jsonl", "batch_output", chunk, now
-                    )
+                        job.owner, f"{job.id}_{name}.jsonl", "batch_output", chunk, now,
+                        upload=False,
+                    )  # fmt: skip
                 except FileError as exc:
                     _log.error("batch %s: its %s file was not kept: %s", job.id, name, exc)
                     state = "failed"
