@@ -100,7 +100,7 @@ TARGET_VS_RR = 0.7
 TARGET_VS_SGLANG = 0.9
 TARGET_CONTROL = 1.05
 TARGET_SPREAD = 1.25
-CACHE_AWARE = ("cache_aware", "cache_aware+tok", "cache_aware-exact")
+CACHE_AWARE = ("cache_aware", "cache_aware+tok", "cache_aware-exact", "cache_aware+tok+rep2")
 
 
 def log(*parts: object) -> None:
@@ -120,6 +120,8 @@ class System:
     exact: bool = False
     peer: str = ""
     """A peer router's command template (``{py} {bin} {port} {prom} {workers}``)."""
+    replicas: int = 1
+    """cache_aware: ``routing.cache_aware_replicas`` (hot prefixes warmed on more holders)."""
 
 
 SYSTEMS: dict[str, System] = {
@@ -132,6 +134,7 @@ SYSTEMS: dict[str, System] = {
         System("cache_aware", "cache_aware"),
         System("cache_aware+tok", "cache_aware", tokenizer=True),
         System("cache_aware-exact", "cache_aware", tokenizer=True, exact=True),
+        System("cache_aware+tok+rep2", "cache_aware", tokenizer=True, replicas=2),
         System(
             "sglang-router-ca",
             peer="{py} -m sglang_router.launch_router --host 127.0.0.1 --port {port} "
@@ -192,7 +195,7 @@ def gateway_argv(system: System, fleet: Fleet, port: int, run_dir: Path) -> list
         models.append(ModelConfig(name=MODEL, tokenizer=str(fleet.model_dir)))
     cfg = GatewayConfig(
         server=ServerConfig(host="127.0.0.1", port=port),
-        routing=RoutingConfig(policy=system.policy),
+        routing=RoutingConfig(policy=system.policy, cache_aware_replicas=system.replicas),
         logging=LoggingConfig(level="warning"),
         models=models,
         workers=[

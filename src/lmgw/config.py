@@ -568,6 +568,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # prefill, and what each request in flight on a worker adds to a new request's wait.
     cache_aware_request_tokens: float = 32.0
     cache_aware_load_tokens: float = 64.0
+    # cache_aware: holders a hot prefix should have. Above 1, a prefix hit often but held by
+    # fewer workers is prefilled on the least busy other one in the background, so requests
+    # choose between its holders by their queues. 1: off.
+    cache_aware_replicas: int = 1
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
@@ -610,6 +614,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
                 f"must be between 0 and 1, got {self.cache_threshold!r}", path="cache_threshold"
             )
         _at_least("balance_abs_threshold", self.balance_abs_threshold, 0)
+        if not 1 <= self.cache_aware_replicas <= 16:
+            raise ConfigError(
+                f"must be 1..16, got {self.cache_aware_replicas!r}", path="cache_aware_replicas"
+            )
         for key in ("cache_aware_request_tokens", "cache_aware_load_tokens"):
             value = getattr(self, key)
             if not (0.0 <= value <= 1e9):

@@ -500,6 +500,8 @@ class Gateway:
                     await nursery.start(self.monitor.run)
                     await nursery.start(self.adapters.run)
                     await nursery.start(self.mirrors.run)
+                    if self.pipeline.warmer is not None:
+                        await nursery.start(self.pipeline.warmer.run)
                     if self.batches is not None:
                         await nursery.start(self.batches.run)
                     if self.dashboard is not None:

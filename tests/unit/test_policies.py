@@ -1095,3 +1095,51 @@ def test_kv_events_of_an_adapter_count_for_that_adapter_only() -> None:
     policy.on_kv_event(ws[0], stored(prompt, list(range(20, 30)), lora_id=2))
     assert policy.kv_ignored == ignored + 1
     assert _overlap(policy, reg, ws[0], ctx_of(probe)) == 0
+
+
+# -- cache_aware replication (routing.cache_aware_replicas) ---------------------------------------
+
+
+def _hit(policy: CacheAware, reg: Registry, tokens: list[int]) -> tuple[Worker, Worker | None]:
+    """One request through the policy as the pipeline sends it (dispatched, finished)."""
+    ctx = ctx_of(tokens)
+    w = policy.choose(cands(reg), ctx)
+    policy.on_dispatch(w, ctx)
+    warm = policy.warm_target(ctx)
+    policy.on_finish(w, ctx, True)
+    return w, warm
+
+
+def test_a_hot_prefix_gets_one_more_holder_warmed_then_none() -> None:
+    """Two workers, two system prompts in turn: each settles on one holder (its share of the
+    traffic is the holder's share: bounded load never spreads it). With replicas=2 each
+    prompt, once hot, is warmed on the other worker once; then both hold both and requests go
+    by queue."""
+    reg, _ = fleet(2)
+    policy = CacheAware(replicas=2)
+    rng = random.Random(5)
+    prompts = [toks(rng, 512), toks(rng, 512)]
+    warmed: dict[int, list[Worker]] = {0: [], 1: []}
+    for i in range(40):
+        k = i % 2
+        w, warm = _hit(policy, reg, prompts[k] + toks(rng, 8))
+        if warm is not None:
+            assert warm is not w
+            warmed[k].append(warm)
+            ctx = ctx_of(prompts[k] + toks(rng, 8)).fork()  # the pipeline's background prefill
+            policy.on_dispatch(warm, ctx)
+            policy.on_finish(warm, ctx, True)
+    assert [len(v) for v in warmed.values()] == [1, 1]  # once each, after HOT_HITS hits
+    assert policy.statistics()["warmups"] == 2
+    assert policy.reasons["load"] == 0  # no request paid a miss to spread a prompt
+
+
+def test_without_replicas_nothing_is_warmed() -> None:
+    reg, _ = fleet(3)
+    policy = CacheAware()
+    rng = random.Random(6)
+    system = toks(rng, 512)
+    assert all(_hit(policy, reg, system + toks(rng, 8))[1] is None for _ in range(20))
+    with pytest.raises(ValueError, match="replicas"):
+        CacheAware(replicas=0)
+    assert CacheAware.from_config(RoutingConfig(cache_aware_replicas=3)).replicas == 3

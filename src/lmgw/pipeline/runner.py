@@ -41,6 +41,7 @@ from .disagg import DisaggRunner, EncodedItems
 from .hedge import hedger_for
 from .native import NativeRunner
 from .request import Gate, GatewayRequest, MidStream
+from .warm import PrefixWarmer
 
 log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
@@ -153,6 +154,11 @@ class Pipeline:
         self.picks = dict.fromkeys(policies, 0)
         #: hedged streams (hedging.enabled): None when off, one attribute test per stream
         self.hedger = hedger_for(cfg.hedging, metrics, policies)
+        #: routing.cache_aware_replicas > 1: background prefills on a hot prefix's next holder
+        #: (the gateway runs it); None when off, one attribute test per request
+        self.warmer: PrefixWarmer | None = None
+        if cfg.routing.cache_aware_replicas > 1:
+            self.warmer = PrefixWarmer(metrics)
         #: routing.lora_affinity: a request's context names its LoRA adapter (the gateway
         #: sets ``is_lora``: whether a model is an adapter)
         self.lora_affinity = cfg.routing.lora_affinity
@@ -218,6 +224,10 @@ class Pipeline:
         role = "pd"
         ctx = greq.route or self.route_of(greq)
         worker = self.pick(greq.model, role, ctx)
+        if self.warmer is not None:  # a hot prefix's next holder (routing.cache_aware_replicas)
+            target = self.policies[role].warm_target(ctx)
+            if target is not None:
+                self.warmer.submit(self, greq, target, ctx)
         last = self.max_attempts - 1
         tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         journal: list[bytes] | None = [] if greq.stream and self.migrations else None

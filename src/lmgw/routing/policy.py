@@ -175,6 +175,12 @@ class Policy:
         """The decision made for ``ctx`` (or the last one), when the policy records it."""
         return None
 
+    def warm_target(self, ctx: RouteContext) -> Worker | None:
+        """A worker that should also get ``ctx``'s prompt prefilled, in the background, so
+        that a hot prefix has more than one holder to balance between (``cache_aware`` with
+        ``routing.cache_aware_replicas``); None: none."""
+        return None
+
     def statistics(self) -> dict[str, float]:
         """Numbers for metrics (index size, evictions, hit ratio...); empty by default."""
         return {}

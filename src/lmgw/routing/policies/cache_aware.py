@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import types
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -86,6 +86,12 @@ SPREAD_ROUNDS = 32
 #: what each of those recent dispatches adds to a worker's wait, in tokens (a tie-breaker that
 #: places new prefixes, and splits a shared one, toward the workers that serve least)
 SPREAD_TOKENS = 8.0
+#: replication (``replicas`` > 1): a prefix hit this many times is hot enough for another holder
+HOT_HITS = 4
+#: ... and is warmed on one more worker at most once per this many rounds of the fleet
+WARM_ROUNDS = 8
+#: prefixes whose heat is remembered (least recently hit forgotten first)
+_HEAT_KEYS = 4096
 
 
 def prefill_cost(wait: float, prompt_tokens: int, cached_tokens: int) -> float:
@@ -124,12 +130,13 @@ class _View:
 
 
 class _Decision:
-    __slots__ = ("depths", "info", "usable")
+    __slots__ = ("depths", "info", "usable", "warm")
 
     def __init__(self, info: RouteInfo, depths: dict[int, int], usable: int) -> None:
         self.info = info
         self.depths = depths  # slot -> matched blocks
         self.usable = usable  # blocks that can count as cached (vLLM computes the last token)
+        self.warm: Worker | None = None  # a second holder to prefill the prompt on
 
 
 class CacheAware(Policy):
@@ -150,6 +157,7 @@ class CacheAware(Policy):
         request_tokens: float = 32.0,
         load_tokens: float = 64.0,
         bounded_load_factor: float = 1.25,
+        replicas: int = 1,
     ) -> None:
         if block_size < 1 or max_prefix_tokens < block_size:
             raise ValueError("block_size must be >= 1 and max_prefix_tokens >= block_size")
@@ -184,6 +192,13 @@ class CacheAware(Policy):
         self.request_tokens = float(request_tokens)
         self.load_tokens = float(load_tokens)
         self.bounded_load_factor = bounded_load_factor
+        if not 1 <= replicas <= 16:
+            raise ValueError("replicas must be 1..16")
+        #: holders a hot prefix should have (1: no replication)
+        self.replicas = replicas
+        self._heat: OrderedDict[int, int] = OrderedDict()  # prefix key -> hits (bounded)
+        self._warmed: dict[int, int] = {}  # prefix key -> round it was last warmed
+        self.warmups = 0
         self._index = mod.PrefixIndex(budget_bytes)
         self._memo_key = ("prefix", block_size, self.max_blocks)
         self._slots: dict[str, int] = {}  # worker id -> slot in the index
@@ -250,6 +265,7 @@ class CacheAware(Policy):
             request_tokens=cfg.cache_aware_request_tokens,
             load_tokens=cfg.cache_aware_load_tokens,
             bounded_load_factor=cfg.bounded_load_factor,
+            replicas=cfg.cache_aware_replicas,
         )
 
     # -- prompt and candidate set ---------------------------------------------------------------
@@ -473,9 +489,61 @@ class CacheAware(Policy):
         self.predicted_tokens += predicted
         info = RouteInfo(self.name, worker.id, reason, predicted, ntok)
         decision = _Decision(info, depths, usable)
+        if self.replicas > 1 and reason == "cache" and len(depths) < self.replicas:
+            decision.warm = self._warm(candidates, slots, loads, cap, hashes, depths, best, usable)
         self._last = decision
         ctx.memo()[self] = decision
         return worker
+
+    def _warm(
+        self,
+        candidates: Sequence[Worker],
+        slots: list[int],
+        loads: list[float],
+        cap: float,
+        hashes: Any,
+        depths: dict[int, int],
+        best: int,
+        usable: int,
+    ) -> Worker | None:
+        """Replication: a hot prefix (hit ``HOT_HITS`` times) held by fewer than ``replicas``
+        candidates gets one more holder, the non-holder with the least wait: the pipeline
+        prefills the prompt there in the background, so that the next requests choose between
+        two holders by their queues (two choices cut the queueing of a busy holder) instead of
+        one request paying a miss to spread it."""
+        d = min(depths.get(slots[best], 0), usable)
+        if d <= 0:
+            return None
+        key = hashes[d - 1]  # names the prefix the holder has (block hashes chain)
+        heat = self._heat
+        hits = heat.pop(key, 0) + 1
+        heat[key] = hits
+        if len(heat) > _HEAT_KEYS:
+            heat.popitem(last=False)
+        if hits < HOT_HITS:
+            return None
+        last = self._warmed.get(key)
+        if last is not None and self._round - last < WARM_ROUNDS * len(candidates):
+            return None
+        bias, lt = self._bias, self.load_tokens
+        target, least = -1, 0.0
+        for j, slot in enumerate(slots):
+            if slot < 0 or slot in depths or loads[j] > cap:
+                continue
+            wait = bias[slot] + lt * loads[j]
+            if target < 0 or wait < least:
+                target, least = j, wait
+        if target < 0:
+            return None
+        if len(self._warmed) > _HEAT_KEYS:
+            self._warmed.clear()
+        self._warmed[key] = self._round
+        self.warmups += 1
+        return candidates[target]
+
+    def warm_target(self, ctx: RouteContext) -> Worker | None:
+        decision = ctx.scratch.get(self) if ctx.scratch else None
+        return decision.warm if decision is not None else None
 
     def peek(self, candidates: Sequence[Worker], ctx: RouteContext) -> Worker:
         """The worker :meth:`choose` would pick now, without recording the decision (no
@@ -809,6 +877,7 @@ class CacheAware(Policy):
             "queued_tokens": self.queued_tokens,
             "tier_slots": len(self._tier_slots),
             "hints_imported": self.hints_imported,
+            "warmups": self.warmups,
             "audit_requests": self.audits,
             "audit_predicted_tokens": self.audit_predicted,
             "audit_cached_tokens": self.audit_cached,
