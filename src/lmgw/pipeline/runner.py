@@ -41,7 +41,7 @@ from .disagg import DisaggRunner, EncodedItems
 from .hedge import hedger_for
 from .native import NativeRunner
 from .request import Gate, GatewayRequest, MidStream
-from .warm import PrefixWarmer
+from .warm import PrefixWarmer, warmup_counter
 
 log = logging.getLogger("lmgw.pipeline")
 _now = time.perf_counter
@@ -157,8 +157,9 @@ class Pipeline:
         #: routing.cache_aware_replicas > 1: background prefills on a hot prefix's next holder
         #: (the gateway runs it); None when off, one attribute test per request
         self.warmer: PrefixWarmer | None = None
+        warmups = warmup_counter(metrics)
         if cfg.routing.cache_aware_replicas > 1:
-            self.warmer = PrefixWarmer(metrics)
+            self.warmer = PrefixWarmer(warmups)
         #: routing.lora_affinity: a request's context names its LoRA adapter (the gateway
         #: sets ``is_lora``: whether a model is an adapter)
         self.lora_affinity = cfg.routing.lora_affinity

@@ -61,20 +61,27 @@ def prefill_only(body: bytes) -> bytes | None:
     return msgspec.json.encode(obj)
 
 
+def warmup_counter(metrics: Metrics) -> Counter:
+    """``lmgw_prefix_warmups_total``, registered whether or not replication is on (every
+    gateway exports the same names)."""
+    counter = Counter(
+        "lmgw_prefix_warmups_total",
+        "Background prefills that gave a hot prefix another holder"
+        " (routing.cache_aware_replicas), by outcome: ok, error, skipped (max in flight).",
+        ("outcome",),
+    )
+    metrics.add(counter)
+    return counter
+
+
 class PrefixWarmer:
     """Runs the warm-up prefills in the background (one per gateway)."""
 
-    def __init__(self, metrics: Metrics, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(self, warmups: Counter, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._nursery: trio.Nursery | None = None
-        self.warmups = Counter(
-            "lmgw_prefix_warmups_total",
-            "Background prefills that gave a hot prefix another holder"
-            " (routing.cache_aware_replicas), by outcome: ok, error, skipped (max in flight).",
-            ("outcome",),
-        )
-        metrics.add(self.warmups)
+        self.warmups = warmups  # lmgw_prefix_warmups_total (:func:`warmup_counter`)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
