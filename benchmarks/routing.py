@@ -100,7 +100,16 @@ TARGET_VS_RR = 0.7
 TARGET_VS_SGLANG = 0.9
 TARGET_CONTROL = 1.05
 TARGET_SPREAD = 1.25
-CACHE_AWARE = ("cache_aware", "cache_aware+tok", "cache_aware-exact", "cache_aware+tok+rep2")
+CACHE_AWARE = (
+    "cache_aware",
+    "cache_aware+tok",
+    "cache_aware-exact",
+    "cache_aware+tok+rep2",
+    "cache_aware+tok+miss2",
+    "cache_aware+tok+miss3",
+    "cache_aware+tok+miss4",
+    "cache_aware+tok+miss3+rep2",
+)
 
 
 def log(*parts: object) -> None:
@@ -122,6 +131,8 @@ class System:
     """A peer router's command template (``{py} {bin} {port} {prom} {workers}``)."""
     replicas: int = 1
     """cache_aware: ``routing.cache_aware_replicas`` (hot prefixes warmed on more holders)."""
+    miss_weight: float = 1.0
+    """cache_aware: ``routing.cache_aware_miss_weight``."""
 
 
 SYSTEMS: dict[str, System] = {
@@ -135,6 +146,12 @@ SYSTEMS: dict[str, System] = {
         System("cache_aware+tok", "cache_aware", tokenizer=True),
         System("cache_aware-exact", "cache_aware", tokenizer=True, exact=True),
         System("cache_aware+tok+rep2", "cache_aware", tokenizer=True, replicas=2),
+        System("cache_aware+tok+miss2", "cache_aware", tokenizer=True, miss_weight=2.0),
+        System("cache_aware+tok+miss3", "cache_aware", tokenizer=True, miss_weight=3.0),
+        System("cache_aware+tok+miss4", "cache_aware", tokenizer=True, miss_weight=4.0),
+        System(
+            "cache_aware+tok+miss3+rep2", "cache_aware", tokenizer=True, miss_weight=3.0, replicas=2
+        ),
         System(
             "sglang-router-ca",
             peer="{py} -m sglang_router.launch_router --host 127.0.0.1 --port {port} "
@@ -195,7 +212,11 @@ def gateway_argv(system: System, fleet: Fleet, port: int, run_dir: Path) -> list
         models.append(ModelConfig(name=MODEL, tokenizer=str(fleet.model_dir)))
     cfg = GatewayConfig(
         server=ServerConfig(host="127.0.0.1", port=port),
-        routing=RoutingConfig(policy=system.policy, cache_aware_replicas=system.replicas),
+        routing=RoutingConfig(
+            policy=system.policy,
+            cache_aware_replicas=system.replicas,
+            cache_aware_miss_weight=system.miss_weight,
+        ),
         logging=LoggingConfig(level="warning"),
         models=models,
         workers=[

@@ -572,6 +572,10 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # fewer workers is prefilled on the least busy other one in the background, so requests
     # choose between its holders by their queues. 1: off.
     cache_aware_replicas: int = 1
+    # cache_aware: what a prompt token to compute weighs against a token of queued work. Above
+    # 1, a miss also pays for the delay its long prefill imposes on the requests queued behind
+    # it (a holder's queue is preferred to a new miss). 1: each request's own TTFT only.
+    cache_aware_miss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
@@ -617,6 +621,11 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
         if not 1 <= self.cache_aware_replicas <= 16:
             raise ConfigError(
                 f"must be 1..16, got {self.cache_aware_replicas!r}", path="cache_aware_replicas"
+            )
+        if not 1.0 <= self.cache_aware_miss_weight <= 100.0:
+            raise ConfigError(
+                f"must be 1..100, got {self.cache_aware_miss_weight!r}",
+                path="cache_aware_miss_weight",
             )
         for key in ("cache_aware_request_tokens", "cache_aware_load_tokens"):
             value = getattr(self, key)

@@ -1143,3 +1143,28 @@ def test_without_replicas_nothing_is_warmed() -> None:
     with pytest.raises(ValueError, match="replicas"):
         CacheAware(replicas=0)
     assert CacheAware.from_config(RoutingConfig(cache_aware_replicas=3)).replicas == 3
+
+
+@pytest.mark.parametrize(("weight", "expected"), [(1.0, "w1"), (4.0, "w0")])
+def test_the_miss_weight_prefers_a_busy_holder_to_a_new_miss(weight: float, expected: str) -> None:
+    """w0 holds the prompt but has two long prefills queued; w1 is idle and cold. By the
+    request's own TTFT alone (weight 1) recomputing on w1 is sooner; weighing the delay a
+    miss's long prefill imposes on the requests behind it (weight 4), w0's queue wins."""
+    reg, ws = fleet(2)
+    policy = CacheAware(miss_weight=weight)
+    rng = random.Random(7)
+    prompt = toks(rng, 512)
+    ctx = ctx_of(prompt + toks(rng, 8))
+    w = policy.choose(cands(reg), ctx)
+    assert w is ws[0]
+    policy.on_dispatch(w, ctx)
+    policy.on_finish(w, ctx, True)
+    for _ in range(2):  # long prefills queued on w0, not finished
+        busy = ctx_of(toks(rng, 512))
+        policy.on_dispatch(ws[0], busy)
+        reg.acquire(ws[0])
+    got = policy.choose(cands(reg), ctx_of(prompt + toks(rng, 8)))
+    assert got.id == expected
+    with pytest.raises(ValueError, match="miss_weight"):
+        CacheAware(miss_weight=0.5)
+    assert CacheAware.from_config(RoutingConfig(cache_aware_miss_weight=2.5)).miss_weight == 2.5

@@ -94,12 +94,15 @@ WARM_ROUNDS = 8
 _HEAT_KEYS = 4096
 
 
-def prefill_cost(wait: float, prompt_tokens: int, cached_tokens: int) -> float:
+def prefill_cost(
+    wait: float, prompt_tokens: int, cached_tokens: int, miss_weight: float = 1.0
+) -> float:
     """A request's expected time to first token on a worker, in tokens of prefill: what it
     waits for there (``wait``: the queued prefill work and the load, see the module doc), then
-    its own prefill, the prompt tokens not cached there. (Its own fixed per-request cost is
-    the same everywhere and left out.)"""
-    return wait + prompt_tokens - cached_tokens
+    its own prefill, the prompt tokens not cached there (weighed by ``miss_weight``: above 1,
+    the delay a long prefill imposes on the requests queued behind it counts too). (Its own
+    fixed per-request cost is the same everywhere and left out.)"""
+    return wait + miss_weight * (prompt_tokens - cached_tokens)
 
 
 class _Queued:
@@ -158,6 +161,7 @@ class CacheAware(Policy):
         load_tokens: float = 64.0,
         bounded_load_factor: float = 1.25,
         replicas: int = 1,
+        miss_weight: float = 1.0,
     ) -> None:
         if block_size < 1 or max_prefix_tokens < block_size:
             raise ValueError("block_size must be >= 1 and max_prefix_tokens >= block_size")
@@ -196,6 +200,10 @@ class CacheAware(Policy):
             raise ValueError("replicas must be 1..16")
         #: holders a hot prefix should have (1: no replication)
         self.replicas = replicas
+        if not 1.0 <= miss_weight <= 100.0:
+            raise ValueError("miss_weight must be 1..100")
+        #: what an uncached prompt token weighs against a queued one (module doc)
+        self.miss_weight = float(miss_weight)
         self._heat: OrderedDict[int, int] = OrderedDict()  # prefix key -> hits (bounded)
         self._warmed: dict[int, int] = {}  # prefix key -> round it was last warmed
         self.warmups = 0
@@ -266,6 +274,7 @@ class CacheAware(Policy):
             load_tokens=cfg.cache_aware_load_tokens,
             bounded_load_factor=cfg.bounded_load_factor,
             replicas=cfg.cache_aware_replicas,
+            miss_weight=cfg.cache_aware_miss_weight,
         )
 
     # -- prompt and candidate set ---------------------------------------------------------------
@@ -397,6 +406,7 @@ class CacheAware(Policy):
             base = loads.index(lmin)
         bias = self._bias
         lt = self.load_tokens
+        g = self.miss_weight
         least = lt * lmin + SPREAD_TOKENS * self._rmin  # no candidate waits less
         best = -1
         best_cost = 0.0
@@ -428,7 +438,7 @@ class CacheAware(Policy):
                         continue
                     found = True
                     # (prefill_cost, inlined in this loop) the least this or any later one costs
-                    bound = least + ntok - c
+                    bound = least + g * (ntok - c)
                     if best >= 0 and (bound > best_cost or (scanned and bound == best_cost)):
                         break
                     k += 1
@@ -442,10 +452,10 @@ class CacheAware(Policy):
                         ci = min(held.get(si, 0), usable) * bs
                         if ci < floor or recent[si] + 1 > limit:
                             ci = 0
-                        cost = prefill_cost(least, ntok, ci)
+                        cost = prefill_cost(least, ntok, ci, g)
                         if best < 0 or cost < best_cost:
                             best, best_cost, best_c = i, cost, ci
-                        if prefill_cost(least, ntok, c) >= best_cost:
+                        if prefill_cost(least, ntok, c, g) >= best_cost:
                             break
                     if recent[slot] + 1 > limit:  # served more than its share lately
                         continue
@@ -453,14 +463,14 @@ class CacheAware(Policy):
                     x = loads[i]
                     if x > cap:  # never more than the slack above the least loaded
                         continue
-                    cost = bias[slot] + lt * x + ntok - c
+                    cost = bias[slot] + lt * x + g * (ntok - c)
                     if best < 0 or cost < best_cost or (cost == best_cost and x < loads[best]):
                         best, best_cost, best_c = i, cost, c
                 reason = "cache" if best_c > 0 else "load" if found else "below_threshold"
-        if not scanned and (best < 0 or best_cost >= prefill_cost(least, ntok, 0)):
+        if not scanned and (best < 0 or best_cost >= prefill_cost(least, ntok, 0, g)):
             # a miss may do as well: the least wait within the slack (a full scan, only now)
             miss = self._least_wait(slots, loads, cap, start, base)
-            cost = prefill_cost(bias[slots[miss]] + lt * loads[miss], ntok, 0)
+            cost = prefill_cost(bias[slots[miss]] + lt * loads[miss], ntok, 0, g)
             if best < 0 or cost < best_cost or (cost == best_cost and loads[miss] < loads[best]):
                 best, best_c = miss, 0
                 if reason == "cache":
