@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from .background import Background
 from .http.types import Headers
 from .metrics import Counter, Histogram, Metrics
 
@@ -63,16 +64,14 @@ class DiscardResponder:
 Run = Callable[[DiscardResponder], Awaitable[None]]
 
 
-class Mirrors:
+class Mirrors(Background):
     """The gateway's mirror copies: where they run, how many at once, what became of them."""
 
     def __init__(
         self, metrics: Metrics, max_in_flight: int = MAX_IN_FLIGHT, timeout_s: float = TIMEOUT_S
     ) -> None:
-        self.max_in_flight = max_in_flight
+        super().__init__(max_in_flight)
         self.timeout_s = timeout_s
-        self.in_flight = 0
-        self._nursery: trio.Nursery | None = None
         self.requests = Counter(
             "lmgw_mirror_requests_total",
             "Copies of model-route requests sent to the route's mirror model, by outcome: ok"
@@ -88,26 +87,13 @@ class Mirrors:
         metrics.add(self.requests)
         metrics.add(self.seconds)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the copies until the gateway stops (they are cancelled with it)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
-
     def submit(self, route: str, model: str, run: Run) -> bool:
         """Start ``run(responder)`` (which sends the copy to ``model``) unless too many run or
         the service is not running; never waits. True when it was started."""
-        nursery = self._nursery
-        if nursery is None or self.in_flight >= self.max_in_flight:
-            self.requests.inc((route, model, "skipped"))
-            return False
-        self.in_flight += 1
-        nursery.start_soon(self._one, route, model, run)
-        return True
+        if self.start(self._one, route, model, run):
+            return True
+        self.requests.inc((route, model, "skipped"))
+        return False
 
     async def _one(self, route: str, model: str, run: Run) -> None:
         sink = DiscardResponder()
@@ -124,5 +110,4 @@ class Mirrors:
         except Exception as exc:  # a copy's failure is counted, never the gateway's
             _log.debug("mirror copy to %s failed: %r", model, exc)
         finally:
-            self.in_flight -= 1
             self.requests.inc((route, model, outcome))

@@ -23,8 +23,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import trio
 
+from ..background import Background
 from ..metrics import Counter, Metrics
 from ..mirrors import DiscardResponder
 from ..routing.policy import RouteContext
@@ -74,32 +74,17 @@ def warmup_counter(metrics: Metrics) -> Counter:
     return counter
 
 
-class PrefixWarmer:
+class PrefixWarmer(Background):
     """Runs the warm-up prefills in the background (one per gateway)."""
 
     def __init__(self, warmups: Counter, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
-        self._nursery: trio.Nursery | None = None
+        super().__init__(max_in_flight)
         self.warmups = warmups  # lmgw_prefix_warmups_total (:func:`warmup_counter`)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
 
     def submit(
         self, pipeline: Pipeline, greq: GatewayRequest, worker: Worker, ctx: RouteContext
     ) -> bool:
         """Prefill ``greq``'s prompt on ``worker`` in the background; never waits."""
-        nursery = self._nursery
-        if nursery is None or self.in_flight >= self.max_in_flight:
-            self.warmups.inc(("skipped",))
-            return False
         body = prefill_only(greq.body)
         if body is None:
             return False
@@ -110,9 +95,10 @@ class PrefixWarmer:
         copy = GatewayRequest(
             greq.endpoint, greq.path, greq.model, False, body, rid, headers, _now()
         )
-        self.in_flight += 1
-        nursery.start_soon(self._one, pipeline, copy, worker, ctx.fork())
-        return True
+        if self.start(self._one, pipeline, copy, worker, ctx.fork()):
+            return True
+        self.warmups.inc(("skipped",))
+        return False
 
     async def _one(
         self, pipeline: Any, greq: GatewayRequest, worker: Worker, ctx: RouteContext
@@ -128,5 +114,4 @@ class PrefixWarmer:
         except Exception as exc:  # a warm-up's failure is counted, never the client's
             _log.debug("warm-up prefill on %s failed: %r", worker.id, exc)
         finally:
-            self.in_flight -= 1
             self.warmups.inc((outcome,))
