@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -468,6 +469,142 @@ async def model_routes(flavor: Flavor, sims: SimThread) -> None:
         assert gw.model_routes == []
         with pytest.raises(lmgw.NotFound):
             await gw.chat(model="chat", messages=HI, max_tokens=2)
+
+
+def question(i: int, model: str = MODEL) -> dict[str, Any]:
+    """A chat request body whose answer differs with ``i`` (so an order shows)."""
+    content = f"Question number {i} about gateways."
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6}
+
+
+def answer_text(record: dict[str, Any]) -> str:
+    return record["response"]["body"]["choices"][0]["message"]["content"]
+
+
+def core_of(gw: Any) -> Any:
+    """The core gateway behind either flavor (the asyncio one reads it from its thread)."""
+    return gw.core if isinstance(gw, lmgw.Gateway) else gw._gw().core
+
+
+@scenario
+async def batches(flavor: Flavor, sims: SimThread) -> None:
+    """OpenAI's Batch API through the in-process gateway and the HTTP client: run_batch's
+    records are the same requests' answers one by one, in input order, a request that fails on
+    its own its record's 404, and the files it made are deleted; an invalid request fails the
+    batch as a BadRequest; the primitives' errors are typed; file_content is the upload."""
+    async with flavor.Gateway(workers=[sims.urls["fast"]]) as gw:
+        await gw.serve()
+        store = core_of(gw).batches.files
+        async with lmgw.Client(gw.url) as client:
+            for face in (gw, client):
+                bodies = [question(i) for i in range(3)]
+                expected = [(await face.chat(**body)).text for body in bodies]
+                assert len(set(expected)) == 3, expected
+                files_before = {f.id for f in store}
+                records = await face.run_batch(bodies, poll_s=0.02)
+                assert [r["custom_id"] for r in records] == ["0", "1", "2"]
+                assert [r["response"]["status_code"] for r in records] == [200] * 3
+                assert [answer_text(r) for r in records] == expected
+                assert all(r["error"] is None for r in records)
+                assert {f.id for f in store} == files_before  # input and output deleted
+
+                mixed = [bodies[0], question(1, model="no-such-model"), bodies[2]]
+                records = await face.run_batch(mixed, poll_s=0.02)
+                assert [r["response"]["status_code"] for r in records] == [200, 404, 200]
+                assert records[1]["response"]["body"]["error"]["param"] == "model"
+                assert [answer_text(records[0]), answer_text(records[2])] == expected[::2]
+                assert {f.id for f in store} == files_before  # the error file too
+
+                with pytest.raises(lmgw.BadRequest, match="request 1: a batch request cannot"):
+                    await face.run_batch([bodies[0], {**bodies[1], "stream": True}], poll_s=0.02)
+                assert await face.run_batch([]) == []
+
+                for call, unknown in (
+                    (face.cancel_batch, "batch_unknown"),
+                    (face.batch, "batch_unknown"),
+                    (face.file_content, "file-unknown"),
+                ):
+                    with pytest.raises(lmgw.NotFound):
+                        await call(unknown)
+
+                lines = [
+                    {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": question(i)}
+                    for i in range(2)
+                ]  # fmt: skip
+                jsonl = b"".join(msgspec.json.encode(line) + b"\n" for line in lines)
+                uploaded = await face.upload_batch_file(jsonl, "mine.jsonl")
+                assert (uploaded["filename"], uploaded["bytes"]) == ("mine.jsonl", len(jsonl))
+                assert uploaded["purpose"] == "batch"
+                assert await face.file_content(uploaded["id"]) == jsonl
+                with pytest.raises(lmgw.BadRequest, match="endpoint must be"):
+                    await face.create_batch(uploaded["id"], "/v1/moderations")
+                with pytest.raises(lmgw.NotFound):
+                    await face.create_batch("file-unknown")
+                job = await face.create_batch(uploaded["id"], metadata={"face": flavor.name})
+                assert job["metadata"] == {"face": flavor.name}
+                with anyio.fail_after(10):
+                    while job["status"] not in ("completed", "failed"):
+                        await anyio.sleep(0.02)
+                        job = await face.batch(job["id"])
+                assert job["status"] == "completed" and job["error_file_id"] is None
+                assert job["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+                out = (await face.file_content(job["output_file_id"])).splitlines()
+                got = {r["custom_id"]: answer_text(r) for r in map(msgspec.json.decode, out)}
+                assert got == {"q0": expected[0], "q1": expected[1]}
+                assert (await face.cancel_batch(job["id"]))["status"] == "completed"
+
+
+@scenario
+async def batch_timeouts_and_cancels(flavor: Flavor, sims: SimThread) -> None:
+    """run_batch past its ``timeout_s`` cancels the batch (the worker sees the aborts) and
+    raises APITimeoutError; a batch cancelled while run_batch waits gives the answers so far
+    and a ``batch_cancelled`` record for each request it never finished."""
+    async with flavor.Gateway(workers=[sims.urls["slow"]]) as gw:
+        await gw.serve()
+        jobs = core_of(gw).batches.jobs
+        async with lmgw.Client(gw.url) as client:
+            for face in (gw, client):
+                await _timeout_then_cancel(face, jobs, sims)
+        await wait_until(lambda: in_flight(gw, sims.urls["slow"]) == 0, "in_flight back to 0")
+
+
+async def _timeout_then_cancel(face: Any, jobs: dict[str, Any], sims: SimThread) -> None:
+    long = {"model": MODEL, "messages": HI, **LONG}
+    known = set(jobs)
+    with pytest.raises(lmgw.APITimeoutError, match="cancelled"):
+        await face.run_batch([long, long], poll_s=0.02, timeout_s=0.3)
+    [timed_out] = set(jobs) - known
+    await wait_until(lambda: jobs[timed_out].status == "cancelled", "the cancel")
+    assert jobs[timed_out].completed == 0
+    aborted = {f"{timed_out}-1", f"{timed_out}-2"}  # the batch's request ids (line numbers)
+    await wait_until(lambda: aborted <= sims.aborted("slow"), "the worker's aborts")
+
+    known = set(jobs)
+    short = {"model": MODEL, "messages": HI, "max_tokens": 2}
+    got: list[Any] = []
+
+    async def run() -> None:
+        got.append(await face.run_batch([short, long], poll_s=0.02))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_until(lambda: bool(set(jobs) - known), "the batch")
+        [job_id] = set(jobs) - known
+        await wait_until(lambda: jobs[job_id].completed == 1, "the short answer")
+        assert (await face.cancel_batch(job_id))["status"] == "cancelling"
+    [(done, cancelled)] = got
+    assert done["response"]["status_code"] == 200 and done["error"] is None
+    assert cancelled["custom_id"] == "1" and cancelled["response"] is None
+    assert cancelled["error"]["code"] == "batch_cancelled"
+
+    known = set(jobs)  # the caller cancelled while run_batch waits: the batch is cancelled
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(face.run_batch, [long], poll_s=0.02))
+        await wait_until(lambda: bool(set(jobs) - known), "the batch")
+        tg.cancel_scope.cancel()
+    [left] = set(jobs) - known
+    await wait_until(lambda: jobs[left].status == "cancelled", "the cancel")
 
 
 class LastWorker(Policy):

@@ -502,6 +502,43 @@ class Gateway:
     async def cancel_response(self, response_id: str) -> dict[str, Any]:
         return await self._call(partial(self._gw().cancel_response, response_id))
 
+    async def upload_batch_file(self, data: bytes, filename: str = "batch.jsonl") -> dict[str, Any]:
+        return await self._call(partial(self._gw().upload_batch_file, data, filename))
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/chat/completions",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        gw = self._gw()
+        return await self._call(partial(gw.create_batch, input_file_id, endpoint,
+                                        metadata=metadata))  # fmt: skip
+
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._call(partial(self._gw().batch, batch_id))
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._call(partial(self._gw().cancel_batch, batch_id))
+
+    async def file_content(self, file_id: str) -> bytes:
+        return await self._call(partial(self._gw().file_content, file_id))
+
+    async def run_batch(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        endpoint: str = "/v1/chat/completions",
+        *,
+        poll_s: float = 0.2,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The whole batch runs on the trio thread (polling with trio's sleep there);
+        cancelling the caller cancels the batch."""
+        gw = self._gw()
+        return await self._call(partial(gw.run_batch, list(requests), endpoint, poll_s=poll_s,
+                                        timeout_s=timeout_s))  # fmt: skip
+
     @property
     def workers(self) -> list[dict[str, Any]]:
         """Every worker's description: a read of the registry from this thread (plain Python

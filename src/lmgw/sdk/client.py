@@ -14,6 +14,10 @@ request is never sent twice. Leaving ``async with`` closes the idle connections.
 Error handling: error answers raise :class:`~lmgw.sdk.errors.APIError` subclasses (the same
 ones the in-process gateway raises), network failures :class:`APIConnectionError`, the
 client's own ``timeout`` :class:`APITimeoutError`.
+
+Batches (OpenAI's Files and Batch APIs): the calls, and :func:`_run_batch` (upload, create,
+poll, collect), which the in-process gateway shares with the multipart encoder
+:func:`_multipart_form`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import secrets
 import select
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -32,7 +36,14 @@ import msgspec
 
 from ..model_routes import route_body
 from ..transport.h1client import ResponseReader, UpstreamProtocolError, build_request_head
-from .errors import APIConnectionError, APIError, APITimeoutError
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    _ErrorFields,
+    error_from_payload,
+    error_from_response,
+)
 from .types import (
     ChatResult,
     CompletionResult,
@@ -277,6 +288,50 @@ class Client:
         """``POST /v1/responses/{id}/cancel`` (a background response)."""
         return await self._call("POST", response_path(response_id) + "/cancel", b"", "json")
 
+    # -- files and batches ------------------------------------------------------------------
+    async def upload_batch_file(self, data: bytes, filename: str = "batch.jsonl") -> dict[str, Any]:
+        """``POST /v1/files`` (a multipart form, ``purpose`` batch): the file object."""
+        body, content_type = _multipart_form({"purpose": "batch"}, {"file": (filename, data)})
+        return await self._call("POST", FILES, body, "json", content_type=content_type)
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/chat/completions",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/batches``: run an uploaded file's requests (window 24h); the batch."""
+        body = _batch_body(input_file_id, endpoint, metadata)
+        return await self._call("POST", BATCHES, body, "json")
+
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        """``GET /v1/batches/{id}``: status, ``request_counts``, output and error files."""
+        return await self._call("GET", _batch_path(batch_id), None, "json")
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """``POST /v1/batches/{id}/cancel``: requests in flight are aborted, answers kept."""
+        return await self._call("POST", _batch_path(batch_id) + "/cancel", b"", "json")
+
+    async def file_content(self, file_id: str) -> bytes:
+        """``GET /v1/files/{id}/content``: the file's bytes (an output file: JSONL)."""
+        return await self._call("GET", _file_path(file_id) + "/content", None, "bytes")
+
+    async def run_batch(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        endpoint: str = "/v1/chat/completions",
+        *,
+        poll_s: float = 0.2,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run request bodies as one batch and wait: one output record per request, in order
+        (see :func:`_run_batch`)."""
+        return await _run_batch(self, requests, endpoint, poll_s, timeout_s, anyio.sleep)
+
+    async def _delete_file(self, file_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", _file_path(file_id), None, "json")
+
     # -- the admin API (needs admin_token) --------------------------------------------------
     async def workers(self) -> list[dict[str, Any]]:
         """``GET /admin/workers``: every worker's description."""
@@ -363,9 +418,16 @@ class Client:
 
     # -- HTTP -------------------------------------------------------------------------------
     def _request_headers(
-        self, admin: bool, request_id: str | None, extra: Mapping[str, str] | None
+        self,
+        admin: bool,
+        request_id: str | None,
+        extra: Mapping[str, str] | None,
+        content_type: bytes | None = None,
     ) -> list[tuple[bytes, bytes]]:
         headers = self._admin_headers if admin else self._headers
+        if content_type is not None:  # in place of JSON's (a server reads the first one)
+            ct = (b"content-type", content_type)
+            headers = [ct if k == b"content-type" else (k, v) for k, v in headers]
         if request_id is None and not extra:
             return headers
         headers = list(headers)
@@ -385,8 +447,9 @@ class Client:
         extra: Mapping[str, str] | None = None,
         *,
         admin: bool = False,
+        content_type: bytes | None = None,
     ) -> Any:
-        headers = self._request_headers(admin, request_id, extra)
+        headers = self._request_headers(admin, request_id, extra, content_type)
         try:
             with anyio.fail_after(self.timeout):
                 conn = await self._exchange(method, self._prefix + path, body, headers)
@@ -404,7 +467,7 @@ class Client:
             await self._release(conn)
         else:
             await self._discard(conn)
-        return decode_result(kind, status, data, rheaders)
+        return _decode(kind, status, data, rheaders)
 
     async def _stream(
         self,
@@ -603,3 +666,175 @@ def _worker_path(worker_id: str) -> str:
 
 def _route_path(name: str) -> str:
     return "/admin/model_routes/" + quote(name, safe="")
+
+
+def _decode(kind: str, status: int, data: bytes, headers: Any) -> Any:
+    """:func:`decode_result`, plus ``bytes``: a non-JSON answer's raw body (a file's content),
+    the typed error for an error status as for the others."""
+    if kind != "bytes":
+        return decode_result(kind, status, data, headers)
+    if status >= 400:
+        raise error_from_response(status, data, headers)
+    return data
+
+
+# -- files and batches ----------------------------------------------------------------------------
+
+FILES = "/v1/files"
+BATCHES = "/v1/batches"
+#: a batch's final states
+BATCH_DONE = frozenset(("completed", "failed", "cancelled", "expired"))
+#: seconds the clean-up after run_batch (cancel, delete files) may take, even when cancelled
+_CLEANUP_S = 5.0
+
+
+def _file_path(file_id: str) -> str:
+    return f"{FILES}/" + quote(file_id, safe="")
+
+
+def _batch_path(batch_id: str) -> str:
+    return f"{BATCHES}/" + quote(batch_id, safe="")
+
+
+def _batch_body(input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None) -> bytes:
+    body: dict[str, Any] = {
+        "input_file_id": input_file_id,
+        "endpoint": endpoint,
+        "completion_window": "24h",
+    }
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return _encode(body)
+
+
+def _form_quote(value: str) -> str:
+    """A form field's name or file name inside ``"..."`` (the HTML spec's escapes)."""
+    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _multipart_form(
+    fields: Mapping[str, str], files: Mapping[str, tuple[str, bytes]]
+) -> tuple[bytes, bytes]:
+    """A ``multipart/form-data`` body of text ``fields`` and ``files`` (``name: (filename,
+    data)``), and its content type; the boundary is random and appears in no value."""
+    values = [v.encode() for v in fields.values()] + [data for _, data in files.values()]
+    boundary = secrets.token_hex(16).encode()
+    while any(boundary in v for v in values):  # 2**-128 a try; cheap to be sure
+        boundary = secrets.token_hex(16).encode()
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        head = f'Content-Disposition: form-data; name="{_form_quote(name)}"\r\n'
+        parts += [b"--", boundary, b"\r\n", head.encode(), b"\r\n", value.encode(), b"\r\n"]
+    for name, (filename, data) in files.items():
+        head = (
+            f'Content-Disposition: form-data; name="{_form_quote(name)}";'
+            f' filename="{_form_quote(filename)}"\r\n'
+            "Content-Type: application/octet-stream\r\n"
+        )
+        parts += [b"--", boundary, b"\r\n", head.encode(), b"\r\n", data, b"\r\n"]
+    parts += [b"--", boundary, b"--\r\n"]
+    return b"".join(parts), b"multipart/form-data; boundary=" + boundary
+
+
+async def _run_batch(
+    face: Any,
+    requests: Sequence[Mapping[str, Any]],
+    endpoint: str,
+    poll_s: float,
+    timeout_s: float | None,
+    sleep: Callable[[float], Awaitable[Any]],
+) -> list[dict[str, Any]]:
+    """``run_batch`` of every face (``face``: its batch calls; ``sleep``: its sleep).
+
+    The bodies become a JSONL file (``custom_id`` "0".."n-1"), uploaded and run as a batch,
+    polled every ``poll_s`` until it ends. The answer: each request's output record
+    (``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``), from
+    the output file or, for an error status, the error file; a request a cancelled or expired
+    batch never ran gets ``response`` None and ``error`` ``{"code": "batch_cancelled" or
+    "batch_expired", ...}``. The files are deleted once read (best effort).
+
+    Raises the batch's errors as an APIError (BadRequest for invalid lines: ``.errors`` lists
+    them, ``.batch`` is the batch); :class:`APITimeoutError` once ``timeout_s`` passed, after
+    cancelling the batch (cancelling the caller cancels it too)."""
+    if not requests:
+        return []
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    data = b"".join(
+        _encode({"custom_id": str(i), "method": "POST", "url": endpoint, "body": dict(body)})
+        + b"\n"
+        for i, body in enumerate(requests)
+    )
+    upload = await face.upload_batch_file(data)
+    files = [upload["id"]]
+    try:
+        job = await face.create_batch(upload["id"], endpoint)
+        try:
+            while job["status"] not in BATCH_DONE:
+                pause = poll_s
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise APITimeoutError(
+                            f"batch {job['id']} not done within {timeout_s:g} s (cancelled)"
+                        )
+                    pause = min(poll_s, left)
+                await sleep(pause)
+                job = await face.batch(job["id"])
+        except BaseException:
+            with anyio.move_on_after(_CLEANUP_S, shield=True):
+                try:
+                    await face.cancel_batch(job["id"])
+                except (APIError, APIConnectionError):
+                    pass  # the error to raise is the one that stopped the wait
+            raise
+        if job["status"] == "failed":
+            raise _batch_failed(job)
+        records: dict[str, dict[str, Any]] = {}
+        for file_id in (job["output_file_id"], job["error_file_id"]):
+            if file_id is None:
+                continue
+            files.append(file_id)
+            for line in (await face.file_content(file_id)).splitlines():
+                if line.strip():
+                    record = msgspec.json.decode(line)
+                    records[record["custom_id"]] = record
+        return [
+            records.get(str(i)) or _unanswered(str(i), job["status"]) for i in range(len(requests))
+        ]
+    finally:
+        with anyio.move_on_after(_CLEANUP_S, shield=True):
+            for file_id in files:
+                try:
+                    await face._delete_file(file_id)
+                except (APIError, APIConnectionError):
+                    pass  # the gateway forgets it after batches.retention_s anyway
+
+
+def _unanswered(custom_id: str, status: str) -> dict[str, Any]:
+    """The record of a request that a cancelled or expired batch never ran (OpenAI's shape)."""
+    why = "expired" if status == "expired" else "cancelled"
+    return {
+        "id": None,
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": f"batch_{why}", "message": f"the batch {why} before the request ran"},
+    }
+
+
+def _batch_failed(job: dict[str, Any]) -> APIError:
+    """A failed batch as an error: BadRequest for invalid lines (the usual cause), the status
+    the error's code means otherwise; ``.errors`` lists the batch's errors, ``.batch`` is it."""
+    errors: list[dict[str, Any]] = (job.get("errors") or {}).get("data") or []
+    said = []
+    for e in errors[:5]:
+        where = f"request {e['line'] - 1}: " if e.get("line") else ""
+        said.append(f"{where}{e.get('message')} ({e.get('code')})")
+    if len(errors) > 5:
+        said.append(f"{len(errors) - 5} more")
+    message = f"batch {job['id']} failed: " + ("; ".join(said) or "no reason given")
+    code = errors[0].get("code") if errors else None
+    status = 507 if code == "file_store_full" else 400
+    exc = error_from_payload(status, _ErrorFields(message, "batch_failed", None, code))
+    exc.errors = errors  # type: ignore[attr-defined]
+    exc.batch = job  # type: ignore[attr-defined]
+    return exc

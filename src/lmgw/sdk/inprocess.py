@@ -52,6 +52,16 @@ from ..http.types import Headers
 from ..model_routes import route_body
 from ..routing.policy import Policy
 from ..workers.worker import Worker, WorkerState
+from .client import (
+    BATCHES,
+    FILES,
+    _batch_body,
+    _batch_path,
+    _decode,
+    _file_path,
+    _multipart_form,
+    _run_batch,
+)
 from .errors import (
     APIError,
     GatewayClosed,
@@ -452,6 +462,51 @@ class Gateway:
     async def cancel_response(self, response_id: str) -> dict[str, Any]:
         return await self._route("POST", response_path(response_id) + "/cancel", b"", "json")
 
+    # -- files and batches (OpenAI's Batch API; docs/sdk.md, "Batches") -----------------------
+    async def upload_batch_file(self, data: bytes, filename: str = "batch.jsonl") -> dict[str, Any]:
+        """Upload a batch input file (JSONL); the file object (its ``id``)."""
+        body, content_type = _multipart_form({"purpose": "batch"}, {"file": (filename, data)})
+        headers: Headers = [(b"content-type", content_type)]
+        return await self._route("POST", FILES, body, "json", headers)
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str = "/v1/chat/completions",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Run an uploaded file's requests on the fleet in the background; the batch."""
+        body = _batch_body(input_file_id, endpoint, metadata)
+        return await self._route("POST", BATCHES, body, "json")
+
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch: ``status``, ``request_counts``, ``output_file_id``, ``error_file_id``."""
+        return await self._route("GET", _batch_path(batch_id), b"", "json")
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Stop a batch: its requests in flight are aborted, the answers so far kept."""
+        return await self._route("POST", _batch_path(batch_id) + "/cancel", b"", "json")
+
+    async def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (an output or error file: JSONL records)."""
+        return await self._route("GET", _file_path(file_id) + "/content", b"", "bytes")
+
+    async def run_batch(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        endpoint: str = "/v1/chat/completions",
+        *,
+        poll_s: float = 0.2,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run request bodies as one batch and wait: one output record per request, in order
+        (:func:`lmgw.sdk.client._run_batch`)."""
+        return await _run_batch(self, requests, endpoint, poll_s, timeout_s, trio.sleep)
+
+    async def _delete_file(self, file_id: str) -> dict[str, Any]:
+        return await self._route("DELETE", _file_path(file_id), b"", "json")
+
     # -- fleet --------------------------------------------------------------------------------
     @property
     def workers(self) -> list[dict[str, Any]]:
@@ -609,13 +664,16 @@ class Gateway:
         await self._invoke(req.path, req, out)
         return decode_result(endpoint, out.status, out.body(), out.headers)
 
-    async def _route(self, method: str, path: str, body: bytes, kind: str) -> Any:
-        """Any other route, through the app's router (same answers as over HTTP)."""
+    async def _route(
+        self, method: str, path: str, body: bytes, kind: str, headers: Headers | None = None
+    ) -> Any:
+        """Any other route, through the app's router (same answers as over HTTP); ``headers``
+        replace the JSON content type (a form's), ``kind`` ``bytes`` is a raw answer's body."""
         self._require_nursery()
-        req = LocalRequest(path, [_JSON_CT], body, method)
+        req = LocalRequest(path, headers or [_JSON_CT], body, method)
         out = Collector()
         await self._invoke(path, req, out)
-        return decode_result(kind, out.status, out.body(), out.headers)
+        return _decode(kind, out.status, out.body(), out.headers)
 
     async def run_stream(self, endpoint: str, body: bytes, headers: Headers, sink: Any) -> None:
         """Run one streamed request into ``sink`` (an :class:`EventSink` with a ``finished``
