@@ -262,7 +262,10 @@ class Gateway:
         self.batches: BatchService | None = None
         if config.batches.enabled:
             self.batches = BatchService(
-                config.batches, self.app, config.limits.request_timeout_s or None
+                config.batches,
+                self.app,
+                config.limits.request_timeout_s or None,
+                metrics=self.metrics,
             )
             BatchesAPI(self.batches, config.limits.max_json_depth).install(self.app)
         if self.replicas is not None:  # Responses API ids: any replica routes a follow-up

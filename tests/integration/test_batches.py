@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 import trio
-from gateway_support import MODEL, GatewayFactory, http_request
+from gateway_support import MODEL, GatewayFactory, http_request, metric_value
 
 from lmgw.config import ApiKeyConfig, AuthConfig
 
@@ -87,6 +87,11 @@ async def test_a_batch_runs_on_the_fleet_and_answers_as_single_requests(
     assert {f.purpose for f in listed.data} == {"batch", "batch_output"}
     assert "input.jsonl" in {f.filename for f in listed.data}  # as the client named it
     assert b.in_progress_at and b.completed_at and b.finalizing_at
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_batch_requests_total{outcome="ok"}') == 6
+    assert metric_value(text, 'lmgw_batch_requests_total{outcome="error"}') == 1
+    assert metric_value(text, 'lmgw_batches{status="completed"}') == 1
+    assert metric_value(text, "lmgw_batch_file_bytes") > 0
     # each request reached a worker as the line's body, under the batch's request id
     ids = [rid for s in gw.sims for rid in (await s.stats())["request_ids"]]
     assert sum(rid.startswith(b.id) for rid in ids) == 6

@@ -35,6 +35,7 @@ import trio
 from ..config import BatchesConfig
 from ..errors import error_body
 from ..http.local import Collector, LocalRequest
+from ..metrics import Counter, Gauge, Metrics
 from .files import FileError, FileStore
 
 _log = logging.getLogger("lmgw.batch")
@@ -178,8 +179,35 @@ class BatchService:
         app: App,
         request_timeout_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        #: batch requests that ended, by outcome (ok: a 2xx/3xx answer; error: any other)
+        self.request_outcomes = Counter(
+            "lmgw_batch_requests_total",
+            "Requests of batches (/v1/batches) that ended, by outcome: ok (a 2xx or 3xx"
+            " answer, in the output file) or error (in the error file).",
+            ("outcome",),
+        )
+        if metrics is not None:
+            metrics.add(self.request_outcomes)
+            metrics.add(
+                Gauge(
+                    "lmgw_batches",
+                    "Batches the gateway knows, by status (validating, in_progress, finalizing,"
+                    " completed, failed, expired, cancelling, cancelled).",
+                    ("status",),
+                    collect=self._by_status,
+                )
+            )
+            metrics.add(
+                Gauge(
+                    "lmgw_batch_file_bytes",
+                    "Bytes held by the Files API's store (inputs and outputs), against"
+                    " batches.max_total_bytes.",
+                    collect=lambda: [((), float(self.files.total_bytes))],
+                )
+            )
         #: limits.request_timeout_s: a batch request's deadline, as a client's
         self.request_timeout_s = request_timeout_s
         self.files = FileStore(cfg.max_file_bytes, cfg.max_total_bytes, cfg.retention_s)
@@ -191,6 +219,12 @@ class BatchService:
 
     def now(self) -> float:
         return self._clock()
+
+    def _by_status(self) -> list[tuple[tuple[str, ...], float]]:
+        counts: dict[str, int] = {}
+        for job in self.jobs.values():
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return [((status,), float(n)) for status, n in sorted(counts.items())]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the batches' runs; forget old files and finished batches now and then."""
@@ -321,9 +355,11 @@ class BatchService:
                 job.completed += 1
             else:
                 job.failed += 1
+            self.request_outcomes.inc(("ok" if ok else "error",))
         except Exception as exc:  # a line's failure is the line's, never the batch's
             _log.warning("batch %s line %d failed: %r", job.id, line.number, exc)
             job.failed += 1
+            self.request_outcomes.inc(("error",))
             record = {
                 "id": "batch_req_" + secrets.token_hex(12),
                 "custom_id": line.custom_id,
