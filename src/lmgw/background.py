@@ -30,11 +30,15 @@ class Background:
             finally:
                 self._nursery = None
 
+    def has_room(self) -> bool:
+        """Whether :meth:`start` would start a task now (to skip preparing one that would not)."""
+        return self._nursery is not None and self.in_flight < self.max_in_flight
+
     def start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Start ``fn(*args)`` unless ``max_in_flight`` run or the owner is not running;
         never waits. True when it was started."""
         nursery = self._nursery
-        if nursery is None or self.in_flight >= self.max_in_flight:
+        if nursery is None or not self.has_room():
             return False
         self.in_flight += 1
         nursery.start_soon(self._tracked, fn, args)

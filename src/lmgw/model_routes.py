@@ -218,11 +218,10 @@ class ModelRoutes:
         #: name -> route; the API reads it on every request (``by_name.get(model) if by_name``:
         #: nothing but a dict's truth when there are no routes)
         self.by_name: dict[str, ModelRoute] = {}
-        self._routes = self.by_name
         for route in routes:
-            if route.name in self._routes:
+            if route.name in self.by_name:
                 raise ValueError(f"duplicate model route {route.name!r}")
-            self._routes[route.name] = route
+            self.by_name[route.name] = route
         #: changes with every set/remove (caches of model names clear on it)
         self.generation = 0
         # monotonic across route changes (Prometheus counters): (route, target) -> requests
@@ -231,19 +230,19 @@ class ModelRoutes:
         self.fallen: dict[tuple[str, str, str], int] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._routes)
+        return bool(self.by_name)
 
     def __len__(self) -> int:
-        return len(self._routes)
+        return len(self.by_name)
 
     def __iter__(self) -> Iterator[ModelRoute]:
-        return iter(list(self._routes.values()))
+        return iter(list(self.by_name.values()))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._routes
+        return name in self.by_name
 
     def get(self, name: str | None) -> ModelRoute | None:
-        return self._routes.get(name) if name is not None else None
+        return self.by_name.get(name) if name is not None else None
 
     def order(self, route: ModelRoute, key: str | None = None) -> tuple[str, ...]:
         """:meth:`ModelRoute.order`, counted."""
@@ -270,24 +269,24 @@ class ModelRoutes:
         no other route may send requests to its name."""
         name = route.name
         for model in route.models():
-            if model != name and model in self._routes:
+            if model != name and model in self.by_name:
                 raise ValueError(
                     f"`{model}` is a model route: a route's targets, fallbacks and mirror are"
                     " models"
                 )
-        for other in self._routes.values():
+        for other in self.by_name.values():
             if other.name != name and name in other.models():
                 raise ValueError(
                     f"route `{other.name}` sends requests to `{name}`: it cannot be a route"
                 )
-        replaced = name in self._routes
-        self._routes[route.name] = route
+        replaced = name in self.by_name
+        self.by_name[route.name] = route
         self.generation += 1
         return replaced
 
     def remove(self, name: str) -> bool:
         """Forget a route; False when there was none by that name."""
-        if self._routes.pop(name, None) is None:
+        if self.by_name.pop(name, None) is None:
             return False
         self.generation += 1
         return True

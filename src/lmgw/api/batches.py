@@ -14,6 +14,7 @@ key's are 404s).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -189,8 +190,6 @@ def _owner(req: Request) -> str | None:
 
 
 def _query(req: Request, name: str) -> str | None:
-    from urllib.parse import parse_qs
-
     values = parse_qs(req.query).get(name)
     return values[-1] if values else None
 

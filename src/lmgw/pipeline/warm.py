@@ -85,6 +85,9 @@ class PrefixWarmer(Background):
         self, pipeline: Pipeline, greq: GatewayRequest, worker: Worker, ctx: RouteContext
     ) -> bool:
         """Prefill ``greq``'s prompt on ``worker`` in the background; never waits."""
+        if not self.has_room():  # no copy to build
+            self.warmups.inc(("skipped",))
+            return False
         body = prefill_only(greq.body)
         if body is None:
             return False
