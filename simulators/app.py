@@ -1046,7 +1046,11 @@ class SimWorker:
         the messages before it would have got (rendered with ``add_generation_prompt``), so a
         stream continued on another worker (the gateway's mid-stream migration) ends exactly as
         the uninterrupted one. None when the final message is not a prefix of that answer (then
-        the request is served as sent)."""
+        the request is served as sent). A constrained continuation is served as sent, as a
+        real engine serves it: its grammar matcher starts at the first new token, so only a
+        constraint on the *rest* of the answer (what the gateway sends) completes it."""
+        if structured is not None:
+            return None
         msgs = msgspec.json.decode(req.messages)
         last = msgs[-1] if isinstance(msgs, list) and len(msgs) > 1 else None
         if not (isinstance(last, dict) and last.get("role") == "assistant"):
@@ -1066,7 +1070,7 @@ class SimWorker:
             ).token_ids
         except PromptError:
             return None
-        tool = self._output_plan(req, structured, msgs[:-1])
+        tool = self._tool_plan(req, msgs[:-1])
         full = self.engine.generate(orig, dataclasses.replace(spec, max_tokens=None), 0, tool)
         k, seen = 0, ""
         while len(seen) < len(partial) and k < len(full.pieces):

@@ -6,8 +6,9 @@ Why: a client that asks for JSON (``response_format``, ``structured_outputs``, t
 fields) parses the answer; free mock text would make every such test fail at the client, and a
 gateway bug that drops the constraint would go unnoticed. So the simulator draws a value from
 the constraint itself (a JSON document valid against the schema, a string the regex matches,
-one of the choices), deterministically from the completion key, and refuses (:class:`Unsimulated`)
-what it cannot produce rather than answering text that breaks the constraint.
+one of the choices, a string of a GBNF grammar: :mod:`.grammar_text`), deterministically from
+the completion key, and refuses (:class:`Unsimulated`) what it cannot produce rather than
+answering text that breaks the constraint.
 
 Whitespace options (``disable_any_whitespace``, ``whitespace_pattern``) are ignored: the JSON
 is compact, which every whitespace setting accepts.
@@ -45,9 +46,9 @@ refused: each draw is checked with ``re.fullmatch``, so a bad one never leaves."
 
 
 class Unsimulated(ValueError):
-    """A constraint the simulator cannot produce output for (a grammar, a regex backreference):
-    the HTTP layer answers 400, the native engine ``bad_request``, instead of unconstrained
-    text a client would fail to parse."""
+    """A constraint the simulator cannot produce output for (a structural tag, a regex
+    backreference): the HTTP layer answers 400, the native engine ``bad_request``, instead of
+    unconstrained text a client would fail to parse."""
 
 
 def constrained_text(c: StructuredOutput, rng: random.Random, words: Sequence[str]) -> str:
@@ -55,7 +56,8 @@ def constrained_text(c: StructuredOutput, rng: random.Random, words: Sequence[st
     model's output words, for strings and keys).
 
     Raises:
-        Unsimulated: a grammar or structural tag, or a schema/regex construct not simulated.
+        Unsimulated: a structural tag, a GBNF grammar that does not parse or has no finite
+            string, or a schema/regex construct not simulated.
     """
     kind = c.kind
     if kind == "json":
@@ -68,7 +70,9 @@ def constrained_text(c: StructuredOutput, rng: random.Random, words: Sequence[st
     if kind == "regex":
         return regex_text(c.spec, rng)
     if kind == "grammar":
-        raise Unsimulated("the simulator does not simulate grammar-constrained output")
+        from .grammar_text import grammar_text  # imports this module (Unsimulated)
+
+        return grammar_text(c.spec, rng, words)
     raise Unsimulated(f"the simulator does not simulate {kind}-constrained output")
 
 

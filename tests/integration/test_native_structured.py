@@ -24,6 +24,7 @@ from gateway_support import MODEL
 from test_native_e2e import BOUND, Recording, gateway_config, run, start_gateway, start_worker
 
 from lmgw.simulators import WorkerOptions
+from lmgw.simulators.faults import Faults
 from lmgw.worker import WorkerServer
 
 SCHEMA = {
@@ -139,18 +140,22 @@ async def test_forced_tool_choices_answer_calls(nursery: trio.Nursery) -> None:
     assert len(got["calls"]) == 1
 
 
-class Unconstrained(Recording):
-    """A worker of an older build: it does not agree on ``structured_outputs``."""
+class Seeing(Recording):
+    """Remembers the constraint of every Generate."""
 
     seen: list[Any]
-
-    @property
-    def capabilities(self) -> frozenset[str]:
-        return super().capabilities - {"structured_outputs"}
 
     def generate(self, req: Any) -> Any:
         self.seen = [*getattr(self, "seen", []), req.msg.params.structured]
         return super().generate(req)
+
+
+class Unconstrained(Seeing):
+    """A worker of an older build: it does not agree on ``structured_outputs``."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities - {"structured_outputs"}
 
 
 async def test_a_worker_without_the_capability_never_gets_a_constraint(
@@ -179,10 +184,31 @@ async def test_bad_constraints_are_400s_naming_the_field(nursery: trio.Nursery) 
         ({"tool_choice": "required"}, "tools"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"extra_body": {"guided_regex": "a", "guided_choice": ["b"]}}, "structured_outputs"),
-        ({"extra_body": {"guided_grammar": "root ::= 'a'"}}, None),  # the simulator's 400
+        ({"extra_body": {"guided_grammar": 'root ::= "a" root'}}, None),  # the simulator's 400
     ]  # fmt: skip
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as info:
             await run(answer, url, False, **kw)
         if param is not None:
             assert info.value.body["param"] == param, (kw, info.value.body)  # type: ignore[index]
+
+
+async def test_a_constrained_stream_that_breaks_is_continued_under_its_rest(
+    nursery: trio.Nursery,
+) -> None:
+    """A native worker failing mid-answer: the continuation's `SamplingParams.structured` is the
+    grammar of the rest of the document (the engine restarts a constraint at its first token,
+    so a resent schema would make a second document), and the client gets one valid one."""
+    bad = (await start_worker(nursery, "pd", faults=Faults(crash_at_token=4)))[1]
+    good_engine = Seeing(WorkerOptions(role="pd", model=MODEL, speed=float("inf")))
+    server = await nursery.start(
+        WorkerServer(good_engine, bind="tcp://127.0.0.1:0", control_bind=None).run
+    )
+    good = "zmq+" + server.endpoint
+    gw, url = await start_gateway(nursery, gateway_config([("pd", bad), ("pd", good)]))
+    rf = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+    for _ in range(2):  # round robin: one starts on the crashing worker
+        got = await run(answer, url, True, response_format=rf, temperature=0)
+        jsonschema.validate(json.loads(got["content"]), SCHEMA)
+    assert gw.metrics.migrations.values.get(("pd", "continued")) == 1
+    assert sorted(c.kind for c in good_engine.seen) == ["grammar", "json"], good_engine.seen

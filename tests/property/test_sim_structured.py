@@ -264,8 +264,15 @@ def test_json_object_is_a_small_object(seed: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "spec"), [("grammar", "root ::= 'a'"), ("structural_tag", '{"type":"x"}')]
+    ("kind", "spec", "says"),
+    [
+        ("grammar", 'root ::= "a" root', "no finite string"),  # nothing to finish with
+        ("grammar", "root ::= 'a'", "cannot parse"),  # GBNF strings are double-quoted
+        ("structural_tag", '{"type":"x"}', "does not simulate structural_tag"),
+    ],
 )
-def test_grammar_and_structural_tags_are_refused(kind: str, spec: str) -> None:
-    with pytest.raises(Unsimulated, match=f"does not simulate {kind}"):
+def test_unfinishable_grammars_and_structural_tags_are_refused(
+    kind: str, spec: str, says: str
+) -> None:
+    with pytest.raises(Unsimulated, match=says):
         constrained_text(StructuredOutput(kind, spec), random.Random(0), WORDS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from lmgw.grammar import gbnf
 from lmgw.pipeline import migration
 
 
@@ -59,3 +60,64 @@ def test_splice_keeps_one_stream() -> None:
     assert [e["id"] for e in events] == ["chatcmpl-1", "chatcmpl-1"]  # role event dropped
     assert events[0]["choices"][0]["delta"] == {"content": " world"}
     assert events[1]["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+
+# -- constrained answers continue under the constraint of their rest --------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["name", "count"],
+}
+CHAT_MSGS = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+
+
+def _rest(obj: dict, text: str, **kw) -> tuple[dict, str]:
+    body, reason = migration.next_leg("chat", obj, migration.Progress(text=text, tokens=3), **kw)
+    assert reason is None, reason
+    out = msgspec.json.decode(body)
+    return out, (out.get("structured_outputs") or {}).get("grammar") or out.get("guided_grammar")
+
+
+def test_a_json_schema_answer_continues_under_the_grammar_of_its_rest() -> None:
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    obj = {**CHAT_MSGS, "response_format": rf}
+    out, grammar = _rest(obj, '{"name": "Al')
+    assert "response_format" not in out and out["ebnf"] == grammar
+    rest = gbnf.parse(grammar)
+    assert rest.accepts('ice", "count": 3}')
+    assert not rest.accepts('{"name": "x", "count": 1}')  # a second document: what a resent
+    assert not rest.accepts('ice"}')  # schema would give; and the required key is enforced
+
+
+def test_the_grammar_goes_under_the_field_family_the_client_used() -> None:
+    out, grammar = _rest({**CHAT_MSGS, "guided_regex": r"\d{3}-\d{2}"}, "12")
+    assert "guided_regex" not in out and out["guided_grammar"] == grammar
+    assert gbnf.parse(grammar).accepts("3-45") and not gbnf.parse(grammar).accepts("3-4")
+    out, grammar = _rest({**CHAT_MSGS, "structured_outputs": {"choice": ["yes", "yellow", "no"]}},
+                         "ye", aliases=False)  # fmt: skip
+    assert "ebnf" not in out and list(out["structured_outputs"]) == ["grammar"]
+    assert {s for s in ("s", "llow", "no", "") if gbnf.parse(grammar).accepts(s)} == {"s", "llow"}
+
+
+def test_constraints_that_cannot_be_replayed_end_the_stream_with_the_reason() -> None:
+    cases = [
+        ({"structured_outputs": {"regex": r"(a)\1"}}, "a", "cannot be continued"),
+        ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " *"}}, "{", "whitespace"),
+        ({"guided_regex": r"\d+"}, "ab", "does not match"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+          "tool_choice": "required"}, "{", "forced tool"),
+    ]  # fmt: skip
+    for extra, text, why in cases:
+        body, reason = migration.next_leg(
+            "chat", {**CHAT_MSGS, **extra}, migration.Progress(text=text, tokens=1)
+        )
+        assert body is None and reason is not None and why in reason, (extra, reason)
+
+
+def test_a_constrained_stream_that_sent_no_text_is_resent_as_asked() -> None:
+    obj = {**CHAT_MSGS, "guided_regex": r"\d+"}
+    out, grammar = _rest(obj, "")
+    assert grammar is None and out["guided_regex"] == r"\d+"
+    plain, _ = _rest({**CHAT_MSGS, "response_format": {"type": "text"}}, "Hi")
+    assert plain["response_format"] == {"type": "text"} and "ebnf" not in plain

@@ -157,8 +157,8 @@ async def test_a_tool_call_wins_over_a_constraint(worker: SimWorker) -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "says"),
     [
-        ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammar"),
-        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs", "grammar"),
+        ({"guided_grammar": 'root ::= "a" root'}, "guided_grammar", "no finite string"),
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs", "parse"),
         ({"guided_regex": "(a)\\1"}, "guided_regex", "backreferences"),
         (
             {"response_format": {"type": "structural_tag", "format": {}}},
@@ -189,7 +189,7 @@ async def test_bad_or_unsimulated_constraints_are_400s_naming_the_field(
             assert says in err["error"]["message"]
 
 
-async def test_sim_engine_constrains_generate_and_refuses_grammars() -> None:
+async def test_sim_engine_constrains_generate_and_refuses_unfinishable_grammars() -> None:
     engine = SimEngine(WorkerOptions(role="pd", model=MODEL, speed=math.inf))
     assert "structured_outputs" in engine.capabilities
     prefill_only = SimEngine(WorkerOptions(role="p", model=MODEL, speed=math.inf))
@@ -211,8 +211,10 @@ async def test_sim_engine_constrains_generate_and_refuses_grammars() -> None:
     assert re.fullmatch(r"\d{4}", text)
     plain, _ = await run(None)  # type: ignore[arg-type]
     assert plain != text and not plain.isdigit()
+    text, _ = await run(StructuredOutput("grammar", 'root ::= "yes" | "no" | [0-9]{2}'))
+    assert re.fullmatch(r"yes|no|[0-9]{2}", text), text
     with pytest.raises(EngineError) as info:
-        await run(StructuredOutput("grammar", "root ::= 'a'"))
+        await run(StructuredOutput("grammar", 'root ::= "a" root'))
     assert info.value.code == FailureCode.BAD_REQUEST and "grammar" in str(info.value)
 
 

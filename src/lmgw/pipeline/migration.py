@@ -21,6 +21,12 @@ asked for are not migrated (they get an SSE error event and ``[DONE]``): ``n > 1
 (several sequences), a ``seed`` with sampling (the same seed on a new prompt draws other
 tokens), beam search, ``echo``, token-list prompts, and streams that already carried tool-call
 or logprob deltas (which cannot be continued as text).
+
+A constrained answer (``response_format``, ``structured_outputs``, ``guided_*``) continues under
+the constraint *of its rest*: the partial text replayed through the constraint's grammar
+(:mod:`lmgw.grammar.resume`), sent as a GBNF grammar in place of the original constraint, so
+the new worker cannot start a second JSON document after half of the first. A constraint the
+gateway cannot replay ends the stream with an error event instead.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
+from ..structured import FIELDS as CONSTRAINT_FIELDS
+from ..structured import StructuredOutputError, forced_tool, structured_output
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -124,10 +133,30 @@ def eligible(endpoint: str, obj: Any) -> str | None:
     return None
 
 
-def continuation_body(endpoint: str, obj: dict[str, Any], progress: Progress) -> bytes | None:
+def continuation_body(
+    endpoint: str,
+    obj: dict[str, Any],
+    progress: Progress,
+    grammar: str | None = None,
+    *,
+    aliases: bool = True,
+) -> bytes | None:
     """The request that asks another worker for the rest of the answer; None when there is
-    nothing left to generate (the token budget was spent)."""
+    nothing left to generate (the token budget was spent). ``grammar``: the rest's constraint
+    (GBNF), which replaces the request's own: under vLLM's ``guided_grammar`` when the client
+    used the ``guided_*`` fields, else ``structured_outputs.grammar``, and (``aliases``, for
+    HTTP workers) SGLang's ``ebnf`` too; each engine ignores the other's field."""
     out = dict(obj)
+    if grammar is not None:
+        legacy = any(k.startswith("guided_") and out.get(k) is not None for k in out)
+        for key in CONSTRAINT_FIELDS:
+            out.pop(key, None)
+        if legacy:
+            out["guided_grammar"] = grammar
+        else:
+            out["structured_outputs"] = {"grammar": grammar}
+        if aliases:
+            out["ebnf"] = grammar
     for key in ("max_tokens", "max_completion_tokens"):
         budget = out.get(key)
         if isinstance(budget, int):
@@ -146,9 +175,11 @@ def continuation_body(endpoint: str, obj: dict[str, Any], progress: Progress) ->
     return _encode(out)
 
 
-def next_leg(endpoint: str, obj: Any, progress: Progress) -> tuple[bytes | None, str | None]:
+def next_leg(
+    endpoint: str, obj: Any, progress: Progress, *, aliases: bool = True
+) -> tuple[bytes | None, str | None]:
     """The continuation request for a broken stream, or why there is none: (body, None) or
-    (None, reason)."""
+    (None, reason). ``aliases``: see :func:`continuation_body`."""
     reason = eligible(endpoint, obj)
     if reason is None and not progress.replayable:
         reason = "the stream carried tool-call or logprob deltas"
@@ -156,8 +187,37 @@ def next_leg(endpoint: str, obj: Any, progress: Progress) -> tuple[bytes | None,
         reason = "the answer was complete"
     if reason is not None:
         return None, reason
-    body = continuation_body(endpoint, obj, progress)
+    grammar, reason = rest_constraint(endpoint, obj, progress.text)
+    if reason is not None:
+        return None, reason
+    body = continuation_body(endpoint, obj, progress, grammar, aliases=aliases)
     return (body, None) if body is not None else (None, "the token budget was spent")
+
+
+def rest_constraint(endpoint: str, obj: Any, text: str) -> tuple[str | None, str | None]:
+    """The GBNF constraint of what may follow ``text`` when the request is constrained: (grammar
+    or None when unconstrained or nothing was streamed yet, None) or (None, why it cannot be
+    continued). Costs one dictionary look-up per constraint field for a free-text request."""
+    if not text:
+        return None, None
+    try:
+        if endpoint == "chat" and obj.get("tool_choice") is not None and forced_tool(obj):
+            return None, "a forced tool call cannot be continued as text"
+        if not any(obj.get(k) is not None for k in CONSTRAINT_FIELDS):
+            return None, None
+        c = structured_output(endpoint, obj, tools=False)
+    except StructuredOutputError as exc:
+        return None, f"the structured output cannot be continued ({exc})"
+    if c is None:  # response_format {"type": "text"}
+        return None, None
+    from ..grammar.resume import Unsupported, resume_grammar  # cold path: loaded on a break
+
+    try:
+        return resume_grammar(c, text), None
+    except Unsupported as exc:
+        return None, f"the structured output cannot be continued ({exc})"
+    except (RecursionError, MemoryError, ValueError) as exc:  # a pathological constraint
+        return None, f"the structured output cannot be continued ({type(exc).__name__})"
 
 
 class Splice:

@@ -1019,10 +1019,9 @@ class NativeRunner:
                     break
                 progress = migration.Progress(
                     synth.text, synth.tokens, finished=False,
-                    # a constrained output restarts its grammar on another worker
-                    replayable=job.params.logprobs is None and job.params.structured is None,
+                    replayable=job.params.logprobs is None,
                 )  # fmt: skip
-                body, why = migration.next_leg(greq.endpoint, job.obj, progress)
+                body, why = migration.next_leg(greq.endpoint, job.obj, progress, aliases=False)
                 if why is None and self._pick(greq.model, role, route, tried) is None:
                     why = "no other worker"
                 if why is not None or body is None:
