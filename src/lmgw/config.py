@@ -576,9 +576,31 @@ class RoutingConfig(msgspec.Struct, **_STRUCT_OPTS):
     # 1, a miss also pays for the delay its long prefill imposes on the requests queued behind
     # it (a holder's queue is preferred to a new miss). 1: each request's own TTFT only.
     cache_aware_miss_weight: float = 1.0
+    # P/D flows: "joint" picks a request's prefill and decode workers as one pair, by its
+    # estimated time to first token: the prefill's queue and uncached tokens (the prefill
+    # policy's cache prediction), then moving the KV from the prefill's zone to the decode's
+    # (workers[].zone); decode workers stay within bounded_load_factor of their mean load. It
+    # acts only when the workers name zones (without, both modes choose alike, at no cost).
+    # "independent": each stage's policy alone (what SMG, vllm-router and llm-d do).
+    placement: Literal["independent", "joint"] = "joint"
+    # joint placement's KV transfer model: bandwidth within a zone (NVLink, same node) and
+    # across zones (RDMA between nodes), in GB/s, and the KV bytes of one prompt token
+    # (2 x layers x KV heads x head size x dtype bytes: 131072 for Llama-3-8B in bf16, 327680
+    # for Llama-3-70B; models[].kv_bytes_per_token overrides it per model).
+    kv_gbps_same_zone: float = 100.0
+    kv_gbps_cross_zone: float = 12.5
+    kv_bytes_per_token: int = 131072
+    # joint placement's first guess of a prefill worker's speed (uncached prompt tokens per
+    # second); it then learns the fleet's from the prefill legs it times.
+    prefill_tokens_per_s: float = 20000.0
 
     def __post_init__(self) -> None:
         _policy_name("policy", self.policy)
+        for key in ("kv_gbps_same_zone", "kv_gbps_cross_zone", "prefill_tokens_per_s"):
+            value = getattr(self, key)
+            if not (0.0 < value <= 1e9):
+                raise ConfigError(f"must be > 0 and <= 1e9, got {value!r}", path=key)
+        _at_least("kv_bytes_per_token", self.kv_bytes_per_token, 0)
         weights: dict[str, float] = {}
         for medium, weight in self.cache_tier_weights.items():
             if not medium.strip() or not 0.0 <= weight <= 1.0:
@@ -1309,10 +1331,15 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # e.g. {max_rounds = 3, tools = ["get_weather"], timeout_s = 10}. Unset: the loop runs only
     # for requests that ask for it (tools.per_request), with ToolLoopConfig's defaults.
     tool_loop: ToolLoopConfig | None = None
+    # KV bytes of one prompt token for joint P/D placement's transfer estimate (see
+    # routing.kv_bytes_per_token, the default for models without it).
+    kv_bytes_per_token: int | None = None
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)
         _one_of("flow", self.flow, FLOWS)
+        if self.kv_bytes_per_token is not None:
+            _at_least("kv_bytes_per_token", self.kv_bytes_per_token, 0)
         _non_empty("dialect", self.dialect)
         if self.tokenizer is not None:
             _non_empty("tokenizer", self.tokenizer)
@@ -1383,8 +1410,14 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # "tcp://10.0.0.5:5557": policies that use engine events (cache_aware's exact mode) subscribe
     # to it. Unset: the policy predicts the worker's cache from what it routed there.
     kv_events: str | None = None
+    # The worker's KV-transfer domain (a node, an NVLink island, a rack): KV moves fast between
+    # workers of one zone, slower across zones (routing.placement = "joint" weighs it). Unset:
+    # no zone (all unset workers count as one).
+    zone: str | None = None
 
     def __post_init__(self) -> None:
+        if self.zone is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]{1,64}", self.zone):
+            raise ConfigError(f"{self.zone!r}: 1-64 letters, digits or . _ : / -", path="zone")
         if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
             raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
         if self.kv_events is not None:

@@ -295,6 +295,7 @@ class Gateway:
         if is_native_url(wc.url):  # its channel opens now (or when the gateway starts)
             native = NativeWorker(wc)
             self.native.prepare(native)  # bad CURVE key files raise before it joins
+            native.zone = wc.zone
             self.registry.add(native)
             self.native.start(native)
             self.kv_events.watch(native, wc.kv_events)
@@ -307,6 +308,7 @@ class Gateway:
             wc.bootstrap_port,
             wc.kv_address,
         )
+        worker.zone = wc.zone
         self.registry.add(worker)
         self.kv_events.watch(worker, wc.kv_events)
         return worker

@@ -190,6 +190,12 @@ class Metrics:
             "Streams that broke mid-way: continued on another worker, or ended with an error.",
             ("role", "outcome"),
         )
+        self.placements = Counter(
+            "lmgw_placement_pairs_total",
+            "P/D requests placed jointly (routing.placement = joint, workers with zones), by"
+            " whether the pair shares a zone (same_zone) or moves its KV across (cross_zone).",
+            ("model", "zones"),
+        )
         self.tokenizer_parity = Gauge(
             "lmgw_tokenizer_parity",
             "1 when the gateway's template+tokenizer give the worker's prompt tokens exactly,"
@@ -246,7 +252,7 @@ class Metrics:
             self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
             self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
-            self.tokenizer_parity, self.routing_predicted, self.routing_reported,
+            self.placements, self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip

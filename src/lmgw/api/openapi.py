@@ -334,6 +334,7 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "url": {"type": "string"},
             "role": {"type": "string"},
+            "zone": {"type": ["string", "null"]},
             "state": {"enum": ["starting", "healthy", "draining", "ejected", "gone"]},
             "models": {"type": ["array", "null"], "items": {"type": "string"}},
             "in_flight": _NON_NEG,
@@ -467,6 +468,7 @@ _SCHEMAS: dict[str, Any] = {
             "models": {"type": "array", "items": {"type": "string"}},
             "bootstrap_port": {"type": "integer"},
             "kv_address": {"type": "string"},
+            "zone": {"type": "string"},
         },
     },
 }

@@ -129,8 +129,10 @@ class DisaggRunner:
         body = ClientBody(greq.body)
         route = greq.route or self.p.route_of(greq)
         p = self.p
-        prefill = p.pick(greq.model, "p", route) if "p" in roles else None
-        decode = p.pick(greq.model, "d" if "d" in roles else "pd", route)
+        if "p" in roles:
+            prefill, decode = p.place(greq.model, route, len(greq.body))
+        else:
+            prefill, decode = None, p.pick(greq.model, "pd", route)
         ctx = StageContext(
             request_id=greq.request_id,
             path=greq.path,
@@ -139,6 +141,26 @@ class DisaggRunner:
             decode=_peer(decode),
         )
         journal: list[bytes] | None = [] if greq.stream and p.migrations else None
+        try:
+            await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
+                            journal)  # fmt: skip
+        finally:
+            if p.placement is not None:
+                p.placement.release(route)
+
+    async def _run(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        roles: tuple[str, ...],
+        dialect: Dialect,
+        body: ClientBody,
+        ctx: StageContext,
+        prefill: Worker | None,
+        decode: Worker,
+        route: RouteContext,
+        journal: list[bytes] | None,
+    ) -> None:
         try:
             try:
                 if "e" in roles:
@@ -405,6 +427,8 @@ class DisaggRunner:
                 greq.timings = []
             greq.timings.append((STAGE_NAMES[role], elapsed))
             policy.on_finish(worker, route, ok)
+            if role == "p" and p.placement is not None:
+                p.placement.prefill_done(route, greq.model, elapsed, ok)
             p.registry.release(worker)
             if span is not None:
                 span.end(None if ok else "failed")

@@ -13,7 +13,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 import trio
@@ -30,6 +30,7 @@ from ..config import (
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
+from ..routing.placement import Placement, zoned
 from ..routing.policy import Policy, RouteContext, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
@@ -164,6 +165,22 @@ class Pipeline:
         #: sets ``is_lora``: whether a model is an adapter)
         self.lora_affinity = cfg.routing.lora_affinity
         self.is_lora: Callable[[str], bool] = lambda model: False
+        #: routing.placement = "joint": P/D pairs by estimated TTFT (used when workers name
+        #: zones); None: each stage's policy alone
+        self.placement: Placement | None = None
+        self._zoned_for: tuple[Sequence[Worker], Sequence[Worker], bool] | None = None
+        rc = cfg.routing
+        if rc.placement == "joint":
+            per_model = {
+                m.name: m.kv_bytes_per_token for m in cfg.models if m.kv_bytes_per_token is not None
+            }
+            self.placement = Placement(
+                same_zone_gbps=rc.kv_gbps_same_zone,
+                cross_zone_gbps=rc.kv_gbps_cross_zone,
+                prefill_tokens_per_s=rc.prefill_tokens_per_s,
+                bounded_load_factor=rc.bounded_load_factor,
+                kv_bytes_per_token=lambda model: per_model.get(model, rc.kv_bytes_per_token),
+            )
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
@@ -196,7 +213,13 @@ class Pipeline:
 
     def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none."""
-        candidates = self.registry.candidates(model, role)
+        candidates = self._routable(model, role)
+        self.picks[role] += 1
+        return self.policies[role].choose(candidates, ctx)
+
+    def _routable(self, model: str, role: str) -> Sequence[Worker]:
+        """The routable workers of ``model`` for ``role`` with room (503 if none)."""
+        candidates: Sequence[Worker] = self.registry.candidates(model, role)
         if not candidates:
             raise GatewayError(
                 503,
@@ -206,8 +229,40 @@ class Pipeline:
             candidates = with_capacity(candidates, self.worker_cap)
             if not candidates:
                 raise worker_capacity_error(model, ROLE_NAMES[role], self.worker_cap, self.metrics)
-        self.picks[role] += 1
-        return self.policies[role].choose(candidates, ctx)
+        return candidates
+
+    def place(self, model: str, ctx: RouteContext, body_bytes: int) -> tuple[Worker, Worker]:
+        """A P/D request's prefill and decode workers: as one pair by estimated time to first
+        token when the workers name zones and ``routing.placement`` is joint
+        (:mod:`lmgw.routing.placement`), else each stage's policy's choice."""
+        prefills = self._routable(model, "p")
+        decodes = self._routable(model, "d")
+        self.picks["p"] += 1
+        self.picks["d"] += 1
+        policy = self.policies["p"]
+        preferred = policy.choose(prefills, ctx)
+        placement = self.placement
+        if placement is None or not self._zoned(prefills, decodes):
+            return preferred, self.policies["d"].choose(decodes, ctx)
+        tokens = len(ctx.tokens) if ctx.tokens is not None else body_bytes // 4
+        predicted = policy.predicted_cached_tokens
+        pair = placement.choose(
+            model, prefills, decodes, tokens, lambda w: predicted(w, ctx), preferred
+        )
+        placement.dispatched(ctx, pair, tokens, predicted(pair.prefill, ctx) or 0)
+        same = pair.prefill.zone == pair.decode.zone
+        self.metrics.placements.inc((model, "same_zone" if same else "cross_zone"))
+        return pair.prefill, pair.decode
+
+    def _zoned(self, prefills: Sequence[Worker], decodes: Sequence[Worker]) -> bool:
+        """:func:`zoned`, remembered for the last candidate tuples (the registry's, unchanged
+        until the fleet changes)."""
+        last = self._zoned_for
+        if last is not None and last[0] is prefills and last[1] is decodes:
+            return last[2]
+        found = zoned(prefills, decodes)
+        self._zoned_for = (prefills, decodes, found)
+        return found
 
     async def run(self, greq: GatewayRequest, responder: Responder) -> None:
         """Run the request's flow: merged ``pd`` here, multi-stage flows in :mod:`.disagg`."""

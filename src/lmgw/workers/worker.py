@@ -66,6 +66,7 @@ class Worker:
         "static_models",
         "total_requests",
         "url",
+        "zone",
     )
 
     def __init__(
@@ -103,6 +104,8 @@ class Worker:
         self.ejected_until = 0.0
         #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
         self.engine = EngineLoad()
+        #: its KV-transfer domain (``workers[].zone``): joint P/D placement weighs it
+        self.zone: str | None = None
 
     @property
     def routable(self) -> bool:
@@ -120,6 +123,7 @@ class Worker:
             "id": self.id,
             "url": self.url,
             "role": self.role_name,
+            "zone": self.zone,
             "state": self.state.value,
             "models": sorted(self.models) if self.models is not None else None,
             "lora_adapters": sorted(self.adapters),

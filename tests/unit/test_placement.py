@@ -1,0 +1,118 @@
+"""Joint P/D placement (lmgw.routing.placement), sans-IO: the pair cost, the decode load bound,
+the prefill queue and the learned speed."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmgw.routing.placement import Placement, zoned
+from lmgw.routing.policy import RouteContext
+from lmgw.workers.worker import Worker
+
+GB = 1e9
+
+
+def worker(wid: str, role: str, zone: str | None, in_flight: int = 0) -> Worker:
+    w = Worker(wid, f"http://{wid}:1", role)
+    w.zone = zone
+    w.in_flight = in_flight
+    return w
+
+
+def placement(**kw) -> Placement:
+    args = dict(same_zone_gbps=100.0, cross_zone_gbps=10.0, prefill_tokens_per_s=10_000.0,
+                bounded_load_factor=1.25, kv_bytes_per_token=lambda model: 100_000)  # fmt: skip
+    return Placement(**{**args, **kw})
+
+
+def test_a_pair_stays_in_its_zone_when_prefill_costs_are_equal() -> None:
+    pa, pb = worker("pa", "p", "a"), worker("pb", "p", "b")
+    da, db = worker("da", "d", "a"), worker("db", "d", "b")
+    pl = placement()
+    for preferred in (pa, pb):
+        pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: None, preferred)
+        assert pair.prefill is preferred  # the prefill policy's choice wins the tie
+        assert pair.decode.zone == pair.prefill.zone
+        assert pair.transfer_s == 4000 * 100_000 / (100 * GB)
+    assert pl.pairs == {"same": 2, "cross": 0}
+
+
+def test_a_cache_hit_worth_more_than_the_transfer_wins_and_brings_its_zone() -> None:
+    pa, pb = worker("pa", "p", "a"), worker("pb", "p", "b")
+    da, db = worker("da", "d", "a"), worker("db", "d", "b")
+    pl = placement()
+    hits = {"pb": 3000}  # 0.3 s of prefill saved on pb
+    pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: hits.get(w.id), pa)
+    assert (pair.prefill, pair.decode) == (pb, db)
+    # a small hit is not worth a cross-zone move, nor a queue: the pair is the other zone's
+    hits = {"pb": 3000}
+    pl.queued["pb"] = 8000
+    pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: hits.get(w.id), pb)
+    assert (pair.prefill, pair.decode) == (pa, da)
+
+
+def test_the_kv_transfer_decides_when_only_one_zone_has_a_free_decoder() -> None:
+    pa = worker("pa", "p", "a")
+    da, db = worker("da", "d", "a", in_flight=9), worker("db", "d", "b", in_flight=0)
+    pl = placement()
+    pair = pl.choose("m", [pa], [da, db], 2000, lambda w: None, pa)
+    # da is above 1.25x the mean decode load: the pair pays the cross-zone transfer
+    assert pair.decode is db and pair.transfer_s == 2000 * 100_000 / (10 * GB)
+
+
+def test_equal_decoders_of_a_zone_share_the_pairs() -> None:
+    pa = worker("pa", "p", "a")
+    ds = [worker(f"d{i}", "d", "a") for i in range(3)]
+    pl = placement()
+    chosen = {pl.choose("m", [pa], ds, 100, lambda w: None, pa).decode.id for _ in range(6)}
+    assert chosen == {"d0", "d1", "d2"}
+
+
+def test_zoned_means_more_than_one_zone() -> None:
+    assert not zoned([worker("p", "p", None)], [worker("d", "d", None)])
+    assert not zoned([worker("p", "p", "a")], [worker("d", "d", "a")])
+    assert zoned([worker("p", "p", "a")], [worker("d", "d", None)])
+
+
+def test_the_prefill_speed_is_learned_from_timed_legs() -> None:
+    pa, da = worker("pa", "p", "a"), worker("da", "d", "b")
+    pl = placement()
+    for _ in range(60):
+        ctx = RouteContext("m")
+        pair = pl.choose("m", [pa], [da], 5000, lambda w: None, pa)
+        pl.dispatched(ctx, pair, 5000, 0)
+        pl.prefill_done(ctx, "m", 0.1, ok=True)  # 50k tokens/s
+    assert 45_000 < pl.speed["m"] < 50_000
+    ctx = RouteContext("m")
+    pl.dispatched(ctx, pair, 50, 0)
+    pl.prefill_done(ctx, "m", 10.0, ok=True)  # too small a leg to time
+    pl.prefill_done(ctx, "m", 10.0, ok=True)  # a second report of one leg is ignored
+    assert pl.speed["m"] > 45_000 and pl.queued == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 9000)),
+                max_size=40))  # fmt: skip
+def test_queued_tokens_return_to_zero_after_any_mix_of_endings(ops) -> None:
+    """Each request: dispatched; then its prefill ends (ok or not) and/or the request ends,
+    in any order, any number of times: the queue holds exactly the unfinished prefills."""
+    ps = [worker(f"p{i}", "p", "a" if i else "b") for i in range(3)]
+    ds = [worker("d", "d", "a")]
+    pl = placement()
+    live: list[RouteContext] = []
+    for who, how, tokens in ops:
+        ctx = RouteContext("m")
+        pair = pl.choose("m", ps, ds, tokens, lambda w: None, ps[who])
+        pl.dispatched(ctx, pair, tokens, 0)
+        live.append(ctx)
+        if how == 1:
+            pl.prefill_done(ctx, "m", 0.5, ok=True)
+        elif how == 2:
+            pl.prefill_done(ctx, "m", 0.5, ok=False)
+            pl.release(ctx)
+        assert all(v > 0 for v in pl.queued.values())
+    for ctx in live:
+        pl.release(ctx)
+        pl.release(ctx)
+    assert pl.queued == {}
