@@ -197,6 +197,19 @@ class WorkerOptions:
     """At most this many requests' KV held by a prefill worker (oldest evicted)."""
     kv_fetch_timeout_s: float = 10.0
     """A decode worker's bound on one KV fetch from its prefill worker."""
+    zone: str | None = None
+    """This worker's KV-transfer domain (a node, an NVLink island, a rack): a decode worker
+    takes a prefill worker's KV at ``kv_gbps_same_zone`` from a peer of its own zone and at
+    ``kv_gbps_cross_zone`` from any other (None and None are the same zone; None and a named
+    zone are not). A prefill worker announces it to decode workers with its hand-offs."""
+    kv_bytes_per_token: int = 0
+    """The modelled KV size of one prompt token (131072: Llama-3-8B fp16; 327680: Llama-3-70B);
+    a decode worker sleeps ``tokens * kv_bytes_per_token / (GB/s * 1e9)`` per hand-off before
+    its first token. 0: transfers take no modelled time."""
+    kv_gbps_same_zone: float = 100.0
+    """KV transfer bandwidth from a prefill worker of the same zone, in GB/s (gigabytes)."""
+    kv_gbps_cross_zone: float = 12.5
+    """KV transfer bandwidth from a prefill worker of another zone, in GB/s (gigabytes)."""
     bootstrap_timeout_s: float = 30.0
     """How long a decode worker waits for KV not yet published: an SGLang room's, or a P2P NCCL
     pair's (sequential legs normally publish before D asks; the wait only covers a race)."""
@@ -244,6 +257,17 @@ class WorkerOptions:
     lora_load_s: float = 0.02
     """Activating an adapter in a slot (loading its weights onto the GPU), at speed 1; only with
     ``max_loras``."""
+
+    def __post_init__(self) -> None:
+        zone = self.zone
+        if zone is not None and not (
+            zone and zone.isascii() and zone.isprintable() and zone.split() == [zone]
+        ):
+            raise ValueError(f"zone {zone!r}: expected a printable ASCII name without spaces")
+        if self.kv_bytes_per_token < 0:
+            raise ValueError("kv_bytes_per_token must be >= 0")
+        if not (self.kv_gbps_same_zone > 0 and self.kv_gbps_cross_zone > 0):
+            raise ValueError("kv_gbps_same_zone and kv_gbps_cross_zone must be > 0 (GB/s)")
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -693,6 +717,10 @@ class SimStats:
     kv_blocks_verified: int = 0
     kv_fetch_failures: int = 0
     kv_verify_failures: int = 0
+    kv_transfer_seconds_total: float = 0.0
+    """Modelled KV transfer time slept by this decode worker (``kv_bytes_per_token``)."""
+    kv_transfers_same_zone: int = 0
+    kv_transfers_cross_zone: int = 0
     p2p_published: int = 0
     p2p_received: int = 0
     p2p_misrouted: int = 0
@@ -1867,10 +1895,15 @@ class SimWorker:
         if pool is None:
             return
 
+        # The pool's entry metadata has no free field: the producer's zone rides in ``role``
+        # (``p@zone``; plain ``p`` for no zone), which the pool itself never reads.
+        zone = self.options.zone
+        role = self.options.role if zone is None else f"{self.options.role}@{zone}"
+
         async def put() -> None:
             for key, ids in keyed:
                 data = prompt_digest(ids).encode() + b"".join(kv_block_payloads(ids, block_size))
-                ok = await pool.put(f"kv:{key}", data, ttl_s=self.options.kv_ttl_s)
+                ok = await pool.put(f"kv:{key}", data, role=role, ttl_s=self.options.kv_ttl_s)
                 self.kv_store.discard(key)
                 if not ok:
                     raise ApiError(500, "KV transfer: the cache pool refused the prompt's blocks")
@@ -1946,7 +1979,7 @@ class SimWorker:
             what = f"P2P NCCL request {pair.key!r}"
             pool_key, pool_wait = pair.key, wait
         elif self.lmcache is not None:
-            self._lmcache_decode_leg(ids, plan)
+            await self._lmcache_decode_leg(ids, plan)
             return
         else:
             raise _bad(
@@ -2016,9 +2049,13 @@ class SimWorker:
         the blocks verified. Every failure is a 500 naming the hand-off."""
         stats = self.stats
         if self.handoff_pool is not None:
-            body, peer_engine, peer_digest = await self._take_kv(pool_key, pool_wait, what)
+            body, peer_engine, peer_digest, peer_zone = await self._take_kv(
+                pool_key, pool_wait, what
+            )
         else:
-            body, peer_engine, peer_digest = await self._fetch_kv(host, port, path, timeout, what)
+            body, peer_engine, peer_digest, peer_zone = await self._fetch_kv(
+                host, port, path, timeout, what
+            )
         stats.kv_blocks_fetched += len(body) // KV_BLOCK_BYTES
         try:
             if engine_id is not None and peer_engine != engine_id:
@@ -2035,9 +2072,33 @@ class SimWorker:
             stats.kv_verify_failures += 1
             raise ApiError(500, f"KV transfer for {what} failed verification: {exc}") from None
         stats.kv_blocks_verified += verified
+        # Only full blocks move (kv_block_payloads): the tokens the transfer covered.
+        await self._kv_transfer(verified * self.engine.config.block_size, peer_zone)
         return verified
 
-    def _lmcache_decode_leg(self, ids: Sequence[int], plan: _Plan) -> None:
+    async def _kv_transfer(self, tokens: int, peer_zone: str | None) -> None:
+        """The modelled time of moving ``tokens`` tokens' KV here from a prefill worker in
+        ``peer_zone``: ``tokens * kv_bytes_per_token / (GB/s * 1e9)``, at the same-zone or the
+        cross-zone bandwidth, divided by ``speed`` and multiplied by the ``slow`` fault as
+        prefill time is (none at speed inf, none with ``kv_bytes_per_token`` 0). Slept before
+        the request runs, so it is part of the time to first token the client sees; the
+        request holds no batch slot meanwhile (vLLM's WAITING_FOR_REMOTE_KVS)."""
+        opts, stats = self.options, self.stats
+        same = peer_zone == opts.zone
+        if same:
+            stats.kv_transfers_same_zone += 1
+        else:
+            stats.kv_transfers_cross_zone += 1
+        timing = self.engine.config.timing
+        if opts.kv_bytes_per_token <= 0 or tokens <= 0 or timing.instant:
+            return
+        gbps = opts.kv_gbps_same_zone if same else opts.kv_gbps_cross_zone
+        transfer_s = tokens * opts.kv_bytes_per_token / (gbps * 1e9)
+        transfer_s *= self.engine.slow / timing.speed
+        stats.kv_transfer_seconds_total += transfer_s
+        await trio.sleep(transfer_s)
+
+    async def _lmcache_decode_leg(self, ids: Sequence[int], plan: _Plan) -> None:
         """LMCache's consumer: the prompt's chunks must all be in the store (verified).
 
         Real LMCache recomputes whatever it misses, silently; this simulator answers 500
@@ -2060,13 +2121,18 @@ class SimWorker:
             )
         # A full hit still recomputes the last prompt token (vLLM's LMCache connector).
         plan.external_cached = min(hit, len(ids) - 1)
+        # The KV comes from LMCache's shared store, not from a peer this worker learns of: the
+        # store counts as this worker's own zone (a same-zone transfer of the hit tokens).
+        if hit:
+            await self._kv_transfer(hit, self.options.zone)
 
     async def _take_kv(
         self, key: str, wait_s: float, what: str
-    ) -> tuple[bytes, str | None, str | None]:
+    ) -> tuple[bytes, str | None, str | None, str | None]:
         """The prompt's KV from the cache pool (``handoff="pool"``): waits up to ``wait_s`` for
         the prefill worker to put it (SGLang's legs run at once), takes it (deletes it), and
-        returns (blocks, the producing engine's id, the prompt digest it was stored with)."""
+        returns (blocks, the producing engine's id, the prompt digest it was stored with, the
+        producer's zone: the ``@zone`` suffix of the entry's role, see :meth:`_through_pool`)."""
         pool = self.handoff_pool
         assert pool is not None
         deadline = trio.current_time() + wait_s
@@ -2085,13 +2151,15 @@ class SimWorker:
             self.stats.kv_fetch_failures += 1
             raise ApiError(500, f"KV transfer for {what} failed: a malformed pool entry")
         self.stats.pool_kv_taken += 1
-        return data[32:], entry.meta.producer, data[:32].decode("latin-1")
+        _, at, zone = entry.meta.role.partition("@")
+        return data[32:], entry.meta.producer, data[:32].decode("latin-1"), zone if at else None
 
     async def _fetch_kv(
         self, host: str, port: int, path: str, timeout_s: float, what: str
-    ) -> tuple[bytes, str | None, str | None]:
+    ) -> tuple[bytes, str | None, str | None, str | None]:
         """GET the blocks from the prefill worker's side channel: (bytes, its engine id, its
-        prompt digest). Every failure is a vLLM-shaped 500 naming the prefill worker."""
+        prompt digest, its zone: ``x-sim-zone``, absent for none). Every failure is a
+        vLLM-shaped 500 naming the prefill worker."""
         origin = self._origins.get((host, port))
         if origin is None:
             origin = self._origins[(host, port)] = Origin(host, port)
@@ -2122,10 +2190,12 @@ class SimWorker:
             )
         peer_engine = resp.header(b"x-sim-engine-id")
         peer_digest = resp.header(b"x-sim-prompt-digest")
+        peer_zone = resp.header(b"x-sim-zone")
         return (
             body,
             None if peer_engine is None else peer_engine.decode("latin-1"),
             None if peer_digest is None else peer_digest.decode("latin-1"),
+            None if peer_zone is None else peer_zone.decode("latin-1"),
         )
 
     async def _sim_kv(self, request: Request, responder: Responder, rid: bytes) -> None:
@@ -2162,6 +2232,8 @@ class SimWorker:
             (b"x-sim-prompt-digest", entry.digest.encode()),
             (b"x-sim-num-tokens", str(entry.num_tokens).encode()),
         ]
+        if self.options.zone is not None:  # the decode worker's KV transfer model reads it
+            headers.append((b"x-sim-zone", self.options.zone.encode("ascii")))
         await responder.send_full(200, headers, body)
 
     async def _wait_published(self, key: str, wait_s: float) -> None:
@@ -2190,6 +2262,10 @@ class SimWorker:
             "kv_blocks_verified": s.kv_blocks_verified,
             "kv_fetch_failures": s.kv_fetch_failures,
             "kv_verify_failures": s.kv_verify_failures,
+            "zone": self.options.zone,
+            "kv_transfer_seconds_total": s.kv_transfer_seconds_total,
+            "kv_transfers_same_zone": s.kv_transfers_same_zone,
+            "kv_transfers_cross_zone": s.kv_transfers_cross_zone,
             "p2p_published": s.p2p_published,
             "p2p_received": s.p2p_received,
             "p2p_misrouted": s.p2p_misrouted,
@@ -2223,6 +2299,15 @@ class SimWorker:
              snap["kv_blocks_verified"]),
             ("lmgw_sim:kv_transfer_failures_total", "KV fetches that failed or did not verify.",
              snap["kv_fetch_failures"] + snap["kv_verify_failures"]),
+            ("lmgw_sim:kv_transfer_seconds_total",
+             "Modelled KV transfer time slept before decoding (kv_bytes_per_token).",
+             snap["kv_transfer_seconds_total"]),
+            ("lmgw_sim:kv_transfers_same_zone_total",
+             "KV hand-offs taken from a prefill worker of this worker's zone.",
+             snap["kv_transfers_same_zone"]),
+            ("lmgw_sim:kv_transfers_cross_zone_total",
+             "KV hand-offs taken from a prefill worker of another zone.",
+             snap["kv_transfers_cross_zone"]),
             ("lmgw_sim:p2p_misrouted_total",
              "P2P NCCL requests whose pair id names another worker's KV address.",
              snap["p2p_misrouted"]),

@@ -8,6 +8,10 @@ built once in ``~/.cache/lmgw``); a folder that cannot be loaded is a usage erro
 ``--tool-format`` is how the model writes tool calls (docs/tools.md). ``--enable-lora`` mounts
 vLLM's runtime LoRA adapter routes; ``--lora-modules NAME=PATH ...`` loads adapters at start.
 
+``--zone NAME --kv-bytes-per-token N`` (with ``--kv-gbps-same-zone`` / ``--kv-gbps-cross-zone``)
+model where KV moves: a decode worker sleeps each hand-off's KV bytes over the bandwidth between
+its zone and its prefill worker's before its first token.
+
 ``--serial-prefill`` computes prefills one at a time (a busy worker queues); ``--kv-events
 tcp://127.0.0.1:0`` publishes the prefix cache's changes as vLLM's KV events (ZMQ PUB).
 
@@ -184,6 +188,40 @@ def build_parser() -> argparse.ArgumentParser:
         default="lmgw-handoff",
         help="processes with the same name share the pool's shm tier (default: lmgw-handoff)",
     )
+    topo = p.add_argument_group(
+        "KV transfer topology (p and d): a decode worker sleeps tokens * --kv-bytes-per-token / "
+        "(GB/s * 1e9) per hand-off before its first token, at the same-zone bandwidth when the "
+        "prefill worker's --zone is its own, else at the cross-zone one"
+    )
+    topo.add_argument(
+        "--zone",
+        default=None,
+        metavar="NAME",
+        help="this worker's KV-transfer domain (node, NVLink island, rack); a prefill worker "
+        "announces it with its hand-offs (default: none; none and none count as one zone)",
+    )
+    topo.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=0,
+        metavar="N",
+        help="modelled KV bytes per prompt token, e.g. 131072 (Llama-3-8B fp16) or 327680 "
+        "(Llama-3-70B); 0: transfers take no modelled time (default)",
+    )
+    topo.add_argument(
+        "--kv-gbps-same-zone",
+        type=float,
+        default=100.0,
+        metavar="GBPS",
+        help="KV bandwidth from a prefill worker of the same zone, GB/s (default: %(default)s)",
+    )
+    topo.add_argument(
+        "--kv-gbps-cross-zone",
+        type=float,
+        default=12.5,
+        metavar="GBPS",
+        help="KV bandwidth from a prefill worker of another zone, GB/s (default: %(default)s)",
+    )
     p.add_argument(
         "--tool-format",
         choices=sorted(TOOL_PARSERS),
@@ -234,6 +272,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
     if not ns.lora_load_s >= 0:
         raise ValueError("--lora-load-s must be >= 0")
     LoraAdapters(lora_modules)  # a repeated name: a usage error now, not at start-up
+    if ns.kv_bytes_per_token < 0:
+        raise ValueError("--kv-bytes-per-token must be >= 0")
+    if not (ns.kv_gbps_same_zone > 0 and ns.kv_gbps_cross_zone > 0):
+        raise ValueError("--kv-gbps-same-zone and --kv-gbps-cross-zone must be > 0")
     faults = Faults(
         error_rate=ns.error_rate,
         hang=ns.hang,
@@ -282,6 +324,10 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         lora_modules=lora_modules,
         max_loras=ns.max_loras,
         lora_load_s=ns.lora_load_s,
+        zone=ns.zone,
+        kv_bytes_per_token=ns.kv_bytes_per_token,
+        kv_gbps_same_zone=ns.kv_gbps_same_zone,
+        kv_gbps_cross_zone=ns.kv_gbps_cross_zone,
     )
 
 
