@@ -101,6 +101,8 @@ class FleetMember:
     """``host:kv_port`` of a worker started with a KV port (P2P NCCL), from its READY line."""
     kv_events: str | None = None
     """The KV event publisher's endpoint of a worker started with ``--kv-events``."""
+    zone: str | None = None
+    """Its KV-transfer zone (``--zone``), in a fleet spread over zones."""
     stderr_tail: bytearray = field(default_factory=bytearray)
 
     @property
@@ -242,6 +244,7 @@ async def run_fleet(
     grace_s: float = 3.0,
     python: str = sys.executable,
     transport: str = "http",
+    zones: int = 0,
     task_status: trio.TaskStatus[Fleet] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Spawn ``counts[role]`` worker processes per role, wait for all to be READY, report the
@@ -262,6 +265,10 @@ async def run_fleet(
 
     ``role_args`` are further flags for the workers of one role (e.g. ``{"pd": ["--kv-events",
     "tcp://127.0.0.1:0"]}``: a KV event publisher each, ``FleetMember.kv_events``).
+
+    ``zones`` > 0 spreads each role's workers over that many KV-transfer zones (``z0``,
+    ``z1``, ...: the k-th worker of a role in ``z{k % zones}``; ``--zone``, and
+    ``FleetMember.zone`` for the gateway's ``workers[].zone``; HTTP workers only).
 
     ``transport="zmq"`` starts native workers (``python -m lmgw.worker --engine sim``, the same
     engine behind the native protocol; members' URLs are ``zmq+tcp://``). They take no
@@ -321,12 +328,14 @@ async def run_fleet(
                         args += ["--ec-dir", own_ec_dir]
                     args += dialect_args(dialect, role, own_lmcache_dir)
                     args += (role_args or {}).get(role, ())
-                    for _ in range(count):
+                    for k in range(count):
                         # independent fault draws per worker (the same answers): correlated
                         # stalls or errors across a fleet would be no fleet's reality
                         own = []
                         if transport == "http" and not _has_flag(args, "--fault-seed"):
                             own = ["--fault-seed", str(index)]
+                        if zones > 0 and transport == "http":
+                            own += ["--zone", f"z{k % zones}"]
                         cmd = worker_command(
                             role,
                             model=model,
@@ -392,7 +401,7 @@ async def _start_member(
     except OSError as exc:
         errors.append(f"{role}#{index}: cannot spawn {cmd[0]!r}: {exc}")
         return
-    member = FleetMember(role, index, proc)
+    member = FleetMember(role, index, proc, zone=_flag_value(cmd, "--zone"))
     fleet.members.append(member)  # registered at once, so cleanup covers it whatever happens
     assert proc.stdout is not None and proc.stderr is not None
     stderr_done = trio.Event()

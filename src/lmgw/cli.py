@@ -610,6 +610,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="how workers hand off encoder outputs and KV: direct (side channel, shared"
         " directory) or pool (the cache pool: Redis with --redis, else shared memory)",
     )
+    p_sim.add_argument(
+        "--zones",
+        type=int,
+        default=0,
+        metavar="N",
+        help="spread each role's workers over N KV-transfer zones (z0, z1, ...): P/D workers"
+        " model moving KV between zones, and the gateway places P/D pairs jointly",
+    )
+    p_sim.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=131072,
+        metavar="N",
+        help="with --zones: KV bytes per prompt token the workers move (default 131072: an"
+        " 8B model in bf16)",
+    )
     p_sim.add_argument("--log-level", default="info")
     p_sim.set_defaults(func=_cmd_simulate)
 

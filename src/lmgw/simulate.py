@@ -83,6 +83,8 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
         routing["shadow_policies"] = args.shadow_policies
     if getattr(args, "enable_lora", False):  # adapters where they are active (--max-loras)
         routing["lora_affinity"] = True
+    if getattr(args, "zones", 0):  # the workers' modelled KV size, for joint placement
+        routing["kv_bytes_per_token"] = args.kv_bytes_per_token
     hedging = HedgingConfig(enabled=bool(getattr(args, "hedge", False)))
     native = getattr(fleet, "transport", "http") == "zmq"
     dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"
@@ -100,6 +102,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 bootstrap_port=port,
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
                 kv_events=m.kv_events,  # set for --kv-events fleets
+                zone=m.zone,  # set for --zones fleets
             )
         )
     # the simulated workers write tool calls as text in this format (a vLLM without
@@ -260,6 +263,17 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
+    zones = getattr(args, "zones", 0) or 0
+    if zones:
+        if transport == "zmq":
+            log.error("--zones is for HTTP workers (the simulated vLLM P/D hand-offs)")
+            return 2
+        # the p and d workers model their KV transfers between zones at this size
+        for role in ("p", "d"):
+            if role in counts:
+                roles_args.setdefault(role, []).extend(
+                    ["--kv-bytes-per-token", str(args.kv_bytes_per_token)]
+                )
     async with trio.open_nursery() as nursery:
         redis_url: str | None = None
         if redis_arg is not None:
@@ -286,6 +300,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                     role_args=roles_args,
                     dialect=None if dialect is None else dialect.name,
                     transport=transport,
+                    zones=getattr(args, "zones", 0),
                     task_status=task_status,
                 )
             )
