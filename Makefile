@@ -59,6 +59,8 @@ bench: build
 	$(BIN)/python benchmarks/hedging.py
 	$(BIN)/python benchmarks/lora_affinity.py
 	$(BIN)/python benchmarks/model_routes.py
+	$(BIN)/python benchmarks/structured_resume.py
+	$(BIN)/python benchmarks/placement.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -40,14 +40,13 @@ cache_aware; on the no-sharing control <= 1.05x round_robin; max/mean requests p
         [--workloads chat,sysprompt,rag,control] [--systems ...] [--duration 5] [--no-peers]
 
 Prints a table and writes benchmarks/results/routing.json; child logs go to
-benchmarks/results/routing-logs/. Every child is stopped on exit (``PR_SET_PDEATHSIG`` as a
-backstop, and the simulated workers stop when their parent dies).
+benchmarks/results/routing-logs/. Every child is stopped on exit (the routers from ``finally``
+blocks; the simulated workers also stop when their parent dies).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import math
@@ -55,7 +54,6 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -171,13 +169,6 @@ SYSTEMS: dict[str, System] = {
 # ------------------------------------------------------------------------------------------------
 # Child processes
 # ------------------------------------------------------------------------------------------------
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -622,9 +613,8 @@ class Bench:
             stdout=logf,
             stderr=logf,
             env=env,
-            start_new_session=True,
-            preexec_fn=_child_setup,
-        )
+            start_new_session=True,  # no PR_SET_PDEATHSIG: trio forks in a worker thread,
+        )  # and the signal would fire when that thread retires (idle 10 s), not when we die
         logf.close()
         url = f"http://127.0.0.1:{port}"
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
