@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -38,7 +39,9 @@ async def _serve(nursery: trio.Nursery, placement: str) -> tuple[Fleet, str, Gat
     args = argparse.Namespace(host="127.0.0.1", port=0, model=MODEL, zones=2,
                               kv_bytes_per_token=65536)  # fmt: skip
     cfg = fleet_config(fleet, FleetSpec(p=1, d=1), args)
-    routing = RoutingConfig(policy="random", placement=placement, kv_bytes_per_token=65536)
+    routing = RoutingConfig(
+        policy="random", placement=placement, kv_bytes_per_token=65536, route_header=True
+    )
     cfg = msgspec.structs.replace(cfg, routing=routing)
     gw = Gateway(cfg)
     port = await nursery.start(gw.run)
@@ -55,7 +58,9 @@ async def _transfers(fleet: Fleet) -> dict[str, float]:
     return out
 
 
-async def _traffic(url: str) -> None:
+async def _traffic(url: str) -> list[str]:
+    """N chats; their ``x-lmgw-route`` headers."""
+    routes = []
     for i in range(N):
         body: dict[str, Any] = {
             "model": MODEL,
@@ -64,11 +69,20 @@ async def _traffic(url: str) -> None:
         }
         r = await http_request(url, "POST", "/v1/chat/completions", body)
         assert r.status == 200, r.body
+        routes.append(r.headers["x-lmgw-route"])
+    return routes
 
 
 async def test_joint_placement_keeps_every_pair_in_one_zone(nursery: trio.Nursery) -> None:
     fleet, url, _ = await _serve(nursery, "joint")
-    await _traffic(url)
+    routes = await _traffic(url)
+    for route in routes:  # e.g. policy=joint; worker=d1; reason=prefill p0 (z0) est 0.1 ms,
+        m = re.fullmatch(  # kv 0.1 ms to z0; predicted=0; prompt=61
+            r"policy=joint; worker=\S+; reason=prefill \S+ \((z\d)\) est [\d.]+ ms,"
+            r" kv [\d.]+ ms to (z\d); predicted=\d+; prompt=\d+",
+            route,
+        )
+        assert m is not None and m.group(1) == m.group(2), route
     assert await _transfers(fleet) == {"same": N, "cross": 0}
     text = (await http_request(url, "GET", "/metrics")).body.decode()
     sample = f'lmgw_placement_pairs_total{{model="{MODEL}",zones="same_zone"}}'

@@ -31,7 +31,7 @@ from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.placement import Placement, zoned
-from ..routing.policy import Policy, RouteContext, route_header
+from ..routing.policy import Policy, RouteContext, RouteInfo, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
 from ..transport.pool import ConnectionPool, Origin, UpstreamError
@@ -249,8 +249,19 @@ class Pipeline:
         pair = placement.choose(
             model, prefills, decodes, tokens, lambda w: predicted(w, ctx), preferred
         )
-        placement.dispatched(ctx, pair, tokens, predicted(pair.prefill, ctx) or 0)
+        cached = predicted(pair.prefill, ctx) or 0
+        placement.dispatched(ctx, pair, tokens, cached)
         same = pair.prefill.zone == pair.decode.zone
+        if self.route_header:
+            ctx.memo()[RouteInfo] = RouteInfo(
+                "joint",
+                pair.decode.id,
+                f"prefill {pair.prefill.id} ({pair.prefill.zone}) est"
+                f" {1e3 * pair.prefill_s:.1f} ms, kv {1e3 * pair.transfer_s:.1f} ms"
+                f" to {pair.decode.zone}",
+                cached,
+                tokens,
+            )
         self.metrics.placements.inc((model, "same_zone" if same else "cross_zone"))
         return pair.prefill, pair.decode
 

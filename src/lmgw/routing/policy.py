@@ -193,9 +193,12 @@ class Policy:
 
 
 def route_header(policy: Policy, worker: Worker, ctx: RouteContext) -> bytes:
-    """The ``x-lmgw-route`` value for a dispatch: the policy's own explanation when it keeps
+    """The ``x-lmgw-route`` value for a dispatch: the decision left for this worker in the
+    request's scratch (joint P/D placement), else the policy's own explanation when it keeps
     one for this request and worker, else just the policy and worker."""
-    info = policy.route_info(ctx)
+    info = ctx.scratch.get(RouteInfo) if ctx.scratch is not None else None
+    if info is None or info.worker != worker.id:
+        info = policy.route_info(ctx)
     if info is None or info.worker != worker.id:
         info = RouteInfo(policy.name, worker.id)
     return info.header_value()
