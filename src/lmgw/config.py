@@ -779,6 +779,11 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
     k8s_bootstrap_port_annotation: str | None = "sglang.ai/bootstrap-port"
     k8s_models_annotation: str | None = None
     k8s_native_port_annotation: str | None = "lmgw.io/native-port"
+    # A worker's KV-transfer zone (workers[].zone): this pod annotation, else a pod label of
+    # that name ("": not read); with k8s_zone_by_node, else the pod's node (one node's GPUs
+    # share NVLink).
+    k8s_zone_annotation: str | None = "lmgw.io/zone"
+    k8s_zone_by_node: bool = False
     # The API server; unset: in-cluster (KUBERNETES_SERVICE_HOST/_PORT, https).
     k8s_api_url: str | None = None
     # Bearer token (re-read as it rotates) and CA bundle; unset: the service account's files
@@ -860,7 +865,7 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
             raise ConfigError(f"{self.k8s_port} is not a port", path="k8s_port")
         _non_empty("k8s_port_name", self.k8s_port_name)
         for key in ("k8s_bootstrap_port_annotation", "k8s_models_annotation",
-                    "k8s_native_port_annotation"):  # fmt: skip
+                    "k8s_native_port_annotation", "k8s_zone_annotation"):  # fmt: skip
             if not (getattr(self, key) or "").strip():
                 _set(self, key, None)  # "" turns a default annotation off (TOML has no null)
         for key in ("k8s_token_file", "k8s_ca_file"):

@@ -34,8 +34,10 @@ def pod(
     ports: list[dict[str, Any]] | None = None,
     annotations: dict[str, str] | None = None,
     deleting: bool = False,
+    labels: dict[str, str] | None = None,
+    node: str | None = None,
 ):
-    meta: dict[str, Any] = {"name": name, "labels": {"app": "sim"}}
+    meta: dict[str, Any] = {"name": name, "labels": {"app": "sim", **(labels or {})}}
     if annotations is not None:
         meta["annotations"] = annotations
     if deleting:
@@ -48,7 +50,10 @@ def pod(
         status["podIP"] = ip
     if ports is None:
         ports = [{"name": "http", "containerPort": 8000}]
-    doc = {"metadata": meta, "spec": {"containers": [{"name": "c", "ports": ports}]}}
+    spec: dict[str, Any] = {"containers": [{"name": "c", "ports": ports}]}
+    if node is not None:
+        spec["nodeName"] = node
+    doc = {"metadata": meta, "spec": spec}
     return decode_pod(json.dumps({**doc, "status": status}).encode())
 
 
@@ -94,6 +99,17 @@ def test_ports_and_annotations() -> None:
     assert native.url == "zmq+tcp://10.0.0.7:7101"
     with pytest.raises(ValueError, match="native-port '70000' is not a port"):
         pod_worker(pod(annotations={"lmgw.io/native-port": "70000"}), "pd", RULES)
+
+
+def test_a_pods_zone_comes_from_its_annotation_label_or_node() -> None:
+    assert pod_worker(pod(node="n1"), "p", RULES).zone is None
+    assert pod_worker(pod(annotations={"lmgw.io/zone": "rack-2"}), "p", RULES).zone == "rack-2"
+    assert pod_worker(pod(labels={"lmgw.io/zone": "rack-3"}), "d", RULES).zone == "rack-3"
+    by_node = PodRules(zone_by_node=True)
+    assert pod_worker(pod(node="gpu-node-4"), "d", by_node).zone == "gpu-node-4"
+    assert pod_worker(pod(node="n", labels={"lmgw.io/zone": "z"}), "d", by_node).zone == "z"
+    with pytest.raises(ValueError, match="zone"):
+        pod_worker(pod(annotations={"lmgw.io/zone": "bad zone"}), "p", RULES)
 
 
 def test_fleet_logs_a_skipped_pod_once(caplog: pytest.LogCaptureFixture) -> None:

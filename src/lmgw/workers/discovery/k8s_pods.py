@@ -63,8 +63,9 @@ class Container(msgspec.Struct):
     ports: list[ContainerPort] | None = None
 
 
-class PodSpec(msgspec.Struct):
+class PodSpec(msgspec.Struct, rename="camel"):
     containers: list[Container] | None = None
+    node_name: str | None = None
 
 
 class PodCondition(msgspec.Struct):
@@ -125,6 +126,8 @@ class PodRules:
     bootstrap_port_annotation: str | None = "sglang.ai/bootstrap-port"
     models_annotation: str | None = None
     native_port_annotation: str | None = "lmgw.io/native-port"
+    zone_annotation: str | None = "lmgw.io/zone"
+    zone_by_node: bool = False
 
 
 def eligible(pod: Pod) -> bool:
@@ -184,6 +187,12 @@ def pod_worker(pod: Pod, role: str, rules: PodRules) -> WorkerConfig | None:
     key = rules.models_annotation
     if key is not None and notes.get(key) is not None:
         models = list(dict.fromkeys(m.strip() for m in notes[key].split(",") if m.strip()))
+    zone = None
+    key = rules.zone_annotation
+    if key is not None:  # the annotation, else a label of that name
+        zone = notes.get(key) or (pod.metadata.labels or {}).get(key)
+    if zone is None and rules.zone_by_node:
+        zone = pod.spec.node_name
     try:
         return WorkerConfig(
             url=url,
@@ -191,6 +200,7 @@ def pod_worker(pod: Pod, role: str, rules: PodRules) -> WorkerConfig | None:
             models=models,
             id=f"{pod.metadata.name}/{role}@{ip}",
             bootstrap_port=bootstrap,
+            zone=zone,
         )
     except ConfigError as e:
         raise ValueError(str(e)) from None

@@ -285,6 +285,8 @@ class K8sDiscovery:
                 bootstrap_port_annotation=cfg.k8s_bootstrap_port_annotation,
                 models_annotation=cfg.k8s_models_annotation,
                 native_port_annotation=cfg.k8s_native_port_annotation,
+                zone_annotation=cfg.k8s_zone_annotation,
+                zone_by_node=cfg.k8s_zone_by_node,
             ),
         )
         self.token = BearerToken(target.token_file)
