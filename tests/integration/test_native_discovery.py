@@ -97,6 +97,9 @@ def test_first_up_adds_refresh_is_quiet_silence_removes() -> None:
     assert (wc.url, wc.role, wc.models, wc.worker_id) == (info.url, "p", [MODEL], "p-1")
     assert table.announce(ann(), now=1) == []  # a refresh
     assert table.next_expiry() == 1 + EXPIRY_INTERVALS * 2.0
+    assert wc.zone is None
+    zoned = NativeTable().announce(ann("p-2", zone="rack-1"), now=0)[0].worker
+    assert zoned.worker_config().zone == "rack-1"  # a worker's --zone reaches workers[].zone
     assert table.expire(now=6.9) == []
     assert kinds(table.expire(now=7)) == [("remove", "p-1")]
     assert len(table) == 0 and table.next_expiry() is None
@@ -114,6 +117,7 @@ def test_first_up_adds_refresh_is_quiet_silence_removes() -> None:
         {"endpoint": "tcp://10.0.0.5:7001"},  # moved
         {"roles": ("decode",)},
         {"control_endpoint": "tcp://10.0.0.5:7002"},
+        {"zone": "rack-2"},  # moved to another zone
     ],
 )
 def test_new_incarnation_is_remove_then_add(changed: dict[str, Any]) -> None:
@@ -159,6 +163,7 @@ def test_draining_leaving_and_undrain() -> None:
         ann(endpoint="udp://10.0.0.5:7000"),
         ann(endpoint="tcp://10.0.0.5"),  # no port
         ann(" "),
+        ann(zone="no spaces"),
     ],
 )
 def test_malformed_announcements_are_counted_and_ignored(frames: list[bytes]) -> None:

@@ -510,6 +510,8 @@ class Announce(Message, tag=26):
     max_inflight: Count = 0
     interval_s: float = 2.0  # the next announcement comes within this
     state: Name = "up"  # "up" | "draining" | "leaving"
+    zone: Name | None = None  # its KV-transfer zone (workers[].zone; a gateway of an older
+    # build ignores the trailing field)
 
 
 _ALL = (

@@ -72,6 +72,9 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=30.0, help="seconds on SIGTERM")
     p.add_argument("--announce-interval", type=float, default=2.0)
     p.add_argument(
+        "--zone", default=None, help="this worker's KV-transfer zone, announced to the gateways"
+    )
+    p.add_argument(
         "--no-batch",
         action="store_true",
         help="do not offer the batch capability: every message is its own ZeroMQ message",
@@ -162,6 +165,7 @@ def server_from_args(ns: argparse.Namespace, engine: Engine) -> WorkerServer:
         gateways=ns.gateway,
         advertise=ns.advertise,
         announce_interval_s=ns.announce_interval,
+        zone=ns.zone,
         drain_grace_s=ns.drain_grace,
         curve=curve_from_args(ns),
         batch=not ns.no_batch,

@@ -259,6 +259,7 @@ class WorkerServer:
         gateways: Sequence[str] = (),
         advertise: str | None = None,
         announce_interval_s: float = 2.0,
+        zone: str | None = None,
         send_timeout_s: float = 10.0,
         drain_grace_s: float = 30.0,
         abort_timeout_s: float = 5.0,
@@ -287,6 +288,8 @@ class WorkerServer:
         self.gateways = tuple(gateways)
         self.advertise = advertise
         self.announce_interval_s = announce_interval_s
+        #: announced KV-transfer zone (the gateway's workers[].zone)
+        self.zone = zone
         self.send_timeout_s = send_timeout_s
         self.drain_grace_s = drain_grace_s
         self.abort_timeout_s = abort_timeout_s
@@ -976,6 +979,7 @@ class WorkerServer:
                 self.max_inflight,
                 self.announce_interval_s,
                 "draining" if self.draining else "up",
+                self.zone,
             )
 
         await announce_loop(

@@ -76,11 +76,13 @@ class NativeWorkerInfo(NamedTuple):
     models: tuple[str, ...]
     control_endpoint: str | None
     max_inflight: int
+    zone: str | None = None
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
-            url=self.url, role=self.role, models=list(self.models), id=self.worker_id
-        )
+            url=self.url, role=self.role, models=list(self.models), id=self.worker_id,
+            zone=self.zone,
+        )  # fmt: skip
 
     def same_incarnation(self, other: NativeWorkerInfo) -> bool:
         """Whether ``other`` may keep this one's session (else: remove, then add)."""
@@ -90,6 +92,7 @@ class NativeWorkerInfo(NamedTuple):
             and self.role == other.role
             and self.models == other.models
             and self.control_endpoint == other.control_endpoint
+            and self.zone == other.zone
         )
 
 
@@ -175,6 +178,7 @@ class NativeTable:
             tuple(msg.models),
             msg.control_endpoint,
             msg.max_inflight,
+            msg.zone,
         )
         try:
             info = info._replace(url=info.worker_config().url)  # validated and normalized
