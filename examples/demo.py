@@ -1,13 +1,15 @@
 """`make demo`: a simulated disaggregated fleet behind the gateway, driven by the `openai` client.
 
 Starts simulated workers as processes (default `3e2p4d`: 3 encoders, 2 prefill, 4 decode, vLLM
-NIXL / EPD dialects, real KV and embedding bytes moving between them) and the gateway in this
-process, sends chat and completion requests (non-streamed and streamed, with and without an
-image, a forced tool call, a JSON-schema answer) through the gateway with the unmodified `openai`
-client, shows what came back and which stages ran, drops a resumable stream's connection and
-picks the answer up again, loads a LoRA adapter on the whole fleet and asks for it, then runs a
-short concurrent load and prints a latency summary and what a cache_aware shadow policy
-predicted beside the active one. Exits 0 when every request succeeded.
+NIXL / EPD dialects, real KV and embedding bytes moving between them; the P/D workers spread
+over two KV-transfer zones, so the gateway places each prefill/decode pair jointly) and the
+gateway in this process, sends chat and completion requests (non-streamed and streamed, with
+and without an image, a forced tool call, a JSON-schema answer) through the gateway with the
+unmodified `openai` client, shows what came back and which stages ran, drops a resumable
+stream's connection and picks the answer up again, loads a LoRA adapter on the whole fleet and
+asks for it, then runs a short concurrent load and prints a latency summary and what a
+cache_aware shadow policy predicted beside the active one. Exits 0 when every request
+succeeded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lmgw.simulate import fleet_config
 from lmgw.simulators.fleet import run_fleet
 
 MODEL = "sim-llama-8b"
+KV_BYTES_PER_TOKEN = 131072  # an 8B model's KV in bf16: what the P/D workers move
 # a 1x1 PNG as a data URL: the encoder stage runs for requests that carry it
 IMAGE = {
     "type": "image_url",
@@ -366,16 +369,26 @@ async def main(args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
     async with trio.open_nursery() as nursery:
         print(f"starting simulated workers {spec} (flow {spec.flow}, speed x{args.speed:g}) ...")
-        # generating workers take LoRA adapters at run time (vLLM's runtime adapter API)
-        lora = {role: ["--enable-lora"] for role in counts if role != "e"}
+        # generating workers take LoRA adapters at run time (vLLM's runtime adapter API); the
+        # P/D workers sit in --zones KV-transfer zones and model moving KV between them
+        role_args = {role: ["--enable-lora"] for role in counts if role != "e"}
+        for role in ("p", "d"):
+            if args.zones and role in role_args:
+                role_args[role] += ["--kv-bytes-per-token", str(KV_BYTES_PER_TOKEN)]
         fleet = await nursery.start(
             lambda task_status: run_fleet(
-                counts, model=MODEL, speed=args.speed, role_args=lora, task_status=task_status
+                counts,
+                model=MODEL,
+                speed=args.speed,
+                role_args=role_args,
+                zones=args.zones,
+                task_status=task_status,
             )
         )
         gw_args = argparse.Namespace(
             host="127.0.0.1", port=0, model=MODEL, dialect=args.dialect,
             shadow_policies=["cache_aware"],  # asked beside the active policy, never obeyed
+            zones=args.zones, kv_bytes_per_token=KV_BYTES_PER_TOKEN,
         )  # fmt: skip
         config = fleet_config(fleet, spec, gw_args)
         config = msgspec.structs.replace(config, streams=StreamsConfig(resumable=True))
@@ -386,13 +399,21 @@ async def main(args: argparse.Namespace) -> int:
             f"gateway on {gateway.url}"
             f" (ready in {1000 * (time.perf_counter() - t0):.0f} ms) in front of:"
         )
-        for role, url in fleet.endpoints():
-            print(f"   {role:<2} {url}")
+        for m in fleet.members:
+            print(f"   {m.role:<2} {m.url}" + (f"  zone {m.zone}" if m.zone else ""))
         ok = await trio.to_thread.run_sync(drive, gateway.url, args.requests, args.concurrency)
         served = {
             w.id.rsplit(":", 1)[1] + f"({w.role})": w.total_requests for w in gateway.registry
         }
         print(f"\nrequests per worker (port(role): count): {served}")
+        if args.zones and "p" in counts:
+            pairs = gateway.metrics.placements.values
+            same = sum(v for (_, zones), v in pairs.items() if zones == "same_zone")
+            cross = sum(v for (_, zones), v in pairs.items() if zones == "cross_zone")
+            print(
+                f"P/D pairs placed jointly (prefill + decode in one KV-transfer zone where it"
+                f" pays): {same:.0f} within a zone, {cross:.0f} across zones"
+            )
         nursery.cancel_scope.cancel()
     print("demo", "OK" if ok else "FAILED")
     return 0 if ok else 1
@@ -403,6 +424,7 @@ if __name__ == "__main__":
     ap.add_argument("--workers", default="3e2p4d", help="fleet spec, e.g. 3e2p4d, 2p2d, 2pd")
     ap.add_argument("--dialect", default=None, help="default: vLLM's for the flow (nixl / epd)")
     ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--zones", type=int, default=2, help="KV-transfer zones of the P/D workers")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=8)
     sys.exit(trio.run(main, ap.parse_args()))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["EPS", "FAIL", "Arena", "Grammar", "Unsupported"]
+__all__ = ["EPS", "FAIL", "Arena", "Grammar", "Unsupported", "children"]
 
 EPS = 0
 FAIL = 1
@@ -151,6 +151,18 @@ def _merge(ranges: Iterable[tuple[int, int]]) -> Ranges:
     return tuple((lo, hi) for lo, hi in out)
 
 
+def children(node: Node) -> tuple[int, ...]:
+    """The sub-expressions of a node (a ``ref`` has none: its rule is the grammar's)."""
+    k = node[0]
+    if k == "seq":
+        return (node[1], node[2])
+    if k == "alt":
+        return node[1]
+    if k == "star":
+        return (node[1],)
+    return ()
+
+
 def _in(ranges: Ranges, cp: int) -> bool:
     for lo, hi in ranges:
         if cp < lo:
@@ -180,9 +192,14 @@ class Grammar:
         self._unfolding: set[str] = set()
 
     def _refs(self) -> set[str]:
+        return set(self.reached(self.rules.values(), into_rules=False))
+
+    def reached(self, roots: Iterable[int], *, into_rules: bool = True) -> list[str]:
+        """The rules the expressions ``roots`` name, in the order first met; ``into_rules``:
+        and those their bodies name, transitively."""
         seen: set[int] = set()
-        names: set[str] = set()
-        stack = list(self.rules.values())
+        names: dict[str, None] = {}
+        stack = list(roots)
         nodes = self.arena.nodes
         while stack:
             i = stack.pop()
@@ -190,16 +207,14 @@ class Grammar:
                 continue
             seen.add(i)
             n = nodes[i]
-            k = n[0]
-            if k == "ref":
-                names.add(n[1])
-            elif k == "seq":
-                stack += (n[1], n[2])
-            elif k == "alt":
-                stack += n[1]
-            elif k == "star":
-                stack.append(n[1])
-        return names
+            if n[0] == "ref":
+                if n[1] not in names:
+                    names[n[1]] = None
+                    if into_rules:
+                        stack.append(self.rules[n[1]])
+            else:
+                stack += children(n)
+        return list(names)
 
     def _rule_nullability(self) -> dict[str, bool]:
         known = dict.fromkeys(self.rules, False)

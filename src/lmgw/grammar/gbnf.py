@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .expr import EPS, FAIL, Arena, Grammar, Unsupported
+from .expr import EPS, FAIL, Arena, Grammar, Unsupported, children
 
 __all__ = ["parse", "render"]
 
@@ -242,12 +242,7 @@ class _Printer:
                     self.shared[i] = f"s{len(self.shared)}"
                 continue
             seen.add(i)
-            if n[0] == "seq":
-                stack += (n[1], n[2])
-            elif n[0] == "alt":
-                stack += n[1]
-            elif n[0] == "star":
-                stack.append(n[1])
+            stack += children(n)
 
     def expr(self, i: int, prec: int = 0, top: bool = False) -> str:
         """``prec``: 0 alternatives allowed bare, 1 inside a sequence, 2 under a postfix."""
@@ -304,26 +299,7 @@ def render(g: Grammar, root: int) -> str:
     if root == FAIL:
         raise Unsupported("no string can follow")
     nodes = g.arena.nodes
-    reached: list[str] = []
-    seen: set[int] = set()
-    stack = [root]
-    rules_seen: set[str] = set()
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        n = nodes[i]
-        if n[0] == "ref" and n[1] not in rules_seen:
-            rules_seen.add(n[1])
-            reached.append(n[1])
-            stack.append(g.rules[n[1]])
-        elif n[0] == "seq":
-            stack += (n[1], n[2])
-        elif n[0] == "alt":
-            stack += n[1]
-        elif n[0] == "star":
-            stack.append(n[1])
+    reached = g.reached([root])
     taken = {"root"} | {f"s{k}" for k in range(len(nodes))}
     names: dict[str, str] = {}
     for name in sorted(reached):

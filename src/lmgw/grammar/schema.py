@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .expr import EPS, FAIL, Arena, Grammar, Unsupported
+from .expr import EPS, FAIL, Arena, Grammar, Unsupported, children
 
 __all__ = ["json_object_grammar", "schema_grammar"]
 
@@ -418,12 +418,10 @@ class _Builder:
             n = nodes[i]
             if n[0] == "ref":
                 out.add(n[1])
-            elif n[0] == "seq":
-                stack += (n[1], n[2]) if g.nullable(n[1]) else (n[1],)
-            elif n[0] == "alt":
-                stack += n[1]
-            elif n[0] == "star":
-                stack.append(n[1])
+            elif n[0] == "seq" and not g.nullable(n[1]):
+                stack.append(n[1])  # what follows a non-empty head is not at the start
+            else:
+                stack += children(n)
         return out
 
     # -- dispatch (xgrammar's SchemaParser::Parse order) ------------------------------------------
