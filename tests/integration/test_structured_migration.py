@@ -125,3 +125,19 @@ async def test_a_constraint_the_gateway_cannot_replay_ends_with_an_error_event(
     assert len(broken) == 1
     assert broken[0][-1] == "[DONE]"
     assert "whitespace_pattern" in broken[0][-2]["error"]["message"]
+
+
+async def test_a_regex_completion_stream_is_continued_within_the_constraint(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 3}}, {}])
+    pattern = r"[0-9]{3}-(?:[a-z]{4,6} ){4}[a-z]{4,6}"  # a restart would not match
+    body = {"model": MODEL, "prompt": "Say it:", "stream": True, "max_tokens": 200,
+            "guided_regex": pattern}  # fmt: skip
+    for _ in range(2):
+        r = await gw.request("POST", "/v1/completions", body, timeout=10)
+        events = r.events()
+        assert all("error" not in e for e in events[:-1]), events
+        text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+        assert re.fullmatch(pattern, text), text
+    assert metric_value(await gw.metrics(), CONTINUED) >= 1
