@@ -141,3 +141,23 @@ async def test_a_regex_completion_stream_is_continued_within_the_constraint(
         text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
         assert re.fullmatch(pattern, text), text
     assert metric_value(await gw.metrics(), CONTINUED) >= 1
+
+
+async def test_a_long_partial_answer_is_replayed_off_the_event_loop_and_bounded(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``INLINE_REPLAY_CHARS`` the replay runs in a worker thread; one that takes longer
+    than ``REPLAY_TIMEOUT_S`` ends the stream with an error event that says so."""
+    from lmgw.pipeline import migration, runner
+
+    monkeypatch.setattr(migration, "INLINE_REPLAY_CHARS", 0)  # every replay goes to a thread
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 5}}, {}])
+    rf = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 400,
+            "response_format": rf}  # fmt: skip
+    for events in await _broken_then_served(gw, body):
+        assert all("error" not in e for e in events[:-1]), events
+        jsonschema.validate(json.loads(_text(events)), SCHEMA)
+    monkeypatch.setattr(runner, "REPLAY_TIMEOUT_S", 0.0)  # no replay finishes in time
+    broken = [e for e in await _broken_then_served(gw, body) if "error" in e[-2]]
+    assert len(broken) == 1 and "took over 0 s" in broken[0][-2]["error"]["message"]

@@ -234,7 +234,7 @@ class DisaggRunner:
             obj = None
         reason: str | None = None
         for _ in range(p.migrations):
-            body, reason = migration.next_leg(endpoint, obj, progress)
+            body, reason = await p.next_leg(endpoint, obj, progress)
             others = [w for w in p.registry.candidates(greq.model, role) if w not in tried]
             if reason is None and not others:
                 reason = "no other worker"

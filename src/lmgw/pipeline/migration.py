@@ -175,11 +175,22 @@ def continuation_body(
     return _encode(out)
 
 
+#: partial answers of constrained streams longer than this are replayed off the event loop
+#: (``Pipeline.next_leg``): ~0.2 ms per KiB of JSON, so up to ~1 ms inline
+INLINE_REPLAY_CHARS = 4096
+
+
 def next_leg(
-    endpoint: str, obj: Any, progress: Progress, *, aliases: bool = True
+    endpoint: str,
+    obj: Any,
+    progress: Progress,
+    *,
+    aliases: bool = True,
+    rest: tuple[str | None, str | None] | None = None,
 ) -> tuple[bytes | None, str | None]:
     """The continuation request for a broken stream, or why there is none: (body, None) or
-    (None, reason). ``aliases``: see :func:`continuation_body`."""
+    (None, reason). ``aliases``: see :func:`continuation_body`; ``rest``: what
+    :func:`rest_constraint` gave, when the caller ran it already (off the event loop)."""
     reason = eligible(endpoint, obj)
     if reason is None and not progress.replayable:
         reason = "the stream carried tool-call or logprob deltas"
@@ -187,11 +198,21 @@ def next_leg(
         reason = "the answer was complete"
     if reason is not None:
         return None, reason
-    grammar, reason = rest_constraint(endpoint, obj, progress.text)
+    grammar, reason = rest if rest is not None else rest_constraint(endpoint, obj, progress.text)
     if reason is not None:
         return None, reason
     body = continuation_body(endpoint, obj, progress, grammar, aliases=aliases)
     return (body, None) if body is not None else (None, "the token budget was spent")
+
+
+def replays(obj: Any, text: str) -> bool:
+    """Whether :func:`rest_constraint` has a partial answer to replay (a constrained request
+    that streamed text), and so may take time."""
+    return (
+        bool(text)
+        and isinstance(obj, dict)
+        and any(obj.get(k) is not None for k in CONSTRAINT_FIELDS)
+    )
 
 
 def rest_constraint(endpoint: str, obj: Any, text: str) -> tuple[str | None, str | None]:

@@ -1021,7 +1021,7 @@ class NativeRunner:
                     synth.text, synth.tokens, finished=False,
                     replayable=job.params.logprobs is None,
                 )  # fmt: skip
-                body, why = migration.next_leg(greq.endpoint, job.obj, progress, aliases=False)
+                body, why = await p.next_leg(greq.endpoint, job.obj, progress, aliases=False)
                 if why is None and self._pick(greq.model, role, route, tried) is None:
                     why = "no other worker"
                 if why is not None or body is None:

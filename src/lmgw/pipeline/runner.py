@@ -14,6 +14,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import trio
@@ -45,6 +46,10 @@ from .request import Gate, GatewayRequest, MidStream
 from .warm import PrefixWarmer, warmup_counter
 
 log = logging.getLogger("lmgw.pipeline")
+
+REPLAY_TIMEOUT_S = 2.0
+"""A broken constrained stream whose partial answer takes longer to replay through its
+grammar is not continued (the stream ends with an error event): it would only grow later."""
 _now = time.perf_counter
 
 
@@ -369,6 +374,23 @@ class Pipeline:
 
         return tap
 
+    async def next_leg(
+        self, endpoint: str, obj: Any, progress: migration.Progress, *, aliases: bool = True
+    ) -> tuple[bytes | None, str | None]:
+        """:func:`migration.next_leg`, with a long constrained partial answer replayed in a
+        worker thread (CPU-bound: the event loop keeps serving) and given up after
+        ``REPLAY_TIMEOUT_S``."""
+        rest = None
+        text = progress.text
+        if len(text) > migration.INLINE_REPLAY_CHARS and migration.replays(obj, text):
+            with trio.move_on_after(REPLAY_TIMEOUT_S):
+                rest = await trio.to_thread.run_sync(
+                    migration.rest_constraint, endpoint, obj, text, abandon_on_cancel=True
+                )
+            if rest is None:
+                rest = (None, f"replaying the partial answer took over {REPLAY_TIMEOUT_S:g} s")
+        return migration.next_leg(endpoint, obj, progress, aliases=aliases, rest=rest)
+
     async def backoff(self, attempt: int) -> None:
         """The pause before retry ``attempt + 1``: exponential, jittered (see the config)."""
         base = self.retry_backoff_s
@@ -394,7 +416,7 @@ class Pipeline:
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             obj = None
         for _ in range(self.migrations):
-            body, reason = migration.next_leg(endpoint, obj, progress)
+            body, reason = await self.next_leg(endpoint, obj, progress)
             others = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
             if reason is None and not others:
                 reason = "no other worker"
