@@ -116,3 +116,24 @@ def test_queued_tokens_return_to_zero_after_any_mix_of_endings(ops) -> None:
         pl.release(ctx)
         pl.release(ctx)
     assert pl.queued == {}
+
+
+def test_a_continuations_prefill_is_picked_near_its_decode_worker() -> None:
+    """A broken P/D stream continues on another decode worker, chosen first: its prefill is
+    picked among the prefill workers of that worker's zone (the policy decides among them)."""
+    from lmgw.config import GatewayConfig, RoutingConfig, WorkerConfig
+    from lmgw.gateway import Gateway
+    from lmgw.workers.worker import WorkerState
+
+    fleet = [("p", "a"), ("p", "b"), ("d", "a"), ("d", "b")]
+    workers = [
+        WorkerConfig(url=f"http://10.0.0.{i}:8000", role=role, id=f"{role}{i}", zone=zone)
+        for i, (role, zone) in enumerate(fleet)
+    ]
+    for placement in ("joint", "independent"):
+        gw = Gateway(GatewayConfig(routing=RoutingConfig(placement=placement), workers=workers))
+        for w in list(gw.registry):
+            gw.registry.set_state(w, WorkerState.HEALTHY, "test")
+        db = gw.registry.get("d3")
+        picked = {gw.pipeline.pick("m", "p", RouteContext("m"), near=db).id for _ in range(8)}
+        assert picked == ({"p1"} if placement == "joint" else {"p0", "p1"})

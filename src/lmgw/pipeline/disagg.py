@@ -242,7 +242,7 @@ class DisaggRunner:
                 break
             decode = p.policies[role].choose(others, route)
             tried += (decode,)
-            prefill = p.pick(greq.model, "p", route) if "p" in roles else None
+            prefill = p.pick(greq.model, "p", route, near=decode) if "p" in roles else None
             ctx = StageContext(
                 request_id=greq.request_id,
                 path=greq.path,

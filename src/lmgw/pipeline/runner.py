@@ -216,9 +216,13 @@ class Pipeline:
         lora = model if self.lora_affinity and self.is_lora(model) else None
         return RouteContext(model, greq.request_id, lora=lora)
 
-    def pick(self, model: str, role: str, ctx: RouteContext) -> Worker:
-        """The role's policy's choice among the routable workers of ``model``; 503 if none."""
+    def pick(self, model: str, role: str, ctx: RouteContext, near: Worker | None = None) -> Worker:
+        """The role's policy's choice among the routable workers of ``model``; 503 if none.
+        ``near``: with joint placement, among those in that worker's zone when there are any
+        (a prefill for a decode worker chosen first)."""
         candidates = self._routable(model, role)
+        if near is not None and self.placement is not None and near.zone is not None:
+            candidates = [w for w in candidates if w.zone == near.zone] or candidates
         self.picks[role] += 1
         return self.policies[role].choose(candidates, ctx)
 
