@@ -601,3 +601,41 @@ def test_native_models_need_a_tokenizer() -> None:
     with pytest.raises(ValueError, match="not a worker URL"):
         WorkerConfig(url="zmq+tcp://127.0.0.1")
     assert WorkerConfig(url="ZMQ+IPC:///tmp/w.sock").url == "zmq+ipc:///tmp/w.sock"
+
+
+class Pairing(Recording):
+    """Remembers the request ids of its Prefills and Generates."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        super().__init__(options)
+        self.ids: list[str] = []
+
+    def generate(self, req: Any) -> Any:
+        self.ids.append(req.msg.request_id)
+        return super().generate(req)
+
+    async def prefill(self, req: Any) -> Any:
+        self.ids.append(req.msg.request_id)
+        return await super().prefill(req)
+
+
+async def test_native_pd_decodes_in_the_prefills_zone(nursery: trio.Nursery) -> None:
+    """Joint placement over the native protocol: the decode worker of a P/D request is picked
+    in the zone of the prefill worker that holds its KV."""
+    engines: dict[str, Pairing] = {}
+    workers: list[WorkerConfig] = []
+    # zones across the registration order: round robin at both stages would pair across them
+    for wid, role, zone in (("p0", "p", "a"), ("p1", "p", "b"), ("d0", "d", "b"),
+                            ("d1", "d", "a")):  # fmt: skip
+        engine = engines[wid] = Pairing(WorkerOptions(role=role, model=MODEL, speed=math.inf))
+        server = await nursery.start(
+            WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
+        )
+        workers.append(WorkerConfig(url="zmq+" + server.endpoint, role=role, id=wid, zone=zone))
+    cfg = gateway_config([], "p/d")
+    cfg = msgspec.structs.replace(cfg, workers=workers)
+    _, url = await start_gateway(nursery, cfg)
+    for i in range(8):
+        await run(chat, url, [{"role": "user", "content": f"question {i}"}], False)
+    for p, d in (("p0", "d1"), ("p1", "d0")):
+        assert engines[p].ids and set(engines[p].ids) == set(engines[d].ids)

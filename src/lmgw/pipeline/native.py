@@ -108,6 +108,10 @@ _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control
 # -- workers and their channels -----------------------------------------------------------------
 
 
+#: the route-scratch key of the worker a native P/D request's prefill ran on
+_PREFILLED_ON = ("native", "prefilled_on")
+
+
 class NativeWorker(Worker):
     """A worker reached over the native protocol: a channel instead of an HTTP origin.
 
@@ -816,14 +820,23 @@ class NativeRunner:
         return max(0.001, greq.t_start + self.request_timeout_s - _now())
 
     def _pick(
-        self, model: str, role: str, route: RouteContext, tried: tuple[Worker, ...] = ()
+        self,
+        model: str,
+        role: str,
+        route: RouteContext,
+        tried: tuple[Worker, ...] = (),
+        near: Worker | None = None,
     ) -> Worker | None:
-        """The role's policy's choice among the routable native workers not ``tried``."""
+        """The role's policy's choice among the routable native workers not ``tried``;
+        ``near``: with joint placement, among those in that worker's zone when there are any
+        (a decode worker for the prefill that holds the KV)."""
         candidates: Sequence[Worker] = self.p.registry.candidates(model, role)
         if tried or not all(type(w) is NativeWorker for w in candidates):
             candidates = [w for w in candidates if type(w) is NativeWorker and w not in tried]
         if not candidates:
             return None
+        if near is not None and near.zone is not None and self.p.placement is not None:
+            candidates = [w for w in candidates if w.zone == near.zone] or candidates
         if not tried:
             self.p.picks[role] += 1
         return self.p.policies[role].choose(candidates, route)
@@ -981,6 +994,7 @@ class NativeRunner:
             done = await self._call(greq, worker, "p", route, msg, job.payload)
             if not isinstance(done, PrefillDone):
                 raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
+            route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
             return done.kv_transfer_params
 
         return await self._with_retries(greq, "p", route, leg)
@@ -1072,7 +1086,8 @@ class NativeRunner:
             tensors=job.tensors,
             stream=greq.stream,
         )
-        worker = self._pick(greq.model, role, route, tried)
+        near = route.scratch.get(_PREFILLED_ON) if route.scratch is not None else None
+        worker = self._pick(greq.model, role, route, tried, near)
         if worker is None:
             raise GatewayError(
                 503, f"no healthy {ROLE_NAMES[role]} worker available for model {greq.model!r}"
