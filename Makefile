@@ -7,9 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test fuzz bench lint build format clean
 
+# xgrammar (vLLM's structured-output backend) without its dependencies (torch): the tests
+# compare lmgw's JSON-schema grammars with its compiler, in a subprocess with a torch stand-in.
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	@touch $(STAMP)
 
 # Rebuild the Cython extensions in place (needed after editing a .pyx), and write the bytecode
