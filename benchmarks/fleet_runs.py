@@ -1,5 +1,5 @@
-"""What the fleet benchmarks share (hedging.py, lora_affinity.py): a gateway process in front
-of a simulated fleet, a bare HTTP call, medians over rounds."""
+"""What the fleet benchmarks share (hedging.py, lora_affinity.py, placement.py): a gateway
+process in front of a simulated fleet, a bare HTTP call, medians over rounds."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from lmgw.config import GatewayConfig, dump_config
 from lmgw.simulators.fleet import Fleet
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,17 +77,25 @@ async def start_gateway(
     log_dir: Path,
     env_extra: Mapping[str, str] | None = None,
     model: str = MODEL,
+    config: Callable[[int], GatewayConfig] | None = None,
 ) -> tuple[trio.Process, str]:
-    """``lmgw serve`` in front of ``fleet`` (merged workers) with ``flags``, once it answers a
-    chat; (process, URL). Its output goes to ``log_dir/<name>.log``."""
+    """``lmgw serve`` in front of ``fleet`` (merged workers) with ``flags``, or with the
+    configuration ``config(port)`` (written to ``log_dir/<name>.toml``), once it answers a
+    chat; (process, URL). Its output goes to ``log_dir/<name>.log``. No PR_SET_PDEATHSIG: trio
+    forks from a worker thread, whose retirement (idle 10 s) would kill the child."""
     port = free_port()
-    argv = [sys.executable, "-c", "import sys; from lmgw.cli import main; sys.exit(main())"]
-    argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    for m in fleet.members:
-        argv += ["--worker", f"pd={m.url}"]
-    argv += ["--log-level", "warning", "--open", *flags]
-    env = {**os.environ, **(env_extra or {})}
     log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", "import sys; from lmgw.cli import main; sys.exit(main())"]
+    if config is not None:
+        path = log_dir / f"{name}.toml"
+        path.write_text(dump_config(config(port)))
+        argv += ["serve", "--config", str(path), *flags]
+    else:
+        argv += ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        for m in fleet.members:
+            argv += ["--worker", f"pd={m.url}"]
+        argv += ["--log-level", "warning", "--open", *flags]
+    env = {**os.environ, **(env_extra or {})}
     logf = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
     proc = await trio.lowlevel.open_process(
         argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, start_new_session=True

@@ -40,7 +40,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 import msgspec
 import trio
 
+from fleet_runs import start_gateway
 from lmgw.config import (
     GatewayConfig,
     LoggingConfig,
@@ -56,7 +56,6 @@ from lmgw.config import (
     RoutingConfig,
     ServerConfig,
     WorkerConfig,
-    dump_config,
 )
 from lmgw.simulators import model_files
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
@@ -64,7 +63,6 @@ from routing import (
     MODEL,
     Control,
     SystemPrompts,
-    free_port,
     http,
     log,
     open_loop,
@@ -117,33 +115,6 @@ def registration_order(fleet: Fleet, seed: int) -> None:
     random.Random(seed).shuffle(fleet.members)
 
 
-async def start_gateway(system: System, fleet: Fleet, kv_bytes: int) -> tuple[trio.Process, str]:
-    port = free_port()
-    path = LOG_DIR / f"{system.name}.toml"
-    path.write_text(dump_config(gateway_config(system, fleet, port, kv_bytes)))
-    logf = open(LOG_DIR / f"{system.name}.log", "ab")  # noqa: SIM115 - the child owns it
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "lmgw.cli", "serve", "--config", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=logf,
-        stderr=logf,
-        start_new_session=True,
-    )  # fmt: skip (no PR_SET_PDEATHSIG: trio forks in a worker thread that retires when idle)
-    logf.close()
-    url = f"http://127.0.0.1:{port}"
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    with trio.fail_after(60):
-        while True:
-            if proc.returncode is not None:
-                raise RuntimeError(f"{system.name} exited; see {LOG_DIR}")
-            try:
-                if (await http(url, "POST", "/v1/chat/completions", body)).status == 200:
-                    return proc, url
-            except OSError:
-                pass
-            await trio.sleep(0.2)
-
-
 async def fleet_counts(fleet: Fleet) -> dict[str, float]:
     """The decode workers' KV transfers (same/cross zone, seconds) and the prefill workers'
     prefix-cache hits and queries (a decode worker counts transferred KV as cached, so the
@@ -165,7 +136,10 @@ async def fleet_counts(fleet: Fleet) -> dict[str, float]:
 async def run_one(
     system: System, workload: str, fleet: Fleet, args: argparse.Namespace
 ) -> dict[str, Any]:
-    proc, url = await start_gateway(system, fleet, args.kv_bytes_per_token)
+    proc, url = await start_gateway(
+        system.name, [], fleet, LOG_DIR, model=MODEL,
+        config=lambda port: gateway_config(system, fleet, port, args.kv_bytes_per_token),
+    )  # fmt: skip
     try:
         for m in fleet.members:
             assert (await http(m.url, "POST", "/sim/reset")).status == 200
