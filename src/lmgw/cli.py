@@ -194,7 +194,9 @@ def _worker_path(worker_id: str, action: str = "") -> str:
     return "/admin/workers/" + quote(worker_id, safe="") + (f"/{action}" if action else "")
 
 
-_TABLE_COLUMNS = ("id", "role", "state", "in_flight", "total_requests", "source", "url", "models")
+_TABLE_COLUMNS = (
+    "id", "role", "zone", "state", "in_flight", "total_requests", "source", "url", "models",
+)  # fmt: skip
 
 
 def format_workers(workers: list[dict[str, Any]]) -> str:
@@ -301,7 +303,7 @@ def _add_workers_parser(sub: Any) -> None:
     add = cmds.add_parser(
         "add",
         parents=[common],
-        help="add a worker: ROLE=URL[,id=..,bootstrap_port=..,kv_address=..]",
+        help="add a worker: ROLE=URL[,id=..,bootstrap_port=..,kv_address=..,zone=..]",
     )
     add.add_argument("spec", metavar="ROLE=URL[,K=V...]", help="as `lmgw serve --worker`")
     add.add_argument(

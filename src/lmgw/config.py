@@ -2333,12 +2333,13 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-_WORKER_FLAG_KEYS = {"id": str, "bootstrap_port": int, "kv_address": str}
+_WORKER_FLAG_KEYS = {"id": str, "bootstrap_port": int, "kv_address": str, "zone": str}
 
 
 def parse_worker_flag(text: str) -> WorkerConfig:
     """Parse a ``--worker ROLE=URL[,KEY=VALUE...]`` value, e.g. ``pd=http://127.0.0.1:9001`` or
-    ``p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001`` (keys: id, bootstrap_port, kv_address).
+    ``p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001,zone=node-a`` (keys: id, bootstrap_port,
+    kv_address, zone).
 
     Raises:
         ConfigError: naming the flag text, when it is not ROLE=URL with a known role and a

@@ -377,11 +377,11 @@ async def test_cli_list_drain_undrain_add_remove(
     assert await run_cli("workers", "list", *common) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "ID", "ROLE", "STATE", "IN_FLIGHT", "TOTAL_REQUESTS", "SOURCE", "URL", "MODELS",
+        "ID", "ROLE", "ZONE", "STATE", "IN_FLIGHT", "TOTAL_REQUESTS", "SOURCE", "URL", "MODELS",
     ]  # fmt: skip
-    assert [ln.split()[:3] for ln in lines[1:]] == [
-        ["w0", "merged", "healthy"],
-        ["w1", "merged", "healthy"],
+    assert [ln.split()[:4] for ln in lines[1:]] == [
+        ["w0", "merged", "-", "healthy"],
+        ["w1", "merged", "-", "healthy"],
     ]
 
     assert await run_cli("workers", "drain", "w1", *common) == 0
@@ -391,11 +391,12 @@ async def test_cli_list_drain_undrain_add_remove(
     assert "worker w1: healthy" in capsys.readouterr().out
 
     extra = await sim_worker()
-    spec = f"pd={extra.url},id=w9"
+    spec = f"pd={extra.url},id=w9,zone=rack-2"
     assert await run_cli("workers", "add", spec, "--model", MODEL, *common) == 0
     assert "worker w9: starting" in capsys.readouterr().out
     added = gw.gateway.registry.get("w9")
     assert added is not None and added.url == extra.url and added.static_models == {MODEL}
+    assert added.zone == "rack-2"
 
     assert await run_cli("workers", "remove", "w9", "--grace", "5", "--json", *common) == 0
     out = capsys.readouterr().out

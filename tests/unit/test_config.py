@@ -630,12 +630,12 @@ url = "http://file:1"
 
 def test_worker_flag_options_survive_config_from_args() -> None:
     ns = parse_args(
-        "--worker", "p=http://h:1,kv_address=h:21001,bootstrap_port=8998,id=p0",
+        "--worker", "p=http://h:1,kv_address=h:21001,bootstrap_port=8998,id=p0,zone=rack-1",
         "--worker", "d=http://h:2,kv_address=h:22001",
     )  # fmt: skip
     cfg = config_from_args(ns, env={})
-    got = [(w.id, w.role, w.kv_address, w.bootstrap_port) for w in cfg.workers]
-    assert got == [("p0", "p", "h:21001", 8998), (None, "d", "h:22001", None)]
+    got = [(w.id, w.role, w.kv_address, w.bootstrap_port, w.zone) for w in cfg.workers]
+    assert got == [("p0", "p", "h:21001", 8998, "rack-1"), (None, "d", "h:22001", None, None)]
 
 
 def test_config_from_args_accepts_partial_namespace() -> None:
