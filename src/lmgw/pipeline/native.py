@@ -73,6 +73,7 @@ from ..protocol.messages import (
     SamplingParams,
 )
 from ..protocol.messages import MediaItem as WireMedia
+from ..routing.placement import near as in_zone_of
 from ..routing.policy import RouteContext
 from ..structured import FIELDS as STRUCTURED_FIELDS
 from ..structured import StructuredOutputError, structured_output
@@ -835,8 +836,8 @@ class NativeRunner:
             candidates = [w for w in candidates if type(w) is NativeWorker and w not in tried]
         if not candidates:
             return None
-        if near is not None and near.zone is not None and self.p.placement is not None:
-            candidates = [w for w in candidates if w.zone == near.zone] or candidates
+        if near is not None and self.p.placement is not None:
+            candidates = in_zone_of(candidates, near)
         if not tried:
             self.p.picks[role] += 1
         return self.p.policies[role].choose(candidates, route)

@@ -32,6 +32,7 @@ from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.placement import Placement, zoned
+from ..routing.placement import near as in_zone_of
 from ..routing.policy import Policy, RouteContext, RouteInfo, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
@@ -221,8 +222,8 @@ class Pipeline:
         ``near``: with joint placement, among those in that worker's zone when there are any
         (a prefill for a decode worker chosen first)."""
         candidates = self._routable(model, role)
-        if near is not None and self.placement is not None and near.zone is not None:
-            candidates = [w for w in candidates if w.zone == near.zone] or candidates
+        if near is not None and self.placement is not None:
+            candidates = in_zone_of(candidates, near)
         self.picks[role] += 1
         return self.policies[role].choose(candidates, ctx)
 

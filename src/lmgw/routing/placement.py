@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..workers.worker import Worker
     from .policy import RouteContext
 
-__all__ = ["Pair", "Placement", "zoned"]
+__all__ = ["Pair", "Placement", "near", "zoned"]
 
 #: learning rate of the prefill speed (an EWMA over timed prefill legs)
 SPEED_ALPHA = 0.1
@@ -50,6 +50,15 @@ def zoned(*groups: Sequence[Worker]) -> bool:
     """Whether the workers name more than one zone (an unset zone counts as one)."""
     first = groups[0][0].zone if groups and groups[0] else None
     return any(w.zone != first for g in groups for w in g)
+
+
+def near(candidates: Sequence[Worker], worker: Worker) -> Sequence[Worker]:
+    """The candidates in ``worker``'s zone, or all of them when none is (or it has none): the
+    second stage of a pair whose first was chosen alone (a native P/D decode, after its
+    prefill; a continued stream's prefill, after its new decode worker)."""
+    if worker.zone is None:
+        return candidates
+    return [w for w in candidates if w.zone == worker.zone] or candidates
 
 
 class Placement:
