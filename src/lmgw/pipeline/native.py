@@ -73,7 +73,7 @@ from ..protocol.messages import (
     SamplingParams,
 )
 from ..protocol.messages import MediaItem as WireMedia
-from ..routing.placement import near as in_zone_of
+from ..routing.placement import in_zone_of
 from ..routing.policy import RouteContext
 from ..structured import FIELDS as STRUCTURED_FIELDS
 from ..structured import StructuredOutputError, structured_output

@@ -31,8 +31,7 @@ from ..config import (
 from ..errors import GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
-from ..routing.placement import Placement, zoned
-from ..routing.placement import near as in_zone_of
+from ..routing.placement import Placement, in_zone_of, zoned
 from ..routing.policy import Policy, RouteContext, RouteInfo, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect

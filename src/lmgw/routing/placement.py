@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..workers.worker import Worker
     from .policy import RouteContext
 
-__all__ = ["Pair", "Placement", "near", "zoned"]
+__all__ = ["Pair", "Placement", "in_zone_of", "zoned"]
 
 #: learning rate of the prefill speed (an EWMA over timed prefill legs)
 SPEED_ALPHA = 0.1
@@ -52,7 +52,7 @@ def zoned(*groups: Sequence[Worker]) -> bool:
     return any(w.zone != first for g in groups for w in g)
 
 
-def near(candidates: Sequence[Worker], worker: Worker) -> Sequence[Worker]:
+def in_zone_of(candidates: Sequence[Worker], worker: Worker) -> Sequence[Worker]:
     """The candidates in ``worker``'s zone, or all of them when none is (or it has none): the
     second stage of a pair whose first was chosen alone (a native P/D decode, after its
     prefill; a continued stream's prefill, after its new decode worker)."""
