@@ -137,3 +137,32 @@ def test_a_continuations_prefill_is_picked_near_its_decode_worker() -> None:
         db = gw.registry.get("d3")
         picked = {gw.pipeline.pick("m", "p", RouteContext("m"), near=db).id for _ in range(8)}
         assert picked == ({"p1"} if placement == "joint" else {"p0", "p1"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 6), st.integers(0, 5000)),
+             min_size=1, max_size=6),
+    st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 6)), min_size=1, max_size=6),
+    st.integers(1, 6000),
+    st.sampled_from([(100.0, 10.0), (100.0, 100.0), (10.0, 100.0)]),
+)  # fmt: skip
+def test_the_chosen_pair_costs_what_the_cheapest_of_all_pairs_costs(ps, ds, tokens, gbps) -> None:
+    """Against brute force over every (prefill, eligible decode) pair: the O(P + zones) search
+    finds a pair of the least cost, and its decode worker is an eligible one."""
+    prefills = [worker(f"p{i}", "p", z, n) for i, (z, n, _) in enumerate(ps)]
+    decodes = [worker(f"d{i}", "d", z, n) for i, (z, n) in enumerate(ds)]
+    hits = {f"p{i}": h for i, (_, _, h) in enumerate(ps)}
+    pl = placement(same_zone_gbps=gbps[0], cross_zone_gbps=gbps[1])
+    pair = pl.choose("m", prefills, decodes, tokens, lambda w: hits[w.id], prefills[0])
+    total = sum(d.in_flight for d in decodes)
+    bound = -(-1.25 * (total + 1) // len(decodes))
+    eligible = [d for d in decodes if d.in_flight < bound] or decodes
+    assert pair.decode in eligible
+
+    def cost(p: Worker, d: Worker) -> float:
+        transfer = tokens * 100_000 / ((gbps[0] if p.zone == d.zone else gbps[1]) * GB)
+        return max(0, tokens - hits[p.id]) / 10_000.0 + transfer
+
+    best = min(cost(p, d) for p in prefills for d in eligible)
+    assert abs(cost(pair.prefill, pair.decode) - best) < 1e-9

@@ -15,7 +15,8 @@ predict none, so every prefill computes the whole prompt), the prefill speed lea
 prefill legs the gateway times (queued + computed tokens over the leg's duration), and decode
 workers kept within ``bounded_load_factor`` of their mean load (a decode worker's TTFT share is
 small, but piling pairs onto the nearest one would slow every stream it decodes). Only the
-least loaded decode worker of each zone is paired, so a decision costs O(prefills x zones).
+least loaded decode worker of each zone is paired, and a transfer costs the same to any other
+zone, so a decision costs O(prefills + zones).
 
 A fleet whose workers name no zones (or one) has nothing to weigh: the stage policies choose
 as in independent placement, and this module is not asked.
@@ -97,20 +98,30 @@ class Placement:
         policy's own choice, which wins ties."""
         speed = self.speed.get(model, self.default_speed)
         bpt = self.kv_bytes_per_token(model) * tokens
+        same_s, cross_s = bpt / self.same_bps, bpt / self.cross_bps
         by_zone = self._decoders(decodes)
+        # a prefill's best partner is its own zone's decode worker or, across zones, the least
+        # loaded of the others (the transfer costs the same to any other zone): O(P + zones)
+        ranked = sorted(by_zone.items(), key=lambda zw: zw[1].in_flight)
         best: Pair | None = None
         best_key: tuple[float, int, int] = (math.inf, 0, 0)
-        queued = self.queued
+        least = min(same_s, cross_s)
+        queued = self.queued.get
         for pw in prefills:
             hit = cached(pw) or 0
-            compute = max(0, tokens - hit)
-            prefill_s = (queued.get(pw.id, 0) + compute) / speed
-            for zone, dw in by_zone.items():
-                transfer_s = bpt / (self.same_bps if zone == pw.zone else self.cross_bps)
-                key = (prefill_s + transfer_s, pw is not preferred, pw.in_flight)
-                if key < best_key:
-                    best_key = key
-                    best = Pair(pw, dw, prefill_s, transfer_s)
+            prefill_s = (queued(pw.id, 0) + (tokens - hit if tokens > hit else 0)) / speed
+            if prefill_s + least > best_key[0]:
+                continue  # cannot win, whatever its partner
+            tie = (pw is not preferred, pw.in_flight)
+            home = by_zone.get(pw.zone)
+            if home is not None and (prefill_s + same_s, *tie) < best_key:
+                best_key = (prefill_s + same_s, *tie)
+                best = Pair(pw, home, prefill_s, same_s)
+            if (prefill_s + cross_s, *tie) < best_key:
+                away = next((dw for zone, dw in ranked if zone != pw.zone), None)
+                if away is not None:
+                    best_key = (prefill_s + cross_s, *tie)
+                    best = Pair(pw, away, prefill_s, cross_s)
         assert best is not None  # prefills and decodes are never empty
         self.pairs["same" if best.prefill.zone == best.decode.zone else "cross"] += 1
         return best
