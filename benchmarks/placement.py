@@ -41,6 +41,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,62 @@ async def run_one(
     return result
 
 
+def decision_cost(n: int, decisions: int = 3000) -> dict[str, float]:
+    """The pair decision alone, µs per request (median of 3 interleaved runs): independent
+    (cache_aware chooses the prefill, least_load the decode) against joint (the same prefill
+    choice for its predictions, then the pair), on ``n`` prefill and ``n`` decode workers in two
+    zones, with routing_decision.py's workload (shared 1k-token system prompt, 2k-token
+    conversations) warmed into the prefill index."""
+    from lmgw.routing.policy import RouteContext
+    from lmgw.routing.registry import make_policy
+    from lmgw.workers.registry import Registry
+    from lmgw.workers.worker import Worker, WorkerState
+    from routing_decision import Workload, warm
+
+    reg = Registry()
+    for role in ("p", "d"):
+        for i in range(n):
+            w = reg.add(Worker(f"{role}{i}", f"http://10.0.{int(role == 'd')}.{i}:8000", role,
+                               frozenset({"m"})))  # fmt: skip
+            w.zone = f"z{i % 2}"
+            reg.set_state(w, WorkerState.HEALTHY)
+    prefills, decodes = reg.candidates("m", "p"), reg.candidates("m", "d")
+    cfg = RoutingConfig()
+    pol_p, pol_d = make_policy("cache_aware", cfg), make_policy("least_load", cfg)
+    work = Workload(2048, 1)
+    warm(pol_p, prefills, work)
+    pl = __import__("lmgw.routing.placement", fromlist=["Placement"]).Placement(
+        same_zone_gbps=100.0, cross_zone_gbps=12.5, prefill_tokens_per_s=20000.0,
+        bounded_load_factor=1.25, kv_bytes_per_token=lambda model: 131072,
+    )  # fmt: skip
+    rng = random.Random(2)
+
+    def run(joint: bool) -> float:
+        ctxs: list[RouteContext] = [work.ctx(i) for i in range(decisions)]
+        for w in (*prefills, *decodes):
+            w.in_flight = rng.randrange(5)
+        t0 = time.perf_counter()
+        for ctx in ctxs:
+            first = pol_p.choose(prefills, ctx)
+            if joint:
+                n_tok = len(ctx.tokens)
+                hits = pol_p.predicted_cached_by_worker(prefills, ctx)
+                pair = pl.choose("m", prefills, decodes, n_tok, hits, first)
+                pl.dispatched(ctx, pair, n_tok, 0)
+                pl.release(ctx)
+            else:
+                pol_d.choose(decodes, ctx)
+        return (time.perf_counter() - t0) / decisions * 1e6
+
+    run(False), run(True)  # warm-up: caches, allocator
+    runs: dict[str, list[float]] = {"independent": [], "joint": []}
+    for _ in range(3):
+        for name in ("independent", "joint"):
+            runs[name].append(run(name == "joint"))
+    ind, jnt = (statistics.median(runs[k]) for k in ("independent", "joint"))
+    return {"workers": n, "independent_us": ind, "joint_us": jnt, "ratio": jnt / ind}
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (f"{'workload':<10}{'system':<16}{'TTFT p50':>10}{'p99':>8}{'cross':>7}"
             f"{'xfer':>7}{'hit':>6}{'err':>5}")  # fmt: skip
@@ -195,6 +252,13 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    costs = [decision_cost(n) for n in (8, 64)]
+    for c in costs:
+        log(f"pair decision, {c['workers']}p + {c['workers']}d in 2 zones: independent"
+            f" {c['independent_us']:.1f} µs, joint {c['joint_us']:.1f} µs"
+            f" ({c['ratio']:.2f}x)")  # fmt: skip
+    if args.decision_only:
+        return {"runs": [], "decision": costs}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model_dir = await trio.to_thread.run_sync(model_files.default_model_dir)
     worker_args = ["--serial-prefill", "--kv-bytes-per-token", str(args.kv_bytes_per_token),
@@ -211,7 +275,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 for name in args.systems.split(","):
                     r = await run_one(SYSTEMS[name], workload, fleet, args)
                     results.append({**r, "repeat": rep})
-    return {"runs": results}
+    return {"runs": results, "decision": costs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,11 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="sysprompt,control")
     ap.add_argument("--systems", default="independent,joint")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--decision-only", action="store_true", help="only the decision's cost")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.repeats = 8.0, 1
     out = trio.run(main_async, args)
     runs = out["runs"]
+    for c in out["decision"]:
+        print(f"pair decision {c['workers']}p+{c['workers']}d: independent"
+              f" {c['independent_us']:.1f} µs, joint {c['joint_us']:.1f} µs,"
+              f" joint/independent {c['ratio']:.2f}x")  # fmt: skip
+    if not runs:
+        return 0
     print(table(runs))
     rat = ratios(runs) if "joint" in args.systems and "independent" in args.systems else {}
     for wl, r in rat.items():
@@ -242,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "platform": platform.platform()},
         "args": {k: v for k, v in vars(args).items()}, "runs": runs, "ratios": rat,
+        "decision": out["decision"],
     }, indent=1) + "\n")  # fmt: skip
     print(f"wrote {OUT_JSON}")
     return 0

@@ -31,7 +31,7 @@ def test_a_pair_stays_in_its_zone_when_prefill_costs_are_equal() -> None:
     da, db = worker("da", "d", "a"), worker("db", "d", "b")
     pl = placement()
     for preferred in (pa, pb):
-        pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: None, preferred)
+        pair = pl.choose("m", [pa, pb], [da, db], 4000, {}, preferred)
         assert pair.prefill is preferred  # the prefill policy's choice wins the tie
         assert pair.decode.zone == pair.prefill.zone
         assert pair.transfer_s == 4000 * 100_000 / (100 * GB)
@@ -43,12 +43,12 @@ def test_a_cache_hit_worth_more_than_the_transfer_wins_and_brings_its_zone() -> 
     da, db = worker("da", "d", "a"), worker("db", "d", "b")
     pl = placement()
     hits = {"pb": 3000}  # 0.3 s of prefill saved on pb
-    pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: hits.get(w.id), pa)
+    pair = pl.choose("m", [pa, pb], [da, db], 4000, hits, pa)
     assert (pair.prefill, pair.decode) == (pb, db)
     # a small hit is not worth a cross-zone move, nor a queue: the pair is the other zone's
     hits = {"pb": 3000}
     pl.queued["pb"] = 8000
-    pair = pl.choose("m", [pa, pb], [da, db], 4000, lambda w: hits.get(w.id), pb)
+    pair = pl.choose("m", [pa, pb], [da, db], 4000, hits, pb)
     assert (pair.prefill, pair.decode) == (pa, da)
 
 
@@ -56,7 +56,7 @@ def test_the_kv_transfer_decides_when_only_one_zone_has_a_free_decoder() -> None
     pa = worker("pa", "p", "a")
     da, db = worker("da", "d", "a", in_flight=9), worker("db", "d", "b", in_flight=0)
     pl = placement()
-    pair = pl.choose("m", [pa], [da, db], 2000, lambda w: None, pa)
+    pair = pl.choose("m", [pa], [da, db], 2000, {}, pa)
     # da is above 1.25x the mean decode load: the pair pays the cross-zone transfer
     assert pair.decode is db and pair.transfer_s == 2000 * 100_000 / (10 * GB)
 
@@ -65,7 +65,7 @@ def test_equal_decoders_of_a_zone_share_the_pairs() -> None:
     pa = worker("pa", "p", "a")
     ds = [worker(f"d{i}", "d", "a") for i in range(3)]
     pl = placement()
-    chosen = {pl.choose("m", [pa], ds, 100, lambda w: None, pa).decode.id for _ in range(6)}
+    chosen = {pl.choose("m", [pa], ds, 100, {}, pa).decode.id for _ in range(6)}
     assert chosen == {"d0", "d1", "d2"}
 
 
@@ -80,7 +80,7 @@ def test_the_prefill_speed_is_learned_from_timed_legs() -> None:
     pl = placement()
     for _ in range(60):
         ctx = RouteContext("m")
-        pair = pl.choose("m", [pa], [da], 5000, lambda w: None, pa)
+        pair = pl.choose("m", [pa], [da], 5000, {}, pa)
         pl.dispatched(ctx, pair, 5000, 0)
         pl.prefill_done(ctx, "m", 0.1, ok=True)  # 50k tokens/s
     assert 45_000 < pl.speed["m"] < 50_000
@@ -103,7 +103,7 @@ def test_queued_tokens_return_to_zero_after_any_mix_of_endings(ops) -> None:
     live: list[RouteContext] = []
     for who, how, tokens in ops:
         ctx = RouteContext("m")
-        pair = pl.choose("m", ps, ds, tokens, lambda w: None, ps[who])
+        pair = pl.choose("m", ps, ds, tokens, {}, ps[who])
         pl.dispatched(ctx, pair, tokens, 0)
         live.append(ctx)
         if how == 1:
@@ -154,7 +154,7 @@ def test_the_chosen_pair_costs_what_the_cheapest_of_all_pairs_costs(ps, ds, toke
     decodes = [worker(f"d{i}", "d", z, n) for i, (z, n) in enumerate(ds)]
     hits = {f"p{i}": h for i, (_, _, h) in enumerate(ps)}
     pl = placement(same_zone_gbps=gbps[0], cross_zone_gbps=gbps[1])
-    pair = pl.choose("m", prefills, decodes, tokens, lambda w: hits[w.id], prefills[0])
+    pair = pl.choose("m", prefills, decodes, tokens, hits, prefills[0])
     total = sum(d.in_flight for d in decodes)
     bound = -(-1.25 * (total + 1) // len(decodes))
     eligible = [d for d in decodes if d.in_flight < bound] or decodes

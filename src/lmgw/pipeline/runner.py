@@ -254,11 +254,9 @@ class Pipeline:
         if placement is None or not self._zoned(prefills, decodes):
             return preferred, self.policies["d"].choose(decodes, ctx)
         tokens = len(ctx.tokens) if ctx.tokens is not None else body_bytes // 4
-        predicted = policy.predicted_cached_tokens
-        pair = placement.choose(
-            model, prefills, decodes, tokens, lambda w: predicted(w, ctx), preferred
-        )
-        cached = predicted(pair.prefill, ctx) or 0
+        hits = policy.predicted_cached_by_worker(prefills, ctx)
+        pair = placement.choose(model, prefills, decodes, tokens, hits, preferred)
+        cached = hits.get(pair.prefill.id, 0)
         placement.dispatched(ctx, pair, tokens, cached)
         same = pair.prefill.zone == pair.decode.zone
         if self.route_header:

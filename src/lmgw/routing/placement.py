@@ -25,7 +25,7 @@ as in independent placement, and this module is not asked.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -90,12 +90,12 @@ class Placement:
         prefills: Sequence[Worker],
         decodes: Sequence[Worker],
         tokens: int,
-        cached: Callable[[Worker], int | None],
+        cached: Mapping[str, int],
         preferred: Worker | None = None,
     ) -> Pair:
         """The cheapest (prefill, decode) pair for a prompt of ``tokens`` tokens. ``cached``:
-        the prefill policy's predicted cached tokens per worker; ``preferred``: the prefill
-        policy's own choice, which wins ties."""
+        the prefill policy's predicted cached tokens by worker id (absent: none);
+        ``preferred``: the prefill policy's own choice, which wins ties."""
         speed = self.speed.get(model, self.default_speed)
         bpt = self.kv_bytes_per_token(model) * tokens
         same_s, cross_s = bpt / self.same_bps, bpt / self.cross_bps
@@ -106,9 +106,9 @@ class Placement:
         best: Pair | None = None
         best_key: tuple[float, int, int] = (math.inf, 0, 0)
         least = min(same_s, cross_s)
-        queued = self.queued.get
+        queued, hits = self.queued.get, cached.get
         for pw in prefills:
-            hit = cached(pw) or 0
+            hit = hits(pw.id, 0)
             prefill_s = (queued(pw.id, 0) + (tokens - hit if tokens > hit else 0)) / speed
             if prefill_s + least > best_key[0]:
                 continue  # cannot win, whatever its partner

@@ -10,7 +10,7 @@ Every hook has a no-op default, so a policy written against an older interface k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -170,6 +170,19 @@ class Policy:
         """Prompt tokens the policy expected ``worker`` to have cached for ``ctx``'s request
         (for the precision audit); None when the policy makes no such prediction."""
         return None
+
+    def predicted_cached_by_worker(
+        self, candidates: Sequence[Worker], ctx: RouteContext
+    ) -> Mapping[str, int]:
+        """:meth:`predicted_cached_tokens` of every candidate at once, after ``choose`` for
+        ``ctx``: worker id -> tokens, workers with none left out (joint P/D placement weighs
+        every prefill worker). Override it when one call can be cheaper than one per worker."""
+        out = {}
+        for w in candidates:
+            tokens = self.predicted_cached_tokens(w, ctx)
+            if tokens:
+                out[w.id] = tokens
+        return out
 
     def route_info(self, ctx: RouteContext | None = None) -> RouteInfo | None:
         """The decision made for ``ctx`` (or the last one), when the policy records it."""

@@ -210,6 +210,7 @@ class CacheAware(Policy):
         self._index = mod.PrefixIndex(budget_bytes)
         self._memo_key = ("prefix", block_size, self.max_blocks)
         self._slots: dict[str, int] = {}  # worker id -> slot in the index
+        self._slot_ids: dict[int, str] = {}  # and back
         self._free: list[int] = []  # released slots, reused lowest first
         self._next_slot = 0
         self._views: dict[tuple[Worker, ...], _View] = {}
@@ -329,6 +330,7 @@ class CacheAware(Policy):
             if slot < 0:
                 return -1
             self._slots[wid] = slot
+            self._slot_ids[slot] = wid
             self._rcount[0] += 1  # a worker with no recent dispatch
             self._rmin = 0
         return slot
@@ -741,6 +743,8 @@ class CacheAware(Policy):
 
     def on_worker_removed(self, worker: Worker) -> None:
         slot = self._slots.pop(worker.id, None)
+        if slot is not None and self._slot_ids.get(slot) == worker.id:
+            del self._slot_ids[slot]
         self._exact.discard(worker.id)
         self._picked.pop(worker.id, None)
         if slot is not None:
@@ -858,6 +862,16 @@ class CacheAware(Policy):
             return None
         slot = self._slots.get(worker.id, -1)
         return min(decision.depths.get(slot, 0), decision.usable) * self.block_size
+
+    def predicted_cached_by_worker(
+        self, candidates: Sequence[Worker], ctx: RouteContext
+    ) -> dict[str, int]:
+        """Only the workers the decision matched (its depths), not one look-up per worker."""
+        decision = self._decision(ctx)
+        if decision is None:
+            return {}
+        ids, usable, bs = self._slot_ids, decision.usable, self.block_size
+        return {ids[s]: min(d, usable) * bs for s, d in decision.depths.items() if s in ids}
 
     def route_info(self, ctx: RouteContext | None = None) -> RouteInfo | None:
         decision = self._decision(ctx)
