@@ -166,3 +166,27 @@ def test_the_chosen_pair_costs_what_the_cheapest_of_all_pairs_costs(ps, ds, toke
 
     best = min(cost(p, d) for p in prefills for d in eligible)
     assert abs(cost(pair.prefill, pair.decode) - best) < 1e-9
+
+
+def test_cache_aware_predicts_every_worker_at_once_as_one_by_one() -> None:
+    """``predicted_cached_by_worker`` (one call, the matched workers only) agrees with
+    ``predicted_cached_tokens`` asked of each worker, also after a worker left."""
+    from lmgw.config import RoutingConfig
+    from lmgw.routing.registry import make_policy
+
+    policy = make_policy("cache_aware", RoutingConfig())
+    ws = [worker(f"p{i}", "p", None) for i in range(5)]
+    shared = list(range(1000, 1600))
+    for i, w in enumerate(ws[:3]):  # three workers hold growing prefixes of one prompt
+        ctx = RouteContext("m", f"warm{i}", tokens=shared[: 200 * (i + 1)])
+        policy.choose(ws, ctx)
+        policy.on_dispatch(w, ctx)
+        policy.on_finish(w, ctx, True)
+    policy.on_worker_removed(ws[0])
+    for candidates in (ws[1:], ws[2:]):
+        ctx = RouteContext("m", "q", tokens=[*shared, 7, 8, 9])
+        policy.choose(candidates, ctx)
+        at_once = policy.predicted_cached_by_worker(candidates, ctx)
+        one_by_one = {w.id: policy.predicted_cached_tokens(w, ctx) or 0 for w in candidates}
+        assert {k: v for k, v in one_by_one.items() if v} == at_once
+        assert at_once  # the prefix holders are predicted
