@@ -172,7 +172,9 @@ def test_cache_aware_predicts_every_worker_at_once_as_one_by_one() -> None:
     """``predicted_cached_by_worker`` (one call, the matched workers only) agrees with
     ``predicted_cached_tokens`` asked of each worker, also after a worker left."""
     from lmgw.config import RoutingConfig
+    from lmgw.routing.lora_affinity import LoraAffine
     from lmgw.routing.registry import make_policy
+    from lmgw.routing.shadow import Shadowed, ShadowMetrics
 
     policy = make_policy("cache_aware", RoutingConfig())
     ws = [worker(f"p{i}", "p", None) for i in range(5)]
@@ -190,3 +192,13 @@ def test_cache_aware_predicts_every_worker_at_once_as_one_by_one() -> None:
         one_by_one = {w.id: policy.predicted_cached_tokens(w, ctx) or 0 for w in candidates}
         assert {k: v for k, v in one_by_one.items() if v} == at_once
         assert at_once  # the prefix holders are predicted
+        # the wrappers (LoRA affinity, shadow policies) answer with the policy they wrap
+        shadowed = Shadowed("p", policy, [make_policy("round_robin", RoutingConfig())],
+                            ShadowMetrics())  # fmt: skip
+        for wrapper in (LoraAffine(policy), shadowed):
+            assert wrapper.predicted_cached_by_worker(candidates, ctx) == at_once
+    # a policy that predicts nothing: an empty map, from the default hook
+    rr = make_policy("round_robin", RoutingConfig())
+    ctx = RouteContext("m", "r", tokens=shared)
+    rr.choose(ws[1:], ctx)
+    assert rr.predicted_cached_by_worker(ws[1:], ctx) == {}

@@ -18,7 +18,7 @@ policy (``routing.lora_affinity``), like the shadows do, so the pipeline does no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .policy import Policy, RouteContext, RouteInfo
@@ -121,6 +121,11 @@ class LoraAffine(Policy):
         self, worker: Worker, ctx: RouteContext | None = None
     ) -> int | None:
         return self.inner.predicted_cached_tokens(worker, ctx)
+
+    def predicted_cached_by_worker(
+        self, candidates: Sequence[Worker], ctx: RouteContext
+    ) -> Mapping[str, int]:
+        return self.inner.predicted_cached_by_worker(candidates, ctx)
 
     def route_info(self, ctx: RouteContext | None = None) -> RouteInfo | None:
         return self.inner.route_info(ctx)

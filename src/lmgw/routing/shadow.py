@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import Counter, Gauge
@@ -206,6 +206,11 @@ class Shadowed(Policy):
         self, worker: Worker, ctx: RouteContext | None = None
     ) -> int | None:
         return self.active.predicted_cached_tokens(worker, ctx)
+
+    def predicted_cached_by_worker(
+        self, candidates: Sequence[Worker], ctx: RouteContext
+    ) -> Mapping[str, int]:
+        return self.active.predicted_cached_by_worker(candidates, ctx)
 
     def route_info(self, ctx: RouteContext | None = None) -> RouteInfo | None:
         return self.active.route_info(ctx)
