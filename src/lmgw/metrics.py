@@ -196,6 +196,18 @@ class Metrics:
             " whether the pair shares a zone (same_zone) or moves its KV across (cross_zone).",
             ("model", "zones"),
         )
+        self.placement_speed = Gauge(
+            "lmgw_placement_prefill_tokens_per_second",
+            "Joint P/D placement's learned prefill speed per model (queued plus computed tokens"
+            " over the prefill legs' durations), read at scrape time.",
+            ("model",),
+        )
+        self.placement_queued = Gauge(
+            "lmgw_placement_queued_tokens",
+            "Prompt tokens joint P/D placement counts as queued on each prefill worker (sent,"
+            " prefill not done), read at scrape time.",
+            ("worker",),
+        )
         self.tokenizer_parity = Gauge(
             "lmgw_tokenizer_parity",
             "1 when the gateway's template+tokenizer give the worker's prompt tokens exactly,"
@@ -252,7 +264,8 @@ class Metrics:
             self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
             self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
-            self.placements, self.tokenizer_parity, self.routing_predicted, self.routing_reported,
+            self.placements, self.placement_speed, self.placement_queued,
+            self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip

@@ -87,6 +87,7 @@ async def test_joint_placement_keeps_every_pair_in_one_zone(nursery: trio.Nurser
     text = (await http_request(url, "GET", "/metrics")).body.decode()
     sample = f'lmgw_placement_pairs_total{{model="{MODEL}",zones="same_zone"}}'
     assert metric_value(text, sample) == N
+    assert "lmgw_placement_queued_tokens{worker=" not in text  # every prefill is done
     workers = (await http_request(url, "GET", "/admin/workers")).json()["data"]
     assert {w["zone"] for w in workers} == {"z0", "z1"}
     nursery.cancel_scope.cancel()

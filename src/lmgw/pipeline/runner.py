@@ -186,6 +186,11 @@ class Pipeline:
                 bounded_load_factor=rc.bounded_load_factor,
                 kv_bytes_per_token=lambda model: per_model.get(model, rc.kv_bytes_per_token),
             )
+            pl = self.placement
+            metrics.placement_speed.collect = lambda: [((m,), v) for m, v in pl.speed.items()]
+            metrics.placement_queued.collect = lambda: [
+                ((w,), float(n)) for w, n in sorted(pl.queued.items())
+            ]
 
     def _check_workers(self, cfg: GatewayConfig) -> None:
         """Refuse to start with a configured worker that a model's dialect cannot name on the
