@@ -268,7 +268,7 @@ async def run_fleet(
 
     ``zones`` > 0 spreads each role's workers over that many KV-transfer zones (``z0``,
     ``z1``, ...: the k-th worker of a role in ``z{k % zones}``; ``--zone``, and
-    ``FleetMember.zone`` for the gateway's ``workers[].zone``; HTTP workers only).
+    ``FleetMember.zone`` for the gateway's ``workers[].zone``; native workers announce it).
 
     ``transport="zmq"`` starts native workers (``python -m lmgw.worker --engine sim``, the same
     engine behind the native protocol; members' URLs are ``zmq+tcp://``). They take no
@@ -334,7 +334,7 @@ async def run_fleet(
                         own = []
                         if transport == "http" and not _has_flag(args, "--fault-seed"):
                             own = ["--fault-seed", str(index)]
-                        if zones > 0 and transport == "http":
+                        if zones > 0:
                             own += ["--zone", f"z{k % zones}"]
                         cmd = worker_command(
                             role,

@@ -617,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="spread each role's workers over N KV-transfer zones (z0, z1, ...): P/D workers"
-        " model moving KV between zones, and the gateway places P/D pairs jointly",
+        help="spread each role's workers over N KV-transfer zones (z0, z1, ...): the gateway"
+        " places P/D pairs jointly, and HTTP P/D workers model moving KV between zones",
     )
     p_sim.add_argument(
         "--kv-bytes-per-token",

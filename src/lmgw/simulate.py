@@ -264,11 +264,9 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
     zones = getattr(args, "zones", 0) or 0
-    if zones:
-        if transport == "zmq":
-            log.error("--zones is for HTTP workers (the simulated vLLM P/D hand-offs)")
-            return 2
-        # the p and d workers model their KV transfers between zones at this size
+    if zones and transport == "http":
+        # the p and d workers model their KV transfers between zones at this size (native
+        # workers hand KV off in the protocol: their zones steer placement, without a model)
         for role in ("p", "d"):
             if role in counts:
                 roles_args.setdefault(role, []).extend(
