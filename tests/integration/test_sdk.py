@@ -366,8 +366,8 @@ async def admin_calls(flavor: Flavor, sims: SimThread) -> None:
         fast = sims.urls["fast"]
         assert [w["id"] for w in gw.workers] == [fast]
         assert gw.workers[0]["state"] == "healthy" and gw.workers[0]["source"] == "static"
-        added = await maybe(gw.add_worker(sims.urls["slow"], "pd", id="slow"))
-        assert added["id"] == "slow" and added["role"] == "merged"
+        added = await maybe(gw.add_worker(sims.urls["slow"], "pd", id="slow", zone="node-b"))
+        assert added["id"] == "slow" and added["role"] == "merged" and added["zone"] == "node-b"
         with pytest.raises(lmgw.Conflict):
             await maybe(gw.add_worker(sims.urls["slow"], id="slow"))
         with pytest.raises(lmgw.BadRequest):
