@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 # xgrammar (vLLM's structured-output backend) without its dependencies (torch): the tests
 # compare lmgw's JSON-schema grammars with its compiler, in a subprocess with a torch stand-in.
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 from gateway_support import RawResponse, http_request, open_stream, request_bytes
+from test_sim_disagg import NIXL_PREFILL  # the prefill leg's kv_transfer_params, as on the wire
 
 from lmgw.simulators import SimWorker, WorkerOptions, serve_worker_inprocess
 from lmgw.simulators.faults import Faults
@@ -25,14 +26,6 @@ MODEL = "sim-model"
 PATH = "/v1/chat/completions"
 LONG = "Summarise the history of the Roman empire in a few short sentences, please. " * 4
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": LONG}], "max_tokens": 4}
-NIXL_PREFILL = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 BYTES_PER_TOKEN = 1_000_000
 SAME_GBPS, CROSS_GBPS = 20.0, 2.0
 """About 100 transferred tokens: 5 ms same-zone, 50 ms cross-zone (at speed 1)."""
