@@ -311,7 +311,8 @@ async def run_fleet(
     errors: list[str] = []
     own_ec_dir: str | None = None
     own_lmcache_dir: str | None = None
-    pooled = _flag_value(extra_args, "--handoff") == "pool"  # embeddings go to the cache pool
+    # embeddings go to the cache pool or through the gateway: no shared directory
+    pooled = _flag_value(extra_args, "--handoff") in ("pool", "gateway")
     if counts.get("e", 0) > 0 and not _has_flag(extra_args, "--ec-dir") and not pooled:
         own_ec_dir = tempfile.mkdtemp(prefix="lmgw-sim-ec-")
         fleet.ec_dir = own_ec_dir

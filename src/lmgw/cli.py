@@ -607,10 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sim.add_argument(
         "--handoff",
-        choices=("direct", "pool"),
+        choices=("direct", "pool", "gateway"),
         default="direct",
         help="how workers hand off encoder outputs and KV: direct (side channel, shared"
-        " directory) or pool (the cache pool: Redis with --redis, else shared memory)",
+        " directory), pool (the cache pool: Redis with --redis, else shared memory) or gateway"
+        " (--transport zmq: tensor frames through the gateway)",
     )
     p_sim.add_argument(
         "--zones",

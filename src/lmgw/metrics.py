@@ -386,10 +386,18 @@ class Metrics:
             "Requests a worker's engine reports running or waiting, at the last scrape.",
             ("role", "worker", "state"),
         )
+        self.handoff_bytes = Counter(
+            "lmgw_handoff_bytes_total",
+            "Hand-off bytes that native workers sent through the gateway (kind: kv, a"
+            " prefill's KV on its way to the decode worker; embeddings, an encoder's outputs on"
+            " their way to the prompt stage). Hand-offs through a side channel or shared"
+            " storage are not counted.",
+            ("kind",),
+        )
         for metric in (self.queue_time, self.encoder_cache_lookups, self.cache_hits,
                        self.cache_queries, self.routing_decisions, self.pool_events,
                        self.pool_connections, self.worker_transitions, self.worker_kv_usage,
-                       self.worker_engine_requests):  # fmt: skip
+                       self.worker_engine_requests, self.handoff_bytes):  # fmt: skip
             self.add(metric)
 
     def metric(self, name: str) -> Counter | Gauge | Histogram | None:

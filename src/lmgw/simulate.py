@@ -19,7 +19,8 @@ replica discovers it (``discovery.redis_url``), the replicas share routing hints
 verdicts (``[replicas]``), and their cache pools have a Redis tier (``[cache]``: memory, redis),
 so an image one replica had encoded skips E on the others. ``--handoff pool`` makes the workers
 hand encoder outputs and KV blocks through the cache pool (Redis with ``--redis``, else this
-host's shared memory) instead of their side channel.
+host's shared memory) instead of their side channel; with ``--transport zmq``, ``--handoff
+gateway`` sends them through the gateway as tensor frames (no shared directory).
 
 ``--kv-events`` starts every worker with a prefix cache (all but encoders) with a KV event
 publisher (``--kv-events tcp://127.0.0.1:0``, vLLM's wire format) and gives each its endpoint as
@@ -233,6 +234,10 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     if (redis_arg is not None or handoff == "pool") and transport == "zmq":
         log.error("--redis and --handoff pool are for HTTP workers")
         return 2
+    if handoff == "gateway" and transport != "zmq":
+        log.error("--handoff gateway is for native workers (--transport zmq): HTTP dialects"
+                  " hand off through the engines' own connectors")  # fmt: skip
+        return 2
     dialect = None
     if transport == "zmq":
         if getattr(args, "dialect", None):
@@ -282,6 +287,8 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 return 2
         shm_name = f"lmgw-sim-{os.getpid()}" if handoff == "pool" and not redis_url else None
         extra: list[str] = []
+        if handoff == "gateway":
+            extra = ["--handoff", "gateway"]
         if handoff == "pool":
             extra = ["--handoff", "pool"]
             if redis_url:

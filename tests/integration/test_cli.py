@@ -200,13 +200,15 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
 
 
 @pytest.mark.slow
-def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
+@pytest.mark.parametrize("handoff", ["direct", "gateway"])
+def test_simulate_over_zmq_serves_a_chat_with_an_image(handoff: str) -> None:
     """`lmgw simulate --transport zmq`: native workers, the image through E as a tensor frame,
-    P -> D over the protocol; SIGTERM leaves no worker behind."""
+    P -> D over the protocol; SIGTERM leaves no worker behind. ``--handoff gateway``: the
+    embedding and the KV come back through the gateway (its metrics count them)."""
     before = native_worker_pids()
     proc = subprocess.Popen(
         [*LMGW, "simulate", "--workers", "1e1p1d", "--transport", "zmq", "--port", "0",
-         "--speed", "inf", "--log-level", "warning"],
+         "--speed", "inf", "--log-level", "warning", "--handoff", handoff],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -258,6 +260,14 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert json.load(resp)["choices"][0]["finish_reason"] in ("stop", "length")
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        relayed = re.findall(r'^lmgw_handoff_bytes_total\{kind="(\w+)"\} (\S+)$', metrics, re.M)
+        if handoff == "gateway":
+            assert dict(relayed)["embeddings"] != "0", metrics
+            assert "kv" in dict(relayed)
+        else:
+            assert not relayed
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -266,6 +276,15 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image() -> None:
             proc.wait()
     time.sleep(0.2)
     assert workers & native_worker_pids() == set(), "native workers outlived lmgw simulate"
+
+
+def test_simulate_handoff_gateway_needs_native_workers() -> None:
+    out = subprocess.run(
+        [*LMGW, "simulate", "--workers", "1p1d", "--handoff", "gateway", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--handoff gateway is for native workers (--transport zmq)" in out.stderr
 
 
 @pytest.mark.parametrize("server", ["native"])

@@ -258,6 +258,85 @@ async def test_every_flow_gives_the_http_simulators_text(
     assert sum(e.counters["embeddings_verified"] for e in prefill) == 2  # found in the EC dir
 
 
+@pytest.mark.parametrize("flow", ["p/d", "e+pd", "e+p+d"])
+async def test_handoffs_through_the_gateway_as_tensor_frames(
+    nursery: trio.Nursery, sim_worker, flow: str
+) -> None:
+    """Workers with no side channel and no shared encoder cache (``handoff="gateway"``): the
+    prefill's KV and the encoder's outputs come back to the gateway as tensor frames and go on
+    to the next stage (``Generate.kv_tensors``; the media item's tensor, with its hash), where
+    the simulator verifies them byte for byte. The same text as ever; nothing remembered for
+    a repeat, since only the request held the encoder output."""
+    engines: dict[str, list[Recording]] = {}
+    workers = []
+    for role, n in FLOWS[flow].items():
+        for _ in range(n):
+            engine, url = await start_worker(nursery, role, handoff="gateway")
+            engines.setdefault(role, []).append(engine)
+            workers.append((role, url))
+    gw, url = await start_gateway(nursery, gateway_config(workers, flow))
+    reference = await sim_worker(role="pd")
+    expected, _, _ = await run(chat, reference.url, TEXT_ONLY, False)
+    for stream in (False, True):
+        text, _, _ = await run(chat, url, TEXT_ONLY, stream)
+        assert text == expected, (flow, stream)
+    handoff = gw.metrics.handoff_bytes.values
+    if "d" in engines:
+        assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
+        assert handoff[("kv",)] > 0
+        assert all(n == 1 for e in engines["d"] for n in e.stage_tensors)  # the KV tensor
+
+    stages = [e for role in ("p", "d", "pd") for e in engines.get(role, [])]
+    seen = [len(e.stage_tensors) for e in stages]
+    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
+    for stream in (False, True):
+        text, _, _ = await run(chat, url, WITH_IMAGE, stream)
+        assert text == media_text, (flow, "media", stream)
+    if "e" not in engines:
+        return
+    prompt_stage = engines["p" if "p" in engines else "pd"]
+    assert sum(e.counters["embeddings_verified"] for e in prompt_stage) == 2  # from the tensor
+    assert len([rec for e in engines["e"] for rec in e.encoded]) == 2  # no copy kept: encoded again
+    assert handoff[("embeddings",)] > 0
+    tensors = [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
+    # P/PD: the embedding; D: the embedding and the KV
+    assert sorted(set(tensors)) == ([1, 2] if "d" in engines else [1]), tensors
+
+
+class WithoutKvTensors(Recording):
+    """A decode engine from a build before ``kv_tensors``."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return super().capabilities - {"kv_tensors"}
+
+
+async def test_kv_tensors_go_only_to_a_decode_worker_that_takes_them(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """A decode worker without the ``kv_tensors`` capability would ignore the hand-off: the
+    gateway sends the request to one that has it, or fails it with a 502 that says why."""
+    _, p = await start_worker(nursery, "p", handoff="gateway")
+    old = WithoutKvTensors(WorkerOptions(role="d", model=MODEL, speed=math.inf))
+    server = await nursery.start(WorkerServer(old, bind="tcp://127.0.0.1:0", control_bind=None).run)
+    d_old = "zmq+" + server.endpoint
+    new, d_new = await start_worker(nursery, "d")
+    _, url = await start_gateway(
+        nursery, gateway_config([("p", p), ("d", d_old), ("d", d_new)], "p/d")
+    )
+    expected, _, _ = await run(chat, (await sim_worker(role="pd")).url, TEXT_ONLY, False)
+    for stream in (False, True, False):  # round robin: the old decode is picked at least once
+        text, _, _ = await run(chat, url, TEXT_ONLY, stream)
+        assert text == expected
+    assert not old.stage_tensors and len(new.stage_tensors) == 3
+
+    _, url_old_only = await start_gateway(nursery, gateway_config([("p", p), ("d", d_old)], "p/d"))
+    with pytest.raises(openai.APIStatusError) as info:
+        await run(chat, url_old_only, TEXT_ONLY, False)
+    assert info.value.status_code == 502
+    assert "does not take a prefill's KV as tensor frames" in str(info.value)
+
+
 async def test_response_ids_and_shapes(nursery: trio.Nursery) -> None:
     _, w = await start_worker(nursery, "pd")
     _, url = await start_gateway(nursery, gateway_config([("pd", w)]))

@@ -66,6 +66,7 @@ from lmgw.simulators.disagg import derive_embedding, kv_block_payloads
 from lmgw.simulators.engine import Engine as MockEngine
 from lmgw.simulators.engine import EngineConfig, SamplingSpec, render_chat
 from lmgw.simulators.faults import Faults
+from lmgw.transport.tensors import unpack_tensors
 from lmgw.transport.zmq import ChannelState, RpcChannel, RpcError, ZmqSocket
 from lmgw.worker import (
     EncodeResult,
@@ -343,19 +344,26 @@ async def test_encode_returns_embeddings_as_payload_frames(
     pd_server = await start_server(nursery, ctx, pd_engine)
     media = [MediaItem("image", hash="aa" * 16), MediaItem("audio", url="https://x/a.wav")]
 
-    raw = Raw(ctx, e_server.endpoint)
-    try:
-        await raw.register()
-        await raw.send(Encode("enc-1", MODEL, media))
-        done, payload = await raw.recv()
-    finally:
-        raw.close()
-    assert isinstance(done, EncodeDone)
-    assert done.mm_hashes[0] == "aa" * 16 and len(done.mm_hashes) == 2
-    assert [bytes(f) for f in payload] == [
-        derive_embedding(done.mm_hashes[0], "image", 256),
-        derive_embedding(done.mm_hashes[1], "audio", 128),
-    ]
+    e_returns = await start_server(nursery, ctx, sim("e", handoff="gateway"))
+    expected = [derive_embedding("aa" * 16, "image", 256), None]
+    for server, returned in ((e_server, False), (e_returns, True)):
+        raw = Raw(ctx, server.endpoint)
+        try:
+            await raw.register()
+            await raw.send(Encode("enc-1", MODEL, media))
+            done, payload = await raw.recv()
+        finally:
+            raw.close()
+        assert isinstance(done, EncodeDone)
+        assert done.mm_hashes[0] == "aa" * 16 and len(done.mm_hashes) == 2
+        expected[1] = derive_embedding(done.mm_hashes[1], "audio", 128)
+        if not returned:  # kept in the shared directory, not sent
+            assert payload == [] and done.tensors == []
+            continue
+        # one uint8 tensor per item, in item order
+        arrays = unpack_tensors(done.tensors, payload)
+        assert [a.dtype.str for a in arrays] == ["|u1", "|u1"]
+        assert [a.tobytes() for a in arrays] == expected
 
     # the prefill/merged side checks what it is handed: by the shared store, or by tensor
     chan = await start_channel(nursery, ctx, pd_server.endpoint)

@@ -19,6 +19,8 @@ Properties (hypothesis):
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -627,6 +629,34 @@ def test_dangling_tensor_references_are_rejected() -> None:
         decode_frames(encode_frames(msg))
     ok = Encode("r", "m", media=[MediaItem("image", tensor=0)], tensors=[TensorRef(0, b"f32")])
     assert decode_frames(encode_frames(ok, [b"\0" * 16])).payload == [b"\0" * 16]
+    msg = Generate("r", "m", prompt="p", tensors=[TensorRef(0)], kv_tensors=[0, 1])
+    with pytest.raises(ProtocolError, match="KV tensor 1 missing"):
+        decode_frames(encode_frames(msg, [b"kv"]))
+
+
+def test_kv_tensors_are_a_trailing_field_an_older_build_ignores() -> None:
+    """``Generate.kv_tensors`` rides at the end of the array, so a decoder without the field
+    reads the rest unchanged (the gateway sends it only to workers that agreed on
+    ``kv_tensors``); a Generate without hand-off tensors reads back with none."""
+
+    class OldGenerate(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag=2):
+        request_id: str
+        model: str
+        prompt: str | None = None
+        prompt_token_ids: list[int] | None = None
+        params: Any = None
+        media: list[Any] = []
+        kv_transfer_params: dict[str, Any] | None = None
+        timeout_s: float | None = None
+        tensors: list[Any] = []
+        stream: bool = True
+
+    msg = Generate("r", "m", prompt_token_ids=[1, 2], tensors=[TensorRef(0)], kv_tensors=[0])
+    frames = encode_frames(msg, [b"kv"])
+    old = msgspec.msgpack.decode(frames[0][4:], type=OldGenerate)
+    assert (old.request_id, old.prompt_token_ids, old.stream) == ("r", [1, 2], True)
+    assert decode_frames(frames).msg.kv_tensors == [0]
+    assert decode_frames(encode_frames(Generate("r", "m", prompt="p"))).msg.kv_tensors == []
 
 
 # -- registration -----------------------------------------------------------------------------

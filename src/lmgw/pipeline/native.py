@@ -8,10 +8,12 @@ openai_synth`). The stages:
 
 * ``pd``: ``Generate`` on a merged worker;
 * ``p/d``: ``Prefill`` on P, then ``Generate`` on D with ``PrefillDone.kv_transfer_params``
-  relayed verbatim (the hand-off);
+  relayed verbatim (the hand-off), and the KV itself when P sent it through the gateway
+  (``PrefillDone.tensors``: the frames go on to D zero-copy, named by ``Generate.kv_tensors``);
 * ``e+pd`` / ``e+p+d``: first one ``Encode`` per media item (the decoded pixels, samples or
   frames as tensor frames, never base64) on the encoder its hash routes to; then the rest,
-  with the items named by hash only.
+  with the items named by hash (the encoder's shared storage holds their outputs), or by hash
+  and tensor when the encoder sent its output back (``EncodeDone.tensors``).
 
 ``n > 1`` and batched completion prompts run one child request per choice after the media
 stage, merged into one answer (:mod:`.fanout`).
@@ -64,6 +66,7 @@ from ..protocol.messages import (
     Delta,
     Drain,
     Encode,
+    EncodeDone,
     Exit,
     FailureCode,
     Finish,
@@ -71,6 +74,7 @@ from ..protocol.messages import (
     Prefill,
     PrefillDone,
     SamplingParams,
+    TensorRef,
 )
 from ..protocol.messages import MediaItem as WireMedia
 from ..routing.placement import in_zone_of
@@ -795,8 +799,11 @@ class NativeRunner:
         if not items:
             return
         if "e" in roles:
-            await self._encode(greq, items)
+            outputs = await self._encode(greq, items)
             job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
+            for i, (refs, payload) in sorted(outputs.items()):  # sent back: the item's tensor
+                (index,) = relay_tensors(job.tensors, job.payload, refs, payload)
+                job.media[i] = WireMedia(items[i].kind, hash=items[i].hash, tensor=index)
             return
         # no encoder stage: the prompt's first worker encodes the raw media itself (no hash:
         # a hashed item with a tensor would claim to be an encoder output)
@@ -858,8 +865,9 @@ class NativeRunner:
         route: RouteContext,
         msg: Any,
         payload: Sequence[Any] = (),
-    ) -> Any:
-        """One intermediate leg (Encode, Prefill) and its answer, accounted like a dispatch."""
+    ) -> tuple[Any, list[Any]]:
+        """One intermediate leg (Encode, Prefill): its answer and the answer's payload frames,
+        accounted like a dispatch."""
         p = self.p
         policy = p.policies[role]
         chan = worker.channel  # type: ignore[attr-defined]
@@ -870,7 +878,9 @@ class NativeRunner:
         try:
             for wire in _wire_ids(msg):
                 try:
-                    answer = await chan.call(wire, payload=payload, timeout=self.first_timeout_s)
+                    answer = await chan.call_with_payload(
+                        wire, payload=payload, timeout=self.first_timeout_s
+                    )
                     break
                 except ValueError:  # refused before sending: the id is in flight there
                     continue
@@ -929,10 +939,17 @@ class NativeRunner:
                 await p.backoff(attempt)
         raise AssertionError("unreachable")
 
-    async def _encode(self, greq: GatewayRequest, items: Sequence[Any]) -> None:
+    async def _encode(
+        self, greq: GatewayRequest, items: Sequence[Any]
+    ) -> dict[int, tuple[list[TensorRef], list[Any]]]:
         """One Encode per item not recently encoded, concurrently; each on the encoder its
-        hash routes to, with the item's tensor as a payload frame."""
+        hash routes to, with the item's tensor as a payload frame. Returns the outputs the
+        encoders sent back (item index -> ref and frame); an item's output kept by its encoder
+        (shared storage) is remembered, so a repeat skips E; one sent back is not, since the
+        gateway keeps no copy."""
         from ..transport.tensors import pack_tensors
+
+        outputs: dict[int, tuple[list[TensorRef], list[Any]]] = {}
 
         cache = self.p.disagg.encoded
         held = await cache.holding(greq.model, [item.hash for item in items])
@@ -963,15 +980,29 @@ class NativeRunner:
                 encoder[:] = [w.id]
                 return self._call(greq, w, "e", route, msg, frames)
 
-            await self._with_retries(greq, "e", route, leg)
-            await cache.remember(greq.model, item.hash, encoder[0] if encoder else "")
+            done, payload = await self._with_retries(greq, "e", route, leg)
+            if not isinstance(done, EncodeDone):
+                raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Encode")
+            if done.tensors:
+                if len(done.tensors) != 1:
+                    raise RpcError(
+                        FailureCode.PROTOCOL,
+                        f"an encoder sent {len(done.tensors)} outputs for one media item",
+                    )
+                outputs[i] = (done.tensors, payload)
+                self.p.metrics.handoff_bytes.inc(
+                    ("embeddings",), tensor_bytes(done.tensors, payload)
+                )
+            else:
+                await cache.remember(greq.model, item.hash, encoder[0] if encoder else "")
 
         if len(todo) == 1:
             await one(*todo[0])
-            return
-        async with trio.open_nursery() as nursery:
-            for i, item in todo:
-                nursery.start_soon(one, i, item)
+        elif todo:
+            async with trio.open_nursery() as nursery:
+                for i, item in todo:
+                    nursery.start_soon(one, i, item)
+        return outputs
 
     async def _prefill(
         self,
@@ -980,7 +1011,7 @@ class NativeRunner:
         route: RouteContext,
         prompt: list[int],
         params: SamplingParams,
-    ) -> dict[str, Any] | None:
+    ) -> _HandOff:
         msg = Prefill(
             greq.request_id,
             greq.model,
@@ -991,12 +1022,14 @@ class NativeRunner:
             tensors=job.tensors,
         )
 
-        async def leg(worker: Worker) -> dict[str, Any] | None:
-            done = await self._call(greq, worker, "p", route, msg, job.payload)
+        async def leg(worker: Worker) -> _HandOff:
+            done, payload = await self._call(greq, worker, "p", route, msg, job.payload)
             if not isinstance(done, PrefillDone):
                 raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
             route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
-            return done.kv_transfer_params
+            if done.tensors:
+                self.p.metrics.handoff_bytes.inc(("kv",), tensor_bytes(done.tensors, payload))
+            return _HandOff(done.kv_transfer_params, done.tensors, payload)
 
         return await self._with_retries(greq, "p", route, leg)
 
@@ -1072,20 +1105,25 @@ class NativeRunner:
         first token is the fan-out's)."""
         p = self.p
         continued = child or bool(tried)
-        handoff = None
         role = "d" if "p" in roles else "pd"
+        tensors, payload, kv_params, kv_tensors = job.tensors, job.payload, None, []
         if role == "d":
             handoff = await self._prefill(greq, job, route, prompt, params)
+            kv_params = handoff.params
+            if handoff.refs:  # the KV itself came through: on to D with the media tensors
+                tensors, payload = list(tensors), list(payload)
+                kv_tensors = relay_tensors(tensors, payload, handoff.refs, handoff.payload)
         msg = Generate(
             greq.request_id,
             greq.model,
             prompt_token_ids=prompt,
             params=params,
             media=job.media,
-            kv_transfer_params=handoff,
+            kv_transfer_params=kv_params,
             timeout_s=self._timeout_s(greq),
-            tensors=job.tensors,
+            tensors=tensors,
             stream=greq.stream,
+            kv_tensors=kv_tensors,
         )
         near = route.scratch.get(_PREFILLED_ON) if route.scratch is not None else None
         worker = self._pick(greq.model, role, route, tried, near)
@@ -1096,7 +1134,7 @@ class NativeRunner:
         attempts = 2 if role == "d" else p.max_attempts
         for attempt in range(attempts):
             try:
-                await self._final(greq, responder, worker, role, route, msg, job.payload, synth,
+                await self._final(greq, responder, worker, role, route, msg, payload, synth,
                                   continued, done_tokens)  # fmt: skip
                 return
             except RpcError as exc:
@@ -1137,6 +1175,8 @@ class NativeRunner:
             _check_capability(chan, worker, "top_logprobs", _NO_TOP_LOGPROBS)
         if params.structured is not None:
             _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
+        if msg.kv_tensors:
+            _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1304,6 +1344,47 @@ _NO_TOP_LOGPROBS = "does not send top logprobs or prompt logprobs (an older lmgw
 _NO_STRUCTURED = (
     "does not constrain its output (response_format, structured outputs, a forced tool choice)"
 )
+_NO_KV_TENSORS = "does not take a prefill's KV as tensor frames"
+
+
+class _HandOff:
+    """What a prefill handed to the decode stage: its ``kv_transfer_params`` and the tensors it
+    sent through the gateway (refs and the payload frames they index)."""
+
+    __slots__ = ("params", "payload", "refs")
+
+    def __init__(
+        self, params: dict[str, Any] | None, refs: Sequence[TensorRef], payload: Sequence[Any]
+    ) -> None:
+        self.params = params
+        self.refs = refs
+        self.payload = payload
+
+
+def relay_tensors(
+    tensors: list[TensorRef],
+    payload: list[Any],
+    refs: Sequence[TensorRef],
+    frames: Sequence[Any],
+) -> list[int]:
+    """Append ``refs`` (an answer's tensors over its payload ``frames``) to a request's
+    ``tensors`` and ``payload``, the frames zero-copy; returns their indexes in ``tensors``.
+    A tensor in shared memory moves as its handle (no frame)."""
+    first = len(tensors)
+    for ref in refs:
+        if ref.shm is None:
+            tensors.append(TensorRef(len(payload), ref.header))
+            payload.append(frames[ref.frame])
+        else:
+            tensors.append(ref)
+    return list(range(first, len(tensors)))
+
+
+def tensor_bytes(refs: Sequence[TensorRef], frames: Sequence[Any]) -> int:
+    """The bytes of ``refs``: their payload frames', or their shared-memory data sizes."""
+    return sum(
+        memoryview(frames[ref.frame]).nbytes if ref.shm is None else ref.shm.size for ref in refs
+    )
 
 
 def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: str) -> None:

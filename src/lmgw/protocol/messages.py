@@ -118,6 +118,7 @@ CAPABILITIES: frozenset[str] = frozenset(
         "top_logprobs",  # Token.rank/top_*, SamplingParams.prompt_logprobs, Finish.prompt_logprobs
         "batch",  # several frame-less messages in one ZeroMQ message (Batch), both directions
         "structured_outputs",  # SamplingParams.structured: the worker constrains its output
+        "kv_tensors",  # Generate.kv_tensors: a prefill's KV handed to the decode as tensor frames
     }
 )
 """Optional features this build understands; a session uses the intersection of both sides."""
@@ -343,9 +344,12 @@ class _StageRequest(Message):
 
 class Generate(_StageRequest, tag=2):
     """Gateway -> worker: run a merged or decode stage. Answer: Delta* then Finish | Failure.
-    ``stream=False`` lets the worker coalesce all deltas into one."""
+    ``stream=False`` lets the worker coalesce all deltas into one. ``kv_tensors`` (capability
+    ``kv_tensors``): indexes into ``tensors`` of the hand-off a prefill worker sent through the
+    gateway (``PrefillDone.tensors``, in its order)."""
 
     stream: bool = True
+    kv_tensors: list[Count] = []
 
 
 class Prefill(_StageRequest, tag=3):
@@ -678,6 +682,12 @@ def _check_references(msg: Message, frames: int) -> None:
         for item in media:
             if item.tensor is not None and item.tensor >= n:
                 raise ProtocolError(f"media tensor {item.tensor} missing ({n} tensors)")
+    kv = getattr(msg, "kv_tensors", None)
+    if kv:
+        n = len(refs or ())
+        for index in kv:
+            if index >= n:
+                raise ProtocolError(f"KV tensor {index} missing ({n} tensors)")
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -107,6 +107,13 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
     )
     group.add_argument("--engine-id", default=None, help="KV engine id a prefill worker reports")
     group.add_argument("--ec-dir", default=None, help="shared encoder-cache directory")
+    group.add_argument(
+        "--handoff",
+        choices=("direct", "gateway"),
+        default="direct",
+        help="how KV and encoder outputs reach the next stage: direct (a side channel and"
+        " --ec-dir) or gateway (tensor frames through the gateway)",
+    )
     group.add_argument("--error-rate", type=float, default=0.0)
     group.add_argument("--hang", action="store_true")
     group.add_argument("--slow", type=float, default=1.0)
@@ -134,6 +141,7 @@ def sim_engine_from_args(ns: argparse.Namespace) -> Engine:
         max_model_len=ns.max_model_len,
         engine_id=ns.engine_id,
         ec_dir=ns.ec_dir,
+        handoff=ns.handoff,
         exit_on_crash=True,
         faults=Faults(
             error_rate=ns.error_rate,

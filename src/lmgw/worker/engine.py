@@ -95,6 +95,20 @@ class EngineRequest(Generic[Msg]):
     def tensor_header(self, index: int) -> bytes:
         return self.msg.tensors[index].header
 
+    def kv_arrays(self) -> list[Any]:
+        """The hand-off a prefill worker sent through the gateway (``PrefillResult.payload``),
+        as read-only numpy arrays in the order it sent them; empty when the KV came another
+        way. Raises EngineError(bad_request) for an unreadable tensor."""
+        indexes = getattr(self.msg, "kv_tensors", None)
+        if not indexes:
+            return []
+        from ..transport.tensors import TensorFrameError, decode
+
+        try:
+            return [decode(self.tensor_header(i), self.tensors[i]) for i in indexes]
+        except (TensorFrameError, IndexError) as exc:
+            raise EngineError(FailureCode.BAD_REQUEST, f"unreadable KV tensor: {exc}") from None
+
 
 @dataclass(frozen=True, slots=True)
 class GenerateOutput:
@@ -117,7 +131,10 @@ class GenerateOutput:
 @dataclass(frozen=True, slots=True)
 class PrefillResult:
     """The hand-off of a prefill: ``kv_transfer_params`` for the decode stage (opaque to the
-    gateway, relayed verbatim), plus optional payload frames sent after ``PrefillDone``."""
+    gateway, relayed verbatim), plus ``payload``: arrays (numpy, or bytes-like sent as uint8)
+    that travel through the gateway as tensor frames to the decode worker, which reads them
+    with :meth:`EngineRequest.kv_arrays`: the KV itself, for engines without a side channel
+    between workers (needs a decode worker with the ``kv_tensors`` capability)."""
 
     kv_transfer_params: dict[str, Any] | None = None
     usage: Usage = field(default_factory=Usage)
@@ -127,8 +144,10 @@ class PrefillResult:
 
 @dataclass(frozen=True, slots=True)
 class EncodeResult:
-    """One hash per input item (the key of its stored encoder output); ``payload`` frames
-    (e.g. the embeddings themselves) are sent after ``EncodeDone``, in item order."""
+    """One hash per input item (the key of its stored encoder output); ``payload``: the
+    outputs themselves, one array per item in item order (numpy, or bytes-like sent as
+    uint8), for an encoder that stores none where the prefill worker can read it. The gateway
+    hands each to the prompt stage as that media item's tensor (with its hash)."""
 
     mm_hashes: list[str] = field(default_factory=list)
     ec_transfer_params: dict[str, Any] | None = None

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import numpy as np
 import trio
 import zmq
 from trio.lowlevel import checkpoint
@@ -88,6 +89,7 @@ from ..protocol.messages import (
     negotiate,
 )
 from ..protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
+from ..transport.tensors import pack_tensors
 from ..transport.zmq.curve import CurveServer, ZapHandler
 from ..transport.zmq.socket import DEFAULT_HWM, PeerUnreachable, ZmqSocket
 from ..transport.zmq.wakeup import Wakeup
@@ -711,14 +713,17 @@ class WorkerServer:
                         await self._generate(sock, job, req)
                     elif job.kind is Prefill:
                         res = await self.engine.prefill(req)
+                        refs, frames = _tensor_frames(res.payload)
                         done = PrefillDone(
-                            rid, res.kv_transfer_params, res.usage, list(res.first_token_ids)
-                        )
-                        await self._send(sock, job, done, res.payload)
+                            rid, res.kv_transfer_params, res.usage, list(res.first_token_ids),
+                            refs,
+                        )  # fmt: skip
+                        await self._send(sock, job, done, frames)
                     else:
                         enc = await self.engine.encode(req)
-                        done_e = EncodeDone(rid, list(enc.mm_hashes), enc.ec_transfer_params)
-                        await self._send(sock, job, done_e, enc.payload)
+                        refs, frames = _tensor_frames(enc.payload)
+                        done_e = EncodeDone(rid, list(enc.mm_hashes), enc.ec_transfer_params, refs)
+                        await self._send(sock, job, done_e, frames)
                     completed = True
             except trio.Cancelled:
                 self.stats["killed"] += 1  # cancelled from outside: the worker is stopping
@@ -1009,3 +1014,15 @@ class WorkerServer:
         return (
             f"<WorkerServer {self.worker_id} {self.endpoint or 'unbound'} jobs={len(self._jobs)}>"
         )
+
+
+def _tensor_frames(payload: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """An engine's hand-off arrays as the answer's ``tensors`` and payload frames (zero-copy
+    views); bytes-like items travel as uint8 arrays."""
+    if not payload:
+        return [], []
+    arrays = [
+        item if isinstance(item, np.ndarray) else np.frombuffer(item, dtype=np.uint8)
+        for item in payload
+    ]
+    return pack_tensors(arrays)

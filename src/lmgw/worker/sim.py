@@ -8,12 +8,17 @@ prefix cache and counters. So a test asserts the same exact text over ZeroMQ as 
 Hand-offs move real bytes (DESIGN.md §6), so a hand-off bug fails a request instead of
 producing plausible text:
 
+Two hand-off modes (``WorkerOptions.handoff``): ``direct`` (an engine with a side channel
+between workers and a shared encoder cache) and ``gateway`` (one without: the data itself goes
+through the gateway as tensor frames).
+
 * ``e`` computes each media item's embedding (:func:`~lmgw.simulators.disagg.derive_embedding`
-  of its content hash) and returns it as a payload frame after ``EncodeDone`` (and stores it
-  under ``ec_dir`` when given, the layout of vLLM's shared-storage EC connector).
+  of its content hash) and stores it under ``ec_dir`` (the layout of vLLM's shared-storage EC
+  connector); in ``gateway`` mode it returns it instead, one tensor per item after
+  ``EncodeDone``.
 * ``p`` returns the prompt's KV blocks (:func:`~lmgw.simulators.disagg.kv_block_payloads`)
   inside ``kv_transfer_params`` (NIXL-shaped keys plus ``sim_kv``: the gateway relays that
-  dict verbatim, as it relays vLLM's).
+  dict verbatim, as it relays vLLM's); in ``gateway`` mode as a tensor after ``PrefillDone``.
 * ``d`` refuses a Generate without that hand-off, and verifies it byte for byte
   (:func:`~lmgw.simulators.disagg.verify_kv_blocks`): a corrupted, reordered or foreign
   transfer is an ``engine_error`` naming the first bad block.
@@ -149,6 +154,10 @@ def sampling_spec(params: Any) -> SamplingSpec:
     )
 
 
+HANDOFFS = ("direct", "gateway")
+"""How the native simulator hands off KV and encoder outputs (see the module doc)."""
+
+
 class SimEngine(Engine):
     """A simulated engine of one role (``options.role``: e, p, d or pd) for
     :class:`~lmgw.worker.server.WorkerServer`. ``options`` are the HTTP simulator's
@@ -164,6 +173,10 @@ class SimEngine(Engine):
         self.faults = FaultInjector(opts.faults, seed=opts.seed)
         self.core.slow = self.faults.faults.slow
         self.engine_id = opts.engine_id or str(uuid.uuid4())
+        if opts.handoff not in HANDOFFS:
+            raise ValueError(f"unknown handoff {opts.handoff!r}: expected one of {HANDOFFS}")
+        self.through_gateway = opts.handoff == "gateway"
+        """Hand-offs as tensor frames through the gateway (else side channel and ec_dir)."""
         self.ec_store = EmbeddingStore(opts.ec_dir) if opts.ec_dir else None
         self._slots = trio.Semaphore(max(1, opts.max_num_seqs))
         self.runs: dict[str, SimRun] = {}
@@ -191,7 +204,7 @@ class SimEngine(Engine):
         generates (the HTTP simulator's values: sampled tokens, alternatives, the prompt's;
         constrained text, :mod:`lmgw.simulators.structured`)."""
         caps = super().capabilities
-        extra = {"logprobs", "top_logprobs", "structured_outputs"}
+        extra = {"logprobs", "top_logprobs", "structured_outputs", "kv_tensors"}
         return caps | extra if "stream" in caps else caps
 
     # -- the Engine interface -------------------------------------------------------------------
@@ -203,7 +216,7 @@ class SimEngine(Engine):
         self._check_length(len(ids), spec.max_tokens)
         self._inject_error()
         extra_s = self._check_media(req)
-        external = self._verify_handoff(msg, ids)
+        external = self._verify_handoff(req, ids)
         structured = msg.params.structured
         plan = StructuredPlan.of(structured) if structured is not None else None
         try:
@@ -290,7 +303,7 @@ class SimEngine(Engine):
             block_size = self.core.config.block_size
             blocks = kv_block_payloads(ids, block_size)
             self.counters["kv_blocks_published"] += len(blocks)
-            params = {
+            params: dict[str, Any] = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
                 "remote_engine_id": self.engine_id,
@@ -299,14 +312,17 @@ class SimEngine(Engine):
                 "tp_size": 1,
                 "sim_prompt_digest": prompt_digest(ids),
                 "sim_block_size": block_size,
-                "sim_kv": b"".join(blocks),
             }
+            kv = b"".join(blocks)
+            if not self.through_gateway:
+                params["sim_kv"] = kv
             run.emitted = first.num_tokens
             finished = True
             return PrefillResult(
                 params,
                 Usage(len(ids), first.num_tokens, ticket.cached_tokens),
                 list(first.token_ids),
+                [kv] if self.through_gateway else (),
             )
         finally:
             if acquired:
@@ -340,7 +356,7 @@ class SimEngine(Engine):
             self.counters["embeddings_computed"] += len(out)
             run.emitted = len(out)
             finished = True
-            return EncodeResult(keys, None, out)
+            return EncodeResult(keys, None, out if self.through_gateway else ())
         finally:
             if acquired:
                 self._slots.release()
@@ -501,10 +517,14 @@ class SimEngine(Engine):
         return None
 
     # -- hand-offs ------------------------------------------------------------------------------
-    def _verify_handoff(self, msg: Generate, ids: list[int]) -> int:
+    def _verify_handoff(self, req: EngineRequest[Generate], ids: list[int]) -> int:
         """Prompt tokens whose KV arrived from a prefill worker (verified), or 0."""
+        msg = req.msg
         params = msg.kv_transfer_params
         kv = params.get("sim_kv") if params else None
+        arrays = req.kv_arrays()
+        if arrays:  # through the gateway as tensor frames
+            kv = b"".join(a.tobytes() for a in arrays)
         if kv is None:
             if self.role == "d":
                 raise EngineError(
