@@ -1521,10 +1521,15 @@ class NativeConfig(msgspec.Struct, **_STRUCT_OPTS):
     # `lmgw.transport.zmq.curve.generate_keys(DIR, NAME)`; its `.key` twin goes into each
     # worker's `--curve-allow` directory). Needed by workers with `curve_server_key`.
     curve_secret_key_file: str | None = None
+    # With a worker on this host (same boot and /dev/shm), tensors of at least this many
+    # bytes (media, hand-offs) go by shared memory: one memcpy and a handle instead of the bytes
+    # through two sockets. 0: never, and workers send none either (tensor_shm not offered).
+    shm_threshold_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         if self.curve_secret_key_file is not None:
             _non_empty("curve_secret_key_file", self.curve_secret_key_file)
+        _at_least("shm_threshold_bytes", self.shm_threshold_bytes, 0)
 
 
 class MCPServerConfig(msgspec.Struct, **_STRUCT_OPTS):

@@ -187,6 +187,7 @@ class Gateway:
             up.response_timeout_s,
             on_exit=self._on_native_exit,
             curve_secret_key_file=config.native.curve_secret_key_file,
+            shm_threshold_bytes=config.native.shm_threshold_bytes,
         )
         for wc in config.workers:
             self.add_worker(wc)

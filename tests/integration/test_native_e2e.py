@@ -42,6 +42,7 @@ from lmgw.config import (
     GatewayConfig,
     HealthConfig,
     ModelConfig,
+    NativeConfig,
     RoutingConfig,
     ServerConfig,
     UpstreamConfig,
@@ -55,7 +56,7 @@ from lmgw.simulators.engine import Engine as MockEngine
 from lmgw.simulators.engine import EngineConfig, SamplingSpec
 from lmgw.simulators.faults import Faults
 from lmgw.text.service import load_model_texts
-from lmgw.transport.tensors import unpack_tensors
+from lmgw.transport.tensors import decode
 from lmgw.transport.zmq import ChannelState
 from lmgw.worker import WorkerServer
 from lmgw.worker.sim import SimEngine
@@ -91,17 +92,24 @@ class Recording(SimEngine):
         self.encoded: list[tuple[list[Any], list[np.ndarray]]] = []
         self.stage_tensors: list[int] = []
         self.abort_at: dict[str, float] = {}
+        self.shm_refs = 0  # tensors that arrived as shared-memory handles
+
+    def _saw(self, req: Any) -> None:
+        self.shm_refs += sum(ref.shm is not None for ref in req.msg.tensors)
 
     def generate(self, req: Any) -> Any:
         self.stage_tensors.append(len(req.tensors))
+        self._saw(req)
         return super().generate(req)
 
     async def prefill(self, req: Any) -> Any:
         self.stage_tensors.append(len(req.tensors))
+        self._saw(req)
         return await super().prefill(req)
 
     async def encode(self, req: Any) -> Any:
-        arrays = [np.array(a) for a in unpack_tensors(req.msg.tensors, req.tensors)]
+        self._saw(req)
+        arrays = [np.array(a) for a in unpack_tensors_of(req)]
         self.encoded.append((list(req.msg.media), arrays))
         return await super().encode(req)
 
@@ -110,13 +118,27 @@ class Recording(SimEngine):
         await super().abort(request_id)
 
 
-async def start_worker(nursery: trio.Nursery, role: str, **options: Any) -> tuple[Recording, str]:
+def unpack_tensors_of(req: Any) -> list[np.ndarray]:
+    """A request's tensors as arrays, whether frames or mapped segments."""
+    return [decode(ref.header, buf) for ref, buf in zip(req.msg.tensors, req.tensors, strict=True)]
+
+
+async def start_worker(
+    nursery: trio.Nursery,
+    role: str,
+    server: dict[str, Any] | None = None,
+    host: str | None = None,
+    **options: Any,
+) -> tuple[Recording, str]:
+    """A worker in this process; ``server``: WorkerServer arguments; ``host``: the host id it
+    claims (another one than this process's: a worker on another machine)."""
     options.setdefault("speed", math.inf)
     engine = Recording(WorkerOptions(role=role, model=MODEL, **options))
-    server = await nursery.start(
-        WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None).run
-    )
-    return engine, "zmq+" + server.endpoint
+    ws = WorkerServer(engine, bind="tcp://127.0.0.1:0", control_bind=None, **(server or {}))
+    if host is not None:
+        ws.host = host
+    started = await nursery.start(ws.run)
+    return engine, "zmq+" + started.endpoint
 
 
 def gateway_config(workers: list[tuple[str, str]], flow: str = "pd", **kw: Any) -> GatewayConfig:
@@ -301,6 +323,79 @@ async def test_handoffs_through_the_gateway_as_tensor_frames(
     tensors = [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
     # P/PD: the embedding; D: the embedding and the KV
     assert sorted(set(tensors)) == ([1, 2] if "d" in engines else [1]), tensors
+
+
+@pytest.mark.parametrize("flow", ["e+p+d", "e+pd"])
+async def test_big_tensors_go_by_shared_memory_on_one_host(
+    nursery: trio.Nursery, sim_worker, flow: str
+) -> None:
+    """Gateway and workers on one host, everything over the threshold (1 byte here): the
+    pixels reach the encoder, its output the prompt stage and the prefill's KV the decode
+    worker as shared-memory handles (the gateway relays the workers' handles without reading
+    them); the text and the verified bytes are as ever."""
+    engines: dict[str, list[Recording]] = {}
+    workers = []
+    for role, n in FLOWS[flow].items():
+        for _ in range(n):
+            engine, url = await start_worker(
+                nursery, role, server={"shm_threshold": 1}, handoff="gateway"
+            )
+            engines.setdefault(role, []).append(engine)
+            workers.append((role, url))
+    cfg = msgspec.structs.replace(
+        gateway_config(workers, flow), native=NativeConfig(shm_threshold_bytes=1)
+    )
+    gw, url = await start_gateway(nursery, cfg)
+    assert all(w.channel.session.shm for w in gw.registry)
+    expected, _, _ = await run(chat, (await sim_worker(role="pd")).url, TEXT_ONLY, False)
+    text, _, _ = await run(chat, url, TEXT_ONLY, True)
+    assert text == expected
+    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
+    for stream in (False, True):
+        text, _, _ = await run(chat, url, WITH_IMAGE, stream)
+        assert text == media_text, stream
+    encodes = [rec for e in engines["e"] for rec in e.encoded]
+    assert len(encodes) == 2 and all(np.array_equal(a[0], png_pixels()) for _, a in encodes)
+    assert sum(e.shm_refs for e in engines["e"]) == 2  # the pixels
+    prompt_stage = engines["p" if "p" in engines else "pd"]
+    assert sum(e.counters["embeddings_verified"] for e in prompt_stage) == 2
+    assert sum(e.shm_refs for e in prompt_stage) == 2  # the embeddings, E's segments
+    if "d" in engines:  # the KV (P's segments), and the embeddings again
+        assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
+        assert sum(e.shm_refs for e in engines["d"]) == 1 + 2 * 2
+    assert gw.metrics.handoff_bytes.values[("embeddings",)] > 0
+
+    # one encoder output relayed to 3 choices' legs (6 with P and D): the gateway holds the
+    # segment until the request ends, so no leg finds it reused by the encoder's next put
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=BOUND)
+
+    def three() -> Any:
+        return client.chat.completions.create(
+            model=MODEL, messages=WITH_IMAGE, max_tokens=4, n=3, seed=1
+        )
+
+    answer = await run(three)
+    assert len(answer.choices) == 3 and all(c.message.content for c in answer.choices)
+    assert sum(e.counters["embeddings_verified"] for e in prompt_stage) == 2 + 3
+
+
+async def test_a_worker_on_another_host_gets_frames(nursery: trio.Nursery, sim_worker) -> None:
+    """The prefill worker shares the gateway's host and hands its KV off in shared memory; the
+    decode worker is on another host (another host id at registration), so the gateway reads
+    the segment and sends the bytes as a frame. Nothing in shared memory reaches it."""
+    _, p = await start_worker(nursery, "p", server={"shm_threshold": 1}, handoff="gateway")
+    far, d = await start_worker(nursery, "d", server={"shm_threshold": 1}, host="elsewhere")
+    cfg = msgspec.structs.replace(
+        gateway_config([("p", p), ("d", d)], "p/d"), native=NativeConfig(shm_threshold_bytes=1)
+    )
+    gw, url = await start_gateway(nursery, cfg)
+    sessions = {w.role: w.channel.session for w in gw.registry}
+    assert sessions["p"].shm and not sessions["d"].shm
+    expected, _, _ = await run(chat, (await sim_worker(role="pd")).url, TEXT_ONLY, False)
+    for stream in (False, True):
+        text, _, _ = await run(chat, url, TEXT_ONLY, stream)
+        assert text == expected
+    assert far.shm_refs == 0 and far.counters["kv_blocks_verified"] > 0
 
 
 class WithoutKvTensors(Recording):

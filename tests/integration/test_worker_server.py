@@ -28,6 +28,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 import zmq
@@ -66,6 +67,7 @@ from lmgw.simulators.disagg import derive_embedding, kv_block_payloads
 from lmgw.simulators.engine import Engine as MockEngine
 from lmgw.simulators.engine import EngineConfig, SamplingSpec, render_chat
 from lmgw.simulators.faults import Faults
+from lmgw.transport import shm
 from lmgw.transport.tensors import unpack_tensors
 from lmgw.transport.zmq import ChannelState, RpcChannel, RpcError, ZmqSocket
 from lmgw.worker import (
@@ -165,9 +167,11 @@ class Raw:
         msg, _ = await self.recv()
         return list(msg.messages) if isinstance(msg, Batch) else [msg]
 
-    async def register(self, *, batch: bool = False) -> RegisterAck:
+    async def register(self, *, batch: bool = False, host: str = "") -> RegisterAck:
+        """``host``: this peer's shm host id (with it, it offers tensor_shm)."""
         caps = ["stream", "prefill", "encode", *(["batch"] if batch else [])]
-        await self.send(Register("~reg", "raw", 1, 1, caps))
+        caps += ["tensor_shm"] if host else []
+        await self.send(Register("~reg", "raw", 1, 1, caps, host))
         ack, _ = await self.recv()
         assert isinstance(ack, RegisterAck), ack
         assert ("batch" in ack.capabilities) is batch
@@ -731,19 +735,56 @@ async def test_a_malformed_batch_fails_each_of_its_requests(
         assert sorted(f.request_id for f in failures) == ["bad", "ok"]  # type: ignore[attr-defined]
         assert all(isinstance(f, Failure) and f.code == "protocol" for f in failures)
         assert server.stats["malformed"] == 1 and server.stats["requests"] == 0
-        # a tensor in shared memory needs no frame (a batch may carry it), but this worker
-        # never offered tensor_shm: refused, alone or batched, and the reader goes on
-        shm = TensorRef(0, b"h", ShmHandle("seg", 16, b"h"))
-        await raw.send(Generate("shm1", MODEL, prompt="x", tensors=[shm]))
+        # a tensor in shared memory needs no frame (a batch may carry it), but this peer
+        # named no host (no tensor_shm in the session): refused, alone or batched, and the
+        # reader goes on
+        in_shm = TensorRef(0, b"h", ShmHandle("seg", 16, b"h"))
+        await raw.send(Generate("shm1", MODEL, prompt="x", tensors=[in_shm]))
         refusal, _ = await raw.recv()
         assert isinstance(refusal, Failure) and refusal.code == "unsupported"
-        shm2 = encode_message(Generate("shm2", MODEL, prompt="x", tensors=[shm]))
+        shm2 = encode_message(Generate("shm2", MODEL, prompt="x", tensors=[in_shm]))
         await raw.sock.send_multipart([batch_header([shm2, encode_message(Heartbeat("hb"))])])
         got = []
         while len(got) < 2:
             got += await raw.recv_all()
         assert {type(m) for m in got} == {Failure, HeartbeatAck}
         assert server.stats["rejected"] == 2
+    finally:
+        raw.close()
+
+
+async def test_tensors_in_shared_memory_from_a_gateway_on_this_host(
+    ctx: zmq.Context, nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    """A peer on this host (same host id at registration) may send a tensor as a segment
+    handle: the engine reads the mapped bytes as it reads a frame, the worker unmaps them when
+    the job ends, and a handle it cannot open is the request's bad_request. The worker's own
+    big hand-offs go back the same way (threshold 1 byte here)."""
+    server = await start_server(nursery, ctx, sim("e", handoff="gateway"), shm_threshold=1)
+    raw = Raw(ctx, server.endpoint)
+    try:
+        ack = await raw.register(host=shm.host_id())
+        assert "tensor_shm" in ack.capabilities and ack.host == shm.host_id()
+        with shm.ShmPool("rawgw") as pool:
+            pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+            h = pool.put(pixels)
+            ref = TensorRef(0, h.header, ShmHandle(h.name, h.size, h.header, h.generation))
+            item = MediaItem("image", hash="ab" * 16, tensor=0)
+            await raw.send(Encode("e-shm", MODEL, [item], tensors=[ref]))
+            done, payload = await raw.recv()
+            assert isinstance(done, EncodeDone) and payload == []  # the output by shm too
+            (out,) = done.tensors
+            assert out.shm is not None
+            got, close = shm.from_shm(out.shm)
+            assert got.tobytes() == derive_embedding("ab" * 16, "image", 256)
+            del got
+            close()
+            await until(lambda: pool.reclaim() == 1)  # the worker let go of the pixels' segment
+            gone = ShmHandle("rawgw-1-1-1", 16, h.header, 1)
+            await raw.send(Encode("e-gone", MODEL, [item], tensors=[TensorRef(0, h.header, gone)]))
+            refusal, _ = await raw.recv()
+            assert isinstance(refusal, Failure) and refusal.code == "bad_request"
+            assert "shared memory" in refusal.message
     finally:
         raw.close()
 

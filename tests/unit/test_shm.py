@@ -113,12 +113,23 @@ def test_segment_is_reused_once_the_receiver_lets_go(pool: shm.ShmPool) -> None:
     assert pool.statistics()["reused"] == 1
 
 
-def test_a_handle_is_taken_once(pool: shm.ShmPool) -> None:
+def test_a_handle_reads_its_tensor_until_the_segment_is_reused(pool: shm.ShmPool) -> None:
+    """Several receivers may map one handle (a gateway relays a hand-off to several legs and
+    pins it meanwhile); once the sender reused the segment, the old handle is refused."""
     handle = pool.put(np.arange(10))
     out, close = shm.from_shm(handle)
-    del out
+    again, close_again = shm.from_shm(handle)  # a second reader while the first holds it
+    np.testing.assert_array_equal(again, np.arange(10))
+    del out, again
     close()
-    with pytest.raises(shm.ShmError, match="taken"):
+    close_again()
+    late, close_late = shm.from_shm(handle)  # taken, not yet reused: still this tensor
+    np.testing.assert_array_equal(late, np.arange(10))
+    del late
+    close_late()
+    reused = pool.put(np.arange(10) + 1)
+    assert reused.name == handle.name
+    with pytest.raises(shm.ShmError, match="stale handle"):
         shm.from_shm(handle)
 
 

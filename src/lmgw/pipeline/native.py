@@ -63,6 +63,7 @@ from ..config import (
 from ..errors import GatewayError
 from ..http.types import Responder
 from ..protocol.messages import (
+    CAPABILITIES,
     Delta,
     Drain,
     Encode,
@@ -82,11 +83,14 @@ from ..routing.policy import RouteContext
 from ..structured import FIELDS as STRUCTURED_FIELDS
 from ..structured import StructuredOutputError, structured_output
 from ..transport.openai_synth import OpenAISynth, token_id_name
+from ..transport.shm import DEFAULT_THRESHOLD as SHM_THRESHOLD
+from ..transport.shm import ShmError
 from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
 from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request
+from .handoff import for_peer, pin, relay_tensors, release_pins, tensor_bytes
 from .request import GatewayRequest
 
 if TYPE_CHECKING:
@@ -165,6 +169,7 @@ class NativeChannels:
         reply_timeout_s: float,
         on_exit: Callable[[Worker], None] | None = None,
         curve_secret_key_file: str | None = None,
+        shm_threshold_bytes: int = SHM_THRESHOLD,
     ) -> None:
         self.registry = registry
         self.health = health
@@ -173,6 +178,8 @@ class NativeChannels:
         #: this gateway's CURVE key pair (``native.curve_secret_key_file``), for workers with
         #: ``curve_server_key``
         self.curve_secret_key_file = curve_secret_key_file
+        #: tensors of at least this size go by shared memory to a worker on this host (0: never)
+        self.shm_threshold_bytes = shm_threshold_bytes
         self._client_id = f"lmgw-{os.getpid()}"
         self._nursery: trio.Nursery | None = None
         self._pending: list[NativeWorker] = []
@@ -199,6 +206,7 @@ class NativeChannels:
             on_state=partial(self._on_state, worker),
             on_notice=partial(self._on_notice, worker),
             curve=curve,
+            capabilities=CAPABILITIES if self.shm_threshold_bytes else _NO_SHM,
         )
 
     def start(self, worker: NativeWorker) -> None:
@@ -553,7 +561,7 @@ class _Broken(Exception):
 class _Job:
     """One request as the native legs need it."""
 
-    __slots__ = ("created", "media", "obj", "params", "payload", "prompt", "tensors")
+    __slots__ = ("created", "media", "obj", "params", "payload", "pins", "prompt", "tensors")
 
     def __init__(self, obj: dict[str, Any], prompt: list[int], params: SamplingParams) -> None:
         self.obj = obj
@@ -564,6 +572,9 @@ class _Job:
         self.media: list[WireMedia] = []
         self.tensors: list[Any] = []
         self.payload: list[Any] = []
+        #: shared-memory hand-offs this request relays, held mapped until it ends (every leg
+        #: that gets one, a retry too, finds it unreused); shared with fan-out children
+        self.pins: list[Callable[[], None]] = []
 
 
 # -- the runner ---------------------------------------------------------------------------------
@@ -582,6 +593,7 @@ class NativeRunner:
         self.request_timeout_s = cfg.limits.request_timeout_s or None
         self.first_timeout_s = cfg.upstream.response_timeout_s
         self.stall_s = cfg.upstream.stream_stall_timeout_s or math.inf
+        self.shm_threshold = cfg.native.shm_threshold_bytes
         self._cpu: trio.CapacityLimiter | None = None
         self._ssl: Any = None
         self._names: dict[str, tuple[Any, Callable[[int], str]]] = {}
@@ -640,14 +652,17 @@ class NativeRunner:
         job = _Job(obj, prompts[0], params)
         flow = self.p.flows.get(greq.model, self.p.default_flow)
         roles = FLOW_ROLES[flow]
-        await self._media(greq, job, roles, obj)
-        if n > 1 or len(prompts) > 1:
-            await self._fan_out(greq, responder, job, prompts, n, roles, text)
-            return
-        route = RouteContext(greq.model, greq.request_id)
-        route.tokens = job.prompt
-        synth = self._synth(greq, job, text, obj)
-        await self._answer(greq, responder, job, roles, route, synth, text)
+        try:
+            await self._media(greq, job, roles, obj)
+            if n > 1 or len(prompts) > 1:
+                await self._fan_out(greq, responder, job, prompts, n, roles, text)
+                return
+            route = RouteContext(greq.model, greq.request_id)
+            route.tokens = job.prompt
+            synth = self._synth(greq, job, text, obj)
+            await self._answer(greq, responder, job, roles, route, synth, text)
+        finally:
+            release_pins(job.pins)
 
     async def _fan_out(
         self,
@@ -669,7 +684,7 @@ class NativeRunner:
             for sample in range(n):
                 child = _Job(job.obj, ids, child_params(job.params, sample))
                 child.created, child.media = job.created, job.media
-                child.tensors, child.payload = job.tensors, job.payload
+                child.tensors, child.payload, child.pins = job.tensors, job.payload, job.pins
                 k = len(jobs)
                 jobs.append(child)
                 source = items[i] if isinstance(items, list) else None
@@ -802,6 +817,7 @@ class NativeRunner:
             outputs = await self._encode(greq, items)
             job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
             for i, (refs, payload) in sorted(outputs.items()):  # sent back: the item's tensor
+                pin(refs, job.pins)
                 (index,) = relay_tensors(job.tensors, job.payload, refs, payload)
                 job.media[i] = WireMedia(items[i].kind, hash=items[i].hash, tensor=index)
             return
@@ -871,6 +887,7 @@ class NativeRunner:
         p = self.p
         policy = p.policies[role]
         chan = worker.channel  # type: ignore[attr-defined]
+        msg, payload = await self._fit(chan, msg, payload)
         p.registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -899,6 +916,26 @@ class NativeRunner:
             p.registry.release(worker)
             if ok:
                 p.registry.record_success(worker)
+
+    async def _fit(self, chan: RpcChannel, msg: Any, payload: Sequence[Any]) -> tuple[Any, Any]:
+        """``msg`` and ``payload`` with their tensors as the worker of ``chan`` reads them
+        (:func:`.handoff.for_peer`). A hand-off segment that is gone is a 502."""
+        if not msg.tensors:
+            return msg, payload
+        session = chan.session
+        try:
+            fitted = await for_peer(
+                msg.tensors,
+                payload,
+                shm=session is not None and session.shm,
+                threshold=self.shm_threshold,
+            )
+        except ShmError as exc:
+            raise GatewayError(502, f"a hand-off in shared memory was lost: {exc}") from None
+        if fitted is None:
+            return msg, payload
+        refs, frames = fitted
+        return msgspec.structs.replace(msg, tensors=refs), frames
 
     def _failed(self, worker: Worker, role: str, exc: RpcError) -> None:
         kind = "timeout" if exc.code is FailureCode.TIMEOUT else "transport"
@@ -1029,6 +1066,7 @@ class NativeRunner:
             route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
             if done.tensors:
                 self.p.metrics.handoff_bytes.inc(("kv",), tensor_bytes(done.tensors, payload))
+                pin(done.tensors, job.pins)
             return _HandOff(done.kv_transfer_params, done.tensors, payload)
 
         return await self._with_retries(greq, "p", route, leg)
@@ -1177,6 +1215,7 @@ class NativeRunner:
             _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
         if msg.kv_tensors:
             _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
+        msg, payload = await self._fit(chan, msg, payload)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1345,6 +1384,7 @@ _NO_STRUCTURED = (
     "does not constrain its output (response_format, structured outputs, a forced tool choice)"
 )
 _NO_KV_TENSORS = "does not take a prefill's KV as tensor frames"
+_NO_SHM = CAPABILITIES - {"tensor_shm"}
 
 
 class _HandOff:
@@ -1359,32 +1399,6 @@ class _HandOff:
         self.params = params
         self.refs = refs
         self.payload = payload
-
-
-def relay_tensors(
-    tensors: list[TensorRef],
-    payload: list[Any],
-    refs: Sequence[TensorRef],
-    frames: Sequence[Any],
-) -> list[int]:
-    """Append ``refs`` (an answer's tensors over its payload ``frames``) to a request's
-    ``tensors`` and ``payload``, the frames zero-copy; returns their indexes in ``tensors``.
-    A tensor in shared memory moves as its handle (no frame)."""
-    first = len(tensors)
-    for ref in refs:
-        if ref.shm is None:
-            tensors.append(TensorRef(len(payload), ref.header))
-            payload.append(frames[ref.frame])
-        else:
-            tensors.append(ref)
-    return list(range(first, len(tensors)))
-
-
-def tensor_bytes(refs: Sequence[TensorRef], frames: Sequence[Any]) -> int:
-    """The bytes of ``refs``: their payload frames', or their shared-memory data sizes."""
-    return sum(
-        memoryview(frames[ref.frame]).nbytes if ref.shm is None else ref.shm.size for ref in refs
-    )
 
 
 def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: str) -> None:

@@ -320,6 +320,7 @@ class Register(Message, tag=1):
     min_version: Count
     max_version: Count
     capabilities: list[Name] = []
+    host: Name = ""  # lmgw.transport.shm.host_id(): same host -> tensors may go by shared memory
 
     def __post_init__(self) -> None:
         if self.min_version > self.max_version:
@@ -398,6 +399,7 @@ class RegisterAck(Message, tag=16):
     models: list[Name] = []
     max_inflight: Count = 0  # 0: no stated limit
     control_endpoint: Endpoint | None = None  # the control ROUTER (heartbeats, metrics)
+    host: Name = ""  # the worker's shm.host_id(), as Register.host
 
 
 class Delta(Message, tag=17):

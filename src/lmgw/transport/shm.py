@@ -63,6 +63,8 @@ __all__ = [
     "create_segment",
     "default_pool",
     "from_shm",
+    "host_id",
+    "map_shm",
     "pid_alive",
     "pid_namespace",
     "segment_base",
@@ -111,6 +113,22 @@ class ShmHandle(msgspec.Struct, frozen=True, array_like=True):
     size: Size
     header: bytes
     generation: Size = 0
+
+
+def host_id(directory: str = DEFAULT_DIR) -> str:
+    """Who can open this process's segments: the kernel's boot id and the tmpfs mount of
+    `directory` (its device and inode). Two processes with the same id share segments; a
+    container with its own ``/dev/shm`` or another machine has another. Empty when there is
+    no such directory (then nothing is shared)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        info = os.stat(directory)
+    except OSError:
+        return ""
+    if not stat.S_ISDIR(info.st_mode):
+        return ""
+    return f"{boot}:{info.st_dev:x}:{info.st_ino:x}"
 
 
 def use_shm(array_or_nbytes: np.ndarray | int, threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -426,6 +444,28 @@ def from_shm(
     (one call instead of a page fault per 4 KiB). Raises ShmError for a handle that is malformed,
     stale or gone, and TensorFrameError for a bad header.
     """
+    buffer, close = map_shm(handle, directory=directory, prefix=prefix, populate=populate)
+    try:
+        array = decode(handle.header, buffer)
+    except BaseException:
+        buffer.release()
+        close()
+        raise
+    buffer.release()  # the array's own view of the mapping keeps it (and the lock) alive
+    return array, close
+
+
+def map_shm(
+    handle: ShmHandle,
+    *,
+    directory: str = DEFAULT_DIR,
+    prefix: str | None = None,
+    populate: bool = True,
+) -> tuple[memoryview, Callable[[], None]]:
+    """The data bytes of `handle` mapped read-only, as a tensor frame's payload would be (decode
+    them with ``handle.header``): ``(buffer, close)``. The lock is held while the mapping
+    lives (see :func:`from_shm`); release `buffer` and call ``close()`` when done. Raises
+    ShmError for a handle that is malformed, stale or gone."""
     name = handle.name
     match = _NAME_RE.fullmatch(name) if isinstance(name, str) else None
     if match is None or (prefix is not None and match["prefix"] != prefix):
@@ -450,26 +490,26 @@ def from_shm(
         magic, generation, state = _CTRL.unpack(os.pread(fd, _CTRL.size, 0))
         if magic != _CTRL_MAGIC:
             raise ShmError(f"{name} is not an lmgw segment")
-        if generation != handle.generation or state != _SENT:
+        # A taken segment may be mapped again (a gateway that relays a handle to several
+        # legs holds it meanwhile): only a new generation means someone else's tensor.
+        if generation != handle.generation or state not in (_SENT, _TAKEN):
             raise ShmError(
                 f"stale handle for {name}: generation {handle.generation}, segment has "
                 f"{generation} ({'taken' if state == _TAKEN else 'not sent'})"
             )
         os.pwrite(fd, struct.pack("<I", _TAKEN), _STATE_AT)
         if handle.size == 0:
-            array = decode(handle.header, b"")
             os.close(fd)
-            return array, _noop
+            return memoryview(b""), _noop
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         mm = mmap.mmap(fd, handle.size, flags=flags, prot=mmap.PROT_READ, offset=DATA_OFFSET)
-        array = decode(handle.header, mm)
     except BaseException:
         os.close(fd)
         raise
     # The lock lives on the open file description, which mmap's own dup of `fd` shares: it is
     # held exactly as long as the mapping object. Close our fd together with the mapping.
     finalizer = weakref.finalize(mm, _release, fd)
-    mapping = weakref.ref(mm)  # only the array's views keep the mapping alive, not `close`
+    mapping = weakref.ref(mm)  # only the buffer and its views keep the mapping alive
 
     def close() -> None:
         mm = mapping()
@@ -481,7 +521,7 @@ def from_shm(
             return  # views are alive: the mapping and the lock go with the last of them
         finalizer()
 
-    return array, close
+    return memoryview(mm), close
 
 
 def _noop() -> None:

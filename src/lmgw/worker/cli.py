@@ -75,6 +75,14 @@ def build_parser(*, sim: bool = True) -> argparse.ArgumentParser:
         "--zone", default=None, help="this worker's KV-transfer zone, announced to the gateways"
     )
     p.add_argument(
+        "--shm-threshold",
+        type=int,
+        default=16 << 20,
+        metavar="BYTES",
+        help="hand-off tensors at least this big go by shared memory to a gateway on this host"
+        " (default 16 MiB; 0: never)",
+    )
+    p.add_argument(
         "--no-batch",
         action="store_true",
         help="do not offer the batch capability: every message is its own ZeroMQ message",
@@ -177,6 +185,7 @@ def server_from_args(ns: argparse.Namespace, engine: Engine) -> WorkerServer:
         drain_grace_s=ns.drain_grace,
         curve=curve_from_args(ns),
         batch=not ns.no_batch,
+        shm_threshold=ns.shm_threshold or None,
     )
 
 

@@ -45,7 +45,7 @@ import logging
 import os
 import socket as _socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -82,13 +82,18 @@ from ..protocol.messages import (
     ProtocolError,
     Register,
     RegisterAck,
+    TensorRef,
     Token,
     Usage,
     decode_frames,
     encode_frames,
     negotiate,
 )
+from ..protocol.messages import ShmHandle as WireShmHandle
 from ..protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
+from ..transport.shm import DEFAULT_THRESHOLD as SHM_THRESHOLD
+from ..transport.shm import ShmError, ShmPool, map_shm, sweep_stale_segments
+from ..transport.shm import host_id as shm_host_id
 from ..transport.tensors import pack_tensors
 from ..transport.zmq.curve import CurveServer, ZapHandler
 from ..transport.zmq.socket import DEFAULT_HWM, PeerUnreachable, ZmqSocket
@@ -100,7 +105,9 @@ __all__ = ["SERVER_CAPABILITIES", "WorkerServer", "control_endpoint_for"]
 
 log = logging.getLogger("lmgw.worker")
 
-SERVER_CAPABILITIES: frozenset[str] = frozenset({"abort", "metrics", "drain", "batch"})
+SERVER_CAPABILITIES: frozenset[str] = frozenset(
+    {"abort", "metrics", "drain", "batch", "tensor_shm"}
+)
 """What the server implements for any engine (the engine adds its stage capabilities)."""
 WAITING_METRIC = "vllm:num_requests_waiting"
 """The engine metric a HeartbeatAck reports as ``queued``."""
@@ -135,7 +142,9 @@ class _PeerOutbox(Outbox):
 
 
 class _Job:
-    __slots__ = ("aborted", "kind", "outbox", "peer", "request_id", "scope", "timeout_s")
+    __slots__ = (
+        "aborted", "kind", "mapped", "outbox", "peer", "request_id", "scope", "shm", "timeout_s",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -154,10 +163,12 @@ class _Job:
         if timeout_s is not None:
             self.scope.deadline = trio.current_time() + timeout_s
         self.aborted: str | None = None  # the gateway's reason, once it aborted the request
+        self.shm = False  # the peer shares this host: big hand-offs go by shared memory
+        self.mapped: list[Callable[[], None]] = []  # closers of the segments it reads
 
 
 class _Peer:
-    __slots__ = ("capabilities", "client", "outbox", "version")
+    __slots__ = ("capabilities", "client", "outbox", "shm", "version")
 
     def __init__(
         self,
@@ -165,11 +176,13 @@ class _Peer:
         version: int,
         capabilities: frozenset[str],
         outbox: _PeerOutbox | None = None,
+        shm: bool = False,
     ) -> None:
         self.client = client
         self.version = version
         self.capabilities = capabilities
         self.outbox = outbox
+        self.shm = shm  # agreed on tensor_shm and on the same host
 
 
 def control_endpoint_for(bind: str) -> str:
@@ -248,6 +261,9 @@ class WorkerServer:
         batch: offer the ``batch`` capability (False: every message on its own, as a
             worker before it). ``max_batch`` / ``max_batch_bytes`` bound one batch;
             ``outbox_limit_bytes``: a job whose gateway's outbox holds more waits for room.
+        shm_threshold: with a gateway on the same host (capability ``tensor_shm``), hand-off
+            tensors at least this big go by shared memory (a handle, not the bytes); None:
+            never (the capability is not offered).
     """
 
     def __init__(
@@ -279,6 +295,7 @@ class WorkerServer:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         outbox_limit_bytes: int = 4 << 20,
+        shm_threshold: int | None = SHM_THRESHOLD,
     ) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
@@ -303,6 +320,11 @@ class WorkerServer:
         self.capabilities = (engine.capabilities | SERVER_CAPABILITIES) & CAPABILITIES
         if not batch:
             self.capabilities -= {"batch"}
+        self.shm_threshold = shm_threshold
+        self.host = shm_host_id() if shm_threshold is not None else ""
+        if not self.host:
+            self.capabilities -= {"tensor_shm"}
+        self._shm_pool: ShmPool | None = None  # created at the first hand-off that uses it
         Outbox(max_batch=max_batch)  # checks the bound now, not at the first registration
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
@@ -390,6 +412,8 @@ class WorkerServer:
         control: ZmqSocket | None = None
         exit_reason = "worker stopped"
         try:
+            if self.host:
+                sweep_stale_segments()  # what workers that died on this host left behind
             self.endpoint = data.bind(self.bind)
             if self.control_bind:
                 control = ZmqSocket.open(
@@ -431,6 +455,9 @@ class WorkerServer:
             _close_flushing(data, self.exit_linger_ms)
             if control is not None:
                 control.close()
+            if self._shm_pool is not None:  # a receiver that mapped a segment keeps it
+                self._shm_pool.close()
+                self._shm_pool = None
 
     def drain(self, reason: str = "draining", grace_s: float | None = None) -> None:
         """Take nothing new (``Failure(draining)``), tell the gateways (``Drain``), let the
@@ -560,7 +587,8 @@ class WorkerServer:
             outbox = old.outbox if old is not None else None  # the same connection: keep it
             if outbox is None or outbox.gone is not None:
                 outbox = _PeerOutbox(peer, self.max_batch, self.max_batch_bytes)
-        peers[peer] = _Peer(msg.client, version, caps, outbox)
+        shm = "tensor_shm" in caps and bool(msg.host) and msg.host == self.host
+        peers[peer] = _Peer(msg.client, version, caps, outbox, shm)
         peers.move_to_end(peer)
         while len(peers) > self._max_peers:  # identities of gateways that reconnected
             peers.popitem(last=False)
@@ -575,6 +603,7 @@ class WorkerServer:
             list(engine.models),
             self.max_inflight,
             self.control_endpoint,  # as bound: a gateway puts its own host for a wildcard
+            self.host if "tensor_shm" in caps else "",
         )
         self._reply(sock, peer, ack)
         if self.draining:  # a gateway that (re)connects during a drain learns it at once
@@ -600,16 +629,28 @@ class WorkerServer:
             why = f"{len(self._jobs)} requests in flight (max_inflight={self.max_inflight})"
         elif msg.timeout_s is not None and msg.timeout_s <= 0:
             code, why = FailureCode.TIMEOUT, "the request's deadline passed before it arrived"
-        elif msg.tensors and any(ref.shm is not None for ref in msg.tensors):
-            code = FailureCode.UNSUPPORTED  # it never offers tensor_shm: no frame to read
-            why = "this worker takes tensors as payload frames, not in shared memory"
+        elif (
+            msg.tensors
+            and not self._peers[peer].shm
+            and any(ref.shm is not None for ref in msg.tensors)
+        ):
+            code = FailureCode.UNSUPPORTED  # no frame to read, and no segment it can open
+            why = "this worker shares no host with the gateway: tensors must come as frames"
         else:
-            tensors = tuple(payload[ref.frame] for ref in msg.tensors)
-            job = _Job(peer, rid, type(msg), msg.timeout_s, self._peers[peer].outbox)
-            self._jobs[rid] = job
-            self.stats["requests"] += 1
-            self._jobs_nursery.start_soon(self._run_job, sock, job, EngineRequest(msg, tensors))
-            return
+            info = self._peers[peer]
+            job = _Job(peer, rid, type(msg), msg.timeout_s, info.outbox)
+            job.shm = info.shm
+            try:
+                tensors = _received_tensors(msg.tensors, payload, job.mapped)
+            except ShmError as exc:
+                _close_all(job.mapped)
+                code, why = FailureCode.BAD_REQUEST, f"a tensor in shared memory: {exc}"
+            else:
+                self._jobs[rid] = job
+                self.stats["requests"] += 1
+                req = EngineRequest(msg, tensors)
+                self._jobs_nursery.start_soon(self._run_job, sock, job, req)
+                return
         self.stats["rejected"] += 1
         self._reply(sock, peer, Failure.of(rid, code, why))
 
@@ -713,7 +754,7 @@ class WorkerServer:
                         await self._generate(sock, job, req)
                     elif job.kind is Prefill:
                         res = await self.engine.prefill(req)
-                        refs, frames = _tensor_frames(res.payload)
+                        refs, frames = await self._tensor_frames(job, res.payload)
                         done = PrefillDone(
                             rid, res.kv_transfer_params, res.usage, list(res.first_token_ids),
                             refs,
@@ -721,7 +762,7 @@ class WorkerServer:
                         await self._send(sock, job, done, frames)
                     else:
                         enc = await self.engine.encode(req)
-                        refs, frames = _tensor_frames(enc.payload)
+                        refs, frames = await self._tensor_frames(job, enc.payload)
                         done_e = EncodeDone(rid, list(enc.mm_hashes), enc.ec_transfer_params, refs)
                         await self._send(sock, job, done_e, frames)
                     completed = True
@@ -751,6 +792,8 @@ class WorkerServer:
             )
         finally:
             del self._jobs[rid]
+            del req
+            _close_all(job.mapped)  # the engine is done with the segments it was handed
             if not completed:
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + self.abort_timeout_s
@@ -839,6 +882,30 @@ class WorkerServer:
         await self._send_now(sock, job.peer, encode_frames(msg, payload, envelope=(job.peer,)))
         if then is not None:
             await self._send_now(sock, job.peer, encode_frames(then, envelope=(job.peer,)))
+
+    async def _tensor_frames(
+        self, job: _Job, payload: Sequence[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """An engine's hand-off arrays as the answer's ``tensors`` and payload frames
+        (zero-copy views; bytes-like items travel as uint8). For a gateway on this host, the
+        ones of at least ``shm_threshold`` bytes go into a shared-memory segment (copied in a
+        worker thread) and travel as its handle."""
+        refs: list[Any] = []
+        frames: list[Any] = []
+        for item in payload:
+            array = item if isinstance(item, np.ndarray) else np.frombuffer(item, dtype=np.uint8)
+            threshold = self.shm_threshold
+            if job.shm and threshold is not None and array.nbytes >= threshold:
+                if self._shm_pool is None:
+                    self._shm_pool = ShmPool()
+                handle = await trio.to_thread.run_sync(self._shm_pool.put, array)
+                wire = WireShmHandle(handle.name, handle.size, handle.header, handle.generation)
+                refs.append(TensorRef(0, handle.header, wire))
+            else:
+                (ref,), (frame,) = pack_tensors([array], first_frame=len(frames))
+                refs.append(ref)
+                frames.append(frame)
+        return refs, frames
 
     async def _send_now(self, sock: ZmqSocket, peer: bytes, frames: list[Any]) -> None:
         try:
@@ -1016,13 +1083,23 @@ class WorkerServer:
         )
 
 
-def _tensor_frames(payload: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """An engine's hand-off arrays as the answer's ``tensors`` and payload frames (zero-copy
-    views); bytes-like items travel as uint8 arrays."""
-    if not payload:
-        return [], []
-    arrays = [
-        item if isinstance(item, np.ndarray) else np.frombuffer(item, dtype=np.uint8)
-        for item in payload
-    ]
-    return pack_tensors(arrays)
+def _received_tensors(
+    refs: Sequence[TensorRef], payload: Sequence[Any], mapped: list[Callable[[], None]]
+) -> tuple[Any, ...]:
+    """A request's tensors as buffers: its payload frames, or the shared-memory segments its
+    refs name, mapped read-only (their closers go to ``mapped``). Raises ShmError."""
+    out = []
+    for ref in refs:
+        if ref.shm is None:
+            out.append(payload[ref.frame])
+        else:
+            buffer, close = map_shm(ref.shm, populate=False)
+            mapped.append(close)
+            out.append(buffer)
+    return tuple(out)
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    for close in closers:
+        close()
+    closers.clear()

@@ -94,6 +94,7 @@ from ...protocol.messages import (
     encode_frames,
 )
 from ...protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
+from ..shm import host_id as shm_host_id
 from .socket import CHECKPOINT_EVERY, DEFAULT_HWM, SendBlocked, ZmqSocket
 from .wakeup import Wakeup
 
@@ -167,11 +168,12 @@ class Session:
         "max_inflight",
         "models",
         "roles",
+        "shm",
         "version",
         "worker_id",
     )
 
-    def __init__(self, ack: RegisterAck) -> None:
+    def __init__(self, ack: RegisterAck, host: str = "") -> None:
         self.version = ack.version
         self.capabilities = frozenset(ack.capabilities)
         self.worker_id = ack.worker_id
@@ -179,6 +181,9 @@ class Session:
         self.roles = tuple(ack.roles)
         self.models = tuple(ack.models)
         self.max_inflight = ack.max_inflight
+        #: big tensors may travel as shared-memory handles: both sides agreed on tensor_shm
+        #: and share a host (``host``: this side's ``shm.host_id()``)
+        self.shm = "tensor_shm" in self.capabilities and bool(host) and ack.host == host
 
     def __repr__(self) -> str:
         return (
@@ -306,6 +311,7 @@ class RpcChannel:
         self.stream_buffer = stream_buffer
         self.max_inflight = max_inflight
         self.capabilities = capabilities
+        self._host = shm_host_id() if "tensor_shm" in capabilities else ""
         self._ctx = ctx
         self._hwm = hwm
         self._max_msg_size = max_msg_size
@@ -889,7 +895,7 @@ class RpcChannel:
             control = _resolve_control(ack.control_endpoint, self.endpoint)
             if control != self.control_endpoint or self._control_cancel is None:
                 self._start_control_socket(control)
-        self.session = Session(ack)
+        self.session = Session(ack, self._host)
         self._batching = self._outbox.batching = "batch" in self.session.capabilities
         self.draining = False
         self.stats["sessions"] += 1
@@ -1004,6 +1010,7 @@ class RpcChannel:
                 MIN_PROTOCOL_VERSION,
                 PROTOCOL_VERSION,
                 sorted(self.capabilities),
+                self._host,
             )
         )
         if sent:
