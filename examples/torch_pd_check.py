@@ -36,6 +36,7 @@ from lmgw.config import (
     GatewayConfig,
     HealthConfig,
     ModelConfig,
+    NativeConfig,
     RoutingConfig,
     ServerConfig,
     WorkerConfig,
@@ -54,7 +55,8 @@ def spawn_worker(role: str, tokenizer_dir: str, ns: argparse.Namespace) -> tuple
             "--random-init", tokenizer_dir, "--served-model-name", MODEL,
             "--device", ns.device, "--dtype", ns.dtype, "--layers", str(ns.layers),
             "--hidden", str(ns.hidden), "--heads", str(ns.heads), "--seed", "0",
-            "--bind", "tcp://127.0.0.1:0", "--control-bind", "auto"]  # fmt: skip
+            "--bind", "tcp://127.0.0.1:0", "--control-bind", "auto",
+            "--shm-threshold", str(ns.shm_threshold)]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("READY "):
@@ -63,8 +65,11 @@ def spawn_worker(role: str, tokenizer_dir: str, ns: argparse.Namespace) -> tuple
     return proc, "zmq+" + line.split()[1]
 
 
-def gateway_config(flow: str, workers: list[tuple[str, str]], tokenizer_dir: str) -> GatewayConfig:
+def gateway_config(
+    flow: str, workers: list[tuple[str, str]], tokenizer_dir: str, shm_threshold: int
+) -> GatewayConfig:
     return GatewayConfig(
+        native=NativeConfig(shm_threshold_bytes=shm_threshold),
         server=ServerConfig(port=0),
         health=HealthConfig(native_heartbeat_interval_s=0.5, native_heartbeat_timeout_s=30.0),
         routing=RoutingConfig(policy="round_robin"),
@@ -120,8 +125,10 @@ def reference(prompt_ids: list[list[int]], tokenizer_dir: str, ns: argparse.Name
 
 
 async def check(ns: argparse.Namespace, tokenizer_dir: str, urls: dict[str, str]) -> dict:
-    gw_merged = Gateway(gateway_config("pd", [("pd", urls["pd"])], tokenizer_dir))
-    gw_split = Gateway(gateway_config("p/d", [("p", urls["p"]), ("d", urls["d"])], tokenizer_dir))
+    shm = ns.shm_threshold
+    gw_merged = Gateway(gateway_config("pd", [("pd", urls["pd"])], tokenizer_dir, shm))
+    split_workers = [("p", urls["p"]), ("d", urls["d"])]
+    gw_split = Gateway(gateway_config("p/d", split_workers, tokenizer_dir, shm))
     text = load_model_texts([ModelConfig(name=MODEL, tokenizer=tokenizer_dir)])[MODEL]
     lengths = [1, 3, 10, 30, 100, 300][: ns.prompts]
     async with trio.open_nursery() as nursery:
@@ -148,8 +155,13 @@ async def check(ns: argparse.Namespace, tokenizer_dir: str, urls: dict[str, str]
             row["split_streamed"] = streamed
             rows.append(row)
         handoff = dict(gw_split.metrics.handoff_bytes.values)
+        by_shm = all(w.channel.session.shm for w in gw_split.registry)
         nursery.cancel_scope.cancel()
-    return {"rows": rows, "handoff_bytes": {k[0]: v for k, v in handoff.items()}}
+    return {
+        "rows": rows,
+        "handoff_bytes": {k[0]: v for k, v in handoff.items()},
+        "shared_memory": by_shm,
+    }
 
 
 def main() -> int:
@@ -162,6 +174,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--shm-threshold",
+        type=int,
+        default=16 << 20,
+        help="native.shm_threshold_bytes (0: the KV goes as frames through the gateway)",
+    )
     parser.add_argument("--out", default=None)
     ns = parser.parse_args()
     tokenizer_dir = str(model_files.default_model_dir())
@@ -201,7 +219,9 @@ def main() -> int:
         cells = [row["prompt_tokens"], same, streamed, row["hf_generate_equal"]]
         print(" ".join(f"{c!s:>{w}}" for c, w in zip(cells, (13, 15, 6, 14), strict=True)),
               f"{row['merged_s']:>9.3f} {row['split_s']:>8.3f}")  # fmt: skip
-    print("hand-off bytes through the gateway:", result["handoff_bytes"])
+    print("hand-off bytes through the gateway:", result["handoff_bytes"],
+          f"(shared memory from {ns.shm_threshold} bytes)" if result["shared_memory"]
+          else "(as frames)")  # fmt: skip
     kv = result["handoff_bytes"].get("kv", 0)
     per_token = kv / max(1, sum(r["prompt_tokens"] - 1 for r in result["rows"]) * (ns.repeats + 1))
     print(f"KV per prompt token: {per_token:.0f} bytes (layers x 2 x kv heads x head dim x size)")
