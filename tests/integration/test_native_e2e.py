@@ -219,6 +219,18 @@ async def engine_answer(messages: list[dict], **spec: Any) -> Any:
     return MockEngine(EngineConfig(seed=0)).generate(ids, SamplingSpec(**spec))
 
 
+async def media_round(url: str, engines: dict[str, list[Recording]]) -> list[int]:
+    """A chat with an image, not streamed then streamed, each answering the engine's text for
+    the prompt ids; returns how many tensors each prompt-stage request brought."""
+    stages = [e for role in ("p", "d", "pd") for e in engines.get(role, [])]
+    seen = [len(e.stage_tensors) for e in stages]
+    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
+    for stream in (False, True):
+        text, _, _ = await run(chat, url, WITH_IMAGE, stream)
+        assert text == media_text, ("media", stream)
+    return [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
+
+
 # -- every flow -------------------------------------------------------------------------------
 
 
@@ -257,14 +269,7 @@ async def test_every_flow_gives_the_http_simulators_text(
         assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
         assert sum(e.counters["kv_blocks_published"] for e in engines["p"]) > 0
 
-    stages = [e for role in ("p", "d", "pd") for e in engines.get(role, [])]
-    seen = [len(e.stage_tensors) for e in stages]
-    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
-    for stream in (False, True):
-        text, usage, _ = await run(chat, url, WITH_IMAGE, stream)
-        assert text == media_text, (flow, "media", stream)
-    # what the media requests' stages brought
-    tensors = [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
+    tensors = await media_round(url, engines)  # what the media requests' stages brought
     if "e" not in FLOWS[flow]:  # no encoder: the prompt's workers got the pixels themselves
         assert tensors and all(n == 1 for n in tensors), tensors
         return
@@ -308,19 +313,13 @@ async def test_handoffs_through_the_gateway_as_tensor_frames(
         assert handoff[("kv",)] > 0
         assert all(n == 1 for e in engines["d"] for n in e.stage_tensors)  # the KV tensor
 
-    stages = [e for role in ("p", "d", "pd") for e in engines.get(role, [])]
-    seen = [len(e.stage_tensors) for e in stages]
-    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
-    for stream in (False, True):
-        text, _, _ = await run(chat, url, WITH_IMAGE, stream)
-        assert text == media_text, (flow, "media", stream)
+    tensors = await media_round(url, engines)
     if "e" not in engines:
         return
     prompt_stage = engines["p" if "p" in engines else "pd"]
     assert sum(e.counters["embeddings_verified"] for e in prompt_stage) == 2  # from the tensor
     assert len([rec for e in engines["e"] for rec in e.encoded]) == 2  # no copy kept: encoded again
     assert handoff[("embeddings",)] > 0
-    tensors = [n for e, k in zip(stages, seen, strict=True) for n in e.stage_tensors[k:]]
     # P/PD: the embedding; D: the embedding and the KV
     assert sorted(set(tensors)) == ([1, 2] if "d" in engines else [1]), tensors
 
@@ -350,10 +349,7 @@ async def test_big_tensors_go_by_shared_memory_on_one_host(
     expected, _, _ = await run(chat, (await sim_worker(role="pd")).url, TEXT_ONLY, False)
     text, _, _ = await run(chat, url, TEXT_ONLY, True)
     assert text == expected
-    media_text = (await engine_answer(WITH_IMAGE, max_tokens=12, seed=3)).text
-    for stream in (False, True):
-        text, _, _ = await run(chat, url, WITH_IMAGE, stream)
-        assert text == media_text, stream
+    await media_round(url, engines)
     encodes = [rec for e in engines["e"] for rec in e.encoded]
     assert len(encodes) == 2 and all(np.array_equal(a[0], png_pixels()) for _, a in encodes)
     assert sum(e.shm_refs for e in engines["e"]) == 2  # the pixels
