@@ -789,6 +789,26 @@ async def test_tensors_in_shared_memory_from_a_gateway_on_this_host(
         raw.close()
 
 
+async def test_hand_offs_go_as_frames_when_dev_shm_is_full(
+    ctx: zmq.Context, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    server = await start_server(nursery, ctx, sim("e", handoff="gateway"), shm_threshold=1)
+    raw = Raw(ctx, server.endpoint)
+    try:
+        await raw.register(host=shm.host_id())
+        await raw.send(Encode("e-full", MODEL, [MediaItem("image", hash="cd" * 16)]))
+        done, payload = await raw.recv()
+        assert isinstance(done, EncodeDone) and done.tensors[0].shm is None
+        assert bytes(payload[0]) == derive_embedding("cd" * 16, "image", 256)
+        assert server.stats["shm_full"] == 1
+    finally:
+        raw.close()
+
+
 # == admission, drain, versions ================================================================
 
 

@@ -76,3 +76,22 @@ def test_a_pinned_segment_is_not_reused_until_released(pool: shm.ShmPool) -> Non
     assert pool.put(np.arange(100)).name == ref.shm.name
     with pytest.raises(shm.ShmError, match="stale"):
         pin([ref], [])
+
+
+async def test_a_full_dev_shm_sends_frames_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs pages are taken when a segment is made (``posix_fallocate``): a full ``/dev/shm``
+    (a container's 64 MiB) is an error there, not a SIGBUS in the middle of the copy, and the
+    tensor goes as a frame."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    with pytest.raises(shm.ShmError, match="no room"):
+        shm.ShmPool("hofull").put(np.zeros(1 << 20))
+    refs, frames = pack_tensors([np.ones(1 << 21)])  # bigger than any warm segment
+    fitted = await for_peer(refs, frames, shm=True, threshold=1)
+    assert fitted is not None
+    out, payload = fitted
+    assert out[0].shm is None and len(payload) == 1
+    np.testing.assert_array_equal(decode(out[0].header, payload[0]), np.ones(1 << 21))

@@ -223,7 +223,10 @@ class ShmTier(Tier):
         capacity = -(-meta.size // PAGE) * PAGE
         if len(meta_bytes) > MAX_META_BYTES or PAGE + capacity > self.budget_bytes:
             return False, []
-        seg = self._segment(capacity)
+        try:
+            seg = self._segment(capacity)
+        except _shm.ShmError:  # no room left in the tmpfs (its size, not this tier's budget)
+            return False, []
         evicted = self._make_room(seg.charge, collect)
         digest = _digest(key)
         try:

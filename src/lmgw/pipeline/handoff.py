@@ -11,6 +11,7 @@ as a frame.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -19,10 +20,10 @@ import trio
 
 from ..protocol.messages import ShmHandle as WireShmHandle
 from ..protocol.messages import TensorRef
-from ..transport.shm import default_pool, map_shm
-from ..transport.tensors import decode
 
 __all__ = ["for_peer", "pin", "relay_tensors", "release_pins", "tensor_bytes"]
+
+log = logging.getLogger("lmgw.pipeline")
 
 _THREAD_BYTES = 1 << 20
 """Copies at least this big run in a worker thread (the event loop keeps serving)."""
@@ -54,6 +55,8 @@ def pin(refs: Sequence[TensorRef], pins: list[Callable[[], None]]) -> None:
     segment that is already gone or reused."""
     for ref in refs:
         if ref.shm is not None:
+            from ..transport.shm import map_shm
+
             buffer, close = map_shm(ref.shm, populate=False)
             pins.append(partial(_unpin, buffer, close))  # the buffer keeps the mapping
 
@@ -95,8 +98,11 @@ async def for_peer(
     for ref in refs:
         if ref.shm is None:
             frame = payload[ref.frame]
+            moved = None
             if shm and memoryview(frame).nbytes >= threshold:
-                out.append(await _to_segment(ref.header, frame))
+                moved = await _to_segment(ref.header, frame)
+            if moved is not None:
+                out.append(moved)
             else:
                 out.append(TensorRef(len(frames), ref.header))
                 frames.append(frame)
@@ -108,14 +114,25 @@ async def for_peer(
     return out, frames
 
 
-async def _to_segment(header: bytes, frame: Any) -> TensorRef:
+async def _to_segment(header: bytes, frame: Any) -> TensorRef | None:
+    """The tensor copied into a segment of this process, or None when ``/dev/shm`` has no
+    room for it (it then goes as a frame)."""
+    from ..transport.shm import ShmError, default_pool
+    from ..transport.tensors import decode
+
     array = decode(header, frame)
-    handle = await trio.to_thread.run_sync(default_pool().put, array)
+    try:
+        handle = await trio.to_thread.run_sync(default_pool().put, array)
+    except ShmError as exc:
+        log.warning("a tensor of %d bytes sent as a frame: %s", array.nbytes, exc)
+        return None
     wire = WireShmHandle(handle.name, handle.size, handle.header, handle.generation)
     return TensorRef(0, handle.header, wire)
 
 
 async def _read_segment(handle: WireShmHandle) -> bytes:
+    from ..transport.shm import map_shm
+
     buffer, close = map_shm(handle, populate=False)
     try:
         if buffer.nbytes < _THREAD_BYTES:

@@ -83,8 +83,7 @@ from ..routing.policy import RouteContext
 from ..structured import FIELDS as STRUCTURED_FIELDS
 from ..structured import StructuredOutputError, structured_output
 from ..transport.openai_synth import OpenAISynth, token_id_name
-from ..transport.shm import DEFAULT_THRESHOLD as SHM_THRESHOLD
-from ..transport.shm import ShmError
+from ..transport.shm_host import DEFAULT_THRESHOLD as SHM_THRESHOLD
 from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
@@ -236,6 +235,10 @@ class NativeChannels:
         """Run the channels until cancelled. Reports started once every worker configured at
         start registered, or ``health.timeout_s`` passed (as the monitor's first round)."""
         self.registry.subscribe(self._on_change)
+        if self.shm_threshold_bytes:
+            from ..transport.shm import sweep_stale_segments
+
+            sweep_stale_segments()  # what gateways that died on this host left in /dev/shm
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             first, self._pending = self._pending, []
@@ -922,6 +925,8 @@ class NativeRunner:
         (:func:`.handoff.for_peer`). A hand-off segment that is gone is a 502."""
         if not msg.tensors:
             return msg, payload
+        from ..transport.shm import ShmError  # numpy: loaded with the first tensor
+
         session = chan.session
         try:
             fitted = await for_peer(

@@ -49,6 +49,7 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
+from lmgw.transport.shm_host import DEFAULT_DIR, DEFAULT_THRESHOLD, host_id
 from lmgw.transport.tensors import TensorFrameError, decode, encode
 
 __all__ = [
@@ -74,10 +75,7 @@ __all__ = [
     "use_shm",
 ]
 
-DEFAULT_THRESHOLD = 16 << 20
-"""Tensors at least this big go through shared memory when both ends share a host."""
 DEFAULT_PREFIX = "lmgw"
-DEFAULT_DIR = "/dev/shm"
 DATA_OFFSET = mmap.PAGESIZE
 """The control block takes the first page; data starts page-aligned after it."""
 GRANULE = 2 << 20
@@ -113,22 +111,6 @@ class ShmHandle(msgspec.Struct, frozen=True, array_like=True):
     size: Size
     header: bytes
     generation: Size = 0
-
-
-def host_id(directory: str = DEFAULT_DIR) -> str:
-    """Who can open this process's segments: the kernel's boot id and the tmpfs mount of
-    `directory` (its device and inode). Two processes with the same id share segments; a
-    container with its own ``/dev/shm`` or another machine has another. Empty when there is
-    no such directory (then nothing is shared)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        info = os.stat(directory)
-    except OSError:
-        return ""
-    if not stat.S_ISDIR(info.st_mode):
-        return ""
-    return f"{boot}:{info.st_dev:x}:{info.st_ino:x}"
 
 
 def use_shm(array_or_nbytes: np.ndarray | int, threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -178,6 +160,10 @@ def create_segment(
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows the name yet: never blocks
         os.ftruncate(fd, DATA_OFFSET + capacity)
+        try:  # take the pages now: a full tmpfs (a container's 64 MiB /dev/shm) is an error
+            os.posix_fallocate(fd, 0, DATA_OFFSET + capacity)  # here, not a SIGBUS at the copy
+        except OSError as exc:
+            raise ShmError(f"no room in {directory} for {capacity} bytes: {exc}") from None
         mm = mmap.mmap(fd, capacity, offset=DATA_OFFSET) if capacity else None
     except BaseException:
         os.close(fd)

@@ -369,6 +369,7 @@ class WorkerServer:
                 "batches_sent",
                 "batched_sent",
                 "batches_received",
+                "shm_full",  # hand-offs sent as frames: no room left in /dev/shm
             ),
             0,
         )
@@ -898,13 +899,18 @@ class WorkerServer:
             if job.shm and threshold is not None and array.nbytes >= threshold:
                 if self._shm_pool is None:
                     self._shm_pool = ShmPool()
-                handle = await trio.to_thread.run_sync(self._shm_pool.put, array)
-                wire = WireShmHandle(handle.name, handle.size, handle.header, handle.generation)
-                refs.append(TensorRef(0, handle.header, wire))
-            else:
-                (ref,), (frame,) = pack_tensors([array], first_frame=len(frames))
-                refs.append(ref)
-                frames.append(frame)
+                try:
+                    handle = await trio.to_thread.run_sync(self._shm_pool.put, array)
+                except ShmError as exc:  # no room in /dev/shm: the bytes go as a frame
+                    self.stats["shm_full"] += 1
+                    log.warning("hand-off of %d bytes sent as a frame: %s", array.nbytes, exc)
+                else:
+                    wire = WireShmHandle(handle.name, handle.size, handle.header, handle.generation)
+                    refs.append(TensorRef(0, handle.header, wire))
+                    continue
+            (ref,), (frame,) = pack_tensors([array], first_frame=len(frames))
+            refs.append(ref)
+            frames.append(frame)
         return refs, frames
 
     async def _send_now(self, sock: ZmqSocket, peer: bytes, frames: list[Any]) -> None:

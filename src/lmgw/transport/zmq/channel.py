@@ -94,7 +94,7 @@ from ...protocol.messages import (
     encode_frames,
 )
 from ...protocol.outbox import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_BYTES, Outbox
-from ..shm import host_id as shm_host_id
+from ..shm_host import host_id as shm_host_id
 from .socket import CHECKPOINT_EVERY, DEFAULT_HWM, SendBlocked, ZmqSocket
 from .wakeup import Wakeup
 
