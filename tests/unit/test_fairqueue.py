@@ -352,10 +352,11 @@ def test_pop_always_serves_a_least_charged_tenant(ops: list[tuple[str, str, floa
             q.push(w)
             waiting.append(w)
         elif op == "pop" and waiting:
-            counters = {w.queue.served for w in waiting if w.queue is not None}
+            counters = {w.queue: w.queue.served for w in waiting if w.queue is not None}
             w = q.pop()
             assert w in waiting
-            assert w.queue is not None and w.queue.served - w.cost == min(counters)
+            # its tenant's counter before the grant (after it: that plus the cost, in floats)
+            assert w.queue is not None and counters[w.queue] == min(counters.values())
             waiting.remove(w)
             granted.append(w)
         elif op == "charge" and granted:
