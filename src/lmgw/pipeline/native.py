@@ -820,7 +820,7 @@ class NativeRunner:
             outputs = await self._encode(greq, items)
             job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
             for i, (refs, payload) in sorted(outputs.items()):  # sent back: the item's tensor
-                pin(refs, job.pins)
+                _pin(refs, job.pins, "an encoder's output")
                 (index,) = relay_tensors(job.tensors, job.payload, refs, payload)
                 job.media[i] = WireMedia(items[i].kind, hash=items[i].hash, tensor=index)
             return
@@ -1071,7 +1071,10 @@ class NativeRunner:
             route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
             if done.tensors:
                 self.p.metrics.handoff_bytes.inc(("kv",), tensor_bytes(done.tensors, payload))
-                pin(done.tensors, job.pins)
+                try:
+                    _pin(done.tensors, job.pins, "the prefill's KV")
+                except GatewayError as exc:  # the worker's segment is gone: try another
+                    raise RpcError(FailureCode.ENGINE_ERROR, exc.message) from None
             return _HandOff(done.kv_transfer_params, done.tensors, payload)
 
         return await self._with_retries(greq, "p", route, leg)
@@ -1404,6 +1407,18 @@ class _HandOff:
         self.params = params
         self.refs = refs
         self.payload = payload
+
+
+def _pin(refs: Sequence[TensorRef], pins: list[Callable[[], None]], what: str) -> None:
+    """:func:`.handoff.pin`; a segment already gone (its worker died) is a 502."""
+    if not any(ref.shm is not None for ref in refs):
+        return
+    from ..transport.shm import ShmError
+
+    try:
+        pin(refs, pins)
+    except ShmError as exc:
+        raise GatewayError(502, f"{what} in shared memory was lost: {exc}") from None
 
 
 def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: str) -> None:
