@@ -95,3 +95,16 @@ async def test_a_full_dev_shm_sends_frames_instead(monkeypatch: pytest.MonkeyPat
     out, payload = fitted
     assert out[0].shm is None and len(payload) == 1
     np.testing.assert_array_equal(decode(out[0].header, payload[0]), np.ones(1 << 21))
+
+
+def test_a_hand_off_lost_before_the_gateway_pins_it_is_a_502() -> None:
+    from lmgw.errors import GatewayError
+    from lmgw.pipeline.native import _pin
+
+    gone = TensorRef(0, b"h", WireShmHandle("lmgw-1-999999-0", 16, b"h", 1))
+    with pytest.raises(GatewayError) as info:
+        _pin([gone], [], "the prefill's KV")
+    assert info.value.status == 502 and "the prefill's KV in shared memory was lost" in str(
+        info.value
+    )
+    _pin([TensorRef(0, b"h")], [], "frames only: nothing to pin")
