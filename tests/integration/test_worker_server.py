@@ -758,8 +758,9 @@ async def test_tensors_in_shared_memory_from_a_gateway_on_this_host(
 ) -> None:
     """A peer on this host (same host id at registration) may send a tensor as a segment
     handle: the engine reads the mapped bytes as it reads a frame, the worker unmaps them when
-    the job ends, and a handle it cannot open is the request's bad_request. The worker's own
-    big hand-offs go back the same way (threshold 1 byte here)."""
+    the job ends, and a handle it cannot open fails as engine_error (the hand-off is gone, not
+    the request's fault). The worker's own big hand-offs go back the same way (threshold 1
+    byte here)."""
     server = await start_server(nursery, ctx, sim("e", handoff="gateway"), shm_threshold=1)
     raw = Raw(ctx, server.endpoint)
     try:
@@ -783,7 +784,7 @@ async def test_tensors_in_shared_memory_from_a_gateway_on_this_host(
             gone = ShmHandle("rawgw-1-1-1", 16, h.header, 1)
             await raw.send(Encode("e-gone", MODEL, [item], tensors=[TensorRef(0, h.header, gone)]))
             refusal, _ = await raw.recv()
-            assert isinstance(refusal, Failure) and refusal.code == "bad_request"
+            assert isinstance(refusal, Failure) and refusal.code == "engine_error"
             assert "shared memory" in refusal.message
     finally:
         raw.close()

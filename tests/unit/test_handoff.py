@@ -7,7 +7,7 @@ import gc
 import numpy as np
 import pytest
 
-from lmgw.pipeline.handoff import for_peer, pin, relay_tensors, release_pins, tensor_bytes
+from lmgw.pipeline.handoff import Pins, for_peer, relay_tensors, tensor_bytes
 from lmgw.protocol.messages import ShmHandle as WireShmHandle
 from lmgw.protocol.messages import TensorRef
 from lmgw.transport import shm
@@ -66,16 +66,39 @@ async def test_for_peer_fits_tensors_to_the_peers_host(pool: shm.ShmPool) -> Non
 
 def test_a_pinned_segment_is_not_reused_until_released(pool: shm.ShmPool) -> None:
     ref = in_shm(pool, np.arange(100))
-    pins: list = []
-    pin([ref], pins)
+    pins = Pins()
+    pins.add([ref])
+    pins.add([ref])  # once per segment
     gc.collect()
     assert pool.put(np.arange(100)).name != ref.shm.name  # a reader holds it
-    release_pins(pins)
-    assert pins == []
+    pins.release()
+    assert pins.buffer(ref.shm) is None
     gc.collect()
     assert pool.put(np.arange(100)).name == ref.shm.name
     with pytest.raises(shm.ShmError, match="stale"):
-        pin([ref], [])
+        Pins().add([ref])
+
+
+async def test_a_held_segment_whose_file_is_gone_goes_as_a_frame(pool: shm.ShmPool) -> None:
+    """The prefill worker exited (its pool unlinked the file) between its answer and the
+    decode leg: the next worker could not open the handle, so the gateway sends the bytes
+    it still maps. Not held: the same is an error."""
+    kv = np.arange(64.0)
+    ref = in_shm(pool, kv)
+    pins = Pins()
+    pins.add([ref])
+    assert await for_peer([ref], [], shm=True, threshold=1, pins=pins) is None  # relayed as is
+    import os
+
+    os.unlink(os.path.join(shm.DEFAULT_DIR, ref.shm.name))
+    fitted = await for_peer([ref], [], shm=True, threshold=1, pins=pins)
+    assert fitted is not None
+    out, payload = fitted
+    assert out[0].shm is None
+    np.testing.assert_array_equal(decode(out[0].header, payload[0]), kv)
+    with pytest.raises(shm.ShmError, match="gone"):
+        await for_peer([ref], [], shm=True, threshold=1)
+    pins.release()
 
 
 async def test_a_full_dev_shm_sends_frames_instead(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,8 +126,8 @@ def test_a_hand_off_lost_before_the_gateway_pins_it_is_a_502() -> None:
 
     gone = TensorRef(0, b"h", WireShmHandle("lmgw-1-999999-0", 16, b"h", 1))
     with pytest.raises(GatewayError) as info:
-        _pin([gone], [], "the prefill's KV")
+        _pin([gone], Pins(), "the prefill's KV")
     assert info.value.status == 502 and "the prefill's KV in shared memory was lost" in str(
         info.value
     )
-    _pin([TensorRef(0, b"h")], [], "frames only: nothing to pin")
+    _pin([TensorRef(0, b"h")], Pins(), "frames only: nothing to pin")

@@ -12,16 +12,17 @@ as a frame.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import trio
 
 from ..protocol.messages import ShmHandle as WireShmHandle
 from ..protocol.messages import TensorRef
+from ..transport.shm_host import DEFAULT_DIR
 
-__all__ = ["for_peer", "pin", "relay_tensors", "release_pins", "tensor_bytes"]
+__all__ = ["Pins", "for_peer", "relay_tensors", "tensor_bytes"]
 
 log = logging.getLogger("lmgw.pipeline")
 
@@ -48,28 +49,41 @@ def relay_tensors(
     return list(range(first, len(tensors)))
 
 
-def pin(refs: Sequence[TensorRef], pins: list[Callable[[], None]]) -> None:
-    """Map the shared-memory segments of ``refs`` (no pages touched) and keep them mapped
-    until :func:`release_pins`: their sender cannot reuse a segment a reader holds, so every
-    leg the handle is relayed to, and a retry, reads this tensor. Raises ShmError for a
-    segment that is already gone or reused."""
-    for ref in refs:
-        if ref.shm is not None:
+class Pins:
+    """The shared-memory hand-offs one request relays, held mapped until it ends.
+
+    Their sender cannot reuse a segment a reader holds, so every leg a handle goes to (an
+    encoder output to P and D, each choice of ``n > 1``, a retried decode) reads this tensor.
+    And a segment whose file is gone by the time a leg is sent (its worker exited and
+    unlinked it) can still be read from the mapping held here and sent as a frame."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, memoryview, Callable[[], None]]] = {}
+
+    def add(self, refs: Sequence[TensorRef]) -> None:
+        """Map the segments of ``refs`` (no pages touched). Raises ShmError for a segment
+        that is already gone or reused."""
+        for ref in refs:
+            handle = ref.shm
+            if handle is None or self.buffer(handle) is not None:
+                continue
             from ..transport.shm import map_shm
 
-            buffer, close = map_shm(ref.shm, populate=False)
-            pins.append(partial(_unpin, buffer, close))  # the buffer keeps the mapping
+            buffer, close = map_shm(handle, populate=False)
+            self._held[handle.name] = (handle.generation, buffer, close)
 
+    def buffer(self, handle: WireShmHandle) -> memoryview | None:
+        """The held bytes of ``handle``'s tensor, or None."""
+        held = self._held.get(handle.name)
+        return held[1] if held is not None and held[0] == handle.generation else None
 
-def _unpin(buffer: memoryview, close: Callable[[], None]) -> None:
-    buffer.release()
-    close()
-
-
-def release_pins(pins: list[Callable[[], None]]) -> None:
-    for close in pins:
-        close()
-    pins.clear()
+    def release(self) -> None:
+        for _, buffer, close in self._held.values():
+            buffer.release()
+            close()
+        self._held.clear()
 
 
 def tensor_bytes(refs: Sequence[TensorRef], frames: Sequence[Any]) -> int:
@@ -80,15 +94,24 @@ def tensor_bytes(refs: Sequence[TensorRef], frames: Sequence[Any]) -> int:
 
 
 async def for_peer(
-    refs: Sequence[TensorRef], payload: Sequence[Any], *, shm: bool, threshold: int
+    refs: Sequence[TensorRef],
+    payload: Sequence[Any],
+    *,
+    shm: bool,
+    threshold: int,
+    pins: Pins | None = None,
 ) -> tuple[list[TensorRef], list[Any]] | None:
     """``refs`` over ``payload`` as a worker reads them: with ``shm`` (it shares this host),
-    frames of at least ``threshold`` bytes (0: none) copied into this process's segments;
-    without, segments read here into frames. None when nothing needs to change (the common
-    case: no copy, no new lists). Raises ShmError for a segment that is gone or stale."""
+    frames of at least ``threshold`` bytes (0: none) copied into this process's segments, and
+    handles relayed; without, segments read here into frames. A segment whose file is gone
+    goes as a frame from ``pins`` when held there. None when nothing needs to change (the
+    common case: no copy, no new lists). Raises ShmError for a segment that is gone and not
+    held, or stale."""
     if shm:
-        if not threshold or not any(
-            ref.shm is None and memoryview(payload[ref.frame]).nbytes >= threshold for ref in refs
+        if not any(
+            (ref.shm is None and threshold and memoryview(payload[ref.frame]).nbytes >= threshold)
+            or (ref.shm is not None and not _exists(ref.shm))
+            for ref in refs
         ):
             return None
     elif not any(ref.shm is not None for ref in refs):
@@ -99,19 +122,30 @@ async def for_peer(
         if ref.shm is None:
             frame = payload[ref.frame]
             moved = None
-            if shm and memoryview(frame).nbytes >= threshold:
+            if shm and threshold and memoryview(frame).nbytes >= threshold:
                 moved = await _to_segment(ref.header, frame)
             if moved is not None:
                 out.append(moved)
             else:
                 out.append(TensorRef(len(frames), ref.header))
                 frames.append(frame)
-        elif shm:
+        elif shm and _exists(ref.shm):
             out.append(ref)  # the worker opens the segment itself
         else:
-            frames.append(await _read_segment(ref.shm))
+            held = pins.buffer(ref.shm) if pins is not None else None
+            frames.append(await (_copy(held) if held is not None else _read_segment(ref.shm)))
             out.append(TensorRef(len(frames) - 1, ref.shm.header))
     return out, frames
+
+
+def _exists(handle: WireShmHandle) -> bool:
+    return os.path.exists(os.path.join(DEFAULT_DIR, handle.name))
+
+
+async def _copy(buffer: memoryview) -> bytes:
+    if buffer.nbytes < _THREAD_BYTES:
+        return bytes(buffer)
+    return await trio.to_thread.run_sync(bytes, buffer)
 
 
 async def _to_segment(header: bytes, frame: Any) -> TensorRef | None:
@@ -135,9 +169,7 @@ async def _read_segment(handle: WireShmHandle) -> bytes:
 
     buffer, close = map_shm(handle, populate=False)
     try:
-        if buffer.nbytes < _THREAD_BYTES:
-            return bytes(buffer)
-        return await trio.to_thread.run_sync(bytes, buffer)
+        return await _copy(buffer)
     finally:
         buffer.release()
         close()

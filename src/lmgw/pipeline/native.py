@@ -89,7 +89,7 @@ from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
 from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request
-from .handoff import for_peer, pin, relay_tensors, release_pins, tensor_bytes
+from .handoff import Pins, for_peer, relay_tensors, tensor_bytes
 from .request import GatewayRequest
 
 if TYPE_CHECKING:
@@ -575,9 +575,9 @@ class _Job:
         self.media: list[WireMedia] = []
         self.tensors: list[Any] = []
         self.payload: list[Any] = []
-        #: shared-memory hand-offs this request relays, held mapped until it ends (every leg
-        #: that gets one, a retry too, finds it unreused); shared with fan-out children
-        self.pins: list[Callable[[], None]] = []
+        #: the shared-memory hand-offs this request relays, held until it ends; shared with
+        #: fan-out children
+        self.pins = Pins()
 
 
 # -- the runner ---------------------------------------------------------------------------------
@@ -665,7 +665,7 @@ class NativeRunner:
             synth = self._synth(greq, job, text, obj)
             await self._answer(greq, responder, job, roles, route, synth, text)
         finally:
-            release_pins(job.pins)
+            job.pins.release()
 
     async def _fan_out(
         self,
@@ -884,13 +884,14 @@ class NativeRunner:
         route: RouteContext,
         msg: Any,
         payload: Sequence[Any] = (),
+        pins: Pins | None = None,
     ) -> tuple[Any, list[Any]]:
         """One intermediate leg (Encode, Prefill): its answer and the answer's payload frames,
         accounted like a dispatch."""
         p = self.p
         policy = p.policies[role]
         chan = worker.channel  # type: ignore[attr-defined]
-        msg, payload = await self._fit(chan, msg, payload)
+        msg, payload = await self._fit(chan, msg, payload, pins)
         p.registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -920,9 +921,12 @@ class NativeRunner:
             if ok:
                 p.registry.record_success(worker)
 
-    async def _fit(self, chan: RpcChannel, msg: Any, payload: Sequence[Any]) -> tuple[Any, Any]:
+    async def _fit(
+        self, chan: RpcChannel, msg: Any, payload: Sequence[Any], pins: Pins | None = None
+    ) -> tuple[Any, Any]:
         """``msg`` and ``payload`` with their tensors as the worker of ``chan`` reads them
-        (:func:`.handoff.for_peer`). A hand-off segment that is gone is a 502."""
+        (:func:`.handoff.for_peer`). A hand-off segment that is gone (and not held in
+        ``pins``) is a 502."""
         if not msg.tensors:
             return msg, payload
         from ..transport.shm import ShmError  # numpy: loaded with the first tensor
@@ -934,6 +938,7 @@ class NativeRunner:
                 payload,
                 shm=session is not None and session.shm,
                 threshold=self.shm_threshold,
+                pins=pins,
             )
         except ShmError as exc:
             raise GatewayError(502, f"a hand-off in shared memory was lost: {exc}") from None
@@ -1065,7 +1070,7 @@ class NativeRunner:
         )
 
         async def leg(worker: Worker) -> _HandOff:
-            done, payload = await self._call(greq, worker, "p", route, msg, job.payload)
+            done, payload = await self._call(greq, worker, "p", route, msg, job.payload, job.pins)
             if not isinstance(done, PrefillDone):
                 raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
             route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
@@ -1181,7 +1186,7 @@ class NativeRunner:
         for attempt in range(attempts):
             try:
                 await self._final(greq, responder, worker, role, route, msg, payload, synth,
-                                  continued, done_tokens)  # fmt: skip
+                                  continued, done_tokens, job.pins)  # fmt: skip
                 return
             except RpcError as exc:
                 tried += (worker,)
@@ -1210,6 +1215,7 @@ class NativeRunner:
         synth: OpenAISynth,
         continued: bool,
         done_tokens: int,
+        pins: Pins | None = None,
     ) -> None:
         """Send the Generate and answer the client from its events. Raises RpcError when it
         failed before anything reached the client, :class:`_Broken` after."""
@@ -1223,7 +1229,7 @@ class NativeRunner:
             _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
         if msg.kv_tensors:
             _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
-        msg, payload = await self._fit(chan, msg, payload)
+        msg, payload = await self._fit(chan, msg, payload, pins)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1409,14 +1415,14 @@ class _HandOff:
         self.payload = payload
 
 
-def _pin(refs: Sequence[TensorRef], pins: list[Callable[[], None]], what: str) -> None:
-    """:func:`.handoff.pin`; a segment already gone (its worker died) is a 502."""
+def _pin(refs: Sequence[TensorRef], pins: Pins, what: str) -> None:
+    """:meth:`.handoff.Pins.add`; a segment already gone (its worker died) is a 502."""
     if not any(ref.shm is not None for ref in refs):
         return
     from ..transport.shm import ShmError
 
     try:
-        pin(refs, pins)
+        pins.add(refs)
     except ShmError as exc:
         raise GatewayError(502, f"{what} in shared memory was lost: {exc}") from None
 

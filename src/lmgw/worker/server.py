@@ -645,7 +645,9 @@ class WorkerServer:
                 tensors = _received_tensors(msg.tensors, payload, job.mapped)
             except ShmError as exc:
                 _close_all(job.mapped)
-                code, why = FailureCode.BAD_REQUEST, f"a tensor in shared memory: {exc}"
+                # not the request's fault: its hand-off is gone (the sender exited): the
+                # gateway may still hold it, or try another worker
+                code, why = FailureCode.ENGINE_ERROR, f"a tensor in shared memory: {exc}"
             else:
                 self._jobs[rid] = job
                 self.stats["requests"] += 1
