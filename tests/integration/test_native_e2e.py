@@ -38,6 +38,7 @@ import pytest
 import trio
 from gateway_support import MODEL
 
+from lmgw.cache.config import CacheConfig
 from lmgw.config import (
     GatewayConfig,
     HealthConfig,
@@ -392,6 +393,36 @@ async def test_a_worker_on_another_host_gets_frames(nursery: trio.Nursery, sim_w
         text, _, _ = await run(chat, url, TEXT_ONLY, stream)
         assert text == expected
     assert far.shm_refs == 0 and far.counters["kv_blocks_verified"] > 0
+
+
+@pytest.mark.parametrize("shm", [0, 1], ids=["frames", "shm"])
+async def test_encoder_outputs_sent_back_are_kept_in_the_cache_pool(
+    nursery: trio.Nursery, shm: int
+) -> None:
+    """Encoders without shared storage send their outputs back; with a cache pool the gateway
+    keeps each one, so a repeated image skips E and the prompt stages get the kept output
+    (by frame; copied out of the encoder's segment when it came by shared memory, so the
+    encoder may reuse the segment)."""
+    engines: dict[str, list[Recording]] = {}
+    workers = []
+    for role, n in FLOWS["e+p+d"].items():
+        for _ in range(n):
+            engine, url = await start_worker(
+                nursery, role, server={"shm_threshold": shm or None}, handoff="gateway"
+            )
+            engines.setdefault(role, []).append(engine)
+            workers.append((role, url))
+    cfg = msgspec.structs.replace(
+        gateway_config(workers, "e+p+d"),
+        native=NativeConfig(shm_threshold_bytes=shm),
+        cache=CacheConfig(tiers=["memory"]),
+    )
+    gw, url = await start_gateway(nursery, cfg)
+    await media_round(url, engines)  # two requests with the same image
+    assert len([rec for e in engines["e"] for rec in e.encoded]) == 1  # the second skipped E
+    assert sum(e.counters["embeddings_verified"] for e in engines["p"]) == 2  # both by tensor
+    assert sum(e.counters["embeddings_verified"] for e in engines["d"]) == 2
+    assert gw.metrics.encoder_cache_hits.values[(MODEL,)] == 1
 
 
 class WithoutKvTensors(Recording):

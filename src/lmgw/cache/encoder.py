@@ -2,10 +2,12 @@
 
 A media item's encoder output is known in the pool as ``ec:{model}:{item key}`` (the item key is
 what the dialect routes the item by: its uuid, which the gateway pins to the content hash, or a
-hash of its URL; on the native protocol the content hash). Two writers:
+hash of its URL; on the native protocol the content hash). Three writers:
 
 * workers that hand encoder outputs through the pool (the simulators' ``--handoff pool``) put
   the embedding itself there, and the P/PD worker reads it back;
+* native encoders that send their outputs back through the gateway: the gateway keeps them
+  there (:meth:`PooledEncodedItems.keep`) and hands them to the prompt stage on a repeat;
 * otherwise, after an encoder leg succeeds, the gateway puts a small note (an empty value with
   the encoder's id as producer and the ``media.encoder_cache_ttl_s`` lifetime): the engine's own
   encoder cache (vLLM's EC connector storage) holds the output.
@@ -17,6 +19,7 @@ so does every other gateway replica and a gateway that restarted.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from .api import CachePool
 
@@ -56,6 +59,24 @@ class PooledEncodedItems:
         name = encoder_key(model, key)
         if not await self.pool.contains(name):
             await self.pool.put(name, NOTE, producer=producer, role="e", ttl_s=self.ttl_s)
+
+    async def keep(self, model: str, key: str | None, output: Any, producer: str) -> None:
+        """An encoder ``output`` (an array) that came back through the gateway (native
+        encoders without shared storage): kept in the pool, so a repeat skips E and the
+        prompt stage gets the output from here (:meth:`outputs`)."""
+        if key and self.ttl_s:
+            await self.pool.put(
+                encoder_key(model, key), output, producer=producer, role="e", ttl_s=self.ttl_s
+            )
+
+    async def outputs(self, model: str, keys: Iterable[str]) -> dict[str, Any]:
+        """The outputs the gateway kept among ``keys`` (arrays, from :meth:`keep`); a note, or
+        a worker's own output (bytes it reads back itself), is left out."""
+        wanted = {encoder_key(model, k): k for k in keys if k}
+        if not wanted:
+            return {}
+        found = await self.pool.get_many(list(wanted))
+        return {wanted[k]: v for k, v in found.items() if not isinstance(v, bytes)}
 
     def __len__(self) -> int:  # (the in-process set reports its size; the pool has metrics)
         return 0

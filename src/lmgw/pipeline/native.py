@@ -817,12 +817,27 @@ class NativeRunner:
         if not items:
             return
         if "e" in roles:
-            outputs = await self._encode(greq, items)
+            outputs, held = await self._encode(greq, items)
             job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
+            cache = self.p.disagg.encoded
+            keeps = hasattr(cache, "keep")  # the cache pool: outputs are kept for repeats
             for i, (refs, payload) in sorted(outputs.items()):  # sent back: the item's tensor
                 _pin(refs, job.pins, "an encoder's output")
                 (index,) = relay_tensors(job.tensors, job.payload, refs, payload)
                 job.media[i] = WireMedia(items[i].kind, hash=items[i].hash, tensor=index)
+                if keeps:
+                    output = _output_array(refs[0], payload, job.pins)
+                    await cache.keep(greq.model, items[i].hash, output, "gateway")
+            if held and keeps:  # repeats: the outputs kept from an earlier request
+                from ..transport.tensors import pack_tensors
+
+                kept = await cache.outputs(greq.model, [items[i].hash for i in held])
+                for i in held:
+                    output = kept.get(items[i].hash)
+                    if output is not None:
+                        refs, frames = pack_tensors([output])
+                        (index,) = relay_tensors(job.tensors, job.payload, refs, frames)
+                        job.media[i] = WireMedia(items[i].kind, hash=items[i].hash, tensor=index)
             return
         # no encoder stage: the prompt's first worker encodes the raw media itself (no hash:
         # a hashed item with a tensor would claim to be an encoder output)
@@ -988,12 +1003,13 @@ class NativeRunner:
 
     async def _encode(
         self, greq: GatewayRequest, items: Sequence[Any]
-    ) -> dict[int, tuple[list[TensorRef], list[Any]]]:
+    ) -> tuple[dict[int, tuple[list[TensorRef], list[Any]]], list[int]]:
         """One Encode per item not recently encoded, concurrently; each on the encoder its
         hash routes to, with the item's tensor as a payload frame. Returns the outputs the
-        encoders sent back (item index -> ref and frame); an item's output kept by its encoder
-        (shared storage) is remembered, so a repeat skips E; one sent back is not, since the
-        gateway keeps no copy."""
+        encoders sent back (item index -> refs and frames) and the indexes of the items that
+        skipped E. An item's output kept by its encoder (shared storage) is remembered, so a
+        repeat skips E; one sent back is remembered only where the gateway keeps a copy (the
+        cache pool: :meth:`PooledEncodedItems.keep`)."""
         from ..transport.tensors import pack_tensors
 
         outputs: dict[int, tuple[list[TensorRef], list[Any]]] = {}
@@ -1049,7 +1065,8 @@ class NativeRunner:
             async with trio.open_nursery() as nursery:
                 for i, item in todo:
                     nursery.start_soon(one, i, item)
-        return outputs
+        skipped = {i for i, _ in todo}
+        return outputs, [i for i in range(len(items)) if i not in skipped]
 
     async def _prefill(
         self,
@@ -1413,6 +1430,22 @@ class _HandOff:
         self.params = params
         self.refs = refs
         self.payload = payload
+
+
+def _output_array(ref: TensorRef, payload: Sequence[Any], pins: Pins) -> Any:
+    """An encoder output the gateway relays, as an array the cache pool may keep: a view of
+    its frame, or a copy of its shared-memory segment (a view would hold the segment, and its
+    encoder could never reuse it)."""
+    import numpy as np
+
+    from ..transport.tensors import decode
+
+    if ref.shm is None:
+        return decode(ref.header, payload[ref.frame])
+    buffer = pins.buffer(ref.shm)
+    if buffer is None:  # pinned above, so not reached; never keep what cannot be read
+        raise GatewayError(502, "an encoder's output in shared memory was lost")
+    return np.array(decode(ref.shm.header, buffer))
 
 
 def _pin(refs: Sequence[TensorRef], pins: Pins, what: str) -> None:
