@@ -156,10 +156,14 @@ async def check(ns: argparse.Namespace, tokenizer_dir: str, urls: dict[str, str]
             rows.append(row)
         handoff = dict(gw_split.metrics.handoff_bytes.values)
         by_shm = all(w.channel.session.shm for w in gw_split.registry)
+        by_kind: dict[str, float] = {}
+        for (kind, _via), nbytes in handoff.items():
+            by_kind[kind] = by_kind.get(kind, 0) + nbytes
         nursery.cancel_scope.cancel()
     return {
         "rows": rows,
-        "handoff_bytes": {k[0]: v for k, v in handoff.items()},
+        "handoff_bytes": by_kind,
+        "handoff_bytes_by_path": {f"{kind} {via}": v for (kind, via), v in handoff.items()},
         "shared_memory": by_shm,
     }
 

@@ -390,9 +390,10 @@ class Metrics:
             "lmgw_handoff_bytes_total",
             "Hand-off bytes that native workers sent through the gateway (kind: kv, a"
             " prefill's KV on its way to the decode worker; embeddings, an encoder's outputs on"
-            " their way to the prompt stage). Hand-offs through a side channel or shared"
+            " their way to the prompt stage), by how they came (via: frames, or shm: a"
+            " shared-memory handle on one host). Hand-offs through a side channel or shared"
             " storage are not counted.",
-            ("kind",),
+            ("kind", "via"),
         )
         for metric in (self.queue_time, self.encoder_cache_lookups, self.cache_hits,
                        self.cache_queries, self.routing_decisions, self.pool_events,

@@ -262,7 +262,9 @@ def test_simulate_over_zmq_serves_a_chat_with_an_image(handoff: str) -> None:
             assert json.load(resp)["choices"][0]["finish_reason"] in ("stop", "length")
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
-        relayed = re.findall(r'^lmgw_handoff_bytes_total\{kind="(\w+)"\} (\S+)$', metrics, re.M)
+        relayed = re.findall(
+            r'^lmgw_handoff_bytes_total\{kind="(\w+)",via="frames"\} (\S+)$', metrics, re.M
+        )
         if handoff == "gateway":
             assert dict(relayed)["embeddings"] != "0", metrics
             assert "kv" in dict(relayed)

@@ -311,7 +311,7 @@ async def test_handoffs_through_the_gateway_as_tensor_frames(
     handoff = gw.metrics.handoff_bytes.values
     if "d" in engines:
         assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
-        assert handoff[("kv",)] > 0
+        assert handoff[("kv", "frames")] > 0
         assert all(n == 1 for e in engines["d"] for n in e.stage_tensors)  # the KV tensor
 
     tensors = await media_round(url, engines)
@@ -320,7 +320,7 @@ async def test_handoffs_through_the_gateway_as_tensor_frames(
     prompt_stage = engines["p" if "p" in engines else "pd"]
     assert sum(e.counters["embeddings_verified"] for e in prompt_stage) == 2  # from the tensor
     assert len([rec for e in engines["e"] for rec in e.encoded]) == 2  # no copy kept: encoded again
-    assert handoff[("embeddings",)] > 0
+    assert handoff[("embeddings", "frames")] > 0
     # P/PD: the embedding; D: the embedding and the KV
     assert sorted(set(tensors)) == ([1, 2] if "d" in engines else [1]), tensors
 
@@ -360,7 +360,8 @@ async def test_big_tensors_go_by_shared_memory_on_one_host(
     if "d" in engines:  # the KV (P's segments), and the embeddings again
         assert sum(e.counters["kv_blocks_verified"] for e in engines["d"]) > 0
         assert sum(e.shm_refs for e in engines["d"]) == 1 + 2 * 2
-    assert gw.metrics.handoff_bytes.values[("embeddings",)] > 0
+    assert gw.metrics.handoff_bytes.values[("embeddings", "shm")] > 0
+    assert ("embeddings", "frames") not in gw.metrics.handoff_bytes.values
 
     # one encoder output relayed to 3 choices' legs (6 with P and D): the gateway holds the
     # segment until the request ends, so no leg finds it reused by the encoder's next put

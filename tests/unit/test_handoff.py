@@ -7,7 +7,7 @@ import gc
 import numpy as np
 import pytest
 
-from lmgw.pipeline.handoff import Pins, for_peer, relay_tensors, tensor_bytes
+from lmgw.pipeline.handoff import Pins, bytes_by_path, for_peer, relay_tensors
 from lmgw.protocol.messages import ShmHandle as WireShmHandle
 from lmgw.protocol.messages import TensorRef
 from lmgw.transport import shm
@@ -34,7 +34,7 @@ def test_relay_appends_frames_zero_copy_and_handles_as_they_are(pool: shm.ShmPoo
     assert payload[1] is frames[1] and payload[2] is frames[0]
     assert [t.frame for t in tensors] == [0, 1, 0, 2] and tensors[2] is handle
     np.testing.assert_array_equal(decode(tensors[3].header, payload[2]), np.arange(4))
-    assert tensor_bytes(tensors[1:], payload) == 32 + 24 + 32
+    assert bytes_by_path(tensors[1:], payload) == {"frames": 32 + 32, "shm": 24}
 
 
 async def test_for_peer_changes_nothing_it_need_not() -> None:

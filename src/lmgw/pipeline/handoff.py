@@ -22,7 +22,7 @@ from ..protocol.messages import ShmHandle as WireShmHandle
 from ..protocol.messages import TensorRef
 from ..transport.shm_host import DEFAULT_DIR
 
-__all__ = ["Pins", "for_peer", "relay_tensors", "tensor_bytes"]
+__all__ = ["Pins", "bytes_by_path", "for_peer", "relay_tensors"]
 
 log = logging.getLogger("lmgw.pipeline")
 
@@ -86,11 +86,16 @@ class Pins:
         self._held.clear()
 
 
-def tensor_bytes(refs: Sequence[TensorRef], frames: Sequence[Any]) -> int:
-    """The bytes of ``refs``: their payload frames', or their shared-memory data sizes."""
-    return sum(
-        memoryview(frames[ref.frame]).nbytes if ref.shm is None else ref.shm.size for ref in refs
-    )
+def bytes_by_path(refs: Sequence[TensorRef], frames: Sequence[Any]) -> dict[str, int]:
+    """The bytes of ``refs`` by how they came: ``frames`` (their payload frames) and ``shm``
+    (their segments' data sizes)."""
+    out = {"frames": 0, "shm": 0}
+    for ref in refs:
+        if ref.shm is None:
+            out["frames"] += memoryview(frames[ref.frame]).nbytes
+        else:
+            out["shm"] += ref.shm.size
+    return out
 
 
 async def for_peer(

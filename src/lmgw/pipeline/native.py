@@ -89,7 +89,7 @@ from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
 from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request
-from .handoff import Pins, for_peer, relay_tensors, tensor_bytes
+from .handoff import Pins, bytes_by_path, for_peer, relay_tensors
 from .request import GatewayRequest
 
 if TYPE_CHECKING:
@@ -962,6 +962,11 @@ class NativeRunner:
         refs, frames = fitted
         return msgspec.structs.replace(msg, tensors=refs), frames
 
+    def _count_handoff(self, kind: str, refs: Sequence[TensorRef], frames: Sequence[Any]) -> None:
+        for via, nbytes in bytes_by_path(refs, frames).items():
+            if nbytes:
+                self.p.metrics.handoff_bytes.inc((kind, via), nbytes)
+
     def _failed(self, worker: Worker, role: str, exc: RpcError) -> None:
         kind = "timeout" if exc.code is FailureCode.TIMEOUT else "transport"
         self.p.metrics.upstream_errors.inc((role, worker.id, kind))
@@ -1053,9 +1058,7 @@ class NativeRunner:
                         f"an encoder sent {len(done.tensors)} outputs for one media item",
                     )
                 outputs[i] = (done.tensors, payload)
-                self.p.metrics.handoff_bytes.inc(
-                    ("embeddings",), tensor_bytes(done.tensors, payload)
-                )
+                self._count_handoff("embeddings", done.tensors, payload)
             else:
                 await cache.remember(greq.model, item.hash, encoder[0] if encoder else "")
 
@@ -1092,7 +1095,7 @@ class NativeRunner:
                 raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
             route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
             if done.tensors:
-                self.p.metrics.handoff_bytes.inc(("kv",), tensor_bytes(done.tensors, payload))
+                self._count_handoff("kv", done.tensors, payload)
                 try:
                     _pin(done.tensors, job.pins, "the prefill's KV")
                 except GatewayError as exc:  # the worker's segment is gone: try another
