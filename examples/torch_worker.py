@@ -11,6 +11,22 @@ vLLM workers do not need this (``python -m lmgw.worker --engine vllm``: NIXL mov
     python examples/torch_worker.py --role p --model PATH --device cuda --dtype bfloat16
     python examples/torch_worker.py --role d --random-init TOKENIZER_DIR --layers 4 --seed 0
 
+In front of them, ``lmgw serve --config lmgw.toml`` with (the gateway renders and tokenizes
+for native workers, so it needs the model's tokenizer folder)::
+
+    [[models]]
+    name = "torch-llm"          # --served-model-name
+    flow = "p/d"
+    tokenizer = "PATH"          # the model folder
+
+    [[workers]]
+    url = "zmq+tcp://127.0.0.1:7001"   # the p worker's --bind
+    role = "p"
+
+    [[workers]]
+    url = "zmq+tcp://127.0.0.1:7002"   # the d worker's
+    role = "d"
+
 ``--random-init DIR`` builds a small Llama with seeded random weights and the vocabulary of
 the tokenizer in DIR (every process with the same flags holds the same model), so the
 disaggregated flow can be checked end to end on a GPU without downloading a model
