@@ -42,6 +42,8 @@ class PooledEncodedItems:
     def __init__(self, pool: CachePool, ttl_s: float) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
+        #: :meth:`keep` holds outputs (the runner copies them out of shared memory only then)
+        self.keeps_outputs = bool(ttl_s)
 
     async def holding(self, model: str, keys: Iterable[str | None]) -> set[str]:
         """The item keys among ``keys`` whose encoder output the pool knows of."""

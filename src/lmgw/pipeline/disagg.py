@@ -112,6 +112,15 @@ class EncodedItems:
     async def remember(self, model: str, key: str | None, producer: str) -> None:
         self.add(model, key, trio.current_time())
 
+    keeps_outputs = False
+    """Whether :meth:`keep` holds encoder outputs (here: no, it remembers names only)."""
+
+    async def keep(self, model: str, key: str | None, output: Any, producer: str) -> None:
+        """An output a native encoder sent back: not held here, so a repeat is encoded again."""
+
+    async def outputs(self, model: str, keys: Iterable[str]) -> dict[str, Any]:
+        return {}
+
 
 class DisaggRunner:
     """Runs one request through a multi-stage flow on behalf of :class:`Pipeline`."""

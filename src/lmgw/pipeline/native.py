@@ -820,7 +820,7 @@ class NativeRunner:
             outputs, held = await self._encode(greq, items)
             job.media = [WireMedia(item.kind, hash=item.hash) for item in items]
             cache = self.p.disagg.encoded
-            keeps = hasattr(cache, "keep")  # the cache pool: outputs are kept for repeats
+            keeps = cache.keeps_outputs  # the cache pool: outputs are kept for repeats
             for i, (refs, payload) in sorted(outputs.items()):  # sent back: the item's tensor
                 _pin(refs, job.pins, "an encoder's output")
                 (index,) = relay_tensors(job.tensors, job.payload, refs, payload)
@@ -906,7 +906,8 @@ class NativeRunner:
         p = self.p
         policy = p.policies[role]
         chan = worker.channel  # type: ignore[attr-defined]
-        msg, payload = await self._fit(chan, msg, payload, pins)
+        if msg.tensors:
+            msg, payload = await self._fit(chan, msg, payload, pins)
         p.registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -942,8 +943,6 @@ class NativeRunner:
         """``msg`` and ``payload`` with their tensors as the worker of ``chan`` reads them
         (:func:`.handoff.for_peer`). A hand-off segment that is gone (and not held in
         ``pins``) is a 502."""
-        if not msg.tensors:
-            return msg, payload
         from ..transport.shm import ShmError  # numpy: loaded with the first tensor
 
         session = chan.session
@@ -1249,7 +1248,8 @@ class NativeRunner:
             _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
         if msg.kv_tensors:
             _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
-        msg, payload = await self._fit(chan, msg, payload, pins)
+        if msg.tensors:  # (the common request has none: no call at all)
+            msg, payload = await self._fit(chan, msg, payload, pins)
         registry.acquire(worker)
         policy.on_dispatch(worker, route)
         ok = False
@@ -1446,8 +1446,7 @@ def _output_array(ref: TensorRef, payload: Sequence[Any], pins: Pins) -> Any:
     if ref.shm is None:
         return decode(ref.header, payload[ref.frame])
     buffer = pins.buffer(ref.shm)
-    if buffer is None:  # pinned above, so not reached; never keep what cannot be read
-        raise GatewayError(502, "an encoder's output in shared memory was lost")
+    assert buffer is not None  # the caller pinned it
     return np.array(decode(ref.shm.header, buffer))
 
 
