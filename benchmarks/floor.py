@@ -6,7 +6,9 @@ this script runs, against the same two workers and the same wrk load,
 
 * ``relay``: `floor_relay.py`, the smallest relay trio can run (one task and one upstream
   connection per client connection, Content-Length framing, nothing else), and
-* ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults,
+* ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults (the express lane
+  takes these requests: lmgw.pipeline.express), and
+* ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -45,7 +47,7 @@ RESULTS = HERE / "results"
 OUT_JSON = RESULTS / "floor.json"
 LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
-SYSTEMS = ("relay", "lmgw")
+SYSTEMS = ("relay", "lmgw", "lmgw-general")
 
 
 def _load_overhead() -> Any:
@@ -109,6 +111,10 @@ def start_system(
         argv = [sys.executable, str(HERE / "floor_relay.py"), str(port), *map(str, workers)]
     else:
         argv = oh.gateway_argv(port, [f"pd=http://127.0.0.1:{w}" for w in workers])
+        if name == "lmgw-general":
+            config = LOG_DIR / "general.toml"
+            config.write_text("[upstream]\nexpress_lane = false\n")
+            argv[2:2] = ["--config", str(config)]
     proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus)
     wait_answering(port)
     return proc, port
@@ -178,8 +184,15 @@ def syscalls(children: Any, ctx: dict[str, Any], name: str) -> dict[str, float]:
             counts[parts[-1]] = int(parts[3])
     # wrk's count covers a little less than strace's window: per request via the client sends
     # (one sendto per answered request in both systems)
-    n = max(counts.get("sendto", 0) / 2, 1) if name == "lmgw" else max(r["requests"], 1)
+    n = max(counts.get("sendto", 0) / 2, 1) if name != "relay" else max(r["requests"], 1)
     return {k: round(v / n, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[float]:
+    """CPU per request of ``a`` over ``b``, round by round (the same minutes of the box)."""
+    return [
+        x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(runs[a], runs[b], strict=True)
+    ]
 
 
 def main() -> int:
@@ -218,15 +231,17 @@ def main() -> int:
         name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "cpu_us_per_req")}
         for name, rs in runs.items()
     }
-    ratios = [
-        lm["cpu_us_per_req"] / rl["cpu_us_per_req"]
-        for lm, rl in zip(runs["lmgw"], runs["relay"], strict=True)
-    ]
+    ratios = paired(runs, "lmgw", "relay")
+    express = paired(runs, "lmgw", "lmgw-general")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
-    print(f"{'system':<8} {'req/s':>9} {'CPU µs/req':>11}")
+    print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
     for name in SYSTEMS:
-        print(f"{name:<8} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
+        print(f"{name:<13} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
     print(f"lmgw / relay CPU per request: x{statistics.median(ratios):.2f} (paired per round)")
+    print(
+        f"lmgw / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
+        " (paired per round)"
+    )
     for name, calls in counted.items():
         shown = ", ".join(f"{k} {v:g}" for k, v in list(calls.items())[:6])
         print(f"syscalls per request, {name}: {shown}")
@@ -245,6 +260,7 @@ def main() -> int:
                 "runs": runs,
                 "medians": med,
                 "lmgw_to_relay_paired": ratios,
+                "express_to_general_paired": express,
                 "syscalls_per_request": counted,
             },
             indent=2,

@@ -246,6 +246,11 @@ class Metrics:
             ("role", "worker"),
             collect=worker_requests,
         )
+        self.express = Counter(
+            "lmgw_express_requests_total",
+            "Requests served on the express lane (plain non-streamed, merged HTTP workers);"
+            " upstream.express_lane.",
+        )
         self.disconnects = Counter(
             "lmgw_client_disconnects_total",
             "Requests abandoned because the client went away.",
@@ -267,7 +272,7 @@ class Metrics:
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
-            self.worker_requests, self.disconnects, self.in_flight, self.healthy,
+            self.worker_requests, self.express, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the
         # Admission object, which sets their ``collect``; the request path only counts.

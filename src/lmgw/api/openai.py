@@ -27,6 +27,7 @@ from ..fairqueue import Waiter
 from ..http.types import Request, Responder, accepted_request_id
 from ..metrics import Counter
 from ..model_routes import ModelRoute
+from ..pipeline.express import run_express
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
 from .keepalive import KeepAliveResponder, with_keepalive
@@ -381,6 +382,15 @@ class OpenAIAPI:
                     self.gw.keys.check_priority(key, view.priority)
             if self.kv_accounting or (key is not None and key.tpm):  # usage and timing
                 responder = meter = UsageMeter(responder)
+            elif (
+                route is None
+                and trace is None
+                and not view.stream
+                and self._express(model, view.model, req.body, endpoint)
+                and self.admission.enter()
+            ):
+                await self._run_express(req, responder, model, endpoint, path, rid, forward, t0)
+                return
             served = [model]  # a model route's: the model tried last (for the metrics)
             if route is None:
                 serve = partial(self._serve_model, req, view, model, endpoint, path, rid,
@@ -404,6 +414,48 @@ class OpenAIAPI:
             raise
         finally:
             self.account(req, endpoint, model, status, t0, trace, meter)
+
+    def _express(self, model: str, asked: str | None, body: bytes, endpoint: str) -> bool:
+        """Whether this non-streamed request is plain (:mod:`lmgw.pipeline.express`): what
+        :meth:`_serve_model` would do to it before the pipeline, it would not do (no alias to
+        rename, media, tool loop, output parsing or context check), and the pipeline has the
+        lane for the model. Decided per request: tokenizers and fleets change at run time."""
+        if asked != model:
+            return False
+        gw = self.gw
+        if endpoint == "chat":
+            if self.tool_loop is not None or gw.output_parsers or self._native(model):
+                return False
+            if _MEDIA_MARK.search(body) and self._checks_media(model):
+                return False
+        text = gw.text_for(model)
+        if text is not None and text.validate_context:
+            return False
+        return gw.pipeline.express_for(model)
+
+    async def _run_express(
+        self,
+        req: Request,
+        responder: Responder,
+        model: str,
+        endpoint: str,
+        path: str,
+        rid: str,
+        forward: list[tuple[bytes, bytes]],
+        t0: float,
+    ) -> None:
+        """A plain request on the express lane, holding the admission slot taken already."""
+        admission = self.admission
+        try:
+            if admission.cap:
+                self.metrics.queue_time.observe((), 0.0)
+            body = req.body
+            await run_express(
+                self.gw.pipeline, responder, model, path, body, rid, forward,
+                partial(GatewayRequest, endpoint, path, model, False, body, rid, forward, t0),
+            )  # fmt: skip
+        finally:
+            admission.leave(t0)
 
     async def _serve_model(
         self,

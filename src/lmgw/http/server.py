@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import trio
 
+from .._fast.h1parse_py import RequestParts
 from ..errors import error_body
 from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
+from .h1parse import parse_request
 from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler, UpgradeRequest
 
 log = logging.getLogger("lmgw.http")
@@ -70,6 +72,18 @@ def build_head(status: int, headers: Headers, framing: bytes, keep_alive: bool) 
         parts.append(b"connection: close\r\n")
     parts.append(framing)
     return b"".join(parts)
+
+
+def _request(parts: RequestParts, client: str) -> Request:
+    """The :class:`Request` of a message :func:`parse_request` took (as H1Connection would
+    build it: an HTTP/1.1 request, no upgrade)."""
+    method, target, headers, body, keep_alive, _ = parts
+    q = target.find(b"?")
+    if q >= 0:
+        path, query = target[:q].decode("latin-1"), target[q + 1 :].decode("latin-1")
+    else:
+        path, query = target.decode("latin-1"), ""
+    return Request(method, path, query, headers, body, keep_alive, client, False)
 
 
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
@@ -510,8 +524,10 @@ class HTTPServer:
         stream = c.stream
         lim = self.limits
         conn = H1Connection(lim.max_header_bytes, lim.max_body_bytes, c.client)
+        max_head, max_body = lim.max_header_bytes, lim.max_body_bytes
         handler = self.handler
         busy = self._busy
+        answered = False
         while True:
             ev = conn.next_event()
             if ev is None:
@@ -520,15 +536,27 @@ class HTTPServer:
                     # is answered: the 100 goes out in order, and before we wait for the body
                     conn.continue_sent()
                     await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                data = await stream.receive_some(65536)
+                if answered:
+                    # The client reads our answer before it sends its next request: wait for
+                    # it first instead of failing a receive (and raising EAGAIN) every time.
+                    answered = False
+                    data = await stream.receive_reply(65536)
+                else:
+                    data = await stream.receive_some(65536)
                 if not data:
                     return
-                conn.receive_data(data)
-                state = conn.state
-                if state != c.phase:
-                    c.phase = state
-                    c.phase_since = _now()
-                continue
+                # A whole simple request in one read (nearly all of them) in one call; the
+                # rest, and any request that follows one split across reads, via httptools.
+                # (conn is idle here: no event queued, no message begun.)
+                parts = parse_request(data, max_head, max_body) if conn.state == IDLE else None
+                if parts is None:
+                    conn.receive_data(data)
+                    state = conn.state
+                    if state != c.phase:
+                        c.phase = state
+                        c.phase_since = _now()
+                    continue
+                ev = _request(parts, c.client)
             if ev.__class__ is not Request:  # (one test for the two rare kinds of event)
                 if isinstance(ev, ProtocolError):
                     with trio.move_on_after(1):
@@ -579,6 +607,7 @@ class HTTPServer:
                 )
             if not responder.keep_alive or self.draining:
                 return
+            answered = True
 
     async def _upgrade(self, c: _Conn, req: UpgradeRequest) -> None:
         """Hand the connection to the application's ``upgrade`` hook (a WebSocket). It is

@@ -35,7 +35,7 @@ from ..routing.placement import Placement, in_zone_of, zoned
 from ..routing.policy import Policy, RouteContext, RouteInfo, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
-from ..transport.pool import ConnectionPool, Origin, UpstreamError
+from ..transport.pool import ConnectionPool, Origin, Response, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
 from . import migration
@@ -101,6 +101,10 @@ class Pipeline:
         self.policies = policies
         self.metrics = metrics
         self.max_attempts = cfg.upstream.max_attempts
+        #: upstream.express_lane; requests it took (read at scrape time)
+        self.express_lane = cfg.upstream.express_lane
+        self.express_served = 0
+        metrics.express.collect = lambda: [((), float(self.express_served))]
         self.migrations = cfg.upstream.migrate_streams
         self.route_header = cfg.routing.route_header
         #: some policy learns from usage or predicts cached tokens: tap answers for usage
@@ -217,9 +221,26 @@ class Pipeline:
     def route_of(self, greq: GatewayRequest) -> RouteContext:
         """The routing context of a request the API gave none (no policy routes on its
         prompt or session): its model, and its LoRA adapter when affinity routes on it."""
-        model = greq.model
+        return self.context(greq.model, greq.request_id)
+
+    def context(self, model: str, request_id: str) -> RouteContext:
+        """The routing context of a request to ``model`` with nothing else to route on."""
         lora = model if self.lora_affinity and self.is_lora(model) else None
-        return RouteContext(model, greq.request_id, lora=lora)
+        return RouteContext(model, request_id, lora=lora)
+
+    def express_for(self, model: str) -> bool:
+        """Whether a plain non-streamed request to ``model`` may take the express lane
+        (:mod:`.express`): merged workers over HTTP and nothing that reads, taps or retimes
+        the exchange (prompt or session routing, prefix warming, usage audits, the route
+        header)."""
+        if not self.express_lane or self.route_keys or self.warmer is not None:
+            return False
+        if self.audits or self.route_header:
+            return False
+        if self.native.handles(model):
+            return False
+        dialect = self.dialects[model] if model in self.flows else self.default_dialect
+        return dialect is None
 
     def pick(self, model: str, role: str, ctx: RouteContext, near: Worker | None = None) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none.
@@ -307,18 +328,35 @@ class Pipeline:
             target = self.policies[role].warm_target(ctx)
             if target is not None:
                 self.warmer.submit(self, greq, target, ctx)
-        last = self.max_attempts - 1
-        tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         journal: list[bytes] | None = [] if greq.stream and self.migrations else None
         hedge = None if self.hedger is None else self.hedger.delay(greq)
+        await self.attempts(greq, responder, ctx, worker, journal, hedge)
+
+    async def attempts(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        ctx: RouteContext,
+        worker: Worker,
+        journal: list[bytes] | None = None,
+        hedge: float | None = None,
+        failure: GatewayError | None = None,
+    ) -> None:
+        """The merged flow's attempts: on ``worker``, then on others while a failure leaves
+        the request to retry. ``failure``: the first attempt already ran (the express lane,
+        :mod:`.express`) and failed so."""
+        role = "pd"
+        last = self.max_attempts - 1
+        tried: tuple[Worker, ...] = ()  # the empty tuple: no allocation on the success path
         for attempt in range(self.max_attempts):
-            failure = await self.dispatch(
-                greq, responder, role, worker, ctx, attempt < last,
-                greq.path, greq.forward_headers, greq.body, None, journal, hedge=hedge,
-            )  # fmt: skip
-            hedge = None  # the first attempt only
-            if failure is None:
-                return
+            if attempt or failure is None:
+                failure = await self.dispatch(
+                    greq, responder, role, worker, ctx, attempt < last,
+                    greq.path, greq.forward_headers, greq.body, None, journal, hedge=hedge,
+                )  # fmt: skip
+                hedge = None  # the first attempt only
+                if failure is None:
+                    return
             # the attempt's workers: a hedged one may have had two (dispatch sets them)
             tried += failure.workers or (worker,)
             if isinstance(failure, MidStream):
@@ -505,7 +543,6 @@ class Pipeline:
         ok = False
         labels = (role, worker.id)
         t0 = _now()
-        t_first = 0.0
         legs: tuple[Worker, ...] = (worker,)  # the workers this attempt used (hedged: two)
         try:
             # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
@@ -528,79 +565,15 @@ class Pipeline:
                 if won.resp is None:
                     raise won.error
                 resp = won.resp
-            try:
-                if resp.status >= 400:
-                    err = await openai_http.read_error(resp, worker)
-                    if resp.status >= 500:
-                        registry.record_failure(worker, err.message, eject=False)
-                        if may_retry:  # nothing reached the client: another worker may serve it
-                            err.workers = legs
-                            return err
-                    raise err
-                if gate is not None:
-                    rewrite = await gate()
-                elif greq.tap is not None:  # a pass-through answer read as it passes
-                    rewrite = greq.tap(worker)
-                else:
-                    rewrite = None
-                out = [(b"x-request-id", greq.request_id.encode())]
-                if greq.timings:
-                    out.append((b"server-timing", greq.server_timing()))
-                if self.route_header:
-                    out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
-                audit = self._audit(policy, worker, ctx, greq) if self.audits else None
-                if greq.stream and resp.content_type.startswith(b"text/event-stream"):
-                    hook = role in self.first_token_roles
-                    hedger = self.hedger if role == "pd" and splice is None else None
-
-                    def first_byte() -> None:
-                        nonlocal t_first
-                        t_first = _now()
-                        if splice is None:  # a continuation's first byte is not the TTFT
-                            metrics.ttft.observe((greq.model,), t_first - greq.t_start)
-                        metrics.stage_ttft.observe(labels, t_first - t0)
-                        if hook:  # this leg's prefill is over
-                            policy.on_first_token(worker, ctx)
-                        if hedger is not None:  # the adaptive hedging delay's sample
-                            hedger.observe(greq.model, t_first - t0)
-
-                    events_fix = _chain(audit, splice or (rewrite and rewrite.events))
-                    if greq.output is not None:  # after the splice: one parse state throughout
-                        events_fix = _chain(events_fix, greq.output.events)
-                    events = await openai_http.relay_sse(
-                        resp, responder, out, first_byte, events_fix, journal, self.stall_s,
-                    )  # fmt: skip
-                    if events > 1:
-                        tpot = (_now() - t_first) / (events - 1)
-                        metrics.stage_tpot.observe(labels, tpot)
-                        if splice is None:
-                            metrics.tpot.observe((greq.model,), tpot)
-                else:
-                    body_fix = _chain(audit, rewrite.body if rewrite else None)
-                    body_fix = _chain(body_fix, greq.usage_fill)
-                    if greq.output is not None:
-                        body_fix = _chain(body_fix, greq.output.body)
-                    await openai_http.relay_json(resp, responder, out, body_fix)
-                ok = True
-            finally:
-                resp.release()
+            failure = await self.answer(
+                greq, responder, resp, role, worker, ctx, legs, may_retry, t0, gate, journal,
+                splice,
+            )  # fmt: skip
+            if failure is not None:
+                return failure
+            ok = True
         except UpstreamError as exc:
-            kind = "timeout" if exc.status == 504 else "transport"
-            metrics.upstream_errors.inc((role, worker.id, kind))
-            registry.record_failure(worker, exc.message, eject=exc.retryable)
-            if responder.started:
-                if journal is not None:  # the caller continues the stream or ends it
-                    broken = MidStream(exc.status, exc.message)
-                    broken.workers = (worker,)  # the one whose stream broke (a hedge's winner)
-                    return broken
-                return None  # the stream already carries the error event
-            # nothing reached the client: another worker may take the whole request, unless
-            # this one merely timed out (a retry would double the load of a slow fleet)
-            if may_retry and (exc.retryable or exc.status != 504):
-                retry = GatewayError(exc.status, exc.message)
-                retry.workers = legs
-                return retry
-            raise GatewayError(exc.status, exc.message) from None
+            return self.failed(exc, responder, role, worker, legs, may_retry, journal)
         finally:
             metrics.stage.observe(labels, _now() - t0)
             policy.on_finish(worker, ctx, ok)
@@ -609,3 +582,111 @@ class Pipeline:
                 leg.end(None if ok else "failed")
         registry.record_success(worker)
         return None
+
+    async def answer(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        resp: Response,
+        role: str,
+        worker: Worker,
+        ctx: RouteContext,
+        legs: tuple[Worker, ...],
+        may_retry: bool,
+        t0: float,
+        gate: Gate | None = None,
+        journal: list[bytes] | None = None,
+        splice: Callable[[bytes], bytes] | None = None,
+    ) -> GatewayError | None:
+        """Relay a worker's answer whose head has arrived (see :meth:`dispatch`; ``t0``: when
+        the request left for the worker); a 5xx that may go to another worker is returned,
+        other errors raised. Releases ``resp``."""
+        metrics, policy = self.metrics, self.policies[role]
+        labels = (role, worker.id)
+        try:
+            if resp.status >= 400:
+                err = await openai_http.read_error(resp, worker)
+                if resp.status >= 500:
+                    self.registry.record_failure(worker, err.message, eject=False)
+                    if may_retry:  # nothing reached the client: another worker may serve it
+                        err.workers = legs
+                        return err
+                raise err
+            if gate is not None:
+                rewrite = await gate()
+            elif greq.tap is not None:  # a pass-through answer read as it passes
+                rewrite = greq.tap(worker)
+            else:
+                rewrite = None
+            out = [(b"x-request-id", greq.request_id.encode())]
+            if greq.timings:
+                out.append((b"server-timing", greq.server_timing()))
+            if self.route_header:
+                out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
+            audit = self._audit(policy, worker, ctx, greq) if self.audits else None
+            if greq.stream and resp.content_type.startswith(b"text/event-stream"):
+                hook = role in self.first_token_roles
+                hedger = self.hedger if role == "pd" and splice is None else None
+                t_first = 0.0
+
+                def first_byte() -> None:
+                    nonlocal t_first
+                    t_first = _now()
+                    if splice is None:  # a continuation's first byte is not the TTFT
+                        metrics.ttft.observe((greq.model,), t_first - greq.t_start)
+                    metrics.stage_ttft.observe(labels, t_first - t0)
+                    if hook:  # this leg's prefill is over
+                        policy.on_first_token(worker, ctx)
+                    if hedger is not None:  # the adaptive hedging delay's sample
+                        hedger.observe(greq.model, t_first - t0)
+
+                events_fix = _chain(audit, splice or (rewrite and rewrite.events))
+                if greq.output is not None:  # after the splice: one parse state throughout
+                    events_fix = _chain(events_fix, greq.output.events)
+                events = await openai_http.relay_sse(
+                    resp, responder, out, first_byte, events_fix, journal, self.stall_s,
+                )  # fmt: skip
+                if events > 1:
+                    tpot = (_now() - t_first) / (events - 1)
+                    metrics.stage_tpot.observe(labels, tpot)
+                    if splice is None:
+                        metrics.tpot.observe((greq.model,), tpot)
+            else:
+                body_fix = _chain(audit, rewrite.body if rewrite else None)
+                body_fix = _chain(body_fix, greq.usage_fill)
+                if greq.output is not None:
+                    body_fix = _chain(body_fix, greq.output.body)
+                await openai_http.relay_json(resp, responder, out, body_fix)
+        finally:
+            resp.release()
+        return None
+
+    def failed(
+        self,
+        exc: UpstreamError,
+        responder: Responder,
+        role: str,
+        worker: Worker,
+        legs: tuple[Worker, ...],
+        may_retry: bool,
+        journal: list[bytes] | None = None,
+    ) -> GatewayError | None:
+        """An exchange with ``worker`` that failed (see :meth:`dispatch`): the error to retry
+        with, a :class:`MidStream` to continue, or None (the stream carries the error);
+        raised when the client is to hear it."""
+        kind = "timeout" if exc.status == 504 else "transport"
+        self.metrics.upstream_errors.inc((role, worker.id, kind))
+        self.registry.record_failure(worker, exc.message, eject=exc.retryable)
+        if responder.started:
+            if journal is not None:  # the caller continues the stream or ends it
+                broken = MidStream(exc.status, exc.message)
+                broken.workers = (worker,)  # the one whose stream broke (a hedge's winner)
+                return broken
+            return None  # the stream already carries the error event
+        # nothing reached the client: another worker may take the whole request, unless
+        # this one merely timed out (a retry would double the load of a slow fleet)
+        if may_retry and (exc.retryable or exc.status != 504):
+            retry = GatewayError(exc.status, exc.message)
+            retry.workers = legs
+            return retry
+        raise GatewayError(exc.status, exc.message) from None

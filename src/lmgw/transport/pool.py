@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .._fast.h1parse_py import ResponseParts
+from ..http.h1parse import parse_response
 from ..http.types import Headers
 from ..netio import RawStream, connect_tcp
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
@@ -226,8 +228,14 @@ class ConnectionPool:
         body: bytes | None = None,
         *,
         response_timeout_s: float = math.inf,
-    ) -> Response:
+        whole: bool = False,
+    ) -> Response | ResponseParts:
         """Send a request; return once the response head has arrived.
+
+        ``whole``: a whole answer below 400 with a ``Content-Length`` body that arrives in one
+        read comes back as its parts (status, headers, content type, keep-alive, body; the
+        connection is back in the pool), without a reader or a :class:`Response`: the common
+        non-streamed answer, for the express lane (lmgw.pipeline.express).
 
         Raises :class:`UpstreamError` on connect/transport failures and on a response head that
         does not arrive within ``response_timeout_s`` (status 504).
@@ -268,6 +276,13 @@ class ConnectionPool:
                         receive = stream.receive_some
                         if not data:
                             raise trio.BrokenResourceError("worker closed the connection")
+                        if whole and not got_bytes:
+                            parts = parse_response(data)
+                            if parts is not None and parts[0] < 400:
+                                waiting.discard(conn)
+                                conn.requests += 1
+                                self._release(origin, conn, parts[3])
+                                return parts
                         got_bytes = True
                         reader.feed(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -1,0 +1,95 @@
+"""The express lane: a plain non-streamed chat or completion on a merged HTTP worker.
+
+Why: the general path (:meth:`Pipeline.run` and :meth:`Pipeline.dispatch`) serves every flow
+and feature: streams, hedging, migration, taps, rewrites, dialects, traces. For the request
+that needs none of them, walking that machinery costs more than the work itself: each of its
+steps is cheap, but together they are a third of the gateway's CPU per request (measured:
+77 -> 53 µs at c=64 for the whole express path, benchmarks/README.md "Express lane").
+
+Which requests are plain is the API's call (:meth:`lmgw.api.openai.OpenAIAPI.generate`): no
+stream, no model route, alias, media, tool loop, output parsing, context check, usage meter
+or trace, and :meth:`Pipeline.express_for` the model. Here the same routing, load accounting,
+metrics and failure handling as the general path, in one function: a whole answer below 400
+that came in one read (:meth:`ConnectionPool.request` ``whole``) goes straight to the
+client; anything else (an error status, a split or chunked body, a failed exchange) goes on
+through the general code from where the lane stands (:meth:`Pipeline.answer`,
+:meth:`Pipeline.failed`, then :meth:`Pipeline.attempts` for the retries).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..http.types import Headers, Responder
+from ..transport.pool import UpstreamError
+from .request import GatewayRequest
+from .runner import Pipeline
+
+_now = time.perf_counter
+_JSON = b"application/json"
+
+
+async def run_express(
+    pipe: Pipeline,
+    responder: Responder,
+    model: str,
+    path: str,
+    body: bytes,
+    request_id: str,
+    forward: Headers,
+    make_greq: Callable[[], GatewayRequest],
+) -> None:
+    """Serve one plain request on a merged worker; ``make_greq`` builds the request object
+    the general path needs, only when the lane hands over to it."""
+    ctx = pipe.context(model, request_id)
+    worker = pipe.pick(model, "pd", ctx)
+    pipe.express_served += 1
+    registry, policy = pipe.registry, pipe.policies["pd"]
+    may_retry = pipe.max_attempts > 1
+    registry.acquire(worker)  # also counts lmgw_worker_requests_total
+    policy.on_dispatch(worker, ctx)
+    ok = False
+    failure = None
+    t0 = _now()
+    try:
+        got = await pipe.pool.request(
+            worker.origin,
+            "POST",
+            path,
+            forward,
+            body,
+            response_timeout_s=pipe.response_timeout_s,
+            whole=True,
+        )
+        if got.__class__ is tuple:
+            status, _, ctype, _, answer = got  # type: ignore[misc]
+            await responder.send_full(
+                status,
+                [(b"content-type", ctype or _JSON), (b"x-request-id", request_id.encode())],
+                answer,
+            )
+            ok = True
+        else:
+            failure = await pipe.answer(
+                make_greq(),
+                responder,
+                got,
+                "pd",
+                worker,
+                ctx,
+                (worker,),
+                may_retry,
+                t0,  # type: ignore[arg-type]
+            )
+            ok = failure is None
+    except UpstreamError as exc:
+        failure = pipe.failed(exc, responder, "pd", worker, (worker,), may_retry)
+    finally:
+        pipe.metrics.stage.observe(("pd", worker.id), _now() - t0)
+        policy.on_finish(worker, ctx, ok)
+        registry.release(worker)
+    if ok:
+        registry.record_success(worker)
+    elif failure is not None:  # retryable: the general path's next attempts
+        await pipe.attempts(make_greq(), responder, ctx, worker, failure=failure)
