@@ -166,6 +166,38 @@ async def test_keep_alive_reuses_the_connection(nursery: trio.Nursery) -> None:
     assert b"content-length" not in w.requests[1].headers  # GET without a body
 
 
+async def test_whole_answer_comes_back_as_its_parts(nursery: trio.Nursery) -> None:
+    """``whole=True``: a small answer in one read is (status, headers, content type,
+    keep-alive, body), its connection back in the pool; anything else a Response as ever."""
+    w = await start_worker(nursery, ok(b"hello"))
+    pool = ConnectionPool()
+    for _ in range(2):
+        parts = await pool.request(w.origin, "POST", "/v1/x", [], b"{}", whole=True)
+        assert isinstance(parts, tuple)
+        status, headers, ctype, keep_alive, body = parts
+        assert (status, ctype, keep_alive, body) == (200, b"text/plain", True, b"hello")
+        assert (b"content-length", b"5") in headers
+    stats = pool.statistics()
+    assert (stats.connects, stats.reuses, stats.idle) == (1, 1, 1)
+
+    closing = await start_worker(nursery, ok(b"bye", b"connection: close\r\n"))
+    parts = await pool.request(closing.origin, "POST", "/v1/x", [], b"{}", whole=True)
+    assert isinstance(parts, tuple) and parts[3] is False
+    await wait_for(lambda: closing.eofs == [1])  # not pooled: the pool closed it
+
+    async def failing(stream: trio.SocketStream, req: Seen) -> bool:
+        await stream.send_all(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
+        return True
+
+    bad = await start_worker(nursery, failing)
+    resp = await pool.request(bad.origin, "POST", "/v1/x", [], b"{}", whole=True)
+    assert not isinstance(resp, tuple)  # an error answer: the general reader and Response
+    try:
+        assert (resp.status, await resp.read_all()) == (503, b"busy")
+    finally:
+        resp.release()
+
+
 async def test_idle_socket_closed_by_the_worker_is_retried_on_a_fresh_one(
     nursery: trio.Nursery,
 ) -> None:

@@ -410,14 +410,18 @@ class DisaggRunner:
         try:
             resp = await p.pool.request(
                 worker.origin, "POST", leg.path, headers, leg.body,
-                response_timeout_s=p.response_timeout_s,
+                response_timeout_s=p.response_timeout_s, whole=True,
             )  # fmt: skip
-            try:
-                answer = await resp.read_all()
-            finally:
-                resp.release()
-            ok = resp.status < 500
-            return resp.status, answer
+            if isinstance(resp, tuple):  # the usual small answer, whole in one read
+                status, answer = resp[0], resp[4]
+            else:
+                try:
+                    answer = await resp.read_all()
+                finally:
+                    resp.release()
+                status = resp.status
+            ok = status < 500
+            return status, answer
         except UpstreamError as exc:
             p.metrics.upstream_errors.inc(
                 (role, worker.id, "timeout" if exc.status == 504 else "transport")

@@ -62,8 +62,8 @@ async def run_express(
             response_timeout_s=pipe.response_timeout_s,
             whole=True,
         )
-        if got.__class__ is tuple:
-            status, _, ctype, _, answer = got  # type: ignore[misc]
+        if isinstance(got, tuple):
+            status, _, ctype, _, answer = got
             await responder.send_full(
                 status,
                 [(b"content-type", ctype or _JSON), (b"x-request-id", request_id.encode())],
@@ -72,15 +72,7 @@ async def run_express(
             ok = True
         else:
             failure = await pipe.answer(
-                make_greq(),
-                responder,
-                got,
-                "pd",
-                worker,
-                ctx,
-                (worker,),
-                may_retry,
-                t0,  # type: ignore[arg-type]
+                make_greq(), responder, got, "pd", worker, ctx, (worker,), may_retry, t0
             )
             ok = failure is None
     except UpstreamError as exc:
