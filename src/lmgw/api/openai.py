@@ -420,18 +420,16 @@ class OpenAIAPI:
         :meth:`_serve_model` would do to it before the pipeline, it would not do (no alias to
         rename, media, tool loop, output parsing or context check), and the pipeline has the
         lane for the model. Decided per request: tokenizers and fleets change at run time."""
-        if asked != model:
-            return False
         gw = self.gw
+        if asked != model or not gw.pipeline.express_for(model):
+            return False
         if endpoint == "chat":
             if self.tool_loop is not None or gw.output_parsers or self._native(model):
                 return False
             if _MEDIA_MARK.search(body) and self._checks_media(model):
                 return False
         text = gw.text_for(model)
-        if text is not None and text.validate_context:
-            return False
-        return gw.pipeline.express_for(model)
+        return text is None or not text.validate_context
 
     async def _run_express(
         self,
