@@ -111,6 +111,29 @@ async def test_not_plain_requests_take_the_general_path(
 
 
 @pytest.mark.parametrize("express", [True, False])
+@pytest.mark.parametrize("policy", ["consistent_hash", "session_affinity", "prefix_hash"])
+async def test_policies_that_route_on_the_request_see_its_keys(
+    gateway: GatewayFactory, express: bool, policy: str
+) -> None:
+    """Session and prompt keys reach the policy on the lane too: one session (or one prompt)
+    stays on one worker, different ones spread."""
+    gw = await gateway(3, routing=policy, upstream={"express_lane": express})
+    for user in ("alice", "bob", "carol", "dave"):
+        for _ in range(3):
+            body = _chat(f"the same prompt for {user}", user=user)
+            r = await gw.request("POST", "/v1/chat/completions", body, {"X-Session-Id": user})
+            assert r.status == 200, r.body
+    text = await gw.metrics()
+    per_worker = [
+        metric_value(text, f'lmgw_worker_requests_total{{role="pd",worker="w{i}"}}')
+        for i in range(3)
+    ]
+    assert sum(per_worker) == 12
+    assert all(n % 3 == 0 for n in per_worker), per_worker  # each key's 3 on one worker
+    assert metric_value(text, EXPRESS) == (12 if express else 0)
+
+
+@pytest.mark.parametrize("express", [True, False])
 async def test_worker_failure_retried_on_another(gateway: GatewayFactory, express: bool) -> None:
     gw = await gateway(
         per_worker=[{"faults": {"error_rate": 1.0}}, {}], upstream={"express_lane": express}

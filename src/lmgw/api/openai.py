@@ -389,7 +389,9 @@ class OpenAIAPI:
                 and self._express(model, view.model, req.body, endpoint)
                 and self.admission.enter()
             ):
-                await self._run_express(req, responder, model, endpoint, path, rid, forward, t0)
+                await self._run_express(
+                    req, responder, view, model, endpoint, path, rid, forward, t0
+                )
                 return
             served = [model]  # a model route's: the model tried last (for the metrics)
             if route is None:
@@ -435,6 +437,7 @@ class OpenAIAPI:
         self,
         req: Request,
         responder: Responder,
+        view: Any,
         model: str,
         endpoint: str,
         path: str,
@@ -442,15 +445,23 @@ class OpenAIAPI:
         forward: list[tuple[bytes, bytes]],
         t0: float,
     ) -> None:
-        """A plain request on the express lane, holding the admission slot taken already."""
+        """A plain request on the express lane, holding the admission slot taken already;
+        the routing keys (the prompt's bytes, the session) when a policy routes on them."""
         admission = self.admission
         try:
             if admission.cap:
                 self.metrics.queue_time.observe((), 0.0)
             body = req.body
+            pipe = self.gw.pipeline
+            route = (
+                self._route_keys(req, model, rid, endpoint, body, view, None)
+                if pipe.route_keys
+                else None
+            )
             await run_express(
-                self.gw.pipeline, responder, model, path, body, rid, forward,
+                pipe, responder, model, path, body, rid, forward,
                 partial(GatewayRequest, endpoint, path, model, False, body, rid, forward, t0),
+                route,
             )  # fmt: skip
         finally:
             admission.leave(t0)
@@ -709,6 +720,21 @@ class OpenAIAPI:
     def _route_context(
         self, req: Request, greq: GatewayRequest, view: Any, prompt_ids: list[int] | None
     ) -> RouteContext:
+        """:meth:`_route_keys` of ``greq``."""
+        return self._route_keys(
+            req, greq.model, greq.request_id, greq.endpoint, greq.body, view, prompt_ids
+        )
+
+    def _route_keys(
+        self,
+        req: Request,
+        model: str,
+        rid: str,
+        endpoint: str,
+        body: bytes,
+        view: Any,
+        prompt_ids: list[int] | None,
+    ) -> RouteContext:
         """The routing keys of this request, for policies that use them: the prompt's token
         ids when the model's tokenizer agrees with its workers (else the raw prompt bytes, so
         prefix locality still works), and the session key (header, else ``user``)."""
@@ -717,13 +743,12 @@ class OpenAIAPI:
         if (
             prompt_ids is not None
             and parity is not None
-            and not parity.token_routing_safe.get(gw.base_of(greq.model), True)
+            and not parity.token_routing_safe.get(gw.base_of(model), True)
         ):
             prompt_ids = None
         text_key = None
         if prompt_ids is None:
-            body = greq.body
-            at = body.find(b'"messages"' if greq.endpoint == "chat" else b'"prompt"')
+            at = body.find(b'"messages"' if endpoint == "chat" else b'"prompt"')
             text_key = body[at:] if at >= 0 else body
         session = None
         header = gw.config.routing.session_header
@@ -731,12 +756,12 @@ class OpenAIAPI:
             wanted = header.lower().encode()
             session = next((v for k, v in req.headers if k == wanted), None)
         return RouteContext(
-            greq.model,
-            greq.request_id,
+            model,
+            rid,
             session_key=session_key_of(session, getattr(view, "user", None)),
             tokens=prompt_ids,
             text_key=text_key,
-            lora=greq.model if gw.is_lora(greq.model) else None,
+            lora=model if gw.is_lora(model) else None,
         )
 
     def _next_round(

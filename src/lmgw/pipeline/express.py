@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from ..http.types import Headers, Responder
+from ..routing.policy import RouteContext
 from ..transport.pool import UpstreamError
 from .request import GatewayRequest
 from .runner import Pipeline
@@ -39,10 +40,12 @@ async def run_express(
     request_id: str,
     forward: Headers,
     make_greq: Callable[[], GatewayRequest],
+    route: RouteContext | None = None,
 ) -> None:
     """Serve one plain request on a merged worker; ``make_greq`` builds the request object
-    the general path needs, only when the lane hands over to it."""
-    ctx = pipe.context(model, request_id)
+    the general path needs, only when the lane hands over to it; ``route``: the routing keys
+    when the policy routes on the prompt or the session."""
+    ctx = route or pipe.context(model, request_id)
     worker = pipe.pick(model, "pd", ctx)
     pipe.express_served += 1
     registry, policy = pipe.registry, pipe.policies["pd"]

@@ -230,10 +230,9 @@ class Pipeline:
 
     def express_for(self, model: str) -> bool:
         """Whether a plain non-streamed request to ``model`` may take the express lane
-        (:mod:`.express`): merged workers over HTTP and nothing that reads, taps or retimes
-        the exchange (prompt or session routing, prefix warming, usage audits, the route
-        header)."""
-        if not self.express_lane or self.route_keys or self.warmer is not None:
+        (:mod:`.express`): merged workers over HTTP and nothing that taps or adds to the
+        exchange (prefix warming, usage audits, the route header)."""
+        if not self.express_lane or self.warmer is not None:
             return False
         if self.audits or self.route_header:
             return False
