@@ -5,22 +5,28 @@ Whether that is within reach of a Python/trio gateway at all is a measurement, n
 this script runs, against the same two workers and the same wrk load,
 
 * ``relay``: `floor_relay.py`, the smallest relay trio can run (one task and one upstream
-  connection per client connection, Content-Length framing, nothing else), and
+  connection per client connection, Content-Length framing, nothing else),
+* ``featured``: `floor_featured.py`, the least a trio gateway with issue 2's features can do
+  (parse, validate with lmgw's ``decode_view``, request id, round robin, pooled upstream,
+  response head, metrics; no error handling),
 * ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults (the express lane
   takes these requests: lmgw.pipeline.express), and
 * ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
-``/proc/<pid>/task/*/schedstat``) and lmgw's ratio to the relay, medians over rounds. With
+``/proc/<pid>/task/*/schedstat``) and lmgw's ratios to the others, medians over rounds. With
 ``--strace`` it also counts system calls per request for each (``strace -c -f`` attached for
 one extra run; strace slows the process, so those runs are not timed).
 
 Workers: ``python -m lmgw.simulators --role pd --speed inf`` by default; ``--mock PATH`` uses
 the peer harness's faster mock worker (``../shared/bench/mock_worker.py``) instead, as the
-peer comparison in benchmarks/README.md does.
+peer comparison in benchmarks/README.md does; ``--mock-python`` runs it with another Python
+(the peer harness's venv, with uvloop: its workers idle between requests, so every send wakes
+a sleeping peer, and every system here costs more per request, as in the harness).
 
     .venv/bin/python benchmarks/floor.py [--rounds 3] [--duration 4] [--strace] [--mock PATH]
+        [--mock-python PATH]
 
 Writes benchmarks/results/floor.json; logs in benchmarks/results/floor-logs/. Needs wrk.
 """
@@ -47,7 +53,10 @@ RESULTS = HERE / "results"
 OUT_JSON = RESULTS / "floor.json"
 LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
-SYSTEMS = ("relay", "lmgw", "lmgw-general")
+#: the Python that runs ``--mock`` (``--mock-python``: the peer harness's, with uvloop)
+MOCK_PYTHON = [sys.executable]
+SYSTEMS = ("relay", "featured", "lmgw", "lmgw-general")
+SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 
 
 def _load_overhead() -> Any:
@@ -78,7 +87,7 @@ def start_workers(
             ports.append(int(url.rsplit(":", 1)[1]))
             continue
         port = oh.free_port()
-        argv = [sys.executable, mock, "--port", str(port), "--model", oh.MODEL, *mock_args]
+        argv = [MOCK_PYTHON[0], mock, "--port", str(port), "--model", oh.MODEL, *mock_args]
         children.spawn(argv, log_path=LOG_DIR / f"mock{tag}{i + 1}.log")
         ports.append(port)
     for port in ports:
@@ -107,8 +116,8 @@ def start_system(
     children: Any, name: str, workers: list[int], cpus: set[int] | None
 ) -> tuple[Any, int]:
     port = oh.free_port()
-    if name == "relay":
-        argv = [sys.executable, str(HERE / "floor_relay.py"), str(port), *map(str, workers)]
+    if name in SCRIPTS:
+        argv = [sys.executable, str(HERE / SCRIPTS[name]), str(port), *map(str, workers)]
     else:
         argv = oh.gateway_argv(port, [f"pd=http://127.0.0.1:{w}" for w in workers])
         if name == "lmgw-general":
@@ -184,7 +193,7 @@ def syscalls(children: Any, ctx: dict[str, Any], name: str) -> dict[str, float]:
             counts[parts[-1]] = int(parts[3])
     # wrk's count covers a little less than strace's window: per request via the client sends
     # (one sendto per answered request in both systems)
-    n = max(counts.get("sendto", 0) / 2, 1) if name != "relay" else max(r["requests"], 1)
+    n = max(counts.get("sendto", 0) / 2, 1) if name not in SCRIPTS else max(r["requests"], 1)
     return {k: round(v / n, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
@@ -202,7 +211,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
     parser.add_argument("--strace", action="store_true", help="also count syscalls per request")
     parser.add_argument("--mock", help="the peer harness's mock_worker.py as the workers")
+    parser.add_argument(
+        "--mock-python",
+        help="the Python that runs --mock (the peer harness's venv: uvloop workers, as there)",
+    )
     args = parser.parse_args()
+    if args.mock_python:
+        MOCK_PYTHON[0] = args.mock_python
     rounds, duration = (1, 2) if args.quick else (args.rounds, args.duration)
     if shutil.which("wrk") is None:
         print("benchmarks/floor.py needs wrk: apt-get install -y wrk", file=sys.stderr)
@@ -233,11 +248,13 @@ def main() -> int:
     }
     ratios = paired(runs, "lmgw", "relay")
     express = paired(runs, "lmgw", "lmgw-general")
+    featured = paired(runs, "lmgw", "featured")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
     for name in SYSTEMS:
         print(f"{name:<13} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
     print(f"lmgw / relay CPU per request: x{statistics.median(ratios):.2f} (paired per round)")
+    print(f"lmgw / featured CPU per request: x{statistics.median(featured):.2f} (paired per round)")
     print(
         f"lmgw / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
         " (paired per round)"
@@ -261,6 +278,8 @@ def main() -> int:
                 "medians": med,
                 "lmgw_to_relay_paired": ratios,
                 "express_to_general_paired": express,
+                "lmgw_to_featured_paired": featured,
+                "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,
             },
             indent=2,

@@ -133,6 +133,38 @@ def test_a_handle_reads_its_tensor_until_the_segment_is_reused(pool: shm.ShmPool
         shm.from_shm(handle)
 
 
+def test_a_receiver_mapping_while_the_sender_sends_again_is_not_refused(
+    pool: shm.ShmPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender looks over its sent segments at every put: a receiver that maps a handle
+    at that very moment must get it (it once found the segment exclusively locked by that
+    look, and a prefill's KV was reported lost under load)."""
+    handle = pool.put(np.arange(10))
+    seen: list[str] = []
+    try_lock = shm._try_lock
+
+    def receiver_arrives(fd: int, how: int) -> bool:
+        got = try_lock(fd, how)
+        if how == shm.fcntl.LOCK_EX:  # the sender holds the look's lock now, if any
+            try:
+                out, close = shm.from_shm(handle)
+            except shm.ShmError as exc:
+                seen.append(str(exc))
+            else:
+                seen.append("mapped")
+                del out
+                close()
+        return got
+
+    monkeypatch.setattr(shm, "_try_lock", receiver_arrives)
+    pool.put(np.arange(20))  # the look at the first segment happens here
+    assert all(s == "mapped" for s in seen), seen
+    out, close = shm.from_shm(handle)
+    np.testing.assert_array_equal(out, np.arange(10))
+    del out
+    close()
+
+
 def test_unclaimed_segment_is_reclaimed_after_the_timeout(prefix: str) -> None:
     with shm.ShmPool(prefix, claim_timeout_s=0.0) as pool:
         lost = pool.put(np.arange(10))  # never mapped: its message was lost

@@ -305,6 +305,11 @@ class ShmPool:
             self._drop(segment)
 
     def _reclaim_one(self, segment: _Segment, *, force: bool) -> None:
+        # Not taken yet: leave it without touching the lock. Probing it with an exclusive
+        # lock would refuse a receiver that maps it at that instant (map_shm never waits), a
+        # request failed for nothing (seen under load: a prefill's KV "lost" at the gateway).
+        if not force and _CTRL.unpack(os.pread(segment.fd, _CTRL.size, 0))[2] != _TAKEN:
+            return
         if not _try_lock(segment.fd, fcntl.LOCK_EX):
             return  # a receiver still maps it
         state = _CTRL.unpack(os.pread(segment.fd, _CTRL.size, 0))[2]
