@@ -23,21 +23,13 @@ import time
 from collections import deque
 
 import trio
-from trio.lowlevel import wait_readable
 
+from floor_relay import accept_loop, receive  # (this script's folder is on sys.path)
 from lmgw.api.openai import decode_view
 from lmgw.http.server import build_head
 from lmgw.metrics import Metrics
 
 _now = time.perf_counter
-
-
-async def _recv(sock: socket.socket) -> bytes:
-    while True:
-        try:
-            return sock.recv(65536)
-        except BlockingIOError:
-            await wait_readable(sock)
 
 
 def _head(buf: bytes) -> tuple[list[bytes], int, int] | None:
@@ -83,7 +75,7 @@ async def _serve(
     try:
         while True:
             while (got := _head(buf)) is None:
-                data = await _recv(client)
+                data = await receive(client)
                 if not data:
                     return
                 buf += data
@@ -109,7 +101,7 @@ async def _serve(
             )
             answer = b""
             while (head := _head(answer)) is None:
-                data = await _recv(up)
+                data = await receive(up)
                 if not data:
                     return
                 answer += data
@@ -139,16 +131,7 @@ async def main(port: int, upstreams: list[int]) -> None:
     workers = [_Worker(p) for p in upstreams]
     turn = itertools.cycle(range(len(workers)))
     metrics = Metrics()
-    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
-    listener.setblocking(False)
-    async with trio.open_nursery() as nursery:
-        while True:
-            await wait_readable(listener)
-            try:
-                client, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            nursery.start_soon(_serve, client, workers, turn, metrics)
+    await accept_loop(port, lambda client: _serve(client, workers, turn, metrics))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from __future__ import annotations
 import itertools
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio.lowlevel import wait_readable
 
 
-async def _recv(sock: socket.socket) -> bytes:
+async def receive(sock: socket.socket) -> bytes:
     while True:
         try:
             return sock.recv(65536)
@@ -45,7 +46,7 @@ def _message_end(buf: bytes) -> int:
 
 async def _message(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
     while not (end := _message_end(buf)):
-        data = await _recv(sock)
+        data = await receive(sock)
         if not data:
             raise EOFError
         buf += data
@@ -75,10 +76,11 @@ async def _serve(client: socket.socket, upstream_port: int) -> None:
         upstream.close()
 
 
-async def main(port: int, upstreams: list[int]) -> None:
+async def accept_loop(port: int, serve: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Accept on 127.0.0.1:``port`` for good, one task per client connection running
+    ``serve`` (shared with floor_featured.py)."""
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     listener.setblocking(False)
-    turn = itertools.cycle(upstreams)
     async with trio.open_nursery() as nursery:
         while True:
             await wait_readable(listener)
@@ -86,7 +88,12 @@ async def main(port: int, upstreams: list[int]) -> None:
                 client, _ = listener.accept()
             except BlockingIOError:
                 continue
-            nursery.start_soon(_serve, client, next(turn))
+            nursery.start_soon(serve, client)
+
+
+async def main(port: int, upstreams: list[int]) -> None:
+    turn = itertools.cycle(upstreams)
+    await accept_loop(port, lambda client: _serve(client, next(turn)))
 
 
 if __name__ == "__main__":
