@@ -252,8 +252,6 @@ class ConnectionPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin)
-            reader = conn.reader
-            reader.reset()
             sent = got_bytes = False
             waiting = origin.waiting
             waiting.add(conn)
@@ -266,25 +264,27 @@ class ConnectionPool:
                     stream = conn.stream
                     await stream.send_all(payload)
                     sent = True
-                    receive = (
-                        stream.receive_reply
-                        if isinstance(stream, RawStream)
-                        else stream.receive_some
-                    )
-                    while not reader.headers_complete:
-                        data = await receive(65536)
-                        receive = stream.receive_some
+                    if type(stream) is RawStream:  # nothing can be there yet: wait first
+                        data = await stream.receive_reply(65536)
+                    else:
+                        data = await stream.receive_some(65536)
+                    if whole and data:
+                        parts = parse_response(data)
+                        if parts is not None and parts[0] < 400:
+                            waiting.discard(conn)
+                            conn.requests += 1
+                            self._release(origin, conn, parts[3])
+                            return parts
+                    reader = conn.reader
+                    reader.reset()
+                    while True:
                         if not data:
                             raise trio.BrokenResourceError("worker closed the connection")
-                        if whole and not got_bytes:
-                            parts = parse_response(data)
-                            if parts is not None and parts[0] < 400:
-                                waiting.discard(conn)
-                                conn.requests += 1
-                                self._release(origin, conn, parts[3])
-                                return parts
                         got_bytes = True
                         reader.feed(data)
+                        if reader.headers_complete:
+                            break
+                        data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 waiting.discard(conn)
                 self._discard(conn)
