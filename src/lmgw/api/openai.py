@@ -382,7 +382,7 @@ class OpenAIAPI:
                     self.gw.keys.check_priority(key, view.priority)
             if self.kv_accounting or (key is not None and key.tpm):  # usage and timing
                 responder = meter = UsageMeter(responder)
-            elif (
+            elif (  # a plain request: the express lane (enter() takes the slot, so last)
                 route is None
                 and trace is None
                 and not view.stream
