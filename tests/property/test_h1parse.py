@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from lmgw._fast import h1parse_py as twin
 from lmgw.http.h1 import H1Connection, ProtocolError
+from lmgw.http.server import _request as server_request
 from lmgw.http.types import Request
 from lmgw.transport.h1client import ResponseReader, UpstreamProtocolError
 
@@ -73,14 +74,19 @@ UVICORN_200 = (
 
 
 def check_request_as_httptools(data: bytes, max_head: int, max_body: int, got: tuple) -> None:
-    """``got`` (an accepted request) is what H1Connection makes of ``data`` too."""
+    """``got`` (an accepted request) is what H1Connection makes of ``data`` too, and the
+    server's ``Request`` built from it (http/server.py ``_request``) equals H1Connection's."""
     method, target, headers, body, keep_alive, used = got
     assert used == len(data)
-    conn = H1Connection(max_head, max_body)
+    conn = H1Connection(max_head, max_body, "10.0.0.1:5")
     conn.receive_data(data)
     ev = conn.next_event()
     assert not isinstance(ev, ProtocolError), (ev.status, ev.message)
     assert type(ev) is Request
+    built = server_request(got, "10.0.0.1:5")
+    assert {k: getattr(built, k) for k in Request.__slots__} == {
+        k: getattr(ev, k) for k in Request.__slots__
+    }
     path, _, query = target.partition(b"?")
     assert (ev.method, ev.path, ev.query) == (
         method,
