@@ -61,7 +61,7 @@ class RawStream:
         try:
             data = sock.recv(max_bytes)
         except BlockingIOError:
-            return await self._receive_after_wait(max_bytes)
+            return await self.receive_reply(max_bytes)
         except _BROKEN as exc:
             raise trio.BrokenResourceError(str(exc)) from None
         except OSError as exc:
@@ -80,9 +80,6 @@ class RawStream:
         after our own send cannot have data yet (saves a failing recv and its exception)."""
         if self.closed:  # never wait on a closed fd: trio would register fd -1 for good
             raise trio.ClosedResourceError("the socket was closed")
-        return await self._receive_after_wait(max_bytes)
-
-    async def _receive_after_wait(self, max_bytes: int) -> bytes:
         sock = self.socket
         while True:
             await wait_readable(sock)  # a real yield to the scheduler: no checkpoint due
