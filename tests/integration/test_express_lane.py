@@ -9,6 +9,7 @@ answer (an error, a chunked or split body, HTTP/1.0) or a failure to the general
 from __future__ import annotations
 
 import json
+import random
 from functools import partial
 from typing import Any
 
@@ -91,6 +92,55 @@ async def test_lane_and_general_path_agree(gateway: GatewayFactory) -> None:
         )
     assert await _express_count(on) == 3
     assert await _express_count(off) == 0
+
+
+def _random_bodies(seed: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """Varied valid chat and completion bodies (sampling fields, n, stops, logprobs, unknown
+    fields), from a seeded generator: the same list every run."""
+    rng = random.Random(seed)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i in range(count):
+        extra: dict[str, Any] = {}
+        if rng.random() < 0.5:
+            extra["temperature"] = rng.choice([0.0, 0.7, 1.3])
+        if rng.random() < 0.3:
+            extra["n"] = rng.randint(1, 3)
+        if rng.random() < 0.3:
+            extra["stop"] = rng.choice(["\n", ["x", "yz"]])
+        if rng.random() < 0.3:
+            extra["seed"] = rng.randint(0, 99)
+        if rng.random() < 0.2:
+            extra["vendor_extension"] = {"k": [1, 2, {"z": None}]}
+        text = f"question {i}: " + " ".join(
+            rng.choice(["alpha", "beta", "gamma"]) for _ in range(5)
+        )
+        if rng.random() < 0.7:
+            if rng.random() < 0.3:
+                extra["logprobs"] = True
+                extra["top_logprobs"] = rng.randint(0, 3)
+            out.append(
+                ("/v1/chat/completions", _chat(text, max_tokens=rng.randint(1, 12), **extra))
+            )
+        else:
+            body = {"model": MODEL, "prompt": text, "max_tokens": rng.randint(1, 12), **extra}
+            if rng.random() < 0.3:
+                body["logprobs"] = rng.randint(0, 2)
+            out.append(("/v1/completions", body))
+    return out
+
+
+async def test_varied_requests_answer_the_same_on_the_lane(gateway: GatewayFactory) -> None:
+    """Thirty varied requests, each sent to a gateway with the lane and to one without (each
+    in front of its own identical simulated worker): the same status and answer."""
+    on = await gateway(1, upstream={"express_lane": True})
+    off = await gateway(1, upstream={"express_lane": False})
+    bodies = _random_bodies(11, 30)
+    for path, body in bodies:
+        a = await on.request("POST", path, body)
+        b = await off.request("POST", path, body)
+        assert a.status == 200, (body, a.body)
+        assert (a.status, _comparable(a.body)) == (b.status, _comparable(b.body)), body
+    assert await _express_count(on) == len(bodies)
 
 
 @pytest.mark.parametrize("express", [True, False])
