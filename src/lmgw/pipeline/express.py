@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 from ..http.types import Headers, Responder
 from ..routing.policy import RouteContext
+from ..transport.openai_http import send_json
 from ..transport.pool import UpstreamError
 from .request import GatewayRequest
 from .runner import Pipeline
 
 _now = time.perf_counter
-_JSON = b"application/json"
 
 
 async def run_express(
@@ -67,11 +67,8 @@ async def run_express(
         )
         if isinstance(got, tuple):
             status, _, ctype, _, answer = got
-            await responder.send_full(
-                status,
-                [(b"content-type", ctype or _JSON), (b"x-request-id", request_id.encode())],
-                answer,
-            )
+            out = [(b"x-request-id", request_id.encode())]
+            await send_json(responder, status, ctype, answer, out)
             ok = True
         else:
             failure = await pipe.answer(

@@ -35,7 +35,7 @@ from ..routing.placement import Placement, in_zone_of, zoned
 from ..routing.policy import Policy, RouteContext, RouteInfo, route_header
 from ..transport import openai_http
 from ..transport.dialects import Dialect, Peer, get_dialect
-from ..transport.pool import ConnectionPool, Origin, Response, UpstreamError
+from ..transport.pool import ConnectionPool, Origin, Response, ResponseParts, UpstreamError
 from ..workers.registry import Registry
 from ..workers.worker import Worker
 from . import migration
@@ -545,7 +545,8 @@ class Pipeline:
         legs: tuple[Worker, ...] = (worker,)  # the workers this attempt used (hedged: two)
         try:
             # (a worker ejected meanwhile makes this fail at once, retryable: pool.abort)
-            if hedge is None:
+            resp: Response | ResponseParts
+            if hedge is None:  # a whole small answer comes as its parts (see ConnectionPool)
                 resp = await self.pool.request(
                     worker.origin,
                     method,
@@ -553,6 +554,7 @@ class Pipeline:
                     headers,
                     body,
                     response_timeout_s=self.response_timeout_s,
+                    whole=not greq.stream,
                 )
             else:
                 won, legs = await self.hedger.race(
@@ -586,7 +588,7 @@ class Pipeline:
         self,
         greq: GatewayRequest,
         responder: Responder,
-        resp: Response,
+        resp: Response | ResponseParts,
         role: str,
         worker: Worker,
         ctx: RouteContext,
@@ -598,12 +600,14 @@ class Pipeline:
         splice: Callable[[bytes], bytes] | None = None,
     ) -> GatewayError | None:
         """Relay a worker's answer whose head has arrived (see :meth:`dispatch`; ``t0``: when
-        the request left for the worker); a 5xx that may go to another worker is returned,
-        other errors raised. Releases ``resp``."""
+        the request left for the worker), or a whole one taken in one read (its parts: a
+        status below 400); a 5xx that may go to another worker is returned, other errors
+        raised. Releases ``resp``."""
         metrics, policy = self.metrics, self.policies[role]
         labels = (role, worker.id)
+        whole = isinstance(resp, tuple)
         try:
-            if resp.status >= 400:
+            if not whole and resp.status >= 400:
                 err = await openai_http.read_error(resp, worker)
                 if resp.status >= 500:
                     self.registry.record_failure(worker, err.message, eject=False)
@@ -623,7 +627,7 @@ class Pipeline:
             if self.route_header:
                 out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
             audit = self._audit(policy, worker, ctx, greq) if self.audits else None
-            if greq.stream and resp.content_type.startswith(b"text/event-stream"):
+            if not whole and greq.stream and resp.content_type.startswith(b"text/event-stream"):
                 hook = role in self.first_token_roles
                 hedger = self.hedger if role == "pd" and splice is None else None
                 t_first = 0.0
@@ -655,9 +659,14 @@ class Pipeline:
                 body_fix = _chain(body_fix, greq.usage_fill)
                 if greq.output is not None:
                     body_fix = _chain(body_fix, greq.output.body)
-                await openai_http.relay_json(resp, responder, out, body_fix)
+                if whole:
+                    status, _, ctype, _, data = resp
+                    await openai_http.send_json(responder, status, ctype, data, out, body_fix)
+                else:
+                    await openai_http.relay_json(resp, responder, out, body_fix)
         finally:
-            resp.release()
+            if not whole:
+                resp.release()
         return None
 
     def failed(

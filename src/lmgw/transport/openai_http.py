@@ -53,13 +53,27 @@ async def relay_json(
 ) -> None:
     """Relay a complete non-streamed response (``headers``: the gateway's own, e.g. the id).
     ``rewrite`` edits a successful body (a dialect merging hand-off data into the answer)."""
+    ctype = resp.content_type  # (before the body: reading it all hands the connection back)
     body = resp.take_complete_body()  # usually all there with the head: no await
     if body is None:
         body = await resp.read_all()
-    if rewrite is not None and resp.status < 300:
+    await send_json(responder, resp.status, ctype, body, headers, rewrite)
+
+
+async def send_json(
+    responder: Responder,
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    headers: Headers,
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Answer with a worker's whole non-streamed answer, its content type (JSON when it
+    named none) and the gateway's ``headers``; ``rewrite`` edits a successful body."""
+    if rewrite is not None and status < 300:
         body = rewrite(body)
-    ctype = resp.content_type or b"application/json"
-    await responder.send_full(resp.status, [(b"content-type", ctype), *headers], body)
+    ctype = content_type or b"application/json"
+    await responder.send_full(status, [(b"content-type", ctype), *headers], body)
 
 
 async def relay_sse(
