@@ -274,6 +274,10 @@ def _answer(scenario: str) -> list[bytes]:
             b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n" % len(_OK_BODY) + _OK_BODY
         ]
+    if scenario in ("charset", "charset-split"):  # the worker's own content type, kept
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\n"
+        head += b"content-length: %d\r\n\r\n" % len(_OK_BODY)
+        return [head + _OK_BODY] if scenario == "charset" else [head, _OK_BODY]
     if scenario == "close":
         return [
             ok_head + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_OK_BODY) + _OK_BODY
@@ -319,7 +323,10 @@ async def _scripted_worker(stream: trio.SocketStream) -> None:
 
 
 @pytest.mark.parametrize("express", [True, False])
-@pytest.mark.parametrize("scenario", ["ok", "error400", "chunked", "split", "http10", "close"])
+@pytest.mark.parametrize(
+    "scenario",
+    ["ok", "error400", "chunked", "split", "http10", "close", "charset", "charset-split"],
+)
 async def test_unusual_answers_go_on_the_general_way(
     gateway: GatewayFactory, nursery: trio.Nursery, scenario: str, express: bool
 ) -> None:
@@ -337,4 +344,8 @@ async def test_unusual_answers_go_on_the_general_way(
             assert r.status == 200, r.body
             assert r.json()["choices"][0]["message"]["content"] == "scripted"
             assert int(r.headers["content-length"]) == len(r.body)
+            charset = scenario.startswith("charset")
+            assert r.headers["content-type"] == (
+                "application/json; charset=utf-8" if charset else "application/json"
+            )
     assert await _express_count(gw) == (2 if express else 0)
