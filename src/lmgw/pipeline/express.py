@@ -3,8 +3,9 @@
 Why: the general path (:meth:`Pipeline.run` and :meth:`Pipeline.dispatch`) serves every flow
 and feature: streams, hedging, migration, taps, rewrites, dialects, traces. For the request
 that needs none of them, walking that machinery costs more than the work itself: each of its
-steps is cheap, but together they are a third of the gateway's CPU per request (measured:
-77 -> 53 µs at c=64 for the whole express path, benchmarks/README.md "Express lane").
+steps is cheap, but together they were a third of the gateway's CPU per request (measured
+with floor.py at c=64: express lane / general path 0.72-0.87x, benchmarks/README.md "The
+express lane").
 
 Which requests are plain is the API's call (:meth:`lmgw.api.openai.OpenAIAPI.generate`): no
 stream, no model route, alias, media, tool loop, output parsing, context check, usage meter
