@@ -426,7 +426,7 @@ class OpenAIAPI:
         if asked != model or not gw.pipeline.express_for(model):
             return False
         if endpoint == "chat":
-            if self.tool_loop is not None or gw.output_parsers or self._native(model):
+            if self.tool_loop is not None or gw.output_parsers:  # (native: express_for)
                 return False
             if _MEDIA_MARK.search(body) and self._checks_media(model):
                 return False

@@ -6,6 +6,8 @@ compiler) the pure-Python twin gives the same answers, only slower.
 
 from __future__ import annotations
 
+from lmgw._fast.h1parse_py import RequestParts, ResponseParts
+
 try:
     from lmgw._fast.h1parse import parse_request, parse_response
 
@@ -15,4 +17,4 @@ except ImportError:  # pragma: no cover - the extension is built by `make build`
 
     IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "parse_request", "parse_response"]
+__all__ = ["IMPLEMENTATION", "RequestParts", "ResponseParts", "parse_request", "parse_response"]

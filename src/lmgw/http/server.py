@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import trio
 
-from .._fast.h1parse_py import RequestParts
 from ..errors import error_body
 from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
-from .h1parse import parse_request
+from .h1parse import RequestParts, parse_request
 from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler, UpgradeRequest
 
 log = logging.getLogger("lmgw.http")

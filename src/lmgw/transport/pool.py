@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .._fast.h1parse_py import ResponseParts
-from ..http.h1parse import parse_response
+from ..http.h1parse import ResponseParts, parse_response
 from ..http.types import Headers
 from ..netio import RawStream, connect_tcp
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
