@@ -4,20 +4,23 @@ flows with real KV bytes elsewhere; these pin down the gateway's side exactly.)"
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
 import trio
-from gateway_support import http_request
+from gateway_support import http_request, metric_value
 
 from lmgw.config import (
     DiscoveryConfig,
     GatewayConfig,
     HealthConfig,
     ModelConfig,
+    RoutingConfig,
     ServerConfig,
+    UpstreamConfig,
     WorkerConfig,
 )
 from lmgw.gateway import Gateway
@@ -26,6 +29,7 @@ from lmgw.http.types import Request, Responder
 from lmgw.multimodal.limits import MediaLimits
 
 MODEL = "m"
+EXPRESS = "lmgw_express_requests_total"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
 JSON = [(b"content-type", b"application/json")]
 KV = {
@@ -76,7 +80,14 @@ class Fake:
         self.headers.append({k.decode(): v.decode() for k, v in req.headers})
         await trio.sleep(self.delay)
         status, payload = self.answer(obj)
-        if isinstance(payload, list):  # SSE events
+        if isinstance(payload, tuple):  # a JSON body written in pieces (chunked, split)
+            await responder.start(status, JSON)
+            for i, piece in enumerate(payload):
+                if i:
+                    await trio.sleep(0.02)
+                await responder.send(piece)
+            await responder.end()
+        elif isinstance(payload, list):  # SSE events
             await responder.start(status, [(b"content-type", b"text/event-stream")])
             for ev in payload:
                 await responder.send(
@@ -114,14 +125,29 @@ async def gateway_for(
     dialect: str,
     workers: list[tuple[str, Fake]],
     media: MediaLimits | None = None,
+    *,
+    express: bool = True,
+    response_timeout_s: float = 600.0,
+    routing: RoutingConfig | None = None,
+    zones: dict[str, str] | None = None,
 ) -> str:
+    """A gateway in front of ``workers``; ``express``: upstream.express_lane (plain
+    non-streamed P/D requests in sequential dialects take it); ``zones``: by worker name."""
     cfg = GatewayConfig(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
         media=media or MediaLimits(),
+        upstream=UpstreamConfig(express_lane=express, response_timeout_s=response_timeout_s),
+        routing=routing or RoutingConfig(),
         models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
         workers=[
-            WorkerConfig(url=f.url, role=role, id=f.name, kv_address=f.kv_address)
+            WorkerConfig(
+                url=f.url,
+                role=role,
+                id=f.name,
+                kv_address=f.kv_address,
+                zone=(zones or {}).get(f.name),
+            )
             for role, f in workers
         ],
     )
@@ -503,14 +529,15 @@ def any_decode(body: dict) -> tuple[int, Any]:
     return 200, completion("decoded")
 
 
+@pytest.mark.parametrize("express", [True, False])
 @pytest.mark.parametrize("dialect", PD_DIALECTS)
 async def test_prefill_failure_is_a_502_naming_the_stage(
-    nursery: trio.Nursery, dialect: str
+    nursery: trio.Nursery, dialect: str, express: bool
 ) -> None:
     p = await start(nursery, Fake("p0", lambda b: (500, {"error": {"message": "engine dead"}})))
     d = await start(nursery, Fake("d0", any_decode))
     d.delay = 2.0  # SGLang's decode waits for KV that never comes: it must be cancelled
-    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)], express=express)
     with trio.fail_after(1.5):  # nothing waits for the decode
         r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 502
@@ -520,18 +547,26 @@ async def test_prefill_failure_is_a_502_naming_the_stage(
         assert d.seen == []
 
 
+@pytest.mark.parametrize("express", [True, False])
 @pytest.mark.parametrize("dialect", PD_DIALECTS)
-async def test_decode_failure_before_first_token(nursery: trio.Nursery, dialect: str) -> None:
+async def test_decode_failure_before_first_token(
+    nursery: trio.Nursery, dialect: str, express: bool
+) -> None:
     """Retried once on the other decode worker: with the same hand-off when any decode worker
     can use it; else (a P2P NCCL id names one decode address, an SGLang room pairs one P with
     one D) the pair restarts with a fresh prefill for the other decode worker."""
     p = await start(nursery, Fake("p0", prefill_ok))
     bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
     good = await start(nursery, Fake("d-good", any_decode))
-    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", bad), ("d", good)])
+    workers = [("p", p), ("d", bad), ("d", good)]
+    url = await gateway_for(nursery, "p/d", dialect, workers, express=express)
     results = [(await http_request(url, "POST", "/v1/chat/completions", CHAT)) for _ in range(4)]
     assert [r.status for r in results] == [200] * 4
     assert bad.seen and len(good.seen) == 4  # each failed decode was retried on d-good
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    lane = express and RETRY_KEEPS_HANDOFF.get(dialect, False)
+    assert metric_value(metrics, EXPRESS) == (4 if lane else 0)
+    assert metric_value(metrics, 'lmgw_retries_total{role="d"}') == len(bad.seen)
     if RETRY_KEEPS_HANDOFF.get(dialect):
         assert len(p.seen) == 4  # the retry reused the prefill's hand-off
         if dialect == "vllm-nixl":
@@ -650,8 +685,9 @@ async def start_stoppable(nursery: trio.Nursery, fake: Fake) -> trio.CancelScope
     return scope
 
 
+@pytest.mark.parametrize("express", [True, False])
 async def test_prefill_leg_that_cannot_connect_is_retried_on_another_prefill(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, express: bool
 ) -> None:
     dead = Fake("p-dead", lambda b: (200, completion("x", kv_transfer_params=KV)))
     stop = await start_stoppable(nursery, dead)
@@ -659,7 +695,8 @@ async def test_prefill_leg_that_cannot_connect_is_retried_on_another_prefill(
         nursery, Fake("p-good", lambda b: (200, completion("x", kv_transfer_params=KV)))
     )
     d = await start(nursery, Fake("d0", decode_answer))
-    url = await gateway_for(nursery, "p/d", "vllm-nixl", [("p", dead), ("p", good), ("d", d)])
+    workers = [("p", dead), ("p", good), ("d", d)]
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", workers, express=express)
     stop.cancel()  # the prefill worker dies after the gateway counted it healthy
     await trio.sleep(0.05)
     for _ in range(2):  # round robin starts on either prefill worker
@@ -669,6 +706,7 @@ async def test_prefill_leg_that_cannot_connect_is_retried_on_another_prefill(
     assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 2
     metrics = (await http_request(url, "GET", "/metrics")).body.decode()
     assert 'lmgw_retries_total{role="p"}' in metrics
+    assert metric_value(metrics, EXPRESS) == (2 if express else 0)
 
 
 async def test_encode_leg_that_cannot_connect_is_retried_on_another_encoder(
@@ -689,3 +727,173 @@ async def test_encode_leg_that_cannot_connect_is_retried_on_another_encoder(
     r = await http_request(url, "POST", "/v1/chat/completions", body)
     assert r.status == 200, r.body
     assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 1
+
+
+# -- the express lane: plain non-streamed P/D requests (lmgw.pipeline.express) ---------------
+# Sequential dialects whose decode retries keep the hand-off (vllm-nixl, vllm-lmcache) take
+# it; what the client, the workers and the metrics see must not depend on it.
+
+
+def _same(body: bytes) -> Any:
+    return msgspec.json.decode(body)
+
+
+async def _pd_pair(
+    nursery: trio.Nursery, express: bool, decode: Callable[[dict], tuple[int, Any]], **options: Any
+) -> tuple[str, Fake, Fake]:
+    p = await start(nursery, Fake("p0", prefill_ok))
+    d = await start(nursery, Fake("d0", decode))
+    url = await gateway_for(
+        nursery, "p/d", "vllm-nixl", [("p", p), ("d", d)], express=express, **options
+    )
+    return url, p, d
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_express_pd_answers_and_metrics_are_the_same_either_way(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    url, p, d = await _pd_pair(nursery, express, decode_answer)
+    r = await http_request(
+        url, "POST", "/v1/chat/completions", {**CHAT, "x_engine": 7}, {"X-Request-Id": "cid-1"}
+    )
+    assert r.status == 200, r.body
+    assert _same(r.body) == completion("decoded")
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-request-id"] == "cid-1"
+    assert re.fullmatch(r"prefill;dur=[\d.]+", r.headers["server-timing"])
+    (pre,), (dec,) = p.seen, d.seen
+    assert pre["max_tokens"] == 1 and pre["kv_transfer_params"]["do_remote_decode"] is True
+    assert dec["kv_transfer_params"] == KV and dec["x_engine"] == 7 and dec["max_tokens"] == 5
+    assert p.headers[0]["x-request-id"] == d.headers[0]["x-request-id"] == "cid-1"
+    r = await http_request(url, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi"})
+    assert r.status == 200 and _same(r.body) == completion("decoded")
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(text, EXPRESS) == (2 if express else 0)
+    for role, worker in (("p", "p0"), ("d", "d0")):
+        assert (
+            metric_value(text, f'lmgw_worker_requests_total{{role="{role}",worker="{worker}"}}')
+            == 2
+        )
+        assert (
+            metric_value(
+                text, f'lmgw_stage_duration_seconds_count{{role="{role}",worker="{worker}"}}'
+            )
+            == 2
+        )
+        assert metric_value(text, f'lmgw_worker_in_flight{{role="{role}",worker="{worker}"}}') == 0
+    ok = f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
+    assert metric_value(text, ok) == 1
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_express_pd_decode_refusal_is_passed_on(nursery: trio.Nursery, express: bool) -> None:
+    """A decode worker's 4xx is the request's fault: the client gets it as it is, no retry."""
+    bad = {"error": {"message": "max_tokens too large", "type": "BadRequestError", "code": 400}}
+    url, p, d = await _pd_pair(nursery, express, lambda b: (400, bad))
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 400
+    assert r.json()["error"]["message"] == "max_tokens too large"
+    assert len(p.seen) == len(d.seen) == 1
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(text, 'lmgw_worker_in_flight{role="d",worker="d0"}') == 0
+
+
+@pytest.mark.parametrize("express", [True, False])
+@pytest.mark.parametrize("pieces", [2, 3])
+async def test_express_pd_decode_answer_in_pieces_is_relayed(
+    nursery: trio.Nursery, express: bool, pieces: int
+) -> None:
+    """A decode answer that does not come whole in one read (chunked, in several writes)
+    continues on the general path, the same bytes for the client."""
+    body = msgspec.json.encode(completion("in pieces"))
+    cut = len(body) // pieces
+    parts = tuple(body[i * cut : (i + 1) * cut if i < pieces - 1 else None] for i in range(pieces))
+    url, _, d = await _pd_pair(nursery, express, lambda b: (200, parts))
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200, r.body
+    assert _same(r.body) == completion("in pieces")
+    assert r.headers["server-timing"].startswith("prefill;dur=")
+    assert d.seen[0]["kv_transfer_params"] == KV
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_express_pd_hung_decode_is_a_504_naming_the_stage(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    url, _, d = await _pd_pair(nursery, express, decode_answer, response_timeout_s=0.3)
+    d.delay = 5.0
+    with trio.fail_after(3):
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 504
+    message = r.json()["error"]["message"]
+    assert message.startswith("decode stage failed") and "within 0.3 s" in message
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_express_pd_dead_decode_worker_is_retried_with_the_same_handoff(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    p = await start(nursery, Fake("p0", prefill_ok))
+    dead = Fake("d-dead", decode_answer)
+    stop = await start_stoppable(nursery, dead)
+    good = await start(nursery, Fake("d-good", decode_answer))
+    workers = [("p", p), ("d", dead), ("d", good)]
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", workers, express=express)
+    stop.cancel()  # the decode worker dies after the gateway counted it healthy
+    await trio.sleep(0.05)
+    for _ in range(2):  # round robin starts on either decode worker
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+        assert r.status == 200, r.body
+    assert dead.seen == [] and len(p.seen) == 2 and len(good.seen) == 2
+    assert all(b["kv_transfer_params"] == KV for b in good.seen)
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    retries = metric_value(text, 'lmgw_retries_total{role="d"}')
+    assert retries >= 1  # one attempt on the dead worker per retry, no more
+    dead_tries = 'lmgw_worker_requests_total{role="d",worker="d-dead"}'
+    assert metric_value(text, dead_tries) == retries
+    assert metric_value(text, EXPRESS) == (2 if express else 0)
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_express_pd_with_joint_placement_releases_its_accounting(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    p = [await start(nursery, Fake(f"p{i}", prefill_ok)) for i in range(2)]
+    d = [await start(nursery, Fake(f"d{i}", decode_answer)) for i in range(2)]
+    zones = {"p0": "z0", "d0": "z0", "p1": "z1", "d1": "z1"}
+    workers = [("p", w) for w in p] + [("d", w) for w in d]
+    routing = RoutingConfig(policy="round_robin", placement="joint")
+    url = await gateway_for(
+        nursery, "p/d", "vllm-nixl", workers, express=express, routing=routing, zones=zones
+    )
+    for i in range(6):
+        r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "user": f"u{i}"})
+        assert r.status == 200, r.body
+    for i in range(2):  # every pair in one zone: each decode heard only from its zone's prefill
+        assert len(p[i].seen) == len(d[i].seen)
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert (
+        metric_value(text, f'lmgw_placement_pairs_total{{model="{MODEL}",zones="same_zone"}}') == 6
+    )
+    assert "lmgw_placement_queued_tokens{worker=" not in text  # every prefill is done
+    assert metric_value(text, EXPRESS) == (6 if express else 0)
+
+
+@pytest.mark.parametrize("dialect", ["vllm-p2pnccl", "sglang-bootstrap"])
+async def test_express_lane_leaves_other_dialects_and_streams_alone(
+    nursery: trio.Nursery, dialect: str
+) -> None:
+    """Dialects whose decode retry needs a fresh pair (P2P NCCL, SGLang) and streamed
+    requests take the general path even with the lane on."""
+    p = await start(nursery, Fake("p0", prefill_ok))
+    d = await start(nursery, Fake("d0", any_decode))
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200, r.body
+    nixl, _, _ = await _pd_pair(nursery, True, decode_answer)
+    r = await http_request(nixl, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    assert r.status == 200 and r.events()[-1] == "[DONE]"
+    for where in (url, nixl):
+        text = (await http_request(where, "GET", "/metrics")).body.decode()
+        assert metric_value(text, EXPRESS) == 0

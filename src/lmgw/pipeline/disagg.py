@@ -42,6 +42,7 @@ from ..transport.dialects import (
     StageError,
     StageRequest,
 )
+from ..transport.openai_http import send_json
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
 from . import migration
@@ -340,6 +341,92 @@ class DisaggRunner:
                 extra={"request_id": greq.request_id, "worker": decode.id},
             )  # fmt: skip
 
+    async def express(
+        self, greq: GatewayRequest, responder: Responder, dialect: Dialect, route: RouteContext
+    ) -> None:
+        """A plain non-streamed P/D request (the express lane, :mod:`.express`; the dialect
+        sequential, its decode retries keeping the hand-off): what :meth:`run` does for it,
+        without the layers that streams, encoders, migrations and concurrent dialects need.
+        The prefill leg is :meth:`_prefill`'s (retries included); a decode answer below 400
+        that came whole in one read goes straight to the client; any other answer or failure
+        of the decode leg continues in :meth:`_final` from its first attempt's outcome."""
+        p = self.p
+        prefill, decode = p.place(greq.model, route, len(greq.body))
+        p.express_served += 1
+        body = ClientBody(greq.body)
+        ctx = StageContext(
+            request_id=greq.request_id,
+            path=greq.path,
+            headers=greq.forward_headers,
+            prefill=_peer(prefill),
+            decode=_peer(decode),
+        )
+        try:
+            pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)
+            handoff = dialect.read_prefill(pre, status, answer)
+            leg = dialect.decode_request(body, handoff, ctx)
+            failure = None
+            if not dialect.rewrites_decode(handoff):
+                try:
+                    failure = await self._express_decode(greq, responder, leg, decode, route)
+                except GatewayError as exc:
+                    raise _stage_failed("d", exc) from None
+                if failure is None:
+                    return
+            await self._final(
+                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure
+            )
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
+        finally:
+            if p.placement is not None:
+                p.placement.release(route)
+
+    async def _express_decode(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        leg: StageRequest,
+        worker: Worker,
+        route: RouteContext,
+    ) -> GatewayError | None:
+        """The express lane's first decode attempt: :meth:`Pipeline.dispatch`'s accounting
+        and outcome (None when answered, else the failure to retry; the client's errors
+        raised), a whole small answer written at once."""
+        p = self.p
+        registry, policy = p.registry, p.policies["d"]
+        registry.acquire(worker)  # also counts lmgw_worker_requests_total
+        policy.on_dispatch(worker, route)
+        ok = False
+        failure = None
+        t0 = time.perf_counter()
+        try:
+            got = await p.pool.request(
+                worker.origin, "POST", leg.path, leg.headers, leg.body,
+                response_timeout_s=p.response_timeout_s, whole=True,
+            )  # fmt: skip
+            if isinstance(got, tuple):
+                status, _, ctype, _, data = got
+                out = [(b"x-request-id", greq.request_id.encode())]
+                if greq.timings:
+                    out.append((b"server-timing", greq.server_timing()))
+                await send_json(responder, status, ctype, data, out)
+                ok = True
+            else:
+                failure = await p.answer(
+                    greq, responder, got, "d", worker, route, (worker,), True, t0
+                )
+                ok = failure is None
+        except UpstreamError as exc:
+            failure = p.failed(exc, responder, "d", worker, (worker,), True)
+        finally:
+            p.metrics.stage.observe(("d", worker.id), time.perf_counter() - t0)
+            policy.on_finish(worker, route, ok)
+            registry.release(worker)
+        if ok:
+            registry.record_success(worker)
+        return failure
+
     # -- legs -------------------------------------------------------------------------------
     def _other(
         self,
@@ -500,10 +587,13 @@ class DisaggRunner:
         restartable: bool = False,
         journal: list[bytes] | None = None,
         splice: Splice | None = None,
+        failure: GatewayError | None = None,
     ) -> None:
         """The leg whose answer the client gets. A decode that fails before its first byte is
         retried once on another worker of the role when the hand-off allows it; when it does
-        not and ``restartable``, :class:`_RestartPair` asks the caller for a fresh pair."""
+        not and ``restartable``, :class:`_RestartPair` asks the caller for a fresh pair.
+        ``failure``: the first attempt already ran on ``worker`` (:meth:`express`) and
+        failed so."""
         if gate is None and handoff is not None and dialect.rewrites_decode(handoff):
             fixed = _rewrite(dialect, handoff)
 
@@ -515,20 +605,17 @@ class DisaggRunner:
         attempts = 2 if keeps else 1
         tried: tuple[Worker, ...] = ()
         for attempt in range(attempts):
-            try:
-                failure = await p.dispatch(
-                    greq, responder, role, worker, route,
-                    attempt + 1 < attempts or (restartable and not keeps),
-                    leg.path, leg.headers, leg.body, gate, journal, splice,
-                )  # fmt: skip
-            except GatewayError as exc:
-                if exc.status < 500:  # the request's fault, as the worker said: passed on
-                    raise
-                raise GatewayError(
-                    exc.status, f"{STAGE_NAMES[role]} stage failed: {exc.message}"
-                ) from None
-            if failure is None:
-                return
+            if attempt or failure is None:
+                try:
+                    failure = await p.dispatch(
+                        greq, responder, role, worker, route,
+                        attempt + 1 < attempts or (restartable and not keeps),
+                        leg.path, leg.headers, leg.body, gate, journal, splice,
+                    )  # fmt: skip
+                except GatewayError as exc:
+                    raise _stage_failed(role, exc) from None
+                if failure is None:
+                    return
             if isinstance(failure, MidStream):
                 raise _BrokenStream(worker)
             if not keeps:
@@ -650,6 +737,14 @@ def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:
     log.error("request %s: %s", greq.request_id, exc,  # a hand-off bug: still answered
               extra={"request_id": greq.request_id})  # fmt: skip
     return GatewayError(500, f"internal hand-off error: {exc}")
+
+
+def _stage_failed(role: str, exc: GatewayError) -> GatewayError:
+    """A client-facing leg's error as the client gets it: the worker's 4xx as it is (the
+    request's fault), anything else naming the stage."""
+    if exc.status < 500:
+        return exc
+    return GatewayError(exc.status, f"{STAGE_NAMES[role]} stage failed: {exc.message}")
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -1,4 +1,4 @@
-"""The express lane: a plain non-streamed chat or completion on a merged HTTP worker.
+"""The express lane: a plain non-streamed chat or completion on merged or P/D HTTP workers.
 
 Why: the general path (:meth:`Pipeline.run` and :meth:`Pipeline.dispatch`) serves every flow
 and feature: streams, hedging, migration, taps, rewrites, dialects, traces. For the request
@@ -14,7 +14,9 @@ metrics and failure handling as the general path, in one function: a whole answe
 that came in one read (:meth:`ConnectionPool.request` ``whole``) goes straight to the
 client; anything else (an error status, a split or chunked body, a failed exchange) goes on
 through the general code from where the lane stands (:meth:`Pipeline.answer`,
-:meth:`Pipeline.failed`, then :meth:`Pipeline.attempts` for the retries).
+:meth:`Pipeline.failed`, then :meth:`Pipeline.attempts` for the retries). P/D models in a
+sequential dialect whose decode retries keep the hand-off take the disaggregated runner's
+lane (:meth:`lmgw.pipeline.disagg.DisaggRunner.express`): the same idea for two legs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ async def run_express(
     the general path needs, only when the lane hands over to it; ``route``: the routing keys
     when the policy routes on the prompt or the session."""
     ctx = route or pipe.context(model, request_id)
+    dialect = pipe.dialect_of(model)
+    if dialect is not None:  # P/D: both legs in the disaggregated runner's lane
+        await pipe.disagg.express(make_greq(), responder, dialect, ctx)
+        return
     worker = pipe.pick(model, "pd", ctx)
     pipe.express_served += 1
     registry, policy = pipe.registry, pipe.policies["pd"]

@@ -230,16 +230,27 @@ class Pipeline:
 
     def express_for(self, model: str) -> bool:
         """Whether a plain non-streamed request to ``model`` may take the express lane
-        (:mod:`.express`): merged workers over HTTP and nothing that taps or adds to the
-        exchange (prefix warming, usage audits, the route header)."""
+        (:mod:`.express`): workers over HTTP, merged or P/D in a sequential dialect whose
+        decode retries keep the hand-off (vllm-nixl, vllm-lmcache), and nothing that taps or
+        adds to the exchange (prefix warming, usage audits, the route header)."""
         if not self.express_lane or self.warmer is not None:
             return False
         if self.audits or self.route_header:
             return False
         if self.native.handles(model):
             return False
-        dialect = self.dialects[model] if model in self.flows else self.default_dialect
-        return dialect is None
+        dialect = self.dialect_of(model)
+        if dialect is None:
+            return True
+        return (
+            self.flows.get(model, self.default_flow) == "p/d"
+            and not dialect.concurrent_prefill_decode
+            and dialect.decode_retry_keeps_handoff
+        )
+
+    def dialect_of(self, model: str) -> Dialect | None:
+        """The dialect of ``model``'s flow; None for merged workers spoken to in plain OpenAI."""
+        return self.dialects[model] if model in self.flows else self.default_dialect
 
     def pick(self, model: str, role: str, ctx: RouteContext, near: Worker | None = None) -> Worker:
         """The role's policy's choice among the routable workers of ``model``; 503 if none.
