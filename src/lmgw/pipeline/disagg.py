@@ -67,6 +67,17 @@ def peer_of(worker: Worker) -> Peer:
     )
 
 
+def _stage_context(greq: GatewayRequest, prefill: Worker | None, decode: Worker) -> StageContext:
+    """What the dialect needs to build the legs of ``greq`` between these workers."""
+    return StageContext(
+        request_id=greq.request_id,
+        path=greq.path,
+        headers=greq.forward_headers,
+        prefill=_peer(prefill),
+        decode=_peer(decode),
+    )
+
+
 def _peer(worker: Worker | None) -> Peer | None:
     return None if worker is None else peer_of(worker)
 
@@ -143,13 +154,7 @@ class DisaggRunner:
             prefill, decode = p.place(greq.model, route, len(greq.body))
         else:
             prefill, decode = None, p.pick(greq.model, "pd", route)
-        ctx = StageContext(
-            request_id=greq.request_id,
-            path=greq.path,
-            headers=greq.forward_headers,
-            prefill=_peer(prefill),
-            decode=_peer(decode),
-        )
+        ctx = _stage_context(greq, prefill, decode)
         journal: list[bytes] | None = [] if greq.stream and p.migrations else None
         try:
             await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
@@ -253,13 +258,7 @@ class DisaggRunner:
             decode = p.policies[role].choose(others, route)
             tried += (decode,)
             prefill = p.pick(greq.model, "p", route, near=decode) if "p" in roles else None
-            ctx = StageContext(
-                request_id=greq.request_id,
-                path=greq.path,
-                headers=greq.forward_headers,
-                prefill=_peer(prefill),
-                decode=_peer(decode),
-            )
+            ctx = _stage_context(greq, prefill, decode)
             log.warning(
                 "request %s: stream broke after %d tokens; continuing on %s",
                 greq.request_id, progress.tokens, decode.id,
@@ -354,13 +353,7 @@ class DisaggRunner:
         prefill, decode = p.place(greq.model, route, len(greq.body))
         p.express_served += 1
         body = ClientBody(greq.body)
-        ctx = StageContext(
-            request_id=greq.request_id,
-            path=greq.path,
-            headers=greq.forward_headers,
-            prefill=_peer(prefill),
-            decode=_peer(decode),
-        )
+        ctx = _stage_context(greq, prefill, decode)
         try:
             pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)
             handoff = dialect.read_prefill(pre, status, answer)
