@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 
@@ -24,6 +25,8 @@ from lmgw.transport.dialects import (
     find_media,
     get_dialect,
 )
+from lmgw.transport.dialects._vllm import prefill_only
+from lmgw.transport.dialects.vllm_nixl import remote_decode_params
 
 enc = msgspec.json.encode
 dec = msgspec.json.decode
@@ -112,6 +115,15 @@ def test_client_body_decodes_once_and_rejects_non_objects() -> None:
         _ = ClientBody(b"[1]").obj
     with pytest.raises(BodyError):
         _ = ClientBody(b"{nope").obj
+    for bad in (b"[1]", b'"text"', b"{nope", b'{"a": 1', b"\xff"):
+        with pytest.raises(BodyError):
+            _ = ClientBody(bad).fields
+    b = ClientBody(b'{"a": [1, {"b": 2.50}], "c": "\\u00e9"}')
+    assert b.fields is b.fields
+    assert {k: bytes(v) for k, v in b.fields.items()} == {
+        "a": b'[1, {"b": 2.50}]',
+        "c": b'"\\u00e9"',
+    }
 
 
 def test_stage_error_status_mapping() -> None:
@@ -609,3 +621,48 @@ def test_media_finder_finds_exactly_the_media_parts(msgs) -> None:
             distinct[key] = [it.part]
     assert [dec(r.body)["messages"][0]["content"] for r in reqs] == list(distinct.values())
     assert [r.key for r in reqs] == list(distinct)
+
+
+json_bodies = st.builds(
+    lambda extra, msgs, indent, ascii_only, pad: json.dumps(
+        {"model": "m", "messages": msgs, "max_tokens": 7, **extra, **pad},
+        indent=indent,
+        ensure_ascii=ascii_only,
+    ).encode(),
+    st.dictionaries(
+        st.sampled_from(
+            ["stream", "stream_options", "min_tokens", "max_completion_tokens", "temperature",
+             "kv_transfer_params", "x_vendor"]
+        ),
+        json_values | st.floats(allow_nan=False, allow_infinity=False),
+        max_size=5,
+    ),
+    messages,
+    st.sampled_from([None, 0, 2]),
+    st.booleans(),
+    st.sampled_from([{}, {"x_long": "é" * 40000}]),  # past 64 kB: ClientBody.encode joins
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None)
+@given(raw=json_bodies, name=st.sampled_from(["vllm-nixl", "vllm-lmcache", "vllm-p2pnccl"]))
+def test_vllm_legs_edit_members_as_a_full_decode_would(raw, name) -> None:
+    """The legs copy the client's members as raw bytes (ClientBody.fields): whatever the
+    body's spacing, escapes, number spelling or length, each leg means exactly what editing
+    the fully decoded object would give."""
+    obj = json.loads(raw)
+    d = get_dialect(name)
+    c = ctx()
+    b = ClientBody(raw)
+    pre = d.prefill_request(b, c)
+    expected = prefill_only(obj)
+    if name == "vllm-nixl":
+        expected["kv_transfer_params"] = remote_decode_params()
+    assert json.loads(pre.body) == expected
+    params = b'{"remote_engine_id": "e", "remote_block_ids": [1, 2], "x": {"y": 1.5e3}}'
+    answer = b'{"kv_transfer_params": %s}' % params if name == "vllm-nixl" else b"{}"
+    leg = d.decode_request(b, d.read_prefill(pre, 200, answer), c)
+    if name == "vllm-nixl":
+        assert json.loads(leg.body) == {**obj, "kv_transfer_params": json.loads(params)}
+    else:
+        assert leg.body == raw

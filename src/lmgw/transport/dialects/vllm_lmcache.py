@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import msgspec
-
 from ._vllm import prefill_only
 from .base import (
     ClientBody,
@@ -31,7 +29,7 @@ class VllmLmcache(Dialect):
     decode_retry_keeps_handoff: ClassVar[bool] = True
 
     def prefill_request(self, body: ClientBody, ctx: StageContext) -> StageRequest:
-        payload = msgspec.json.encode(prefill_only(body.obj))
+        payload = body.encode(prefill_only(body.fields))
         return StageRequest(ctx.path, leg_headers(ctx.headers, ctx.request_id), payload, "prefill")
 
     def read_prefill(self, sent: StageRequest, status: int, body: bytes) -> HandOff:

@@ -60,9 +60,9 @@ class VllmNixl(Dialect):
         self.push = push
 
     def prefill_request(self, body: ClientBody, ctx: StageContext) -> StageRequest:
-        payload = prefill_only(body.obj, kv_transfer_params=remote_decode_params())
+        payload = prefill_only(body.fields, kv_transfer_params=remote_decode_params())
         return StageRequest(
-            ctx.path, leg_headers(ctx.headers, ctx.request_id), _encode(payload), "prefill"
+            ctx.path, leg_headers(ctx.headers, ctx.request_id), body.encode(payload), "prefill"
         )
 
     def read_prefill(self, sent: StageRequest, status: int, body: bytes) -> HandOff:
@@ -93,6 +93,8 @@ class VllmNixl(Dialect):
         P's params; byte-identical to the client's body when P returned none."""
         params = self._require(handoff).data
         payload = (
-            body.raw if params is None else _encode({**body.obj, "kv_transfer_params": params})
+            body.raw
+            if params is None
+            else body.encode({**body.fields, "kv_transfer_params": params})
         )
         return StageRequest(ctx.path, leg_headers(ctx.headers, ctx.request_id), payload, "decode")

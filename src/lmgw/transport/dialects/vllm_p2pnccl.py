@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-import msgspec
-
 from ._vllm import prefill_only
 from .base import (
     ClientBody,
@@ -72,7 +70,7 @@ class VllmP2pNccl(Dialect):
             _kv_address(ctx.decode, "decode"),
             random_hex(ctx.rng, 32),
         )
-        payload = msgspec.json.encode(prefill_only(body.obj))
+        payload = body.encode(prefill_only(body.fields))
         return StageRequest(
             ctx.path, leg_headers(ctx.headers, rid), payload, "prefill", HandOff(self.name, rid)
         )
