@@ -644,6 +644,29 @@ json_bodies = st.builds(
 )  # fmt: skip
 
 
+@settings(max_examples=40, deadline=None)
+@given(raw=json_bodies, n=st.sampled_from([None, 1, 3]), logprob=st.booleans())
+def test_sglang_legs_add_members_as_a_full_decode_would(raw, n, logprob) -> None:
+    obj = json.loads(raw)
+    if n is not None:
+        obj["n"] = n
+    if logprob:
+        obj["return_logprob"] = True
+    raw = json.dumps(obj).encode() if n is not None or logprob else raw
+    d = get_dialect("sglang-bootstrap")
+    b = ClientBody(raw)
+    pre = d.prefill_request(b, ctx())
+    boot = pre.handoff.data
+    assert json.loads(pre.body) == {**obj, **boot.fields}
+    assert d.decode_request(b, pre.handoff, ctx()).body == pre.body
+    room = boot.fields["bootstrap_room"]
+    if n == 3:  # chat with n > 1: a room per sequence
+        assert isinstance(room, list) and len(room) == 3
+    else:
+        assert isinstance(room, int)
+    assert d.needs_prefill_response(b) is logprob
+
+
 @settings(max_examples=80, deadline=None)
 @given(raw=json_bodies, name=st.sampled_from(["vllm-nixl", "vllm-lmcache", "vllm-p2pnccl"]))
 def test_vllm_legs_edit_members_as_a_full_decode_would(raw, name) -> None:

@@ -80,6 +80,16 @@ def batch_size(path: str, obj: dict[str, Any]) -> int | None:
     return None
 
 
+#: the members :func:`batch_size` and :func:`_wants_logprobs` read
+_READ = ("n", "prompt", "sampling_params", "input_ids", "text", "return_logprob")
+
+
+def _members(body: ClientBody) -> dict[str, Any]:
+    """The members the legs' shape depends on, decoded; a chat's messages stay bytes."""
+    fields = body.fields
+    return {k: _decode(fields[k]) for k in _READ if k in fields}
+
+
 def _wants_logprobs(obj: dict[str, Any]) -> bool:
     flag = obj.get("return_logprob")
     return flag is True or (isinstance(flag, list) and True in flag)
@@ -148,7 +158,7 @@ class SglangBootstrap(Dialect):
         peer = ctx.prefill
         if peer is None:
             raise ValueError("sglang-bootstrap needs the chosen prefill worker (host, port)")
-        obj = body.obj
+        obj = _members(body)
         host = peer.host[1:-1] if peer.host.startswith("[") else peer.host
         port = peer.bootstrap_port
         n = batch_size(ctx.path, obj)
@@ -164,7 +174,7 @@ class SglangBootstrap(Dialect):
                 "bootstrap_port": [port] * n,
                 "bootstrap_room": [random_bits(ctx.rng, 63) for _ in range(n)],
             }
-        payload = _encode({**obj, **fields})
+        payload = body.encode({**body.fields, **fields})
         boot = _Bootstrap(fields, payload, _wants_logprobs(obj))
         headers = leg_headers(ctx.headers, ctx.request_id)
         return StageRequest(ctx.path, headers, payload, "prefill", HandOff(self.name, boot))
@@ -183,7 +193,7 @@ class SglangBootstrap(Dialect):
         return StageRequest(ctx.path, leg_headers(ctx.headers, ctx.request_id), boot.body, "decode")
 
     def needs_prefill_response(self, body: ClientBody) -> bool:
-        return _wants_logprobs(body.obj)
+        return _wants_logprobs(_members(body))
 
     def read_prefill(self, sent: StageRequest, status: int, body: bytes) -> HandOff:
         """Check P's answer; keep its input logprobs when the client asked for them. A failed
