@@ -686,26 +686,35 @@ async def start_stoppable(nursery: trio.Nursery, fake: Fake) -> trio.CancelScope
 
 
 @pytest.mark.parametrize("express", [True, False])
-async def test_prefill_leg_that_cannot_connect_is_retried_on_another_prefill(
-    nursery: trio.Nursery, express: bool
+@pytest.mark.parametrize("role", ["p", "d"])
+async def test_leg_that_cannot_connect_is_retried_on_another_worker_of_its_role(
+    nursery: trio.Nursery, role: str, express: bool
 ) -> None:
-    dead = Fake("p-dead", lambda b: (200, completion("x", kv_transfer_params=KV)))
+    """A prefill or decode worker that died after the gateway counted it healthy: its leg is
+    never delivered, so it goes to the role's other worker (a decode with the same hand-off),
+    one attempt on the dead worker per retry and no more."""
+    answers = {"p": prefill_ok, "d": decode_answer}
+    peer = "d" if role == "p" else "p"  # the other role: one healthy worker
+    dead = Fake(f"{role}-dead", answers[role])
     stop = await start_stoppable(nursery, dead)
-    good = await start(
-        nursery, Fake("p-good", lambda b: (200, completion("x", kv_transfer_params=KV)))
-    )
-    d = await start(nursery, Fake("d0", decode_answer))
-    workers = [("p", dead), ("p", good), ("d", d)]
+    good = await start(nursery, Fake(f"{role}-good", answers[role]))
+    other = await start(nursery, Fake(f"{peer}0", answers[peer]))
+    workers = [(role, dead), (role, good), (peer, other)]
     url = await gateway_for(nursery, "p/d", "vllm-nixl", workers, express=express)
-    stop.cancel()  # the prefill worker dies after the gateway counted it healthy
+    stop.cancel()
     await trio.sleep(0.05)
-    for _ in range(2):  # round robin starts on either prefill worker
+    for _ in range(2):  # round robin starts on either worker of the role
         r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
         assert r.status == 200, r.body
         assert r.json()["choices"][0]["message"]["content"] == "decoded"
-    assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 2
+    assert dead.seen == [] and len(good.seen) == 2 and len(other.seen) == 2
+    if role == "d":
+        assert all(b["kv_transfer_params"] == KV for b in good.seen)
     metrics = (await http_request(url, "GET", "/metrics")).body.decode()
-    assert 'lmgw_retries_total{role="p"}' in metrics
+    retries = metric_value(metrics, f'lmgw_retries_total{{role="{role}"}}')
+    assert retries >= 1
+    dead_tries = f'lmgw_worker_requests_total{{role="{role}",worker="{role}-dead"}}'
+    assert metric_value(metrics, dead_tries) == retries
     assert metric_value(metrics, EXPRESS) == (2 if express else 0)
 
 
@@ -828,31 +837,6 @@ async def test_express_pd_hung_decode_is_a_504_naming_the_stage(
     assert r.status == 504
     message = r.json()["error"]["message"]
     assert message.startswith("decode stage failed") and "within 0.3 s" in message
-
-
-@pytest.mark.parametrize("express", [True, False])
-async def test_express_pd_dead_decode_worker_is_retried_with_the_same_handoff(
-    nursery: trio.Nursery, express: bool
-) -> None:
-    p = await start(nursery, Fake("p0", prefill_ok))
-    dead = Fake("d-dead", decode_answer)
-    stop = await start_stoppable(nursery, dead)
-    good = await start(nursery, Fake("d-good", decode_answer))
-    workers = [("p", p), ("d", dead), ("d", good)]
-    url = await gateway_for(nursery, "p/d", "vllm-nixl", workers, express=express)
-    stop.cancel()  # the decode worker dies after the gateway counted it healthy
-    await trio.sleep(0.05)
-    for _ in range(2):  # round robin starts on either decode worker
-        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
-        assert r.status == 200, r.body
-    assert dead.seen == [] and len(p.seen) == 2 and len(good.seen) == 2
-    assert all(b["kv_transfer_params"] == KV for b in good.seen)
-    text = (await http_request(url, "GET", "/metrics")).body.decode()
-    retries = metric_value(text, 'lmgw_retries_total{role="d"}')
-    assert retries >= 1  # one attempt on the dead worker per retry, no more
-    dead_tries = 'lmgw_worker_requests_total{role="d",worker="d-dead"}'
-    assert metric_value(text, dead_tries) == retries
-    assert metric_value(text, EXPRESS) == (2 if express else 0)
 
 
 @pytest.mark.parametrize("express", [True, False])
