@@ -38,6 +38,9 @@ class GatewayError(Exception):
     #: the workers of a failed attempt that ``Pipeline.dispatch`` hands back for a retry (a
     #: hedged attempt may have had two): the retry goes to none of them
     workers: tuple[Any, ...] = ()
+    #: for such a retry: whether the failed attempt's request reached its worker (it may have
+    #: acted on it: a decode that pulled a hand-off's KV); assumed so unless known otherwise
+    delivered: bool = True
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, type: str | None = None

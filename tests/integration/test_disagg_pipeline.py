@@ -204,7 +204,7 @@ async def test_prefill_failure_names_the_stage_and_sends_no_decode(nursery: trio
     assert d.seen == []  # a decode leg is never sent without the prefill's hand-off
 
 
-async def test_decode_failure_is_retried_once_on_another_decode_worker(
+async def test_nixl_decode_that_answered_an_error_is_retried_with_a_fresh_pair(
     nursery: trio.Nursery,
 ) -> None:
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))
@@ -216,7 +216,9 @@ async def test_decode_failure_is_retried_once_on_another_decode_worker(
     for _ in range(2):  # round robin starts on either decode worker
         r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
         assert r.status == 200, r.body
-    assert len(p.seen) == 2  # prefill ran once per request: the retry reuses its hand-off
+    # the failed decode may have pulled the blocks (P frees them once read): a fresh pair,
+    # never the same hand-off again
+    assert len(bad.seen) >= 1 and len(p.seen) == 2 + len(bad.seen)
     assert all(s["kv_transfer_params"] == KV for s in bad.seen + good.seen)
     assert len(good.seen) == 2
 
@@ -517,8 +519,12 @@ async def test_client_gone_during_prefill_sends_no_decode(nursery: trio.Nursery)
 
 # -- failure semantics, per dialect (docs/protocols.md) -----------------------------------------
 PD_DIALECTS = ["vllm-nixl", "vllm-p2pnccl", "vllm-lmcache", "sglang-bootstrap"]
-#: dialects whose hand-off survives a decode failure (another decode worker can take it)
-RETRY_KEEPS_HANDOFF = {"vllm-nixl": True, "vllm-lmcache": True}
+#: dialects whose hand-off survives a decode worker that answered with an error (another
+#: decode worker can take it); NIXL's only one that never got the request (D pulls the blocks
+#: and P frees them once read: test_leg_that_cannot_connect_is_retried_on_another_worker...)
+RETRY_KEEPS_HANDOFF = {"vllm-lmcache": True}
+#: the dialects on the express lane (non-streamed requests)
+EXPRESS_DIALECTS = {"vllm-nixl", "vllm-lmcache"}
 
 
 def prefill_ok(body: dict) -> tuple[int, Any]:
@@ -554,7 +560,8 @@ async def test_decode_failure_before_first_token(
 ) -> None:
     """Retried once on the other decode worker: with the same hand-off when any decode worker
     can use it; else (a P2P NCCL id names one decode address, an SGLang room pairs one P with
-    one D) the pair restarts with a fresh prefill for the other decode worker."""
+    one D, a NIXL decode may have pulled the blocks before failing) the pair restarts with a
+    fresh prefill for the other decode worker."""
     p = await start(nursery, Fake("p0", prefill_ok))
     bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
     good = await start(nursery, Fake("d-good", any_decode))
@@ -564,22 +571,44 @@ async def test_decode_failure_before_first_token(
     assert [r.status for r in results] == [200] * 4
     assert bad.seen and len(good.seen) == 4  # each failed decode was retried on d-good
     metrics = (await http_request(url, "GET", "/metrics")).body.decode()
-    lane = express and RETRY_KEEPS_HANDOFF.get(dialect, False)
+    lane = express and dialect in EXPRESS_DIALECTS
     assert metric_value(metrics, EXPRESS) == (4 if lane else 0)
     assert metric_value(metrics, 'lmgw_retries_total{role="d"}') == len(bad.seen)
     if RETRY_KEEPS_HANDOFF.get(dialect):
         assert len(p.seen) == 4  # the retry reused the prefill's hand-off
-        if dialect == "vllm-nixl":
-            assert all(b["kv_transfer_params"] == KV for b in good.seen)
     else:
         assert len(p.seen) == 4 + len(bad.seen)  # a fresh pair per restart
-        if dialect == "vllm-p2pnccl":  # each decode got the id naming its own address
+        if dialect == "vllm-nixl":  # each decode got the hand-off of its own prefill
+            assert all(b["kv_transfer_params"] == KV for b in good.seen)
+        elif dialect == "vllm-p2pnccl":  # each decode got the id naming its own address
             for seen, fake in ((good.headers, good), (bad.headers, bad)):
                 for h in seen:
                     assert h["x-request-id"].split("___decode_addr_")[1][:-33] == fake.kv_address
         else:  # a fresh room for the restarted pair
             rooms = [b["bootstrap_room"] for b in p.seen]
             assert len(set(rooms)) == len(rooms)
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_nixl_pair_restarts_once_then_the_decode_failure_is_a_502(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    p = await start(nursery, Fake("p0", prefill_ok))
+    bad = [
+        await start(nursery, Fake(f"d{i}", lambda b: (500, {"error": {"message": "oom"}})))
+        for i in range(3)
+    ]
+    workers = [("p", p)] + [("d", d) for d in bad]
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", workers, express=express)
+    with trio.fail_after(3):
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 502
+    message = r.json()["error"]["message"]
+    assert message.startswith("decode stage failed") and "oom" in message
+    # two pairs (the first and one restart), each decode worker used once, never twice
+    assert len(p.seen) == 2 and sorted(len(d.seen) for d in bad) == [0, 1, 1]
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(metrics, 'lmgw_retries_total{role="d"}') == 1
 
 
 async def test_decode_failure_with_no_other_decode_worker_is_a_502(nursery: trio.Nursery) -> None:

@@ -295,14 +295,15 @@ class DisaggRunner:
         route: RouteContext,
         journal: list[bytes] | None = None,
         splice: Splice | None = None,
+        restart: bool = True,
     ) -> None:
         """P then D (or both at once). A decode that fails before its first byte is retried:
         by :meth:`_final` with the same hand-off when any decode worker can use it; else (the
-        hand-off names its decode: a P2P NCCL pair id, an SGLang room) the pair restarts once,
-        a fresh prefill for another decode worker."""
-        p = self.p
+        hand-off names its decode: a P2P NCCL pair id, an SGLang room; or the failed decode
+        may have used it up: NIXL) the pair restarts once, a fresh prefill for another decode
+        worker. ``restart``: False when this is that restart already."""
         tried: tuple[Worker, ...] = ()
-        for restartable in (True, False):
+        for restartable in (True, False) if restart else (False,):
             try:
                 if dialect.concurrent_prefill_decode:
                     await self._concurrent(
@@ -325,20 +326,29 @@ class DisaggRunner:
                 if match is None or rest is not None:
                     raise
                 failure = _first_leaf(match).failure  # type: ignore[attr-defined]
-            except _RestartPair as restart:
-                failure = restart.failure
+            except _RestartPair as again:
+                failure = again.failure
             tried += (decode,)
-            others = [w for w in p.registry.candidates(greq.model, "d") if w not in tried]
-            if not others:
-                raise GatewayError(failure.status, f"decode stage failed: {failure.message}")
-            decode = p.policies["d"].choose(others, route)
+            decode = self._restart_with(greq, route, failure, tried)
             ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
-            p.metrics.retries.inc(("d",))
-            log.info(
-                "request %s: decode failed (%s); pair restarted with decode %s",
-                greq.request_id, failure, decode.id,
-                extra={"request_id": greq.request_id, "worker": decode.id},
-            )  # fmt: skip
+
+    def _restart_with(
+        self, greq: GatewayRequest, route: RouteContext, failure: GatewayError, tried: tuple
+    ) -> Worker:
+        """The decode worker of a restarted pair (none of ``tried``), or the failure as the
+        client's error when none is left."""
+        p = self.p
+        others = [w for w in p.registry.candidates(greq.model, "d") if w not in tried]
+        if not others:
+            raise GatewayError(failure.status, f"decode stage failed: {failure.message}")
+        decode = p.policies["d"].choose(others, route)
+        p.metrics.retries.inc(("d",))
+        log.info(
+            "request %s: decode failed (%s); pair restarted with decode %s",
+            greq.request_id, failure, decode.id,
+            extra={"request_id": greq.request_id, "worker": decode.id},
+        )  # fmt: skip
+        return decode
 
     async def express(
         self, greq: GatewayRequest, responder: Responder, dialect: Dialect, route: RouteContext
@@ -365,6 +375,14 @@ class DisaggRunner:
                 except GatewayError as exc:
                     raise _stage_failed("d", exc) from None
                 if failure is None:
+                    return
+                if failure.delivered and dialect.decode_consumes_handoff:  # a fresh pair
+                    decode = self._restart_with(greq, route, failure, (decode,))
+                    ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+                    await self._prefill_decode(
+                        greq, responder, body, ctx, dialect, prefill, decode, route,
+                        restart=False,
+                    )  # fmt: skip
                     return
             await self._final(
                 greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure
@@ -613,6 +631,10 @@ class DisaggRunner:
                 raise _BrokenStream(worker)
             if not keeps:
                 raise _RestartPair(failure)
+            if role == "d" and failure.delivered and dialect.decode_consumes_handoff:
+                if restartable:  # the hand-off may be used up: only a fresh pair can retry
+                    raise _RestartPair(failure)
+                raise GatewayError(failure.status, f"decode stage failed: {failure.message}")
             tried += (worker,)
             others = [w for w in p.registry.candidates(greq.model, role) if w not in tried]
             if not others:

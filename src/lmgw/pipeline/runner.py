@@ -707,5 +707,6 @@ class Pipeline:
         if may_retry and (exc.retryable or exc.status != 504):
             retry = GatewayError(exc.status, exc.message)
             retry.workers = legs
+            retry.delivered = exc.sent
             return retry
         raise GatewayError(exc.status, exc.message) from None

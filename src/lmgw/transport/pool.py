@@ -37,13 +37,19 @@ class UpstreamError(Exception):
     ``retryable`` is True when the worker cannot have started on the request (connect failure,
     refused, a reused keep-alive socket found dead before any response byte), so trying another
     worker is safe. ``status`` is what the client should see if we give up: 502, or 504 on timeouts.
+    ``sent``: the request was written to the worker, which may have acted on it before failing
+    (a decode worker may have pulled a hand-off's KV, which the prefill worker then frees) even
+    when another worker may take the request (``retryable``: the worker is gone).
     """
 
-    def __init__(self, message: str, *, retryable: bool = False, status: int = 502) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, status: int = 502, sent: bool = True
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.sent = sent
 
 
 class Origin:
@@ -166,12 +172,16 @@ class ConnectionPool:
                     stream = await connect_tcp(origin.host, origin.port)
         except trio.TooSlowError:
             raise UpstreamError(
-                f"connect to {origin.host}:{origin.port} timed out", retryable=True, status=504
+                f"connect to {origin.host}:{origin.port} timed out",
+                retryable=True,
+                status=504,
+                sent=False,
             ) from None
         except OSError as exc:
             raise UpstreamError(
                 f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}",
                 retryable=True,
+                sent=False,
             ) from None
         self.stats.connects += 1
         self._origins.add(origin)
@@ -292,6 +302,7 @@ class ConnectionPool:
                         f"worker {origin.host}:{origin.port} was taken out of rotation while"
                         " the request waited for its answer",
                         retryable=True,
+                        sent=sent,
                     ) from None
                 if reused and not sent:
                     self.stats.stale_retries += 1
@@ -305,6 +316,7 @@ class ConnectionPool:
                     f" {str(exc) or exc.__cause__}"  # (TLS failures: the cause says why)
                     + (" (and no longer accepts connections)" if gone else ""),
                     retryable=not sent or gone,
+                    sent=sent,
                 ) from None
             except UpstreamProtocolError as exc:
                 waiting.discard(conn)
@@ -325,7 +337,9 @@ class ConnectionPool:
             conn.requests += 1
             return Response(self, origin, conn)
         raise UpstreamError(
-            f"worker {origin.host}:{origin.port} keeps closing connections", retryable=True
+            f"worker {origin.host}:{origin.port} keeps closing connections",
+            retryable=True,
+            sent=False,
         )
 
     def sweep(self) -> None:

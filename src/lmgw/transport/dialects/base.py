@@ -244,12 +244,18 @@ class Dialect:
       hand-off is bound to the first decode peer (P2P NCCL pushes KV to the address in the
       id; an SGLang room is consumed by one decode): the pipeline must restart from prefill
       with a fresh pair, or fail.
+    - ``decode_consumes_handoff``: True when a decode that received its request may have
+      used the hand-off up before failing (NIXL: D pulls the blocks, and P frees them once
+      read; the same ids sent again would read freed, possibly reused, blocks). Then only a
+      decode leg that never reached its worker is re-sent with the same hand-off; one that
+      did restarts from prefill with a fresh pair.
     """
 
     name: ClassVar[str]
     flows: ClassVar[frozenset[str]]
     concurrent_prefill_decode: ClassVar[bool] = False
     decode_retry_keeps_handoff: ClassVar[bool] = True
+    decode_consumes_handoff: ClassVar[bool] = False
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).

@@ -55,6 +55,8 @@ class VllmNixl(Dialect):
     name: ClassVar[str] = "vllm-nixl"
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
     decode_retry_keeps_handoff: ClassVar[bool] = True
+    #: P frees the blocks once D has read them: a D that got the request may have
+    decode_consumes_handoff: ClassVar[bool] = True
 
     def __init__(self, *, push: bool = False) -> None:
         self.push = push

@@ -1,0 +1,115 @@
+"""P/D under injected faults: many concurrent requests through vllm-nixl (the non-streamed ones
+on the express lane when it is on) while one prefill and one decode worker fail a share of
+their requests. Every request must end in time, with the merged worker's exact text or an
+OpenAI error naming the failed stage, and the gateway's load accounting must return to zero."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from gateway_support import MODEL, http_request, metric_value
+
+from lmgw.config import (
+    GatewayConfig,
+    HealthConfig,
+    ModelConfig,
+    ServerConfig,
+    UpstreamConfig,
+    WorkerConfig,
+)
+from lmgw.gateway import Gateway
+
+pytestmark = pytest.mark.usefixtures("hard_deadline")
+
+REQUESTS = 32
+CONCURRENCY = 8
+
+
+def _body(i: int, stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"question {i}: " + "tell me more " * (i % 5)}],
+        "max_tokens": 8,
+        "seed": 3,
+        "stream": stream,
+    }
+
+
+def _text(status: int, doc: Any, events: list[Any] | None) -> str | None:
+    if status != 200:
+        return None
+    if events is None:
+        return doc["choices"][0]["message"]["content"]
+    assert events[-1] == "[DONE]", events[-3:]
+    return "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]
+    )
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_pd_requests_under_faults_all_end_cleanly(
+    nursery: trio.Nursery, sim_worker: Any, express: bool
+) -> None:
+    reference = await sim_worker(role="pd")
+    sims = {
+        "p-ok": await sim_worker(role="p"),
+        "p-faulty": await sim_worker(role="p", faults={"error_rate": 0.3}, fault_seed=7),
+        "d-ok": await sim_worker(role="d"),
+        "d-faulty": await sim_worker(role="d", faults={"error_rate": 0.3}, fault_seed=11),
+    }
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        upstream=UpstreamConfig(express_lane=express),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        workers=[
+            WorkerConfig(url=s.url, role=name[0], id=name, kv_address=s.sim.kv_address)
+            for name, s in sims.items()
+        ],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    url = f"http://127.0.0.1:{port}"
+
+    expected = {}
+    for i in range(REQUESTS):
+        r = await http_request(reference.url, "POST", "/v1/chat/completions", _body(i, False))
+        expected[i] = r.json()["choices"][0]["message"]["content"]
+
+    outcomes: dict[int, tuple[int, str]] = {}
+    limiter = trio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> None:
+        stream = i % 2 == 1
+        async with limiter:
+            with trio.fail_after(10):  # nothing hangs: every request ends
+                r = await http_request(url, "POST", "/v1/chat/completions", _body(i, stream))
+        if r.status == 200:
+            text = _text(200, None if stream else r.json(), r.events() if stream else None)
+            assert text == expected[i], (i, stream)
+            outcomes[i] = (200, "")
+        else:
+            assert r.status == 502, (i, r.status, r.body)
+            message = r.json()["error"]["message"]
+            assert message.startswith(("prefill stage failed", "decode stage failed")), message
+            assert "Simulated engine failure" in message
+            outcomes[i] = (502, message)
+
+    async with trio.open_nursery() as requests:
+        for i in range(REQUESTS):
+            requests.start_soon(one, i)
+
+    assert len(outcomes) == REQUESTS
+    assert sum(status == 200 for status, _ in outcomes.values()) >= REQUESTS // 2
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    for name in sims:
+        role = name[0]
+        sample = f'lmgw_worker_in_flight{{role="{role}",worker="{name}"}}'
+        assert metric_value(text, sample) == 0, sample
+    plain = REQUESTS // 2  # the non-streamed half
+    assert metric_value(text, "lmgw_express_requests_total") == (plain if express else 0)
+    ok = metric_value(
+        text, f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
+    )
+    assert ok == sum(status == 200 for status, _ in outcomes.values())
