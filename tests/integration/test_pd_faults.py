@@ -1,10 +1,12 @@
-"""P/D under injected faults: many concurrent requests through vllm-nixl (the non-streamed ones
-on the express lane when it is on) while one prefill and one decode worker fail a share of
-their requests. Every request must end in time, with the merged worker's exact text or an
-OpenAI error naming the failed stage, and the gateway's load accounting must return to zero."""
+"""P/D under injected faults: many concurrent requests through each P/D dialect (vllm-nixl's
+and vllm-lmcache's non-streamed ones on the express lane when it is on) while one prefill and
+one decode simulator fail a share of their requests. Every request must end in time, with the
+merged worker's exact text or an OpenAI error naming the failed stage, and the gateway's load
+accounting must return to zero."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,24 +50,45 @@ def _text(status: int, doc: Any, events: list[Any] | None) -> str | None:
     )
 
 
-@pytest.mark.parametrize("express", [True, False])
+CASES = [
+    ("vllm-nixl", True),
+    ("vllm-nixl", False),
+    ("vllm-lmcache", True),
+    ("vllm-p2pnccl", True),
+    ("sglang-bootstrap", True),
+]
+
+
+@pytest.mark.parametrize(("dialect", "express"), CASES)
 async def test_pd_requests_under_faults_all_end_cleanly(
-    nursery: trio.Nursery, sim_worker: Any, express: bool
+    nursery: trio.Nursery, sim_worker: Any, tmp_path: Path, dialect: str, express: bool
 ) -> None:
     reference = await sim_worker(role="pd")
+    opts: dict[str, Any] = {}
+    if dialect == "vllm-p2pnccl":
+        opts["kv_port"] = 0
+    elif dialect == "vllm-lmcache":
+        opts.update(kv_connector="lmcache", lmcache_dir=str(tmp_path / "lmcache"))
+    faulty = {"faults": {"error_rate": 0.3}}
     sims = {
-        "p-ok": await sim_worker(role="p"),
-        "p-faulty": await sim_worker(role="p", faults={"error_rate": 0.3}, fault_seed=7),
-        "d-ok": await sim_worker(role="d"),
-        "d-faulty": await sim_worker(role="d", faults={"error_rate": 0.3}, fault_seed=11),
+        "p-ok": await sim_worker(role="p", **opts),
+        "p-faulty": await sim_worker(role="p", **opts, **faulty, fault_seed=7),
+        "d-ok": await sim_worker(role="d", **opts),
+        "d-faulty": await sim_worker(role="d", **opts, **faulty, fault_seed=11),
     }
     cfg = GatewayConfig(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
         upstream=UpstreamConfig(express_lane=express),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
         workers=[
-            WorkerConfig(url=s.url, role=name[0], id=name, kv_address=s.sim.kv_address)
+            WorkerConfig(
+                url=s.url,
+                role=name[0],
+                id=name,
+                kv_address=s.sim.kv_address,
+                bootstrap_port=int(s.url.rsplit(":", 1)[1]) if name[0] == "p" else None,
+            )
             for name, s in sims.items()
         ],
     )
@@ -108,7 +131,8 @@ async def test_pd_requests_under_faults_all_end_cleanly(
         sample = f'lmgw_worker_in_flight{{role="{role}",worker="{name}"}}'
         assert metric_value(text, sample) == 0, sample
     plain = REQUESTS // 2  # the non-streamed half
-    assert metric_value(text, "lmgw_express_requests_total") == (plain if express else 0)
+    lane = express and dialect in ("vllm-nixl", "vllm-lmcache")
+    assert metric_value(text, "lmgw_express_requests_total") == (plain if lane else 0)
     ok = metric_value(
         text, f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
     )
