@@ -494,21 +494,27 @@ async def test_response_ids_and_shapes(nursery: trio.Nursery) -> None:
 # -- failures ---------------------------------------------------------------------------------
 
 
-async def test_decode_failing_before_its_first_token_is_retried_with_the_same_handoff(
-    nursery: trio.Nursery, sim_worker
+@pytest.mark.parametrize("handoff", ["direct", "gateway"])
+async def test_decode_failing_before_its_first_token_is_retried(
+    nursery: trio.Nursery, sim_worker, handoff: str
 ) -> None:
-    _, p = await start_worker(nursery, "p")
-    bad, d_bad = await start_worker(nursery, "d", faults=Faults(error_rate=1.0))
-    good, d_good = await start_worker(nursery, "d")
+    """On the other decode worker: with the same hand-off when the KV came through the gateway;
+    with a fresh prefill when it stayed on P, named by the params (the failed decode got them
+    and may have pulled the blocks, which a NIXL prefill frees once read)."""
+    pe, p = await start_worker(nursery, "p", handoff=handoff)
+    bad, d_bad = await start_worker(nursery, "d", faults=Faults(error_rate=1.0), handoff=handoff)
+    good, d_good = await start_worker(nursery, "d", handoff=handoff)
     gw, url = await start_gateway(nursery, gateway_config([("p", p), ("d", d_bad),
                                                            ("d", d_good)], "p/d"))  # fmt: skip
     expected, _, _ = await run(chat, (await sim_worker(role="pd")).url, TEXT_ONLY, False)
     for stream in (False, True, False):  # round robin: the failing decode is picked at least once
         text, _, _ = await run(chat, url, TEXT_ONLY, stream)
         assert text == expected
-    assert bad.counters["errors_injected"] >= 1  # it failed, and its request was retried
+    failed = bad.counters["errors_injected"]
+    assert failed >= 1  # it failed, and its request was retried
     assert good.counters["kv_blocks_verified"] > 0
-    assert gw.metrics.retries.values.get(("d",), 0) >= 1
+    assert gw.metrics.retries.values.get(("d",), 0) == failed
+    assert len(pe.stage_tensors) == 3 + (failed if handoff == "direct" else 0)  # prefills
 
 
 async def test_a_failing_stage_is_a_502_naming_it(nursery: trio.Nursery) -> None:

@@ -22,10 +22,11 @@ Failure semantics are the HTTP flows' (docs/protocols.md, "Failure semantics"): 
 fails before anything reached the client is retried on another worker when the worker cannot
 have started it (``RpcError.sent`` False) or the failure says nothing about the request
 (retryable codes); a decode that fails before its first token is retried once with the same
-hand-off; a stage that still fails is a 502 naming it (a worker's ``bad_request`` is the
-request's fault: a 400 with its message). A stream that breaks after its first byte is
-continued on another worker with the prompt plus the text so far (:mod:`.migration`'s rules),
-or ended with an SSE error event and ``[DONE]``.
+hand-off (a fresh one when the KV stayed on P and the decode may have pulled it); a stage
+that still fails is a 502 naming it (a worker's ``bad_request`` is the request's fault: a 400
+with its message). A stream that breaks after its first byte is continued on another worker
+with the prompt plus the text so far (:mod:`.migration`'s rules), or ended with an SSE error
+event and ``[DONE]``.
 
 Cancellation is structured: every leg runs in the request's scope, and a leg that ends early
 (client gone, deadline, error) makes :class:`RpcChannel` send ``Abort`` to its worker.
@@ -1170,31 +1171,38 @@ class NativeRunner:
         child: bool = False,
     ) -> None:
         """P (split flows) then the client-facing Generate; a decode that failed before its
-        first byte is retried once on another decode worker with the same hand-off, a merged
-        leg like any leg. ``child``: one choice of a fanned-out request (the request's time to
-        first token is the fan-out's)."""
+        first byte is retried once on another decode worker with the same hand-off (a fresh
+        prefill instead when the KV stayed on P and the failed decode got the request: it may
+        have pulled it), a merged leg like any leg. ``child``: one choice of a fanned-out
+        request (the request's time to first token is the fan-out's)."""
         p = self.p
         continued = child or bool(tried)
         role = "d" if "p" in roles else "pd"
-        tensors, payload, kv_params, kv_tensors = job.tensors, job.payload, None, []
-        if role == "d":
-            handoff = await self._prefill(greq, job, route, prompt, params)
-            kv_params = handoff.params
-            if handoff.refs:  # the KV itself came through: on to D with the media tensors
-                tensors, payload = list(tensors), list(payload)
-                kv_tensors = relay_tensors(tensors, payload, handoff.refs, handoff.payload)
-        msg = Generate(
-            greq.request_id,
-            greq.model,
-            prompt_token_ids=prompt,
-            params=params,
-            media=job.media,
-            kv_transfer_params=kv_params,
-            timeout_s=self._timeout_s(greq),
-            tensors=tensors,
-            stream=greq.stream,
-            kv_tensors=kv_tensors,
-        )
+
+        async def generate() -> tuple[Generate, Sequence[Any]]:
+            """The client-facing leg's message (after the prefill, in split flows)."""
+            tensors, payload, kv_params, kv_tensors = job.tensors, job.payload, None, []
+            if role == "d":
+                handoff = await self._prefill(greq, job, route, prompt, params)
+                kv_params = handoff.params
+                if handoff.refs:  # the KV itself came through: on to D with the media tensors
+                    tensors, payload = list(tensors), list(payload)
+                    kv_tensors = relay_tensors(tensors, payload, handoff.refs, handoff.payload)
+            msg = Generate(
+                greq.request_id,
+                greq.model,
+                prompt_token_ids=prompt,
+                params=params,
+                media=job.media,
+                kv_transfer_params=kv_params,
+                timeout_s=self._timeout_s(greq),
+                tensors=tensors,
+                stream=greq.stream,
+                kv_tensors=kv_tensors,
+            )
+            return msg, payload
+
+        msg, payload = await generate()
         near = route.scratch.get(_PREFILLED_ON) if route.scratch is not None else None
         worker = self._pick(greq.model, role, route, tried, near)
         if worker is None:
@@ -1210,7 +1218,7 @@ class NativeRunner:
             except RpcError as exc:
                 tried += (worker,)
                 again = not exc.sent or exc.retryable
-                if role == "d":  # the hand-off stays valid: any decode worker can take it
+                if role == "d":  # any decode worker can take the hand-off (renewed below)
                     again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
                 other = self._pick(greq.model, role, route, tried)
                 if not again or other is None or attempt + 1 >= attempts:
@@ -1221,6 +1229,10 @@ class NativeRunner:
                          extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
                 worker = other
                 await p.backoff(attempt)
+                if role == "d" and exc.sent and msg.kv_transfer_params and not msg.kv_tensors:
+                    # the KV stayed on P, named by the params, and the decode that got them
+                    # may have pulled it (NIXL: P frees blocks once read): a fresh prefill
+                    msg, payload = await generate()
 
     async def _final(
         self,
