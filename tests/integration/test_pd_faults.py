@@ -6,12 +6,13 @@ accounting must return to zero."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from gateway_support import MODEL, http_request, metric_value
+from gateway_support import MODEL, http_request, metric_value, open_stream, request_bytes
 
 from lmgw.config import (
     GatewayConfig,
@@ -149,3 +150,68 @@ async def test_pd_requests_under_faults_all_end_cleanly(
         text, f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
     )
     assert ok == sum(status == 200 for status, _ in outcomes.values())
+
+
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "sglang-bootstrap"])
+async def test_clients_leaving_at_any_point_leave_nothing_behind(
+    nursery: trio.Nursery, sim_worker: Any, dialect: str
+) -> None:
+    """Clients that hang up at random moments (before the prefill answers, between the legs,
+    mid-stream, after the answer): the gateway aborts what it sent upstream, its load
+    accounting and the workers' own in-flight counts return to zero, and it serves on."""
+    sims = {
+        "p0": await sim_worker(role="p", speed=10.0),
+        "d0": await sim_worker(role="d", speed=40.0),
+    }
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
+        workers=[
+            WorkerConfig(
+                url=s.url,
+                role=name[0],
+                id=name,
+                kv_address=s.sim.kv_address,
+                bootstrap_port=int(s.url.rsplit(":", 1)[1]) if name[0] == "p" else None,
+            )
+            for name, s in sims.items()
+        ],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(5)
+
+    async def leave(i: int, after_s: float) -> None:
+        body = _body(i, i % 2 == 1)
+        body["max_tokens"] = 32
+        body["messages"][0]["content"] += " and the long context" * (50 * (i % 4))
+        stream = await open_stream(url)
+        with trio.move_on_after(after_s):
+            await stream.send_all(request_bytes(url, "POST", "/v1/chat/completions", body))
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+
+    async with trio.open_nursery() as clients:
+        for i in range(REQUESTS):
+            clients.start_soon(leave, i, rng.uniform(0.0, 0.05))
+
+    def idle(text: str) -> bool:
+        return all(
+            metric_value(text, f'lmgw_worker_in_flight{{role="{n[0]}",worker="{n}"}}') == 0
+            for n in sims
+        )
+
+    with trio.fail_after(5):  # every abandoned leg is given up, upstream too
+        while not idle((await http_request(url, "GET", "/metrics")).body.decode()):
+            await trio.sleep(0.05)
+        for sim in sims.values():
+            while (await sim.stats())["in_flight"]:
+                await trio.sleep(0.05)
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert "lmgw_placement_queued_tokens{worker=" not in text
+    stats = [await sim.stats() for sim in sims.values()]
+    assert sum(st["aborted_total"] for st in stats) > 0  # legs were cut short upstream
+    r = await http_request(url, "POST", "/v1/chat/completions", _body(0, False))
+    assert r.status == 200, r.body
