@@ -15,6 +15,7 @@ import trio
 from gateway_support import MODEL, http_request, metric_value, open_stream, request_bytes
 
 from lmgw.config import (
+    AdminConfig,
     GatewayConfig,
     HealthConfig,
     ModelConfig,
@@ -215,3 +216,65 @@ async def test_clients_leaving_at_any_point_leave_nothing_behind(
     assert sum(st["aborted_total"] for st in stats) > 0  # legs were cut short upstream
     r = await http_request(url, "POST", "/v1/chat/completions", _body(0, False))
     assert r.status == 200, r.body
+
+
+async def test_fleet_changes_under_pd_traffic_lose_no_request(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """While P/D requests run, a decode worker is removed at once, a prefill worker is drained
+    and both come back through the admin API: every request ends with the exact text (legs in
+    flight finish on their connections, new ones go to the workers still routable)."""
+    reference = await sim_worker(role="pd")
+    sims = {
+        "p0": await sim_worker(role="p", speed=40.0),
+        "p1": await sim_worker(role="p", speed=40.0),
+        "d0": await sim_worker(role="d", speed=40.0),
+        "d1": await sim_worker(role="d", speed=40.0),
+    }
+    token = "admin-secret"
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        admin=AdminConfig(token=token),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        workers=[
+            WorkerConfig(url=s.url, role=n[0], id=n, kv_address=s.sim.kv_address)
+            for n, s in sims.items()
+        ],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"authorization": f"Bearer {token}"}
+    expected = {}
+    for i in range(REQUESTS):
+        r = await http_request(reference.url, "POST", "/v1/chat/completions", _body(i, False))
+        expected[i] = r.json()["choices"][0]["message"]["content"]
+    texts: dict[int, str | None] = {}
+
+    async def one(i: int) -> None:
+        await trio.sleep(i * 0.004)  # spread over the changes below
+        stream = i % 2 == 1
+        with trio.fail_after(10):
+            r = await http_request(url, "POST", "/v1/chat/completions", _body(i, stream))
+        assert r.status == 200, (i, r.status, r.body)
+        texts[i] = _text(200, None if stream else r.json(), r.events() if stream else None)
+
+    async def changes() -> None:
+        await trio.sleep(0.03)
+        r = await http_request(url, "DELETE", "/admin/workers/d1", headers=auth)
+        assert r.status == 200, r.body
+        r = await http_request(url, "POST", "/admin/workers/p1/drain", headers=auth)
+        assert r.status == 200, r.body
+        await trio.sleep(0.03)
+        d1 = {"url": sims["d1"].url, "role": "decode", "id": "d1",
+              "kv_address": sims["d1"].sim.kv_address}  # fmt: skip
+        r = await http_request(url, "POST", "/admin/workers", d1, headers=auth)
+        assert r.status == 201, r.body
+        r = await http_request(url, "POST", "/admin/workers/p1/undrain", headers=auth)
+        assert r.status == 200, r.body
+
+    async with trio.open_nursery() as run:
+        run.start_soon(changes)
+        for i in range(REQUESTS):
+            run.start_soon(one, i)
+    assert texts == expected
