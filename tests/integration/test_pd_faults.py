@@ -14,6 +14,7 @@ import pytest
 import trio
 from gateway_support import MODEL, http_request, metric_value, open_stream, request_bytes
 
+from lmgw.bench.workloads import png_data_url
 from lmgw.config import (
     AdminConfig,
     GatewayConfig,
@@ -278,3 +279,82 @@ async def test_fleet_changes_under_pd_traffic_lose_no_request(
         for i in range(REQUESTS):
             run.start_soon(one, i)
     assert texts == expected
+
+
+@pytest.mark.parametrize("flow", ["e+p+d", "e+pd"])
+async def test_epd_requests_with_media_under_encoder_faults_all_end_cleanly(
+    nursery: trio.Nursery, sim_worker: Any, tmp_path: Path, flow: str
+) -> None:
+    """Requests with their own images (and some without) while one of two encoders fails a
+    third of its requests: each ends with the merged worker's exact text (the images
+    embedded there inline) or a 502 naming the encode stage; accounting returns to zero."""
+    ec_dir = str(tmp_path / "ec")
+    reference = await sim_worker(role="pd")
+    sims = {
+        "e-ok": await sim_worker(role="e", ec_dir=ec_dir),
+        "e-faulty": await sim_worker(
+            role="e", ec_dir=ec_dir, faults={"error_rate": 0.3}, fault_seed=3
+        ),
+    }
+    if flow == "e+p+d":
+        sims["p0"] = await sim_worker(role="p", ec_dir=ec_dir)
+        sims["d0"] = await sim_worker(role="d")
+    else:
+        sims["pd0"] = await sim_worker(role="pd", ec_dir=ec_dir)
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow=flow, dialect="vllm-epd")],
+        workers=[
+            WorkerConfig(
+                url=s.url, role=n.split("-")[0].rstrip("0"), id=n, kv_address=s.sim.kv_address
+            )
+            for n, s in sims.items()
+        ],
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(9)
+
+    def body(i: int, stream: bool) -> dict[str, Any]:
+        out = _body(i, stream)
+        if i % 4:  # three in four carry an image of their own
+            image = {"type": "image_url", "image_url": {"url": png_data_url(rng, (8, 8))}}
+            text = out["messages"][0]["content"]
+            out["messages"][0]["content"] = [{"type": "text", "text": text}, image]
+        return out
+
+    bodies = {i: body(i, i % 2 == 1) for i in range(REQUESTS)}
+    expected = {}
+    for i, b in bodies.items():
+        r = await http_request(
+            reference.url, "POST", "/v1/chat/completions", {**b, "stream": False}
+        )
+        expected[i] = r.json()["choices"][0]["message"]["content"]
+    outcomes: dict[int, int] = {}
+    limiter = trio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> None:
+        stream = bodies[i]["stream"]
+        async with limiter:
+            with trio.fail_after(10):
+                r = await http_request(url, "POST", "/v1/chat/completions", bodies[i])
+        outcomes[i] = r.status
+        if r.status == 200:
+            text = _text(200, None if stream else r.json(), r.events() if stream else None)
+            assert text == expected[i], (i, stream)
+        else:
+            assert r.status == 502 and i % 4, (i, r.status, r.body)
+            message = r.json()["error"]["message"]
+            assert message.startswith("encode stage failed") and "Simulated" in message, message
+
+    async with trio.open_nursery() as run:
+        for i in range(REQUESTS):
+            run.start_soon(one, i)
+    assert len(outcomes) == REQUESTS and list(outcomes.values()).count(200) >= REQUESTS // 2
+    assert (await sims["e-faulty"].stats())["errors_injected"] > 0
+    text = (await http_request(url, "GET", "/metrics")).body.decode()
+    for n in sims:
+        role = n.split("-")[0].rstrip("0")
+        sample = f'lmgw_worker_in_flight{{role="{role}",worker="{n}"}}'
+        assert metric_value(text, sample) == 0, sample
