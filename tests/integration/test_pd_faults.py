@@ -55,6 +55,35 @@ def _text(status: int, doc: Any, events: list[Any] | None) -> str | None:
     )
 
 
+def _role(name: str) -> str:
+    """A simulator's role from its name in these tests: ``p-ok``, ``d1``, ``pd0``, ``e-faulty``."""
+    return name.split("-")[0].rstrip("0123456789")
+
+
+async def _gateway(
+    nursery: trio.Nursery, sims: dict[str, Any], flow: str, dialect: str, **config: Any
+) -> str:
+    """A gateway in front of ``sims`` (named as :func:`_role` reads them); its URL."""
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30),
+        models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
+        workers=[
+            WorkerConfig(
+                url=s.url,
+                role=_role(name),
+                id=name,
+                kv_address=s.sim.kv_address,
+                bootstrap_port=int(s.url.rsplit(":", 1)[1]) if _role(name) == "p" else None,
+            )
+            for name, s in sims.items()
+        ],
+        **config,
+    )
+    port = await nursery.start(Gateway(cfg).run)
+    return f"http://127.0.0.1:{port}"
+
+
 CASES = [
     ("vllm-nixl", True),
     ("vllm-nixl", False),
@@ -91,24 +120,9 @@ async def test_pd_requests_under_faults_all_end_cleanly(
         "d-ok": await sim_worker(role="d", **opts),
         "d-faulty": await sim_worker(role="d", **opts, **d_faulty, fault_seed=11),
     }
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30),
-        upstream=UpstreamConfig(express_lane=express),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
-        workers=[
-            WorkerConfig(
-                url=s.url,
-                role=name[0],
-                id=name,
-                kv_address=s.sim.kv_address,
-                bootstrap_port=int(s.url.rsplit(":", 1)[1]) if name[0] == "p" else None,
-            )
-            for name, s in sims.items()
-        ],
+    url = await _gateway(
+        nursery, sims, "p/d", dialect, upstream=UpstreamConfig(express_lane=express)
     )
-    port = await nursery.start(Gateway(cfg).run)
-    url = f"http://127.0.0.1:{port}"
 
     expected = {}
     for i in range(REQUESTS):
@@ -142,7 +156,7 @@ async def test_pd_requests_under_faults_all_end_cleanly(
     assert sum(status == 200 for status, _ in outcomes.values()) >= REQUESTS // 2
     text = (await http_request(url, "GET", "/metrics")).body.decode()
     for name in sims:
-        role = name[0]
+        role = _role(name)
         sample = f'lmgw_worker_in_flight{{role="{role}",worker="{name}"}}'
         assert metric_value(text, sample) == 0, sample
     plain = REQUESTS // 2  # the non-streamed half
@@ -165,23 +179,7 @@ async def test_clients_leaving_at_any_point_leave_nothing_behind(
         "p0": await sim_worker(role="p", speed=10.0),
         "d0": await sim_worker(role="d", speed=40.0),
     }
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
-        workers=[
-            WorkerConfig(
-                url=s.url,
-                role=name[0],
-                id=name,
-                kv_address=s.sim.kv_address,
-                bootstrap_port=int(s.url.rsplit(":", 1)[1]) if name[0] == "p" else None,
-            )
-            for name, s in sims.items()
-        ],
-    )
-    port = await nursery.start(Gateway(cfg).run)
-    url = f"http://127.0.0.1:{port}"
+    url = await _gateway(nursery, sims, "p/d", dialect)
     rng = random.Random(5)
 
     async def leave(i: int, after_s: float) -> None:
@@ -233,18 +231,7 @@ async def test_fleet_changes_under_pd_traffic_lose_no_request(
         "d1": await sim_worker(role="d", speed=40.0),
     }
     token = "admin-secret"
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30),
-        admin=AdminConfig(token=token),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
-        workers=[
-            WorkerConfig(url=s.url, role=n[0], id=n, kv_address=s.sim.kv_address)
-            for n, s in sims.items()
-        ],
-    )
-    port = await nursery.start(Gateway(cfg).run)
-    url = f"http://127.0.0.1:{port}"
+    url = await _gateway(nursery, sims, "p/d", "vllm-nixl", admin=AdminConfig(token=token))
     auth = {"authorization": f"Bearer {token}"}
     expected = {}
     for i in range(REQUESTS):
@@ -301,19 +288,7 @@ async def test_epd_requests_with_media_under_encoder_faults_all_end_cleanly(
         sims["d0"] = await sim_worker(role="d")
     else:
         sims["pd0"] = await sim_worker(role="pd", ec_dir=ec_dir)
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30),
-        models=[ModelConfig(name=MODEL, flow=flow, dialect="vllm-epd")],
-        workers=[
-            WorkerConfig(
-                url=s.url, role=n.split("-")[0].rstrip("0"), id=n, kv_address=s.sim.kv_address
-            )
-            for n, s in sims.items()
-        ],
-    )
-    port = await nursery.start(Gateway(cfg).run)
-    url = f"http://127.0.0.1:{port}"
+    url = await _gateway(nursery, sims, flow, "vllm-epd")
     rng = random.Random(9)
 
     def body(i: int, stream: bool) -> dict[str, Any]:
@@ -355,6 +330,6 @@ async def test_epd_requests_with_media_under_encoder_faults_all_end_cleanly(
     assert (await sims["e-faulty"].stats())["errors_injected"] > 0
     text = (await http_request(url, "GET", "/metrics")).body.decode()
     for n in sims:
-        role = n.split("-")[0].rstrip("0")
+        role = _role(n)
         sample = f'lmgw_worker_in_flight{{role="{role}",worker="{n}"}}'
         assert metric_value(text, sample) == 0, sample
