@@ -172,3 +172,31 @@ async def test_decode_dying_mid_stream_is_continued_with_the_exact_text(
         with trio.fail_after(20):
             assert await trio.to_thread.run_sync(stream_text, url) == expected
     assert (await dropping.stats())["dropped_total"] >= 1  # the stream really broke
+
+
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "sglang-bootstrap"])
+async def test_a_long_prompt_gives_the_merged_workers_text(
+    nursery: trio.Nursery, sim_worker, dialect: str
+) -> None:
+    """A body past 64 kB: the legs join the client's members as bytes (ClientBody.encode)."""
+    reference = await sim_worker(role="pd")
+    p = await sim_worker(role="p")
+    d = await sim_worker(role="d")
+    workers = [
+        WorkerConfig(
+            url=p.url,
+            role="p",
+            bootstrap_port=int(p.url.rsplit(":", 1)[1]),
+            kv_address=p.sim.kv_address,
+        ),
+        WorkerConfig(url=d.url, role="d", kv_address=d.sim.kv_address),
+    ]
+    url = await start_gateway(nursery, "p/d", dialect, workers)
+    long_text = 'Ünïcode and "quoted" words in a long document. ' * 1800
+    messages = [{"role": "system", "content": "Summarise."}, {"role": "user", "content": long_text}]
+    expected, ref_usage = await trio.to_thread.run_sync(run_client, reference.url, messages, False)
+    for stream in (False, True):
+        with trio.fail_after(20):
+            text, usage = await trio.to_thread.run_sync(run_client, url, messages, stream)
+        assert text == expected
+        assert usage.prompt_tokens == ref_usage.prompt_tokens > 10000
