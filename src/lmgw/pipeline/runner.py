@@ -470,13 +470,44 @@ class Pipeline:
             obj = msgspec.json.decode(greq.body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             obj = None
+        reason = f"the stream broke {self.migrations + 1} times"
         for _ in range(self.migrations):
-            body, reason = await self.next_leg(endpoint, obj, progress)
-            others = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
-            if reason is None and not others:
-                reason = "no other worker"
-            if reason is not None:
+            body, refusal = await self.next_leg(endpoint, obj, progress)
+            if body is None:
+                reason = refusal or "not continued"
                 break
+            outcome = await self._continuation(greq, responder, role, ctx, tried, body, progress)
+            if outcome is None:
+                self.metrics.migrations.inc((role, "continued"))
+                return
+            if isinstance(outcome, str):  # no worker took it
+                reason = outcome
+                break
+            tried, more = outcome
+            progress = migration.extend(progress, migration.progress_of(more, endpoint))
+        await self.end_broken_stream(responder, role, reason)
+
+    async def _continuation(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        role: str,
+        ctx: RouteContext,
+        tried: tuple[Worker, ...],
+        body: bytes,
+        progress: migration.Progress,
+    ) -> tuple[tuple[Worker, ...], list[bytes]] | str | None:
+        """One continuation of a broken stream: None when it finished the stream; the
+        workers tried and what it relayed when it broke too; why not (a str) when no worker
+        took it. A worker that refuses it before its first byte (an error status, a failed
+        connection) is like one refusing a first attempt: another worker gets it, up to
+        ``upstream.max_attempts`` in all."""
+        endpoint = greq.endpoint
+        reason = "no other worker"
+        for _ in range(self.max_attempts):
+            others = [w for w in self.registry.candidates(greq.model, role) if w not in tried]
+            if not others:
+                return reason
             worker = self.policies[role].choose(others, ctx)
             tried = (*tried, worker)
             log.warning(
@@ -484,22 +515,17 @@ class Pipeline:
                 greq.request_id, progress.tokens, worker.id,
                 extra={"request_id": greq.request_id, "worker": worker.id},
             )  # fmt: skip
-            splice = migration.Splice(endpoint, progress)
             more: list[bytes] = []
             failure = await self.dispatch(
-                greq, responder, role, worker, ctx, False, greq.path, greq.forward_headers,
-                body, None, more, splice,
+                greq, responder, role, worker, ctx, True, greq.path, greq.forward_headers,
+                body, None, more, migration.Splice(endpoint, progress),
             )  # fmt: skip
             if failure is None:
-                self.metrics.migrations.inc((role, "continued"))
-                return
-            if not isinstance(failure, MidStream):  # the new worker refused: the client hears it
-                reason = failure.message
-                break
-            progress = migration.extend(progress, migration.progress_of(more, endpoint))
-        else:
-            reason = f"the stream broke {self.migrations + 1} times"
-        await self.end_broken_stream(responder, role, reason)
+                return None
+            if more:  # it relayed part of the rest, then broke as well
+                return tried, more
+            reason = failure.message
+        return reason
 
     async def end_broken_stream(self, responder: Responder, role: str, reason: str) -> None:
         """A broken stream that is not continued ends with an SSE error event and [DONE]."""
