@@ -296,13 +296,14 @@ class DisaggRunner:
         journal: list[bytes] | None = None,
         splice: Splice | None = None,
         restart: bool = True,
+        tried: tuple[Worker, ...] = (),
     ) -> None:
         """P then D (or both at once). A decode that fails before its first byte is retried:
         by :meth:`_final` with the same hand-off when any decode worker can use it; else (the
         hand-off names its decode: a P2P NCCL pair id, an SGLang room; or the failed decode
         may have used it up: NIXL) the pair restarts once, a fresh prefill for another decode
-        worker. ``restart``: False when this is that restart already."""
-        tried: tuple[Worker, ...] = ()
+        worker. ``restart``: False when this is that restart already; ``tried``: the decode
+        workers that failed this request already (no retry goes to them)."""
         for restartable in (True, False) if restart else (False,):
             try:
                 if dialect.concurrent_prefill_decode:
@@ -318,7 +319,7 @@ class DisaggRunner:
                     leg = dialect.decode_request(body, handoff, ctx)
                     await self._final(
                         greq, responder, leg, decode, "d", dialect, handoff, route,
-                        restartable=restartable, journal=journal, splice=splice,
+                        restartable=restartable, journal=journal, splice=splice, avoid=tried,
                     )  # fmt: skip
                 return
             except BaseExceptionGroup as group:
@@ -377,11 +378,12 @@ class DisaggRunner:
                 if failure is None:
                     return
                 if failure.delivered and dialect.decode_consumes_handoff:  # a fresh pair
-                    decode = self._restart_with(greq, route, failure, (decode,))
+                    failed = (decode,)
+                    decode = self._restart_with(greq, route, failure, failed)
                     ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
                     await self._prefill_decode(
                         greq, responder, body, ctx, dialect, prefill, decode, route,
-                        restart=False,
+                        restart=False, tried=failed,
                     )  # fmt: skip
                     return
             await self._final(
@@ -599,12 +601,13 @@ class DisaggRunner:
         journal: list[bytes] | None = None,
         splice: Splice | None = None,
         failure: GatewayError | None = None,
+        avoid: tuple[Worker, ...] = (),
     ) -> None:
         """The leg whose answer the client gets. A decode that fails before its first byte is
         retried once on another worker of the role when the hand-off allows it; when it does
         not and ``restartable``, :class:`_RestartPair` asks the caller for a fresh pair.
         ``failure``: the first attempt already ran on ``worker`` (:meth:`express`) and
-        failed so."""
+        failed so; ``avoid``: workers of the role that failed this request already."""
         if gate is None and handoff is not None and dialect.rewrites_decode(handoff):
             fixed = _rewrite(dialect, handoff)
 
@@ -614,7 +617,7 @@ class DisaggRunner:
         p = self.p
         keeps = role == "pd" or dialect.decode_retry_keeps_handoff
         attempts = 2 if keeps else 1
-        tried: tuple[Worker, ...] = ()
+        tried = avoid
         for attempt in range(attempts):
             if attempt or failure is None:
                 try:
