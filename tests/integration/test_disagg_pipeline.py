@@ -910,3 +910,29 @@ async def test_express_lane_leaves_other_dialects_and_streams_alone(
     for where in (url, nixl):
         text = (await http_request(where, "GET", "/metrics")).body.decode()
         assert metric_value(text, EXPRESS) == 0
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_epd_requests_without_media_take_the_express_lane_media_ones_never(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    """e+p+d: a request without media skips E, so it is a P/D request (the lane takes the
+    non-streamed ones); one with media always goes the general way through E, even when its
+    media type hides behind a JSON escape."""
+    e = await start(nursery, Fake("e0", lambda b: (200, completion("x"))))
+    p = await start(nursery, Fake("p0", prefill_ok))
+    d = await start(nursery, Fake("d0", decode_answer))
+    workers = [("e", e), ("p", p), ("d", d)]
+    url = await gateway_for(nursery, "e+p+d", "vllm-epd", workers, express=express)
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == "decoded"
+    assert e.seen == [] and d.seen[0]["kv_transfer_params"] == KV
+    assert r.headers["server-timing"].startswith("prefill;dur=")
+    r = await http_request(url, "POST", "/v1/chat/completions", media_body(IMAGE))
+    assert r.status == 200 and len(e.seen) == 1
+    escaped = msgspec.json.encode(media_body(IMAGE2)).replace(b'"image_url"', b'"image\\u005furl"')
+    r = await http_request(url, "POST", "/v1/chat/completions", escaped)
+    assert r.status == 200 and len(e.seen) == 2
+    assert e.seen[1]["messages"][0]["content"][0]["type"] == "image_url"
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(metrics, EXPRESS) == (1 if express else 0)

@@ -428,8 +428,11 @@ class OpenAIAPI:
         if endpoint == "chat":
             if self.tool_loop is not None or gw.output_parsers:  # (native: express_for)
                 return False
-            if _MEDIA_MARK.search(body) and self._checks_media(model):
-                return False
+            if _MEDIA_MARK.search(body):
+                if self._checks_media(model) or "e" in FLOW_ROLES[gw.flow_of(model)]:
+                    return False
+            elif b"\\u" in body and "e" in FLOW_ROLES[gw.flow_of(model)]:
+                return False  # (a media type could hide behind an escape: the E stage decides)
         text = gw.text_for(model)
         return text is None or not text.validate_context
 

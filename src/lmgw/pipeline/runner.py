@@ -230,9 +230,10 @@ class Pipeline:
 
     def express_for(self, model: str) -> bool:
         """Whether a plain non-streamed request to ``model`` may take the express lane
-        (:mod:`.express`): workers over HTTP, merged or P/D in a sequential dialect whose
-        decode retries keep the hand-off (vllm-nixl, vllm-lmcache), and nothing that taps or
-        adds to the exchange (prefix warming, usage audits, the route header)."""
+        (:mod:`.express`): workers over HTTP, merged or P/D (also E+P+D, for requests
+        without media) in a sequential dialect whose decode retries may keep the hand-off
+        (vllm-nixl, vllm-lmcache, vllm-epd), and nothing that taps or adds to the exchange
+        (prefix warming, usage audits, the route header)."""
         if not self.express_lane or self.warmer is not None:
             return False
         if self.audits or self.route_header:
@@ -242,8 +243,8 @@ class Pipeline:
         dialect = self.dialect_of(model)
         if dialect is None:
             return True
-        return (
-            self.flows.get(model, self.default_flow) == "p/d"
+        return (  # e+p+d: the API sends only requests without media (the E stage is skipped)
+            self.flows.get(model, self.default_flow) in ("p/d", "e+p+d")
             and not dialect.concurrent_prefill_decode
             and dialect.decode_retry_keeps_handoff
         )
