@@ -1,8 +1,9 @@
-"""P/D under injected faults: many concurrent requests through each P/D dialect (vllm-nixl's
-and vllm-lmcache's non-streamed ones on the express lane when it is on) while one prefill and
-one decode simulator fail a share of their requests. Every request must end in time, with the
-merged worker's exact text or an OpenAI error naming the failed stage, and the gateway's load
-accounting must return to zero."""
+"""Fault injection: many concurrent requests while simulated workers fail, drop connections,
+stall or leave, and clients hang up. Every request must end in time, with the merged worker's
+exact text or an OpenAI error naming what failed, and the gateway's load accounting (and the
+workers' own in-flight counts) must return to zero. P/D in every dialect (nixl's and lmcache's
+non-streamed requests on the express lane when it is on), E+P+D, fleet changes through the
+admin API, and merged workers with every recovery feature on (retries, migration, hedging)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,21 @@ from typing import Any
 
 import pytest
 import trio
-from gateway_support import MODEL, http_request, metric_value, open_stream, request_bytes
+from gateway_support import (
+    MODEL,
+    GatewayFactory,
+    http_request,
+    metric_value,
+    open_stream,
+    request_bytes,
+)
 
 from lmgw.bench.workloads import png_data_url
 from lmgw.config import (
     AdminConfig,
     GatewayConfig,
     HealthConfig,
+    HedgingConfig,
     ModelConfig,
     ServerConfig,
     UpstreamConfig,
@@ -42,11 +51,11 @@ def _body(i: int, stream: bool) -> dict[str, Any]:
     }
 
 
-def _text(status: int, doc: Any, events: list[Any] | None) -> str | None:
-    if status != 200:
-        return None
-    if events is None:
-        return doc["choices"][0]["message"]["content"]
+def _text(r: Any, stream: bool) -> str:
+    """The answer's text, streamed or not; a stream must end cleanly ([DONE], no error event)."""
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"]
+    events = r.events()
     assert events[-1] == "[DONE]", events[-3:]
     errors = [e for e in events[:-1] if "error" in e]
     assert not errors, errors
@@ -138,7 +147,7 @@ async def test_pd_requests_under_faults_all_end_cleanly(
             with trio.fail_after(10):  # nothing hangs: every request ends
                 r = await http_request(url, "POST", "/v1/chat/completions", _body(i, stream))
         if r.status == 200:
-            text = _text(200, None if stream else r.json(), r.events() if stream else None)
+            text = _text(r, stream)
             assert text == expected[i], (i, stream)
             outcomes[i] = (200, "")
         else:
@@ -245,7 +254,7 @@ async def test_fleet_changes_under_pd_traffic_lose_no_request(
         with trio.fail_after(10):
             r = await http_request(url, "POST", "/v1/chat/completions", _body(i, stream))
         assert r.status == 200, (i, r.status, r.body)
-        texts[i] = _text(200, None if stream else r.json(), r.events() if stream else None)
+        texts[i] = _text(r, stream)
 
     async def changes() -> None:
         await trio.sleep(0.03)
@@ -316,7 +325,7 @@ async def test_epd_requests_with_media_under_encoder_faults_all_end_cleanly(
                 r = await http_request(url, "POST", "/v1/chat/completions", bodies[i])
         outcomes[i] = r.status
         if r.status == 200:
-            text = _text(200, None if stream else r.json(), r.events() if stream else None)
+            text = _text(r, stream)
             assert text == expected[i], (i, stream)
         else:
             assert r.status == 502 and i % 4, (i, r.status, r.body)
@@ -333,3 +342,85 @@ async def test_epd_requests_with_media_under_encoder_faults_all_end_cleanly(
         role = _role(n)
         sample = f'lmgw_worker_in_flight{{role="{role}",worker="{n}"}}'
         assert metric_value(text, sample) == 0, sample
+
+
+# -- merged workers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_merged_requests_under_mixed_faults_end_cleanly(
+    gateway: GatewayFactory, sim_worker: Any, express: bool
+) -> None:
+    """One worker fails a third of its requests, one drops every connection after 3 tokens,
+    one stalls half of its requests before the first token (hedged streams), one is healthy:
+    retries, migration and hedging hide the faults, or, where a request met failing workers
+    on every attempt, it gets an OpenAI error. Both servers, the lane on and off."""
+    reference = await sim_worker()
+    gw = await gateway(
+        per_worker=[
+            {},
+            {"faults": {"error_rate": 0.3}, "fault_seed": 3},
+            {"faults": {"drop_at_token": 3}},
+            {"faults": {"stall_rate": 0.5, "stall_s": 0.3}, "fault_seed": 5},
+        ],
+        upstream={"express_lane": express},
+        hedging=HedgingConfig(enabled=True, delay_s=0.05),
+    )
+    expected = {}
+    for i in range(REQUESTS):
+        r = await http_request(reference.url, "POST", "/v1/chat/completions", _body(i, False))
+        expected[i] = r.json()["choices"][0]["message"]["content"]
+    statuses: dict[int, int] = {}
+    limiter = trio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> None:
+        stream = i % 2 == 1
+        async with limiter:
+            with trio.fail_after(10):
+                r = await gw.request("POST", "/v1/chat/completions", _body(i, stream))
+        statuses[i] = r.status
+        if r.status != 200:  # failing workers on both attempts
+            assert r.status == 502, (i, r.status, r.body)
+            assert r.json()["error"]["message"], r.body
+            return
+        assert _text(r, stream) == expected[i], (i, stream)
+
+    async with trio.open_nursery() as run:
+        for i in range(REQUESTS):
+            run.start_soon(one, i)
+    assert len(statuses) == REQUESTS
+    assert list(statuses.values()).count(200) >= REQUESTS * 3 // 4
+    stats = [await sim.stats() for sim in gw.sims]
+    # the faults did strike: failures, dropped connections, stalls (hedged or waited out)
+    assert stats[1]["errors_injected"] > 0 and stats[2]["dropped_total"] > 0
+    text = await gw.metrics()
+    for w in range(4):
+        sample = f'lmgw_worker_in_flight{{role="pd",worker="w{w}"}}'
+        assert metric_value(text, sample) == 0, sample
+
+
+async def test_a_continuation_refused_by_one_worker_goes_to_another(
+    gateway: GatewayFactory, sim_worker: Any
+) -> None:
+    """A stream broken mid-way is continued elsewhere; when the worker chosen for the
+    continuation refuses it before its first byte (a 500), another worker gets it, as a first
+    attempt would: the client gets the whole text, not an error event."""
+    reference = await sim_worker()
+    gw = await gateway(
+        per_worker=[
+            {"faults": {"drop_at_token": 3}},
+            {"faults": {"error_rate": 1.0}},
+            {},
+        ],
+        upstream={"max_attempts": 3},
+    )
+    for i in range(6):  # round robin: streams start on each worker, continuations move on
+        expected = (
+            await http_request(reference.url, "POST", "/v1/chat/completions", _body(i, False))
+        ).json()["choices"][0]["message"]["content"]
+        with trio.fail_after(10):
+            r = await gw.request("POST", "/v1/chat/completions", _body(i, True))
+        assert r.status == 200, r.body
+        assert _text(r, True) == expected, i
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_stream_migrations_total{role="pd",outcome="continued"}') >= 1
