@@ -36,7 +36,7 @@ import numpy as np
 import openai
 import pytest
 import trio
-from gateway_support import MODEL
+from gateway_support import MODEL, http_request
 
 from lmgw.cache.config import CacheConfig
 from lmgw.config import (
@@ -847,3 +847,70 @@ async def test_native_pd_decodes_in_the_prefills_zone(nursery: trio.Nursery) -> 
         await run(chat, url, [{"role": "user", "content": f"question {i}"}], False)
     for p, d in (("p0", "d1"), ("p1", "d0")):
         assert engines[p].ids and set(engines[p].ids) == set(engines[d].ids)
+
+
+@pytest.mark.parametrize("handoff", ["direct", "gateway"])
+@pytest.mark.parametrize("fault", ["error_rate", "crash_at_token"])
+async def test_native_pd_under_faults_every_request_ends_cleanly(
+    nursery: trio.Nursery, sim_worker, handoff: str, fault: str
+) -> None:
+    """24 requests at once (half streamed) over ZeroMQ while one prefill worker fails a third
+    of its requests and one decode worker fails a third too, or fails every request after 3
+    tokens (a stream breaks mid-way and is continued elsewhere). Each request ends: with the
+    HTTP simulator's exact text (a continued stream: the simulated engine words the rest of a
+    continuation its own way, so only the first tokens are compared), or a 502 naming the
+    stage (in a continued stream: its error event, when the continuation's prefill failed);
+    the load accounting returns to zero."""
+    faults = Faults(error_rate=0.3) if fault == "error_rate" else Faults(crash_at_token=3)
+    workers = [
+        ("p", (await start_worker(nursery, "p", handoff=handoff))[1]),
+        ("p", (await start_worker(nursery, "p", handoff=handoff,
+                                  faults=Faults(error_rate=0.3), fault_seed=3))[1]),
+        ("d", (await start_worker(nursery, "d", handoff=handoff))[1]),
+        ("d", (await start_worker(nursery, "d", handoff=handoff, faults=faults,
+                                  fault_seed=5))[1]),
+    ]  # fmt: skip
+    gw, url = await start_gateway(nursery, gateway_config(workers, "p/d"))
+    reference = await sim_worker(role="pd")
+
+    def body(i: int, stream: bool) -> dict[str, Any]:
+        return {"model": MODEL, "messages": [{"role": "user", "content": f"item {i}: go"}],
+                "max_tokens": 8, "temperature": 0.0, "stream": stream}  # fmt: skip
+
+    expected = {}
+    for i in range(24):
+        r = await http_request(reference.url, "POST", "/v1/chat/completions", body(i, False))
+        expected[i] = r.json()["choices"][0]["message"]["content"]
+    statuses: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        stream = i % 2 == 1
+        with trio.fail_after(BOUND):
+            r = await http_request(url, "POST", "/v1/chat/completions", body(i, stream))
+        statuses[i] = r.status
+        if r.status != 200:
+            assert r.status == 502 and "stage failed" in r.json()["error"]["message"], r.body
+            return
+        if not stream:
+            assert r.json()["choices"][0]["message"]["content"] == expected[i], i
+            return
+        events = r.events()
+        assert events[-1] == "[DONE]", events[-3:]
+        errors = [e["error"]["message"] for e in events[:-1] if "error" in e]
+        assert all(m.startswith("prefill stage failed") for m in errors), errors
+        text = "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1] if e.get("choices"))  # fmt: skip
+        if fault == "error_rate":  # no stream broke mid-way
+            assert not errors and text == expected[i], (i, text, expected[i])
+        else:
+            assert text[:8] == expected[i][:8], (i, text, expected[i])
+
+    async with trio.open_nursery() as run_all:
+        for i in range(24):
+            run_all.start_soon(one, i)
+    assert len(statuses) == 24 and list(statuses.values()).count(200) >= 12
+    if fault == "crash_at_token":  # streams that broke on the crashing decode went on elsewhere
+        assert gw.metrics.migrations.values.get(("d", "continued"), 0) > 0
+    with trio.fail_after(BOUND):
+        while any(w.in_flight for w in gw.registry):
+            await trio.sleep(0.02)
