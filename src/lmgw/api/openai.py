@@ -431,7 +431,7 @@ class OpenAIAPI:
             if _MEDIA_MARK.search(body):
                 if self._checks_media(model) or "e" in FLOW_ROLES[gw.flow_of(model)]:
                     return False
-            elif b"\\u" in body and "e" in FLOW_ROLES[gw.flow_of(model)]:
+            elif "e" in FLOW_ROLES[gw.flow_of(model)] and b"\\u" in body:
                 return False  # (a media type could hide behind an escape: the E stage decides)
         text = gw.text_for(model)
         return text is None or not text.validate_context
