@@ -42,7 +42,6 @@ from ..transport.dialects import (
     StageError,
     StageRequest,
 )
-from ..transport.openai_http import send_json
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
 from . import migration
@@ -371,8 +370,12 @@ class DisaggRunner:
             leg = dialect.decode_request(body, handoff, ctx)
             failure = None
             if not dialect.rewrites_decode(handoff):
+                timing = greq.server_timing() if greq.timings else None
                 try:
-                    failure = await self._express_decode(greq, responder, leg, decode, route)
+                    failure = await p.dispatch_whole(
+                        responder, "d", decode, route, True, leg.path, leg.headers, leg.body,
+                        greq.request_id, lambda: greq, timing,
+                    )  # fmt: skip
                 except GatewayError as exc:
                     raise _stage_failed("d", exc) from None
                 if failure is None:
@@ -394,51 +397,6 @@ class DisaggRunner:
         finally:
             if p.placement is not None:
                 p.placement.release(route)
-
-    async def _express_decode(
-        self,
-        greq: GatewayRequest,
-        responder: Responder,
-        leg: StageRequest,
-        worker: Worker,
-        route: RouteContext,
-    ) -> GatewayError | None:
-        """The express lane's first decode attempt: :meth:`Pipeline.dispatch`'s accounting
-        and outcome (None when answered, else the failure to retry; the client's errors
-        raised), a whole small answer written at once."""
-        p = self.p
-        registry, policy = p.registry, p.policies["d"]
-        registry.acquire(worker)  # also counts lmgw_worker_requests_total
-        policy.on_dispatch(worker, route)
-        ok = False
-        failure = None
-        t0 = time.perf_counter()
-        try:
-            got = await p.pool.request(
-                worker.origin, "POST", leg.path, leg.headers, leg.body,
-                response_timeout_s=p.response_timeout_s, whole=True,
-            )  # fmt: skip
-            if isinstance(got, tuple):
-                status, _, ctype, _, data = got
-                out = [(b"x-request-id", greq.request_id.encode())]
-                if greq.timings:
-                    out.append((b"server-timing", greq.server_timing()))
-                await send_json(responder, status, ctype, data, out)
-                ok = True
-            else:
-                failure = await p.answer(
-                    greq, responder, got, "d", worker, route, (worker,), True, t0
-                )
-                ok = failure is None
-        except UpstreamError as exc:
-            failure = p.failed(exc, responder, "d", worker, (worker,), True)
-        finally:
-            p.metrics.stage.observe(("d", worker.id), time.perf_counter() - t0)
-            policy.on_finish(worker, route, ok)
-            registry.release(worker)
-        if ok:
-            registry.record_success(worker)
-        return failure
 
     # -- legs -------------------------------------------------------------------------------
     def _other(

@@ -10,28 +10,24 @@ express lane").
 Which requests are plain is the API's call (:meth:`lmgw.api.openai.OpenAIAPI.generate`): no
 stream, no model route, alias, media, tool loop, output parsing, context check, usage meter
 or trace, and :meth:`Pipeline.express_for` the model. Here the same routing, load accounting,
-metrics and failure handling as the general path, in one function: a whole answer below 400
-that came in one read (:meth:`ConnectionPool.request` ``whole``) goes straight to the
-client; anything else (an error status, a split or chunked body, a failed exchange) goes on
-through the general code from where the lane stands (:meth:`Pipeline.answer`,
-:meth:`Pipeline.failed`, then :meth:`Pipeline.attempts` for the retries). P/D models in a
+metrics and failure handling as the general path, in one attempt
+(:meth:`Pipeline.dispatch_whole`): a whole answer below 400 that came in one read
+(:meth:`ConnectionPool.request` ``whole``) goes straight to the client; anything else (an
+error status, a split or chunked body, a failed exchange) goes on through the general code
+from where the lane stands (:meth:`Pipeline.answer`, :meth:`Pipeline.failed`, then
+:meth:`Pipeline.attempts` for the retries). P/D models in a
 sequential dialect whose decode retries keep the hand-off take the disaggregated runner's
 lane (:meth:`lmgw.pipeline.disagg.DisaggRunner.express`): the same idea for two legs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from ..http.types import Headers, Responder
 from ..routing.policy import RouteContext
-from ..transport.openai_http import send_json
-from ..transport.pool import UpstreamError
 from .request import GatewayRequest
 from .runner import Pipeline
-
-_now = time.perf_counter
 
 
 async def run_express(
@@ -55,40 +51,9 @@ async def run_express(
         return
     worker = pipe.pick(model, "pd", ctx)
     pipe.express_served += 1
-    registry, policy = pipe.registry, pipe.policies["pd"]
-    may_retry = pipe.max_attempts > 1
-    registry.acquire(worker)  # also counts lmgw_worker_requests_total
-    policy.on_dispatch(worker, ctx)
-    ok = False
-    failure = None
-    t0 = _now()
-    try:
-        got = await pipe.pool.request(
-            worker.origin,
-            "POST",
-            path,
-            forward,
-            body,
-            response_timeout_s=pipe.response_timeout_s,
-            whole=True,
-        )
-        if isinstance(got, tuple):
-            status, _, ctype, _, answer = got
-            out = [(b"x-request-id", request_id.encode())]
-            await send_json(responder, status, ctype, answer, out)
-            ok = True
-        else:
-            failure = await pipe.answer(
-                make_greq(), responder, got, "pd", worker, ctx, (worker,), may_retry, t0
-            )
-            ok = failure is None
-    except UpstreamError as exc:
-        failure = pipe.failed(exc, responder, "pd", worker, (worker,), may_retry)
-    finally:
-        pipe.metrics.stage.observe(("pd", worker.id), _now() - t0)
-        policy.on_finish(worker, ctx, ok)
-        registry.release(worker)
-    if ok:
-        registry.record_success(worker)
-    elif failure is not None:  # retryable: the general path's next attempts
+    failure = await pipe.dispatch_whole(
+        responder, "pd", worker, ctx, pipe.max_attempts > 1, path, forward, body, request_id,
+        make_greq,
+    )  # fmt: skip
+    if failure is not None:  # retryable: the general path's next attempts
         await pipe.attempts(make_greq(), responder, ctx, worker, failure=failure)

@@ -622,6 +622,58 @@ class Pipeline:
         registry.record_success(worker)
         return None
 
+    async def dispatch_whole(
+        self,
+        responder: Responder,
+        role: str,
+        worker: Worker,
+        ctx: RouteContext,
+        may_retry: bool,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        request_id: str,
+        make_greq: Callable[[], GatewayRequest],
+        timing: bytes | None = None,
+    ) -> GatewayError | None:
+        """The express lane's attempt (:mod:`.express`): :meth:`dispatch`'s accounting and
+        outcome for a non-streamed leg (None when answered, else the failure to retry; the
+        client's errors raised), a whole answer below 400 taken in one read written at once
+        (``timing``: its ``Server-Timing``), anything else relayed by :meth:`answer`.
+        ``make_greq`` builds the request object only when the general code needs it."""
+        registry, policy = self.registry, self.policies[role]
+        registry.acquire(worker)  # also counts lmgw_worker_requests_total
+        policy.on_dispatch(worker, ctx)
+        ok = False
+        failure = None
+        t0 = _now()
+        try:
+            got = await self.pool.request(
+                worker.origin, "POST", path, headers, body,
+                response_timeout_s=self.response_timeout_s, whole=True,
+            )  # fmt: skip
+            if isinstance(got, tuple):
+                status, _, ctype, _, answer = got
+                out = [(b"x-request-id", request_id.encode())]
+                if timing:
+                    out.append((b"server-timing", timing))
+                await openai_http.send_json(responder, status, ctype, answer, out)
+                ok = True
+            else:
+                failure = await self.answer(
+                    make_greq(), responder, got, role, worker, ctx, (worker,), may_retry, t0
+                )
+                ok = failure is None
+        except UpstreamError as exc:
+            failure = self.failed(exc, responder, role, worker, (worker,), may_retry)
+        finally:
+            self.metrics.stage.observe((role, worker.id), _now() - t0)
+            policy.on_finish(worker, ctx, ok)
+            registry.release(worker)
+        if ok:
+            registry.record_success(worker)
+        return failure
+
     async def answer(
         self,
         greq: GatewayRequest,
