@@ -44,13 +44,28 @@ def _message_end(buf: bytes) -> int:
     return end if len(buf) >= end else 0
 
 
-async def _message(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
-    while not (end := _message_end(buf)):
+async def _message(
+    sock: socket.socket, buf: bytes, relay: socket.socket | None = None
+) -> tuple[bytes, bytes]:
+    """One whole message from ``sock``; with ``relay``, a chunked answer (a stream) is passed
+    to it read by read instead, as a relay must (each event is a wake-up, a read and a write),
+    and ``b""`` is returned for it."""
+    while True:
+        head_end = buf.find(b"\r\n\r\n")
+        if relay is not None and head_end >= 0 and b"chunked" in buf[:head_end].lower():
+            relay.sendall(buf)
+            while not buf.endswith(b"0\r\n\r\n"):
+                buf = await receive(sock)
+                if not buf:
+                    raise EOFError
+                relay.sendall(buf)
+            return b"", b""
+        if end := _message_end(buf):
+            return buf[:end], buf[end:]
         data = await receive(sock)
         if not data:
             raise EOFError
         buf += data
-    return buf[:end], buf[end:]
 
 
 def _nonblocking(sock: socket.socket) -> socket.socket:
@@ -67,8 +82,9 @@ async def _serve(client: socket.socket, upstream_port: int) -> None:
         while True:
             request, cbuf = await _message(client, cbuf)
             upstream.sendall(request)
-            response, ubuf = await _message(upstream, ubuf)
-            client.sendall(response)
+            response, ubuf = await _message(upstream, ubuf, client)
+            if response:
+                client.sendall(response)
     except (EOFError, OSError):
         pass
     finally:

@@ -1,8 +1,10 @@
 """CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw,
 lmgw keeping every answer resumable (``--resumable-streams`` and ``X-Lmgw-Resumable: 1``: the
 buffer and follower of ``lmgw.streams`` on the path), lmgw coalescing (``--coalesce`` with
-greedy requests, all distinct: every one eligible, none shared, the price of the option), and
-(when the peer harness's venv has it) vllm-router, in one run.
+greedy requests, all distinct: every one eligible, none shared, the price of the option),
+``trio-floor`` (`floor_relay.py`: a bare trio relay with nothing in it, passing a stream's reads
+on as they come: what trio and the kernel cost per event anyway, the floor for any trio relay),
+and (when the peer harness's venv has it) vllm-router, in one run.
 
 Why two regimes: the peer harness streams 256 tokens with no delay, so at c=32 lmgw runs
 its CPU at 100% and its "CPU per chunk" is one core divided by the event rate, which the load
@@ -85,6 +87,8 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--resumable-streams"]
     if name == "lmgw-coalesce":  # greedy requests, each eligible to be shared (none is)
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--coalesce"]
+    if name == "trio-floor":  # floor_relay.py: a bare trio relay, nothing in it (a yardstick)
+        return [sys.executable, str(HERE / "floor_relay.py"), str(port), *map(str, workers)]
     argv = [str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--worker-urls"]
     return [*argv, *urls, "--policy", "round_robin"]
 
@@ -126,7 +130,7 @@ def main() -> int:
     if shutil.which("wrk") is None or not MOCK.exists():
         print("needs wrk and ../shared/bench/mock_worker.py", file=sys.stderr)
         return 2
-    systems = ["lmgw", "lmgw-resumable", "lmgw-coalesce"]
+    systems = ["lmgw", "lmgw-resumable", "lmgw-coalesce", "trio-floor"]
     systems += ["vllm-router"] if VLLM_ROUTER.exists() else []
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     floor.LOG_DIR.mkdir(parents=True, exist_ok=True)  # its start_workers logs there

@@ -34,6 +34,13 @@ Target: gateway CPU per request over ZeroMQ <= 0.7x the HTTP path. One run, one 
   c=1 and c=64 tasks; CPU of the client process (all threads, ZeroMQ's I/O thread included)
   per call, and call latency. This separates what the protocol costs from what the native
   pipeline does around it.
+* the floor (with the transport rows, c=1): ``raw-zmq`` and ``raw-tcp``, blocking round trips
+  of 256 bytes, one at a time with no event loop, from a pyzmq DEALER (ZeroMQ's I/O thread
+  included) and from a plain TCP socket to an echo server of each kind. What libzmq costs per
+  round trip before any trio integration or gateway code: the ratio of the two is the least
+  ``zmq/http`` can be for a request's one round trip at c=1. ``trio-zmq``: the same from trio
+  with the least integration (send; receive, or ``wait_readable(ZMQ_FD)``), the floor under
+  ``RpcChannel``.
 * tensors: ``benchmarks/tensors.py`` (ZmqSocket over loopback TCP and shared memory vs
   memcpy) is run too (``--quick`` unless ``--tensors-full``; ``--no-tensors`` skips it) and its
   medians are included.
@@ -320,17 +327,158 @@ async def transport_client(kind: str, target: str, conns: int, duration: float) 
     }
 
 
+RAW_CALLS = 20_000
+RAW_BYTES = 256  # about a Generate of TRANSPORT_IDS, and about its answer
+RAW_KINDS = ("raw-zmq", "trio-zmq", "raw-tcp")
+
+
+def echo_servers() -> None:
+    """The raw floor's peers: a ROUTER and a TCP socket, each echoing what it gets, in one
+    process (a thread each, blocking calls: nothing between the socket and the echo)."""
+    import socket
+    import threading
+
+    import zmq
+
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:0")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def zmq_echo() -> None:
+        while True:
+            router.send_multipart(router.recv_multipart())
+
+    def tcp_echo() -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.close()
+
+    threading.Thread(target=zmq_echo, daemon=True).start()
+    threading.Thread(target=tcp_echo, daemon=True).start()
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    print("READY", endpoint, listener.getsockname()[1], flush=True)
+    threading.Event().wait()
+
+
+def raw_client(kind: str, target: str) -> dict[str, Any]:
+    """``RAW_CALLS`` blocking round trips of ``RAW_BYTES``, one at a time: a pyzmq DEALER (with
+    ZeroMQ's I/O thread) or a plain TCP socket, no event loop. CPU of the whole process."""
+    import resource
+    import socket
+
+    msg = b"x" * RAW_BYTES
+    if kind == "trio-zmq":
+        return _trio_zmq_client(target, msg)
+    if kind == "raw-zmq":
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(target)
+
+        def call() -> None:
+            sock.send(msg)
+            sock.recv()
+
+    else:
+        conn = socket.create_connection(("127.0.0.1", int(target)))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def call() -> None:
+            conn.sendall(msg)
+            got = 0
+            while got < RAW_BYTES:
+                got += len(conn.recv(65536))
+
+    for _ in range(1000):  # warm-up: connection, caches
+        call()
+    lat: list[float] = []
+    perf = time.perf_counter
+    r0, io0 = resource.getrusage(resource.RUSAGE_SELF), io_thread_s([os.getpid()])
+    for _ in range(RAW_CALLS):
+        t = perf()
+        call()
+        lat.append(perf() - t)
+    r1, io1 = resource.getrusage(resource.RUSAGE_SELF), io_thread_s([os.getpid()])
+    return _raw_result(lat, r0, r1, io1 - io0)
+
+
+def _trio_zmq_client(target: str, msg: bytes) -> dict[str, Any]:
+    """The same round trips from trio with the least integration there is: send, try to
+    receive, ``wait_readable(ZMQ_FD)`` when nothing is queued (one task, so no edge can be
+    lost to another): what trio itself adds to libzmq, the floor for ``RpcChannel``."""
+    import resource
+
+    import trio
+    import zmq
+    from trio.lowlevel import wait_readable
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(target)
+    fd = sock.getsockopt(zmq.FD)
+
+    async def call() -> None:
+        sock.send(msg, zmq.NOBLOCK)
+        while True:
+            try:
+                sock.recv(zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                await wait_readable(fd)
+
+    async def main() -> dict[str, Any]:
+        for _ in range(1000):
+            await call()
+        lat: list[float] = []
+        perf = time.perf_counter
+        r0, io0 = resource.getrusage(resource.RUSAGE_SELF), io_thread_s([os.getpid()])
+        for _ in range(RAW_CALLS):
+            t = perf()
+            await call()
+            lat.append(perf() - t)
+        r1, io1 = resource.getrusage(resource.RUSAGE_SELF), io_thread_s([os.getpid()])
+        return _raw_result(lat, r0, r1, io1 - io0)
+
+    return trio.run(main)
+
+
+def _raw_result(lat: list[float], r0: Any, r1: Any, io_s: float) -> dict[str, Any]:
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    lat.sort()
+    return {
+        "calls": RAW_CALLS,
+        "calls_per_s": RAW_CALLS / sum(lat),
+        "cpu_us_per_call": cpu / RAW_CALLS * 1e6,
+        "io_thread_us_per_call": io_s / RAW_CALLS * 1e6,
+        "p50_us": lat[len(lat) // 2] * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+    }
+
+
+def start_echo(children: Any) -> dict[str, str]:
+    out = LOG_DIR / "echo.stdout"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--echo-servers"]
+    proc = children.spawn(argv, log_path=LOG_DIR / "echo.log", stdout=out)
+    _, endpoint, port = wait_ready_line(proc, out, "echo").split()
+    return {"raw-zmq": endpoint, "trio-zmq": endpoint, "raw-tcp": port}
+
+
 def run_transport(children: Any, ctx: dict[str, Any], rounds: int) -> dict[str, Any]:
     """Each (kind, c) once per round, in a fresh client process on the gateway's CPU."""
     targets = {
         "zmq": ctx["workers"]["zmq"]["url"][len("zmq+") :],
         "http": ctx["workers"]["http"]["url"],
     }
+    targets.update(start_echo(children))
     runs: dict[str, list[dict[str, Any]]] = {}
     for i in range(rounds):
         order = ("zmq", "http") if i % 2 == 0 else ("http", "zmq")
+        raw = ("raw-zmq", "trio-zmq", "raw-tcp")
+        raw = raw if i % 2 == 0 else raw[::-1]
         for conns in (1, 64):
-            for kind in order:
+            for kind in order if conns > 1 else order + raw:
                 out = LOG_DIR / "transport.stdout"
                 argv = [sys.executable, str(Path(__file__).resolve()), "--transport-client"]
                 argv += [kind, targets[kind], str(conns), str(ctx["duration"])]
@@ -354,11 +502,16 @@ def run_transport(children: Any, ctx: dict[str, Any], rounds: int) -> dict[str, 
         }
         for key, rs in runs.items()
     }
-    for conns in (1, 64):
-        summary[f"cpu_ratio_zmq_to_http_c{conns}"] = med(
+    for name, (a, b) in {
+        "zmq_to_http_c1": ("zmq_c1", "http_c1"),
+        "zmq_to_http_c64": ("zmq_c64", "http_c64"),
+        "raw_zmq_to_raw_tcp_c1": ("raw-zmq_c1", "raw-tcp_c1"),
+        "zmq_to_trio_zmq_c1": ("zmq_c1", "trio-zmq_c1"),
+    }.items():
+        summary[f"cpu_ratio_{name}"] = med(
             [
-                z["cpu_us_per_call"] / h["cpu_us_per_call"]
-                for z, h in zip(runs[f"zmq_c{conns}"], runs[f"http_c{conns}"], strict=True)
+                x["cpu_us_per_call"] / y["cpu_us_per_call"]
+                for x, y in zip(runs[a], runs[b], strict=True)
             ]
         )
     return {"summary": summary, "runs": runs}
@@ -371,7 +524,7 @@ def transport_table(t: dict[str, Any]) -> str:
         f"{'p50 us':>8} {'p99 us':>8}"
     ]
     for conns in (1, 64):
-        for kind in ("zmq", "http"):
+        for kind in ("zmq", "http", *RAW_KINDS) if conns == 1 else ("zmq", "http"):
             r = s[f"{kind}_c{conns}"]
             lines.append(
                 f"{kind:<8} {conns:>3} {fmt(r['calls_per_s']):>9} "
@@ -382,6 +535,11 @@ def transport_table(t: dict[str, Any]) -> str:
         lines.append(
             f"{'':<8} zmq/http CPU per call x{fmt(s[f'cpu_ratio_zmq_to_http_c{conns}'], '.2f')}"
         )
+        if conns == 1:
+            ratio = fmt(s["cpu_ratio_raw_zmq_to_raw_tcp_c1"], ".2f")
+            lines.append(f"{'':<8} raw-zmq/raw-tcp (the floor: no event loop) x{ratio}")
+            ratio = fmt(s["cpu_ratio_zmq_to_trio_zmq_c1"], ".2f")
+            lines.append(f"{'':<8} zmq/trio-zmq (RpcChannel over trio's least) x{ratio}")
     return "\n".join(lines)
 
 
@@ -499,7 +657,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-transport", action="store_true", help="skip the transport-alone part")
     ap.add_argument("--out", type=Path, default=OUT_JSON)
     ap.add_argument("--transport-client", nargs=4, help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--echo-servers", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args(argv)
+    if args.echo_servers:
+        echo_servers()
+        return 0
+    if args.transport_client and args.transport_client[0] in RAW_KINDS:
+        print(json.dumps(raw_client(*args.transport_client[:2])), flush=True)
+        return 0
     if args.transport_client:
         import trio
 
