@@ -146,6 +146,45 @@ async def test_sender_and_receiver_tasks_share_one_socket(ctx: zmq.Context, endp
     assert got == list(range(n))
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:*", "inproc://reader"])
+async def test_a_reader_loop_that_waits_checked_loses_no_wake_up(
+    ctx: zmq.Context, endpoint: str
+) -> None:
+    """The channel's reader loop: ``try_recv_multipart``, and on None
+    ``wait_recv_ready(checked=True)``, which neither reads EVENTS before waiting nor after the
+    wake-up. Another task's sends still consume edges the reader needs; the kick after each
+    send must reach it (the bound turns a lost wake-up into a failure)."""
+    n, window = 5_000, 4
+    with ZmqSocket.open(ctx, zmq.ROUTER) as router, ZmqSocket.open(ctx, zmq.DEALER) as dealer:
+        dealer.connect(router.bind(endpoint))
+        credits = trio.Semaphore(window)
+
+        async def echo() -> None:
+            while True:
+                await router.send_multipart(await router.recv_multipart())
+
+        async def sender() -> None:
+            for i in range(n):
+                await credits.acquire()
+                await dealer.send_multipart([b"%d" % i])
+
+        got: list[int] = []
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo)
+                nursery.start_soon(sender)
+                while len(got) < n:
+                    frames = dealer.try_recv_multipart()
+                    if frames is None:
+                        await dealer.wait_recv_ready(checked=True)
+                        continue
+                    got.append(int(frames[0]))
+                    credits.release()
+                nursery.cancel_scope.cancel()
+    assert got == list(range(n))
+    assert dealer.kicks > 0  # the sends did consume edges: the case was exercised
+
+
 @settings(
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

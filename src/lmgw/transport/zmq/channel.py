@@ -623,12 +623,12 @@ class RpcChannel:
     def _queued(self, sock: ZmqSocket) -> None:
         """A message was queued: wake the flusher, which runs after this scheduler pass and
         sends what the pass queued, together. With one request in flight at most (an idle
-        channel: nothing else is likely to share the send) the first message goes at once
-        instead, so it waits for nothing; what the pass queues after it waits for the flusher."""
+        channel: nothing else is likely to share the send) the message goes at once instead,
+        so it waits for nothing, and the flusher is not woken for it: on an idle channel that
+        wake-up was a scheduler pass per request. (One request sends nothing more in a pass
+        but an abort, which may as well go at once too.)"""
         if self._flush_due:
             return  # the flusher takes it
-        self._flush_due = True
-        self._flush_wakeup.wake()
         if len(self._routes) <= 1 and self._connected:
             outbox = self._outbox
             try:
@@ -636,6 +636,10 @@ class RpcChannel:
                     self._sent(outbox.commit())
             except trio.ClosedResourceError:
                 pass  # the flusher fails what is queued
+            if not outbox:
+                return
+        self._flush_due = True
+        self._flush_wakeup.wake()
 
     def _sent(self, n: int) -> None:
         if n > 1:
@@ -696,7 +700,7 @@ class RpcChannel:
             frames = sock.try_recv_multipart(copy=copy)
             if frames is None:
                 fast = 0
-                await sock.wait_recv_ready()
+                await sock.wait_recv_ready(checked=True)
                 continue
             fast += 1 if self._on_frames(frames) == 1 else CHECKPOINT_EVERY
             if fast >= CHECKPOINT_EVERY:
