@@ -1,5 +1,6 @@
 """Routing decision time: every policy's choose() at 8 and 64 workers, 1k- and 8k-token prompts
-(and round_robin with a cache_aware shadow: what routing.shadow_policies adds per decision).
+(and round_robin with a cache_aware shadow: what routing.shadow_policies adds per decision),
+and the load-aware ones at 512 workers reading the registry's load board vs scanning the fleet.
 
 Why: the decision sits on every request's path, and cache_aware's target is p50 <= 20 us at 64
 workers with 8k-token prompts (tokenization excluded, block hashing included). cache_aware runs
@@ -147,6 +148,33 @@ def _time(policy, fleet, work: Workload, n: int, rng: random.Random, out: list) 
     return out
 
 
+BIG_FLEET = 512
+LOAD_POLICIES = ("least_load", "consistent_hash_bounded", "session_affinity", "cache_aware")
+
+
+def fleet_scale(n: int) -> dict[str, dict[str, float]]:
+    """Load-aware policies at ``BIG_FLEET`` workers, 1k-token prompts: handed the registry's
+    candidate tuple (loads read from its board, kept current by the workers) vs a plain tuple
+    of the same workers (each worker's load read per decision, as before the boards), the
+    same decisions interleaved. Loads move as in the main runs (through ``in_flight``)."""
+    fleet = build_fleet(BIG_FLEET)
+    plain = tuple(fleet)
+    work = Workload(1024, seed=5)
+    out: dict[str, dict[str, float]] = {}
+    for name in LOAD_POLICIES:
+        boards: list[float] = []
+        scans: list[float] = []
+        pol_board, pol_plain = make(name), make(name)
+        warm(pol_board, fleet, work)
+        warm(pol_plain, plain, work)
+        for _ in range(REPEATS):
+            boards.append(pct(time_decisions(pol_board, fleet, work, n), 0.5) * 1e6)
+            scans.append(pct(time_decisions(pol_plain, plain, work, n), 0.5) * 1e6)
+        b, sc = statistics.median(boards), statistics.median(scans)
+        out[name] = {"board_p50_us": b, "scan_p50_us": sc, "ratio": b / sc}
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -239,6 +267,13 @@ def main() -> None:
             py = statistics.median(s[0] for s in runs[("cache_aware[python]", workers, tokens)])
             ratios[f"{workers}w_{tokens}t"] = py / cy
             print(f"cache_aware python/cython, {workers} workers, {tokens} tokens: {py / cy:.1f}x")
+    scale = fleet_scale(n_fast)
+    print(f"{BIG_FLEET} workers, 1k tokens: decision p50 with the registry's load board vs a scan")
+    for name, r in scale.items():
+        print(
+            f"  {name:<24} board {r['board_p50_us']:7.2f} us  scan {r['scan_p50_us']:7.2f} us"
+            f"  x{r['ratio']:.2f}"
+        )
     comp = {str(t): components(t, n_fast) for t in PROMPTS}
     for t, c in comp.items():
         cy, py = c["cython"], c["python"]
@@ -265,6 +300,7 @@ def main() -> None:
                 "meta": meta,
                 "rows": rows,
                 "cache_aware_python_over_cython": ratios,
+                "load_board_vs_scan": {"workers": BIG_FLEET, "prompt_tokens": 1024, **scale},
                 "components": comp,
             },
             indent=2,

@@ -24,13 +24,14 @@ class EngineLoad:
     """A worker's own view of its load, from its ``/metrics`` (zero until scraped)."""
 
     __slots__ = (
-        "kv_usage", "lora_max", "lora_running", "prefix_hits", "prefix_queries", "running",
-        "waiting",
+        "_waiting", "_worker", "kv_usage", "lora_max", "lora_running", "prefix_hits",
+        "prefix_queries", "running",
     )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, worker: Worker | None = None) -> None:
+        self._worker = worker  # told when ``waiting`` changes (its load boards)
         self.running = 0.0  #: vllm:num_requests_running
-        self.waiting = 0.0  #: vllm:num_requests_waiting
+        self._waiting = 0.0
         self.kv_usage = 0.0  #: vllm:kv_cache_usage_perc (0..1)
         self.prefix_hits = 0.0  #: vllm:prefix_cache_hits_total
         self.prefix_queries = 0.0  #: vllm:prefix_cache_queries_total
@@ -38,8 +39,21 @@ class EngineLoad:
         self.lora_running: frozenset[str] = frozenset()
         self.lora_max = 0
 
+    @property
+    def waiting(self) -> float:
+        """vllm:num_requests_waiting."""
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, value: float) -> None:
+        self._waiting = value
+        worker = self._worker
+        if worker is not None and worker.boards:
+            worker.post_load()
+
     def describe(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__slots__}
+        out = {k: getattr(self, k) for k in self.__slots__ if not k.startswith("_")}
+        out["waiting"] = self._waiting
         out["lora_running"] = sorted(self.lora_running)
         return out
 
@@ -48,7 +62,9 @@ class Worker:
     """One inference worker endpoint serving one role."""
 
     __slots__ = (
+        "_in_flight",
         "adapters",
+        "boards",
         "bootstrap_port",
         "consecutive_failures",
         "ejected_at",
@@ -56,7 +72,6 @@ class Worker:
         "ejections",
         "engine",
         "id",
-        "in_flight",
         "kv_address",
         "last_error",
         "models",
@@ -94,7 +109,10 @@ class Worker:
         self.adapters: frozenset[str] = frozenset()
         self.origin = Origin.from_url(self.url)
         self.state = WorkerState.STARTING
-        self.in_flight = 0
+        #: the load lists of the registry's candidate tuples this worker is in, with its index
+        #: there (:class:`~lmgw.workers.registry.Candidates`): kept equal to its load
+        self.boards: list[tuple[list[float], int]] = []
+        self._in_flight = 0
         self.total_requests = 0
         self.consecutive_failures = 0
         self.last_error = ""
@@ -103,9 +121,32 @@ class Worker:
         self.ejected_at = 0.0
         self.ejected_until = 0.0
         #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
-        self.engine = EngineLoad()
+        self.engine = EngineLoad(self)
         #: its KV-transfer domain (``workers[].zone``): joint P/D placement weighs it
         self.zone: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight through this gateway (:meth:`Registry.acquire` / ``release``)."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        if self.boards:
+            self.post_load()
+
+    @property
+    def load(self) -> float:
+        """Requests in flight through this gateway plus those the engine reports waiting: the
+        one load signal of every load-aware policy."""
+        return self._in_flight + self.engine._waiting
+
+    def post_load(self) -> None:
+        """Write the current load into every board that lists this worker."""
+        value = self._in_flight + self.engine._waiting
+        for loads, i in self.boards:
+            loads[i] = value
 
     @property
     def routable(self) -> bool:

@@ -64,6 +64,7 @@ from ...workers.worker import Worker
 from .. import prefix as _prefix
 from ..kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from ..policy import Policy, RouteContext, RouteInfo
+from .least_load import loads_of
 
 if TYPE_CHECKING:
     from ...config import RoutingConfig
@@ -397,7 +398,7 @@ class CacheAware(Policy):
         n = len(candidates)
         view = self._view(candidates)
         slots = view.slots
-        loads = [w.in_flight + w.engine.waiting for w in candidates]
+        loads = loads_of(candidates)
         lmin = min(loads)
         cap = lmin + max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
         start = self._cursor % n

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from ...workers.worker import Worker
 from ..hashring import HashRing
 from ..policy import Policy, RouteContext, RouteInfo
-from .least_load import least_loaded
+from .least_load import least_loaded, loads_of
 
 if TYPE_CHECKING:
     from ...config import RoutingConfig
@@ -102,20 +102,18 @@ class ConsistentHashBounded(ConsistentHash):
             return candidates[0]
         ring, by_id = self._ring(candidates)
         key = self.key(ctx)
-        total = 0.0
-        for w in candidates:
-            total += w.in_flight + w.engine.waiting
+        total = sum(loads_of(candidates))
         cap = math.ceil(self.load_factor * (total + 1) / n)
         w = by_id[ring.lookup(key)]
         reason = "ring"
-        if w.in_flight + w.engine.waiting + 1 <= cap:
+        if w.load + 1 <= cap:
             self.rings += 1
         else:
             reason = "spill"
             self.spills += 1
             for wid in ring.candidates(key, n)[1:]:
                 other = by_id[wid]
-                if other.in_flight + other.engine.waiting + 1 <= cap:
+                if other.load + 1 <= cap:
                     w = other
                     break
             else:  # only when scraped engine queues fill every worker: least load

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ...workers.registry import Candidates
 from ...workers.worker import Worker
 from ..policy import Policy, RouteContext
 
@@ -21,12 +22,20 @@ if TYPE_CHECKING:
 
 def load(worker: Worker) -> float:
     """Requests in flight through this gateway plus those the engine reports waiting."""
-    return worker.in_flight + worker.engine.waiting
+    return worker.load
+
+
+def loads_of(candidates: Sequence[Worker]) -> list[float]:
+    """Each candidate's load, in order: the registry's list for its own candidate tuples
+    (kept current by the workers: no scan), else read from the workers (do not modify)."""
+    if type(candidates) is Candidates:
+        return candidates.loads()
+    return [w.load for w in candidates]
 
 
 def least_loaded(candidates: Sequence[Worker], start: int) -> int:
     """Index of the least-loaded candidate; ties go to the first at or after ``start``."""
-    loads = [w.in_flight + w.engine.waiting for w in candidates]  # C-speed min and index
+    loads = loads_of(candidates)  # C-speed min and index
     lmin = min(loads)
     try:
         return loads.index(lmin, start % len(loads))

@@ -36,6 +36,6 @@ class PowerOfTwo(Policy):
             j += 1
         a, b = candidates[i], candidates[j]
         # ties keep the first draw, itself uniform
-        if b.in_flight + b.engine.waiting < a.in_flight + a.engine.waiting:
+        if b.load < a.load:
             return b
         return a

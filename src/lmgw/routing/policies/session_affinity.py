@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ...workers.worker import Worker
 from ..policy import Policy, RouteContext, RouteInfo
-from .least_load import least_loaded
+from .least_load import least_loaded, loads_of
 
 if TYPE_CHECKING:
     from ...config import RoutingConfig
@@ -84,8 +84,8 @@ class SessionAffinity(Policy):
                     reason = "gone"  # removed, draining, ejected, or not serving this model
                 else:
                     w = candidates[i]
-                    lw = w.in_flight + w.engine.waiting
-                    lmin = min(c.in_flight + c.engine.waiting for c in candidates)
+                    lw = w.load
+                    lmin = min(loads_of(candidates))
                     slack = max(self.balance_abs, (self.balance_rel - 1.0) * lmin)
                     if lw - lmin <= slack:
                         return self._decide(ctx, w, "sticky")
