@@ -189,9 +189,10 @@ class Registry:
 
     def _changed(self, worker: Worker) -> None:
         self.generation += 1
+        for cached in self._cache.values():  # every cached tuple goes: so do their boards
+            if type(cached) is Candidates and cached._loads is not None:
+                for w in cached:
+                    w.boards.clear()
         self._cache.clear()
-        worker.boards.clear()  # a removed worker is no longer in _workers
-        for w in self._workers.values():  # every cached tuple is gone: so are their boards
-            w.boards.clear()
         for listener in self._listeners:
             listener(worker)
