@@ -31,6 +31,7 @@ from .config import (
     dump_config,
     parse_worker_flag,
 )
+from .fdlimit import ensure_open_files
 from .gateway import Gateway
 from .logs import setup_logging
 from .model_routes import SPLITS, route_body
@@ -59,6 +60,7 @@ async def run_until_signal(gateway, nursery: trio.Nursery) -> None:
 
 async def serve(gateway: Gateway, *, ready_line: bool = False) -> None:
     cfg = gateway.config
+    ensure_open_files()  # the CLI's call, as gc.freeze() below: an embedder keeps its own
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
         # What start-up made (modules, config, routing tables, tokenizers) lives as long as the

@@ -61,6 +61,7 @@ from .config import (
     StreamsConfig,
     WorkerConfig,
 )
+from .fdlimit import ensure_open_files
 from .fleetspec import FleetSpec
 from .gateway import Gateway
 from .pipeline.runner import dialect_for
@@ -220,6 +221,7 @@ class _Gateways:
 
 
 async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
+    ensure_open_files()  # the gateways' descriptors (the worker processes inherit it)
     counts = {role: n for role, n in spec.counts().items() if n}
     transport = getattr(args, "transport", None) or "http"
     n_gateways = getattr(args, "gateways", 1) or 1

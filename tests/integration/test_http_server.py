@@ -7,6 +7,7 @@ interop. Every wait is bounded; timeouts under test are a few hundred millisecon
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import socket
@@ -18,7 +19,7 @@ import h11
 import pytest
 import trio
 
-from lmgw.http.server import HTTPServer, ServerLimits, serve_http
+from lmgw.http.server import REFUSE_SLACK, HTTPServer, ServerLimits, serve_http
 from lmgw.http.types import Request, Responder
 
 HOST = "127.0.0.1"
@@ -800,6 +801,63 @@ async def test_connections_over_the_limit_get_503(nursery: trio.Nursery) -> None
     again = await Client.open(port)
     await again.send(get("/echo"))
     assert (await again.response()).status == 200
+
+
+async def test_a_burst_over_the_limit_is_not_accepted_past_the_slack(
+    nursery: trio.Nursery,
+) -> None:
+    """Connections over ``max_connections`` get a 503, but past REFUSE_SLACK more the server
+    stops accepting until one closes: a burst waits in the backlog instead of taking the
+    descriptors the served connections need for their upstream ones."""
+    server, port = await start_server(nursery, App(), max_connections=2)
+    held = [await Client.open(port) for _ in range(2)]
+    for c in held:
+        await c.send(get("/echo"))
+        assert (await c.response()).status == 200
+    # connections that never send anything: refused ones wait up to 1 s for their 503 write
+    burst = [await trio.open_tcp_stream(HOST, port) for _ in range(REFUSE_SLACK + 8)]
+    with trio.fail_after(5):
+        while server._open < 2 + REFUSE_SLACK:
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert server._open == 2 + REFUSE_SLACK  # the rest stay in the kernel's backlog
+    await held[0].aclose()  # a slot frees: accepting resumes, the backlog drains
+    for s in burst:
+        await s.aclose()
+    with trio.fail_after(5):
+        while server._open > 1:
+            await trio.sleep(0.01)
+    again = await Client.open(port)
+    await again.send(get("/echo"))
+    assert (await again.response()).status == 200
+
+
+async def test_out_of_descriptors_closes_idle_keep_alives_to_accept(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() failing with EMFILE closes idle keep-alive connections (as nginx does) and
+    retries soon, instead of waiting for clients to leave on their own."""
+    server, port = await start_server(nursery, App())
+    idle = [await Client.open(port) for _ in range(3)]
+    for c in idle:
+        await c.send(get("/echo"))
+        assert (await c.response()).status == 200
+    listener = server._listeners[0]
+    real_accept = listener.accept
+    fails = [1]
+
+    async def accept() -> trio.SocketStream:
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real_accept()
+
+    monkeypatch.setattr(listener, "accept", accept)
+    late = await trio.open_tcp_stream(HOST, port)  # wakes the accept loop: it fails once
+    with trio.fail_after(5):
+        for c in idle:
+            assert await c.closed()  # idle keep-alives went to make room
+    await late.aclose()
 
 
 async def test_drain_closes_idle_and_finishes_in_flight(nursery: trio.Nursery) -> None:

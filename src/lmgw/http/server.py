@@ -9,6 +9,8 @@ Why not hypercorn for this path: its trio worker costs ~530 us CPU per request h
 
 from __future__ import annotations
 
+import errno
+import heapq
 import logging
 import math
 import socket
@@ -16,8 +18,10 @@ import time
 from dataclasses import dataclass
 
 import trio
+from trio.lowlevel import ParkingLot
 
 from ..errors import error_body
+from ..fdlimit import client_connections_allowed
 from ..netio import RawStream
 from .h1 import HEAD, IDLE, H1Connection, ProtocolError
 from .h1parse import RequestParts, parse_request
@@ -88,6 +92,10 @@ def _request(parts: RequestParts, client: str) -> Request:
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 #: lingering close after an error answer: stop discarding input after this much silence
 _LINGER_IDLE_S = 0.2
+
+
+REFUSE_SLACK = 16
+"""Connections over ``max_connections`` accepted at once only to be answered 503 and closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +294,10 @@ class HTTPServer:
         self._per_client: dict[str, int] = {}
         self._listeners: list[trio.SocketListener] = []
         self._idle_event = trio.Event()
+        #: ``limits.max_connections``, capped by the open-files limit when serving starts
+        self.max_connections = self.limits.max_connections
+        self._open = 0  # accepted sockets not yet closed (served, or being refused)
+        self._accept_lot = ParkingLot()  # the accept loops, waiting for a socket to close
 
     @property
     def active_connections(self) -> int:
@@ -299,6 +311,15 @@ class HTTPServer:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report the bound port through ``task_status``, and serve until cancelled."""
+        self.max_connections = client_connections_allowed(self.limits.max_connections)
+        if self.max_connections < self.limits.max_connections:
+            log.warning(
+                "limits.max_connections is %d, but the open-files limit holds about %d client"
+                " connections with an upstream connection each: capped there (raise the limit:"
+                ' docs/operations.md, "Open files")',
+                self.limits.max_connections,
+                self.max_connections,
+            )
         self._listeners = await trio.open_tcp_listeners(
             port, host=host, backlog=self.limits.backlog
         )
@@ -315,23 +336,48 @@ class HTTPServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while not self.draining:
+            # Past the cap, the connections over it are answered 503 and closed; past the cap
+            # and REFUSE_SLACK more, accepting stops until one closes, so a burst cannot take
+            # the descriptors the connections being served need for their upstream ones.
+            while self._open >= self.max_connections + REFUSE_SLACK and not self.draining:
+                await self._accept_lot.park()
             try:
                 stream = await listener.accept()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
             except OSError as exc:  # EMFILE and friends: back off, as trio.serve_listeners does
-                log.error("accept failed: %s; retrying in 100 ms", exc)
-                await trio.sleep(0.1)
+                freed = self._close_idle(16) if exc.errno in (errno.EMFILE, errno.ENFILE) else 0
+                log.error(
+                    "accept failed: %s; %sretrying in %s",
+                    exc,
+                    f"closed {freed} idle keep-alive connections, " if freed else "",
+                    "10 ms" if freed else "100 ms",
+                )
+                await trio.sleep(0.01 if freed else 0.1)
                 continue
             try:
                 raw = RawStream.from_trio(stream)
             except OSError:  # the peer already left
                 continue
+            self._open += 1
             nursery.start_soon(self._connection, raw)
+
+    def _close_idle(self, n: int) -> int:
+        """Close the ``n`` connections idle the longest (out of descriptors: nginx does the
+        same). A client sees its idle connection closed, as after the keep-alive timeout."""
+        idle = [
+            c
+            for c in self._conns
+            if not c.busy and c.phase == IDLE and c.scope is not None and c not in self._upgraded
+        ]
+        for c in heapq.nsmallest(n, idle, key=lambda c: c.phase_since):
+            c.scope.cancel()  # type: ignore[union-attr]
+        return min(n, len(idle))
 
     async def drain(self) -> None:
         """Stop accepting; close idle connections now and busy ones after their response."""
         self.draining = True
+        self._accept_lot.unpark_all()
         for listener in self._listeners:
             await listener.aclose()
         for c in list(self._upgraded):
@@ -441,7 +487,7 @@ class HTTPServer:
         c = _Conn(stream, client)
         counted = ""
         try:
-            if len(self._conns) >= lim.max_connections:
+            if len(self._conns) >= self.max_connections:
                 with trio.move_on_after(1):
                     await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
@@ -491,6 +537,9 @@ class HTTPServer:
             if not self._conns:
                 self._idle_event.set()
             stream.close()
+            self._open -= 1
+            if self._accept_lot:
+                self._accept_lot.unpark()
 
     @staticmethod
     async def _send_error(stream: RawStream, err: ProtocolError) -> None:

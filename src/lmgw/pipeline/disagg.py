@@ -481,10 +481,9 @@ class DisaggRunner:
             ok = status < 500
             return status, answer
         except UpstreamError as exc:
-            p.metrics.upstream_errors.inc(
-                (role, worker.id, "timeout" if exc.status == 504 else "transport")
-            )
-            p.registry.record_failure(worker, exc.message, eject=exc.retryable)
+            p.metrics.upstream_errors.inc((role, worker.id, exc.kind))
+            if not exc.local:  # the gateway's own limit is no fault of the worker's
+                p.registry.record_failure(worker, exc.message, eject=exc.retryable)
             raise StageError(
                 STAGE_NAMES[role],
                 exc.status,

@@ -318,9 +318,9 @@ class Hedger:
                 pipe.registry.record_failure(worker, f"answered {resp.status}", eject=False)
         if leg.error is not None:
             exc = leg.error
-            kind = "timeout" if exc.status == 504 else "transport"
-            pipe.metrics.upstream_errors.inc((role, worker.id, kind))
-            pipe.registry.record_failure(worker, exc.message, eject=exc.retryable)
+            pipe.metrics.upstream_errors.inc((role, worker.id, exc.kind))
+            if not exc.local:  # the gateway's own limit is no fault of the worker's
+                pipe.registry.record_failure(worker, exc.message, eject=exc.retryable)
         if not account:
             return
         pipe.policies[role].on_finish(worker, leg.ctx, False)

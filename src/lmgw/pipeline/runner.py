@@ -772,9 +772,9 @@ class Pipeline:
         """An exchange with ``worker`` that failed (see :meth:`dispatch`): the error to retry
         with, a :class:`MidStream` to continue, or None (the stream carries the error);
         raised when the client is to hear it."""
-        kind = "timeout" if exc.status == 504 else "transport"
-        self.metrics.upstream_errors.inc((role, worker.id, kind))
-        self.registry.record_failure(worker, exc.message, eject=exc.retryable)
+        self.metrics.upstream_errors.inc((role, worker.id, exc.kind))
+        if not exc.local:  # the gateway's own limit is no fault of the worker's
+            self.registry.record_failure(worker, exc.message, eject=exc.retryable)
         if responder.started:
             if journal is not None:  # the caller continues the stream or ends it
                 broken = MidStream(exc.status, exc.message)
@@ -783,7 +783,7 @@ class Pipeline:
             return None  # the stream already carries the error event
         # nothing reached the client: another worker may take the whole request, unless
         # this one merely timed out (a retry would double the load of a slow fleet)
-        if may_retry and (exc.retryable or exc.status != 504):
+        if may_retry and not exc.local and (exc.retryable or exc.status != 504):
             retry = GatewayError(exc.status, exc.message)
             retry.workers = legs
             retry.delivered = exc.sent

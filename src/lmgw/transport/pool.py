@@ -10,6 +10,7 @@ body, an error) closes the socket, which is also how an abandoned request is abo
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import select
 import ssl
@@ -31,6 +32,25 @@ _now = time.perf_counter
 _POLL_CLOSED = select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
+#: connect failures that are the gateway host's: out of descriptors (process, system), of
+#: buffers or memory, of ephemeral ports
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+
+
+def _local_failure(exc: OSError) -> bool:
+    """Whether a failed connect failed on the gateway's host (:data:`LOCAL_ERRNOS`): the
+    error itself, or every attempt behind trio's "all attempts to connect ... failed"."""
+    if exc.errno is not None:
+        return exc.errno in LOCAL_ERRNOS
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        _, rest = cause.split(lambda e: isinstance(e, OSError) and e.errno in LOCAL_ERRNOS)
+        return rest is None
+    return isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS
+
+
 class UpstreamError(Exception):
     """The worker could not be reached or broke the exchange.
 
@@ -40,16 +60,34 @@ class UpstreamError(Exception):
     ``sent``: the request was written to the worker, which may have acted on it before failing
     (a decode worker may have pulled a hand-off's KV, which the prefill worker then frees) even
     when another worker may take the request (``retryable``: the worker is gone).
+    ``local``: the gateway itself could not open the connection (its open-files limit, its
+    ephemeral ports, memory): 503, not the worker's fault, so nobody ejects the worker for it
+    and no other worker is tried (it would meet the same limit).
     """
 
     def __init__(
-        self, message: str, *, retryable: bool = False, status: int = 502, sent: bool = True
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int = 502,
+        sent: bool = True,
+        local: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
         self.sent = sent
+        self.local = local
+
+    @property
+    def kind(self) -> str:
+        """``lmgw_upstream_errors_total``'s ``kind``: ``local`` (the gateway's own limit),
+        ``timeout`` or ``transport``."""
+        if self.local:
+            return "local"
+        return "timeout" if self.status == 504 else "transport"
 
 
 class Origin:
@@ -178,6 +216,14 @@ class ConnectionPool:
                 sent=False,
             ) from None
         except OSError as exc:
+            if _local_failure(exc):
+                raise UpstreamError(
+                    f"the gateway cannot open a connection to {origin.host}:{origin.port}:"
+                    f" {exc.strerror or exc} (a limit of the gateway's host, not the worker)",
+                    status=503,
+                    sent=False,
+                    local=True,
+                ) from None
             raise UpstreamError(
                 f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}",
                 retryable=True,

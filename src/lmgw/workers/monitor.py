@@ -131,6 +131,9 @@ class HealthMonitor:
         except trio.TooSlowError:
             reason = f"health probe timed out after {self.cfg.timeout_s:g} s"
         except UpstreamError as exc:
+            if exc.local:  # the gateway could not even try: says nothing of the worker
+                log.warning("worker %s: not probed: %s", worker.id, exc.message)
+                return worker.routable
             reason = exc.message
         self._apply(worker, ok, reason)
         return ok
