@@ -860,6 +860,67 @@ async def test_out_of_descriptors_closes_idle_keep_alives_to_accept(
     await late.aclose()
 
 
+def _post_head(path: str, length: int) -> bytes:
+    return b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (
+        path.encode(),
+        length,
+    )
+
+
+async def test_bodies_over_the_budget_wait_unread_until_one_finishes(
+    nursery: trio.Nursery,
+) -> None:
+    """limits.max_buffered_body_bytes: a body that does not fit beside those held waits,
+    unread, for a held one to finish; then it is read and served. (The head and the first
+    bytes come in one read, the rest later: the slow path that reserves.)"""
+    app = App()
+    server, port = await start_server(nursery, app, max_buffered_body_bytes=150_000)
+    size = 100_000
+    first = await Client.open(port)
+    await first.send(_post_head("/nodelay", size) + b"x" * 1000)
+    await first.send(b"x" * (size - 1000))
+    with trio.fail_after(5):
+        await app.entered.wait()  # held by a request in flight: its body stays reserved
+    assert server.buffered_body_bytes == size
+    second = await Client.open(port)
+    await second.send(_post_head("/echo", size) + b"y" * 1000)
+    await trio.sleep(0.2)
+    assert server.buffered_body_bytes == size  # the second waits for room
+    assert [r.path for r in app.seen] == ["/nodelay"]
+    await second.send(b"y" * (size - 1000))  # (its socket buffers it; the server reads later)
+    await trio.sleep(0.1)
+    assert len(app.seen) == 1
+    app.gate.set()  # the first finishes: its reservation goes, the second is read and served
+    assert (await first.response()).status == 200
+    with trio.fail_after(5):
+        r = await second.response()
+    assert r.status == 200 and r.body.endswith(b"y" * 10)
+    with trio.fail_after(5):
+        while server.buffered_body_bytes:
+            await trio.sleep(0.01)
+
+
+async def test_a_body_larger_than_the_budget_goes_alone_and_a_dropped_one_frees_it(
+    nursery: trio.Nursery,
+) -> None:
+    server, port = await start_server(nursery, App(), max_buffered_body_bytes=10_000)
+    big = 50_000
+    gone = await Client.open(port)  # reserves, then leaves mid-upload
+    await gone.send(_post_head("/echo", big) + b"z" * 1000)
+    with trio.fail_after(5):
+        while server.buffered_body_bytes != big:
+            await trio.sleep(0.01)
+    await gone.aclose()
+    with trio.fail_after(5):
+        while server.buffered_body_bytes:
+            await trio.sleep(0.01)
+    alone = await Client.open(port)  # larger than the whole budget: admitted when alone
+    await alone.send(_post_head("/echo", big) + b"a" * 1000)
+    await alone.send(b"a" * (big - 1000))
+    with trio.fail_after(5):
+        assert (await alone.response()).status == 200
+
+
 async def test_drain_closes_idle_and_finishes_in_flight(nursery: trio.Nursery) -> None:
     app = App()
     server, port = await start_server(nursery, app)

@@ -21,7 +21,7 @@ import collections
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -115,11 +115,28 @@ async def test_100k_messages_in_order(ctx: zmq.Context) -> None:
     assert push.sent == pull.received == n
 
 
+async def _recv(dealer: ZmqSocket) -> list:
+    return await dealer.recv_multipart()
+
+
+async def _reader_loop_recv(dealer: ZmqSocket) -> list:
+    """The channel's reader loop: ``try_recv_multipart``, and on None
+    ``wait_recv_ready(checked=True)``, which reads EVENTS neither before waiting nor after
+    the wake-up."""
+    while (frames := dealer.try_recv_multipart()) is None:
+        await dealer.wait_recv_ready(checked=True)
+    return frames
+
+
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:*", "inproc://share"])
-async def test_sender_and_receiver_tasks_share_one_socket(ctx: zmq.Context, endpoint: str) -> None:
+@pytest.mark.parametrize("receive", [_recv, _reader_loop_recv], ids=["recv", "reader-loop"])
+async def test_sender_and_receiver_tasks_share_one_socket(
+    ctx: zmq.Context, endpoint: str, receive: Callable[[ZmqSocket], Awaitable[list]]
+) -> None:
     """Sends in one task consume ZMQ_FD edges the receiving task needs: without the re-check
-    after every op the receiver sleeps forever (the bound turns that into a failure). A small
-    window of requests in flight, as in real RPC, makes that reliable."""
+    after every op (and the kick it sends the task waiting on the fd) the receiver sleeps
+    forever (the bound turns that into a failure). A small window of requests in flight, as
+    in real RPC, makes that reliable."""
     n, window = 5_000, 4
     with ZmqSocket.open(ctx, zmq.ROUTER) as router, ZmqSocket.open(ctx, zmq.DEALER) as dealer:
         dealer.connect(router.bind(endpoint))
@@ -140,45 +157,7 @@ async def test_sender_and_receiver_tasks_share_one_socket(ctx: zmq.Context, endp
                 nursery.start_soon(echo)
                 nursery.start_soon(sender)
                 for _ in range(n):
-                    got.append(int((await dealer.recv_multipart())[0]))
-                    credits.release()
-                nursery.cancel_scope.cancel()
-    assert got == list(range(n))
-
-
-@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:*", "inproc://reader"])
-async def test_a_reader_loop_that_waits_checked_loses_no_wake_up(
-    ctx: zmq.Context, endpoint: str
-) -> None:
-    """The channel's reader loop: ``try_recv_multipart``, and on None
-    ``wait_recv_ready(checked=True)``, which neither reads EVENTS before waiting nor after the
-    wake-up. Another task's sends still consume edges the reader needs; the kick after each
-    send must reach it (the bound turns a lost wake-up into a failure)."""
-    n, window = 5_000, 4
-    with ZmqSocket.open(ctx, zmq.ROUTER) as router, ZmqSocket.open(ctx, zmq.DEALER) as dealer:
-        dealer.connect(router.bind(endpoint))
-        credits = trio.Semaphore(window)
-
-        async def echo() -> None:
-            while True:
-                await router.send_multipart(await router.recv_multipart())
-
-        async def sender() -> None:
-            for i in range(n):
-                await credits.acquire()
-                await dealer.send_multipart([b"%d" % i])
-
-        got: list[int] = []
-        with trio.fail_after(BOUND):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(echo)
-                nursery.start_soon(sender)
-                while len(got) < n:
-                    frames = dealer.try_recv_multipart()
-                    if frames is None:
-                        await dealer.wait_recv_ready(checked=True)
-                        continue
-                    got.append(int(frames[0]))
+                    got.append(int((await receive(dealer))[0]))
                     credits.release()
                 nursery.cancel_scope.cancel()
     assert got == list(range(n))

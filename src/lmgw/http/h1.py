@@ -103,6 +103,11 @@ class H1Connection:
         self._upgrade = False
 
     # -- public API -------------------------------------------------------------------------
+    @property
+    def content_length(self) -> int:
+        """The request in progress's declared ``Content-Length`` (-1: none, or chunked)."""
+        return self._content_length
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the socket. After an error, further data is ignored."""
         if self._error is not None or self._upgraded is not None:

@@ -23,7 +23,7 @@ from trio.lowlevel import ParkingLot
 from ..errors import error_body
 from ..fdlimit import client_connections_allowed
 from ..netio import RawStream
-from .h1 import HEAD, IDLE, H1Connection, ProtocolError
+from .h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
 from .h1parse import RequestParts, parse_request
 from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler, UpgradeRequest
 
@@ -120,6 +120,8 @@ class ServerLimits:
     write_timeout_s: float = 60.0
     #: open connections per client address (0: no cap); over it: 429 and close
     max_connections_per_client: int = 0
+    #: request bodies held at once, by their Content-Length (0: no cap); see _reserve_body
+    max_buffered_body_bytes: int = 0
 
 
 class _Responder:
@@ -227,6 +229,7 @@ class _Conn:
         "phase",
         "phase_since",
         "request",
+        "reserved",
         "responder",
         "scope",
         "stream",
@@ -239,6 +242,8 @@ class _Conn:
         self.stream = stream
         self.client = client
         self.busy = False
+        #: body bytes this connection's request holds of the server's budget
+        self.reserved = 0
         #: IDLE / HEAD / BODY while reading; the time that phase (or the running request) began
         self.phase = IDLE
         self.phase_since = _now()
@@ -298,6 +303,8 @@ class HTTPServer:
         self.max_connections = self.limits.max_connections
         self._open = 0  # accepted sockets not yet closed (served, or being refused)
         self._accept_lot = ParkingLot()  # the accept loops, waiting for a socket to close
+        self.buffered_body_bytes = 0  # reserved by requests receiving or holding a body
+        self._body_lot = ParkingLot()  # requests waiting for their body's reservation
 
     @property
     def active_connections(self) -> int:
@@ -361,6 +368,26 @@ class HTTPServer:
                 continue
             self._open += 1
             nursery.start_soon(self._connection, raw)
+
+    async def _reserve_body(self, c: _Conn, length: int, budget: int) -> None:
+        """Reserve a body's declared length before reading it; while the bodies already
+        held leave no room, wait unread (the client's upload stalls in TCP, the body timeout
+        still runs). A whole reservation up front, not byte by byte: half-received uploads
+        could otherwise fill the budget together and wait on each other for good. A body
+        larger than the budget goes when nothing else is held. Chunked bodies (no length)
+        reserve nothing: each is bounded by ``max_body_bytes``."""
+        if length <= 0:
+            return
+        while self.buffered_body_bytes and self.buffered_body_bytes + length > budget:
+            await self._body_lot.park()
+        self.buffered_body_bytes += length
+        c.reserved = length
+
+    def _release_body(self, c: _Conn) -> None:
+        self.buffered_body_bytes -= c.reserved
+        c.reserved = 0
+        if self._body_lot:
+            self._body_lot.unpark_all()  # each re-checks: several small ones may fit now
 
     def _close_idle(self, n: int) -> int:
         """Close the ``n`` connections idle the longest (out of descriptors: nginx does the
@@ -536,6 +563,8 @@ class HTTPServer:
                 c.watch_scope.cancel()
             if not self._conns:
                 self._idle_event.set()
+            if c.reserved:  # gone mid-upload
+                self._release_body(c)
             stream.close()
             self._open -= 1
             if self._accept_lot:
@@ -575,6 +604,7 @@ class HTTPServer:
         max_head, max_body = lim.max_header_bytes, lim.max_body_bytes
         handler = self.handler
         busy = self._busy
+        budget = lim.max_buffered_body_bytes
         answered = False
         while True:
             ev = conn.next_event()
@@ -603,6 +633,8 @@ class HTTPServer:
                     if state != c.phase:
                         c.phase = state
                         c.phase_since = _now()
+                        if state == BODY and budget and not c.reserved:
+                            await self._reserve_body(c, conn.content_length, budget)
                     continue
                 ev = _request(parts, c.client)
             if ev.__class__ is not Request:  # (one test for the two rare kinds of event)
@@ -637,6 +669,8 @@ class HTTPServer:
             finally:
                 busy.discard(c)
                 c.busy = False
+                if c.reserved:
+                    self._release_body(c)
             if c.watch_done is not None:  # a watcher is waiting on our socket: retire it first
                 c.watch_scope.cancel()
                 await c.watch_done.wait()

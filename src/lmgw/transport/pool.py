@@ -25,6 +25,8 @@ from ..netio import RawStream, connect_tcp
 from .h1client import ResponseReader, UpstreamProtocolError, build_request_head
 
 _NO_SCOPE = contextlib.nullcontext()
+_JOIN_MAX = 256 << 10
+"""Bodies up to this size are sent joined to the request head (one write)."""
 #: the pool's clock for idle ages: the monotonic clock trio's own is built on, without the
 #: run-context lookups (called twice per request)
 _now = time.perf_counter
@@ -298,7 +300,10 @@ class ConnectionPool:
         head = build_request_head(
             method, path, origin.host_header, headers, None if body is None else len(body)
         )
-        payload = head + body if body else head
+        # one write for the usual small body; a large one goes after the head as it is,
+        # instead of copying it (a 32 MiB upload would take twice its size for a moment)
+        payload = head + body if body and len(body) <= _JOIN_MAX else head
+        rest = body if body and len(body) > _JOIN_MAX else None
         for attempt in range(2):
             # After a stale socket, go straight to a fresh connection: the sockets below it in
             # the stack have been idle even longer (after a worker restart all of them are
@@ -318,6 +323,8 @@ class ConnectionPool:
                 ):
                     stream = conn.stream
                     await stream.send_all(payload)
+                    if rest is not None:
+                        await stream.send_all(rest)
                     sent = True
                     if type(stream) is RawStream:  # nothing can be there yet: wait first
                         data = await stream.receive_reply(65536)
