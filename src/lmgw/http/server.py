@@ -557,6 +557,7 @@ class HTTPServer:
                 else:
                     del self._per_client[counted]
             c.scope = None
+            c.request = c.responder = None  # whoever still holds ``c`` holds no body
             self._busy.discard(c)
             self._conns.discard(c)
             if c.watch_scope is not None:
@@ -689,6 +690,10 @@ class HTTPServer:
                 )
             if not responder.keep_alive or self.draining:
                 return
+            # An idle keep-alive connection must not keep its last request alive: the body
+            # (up to max_body_bytes) would stay in memory until the client's next request.
+            c.request = c.responder = None
+            ev = parts = responder = None  # type: ignore[assignment]
             answered = True
 
     async def _upgrade(self, c: _Conn, req: UpgradeRequest) -> None:
