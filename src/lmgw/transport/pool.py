@@ -302,8 +302,12 @@ class ConnectionPool:
         )
         # one write for the usual small body; a large one goes after the head as it is,
         # instead of copying it (a 32 MiB upload would take twice its size for a moment)
-        payload = head + body if body and len(body) <= _JOIN_MAX else head
-        rest = body if body and len(body) > _JOIN_MAX else None
+        payload, rest = head, None
+        if body:
+            if len(body) > _JOIN_MAX:
+                rest = body
+            else:
+                payload = head + body
         for attempt in range(2):
             # After a stale socket, go straight to a fresh connection: the sockets below it in
             # the stack have been idle even longer (after a worker restart all of them are

@@ -144,7 +144,7 @@ class Worker:
 
     def post_load(self) -> None:
         """Write the current load into every board that lists this worker."""
-        value = self._in_flight + self.engine._waiting
+        value = self.load
         for loads, i in self.boards:
             loads[i] = value
 

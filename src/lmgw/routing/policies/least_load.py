@@ -3,8 +3,9 @@ the requests the worker itself reports waiting (its ``/metrics``, scraped with e
 from other gateways or clients shows there).
 
 Ties rotate (a round-robin cursor picks where the scan starts), so an idle fleet still spreads
-requests instead of sending every one to the first worker. :func:`load` is the one load signal
-every load-aware policy uses (power_of_two, bounded consistent hashing, cache_aware).
+requests instead of sending every one to the first worker. ``Worker.load`` is the one load
+signal every load-aware policy uses (power_of_two, bounded consistent hashing, session
+affinity, cache_aware), read through :func:`loads_of` for a whole candidate set.
 """
 
 from __future__ import annotations
@@ -18,11 +19,6 @@ from ..policy import Policy, RouteContext
 
 if TYPE_CHECKING:
     from ...config import RoutingConfig
-
-
-def load(worker: Worker) -> float:
-    """Requests in flight through this gateway plus those the engine reports waiting."""
-    return worker.load
 
 
 def loads_of(candidates: Sequence[Worker]) -> list[float]:
