@@ -45,6 +45,7 @@ from ..transport.dialects import (
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
 from . import migration
+from .batch_split import batch_prompts, run_batch
 from .migration import Splice
 from .request import Gate, GatewayRequest, MidStream, Rewrite
 
@@ -147,6 +148,12 @@ class DisaggRunner:
     ) -> None:
         roles = FLOW_ROLES[flow]
         body = ClientBody(greq.body)
+        if dialect.one_prompt and greq.endpoint == "completions" and "p" in roles:
+            prompts = batch_prompts(body)
+            if prompts is not None:  # one P/D pair per prompt, merged
+                run = partial(self.run, flow=flow, dialect=dialect)
+                await run_batch(greq, responder, prompts, run)
+                return
         route = greq.route or self.p.route_of(greq)
         p = self.p
         if "p" in roles:
@@ -360,9 +367,12 @@ class DisaggRunner:
         that came whole in one read goes straight to the client; any other answer or failure
         of the decode leg continues in :meth:`_final` from its first attempt's outcome."""
         p = self.p
+        body = ClientBody(greq.body)
+        if dialect.one_prompt and greq.endpoint == "completions" and batch_prompts(body):
+            await self.run(greq, responder, p.flows.get(greq.model, p.default_flow), dialect)
+            return
         prefill, decode = p.place(greq.model, route, len(greq.body))
         p.express_served += 1
-        body = ClientBody(greq.body)
         ctx = _stage_context(greq, prefill, decode)
         try:
             pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)

@@ -44,6 +44,7 @@ __all__ = [
     "Fanout",
     "child_params",
     "child_request",
+    "leaf_of",
 ]
 
 #: the key of ``SamplingParams.extra`` naming an unseeded choice's index: engines ignore it
@@ -202,3 +203,13 @@ class Fanout:
                     choices[k]["prompt_logprobs"] = first["prompt_logprobs"]
         out["usage"] = usage_dict(*self.usage())
         return msgspec.json.encode(out)
+
+
+def leaf_of(group: BaseExceptionGroup) -> BaseException:
+    """What a nursery's group means to the caller: its first failure that is not a
+    cancellation (a client write that failed), else its first cancellation."""
+    match, _ = group.split(lambda e: not isinstance(e, (trio.Cancelled, BaseExceptionGroup)))
+    exc: BaseException = match if match is not None else group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -89,7 +89,7 @@ from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
 from ..workers.registry import Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
-from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request
+from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request, leaf_of
 from .handoff import Pins, bytes_by_path, for_peer, relay_tensors
 from .request import GatewayRequest
 
@@ -733,7 +733,7 @@ class NativeRunner:
             else:
                 await legs()
         except BaseExceptionGroup as group:
-            raise _leaf(group) from None
+            raise leaf_of(group) from None
         if fan.error is not None:
             raise fan.error
         if not greq.stream:
@@ -1487,16 +1487,6 @@ def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: 
             f"worker {worker.id} {lacks} (capability {capability})",
             sent=False,
         )
-
-
-def _leaf(group: BaseExceptionGroup) -> BaseException:
-    """What a nursery's group means to the caller: its first failure that is not a
-    cancellation (a client write that failed), else its first cancellation."""
-    match, _ = group.split(lambda e: not isinstance(e, (trio.Cancelled, BaseExceptionGroup)))
-    exc: BaseException = match if match is not None else group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _wire_ids(msg: Any) -> Iterator[Any]:

@@ -249,6 +249,10 @@ class Dialect:
       read; the same ids sent again would read freed, possibly reused, blocks). Then only a
       decode leg that never reached its worker is re-sent with the same hand-off; one that
       did restarts from prefill with a fresh pair.
+    - ``one_prompt``: True when a P/D hand-off holds one prompt's KV (NIXL, P2P NCCL: vLLM's
+      prefill answers one ``kv_transfer_params`` for a whole batch, and decode applies it to
+      every prompt), so a ``/v1/completions`` batch is split into one pair per prompt
+      (:mod:`lmgw.pipeline.batch_split`).
     """
 
     name: ClassVar[str]
@@ -256,6 +260,7 @@ class Dialect:
     concurrent_prefill_decode: ClassVar[bool] = False
     decode_retry_keeps_handoff: ClassVar[bool] = True
     decode_consumes_handoff: ClassVar[bool] = False
+    one_prompt: ClassVar[bool] = False
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).

@@ -57,6 +57,7 @@ class VllmNixl(Dialect):
     decode_retry_keeps_handoff: ClassVar[bool] = True
     #: P frees the blocks once D has read them: a D that got the request may have
     decode_consumes_handoff: ClassVar[bool] = True
+    one_prompt: ClassVar[bool] = True
 
     def __init__(self, *, push: bool = False) -> None:
         self.push = push

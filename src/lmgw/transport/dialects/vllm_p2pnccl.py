@@ -58,6 +58,7 @@ class VllmP2pNccl(Dialect):
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
     #: the KV went to the decode address inside the id: a retry needs a fresh prefill
     decode_retry_keeps_handoff: ClassVar[bool] = False
+    one_prompt: ClassVar[bool] = True
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         if role in ("p", "d"):
