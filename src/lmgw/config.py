@@ -344,6 +344,9 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # for retries); 0 = unlimited. A body whose Content-Length does not fit waits, unread, until
     # others finish, so a burst of large uploads cannot run the gateway out of memory.
     max_buffered_body_bytes: int = 512 << 20
+    # After this many bytes of request bodies were let go, glibc's malloc_trim gives the freed
+    # heap back to the OS (once per burst, off the event loop); 0 = never (lmgw.memtrim).
+    trim_heap_after_bytes: int = 64 << 20
     # Time to receive a full request head (slowloris defence), counted from the first byte.
     header_timeout_s: float = 10.0
     # Time to receive the body once the head is in; uploads of 32 MiB fit even on slow links.
@@ -450,6 +453,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("max_header_bytes", self.max_header_bytes, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1)
         _non_negative("max_buffered_body_bytes", self.max_buffered_body_bytes)
+        _non_negative("trim_heap_after_bytes", self.trim_heap_after_bytes)
         _positive("header_timeout_s", self.header_timeout_s)
         _positive("body_timeout_s", self.body_timeout_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)

@@ -41,6 +41,7 @@ from .dashboard.snapshot import RecentErrors
 from .fleetstats import FleetStats
 from .http.server import HTTPServer, ServerLimits
 from .logs import AccessLog
+from .memtrim import HeapTrimmer
 from .metrics import Gauge, Metrics
 from .mirrors import Mirrors
 from .model_routes import ModelRoute, ModelRoutes
@@ -540,8 +541,11 @@ class Gateway:
                     elif cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn)
                     else:
+                        trimmer = HeapTrimmer(
+                            cfg.limits.trim_heap_after_bytes, on_trim=self.metrics.heap_trimmed
+                        )
                         self.server = HTTPServer(
-                            self.handler, server_limits(cfg), self.handler.on_timeout
+                            self.handler, server_limits(cfg), self.handler.on_timeout, trimmer
                         )
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port

@@ -400,11 +400,26 @@ class Metrics:
             " storage are not counted.",
             ("kind", "via"),
         )
+        self.heap_trims = Counter(
+            "lmgw_heap_trims_total",
+            "Times the gateway gave freed heap back to the OS after a burst of large request"
+            " bodies (limits.trim_heap_after_bytes).",
+        )
+        self.heap_trimmed_bytes = Counter(
+            "lmgw_heap_trimmed_bytes_total",
+            "Resident memory those trims returned to the OS (the drop in RSS across each).",
+        )
         for metric in (self.queue_time, self.encoder_cache_lookups, self.cache_hits,
                        self.cache_queries, self.routing_decisions, self.pool_events,
                        self.pool_connections, self.worker_transitions, self.worker_kv_usage,
-                       self.worker_engine_requests, self.handoff_bytes):  # fmt: skip
+                       self.worker_engine_requests, self.handoff_bytes, self.heap_trims,
+                       self.heap_trimmed_bytes):  # fmt: skip
             self.add(metric)
+
+    def heap_trimmed(self, returned_bytes: int) -> None:
+        """One heap trim (lmgw.memtrim) gave ``returned_bytes`` back to the OS."""
+        self.heap_trims.inc()
+        self.heap_trimmed_bytes.inc((), float(returned_bytes))
 
     def metric(self, name: str) -> Counter | Gauge | Histogram | None:
         """The exported metric called ``name`` (None if there is none)."""

@@ -21,6 +21,7 @@ import trio
 
 from lmgw.http.server import REFUSE_SLACK, HTTPServer, ServerLimits, serve_http
 from lmgw.http.types import Request, Responder
+from lmgw.memtrim import HeapTrimmer
 
 HOST = "127.0.0.1"
 JSON = [(b"content-type", b"application/json")]
@@ -1028,3 +1029,29 @@ async def test_watcher_spawned_for_a_connection_that_already_closed_is_harmless(
     done = trio.Event()
     await HTTPServer._watch(c, scope, done)
     assert done.is_set()
+
+
+async def test_released_bodies_are_reported_to_the_heap_trimmer(nursery: trio.Nursery) -> None:
+    """Bodies received over several reads are counted when let go, with no body budget too,
+    so a burst of large uploads ends with the heap given back (lmgw.memtrim)."""
+    released: list[int] = []
+
+    class Recorder(HeapTrimmer):
+        def released(self, nbytes: int) -> None:
+            released.append(nbytes)
+
+    server = HTTPServer(
+        App(), ServerLimits(**{**FAST, "max_buffered_body_bytes": 0}),
+        trimmer=Recorder(1 << 20, trim=lambda pad: 1),
+    )  # fmt: skip
+    port = await nursery.start(server.serve, HOST, 0)
+    size = 100_000
+    client = await Client.open(port)
+    await client.send(_post_head("/echo", size) + b"x" * 1000)
+    await client.send(b"x" * (size - 1000))
+    with trio.fail_after(5):
+        assert (await client.response()).status == 200
+        while not released:
+            await trio.sleep(0.01)
+    assert released == [size]
+    assert server.buffered_body_bytes == 0

@@ -22,6 +22,7 @@ from trio.lowlevel import ParkingLot
 
 from ..errors import error_body
 from ..fdlimit import client_connections_allowed
+from ..memtrim import HeapTrimmer
 from ..netio import RawStream
 from .h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
 from .h1parse import RequestParts, parse_request
@@ -283,8 +284,11 @@ class HTTPServer:
         handler: Handler,
         limits: ServerLimits | None = None,
         on_timeout: TimeoutHandler | None = None,
+        trimmer: HeapTrimmer | None = None,
     ) -> None:
         self.handler = handler
+        #: told of every body let go, to give the heap back after a burst (lmgw.memtrim)
+        self.trimmer = trimmer if trimmer is not None and trimmer.enabled else None
         self.on_timeout = on_timeout or _default_on_timeout
         #: ``await handler.upgrade(request, lmgw.http.websocket.StreamUpgrade)`` for requests
         #: asking for a WebSocket (the dashboard's feed); None: they get a 400
@@ -334,6 +338,8 @@ class HTTPServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, nursery)
+                if self.trimmer is not None:
+                    nursery.start_soon(self.trimmer.run)
                 for listener in self._listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started(bound)
@@ -378,13 +384,15 @@ class HTTPServer:
         reserve nothing: each is bounded by ``max_body_bytes``."""
         if length <= 0:
             return
-        while self.buffered_body_bytes and self.buffered_body_bytes + length > budget:
+        while budget and self.buffered_body_bytes and self.buffered_body_bytes + length > budget:
             await self._body_lot.park()
         self.buffered_body_bytes += length
         c.reserved = length
 
     def _release_body(self, c: _Conn) -> None:
         self.buffered_body_bytes -= c.reserved
+        if self.trimmer is not None:
+            self.trimmer.released(c.reserved)
         c.reserved = 0
         if self._body_lot:
             self._body_lot.unpark_all()  # each re-checks: several small ones may fit now
@@ -606,6 +614,7 @@ class HTTPServer:
         handler = self.handler
         busy = self._busy
         budget = lim.max_buffered_body_bytes
+        reserve = bool(budget or self.trimmer)  # (the trimmer counts what was reserved)
         answered = False
         while True:
             ev = conn.next_event()
@@ -634,7 +643,7 @@ class HTTPServer:
                     if state != c.phase:
                         c.phase = state
                         c.phase_since = _now()
-                        if state == BODY and budget and not c.reserved:
+                        if state == BODY and reserve and not c.reserved:
                             await self._reserve_body(c, conn.content_length, budget)
                     continue
                 ev = _request(parts, c.client)
