@@ -305,6 +305,22 @@ async def test_sglang_generate_without_input_is_a_400(nursery: trio.Nursery) -> 
     assert not p.seen and not d.seen
 
 
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "vllm-p2pnccl", "vllm-lmcache"])
+async def test_generate_on_a_vllm_pair_is_a_400_before_any_leg(
+    nursery: trio.Nursery, dialect: str
+) -> None:
+    """SGLang's native /generate on vLLM workers: vLLM serves no such route, so relaying it
+    would end in a prefill 404 or a decode that refuses a request without a hand-off."""
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x"))))
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("y"))))
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])
+    for body in (GEN, {**GEN, "stream": True}, {**GEN, "return_logprob": False}):
+        r = await http_request(url, "POST", "/generate", body)
+        assert r.status == 400, r.body
+        assert "/generate is SGLang's native API" in r.json()["error"]["message"]
+    assert not p.seen and not d.seen
+
+
 async def test_stage_metrics_per_role_and_worker(nursery: trio.Nursery) -> None:
     """Prefill duration, decode time to first token and time per output token, by worker."""
     p = await start(nursery, Fake("p0", lambda b: (200, completion("x", kv_transfer_params=KV))))

@@ -147,6 +147,8 @@ class DisaggRunner:
         self, greq: GatewayRequest, responder: Responder, flow: str, dialect: Dialect
     ) -> None:
         roles = FLOW_ROLES[flow]
+        if greq.endpoint == "generate" and not dialect.serves_generate:
+            raise _no_generate(greq, flow, dialect)
         body = ClientBody(greq.body)
         if dialect.one_prompt and greq.endpoint == "completions" and "p" in roles:
             prompts = batch_prompts(body)
@@ -367,6 +369,8 @@ class DisaggRunner:
         that came whole in one read goes straight to the client; any other answer or failure
         of the decode leg continues in :meth:`_final` from its first attempt's outcome."""
         p = self.p
+        if greq.endpoint == "generate" and not dialect.serves_generate:
+            raise _no_generate(greq, p.flows.get(greq.model, p.default_flow), dialect)
         body = ClientBody(greq.body)
         if dialect.one_prompt and greq.endpoint == "completions" and batch_prompts(body):
             await self.run(greq, responder, p.flows.get(greq.model, p.default_flow), dialect)
@@ -707,6 +711,14 @@ class _RestartPair(Exception):
 
 
 _ANSWERABLE = (GatewayError, StageError, BodyError, HandOffError, PeerError)
+
+
+def _no_generate(greq: GatewayRequest, flow: str, dialect: Dialect) -> GatewayError:
+    return GatewayError(
+        400,
+        f"/generate is SGLang's native API, and model '{greq.model}' runs a '{flow}' flow in the"
+        f" {dialect.name} dialect, whose workers do not serve it: use /v1/completions",
+    )
 
 
 def _client_error(greq: GatewayRequest, exc: BaseException) -> GatewayError:

@@ -249,6 +249,8 @@ class Dialect:
       read; the same ids sent again would read freed, possibly reused, blocks). Then only a
       decode leg that never reached its worker is re-sent with the same hand-off; one that
       did restarts from prefill with a fresh pair.
+    - ``serves_generate``: True when the protocol's workers serve SGLang's native
+      ``/generate`` (SGLang); vLLM's do not, so such a request is a 400 before any leg.
     - ``one_prompt``: True when a P/D hand-off holds one prompt's KV (NIXL, P2P NCCL: vLLM's
       prefill answers one ``kv_transfer_params`` for a whole batch, and decode applies it to
       every prompt), so a ``/v1/completions`` batch is split into one pair per prompt
@@ -261,6 +263,7 @@ class Dialect:
     decode_retry_keeps_handoff: ClassVar[bool] = True
     decode_consumes_handoff: ClassVar[bool] = False
     one_prompt: ClassVar[bool] = False
+    serves_generate: ClassVar[bool] = False
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).

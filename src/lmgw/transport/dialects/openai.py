@@ -19,6 +19,7 @@ class OpenAIPassThrough(Dialect):
     name: ClassVar[str] = "openai"
     flows: ClassVar[frozenset[str]] = frozenset({"pd"})
     decode_retry_keeps_handoff: ClassVar[bool] = True
+    serves_generate: ClassVar[bool] = True  # whatever the merged worker serves
 
     def decode_request(
         self, body: ClientBody, handoff: HandOff | None, ctx: StageContext

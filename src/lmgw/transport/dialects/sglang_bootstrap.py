@@ -150,6 +150,7 @@ class SglangBootstrap(Dialect):
     name: ClassVar[str] = "sglang-bootstrap"
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
     concurrent_prefill_decode: ClassVar[bool] = True
+    serves_generate: ClassVar[bool] = True
     #: a room pairs one P request with one D: a retry is a fresh pair with a fresh room
     decode_retry_keeps_handoff: ClassVar[bool] = False
 
