@@ -33,7 +33,7 @@ import trio
 from ..errors import GatewayError, parse_error_body
 from ..http.types import Headers, Responder
 from ..transport.dialects import BodyError, ClientBody
-from .fanout import child_request, leaf_of
+from .fanout import child_request, leaf_of, write_as_they_come
 from .request import GatewayRequest
 
 __all__ = ["BatchMerge", "batch_prompts", "run_batch"]
@@ -265,18 +265,7 @@ class _Batch:
 
     async def pump(self) -> None:
         """Write the children's events as they come (what queued meanwhile in one write)."""
-        responder, recv = self.responder, self._recv
-        async with recv:
-            async for data in recv:
-                parts = [data]
-                while True:
-                    try:
-                        parts.append(recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if not responder.started:
-                    await responder.start(200, self.headers)
-                await responder.send(b"".join(parts))
+        await write_as_they_come(self._recv, self.responder, lambda: self.headers)
 
     async def children(self, one: Callable[[int], Awaitable[None]]) -> None:
         try:

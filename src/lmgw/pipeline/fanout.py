@@ -45,6 +45,7 @@ __all__ = [
     "child_params",
     "child_request",
     "leaf_of",
+    "write_as_they_come",
 ]
 
 #: the key of ``SamplingParams.extra`` naming an unseeded choice's index: engines ignore it
@@ -169,19 +170,8 @@ class Fanout:
     async def pump(self, headers: Callable[[], list], on_first: Callable[[], None]) -> None:
         """Write the choices' events to the client as they come, until :meth:`close`; then
         end the response, unless a choice failed (the caller answers that)."""
-        responder, recv = self.responder, self._recv
-        async with recv:
-            async for data in recv:
-                parts = [data]
-                while True:
-                    try:
-                        parts.append(recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if not responder.started:
-                    await responder.start(200, headers())
-                    on_first()
-                await responder.send(b"".join(parts) if len(parts) > 1 else data)
+        responder = self.responder
+        await write_as_they_come(self._recv, responder, headers, on_first)
         if self.error is None and responder.started:
             await responder.end()
 
@@ -213,3 +203,27 @@ def leaf_of(group: BaseExceptionGroup) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+async def write_as_they_come(
+    recv: trio.MemoryReceiveChannel[bytes],
+    responder: Responder,
+    headers: Callable[[], Headers],
+    on_first: Callable[[], None] | None = None,
+) -> None:
+    """The one writer of a merged stream: what its parts queued on ``recv`` goes to the client
+    as it comes, what queued meanwhile in one write, until the channel closes. The head (200,
+    ``headers()``) goes with the first write."""
+    async with recv:
+        async for data in recv:
+            parts = [data]
+            while True:
+                try:
+                    parts.append(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if not responder.started:
+                await responder.start(200, headers())
+                if on_first is not None:
+                    on_first()
+            await responder.send(b"".join(parts) if len(parts) > 1 else data)
