@@ -1,7 +1,7 @@
-"""A /v1/completions batch on P/D dialects whose hand-off holds one prompt (vllm-nixl,
-vllm-p2pnccl): the gateway runs one P/D pair per prompt and merges the answers into what a
-merged worker answers for the same batch (the simulators' prefill refuses a batch, as vLLM's
-connectors cannot hand off one)."""
+"""Batches and ``n > 1`` on P/D dialects whose hand-off holds one sequence (vllm-nixl,
+vllm-p2pnccl): the gateway runs one P/D pair per prompt and sample and merges the answers into
+what a merged worker answers for the same request (the simulators' prefill refuses a batch, as
+vLLM's connectors cannot hand off one)."""
 
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ async def test_a_batch_gives_the_merged_workers_answer(
     stats = [(await d.stats())["handoff"] for d in decoders]
     if dialect == "vllm-nixl":  # every prompt's decode read its own prompt's blocks
         assert sum(h["kv_blocks_verified"] for h in stats) > 0
-    else:  # one pair id per prompt: 2 batches x 3 prompts x (n=1, n=2) x (whole, stream)
-        assert sum(h["p2p_received"] for h in stats) == 24
+    else:  # one pair id per prompt and sample: 2 batches x 3 prompts x 3 x (whole, stream)
+        assert sum(h["p2p_received"] for h in stats) == 36
 
 
 async def test_a_decode_dying_mid_stream_in_one_prompts_pair(
@@ -157,3 +157,48 @@ async def test_a_prompt_the_worker_refuses_fails_the_batch_and_frees_the_others(
     with trio.fail_after(5):
         while any(w.in_flight for w in gw.registry):
             await trio.sleep(0.01)
+
+
+def chat(url: str, stream: bool, **kw: Any) -> tuple[list, Any]:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    args: dict[str, Any] = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 8, **kw,
+    }  # fmt: skip
+    if not stream:
+        r = client.chat.completions.create(**args)
+        return sorted((c.index, c.message.content, c.finish_reason) for c in r.choices), r.usage
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    for chunk in client.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    ):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    return sorted((i, t, finish.get(i)) for i, t in texts.items()), usage
+
+
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "vllm-p2pnccl"])
+async def test_n_choices_run_as_n_pairs_with_the_merged_workers_answer(
+    nursery: trio.Nursery, sim_worker, dialect: str
+) -> None:
+    """A chat with n=3 and a seed: three P/D pairs, sample j seeded seed + j (vLLM's parallel
+    sampling rule), each prefill asked for one sequence; the prompt counted once."""
+    reference = await sim_worker(role="pd")
+    url, gw, _ = await fleet(nursery, sim_worker, dialect)
+    expected, ref_usage = await trio.to_thread.run_sync(
+        partial(chat, reference.url, False, n=3, seed=7)
+    )
+    assert len({t for _, t, _ in expected}) == 3  # three different samples
+    for stream in (False, True):
+        with trio.fail_after(20):
+            got, usage = await trio.to_thread.run_sync(partial(chat, url, stream, n=3, seed=7))
+        assert got == expected, stream
+        assert usage.prompt_tokens == ref_usage.prompt_tokens
+        assert usage.completion_tokens == ref_usage.completion_tokens
+    prefills = [w for w in gw.registry if w.role == "p"]
+    assert sum(w.total_requests for w in prefills) == 6  # one per sample, both times

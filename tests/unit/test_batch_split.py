@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmgw.pipeline.batch_split import BatchMerge, batch_prompts
+from lmgw.pipeline.batch_split import BatchMerge, batch_prompts, split_of
 from lmgw.transport.dialects import ClientBody
 
 enc = msgspec.json.encode
@@ -49,21 +49,25 @@ def test_batch_prompts_leaves_odd_bodies_to_the_worker(body: bytes) -> None:
     assert batch_prompts(ClientBody(body)) is None
 
 
-def test_whole_answers_merge_with_choices_renumbered_and_usage_summed() -> None:
-    def answer(rid: str, texts: list[str], prompt: int, cached: int) -> bytes:
+def test_whole_answers_merge_with_choices_renumbered_and_each_prompt_counted_once() -> None:
+    """Two prompts x n=2: four children, one choice each; each prompt's tokens once."""
+
+    def answer(k: int, text: str, prompt: int, cached: int) -> bytes:
         return enc({
-            "id": f"cmpl-{rid}", "object": "text_completion", "model": "m",
-            "choices": [{"index": j, "text": t, "finish_reason": "length"}
-                        for j, t in enumerate(texts)],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": 2 * len(texts),
-                      "total_tokens": prompt + 2 * len(texts),
+            "id": f"cmpl-req-1:{k}", "object": "text_completion", "model": "m",
+            "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 2, "total_tokens": prompt + 2,
                       "prompt_tokens_details": {"cached_tokens": cached}},
         })  # fmt: skip
 
-    merge = BatchMerge(2, 2, "req-1", include_usage=False)
-    out = dec(
-        merge.whole([answer("req-1:0", ["a", "b"], 5, 0), answer("req-1:1", ["c", "d"], 7, 4)])
-    )
+    merge = BatchMerge(4, 2, "req-1", include_usage=False)
+    bodies = [
+        answer(0, "a", 5, 0),
+        answer(1, "b", 5, 5),
+        answer(2, "c", 7, 4),
+        answer(3, "d", 7, 7),
+    ]
+    out = dec(merge.whole(bodies))
     assert out["id"] == "cmpl-req-1"  # the first child's id, named for the parent
     assert [(c["index"], c["text"]) for c in out["choices"]] == [
         (0, "a"), (1, "b"), (2, "c"), (3, "d")
@@ -72,6 +76,30 @@ def test_whole_answers_merge_with_choices_renumbered_and_usage_summed() -> None:
         "prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20,
         "prompt_tokens_details": {"cached_tokens": 4},
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "split"),
+    [
+        ({"prompt": "a"}, None),
+        ({"prompt": "a", "n": 1}, None),
+        ({"prompt": "a", "n": 3}, (None, 3)),
+        ({"prompt": ["a", "b"]}, ([b'"a"', b'"b"'], 1)),
+        ({"prompt": ["a", "b"], "n": 2}, ([b'"a"', b'"b"'], 2)),
+        ({"prompt": ["a", "b"], "n": "2"}, ([b'"a"', b'"b"'], 1)),  # the worker's 400
+    ],
+)
+def test_split_of_completions(body: dict, split: object) -> None:
+    got = split_of("completions", ClientBody(enc({"model": "m", **body})))
+    if got is not None:
+        got = (None if got[0] is None else [bytes(r) for r in got[0]], got[1])
+    assert got == split
+
+
+def test_split_of_chat_is_by_n_only() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": ["a", "b"]}
+    assert split_of("chat", ClientBody(enc(chat))) is None
+    assert split_of("chat", ClientBody(enc({**chat, "n": 4}))) == (None, 4)
 
 
 def test_stream_events_interleave_under_one_id_with_one_usage_event_and_one_done() -> None:
@@ -125,12 +153,24 @@ def test_error_events_and_comments_pass_and_the_end_is_only_done() -> None:
 def test_every_choice_keeps_its_place_whatever_the_arrival_order(
     n: int, arrivals: list[tuple[int, int]]
 ) -> None:
-    """Choice j of prompt i is the client's choice i*n + j, in any interleaving."""
-    merge = BatchMerge(5, n, "r", include_usage=False)
+    """Sample j of prompt i (child i*n + j, answering its one choice as index 0) is the
+    client's choice i*n + j, in any interleaving."""
+    merge = BatchMerge(5 * n, n, "r", include_usage=False)
     for i, j in arrivals:
         j %= n
-        out = merge.events(i, event({"id": "x", "choices": [{"index": j, "text": f"{i}.{j}"}]}))
+        k = i * n + j
+        out = merge.events(k, event({"id": "x", "choices": [{"index": 0, "text": f"{i}.{j}"}]}))
         (got,) = events_of(out)
         (choice,) = got["choices"]
         assert choice["index"] == i * n + j
         assert choice["text"] == f"{i}.{j}"
+
+
+def test_streamed_usage_counts_each_prompt_once_over_its_samples() -> None:
+    merge = BatchMerge(4, 2, "r", include_usage=True)
+    for k, prompt in enumerate((3, 3, 5, 5)):
+        usage = {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
+        merge.events(k, event({"id": "x", "choices": [], "usage": usage}))
+    usage_event, done = events_of(merge.tail())
+    assert done == b"[DONE]"
+    assert usage_event["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}

@@ -1,20 +1,29 @@
-"""A ``/v1/completions`` batch on P/D workers whose hand-off holds one prompt: one pair per prompt.
+"""Requests that a one-prompt hand-off cannot carry, split into one P/D pair per sequence.
 
-Why: vLLM's NIXL and P2P NCCL connectors hand off one engine request's KV. A prefill worker
-given a batch of P prompts runs P engine requests but answers a single ``kv_transfer_params``
-(the first prompt's), and a decode worker applies the one it is given to every prompt of the
-batch: prompts 2..P would read prompt 1's blocks (the simulator refuses such a leg with a 400).
-vLLM's own proxies pass the batch through. The gateway instead splits it into one child
-request per prompt, ids ``<id>:<i>``, each a whole P/D request of its own (routing, so each
-prompt's prefix finds its cache; retries; hand-off; load accounting), run concurrently in the
-request's scope, and merges their answers into the one answer vLLM writes for a batch:
+Why: vLLM's NIXL and P2P NCCL connectors hand off one engine request's KV, and a response
+carries one ``kv_transfer_params``. Two kinds of request make the prefill engine run several:
 
-* choice ``index`` = ``prompt_index * n + sample_index``;
-* usage sums every child's (each child counts its prompt once and its ``n`` completions);
+* a ``/v1/completions`` batch of P prompts: P answers the first prompt's params only, and the
+  decode worker applies them to every prompt, so prompts 2..P would read prompt 1's blocks
+  (the simulators refuse such a leg with a 400);
+* ``n > 1``: P's engine splits the request into n children, each holding its own blocks, and
+  hands off one; the others stay held until the connector's abort timeout, and the decode
+  worker's n children all read (and release) that one request's blocks (vLLM's open PR #38900
+  describes it; its proxies pass such requests through).
+
+The gateway instead runs one child request per prompt and sample (``prompts x n``, ids
+``<id>:<k>``), each a whole P/D request with one prompt and ``n = 1`` (routing, so each prompt's
+prefix finds its cache; retries; hand-off; load accounting), concurrently in the request's
+scope, and merges their answers into the one answer vLLM writes:
+
+* choice ``index`` = ``prompt_index * n + sample_index`` (child ``k`` is that choice);
+* seeds follow vLLM's parallel sampling: with a ``seed``, sample ``j`` is drawn with
+  ``seed + j`` (so it is what ``n = 1`` gives for that seed); without one each is independent;
+* usage counts every completion and each prompt once (its first sample's), as vLLM does;
 * a stream interleaves the children's events as they arrive, each under the first child's
   ``id`` (renamed to the parent's request id), then one usage event when
   ``stream_options.include_usage`` asked for it and one ``[DONE]``; with
-  ``continuous_usage_stats`` each event's usage is the batch's so far.
+  ``continuous_usage_stats`` each event's usage is the request's so far.
 
 A child that fails after its own retries fails the request: the others are cancelled and the
 client gets that failure (its status, or an SSE error event once the stream started).
@@ -36,13 +45,11 @@ from ..transport.dialects import BodyError, ClientBody
 from .fanout import child_request, leaf_of, write_as_they_come
 from .request import GatewayRequest
 
-__all__ = ["BatchMerge", "batch_prompts", "run_batch"]
+__all__ = ["BatchMerge", "batch_prompts", "run_batch", "split_of"]
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 _DONE = b"data: [DONE]\n\n"
-#: the members of ``usage`` that add up over a batch (``prompt_tokens_details`` apart)
-_SUMMED = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 def _first(raw: msgspec.Raw) -> bytes:
@@ -68,31 +75,56 @@ def batch_prompts(body: ClientBody) -> list[msgspec.Raw] | None:
     return items
 
 
-def _n_of(body: ClientBody) -> int:
+def _int_field(body: ClientBody, name: str) -> int | None:
     try:
-        n = _decode(body.fields.get("n") or b"1")
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return 1
-    return n if type(n) is int and n > 0 else 1
+        raw = body.fields.get(name)
+        value = _decode(raw) if raw is not None else None
+    except (BodyError, msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return value if type(value) is int else None
 
 
-def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: sum(int(u.get(k) or 0) for u in usages) for k in _SUMMED}
-    details = [u["prompt_tokens_details"] for u in usages if u.get("prompt_tokens_details")]
+def split_of(endpoint: str, body: ClientBody) -> tuple[list[msgspec.Raw] | None, int] | None:
+    """How a request splits for a one-prompt hand-off: (a completions batch's prompts, or None
+    for one prompt; ``n``), or None when it is one sequence already."""
+    prompts = batch_prompts(body) if endpoint == "completions" else None
+    n = _int_field(body, "n") or 1
+    if prompts is None and n <= 1:
+        return None
+    return prompts, max(n, 1)
+
+
+def _sum_usage(usages: dict[int, dict[str, Any]], samples: int) -> dict[str, Any]:
+    """Every child's completion tokens; the prompt (and its cached tokens) of each prompt's
+    first sample only."""
+    prompt = completion = cached = 0
+    details = False
+    for k, u in usages.items():
+        completion += int(u.get("completion_tokens") or 0)
+        if k % samples == 0:
+            prompt += int(u.get("prompt_tokens") or 0)
+            d = u.get("prompt_tokens_details")
+            if isinstance(d, dict):
+                details = True
+                cached += int(d.get("cached_tokens") or 0)
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
     if details:
-        out["prompt_tokens_details"] = {
-            "cached_tokens": sum(int(d.get("cached_tokens") or 0) for d in details)
-        }
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
     return out
 
 
 class BatchMerge:
-    """Merges the answers of ``count`` children (prompt ``i`` is child ``i``, each answering
-    ``n`` choices) into one: :meth:`events` for streams, :meth:`whole` for whole answers."""
+    """Merges the answers of ``count`` children into one: child ``k`` is choice ``k``
+    (``prompt_index * samples + sample_index``), and each answers one choice.
+    :meth:`events` for streams, :meth:`whole` for whole answers."""
 
-    def __init__(self, count: int, n: int, request_id: str, include_usage: bool) -> None:
+    def __init__(self, count: int, samples: int, request_id: str, include_usage: bool) -> None:
         self.count = count
-        self.n = n
+        self.samples = samples
         self.request_id = request_id
         self.include_usage = include_usage
         #: the stream's ``id``: the first child's, named for the parent request
@@ -114,12 +146,11 @@ class BatchMerge:
             self.id = child_id
         return self.id
 
-    def _reindex(self, i: int, choices: list[Any]) -> None:
-        base = i * self.n
+    def _reindex(self, k: int, choices: list[Any]) -> None:
         for choice in choices:
             if isinstance(choice, dict):
                 index = choice.get("index")
-                choice["index"] = base + (index if type(index) is int else 0)
+                choice["index"] = k + (index if type(index) is int else 0)
 
     def events(self, i: int, data: bytes) -> bytes:
         """Child ``i``'s group of complete SSE events as the client's stream carries them:
@@ -155,7 +186,7 @@ class BatchMerge:
                     if self._usage_event is None:
                         self._usage_event = obj
                     continue
-                obj["usage"] = _sum_usage(list(self.usages.values()))
+                obj["usage"] = _sum_usage(self.usages, self.samples)
             if "id" in obj:
                 obj["id"] = self._name(i, obj["id"])
             if isinstance(choices, list):
@@ -169,7 +200,7 @@ class BatchMerge:
         event = self._usage_event
         if self.error_sent or not self.include_usage or event is None:
             return _DONE
-        event["usage"] = _sum_usage(list(self.usages.values()))
+        event["usage"] = _sum_usage(self.usages, self.samples)
         if "id" in event and self.id is not None:
             event["id"] = self.id
         return b"data: " + _encode(event) + b"\n\n" + _DONE
@@ -190,9 +221,9 @@ class BatchMerge:
         out["choices"] = choices
         if "id" in out:
             out["id"] = self._name(0, out["id"])
-        usages = [o["usage"] for o in objs if isinstance(o.get("usage"), dict)]
+        usages = {k: o["usage"] for k, o in enumerate(objs) if isinstance(o.get("usage"), dict)}
         if usages:
-            out["usage"] = _sum_usage(usages)
+            out["usage"] = _sum_usage(usages, self.samples)
         return _encode(out)
 
 
@@ -280,13 +311,16 @@ class _Batch:
 async def run_batch(
     greq: GatewayRequest,
     responder: Responder,
-    prompts: list[msgspec.Raw],
+    split: tuple[list[msgspec.Raw] | None, int],
     run: Callable[[GatewayRequest, Any], Awaitable[None]],
 ) -> None:
-    """Serve the batch ``prompts`` of ``greq`` as one request per prompt, each through ``run``
-    (the disaggregated flow), merged onto ``responder`` (see the module doc)."""
+    """Serve ``greq`` as one request per prompt and sample (``split``: :func:`split_of`), each
+    through ``run`` (the disaggregated flow), merged onto ``responder`` (see the module doc)."""
+    prompts, samples = split
     body = ClientBody(greq.body)
     fields = body.fields
+    seed = _int_field(body, "seed")
+    count = (len(prompts) if prompts is not None else 1) * samples
     include_usage = False
     if greq.stream and "stream_options" in fields:
         try:
@@ -294,15 +328,23 @@ async def run_batch(
         except (msgspec.DecodeError, UnicodeDecodeError):
             options = None
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-    merge = BatchMerge(len(prompts), _n_of(body), greq.request_id, include_usage)
+    merge = BatchMerge(count, samples, greq.request_id, include_usage)
     batch = _Batch(responder, merge, greq.stream)
-    sinks = [_Child(batch, i) for i in range(len(prompts))]
+    sinks = [_Child(batch, k) for k in range(count)]
 
-    async def one(i: int) -> None:
-        child = child_request(greq, i)
-        child.body = body.encode({**fields, "prompt": prompts[i]})
+    async def one(k: int) -> None:
+        i, j = divmod(k, samples)
+        members = dict(fields)
+        if prompts is not None:
+            members["prompt"] = prompts[i]
+        if samples > 1:
+            members["n"] = 1
+            if seed is not None:
+                members["seed"] = seed + j
+        child = child_request(greq, k)
+        child.body = body.encode(members)
         child.obj = child.route = child.prompt_ids = None
-        sink = sinks[i]
+        sink = sinks[k]
         try:
             await run(child, sink)
         except GatewayError as exc:

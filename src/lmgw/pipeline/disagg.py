@@ -45,7 +45,7 @@ from ..transport.dialects import (
 from ..transport.pool import UpstreamError
 from ..workers.worker import Worker
 from . import migration
-from .batch_split import batch_prompts, run_batch
+from .batch_split import run_batch, split_of
 from .migration import Splice
 from .request import Gate, GatewayRequest, MidStream, Rewrite
 
@@ -150,11 +150,11 @@ class DisaggRunner:
         if greq.endpoint == "generate" and not dialect.serves_generate:
             raise _no_generate(greq, flow, dialect)
         body = ClientBody(greq.body)
-        if dialect.one_prompt and greq.endpoint == "completions" and "p" in roles:
-            prompts = batch_prompts(body)
-            if prompts is not None:  # one P/D pair per prompt, merged
+        if dialect.one_prompt and "p" in roles and greq.endpoint != "generate":
+            split = split_of(greq.endpoint, body)
+            if split is not None:  # one P/D pair per prompt and sample, merged
                 run = partial(self.run, flow=flow, dialect=dialect)
-                await run_batch(greq, responder, prompts, run)
+                await run_batch(greq, responder, split, run)
                 return
         route = greq.route or self.p.route_of(greq)
         p = self.p
@@ -372,7 +372,7 @@ class DisaggRunner:
         if greq.endpoint == "generate" and not dialect.serves_generate:
             raise _no_generate(greq, p.flows.get(greq.model, p.default_flow), dialect)
         body = ClientBody(greq.body)
-        if dialect.one_prompt and greq.endpoint == "completions" and batch_prompts(body):
+        if dialect.one_prompt and split_of(greq.endpoint, body) is not None:
             await self.run(greq, responder, p.flows.get(greq.model, p.default_flow), dialect)
             return
         prefill, decode = p.place(greq.model, route, len(greq.body))

@@ -251,9 +251,9 @@ class Dialect:
       did restarts from prefill with a fresh pair.
     - ``serves_generate``: True when the protocol's workers serve SGLang's native
       ``/generate`` (SGLang); vLLM's do not, so such a request is a 400 before any leg.
-    - ``one_prompt``: True when a P/D hand-off holds one prompt's KV (NIXL, P2P NCCL: vLLM's
-      prefill answers one ``kv_transfer_params`` for a whole batch, and decode applies it to
-      every prompt), so a ``/v1/completions`` batch is split into one pair per prompt
+    - ``one_prompt``: True when a P/D hand-off holds one sequence's KV (NIXL, P2P NCCL: vLLM's
+      prefill answers one ``kv_transfer_params`` for a whole batch, or for ``n`` samples), so
+      a ``/v1/completions`` batch or ``n > 1`` is split into one pair per prompt and sample
       (:mod:`lmgw.pipeline.batch_split`).
     """
 
