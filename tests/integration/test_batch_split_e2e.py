@@ -5,6 +5,7 @@ vLLM's connectors cannot hand off one)."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any
 
@@ -22,8 +23,16 @@ BATCHES = [
 ]
 
 
-async def fleet(nursery: trio.Nursery, sim_worker, dialect: str, **d_opts: Any) -> tuple:
+async def fleet(
+    nursery: trio.Nursery,
+    sim_worker,
+    dialect: str,
+    model: dict[str, Any] | None = None,
+    sim: dict[str, Any] | None = None,
+    **d_opts: Any,
+) -> tuple:
     opts: dict[str, Any] = {"kv_port": 0} if dialect == "vllm-p2pnccl" else {}
+    opts.update(sim or {})
     p = await sim_worker(role="p", **opts)
     decoders = [await sim_worker(role="d", **opts, **d_opts), await sim_worker(role="d", **opts)]
     workers = [
@@ -33,7 +42,7 @@ async def fleet(nursery: trio.Nursery, sim_worker, dialect: str, **d_opts: Any) 
     cfg = GatewayConfig(
         server=ServerConfig(port=0),
         health=HealthConfig(interval_s=30),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect, **(model or {}))],
         workers=workers,
     )
     gw = Gateway(cfg)
@@ -202,3 +211,48 @@ async def test_n_choices_run_as_n_pairs_with_the_merged_workers_answer(
         assert usage.completion_tokens == ref_usage.completion_tokens
     prefills = [w for w in gw.registry if w.role == "p"]
     assert sum(w.total_requests for w in prefills) == 6  # one per sample, both times
+
+
+async def test_each_sample_parses_its_own_tool_calls(nursery: trio.Nursery, sim_worker) -> None:
+    """With a tool parser, n=3 streamed: each sample's answer is parsed on its own (one parse
+    state per child, none shared at index 0), so every choice has its whole call."""
+    url, _gw, _ = await fleet(
+        nursery, sim_worker, "vllm-nixl", model={"tool_parser": "hermes"},
+        sim={"tool_format": "hermes"},
+    )  # fmt: skip
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city", "days"],
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+
+    def calls(stream: bool) -> dict[int, list]:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        args: dict[str, Any] = {
+            "model": MODEL, "n": 3, "seed": 11, "tools": tools, "tool_choice": "required",
+            "messages": [{"role": "user", "content": "The weather? use get_weather"}],
+        }  # fmt: skip
+        if not stream:
+            r = client.chat.completions.create(**args)
+            return {
+                c.index: [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+                for c in r.choices
+            }
+        out: dict[int, dict[int, list[str]]] = {}
+        for chunk in client.chat.completions.create(**args, stream=True):
+            for c in chunk.choices:
+                for t in c.delta.tool_calls or []:
+                    name_args = out.setdefault(c.index, {}).setdefault(t.index, ["", ""])
+                    name_args[0] += t.function.name or ""
+                    name_args[1] += t.function.arguments or ""
+        return {i: [tuple(v) for _, v in sorted(d.items())] for i, d in out.items()}
+
+    with trio.fail_after(20):
+        whole = await trio.to_thread.run_sync(calls, False)
+        streamed = await trio.to_thread.run_sync(calls, True)
+    assert sorted(whole) == [0, 1, 2]
+    for index, made in whole.items():
+        ((name, arguments),) = made
+        assert name == "get_weather" and json.loads(arguments)["days"] >= 1, index
+    assert streamed == whole

@@ -344,6 +344,8 @@ async def run_batch(
         child = child_request(greq, k)
         child.body = body.encode(members)
         child.obj = child.route = child.prompt_ids = None
+        if greq.output is not None:  # each child's answer is parsed on its own (index 0)
+            child.output = greq.output.fresh()
         sink = sinks[k]
         try:
             await run(child, sink)

@@ -40,6 +40,11 @@ class OutputRewriter:
         self._streams: dict[int, OutputStream] = {}
         self._calls_finish = tools is None or tools.finish_tool_calls
 
+    def fresh(self) -> OutputRewriter:
+        """A rewriter for another response to the same request, with no parse state (a
+        request split into one response per choice: each parses its own)."""
+        return OutputRewriter(self.request, self.tools, self.reasoning)
+
     # -- streamed -----------------------------------------------------------------------------
     def _stream(self, index: int) -> OutputStream:
         s = self._streams.get(index)
