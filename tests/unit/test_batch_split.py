@@ -106,7 +106,9 @@ def test_stream_events_interleave_under_one_id_with_one_usage_event_and_one_done
     merge = BatchMerge(2, 1, "r", include_usage=True)
 
     def chunk(i: int, text: str) -> bytes:
-        return event({"id": f"cmpl-r:{i}", "choices": [{"index": 0, "text": text}]})
+        return event(
+            {"id": f"cmpl-r:{i}", "created": 100 + i, "choices": [{"index": 0, "text": text}]}
+        )
 
     def closing(i: int, prompt: int) -> bytes:
         usage = {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
@@ -120,6 +122,7 @@ def test_stream_events_interleave_under_one_id_with_one_usage_event_and_one_done
         (1, "x"), (0, "y")
     ]  # fmt: skip
     assert {e["id"] for e in got[:-1]} == {"cmpl-r"}
+    assert {e["created"] for e in got[:2]} == {101}  # the first event's, for the whole stream
     assert got[2]["choices"] == []
     assert got[2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
     assert len(got) == 4

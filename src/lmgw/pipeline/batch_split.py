@@ -129,6 +129,8 @@ class BatchMerge:
         self.include_usage = include_usage
         #: the stream's ``id``: the first child's, named for the parent request
         self.id: str | None = None
+        #: the stream's ``created``: the first event's
+        self.created: Any = None
         #: each child's latest usage (streams)
         self.usages: dict[int, dict[str, Any]] = {}
         #: a usage-only event to build the batch's usage event on
@@ -189,6 +191,10 @@ class BatchMerge:
                 obj["usage"] = _sum_usage(self.usages, self.samples)
             if "id" in obj:
                 obj["id"] = self._name(i, obj["id"])
+            if "created" in obj:  # one answer, one time (children may cross a second)
+                if self.created is None:
+                    self.created = obj["created"]
+                obj["created"] = self.created
             if isinstance(choices, list):
                 self._reindex(i, choices)
             out.append(b"data: " + _encode(obj) + b"\n\n")
@@ -203,6 +209,8 @@ class BatchMerge:
         event["usage"] = _sum_usage(self.usages, self.samples)
         if "id" in event and self.id is not None:
             event["id"] = self.id
+        if "created" in event and self.created is not None:
+            event["created"] = self.created
         return b"data: " + _encode(event) + b"\n\n" + _DONE
 
     def whole(self, bodies: list[bytes]) -> bytes:
