@@ -344,8 +344,9 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # for retries); 0 = unlimited. A body whose Content-Length does not fit waits, unread, until
     # others finish, so a burst of large uploads cannot run the gateway out of memory.
     max_buffered_body_bytes: int = 512 << 20
-    # After this many bytes of request bodies were let go, glibc's malloc_trim gives the freed
-    # heap back to the OS (once per burst, off the event loop); 0 = never (lmgw.memtrim).
+    # After this many bytes of request bodies and large answers were let go, glibc's malloc_trim
+    # gives the freed heap back to the OS (once per burst, off the event loop); 0 = never
+    # (lmgw.memtrim).
     trim_heap_after_bytes: int = 64 << 20
     # Time to receive a full request head (slowloris defence), counted from the first byte.
     header_timeout_s: float = 10.0

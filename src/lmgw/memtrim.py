@@ -7,7 +7,8 @@ mmapped chunk raises its mmap threshold, so the next large bodies come from the 
 small objects still alive above them stop the heap from shrinking at its top. ``malloc_trim(0)``
 hands the free pages inside the heap back (``madvise``): 388 -> 51 MB on that burst.
 
-The server reports the bodies it released (:meth:`HeapTrimmer.released`); past
+The server reports the request bodies it released and the large whole answers it sent
+(:meth:`HeapTrimmer.released`); past
 ``limits.trim_heap_after_bytes`` of them, one trim runs after a pause that lets the burst end,
 on a worker thread (it walks the heap; ctypes drops the GIL for the call). Where libc has no
 ``malloc_trim`` (musl, macOS) it does nothing.

@@ -403,7 +403,7 @@ class Metrics:
         self.heap_trims = Counter(
             "lmgw_heap_trims_total",
             "Times the gateway gave freed heap back to the OS after a burst of large request"
-            " bodies (limits.trim_heap_after_bytes).",
+            " bodies or answers (limits.trim_heap_after_bytes).",
         )
         self.heap_trimmed_bytes = Counter(
             "lmgw_heap_trimmed_bytes_total",

@@ -1033,7 +1033,8 @@ async def test_watcher_spawned_for_a_connection_that_already_closed_is_harmless(
 
 async def test_released_bodies_are_reported_to_the_heap_trimmer(nursery: trio.Nursery) -> None:
     """Bodies received over several reads are counted when let go, with no body budget too,
-    so a burst of large uploads ends with the heap given back (lmgw.memtrim)."""
+    and large whole answers when sent, so a burst of large uploads or answers ends with the
+    heap given back (lmgw.memtrim)."""
     released: list[int] = []
 
     class Recorder(HeapTrimmer):
@@ -1045,13 +1046,15 @@ async def test_released_bodies_are_reported_to_the_heap_trimmer(nursery: trio.Nu
         trimmer=Recorder(1 << 20, trim=lambda pad: 1),
     )  # fmt: skip
     port = await nursery.start(server.serve, HOST, 0)
-    size = 100_000
+    size = 300_000
     client = await Client.open(port)
     await client.send(_post_head("/echo", size) + b"x" * 1000)
     await client.send(b"x" * (size - 1000))
     with trio.fail_after(5):
-        assert (await client.response()).status == 200
-        while not released:
+        r = await client.response()
+        while len(released) < 2:
             await trio.sleep(0.01)
-    assert released == [size]
+    assert r.status == 200 and r.body.endswith(b"len=%d:" % size + b"x" * size)
+    # the request's body, and the answer's, written after its head (over 256 KiB)
+    assert sorted(released) == [size, len(r.body)]
     assert server.buffered_body_bytes == 0

@@ -125,6 +125,11 @@ class ServerLimits:
     max_buffered_body_bytes: int = 0
 
 
+#: a whole response body above this is written after its head instead of joined to it (a copy
+#: of a large body costs more than the second write)
+_JOIN_MAX = 256 << 10
+
+
 class _Responder:
     """The :class:`~lmgw.http.types.Responder` for one request on an HTTP/1.1 connection."""
 
@@ -138,6 +143,10 @@ class _Responder:
         "keep_alive",
         "started",
     )
+
+    #: the process's heap trimmer (lmgw.memtrim), told of every large whole body sent: set by
+    #: a serving HTTPServer that has one (the heap is the process's, whichever server used it)
+    trimmer: HeapTrimmer | None = None
 
     def __init__(self, stream: RawStream, keep_alive: bool, head_only: bool, http10: bool):
         self._stream = stream
@@ -157,7 +166,16 @@ class _Responder:
         if self._http10 and self.keep_alive:  # a 1.0 client closes unless told otherwise
             framing = b"connection: keep-alive\r\n" + framing
         head = build_head(status, headers, framing, self.keep_alive)
-        await self._stream.send_all(head if self._head_only else head + body)
+        if self._head_only:
+            await self._stream.send_all(head)
+        elif len(body) <= _JOIN_MAX:
+            await self._stream.send_all(head + body)
+        else:  # a large body is not copied to join the head, and its memory is accounted
+            await self._stream.send_all(head)
+            await self._stream.send_all(body)
+            trimmer = _Responder.trimmer
+            if trimmer is not None:
+                trimmer.released(len(body))
         self.finished = True
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -335,6 +353,8 @@ class HTTPServer:
             port, host=host, backlog=self.limits.backlog
         )
         bound = self._listeners[0].socket.getsockname()[1]
+        if self.trimmer is not None:
+            _Responder.trimmer = self.trimmer
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, nursery)
@@ -344,6 +364,8 @@ class HTTPServer:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started(bound)
         finally:
+            if _Responder.trimmer is self.trimmer:
+                _Responder.trimmer = None
             for listener in self._listeners:
                 listener.socket.close()
 
