@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import msgspec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmgw.grammar import gbnf
 from lmgw.pipeline import migration
@@ -121,3 +123,130 @@ def test_a_constrained_stream_that_sent_no_text_is_resent_as_asked() -> None:
     assert grammar is None and out["guided_regex"] == r"\d+"
     plain, _ = _rest({**CHAT_MSGS, "response_format": {"type": "text"}}, "Hi")
     assert plain["response_format"] == {"type": "text"} and "ebnf" not in plain
+
+
+@given(
+    events=st.lists(
+        st.tuples(st.text(max_size=6), st.booleans(), st.booleans()), min_size=1, max_size=40
+    ),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+    folds=st.sets(st.integers(0, 20), max_size=8),
+    crlf=st.booleans(),
+)
+def test_a_folded_journal_gives_the_progress_of_the_whole(
+    events: list[tuple[str, bool, bool]], cuts: list[int], folds: set[int], crlf: bool
+) -> None:
+    """However the stream was cut into chunks and wherever the journal was folded, the
+    progress is what the unfolded chunks give."""
+
+    def event(text: str, finish: bool, logprobs: bool) -> bytes:
+        choice = {
+            "index": 0,
+            "delta": {"content": text},
+            "finish_reason": "stop" if finish else None,
+            "logprobs": {"content": []} if logprobs else None,
+        }
+        ev = {"id": "chatcmpl-7", "created": 107, "choices": [choice]}
+        return b"data: " + msgspec.json.encode(ev) + b"\n\n"
+
+    stream = b"".join(event(*e) for e in events) + b'data: {"id": "torn'
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    points = sorted({c % len(stream) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    chunks = [c for c in chunks if c]
+    journal = migration.Journal("chat")
+    for i, c in enumerate(chunks):
+        journal.append(c)
+        if i in folds:
+            journal.fold()
+    assert migration.progress_of(journal, "chat") == migration.progress_of(chunks, "chat")
+    assert bool(journal)
+
+
+def test_the_relay_keeps_a_long_stream_folded(monkeypatch) -> None:
+    """Past fold_bytes the relay folds: what the journal holds stays small."""
+    import trio
+
+    from lmgw.transport.openai_http import relay_sse
+
+    monkeypatch.setattr(migration.Journal, "fold_bytes", 1000)
+    chunks = [chunk(1, role=True)] + [chunk(1, f"w{i} ") for i in range(500)]
+
+    class Resp:
+        complete = False
+
+        def __init__(self) -> None:
+            self.left = list(chunks)
+
+        async def read_chunk(self) -> bytes:
+            return self.left.pop(0) if self.left else b""
+
+        def release(self) -> None:
+            pass
+
+    class Client:
+        started = False
+
+        def __init__(self) -> None:
+            self.out: list[bytes] = []
+
+        async def start(self, status, headers) -> None:
+            self.started = True
+
+        async def send(self, data: bytes) -> None:
+            self.out.append(data)
+
+        async def end(self, data: bytes = b"") -> None:
+            self.out.append(data)
+
+    held: list[int] = []
+
+    class Watched(migration.Journal):
+        def append(self, c: bytes) -> None:
+            super().append(c)
+            held.append(sum(map(len, self)))
+
+    journal = Watched("chat")
+    client = Client()
+    trio.run(relay_sse, Resp(), client, [], lambda: None, None, journal)
+    assert b"".join(client.out) == b"".join(chunks)  # relayed untouched
+    assert max(held) < 1000 + 200
+    p = migration.progress_of(journal, "chat")
+    assert p.text == "".join(f"w{i} " for i in range(500)) and p.tokens == 500
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_choice = st.fixed_dictionaries(
+    {},
+    optional={
+        "delta": st.fixed_dictionaries(
+            {}, optional={"content": _json, "tool_calls": _json, "function_call": _json}
+        )
+        | _json,
+        "text": _json,
+        "finish_reason": _json,
+        "logprobs": _json,
+    },
+)
+_event = (
+    st.fixed_dictionaries(
+        {},
+        optional={"id": _json, "created": _json, "choices": st.lists(_choice, max_size=2) | _json},
+    )
+    | _json
+)
+
+
+@given(st.lists(_event, max_size=8), st.sampled_from(["chat", "completions"]))
+def test_the_batch_parse_reads_events_as_the_lenient_one_does(events: list, endpoint: str) -> None:
+    """The typed parse of a journal (one decode for all events) gives what the event-by-event
+    parse gives, odd events included (it falls back to that one then)."""
+    data = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
+    assert migration._parse(data, endpoint) == migration._parse_each(data, endpoint)

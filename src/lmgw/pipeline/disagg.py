@@ -163,7 +163,7 @@ class DisaggRunner:
         else:
             prefill, decode = None, p.pick(greq.model, "pd", route)
         ctx = _stage_context(greq, prefill, decode)
-        journal: list[bytes] | None = [] if greq.stream and p.migrations else None
+        journal = migration.Journal(greq.endpoint) if greq.stream and p.migrations else None
         try:
             await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
                             journal)  # fmt: skip
@@ -272,7 +272,7 @@ class DisaggRunner:
                 greq.request_id, progress.tokens, decode.id,
                 extra={"request_id": greq.request_id, "worker": decode.id},
             )  # fmt: skip
-            more: list[bytes] = []
+            more = migration.Journal(endpoint)
             try:
                 await self._generate(
                     greq, responder, ClientBody(body), ctx, dialect, prefill, decode, route,

@@ -339,7 +339,7 @@ class Pipeline:
             target = self.policies[role].warm_target(ctx)
             if target is not None:
                 self.warmer.submit(self, greq, target, ctx)
-        journal: list[bytes] | None = [] if greq.stream and self.migrations else None
+        journal = migration.Journal(greq.endpoint) if greq.stream and self.migrations else None
         hedge = None if self.hedger is None else self.hedger.delay(greq)
         await self.attempts(greq, responder, ctx, worker, journal, hedge)
 
@@ -516,7 +516,7 @@ class Pipeline:
                 greq.request_id, progress.tokens, worker.id,
                 extra={"request_id": greq.request_id, "worker": worker.id},
             )  # fmt: skip
-            more: list[bytes] = []
+            more = migration.Journal(endpoint)
             failure = await self.dispatch(
                 greq, responder, role, worker, ctx, True, greq.path, greq.forward_headers,
                 body, None, more, migration.Splice(endpoint, progress),

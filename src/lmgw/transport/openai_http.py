@@ -125,6 +125,10 @@ async def _relay_events(
     pending = b""
     events = 0
     keep = journal.append if journal is not None else None
+    # a migration Journal (lmgw.pipeline.migration) folds its events once they grow long
+    fold = getattr(journal, "fold", None)
+    fold_at = getattr(journal, "fold_bytes", 0)
+    kept = 0
     try:
         chunk = await read()
         if chunk:
@@ -132,6 +136,10 @@ async def _relay_events(
         while chunk:
             if keep is not None:
                 keep(chunk)
+                kept += len(chunk)
+                if kept >= fold_at and fold is not None:
+                    fold()
+                    kept = 0
             if scope is not None:  # push the stall deadline out, rarely (a heap update)
                 now = trio.current_time()
                 if scope.deadline - now < stall_s / 2:
