@@ -202,7 +202,8 @@ def _parse_each(data: bytes, endpoint: str) -> Progress:
             continue
         p.id = p.id or ev.get("id")
         p.created = p.created or ev.get("created")
-        for choice in ev.get("choices") or ():
+        choices = ev.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
             if choice.get("finish_reason"):
@@ -210,7 +211,9 @@ def _parse_each(data: bytes, endpoint: str) -> Progress:
             if choice.get("logprobs"):
                 p.replayable = False
             if endpoint == "chat":
-                delta = choice.get("delta") or {}
+                delta = choice.get("delta")
+                if not isinstance(delta, dict):
+                    delta = {}
                 if delta.get("tool_calls") or delta.get("function_call"):
                     p.replayable = False
                 text = delta.get("content")
