@@ -250,3 +250,13 @@ def test_the_batch_parse_reads_events_as_the_lenient_one_does(events: list, endp
     parse gives, odd events included (it falls back to that one then)."""
     data = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
     assert migration._parse(data, endpoint) == migration._parse_each(data, endpoint)
+
+
+@given(st.lists(_event, max_size=6), st.sampled_from(["chat", "completions"]))
+def test_the_splice_takes_any_worker_event(events: list, endpoint: str) -> None:
+    """A continuation's worker may send anything: the splice passes it on or rewrites it, and
+    never raises (a raise would cut the client's stream)."""
+    data = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events)
+    p = migration.Progress(text="ab", tokens=2, id="chatcmpl-1", created=101)
+    out = migration.Splice(endpoint, p)(data)
+    assert out.count(b"\n\n") <= len(events)

@@ -403,13 +403,15 @@ class Splice:
             ev["id"] = p.id
         if p.created is not None and "created" in ev:
             ev["created"] = p.created
-        choices = ev.get("choices") or []
-        if not self._opened and self.endpoint == "chat" and choices:
-            delta = choices[0].get("delta") or {} if isinstance(choices[0], dict) else {}
+        choices = ev.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        if not self._opened and self.endpoint == "chat" and isinstance(first, dict):
+            delta = first.get("delta")
             if (
-                delta.get("role")
+                isinstance(delta, dict)
+                and delta.get("role")
                 and not delta.get("content")
-                and not choices[0].get("finish_reason")
+                and not first.get("finish_reason")
             ):
                 self._opened = True
                 return None  # the client had its opening role event already
@@ -419,6 +421,8 @@ class Splice:
             usage["completion_tokens"] += p.tokens
             if isinstance(usage.get("prompt_tokens"), int):
                 usage["prompt_tokens"] = max(0, usage["prompt_tokens"] - p.tokens)
-            if isinstance(usage.get("total_tokens"), int):
+            if isinstance(usage.get("total_tokens"), int) and isinstance(
+                usage.get("prompt_tokens"), int
+            ):
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return b"data: " + _encode(ev)
