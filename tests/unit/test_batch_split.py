@@ -177,3 +177,44 @@ def test_streamed_usage_counts_each_prompt_once_over_its_samples() -> None:
     usage_event, done = events_of(merge.tail())
     assert done == b"[DONE]"
     assert usage_event["usage"] == {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["index", "text", "x"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_usage = st.dictionaries(
+    st.sampled_from(["prompt_tokens", "completion_tokens", "prompt_tokens_details"]), _json
+)
+_event = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": _json,
+            "created": _json,
+            "choices": st.lists(_json, max_size=2) | _json,
+            "usage": _usage | _json,
+        },
+    )
+    | _json
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), _event), max_size=8), st.booleans())
+def test_any_worker_event_is_merged_or_passed_never_raised(events: list, usage: bool) -> None:
+    """A child's worker may send anything: the merge never raises on it (a raise would cut
+    the client's stream), and the stream still ends with one [DONE]."""
+    merge = BatchMerge(4, 2, "r", include_usage=usage)
+    out = b"".join(merge.events(k, event(e)) for k, e in events) + merge.tail()
+    assert out.endswith(b"data: [DONE]\n\n") and out.count(b"[DONE]") == 1
+
+
+@given(st.lists(st.dictionaries(st.sampled_from(["id", "choices", "usage"]), _json), min_size=1))
+def test_whole_answers_of_any_shape_merge_or_fail_as_a_gateway_error(bodies: list) -> None:
+    merge = BatchMerge(len(bodies), 1, "r", include_usage=False)
+    out = dec(merge.whole([enc(b) for b in bodies]))
+    assert isinstance(out, dict)

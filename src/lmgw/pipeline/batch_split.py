@@ -94,19 +94,23 @@ def split_of(endpoint: str, body: ClientBody) -> tuple[list[msgspec.Raw] | None,
     return prompts, max(n, 1)
 
 
+def _count(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
 def _sum_usage(usages: dict[int, dict[str, Any]], samples: int) -> dict[str, Any]:
     """Every child's completion tokens; the prompt (and its cached tokens) of each prompt's
     first sample only."""
     prompt = completion = cached = 0
     details = False
     for k, u in usages.items():
-        completion += int(u.get("completion_tokens") or 0)
+        completion += _count(u.get("completion_tokens"))
         if k % samples == 0:
-            prompt += int(u.get("prompt_tokens") or 0)
+            prompt += _count(u.get("prompt_tokens"))
             d = u.get("prompt_tokens_details")
             if isinstance(d, dict):
                 details = True
-                cached += int(d.get("cached_tokens") or 0)
+                cached += _count(d.get("cached_tokens"))
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
