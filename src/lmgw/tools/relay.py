@@ -80,7 +80,10 @@ class OutputRewriter:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return [block]
-        stream = self._stream(choice.get("index", 0))
+        index = choice.get("index", 0)
+        if type(index) is not int:
+            return [block]  # not an event this parser can place: passed on as it came
+        stream = self._stream(index)
         content = delta.get("content")
         made = stream.feed(content) if isinstance(content, str) and content else []
         upstream = choice.get("finish_reason")
