@@ -1,8 +1,9 @@
 """What a worker writes is not trusted: every rewriter of a worker's answer (tool-call and
-reasoning parsing, SGLang's logprob merge, a continuation's splice, the P/D batch merge) takes
-events and bodies of any JSON shape without raising, since a raise would cut the client's
-stream or turn a served answer into a 500. The shapes here are plausible ones (the right keys,
-wrong types) that byte-level fuzzing rarely reaches."""
+reasoning parsing, SGLang's logprob merge, a continuation's splice, the P/D batch merge) and
+the reader of its /metrics take events, bodies and text of any shape without raising, since a
+raise would cut the client's stream, turn a served answer into a 500 or end the monitor. The
+shapes here are plausible ones (the right keys, wrong types) that byte-level fuzzing rarely
+reaches."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from lmgw.tools.parsers import get_tool_parser
 from lmgw.tools.reasoning import ReasoningParser
 from lmgw.tools.relay import OutputRewriter
 from lmgw.transport.dialects import ClientBody, Peer, StageContext, get_dialect
+from lmgw.workers.monitor import apply_engine_metrics
+from lmgw.workers.worker import EngineLoad
 
 SETTINGS = settings(
     max_examples=examples(200),
@@ -137,3 +140,30 @@ def test_the_batch_merge_takes_any_worker_output(chunks: list, bodies: list) -> 
         BatchMerge(len(bodies), 1, "r", include_usage=False).whole([enc(b) for b in bodies])
     except GatewayError:
         pass  # a body that is no JSON object: the answer is a 502, named
+
+
+metric_lines = st.lists(
+    st.tuples(
+        st.sampled_from([b"vllm:num_requests_running", b"vllm:num_requests_waiting",
+                         b"vllm:kv_cache_usage_perc", b"vllm:prefix_cache_hits_total",
+                         b"vllm:lora_requests_info", b"vllm:other", b"# HELP x", b"\xff"]),
+        st.sampled_from([b"", b'{engine="0"}', b'{running_lora_adapters="a,\xff",max_lora="x"}',
+                         b'{max_lora="2",running_lora_adapters="a,b"}', b"{", b'{a="']),
+        st.sampled_from([b" 1", b" NaN", b" +Inf", b" -Inf", b" -3", b" 1e999", b" x", b"",
+                         b" 0.5", b" 2 1700000000"]),
+    ),
+    max_size=8,
+).map(lambda ls: b"\n".join(a + b + c for a, b, c in ls))  # fmt: skip
+
+
+@SETTINGS
+@given(metric_lines | st.binary(max_size=200))
+def test_a_workers_metrics_never_raise_and_never_give_a_load_routing_cannot_order(
+    text: bytes,
+) -> None:
+    """A worker's /metrics is read on every probe: a raise there would end the monitor; a NaN
+    or negative queue would make its load compare wrongly with every other worker's."""
+    load = EngineLoad()
+    apply_engine_metrics(load, text)
+    for value in (load.running, load.waiting, load.kv_usage):
+        assert 0.0 <= value < float("inf")

@@ -9,6 +9,7 @@ go through the same connection pool as requests, with their own short timeout.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 
@@ -76,11 +77,15 @@ def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
             value = float(line.rsplit(b" ", 1)[1])
         except (ValueError, IndexError):
             continue
+        if not 0.0 <= value < math.inf:  # NaN, infinities and negatives would skew routing
+            continue
         sums[field] = sums.get(field, 0.0) + value
     for field, value in sums.items():
         setattr(load, field, value)
     if lora is not None:
-        labels = {k.decode(): v.decode() for k, v in _LABEL.findall(lora[1])}
+        labels = {
+            k.decode(): v.decode("utf-8", "replace") for k, v in _LABEL.findall(lora[1])
+        }
         running = labels.get("running_lora_adapters", "")
         load.lora_running = frozenset(a for a in running.split(",") if a)
         try:
@@ -172,7 +177,10 @@ class HealthMonitor:
         except UpstreamError:
             return
         if resp.status == 200:
-            apply_engine_metrics(worker.engine, body)
+            try:
+                apply_engine_metrics(worker.engine, body)
+            except Exception:  # a worker's text must never end the monitor (and the gateway)
+                log.exception("worker %s: its /metrics could not be read", worker.id)
 
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
         wid = worker.id
