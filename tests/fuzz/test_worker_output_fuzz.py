@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 from lmgw.errors import GatewayError
 from lmgw.pipeline import migration
 from lmgw.pipeline.batch_split import BatchMerge
+from lmgw.routing.kv_events import KVEventError, decode_vllm_batch
+from lmgw.routing.policies.cache_aware import CacheAware
 from lmgw.tools.parsers import get_tool_parser
 from lmgw.tools.reasoning import ReasoningParser
 from lmgw.tools.relay import OutputRewriter
 from lmgw.transport.dialects import ClientBody, Peer, StageContext, get_dialect
 from lmgw.workers.monitor import apply_engine_metrics
-from lmgw.workers.worker import EngineLoad
+from lmgw.workers.registry import Registry
+from lmgw.workers.worker import EngineLoad, Worker
 
 SETTINGS = settings(
     max_examples=examples(200),
@@ -167,3 +170,42 @@ def test_a_workers_metrics_never_raise_and_never_give_a_load_routing_cannot_orde
     apply_engine_metrics(load, text)
     for value in (load.running, load.waiting, load.kv_usage):
         assert 0.0 <= value < float("inf")
+
+
+hashes = st.lists(st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=8) | anything, max_size=4)
+kv_event = st.one_of(
+    st.tuples(
+        st.just("BlockStored"), hashes, st.none() | st.integers(0, 9) | anything,
+        st.lists(st.integers(0, 50), max_size=40) | anything,
+        st.sampled_from([16, 0, -1]) | anything,
+        st.none() | anything, st.sampled_from(["GPU", "CPU", None]) | anything,
+    ).map(list),
+    st.tuples(st.just("BlockRemoved"), hashes, st.sampled_from(["GPU", None]) | anything).map(list),
+    st.just(["AllBlocksCleared"]),
+    st.dictionaries(st.sampled_from(["type", "block_hashes", "token_ids", "block_size"]), anything),
+    anything,
+)  # fmt: skip
+
+
+@SETTINGS
+@given(
+    st.tuples(st.floats(allow_nan=False) | anything, st.lists(kv_event, max_size=4))
+    | st.fixed_dictionaries({"events": st.lists(kv_event, max_size=4)}, optional={"ts": anything})
+    | anything
+)
+def test_a_workers_kv_events_are_applied_or_refused_never_raised(batch: object) -> None:
+    """A KV event batch is decoded (every field's type checked) or refused as a whole with
+    KVEventError; what is decoded, cache_aware's index takes without raising."""
+    try:
+        payload = msgspec.msgpack.encode(batch)
+    except (TypeError, OverflowError):
+        return
+    try:
+        _, events, _ = decode_vllm_batch(payload)
+    except KVEventError:
+        return
+    policy = CacheAware()
+    registry = Registry()
+    worker = registry.add(Worker("w0", "http://127.0.0.1:9000", "pd", frozenset({"m"})))
+    for event in events:
+        policy.on_kv_event(worker, event)

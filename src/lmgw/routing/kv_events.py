@@ -20,7 +20,7 @@ decoder takes both. This module is pure: the subscriber (a socket owner task) li
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -40,7 +40,7 @@ class BlockStored(msgspec.Struct, frozen=True, gc=False):
     block_hashes: list[EngineHash]
     parent_block_hash: EngineHash | None
     token_ids: list[int]
-    block_size: int
+    block_size: Annotated[int, msgspec.Meta(gt=0)]
     lora_id: int | None = None
     #: "GPU" (or None: older engines) is the tier routing predicts from; others are ignored
     medium: str | None = None
@@ -73,6 +73,12 @@ _BLOCK_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block
 _BLOCK_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 
 
+_STORED_KEYS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                "medium", "group_idx", "lora_name")  # fmt: skip
+_STORED_REQUIRED = ("block_hashes", "parent_block_hash", "token_ids", "block_size")
+_REMOVED_KEYS = ("block_hashes", "medium", "group_idx")
+
+
 def _fields(raw: Any, names: tuple[str, ...]) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
@@ -86,21 +92,16 @@ def _event(raw: Any) -> KVEvent | None:
         tag = raw[0]
     else:
         raise KVEventError(f"not an event: {type(raw).__name__}")
+    # msgspec.convert checks every field's type (a Struct's constructor would not): a
+    # worker's event with a string where a hash belongs is refused here, not in the index
     if tag == "BlockStored":
         f = _fields(raw, _BLOCK_STORED_FIELDS)
-        return BlockStored(
-            list(f["block_hashes"]),
-            f.get("parent_block_hash"),
-            list(f["token_ids"]),
-            int(f["block_size"]),
-            f.get("lora_id"),
-            f.get("medium"),
-            f.get("group_idx"),
-            f.get("lora_name"),
+        return msgspec.convert(
+            {k: f.get(k) for k in _STORED_KEYS if k in f or k in _STORED_REQUIRED}, BlockStored
         )
     if tag == "BlockRemoved":
         f = _fields(raw, _BLOCK_REMOVED_FIELDS)
-        return BlockRemoved(list(f["block_hashes"]), f.get("medium"), f.get("group_idx"))
+        return msgspec.convert({k: f[k] for k in _REMOVED_KEYS if k in f}, BlockRemoved)
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
     return None  # a newer event kind: skipped, not an error
@@ -118,8 +119,11 @@ def decode_vllm_batch(payload: bytes) -> tuple[float, list[KVEvent], int | None]
             ts, events = raw[0], raw[1]
             rank = raw[2] if len(raw) > 2 else None
         out = [e for e in map(_event, events) if e is not None]
+        ts = float(ts)
     except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError) as e:
         if isinstance(e, KVEventError):
             raise
         raise KVEventError(f"bad KV event batch: {e}") from None
-    return float(ts), out, rank
+    if not isinstance(rank, int | None):
+        raise KVEventError(f"bad KV event batch: data_parallel_rank {rank!r}")
+    return ts, out, rank
