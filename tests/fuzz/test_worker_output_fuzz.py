@@ -19,6 +19,8 @@ from lmgw.pipeline import migration
 from lmgw.pipeline.batch_split import BatchMerge
 from lmgw.routing.kv_events import KVEventError, decode_vllm_batch
 from lmgw.routing.policies.cache_aware import CacheAware
+from lmgw.routing.responses import IdReader
+from lmgw.text.service import ModelText
 from lmgw.tools.parsers import get_tool_parser
 from lmgw.tools.reasoning import ReasoningParser
 from lmgw.tools.relay import OutputRewriter
@@ -209,3 +211,22 @@ def test_a_workers_kv_events_are_applied_or_refused_never_raised(batch: object) 
     worker = registry.add(Worker("w0", "http://127.0.0.1:9000", "pd", frozenset({"m"})))
     for event in events:
         policy.on_kv_event(worker, event)
+
+
+class _Tokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+
+@SETTINGS
+@given(event, stream)
+def test_usage_filling_and_response_id_taps_take_any_worker_output(body, events: bytes) -> None:
+    """An answer without usage gets one counted (or passes as it came), and the Responses
+    API's id taps read any answer."""
+    text = ModelText("m", _Tokenizer(), None, 100)  # type: ignore[arg-type]
+    out = text.fill_usage(3, enc(body))
+    assert isinstance(out, bytes)
+    found: list[str] = []
+    tap = IdReader(found.append)
+    assert tap.body(enc(body)) == enc(body)
+    assert tap.events(events) == events

@@ -140,12 +140,15 @@ class ModelText:
             return body
         try:
             obj = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return body
         if not isinstance(obj, dict) or obj.get("usage") is not None:
             return body
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return body  # not an answer this can count
         completion = 0
-        for choice in obj.get("choices") or ():
+        for choice in choices:
             if not isinstance(choice, dict):
                 continue
             message = choice.get("message")
