@@ -188,7 +188,7 @@ def admin_call(
         conn.close()
     try:
         payload = msgspec.json.decode(raw) if raw else None
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         payload = None
     if resp.status >= 400:
         err = payload.get("error") if isinstance(payload, dict) else None

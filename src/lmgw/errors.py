@@ -101,7 +101,7 @@ def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
     message, etype, param = "", None, None
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         obj = None
     if isinstance(obj, dict):
         err = obj.get("error", obj)

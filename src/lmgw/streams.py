@@ -491,7 +491,7 @@ def coalesce_key(req: Request) -> bytes | None:
     same prompt are meant to differ) and those asking for several choices."""
     try:
         s = _sampling(req.body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None  # the handler answers its 400
     if s.temperature != 0 and s.seed is None:
         return None

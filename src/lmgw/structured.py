@@ -238,7 +238,7 @@ def _spec(kind: str, value: Any, param: str) -> Any:
         if isinstance(value, str):
             try:
                 value = msgspec.json.decode(value)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 raise StructuredOutputError(f"{param}: the JSON schema is not valid JSON",
                                             param) from None  # fmt: skip
         if not isinstance(value, dict):

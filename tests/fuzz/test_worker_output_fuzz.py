@@ -10,17 +10,19 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 from fuzz_support import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmgw.errors import GatewayError
+from lmgw.errors import GatewayError, parse_error_body
 from lmgw.pipeline import migration
 from lmgw.pipeline.batch_split import BatchMerge
 from lmgw.routing.kv_events import KVEventError, decode_vllm_batch
 from lmgw.routing.policies.cache_aware import CacheAware
 from lmgw.routing.responses import IdReader
 from lmgw.text.service import ModelText
+from lmgw.tools.loop import RoundStream
 from lmgw.tools.parsers import get_tool_parser
 from lmgw.tools.reasoning import ReasoningParser
 from lmgw.tools.relay import OutputRewriter
@@ -230,3 +232,40 @@ def test_usage_filling_and_response_id_taps_take_any_worker_output(body, events:
     tap = IdReader(found.append)
     assert tap.body(enc(body)) == enc(body)
     assert tap.events(events) == events
+
+
+DEEP = b"[" * 5000 + b"]" * 5000  # past msgspec's nesting limit: it raises RecursionError
+
+
+def _deep_consumers() -> list:
+    nixl = get_dialect("vllm-nixl")
+    peer = Peer("127.0.0.1", 1)
+    ctx = StageContext("r", "/v1/completions", [], peer, peer)
+    sent = nixl.prefill_request(ClientBody(b'{"prompt": "x"}'), ctx)
+    rounds = RoundStream(frozenset({"f"}), None, True)
+    return [
+        ("error body", lambda: parse_error_body(DEEP)),
+        ("tool parsing (stream)", lambda: rewriter().events(b"data: " + DEEP + b"\n\n")),
+        ("tool parsing (body)", lambda: rewriter().body(DEEP)),
+        ("tool loop round", lambda: rounds.feed(b"data: " + DEEP + b"\n\n")),
+        ("journal", lambda: migration.progress_of([b"data: " + DEEP + b"\n\n"], "chat")),
+        ("splice", lambda: migration.Splice("chat", migration.Progress())(b"data: " + DEEP)),
+        ("batch merge", lambda: BatchMerge(1, 1, "r", False).events(0, b"data: " + DEEP)),
+        ("usage fill", lambda: ModelText("m", _Tokenizer(), None, 9).fill_usage(1, DEEP)),
+        ("response id", lambda: IdReader(lambda _: None).body(DEEP)),
+        ("nixl prefill answer", lambda: nixl.read_prefill(sent, 200, b'{"x": ' + DEEP + b"}")),
+        ("kv events", lambda: decode_vllm_batch(b"\x91" * 3000)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_deep_consumers())))
+def test_nesting_past_the_decoders_limit_is_refused_not_raised(case: int) -> None:
+    """A worker's JSON nested deeper than msgspec decodes raises RecursionError, which no
+    reader of worker output may let out (a raise cuts the stream or ends the monitor)."""
+    name, call = _deep_consumers()[case]
+    try:
+        call()
+    except (GatewayError, KVEventError) as exc:  # refused, named
+        assert exc.args, name
+    except Exception as exc:
+        assert type(exc).__name__ == "StageError", (name, exc)

@@ -138,7 +138,12 @@ class BatchesAPI:
         check_json_depth(req.body, self.max_json_depth)
         try:
             body = msgspec.json.decode(req.body or b"{}", type=_CreateBatch)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None
         try:
             job = self.service.create(

@@ -87,7 +87,7 @@ def count_content_parts(body: bytes) -> int:
     """Content parts over all chat messages (a string content counts as none)."""
     try:
         messages = _decode_messages(body).messages
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return 0  # the view decoder already said what is wrong, or the worker will
     total = 0
     for m in messages:
@@ -95,7 +95,12 @@ def count_content_parts(body: bytes) -> int:
         if memoryview(raw)[:1] == b"[":
             try:
                 total += len(_decode_parts(raw))
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            except (
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                UnicodeDecodeError,
+                RecursionError,
+            ):
                 continue
     return total
 

@@ -112,5 +112,10 @@ class LoraAPI:
         check_json_depth(req.body, self.gw.config.limits.max_json_depth)
         try:
             return msgspec.json.decode(req.body or b"{}", type=_LoadBody)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None

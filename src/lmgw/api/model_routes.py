@@ -128,7 +128,12 @@ class ModelRoutesAPI:
         check_json_depth(req.body, self.gw.config.limits.max_json_depth)
         try:
             body = msgspec.json.decode(req.body or b"{}", type=_RouteBody)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None
         if body.model is not None and body.model != name:
             raise GatewayError(

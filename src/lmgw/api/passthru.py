@@ -426,7 +426,13 @@ class PassThroughAPI:
                         resp.release()
                     version = msgspec.json.decode(body).get("version") if body else None
                     out[worker.id] = version if isinstance(version, str) else None
-                except (UpstreamError, msgspec.DecodeError, AttributeError, UnicodeDecodeError):
+                except (
+                    UpstreamError,
+                    msgspec.DecodeError,
+                    AttributeError,
+                    UnicodeDecodeError,
+                    RecursionError,
+                ):
                     pass
 
         async with trio.open_nursery() as nursery:

@@ -341,7 +341,7 @@ class BatchService:
                 body = error_body(500, f"request {rid} got no answer")
             try:
                 answer: Any = msgspec.json.decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 answer = body.decode(errors="replace")
             ok = 200 <= status < 400
             record = {

@@ -178,7 +178,7 @@ def prepare(args: Any) -> Prepared:
     elif o.extra_body:
         try:
             extra = msgspec.json.decode(o.extra_body)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BenchSetupError(f"--extra-body is not JSON: {exc}") from None
         if not isinstance(extra, dict):
             raise BenchSetupError("--extra-body must be a JSON object")

@@ -665,7 +665,7 @@ class LoadGenerator:
             return True
         try:
             chunk = _chunk(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             rec.error = PROTOCOL
             rec.error_detail = f"an event is not a JSON chunk: {exc}"
             return False
@@ -701,7 +701,7 @@ class LoadGenerator:
     def _full_body(body: bytes, rec: RequestRecord, stream: bool, text: list[str] | None) -> None:
         try:
             answer = _completion(body)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             kind = "not an event stream" if stream else "not a JSON completion"
             raise _Failure(PROTOCOL, f"the answer is {kind}: {exc}") from None
         if answer.usage is not None:
@@ -747,7 +747,7 @@ async def fetch_model(
         try:
             data = msgspec.json.decode(body)
             return str(data["data"][0]["id"])
-        except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError, RecursionError):
             raise _Failure(PROTOCOL, "GET /v1/models listed no model") from None
     raise _Failure(TIMEOUT, f"GET /v1/models: no answer within {timeout_s:g} s")
 

@@ -235,7 +235,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
         data = msgspec.json.decode(Path(path).read_bytes())
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ReportError(f"{path} is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ReportError(f"{path} is not an lmgw bench report (no schema {SCHEMA!r})")

@@ -512,7 +512,7 @@ class Dataset:
         where = f"--dataset {self.path}, line {n}"
         try:
             body = msgspec.json.decode(line)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise WorkloadError(f"{where}: not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise WorkloadError(f"{where}: expected a JSON object (an OpenAI request body)")

@@ -254,7 +254,7 @@ class RedisTier(Tier):
                 return None
             start = _HEAD.size
             meta = decode_meta(memoryview(head)[start : start + meta_len])
-        except (struct.error, msgspec.DecodeError, msgspec.ValidationError):
+        except (struct.error, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
         if nchunks and (step < 1 or -(-meta.size // step) != nchunks):
             return None

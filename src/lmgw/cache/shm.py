@@ -168,7 +168,13 @@ class ShmTier(Tier):
             if touch:
                 os.pwrite(fd, struct.pack("<dQ", now, hits + 1), _ATIME_AT)
                 meta.hits = hits + 1
-        except (OSError, struct.error, msgspec.DecodeError, msgspec.ValidationError):
+        except (
+            OSError,
+            struct.error,
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            RecursionError,
+        ):
             os.close(fd)
             return None
         return fd, meta, digest
@@ -283,7 +289,13 @@ class ShmTier(Tier):
             meta = decode_meta(ctrl[_META_AT : _META_AT + meta_len])
             data = bytes(seg.mm[: meta.size]) if seg.mm is not None and meta.size else b""
             return meta, value_of(meta, data)
-        except (OSError, struct.error, msgspec.DecodeError, msgspec.ValidationError):
+        except (
+            OSError,
+            struct.error,
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            RecursionError,
+        ):
             return None
 
     def _segment(self, capacity: int) -> _Seg:

@@ -68,7 +68,7 @@ def batch_prompts(body: ClientBody) -> list[msgspec.Raw] | None:
         return None
     try:
         items = _decode(raw, type=list[msgspec.Raw])
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None
     if len(items) < 2 or _first(items[0]) not in (b'"', b"["):
         return None  # one prompt, or token ids (whose first element is a number)
@@ -79,7 +79,7 @@ def _int_field(body: ClientBody, name: str) -> int | None:
     try:
         raw = body.fields.get(name)
         value = _decode(raw) if raw is not None else None
-    except (BodyError, msgspec.DecodeError, UnicodeDecodeError):
+    except (BodyError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return value if type(value) is int else None
 
@@ -337,7 +337,7 @@ async def run_batch(
     if greq.stream and "stream_options" in fields:
         try:
             options = _decode(fields["stream_options"])
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             options = None
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     merge = BatchMerge(count, samples, greq.request_id, include_usage)
@@ -381,7 +381,7 @@ async def run_batch(
         if not greq.stream:
             try:
                 merged = merge.whole([b"".join(s.body) for s in sinks])
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise GatewayError(502, f"a worker's answer to a batch's prompt: {exc}") from None
             await responder.send_full(200, sinks[0].headers, merged)
             return

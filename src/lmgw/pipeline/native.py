@@ -645,7 +645,7 @@ class NativeRunner:
         if obj is None:
             try:
                 obj = msgspec.json.decode(greq.body)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "the request body must be a JSON object")

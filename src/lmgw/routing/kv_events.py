@@ -120,7 +120,7 @@ def decode_vllm_batch(payload: bytes) -> tuple[float, list[KVEvent], int | None]
             rank = raw[2] if len(raw) > 2 else None
         out = [e for e in map(_event, events) if e is not None]
         ts = float(ts)
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError) as e:
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
         if isinstance(e, KVEventError):
             raise
         raise KVEventError(f"bad KV event batch: {e}") from None

@@ -164,7 +164,7 @@ class ToolCaller:
         if isinstance(arguments, str):
             try:
                 args = msgspec.json.decode(arguments) if arguments.strip() else {}
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                 self.calls.inc((name, "error"))
                 return ToolResult(f"Error: the arguments are not valid JSON: {exc}", True)
         else:

@@ -198,7 +198,7 @@ class RoundStream:
             return []
         try:
             ev = _decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return [block]
         if not isinstance(ev, dict):
             return [block]
@@ -515,7 +515,7 @@ class ToolLoop:
         if jc.status < 300:
             try:
                 obj = _decode(jc.body)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 obj = None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         message = (

@@ -299,7 +299,7 @@ def _message(body: bytes) -> str:
     """A worker's error body, shortened: vLLM's {"error": {"message"}} or its text."""
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return body[:200].decode("utf-8", "replace")
     if isinstance(obj, dict):
         err = obj.get("error", obj)

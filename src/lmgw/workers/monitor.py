@@ -83,9 +83,7 @@ def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
     for field, value in sums.items():
         setattr(load, field, value)
     if lora is not None:
-        labels = {
-            k.decode(): v.decode("utf-8", "replace") for k, v in _LABEL.findall(lora[1])
-        }
+        labels = {k.decode(): v.decode("utf-8", "replace") for k, v in _LABEL.findall(lora[1])}
         running = labels.get("running_lora_adapters", "")
         load.lora_running = frozenset(a for a in running.split(",") if a)
         try:
@@ -157,7 +155,7 @@ class HealthMonitor:
         try:
             entries = _decode_models(body).data
             models = frozenset(m.id for m in entries)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
             log.warning(
                 "worker %s: /v1/models answered something that is not a model list", worker.id
             )

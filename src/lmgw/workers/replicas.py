@@ -145,7 +145,7 @@ class ReplicaSync:
         try:
             entry = msgspec.msgpack.decode(payload)
             origin, kind = entry[0], entry[1]
-        except (msgspec.DecodeError, IndexError, TypeError):
+        except (msgspec.DecodeError, IndexError, TypeError, RecursionError):
             return False
         if origin == self.id:
             return False

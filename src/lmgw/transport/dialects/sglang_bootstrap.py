@@ -134,7 +134,7 @@ def _last_event_logprobs(body: bytes) -> tuple[Any, bool]:
             if data and data != b"[DONE]":
                 try:
                     obj = _decode(data)
-                except (msgspec.DecodeError, UnicodeDecodeError):
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                     continue
                 index = obj.get("index") if isinstance(obj, dict) else None
                 batched |= type(index) is int
@@ -208,7 +208,7 @@ class SglangBootstrap(Dialect):
         else:
             try:
                 obj = _decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 raise StageError("prefill", status, "answer is not JSON") from None
             batched = isinstance(obj, list)
             logprobs = [_logprobs_of(o) for o in obj] if batched else _logprobs_of(obj)
@@ -232,7 +232,7 @@ class SglangBootstrap(Dialect):
             return body
         try:
             obj = _decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return body
         items = obj if isinstance(obj, list) else [obj]
         changed = False
@@ -255,7 +255,7 @@ class SglangBootstrap(Dialect):
                 continue
             try:
                 obj = _decode(data)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 continue
             if _prepend(obj, self._for(boot, obj, 0)):
                 parts[k] = b"data: " + _encode(obj)

@@ -75,7 +75,7 @@ class VllmNixl(Dialect):
         check_status("prefill", status, body)
         try:
             raw = _read_answer(body).kv_transfer_params
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
             raise StageError("prefill", status, "answer is not a JSON object") from None
         data: object = None
         first = bytes(raw)[:1]
