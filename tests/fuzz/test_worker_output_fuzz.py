@@ -269,3 +269,53 @@ def test_nesting_past_the_decoders_limit_is_refused_not_raised(case: int) -> Non
         assert exc.args, name
     except Exception as exc:
         assert type(exc).__name__ == "StageError", (name, exc)
+
+
+tool_delta = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.integers(0, 2) | anything,
+        "id": anything,
+        "function": st.fixed_dictionaries(
+            {}, optional={"name": st.sampled_from(["f", "g"]) | anything, "arguments": anything}
+        )
+        | anything,
+    },
+)
+round_event = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": anything,
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "delta": st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "tool_calls": st.lists(tool_delta, max_size=2) | anything,
+                            "content": anything,
+                            "role": anything,
+                        },
+                    )
+                    | anything,
+                    "finish_reason": anything,
+                },
+            ),
+            max_size=1,
+        )
+        | anything,
+        "usage": anything,
+    },
+)
+
+
+@SETTINGS
+@given(st.lists(round_event, max_size=6), st.booleans())
+def test_a_tool_loop_round_takes_any_worker_stream(events: list, last: bool) -> None:
+    """The gateway's tool loop reads each round's stream for its own tools' calls."""
+    rounds = RoundStream(None if last else frozenset({"f"}), None, True)
+    for e in events:
+        assert isinstance(rounds.feed(b"data: " + enc(e) + b"\n\n"), bytes)
+    assert isinstance(rounds.flush(), bytes)
+    assert isinstance(rounds.calls, list)

@@ -262,9 +262,12 @@ class RoundStream:
             if not isinstance(tc, dict):
                 continue
             index = tc.get("index", 0)
+            if type(index) is not int:
+                continue  # not a delta any call can be assembled from
             fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
             if index not in self._owner:
-                name = fn.get("name") or ""
+                name = fn.get("name")
+                name = name if isinstance(name, str) else ""
                 if self.client_tools is None or name in self.client_tools:
                     self._owner[index] = self.client_calls
                 else:
