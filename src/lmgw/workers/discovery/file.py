@@ -54,7 +54,7 @@ def parse_workers_file(data: bytes, path: str) -> list[WorkerConfig]:
         if path.lower().endswith(".json"):
             try:
                 doc = msgspec.json.decode(text)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+            except (msgspec.DecodeError, UnicodeDecodeError) as e:  # (RecursionError: below)
                 raise ConfigError(f"JSON syntax error: {e}", source=source) from None
             if not isinstance(doc, dict):
                 raise ConfigError('expected an object like {"workers": [...]}', source=source)
