@@ -31,6 +31,7 @@ from .config import (
     dump_config,
     parse_worker_flag,
 )
+from .errors import DECODE_ERRORS
 from .fdlimit import ensure_open_files
 from .gateway import Gateway
 from .logs import setup_logging
@@ -188,7 +189,7 @@ def admin_call(
         conn.close()
     try:
         payload = msgspec.json.decode(raw) if raw else None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         payload = None
     if resp.status >= 400:
         err = payload.get("error") if isinstance(payload, dict) else None

@@ -11,6 +11,11 @@ from typing import Any
 
 import msgspec
 
+#: what decoding untrusted JSON (or msgpack) may raise besides success: malformed or mistyped
+#: input (``DecodeError``, ``ValidationError`` being one), bad UTF-8, and nesting past the
+#: decoder's limit (about 1,000 levels), which msgspec raises as ``RecursionError``
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
 ERROR_TYPES: dict[int, str] = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -101,7 +106,7 @@ def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
     message, etype, param = "", None, None
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         obj = None
     if isinstance(obj, dict):
         err = obj.get("error", obj)

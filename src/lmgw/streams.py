@@ -46,7 +46,7 @@ import msgspec
 import trio
 
 from .config import StreamsConfig
-from .errors import GatewayError, sse_error_event
+from .errors import DECODE_ERRORS, GatewayError, sse_error_event
 from .http.types import Headers, Request, Responder, accepted_request_id
 from .metrics import Counter, Gauge
 
@@ -491,7 +491,7 @@ def coalesce_key(req: Request) -> bytes | None:
     same prompt are meant to differ) and those asking for several choices."""
     try:
         s = _sampling(req.body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:  # (invalid UTF-8 too)
         return None  # the handler answers its 400
     if s.temperature != 0 and s.seed is None:
         return None

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from .errors import DECODE_ERRORS
 from .protocol.messages import STRUCTURED_KINDS, STRUCTURED_OPTIONS, StructuredOutput
 
 __all__ = [
@@ -238,7 +239,7 @@ def _spec(kind: str, value: Any, param: str) -> Any:
         if isinstance(value, str):
             try:
                 value = msgspec.json.decode(value)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 raise StructuredOutputError(f"{param}: the JSON schema is not valid JSON",
                                             param) from None  # fmt: skip
         if not isinstance(value, dict):

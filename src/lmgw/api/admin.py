@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote
 import msgspec
 
 from ..config import WorkerConfig
-from ..errors import GatewayError, error_body
+from ..errors import DECODE_ERRORS, GatewayError, error_body
 from ..http.types import Request, Responder
 from ..workers.worker import Worker, WorkerState
 from .limits import check_json_depth
@@ -149,7 +149,7 @@ class AdminAPI:
         check_json_depth(body, self.gw.config.limits.max_json_depth)
         try:
             obj = msgspec.json.decode(body) if body else None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise GatewayError(

@@ -20,7 +20,7 @@ import msgspec
 
 from ..batch import BatchService
 from ..batch.files import FileError
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Request, Responder
 from . import multipart
 from .limits import check_json_depth
@@ -138,12 +138,7 @@ class BatchesAPI:
         check_json_depth(req.body, self.max_json_depth)
         try:
             body = msgspec.json.decode(req.body or b"{}", type=_CreateBatch)
-        except (
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            UnicodeDecodeError,
-            RecursionError,
-        ) as exc:
+        except DECODE_ERRORS as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None
         try:
             job = self.service.create(

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 
 #: ``bytes.translate`` tables: delete everything but brackets (and quotes)
 _ONLY_BRACKETS = bytes(i for i in range(256) if i not in b"[]{}")
@@ -87,7 +87,7 @@ def count_content_parts(body: bytes) -> int:
     """Content parts over all chat messages (a string content counts as none)."""
     try:
         messages = _decode_messages(body).messages
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return 0  # the view decoder already said what is wrong, or the worker will
     total = 0
     for m in messages:
@@ -95,12 +95,7 @@ def count_content_parts(body: bytes) -> int:
         if memoryview(raw)[:1] == b"[":
             try:
                 total += len(_decode_parts(raw))
-            except (
-                msgspec.DecodeError,
-                msgspec.ValidationError,
-                UnicodeDecodeError,
-                RecursionError,
-            ):
+            except DECODE_ERRORS:
                 continue
     return total
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Request, Responder
 from .admin import AdminAPI
 from .limits import check_json_depth
@@ -112,10 +112,5 @@ class LoraAPI:
         check_json_depth(req.body, self.gw.config.limits.max_json_depth)
         try:
             return msgspec.json.decode(req.body or b"{}", type=_LoadBody)
-        except (
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            UnicodeDecodeError,
-            RecursionError,
-        ) as exc:
+        except DECODE_ERRORS as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None

@@ -22,7 +22,7 @@ from urllib.parse import unquote
 import msgspec
 
 from ..config import ConfigError, ModelRouteConfig, RouteTargetConfig
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Request, Responder
 from ..metrics import Counter, Metrics
 from ..model_routes import ModelRoute, ModelRoutes, Target
@@ -128,12 +128,7 @@ class ModelRoutesAPI:
         check_json_depth(req.body, self.gw.config.limits.max_json_depth)
         try:
             body = msgspec.json.decode(req.body or b"{}", type=_RouteBody)
-        except (
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            UnicodeDecodeError,
-            RecursionError,
-        ) as exc:
+        except DECODE_ERRORS as exc:
             raise GatewayError(400, f"invalid request body: {exc}") from None
         if body.model is not None and body.model != name:
             raise GatewayError(

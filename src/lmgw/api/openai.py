@@ -22,7 +22,7 @@ import trio
 
 from ..admission import Admission, Rejected
 from ..config import FLOW_ROLES
-from ..errors import GatewayError, sse_error_event
+from ..errors import DECODE_ERRORS, GatewayError, sse_error_event
 from ..fairqueue import Waiter
 from ..http.types import Request, Responder, accepted_request_id
 from ..metrics import Counter
@@ -139,7 +139,7 @@ def decode_view(
         raise GatewayError(
             400, f"invalid request: {msg}", param=m.group(1) if m else None
         ) from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except DECODE_ERRORS as exc:
         raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
     if view.stream_options is not None and not view.stream:
         raise GatewayError(
@@ -210,7 +210,7 @@ class _Body:
         if self._obj is None:
             try:
                 obj = msgspec.json.decode(self.raw)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "request body must be a JSON object")

@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from .. import __version__
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Request, Responder
 from ..pipeline.request import PassThroughRequest, Rewrite
 from ..routing.responses import IdReader, ResponseAffinity, Stored
@@ -292,7 +292,7 @@ class PassThroughAPI:
             view = _decode_view(body)
         except msgspec.ValidationError as exc:
             raise GatewayError(400, f"invalid request: {exc}") from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
         stream = bool(view.stream) and route.streams
         previous = view.previous_response_id if route.responses else None

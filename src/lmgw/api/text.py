@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Request, Responder
 from ..transport import openai_http
 from ..transport.pool import UpstreamError
@@ -44,7 +44,7 @@ class TextAPI:
             self.gw.app.openai.request_limits.check_body(req.body)  # limits.max_json_depth
             try:
                 obj = msgspec.json.decode(req.body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "request body must be a JSON object")

@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from ..config import BatchesConfig
-from ..errors import error_body
+from ..errors import DECODE_ERRORS, error_body
 from ..http.local import Collector, LocalRequest
 from ..metrics import Counter, Gauge, Metrics
 from .files import FileError, FileStore
@@ -79,7 +79,7 @@ def parse_input(data: bytes, url: str, max_lines: int) -> tuple[list[Line], list
             break
         try:
             obj = msgspec.json.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             bad("invalid_json", "the line is not valid JSON", number)
             continue
         if not isinstance(obj, dict):
@@ -341,7 +341,7 @@ class BatchService:
                 body = error_body(500, f"request {rid} got no answer")
             try:
                 answer: Any = msgspec.json.decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 answer = body.decode(errors="replace")
             ok = 200 <= status < 400
             record = {

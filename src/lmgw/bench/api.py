@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from .. import __version__
+from ..errors import DECODE_ERRORS
 from .loadgen import (
     BenchFailure,
     LoadGenerator,
@@ -178,7 +179,7 @@ def prepare(args: Any) -> Prepared:
     elif o.extra_body:
         try:
             extra = msgspec.json.decode(o.extra_body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             raise BenchSetupError(f"--extra-body is not JSON: {exc}") from None
         if not isinstance(extra, dict):
             raise BenchSetupError("--extra-body must be a JSON object")

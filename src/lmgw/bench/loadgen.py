@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
-from ..errors import parse_error_body
+from ..errors import DECODE_ERRORS, parse_error_body
 from ..http.types import Headers
 from ..netio import RawStream
 from ..transport.h1client import ResponseReader, UpstreamProtocolError, build_request_head
@@ -665,7 +665,7 @@ class LoadGenerator:
             return True
         try:
             chunk = _chunk(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             rec.error = PROTOCOL
             rec.error_detail = f"an event is not a JSON chunk: {exc}"
             return False
@@ -701,7 +701,7 @@ class LoadGenerator:
     def _full_body(body: bytes, rec: RequestRecord, stream: bool, text: list[str] | None) -> None:
         try:
             answer = _completion(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             kind = "not an event stream" if stream else "not a JSON completion"
             raise _Failure(PROTOCOL, f"the answer is {kind}: {exc}") from None
         if answer.usage is not None:

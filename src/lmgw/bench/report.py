@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
 from .loadgen import RequestRecord, RunResult
 
 SCHEMA = "lmgw-bench-report"
@@ -235,7 +236,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
         data = msgspec.json.decode(Path(path).read_bytes())
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except DECODE_ERRORS as exc:
         raise ReportError(f"{path} is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ReportError(f"{path} is not an lmgw bench report (no schema {SCHEMA!r})")

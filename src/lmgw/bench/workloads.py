@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
+
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 ENDPOINTS = {"chat": CHAT_PATH, "completions": COMPLETIONS_PATH}
@@ -512,7 +514,7 @@ class Dataset:
         where = f"--dataset {self.path}, line {n}"
         try:
             body = msgspec.json.decode(line)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             raise WorkloadError(f"{where}: not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise WorkloadError(f"{where}: expected a JSON object (an OpenAI request body)")

@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ..errors import GatewayError, parse_error_body
+from ..errors import DECODE_ERRORS, GatewayError, parse_error_body
 from ..http.types import Headers, Responder
 from ..transport.dialects import BodyError, ClientBody
 from .fanout import child_request, leaf_of, write_as_they_come
@@ -68,7 +68,7 @@ def batch_prompts(body: ClientBody) -> list[msgspec.Raw] | None:
         return None
     try:
         items = _decode(raw, type=list[msgspec.Raw])
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return None
     if len(items) < 2 or _first(items[0]) not in (b'"', b"["):
         return None  # one prompt, or token ids (whose first element is a number)
@@ -174,7 +174,7 @@ class BatchMerge:
                 continue
             try:
                 obj = _decode(payload)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 out.append(block + b"\n\n")
                 continue
             if not isinstance(obj, dict):
@@ -337,7 +337,7 @@ async def run_batch(
     if greq.stream and "stream_options" in fields:
         try:
             options = _decode(fields["stream_options"])
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             options = None
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     merge = BatchMerge(count, samples, greq.request_id, include_usage)
@@ -381,7 +381,7 @@ async def run_batch(
         if not greq.stream:
             try:
                 merged = merge.whole([b"".join(s.body) for s in sinks])
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise GatewayError(502, f"a worker's answer to a batch's prompt: {exc}") from None
             await responder.send_full(200, sinks[0].headers, merged)
             return

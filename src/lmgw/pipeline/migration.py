@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
 from ..structured import FIELDS as CONSTRAINT_FIELDS
 from ..structured import StructuredOutputError, forced_tool, structured_output
 from ..transport.sse import split_complete
@@ -63,7 +64,7 @@ def _events(data: bytes) -> list[Any]:
                 if payload and payload != b"[DONE]":
                     try:
                         out.append(_decode(payload))
-                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                    except DECODE_ERRORS:
                         pass
     return out
 
@@ -165,7 +166,7 @@ def _parse(data: bytes, endpoint: str) -> Progress:
                     payloads.append(payload)
     try:
         events = _decode_events(b"[" + b",".join(payloads) + b"]")
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return _parse_each(data, endpoint)  # an odd event among them: one by one, leniently
     p = Progress()
     parts: list[str] = []
@@ -394,7 +395,7 @@ class Splice:
             return block
         try:
             ev = _decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return block
         if not isinstance(ev, dict):
             return block

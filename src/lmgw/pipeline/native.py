@@ -61,7 +61,7 @@ from ..config import (
     native_endpoint,
     normalize_role,
 )
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..http.types import Responder
 from ..protocol.messages import (
     CAPABILITIES,
@@ -645,7 +645,7 @@ class NativeRunner:
         if obj is None:
             try:
                 obj = msgspec.json.decode(greq.body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise GatewayError(400, "the request body must be a JSON object")

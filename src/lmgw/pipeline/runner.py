@@ -28,7 +28,7 @@ from ..config import (
     infer_flow,
     is_native_url,
 )
-from ..errors import GatewayError, sse_error_event
+from ..errors import DECODE_ERRORS, GatewayError, sse_error_event
 from ..http.types import Responder
 from ..metrics import Metrics
 from ..routing.placement import Placement, in_zone_of, zoned
@@ -469,7 +469,7 @@ class Pipeline:
         progress = migration.progress_of(journal or [], endpoint)
         try:
             obj = msgspec.json.decode(greq.body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             obj = None
         reason = f"the stream broke {self.migrations + 1} times"
         for _ in range(self.migrations):

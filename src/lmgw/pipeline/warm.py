@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..background import Background
+from ..errors import DECODE_ERRORS
 from ..metrics import Counter, Metrics
 from ..mirrors import DiscardResponder
 from ..routing.policy import RouteContext
@@ -50,7 +51,7 @@ def prefill_only(body: bytes) -> bytes | None:
     JSON object. Sans-IO."""
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return None
     if not isinstance(obj, dict):
         return None

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
+
 
 class Stored(NamedTuple):
     """Where a response lives: the worker that created it, its model, and the API key (name)
@@ -122,7 +124,7 @@ def response_id_of(body: bytes) -> str | None:
     """The id of a non-streamed Responses API answer (``"object": "response"``), else None."""
     try:
         answer = _answer.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return None
     return answer.id if answer.object == "response" and isinstance(answer.id, str) else None
 
@@ -140,7 +142,7 @@ def created_id_of(events: bytes) -> str | None:
                 continue
             try:
                 event = _created.decode(line[5:].strip())
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 continue
             if event.type == "response.created" and event.response is not None:
                 rid = event.response.id

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
 from ..transport.sse import split_complete
 from .errors import APIError, _ErrorFields, error_from_payload, error_from_response
 
@@ -227,7 +228,7 @@ def decode_result(
         raise error_from_response(status, body, headers)
     try:
         result = _RESULT_DECODERS[kind].decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except DECODE_ERRORS as exc:
         raise APIError(status, f"unexpected {kind} answer: {exc}: {body[:200]!r}") from None
     return result.data if kind == "models" else result
 
@@ -357,7 +358,7 @@ class SSEDecoder:
     def _chunk(self, payload: bytes, out: list[StreamEvent]) -> None:
         try:
             chunk = _decode_chunk(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             self.error = APIError(502, f"undecodable stream event: {exc}: {payload[:200]!r}")
             return
         if chunk.error is not None:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
 from .chat_template import ChatTemplate
 from .tokenizer import ModelTokenizer
 
@@ -254,12 +255,7 @@ def parse_tokenize_response(body: bytes | Mapping[str, Any]) -> list[int]:
             resp = _decode_response(body)
         else:
             resp = _convert_response(body, _TokenizeResponse)
-    except (
-        msgspec.DecodeError,
-        msgspec.ValidationError,
-        UnicodeDecodeError,
-        RecursionError,
-    ) as exc:
+    except DECODE_ERRORS as exc:
         raise ValueError(f"not a /tokenize response: {exc}") from exc
     if resp.count is not None and resp.count != len(resp.tokens):
         raise ValueError(f"/tokenize says count={resp.count} but sent {len(resp.tokens)} tokens")

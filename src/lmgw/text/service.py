@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from .chat_template import ChatTemplate, ChatTemplateConfigError
 from .tokenizer import ModelTokenizer, TokenizerLoadError
 
@@ -140,7 +140,7 @@ class ModelText:
             return body
         try:
             obj = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return body
         if not isinstance(obj, dict) or obj.get("usage") is not None:
             return body

@@ -25,6 +25,7 @@ import msgspec
 import trio
 
 from ..config import ConfigError, ToolsConfig
+from ..errors import DECODE_ERRORS
 from ..metrics import Counter, Histogram, Metrics
 from .mcp import MCPServer, MCPTool
 from .registry import Tool
@@ -164,7 +165,7 @@ class ToolCaller:
         if isinstance(arguments, str):
             try:
                 args = msgspec.json.decode(arguments) if arguments.strip() else {}
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 self.calls.inc((name, "error"))
                 return ToolResult(f"Error: the arguments are not valid JSON: {exc}", True)
         else:

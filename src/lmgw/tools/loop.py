@@ -40,7 +40,7 @@ import msgspec
 import trio
 
 from ..config import GatewayConfig, ToolLoopConfig
-from ..errors import GatewayError, parse_error_body, sse_error_event
+from ..errors import DECODE_ERRORS, GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..pipeline.request import GatewayRequest
 from .caller import ToolCaller, ToolResult
@@ -198,7 +198,7 @@ class RoundStream:
             return []
         try:
             ev = _decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return [block]
         if not isinstance(ev, dict):
             return [block]
@@ -518,7 +518,7 @@ class ToolLoop:
         if jc.status < 300:
             try:
                 obj = _decode(jc.body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 obj = None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         message = (

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import DECODE_ERRORS
 from . import OutputStream, finish_reason, parse_output
 from .parsers.base import ToolParser
 from .reasoning import ReasoningParser
@@ -71,7 +72,7 @@ class OutputRewriter:
             return [block]
         try:
             ev = _decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return [block]
         choices = ev.get("choices") if isinstance(ev, dict) else None
         if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
@@ -120,7 +121,7 @@ class OutputRewriter:
     def body(self, data: bytes) -> bytes:
         try:
             obj = _decode(data)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return data
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list):

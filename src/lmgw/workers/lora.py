@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from ..config import is_native_url
-from ..errors import GatewayError
+from ..errors import DECODE_ERRORS, GatewayError
 from ..metrics import Gauge, Metrics
 from ..transport.pool import ConnectionPool, UpstreamError
 from .registry import Registry
@@ -299,7 +299,7 @@ def _message(body: bytes) -> str:
     """A worker's error body, shortened: vLLM's {"error": {"message"}} or its text."""
     try:
         obj = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return body[:200].decode("utf-8", "replace")
     if isinstance(obj, dict):
         err = obj.get("error", obj)

@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from ..config import HealthConfig, is_native_url
+from ..errors import DECODE_ERRORS
 from ..transport.pool import ConnectionPool, UpstreamError
 from .registry import Registry
 from .worker import EngineLoad, Worker, WorkerState
@@ -155,7 +156,7 @@ class HealthMonitor:
         try:
             entries = _decode_models(body).data
             models = frozenset(m.id for m in entries)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             log.warning(
                 "worker %s: /v1/models answered something that is not a model list", worker.id
             )

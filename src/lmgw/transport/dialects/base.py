@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from ...errors import parse_error_body
+from ...errors import DECODE_ERRORS, parse_error_body
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -113,7 +113,7 @@ class ClientBody:
                 fields = self._fields = _decode_fields(self.raw)
             except msgspec.ValidationError:
                 raise BodyError("request body must be a JSON object") from None
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise BodyError(f"request body is not valid JSON: {exc}") from None
         return fields
 
@@ -144,7 +144,7 @@ class ClientBody:
         if obj is None:
             try:
                 obj = _decode(self.raw)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except DECODE_ERRORS as exc:
                 raise BodyError(f"request body is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise BodyError("request body must be a JSON object")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ...errors import DECODE_ERRORS
 from .base import (
     ClientBody,
     Dialect,
@@ -134,7 +135,7 @@ def _last_event_logprobs(body: bytes) -> tuple[Any, bool]:
             if data and data != b"[DONE]":
                 try:
                     obj = _decode(data)
-                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                except DECODE_ERRORS:
                     continue
                 index = obj.get("index") if isinstance(obj, dict) else None
                 batched |= type(index) is int
@@ -208,7 +209,7 @@ class SglangBootstrap(Dialect):
         else:
             try:
                 obj = _decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 raise StageError("prefill", status, "answer is not JSON") from None
             batched = isinstance(obj, list)
             logprobs = [_logprobs_of(o) for o in obj] if batched else _logprobs_of(obj)
@@ -232,7 +233,7 @@ class SglangBootstrap(Dialect):
             return body
         try:
             obj = _decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             return body
         items = obj if isinstance(obj, list) else [obj]
         changed = False
@@ -255,7 +256,7 @@ class SglangBootstrap(Dialect):
                 continue
             try:
                 obj = _decode(data)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            except DECODE_ERRORS:
                 continue
             if _prepend(obj, self._for(boot, obj, 0)):
                 parts[k] = b"data: " + _encode(obj)

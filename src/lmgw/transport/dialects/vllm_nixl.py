@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import msgspec
 
+from ...errors import DECODE_ERRORS
 from ._vllm import prefill_only
 from .base import (
     ClientBody,
@@ -75,7 +76,7 @@ class VllmNixl(Dialect):
         check_status("prefill", status, body)
         try:
             raw = _read_answer(body).kv_transfer_params
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        except DECODE_ERRORS:
             raise StageError("prefill", status, "answer is not a JSON object") from None
         data: object = None
         first = bytes(raw)[:1]
