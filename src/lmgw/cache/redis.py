@@ -32,10 +32,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-import msgspec
 import numpy as np
 import trio
 
+from ..errors import DECODE_ERRORS
 from ..workers.discovery.resp import (
     RedisAddress,
     RedisConnection,
@@ -254,7 +254,7 @@ class RedisTier(Tier):
                 return None
             start = _HEAD.size
             meta = decode_meta(memoryview(head)[start : start + meta_len])
-        except (struct.error, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except (struct.error, *DECODE_ERRORS):
             return None
         if nchunks and (step < 1 or -(-meta.size // step) != nchunks):
             return None

@@ -39,9 +39,9 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-import msgspec
 import numpy as np
 
+from ..errors import DECODE_ERRORS
 from ..transport import shm as _shm
 from .tier import Evicted, Tier
 from .values import KIND_ARRAY, Meta, Value, decode_meta, encode_meta, value_of
@@ -168,13 +168,7 @@ class ShmTier(Tier):
             if touch:
                 os.pwrite(fd, struct.pack("<dQ", now, hits + 1), _ATIME_AT)
                 meta.hits = hits + 1
-        except (
-            OSError,
-            struct.error,
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            RecursionError,
-        ):
+        except (OSError, struct.error, *DECODE_ERRORS):
             os.close(fd)
             return None
         return fd, meta, digest
@@ -289,13 +283,7 @@ class ShmTier(Tier):
             meta = decode_meta(ctrl[_META_AT : _META_AT + meta_len])
             data = bytes(seg.mm[: meta.size]) if seg.mm is not None and meta.size else b""
             return meta, value_of(meta, data)
-        except (
-            OSError,
-            struct.error,
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            RecursionError,
-        ):
+        except (OSError, struct.error, *DECODE_ERRORS):
             return None
 
     def _segment(self, capacity: int) -> _Seg:
