@@ -50,9 +50,14 @@ def examples(default: int) -> int:
 class LiveGateway:
     """``with LiveGateway(server="native") as live: live.url ...``; stops everything on exit."""
 
-    def __init__(self, server: str = "native", *, keys: bool = True, **limits: Any) -> None:
+    def __init__(
+        self, server: str = "native", *, keys: bool = True, dialect: str | None = None,
+        **limits: Any,
+    ) -> None:  # fmt: skip
         self.server = server
         self.keys = keys
+        #: a P/D dialect: a prefill and a decode simulator in that dialect instead of a merged one
+        self.dialect = dialect
         self.limits = limits
         self.url = ""
         self.port = 0
@@ -90,14 +95,25 @@ class LiveGateway:
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
             self._token = trio.lowlevel.current_trio_token()
-            sim = SimWorker(WorkerOptions(speed=math.inf, model=MODEL))
-            sim_url = await nursery.start(serve_worker_inprocess, sim)
+            if self.dialect is None:
+                sim = SimWorker(WorkerOptions(speed=math.inf, model=MODEL))
+                workers = [WorkerConfig(url=await nursery.start(serve_worker_inprocess, sim),
+                                        id="w0")]  # fmt: skip
+                models = [ModelConfig(name=MODEL, aliases=["sim-alias"])]
+            else:
+                workers = []
+                for role in ("p", "d"):
+                    sim = SimWorker(WorkerOptions(speed=math.inf, model=MODEL, role=role))
+                    url = await nursery.start(serve_worker_inprocess, sim)
+                    workers.append(WorkerConfig(url=url, id=f"{role}0", role=role))
+                models = [ModelConfig(name=MODEL, aliases=["sim-alias"], flow="p/d",
+                                      dialect=self.dialect)]  # fmt: skip
             cfg = GatewayConfig(
                 server=ServerConfig(port=0, server=self.server, graceful_shutdown_s=1.0),  # type: ignore[arg-type]
                 limits=LimitsConfig(**{"request_timeout_s": 30.0, **self.limits}),
                 health=HealthConfig(interval_s=60.0),
-                models=[ModelConfig(name=MODEL, aliases=["sim-alias"])],
-                workers=[WorkerConfig(url=sim_url, id="w0")],
+                models=models,
+                workers=workers,
                 admin=AdminConfig(token=ADMIN_TOKEN),
                 auth=AuthConfig(keys=[ApiKeyConfig(key=API_KEY, name="fuzz")] if self.keys else []),
             )

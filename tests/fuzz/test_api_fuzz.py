@@ -127,9 +127,11 @@ broken = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveGateway]:
-    with LiveGateway() as gw:
+@pytest.fixture(scope="module", params=[None, "vllm-nixl"], ids=["merged", "vllm-nixl"])
+def live(request: pytest.FixtureRequest) -> Iterator[LiveGateway]:
+    """A merged worker, and a P/D pair (the disaggregated path: legs built from the body,
+    batches and n split into pairs)."""
+    with LiveGateway(dialect=request.param) as gw:
         yield gw
 
 
