@@ -105,7 +105,9 @@ class LiveGateway:
                 for role in ("p", "d"):
                     sim = SimWorker(WorkerOptions(speed=math.inf, model=MODEL, role=role))
                     url = await nursery.start(serve_worker_inprocess, sim)
-                    workers.append(WorkerConfig(url=url, id=f"{role}0", role=role))
+                    port = int(url.rsplit(":", 1)[1]) if role == "p" else None
+                    workers.append(WorkerConfig(url=url, id=f"{role}0", role=role,
+                                                bootstrap_port=port))  # fmt: skip
                 models = [ModelConfig(name=MODEL, aliases=["sim-alias"], flow="p/d",
                                       dialect=self.dialect)]  # fmt: skip
             cfg = GatewayConfig(

@@ -127,10 +127,14 @@ broken = st.one_of(
 )
 
 
-@pytest.fixture(scope="module", params=[None, "vllm-nixl"], ids=["merged", "vllm-nixl"])
+@pytest.fixture(
+    scope="module",
+    params=[None, "vllm-nixl", "sglang-bootstrap"],
+    ids=["merged", "vllm-nixl", "sglang-bootstrap"],
+)
 def live(request: pytest.FixtureRequest) -> Iterator[LiveGateway]:
-    """A merged worker, and a P/D pair (the disaggregated path: legs built from the body,
-    batches and n split into pairs)."""
+    """A merged worker, and P/D pairs (the disaggregated paths: legs built from the body,
+    batches and n split into pairs or given a room each)."""
     with LiveGateway(dialect=request.param) as gw:
         yield gw
 
