@@ -190,6 +190,17 @@ class Metrics:
             "Streams that broke mid-way: continued on another worker, or ended with an error.",
             ("role", "outcome"),
         )
+        self.pd_splits = Counter(
+            "lmgw_pd_split_requests_total",
+            "Requests a one-sequence P/D hand-off cannot carry (a completions batch, n > 1) run"
+            " as one P/D pair per prompt and sample; kind: batch, n or both.",
+            ("model", "kind"),
+        )
+        self.pd_split_pairs = Counter(
+            "lmgw_pd_split_pairs_total",
+            "The P/D pairs those requests ran as (prompts x n each).",
+            ("model",),
+        )
         self.placements = Counter(
             "lmgw_placement_pairs_total",
             "P/D requests placed jointly (routing.placement = joint, workers with zones), by"
@@ -269,6 +280,7 @@ class Metrics:
             self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
             self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
+            self.pd_splits, self.pd_split_pairs,
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,

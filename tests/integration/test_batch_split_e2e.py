@@ -80,7 +80,7 @@ async def test_a_batch_gives_the_merged_workers_answer(
     nursery: trio.Nursery, sim_worker, dialect: str
 ) -> None:
     reference = await sim_worker(role="pd")
-    url, _gw, decoders = await fleet(nursery, sim_worker, dialect)
+    url, gw, decoders = await fleet(nursery, sim_worker, dialect)
     for prompt in BATCHES:
         for n in (1, 2):
             expected, ref_usage, _ = await trio.to_thread.run_sync(
@@ -96,6 +96,9 @@ async def test_a_batch_gives_the_merged_workers_answer(
                 assert usage.prompt_tokens == ref_usage.prompt_tokens
                 assert usage.completion_tokens == ref_usage.completion_tokens
                 assert len(ids) == 1  # one id for the whole answer, as vLLM streams a batch
+    # per dialect: 2 batches x (n=1: batch, n=2: both) x (whole, stream); 3 x (1 + 2) pairs
+    assert gw.metrics.pd_splits.values == {(MODEL, "batch"): 4.0, (MODEL, "both"): 4.0}
+    assert gw.metrics.pd_split_pairs.values == {(MODEL,): 36.0}
     stats = [(await d.stats())["handoff"] for d in decoders]
     if dialect == "vllm-nixl":  # every prompt's decode read its own prompt's blocks
         assert sum(h["kv_blocks_verified"] for h in stats) > 0
@@ -211,6 +214,8 @@ async def test_n_choices_run_as_n_pairs_with_the_merged_workers_answer(
         assert usage.completion_tokens == ref_usage.completion_tokens
     prefills = [w for w in gw.registry if w.role == "p"]
     assert sum(w.total_requests for w in prefills) == 6  # one per sample, both times
+    assert gw.metrics.pd_splits.values == {(MODEL, "n"): 2.0}
+    assert gw.metrics.pd_split_pairs.values == {(MODEL,): 6.0}
 
 
 async def test_each_sample_parses_its_own_tool_calls(nursery: trio.Nursery, sim_worker) -> None:

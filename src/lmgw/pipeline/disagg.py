@@ -153,6 +153,11 @@ class DisaggRunner:
         if dialect.one_prompt and "p" in roles and greq.endpoint != "generate":
             split = split_of(greq.endpoint, body)
             if split is not None:  # one P/D pair per prompt and sample, merged
+                prompts, n = split
+                kind = "n" if prompts is None else "batch" if n == 1 else "both"
+                metrics = self.p.metrics
+                metrics.pd_splits.inc((greq.model, kind))
+                metrics.pd_split_pairs.inc((greq.model,), float(len(prompts or (1,)) * n))
                 run = partial(self.run, flow=flow, dialect=dialect)
                 await run_batch(greq, responder, split, run)
                 return
