@@ -120,6 +120,14 @@ def drive(base_url: str, n_load: int, concurrency: int) -> bool:
     )
     print(f"   {c.choices[0].text!r}  usage={c.usage.model_dump(exclude_none=True)}")
 
+    print("\n== a completions batch, 2 samples each (one P/D pair per prompt and sample) ==")
+    b = client.completions.create(
+        model=MODEL, prompt=["Prefill is", "Decode is"], n=2, seed=1, max_tokens=6
+    )
+    for choice in b.choices:
+        print(f"   [{choice.index}] {choice.text!r}")
+    ok &= sorted(ch.index for ch in b.choices) == [0, 1, 2, 3]
+
     print("\n== tool call (the gateway parses the model's call text into tool_calls) ==")
     weather = {
         "type": "function",
