@@ -48,6 +48,7 @@ bench: build
 	$(BIN)/python benchmarks/chunked.py
 	$(BIN)/python benchmarks/routing_decision.py
 	$(BIN)/python benchmarks/text.py
+	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/media.py
 	$(BIN)/python benchmarks/tools.py
 	$(BIN)/python benchmarks/tool_loop.py
