@@ -323,13 +323,14 @@ class _Batch:
 async def run_batch(
     greq: GatewayRequest,
     responder: Responder,
+    body: ClientBody,
     split: tuple[list[msgspec.Raw] | None, int],
     run: Callable[[GatewayRequest, Any], Awaitable[None]],
 ) -> None:
-    """Serve ``greq`` as one request per prompt and sample (``split``: :func:`split_of`), each
-    through ``run`` (the disaggregated flow), merged onto ``responder`` (see the module doc)."""
+    """Serve ``greq`` (its ``body``, decoded by :func:`split_of` already) as one request per
+    prompt and sample (``split``), each through ``run`` (the disaggregated flow), merged onto
+    ``responder`` (see the module doc)."""
     prompts, samples = split
-    body = ClientBody(greq.body)
     fields = body.fields
     seed = _int_field(body, "seed")
     count = (len(prompts) if prompts is not None else 1) * samples

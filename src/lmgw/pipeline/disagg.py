@@ -159,7 +159,7 @@ class DisaggRunner:
                 metrics.pd_splits.inc((greq.model, kind))
                 metrics.pd_split_pairs.inc((greq.model,), float(len(prompts or (1,)) * n))
                 run = partial(self.run, flow=flow, dialect=dialect)
-                await run_batch(greq, responder, split, run)
+                await run_batch(greq, responder, body, split, run)
                 return
         route = greq.route or self.p.route_of(greq)
         p = self.p
