@@ -150,7 +150,7 @@ class DisaggRunner:
         if greq.endpoint == "generate" and not dialect.serves_generate:
             raise _no_generate(greq, flow, dialect)
         body = ClientBody(greq.body)
-        if dialect.one_prompt and "p" in roles and greq.endpoint != "generate":
+        if dialect.one_prompt and "p" in roles:
             split = split_of(greq.endpoint, body)
             if split is not None:  # one P/D pair per prompt and sample, merged
                 prompts, n = split

@@ -55,20 +55,6 @@ class Progress(msgspec.Struct):
     replayable: bool = True  #: no tool-call / logprob deltas seen
 
 
-def _events(data: bytes) -> list[Any]:
-    out = []
-    for block in data.replace(b"\r\n", b"\n").split(b"\n\n"):
-        for line in block.split(b"\n"):
-            if line.startswith(b"data:"):
-                payload = line[5:].strip()
-                if payload and payload != b"[DONE]":
-                    try:
-                        out.append(_decode(payload))
-                    except DECODE_ERRORS:
-                        pass
-    return out
-
-
 #: a journal holding this many bytes of events is folded into its progress (``Journal.fold``)
 FOLD_BYTES = 1 << 20
 
@@ -148,6 +134,7 @@ class _Event(msgspec.Struct):
 #: the fields of a batch of events that a continuation needs, in one decode (2x the generic
 #: parse: a long stream's journal is folded while it streams)
 _decode_events = msgspec.json.Decoder(list[_Event]).decode
+_decode_event = msgspec.json.Decoder(_Event).decode
 
 
 def _parse(data: bytes, endpoint: str) -> Progress:
@@ -166,8 +153,13 @@ def _parse(data: bytes, endpoint: str) -> Progress:
                     payloads.append(payload)
     try:
         events = _decode_events(b"[" + b",".join(payloads) + b"]")
-    except DECODE_ERRORS:
-        return _parse_each(data, endpoint)  # an odd event among them: one by one, leniently
+    except DECODE_ERRORS:  # an odd event among them: each on its own, the odd ones skipped
+        events = []
+        for payload in payloads:
+            try:
+                events.append(_decode_event(payload))
+            except DECODE_ERRORS:
+                pass
     p = Progress()
     parts: list[str] = []
     chat = endpoint == "chat"
@@ -188,38 +180,6 @@ def _parse(data: bytes, endpoint: str) -> Progress:
                 text = delta.content
             else:
                 text = choice.text
-            if isinstance(text, str) and text:
-                parts.append(text)
-                p.tokens += 1
-    p.text = "".join(parts)
-    return p
-
-
-def _parse_each(data: bytes, endpoint: str) -> Progress:
-    p = Progress()
-    parts: list[str] = []
-    for ev in _events(data):
-        if not isinstance(ev, dict):
-            continue
-        p.id = p.id or ev.get("id")
-        p.created = p.created or ev.get("created")
-        choices = ev.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, dict):
-                continue
-            if choice.get("finish_reason"):
-                p.finished = True
-            if choice.get("logprobs"):
-                p.replayable = False
-            if endpoint == "chat":
-                delta = choice.get("delta")
-                if not isinstance(delta, dict):
-                    delta = {}
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    p.replayable = False
-                text = delta.get("content")
-            else:
-                text = choice.get("text")
             if isinstance(text, str) and text:
                 parts.append(text)
                 p.tokens += 1
