@@ -320,3 +320,13 @@ def test_reasoning_split_for_any_chunking(opened: bool, data: st.DataObject) -> 
         ((k, v),) = d.items()
         parts[k] += v
     assert (parts["reasoning_content"] or None, parts["content"] or None) == want
+
+
+def test_arguments_that_break_after_streaming_began_read_the_same_split_or_not() -> None:
+    """Found by the chunking property: arguments that begin (``[``) and then break. Split after
+    the ``[``, the stream had already sent it; whole, the parser used to drop it."""
+    text = '{"name": "f", "arguments": [TOOL_'
+    once, _ = stream_all("llama3_json", [text])
+    split, _ = stream_all("llama3_json", [text[:28], text[28:]])
+    assert assemble(split) == assemble(once)
+    assert assemble(once)[1][0]["function"]["arguments"] == "["

@@ -340,7 +340,12 @@ class Envelope:
                     if self._target == _T_ARGS and s[i] == '"':
                         self._target = _T_ARGS_STR
                     sub = self._sub = JsonValue()
-                i = sub.feed(s, i, final)
+                try:
+                    i = sub.feed(s, i, final)
+                except JsonError:
+                    if self._target == _T_ARGS and sub.out:  # streamed before the error, as
+                        self._args.append(sub.take())  # it would be had the text been split
+                    raise
                 if self._target == _T_ARGS and sub.out:
                     self._args.append(sub.take())
                 if not sub.done:
