@@ -80,6 +80,83 @@ def test_least_wait(impl, n: int, data: st.DataObject, cap: float, weight: float
         assert got == twin.least_wait(bias, front, slots, loads, weight, cap, start)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    data=st.data(),
+    cap=st.sampled_from([0.0, 1.0, 2.5, 100.0]),
+    weight=st.sampled_from([0.0, 64.0]),
+    miss=st.sampled_from([1.0, 2.0]),
+    limit=st.sampled_from([1.0, 2.5, 100.0]),
+    seeded=st.booleans(),
+)
+def test_best_holder(
+    impl,
+    n: int,
+    data: st.DataObject,
+    cap: float,
+    weight: float,
+    miss: float,
+    limit: float,
+    seeded: bool,
+) -> None:
+    """cache_aware's holder walk: the least cost among the holders that count (enough cached
+    tokens, within their recent share and the load slack) and the seeded candidate, whichever
+    way the walk stopped early; both implementations, against the obvious computation, and
+    each other (ties included)."""
+    size = 9
+    bias = data.draw(
+        st.lists(st.sampled_from([0.0, 8.0, 40.0, 96.0]), min_size=size, max_size=size)
+    )
+    recent = data.draw(st.lists(st.integers(0, 3), min_size=size, max_size=size))
+    loads = data.draw(st.lists(st.sampled_from([0, 1, 2.0, 3, 5.0]), min_size=n, max_size=n))
+    slots = data.draw(st.lists(st.integers(0, size - 1), min_size=n, max_size=n, unique=True))
+    pos = {s: i for i, s in enumerate(slots)}
+    holders = data.draw(st.lists(st.sampled_from(slots), unique=True))
+    depth = st.integers(0, 6) | st.sampled_from([0.5, 2.75])  # blocks, or tier credit
+    held = dict(sorted(((s, data.draw(depth)) for s in holders), key=lambda kv: -kv[1]))
+    usable, bs, ntok = data.draw(st.integers(0, 5)), 16, 90
+    floor = data.draw(st.sampled_from([0.0, 20.0, 50.0]))
+    least = min(bias) + weight * min(loads)  # no candidate waits less
+    best, best_cost, best_c = -1, 0.0, 0.0
+    if seeded:  # the caller's candidate: the least wait, as a miss
+        best = min(range(n), key=lambda i: (bias[slots[i]] + weight * loads[i], i))
+        least = bias[slots[best]] + weight * loads[best]
+        best_cost = least + miss * ntok
+    args = (held, usable, bs, floor, bias, loads, recent, pos, limit, cap, weight, miss, ntok)
+    got = impl.best_holder(*args, least, best, best_cost, best_c)
+    costs = {}
+    for s, d in held.items():
+        c = min(d, usable) * bs
+        i = pos[s]
+        if c >= floor and c > 0 and recent[s] + 1 <= limit and loads[i] <= cap:
+            costs[i] = (bias[s] + weight * loads[i] + miss * (ntok - c), c)
+    if seeded:
+        costs.setdefault(best, (best_cost, 0.0))
+    want_found = any(min(d, usable) * bs >= floor and min(d, usable) > 0 for d in held.values())
+    assert got[3] == want_found
+    if not costs:
+        assert got[0] == -1
+        return
+    assert got[0] in costs
+    assert got[1] == pytest.approx(min(c for c, _ in costs.values()))
+    assert (got[1], got[2]) == pytest.approx(costs[got[0]])
+    if fast is not None:
+        assert got == twin.best_holder(*args, least, best, best_cost, best_c)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_best_holder_ties(impl) -> None:
+    """Equal costs go to the lower load, unless a seeded candidate lets the walk stop at a tie
+    (then the first at that cost stands)."""
+    held = {0: 3, 1: 3}  # slot 0 waits on its queue, slot 1 on its load: 64 tokens each
+    bias, loads, recent, pos = [0.0, 64.0], [1, 0], [0, 0], {0: 0, 1: 1}
+    args = (held, 3, 16, 0.0, bias, loads, recent, pos, 10.0, 10.0, 64.0, 1.0, 100.0)
+    assert impl.best_holder(*args, 0.0) == (1, 116.0, 48.0, True)
+    assert impl.best_holder(*args, 64.0, 0, 116.0, 48.0) == (0, 116.0, 48.0, True)
+
+
 # --- block hashes ----------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmgw._fast import prefix_py as prefix_twin
 from lmgw.config import ConfigError, RoutingConfig
 from lmgw.routing import registry as policy_registry
 from lmgw.routing.kv_events import (
@@ -781,16 +782,20 @@ def reference_costs(policy: CacheAware, ws: list[Worker], ctx: RouteContext) -> 
     return out
 
 
-def test_the_choice_is_the_least_cost() -> None:
+@pytest.mark.parametrize("module", [None, prefix_twin], ids=["default", "twin"])
+def test_the_choice_is_the_least_cost(module) -> None:
     """On random snapshots (loads, queued prefills, recent dispatches, caches of different
-    depths, held by few or many workers), the worker chosen has the least prefill_cost among
-    those the bounds allow, computed here by brute force over every candidate."""
+    depths, held by few or many workers, up to a whole fleet of 96), the worker chosen has the
+    least prefill_cost among those the bounds allow, computed here by brute force over every
+    candidate; with the compiled holder walk and with the twin's."""
     rng = random.Random(24)
     for trial in range(150):
-        n = rng.choice((2, 3, 5, 8, 16, 24))
+        n = rng.choice((2, 3, 5, 8, 16, 24, 96))
         reg, ws = fleet(n)
         policy = CacheAware(
-            load_tokens=rng.choice((0.0, 16.0, 64.0)), request_tokens=rng.choice((0.0, 32.0))
+            load_tokens=rng.choice((0.0, 16.0, 64.0)),
+            request_tokens=rng.choice((0.0, 32.0)),
+            prefix_module=module,
         )
         system = toks(rng, rng.choice((200, 600, 1200)))
         convs = [system + toks(rng, rng.randrange(50, 1500)) for _ in range(6)]

@@ -12,6 +12,8 @@ cimport cpython.array as carray
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_SetItem
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.object cimport PyObject, PyObject_Hash
 from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
@@ -25,6 +27,7 @@ __all__ = [
     "TEXT_SEED",
     "TOKEN_SEED",
     "PrefixIndex",
+    "best_holder",
     "block_hashes",
     "least_wait",
     "nodes_for_budget",
@@ -35,6 +38,7 @@ __all__ = [
 TOKEN_SEED = 0
 TEXT_SEED = 1
 MAX_SLOTS = 4096
+cdef tuple _SLOT_INTS = tuple(range(MAX_SLOTS))  # match() keys, made once
 
 cdef extern from *:
     """
@@ -169,6 +173,8 @@ cdef extern from *:
     ) noexcept
     PyObject** lmgw_items(PyObject* fast) noexcept
     int __builtin_ctzll(unsigned long long x) noexcept nogil
+    int __builtin_popcountll(unsigned long long x) noexcept nogil
+    object _PyDict_NewPresized(Py_ssize_t minused)
 
 
 cdef inline Py_ssize_t _nblocks(Py_ssize_t length, Py_ssize_t size, Py_ssize_t max_blocks):
@@ -276,6 +282,50 @@ def least_wait(list bias, list front, slots, list loads, double load_weight, dou
             least = w
             first = f
     return best
+
+
+def best_holder(dict held, double usable, double block_size, double floor, list bias,
+                list loads, list recent, dict pos, double limit, double cap, double load_weight,
+                double miss_weight, double ntok, double least, Py_ssize_t best=-1,
+                double best_cost=0.0, double best_c=0.0):
+    """cache_aware's cheapest holder of the prompt's prefix (same answers as the twin's, which
+    says what it computes; here one C pass over the holders)."""
+    cdef Py_ssize_t i, s, nb = len(bias)
+    cdef double d, c, x, cost, bound
+    cdef bint found = False, ties_stop = best >= 0
+    if len(recent) != nb:
+        raise ValueError("best_holder: bias and recent must have equal lengths")
+    if best >= len(loads):
+        raise IndexError("best_holder: candidate index out of range")
+    for slot, dv in held.items():
+        d = dv
+        c = (d if d < usable else usable) * block_size
+        if c < floor or c <= 0:
+            continue
+        found = True
+        if best >= 0:
+            bound = least + miss_weight * (ntok - c)
+            if bound > best_cost or (ties_stop and bound == best_cost):
+                break
+        s = slot
+        if s < 0:
+            s += nb
+        if s < 0 or s >= nb:
+            raise IndexError("best_holder: slot out of range")
+        if <double>(<object>recent[s]) + 1 > limit:
+            continue
+        i = pos[slot]
+        if i < 0 or i >= len(loads):
+            raise IndexError("best_holder: candidate index out of range")
+        x = loads[i]
+        if x > cap:
+            continue
+        cost = <double>bias[s] + load_weight * x + miss_weight * (ntok - c)
+        if best < 0 or cost < best_cost or (cost == best_cost and x < <double>loads[best]):
+            best = i
+            best_cost = cost
+            best_c = c
+    return best, best_cost, best_c, found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +725,7 @@ cdef class PrefixIndex:
         cdef const uint64_t* m
         cdef int32_t node
         cdef bint left
+        cdef object depth
         cdef dict out = {}
         if n < 0 or n > hv.shape[0]:
             n = hv.shape[0]
@@ -706,6 +757,11 @@ cdef class PrefixIndex:
                     left = True
         lo = min_depth  # every slot left holds at least `lo` blocks
         hi = n
+        if left:  # sized for every slot left at once: no resize while filling it
+            a = 0
+            for w in range(words):
+                a += __builtin_popcountll(rem[w])
+            out = _PyDict_NewPresized(a)
         while left and hi >= lo:
             if self._any(self._find(hv[hi - 1]), rem):
                 d = hi
@@ -721,6 +777,7 @@ cdef class PrefixIndex:
                 d = a
             m = &self._masks[self._find(hv[d - 1]) * words]
             left = False
+            depth = d  # one int object per depth, the slots' from a table: no allocation
             for w in range(words):
                 deep = m[w] & rem[w]
                 rem[w] &= ~deep
@@ -728,7 +785,7 @@ cdef class PrefixIndex:
                     left = True
                 while deep:
                     low = deep & (~deep + 1)
-                    out[64 * w + __builtin_ctzll(low)] = d
+                    PyDict_SetItem(out, <object>PyTuple_GET_ITEM(_SLOT_INTS, 64 * w + __builtin_ctzll(low)), depth)
                     deep ^= low
             hi = d - 1
         return out

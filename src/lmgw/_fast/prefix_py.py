@@ -25,13 +25,14 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "MAX_SLOTS",
     "TEXT_SEED",
     "TOKEN_SEED",
     "PrefixIndex",
+    "best_holder",
     "block_hashes",
     "least_wait",
     "nodes_for_budget",
@@ -135,6 +136,59 @@ def least_wait(
         if best < 0 or w < least or (w == least and f < first):
             best, least, first = i, w, f
     return best
+
+
+def best_holder(
+    held: Mapping[int, float],
+    usable: float,
+    block_size: float,
+    floor: float,
+    bias: Sequence[float],
+    loads: Sequence[float],
+    recent: Sequence[int],
+    pos: Mapping[int, int],
+    limit: float,
+    cap: float,
+    load_weight: float,
+    miss_weight: float,
+    ntok: float,
+    least: float,
+    best: int = -1,
+    best_cost: float = 0.0,
+    best_c: float = 0.0,
+) -> tuple[int, float, float, bool]:
+    """cache_aware's cheapest holder: over ``held`` (slot -> matched blocks or tier credit,
+    deepest first), the candidate index ``pos[slot]`` with the least ``bias[slot] +
+    load_weight x load + miss_weight x (ntok - cached)``, where cached is the held blocks
+    (at most ``usable``) times ``block_size``; a holder caching less than ``floor`` tokens
+    does not count, one with ``recent[slot] + 1 > limit`` or a load above ``cap`` is passed
+    over; equal costs go to the lower load, then the first. ``least`` is a wait no candidate
+    goes below: deepest first, the cost bound only rises, so the walk stops where even that
+    wait cannot beat the best so far. A caller that knows a candidate of wait ``least`` passes
+    it in (``best``, its cost and cached tokens): the walk then also stops where a holder can
+    at most tie with it. Returns (index or -1, its cost, its cached tokens, whether any
+    holder counted). (One pass in C in the extension.)"""
+    ties_stop = best >= 0
+    found = False
+    for slot, d in held.items():
+        c = (d if d < usable else usable) * block_size
+        if c < floor or c <= 0:
+            continue
+        found = True
+        if best >= 0:
+            bound = least + miss_weight * (ntok - c)
+            if bound > best_cost or (ties_stop and bound == best_cost):
+                break
+        if recent[slot] + 1 > limit:  # served more than its share lately
+            continue
+        i = pos[slot]
+        x = loads[i]
+        if x > cap:  # never more than the slack above the least loaded
+            continue
+        cost = bias[slot] + load_weight * x + miss_weight * (ntok - c)
+        if best < 0 or cost < best_cost or (cost == best_cost and x < loads[best]):
+            best, best_cost, best_c = i, cost, c
+    return best, float(best_cost), float(best_c), found
 
 
 class PrefixIndex:

@@ -79,9 +79,6 @@ ALIAS_SHARE = 4
 STARVE_ROUNDS = 4
 #: credit per tier of a cached block (Dynamo's defaults: device, host, disk)
 DEFAULT_TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.75, "DISK": 0.25}
-#: after this many holders weighed one by one, the least wait of all candidates (one pass)
-#: bounds the rest: a prefix that many hold alike costs two passes, not one step per holder
-_SCAN_ABOVE = 4
 #: ``recent(w)`` counts w's dispatches among the last this many rounds of the fleet
 SPREAD_ROUNDS = 32
 #: what each of those recent dispatches adds to a worker's wait, in tokens (a tie-breaker that
@@ -93,6 +90,9 @@ HOT_HITS = 4
 WARM_ROUNDS = 8
 #: prefixes whose heat is remembered (least recently hit forgotten first)
 _HEAT_KEYS = 4096
+#: past this many holders, the least wait of all candidates (one compiled pass) is weighed
+#: first: it bounds the walk over the holders, which stops at once when that one holds too
+_SEED_ABOVE = 4
 
 
 def prefill_cost(
@@ -183,6 +183,7 @@ class CacheAware(Policy):
         self._text_block_hashes = mod.text_block_hashes
         self._slot_mask = mod.slot_mask
         self._least_wait_of = mod.least_wait
+        self._best_holder = mod.best_holder
         self._token_seed = mod.TOKEN_SEED
         self._text_seed = mod.TEXT_SEED
         #: (LoRA adapter, base seed) -> the adapter's root seed (adapters cache apart)
@@ -413,7 +414,7 @@ class CacheAware(Policy):
         least = lt * lmin + SPREAD_TOKENS * self._rmin  # no candidate waits less
         best = -1
         best_cost = 0.0
-        best_c = 0
+        best_c = 0.0
         depths: dict[int, int] = {}
         usable = 0
         found = scanned = False
@@ -433,49 +434,30 @@ class CacheAware(Policy):
                     held, depths = self._tier_credit(view, depths, usable)
                 limit = self.bounded_load_factor * (len(self._ring) + 1) / n + 2
                 recent = self._recent
-                pos = view.pos
-                k = 0
-                for slot, d in held.items():  # deepest first: the cost bound only rises
-                    c = (d if d < usable else usable) * bs
-                    if c < floor or c <= 0:
-                        continue
-                    found = True
-                    # (prefill_cost, inlined in this loop) the least this or any later one costs
-                    bound = least + g * (ntok - c)
-                    if best >= 0 and (bound > best_cost or (scanned and bound == best_cost)):
-                        break
-                    k += 1
-                    if k > _SCAN_ABOVE and not scanned:
-                        # Many hold the prompt alike: the least wait of all candidates, and
-                        # its cost as a hit or a miss, bound the rest of the loop tightly.
-                        scanned = True
-                        i = self._least_wait(slots, loads, cap, start, base)
-                        si = slots[i]
-                        least = bias[si] + lt * loads[i]
-                        ci = min(held.get(si, 0), usable) * bs
-                        if ci < floor or recent[si] + 1 > limit:
-                            ci = 0
-                        cost = prefill_cost(least, ntok, ci, g)
-                        if best < 0 or cost < best_cost:
-                            best, best_cost, best_c = i, cost, ci
-                        if prefill_cost(least, ntok, c, g) >= best_cost:
-                            break
-                    if recent[slot] + 1 > limit:  # served more than its share lately
-                        continue
-                    i = pos[slot]
-                    x = loads[i]
-                    if x > cap:  # never more than the slack above the least loaded
-                        continue
-                    cost = bias[slot] + lt * x + g * (ntok - c)
-                    if best < 0 or cost < best_cost or (cost == best_cost and x < loads[best]):
-                        best, best_cost, best_c = i, cost, c
+                if len(held) > _SEED_ABOVE:
+                    # Many hold the prompt: the least wait of all candidates (one compiled
+                    # pass), weighed as a hit or a miss first, bounds the walk tightly; when
+                    # it holds the prefix too, the walk stops at once.
+                    scanned = True
+                    best = self._least_wait(slots, loads, cap, start, base)
+                    si = slots[best]
+                    least = bias[si] + lt * loads[best]
+                    best_c = min(held.get(si, 0), usable) * bs
+                    if best_c < floor or recent[si] + 1 > limit:
+                        best_c = 0
+                    best_cost = prefill_cost(least, ntok, best_c, g)
+                # deepest first, stopping where even the least wait cannot beat the best
+                best, best_cost, best_c, found = self._best_holder(
+                    held, usable, bs, floor, bias, loads, recent, view.pos, limit, cap,
+                    lt, g, ntok, least, best, best_cost, best_c,
+                )  # fmt: skip
                 reason = "cache" if best_c > 0 else "load" if found else "below_threshold"
         if not scanned and (best < 0 or best_cost >= prefill_cost(least, ntok, 0, g)):
             # a miss may do as well: the least wait within the slack (a full scan, only now)
             miss = self._least_wait(slots, loads, cap, start, base)
             cost = prefill_cost(bias[slots[miss]] + lt * loads[miss], ntok, 0, g)
             if best < 0 or cost < best_cost or (cost == best_cost and loads[miss] < loads[best]):
-                best, best_c = miss, 0
+                best = miss
                 if reason == "cache":
                     reason = "load"
         # Starvation guard: a least-loaded worker nobody chose for STARVE_ROUNDS rounds of the
