@@ -536,14 +536,14 @@ class Gateway:
                         await nursery.start(self.keys.watch)
                     if serve:
                         self._warn_if_open()
+                    trimmer = HeapTrimmer(
+                        cfg.limits.trim_heap_after_bytes, on_trim=self.metrics.heap_trimmed
+                    )
                     if not serve:
                         self._server_done.set()  # shutdown() has no server to wait for
                     elif cfg.server.server == "hypercorn":
-                        self.port = await nursery.start(self._run_hypercorn)
+                        self.port = await nursery.start(self._run_hypercorn, trimmer)
                     else:
-                        trimmer = HeapTrimmer(
-                            cfg.limits.trim_heap_after_bytes, on_trim=self.metrics.heap_trimmed
-                        )
                         self.server = HTTPServer(
                             self.handler, server_limits(cfg), self.handler.on_timeout, trimmer
                         )
@@ -567,13 +567,16 @@ class Gateway:
                         await self.cache.aclose()
 
     async def _run_hypercorn(
-        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        trimmer: HeapTrimmer | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         from .http.asgi import serve_hypercorn
 
         try:
             await serve_hypercorn(
-                self.handler, self.config, self._hypercorn_stop, task_status=task_status
+                self.handler, self.config, self._hypercorn_stop, trimmer, task_status=task_status
             )
         finally:
             self._server_done.set()

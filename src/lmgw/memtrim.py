@@ -23,7 +23,11 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["HeapTrimmer", "malloc_trim", "rss_bytes"]
+__all__ = ["LARGE_ANSWER_BYTES", "HeapTrimmer", "malloc_trim", "rss_bytes"]
+
+#: whole answers larger than this are reported when sent (smaller ones come and go in the heap
+#: with the request's other objects)
+LARGE_ANSWER_BYTES = 256 << 10
 
 log = logging.getLogger("lmgw.memtrim")
 

@@ -7,12 +7,12 @@ handler exactly as the native server does, so cancellation reaches the workers e
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import trio
 
 from ..errors import error_body
+from ..memtrim import LARGE_ANSWER_BYTES, HeapTrimmer
 from .types import Handler, Headers, Request, TimeoutHandler
 
 Scope = dict[str, Any]
@@ -23,10 +23,11 @@ class _ASGIResponder:
     hypercorn answers that message by closing the stream, which delivers ``http.disconnect`` to
     the receiver, and that one must not be taken for the client going away."""
 
-    __slots__ = ("_head", "_send", "client_gone", "finished", "finishing", "started")
+    __slots__ = ("_head", "_send", "client_gone", "finished", "finishing", "started", "trimmer")
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, trimmer: HeapTrimmer | None = None) -> None:
         self._send = send
+        self.trimmer = trimmer
         self._head: dict | None = None
         self.started = False
         self.finishing = False
@@ -46,6 +47,8 @@ class _ASGIResponder:
         )
         self.finishing = True
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
+            self.trimmer.released(len(body))
         self.finished = True
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -80,9 +83,12 @@ class ASGIAdapter:
         max_body_bytes: int = 32 << 20,
         request_timeout_s: float = 0.0,
         on_timeout: TimeoutHandler | None = None,
+        trimmer: HeapTrimmer | None = None,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        #: told of every request body let go and every large whole answer (lmgw.memtrim)
+        self.trimmer = trimmer if trimmer is not None and trimmer.enabled else None
         #: whole-request deadline (0: none); answered by ``on_timeout`` like the native server
         self.request_timeout_s = request_timeout_s
         self.on_timeout = on_timeout
@@ -126,15 +132,19 @@ class ASGIAdapter:
             True,
             f"{client[0]}:{client[1]}",
         )
-        responder = _ASGIResponder(send)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder)
-            if self.request_timeout_s:
-                nursery.start_soon(self._deadline, req, nursery.cancel_scope)
-            try:
-                await self.handler(req, responder)
-            finally:
-                nursery.cancel_scope.cancel()
+        responder = _ASGIResponder(send, self.trimmer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder)
+                if self.request_timeout_s:
+                    nursery.start_soon(self._deadline, req, nursery.cancel_scope)
+                try:
+                    await self.handler(req, responder)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.trimmer is not None:
+                self.trimmer.released(len(req.body))
         if responder.client_gone:
             return  # nobody to answer
         if req.deadline_exceeded and self.on_timeout is not None and not responder.finished:
@@ -195,13 +205,15 @@ async def serve_hypercorn(
     handler: Handler,
     cfg,
     stop: trio.Event | None = None,
+    trimmer: HeapTrimmer | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` with hypercorn[trio] per the gateway config; reports the bound port.
 
     Setting ``stop`` shuts hypercorn down gracefully (it stops accepting and waits up to
-    ``server.graceful_shutdown_s`` for requests in flight); then this returns."""
+    ``server.graceful_shutdown_s`` for requests in flight); then this returns. ``trimmer``
+    gives the heap back after bursts of large bodies, as on the native server."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -221,9 +233,19 @@ async def serve_hypercorn(
         cfg.limits.max_body_bytes,
         cfg.limits.request_timeout_s,
         getattr(handler, "on_timeout", None),
+        trimmer,
     )
     trigger = stop.wait if stop is not None else None
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, shutdown_trigger=trigger), app, hc)
+        if app.trimmer is not None:
+            nursery.start_soon(app.trimmer.run)
+
+        async def _serve(*, task_status: trio.TaskStatus[Any]) -> None:
+            try:
+                await serve(app, hc, shutdown_trigger=trigger, task_status=task_status)
+            finally:
+                nursery.cancel_scope.cancel()  # hypercorn is done: so is the trimmer
+
+        binds = await nursery.start(_serve)
         port = int(binds[0].rsplit(":", 1)[1])
         task_status.started(port)

@@ -22,7 +22,7 @@ from trio.lowlevel import ParkingLot
 
 from ..errors import error_body
 from ..fdlimit import client_connections_allowed
-from ..memtrim import HeapTrimmer
+from ..memtrim import LARGE_ANSWER_BYTES, HeapTrimmer
 from ..netio import RawStream
 from .h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
 from .h1parse import RequestParts, parse_request
@@ -126,8 +126,8 @@ class ServerLimits:
 
 
 #: a whole response body above this is written after its head instead of joined to it (a copy
-#: of a large body costs more than the second write)
-_JOIN_MAX = 256 << 10
+#: of a large body costs more than the second write), and reported to the heap trimmer
+_JOIN_MAX = LARGE_ANSWER_BYTES
 
 
 class _Responder:
