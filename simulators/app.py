@@ -243,6 +243,9 @@ class WorkerOptions:
     kv_events: str | None = None
     """Bind a ZMQ publisher of vLLM-shaped KV events here (``tcp://127.0.0.1:0``: a free port;
     :mod:`.kv_events`); None: no events."""
+    dp_rank: int | None = None
+    """This engine is data-parallel rank r of a server run with ``--data-parallel-size``
+    (:mod:`.dp`): its metrics carry ``engine="r"`` and its KV event batches name the rank."""
     tool_format: str = DEFAULT_TOOL_FORMAT
     """How the model writes tool calls (a parser name of :mod:`lmgw.tools`) when a chat request
     carries ``tools``: the worker answers with that raw text, like a vLLM worker started without
@@ -819,7 +822,9 @@ class SimWorker:
         self._prefill_lock = trio.Lock()  # FIFO: serial prefills queue in arrival order
         self._lora_slots = LoraSlots(opts.max_loras)
         self._lora_freed = trio.lowlevel.ParkingLot()  # requests waiting for a LoRA slot
-        self.kv_events = KvEventPublisher(opts.kv_events) if opts.kv_events else None
+        self.kv_events = (
+            KvEventPublisher(opts.kv_events, rank=opts.dp_rank) if opts.kv_events else None
+        )
         """The KV event publisher (``options.kv_events``); run by serve_worker_inprocess."""
         if self.kv_events is not None:
             self.engine.cache.listener = self.kv_events.add
@@ -2412,13 +2417,22 @@ class SimWorker:
             raise ApiError(503, "The simulated worker is unhealthy (fault).")
 
     async def _metrics(self, request: Request, responder: Responder, rid: bytes) -> None:
-        text = render_metrics(self.engine, self._default_model, self._handoff_counters())
+        body = self.metrics_text().encode()
+        await responder.send_full(200, [_TEXT, (b"x-request-id", rid)], body)
+
+    def metrics_text(self) -> str:
+        """The /metrics body (vLLM's names; ``engine`` labels this engine's rank)."""
+        text = render_metrics(
+            self.engine,
+            self._default_model,
+            self._handoff_counters(),
+            engine_index=self.options.dp_rank or 0,
+        )
         if self.options.lora_enabled:
             text += render_lora_info(
                 self._lora_slots.running(), self._lora_slots.waiting(), self._max_lora_label()
             )
-        body = text.encode()
-        await responder.send_full(200, [_TEXT, (b"x-request-id", rid)], body)
+        return text
 
     def _max_lora_label(self) -> int:
         """vLLM's ``max_lora`` label: ``max_loras``, or without a limit the adapters served

@@ -79,14 +79,18 @@ SimKVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ts: float
     events: list[SimKVEvent]
+    data_parallel_rank: int | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_batch(events: list[SimKVEvent], ts: float | None = None) -> bytes:
-    """The payload frame of one batch, byte-compatible with vLLM's."""
-    return _encoder.encode(KVEventBatch(time.time() if ts is None else ts, events))
+def encode_batch(
+    events: list[SimKVEvent], ts: float | None = None, rank: int | None = None
+) -> bytes:
+    """The payload frame of one batch, byte-compatible with vLLM's (``rank``: the engine's
+    data-parallel rank, when it has one)."""
+    return _encoder.encode(KVEventBatch(time.time() if ts is None else ts, events, rank))
 
 
 class KvEventPublisher:
@@ -95,11 +99,13 @@ class KvEventPublisher:
     Args:
         bind: the ZMQ endpoint to bind (``tcp://127.0.0.1:0`` picks a free port).
         topic: the topic frame (vLLM's default is empty).
+        rank: the engine's data-parallel rank (vLLM names it in each batch), if any.
     """
 
-    def __init__(self, bind: str, topic: str = "") -> None:
+    def __init__(self, bind: str, topic: str = "", rank: int | None = None) -> None:
         self.bind = bind
         self.topic = topic.encode()
+        self.rank = rank  #: the engine's data-parallel rank, named in every batch
         #: the bound endpoint, once :meth:`run` bound it
         self.endpoint: str | None = None
         self.seq = 0
@@ -136,7 +142,8 @@ class KvEventPublisher:
                         self.subscriptions += 1
                 if self._pending:
                     events, self._pending = self._pending, []
-                    frames = [self.topic, self.seq.to_bytes(8, "big"), encode_batch(events)]
+                    payload = encode_batch(events, rank=self.rank)
+                    frames = [self.topic, self.seq.to_bytes(8, "big"), payload]
                     self.seq += 1
                     self.batches += 1
                     self.events += len(events)

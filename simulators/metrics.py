@@ -18,12 +18,17 @@ def _num(value: float) -> str:
 
 
 def render_metrics(
-    engine: Engine, model_name: str, extra_counters: Iterable[tuple[str, str, float]] = ()
+    engine: Engine,
+    model_name: str,
+    extra_counters: Iterable[tuple[str, str, float]] = (),
+    *,
+    engine_index: int = 0,
 ) -> str:
     """The /metrics body: gauges, counters and histograms with ``model_name`` and ``engine``
-    labels (vLLM V1 labels every series with both). ``extra_counters`` are simulator-only
-    ``(name, help, value)`` series appended at the end (hand-off counters of the roles)."""
-    labels = f'model_name="{_esc(model_name)}",engine="0"'
+    labels (vLLM V1 labels every series with both; ``engine``: the data-parallel rank).
+    ``extra_counters`` are simulator-only ``(name, help, value)`` series appended at the end
+    (hand-off counters of the roles)."""
+    labels = f'model_name="{_esc(model_name)}",engine="{engine_index}"'
     stats = engine.stats
     cache = engine.cache
     out: list[str] = []

@@ -226,6 +226,8 @@ def format_workers(workers: list[dict[str, Any]]) -> str:
 
 
 def _summary(w: dict[str, Any]) -> str:
+    if w.get("object") == "list":  # the ranks of a data-parallel server, added at once
+        return "\n".join(_summary(x) for x in w["data"])
     line = f"worker {w['id']}: {w['state']} ({w['role']}, {w['url']}, in flight {w['in_flight']})"
     if w.get("last_error") and w["state"] in ("ejected", "draining"):
         line += f": {w['last_error']}"
@@ -312,7 +314,7 @@ def _add_workers_parser(sub: Any) -> None:
     add = cmds.add_parser(
         "add",
         parents=[common],
-        help="add a worker: ROLE=URL[,id=..,bootstrap_port=..,kv_address=..,zone=..]",
+        help="add a worker: ROLE=URL[,id=..,bootstrap_port=..,kv_address=..,zone=..,dp=..]",
     )
     add.add_argument("spec", metavar="ROLE=URL[,K=V...]", help="as `lmgw serve --worker`")
     add.add_argument(

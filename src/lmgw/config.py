@@ -1432,14 +1432,44 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # workers of one zone, slower across zones (routing.placement = "joint" weighs it). Unset:
     # no zone (all unset workers count as one).
     zone: str | None = None
+    # vLLM data parallelism behind one API server (`vllm serve --data-parallel-size N`): each
+    # of its N ranks has its own engine and prefix cache. N > 1 makes each rank a worker of its
+    # own (ids "<id>#dp<r>", same URL), every request pinned to its rank with the
+    # `X-data-parallel-rank` header, so cache-aware routing and load balancing see each
+    # rank's cache and queue (`kv_events`: rank r subscribes to port + r, as vLLM publishes).
+    # 1: the server is one worker and vLLM balances its ranks itself.
+    data_parallel_size: int = 1
+    # This entry is one rank of such a server (the expansion sets it; set it to list ranks one
+    # by one). Unset: the whole server, or every rank when data_parallel_size > 1.
+    data_parallel_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.zone is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]{1,64}", self.zone):
             raise ConfigError(f"{self.zone!r}: 1-64 letters, digits or . _ : / -", path="zone")
+        if not 1 <= self.data_parallel_size <= MAX_DP_RANKS:
+            raise ConfigError(f"must be 1..{MAX_DP_RANKS}", path="data_parallel_size")
+        rank = self.data_parallel_rank
+        if rank is not None:
+            top = self.data_parallel_size if self.data_parallel_size > 1 else MAX_DP_RANKS
+            if not 0 <= rank < top:
+                raise ConfigError(f"must be 0..{top - 1}", path="data_parallel_rank")
+        if (rank is not None or self.data_parallel_size > 1) and is_native_url(self.url):
+            raise ConfigError(
+                "data-parallel ranks are addressed over HTTP (X-data-parallel-rank); a native"
+                " worker registers each rank itself",
+                path="data_parallel_size",
+            )
         if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
             raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
         if self.kv_events is not None:
             _set(self, "kv_events", check_kv_events_endpoint(self.kv_events))
+        if self.kv_events and self.kv_events.startswith("tcp://") and rank is None:
+            last = int(self.kv_events.rpartition(":")[2]) + self.data_parallel_size - 1
+            if last > 65535:
+                raise ConfigError(
+                    f"rank {self.data_parallel_size - 1}'s KV events would be on port {last}",
+                    path="kv_events",
+                )
         if self.kv_address is not None:
             _set(self, "kv_address", check_kv_address(self.kv_address))
         try:
@@ -1462,8 +1492,45 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
 
     @property
     def worker_id(self) -> str:
-        """The worker's stable id: ``id`` if given, else the URL."""
-        return self.id if self.id is not None else self.url
+        """The worker's stable id: ``id`` if given, else the URL (with ``#dp<r>`` for a
+        data-parallel rank)."""
+        if self.id is not None:
+            return self.id
+        if self.data_parallel_rank is not None:
+            return f"{self.url}#dp{self.data_parallel_rank}"
+        return self.url
+
+    def ranks(self) -> list[WorkerConfig]:
+        """The workers this entry stands for: itself, or one per data-parallel rank (ids
+        ``<id>#dp<r>``, KV events on the rank's endpoint) when ``data_parallel_size`` > 1."""
+        if self.data_parallel_size <= 1 or self.data_parallel_rank is not None:
+            return [self]
+        base = self.worker_id
+        return [
+            msgspec.structs.replace(
+                self,
+                id=f"{base}#dp{r}",
+                data_parallel_rank=r,
+                kv_events=None if self.kv_events is None else rank_endpoint(self.kv_events, r),
+            )
+            for r in range(self.data_parallel_size)
+        ]
+
+
+#: the most data-parallel ranks one worker entry may have
+MAX_DP_RANKS = 1024
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """Where data-parallel rank ``rank`` of a vLLM server publishes its KV events, given the
+    configured endpoint: vLLM offsets a tcp port by the rank and suffixes an ipc path with
+    ``_dp<rank>`` (rank 0 as configured)."""
+    if rank == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        base, _, port = endpoint.rpartition(":")
+        return f"{base}:{int(port) + rank}"
+    return f"{endpoint}_dp{rank}"
 
 
 def is_native_url(url: str) -> bool:
@@ -1688,15 +1755,16 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
                 path="limits.tenant_header",
             )
         ids: dict[str, int] = {}
-        for i, worker in enumerate(self.workers):
-            wid = worker.worker_id
-            if wid in ids:
-                hint = "ids must be unique" if worker.id is not None else "give each an `id`"
-                raise ConfigError(
-                    f"duplicate worker {wid!r} (also `workers[{ids[wid]}]`); {hint}",
-                    path=f"workers[{i}].{'id' if worker.id is not None else 'url'}",
-                )
-            ids[wid] = i
+        for i, entry in enumerate(self.workers):
+            for worker in entry.ranks():  # a data-parallel server's ranks are workers too
+                wid = worker.worker_id
+                if wid in ids:
+                    hint = "ids must be unique" if entry.id is not None else "give each an `id`"
+                    raise ConfigError(
+                        f"duplicate worker {wid!r} (also `workers[{ids[wid]}]`); {hint}",
+                        path=f"workers[{i}].{'id' if entry.id is not None else 'url'}",
+                    )
+                ids[wid] = i
         for i, worker in enumerate(self.workers):
             if worker.curve_server_key is not None and self.native.curve_secret_key_file is None:
                 raise ConfigError(
@@ -2351,13 +2419,24 @@ _SCALAR_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-_WORKER_FLAG_KEYS = {"id": str, "bootstrap_port": int, "kv_address": str, "zone": str}
+_WORKER_FLAG_KEYS = {
+    "id": str,
+    "bootstrap_port": int,
+    "kv_address": str,
+    "zone": str,
+    "kv_events": str,
+    "dp": int,
+    "data_parallel_size": int,
+    "data_parallel_rank": int,
+}
+#: flag keys that are short for a field
+_WORKER_FLAG_FIELDS = {"dp": "data_parallel_size"}
 
 
 def parse_worker_flag(text: str) -> WorkerConfig:
     """Parse a ``--worker ROLE=URL[,KEY=VALUE...]`` value, e.g. ``pd=http://127.0.0.1:9001`` or
     ``p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001,zone=node-a`` (keys: id, bootstrap_port,
-    kv_address, zone).
+    kv_address, zone, kv_events, dp / data_parallel_size, data_parallel_rank).
 
     Raises:
         ConfigError: naming the flag text, when it is not ROLE=URL with a known role and a
@@ -2384,7 +2463,7 @@ def parse_worker_flag(text: str) -> WorkerConfig:
             )
         if kind is int and not value.isdigit():
             raise ConfigError(f"{key} must be an integer, got {value!r}", source=source)
-        extra[key] = kind(value)
+        extra[_WORKER_FLAG_FIELDS.get(key, key)] = kind(value)
     try:
         return WorkerConfig(url=url.strip(), role=role.strip(), **extra)
     except ConfigError as e:
@@ -2427,10 +2506,12 @@ def config_from_args(
     for text in getattr(ns, "worker", None) or ():
         worker = parse_worker_flag(text)
         item = {"url": worker.url, "role": worker.role}
+        fields = {_WORKER_FLAG_FIELDS.get(key, key) for key in _WORKER_FLAG_KEYS}
         item.update(
-            (key, getattr(worker, key))
-            for key in _WORKER_FLAG_KEYS
-            if getattr(worker, key) is not None
+            (field, value)
+            for field in sorted(fields)
+            if (value := getattr(worker, field)) is not None
+            and not (field == "data_parallel_size" and value == 1)
         )
         layers.append("workers", item, f"from flag `--worker {text}`")
     cfg = layers.build()

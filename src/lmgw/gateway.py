@@ -55,7 +55,7 @@ from .workers.discovery.kubernetes import K8sMetrics
 from .workers.kv_events import KvEventSubscribers
 from .workers.lora import AdapterManager
 from .workers.monitor import HealthMonitor
-from .workers.registry import Registry
+from .workers.registry import Registry, WorkerExists
 from .workers.replicas import ReplicaSync
 from .workers.replicas import register_metrics as register_replica_metrics
 from .workers.worker import Worker, WorkerState
@@ -190,8 +190,9 @@ class Gateway:
             curve_secret_key_file=config.native.curve_secret_key_file,
             shm_threshold_bytes=config.native.shm_threshold_bytes,
         )
-        for wc in config.workers:
-            self.add_worker(wc)
+        for entry in config.workers:
+            for wc in entry.ranks():  # a data-parallel server: one worker per rank
+                self.add_worker(wc)
         # models with a gateway-side tokenizer (models[].tokenizer): loaded now, so a bad
         # folder stops the start instead of failing requests
         self.texts: dict[str, ModelText] = {}
@@ -294,6 +295,9 @@ class Gateway:
 
     # -- fleet ----------------------------------------------------------------------------
     def add_worker(self, wc: WorkerConfig) -> Worker:
+        """Add one worker (one rank of a data-parallel entry: see :meth:`WorkerConfig.ranks`)."""
+        if wc.data_parallel_size > 1 and wc.data_parallel_rank is None:
+            raise ValueError("add each rank of a data-parallel worker (WorkerConfig.ranks)")
         if is_native_url(wc.url):  # its channel opens now (or when the gateway starts)
             native = NativeWorker(wc)
             self.native.prepare(native)  # bad CURVE key files raise before it joins
@@ -309,11 +313,27 @@ class Gateway:
             frozenset(wc.models) if wc.models else None,
             wc.bootstrap_port,
             wc.kv_address,
+            wc.data_parallel_rank,
         )
         worker.zone = wc.zone
         self.registry.add(worker)
         self.kv_events.watch(worker, wc.kv_events)
         return worker
+
+    def add_entry(self, entry: WorkerConfig) -> list[Worker]:
+        """Add a ``[[workers]]`` entry given at run time (admin API, SDK): the worker, or each
+        of its data-parallel ranks. Nothing is added when any id is taken.
+
+        Raises:
+            WorkerExists: naming an id that is taken.
+            ValueError: a model's dialect cannot name the worker on the wire.
+        """
+        ranks = entry.ranks()
+        for wc in ranks:
+            if self.registry.get(wc.worker_id) is not None:
+                raise WorkerExists(wc.worker_id)
+        self.pipeline.check_worker(ranks[0])  # the ranks differ in nothing a dialect names
+        return [self.add_worker(wc) for wc in ranks]
 
     def remove_worker(self, worker_id: str) -> Worker:
         """Remove at once (requests in flight on it finish on their own connections)."""
@@ -349,7 +369,7 @@ class Gateway:
         the new ones, drain the ones gone (removed once idle, by :meth:`sweep_retired`).
         Workers of other sources, static ones included, are never touched; a worker whose id
         another source owns is skipped. Returns (added, retired)."""
-        want = {wc.worker_id: wc for wc in desired}
+        want = {wc.worker_id: wc for entry in desired for wc in entry.ranks()}
         added = retired = 0
         for wid, wc in want.items():
             known = self.registry.get(wid)

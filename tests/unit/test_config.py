@@ -983,6 +983,59 @@ def test_worker_flag_bad_options_are_config_errors(flag: str, needle: str) -> No
     assert needle in str(info.value) and flag in str(info.value)
 
 
+def test_a_data_parallel_server_is_one_worker_per_rank() -> None:
+    """``dp=N`` (``data_parallel_size``): N workers of one URL, ids ``<id>#dp<r>``, each rank's
+    KV events where vLLM publishes them (tcp port + rank, ipc path + ``_dp<r>``)."""
+    wc = parse_worker_flag("pd=http://h:8000,dp=3,kv_events=tcp://h:5557")
+    ranks = wc.ranks()
+    assert [r.worker_id for r in ranks] == [f"http://h:8000#dp{r}" for r in range(3)]
+    assert [r.data_parallel_rank for r in ranks] == [0, 1, 2]
+    assert [r.kv_events for r in ranks] == ["tcp://h:5557", "tcp://h:5558", "tcp://h:5559"]
+    assert {r.url for r in ranks} == {"http://h:8000"}
+    named = WorkerConfig(url="http://h:1", id="big", data_parallel_size=2, kv_events="ipc:///e")
+    assert [(r.worker_id, r.kv_events) for r in named.ranks()] == [
+        ("big#dp0", "ipc:///e"),
+        ("big#dp1", "ipc:///e_dp1"),
+    ]
+    one = WorkerConfig(url="http://h:1", data_parallel_rank=5)  # a rank listed on its own
+    assert one.ranks() == [one] and one.worker_id == "http://h:1#dp5"
+    assert WorkerConfig(url="http://h:1").ranks()[0].data_parallel_rank is None
+    cfg = msgspec.convert(
+        {"workers": [{"url": "http://h:1", "data_parallel_size": 2}, {"url": "http://h:2"}]},
+        GatewayConfig,
+    )
+    assert [r.worker_id for w in cfg.workers for r in w.ranks()] == [
+        "http://h:1#dp0", "http://h:1#dp1", "http://h:2",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ({"data_parallel_size": 0}, "data_parallel_size"),
+        ({"data_parallel_size": 2000}, "data_parallel_size"),
+        ({"data_parallel_size": 2, "data_parallel_rank": 2}, "data_parallel_rank"),
+        ({"data_parallel_rank": -1}, "data_parallel_rank"),
+        ({"data_parallel_size": 4, "kv_events": "tcp://h:65534"}, "port 65537"),
+        ({"data_parallel_size": 2, "url": "zmq+tcp://h:5000"}, "native"),
+    ],
+)
+def test_data_parallel_mistakes_are_config_errors(table: dict, needle: str) -> None:
+    with pytest.raises((ConfigError, msgspec.ValidationError)) as info:
+        msgspec.convert({"url": "http://h:1", **table}, WorkerConfig)
+    assert needle in str(info.value)
+
+
+def test_a_rank_id_taken_by_another_worker_is_refused() -> None:
+    with pytest.raises((ConfigError, msgspec.ValidationError)) as info:
+        workers = [
+            {"url": "http://h:1", "id": "a", "data_parallel_size": 2},
+            {"url": "http://h:2", "id": "a#dp1"},
+        ]
+        msgspec.convert({"workers": workers}, GatewayConfig)
+    assert "duplicate worker 'a#dp1'" in str(info.value)
+
+
 def test_media_profile_is_an_optional_table_per_model() -> None:
     data = {
         "models": [

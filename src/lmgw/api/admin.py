@@ -31,6 +31,7 @@ import msgspec
 from ..config import WorkerConfig
 from ..errors import DECODE_ERRORS, GatewayError, error_body
 from ..http.types import Request, Responder
+from ..workers.registry import WorkerExists
 from ..workers.worker import Worker, WorkerState
 from .limits import check_json_depth
 
@@ -165,15 +166,17 @@ class AdminAPI:
             raise GatewayError(
                 400, f"invalid worker: {msg}", param=m.group(1) if m else None
             ) from None
-        wid = wc.worker_id
-        if self.gw.registry.get(wid) is not None:
-            raise GatewayError(409, f"a worker with id {wid!r} already exists", param="id")
-        try:  # a worker some model's dialect cannot name on the wire would fail every request
-            self.gw.pipeline.check_worker(wc)
-        except ValueError as exc:
+        try:  # the monitor probes new workers at once
+            added = self.gw.add_entry(wc)
+        except WorkerExists as exc:
+            raise GatewayError(
+                409, f"a worker with id {exc.worker_id!r} already exists", param="id"
+            ) from None
+        except ValueError as exc:  # a model's dialect cannot name it: every request would fail
             raise GatewayError(400, str(exc)) from None
-        worker = self.gw.add_worker(wc)  # the monitor probes a new worker at once
-        return 201, self._describe(worker)
+        if len(added) == 1:
+            return 201, self._describe(added[0])
+        return 201, {"object": "list", "data": [self._describe(w) for w in added]}
 
     async def _undrain(self, worker: Worker) -> None:
         if worker.state is not WorkerState.DRAINING:

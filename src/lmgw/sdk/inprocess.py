@@ -51,6 +51,7 @@ from ..http.server import HTTPServer
 from ..http.types import Headers
 from ..model_routes import route_body
 from ..routing.policy import Policy
+from ..workers.registry import WorkerExists
 from ..workers.worker import Worker, WorkerState
 from .client import (
     BATCHES,
@@ -529,13 +530,16 @@ class Gateway:
             wc = msgspec.convert(table, WorkerConfig)
         except (msgspec.ValidationError, ValueError) as exc:
             raise _typed(GatewayError(400, f"invalid worker: {exc}")) from None
-        if self.core.registry.get(wc.worker_id) is not None:
-            raise _typed(GatewayError(409, f"a worker with id {wc.worker_id!r} already exists"))
         try:
-            self.core.pipeline.check_worker(wc)
+            added = self.core.add_entry(wc)
+        except WorkerExists as exc:
+            msg = f"a worker with id {exc.worker_id!r} already exists"
+            raise _typed(GatewayError(409, msg)) from None
         except ValueError as exc:
             raise _typed(GatewayError(400, str(exc))) from None
-        return self._describe(self.core.add_worker(wc))
+        if len(added) == 1:
+            return self._describe(added[0])
+        return {"object": "list", "data": [self._describe(w) for w in added]}
 
     async def drain(self, worker_id: str, grace_s: float | None = None) -> dict[str, Any]:
         """No new requests for the worker; with ``grace_s``, also wait up to that long for the

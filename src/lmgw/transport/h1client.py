@@ -30,10 +30,17 @@ class UpstreamProtocolError(Exception):
 
 
 def build_request_head(
-    method: str, path: str, host: bytes, headers: Headers, body_len: int | None
+    method: str,
+    path: str,
+    host: bytes,
+    headers: Headers,
+    body_len: int | None,
+    fixed: bytes = b"",
 ) -> bytes:
-    """Request line and headers. ``body_len`` None means no body (GET)."""
-    parts = [_request_line(method, path, host)]
+    """Request line and headers. ``body_len`` None means no body (GET). ``fixed``: header
+    lines (each ending in CRLF) every request to this host carries, right after ``Host``
+    (a data-parallel rank's ``X-data-parallel-rank``: :class:`~lmgw.transport.pool.Origin`)."""
+    parts = [_request_line(method, path, host, fixed)]
     for k, v in headers:
         parts.append(k + b": " + v + b"\r\n")
     if body_len is not None:
@@ -44,9 +51,11 @@ def build_request_head(
 
 
 @functools.lru_cache(maxsize=1024)
-def _request_line(method: str, path: str, host: bytes) -> bytes:
-    """The request line and Host header: the same few per worker, so formatted once."""
-    return b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
+def _request_line(method: str, path: str, host: bytes, fixed: bytes = b"") -> bytes:
+    """The request line, Host header and the host's fixed headers: the same few per worker,
+    so formatted once."""
+    line = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode("latin-1"), host)
+    return line + fixed if fixed else line
 
 
 class _SwitchToDecoder(Exception):

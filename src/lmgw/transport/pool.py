@@ -95,20 +95,23 @@ class UpstreamError(Exception):
 class Origin:
     """A worker address with its idle-connection stack. Hashable by identity; one per worker."""
 
-    __slots__ = ("host", "host_header", "idle", "port", "scheme", "waiting")
+    __slots__ = ("fixed", "host", "host_header", "idle", "port", "scheme", "waiting")
 
-    def __init__(self, host: str, port: int, scheme: str = "http") -> None:
+    def __init__(self, host: str, port: int, scheme: str = "http", fixed: bytes = b"") -> None:
         self.host = host
         self.port = port
         self.scheme = scheme
         # an IPv6 literal needs its brackets back in the Host header (RFC 9110 7.2)
         self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        #: header lines every request to this origin carries (CRLF-terminated): a data-parallel
+        #: rank of one server is an origin of its own, its rank in ``X-data-parallel-rank``
+        self.fixed = fixed
         self.idle: list[_Conn] = []
         #: connections whose request waits for its answer's head (see ConnectionPool.abort)
         self.waiting: set[_Conn] = set()
 
     @classmethod
-    def from_url(cls, url: str) -> Origin:
+    def from_url(cls, url: str, fixed: bytes = b"") -> Origin:
         scheme, _, rest = url.partition("://")
         hostport = rest.split("/", 1)[0]
         if hostport.startswith("["):
@@ -118,7 +121,7 @@ class Origin:
             host, _, port = hostport.partition(":")
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme in worker URL {url!r}")
-        return cls(host, int(port) if port else (443 if scheme == "https" else 80), scheme)
+        return cls(host, int(port) if port else (443 if scheme == "https" else 80), scheme, fixed)
 
     def __repr__(self) -> str:
         return f"<Origin {self.host}:{self.port} idle={len(self.idle)}>"
@@ -298,7 +301,12 @@ class ConnectionPool:
         does not arrive within ``response_timeout_s`` (status 504).
         """
         head = build_request_head(
-            method, path, origin.host_header, headers, None if body is None else len(body)
+            method,
+            path,
+            origin.host_header,
+            headers,
+            None if body is None else len(body),
+            origin.fixed,
         )
         # one write for the usual small body; a large one goes after the head as it is,
         # instead of copying it (a 32 MiB upload would take twice its size for a moment)

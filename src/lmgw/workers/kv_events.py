@@ -105,10 +105,15 @@ class KvEventFeed:
         if last is not None and seq != last + 1:
             self._gap(f"sequence {seq} after {last}")
         try:
-            _, events, _ = decode_vllm_batch(frames[2])
+            _, events, rank = decode_vllm_batch(frames[2])
         except KVEventError as exc:
             self.bad_batches += 1
             self._gap(str(exc))
+            return
+        mine = worker.dp_rank
+        if rank is not None and mine is not None and rank != mine:  # another rank's cache
+            self.bad_batches += 1
+            self._gap(f"events of data-parallel rank {rank} on rank {mine}'s endpoint")
             return
         self.batches += 1
         self.events += len(events)

@@ -52,23 +52,27 @@ _LORA_INFO = b"vllm:lora_requests_info{"
 _LABEL = re.compile(rb'(\w+)="([^"]*)"')
 
 
-def apply_engine_metrics(load: EngineLoad, text: bytes) -> None:
+def apply_engine_metrics(load: EngineLoad, text: bytes, rank: int | None = None) -> None:
     """Sum each known vLLM metric over its label sets (data-parallel ranks, models) into
-    ``load``; other lines are skipped without parsing them. ``vllm:lora_requests_info`` (a
-    gauge whose value is the time it was set, one label set per state seen) gives the running
-    adapters and ``max_lora`` of its latest sample."""
+    ``load``; other lines are skipped without parsing them. ``rank``: a data-parallel rank's
+    own (vLLM labels each engine's samples ``engine="<rank>"``); only its samples count.
+    ``vllm:lora_requests_info`` (a gauge whose value is the time it was set, one label set per
+    state seen) gives the running adapters and ``max_lora`` of its latest sample."""
     sums: dict[str, float] = {}
     lora: tuple[float, bytes] | None = None
+    mine = None if rank is None else b'engine="%d"' % rank
     for line in text.split(b"\n"):
         if not line.startswith(b"vllm:"):
             continue
-        if line.startswith(_LORA_INFO):
+        if line.startswith(_LORA_INFO):  # (vLLM gives it no engine label)
             try:
                 at = float(line.rsplit(b" ", 1)[1])
             except (ValueError, IndexError):
                 continue
             if lora is None or at > lora[0]:
                 lora = (at, line)
+            continue
+        if mine is not None and mine not in line:
             continue
         name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i > 0), default=-1)
         field = _ENGINE_METRICS.get(line[:name_end]) if name_end > 0 else None
@@ -177,7 +181,7 @@ class HealthMonitor:
             return
         if resp.status == 200:
             try:
-                apply_engine_metrics(worker.engine, body)
+                apply_engine_metrics(worker.engine, body, worker.dp_rank)
             except Exception:  # a worker's text must never end the monitor (and the gateway)
                 log.exception("worker %s: its /metrics could not be read", worker.id)
 

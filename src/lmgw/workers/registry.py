@@ -18,6 +18,14 @@ from .worker import Worker, WorkerState
 log = logging.getLogger("lmgw.workers")
 
 
+class WorkerExists(LookupError):
+    """A worker with this id is registered already."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+
+
 class Candidates(tuple):  # type: ignore[type-arg]
     """The routable workers of one (model, role) as :meth:`Registry.candidates` caches them,
     with their loads kept current: a load-aware policy reads every candidate's load in one

@@ -67,6 +67,7 @@ class Worker:
         "boards",
         "bootstrap_port",
         "consecutive_failures",
+        "dp_rank",
         "ejected_at",
         "ejected_until",
         "ejections",
@@ -92,9 +93,13 @@ class Worker:
         models: frozenset[str] | None = None,
         bootstrap_port: int | None = None,
         kv_address: str | None = None,
+        dp_rank: int | None = None,
     ) -> None:
         self.id = id
         self.url = url.rstrip("/")
+        #: one data-parallel rank of a vLLM server (``workers[].data_parallel_size``): every
+        #: request to it carries ``X-data-parallel-rank``; None: the whole server
+        self.dp_rank = dp_rank
         self.role = role
         #: SGLang prefill: the bootstrap server's port (dialects name it on the wire)
         self.bootstrap_port = bootstrap_port
@@ -107,7 +112,8 @@ class Worker:
         #: LoRA adapters the gateway loaded here (workers/lora.py): served whatever ``models``
         #: says (a worker whose models config fixed serves them too)
         self.adapters: frozenset[str] = frozenset()
-        self.origin = Origin.from_url(self.url)
+        fixed = b"" if dp_rank is None else b"x-data-parallel-rank: %d\r\n" % dp_rank
+        self.origin = Origin.from_url(self.url, fixed)
         self.state = WorkerState.STARTING
         #: the load lists of the registry's candidate tuples this worker is in, with its index
         #: there (:class:`~lmgw.workers.registry.Candidates`): kept equal to its load
@@ -165,6 +171,7 @@ class Worker:
             "url": self.url,
             "role": self.role_name,
             "zone": self.zone,
+            "data_parallel_rank": self.dp_rank,
             "state": self.state.value,
             "models": sorted(self.models) if self.models is not None else None,
             "lora_adapters": sorted(self.adapters),
