@@ -16,6 +16,8 @@ Merged (``pd``) workers only.
 from __future__ import annotations
 
 import dataclasses
+import random
+import socket
 from functools import partial
 from typing import Any
 
@@ -45,14 +47,15 @@ class DataParallelSim:
         if options.role != "pd":
             raise ValueError("data-parallel ranks are simulated for merged (pd) workers only")
         self.options = options
+        events = options.kv_events
+        if events and size > 1 and events.startswith("tcp://") and events.endswith(":0"):
+            # a free base port with the next size - 1 free too: rank r at base + r, as vLLM
+            host = events[len("tcp://") : -2]
+            events = f"tcp://{host}:{free_port_run(host, size)}"
         self.ranks = [
             SimWorker(
                 dataclasses.replace(
-                    options,
-                    dp_rank=r,
-                    kv_events=None
-                    if not options.kv_events
-                    else rank_endpoint(options.kv_events, r),
+                    options, dp_rank=r, kv_events=rank_endpoint(events, r) if events else None
                 )
             )
             for r in range(size)
@@ -129,6 +132,26 @@ class DataParallelSim:
     def close(self) -> None:
         for w in self.ranks:
             w.close()
+
+
+def free_port_run(host: str, n: int, tries: int = 50) -> int:
+    """A port p such that p .. p + n - 1 are all free on ``host`` now (bound and released)."""
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise OSError(f"no {n} consecutive free ports on {host}")
 
 
 class _Collect:

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="prefills compute one at a time, first come first served (a busy worker queues, "
         "as on one GPU); default: every request prefills in parallel",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve N data-parallel ranks behind this one API, as `vllm serve "
+        "--data-parallel-size N`: each rank its own engine and prefix cache, a request pinned "
+        "with X-data-parallel-rank or placed on the rank with the fewest in flight (merged "
+        "role only; default 1)",
     )
     p.add_argument(
         "--kv-events",
@@ -254,6 +265,8 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--speed must be > 0 (use 'inf' for no delays)")
     if ns.role == "e" and not ns.ec_dir and ns.handoff != "pool":
         raise ValueError("--role e needs --ec-dir (where the embeddings go) or --handoff pool")
+    if ns.data_parallel_size != 1 and (ns.role != "pd" or not 1 <= ns.data_parallel_size <= 64):
+        raise ValueError("--data-parallel-size must be 1..64, for --role pd")
     if not ns.kv_ttl > 0 or not ns.bootstrap_timeout > 0:
         raise ValueError("--kv-ttl and --bootstrap-timeout must be > 0")
     if ns.kv_port is not None and not 0 <= ns.kv_port < 65536:
@@ -339,20 +352,27 @@ async def _exit_with_parent(scope: trio.CancelScope, parent: int) -> None:
     scope.cancel()
 
 
-async def run_worker_process(options: WorkerOptions) -> None:
+async def run_worker_process(options: WorkerOptions, data_parallel_size: int = 1) -> None:
     """Serve until SIGTERM/SIGINT; print the READY line once bound."""
+    from .dp import DataParallelSim, serve_dp_inprocess
     from .fleet import serve_worker_inprocess  # fleet imports this module's parser
 
-    worker = SimWorker(options)
+    worker: SimWorker | DataParallelSim
+    if data_parallel_size > 1:
+        worker = DataParallelSim(options, data_parallel_size)
+        serve: Any = serve_dp_inprocess
+    else:
+        worker, serve = SimWorker(options), serve_worker_inprocess
     # Install the signal receiver before announcing READY, so an early SIGTERM is never lost.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve_worker_inprocess, worker)
+            url = await nursery.start(serve, worker)
             line = f"READY {url}"
-            if worker.kv_address:
-                line += f" kv_address={worker.kv_address}"
-            if worker.kv_events is not None:
-                line += f" kv_events={worker.kv_events.endpoint}"
+            first = worker.ranks[0] if isinstance(worker, DataParallelSim) else worker
+            if first.kv_address:
+                line += f" kv_address={first.kv_address}"
+            if first.kv_events is not None:  # (rank r's: rank_endpoint of it, as vLLM's)
+                line += f" kv_events={first.kv_events.endpoint}"
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
             nursery.start_soon(_exit_with_parent, nursery.cancel_scope, os.getppid())
@@ -373,5 +393,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_tokenizer(options.model_dir)  # now: a bad model folder is a usage error
     except ValueError as exc:
         parser.error(str(exc))
-    trio.run(run_worker_process, options)
+    trio.run(run_worker_process, options, ns.data_parallel_size)
     return 0

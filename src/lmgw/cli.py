@@ -557,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
     )
     p_sim.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each merged (pd) worker serves N data-parallel ranks behind one API, as `vllm"
+        " serve --data-parallel-size N`; the gateway routes to every rank (workers[]."
+        "data_parallel_size)",
+    )
+    p_sim.add_argument(
         "--enable-lora",
         action="store_true",
         help="simulated workers take LoRA adapters at run time (POST /v1/load_lora_adapter"

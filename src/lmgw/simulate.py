@@ -90,6 +90,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     hedging = HedgingConfig(enabled=bool(getattr(args, "hedge", False)))
     native = getattr(fleet, "transport", "http") == "zmq"
     dialect = NATIVE_DIALECT if native else getattr(args, "dialect", None) or "openai"
+    dp = getattr(args, "data_parallel_size", 1) or 1  # ranks of each merged worker
     workers = []
     for m in fleet.members:
         if not m.url:
@@ -105,6 +106,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
                 kv_events=m.kv_events,  # set for --kv-events fleets
                 zone=m.zone,  # set for --zones fleets
+                data_parallel_size=dp if m.role == "pd" else 1,
             )
         )
     # the simulated workers write tool calls as text in this format (a vLLM without
@@ -270,6 +272,12 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
+    dp = getattr(args, "data_parallel_size", 1) or 1
+    if dp != 1:
+        if transport == "zmq" or "pd" not in counts or not 1 <= dp <= 64:
+            log.error("--data-parallel-size is 1..64, for merged (pd) HTTP workers")
+            return 2
+        roles_args.setdefault("pd", []).extend(["--data-parallel-size", str(dp)])
     zones = getattr(args, "zones", 0) or 0
     if zones and transport == "http":
         # the p and d workers model their KV transfers between zones at this size (native

@@ -266,3 +266,39 @@ async def test_ranks_added_at_run_time(nursery: trio.Nursery) -> None:
                 await trio.sleep(0.01)
         assert (await http_request(gw.url, "POST", "/v1/completions", body)).status == 200
     assert sim.balanced == [0, 0] and sim.pinned[0] >= 2 and sim.pinned[1] >= 2
+
+
+async def test_the_simulator_process_serves_ranks(nursery: trio.Nursery) -> None:
+    """``python -m lmgw.simulators --data-parallel-size 2 --kv-events tcp://127.0.0.1:0``: one
+    API, rank 1's events one port above rank 0's (vLLM's convention, which the gateway's
+    ``dp=N`` + ``kv_events`` follows); a refused flag combination is a usage error."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "lmgw.simulators", "--speed", "inf", "--model", MODEL]
+    bad = subprocess.run([*argv, "--role", "p", "--data-parallel-size", "2"], capture_output=True)
+    assert bad.returncode == 2 and b"--data-parallel-size" in bad.stderr
+    proc = await trio.lowlevel.open_process(
+        [*argv, "--data-parallel-size", "2", "--kv-events", "tcp://127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        line = b""
+        with trio.fail_after(15):
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(256)
+        ready = dict(kv.split("=", 1) for kv in line.decode().split()[2:])
+        url = line.split()[1].decode()
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        r = await http_request(url, "POST", "/v1/completions", body, {"x-data-parallel-rank": "1"})
+        assert r.status == 200, r.body
+        stats = msgspec.json.decode((await http_request(url, "GET", "/sim/stats")).body)
+        assert stats["pinned"] == [0, 1]
+        ends = [s["kv_events"]["endpoint"] for s in stats["ranks"]]
+        base = int(ready["kv_events"].rsplit(":", 1)[1])
+        assert ends == [f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}"]
+    finally:
+        proc.terminate()
+        with trio.move_on_after(5):
+            await proc.wait()
+        proc.kill()
