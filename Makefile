@@ -65,6 +65,7 @@ bench: build
 	$(BIN)/python benchmarks/model_routes.py
 	$(BIN)/python benchmarks/structured_resume.py
 	$(BIN)/python benchmarks/placement.py
+	$(BIN)/python benchmarks/data_parallel.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -588,11 +588,22 @@ class Bench:
     results: list[dict[str, Any]] = field(default_factory=list)
 
     async def worker_stats(self) -> list[dict[str, Any]]:
+        """Each engine's /sim/stats (a data-parallel server's: each rank's)."""
         out = []
         for m in self.fleet.members:
             r = await http(m.url, "GET", "/sim/stats")
-            out.append(msgspec.json.decode(r.body))
+            stats = msgspec.json.decode(r.body)
+            out.extend(stats.get("ranks", [stats]))
         return out
+
+    def engines(self) -> int:
+        """Engines in the fleet (what the workload and the closed loop are sized to)."""
+        return len(self.fleet.members)
+
+    def gateway_argv(self, system: System, port: int) -> list[str]:
+        """The command line of the router under test (a benchmark of other fleets overrides
+        it: benchmarks/data_parallel.py)."""
+        return gateway_argv(system, self.fleet, port, self.run_dir)
 
     async def reset_workers(self) -> None:
         for m in self.fleet.members:
@@ -603,8 +614,12 @@ class Bench:
         """Spawn the router, wait until it answers a chat (and, in exact mode, until it
         subscribed to every worker's events)."""
         port = free_port()
-        argv = gateway_argv(system, self.fleet, port, self.run_dir)
-        subs = [s["kv_events"]["subscriptions"] for s in await self.worker_stats()]
+        argv = self.gateway_argv(system, port)
+        subs = (
+            [s["kv_events"]["subscriptions"] for s in await self.worker_stats()]
+            if system.exact
+            else []
+        )
         logf = open(LOG_DIR / f"{system.name}.log", "ab")  # noqa: SIM115 - the child owns it
         env = peer_env() if system.peer else None
         proc = await trio.lowlevel.open_process(
@@ -661,7 +676,7 @@ class Bench:
         self, system: System, workload_name: str, mode: str, level: float, rate: float | None
     ) -> dict[str, Any]:
         args = self.args
-        n = len(self.fleet.members)
+        n = self.engines()
         workload = make_workload(workload_name, n, args.seed)
         proc, url = await self.start_system(system)
         try:

@@ -104,6 +104,19 @@ async def test_each_rank_is_a_worker_pinned_by_the_header(nursery: trio.Nursery)
                    for h in seen[1:]}  # fmt: skip
         assert len(workers) == 1, (user, seen)
     aware = hit_rate(sim)
+    # a client's own rank header does not follow the gateway's (one header, the rank's own)
+    body = {"model": MODEL, "prompt": "pin me", "max_tokens": 2}
+    r = await http_request(gw.url, "POST", "/v1/completions", body, {"x-data-parallel-rank": "3"})
+    assert r.status == 200, r.body
+    rank = int(
+        dict(kv.split("=", 1) for kv in r.headers["x-lmgw-route"].replace(" ", "").split(";"))[
+            "worker"
+        ][-1]
+    )
+    sent = [
+        v for k, v in sim.ranks[rank].stats.last_headers if k.lower() == b"x-data-parallel-rank"
+    ]
+    assert sent == [str(rank).encode()]
 
     # the same traffic to the server as one worker: vLLM's balancer places each request
     url2, sim2 = await start_dp(nursery)

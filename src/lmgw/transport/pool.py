@@ -92,6 +92,10 @@ class UpstreamError(Exception):
         return "timeout" if self.status == 504 else "transport"
 
 
+#: header names an origin may fix (``Origin.fixed``): never sent twice
+_FIXED_NAMES = frozenset({b"x-data-parallel-rank"})
+
+
 class Origin:
     """A worker address with its idle-connection stack. Hashable by identity; one per worker."""
 
@@ -300,13 +304,11 @@ class ConnectionPool:
         Raises :class:`UpstreamError` on connect/transport failures and on a response head that
         does not arrive within ``response_timeout_s`` (status 504).
         """
+        fixed = origin.fixed
+        if fixed:  # the origin's own headers (a rank's) stand: a client's copy does not follow
+            headers = [h for h in headers if h[0] not in _FIXED_NAMES]
         head = build_request_head(
-            method,
-            path,
-            origin.host_header,
-            headers,
-            None if body is None else len(body),
-            origin.fixed,
+            method, path, origin.host_header, headers, None if body is None else len(body), fixed
         )
         # one write for the usual small body; a large one goes after the head as it is,
         # instead of copying it (a 32 MiB upload would take twice its size for a moment)
