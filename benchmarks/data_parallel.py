@@ -21,10 +21,7 @@ benchmarks/results/data_parallel.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,12 +130,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 for system in systems:
                     await bench.run(system, wl, "open", level, level * cap["throughput_rps"])
     return {
-        "meta": {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        },
+        "meta": R.run_meta(args),
         "capacity_rps": capacity,
         "runs": results,
     }

@@ -849,6 +849,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """When, where and with what a run ran (the JSON's ``meta``)."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     fleets = [int(x) for x in args.fleets.split(",") if x]
     loads = [float(x) for x in args.loads.split(",") if x]
@@ -888,10 +898,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         await bench.run(system, wl, "open", level, rate)
     return {
         "meta": {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            **run_meta(args),
             "max_tokens": MAX_TOKENS,
             "skipped": skipped,
             "wall_s": time.monotonic() - t_start,

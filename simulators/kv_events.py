@@ -79,7 +79,13 @@ SimKVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ts: float
     events: list[SimKVEvent]
-    data_parallel_rank: int | None = None
+
+
+class RankedKVEventBatch(KVEventBatch):
+    """A data-parallel rank's batch: vLLM's next field, ``data_parallel_rank`` (a subclass, as
+    :class:`LoraBlockStored`: ``array_like`` would encode a default too)."""
+
+    data_parallel_rank: int
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -90,7 +96,9 @@ def encode_batch(
 ) -> bytes:
     """The payload frame of one batch, byte-compatible with vLLM's (``rank``: the engine's
     data-parallel rank, when it has one)."""
-    return _encoder.encode(KVEventBatch(time.time() if ts is None else ts, events, rank))
+    at = time.time() if ts is None else ts
+    batch = KVEventBatch(at, events) if rank is None else RankedKVEventBatch(at, events, rank)
+    return _encoder.encode(batch)
 
 
 class KvEventPublisher:

@@ -228,3 +228,26 @@ def metric_value(text: str, sample: str, default: float | None = 0.0) -> float:
     if default is None:
         raise AssertionError(f"no sample {sample!r} in /metrics")
     return default
+
+
+async def start_tokenized_gateway(
+    nursery: trio.Nursery, workers: list[Any], **routing: Any
+) -> Gateway:
+    """A gateway on port 0 in front of ``workers`` (``WorkerConfig`` entries) for ``MODEL``
+    with the simulators' tokenizer (chat-templated token ids, as the engines cache them),
+    ``routing`` the ``RoutingConfig`` fields (policy cache_aware unless given), rare probes."""
+    from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, RoutingConfig, ServerConfig
+    from lmgw.simulators.model_files import default_model_dir
+
+    routing.setdefault("policy", "cache_aware")
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        routing=RoutingConfig(**routing),
+        models=[ModelConfig(name=MODEL, tokenizer=str(default_model_dir()))],
+        workers=workers,
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    return gw

@@ -12,13 +12,11 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from gateway_support import MODEL, http_request
+from gateway_support import MODEL, http_request, start_tokenized_gateway
 
 from lmgw.config import (
     GatewayConfig,
     HealthConfig,
-    ModelConfig,
-    RoutingConfig,
     ServerConfig,
     WorkerConfig,
     parse_worker_flag,
@@ -26,7 +24,6 @@ from lmgw.config import (
 from lmgw.gateway import Gateway
 from lmgw.simulators import WorkerOptions
 from lmgw.simulators.dp import DataParallelSim, merge_metrics, serve_dp_inprocess
-from lmgw.simulators.model_files import default_model_dir
 from lmgw.workers.monitor import apply_engine_metrics
 from lmgw.workers.worker import EngineLoad
 
@@ -45,17 +42,7 @@ async def start_dp(nursery: trio.Nursery, size: int = RANKS, **options: Any) -> 
 async def start_gateway(
     nursery: trio.Nursery, workers: list[WorkerConfig], policy: str = "cache_aware"
 ) -> Gateway:
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
-        routing=RoutingConfig(policy=policy, route_header=True),
-        models=[ModelConfig(name=MODEL, tokenizer=str(default_model_dir()))],
-        workers=workers,
-    )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
-    return gw
+    return await start_tokenized_gateway(nursery, workers, policy=policy, route_header=True)
 
 
 def conversation(user: str, turn: int, answers: list[str]) -> list[dict[str, str]]:

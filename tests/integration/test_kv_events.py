@@ -18,13 +18,19 @@ import msgspec
 import pytest
 import trio
 import zmq
-from gateway_support import MODEL, SimHandle, free_port_url, http_request, metric_value
+from gateway_support import (
+    MODEL,
+    SimHandle,
+    free_port_url,
+    http_request,
+    metric_value,
+    start_tokenized_gateway,
+)
 
 from lmgw.config import (
     ConfigError,
     GatewayConfig,
     HealthConfig,
-    ModelConfig,
     RoutingConfig,
     ServerConfig,
     WorkerConfig,
@@ -32,7 +38,6 @@ from lmgw.config import (
 from lmgw.gateway import Gateway
 from lmgw.routing.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_vllm_batch
 from lmgw.simulators import kv_events as sim_events
-from lmgw.simulators.model_files import default_model_dir
 from lmgw.transport.zmq import ZmqSocket
 
 SETTLE_S = 10.0
@@ -133,22 +138,6 @@ def policy_view(gw: Gateway, worker_id: str) -> set[Any]:
     return {e for e, ours in policy._alias.items() if holders(ours) >> slot & 1}
 
 
-async def start_gateway(
-    nursery: trio.Nursery, workers: list[WorkerConfig], **routing: Any
-) -> Gateway:
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
-        routing=RoutingConfig(policy="cache_aware", **routing),
-        models=[ModelConfig(name=MODEL, tokenizer=str(default_model_dir()))],
-        workers=workers,
-    )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
-    return gw
-
-
 async def test_exact_mode_holds_what_the_workers_hold(nursery: trio.Nursery, sim_worker) -> None:
     """Through a gateway with 3 workers whose caches overflow: after every request the policy's
     index equals each worker's prefix cache, and what it predicts cached is what the worker
@@ -158,7 +147,7 @@ async def test_exact_mode_holds_what_the_workers_hold(nursery: trio.Nursery, sim
         WorkerConfig(url=s.url, id=f"w{i}", kv_events=s.sim.kv_events.endpoint)
         for i, s in enumerate(sims)
     ]
-    gw = await start_gateway(nursery, workers, route_header=True)
+    gw = await start_tokenized_gateway(nursery, workers, route_header=True)
     await wait_until(
         lambda: all(s.sim.kv_events.subscriptions > 0 for s in sims), "the subscriptions"
     )
@@ -200,7 +189,7 @@ async def test_a_sequence_gap_resets_the_view_and_is_counted(nursery: trio.Nurse
     ctx = zmq.Context.instance()
     with ZmqSocket.open(ctx, zmq.XPUB, options={zmq.XPUB_VERBOSE: 1}) as pub:
         endpoint = pub.bind("tcp://127.0.0.1:0")
-        gw = await start_gateway(
+        gw = await start_tokenized_gateway(
             nursery, [WorkerConfig(url=free_port_url(), id="w0", kv_events=endpoint)]
         )
         with trio.fail_after(SETTLE_S):
@@ -360,7 +349,7 @@ async def test_exact_mode_keeps_an_adapters_blocks_apart(nursery: trio.Nursery, 
         WorkerConfig(url=s.url, id=f"w{i}", kv_events=s.sim.kv_events.endpoint)
         for i, s in enumerate(sims)
     ]
-    gw = await start_gateway(nursery, workers, route_header=True)
+    gw = await start_tokenized_gateway(nursery, workers, route_header=True)
     assert gw.is_lora("law")
     await wait_until(
         lambda: all(s.sim.kv_events.subscriptions > 0 for s in sims), "the subscriptions"

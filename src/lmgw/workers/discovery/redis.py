@@ -71,6 +71,8 @@ def entry_key(prefix: str, worker_id: str) -> str:
 def entry_value(worker: WorkerConfig) -> bytes:
     """The JSON a worker's key holds: its WorkerConfig fields that are set."""
     fields = msgspec.structs.asdict(worker)
+    if fields["data_parallel_size"] == 1:  # one engine: the default, left out
+        del fields["data_parallel_size"]
     return msgspec.json.encode({k: v for k, v in fields.items() if v is not None and v != []})
 
 
