@@ -797,6 +797,9 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
     # share NVLink).
     k8s_zone_annotation: str | None = "lmgw.io/zone"
     k8s_zone_by_node: bool = False
+    # A pod serving N data-parallel ranks behind one API (workers[].data_parallel_size): this
+    # annotation's integer ("": not read); absent: one worker.
+    k8s_data_parallel_annotation: str | None = "lmgw.io/data-parallel-size"
     # The API server; unset: in-cluster (KUBERNETES_SERVICE_HOST/_PORT, https).
     k8s_api_url: str | None = None
     # Bearer token (re-read as it rotates) and CA bundle; unset: the service account's files
@@ -878,7 +881,8 @@ class DiscoveryConfig(msgspec.Struct, **_STRUCT_OPTS):
             raise ConfigError(f"{self.k8s_port} is not a port", path="k8s_port")
         _non_empty("k8s_port_name", self.k8s_port_name)
         for key in ("k8s_bootstrap_port_annotation", "k8s_models_annotation",
-                    "k8s_native_port_annotation", "k8s_zone_annotation"):  # fmt: skip
+                    "k8s_native_port_annotation", "k8s_zone_annotation",
+                    "k8s_data_parallel_annotation"):  # fmt: skip
             if not (getattr(self, key) or "").strip():
                 _set(self, key, None)  # "" turns a default annotation off (TOML has no null)
         for key in ("k8s_token_file", "k8s_ca_file"):

@@ -302,3 +302,16 @@ async def test_the_simulator_process_serves_ranks(nursery: trio.Nursery) -> None
         with trio.move_on_after(5):
             await proc.wait()
         proc.kill()
+
+
+async def test_discovery_adds_and_retires_every_rank() -> None:
+    """A discovery backend's entry with ranks (a file's ``data_parallel_size``, a pod's
+    ``lmgw.io/data-parallel-size``) adds each rank, and retires each when the entry goes."""
+    gw = Gateway(GatewayConfig(server=ServerConfig(port=0)))
+    entry = WorkerConfig(url="http://127.0.0.1:9", id="pod", data_parallel_size=3)
+    assert gw.sync_workers("file", [entry]) == (3, 0)
+    assert sorted(w.id for w in gw.registry) == ["pod#dp0", "pod#dp1", "pod#dp2"]
+    assert {gw.source_of(w.id) for w in gw.registry} == {"file"}
+    assert gw.sync_workers("file", [entry]) == (0, 0)
+    assert gw.sync_workers("file", []) == (0, 3)
+    assert len(gw.registry) == 0  # idle: removed at once

@@ -112,6 +112,22 @@ def test_a_pods_zone_comes_from_its_annotation_label_or_node() -> None:
         pod_worker(pod(annotations={"lmgw.io/zone": "bad zone"}), "p", RULES)
 
 
+def test_a_pods_data_parallel_ranks_come_from_its_annotation() -> None:
+    """``lmgw.io/data-parallel-size: "4"``: the pod's entry stands for 4 ranks (the gateway
+    adds each, ``sync_workers``); a bad count skips the pod with the reason."""
+    plain = pod_worker(pod(), "pd", RULES)
+    assert plain.data_parallel_size == 1 and len(plain.ranks()) == 1
+    wc = pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "4"}), "pd", RULES)
+    assert [r.worker_id for r in wc.ranks()] == [f"{wc.worker_id}#dp{r}" for r in range(4)]
+    for bad in ("four", "0", "5000"):
+        with pytest.raises(ValueError, match="data-parallel-size|data_parallel_size"):
+            pod_worker(pod(annotations={"lmgw.io/data-parallel-size": bad}), "pd", RULES)
+    off = PodRules(data_parallel_annotation=None)
+    assert pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "4"}), "pd", off).ranks() == [
+        pod_worker(pod(), "pd", off)
+    ]
+
+
 def test_fleet_logs_a_skipped_pod_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="lmgw.workers.discovery")
     fleet = PodFleet(["pd"], RULES)

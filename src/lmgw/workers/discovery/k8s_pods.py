@@ -128,6 +128,7 @@ class PodRules:
     native_port_annotation: str | None = "lmgw.io/native-port"
     zone_annotation: str | None = "lmgw.io/zone"
     zone_by_node: bool = False
+    data_parallel_annotation: str | None = "lmgw.io/data-parallel-size"
 
 
 def eligible(pod: Pod) -> bool:
@@ -193,6 +194,13 @@ def pod_worker(pod: Pod, role: str, rules: PodRules) -> WorkerConfig | None:
         zone = notes.get(key) or (pod.metadata.labels or {}).get(key)
     if zone is None and rules.zone_by_node:
         zone = pod.spec.node_name
+    dp = 1
+    key = rules.data_parallel_annotation
+    if key is not None and notes.get(key) is not None:  # its ranks are workers (ids #dp<r>)
+        text = notes[key].strip()
+        if not text.isdigit():
+            raise ValueError(f"annotation {key} {notes[key]!r} is not a number of ranks")
+        dp = int(text)
     try:
         return WorkerConfig(
             url=url,
@@ -201,6 +209,7 @@ def pod_worker(pod: Pod, role: str, rules: PodRules) -> WorkerConfig | None:
             id=f"{pod.metadata.name}/{role}@{ip}",
             bootstrap_port=bootstrap,
             zone=zone,
+            data_parallel_size=dp,
         )
     except ConfigError as e:
         raise ValueError(str(e)) from None

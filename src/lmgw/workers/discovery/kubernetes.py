@@ -287,6 +287,7 @@ class K8sDiscovery:
                 native_port_annotation=cfg.k8s_native_port_annotation,
                 zone_annotation=cfg.k8s_zone_annotation,
                 zone_by_node=cfg.k8s_zone_by_node,
+                data_parallel_annotation=cfg.k8s_data_parallel_annotation,
             ),
         )
         self.token = BearerToken(target.token_file)
