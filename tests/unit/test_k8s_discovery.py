@@ -120,7 +120,7 @@ def test_a_pods_data_parallel_ranks_come_from_its_annotation() -> None:
     wc = pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "4"}), "pd", RULES)
     assert [r.worker_id for r in wc.ranks()] == [f"{wc.worker_id}#dp{r}" for r in range(4)]
     for bad in ("four", "0", "5000"):
-        with pytest.raises(ValueError, match="data-parallel-size|data_parallel_size"):
+        with pytest.raises(ValueError, match=r"data-parallel-size|data_parallel_size"):
             pod_worker(pod(annotations={"lmgw.io/data-parallel-size": bad}), "pd", RULES)
     off = PodRules(data_parallel_annotation=None)
     assert pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "4"}), "pd", off).ranks() == [
