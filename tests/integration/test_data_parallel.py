@@ -315,3 +315,22 @@ async def test_discovery_adds_and_retires_every_rank() -> None:
     assert gw.sync_workers("file", [entry]) == (0, 0)
     assert gw.sync_workers("file", []) == (0, 3)
     assert len(gw.registry) == 0  # idle: removed at once
+
+
+async def test_ranks_the_server_lacks_are_not_routed(nursery: trio.Nursery) -> None:
+    """``dp=4`` in front of a 2-rank server: its /metrics names engines 0 and 1, so ranks 2
+    and 3 fail their probes (with the reason) and no client request meets vLLM's out-of-range
+    400."""
+    url, sim = await start_dp(nursery, 2)
+    gw = await start_gateway(nursery, [parse_worker_flag(f"pd={url},dp=4")], "round_robin")
+    with trio.fail_after(5):
+        while not all(w.routable for w in gw.registry if w.dp_rank in (0, 1)):
+            await trio.sleep(0.01)
+    for w in gw.registry:
+        if w.dp_rank in (2, 3):
+            assert not w.routable and "no data-parallel rank" in w.last_error, w.describe()
+    for i in range(6):
+        body = {"model": MODEL, "prompt": f"q{i}", "max_tokens": 2}
+        r = await http_request(gw.url, "POST", "/v1/completions", body)
+        assert r.status == 200, r.body
+    assert sim.balanced == [0, 0] and sum(sim.pinned) >= 6

@@ -135,7 +135,8 @@ class HealthMonitor:
                 if ok and worker.static_models is None:
                     await self._discover_models(worker)
                 if ok and self.cfg.scrape_metrics:
-                    await self._scrape(worker)
+                    reason = await self._scrape(worker)
+                    ok = not reason
         except trio.TooSlowError:
             reason = f"health probe timed out after {self.cfg.timeout_s:g} s"
         except UpstreamError as exc:
@@ -168,9 +169,11 @@ class HealthMonitor:
         self.registry.note_lora((m.id, m.parent) for m in entries if m.parent is not None)
         self.registry.set_models(worker, models)
 
-    async def _scrape(self, worker: Worker) -> None:
+    async def _scrape(self, worker: Worker) -> str:
         """The worker's own load from its Prometheus ``/metrics`` (vLLM's names); a worker
-        without them (or unreadable ones) keeps its last values."""
+        without them (or unreadable ones) keeps its last values. Returns why the worker
+        cannot serve, else "": a data-parallel rank the server's engines do not include
+        (``dp=8`` in front of a 4-rank server would send its requests to ranks vLLM refuses)."""
         try:
             resp = await self.pool.request(worker.origin, "GET", "/metrics", self._headers)
             try:
@@ -178,12 +181,17 @@ class HealthMonitor:
             finally:
                 resp.release()
         except UpstreamError:
-            return
-        if resp.status == 200:
-            try:
-                apply_engine_metrics(worker.engine, body, worker.dp_rank)
-            except Exception:  # a worker's text must never end the monitor (and the gateway)
-                log.exception("worker %s: its /metrics could not be read", worker.id)
+            return ""
+        if resp.status != 200:
+            return ""
+        rank = worker.dp_rank
+        if rank is not None and b'engine="' in body and b'engine="%d"' % rank not in body:
+            return f"the server has no data-parallel rank {rank} (no engine=\"{rank}\" in /metrics)"
+        try:
+            apply_engine_metrics(worker.engine, body, rank)
+        except Exception:  # a worker's text must never end the monitor (and the gateway)
+            log.exception("worker %s: its /metrics could not be read", worker.id)
+        return ""
 
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
         wid = worker.id
