@@ -186,7 +186,7 @@ class HealthMonitor:
             return ""
         rank = worker.dp_rank
         if rank is not None and b'engine="' in body and b'engine="%d"' % rank not in body:
-            return f"the server has no data-parallel rank {rank} (no engine=\"{rank}\" in /metrics)"
+            return f'the server has no data-parallel rank {rank} (no engine="{rank}" in /metrics)'
         try:
             apply_engine_metrics(worker.engine, body, rank)
         except Exception:  # a worker's text must never end the monitor (and the gateway)
