@@ -10,7 +10,9 @@ that knows the ranks can do better: docs/routing.md, "Data-parallel ranks").
 
 ``/metrics`` lists every rank's samples, labelled ``engine="<rank>"`` as vLLM labels them;
 ``/sim/stats`` gives each rank's; ``/sim/faults`` and ``/sim/reset`` apply to all of them.
-Merged (``pd``) workers only.
+Merged, prefill and decode workers: a decode rank's KV fetch (``/sim/kv/<key>``, the side
+channel) reaches the prefill rank that holds the key, as NIXL reaches the engine that
+prefilled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import socket
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import msgspec
 import trio
@@ -29,9 +32,10 @@ from lmgw.errors import error_body
 from lmgw.http.server import serve_http
 from lmgw.http.types import Request, Responder
 
-from .app import SimWorker, WorkerOptions
+from .app import MAX_KV_WAIT_S, SimWorker, WorkerOptions
 
 _RANK = b"x-data-parallel-rank"
+_KV = "/sim/kv/"
 _JSON = (b"content-type", b"application/json")
 #: answered by every rank at once, or by rank 0 (nothing a rank holds differs there)
 _ALL_RANKS = frozenset({"/metrics", "/sim/stats", "/sim/faults", "/sim/reset"})
@@ -44,8 +48,13 @@ class DataParallelSim:
     def __init__(self, options: WorkerOptions, size: int) -> None:
         if not 1 <= size <= 64:
             raise ValueError("data_parallel_size must be 1..64")
-        if options.role != "pd":
-            raise ValueError("data-parallel ranks are simulated for merged (pd) workers only")
+        if options.role not in ("pd", "p", "d") or options.kv_port is not None:
+            raise ValueError(
+                "data-parallel ranks are simulated for merged, prefill and decode workers"
+                " whose KV moves over the HTTP side channel (no --kv-port)"
+            )
+        if options.handoff != "direct":
+            raise ValueError("data-parallel ranks hand KV off directly (--handoff direct)")
         self.options = options
         events = options.kv_events
         if events and size > 1 and events.startswith("tcp://") and events.endswith(":0"):
@@ -94,6 +103,9 @@ class DataParallelSim:
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         path = request.path
+        if path.startswith(_KV):  # a decode worker fetching KV: from the rank that holds it
+            await self.ranks[await self._holder(path, request.query)](request, responder)
+            return
         if path in _ALL_RANKS:
             await self._all(request, responder)
             return
@@ -111,6 +123,24 @@ class DataParallelSim:
             await self.ranks[rank](request, responder)
         finally:
             self._in_flight[rank] -= 1
+
+    async def _holder(self, path: str, query: str) -> int:
+        """The rank whose KV store holds the side channel's key, or the first to publish it
+        within the fetch's ``wait_s`` (a decode that came first, SGLang's way); else rank 0,
+        which answers the 404. Each rank is an engine with its own store, as in vLLM."""
+        key = unquote(path[len(_KV) :])
+        try:
+            wait = float(parse_qs(query).get("wait_s", ["0"])[0])
+        except ValueError:
+            wait = 0.0
+        with trio.move_on_after(min(MAX_KV_WAIT_S, max(0.0, wait))):
+            while True:
+                now = trio.current_time()
+                for r, w in enumerate(self.ranks):
+                    if w.kv_store.get(key, now) is not None:
+                        return r
+                await trio.sleep(0.002)
+        return 0
 
     async def _all(self, request: Request, responder: Responder) -> None:
         path = request.path

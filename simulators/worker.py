@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="serve N data-parallel ranks behind this one API, as `vllm serve "
         "--data-parallel-size N`: each rank its own engine and prefix cache, a request pinned "
-        "with X-data-parallel-rank or placed on the rank with the fewest in flight (merged "
-        "role only; default 1)",
+        "with X-data-parallel-rank or placed on the rank with the fewest in flight (roles pd, "
+        "p, d; default 1)",
     )
     p.add_argument(
         "--kv-events",
@@ -265,8 +265,12 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         raise ValueError("--speed must be > 0 (use 'inf' for no delays)")
     if ns.role == "e" and not ns.ec_dir and ns.handoff != "pool":
         raise ValueError("--role e needs --ec-dir (where the embeddings go) or --handoff pool")
-    if ns.data_parallel_size != 1 and (ns.role != "pd" or not 1 <= ns.data_parallel_size <= 64):
-        raise ValueError("--data-parallel-size must be 1..64, for --role pd")
+    if ns.data_parallel_size != 1 and (
+        ns.role == "e" or not 1 <= ns.data_parallel_size <= 64 or ns.kv_port is not None
+    ):
+        raise ValueError(
+            "--data-parallel-size must be 1..64, for --role pd, p or d without --kv-port"
+        )
     if not ns.kv_ttl > 0 or not ns.bootstrap_timeout > 0:
         raise ValueError("--kv-ttl and --bootstrap-timeout must be > 0")
     if ns.kv_port is not None and not 0 <= ns.kv_port < 65536:

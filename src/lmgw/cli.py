@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="each merged (pd) worker serves N data-parallel ranks behind one API, as `vllm"
+        help="each pd, p and d worker serves N data-parallel ranks behind one API, as `vllm"
         " serve --data-parallel-size N`; the gateway routes to every rank (workers[]."
         "data_parallel_size)",
     )

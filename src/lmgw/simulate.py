@@ -106,7 +106,7 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
                 kv_events=m.kv_events,  # set for --kv-events fleets
                 zone=m.zone,  # set for --zones fleets
-                data_parallel_size=dp if m.role == "pd" else 1,
+                data_parallel_size=dp if m.role != "e" else 1,
             )
         )
     # the simulated workers write tool calls as text in this format (a vLLM without
@@ -274,10 +274,16 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                     roles_args[role] += ["--max-loras", str(slots)]
     dp = getattr(args, "data_parallel_size", 1) or 1
     if dp != 1:
-        if transport == "zmq" or "pd" not in counts or not 1 <= dp <= 64:
-            log.error("--data-parallel-size is 1..64, for merged (pd) HTTP workers")
+        name = getattr(args, "dialect", None) or "openai"
+        if transport == "zmq" or name == "vllm-p2pnccl" or handoff != "direct" or not 1 <= dp <= 64:
+            log.error(
+                "--data-parallel-size is 1..64, for HTTP workers that hand KV off directly"
+                " (not vllm-p2pnccl, not --handoff pool)"
+            )
             return 2
-        roles_args.setdefault("pd", []).extend(["--data-parallel-size", str(dp)])
+        for role in counts:
+            if role != "e":  # encoders have no ranks
+                roles_args.setdefault(role, []).extend(["--data-parallel-size", str(dp)])
     zones = getattr(args, "zones", 0) or 0
     if zones and transport == "http":
         # the p and d workers model their KV transfers between zones at this size (native

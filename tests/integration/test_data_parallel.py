@@ -334,3 +334,55 @@ async def test_ranks_the_server_lacks_are_not_routed(nursery: trio.Nursery) -> N
         r = await http_request(gw.url, "POST", "/v1/completions", body)
         assert r.status == 200, r.body
     assert sim.balanced == [0, 0] and sum(sim.pinned) >= 6
+
+
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "sglang-bootstrap"])
+async def test_prefill_and_decode_servers_with_ranks(nursery: trio.Nursery, dialect: str) -> None:
+    """P/D with a 2-rank prefill server and a 2-rank decode server: each leg pinned to the
+    rank its role's policy chose, the decode rank's KV fetch reaching the prefill rank that
+    holds it; the text is the merged worker's."""
+    from lmgw.config import ModelConfig
+
+    p_url, p_sim = await start_dp(nursery, 2, role="p")
+    d_url, d_sim = await start_dp(nursery, 2, role="d")
+    reference_url, _ = await start_dp(nursery, 1)
+    port = int(p_url.rsplit(":", 1)[1])
+    workers = [
+        WorkerConfig(url=p_url, role="p", data_parallel_size=2, bootstrap_port=port),
+        WorkerConfig(url=d_url, role="d", data_parallel_size=2),
+    ]
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
+        workers=workers,
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    for i in range(4):
+        messages = [{"role": "user", "content": f"question {i}: " + "why " * 30}]
+        for stream in (False, True):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": stream}
+            want = await http_request(reference_url, "POST", "/v1/chat/completions", body)
+            got = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+            assert got.status == 200, got.body
+            if stream:
+                text = "".join(
+                    e["choices"][0]["delta"].get("content") or ""
+                    for e in got.events()
+                    if isinstance(e, dict) and e.get("choices")
+                )
+                ref = "".join(
+                    e["choices"][0]["delta"].get("content") or ""
+                    for e in want.events()
+                    if isinstance(e, dict) and e.get("choices")
+                )
+            else:
+                text = got.json()["choices"][0]["message"]["content"]
+                ref = want.json()["choices"][0]["message"]["content"]
+            assert text == ref, (dialect, stream)
+    assert p_sim.balanced == [0, 0] and d_sim.balanced == [0, 0]  # every leg pinned
+    assert all(p_sim.pinned) and all(d_sim.pinned)  # on both ranks of each server
+    verified = [w.stats.kv_blocks_verified for w in d_sim.ranks]
+    assert all(verified), verified  # each decode rank fetched real blocks from a prefill rank
