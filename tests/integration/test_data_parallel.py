@@ -388,3 +388,23 @@ async def test_prefill_and_decode_servers_with_ranks(nursery: trio.Nursery, dial
     assert all(p_sim.pinned) and all(d_sim.pinned)  # on both ranks of each server
     verified = [w.stats.kv_blocks_verified for w in d_sim.ranks]
     assert all(verified), verified  # each decode rank fetched real blocks from a prefill rank
+
+
+async def test_a_server_with_ranks_seen_as_one_worker_is_pointed_out(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data-parallel server configured as one worker: its engine count shows in the
+    worker's description and the log says once how to route to its ranks."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lmgw")
+    url, _ = await start_dp(nursery, 3)
+    gw = await start_gateway(nursery, [WorkerConfig(url=url, id="one")], "round_robin")
+    (worker,) = list(gw.registry)
+    await gw.monitor.probe(worker)
+    assert worker.describe()["engine"]["engines"] == 3
+    hints = [r for r in caplog.records if "data-parallel ranks" in r.getMessage()]
+    assert len(hints) == 1 and "dp=3" in hints[0].getMessage()
+    plain_url, _ = await start_dp(nursery, 1)
+    gw2 = await start_gateway(nursery, [WorkerConfig(url=plain_url)], "round_robin")
+    assert next(iter(gw2.registry)).engine.engines == 1

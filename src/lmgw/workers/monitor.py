@@ -49,6 +49,7 @@ _ENGINE_METRICS = {
 
 
 _LORA_INFO = b"vllm:lora_requests_info{"
+_ENGINE = re.compile(rb'engine="(\d+)"')
 _LABEL = re.compile(rb'(\w+)="([^"]*)"')
 
 
@@ -109,6 +110,7 @@ class HealthMonitor:
         self._fail_streak: dict[str, int] = {}
         self._wake = trio.Event()
         self._probing: set[str] = set()  # worker ids with a probe in progress
+        self._dp_hinted: set[str] = set()  # workers told they have data-parallel ranks
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health. Native
@@ -187,6 +189,19 @@ class HealthMonitor:
         rank = worker.dp_rank
         if rank is not None and b'engine="' in body and b'engine="%d"' % rank not in body:
             return f'the server has no data-parallel rank {rank} (no engine="{rank}" in /metrics)'
+        if b'engine="1"' in body:  # data-parallel: count the ranks (only such servers pay)
+            worker.engine.engines = len(set(_ENGINE.findall(body)))
+            if rank is None and worker.id not in self._dp_hinted:
+                self._dp_hinted.add(worker.id)
+                n = worker.engine.engines
+                log.warning(
+                    "worker %s serves %d data-parallel ranks (its /metrics names %d engines),"
+                    " which vLLM fills blind to their caches; route to each rank with"
+                    " data_parallel_size = %d (--worker ROLE=URL,dp=%d)",
+                    worker.id, n, n, n, n,
+                )  # fmt: skip
+        else:
+            worker.engine.engines = 1 if b'engine="0"' in body else 0
         try:
             apply_engine_metrics(worker.engine, body, rank)
         except Exception:  # a worker's text must never end the monitor (and the gateway)

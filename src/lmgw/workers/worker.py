@@ -24,7 +24,7 @@ class EngineLoad:
     """A worker's own view of its load, from its ``/metrics`` (zero until scraped)."""
 
     __slots__ = (
-        "_waiting", "_worker", "kv_usage", "lora_max", "lora_running", "prefix_hits",
+        "_waiting", "_worker", "engines", "kv_usage", "lora_max", "lora_running", "prefix_hits",
         "prefix_queries", "running",
     )  # fmt: skip
 
@@ -38,6 +38,8 @@ class EngineLoad:
         #: vllm:lora_requests_info: adapters with running requests, and max_lora (0: unknown)
         self.lora_running: frozenset[str] = frozenset()
         self.lora_max = 0
+        #: engines its /metrics names (vLLM's ``engine`` label: data-parallel ranks); 0: unknown
+        self.engines = 0
 
     @property
     def waiting(self) -> float:
