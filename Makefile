@@ -66,6 +66,7 @@ bench: build
 	$(BIN)/python benchmarks/structured_resume.py
 	$(BIN)/python benchmarks/placement.py
 	$(BIN)/python benchmarks/data_parallel.py
+	$(BIN)/python benchmarks/local_prefill.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

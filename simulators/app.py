@@ -243,6 +243,11 @@ class WorkerOptions:
     kv_events: str | None = None
     """Bind a ZMQ publisher of vLLM-shaped KV events here (``tcp://127.0.0.1:0``: a free port;
     :mod:`.kv_events`); None: no events."""
+    local_prefill: bool = False
+    """A decode worker that also serves a request carrying no hand-off, prefilling it itself
+    (a vLLM decode instance is a whole engine: the gateway's conditional disaggregation sends
+    it short prompts). False: such a request is refused, which is how tests catch a decode leg
+    sent without its prefill's hand-off."""
     dp_rank: int | None = None
     """This engine is data-parallel rank r of a server run with ``--data-parallel-size``
     (:mod:`.dp`): its metrics carry ``engine="r"`` and its KV event batches name the rank."""
@@ -724,6 +729,8 @@ class SimStats:
     """Modelled KV transfer time slept by this decode worker (``kv_bytes_per_token``)."""
     kv_transfers_same_zone: int = 0
     kv_transfers_cross_zone: int = 0
+    local_prefills: int = 0
+    """Requests this decode worker prefilled itself (``local_prefill``: no hand-off came)."""
     p2p_published: int = 0
     p2p_received: int = 0
     p2p_misrouted: int = 0
@@ -1986,6 +1993,9 @@ class SimWorker:
         elif self.lmcache is not None:
             await self._lmcache_decode_leg(ids, plan)
             return
+        elif self.options.local_prefill:  # no hand-off: a whole engine prefills it here
+            self.stats.local_prefills += 1
+            return
         else:
             raise _bad(
                 "this is a decode-only worker (role d): the request needs kv_transfer_params "
@@ -2271,6 +2281,7 @@ class SimWorker:
             "kv_transfer_seconds_total": s.kv_transfer_seconds_total,
             "kv_transfers_same_zone": s.kv_transfers_same_zone,
             "kv_transfers_cross_zone": s.kv_transfers_cross_zone,
+            "local_prefills": s.local_prefills,
             "p2p_published": s.p2p_published,
             "p2p_received": s.p2p_received,
             "p2p_misrouted": s.p2p_misrouted,

@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill worker's --zone is its own, else at the cross-zone one"
     )
     topo.add_argument(
+        "--local-prefill",
+        action="store_true",
+        help="a decode worker (--role d) also serves requests that carry no hand-off, "
+        "prefilling them itself as a vLLM decode instance does (the gateway's "
+        "models[].local_prefill_tokens); default: refused",
+    )
+    topo.add_argument(
         "--zone",
         default=None,
         metavar="NAME",
@@ -342,6 +349,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         max_loras=ns.max_loras,
         lora_load_s=ns.lora_load_s,
         zone=ns.zone,
+        local_prefill=ns.local_prefill,
         kv_bytes_per_token=ns.kv_bytes_per_token,
         kv_gbps_same_zone=ns.kv_gbps_same_zone,
         kv_gbps_cross_zone=ns.kv_gbps_cross_zone,

@@ -557,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="policies asked beside the active one and never obeyed (routing.shadow_policies)",
     )
     p_sim.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="p/d fleets (vllm-nixl, vllm-lmcache): a request with at most N prompt tokens to"
+        " prefill runs whole on its decode worker, no prefill leg (models[].local_prefill_tokens)",
+    )
+    p_sim.add_argument(
         "--data-parallel-size",
         type=int,
         default=1,

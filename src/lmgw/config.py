@@ -1356,10 +1356,18 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # KV bytes of one prompt token for joint P/D placement's transfer estimate (see
     # routing.kv_bytes_per_token, the default for models without it).
     kv_bytes_per_token: int | None = None
+    # Conditional disaggregation (p/d flows, dialects whose decode workers are whole engines:
+    # vllm-nixl, vllm-lmcache): a request with at most this many prompt tokens to prefill (its
+    # prompt, less what the decode worker's policy predicts cached there) skips the prefill
+    # leg and is prefilled on its decode worker, with no KV transfer (Dynamo's
+    # max_local_prefill_length). 0: every request is disaggregated.
+    local_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)
         _one_of("flow", self.flow, FLOWS)
+        if not 0 <= self.local_prefill_tokens <= 1 << 20:
+            raise ConfigError("must be 0..1048576", path="local_prefill_tokens")
         if self.kv_bytes_per_token is not None:
             _at_least("kv_bytes_per_token", self.kv_bytes_per_token, 0)
         _non_empty("dialect", self.dialect)

@@ -201,6 +201,12 @@ class Metrics:
             "The P/D pairs those requests ran as (prompts x n each).",
             ("model",),
         )
+        self.pd_local_prefill = Counter(
+            "lmgw_pd_local_prefill_total",
+            "P/D requests whose prompt left so few tokens to prefill that their decode worker"
+            " prefilled them itself, with no prefill leg (models[].local_prefill_tokens).",
+            ("model",),
+        )
         self.placements = Counter(
             "lmgw_placement_pairs_total",
             "P/D requests placed jointly (routing.placement = joint, workers with zones), by"
@@ -280,7 +286,7 @@ class Metrics:
             self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
             self.stage_tpot,
             self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
-            self.pd_splits, self.pd_split_pairs,
+            self.pd_splits, self.pd_split_pairs, self.pd_local_prefill,
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,

@@ -118,6 +118,8 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     # the workers' own model folder, so the gateway tokenizes as they do
     if fleet.model_dir is not None:
         model["tokenizer"] = str(fleet.model_dir)
+    if getattr(args, "local_prefill_tokens", 0):  # short prompts prefilled on the decode worker
+        model["local_prefill_tokens"] = args.local_prefill_tokens
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
@@ -272,6 +274,14 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
+    if getattr(args, "local_prefill_tokens", 0):
+        name = getattr(args, "dialect", None) or "openai"
+        if spec.flow != "p/d" or name not in ("vllm-nixl", "vllm-lmcache"):
+            log.error(
+                "--local-prefill-tokens is for p/d fleets with --dialect vllm-nixl or vllm-lmcache"
+            )
+            return 2
+        roles_args.setdefault("d", []).append("--local-prefill")  # whole engines, as vLLM's
     dp = getattr(args, "data_parallel_size", 1) or 1
     if dp != 1:
         name = getattr(args, "dialect", None) or "openai"

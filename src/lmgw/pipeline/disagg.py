@@ -169,12 +169,48 @@ class DisaggRunner:
             prefill, decode = None, p.pick(greq.model, "pd", route)
         ctx = _stage_context(greq, prefill, decode)
         journal = migration.Journal(greq.endpoint) if greq.stream and p.migrations else None
+        if prefill is not None and self._local(greq, route, decode):
+            try:  # conditional disaggregation: the decode worker prefills it
+                leg = dialect.local_request(body, ctx)
+                await self._final(
+                    greq, responder, leg, decode, "d", dialect, None, route, journal=journal
+                )
+            except BaseExceptionGroup as group:
+                broken = _only(group, _BrokenStream)
+                if broken is None:
+                    raise
+                await self._continue(greq, responder, roles, dialect, route, broken, journal)
+            except _BrokenStream as broken:
+                await self._continue(greq, responder, roles, dialect, route, broken, journal)
+            except _ANSWERABLE as exc:
+                raise _client_error(greq, exc) from None
+            finally:
+                if p.placement is not None:
+                    p.placement.release(route)
+            return
         try:
             await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
                             journal)  # fmt: skip
         finally:
             if p.placement is not None:
                 p.placement.release(route)
+
+    def _local(self, greq: GatewayRequest, route: RouteContext, decode: Worker) -> bool:
+        """Whether ``decode`` should prefill this P/D request itself: its prompt tokens (the
+        gateway's tokens, else body bytes / 4), less what the decode policy predicts cached
+        there, are at most ``models[].local_prefill_tokens``. A whole engine prefills a few
+        tokens faster than a prefill leg and a KV transfer deliver them."""
+        p = self.p
+        limit = p.local_prefill.get(greq.model, 0)
+        if not limit:
+            return False
+        tokens = len(route.tokens) if route.tokens is not None else len(greq.body) // 4
+        if tokens > limit:
+            tokens -= p.policies["d"].predicted_cached_tokens(decode, route) or 0
+            if tokens > limit:
+                return False
+        p.metrics.pd_local_prefill.inc((greq.model,))
+        return True
 
     async def _run(
         self,
@@ -384,6 +420,10 @@ class DisaggRunner:
         p.express_served += 1
         ctx = _stage_context(greq, prefill, decode)
         try:
+            if self._local(greq, route, decode):  # the decode worker prefills it
+                leg = dialect.local_request(body, ctx)
+                await self._final(greq, responder, leg, decode, "d", dialect, None, route)
+                return
             pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)
             handoff = dialect.read_prefill(pre, status, answer)
             leg = dialect.decode_request(body, handoff, ctx)
@@ -610,7 +650,12 @@ class DisaggRunner:
                 raise _BrokenStream(worker)
             if not keeps:
                 raise _RestartPair(failure)
-            if role == "d" and failure.delivered and dialect.decode_consumes_handoff:
+            if (
+                role == "d"
+                and failure.delivered
+                and dialect.decode_consumes_handoff
+                and handoff is not None  # (a local prefill has none to use up)
+            ):
                 if restartable:  # the hand-off may be used up: only a fresh pair can retry
                     raise _RestartPair(failure)
                 raise GatewayError(failure.status, f"decode stage failed: {failure.message}")

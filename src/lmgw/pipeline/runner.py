@@ -141,6 +141,19 @@ class Pipeline:
             for m in cfg.models
             if m.name not in self.native.models
         }
+        #: conditional disaggregation: per model, the most prompt tokens left to prefill that
+        #: a decode worker prefills itself (models[].local_prefill_tokens)
+        self.local_prefill: dict[str, int] = {}
+        for i, m in enumerate(cfg.models):
+            if m.local_prefill_tokens:
+                dialect = self.dialects.get(m.name)
+                if m.flow != "p/d" or dialect is None or not dialect.local_prefill:
+                    raise ConfigError(
+                        "only p/d flows whose decode workers prefill on their own"
+                        f" (vllm-nixl, vllm-lmcache) take it, not {m.flow} with {m.dialect}",
+                        path=f"models[{i}].local_prefill_tokens",
+                    )
+                self.local_prefill[m.name] = m.local_prefill_tokens
         # models not in [[models]] (reported by workers): routing.flow, else what the roles say
         roles = {w.role for w in cfg.workers}
         try:

@@ -255,6 +255,10 @@ class Dialect:
       prefill answers one ``kv_transfer_params`` for a whole batch, or for ``n`` samples), so
       a ``/v1/completions`` batch or ``n > 1`` is split into one pair per prompt and sample
       (:mod:`lmgw.pipeline.batch_split`).
+    - ``local_prefill``: True when a decode worker serves a request that carries no hand-off
+      by prefilling it itself (vLLM's decode instances are whole engines; SGLang's decode
+      servers only take transferred KV), so a short prompt may skip the prefill leg
+      (``models[].local_prefill_tokens``, :meth:`local_request`).
     """
 
     name: ClassVar[str]
@@ -264,6 +268,7 @@ class Dialect:
     decode_consumes_handoff: ClassVar[bool] = False
     one_prompt: ClassVar[bool] = False
     serves_generate: ClassVar[bool] = False
+    local_prefill: ClassVar[bool] = False
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).
@@ -301,6 +306,13 @@ class Dialect:
         self, body: ClientBody, handoff: HandOff | None, ctx: StageContext
     ) -> StageRequest:
         raise NotImplementedError
+
+    def local_request(self, body: ClientBody, ctx: StageContext) -> StageRequest:
+        """A request for a decode worker to serve whole, prefill included (``local_prefill``
+        dialects): the client's body as it came."""
+        if not self.local_prefill:
+            raise ValueError(f"dialect {self.name!r}: decode workers do not prefill on their own")
+        return StageRequest(ctx.path, leg_headers(ctx.headers, ctx.request_id), body.raw, "decode")
 
     def rewrites_decode(self, handoff: HandOff | None) -> bool:
         """Whether D's output must go through the merge methods (else relay bytes as-is)."""

@@ -25,6 +25,7 @@ from .base import (
 class VllmLmcache(Dialect):
     name: ClassVar[str] = "vllm-lmcache"
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
+    local_prefill: ClassVar[bool] = True  # a decode instance is a whole vLLM engine
     #: any decode worker finds the chunks (or recomputes): safe to retry elsewhere
     decode_retry_keeps_handoff: ClassVar[bool] = True
 

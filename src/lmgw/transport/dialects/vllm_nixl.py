@@ -55,6 +55,7 @@ class VllmNixl(Dialect):
 
     name: ClassVar[str] = "vllm-nixl"
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
+    local_prefill: ClassVar[bool] = True  # a decode instance is a whole vLLM engine
     decode_retry_keeps_handoff: ClassVar[bool] = True
     #: P frees the blocks once D has read them: a D that got the request may have
     decode_consumes_handoff: ClassVar[bool] = True

@@ -1,0 +1,147 @@
+"""Conditional disaggregation (``models[].local_prefill_tokens``): a P/D request with few
+prompt tokens left to prefill skips the prefill leg and runs whole on its decode worker (a vLLM
+decode instance is a whole engine); longer ones are disaggregated as before. Against the
+simulators (decode workers started with ``local_prefill``; without it they refuse a request
+with no hand-off, so a test would see a skipped prefill that should not have been)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from gateway_support import MODEL, http_request, metric_value
+
+from lmgw.config import (
+    ConfigError,
+    GatewayConfig,
+    HealthConfig,
+    ModelConfig,
+    RoutingConfig,
+    ServerConfig,
+    WorkerConfig,
+)
+from lmgw.gateway import Gateway
+from lmgw.simulators.model_files import default_model_dir
+
+pytestmark = pytest.mark.usefixtures("hard_deadline")
+
+
+async def pd_gateway(
+    nursery: trio.Nursery,
+    sim_worker: Any,
+    *,
+    limit: int,
+    decodes: int = 1,
+    tokenizer: bool = False,
+    routing: dict[str, Any] | None = None,
+    **decode_options: Any,
+) -> tuple[Gateway, Any, list[Any]]:
+    p = await sim_worker(role="p")
+    ds = [await sim_worker(role="d", local_prefill=True, **decode_options) for _ in range(decodes)]
+    model = ModelConfig(
+        name=MODEL,
+        flow="p/d",
+        dialect="vllm-nixl",
+        local_prefill_tokens=limit,
+        tokenizer=str(default_model_dir()) if tokenizer else None,
+    )
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        routing=RoutingConfig(**(routing or {})),
+        models=[model],
+        workers=[WorkerConfig(url=p.url, role="p", id="p0")]
+        + [WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    return gw, p, ds
+
+
+def text_of(r: Any, stream: bool) -> str:
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"]
+    return "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for e in r.events()
+        if isinstance(e, dict) and e.get("choices")
+    )
+
+
+async def test_short_prompts_skip_the_prefill_leg(nursery: trio.Nursery, sim_worker) -> None:
+    """Below the limit (no tokenizer: body bytes / 4) the decode worker serves the request
+    whole, streamed or not, with the merged worker's text; above it the legs run as ever."""
+    gw, p, (d,) = await pd_gateway(nursery, sim_worker, limit=64)
+    reference = await sim_worker(role="pd")
+    short = [{"role": "user", "content": "hi there"}]
+    long = [{"role": "user", "content": "a long question " * 40}]
+    for messages, local in ((short, True), (long, False)):
+        for stream in (False, True):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": stream}
+            want = await http_request(reference.url, "POST", "/v1/chat/completions", body)
+            before_p = (await p.stats())["requests_total"]
+            before_local = (await d.stats())["handoff"]["local_prefills"]
+            r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+            assert r.status == 200, r.body
+            assert text_of(r, stream) == text_of(want, stream), (local, stream)
+            p_sent = (await p.stats())["requests_total"] - before_p
+            d_local = (await d.stats())["handoff"]["local_prefills"] - before_local
+            assert (p_sent, d_local) == ((0, 1) if local else (1, 0)), (local, stream)
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    assert metric_value(text, f'lmgw_pd_local_prefill_total{{model="{MODEL}"}}') == 2
+
+
+async def test_a_prefix_cached_on_the_decode_worker_is_prefilled_there(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """With the gateway's tokenizer and cache_aware on the decode role: the first turn of a
+    long conversation is disaggregated; the next turn, whose history the decode worker holds
+    (predicted from the first), leaves few tokens to prefill and runs there."""
+    gw, p, ds = await pd_gateway(
+        nursery, sim_worker, limit=96, decodes=2, tokenizer=True,
+        routing={"policies": {"d": "cache_aware"}},
+    )  # fmt: skip
+    messages = [{"role": "user", "content": "tell me about the report " * 30}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8}
+    r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    assert (await p.stats())["requests_total"] == 1  # long: prefilled on P
+    messages += [
+        {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "and then?"},
+    ]
+    r = await http_request(gw.url, "POST", "/v1/chat/completions", {**body, "messages": messages})
+    assert r.status == 200, r.body
+    assert (await p.stats())["requests_total"] == 1  # no second prefill leg
+    locals_ = [(await d.stats())["handoff"]["local_prefills"] for d in ds]
+    assert sorted(locals_) == [0, 1]
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0  # the decode worker really had the history
+
+
+async def test_a_failed_local_leg_is_retried_on_another_decode(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """A local leg carries no hand-off to use up, so a decode worker that fails it after
+    receiving it is not the end: another decode worker serves it."""
+    gw, p, ds = await pd_gateway(nursery, sim_worker, limit=64, decodes=2)
+    await ds[0].set_faults(error_rate=1.0)  # answers every request with an error
+    ok = 0
+    for i in range(4):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4}
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        ok += r.status == 200
+    assert ok == 4 and (await p.stats())["requests_total"] == 0
+    assert (await ds[0].stats())["requests_total"] >= 1  # it was tried, and failed
+
+
+@pytest.mark.parametrize("dialect", ["sglang-bootstrap", "vllm-p2pnccl"])
+async def test_dialects_whose_decoders_cannot_prefill_refuse_it(dialect: str) -> None:
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect, local_prefill_tokens=64)],
+    )
+    with pytest.raises(ConfigError, match="local_prefill_tokens"):
+        Gateway(cfg)
