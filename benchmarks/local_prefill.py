@@ -120,7 +120,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ) as fleet:
         for workload in args.workloads.split(","):
             for rnd in range(args.rounds):
-                for name, limit in systems.items():
+                order = list(systems.items())
+                for name, limit in order if rnd % 2 == 0 else order[::-1]:  # either first
                     run = await one_run(fleet, name, limit, WORKLOADS[workload], args)
                     run.update(workload=workload, round=rnd)
                     runs.append(run)
