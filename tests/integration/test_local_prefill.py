@@ -137,6 +137,23 @@ async def test_a_failed_local_leg_is_retried_on_another_decode(
     assert (await ds[0].stats())["requests_total"] >= 1  # it was tried, and failed
 
 
+async def test_a_local_stream_that_breaks_is_continued(nursery: trio.Nursery, sim_worker) -> None:
+    """A locally prefilled stream whose decode worker drops it mid-answer is continued (a
+    fresh prefill leg and another decode worker, as any broken P/D stream) with the exact
+    text the client would have got."""
+    gw, p, ds = await pd_gateway(nursery, sim_worker, limit=64, decodes=2)
+    await ds[0].set_faults(drop_at_token=4)
+    reference = await sim_worker(role="pd")
+    messages = [{"role": "user", "content": "tell me"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 24, "stream": True}
+    want = text_of(await http_request(reference.url, "POST", "/v1/chat/completions", body), True)
+    for _ in range(2):  # round robin: one of the two starts on the dropping worker
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200 and text_of(r, True) == want
+    assert (await ds[0].stats())["dropped_total"] >= 1  # the stream really broke
+    assert (await p.stats())["requests_total"] >= 1  # and went on through a prefill leg
+
+
 @pytest.mark.parametrize("dialect", ["sglang-bootstrap", "vllm-p2pnccl"])
 async def test_dialects_whose_decoders_cannot_prefill_refuse_it(dialect: str) -> None:
     cfg = GatewayConfig(

@@ -169,28 +169,11 @@ class DisaggRunner:
             prefill, decode = None, p.pick(greq.model, "pd", route)
         ctx = _stage_context(greq, prefill, decode)
         journal = migration.Journal(greq.endpoint) if greq.stream and p.migrations else None
-        if prefill is not None and self._local(greq, route, decode):
-            try:  # conditional disaggregation: the decode worker prefills it
-                leg = dialect.local_request(body, ctx)
-                await self._final(
-                    greq, responder, leg, decode, "d", dialect, None, route, journal=journal
-                )
-            except BaseExceptionGroup as group:
-                broken = _only(group, _BrokenStream)
-                if broken is None:
-                    raise
-                await self._continue(greq, responder, roles, dialect, route, broken, journal)
-            except _BrokenStream as broken:
-                await self._continue(greq, responder, roles, dialect, route, broken, journal)
-            except _ANSWERABLE as exc:
-                raise _client_error(greq, exc) from None
-            finally:
-                if p.placement is not None:
-                    p.placement.release(route)
-            return
+        # conditional disaggregation: a prompt with few tokens left runs whole on the decoder
+        local = prefill is not None and self._local(greq, route, decode)
         try:
             await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
-                            journal)  # fmt: skip
+                            journal, local)  # fmt: skip
         finally:
             if p.placement is not None:
                 p.placement.release(route)
@@ -224,14 +207,16 @@ class DisaggRunner:
         decode: Worker,
         route: RouteContext,
         journal: list[bytes] | None,
+        local: bool = False,
     ) -> None:
         try:
             try:
                 if "e" in roles:
                     await self._encode(greq, body, ctx, dialect, route)
                 await self._generate(
-                    greq, responder, body, ctx, dialect, prefill, decode, route, journal
-                )
+                    greq, responder, body, ctx, dialect, prefill, decode, route, journal,
+                    local=local,
+                )  # fmt: skip
             except BaseExceptionGroup as group:
                 broken = _only(group, _BrokenStream)
                 if broken is None:
@@ -261,9 +246,18 @@ class DisaggRunner:
         route: RouteContext,
         journal: list[bytes] | None,
         splice: Splice | None = None,
+        *,
+        local: bool = False,
     ) -> None:
-        """The legs after E: one merged leg (``e+pd``) or prefill and decode."""
-        if prefill is None:  # e+pd: one merged leg with the original content
+        """The legs after E: one merged leg (``e+pd``), prefill and decode, or (``local``:
+        conditional disaggregation, :meth:`_local`) the decode worker alone, prefilling."""
+        if local:  # no hand-off: retried like a merged leg (nothing to use up)
+            leg = dialect.local_request(body, ctx)
+            await self._final(
+                greq, responder, leg, decode, "d", dialect, None, route,
+                journal=journal, splice=splice,
+            )  # fmt: skip
+        elif prefill is None:  # e+pd: one merged leg with the original content
             leg = dialect.decode_request(body, None, ctx)
             await self._final(
                 greq, responder, leg, decode, "pd", dialect, None, route,
