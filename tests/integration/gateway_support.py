@@ -251,3 +251,16 @@ async def start_tokenized_gateway(
     with trio.fail_after(10):
         await nursery.start(gw.run)
     return gw
+
+
+def conversation(
+    user: str, turns: int, answers: list[str], words: int = 40
+) -> list[dict[str, str]]:
+    """A chat of ``turns`` user messages (``words`` repeated words each, after a shared system
+    prompt) with the answers received so far: multi-turn traffic whose prefixes grow."""
+    messages = [{"role": "system", "content": "You answer questions about the shared report."}]
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"{user} asks question {t}: " + "why " * words})
+        if t < len(answers):
+            messages.append({"role": "assistant", "content": answers[t]})
+    return messages

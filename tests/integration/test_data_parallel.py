@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from gateway_support import MODEL, http_request, start_tokenized_gateway
+from gateway_support import MODEL, conversation, http_request, start_tokenized_gateway
 
 from lmgw.config import (
     GatewayConfig,
@@ -45,22 +45,17 @@ async def start_gateway(
     return await start_tokenized_gateway(nursery, workers, policy=policy, route_header=True)
 
 
-def conversation(user: str, turn: int, answers: list[str]) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": "You are the assistant of a long shared report."}]
-    for t in range(turn):
-        messages.append({"role": "user", "content": f"{user} asks question {t}: " + "why " * 60})
-        if t < len(answers):
-            messages.append({"role": "assistant", "content": answers[t]})
-    return messages
-
-
 async def run_conversations(gw: Gateway, users: int = 6, turns: int = 4) -> dict[str, list[str]]:
     """Multi-turn chats, one request at a time; each answer's route header, by user."""
     answers: dict[str, list[str]] = {f"user{u}": [] for u in range(users)}
     routes: dict[str, list[str]] = {u: [] for u in answers}
     for turn in range(1, turns + 1):
         for user, said in answers.items():
-            body = {"model": MODEL, "messages": conversation(user, turn, said), "max_tokens": 8}
+            body = {
+                "model": MODEL,
+                "messages": conversation(user, turn, said, words=60),
+                "max_tokens": 8,
+            }
             r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
             assert r.status == 200, r.body
             said.append(r.json()["choices"][0]["message"]["content"])

@@ -21,6 +21,7 @@ import zmq
 from gateway_support import (
     MODEL,
     SimHandle,
+    conversation,
     free_port_url,
     http_request,
     metric_value,
@@ -42,16 +43,6 @@ from lmgw.transport.zmq import ZmqSocket
 
 SETTLE_S = 10.0
 """Bound on waiting for events to reach the gateway (they normally take a millisecond)."""
-
-
-def chat(user: str, turns: int, answers: list[str]) -> list[dict[str, str]]:
-    """A conversation of ``turns`` user messages with the answers received so far."""
-    messages = [{"role": "system", "content": "You answer questions about the shared report."}]
-    for t in range(turns):
-        messages.append({"role": "user", "content": f"{user} asks question {t}: " + "why " * 40})
-        if t < len(answers):
-            messages.append({"role": "assistant", "content": answers[t]})
-    return messages
 
 
 async def wait_until(check: Callable[[], bool], what: str, timeout: float = SETTLE_S) -> None:
@@ -98,7 +89,7 @@ async def test_simulated_worker_publishes_its_cache_as_vllm_events(sim_worker) -
 
         answers: list[str] = []
         for turn in range(1, 5):
-            body = {"model": MODEL, "messages": chat("ann", turn, answers), "max_tokens": 8}
+            body = {"model": MODEL, "messages": conversation("ann", turn, answers), "max_tokens": 8}
             r = await http_request(sim.url, "POST", "/v1/chat/completions", body)
             assert r.status == 200
             answers.append(r.json()["choices"][0]["message"]["content"])
@@ -162,7 +153,7 @@ async def test_exact_mode_holds_what_the_workers_hold(nursery: trio.Nursery, sim
     predicted_total = 0
     for turn in range(1, 5):
         for user, said in answers.items():
-            body = {"model": MODEL, "messages": chat(user, turn, said), "max_tokens": 8}
+            body = {"model": MODEL, "messages": conversation(user, turn, said), "max_tokens": 8}
             r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
             assert r.status == 200, r.body
             said.append(r.json()["choices"][0]["message"]["content"])
@@ -279,7 +270,7 @@ def test_simulate_with_kv_events_routes_in_exact_mode() -> None:
         stat = 'lmgw_routing_policy_stat{role="pd",policy="cache_aware",stat="%s"}'
         deadline = time.monotonic() + 20
         for i in range(40):  # until both workers were chosen and their events arrived
-            post(chat(f"user{i}", 1, []))
+            post(conversation(f"user{i}", 1, []))
             if metric_value(metrics(), stat % "exact_workers") == 2:
                 break
             assert time.monotonic() < deadline
@@ -354,7 +345,7 @@ async def test_exact_mode_keeps_an_adapters_blocks_apart(nursery: trio.Nursery, 
     await wait_until(
         lambda: all(s.sim.kv_events.subscriptions > 0 for s in sims), "the subscriptions"
     )
-    messages = chat("ann", 1, [])
+    messages = conversation("ann", 1, [])
     hits = []
     for model in (MODEL, "law", "law", MODEL):
         body = {"model": model, "messages": messages, "max_tokens": 4}
