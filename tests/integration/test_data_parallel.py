@@ -105,7 +105,6 @@ async def test_each_rank_is_a_worker_pinned_by_the_header(nursery: trio.Nursery)
     gw2 = await start_gateway(nursery, [WorkerConfig(url=url2)])
     await run_conversations(gw2)
     assert sim2.pinned == [0] * RANKS and sum(sim2.balanced) >= 24
-    print("hit rates", aware, hit_rate(sim2))
     assert aware > hit_rate(sim2) + 0.2, (aware, hit_rate(sim2))
 
 
