@@ -42,6 +42,16 @@ _ALL_RANKS = frozenset({"/metrics", "/sim/stats", "/sim/faults", "/sim/reset"})
 _FIRST_RANK = frozenset({"/health", "/v1/models", "/version"})
 
 
+class _Pin(msgspec.Struct):
+    """The rank fields of SGLang's ``GenerateReqInput``."""
+
+    routed_dp_rank: int | None = None
+    data_parallel_rank: int | None = None
+
+
+_pin_decoder = msgspec.json.Decoder(_Pin)
+
+
 class DataParallelSim:
     """The ranks of one simulated data-parallel server and the front that dispatches to them."""
 
@@ -76,20 +86,33 @@ class DataParallelSim:
         self._start = 0
 
     def pick(self, request: Request) -> int:
-        """The rank a request runs on: the header's, else the fewest in flight (ties from a
-        rotating start). ValueError for a header that names no rank."""
-        for k, v in request.headers:
-            if k == _RANK:
-                try:
-                    rank = int(v)
-                except ValueError:
-                    raise ValueError(f"X-data-parallel-rank {v[:32]!r} is not a number") from None
-                if not 0 <= rank < len(self.ranks):
-                    raise ValueError(
-                        f"X-data-parallel-rank {rank} is out of range (0..{len(self.ranks) - 1})"
-                    )
-                self.pinned[rank] += 1
-                return rank
+        """The rank a request runs on: the one it names, else the fewest in flight (ties from
+        a rotating start). ValueError for a rank that is not one. The OpenAI routes read
+        ``X-data-parallel-rank`` (vLLM; SGLang too); SGLang's ``/generate`` reads only its
+        body's ``routed_dp_rank`` (or the older ``data_parallel_rank``)."""
+        named: Any = None
+        if request.path.endswith("/generate"):
+            try:
+                pin = _pin_decoder.decode(request.body)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                pin = None  # the rank answers the body's error
+            if pin is not None:
+                named = (
+                    pin.routed_dp_rank if pin.routed_dp_rank is not None else pin.data_parallel_rank
+                )
+        else:
+            named = next((v for k, v in request.headers if k == _RANK), None)
+        if named is not None:
+            try:
+                rank = int(named)
+            except ValueError:
+                raise ValueError(f"X-data-parallel-rank {named[:32]!r} is not a number") from None
+            if not 0 <= rank < len(self.ranks):
+                raise ValueError(
+                    f"X-data-parallel-rank {rank} is out of range (0..{len(self.ranks) - 1})"
+                )
+            self.pinned[rank] += 1
+            return rank
         n = len(self.ranks)
         loads = self._in_flight
         best = self._start % n

@@ -402,3 +402,34 @@ async def test_a_server_with_ranks_seen_as_one_worker_is_pointed_out(
     plain_url, _ = await start_dp(nursery, 1)
     gw2 = await start_gateway(nursery, [WorkerConfig(url=plain_url)], "round_robin")
     assert next(iter(gw2.registry)).engine.engines == 1
+
+
+async def test_native_generate_is_pinned_in_its_body(nursery: trio.Nursery) -> None:
+    """SGLang's ``/generate`` reads no rank header: a rank's ``/generate`` request carries its
+    rank in the body too (``routed_dp_rank``, and ``data_parallel_rank`` for older releases),
+    after any the client sent; the simulator reads it there, as SGLang does."""
+    url, sim = await start_dp(nursery, 2)
+    gw = await start_gateway(nursery, [parse_worker_flag(f"pd={url},dp=2")], "round_robin")
+    served = [w.stats for w in sim.ranks]
+    for i in range(4):
+        body: dict[str, Any] = {"text": f"hello {i}", "sampling_params": {"max_new_tokens": 2}}
+        if i % 2:
+            body["routed_dp_rank"] = 0  # a client's own: the gateway's rank comes last, and wins
+        r = await http_request(gw.url, "POST", "/generate", body)
+        assert r.status == 200, r.body
+    assert sim.balanced == [0, 0]  # every /generate named its rank in the body
+    assert [s.requests_total for s in served] == [2, 2]  # round robin over the two ranks
+
+
+async def test_pin_to_rank_bodies() -> None:
+    import json
+
+    from lmgw.transport.pool import pin_to_rank
+
+    assert json.loads(pin_to_rank(b'{"text": "x"}', 3)) == {
+        "text": "x", "routed_dp_rank": 3, "data_parallel_rank": 3,
+    }  # fmt: skip
+    assert json.loads(pin_to_rank(b" { } \n", 0)) == {"routed_dp_rank": 0, "data_parallel_rank": 0}
+    assert json.loads(pin_to_rank(b'{"routed_dp_rank": 5}', 1))["routed_dp_rank"] == 1  # last wins
+    for odd in (b"[1, 2]", b"not json", b'"s"', b"{"):
+        assert pin_to_rank(odd, 1) == odd

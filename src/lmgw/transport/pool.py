@@ -96,26 +96,41 @@ class UpstreamError(Exception):
 _FIXED_NAMES = frozenset({b"x-data-parallel-rank"})
 
 
+def pin_to_rank(body: bytes, rank: int) -> bytes:
+    """A native ``/generate`` body pinned to data-parallel ``rank``: SGLang's ``/generate``
+    reads no ``X-data-parallel-rank`` header, only the body's ``routed_dp_rank`` (and, in
+    older releases, ``data_parallel_rank``), so both go in, last (a client's own do not
+    win). Bytes that are not a JSON object are left as they are (the worker answers 400)."""
+    end = body.rstrip()
+    if not end.endswith(b"}") or not body.lstrip().startswith(b"{"):
+        return body
+    inner = end[:-1].rstrip()
+    sep = b"" if inner.endswith(b"{") else b","
+    return b'%s%s"routed_dp_rank":%d,"data_parallel_rank":%d}' % (inner, sep, rank, rank)
+
+
 class Origin:
     """A worker address with its idle-connection stack. Hashable by identity; one per worker."""
 
-    __slots__ = ("fixed", "host", "host_header", "idle", "port", "scheme", "waiting")
+    __slots__ = ("fixed", "host", "host_header", "idle", "port", "rank", "scheme", "waiting")
 
-    def __init__(self, host: str, port: int, scheme: str = "http", fixed: bytes = b"") -> None:
+    def __init__(self, host: str, port: int, scheme: str = "http", rank: int | None = None) -> None:
         self.host = host
         self.port = port
         self.scheme = scheme
         # an IPv6 literal needs its brackets back in the Host header (RFC 9110 7.2)
         self.host_header = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
-        #: header lines every request to this origin carries (CRLF-terminated): a data-parallel
-        #: rank of one server is an origin of its own, its rank in ``X-data-parallel-rank``
-        self.fixed = fixed
+        #: a data-parallel rank of one server is an origin of its own: every request to it is
+        #: pinned to the rank (:func:`pin_to_rank`); None: the whole server
+        self.rank = rank
+        #: header lines every request to this origin carries (CRLF-terminated)
+        self.fixed = b"" if rank is None else b"x-data-parallel-rank: %d\r\n" % rank
         self.idle: list[_Conn] = []
         #: connections whose request waits for its answer's head (see ConnectionPool.abort)
         self.waiting: set[_Conn] = set()
 
     @classmethod
-    def from_url(cls, url: str, fixed: bytes = b"") -> Origin:
+    def from_url(cls, url: str, rank: int | None = None) -> Origin:
         scheme, _, rest = url.partition("://")
         hostport = rest.split("/", 1)[0]
         if hostport.startswith("["):
@@ -125,7 +140,7 @@ class Origin:
             host, _, port = hostport.partition(":")
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported scheme in worker URL {url!r}")
-        return cls(host, int(port) if port else (443 if scheme == "https" else 80), scheme, fixed)
+        return cls(host, int(port) if port else (443 if scheme == "https" else 80), scheme, rank)
 
     def __repr__(self) -> str:
         return f"<Origin {self.host}:{self.port} idle={len(self.idle)}>"
@@ -305,8 +320,10 @@ class ConnectionPool:
         does not arrive within ``response_timeout_s`` (status 504).
         """
         fixed = origin.fixed
-        if fixed:  # the origin's own headers (a rank's) stand: a client's copy does not follow
+        if fixed:  # a rank's origin: pinned (a client's own rank header does not follow)
             headers = [h for h in headers if h[0] not in _FIXED_NAMES]
+            if body and path.endswith("/generate"):
+                body = pin_to_rank(body, origin.rank)  # type: ignore[arg-type]
         head = build_request_head(
             method, path, origin.host_header, headers, None if body is None else len(body), fixed
         )

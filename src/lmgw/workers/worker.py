@@ -114,8 +114,7 @@ class Worker:
         #: LoRA adapters the gateway loaded here (workers/lora.py): served whatever ``models``
         #: says (a worker whose models config fixed serves them too)
         self.adapters: frozenset[str] = frozenset()
-        fixed = b"" if dp_rank is None else b"x-data-parallel-rank: %d\r\n" % dp_rank
-        self.origin = Origin.from_url(self.url, fixed)
+        self.origin = Origin.from_url(self.url, dp_rank)
         self.state = WorkerState.STARTING
         #: the load lists of the registry's candidate tuples this worker is in, with its index
         #: there (:class:`~lmgw.workers.registry.Candidates`): kept equal to its load
