@@ -2174,8 +2174,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="ROLE=URL",
-        help="add a worker, e.g. pd=http://127.0.0.1:9001 or prefill=http://h:8000,kv_address="
-        "h:21001 (repeatable; options: id, bootstrap_port, kv_address)",
+        help="add a worker, e.g. pd=http://127.0.0.1:9001, prefill=http://h:8000,kv_address="
+        "h:21001 or pd=http://h:8000,dp=8 (repeatable; options: id, bootstrap_port, "
+        "kv_address, zone, kv_events, dp / data_parallel_size, data_parallel_rank)",
     )
     g.add_argument(
         "--model",
@@ -2479,7 +2480,7 @@ def parse_worker_flag(text: str) -> WorkerConfig:
     try:
         return WorkerConfig(url=url.strip(), role=role.strip(), **extra)
     except ConfigError as e:
-        raise ConfigError(e.reason, source=source) from None
+        raise ConfigError(e.reason, path=e.path, source=source) from None
 
 
 def _flow_for(name: str, workers: Iterable[WorkerConfig]) -> str:
