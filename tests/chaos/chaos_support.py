@@ -506,7 +506,9 @@ def gateway_config(
     upstream: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     discovery: DiscoveryConfig | None = None,
+    dp: int = 1,
 ) -> GatewayConfig:
+    """``dp`` > 1: each URL is a server of that many data-parallel ranks (``w<i>#dp<r>``)."""
     return GatewayConfig(
         server=ServerConfig(port=0, graceful_shutdown_s=1.0),
         limits=LimitsConfig(**{"request_timeout_s": CLIENT_DEADLINE_S - 5, **(limits or {})}),
@@ -515,7 +517,10 @@ def gateway_config(
         ),
         routing=RoutingConfig(policy=policy),
         health=HealthConfig(**{"interval_s": 1.0, "timeout_s": 1.0, **(health or {})}),
-        workers=[WorkerConfig(url=u, role="pd", id=f"w{i}") for i, u in enumerate(urls)],
+        workers=[
+            WorkerConfig(url=u, role="pd", id=f"w{i}", data_parallel_size=dp)
+            for i, u in enumerate(urls)
+        ],
         discovery=discovery or DiscoveryConfig(),
     )
 
@@ -527,13 +532,15 @@ async def chaos_env(
     *,
     static: bool = True,
     before_gateway: Callable[[Fleet, trio.Nursery], Awaitable[None]] | None = None,
+    dp: int = 1,
     **config: Any,
 ) -> AsyncIterator[Env]:
     """A fleet of ``workers`` simulator processes and a gateway (port 0) in front of them:
-    as ``[[workers]]`` w0, w1, ... (``static``), or found by the caller's ``discovery`` after
-    ``await before_gateway(fleet, nursery)`` (which may start tasks in the nursery). Yields once
-    every worker is healthy. Everything stops when the block ends, whatever happens; a scenario
-    running past ``SCENARIO_DEADLINE_S`` fails."""
+    as ``[[workers]]`` w0, w1, ... (``static``; each ``dp`` data-parallel ranks, w0#dp0, ...),
+    or found by the caller's ``discovery`` after ``await before_gateway(fleet, nursery)``
+    (which may start tasks in the nursery). Yields once every worker is healthy. Everything
+    stops when the block ends, whatever happens; a scenario running past
+    ``SCENARIO_DEADLINE_S`` fails."""
     async with trio.open_nursery() as nursery:
         watchdog = trio.CancelScope()
 
@@ -551,13 +558,13 @@ async def chaos_env(
                         {"pd": workers},
                         model=MODEL,
                         speed=SPEED,
-                        extra_args=["--log-level", "ERROR"],
+                        extra_args=["--log-level", "ERROR", "--data-parallel-size", str(dp)],
                         grace_s=2.0,
                     )
                 )
                 if before_gateway is not None:
                     await before_gateway(fleet, nursery)
-                cfg = gateway_config(fleet.urls() if static else (), **config)
+                cfg = gateway_config(fleet.urls() if static else (), dp=dp, **config)
                 gw = Gateway(cfg)
                 env = Env(fleet, gw, answers, nursery)
                 gw.registry.subscribe(env._watch)
@@ -566,7 +573,7 @@ async def chaos_env(
                 await nursery.start(gw.run)
             await wait_for(
                 lambda: (
-                    len(gw.registry) == workers
+                    len(gw.registry) == workers * dp
                     and all(w.state is WorkerState.HEALTHY for w in gw.registry)
                 ),
                 "every worker healthy",

@@ -46,6 +46,32 @@ async def test_kill_9_mid_stream_is_continued_elsewhere(answers: Answers) -> Non
         print(await check_gateway_invariants(gw, before, env.seen))
 
 
+async def test_kill_9_of_a_data_parallel_server_moves_its_ranks_streams(
+    answers: Answers,
+) -> None:
+    """Two servers of two data-parallel ranks each: SIGKILL of one takes both its ranks down
+    at once; their streams continue on the other server's ranks, both dead ranks are
+    ejected, nothing is lost."""
+    async with chaos_env(answers, workers=2, dp=2) as env:
+        gw = env.gateway
+        before = snapshot(gw)
+        load = env.load()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load.run)
+            await load.wait_streaming(gw, "w0#dp1", 10)
+            env.fleet.kill(0, signal.SIGKILL)
+        metrics = await scrape_metrics(gw)
+        continued = metric_sum(metrics, "lmgw_stream_migrations_total", outcome="continued")
+        print(f"\nkill -9 of a 2-rank server, {continued:g} continued: {load.summary()}")
+        load.check(min_correct=0.99)
+        assert continued >= 1
+        for rank in ("w0#dp0", "w0#dp1"):
+            assert env.worker(rank).state is WorkerState.EJECTED, rank
+        for rank in ("w1#dp0", "w1#dp1"):
+            assert env.worker(rank).state is WorkerState.HEALTHY, rank
+        print(await check_gateway_invariants(gw, before, env.seen))
+
+
 async def test_sigstop_worker_is_ejected_and_its_streams_move(answers: Answers) -> None:
     async with chaos_env(
         answers,
