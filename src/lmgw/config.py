@@ -1356,11 +1356,11 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # KV bytes of one prompt token for joint P/D placement's transfer estimate (see
     # routing.kv_bytes_per_token, the default for models without it).
     kv_bytes_per_token: int | None = None
-    # Conditional disaggregation (p/d flows, dialects whose decode workers are whole engines:
-    # vllm-nixl, vllm-lmcache): a request with at most this many prompt tokens to prefill (its
-    # prompt, less what the decode worker's policy predicts cached there) skips the prefill
-    # leg and is prefilled on its decode worker, with no KV transfer (Dynamo's
-    # max_local_prefill_length). 0: every request is disaggregated.
+    # Conditional disaggregation (p/d flows whose decode workers are whole engines: vllm-nixl,
+    # vllm-lmcache; e+p+d with vllm-epd, requests without media): a request with at most this
+    # many prompt tokens to prefill (its prompt, less what the decode worker's policy predicts
+    # cached there) skips the prefill leg and is prefilled on its decode worker, with no KV
+    # transfer (Dynamo's max_local_prefill_length). 0: every request is disaggregated.
     local_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -73,6 +73,9 @@ log = logging.getLogger("lmgw.simulate")
 KV_EVENTS_BIND = "tcp://127.0.0.1:0"
 """Where ``--kv-events`` workers bind their publishers (a free port each, on READY)."""
 
+#: (flow, dialect) pairs whose decode workers may prefill a request themselves
+_LOCAL_PREFILL = {("p/d", "vllm-nixl"), ("p/d", "vllm-lmcache"), ("e+p+d", "vllm-epd")}
+
 
 def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> GatewayConfig:
     """Gateway configuration for a started fleet: one model (tokenized with the workers' model
@@ -276,9 +279,10 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                     roles_args[role] += ["--max-loras", str(slots)]
     if getattr(args, "local_prefill_tokens", 0):
         name = getattr(args, "dialect", None) or "openai"
-        if spec.flow != "p/d" or name not in ("vllm-nixl", "vllm-lmcache"):
+        if (spec.flow, name) not in _LOCAL_PREFILL:
             log.error(
-                "--local-prefill-tokens is for p/d fleets with --dialect vllm-nixl or vllm-lmcache"
+                "--local-prefill-tokens is for p/d fleets with --dialect vllm-nixl or"
+                " vllm-lmcache, and e+p+d fleets with vllm-epd"
             )
             return 2
         roles_args.setdefault("d", []).append("--local-prefill")  # whole engines, as vLLM's

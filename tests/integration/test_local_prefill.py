@@ -154,6 +154,54 @@ async def test_a_local_stream_that_breaks_is_continued(nursery: trio.Nursery, si
     assert (await p.stats())["requests_total"] >= 1  # and went on through a prefill leg
 
 
+async def test_epd_requests_without_media_are_local(
+    nursery: trio.Nursery, sim_worker, tmp_path
+) -> None:
+    """e+p+d (vllm-epd): a short text-only request runs on its decode worker alone; one with
+    an image still goes through the encoder and the prefill worker (which loads the encoder
+    outputs), with the merged worker's text either way."""
+    ec_dir = str(tmp_path / "ec")
+    e = await sim_worker(role="e", ec_dir=ec_dir)
+    p = await sim_worker(role="p", ec_dir=ec_dir)
+    d = await sim_worker(role="d", local_prefill=True)
+    reference = await sim_worker(role="pd")
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        models=[ModelConfig(name=MODEL, flow="e+p+d", dialect="vllm-epd", local_prefill_tokens=96)],
+        workers=[
+            WorkerConfig(url=e.url, role="e"),
+            WorkerConfig(url=p.url, role="p"),
+            WorkerConfig(url=d.url, role="d"),
+        ],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    image = {
+        "type": "image_url",
+        "image_url": {
+            "url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4"
+            "nGM8IWfDwMDAxMDAwMDAAAAOTgEmR2hJIgAAAABJRU5ErkJggg=="
+        },
+    }
+    text_only = [{"role": "user", "content": "hi there"}]
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}]
+    for messages, local in ((text_only, True), (with_image, False)):
+        for stream in (False, True):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": stream}
+            want = await http_request(reference.url, "POST", "/v1/chat/completions", body)
+            before = ((await p.stats())["requests_total"], (await e.stats())["requests_total"])
+            r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+            assert r.status == 200, r.body
+            assert text_of(r, stream) == text_of(want, stream), (local, stream)
+            after = ((await p.stats())["requests_total"], (await e.stats())["requests_total"])
+            p_sent = after[0] - before[0]
+            assert p_sent == (0 if local else 1), (local, stream)
+    assert (await d.stats())["handoff"]["local_prefills"] == 2  # the two text-only requests
+    assert (await e.stats())["requests_total"] >= 1  # the image went through E
+
+
 @pytest.mark.parametrize("dialect", ["sglang-bootstrap", "vllm-p2pnccl"])
 async def test_dialects_whose_decoders_cannot_prefill_refuse_it(dialect: str) -> None:
     cfg = GatewayConfig(

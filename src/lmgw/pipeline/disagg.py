@@ -192,7 +192,6 @@ class DisaggRunner:
             tokens -= p.policies["d"].predicted_cached_tokens(decode, route) or 0
             if tokens > limit:
                 return False
-        p.metrics.pd_local_prefill.inc((greq.model,))
         return True
 
     async def _run(
@@ -211,8 +210,8 @@ class DisaggRunner:
     ) -> None:
         try:
             try:
-                if "e" in roles:
-                    await self._encode(greq, body, ctx, dialect, route)
+                if "e" in roles and await self._encode(greq, body, ctx, dialect, route):
+                    local = False  # media: the prefill worker loads the encoder outputs
                 await self._generate(
                     greq, responder, body, ctx, dialect, prefill, decode, route, journal,
                     local=local,
@@ -252,6 +251,7 @@ class DisaggRunner:
         """The legs after E: one merged leg (``e+pd``), prefill and decode, or (``local``:
         conditional disaggregation, :meth:`_local`) the decode worker alone, prefilling."""
         if local:  # no hand-off: retried like a merged leg (nothing to use up)
+            self.p.metrics.pd_local_prefill.inc((greq.model,))
             leg = dialect.local_request(body, ctx)
             await self._final(
                 greq, responder, leg, decode, "d", dialect, None, route,
@@ -415,6 +415,7 @@ class DisaggRunner:
         ctx = _stage_context(greq, prefill, decode)
         try:
             if self._local(greq, route, decode):  # the decode worker prefills it
+                p.metrics.pd_local_prefill.inc((greq.model,))
                 leg = dialect.local_request(body, ctx)
                 await self._final(greq, responder, leg, decode, "d", dialect, None, route)
                 return
@@ -563,10 +564,12 @@ class DisaggRunner:
         ctx: StageContext,
         dialect: Dialect,
         route: RouteContext,
-    ) -> None:
+    ) -> int:
+        """The E stage: each media item not in the encoder cache encoded, concurrently.
+        Returns how many media items the request has (0: no E stage)."""
         legs = dialect.encode_requests(body, ctx)
         if not legs:
-            return  # no media: the E stage is skipped
+            return 0  # no media: the E stage is skipped
         cache = self.encoded
         held = await cache.holding(greq.model, [leg.key for leg in legs])
         todo = [leg for leg in legs if leg.key not in held] if held else legs
@@ -574,7 +577,7 @@ class DisaggRunner:
         if len(todo) < len(legs):
             self.p.metrics.encoder_cache_hits.inc((greq.model,), len(legs) - len(todo))
         if not todo:
-            return  # every item is in the encoder cache already
+            return len(legs)  # every item is in the encoder cache already
 
         async def one(leg: StageRequest) -> None:
             # the item's key routes it: the encoder that has it (consistent_hash by default)
@@ -594,6 +597,7 @@ class DisaggRunner:
         async with trio.open_nursery() as nursery:
             for leg in todo:
                 nursery.start_soon(one, leg)
+        return len(legs)
 
     async def _final(
         self,

@@ -147,10 +147,11 @@ class Pipeline:
         for i, m in enumerate(cfg.models):
             if m.local_prefill_tokens:
                 dialect = self.dialects.get(m.name)
-                if m.flow != "p/d" or dialect is None or not dialect.local_prefill:
+                if m.flow not in ("p/d", "e+p+d") or dialect is None or not dialect.local_prefill:
                     raise ConfigError(
-                        "only p/d flows whose decode workers prefill on their own"
-                        f" (vllm-nixl, vllm-lmcache) take it, not {m.flow} with {m.dialect}",
+                        "only p/d and e+p+d flows whose decode workers prefill on their own"
+                        " (vllm-nixl, vllm-lmcache, vllm-epd) take it, not"
+                        f" {m.flow} with {m.dialect}",
                         path=f"models[{i}].local_prefill_tokens",
                     )
                 self.local_prefill[m.name] = m.local_prefill_tokens
