@@ -93,6 +93,26 @@ async def test_short_prompts_skip_the_prefill_leg(nursery: trio.Nursery, sim_wor
     assert metric_value(text, f'lmgw_pd_local_prefill_total{{model="{MODEL}"}}') == 2
 
 
+@pytest.mark.parametrize("tokenizer", [False, True])
+async def test_the_gateways_own_token_count_decides_when_it_has_one(
+    nursery: trio.Nursery, sim_worker, tokenizer: bool
+) -> None:
+    """A short prompt in a long body (a large field that is not the prompt): without a
+    tokenizer the body's size (/ 4) says it is long; with one, the context check's count of
+    the prompt's tokens says it is short, and it runs on the decode worker."""
+    gw, p, (d,) = await pd_gateway(nursery, sim_worker, limit=64, tokenizer=tokenizer)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "metadata": {"note": "x" * 800},  # relayed, never part of the prompt
+    }
+    r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    local = (await d.stats())["handoff"]["local_prefills"]
+    assert ((await p.stats())["requests_total"], local) == ((0, 1) if tokenizer else (1, 0))
+
+
 async def test_a_prefix_cached_on_the_decode_worker_is_prefilled_there(
     nursery: trio.Nursery, sim_worker
 ) -> None:

@@ -180,14 +180,16 @@ class DisaggRunner:
 
     def _local(self, greq: GatewayRequest, route: RouteContext, decode: Worker) -> bool:
         """Whether ``decode`` should prefill this P/D request itself: its prompt tokens (the
-        gateway's tokens, else body bytes / 4), less what the decode policy predicts cached
-        there, are at most ``models[].local_prefill_tokens``. A whole engine prefills a few
-        tokens faster than a prefill leg and a KV transfer deliver them."""
+        gateway's, from routing or the context check, else body bytes / 4), less what the
+        decode policy predicts cached there, are at most ``models[].local_prefill_tokens``. A
+        whole engine prefills a few tokens faster than a prefill leg and a KV transfer
+        deliver them."""
         p = self.p
         limit = p.local_prefill.get(greq.model, 0)
         if not limit:
             return False
-        tokens = len(route.tokens) if route.tokens is not None else len(greq.body) // 4
+        ids = route.tokens if route.tokens is not None else greq.prompt_ids
+        tokens = len(ids) if ids is not None else len(greq.body) // 4
         if tokens > limit:
             tokens -= p.policies["d"].predicted_cached_tokens(decode, route) or 0
             if tokens > limit:
