@@ -417,9 +417,9 @@ class DisaggRunner:
         ctx = _stage_context(greq, prefill, decode)
         try:
             if self._local(greq, route, decode):  # the decode worker prefills it
-                p.metrics.pd_local_prefill.inc((greq.model,))
-                leg = dialect.local_request(body, ctx)
-                await self._final(greq, responder, leg, decode, "d", dialect, None, route)
+                await self._generate(
+                    greq, responder, body, ctx, dialect, prefill, decode, route, None, local=True
+                )
                 return
             pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)
             handoff = dialect.read_prefill(pre, status, answer)
