@@ -579,6 +579,28 @@ async def test_slow_handler_is_not_a_timeout(nursery: trio.Nursery) -> None:
     assert (await c.response()).body == b"slow"
 
 
+async def test_the_watchdog_sleeps_while_nothing_runs(nursery: trio.Nursery) -> None:
+    """No connection: the watchdog does not wake at all; idle keep-alive connections: only
+    for the sweep of their timeouts (every ten intervals); a running request: every interval,
+    from the moment it starts (its disconnect watcher is armed as before)."""
+    interval = 0.02
+    server, port = await start_server(
+        nursery, App(), watchdog_interval_s=interval, keepalive_timeout_s=5.0
+    )
+    await trio.sleep(0.5)
+    assert server.watchdog_wakeups <= 1
+    c = await Client.open(port)  # an idle connection: sweeps only
+    await c.send(get("/echo"))
+    assert (await c.response()).status == 200
+    before = server.watchdog_wakeups
+    await trio.sleep(1.0)
+    assert 2 <= server.watchdog_wakeups - before <= 8  # ~5 sweeps, not ~50 intervals
+    before = server.watchdog_wakeups
+    await c.send(get("/sleep?ms=400&id=slow"))  # a running request wakes it at once
+    assert (await c.response()).body == b"slow"
+    assert server.watchdog_wakeups - before >= 10
+
+
 # -- disconnects and handler failures -------------------------------------------------------
 
 
