@@ -8,10 +8,21 @@ hand-offs, the decode worker started with ``--local-prefill``), each system a fr
 serve``: ``disaggregated`` (limit 0, every request takes both legs) and ``local<=N``; closed
 loop, ``--concurrency`` clients streaming chats of unique prompts (routing.py's ``control``
 workload: nothing cached) of ``short`` (~24 tokens) or ``long`` (~1,300 tokens) prompts.
+
+Workload ``busy`` asks the other question (``models[].local_prefill_busy``): when the prefill
+worker is the bottleneck, does sending its overflow to idle decode engines help? One prefill and
+two decode workers, every one computing prefills one at a time (``--serial-prefill``: a busy
+engine queues), ~400-token prompts arriving open loop (Poisson) at each of ``--busy-rates``:
+one the prefill worker alone sustains and one it cannot; systems ``disaggregated`` and
+``busy>=N``. The simulator does not model what a
+prefill costs the decode engine's running streams (vLLM's chunked prefill slows their
+inter-token latency), so this is the TTFT side of the trade only.
+
 Figures, in one run: TTFT p50/p99 at the client, requests/s, the gateway's CPU per request
 (/proc), the prefill legs the prefill worker received; ratios local / disaggregated.
 
-    .venv/bin/python benchmarks/local_prefill.py [--quick] [--limit 256] [--rounds 2]
+    .venv/bin/python benchmarks/local_prefill.py [--quick] [--limit 256] [--busy 2]
+        [--workloads short,long,busy] [--rounds 2]
 
 Prints a table and writes benchmarks/results/local_prefill.json.
 """
@@ -19,6 +30,7 @@ Prints a table and writes benchmarks/results/local_prefill.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -40,15 +52,21 @@ from lmgw.config import (
 from lmgw.simulators import model_files
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
-WORKLOADS = {"short": 12, "long": 1300}  # prompt words
+WORKLOADS = {"short": 12, "long": 1300, "busy": 300}  # prompt words
 
 
-def config(fleet: Fleet, limit: int, port: int) -> GatewayConfig:
+def config(fleet: Fleet, limit: int, busy: int, port: int) -> GatewayConfig:
     return GatewayConfig(
         server=ServerConfig(host="127.0.0.1", port=port),
         logging=LoggingConfig(level="warning"),
         models=[
-            ModelConfig(name=R.MODEL, flow="p/d", dialect="vllm-nixl", local_prefill_tokens=limit)
+            ModelConfig(
+                name=R.MODEL,
+                flow="p/d",
+                dialect="vllm-nixl",
+                local_prefill_tokens=limit,
+                local_prefill_busy=busy,
+            )
         ],
         workers=[
             WorkerConfig(url=m.url, role=m.role, id=f"{m.role}{m.index}", models=[R.MODEL])
@@ -71,22 +89,32 @@ async def prefill_legs(fleet: Fleet) -> int:
 
 
 async def one_run(
-    fleet: Fleet, name: str, limit: int, words: int, args: argparse.Namespace
+    fleet: Fleet,
+    name: str,
+    limit: int,
+    busy: int,
+    words: int,
+    rate: float | None,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
+    """One system on one workload: closed loop of ``--concurrency`` clients, or (``rate``)
+    Poisson arrivals at that rate."""
     proc, url = await F.start_gateway(
         name,
         [],
         fleet,
         F.RESULTS / "local_prefill-logs",
-        config=lambda port: config(fleet, limit, port),
+        config=lambda port: config(fleet, limit, busy, port),
     )
     try:
         await F.reset_workers(fleet)
         legs0 = await prefill_legs(fleet)
         cpu0 = proc_cpu_s(proc.pid)
-        records = await R.closed_loop(
-            url, R.Control(prompt_words=words), args.concurrency, args.duration, args.seed
-        )
+        workload = R.Control(prompt_words=words)
+        if rate is None:
+            records = await R.closed_loop(url, workload, args.concurrency, args.duration, args.seed)
+        else:
+            records, _ = await R.open_loop(url, workload, rate, args.duration, args.seed)
         cpu1 = proc_cpu_s(proc.pid)
         legs = await prefill_legs(fleet) - legs0
     finally:
@@ -104,34 +132,46 @@ async def one_run(
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = await trio.to_thread.run_sync(model_files.default_model_dir)
-    systems = {"disaggregated": 0, f"local<={args.limit}": args.limit}
     runs: list[dict[str, Any]] = []
-    async with open_fleet(
-        {"p": 1, "d": 1},
-        model=R.MODEL,
-        speed=args.speed,
-        model_dir=model_dir,
-        dialect="vllm-nixl",
-        role_args={
-            "d": ["--local-prefill", "--log-level", "WARNING"],
-            "p": ["--log-level", "WARNING"],
-        },
-        ready_timeout_s=60.0,
-    ) as fleet:
-        for workload in args.workloads.split(","):
-            for rnd in range(args.rounds):
+    names: dict[str, list[str]] = {}
+    for workload in args.workloads.split(","):
+        busy = workload == "busy"
+        # name: (local_prefill_tokens, local_prefill_busy)
+        systems = (
+            {"disaggregated": (0, 0), f"busy>={args.busy}": (0, args.busy)}
+            if busy
+            else {"disaggregated": (0, 0), f"local<={args.limit}": (args.limit, 0)}
+        )
+        serial = ["--serial-prefill"] if busy else []
+        async with open_fleet(
+            {"p": 1, "d": 2 if busy else 1},
+            model=R.MODEL,
+            speed=args.speed,
+            model_dir=model_dir,
+            dialect="vllm-nixl",
+            role_args={
+                "d": ["--local-prefill", "--log-level", "WARNING", *serial],
+                "p": ["--log-level", "WARNING", *serial],
+            },
+            ready_timeout_s=60.0,
+        ) as fleet:
+            rates = [float(r) for r in args.busy_rates.split(",")] if busy else [None]
+            for rnd, rate in itertools.product(range(args.rounds), rates):
                 order = list(systems.items())
-                for name, limit in order if rnd % 2 == 0 else order[::-1]:  # either first
-                    run = await one_run(fleet, name, limit, WORKLOADS[workload], args)
-                    run.update(workload=workload, round=rnd)
+                label = workload if rate is None else f"{workload}@{rate:g}/s"
+                names[label] = list(systems)
+                for name, (limit, at) in order if rnd % 2 == 0 else order[::-1]:  # either first
+                    words = WORKLOADS[workload]
+                    run = await one_run(fleet, name, limit, at, words, rate, args)
+                    run.update(workload=label, round=rnd)
                     runs.append(run)
                     R.log(
-                        f"{workload:<5} {name:<14} ttft p50 {R._ms(run['ttft_p50_ms'])} p99 "
+                        f"{label:<5} {name:<14} ttft p50 {R._ms(run['ttft_p50_ms'])} p99 "
                         f"{R._ms(run['ttft_p99_ms'])} thr {run['throughput_rps']:.1f}/s gateway "
                         f"{run['gateway_cpu_us_per_req']:.0f} us/req prefill legs "
                         f"{run['prefill_legs']} errors {run['errors']}"
                     )
-    return {"meta": R.run_meta(args), "systems": systems, "runs": runs}
+    return {"meta": R.run_meta(args), "systems": names, "runs": runs}
 
 
 def table(out: dict[str, Any]) -> str:
@@ -143,7 +183,7 @@ def table(out: dict[str, Any]) -> str:
     ratios = []
     by: dict[tuple[str, str], dict[str, float]] = {}
     for workload in dict.fromkeys(r["workload"] for r in out["runs"]):
-        for system in out["systems"]:
+        for system in out["systems"][workload]:
             rs = [r for r in out["runs"] if r["workload"] == workload and r["system"] == system]
             m = {
                 k: statistics.median(r[k] or 0.0 for r in rs)
@@ -156,7 +196,7 @@ def table(out: dict[str, Any]) -> str:
                 f"| {m['throughput_rps']:.1f} | {m['gateway_cpu_us_per_req']:.0f} "
                 f"| {m['prefill_legs']:.0f} | {m['errors']:.0f} |"
             )
-        base, local = (by[(workload, s)] for s in out["systems"])
+        base, local = (by[(workload, s)] for s in out["systems"][workload])
         ratios.append(
             f"{workload}: local / disaggregated TTFT p50 "
             f"{local['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x, gateway CPU "
@@ -170,8 +210,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 round of 3 s")
     p.add_argument("--limit", type=int, default=256, help="local_prefill_tokens of local<=N")
-    p.add_argument("--workloads", default="short,long")
+    p.add_argument("--busy", type=int, default=2, help="local_prefill_busy of busy>=N")
+    p.add_argument("--workloads", default="short,long,busy")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--busy-rates",
+        default="18,36",
+        help="arrivals/s of workload busy: the prefill worker alone sustains ~24 at speed 1",
+    )
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=float, default=0.2)

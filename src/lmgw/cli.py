@@ -565,6 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
         " prefill runs whole on its decode worker, no prefill leg (models[].local_prefill_tokens)",
     )
     p_sim.add_argument(
+        "--local-prefill-busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="p/d fleets (vllm-nixl, vllm-lmcache): a request whose prefill worker already has N"
+        " requests runs whole on its decode worker while that one has room"
+        " (models[].local_prefill_busy)",
+    )
+    p_sim.add_argument(
         "--data-parallel-size",
         type=int,
         default=1,

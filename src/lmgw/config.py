@@ -1362,12 +1362,21 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # cached there) skips the prefill leg and is prefilled on its decode worker, with no KV
     # transfer (Dynamo's max_local_prefill_length). 0: every request is disaggregated.
     local_prefill_tokens: int = 0
+    # Conditional disaggregation under load (same flows): a request of any length is also
+    # prefilled on its decode worker when the prefill worker picked for it already has at least
+    # this many requests (in flight through the gateway plus queued at its engine) and more than
+    # the decode worker's unfinished local prefills, and the decode engine queues none and has
+    # room in its KV cache (Dynamo's prefill_load; with local_prefill_tokens too, its
+    # isl_or_load). 0: off.
+    local_prefill_busy: int = 0
 
     def __post_init__(self) -> None:
         _non_empty("name", self.name)
         _one_of("flow", self.flow, FLOWS)
         if not 0 <= self.local_prefill_tokens <= 1 << 20:
             raise ConfigError("must be 0..1048576", path="local_prefill_tokens")
+        if not 0 <= self.local_prefill_busy <= 1 << 20:
+            raise ConfigError("must be 0..1048576", path="local_prefill_busy")
         if self.kv_bytes_per_token is not None:
             _at_least("kv_bytes_per_token", self.kv_bytes_per_token, 0)
         _non_empty("dialect", self.dialect)

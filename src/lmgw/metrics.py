@@ -203,9 +203,11 @@ class Metrics:
         )
         self.pd_local_prefill = Counter(
             "lmgw_pd_local_prefill_total",
-            "P/D requests whose prompt left so few tokens to prefill that their decode worker"
-            " prefilled them itself, with no prefill leg (models[].local_prefill_tokens).",
-            ("model",),
+            "P/D requests their decode worker prefilled itself, with no prefill leg, by reason:"
+            " short (prompt at most models[].local_prefill_tokens), cached (so many left after"
+            " the decode worker's cached prefix), busy (the prefill worker had at least"
+            " models[].local_prefill_busy requests).",
+            ("model", "reason"),
         )
         self.placements = Counter(
             "lmgw_placement_pairs_total",

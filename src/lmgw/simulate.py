@@ -121,8 +121,9 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     # the workers' own model folder, so the gateway tokenizes as they do
     if fleet.model_dir is not None:
         model["tokenizer"] = str(fleet.model_dir)
-    if getattr(args, "local_prefill_tokens", 0):  # short prompts prefilled on the decode worker
-        model["local_prefill_tokens"] = args.local_prefill_tokens
+    for key in ("local_prefill_tokens", "local_prefill_busy"):  # prefilled on the decode worker
+        if getattr(args, key, 0):
+            model[key] = getattr(args, key)
     return GatewayConfig(
         server=ServerConfig(**server),
         limits=LimitsConfig(),
@@ -277,12 +278,12 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
-    if getattr(args, "local_prefill_tokens", 0):
+    if getattr(args, "local_prefill_tokens", 0) or getattr(args, "local_prefill_busy", 0):
         name = getattr(args, "dialect", None) or "openai"
         if (spec.flow, name) not in _LOCAL_PREFILL:
             log.error(
-                "--local-prefill-tokens is for p/d fleets with --dialect vllm-nixl or"
-                " vllm-lmcache, and e+p+d fleets with vllm-epd"
+                "--local-prefill-tokens and --local-prefill-busy are for p/d fleets with"
+                " --dialect vllm-nixl or vllm-lmcache, and e+p+d fleets with vllm-epd"
             )
             return 2
         roles_args.setdefault("d", []).append("--local-prefill")  # whole engines, as vLLM's

@@ -1,6 +1,8 @@
 """Conditional disaggregation (``models[].local_prefill_tokens``): a P/D request with few
 prompt tokens left to prefill skips the prefill leg and runs whole on its decode worker (a vLLM
-decode instance is a whole engine); longer ones are disaggregated as before. Against the
+decode instance is a whole engine); longer ones are disaggregated as before. Under load
+(``models[].local_prefill_busy``) a request also runs there when its prefill worker is busy.
+Against the
 simulators (decode workers started with ``local_prefill``; without it they refuse a request
 with no hand-off, so a test would see a skipped prefill that should not have been)."""
 
@@ -32,18 +34,21 @@ async def pd_gateway(
     sim_worker: Any,
     *,
     limit: int,
+    busy: int = 0,
     decodes: int = 1,
     tokenizer: bool = False,
     routing: dict[str, Any] | None = None,
+    prefill_options: dict[str, Any] | None = None,
     **decode_options: Any,
 ) -> tuple[Gateway, Any, list[Any]]:
-    p = await sim_worker(role="p")
+    p = await sim_worker(role="p", **(prefill_options or {}))
     ds = [await sim_worker(role="d", local_prefill=True, **decode_options) for _ in range(decodes)]
     model = ModelConfig(
         name=MODEL,
         flow="p/d",
         dialect="vllm-nixl",
         local_prefill_tokens=limit,
+        local_prefill_busy=busy,
         tokenizer=str(default_model_dir()) if tokenizer else None,
     )
     cfg = GatewayConfig(
@@ -90,7 +95,7 @@ async def test_short_prompts_skip_the_prefill_leg(nursery: trio.Nursery, sim_wor
             d_local = (await d.stats())["handoff"]["local_prefills"] - before_local
             assert (p_sent, d_local) == ((0, 1) if local else (1, 0)), (local, stream)
     text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
-    assert metric_value(text, f'lmgw_pd_local_prefill_total{{model="{MODEL}"}}') == 2
+    assert metric_value(text, f'lmgw_pd_local_prefill_total{{model="{MODEL}",reason="short"}}') == 2
 
 
 @pytest.mark.parametrize("tokenizer", [False, True])
@@ -139,6 +144,84 @@ async def test_a_prefix_cached_on_the_decode_worker_is_prefilled_there(
     assert sorted(locals_) == [0, 1]
     cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached > 0  # the decode worker really had the history
+
+
+async def test_a_busy_prefill_worker_sends_requests_to_idle_decoders(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """``local_prefill_busy = 2`` and no length limit: long prompts go to the prefill worker
+    (slow, one prefill at a time) until it holds two; the next ones, streamed or not, are
+    prefilled on the decode worker, with the merged worker's text. A decode engine that
+    reports its KV cache nearly full takes none: that request waits for the prefill worker."""
+    gw, p, (d,) = await pd_gateway(
+        nursery, sim_worker, limit=0, busy=2,
+        prefill_options={"speed": 1.0, "serial_prefill": True, "faults": {"slow": 40.0}},
+    )  # fmt: skip
+    reference = await sim_worker(role="pd")
+    question = "summarise the quarterly report for the board " * 12  # ~100 words: long
+
+    async def ask(i: int, results: list[tuple[int, bool]]) -> None:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"{i}: {question}"}],
+            "max_tokens": 6,
+            "stream": i % 2 == 1,
+        }
+        want = await http_request(reference.url, "POST", "/v1/chat/completions", body)
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+        results.append((i, text_of(r, body["stream"]) == text_of(want, body["stream"])))
+
+    results: list[tuple[int, bool]] = []
+    async with trio.open_nursery() as clients:
+        for i in range(5):
+            clients.start_soon(ask, i, results)
+            await trio.sleep(0.06)  # each request's legs are under way before the next
+        # the decode engine's last scrape says its KV cache is nearly full: no deflection
+        decode = gw.registry.get("d0")
+        assert decode is not None
+        decode.engine.kv_usage = 0.95
+        clients.start_soon(ask, 5, results)
+    assert sorted(results) == [(i, True) for i in range(6)]
+    # requests 0 and 1 (and 5, with the decoder full) took the prefill leg; 2, 3 and 4 did not
+    assert (await p.stats())["requests_total"] == 3
+    assert (await d.stats())["handoff"]["local_prefills"] == 3
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    sample = f'lmgw_pd_local_prefill_total{{model="{MODEL}",reason="busy"}}'
+    assert metric_value(text, sample) == 3
+
+
+async def test_deflection_shares_the_prefills_between_the_two_queues(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """A decode worker that prefills one at a time too (``serial_prefill``): a request goes
+    to whichever queue of prefills is shorter, the prefill worker's or the decode worker's
+    local one, so six requests arriving together split three and three instead of moving
+    the whole queue to the decode worker."""
+    slow = {"speed": 1.0, "serial_prefill": True, "faults": {"slow": 40.0}}
+    gw, p, (d,) = await pd_gateway(
+        nursery, sim_worker, limit=0, busy=1, prefill_options=slow, **slow
+    )  # fmt: skip
+    question = "summarise the quarterly report for the board " * 12
+
+    async def ask(i: int) -> None:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"{i}: {question}"}],
+            "max_tokens": 2,
+            "stream": i % 2 == 0,
+        }
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+
+    async with trio.open_nursery() as clients:
+        for i in range(6):
+            clients.start_soon(ask, i)
+            await trio.sleep(0.05)  # all six sent before the first prefill (~0.5 s) ends
+    assert (await p.stats())["requests_total"] == 3
+    assert (await d.stats())["handoff"]["local_prefills"] == 3
+    assert gw.pipeline.local_queues is not None
+    assert gw.pipeline.local_queues.queued("d0") == 0  # every local leg counted out
 
 
 async def test_a_failed_local_leg_is_retried_on_another_decode(
@@ -230,3 +313,6 @@ async def test_dialects_whose_decoders_cannot_prefill_refuse_it(dialect: str) ->
     )
     with pytest.raises(ConfigError, match="local_prefill_tokens"):
         Gateway(cfg)
+    busy = cfg.models[0].__class__(name=MODEL, flow="p/d", dialect=dialect, local_prefill_busy=4)
+    with pytest.raises(ConfigError, match="local_prefill_busy"):
+        Gateway(GatewayConfig(server=ServerConfig(port=0), models=[busy]))

@@ -362,6 +362,19 @@ def test_fleet_config_takes_the_simulate_flags(
     assert cfg.admin.token == "t0ken" and not cfg.admin.allow_unauthenticated_localhost
 
 
+def test_fleet_config_takes_the_local_prefill_flags(model_dir: Path) -> None:
+    """`lmgw simulate --workers 1p2d --dialect vllm-nixl --local-prefill-tokens 64
+    --local-prefill-busy 3`: conditional disaggregation, both arms, in the gateway config."""
+    fleet = Fleet()
+    fleet.model_dir = model_dir
+    args = argparse.Namespace(
+        host="127.0.0.1", port=0, model=MODEL, dialect="vllm-nixl",
+        local_prefill_tokens=64, local_prefill_busy=3,
+    )  # fmt: skip
+    (model,) = fleet_config(fleet, FleetSpec(p=1, d=2), args).models
+    assert (model.local_prefill_tokens, model.local_prefill_busy) == (64, 3)
+
+
 @pytest.mark.slow
 async def test_process_fleet_shares_one_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -170,7 +170,7 @@ class DisaggRunner:
         ctx = _stage_context(greq, prefill, decode)
         journal = migration.Journal(greq.endpoint) if greq.stream and p.migrations else None
         # conditional disaggregation: a prompt with few tokens left runs whole on the decoder
-        local = prefill is not None and self._local(greq, route, decode)
+        local = self._local(greq, route, prefill, decode) if prefill is not None else None
         try:
             await self._run(greq, responder, roles, dialect, body, ctx, prefill, decode, route,
                             journal, local)  # fmt: skip
@@ -178,23 +178,27 @@ class DisaggRunner:
             if p.placement is not None:
                 p.placement.release(route)
 
-    def _local(self, greq: GatewayRequest, route: RouteContext, decode: Worker) -> bool:
-        """Whether ``decode`` should prefill this P/D request itself: its prompt tokens (the
-        gateway's, from routing or the context check, else body bytes / 4), less what the
-        decode policy predicts cached there, are at most ``models[].local_prefill_tokens``. A
-        whole engine prefills a few tokens faster than a prefill leg and a KV transfer
-        deliver them."""
+    def _local(self, greq: GatewayRequest, route: RouteContext, prefill: Worker,
+               decode: Worker) -> str | None:  # fmt: skip
+        """Why ``decode`` should prefill this P/D request itself, or None
+        (:class:`~lmgw.pipeline.local_prefill.LocalPrefill`): its prompt tokens are the
+        gateway's (from routing or the context check), else body bytes / 4; what is cached is
+        the decode policy's prediction; the loads are the picked workers'."""
         p = self.p
-        limit = p.local_prefill.get(greq.model, 0)
-        if not limit:
-            return False
+        rule = p.local_prefill.get(greq.model)
+        if rule is None:
+            return None
         ids = route.tokens if route.tokens is not None else greq.prompt_ids
-        tokens = len(ids) if ids is not None else len(greq.body) // 4
-        if tokens > limit:
-            tokens -= p.policies["d"].predicted_cached_tokens(decode, route) or 0
-            if tokens > limit:
-                return False
-        return True
+        engine = decode.engine
+        queues = p.local_queues
+        return rule.reason(
+            len(ids) if ids is not None else len(greq.body) // 4,
+            lambda: p.policies["d"].predicted_cached_tokens(decode, route) or 0,
+            prefill.load,
+            queues.queued(decode.id) if queues is not None else 0,
+            engine.waiting,
+            engine.kv_usage,
+        )
 
     async def _run(
         self,
@@ -208,12 +212,12 @@ class DisaggRunner:
         decode: Worker,
         route: RouteContext,
         journal: list[bytes] | None,
-        local: bool = False,
+        local: str | None = None,
     ) -> None:
         try:
             try:
                 if "e" in roles and await self._encode(greq, body, ctx, dialect, route):
-                    local = False  # media: the prefill worker loads the encoder outputs
+                    local = None  # media: the prefill worker loads the encoder outputs
                 await self._generate(
                     greq, responder, body, ctx, dialect, prefill, decode, route, journal,
                     local=local,
@@ -248,12 +252,13 @@ class DisaggRunner:
         journal: list[bytes] | None,
         splice: Splice | None = None,
         *,
-        local: bool = False,
+        local: str | None = None,
     ) -> None:
         """The legs after E: one merged leg (``e+pd``), prefill and decode, or (``local``:
-        conditional disaggregation, :meth:`_local`) the decode worker alone, prefilling."""
-        if local:  # no hand-off: retried like a merged leg (nothing to use up)
-            self.p.metrics.pd_local_prefill.inc((greq.model,))
+        conditional disaggregation, :meth:`_local`, which says why) the decode worker alone,
+        prefilling."""
+        if local is not None:  # no hand-off: retried like a merged leg (nothing to use up)
+            self.p.metrics.pd_local_prefill.inc((greq.model, local))
             leg = dialect.local_request(body, ctx)
             await self._final(
                 greq, responder, leg, decode, "d", dialect, None, route,
@@ -416,9 +421,10 @@ class DisaggRunner:
         p.express_served += 1
         ctx = _stage_context(greq, prefill, decode)
         try:
-            if self._local(greq, route, decode):  # the decode worker prefills it
+            local = self._local(greq, route, prefill, decode)
+            if local is not None:  # the decode worker prefills it
                 await self._generate(
-                    greq, responder, body, ctx, dialect, prefill, decode, route, None, local=True
+                    greq, responder, body, ctx, dialect, prefill, decode, route, None, local=local
                 )
                 return
             pre, status, answer, ctx = await self._prefill(greq, body, ctx, dialect, prefill, route)
@@ -634,16 +640,25 @@ class DisaggRunner:
         keeps = role == "pd" or dialect.decode_retry_keeps_handoff
         attempts = 2 if keeps else 1
         tried = avoid
+        # a decode leg without a hand-off prefills: counted in its worker's local queue
+        queues = p.local_queues if role == "d" and handoff is None else None
         for attempt in range(attempts):
             if attempt or failure is None:
+                if queues is not None:
+                    queues.sent(worker.id, route)
+                answered = False
                 try:
                     failure = await p.dispatch(
                         greq, responder, role, worker, route,
                         attempt + 1 < attempts or (restartable and not keeps),
                         leg.path, leg.headers, leg.body, gate, journal, splice,
                     )  # fmt: skip
+                    answered = failure is None
                 except GatewayError as exc:
                     raise _stage_failed(role, exc) from None
+                finally:
+                    if queues is not None:
+                        queues.ended(route, answered)
                 if failure is None:
                     return
             if isinstance(failure, MidStream):

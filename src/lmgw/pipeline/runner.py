@@ -41,6 +41,7 @@ from ..workers.worker import Worker
 from . import migration
 from .disagg import DisaggRunner, EncodedItems
 from .hedge import hedger_for
+from .local_prefill import LocalPrefill, LocalQueues
 from .native import NativeRunner
 from .request import Gate, GatewayRequest, MidStream
 from .warm import PrefixWarmer, warmup_counter
@@ -141,20 +142,27 @@ class Pipeline:
             for m in cfg.models
             if m.name not in self.native.models
         }
-        #: conditional disaggregation: per model, the most prompt tokens left to prefill that
-        #: a decode worker prefills itself (models[].local_prefill_tokens)
-        self.local_prefill: dict[str, int] = {}
+        #: conditional disaggregation: per model, when a decode worker prefills a request
+        #: itself (models[].local_prefill_tokens, models[].local_prefill_busy)
+        self.local_prefill: dict[str, LocalPrefill] = {}
         for i, m in enumerate(cfg.models):
-            if m.local_prefill_tokens:
+            if m.local_prefill_tokens or m.local_prefill_busy:
                 dialect = self.dialects.get(m.name)
                 if m.flow not in ("p/d", "e+p+d") or dialect is None or not dialect.local_prefill:
+                    key = "tokens" if m.local_prefill_tokens else "busy"
                     raise ConfigError(
                         "only p/d and e+p+d flows whose decode workers prefill on their own"
                         " (vllm-nixl, vllm-lmcache, vllm-epd) take it, not"
                         f" {m.flow} with {m.dialect}",
-                        path=f"models[{i}].local_prefill_tokens",
+                        path=f"models[{i}].local_prefill_{key}",
                     )
-                self.local_prefill[m.name] = m.local_prefill_tokens
+                self.local_prefill[m.name] = LocalPrefill(
+                    m.local_prefill_tokens, m.local_prefill_busy
+                )
+        #: the decode workers' unfinished local prefills, when some model deflects under load
+        self.local_queues = (
+            LocalQueues() if any(r.busy for r in self.local_prefill.values()) else None
+        )
         # models not in [[models]] (reported by workers): routing.flow, else what the roles say
         roles = {w.role for w in cfg.workers}
         try:
@@ -733,6 +741,7 @@ class Pipeline:
             audit = self._audit(policy, worker, ctx, greq) if self.audits else None
             if not whole and greq.stream and resp.content_type.startswith(b"text/event-stream"):
                 hook = role in self.first_token_roles
+                local = self.local_queues if role == "d" else None  # a local leg's prefill
                 hedger = self.hedger if role == "pd" and splice is None else None
                 t_first = 0.0
 
@@ -744,6 +753,8 @@ class Pipeline:
                     metrics.stage_ttft.observe(labels, t_first - t0)
                     if hook:  # this leg's prefill is over
                         policy.on_first_token(worker, ctx)
+                    if local is not None:
+                        local.first_token(ctx)
                     if hedger is not None:  # the adaptive hedging delay's sample
                         hedger.observe(greq.model, t_first - t0)
 
