@@ -1458,8 +1458,11 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # own (ids "<id>#dp<r>", same URL), every request pinned to its rank with the
     # `X-data-parallel-rank` header, so cache-aware routing and load balancing see each
     # rank's cache and queue (`kv_events`: rank r subscribes to port + r, as vLLM publishes).
-    # 1: the server is one worker and vLLM balances its ranks itself.
-    data_parallel_size: int = 1
+    # 1: the server is one worker and vLLM balances its ranks itself. "auto": the gateway
+    # counts the ranks in the server's /metrics (vLLM's `engine` label) at each probe and makes
+    # each a worker, following the server when it restarts with another size (until the first
+    # probe, and for a server without ranks, the server is one worker).
+    data_parallel_size: int | Literal["auto"] = 1
     # This entry is one rank of such a server (the expansion sets it; set it to list ranks one
     # by one). Unset: the whole server, or every rank when data_parallel_size > 1.
     data_parallel_rank: int | None = None
@@ -1467,14 +1470,22 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
     def __post_init__(self) -> None:
         if self.zone is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]{1,64}", self.zone):
             raise ConfigError(f"{self.zone!r}: 1-64 letters, digits or . _ : / -", path="zone")
-        if not 1 <= self.data_parallel_size <= MAX_DP_RANKS:
-            raise ConfigError(f"must be 1..{MAX_DP_RANKS}", path="data_parallel_size")
+        size = self.data_parallel_size
+        auto = size == "auto"
+        if not auto and not 1 <= size <= MAX_DP_RANKS:
+            raise ConfigError(f'must be 1..{MAX_DP_RANKS} or "auto"', path="data_parallel_size")
+        size = 1 if auto else size
         rank = self.data_parallel_rank
         if rank is not None:
-            top = self.data_parallel_size if self.data_parallel_size > 1 else MAX_DP_RANKS
+            if auto:
+                raise ConfigError(
+                    'a rank is given by the server\'s size, not with data_parallel_size = "auto"',
+                    path="data_parallel_rank",
+                )
+            top = size if size > 1 else MAX_DP_RANKS
             if not 0 <= rank < top:
                 raise ConfigError(f"must be 0..{top - 1}", path="data_parallel_rank")
-        if (rank is not None or self.data_parallel_size > 1) and is_native_url(self.url):
+        if (rank is not None or size > 1 or auto) and is_native_url(self.url):
             raise ConfigError(
                 "data-parallel ranks are addressed over HTTP (X-data-parallel-rank); a native"
                 " worker registers each rank itself",
@@ -1485,10 +1496,10 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
         if self.kv_events is not None:
             _set(self, "kv_events", check_kv_events_endpoint(self.kv_events))
         if self.kv_events and self.kv_events.startswith("tcp://") and rank is None:
-            last = int(self.kv_events.rpartition(":")[2]) + self.data_parallel_size - 1
+            last = int(self.kv_events.rpartition(":")[2]) + size - 1
             if last > 65535:
                 raise ConfigError(
-                    f"rank {self.data_parallel_size - 1}'s KV events would be on port {last}",
+                    f"rank {size - 1}'s KV events would be on port {last}",
                     path="kv_events",
                 )
         if self.kv_address is not None:
@@ -1521,20 +1532,40 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
             return f"{self.url}#dp{self.data_parallel_rank}"
         return self.url
 
-    def ranks(self) -> list[WorkerConfig]:
+    @property
+    def auto_ranks(self) -> bool:
+        """Whether the server's ranks are counted at run time (``data_parallel_size = "auto"``)."""
+        return self.data_parallel_size == "auto"
+
+    def ranks(self, size: int | None = None) -> list[WorkerConfig]:
         """The workers this entry stands for: itself, or one per data-parallel rank (ids
-        ``<id>#dp<r>``, KV events on the rank's endpoint) when ``data_parallel_size`` > 1."""
-        if self.data_parallel_size <= 1 or self.data_parallel_rank is not None:
+        ``<id>#dp<r>``, KV events on the rank's endpoint) when ``data_parallel_size`` > 1.
+        ``size``: the ranks an ``"auto"`` entry's server was found to have (None or 1: the
+        server is one worker).
+
+        Raises:
+            ConfigError: the last rank's KV events would be on a port past 65535.
+        """
+        n = (size or 1) if self.auto_ranks else self.data_parallel_size
+        assert isinstance(n, int)
+        if n <= 1 or self.data_parallel_rank is not None:
             return [self]
+        if self.kv_events and self.kv_events.startswith("tcp://"):
+            last = int(self.kv_events.rpartition(":")[2]) + n - 1
+            if last > 65535:
+                raise ConfigError(
+                    f"rank {n - 1}'s KV events would be on port {last}", path="kv_events"
+                )
         base = self.worker_id
         return [
             msgspec.structs.replace(
                 self,
                 id=f"{base}#dp{r}",
+                data_parallel_size=n,
                 data_parallel_rank=r,
                 kv_events=None if self.kv_events is None else rank_endpoint(self.kv_events, r),
             )
-            for r in range(self.data_parallel_size)
+            for r in range(n)
         ]
 
 
@@ -2185,7 +2216,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ROLE=URL",
         help="add a worker, e.g. pd=http://127.0.0.1:9001, prefill=http://h:8000,kv_address="
         "h:21001 or pd=http://h:8000,dp=8 (repeatable; options: id, bootstrap_port, "
-        "kv_address, zone, kv_events, dp / data_parallel_size, data_parallel_rank)",
+        "kv_address, zone, kv_events, dp / data_parallel_size (N or auto), data_parallel_rank)",
     )
     g.add_argument(
         "--model",
@@ -2458,7 +2489,7 @@ _WORKER_FLAG_FIELDS = {"dp": "data_parallel_size"}
 def parse_worker_flag(text: str) -> WorkerConfig:
     """Parse a ``--worker ROLE=URL[,KEY=VALUE...]`` value, e.g. ``pd=http://127.0.0.1:9001`` or
     ``p=http://10.0.0.1:8100,kv_address=10.0.0.1:21001,zone=node-a`` (keys: id, bootstrap_port,
-    kv_address, zone, kv_events, dp / data_parallel_size, data_parallel_rank).
+    kv_address, zone, kv_events, dp / data_parallel_size (N or auto), data_parallel_rank).
 
     Raises:
         ConfigError: naming the flag text, when it is not ROLE=URL with a known role and a
@@ -2483,9 +2514,13 @@ def parse_worker_flag(text: str) -> WorkerConfig:
                 + ", ".join(_WORKER_FLAG_KEYS),
                 source=source,
             )
+        field = _WORKER_FLAG_FIELDS.get(key, key)
+        if field == "data_parallel_size" and value == "auto":
+            extra[field] = value
+            continue
         if kind is int and not value.isdigit():
             raise ConfigError(f"{key} must be an integer, got {value!r}", source=source)
-        extra[_WORKER_FLAG_FIELDS.get(key, key)] = kind(value)
+        extra[field] = kind(value)
     try:
         return WorkerConfig(url=url.strip(), role=role.strip(), **extra)
     except ConfigError as e:

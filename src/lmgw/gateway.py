@@ -52,6 +52,7 @@ from .tracing import Tracing
 from .transport.pool import ConnectionPool
 from .workers.discovery import configured as discovery_configured
 from .workers.discovery.kubernetes import K8sMetrics
+from .workers.dp_auto import AutoRanks
 from .workers.kv_events import KvEventSubscribers
 from .workers.lora import AdapterManager
 from .workers.monitor import HealthMonitor
@@ -178,6 +179,9 @@ class Gateway:
         self.mirrors = Mirrors(self.metrics)
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
+        #: data_parallel_size = "auto" entries: their ranks follow the servers' /metrics
+        self.auto_ranks = AutoRanks()
+        self._retiring: set[str] = set()  # ranks a server no longer has, drained until idle
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
         # LoRA adapters loaded on the fleet through the admin API, and kept loaded
         self.adapters = AdapterManager(self.registry, self.pool, auth, self.metrics)
@@ -191,8 +195,9 @@ class Gateway:
             shm_threshold_bytes=config.native.shm_threshold_bytes,
         )
         for entry in config.workers:
-            for wc in entry.ranks():  # a data-parallel server: one worker per rank
+            for wc in self.auto_ranks.expand(entry):  # data-parallel: one worker per rank
                 self.add_worker(wc)
+        self.monitor.on_engines = self._on_engines
         # models with a gateway-side tokenizer (models[].tokenizer): loaded now, so a bad
         # folder stops the start instead of failing requests
         self.texts: dict[str, ModelText] = {}
@@ -296,7 +301,7 @@ class Gateway:
     # -- fleet ----------------------------------------------------------------------------
     def add_worker(self, wc: WorkerConfig) -> Worker:
         """Add one worker (one rank of a data-parallel entry: see :meth:`WorkerConfig.ranks`)."""
-        if wc.data_parallel_size > 1 and wc.data_parallel_rank is None:
+        if len(wc.ranks()) > 1:
             raise ValueError("add each rank of a data-parallel worker (WorkerConfig.ranks)")
         if is_native_url(wc.url):  # its channel opens now (or when the gateway starts)
             native = NativeWorker(wc)
@@ -328,12 +333,11 @@ class Gateway:
             WorkerExists: naming an id that is taken.
             ValueError: a model's dialect cannot name the worker on the wire.
         """
-        ranks = entry.ranks()
-        for wc in ranks:
+        for wc in entry.ranks():  # (an "auto" entry: its one worker until a probe counts)
             if self.registry.get(wc.worker_id) is not None:
                 raise WorkerExists(wc.worker_id)
-        self.pipeline.check_worker(ranks[0])  # the ranks differ in nothing a dialect names
-        return [self.add_worker(wc) for wc in ranks]
+        self.pipeline.check_worker(entry)  # the ranks differ in nothing a dialect names
+        return [self.add_worker(wc) for wc in self.auto_ranks.expand(entry)]
 
     def remove_worker(self, worker_id: str) -> Worker:
         """Remove at once (requests in flight on it finish on their own connections)."""
@@ -344,6 +348,8 @@ class Gateway:
         for policy in self.policies.values():
             policy.on_worker_removed(worker)
         self._sources.pop(worker_id, None)
+        self.auto_ranks.forget(worker_id)
+        self._retiring.discard(worker_id)
         return worker
 
     def drain_worker(self, worker_id: str, reason: str = "drained") -> Worker:
@@ -369,7 +375,7 @@ class Gateway:
         the new ones, drain the ones gone (removed once idle, by :meth:`sweep_retired`).
         Workers of other sources, static ones included, are never touched; a worker whose id
         another source owns is skipped. Returns (added, retired)."""
-        want = {wc.worker_id: wc for entry in desired for wc in entry.ranks()}
+        want = {wc.worker_id: wc for entry in desired for wc in self.auto_ranks.expand(entry)}
         added = retired = 0
         for wid, wc in want.items():
             known = self.registry.get(wid)
@@ -395,6 +401,38 @@ class Gateway:
             worker = self.registry.get(wid)
             if worker is not None and worker.state is WorkerState.DRAINING and not worker.in_flight:
                 self.remove_worker(wid)
+
+    def _on_engines(self, worker: Worker, engines: int) -> bool:
+        """A probe counted the engines of ``worker``'s server. For a worker of a
+        ``data_parallel_size = "auto"`` entry, add the ranks the server has and the fleet
+        lacks, and drain those it no longer has (removed once idle); True when it is one (or
+        such a worker being retired)."""
+        ours = worker.id in self._retiring
+        if self._retiring:
+            for wid in list(self._retiring):
+                gone = self.registry.get(wid)
+                if gone is None or (gone.state is WorkerState.DRAINING and not gone.in_flight):
+                    self._retiring.discard(wid)
+                    if gone is not None:
+                        self.remove_worker(wid)
+        if not self.auto_ranks.owns(worker.id):
+            return ours
+        adds, retires = self.auto_ranks.observe(worker.id, engines)
+        source = self._sources.get(worker.id)
+        for wc in adds:
+            known = self.registry.get(wc.worker_id)
+            if known is None:
+                self.add_worker(wc)
+            else:  # retiring from an earlier size, and back
+                self._retiring.discard(wc.worker_id)
+                self.registry.set_state(known, WorkerState.STARTING, "a rank again")
+            if source is not None:
+                self._sources[wc.worker_id] = source
+        for wid in retires:
+            if self.registry.get(wid) is not None:
+                self.drain_worker(wid, "the server's data-parallel ranks changed")
+                self._retiring.add(wid)
+        return True
 
     def source_of(self, worker_id: str) -> str:
         """Which discovery source owns the worker ("static" for config and admin additions)."""

@@ -398,10 +398,68 @@ async def test_a_server_with_ranks_seen_as_one_worker_is_pointed_out(
     await gw.monitor.probe(worker)
     assert worker.describe()["engine"]["engines"] == 3
     hints = [r for r in caplog.records if "data-parallel ranks" in r.getMessage()]
-    assert len(hints) == 1 and "dp=3" in hints[0].getMessage()
+    assert len(hints) == 1
+    assert "data_parallel_size = 3" in hints[0].getMessage() and "dp=auto" in hints[0].getMessage()
     plain_url, _ = await start_dp(nursery, 1)
     gw2 = await start_gateway(nursery, [WorkerConfig(url=plain_url)], "round_robin")
     assert next(iter(gw2.registry)).engine.engines == 1
+
+
+async def test_auto_counts_the_ranks_and_follows_the_server(nursery: trio.Nursery) -> None:
+    """``dp=auto``: the server is one worker until the first probe counts its engines; then
+    each rank is a worker (pinned by header, so both ranks serve and the server's own
+    balancer places nothing) and the whole-server worker leaves. Restarted with three ranks
+    on the same port, the fleet follows at the next probe; with one (no ranks), back to one
+    worker of the entry's id."""
+    async with trio.open_nursery() as servers:
+        url, sim = await start_dp(servers, 2)
+        port = int(url.rsplit(":", 1)[1])
+        flag = parse_worker_flag(f"pd={url},dp=auto,id=srv")
+        gw = await start_gateway(nursery, [flag], "round_robin")
+        assert sorted(w.id for w in gw.registry) == ["srv#dp0", "srv#dp1"]  # the start probed
+        assert {w.dp_rank for w in gw.registry} == {0, 1}
+        pinned, balanced = list(sim.pinned), list(sim.balanced)
+        for i in range(4):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}]}
+            r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+            assert r.status == 200, r.body
+        # round robin by header (parity probes of the new ranks are pinned too)
+        assert all(a - b >= 2 for a, b in zip(sim.pinned, pinned, strict=True))
+        assert sim.balanced == balanced  # the server's balancer placed none
+        servers.cancel_scope.cancel()
+    async with trio.open_nursery() as servers:
+        await start_dp(servers, 3, port=port)
+        for w in list(gw.registry):
+            await gw.monitor.probe(w)
+        assert sorted(w.id for w in gw.registry) == ["srv#dp0", "srv#dp1", "srv#dp2"]
+        servers.cancel_scope.cancel()
+    async with trio.open_nursery() as servers:
+        await start_dp(servers, 1, port=port)
+        for w in list(gw.registry):
+            await gw.monitor.probe(w)
+        srv = gw.registry.get("srv")
+        assert srv is not None
+        await gw.monitor.probe(srv)  # (a probe removes the drained ranks once idle)
+        assert [w.id for w in gw.registry] == ["srv"] and srv.state.value == "healthy"
+        r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+        servers.cancel_scope.cancel()
+
+
+async def test_auto_ranks_added_at_run_time(nursery: trio.Nursery) -> None:
+    """The admin API takes ``data_parallel_size = "auto"`` too: one worker at once, its ranks
+    after a probe."""
+    url, _ = await start_dp(nursery, 2)
+    gw = await start_gateway(nursery, [])
+    (worker,) = gw.add_entry(WorkerConfig(url=url, id="late", data_parallel_size="auto"))
+    assert worker.id == "late" and worker.dp_rank is None
+    await gw.monitor.probe(worker)
+    ranks = {w.id for w in gw.registry}
+    assert {"late#dp0", "late#dp1"} <= ranks
+    for w in list(gw.registry):
+        if w.id != "late":
+            await gw.monitor.probe(w)
+    assert {w.id for w in gw.registry} == {"late#dp0", "late#dp1"}
 
 
 async def test_native_generate_is_pinned_in_its_body(nursery: trio.Nursery) -> None:

@@ -1018,12 +1018,33 @@ def test_a_data_parallel_server_is_one_worker_per_rank() -> None:
         ({"data_parallel_rank": -1}, "data_parallel_rank"),
         ({"data_parallel_size": 4, "kv_events": "tcp://h:65534"}, "port 65537"),
         ({"data_parallel_size": 2, "url": "zmq+tcp://h:5000"}, "native"),
+        ({"data_parallel_size": "auto", "url": "zmq+tcp://h:5000"}, "native"),
+        ({"data_parallel_size": "auto", "data_parallel_rank": 1}, "data_parallel_rank"),
+        ({"data_parallel_size": "some"}, "data_parallel_size"),
     ],
 )
 def test_data_parallel_mistakes_are_config_errors(table: dict, needle: str) -> None:
     with pytest.raises((ConfigError, msgspec.ValidationError)) as info:
         msgspec.convert({"url": "http://h:1", **table}, WorkerConfig)
     assert needle in str(info.value)
+
+
+def test_auto_ranks_are_sized_when_counted() -> None:
+    """``dp=auto`` (``data_parallel_size = "auto"``): one worker until a size is given, then
+    its ranks; a size whose KV event ports would pass 65535 is refused then."""
+    wc = parse_worker_flag("pd=http://h:8000,dp=auto,id=s,kv_events=tcp://h:65533")
+    assert wc.auto_ranks and wc.ranks() == [wc] and wc.ranks(1) == [wc]
+    ranks = wc.ranks(3)
+    assert [(r.worker_id, r.data_parallel_rank, r.data_parallel_size) for r in ranks] == [
+        ("s#dp0", 0, 3), ("s#dp1", 1, 3), ("s#dp2", 2, 3),
+    ]  # fmt: skip
+    assert [r.kv_events for r in ranks] == [f"tcp://h:{p}" for p in (65533, 65534, 65535)]
+    with pytest.raises(ConfigError, match="port 65536"):
+        wc.ranks(4)
+    toml = msgspec.convert({"url": "http://h:1", "data_parallel_size": "auto"}, WorkerConfig)
+    assert toml.auto_ranks
+    with pytest.raises(ConfigError, match="integer"):
+        parse_worker_flag("pd=http://h:8000,dp=many")
 
 
 def test_a_rank_id_taken_by_another_worker_is_refused() -> None:

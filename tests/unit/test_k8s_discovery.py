@@ -122,6 +122,8 @@ def test_a_pods_data_parallel_ranks_come_from_its_annotation() -> None:
     for bad in ("four", "0", "5000"):
         with pytest.raises(ValueError, match=r"data-parallel-size|data_parallel_size"):
             pod_worker(pod(annotations={"lmgw.io/data-parallel-size": bad}), "pd", RULES)
+    auto = pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "auto"}), "pd", RULES)
+    assert auto.auto_ranks and auto.ranks() == [auto]  # counted at the probes
     off = PodRules(data_parallel_annotation=None)
     assert pod_worker(pod(annotations={"lmgw.io/data-parallel-size": "4"}), "pd", off).ranks() == [
         pod_worker(pod(), "pd", off)

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 
 import msgspec
 import trio
@@ -111,6 +112,9 @@ class HealthMonitor:
         self._wake = trio.Event()
         self._probing: set[str] = set()  # worker ids with a probe in progress
         self._dp_hinted: set[str] = set()  # workers told they have data-parallel ranks
+        #: told the engines each probe counts in a worker's /metrics; True: the worker's ranks
+        #: are sized by the gateway (data_parallel_size = "auto"), so no hint is due
+        self.on_engines: Callable[[Worker, int], bool] | None = None
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health. Native
@@ -187,21 +191,22 @@ class HealthMonitor:
         if resp.status != 200:
             return ""
         rank = worker.dp_rank
+        if b'engine="1"' in body:  # data-parallel: count the ranks (only such servers pay)
+            n = len(set(_ENGINE.findall(body)))
+        else:
+            n = 1 if b'engine="0"' in body else 0
+        worker.engine.engines = n
+        sized = self.on_engines is not None and self.on_engines(worker, n)
         if rank is not None and b'engine="' in body and b'engine="%d"' % rank not in body:
             return f'the server has no data-parallel rank {rank} (no engine="{rank}" in /metrics)'
-        if b'engine="1"' in body:  # data-parallel: count the ranks (only such servers pay)
-            worker.engine.engines = len(set(_ENGINE.findall(body)))
-            if rank is None and worker.id not in self._dp_hinted:
-                self._dp_hinted.add(worker.id)
-                n = worker.engine.engines
-                log.warning(
-                    "worker %s serves %d data-parallel ranks (its /metrics names %d engines),"
-                    " which vLLM fills blind to their caches; route to each rank with"
-                    " data_parallel_size = %d (--worker ROLE=URL,dp=%d)",
-                    worker.id, n, n, n, n,
-                )  # fmt: skip
-        else:
-            worker.engine.engines = 1 if b'engine="0"' in body else 0
+        if n > 1 and rank is None and not sized and worker.id not in self._dp_hinted:
+            self._dp_hinted.add(worker.id)
+            log.warning(
+                "worker %s serves %d data-parallel ranks (its /metrics names %d engines),"
+                " which vLLM fills blind to their caches; route to each rank with"
+                " data_parallel_size = %d or \"auto\" (--worker ROLE=URL,dp=auto)",
+                worker.id, n, n, n,
+            )  # fmt: skip
         try:
             apply_engine_metrics(worker.engine, body, rank)
         except Exception:  # a worker's text must never end the monitor (and the gateway)

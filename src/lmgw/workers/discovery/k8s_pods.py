@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import msgspec
 
@@ -194,13 +195,16 @@ def pod_worker(pod: Pod, role: str, rules: PodRules) -> WorkerConfig | None:
         zone = notes.get(key) or (pod.metadata.labels or {}).get(key)
     if zone is None and rules.zone_by_node:
         zone = pod.spec.node_name
-    dp = 1
+    dp: int | Literal["auto"] = 1
     key = rules.data_parallel_annotation
     if key is not None and notes.get(key) is not None:  # its ranks are workers (ids #dp<r>)
         text = notes[key].strip()
-        if not text.isdigit():
-            raise ValueError(f"annotation {key} {notes[key]!r} is not a number of ranks")
-        dp = int(text)
+        if text == "auto":  # counted in the pod's /metrics at each probe
+            dp = "auto"
+        elif text.isdigit():
+            dp = int(text)
+        else:
+            raise ValueError(f"annotation {key} {notes[key]!r} is not a number of ranks or auto")
     try:
         return WorkerConfig(
             url=url,
