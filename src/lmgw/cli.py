@@ -252,6 +252,9 @@ def _cmd_workers(args: argparse.Namespace) -> int:
         if call == "list":
             answer = admin_call(args.gateway, token, "GET", "/admin/workers")
             return answer, format_workers(answer["data"])
+        if call == "plan":
+            answer = admin_call(args.gateway, token, "GET", "/admin/planner")
+            return answer, format_plan(answer)
         if call == "add":
             answer = admin_call(args.gateway, token, "POST", "/admin/workers", body)
         elif call == "remove":
@@ -306,11 +309,16 @@ def _admin_common() -> argparse.ArgumentParser:
 
 def _add_workers_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "workers", help="list, add, remove, drain or undrain a running gateway's workers"
+        "workers",
+        help="list, add, remove, drain or undrain a running gateway's workers; plan: how many"
+        " each role needs",
     )
     common = _admin_common()
     cmds = p.add_subparsers(dest="workers_command", required=True)
     cmds.add_parser("list", parents=[common], help="print a table of the workers")
+    cmds.add_parser(
+        "plan", parents=[common], help="the planner's recommended worker count of each role"
+    )
     add = cmds.add_parser(
         "add",
         parents=[common],
@@ -335,6 +343,26 @@ def _add_workers_parser(sub: Any) -> None:
     ):
         cmds.add_parser(name, parents=[common], help=what).add_argument("id")
     p.set_defaults(func=_cmd_workers)
+
+
+def format_plan(answer: dict[str, Any]) -> str:
+    """The ``lmgw workers plan`` table: each role's workers, recommendation and why."""
+    head = ("ROLE", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS")
+    rows = [head] + [
+        (
+            role, str(p["workers"]), str(p["desired"]), f"{p['load']:.1f}",
+            "-" if p["capacity_per_worker"] is None else str(p["capacity_per_worker"]),
+            p["status"],
+        )
+        for role, p in answer["roles"].items()
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(
+        f"targets: p90 TTFT {answer['ttft_slo_s']:g} s, p90 time between tokens"
+        f" {answer['itl_slo_s']:g} s; load averaged over {answer['window_s']:g} s"
+    )
+    return "\n".join(lines)
 
 
 def format_adapters(adapters: list[dict[str, Any]]) -> str:

@@ -1075,6 +1075,27 @@ class StreamsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _positive("max_bytes", self.max_bytes)
 
 
+class PlannerConfig(msgspec.Struct, **_STRUCT_OPTS):
+    """Recommended worker counts per role (``lmgw.planner``): learned from the latencies and
+    loads the gateway observes, exported as ``lmgw_planner_desired_workers{role}`` for an
+    autoscaler and on ``GET /admin/planner``."""
+
+    enabled: bool = True
+    # The p90 targets: time to first token (held by encode, prefill and merged legs) and time
+    # between tokens (decode and merged streams).
+    ttft_slo_s: float = 2.0
+    itl_slo_s: float = 0.1
+    # The load a plan serves: requests in flight averaged over this long.
+    window_s: float = 60.0
+    # A lower recommendation holds only after every plan of this long allowed it.
+    scale_down_delay_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_slo_s", "itl_slo_s", "window_s"):
+            _positive(key, getattr(self, key))
+        _non_negative("scale_down_delay_s", self.scale_down_delay_s)
+
+
 class HedgingConfig(msgspec.Struct, **_STRUCT_OPTS):
     """Hedged streams (``lmgw.pipeline.hedge``): a merged-flow stream whose first token is
     late goes to a second worker too; the first to answer wins and the other is aborted.
@@ -1747,6 +1768,8 @@ class GatewayConfig(msgspec.Struct, **_STRUCT_OPTS):
     batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
     # Hedged streams: a late first token sends the request to a second worker too.
     hedging: HedgingConfig = msgspec.field(default_factory=HedgingConfig)
+    # Recommended worker counts per role, for an autoscaler (docs/operations.md, "Planner").
+    planner: PlannerConfig = msgspec.field(default_factory=PlannerConfig)
     # Client API keys and their limits (docs/security.md).
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # Native (ZeroMQ) worker links: the gateway's CURVE key pair.

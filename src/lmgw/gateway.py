@@ -47,6 +47,7 @@ from .mirrors import Mirrors
 from .model_routes import ModelRoute, ModelRoutes
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
+from .planner.feed import PlannerFeed
 from .routing.registry import make_policy
 from .tracing import Tracing
 from .transport.pool import ConnectionPool
@@ -177,6 +178,12 @@ class Gateway:
         register_route_metrics(self.metrics, self.model_routes)
         # copies of a share of a route's requests to its mirror model (shadow traffic)
         self.mirrors = Mirrors(self.metrics)
+        #: recommended worker counts per role (planner.enabled)
+        self.planner = (
+            PlannerFeed(config.planner, self.registry, self.metrics)
+            if config.planner.enabled
+            else None
+        )
         auth = b"Bearer " + up.api_key.encode() if up.api_key else None
         self._sources: dict[str, str] = {}  # worker id -> discovery source that added it
         #: data_parallel_size = "auto" entries: their ranks follow the servers' /metrics
@@ -565,6 +572,8 @@ class Gateway:
                     await nursery.start(self.monitor.run)
                     await nursery.start(self.adapters.run)
                     await nursery.start(self.mirrors.run)
+                    if self.planner is not None:
+                        await nursery.start(self.planner.run)
                     if self.pipeline.warmer is not None:
                         await nursery.start(self.pipeline.warmer.run)
                     if self.batches is not None:

@@ -379,6 +379,8 @@ async def admin_calls(flavor: Flavor, sims: SimThread) -> None:
         assert [w["id"] for w in gw.workers] == [fast]
         with pytest.raises(lmgw.NotFound):
             await gw.drain("nobody")
+        plan = await maybe(gw.planner())  # the planner's view (on by default)
+        assert plan["object"] == "planner" and plan["itl_slo_s"] > 0
 
         await gw.serve()
         async with lmgw.Client(gw.url, admin_token=token) as admin:
@@ -386,6 +388,7 @@ async def admin_calls(flavor: Flavor, sims: SimThread) -> None:
             assert added["source"] == "static"
             assert {w["id"] for w in await admin.workers()} == {fast, "slow2"}
             assert {w["id"] for w in gw.workers} == {fast, "slow2"}  # the same registry
+            assert (await admin.planner())["object"] == "planner"
             assert (await admin.drain_worker("slow2"))["state"] == "draining"
             assert (await admin.remove_worker("slow2", grace_s=0.5))["state"] == "gone"
             with pytest.raises(lmgw.NotFound):

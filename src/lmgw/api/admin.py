@@ -10,6 +10,7 @@ Routes (all JSON, errors OpenAI-shaped):
   the worker is idle or N seconds have passed, then removes it.
 * ``POST /admin/workers/{id}/drain``: no new requests; those in flight finish.
 * ``POST /admin/workers/{id}/undrain``: back to starting, probed once, healthy if it answers.
+* ``GET /admin/planner``: the planner's recommended worker count per role (lmgw.planner).
 
 Ids travel percent-encoded in the path (an id defaults to the worker's URL). The API is guarded
 by ``admin.token``, a bearer token separate from any API key and compared in constant time;
@@ -113,6 +114,19 @@ class AdminAPI:
             await self.fail(responder, exc)
             return
         await self.answer(req, responder, status, payload)
+
+    async def planner(self, req: Request, responder: Responder) -> None:
+        """``GET /admin/planner``: the recommended worker count of each role, and why
+        (:mod:`lmgw.planner`); 404 with ``planner.enabled = false``."""
+        try:
+            self.authorize(req)
+            feed = self.gw.planner
+            if feed is None:
+                raise GatewayError(404, "the planner is off (planner.enabled = false)")
+        except GatewayError as exc:
+            await self.fail(responder, exc)
+            return
+        await self.answer(req, responder, 200, feed.describe())
 
     async def worker(self, req: Request, responder: Responder) -> None:
         """``/admin/workers/{id}[/drain|/undrain]`` (the App sends every path under it here)."""

@@ -92,6 +92,7 @@ class App:
             "/openapi.json": {"GET": openapi_json},
             # /admin/workers/{id}[/drain|/undrain] are matched by prefix in __call__
             ADMIN_WORKERS: {"GET": self.admin.workers, "POST": self.admin.workers},
+            "/admin/planner": {"GET": self.admin.planner},
         }
         #: (prefix, handler): paths under a prefix with an id in them, matched in order only
         #: when no exact route matches (see :meth:`route_prefix`)

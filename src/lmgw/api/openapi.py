@@ -343,6 +343,31 @@ _SCHEMAS: dict[str, Any] = {
             "source": {"type": "string"},
         },
     },
+    "Planner": {
+        "type": "object",
+        "required": ["object", "ttft_slo_s", "itl_slo_s", "window_s", "roles"],
+        "properties": {
+            "object": {"const": "planner"},
+            "ttft_slo_s": {"type": "number"},
+            "itl_slo_s": {"type": "number"},
+            "window_s": {"type": "number"},
+            "roles": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["workers", "desired", "load", "capacity_per_worker", "status"],
+                    "properties": {
+                        "workers": _NON_NEG,
+                        "desired": _NON_NEG,
+                        "load": {"type": "number"},
+                        "capacity_per_worker": {"type": ["integer", "null"]},
+                        "status": {"enum": ["ok", "learning", "idle", "overloaded", "unreachable"]},
+                        "signals": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
     "WorkerList": {
         "type": "object",
         "required": ["object", "data"],
@@ -1115,6 +1140,14 @@ def build_spec() -> dict[str, Any]:
             "/admin/workers/{id}/undrain": {
                 "parameters": [_WORKER_ID],
                 "post": _admin_op("Route to it again (after one probe).", "Worker"),
+            },
+            "/admin/planner": {
+                "get": _admin_op(
+                    "The recommended worker count of each role, learned from the observed"
+                    " latencies and loads (404 when planner.enabled is false).",
+                    "Planner",
+                    **{"404": _error("The planner is off.")},
+                ),
             },
             **_lora_paths(),
             **_model_route_paths(),

@@ -548,6 +548,10 @@ class Gateway:
     async def worker(self, worker_id: str) -> dict[str, Any]:
         return await self._call(_sync(self._gw().worker), worker_id)
 
+    async def planner(self) -> dict[str, Any]:
+        """The recommended worker count of each role (``Gateway.planner``)."""
+        return await self._call(_sync(self._gw().planner))
+
     async def add_worker(
         self, url: str, role: str = "pd", *, id: str | None = None, **fields: Any
     ) -> dict[str, Any]:

@@ -338,6 +338,10 @@ class Client:
         answer = await self._call("GET", "/admin/workers", None, "json", admin=True)
         return answer["data"]
 
+    async def planner(self) -> dict[str, Any]:
+        """``GET /admin/planner``: the recommended worker count of each role, and why."""
+        return await self._call("GET", "/admin/planner", None, "json", admin=True)
+
     async def worker(self, worker_id: str) -> dict[str, Any]:
         """``GET /admin/workers/{id}``."""
         return await self._call("GET", _worker_path(worker_id), None, "json", admin=True)

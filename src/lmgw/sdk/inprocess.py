@@ -517,6 +517,15 @@ class Gateway:
     def worker(self, worker_id: str) -> dict[str, Any]:
         return self._describe(self._get(worker_id))
 
+    def planner(self) -> dict[str, Any]:
+        """The recommended worker count of each role, and why (as ``GET /admin/planner``).
+
+        Raises NotFound with ``planner.enabled = false``."""
+        feed = self.core.planner
+        if feed is None:
+            raise _typed(GatewayError(404, "the planner is off (planner.enabled = false)"))
+        return feed.describe()
+
     def add_worker(
         self, url: str, role: str = "pd", *, id: str | None = None, **fields: Any
     ) -> dict[str, Any]:

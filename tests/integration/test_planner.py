@@ -1,0 +1,109 @@
+"""The planner end to end (``[planner]``, :mod:`lmgw.planner`): a simulated merged worker whose
+time per output token grows with its batch (2 ms + 4 ms per running stream), traffic that
+climbs from 2 to 8 concurrent streams, and an inter-token target of 25 ms: the planner learns
+that one worker holds ~4 streams within the target and recommends 3 workers for 8, on
+``/admin/planner``, ``/metrics`` and the SDK's view, then 1 once the traffic is gone."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import trio
+from gateway_support import MODEL, http_request, metric_value
+
+from lmgw import cli
+from lmgw.config import (
+    AdminConfig,
+    GatewayConfig,
+    HealthConfig,
+    PlannerConfig,
+    ServerConfig,
+    WorkerConfig,
+)
+from lmgw.gateway import Gateway
+
+pytestmark = pytest.mark.usefixtures("hard_deadline")
+
+TOKEN = "planner-admin"
+
+
+async def stream(url: str, stop_at: float) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 10,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    while time.monotonic() < stop_at:
+        r = await http_request(url, "POST", "/v1/chat/completions", body)
+        assert r.status == 200, r.body
+
+
+async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
+    nursery: trio.Nursery, sim_worker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = await sim_worker(speed=1.0)
+    timing = sim.sim.engine.config.timing
+    timing.a, timing.c, timing.d = 0.0, 0.002, 0.004  # TPOT = 2 ms + 4 ms x batch
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        admin=AdminConfig(token=TOKEN),
+        planner=PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
+        workers=[WorkerConfig(url=sim.url, role="pd", id="w0")],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    assert gw.planner is not None
+    for clients in (2, 4, 8):  # 1.5 s at each level: 2 and 4 meet 25 ms, 8 does not
+        stop_at = time.monotonic() + 1.5
+        async with trio.open_nursery() as load:
+            for _ in range(clients):
+                load.start_soon(stream, gw.url, stop_at)
+        if clients == 8:
+            break
+    plan = gw.planner.evaluate(time.monotonic())["pd"]
+    itl = plan.signals["itl"]
+    assert itl["status"] == "ok", itl
+    assert 3 <= plan.capacity <= 5, itl  # the TTFT side meets 2 s at every level
+    assert plan.load > 5
+    assert plan.desired == math.ceil(plan.load / (plan.capacity * 0.8)) >= 2
+    admin = {"authorization": f"Bearer {TOKEN}"}
+    r = await http_request(gw.url, "GET", "/admin/planner", headers=admin)
+    assert r.status == 200, r.body
+    shown = r.json()
+    assert shown["itl_slo_s"] == 0.025 and shown["roles"]["pd"]["desired"] == plan.desired
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    sample = 'lmgw_planner_desired_workers{role="pd"}'
+    assert metric_value(text, sample, None) == plan.desired
+    assert (await http_request(gw.url, "GET", "/admin/planner")).status == 401
+    with trio.fail_after(15):  # `lmgw workers plan`
+        argv = ["workers", "plan", "--gateway", gw.url, "--token", TOKEN]
+        assert await trio.to_thread.run_sync(cli.main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ROLE", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS"]
+    row = lines[1].split()
+    assert row[0] == "pd" and int(row[2]) >= plan.desired - 1 and row[5] == "ok"
+    with trio.fail_after(5):  # no traffic: the window empties, and no delay holds the fall
+        while gw.planner.evaluate(time.monotonic())["pd"].desired != 1:
+            await trio.sleep(0.5)
+    assert gw.planner.plans["pd"].status == "ok"
+
+
+async def test_the_planner_can_be_off(nursery: trio.Nursery, sim_worker) -> None:
+    sim = await sim_worker()
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        admin=AdminConfig(token=TOKEN),
+        planner=PlannerConfig(enabled=False),
+        workers=[WorkerConfig(url=sim.url, role="pd")],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    assert gw.planner is None
+    r = await http_request(
+        gw.url, "GET", "/admin/planner", headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    assert r.status == 404 and "planner" in r.json()["error"]["message"]
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    assert "lmgw_planner_desired_workers{" not in text

@@ -1,0 +1,132 @@
+"""The planner's core (:mod:`lmgw.planner.core`): levels, quantiles, learned capacities and
+the plans they give, fed plain numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmgw.metrics import TPOT_BUCKETS
+from lmgw.planner import Planner, Signal, level_of, quantile
+from lmgw.planner.core import HEADROOM, MIN_SAMPLES
+
+
+def counts_at(value: float, n: int = MIN_SAMPLES) -> list[int]:
+    """``n`` observations of ``value`` as TPOT bucket counts."""
+    out = [0] * (len(TPOT_BUCKETS) + 1)
+    out[next((i for i, b in enumerate(TPOT_BUCKETS) if value <= b), len(TPOT_BUCKETS))] = n
+    return out
+
+
+@given(st.floats(0, 5000, allow_nan=False))
+def test_levels_are_exact_then_binned_and_never_above(in_flight: float) -> None:
+    k = level_of(in_flight)
+    rounded = int(in_flight + 0.5)
+    assert k == rounded if rounded <= 16 else 16 <= k <= rounded
+    assert level_of(in_flight + 1) >= k  # monotone
+
+
+def test_quantile_interpolates_within_its_bucket() -> None:
+    bounds = (1.0, 2.0, 4.0)
+    assert quantile(bounds, [10, 0, 0, 0], 0.5) == pytest.approx(0.5)
+    assert quantile(bounds, [0, 10, 0, 0], 0.9) == pytest.approx(1.9)
+    assert quantile(bounds, [5, 5, 0, 0], 0.9) == pytest.approx(1.8)
+    assert quantile(bounds, [0, 0, 0, 3], 0.9) == math.inf  # past the last bound
+
+
+def curve(signal: Signal, tpot: dict[int, float], n: int = MIN_SAMPLES) -> None:
+    for level, value in tpot.items():
+        signal.add(level, counts_at(value, n))
+
+
+def test_capacity_is_the_highest_level_within_the_target() -> None:
+    s = Signal("itl", TPOT_BUCKETS, 0.025)
+    assert s.capacity() == (None, "learning")
+    curve(s, {1: 0.012, 2: 0.014}, n=MIN_SAMPLES - 1)
+    assert s.capacity() == (None, "learning")  # too few observations to count
+    curve(s, {1: 0.012, 2: 0.014, 4: 0.018, 6: 0.019, 8: 0.034, 12: 0.045})
+    assert s.capacity() == (6, "ok")
+
+
+def test_a_role_seen_only_over_its_target_is_overloaded_or_unreachable() -> None:
+    s = Signal("itl", TPOT_BUCKETS, 0.025)
+    curve(s, {12: 0.045, 16: 0.06})
+    assert s.capacity() == (6, "overloaded")  # half the lowest level seen
+    u = Signal("itl", TPOT_BUCKETS, 0.005)
+    curve(u, {1: 0.012, 3: 0.02})
+    assert u.capacity() == (1, "unreachable")  # one request at a time already misses
+
+
+def test_decay_forgets_old_observations() -> None:
+    s = Signal("itl", TPOT_BUCKETS, 0.025)
+    curve(s, {4: 0.018})
+    s.decay(0.5)
+    assert s.capacity() == (None, "learning")  # 10 left, under MIN_SAMPLES
+    s.decay(0.01)
+    assert not s.levels  # nothing left to keep
+
+
+def planner_with(tpot: dict[int, float], window_s: float = 10.0, delay_s: float = 30.0):
+    p = Planner(window_s, delay_s)
+    s = Signal("itl", TPOT_BUCKETS, 0.025)
+    curve(s, tpot)
+    p.track("d", s)
+    return p
+
+
+def test_the_plan_fills_the_capacity_with_headroom() -> None:
+    p = planner_with({2: 0.014, 4: 0.018, 8: 0.034})  # capacity 4
+    for t in range(10):
+        p.observe_load(float(t), "d", 2, 10.0 + (t % 2))  # ~10.5 in flight on 2 workers
+    plan = p.plan(9.0)["d"]
+    assert plan.capacity == 4 and plan.status == "ok"
+    assert plan.load == pytest.approx(10.5)
+    assert plan.desired == math.ceil(10.5 / (4 * HEADROOM)) == 4
+    assert plan.describe()["signals"]["itl"]["p90_by_level"].keys() == {2, 4, 8}
+
+
+def test_a_fall_waits_for_the_delay_and_a_rise_does_not() -> None:
+    p = planner_with({2: 0.014, 4: 0.018}, window_s=1.0, delay_s=30.0)
+    p.observe_load(0.0, "d", 4, 12.0)
+    assert p.plan(0.0)["d"].desired == 4  # 12 / 3.2
+    p.observe_load(10.0, "d", 4, 1.0)  # the load fell: the fall waits
+    assert p.plan(10.0)["d"].desired == 4
+    p.observe_load(40.0, "d", 4, 1.0)  # every plan of the last 30 s allows 1
+    assert p.plan(40.0)["d"].desired == 1
+    p.observe_load(42.0, "d", 1, 20.0)  # a rise at once
+    assert p.plan(42.0)["d"].desired == 7
+
+
+def test_learning_and_unreachable_keep_the_count_and_idle_says_so() -> None:
+    p = Planner(10.0, 0.0)
+    p.track("p", Signal("ttft", (0.5, 1.0, 2.0), 1.0))
+    p.observe_load(0.0, "p", 3, 5.0)
+    assert (p.plan(0.0)["p"].desired, p.plan(0.0)["p"].status) == (3, "learning")
+    q = Planner(10.0, 0.0)
+    q.track("p", Signal("ttft", (0.5, 1.0, 2.0), 1.0))
+    q.observe_load(0.0, "p", 3, 0.0)
+    assert q.plan(0.0)["p"].status == "idle"
+    u = planner_with({1: 0.05})  # unreachable at 25 ms
+    u.observe_load(0.0, "d", 2, 9.0)
+    assert (u.plan(0.0)["d"].desired, u.plan(0.0)["d"].status) == (2, "unreachable")
+
+
+@given(
+    st.dictionaries(st.integers(1, 64), st.sampled_from(TPOT_BUCKETS[:-1]), min_size=1),
+    st.floats(0.1, 500, allow_nan=False),
+    st.floats(0, 500, allow_nan=False),
+    st.integers(1, 64),
+)
+def test_more_load_never_asks_for_fewer_workers(
+    tpot: dict[int, float], load: float, more: float, workers: int
+) -> None:
+    def desired(x: float) -> int:
+        p = planner_with(tpot, delay_s=0.0)
+        p.observe_load(0.0, "d", workers, x)
+        return p.plan(0.0)["d"].desired
+
+    low, high = desired(load), desired(load + more)
+    assert low >= 1 and high >= low
