@@ -67,6 +67,7 @@ bench: build
 	$(BIN)/python benchmarks/placement.py
 	$(BIN)/python benchmarks/data_parallel.py
 	$(BIN)/python benchmarks/local_prefill.py
+	$(BIN)/python benchmarks/planner.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src simulators tests benchmarks examples

@@ -171,6 +171,8 @@ class WorkerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     speed: float = 1.0
+    #: timing model coefficients to set, e.g. (("c", 0.002), ("d", 0.004)) (``--timing``)
+    timing: tuple[tuple[str, float], ...] = ()
     seed: int = 0
     #: the fault RNG's seed (None: ``seed``): a fleet gives each worker its own, so that their
     #: error and stall draws are independent while their answers stay the same
@@ -293,7 +295,7 @@ class WorkerOptions:
             max_num_seqs=self.max_num_seqs,
             kv_blocks=self.kv_blocks,
             block_size=self.block_size,
-            timing=TimingModel(speed=self.speed),
+            timing=TimingModel(speed=self.speed, **dict(self.timing)),
             model_dir=self.model_dir,
             serial_prefill=self.serial_prefill,
         )

@@ -954,6 +954,10 @@ def _fixed_text(
 # ------------------------------------------------------------------------------------------------
 
 
+#: the timing model's coefficients, by name (``--timing``)
+TIMING_KEYS = ("a", "b", "c", "d", "e")
+
+
 @dataclass(slots=True)
 class TimingModel:
     """Latency of a 7-8B model on one GPU, divided by ``speed`` (``inf``: no delays at all).

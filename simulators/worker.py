@@ -39,9 +39,28 @@ from lmgw.tools import TOOL_PARSERS
 
 from .app import HANDOFFS, KV_CONNECTORS, ROLES, SimWorker, WorkerOptions, unsupported_role_message
 from .disagg import LMCACHE_CHUNK_TOKENS
-from .engine import DEFAULT_TOOL_FORMAT, load_tokenizer
+from .engine import DEFAULT_TOOL_FORMAT, TIMING_KEYS, load_tokenizer
 from .faults import Faults
 from .lora import LoraAdapters, parse_lora_module
+
+
+def parse_timing(text: str) -> tuple[tuple[str, float], ...]:
+    """``--timing a=0.002,d=0.004``: the timing model's coefficients to set (see
+    :class:`~lmgw.simulators.engine.TimingModel`)."""
+    out = []
+    for item in text.split(","):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if key not in TIMING_KEYS or not eq or not 0.0 <= seconds < 3600.0:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected K=SECONDS (0 <= SECONDS < 3600) with K one of "
+                + ", ".join(TIMING_KEYS)
+            )
+        out.append((key, seconds))
+    return tuple(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--speed", type=float, default=1.0, help="divide every delay by this; 'inf': no delays"
+    )
+    p.add_argument(
+        "--timing",
+        type=parse_timing,
+        default=(),
+        metavar="K=S,...",
+        help="the timing model's seconds (before --speed): prefill a + b x uncached tokens,"
+        " each decode step c + d x running requests, e per encoded item; e.g. c=0.002,d=0.004"
+        " (defaults: a=0.002 b=0.0001 c=0.008 d=0.0001 e=0.01, a 7-8B model on one GPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="output and fault RNG seed")
     p.add_argument(
@@ -318,6 +346,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         host=ns.host,
         port=ns.port,
         speed=ns.speed,
+        timing=ns.timing,
         seed=ns.seed,
         fault_seed=ns.fault_seed,
         max_num_seqs=ns.max_num_seqs,

@@ -407,3 +407,19 @@ def test_fault_error_rate_is_seeded_and_updates_validate() -> None:
     assert a.faults == Faults(error_rate=0.3)
     with pytest.raises(ValueError):
         Faults(slow=0)
+
+
+def test_the_timing_flag_sets_the_models_coefficients() -> None:
+    """``--timing c=0.002,d=0.004``: a decode step of 2 ms plus 4 ms per running request (what
+    the planner's tests and benchmark use), the other coefficients as they were."""
+    import pytest
+
+    from lmgw.simulators.worker import build_parser, options_from_args
+
+    ns = build_parser().parse_args(["--timing", "c=0.002,d=0.004", "--speed", "2"])
+    timing = options_from_args(ns, as_process=False).engine_config().timing
+    assert (timing.c, timing.d, timing.a) == (0.002, 0.004, 0.002)
+    assert timing.decode_s(5) == pytest.approx((0.002 + 0.004 * 5) / 2)
+    for bad in ("z=1", "c=-1", "c", "d=fast"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--timing", bad])
