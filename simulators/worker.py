@@ -12,6 +12,8 @@ vLLM's runtime LoRA adapter routes; ``--lora-modules NAME=PATH ...`` loads adapt
 model where KV moves: a decode worker sleeps each hand-off's KV bytes over the bandwidth between
 its zone and its prefill worker's before its first token.
 
+``--timing c=0.002,d=0.004`` sets the timing model's seconds (prefill ``a + b`` x tokens,
+decode step ``c + d`` x running requests, ``e`` per encoded item; ``--speed`` divides them).
 ``--serial-prefill`` computes prefills one at a time (a busy worker queues); ``--kv-events
 tcp://127.0.0.1:0`` publishes the prefix cache's changes as vLLM's KV events (ZMQ PUB).
 
