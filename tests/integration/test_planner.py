@@ -18,6 +18,7 @@ from lmgw.config import (
     AdminConfig,
     GatewayConfig,
     HealthConfig,
+    ModelConfig,
     PlannerConfig,
     ServerConfig,
     WorkerConfig,
@@ -107,3 +108,35 @@ async def test_the_planner_can_be_off(nursery: trio.Nursery, sim_worker) -> None
     assert r.status == 404 and "planner" in r.json()["error"]["message"]
     text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
     assert "lmgw_planner_desired_workers{" not in text
+
+
+async def test_each_role_of_a_pd_fleet_gets_its_own_count(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """P/D: a prefill worker that computes one prompt at a time (~90 ms each) under 6
+    concurrent clients, two decode workers with room to spare. Prefill legs queue far past a
+    150 ms TTFT target, so the planner asks for more prefill workers; the decode role, whose
+    streams stay fast, keeps its two (a fall waits for the delay)."""
+    p = await sim_worker(role="p", speed=1.0, serial_prefill=True, timing=(("a", 0.09),))
+    ds = [await sim_worker(role="d", speed=1.0, timing=(("c", 0.002),)) for _ in range(2)]
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        planner=PlannerConfig(ttft_slo_s=0.15, itl_slo_s=0.05, window_s=2.0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        workers=[WorkerConfig(url=p.url, role="p", id="p0")]
+        + [WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    assert gw.planner is not None
+    stop_at = time.monotonic() + 3.0
+    async with trio.open_nursery() as load:
+        for _ in range(6):
+            load.start_soon(stream, gw.url, stop_at)
+    plans = gw.planner.evaluate(time.monotonic())
+    prefill, decode = plans["p"], plans["d"]
+    assert prefill.workers == 1 and prefill.status in ("overloaded", "ok"), prefill
+    assert prefill.desired >= 3, prefill  # ~6 queued prefills, each over the target alone at 2+
+    assert decode.workers == 2 and decode.status == "ok" and decode.desired <= 2, decode

@@ -54,7 +54,10 @@ def test_capacity_is_the_highest_level_within_the_target() -> None:
 def test_a_role_seen_only_over_its_target_is_overloaded_or_unreachable() -> None:
     s = Signal("itl", TPOT_BUCKETS, 0.025)
     curve(s, {12: 0.045, 16: 0.06})
-    assert s.capacity() == (6, "overloaded")  # half the lowest level seen
+    assert s.capacity() == (6, "overloaded")  # 12 x 25 / 49 ms, and half the lowest level
+    q = Signal("ttft", (0.1, 0.2, 0.5, 1.0), 0.15)  # a queue: 6 prefills of ~90 ms waiting
+    q.add(6, [0, 0, 0, MIN_SAMPLES, 0])
+    assert q.capacity() == (1, "overloaded")  # 6 x 0.15 / ~0.97 s: one at a time
     u = Signal("itl", TPOT_BUCKETS, 0.005)
     curve(u, {1: 0.012, 3: 0.02})
     assert u.capacity() == (1, "unreachable")  # one request at a time already misses

@@ -18,7 +18,9 @@ date and no per-engine constants to tune:
   for ``scale_down_delay_s`` (the stabilization window of Kubernetes' autoscaler).
 
 When every level observed misses the target the role is ``overloaded`` and the capacity is
-taken as half the lowest level seen (the next window observes the lower levels that brings);
+the lowest level seen scaled by target / latency there (exact when the wait is queueing, an
+underestimate when part of it is fixed), at most half that level (the next window observes
+the lower levels that brings);
 when even one request per worker misses it, ``unreachable``: more workers would not help and
 the current count is kept. Until a level has ``MIN_SAMPLES`` observations, ``learning``.
 
@@ -114,7 +116,10 @@ class Signal:
         lowest = min(table)
         if lowest <= 1:
             return 1, "unreachable"
-        return max(1, lowest // 2), "overloaded"
+        # as if latency grew in proportion to the level (queueing: exact; a decode step's
+        # fixed part: an underestimate), and at most half of it (the next window sees lower)
+        scaled = int(lowest * self.target_s / table[lowest][0])
+        return max(1, min(lowest // 2, scaled)), "overloaded"
 
 
 @dataclass
