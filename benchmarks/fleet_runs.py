@@ -28,14 +28,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def http(url: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+async def http(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, bytes]:
     """One request on a fresh connection: (status, body with chunked framing removed)."""
     host, port = url.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(host, int(port))
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     async with stream:
         head = (
             f"{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n"
-            "content-type: application/json\r\nconnection: close\r\n\r\n"
+            f"content-type: application/json\r\n{extra}connection: close\r\n\r\n"
         ).encode()
         await stream.send_all(head + body)
         data = b""

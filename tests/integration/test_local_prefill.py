@@ -65,6 +65,17 @@ async def pd_gateway(
     return gw, p, ds
 
 
+def long_question(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A chat request whose prompt (~100 words) is over any length limit of these tests."""
+    question = "summarise the quarterly report for the board " * 12
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"{i}: {question}"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
 def text_of(r: Any, stream: bool) -> str:
     if not stream:
         return r.json()["choices"][0]["message"]["content"]
@@ -158,15 +169,9 @@ async def test_a_busy_prefill_worker_sends_requests_to_idle_decoders(
         prefill_options={"speed": 1.0, "serial_prefill": True, "faults": {"slow": 40.0}},
     )  # fmt: skip
     reference = await sim_worker(role="pd")
-    question = "summarise the quarterly report for the board " * 12  # ~100 words: long
 
     async def ask(i: int, results: list[tuple[int, bool]]) -> None:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": f"{i}: {question}"}],
-            "max_tokens": 6,
-            "stream": i % 2 == 1,
-        }
+        body = long_question(i, max_tokens=6, stream=i % 2 == 1)
         want = await http_request(reference.url, "POST", "/v1/chat/completions", body)
         r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
         assert r.status == 200, r.body
@@ -202,15 +207,9 @@ async def test_deflection_shares_the_prefills_between_the_two_queues(
     gw, p, (d,) = await pd_gateway(
         nursery, sim_worker, limit=0, busy=1, prefill_options=slow, **slow
     )  # fmt: skip
-    question = "summarise the quarterly report for the board " * 12
 
     async def ask(i: int) -> None:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": f"{i}: {question}"}],
-            "max_tokens": 2,
-            "stream": i % 2 == 0,
-        }
+        body = long_question(i, max_tokens=2, stream=i % 2 == 0)
         r = await http_request(gw.url, "POST", "/v1/chat/completions", body)
         assert r.status == 200, r.body
 
