@@ -140,7 +140,8 @@ async def closed_loop(fleet: Fleet, args: argparse.Namespace) -> list[dict[str, 
             nursery.start_soon(load)
             for step in range(args.steps):
                 await trio.sleep_until(t0 + (step + 1) * STEP_S)
-                plan = (await admin(url, "GET", "/admin/planner"))["roles"].get("pd")
+                pools = (await admin(url, "GET", "/admin/planner"))["pools"]
+                plan = next((p for p in pools if p["role"] == "pd" and p["models"] != "*"), None)
                 if plan is None:
                     continue
                 desired = min(max(plan["desired"], 1), args.workers)

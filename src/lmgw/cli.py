@@ -346,15 +346,15 @@ def _add_workers_parser(sub: Any) -> None:
 
 
 def format_plan(answer: dict[str, Any]) -> str:
-    """The ``lmgw workers plan`` table: each role's workers, recommendation and why."""
-    head = ("ROLE", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS")
+    """The ``lmgw workers plan`` table: each pool's workers, recommendation and why."""
+    head = ("ROLE", "MODELS", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS")
     rows = [head] + [
         (
-            role, str(p["workers"]), str(p["desired"]), f"{p['load']:.1f}",
+            p["role"], p["models"], str(p["workers"]), str(p["desired"]), f"{p['load']:.1f}",
             "-" if p["capacity_per_worker"] is None else str(p["capacity_per_worker"]),
             p["status"],
         )
-        for role, p in answer["roles"].items()
+        for p in answer["pools"]
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

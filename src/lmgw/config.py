@@ -1076,9 +1076,10 @@ class StreamsConfig(msgspec.Struct, **_STRUCT_OPTS):
 
 
 class PlannerConfig(msgspec.Struct, **_STRUCT_OPTS):
-    """Recommended worker counts per role (``lmgw.planner``): learned from the latencies and
-    loads the gateway observes, exported as ``lmgw_planner_desired_workers{role}`` for an
-    autoscaler and on ``GET /admin/planner``."""
+    """Recommended worker counts per pool, a role's workers serving the same models
+    (``lmgw.planner``): learned from the latencies and loads the gateway observes, exported as
+    ``lmgw_planner_desired_workers{role,models}`` for an autoscaler and on ``GET
+    /admin/planner``."""
 
     enabled: bool = True
     # The p90 targets: time to first token (held by encode, prefill and merged legs) and time

@@ -28,6 +28,7 @@ from lmgw.gateway import Gateway
 pytestmark = pytest.mark.usefixtures("hard_deadline")
 
 TOKEN = "planner-admin"
+POOL = ("pd", MODEL)  # the merged workers serving the one model
 
 
 async def stream(url: str, stop_at: float) -> None:
@@ -62,7 +63,7 @@ async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
                 load.start_soon(stream, gw.url, stop_at)
         if clients == 8:
             break
-    plan = gw.planner.evaluate(time.monotonic())["pd"]
+    plan = gw.planner.evaluate(time.monotonic())[POOL]
     itl = plan.signals["itl"]
     assert itl["status"] == "ok", itl
     assert 3 <= plan.capacity <= 5, itl  # the TTFT side meets 2 s at every level
@@ -72,22 +73,26 @@ async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
     r = await http_request(gw.url, "GET", "/admin/planner", headers=admin)
     assert r.status == 200, r.body
     shown = r.json()
-    assert shown["itl_slo_s"] == 0.025 and shown["roles"]["pd"]["desired"] == plan.desired
+    (pool,) = shown["pools"]
+    assert shown["itl_slo_s"] == 0.025 and pool["desired"] == plan.desired
+    assert (pool["role"], pool["models"]) == POOL
     text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
-    sample = 'lmgw_planner_desired_workers{role="pd"}'
+    sample = f'lmgw_planner_desired_workers{{role="pd",models="{MODEL}"}}'
     assert metric_value(text, sample, None) == plan.desired
     assert (await http_request(gw.url, "GET", "/admin/planner")).status == 401
     with trio.fail_after(15):  # `lmgw workers plan`
         argv = ["workers", "plan", "--gateway", gw.url, "--token", TOKEN]
         assert await trio.to_thread.run_sync(cli.main, argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ROLE", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS"]
+    assert lines[0].split() == [
+        "ROLE", "MODELS", "WORKERS", "DESIRED", "LOAD", "CAPACITY", "STATUS",
+    ]  # fmt: skip
     row = lines[1].split()
-    assert row[0] == "pd" and int(row[2]) >= plan.desired - 1 and row[5] == "ok"
+    assert row[:2] == ["pd", MODEL] and int(row[3]) >= plan.desired - 1 and row[6] == "ok"
     with trio.fail_after(5):  # no traffic: the window empties, and no delay holds the fall
-        while gw.planner.evaluate(time.monotonic())["pd"].desired != 1:
+        while gw.planner.evaluate(time.monotonic())[POOL].desired != 1:
             await trio.sleep(0.5)
-    assert gw.planner.plans["pd"].status == "ok"
+    assert gw.planner.plans[POOL].status == "ok"
 
 
 async def test_the_planner_can_be_off(nursery: trio.Nursery, sim_worker) -> None:
@@ -136,7 +141,7 @@ async def test_each_role_of_a_pd_fleet_gets_its_own_count(
         for _ in range(6):
             load.start_soon(stream, gw.url, stop_at)
     plans = gw.planner.evaluate(time.monotonic())
-    prefill, decode = plans["p"], plans["d"]
+    prefill, decode = plans[("p", MODEL)], plans[("d", MODEL)]
     assert prefill.workers == 1 and prefill.status in ("overloaded", "ok"), prefill
     assert prefill.desired >= 3, prefill  # ~6 queued prefills, each over the target alone at 2+
     assert decode.workers == 2 and decode.status == "ok" and decode.desired <= 2, decode

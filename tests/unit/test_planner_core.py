@@ -13,6 +13,8 @@ from lmgw.metrics import TPOT_BUCKETS
 from lmgw.planner import Planner, Signal, level_of, quantile
 from lmgw.planner.core import HEADROOM, MIN_SAMPLES
 
+D, P = ("d", "*"), ("p", "*")  # pools: a role's workers serving the same models (any, here)
+
 
 def counts_at(value: float, n: int = MIN_SAMPLES) -> list[int]:
     """``n`` observations of ``value`` as TPOT bucket counts."""
@@ -76,15 +78,15 @@ def planner_with(tpot: dict[int, float], window_s: float = 10.0, delay_s: float 
     p = Planner(window_s, delay_s)
     s = Signal("itl", TPOT_BUCKETS, 0.025)
     curve(s, tpot)
-    p.track("d", s)
+    p.track(D, s)
     return p
 
 
 def test_the_plan_fills_the_capacity_with_headroom() -> None:
     p = planner_with({2: 0.014, 4: 0.018, 8: 0.034})  # capacity 4
     for t in range(10):
-        p.observe_load(float(t), "d", 2, 10.0 + (t % 2))  # ~10.5 in flight on 2 workers
-    plan = p.plan(9.0)["d"]
+        p.observe_load(float(t), D, 2, 10.0 + (t % 2))  # ~10.5 in flight on 2 workers
+    plan = p.plan(9.0)[D]
     assert plan.capacity == 4 and plan.status == "ok"
     assert plan.load == pytest.approx(10.5)
     assert plan.desired == math.ceil(10.5 / (4 * HEADROOM)) == 4
@@ -93,28 +95,28 @@ def test_the_plan_fills_the_capacity_with_headroom() -> None:
 
 def test_a_fall_waits_for_the_delay_and_a_rise_does_not() -> None:
     p = planner_with({2: 0.014, 4: 0.018}, window_s=1.0, delay_s=30.0)
-    p.observe_load(0.0, "d", 4, 12.0)
-    assert p.plan(0.0)["d"].desired == 4  # 12 / 3.2
-    p.observe_load(10.0, "d", 4, 1.0)  # the load fell: the fall waits
-    assert p.plan(10.0)["d"].desired == 4
-    p.observe_load(40.0, "d", 4, 1.0)  # every plan of the last 30 s allows 1
-    assert p.plan(40.0)["d"].desired == 1
-    p.observe_load(42.0, "d", 1, 20.0)  # a rise at once
-    assert p.plan(42.0)["d"].desired == 7
+    p.observe_load(0.0, D, 4, 12.0)
+    assert p.plan(0.0)[D].desired == 4  # 12 / 3.2
+    p.observe_load(10.0, D, 4, 1.0)  # the load fell: the fall waits
+    assert p.plan(10.0)[D].desired == 4
+    p.observe_load(40.0, D, 4, 1.0)  # every plan of the last 30 s allows 1
+    assert p.plan(40.0)[D].desired == 1
+    p.observe_load(42.0, D, 1, 20.0)  # a rise at once
+    assert p.plan(42.0)[D].desired == 7
 
 
 def test_learning_and_unreachable_keep_the_count_and_idle_says_so() -> None:
     p = Planner(10.0, 0.0)
-    p.track("p", Signal("ttft", (0.5, 1.0, 2.0), 1.0))
-    p.observe_load(0.0, "p", 3, 5.0)
-    assert (p.plan(0.0)["p"].desired, p.plan(0.0)["p"].status) == (3, "learning")
+    p.track(P, Signal("ttft", (0.5, 1.0, 2.0), 1.0))
+    p.observe_load(0.0, P, 3, 5.0)
+    assert (p.plan(0.0)[P].desired, p.plan(0.0)[P].status) == (3, "learning")
     q = Planner(10.0, 0.0)
-    q.track("p", Signal("ttft", (0.5, 1.0, 2.0), 1.0))
-    q.observe_load(0.0, "p", 3, 0.0)
-    assert q.plan(0.0)["p"].status == "idle"
+    q.track(P, Signal("ttft", (0.5, 1.0, 2.0), 1.0))
+    q.observe_load(0.0, P, 3, 0.0)
+    assert q.plan(0.0)[P].status == "idle"
     u = planner_with({1: 0.05})  # unreachable at 25 ms
-    u.observe_load(0.0, "d", 2, 9.0)
-    assert (u.plan(0.0)["d"].desired, u.plan(0.0)["d"].status) == (2, "unreachable")
+    u.observe_load(0.0, D, 2, 9.0)
+    assert (u.plan(0.0)[D].desired, u.plan(0.0)[D].status) == (2, "unreachable")
 
 
 @given(
@@ -128,8 +130,44 @@ def test_more_load_never_asks_for_fewer_workers(
 ) -> None:
     def desired(x: float) -> int:
         p = planner_with(tpot, delay_s=0.0)
-        p.observe_load(0.0, "d", workers, x)
-        return p.plan(0.0)["d"].desired
+        p.observe_load(0.0, D, workers, x)
+        return p.plan(0.0)[D].desired
 
     low, high = desired(load), desired(load + more)
     assert low >= 1 and high >= low
+
+
+def test_the_feed_plans_each_pool_of_a_role_and_its_models_apart() -> None:
+    """Two decode workers of different models (two Deployments): each pool's load and
+    latencies are its own. A worker whose models are not known yet is in its role's ``*``."""
+    from lmgw.config import PlannerConfig
+    from lmgw.metrics import Metrics
+    from lmgw.planner.feed import PlannerFeed, pool_of
+    from lmgw.workers.registry import Registry
+    from lmgw.workers.worker import Worker, WorkerState
+
+    registry, metrics = Registry(), Metrics()
+    a = registry.add(Worker("a0", "http://h:1", "d", frozenset({"small"})))
+    b = registry.add(Worker("b0", "http://h:2", "d", frozenset({"big", "big-lora"})))
+    anyone = registry.add(Worker("x0", "http://h:3", "d"))
+    for w in (a, b, anyone):
+        registry.set_state(w, WorkerState.HEALTHY)
+    assert [pool_of(w) for w in (a, b, anyone)] == [
+        ("d", "small"), ("d", "big,big-lora"), ("d", "*"),
+    ]  # fmt: skip
+    feed = PlannerFeed(PlannerConfig(itl_slo_s=0.025, window_s=10.0), registry, metrics)
+    a.in_flight, b.in_flight = 2, 9
+    for _ in range(MIN_SAMPLES):
+        metrics.stage_tpot.observe(("d", "a0"), 0.012)  # fast at 2
+        metrics.stage_tpot.observe(("d", "b0"), 0.045)  # slow at 9
+    feed.tick(0.0)
+    feed.tick(0.5)  # the second sample reads the latencies
+    plans = feed.evaluate(1.0)
+    small, big = plans[("d", "small")], plans[("d", "big,big-lora")]
+    assert (small.load, small.capacity, small.status) == (2.0, 2, "ok")
+    assert (big.load, big.status) == (9.0, "overloaded") and big.desired >= 2
+    assert plans[("d", "*")].status == "idle"
+    shown = feed.describe()["pools"]
+    assert [(p["role"], p["models"]) for p in shown] == [
+        ("d", "*"), ("d", "big,big-lora"), ("d", "small"),
+    ]  # fmt: skip

@@ -345,18 +345,28 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Planner": {
         "type": "object",
-        "required": ["object", "ttft_slo_s", "itl_slo_s", "window_s", "roles"],
+        "required": ["object", "ttft_slo_s", "itl_slo_s", "window_s", "pools"],
         "properties": {
             "object": {"const": "planner"},
             "ttft_slo_s": {"type": "number"},
             "itl_slo_s": {"type": "number"},
             "window_s": {"type": "number"},
-            "roles": {
-                "type": "object",
-                "additionalProperties": {
+            "pools": {
+                "type": "array",
+                "items": {
                     "type": "object",
-                    "required": ["workers", "desired", "load", "capacity_per_worker", "status"],
+                    "required": [
+                        "role",
+                        "models",
+                        "workers",
+                        "desired",
+                        "load",
+                        "capacity_per_worker",
+                        "status",
+                    ],
                     "properties": {
+                        "role": {"type": "string"},
+                        "models": {"type": "string"},
                         "workers": _NON_NEG,
                         "desired": _NON_NEG,
                         "load": {"type": "number"},

@@ -8,7 +8,8 @@ profile of the engine; the gateway already sees, per worker, how many requests i
 how fast their legs go, so it can learn the same curve online, with no profile to keep up to
 date and no per-engine constants to tune:
 
-* per role, the latency of its legs is recorded by the per-worker concurrency at which it was
+* per pool (the workers of one role that serve the same models: a Deployment, to an
+  autoscaler), the latency of its legs is recorded by the per-worker concurrency at which it was
   observed (requests in flight on that worker: its "level"), in decaying histograms;
 * the role's capacity is the highest level whose p90 latency met the target (the TTFT target
   for encode, prefill and merged legs, the inter-token target for decode and merged streams);
@@ -122,11 +123,16 @@ class Signal:
         return max(1, min(lowest // 2, scaled)), "overloaded"
 
 
+#: a pool of workers planned together: (role, the models they serve, "," joined; "*": any)
+Pool = tuple[str, str]
+
+
 @dataclass
 class RolePlan:
-    """What the planner says of one role."""
+    """What the planner says of one pool."""
 
     role: str
+    models: str  #: the models the pool's workers serve ("," joined; "*": any)
     workers: int  #: routable now
     load: float  #: requests in flight on the role, averaged over the window
     capacity: int | None  #: requests one worker holds within the targets (None: not known yet)
@@ -136,6 +142,8 @@ class RolePlan:
 
     def describe(self) -> dict:
         return {
+            "role": self.role,
+            "models": self.models,
             "workers": self.workers,
             "desired": self.desired,
             "load": round(self.load, 3),
@@ -149,23 +157,23 @@ _ORDER = ("ok", "learning", "overloaded", "unreachable")
 
 
 class Planner:
-    """The learned curves and load windows of every role, and the plans they give."""
+    """The learned curves and load windows of every pool, and the plans they give."""
 
     def __init__(self, window_s: float = 60.0, scale_down_delay_s: float = 300.0) -> None:
         self.window_s = window_s
         self.scale_down_delay_s = scale_down_delay_s
-        self.signals: dict[str, list[Signal]] = {}
-        #: role -> (time, routable workers, requests in flight) samples within the window
-        self._load: dict[str, deque[tuple[float, int, float]]] = {}
-        #: role -> (time, raw desired) within the scale-down delay
-        self._raw: dict[str, deque[tuple[float, int]]] = {}
+        self.signals: dict[Pool, list[Signal]] = {}
+        #: pool -> (time, routable workers, requests in flight) samples within the window
+        self._load: dict[Pool, deque[tuple[float, int, float]]] = {}
+        #: pool -> (time, raw desired) within the scale-down delay
+        self._raw: dict[Pool, deque[tuple[float, int]]] = {}
         self._decayed_at: float | None = None
 
-    def track(self, role: str, signal: Signal) -> None:
-        self.signals.setdefault(role, []).append(signal)
+    def track(self, pool: Pool, signal: Signal) -> None:
+        self.signals.setdefault(pool, []).append(signal)
 
-    def observe_load(self, now: float, role: str, workers: int, in_flight: float) -> None:
-        q = self._load.setdefault(role, deque())
+    def observe_load(self, now: float, pool: Pool, workers: int, in_flight: float) -> None:
+        q = self._load.setdefault(pool, deque())
         q.append((now, workers, in_flight))
         while q and q[0][0] < now - self.window_s:
             q.popleft()
@@ -180,17 +188,22 @@ class Planner:
             for s in signals:
                 s.decay(factor)
 
-    def plan(self, now: float) -> dict[str, RolePlan]:
+    def plan(self, now: float) -> dict[Pool, RolePlan]:
         plans = {}
-        for role, q in self._load.items():
-            if not q:
+        for pool, q in list(self._load.items()):
+            while q and q[0][0] < now - self.window_s:
+                q.popleft()
+            if not q:  # no worker of the pool seen for a whole window: gone
+                del self._load[pool]
+                self._raw.pop(pool, None)
+                self.signals.pop(pool, None)
                 continue
             workers = q[-1][1]
             load = sum(s[2] for s in q) / len(q)
             caps = []
             status = "ok"
             shown = {}
-            for s in self.signals.get(role, ()):
+            for s in self.signals.get(pool, ()):
                 cap, st = s.capacity()
                 shown[s.name] = {
                     "target_s": s.target_s,
@@ -209,11 +222,11 @@ class Planner:
                 raw = workers
             else:
                 raw = max(1, math.ceil(load / (capacity * HEADROOM)))
-            hist = self._raw.setdefault(role, deque())
+            hist = self._raw.setdefault(pool, deque())
             hist.append((now, raw))
             while hist and hist[0][0] < now - self.scale_down_delay_s:
                 hist.popleft()
             # a rise at once; a fall only as far as every plan within the delay allows
             desired = raw if raw >= workers else min(workers, max(h[1] for h in hist))
-            plans[role] = RolePlan(role, workers, load, capacity, desired, status, shown)
+            plans[pool] = RolePlan(*pool, workers, load, capacity, desired, status, shown)
         return plans

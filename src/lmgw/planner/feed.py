@@ -1,21 +1,26 @@
 """The planner's feed: every half second, the requests in flight on each worker; every second,
 the latencies the pipeline recorded since (the per-worker leg histograms of
-:class:`~lmgw.metrics.Metrics`, so no request pays for the planner); every ``evaluate_s``,
+:class:`~lmgw.metrics.Metrics`, so no request pays for the planner); every ``EVALUATE_S``,
 the plans (:class:`lmgw.planner.core.Planner`), exported as metrics and on ``GET
-/admin/planner``, and logged when a recommendation changes."""
+/admin/planner``, and logged when a recommendation changes.
+
+Workers are planned in pools: those of one role that serve the same models (what one
+Deployment of an autoscaler runs). A worker whose models are not known yet serves any
+(``*``)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
 from ..config import PlannerConfig
 from ..metrics import Gauge, Histogram, Metrics
 from ..workers.registry import Registry
-from .core import Planner, RolePlan, Signal, level_of
+from ..workers.worker import Worker
+from .core import Planner, Pool, RolePlan, Signal, level_of
 
 log = logging.getLogger("lmgw")
 
@@ -26,6 +31,12 @@ SAMPLES_PER_READ = 2
 EVALUATE_S = 5.0
 
 
+def pool_of(worker: Worker) -> Pool:
+    """The pool a worker is planned in: its role and the models it serves."""
+    models = worker.models
+    return worker.role, "*" if models is None else ",".join(sorted(models))
+
+
 class PlannerFeed:
     """Owns a :class:`Planner` for one gateway: what it reads, and the plans it last gave."""
 
@@ -34,47 +45,46 @@ class PlannerFeed:
         self.registry = registry
         self.planner = Planner(cfg.window_s, cfg.scale_down_delay_s)
         ttft, itl = cfg.ttft_slo_s, cfg.itl_slo_s
-        #: (role, signal, the histogram it reads, by (role, worker id))
-        self._reads: list[tuple[str, Signal, Histogram]] = []
-        for role, name, hist, target in (
-            ("e", "ttft", metrics.stage, ttft),  # an encode leg's whole time
-            ("p", "ttft", metrics.stage, ttft),  # a prefill leg's (queue + compute)
-            ("pd", "ttft", metrics.stage_ttft, ttft),
-            ("pd", "itl", metrics.stage_tpot, itl),
-            ("d", "itl", metrics.stage_tpot, itl),
-        ):
-            signal = Signal(name, hist.buckets, target)
-            self.planner.track(role, signal)
-            self._reads.append((role, signal, hist))
-        self._last: dict[tuple[int, str], list[int]] = {}  # (read, worker id) -> counts seen
+        #: role -> (signal name, the histogram it reads by (role, worker id), its target)
+        self._specs: dict[str, list[tuple[str, Histogram, float]]] = {
+            "e": [("ttft", metrics.stage, ttft)],  # an encode leg's whole time
+            "p": [("ttft", metrics.stage, ttft)],  # a prefill leg's (queue + compute)
+            "pd": [("ttft", metrics.stage_ttft, ttft), ("itl", metrics.stage_tpot, itl)],
+            "d": [("itl", metrics.stage_tpot, itl)],
+        }
+        self._signals: dict[Pool, list[tuple[Signal, Histogram]]] = {}
+        #: (worker id, signal name) -> that worker's bucket counts at the last read
+        self._last: dict[tuple[str, str], list[int]] = {}
         self._held: dict[str, float] = {}  # worker id -> in flight summed over the samples
         self._samples = 0
-        self.plans: dict[str, RolePlan] = {}
+        self.plans: dict[Pool, RolePlan] = {}
+        labels = ("role", "models")
         metrics.add(Gauge(
             "lmgw_planner_desired_workers",
-            "Workers of each role the planner recommends to meet planner.ttft_slo_s and"
-            " planner.itl_slo_s at the load of the last planner.window_s (for an autoscaler).",
-            ("role",), collect=lambda: self._gauge(lambda p: p.desired),
+            "Workers the planner recommends for each pool (the workers of one role serving the"
+            " same models) to meet planner.ttft_slo_s and planner.itl_slo_s at the load of the"
+            " last planner.window_s (for an autoscaler).",
+            labels, collect=lambda: self._gauge(lambda p: p.desired),
         ))  # fmt: skip
         metrics.add(Gauge(
             "lmgw_planner_load",
-            "Requests in flight on each role's workers, averaged over planner.window_s.",
-            ("role",), collect=lambda: self._gauge(lambda p: p.load),
+            "Requests in flight on each pool's workers, averaged over planner.window_s.",
+            labels, collect=lambda: self._gauge(lambda p: p.load),
         ))  # fmt: skip
         metrics.add(Gauge(
             "lmgw_planner_capacity_per_worker",
-            "Requests one worker of the role held while its p90 latency met the target, as"
+            "Requests one worker of the pool held while its p90 latencies met the targets, as"
             " learned (absent while learning).",
-            ("role",),
-            collect=lambda: self._gauge(lambda p: p.capacity, skip_none=True),
+            labels, collect=lambda: self._gauge(lambda p: p.capacity),
         ))  # fmt: skip
 
-    def _gauge(self, value, skip_none: bool = False) -> Iterable[tuple[tuple[str, ...], float]]:
-        for role, plan in sorted(self.plans.items()):
+    def _gauge(
+        self, value: Callable[[RolePlan], float | None]
+    ) -> Iterable[tuple[tuple[str, ...], float]]:
+        for pool, plan in sorted(self.plans.items()):
             v = value(plan)
-            if v is None and skip_none:
-                continue
-            yield (role,), float(v or 0)
+            if v is not None:
+                yield pool, float(v)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -87,36 +97,46 @@ class PlannerFeed:
                 next_plan = now + EVALUATE_S
                 self.evaluate(now)
 
+    def _signals_of(self, pool: Pool) -> list[tuple[Signal, Histogram]]:
+        signals = self._signals.get(pool)
+        if signals is None:
+            signals = self._signals[pool] = []
+            for name, hist, target in self._specs.get(pool[0], ()):
+                signal = Signal(name, hist.buckets, target)
+                self.planner.track(pool, signal)
+                signals.append((signal, hist))
+        return signals
+
     def tick(self, now: float) -> None:
-        """Sample the requests in flight (each worker and each role); every
+        """Sample the requests in flight (each worker and each pool); every
         ``SAMPLES_PER_READ`` samples, read the latencies recorded since the last read."""
         held = self._held
-        roles: dict[str, list[float]] = {}
+        pools: dict[Pool, list[float]] = {}
+        members: list[tuple[Worker, Pool]] = []
         for w in self.registry:
             held[w.id] = held.get(w.id, 0.0) + w.in_flight
-            r = roles.get(w.role)
-            if r is None:
-                r = roles[w.role] = [0, 0.0]
-            r[0] += w.routable
-            r[1] += w.in_flight
-        for role, (workers, in_flight) in roles.items():
-            self.planner.observe_load(now, role, int(workers), in_flight)
+            pool = pool_of(w)
+            members.append((w, pool))
+            p = pools.get(pool)
+            if p is None:
+                p = pools[pool] = [0, 0.0]
+            p[0] += w.routable
+            p[1] += w.in_flight
+        for pool, (workers, in_flight) in pools.items():
+            self.planner.observe_load(now, pool, int(workers), in_flight)
         self._samples += 1
         if self._samples < SAMPLES_PER_READ:
             return
         n, self._samples = self._samples, 0
         self._held = {}
         last = self._last
-        for i, (role, signal, hist) in enumerate(self._reads):
-            series = hist.series
-            for w in self.registry:
-                if w.role != role:
-                    continue
-                s = series.get((role, w.id))
+        for w, pool in members:
+            for signal, hist in self._signals_of(pool):
+                s = hist.series.get((w.role, w.id))
                 if s is None:
                     continue
                 counts = s[0]
-                key = (i, w.id)
+                key = (w.id, signal.name)
                 seen = last.get(key)
                 if seen is None:
                     delta = counts
@@ -128,20 +148,23 @@ class PlannerFeed:
                 # a latency seen means at least one request was there
                 signal.add(max(1, level_of(held.get(w.id, 0.0) / n)), delta)
 
-    def evaluate(self, now: float) -> dict[str, RolePlan]:
+    def evaluate(self, now: float) -> dict[Pool, RolePlan]:
         """The plans now (and a line in the log for each recommendation that changed)."""
         self.planner.decay(now)
         plans = self.planner.plan(now)
-        for role, plan in plans.items():
-            old = self.plans.get(role)
+        for pool, plan in plans.items():
+            old = self.plans.get(pool)
             if old is None or old.desired != plan.desired or old.status != plan.status:
                 log.info(
-                    "planner: role %s: %d worker(s), %s recommended (load %.1f, capacity %s"
-                    " per worker, %s)",
-                    role, plan.workers, plan.desired, plan.load, plan.capacity, plan.status,
+                    "planner: role %s (models %s): %d worker(s), %s recommended (load %.1f,"
+                    " capacity %s per worker, %s)",
+                    plan.role, plan.models, plan.workers, plan.desired, plan.load,
+                    plan.capacity, plan.status,
                 )  # fmt: skip
         self.plans = plans
-        for key in [k for k in self._last if self.registry.get(k[1]) is None]:
+        for pool in [p for p in self._signals if p not in plans]:
+            del self._signals[pool]  # a pool gone (the planner dropped its curves too)
+        for key in [k for k in self._last if self.registry.get(k[0]) is None]:
             del self._last[key]  # workers gone
         return plans
 
@@ -152,5 +175,5 @@ class PlannerFeed:
             "ttft_slo_s": self.cfg.ttft_slo_s,
             "itl_slo_s": self.cfg.itl_slo_s,
             "window_s": self.cfg.window_s,
-            "roles": {role: plan.describe() for role, plan in sorted(self.plans.items())},
+            "pools": [plan.describe() for _, plan in sorted(self.plans.items())],
         }
