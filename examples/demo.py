@@ -414,6 +414,18 @@ async def main(args: argparse.Namespace) -> int:
             w.id.rsplit(":", 1)[1] + f"({w.role})": w.total_requests for w in gateway.registry
         }
         print(f"\nrequests per worker (port(role): count): {served}")
+        if gateway.planner is not None:  # what it would ask an autoscaler for, per pool
+            targets = config.planner
+            print(
+                f"\nplanner (p90 targets: TTFT {targets.ttft_slo_s:g} s, between tokens"
+                f" {targets.itl_slo_s:g} s; a fall waits {targets.scale_down_delay_s:g} s):"
+            )
+            for plan in gateway.planner.evaluate(time.monotonic()).values():
+                capacity = "-" if plan.capacity is None else plan.capacity
+                print(
+                    f"   {plan.role:<2} {plan.workers} worker(s), {plan.desired} recommended"
+                    f" ({plan.status}; load {plan.load:.1f}, capacity {capacity} per worker)"
+                )
         if args.zones and "p" in counts:
             pairs = gateway.metrics.placements.values
             same = sum(v for (_, zones), v in pairs.items() if zones == "same_zone")

@@ -94,6 +94,13 @@ def test_the_plan_fills_the_capacity_with_headroom() -> None:
 
 
 def test_a_fall_waits_for_the_delay_and_a_rise_does_not() -> None:
+    first = planner_with({2: 0.014, 4: 0.018}, window_s=1.0, delay_s=30.0)
+    first.observe_load(0.0, D, 4, 1.0)  # the first plan, light: no fall before a whole delay
+    assert first.plan(0.0)[D].desired == 4
+    first.observe_load(29.0, D, 4, 1.0)
+    assert first.plan(29.0)[D].desired == 4
+    first.observe_load(31.0, D, 4, 1.0)
+    assert first.plan(31.0)[D].desired == 1
     p = planner_with({2: 0.014, 4: 0.018}, window_s=1.0, delay_s=30.0)
     p.observe_load(0.0, D, 4, 12.0)
     assert p.plan(0.0)[D].desired == 4  # 12 / 3.2

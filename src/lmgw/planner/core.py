@@ -167,6 +167,7 @@ class Planner:
         self._load: dict[Pool, deque[tuple[float, int, float]]] = {}
         #: pool -> (time, raw desired) within the scale-down delay
         self._raw: dict[Pool, deque[tuple[float, int]]] = {}
+        self._since: dict[Pool, float] = {}  #: pool -> its first plan
         self._decayed_at: float | None = None
 
     def track(self, pool: Pool, signal: Signal) -> None:
@@ -196,6 +197,7 @@ class Planner:
             if not q:  # no worker of the pool seen for a whole window: gone
                 del self._load[pool]
                 self._raw.pop(pool, None)
+                self._since.pop(pool, None)
                 self.signals.pop(pool, None)
                 continue
             workers = q[-1][1]
@@ -222,11 +224,20 @@ class Planner:
                 raw = workers
             else:
                 raw = max(1, math.ceil(load / (capacity * HEADROOM)))
-            hist = self._raw.setdefault(pool, deque())
+            hist = self._raw.get(pool)
+            if hist is None:
+                hist = self._raw[pool] = deque()
+                self._since[pool] = now
             hist.append((now, raw))
             while hist and hist[0][0] < now - self.scale_down_delay_s:
                 hist.popleft()
-            # a rise at once; a fall only as far as every plan within the delay allows
-            desired = raw if raw >= workers else min(workers, max(h[1] for h in hist))
+            # a rise at once; a fall only as far as every plan within the delay allows, and
+            # not before the plans cover a whole delay (one burst says little)
+            if raw >= workers:
+                desired = raw
+            elif now - self._since[pool] < self.scale_down_delay_s:
+                desired = workers
+            else:
+                desired = min(workers, max(h[1] for h in hist))
             plans[pool] = RolePlan(*pool, workers, load, capacity, desired, status, shown)
         return plans
