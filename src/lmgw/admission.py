@@ -103,7 +103,7 @@ class Admission:
 
     __slots__ = ("_by_cost", "_hold_s", "_kv_rate", "_limit", "_metrics", "_queue", "by_kv",
                  "cap", "in_flight", "policy", "queue_size", "queue_timeout_s", "tenant_header",
-                 "waiting")  # fmt: skip
+                 "waiting", "waiting_by_model")  # fmt: skip
 
     def __init__(
         self,
@@ -123,6 +123,8 @@ class Admission:
         self.in_flight = 0
         #: requests in the queue (what enter() compares: a plain int, whatever the order)
         self.waiting = 0
+        #: requests waiting, by the model they name (None: none named): the planner's demand
+        self.waiting_by_model: dict[str | None, int] = {}
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         #: "fair" (priority levels, fair share by tenant) or "fifo"
@@ -208,6 +210,8 @@ class Admission:
                 cost = basis * self._kv_rate
         w = Waiter(priority or 0, tenant, cost, weight, label, trio.current_time())
         w.basis = basis
+        model = getattr(view, "model", None)
+        w.model = model if isinstance(model, str) else None
         return w
 
     def settle(self, w: Waiter, kv_token_seconds: float) -> None:
@@ -245,10 +249,12 @@ class Admission:
                     f"the gateway is at its limit of {self.cap} concurrent requests and its wait"
                     f" queue ({self.queue_size}) is full; retry later",
                 )
-            self.waiting -= 1
+            self._left(victim)
             victim.event.set()  # it wakes up to its 429 (state EVICTED)
         queue.push(w)
         self.waiting += 1
+        by_model = self.waiting_by_model
+        by_model[w.model] = by_model.get(w.model, 0) + 1
         try:
             with trio.move_on_after(self.queue_timeout_s):
                 await w.event.wait()
@@ -257,7 +263,7 @@ class Admission:
                 self._pass_on()  # a slot was handed over just now: hand it on
             elif w.state == WAITING:
                 queue.remove(w)
-                self.waiting -= 1
+                self._left(w)
             self._count(w, "cancelled")
             raise
         # a slot handed over in the same tick as the timeout still counts: take it
@@ -276,7 +282,7 @@ class Admission:
                 " of higher priority or of a tenant with fewer requests waiting; retry later",
             )
         queue.remove(w)
-        self.waiting -= 1
+        self._left(w)
         self._count(w, "queue_timeout")
         raise self._reject(
             429,
@@ -287,9 +293,19 @@ class Admission:
 
     def _hand_over(self) -> None:
         w = self._queue.pop()
-        self.waiting -= 1
+        self._left(w)
         w.state = GRANTED
         w.event.set()
+
+    def _left(self, w: Waiter) -> None:
+        """``w`` is out of the queue (granted, evicted, timed out or gone)."""
+        self.waiting -= 1
+        by_model = self.waiting_by_model
+        left = by_model[w.model] - 1
+        if left:
+            by_model[w.model] = left
+        else:
+            del by_model[w.model]
 
     def _pass_on(self) -> None:
         if self.waiting:

@@ -50,8 +50,8 @@ _IDLE_TENANTS = 64
 class Waiter:
     """One request waiting for a slot: its terms, and how its wait ended (``state``)."""
 
-    __slots__ = ("arrival", "basis", "cost", "event", "label", "level", "priority", "queue",
-                 "state", "tenant", "weight")  # fmt: skip
+    __slots__ = ("arrival", "basis", "cost", "event", "label", "level", "model", "priority",
+                 "queue", "state", "tenant", "weight")  # fmt: skip
 
     def __init__(
         self,
@@ -76,6 +76,8 @@ class Waiter:
         self.queue: _Tenant | None = None
         #: what ``cost`` was estimated from (``lmgw.admission``: the estimated tokens)
         self.basis = 0.0
+        #: the model the request names (None: none named), for the planner's view of demand
+        self.model: str | None = None
 
     def __repr__(self) -> str:
         return f"Waiter(p={self.priority}, tenant={self.label}, state={self.state})"

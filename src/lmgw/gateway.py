@@ -270,6 +270,8 @@ class Gateway:
             self.metrics.add(self.streams.resumes)
             self.metrics.add(self.streams.coalesced)
         self.app = App(self)
+        if self.planner is not None:  # requests waiting for an admission slot are demand too
+            self.planner.queued = self.app.admission.waiting_by_model
         if self.streams is not None:
             self.streams.on_timeout = self.app.on_timeout
         TextAPI(self).install(self.app)

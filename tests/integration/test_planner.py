@@ -18,6 +18,7 @@ from lmgw.config import (
     AdminConfig,
     GatewayConfig,
     HealthConfig,
+    LimitsConfig,
     ModelConfig,
     PlannerConfig,
     ServerConfig,
@@ -145,3 +146,29 @@ async def test_each_role_of_a_pd_fleet_gets_its_own_count(
     assert prefill.workers == 1 and prefill.status in ("overloaded", "ok"), prefill
     assert prefill.desired >= 3, prefill  # ~6 queued prefills, each over the target alone at 2+
     assert decode.workers == 2 and decode.status == "ok" and decode.desired <= 2, decode
+
+
+async def test_requests_queued_for_admission_are_load(nursery: trio.Nursery, sim_worker) -> None:
+    """With ``limits.max_concurrent_requests = 2`` the worker never holds more than 2, while 6
+    clients wait their turn: the planner's load is the 6 (2 running, 4 queued), not the 2 the
+    cap lets through, since the waiting clients are the demand more workers would serve."""
+    sim = await sim_worker(speed=1.0, timing=(("c", 0.02),))  # 20 ms a token: slow streams
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        limits=LimitsConfig(max_concurrent_requests=2, queue_size=16),
+        planner=PlannerConfig(window_s=1.0),
+        workers=[WorkerConfig(url=sim.url, role="pd", id="w0", models=[MODEL])],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    assert gw.planner is not None
+    stop_at = time.monotonic() + 2.0
+    async with trio.open_nursery() as load:
+        for _ in range(6):
+            load.start_soon(stream, gw.url, stop_at)
+        await trio.sleep(1.6)  # a window of samples with the queue full
+        plan = gw.planner.evaluate(time.monotonic())[POOL]
+        assert gw.registry.get("w0").in_flight <= 2
+    assert plan.load > 4.5, plan  # ~6: the queue counts

@@ -40,9 +40,10 @@ steps = st.lists(
 
 
 def request(key: KeyEntry, priority: int) -> tuple[Request, Any]:
-    raw = msgspec.json.encode(
-        {"messages": [{"role": "user", "content": "x"}], "priority": priority, "max_tokens": 8}
-    )
+    body = {"messages": [{"role": "user", "content": "x"}], "priority": priority}
+    if priority % 2:  # some name a model (the planner counts the queue by model)
+        body["model"] = f"m{priority % 3}"
+    raw = msgspec.json.encode(body)
     req = Request("POST", "/v1/chat/completions", "", [], raw)
     req.principal = key
     return req, decode_view("chat", raw)
@@ -93,6 +94,9 @@ async def _run(policy: str, cap: int, queue_size: int, aging_s: float, script: l
         queued = state.count("queued")
         assert adm.in_flight == running <= cap
         assert adm.queue_depth == queued == len(adm._queue) <= max(queue_size, 0)
+        assert (
+            sum(adm.waiting_by_model.values()) == queued and 0 not in adm.waiting_by_model.values()
+        )
         if queued:
             assert running == cap, "a slot idles while a request waits"
         if isinstance(adm._queue, FairQueue):
@@ -124,6 +128,7 @@ async def _run(policy: str, cap: int, queue_size: int, aging_s: float, script: l
         for scope in scopes:
             scope.cancel()
     assert adm.in_flight == 0 and adm.queue_depth == 0 and len(adm._queue) == 0
+    assert adm.waiting_by_model == {}
     if isinstance(adm._queue, FairQueue):
         assert not adm._queue._levels
     assert adm.enter()

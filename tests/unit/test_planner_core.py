@@ -178,3 +178,14 @@ def test_the_feed_plans_each_pool_of_a_role_and_its_models_apart() -> None:
     assert [(p["role"], p["models"]) for p in shown] == [
         ("d", "*"), ("d", "big,big-lora"), ("d", "small"),
     ]  # fmt: skip
+
+
+def test_requests_waiting_for_admission_count_as_the_load_of_the_pools_serving_them() -> None:
+    from lmgw.planner.feed import waiting_for
+
+    queued = {"small": 6, "big": 2, None: 1}  # None: no model named (the gateway's one)
+    assert waiting_for(("d", "small"), queued) == 7
+    assert waiting_for(("p", "big,big-lora"), queued) == 3
+    assert waiting_for(("d", "*"), queued) == 9
+    assert waiting_for(("d", "other"), queued) == 1
+    assert waiting_for(("d", "small"), {}) == 0

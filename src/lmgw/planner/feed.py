@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
@@ -29,6 +29,16 @@ TICK_S = 0.5
 SAMPLES_PER_READ = 2
 #: seconds between plans
 EVALUATE_S = 5.0
+
+
+def waiting_for(pool: Pool, queued: Mapping[str | None, int]) -> int:
+    """The admission queue's requests that ``pool`` would serve: those naming one of its
+    models, and those naming none (the gateway's one model); a ``*`` pool serves any."""
+    models = pool[1]
+    if models == "*":
+        return sum(queued.values())
+    served = models.split(",")
+    return sum(n for model, n in queued.items() if model is None or model in served)
 
 
 def pool_of(worker: Worker) -> Pool:
@@ -57,6 +67,9 @@ class PlannerFeed:
         self._last: dict[tuple[str, str], list[int]] = {}
         self._held: dict[str, float] = {}  # worker id -> in flight summed over the samples
         self._samples = 0
+        #: requests waiting in the gateway's admission queue, by the model they name (None:
+        #: none named); set by the gateway (lmgw.admission.Admission.waiting_by_model)
+        self.queued: Mapping[str | None, int] = {}
         self.plans: dict[Pool, RolePlan] = {}
         labels = ("role", "models")
         metrics.add(Gauge(
@@ -122,7 +135,10 @@ class PlannerFeed:
                 p = pools[pool] = [0, 0.0]
             p[0] += w.routable
             p[1] += w.in_flight
+        queued = self.queued
         for pool, (workers, in_flight) in pools.items():
+            if queued:  # each waiting request will need a worker of every pool serving it
+                in_flight += waiting_for(pool, queued)
             self.planner.observe_load(now, pool, int(workers), in_flight)
         self._samples += 1
         if self._samples < SAMPLES_PER_READ:
