@@ -593,6 +593,15 @@ def build_parser() -> argparse.ArgumentParser:
         " prefill runs whole on its decode worker, no prefill leg (models[].local_prefill_tokens)",
     )
     p_sim.add_argument(
+        "--autoscale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N workers of each role and route to the spec's count; the gateway adds"
+        " and retires the others as its planner recommends (a closed loop, with the"
+        " planner.* targets; see docs/operations.md, Planner)",
+    )
+    p_sim.add_argument(
         "--local-prefill-busy",
         type=int,
         default=0,

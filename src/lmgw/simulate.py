@@ -37,7 +37,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -65,6 +65,7 @@ from .fdlimit import ensure_open_files
 from .fleetspec import FleetSpec
 from .gateway import Gateway
 from .pipeline.runner import dialect_for
+from .planner.standby import StandbyScaler
 from .simulators.engine import DEFAULT_TOOL_FORMAT
 from .simulators.fleet import Fleet, FleetError, run_fleet
 
@@ -140,6 +141,20 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
         models=[ModelConfig(**model)],  # type: ignore[arg-type]
         workers=workers,
     )
+
+
+def split_standby(
+    config: GatewayConfig, counts: Mapping[str, int]
+) -> tuple[GatewayConfig, list[WorkerConfig]]:
+    """``--autoscale``: the first ``counts[role]`` workers of each role stay in ``config``, the
+    others are returned as the standby list the planner's recommendations draw on."""
+    kept: list[WorkerConfig] = []
+    standby: list[WorkerConfig] = []
+    seen: dict[str, int] = {}
+    for wc in config.workers:
+        seen[wc.role] = seen.get(wc.role, 0) + 1
+        (kept if seen[wc.role] <= counts.get(wc.role, 0) else standby).append(wc)
+    return msgspec.structs.replace(config, workers=kept), standby
 
 
 def replica_configs(
@@ -233,6 +248,15 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
     counts = {role: n for role, n in spec.counts().items() if n}
     transport = getattr(args, "transport", None) or "http"
     n_gateways = getattr(args, "gateways", 1) or 1
+    autoscale = getattr(args, "autoscale", 0) or 0
+    if autoscale:
+        if not max(counts.values()) <= autoscale <= 64:
+            log.error("--autoscale N: at least every role's count of the spec, at most 64")
+            return 2
+        ranks = getattr(args, "data_parallel_size", 1) or 1
+        if transport == "zmq" or n_gateways > 1 or ranks > 1:
+            log.error("--autoscale is for one gateway in front of HTTP workers without ranks")
+            return 2
     redis_arg = getattr(args, "redis", None)
     handoff = getattr(args, "handoff", None) or "direct"
     if n_gateways < 1:
@@ -329,7 +353,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
         try:
             fleet: Fleet = await nursery.start(
                 lambda task_status: run_fleet(
-                    counts,
+                    {role: max(n, autoscale) for role, n in counts.items()},
                     model=args.model,
                     speed=args.speed,
                     extra_args=extra,
@@ -345,6 +369,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
             return 1
         base = fleet_config(fleet, spec, args)
+        base, standby = split_standby(base, counts)
         if redis_url is not None:  # the fleet lives in Redis: every replica discovers it there
             from .workers.discovery.redis import register
 
@@ -358,10 +383,14 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()  # stops the fleet
             return 2
         ports = [await nursery.start(gw.run) for gw in gateways]
+        spare = {wc.url for wc in standby}
         for m in fleet.members:
             kv = f"  kv_address={m.kv_address}" if m.kv_address else ""
             kv += f"  kv_events={m.kv_events}" if getattr(m, "kv_events", None) else ""
+            kv += "  (standby: --autoscale)" if m.url in spare else ""
             print(f"  worker {m.role:<3} {m.url}{kv}", flush=True)
+        if standby:  # the closed loop: the planner's recommendations move workers in and out
+            await nursery.start(StandbyScaler(gateways[0], standby).run)
         if fleet.lmcache_dir:
             print(f"  lmcache dir {fleet.lmcache_dir}", flush=True)
         if redis_url:

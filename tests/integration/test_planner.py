@@ -93,7 +93,7 @@ async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
     with trio.fail_after(5):  # no traffic: the window empties, and no delay holds the fall
         while gw.planner.evaluate(time.monotonic())[POOL].desired != 1:
             await trio.sleep(0.5)
-    assert gw.planner.plans[POOL].status == "ok"
+    assert gw.planner.plans[POOL].status == "idle"
 
 
 async def test_the_planner_can_be_off(nursery: trio.Nursery, sim_worker) -> None:
@@ -172,3 +172,46 @@ async def test_requests_queued_for_admission_are_load(nursery: trio.Nursery, sim
         plan = gw.planner.evaluate(time.monotonic())[POOL]
         assert gw.registry.get("w0").in_flight <= 2
     assert plan.load > 4.5, plan  # ~6: the queue counts
+
+
+async def test_standby_workers_follow_the_recommendation(nursery: trio.Nursery, sim_worker) -> None:
+    """``lmgw simulate --autoscale``'s loop in process: one merged worker routed to, two on
+    standby. Under 12 streams the planner asks for more and both standby workers join (and
+    serve); once the load is gone (no scale-down delay here) they are drained, removed and
+    back on standby."""
+    from lmgw.planner.standby import StandbyScaler
+
+    sims = [await sim_worker(speed=1.0, timing=(("c", 0.002), ("d", 0.004))) for _ in range(3)]
+    workers = [
+        WorkerConfig(url=s.url, role="pd", id=f"w{i}", models=[MODEL]) for i, s in enumerate(sims)
+    ]
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        planner=PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
+        workers=workers[:1],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    assert gw.planner is not None
+    scaler = StandbyScaler(gw, workers[1:])
+    stop_at = time.monotonic() + 3.0
+    async with trio.open_nursery() as load:
+        for _ in range(12):
+            load.start_soon(stream, gw.url, stop_at)
+        await trio.sleep(2.0)
+        assert gw.planner.evaluate(time.monotonic())[POOL].desired >= 3
+        scaler.step()
+        assert sorted(w.id for w in gw.registry) == ["w0", "w1", "w2"]
+    assert all(w.total_requests > 0 for w in gw.registry)  # the new ones served too
+    with trio.fail_after(5):
+        while gw.planner.evaluate(time.monotonic())[POOL].desired != 1:
+            await trio.sleep(0.5)
+    scaler.step()  # drained
+    assert {w.id: w.state.value for w in gw.registry} == {
+        "w0": "healthy", "w1": "draining", "w2": "draining",
+    }  # fmt: skip
+    scaler.step()  # idle: removed, back on standby
+    assert [w.id for w in gw.registry] == ["w0"]
+    assert [wc.worker_id for wc in scaler.standby["pd"]] == ["w1", "w2"]

@@ -112,7 +112,7 @@ def test_a_fall_waits_for_the_delay_and_a_rise_does_not() -> None:
     assert p.plan(42.0)[D].desired == 7
 
 
-def test_learning_and_unreachable_keep_the_count_and_idle_says_so() -> None:
+def test_learning_and_unreachable_keep_the_count_and_idle_needs_one() -> None:
     p = Planner(10.0, 0.0)
     p.track(P, Signal("ttft", (0.5, 1.0, 2.0), 1.0))
     p.observe_load(0.0, P, 3, 5.0)
@@ -120,7 +120,7 @@ def test_learning_and_unreachable_keep_the_count_and_idle_says_so() -> None:
     q = Planner(10.0, 0.0)
     q.track(P, Signal("ttft", (0.5, 1.0, 2.0), 1.0))
     q.observe_load(0.0, P, 3, 0.0)
-    assert q.plan(0.0)[P].status == "idle"
+    assert (q.plan(0.0)[P].desired, q.plan(0.0)[P].status) == (1, "idle")
     u = planner_with({1: 0.05})  # unreachable at 25 ms
     u.observe_load(0.0, D, 2, 9.0)
     assert (u.plan(0.0)[D].desired, u.plan(0.0)[D].status) == (2, "unreachable")
@@ -189,3 +189,29 @@ def test_requests_waiting_for_admission_count_as_the_load_of_the_pools_serving_t
     assert waiting_for(("d", "*"), queued) == 9
     assert waiting_for(("d", "other"), queued) == 1
     assert waiting_for(("d", "small"), {}) == 0
+
+
+@pytest.mark.parametrize(
+    ("desired", "active", "standby", "want"),
+    [
+        (3, ["a"], 5, (2, [])),
+        (6, ["a"], 2, (2, [])),  # no more than the standby list has
+        (1, ["a", "b", "c"], 0, (0, ["c", "b"])),  # the newest leave first
+        (0, ["a", "b"], 0, (0, ["b"])),  # never below one
+        (2, ["a", "b"], 3, (0, [])),
+    ],
+)
+def test_standby_moves(desired: int, active: list[str], standby: int, want: tuple) -> None:
+    from lmgw.planner.standby import moves
+
+    assert moves(desired, active, standby) == want
+
+
+def test_split_standby_keeps_the_specs_count_of_each_role() -> None:
+    from lmgw.config import GatewayConfig, WorkerConfig
+    from lmgw.simulate import split_standby
+
+    workers = [WorkerConfig(url=f"http://h:{i + 1}", role=r) for i, r in enumerate("ppppdddd")]
+    kept, standby = split_standby(GatewayConfig(workers=workers), {"p": 1, "d": 2})
+    assert [w.url for w in kept.workers] == ["http://h:1", "http://h:5", "http://h:6"]
+    assert [w.url for w in standby] == [f"http://h:{i}" for i in (2, 3, 4, 7, 8)]

@@ -218,8 +218,8 @@ class Planner:
                 if cap is not None and st != "unreachable":
                     caps.append(cap)
             capacity = min(caps) if caps else None
-            if load < 0.05 and status in ("ok", "learning"):
-                raw, status = workers, "idle" if status == "learning" else status
+            if load < 0.05:  # nothing to serve: one worker (a lull waits out the fall's delay)
+                raw, status = 1, "idle"
             elif capacity is None or status == "unreachable":
                 raw = workers
             else:
