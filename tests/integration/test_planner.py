@@ -1,13 +1,13 @@
-"""The planner end to end (``[planner]``, :mod:`lmgw.planner`): a simulated merged worker whose
-time per output token grows with its batch (2 ms + 4 ms per running stream), traffic that
-climbs from 2 to 8 concurrent streams, and an inter-token target of 25 ms: the planner learns
-that one worker holds ~4 streams within the target and recommends 3 workers for 8, on
-``/admin/planner``, ``/metrics`` and the SDK's view, then 1 once the traffic is gone."""
+"""The planner end to end (``[planner]``, :mod:`lmgw.planner`), against simulated workers whose
+timing model is set for it: what it learns and recommends for a merged worker, for each role
+of a P/D fleet, with an admission queue, and the standby loop of ``lmgw simulate
+--autoscale``."""
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import pytest
 import trio
@@ -32,6 +32,23 @@ TOKEN = "planner-admin"
 POOL = ("pd", MODEL)  # the merged workers serving the one model
 
 
+async def start_gateway(
+    nursery: trio.Nursery, workers: list[WorkerConfig], planner: PlannerConfig, **sections: Any
+) -> Gateway:
+    """A gateway on port 0 in front of ``workers`` with rare probes and ``planner``."""
+    cfg = GatewayConfig(
+        server=ServerConfig(port=0),
+        health=HealthConfig(interval_s=30, timeout_s=2.0),
+        planner=planner,
+        workers=workers,
+        **sections,
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    return gw
+
+
 async def stream(url: str, stop_at: float) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 10,
             "ignore_eos": True, "stream": True}  # fmt: skip
@@ -43,19 +60,19 @@ async def stream(url: str, stop_at: float) -> None:
 async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
     nursery: trio.Nursery, sim_worker, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A merged worker whose time per output token grows with its batch (2 ms + 4 ms per
+    running stream), traffic that climbs from 2 to 8 streams, a 25 ms inter-token target: the
+    planner learns that one worker holds ~4 streams and recommends 3 for 8, on
+    ``/admin/planner``, ``/metrics`` and ``lmgw workers plan``; then 1 once it is idle."""
     sim = await sim_worker(speed=1.0)
     timing = sim.sim.engine.config.timing
     timing.a, timing.c, timing.d = 0.0, 0.002, 0.004  # TPOT = 2 ms + 4 ms x batch
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
+    gw = await start_gateway(
+        nursery,
+        [WorkerConfig(url=sim.url, role="pd", id="w0")],
+        PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
         admin=AdminConfig(token=TOKEN),
-        planner=PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
-        workers=[WorkerConfig(url=sim.url, role="pd", id="w0")],
     )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
     assert gw.planner is not None
     for clients in (2, 4, 8):  # 1.5 s at each level: 2 and 4 meet 25 ms, 8 does not
         stop_at = time.monotonic() + 1.5
@@ -98,15 +115,12 @@ async def test_the_planner_learns_a_workers_capacity_and_asks_for_more(
 
 async def test_the_planner_can_be_off(nursery: trio.Nursery, sim_worker) -> None:
     sim = await sim_worker()
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
+    gw = await start_gateway(
+        nursery,
+        [WorkerConfig(url=sim.url, role="pd")],
+        PlannerConfig(enabled=False),
         admin=AdminConfig(token=TOKEN),
-        planner=PlannerConfig(enabled=False),
-        workers=[WorkerConfig(url=sim.url, role="pd")],
     )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
     assert gw.planner is None
     r = await http_request(
         gw.url, "GET", "/admin/planner", headers={"authorization": f"Bearer {TOKEN}"}
@@ -125,17 +139,13 @@ async def test_each_role_of_a_pd_fleet_gets_its_own_count(
     streams stay fast, keeps its two (a fall waits for the delay)."""
     p = await sim_worker(role="p", speed=1.0, serial_prefill=True, timing=(("a", 0.09),))
     ds = [await sim_worker(role="d", speed=1.0, timing=(("c", 0.002),)) for _ in range(2)]
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
-        planner=PlannerConfig(ttft_slo_s=0.15, itl_slo_s=0.05, window_s=2.0),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
-        workers=[WorkerConfig(url=p.url, role="p", id="p0")]
+    gw = await start_gateway(
+        nursery,
+        [WorkerConfig(url=p.url, role="p", id="p0")]
         + [WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)],
+        PlannerConfig(ttft_slo_s=0.15, itl_slo_s=0.05, window_s=2.0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
     )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
     assert gw.planner is not None
     stop_at = time.monotonic() + 3.0
     async with trio.open_nursery() as load:
@@ -153,16 +163,12 @@ async def test_requests_queued_for_admission_are_load(nursery: trio.Nursery, sim
     clients wait their turn: the planner's load is the 6 (2 running, 4 queued), not the 2 the
     cap lets through, since the waiting clients are the demand more workers would serve."""
     sim = await sim_worker(speed=1.0, timing=(("c", 0.02),))  # 20 ms a token: slow streams
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
+    gw = await start_gateway(
+        nursery,
+        [WorkerConfig(url=sim.url, role="pd", id="w0", models=[MODEL])],
+        PlannerConfig(window_s=1.0),
         limits=LimitsConfig(max_concurrent_requests=2, queue_size=16),
-        planner=PlannerConfig(window_s=1.0),
-        workers=[WorkerConfig(url=sim.url, role="pd", id="w0", models=[MODEL])],
     )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
     assert gw.planner is not None
     stop_at = time.monotonic() + 2.0
     async with trio.open_nursery() as load:
@@ -185,15 +191,11 @@ async def test_standby_workers_follow_the_recommendation(nursery: trio.Nursery, 
     workers = [
         WorkerConfig(url=s.url, role="pd", id=f"w{i}", models=[MODEL]) for i, s in enumerate(sims)
     ]
-    cfg = GatewayConfig(
-        server=ServerConfig(port=0),
-        health=HealthConfig(interval_s=30, timeout_s=2.0),
-        planner=PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
-        workers=workers[:1],
+    gw = await start_gateway(
+        nursery,
+        workers[:1],
+        PlannerConfig(itl_slo_s=0.025, window_s=1.5, scale_down_delay_s=0.0),
     )
-    gw = Gateway(cfg)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
     assert gw.planner is not None
     scaler = StandbyScaler(gw, workers[1:])
     stop_at = time.monotonic() + 3.0
