@@ -1082,8 +1082,8 @@ class PlannerConfig(msgspec.Struct, **_STRUCT_OPTS):
     /admin/planner``."""
 
     enabled: bool = True
-    # The p90 targets: time to first token (held by encode, prefill and merged legs) and time
-    # between tokens (decode and merged streams).
+    # The p90 targets: time to first token (held by encode and prefill legs, and by merged and
+    # decode streams' first tokens) and time between tokens (decode and merged streams).
     ttft_slo_s: float = 2.0
     itl_slo_s: float = 0.1
     # The load a plan serves: requests in flight averaged over this long.

@@ -215,3 +215,22 @@ def test_split_standby_keeps_the_specs_count_of_each_role() -> None:
     kept, standby = split_standby(GatewayConfig(workers=workers), {"p": 1, "d": 2})
     assert [w.url for w in kept.workers] == ["http://h:1", "http://h:5", "http://h:6"]
     assert [w.url for w in standby] == [f"http://h:{i}" for i in (2, 3, 4, 7, 8)]
+
+
+def test_a_pool_is_judged_by_the_signals_that_know_something() -> None:
+    """A decode pool holds both targets: its first tokens (KV transfer and the engine's own
+    queue) and its time between tokens. A signal with no data yet (non-streamed traffic
+    teaches no TTFT) says nothing; one over its target makes the pool overloaded even when
+    the other is well within."""
+    p = Planner(10.0, 0.0)
+    ttft = Signal("ttft", (0.1, 0.2, 0.5, 1.0, 2.0), 0.2)
+    itl = Signal("itl", TPOT_BUCKETS, 0.025)
+    p.track(D, ttft)
+    p.track(D, itl)
+    curve(itl, {2: 0.012, 4: 0.018})
+    p.observe_load(0.0, D, 2, 6.0)
+    plan = p.plan(0.0)[D]
+    assert (plan.status, plan.capacity) == ("ok", 4)  # the TTFT signal is still learning
+    ttft.add(4, [0, 0, 0, MIN_SAMPLES, 0, 0])  # first tokens at ~0.9 s with 4 streams
+    plan = p.plan(1.0)[D]
+    assert plan.status == "overloaded" and plan.capacity == 1 and plan.desired == 8

@@ -203,7 +203,7 @@ class Planner:
             workers = q[-1][1]
             load = sum(s[2] for s in q) / len(q)
             caps = []
-            status = "ok"
+            status = "learning"  # until a signal knows something (one without data says nothing)
             shown = {}
             for s in self.signals.get(pool, ()):
                 cap, st = s.capacity()
@@ -213,9 +213,11 @@ class Planner:
                     "status": st,
                     "p90_by_level": {k: round(v[0], 6) for k, v in s.table().items()},
                 }
-                if _ORDER.index(st) > _ORDER.index(status):
+                if st == "learning":
+                    continue
+                if status == "learning" or _ORDER.index(st) > _ORDER.index(status):
                     status = st
-                if cap is not None and st != "unreachable":
+                if st != "unreachable":
                     caps.append(cap)
             capacity = min(caps) if caps else None
             if load < 0.05:  # nothing to serve: one worker (a lull waits out the fall's delay)

@@ -60,7 +60,8 @@ class PlannerFeed:
             "e": [("ttft", metrics.stage, ttft)],  # an encode leg's whole time
             "p": [("ttft", metrics.stage, ttft)],  # a prefill leg's (queue + compute)
             "pd": [("ttft", metrics.stage_ttft, ttft), ("itl", metrics.stage_tpot, itl)],
-            "d": [("itl", metrics.stage_tpot, itl)],
+            # a decode stream's first token: the KV transfer and the decode engine's own queue
+            "d": [("ttft", metrics.stage_ttft, ttft), ("itl", metrics.stage_tpot, itl)],
         }
         self._signals: dict[Pool, list[tuple[Signal, Histogram]]] = {}
         #: (worker id, signal name) -> that worker's bucket counts at the last read
