@@ -1517,13 +1517,8 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
             raise ConfigError(f"{self.bootstrap_port} is not a port", path="bootstrap_port")
         if self.kv_events is not None:
             _set(self, "kv_events", check_kv_events_endpoint(self.kv_events))
-        if self.kv_events and self.kv_events.startswith("tcp://") and rank is None:
-            last = int(self.kv_events.rpartition(":")[2]) + size - 1
-            if last > 65535:
-                raise ConfigError(
-                    f"rank {size - 1}'s KV events would be on port {last}",
-                    path="kv_events",
-                )
+        if rank is None:
+            self._check_rank_ports(size)
         if self.kv_address is not None:
             _set(self, "kv_address", check_kv_address(self.kv_address))
         try:
@@ -1554,6 +1549,15 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
             return f"{self.url}#dp{self.data_parallel_rank}"
         return self.url
 
+    def _check_rank_ports(self, size: int) -> None:
+        """Rank r publishes KV events at the tcp port + r: the last one must be a port."""
+        if self.kv_events and self.kv_events.startswith("tcp://"):
+            last = int(self.kv_events.rpartition(":")[2]) + size - 1
+            if last > 65535:
+                raise ConfigError(
+                    f"rank {size - 1}'s KV events would be on port {last}", path="kv_events"
+                )
+
     @property
     def auto_ranks(self) -> bool:
         """Whether the server's ranks are counted at run time (``data_parallel_size = "auto"``)."""
@@ -1572,12 +1576,7 @@ class WorkerConfig(msgspec.Struct, **_STRUCT_OPTS):
         assert isinstance(n, int)
         if n <= 1 or self.data_parallel_rank is not None:
             return [self]
-        if self.kv_events and self.kv_events.startswith("tcp://"):
-            last = int(self.kv_events.rpartition(":")[2]) + n - 1
-            if last > 65535:
-                raise ConfigError(
-                    f"rank {n - 1}'s KV events would be on port {last}", path="kv_events"
-                )
+        self._check_rank_ports(n)
         base = self.worker_id
         return [
             msgspec.structs.replace(

@@ -404,12 +404,15 @@ class Gateway:
         return added, retired
 
     def sweep_retired(self) -> None:
-        """Remove discovered workers that were drained because their source dropped them and
-        have nothing in flight any more."""
-        for wid in [w for w, src in self._sources.items()]:
+        """Remove the workers retired on their way out that have nothing in flight any more:
+        discovered ones drained because their source dropped them, and data-parallel ranks
+        their server no longer has."""
+        for wid in [*self._sources, *self._retiring]:
             worker = self.registry.get(wid)
-            if worker is not None and worker.state is WorkerState.DRAINING and not worker.in_flight:
-                self.remove_worker(wid)
+            if worker is None:
+                self._retiring.discard(wid)  # removed by other means meanwhile
+            elif worker.state is WorkerState.DRAINING and not worker.in_flight:
+                self.remove_worker(wid)  # (out of both as it goes)
 
     def _on_engines(self, worker: Worker, engines: int) -> bool:
         """A probe counted the engines of ``worker``'s server. For a worker of a
@@ -418,12 +421,7 @@ class Gateway:
         such a worker being retired)."""
         ours = worker.id in self._retiring
         if self._retiring:
-            for wid in list(self._retiring):
-                gone = self.registry.get(wid)
-                if gone is None or (gone.state is WorkerState.DRAINING and not gone.in_flight):
-                    self._retiring.discard(wid)
-                    if gone is not None:
-                        self.remove_worker(wid)
+            self.sweep_retired()
         if not self.auto_ranks.owns(worker.id):
             return ours
         adds, retires = self.auto_ranks.observe(worker.id, engines)

@@ -45,10 +45,9 @@ class StandbyScaler:
         self.standby: dict[str, list[WorkerConfig]] = {}
         for wc in standby:
             self.standby.setdefault(wc.role, []).append(wc)
-        #: per role, the ids this scaler added, oldest first (the only ones it retires)
-        self.added: dict[str, list[str]] = {}
+        #: the workers this scaler added (the only ones it retires), by id, oldest first
+        self.added: dict[str, WorkerConfig] = {}
         self._leaving: dict[str, WorkerConfig] = {}  # drained, removed once idle
-        self._configs = {wc.worker_id: wc for wc in standby}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -76,8 +75,7 @@ class StandbyScaler:
                 if pool_of(w) == pool and w.state in (WorkerState.STARTING, WorkerState.HEALTHY)
             ]  # fmt: skip
             add, retire = moves(plan.desired, active, len(self.standby.get(role, ())))
-            added = self.added.setdefault(role, [])
-            retire = [wid for wid in retire if wid in added]  # only what it brought in
+            retire = [wid for wid in retire if wid in self.added]  # only what it brought in
             if add or retire:
                 log.info(
                     "autoscale: role %s: %d -> %d worker(s) (planner: %s recommended, %s)",
@@ -87,8 +85,7 @@ class StandbyScaler:
             for _ in range(add):
                 wc = self.standby[role].pop(0)
                 gw.add_entry(wc)
-                added.append(wc.worker_id)
+                self.added[wc.worker_id] = wc
             for wid in retire:
                 gw.drain_worker(wid, "autoscale: fewer workers recommended")
-                added.remove(wid)
-                self._leaving[wid] = self._configs[wid]
+                self._leaving[wid] = self.added.pop(wid)
