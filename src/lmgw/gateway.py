@@ -48,6 +48,7 @@ from .model_routes import ModelRoute, ModelRoutes
 from .pipeline.native import NativeChannels, NativeWorker
 from .pipeline.runner import Pipeline
 from .planner.feed import PlannerFeed
+from .process_stats import register_process_metrics
 from .routing.registry import make_policy
 from .tracing import Tracing
 from .transport.pool import ConnectionPool
@@ -109,6 +110,7 @@ class Gateway:
         # ring, tracing and the access log (None when off: one test per request)
         self.fleet_stats = FleetStats(self)
         self.fleet_stats.install(self.metrics)
+        register_process_metrics(self.metrics, connections=self._client_connections)
         self.recent_errors = RecentErrors(config.dashboard.recent_errors)
         self.tracing = Tracing.from_config(config.tracing, tracer_provider)
         lc = config.logging
@@ -525,6 +527,13 @@ class Gateway:
         for role, policy in self.policies.items():
             for stat, value in policy.statistics().items():
                 yield (role, policy.name, stat), float(value)
+
+    def _client_connections(self) -> int | None:
+        """Open client connections at the native front door (None under hypercorn, which
+        does not say; 0 before serving)."""
+        if self.config.server.server == "hypercorn":
+            return None
+        return self.server.active_connections if self.server is not None else 0
 
     def _on_worker_change(self, worker: Worker) -> None:
         self.metrics.healthy.set((worker.role, worker.id), 1.0 if worker.routable else 0.0)

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from gateway_support import MODEL, http_request, metric_value
+from gateway_support import MODEL, http_request, metric_value, open_stream
 from ws_support import Rejected, WSClient
 
 from lmgw.config import (
@@ -113,6 +113,36 @@ async def test_metrics_present_and_moving_after_traffic(gateway) -> None:
         'lmgw_worker_state_transitions_total{role="pd",worker="w1",from="healthy",to="draining"}'
     )
     assert metric_value(text, drained) == 1
+
+
+async def test_process_series_tasks_and_client_connections(gateway, server: str) -> None:
+    g = await gateway(1)
+    text = await g.metrics()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_max_fds", "process_start_time_seconds",
+                 "lmgw_tasks"):  # fmt: skip
+        assert metric_value(text, name, default=None) > 0, name
+    tasks = metric_value(text, "lmgw_tasks")
+    if server == "hypercorn":  # it does not say how many connections it holds
+        assert "\nlmgw_client_connections " not in text
+        return
+    base = metric_value(text, "lmgw_client_connections", default=None)
+    held = [await open_stream(g.url) for _ in range(3)]  # accepted, no request yet
+    try:
+        with trio.fail_after(5):
+            while metric_value(text, "lmgw_client_connections") < base + 3:
+                await trio.sleep(0.02)
+                text = await g.metrics()
+        assert metric_value(text, "lmgw_tasks") >= tasks + 3  # one task per connection
+    finally:
+        for stream in held:
+            await stream.aclose()
+    with trio.fail_after(5):  # closed ones are gone from both counts
+        while metric_value(text, "lmgw_client_connections") > base or (
+            metric_value(text, "lmgw_tasks") > tasks
+        ):
+            await trio.sleep(0.02)
+            text = await g.metrics()
 
 
 async def test_queue_time_observed_under_the_concurrency_cap(gateway) -> None:

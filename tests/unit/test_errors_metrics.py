@@ -68,7 +68,7 @@ def _documented() -> dict[str, tuple[str, tuple[str, ...]]]:
     text = (DOCS / "metrics.md").read_text(encoding="utf-8")
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^\| `(lmgw_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", line)
+        m = re.match(r"^\| `((?:lmgw|process)_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", line)
         if m:
             labels = tuple(re.findall(r"`([a-z_]+)`", m.group(3)))
             assert labels or m.group(3).strip() == "none", line
@@ -144,7 +144,7 @@ def test_grafana_dashboard_uses_real_metrics() -> None:
     assert len(exprs) >= 15
     used = set()
     for expr in exprs:
-        names = re.findall(r"\blmgw_[a-z0-9_]+", expr)
+        names = re.findall(r"\b(?:lmgw|process)_[a-z0-9_]+", expr)
         assert names, expr
         for name in names:
             assert name in series, f"{name} in {expr!r} is not an exported series"
