@@ -919,6 +919,40 @@ async def test_deadline_non_stream_raw(gateway: GatewayFactory) -> None:
     await assert_nothing_in_flight(gw)
 
 
+async def test_a_deadline_answer_on_keep_alive_closes_only_when_it_says_so(
+    gateway: GatewayFactory,
+) -> None:
+    """After a 504 at the deadline on a keep-alive connection, either the answer says
+    ``connection: close`` and the server closes, or the connection serves the next request.
+    (The native server used to close without saying so: a keep-alive client then sent its next
+    request into a closed socket; found by benchmarks/soak.py.)"""
+    gw = await gateway(1, faults={"hang": True}, limits={"request_timeout_s": 0.2})
+    late = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    with trio.fail_after(5):
+        stream = await open_stream(gw.url)
+        async with stream:
+            await stream.send_all(late)
+            raw = bytearray()
+            while b"\r\n\r\n" not in raw:
+                raw += await stream.receive_some(65536)
+            head, _, body = bytes(raw).partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 504 ") and b"deadline" in body
+            if b"\r\nconnection: close" in head.lower():
+                assert await stream.receive_some(65536) == b""  # and it does close
+                return
+            await gw.sims[0].set_faults(hang=False)
+            await stream.send_all(late)
+            raw = bytearray()
+            while b"\r\n\r\n" not in raw:
+                chunk = await stream.receive_some(65536)
+                assert chunk, "closed without saying so"
+                raw += chunk
+            assert raw.startswith(b"HTTP/1.1 200 ")
+
+
 async def test_worker_crash_before_answering_gives_502(gateway: GatewayFactory) -> None:
     gw = await gateway(1, faults={"crash_at_token": 2})
     body = {"model": MODEL, "prompt": "crash me", "max_tokens": 20}

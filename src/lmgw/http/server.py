@@ -587,6 +587,8 @@ class HTTPServer:
             with trio.CancelScope() as c.scope:
                 await self._serve_connection(c)
             if c.timeout_status == 504 and c.request is not None and c.responder is not None:
+                if not c.responder.started:  # the connection ends with this answer: say so
+                    c.responder.keep_alive = False
                 if not c.responder.broken:
                     with trio.move_on_after(1):
                         await self.on_timeout(c.request, c.responder)
