@@ -570,6 +570,41 @@ async def test_prefill_failure_is_a_502_naming_the_stage(
 
 
 @pytest.mark.parametrize("express", [True, False])
+@pytest.mark.parametrize("dialect", [d for d in PD_DIALECTS if d != "sglang-bootstrap"])
+async def test_prefill_that_answered_an_error_is_retried_on_another_prefill_worker(
+    nursery: trio.Nursery, dialect: str, express: bool
+) -> None:
+    """A 5xx from the prefill worker leaves nothing to hand off and nothing reached the client:
+    the leg goes to another prefill worker (as a merged worker's 5xx does), and the failure
+    counts toward the bad worker's outlier ejection. (SGLang pairs P and D in one room, sent
+    together: its prefill failure stays a 502.)"""
+    bad = await start(nursery, Fake("p-bad", lambda b: (503, {"error": {"message": "busy"}})))
+    good = await start(nursery, Fake("p-good", prefill_ok))
+    d = await start(nursery, Fake("d0", any_decode))
+    workers = [("p", bad), ("p", good), ("d", d)]
+    url = await gateway_for(nursery, "p/d", dialect, workers, express=express)
+    results = [(await http_request(url, "POST", "/v1/chat/completions", CHAT)) for _ in range(4)]
+    assert [r.status for r in results] == [200] * 4, results[0].body
+    assert bad.seen and len(good.seen) == 4 and len(d.seen) == 4
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(metrics, 'lmgw_retries_total{role="p"}') == len(bad.seen)
+
+
+async def test_every_prefill_worker_failing_is_still_a_502(nursery: trio.Nursery) -> None:
+    bads = [
+        await start(nursery, Fake(f"p{i}", lambda b: (500, {"error": {"message": "dead"}})))
+        for i in range(3)
+    ]
+    d = await start(nursery, Fake("d0", any_decode))
+    workers = [*(("p", b) for b in bads), ("d", d)]
+    url = await gateway_for(nursery, "p/d", "vllm-nixl", workers)
+    r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.status == 502 and "prefill stage failed" in r.json()["error"]["message"]
+    assert sum(len(b.seen) for b in bads) == 2  # upstream.max_attempts
+    assert d.seen == []
+
+
+@pytest.mark.parametrize("express", [True, False])
 @pytest.mark.parametrize("dialect", PD_DIALECTS)
 async def test_decode_failure_before_first_token(
     nursery: trio.Nursery, dialect: str, express: bool
@@ -781,6 +816,23 @@ async def test_encode_leg_that_cannot_connect_is_retried_on_another_encoder(
     r = await http_request(url, "POST", "/v1/chat/completions", body)
     assert r.status == 200, r.body
     assert dead.seen == [] and len(good.seen) == 2 and len(d.seen) == 1
+
+
+async def test_encode_leg_that_answered_an_error_is_retried_on_another_encoder(
+    nursery: trio.Nursery,
+) -> None:
+    bad = await start(nursery, Fake("e-bad", lambda b: (500, {"error": {"message": "oom"}})))
+    good = await start(nursery, Fake("e-good", lambda b: (200, completion(""))))
+    d = await start(nursery, Fake("pd0", lambda b: (200, completion("pd"))))
+    url = await gateway_for(nursery, "e+pd", "vllm-epd", [("e", bad), ("e", good), ("pd", d)])
+    content = [{"type": "text", "text": "what is this?"}, IMAGE, IMAGE2]
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    r = await http_request(url, "POST", "/v1/chat/completions", body)
+    assert r.status == 200, r.body
+    assert len(good.seen) == 2 and len(d.seen) == 1
+    assert len(bad.seen) >= 1  # the items the hash sent there went to e-good after
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    assert metric_value(metrics, 'lmgw_retries_total{role="e"}') == len(bad.seen)
 
 
 # -- the express lane: plain non-streamed P/D requests (lmgw.pipeline.express) ---------------

@@ -27,7 +27,7 @@ import msgspec
 import trio
 
 from ..config import FLOW_ROLES
-from ..errors import GatewayError, sse_error_event
+from ..errors import GatewayError, parse_error_body, sse_error_event
 from ..http.types import Responder
 from ..routing.policy import RouteContext
 from ..transport.dialects import (
@@ -472,20 +472,46 @@ class DisaggRunner:
         """Another worker of ``role`` for a leg that never reached its worker (connection
         refused, the worker gone): re-raises ``exc`` when the failure is not of that kind,
         ``upstream.max_attempts`` are spent, or no other worker is left."""  # fmt: skip
-        if not exc.retryable or len(tried) >= self.p.max_attempts:
+        worker = self._another(greq, role, route, tried, exc.message) if exc.retryable else None
+        if worker is None:
             raise exc
+        return worker
+
+    def _another(
+        self, greq: GatewayRequest, role: str, route: RouteContext, tried: list[Worker], why: str
+    ) -> Worker | None:
+        """Another worker of ``role`` for an intermediate leg that failed ``why`` (added to
+        ``tried``); None when ``upstream.max_attempts`` are spent or no other worker is left."""
+        if len(tried) >= self.p.max_attempts:
+            return None
         others = [w for w in self.p.registry.candidates(greq.model, role) if w not in tried]
         if not others:
-            raise exc
+            return None
         worker = self.p.policies[role].choose(others, route)
         self.p.metrics.retries.inc((role,))
         log.info(
-            "request %s: %s leg not delivered (%s); retried on %s",
-            greq.request_id, STAGE_NAMES[role], exc.message, worker.id,
+            "request %s: %s leg failed (%s); retried on %s",
+            greq.request_id, STAGE_NAMES[role], why, worker.id,
             extra={"request_id": greq.request_id, "worker": worker.id},
         )  # fmt: skip
         tried.append(worker)
         return worker
+
+    def _answered_error(
+        self,
+        greq: GatewayRequest,
+        role: str,
+        route: RouteContext,
+        tried: list[Worker],
+        status: int,
+        answer: bytes,
+    ) -> Worker | None:
+        """Another worker for an intermediate leg whose worker answered ``status`` >= 500
+        (nothing of it reached the client, and a failed prefill or encode leaves nothing to
+        hand off: as safe to send elsewhere as the merged leg's 5xx); None: the answer stands."""
+        return self._another(
+            greq, role, route, tried, f"answered {status}: {parse_error_body(answer)[0][:200]}"
+        )
 
     async def _prefill(
         self,
@@ -497,17 +523,24 @@ class DisaggRunner:
         route: RouteContext,
     ) -> tuple[StageRequest, int, bytes, StageContext]:
         """The prefill leg of a sequential P then D, retried on another prefill worker when it
-        could not be delivered (the leg is rebuilt: it may name its prefill peer). Returns the
-        leg, the answer and the context naming the prefill worker that answered."""
+        could not be delivered or its worker answered 5xx (the leg is rebuilt: it may name its
+        prefill peer). Returns the leg, the answer and the context naming the prefill worker
+        that answered."""
         tried = [prefill]
         while True:
             pre = dialect.prefill_request(body, ctx)
             try:
                 status, answer = await self._leg(greq, pre, prefill, "p", route)
-                return pre, status, answer, ctx
             except StageError as exc:
                 prefill = self._other(greq, "p", route, tried, exc)
-                ctx = msgspec.structs.replace(ctx, prefill=_peer(prefill))
+            else:
+                if status < 500:
+                    return pre, status, answer, ctx
+                retry = self._answered_error(greq, "p", route, tried, status, answer)
+                if retry is None:
+                    return pre, status, answer, ctx
+                prefill = retry
+            ctx = msgspec.structs.replace(ctx, prefill=_peer(prefill))
             await self.p.backoff(len(tried) - 2)
 
     async def _leg(
@@ -541,6 +574,10 @@ class DisaggRunner:
                     resp.release()
                 status = resp.status
             ok = status < 500
+            if ok:
+                p.registry.record_success(worker)
+            else:  # counts toward outlier ejection, as a merged worker's 5xx does
+                p.registry.record_failure(worker, f"answered {status}", eject=False)
             return status, answer
         except UpstreamError as exc:
             p.metrics.upstream_errors.inc((role, worker.id, exc.kind))
@@ -595,9 +632,15 @@ class DisaggRunner:
             while True:
                 try:
                     status, answer = await self._leg(greq, leg, worker, "e", item_route)
-                    break
                 except StageError as exc:  # not delivered: another encoder, same leg
                     worker = self._other(greq, "e", item_route, tried, exc)
+                else:
+                    if status < 500:
+                        break
+                    retry = self._answered_error(greq, "e", item_route, tried, status, answer)
+                    if retry is None:
+                        break
+                    worker = retry
                 await self.p.backoff(len(tried) - 2)
             dialect.read_encode(leg, status, answer)
             await cache.remember(greq.model, leg.key, worker.id)
