@@ -713,6 +713,10 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
     # doubling with each ejection that follows soon after the last, up to the maximum.
     outlier_base_ejection_s: float = 2.0
     outlier_max_ejection_s: float = 60.0
+    # When every worker of a role a model needs is ejected by request failures, route to those
+    # whose health probe still passes instead of answering 503 to everyone (Envoy's panic
+    # mode): a burst of transient failures must not take a whole role out for the ejection.
+    panic_routing: bool = True
     # Scrape each worker's /metrics with every probe (vLLM's running/waiting/KV usage/prefix
     # cache counters): least_load and /admin/workers use them.
     scrape_metrics: bool = True

@@ -117,7 +117,10 @@ class Gateway:
         self.access_log = AccessLog(lc.access_log_sample) if lc.access_log else None
         h = config.health
         self.registry = Registry(
-            h.outlier_failures, h.outlier_base_ejection_s, h.outlier_max_ejection_s
+            h.outlier_failures,
+            h.outlier_base_ejection_s,
+            h.outlier_max_ejection_s,
+            panic_routing=h.panic_routing,
         )
         self.registry.subscribe(self._on_worker_change)
         up = config.upstream

@@ -259,6 +259,12 @@ class Metrics:
             "Requests re-dispatched to another worker before any byte reached the client.",
             ("role",),
         )
+        self.panic_routes = Counter(
+            "lmgw_routing_panic_total",
+            "Workers picked while every worker of the role was ejected (health.panic_routing):"
+            " among the ejected ones whose health probe passes.",
+            ("role",),
+        )
         self.worker_requests = Counter(
             "lmgw_worker_requests_total",
             "Requests dispatched to each worker.",
@@ -287,7 +293,8 @@ class Metrics:
         self._all: list[Counter | Gauge | Histogram] = [
             self.requests, self.e2e, self.ttft, self.tpot, self.stage, self.stage_ttft,
             self.stage_tpot,
-            self.upstream_errors, self.retries, self.encoder_cache_hits, self.migrations,
+            self.upstream_errors, self.retries, self.panic_routes, self.encoder_cache_hits,
+            self.migrations,
             self.pd_splits, self.pd_split_pairs, self.pd_local_prefill,
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,

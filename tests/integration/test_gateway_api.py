@@ -953,6 +953,28 @@ async def test_a_deadline_answer_on_keep_alive_closes_only_when_it_says_so(
             assert raw.startswith(b"HTTP/1.1 200 ")
 
 
+async def test_every_worker_ejected_still_serves_through_panic_routing(
+    gateway: GatewayFactory,
+) -> None:
+    """A burst of failures ejects both workers (health.outlier_failures in a row each); once
+    they answer again, requests reach them through panic routing instead of a 503 for as long
+    as the ejection lasts, and /health says so."""
+    gw = await gateway(2, faults={"error_rate": 1.0})
+    for _ in range(5):  # each request fails on both workers (upstream.max_attempts = 2)
+        assert (await gw.request("POST", "/v1/chat/completions", CHAT)).status == 502
+    health = await gw.request("GET", "/health")
+    assert health.status == 503
+    assert set(health.json()["workers"].values()) == {"ejected"}
+    assert health.json()["models"][MODEL]["panic"] == ["merged"]
+    for sim in gw.sims:
+        await sim.set_faults(error_rate=0.0)
+    for _ in range(3):
+        r = await gw.request("POST", "/v1/chat/completions", CHAT)
+        assert r.status == 200, r.body
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_routing_panic_total{role="pd"}') == 3
+
+
 async def test_worker_crash_before_answering_gives_502(gateway: GatewayFactory) -> None:
     gw = await gateway(1, faults={"crash_at_token": 2})
     body = {"model": MODEL, "prompt": "crash me", "max_tokens": 20}

@@ -76,6 +76,40 @@ def test_outlier_detection_off() -> None:
     assert w.state is WorkerState.HEALTHY
 
 
+def test_panic_routing_only_when_every_worker_is_ejected_and_only_to_probed_ones() -> None:
+    reg = Registry(outlier_failures=1)
+    a, b = healthy(reg, "a"), healthy(reg, "b")
+    other = reg.add(Worker("p0", "http://127.0.0.1:9", "p"))
+    reg.set_state(other, WorkerState.HEALTHY)
+    for w in (a, b):
+        reg.probed(w, True)
+    reg.record_failure(a, "500", eject=False)
+    found = reg.candidates("m", "pd")
+    assert list(found) == [b] and not found.panic  # one healthy left: no panic
+    reg.record_failure(b, "500", eject=False)
+    found = reg.candidates("m", "pd")
+    assert sorted(w.id for w in found) == ["a", "b"] and found.panic
+    assert not reg.candidates("m", "p").panic  # per role
+    reg.probed(a, False)  # its probe fails too: out of the panic set at once
+    assert [w.id for w in reg.candidates("m", "pd")] == ["b"]
+    reg.probed(b, False)
+    assert not reg.candidates("m", "pd")  # nobody answers its probe: a 503 then
+    reg.probed(b, True)
+    reg.set_state(a, WorkerState.HEALTHY)  # one back: routing is normal again
+    found = reg.candidates("m", "pd")
+    assert list(found) == [a] and not found.panic
+    strict = Registry(outlier_failures=1, panic_routing=False)
+    w = healthy(strict, "w")
+    strict.probed(w, True)
+    strict.record_failure(w, "500", eject=False)
+    assert not strict.candidates("m", "pd")
+    drained = healthy(reg, "c")  # a draining worker is never a panic pick
+    reg.probed(drained, True)
+    reg.set_state(drained, WorkerState.DRAINING)
+    reg.set_state(a, WorkerState.DRAINING)
+    assert [w.id for w in reg.candidates("m", "pd")] == ["b"]
+
+
 def test_least_load_counts_the_queue_the_worker_reports() -> None:
     reg = Registry()
     a, b = healthy(reg, "a"), healthy(reg, "b")

@@ -19,10 +19,15 @@ class OpsAPI:
         ok = True
         for name in sorted(gw.served_models() | gw.configured_models()):
             flow = gw.flow_of(name)
-            roles = {ROLE_NAMES[r]: len(gw.registry.candidates(name, r)) for r in FLOW_ROLES[flow]}
+            found = {r: gw.registry.candidates(name, r) for r in FLOW_ROLES[flow]}
+            # a panic set (every worker ejected, routed to anyway) is not a routable worker
+            roles = {ROLE_NAMES[r]: 0 if c.panic else len(c) for r, c in found.items()}
             ready = all(roles.values())
             ok &= ready
             models[name] = {"flow": flow, "ready": ready, "routable_workers": roles}
+            panic = [ROLE_NAMES[r] for r, c in found.items() if c.panic]
+            if panic:
+                models[name]["panic"] = panic
         if not models:
             ok = False
         workers = {w.id: w.state.value for w in gw.registry}

@@ -293,6 +293,8 @@ class Pipeline:
                 503,
                 f"no healthy {ROLE_NAMES[role]} worker available for model {model!r}",
             )
+        if candidates.panic:  # every one ejected: those whose probe passes (health.panic_routing)
+            self.metrics.panic_routes.inc((role,))
         if self.worker_cap:  # off: not even a scan of the cached tuple
             candidates = with_capacity(candidates, self.worker_cap)
             if not candidates:

@@ -215,6 +215,7 @@ class HealthMonitor:
 
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
         wid = worker.id
+        self.registry.probed(worker, ok)
         if ok:
             self._fail_streak[wid] = 0
             streak = self._ok_streak[wid] = self._ok_streak.get(wid, 0) + 1

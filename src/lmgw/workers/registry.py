@@ -37,6 +37,9 @@ class Candidates(tuple):  # type: ignore[type-arg]
     workers (:func:`lmgw.routing.policies.least_load.loads_of`)."""
 
     _loads: list[float] | None = None
+    #: no worker of the (model, role) is routable: these are ejected ones whose health probe
+    #: passes (panic routing), tried rather than failing every request
+    panic = False
 
     def loads(self) -> list[float]:
         """Each candidate's :attr:`Worker.load`, in order (do not modify)."""
@@ -56,8 +59,10 @@ class Registry:
         outlier_failures: int = 5,
         base_ejection_s: float = 2.0,
         max_ejection_s: float = 60.0,
+        panic_routing: bool = True,
     ) -> None:
         self.outlier_failures = outlier_failures
+        self.panic_routing = panic_routing
         self.base_ejection_s = base_ejection_s
         self.max_ejection_s = max_ejection_s
         self._workers: dict[str, Worker] = {}
@@ -167,16 +172,47 @@ class Registry:
         worker.in_flight -= 1
 
     # -- reads ------------------------------------------------------------------------------
-    def candidates(self, model: str, role: str) -> tuple[Worker, ...]:
+    def candidates(self, model: str, role: str) -> Candidates:
+        """The routable workers of ``model`` for ``role``; with none, and ``panic_routing``,
+        the ejected ones whose health probe passes (``panic`` set). Cached until the fleet
+        changes."""
         key = (model, role)
         found = self._cache.get(key)
         if found is None:
-            found = self._cache[key] = Candidates(
+            found = Candidates(
                 w
                 for w in self._workers.values()
                 if w.role == role and w.routable and w.serves(model)
             )
-        return found
+            if not found and self.panic_routing:
+                found = Candidates(
+                    w
+                    for w in self._workers.values()
+                    if w.role == role
+                    and w.state is WorkerState.EJECTED
+                    and w.probe_ok
+                    and w.serves(model)
+                )
+                found.panic = bool(found)
+            self._cache[key] = found
+        return found  # type: ignore[return-value]
+
+    def probed(self, worker: Worker, ok: bool) -> None:
+        """The monitor's verdict on ``worker``'s health probe. An ejected worker's verdict
+        changes the panic sets (:meth:`candidates`); its state stays (no listener hears)."""
+        if worker.probe_ok is not ok:
+            worker.probe_ok = ok
+            if worker.state is WorkerState.EJECTED:
+                self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Drop the cached candidate tuples (and their boards): the fleet changed."""
+        self.generation += 1
+        for cached in self._cache.values():  # every cached tuple goes: so do their boards
+            if type(cached) is Candidates and cached._loads is not None:
+                for w in cached:
+                    w.boards.clear()
+        self._cache.clear()
 
     def has_model(self, model: str) -> bool:
         """True when some registered worker (in any state) serves or may serve ``model``.
@@ -196,11 +232,6 @@ class Registry:
         return out
 
     def _changed(self, worker: Worker) -> None:
-        self.generation += 1
-        for cached in self._cache.values():  # every cached tuple goes: so do their boards
-            if type(cached) is Candidates and cached._loads is not None:
-                for w in cached:
-                    w.boards.clear()
-        self._cache.clear()
+        self._invalidate()
         for listener in self._listeners:
             listener(worker)

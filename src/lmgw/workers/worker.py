@@ -79,6 +79,7 @@ class Worker:
         "last_error",
         "models",
         "origin",
+        "probe_ok",
         "role",
         "state",
         "static_models",
@@ -127,6 +128,8 @@ class Worker:
         self.ejections = 0
         self.ejected_at = 0.0
         self.ejected_until = 0.0
+        #: whether its last health probe passed (HTTP workers; panic routing uses it)
+        self.probe_ok = False
         #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
         self.engine = EngineLoad(self)
         #: its KV-transfer domain (``workers[].zone``): joint P/D placement weighs it
