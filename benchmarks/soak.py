@@ -432,7 +432,7 @@ def gateway_config(fleets: dict[str, Fleet], port: int) -> GatewayConfig:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with (
         open_fleet(
-            {"e": 1, "p": 1, "d": 2}, model=EPD, speed=args.speed, dialect="vllm-epd"
+            {"e": 1, "p": 2, "d": 2}, model=EPD, speed=args.speed, dialect="vllm-epd"
         ) as epd,
         open_fleet({"pd": 2}, model=PD, speed=args.speed) as pd,
     ):
