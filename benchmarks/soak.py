@@ -24,7 +24,7 @@ error, an answer that does not come within ``--hang-s`` (the gateway's own reque
 faults are lifted and the gateway left idle; the report compares the idle figures before and
 after, and fits the RSS drift over the run's second half (MB per hour).
 
-    .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--speed 2]
+    .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
 
 Exit status 1 when a bug was seen or a resource did not return to its idle level. Prints a
 table; writes benchmarks/results/soak.json; the gateway's log goes to
@@ -402,7 +402,7 @@ def slope_per_hour(rows: list[dict[str, float]], key: str) -> float:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def gateway_config(fleets: dict[str, Fleet], port: int) -> GatewayConfig:
+def gateway_config(fleets: dict[str, Fleet], port: int, server: str) -> GatewayConfig:
     workers = [
         WorkerConfig(url=m.url, role=m.role, id=f"{model}-{m.role}{i}", models=[model])
         for model, fleet in fleets.items()
@@ -410,7 +410,7 @@ def gateway_config(fleets: dict[str, Fleet], port: int) -> GatewayConfig:
     ]
     tokenizer = str(fleets[EPD].model_dir)
     return GatewayConfig(
-        server=ServerConfig(host="127.0.0.1", port=port),
+        server=ServerConfig(host="127.0.0.1", port=port, server=server),  # type: ignore[arg-type]
         auth=AuthConfig(open=True),
         logging=LoggingConfig(level="warning"),
         limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S),
@@ -438,7 +438,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         fleets = {EPD: epd, PD: pd}
         proc, url = await F.start_gateway(
-            "soak", [], pd, LOG_DIR, model=PD, config=lambda port: gateway_config(fleets, port)
+            "soak",
+            [],
+            pd,
+            LOG_DIR,
+            model=PD,
+            config=lambda port: gateway_config(fleets, port, args.server),
+            env_extra=dict(kv.split("=", 1) for kv in args.gateway_env),
         )
         try:
             t0 = trio.current_time()
@@ -553,6 +559,11 @@ def main() -> int:
     ap.add_argument("--hang-s", type=float, default=30.0, help="a client gives up after this")
     ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last sample")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
+    ap.add_argument(
+        "--gateway-env", action="append", default=[], metavar="KEY=VALUE",
+        help="environment of the gateway process (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )  # fmt: skip
     args = ap.parse_args()
     data = trio.run(run, args)
     F.save("soak", data)

@@ -48,6 +48,7 @@ from lmgw.config import (
     WorkerConfig,
 )
 from lmgw.gateway import Gateway
+from lmgw.process_stats import ProcessReader, current_tasks
 from lmgw.simulators import Fleet, SimWorker, WorkerOptions, run_fleet, serve_worker_inprocess
 from lmgw.simulators.model_files import default_model_dir
 from lmgw.workers.worker import Worker, WorkerState
@@ -347,28 +348,17 @@ class Load:
 # -- gateway-side invariants --------------------------------------------------------------------
 
 
-def count_tasks() -> int:
-    """Live trio tasks: the root task's descendants."""
-    total = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        total += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return total
+PROCESS = ProcessReader()
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return PROCESS.open_fds()
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    stats = PROCESS.stats()
+    assert stats is not None, "no /proc/self/stat"
+    return stats.resident_bytes
 
 
 @dataclass
@@ -379,7 +369,7 @@ class Snapshot:
 
 
 def snapshot(gw: Gateway) -> Snapshot:
-    return Snapshot(count_tasks(), open_fds() - gw.pool.statistics().idle, rss_bytes())
+    return Snapshot(current_tasks(), open_fds() - gw.pool.statistics().idle, rss_bytes())
 
 
 async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -425,7 +415,7 @@ async def check_gateway_invariants(gw: Gateway, before: Snapshot, seen: Sequence
     assert m is not None and float(m.group(1)) == 0, m
     assert gw.server is not None
     await wait_for(lambda: gw.server.active_connections == 0, "client connections closed", 5.0)
-    await wait_for(lambda: count_tasks() <= before.tasks, "task count back to its baseline", 5.0)
+    await wait_for(lambda: current_tasks() <= before.tasks, "task count back to its baseline", 5.0)
     await wait_for(
         lambda: open_fds() - gw.pool.statistics().idle <= before.fds,
         f"open fds (less idle pooled connections) back to {before.fds}",
