@@ -717,6 +717,11 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
     # whose health probe still passes instead of answering 503 to everyone (Envoy's panic
     # mode): a burst of transient failures must not take a whole role out for the ejection.
     panic_routing: bool = True
+    # A worker with requests in flight whose engine processed no token (vLLM's prompt and
+    # generation token counters, from the /metrics scrape) for this long is stuck: ejected
+    # as a failing one, whatever its /health says (0: off). Chunked prefill moves the counters
+    # at every engine step, so half a minute of silence under load is not a long prompt.
+    stuck_timeout_s: float = 30.0
     # Scrape each worker's /metrics with every probe (vLLM's running/waiting/KV usage/prefix
     # cache counters): least_load and /admin/workers use them.
     scrape_metrics: bool = True
@@ -735,6 +740,7 @@ class HealthConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("outlier_failures", self.outlier_failures, 0)
         _positive("outlier_base_ejection_s", self.outlier_base_ejection_s)
         _positive("outlier_max_ejection_s", self.outlier_max_ejection_s)
+        _non_negative("stuck_timeout_s", self.stuck_timeout_s)
         _positive("native_heartbeat_interval_s", self.native_heartbeat_interval_s)
         if not self.native_heartbeat_timeout_s > self.native_heartbeat_interval_s:
             raise ConfigError(

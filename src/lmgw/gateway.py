@@ -42,7 +42,7 @@ from .fleetstats import FleetStats
 from .http.server import HTTPServer, ServerLimits
 from .logs import AccessLog
 from .memtrim import HeapTrimmer
-from .metrics import Gauge, Metrics
+from .metrics import Counter, Gauge, Metrics
 from .mirrors import Mirrors
 from .model_routes import ModelRoute, ModelRoutes
 from .pipeline.native import NativeChannels, NativeWorker
@@ -195,6 +195,15 @@ class Gateway:
         self.auto_ranks = AutoRanks()
         self._retiring: set[str] = set()  # ranks a server no longer has, drained until idle
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
+        self.metrics.add(
+            Counter(
+                "lmgw_worker_stuck_total",
+                "Times a worker was ejected as stuck: requests in flight and no token processed"
+                " by its engine for health.stuck_timeout_s, whatever its /health said.",
+                ("role", "worker"),
+                collect=lambda: [(k, float(n)) for k, n in self.monitor.stuck.items()],
+            )
+        )
         # LoRA adapters loaded on the fleet through the admin API, and kept loaded
         self.adapters = AdapterManager(self.registry, self.pool, auth, self.metrics)
         # one RpcChannel per native (zmq+) worker, run in this gateway's nursery

@@ -90,6 +90,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         upstream: dict[str, Any] | None = None,
         routing: str = "round_robin",
         health_interval_s: float = 30.0,
+        health: dict[str, Any] | None = None,
         models: Sequence[str] = (),
         aliases: Sequence[str] = (),
         server_options: dict[str, Any] | None = None,
@@ -114,7 +115,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
             limits=LimitsConfig(**(limits or {})),
             upstream=UpstreamConfig(**{"connect_timeout_s": 2.0, **(upstream or {})}),
             routing=RoutingConfig(policy=routing, **(routing_options or {})),
-            health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0),
+            health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0, **(health or {})),
             models=[ModelConfig(name=m, aliases=list(aliases)) for m in models],
             workers=[WorkerConfig(url=u, role="pd", id=f"w{i}") for i, u in enumerate(urls)],
         )

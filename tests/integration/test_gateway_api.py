@@ -975,6 +975,39 @@ async def test_every_worker_ejected_still_serves_through_panic_routing(
     assert metric_value(text, 'lmgw_routing_panic_total{role="pd"}') == 3
 
 
+async def test_a_stuck_worker_is_ejected_and_its_waiting_requests_go_elsewhere(
+    gateway: GatewayFactory,
+) -> None:
+    """A worker that accepts requests and never answers while its /health passes (a hung
+    engine behind a live API server): its token counters stand still with requests in flight,
+    so after health.stuck_timeout_s it is ejected, and the requests waiting on it are sent to
+    the other worker instead of waiting for the 30 s deadline."""
+    gw = await gateway(
+        2,
+        health_interval_s=0.2,
+        health={"stuck_timeout_s": 1.0},
+        limits={"request_timeout_s": 30.0},
+    )
+    for _ in range(2):  # both engines are seen counting tokens first
+        assert (await gw.request("POST", "/v1/chat/completions", CHAT)).status == 200
+    await trio.sleep(0.5)
+    await gw.sims[0].set_faults(hang=True)
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append(await gw.request("POST", "/v1/chat/completions", CHAT, timeout=8))
+
+    t0 = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):  # round robin: two of them wait on the hung worker
+            nursery.start_soon(one)
+    assert [r.status for r in results] == [200] * 4
+    assert time.monotonic() - t0 < 6
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_worker_stuck_total{role="pd",worker="w0"}') >= 1
+    assert (await gw.request("GET", "/health")).json()["workers"]["w0"] == "ejected"
+
+
 async def test_worker_crash_before_answering_gives_502(gateway: GatewayFactory) -> None:
     gw = await gateway(1, faults={"crash_at_token": 2})
     body = {"model": MODEL, "prompt": "crash me", "max_tokens": 20}

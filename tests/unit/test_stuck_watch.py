@@ -10,7 +10,8 @@ from lmgw.workers.stuck import ProgressWatch
 
 def test_a_worker_is_stuck_only_with_work_and_no_progress() -> None:
     w = ProgressWatch(10.0)
-    assert w.observe("a", 0.0, 3, 100.0) == 0.0
+    w.observe("a", -1.0, 0, 90.0)
+    assert w.observe("a", 0.0, 3, 100.0) == 0.0  # it counts
     assert w.observe("a", 5.0, 3, 100.0) == 0.0
     assert w.observe("a", 10.0, 3, 100.0) == 10.0  # stuck
     assert w.observe("a", 15.0, 3, 100.0) == 0.0  # one verdict per timeout
@@ -19,6 +20,7 @@ def test_a_worker_is_stuck_only_with_work_and_no_progress() -> None:
 
 def test_progress_idleness_and_unknown_counters_reset_it() -> None:
     w = ProgressWatch(10.0)
+    w.observe("a", -1.0, 0, 90.0)
     w.observe("a", 0.0, 3, 100.0)
     assert w.observe("a", 9.0, 3, 101.0) == 0.0  # a token: alive
     assert w.observe("a", 18.0, 3, 101.0) == 0.0  # 9 s since
@@ -32,6 +34,14 @@ def test_progress_idleness_and_unknown_counters_reset_it() -> None:
     assert off.observe("a", 1e6, 1, 5.0) == 0.0
     w.reset("a")
     assert w.observe("a", 1000.0, 2, 101.0) == 0.0  # forgotten: a fresh start
+    assert w.observe("a", 2000.0, 2, 101.0) == 0.0  # ... and not judged before they move
+
+
+def test_counters_that_never_move_are_never_judged() -> None:
+    """A vLLM with --disable-log-stats may list the counters at 0 and never count."""
+    w = ProgressWatch(10.0)
+    for t in range(0, 100, 5):
+        assert w.observe("a", float(t), 4, 0.0) == 0.0
 
 
 @given(
@@ -59,3 +69,6 @@ def test_no_verdict_unless_the_whole_window_had_work_and_no_progress(
             assert window[0][0] == start
             assert all(h[1] > 0 and h[2] is not None for h in window[1:])
             assert len({h[2] for h in window}) == 1
+            # and the counters were seen to change before (the engine does count)
+            before = [h[2] for h in history if h[0] <= start and h[2] is not None]
+            assert len(set(before)) > 1

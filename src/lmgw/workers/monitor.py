@@ -21,6 +21,7 @@ from ..config import HealthConfig, is_native_url
 from ..errors import DECODE_ERRORS
 from ..transport.pool import ConnectionPool, UpstreamError
 from .registry import Registry
+from .stuck import ProgressWatch
 from .worker import EngineLoad, Worker, WorkerState
 
 log = logging.getLogger("lmgw.workers")
@@ -46,6 +47,8 @@ _ENGINE_METRICS = {
     b"vllm:gpu_cache_usage_perc": "kv_usage",  # the name before vLLM 0.10
     b"vllm:prefix_cache_hits_total": "prefix_hits",
     b"vllm:prefix_cache_queries_total": "prefix_queries",
+    b"vllm:prompt_tokens_total": "tokens",  # (summed with the next: tokens processed)
+    b"vllm:generation_tokens_total": "tokens",
 }
 
 
@@ -115,6 +118,10 @@ class HealthMonitor:
         #: told the engines each probe counts in a worker's /metrics; True: the worker's ranks
         #: are sized by the gateway (data_parallel_size = "auto"), so no hint is due
         self.on_engines: Callable[[Worker, int], bool] | None = None
+        #: workers with requests in flight and no token processed (health.stuck_timeout_s)
+        self.progress = ProgressWatch(cfg.stuck_timeout_s)
+        #: (role, worker id) -> times it was found stuck (lmgw_worker_stuck_total)
+        self.stuck: dict[tuple[str, str], int] = {}
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health. Native
@@ -211,7 +218,28 @@ class HealthMonitor:
             apply_engine_metrics(worker.engine, body, rank)
         except Exception:  # a worker's text must never end the monitor (and the gateway)
             log.exception("worker %s: its /metrics could not be read", worker.id)
+        self._watch_progress(worker)
         return ""
+
+    def _watch_progress(self, worker: Worker) -> None:
+        """Eject ``worker`` when it had requests in flight and its engine processed no token
+        for ``health.stuck_timeout_s`` (a hung engine whose /health still passes): its waiting
+        requests go elsewhere at once (the gateway aborts them on the ejection), streams
+        migrate, and it comes back through the usual ejection backoff and probe."""
+        # a worker that is not routable is watched as an idle one: its counters are seen to
+        # move (or not), and its clock starts when it is back
+        in_flight = worker.in_flight if worker.state is WorkerState.HEALTHY else 0
+        stalled = self.progress.observe(
+            worker.id, time.monotonic(), in_flight, worker.engine.tokens
+        )
+        if stalled:
+            reason = (
+                f"stuck: {in_flight} requests in flight and no token processed for {stalled:.0f} s"
+            )
+            log.warning("worker %s: %s", worker.id, reason)
+            key = (worker.role, worker.id)
+            self.stuck[key] = self.stuck.get(key, 0) + 1
+            self.registry.record_failure(worker, reason, eject=True)
 
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:
         wid = worker.id
@@ -249,6 +277,13 @@ class HealthMonitor:
     def _on_change(self, worker: Worker) -> None:
         if worker.state is WorkerState.STARTING and worker.id not in self._probing:
             self._wake.set()  # added (or re-announced) at run time: probe it now
+        elif worker.state is WorkerState.GONE:  # removed: nothing of it is kept here
+            wid = worker.id
+            self._ok_streak.pop(wid, None)
+            self._fail_streak.pop(wid, None)
+            self._dp_hinted.discard(wid)
+            self.progress.reset(wid)
+            self.stuck.pop((worker.role, wid), None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe everything once (so the gateway starts with a known fleet), then periodically;

@@ -7,7 +7,9 @@ silently after worker selection" that operators report against other routers). A
 engine with work counts prompt and generated tokens at every step (``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``, chunked prefill included), so a worker whose counters stand
 still for ``health.stuck_timeout_s`` while this gateway has requests on it is stuck, however
-its probe answers. Engines whose ``/metrics`` has no such counters are never judged.
+its probe answers. Engines whose ``/metrics`` has no such counters are never judged, nor are
+those whose counters were never seen to move (a vLLM started with ``--disable-log-stats`` may
+list them and never count).
 
 Sans-IO: the monitor feeds one observation per scrape and ejects on the verdict.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 class _Seen:
     tokens: float
     since: float  #: when the counters last moved, or the worker last had nothing in flight
+    moved: bool = False  #: the counters were seen to change: the engine does count
 
 
 class ProgressWatch:
@@ -39,11 +42,17 @@ class ProgressWatch:
             self._seen.pop(worker_id, None)
             return 0.0
         seen = self._seen.get(worker_id)
-        if seen is None or in_flight <= 0 or tokens != seen.tokens:
+        if seen is None:
             self._seen[worker_id] = _Seen(tokens, now)
             return 0.0
+        if tokens != seen.tokens:
+            seen.tokens, seen.since, seen.moved = tokens, now, True
+            return 0.0
+        if in_flight <= 0:
+            seen.since = now
+            return 0.0
         stalled = now - seen.since
-        if stalled < self.timeout_s:
+        if stalled < self.timeout_s or not seen.moved:
             return 0.0
         seen.since = now
         return stalled

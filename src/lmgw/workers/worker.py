@@ -25,7 +25,7 @@ class EngineLoad:
 
     __slots__ = (
         "_waiting", "_worker", "engines", "kv_usage", "lora_max", "lora_running", "prefix_hits",
-        "prefix_queries", "running",
+        "prefix_queries", "running", "tokens",
     )  # fmt: skip
 
     def __init__(self, worker: Worker | None = None) -> None:
@@ -35,6 +35,9 @@ class EngineLoad:
         self.kv_usage = 0.0  #: vllm:kv_cache_usage_perc (0..1)
         self.prefix_hits = 0.0  #: vllm:prefix_cache_hits_total
         self.prefix_queries = 0.0  #: vllm:prefix_cache_queries_total
+        #: prompt plus generated tokens the engine processed (vllm:prompt_tokens_total +
+        #: vllm:generation_tokens_total); None: its /metrics has neither
+        self.tokens: float | None = None
         #: vllm:lora_requests_info: adapters with running requests, and max_lora (0: unknown)
         self.lora_running: frozenset[str] = frozenset()
         self.lora_max = 0
