@@ -414,7 +414,9 @@ def gateway_config(fleets: dict[str, Fleet], port: int, server: str) -> GatewayC
         auth=AuthConfig(open=True),
         logging=LoggingConfig(level="warning"),
         limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S),
-        health=HealthConfig(interval_s=1.0, timeout_s=1.0),
+        # probes every second, and a hung worker (the hang fault) ejected within 5 s: before
+        # the requests waiting on it reach the 10 s deadline
+        health=HealthConfig(interval_s=1.0, timeout_s=1.0, stuck_timeout_s=5.0),
         models=[
             ModelConfig(
                 name=EPD,

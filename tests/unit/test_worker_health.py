@@ -92,6 +92,14 @@ def test_panic_routing_only_when_every_worker_is_ejected_and_only_to_probed_ones
     assert not reg.candidates("m", "p").panic  # per role
     reg.probed(a, False)  # its probe fails too: out of the panic set at once
     assert [w.id for w in reg.candidates("m", "pd")] == ["b"]
+    b.stuck = True  # ejected as stuck: its passing probe says nothing
+    reg.probed(b, False)
+    reg.probed(b, True)  # (a probe flip rebuilds the sets)
+    assert not reg.candidates("m", "pd")
+    reg.set_state(b, WorkerState.HEALTHY)  # back: no longer marked
+    assert not b.stuck
+    reg.record_failure(b, "500", eject=False)
+    assert [w.id for w in reg.candidates("m", "pd")] == ["b"]  # a panic pick again
     reg.probed(b, False)
     assert not reg.candidates("m", "pd")  # nobody answers its probe: a 503 then
     reg.probed(b, True)

@@ -239,6 +239,7 @@ class HealthMonitor:
             log.warning("worker %s: %s", worker.id, reason)
             key = (worker.role, worker.id)
             self.stuck[key] = self.stuck.get(key, 0) + 1
+            worker.stuck = True  # (before the ejection rebuilds the panic sets)
             self.registry.record_failure(worker, reason, eject=True)
 
     def _apply(self, worker: Worker, ok: bool, reason: str) -> None:

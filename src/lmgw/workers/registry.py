@@ -112,6 +112,8 @@ class Registry:
             f" ({reason})" if reason else "",
         )
         worker.state = state
+        if state is WorkerState.HEALTHY:
+            worker.stuck = False
         if reason:
             worker.last_error = reason
         self._changed(worker)
@@ -174,8 +176,8 @@ class Registry:
     # -- reads ------------------------------------------------------------------------------
     def candidates(self, model: str, role: str) -> Candidates:
         """The routable workers of ``model`` for ``role``; with none, and ``panic_routing``,
-        the ejected ones whose health probe passes (``panic`` set). Cached until the fleet
-        changes."""
+        the ejected ones whose health probe passes and that were not found stuck (``panic``
+        set). Cached until the fleet changes."""
         key = (model, role)
         found = self._cache.get(key)
         if found is None:
@@ -191,6 +193,7 @@ class Registry:
                     if w.role == role
                     and w.state is WorkerState.EJECTED
                     and w.probe_ok
+                    and not w.stuck
                     and w.serves(model)
                 )
                 found.panic = bool(found)

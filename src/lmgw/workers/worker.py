@@ -86,6 +86,7 @@ class Worker:
         "role",
         "state",
         "static_models",
+        "stuck",
         "total_requests",
         "url",
         "zone",
@@ -133,6 +134,9 @@ class Worker:
         self.ejected_until = 0.0
         #: whether its last health probe passed (HTTP workers; panic routing uses it)
         self.probe_ok = False
+        #: ejected as stuck (health.stuck_timeout_s): its passing probe says nothing, so panic
+        #: routing skips it until it is healthy again
+        self.stuck = False
         #: what the worker's /metrics said at the last scrape (vLLM names, short keys)
         self.engine = EngineLoad(self)
         #: its KV-transfer domain (``workers[].zone``): joint P/D placement weighs it
