@@ -322,6 +322,7 @@ async def client_loop(
 
 
 async def chaos(
+    faults: list[dict[str, Any]],
     fleets: list[Fleet],
     every_s: float,
     for_s: float,
@@ -333,7 +334,7 @@ async def chaos(
     members = [m for f in fleets for m in f.members]
     while True:
         await trio.sleep(every_s)
-        m, fault = rng.choice(members), rng.choice(FAULTS)
+        m, fault = rng.choice(members), rng.choice(faults)
         log.append(
             {"t": round(trio.current_time() - t0, 1), "worker": m.url, "role": m.role, **fault}
         )
@@ -402,7 +403,9 @@ def slope_per_hour(rows: list[dict[str, float]], key: str) -> float:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def gateway_config(fleets: dict[str, Fleet], port: int, server: str) -> GatewayConfig:
+def gateway_config(
+    fleets: dict[str, Fleet], port: int, server: str, stuck_timeout_s: float = 5.0
+) -> GatewayConfig:
     workers = [
         WorkerConfig(url=m.url, role=m.role, id=f"{model}-{m.role}{i}", models=[model])
         for model, fleet in fleets.items()
@@ -414,9 +417,9 @@ def gateway_config(fleets: dict[str, Fleet], port: int, server: str) -> GatewayC
         auth=AuthConfig(open=True),
         logging=LoggingConfig(level="warning"),
         limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S),
-        # probes every second, and a hung worker (the hang fault) ejected within 5 s: before
-        # the requests waiting on it reach the 10 s deadline
-        health=HealthConfig(interval_s=1.0, timeout_s=1.0, stuck_timeout_s=5.0),
+        # probes every second, and a hung worker (the hang fault) ejected within 5 s by
+        # default: before the requests waiting on it reach the 10 s deadline
+        health=HealthConfig(interval_s=1.0, timeout_s=1.0, stuck_timeout_s=stuck_timeout_s),
         models=[
             ModelConfig(
                 name=EPD,
@@ -445,7 +448,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pd,
             LOG_DIR,
             model=PD,
-            config=lambda port: gateway_config(fleets, port, args.server),
+            config=lambda port: gateway_config(fleets, port, args.server, args.stuck_timeout),
             env_extra=dict(kv.split("=", 1) for kv in args.gateway_env),
         )
         try:
@@ -461,7 +464,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sampler, url, t0, 5.0, rows)
                 nursery.start_soon(
-                    chaos, [epd, pd], args.fault_every, args.fault_for, args.seed, t0, faults
+                    chaos,
+                    [f for f in FAULTS if next(iter(f)) in args.faults.split(",")],
+                    [epd, pd],
+                    args.fault_every,
+                    args.fault_for,
+                    args.seed,
+                    t0,
+                    faults,
                 )
                 async with trio.open_nursery() as clients:
                     for i in range(args.clients):
@@ -563,10 +573,22 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
     ap.add_argument(
+        "--stuck-timeout", type=float, default=5.0,
+        help="the gateway's health.stuck_timeout_s (0: off)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--faults", default=",".join(f for fault in FAULTS for f in list(fault)[:1]),
+        help="the faults drawn from (default: all)",
+    )  # fmt: skip
+    ap.add_argument(
         "--gateway-env", action="append", default=[], metavar="KEY=VALUE",
         help="environment of the gateway process (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )  # fmt: skip
     args = ap.parse_args()
+    wanted = set(args.faults.split(","))
+    unknown = wanted - {next(iter(f)) for f in FAULTS}
+    if unknown:
+        ap.error(f"unknown faults: {sorted(unknown)}")
     data = trio.run(run, args)
     F.save("soak", data)
     return 1 if data["bug_count"] or data["leaks"] or not data["gateway_alive"] else 0
