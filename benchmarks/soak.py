@@ -416,7 +416,9 @@ def gateway_config(
         server=ServerConfig(host="127.0.0.1", port=port, server=server),  # type: ignore[arg-type]
         auth=AuthConfig(open=True),
         logging=LoggingConfig(level="warning"),
-        limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S),
+        # idle keep-alive connections closed after 5 s: hypercorn holds a connection its client
+        # closed after a streamed answer until then (the native server closes it at once)
+        limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S, keepalive_timeout_s=5.0),
         # probes every second, and a hung worker (the hang fault) ejected within 5 s by
         # default: before the requests waiting on it reach the 10 s deadline
         health=HealthConfig(interval_s=1.0, timeout_s=1.0, stuck_timeout_s=stuck_timeout_s),
@@ -569,7 +571,7 @@ def main() -> int:
     ap.add_argument("--fault-every", type=float, default=15.0, help="seconds between faults")
     ap.add_argument("--fault-for", type=float, default=6.0, help="seconds a fault lasts")
     ap.add_argument("--hang-s", type=float, default=30.0, help="a client gives up after this")
-    ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before the last sample")
+    ap.add_argument("--settle", type=float, default=8.0, help="idle seconds before the last sample")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
     ap.add_argument(
