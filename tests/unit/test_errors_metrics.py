@@ -155,7 +155,9 @@ def test_grafana_dashboard_uses_real_metrics() -> None:
         for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
             labels = {x.strip() for x in group.split(",") if x.strip()}
             have = set().union(*(series[n] for n in names))
-            assert labels <= have | {"le"}, f"grouping by {labels - have} in {expr!r}"
+            # (instance and job: the labels Prometheus gives every scraped series)
+            allowed = have | {"le", "instance", "job"}
+            assert labels <= allowed, f"grouping by {labels - have} in {expr!r}"
     # the list: requests, TTFT, TPOT, e2e, queue, stages, load, routing, caches, pool,
     # worker health all have a panel
     for needed in (
