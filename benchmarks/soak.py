@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import random
+import signal
 import statistics
 import struct
 import sys
@@ -51,6 +53,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleet_runs as F
 from lmgw.config import (
+    NATIVE_DIALECT,
     AuthConfig,
     GatewayConfig,
     HealthConfig,
@@ -99,7 +102,9 @@ WEATHER = {
         },
     },
 }
-#: (fault settings, what they model); lifted by posting NO_FAULTS
+#: the simulators' fault settings (POST /sim/faults; lifted by posting NO_FAULTS), and
+#: ``pause``: the worker process stopped (SIGSTOP) and continued (SIGCONT), a whole machine
+#: frozen, the one fault native (ZeroMQ) workers can be given
 FAULTS: list[dict[str, Any]] = [
     {"error_rate": 0.5},
     {"drop_at_token": 3},
@@ -108,6 +113,7 @@ FAULTS: list[dict[str, Any]] = [
     {"refuse": True},
     {"flap_health": True},
     {"slow": 5.0},
+    {"pause": True},
 ]
 NO_FAULTS = {
     "error_rate": 0.0, "drop_at_token": None, "hang": False, "stall_rate": 0.0,
@@ -338,12 +344,19 @@ async def chaos(
         log.append(
             {"t": round(trio.current_time() - t0, 1), "worker": m.url, "role": m.role, **fault}
         )
+        pause = "pause" in fault
         try:
-            await F.http(m.url, "POST", "/sim/faults", json.dumps(fault).encode())
+            if pause:
+                os.kill(m.pid, signal.SIGSTOP)
+            else:
+                await F.http(m.url, "POST", "/sim/faults", json.dumps(fault).encode())
             await trio.sleep(for_s)
         finally:
             with trio.CancelScope(shield=True):
-                await F.http(m.url, "POST", "/sim/faults", json.dumps(NO_FAULTS).encode())
+                if pause:
+                    os.kill(m.pid, signal.SIGCONT)
+                else:
+                    await F.http(m.url, "POST", "/sim/faults", json.dumps(NO_FAULTS).encode())
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -406,6 +419,7 @@ def slope_per_hour(rows: list[dict[str, float]], key: str) -> float:
 def gateway_config(
     fleets: dict[str, Fleet], port: int, server: str, stuck_timeout_s: float = 5.0
 ) -> GatewayConfig:
+    native = fleets[PD].transport == "zmq"  # the native protocol: one dialect for every flow
     workers = [
         WorkerConfig(url=m.url, role=m.role, id=f"{model}-{m.role}{i}", models=[model])
         for model, fleet in fleets.items()
@@ -426,23 +440,32 @@ def gateway_config(
             ModelConfig(
                 name=EPD,
                 flow="e+p+d",
-                dialect="vllm-epd",
+                dialect=NATIVE_DIALECT if native else "vllm-epd",
                 tokenizer=tokenizer,
                 tool_parser="hermes",
             ),
-            ModelConfig(name=PD, flow="pd", tokenizer=tokenizer, tool_parser="hermes"),
+            ModelConfig(
+                name=PD,
+                flow="pd",
+                tokenizer=tokenizer,
+                tool_parser="hermes",
+                dialect=NATIVE_DIALECT if native else "openai",
+            ),
         ],
         workers=workers,
     )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    zmq = args.transport == "zmq"
+    fleet_options: dict[str, Any] = {"speed": args.speed, "transport": args.transport}
     async with (
         open_fleet(
-            {"e": 1, "p": 2, "d": 2}, model=EPD, speed=args.speed, dialect="vllm-epd"
+            {"e": 1, "p": 2, "d": 2}, model=EPD, dialect=None if zmq else "vllm-epd",
+            **fleet_options,
         ) as epd,
-        open_fleet({"pd": 2}, model=PD, speed=args.speed) as pd,
-    ):
+        open_fleet({"pd": 2}, model=PD, **fleet_options) as pd,
+    ):  # fmt: skip
         fleets = {EPD: epd, PD: pd}
         proc, url = await F.start_gateway(
             "soak",
@@ -488,7 +511,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             errors,
                         )
                 nursery.cancel_scope.cancel()  # the load is over: stop faults and samples
-            for m in [*epd.members, *pd.members]:
+            for m in [*epd.members, *pd.members] if not zmq else ():
                 await F.http(m.url, "POST", "/sim/faults", json.dumps(NO_FAULTS).encode())
             after = await idle_sample(url, t0, settle_s=args.settle)
             alive = proc.returncode is None
@@ -575,6 +598,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
     ap.add_argument(
+        "--transport", choices=("http", "zmq"), default="http",
+        help="how the gateway reaches the workers: HTTP (vLLM's API) or the native protocol",
+    )  # fmt: skip
+    ap.add_argument(
         "--stuck-timeout", type=float, default=5.0,
         help="the gateway's health.stuck_timeout_s (0: off)",
     )  # fmt: skip
@@ -587,7 +614,11 @@ def main() -> int:
         help="environment of the gateway process (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.transport == "zmq" and args.faults == ap.get_default("faults"):
+        args.faults = "pause"  # native workers have no /sim/faults
     wanted = set(args.faults.split(","))
+    if args.transport == "zmq" and wanted - {"pause"}:
+        ap.error("native (zmq) workers take only the pause fault")
     unknown = wanted - {next(iter(f)) for f in FAULTS}
     if unknown:
         ap.error(f"unknown faults: {sorted(unknown)}")
