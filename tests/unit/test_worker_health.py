@@ -24,6 +24,29 @@ vllm:num_requests_waiting{engine="1"} not-a-number
 """
 
 
+SGLANG_METRICS = b"""# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m"} 8.0
+sglang:num_queue_reqs{model_name="m"} 4.0
+sglang:token_usage{model_name="m"} 0.52
+sglang:cache_hit_rate{model_name="m"} 0.28
+sglang:prompt_tokens_total{model_name="m"} 8128902.0
+sglang:generation_tokens_total{model_name="m"} 7557572.0
+sglang:time_to_first_token_seconds_bucket{le="0.04",model_name="m"} 1.0
+"""
+
+
+def test_sglang_engine_metrics_are_read_too() -> None:
+    """SGLang (``--enable-metrics``): its queue and KV usage weigh in load-aware routing, and
+    its token counters feed the stuck-worker watch, as vLLM's do."""
+    load = EngineLoad()
+    assert load.tokens is None
+    monitor_mod.apply_engine_metrics(load, SGLANG_METRICS)
+    assert (load.running, load.waiting, load.kv_usage) == (8.0, 4.0, 0.52)
+    assert load.tokens == 8128902.0 + 7557572.0
+    assert (load.prefix_hits, load.prefix_queries) == (0.0, 0.0)  # it has a rate gauge only
+
+
 def test_engine_metrics_are_summed_over_label_sets() -> None:
     load = EngineLoad()
     monitor_mod.apply_engine_metrics(load, VLLM_METRICS)

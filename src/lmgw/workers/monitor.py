@@ -39,7 +39,8 @@ class _ModelEntry(msgspec.Struct):
 _decode_models = msgspec.json.Decoder(_ModelList).decode
 
 
-#: the vLLM gauges and counters the gateway reads, and where they go
+#: the vLLM and SGLang (``--enable-metrics``) gauges and counters the gateway reads, and where
+#: they go
 _ENGINE_METRICS = {
     b"vllm:num_requests_running": "running",
     b"vllm:num_requests_waiting": "waiting",
@@ -49,6 +50,11 @@ _ENGINE_METRICS = {
     b"vllm:prefix_cache_queries_total": "prefix_queries",
     b"vllm:prompt_tokens_total": "tokens",  # (summed with the next: tokens processed)
     b"vllm:generation_tokens_total": "tokens",
+    b"sglang:num_running_reqs": "running",
+    b"sglang:num_queue_reqs": "waiting",
+    b"sglang:token_usage": "kv_usage",  # (the KV pool's used share, 0..1)
+    b"sglang:prompt_tokens_total": "tokens",
+    b"sglang:generation_tokens_total": "tokens",
 }
 
 
@@ -58,7 +64,7 @@ _LABEL = re.compile(rb'(\w+)="([^"]*)"')
 
 
 def apply_engine_metrics(load: EngineLoad, text: bytes, rank: int | None = None) -> None:
-    """Sum each known vLLM metric over its label sets (data-parallel ranks, models) into
+    """Sum each known vLLM or SGLang metric over its label sets (data-parallel ranks, models) into
     ``load``; other lines are skipped without parsing them. ``rank``: a data-parallel rank's
     own (vLLM labels each engine's samples ``engine="<rank>"``); only its samples count.
     ``vllm:lora_requests_info`` (a gauge whose value is the time it was set, one label set per
@@ -67,7 +73,7 @@ def apply_engine_metrics(load: EngineLoad, text: bytes, rank: int | None = None)
     lora: tuple[float, bytes] | None = None
     mine = None if rank is None else b'engine="%d"' % rank
     for line in text.split(b"\n"):
-        if not line.startswith(b"vllm:"):
+        if not line.startswith((b"vllm:", b"sglang:")):
             continue
         if line.startswith(_LORA_INFO):  # (vLLM gives it no engine label)
             try:
