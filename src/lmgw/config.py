@@ -348,6 +348,9 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
     # gives the freed heap back to the OS (once per burst, off the event loop); 0 = never
     # (lmgw.memtrim).
     trim_heap_after_bytes: int = 64 << 20
+    # ... and when the resident memory grew this much since the last trim (checked every 30 s:
+    # steady small requests free heap too, spread out); 0 = never.
+    trim_heap_on_growth_bytes: int = 32 << 20
     # Time to receive a full request head (slowloris defence), counted from the first byte.
     header_timeout_s: float = 10.0
     # Time to receive the body once the head is in; uploads of 32 MiB fit even on slow links.
@@ -455,6 +458,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT_OPTS):
         _at_least("max_body_bytes", self.max_body_bytes, 1)
         _non_negative("max_buffered_body_bytes", self.max_buffered_body_bytes)
         _non_negative("trim_heap_after_bytes", self.trim_heap_after_bytes)
+        _non_negative("trim_heap_on_growth_bytes", self.trim_heap_on_growth_bytes)
         _positive("header_timeout_s", self.header_timeout_s)
         _positive("body_timeout_s", self.body_timeout_s)
         _positive("keepalive_timeout_s", self.keepalive_timeout_s)

@@ -625,7 +625,9 @@ class Gateway:
                     if serve:
                         self._warn_if_open()
                     trimmer = HeapTrimmer(
-                        cfg.limits.trim_heap_after_bytes, on_trim=self.metrics.heap_trimmed
+                        cfg.limits.trim_heap_after_bytes,
+                        growth_bytes=cfg.limits.trim_heap_on_growth_bytes,
+                        on_trim=self.metrics.heap_trimmed,
                     )
                     if not serve:
                         self._server_done.set()  # shutdown() has no server to wait for

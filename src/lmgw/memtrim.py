@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -59,28 +60,42 @@ def rss_bytes() -> int:
 class HeapTrimmer:
     """Trims the heap once ``after_bytes`` of request bodies were released since the last trim
     (0: never), at most once per ``pause_s``: the pause lets the rest of a burst finish, so a
-    burst costs one trim. ``on_trim(returned_bytes)`` reports each (for the metrics)."""
+    burst costs one trim. ``on_trim(returned_bytes)`` reports each (for the metrics).
+
+    Also when the resident memory grew by ``growth_bytes`` (0: never) since the last trim (or
+    the start), checked every ``check_s``: steady traffic of small requests frees as much heap
+    as a burst does, spread out (the churn of caches that evict, of tokenizer buffers), and no
+    body crosses the first mark. Each trim resets the mark to what is left, so memory that is
+    really held costs one trim per ``growth_bytes`` of it, not one per check."""
 
     def __init__(
         self,
         after_bytes: int,
         *,
+        growth_bytes: int = 0,
+        check_s: float = 30.0,
         pause_s: float = 1.0,
         trim: Callable[[int], int] | None = malloc_trim,
         on_trim: Callable[[int], None] | None = None,
+        rss: Callable[[], int] = rss_bytes,
     ) -> None:
         self.after_bytes = after_bytes
+        self.growth_bytes = growth_bytes
+        self.check_s = check_s
         self.pause_s = pause_s
         self._trim = trim
         self.on_trim = on_trim
+        self._rss = rss
         #: body bytes released since the last trim
         self.pending = 0
         self.trims = 0
         self._due = trio.Event()
+        #: resident memory after the last trim (or at the start): growth is counted from it
+        self.mark = 0
 
     @property
     def enabled(self) -> bool:
-        return self.after_bytes > 0 and self._trim is not None
+        return (self.after_bytes > 0 or self.growth_bytes > 0) and self._trim is not None
 
     def released(self, nbytes: int) -> None:
         """A request let go of a body of ``nbytes`` (its reservation)."""
@@ -92,14 +107,21 @@ class HeapTrimmer:
         """Trim when due, until cancelled (a task of the server's nursery)."""
         if not self.enabled:
             return
+        self.mark = self._rss()
         while True:
-            await self._due.wait()
-            await trio.sleep(self.pause_s)
+            with trio.move_on_after(self.check_s if self.growth_bytes else math.inf):
+                await self._due.wait()
+            if not self._due.is_set():  # a check: trim only past the growth mark
+                if self._rss() - self.mark < self.growth_bytes:
+                    continue
+            else:
+                await trio.sleep(self.pause_s)
             self._due = trio.Event()
             self.pending = 0
-            before = rss_bytes()
+            before = self._rss()
             await trio.to_thread.run_sync(self._trim, 0)  # type: ignore[arg-type]
-            returned = max(0, before - rss_bytes())
+            self.mark = after = self._rss()
+            returned = max(0, before - after)
             self.trims += 1
             log.debug("heap trimmed: %.1f MB returned to the OS", returned / 1e6)
             if self.on_trim is not None:

@@ -429,8 +429,9 @@ class Metrics:
         )
         self.heap_trims = Counter(
             "lmgw_heap_trims_total",
-            "Times the gateway gave freed heap back to the OS after a burst of large request"
-            " bodies or answers (limits.trim_heap_after_bytes).",
+            "Times the gateway gave freed heap back to the OS: after a burst of large request"
+            " bodies or answers (limits.trim_heap_after_bytes), or once its resident memory"
+            " grew (limits.trim_heap_on_growth_bytes).",
         )
         self.heap_trimmed_bytes = Counter(
             "lmgw_heap_trimmed_bytes_total",

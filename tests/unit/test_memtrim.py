@@ -45,6 +45,40 @@ async def test_one_trim_per_burst_past_the_mark() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_trims_when_the_resident_memory_grew_past_the_mark() -> None:
+    """Steady traffic frees heap without a large body: a check every ``check_s`` trims once the
+    RSS grew ``growth_bytes`` past what the last trim left, and only then."""
+    trim = FakeTrim()
+    rss = [100]
+    reported: list[int] = []
+
+    def fake_trim(pad: int) -> int:
+        rss[0] -= 30  # what glibc gives back
+        return trim(pad)
+
+    trimmer = HeapTrimmer(
+        0, growth_bytes=50, check_s=0.05, trim=fake_trim, on_trim=reported.append,
+        rss=lambda: rss[0],
+    )  # fmt: skip
+    assert trimmer.enabled
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trimmer.run)
+        await trio.sleep(0.2)
+        assert trimmer.mark == 100 and trim.calls == 0  # no growth yet
+        rss[0] = 140
+        await trio.sleep(0.2)
+        assert trim.calls == 0  # 40 < 50
+        rss[0] = 160
+        await until(lambda: reported)
+        assert reported == [30] and trimmer.mark == 130  # the mark: what is left
+        await trio.sleep(0.2)
+        assert trim.calls == 1  # held memory is not trimmed again and again
+        rss[0] = 185
+        await until(lambda: len(reported) == 2)
+        assert trimmer.mark == 155
+        nursery.cancel_scope.cancel()
+
+
 async def test_off_at_zero_or_without_malloc_trim() -> None:
     assert not HeapTrimmer(0, trim=FakeTrim()).enabled
     assert not HeapTrimmer(1000, trim=None).enabled
