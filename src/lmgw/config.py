@@ -289,6 +289,10 @@ class ServerConfig(msgspec.Struct, **_STRUCT_OPTS):
     keyfile: str | None = None
     # listen() backlog: absorbs connection bursts while the accept loop is busy.
     backlog: int = 1024
+    # Plain non-streamed requests (the express lane's) on the native server are relayed by the
+    # compiled lane: one epoll loop in C for all its connections, Python only for the
+    # gateway's decisions (docs/architecture.md, "The compiled lane"). Off: the trio path.
+    compiled_lane: bool = False
     # On shutdown, in-flight requests get this long to finish before they are cancelled;
     # 30 s covers most chat completions while keeping deploys quick.
     graceful_shutdown_s: float = 30.0

@@ -634,9 +634,11 @@ class Gateway:
                     elif cfg.server.server == "hypercorn":
                         self.port = await nursery.start(self._run_hypercorn, trimmer)
                     else:
+                        limits = server_limits(cfg)
                         self.server = HTTPServer(
-                            self.handler, server_limits(cfg), self.handler.on_timeout, trimmer
-                        )
+                            self.handler, limits, self.handler.on_timeout, trimmer,
+                            lane=self._lane_app(limits),
+                        )  # fmt: skip
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port
                         )
@@ -670,6 +672,33 @@ class Gateway:
             )
         finally:
             self._server_done.set()
+
+    def _lane_app(self, limits: ServerLimits) -> Any:
+        """The compiled lane's decisions (lmgw.api.lane) when ``server.compiled_lane`` is on
+        and nothing wraps the API that the lane would have to repeat: API keys, CORS,
+        middleware (resumable answers), tracing. None otherwise (the trio path serves)."""
+        cfg = self.config
+        if not cfg.server.compiled_lane or not cfg.upstream.express_lane:
+            return None
+        skipped = [
+            what
+            for what, on in (
+                ("API keys", self.keys is not None),
+                ("CORS", bool(cfg.server.cors_allow_origins)),
+                ("middleware", bool(self.app.middleware)),
+                ("tracing", self.tracing is not None),
+            )
+            if on
+        ]
+        if skipped:
+            log.info("server.compiled_lane: off with %s (the trio path serves)", ", ".join(skipped))
+            return None
+        from .api.lane import LaneApp
+
+        return LaneApp(
+            self.app.openai, limits.max_header_bytes, limits.max_body_bytes,
+            limits.request_timeout_s,
+        )  # fmt: skip
 
     def _warn_if_open(self) -> None:
         cfg = self.config

@@ -21,7 +21,14 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from gateway_support import MODEL, GatewayFactory, GatewayHandle, SimHandle, serve_sim
+from gateway_support import (
+    MODEL,
+    GatewayFactory,
+    GatewayHandle,
+    SimHandle,
+    serve_sim,
+    server_config,
+)
 
 from lmgw.config import (
     GatewayConfig,
@@ -29,7 +36,6 @@ from lmgw.config import (
     LimitsConfig,
     ModelConfig,
     RoutingConfig,
-    ServerConfig,
     UpstreamConfig,
     WorkerConfig,
 )
@@ -65,8 +71,10 @@ def sim_worker(nursery: trio.Nursery) -> SimFactory:
     return start
 
 
-@pytest.fixture(params=["native", "hypercorn"])
+@pytest.fixture(params=["native", "lane", "hypercorn"])
 def server(request: pytest.FixtureRequest) -> str:
+    """The front door: the native server on its trio path, the native server with the
+    compiled lane (``server.compiled_lane``), or hypercorn."""
     return request.param
 
 
@@ -106,12 +114,7 @@ def gateway(nursery: trio.Nursery, server: str, sim_worker: SimFactory) -> Gatew
         sims = [await sim_worker(**dict(opts)) for opts in option_sets]
         urls = [s.url for s in sims] + list(extra_urls)
         cfg = GatewayConfig(
-            server=ServerConfig(
-                port=0,
-                server=server,  # type: ignore[arg-type]
-                graceful_shutdown_s=1.0,
-                **(server_options or {}),
-            ),
+            server=server_config(server, port=0, graceful_shutdown_s=1.0, **(server_options or {})),
             limits=LimitsConfig(**(limits or {})),
             upstream=UpstreamConfig(**{"connect_timeout_s": 2.0, **(upstream or {})}),
             routing=RoutingConfig(policy=routing, **(routing_options or {})),

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
+from lmgw.config import ServerConfig
 from lmgw.gateway import Gateway
 from lmgw.simulators import SimWorker, serve_worker_inprocess
 
@@ -24,6 +25,15 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 # -- raw HTTP ------------------------------------------------------------------------------------
+
+
+def server_config(server: str, **options: Any) -> ServerConfig:
+    """The front door a test's ``server`` parameter names: "native" (its trio path), "lane"
+    (the native server with the compiled lane) or "hypercorn"."""
+    return ServerConfig(
+        server="native" if server == "lane" else server,  # type: ignore[arg-type]
+        **{"compiled_lane": server == "lane", **options},
+    )
 
 
 @dataclass
@@ -236,7 +246,7 @@ async def start_tokenized_gateway(
     """A gateway on port 0 in front of ``workers`` (``WorkerConfig`` entries) for ``MODEL``
     with the simulators' tokenizer (chat-templated token ids, as the engines cache them),
     ``routing`` the ``RoutingConfig`` fields (policy cache_aware unless given), rare probes."""
-    from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, RoutingConfig, ServerConfig
+    from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, RoutingConfig
     from lmgw.simulators.model_files import default_model_dir
 
     routing.setdefault("policy", "cache_aware")

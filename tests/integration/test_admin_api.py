@@ -22,6 +22,7 @@ from gateway_support import (
     SimHandle,
     free_port_url,
     http_request,
+    server_config,
 )
 
 from lmgw import cli
@@ -30,7 +31,6 @@ from lmgw.config import (
     GatewayConfig,
     HealthConfig,
     LimitsConfig,
-    ServerConfig,
     UpstreamConfig,
     WorkerConfig,
 )
@@ -71,7 +71,7 @@ def gateway_factory(nursery: trio.Nursery, server: str, sim_worker: SimFactory) 
         option_sets = per_worker if per_worker is not None else [worker_options] * n
         sims = [await sim_worker(**dict(opts)) for opts in option_sets]
         cfg = GatewayConfig(
-            server=ServerConfig(port=0, server=server, graceful_shutdown_s=1.0),  # type: ignore[arg-type]
+            server=server_config(server, port=0, graceful_shutdown_s=1.0),
             limits=LimitsConfig(request_timeout_s=request_timeout_s),
             upstream=UpstreamConfig(connect_timeout_s=2.0),
             health=HealthConfig(interval_s=30.0, timeout_s=2.0),

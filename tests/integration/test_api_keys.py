@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from gateway_support import MODEL, http_request
+from gateway_support import MODEL, http_request, server_config
 
 from lmgw.config import (
     AdminConfig,
@@ -20,7 +20,6 @@ from lmgw.config import (
     GatewayConfig,
     HealthConfig,
     ModelConfig,
-    ServerConfig,
     WorkerConfig,
 )
 from lmgw.gateway import Gateway
@@ -39,7 +38,7 @@ def auth(key: str) -> dict[str, str]:
 
 async def start(nursery: trio.Nursery, sim_url: str, server: str, **auth_kw: Any) -> Gateway:
     cfg = GatewayConfig(
-        server=ServerConfig(port=0, server=server, graceful_shutdown_s=1.0),  # type: ignore[arg-type]
+        server=server_config(server, port=0, graceful_shutdown_s=1.0),
         health=HealthConfig(interval_s=30.0),
         models=[ModelConfig(name=MODEL, aliases=["short"]), ModelConfig(name="other")],
         workers=[WorkerConfig(url=sim_url, id="w0")],

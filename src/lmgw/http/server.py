@@ -16,6 +16,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from trio.lowlevel import ParkingLot
@@ -303,7 +304,10 @@ class HTTPServer:
         limits: ServerLimits | None = None,
         on_timeout: TimeoutHandler | None = None,
         trimmer: HeapTrimmer | None = None,
+        lane: Any = None,
     ) -> None:
+        """``lane``: the decisions of the compiled lane (an :class:`lmgw.api.lane.LaneApp`):
+        plain requests are then relayed by :mod:`lmgw.http.lane` (``server.compiled_lane``)."""
         self.handler = handler
         #: told of every body let go, to give the heap back after a burst (lmgw.memtrim)
         self.trimmer = trimmer if trimmer is not None and trimmer.enabled else None
@@ -331,10 +335,14 @@ class HTTPServer:
         self._accept_lot = ParkingLot()  # the accept loops, waiting for a socket to close
         self.buffered_body_bytes = 0  # reserved by requests receiving or holding a body
         self._body_lot = ParkingLot()  # requests waiting for their body's reservation
+        self.lane_app = lane
+        #: the running compiled lane (lmgw.http.lane.Lane), while serving with one
+        self.lane: Any = None
 
     @property
     def active_connections(self) -> int:
-        return len(self._conns)
+        lane = self.lane
+        return len(self._conns) + (lane.clients if lane is not None else 0)
 
     @property
     def busy_connections(self) -> int:
@@ -362,6 +370,11 @@ class HTTPServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, nursery)
+                if self.lane_app is not None:
+                    from .lane import Lane
+
+                    self.lane = Lane(self, self.lane_app)
+                    nursery.start_soon(self.lane.run, nursery)
                 if self.trimmer is not None:
                     nursery.start_soon(self.trimmer.run)
                 for listener in self._listeners:
@@ -399,7 +412,31 @@ class HTTPServer:
             except OSError:  # the peer already left
                 continue
             self._open += 1
+            lane = self.lane
+            if (
+                lane is not None
+                and not self.limits.max_connections_per_client
+                and self.active_connections < self.max_connections
+            ):
+                lane.take(raw)  # the lane's now (it may hand it back: adopt)
+                continue
             nursery.start_soon(self._connection, raw)
+
+    def lane_closed(self, n: int) -> None:
+        """``n`` connections of the lane closed (they were counted open when accepted)."""
+        self._open -= n
+        if self._accept_lot:
+            self._accept_lot.unpark_all()
+        if not self._conns and (self.lane is None or not self.lane.clients):
+            self._idle_event.set()
+
+    async def adopt(self, fd: int, client: str, pending: bytes, cont: Any) -> None:
+        """Serve a connection the compiled lane handed back: ``pending``, the bytes it read
+        and did not take; ``cont``, a request of the lane's to finish first (an
+        :class:`lmgw.api.lane.Continuation`) or None."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        await self._connection(RawStream(sock), client=client, pending=pending, first=cont)
 
     async def _reserve_body(self, c: _Conn, length: int, budget: int) -> None:
         """Reserve a body's declared length before reading it; while the bodies already
@@ -439,6 +476,8 @@ class HTTPServer:
         """Stop accepting; close idle connections now and busy ones after their response."""
         self.draining = True
         self._accept_lot.unpark_all()
+        if self.lane is not None:
+            self.lane.drain()
         for listener in self._listeners:
             await listener.aclose()
         for c in list(self._upgraded):
@@ -453,7 +492,7 @@ class HTTPServer:
 
     async def wait_idle(self) -> None:
         """Return when no connection is open (used by graceful shutdown)."""
-        while self._conns:
+        while self._conns or (self.lane is not None and self.lane.clients):
             self._idle_event = trio.Event()
             await self._idle_event.wait()
 
@@ -551,21 +590,34 @@ class HTTPServer:
             done.set()
 
     # -- one connection ----------------------------------------------------------------------
-    async def _connection(self, stream: RawStream) -> None:
+    async def _connection(
+        self,
+        stream: RawStream,
+        *,
+        client: str | None = None,
+        pending: bytes = b"",
+        first: Any = None,
+    ) -> None:
+        """Serve one connection (``client`` given: one the lane handed back, already admitted,
+        with ``pending`` and ``first``: see :meth:`adopt`)."""
         lim = self.limits
-        try:
-            peer = stream.socket.getpeername()
-            client = f"{peer[0]}:{peer[1]}"
-        except OSError:
-            client = ""
+        adopted = client is not None
+        if client is None:
+            try:
+                peer = stream.socket.getpeername()
+                client = f"{peer[0]}:{peer[1]}"
+            except OSError:
+                client = ""
         c = _Conn(stream, client)
         counted = ""
         try:
-            if len(self._conns) >= self.max_connections:
+            if adopted:
+                pass
+            elif len(self._conns) >= self.max_connections:
                 with trio.move_on_after(1):
                     await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
-            if lim.max_connections_per_client:
+            if lim.max_connections_per_client and not adopted:
                 address = client.rpartition(":")[0]
                 open_now = self._per_client.get(address, 0)
                 if open_now >= lim.max_connections_per_client:
@@ -585,7 +637,7 @@ class HTTPServer:
             if self._nap is not None:  # its head and idle timeouts need the sweeps
                 self._nap.cancel()
             with trio.CancelScope() as c.scope:
-                await self._serve_connection(c)
+                await self._serve_connection(c, pending, first)
             if c.timeout_status == 504 and c.request is not None and c.responder is not None:
                 if not c.responder.started:  # the connection ends with this answer: say so
                     c.responder.keep_alive = False
@@ -613,7 +665,7 @@ class HTTPServer:
             self._conns.discard(c)
             if c.watch_scope is not None:
                 c.watch_scope.cancel()
-            if not self._conns:
+            if not self._conns and (self.lane is None or not self.lane.clients):
                 self._idle_event.set()
             if c.reserved:  # gone mid-upload
                 self._release_body(c)
@@ -649,7 +701,7 @@ class HTTPServer:
             if quiet.cancelled_caught or not data:
                 return
 
-    async def _serve_connection(self, c: _Conn) -> None:
+    async def _serve_connection(self, c: _Conn, pending: bytes = b"", first: Any = None) -> None:
         stream = c.stream
         lim = self.limits
         conn = H1Connection(lim.max_header_bytes, lim.max_body_bytes, c.client)
@@ -660,14 +712,22 @@ class HTTPServer:
         reserve = bool(budget or self.trimmer)  # (the trimmer counts what was reserved)
         answered = False
         while True:
-            ev = conn.next_event()
+            run = handler
+            if first is not None:  # the lane's request, to finish here
+                ev, run, started = first.request, first.run, first.t0
+                first = None
+            else:
+                ev = conn.next_event()
+                started = 0.0
             if ev is None:
                 if conn.expect_continue:
                     # the head asking for it is complete and every earlier pipelined request
                     # is answered: the 100 goes out in order, and before we wait for the body
                     conn.continue_sent()
                     await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if answered:
+                if pending:  # read by the lane before it handed the connection back
+                    data, pending = pending, b""
+                elif answered:
                     # The client reads our answer before it sends its next request: wait for
                     # it first instead of failing a receive (and raising EAGAIN) every time.
                     answered = False
@@ -703,12 +763,12 @@ class HTTPServer:
             c.responder = responder
             c.request = ev
             c.busy = True
-            c.phase_since = _now()
+            c.phase_since = started or _now()  # (the lane's request: its deadline runs on)
             busy.add(c)
             if self._nap is not None:  # the watchdog naps: this request needs it awake
                 self._nap.cancel()
             try:
-                await handler(ev, responder)
+                await run(ev, responder)
             except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse):
                 return
             except Exception:

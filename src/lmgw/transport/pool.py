@@ -16,6 +16,7 @@ import select
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -51,6 +52,21 @@ def _local_failure(exc: OSError) -> bool:
         _, rest = cause.split(lambda e: isinstance(e, OSError) and e.errno in LOCAL_ERRNOS)
         return rest is None
     return isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS
+
+
+def request_message(
+    origin: Origin, method: str, path: str, headers: Headers, body: bytes | None
+) -> tuple[bytes, bytes | None]:
+    """The head and body of a request to ``origin`` (a data-parallel rank's pinned)."""
+    fixed = origin.fixed
+    if fixed:  # a rank's origin: pinned (a client's own rank header does not follow)
+        headers = [h for h in headers if h[0] not in _FIXED_NAMES]
+        if body and path.endswith("/generate"):
+            body = pin_to_rank(body, origin.rank)  # type: ignore[arg-type]
+    head = build_request_head(
+        method, path, origin.host_header, headers, None if body is None else len(body), fixed
+    )
+    return head, body
 
 
 class UpstreamError(Exception):
@@ -112,7 +128,9 @@ def pin_to_rank(body: bytes, rank: int) -> bytes:
 class Origin:
     """A worker address with its idle-connection stack. Hashable by identity; one per worker."""
 
-    __slots__ = ("fixed", "host", "host_header", "idle", "port", "rank", "scheme", "waiting")
+    __slots__ = (
+        "fixed", "host", "host_header", "idle", "port", "rank", "scheme", "slot", "waiting",
+    )  # fmt: skip
 
     def __init__(self, host: str, port: int, scheme: str = "http", rank: int | None = None) -> None:
         self.host = host
@@ -128,6 +146,9 @@ class Origin:
         self.idle: list[_Conn] = []
         #: connections whose request waits for its answer's head (see ConnectionPool.abort)
         self.waiting: set[_Conn] = set()
+        #: the compiled lane's slot for this origin (lmgw.http.lane): -1 none yet, -2 never
+        #: (TLS, or a host name: the lane connects to numeric addresses only)
+        self.slot = -1
 
     @classmethod
     def from_url(cls, url: str, rank: int | None = None) -> Origin:
@@ -218,6 +239,9 @@ class ConnectionPool:
         self.stats = PoolStats()
         self._origins: set[Origin] = set()
         self._closed = False
+        #: the compiled lane's loop (lmgw.http.lane) while one serves: it keeps upstream
+        #: connections of its own, aborted and forgotten with the pool's
+        self.relay: Any = None
 
     def statistics(self) -> PoolStats:
         self.stats.idle = sum(len(o.idle) for o in self._origins)
@@ -319,14 +343,7 @@ class ConnectionPool:
         Raises :class:`UpstreamError` on connect/transport failures and on a response head that
         does not arrive within ``response_timeout_s`` (status 504).
         """
-        fixed = origin.fixed
-        if fixed:  # a rank's origin: pinned (a client's own rank header does not follow)
-            headers = [h for h in headers if h[0] not in _FIXED_NAMES]
-            if body and path.endswith("/generate"):
-                body = pin_to_rank(body, origin.rank)  # type: ignore[arg-type]
-        head = build_request_head(
-            method, path, origin.host_header, headers, None if body is None else len(body), fixed
-        )
+        head, body = request_message(origin, method, path, headers, body)
         # one write for the usual small body; a large one goes after the head as it is,
         # instead of copying it (a 32 MiB upload would take twice its size for a moment)
         payload, rest = head, None
@@ -444,7 +461,9 @@ class ConnectionPool:
         for conn in conns:
             conn.aborted = True
             conn.close()
-        return len(conns)
+        relay = self.relay
+        lane = relay.abort_origin(origin.slot) if relay is not None and origin.slot >= 0 else 0
+        return len(conns) + lane
 
     def forget(self, origin: Origin) -> None:
         """Close and drop every idle connection to ``origin`` (worker removed or failing)."""
@@ -452,6 +471,8 @@ class ConnectionPool:
             self._discard(c)
         origin.idle.clear()
         self._origins.discard(origin)
+        if self.relay is not None and origin.slot >= 0:
+            self.relay.forget_origin(origin.slot)
 
     def close(self) -> None:
         self._closed = True

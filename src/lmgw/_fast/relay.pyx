@@ -1,0 +1,1016 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
+# distutils: define_macros=_GNU_SOURCE=1
+"""Compiled twin of `relay_py.py`: the compiled lane's event loop (read that docstring first).
+
+One epoll set holds the lane's client connections and its upstream connections. Each
+:meth:`Relay.run` takes every ready event in one ``epoll_wait`` and does the reads, framing and
+writes in C; Python runs only where the gateway decides something (a request's admission and
+route, an answer's accounting and head): one call each. Connections are arrays indexed by fd;
+an event carries the fd and a generation, so a stale event for a reused fd is dropped.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
+from libc.errno cimport EAGAIN, EINPROGRESS, EINTR, errno
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+cdef extern from "string.h":
+    void* memmem(const void* hay, size_t hl, const void* needle, size_t nl) nogil
+
+cdef extern from "unistd.h":
+    int close(int fd) nogil
+
+cdef extern from "sys/epoll.h":
+    ctypedef union epoll_data_t:
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags) nogil
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event) nogil
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout) nogil
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+cdef extern from "sys/socket.h":
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct sockaddr_storage:
+        pass
+    ssize_t recv(int fd, void* buf, size_t n, int flags) nogil
+    ssize_t send(int fd, const void* buf, size_t n, int flags) nogil
+    int socket(int domain, int type, int protocol) nogil
+    int connect(int fd, const sockaddr* addr, socklen_t alen) nogil
+    int setsockopt(int fd, int level, int name, const void* val, socklen_t vlen) nogil
+    int getsockopt(int fd, int level, int name, void* val, socklen_t* vlen) nogil
+    enum:
+        MSG_NOSIGNAL
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
+
+cdef extern from "netinet/in.h":
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "netinet/tcp.h":
+    enum:
+        TCP_NODELAY
+
+from . import relay_py as _twin
+
+__all__ = ["Relay", "request_frame", "response_frame"]
+
+cdef enum:
+    # the twin's values (checked below): frame results and failure kinds
+    MORE = 0
+    NOT_OURS = -1
+    WHOLE = 1
+    HANDOFF = 2
+    CONNECT = 1
+    LOCAL = 2
+    DROPPED = 3
+    TIMEOUT = 4
+    PROTOCOL = 5
+    ABORTED = 6
+
+assert (MORE, NOT_OURS, WHOLE, HANDOFF) == (_twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF)
+assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED) == (
+    _twin.CONNECT, _twin.LOCAL, _twin.DROPPED, _twin.TIMEOUT, _twin.PROTOCOL, _twin.ABORTED
+)
+
+cdef enum:
+    MAXEV = 256
+    FREE = 0
+    CLIENT = 1
+    UPSTREAM = 2
+    # client states
+    C_IDLE = 0  # reading requests
+    C_WAIT = 1  # a request upstream
+    C_WRITE = 2  # writing an answer
+    # upstream states
+    U_CONNECT = 0
+    U_SEND = 1
+    U_WAIT = 2
+    U_IDLE = 3
+    # head flags
+    F_CHUNKED = 1
+    F_CLOSE = 2
+    F_EXPECT = 4
+    F_BAD = 8  # duplicate or malformed Content-Length: not ours to judge
+    F_UPGRADE = 16
+
+cdef Py_ssize_t PIPELINE_CAP = 1 << 20  # client bytes read ahead while a request is upstream
+cdef Py_ssize_t RESPONSE_HEAD_CAP = 1 << 16
+
+
+cdef inline unsigned char _low(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+
+cdef bint _name_is(const unsigned char* p, Py_ssize_t n, const char* name, Py_ssize_t k) noexcept nogil:
+    cdef Py_ssize_t i
+    if n != k:
+        return False
+    for i in range(k):
+        if _low(p[i]) != <unsigned char>name[i]:
+            return False
+    return True
+
+
+cdef Py_ssize_t _scan_head(const unsigned char* p, Py_ssize_t line, Py_ssize_t head_end, int* flags) noexcept nogil:
+    """The header lines from ``line`` to ``head_end`` (the blank line's CR): the
+    Content-Length (-1 without one) and ``flags``."""
+    cdef Py_ssize_t length = -1, eol, colon, vs, ve, i, v
+    cdef int seen_length = 0
+    flags[0] = 0
+    while line < head_end:
+        eol = line
+        while eol < head_end and p[eol] != 13:
+            eol += 1
+        colon = line
+        while colon < eol and p[colon] != 58:
+            colon += 1
+        if colon < eol:
+            vs = colon + 1
+            while vs < eol and (p[vs] == 32 or p[vs] == 9):
+                vs += 1
+            ve = eol
+            while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
+                ve -= 1
+            if _name_is(p + line, colon - line, "content-length", 14):
+                if seen_length or ve == vs or ve - vs > 18:
+                    flags[0] |= F_BAD
+                seen_length = 1
+                v = 0
+                for i in range(vs, ve):
+                    if p[i] < 48 or p[i] > 57:
+                        flags[0] |= F_BAD
+                        break
+                    v = v * 10 + (p[i] - 48)
+                length = v
+            elif _name_is(p + line, colon - line, "transfer-encoding", 17):
+                flags[0] |= F_CHUNKED
+            elif _name_is(p + line, colon - line, "connection", 10):
+                for i in range(vs, ve - 4):
+                    if (_low(p[i]) == 99 and _low(p[i + 1]) == 108 and _low(p[i + 2]) == 111
+                            and _low(p[i + 3]) == 115 and _low(p[i + 4]) == 101):
+                        flags[0] |= F_CLOSE
+                        break
+            elif _name_is(p + line, colon - line, "expect", 6):
+                flags[0] |= F_EXPECT
+            elif _name_is(p + line, colon - line, "upgrade", 7):
+                flags[0] |= F_UPGRADE
+        line = eol + 2
+    return length
+
+
+cdef Py_ssize_t _request_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_head, Py_ssize_t max_body) noexcept nogil:
+    cdef Py_ssize_t window = n if n < max_head + 4 else max_head + 4
+    cdef const unsigned char* h = <const unsigned char*>memmem(p, window, b"\r\n\r\n", 4)
+    cdef Py_ssize_t head_end, first, length
+    cdef int flags
+    if h == NULL:
+        return MORE if n < max_head + 4 else NOT_OURS
+    head_end = h - p
+    first = 0
+    while first < head_end and p[first] != 13:
+        first += 1
+    length = _scan_head(p, first + 2, head_end, &flags)
+    if flags & (F_CHUNKED | F_EXPECT | F_BAD | F_UPGRADE):
+        return NOT_OURS
+    if length < 0:
+        length = 0
+    if length > max_body:
+        return NOT_OURS
+    if n < head_end + 4 + length:
+        return MORE
+    return head_end + 4 + length
+
+
+cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, int* kind, int* keep) noexcept nogil:
+    cdef const unsigned char* h = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    cdef Py_ssize_t head_end, first, length
+    cdef int flags, status
+    keep[0] = 0
+    if h == NULL:
+        kind[0] = MORE if n < RESPONSE_HEAD_CAP else HANDOFF
+        return 0
+    head_end = h - p
+    kind[0] = HANDOFF
+    if head_end < 12 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
+        return 0
+    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57):
+        return 0
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    if status < 200 or status >= 400 or status == 204 or status == 304:
+        return 0
+    first = 0
+    while first < head_end and p[first] != 13:
+        first += 1
+    length = _scan_head(p, first + 2, head_end, &flags)
+    if flags & (F_CHUNKED | F_BAD) or length < 0 or length > cap:
+        return 0
+    keep[0] = not (flags & F_CLOSE)
+    if n < head_end + 4 + length:
+        kind[0] = MORE
+        return 0
+    kind[0] = WHOLE
+    return head_end + 4 + length
+
+
+def request_frame(bytes data not None, Py_ssize_t max_head, Py_ssize_t max_body):
+    """See `relay_py.request_frame`."""
+    return _request_frame(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), max_head, max_body)
+
+
+def response_frame(bytes data not None, Py_ssize_t cap):
+    """See `relay_py.response_frame`."""
+    cdef int kind, keep
+    cdef Py_ssize_t n = _response_frame(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), cap, &kind, &keep)
+    return kind, n, bool(keep)
+
+
+cdef struct Conn:
+    int kind
+    int state
+    unsigned int gen
+    int peer
+    int slot
+    int reused
+    int keep
+    unsigned int mask
+    char* rbuf
+    Py_ssize_t rlen
+    Py_ssize_t rcap
+    char* wbuf
+    Py_ssize_t wlen
+    Py_ssize_t woff
+    double since
+    double deadline
+    double resp_deadline
+    PyObject* ident
+    PyObject* token
+
+
+cdef struct Slot:
+    int active
+    unsigned int alen
+    char addr[128]
+    int* idle
+    int nidle
+    int idlecap
+
+
+cdef class Relay:
+    """See `relay_py.Relay` (the same API and behaviour)."""
+
+    cdef int epfd
+    cdef Conn* conns
+    cdef int nconns
+    cdef Slot* slots
+    cdef int nslots
+    cdef epoll_event events[MAXEV]
+    cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
+    cdef public Py_ssize_t max_head, max_body, answer_cap
+    cdef public double keepalive_s, write_timeout_s, upstream_idle_s
+    cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
+    cdef readonly long demoted, stale
+    cdef bint _closed
+
+    def __cinit__(self):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.conns = NULL
+        self.nconns = 0
+        self.slots = NULL
+        self.nslots = 0
+        self._closed = False
+
+    def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
+                 on_demote, *, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
+                 Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
+                 double write_timeout_s=60.0, double upstream_idle_s=55.0):
+        self.on_request = on_request
+        self.on_answer = on_answer
+        self.on_handoff = on_handoff
+        self.on_failure = on_failure
+        self.on_timeout = on_timeout
+        self.on_abandon = on_abandon
+        self.on_demote = on_demote
+        self.max_head = max_head
+        self.max_body = max_body
+        self.answer_cap = answer_cap
+        self.keepalive_s = keepalive_s
+        self.write_timeout_s = write_timeout_s
+        self.upstream_idle_s = upstream_idle_s
+
+    def __dealloc__(self):
+        cdef int fd
+        if self.conns != NULL:
+            for fd in range(self.nconns):
+                if self.conns[fd].kind != FREE:
+                    Py_XDECREF(self.conns[fd].ident)
+                    Py_XDECREF(self.conns[fd].token)
+                    free(self.conns[fd].rbuf)
+                    free(self.conns[fd].wbuf)
+                    close(fd)
+            free(self.conns)
+        if self.slots != NULL:
+            for fd in range(self.nslots):
+                free(self.slots[fd].idle)
+            free(self.slots)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def fileno(self):
+        return self.epfd
+
+    # -- table ------------------------------------------------------------------------------
+    cdef Conn* _conn(self, int fd) except NULL:
+        cdef int n
+        cdef Conn* grown
+        if fd >= self.nconns:
+            n = self.nconns * 2 if self.nconns else 1024
+            while n <= fd:
+                n *= 2
+            grown = <Conn*>realloc(self.conns, n * sizeof(Conn))
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self.nconns, 0, (n - self.nconns) * sizeof(Conn))
+            self.conns = grown
+            self.nconns = n
+        return &self.conns[fd]
+
+    cdef int _register(self, int fd, Conn* c, unsigned int mask) except -1:
+        cdef epoll_event ev
+        c.gen += 1
+        c.mask = mask
+        ev.events = mask
+        ev.data.u64 = (<unsigned long long>c.gen << 32) | <unsigned int>fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl ADD failed")
+        return 0
+
+    cdef void _mask(self, int fd, Conn* c, unsigned int mask) noexcept:
+        cdef epoll_event ev
+        if c.mask == mask:
+            return
+        c.mask = mask
+        ev.events = mask
+        ev.data.u64 = (<unsigned long long>c.gen << 32) | <unsigned int>fd
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev)
+
+    cdef void _forget(self, int fd, Conn* c) noexcept:
+        """Drop ``fd`` from the set and its state (the caller closes or hands it on)."""
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        free(c.rbuf)
+        free(c.wbuf)
+        c.rbuf = c.wbuf = NULL
+        c.rlen = c.rcap = c.wlen = c.woff = 0
+        if c.kind == CLIENT:
+            self.clients -= 1
+        elif c.kind == UPSTREAM:
+            self.upstreams -= 1
+        c.kind = FREE
+        c.peer = -1
+        c.gen += 1
+        Py_XDECREF(c.ident)
+        c.ident = NULL
+        Py_XDECREF(c.token)
+        c.token = NULL
+
+    cdef int _reserve(self, Conn* c, Py_ssize_t need) except -1:
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if c.rcap - c.rlen >= need:
+            return 0
+        cap = c.rcap * 2 if c.rcap else 16384
+        while cap - c.rlen < need:
+            cap *= 2
+        grown = <char*>realloc(c.rbuf, cap)
+        if grown == NULL:
+            raise MemoryError()
+        c.rbuf = grown
+        c.rcap = cap
+        return 0
+
+    # -- public API -------------------------------------------------------------------------
+    def add_client(self, int fd, ident, double now):
+        """Serve the client connection ``fd`` (non-blocking; the lane owns it from now on);
+        ``ident`` is passed back with each of its requests."""
+        cdef Conn* c = self._conn(fd)
+        if c.kind != FREE:
+            raise ValueError(f"fd {fd} is already in the lane")
+        c.kind = CLIENT
+        c.state = C_IDLE
+        c.peer = -1
+        c.slot = -1
+        c.keep = 1
+        c.since = now
+        c.deadline = c.resp_deadline = 0
+        c.rlen = c.rcap = c.wlen = c.woff = 0
+        c.rbuf = c.wbuf = NULL
+        Py_INCREF(ident)
+        c.ident = <PyObject*>ident
+        c.token = NULL
+        self.clients += 1
+        self._register(fd, c, EPOLLIN | EPOLLRDHUP)
+
+    def set_origin(self, int slot, bytes sockaddr not None):
+        """Where the upstream connections of ``slot`` go: a packed ``struct sockaddr``."""
+        cdef int n, i
+        cdef Slot* grown
+        if slot < 0 or PyBytes_GET_SIZE(sockaddr) > 128:
+            raise ValueError("bad slot or address")
+        if slot >= self.nslots:
+            n = slot + 16
+            grown = <Slot*>realloc(self.slots, n * sizeof(Slot))
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self.nslots, 0, (n - self.nslots) * sizeof(Slot))
+            self.slots = grown
+            self.nslots = n
+        self.slots[slot].active = 1
+        self.slots[slot].alen = <unsigned int>PyBytes_GET_SIZE(sockaddr)
+        memcpy(self.slots[slot].addr, PyBytes_AS_STRING(sockaddr), self.slots[slot].alen)
+
+    def forget_origin(self, int slot):
+        """Close ``slot``'s idle connections and take no more requests for it."""
+        if 0 <= slot < self.nslots:
+            self._close_idle(slot)
+            self.slots[slot].active = 0
+
+    def abort_origin(self, int slot):
+        """Fail the requests waiting for ``slot``'s answer now (a worker ejected or removed):
+        each goes to ``on_failure`` as ABANDONED-by-the-gateway (``kind`` DROPPED, aborted)."""
+        cdef int fd
+        cdef int n = 0
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
+            if c.kind == UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != U_IDLE:
+                self._fail(c.peer, ABORTED)
+                n += 1
+        return n
+
+    def sweep(self, double now):
+        """Timeouts: requests past their deadline (``on_timeout``) or without an answer in
+        time (``on_failure`` TIMEOUT), idle clients past keep-alive, stalled writes, idle
+        upstream connections past their lifetime."""
+        cdef int fd
+        cdef Conn* c
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
+            if c.kind == CLIENT:
+                if c.state == C_WAIT:
+                    if c.deadline and now >= c.deadline:
+                        self._deadline(fd, now)
+                    elif c.resp_deadline and now >= c.resp_deadline:
+                        self._fail(fd, TIMEOUT)
+                elif c.state == C_IDLE:
+                    if now - c.since > self.keepalive_s:
+                        self._close_client(fd)
+                elif self.write_timeout_s and now - c.since > self.write_timeout_s:
+                    self._close_client(fd)
+            elif c.kind == UPSTREAM and c.state == U_IDLE and now - c.since > self.upstream_idle_s:
+                self._close_upstream(fd)
+
+    def drain(self):
+        """Close the idle clients; busy ones close after their answer."""
+        cdef int fd
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
+            if c.kind == CLIENT:
+                c.keep = 0
+                if c.state == C_IDLE and c.rlen == 0:
+                    self._close_client(fd)
+
+    def close(self):
+        """Close everything; requests in flight go to ``on_abandon``."""
+        cdef int fd
+        cdef Conn* c
+        cdef object token
+        if self._closed:
+            return
+        self._closed = True
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
+            if c.kind == CLIENT and c.token != NULL:
+                token = <object>c.token
+                _call(self.on_abandon, (token,))
+            if c.kind != FREE:
+                self._forget(fd, c)
+                close(fd)
+                self.closed += 1
+        for fd in range(self.nslots):
+            self.slots[fd].nidle = 0
+        close(self.epfd)
+        self.epfd = -1
+
+    def take_closed(self):
+        """Client connections closed since the last call (the server's open count)."""
+        cdef long n = self.closed
+        self.closed = 0
+        return n
+
+    def idle_upstreams(self):
+        cdef int s, n = 0
+        for s in range(self.nslots):
+            n += self.slots[s].nidle
+        return n
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, double now):
+        """Handle every ready event; returns how many there were."""
+        cdef int n, i, fd
+        cdef unsigned int gen, ev
+        cdef Conn* c
+        if self.epfd < 0:
+            return 0
+        n = epoll_wait(self.epfd, self.events, MAXEV, 0)
+        if n <= 0:
+            return 0
+        # first every idle upstream connection with an event (the worker closed it): so that
+        # no request of this batch is sent on one
+        for i in range(n):
+            fd = <int>(self.events[i].data.u64 & 0xffffffff)
+            c = &self.conns[fd]
+            if c.kind == UPSTREAM and c.state == U_IDLE:
+                self.stale += 1
+                self._close_upstream(fd)
+        for i in range(n):
+            fd = <int>(self.events[i].data.u64 & 0xffffffff)
+            gen = <unsigned int>(self.events[i].data.u64 >> 32)
+            c = &self.conns[fd]
+            if c.kind == FREE or c.gen != gen:
+                continue  # closed or reused since
+            ev = self.events[i].events
+            if c.kind == CLIENT:
+                self._client_event(fd, c, ev, now)
+            else:
+                self._upstream_event(fd, c, ev, now)
+        return n
+
+    # -- clients -----------------------------------------------------------------------------
+    cdef void _client_event(self, int fd, Conn* c, unsigned int ev, double now):
+        cdef ssize_t r
+        if ev & EPOLLOUT and c.state == C_WRITE:
+            if self._flush(fd, c) < 0:
+                self._close_client(fd)
+                return
+            if c.wlen == 0:
+                self._written(fd, c, now)
+            return
+        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            return
+        if c.state != C_IDLE and c.rlen >= PIPELINE_CAP:
+            # read ahead enough: only a hang-up matters now
+            self._mask(fd, c, EPOLLRDHUP | (EPOLLOUT if c.state == C_WRITE else 0))
+            if not ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                return
+            self._gone(fd)
+            return
+        try:
+            self._reserve(c, 16384)
+        except MemoryError:
+            self._gone(fd)
+            return
+        r = recv(fd, c.rbuf + c.rlen, c.rcap - c.rlen, 0)
+        if r == 0 or (r < 0 and errno != EAGAIN and errno != EINTR):
+            self._gone(fd)
+            return
+        if r < 0:
+            return
+        c.rlen += r
+        if c.state == C_IDLE:
+            self._dispatch(fd, c, now)
+
+    cdef void _gone(self, int fd):
+        """The client hung up or failed: its request in flight is abandoned."""
+        cdef Conn* c = &self.conns[fd]
+        cdef object token
+        if c.state == C_WAIT and c.token != NULL:
+            if c.peer >= 0:
+                self._close_upstream(c.peer)  # closing is how the worker learns
+            token = <object>c.token
+            _call(self.on_abandon, (token,))
+        self._close_client(fd)
+
+    cdef void _close_client(self, int fd):
+        cdef Conn* c = &self.conns[fd]
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        self._forget(fd, c)
+        close(fd)
+        self.closed += 1
+
+    cdef void _dispatch(self, int fd, Conn* c, double now):
+        """Start the first whole request in the buffer, or hand the connection to Python."""
+        cdef Py_ssize_t length
+        cdef object data, res, token
+        while c.kind == CLIENT and c.state == C_IDLE and c.rlen > 0:
+            length = _request_frame(<const unsigned char*>c.rbuf, c.rlen, self.max_head, self.max_body)
+            if length <= 0:
+                self._demote(fd, None)
+                return
+            data = PyBytes_FromStringAndSize(c.rbuf, length)
+            res = _call(self.on_request, (<object>c.ident, data))
+            if res is _FAILED:
+                self._close_client(fd)
+                return
+            if type(res) is not tuple:
+                if res is not None:  # the request is Python's now: it is not in the buffer
+                    self._consume(c, length)
+                self._demote(fd, res)
+                return
+            self._consume(c, length)
+            self._start(fd, c, res, now)
+            return
+        if c.kind == CLIENT and c.state == C_IDLE:
+            c.since = now
+
+    cdef void _consume(self, Conn* c, Py_ssize_t n) noexcept:
+        c.rlen -= n
+        if c.rlen:
+            memmove(c.rbuf, c.rbuf + n, c.rlen)
+
+    cdef void _demote(self, int fd, object cont):
+        """Hand the client connection, with its unread bytes, to Python (``on_demote``)."""
+        cdef Conn* c = &self.conns[fd]
+        cdef object pending = PyBytes_FromStringAndSize(c.rbuf, c.rlen) if c.rlen else b""
+        cdef object ident = <object>c.ident
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        self._forget(fd, c)
+        self.demoted += 1
+        res = _call(self.on_demote, (ident, fd, pending, cont))
+        if res is _FAILED:
+            close(fd)
+            self.closed += 1
+
+    cdef void _start(self, int fd, Conn* c, tuple plan, double now):
+        """``plan``: (slot, payload, token, deadline, response deadline) from on_request."""
+        cdef int slot = plan[0]
+        cdef bytes payload = plan[1]
+        cdef object token = plan[2]
+        cdef int ufd
+        cdef Conn* u
+        Py_INCREF(token)
+        c.token = <PyObject*>token
+        c.deadline = plan[3]
+        c.resp_deadline = plan[4]
+        c.state = C_WAIT
+        c.since = now
+        self.in_flight += 1
+        ufd = self._checkout(slot, now)
+        if ufd < 0:
+            self._fail(fd, LOCAL if ufd == -2 else CONNECT)
+            return
+        u = &self.conns[ufd]
+        u.peer = fd
+        c.peer = ufd
+        u.since = now
+        u.rlen = 0
+        if u.state == U_CONNECT:
+            self._queue(u, payload, 0)
+            return
+        if self._send(ufd, u, payload) < 0:
+            self._fail(fd, DROPPED)
+
+    cdef int _send(self, int ufd, Conn* u, bytes payload):
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef ssize_t r = send(ufd, PyBytes_AS_STRING(payload), n, MSG_NOSIGNAL)
+        if r < 0:
+            if errno != EAGAIN and errno != EINTR:
+                return -1
+            r = 0
+        if r < n:
+            self._queue(u, payload, r)
+            u.state = U_SEND
+            self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+        else:
+            u.state = U_WAIT
+            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
+        return 0
+
+    cdef void _queue(self, Conn* c, bytes data, Py_ssize_t offset):
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data) - offset
+        free(c.wbuf)
+        c.wbuf = <char*>malloc(n if n else 1)
+        memcpy(c.wbuf, PyBytes_AS_STRING(data) + offset, n)
+        c.wlen = n
+        c.woff = 0
+
+    cdef int _flush(self, int fd, Conn* c):
+        """Write what is queued; -1 on a broken connection."""
+        cdef ssize_t r
+        while c.wlen:
+            r = send(fd, c.wbuf + c.woff, c.wlen, MSG_NOSIGNAL)
+            if r < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                return -1
+            c.woff += r
+            c.wlen -= r
+        free(c.wbuf)
+        c.wbuf = NULL
+        c.woff = 0
+        return 0
+
+    cdef void _answer(self, int fd, object answer, bint keep, double now):
+        """Write ``answer`` to the client ``fd``; then the next request, or close."""
+        cdef Conn* c = &self.conns[fd]
+        cdef bytes data = answer
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef ssize_t r
+        if not keep:
+            c.keep = 0
+        c.state = C_WRITE
+        c.since = now
+        r = send(fd, PyBytes_AS_STRING(data), n, MSG_NOSIGNAL)
+        if r < 0:
+            if errno != EAGAIN and errno != EINTR:
+                self._close_client(fd)
+                return
+            r = 0
+        if r < n:
+            self._queue(c, data, r)
+            self._mask(fd, c, EPOLLOUT | EPOLLRDHUP)
+            return
+        self._written(fd, c, now)
+
+    cdef void _written(self, int fd, Conn* c, double now):
+        if not c.keep:
+            self._close_client(fd)
+            return
+        c.state = C_IDLE
+        c.since = now
+        self._mask(fd, c, EPOLLIN | EPOLLRDHUP)
+        if c.rlen:
+            self._dispatch(fd, c, now)
+
+    cdef object _finish(self, int fd):
+        """Unlink the client's exchange; its token (the caller's reference)."""
+        cdef Conn* c = &self.conns[fd]
+        cdef object token = <object>c.token
+        Py_DECREF(token)  # the reference held by ``token`` here stays
+        c.token = NULL
+        c.peer = -1
+        c.deadline = c.resp_deadline = 0
+        self.in_flight -= 1
+        return token
+
+    cdef void _fail(self, int fd, int kind):
+        """The exchange of client ``fd`` failed before an answer: Python decides what next
+        (``on_failure`` gives the continuation the demoted connection runs)."""
+        cdef Conn* c = &self.conns[fd]
+        cdef int reused = 0, sent = 1, got = 0
+        cdef object token, cont
+        if c.peer >= 0:
+            u = &self.conns[c.peer]
+            reused = u.reused
+            got = u.rlen > 0
+            sent = u.state == U_WAIT or (u.state == U_SEND and u.woff > 0)
+            if kind == CONNECT or kind == LOCAL:
+                sent = 0
+            self._close_upstream(c.peer)
+        elif kind == CONNECT or kind == LOCAL:
+            sent = 0
+        token = self._finish(fd)
+        c.state = C_IDLE
+        cont = _call(self.on_failure, (token, kind, sent, reused, got))
+        if cont is _FAILED:
+            self._close_client(fd)
+            return
+        self._demote(fd, cont)
+
+    cdef void _deadline(self, int fd, double now):
+        cdef Conn* c = &self.conns[fd]
+        cdef object token, answer
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        token = self._finish(fd)
+        answer = _call(self.on_timeout, (token,))
+        if type(answer) is not bytes:
+            self._close_client(fd)
+            return
+        self._answer(fd, answer, False, now)
+
+    # -- upstreams ---------------------------------------------------------------------------
+    cdef int _checkout(self, int slot, double now):
+        """An idle connection of ``slot`` or a new one (connecting): its fd; -1 when the
+        connect failed at once, -2 when the gateway is out of descriptors or memory."""
+        cdef Slot* s
+        cdef int fd, one = 1, err
+        cdef Conn* u
+        if slot < 0 or slot >= self.nslots or not self.slots[slot].active:
+            return -1
+        s = &self.slots[slot]
+        while s.nidle:
+            s.nidle -= 1
+            fd = s.idle[s.nidle]
+            u = &self.conns[fd]
+            if u.kind == UPSTREAM and u.state == U_IDLE:
+                self.reuses += 1
+                u.reused = 1
+                u.state = U_WAIT
+                return fd
+        fd = socket((<unsigned short*>s.addr)[0], SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            return -2
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        if connect(fd, <sockaddr*>s.addr, s.alen) < 0 and errno != EINPROGRESS:
+            err = errno
+            close(fd)
+            return -1
+        try:
+            u = self._conn(fd)
+        except MemoryError:
+            close(fd)
+            return -2
+        u.kind = UPSTREAM
+        u.state = U_CONNECT
+        u.slot = slot
+        u.peer = -1
+        u.reused = 0
+        u.rlen = u.rcap = u.wlen = u.woff = 0
+        u.rbuf = u.wbuf = NULL
+        u.ident = u.token = NULL
+        u.since = now
+        self.upstreams += 1
+        self.connects += 1
+        try:
+            self._register(fd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+        except OSError:
+            self._forget(fd, u)
+            close(fd)
+            return -2
+        return fd
+
+    cdef void _close_upstream(self, int fd):
+        cdef Conn* u = &self.conns[fd]
+        cdef Slot* s
+        cdef int i
+        if u.kind != UPSTREAM:
+            return
+        if u.state == U_IDLE:  # out of its slot's idle stack
+            s = &self.slots[u.slot]
+            for i in range(s.nidle):
+                if s.idle[i] == fd:
+                    s.idle[i] = s.idle[s.nidle - 1]
+                    s.nidle -= 1
+                    break
+        if u.peer >= 0:
+            self.conns[u.peer].peer = -1
+        self._forget(fd, u)
+        close(fd)
+
+    cdef void _close_idle(self, int slot):
+        cdef Slot* s = &self.slots[slot]
+        while s.nidle:
+            self._close_upstream(s.idle[s.nidle - 1])
+
+    cdef void _release(self, int ufd, Conn* u, double now):
+        """Back to its slot's idle stack (EOF or stray bytes close it: see run())."""
+        cdef Slot* s = &self.slots[u.slot]
+        cdef int* grown
+        if not s.active:
+            self._close_upstream(ufd)
+            return
+        if s.nidle == s.idlecap:
+            grown = <int*>realloc(s.idle, (s.idlecap * 2 + 16) * sizeof(int))
+            if grown == NULL:
+                self._close_upstream(ufd)
+                return
+            s.idle = grown
+            s.idlecap = s.idlecap * 2 + 16
+        u.peer = -1
+        u.state = U_IDLE
+        u.since = now
+        u.rlen = 0
+        s.idle[s.nidle] = ufd
+        s.nidle += 1
+        self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
+
+    cdef void _upstream_event(self, int ufd, Conn* u, unsigned int ev, double now):
+        cdef int err = 0, kind, keep
+        cdef socklen_t elen = sizeof(err)
+        cdef ssize_t r
+        cdef Py_ssize_t length
+        cdef int cfd = u.peer
+        cdef object token, res, data
+        if cfd < 0:
+            self._close_upstream(ufd)
+            return
+        if u.state == U_CONNECT:
+            if not ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                return
+            getsockopt(ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err or ev & (EPOLLERR | EPOLLHUP):
+                self._fail(cfd, CONNECT)
+                return
+            u.state = U_SEND
+            ev |= EPOLLOUT
+        if u.state == U_SEND and ev & EPOLLOUT:
+            if self._flush(ufd, u) < 0:
+                self._fail(cfd, DROPPED)
+                return
+            if u.wlen:
+                self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+                return
+            u.state = U_WAIT
+            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
+        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            return
+        try:
+            self._reserve(u, 16384)
+        except MemoryError:
+            self._fail(cfd, PROTOCOL)
+            return
+        r = recv(ufd, u.rbuf + u.rlen, u.rcap - u.rlen, 0)
+        if r < 0 and (errno == EAGAIN or errno == EINTR):
+            return
+        if r <= 0:
+            self._fail(cfd, DROPPED)
+            return
+        u.rlen += r
+        length = _response_frame(<const unsigned char*>u.rbuf, u.rlen, self.answer_cap, &kind, &keep)
+        if kind == MORE:
+            return
+        if kind == HANDOFF:
+            self._handoff(cfd, ufd, now)
+            return
+        # a whole answer: the connection goes back first (its bytes are copied out)
+        data = PyBytes_FromStringAndSize(u.rbuf, length)
+        if keep and u.rlen == length:
+            self._release(ufd, u, now)
+        else:
+            self._close_upstream(ufd)
+        self.served += 1
+        token = self._finish(cfd)
+        res = _call(self.on_answer, (token, data))
+        c = &self.conns[cfd]
+        if type(res) is tuple and len(<tuple>res) == 2 and type((<tuple>res)[0]) is bytes:
+            self._answer(cfd, (<tuple>res)[0], (<tuple>res)[1], now)
+        elif res is _FAILED:
+            self._close_client(cfd)
+        else:
+            c.state = C_IDLE
+            self._demote(cfd, res)
+
+    cdef void _handoff(self, int cfd, int ufd, double now):
+        """An answer the lane does not relay (an error status, chunked, too large): the
+        upstream connection and its bytes go to Python, and with them the client."""
+        cdef Conn* u = &self.conns[ufd]
+        cdef Conn* c = &self.conns[cfd]
+        cdef object data = PyBytes_FromStringAndSize(u.rbuf, u.rlen)
+        cdef object token, cont
+        u.peer = -1
+        c.peer = -1
+        self._forget(ufd, u)  # not closed: Python reads the rest from it
+        token = self._finish(cfd)
+        c.state = C_IDLE
+        cont = _call(self.on_handoff, (token, ufd, data))
+        if cont is _FAILED:
+            close(ufd)
+            self._close_client(cfd)
+            return
+        self._demote(cfd, cont)
+
+
+
+cdef object _call(object fn, tuple args):
+    try:
+        return fn(*args)
+    except BaseException:
+        _report()
+        return _FAILED
+
+
+_FAILED = object()
+
+
+def _report():
+    import sys
+
+    sys.unraisablehook(_Unraisable(sys.exc_info()))
+
+
+class _Unraisable:
+    def __init__(self, info):
+        self.exc_type, self.exc_value, self.exc_traceback = info
+        self.err_msg = "Exception in a callback of the compiled lane"
+        self.object = None

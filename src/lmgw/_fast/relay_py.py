@@ -1,0 +1,720 @@
+"""The compiled lane's event loop: plain requests relayed with one epoll set, pure Python.
+
+Why: a trio task per connection pays trio's wait and wake-up path four times per proxied
+request (client read, upstream write and read, client write), and that path alone is about
+what vllm-router spends on a whole request (benchmarks/README.md, "floor.py"). This loop
+takes every ready event of every lane connection in one ``epoll_wait`` and does the reads,
+the framing and the writes itself; one trio task waits on the epoll fd
+(:mod:`lmgw.http.lane`). The compiled twin (``relay.pyx``) is what runs; this one is its
+reference in the tests and the fallback without a compiler.
+
+The loop does no HTTP judgement of its own. It frames messages (:func:`request_frame`,
+:func:`response_frame`) and asks Python at the points where the gateway decides:
+
+* ``on_request(ident, data) -> plan | cont | None`` for each whole request: a plan
+  ``(slot, payload, token, deadline, response_deadline)`` sends ``payload`` on a connection
+  of ``slot``; anything else hands the client connection to Python (``on_demote``), ``None``
+  with the request still unread, a continuation to finish this request first.
+* ``on_answer(token, data) -> (answer, keep_alive) | cont``: a whole 2xx/3xx answer with a
+  Content-Length (the upstream connection is back in its slot already).
+* ``on_handoff(token, fd, data) -> cont``: any other answer, its connection and the bytes read.
+* ``on_failure(token, kind, sent, reused, got) -> cont``: no answer (connect failed, dropped,
+  timed out, aborted); ``sent`` whether the request left, ``got`` whether any answer byte came.
+* ``on_timeout(token) -> answer``: the request's deadline passed (the connection closes after).
+* ``on_abandon(token)``: the client left, or the lane closed, with the request in flight.
+* ``on_demote(ident, fd, pending, cont)``: the client connection is Python's from now on.
+
+Connection states and timeouts follow the native server's (keep-alive, stalled writes) and the
+pool's (idle upstream lifetime); a request's deadlines come with its plan. An idle upstream
+connection stays in the epoll set, so a worker closing it is seen before it is reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Relay", "request_frame", "response_frame"]
+
+# frame results
+MORE = 0  #: the message is not whole yet
+NOT_OURS = -1  #: a request the lane does not take (chunked, Expect, too large, malformed)
+WHOLE = 1  #: a whole 2xx/3xx answer with a Content-Length
+HANDOFF = 2  #: an answer the lane passes to Python with its connection
+
+# failure kinds (on_failure)
+CONNECT = 1  #: the connection could not be made
+LOCAL = 2  #: the gateway is out of descriptors or memory
+DROPPED = 3  #: the worker closed or reset the connection
+TIMEOUT = 4  #: no answer within the response timeout
+PROTOCOL = 5  #: the answer could not be held
+ABORTED = 6  #: the gateway took the worker out of rotation meanwhile (abort_origin)
+
+PIPELINE_CAP = 1 << 20
+RESPONSE_HEAD_CAP = 1 << 16
+_CLIENT, _UPSTREAM = 1, 2
+_C_IDLE, _C_WAIT, _C_WRITE = 0, 1, 2
+_U_CONNECT, _U_SEND, _U_WAIT, _U_IDLE = 0, 1, 2, 3
+_IN, _OUT, _ERR, _HUP, _RDHUP = (
+    select.EPOLLIN,
+    select.EPOLLOUT,
+    select.EPOLLERR,
+    select.EPOLLHUP,
+    select.EPOLLRDHUP,
+)
+_AGAIN = (errno.EAGAIN, errno.EINTR)
+_FAILED = object()
+
+
+def _scan_head(head: bytes) -> tuple[int, bool, bool, bool]:
+    """The header lines after the first: Content-Length (-1: none), and whether the framing
+    is not ours (chunked, Expect, Upgrade, a duplicate or malformed length), whether the
+    Connection header says close, and whether there was any Transfer-Encoding."""
+    length = -1
+    odd = close = chunked = False
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if length >= 0 or not value or len(value) > 18 or not value.isdigit():
+                odd = True
+            if value and len(value) <= 18 and value.isdigit():
+                length = int(value)
+            elif length < 0:
+                length = 0
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            close = close or b"close" in value.lower()
+        elif name in (b"expect", b"upgrade"):
+            odd = True
+    return length, odd, close, chunked
+
+
+def request_frame(data: bytes, max_head: int, max_body: int) -> int:
+    """The length of the first whole request in ``data``; MORE (0) when it is not whole yet,
+    NOT_OURS (-1) when the lane leaves it to the server (no head end within ``max_head``, a
+    chunked or Expect request, an upgrade, a body over ``max_body``, an odd length)."""
+    end = data.find(b"\r\n\r\n", 0, max_head + 4)
+    if end < 0:
+        return MORE if len(data) < max_head + 4 else NOT_OURS
+    length, odd, _, chunked = _scan_head(data[:end])
+    if odd or chunked:
+        return NOT_OURS
+    length = max(length, 0)
+    if length > max_body:
+        return NOT_OURS
+    if len(data) < end + 4 + length:
+        return MORE
+    return end + 4 + length
+
+
+def response_frame(data: bytes, cap: int) -> tuple[int, int, bool]:
+    """(kind, length, keep-alive) of the answer at the start of ``data``: WHOLE with its
+    length; MORE while its head, or the body of one the lane will take, is incomplete;
+    HANDOFF for anything else (not 2xx/3xx, 204, 304, no or odd length, chunked, a body over
+    ``cap``, a head over 64 KiB)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return (MORE if len(data) < RESPONSE_HEAD_CAP else HANDOFF), 0, False
+    if end < 12 or not data.startswith(b"HTTP/1.1 ") or not data[9:12].isdigit():
+        return HANDOFF, 0, False
+    status = int(data[9:12])
+    if status < 200 or status >= 400 or status in (204, 304):
+        return HANDOFF, 0, False
+    length, odd, close, chunked = _scan_head(data[:end])
+    if odd or chunked or length < 0 or length > cap:
+        return HANDOFF, 0, False
+    if len(data) < end + 4 + length:
+        return MORE, 0, not close
+    return WHOLE, end + 4 + length, not close
+
+
+class _Conn:
+    __slots__ = (
+        "deadline",
+        "gen",
+        "ident",
+        "keep",
+        "kind",
+        "mask",
+        "peer",
+        "rbuf",
+        "resp_deadline",
+        "reused",
+        "since",
+        "slot",
+        "sock",
+        "state",
+        "token",
+        "wbuf",
+        "woff",
+    )
+
+    def __init__(self, kind: int, sock: socket.socket, now: float) -> None:
+        self.kind = kind
+        self.sock = sock
+        self.state = 0
+        self.gen = 0
+        self.peer = -1
+        self.slot = -1
+        self.reused = False
+        self.keep = True
+        self.mask = 0
+        self.rbuf = bytearray()
+        self.wbuf = b""
+        self.woff = 0
+        self.since = now
+        self.deadline = 0.0
+        self.resp_deadline = 0.0
+        self.ident: Any = None
+        self.token: Any = None
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except BaseException:  # a callback's bug must not take the loop down
+        sys.unraisablehook(_Unraisable(sys.exc_info()))  # type: ignore[arg-type]
+        return _FAILED
+
+
+class _Unraisable:
+    def __init__(self, info: tuple[Any, Any, Any]) -> None:
+        self.exc_type, self.exc_value, self.exc_traceback = info
+        self.err_msg = "Exception in a callback of the compiled lane"
+        self.object = None
+
+
+class Relay:
+    """The lane's connections and its loop (see the module docstring for the callbacks)."""
+
+    def __init__(
+        self,
+        on_request: Callable[[Any, bytes], Any],
+        on_answer: Callable[[Any, bytes], Any],
+        on_handoff: Callable[[Any, int, bytes], Any],
+        on_failure: Callable[[Any, int, bool, bool, bool], Any],
+        on_timeout: Callable[[Any], Any],
+        on_abandon: Callable[[Any], Any],
+        on_demote: Callable[[Any, int, bytes, Any], Any],
+        *,
+        max_head: int = 65536,
+        max_body: int = 32 << 20,
+        answer_cap: int = 8 << 20,
+        keepalive_s: float = 75.0,
+        write_timeout_s: float = 60.0,
+        upstream_idle_s: float = 55.0,
+    ) -> None:
+        self.on_request, self.on_answer, self.on_handoff = on_request, on_answer, on_handoff
+        self.on_failure, self.on_timeout, self.on_abandon = on_failure, on_timeout, on_abandon
+        self.on_demote = on_demote
+        self.max_head, self.max_body, self.answer_cap = max_head, max_body, answer_cap
+        self.keepalive_s, self.write_timeout_s = keepalive_s, write_timeout_s
+        self.upstream_idle_s = upstream_idle_s
+        self._ep: select.epoll | None = select.epoll()
+        self._conns: dict[int, _Conn] = {}
+        self._gens: dict[int, int] = {}
+        self._slots: dict[int, tuple[int, bytes]] = {}
+        self._idle: dict[int, list[int]] = {}
+        self.clients = self.in_flight = self.upstreams = self.closed = 0
+        self.connects = self.reuses = self.served = self.demoted = self.stale = 0
+
+    def fileno(self) -> int:
+        return self._ep.fileno() if self._ep is not None else -1
+
+    # -- table ------------------------------------------------------------------------------
+    def _register(self, fd: int, c: _Conn, mask: int) -> None:
+        c.gen = self._gens.get(fd, 0) + 1
+        self._gens[fd] = c.gen
+        c.mask = mask
+        self._conns[fd] = c
+        self._ep.register(fd, mask)  # type: ignore[union-attr]
+
+    def _mask(self, fd: int, c: _Conn, mask: int) -> None:
+        if c.mask != mask:
+            c.mask = mask
+            self._ep.modify(fd, mask)  # type: ignore[union-attr]
+
+    def _forget(self, fd: int, c: _Conn) -> None:
+        try:
+            self._ep.unregister(fd)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+        self._conns.pop(fd, None)
+        self._gens[fd] = c.gen + 1
+        if c.kind == _CLIENT:
+            self.clients -= 1
+        else:
+            self.upstreams -= 1
+        c.kind = 0
+        c.peer = -1
+        c.ident = c.token = None
+        c.rbuf = bytearray()
+        c.wbuf = b""
+
+    # -- public API -------------------------------------------------------------------------
+    def add_client(self, fd: int, ident: Any, now: float) -> None:
+        if fd in self._conns:
+            raise ValueError(f"fd {fd} is already in the lane")
+        c = _Conn(_CLIENT, socket.socket(fileno=fd), now)
+        c.ident = ident
+        self.clients += 1
+        self._register(fd, c, _IN | _RDHUP)
+
+    def set_origin(self, slot: int, sockaddr: bytes) -> None:
+        if slot < 0 or len(sockaddr) > 128:
+            raise ValueError("bad slot or address")
+        family = int.from_bytes(sockaddr[:2], sys.byteorder)
+        self._slots[slot] = (family, sockaddr)
+        self._idle.setdefault(slot, [])
+
+    def forget_origin(self, slot: int) -> None:
+        if slot in self._slots:
+            idle = self._idle[slot]
+            while idle:
+                self._close_upstream(idle[-1])
+            del self._slots[slot]
+
+    def abort_origin(self, slot: int) -> int:
+        n = 0
+        for c in list(self._conns.values()):
+            if c.kind == _UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != _U_IDLE:
+                self._fail(c.peer, ABORTED)
+                n += 1
+        return n
+
+    def sweep(self, now: float) -> None:
+        for fd, c in list(self._conns.items()):
+            if self._conns.get(fd) is not c:
+                continue
+            if c.kind == _CLIENT:
+                if c.state == _C_WAIT:
+                    if c.deadline and now >= c.deadline:
+                        self._deadline(fd, now)
+                    elif c.resp_deadline and now >= c.resp_deadline:
+                        self._fail(fd, TIMEOUT)
+                elif c.state == _C_IDLE:
+                    if now - c.since > self.keepalive_s:
+                        self._close_client(fd)
+                elif self.write_timeout_s and now - c.since > self.write_timeout_s:
+                    self._close_client(fd)
+            elif c.state == _U_IDLE and now - c.since > self.upstream_idle_s:
+                self._close_upstream(fd)
+
+    def drain(self) -> None:
+        for fd, c in list(self._conns.items()):
+            if c.kind == _CLIENT and self._conns.get(fd) is c:
+                c.keep = False
+                if c.state == _C_IDLE and not c.rbuf:
+                    self._close_client(fd)
+
+    def close(self) -> None:
+        if self._ep is None:
+            return
+        for fd, c in list(self._conns.items()):
+            if c.kind == _CLIENT and c.token is not None:
+                _call(self.on_abandon, c.token)
+            sock = c.sock
+            self._forget(fd, c)
+            sock.close()
+            self.closed += 1
+        for idle in self._idle.values():
+            idle.clear()
+        self._ep.close()
+        self._ep = None
+
+    def take_closed(self) -> int:
+        n, self.closed = self.closed, 0
+        return n
+
+    def idle_upstreams(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, now: float) -> int:
+        if self._ep is None:
+            return 0
+        events = self._ep.poll(0, 256)
+        if not events:
+            return 0
+        batch = [(fd, ev, self._gens.get(fd, 0)) for fd, ev in events]
+        for fd, _, gen in batch:  # idle upstream connections the worker closed: first
+            c = self._conns.get(fd)
+            if c is not None and c.kind == _UPSTREAM and c.state == _U_IDLE and c.gen == gen:
+                self.stale += 1
+                self._close_upstream(fd)
+        for fd, ev, gen in batch:
+            c = self._conns.get(fd)
+            if c is None or c.gen != gen:
+                continue
+            if c.kind == _CLIENT:
+                self._client_event(fd, c, ev, now)
+            else:
+                self._upstream_event(fd, c, ev, now)
+        return len(events)
+
+    # -- clients -----------------------------------------------------------------------------
+    def _client_event(self, fd: int, c: _Conn, ev: int, now: float) -> None:
+        if ev & _OUT and c.state == _C_WRITE:
+            if self._flush(c) < 0:
+                self._close_client(fd)
+                return
+            if not c.wbuf:
+                self._written(fd, c, now)
+            return
+        if not ev & (_IN | _RDHUP | _HUP | _ERR):
+            return
+        if c.state != _C_IDLE and len(c.rbuf) >= PIPELINE_CAP:
+            self._mask(fd, c, _RDHUP | (_OUT if c.state == _C_WRITE else 0))
+            if ev & (_RDHUP | _HUP | _ERR):
+                self._gone(fd)
+            return
+        try:
+            data = c.sock.recv(65536)
+        except OSError as exc:
+            if exc.errno in _AGAIN:
+                return
+            data = b""
+        if not data:
+            self._gone(fd)
+            return
+        c.rbuf += data
+        if c.state == _C_IDLE:
+            self._dispatch(fd, c, now)
+
+    def _gone(self, fd: int) -> None:
+        c = self._conns[fd]
+        if c.state == _C_WAIT and c.token is not None:
+            if c.peer >= 0:
+                self._close_upstream(c.peer)
+            _call(self.on_abandon, c.token)
+        self._close_client(fd)
+
+    def _close_client(self, fd: int) -> None:
+        c = self._conns[fd]
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        sock = c.sock
+        self._forget(fd, c)
+        sock.close()
+        self.closed += 1
+
+    def _dispatch(self, fd: int, c: _Conn, now: float) -> None:
+        while c.kind == _CLIENT and c.state == _C_IDLE and c.rbuf:
+            length = request_frame(bytes(c.rbuf), self.max_head, self.max_body)
+            if length <= 0:
+                self._demote(fd, None)
+                return
+            data = bytes(c.rbuf[:length])
+            res = _call(self.on_request, c.ident, data)
+            if res is _FAILED:
+                self._close_client(fd)
+                return
+            if type(res) is not tuple:
+                if res is not None:
+                    del c.rbuf[:length]
+                self._demote(fd, res)
+                return
+            del c.rbuf[:length]
+            self._start(fd, c, res, now)
+            return
+        if c.kind == _CLIENT and c.state == _C_IDLE:
+            c.since = now
+
+    def _demote(self, fd: int, cont: Any) -> None:
+        c = self._conns[fd]
+        pending = bytes(c.rbuf)
+        ident = c.ident
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        sock = c.sock
+        self._forget(fd, c)
+        sock.detach()
+        self.demoted += 1
+        if _call(self.on_demote, ident, fd, pending, cont) is _FAILED:
+            socket.close(fd)
+            self.closed += 1
+
+    def _start(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:
+        slot, payload, token, deadline, resp_deadline = plan
+        c.token = token
+        c.deadline = deadline
+        c.resp_deadline = resp_deadline
+        c.state = _C_WAIT
+        c.since = now
+        self.in_flight += 1
+        ufd = self._checkout(slot, now)
+        if ufd < 0:
+            self._fail(fd, LOCAL if ufd == -2 else CONNECT)
+            return
+        u = self._conns[ufd]
+        u.peer = fd
+        c.peer = ufd
+        u.since = now
+        u.rbuf = bytearray()
+        if u.state == _U_CONNECT:
+            u.wbuf, u.woff = payload, 0
+            return
+        if self._send(ufd, u, payload) < 0:
+            self._fail(fd, DROPPED)
+
+    def _send(self, ufd: int, u: _Conn, payload: bytes) -> int:
+        try:
+            r = u.sock.send(payload, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            if exc.errno not in _AGAIN:
+                return -1
+            r = 0
+        if r < len(payload):
+            u.wbuf, u.woff = payload, r
+            u.state = _U_SEND
+            self._mask(ufd, u, _OUT | _IN | _RDHUP)
+        else:
+            u.state = _U_WAIT
+            self._mask(ufd, u, _IN | _RDHUP)
+        return 0
+
+    def _flush(self, c: _Conn) -> int:
+        while c.woff < len(c.wbuf):
+            try:
+                r = c.sock.send(memoryview(c.wbuf)[c.woff :], socket.MSG_NOSIGNAL)
+            except OSError as exc:
+                return 0 if exc.errno in _AGAIN else -1
+            c.woff += r
+        c.wbuf, c.woff = b"", 0
+        return 0
+
+    def _answer(self, fd: int, answer: bytes, keep: bool, now: float) -> None:
+        c = self._conns[fd]
+        if not keep:
+            c.keep = False
+        c.state = _C_WRITE
+        c.since = now
+        try:
+            r = c.sock.send(answer, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            if exc.errno not in _AGAIN:
+                self._close_client(fd)
+                return
+            r = 0
+        if r < len(answer):
+            c.wbuf, c.woff = answer, r
+            self._mask(fd, c, _OUT | _RDHUP)
+            return
+        self._written(fd, c, now)
+
+    def _written(self, fd: int, c: _Conn, now: float) -> None:
+        if not c.keep:
+            self._close_client(fd)
+            return
+        c.state = _C_IDLE
+        c.since = now
+        self._mask(fd, c, _IN | _RDHUP)
+        if c.rbuf:
+            self._dispatch(fd, c, now)
+
+    def _finish(self, fd: int) -> Any:
+        c = self._conns[fd]
+        token, c.token = c.token, None
+        c.peer = -1
+        c.deadline = c.resp_deadline = 0.0
+        self.in_flight -= 1
+        return token
+
+    def _fail(self, fd: int, kind: int) -> None:
+        c = self._conns[fd]
+        reused = got = False
+        sent = kind not in (CONNECT, LOCAL)
+        if c.peer >= 0:
+            u = self._conns[c.peer]
+            reused = u.reused
+            got = bool(u.rbuf)
+            if sent:
+                sent = u.state == _U_WAIT or (u.state == _U_SEND and u.woff > 0)
+            self._close_upstream(c.peer)
+        token = self._finish(fd)
+        c.state = _C_IDLE
+        cont = _call(self.on_failure, token, kind, sent, reused, got)
+        if cont is _FAILED:
+            self._close_client(fd)
+            return
+        self._demote(fd, cont)
+
+    def _deadline(self, fd: int, now: float) -> None:
+        c = self._conns[fd]
+        if c.peer >= 0:
+            self._close_upstream(c.peer)
+        token = self._finish(fd)
+        answer = _call(self.on_timeout, token)
+        if type(answer) is not bytes:
+            self._close_client(fd)
+            return
+        self._answer(fd, answer, False, now)
+
+    # -- upstreams ---------------------------------------------------------------------------
+    def _checkout(self, slot: int, now: float) -> int:
+        spec = self._slots.get(slot)
+        if spec is None:
+            return -1
+        idle = self._idle[slot]
+        while idle:
+            fd = idle.pop()
+            u = self._conns.get(fd)
+            if u is not None and u.kind == _UPSTREAM and u.state == _U_IDLE:
+                self.reuses += 1
+                u.reused = True
+                u.state = _U_WAIT
+                return fd
+        family, sockaddr = spec
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError:
+            return -2
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(_address(family, sockaddr))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            return -1
+        u = _Conn(_UPSTREAM, sock, now)
+        u.state = _U_CONNECT
+        u.slot = slot
+        self.upstreams += 1
+        self.connects += 1
+        self._register(sock.fileno(), u, _OUT | _IN | _RDHUP)
+        return sock.fileno()
+
+    def _close_upstream(self, fd: int) -> None:
+        u = self._conns.get(fd)
+        if u is None or u.kind != _UPSTREAM:
+            return
+        if u.state == _U_IDLE:
+            idle = self._idle.get(u.slot)
+            if idle is not None and fd in idle:
+                idle.remove(fd)
+        if u.peer >= 0:
+            peer = self._conns.get(u.peer)
+            if peer is not None:
+                peer.peer = -1
+        sock = u.sock
+        self._forget(fd, u)
+        sock.close()
+
+    def _release(self, ufd: int, u: _Conn, now: float) -> None:
+        if u.slot not in self._slots:
+            self._close_upstream(ufd)
+            return
+        u.peer = -1
+        u.state = _U_IDLE
+        u.since = now
+        u.rbuf = bytearray()
+        self._idle[u.slot].append(ufd)
+        self._mask(ufd, u, _IN | _RDHUP)
+
+    def _upstream_event(self, ufd: int, u: _Conn, ev: int, now: float) -> None:
+        cfd = u.peer
+        if cfd < 0:
+            self._close_upstream(ufd)
+            return
+        if u.state == _U_CONNECT:
+            if not ev & (_OUT | _ERR | _HUP):
+                return
+            err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_ERR | _HUP):
+                self._fail(cfd, CONNECT)
+                return
+            u.state = _U_SEND
+            ev |= _OUT
+        if u.state == _U_SEND and ev & _OUT:
+            if self._flush(u) < 0:
+                self._fail(cfd, DROPPED)
+                return
+            if u.wbuf:
+                self._mask(ufd, u, _OUT | _IN | _RDHUP)
+                return
+            u.state = _U_WAIT
+            self._mask(ufd, u, _IN | _RDHUP)
+        if not ev & (_IN | _RDHUP | _HUP | _ERR):
+            return
+        try:
+            data = u.sock.recv(65536)
+        except OSError as exc:
+            if exc.errno in _AGAIN:
+                return
+            data = b""
+        if not data:
+            self._fail(cfd, DROPPED)
+            return
+        u.rbuf += data
+        kind, length, keep = response_frame(bytes(u.rbuf), self.answer_cap)
+        if kind == MORE:
+            return
+        if kind == HANDOFF:
+            self._handoff(cfd, ufd)
+            return
+        whole = bytes(u.rbuf[:length])
+        if keep and len(u.rbuf) == length:
+            self._release(ufd, u, now)
+        else:
+            self._close_upstream(ufd)
+        self.served += 1
+        token = self._finish(cfd)
+        res = _call(self.on_answer, token, whole)
+        if type(res) is tuple and len(res) == 2 and type(res[0]) is bytes:
+            self._answer(cfd, res[0], res[1], now)
+        elif res is _FAILED:
+            self._close_client(cfd)
+        else:
+            self._conns[cfd].state = _C_IDLE
+            self._demote(cfd, res)
+
+    def _handoff(self, cfd: int, ufd: int) -> None:
+        u = self._conns[ufd]
+        c = self._conns[cfd]
+        data = bytes(u.rbuf)
+        u.peer = c.peer = -1
+        sock = u.sock
+        self._forget(ufd, u)
+        sock.detach()
+        token = self._finish(cfd)
+        c.state = _C_IDLE
+        cont = _call(self.on_handoff, token, ufd, data)
+        if cont is _FAILED:
+            socket.close(ufd)
+            self._close_client(cfd)
+            return
+        self._demote(cfd, cont)
+
+
+def _address(family: int, sockaddr: bytes) -> tuple[Any, ...]:
+    """The Python address of a packed ``struct sockaddr_in`` / ``sockaddr_in6``."""
+    port = int.from_bytes(sockaddr[2:4], "big")
+    if family == socket.AF_INET:
+        return socket.inet_ntop(family, sockaddr[4:8]), port
+    return (
+        socket.inet_ntop(family, sockaddr[8:24]),
+        port,
+        0,
+        int.from_bytes(sockaddr[24:28], sys.byteorder),
+    )
+
+
+def pack_sockaddr(host: str, port: int) -> bytes | None:
+    """``struct sockaddr_in`` / ``sockaddr_in6`` for a numeric ``host``; None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, host)
+        except OSError:
+            continue
+        head = family.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big")
+        if family == socket.AF_INET:
+            return head + packed + bytes(8)
+        return head + bytes(4) + packed + bytes(4)
+    return None

@@ -1,0 +1,118 @@
+"""The compiled lane inside the native server: one trio task drives the relay's epoll set.
+
+Why: see :mod:`lmgw._fast.relay_py` (the loop) and :mod:`lmgw.api.lane` (the decisions). Here
+the structure around them: the server hands each accepted connection to the lane; the lane
+hands a connection back (``on_demote``) when a request is not for it, and the server serves it
+from then on as any other, the continuation of a request first when there is one. One task
+waits on the epoll fd and runs the loop; a second sweeps its timeouts. Both live in the
+server's nursery, and the lane's connections close when it is cancelled (requests still in
+flight are accounted as abandoned).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio.lowlevel import wait_readable
+
+from ..netio import RawStream
+
+try:
+    from .._fast.relay import Relay
+
+    IMPLEMENTATION = "cython"
+except ImportError:  # pragma: no cover - the extension is built by `make build`
+    from .._fast.relay_py import Relay  # type: ignore[assignment]
+
+    IMPLEMENTATION = "python"
+
+if TYPE_CHECKING:
+    from .server import HTTPServer
+
+_now = time.perf_counter
+#: how often the sweeper checks deadlines while requests are in flight, and when none is
+_SWEEP_BUSY_S = 0.05
+_SWEEP_IDLE_S = 1.0
+
+
+class Lane:
+    """A relay (``relay_cls``, the compiled one by default) serving for ``server`` with the
+    decisions of ``app`` (an :class:`lmgw.api.lane.LaneApp`)."""
+
+    def __init__(self, server: HTTPServer, app: Any, relay_cls: Any = None) -> None:
+        self.server = server
+        self.app = app
+        lim = server.limits
+        self.relay = (relay_cls or Relay)(
+            app.on_request, app.on_answer, app.on_handoff, app.on_failure, app.on_timeout,
+            app.on_abandon, self._on_demote,
+            max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
+            keepalive_s=lim.keepalive_timeout_s, write_timeout_s=lim.write_timeout_s,
+            upstream_idle_s=app.pool.idle_timeout_s,
+        )  # fmt: skip
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def clients(self) -> int:
+        return self.relay.clients
+
+    def take(self, stream: RawStream) -> bool:
+        """Serve the accepted connection ``stream`` in the lane (False: it cannot)."""
+        try:
+            peer = stream.socket.getpeername()
+            client = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            client = ""
+        fd = stream.socket.detach()
+        try:
+            self.relay.add_client(fd, client, _now())
+        except (OSError, ValueError, MemoryError):
+            socket.close(fd)
+            self.server.lane_closed(1)
+        return True
+
+    def drain(self) -> None:
+        self.app.draining = True
+        self.relay.drain()
+        self._closed()
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Drive the relay until cancelled; ``nursery``: where handed-back connections go."""
+        self._nursery = nursery
+        relay = self.relay
+        self.app.bind(relay)
+        try:
+            async with trio.open_nursery() as own:
+                own.start_soon(self._sweep)
+                while True:
+                    await wait_readable(relay)
+                    relay.run(_now())
+                    if relay.closed:
+                        self._closed()
+        finally:
+            self.app.unbind()
+            relay.close()
+            self._closed()
+
+    async def _sweep(self) -> None:
+        relay = self.relay
+        while True:
+            await trio.sleep(_SWEEP_BUSY_S if relay.in_flight else _SWEEP_IDLE_S)
+            relay.sweep(_now())
+            if relay.closed:
+                self._closed()
+
+    def _closed(self) -> None:
+        n = self.relay.take_closed()
+        if n:
+            self.server.lane_closed(n)
+
+    def _on_demote(self, client: str, fd: int, pending: bytes, cont: Any) -> None:
+        """A connection back from the lane: the server serves it from here on."""
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("the lane is not running")
+        nursery.start_soon(self.server.adopt, fd, client, pending, cont)
