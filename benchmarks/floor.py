@@ -55,8 +55,13 @@ LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
 #: the Python that runs ``--mock`` (``--mock-python``: the peer harness's, with uvloop)
 MOCK_PYTHON = [sys.executable]
-SYSTEMS = tuple(os.environ.get("FLOOR_SYSTEMS", "relay,featured,lmgw,lmgw-general").split(","))
-SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py", "clane": "/tmp/proto/clane_relay.py"}
+SYSTEMS = ("relay", "featured", "lmgw", "lmgw-lane", "lmgw-general")
+SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
+#: the lmgw systems' configs beyond the defaults
+CONFIGS = {
+    "lmgw-lane": "[server]\ncompiled_lane = true\n",
+    "lmgw-general": "[upstream]\nexpress_lane = false\n",
+}
 
 
 def _load_overhead() -> Any:
@@ -120,9 +125,9 @@ def start_system(
         argv = [sys.executable, str(HERE / SCRIPTS[name]), str(port), *map(str, workers)]
     else:
         argv = oh.gateway_argv(port, [f"pd=http://127.0.0.1:{w}" for w in workers])
-        if name == "lmgw-general":
-            config = LOG_DIR / "general.toml"
-            config.write_text("[upstream]\nexpress_lane = false\n")
+        if name in CONFIGS:
+            config = LOG_DIR / f"{name}.toml"
+            config.write_text(CONFIGS[name])
             argv[2:2] = ["--config", str(config)]
     proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus)
     wait_answering(port)
@@ -246,7 +251,9 @@ def main() -> int:
         name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "cpu_us_per_req")}
         for name, rs in runs.items()
     }
-    ratios = express = featured = [0]
+    ratios = paired(runs, "lmgw", "relay")
+    express = paired(runs, "lmgw", "lmgw-general")
+    featured = paired(runs, "lmgw", "featured")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
     for name in SYSTEMS:

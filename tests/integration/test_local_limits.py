@@ -19,6 +19,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL])
+@pytest.mark.parametrize("server", ["native", "hypercorn"])  # (the lane: tests/unit/test_relay.py)
 async def test_out_of_descriptors_is_a_503_and_no_worker_is_blamed(
     gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:

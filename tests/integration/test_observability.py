@@ -133,7 +133,8 @@ async def test_process_series_tasks_and_client_connections(gateway, server: str)
             while metric_value(text, "lmgw_client_connections") < base + 3:
                 await trio.sleep(0.02)
                 text = await g.metrics()
-        assert metric_value(text, "lmgw_tasks") >= tasks + 3  # one task per connection
+        if server == "native":  # one task per connection (the lane's hold none)
+            assert metric_value(text, "lmgw_tasks") >= tasks + 3
     finally:
         for stream in held:
             await stream.aclose()

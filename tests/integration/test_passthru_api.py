@@ -22,6 +22,7 @@ from gateway_support import (
     GatewayHandle,
     http_request,
     metric_value,
+    server_config,
 )
 
 from lmgw.config import (
@@ -30,7 +31,6 @@ from lmgw.config import (
     GatewayConfig,
     HealthConfig,
     ModelConfig,
-    ServerConfig,
     WorkerConfig,
 )
 from lmgw.gateway import Gateway
@@ -406,7 +406,7 @@ async def test_disaggregated_model_needs_merged_workers(
     d = await sim_worker(role="d", served_model_names=("split", "mixed"))
     pd = await sim_worker(model="mixed")
     cfg = GatewayConfig(
-        server=ServerConfig(port=0, server=server, graceful_shutdown_s=1.0),  # type: ignore[arg-type]
+        server=server_config(server, port=0, graceful_shutdown_s=1.0),
         health=HealthConfig(interval_s=30.0),
         models=[ModelConfig(name="split", flow="p/d"), ModelConfig(name="mixed", flow="p/d")],
         workers=[

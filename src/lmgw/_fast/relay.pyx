@@ -53,6 +53,7 @@ cdef extern from "sys/socket.h":
     int connect(int fd, const sockaddr* addr, socklen_t alen) nogil
     int setsockopt(int fd, int level, int name, const void* val, socklen_t vlen) nogil
     int getsockopt(int fd, int level, int name, void* val, socklen_t* vlen) nogil
+    int shutdown(int fd, int how) nogil
     enum:
         MSG_NOSIGNAL
         SOCK_STREAM
@@ -60,6 +61,7 @@ cdef extern from "sys/socket.h":
         SOCK_CLOEXEC
         SOL_SOCKET
         SO_ERROR
+        SHUT_RDWR
 
 cdef extern from "netinet/in.h":
     enum:
@@ -250,6 +252,7 @@ cdef struct Conn:
     int peer
     int slot
     int reused
+    int aborted
     int keep
     unsigned int mask
     char* rbuf
@@ -285,7 +288,8 @@ cdef class Relay:
     cdef epoll_event events[MAXEV]
     cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
     cdef public Py_ssize_t max_head, max_body, answer_cap
-    cdef public double keepalive_s, write_timeout_s, upstream_idle_s
+    cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s
+    cdef public Py_ssize_t lane_body
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
     cdef readonly long demoted, stale
     cdef bint _closed
@@ -303,7 +307,8 @@ cdef class Relay:
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
-                 double write_timeout_s=60.0, double upstream_idle_s=55.0):
+                 double write_timeout_s=60.0, double upstream_idle_s=55.0,
+                 double partial_s=1.0, Py_ssize_t lane_body=1 << 20):
         self.on_request = on_request
         self.on_answer = on_answer
         self.on_handoff = on_handoff
@@ -317,6 +322,8 @@ cdef class Relay:
         self.keepalive_s = keepalive_s
         self.write_timeout_s = write_timeout_s
         self.upstream_idle_s = upstream_idle_s
+        self.partial_s = partial_s
+        self.lane_body = lane_body if lane_body < max_body else max_body
 
     def __dealloc__(self):
         cdef int fd
@@ -455,14 +462,16 @@ cdef class Relay:
             self.slots[slot].active = 0
 
     def abort_origin(self, int slot):
-        """Fail the requests waiting for ``slot``'s answer now (a worker ejected or removed):
-        each goes to ``on_failure`` as ABANDONED-by-the-gateway (``kind`` DROPPED, aborted)."""
+        """Fail the requests waiting for ``slot``'s answer (a worker ejected or removed): their
+        connections are shut down, and the loop's next pass gives each to ``on_failure`` as
+        ABORTED (as the pool's abort: the caller is not re-entered)."""
         cdef int fd
         cdef int n = 0
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.kind == UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != U_IDLE:
-                self._fail(c.peer, ABORTED)
+                c.aborted = 1
+                shutdown(fd, SHUT_RDWR)
                 n += 1
         return n
 
@@ -481,7 +490,9 @@ cdef class Relay:
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._fail(fd, TIMEOUT)
                 elif c.state == C_IDLE:
-                    if now - c.since > self.keepalive_s:
+                    if c.rlen and c.deadline and now >= c.deadline:
+                        self._demote(fd, None)  # a request in pieces: the server's timeouts
+                    elif now - c.since > self.keepalive_s:
                         self._close_client(fd)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
@@ -509,7 +520,7 @@ cdef class Relay:
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.kind == CLIENT and c.token != NULL:
-                token = <object>c.token
+                token = self._finish(fd)
                 _call(self.on_abandon, (token,))
             if c.kind != FREE:
                 self._forget(fd, c)
@@ -605,7 +616,7 @@ cdef class Relay:
         if c.state == C_WAIT and c.token != NULL:
             if c.peer >= 0:
                 self._close_upstream(c.peer)  # closing is how the worker learns
-            token = <object>c.token
+            token = self._finish(fd)
             _call(self.on_abandon, (token,))
         self._close_client(fd)
 
@@ -622,8 +633,12 @@ cdef class Relay:
         cdef Py_ssize_t length
         cdef object data, res, token
         while c.kind == CLIENT and c.state == C_IDLE and c.rlen > 0:
-            length = _request_frame(<const unsigned char*>c.rbuf, c.rlen, self.max_head, self.max_body)
-            if length <= 0:
+            length = _request_frame(<const unsigned char*>c.rbuf, c.rlen, self.max_head, self.lane_body)
+            if length == MORE:  # the rest is on its way: a while, then the server's
+                if c.deadline == 0:
+                    c.deadline = now + self.partial_s
+                return
+            if length < 0:
                 self._demote(fd, None)
                 return
             data = PyBytes_FromStringAndSize(c.rbuf, length)
@@ -783,6 +798,8 @@ cdef class Relay:
             u = &self.conns[c.peer]
             reused = u.reused
             got = u.rlen > 0
+            if u.aborted:
+                kind = ABORTED
             sent = u.state == U_WAIT or (u.state == U_SEND and u.woff > 0)
             if kind == CONNECT or kind == LOCAL:
                 sent = 0
@@ -826,6 +843,7 @@ cdef class Relay:
             if u.kind == UPSTREAM and u.state == U_IDLE:
                 self.reuses += 1
                 u.reused = 1
+                u.aborted = 0
                 u.state = U_WAIT
                 return fd
         fd = socket((<unsigned short*>s.addr)[0], SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -846,6 +864,7 @@ cdef class Relay:
         u.slot = slot
         u.peer = -1
         u.reused = 0
+        u.aborted = 0
         u.rlen = u.rcap = u.wlen = u.woff = 0
         u.rbuf = u.wbuf = NULL
         u.ident = u.token = NULL

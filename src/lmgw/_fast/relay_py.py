@@ -70,12 +70,12 @@ _AGAIN = (errno.EAGAIN, errno.EINTR)
 _FAILED = object()
 
 
-def _scan_head(head: bytes) -> tuple[int, bool, bool, bool]:
-    """The header lines after the first: Content-Length (-1: none), and whether the framing
-    is not ours (chunked, Expect, Upgrade, a duplicate or malformed length), whether the
-    Connection header says close, and whether there was any Transfer-Encoding."""
+def _scan_head(head: bytes) -> tuple[int, bool, bool, bool, bool]:
+    """The header lines after the first: Content-Length (-1: none), and whether it was odd
+    (a duplicate, an empty or malformed one), whether the Connection header says close,
+    whether there was any Transfer-Encoding, and whether an Expect or Upgrade header."""
     length = -1
-    odd = close = chunked = False
+    odd = close = chunked = special = False
     for line in head.split(b"\r\n")[1:]:
         name, colon, value = line.partition(b":")
         if not colon:
@@ -94,8 +94,8 @@ def _scan_head(head: bytes) -> tuple[int, bool, bool, bool]:
         elif name == b"connection":
             close = close or b"close" in value.lower()
         elif name in (b"expect", b"upgrade"):
-            odd = True
-    return length, odd, close, chunked
+            special = True
+    return length, odd, close, chunked, special
 
 
 def request_frame(data: bytes, max_head: int, max_body: int) -> int:
@@ -105,8 +105,8 @@ def request_frame(data: bytes, max_head: int, max_body: int) -> int:
     end = data.find(b"\r\n\r\n", 0, max_head + 4)
     if end < 0:
         return MORE if len(data) < max_head + 4 else NOT_OURS
-    length, odd, _, chunked = _scan_head(data[:end])
-    if odd or chunked:
+    length, odd, _, chunked, special = _scan_head(data[:end])
+    if odd or chunked or special:
         return NOT_OURS
     length = max(length, 0)
     if length > max_body:
@@ -129,7 +129,7 @@ def response_frame(data: bytes, cap: int) -> tuple[int, int, bool]:
     status = int(data[9:12])
     if status < 200 or status >= 400 or status in (204, 304):
         return HANDOFF, 0, False
-    length, odd, close, chunked = _scan_head(data[:end])
+    length, odd, close, chunked, _ = _scan_head(data[:end])
     if odd or chunked or length < 0 or length > cap:
         return HANDOFF, 0, False
     if len(data) < end + 4 + length:
@@ -139,6 +139,7 @@ def response_frame(data: bytes, cap: int) -> tuple[int, int, bool]:
 
 class _Conn:
     __slots__ = (
+        "aborted",
         "deadline",
         "gen",
         "ident",
@@ -166,6 +167,7 @@ class _Conn:
         self.peer = -1
         self.slot = -1
         self.reused = False
+        self.aborted = False
         self.keep = True
         self.mask = 0
         self.rbuf = bytearray()
@@ -212,6 +214,8 @@ class Relay:
         keepalive_s: float = 75.0,
         write_timeout_s: float = 60.0,
         upstream_idle_s: float = 55.0,
+        partial_s: float = 1.0,
+        lane_body: int = 1 << 20,
     ) -> None:
         self.on_request, self.on_answer, self.on_handoff = on_request, on_answer, on_handoff
         self.on_failure, self.on_timeout, self.on_abandon = on_failure, on_timeout, on_abandon
@@ -219,6 +223,8 @@ class Relay:
         self.max_head, self.max_body, self.answer_cap = max_head, max_body, answer_cap
         self.keepalive_s, self.write_timeout_s = keepalive_s, write_timeout_s
         self.upstream_idle_s = upstream_idle_s
+        self.partial_s = partial_s
+        self.lane_body = min(lane_body, max_body)
         self._ep: select.epoll | None = select.epoll()
         self._conns: dict[int, _Conn] = {}
         self._gens: dict[int, int] = {}
@@ -287,7 +293,11 @@ class Relay:
         n = 0
         for c in list(self._conns.values()):
             if c.kind == _UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != _U_IDLE:
-                self._fail(c.peer, ABORTED)
+                c.aborted = True
+                try:
+                    c.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 n += 1
         return n
 
@@ -302,7 +312,9 @@ class Relay:
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._fail(fd, TIMEOUT)
                 elif c.state == _C_IDLE:
-                    if now - c.since > self.keepalive_s:
+                    if c.rbuf and c.deadline and now >= c.deadline:
+                        self._demote(fd, None)  # a request in pieces: the server's timeouts
+                    elif now - c.since > self.keepalive_s:
                         self._close_client(fd)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
@@ -321,7 +333,7 @@ class Relay:
             return
         for fd, c in list(self._conns.items()):
             if c.kind == _CLIENT and c.token is not None:
-                _call(self.on_abandon, c.token)
+                _call(self.on_abandon, self._finish(fd))
             sock = c.sock
             self._forget(fd, c)
             sock.close()
@@ -395,7 +407,7 @@ class Relay:
         if c.state == _C_WAIT and c.token is not None:
             if c.peer >= 0:
                 self._close_upstream(c.peer)
-            _call(self.on_abandon, c.token)
+            _call(self.on_abandon, self._finish(fd))
         self._close_client(fd)
 
     def _close_client(self, fd: int) -> None:
@@ -409,8 +421,12 @@ class Relay:
 
     def _dispatch(self, fd: int, c: _Conn, now: float) -> None:
         while c.kind == _CLIENT and c.state == _C_IDLE and c.rbuf:
-            length = request_frame(bytes(c.rbuf), self.max_head, self.max_body)
-            if length <= 0:
+            length = request_frame(bytes(c.rbuf), self.max_head, self.lane_body)
+            if length == MORE:  # the rest is on its way: a while, then the server's
+                if not c.deadline:
+                    c.deadline = now + self.partial_s
+                return
+            if length < 0:
                 self._demote(fd, None)
                 return
             data = bytes(c.rbuf[:length])
@@ -537,6 +553,8 @@ class Relay:
             u = self._conns[c.peer]
             reused = u.reused
             got = bool(u.rbuf)
+            if u.aborted:
+                kind = ABORTED
             if sent:
                 sent = u.state == _U_WAIT or (u.state == _U_SEND and u.woff > 0)
             self._close_upstream(c.peer)
@@ -571,6 +589,7 @@ class Relay:
             if u is not None and u.kind == _UPSTREAM and u.state == _U_IDLE:
                 self.reuses += 1
                 u.reused = True
+                u.aborted = False
                 u.state = _U_WAIT
                 return fd
         family, sockaddr = spec

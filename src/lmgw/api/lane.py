@@ -30,9 +30,11 @@ import trio
 from .._fast.relay_py import ABORTED, CONNECT, DROPPED, LOCAL, TIMEOUT, pack_sockaddr
 from ..errors import GatewayError
 from ..http.h1parse import parse_request, parse_response
+from ..memtrim import LARGE_ANSWER_BYTES
 from ..http.server import build_head
 from ..http.types import Request, Responder
 from ..netio import RawStream
+from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
@@ -96,6 +98,9 @@ class LaneApp:
         self.request_timeout_s = request_timeout_s
         self.draining = False
         self.relay: Any = None
+        #: the server's heap trimmer (lmgw.memtrim), told of the bodies let go, as the server's
+        #: own path tells it
+        self.trimmer: Any = None
         self._slots = 0
 
     def bind(self, relay: Any) -> None:
@@ -145,28 +150,29 @@ class LaneApp:
             if pipe.route_keys
             else pipe.context(model, rid)
         )
-        try:
-            worker = pipe.pick(model, "pd", ctx)
-        except GatewayError:
-            return None
-        origin = worker.origin
-        slot = origin.slot
-        if slot < 0:
-            slot = self._slot(origin)
-            if slot < 0:
-                return None
         admission = api.admission
         if not admission.enter():
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
-        head, body = upstream.request_message(origin, "POST", path, forward, body)
         ex = Exchange(req, endpoint, path, model, rid)
         ex.t0 = t0
         ex.forward = forward
         ex.view = view
-        ex.worker = worker
         ex.ctx = ctx
+        try:
+            worker = ex.worker = pipe.pick(model, "pd", ctx)
+        except GatewayError as exc:  # answered as generate() would, on the server
+            return Continuation(req, partial(self._finishing, ex, _raising(exc)), t0)
+        origin = worker.origin
+        slot = origin.slot
+        if slot < 0:
+            slot = self._slot(origin)
+            if slot < 0:  # TLS, or a host name: the express lane on the server takes it
+                return Continuation(
+                    req, partial(self._finishing, ex, partial(self._express, ex)), t0
+                )
+        head, body = upstream.request_message(origin, "POST", path, forward, body)
         pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
@@ -211,6 +217,8 @@ class LaneApp:
         api = self.api
         api.admission.leave(ex.t0)
         api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, None)
+        if self.trimmer is not None:
+            self.trimmer.released(len(ex.req.body))
 
     # -- its answer --------------------------------------------------------------------------
     def on_answer(self, ex: Exchange, data: bytes) -> tuple[bytes, bool] | Continuation:
@@ -222,6 +230,8 @@ class LaneApp:
             got = (reader.status, reader.headers, reader.content_type, True, reader.take_body())
         status, _, ctype, _, body = got
         self._settle(ex, True)
+        if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
+            self.trimmer.released(len(body))
         keep = ex.keep_alive and not self.draining
         head = build_head(
             status,
@@ -341,10 +351,23 @@ class LaneApp:
         finally:
             self._close(ex, status)
 
+    async def _express(self, ex: Exchange, req: Request, responder: Responder) -> None:
+        await serve_express(
+            self.pipe, responder, ex.worker, ex.ctx, ex.path, req.body, ex.rid, ex.forward,
+            partial(self._greq, ex),
+        )  # fmt: skip
+
     def _greq(self, ex: Exchange) -> GatewayRequest:
         return GatewayRequest(
             ex.endpoint, ex.path, ex.model, False, ex.req.body, ex.rid, ex.forward, ex.t0
         )
+
+
+def _raising(exc: GatewayError) -> Callable[[Request, Responder], Awaitable[None]]:
+    async def finish(req: Request, responder: Responder) -> None:
+        raise exc
+
+    return finish
 
 
 def _upstream_error(

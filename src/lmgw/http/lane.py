@@ -45,6 +45,7 @@ class Lane:
     def __init__(self, server: HTTPServer, app: Any, relay_cls: Any = None) -> None:
         self.server = server
         self.app = app
+        app.trimmer = server.trimmer
         lim = server.limits
         self.relay = (relay_cls or Relay)(
             app.on_request, app.on_answer, app.on_handoff, app.on_failure, app.on_timeout,

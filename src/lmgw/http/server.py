@@ -246,6 +246,7 @@ class _Conn:
     __slots__ = (
         "busy",
         "client",
+        "handed",
         "phase",
         "phase_since",
         "request",
@@ -262,6 +263,8 @@ class _Conn:
         self.stream = stream
         self.client = client
         self.busy = False
+        #: given to the compiled lane (its socket is the lane's now)
+        self.handed = False
         #: body bytes this connection's request holds of the server's budget
         self.reserved = 0
         #: IDLE / HEAD / BODY while reading; the time that phase (or the running request) began
@@ -669,10 +672,11 @@ class HTTPServer:
                 self._idle_event.set()
             if c.reserved:  # gone mid-upload
                 self._release_body(c)
-            stream.close()
-            self._open -= 1
-            if self._accept_lot:
-                self._accept_lot.unpark()
+            if not c.handed:
+                stream.close()
+                self._open -= 1
+                if self._accept_lot:
+                    self._accept_lot.unpark()
 
     @staticmethod
     async def _send_error(stream: RawStream, err: ProtocolError) -> None:
@@ -809,6 +813,17 @@ class HTTPServer:
             c.request = c.responder = None
             ev = parts = responder = None  # type: ignore[assignment]
             answered = True
+            lane = self.lane
+            if (
+                lane is not None
+                and conn.state == IDLE
+                and not conn.events
+                and not pending
+                and not lim.max_connections_per_client
+            ):  # between requests, nothing read ahead: back to the compiled lane
+                c.handed = True
+                lane.take(stream)
+                return
 
     async def _upgrade(self, c: _Conn, req: UpgradeRequest) -> None:
         """Hand the connection to the application's ``upgrade`` hook (a WebSocket). It is

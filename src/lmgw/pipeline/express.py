@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from ..http.types import Headers, Responder
 from ..routing.policy import RouteContext
+from ..workers.worker import Worker
 from .request import GatewayRequest
 from .runner import Pipeline
 
@@ -50,6 +51,22 @@ async def run_express(
         await pipe.disagg.express(make_greq(), responder, dialect, ctx)
         return
     worker = pipe.pick(model, "pd", ctx)
+    await serve_express(pipe, responder, worker, ctx, path, body, request_id, forward, make_greq)
+
+
+async def serve_express(
+    pipe: Pipeline,
+    responder: Responder,
+    worker: Worker,
+    ctx: RouteContext,
+    path: str,
+    body: bytes,
+    request_id: str,
+    forward: Headers,
+    make_greq: Callable[[], GatewayRequest],
+) -> None:
+    """The lane once ``worker`` is chosen (the compiled lane comes here too, for a worker it
+    cannot reach itself)."""
     pipe.express_served += 1
     failure = await pipe.dispatch_whole(
         responder, "pd", worker, ctx, pipe.max_attempts > 1, path, forward, body, request_id,

@@ -1,0 +1,475 @@
+"""The compiled lane's loop (lmgw._fast.relay) and its pure-Python twin, side by side.
+
+The framing functions are compared on generated messages (the twin is the reference); the loop
+is driven without trio, over real sockets: a client socket pair and a TCP listener standing in
+for the worker, every callback recorded.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmgw._fast import relay_py
+from lmgw.http.h1parse import parse_request
+
+try:
+    from lmgw._fast import relay as relay_c
+except ImportError:  # pragma: no cover - the extension is built by `make build`
+    relay_c = None
+
+IMPLS = [relay_py] + ([relay_c] if relay_c is not None else [])
+needs_c = pytest.mark.skipif(relay_c is None, reason="the extension is not built")
+
+# -- framing ---------------------------------------------------------------------------------
+
+_names = st.sampled_from(
+    [b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Host", b"Connection",
+     b"Transfer-Encoding", b"Expect", b"Upgrade", b"X-Other", b"content-type"]
+)  # fmt: skip
+_values = st.one_of(
+    st.sampled_from([b"0", b"5", b"12", b"close", b"keep-alive", b"chunked", b"abc", b"",
+                     b" 7 ", b"99999999999999999999", b"Close"]),
+    st.binary(max_size=8).filter(lambda v: b"\r" not in v and b"\n" not in v),
+)  # fmt: skip
+
+
+@st.composite
+def messages(draw: Any, response: bool) -> bytes:
+    first = (
+        draw(
+            st.sampled_from(
+                [
+                    b"HTTP/1.1 200 OK",
+                    b"HTTP/1.1 404 Not Found",
+                    b"HTTP/1.1 204 No",
+                    b"HTTP/1.1 301 M",
+                    b"HTTP/1.0 200 OK",
+                    b"HTTP/1.1 2x0 OK",
+                    b"HTTP/1.1 100 Continue",
+                    b"HTTP/1.1 200",
+                ]
+            )
+        )  # fmt: skip
+        if response
+        else draw(
+            st.sampled_from(
+                [b"POST /v1/chat/completions HTTP/1.1", b"GET / HTTP/1.1", b"POST /x HTTP/1.0"]
+            )
+        )  # fmt: skip
+    )
+    headers = draw(st.lists(st.tuples(_names, _values), max_size=5))
+    head = first + b"".join(b"\r\n" + k + b": " + v for k, v in headers) + b"\r\n\r\n"
+    body = draw(st.binary(max_size=40))
+    tail = draw(st.binary(max_size=8))
+    cut = draw(st.integers(0, len(head) + len(body) + len(tail)))
+    whole = head + body + tail
+    return whole[:cut] if draw(st.booleans()) else whole
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(messages(False), st.integers(0, 200), st.integers(0, 60))
+def test_request_frame_matches_the_twin(data: bytes, max_head: int, max_body: int) -> None:
+    assert relay_c.request_frame(data, max_head, max_body) == relay_py.request_frame(
+        data, max_head, max_body
+    )
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(messages(True), st.integers(0, 60))
+def test_response_frame_matches_the_twin(data: bytes, cap: int) -> None:
+    assert relay_c.response_frame(data, cap) == relay_py.response_frame(data, cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages(False))
+def test_a_whole_simple_request_is_framed_whole(data: bytes) -> None:
+    """What the server's one-call parser takes whole, the lane frames to the same length."""
+    parts = parse_request(data, 65536, 1 << 20)
+    if parts is not None:
+        for impl in IMPLS:
+            assert impl.request_frame(data, 65536, 1 << 20) == len(data)
+
+
+def test_frames_by_hand() -> None:
+    req = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    for impl in IMPLS:
+        assert impl.request_frame(req, 65536, 100) == len(req)
+        assert impl.request_frame(req + b"POST", 65536, 100) == len(req)  # pipelined
+        assert impl.request_frame(req[:-1], 65536, 100) == relay_py.MORE
+        assert impl.request_frame(req, 65536, 2) == relay_py.NOT_OURS  # body over the cap
+        chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert impl.request_frame(chunked, 65536, 100) == relay_py.NOT_OURS
+        assert impl.request_frame(b"x" * 70, 64, 100) == relay_py.NOT_OURS  # no head end
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+        assert impl.response_frame(ok, 100) == (relay_py.WHOLE, len(ok), False)
+        assert impl.response_frame(ok[:-1], 100)[0] == relay_py.MORE
+        bad = b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n\r\nhi"
+        assert impl.response_frame(bad, 100)[0] == relay_py.HANDOFF
+        assert impl.response_frame(ok, 1)[0] == relay_py.HANDOFF  # over the cap
+
+
+def test_pack_sockaddr() -> None:
+    packed = relay_py.pack_sockaddr("127.0.0.1", 8080)
+    assert packed is not None and len(packed) == 16
+    assert relay_py._address(socket.AF_INET, packed) == ("127.0.0.1", 8080)
+    six = relay_py.pack_sockaddr("::1", 9)
+    assert six is not None and len(six) == 28
+    assert relay_py._address(socket.AF_INET6, six)[:2] == ("::1", 9)
+    assert relay_py.pack_sockaddr("worker.local", 80) is None
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+REQ = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\nhi"
+
+
+def answer(body: bytes = b"ok", status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), extra, body)
+
+
+class Harness:
+    """A relay of ``impl`` with one client (a socket pair) and one worker (a listener)."""
+
+    def __init__(self, impl: Any, plan: Callable[[bytes], Any] | None = None) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.plan = plan or (lambda data: "forward")
+        self.deadline = 0.0
+        self.relay = impl.Relay(
+            self._request, self._answer, self._handoff, self._failure, self._timeout,
+            self._abandon, self._demote, keepalive_s=5.0, partial_s=0.2,
+        )  # fmt: skip
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.relay.set_origin(0, relay_py.pack_sockaddr("127.0.0.1", self.port))
+        self.client, theirs = socket.socketpair()
+        self.client.settimeout(5)
+        theirs.setblocking(False)
+        self.relay.add_client(theirs.detach(), "client-1", time.perf_counter())
+        self.workers: list[socket.socket] = []
+        self.tokens = 0
+
+    # callbacks
+    def _request(self, ident: str, data: bytes) -> Any:
+        self.calls.append(("request", data))
+        what = self.plan(data)
+        if what == "forward":
+            self.tokens += 1
+            return (0, data.replace(b"host: gw", b"host: w"), f"t{self.tokens}", self.deadline, 0.0)
+        return what
+
+    def _answer(self, token: str, data: bytes) -> Any:
+        self.calls.append(("answer", (token, data)))
+        return b"ANSWER " + data.split(b"\r\n\r\n", 1)[1], True
+
+    def _handoff(self, token: str, fd: int, data: bytes) -> Any:
+        self.calls.append(("handoff", (token, data)))
+        socket.close(fd)
+        return "cont-handoff"
+
+    def _failure(self, token: str, kind: int, sent: bool, reused: bool, got: bool) -> Any:
+        self.calls.append(("failure", (token, kind, sent, reused, got)))
+        return "cont-failure"
+
+    def _timeout(self, token: str) -> bytes:
+        self.calls.append(("timeout", token))
+        return b"TIMEOUT"
+
+    def _abandon(self, token: str) -> None:
+        self.calls.append(("abandon", token))
+
+    def _demote(self, ident: str, fd: int, pending: bytes, cont: Any) -> None:
+        self.calls.append(("demote", (ident, pending, cont)))
+        socket.close(fd)
+
+    # driving
+    def spin(self, until: Callable[[], bool], timeout: float = 3.0) -> None:
+        end = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out; calls: {self.calls}")
+            select.select([self.relay.fileno(), self.listener], [], [], 0.01)
+            try:
+                w, _ = self.listener.accept()
+                w.settimeout(5)
+                self.workers.append(w)
+            except BlockingIOError:
+                pass
+            self.relay.run(time.perf_counter())
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.calls]
+
+    def worker_reads(self, worker: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = worker.recv(65536)
+            assert chunk
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.relay.close()
+        self.client.close()
+        self.listener.close()
+        for w in self.workers:
+            w.close()
+
+
+@pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def harness(request: pytest.FixtureRequest):
+    made: list[Harness] = []
+
+    def make(plan: Callable[[bytes], Any] | None = None) -> Harness:
+        h = Harness(request.param, plan)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_a_request_and_its_answer_then_keep_alive(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers)
+    w = h.workers[0]
+    h.spin(lambda: h.relay.in_flight == 1)
+    sent = REQ.replace(b"host: gw", b"host: w")
+    assert h.worker_reads(w, len(sent)) == sent
+    w.sendall(answer(b"first"))
+    h.spin(lambda: "answer" in h.kinds())
+    assert h.client.recv(100) == b"ANSWER first"
+    # the same upstream connection serves the next request
+    h.client.sendall(REQ)
+    h.spin(lambda: h.kinds().count("request") == 2 and h.relay.in_flight == 1)
+    assert h.worker_reads(w, len(sent)) == sent
+    w.sendall(answer(b"second"))
+    h.spin(lambda: h.kinds().count("answer") == 2)
+    assert h.client.recv(100) == b"ANSWER second"
+    assert (h.relay.connects, h.relay.reuses, h.relay.in_flight) == (1, 1, 0)
+    assert h.relay.idle_upstreams() == 1
+
+
+def test_pipelined_requests_are_answered_in_order(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.client.sendall(REQ + REQ.replace(b"hi", b"yo"))
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    assert h.kinds() == ["request"]  # the second waits for the first's answer
+    w.sendall(answer(b"one"))
+    h.spin(lambda: h.kinds().count("request") == 2)
+    assert h.worker_reads(w, len(REQ) - 1).endswith(b"yo")
+    w.sendall(answer(b"two"))
+    h.spin(lambda: h.kinds().count("answer") == 2)
+    got = b""
+    while len(got) < len(b"ANSWER oneANSWER two"):
+        got += h.client.recv(100)
+    assert got == b"ANSWER oneANSWER two"
+
+
+def test_a_client_gone_mid_request_abandons_it_and_closes_upstream(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    h.client.close()
+    h.spin(lambda: "abandon" in h.kinds())
+    assert w.recv(10) == b""  # the worker sees the connection close: that is the abort
+    assert (h.relay.in_flight, h.relay.clients, h.relay.upstreams) == (0, 0, 0)
+    assert h.relay.take_closed() == 1
+
+
+def test_a_request_not_for_the_lane_is_handed_back_with_its_bytes(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(plan=lambda data: None)
+    h.client.sendall(REQ + b"GET /next")
+    h.spin(lambda: "demote" in h.kinds())
+    assert h.calls[-1][1] == ("client-1", REQ + b"GET /next", None)
+    assert h.relay.clients == 0 and h.relay.take_closed() == 0  # handed over, not closed
+
+
+def test_a_continuation_takes_the_request_out_of_the_buffer(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(plan=lambda data: "cont")
+    h.client.sendall(REQ + b"GET /next")
+    h.spin(lambda: "demote" in h.kinds())
+    assert h.calls[-1][1] == ("client-1", b"GET /next", "cont")
+
+
+def test_an_error_answer_is_handed_over_with_its_connection(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    h.worker_reads(h.workers[0], len(REQ) - 1)
+    h.workers[0].sendall(answer(b"nope", b"503 Busy"))
+    h.spin(lambda: "demote" in h.kinds())
+    assert h.kinds()[-2:] == ["handoff", "demote"]
+    assert h.calls[-2][1] == ("t1", answer(b"nope", b"503 Busy"))
+    assert h.calls[-1][1][2] == "cont-handoff"
+    assert h.relay.upstreams == 0 and h.relay.in_flight == 0
+
+
+def test_a_refused_connect_is_a_failure_before_sending(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    h.relay.set_origin(0, relay_py.pack_sockaddr("127.0.0.1", dead_port))
+    h.client.sendall(REQ)
+    h.spin(lambda: "failure" in h.kinds())
+    _, kind, sent, reused, got = h.calls[-2][1]
+    assert (kind, sent, reused, got) == (relay_py.CONNECT, False, False, False)
+    assert h.calls[-1] == ("demote", ("client-1", b"", "cont-failure"))
+
+
+def test_a_worker_dropping_the_request_is_a_failure_after_sending(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    h.worker_reads(h.workers[0], len(REQ) - 1)
+    h.workers[0].sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\npartial")
+    h.workers[0].close()
+    h.spin(lambda: "failure" in h.kinds())
+    _, kind, sent, reused, got = h.calls[-2][1]
+    assert (kind, sent, reused, got) == (relay_py.DROPPED, True, False, True)
+
+
+def test_abort_origin_fails_the_waiting_request_on_the_next_pass(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    assert h.relay.abort_origin(0) == 1
+    assert "failure" not in h.kinds()  # the caller is not re-entered
+    h.spin(lambda: "failure" in h.kinds())
+    assert h.calls[-2][1][1] == relay_py.ABORTED
+
+
+def test_the_deadline_answers_and_closes(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.deadline = time.perf_counter() + 0.05
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.relay.sweep(time.perf_counter())
+    assert "timeout" not in h.kinds()
+    time.sleep(0.06)
+    h.relay.sweep(time.perf_counter())
+    assert h.calls[-1] == ("timeout", "t1")
+    assert h.client.recv(100) == b"TIMEOUT" and h.client.recv(100) == b""
+    h.worker_reads(w, len(REQ) - 1)
+    assert w.recv(10) == b""  # abandoned upstream too
+
+
+def test_a_stale_idle_connection_is_never_reused(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    h.worker_reads(h.workers[0], len(REQ) - 1)
+    h.workers[0].sendall(answer())
+    h.spin(lambda: "answer" in h.kinds())
+    h.client.recv(100)
+    h.workers[0].close()  # the worker closes the idle connection
+    h.spin(lambda: h.relay.idle_upstreams() == 0)
+    h.client.sendall(REQ)
+    h.spin(lambda: len(h.workers) == 2 and h.relay.in_flight == 1)
+    h.worker_reads(h.workers[1], len(REQ) - 1)
+    h.workers[1].sendall(answer(b"fresh"))
+    h.spin(lambda: h.kinds().count("answer") == 2)
+    assert h.client.recv(100) == b"ANSWER fresh"
+    assert h.relay.connects == 2 and "failure" not in h.kinds()
+
+
+def test_a_request_in_pieces_waits_then_goes_to_the_server(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    h.client.sendall(REQ[:20])
+    h.spin(lambda: h.relay.run(time.perf_counter()) == 0 and h.relay.clients == 1, 0.5)
+    h.client.sendall(REQ[20:])  # the rest in time: the lane's
+    h.spin(lambda: "request" in h.kinds())
+    assert h.calls[0] == ("request", REQ)
+    h2 = harness()
+    h2.client.sendall(REQ[:20])
+    time.sleep(0.02)
+    h2.relay.run(time.perf_counter())  # read: the lane waits for the rest...
+    h2.relay.sweep(time.perf_counter())
+    assert h2.calls == []
+    time.sleep(0.25)
+    h2.relay.sweep(time.perf_counter())  # ...past partial_s: the server's timeouts take over
+    assert h2.calls == [("demote", ("client-1", REQ[:20], None))]
+
+
+def test_a_large_answer_is_written_as_the_client_reads(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    big = b"x" * (4 << 20)
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    sender = threading.Thread(target=w.sendall, args=(answer(big),))
+    sender.start()
+    h.spin(lambda: "answer" in h.kinds())
+    sender.join()
+    got = b""
+    want = len(b"ANSWER ") + len(big)
+    while len(got) < want:
+        h.relay.run(time.perf_counter())
+        got += h.client.recv(1 << 20)
+    assert got == b"ANSWER " + big
+    h.spin(lambda: h.relay.clients == 1 and h.relay.in_flight == 0)
+
+
+def test_idle_clients_past_keep_alive_are_closed(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.relay.sweep(time.perf_counter() + 10)
+    assert h.client.recv(10) == b"" and h.relay.clients == 0 and h.relay.take_closed() == 1
+
+
+def test_close_abandons_what_is_in_flight(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    h.relay.close()
+    assert h.calls[-1] == ("abandon", "t1")
+    assert h.client.recv(10) == b""
+
+
+def test_a_callback_that_raises_closes_only_its_connection(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(data: bytes) -> Any:
+        raise RuntimeError("bug")
+
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    h = harness(plan=boom)
+    h.client.sendall(REQ)
+    h.spin(lambda: h.relay.clients == 0)
+    assert h.client.recv(10) == b""
+    assert [type(r.exc_value) for r in reported] == [RuntimeError]
