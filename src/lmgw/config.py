@@ -292,7 +292,7 @@ class ServerConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Plain non-streamed requests (the express lane's) on the native server are relayed by the
     # compiled lane: one epoll loop in C for all its connections, Python only for the
     # gateway's decisions (docs/architecture.md, "The compiled lane"). Off: the trio path.
-    compiled_lane: bool = False
+    compiled_lane: bool = True
     # On shutdown, in-flight requests get this long to finish before they are cancelled;
     # 30 s covers most chat completions while keeping deploys quick.
     graceful_shutdown_s: float = 30.0

@@ -32,6 +32,7 @@ connection stays in the epoll set, so a worker closing it is seen before it is r
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import socket
 import sys
@@ -68,6 +69,7 @@ _IN, _OUT, _ERR, _HUP, _RDHUP = (
 )
 _AGAIN = (errno.EAGAIN, errno.EINTR)
 _FAILED = object()
+_log = logging.getLogger("lmgw.lane")
 
 
 def _scan_head(head: bytes) -> tuple[int, bool, bool, bool, bool]:
@@ -183,16 +185,9 @@ class _Conn:
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
-    except BaseException:  # a callback's bug must not take the loop down
-        sys.unraisablehook(_Unraisable(sys.exc_info()))  # type: ignore[arg-type]
+    except Exception:  # a callback's bug must not take the loop down
+        _log.exception("a callback of the compiled lane failed; its connection is closed")
         return _FAILED
-
-
-class _Unraisable:
-    def __init__(self, info: tuple[Any, Any, Any]) -> None:
-        self.exc_type, self.exc_value, self.exc_traceback = info
-        self.err_msg = "Exception in a callback of the compiled lane"
-        self.object = None
 
 
 class Relay:

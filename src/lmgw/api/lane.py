@@ -30,9 +30,9 @@ import trio
 from .._fast.relay_py import ABORTED, CONNECT, DROPPED, LOCAL, TIMEOUT, pack_sockaddr
 from ..errors import GatewayError
 from ..http.h1parse import parse_request, parse_response
-from ..memtrim import LARGE_ANSWER_BYTES
 from ..http.server import build_head
 from ..http.types import Request, Responder
+from ..memtrim import LARGE_ANSWER_BYTES
 from ..netio import RawStream
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
@@ -139,8 +139,8 @@ class LaneApp:
         if (
             view.stream
             or api.kv_accounting
-            or pipe.dialect_of(model) is not None
             or not api._express(model, view.model, body, endpoint)
+            or pipe.dialect_of(model) is not None  # (P/D: asked of express models only)
         ):
             return None
         rid, forward = api._identify(req)
