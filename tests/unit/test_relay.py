@@ -478,3 +478,13 @@ def test_a_callback_that_raises_closes_only_its_connection(
     assert h.client.recv(10) == b""
     assert "a callback of the compiled lane failed" in caplog.text
     assert "RuntimeError: bug" in caplog.text
+
+
+def test_a_connect_past_its_timeout_fails_unsent(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.client.sendall(REQ)
+    h.spin(lambda: h.relay.in_flight == 1)  # read and connecting: no pass has seen it connect
+    h.relay.sweep(time.perf_counter() + 10)
+    _, kind, sent, _, _ = h.calls[-2][1]
+    assert (kind, sent) == (relay_py.CONNECT_TIMEOUT, False)
+    assert h.calls[-1][0] == "demote" and h.relay.upstreams == 0

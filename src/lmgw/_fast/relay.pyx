@@ -88,10 +88,12 @@ cdef enum:
     TIMEOUT = 4
     PROTOCOL = 5
     ABORTED = 6
+    CONNECT_TIMEOUT = 7
 
 assert (MORE, NOT_OURS, WHOLE, HANDOFF) == (_twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF)
-assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED) == (
-    _twin.CONNECT, _twin.LOCAL, _twin.DROPPED, _twin.TIMEOUT, _twin.PROTOCOL, _twin.ABORTED
+assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED, CONNECT_TIMEOUT) == (
+    _twin.CONNECT, _twin.LOCAL, _twin.DROPPED, _twin.TIMEOUT, _twin.PROTOCOL, _twin.ABORTED,
+    _twin.CONNECT_TIMEOUT,
 )
 
 cdef enum:
@@ -289,7 +291,7 @@ cdef class Relay:
     cdef epoll_event events[MAXEV]
     cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
     cdef public Py_ssize_t max_head, max_body, answer_cap
-    cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s
+    cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s, connect_timeout_s
     cdef public Py_ssize_t lane_body
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
     cdef readonly long demoted, stale
@@ -309,7 +311,8 @@ cdef class Relay:
                  on_demote, *, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
                  double write_timeout_s=60.0, double upstream_idle_s=55.0,
-                 double partial_s=1.0, Py_ssize_t lane_body=1 << 20):
+                 double partial_s=1.0, Py_ssize_t lane_body=1 << 20,
+                 double connect_timeout_s=5.0):
         self.on_request = on_request
         self.on_answer = on_answer
         self.on_handoff = on_handoff
@@ -324,6 +327,7 @@ cdef class Relay:
         self.write_timeout_s = write_timeout_s
         self.upstream_idle_s = upstream_idle_s
         self.partial_s = partial_s
+        self.connect_timeout_s = connect_timeout_s
         self.lane_body = lane_body if lane_body < max_body else max_body
 
     def __dealloc__(self):
@@ -497,8 +501,11 @@ cdef class Relay:
                         self._close_client(fd)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
-            elif c.kind == UPSTREAM and c.state == U_IDLE and now - c.since > self.upstream_idle_s:
-                self._close_upstream(fd)
+            elif c.kind == UPSTREAM:
+                if c.state == U_IDLE and now - c.since > self.upstream_idle_s:
+                    self._close_upstream(fd)
+                elif c.state == U_CONNECT and c.peer >= 0 and now - c.since > self.connect_timeout_s:
+                    self._fail(c.peer, CONNECT_TIMEOUT)
 
     def drain(self):
         """Close the idle clients; busy ones close after their answer."""
@@ -802,7 +809,7 @@ cdef class Relay:
             if u.aborted:
                 kind = ABORTED
             sent = u.state == U_WAIT or (u.state == U_SEND and u.woff > 0)
-            if kind == CONNECT or kind == LOCAL:
+            if kind == CONNECT or kind == LOCAL or kind == CONNECT_TIMEOUT:
                 sent = 0
             self._close_upstream(c.peer)
         elif kind == CONNECT or kind == LOCAL:

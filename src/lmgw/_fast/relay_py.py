@@ -54,6 +54,7 @@ DROPPED = 3  #: the worker closed or reset the connection
 TIMEOUT = 4  #: no answer within the response timeout
 PROTOCOL = 5  #: the answer could not be held
 ABORTED = 6  #: the gateway took the worker out of rotation meanwhile (abort_origin)
+CONNECT_TIMEOUT = 7  #: the connection was not made within the connect timeout
 
 PIPELINE_CAP = 1 << 20
 RESPONSE_HEAD_CAP = 1 << 16
@@ -211,6 +212,7 @@ class Relay:
         upstream_idle_s: float = 55.0,
         partial_s: float = 1.0,
         lane_body: int = 1 << 20,
+        connect_timeout_s: float = 5.0,
     ) -> None:
         self.on_request, self.on_answer, self.on_handoff = on_request, on_answer, on_handoff
         self.on_failure, self.on_timeout, self.on_abandon = on_failure, on_timeout, on_abandon
@@ -219,6 +221,7 @@ class Relay:
         self.keepalive_s, self.write_timeout_s = keepalive_s, write_timeout_s
         self.upstream_idle_s = upstream_idle_s
         self.partial_s = partial_s
+        self.connect_timeout_s = connect_timeout_s
         self.lane_body = min(lane_body, max_body)
         self._ep: select.epoll | None = select.epoll()
         self._conns: dict[int, _Conn] = {}
@@ -315,6 +318,8 @@ class Relay:
                     self._close_client(fd)
             elif c.state == _U_IDLE and now - c.since > self.upstream_idle_s:
                 self._close_upstream(fd)
+            elif c.state == _U_CONNECT and c.peer >= 0 and now - c.since > self.connect_timeout_s:
+                self._fail(c.peer, CONNECT_TIMEOUT)
 
     def drain(self) -> None:
         for fd, c in list(self._conns.items()):
@@ -543,7 +548,7 @@ class Relay:
     def _fail(self, fd: int, kind: int) -> None:
         c = self._conns[fd]
         reused = got = False
-        sent = kind not in (CONNECT, LOCAL)
+        sent = kind not in (CONNECT, LOCAL, CONNECT_TIMEOUT)
         if c.peer >= 0:
             u = self._conns[c.peer]
             reused = u.reused

@@ -27,7 +27,15 @@ from typing import Any
 
 import trio
 
-from .._fast.relay_py import ABORTED, CONNECT, DROPPED, LOCAL, TIMEOUT, pack_sockaddr
+from .._fast.relay_py import (
+    ABORTED,
+    CONNECT,
+    CONNECT_TIMEOUT,
+    DROPPED,
+    LOCAL,
+    TIMEOUT,
+    pack_sockaddr,
+)
 from ..errors import GatewayError
 from ..http.h1parse import parse_request, parse_response
 from ..http.server import build_head
@@ -379,6 +387,10 @@ def _upstream_error(
     UpstreamError = upstream.UpstreamError
     if kind == CONNECT:
         return UpstreamError(f"cannot connect to {where}", retryable=True, sent=False)
+    if kind == CONNECT_TIMEOUT:
+        return UpstreamError(
+            f"connect to {where} timed out", retryable=True, status=504, sent=False
+        )
     if kind == LOCAL:
         return UpstreamError(
             f"the gateway cannot open a connection to {where} (a limit of the gateway's"

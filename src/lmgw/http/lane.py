@@ -52,7 +52,7 @@ class Lane:
             app.on_abandon, self._on_demote,
             max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
             keepalive_s=lim.keepalive_timeout_s, write_timeout_s=lim.write_timeout_s,
-            upstream_idle_s=app.pool.idle_timeout_s,
+            upstream_idle_s=app.pool.idle_timeout_s, connect_timeout_s=app.pool.connect_timeout_s,
         )  # fmt: skip
         self._nursery: trio.Nursery | None = None
 
