@@ -706,6 +706,7 @@ class HTTPServer:
                 return
 
     async def _serve_connection(self, c: _Conn, pending: bytes = b"", first: Any = None) -> None:
+        promote = first is not None
         stream = c.stream
         lim = self.limits
         conn = H1Connection(lim.max_header_bytes, lim.max_body_bytes, c.client)
@@ -815,12 +816,15 @@ class HTTPServer:
             answered = True
             lane = self.lane
             if (
-                lane is not None
+                promote
+                and lane is not None
                 and conn.state == IDLE
                 and not conn.events
                 and not pending
                 and not lim.max_connections_per_client
             ):  # between requests, nothing read ahead: back to the compiled lane
+                # (only a connection the lane handed over mid-request: one whose requests it
+                # does not take stays here, instead of crossing over and back each time)
                 c.handed = True
                 lane.take(stream)
                 return

@@ -1,0 +1,123 @@
+"""The compiled lane in a gateway (server.compiled_lane): which connections it keeps.
+
+Every gateway test already runs on the lane as a third front door (conftest's ``server``); these
+check what only the lane has: the connections it serves, hands to the trio server and takes
+back, counted by its loop (``gw.gateway.server.lane.relay``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from gateway_support import (
+    MODEL,
+    GatewayFactory,
+    RawResponse,
+    open_stream,
+    parse_response,
+    request_bytes,
+)
+
+pytestmark = [pytest.mark.usefixtures("hard_deadline"), pytest.mark.parametrize("server", ["lane"])]
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+class KeepAlive:
+    """One client connection, requests sent on it one after another."""
+
+    def __init__(self, stream: trio.SocketStream, url: str) -> None:
+        self.stream = stream
+        self.url = url
+        self.buf = b""
+
+    async def ask(self, body: Any, split: float = 0.0) -> RawResponse:
+        data = request_bytes(self.url, "POST", "/v1/chat/completions", body, close=False)
+        with trio.fail_after(10):
+            if split:  # the head first, the body a moment later (as some clients write)
+                at = data.index(b"\r\n\r\n") + 4
+                await self.stream.send_all(data[:at])
+                await trio.sleep(split)
+                await self.stream.send_all(data[at:])
+            else:
+                await self.stream.send_all(data)
+            while True:
+                if b"\r\n\r\n" in self.buf:
+                    r = parse_response(self.buf)
+                    if r.complete and (
+                        "content-length" in r.headers or self.buf.endswith(b"0\r\n\r\n")
+                    ):
+                        self.buf = b""
+                        return r
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, "connection closed"
+                self.buf += chunk
+
+
+async def _client(gw: Any) -> KeepAlive:
+    return KeepAlive(await open_stream(gw.url), gw.url)
+
+
+async def test_plain_requests_stay_in_the_lane(gateway: GatewayFactory) -> None:
+    gw = await gateway(2)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    for _ in range(5):
+        r = await c.ask(CHAT)
+        assert r.status == 200 and r.headers["x-request-id"]
+    assert relay.served == 5 and relay.demoted == 0 and relay.clients == 1
+
+
+async def test_a_request_in_two_writes_is_still_the_lanes(gateway: GatewayFactory) -> None:
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    assert (await c.ask(CHAT, split=0.05)).status == 200
+    assert relay.served == 1 and relay.demoted == 0
+
+
+async def test_a_stream_hands_the_connection_over_for_good(gateway: GatewayFactory) -> None:
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    assert (await c.ask(CHAT)).status == 200
+    streamed = await c.ask({**CHAT, "stream": True})
+    assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
+    assert (await c.ask(CHAT)).status == 200  # served by the trio server now
+    assert relay.served == 1 and relay.demoted == 1 and relay.clients == 0
+    assert gw.gateway.server.active_connections == 1
+
+
+async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
+    """A worker that fails every request: the lane's request is finished by the server
+    (retried on the other worker), and the connection returns to the lane for the next one."""
+    gw = await gateway(per_worker=[{"faults": {"error_rate": 1.0}}, {}], health_interval_s=300.0)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    r = await c.ask(CHAT)  # round robin: the failing worker first
+    assert r.status == 200 and relay.demoted == 1 and relay.served == 0
+    await gw.sims[0].set_faults(error_rate=0.0)
+    for _ in range(2):
+        assert (await c.ask(CHAT)).status == 200
+    assert relay.served == 2 and relay.demoted == 1 and relay.clients == 1  # back in the lane
+
+
+async def test_an_error_answer_is_relayed_by_the_server(gateway: GatewayFactory) -> None:
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    r = await c.ask({**CHAT, "max_tokens": -1})  # the gateway's own 400: never leaves Python
+    assert r.status == 400 and r.headers["content-type"] == "application/json"
+    assert relay.demoted == 1
+    assert (await c.ask(CHAT)).status == 200
+
+
+async def test_off_with_api_keys(gateway: GatewayFactory, nursery: trio.Nursery) -> None:
+    from lmgw.config import ApiKeyConfig, AuthConfig
+
+    gw = await gateway(1, auth=AuthConfig(keys=[ApiKeyConfig(key="sk-test-0123456789abcdef")]))
+    assert gw.gateway.server.lane is None
+    r = await (await _client(gw)).ask(CHAT)
+    assert r.status == 401
