@@ -20,7 +20,14 @@ from gateway_support import (
     request_bytes,
 )
 
-pytestmark = [pytest.mark.usefixtures("hard_deadline"), pytest.mark.parametrize("server", ["lane"])]
+pytestmark = pytest.mark.usefixtures("hard_deadline")
+
+
+@pytest.fixture
+def server() -> str:
+    """The ``gateway`` fixture's front door here: the lane only."""
+    return "lane"
+
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -121,3 +128,62 @@ async def test_off_with_api_keys(gateway: GatewayFactory, nursery: trio.Nursery)
     assert gw.gateway.server.lane is None
     r = await (await _client(gw)).ask(CHAT)
     assert r.status == 401
+
+
+async def _pd_gateway(nursery: trio.Nursery, sim_worker: Any, **prefill_opts: Any) -> Any:
+    from gateway_support import server_config
+
+    from lmgw.config import (
+        GatewayConfig,
+        HealthConfig,
+        ModelConfig,
+        WorkerConfig,
+    )
+    from lmgw.gateway import Gateway
+
+    ps = [await sim_worker(role="p", **prefill_opts), await sim_worker(role="p")]
+    d = await sim_worker(role="d")
+    cfg = GatewayConfig(
+        server=server_config("lane", port=0, graceful_shutdown_s=1.0),
+        health=HealthConfig(interval_s=300.0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        workers=[
+            *(WorkerConfig(url=p.url, role="p", id=f"p{i}") for i, p in enumerate(ps)),
+            WorkerConfig(url=d.url, role="d", id="d0"),
+        ],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    return gw
+
+
+async def test_p_d_requests_run_both_legs_in_the_lane(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    gw = await _pd_gateway(nursery, sim_worker)
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    texts = set()
+    for _ in range(4):
+        r = await c.ask(CHAT)
+        assert r.status == 200, r.body
+        assert r.headers["server-timing"].startswith("prefill;dur=")
+        texts.add(r.json()["choices"][0]["message"]["content"])
+    assert len(texts) == 1  # the simulator's text: a function of the prompt, whatever the legs
+    assert relay.served == 8 and relay.demoted == 0  # two whole answers per request
+    assert gw.registry.get("d0").in_flight == 0 and gw.app.admission.in_flight == 0
+    assert not gw.pipeline.placement.queued  # joint placement's holds released
+
+
+async def test_p_d_a_failing_prefill_is_retried_on_the_other(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    gw = await _pd_gateway(nursery, sim_worker, faults={"error_rate": 1.0})
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    for _ in range(4):  # round robin over the prefill workers: p0 answers 500 every time
+        r = await c.ask(CHAT)
+        assert r.status == 200, r.body
+    assert relay.demoted >= 1  # those went on on the server
+    assert all(w.in_flight == 0 for w in gw.registry)

@@ -15,8 +15,9 @@ The loop does no HTTP judgement of its own. It frames messages (:func:`request_f
   ``(slot, payload, token, deadline, response_deadline)`` sends ``payload`` on a connection
   of ``slot``; anything else hands the client connection to Python (``on_demote``), ``None``
   with the request still unread, a continuation to finish this request first.
-* ``on_answer(token, data) -> (answer, keep_alive) | cont``: a whole 2xx/3xx answer with a
-  Content-Length (the upstream connection is back in its slot already).
+* ``on_answer(token, data) -> (answer, keep_alive) | plan | cont``: a whole 2xx/3xx answer
+  with a Content-Length (the upstream connection is back in its slot already); a plan sends
+  the request's next leg (a P/D request's decode leg after its prefill leg's answer).
 * ``on_handoff(token, fd, data) -> cont``: any other answer, its connection and the bytes read.
 * ``on_failure(token, kind, sent, reused, got) -> cont``: no answer (connect failed, dropped,
   timed out, aborted); ``sent`` whether the request left, ``got`` whether any answer byte came.
@@ -688,6 +689,9 @@ class Relay:
         res = _call(self.on_answer, token, whole)
         if type(res) is tuple and len(res) == 2 and type(res[0]) is bytes:
             self._answer(cfd, res[0], res[1], now)
+        elif type(res) is tuple and len(res) == 5:  # the request's next leg
+            self._conns[cfd].state = _C_IDLE
+            self._start(cfd, self._conns[cfd], res, now)
         elif res is _FAILED:
             self._close_client(cfd)
         else:

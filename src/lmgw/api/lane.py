@@ -5,15 +5,19 @@ plain requests in C, one epoll set for all its connections; what is left in Pyth
 is what the gateway decides. These are the same steps as :meth:`OpenAIAPI.generate` on the
 express lane (:mod:`lmgw.pipeline.express`): the request id, the body's validation, the model,
 admission, the route and the load accounting, then the answer's head and the metrics; written
-as plain calls, one when the request is whole and one when its answer is.
+as plain calls, one when the request is whole and one per answer. A P/D request (the express
+lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: the prefill
+leg's answer gives the hand-off, and the decode leg's answer goes to the client
+(:meth:`DisaggRunner.express`'s steps).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
-does not take (a stream, an error to answer, a request that came in pieces, a queue to wait
-in, a P/D model...) is handed to the server with its connection before anything happened to
-it. A failed exchange or an answer the lane does not relay (an error status, a chunked or very
-large body) is handed over too, with a continuation that finishes that request where the
-express lane would have: :meth:`Pipeline.failed` and :meth:`Pipeline.attempts` for the retry,
-:meth:`Pipeline.answer` for the answer.
+does not take (a stream, an error to answer, a queue to wait in, a split prompt...) is handed
+to the server with its connection before anything happened to it. A failed exchange or an
+answer the lane does not relay (an error status, a chunked or very large body) is handed over
+too, with a continuation that finishes that request where the express lane would have:
+:meth:`Pipeline.failed` and :meth:`Pipeline.attempts` for the retry, :meth:`Pipeline.answer`
+for the answer, and for P/D :meth:`DisaggRunner.express_prefilled` (the prefill leg's retries,
+then the decode leg) or :meth:`DisaggRunner.after_decode` (the decode leg's).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ..http.server import build_head
 from ..http.types import Request, Responder
 from ..memtrim import LARGE_ANSWER_BYTES
 from ..netio import RawStream
+from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
 from ..transport import pool as upstream
@@ -54,14 +59,18 @@ _ROUTES = {
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
     b"/v1/completions": ("completions", "/v1/completions"),
 }
+Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 class Exchange:
-    """One request on the lane, from its plan to its answer (the lane's ``token``)."""
+    """One request on the lane, from its plan to its answer (the lane's ``token``).
+
+    ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "ctx", "endpoint", "forward", "keep_alive", "model", "path", "req", "rid", "t0", "t_sent",
-        "view", "worker",
+        "body", "ctx", "decode", "dialect", "endpoint", "forward", "greq", "handoff",
+        "keep_alive", "leg", "model", "path", "pctx", "pre", "prefill", "req", "rid", "stage",
+        "t0", "t_sent", "worker",
     )  # fmt: skip
 
     def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
@@ -71,12 +80,22 @@ class Exchange:
         self.model = model
         self.rid = rid
         self.keep_alive = req.keep_alive
+        self.stage = "pd"
         self.t0 = 0.0
         self.t_sent = 0.0
         self.forward: list[tuple[bytes, bytes]] = []
-        self.view: Any = None
         self.worker: Any = None
-        self.ctx: Any = None
+        self.ctx: Any = None  # the routing context
+        # P/D: the legs' request, dialect, body, pair, stage context, legs and hand-off
+        self.greq: Any = None
+        self.dialect: Any = None
+        self.body: Any = None
+        self.prefill: Any = None
+        self.decode: Any = None
+        self.pctx: Any = None
+        self.pre: Any = None
+        self.leg: Any = None
+        self.handoff: Any = None
 
 
 class Continuation:
@@ -86,8 +105,7 @@ class Continuation:
 
     __slots__ = ("request", "run", "t0")
 
-    def __init__(self, request: Request, run: Callable[[Request, Responder], Awaitable[None]],
-                 t0: float) -> None:  # fmt: skip
+    def __init__(self, request: Request, run: Handler, t0: float) -> None:
         self.request = request
         self.run = run
         self.t0 = t0
@@ -100,6 +118,7 @@ class LaneApp:
         self.api = api
         self.gw = api.gw
         self.pipe = api.gw.pipeline
+        self.disagg = api.gw.pipeline.disagg
         self.pool = api.gw.pool
         self.max_head = max_head
         self.max_body = max_body
@@ -121,9 +140,10 @@ class LaneApp:
             self.pool.relay = None
 
     # -- a request ---------------------------------------------------------------------------
-    def on_request(self, client: str, data: bytes) -> tuple | None:
+    def on_request(self, client: str, data: bytes) -> tuple | Continuation | None:
         """The plan for a whole request: (slot, bytes to send, exchange, deadline, response
-        deadline); None to leave the request to the server (nothing done to it yet)."""
+        deadline); a continuation for the server to finish it; None to leave the request to
+        the server (nothing done to it yet)."""
         parts = parse_request(data, self.max_head, self.max_body)
         if parts is None:
             return None
@@ -144,16 +164,21 @@ class LaneApp:
         except GatewayError:
             return None  # the server answers it, the same way
         pipe = self.pipe
-        if (
-            view.stream
-            or api.kv_accounting
-            or not api._express(model, view.model, body, endpoint)
-            or pipe.dialect_of(model) is not None  # (P/D: asked of express models only)
-        ):
+        if view.stream or api.kv_accounting or not api._express(model, view.model, body, endpoint):
             return None
+        dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         rid, forward = api._identify(req)
         req.request_id = rid
-        ctx = (
+        ex = Exchange(req, endpoint, path, model, rid)
+        ex.t0 = t0
+        ex.forward = forward
+        if dialect is not None:
+            ex.greq = GatewayRequest(endpoint, path, model, False, body, rid, forward, t0)
+            ex.body = self.disagg.plain_body(ex.greq, dialect)
+            if ex.body is None:
+                return None
+            ex.dialect = dialect
+        ctx = ex.ctx = (
             api._route_keys(req, model, rid, endpoint, body, view, None)
             if pipe.route_keys
             else pipe.context(model, rid)
@@ -163,44 +188,39 @@ class LaneApp:
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
-        ex = Exchange(req, endpoint, path, model, rid)
-        ex.t0 = t0
-        ex.forward = forward
-        ex.view = view
-        ex.ctx = ctx
+        if dialect is not None:
+            return self._prefill(ex)
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
-            return Continuation(req, partial(self._finishing, ex, _raising(exc)), t0)
-        origin = worker.origin
-        slot = origin.slot
-        if slot < 0:
-            slot = self._slot(origin)
-            if slot < 0:  # TLS, or a host name: the express lane on the server takes it
-                return Continuation(
-                    req, partial(self._finishing, ex, partial(self._express, ex)), t0
-                )
-        head, body = upstream.request_message(origin, "POST", path, forward, body)
+            return self._continue(ex, _raising(exc))
+        slot = self._slot(worker.origin)
+        if slot < 0:  # TLS, or a host name: the express lane on the server takes it
+            return self._continue(ex, partial(self._express, ex))
+        head, payload = upstream.request_message(worker.origin, "POST", path, forward, body)
         pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
+        return self._plan(ex, slot, head + payload if payload else head)
+
+    def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
         now = ex.t_sent = _now()
-        rt = pipe.response_timeout_s
+        rt = self.pipe.response_timeout_s
         return (
             slot,
-            head + body if body else head,
+            payload,
             ex,
-            t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
+            ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
             now + rt if rt != math.inf else 0.0,
         )
 
     def _slot(self, origin: Any) -> int:
         """The lane's slot for ``origin`` (-2, for good: TLS or a host name)."""
-        if origin.scheme != "http":
-            origin.slot = -2
-            return -2
+        slot = origin.slot
+        if slot != -1:
+            return slot
         host = "127.0.0.1" if origin.host == "localhost" else origin.host
-        sockaddr = pack_sockaddr(host, origin.port)
+        sockaddr = pack_sockaddr(host, origin.port) if origin.scheme == "http" else None
         if sockaddr is None:
             origin.slot = -2
             return -2
@@ -210,12 +230,59 @@ class LaneApp:
         origin.slot = slot
         return slot
 
+    def _prefill(self, ex: Exchange) -> tuple | Continuation:
+        """A P/D request: its pair, then its prefill leg (:meth:`DisaggRunner.express`)."""
+        pipe, disagg, greq = self.pipe, self.disagg, ex.greq
+        try:
+            ex.prefill, ex.decode = pipe.place(ex.model, ex.ctx, len(greq.body))
+        except GatewayError as exc:
+            return self._continue(ex, _raising(exc))
+        pipe.express_served += 1
+        ex.pctx = disagg.context(greq, ex.prefill, ex.decode)
+        if self._slot(ex.prefill.origin) < 0 or self._slot(ex.decode.origin) < 0:
+            return self._continue(ex, partial(self._prefilled, ex, None))
+        try:
+            ex.pre = pre = ex.dialect.prefill_request(ex.body, ex.pctx)
+        except _ANSWERABLE as exc:
+            return self._continue(ex, _raising(_client_error(greq, exc)))
+        head, payload = upstream.request_message(
+            ex.prefill.origin, "POST", pre.path, pre.headers, pre.body
+        )
+        ex.stage = "p"
+        ex.worker = ex.prefill
+        disagg.leg_begin("p", ex.prefill, ex.ctx)
+        return self._plan(ex, ex.prefill.origin.slot, head + payload if payload else head)
+
+    def _decode(self, ex: Exchange, status: int, answer: bytes) -> tuple | Continuation:
+        """The prefill leg answered: the hand-off, then the decode leg."""
+        greq, dialect = ex.greq, ex.dialect
+        try:
+            ex.handoff = dialect.read_prefill(ex.pre, status, answer)
+            ex.leg = leg = dialect.decode_request(ex.body, ex.handoff, ex.pctx)
+        except _ANSWERABLE as exc:
+            return self._continue(ex, _raising(_client_error(greq, exc)))
+        if dialect.rewrites_decode(ex.handoff):  # the general leg, on the server
+            return self._continue(ex, partial(self._after_decode, ex, None))
+        decode = ex.worker = ex.decode
+        head, payload = upstream.request_message(
+            decode.origin, "POST", leg.path, leg.headers, leg.body
+        )
+        ex.stage = "d"
+        self.pipe.registry.acquire(decode)
+        self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
+        return self._plan(ex, decode.origin.slot, head + payload if payload else head)
+
+    # -- the end of a leg --------------------------------------------------------------------
     def _settle(self, ex: Exchange, ok: bool) -> None:
-        """The end of the exchange with the worker: what :meth:`Pipeline.dispatch_whole` does
-        in its ``finally``."""
+        """The leg in flight is over: what :meth:`Pipeline.dispatch_whole` (a merged or decode
+        leg) or :meth:`DisaggRunner._leg` (a prefill leg) does in its ``finally``."""
         pipe, worker = self.pipe, ex.worker
-        pipe.metrics.stage.observe(("pd", worker.id), _now() - ex.t_sent)
-        pipe.policies["pd"].on_finish(worker, ex.ctx, ok)
+        if ex.stage == "p":
+            self.disagg.leg_end(ex.greq, "p", worker, ex.ctx, ex.t_sent, ok)
+            return
+        role = ex.stage
+        pipe.metrics.stage.observe((role, worker.id), _now() - ex.t_sent)
+        pipe.policies[role].on_finish(worker, ex.ctx, ok)
         pipe.registry.release(worker)
         if ok:
             pipe.registry.record_success(worker)
@@ -223,30 +290,35 @@ class LaneApp:
     def _close(self, ex: Exchange, status: int) -> None:
         """The end of the request: what :meth:`OpenAIAPI.generate` does in its ``finally``."""
         api = self.api
+        placement = self.pipe.placement
+        if placement is not None and ex.dialect is not None:  # (idempotent)
+            placement.release(ex.ctx)
         api.admission.leave(ex.t0)
         api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, None)
         if self.trimmer is not None:
             self.trimmer.released(len(ex.req.body))
 
-    # -- its answer --------------------------------------------------------------------------
-    def on_answer(self, ex: Exchange, data: bytes) -> tuple[bytes, bool] | Continuation:
-        """A whole 2xx/3xx answer with a Content-Length: the bytes for the client."""
+    # -- answers -----------------------------------------------------------------------------
+    def on_answer(self, ex: Exchange, data: bytes) -> tuple | Continuation:
+        """A whole 2xx/3xx answer with a Content-Length: the bytes for the client, or (a
+        prefill leg's) the plan of the decode leg."""
         got = parse_response(data)
         if got is None:  # a head the one-call parser leaves to httptools
             reader = ResponseReader()
             reader.feed(data)
             got = (reader.status, reader.headers, reader.content_type, True, reader.take_body())
         status, _, ctype, _, body = got
+        if ex.stage == "p":
+            self._settle(ex, self.disagg.leg_answered(ex.worker, status))
+            return self._decode(ex, status, body)
         self._settle(ex, True)
         if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
             self.trimmer.released(len(body))
         keep = ex.keep_alive and not self.draining
-        head = build_head(
-            status,
-            [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())],
-            b"content-length: %d\r\n\r\n" % len(body),
-            keep,
-        )
+        headers = [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())]
+        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
+            headers.append((b"server-timing", ex.greq.server_timing()))
+        head = build_head(status, headers, b"content-length: %d\r\n\r\n" % len(body), keep)
         self._close(ex, status)
         return head + body, keep
 
@@ -277,73 +349,115 @@ class LaneApp:
     ) -> Continuation:
         """No answer came: the same judgement as the pool's and the express lane's (retry on
         another worker, or the error), run on the handed-back connection."""
-        exc = _upstream_error(ex, kind, sent, self.pipe.response_timeout_s)
-        pipe = self.pipe
+        exc = _upstream_error(ex.worker, kind, sent, self.pipe.response_timeout_s)
         self._settle(ex, False)
+        gone = kind == DROPPED and sent and reused and not got
+        return self._continue(ex, partial(self._failed, ex, exc, gone))
 
-        async def finish(req: Request, responder: Responder) -> None:
-            # a pooled connection dead at once: the pool's test, is the worker gone? (then
-            # another worker may take the request, as the pool's request() decides)
-            gone = kind == DROPPED and sent and reused and not got
-            if gone and not await self.pool._reachable(ex.worker.origin):
-                exc.retryable = True
-                exc.message += " (and no longer accepts connections)"
-            may_retry = pipe.max_attempts > 1
-            failure = pipe.failed(exc, responder, "pd", ex.worker, (ex.worker,), may_retry)
-            if failure is not None:
-                await pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker, failure=failure)
-
-        return Continuation(ex.req, partial(self._finishing, ex, finish), ex.t0)
+    async def _failed(
+        self, ex: Exchange, exc: upstream.UpstreamError, gone: bool, req: Request,
+        responder: Responder,
+    ) -> None:  # fmt: skip
+        # a pooled connection dead at once: the pool's test, is the worker gone? (then
+        # another worker may take the request, as the pool's request() decides)
+        if gone and not await self.pool._reachable(ex.worker.origin):
+            exc.retryable = True
+            exc.message += " (and no longer accepts connections)"
+        pipe, stage, worker = self.pipe, ex.stage, ex.worker
+        if stage == "p":
+            first = self.disagg.leg_failed("p", worker, exc)
+            await self._prefilled(ex, first, req, responder)
+            return
+        may_retry = stage == "d" or pipe.max_attempts > 1
+        try:
+            failure = pipe.failed(exc, responder, stage, worker, (worker,), may_retry)
+        except GatewayError as err:
+            raise (_stage_failed("d", err) if stage == "d" else err) from None
+        if failure is None:
+            return
+        if stage == "d":
+            await self._after_decode(ex, failure, req, responder)
+        else:
+            await pipe.attempts(self._greq(ex), responder, ex.ctx, worker, failure=failure)
 
     def on_handoff(self, ex: Exchange, fd: int, data: bytes) -> Continuation:
-        """An answer the lane does not relay: read and answered by :meth:`Pipeline.answer`
-        on the pool's terms (its connection joins the pool when the answer is whole)."""
-        pool = self.pool
+        """An answer the lane does not relay: read on the pool's terms (its connection joins
+        the pool when the answer is whole) by the code the express lane hands it to."""
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         conn = upstream._Conn(RawStream(sock))
         conn.requests = 1
-        origin = ex.worker.origin
-        pool._origins.add(origin)
-        pipe = self.pipe
-        may_retry = pipe.max_attempts > 1
+        self.pool._origins.add(ex.worker.origin)
+        return self._continue(ex, partial(self._handed, ex, conn, data))
 
-        async def finish(req: Request, responder: Responder) -> None:
-            ok = False
-            try:
+    async def _handed(
+        self, ex: Exchange, conn: Any, data: bytes, req: Request, responder: Responder
+    ) -> None:
+        pipe, stage, worker = self.pipe, ex.stage, ex.worker
+        ok = False
+        failure = None
+        first: Any = None
+        try:
+            resp = await self._response(ex, conn, data)
+            if stage == "p":
                 try:
-                    conn.reader.reset()
-                    conn.reader.feed(data)
-                except Exception as exc:  # (httptools' errors)
-                    conn.close()
-                    raise GatewayError(502, f"worker {ex.worker.id}: bad answer: {exc}") from None
-                while not conn.reader.headers_complete:  # (the lane hands over whole heads)
-                    more = await conn.stream.receive_some(65536)
-                    if not more:
-                        conn.close()
-                        raise GatewayError(502, f"worker {ex.worker.id} closed mid-answer")
-                    conn.reader.feed(more)
-                resp = upstream.Response(pool, origin, conn)
+                    answer = await resp.read_all()
+                finally:
+                    resp.release()
+                ok = self.disagg.leg_answered(worker, resp.status)
+                first = (resp.status, answer)
+            else:
                 failure = await pipe.answer(
-                    self._greq(ex), responder, resp, "pd", ex.worker, ex.ctx, (ex.worker,),
-                    may_retry, ex.t_sent,
+                    ex.greq or self._greq(ex), responder, resp, stage, worker, ex.ctx,
+                    (worker,), stage == "d" or pipe.max_attempts > 1, ex.t_sent,
                 )  # fmt: skip
                 ok = failure is None
-            except upstream.UpstreamError as exc:  # (as Pipeline.dispatch_whole)
-                failure = pipe.failed(exc, responder, "pd", ex.worker, (ex.worker,), may_retry)
-            finally:
-                self._settle(ex, ok)
-            if failure is not None:
-                await pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker, failure=failure)
+        except upstream.UpstreamError as exc:  # (as Pipeline.dispatch_whole, DisaggRunner._leg)
+            if stage == "p":
+                first = self.disagg.leg_failed("p", worker, exc)
+            else:
+                failure = exc  # judged below, outside this handler
+        except GatewayError as exc:  # (p.answer's and p.failed's: the client's to hear)
+            raise (_stage_failed("d", exc) if stage == "d" else exc) from None
+        finally:
+            self._settle(ex, ok)
+        if isinstance(failure, upstream.UpstreamError):
+            may_retry = stage == "d" or pipe.max_attempts > 1
+            try:
+                failure = pipe.failed(failure, responder, stage, worker, (worker,), may_retry)
+            except GatewayError as exc:
+                raise (_stage_failed("d", exc) if stage == "d" else exc) from None
+        if stage == "p":
+            await self._prefilled(ex, first, req, responder)
+        elif failure is not None:
+            if stage == "d":
+                await self._after_decode(ex, failure, req, responder)
+            else:
+                await pipe.attempts(self._greq(ex), responder, ex.ctx, worker, failure=failure)
 
+    async def _response(self, ex: Exchange, conn: Any, data: bytes) -> upstream.Response:
+        """A :class:`~lmgw.transport.pool.Response` on the connection the lane read ``data``
+        from (a whole head: the lane hands over no less)."""
+        try:
+            conn.reader.reset()
+            conn.reader.feed(data)
+        except Exception as exc:  # (httptools' errors)
+            conn.close()
+            raise upstream.UpstreamError(f"bad answer: {exc}") from None
+        while not conn.reader.headers_complete:
+            more = await conn.stream.receive_some(65536)
+            if not more:
+                conn.close()
+                raise upstream.UpstreamError("worker closed the connection mid-answer")
+            conn.reader.feed(more)
+        return upstream.Response(self.pool, ex.worker.origin, conn)
+
+    # -- continuations -----------------------------------------------------------------------
+    def _continue(self, ex: Exchange, finish: Handler) -> Continuation:
         return Continuation(ex.req, partial(self._finishing, ex, finish), ex.t0)
 
     async def _finishing(
-        self,
-        ex: Exchange,
-        finish: Callable[[Request, Responder], Awaitable[None]],
-        req: Request,
-        responder: Responder,
+        self, ex: Exchange, finish: Handler, req: Request, responder: Responder
     ) -> None:
         """A continuation's handler: ``finish``, with :meth:`OpenAIAPI.generate`'s error
         answer and accounting around it."""
@@ -365,24 +479,38 @@ class LaneApp:
             partial(self._greq, ex),
         )  # fmt: skip
 
+    async def _prefilled(
+        self, ex: Exchange, first: Any, req: Request, responder: Responder
+    ) -> None:
+        await self.disagg.express_prefilled(
+            ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
+            first,
+        )  # fmt: skip
+
+    async def _after_decode(
+        self, ex: Exchange, failure: Any, req: Request, responder: Responder
+    ) -> None:
+        await self.disagg.after_decode(
+            ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
+            ex.leg, ex.handoff, failure,
+        )  # fmt: skip
+
     def _greq(self, ex: Exchange) -> GatewayRequest:
         return GatewayRequest(
             ex.endpoint, ex.path, ex.model, False, ex.req.body, ex.rid, ex.forward, ex.t0
         )
 
 
-def _raising(exc: GatewayError) -> Callable[[Request, Responder], Awaitable[None]]:
+def _raising(exc: GatewayError) -> Handler:
     async def finish(req: Request, responder: Responder) -> None:
         raise exc
 
     return finish
 
 
-def _upstream_error(
-    ex: Exchange, kind: int, sent: bool, timeout_s: float
-) -> upstream.UpstreamError:
-    """The pool's :class:`UpstreamError` for a failure of the lane's exchange."""
-    origin = ex.worker.origin
+def _upstream_error(worker: Any, kind: int, sent: bool, timeout_s: float) -> upstream.UpstreamError:
+    """The pool's :class:`UpstreamError` (and message) for a failure of the lane's exchange."""
+    origin = worker.origin
     where = f"{origin.host}:{origin.port}"
     UpstreamError = upstream.UpstreamError
     if kind == CONNECT:
@@ -410,8 +538,6 @@ def _upstream_error(
     if kind == DROPPED:
         # unsent (a reused connection the worker had closed): it never saw the request
         return UpstreamError(
-            f"worker {where} dropped the connection",
-            retryable=not sent,
-            sent=sent,
+            f"worker {where} dropped the connection", retryable=not sent, sent=sent
         )
     return UpstreamError(f"worker {where}: the answer could not be read")

@@ -442,23 +442,92 @@ class DisaggRunner:
                     raise _stage_failed("d", exc) from None
                 if failure is None:
                     return
-                if failure.delivered and dialect.decode_consumes_handoff:  # a fresh pair
-                    failed = (decode,)
-                    decode = self._restart_with(greq, route, failure, failed)
-                    ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
-                    await self._prefill_decode(
-                        greq, responder, body, ctx, dialect, prefill, decode, route,
-                        restart=False, tried=failed,
-                    )  # fmt: skip
-                    return
-            await self._final(
-                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure
+            await self.after_decode(
+                greq, responder, body, ctx, dialect, prefill, decode, route, leg, handoff, failure
             )
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
         finally:
             if p.placement is not None:
                 p.placement.release(route)
+
+    def plain_body(self, greq: GatewayRequest, dialect: Dialect) -> ClientBody | None:
+        """The body of a request :meth:`express` takes as two plain legs, for the compiled
+        lane (:mod:`lmgw.api.lane`), which runs them itself (and releases joint placement's
+        hold when the request ends); None when it needs more (a split prompt, local prefill,
+        an unserved ``/generate``): the server serves it."""
+        p = self.p
+        if p.local_prefill.get(greq.model) is not None:
+            return None
+        if greq.endpoint == "generate" and not dialect.serves_generate:
+            return None
+        body = ClientBody(greq.body)
+        if dialect.one_prompt and split_of(greq.endpoint, body) is not None:
+            return None
+        return body
+
+    @staticmethod
+    def context(greq: GatewayRequest, prefill: Worker, decode: Worker) -> StageContext:
+        return _stage_context(greq, prefill, decode)
+
+    async def express_prefilled(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        decode: Worker,
+        route: RouteContext,
+        first: tuple[int, bytes] | StageError,
+    ) -> None:
+        """:meth:`express` from its prefill leg's first attempt on (``first``: its answer, or
+        how it failed), for the compiled lane, which ran that attempt itself."""
+        try:
+            pre, status, answer, ctx = await self._prefill(
+                greq, body, ctx, dialect, prefill, route, first
+            )
+            handoff = dialect.read_prefill(pre, status, answer)
+            leg = dialect.decode_request(body, handoff, ctx)
+            await self.after_decode(
+                greq, responder, body, ctx, dialect, prefill, decode, route, leg, handoff, None
+            )
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
+
+    async def after_decode(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        decode: Worker,
+        route: RouteContext,
+        leg: StageRequest,
+        handoff: HandOff,
+        failure: GatewayError | None,
+    ) -> None:
+        """The decode leg of :meth:`express` after its first attempt failed so (``failure``),
+        or, None, from the start: another decode worker with the same hand-off, a fresh pair
+        when the failed attempt consumed it, or (a rewritten decode) the general leg."""
+        try:
+            if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
+                failed = (decode,)  # a fresh pair
+                decode = self._restart_with(greq, route, failure, failed)
+                ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+                await self._prefill_decode(
+                    greq, responder, body, ctx, dialect, prefill, decode, route,
+                    restart=False, tried=failed,
+                )  # fmt: skip
+                return
+            await self._final(
+                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure
+            )
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
 
     # -- legs -------------------------------------------------------------------------------
     def _other(
@@ -521,19 +590,27 @@ class DisaggRunner:
         dialect: Dialect,
         prefill: Worker,
         route: RouteContext,
+        first: tuple[int, bytes] | StageError | None = None,
     ) -> tuple[StageRequest, int, bytes, StageContext]:
         """The prefill leg of a sequential P then D, retried on another prefill worker when it
         could not be delivered or its worker answered 5xx (the leg is rebuilt: it may name its
         prefill peer). Returns the leg, the answer and the context naming the prefill worker
-        that answered."""
+        that answered. ``first``: the first attempt's outcome, when it ran already."""
         tried = [prefill]
         while True:
             pre = dialect.prefill_request(body, ctx)
             try:
-                status, answer = await self._leg(greq, pre, prefill, "p", route)
+                if first is None:
+                    status, answer = await self._leg(greq, pre, prefill, "p", route)
+                elif isinstance(first, StageError):
+                    raise first
+                else:
+                    status, answer = first
             except StageError as exc:
+                first = None
                 prefill = self._other(greq, "p", route, tried, exc)
             else:
+                first = None
                 if status < 500:
                     return pre, status, answer, ctx
                 retry = self._answered_error(greq, "p", route, tried, status, answer)
@@ -553,13 +630,10 @@ class DisaggRunner:
     ) -> tuple[int, bytes]:
         """Send one intermediate leg and read its whole answer (status, body)."""
         p = self.p
-        policy = p.policies[role]
         span = None if greq.trace is None else greq.trace.leg(role, worker)
         headers = leg.headers if span is None else span.headers(leg.headers)
-        p.registry.acquire(worker)
-        policy.on_dispatch(worker, route)
+        t0 = self.leg_begin(role, worker, route)
         ok = False
-        t0 = time.perf_counter()
         try:
             resp = await p.pool.request(
                 worker.origin, "POST", leg.path, headers, leg.body,
@@ -573,34 +647,58 @@ class DisaggRunner:
                 finally:
                     resp.release()
                 status = resp.status
-            ok = status < 500
-            if ok:
-                p.registry.record_success(worker)
-            else:  # counts toward outlier ejection, as a merged worker's 5xx does
-                p.registry.record_failure(worker, f"answered {status}", eject=False)
+            ok = self.leg_answered(worker, status)
             return status, answer
         except UpstreamError as exc:
-            p.metrics.upstream_errors.inc((role, worker.id, exc.kind))
-            if not exc.local:  # the gateway's own limit is no fault of the worker's
-                p.registry.record_failure(worker, exc.message, eject=exc.retryable)
-            raise StageError(
-                STAGE_NAMES[role],
-                exc.status,
-                f"worker {worker.id}: {exc.message}",
-                retryable=exc.retryable,
-            ) from None
+            raise self.leg_failed(role, worker, exc) from None
         finally:
-            elapsed = time.perf_counter() - t0
-            p.metrics.stage.observe((role, worker.id), elapsed)
-            if greq.timings is None:
-                greq.timings = []
-            greq.timings.append((STAGE_NAMES[role], elapsed))
-            policy.on_finish(worker, route, ok)
-            if role == "p" and p.placement is not None:
-                p.placement.prefill_done(route, greq.model, elapsed, ok)
-            p.registry.release(worker)
+            self.leg_end(greq, role, worker, route, t0, ok)
             if span is not None:
                 span.end(None if ok else "failed")
+
+    def leg_begin(self, role: str, worker: Worker, route: RouteContext) -> float:
+        """An intermediate leg leaves for ``worker``: counted in flight; its start time."""
+        p = self.p
+        p.registry.acquire(worker)
+        p.policies[role].on_dispatch(worker, route)
+        return time.perf_counter()
+
+    def leg_answered(self, worker: Worker, status: int) -> bool:
+        """An intermediate leg's answer ``status``: whether it counts as a success (a 5xx
+        counts toward outlier ejection, as a merged worker's does)."""
+        if status < 500:
+            self.p.registry.record_success(worker)
+            return True
+        self.p.registry.record_failure(worker, f"answered {status}", eject=False)
+        return False
+
+    def leg_failed(self, role: str, worker: Worker, exc: UpstreamError) -> StageError:
+        """The stage error of an intermediate leg whose exchange failed so."""
+        p = self.p
+        p.metrics.upstream_errors.inc((role, worker.id, exc.kind))
+        if not exc.local:  # the gateway's own limit is no fault of the worker's
+            p.registry.record_failure(worker, exc.message, eject=exc.retryable)
+        return StageError(
+            STAGE_NAMES[role], exc.status, f"worker {worker.id}: {exc.message}",
+            retryable=exc.retryable,
+        )  # fmt: skip
+
+    def leg_end(
+        self, greq: GatewayRequest, role: str, worker: Worker, route: RouteContext, t0: float,
+        ok: bool,
+    ) -> None:  # fmt: skip
+        """An intermediate leg is over: its stage time (metrics, Server-Timing), the load
+        accounting, placement's prefill estimate."""
+        p = self.p
+        elapsed = time.perf_counter() - t0
+        p.metrics.stage.observe((role, worker.id), elapsed)
+        if greq.timings is None:
+            greq.timings = []
+        greq.timings.append((STAGE_NAMES[role], elapsed))
+        p.policies[role].on_finish(worker, route, ok)
+        if role == "p" and p.placement is not None:
+            p.placement.prefill_done(route, greq.model, elapsed, ok)
+        p.registry.release(worker)
 
     async def _encode(
         self,
