@@ -26,8 +26,12 @@ The loop does no HTTP judgement of its own. It frames messages (:func:`request_f
 * ``on_demote(ident, fd, pending, cont)``: the client connection is Python's from now on.
 
 Connection states and timeouts follow the native server's (keep-alive, stalled writes) and the
-pool's (idle upstream lifetime); a request's deadlines come with its plan. An idle upstream
-connection stays in the epoll set, so a worker closing it is seen before it is reused.
+pool's (connect timeout, idle upstream lifetime); a request's deadlines come with its plan. A
+request that arrives in pieces is waited for ``partial_s``, then handed over (the server's
+head and body timeouts take it from there), as is a body over ``lane_body`` (the server's
+body budget applies to those). An idle upstream connection stays in the epoll set, so a
+worker closing it is seen before it is reused; ``abort_origin`` shuts the waiting ones down,
+and the next pass reports them ABORTED.
 """
 
 from __future__ import annotations
