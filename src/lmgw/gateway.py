@@ -642,6 +642,8 @@ class Gateway:
                         self.port = await nursery.start(
                             self.server.serve, cfg.server.host, cfg.server.port
                         )
+                        if self.server.lane is not None:
+                            self.server.lane.install_metrics(self.metrics)
                     if serve:
                         log.info(
                             "lmgw listening on http://%s:%d (%d workers)",

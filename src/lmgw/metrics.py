@@ -276,6 +276,22 @@ class Metrics:
             "Requests served on the express lane (plain non-streamed, merged HTTP workers);"
             " upstream.express_lane.",
         )
+        # the compiled lane (lmgw.http.lane): read from its loop at scrape time
+        self.lane_answers = Counter(
+            "lmgw_lane_answers_total",
+            "Whole worker answers the compiled lane relayed itself (a P/D request's two legs"
+            " count two); server.compiled_lane.",
+        )
+        self.lane_handovers = Counter(
+            "lmgw_lane_handovers_total",
+            "Client connections the compiled lane handed to the trio server: a request it"
+            " does not take, or one of its own to finish there (a failure, an error answer).",
+        )
+        self.lane_connections = Gauge(
+            "lmgw_lane_connections",
+            "Connections the compiled lane holds, by side: client, upstream (idle or busy).",
+            ("side",),
+        )
         self.disconnects = Counter(
             "lmgw_client_disconnects_total",
             "Requests abandoned because the client went away.",
@@ -299,7 +315,8 @@ class Metrics:
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
-            self.worker_requests, self.express, self.disconnects, self.in_flight, self.healthy,
+            self.worker_requests, self.express, self.lane_answers, self.lane_handovers,
+            self.lane_connections, self.disconnects, self.in_flight, self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the
         # Admission object, which sets their ``collect``; the request path only counts.

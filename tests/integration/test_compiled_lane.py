@@ -187,3 +187,17 @@ async def test_p_d_a_failing_prefill_is_retried_on_the_other(
         assert r.status == 200, r.body
     assert relay.demoted >= 1  # those went on on the server
     assert all(w.in_flight == 0 for w in gw.registry)
+
+
+async def test_its_metrics(gateway: GatewayFactory) -> None:
+    from gateway_support import metric_value
+
+    gw = await gateway(1)
+    c = await _client(gw)
+    for _ in range(3):
+        await c.ask(CHAT)
+    await c.ask({**CHAT, "stream": True})
+    text = await gw.metrics()
+    assert metric_value(text, "lmgw_lane_answers_total") == 3
+    assert metric_value(text, "lmgw_lane_handovers_total") == 2  # the stream, and this GET
+    assert metric_value(text, 'lmgw_lane_connections{side="upstream"}') >= 1

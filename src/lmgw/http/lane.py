@@ -60,6 +60,16 @@ class Lane:
     def clients(self) -> int:
         return self.relay.clients
 
+    def install_metrics(self, metrics: Any) -> None:
+        """Read the loop's counts at scrape time (``lmgw_lane_*``)."""
+        relay = self.relay
+        metrics.lane_answers.collect = lambda: [((), float(relay.served))]
+        metrics.lane_handovers.collect = lambda: [((), float(relay.demoted))]
+        metrics.lane_connections.collect = lambda: [
+            (("client",), float(relay.clients)),
+            (("upstream",), float(relay.upstreams)),
+        ]
+
     def take(self, stream: RawStream) -> bool:
         """Serve the accepted connection ``stream`` in the lane (False: it cannot)."""
         try:
