@@ -698,9 +698,8 @@ class Gateway:
         from .api.lane import LaneApp
 
         return LaneApp(
-            self.app.openai, limits.max_header_bytes, limits.max_body_bytes,
-            limits.request_timeout_s,
-        )  # fmt: skip
+            self.app, limits.max_header_bytes, limits.max_body_bytes, limits.request_timeout_s
+        )
 
     def _warn_if_open(self) -> None:
         cfg = self.config

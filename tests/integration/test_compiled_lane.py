@@ -201,3 +201,17 @@ async def test_its_metrics(gateway: GatewayFactory) -> None:
     assert metric_value(text, "lmgw_lane_answers_total") == 3
     assert metric_value(text, "lmgw_lane_handovers_total") == 2  # the stream, and this GET
     assert metric_value(text, 'lmgw_lane_connections{side="upstream"}') >= 1
+
+
+async def test_a_replaced_route_is_off_the_lane(gateway: GatewayFactory) -> None:
+    """An SDK extension (or middleware) that takes over a generation route after start-up:
+    its handler runs, not the lane."""
+    gw = await gateway(1)
+
+    async def mine(req: Any, responder: Any) -> None:
+        await responder.send_full(200, [(b"content-type", b"application/json")], b'{"mine":1}')
+
+    gw.gateway.app.route("/v1/chat/completions", {"POST": mine})
+    r = await (await _client(gw)).ask(CHAT)
+    assert r.status == 200 and r.json() == {"mine": 1}
+    assert gw.gateway.server.lane.relay.served == 0

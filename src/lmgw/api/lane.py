@@ -114,7 +114,14 @@ class Continuation:
 class LaneApp:
     """The lane's callbacks (see :mod:`lmgw._fast.relay_py`) over one gateway's API."""
 
-    def __init__(self, api: Any, max_head: int, max_body: int, request_timeout_s: float) -> None:
+    def __init__(self, app: Any, max_head: int, max_body: int, request_timeout_s: float) -> None:
+        """``app``: the :class:`lmgw.api.app.App` whose generation routes the lane serves
+        while they are still its own (an SDK extension or middleware that replaces one takes
+        its requests off the lane)."""
+        api = app.openai
+        self.routes = app.routes
+        #: the handlers the lane stands for, as registered now
+        self.handlers = {target: app.routes[path]["POST"] for target, (_, path) in _ROUTES.items()}
         self.api = api
         self.gw = api.gw
         self.pipe = api.gw.pipeline
@@ -152,6 +159,8 @@ class LaneApp:
         if route is None or method != "POST" or self.draining:
             return None
         endpoint, path = route
+        if self.routes[path].get("POST") is not self.handlers[target]:
+            return None  # someone else's handler now: the server runs it
         api = self.api
         t0 = _now()
         req = Request(method, path, "", headers, body, keep_alive, client, False)

@@ -328,9 +328,14 @@ class Gateway:
         if self.core.server is not None:
             raise RuntimeError(f"already serving on port {self.core.port}")
         handler = self.core.handler  # the App behind the key check and CORS, as lmgw serve
-        server = HTTPServer(handler, server_limits(self.config), handler.on_timeout)
+        limits = server_limits(self.config)
+        server = HTTPServer(
+            handler, limits, handler.on_timeout, lane=self.core._lane_app(limits)
+        )  # (the compiled lane too, as lmgw serve)
         self._host = host or self.config.server.host
         bound = await nursery.start(server.serve, self._host, port)
+        if server.lane is not None:
+            server.lane.install_metrics(self.core.metrics)
         self.core.server, self.core.port = server, bound
         return bound
 
