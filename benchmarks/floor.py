@@ -9,8 +9,10 @@ this script runs, against the same two workers and the same wrk load,
 * ``featured``: `floor_featured.py`, the least a trio gateway with issue 2's features can do
   (parse, validate with lmgw's ``decode_view``, request id, round robin, pooled upstream,
   response head, metrics; no error handling),
-* ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults (the express lane
-  takes these requests: lmgw.pipeline.express), and
+* ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults (the compiled lane
+  relays these requests: lmgw.http.lane),
+* ``lmgw-trio``: the same with ``server.compiled_lane = false`` (the express lane on trio:
+  lmgw.pipeline.express), and
 * ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
@@ -55,11 +57,11 @@ LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
 #: the Python that runs ``--mock`` (``--mock-python``: the peer harness's, with uvloop)
 MOCK_PYTHON = [sys.executable]
-SYSTEMS = ("relay", "featured", "lmgw", "lmgw-lane", "lmgw-general")
+SYSTEMS = ("relay", "featured", "lmgw", "lmgw-trio", "lmgw-general")
 SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 #: the lmgw systems' configs beyond the defaults
 CONFIGS = {
-    "lmgw-lane": "[server]\ncompiled_lane = true\n",
+    "lmgw-trio": "[server]\ncompiled_lane = false\n",
     "lmgw-general": "[upstream]\nexpress_lane = false\n",
 }
 
@@ -252,7 +254,8 @@ def main() -> int:
         for name, rs in runs.items()
     }
     ratios = paired(runs, "lmgw", "relay")
-    express = paired(runs, "lmgw", "lmgw-general")
+    express = paired(runs, "lmgw-trio", "lmgw-general")
+    lane = paired(runs, "lmgw", "lmgw-trio")
     featured = paired(runs, "lmgw", "featured")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
@@ -261,7 +264,11 @@ def main() -> int:
     print(f"lmgw / relay CPU per request: x{statistics.median(ratios):.2f} (paired per round)")
     print(f"lmgw / featured CPU per request: x{statistics.median(featured):.2f} (paired per round)")
     print(
-        f"lmgw / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
+        f"lmgw / lmgw-trio (compiled lane / express lane on trio): x{statistics.median(lane):.2f}"
+        " (paired per round)"
+    )
+    print(
+        f"lmgw-trio / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
         " (paired per round)"
     )
     for name, calls in counted.items():
@@ -283,6 +290,7 @@ def main() -> int:
                 "medians": med,
                 "lmgw_to_relay_paired": ratios,
                 "express_to_general_paired": express,
+                "lane_to_trio_paired": lane,
                 "lmgw_to_featured_paired": featured,
                 "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,

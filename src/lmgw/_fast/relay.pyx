@@ -784,6 +784,10 @@ cdef class Relay:
         self._mask(fd, c, EPOLLIN | EPOLLRDHUP)
         if c.rlen:
             self._dispatch(fd, c, now)
+        elif c.rbuf != NULL:  # an idle keep-alive connection holds no buffer
+            free(c.rbuf)
+            c.rbuf = NULL
+            c.rcap = 0
 
     cdef object _finish(self, int fd):
         """Unlink the client's exchange; its token (the caller's reference)."""
@@ -928,6 +932,9 @@ cdef class Relay:
         u.state = U_IDLE
         u.since = now
         u.rlen = 0
+        free(u.rbuf)  # (an idle connection holds no buffer: a large answer's goes at once)
+        u.rbuf = NULL
+        u.rcap = 0
         s.idle[s.nidle] = ufd
         s.nidle += 1
         self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)

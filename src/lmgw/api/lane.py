@@ -68,10 +68,11 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "body", "ctx", "decode", "dialect", "endpoint", "forward", "greq", "handoff",
-        "keep_alive", "leg", "model", "path", "pctx", "pre", "prefill", "req", "rid", "stage",
-        "t0", "t_sent", "worker",
+        "ctx", "endpoint", "forward", "greq", "keep_alive", "model", "path", "req", "rid",
+        "stage", "t0", "t_sent", "worker",
     )  # fmt: skip
+    # what only a P/D request has (:class:`PDExchange`)
+    dialect: Any = None
 
     def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
         self.req = req
@@ -86,8 +87,17 @@ class Exchange:
         self.forward: list[tuple[bytes, bytes]] = []
         self.worker: Any = None
         self.ctx: Any = None  # the routing context
-        # P/D: the legs' request, dialect, body, pair, stage context, legs and hand-off
-        self.greq: Any = None
+        self.greq: Any = None  # (P/D: the legs' request)
+
+
+class PDExchange(Exchange):
+    """A P/D request: the legs' dialect and body, the pair, the stage context, the legs and
+    the hand-off."""
+
+    __slots__ = ("body", "decode", "dialect", "handoff", "leg", "pctx", "pre", "prefill")
+
+    def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
+        super().__init__(req, endpoint, path, model, rid)
         self.dialect: Any = None
         self.body: Any = None
         self.prefill: Any = None
@@ -178,15 +188,17 @@ class LaneApp:
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         rid, forward = api._identify(req)
         req.request_id = rid
-        ex = Exchange(req, endpoint, path, model, rid)
+        if dialect is None:
+            ex = Exchange(req, endpoint, path, model, rid)
+        else:
+            ex = pd = PDExchange(req, endpoint, path, model, rid)
+            pd.greq = GatewayRequest(endpoint, path, model, False, body, rid, forward, t0)
+            pd.body = self.disagg.plain_body(pd.greq, dialect)
+            if pd.body is None:
+                return None
+            pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
-        if dialect is not None:
-            ex.greq = GatewayRequest(endpoint, path, model, False, body, rid, forward, t0)
-            ex.body = self.disagg.plain_body(ex.greq, dialect)
-            if ex.body is None:
-                return None
-            ex.dialect = dialect
         ctx = ex.ctx = (
             api._route_keys(req, model, rid, endpoint, body, view, None)
             if pipe.route_keys
@@ -197,7 +209,7 @@ class LaneApp:
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
-        if dialect is not None:
+        if isinstance(ex, PDExchange):
             return self._prefill(ex)
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
@@ -239,7 +251,7 @@ class LaneApp:
         origin.slot = slot
         return slot
 
-    def _prefill(self, ex: Exchange) -> tuple | Continuation:
+    def _prefill(self, ex: PDExchange) -> tuple | Continuation:
         """A P/D request: its pair, then its prefill leg (:meth:`DisaggRunner.express`)."""
         pipe, disagg, greq = self.pipe, self.disagg, ex.greq
         try:
@@ -262,7 +274,7 @@ class LaneApp:
         disagg.leg_begin("p", ex.prefill, ex.ctx)
         return self._plan(ex, ex.prefill.origin.slot, head + payload if payload else head)
 
-    def _decode(self, ex: Exchange, status: int, answer: bytes) -> tuple | Continuation:
+    def _decode(self, ex: PDExchange, status: int, answer: bytes) -> tuple | Continuation:
         """The prefill leg answered: the hand-off, then the decode leg."""
         greq, dialect = ex.greq, ex.dialect
         try:
@@ -489,7 +501,7 @@ class LaneApp:
         )  # fmt: skip
 
     async def _prefilled(
-        self, ex: Exchange, first: Any, req: Request, responder: Responder
+        self, ex: PDExchange, first: Any, req: Request, responder: Responder
     ) -> None:
         await self.disagg.express_prefilled(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
@@ -497,7 +509,7 @@ class LaneApp:
         )  # fmt: skip
 
     async def _after_decode(
-        self, ex: Exchange, failure: Any, req: Request, responder: Responder
+        self, ex: PDExchange, failure: Any, req: Request, responder: Responder
     ) -> None:
         await self.disagg.after_decode(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
