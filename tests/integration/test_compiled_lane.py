@@ -215,3 +215,35 @@ async def test_a_replaced_route_is_off_the_lane(gateway: GatewayFactory) -> None
     r = await (await _client(gw)).ask(CHAT)
     assert r.status == 200 and r.json() == {"mine": 1}
     assert gw.gateway.server.lane.relay.served == 0
+
+
+async def test_a_worker_named_by_host_name_is_looked_up(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """Its first requests take the express lane on trio; once the name is looked up, the
+    lane reaches it."""
+    from gateway_support import server_config
+
+    from lmgw.config import GatewayConfig, HealthConfig, WorkerConfig
+    from lmgw.gateway import Gateway
+
+    sim = await sim_worker()
+    port = sim.url.rsplit(":", 1)[1]
+    cfg = GatewayConfig(
+        server=server_config("lane", port=0, graceful_shutdown_s=1.0),
+        health=HealthConfig(interval_s=300.0),
+        workers=[WorkerConfig(url=f"http://localhost:{port}", role="pd", id="w0")],
+    )
+    gw = Gateway(cfg)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    assert (await c.ask(CHAT)).status == 200  # on trio, the name being looked up
+    origin = gw.registry.get("w0").origin
+    with trio.fail_after(5):
+        while origin.slot < 0:
+            await trio.sleep(0.01)
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    assert (await c.ask(CHAT)).status == 200
+    assert relay.served == 1

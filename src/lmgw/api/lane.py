@@ -145,6 +145,8 @@ class LaneApp:
         #: the server's heap trimmer (lmgw.memtrim), told of the bodies let go, as the server's
         #: own path tells it
         self.trimmer: Any = None
+        #: ``resolve(origin)``: look a worker's host name up for the lane (lmgw.http.lane)
+        self.resolve: Callable[[Any], None] | None = None
         self._slots = 0
 
     def bind(self, relay: Any) -> None:
@@ -236,19 +238,30 @@ class LaneApp:
         )
 
     def _slot(self, origin: Any) -> int:
-        """The lane's slot for ``origin`` (-2, for good: TLS or a host name)."""
+        """The lane's slot for ``origin``: -2 for good (TLS, or a name that did not resolve),
+        -3 while its host name is being resolved (:attr:`resolve`): the express lane on the
+        server takes those requests."""
         slot = origin.slot
         if slot != -1:
             return slot
-        host = "127.0.0.1" if origin.host == "localhost" else origin.host
-        sockaddr = pack_sockaddr(host, origin.port) if origin.scheme == "http" else None
-        if sockaddr is None:
+        sockaddr = pack_sockaddr(origin.host, origin.port) if origin.scheme == "http" else None
+        if sockaddr is not None:
+            return self.assign(origin, sockaddr)
+        if origin.scheme != "http" or self.resolve is None:
             origin.slot = -2
             return -2
-        slot = self._slots
-        self._slots += 1
+        origin.slot = -3
+        self.resolve(origin)
+        return -3
+
+    def assign(self, origin: Any, sockaddr: bytes) -> int:
+        """Give ``origin`` a slot of the lane at ``sockaddr`` (or move its slot there)."""
+        slot = origin.slot
+        if slot < 0:
+            slot = self._slots
+            self._slots += 1
+            origin.slot = slot
         self.relay.set_origin(slot, sockaddr)
-        origin.slot = slot
         return slot
 
     def _prefill(self, ex: PDExchange) -> tuple | Continuation:

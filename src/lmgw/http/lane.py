@@ -11,6 +11,8 @@ flight are accounted as abandoned).
 
 from __future__ import annotations
 
+import logging
+import math
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
     from .server import HTTPServer
 
 _now = time.perf_counter
+log = logging.getLogger("lmgw.http")
+#: how often the lane looks up the host names of the workers it reaches again, and how long a
+#: look-up may take
+_RESOLVE_EVERY_S = 30.0
+_LOOKUP_TIMEOUT_S = 5.0
 #: how often the sweeper checks deadlines while requests are in flight, and when none is
 _SWEEP_BUSY_S = 0.05
 _SWEEP_IDLE_S = 1.0
@@ -55,6 +62,9 @@ class Lane:
             upstream_idle_s=app.pool.idle_timeout_s, connect_timeout_s=app.pool.connect_timeout_s,
         )  # fmt: skip
         self._nursery: trio.Nursery | None = None
+        #: host names to look up for the lane (LaneApp.resolve), and those it reaches
+        self._lookups, self._pending = trio.open_memory_channel[Any](math.inf)
+        self._named: list[Any] = []
 
     @property
     def clients(self) -> int:
@@ -95,15 +105,18 @@ class Lane:
         self._nursery = nursery
         relay = self.relay
         self.app.bind(relay)
+        self.app.resolve = self._lookups.send_nowait
         try:
             async with trio.open_nursery() as own:
                 own.start_soon(self._sweep)
+                own.start_soon(self._resolver)
                 while True:
                     await wait_readable(relay)
                     relay.run(_now())
                     if relay.closed:
                         self._closed()
         finally:
+            self.app.resolve = None
             self.app.unbind()
             relay.close()
             self._closed()
@@ -115,6 +128,47 @@ class Lane:
             relay.sweep(_now())
             if relay.closed:
                 self._closed()
+
+    async def _resolver(self) -> None:
+        """Look up the host names of workers (a worker named ``vllm-0:8000`` rather than by
+        address) for the lane, and again every ``_RESOLVE_EVERY_S`` for those it reaches: a
+        name that moves to another address takes the lane's new connections there."""
+        pending = self._pending
+        while True:
+            origin = None
+            with trio.move_on_after(_RESOLVE_EVERY_S):
+                origin = await pending.receive()
+            if origin is not None:
+                await self._lookup(origin)
+                continue
+            self._named = [o for o in self._named if o.slot >= 0]
+            for origin in list(self._named):
+                await self._lookup(origin)
+
+    async def _lookup(self, origin: Any) -> None:
+        from .._fast.relay_py import pack_sockaddr
+
+        sockaddr = None
+        try:
+            with trio.fail_after(_LOOKUP_TIMEOUT_S):
+                found = await trio.socket.getaddrinfo(
+                    origin.host, origin.port, type=socket.SOCK_STREAM
+                )
+            if found:  # IPv4 first: "localhost" is often ::1 too, and servers listen on v4
+                found.sort(key=lambda info: info[0] != socket.AF_INET)
+                sockaddr = pack_sockaddr(found[0][4][0], origin.port)
+        except (OSError, trio.TooSlowError) as exc:
+            log.info("the compiled lane cannot look up %s: %s (served on trio)", origin.host, exc)
+        if origin.slot == -2:  # removed meanwhile
+            return
+        if sockaddr is None:
+            if origin.slot == -3:  # a first look-up: the express lane on trio serves it
+                origin.slot = -2
+            return
+        first = origin.slot < 0
+        self.app.assign(origin, sockaddr)
+        if first:
+            self._named.append(origin)
 
     def _closed(self) -> None:
         n = self.relay.take_closed()

@@ -146,8 +146,8 @@ class Origin:
         self.idle: list[_Conn] = []
         #: connections whose request waits for its answer's head (see ConnectionPool.abort)
         self.waiting: set[_Conn] = set()
-        #: the compiled lane's slot for this origin (lmgw.http.lane): -1 none yet, -2 never
-        #: (TLS, or a host name: the lane connects to numeric addresses only)
+        #: the compiled lane's slot for this origin (lmgw.api.lane): -1 none yet, -2 never
+        #: (TLS, a host name that did not resolve, a removed worker), -3 resolving
         self.slot = -1
 
     @classmethod
@@ -473,6 +473,7 @@ class ConnectionPool:
         self._origins.discard(origin)
         if self.relay is not None and origin.slot >= 0:
             self.relay.forget_origin(origin.slot)
+        origin.slot = -2  # (a worker added again gets an origin of its own)
 
     def close(self) -> None:
         self._closed = True
