@@ -488,3 +488,17 @@ def test_a_connect_past_its_timeout_fails_unsent(harness: Callable[..., Harness]
     _, kind, sent, _, _ = h.calls[-2][1]
     assert (kind, sent) == (relay_py.CONNECT_TIMEOUT, False)
     assert h.calls[-1][0] == "demote" and h.relay.upstreams == 0
+
+
+def test_no_idle_connection_is_kept_past_max_idle(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.relay.max_idle = 0  # upstream.max_idle_per_worker = 0: no pooling
+    for i in range(2):
+        h.client.sendall(REQ)
+        h.spin(lambda i=i: len(h.workers) == i + 1 and h.relay.in_flight == 1)
+        h.worker_reads(h.workers[i], len(REQ) - 1)
+        h.workers[i].sendall(answer())
+        h.spin(lambda i=i: h.kinds().count("answer") == i + 1)
+        h.client.recv(100)
+        assert h.workers[i].recv(10) == b""  # closed after its answer
+    assert (h.relay.connects, h.relay.reuses, h.relay.idle_upstreams()) == (2, 0, 0)

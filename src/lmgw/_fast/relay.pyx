@@ -293,6 +293,7 @@ cdef class Relay:
     cdef public Py_ssize_t max_head, max_body, answer_cap
     cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s, connect_timeout_s
     cdef public Py_ssize_t lane_body
+    cdef public int max_idle
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
     cdef readonly long demoted, stale
     cdef bint _closed
@@ -312,7 +313,7 @@ cdef class Relay:
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
                  double write_timeout_s=60.0, double upstream_idle_s=55.0,
                  double partial_s=1.0, Py_ssize_t lane_body=1 << 20,
-                 double connect_timeout_s=5.0):
+                 double connect_timeout_s=5.0, int max_idle=256):
         self.on_request = on_request
         self.on_answer = on_answer
         self.on_handoff = on_handoff
@@ -328,6 +329,7 @@ cdef class Relay:
         self.upstream_idle_s = upstream_idle_s
         self.partial_s = partial_s
         self.connect_timeout_s = connect_timeout_s
+        self.max_idle = max_idle
         self.lane_body = lane_body if lane_body < max_body else max_body
 
     def __dealloc__(self):
@@ -918,7 +920,7 @@ cdef class Relay:
         """Back to its slot's idle stack (EOF or stray bytes close it: see run())."""
         cdef Slot* s = &self.slots[u.slot]
         cdef int* grown
-        if not s.active:
+        if not s.active or s.nidle >= self.max_idle:
             self._close_upstream(ufd)
             return
         if s.nidle == s.idlecap:

@@ -218,6 +218,7 @@ class Relay:
         partial_s: float = 1.0,
         lane_body: int = 1 << 20,
         connect_timeout_s: float = 5.0,
+        max_idle: int = 256,
     ) -> None:
         self.on_request, self.on_answer, self.on_handoff = on_request, on_answer, on_handoff
         self.on_failure, self.on_timeout, self.on_abandon = on_failure, on_timeout, on_abandon
@@ -227,6 +228,8 @@ class Relay:
         self.upstream_idle_s = upstream_idle_s
         self.partial_s = partial_s
         self.connect_timeout_s = connect_timeout_s
+        #: idle upstream connections kept per slot (upstream.max_idle_per_worker)
+        self.max_idle = max_idle
         self.lane_body = min(lane_body, max_body)
         self._ep: select.epoll | None = select.epoll()
         self._conns: dict[int, _Conn] = {}
@@ -394,12 +397,9 @@ class Relay:
             if ev & (_RDHUP | _HUP | _ERR):
                 self._gone(fd)
             return
-        try:
-            data = c.sock.recv(65536)
-        except OSError as exc:
-            if exc.errno in _AGAIN:
-                return
-            data = b""
+        data = _recv(c.sock)
+        if data is None:
+            return
         if not data:
             self._gone(fd)
             return
@@ -632,7 +632,7 @@ class Relay:
         sock.close()
 
     def _release(self, ufd: int, u: _Conn, now: float) -> None:
-        if u.slot not in self._slots:
+        if u.slot not in self._slots or len(self._idle[u.slot]) >= self.max_idle:
             self._close_upstream(ufd)
             return
         u.peer = -1
@@ -667,12 +667,9 @@ class Relay:
             self._mask(ufd, u, _IN | _RDHUP)
         if not ev & (_IN | _RDHUP | _HUP | _ERR):
             return
-        try:
-            data = u.sock.recv(65536)
-        except OSError as exc:
-            if exc.errno in _AGAIN:
-                return
-            data = b""
+        data = _recv(u.sock)
+        if data is None:
+            return
         if not data:
             self._fail(cfd, DROPPED)
             return
@@ -718,6 +715,14 @@ class Relay:
             self._close_client(cfd)
             return
         self._demote(cfd, cont)
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What one read brings: None when nothing is there yet, b"" at EOF or on an error."""
+    try:
+        return sock.recv(65536)
+    except OSError as exc:
+        return None if exc.errno in _AGAIN else b""
 
 
 def _address(family: int, sockaddr: bytes) -> tuple[Any, ...]:

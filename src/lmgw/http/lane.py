@@ -60,6 +60,7 @@ class Lane:
             max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
             keepalive_s=lim.keepalive_timeout_s, write_timeout_s=lim.write_timeout_s,
             upstream_idle_s=app.pool.idle_timeout_s, connect_timeout_s=app.pool.connect_timeout_s,
+            max_idle=app.pool.max_idle_per_origin,
         )  # fmt: skip
         self._nursery: trio.Nursery | None = None
         #: host names to look up for the lane (LaneApp.resolve), and those it reaches
