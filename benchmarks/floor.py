@@ -11,6 +11,8 @@ this script runs, against the same two workers and the same wrk load,
   response head, metrics; no error handling),
 * ``lmgw``: ``lmgw serve --worker pd=W1 --worker pd=W2`` with its defaults (the compiled lane
   relays these requests: lmgw.http.lane),
+* ``lmgw-twin``: the same with the compiled lane's loop in its pure-Python twin
+  (``LMGW_RELAY=python``: lmgw._fast.relay_py), for the Cython / Python ratio,
 * ``lmgw-trio``: the same with ``server.compiled_lane = false`` (the express lane on trio:
   lmgw.pipeline.express), and
 * ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
@@ -57,7 +59,7 @@ LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
 #: the Python that runs ``--mock`` (``--mock-python``: the peer harness's, with uvloop)
 MOCK_PYTHON = [sys.executable]
-SYSTEMS = ("relay", "featured", "lmgw", "lmgw-trio", "lmgw-general")
+SYSTEMS = ("relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general")
 SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 #: the lmgw systems' configs beyond the defaults
 CONFIGS = {
@@ -131,7 +133,8 @@ def start_system(
             config = LOG_DIR / f"{name}.toml"
             config.write_text(CONFIGS[name])
             argv[2:2] = ["--config", str(config)]
-    proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus)
+    env = {"LMGW_RELAY": "python"} if name == "lmgw-twin" else None
+    proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus, extra_env=env)
     wait_answering(port)
     return proc, port
 
@@ -256,6 +259,7 @@ def main() -> int:
     ratios = paired(runs, "lmgw", "relay")
     express = paired(runs, "lmgw-trio", "lmgw-general")
     lane = paired(runs, "lmgw", "lmgw-trio")
+    twin = paired(runs, "lmgw", "lmgw-twin")
     featured = paired(runs, "lmgw", "featured")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
@@ -270,6 +274,10 @@ def main() -> int:
     print(
         f"lmgw-trio / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
         " (paired per round)"
+    )
+    print(
+        f"lmgw / lmgw-twin (the lane's loop in Cython / its Python twin):"
+        f" x{statistics.median(twin):.2f} (paired per round)"
     )
     for name, calls in counted.items():
         shown = ", ".join(f"{k} {v:g}" for k, v in list(calls.items())[:6])
@@ -291,6 +299,7 @@ def main() -> int:
                 "lmgw_to_relay_paired": ratios,
                 "express_to_general_paired": express,
                 "lane_to_trio_paired": lane,
+                "cython_to_twin_paired": twin,
                 "lmgw_to_featured_paired": featured,
                 "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,10 @@ try:
 
     IMPLEMENTATION = "cython"
 except ImportError:  # pragma: no cover - the extension is built by `make build`
+    from .._fast.relay_py import Relay  # type: ignore[assignment]
+
+    IMPLEMENTATION = "python"
+if os.environ.get("LMGW_RELAY") == "python":  # the twin, for comparing (benchmarks/floor.py)
     from .._fast.relay_py import Relay  # type: ignore[assignment]
 
     IMPLEMENTATION = "python"
