@@ -639,33 +639,33 @@ cdef class Relay:
         self.closed += 1
 
     cdef void _dispatch(self, int fd, Conn* c, double now):
-        """Start the first whole request in the buffer, or hand the connection to Python."""
+        """Start the first whole request in the buffer (the client is idle), or hand the
+        connection to Python."""
         cdef Py_ssize_t length
-        cdef object data, res, token
-        while c.kind == CLIENT and c.state == C_IDLE and c.rlen > 0:
-            length = _request_frame(<const unsigned char*>c.rbuf, c.rlen, self.max_head, self.lane_body)
-            if length == MORE:  # the rest is on its way: a while, then the server's
-                if c.deadline == 0:
-                    c.deadline = now + self.partial_s
-                return
-            if length < 0:
-                self._demote(fd, None)
-                return
-            data = PyBytes_FromStringAndSize(c.rbuf, length)
-            res = _call(self.on_request, (<object>c.ident, data))
-            if res is _FAILED:
-                self._close_client(fd)
-                return
-            if type(res) is not tuple:
-                if res is not None:  # the request is Python's now: it is not in the buffer
-                    self._consume(c, length)
-                self._demote(fd, res)
-                return
-            self._consume(c, length)
-            self._start(fd, c, res, now)
-            return
-        if c.kind == CLIENT and c.state == C_IDLE:
+        cdef object data, res
+        if c.rlen == 0:
             c.since = now
+            return
+        length = _request_frame(<const unsigned char*>c.rbuf, c.rlen, self.max_head, self.lane_body)
+        if length == MORE:  # the rest is on its way: a while, then the server's
+            if c.deadline == 0:
+                c.deadline = now + self.partial_s
+            return
+        if length < 0:
+            self._demote(fd, None)
+            return
+        data = PyBytes_FromStringAndSize(c.rbuf, length)
+        res = _call(self.on_request, (<object>c.ident, data))
+        if res is _FAILED:
+            self._close_client(fd)
+            return
+        if type(res) is not tuple:
+            if res is not None:  # the request is Python's now: it is not in the buffer
+                self._consume(c, length)
+            self._demote(fd, res)
+            return
+        self._consume(c, length)
+        self._start(fd, c, res, now)
 
     cdef void _consume(self, Conn* c, Py_ssize_t n) noexcept:
         c.rlen -= n
@@ -845,7 +845,7 @@ cdef class Relay:
         """An idle connection of ``slot`` or a new one (connecting): its fd; -1 when the
         connect failed at once, -2 when the gateway is out of descriptors or memory."""
         cdef Slot* s
-        cdef int fd, one = 1, err
+        cdef int fd, one = 1
         cdef Conn* u
         if slot < 0 or slot >= self.nslots or not self.slots[slot].active:
             return -1
@@ -865,7 +865,6 @@ cdef class Relay:
             return -2
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         if connect(fd, <sockaddr*>s.addr, s.alen) < 0 and errno != EINPROGRESS:
-            err = errno
             close(fd)
             return -1
         try:

@@ -425,30 +425,31 @@ class Relay:
         self.closed += 1
 
     def _dispatch(self, fd: int, c: _Conn, now: float) -> None:
-        while c.kind == _CLIENT and c.state == _C_IDLE and c.rbuf:
-            length = request_frame(bytes(c.rbuf), self.max_head, self.lane_body)
-            if length == MORE:  # the rest is on its way: a while, then the server's
-                if not c.deadline:
-                    c.deadline = now + self.partial_s
-                return
-            if length < 0:
-                self._demote(fd, None)
-                return
-            data = bytes(c.rbuf[:length])
-            res = _call(self.on_request, c.ident, data)
-            if res is _FAILED:
-                self._close_client(fd)
-                return
-            if type(res) is not tuple:
-                if res is not None:
-                    del c.rbuf[:length]
-                self._demote(fd, res)
-                return
-            del c.rbuf[:length]
-            self._start(fd, c, res, now)
-            return
-        if c.kind == _CLIENT and c.state == _C_IDLE:
+        """Start the first whole request in the buffer (the client is idle), or hand the
+        connection to Python."""
+        if not c.rbuf:
             c.since = now
+            return
+        length = request_frame(bytes(c.rbuf), self.max_head, self.lane_body)
+        if length == MORE:  # the rest is on its way: a while, then the server's
+            if not c.deadline:
+                c.deadline = now + self.partial_s
+            return
+        if length < 0:
+            self._demote(fd, None)
+            return
+        data = bytes(c.rbuf[:length])
+        res = _call(self.on_request, c.ident, data)
+        if res is _FAILED:
+            self._close_client(fd)
+            return
+        if type(res) is not tuple:
+            if res is not None:  # the request is Python's now: it is not in the buffer
+                del c.rbuf[:length]
+            self._demote(fd, res)
+            return
+        del c.rbuf[:length]
+        self._start(fd, c, res, now)
 
     def _demote(self, fd: int, cont: Any) -> None:
         c = self._conns[fd]

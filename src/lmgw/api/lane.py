@@ -397,22 +397,39 @@ class LaneApp:
         if gone and not await self.pool._reachable(ex.worker.origin):
             exc.retryable = True
             exc.message += " (and no longer accepts connections)"
-        pipe, stage, worker = self.pipe, ex.stage, ex.worker
-        if stage == "p":
-            first = self.disagg.leg_failed("p", worker, exc)
+        if ex.stage == "p":
+            first = self.disagg.leg_failed("p", ex.worker, exc)
             await self._prefilled(ex, first, req, responder)
             return
-        may_retry = stage == "d" or pipe.max_attempts > 1
+        await self._retry(ex, self._judge(ex, exc, responder), req, responder)
+
+    def _may_retry(self, ex: Exchange) -> bool:
+        """Whether a merged or decode leg that failed may go to another worker (a decode
+        leg's retry keeps the hand-off: always, as :meth:`DisaggRunner.express` asks)."""
+        return ex.stage == "d" or self.pipe.max_attempts > 1
+
+    def _judge(
+        self, ex: Exchange, exc: upstream.UpstreamError, responder: Responder
+    ) -> GatewayError | None:
+        """:meth:`Pipeline.failed` on a merged or decode leg's failure: the failure to retry,
+        or None; the client's error raised (a decode leg's naming the stage)."""
         try:
-            failure = pipe.failed(exc, responder, stage, worker, (worker,), may_retry)
+            return self.pipe.failed(
+                exc, responder, ex.stage, ex.worker, (ex.worker,), self._may_retry(ex)
+            )
         except GatewayError as err:
-            raise (_stage_failed("d", err) if stage == "d" else err) from None
+            raise (_stage_failed("d", err) if ex.stage == "d" else err) from None
+
+    async def _retry(
+        self, ex: Exchange, failure: GatewayError | None, req: Request, responder: Responder
+    ) -> None:
+        """A merged or decode leg's next attempts after ``failure`` (None: it was answered)."""
         if failure is None:
             return
-        if stage == "d":
-            await self._after_decode(ex, failure, req, responder)
+        if ex.stage == "d":
+            await self._after_decode(ex, failure, req, responder)  # type: ignore[arg-type]
         else:
-            await pipe.attempts(self._greq(ex), responder, ex.ctx, worker, failure=failure)
+            await self.pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker, failure=failure)
 
     def on_handoff(self, ex: Exchange, fd: int, data: bytes) -> Continuation:
         """An answer the lane does not relay: read on the pool's terms (its connection joins
@@ -429,7 +446,7 @@ class LaneApp:
     ) -> None:
         pipe, stage, worker = self.pipe, ex.stage, ex.worker
         ok = False
-        failure = None
+        failure: Any = None
         first: Any = None
         try:
             resp = await self._response(ex, conn, data)
@@ -443,7 +460,7 @@ class LaneApp:
             else:
                 failure = await pipe.answer(
                     ex.greq or self._greq(ex), responder, resp, stage, worker, ex.ctx,
-                    (worker,), stage == "d" or pipe.max_attempts > 1, ex.t_sent,
+                    (worker,), self._may_retry(ex), ex.t_sent,
                 )  # fmt: skip
                 ok = failure is None
         except upstream.UpstreamError as exc:  # (as Pipeline.dispatch_whole, DisaggRunner._leg)
@@ -455,19 +472,12 @@ class LaneApp:
             raise (_stage_failed("d", exc) if stage == "d" else exc) from None
         finally:
             self._settle(ex, ok)
-        if isinstance(failure, upstream.UpstreamError):
-            may_retry = stage == "d" or pipe.max_attempts > 1
-            try:
-                failure = pipe.failed(failure, responder, stage, worker, (worker,), may_retry)
-            except GatewayError as exc:
-                raise (_stage_failed("d", exc) if stage == "d" else exc) from None
         if stage == "p":
             await self._prefilled(ex, first, req, responder)
-        elif failure is not None:
-            if stage == "d":
-                await self._after_decode(ex, failure, req, responder)
-            else:
-                await pipe.attempts(self._greq(ex), responder, ex.ctx, worker, failure=failure)
+            return
+        if isinstance(failure, upstream.UpstreamError):
+            failure = self._judge(ex, failure, responder)
+        await self._retry(ex, failure, req, responder)
 
     async def _response(self, ex: Exchange, conn: Any, data: bytes) -> upstream.Response:
         """A :class:`~lmgw.transport.pool.Response` on the connection the lane read ``data``

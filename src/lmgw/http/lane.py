@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio.lowlevel import wait_readable
 
+from .._fast.relay_py import pack_sockaddr
 from ..netio import RawStream
 
 try:
@@ -51,15 +52,15 @@ _SWEEP_IDLE_S = 1.0
 
 
 class Lane:
-    """A relay (``relay_cls``, the compiled one by default) serving for ``server`` with the
-    decisions of ``app`` (an :class:`lmgw.api.lane.LaneApp`)."""
+    """The relay serving for ``server`` with the decisions of ``app`` (an
+    :class:`lmgw.api.lane.LaneApp`)."""
 
-    def __init__(self, server: HTTPServer, app: Any, relay_cls: Any = None) -> None:
+    def __init__(self, server: HTTPServer, app: Any) -> None:
         self.server = server
         self.app = app
         app.trimmer = server.trimmer
         lim = server.limits
-        self.relay = (relay_cls or Relay)(
+        self.relay = Relay(
             app.on_request, app.on_answer, app.on_handoff, app.on_failure, app.on_timeout,
             app.on_abandon, self._on_demote,
             max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
@@ -86,8 +87,9 @@ class Lane:
             (("upstream",), float(relay.upstreams)),
         ]
 
-    def take(self, stream: RawStream) -> bool:
-        """Serve the accepted connection ``stream`` in the lane (False: it cannot)."""
+    def take(self, stream: RawStream) -> None:
+        """Serve the accepted connection ``stream`` in the lane from now on (closed, and
+        counted closed, when the lane cannot hold it)."""
         try:
             peer = stream.socket.getpeername()
             client = f"{peer[0]}:{peer[1]}"
@@ -99,7 +101,6 @@ class Lane:
         except (OSError, ValueError, MemoryError):
             socket.close(fd)
             self.server.lane_closed(1)
-        return True
 
     def drain(self) -> None:
         self.app.draining = True
@@ -152,8 +153,6 @@ class Lane:
                 await self._lookup(origin)
 
     async def _lookup(self, origin: Any) -> None:
-        from .._fast.relay_py import pack_sockaddr
-
         sockaddr = None
         try:
             with trio.fail_after(_LOOKUP_TIMEOUT_S):

@@ -614,9 +614,7 @@ class HTTPServer:
         c = _Conn(stream, client)
         counted = ""
         try:
-            if adopted:
-                pass
-            elif len(self._conns) >= self.max_connections:
+            if not adopted and len(self._conns) >= self.max_connections:
                 with trio.move_on_after(1):
                     await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
