@@ -136,9 +136,11 @@ async def test_each_role_of_a_pd_fleet_gets_its_own_count(
     """P/D: a prefill worker that computes one prompt at a time (~90 ms each) under 6
     concurrent clients, two decode workers with room to spare. Prefill legs queue far past a
     150 ms TTFT target, so the planner asks for more prefill workers; the decode role, whose
-    streams stay fast, keeps its two (a fall waits for the delay)."""
+    streams stay fast, keeps its two (a fall waits for the delay). Its load is sampled every
+    0.5 s while a decode leg holds a worker ~50 ms of each ~90 ms prefill, so a window's few
+    samples can all miss one: "idle" then says as much as "ok" (no more decode workers)."""
     p = await sim_worker(role="p", speed=1.0, serial_prefill=True, timing=(("a", 0.09),))
-    ds = [await sim_worker(role="d", speed=1.0, timing=(("c", 0.002),)) for _ in range(2)]
+    ds = [await sim_worker(role="d", speed=1.0, timing=(("c", 0.005),)) for _ in range(2)]
     gw = await start_gateway(
         nursery,
         [WorkerConfig(url=p.url, role="p", id="p0")]
@@ -155,7 +157,8 @@ async def test_each_role_of_a_pd_fleet_gets_its_own_count(
     prefill, decode = plans[("p", MODEL)], plans[("d", MODEL)]
     assert prefill.workers == 1 and prefill.status in ("overloaded", "ok"), prefill
     assert prefill.desired >= 3, prefill  # ~6 queued prefills, each over the target alone at 2+
-    assert decode.workers == 2 and decode.status == "ok" and decode.desired <= 2, decode
+    assert decode.workers == 2 and decode.status in ("ok", "idle"), decode
+    assert decode.desired == 2, decode  # neither more nor, before the delay, fewer
 
 
 async def test_requests_queued_for_admission_are_load(nursery: trio.Nursery, sim_worker) -> None:
