@@ -15,7 +15,10 @@ sim-model tokenizer (`simulators/model_files.py`, built locally, ~1.9k-token voc
 3. the thread hop's break-even: loop time of short texts inline vs wall time off-loop;
 4. the segment cache: a chat whose long system turn every request shares, encoded with the cache
    off, cold (first request) and warm; also with 256 extra special tokens to split on (as
-   Llama-3's reserved tokens), which is what the split costs.
+   Llama-3's reserved tokens), which is what the split costs;
+5. a shared document and a new question in one user turn (RAG): one stretch, so a whole-stretch
+   cache never hits it; with the cache cutting long stretches into chunks (the default) only
+   the chunk holding the question is encoded; side by side with chunking off.
 
     .venv/bin/python benchmarks/text.py [--quick]
 
@@ -268,10 +271,37 @@ async def run(args: argparse.Namespace) -> dict:
                 "speedup_warm": off / warm,
             }
         )
+    # 5. a shared document and a new question in one stretch (RAG), chunks on and off
+    rag_rows = []
+    for size in PREFIX_SIZES[:2]:
+        doc = make_text(tok, size, seed=size + 7)
+        questions = [make_text(tok, 40, seed=1000 + s) for s in range(n * 4 + 1)]
+        prompts = [
+            template.render(
+                [{"role": "user", "content": f"Document: {doc}\n\nQuestion: {q}"}],
+                add_generation_prompt=True,
+            )
+            for q in questions
+        ]
+        plain = ModelTokenizer.load(folder, prefix_cache_chars=0)
+        whole = [plain.encode(p, add_special_tokens=False) for p in prompts]
+        row: dict[str, float] = {"doc_tokens": size, "prompt_tokens": len(whole[0])}
+        for label, chunk in (("chunks", None), ("whole_stretches", 0)):
+            kw = {} if chunk is None else {"prefix_cache_chunk_chars": chunk}
+            cached = ModelTokenizer.load(folder, **kw)
+            assert cached.encode(prompts[0], add_special_tokens=False) == whole[0]
+            rest = iter(prompts[1:])
+            row[f"{label}_ms"] = 1e3 * timed(
+                lambda t=cached, it=rest: t.encode(next(it), add_special_tokens=False), n * 4
+            )
+            assert [cached.encode(p, add_special_tokens=False) for p in prompts] == whole
+        row["speedup"] = row["whole_stretches_ms"] / row["chunks_ms"]
+        rag_rows.append(row)
     return {
         "rows": rows,
         "hop": hop_rows,
         "prefix": prefix_rows,
+        "rag": rag_rows,
         "repeats": n,
         "noise_cores": {
             "median": statistics.median(noise.samples),
@@ -325,6 +355,17 @@ def report(res: dict) -> None:
             f"{r['system_tokens']:>10} {r['prompt_tokens']:>10} {r['cache_off_ms']:>13.3f}"
             f" {r['cold_ms']:>8.3f} {r['warm_ms']:>8.3f} {r['warm_256_specials_ms']:>19.3f}"
             f" {r['speedup_warm']:>7.1f}x"
+        )
+    print()
+    print("segment cache, RAG: a shared document + a new 40-token question in one user turn")
+    print(
+        f"{'doc tok':>8} {'prompt tok':>10} {'chunks ms':>10} {'whole stretches ms':>19}"
+        f" {'ratio':>6}"
+    )
+    for r in res["rag"]:
+        print(
+            f"{r['doc_tokens']:>8} {r['prompt_tokens']:>10} {r['chunks_ms']:>10.3f}"
+            f" {r['whole_stretches_ms']:>19.3f} {r['speedup']:>5.1f}x"
         )
 
 

@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from lmgw.simulators import model_files
 from lmgw.text import ModelTokenizer, TokenIdError, TokenizerLoadError, resolve_model_dir
+from lmgw.text.tokenizer import _CHUNK_PROBES, chunk_cuts
 
 TEXT = st.lists(
     st.one_of(
@@ -315,6 +316,83 @@ def test_segment_cache_gives_the_ids_of_a_whole_encode(sim_dir: Path, texts: lis
         assert cached.count_tokens(text, add_special_tokens=False) == len(want)
     stats = cached.prefix_cache_statistics()
     assert stats is not None and stats.chars <= 200
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(TEXT, min_size=1, max_size=4), chunk=st.integers(1, 6))
+def test_chunked_stretches_give_the_ids_of_a_whole_encode(
+    sim_dir: Path, texts: list[str], chunk: int
+) -> None:
+    """Chunks of a few characters cut the hypothesis texts in many places: still exact."""
+    cached = ModelTokenizer.load(
+        sim_dir, prefix_cache_min_chars=1, prefix_cache_chars=400, prefix_cache_chunk_chars=chunk
+    )
+    assert cached.prefix_cache_chunk_off_reason is None
+    plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
+    for text in [*texts, *(t + " and a tail" for t in texts)]:
+        want = plain.encode(text, add_special_tokens=False)
+        assert cached.encode(text, add_special_tokens=False) == want
+
+
+@given(text=st.text(st.sampled_from("ab \n\t."), max_size=60), tail=st.text(max_size=10),
+       every=st.integers(1, 8))  # fmt: skip
+def test_chunk_cuts_follow_a_non_space_and_survive_what_comes_after(
+    text: str, tail: str, every: int
+) -> None:
+    cuts = chunk_cuts(text, every)
+    assert cuts == sorted(set(cuts))
+    for c in cuts:
+        assert text[c] == " " and not text[c - 1].isspace()
+    at = 0
+    for c in cuts:  # the first eligible space from each multiple on
+        assert c >= at + every
+        assert all(text[i] != " " or text[i - 1].isspace() for i in range(at + every, c))
+        at = c
+    # a text that shares the prefix up to (and including) a cut's space shares that cut
+    for c in cuts:
+        assert set(cuts) & set(range(c + 1)) <= set(chunk_cuts(text[: c + 1] + tail, every))
+
+
+def test_a_shared_document_is_encoded_once_and_only_the_question_after_it(sim_dir: Path) -> None:
+    """RAG: the document and the question are one stretch; its chunks hit, the tail is new."""
+    tok = ModelTokenizer.load(sim_dir)
+    plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
+    doc = " ".join(f"word{i % 97} of the shared document, line {i}." for i in range(300))
+
+    def prompt(question: str) -> str:
+        return f"<|im_start|>user\nDocument: {doc}\n\nQuestion: {question}<|im_end|>\n"
+
+    first = tok.encode(prompt("what is it about?"), add_special_tokens=False)
+    stats = tok.prefix_cache_statistics()
+    assert stats is not None and stats.hits == 0 and stats.entries > 10
+    second_prompt = prompt("and who wrote it, and when?")
+    second = tok.encode(second_prompt, add_special_tokens=False)
+    after = tok.prefix_cache_statistics()
+    assert after is not None and after.misses - stats.misses <= 2  # the chunk with the question
+    assert after.hit_tokens >= 0.9 * len(second)
+    assert first == plain.encode(prompt("what is it about?"), add_special_tokens=False)
+    assert second == plain.encode(second_prompt, add_special_tokens=False)
+
+
+def test_chunking_stays_off_where_a_cut_could_change_ids() -> None:
+    """A pre-tokenizer that keeps a space with the word before it, or none at all: a cut before
+    the space would change the ids, so the stretches are kept whole (the cache stays on)."""
+    chars = sorted(set("".join(_CHUNK_PROBES)))
+    vocab = {c: i for i, c in enumerate(chars)} | {"a ": len(chars)}
+
+    def bpe() -> Tokenizer:
+        return Tokenizer(models.BPE(vocab=dict(vocab), merges=[("a", " ")]))
+
+    merged = bpe()  # "a b": ["a ", "b"] whole, ["a", " ", "b"] cut before the space
+    merged.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok = ModelTokenizer(merged, prefix_cache_chunk_chars=8)
+    assert tok.prefix_cache_off_reason is None
+    assert "changes the ids" in (tok.prefix_cache_chunk_off_reason or "")
+    text = "a banana, a cat " * 20
+    assert tok.encode(text, add_special_tokens=False) == merged.encode(text).ids
+    assert "pre-tokenizer" in (ModelTokenizer(bpe()).prefix_cache_chunk_off_reason or "")
+    off = ModelTokenizer(Tokenizer(models.BPE()), prefix_cache_chars=0)
+    assert off.prefix_cache_chunk_off_reason == off.prefix_cache_off_reason
 
 
 def test_segment_cache_reuses_a_shared_system_turn(sim_dir: Path) -> None:
