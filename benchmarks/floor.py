@@ -16,6 +16,8 @@ this script runs, against the same two workers and the same wrk load,
 * ``lmgw-trio``: the same with ``server.compiled_lane = false`` (the express lane on trio:
   lmgw.pipeline.express), and
 * ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
+* ``lmgw-keys`` and ``lmgw-keys-trio``: ``lmgw`` and ``lmgw-trio`` with an API key configured
+  and sent on every request (the lane checks keys itself since session 19),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -59,12 +61,20 @@ LOG_DIR = RESULTS / "floor-logs"
 CONNS = 64
 #: the Python that runs ``--mock`` (``--mock-python``: the peer harness's, with uvloop)
 MOCK_PYTHON = [sys.executable]
-SYSTEMS = ("relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general")
+SYSTEMS = (
+    "relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general", "lmgw-keys",
+    "lmgw-keys-trio",
+)  # fmt: skip
+KEY = "sk-floor-0123456789abcdef0123456789abcdef"
+_KEYS = f'[[auth.keys]]\nkey = "{KEY}"\n'
+KEYED = ("lmgw-keys", "lmgw-keys-trio")
 SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 #: the lmgw systems' configs beyond the defaults
 CONFIGS = {
     "lmgw-trio": "[server]\ncompiled_lane = false\n",
     "lmgw-general": "[upstream]\nexpress_lane = false\n",
+    "lmgw-keys": _KEYS,
+    "lmgw-keys-trio": "[server]\ncompiled_lane = false\n" + _KEYS,
 }
 
 
@@ -104,13 +114,18 @@ def start_workers(
     return ports
 
 
-def wait_answering(port: int, timeout: float = 30.0) -> None:
+def wait_answering(port: int, timeout: float = 30.0, keyed: bool = False) -> None:
     deadline = time.monotonic() + timeout
+    headers = {"authorization": f"Bearer {KEY}"} if keyed else None
     while time.monotonic() < deadline:
         try:
             if (
                 oh.http_once(
-                    port, "POST", "/v1/chat/completions", oh.chat_body(0, stream=False)
+                    port,
+                    "POST",
+                    "/v1/chat/completions",
+                    oh.chat_body(0, stream=False),
+                    headers=headers,
                 ).status
                 == 200
             ):
@@ -135,7 +150,7 @@ def start_system(
             argv[2:2] = ["--config", str(config)]
     env = {"LMGW_RELAY": "python"} if name == "lmgw-twin" else None
     proc = children.spawn(argv, log_path=LOG_DIR / f"{name}.log", cpus=cpus, extra_env=env)
-    wait_answering(port)
+    wait_answering(port, keyed=name in KEYED)
     return proc, port
 
 
@@ -153,10 +168,11 @@ def wrk_cpu(
     """wrk at ``CONNS`` connections against ``port`` (a warm-up second, then
     ``ctx["duration"]``): requests/s and the process's CPU µs per request."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    oh.run_wrk(children, url, bodies, CONNS, 1, ctx["lua"])  # warm-up
+    lua = ctx["lua_keys"] if name in KEYED else ctx["lua"]
+    oh.run_wrk(children, url, bodies, CONNS, 1, lua)  # warm-up
     tree = oh.proc_tree(proc.pid)
     c0 = oh.cpu_s(tree)
-    r = oh.run_wrk(children, url, bodies, CONNS, ctx["duration"], ctx["lua"])
+    r = oh.run_wrk(children, url, bodies, CONNS, ctx["duration"], lua)
     cpu = oh.cpu_s(tree) - c0
     if r["errors"] or r["non_2xx"]:
         raise oh.BenchError(f"{name}: {r['errors']} socket errors, {r['non_2xx']} non-2xx")
@@ -176,6 +192,10 @@ def harness() -> tuple[set[int] | None, Any, Path]:
     children = oh.Children(env)
     lua = LOG_DIR / "wrk_bodies.lua"
     lua.write_text(oh.WRK_LUA)
+    plain = '{["Content-Type"] = "application/json"}'
+    assert plain in oh.WRK_LUA
+    keyed = f'{{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {KEY}"}}'
+    (LOG_DIR / "wrk_bodies_keys.lua").write_text(oh.WRK_LUA.replace(plain, keyed))
     return cpus, children, lua
 
 
@@ -208,7 +228,10 @@ def syscalls(children: Any, ctx: dict[str, Any], name: str) -> dict[str, float]:
 
 
 def paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[float]:
-    """CPU per request of ``a`` over ``b``, round by round (the same minutes of the box)."""
+    """CPU per request of ``a`` over ``b``, round by round (the same minutes of the box);
+    empty unless both ran."""
+    if a not in runs or b not in runs:
+        return []
     return [
         x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(runs[a], runs[b], strict=True)
     ]
@@ -220,6 +243,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s")
     parser.add_argument("--strace", action="store_true", help="also count syscalls per request")
+    parser.add_argument("--systems", help=f"a comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--mock", help="the peer harness's mock_worker.py as the workers")
     parser.add_argument(
         "--mock-python",
@@ -238,18 +262,24 @@ def main() -> int:
     cpus, children, lua = harness()
     bodies = LOG_DIR / "bodies.jsonl"
     oh.write_bodies(bodies, stream=False)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}
+    systems = [s for s in args.systems.split(",") if s] if args.systems else list(SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        print(f"unknown systems: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     counted: dict[str, dict[str, float]] = {}
     try:
         ctx = {"workers": start_workers(children, args.mock), "cpus": cpus, "lua": lua}
+        ctx["lua_keys"] = LOG_DIR / "wrk_bodies_keys.lua"
         ctx |= {"bodies": bodies, "duration": duration}
         for i in range(rounds):
-            order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]
+            order = systems if i % 2 == 0 else systems[::-1]
             for name in order:
                 runs[name].append(measure(children, ctx, name))
                 log(f"round {i + 1}/{rounds} {name}: {runs[name][-1]['cpu_us_per_req']:.1f} µs/req")
         if args.strace:
-            counted = {name: syscalls(children, ctx, name) for name in SYSTEMS}
+            counted = {name: syscalls(children, ctx, name) for name in systems}
     finally:
         children.stop_all()
     med = {
@@ -261,24 +291,21 @@ def main() -> int:
     lane = paired(runs, "lmgw", "lmgw-trio")
     twin = paired(runs, "lmgw", "lmgw-twin")
     featured = paired(runs, "lmgw", "featured")
+    keyed = paired(runs, "lmgw-keys", "lmgw-keys-trio")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
-    print(f"{'system':<13} {'req/s':>9} {'CPU µs/req':>11}")
-    for name in SYSTEMS:
-        print(f"{name:<13} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
-    print(f"lmgw / relay CPU per request: x{statistics.median(ratios):.2f} (paired per round)")
-    print(f"lmgw / featured CPU per request: x{statistics.median(featured):.2f} (paired per round)")
-    print(
-        f"lmgw / lmgw-trio (compiled lane / express lane on trio): x{statistics.median(lane):.2f}"
-        " (paired per round)"
-    )
-    print(
-        f"lmgw-trio / lmgw-general (express lane / general path): x{statistics.median(express):.2f}"
-        " (paired per round)"
-    )
-    print(
-        f"lmgw / lmgw-twin (the lane's loop in Cython / its Python twin):"
-        f" x{statistics.median(twin):.2f} (paired per round)"
-    )
+    print(f"{'system':<14} {'req/s':>9} {'CPU µs/req':>11}")
+    for name in systems:
+        print(f"{name:<14} {med[name]['rps']:>9,.0f} {med[name]['cpu_us_per_req']:>11.1f}")
+    for label, pairs in (
+        ("lmgw / relay CPU per request", ratios),
+        ("lmgw / featured CPU per request", featured),
+        ("lmgw / lmgw-trio (compiled lane / express lane on trio)", lane),
+        ("lmgw-trio / lmgw-general (express lane / general path)", express),
+        ("lmgw / lmgw-twin (the lane's loop in Cython / its Python twin)", twin),
+        ("lmgw-keys / lmgw-keys-trio (with an API key: lane / trio)", keyed),
+    ):
+        if pairs:
+            print(f"{label}: x{statistics.median(pairs):.2f} (paired per round)")
     for name, calls in counted.items():
         shown = ", ".join(f"{k} {v:g}" for k, v in list(calls.items())[:6])
         print(f"syscalls per request, {name}: {shown}")
@@ -301,6 +328,7 @@ def main() -> int:
                 "lane_to_trio_paired": lane,
                 "cython_to_twin_paired": twin,
                 "lmgw_to_featured_paired": featured,
+                "keys_lane_to_trio_paired": keyed,
                 "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,
             },

@@ -382,9 +382,13 @@ class HttpClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Response:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Response:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+        for k, v in (headers or {}).items():
+            head += f"{k}: {v}\r\n"
         if body is not None:
             head += "Content-Type: application/json\r\n"
         head += f"Content-Length: {len(payload)}\r\n\r\n"
@@ -423,10 +427,15 @@ class HttpClient:
 
 
 def http_once(
-    port: int, method: str, path: str, body: Any = None, timeout: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     with HttpClient(port, timeout=timeout) as c:
-        return c.request(method, path, body)
+        return c.request(method, path, body, headers)
 
 
 # ------------------------------------------------------------------------------------------------

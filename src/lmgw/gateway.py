@@ -677,15 +677,15 @@ class Gateway:
 
     def _lane_app(self, limits: ServerLimits) -> Any:
         """The compiled lane's decisions (lmgw.api.lane) when ``server.compiled_lane`` is on
-        and nothing wraps the API that the lane would have to repeat: API keys, CORS,
-        middleware (resumable answers), tracing. None otherwise (the trio path serves)."""
+        and nothing wraps the API that the lane would have to repeat: CORS, middleware
+        (resumable answers), tracing. None otherwise (the trio path serves). API keys it
+        checks itself."""
         cfg = self.config
         if not cfg.server.compiled_lane or not cfg.upstream.express_lane:
             return None
         skipped = [
             what
             for what, on in (
-                ("API keys", self.keys is not None),
                 ("CORS", bool(cfg.server.cors_allow_origins)),
                 ("middleware", bool(self.app.middleware)),
                 ("tracing", self.tracing is not None),

@@ -140,13 +140,89 @@ async def test_an_error_answer_is_relayed_by_the_server(gateway: GatewayFactory)
     assert (await c.ask(CHAT)).status == 200
 
 
-async def test_off_with_api_keys(gateway: GatewayFactory, nursery: trio.Nursery) -> None:
+KEY, LIMITED, NARROW, SINGLE = (f"sk-lane-{n}-0123456789abcdef" for n in range(4))
+
+
+def _keys() -> Any:
     from lmgw.config import ApiKeyConfig, AuthConfig
 
-    gw = await gateway(1, auth=AuthConfig(keys=[ApiKeyConfig(key="sk-test-0123456789abcdef")]))
-    assert gw.gateway.server.lane is None
-    r = await (await _client(gw)).ask(CHAT)
-    assert r.status == 401
+    return AuthConfig(
+        keys=[
+            ApiKeyConfig(key=KEY, name="plain"),
+            ApiKeyConfig(key=LIMITED, name="limited", requests_per_s=100.0),
+            ApiKeyConfig(key=NARROW, name="narrow", models=["other-model"]),
+            ApiKeyConfig(key=SINGLE, name="single", max_concurrent=1),
+        ]
+    )
+
+
+async def _ask_with(c: KeepAlive, body: Any, key: str | None, header: str = "authorization") -> Any:
+    data = request_bytes(c.url, "POST", "/v1/chat/completions", body, close=False)
+    if key is not None:
+        value = f"Bearer {key}" if header == "authorization" else key
+        at = data.index(b"\r\n") + 2
+        data = data[:at] + f"{header}: {value}\r\n".encode() + data[at:]
+    await c.stream.send_all(data)
+    return await c.next_answer()
+
+
+async def test_api_keys_are_checked_in_the_lane(gateway: GatewayFactory) -> None:
+    """A plain key's requests stay in the lane (counted in and out); a missing or wrong key,
+    a model the key may not use, and a key with a rate limit (x-ratelimit-* headers) are the
+    server's, with the same answers as without the lane."""
+    from gateway_support import metric_value
+
+    gw = await gateway(1, auth=_keys())
+    keys = gw.gateway.keys
+    relay = gw.gateway.server.lane.relay
+    plain = {e.name: e for e in keys.table}["plain"]
+    c = await _client(gw)
+    for _ in range(3):
+        r = await _ask_with(c, CHAT, KEY)
+        assert r.status == 200, r.body
+    r = await _ask_with(c, CHAT, KEY, header="x-api-key")
+    assert r.status == 200 and "x-ratelimit-limit-requests" not in r.headers
+    assert relay.served == 4 and relay.demoted == 0
+    assert plain.requests == 4 and plain.in_flight == 0
+    for key, status, code in (
+        (None, 401, "invalid_api_key"),
+        ("sk-wrong", 401, "invalid_api_key"),
+        (NARROW, 403, "model_not_allowed"),
+    ):
+        c = await _client(gw)
+        r = await _ask_with(c, CHAT, key)
+        assert r.status == status and r.json()["error"]["code"] == code, (key, r.body)
+    c = await _client(gw)
+    r = await _ask_with(c, CHAT, LIMITED)
+    assert r.status == 200 and r.headers["x-ratelimit-limit-requests"]
+    assert relay.served == 4 and relay.demoted == 4
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_auth_rejected_total{reason="missing_key"}') == 1
+    assert metric_value(text, 'lmgw_auth_rejected_total{reason="invalid_key"}') == 1
+    assert metric_value(text, 'lmgw_auth_rejected_total{reason="model"}') == 1
+    assert all(e.in_flight == 0 for e in keys.table)
+
+
+async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory) -> None:
+    """``max_concurrent = 1``: a second request while the first is in the lane is refused
+    (429, by the server); the key counts one in flight until the first answer."""
+    gw = await gateway(per_worker=[{"timing": (("a", 0.3),), "speed": 1.0}], auth=_keys())
+    single = {e.name: e for e in gw.gateway.keys.table}["single"]
+    first, second = await _client(gw), await _client(gw)
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    at = data.index(b"\r\n") + 2
+    data = data[:at] + f"authorization: Bearer {SINGLE}\r\n".encode() + data[at:]
+    await first.stream.send_all(data)
+    with trio.fail_after(5):
+        while single.in_flight == 0:
+            await trio.sleep(0.01)
+    r = await _ask_with(second, CHAT, SINGLE)
+    assert r.status == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.body
+    assert (await first.next_answer()).status == 200
+    assert single.in_flight == 0
+    assert (await _ask_with(second, CHAT, SINGLE)).status == 200  # (on the server now)
+    relay = gw.gateway.server.lane.relay
+    assert relay.served == 1 and relay.demoted == 1 and single.requests == 2
 
 
 async def _pd_gateway(nursery: trio.Nursery, sim_worker: Any, **prefill_opts: Any) -> Any:

@@ -10,6 +10,12 @@ lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: t
 leg's answer gives the hand-off, and the decode leg's answer goes to the client
 (:meth:`DisaggRunner.express`'s steps).
 
+With API keys, the lane checks a request's key as :class:`lmgw.api.keys.Guarded` and
+:meth:`OpenAIAPI.generate` do (the key, its model allow-list, its concurrency) and counts it in
+and out; a key with a rate or tokens-per-minute limit, whose answers carry ``x-ratelimit-*``
+headers and whose usage is metered, and any request its key refuses (401, 403, 429) are the
+server's.
+
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
 does not take (a stream, an error to answer, a queue to wait in, a split prompt...) is handed
 to the server with its connection before anything happened to it. A failed exchange or an
@@ -40,6 +46,7 @@ from .._fast.relay_py import (
     TIMEOUT,
     pack_sockaddr,
 )
+from ..auth import AuthError, KeyTable
 from ..errors import GatewayError
 from ..http.h1parse import parse_request, parse_response
 from ..http.server import build_head
@@ -148,6 +155,8 @@ class LaneApp:
         #: ``resolve(origin)``: look a worker's host name up for the lane (lmgw.http.lane)
         self.resolve: Callable[[Any], None] | None = None
         self._slots = 0
+        #: the API keys (lmgw.api.keys.ApiKeys), None when the API is open
+        self.keys = api.gw.keys
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -176,17 +185,27 @@ class LaneApp:
         api = self.api
         t0 = _now()
         req = Request(method, path, "", headers, body, keep_alive, client, False)
+        keys = self.keys
+        entry = None
+        if keys is not None and path not in keys.open_paths:
+            entry = self._key(req)
+            if entry is None:
+                return None
         try:
             view = decode_view(endpoint, body, api.request_limits)
             routes = self.gw.model_routes.by_name
             if routes and view.model in routes:
                 return None
             model = api._resolve_model(view.model)
+            if entry is not None:
+                KeyTable.check_model(entry, model, view.model)
         except GatewayError:
             return None  # the server answers it, the same way
         pipe = self.pipe
         if view.stream or api.kv_accounting or not api._express(model, view.model, body, endpoint):
             return None
+        if entry is not None and view.priority is not None and entry.min_priority is not None:
+            return None  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         rid, forward = api._identify(req)
         req.request_id = rid
@@ -207,7 +226,14 @@ class LaneApp:
             else pipe.context(model, rid)
         )
         admission = api.admission
+        if entry is not None:
+            try:
+                keys.table.admit(entry, t0)  # (no rate or token limits here: a concurrency cap)
+            except AuthError:
+                return None  # the server answers the 429, and counts it
         if not admission.enter():
+            if entry is not None:
+                KeyTable.release(entry)
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
@@ -225,6 +251,24 @@ class LaneApp:
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
         return self._plan(ex, slot, head + payload if payload else head)
+
+    def _key(self, req: Request) -> Any:
+        """The request's API key (:class:`lmgw.auth.KeyEntry`, now ``req.principal``) if the
+        lane may serve it: None for a key it refuses, or one whose answers the server must
+        dress (rate limit headers) or meter (tokens per minute). Counts nothing."""
+        authorization = req.header(b"authorization")
+        if authorization is None:  # (as Guarded: Anthropic's clients send X-Api-Key)
+            key = req.header(b"x-api-key")
+            if key is not None:
+                authorization = b"Bearer " + key
+        try:
+            entry = self.keys.table.authenticate(authorization)
+        except AuthError:
+            return None
+        if entry.rate or entry.tpm:
+            return None
+        req.principal = entry
+        return entry
 
     def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
         now = ex.t_sent = _now()
@@ -328,6 +372,8 @@ class LaneApp:
         if placement is not None and ex.dialect is not None:  # (idempotent)
             placement.release(ex.ctx)
         api.admission.leave(ex.t0)
+        if ex.req.principal is not None:
+            KeyTable.release(ex.req.principal)
         api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, None)
         if self.trimmer is not None:
             self.trimmer.released(len(ex.req.body))
