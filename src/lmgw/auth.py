@@ -374,6 +374,15 @@ class KeyTable:
         entry.in_flight -= 1
 
     @staticmethod
+    def refund(entry: KeyEntry) -> None:
+        """Undo :meth:`admit` for a request handed on before it started (the compiled lane's,
+        to the server, which admits it again): its request token back, not counted."""
+        entry.in_flight -= 1
+        entry.requests -= 1
+        if entry.rate:
+            entry.rate_level = min(float(entry.burst), entry.rate_level + 1.0)
+
+    @staticmethod
     def charge(entry: KeyEntry, tokens: int, now: float) -> None:
         """Spend ``tokens`` from the key's tokens-per-minute bucket (it may go below zero:
         the next request then waits for the refill)."""

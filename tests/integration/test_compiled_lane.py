@@ -140,7 +140,7 @@ async def test_an_error_answer_is_relayed_by_the_server(gateway: GatewayFactory)
     assert (await c.ask(CHAT)).status == 200
 
 
-KEY, LIMITED, NARROW, SINGLE = (f"sk-lane-{n}-0123456789abcdef" for n in range(4))
+KEY, LIMITED, NARROW, SINGLE, METERED, ONCE = (f"sk-lane-{n}-0123456789abcdef" for n in range(6))
 
 
 def _keys() -> Any:
@@ -152,6 +152,8 @@ def _keys() -> Any:
             ApiKeyConfig(key=LIMITED, name="limited", requests_per_s=100.0),
             ApiKeyConfig(key=NARROW, name="narrow", models=["other-model"]),
             ApiKeyConfig(key=SINGLE, name="single", max_concurrent=1),
+            ApiKeyConfig(key=METERED, name="metered", tokens_per_min=100_000),
+            ApiKeyConfig(key=ONCE, name="once", requests_per_s=0.01, burst=1),
         ]
     )
 
@@ -167,9 +169,8 @@ async def _ask_with(c: KeepAlive, body: Any, key: str | None, header: str = "aut
 
 
 async def test_api_keys_are_checked_in_the_lane(gateway: GatewayFactory) -> None:
-    """A plain key's requests stay in the lane (counted in and out); a missing or wrong key,
-    a model the key may not use, and a key with a rate limit (x-ratelimit-* headers) are the
-    server's, with the same answers as without the lane."""
+    """Keyed requests stay in the lane (counted in and out); a missing or wrong key and a
+    model the key may not use are the server's, with the same answers as without the lane."""
     from gateway_support import metric_value
 
     gw = await gateway(1, auth=_keys())
@@ -192,15 +193,63 @@ async def test_api_keys_are_checked_in_the_lane(gateway: GatewayFactory) -> None
         c = await _client(gw)
         r = await _ask_with(c, CHAT, key)
         assert r.status == status and r.json()["error"]["code"] == code, (key, r.body)
-    c = await _client(gw)
-    r = await _ask_with(c, CHAT, LIMITED)
-    assert r.status == 200 and r.headers["x-ratelimit-limit-requests"]
-    assert relay.served == 4 and relay.demoted == 4
+    assert relay.served == 4 and relay.demoted == 3
     text = await gw.metrics()
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="missing_key"}') == 1
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="invalid_key"}') == 1
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="model"}') == 1
     assert all(e.in_flight == 0 for e in keys.table)
+
+
+async def test_a_keys_rate_and_token_limits_hold_in_the_lane(gateway: GatewayFactory) -> None:
+    """A key with a rate limit: served in the lane with its x-ratelimit-* headers, the next
+    request over the limit refused by the server (counted once). A key with a tokens-per-minute
+    limit: each answer's usage is charged, and its headers say what is left."""
+    from gateway_support import metric_value
+
+    gw = await gateway(1, auth=_keys())
+    relay = gw.gateway.server.lane.relay
+    by_name = {e.name: e for e in gw.gateway.keys.table}
+    c = await _client(gw)
+    r = await _ask_with(c, CHAT, LIMITED)
+    assert r.status == 200 and r.headers["x-ratelimit-limit-requests"] == "100"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) >= 98
+    r = await _ask_with(c, CHAT, ONCE)
+    assert r.status == 200 and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert relay.served == 2 and relay.demoted == 0
+    r = await _ask_with(c, CHAT, ONCE)
+    assert r.status == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert relay.demoted == 1 and by_name["once"].requests == 1
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_auth_rejected_total{reason="rate"}') == 1
+    metered = by_name["metered"]
+    c = await _client(gw)
+    spent = []
+    for _ in range(2):
+        r = await _ask_with(c, CHAT, METERED)
+        assert r.status == 200, r.body
+        spent.append(r.json()["usage"]["total_tokens"])
+        assert r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert relay.served == 4 and metered.tokens == sum(spent)
+    left = int(r.headers["x-ratelimit-remaining-tokens"])
+    assert 100_000 - sum(spent) <= left <= 100_000 - spent[0]  # (read as the answer starts)
+    assert all(e.in_flight == 0 for e in gw.gateway.keys.table)
+
+
+async def test_a_rate_limited_keys_failover_answer_keeps_its_headers(
+    gateway: GatewayFactory,
+) -> None:
+    """A keyed request the server finishes for the lane (a failing worker, then the other)
+    still gets its key's headers, and its usage charged."""
+    gw = await gateway(
+        per_worker=[{"faults": {"error_rate": 1.0}}, {}], health_interval_s=300.0, auth=_keys()
+    )
+    relay = gw.gateway.server.lane.relay
+    metered = {e.name: e for e in gw.gateway.keys.table}["metered"]
+    r = await _ask_with(await _client(gw), CHAT, METERED)
+    assert r.status == 200 and relay.demoted == 1 and relay.served == 0
+    assert r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert metered.tokens == r.json()["usage"]["total_tokens"] and metered.in_flight == 0
 
 
 async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory) -> None:

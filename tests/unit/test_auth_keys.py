@@ -117,6 +117,22 @@ def test_requests_per_second_bucket_with_burst() -> None:
     refused(table.admit, entry, 100.0)
 
 
+def test_a_refund_undoes_an_admit_and_a_refusal_spends_nothing() -> None:
+    """The compiled lane admits a key, then may hand the request to the server, which admits
+    it again: the lane's refund leaves the key as if it had never seen it. A refused admit,
+    repeated by the server, refuses the same way."""
+    table = KeyTable([spec(requests_per_s=1.0, burst=2)], now=0.0)
+    entry = table.authenticate(bearer(KEY))
+    table.admit(entry, 0.0)
+    KeyTable.refund(entry)
+    assert (entry.in_flight, entry.requests, entry.rate_level) == (0, 0, 2.0)
+    for _ in range(2):
+        table.admit(entry, 0.0)
+    for _ in range(2):  # the lane's refusal, then the server's
+        assert refused(table.admit, entry, 0.0).reason == "rate"
+    assert (entry.in_flight, entry.requests) == (2, 2)
+
+
 def test_concurrency_cap() -> None:
     table = KeyTable([spec(max_concurrent=2)])
     entry = table.authenticate(bearer(KEY))

@@ -293,7 +293,8 @@ class UsageMeter:
     __slots__ = ("_inner", "completion", "events", "prompt", "status", "t_end", "t_first",
                  "t_start", "usage")  # fmt: skip
 
-    def __init__(self, inner: Responder) -> None:
+    def __init__(self, inner: Responder | None) -> None:
+        """``inner`` None: a meter of answers sent elsewhere (:meth:`whole`)."""
         self._inner = inner
         self.usage: int | None = None
         self.prompt: int | None = None
@@ -323,11 +324,15 @@ class UsageMeter:
                 return
         self.events += data.count(b"data: ")
 
-    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+    def whole(self, status: int, body: bytes) -> None:
+        """Note a whole answer (what :meth:`send_full` sends; the compiled lane's answers)."""
         self.status = status
         if status < 400:
             self._scan(body)
         self.t_end = _now()
+
+    async def send_full(self, status: int, headers: Headers, body: bytes) -> None:
+        self.whole(status, body)
         await self._inner.send_full(status, headers, body)
 
     async def start(self, status: int, headers: Headers) -> None:

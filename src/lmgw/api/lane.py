@@ -10,11 +10,12 @@ lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: t
 leg's answer gives the hand-off, and the decode leg's answer goes to the client
 (:meth:`DisaggRunner.express`'s steps).
 
-With API keys, the lane checks a request's key as :class:`lmgw.api.keys.Guarded` and
-:meth:`OpenAIAPI.generate` do (the key, its model allow-list, its concurrency) and counts it in
-and out; a key with a rate or tokens-per-minute limit, whose answers carry ``x-ratelimit-*``
-headers and whose usage is metered, and any request its key refuses (401, 403, 429) are the
-server's.
+With API keys, the lane does what :class:`lmgw.api.keys.Guarded` and
+:meth:`OpenAIAPI.generate` do: the key, its model allow-list, its rate, concurrency and
+tokens-per-minute limits (counted in and out, the answer's usage charged), and its
+``x-ratelimit-*`` headers on the answer. A request its key refuses (401, 403, 429) goes to the
+server untouched, which answers it and counts the refusal once (the key's buckets are only
+spent by a request that passes).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
 does not take (a stream, an error to answer, a queue to wait in, a split prompt...) is handed
@@ -46,7 +47,7 @@ from .._fast.relay_py import (
     TIMEOUT,
     pack_sockaddr,
 )
-from ..auth import AuthError, KeyTable
+from ..auth import AuthError, KeyTable, rate_limit_headers
 from ..errors import GatewayError
 from ..http.h1parse import parse_request, parse_response
 from ..http.server import build_head
@@ -58,6 +59,7 @@ from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
+from .keys import RateLimitHeaders, UsageMeter
 from .openai import decode_view
 
 _now = time.perf_counter
@@ -227,13 +229,13 @@ class LaneApp:
         )
         admission = api.admission
         if entry is not None:
-            try:
-                keys.table.admit(entry, t0)  # (no rate or token limits here: a concurrency cap)
+            try:  # (a refusal spends nothing: the server's own admit refuses it the same way)
+                keys.table.admit(entry, t0)
             except AuthError:
                 return None  # the server answers the 429, and counts it
         if not admission.enter():
             if entry is not None:
-                KeyTable.release(entry)
+                KeyTable.refund(entry)  # the server admits it again
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
@@ -253,9 +255,8 @@ class LaneApp:
         return self._plan(ex, slot, head + payload if payload else head)
 
     def _key(self, req: Request) -> Any:
-        """The request's API key (:class:`lmgw.auth.KeyEntry`, now ``req.principal``) if the
-        lane may serve it: None for a key it refuses, or one whose answers the server must
-        dress (rate limit headers) or meter (tokens per minute). Counts nothing."""
+        """The request's API key (:class:`lmgw.auth.KeyEntry`, now ``req.principal``), or None
+        when there is none that the table knows (the server answers the 401). Counts nothing."""
         authorization = req.header(b"authorization")
         if authorization is None:  # (as Guarded: Anthropic's clients send X-Api-Key)
             key = req.header(b"x-api-key")
@@ -264,8 +265,6 @@ class LaneApp:
         try:
             entry = self.keys.table.authenticate(authorization)
         except AuthError:
-            return None
-        if entry.rate or entry.tpm:
             return None
         req.principal = entry
         return entry
@@ -365,8 +364,10 @@ class LaneApp:
         if ok:
             pipe.registry.record_success(worker)
 
-    def _close(self, ex: Exchange, status: int) -> None:
-        """The end of the request: what :meth:`OpenAIAPI.generate` does in its ``finally``."""
+    def _close(self, ex: Exchange, status: int, meter: UsageMeter | None = None) -> None:
+        """The end of the request: what :meth:`OpenAIAPI.generate` does in its ``finally``
+        (``meter``: the answer's usage, for a key with a tokens-per-minute limit), and
+        :class:`lmgw.api.keys.Guarded`'s release of the key."""
         api = self.api
         placement = self.pipe.placement
         if placement is not None and ex.dialect is not None:  # (idempotent)
@@ -374,7 +375,7 @@ class LaneApp:
         api.admission.leave(ex.t0)
         if ex.req.principal is not None:
             KeyTable.release(ex.req.principal)
-        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, None)
+        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, meter)
         if self.trimmer is not None:
             self.trimmer.released(len(ex.req.body))
 
@@ -398,8 +399,14 @@ class LaneApp:
         headers = [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())]
         if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
             headers.append((b"server-timing", ex.greq.server_timing()))
+        headers += _limits(ex)
+        meter = None
+        key = ex.req.principal
+        if key is not None and key.tpm:  # (as generate's UsageMeter)
+            meter = UsageMeter(None)
+            meter.whole(status, body)
         head = build_head(status, headers, b"content-length: %d\r\n\r\n" % len(body), keep)
-        self._close(ex, status)
+        self._close(ex, status, meter)
         return head + body, keep
 
     def on_timeout(self, ex: Exchange) -> bytes:
@@ -409,12 +416,8 @@ class LaneApp:
         msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
         api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
         body = GatewayError(504, msg).body()
-        head = build_head(
-            504,
-            [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode())],
-            b"content-length: %d\r\n\r\n" % len(body),
-            False,
-        )
+        headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *_limits(ex)]
+        head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
         self._close(ex, 504)
         return head + body
 
@@ -553,6 +556,12 @@ class LaneApp:
         answer and accounting around it."""
         api = self.api
         status = 200
+        meter = None
+        key = ex.req.principal
+        if key is not None and (key.rate or key.tpm):  # (as Guarded and generate wrap it)
+            responder = RateLimitHeaders(responder, key)
+            if key.tpm:
+                responder = meter = UsageMeter(responder)
         try:
             await finish(req, responder)
         except GatewayError as exc:
@@ -561,7 +570,7 @@ class LaneApp:
             status = api.abandoned(req, ex.rid, ex.model, ex.endpoint)
             raise
         finally:
-            self._close(ex, status)
+            self._close(ex, status, meter)
 
     async def _express(self, ex: Exchange, req: Request, responder: Responder) -> None:
         await serve_express(
@@ -589,6 +598,15 @@ class LaneApp:
         return GatewayRequest(
             ex.endpoint, ex.path, ex.model, False, ex.req.body, ex.rid, ex.forward, ex.t0
         )
+
+
+def _limits(ex: Exchange) -> list[tuple[bytes, bytes]]:
+    """The ``x-ratelimit-*`` headers of the request's key, if it has limits (what
+    :class:`lmgw.api.keys.RateLimitHeaders` adds on the server)."""
+    key = ex.req.principal
+    if key is None or not (key.rate or key.tpm):
+        return []
+    return rate_limit_headers(key, _now())
 
 
 def _raising(exc: GatewayError) -> Handler:
