@@ -128,3 +128,34 @@ async def test_worker_tool_choice_none_for_workers_without_auto_tool_choice(
     finish, calls = await trio.to_thread.run_sync(ask)
     assert finish == "tool_calls" and calls[0].function.name == "get_weather"
     assert seen[-1]["tool_choice"] == "none" and seen[-1]["tools"] == TOOLS
+
+
+async def test_requests_without_tools_skip_the_tool_parser(
+    nursery: trio.Nursery, sim_worker
+) -> None:
+    """A model with a tool parser: a chat that offers no tools is plain (the express lane, and
+    the compiled lane when it is on), one that offers tools is parsed; with a reasoning parser
+    every answer is read, so none is plain."""
+    import urllib.request
+
+    def express(base: str) -> float:
+        with urllib.request.urlopen(base.removesuffix("/v1") + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        line = next(ln for ln in text.splitlines() if ln.startswith("lmgw_express_requests_total"))
+        return float(line.rsplit(" ", 1)[1])
+
+    base = await start(nursery, sim_worker, "hermes", tool_parser="hermes")
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+    plain = await trio.to_thread.run_sync(
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
+    )
+    assert plain.choices[0].message.content and await trio.to_thread.run_sync(express, base) == 1
+    _, calls, finish = await trio.to_thread.run_sync(calls_of, base, False)
+    assert calls and calls[0][0] == "get_weather" and finish == "tool_calls"
+    assert await trio.to_thread.run_sync(express, base) == 1  # the tools' request was parsed
+    thinking = await start(nursery, sim_worker, "hermes", reasoning_parser="think")
+    client = openai.OpenAI(base_url=thinking, api_key="x", max_retries=0)
+    await trio.to_thread.run_sync(
+        lambda: client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
+    )
+    assert await trio.to_thread.run_sync(express, thinking) == 0

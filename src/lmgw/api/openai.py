@@ -426,8 +426,14 @@ class OpenAIAPI:
         if asked != model or not gw.pipeline.express_for(model):
             return False
         if endpoint == "chat":
-            if self.tool_loop is not None or gw.output_parsers:  # (native: express_for)
+            if self.tool_loop is not None:
                 return False
+            parsers = gw.output_parsers.get(model)
+            if parsers is not None:  # (native's forced tool calls: not express_for)
+                tools, reasoning = parsers
+                # the tool parser reads only answers to requests that offer tools
+                if reasoning is not None or (tools is not None and b'"tools"' in body):
+                    return False
             if _MEDIA_MARK.search(body):
                 if self._checks_media(model) or "e" in FLOW_ROLES[gw.flow_of(model)]:
                     return False
