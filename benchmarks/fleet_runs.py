@@ -85,11 +85,13 @@ async def start_gateway(
     env_extra: Mapping[str, str] | None = None,
     model: str = MODEL,
     config: Callable[[int], GatewayConfig] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[trio.Process, str]:
     """``lmgw serve`` in front of ``fleet`` (merged workers) with ``flags``, or with the
     configuration ``config(port)`` (written to ``log_dir/<name>.toml``), once it answers a
-    chat; (process, URL). Its output goes to ``log_dir/<name>.log``. No PR_SET_PDEATHSIG: trio
-    forks from a worker thread, whose retirement (idle 10 s) would kill the child."""
+    chat (sent with ``headers``: an API key); (process, URL). Its output goes to
+    ``log_dir/<name>.log``. No PR_SET_PDEATHSIG: trio forks from a worker thread, whose
+    retirement (idle 10 s) would kill the child."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-c", "import sys; from lmgw.cli import main; sys.exit(main())"]
@@ -117,7 +119,7 @@ async def start_gateway(
             if proc.returncode is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_dir}")
             try:
-                if (await http(url, "POST", "/v1/chat/completions", body))[0] == 200:
+                if (await http(url, "POST", "/v1/chat/completions", body, headers))[0] == 200:
                     return proc, url
             except OSError:
                 pass

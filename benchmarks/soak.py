@@ -25,6 +25,11 @@ faults are lifted and the gateway left idle; the report compares the idle figure
 after, and fits the RSS drift over the run's second half (MB per hour).
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
+        [--keys]
+
+``--keys`` configures three API keys (one plain, one with a rate limit, one with a
+tokens-per-minute limit, none of them ever reached) and the clients send them in turn; the
+keys' requests in flight must then return to 0 as well.
 
 Exit status 1 when a bug was seen or a resource did not return to its idle level. Prints a
 table; writes benchmarks/results/soak.json; the gateway's log goes to
@@ -54,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleet_runs as F
 from lmgw.config import (
     NATIVE_DIALECT,
+    ApiKeyConfig,
     AuthConfig,
     GatewayConfig,
     HealthConfig,
@@ -119,6 +125,18 @@ NO_FAULTS = {
     "error_rate": 0.0, "drop_at_token": None, "hang": False, "stall_rate": 0.0,
     "refuse": False, "flap_health": False, "slow": 1.0,
 }  # fmt: skip
+#: ``--keys``: the keys the clients send in turn (limits far above what the soak asks)
+KEYS = [
+    ApiKeyConfig(key="sk-soak-plain-0123456789abcdef", name="plain"),
+    ApiKeyConfig(key="sk-soak-rate-0123456789abcdef", name="rate", requests_per_s=1e6),
+    ApiKeyConfig(key="sk-soak-tpm-0123456789abcdef0", name="tpm", tokens_per_min=10**12),
+]
+SECRETS = [
+    "sk-soak-plain-0123456789abcdef",
+    "sk-soak-rate-0123456789abcdef",
+    "sk-soak-tpm-0123456789abcdef0",
+]
+
 SAMPLED = {
     "rss_mb": "process_resident_memory_bytes",
     "fds": "process_open_fds",
@@ -214,7 +232,8 @@ def check_stream(body: bytes) -> str:
 class Client:
     """One keep-alive HTTP/1.1 connection (h11), reopened when the gateway closes it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, key: str | None = None) -> None:
+        self.key = key
         self.host, port = url.removeprefix("http://").split(":")
         self.port = int(port)
         self.stream: trio.SocketStream | None = None
@@ -239,6 +258,8 @@ class Client:
             self.served, self.last = 0, ""
         headers = [("host", self.host), ("content-type", "application/json"),
                    ("content-length", str(len(body)))]  # fmt: skip
+        if self.key is not None:
+            headers.append(("authorization", f"Bearer {self.key}"))
         out = self.conn.send(h11.Request(method="POST", target=path, headers=headers))
         out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
         await self.stream.send_all(out)
@@ -281,10 +302,11 @@ async def client_loop(
     tally: Counter,
     bugs: dict[str, list[str]],
     errors: dict[tuple[str, str], list[str]],
+    key: str | None = None,
 ) -> None:
     rng = random.Random(seed)
     kinds, weights = list(MIX), list(MIX.values())
-    client = Client(url)
+    client = Client(url, key)
     try:
         while trio.current_time() < until:
             kind = rng.choices(kinds, weights)[0]
@@ -372,6 +394,8 @@ def parse_metrics(text: str) -> dict[str, float]:
             out["in_flight"] += float(value)
         elif base == "lmgw_upstream_pool_connections":
             out["upstream_conns"] += float(value)
+        elif base == "lmgw_api_key_in_flight":
+            out["key_in_flight"] += float(value)
     return out
 
 
@@ -382,7 +406,7 @@ async def sample(url: str, t0: float) -> dict[str, float]:
     row = {k: m[v] for k, v in SAMPLED.items()}
     row["rss_mb"] /= 1e6
     row.update(t=round(trio.current_time() - t0, 1), in_flight=m["in_flight"],
-               upstream_conns=m["upstream_conns"])  # fmt: skip
+               upstream_conns=m["upstream_conns"], key_in_flight=m["key_in_flight"])  # fmt: skip
     return row
 
 
@@ -417,7 +441,11 @@ def slope_per_hour(rows: list[dict[str, float]], key: str) -> float:
 
 
 def gateway_config(
-    fleets: dict[str, Fleet], port: int, server: str, stuck_timeout_s: float = 5.0
+    fleets: dict[str, Fleet],
+    port: int,
+    server: str,
+    stuck_timeout_s: float = 5.0,
+    keys: bool = False,
 ) -> GatewayConfig:
     native = fleets[PD].transport == "zmq"  # the native protocol: one dialect for every flow
     workers = [
@@ -428,7 +456,7 @@ def gateway_config(
     tokenizer = str(fleets[EPD].model_dir)
     return GatewayConfig(
         server=ServerConfig(host="127.0.0.1", port=port, server=server),  # type: ignore[arg-type]
-        auth=AuthConfig(open=True),
+        auth=AuthConfig(keys=KEYS) if keys else AuthConfig(open=True),
         logging=LoggingConfig(level="warning"),
         # idle keep-alive connections closed after 5 s: hypercorn holds a connection its client
         # closed after a streamed answer until then (the native server closes it at once)
@@ -473,8 +501,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pd,
             LOG_DIR,
             model=PD,
-            config=lambda port: gateway_config(fleets, port, args.server, args.stuck_timeout),
+            config=lambda port: gateway_config(
+                fleets, port, args.server, args.stuck_timeout, args.keys
+            ),
             env_extra=dict(kv.split("=", 1) for kv in args.gateway_env),
+            headers={"authorization": f"Bearer {SECRETS[0]}"} if args.keys else None,
         )
         try:
             t0 = trio.current_time()
@@ -509,6 +540,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             tally,
                             bugs,
                             errors,
+                            SECRETS[i % len(SECRETS)] if args.keys else None,
                         )
                 nursery.cancel_scope.cancel()  # the load is over: stop faults and samples
             for m in [*epd.members, *pd.members] if not zmq else ():
@@ -553,6 +585,8 @@ def report(
         leaks.append(f"fds {before['fds']:g} -> {after['fds']:g} (+{extra_fds:g} beyond the pool)")
     if after["in_flight"] > 0:
         leaks.append(f"{after['in_flight']:g} requests still in flight")
+    if after.get("key_in_flight", 0.0) > 0:
+        leaks.append(f"{after['key_in_flight']:g} requests still in flight for their API keys")
     n_bugs = sum(len(v) for v in bugs.values())
     lines = [
         f"requests {total} in {args.minutes} min ({total / (60 * args.minutes):.0f}/s), "
@@ -596,6 +630,7 @@ def main() -> int:
     ap.add_argument("--hang-s", type=float, default=30.0, help="a client gives up after this")
     ap.add_argument("--settle", type=float, default=8.0, help="idle seconds before the last sample")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keys", action="store_true", help="API keys, sent in turn by the clients")
     ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
     ap.add_argument(
         "--transport", choices=("http", "zmq"), default="http",

@@ -307,10 +307,13 @@ class Gateway:
             self.dashboard.install(self.app)
         #: what the servers run: the App, behind the key check when keys are configured
         self.handler = Guarded(self.app, self.keys) if self.keys is not None else self.app
-        if config.server.cors_allow_origins:  # browser pages of other origins (api/cors.py)
+        #: the CORS rules (api/cors.py) when browser pages of other origins may call the API
+        self.cors: Any = None
+        if config.server.cors_allow_origins:
             from .api.cors import Cors, CorsHandler
 
-            self.handler = CorsHandler(self.handler, Cors(config.server))
+            self.cors = Cors(config.server)
+            self.handler = CorsHandler(self.handler, self.cors)
         self.server: HTTPServer | None = None
         self.port: int | None = None
         #: the bound P2P NCCL discovery address (``discovery.p2p_nccl_bind``), once listening
@@ -677,16 +680,15 @@ class Gateway:
 
     def _lane_app(self, limits: ServerLimits) -> Any:
         """The compiled lane's decisions (lmgw.api.lane) when ``server.compiled_lane`` is on
-        and nothing wraps the API that the lane would have to repeat: CORS, middleware
-        (resumable answers), tracing. None otherwise (the trio path serves). API keys it
-        checks itself."""
+        and nothing wraps the API that the lane would have to repeat: middleware (resumable
+        answers), tracing. None otherwise (the trio path serves). API keys and CORS it does
+        itself."""
         cfg = self.config
         if not cfg.server.compiled_lane or not cfg.upstream.express_lane:
             return None
         skipped = [
             what
             for what, on in (
-                ("CORS", bool(cfg.server.cors_allow_origins)),
                 ("middleware", bool(self.app.middleware)),
                 ("tracing", self.tracing is not None),
             )

@@ -240,16 +240,53 @@ async def test_a_rate_limited_keys_failover_answer_keeps_its_headers(
     gateway: GatewayFactory,
 ) -> None:
     """A keyed request the server finishes for the lane (a failing worker, then the other)
-    still gets its key's headers, and its usage charged."""
+    still gets its key's headers and its CORS headers, and its usage charged."""
+    ui = "https://ui.example.com"
     gw = await gateway(
-        per_worker=[{"faults": {"error_rate": 1.0}}, {}], health_interval_s=300.0, auth=_keys()
-    )
+        per_worker=[{"faults": {"error_rate": 1.0}}, {}], health_interval_s=300.0, auth=_keys(),
+        server_options={"cors_allow_origins": [ui]},
+    )  # fmt: skip
     relay = gw.gateway.server.lane.relay
     metered = {e.name: e for e in gw.gateway.keys.table}["metered"]
-    r = await _ask_with(await _client(gw), CHAT, METERED)
+    c = await _client(gw)
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    at = data.index(b"\r\n") + 2
+    extra = f"origin: {ui}\r\nauthorization: Bearer {METERED}\r\n".encode()
+    await c.stream.send_all(data[:at] + extra + data[at:])
+    r = await c.next_answer()
     assert r.status == 200 and relay.demoted == 1 and relay.served == 0
     assert r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert r.headers["access-control-allow-origin"] == ui
     assert metered.tokens == r.json()["usage"]["total_tokens"] and metered.in_flight == 0
+
+
+async def test_cors_headers_on_the_lanes_answers(gateway: GatewayFactory) -> None:
+    """``server.cors_allow_origins``: an allowed Origin's answer is the lane's and carries the
+    headers, with a key's limits too; another origin's carries none; a preflight (OPTIONS)
+    is the server's."""
+    ui = "https://ui.example.com"
+    gw = await gateway(1, server_options={"cors_allow_origins": [ui]}, auth=_keys())
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    at = data.index(b"\r\n") + 2
+    for origin, key in ((ui, KEY), (ui, LIMITED), ("https://other.example.com", KEY)):
+        extra = f"origin: {origin}\r\nauthorization: Bearer {key}\r\n".encode()
+        await c.stream.send_all(data[:at] + extra + data[at:])
+        r = await c.next_answer()
+        assert r.status == 200, r.body
+        if origin == ui:
+            assert r.headers["access-control-allow-origin"] == ui and r.headers["vary"] == "origin"
+            assert "x-request-id" in r.headers["access-control-expose-headers"]
+        else:
+            assert "access-control-allow-origin" not in r.headers
+        assert ("x-ratelimit-limit-requests" in r.headers) == (key == LIMITED)
+    assert relay.served == 3 and relay.demoted == 0
+    r = await gw.request(
+        "OPTIONS", "/v1/chat/completions",
+        headers={"origin": ui, "access-control-request-method": "POST"},
+    )  # fmt: skip
+    assert r.status == 204 and r.headers["access-control-allow-origin"] == ui
 
 
 async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory) -> None:

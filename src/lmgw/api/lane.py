@@ -15,7 +15,9 @@ With API keys, the lane does what :class:`lmgw.api.keys.Guarded` and
 tokens-per-minute limits (counted in and out, the answer's usage charged), and its
 ``x-ratelimit-*`` headers on the answer. A request its key refuses (401, 403, 429) goes to the
 server untouched, which answers it and counts the refusal once (the key's buckets are only
-spent by a request that passes).
+spent by a request that passes). With ``server.cors_allow_origins``, an allowed Origin's
+headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (preflights are
+``OPTIONS``: the server's).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
 does not take (a stream, an error to answer, a queue to wait in, a split prompt...) is handed
@@ -59,6 +61,7 @@ from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
+from .cors import CorsResponder
 from .keys import RateLimitHeaders, UsageMeter
 from .openai import decode_view
 
@@ -77,8 +80,8 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "ctx", "endpoint", "forward", "greq", "keep_alive", "model", "path", "req", "rid",
-        "stage", "t0", "t_sent", "worker",
+        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "model", "path", "req",
+        "rid", "stage", "t0", "t_sent", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -97,6 +100,8 @@ class Exchange:
         self.worker: Any = None
         self.ctx: Any = None  # the routing context
         self.greq: Any = None  # (P/D: the legs' request)
+        #: headers every answer of the request carries (CORS)
+        self.extra: list[tuple[bytes, bytes]] = []
 
 
 class PDExchange(Exchange):
@@ -159,6 +164,8 @@ class LaneApp:
         self._slots = 0
         #: the API keys (lmgw.api.keys.ApiKeys), None when the API is open
         self.keys = api.gw.keys
+        #: the CORS rules (lmgw.api.cors.Cors), None without server.cors_allow_origins
+        self.cors = api.gw.cors
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -222,6 +229,10 @@ class LaneApp:
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
+        if self.cors is not None:
+            allowed = self.cors.allow(req)
+            if allowed is not None:
+                ex.extra = self.cors.headers(allowed)
         ctx = ex.ctx = (
             api._route_keys(req, model, rid, endpoint, body, view, None)
             if pipe.route_keys
@@ -399,6 +410,7 @@ class LaneApp:
         headers = [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())]
         if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
             headers.append((b"server-timing", ex.greq.server_timing()))
+        headers += ex.extra
         headers += _limits(ex)
         meter = None
         key = ex.req.principal
@@ -416,7 +428,8 @@ class LaneApp:
         msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
         api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
         body = GatewayError(504, msg).body()
-        headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *_limits(ex)]
+        headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
+        headers += _limits(ex)
         head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
         self._close(ex, 504)
         return head + body
@@ -557,6 +570,8 @@ class LaneApp:
         api = self.api
         status = 200
         meter = None
+        if ex.extra:  # (as CorsHandler wraps it)
+            responder = CorsResponder(responder, ex.extra)  # type: ignore[assignment]
         key = ex.req.principal
         if key is not None and (key.rate or key.tpm):  # (as Guarded and generate wrap it)
             responder = RateLimitHeaders(responder, key)
