@@ -149,3 +149,12 @@ async def connect_tcp(host: str, port: int) -> RawStream:
     """Open a TCP connection (numeric addresses skip the resolver thread)."""
     stream = await trio.open_tcp_stream(host, port)
     return RawStream.from_trio(stream)
+
+
+def peer_of(stream: RawStream) -> str:
+    """A connection's client as "host:port" ("" when the peer already left)."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return f"{peer[0]}:{peer[1]}"

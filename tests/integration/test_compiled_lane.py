@@ -289,6 +289,62 @@ async def test_cors_headers_on_the_lanes_answers(gateway: GatewayFactory) -> Non
     assert r.status == 204 and r.headers["access-control-allow-origin"] == ui
 
 
+async def test_connections_per_client_address_in_the_lane(gateway: GatewayFactory) -> None:
+    """``limits.max_connections_per_client``: the lane serves the connections within the
+    limit; one over it gets the server's 429; a connection counts until it closes, in the lane
+    or on the server after a hand-over."""
+    gw = await gateway(1, limits={"max_connections_per_client": 2})
+    server = gw.gateway.server
+    relay = server.lane.relay
+
+    async def counted(n: int) -> None:
+        with trio.fail_after(5):
+            while sum(server._per_client.values()) != n:
+                await trio.sleep(0.01)
+
+    a, b = await _client(gw), await _client(gw)
+    for c in (a, b):
+        assert (await c.ask(CHAT)).status == 200
+    assert relay.served == 2 and relay.clients == 2 and server._per_client == {"127.0.0.1": 2}
+    extra = await _client(gw)
+    await extra.stream.send_all(request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT))
+    r = await extra.next_answer()
+    assert r.status == 429 and b"too many connections" in r.body
+    await a.stream.aclose()  # closed in the lane
+    await counted(1)
+    c = await _client(gw)
+    assert (await c.ask(CHAT)).status == 200 and relay.served == 3
+    streamed = await c.ask({**CHAT, "stream": True})  # handed to the server, still counted
+    assert streamed.status == 200 and relay.clients == 1
+    await counted(2)
+    await c.stream.aclose()  # closed on the server
+    await counted(1)
+    await b.stream.aclose()
+    await counted(0)
+
+
+async def test_a_connection_back_in_the_lane_is_counted_once(gateway: GatewayFactory) -> None:
+    """Handed to the server mid-request (a failover) and back to the lane: one count, given
+    back once when it closes."""
+    gw = await gateway(
+        per_worker=[{"faults": {"error_rate": 1.0}}, {}], health_interval_s=300.0,
+        limits={"max_connections_per_client": 1},
+    )  # fmt: skip
+    server = gw.gateway.server
+    relay = server.lane.relay
+    c = await _client(gw)
+    assert (await c.ask(CHAT)).status == 200 and relay.demoted == 1
+    await gw.sims[0].set_faults(error_rate=0.0)
+    assert (await c.ask(CHAT)).status == 200 and relay.served == 1 and relay.clients == 1
+    assert server._per_client == {"127.0.0.1": 1}
+    await c.stream.aclose()
+    with trio.fail_after(5):
+        while server._per_client:
+            await trio.sleep(0.01)
+    c = await _client(gw)  # the one allowed connection is free again
+    assert (await c.ask(CHAT)).status == 200 and server._per_client == {"127.0.0.1": 1}
+
+
 async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory) -> None:
     """``max_concurrent = 1``: a second request while the first is in the lane is refused
     (429, by the server); the key counts one in flight until the first answer."""

@@ -300,7 +300,7 @@ def test_a_client_gone_mid_request_abandons_it_and_closes_upstream(
     h.spin(lambda: "abandon" in h.kinds())
     assert w.recv(10) == b""  # the worker sees the connection close: that is the abort
     assert (h.relay.in_flight, h.relay.clients, h.relay.upstreams) == (0, 0, 0)
-    assert h.relay.take_closed() == 1
+    assert h.relay.take_closed() == ["client-1"]
 
 
 def test_a_request_not_for_the_lane_is_handed_back_with_its_bytes(
@@ -310,7 +310,7 @@ def test_a_request_not_for_the_lane_is_handed_back_with_its_bytes(
     h.client.sendall(REQ + b"GET /next")
     h.spin(lambda: "demote" in h.kinds())
     assert h.calls[-1][1] == ("client-1", REQ + b"GET /next", None)
-    assert h.relay.clients == 0 and h.relay.take_closed() == 0  # handed over, not closed
+    assert h.relay.clients == 0 and h.relay.take_closed() == []  # handed over, not closed
 
 
 def test_a_continuation_takes_the_request_out_of_the_buffer(
@@ -454,7 +454,9 @@ def test_a_large_answer_is_written_as_the_client_reads(harness: Callable[..., Ha
 def test_idle_clients_past_keep_alive_are_closed(harness: Callable[..., Harness]) -> None:
     h = harness()
     h.relay.sweep(time.perf_counter() + 10)
-    assert h.client.recv(10) == b"" and h.relay.clients == 0 and h.relay.take_closed() == 1
+    assert (
+        h.client.recv(10) == b"" and h.relay.clients == 0 and h.relay.take_closed() == ["client-1"]
+    )
 
 
 def test_close_abandons_what_is_in_flight(harness: Callable[..., Harness]) -> None:
@@ -464,6 +466,7 @@ def test_close_abandons_what_is_in_flight(harness: Callable[..., Harness]) -> No
     h.relay.close()
     assert h.calls[-1] == ("abandon", "t1")
     assert h.client.recv(10) == b""
+    assert h.relay.take_closed() == ["client-1"]  # the client only: not its upstream connection
 
 
 def test_a_callback_that_raises_closes_only_its_connection(

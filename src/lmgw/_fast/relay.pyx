@@ -297,6 +297,7 @@ cdef class Relay:
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
     cdef readonly long demoted, stale
     cdef bint _closed
+    cdef list _closed_idents  # the idents of the client connections closed since take_closed
 
     def __cinit__(self):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -307,6 +308,7 @@ cdef class Relay:
         self.slots = NULL
         self.nslots = 0
         self._closed = False
+        self._closed_idents = []
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
@@ -532,20 +534,24 @@ cdef class Relay:
             if c.kind == CLIENT and c.token != NULL:
                 token = self._finish(fd)
                 _call(self.on_abandon, (token,))
+            if c.kind == CLIENT:
+                self._closed_idents.append(<object>c.ident if c.ident != NULL else None)
+                self.closed += 1
             if c.kind != FREE:
                 self._forget(fd, c)
                 close(fd)
-                self.closed += 1
         for fd in range(self.nslots):
             self.slots[fd].nidle = 0
         close(self.epfd)
         self.epfd = -1
 
     def take_closed(self):
-        """Client connections closed since the last call (the server's open count)."""
-        cdef long n = self.closed
+        """The idents of the client connections closed since the last call (the server's
+        open count, and its count per client address)."""
+        gone = self._closed_idents
+        self._closed_idents = []
         self.closed = 0
-        return n
+        return gone
 
     def idle_upstreams(self):
         cdef int s, n = 0
@@ -634,6 +640,7 @@ cdef class Relay:
         cdef Conn* c = &self.conns[fd]
         if c.peer >= 0:
             self._close_upstream(c.peer)
+        self._closed_idents.append(<object>c.ident if c.ident != NULL else None)
         self._forget(fd, c)
         close(fd)
         self.closed += 1
@@ -684,6 +691,7 @@ cdef class Relay:
         res = _call(self.on_demote, (ident, fd, pending, cont))
         if res is _FAILED:
             close(fd)
+            self._closed_idents.append(ident)
             self.closed += 1
 
     cdef void _start(self, int fd, Conn* c, tuple plan, double now):

@@ -237,6 +237,7 @@ class Relay:
         self._slots: dict[int, tuple[int, bytes]] = {}
         self._idle: dict[int, list[int]] = {}
         self.clients = self.in_flight = self.upstreams = self.closed = 0
+        self._closed_idents: list[Any] = []  # the idents of the client connections closed
         self.connects = self.reuses = self.served = self.demoted = self.stale = 0
 
     def fileno(self) -> int:
@@ -342,18 +343,20 @@ class Relay:
         for fd, c in list(self._conns.items()):
             if c.kind == _CLIENT and c.token is not None:
                 _call(self.on_abandon, self._finish(fd))
+            if c.kind == _CLIENT:
+                self._closed_idents.append(c.ident)
+                self.closed += 1
             sock = c.sock
             self._forget(fd, c)
             sock.close()
-            self.closed += 1
         for idle in self._idle.values():
             idle.clear()
         self._ep.close()
         self._ep = None
 
-    def take_closed(self) -> int:
-        n, self.closed = self.closed, 0
-        return n
+    def take_closed(self) -> list[Any]:
+        gone, self._closed_idents, self.closed = self._closed_idents, [], 0
+        return gone
 
     def idle_upstreams(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
@@ -419,6 +422,7 @@ class Relay:
         c = self._conns[fd]
         if c.peer >= 0:
             self._close_upstream(c.peer)
+        self._closed_idents.append(c.ident)
         sock = c.sock
         self._forget(fd, c)
         sock.close()
@@ -463,6 +467,7 @@ class Relay:
         self.demoted += 1
         if _call(self.on_demote, ident, fd, pending, cont) is _FAILED:
             socket.close(fd)
+            self._closed_idents.append(ident)
             self.closed += 1
 
     def _start(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:

@@ -22,7 +22,7 @@ import trio
 from trio.lowlevel import wait_readable
 
 from .._fast.relay_py import pack_sockaddr
-from ..netio import RawStream
+from ..netio import RawStream, peer_of
 
 try:
     from .._fast.relay import Relay
@@ -87,20 +87,18 @@ class Lane:
             (("upstream",), float(relay.upstreams)),
         ]
 
-    def take(self, stream: RawStream) -> None:
-        """Serve the accepted connection ``stream`` in the lane from now on (closed, and
-        counted closed, when the lane cannot hold it)."""
-        try:
-            peer = stream.socket.getpeername()
-            client = f"{peer[0]}:{peer[1]}"
-        except OSError:
-            client = ""
+    def take(self, stream: RawStream, client: str | None = None) -> None:
+        """Serve the accepted connection ``stream`` (from ``client``, "host:port", else its
+        peer's) in the lane from now on (closed, and counted closed, when the lane cannot
+        hold it)."""
+        if client is None:
+            client = peer_of(stream)
         fd = stream.socket.detach()
         try:
             self.relay.add_client(fd, client, _now())
         except (OSError, ValueError, MemoryError):
             socket.close(fd)
-            self.server.lane_closed(1)
+            self.server.lane_closed([client])
 
     def drain(self) -> None:
         self.app.draining = True
@@ -176,9 +174,9 @@ class Lane:
             self._named.append(origin)
 
     def _closed(self) -> None:
-        n = self.relay.take_closed()
-        if n:
-            self.server.lane_closed(n)
+        gone = self.relay.take_closed()
+        if gone:
+            self.server.lane_closed(gone)
 
     def _on_demote(self, client: str, fd: int, pending: bytes, cont: Any) -> None:
         """A connection back from the lane: the server serves it from here on."""

@@ -24,7 +24,7 @@ from trio.lowlevel import ParkingLot
 from ..errors import error_body
 from ..fdlimit import client_connections_allowed
 from ..memtrim import LARGE_ANSWER_BYTES, HeapTrimmer
-from ..netio import RawStream
+from ..netio import RawStream, peer_of
 from .h1 import BODY, HEAD, IDLE, H1Connection, ProtocolError
 from .h1parse import RequestParts, parse_request
 from .types import AbortResponse, Handler, Headers, Request, TimeoutHandler, UpgradeRequest
@@ -416,18 +416,35 @@ class HTTPServer:
                 continue
             self._open += 1
             lane = self.lane
-            if (
-                lane is not None
-                and not self.limits.max_connections_per_client
-                and self.active_connections < self.max_connections
-            ):
-                lane.take(raw)  # the lane's now (it may hand it back: adopt)
-                continue
-            nursery.start_soon(self._connection, raw)
+            if lane is not None and self.active_connections < self.max_connections:
+                per = self.limits.max_connections_per_client
+                if not per:
+                    lane.take(raw)  # the lane's now (it may hand it back: adopt)
+                    continue
+                client = peer_of(raw)
+                address = client.rpartition(":")[0]
+                open_now = self._per_client.get(address, 0)
+                if open_now < per:  # counted until it closes, wherever it is by then
+                    self._per_client[address] = open_now + 1
+                    lane.take(raw, client)
+                    continue
+            nursery.start_soon(self._connection, raw)  # (over a limit: its error answer)
 
-    def lane_closed(self, n: int) -> None:
-        """``n`` connections of the lane closed (they were counted open when accepted)."""
-        self._open -= n
+    def _uncount(self, address: str) -> None:
+        """A connection counted under ``address`` (max_connections_per_client) closed."""
+        left = self._per_client.get(address, 0) - 1
+        if left > 0:
+            self._per_client[address] = left
+        else:
+            self._per_client.pop(address, None)
+
+    def lane_closed(self, clients: list[str]) -> None:
+        """Connections of the lane closed, by client ("host:port"): they were counted open,
+        and with ``max_connections_per_client`` per address, when accepted."""
+        self._open -= len(clients)
+        if self.limits.max_connections_per_client:
+            for client in clients:
+                self._uncount(client.rpartition(":")[0] if client else "")
         if self._accept_lot:
             self._accept_lot.unpark_all()
         if not self._conns and (self.lane is None or not self.lane.clients):
@@ -612,13 +629,15 @@ class HTTPServer:
             except OSError:
                 client = ""
         c = _Conn(stream, client)
-        counted = ""
+        counted: str | None = None  # the address this connection is counted under
         try:
             if not adopted and len(self._conns) >= self.max_connections:
                 with trio.move_on_after(1):
                     await self._send_error(stream, ProtocolError(503, "too many connections"))
                 return
-            if lim.max_connections_per_client and not adopted:
+            if lim.max_connections_per_client and adopted:  # counted when accepted
+                counted = client.rpartition(":")[0]
+            elif lim.max_connections_per_client:
                 address = client.rpartition(":")[0]
                 open_now = self._per_client.get(address, 0)
                 if open_now >= lim.max_connections_per_client:
@@ -654,12 +673,8 @@ class HTTPServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            if counted:
-                left = self._per_client[counted] - 1
-                if left:
-                    self._per_client[counted] = left
-                else:
-                    del self._per_client[counted]
+            if counted is not None and not c.handed:  # (back in the lane: counted there)
+                self._uncount(counted)
             c.scope = None
             c.request = c.responder = None  # whoever still holds ``c`` holds no body
             self._busy.discard(c)
@@ -819,7 +834,6 @@ class HTTPServer:
                 and conn.state == IDLE
                 and not conn.events
                 and not pending
-                and not lim.max_connections_per_client
             ):  # between requests, nothing read ahead: back to the compiled lane
                 # (only a connection the lane handed over mid-request: one whose requests it
                 # does not take stays here, instead of crossing over and back each time)
