@@ -13,7 +13,7 @@ from gateway_support import MODEL, GatewayFactory, http_request, metric_value
 from lmgw.config import ApiKeyConfig, AuthConfig
 
 pytestmark = [
-    pytest.mark.parametrize("server", ["native"]),
+    pytest.mark.parametrize("server", ["native", "lane"]),
     pytest.mark.usefixtures("hard_deadline"),
 ]
 
@@ -53,8 +53,10 @@ async def test_each_tenant_is_charged_what_its_answers_held(gateway: GatewayFact
     assert 0 < chat < agent / 20, (chat, agent)
     # the agent's stream: ~400+ prompt tokens held ~24 x 8 ms at least
     assert agent > 400 * 24 * 0.004, agent
-    await post(gw, AGENT, body(400, 24))  # a whole answer is charged too
+    await post(gw, AGENT, body(400, 24))  # a whole answer is charged too (the lane's, there)
     assert kv(await gw.metrics(), "agent") > agent
+    if gw.gateway.server.lane is not None:
+        assert gw.gateway.server.lane.relay.served == 2
 
 
 async def test_without_kv_accounting_nothing_is_measured(gateway: GatewayFactory) -> None:

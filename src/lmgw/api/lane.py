@@ -80,8 +80,8 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "model", "path", "req",
-        "rid", "stage", "t0", "t_sent", "worker",
+        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "meter", "model", "path",
+        "req", "rid", "stage", "t0", "t_sent", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -102,6 +102,8 @@ class Exchange:
         self.greq: Any = None  # (P/D: the legs' request)
         #: headers every answer of the request carries (CORS)
         self.extra: list[tuple[bytes, bytes]] = []
+        #: the answer's usage and timing (limits.kv_accounting, or a key's tokens per minute)
+        self.meter: UsageMeter | None = None
 
 
 class PDExchange(Exchange):
@@ -211,7 +213,7 @@ class LaneApp:
         except GatewayError:
             return None  # the server answers it, the same way
         pipe = self.pipe
-        if view.stream or api.kv_accounting or not api._express(model, view.model, body, endpoint):
+        if view.stream or not api._express(model, view.model, body, endpoint):
             return None
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return None  # the server checks it
@@ -229,6 +231,8 @@ class LaneApp:
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
+        if api.kv_accounting or (entry is not None and entry.tpm):  # (as generate's)
+            ex.meter = UsageMeter(None)
         if self.cors is not None:
             allowed = self.cors.allow(req)
             if allowed is not None:
@@ -375,9 +379,9 @@ class LaneApp:
         if ok:
             pipe.registry.record_success(worker)
 
-    def _close(self, ex: Exchange, status: int, meter: UsageMeter | None = None) -> None:
+    def _close(self, ex: Exchange, status: int) -> None:
         """The end of the request: what :meth:`OpenAIAPI.generate` does in its ``finally``
-        (``meter``: the answer's usage, for a key with a tokens-per-minute limit), and
+        (its metrics; with ``ex.meter``, the usage charge and the KV-cache occupancy), and
         :class:`lmgw.api.keys.Guarded`'s release of the key."""
         api = self.api
         placement = self.pipe.placement
@@ -386,7 +390,7 @@ class LaneApp:
         api.admission.leave(ex.t0)
         if ex.req.principal is not None:
             KeyTable.release(ex.req.principal)
-        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, meter)
+        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, ex.meter)
         if self.trimmer is not None:
             self.trimmer.released(len(ex.req.body))
 
@@ -412,13 +416,10 @@ class LaneApp:
             headers.append((b"server-timing", ex.greq.server_timing()))
         headers += ex.extra
         headers += _limits(ex)
-        meter = None
-        key = ex.req.principal
-        if key is not None and key.tpm:  # (as generate's UsageMeter)
-            meter = UsageMeter(None)
-            meter.whole(status, body)
+        if ex.meter is not None:
+            ex.meter.whole(status, body)
         head = build_head(status, headers, b"content-length: %d\r\n\r\n" % len(body), keep)
-        self._close(ex, status, meter)
+        self._close(ex, status)
         return head + body, keep
 
     def on_timeout(self, ex: Exchange) -> bytes:
@@ -569,14 +570,15 @@ class LaneApp:
         answer and accounting around it."""
         api = self.api
         status = 200
-        meter = None
         if ex.extra:  # (as CorsHandler wraps it)
             responder = CorsResponder(responder, ex.extra)  # type: ignore[assignment]
         key = ex.req.principal
-        if key is not None and (key.rate or key.tpm):  # (as Guarded and generate wrap it)
+        if key is not None and (key.rate or key.tpm):  # (as Guarded wraps it)
             responder = RateLimitHeaders(responder, key)
-            if key.tpm:
-                responder = meter = UsageMeter(responder)
+        if ex.meter is not None:  # (as generate wraps it), timed from the request's arrival
+            meter = UsageMeter(responder)
+            meter.t_start = ex.meter.t_start
+            responder = ex.meter = meter
         try:
             await finish(req, responder)
         except GatewayError as exc:
@@ -585,7 +587,7 @@ class LaneApp:
             status = api.abandoned(req, ex.rid, ex.model, ex.endpoint)
             raise
         finally:
-            self._close(ex, status, meter)
+            self._close(ex, status)
 
     async def _express(self, ex: Exchange, req: Request, responder: Responder) -> None:
         await serve_express(
