@@ -66,6 +66,8 @@ from .keys import RateLimitHeaders, UsageMeter
 from .openai import decode_view
 
 _now = time.perf_counter
+#: the API keys' buckets are stamped on this clock (lmgw.api.keys)
+_key_clock = time.monotonic
 _JSON = b"application/json"
 _ROUTES = {
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
@@ -245,7 +247,7 @@ class LaneApp:
         admission = api.admission
         if entry is not None:
             try:  # (a refusal spends nothing: the server's own admit refuses it the same way)
-                keys.table.admit(entry, t0)
+                keys.table.admit(entry, _key_clock())
             except AuthError:
                 return None  # the server answers the 429, and counts it
         if not admission.enter():
@@ -623,7 +625,7 @@ def _limits(ex: Exchange) -> list[tuple[bytes, bytes]]:
     key = ex.req.principal
     if key is None or not (key.rate or key.tpm):
         return []
-    return rate_limit_headers(key, _now())
+    return rate_limit_headers(key, _key_clock())
 
 
 def _raising(exc: GatewayError) -> Handler:
