@@ -680,16 +680,21 @@ class Gateway:
 
     def _lane_app(self, limits: ServerLimits) -> Any:
         """The compiled lane's decisions (lmgw.api.lane) when ``server.compiled_lane`` is on
-        and nothing wraps the API that the lane would have to repeat: middleware (resumable
-        answers), tracing. None otherwise (the trio path serves). API keys and CORS it does
+        and nothing wraps the API that the lane would have to repeat: middleware (an SDK's,
+        or coalescing), tracing. None otherwise (the trio path serves). API keys, CORS and
+        resumable answers (it leaves the requests that ask for one to the server) it does
         itself."""
         cfg = self.config
         if not cfg.server.compiled_lane or not cfg.upstream.express_lane:
             return None
+        middleware = list(self.app.middleware)
+        if self.streams is not None and not cfg.streams.coalesce:
+            # resumable answers only: the middleware passes on what does not ask for one
+            middleware = [m for m in middleware if m != self.streams.middleware]
         skipped = [
             what
             for what, on in (
-                ("middleware", bool(self.app.middleware)),
+                ("middleware", bool(middleware)),
                 ("tracing", self.tracing is not None),
             )
             if on

@@ -275,7 +275,7 @@ class StreamStore:
         if self._nursery is None:
             await call_next(req, responder)
             return
-        if not (self.config.resumable and _asks(req.headers)):
+        if not (self.config.resumable and asks_resumable(req.headers)):
             ckey = coalesce_key(req) if self.config.coalesce else None
             if ckey is None:
                 await call_next(req, responder)
@@ -504,7 +504,8 @@ def coalesce_key(req: Request) -> bytes | None:
     return h.digest()
 
 
-def _asks(headers: Headers) -> bool:
+def asks_resumable(headers: Headers) -> bool:
+    """Whether a request asks for a resumable answer (``X-Lmgw-Resumable: 1``)."""
     for k, v in headers:
         if k == RESUMABLE_HEADER:
             return v.strip().lower() in _TRUE

@@ -345,6 +345,25 @@ async def test_a_connection_back_in_the_lane_is_counted_once(gateway: GatewayFac
     assert (await c.ask(CHAT)).status == 200 and server._per_client == {"127.0.0.1": 1}
 
 
+async def test_resumable_answers_leave_the_rest_in_the_lane(gateway: GatewayFactory) -> None:
+    """``streams.resumable``: a request that asks for a resumable answer is the server's (it
+    gets its stream id); the others stay in the lane. Coalescing, which may take any
+    deterministic request, keeps the lane off."""
+    from lmgw.config import StreamsConfig
+
+    gw = await gateway(1, streams=StreamsConfig(resumable=True))
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    assert (await c.ask(CHAT)).status == 200 and relay.served == 1
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    at = data.index(b"\r\n") + 2
+    await c.stream.send_all(data[:at] + b"x-lmgw-resumable: 1\r\n" + data[at:])
+    r = await c.next_answer()
+    assert r.status == 200 and r.headers["x-lmgw-stream-id"] and relay.demoted == 1
+    off = await gateway(1, streams=StreamsConfig(resumable=True, coalesce=True))
+    assert off.gateway.server.lane is None
+
+
 async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory) -> None:
     """``max_concurrent = 1``: a second request while the first is in the lane is refused
     (429, by the server); the key counts one in flight until the first answer."""

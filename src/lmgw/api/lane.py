@@ -15,7 +15,8 @@ With API keys, the lane does what :class:`lmgw.api.keys.Guarded` and
 tokens-per-minute limits (counted in and out, the answer's usage charged), and its
 ``x-ratelimit-*`` headers on the answer. A request its key refuses (401, 403, 429) goes to the
 server untouched, which answers it and counts the refusal once (the key's buckets are only
-spent by a request that passes). With ``server.cors_allow_origins``, an allowed Origin's
+spent by a request that passes). A request that asks for a resumable answer
+(``streams.resumable``) is the server's. With ``server.cors_allow_origins``, an allowed Origin's
 headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (preflights are
 ``OPTIONS``: the server's).
 
@@ -59,6 +60,7 @@ from ..netio import RawStream
 from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
+from ..streams import asks_resumable
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
 from .cors import CorsResponder
@@ -170,6 +172,8 @@ class LaneApp:
         self.keys = api.gw.keys
         #: the CORS rules (lmgw.api.cors.Cors), None without server.cors_allow_origins
         self.cors = api.gw.cors
+        #: streams.resumable: requests that ask for a resumable answer go to the server
+        self.resumable = api.gw.config.streams.resumable
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -198,6 +202,8 @@ class LaneApp:
         api = self.api
         t0 = _now()
         req = Request(method, path, "", headers, body, keep_alive, client, False)
+        if self.resumable and asks_resumable(headers):
+            return None
         keys = self.keys
         entry = None
         if keys is not None and path not in keys.open_paths:
