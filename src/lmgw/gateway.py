@@ -681,7 +681,7 @@ class Gateway:
     def _lane_app(self, limits: ServerLimits) -> Any:
         """The compiled lane's decisions (lmgw.api.lane) when ``server.compiled_lane`` is on
         and nothing wraps the API that the lane would have to repeat: middleware (an SDK's,
-        or coalescing), tracing. None otherwise (the trio path serves). API keys, CORS and
+        or coalescing). None otherwise (the trio path serves). API keys, CORS, tracing and
         resumable answers (it leaves the requests that ask for one to the server) it does
         itself."""
         cfg = self.config
@@ -691,14 +691,7 @@ class Gateway:
         if self.streams is not None and not cfg.streams.coalesce:
             # resumable answers only: the middleware passes on what does not ask for one
             middleware = [m for m in middleware if m != self.streams.middleware]
-        skipped = [
-            what
-            for what, on in (
-                ("middleware", bool(middleware)),
-                ("tracing", self.tracing is not None),
-            )
-            if on
-        ]
+        skipped = [what for what, on in (("middleware", bool(middleware)),) if on]
         if skipped:
             log.info("server.compiled_lane: off with %s (the trio path serves)", ", ".join(skipped))
             return None

@@ -558,3 +558,57 @@ async def test_mixed_traffic_leaves_nothing_behind(gateway: GatewayFactory) -> N
     text = await gw.metrics()
     assert metric_value(text, "lmgw_requests_in_flight") == 0
     assert relay.served > 50 and relay.demoted > 10  # both ways, many times
+
+
+async def test_spans_of_a_merged_request_in_the_lane(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """Tracing: the lane serves a merged request with its span and its leg's, the worker gets
+    the leg's traceparent; a failed leg ends in error and the server's retry is a leg of the
+    same span."""
+    pytest.importorskip("opentelemetry.sdk")
+    from gateway_support import server_config
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from lmgw.config import GatewayConfig, HealthConfig, WorkerConfig
+    from lmgw.gateway import Gateway
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sims = [await sim_worker(faults={"error_rate": 1.0}), await sim_worker()]
+    cfg = GatewayConfig(
+        server=server_config("lane", port=0, graceful_shutdown_s=1.0),
+        health=HealthConfig(interval_s=300.0),
+        workers=[WorkerConfig(url=s.url, role="pd", id=f"w{i}") for i, s in enumerate(sims)],
+    )
+    gw = Gateway(cfg, tracer_provider=provider)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    assert (await c.ask(CHAT)).status == 200  # round robin: w0 fails, w1 answers
+    assert relay.demoted == 1
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["lmgw chat", "lmgw generate w0", "lmgw generate w1"]
+    by = {s.name: s for s in spans}
+    root = by["lmgw chat"]
+    assert root.kind is SpanKind.SERVER and root.attributes["http.response.status_code"] == 200
+    for name in ("lmgw generate w0", "lmgw generate w1"):
+        assert by[name].kind is SpanKind.CLIENT
+        assert by[name].parent.span_id == root.context.span_id
+    assert by["lmgw generate w0"].status.status_code is StatusCode.ERROR
+    exporter.clear()
+    await sims[0].set_faults(error_rate=0.0)
+    assert (await c.ask(CHAT)).status == 200 and relay.served == 1  # back in the lane
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"lmgw chat", "lmgw generate w0"}, list(spans)
+    leg = spans["lmgw generate w0"]
+    ctx = leg.get_span_context()
+    headers = (await sims[0].stats())["last_headers"]
+    assert headers["traceparent"].startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
+    assert spans["lmgw chat"].attributes["lmgw.flow"] == "pd"
+    provider.shutdown()

@@ -16,7 +16,9 @@ tokens-per-minute limits (counted in and out, the answer's usage charged), and i
 ``x-ratelimit-*`` headers on the answer. A request its key refuses (401, 403, 429) goes to the
 server untouched, which answers it and counts the refusal once (the key's buckets are only
 spent by a request that passes). A request that asks for a resumable answer
-(``streams.resumable``) is the server's. With ``server.cors_allow_origins``, an allowed Origin's
+(``streams.resumable``) is the server's. With tracing, a merged request's span and its leg's
+are the lane's (the worker gets the leg's ``traceparent``); a P/D request with tracing is the
+server's. With ``server.cors_allow_origins``, an allowed Origin's
 headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (preflights are
 ``OPTIONS``: the server's).
 
@@ -84,8 +86,8 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "meter", "model", "path",
-        "req", "rid", "stage", "t0", "t_sent", "worker",
+        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
+        "model", "path", "req", "rid", "stage", "t0", "t_sent", "trace", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -108,6 +110,9 @@ class Exchange:
         self.extra: list[tuple[bytes, bytes]] = []
         #: the answer's usage and timing (limits.kv_accounting, or a key's tokens per minute)
         self.meter: UsageMeter | None = None
+        #: tracing: the request's span (lmgw.tracing.RequestTrace), the leg in flight's
+        self.trace: Any = None
+        self.leg_trace: Any = None
 
 
 class PDExchange(Exchange):
@@ -174,6 +179,8 @@ class LaneApp:
         self.cors = api.gw.cors
         #: streams.resumable: requests that ask for a resumable answer go to the server
         self.resumable = api.gw.config.streams.resumable
+        #: lmgw.tracing.Tracing, None when tracing is off
+        self.tracing = api.tracing
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -226,6 +233,8 @@ class LaneApp:
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return None  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
+        if dialect is not None and self.tracing is not None:
+            return None  # a P/D request's spans: the server's
         rid, forward = api._identify(req)
         req.request_id = rid
         if dialect is None:
@@ -264,14 +273,22 @@ class LaneApp:
             api.metrics.queue_time.observe((), 0.0)
         if isinstance(ex, PDExchange):
             return self._prefill(ex)
+        if self.tracing is not None:
+            ex.trace = self.tracing.request(req, endpoint, rid)
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
             return self._continue(ex, _raising(exc))
         slot = self._slot(worker.origin)
         if slot < 0:  # TLS, or a host name: the express lane on the server takes it
+            if ex.trace is not None:  # (the express lane has no spans: the general path)
+                return self._continue(ex, partial(self._attempts, ex))
             return self._continue(ex, partial(self._express, ex))
-        head, payload = upstream.request_message(worker.origin, "POST", path, forward, body)
+        headers = forward
+        if ex.trace is not None:
+            ex.leg_trace = ex.trace.leg("pd", worker)
+            headers = ex.leg_trace.headers(forward)
+        head, payload = upstream.request_message(worker.origin, "POST", path, headers, body)
         pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
@@ -381,6 +398,9 @@ class LaneApp:
             self.disagg.leg_end(ex.greq, "p", worker, ex.ctx, ex.t_sent, ok)
             return
         role = ex.stage
+        if ex.leg_trace is not None:  # (as Pipeline.dispatch)
+            ex.leg_trace.end(None if ok else "failed")
+            ex.leg_trace = None
         pipe.metrics.stage.observe((role, worker.id), _now() - ex.t_sent)
         pipe.policies[role].on_finish(worker, ex.ctx, ok)
         pipe.registry.release(worker)
@@ -398,7 +418,7 @@ class LaneApp:
         api.admission.leave(ex.t0)
         if ex.req.principal is not None:
             KeyTable.release(ex.req.principal)
-        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, None, ex.meter)
+        api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, ex.trace, ex.meter)
         if self.trimmer is not None:
             self.trimmer.released(len(ex.req.body))
 
@@ -619,10 +639,15 @@ class LaneApp:
             ex.leg, ex.handoff, failure,
         )  # fmt: skip
 
+    async def _attempts(self, ex: Exchange, req: Request, responder: Responder) -> None:
+        await self.pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker)
+
     def _greq(self, ex: Exchange) -> GatewayRequest:
-        return GatewayRequest(
+        greq = GatewayRequest(
             ex.endpoint, ex.path, ex.model, False, ex.req.body, ex.rid, ex.forward, ex.t0
         )
+        greq.trace = ex.trace  # a retry's legs under the request's span
+        return greq
 
 
 def _limits(ex: Exchange) -> list[tuple[bytes, bytes]]:
