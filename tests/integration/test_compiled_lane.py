@@ -612,3 +612,47 @@ async def test_spans_of_a_merged_request_in_the_lane(
     assert headers["traceparent"].startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
     assert spans["lmgw chat"].attributes["lmgw.flow"] == "pd"
     provider.shutdown()
+
+
+async def test_spans_of_a_p_d_request_in_the_lane(nursery: trio.Nursery, sim_worker: Any) -> None:
+    """Tracing, P/D: both legs in the lane, each a span under the request's, each worker with
+    its own leg's traceparent (as the server's DisaggRunner makes them)."""
+    pytest.importorskip("opentelemetry.sdk")
+    from gateway_support import server_config
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, WorkerConfig
+    from lmgw.gateway import Gateway
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    p, d = await sim_worker(role="p"), await sim_worker(role="d")
+    cfg = GatewayConfig(
+        server=server_config("lane", port=0, graceful_shutdown_s=1.0),
+        health=HealthConfig(interval_s=300.0),
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        workers=[
+            WorkerConfig(url=p.url, role="p", id="p0"),
+            WorkerConfig(url=d.url, role="d", id="d0"),
+        ],
+    )
+    gw = Gateway(cfg, tracer_provider=provider)
+    with trio.fail_after(10):
+        await nursery.start(gw.run)
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    assert (await c.ask(CHAT)).status == 200
+    assert gw.server.lane.relay.served == 2 and gw.server.lane.relay.demoted == 0
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"lmgw chat", "lmgw prefill p0", "lmgw decode d0"}, list(spans)
+    root = spans["lmgw chat"]
+    assert root.attributes["lmgw.flow"] == "p/d"
+    for name, sim in (("lmgw prefill p0", p), ("lmgw decode d0", d)):
+        leg = spans[name]
+        assert leg.parent.span_id == root.context.span_id
+        ctx = leg.get_span_context()
+        sent = (await sim.stats())["last_headers"]["traceparent"]
+        assert sent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
+    provider.shutdown()

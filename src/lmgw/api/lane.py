@@ -16,9 +16,9 @@ tokens-per-minute limits (counted in and out, the answer's usage charged), and i
 ``x-ratelimit-*`` headers on the answer. A request its key refuses (401, 403, 429) goes to the
 server untouched, which answers it and counts the refusal once (the key's buckets are only
 spent by a request that passes). A request that asks for a resumable answer
-(``streams.resumable``) is the server's. With tracing, a merged request's span and its leg's
-are the lane's (the worker gets the leg's ``traceparent``); a P/D request with tracing is the
-server's. With ``server.cors_allow_origins``, an allowed Origin's
+(``streams.resumable``) is the server's. With tracing, the request's span and its legs' are
+the lane's (each worker gets its leg's ``traceparent``), as :meth:`Pipeline.dispatch` and
+:meth:`DisaggRunner._leg` make them. With ``server.cors_allow_origins``, an allowed Origin's
 headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (preflights are
 ``OPTIONS``: the server's).
 
@@ -233,8 +233,6 @@ class LaneApp:
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return None  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
-        if dialect is not None and self.tracing is not None:
-            return None  # a P/D request's spans: the server's
         rid, forward = api._identify(req)
         req.request_id = rid
         if dialect is None:
@@ -271,10 +269,12 @@ class LaneApp:
             return None  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
-        if isinstance(ex, PDExchange):
-            return self._prefill(ex)
         if self.tracing is not None:
             ex.trace = self.tracing.request(req, endpoint, rid)
+            if ex.greq is not None:  # (P/D: the server's legs, if it goes on there)
+                ex.greq.trace = ex.trace
+        if isinstance(ex, PDExchange):
+            return self._prefill(ex)
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
@@ -362,8 +362,12 @@ class LaneApp:
             ex.pre = pre = ex.dialect.prefill_request(ex.body, ex.pctx)
         except _ANSWERABLE as exc:
             return self._continue(ex, _raising(_client_error(greq, exc)))
+        headers = pre.headers
+        if ex.trace is not None:
+            ex.leg_trace = ex.trace.leg("p", ex.prefill)
+            headers = ex.leg_trace.headers(headers)
         head, payload = upstream.request_message(
-            ex.prefill.origin, "POST", pre.path, pre.headers, pre.body
+            ex.prefill.origin, "POST", pre.path, headers, pre.body
         )
         ex.stage = "p"
         ex.worker = ex.prefill
@@ -381,9 +385,11 @@ class LaneApp:
         if dialect.rewrites_decode(ex.handoff):  # the general leg, on the server
             return self._continue(ex, partial(self._after_decode, ex, None))
         decode = ex.worker = ex.decode
-        head, payload = upstream.request_message(
-            decode.origin, "POST", leg.path, leg.headers, leg.body
-        )
+        headers = leg.headers
+        if ex.trace is not None:
+            ex.leg_trace = ex.trace.leg("d", decode)
+            headers = ex.leg_trace.headers(headers)
+        head, payload = upstream.request_message(decode.origin, "POST", leg.path, headers, leg.body)
         ex.stage = "d"
         self.pipe.registry.acquire(decode)
         self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
@@ -394,13 +400,13 @@ class LaneApp:
         """The leg in flight is over: what :meth:`Pipeline.dispatch_whole` (a merged or decode
         leg) or :meth:`DisaggRunner._leg` (a prefill leg) does in its ``finally``."""
         pipe, worker = self.pipe, ex.worker
+        if ex.leg_trace is not None:  # (as Pipeline.dispatch and DisaggRunner._leg)
+            ex.leg_trace.end(None if ok else "failed")
+            ex.leg_trace = None
         if ex.stage == "p":
             self.disagg.leg_end(ex.greq, "p", worker, ex.ctx, ex.t_sent, ok)
             return
         role = ex.stage
-        if ex.leg_trace is not None:  # (as Pipeline.dispatch)
-            ex.leg_trace.end(None if ok else "failed")
-            ex.leg_trace = None
         pipe.metrics.stage.observe((role, worker.id), _now() - ex.t_sent)
         pipe.policies[role].on_finish(worker, ex.ctx, ok)
         pipe.registry.release(worker)
