@@ -386,7 +386,12 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
     assert relay.served == 1 and relay.demoted == 1 and single.requests == 2
 
 
-async def _pd_gateway(nursery: trio.Nursery, sim_worker: Any, **prefill_opts: Any) -> Any:
+async def _pd_gateway(
+    nursery: trio.Nursery, sim_worker: Any, prefills: int = 2, tracer_provider: Any = None,
+    **prefill_opts: Any,
+) -> Any:  # fmt: skip
+    """A vllm-nixl P/D gateway on the lane: ``prefills`` prefill workers (the first with
+    ``prefill_opts``) and one decode worker; the simulators as ``gw.sims`` (decode last)."""
     from gateway_support import server_config
 
     from lmgw.config import (
@@ -397,7 +402,7 @@ async def _pd_gateway(nursery: trio.Nursery, sim_worker: Any, **prefill_opts: An
     )
     from lmgw.gateway import Gateway
 
-    ps = [await sim_worker(role="p", **prefill_opts), await sim_worker(role="p")]
+    ps = [await sim_worker(role="p", **(prefill_opts if i == 0 else {})) for i in range(prefills)]
     d = await sim_worker(role="d")
     cfg = GatewayConfig(
         server=server_config("lane", port=0, graceful_shutdown_s=1.0),
@@ -408,7 +413,8 @@ async def _pd_gateway(nursery: trio.Nursery, sim_worker: Any, **prefill_opts: An
             WorkerConfig(url=d.url, role="d", id="d0"),
         ],
     )
-    gw = Gateway(cfg)
+    gw = Gateway(cfg, tracer_provider=tracer_provider)
+    gw.sims = [*ps, d]  # type: ignore[attr-defined]
     with trio.fail_after(10):
         await nursery.start(gw.run)
     return gw
@@ -618,30 +624,15 @@ async def test_spans_of_a_p_d_request_in_the_lane(nursery: trio.Nursery, sim_wor
     """Tracing, P/D: both legs in the lane, each a span under the request's, each worker with
     its own leg's traceparent (as the server's DisaggRunner makes them)."""
     pytest.importorskip("opentelemetry.sdk")
-    from gateway_support import server_config
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from lmgw.config import GatewayConfig, HealthConfig, ModelConfig, WorkerConfig
-    from lmgw.gateway import Gateway
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    p, d = await sim_worker(role="p"), await sim_worker(role="d")
-    cfg = GatewayConfig(
-        server=server_config("lane", port=0, graceful_shutdown_s=1.0),
-        health=HealthConfig(interval_s=300.0),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
-        workers=[
-            WorkerConfig(url=p.url, role="p", id="p0"),
-            WorkerConfig(url=d.url, role="d", id="d0"),
-        ],
-    )
-    gw = Gateway(cfg, tracer_provider=provider)
-    with trio.fail_after(10):
-        await nursery.start(gw.run)
+    gw = await _pd_gateway(nursery, sim_worker, prefills=1, tracer_provider=provider)
+    p, d = gw.sims
     c = KeepAlive(await open_stream(gw.url), gw.url)
     assert (await c.ask(CHAT)).status == 200
     assert gw.server.lane.relay.served == 2 and gw.server.lane.relay.demoted == 0
