@@ -287,6 +287,14 @@ class Metrics:
             "Client connections the compiled lane handed to the trio server: a request it"
             " does not take, or one of its own to finish there (a failure, an error answer).",
         )
+        self.lane_declined = Counter(
+            "lmgw_lane_declined_total",
+            "Requests the compiled lane left to the trio server, by reason: stream, not_plain"
+            " (media, tools to parse, an alias, a context check...), queue, error (the"
+            " server answers it), key, key_limit, priority, resumable, model_route,"
+            " other_route (GETs, other paths), replaced_route, draining, unparsed.",
+            ("reason",),
+        )
         self.lane_connections = Gauge(
             "lmgw_lane_connections",
             "Connections the compiled lane holds, by side: client, upstream (idle or busy).",
@@ -316,7 +324,8 @@ class Metrics:
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_handovers,
-            self.lane_connections, self.disconnects, self.in_flight, self.healthy,
+            self.lane_declined, self.lane_connections, self.disconnects, self.in_flight,
+            self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the
         # Admission object, which sets their ``collect``; the request path only counts.

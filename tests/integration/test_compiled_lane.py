@@ -198,6 +198,8 @@ async def test_api_keys_are_checked_in_the_lane(gateway: GatewayFactory) -> None
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="missing_key"}') == 1
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="invalid_key"}') == 1
     assert metric_value(text, 'lmgw_auth_rejected_total{reason="model"}') == 1
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="key"}') == 2
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="error"}') == 1  # the 403
     assert all(e.in_flight == 0 for e in keys.table)
 
 
@@ -462,6 +464,8 @@ async def test_its_metrics(gateway: GatewayFactory) -> None:
     text = await gw.metrics()
     assert metric_value(text, "lmgw_lane_answers_total") == 3
     assert metric_value(text, "lmgw_lane_handovers_total") == 2  # the stream, and this GET
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="stream"}') == 1
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="other_route"}') == 1
     assert metric_value(text, 'lmgw_lane_connections{side="upstream"}') >= 1
 
 

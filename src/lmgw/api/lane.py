@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -181,6 +182,8 @@ class LaneApp:
         self.resumable = api.gw.config.streams.resumable
         #: lmgw.tracing.Tracing, None when tracing is off
         self.tracing = api.tracing
+        #: requests left to the server, by reason (lmgw_lane_declined_total)
+        self.declined: Counter[str] = Counter()
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -198,40 +201,44 @@ class LaneApp:
         the server (nothing done to it yet)."""
         parts = parse_request(data, self.max_head, self.max_body)
         if parts is None:
-            return None
+            return self._decline("unparsed")  # (what the one-call parser leaves to httptools)
         method, target, headers, body, keep_alive, _ = parts
         route = _ROUTES.get(target)
-        if route is None or method != "POST" or self.draining:
-            return None
+        if route is None or method != "POST":
+            return self._decline("other_route")
+        if self.draining:
+            return self._decline("draining")
         endpoint, path = route
         if self.routes[path].get("POST") is not self.handlers[target]:
-            return None  # someone else's handler now: the server runs it
+            return self._decline("replaced_route")  # someone else's handler: the server's
         api = self.api
         t0 = _now()
         req = Request(method, path, "", headers, body, keep_alive, client, False)
         if self.resumable and asks_resumable(headers):
-            return None
+            return self._decline("resumable")
         keys = self.keys
         entry = None
         if keys is not None and path not in keys.open_paths:
             entry = self._key(req)
             if entry is None:
-                return None
+                return self._decline("key")
         try:
             view = decode_view(endpoint, body, api.request_limits)
             routes = self.gw.model_routes.by_name
             if routes and view.model in routes:
-                return None
+                return self._decline("model_route")
             model = api._resolve_model(view.model)
             if entry is not None:
                 KeyTable.check_model(entry, model, view.model)
         except GatewayError:
-            return None  # the server answers it, the same way
+            return self._decline("error")  # the server answers it, the same way
         pipe = self.pipe
-        if view.stream or not api._express(model, view.model, body, endpoint):
-            return None
+        if view.stream:
+            return self._decline("stream")
+        if not api._express(model, view.model, body, endpoint):
+            return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
-            return None  # the server checks it
+            return self._decline("priority")  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         rid, forward = api._identify(req)
         req.request_id = rid
@@ -242,7 +249,7 @@ class LaneApp:
             pd.greq = GatewayRequest(endpoint, path, model, False, body, rid, forward, t0)
             pd.body = self.disagg.plain_body(pd.greq, dialect)
             if pd.body is None:
-                return None
+                return self._decline("not_plain")
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
@@ -262,11 +269,11 @@ class LaneApp:
             try:  # (a refusal spends nothing: the server's own admit refuses it the same way)
                 keys.table.admit(entry, _key_clock())
             except AuthError:
-                return None  # the server answers the 429, and counts it
+                return self._decline("key_limit")  # the server answers the 429, counts it
         if not admission.enter():
             if entry is not None:
                 KeyTable.refund(entry)  # the server admits it again
-            return None  # a queue to wait in: the server's
+            return self._decline("queue")  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
         if self.tracing is not None:
@@ -293,6 +300,10 @@ class LaneApp:
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
         return self._plan(ex, slot, head + payload if payload else head)
+
+    def _decline(self, reason: str) -> None:
+        """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total)."""
+        self.declined[reason] += 1
 
     def _key(self, req: Request) -> Any:
         """The request's API key (:class:`lmgw.auth.KeyEntry`, now ``req.principal``), or None

@@ -82,6 +82,8 @@ class Lane:
         relay = self.relay
         metrics.lane_answers.collect = lambda: [((), float(relay.served))]
         metrics.lane_handovers.collect = lambda: [((), float(relay.demoted))]
+        declined = self.app.declined
+        metrics.lane_declined.collect = lambda: [((r,), float(n)) for r, n in declined.items()]
         metrics.lane_connections.collect = lambda: [
             (("client",), float(relay.clients)),
             (("upstream",), float(relay.upstreams)),
