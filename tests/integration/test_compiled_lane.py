@@ -158,13 +158,16 @@ def _keys() -> Any:
     )
 
 
+def _chat_bytes(url: str, headers: dict[str, str], body: Any = CHAT) -> bytes:
+    """A keep-alive chat request with ``headers`` too."""
+    data = request_bytes(url, "POST", "/v1/chat/completions", body, close=False)
+    at = data.index(b"\r\n") + 2
+    return data[:at] + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + data[at:]
+
+
 async def _ask_with(c: KeepAlive, body: Any, key: str | None, header: str = "authorization") -> Any:
-    data = request_bytes(c.url, "POST", "/v1/chat/completions", body, close=False)
-    if key is not None:
-        value = f"Bearer {key}" if header == "authorization" else key
-        at = data.index(b"\r\n") + 2
-        data = data[:at] + f"{header}: {value}\r\n".encode() + data[at:]
-    await c.stream.send_all(data)
+    headers = {} if key is None else {header: f"Bearer {key}" if header == "authorization" else key}
+    await c.stream.send_all(_chat_bytes(c.url, headers, body))
     return await c.next_answer()
 
 
@@ -251,10 +254,8 @@ async def test_a_rate_limited_keys_failover_answer_keeps_its_headers(
     relay = gw.gateway.server.lane.relay
     metered = {e.name: e for e in gw.gateway.keys.table}["metered"]
     c = await _client(gw)
-    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
-    at = data.index(b"\r\n") + 2
-    extra = f"origin: {ui}\r\nauthorization: Bearer {METERED}\r\n".encode()
-    await c.stream.send_all(data[:at] + extra + data[at:])
+    headers = {"origin": ui, "authorization": f"Bearer {METERED}"}
+    await c.stream.send_all(_chat_bytes(gw.url, headers))
     r = await c.next_answer()
     assert r.status == 200 and relay.demoted == 1 and relay.served == 0
     assert r.headers["x-ratelimit-limit-tokens"] == "100000"
@@ -270,11 +271,10 @@ async def test_cors_headers_on_the_lanes_answers(gateway: GatewayFactory) -> Non
     gw = await gateway(1, server_options={"cors_allow_origins": [ui]}, auth=_keys())
     relay = gw.gateway.server.lane.relay
     c = await _client(gw)
-    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
-    at = data.index(b"\r\n") + 2
     for origin, key in ((ui, KEY), (ui, LIMITED), ("https://other.example.com", KEY)):
-        extra = f"origin: {origin}\r\nauthorization: Bearer {key}\r\n".encode()
-        await c.stream.send_all(data[:at] + extra + data[at:])
+        await c.stream.send_all(
+            _chat_bytes(gw.url, {"origin": origin, "authorization": f"Bearer {key}"})
+        )
         r = await c.next_answer()
         assert r.status == 200, r.body
         if origin == ui:
@@ -357,9 +357,7 @@ async def test_resumable_answers_leave_the_rest_in_the_lane(gateway: GatewayFact
     relay = gw.gateway.server.lane.relay
     c = await _client(gw)
     assert (await c.ask(CHAT)).status == 200 and relay.served == 1
-    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
-    at = data.index(b"\r\n") + 2
-    await c.stream.send_all(data[:at] + b"x-lmgw-resumable: 1\r\n" + data[at:])
+    await c.stream.send_all(_chat_bytes(gw.url, {"x-lmgw-resumable": "1"}))
     r = await c.next_answer()
     assert r.status == 200 and r.headers["x-lmgw-stream-id"] and relay.demoted == 1
     off = await gateway(1, streams=StreamsConfig(resumable=True, coalesce=True))
@@ -372,10 +370,7 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
     gw = await gateway(per_worker=[{"timing": (("a", 0.3),), "speed": 1.0}], auth=_keys())
     single = {e.name: e for e in gw.gateway.keys.table}["single"]
     first, second = await _client(gw), await _client(gw)
-    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
-    at = data.index(b"\r\n") + 2
-    data = data[:at] + f"authorization: Bearer {SINGLE}\r\n".encode() + data[at:]
-    await first.stream.send_all(data)
+    await first.stream.send_all(_chat_bytes(gw.url, {"authorization": f"Bearer {SINGLE}"}))
     with trio.fail_after(5):
         while single.in_flight == 0:
             await trio.sleep(0.01)
