@@ -623,11 +623,7 @@ class HTTPServer:
         lim = self.limits
         adopted = client is not None
         if client is None:
-            try:
-                peer = stream.socket.getpeername()
-                client = f"{peer[0]}:{peer[1]}"
-            except OSError:
-                client = ""
+            client = peer_of(stream)
         c = _Conn(stream, client)
         counted: str | None = None  # the address this connection is counted under
         try:
