@@ -10,7 +10,7 @@ the per-worker counters are folded into gateway-wide totals that only grow.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .metrics import Metrics
 
@@ -105,22 +105,38 @@ class FleetStats:
         return [((tier,), pair[index]) for tier, pair in self.caches().items()]
 
     # -- the upstream pool --------------------------------------------------------------------
+    def _relay(self) -> Any:
+        """The compiled lane's loop (its own upstream connections), or None."""
+        server = self.gw.server
+        lane = server.lane if server is not None else None
+        return lane.relay if lane is not None else None
+
     def pool_events(self) -> dict[str, float]:
         st = self.gw.pool.stats
-        return {
+        events = {
             "connect": st.connects,
             "reuse": st.reuses,
             "stale": st.stale_retries,
             "close": st.closed,
         }
+        relay = self._relay()
+        if relay is not None:  # the lane's connections to the workers count as the pool's
+            events["connect"] += relay.connects
+            events["reuse"] += relay.reuses
+            events["stale"] += relay.stale
+        return events
 
     def pool_event_samples(self) -> Samples:
         return [((event,), float(n)) for event, n in self.pool_events().items()]
 
     def pool_connection_samples(self) -> Samples:
+        relay = self._relay()
         for w in self.gw.registry:
             origin = w.origin
-            yield (w.role, w.id, "idle"), float(len(origin.idle))
+            idle = len(origin.idle)
+            if relay is not None and origin.slot >= 0:
+                idle += relay.idle_in(origin.slot)
+            yield (w.role, w.id, "idle"), float(idle)
             yield (w.role, w.id, "waiting"), float(len(origin.waiting))
 
     # -- engines ------------------------------------------------------------------------------

@@ -282,6 +282,10 @@ class Metrics:
             "Whole worker answers the compiled lane relayed itself (a P/D request's two legs"
             " count two); server.compiled_lane.",
         )
+        self.lane_streams = Counter(
+            "lmgw_lane_streams_total",
+            "Streamed answers the compiled lane relayed to their end itself; server.compiled_lane.",
+        )
         self.lane_handovers = Counter(
             "lmgw_lane_handovers_total",
             "Client connections the compiled lane handed to the trio server: a request it"
@@ -323,7 +327,8 @@ class Metrics:
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
-            self.worker_requests, self.express, self.lane_answers, self.lane_handovers,
+            self.worker_requests, self.express, self.lane_answers, self.lane_streams,
+            self.lane_handovers,
             self.lane_declined, self.lane_connections, self.disconnects, self.in_flight,
             self.healthy,
         ]  # fmt: skip

@@ -104,8 +104,27 @@ async def test_a_request_in_two_writes_is_still_the_lanes(gateway: GatewayFactor
     assert relay.served == 1 and relay.demoted == 0
 
 
-async def test_a_stream_hands_the_connection_over_for_good(gateway: GatewayFactory) -> None:
+async def test_streams_stay_in_the_lane(gateway: GatewayFactory) -> None:
     gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    assert (await c.ask(CHAT)).status == 200
+    for _ in range(3):
+        streamed = await c.ask({**CHAT, "stream": True})
+        assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.headers["x-request-id"]
+    assert (await c.ask(CHAT)).status == 200
+    assert relay.served == 2 and relay.streamed == 3 and relay.demoted == 0
+    assert relay.clients == 1 and relay.in_flight == 0
+
+
+async def test_a_stream_the_lane_does_not_take_hands_the_connection_over(
+    gateway: GatewayFactory,
+) -> None:
+    """With SSE keep-alive comments (the server's relay writes them), a stream is the
+    server's, and the connection stays there."""
+    gw = await gateway(1, limits={"sse_keepalive_s": 5.0})
     relay = gw.gateway.server.lane.relay
     c = await _client(gw)
     assert (await c.ask(CHAT)).status == 200
@@ -295,7 +314,7 @@ async def test_connections_per_client_address_in_the_lane(gateway: GatewayFactor
     """``limits.max_connections_per_client``: the lane serves the connections within the
     limit; one over it gets the server's 429; a connection counts until it closes, in the lane
     or on the server after a hand-over."""
-    gw = await gateway(1, limits={"max_connections_per_client": 2})
+    gw = await gateway(1, limits={"max_connections_per_client": 2, "sse_keepalive_s": 5.0})
     server = gw.gateway.server
     relay = server.lane.relay
 
@@ -316,7 +335,7 @@ async def test_connections_per_client_address_in_the_lane(gateway: GatewayFactor
     await counted(1)
     c = await _client(gw)
     assert (await c.ask(CHAT)).status == 200 and relay.served == 3
-    streamed = await c.ask({**CHAT, "stream": True})  # handed to the server, still counted
+    streamed = await c.ask({**CHAT, "stream": True})  # the server's (SSE comments): counted
     assert streamed.status == 200 and relay.clients == 1
     await counted(2)
     await c.stream.aclose()  # closed on the server
@@ -458,9 +477,11 @@ async def test_its_metrics(gateway: GatewayFactory) -> None:
     await c.ask({**CHAT, "stream": True})
     text = await gw.metrics()
     assert metric_value(text, "lmgw_lane_answers_total") == 3
-    assert metric_value(text, "lmgw_lane_handovers_total") == 2  # the stream, and this GET
-    assert metric_value(text, 'lmgw_lane_declined_total{reason="stream"}') == 1
+    assert metric_value(text, "lmgw_lane_streams_total") == 1
+    assert metric_value(text, "lmgw_lane_handovers_total") == 1  # this GET
     assert metric_value(text, 'lmgw_lane_declined_total{reason="other_route"}') == 1
+    assert metric_value(text, 'lmgw_upstream_pool_events_total{event="connect"}') >= 1
+    assert metric_value(text, 'lmgw_upstream_pool_events_total{event="reuse"}') >= 3
     assert metric_value(text, 'lmgw_lane_connections{side="upstream"}') >= 1
 
 

@@ -74,7 +74,7 @@ cdef extern from "netinet/tcp.h":
 from . import relay_py as _twin
 from .relay_py import _log
 
-__all__ = ["Relay", "request_frame", "response_frame"]
+__all__ = ["Relay", "request_frame", "response_frame", "stream_head"]
 
 cdef enum:
     # the twin's values (checked below): frame results and failure kinds
@@ -82,6 +82,7 @@ cdef enum:
     NOT_OURS = -1
     WHOLE = 1
     HANDOFF = 2
+    STREAM = 3
     CONNECT = 1
     LOCAL = 2
     DROPPED = 3
@@ -89,11 +90,14 @@ cdef enum:
     PROTOCOL = 5
     ABORTED = 6
     CONNECT_TIMEOUT = 7
+    DEADLINE = 8
 
-assert (MORE, NOT_OURS, WHOLE, HANDOFF) == (_twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF)
-assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED, CONNECT_TIMEOUT) == (
+assert (MORE, NOT_OURS, WHOLE, HANDOFF, STREAM) == (
+    _twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF, _twin.STREAM
+)
+assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED, CONNECT_TIMEOUT, DEADLINE) == (
     _twin.CONNECT, _twin.LOCAL, _twin.DROPPED, _twin.TIMEOUT, _twin.PROTOCOL, _twin.ABORTED,
-    _twin.CONNECT_TIMEOUT,
+    _twin.CONNECT_TIMEOUT, _twin.DEADLINE,
 )
 
 cdef enum:
@@ -105,11 +109,13 @@ cdef enum:
     C_IDLE = 0  # reading requests
     C_WAIT = 1  # a request upstream
     C_WRITE = 2  # writing an answer
+    C_STREAM = 3  # relaying a streamed answer
     # upstream states
     U_CONNECT = 0
     U_SEND = 1
     U_WAIT = 2
     U_IDLE = 3
+    U_STREAM = 4  # its streamed answer's body
     # head flags
     F_CHUNKED = 1
     F_CLOSE = 2
@@ -119,6 +125,7 @@ cdef enum:
 
 cdef Py_ssize_t PIPELINE_CAP = 1 << 20  # client bytes read ahead while a request is upstream
 cdef Py_ssize_t RESPONSE_HEAD_CAP = 1 << 16
+cdef Py_ssize_t STREAM_HIGH = _twin.STREAM_HIGH  # untaken stream bytes before the worker waits
 
 
 cdef inline unsigned char _low(unsigned char c) noexcept nogil:
@@ -236,6 +243,41 @@ cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t
     return head_end + 4 + length
 
 
+cdef Py_ssize_t _stream_head(const unsigned char* p, Py_ssize_t n, int* kind, int* keep) noexcept nogil:
+    cdef const unsigned char* h = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    cdef Py_ssize_t head_end, first, length
+    cdef int flags, status
+    keep[0] = 0
+    if h == NULL:
+        kind[0] = MORE if n < RESPONSE_HEAD_CAP else HANDOFF
+        return 0
+    head_end = h - p
+    kind[0] = HANDOFF
+    if head_end < 12 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
+        return 0
+    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57):
+        return 0
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    if status < 200 or status >= 300 or status == 204:
+        return 0
+    first = 0
+    while first < head_end and p[first] != 13:
+        first += 1
+    length = _scan_head(p, first + 2, head_end, &flags)
+    if flags & F_BAD or not flags & F_CHUNKED or length >= 0:
+        return 0
+    keep[0] = not (flags & F_CLOSE)
+    kind[0] = STREAM
+    return head_end + 4
+
+
+def stream_head(bytes data not None):
+    """See `relay_py.stream_head`."""
+    cdef int kind, keep
+    cdef Py_ssize_t n = _stream_head(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &kind, &keep)
+    return kind, n, bool(keep)
+
+
 def request_frame(bytes data not None, Py_ssize_t max_head, Py_ssize_t max_body):
     """See `relay_py.request_frame`."""
     return _request_frame(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), max_head, max_body)
@@ -269,6 +311,7 @@ cdef struct Conn:
     double resp_deadline
     PyObject* ident
     PyObject* token
+    PyObject* stream  # a client's streamed answer (lmgw.transport.sse_stream.SseStream)
 
 
 cdef struct Slot:
@@ -290,12 +333,13 @@ cdef class Relay:
     cdef int nslots
     cdef epoll_event events[MAXEV]
     cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
+    cdef object on_stream, on_first, on_stream_end, on_broken
     cdef public Py_ssize_t max_head, max_body, answer_cap
     cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s, connect_timeout_s
     cdef public Py_ssize_t lane_body
     cdef public int max_idle
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
-    cdef readonly long demoted, stale
+    cdef readonly long demoted, stale, streamed
     cdef bint _closed
     cdef list _closed_idents  # the idents of the client connections closed since take_closed
 
@@ -311,7 +355,8 @@ cdef class Relay:
         self._closed_idents = []
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
-                 on_demote, *, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
+                 on_demote, *, on_stream=None, on_first=None, on_stream_end=None,
+                 on_broken=None, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
                  double write_timeout_s=60.0, double upstream_idle_s=55.0,
                  double partial_s=1.0, Py_ssize_t lane_body=1 << 20,
@@ -323,6 +368,10 @@ cdef class Relay:
         self.on_timeout = on_timeout
         self.on_abandon = on_abandon
         self.on_demote = on_demote
+        self.on_stream = on_stream
+        self.on_first = on_first
+        self.on_stream_end = on_stream_end
+        self.on_broken = on_broken
         self.max_head = max_head
         self.max_body = max_body
         self.answer_cap = answer_cap
@@ -341,6 +390,7 @@ cdef class Relay:
                 if self.conns[fd].kind != FREE:
                     Py_XDECREF(self.conns[fd].ident)
                     Py_XDECREF(self.conns[fd].token)
+                    Py_XDECREF(self.conns[fd].stream)
                     free(self.conns[fd].rbuf)
                     free(self.conns[fd].wbuf)
                     close(fd)
@@ -408,6 +458,8 @@ cdef class Relay:
         c.ident = NULL
         Py_XDECREF(c.token)
         c.token = NULL
+        Py_XDECREF(c.stream)
+        c.stream = NULL
 
     cdef int _reserve(self, Conn* c, Py_ssize_t need) except -1:
         cdef Py_ssize_t cap
@@ -443,6 +495,7 @@ cdef class Relay:
         Py_INCREF(ident)
         c.ident = <PyObject*>ident
         c.token = NULL
+        c.stream = NULL
         self.clients += 1
         self._register(fd, c, EPOLLIN | EPOLLRDHUP)
 
@@ -503,6 +556,13 @@ cdef class Relay:
                         self._demote(fd, None)  # a request in pieces: the server's timeouts
                     elif now - c.since > self.keepalive_s:
                         self._close_client(fd)
+                elif c.state == C_STREAM:
+                    if c.wlen and self.write_timeout_s and now - c.since > self.write_timeout_s:
+                        self._gone(fd)  # the client stopped reading its stream
+                    elif c.deadline and now >= c.deadline:
+                        self._broken(fd, DEADLINE, now)
+                    elif c.resp_deadline and now >= c.resp_deadline:
+                        self._broken(fd, TIMEOUT, now)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
             elif c.kind == UPSTREAM:
@@ -559,6 +619,10 @@ cdef class Relay:
             n += self.slots[s].nidle
         return n
 
+    def idle_in(self, int slot):
+        """Idle upstream connections of ``slot``."""
+        return self.slots[slot].nidle if 0 <= slot < self.nslots else 0
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self, double now):
         """Handle every ready event; returns how many there were."""
@@ -601,11 +665,20 @@ cdef class Relay:
             if c.wlen == 0:
                 self._written(fd, c, now)
             return
+        if ev & EPOLLOUT and c.state == C_STREAM and c.wlen:
+            if self._flush(fd, c) < 0:
+                self._gone(fd)
+                return
+            c.since = now
+            if c.wlen == 0:  # caught up: read the worker again
+                self._mask(fd, c, EPOLLIN | EPOLLRDHUP)
+                if c.peer >= 0:
+                    self._mask(c.peer, &self.conns[c.peer], EPOLLIN | EPOLLRDHUP)
         if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             return
         if c.state != C_IDLE and c.rlen >= PIPELINE_CAP:
             # read ahead enough: only a hang-up matters now
-            self._mask(fd, c, EPOLLRDHUP | (EPOLLOUT if c.state == C_WRITE else 0))
+            self._mask(fd, c, EPOLLRDHUP | (EPOLLOUT if c.wlen else 0))
             if not ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                 return
             self._gone(fd)
@@ -629,7 +702,7 @@ cdef class Relay:
         """The client hung up or failed: its request in flight is abandoned."""
         cdef Conn* c = &self.conns[fd]
         cdef object token
-        if c.state == C_WAIT and c.token != NULL:
+        if (c.state == C_WAIT or c.state == C_STREAM) and c.token != NULL:
             if c.peer >= 0:
                 self._close_upstream(c.peer)  # closing is how the worker learns
             token = self._finish(fd)
@@ -699,10 +772,14 @@ cdef class Relay:
         cdef int slot = plan[0]
         cdef bytes payload = plan[1]
         cdef object token = plan[2]
+        cdef object stream = plan[5] if len(plan) > 5 else None
         cdef int ufd
         cdef Conn* u
         Py_INCREF(token)
         c.token = <PyObject*>token
+        if stream is not None:
+            Py_INCREF(stream)
+            c.stream = <PyObject*>stream
         c.deadline = plan[3]
         c.resp_deadline = plan[4]
         c.state = C_WAIT
@@ -805,6 +882,8 @@ cdef class Relay:
         cdef object token = <object>c.token
         Py_DECREF(token)  # the reference held by ``token`` here stays
         c.token = NULL
+        Py_XDECREF(c.stream)
+        c.stream = NULL
         c.peer = -1
         c.deadline = c.resp_deadline = 0
         self.in_flight -= 1
@@ -888,7 +967,7 @@ cdef class Relay:
         u.aborted = 0
         u.rlen = u.rcap = u.wlen = u.woff = 0
         u.rbuf = u.wbuf = NULL
-        u.ident = u.token = NULL
+        u.ident = u.token = u.stream = NULL
         u.since = now
         self.upstreams += 1
         self.connects += 1
@@ -983,13 +1062,32 @@ cdef class Relay:
         except MemoryError:
             self._fail(cfd, PROTOCOL)
             return
+        if u.state == U_STREAM:
+            u.rlen = 0  # (a stream's reads go on at once: nothing is kept between them)
         r = recv(ufd, u.rbuf + u.rlen, u.rcap - u.rlen, 0)
         if r < 0 and (errno == EAGAIN or errno == EINTR):
+            return
+        if u.state == U_STREAM:
+            if r <= 0:
+                self._broken(cfd, DROPPED, now)
+                return
+            c = &self.conns[cfd]
+            stall = (<object>c.stream).stall_s
+            if stall:
+                c.resp_deadline = now + stall
+            self._stream_out(cfd, c, ufd, u, None, PyBytes_FromStringAndSize(u.rbuf, r), now)
             return
         if r <= 0:
             self._fail(cfd, DROPPED)
             return
         u.rlen += r
+        if self.conns[cfd].stream != NULL:
+            length = _stream_head(<const unsigned char*>u.rbuf, u.rlen, &kind, &keep)
+            if kind == MORE:
+                return
+            if kind == STREAM:
+                self._stream_start(cfd, ufd, u, length, keep, now)
+                return
         length = _response_frame(<const unsigned char*>u.rbuf, u.rlen, self.answer_cap, &kind, &keep)
         if kind == MORE:
             return
@@ -1016,6 +1114,138 @@ cdef class Relay:
         else:
             c.state = C_IDLE
             self._demote(cfd, res)
+
+    # -- streamed answers ---------------------------------------------------------------------
+    cdef void _stream_start(self, int cfd, int ufd, Conn* u, Py_ssize_t length, int keep, double now):
+        """The head of a streamed answer: Python gives the client's (or hands it over)."""
+        cdef Conn* c = &self.conns[cfd]
+        cdef object res = _call(self.on_stream, (<object>c.token, PyBytes_FromStringAndSize(u.rbuf, length)))
+        cdef object stream, rest
+        if res is None:  # not an answer to stream here: Python's, as any other
+            self._handoff(cfd, ufd, now)
+            return
+        if res is _FAILED or type(res) is not tuple:
+            self._gone(cfd)
+            return
+        if not (<tuple>res)[1]:
+            c.keep = 0
+        stream = <object>c.stream
+        stream.keep = bool(keep)
+        rest = PyBytes_FromStringAndSize(u.rbuf + length, u.rlen - length)
+        u.rlen = 0
+        u.state = U_STREAM
+        c.state = C_STREAM
+        c.resp_deadline = now + stream.stall_s if stream.stall_s else 0
+        self._stream_out(cfd, c, ufd, u, (<tuple>res)[0], rest, now)
+
+    cdef void _stream_out(self, int cfd, Conn* c, int ufd, Conn* u, object head, object data, double now):
+        """Relay what ``data`` completes (after ``head``, the client's head, if not sent)."""
+        cdef object stream = <object>c.stream
+        cdef bint started = stream.started
+        cdef object out, token
+        try:
+            out = stream.feed(data) if data else b""
+        except Exception:  # (ChunkedError: a worker's bad framing; or a tap's bug)
+            _log.warning("a streamed answer could not be read; its stream ends", exc_info=True)
+            if head is not None and not self._stream_send(cfd, c, ufd, u, head, now):
+                return
+            self._broken(cfd, PROTOCOL, now)
+            return
+        if not started and stream.started:
+            _call(self.on_first, (<object>c.token,))
+        if head is not None:
+            out = head + out
+        if stream.done:
+            keep = stream.keep and not stream.decoder.extra
+            token = self._finish(cfd)
+            if keep:
+                self._release(ufd, u, now)
+            else:
+                self._close_upstream(ufd)
+            self.streamed += 1
+            if _call(self.on_stream_end, (token,)) is _FAILED:
+                self._close_client(cfd)
+                return
+            self._stream_tail(cfd, c, out, now)
+            return
+        if out:
+            self._stream_send(cfd, c, ufd, u, out, now)
+
+    cdef bint _stream_send(self, int cfd, Conn* c, int ufd, Conn* u, bytes out, double now):
+        """Write ``out`` to the client, after what it has not taken yet; past STREAM_HIGH
+        untaken bytes, stop reading the worker. False when the client is gone."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(out)
+        cdef ssize_t r
+        if c.wlen:
+            if self._push(c, PyBytes_AS_STRING(out), n) < 0:
+                self._gone(cfd)
+                return False
+        else:
+            r = send(cfd, PyBytes_AS_STRING(out), n, MSG_NOSIGNAL)
+            if r < 0:
+                if errno != EAGAIN and errno != EINTR:
+                    self._gone(cfd)
+                    return False
+                r = 0
+            if r == n:
+                return True
+            self._queue(c, out, r)
+            c.since = now
+            self._mask(cfd, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT)
+        if c.wlen > STREAM_HIGH:
+            self._mask(ufd, u, 0)
+        return True
+
+    cdef int _push(self, Conn* c, const char* p, Py_ssize_t n) noexcept:
+        """Queue ``n`` more bytes after the unsent ones; -1 out of memory."""
+        cdef char* grown
+        if c.woff:
+            memmove(c.wbuf, c.wbuf + c.woff, c.wlen)
+            c.woff = 0
+        grown = <char*>realloc(c.wbuf, c.wlen + n)
+        if grown == NULL:
+            return -1
+        memcpy(grown + c.wlen, p, n)
+        c.wbuf = grown
+        c.wlen += n
+        return 0
+
+    cdef void _stream_tail(self, int cfd, Conn* c, bytes out, double now):
+        """The last bytes of a stream; then the client connection goes on as after an answer."""
+        if c.wlen:
+            if self._push(c, PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out)) < 0:
+                self._close_client(cfd)
+                return
+            c.state = C_WRITE
+            c.since = now
+            self._mask(cfd, c, EPOLLOUT | EPOLLRDHUP)
+            return
+        self._answer(cfd, out, c.keep, now)
+
+    cdef void _broken(self, int cfd, int kind, double now):
+        """The stream ends before its last chunk: Python says how (``on_broken``)."""
+        cdef Conn* c = &self.conns[cfd]
+        cdef object token, res, unsent
+        if c.peer >= 0:
+            if self.conns[c.peer].aborted:
+                kind = ABORTED
+            self._close_upstream(c.peer)
+        token = self._finish(cfd)
+        unsent = PyBytes_FromStringAndSize(c.wbuf + c.woff, c.wlen) if c.wlen else b""
+        res = _call(self.on_broken, (token, kind, unsent))
+        if type(res) is tuple:
+            if not (<tuple>res)[1]:
+                c.keep = 0
+            self._stream_tail(cfd, c, (<tuple>res)[0], now)
+            return
+        if res is _FAILED:
+            self._close_client(cfd)
+            return
+        free(c.wbuf)  # the continuation sends them first
+        c.wbuf = NULL
+        c.wlen = c.woff = 0
+        c.state = C_IDLE
+        self._demote(cfd, res)
 
     cdef void _handoff(self, int cfd, int ufd, double now):
         """An answer the lane does not relay (an error status, chunked, too large): the

@@ -25,6 +25,18 @@ The loop does no HTTP judgement of its own. It frames messages (:func:`request_f
 * ``on_abandon(token)``: the client left, or the lane closed, with the request in flight.
 * ``on_demote(ident, fd, pending, cont)``: the client connection is Python's from now on.
 
+Streamed answers (a plan with a sixth item, a :class:`Stream`): when the answer's head says
+2xx and chunked, ``on_stream(token, head) -> (head, keep_alive) | None`` gives the client's
+head (None: hand the answer over as ``on_handoff``); from then on each read of the worker's
+body goes through :meth:`Stream.feed` (the chunked framing, whole SSE events only, their
+count, the migration journal) and straight to the client, ``on_first(token)`` at the first
+event, ``on_stream_end(token)`` after the last chunk (the upstream connection is back in its
+slot). A stream that breaks (the worker closed or went silent for the stream's ``stall_s``,
+the request's deadline, a bad chunk) is ``on_broken(token, kind, unsent) -> (tail, keep_alive)
+| cont``: the bytes that end the client's stream, or a continuation that goes on with the
+client connection (``unsent``: answer bytes the client has not taken yet, which it must send
+first). While the client does not take what it is sent, the worker's connection is not read.
+
 Connection states and timeouts follow the native server's (keep-alive, stalled writes) and the
 pool's (connect timeout, idle upstream lifetime); a request's deadlines come with its plan. A
 request that arrives in pieces is waited for ``partial_s``, then handed over (the server's
@@ -44,13 +56,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Relay", "request_frame", "response_frame"]
+__all__ = ["Relay", "request_frame", "response_frame", "stream_head"]
 
 # frame results
 MORE = 0  #: the message is not whole yet
 NOT_OURS = -1  #: a request the lane does not take (chunked, Expect, too large, malformed)
 WHOLE = 1  #: a whole 2xx/3xx answer with a Content-Length
 HANDOFF = 2  #: an answer the lane passes to Python with its connection
+STREAM = 3  #: the head of a streamed (2xx, chunked) answer
 
 # failure kinds (on_failure)
 CONNECT = 1  #: the connection could not be made
@@ -60,12 +73,16 @@ TIMEOUT = 4  #: no answer within the response timeout
 PROTOCOL = 5  #: the answer could not be held
 ABORTED = 6  #: the gateway took the worker out of rotation meanwhile (abort_origin)
 CONNECT_TIMEOUT = 7  #: the connection was not made within the connect timeout
+DEADLINE = 8  #: the request's deadline passed mid-stream
+
+STREAM_HIGH = 1 << 18
+"""Bytes of a stream the client has not taken, at most, before the worker is not read."""
 
 PIPELINE_CAP = 1 << 20
 RESPONSE_HEAD_CAP = 1 << 16
 _CLIENT, _UPSTREAM = 1, 2
-_C_IDLE, _C_WAIT, _C_WRITE = 0, 1, 2
-_U_CONNECT, _U_SEND, _U_WAIT, _U_IDLE = 0, 1, 2, 3
+_C_IDLE, _C_WAIT, _C_WRITE, _C_STREAM = 0, 1, 2, 3
+_U_CONNECT, _U_SEND, _U_WAIT, _U_IDLE, _U_STREAM = 0, 1, 2, 3, 4
 _IN, _OUT, _ERR, _HUP, _RDHUP = (
     select.EPOLLIN,
     select.EPOLLOUT,
@@ -145,6 +162,24 @@ def response_frame(data: bytes, cap: int) -> tuple[int, int, bool]:
     return WHOLE, end + 4 + length, not close
 
 
+def stream_head(data: bytes) -> tuple[int, int, bool]:
+    """(kind, head length, keep-alive) of a streamed request's answer: STREAM when its whole
+    head says 2xx (not 204) and chunked, with no Content-Length; MORE while the head is not
+    whole; HANDOFF otherwise (:func:`response_frame` judges it then)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return (MORE if len(data) < RESPONSE_HEAD_CAP else HANDOFF), 0, False
+    if end < 12 or not data.startswith(b"HTTP/1.1 ") or not data[9:12].isdigit():
+        return HANDOFF, 0, False
+    status = int(data[9:12])
+    if status < 200 or status >= 300 or status == 204:
+        return HANDOFF, 0, False
+    length, odd, close, chunked, _ = _scan_head(data[:end])
+    if odd or not chunked or length >= 0:
+        return HANDOFF, 0, False
+    return STREAM, end + 4, not close
+
+
 class _Conn:
     __slots__ = (
         "aborted",
@@ -162,6 +197,7 @@ class _Conn:
         "slot",
         "sock",
         "state",
+        "stream",
         "token",
         "wbuf",
         "woff",
@@ -186,6 +222,7 @@ class _Conn:
         self.resp_deadline = 0.0
         self.ident: Any = None
         self.token: Any = None
+        self.stream: Any = None
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -209,6 +246,10 @@ class Relay:
         on_abandon: Callable[[Any], Any],
         on_demote: Callable[[Any, int, bytes, Any], Any],
         *,
+        on_stream: Callable[[Any, bytes], Any] | None = None,
+        on_first: Callable[[Any], Any] | None = None,
+        on_stream_end: Callable[[Any], Any] | None = None,
+        on_broken: Callable[[Any, int, bytes], Any] | None = None,
         max_head: int = 65536,
         max_body: int = 32 << 20,
         answer_cap: int = 8 << 20,
@@ -223,6 +264,8 @@ class Relay:
         self.on_request, self.on_answer, self.on_handoff = on_request, on_answer, on_handoff
         self.on_failure, self.on_timeout, self.on_abandon = on_failure, on_timeout, on_abandon
         self.on_demote = on_demote
+        self.on_stream, self.on_first = on_stream, on_first
+        self.on_stream_end, self.on_broken = on_stream_end, on_broken
         self.max_head, self.max_body, self.answer_cap = max_head, max_body, answer_cap
         self.keepalive_s, self.write_timeout_s = keepalive_s, write_timeout_s
         self.upstream_idle_s = upstream_idle_s
@@ -239,6 +282,7 @@ class Relay:
         self.clients = self.in_flight = self.upstreams = self.closed = 0
         self._closed_idents: list[Any] = []  # the idents of the client connections closed
         self.connects = self.reuses = self.served = self.demoted = self.stale = 0
+        self.streamed = 0  # streamed answers relayed to their end
 
     def fileno(self) -> int:
         return self._ep.fileno() if self._ep is not None else -1
@@ -323,6 +367,13 @@ class Relay:
                         self._demote(fd, None)  # a request in pieces: the server's timeouts
                     elif now - c.since > self.keepalive_s:
                         self._close_client(fd)
+                elif c.state == _C_STREAM:
+                    if c.wbuf and self.write_timeout_s and now - c.since > self.write_timeout_s:
+                        self._gone(fd)  # the client stopped reading its stream
+                    elif c.deadline and now >= c.deadline:
+                        self._broken(fd, DEADLINE, now)
+                    elif c.resp_deadline and now >= c.resp_deadline:
+                        self._broken(fd, TIMEOUT, now)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
             elif c.state == _U_IDLE and now - c.since > self.upstream_idle_s:
@@ -361,6 +412,10 @@ class Relay:
     def idle_upstreams(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
+    def idle_in(self, slot: int) -> int:
+        """Idle upstream connections of ``slot``."""
+        return len(self._idle.get(slot, ()))
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self, now: float) -> int:
         if self._ep is None:
@@ -393,10 +448,19 @@ class Relay:
             if not c.wbuf:
                 self._written(fd, c, now)
             return
+        if ev & _OUT and c.state == _C_STREAM and c.wbuf:
+            if self._flush(c) < 0:
+                self._gone(fd)
+                return
+            c.since = now
+            if not c.wbuf:  # caught up: read the worker again
+                self._mask(fd, c, _IN | _RDHUP)
+                if c.peer >= 0:
+                    self._mask(c.peer, self._conns[c.peer], _IN | _RDHUP)
         if not ev & (_IN | _RDHUP | _HUP | _ERR):
             return
         if c.state != _C_IDLE and len(c.rbuf) >= PIPELINE_CAP:
-            self._mask(fd, c, _RDHUP | (_OUT if c.state == _C_WRITE else 0))
+            self._mask(fd, c, _RDHUP | (_OUT if c.wbuf else 0))
             if ev & (_RDHUP | _HUP | _ERR):
                 self._gone(fd)
             return
@@ -412,7 +476,7 @@ class Relay:
 
     def _gone(self, fd: int) -> None:
         c = self._conns[fd]
-        if c.state == _C_WAIT and c.token is not None:
+        if (c.state == _C_WAIT or c.state == _C_STREAM) and c.token is not None:
             if c.peer >= 0:
                 self._close_upstream(c.peer)
             _call(self.on_abandon, self._finish(fd))
@@ -471,7 +535,8 @@ class Relay:
             self.closed += 1
 
     def _start(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:
-        slot, payload, token, deadline, resp_deadline = plan
+        slot, payload, token, deadline, resp_deadline = plan[:5]
+        c.stream = plan[5] if len(plan) > 5 else None
         c.token = token
         c.deadline = deadline
         c.resp_deadline = resp_deadline
@@ -551,6 +616,7 @@ class Relay:
     def _finish(self, fd: int) -> Any:
         c = self._conns[fd]
         token, c.token = c.token, None
+        c.stream = None
         c.peer = -1
         c.deadline = c.resp_deadline = 0.0
         self.in_flight -= 1
@@ -676,10 +742,26 @@ class Relay:
         data = _recv(u.sock)
         if data is None:
             return
+        if u.state == _U_STREAM:
+            if not data:
+                self._broken(cfd, DROPPED, now)
+                return
+            c = self._conns[cfd]
+            if c.stream.stall_s:
+                c.resp_deadline = now + c.stream.stall_s
+            self._stream_out(cfd, c, ufd, u, b"", data, now)
+            return
         if not data:
             self._fail(cfd, DROPPED)
             return
         u.rbuf += data
+        if self._conns[cfd].stream is not None:
+            kind, length, keep = stream_head(bytes(u.rbuf))
+            if kind == MORE:
+                return
+            if kind == STREAM:
+                self._stream_start(cfd, ufd, u, length, keep, now)
+                return
         kind, length, keep = response_frame(bytes(u.rbuf), self.answer_cap)
         if kind == MORE:
             return
@@ -704,6 +786,121 @@ class Relay:
         else:
             self._conns[cfd].state = _C_IDLE
             self._demote(cfd, res)
+
+    # -- streamed answers ---------------------------------------------------------------------
+    def _stream_start(
+        self, cfd: int, ufd: int, u: _Conn, length: int, keep: bool, now: float
+    ) -> None:
+        c = self._conns[cfd]
+        res = _call(self.on_stream, c.token, bytes(u.rbuf[:length]))
+        if res is None:  # not an answer to stream here: Python's, as any other
+            self._handoff(cfd, ufd)
+            return
+        if res is _FAILED:
+            self._gone(cfd)
+            return
+        head, client_keep = res
+        if not client_keep:
+            c.keep = False
+        s = c.stream
+        s.keep = keep
+        rest = bytes(u.rbuf[length:])
+        u.rbuf = bytearray()
+        u.state = _U_STREAM
+        c.state = _C_STREAM
+        c.resp_deadline = now + s.stall_s if s.stall_s else 0.0
+        self._stream_out(cfd, c, ufd, u, head, rest, now)
+
+    def _stream_out(
+        self, cfd: int, c: _Conn, ufd: int, u: _Conn, head: bytes, data: bytes, now: float
+    ) -> None:
+        """Relay what ``data`` completes (after ``head``, the client's head, if not sent)."""
+        s = c.stream
+        started = s.started
+        try:
+            out = s.feed(data) if data else b""
+        except Exception:  # (ChunkedError: a worker's bad framing; or a tap's bug)
+            _log.warning("a streamed answer could not be read; its stream ends", exc_info=True)
+            if head and not self._stream_send(cfd, c, ufd, u, head, now):
+                return
+            self._broken(cfd, PROTOCOL, now)
+            return
+        if not started and s.started:
+            _call(self.on_first, c.token)
+        if head:
+            out = head + out
+        if s.done:
+            keep = s.keep and not s.decoder.extra
+            token = self._finish(cfd)
+            if keep:
+                self._release(ufd, u, now)
+            else:
+                self._close_upstream(ufd)
+            self.streamed += 1
+            if _call(self.on_stream_end, token) is _FAILED:
+                self._close_client(cfd)
+                return
+            self._stream_tail(cfd, c, out, now)
+            return
+        if out:
+            self._stream_send(cfd, c, ufd, u, out, now)
+
+    def _stream_send(self, cfd: int, c: _Conn, ufd: int, u: _Conn, out: bytes, now: float) -> bool:
+        """Write ``out`` to the client, after what it has not taken yet; past STREAM_HIGH
+        untaken bytes, stop reading the worker. False when the client is gone."""
+        if c.wbuf:
+            c.wbuf = bytes(memoryview(c.wbuf)[c.woff :]) + out
+            c.woff = 0
+        else:
+            try:
+                r = c.sock.send(out, socket.MSG_NOSIGNAL)
+            except OSError as exc:
+                if exc.errno not in _AGAIN:
+                    self._gone(cfd)
+                    return False
+                r = 0
+            if r == len(out):
+                return True
+            c.wbuf, c.woff = out, r
+            c.since = now
+            self._mask(cfd, c, _IN | _RDHUP | _OUT)
+        if len(c.wbuf) - c.woff > STREAM_HIGH:
+            self._mask(ufd, u, 0)
+        return True
+
+    def _stream_tail(self, cfd: int, c: _Conn, out: bytes, now: float) -> None:
+        """The last bytes of a stream; then the client connection goes on as after an answer."""
+        if c.wbuf:
+            c.wbuf = bytes(memoryview(c.wbuf)[c.woff :]) + out
+            c.woff = 0
+            c.state = _C_WRITE
+            c.since = now
+            self._mask(cfd, c, _OUT | _RDHUP)
+            return
+        self._answer(cfd, out, c.keep, now)
+
+    def _broken(self, cfd: int, kind: int, now: float) -> None:
+        """The stream ends before its last chunk: Python says how (``on_broken``)."""
+        c = self._conns[cfd]
+        if c.peer >= 0:
+            if self._conns[c.peer].aborted:
+                kind = ABORTED
+            self._close_upstream(c.peer)
+        token = self._finish(cfd)
+        unsent = bytes(memoryview(c.wbuf)[c.woff :]) if c.wbuf else b""
+        res = _call(self.on_broken, token, kind, unsent)
+        if type(res) is tuple:
+            tail, keep = res
+            if not keep:
+                c.keep = False
+            self._stream_tail(cfd, c, tail, now)
+            return
+        if res is _FAILED:
+            self._close_client(cfd)
+            return
+        c.wbuf, c.woff = b"", 0  # the continuation sends them first
+        c.state = _C_IDLE
+        self._demote(cfd, res)
 
     def _handoff(self, cfd: int, ufd: int) -> None:
         u = self._conns[ufd]

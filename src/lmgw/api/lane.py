@@ -48,24 +48,29 @@ from .._fast.relay_py import (
     ABORTED,
     CONNECT,
     CONNECT_TIMEOUT,
+    DEADLINE,
     DROPPED,
     LOCAL,
+    PROTOCOL,
     TIMEOUT,
     pack_sockaddr,
 )
 from ..auth import AuthError, KeyTable, rate_limit_headers
-from ..errors import GatewayError
+from ..errors import GatewayError, sse_error_event
 from ..http.h1parse import parse_request, parse_response
 from ..http.server import build_head
 from ..http.types import Request, Responder
 from ..memtrim import LARGE_ANSWER_BYTES
 from ..netio import RawStream
+from ..pipeline import migration
 from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
 from ..streams import asks_resumable
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
+from ..transport.openai_http import SSE_HEADERS
+from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
 from .keys import RateLimitHeaders, UsageMeter
 from .openai import decode_view
@@ -74,6 +79,7 @@ _now = time.perf_counter
 #: the API keys' buckets are stamped on this clock (lmgw.api.keys)
 _key_clock = time.monotonic
 _JSON = b"application/json"
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _ROUTES = {
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
     b"/v1/completions": ("completions", "/v1/completions"),
@@ -88,7 +94,8 @@ class Exchange:
 
     __slots__ = (
         "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
-        "model", "path", "req", "rid", "stage", "t0", "t_sent", "trace", "worker",
+        "model", "path", "req", "rid", "stage", "stream", "t0", "t_first", "t_sent", "trace",
+        "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -103,6 +110,9 @@ class Exchange:
         self.stage = "pd"
         self.t0 = 0.0
         self.t_sent = 0.0
+        self.t_first = 0.0
+        #: a streamed answer's relay state (lmgw.transport.sse_stream), None for a whole one
+        self.stream: SseStream | None = None
         self.forward: list[tuple[bytes, bytes]] = []
         self.worker: Any = None
         self.ctx: Any = None  # the routing context
@@ -139,12 +149,16 @@ class Continuation:
     :attr:`run` is a handler for :attr:`request` (the server's deadline and disconnect watch
     apply to it as to any request)."""
 
-    __slots__ = ("request", "run", "t0")
+    __slots__ = ("midstream", "request", "run", "t0", "unsent")
 
     def __init__(self, request: Request, run: Handler, t0: float) -> None:
         self.request = request
         self.run = run
         self.t0 = t0
+        #: the lane's stream broke: its head and ``unsent`` reached or are due to the client
+        #: (the server writes ``unsent`` first; the handler's responder has started)
+        self.midstream = False
+        self.unsent = b""
 
 
 class LaneApp:
@@ -233,13 +247,16 @@ class LaneApp:
         except GatewayError:
             return self._decline("error")  # the server answers it, the same way
         pipe = self.pipe
-        if view.stream:
+        stream = bool(view.stream)
+        if stream and not self._streams(entry):
             return self._decline("stream")
         if not api._express(model, view.model, body, endpoint):
             return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return self._decline("priority")  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
+        if stream and dialect is not None:
+            return self._decline("stream")  # P/D streams: the server's
         rid, forward = api._identify(req)
         req.request_id = rid
         if dialect is None:
@@ -286,9 +303,12 @@ class LaneApp:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
             return self._continue(ex, _raising(exc))
+        if stream:  # (as Pipeline.run: the journal when the stream may be continued)
+            journal = migration.Journal(endpoint) if pipe.migrations else None
+            ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         slot = self._slot(worker.origin)
         if slot < 0:  # TLS, or a host name: the express lane on the server takes it
-            if ex.trace is not None:  # (the express lane has no spans: the general path)
+            if ex.trace is not None or stream:  # (no spans, no streams there: the general path)
                 return self._continue(ex, partial(self._attempts, ex))
             return self._continue(ex, partial(self._express, ex))
         headers = forward
@@ -296,10 +316,23 @@ class LaneApp:
             ex.leg_trace = ex.trace.leg("pd", worker)
             headers = ex.leg_trace.headers(forward)
         head, payload = upstream.request_message(worker.origin, "POST", path, headers, body)
-        pipe.express_served += 1
+        if not stream:
+            pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
         return self._plan(ex, slot, head + payload if payload else head)
+
+    def _streams(self, entry: Any) -> bool:
+        """Whether the lane relays a stream for this gateway and key: not with hedging, SSE
+        keep-alive comments, or a usage meter on the answer (limits.kv_accounting, a key's
+        tokens per minute), which the server's relay does."""
+        api = self.api
+        return not (
+            self.pipe.hedger is not None
+            or api.sse_keepalive_s
+            or api.kv_accounting
+            or (entry is not None and entry.tpm)
+        )
 
     def _decline(self, reason: str) -> None:
         """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total)."""
@@ -323,13 +356,14 @@ class LaneApp:
     def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
         now = ex.t_sent = _now()
         rt = self.pipe.response_timeout_s
-        return (
+        plan = (
             slot,
             payload,
             ex,
             ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
             now + rt if rt != math.inf else 0.0,
         )
+        return plan if ex.stream is None else (*plan, ex.stream)
 
     def _slot(self, origin: Any) -> int:
         """The lane's slot for ``origin``: -2 for good (TLS, or a name that did not resolve),
@@ -467,6 +501,71 @@ class LaneApp:
         self._close(ex, status)
         return head + body, keep
 
+    # -- streamed answers ---------------------------------------------------------------------
+    def on_stream(self, ex: Exchange, head: bytes) -> tuple[bytes, bool] | None:
+        """A streamed request's answer began (2xx, chunked): the client's head, or None when
+        it is not an event stream (the server relays it, as :meth:`Pipeline.answer`)."""
+        if not _is_event_stream(head):
+            return None
+        keep = ex.keep_alive and not self.draining
+        headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode()), *ex.extra, *_limits(ex)]
+        return build_head(200, headers, _CHUNKED, keep), keep
+
+    def on_first(self, ex: Exchange) -> None:
+        """The stream's first event: the time to first token, and the policy's hook
+        (:meth:`Pipeline.answer`'s ``first_byte``)."""
+        pipe, worker = self.pipe, ex.worker
+        now = ex.t_first = _now()
+        metrics = pipe.metrics
+        metrics.ttft.observe((ex.model,), now - ex.t0)
+        metrics.stage_ttft.observe((ex.stage, worker.id), now - ex.t_sent)
+        if ex.stage in pipe.first_token_roles:  # this leg's prefill is over
+            pipe.policies[ex.stage].on_first_token(worker, ex.ctx)
+
+    def on_stream_end(self, ex: Exchange) -> None:
+        """The stream's last chunk came (and went to the client): its per-token time, then
+        the request's end."""
+        events = ex.stream.events if ex.stream is not None else 0
+        if events > 1:
+            tpot = (_now() - ex.t_first) / (events - 1)
+            metrics = self.pipe.metrics
+            metrics.stage_tpot.observe((ex.stage, ex.worker.id), tpot)
+            metrics.tpot.observe((ex.model,), tpot)
+        self._settle(ex, True)
+        self._close(ex, 200)
+
+    def on_broken(
+        self, ex: Exchange, kind: int, unsent: bytes
+    ) -> tuple[bytes, bool] | Continuation:
+        """The stream broke after its head: as :meth:`Pipeline.failed` judges it, continued on
+        another worker (a continuation on the server, with ``unsent`` to write first) when it
+        may be, else ended with an SSE error event and ``[DONE]``."""
+        pipe, worker = self.pipe, ex.worker
+        self._settle(ex, False)
+        if kind == DEADLINE:  # (the server's watchdog: the request ends, the connection too)
+            msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
+            self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
+            self._close(ex, 504)
+            return _sse_end(sse_error_event(504, msg)), False
+        exc = _stream_error(worker, kind, pipe.stall_s or 0.0)
+        pipe.metrics.upstream_errors.inc((ex.stage, worker.id, exc.kind))
+        pipe.registry.record_failure(worker, exc.message, eject=False)
+        journal = ex.stream.journal if ex.stream is not None else None
+        if journal is None or not pipe.migrations:
+            self._close(ex, 200)  # (as relay_sse without a journal: the stream carries it)
+            event = sse_error_event(exc.status, f"worker stream failed: {exc.message}")
+            return _sse_end(event), ex.keep_alive and not self.draining
+        cont = self._continue(ex, partial(self._migrate, ex, journal))
+        cont.midstream = True
+        cont.unsent = unsent
+        return cont
+
+    async def _migrate(
+        self, ex: Exchange, journal: list[bytes], req: Request, responder: Responder
+    ) -> None:
+        await self.pipe.continue_stream(self._greq(ex), responder, ex.stage, ex.ctx,
+                                        (ex.worker,), journal)  # fmt: skip
+
     def on_timeout(self, ex: Exchange) -> bytes:
         """The request's deadline passed: the 504 (the connection closes after it)."""
         self._settle(ex, False)
@@ -537,7 +636,9 @@ class LaneApp:
         if ex.stage == "d":
             await self._after_decode(ex, failure, req, responder)  # type: ignore[arg-type]
         else:
-            await self.pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker, failure=failure)
+            await self.pipe.attempts(
+                self._greq(ex), responder, ex.ctx, ex.worker, _journal(ex), failure=failure
+            )
 
     def on_handoff(self, ex: Exchange, fd: int, data: bytes) -> Continuation:
         """An answer the lane does not relay: read on the pool's terms (its connection joins
@@ -568,7 +669,7 @@ class LaneApp:
             else:
                 failure = await pipe.answer(
                     ex.greq or self._greq(ex), responder, resp, stage, worker, ex.ctx,
-                    (worker,), self._may_retry(ex), ex.t_sent,
+                    (worker,), self._may_retry(ex), ex.t_sent, journal=_journal(ex),
                 )  # fmt: skip
                 ok = failure is None
         except upstream.UpstreamError as exc:  # (as Pipeline.dispatch_whole, DisaggRunner._leg)
@@ -657,14 +758,50 @@ class LaneApp:
         )  # fmt: skip
 
     async def _attempts(self, ex: Exchange, req: Request, responder: Responder) -> None:
-        await self.pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker)
+        await self.pipe.attempts(self._greq(ex), responder, ex.ctx, ex.worker, _journal(ex))
 
     def _greq(self, ex: Exchange) -> GatewayRequest:
         greq = GatewayRequest(
-            ex.endpoint, ex.path, ex.model, False, ex.req.body, ex.rid, ex.forward, ex.t0
-        )
+            ex.endpoint, ex.path, ex.model, ex.stream is not None, ex.req.body, ex.rid,
+            ex.forward, ex.t0,
+        )  # fmt: skip
         greq.trace = ex.trace  # a retry's legs under the request's span
         return greq
+
+
+def _journal(ex: Exchange) -> list[bytes] | None:
+    """A fresh migration journal for a stream the server relays from here (None: none)."""
+    stream = ex.stream
+    return None if stream is None or stream.journal is None else migration.Journal(ex.endpoint)
+
+
+def _is_event_stream(head: bytes) -> bool:
+    """Whether a response head's Content-Type is ``text/event-stream``."""
+    at = head.lower().find(b"\r\ncontent-type:")
+    if at < 0:
+        return False
+    end = head.find(b"\r\n", at + 2)
+    return head[at + 15 : end].strip(b" \t").lower().startswith(b"text/event-stream")
+
+
+def _sse_end(event: bytes) -> bytes:
+    """A stream's last bytes: ``event`` (an SSE error event and ``[DONE]``), then the end."""
+    return b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event)
+
+
+def _stream_error(worker: Any, kind: int, stall_s: float) -> upstream.UpstreamError:
+    """The pool's :class:`UpstreamError` for a stream that broke mid-answer."""
+    origin = worker.origin
+    where = f"{origin.host}:{origin.port}"
+    if kind == TIMEOUT:
+        return upstream.UpstreamError(
+            f"worker {where} sent nothing for {stall_s:g} s mid-stream", status=504
+        )
+    if kind == PROTOCOL:
+        return upstream.UpstreamError(f"worker {where}: the stream could not be read")
+    if kind == ABORTED:
+        return upstream.UpstreamError(f"worker {where} was taken out of rotation mid-stream")
+    return upstream.UpstreamError(f"worker {where} closed the connection mid-response")
 
 
 def _limits(ex: Exchange) -> list[tuple[bytes, bytes]]:

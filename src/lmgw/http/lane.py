@@ -63,6 +63,8 @@ class Lane:
         self.relay = Relay(
             app.on_request, app.on_answer, app.on_handoff, app.on_failure, app.on_timeout,
             app.on_abandon, self._on_demote,
+            on_stream=app.on_stream, on_first=app.on_first, on_stream_end=app.on_stream_end,
+            on_broken=app.on_broken,
             max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
             keepalive_s=lim.keepalive_timeout_s, write_timeout_s=lim.write_timeout_s,
             upstream_idle_s=app.pool.idle_timeout_s, connect_timeout_s=app.pool.connect_timeout_s,
@@ -81,6 +83,7 @@ class Lane:
         """Read the loop's counts at scrape time (``lmgw_lane_*``)."""
         relay = self.relay
         metrics.lane_answers.collect = lambda: [((), float(relay.served))]
+        metrics.lane_streams.collect = lambda: [((), float(relay.streamed))]
         metrics.lane_handovers.collect = lambda: [((), float(relay.demoted))]
         declined = self.app.declined
         metrics.lane_declined.collect = lambda: [((r,), float(n)) for r, n in declined.items()]

@@ -727,8 +727,11 @@ class HTTPServer:
         answered = False
         while True:
             run = handler
+            midstream = None
             if first is not None:  # the lane's request, to finish here
                 ev, run, started = first.request, first.run, first.t0
+                if first.midstream:  # its stream began in the lane: the rest goes on here
+                    midstream = first.unsent
                 first = None
             else:
                 ev = conn.next_event()
@@ -774,6 +777,8 @@ class HTTPServer:
             responder = _Responder(
                 stream, ev.keep_alive and not self.draining, ev.method == "HEAD", ev.http10
             )
+            if midstream is not None:  # the head is out: chunks from here, after the unsent
+                responder.started = True
             c.responder = responder
             c.request = ev
             c.busy = True
@@ -782,6 +787,8 @@ class HTTPServer:
             if self._nap is not None:  # the watchdog naps: this request needs it awake
                 self._nap.cancel()
             try:
+                if midstream:
+                    await stream.send_all(midstream)
                 await run(ev, responder)
             except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse):
                 return

@@ -18,7 +18,7 @@ from .pacing import after_write
 from .pool import Response, UpstreamError
 from .sse import split_complete
 
-_SSE_HEADERS = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
 ]
@@ -98,7 +98,7 @@ async def relay_sse(
     a hung worker is an :class:`UpstreamError` (504) instead of a stream that never ends.
     """
     if not responder.started:
-        await responder.start(200, [*_SSE_HEADERS, *headers])
+        await responder.start(200, [*SSE_HEADERS, *headers])
     if stall_s is None:
         return await _relay_events(resp, responder, on_first_byte, rewrite, journal)
     with trio.CancelScope(deadline=trio.current_time() + stall_s) as scope:
