@@ -1,6 +1,8 @@
-"""CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw,
-lmgw keeping every answer resumable (``--resumable-streams`` and ``X-Lmgw-Resumable: 1``: the
-buffer and follower of ``lmgw.streams`` on the path), lmgw coalescing (``--coalesce`` with
+"""CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw
+(streams relayed by the compiled lane), ``lmgw-trio`` (``server.compiled_lane = false``: the
+trio relay), lmgw keeping every answer resumable (``--resumable-streams`` and
+``X-Lmgw-Resumable: 1``: the buffer and follower of ``lmgw.streams`` on the path), lmgw
+coalescing (``--coalesce`` with
 greedy requests, all distinct: every one eligible, none shared, the price of the option),
 ``trio-floor`` (`floor_relay.py`: a bare trio relay with nothing in it, passing a stream's reads
 on as they come: what trio and the kernel cost per event anyway, the floor for any trio relay),
@@ -19,6 +21,7 @@ first; systems alternate order over rounds; medians. CPU from /proc/<pid>/stat, 
 user (interpreter) and system (kernel) time.
 
     .venv/bin/python benchmarks/stream_relay.py [--rounds 3] [--duration 4] [--token-delay 0.001]
+        [--systems lmgw,lmgw-trio,...]
 
 Writes benchmarks/results/stream_relay.json. Needs wrk and ../shared/bench/mock_worker.py.
 """
@@ -83,6 +86,10 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
     urls = [f"http://127.0.0.1:{w}" for w in workers]
     if name == "lmgw":
         return oh.gateway_argv(port, [f"pd={u}" for u in urls])
+    if name == "lmgw-trio":  # the compiled lane off: streams relayed on trio, as before it
+        trio_toml = LOG_DIR / "lane_off.toml"
+        trio_toml.write_text("[server]\ncompiled_lane = false\n")
+        return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--config", str(trio_toml)]
     if name == "lmgw-resumable":  # every answer kept and relayed through its buffer
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--resumable-streams"]
     if name == "lmgw-coalesce":  # greedy requests, each eligible to be shared (none is)
@@ -126,12 +133,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--token-delay", type=float, default=0.001, help="paced: s per token")
+    parser.add_argument("--systems", default=None, help="comma-separated subset (default: all)")
     args = parser.parse_args()
     if shutil.which("wrk") is None or not MOCK.exists():
         print("needs wrk and ../shared/bench/mock_worker.py", file=sys.stderr)
         return 2
-    systems = ["lmgw", "lmgw-resumable", "lmgw-coalesce", "trio-floor"]
+    systems = ["lmgw", "lmgw-trio", "lmgw-resumable", "lmgw-coalesce", "trio-floor"]
     systems += ["vllm-router"] if VLLM_ROUTER.exists() else []
+    if args.systems:
+        systems = [s for s in args.systems.split(",") if s in systems]
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     floor.LOG_DIR.mkdir(parents=True, exist_ok=True)  # its start_workers logs there
     allowed = sorted(os.sched_getaffinity(0))
@@ -193,8 +203,10 @@ def main() -> int:
                 f" {m['sys_us_per_event']:>7.2f} {m['cpu_us_per_event']:>13.2f}"
             )
         plain = med[regime]["lmgw"]["cpu_us_per_event"]
-        for name in ("lmgw-resumable", "lmgw-coalesce"):
-            print(f"  {name} / plain lmgw: x{med[regime][name]['cpu_us_per_event'] / plain:.2f}")
+        for name in ("lmgw-trio", "lmgw-resumable", "lmgw-coalesce"):
+            if name in med[regime]:
+                ratio = med[regime][name]["cpu_us_per_event"] / plain
+                print(f"  {name} / plain lmgw: x{ratio:.2f}")
         if "vllm-router" in med[regime]:
             ratio = med[regime]["lmgw"]["cpu_us_per_event"] / max(
                 med[regime]["vllm-router"]["cpu_us_per_event"], 1e-9

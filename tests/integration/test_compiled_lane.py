@@ -15,10 +15,13 @@ from gateway_support import (
     MODEL,
     GatewayFactory,
     RawResponse,
+    http_request,
+    metric_value,
     open_stream,
     parse_response,
     request_bytes,
 )
+from test_gateway_api import client_for, in_thread, wait_for_abort
 
 pytestmark = pytest.mark.usefixtures("hard_deadline")
 
@@ -135,6 +138,110 @@ async def test_a_stream_the_lane_does_not_take_hands_the_connection_over(
     assert gw.gateway.server.active_connections == 1
 
 
+def _text(r: RawResponse) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in r.events()[:-1] if e["choices"]
+    )
+
+
+async def test_a_stream_broken_in_the_lane_is_continued_on_the_server(
+    gateway: GatewayFactory,
+) -> None:
+    """A worker drops the stream mid-way: the lane hands the client's connection, its head
+    already sent, to a continuation on the server, which finishes the stream on the other
+    worker with exactly the unbroken text; the connection comes back to the lane after."""
+    gw = await gateway(per_worker=[{"faults": {"drop_at_token": 4}}, {}], health_interval_s=300.0)
+    relay = gw.gateway.server.lane.relay
+    body = {**CHAT, "stream": True, "max_tokens": 40, "stream_options": {"include_usage": True}}
+    direct = await http_request(gw.sims[1].url, "POST", "/v1/chat/completions", body)
+    c = await _client(gw)
+    r = await c.ask(body)  # round robin: the dropping worker first
+    events = r.events()
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events
+    assert _text(r) == _text(direct)
+    assert len({e["id"] for e in events[:-1]}) == 1
+    assert (
+        events[-2]["usage"]["completion_tokens"]
+        == direct.events()[-2]["usage"]["completion_tokens"]
+    )
+    assert relay.demoted == 1 and relay.streamed == 0
+    await gw.sims[0].set_faults(drop_at_token=None)
+    r = await c.ask(body)  # in the lane again, to its end
+    assert _text(r) == _text(direct)
+    assert relay.streamed == 1 and relay.demoted == 1
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_stream_migrations_total{role="pd",outcome="continued"}') == 1
+    assert all(w.in_flight == 0 for w in gw.gateway.registry)
+
+
+async def test_a_stream_broken_in_the_lane_without_migration_ends_with_an_error(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await gateway(1, faults={"drop_at_token": 3}, upstream={"migrate_streams": 0})
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    r = await c.ask({**CHAT, "stream": True, "max_tokens": 20})
+    events = r.events()
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 502
+    assert "worker stream failed" in events[-2]["error"]["message"]
+    assert all("error" not in e for e in events[:-2]) and len(events) > 2
+    assert relay.demoted == 0 and relay.clients == 1  # the connection stays in the lane
+    await gw.sims[0].set_faults(drop_at_token=None)
+    assert (await c.ask(CHAT)).status == 200 and relay.served == 1
+
+
+async def test_the_openai_client_streams_through_the_lane(gateway: GatewayFactory) -> None:
+    gw = await gateway(2)
+    relay = gw.gateway.server.lane.relay
+
+    def run() -> list[str]:
+        client = client_for(gw)
+        out = []
+        for _ in range(3):
+            stream = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                stream=True, stream_options={"include_usage": True},
+            )  # fmt: skip
+            chunks = list(stream)
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+            out.append("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices))
+        return out
+
+    texts = await in_thread(run)
+    assert len(set(texts)) == 1 and texts[0]
+    assert relay.streamed == 3 and relay.demoted == 0
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_time_to_first_token_seconds_count{model="sim-model"}') == 3
+    assert metric_value(text, 'lmgw_time_per_output_token_seconds_count{model="sim-model"}') == 3
+    ok = 'lmgw_requests_total{endpoint="chat",model="sim-model",flow="pd",status="200"}'
+    assert metric_value(text, ok) == 3
+
+
+async def test_a_client_gone_mid_stream_in_the_lane_aborts_the_worker(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await gateway(1, speed=1.0)
+    sim = gw.sims[0].sim
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    stream = await open_stream(gw.url)
+    await stream.send_all(
+        request_bytes(gw.url, "POST", "/v1/completions", body, {"x-request-id": "lane-gone"})
+    )
+    got = b""
+    with trio.fail_after(5):
+        while got.count(b"data:") < 3:
+            got += await stream.receive_some(65536)
+    await stream.aclose()
+    await wait_for_abort(sim, "lane-gone")
+    relay = gw.gateway.server.lane.relay
+    with trio.fail_after(5):
+        while relay.in_flight or gw.gateway.registry.get("w0").in_flight:
+            await trio.sleep(0.01)
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_client_disconnects_total{endpoint="completions"}') == 1
+
+
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
     """A worker that fails every request: the lane's request is finished by the server
     (retried on the other worker), and the connection returns to the lane for the next one."""
@@ -193,7 +300,6 @@ async def _ask_with(c: KeepAlive, body: Any, key: str | None, header: str = "aut
 async def test_api_keys_are_checked_in_the_lane(gateway: GatewayFactory) -> None:
     """Keyed requests stay in the lane (counted in and out); a missing or wrong key and a
     model the key may not use are the server's, with the same answers as without the lane."""
-    from gateway_support import metric_value
 
     gw = await gateway(1, auth=_keys())
     keys = gw.gateway.keys
@@ -229,7 +335,6 @@ async def test_a_keys_rate_and_token_limits_hold_in_the_lane(gateway: GatewayFac
     """A key with a rate limit: served in the lane with its x-ratelimit-* headers, the next
     request over the limit refused by the server (counted once). A key with a tokens-per-minute
     limit: each answer's usage is charged, and its headers say what is left."""
-    from gateway_support import metric_value
 
     gw = await gateway(1, auth=_keys())
     relay = gw.gateway.server.lane.relay
@@ -468,7 +573,6 @@ async def test_p_d_a_failing_prefill_is_retried_on_the_other(
 
 
 async def test_its_metrics(gateway: GatewayFactory) -> None:
-    from gateway_support import metric_value
 
     gw = await gateway(1)
     c = await _client(gw)
@@ -537,8 +641,6 @@ async def test_mixed_traffic_leaves_nothing_behind(gateway: GatewayFactory) -> N
     on two workers of different speeds: every answer is whole and right, and afterwards no
     request, slot or connection is left counted anywhere."""
     import random
-
-    from gateway_support import metric_value
 
     gw = await gateway(2, per_worker=[{"speed": 50.0}, {}])
     relay = gw.gateway.server.lane.relay

@@ -145,6 +145,11 @@ class Harness:
         self.calls: list[tuple[str, Any]] = []
         self.plan = plan or (lambda data: "forward")
         self.deadline = 0.0
+        #: streams: each request's answer is relayed as a stream when this makes its state
+        self.stream: Callable[[], Any] | None = None
+        self.streams: list[Any] = []
+        #: what on_broken answers: None for the tail b"BROKEN", else a continuation
+        self.broken_cont: Any = None
         self.relay = impl.Relay(
             self._request,
             self._answer,
@@ -153,6 +158,10 @@ class Harness:
             self._timeout,
             self._abandon,
             self._demote,
+            on_stream=self._stream,
+            on_first=self._first,
+            on_stream_end=self._stream_end,
+            on_broken=self._broken,
             keepalive_s=5.0,
             partial_s=0.2,
         )
@@ -173,7 +182,11 @@ class Harness:
         what = self.plan(data)
         if what == "forward":
             self.tokens += 1
-            return (0, data.replace(b"host: gw", b"host: w"), f"t{self.tokens}", self.deadline, 0.0)
+            plan = (0, data.replace(b"host: gw", b"host: w"), f"t{self.tokens}", self.deadline, 0.0)
+            if self.stream is not None:
+                self.streams.append(self.stream())
+                return (*plan, self.streams[-1])
+            return plan
         return what
 
     def _answer(self, token: str, data: bytes) -> Any:
@@ -193,6 +206,22 @@ class Harness:
         self.calls.append(("timeout", token))
         return b"TIMEOUT"
 
+    def _stream(self, token: str, head: bytes) -> Any:
+        self.calls.append(("stream", (token, head)))
+        if b"event-stream" not in head:
+            return None
+        return b"HEAD|", True
+
+    def _first(self, token: str) -> None:
+        self.calls.append(("first", token))
+
+    def _stream_end(self, token: str) -> None:
+        self.calls.append(("stream_end", token))
+
+    def _broken(self, token: str, kind: int, unsent: bytes) -> Any:
+        self.calls.append(("broken", (token, kind, unsent)))
+        return (b"|BROKEN", True) if self.broken_cont is None else self.broken_cont
+
     def _abandon(self, token: str) -> None:
         self.calls.append(("abandon", token))
 
@@ -206,14 +235,18 @@ class Harness:
         while not until():
             if time.monotonic() > end:
                 raise AssertionError(f"timed out; calls: {self.calls}")
-            select.select([self.relay.fileno(), self.listener], [], [], 0.01)
-            try:
-                w, _ = self.listener.accept()
-                w.settimeout(5)
-                self.workers.append(w)
-            except BlockingIOError:
-                pass
-            self.relay.run(time.perf_counter())
+            self.step()
+
+    def step(self) -> None:
+        """One pass of the loop (after waiting up to 10 ms for an event)."""
+        select.select([self.relay.fileno(), self.listener], [], [], 0.01)
+        try:
+            w, _ = self.listener.accept()
+            w.settimeout(5)
+            self.workers.append(w)
+        except BlockingIOError:
+            pass
+        self.relay.run(time.perf_counter())
 
     def kinds(self) -> list[str]:
         return [k for k, _ in self.calls]
@@ -505,3 +538,211 @@ def test_no_idle_connection_is_kept_past_max_idle(harness: Callable[..., Harness
         h.client.recv(100)
         assert h.workers[i].recv(10) == b""  # closed after its answer
     assert (h.relay.connects, h.relay.reuses, h.relay.idle_upstreams()) == (2, 0, 0)
+
+
+# -- streamed answers ---------------------------------------------------------------------------
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def streaming(harness: Callable[..., Harness], **options: Any) -> tuple[Harness, socket.socket]:
+    """A harness whose requests stream, with one request sent and the worker holding it."""
+    from lmgw.transport.sse_stream import SseStream
+
+    h = harness()
+    h.stream = lambda: SseStream(**options)
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    return h, w
+
+
+def client_reads(h: Harness, until: bytes) -> bytes:
+    got = b""
+    h.client.settimeout(0)
+    end = time.monotonic() + 5
+    while not got.endswith(until):
+        assert time.monotonic() < end, got
+        h.step()
+        try:
+            more = h.client.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        assert more, got
+        got += more
+    h.client.settimeout(5)
+    return got
+
+
+def test_a_stream_goes_out_as_whole_events_then_keep_alive(
+    harness: Callable[..., Harness],
+) -> None:
+    h, w = streaming(harness)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\nda"))
+    got = client_reads(h, b"data: 1\n\n\r\n")
+    assert got == b"HEAD|" + chunk(b"data: 1\n\n")  # the torn event is held back
+    assert h.kinds()[-2:] == ["stream", "first"]
+    w.sendall(chunk(b"ta: 2\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    got = client_reads(h, b"0\r\n\r\n")
+    assert got == chunk(b"data: 2\n\ndata: [DONE]\n\n") + b"0\r\n\r\n"
+    h.spin(lambda: "stream_end" in h.kinds())
+    assert h.streams[0].events == 3 and h.relay.streamed == 1
+    assert (h.relay.in_flight, h.relay.idle_upstreams(), h.relay.idle_in(0)) == (0, 1, 1)
+    h.stream = None  # the next request, on the same connections
+    h.client.sendall(REQ)
+    h.spin(lambda: h.kinds().count("request") == 2 and h.relay.in_flight == 1)
+    h.worker_reads(w, len(REQ) - 1)
+    w.sendall(answer(b"after"))
+    h.spin(lambda: "answer" in h.kinds())
+    assert h.client.recv(100) == b"ANSWER after"
+    assert h.relay.reuses == 1
+
+
+def test_a_stream_that_breaks_ends_as_python_says(harness: Callable[..., Harness]) -> None:
+    h, w = streaming(harness)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\ndata: torn"))
+    client_reads(h, b"data: 1\n\n\r\n")
+    w.close()
+    got = client_reads(h, b"|BROKEN")
+    assert got == b"|BROKEN" and b"torn" not in got
+    token, kind, unsent = h.calls[-1][1]
+    assert (token, kind, unsent) == ("t1", relay_py.DROPPED, b"")
+    assert (h.relay.in_flight, h.relay.upstreams, h.relay.clients) == (0, 0, 1)
+
+
+def test_a_broken_stream_may_go_on_in_python(harness: Callable[..., Harness]) -> None:
+    h, w = streaming(harness)
+    h.broken_cont = "cont-broken"
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n"))
+    client_reads(h, b"data: 1\n\n\r\n")
+    w.close()
+    h.spin(lambda: "demote" in h.kinds())
+    assert h.calls[-1][1] == ("client-1", b"", "cont-broken")
+    assert h.relay.clients == 0
+
+
+def test_a_client_gone_mid_stream_abandons_it(harness: Callable[..., Harness]) -> None:
+    h, w = streaming(harness)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n"))
+    client_reads(h, b"data: 1\n\n\r\n")
+    h.client.close()
+    h.spin(lambda: "abandon" in h.kinds())
+    assert w.recv(10) == b""  # the worker sees its connection close: the abort
+    assert (h.relay.in_flight, h.relay.clients, h.relay.upstreams) == (0, 0, 0)
+
+
+def test_a_silent_worker_breaks_the_stream(harness: Callable[..., Harness]) -> None:
+    h, w = streaming(harness, stall_s=0.2)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n"))
+    client_reads(h, b"data: 1\n\n\r\n")
+    t0 = time.monotonic()
+    h.spin(lambda: (h.relay.sweep(time.perf_counter()), "broken" in h.kinds())[1])
+    assert 0.15 < time.monotonic() - t0 < 2
+    assert h.calls[-1][1][1] == relay_py.TIMEOUT
+
+
+def test_the_deadline_breaks_a_stream(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    from lmgw.transport.sse_stream import SseStream
+
+    h.stream = SseStream
+    h.deadline = time.perf_counter() + 0.2
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n"))
+    client_reads(h, b"data: 1\n\n\r\n")
+    h.spin(lambda: (h.relay.sweep(time.perf_counter()), "broken" in h.kinds())[1])
+    assert h.calls[-1][1][1] == relay_py.DEADLINE
+
+
+def test_a_slow_client_holds_the_worker_back(harness: Callable[..., Harness]) -> None:
+    """A client that does not read: the relay stops reading the worker (the worker's sends
+    block), and everything arrives in order once the client reads."""
+    from lmgw.transport.chunked import ChunkedDecoder
+
+    h, w = streaming(harness)
+    event = b"data: " + b"x" * 60000 + b"\n\n"
+    w.sendall(SSE_HEAD)
+    w.setblocking(False)
+    sent, out = 0, b""
+    stuck_at = None
+    end = time.monotonic() + 8
+    while time.monotonic() < end:  # the worker writes until its socket is full
+        if not out:
+            out = chunk(event)
+            sent += 1
+        try:
+            out = out[w.send(out) :]
+            stuck_at = None
+        except BlockingIOError:
+            if stuck_at is None:
+                stuck_at = time.monotonic()
+            elif time.monotonic() - stuck_at > 0.3:
+                break
+        h.step()
+    assert stuck_at is not None, "the relay read everything the worker sent"
+    assert sent * len(event) < 64 << 20
+    out += b"0\r\n\r\n"
+    got = b""
+    h.client.settimeout(0)
+    end = time.monotonic() + 10
+    while not got.endswith(b"0\r\n\r\n"):  # now the client reads, and the worker can send
+        assert time.monotonic() < end, len(got)
+        if out:
+            try:
+                out = out[w.send(out) :]
+            except BlockingIOError:
+                pass
+        h.step()
+        try:
+            got += h.client.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert got.startswith(b"HEAD|")
+    assert ChunkedDecoder().feed(got[5:]) == event * sent
+    h.spin(lambda: "stream_end" in h.kinds())
+
+
+def test_an_answer_that_is_not_an_event_stream_is_handed_over(
+    harness: Callable[..., Harness],
+) -> None:
+    h, w = streaming(harness)
+    w.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+              b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")  # fmt: skip
+    h.spin(lambda: "demote" in h.kinds())
+    assert "handoff" in h.kinds() and "first" not in h.kinds()
+
+
+def test_a_stream_with_bytes_after_its_end_does_not_keep_the_connection(
+    harness: Callable[..., Harness],
+) -> None:
+    h, w = streaming(harness)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n") + b"0\r\n\r\nJUNK")
+    client_reads(h, b"0\r\n\r\n")
+    h.spin(lambda: "stream_end" in h.kinds())
+    assert h.relay.idle_upstreams() == 0 and h.relay.upstreams == 0
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(messages(True))
+def test_stream_head_matches_the_twin(data: bytes) -> None:
+    assert relay_c.stream_head(data) == relay_py.stream_head(data)
+
+
+def test_stream_heads_by_hand() -> None:
+    for impl in IMPLS:
+        assert impl.stream_head(SSE_HEAD) == (relay_py.STREAM, len(SSE_HEAD), True)
+        assert impl.stream_head(SSE_HEAD[:-1])[0] == relay_py.MORE
+        close = SSE_HEAD.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+        assert impl.stream_head(close) == (relay_py.STREAM, len(close), False)
+        assert impl.stream_head(answer())[0] == relay_py.HANDOFF  # a length: not a stream
+        assert impl.stream_head(SSE_HEAD.replace(b"200 OK", b"500 No"))[0] == relay_py.HANDOFF
