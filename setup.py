@@ -14,7 +14,7 @@ except ImportError:  # sdist consumers without Cython: fall back to pure-Python 
     cythonize = None
 
 FAST = os.path.join("src", "lmgw", "_fast")
-ext_names = ["hashring", "tensorframe", "prefix", "chunked", "h1parse", "relay"]
+ext_names = ["hashring", "tensorframe", "prefix", "chunked", "h1parse", "relay", "ssestream"]
 extensions = [
     Extension(f"lmgw._fast.{name}", [os.path.join(FAST, f"{name}.pyx")], extra_compile_args=["-O3"])
     for name in ext_names
