@@ -666,10 +666,10 @@ class LaneApp:
                     resp.release()
                 ok = self.disagg.leg_answered(worker, resp.status)
                 first = (resp.status, answer)
-            else:
+            else:  # (a stream handed over: no journal, a break ends it with an error event)
                 failure = await pipe.answer(
                     ex.greq or self._greq(ex), responder, resp, stage, worker, ex.ctx,
-                    (worker,), self._may_retry(ex), ex.t_sent, journal=_journal(ex),
+                    (worker,), self._may_retry(ex), ex.t_sent,
                 )  # fmt: skip
                 ok = failure is None
         except upstream.UpstreamError as exc:  # (as Pipeline.dispatch_whole, DisaggRunner._leg)
