@@ -509,10 +509,11 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
 
 async def _pd_gateway(
     nursery: trio.Nursery, sim_worker: Any, prefills: int = 2, tracer_provider: Any = None,
-    **prefill_opts: Any,
+    decodes: int = 1, **prefill_opts: Any,
 ) -> Any:  # fmt: skip
     """A vllm-nixl P/D gateway on the lane: ``prefills`` prefill workers (the first with
-    ``prefill_opts``) and one decode worker; the simulators as ``gw.sims`` (decode last)."""
+    ``prefill_opts``) and ``decodes`` decode workers; the simulators as ``gw.sims`` (decode
+    last)."""
     from gateway_support import server_config
 
     from lmgw.config import (
@@ -524,18 +525,18 @@ async def _pd_gateway(
     from lmgw.gateway import Gateway
 
     ps = [await sim_worker(role="p", **(prefill_opts if i == 0 else {})) for i in range(prefills)]
-    d = await sim_worker(role="d")
+    ds = [await sim_worker(role="d") for _ in range(decodes)]
     cfg = GatewayConfig(
         server=server_config("lane", port=0, graceful_shutdown_s=1.0),
         health=HealthConfig(interval_s=300.0),
         models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
         workers=[
             *(WorkerConfig(url=p.url, role="p", id=f"p{i}") for i, p in enumerate(ps)),
-            WorkerConfig(url=d.url, role="d", id="d0"),
+            *(WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)),
         ],
     )
     gw = Gateway(cfg, tracer_provider=tracer_provider)
-    gw.sims = [*ps, d]  # type: ignore[attr-defined]
+    gw.sims = [*ps, *ds]  # type: ignore[attr-defined]
     with trio.fail_after(10):
         await nursery.start(gw.run)
     return gw
@@ -557,6 +558,44 @@ async def test_p_d_requests_run_both_legs_in_the_lane(
     assert relay.served == 8 and relay.demoted == 0  # two whole answers per request
     assert gw.registry.get("d0").in_flight == 0 and gw.app.admission.in_flight == 0
     assert not gw.pipeline.placement.queued  # joint placement's holds released
+
+
+async def test_p_d_streams_run_in_the_lane(nursery: trio.Nursery, sim_worker: Any) -> None:
+    """A P/D stream: the prefill leg's whole answer, then the decode leg streamed by the
+    lane; the same text as the non-streamed answer."""
+    gw = await _pd_gateway(nursery, sim_worker)
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    whole = (await c.ask(CHAT)).json()["choices"][0]["message"]["content"]
+    for _ in range(3):
+        r = await c.ask({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status == 200 and r.headers["server-timing"].startswith("prefill;dur=")
+        assert r.events()[-1] == "[DONE]" and _text(r) == whole
+        assert r.events()[-2]["usage"]["completion_tokens"] == 4
+    assert relay.streamed == 3 and relay.served == 2 + 3 and relay.demoted == 0
+    assert gw.registry.get("d0").in_flight == 0 and gw.app.admission.in_flight == 0
+    assert not gw.pipeline.placement.queued
+    text = await http_request(gw.url, "GET", "/metrics")
+    ttft = 'lmgw_stage_time_to_first_token_seconds_count{role="d",worker="d0"}'
+    assert metric_value(text.body.decode(), ttft) == 3
+
+
+async def test_p_d_a_decode_stream_broken_in_the_lane_is_continued(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """The decode worker drops the stream: the lane's continuation runs the flow's legs again
+    for the rest (a prefill, then the decode) and the client gets the whole text once."""
+    gw = await _pd_gateway(nursery, sim_worker, prefills=1, decodes=2)
+    relay = gw.server.lane.relay
+    body = {**CHAT, "stream": True, "max_tokens": 30}
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    expected = _text(await c.ask(body))
+    await gw.sims[-1].set_faults(drop_at_token=4)
+    texts = [_text(await c.ask(body)) for _ in range(2)]  # one of the two on the dropping d0
+    assert texts == [expected, expected]
+    assert relay.demoted >= 1
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    assert metric_value(text, 'lmgw_stream_migrations_total{role="d",outcome="continued"}') >= 1
 
 
 async def test_p_d_a_failing_prefill_is_retried_on_the_other(

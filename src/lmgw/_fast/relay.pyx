@@ -1106,7 +1106,7 @@ cdef class Relay:
         c = &self.conns[cfd]
         if type(res) is tuple and len(<tuple>res) == 2 and type((<tuple>res)[0]) is bytes:
             self._answer(cfd, (<tuple>res)[0], (<tuple>res)[1], now)
-        elif type(res) is tuple and len(<tuple>res) == 5:  # the request's next leg
+        elif type(res) is tuple and len(<tuple>res) >= 5:  # the request's next leg
             c.state = C_IDLE
             self._start(cfd, c, <tuple>res, now)
         elif res is _FAILED:

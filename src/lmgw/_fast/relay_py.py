@@ -778,7 +778,7 @@ class Relay:
         res = _call(self.on_answer, token, whole)
         if type(res) is tuple and len(res) == 2 and type(res[0]) is bytes:
             self._answer(cfd, res[0], res[1], now)
-        elif type(res) is tuple and len(res) == 5:  # the request's next leg
+        elif type(res) is tuple and len(res) >= 5:  # the request's next leg
             self._conns[cfd].state = _C_IDLE
             self._start(cfd, self._conns[cfd], res, now)
         elif res is _FAILED:

@@ -255,15 +255,13 @@ class LaneApp:
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return self._decline("priority")  # the server checks it
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
-        if stream and dialect is not None:
-            return self._decline("stream")  # P/D streams: the server's
         rid, forward = api._identify(req)
         req.request_id = rid
         if dialect is None:
             ex = Exchange(req, endpoint, path, model, rid)
         else:
             ex = pd = PDExchange(req, endpoint, path, model, rid)
-            pd.greq = GatewayRequest(endpoint, path, model, False, body, rid, forward, t0)
+            pd.greq = GatewayRequest(endpoint, path, model, stream, body, rid, forward, t0)
             pd.body = self.disagg.plain_body(pd.greq, dialect)
             if pd.body is None:
                 return self._decline("not_plain")
@@ -297,15 +295,15 @@ class LaneApp:
             ex.trace = self.tracing.request(req, endpoint, rid)
             if ex.greq is not None:  # (P/D: the server's legs, if it goes on there)
                 ex.greq.trace = ex.trace
+        if stream:  # (as Pipeline.run: the journal when the stream may be continued)
+            journal = migration.Journal(endpoint) if pipe.migrations else None
+            ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         if isinstance(ex, PDExchange):
             return self._prefill(ex)
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
             return self._continue(ex, _raising(exc))
-        if stream:  # (as Pipeline.run: the journal when the stream may be continued)
-            journal = migration.Journal(endpoint) if pipe.migrations else None
-            ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         slot = self._slot(worker.origin)
         if slot < 0:  # TLS, or a host name: the express lane on the server takes it
             if ex.trace is not None or stream:  # (no spans, no streams there: the general path)
@@ -320,7 +318,7 @@ class LaneApp:
             pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
-        return self._plan(ex, slot, head + payload if payload else head)
+        return self._plan(ex, slot, head + payload if payload else head, ex.stream)
 
     def _streams(self, entry: Any) -> bool:
         """Whether the lane relays a stream for this gateway and key: not with hedging, SSE
@@ -353,7 +351,10 @@ class LaneApp:
         req.principal = entry
         return entry
 
-    def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
+    def _plan(
+        self, ex: Exchange, slot: int, payload: bytes, stream: SseStream | None = None
+    ) -> tuple:
+        """The relay's plan for a leg; ``stream``: the client-facing leg of a stream."""
         now = ex.t_sent = _now()
         rt = self.pipe.response_timeout_s
         plan = (
@@ -363,7 +364,7 @@ class LaneApp:
             ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
             now + rt if rt != math.inf else 0.0,
         )
-        return plan if ex.stream is None else (*plan, ex.stream)
+        return plan if stream is None else (*plan, stream)
 
     def _slot(self, origin: Any) -> int:
         """The lane's slot for ``origin``: -2 for good (TLS, or a name that did not resolve),
@@ -399,7 +400,8 @@ class LaneApp:
             ex.prefill, ex.decode = pipe.place(ex.model, ex.ctx, len(greq.body))
         except GatewayError as exc:
             return self._continue(ex, _raising(exc))
-        pipe.express_served += 1
+        if ex.stream is None:  # (lmgw_express_requests_total: not streams)
+            pipe.express_served += 1
         ex.pctx = disagg.context(greq, ex.prefill, ex.decode)
         if self._slot(ex.prefill.origin) < 0 or self._slot(ex.decode.origin) < 0:
             return self._continue(ex, partial(self._prefilled, ex, None))
@@ -438,7 +440,7 @@ class LaneApp:
         ex.stage = "d"
         self.pipe.registry.acquire(decode)
         self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
-        return self._plan(ex, decode.origin.slot, head + payload if payload else head)
+        return self._plan(ex, decode.origin.slot, head + payload if payload else head, ex.stream)
 
     # -- the end of a leg --------------------------------------------------------------------
     def _settle(self, ex: Exchange, ok: bool) -> None:
@@ -508,7 +510,11 @@ class LaneApp:
         if not _is_event_stream(head):
             return None
         keep = ex.keep_alive and not self.draining
-        headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode()), *ex.extra, *_limits(ex)]
+        headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode())]
+        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
+            headers.append((b"server-timing", ex.greq.server_timing()))
+        headers += ex.extra
+        headers += _limits(ex)
         return build_head(200, headers, _CHUNKED, keep), keep
 
     def on_first(self, ex: Exchange) -> None:
@@ -563,6 +569,10 @@ class LaneApp:
     async def _migrate(
         self, ex: Exchange, journal: list[bytes], req: Request, responder: Responder
     ) -> None:
+        if ex.dialect is not None:  # a P/D decode leg: the flow's legs again, for the rest
+            await self.disagg.continue_broken(ex.greq, responder, ex.dialect, ex.ctx, ex.worker,
+                                              journal)  # fmt: skip
+            return
         await self.pipe.continue_stream(self._greq(ex), responder, ex.stage, ex.ctx,
                                         (ex.worker,), journal)  # fmt: skip
 
@@ -746,7 +756,7 @@ class LaneApp:
     ) -> None:
         await self.disagg.express_prefilled(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
-            first,
+            first, _journal(ex),
         )  # fmt: skip
 
     async def _after_decode(
@@ -754,7 +764,7 @@ class LaneApp:
     ) -> None:
         await self.disagg.after_decode(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
-            ex.leg, ex.handoff, failure,
+            ex.leg, ex.handoff, failure, _journal(ex),
         )  # fmt: skip
 
     async def _attempts(self, ex: Exchange, req: Request, responder: Responder) -> None:

@@ -481,9 +481,11 @@ class DisaggRunner:
         decode: Worker,
         route: RouteContext,
         first: tuple[int, bytes] | StageError,
+        journal: list[bytes] | None = None,
     ) -> None:
         """:meth:`express` from its prefill leg's first attempt on (``first``: its answer, or
-        how it failed), for the compiled lane, which ran that attempt itself."""
+        how it failed), for the compiled lane, which ran that attempt itself. ``journal``: a
+        stream's (it is continued elsewhere if it breaks)."""
         try:
             pre, status, answer, ctx = await self._prefill(
                 greq, body, ctx, dialect, prefill, route, first
@@ -491,8 +493,9 @@ class DisaggRunner:
             handoff = dialect.read_prefill(pre, status, answer)
             leg = dialect.decode_request(body, handoff, ctx)
             await self.after_decode(
-                greq, responder, body, ctx, dialect, prefill, decode, route, leg, handoff, None
-            )
+                greq, responder, body, ctx, dialect, prefill, decode, route, leg, handoff, None,
+                journal,
+            )  # fmt: skip
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
 
@@ -509,22 +512,48 @@ class DisaggRunner:
         leg: StageRequest,
         handoff: HandOff,
         failure: GatewayError | None,
+        journal: list[bytes] | None = None,
     ) -> None:
         """The decode leg of :meth:`express` after its first attempt failed so (``failure``),
         or, None, from the start: another decode worker with the same hand-off, a fresh pair
-        when the failed attempt consumed it, or (a rewritten decode) the general leg."""
+        when the failed attempt consumed it, or (a rewritten decode) the general leg. With a
+        stream's ``journal``, a decode that breaks mid-stream is continued (:meth:`_continue`)."""
         try:
-            if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
-                failed = (decode,)  # a fresh pair
-                decode = self._restart_with(greq, route, failure, failed)
-                ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
-                await self._prefill_decode(
-                    greq, responder, body, ctx, dialect, prefill, decode, route,
-                    restart=False, tried=failed,
+            try:
+                if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
+                    failed = (decode,)  # a fresh pair
+                    decode = self._restart_with(greq, route, failure, failed)
+                    ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+                    await self._prefill_decode(
+                        greq, responder, body, ctx, dialect, prefill, decode, route, journal,
+                        restart=False, tried=failed,
+                    )  # fmt: skip
+                    return
+                await self._final(
+                    greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure,
+                    journal=journal,
                 )  # fmt: skip
-                return
-            await self._final(
-                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure
+            except _BrokenStream as broken:
+                await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
+
+    async def continue_broken(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        dialect: Dialect,
+        route: RouteContext,
+        worker: Worker,
+        journal: list[bytes] | None,
+    ) -> None:
+        """A stream whose decode leg on ``worker`` broke mid-way (the compiled lane's, or
+        :meth:`after_decode`'s): continued as :meth:`run` continues it."""
+        p = self.p
+        roles = FLOW_ROLES[p.flows.get(greq.model, p.default_flow)]
+        try:
+            await self._continue(
+                greq, responder, roles, dialect, route, _BrokenStream(worker), journal
             )
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
