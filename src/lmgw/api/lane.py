@@ -10,6 +10,12 @@ lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: t
 leg's answer gives the hand-off, and the decode leg's answer goes to the client
 (:meth:`DisaggRunner.express`'s steps).
 
+A streamed request (merged, or a P/D request's decode leg) is relayed by the lane too: the
+answer's head (:meth:`LaneApp.on_stream`), its first event (the time to first token), its end
+(the per-token time, the request's end), and a break mid-stream (:meth:`LaneApp.on_broken`:
+continued on the server from the lane's journal, or ended with an error event), as
+:meth:`Pipeline.answer` and :meth:`Pipeline.failed` do on the server.
+
 With API keys, the lane does what :class:`lmgw.api.keys.Guarded` and
 :meth:`OpenAIAPI.generate` do: the key, its model allow-list, its rate, concurrency and
 tokens-per-minute limits (counted in and out, the answer's usage charged), and its
@@ -23,7 +29,7 @@ headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (prefli
 ``OPTIONS``: the server's).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
-does not take (a stream, an error to answer, a queue to wait in, a split prompt...) is handed
+does not take (a stream with hedging or a usage meter, an error to answer, a queue to wait in, a split prompt...) is handed
 to the server with its connection before anything happened to it. A failed exchange or an
 answer the lane does not relay (an error status, a chunked or very large body) is handed over
 too, with a continuation that finishes that request where the express lane would have:
