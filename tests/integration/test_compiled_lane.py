@@ -242,6 +242,29 @@ async def test_a_client_gone_mid_stream_in_the_lane_aborts_the_worker(
     assert metric_value(text, 'lmgw_client_disconnects_total{endpoint="completions"}') == 1
 
 
+async def test_cache_aware_in_the_lane_audits_and_names_its_route(
+    gateway: GatewayFactory,
+) -> None:
+    """cache_aware (text keys) on the lane: whole answers and streams carry ``x-lmgw-route``,
+    and the workers' usage reaches the routing audit, as on the server."""
+    gw = await gateway(2, routing="cache_aware", routing_options={"route_header": True})
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    long = {**CHAT, "messages": [{"role": "user", "content": "shared words " * 200}]}
+    streamed = {**long, "stream": True, "stream_options": {"include_usage": True}}
+    reported = 'lmgw_routing_reported_cached_tokens_total{model="sim-model"}'
+    seen = []
+    for body in (long, long, streamed, streamed):
+        r = await c.ask(body)
+        assert r.status == 200
+        assert "policy=cache_aware" in r.headers["x-lmgw-route"].replace(" ", "")
+        seen.append(metric_value(await gw.metrics(), reported))
+    assert relay.served == 2 and relay.streamed == 2
+    assert relay.demoted == len(seen)  # the scrapes' connections (a GET: the server's)
+    # the second answer found the prompt cached, and so did each stream (its usage event)
+    assert 0 < seen[1] < seen[2] < seen[3], seen
+
+
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
     """A worker that fails every request: the lane's request is finished by the server
     (retried on the other worker), and the connection returns to the lane for the next one."""

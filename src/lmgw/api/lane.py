@@ -10,6 +10,9 @@ lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: t
 leg's answer gives the hand-off, and the decode leg's answer goes to the client
 (:meth:`DisaggRunner.express`'s steps).
 
+A policy that learns from usage (cache_aware: the routing audit) reads the client-facing leg's
+answer here too (:meth:`Pipeline.audit_tap`), and ``routing.route_header`` is added here.
+
 A streamed request (merged, or a P/D request's decode leg) is relayed by the lane too: the
 answer's head (:meth:`LaneApp.on_stream`), its first event (the time to first token), its end
 (the per-token time, the request's end), and a break mid-stream (:meth:`LaneApp.on_broken`:
@@ -29,13 +32,14 @@ headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (prefli
 ``OPTIONS``: the server's).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
-does not take (a stream with hedging or a usage meter, an error to answer, a queue to wait in, a split prompt...) is handed
-to the server with its connection before anything happened to it. A failed exchange or an
-answer the lane does not relay (an error status, a chunked or very large body) is handed over
-too, with a continuation that finishes that request where the express lane would have:
-:meth:`Pipeline.failed` and :meth:`Pipeline.attempts` for the retry, :meth:`Pipeline.answer`
-for the answer, and for P/D :meth:`DisaggRunner.express_prefilled` (the prefill leg's retries,
-then the decode leg) or :meth:`DisaggRunner.after_decode` (the decode leg's).
+does not take (a stream with hedging or a usage meter, an error to answer, a queue to wait in,
+a split prompt...) is handed to the server with its connection before anything happened to
+it. A failed exchange or an answer the lane does not relay (an error status, a chunked or very
+large body) is handed over too, with a continuation that finishes that request where the
+express lane would have: :meth:`Pipeline.failed` and :meth:`Pipeline.attempts` for the retry,
+:meth:`Pipeline.answer` for the answer, and for P/D :meth:`DisaggRunner.express_prefilled`
+(the prefill leg's retries, then the decode leg) or :meth:`DisaggRunner.after_decode` (the
+decode leg's).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from ..pipeline import migration
 from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
+from ..routing.policy import route_header
 from ..streams import asks_resumable
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
@@ -99,7 +104,7 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
+        "audit", "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
         "model", "path", "req", "rid", "stage", "stream", "t0", "t_first", "t_sent", "trace",
         "worker",
     )  # fmt: skip
@@ -117,6 +122,8 @@ class Exchange:
         self.t0 = 0.0
         self.t_sent = 0.0
         self.t_first = 0.0
+        #: the routing audit's tap on the client-facing leg's answer (Pipeline.audit_tap)
+        self.audit: Callable[[bytes], bytes] | None = None
         #: a streamed answer's relay state (lmgw.transport.sse_stream), None for a whole one
         self.stream: SseStream | None = None
         self.forward: list[tuple[bytes, bytes]] = []
@@ -256,7 +263,7 @@ class LaneApp:
         stream = bool(view.stream)
         if stream and not self._streams(entry):
             return self._decline("stream")
-        if not api._express(model, view.model, body, endpoint):
+        if not api._express(model, view.model, body, endpoint, lane=True):
             return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return self._decline("priority")  # the server checks it
@@ -312,7 +319,8 @@ class LaneApp:
             return self._continue(ex, _raising(exc))
         slot = self._slot(worker.origin)
         if slot < 0:  # TLS, or a host name: the express lane on the server takes it
-            if ex.trace is not None or stream:  # (no spans, no streams there: the general path)
+            if ex.trace is not None or stream or pipe.audits or pipe.route_header:
+                # (no spans, streams, audits or route header there: the general path)
                 return self._continue(ex, partial(self._attempts, ex))
             return self._continue(ex, partial(self._express, ex))
         headers = forward
@@ -324,6 +332,7 @@ class LaneApp:
             pipe.express_served += 1
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
+        self._tap(ex)
         return self._plan(ex, slot, head + payload if payload else head, ex.stream)
 
     def _streams(self, entry: Any) -> bool:
@@ -337,6 +346,24 @@ class LaneApp:
             or api.kv_accounting
             or (entry is not None and entry.tpm)
         )
+
+    def _tap(self, ex: Exchange) -> None:
+        """The routing audit's tap on the client-facing leg just dispatched (as
+        :meth:`Pipeline.answer` sets it): on a whole answer's body, or on each group of a
+        stream's events."""
+        pipe = self.pipe
+        if pipe.audits:
+            policy = pipe.policies[ex.stage]
+            ex.audit = pipe.audit_tap(policy, ex.worker, ex.ctx, ex.model)
+            if ex.stream is not None:
+                ex.stream.tap = ex.audit
+
+    def _route_header(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
+        """``x-lmgw-route`` (routing.route_header) for the client-facing leg, or nothing."""
+        pipe = self.pipe
+        if not pipe.route_header:
+            return []
+        return [(b"x-lmgw-route", route_header(pipe.policies[ex.stage], ex.worker, ex.ctx))]
 
     def _decline(self, reason: str) -> None:
         """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total)."""
@@ -446,6 +473,7 @@ class LaneApp:
         ex.stage = "d"
         self.pipe.registry.acquire(decode)
         self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
+        self._tap(ex)
         return self._plan(ex, decode.origin.slot, head + payload if payload else head, ex.stream)
 
     # -- the end of a leg --------------------------------------------------------------------
@@ -494,6 +522,8 @@ class LaneApp:
         if ex.stage == "p":
             self._settle(ex, self.disagg.leg_answered(ex.worker, status))
             return self._decode(ex, status, body)
+        if ex.audit is not None:  # the routing audit reads the usage (as Pipeline.answer)
+            ex.audit(body)
         self._settle(ex, True)
         if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
             self.trimmer.released(len(body))
@@ -501,6 +531,7 @@ class LaneApp:
         headers = [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())]
         if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
             headers.append((b"server-timing", ex.greq.server_timing()))
+        headers += self._route_header(ex)
         headers += ex.extra
         headers += _limits(ex)
         if ex.meter is not None:
@@ -519,6 +550,7 @@ class LaneApp:
         headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode())]
         if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
             headers.append((b"server-timing", ex.greq.server_timing()))
+        headers += self._route_header(ex)
         headers += ex.extra
         headers += _limits(ex)
         return build_head(200, headers, _CHUNKED, keep), keep

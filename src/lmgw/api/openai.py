@@ -417,13 +417,17 @@ class OpenAIAPI:
         finally:
             self.account(req, endpoint, model, status, t0, trace, meter)
 
-    def _express(self, model: str, asked: str | None, body: bytes, endpoint: str) -> bool:
+    def _express(
+        self, model: str, asked: str | None, body: bytes, endpoint: str, lane: bool = False
+    ) -> bool:
         """Whether this non-streamed request is plain (:mod:`lmgw.pipeline.express`): what
         :meth:`_serve_model` would do to it before the pipeline, it would not do (no alias to
         rename, media, tool loop, output parsing or context check), and the pipeline has the
-        lane for the model. Decided per request: tokenizers and fleets change at run time."""
+        lane for the model (``lane``: the compiled lane, :meth:`Pipeline.lane_for`). Decided
+        per request: tokenizers and fleets change at run time."""
         gw = self.gw
-        if asked != model or not gw.pipeline.express_for(model):
+        pipe = gw.pipeline
+        if asked != model or not (pipe.lane_for(model) if lane else pipe.express_for(model)):
             return False
         if endpoint == "chat":
             if self.tool_loop is not None:

@@ -256,9 +256,14 @@ class Pipeline:
         without media) in a sequential dialect whose decode retries may keep the hand-off
         (vllm-nixl, vllm-lmcache, vllm-epd), and nothing that taps or adds to the exchange
         (prefix warming, usage audits, the route header)."""
-        if not self.express_lane or self.warmer is not None:
-            return False
         if self.audits or self.route_header:
+            return False
+        return self.lane_for(model)
+
+    def lane_for(self, model: str) -> bool:
+        """:meth:`express_for` for the compiled lane (:mod:`lmgw.api.lane`), which reads
+        usage for the audits and adds the route header itself."""
+        if not self.express_lane or self.warmer is not None:
             return False
         if self.native.handles(model):
             return False
@@ -420,15 +425,15 @@ class Pipeline:
             greq.body, method=method,
         )  # fmt: skip
 
-    def _audit(
-        self, policy: Policy, worker: Worker, ctx: RouteContext, greq: GatewayRequest
+    def audit_tap(
+        self, policy: Policy, worker: Worker, ctx: RouteContext, model: str
     ) -> Callable[[bytes], bytes] | None:
         """A tap on the answer's bytes that reads the worker's usage (prompt and cached
         tokens) for the policy's ``on_usage`` and the routing precision audit. Reads only:
         a bytes search per chunk, a regex on the one that carries usage."""
         predicted = policy.predicted_cached_tokens(worker, ctx)
         metrics = self.metrics
-        model = (greq.model,)
+        labels = (model,)
         done = False
 
         def tap(data: bytes) -> bytes:
@@ -443,13 +448,13 @@ class Pipeline:
             cached = int(c.group(1)) if c else None
             policy.on_usage(worker, ctx, int(m.group(1)), cached)
             if predicted is not None and cached is not None:
-                metrics.routing_predicted.inc(model, predicted)
-                metrics.routing_reported.inc(model, cached)
-                metrics.routing_matched.inc(model, min(predicted, cached))
-                total = metrics.routing_predicted.values.get(model, 0.0)
+                metrics.routing_predicted.inc(labels, predicted)
+                metrics.routing_reported.inc(labels, cached)
+                metrics.routing_matched.inc(labels, min(predicted, cached))
+                total = metrics.routing_predicted.values.get(labels, 0.0)
                 if total:
-                    matched = metrics.routing_matched.values.get(model, 0.0)
-                    metrics.routing_precision.set(model, matched / total)
+                    matched = metrics.routing_matched.values.get(labels, 0.0)
+                    metrics.routing_precision.set(labels, matched / total)
             return data
 
         return tap
@@ -740,7 +745,7 @@ class Pipeline:
                 out.append((b"server-timing", greq.server_timing()))
             if self.route_header:
                 out.append((b"x-lmgw-route", route_header(policy, worker, ctx)))
-            audit = self._audit(policy, worker, ctx, greq) if self.audits else None
+            audit = self.audit_tap(policy, worker, ctx, greq.model) if self.audits else None
             if not whole and greq.stream and resp.content_type.startswith(b"text/event-stream"):
                 hook = role in self.first_token_roles
                 local = self.local_queues if role == "d" else None  # a local leg's prefill
