@@ -18,6 +18,8 @@ this script runs, against the same two workers and the same wrk load,
 * ``lmgw-general``: the same with ``upstream.express_lane = false`` (the general path),
 * ``lmgw-keys`` and ``lmgw-keys-trio``: ``lmgw`` and ``lmgw-trio`` with an API key configured
   and sent on every request (the lane checks keys itself since session 19),
+* ``lmgw-ca`` and ``lmgw-ca-trio``: ``lmgw`` and ``lmgw-trio`` with ``routing.policy =
+  "cache_aware"`` (text keys; the lane reads its usage audit itself since session 20),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -63,7 +65,7 @@ CONNS = 64
 MOCK_PYTHON = [sys.executable]
 SYSTEMS = (
     "relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general", "lmgw-keys",
-    "lmgw-keys-trio",
+    "lmgw-keys-trio", "lmgw-ca", "lmgw-ca-trio",
 )  # fmt: skip
 KEY = "sk-floor-0123456789abcdef0123456789abcdef"
 _KEYS = f'[[auth.keys]]\nkey = "{KEY}"\n'
@@ -75,6 +77,8 @@ CONFIGS = {
     "lmgw-general": "[upstream]\nexpress_lane = false\n",
     "lmgw-keys": _KEYS,
     "lmgw-keys-trio": "[server]\ncompiled_lane = false\n" + _KEYS,
+    "lmgw-ca": '[routing]\npolicy = "cache_aware"\n',
+    "lmgw-ca-trio": '[server]\ncompiled_lane = false\n[routing]\npolicy = "cache_aware"\n',
 }
 
 
@@ -292,6 +296,7 @@ def main() -> int:
     twin = paired(runs, "lmgw", "lmgw-twin")
     featured = paired(runs, "lmgw", "featured")
     keyed = paired(runs, "lmgw-keys", "lmgw-keys-trio")
+    cache_aware = paired(runs, "lmgw-ca", "lmgw-ca-trio")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<14} {'req/s':>9} {'CPU µs/req':>11}")
     for name in systems:
@@ -303,6 +308,7 @@ def main() -> int:
         ("lmgw-trio / lmgw-general (express lane / general path)", express),
         ("lmgw / lmgw-twin (the lane's loop in Cython / its Python twin)", twin),
         ("lmgw-keys / lmgw-keys-trio (with an API key: lane / trio)", keyed),
+        ("lmgw-ca / lmgw-ca-trio (cache_aware: lane / trio)", cache_aware),
     ):
         if pairs:
             print(f"{label}: x{statistics.median(pairs):.2f} (paired per round)")
@@ -329,6 +335,7 @@ def main() -> int:
                 "cython_to_twin_paired": twin,
                 "lmgw_to_featured_paired": featured,
                 "keys_lane_to_trio_paired": keyed,
+                "cache_aware_lane_to_trio_paired": cache_aware,
                 "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,
             },
