@@ -212,21 +212,32 @@ cdef Py_ssize_t _request_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t 
     return head_end + 4 + length
 
 
-cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, int* kind, int* keep) noexcept nogil:
+cdef Py_ssize_t _response_head(const unsigned char* p, Py_ssize_t n, int* status) noexcept nogil:
+    """Where an answer's head ends (-1: not whole yet) and its status (-1: not an HTTP/1.1
+    status line)."""
     cdef const unsigned char* h = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
+    cdef Py_ssize_t head_end
+    status[0] = -1
+    if h == NULL:
+        return -1
+    head_end = h - p
+    if head_end < 12 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
+        return head_end
+    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57):
+        return head_end
+    status[0] = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    return head_end
+
+
+cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, int* kind, int* keep) noexcept nogil:
     cdef Py_ssize_t head_end, first, length
     cdef int flags, status
     keep[0] = 0
-    if h == NULL:
+    head_end = _response_head(p, n, &status)
+    if head_end < 0:
         kind[0] = MORE if n < RESPONSE_HEAD_CAP else HANDOFF
         return 0
-    head_end = h - p
     kind[0] = HANDOFF
-    if head_end < 12 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
-        return 0
-    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57):
-        return 0
-    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
     if status < 200 or status >= 400 or status == 204 or status == 304:
         return 0
     first = 0
@@ -244,20 +255,14 @@ cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t
 
 
 cdef Py_ssize_t _stream_head(const unsigned char* p, Py_ssize_t n, int* kind, int* keep) noexcept nogil:
-    cdef const unsigned char* h = <const unsigned char*>memmem(p, n, b"\r\n\r\n", 4)
     cdef Py_ssize_t head_end, first, length
     cdef int flags, status
     keep[0] = 0
-    if h == NULL:
+    head_end = _response_head(p, n, &status)
+    if head_end < 0:
         kind[0] = MORE if n < RESPONSE_HEAD_CAP else HANDOFF
         return 0
-    head_end = h - p
     kind[0] = HANDOFF
-    if head_end < 12 or memcmp(p, b"HTTP/1.1 ", 9) != 0:
-        return 0
-    if not (48 <= p[9] <= 57 and 48 <= p[10] <= 57 and 48 <= p[11] <= 57):
-        return 0
-    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
     if status < 200 or status >= 300 or status == 204:
         return 0
     first = 0

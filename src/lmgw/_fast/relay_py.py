@@ -141,17 +141,25 @@ def request_frame(data: bytes, max_head: int, max_body: int) -> int:
     return end + 4 + length
 
 
+def _response_head(data: bytes) -> tuple[int, int]:
+    """(where an answer's head ends, its status): -1 while the head is not whole; status -1
+    when the first line is not an HTTP/1.1 status line."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return -1, -1
+    if end < 12 or not data.startswith(b"HTTP/1.1 ") or not data[9:12].isdigit():
+        return end, -1
+    return end, int(data[9:12])
+
+
 def response_frame(data: bytes, cap: int) -> tuple[int, int, bool]:
     """(kind, length, keep-alive) of the answer at the start of ``data``: WHOLE with its
     length; MORE while its head, or the body of one the lane will take, is incomplete;
     HANDOFF for anything else (not 2xx/3xx, 204, 304, no or odd length, chunked, a body over
     ``cap``, a head over 64 KiB)."""
-    end = data.find(b"\r\n\r\n")
+    end, status = _response_head(data)
     if end < 0:
         return (MORE if len(data) < RESPONSE_HEAD_CAP else HANDOFF), 0, False
-    if end < 12 or not data.startswith(b"HTTP/1.1 ") or not data[9:12].isdigit():
-        return HANDOFF, 0, False
-    status = int(data[9:12])
     if status < 200 or status >= 400 or status in (204, 304):
         return HANDOFF, 0, False
     length, odd, close, chunked, _ = _scan_head(data[:end])
@@ -166,12 +174,9 @@ def stream_head(data: bytes) -> tuple[int, int, bool]:
     """(kind, head length, keep-alive) of a streamed request's answer: STREAM when its whole
     head says 2xx (not 204) and chunked, with no Content-Length; MORE while the head is not
     whole; HANDOFF otherwise (:func:`response_frame` judges it then)."""
-    end = data.find(b"\r\n\r\n")
+    end, status = _response_head(data)
     if end < 0:
         return (MORE if len(data) < RESPONSE_HEAD_CAP else HANDOFF), 0, False
-    if end < 12 or not data.startswith(b"HTTP/1.1 ") or not data[9:12].isdigit():
-        return HANDOFF, 0, False
-    status = int(data[9:12])
     if status < 200 or status >= 300 or status == 204:
         return HANDOFF, 0, False
     length, odd, close, chunked, _ = _scan_head(data[:end])
