@@ -265,6 +265,36 @@ async def test_cache_aware_in_the_lane_audits_and_names_its_route(
     assert 0 < seen[1] < seen[2] < seen[3], seen
 
 
+async def test_cache_aware_on_token_ids_in_the_lane(nursery: trio.Nursery, sim_worker: Any) -> None:
+    """A model with the gateway's tokenizer: the lane checks the context (tokenizing inline,
+    the segment cache's hits) and routes on the chat-templated token ids; the later requests
+    go where the prompt is cached, whole answers and streams alike."""
+    from gateway_support import start_tokenized_gateway
+
+    from lmgw.config import WorkerConfig
+
+    sims = [await sim_worker() for _ in range(2)]
+    workers = [WorkerConfig(url=s.url, role="pd", id=f"w{i}") for i, s in enumerate(sims)]
+    gw = await start_tokenized_gateway(nursery, workers, route_header=True)
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    system = {"role": "system", "content": "You summarise the shared report. " * 40}
+    chosen, cached = [], []
+    for i in range(4):
+        body = {"model": MODEL, "max_tokens": 4,
+                "messages": [system, {"role": "user", "content": f"question {i}"}]}  # fmt: skip
+        if i % 2:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        r = await c.ask(body)
+        assert r.status == 200, r.body
+        usage = r.events()[-2]["usage"] if i % 2 else r.json()["usage"]
+        cached.append((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        chosen.append(r.headers["x-lmgw-route"].split("worker=")[1].split(";")[0].strip())
+    assert len(set(chosen)) == 1, chosen  # the prompt's holder, every time
+    assert all(n > 0 for n in cached[1:]), cached
+    assert relay.served == 2 and relay.streamed == 2 and relay.demoted == 0
+
+
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
     """A worker that fails every request: the lane's request is finished by the server
     (retried on the other worker), and the connection returns to the lane for the next one."""

@@ -158,7 +158,7 @@ async def test_context_length_is_checked_and_max_tokens_filled_like_vllm(
 ) -> None:
     tok, tmpl = text
     w = Worker(worker_tokens(tok, tmpl))
-    url, _ = await start(nursery, [w], tokenizer=str(model_dir), max_model_len=64)
+    url, gw = await start(nursery, [w], tokenizer=str(model_dir), max_model_len=64)
     long = [{"role": "user", "content": "word " * 200}]
     r = await http_request(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": long})
     assert r.status == 400, r.body
@@ -177,6 +177,9 @@ async def test_context_length_is_checked_and_max_tokens_filled_like_vllm(
         url, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3}
     )
     assert r.status == 200 and w.seen[-1]["max_tokens"] == 3  # given: forwarded as sent
+    # the compiled lane checked the two it served itself; the server answered the refusals
+    relay = gw.server.lane.relay
+    assert relay.served == 2 and gw.server.lane.app.declined["error"] == 2
 
 
 async def test_truncate_prompt_tokens_is_applied_before_the_context_check_like_vllm(
@@ -252,7 +255,7 @@ async def test_usage_is_counted_when_the_worker_leaves_it_out(
             await super().__call__(req, responder)
 
     w = NoUsage(worker_tokens(tok, tmpl))
-    url, _ = await start(nursery, [w], tokenizer=str(model_dir))
+    url, gw = await start(nursery, [w], tokenizer=str(model_dir))
     r = await http_request(url, "POST", "/v1/chat/completions", {"model": MODEL, "messages": CHAT})
     assert r.status == 200, r.body
     usage = r.json()["usage"]
@@ -265,3 +268,4 @@ async def test_usage_is_counted_when_the_worker_leaves_it_out(
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    assert gw.server.lane.relay.served == 1  # counted in the compiled lane

@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import msgspec
 import trio
 
 from .._fast.relay_py import (
@@ -84,7 +85,7 @@ from ..transport.openai_http import SSE_HEADERS
 from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
 from .keys import RateLimitHeaders, UsageMeter
-from .openai import decode_view
+from .openai import _Body, decode_view
 
 _now = time.perf_counter
 #: the API keys' buckets are stamped on this clock (lmgw.api.keys)
@@ -106,7 +107,7 @@ class Exchange:
     __slots__ = (
         "audit", "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
         "model", "path", "req", "rid", "stage", "stream", "t0", "t_first", "t_sent", "trace",
-        "worker",
+        "usage_fill", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -124,6 +125,8 @@ class Exchange:
         self.t_first = 0.0
         #: the routing audit's tap on the client-facing leg's answer (Pipeline.audit_tap)
         self.audit: Callable[[bytes], bytes] | None = None
+        #: usage counted by the gateway for a whole answer without it (ModelText.fill_usage)
+        self.usage_fill: Callable[[bytes], bytes] | None = None
         #: a streamed answer's relay state (lmgw.transport.sse_stream), None for a whole one
         self.stream: SseStream | None = None
         self.forward: list[tuple[bytes, bytes]] = []
@@ -267,6 +270,19 @@ class LaneApp:
             return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return self._decline("priority")  # the server checks it
+        text = self.gw.text_for(model)
+        prompt_ids = None
+        if text is not None and text.validate_context:
+            try:  # (as _serve_model: the context check, max_tokens filled in)
+                obj = _Body(body).obj
+                checked = text.validate_inline(endpoint, obj)
+            except GatewayError:
+                return self._decline("error")  # the server answers it, the same way
+            if checked is None:
+                return self._decline("tokenize")  # a long prompt: the server's worker thread
+            changed, prompt_ids = checked
+            if changed:
+                body = req.body = msgspec.json.encode(obj)
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         rid, forward = api._identify(req)
         req.request_id = rid
@@ -275,12 +291,17 @@ class LaneApp:
         else:
             ex = pd = PDExchange(req, endpoint, path, model, rid)
             pd.greq = GatewayRequest(endpoint, path, model, stream, body, rid, forward, t0)
+            pd.greq.prompt_ids = prompt_ids
             pd.body = self.disagg.plain_body(pd.greq, dialect)
             if pd.body is None:
                 return self._decline("not_plain")
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
+        if prompt_ids is not None and not stream:  # (as _serve_model: usage an answer lacks)
+            ex.usage_fill = partial(text.fill_usage, len(prompt_ids))  # type: ignore[union-attr]
+            if ex.greq is not None:
+                ex.greq.usage_fill = ex.usage_fill
         if api.kv_accounting or (entry is not None and entry.tpm):  # (as generate's)
             ex.meter = UsageMeter(None)
         if self.cors is not None:
@@ -288,7 +309,7 @@ class LaneApp:
             if allowed is not None:
                 ex.extra = self.cors.headers(allowed)
         ctx = ex.ctx = (
-            api._route_keys(req, model, rid, endpoint, body, view, None)
+            api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
             if pipe.route_keys
             else pipe.context(model, rid)
         )
@@ -524,6 +545,8 @@ class LaneApp:
             return self._decode(ex, status, body)
         if ex.audit is not None:  # the routing audit reads the usage (as Pipeline.answer)
             ex.audit(body)
+        if ex.usage_fill is not None:
+            body = ex.usage_fill(body)
         self._settle(ex, True)
         if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
             self.trimmer.released(len(body))
@@ -814,6 +837,7 @@ class LaneApp:
             ex.forward, ex.t0,
         )  # fmt: skip
         greq.trace = ex.trace  # a retry's legs under the request's span
+        greq.usage_fill = ex.usage_fill
         return greq
 
 

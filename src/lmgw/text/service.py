@@ -40,6 +40,13 @@ class ModelText:
     # -- prompts ----------------------------------------------------------------------------
     async def chat_ids(self, obj: Mapping[str, Any]) -> list[int]:
         """A chat request's prompt ids, as vLLM computes them."""
+        text, special = self._chat_text(obj)
+        ids = await self.tokenizer.encode_async(text, add_special_tokens=special)
+        return self._truncated(ids, obj)
+
+    def _chat_text(self, obj: Mapping[str, Any]) -> tuple[str, bool]:
+        """A chat request's rendered prompt, and whether it gets the tokenizer's special
+        tokens."""
         if self.template is None:
             raise GatewayError(400, f"model {self.name!r} has no chat template", param="messages")
         if obj.get("chat_template") is not None:  # rendering it here would need trust in it
@@ -58,9 +65,7 @@ class ModelText:
             documents=obj.get("documents"),
             chat_template_kwargs=kwargs if isinstance(kwargs, Mapping) else None,
         )
-        special = bool(obj.get("add_special_tokens", False))
-        ids = await self.tokenizer.encode_async(text, add_special_tokens=special)
-        return self._truncated(ids, obj)
+        return text, bool(obj.get("add_special_tokens", False))
 
     async def completion_ids(self, obj: Mapping[str, Any]) -> list[list[int]]:
         """Each prompt's ids (a completions ``prompt`` may be a batch)."""
@@ -69,19 +74,28 @@ class ModelText:
         return await self._completion_ids(obj)
 
     async def _completion_ids(self, obj: Mapping[str, Any]) -> list[list[int]]:
-        prompt = obj.get("prompt")
         special = bool(obj.get("add_special_tokens", True))
+        encode = self.tokenizer.encode_async
+        return [
+            await encode(p, add_special_tokens=special) if isinstance(p, str) else p
+            for p in self._completion_items(obj)
+        ]
+
+    def _completion_items(self, obj: Mapping[str, Any]) -> list[str | list[int]]:
+        """A completions ``prompt`` as its prompts: texts to encode, or token-id lists
+        (checked)."""
+        prompt = obj.get("prompt")
         tok = self.tokenizer
         if isinstance(prompt, str):
-            return [await tok.encode_async(prompt, add_special_tokens=special)]
+            return [prompt]
         if isinstance(prompt, list) and prompt and all(type(x) is int for x in prompt):
             tok.check_ids(prompt, param="prompt")
             return [list(prompt)]
         if isinstance(prompt, list) and prompt:
-            out = []
+            out: list[str | list[int]] = []
             for p in prompt:
                 if isinstance(p, str):
-                    out.append(await tok.encode_async(p, add_special_tokens=special))
+                    out.append(p)
                 elif isinstance(p, list) and all(type(x) is int for x in p):
                     tok.check_ids(p, param="prompt")
                     out.append(list(p))
@@ -91,6 +105,24 @@ class ModelText:
             return out
         raise GatewayError(400, "prompt must be a string, a list of strings or token ids",
                            param="prompt")  # fmt: skip
+
+    def prompts_inline(self, endpoint: str, obj: Mapping[str, Any]) -> list[list[int]] | None:
+        """:meth:`chat_ids` (``endpoint`` "chat") or :meth:`completion_ids` without awaiting,
+        for the compiled lane; None when a prompt would be encoded in a worker thread (too
+        much of it is not in the segment cache)."""
+        inline = self.tokenizer.encode_inline
+        if endpoint == "chat":
+            text, special = self._chat_text(obj)
+            ids = inline(text, add_special_tokens=special)
+            return None if ids is None else [self._truncated(ids, obj)]
+        special = bool(obj.get("add_special_tokens", True))
+        out = []
+        for p in self._completion_items(obj):
+            ids = inline(p, add_special_tokens=special) if isinstance(p, str) else p
+            if ids is None:
+                return None
+            out.append(self._truncated(ids, obj))
+        return out
 
     def _truncated(self, ids: list[int], obj: Mapping[str, Any]) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: keep the prompt's last k tokens (-1: the context
@@ -167,20 +199,47 @@ class ModelText:
         fill ``max_tokens`` in, in place, when absent the way vLLM defaults it (what fits,
         capped by generation_config). Returns whether ``obj`` was changed and the prompt's
         token ids (None when not computed: media chats, batches) for usage and routing."""
+        checked = self._checked(endpoint, obj)
+        if checked is None:
+            return False, None
+        if endpoint == "chat":
+            prompts = [await self.chat_ids(obj)]
+        else:
+            prompts = await self.completion_ids(obj)
+        return self._fit(obj, prompts, *checked)
+
+    def validate_inline(
+        self, endpoint: str, obj: dict[str, Any]
+    ) -> tuple[bool, list[int] | None] | None:
+        """:meth:`validate` without awaiting (the compiled lane); None when a prompt would be
+        encoded in a worker thread: the server's path validates that request."""
+        checked = self._checked(endpoint, obj)
+        if checked is None:
+            return False, None
+        prompts = self.prompts_inline(endpoint, obj)
+        if prompts is None:
+            return None
+        return self._fit(obj, prompts, *checked)
+
+    def _checked(self, endpoint: str, obj: Mapping[str, Any]) -> tuple[int | None, str] | None:
+        """The completion length asked and what holds the prompt, or None for a request
+        whose context is not checked here."""
         key = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else None
         max_tokens = obj.get(key or "max_tokens")
         if not (max_tokens is None or type(max_tokens) is int):
-            return False, None  # the worker answers a badly typed value itself
-        if endpoint == "chat":
-            if _has_media(obj):  # the engine expands each item to its own placeholder count
-                return False, None
-            if obj.get("chat_template") is not None:  # the worker renders its own: not ours
-                return False, None
-            prompts = [await self.chat_ids(obj)]
-            what = "messages"
-        else:
-            prompts = await self.completion_ids(obj)
-            what = "prompt"
+            return None  # the worker answers a badly typed value itself
+        if endpoint != "chat":
+            return max_tokens, "prompt"
+        if _has_media(obj):  # the engine expands each item to its own placeholder count
+            return None
+        if obj.get("chat_template") is not None:  # the worker renders its own: not ours
+            return None
+        return max_tokens, "messages"
+
+    def _fit(
+        self, obj: dict[str, Any], prompts: list[list[int]], max_tokens: int | None, what: str
+    ) -> tuple[bool, list[int] | None]:
+        """:meth:`validate`'s check of computed ``prompts``, and its ``max_tokens`` default."""
         for ids in prompts:
             self.check_context(len(ids), max_tokens, what)
         single = prompts[0] if len(prompts) == 1 else None

@@ -476,20 +476,35 @@ class ModelTokenizer:
         """Like :meth:`encode`; when ``offload_threshold_chars`` or more characters need
         encoding, they go to a worker thread through the GIL-releasing ``encode_batch_fast``,
         bounded by the limiter (cached segments are not re-encoded)."""
-        seg = self._segments
-        if seg is not None and not add_special_tokens and len(text) >= seg.min_chars:
-            plan = seg.plan(text)
-            if plan.miss_chars < self.offload_threshold_chars:
-                return seg.assemble(plan, self._encode_each(plan.misses))
+        ids, plan = self._inline(text, add_special_tokens)
+        if ids is not None:
+            return ids
+        if plan is not None:  # the segments' misses, in a worker thread
             misses = await trio.to_thread.run_sync(
                 self._encode_many, plan.misses, limiter=self.limiter
             )
-            return seg.assemble(plan, misses)
-        if len(text) < self.offload_threshold_chars:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._segments.assemble(plan, misses)  # type: ignore[union-attr]
         return await trio.to_thread.run_sync(
             self._encode_off_loop, text, add_special_tokens, limiter=self.limiter
         )
+
+    def encode_inline(self, text: str, *, add_special_tokens: bool = True) -> list[int] | None:
+        """:meth:`encode_async`'s answer when it would encode inline; None when it would take
+        a worker thread (callers that cannot await, the compiled lane, leave those to it)."""
+        return self._inline(text, add_special_tokens)[0]
+
+    def _inline(self, text: str, add_special_tokens: bool) -> tuple[list[int] | None, Any]:
+        """(ids, None) when ``text`` is encoded inline; else (None, the segment plan whose
+        misses go to a worker thread, or None: the whole text goes)."""
+        seg = self._segments
+        if seg is not None and not add_special_tokens and len(text) >= seg.min_chars:
+            plan = seg.plan(text)
+            if plan.miss_chars >= self.offload_threshold_chars:
+                return None, plan
+            return seg.assemble(plan, self._encode_each(plan.misses)), None
+        if len(text) >= self.offload_threshold_chars:
+            return None, None
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids, None
 
     def _encode_off_loop(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
