@@ -53,6 +53,11 @@ class KeepAlive:
                 await self.stream.send_all(data[at:])
             else:
                 await self.stream.send_all(data)
+            return await self.answer()
+
+    async def answer(self) -> RawResponse:
+        """The answer to the one request sent, whole or chunked (a stream)."""
+        with trio.fail_after(10):
             while True:
                 if b"\r\n\r\n" in self.buf:
                     r = parse_response(self.buf)
@@ -415,6 +420,27 @@ async def test_a_keys_rate_and_token_limits_hold_in_the_lane(gateway: GatewayFac
     assert relay.served == 4 and metered.tokens == sum(spent)
     left = int(r.headers["x-ratelimit-remaining-tokens"])
     assert 100_000 - sum(spent) <= left <= 100_000 - spent[0]  # (read as the answer starts)
+    assert all(e.in_flight == 0 for e in gw.gateway.keys.table)
+
+
+async def test_a_metered_keys_streams_are_charged_in_the_lane(gateway: GatewayFactory) -> None:
+    """A key with a tokens-per-minute limit streams in the lane: the usage event's tokens are
+    charged (a stream without usage: one token per event plus the prompt's estimate)."""
+    gw = await gateway(1, auth=_keys())
+    relay = gw.gateway.server.lane.relay
+    metered = {e.name: e for e in gw.gateway.keys.table}["metered"]
+    c = await _client(gw)
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"authorization": f"Bearer {METERED}"}
+    await c.stream.send_all(_chat_bytes(c.url, headers, body))
+    r = await c.answer()
+    assert r.status == 200 and r.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert metered.tokens == r.events()[-2]["usage"]["total_tokens"]
+    before = metered.tokens
+    await c.stream.send_all(_chat_bytes(c.url, headers, {**CHAT, "stream": True}))
+    r = await c.answer()  # no usage event
+    assert r.status == 200 and metered.tokens > before
+    assert relay.streamed == 2 and relay.demoted == 0
     assert all(e.in_flight == 0 for e in gw.gateway.keys.table)
 
 

@@ -324,6 +324,19 @@ class UsageMeter:
                 return
         self.events += data.count(b"data: ")
 
+    def events_of(self, data: bytes) -> bytes:
+        """Note a group of a stream's events (the compiled lane's streams; a tap: returns
+        ``data`` as it came)."""
+        if not self.t_first:
+            self.t_first = _now()
+        self._scan(data)
+        return data
+
+    def carry(self, before: UsageMeter) -> None:
+        """Take on what ``before`` noted (a stream the lane began, continued on the server)."""
+        self.status, self.events, self.t_first = before.status, before.events, before.t_first
+        self.usage, self.prompt, self.completion = before.usage, before.prompt, before.completion
+
     def whole(self, status: int, body: bytes) -> None:
         """Note a whole answer (what :meth:`send_full` sends; the compiled lane's answers)."""
         self.status = status

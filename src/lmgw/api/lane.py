@@ -32,7 +32,7 @@ headers go on the answer as :class:`lmgw.api.cors.CorsHandler` puts them (prefli
 ``OPTIONS``: the server's).
 
 Anything else goes the usual way, where the server's trio code serves it: a request the lane
-does not take (a stream with hedging or a usage meter, an error to answer, a queue to wait in,
+does not take (a stream with hedging or SSE comments, an error to answer, a queue to wait in,
 a split prompt...) is handed to the server with its connection before anything happened to
 it. A failed exchange or an answer the lane does not relay (an error status, a chunked or very
 large body) is handed over too, with a continuation that finishes that request where the
@@ -264,7 +264,7 @@ class LaneApp:
             return self._decline("error")  # the server answers it, the same way
         pipe = self.pipe
         stream = bool(view.stream)
-        if stream and not self._streams(entry):
+        if stream and not self._streams():
             return self._decline("stream")
         if not api._express(model, view.model, body, endpoint, lane=True):
             return self._decline("not_plain")
@@ -356,28 +356,27 @@ class LaneApp:
         self._tap(ex)
         return self._plan(ex, slot, head + payload if payload else head, ex.stream)
 
-    def _streams(self, entry: Any) -> bool:
-        """Whether the lane relays a stream for this gateway and key: not with hedging, SSE
-        keep-alive comments, or a usage meter on the answer (limits.kv_accounting, a key's
-        tokens per minute), which the server's relay does."""
-        api = self.api
-        return not (
-            self.pipe.hedger is not None
-            or api.sse_keepalive_s
-            or api.kv_accounting
-            or (entry is not None and entry.tpm)
-        )
+    def _streams(self) -> bool:
+        """Whether the lane relays a stream for this gateway: not with hedging or SSE
+        keep-alive comments, which the server's relay does."""
+        return not (self.pipe.hedger is not None or self.api.sse_keepalive_s)
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
         :meth:`Pipeline.answer` sets it): on a whole answer's body, or on each group of a
-        stream's events."""
+        stream's events; and a stream's usage meter (as UsageMeter wraps the responder)."""
         pipe = self.pipe
         if pipe.audits:
             policy = pipe.policies[ex.stage]
             ex.audit = pipe.audit_tap(policy, ex.worker, ex.ctx, ex.model)
-            if ex.stream is not None:
-                ex.stream.tap = ex.audit
+        stream = ex.stream
+        if stream is not None:
+            meter = ex.meter.events_of if ex.meter is not None else None
+            if ex.audit is not None and meter is not None:
+                audit = ex.audit
+                stream.tap = lambda data: meter(audit(data))
+            else:
+                stream.tap = ex.audit or meter
 
     def _route_header(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
         """``x-lmgw-route`` (routing.route_header) for the client-facing leg, or nothing."""
@@ -569,6 +568,8 @@ class LaneApp:
         it is not an event stream (the server relays it, as :meth:`Pipeline.answer`)."""
         if not _is_event_stream(head):
             return None
+        if ex.meter is not None:
+            ex.meter.status = 200
         keep = ex.keep_alive and not self.draining
         headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode())]
         if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
@@ -598,6 +599,8 @@ class LaneApp:
             metrics = self.pipe.metrics
             metrics.stage_tpot.observe((ex.stage, ex.worker.id), tpot)
             metrics.tpot.observe((ex.model,), tpot)
+        if ex.meter is not None:
+            ex.meter.t_end = _now()
         self._settle(ex, True)
         self._close(ex, 200)
 
@@ -609,6 +612,8 @@ class LaneApp:
         may be, else ended with an SSE error event and ``[DONE]``."""
         pipe, worker = self.pipe, ex.worker
         self._settle(ex, False)
+        if ex.meter is not None:
+            ex.meter.t_end = _now()
         if kind == DEADLINE:  # (the server's watchdog: the request ends, the connection too)
             msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
             self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
@@ -795,6 +800,7 @@ class LaneApp:
         if ex.meter is not None:  # (as generate wraps it), timed from the request's arrival
             meter = UsageMeter(responder)
             meter.t_start = ex.meter.t_start
+            meter.carry(ex.meter)  # (a stream the lane began: what it relayed counts too)
             responder = ex.meter = meter
         try:
             await finish(req, responder)
