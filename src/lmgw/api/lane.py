@@ -354,7 +354,7 @@ class LaneApp:
         pipe.registry.acquire(worker)
         pipe.policies["pd"].on_dispatch(worker, ctx)
         self._tap(ex)
-        return self._plan(ex, slot, head + payload if payload else head, ex.stream)
+        return self._plan(ex, slot, head + payload if payload else head)
 
     def _streams(self) -> bool:
         """Whether the lane relays a stream for this gateway: not with hedging or SSE
@@ -378,12 +378,21 @@ class LaneApp:
             else:
                 stream.tap = ex.audit or meter
 
-    def _route_header(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
-        """``x-lmgw-route`` (routing.route_header) for the client-facing leg, or nothing."""
+    def _answer_headers(
+        self, ex: Exchange, first: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """The client-facing answer's headers after ``first`` (its content type): the request
+        id, P/D's Server-Timing, ``x-lmgw-route``, CORS's and the key's ``x-ratelimit-*``."""
+        headers = [*first, (b"x-request-id", ex.rid.encode())]
+        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
+            headers.append((b"server-timing", ex.greq.server_timing()))
         pipe = self.pipe
-        if not pipe.route_header:
-            return []
-        return [(b"x-lmgw-route", route_header(pipe.policies[ex.stage], ex.worker, ex.ctx))]
+        if pipe.route_header:
+            policy = pipe.policies[ex.stage]
+            headers.append((b"x-lmgw-route", route_header(policy, ex.worker, ex.ctx)))
+        headers += ex.extra
+        headers += _limits(ex)
+        return headers
 
     def _decline(self, reason: str) -> None:
         """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total)."""
@@ -404,10 +413,10 @@ class LaneApp:
         req.principal = entry
         return entry
 
-    def _plan(
-        self, ex: Exchange, slot: int, payload: bytes, stream: SseStream | None = None
-    ) -> tuple:
-        """The relay's plan for a leg; ``stream``: the client-facing leg of a stream."""
+    def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
+        """The relay's plan for the leg in flight (``ex.stage``); a stream's client-facing
+        leg carries the stream's state."""
+        stream = ex.stream if ex.stage != "p" else None
         now = ex.t_sent = _now()
         rt = self.pipe.response_timeout_s
         plan = (
@@ -494,7 +503,7 @@ class LaneApp:
         self.pipe.registry.acquire(decode)
         self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
         self._tap(ex)
-        return self._plan(ex, decode.origin.slot, head + payload if payload else head, ex.stream)
+        return self._plan(ex, decode.origin.slot, head + payload if payload else head)
 
     # -- the end of a leg --------------------------------------------------------------------
     def _settle(self, ex: Exchange, ok: bool) -> None:
@@ -550,12 +559,7 @@ class LaneApp:
         if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
             self.trimmer.released(len(body))
         keep = ex.keep_alive and not self.draining
-        headers = [(b"content-type", ctype or _JSON), (b"x-request-id", ex.rid.encode())]
-        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
-            headers.append((b"server-timing", ex.greq.server_timing()))
-        headers += self._route_header(ex)
-        headers += ex.extra
-        headers += _limits(ex)
+        headers = self._answer_headers(ex, [(b"content-type", ctype or _JSON)])
         if ex.meter is not None:
             ex.meter.whole(status, body)
         head = build_head(status, headers, b"content-length: %d\r\n\r\n" % len(body), keep)
@@ -571,13 +575,7 @@ class LaneApp:
         if ex.meter is not None:
             ex.meter.status = 200
         keep = ex.keep_alive and not self.draining
-        headers = [*SSE_HEADERS, (b"x-request-id", ex.rid.encode())]
-        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
-            headers.append((b"server-timing", ex.greq.server_timing()))
-        headers += self._route_header(ex)
-        headers += ex.extra
-        headers += _limits(ex)
-        return build_head(200, headers, _CHUNKED, keep), keep
+        return build_head(200, self._answer_headers(ex, SSE_HEADERS), _CHUNKED, keep), keep
 
     def on_first(self, ex: Exchange) -> None:
         """The stream's first event: the time to first token, and the policy's hook
@@ -593,7 +591,7 @@ class LaneApp:
     def on_stream_end(self, ex: Exchange) -> None:
         """The stream's last chunk came (and went to the client): its per-token time, then
         the request's end."""
-        events = ex.stream.events if ex.stream is not None else 0
+        events = ex.stream.events  # type: ignore[union-attr]
         if events > 1:
             tpot = (_now() - ex.t_first) / (events - 1)
             metrics = self.pipe.metrics
@@ -622,8 +620,8 @@ class LaneApp:
         exc = _stream_error(worker, kind, pipe.stall_s or 0.0)
         pipe.metrics.upstream_errors.inc((ex.stage, worker.id, exc.kind))
         pipe.registry.record_failure(worker, exc.message, eject=False)
-        journal = ex.stream.journal if ex.stream is not None else None
-        if journal is None or not pipe.migrations:
+        journal = ex.stream.journal  # type: ignore[union-attr]
+        if journal is None:  # (upstream.migrate_streams = 0)
             self._close(ex, 200)  # (as relay_sse without a journal: the stream carries it)
             event = sse_error_event(exc.status, f"worker stream failed: {exc.message}")
             return _sse_end(event), ex.keep_alive and not self.draining

@@ -443,7 +443,7 @@ class OpenAIAPI:
                     return False
             elif "e" in FLOW_ROLES[gw.flow_of(model)] and b"\\u" in body:
                 return False  # (a media type could hide behind an escape: the E stage decides)
-        if lane:  # (the compiled lane checks the context itself: LaneApp._validated)
+        if lane:  # (the compiled lane checks the context itself: LaneApp.on_request)
             return True
         text = gw.text_for(model)
         return text is None or not text.validate_context

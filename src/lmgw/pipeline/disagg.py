@@ -519,22 +519,21 @@ class DisaggRunner:
         when the failed attempt consumed it, or (a rewritten decode) the general leg. With a
         stream's ``journal``, a decode that breaks mid-stream is continued (:meth:`_continue`)."""
         try:
-            try:
-                if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
-                    failed = (decode,)  # a fresh pair
-                    decode = self._restart_with(greq, route, failure, failed)
-                    ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
-                    await self._prefill_decode(
-                        greq, responder, body, ctx, dialect, prefill, decode, route, journal,
-                        restart=False, tried=failed,
-                    )  # fmt: skip
-                    return
-                await self._final(
-                    greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure,
-                    journal=journal,
+            if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
+                failed = (decode,)  # a fresh pair
+                decode = self._restart_with(greq, route, failure, failed)
+                ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+                await self._prefill_decode(
+                    greq, responder, body, ctx, dialect, prefill, decode, route, journal,
+                    restart=False, tried=failed,
                 )  # fmt: skip
-            except _BrokenStream as broken:
-                await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
+                return
+            await self._final(
+                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure,
+                journal=journal,
+            )  # fmt: skip
+        except _BrokenStream as broken:  # (continue_broken answers its own failures)
+            await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
         except _ANSWERABLE as exc:
             raise _client_error(greq, exc) from None
 
