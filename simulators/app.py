@@ -228,6 +228,10 @@ class WorkerOptions:
     real LMCache does silently)."""
     lmcache_chunk_size: int = LMCACHE_CHUNK_TOKENS
     """Tokens per LMCache chunk (its ``chunk_size``); p and d must agree."""
+    stream_head: str = "first_token"
+    """When a streamed answer's 200 and event-stream head goes out: ``first_token`` (after the
+    prefill, with the first event) or ``arrival`` (at once, before queueing and prefill, as
+    vLLM's OpenAI server does: uvicorn writes a StreamingResponse's head when it starts)."""
     serial_prefill: bool = False
     """Prefills compute one at a time, FIFO (:attr:`EngineConfig.serial_prefill`): a busy worker
     queues, so time to first token grows with load and cache hits raise capacity."""
@@ -276,6 +280,8 @@ class WorkerOptions:
             raise ValueError(f"zone {zone!r}: expected a printable ASCII name without spaces")
         if self.kv_bytes_per_token < 0:
             raise ValueError("kv_bytes_per_token must be >= 0")
+        if self.stream_head not in ("first_token", "arrival"):
+            raise ValueError(f"stream_head {self.stream_head!r}: expected first_token or arrival")
         if not (self.kv_gbps_same_zone > 0 and self.kv_gbps_cross_zone > 0):
             raise ValueError("kv_gbps_same_zone and kv_gbps_cross_zone must be > 0 (GB/s)")
 
@@ -1425,6 +1431,11 @@ class SimWorker:
         computing = False  # holds the prefill lock (serial_prefill)
         lora_held: str | None = None  # the adapter whose LoRA slot this request holds
         try:
+            if writer is not None and self.options.stream_head == "arrival":
+                await responder.start(200, [_SSE, (b"x-request-id", rid)])
+                flush = getattr(responder, "flush", None)  # (the native server's: on the wire)
+                if flush is not None:
+                    await flush()
             if faults.hang:
                 await trio.sleep_forever()
             stall = self.faults.stall_s()
@@ -1460,7 +1471,7 @@ class SimWorker:
             if plan.publish is not None:
                 await plan.publish()
             ticket.begin_decode()
-            if writer is not None:
+            if writer is not None and not responder.started:
                 await responder.start(200, [_SSE, (b"x-request-id", rid)])
             steps = max(c.num_tokens for c in plan.choices)
             timed = not engine.config.timing.instant

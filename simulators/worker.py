@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-id", default=None, help="KV engine id reported by a prefill worker (uuid4)"
     )
     dis.add_argument(
+        "--stream-head",
+        choices=("first-token", "arrival"),
+        default="first-token",
+        help="when a stream's head goes out: with its first event, or at arrival (vLLM's way)",
+    )
+    dis.add_argument(
         "--kv-ttl", type=float, default=480.0, help="seconds a prefill worker keeps unfetched KV"
     )
     dis.add_argument(
@@ -362,6 +368,7 @@ def options_from_args(ns: argparse.Namespace, *, as_process: bool = True) -> Wor
         engine_id=ns.engine_id,
         ec_dir=ns.ec_dir,
         kv_ttl_s=ns.kv_ttl,
+        stream_head=ns.stream_head.replace("-", "_"),
         bootstrap_timeout_s=ns.bootstrap_timeout,
         kv_port=ns.kv_port,
         kv_connector=ns.kv_connector,

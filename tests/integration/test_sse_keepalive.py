@@ -35,8 +35,15 @@ def blocks(payload: bytes) -> list[bytes]:
     return [b for b in payload.split(b"\n\n") if b]
 
 
-async def test_comments_until_the_first_event_then_the_same_answer(gateway: Any) -> None:
-    slow = await gateway(1, speed=0.1, limits={"sse_keepalive_s": 0.02})  # a slower prefill
+@pytest.mark.parametrize("stream_head", ["first_token", "arrival"])
+async def test_comments_until_the_first_event_then_the_same_answer(
+    gateway: Any, stream_head: str
+) -> None:
+    """The worker's head with its first event (the simulator's default), or at once (vLLM's
+    way, the head before the queue and the prefill): comments until the first event."""
+    slow = await gateway(  # a slower prefill
+        1, speed=0.1, stream_head=stream_head, limits={"sse_keepalive_s": 0.02}
+    )
     r = await http_request(slow.url, "POST", "/v1/chat/completions", BODY)
     assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
     got = blocks(r.body)
@@ -59,9 +66,16 @@ async def test_comments_until_the_first_event_then_the_same_answer(gateway: Any)
     )
 
 
-async def test_a_worker_that_never_answers_ends_in_an_error_event(gateway: Any) -> None:
+@pytest.mark.parametrize("stream_head", ["first_token", "arrival"])
+async def test_a_worker_that_never_answers_ends_in_an_error_event(
+    gateway: Any, stream_head: str
+) -> None:
+    """No head at all, or the head and then nothing (a hang after vLLM accepted it)."""
     hung = await gateway(
-        1, faults={"hang": True}, limits={"sse_keepalive_s": 0.05, "request_timeout_s": 0.5}
+        1,
+        faults={"hang": True},
+        stream_head=stream_head,
+        limits={"sse_keepalive_s": 0.05, "request_timeout_s": 0.5},
     )
     r = await http_request(hung.url, "POST", "/v1/chat/completions", BODY)
     assert r.status == 200

@@ -8,12 +8,20 @@ answer. With keep-alives on, a stream with nothing to say after ``sse_keepalive_
 its ``200`` and event-stream head and sends an SSE comment (``: keep-alive``, which clients
 ignore) every ``sse_keepalive_s`` until its first event.
 
+The first *event*, not the worker's head: vLLM's server (uvicorn) writes a stream's head as
+soon as the request is accepted, before it queues and prefills, so a beat that stopped at the
+head would stop before the wait it is for. A successful event-stream head from the pipeline
+goes to the client (unless a comment sent one already) and the comments go on until the first
+event.
+
 How: :class:`KeepAliveResponder` wraps the client's responder for the request. To the
-pipeline it looks unstarted until the pipeline itself writes (so retries on another worker and
-error answers work as without it); a whole answer (``send_full``) arriving after the head went
-out becomes its body as an SSE error event (an error: a streamed request's success is a stream)
-and the end of the stream. The beat runs in the request's own nursery; the first real write
-waits for a comment in flight (one lock, taken once), so the two never interleave on the wire.
+pipeline it looks unstarted until the pipeline itself writes content (so retries on another
+worker and error answers work as without it); a whole answer (``send_full``) arriving after
+the head went out becomes its body as an SSE error event (an error: a streamed request's
+success is a stream) and the end of the stream. The beat runs in the request's own nursery;
+the first real write waits for a comment in flight (one lock, taken once), so the two never
+interleave on the wire. The compiled lane (``lmgw._fast.relay``) beats the same way, with the
+same bytes (:func:`committed_answer` for a whole answer after the head).
 """
 
 from __future__ import annotations
@@ -32,16 +40,35 @@ SSE_HEAD: Headers = [
 ]
 
 
+def committed_answer(status: int, body: bytes) -> bytes:
+    """The SSE error event that stands for a whole answer (``status``, ``body``) to a stream
+    whose 200 head went out with a keep-alive."""
+    message, etype, _ = parse_error_body(body)
+    return sse_error_event(status, message or f"error {status}", type=etype)
+
+
+def _event_stream(status: int, headers: Headers) -> bool:
+    """Whether a head is a successful stream's (a 2xx ``text/event-stream``)."""
+    if not 200 <= status < 300:
+        return False
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.lower().startswith(b"text/event-stream")
+    return False
+
+
 class KeepAliveResponder:
     """The client's responder, with keep-alive comments until the pipeline's first write."""
 
     __slots__ = ("_head_sent", "_inner", "_lock", "_request_id", "content")
 
-    def __init__(self, inner: Responder, request_id: str) -> None:
+    def __init__(self, inner: Responder, request_id: str, *, head_sent: bool = False) -> None:
+        """``head_sent``: the 200 and event-stream head reached the client already (the
+        compiled lane's keep-alives, for a request it hands over)."""
         self._inner = inner
         self._request_id = request_id
         self._lock = trio.Lock()
-        self._head_sent = False  # by a keep-alive: the status is 200 now, whatever comes
+        self._head_sent = head_sent  # the status is 200 now, whatever comes
         #: the pipeline wrote (the beat has stopped)
         self.content = False
 
@@ -70,6 +97,13 @@ class KeepAliveResponder:
                 self.content = True
 
     async def start(self, status: int, headers: Headers) -> None:
+        if not self.content and _event_stream(status, headers):
+            async with self._lock:  # the head, not content: comments until the first event
+                if not self.content:
+                    if not self._head_sent:
+                        self._head_sent = True
+                        await self._inner.start(status, headers)
+                    return
         await self._begin()
         if not self._head_sent:  # else the head went out with the first keep-alive
             await self._inner.start(status, headers)
@@ -91,8 +125,7 @@ class KeepAliveResponder:
             return
         # The head (200, event stream) went out with a keep-alive: a whole answer now is an
         # error answer (a streamed request's success is a stream): its message as an event.
-        message, etype, _ = parse_error_body(body)
-        await self._inner.send(sse_error_event(status, message or f"error {status}", type=etype))
+        await self._inner.send(committed_answer(status, body))
         await self._inner.end()
 
 

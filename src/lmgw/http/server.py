@@ -211,6 +211,12 @@ class _Responder:
             self.broken = True
             raise
 
+    async def flush(self) -> None:
+        """Write the held-back head of a started stream now, before its first chunk (the
+        simulators' ``stream_head = "arrival"``: what uvicorn does for vLLM)."""
+        if self._head is not None:
+            await self._write(b"")
+
     def refuse_keep_alive(self) -> None:
         """Close the connection after this response (drain). A head built by ``start()`` but
         not written yet is amended, so the client learns it from the response itself."""
