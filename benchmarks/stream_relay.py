@@ -1,8 +1,9 @@
 """CPU per relayed SSE event, with paced tokens and with a worker as fast as it can go, for lmgw
 (streams relayed by the compiled lane), ``lmgw-trio`` (``server.compiled_lane = false``: the
-trio relay), lmgw keeping every answer resumable (``--resumable-streams`` and
-``X-Lmgw-Resumable: 1``: the buffer and follower of ``lmgw.streams`` on the path), lmgw
-coalescing (``--coalesce`` with
+trio relay), ``lmgw-keepalive`` and ``lmgw-keepalive-trio`` (``--sse-keepalive 15``: keep-alive
+comments on, in the lane and on trio), lmgw keeping every answer resumable
+(``--resumable-streams`` and ``X-Lmgw-Resumable: 1``: the buffer and follower of
+``lmgw.streams`` on the path), lmgw coalescing (``--coalesce`` with
 greedy requests, all distinct: every one eligible, none shared, the price of the option),
 ``trio-floor`` (`floor_relay.py`: a bare trio relay with nothing in it, passing a stream's reads
 on as they come: what trio and the kernel cost per event anyway, the floor for any trio relay),
@@ -90,6 +91,13 @@ def system_argv(name: str, port: int, workers: list[int]) -> list[str]:
         trio_toml = LOG_DIR / "lane_off.toml"
         trio_toml.write_text("[server]\ncompiled_lane = false\n")
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--config", str(trio_toml)]
+    if name == "lmgw-keepalive":  # SSE keep-alive comments on (15 s): relayed by the lane too
+        return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--sse-keepalive", "15"]
+    if name == "lmgw-keepalive-trio":  # the same on trio: what keep-alive gateways ran before
+        trio_toml = LOG_DIR / "lane_off.toml"
+        trio_toml.write_text("[server]\ncompiled_lane = false\n")
+        argv = [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--sse-keepalive", "15"]
+        return [*argv, "--config", str(trio_toml)]
     if name == "lmgw-resumable":  # every answer kept and relayed through its buffer
         return [*oh.gateway_argv(port, [f"pd={u}" for u in urls]), "--resumable-streams"]
     if name == "lmgw-coalesce":  # greedy requests, each eligible to be shared (none is)
@@ -138,7 +146,8 @@ def main() -> int:
     if shutil.which("wrk") is None or not MOCK.exists():
         print("needs wrk and ../shared/bench/mock_worker.py", file=sys.stderr)
         return 2
-    systems = ["lmgw", "lmgw-trio", "lmgw-resumable", "lmgw-coalesce", "trio-floor"]
+    systems = ["lmgw", "lmgw-trio", "lmgw-keepalive", "lmgw-keepalive-trio", "lmgw-resumable"]
+    systems += ["lmgw-coalesce", "trio-floor"]
     systems += ["vllm-router"] if VLLM_ROUTER.exists() else []
     if args.systems:
         systems = [s for s in args.systems.split(",") if s in systems]
@@ -196,14 +205,15 @@ def main() -> int:
     }
     for regime, (delay, conns) in regimes.items():
         print(f"{regime}: token delay {delay * 1e3:g} ms, c={conns}, {TOKENS} tokens, medians")
-        print(f"  {'system':<12} {'events/s':>9} {'user µs':>8} {'sys µs':>7} {'CPU µs/event':>13}")
+        print(f"  {'system':<20} {'events/s':>9} {'user µs':>8} {'sys µs':>7} {'CPU µs/event':>13}")
         for name, m in med[regime].items():
             print(
-                f"  {name:<12} {m['events_per_s']:>9,.0f} {m['user_us_per_event']:>8.2f}"
+                f"  {name:<20} {m['events_per_s']:>9,.0f} {m['user_us_per_event']:>8.2f}"
                 f" {m['sys_us_per_event']:>7.2f} {m['cpu_us_per_event']:>13.2f}"
             )
         plain = med[regime]["lmgw"]["cpu_us_per_event"]
-        for name in ("lmgw-trio", "lmgw-resumable", "lmgw-coalesce"):
+        for name in ("lmgw-trio", "lmgw-keepalive", "lmgw-keepalive-trio", "lmgw-resumable",
+                     "lmgw-coalesce"):  # fmt: skip
             if name in med[regime]:
                 ratio = med[regime][name]["cpu_us_per_event"] / plain
                 print(f"  {name} / plain lmgw: x{ratio:.2f}")

@@ -2539,6 +2539,7 @@ class SimWorker:
             "side_channel": {"host": self.side_host, "port": self.side_port},
             "kv_address": self.kv_address,
             "kv_connector": self.options.kv_connector,
+            "stream_head": self.options.stream_head,
             "handoff": self._handoff_snapshot(),
             "kv_events": None if self.kv_events is None else self.kv_events.statistics(),
             "lora_adapters": self.lora.as_dict(),

@@ -633,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --enable-lora: N LoRA slots per worker, as vLLM's --max-loras",
     )
     p_sim.add_argument(
+        "--stream-head",
+        choices=("first-token", "arrival"),
+        default="first-token",
+        help="when the HTTP workers send a stream's head: with its first event, or at arrival"
+        " as vLLM does (before the queue and the prefill)",
+    )
+    p_sim.add_argument(
         "--coalesce",
         action="store_true",
         help="identical deterministic requests in flight share one generation (streams.coalesce)",

@@ -302,6 +302,14 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
+    head = getattr(args, "stream_head", "first-token")
+    if head != "first-token":
+        if transport == "zmq":
+            log.error("--stream-head is for HTTP workers (the simulated vLLM API)")
+            return 2
+        for role in counts:
+            if role != "e":  # the generating workers stream
+                roles_args.setdefault(role, []).extend(["--stream-head", head])
     if getattr(args, "local_prefill_tokens", 0) or getattr(args, "local_prefill_busy", 0):
         name = getattr(args, "dialect", None) or "openai"
         if (spec.flow, name) not in _LOCAL_PREFILL:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from gateway_support import (
@@ -23,6 +24,8 @@ from gateway_support import (
 )
 from test_gateway_api import client_for, in_thread, wait_for_abort
 
+from lmgw.config import HedgingConfig
+
 pytestmark = pytest.mark.usefixtures("hard_deadline")
 
 
@@ -33,6 +36,8 @@ def server() -> str:
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+#: streams hedged after a second: the server's (one worker: no hedge is ever sent)
+HEDGING = HedgingConfig(enabled=True, delay_s=1.0)
 
 
 class KeepAlive:
@@ -130,9 +135,9 @@ async def test_streams_stay_in_the_lane(gateway: GatewayFactory) -> None:
 async def test_a_stream_the_lane_does_not_take_hands_the_connection_over(
     gateway: GatewayFactory,
 ) -> None:
-    """With SSE keep-alive comments (the server's relay writes them), a stream is the
-    server's, and the connection stays there."""
-    gw = await gateway(1, limits={"sse_keepalive_s": 5.0})
+    """With hedging (the server's relay races the workers), a stream is the server's, and the
+    connection stays there."""
+    gw = await gateway(1, hedging=HEDGING)
     relay = gw.gateway.server.lane.relay
     c = await _client(gw)
     assert (await c.ask(CHAT)).status == 200
@@ -498,7 +503,7 @@ async def test_connections_per_client_address_in_the_lane(gateway: GatewayFactor
     """``limits.max_connections_per_client``: the lane serves the connections within the
     limit; one over it gets the server's 429; a connection counts until it closes, in the lane
     or on the server after a hand-over."""
-    gw = await gateway(1, limits={"max_connections_per_client": 2, "sse_keepalive_s": 5.0})
+    gw = await gateway(1, limits={"max_connections_per_client": 2}, hedging=HEDGING)
     server = gw.gateway.server
     relay = server.lane.relay
 
@@ -519,7 +524,7 @@ async def test_connections_per_client_address_in_the_lane(gateway: GatewayFactor
     await counted(1)
     c = await _client(gw)
     assert (await c.ask(CHAT)).status == 200 and relay.served == 3
-    streamed = await c.ask({**CHAT, "stream": True})  # the server's (SSE comments): counted
+    streamed = await c.ask({**CHAT, "stream": True})  # the server's (hedged): counted
     assert streamed.status == 200 and relay.clients == 1
     await counted(2)
     await c.stream.aclose()  # closed on the server
@@ -588,7 +593,7 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
 
 async def _pd_gateway(
     nursery: trio.Nursery, sim_worker: Any, prefills: int = 2, tracer_provider: Any = None,
-    decodes: int = 1, **prefill_opts: Any,
+    decodes: int = 1, limits: dict[str, Any] | None = None, **prefill_opts: Any,
 ) -> Any:  # fmt: skip
     """A vllm-nixl P/D gateway on the lane: ``prefills`` prefill workers (the first with
     ``prefill_opts``) and ``decodes`` decode workers; the simulators as ``gw.sims`` (decode
@@ -598,6 +603,7 @@ async def _pd_gateway(
     from lmgw.config import (
         GatewayConfig,
         HealthConfig,
+        LimitsConfig,
         ModelConfig,
         WorkerConfig,
     )
@@ -608,6 +614,7 @@ async def _pd_gateway(
     cfg = GatewayConfig(
         server=server_config("lane", port=0, graceful_shutdown_s=1.0),
         health=HealthConfig(interval_s=300.0),
+        limits=LimitsConfig(**(limits or {})),
         models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
         workers=[
             *(WorkerConfig(url=p.url, role="p", id=f"p{i}") for i, p in enumerate(ps)),
@@ -675,6 +682,76 @@ async def test_p_d_a_decode_stream_broken_in_the_lane_is_continued(
     assert relay.demoted >= 1
     text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
     assert metric_value(text, 'lmgw_stream_migrations_total{role="d",outcome="continued"}') >= 1
+
+
+def _comments_then_events(r: RawResponse) -> tuple[int, list[bytes]]:
+    """A stream's keep-alive comments (how many, all before its first event) and its events."""
+    assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert b"HTTP/1.1" not in r.body  # one head
+    blocks = [b for b in r.body.split(b"\n\n") if b]
+    n = next(i for i, b in enumerate(blocks) if not b.startswith(b":"))
+    assert all(b == b": keep-alive" for b in blocks[:n])
+    events = blocks[n:]
+    assert all(b.startswith(b"data: ") for b in events), events
+    return n, events
+
+
+def _events_text(events: list[bytes]) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for e in (msgspec.json.decode(b[6:]) for b in events if b.startswith(b"data: {"))
+        if e.get("choices")
+    )
+
+
+async def test_p_d_keep_alives_in_the_lane_through_a_slow_prefill(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """limits.sse_keepalive_s: the client's head and comments while the prefill leg runs
+    (in the lane), then the decode leg's events, the same text as without them."""
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=1, limits={"sse_keepalive_s": 0.02},
+        faults={"stall_rate": 1.0, "stall_s": 0.15},
+    )  # fmt: skip
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    whole = (await c.ask(CHAT)).json()["choices"][0]["message"]["content"]
+    r = await c.ask({**CHAT, "stream": True})
+    comments, events = _comments_then_events(r)
+    assert comments >= 2 and _events_text(events) == whole
+    assert r.headers["x-request-id"]
+    assert relay.streamed == 1 and relay.demoted == 0
+    assert (await c.ask(CHAT)).status == 200  # the connection goes on in the lane
+    assert relay.demoted == 0 and gw.app.admission.in_flight == 0
+
+
+async def test_p_d_keep_alives_then_a_failed_decode_goes_on_on_the_server(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """The head went out with a keep-alive, then the decode worker answers 500: the server
+    takes the request with the head sent (no second head), retries the decode leg on the
+    other worker, comments go on until its first event; with no other worker, the error is
+    the stream's last event."""
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=1, decodes=2, limits={"sse_keepalive_s": 0.02},
+        faults={"stall_rate": 1.0, "stall_s": 0.15},
+    )  # fmt: skip
+    relay = gw.server.lane.relay
+    body = {**CHAT, "stream": True}
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    expected = _events_text(_comments_then_events(await c.ask(body))[1])
+    await gw.sims[1].set_faults(error_rate=1.0)  # d0
+    for _ in range(2):  # (round robin: one of the two goes to d0 first)
+        r = await c.ask(body)
+        comments, events = _comments_then_events(r)
+        assert comments >= 2 and _events_text(events) == expected
+    assert relay.demoted >= 1
+    await gw.sims[2].set_faults(error_rate=1.0)  # d1 too: nothing can answer
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    r = await c.ask(body)
+    comments, events = _comments_then_events(r)
+    assert comments >= 2 and events[-1] == b"data: [DONE]" and b'"error"' in events[-2]
+    assert all(w.in_flight == 0 for w in gw.registry) and gw.app.admission.in_flight == 0
 
 
 async def test_p_d_a_failing_prefill_is_retried_on_the_other(

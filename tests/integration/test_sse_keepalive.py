@@ -5,6 +5,8 @@ event-stream head early, ``: keep-alive`` comments meanwhile, then the same even
 keep-alives. A worker that never answers: comments, then the deadline's error as an SSE event
 and [DONE] (the status is gone). Non-streamed requests and fast streams are untouched, and off
 (the default) nothing changes. The official `openai` client reads such a stream unmodified.
+Every front door: the trio server, the compiled lane (which writes the comments itself) and
+hypercorn.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ BODY = {
 }
 
 
-@pytest.fixture(params=["native", "hypercorn"])
-def server(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 def blocks(payload: bytes) -> list[bytes]:
     return [b for b in payload.split(b"\n\n") if b]
+
+
+def in_lane(gw: Any, streamed: int = 1) -> None:
+    """On the compiled lane: the comments were the lane's (nothing handed to the server)."""
+    if gw.server == "lane":
+        relay = gw.gateway.server.lane.relay
+        assert relay.demoted == 0 and relay.streamed >= streamed
 
 
 @pytest.mark.parametrize("stream_head", ["first_token", "arrival"])
@@ -51,6 +55,7 @@ async def test_comments_until_the_first_event_then_the_same_answer(
     assert first_data >= 1 and all(b == b": keep-alive" for b in got[:first_data])
     assert b": keep-alive" not in got[first_data:]  # comments stop once the answer begins
     assert r.headers["x-request-id"]
+    in_lane(slow)
     client = openai.OpenAI(base_url=slow.url + "/v1", api_key="x", max_retries=0)
 
     def via_openai() -> str:
@@ -82,6 +87,7 @@ async def test_a_worker_that_never_answers_ends_in_an_error_event(
     got = blocks(r.body)
     assert got[0] == b": keep-alive"
     assert got[-1] == b"data: [DONE]" and b'"code":504' in got[-2], got[-3:]
+    in_lane(hung, streamed=0)
 
 
 async def test_off_or_fast_or_whole_nothing_changes(gateway: Any) -> None:

@@ -150,6 +150,11 @@ class Harness:
         self.streams: list[Any] = []
         #: what on_broken answers: None for the tail b"BROKEN", else a continuation
         self.broken_cont: Any = None
+        #: SSE keep-alives: plans ask for them (a seventh item); what on_beat gives (None:
+        #: b"H|" and b"B|" the first time, b"B|" after; or this function's answer)
+        self.beats = False
+        self.beat: Callable[[str], Any] | None = None
+        self.head_out = False
         self.relay = impl.Relay(
             self._request,
             self._answer,
@@ -162,6 +167,8 @@ class Harness:
             on_first=self._first,
             on_stream_end=self._stream_end,
             on_broken=self._broken,
+            on_beat=self._beat,
+            beat_s=0.05,
             keepalive_s=5.0,
             partial_s=0.2,
         )
@@ -185,7 +192,7 @@ class Harness:
             plan = (0, data.replace(b"host: gw", b"host: w"), f"t{self.tokens}", self.deadline, 0.0)
             if self.stream is not None:
                 self.streams.append(self.stream())
-                return (*plan, self.streams[-1])
+                return (*plan, self.streams[-1], self.beats)
             return plan
         return what
 
@@ -210,7 +217,19 @@ class Harness:
         self.calls.append(("stream", (token, head)))
         if b"event-stream" not in head:
             return None
+        if self.head_out:
+            return b"", True
+        self.head_out = True
         return b"HEAD|", True
+
+    def _beat(self, token: str) -> Any:
+        self.calls.append(("beat", token))
+        if self.beat is not None:
+            return self.beat(token)
+        if self.head_out:
+            return b"B|"
+        self.head_out = True
+        return b"H|B|"
 
     def _first(self, token: str) -> None:
         self.calls.append(("first", token))
@@ -729,6 +748,101 @@ def test_a_stream_with_bytes_after_its_end_does_not_keep_the_connection(
     client_reads(h, b"0\r\n\r\n")
     h.spin(lambda: "stream_end" in h.kinds())
     assert h.relay.idle_upstreams() == 0 and h.relay.upstreams == 0
+
+
+def sweeping(h: Harness, seconds: float) -> None:
+    """Run the loop and its sweep for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        h.step()
+        h.relay.sweep(time.perf_counter())
+
+
+def test_keep_alive_comments_while_the_worker_has_not_answered(
+    harness: Callable[..., Harness],
+) -> None:
+    """The client's head with the first comment, comments every ``beat_s``, then the
+    worker's events with no second head, and no comment after the first event."""
+    h = harness()
+    from lmgw.transport.sse_stream import SseStream
+
+    h.stream, h.beats = SseStream, True
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    sweeping(h, 0.32)
+    beats = h.kinds().count("beat")
+    assert 3 <= beats <= 8, h.calls
+    got = client_reads(h, b"B|" * (beats - 1))
+    assert got == b"H|B|" + b"B|" * (beats - 1)
+    w.sendall(SSE_HEAD + chunk(b"data: 1\n\n"))
+    assert client_reads(h, b"data: 1\n\n\r\n") == chunk(b"data: 1\n\n")
+    sweeping(h, 0.15)
+    assert h.kinds().count("beat") == beats  # the first event ended them
+    w.sendall(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    assert client_reads(h, b"0\r\n\r\n") == chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    h.spin(lambda: "stream_end" in h.kinds())
+
+
+def test_keep_alive_comments_after_the_head_until_the_first_event(
+    harness: Callable[..., Harness],
+) -> None:
+    """A worker that sends its head at once (vLLM's) and its first event later."""
+    h = harness()
+    from lmgw.transport.sse_stream import SseStream
+
+    h.stream, h.beats = SseStream, True
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    h.worker_reads(w, len(REQ) - 1)
+    w.sendall(SSE_HEAD)
+    assert client_reads(h, b"HEAD|") == b"HEAD|"
+    sweeping(h, 0.2)
+    beats = h.kinds().count("beat")
+    assert beats >= 2
+    assert client_reads(h, b"B|" * beats) == b"B|" * beats
+    w.sendall(chunk(b"data: 1\n\n") + b"0\r\n\r\n")
+    assert client_reads(h, b"0\r\n\r\n") == chunk(b"data: 1\n\n") + b"0\r\n\r\n"
+    h.spin(lambda: "stream_end" in h.kinds())
+    sweeping(h, 0.1)
+    assert h.kinds().count("beat") == beats
+
+
+def test_no_keep_alive_comments_unless_the_plan_asks_or_while_python_declines(
+    harness: Callable[..., Harness],
+) -> None:
+    h, w = streaming(harness)  # plans without the seventh item's yes
+    sweeping(h, 0.15)
+    assert "beat" not in h.kinds()
+    w.close()
+    h.spin(lambda: "failure" in h.kinds())
+    h = harness()
+    from lmgw.transport.sse_stream import SseStream
+
+    h.stream, h.beats, h.beat = SseStream, True, lambda token: None
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    sweeping(h, 0.2)
+    assert h.kinds().count("beat") == 1  # None: no more asking
+
+
+def test_a_client_gone_while_the_comments_go_abandons_the_request(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    from lmgw.transport.sse_stream import SseStream
+
+    h.stream, h.beats = SseStream, True
+    h.client.sendall(REQ)
+    h.spin(lambda: h.workers and h.relay.in_flight == 1)
+    w = h.workers[0]
+    sweeping(h, 0.12)
+    h.client.close()
+    h.spin(lambda: (h.relay.sweep(time.perf_counter()), "abandon" in h.kinds())[1])
+    assert w.recv(1 << 16) and w.recv(10) == b""  # the request, then the abort
+    assert (h.relay.in_flight, h.relay.clients, h.relay.upstreams) == (0, 0, 0)
 
 
 @needs_c

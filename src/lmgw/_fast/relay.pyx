@@ -314,6 +314,7 @@ cdef struct Conn:
     double since
     double deadline
     double resp_deadline
+    double beat_at  # the next SSE keep-alive comment of a stream waiting for its first event
     PyObject* ident
     PyObject* token
     PyObject* stream  # a client's streamed answer (lmgw.transport.sse_stream.SseStream)
@@ -338,7 +339,8 @@ cdef class Relay:
     cdef int nslots
     cdef epoll_event events[MAXEV]
     cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
-    cdef object on_stream, on_first, on_stream_end, on_broken
+    cdef object on_stream, on_first, on_stream_end, on_broken, on_beat
+    cdef public double beat_s
     cdef public Py_ssize_t max_head, max_body, answer_cap
     cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s, connect_timeout_s
     cdef public Py_ssize_t lane_body
@@ -361,7 +363,7 @@ cdef class Relay:
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, on_stream=None, on_first=None, on_stream_end=None,
-                 on_broken=None, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
+                 on_broken=None, on_beat=None, double beat_s=0.0, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
                  double write_timeout_s=60.0, double upstream_idle_s=55.0,
                  double partial_s=1.0, Py_ssize_t lane_body=1 << 20,
@@ -377,6 +379,8 @@ cdef class Relay:
         self.on_first = on_first
         self.on_stream_end = on_stream_end
         self.on_broken = on_broken
+        self.on_beat = on_beat
+        self.beat_s = beat_s
         self.max_head = max_head
         self.max_body = max_body
         self.answer_cap = answer_cap
@@ -494,7 +498,7 @@ cdef class Relay:
         c.slot = -1
         c.keep = 1
         c.since = now
-        c.deadline = c.resp_deadline = 0
+        c.deadline = c.resp_deadline = c.beat_at = 0
         c.rlen = c.rcap = c.wlen = c.woff = 0
         c.rbuf = c.wbuf = NULL
         Py_INCREF(ident)
@@ -556,6 +560,8 @@ cdef class Relay:
                         self._deadline(fd, now)
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._fail(fd, TIMEOUT)
+                    elif c.beat_at and now >= c.beat_at:
+                        self._beat(fd, c, now)
                 elif c.state == C_IDLE:
                     if c.rlen and c.deadline and now >= c.deadline:
                         self._demote(fd, None)  # a request in pieces: the server's timeouts
@@ -568,6 +574,8 @@ cdef class Relay:
                         self._broken(fd, DEADLINE, now)
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._broken(fd, TIMEOUT, now)
+                    elif c.beat_at and now >= c.beat_at:
+                        self._beat(fd, c, now)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
             elif c.kind == UPSTREAM:
@@ -773,13 +781,19 @@ cdef class Relay:
             self.closed += 1
 
     cdef void _start(self, int fd, Conn* c, tuple plan, double now):
-        """``plan``: (slot, payload, token, deadline, response deadline) from on_request."""
+        """``plan``: (slot, payload, token, deadline, response deadline[, stream[, beats]])
+        from on_request (or on_answer: the next leg)."""
         cdef int slot = plan[0]
         cdef bytes payload = plan[1]
         cdef object token = plan[2]
         cdef object stream = plan[5] if len(plan) > 5 else None
         cdef int ufd
         cdef Conn* u
+        if len(plan) > 6 and plan[6] and self.beat_s > 0:
+            if not c.beat_at:  # (a next leg keeps the beat's rhythm)
+                c.beat_at = now + self.beat_s
+        else:
+            c.beat_at = 0
         Py_INCREF(token)
         c.token = <PyObject*>token
         if stream is not None:
@@ -890,7 +904,7 @@ cdef class Relay:
         Py_XDECREF(c.stream)
         c.stream = NULL
         c.peer = -1
-        c.deadline = c.resp_deadline = 0
+        c.deadline = c.resp_deadline = c.beat_at = 0
         self.in_flight -= 1
         return token
 
@@ -973,6 +987,7 @@ cdef class Relay:
         u.rlen = u.rcap = u.wlen = u.woff = 0
         u.rbuf = u.wbuf = NULL
         u.ident = u.token = u.stream = NULL
+        u.beat_at = 0
         u.since = now
         self.upstreams += 1
         self.connects += 1
@@ -1039,6 +1054,7 @@ cdef class Relay:
         cdef Py_ssize_t length
         cdef int cfd = u.peer
         cdef object token, res, data
+        cdef double beat_at
         if cfd < 0:
             self._close_upstream(ufd)
             return
@@ -1106,13 +1122,15 @@ cdef class Relay:
         else:
             self._close_upstream(ufd)
         self.served += 1
+        c = &self.conns[cfd]
+        beat_at = c.beat_at
         token = self._finish(cfd)
         res = _call(self.on_answer, (token, data))
-        c = &self.conns[cfd]
         if type(res) is tuple and len(<tuple>res) == 2 and type((<tuple>res)[0]) is bytes:
             self._answer(cfd, (<tuple>res)[0], (<tuple>res)[1], now)
         elif type(res) is tuple and len(<tuple>res) >= 5:  # the request's next leg
             c.state = C_IDLE
+            c.beat_at = beat_at
             self._start(cfd, c, <tuple>res, now)
         elif res is _FAILED:
             self._close_client(cfd)
@@ -1157,6 +1175,7 @@ cdef class Relay:
             self._broken(cfd, PROTOCOL, now)
             return
         if not started and stream.started:
+            c.beat_at = 0  # (keep-alive comments only until the first event)
             _call(self.on_first, (<object>c.token,))
         if head is not None:
             out = head + out
@@ -1226,6 +1245,27 @@ cdef class Relay:
             self._mask(cfd, c, EPOLLOUT | EPOLLRDHUP)
             return
         self._answer(cfd, out, c.keep, now)
+
+    cdef void _beat(self, int fd, Conn* c, double now):
+        """An SSE keep-alive comment for a stream with no event yet: ``on_beat`` gives the
+        bytes (the client's head too, the first time before the worker's); None ends them."""
+        cdef object out = _call(self.on_beat, (<object>c.token,))
+        cdef Py_ssize_t n
+        cdef ssize_t r
+        if type(out) is not bytes:
+            c.beat_at = 0
+            return
+        c.beat_at = now + self.beat_s
+        if c.state == C_STREAM:
+            if c.peer >= 0:
+                self._stream_send(fd, c, c.peer, &self.conns[c.peer], out, now)
+            return
+        # waiting for the worker's head: nothing else is written meanwhile, and a client that
+        # cannot take a few bytes now took none of the many comments before (it is gone)
+        n = PyBytes_GET_SIZE(out)
+        r = send(fd, PyBytes_AS_STRING(out), n, MSG_NOSIGNAL)
+        if r != n:
+            self._gone(fd)
 
     cdef void _broken(self, int cfd, int kind, double now):
         """The stream ends before its last chunk: Python says how (``on_broken``)."""

@@ -37,6 +37,11 @@ the request's deadline, a bad chunk) is ``on_broken(token, kind, unsent) -> (tai
 client connection (``unsent``: answer bytes the client has not taken yet, which it must send
 first). While the client does not take what it is sent, the worker's connection is not read.
 
+SSE keep-alive comments (``beat_s`` > 0, and a plan whose seventh item is true: a streamed
+request, on any of its legs): every ``beat_s`` until the stream's first event, ``on_beat(token)
+-> bytes | None`` gives what to write, the client's head with the first comment while the
+worker's head has not come (Python then gives an empty head in ``on_stream``); None stops them.
+
 Connection states and timeouts follow the native server's (keep-alive, stalled writes) and the
 pool's (connect timeout, idle upstream lifetime); a request's deadlines come with its plan. A
 request that arrives in pieces is waited for ``partial_s``, then handed over (the server's
@@ -188,6 +193,7 @@ def stream_head(data: bytes) -> tuple[int, int, bool]:
 class _Conn:
     __slots__ = (
         "aborted",
+        "beat_at",
         "deadline",
         "gen",
         "ident",
@@ -225,6 +231,8 @@ class _Conn:
         self.since = now
         self.deadline = 0.0
         self.resp_deadline = 0.0
+        #: the next SSE keep-alive comment of a stream waiting for its first event (0: none)
+        self.beat_at = 0.0
         self.ident: Any = None
         self.token: Any = None
         self.stream: Any = None
@@ -255,6 +263,8 @@ class Relay:
         on_first: Callable[[Any], Any] | None = None,
         on_stream_end: Callable[[Any], Any] | None = None,
         on_broken: Callable[[Any, int, bytes], Any] | None = None,
+        on_beat: Callable[[Any], Any] | None = None,
+        beat_s: float = 0.0,
         max_head: int = 65536,
         max_body: int = 32 << 20,
         answer_cap: int = 8 << 20,
@@ -271,6 +281,9 @@ class Relay:
         self.on_demote = on_demote
         self.on_stream, self.on_first = on_stream, on_first
         self.on_stream_end, self.on_broken = on_stream_end, on_broken
+        self.on_beat = on_beat
+        #: seconds between SSE keep-alive comments (limits.sse_keepalive_s; 0: none)
+        self.beat_s = beat_s
         self.max_head, self.max_body, self.answer_cap = max_head, max_body, answer_cap
         self.keepalive_s, self.write_timeout_s = keepalive_s, write_timeout_s
         self.upstream_idle_s = upstream_idle_s
@@ -367,6 +380,8 @@ class Relay:
                         self._deadline(fd, now)
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._fail(fd, TIMEOUT)
+                    elif c.beat_at and now >= c.beat_at:
+                        self._beat(fd, c, now)
                 elif c.state == _C_IDLE:
                     if c.rbuf and c.deadline and now >= c.deadline:
                         self._demote(fd, None)  # a request in pieces: the server's timeouts
@@ -379,6 +394,8 @@ class Relay:
                         self._broken(fd, DEADLINE, now)
                     elif c.resp_deadline and now >= c.resp_deadline:
                         self._broken(fd, TIMEOUT, now)
+                    elif c.beat_at and now >= c.beat_at:
+                        self._beat(fd, c, now)
                 elif self.write_timeout_s and now - c.since > self.write_timeout_s:
                     self._close_client(fd)
             elif c.state == _U_IDLE and now - c.since > self.upstream_idle_s:
@@ -542,6 +559,11 @@ class Relay:
     def _start(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:
         slot, payload, token, deadline, resp_deadline = plan[:5]
         c.stream = plan[5] if len(plan) > 5 else None
+        if len(plan) > 6 and plan[6] and self.beat_s > 0:
+            if not c.beat_at:  # (a next leg keeps the beat's rhythm)
+                c.beat_at = now + self.beat_s
+        else:
+            c.beat_at = 0.0
         c.token = token
         c.deadline = deadline
         c.resp_deadline = resp_deadline
@@ -623,7 +645,7 @@ class Relay:
         token, c.token = c.token, None
         c.stream = None
         c.peer = -1
-        c.deadline = c.resp_deadline = 0.0
+        c.deadline = c.resp_deadline = c.beat_at = 0.0
         self.in_flight -= 1
         return token
 
@@ -779,13 +801,16 @@ class Relay:
         else:
             self._close_upstream(ufd)
         self.served += 1
+        c = self._conns[cfd]
+        beat_at = c.beat_at
         token = self._finish(cfd)
         res = _call(self.on_answer, token, whole)
         if type(res) is tuple and len(res) == 2 and type(res[0]) is bytes:
             self._answer(cfd, res[0], res[1], now)
         elif type(res) is tuple and len(res) >= 5:  # the request's next leg
-            self._conns[cfd].state = _C_IDLE
-            self._start(cfd, self._conns[cfd], res, now)
+            c.state = _C_IDLE
+            c.beat_at = beat_at
+            self._start(cfd, c, res, now)
         elif res is _FAILED:
             self._close_client(cfd)
         else:
@@ -831,6 +856,7 @@ class Relay:
             self._broken(cfd, PROTOCOL, now)
             return
         if not started and s.started:
+            c.beat_at = 0.0  # (keep-alive comments only until the first event)
             _call(self.on_first, c.token)
         if head:
             out = head + out
@@ -883,6 +909,27 @@ class Relay:
             self._mask(cfd, c, _OUT | _RDHUP)
             return
         self._answer(cfd, out, c.keep, now)
+
+    def _beat(self, fd: int, c: _Conn, now: float) -> None:
+        """An SSE keep-alive comment for a stream with no event yet: ``on_beat`` gives the
+        bytes (the client's head too, the first time before the worker's); None ends them."""
+        out = _call(self.on_beat, c.token)
+        if type(out) is not bytes:
+            c.beat_at = 0.0
+            return
+        c.beat_at = now + self.beat_s
+        if c.state == _C_STREAM:
+            if c.peer >= 0:
+                self._stream_send(fd, c, c.peer, self._conns[c.peer], out, now)
+            return
+        # waiting for the worker's head: nothing else is written meanwhile, and a client that
+        # cannot take a few bytes now took none of the many comments before (it is gone)
+        try:
+            r = c.sock.send(out, socket.MSG_NOSIGNAL)
+        except OSError:
+            r = -1
+        if r != len(out):
+            self._gone(fd)
 
     def _broken(self, cfd: int, kind: int, now: float) -> None:
         """The stream ends before its last chunk: Python says how (``on_broken``)."""

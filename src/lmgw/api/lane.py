@@ -84,6 +84,7 @@ from ..transport.h1client import ResponseReader
 from ..transport.openai_http import SSE_HEADERS
 from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
+from .keepalive import KEEPALIVE, KeepAliveResponder, committed_answer, with_keepalive
 from .keys import RateLimitHeaders, UsageMeter
 from .openai import _Body, decode_view
 
@@ -92,6 +93,7 @@ _now = time.perf_counter
 _key_clock = time.monotonic
 _JSON = b"application/json"
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
+_BEAT = b"%x\r\n%b\r\n" % (len(KEEPALIVE), KEEPALIVE)  # a keep-alive comment, as one chunk
 _ROUTES = {
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
     b"/v1/completions": ("completions", "/v1/completions"),
@@ -105,9 +107,9 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "audit", "ctx", "endpoint", "extra", "forward", "greq", "keep_alive", "leg_trace", "meter",
-        "model", "path", "req", "rid", "stage", "stream", "t0", "t_first", "t_sent", "trace",
-        "usage_fill", "worker",
+        "audit", "ctx", "endpoint", "extra", "forward", "greq", "head_keep", "head_sent",
+        "keep_alive", "leg_trace", "meter", "model", "path", "req", "rid", "stage", "stream", "t0",
+        "t_first", "t_sent", "trace", "usage_fill", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -140,6 +142,10 @@ class Exchange:
         #: tracing: the request's span (lmgw.tracing.RequestTrace), the leg in flight's
         self.trace: Any = None
         self.leg_trace: Any = None
+        #: a stream's head reached the client (a keep-alive's, or the worker's answer's), and
+        #: whether it kept the connection alive
+        self.head_sent = False
+        self.head_keep = True
 
 
 class PDExchange(Exchange):
@@ -357,9 +363,9 @@ class LaneApp:
         return self._plan(ex, slot, head + payload if payload else head)
 
     def _streams(self) -> bool:
-        """Whether the lane relays a stream for this gateway: not with hedging or SSE
-        keep-alive comments, which the server's relay does."""
-        return not (self.pipe.hedger is not None or self.api.sse_keepalive_s)
+        """Whether the lane relays a stream for this gateway: not with hedging, which the
+        server's relay does."""
+        return self.pipe.hedger is None
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
@@ -379,15 +385,16 @@ class LaneApp:
                 stream.tap = ex.audit or meter
 
     def _answer_headers(
-        self, ex: Exchange, first: list[tuple[bytes, bytes]]
+        self, ex: Exchange, first: list[tuple[bytes, bytes]], *, early: bool = False
     ) -> list[tuple[bytes, bytes]]:
         """The client-facing answer's headers after ``first`` (its content type): the request
-        id, P/D's Server-Timing, ``x-lmgw-route``, CORS's and the key's ``x-ratelimit-*``."""
+        id, P/D's Server-Timing, ``x-lmgw-route``, CORS's and the key's ``x-ratelimit-*``
+        (``early``: a keep-alive's head, before the answer: no timing and no route yet)."""
         headers = [*first, (b"x-request-id", ex.rid.encode())]
-        if ex.greq is not None and ex.greq.timings:  # P/D: the prefill leg's time
+        if ex.greq is not None and ex.greq.timings and not early:  # P/D: the prefill leg's time
             headers.append((b"server-timing", ex.greq.server_timing()))
         pipe = self.pipe
-        if pipe.route_header:
+        if pipe.route_header and not early:
             policy = pipe.policies[ex.stage]
             headers.append((b"x-lmgw-route", route_header(policy, ex.worker, ex.ctx)))
         headers += ex.extra
@@ -426,7 +433,10 @@ class LaneApp:
             ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
             now + rt if rt != math.inf else 0.0,
         )
-        return plan if stream is None else (*plan, stream)
+        if ex.stream is None:
+            return plan
+        # a streamed request: SSE keep-alive comments on every leg until the first event
+        return (*plan, stream, self.api.sse_keepalive_s > 0)
 
     def _slot(self, origin: Any) -> int:
         """The lane's slot for ``origin``: -2 for good (TLS, or a name that did not resolve),
@@ -551,6 +561,10 @@ class LaneApp:
         if ex.stage == "p":
             self._settle(ex, self.disagg.leg_answered(ex.worker, status))
             return self._decode(ex, status, body)
+        if ex.head_sent:  # a keep-alive committed the stream: the answer as an error event
+            self._settle(ex, True)
+            self._close(ex, status)
+            return _sse_end(committed_answer(status, body)), ex.head_keep
         if ex.audit is not None:  # the routing audit reads the usage (as Pipeline.answer)
             ex.audit(body)
         if ex.usage_fill is not None:
@@ -572,10 +586,29 @@ class LaneApp:
         it is not an event stream (the server relays it, as :meth:`Pipeline.answer`)."""
         if not _is_event_stream(head):
             return None
+        if ex.head_sent:  # with a keep-alive comment
+            return b"", ex.head_keep
         if ex.meter is not None:
             ex.meter.status = 200
-        keep = ex.keep_alive and not self.draining
+        ex.head_sent = True
+        keep = ex.head_keep = ex.keep_alive and not self.draining
         return build_head(200, self._answer_headers(ex, SSE_HEADERS), _CHUNKED, keep), keep
+
+    def on_beat(self, ex: Exchange) -> bytes | None:
+        """A stream with no event yet after ``limits.sse_keepalive_s``: a keep-alive comment,
+        after the client's 200 and event-stream head the first time if the worker's has not
+        come (as :class:`~lmgw.api.keepalive.KeepAliveResponder` on the server)."""
+        stream = ex.stream
+        if stream is None or stream.started:
+            return None
+        if ex.head_sent:
+            return _BEAT
+        if ex.meter is not None:
+            ex.meter.status = 200
+        ex.head_sent = True
+        keep = ex.head_keep = ex.keep_alive and not self.draining
+        headers = self._answer_headers(ex, SSE_HEADERS, early=True)
+        return build_head(200, headers, _CHUNKED, keep) + _BEAT
 
     def on_first(self, ex: Exchange) -> None:
         """The stream's first event: the time to first token, and the policy's hook
@@ -646,6 +679,9 @@ class LaneApp:
         api = self.api
         msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
         api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
+        if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
+            self._close(ex, 504)
+            return _sse_end(sse_error_event(504, msg))
         body = GatewayError(504, msg).body()
         headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
         headers += _limits(ex)
@@ -781,7 +817,9 @@ class LaneApp:
 
     # -- continuations -----------------------------------------------------------------------
     def _continue(self, ex: Exchange, finish: Handler) -> Continuation:
-        return Continuation(ex.req, partial(self._finishing, ex, finish), ex.t0)
+        cont = Continuation(ex.req, partial(self._finishing, ex, finish), ex.t0)
+        cont.midstream = ex.head_sent  # (a keep-alive's head: the server sends no other)
+        return cont
 
     async def _finishing(
         self, ex: Exchange, finish: Handler, req: Request, responder: Responder
@@ -800,8 +838,17 @@ class LaneApp:
             meter.t_start = ex.meter.t_start
             meter.carry(ex.meter)  # (a stream the lane began: what it relayed counts too)
             responder = ex.meter = meter
+        interval = self.api.sse_keepalive_s
+        stream = ex.stream
+        beating: KeepAliveResponder | None = None
+        if interval and ex.head_sent and stream is not None and not stream.started:
+            # comments until the first event go on here (as generate's), after the lane's head
+            beating = KeepAliveResponder(responder, ex.rid, head_sent=True)
         try:
-            await finish(req, responder)
+            if beating is None:
+                await finish(req, responder)
+            else:
+                await with_keepalive(beating, interval, partial(finish, req, beating))
         except GatewayError as exc:
             status = await api.answer_error(exc, responder, ex.rid, ex.model, ex.endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):
