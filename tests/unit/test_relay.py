@@ -750,6 +750,40 @@ def test_a_stream_with_bytes_after_its_end_does_not_keep_the_connection(
     assert h.relay.idle_upstreams() == 0 and h.relay.upstreams == 0
 
 
+def test_a_burst_on_a_busy_pass_leaves_the_worker_unread_for_a_moment(
+    harness: Callable[..., Harness],
+) -> None:
+    """Three events in one read while another connection is ready too: relayed at once, then
+    the worker is not read for BURST_WAIT_S (the next events go out together); a lone event,
+    or a pass with nothing else ready, never waits."""
+    h, w = streaming(harness)
+    w.sendall(SSE_HEAD + chunk(b"data: 0\n\n"))
+    client_reads(h, b"data: 0\n\n\r\n")
+    assert h.relay.paused == 0
+    burst = b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
+    w.sendall(chunk(burst))
+    h.client.sendall(b"G")  # the client's fd ready in the same pass: a busy one
+    time.sleep(0.05)
+    t0 = 1000.0  # the loop's clock is the caller's
+    assert h.relay.run(t0) == 2
+    assert h.relay.paused == 1
+    assert h.client.recv(100) == chunk(burst)  # (written in that pass)
+    w.sendall(chunk(b"data: 4\n\n") + chunk(b"data: 5\n\n"))
+    time.sleep(0.05)
+    h.relay.run(t0 + relay_py.BURST_WAIT_S / 2)
+    h.client.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        h.client.recv(100)  # not read yet
+    h.relay.run(t0 + relay_py.BURST_WAIT_S)  # its time came: read (both events at once)
+    h.relay.run(t0 + relay_py.BURST_WAIT_S)
+    assert h.client.recv(100) == chunk(b"data: 4\n\ndata: 5\n\n")
+    assert h.relay.paused == 0
+    w.sendall(chunk(burst))  # a burst with nothing else ready: no wait
+    time.sleep(0.05)
+    h.relay.run(t0 + 1)
+    assert h.relay.paused == 0
+
+
 def sweeping(h: Harness, seconds: float) -> None:
     """Run the loop and its sweep for ``seconds``."""
     end = time.monotonic() + seconds

@@ -126,6 +126,8 @@ cdef enum:
 cdef Py_ssize_t PIPELINE_CAP = 1 << 20  # client bytes read ahead while a request is upstream
 cdef Py_ssize_t RESPONSE_HEAD_CAP = 1 << 16
 cdef Py_ssize_t STREAM_HIGH = _twin.STREAM_HIGH  # untaken stream bytes before the worker waits
+cdef Py_ssize_t BURST_EVENTS = _twin.BURST_EVENTS  # events in one read that make it a burst
+cdef double BURST_WAIT_S = _twin.BURST_WAIT_S  # how long a burst on a busy loop is not read
 
 
 cdef inline unsigned char _low(unsigned char c) noexcept nogil:
@@ -348,6 +350,8 @@ cdef class Relay:
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
     cdef readonly long demoted, stale, streamed
     cdef bint _closed
+    cdef bint _busy  # this pass has more than one ready connection
+    cdef list _paused  # (fd, gen, until): streams not read for a moment (burst pacing)
     cdef list _closed_idents  # the idents of the client connections closed since take_closed
 
     def __cinit__(self):
@@ -360,6 +364,8 @@ cdef class Relay:
         self.nslots = 0
         self._closed = False
         self._closed_idents = []
+        self._busy = False
+        self._paused = []
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, on_stream=None, on_first=None, on_stream_end=None,
@@ -637,6 +643,33 @@ cdef class Relay:
         return self.slots[slot].nidle if 0 <= slot < self.nslots else 0
 
     # -- the loop ----------------------------------------------------------------------------
+    @property
+    def paused(self):
+        """Streams left unread for a moment (burst pacing): run again within BURST_WAIT_S."""
+        return len(self._paused)
+
+    cdef void _resume(self, double now):
+        """Read the paused streams whose wait is over again."""
+        cdef list waiting = []
+        cdef tuple entry
+        cdef int fd
+        cdef Conn* u
+        cdef Conn* c
+        for entry in self._paused:
+            fd = entry[0]
+            u = &self.conns[fd]
+            if u.kind != UPSTREAM or u.gen != <unsigned int>entry[1] or u.state != U_STREAM:
+                continue  # closed, or done, since
+            if <double>entry[2] > now:
+                waiting.append(entry)
+                continue
+            if u.peer >= 0:
+                c = &self.conns[u.peer]
+                if c.wlen > STREAM_HIGH:
+                    continue  # the client's turn: its catch-up reads the worker again
+            self._mask(fd, u, EPOLLIN | EPOLLRDHUP)
+        self._paused = waiting
+
     def run(self, double now):
         """Handle every ready event; returns how many there were."""
         cdef int n, i, fd
@@ -644,9 +677,12 @@ cdef class Relay:
         cdef Conn* c
         if self.epfd < 0:
             return 0
+        if self._paused:
+            self._resume(now)
         n = epoll_wait(self.epfd, self.events, MAXEV, 0)
         if n <= 0:
             return 0
+        self._busy = n > 1
         # first every idle upstream connection with an event (the worker closed it): so that
         # no request of this batch is sent on one
         for i in range(n):
@@ -1165,6 +1201,7 @@ cdef class Relay:
         """Relay what ``data`` completes (after ``head``, the client's head, if not sent)."""
         cdef object stream = <object>c.stream
         cdef bint started = stream.started
+        cdef Py_ssize_t before = stream.events
         cdef object out, token
         try:
             out = stream.feed(data) if data else b""
@@ -1192,8 +1229,11 @@ cdef class Relay:
                 return
             self._stream_tail(cfd, c, out, now)
             return
-        if out:
-            self._stream_send(cfd, c, ufd, u, out, now)
+        if not out or not self._stream_send(cfd, c, ufd, u, out, now):
+            return
+        if self._busy and stream.events - before >= BURST_EVENTS and u.mask:
+            self._mask(ufd, u, 0)  # a burst on a busy loop: let more pile up
+            self._paused.append((ufd, u.gen, now + BURST_WAIT_S))
 
     cdef bint _stream_send(self, int cfd, Conn* c, int ufd, Conn* u, bytes out, double now):
         """Write ``out`` to the client, after what it has not taken yet; past STREAM_HIGH

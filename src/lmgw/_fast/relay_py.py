@@ -36,6 +36,11 @@ the request's deadline, a bad chunk) is ``on_broken(token, kind, unsent) -> (tai
 | cont``: the bytes that end the client's stream, or a continuation that goes on with the
 client connection (``unsent``: answer bytes the client has not taken yet, which it must send
 first). While the client does not take what it is sent, the worker's connection is not read.
+Burst pacing: when a read brings ``BURST_EVENTS`` or more events and the pass was busy (more
+than one ready connection), the worker's connection is not read for ``BURST_WAIT_S``, so the
+next read and write carry more events (what ``lmgw.transport.pacing`` does on trio); ``paused``
+says how many wait, and ``run`` reads them again once their time has come (the caller wakes it
+that soon).
 
 SSE keep-alive comments (``beat_s`` > 0, and a plan whose seventh item is true: a streamed
 request, on any of its legs): every ``beat_s`` until the stream's first event, ``on_beat(token)
@@ -82,6 +87,14 @@ DEADLINE = 8  #: the request's deadline passed mid-stream
 
 STREAM_HIGH = 1 << 18
 """Bytes of a stream the client has not taken, at most, before the worker is not read."""
+BURST_EVENTS = 3
+"""Events in one read of a stream that make it a burst (as lmgw.transport.pacing's)."""
+BURST_WAIT_S = 0.002
+"""How long a burst on a busy loop leaves the worker unread, so that more events go in each
+read and write: at most this much later for an event that comes that soon after a burst (the
+first event never waits). stream_relay.py's burst regime (c=32, no token delay), CPU per
+event: no wait 7.10 µs, 0.5 ms (trio's pacing) 6.23, 1 ms 5.65, 2 ms 3.94 with 16% more
+events per second; the paced regime does not change (one event per read)."""
 
 PIPELINE_CAP = 1 << 20
 RESPONSE_HEAD_CAP = 1 << 16
@@ -301,6 +314,8 @@ class Relay:
         self._closed_idents: list[Any] = []  # the idents of the client connections closed
         self.connects = self.reuses = self.served = self.demoted = self.stale = 0
         self.streamed = 0  # streamed answers relayed to their end
+        self._busy = False  # this pass has more than one ready connection
+        self._paused: list[tuple[int, int, float]] = []  # (fd, gen, until): burst pacing
 
     def fileno(self) -> int:
         return self._ep.fileno() if self._ep is not None else -1
@@ -439,12 +454,35 @@ class Relay:
         return len(self._idle.get(slot, ()))
 
     # -- the loop ----------------------------------------------------------------------------
+    @property
+    def paused(self) -> int:
+        """Streams left unread for a moment (burst pacing): run again within BURST_WAIT_S."""
+        return len(self._paused)
+
+    def _resume(self, now: float) -> None:
+        """Read the paused streams whose wait is over again."""
+        waiting = []
+        for fd, gen, until in self._paused:
+            u = self._conns.get(fd)
+            if u is None or u.gen != gen or u.state != _U_STREAM:
+                continue  # closed, or done, since
+            if until > now:
+                waiting.append((fd, gen, until))
+                continue
+            c = self._conns.get(u.peer)
+            if c is None or len(c.wbuf) - c.woff <= STREAM_HIGH:  # (else the client's turn)
+                self._mask(fd, u, _IN | _RDHUP)
+        self._paused = waiting
+
     def run(self, now: float) -> int:
         if self._ep is None:
             return 0
+        if self._paused:
+            self._resume(now)
         events = self._ep.poll(0, 256)
         if not events:
             return 0
+        self._busy = len(events) > 1
         batch = [(fd, ev, self._gens.get(fd, 0)) for fd, ev in events]
         for fd, _, gen in batch:  # idle upstream connections the worker closed: first
             c = self._conns.get(fd)
@@ -847,6 +885,7 @@ class Relay:
         """Relay what ``data`` completes (after ``head``, the client's head, if not sent)."""
         s = c.stream
         started = s.started
+        before = s.events
         try:
             out = s.feed(data) if data else b""
         except Exception:  # (ChunkedError: a worker's bad framing; or a tap's bug)
@@ -873,8 +912,11 @@ class Relay:
                 return
             self._stream_tail(cfd, c, out, now)
             return
-        if out:
-            self._stream_send(cfd, c, ufd, u, out, now)
+        if not out or not self._stream_send(cfd, c, ufd, u, out, now):
+            return
+        if self._busy and s.events - before >= BURST_EVENTS and u.mask:
+            self._mask(ufd, u, 0)  # a burst on a busy loop: let more pile up
+            self._paused.append((ufd, u.gen, now + BURST_WAIT_S))
 
     def _stream_send(self, cfd: int, c: _Conn, ufd: int, u: _Conn, out: bytes, now: float) -> bool:
         """Write ``out`` to the client, after what it has not taken yet; past STREAM_HIGH

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio.lowlevel import wait_readable
 
-from .._fast.relay_py import pack_sockaddr
+from .._fast.relay_py import BURST_WAIT_S, pack_sockaddr
 from ..netio import RawStream, peer_of
 
 try:
@@ -121,7 +121,11 @@ class Lane:
                 own.start_soon(self._sweep)
                 own.start_soon(self._resolver)
                 while True:
-                    await wait_readable(relay)
+                    if relay.paused:  # streams left unread for a moment: read them again soon
+                        with trio.move_on_after(BURST_WAIT_S):
+                            await wait_readable(relay)
+                    else:
+                        await wait_readable(relay)
                     relay.run(_now())
                     if relay.closed:
                         self._closed()
