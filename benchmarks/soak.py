@@ -25,7 +25,7 @@ faults are lifted and the gateway left idle; the report compares the idle figure
 after, and fits the RSS drift over the run's second half (MB per hour).
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
-        [--keys]
+        [--keys] [--sse-keepalive 0.5] [--stream-head arrival]
 
 ``--keys`` configures three API keys (one plain, one with a rate limit, one with a
 tokens-per-minute limit, none of them ever reached) and the clients send them in turn; the
@@ -446,6 +446,7 @@ def gateway_config(
     server: str,
     stuck_timeout_s: float = 5.0,
     keys: bool = False,
+    sse_keepalive_s: float = 0.0,
 ) -> GatewayConfig:
     native = fleets[PD].transport == "zmq"  # the native protocol: one dialect for every flow
     workers = [
@@ -460,7 +461,11 @@ def gateway_config(
         logging=LoggingConfig(level="warning"),
         # idle keep-alive connections closed after 5 s: hypercorn holds a connection its client
         # closed after a streamed answer until then (the native server closes it at once)
-        limits=LimitsConfig(request_timeout_s=REQUEST_TIMEOUT_S, keepalive_timeout_s=5.0),
+        limits=LimitsConfig(
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            keepalive_timeout_s=5.0,
+            sse_keepalive_s=sse_keepalive_s,
+        ),
         # probes every second, and a hung worker (the hang fault) ejected within 5 s by
         # default: before the requests waiting on it reach the 10 s deadline
         health=HealthConfig(interval_s=1.0, timeout_s=1.0, stuck_timeout_s=stuck_timeout_s),
@@ -487,6 +492,8 @@ def gateway_config(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     zmq = args.transport == "zmq"
     fleet_options: dict[str, Any] = {"speed": args.speed, "transport": args.transport}
+    if args.stream_head != "first-token":  # the HTTP workers' streams' heads at arrival
+        fleet_options["extra_args"] = ["--stream-head", args.stream_head]
     async with (
         open_fleet(
             {"e": 1, "p": 2, "d": 2}, model=EPD, dialect=None if zmq else "vllm-epd",
@@ -502,7 +509,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             LOG_DIR,
             model=PD,
             config=lambda port: gateway_config(
-                fleets, port, args.server, args.stuck_timeout, args.keys
+                fleets, port, args.server, args.stuck_timeout, args.keys, args.sse_keepalive
             ),
             env_extra=dict(kv.split("=", 1) for kv in args.gateway_env),
             headers={"authorization": f"Bearer {SECRETS[0]}"} if args.keys else None,
@@ -632,6 +639,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keys", action="store_true", help="API keys, sent in turn by the clients")
     ap.add_argument("--server", choices=("native", "hypercorn"), default="native")
+    ap.add_argument(
+        "--sse-keepalive", type=float, default=0.0, metavar="S",
+        help="limits.sse_keepalive_s: keep-alive comments before a stream's first event",
+    )  # fmt: skip
+    ap.add_argument(
+        "--stream-head", choices=("first-token", "arrival"), default="first-token",
+        help="when the HTTP workers send a stream's head (arrival: vLLM's way)",
+    )  # fmt: skip
     ap.add_argument(
         "--transport", choices=("http", "zmq"), default="http",
         help="how the gateway reaches the workers: HTTP (vLLM's API) or the native protocol",

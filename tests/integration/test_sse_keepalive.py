@@ -17,7 +17,8 @@ from typing import Any
 import openai
 import pytest
 import trio
-from gateway_support import MODEL, http_request
+from gateway_support import MODEL, http_request, open_stream
+from test_compiled_lane import KeepAlive
 
 BODY = {
     "model": MODEL,
@@ -88,6 +89,27 @@ async def test_a_worker_that_never_answers_ends_in_an_error_event(
     assert got[0] == b": keep-alive"
     assert got[-1] == b"data: [DONE]" and b'"code":504' in got[-2], got[-3:]
     in_lane(hung, streamed=0)
+
+
+@pytest.mark.parametrize("stream_head", ["first_token", "arrival"])
+async def test_the_connection_goes_on_after_a_deadline_ended_the_stream(
+    gateway: Any, stream_head: str
+) -> None:
+    """The head said keep-alive, so a stream the deadline ended (its last event the 504) leaves
+    its connection open for the client's next request, which a good worker answers."""
+    gw = await gateway(
+        per_worker=[{"faults": {"hang": True}, "stream_head": stream_head}, {}],
+        limits={"sse_keepalive_s": 0.05, "request_timeout_s": 0.5},
+    )
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    r = await c.ask(BODY)  # the hung worker (round robin starts there)
+    got = blocks(r.body)
+    assert r.status == 200 and got[0] == b": keep-alive"
+    assert got[-1] == b"data: [DONE]" and b'"code":504' in got[-2], got[-3:]
+    if gw.server == "hypercorn":
+        return  # (hypercorn's own connection handling)
+    r = await c.ask({**BODY, "stream": False})  # the same connection: the good worker
+    assert r.status == 200 and r.json()["choices"][0]["message"]["content"]
 
 
 async def test_off_or_fast_or_whole_nothing_changes(gateway: Any) -> None:

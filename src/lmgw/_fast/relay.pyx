@@ -977,6 +977,9 @@ cdef class Relay:
             self._close_upstream(c.peer)
         token = self._finish(fd)
         answer = _call(self.on_timeout, (token,))
+        if type(answer) is tuple and len(<tuple>answer) == 2 and type((<tuple>answer)[0]) is bytes:
+            self._answer(fd, (<tuple>answer)[0], (<tuple>answer)[1], now)
+            return
         if type(answer) is not bytes:
             self._close_client(fd)
             return

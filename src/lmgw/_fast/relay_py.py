@@ -21,7 +21,8 @@ The loop does no HTTP judgement of its own. It frames messages (:func:`request_f
 * ``on_handoff(token, fd, data) -> cont``: any other answer, its connection and the bytes read.
 * ``on_failure(token, kind, sent, reused, got) -> cont``: no answer (connect failed, dropped,
   timed out, aborted); ``sent`` whether the request left, ``got`` whether any answer byte came.
-* ``on_timeout(token) -> answer``: the request's deadline passed (the connection closes after).
+* ``on_timeout(token) -> answer | (answer, keep_alive)``: the request's deadline passed (the
+  connection closes after a plain answer; a stream whose head went out ends, and may go on).
 * ``on_abandon(token)``: the client left, or the lane closed, with the request in flight.
 * ``on_demote(ident, fd, pending, cont)``: the client connection is Python's from now on.
 
@@ -714,6 +715,9 @@ class Relay:
             self._close_upstream(c.peer)
         token = self._finish(fd)
         answer = _call(self.on_timeout, token)
+        if type(answer) is tuple and len(answer) == 2 and type(answer[0]) is bytes:
+            self._answer(fd, answer[0], answer[1], now)  # (a stream's end: it may go on)
+            return
         if type(answer) is not bytes:
             self._close_client(fd)
             return

@@ -645,11 +645,11 @@ class LaneApp:
         self._settle(ex, False)
         if ex.meter is not None:
             ex.meter.t_end = _now()
-        if kind == DEADLINE:  # (the server's watchdog: the request ends, the connection too)
+        if kind == DEADLINE:  # the request ends; its stream's end leaves the connection clean
             msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
             self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
             self._close(ex, 504)
-            return _sse_end(sse_error_event(504, msg)), False
+            return _sse_end(sse_error_event(504, msg)), ex.head_keep
         exc = _stream_error(worker, kind, pipe.stall_s or 0.0)
         pipe.metrics.upstream_errors.inc((ex.stage, worker.id, exc.kind))
         pipe.registry.record_failure(worker, exc.message, eject=False)
@@ -673,15 +673,17 @@ class LaneApp:
         await self.pipe.continue_stream(self._greq(ex), responder, ex.stage, ex.ctx,
                                         (ex.worker,), journal)  # fmt: skip
 
-    def on_timeout(self, ex: Exchange) -> bytes:
-        """The request's deadline passed: the 504 (the connection closes after it)."""
+    def on_timeout(self, ex: Exchange) -> bytes | tuple[bytes, bool]:
+        """The request's deadline passed: the 504 (the connection closes after it); or, when a
+        keep-alive sent the stream's head, the stream's last event (the connection goes on as
+        that head said: the client could not be told otherwise)."""
         self._settle(ex, False)
         api = self.api
         msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
         api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
         if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
             self._close(ex, 504)
-            return _sse_end(sse_error_event(504, msg))
+            return _sse_end(sse_error_event(504, msg)), ex.head_keep
         body = GatewayError(504, msg).body()
         headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
         headers += _limits(ex)
