@@ -25,7 +25,7 @@ faults are lifted and the gateway left idle; the report compares the idle figure
 after, and fits the RSS drift over the run's second half (MB per hour).
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
-        [--keys] [--sse-keepalive 0.5] [--stream-head arrival]
+        [--keys] [--sse-keepalive 0.5] [--stream-head first-token]
 
 ``--keys`` configures three API keys (one plain, one with a rate limit, one with a
 tokens-per-minute limit, none of them ever reached) and the clients send them in turn; the
@@ -492,7 +492,7 @@ def gateway_config(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     zmq = args.transport == "zmq"
     fleet_options: dict[str, Any] = {"speed": args.speed, "transport": args.transport}
-    if args.stream_head != "first-token":  # the HTTP workers' streams' heads at arrival
+    if args.stream_head != "arrival":  # the HTTP workers' streams' heads with the first token
         fleet_options["extra_args"] = ["--stream-head", args.stream_head]
     async with (
         open_fleet(
@@ -644,7 +644,7 @@ def main() -> int:
         help="limits.sse_keepalive_s: keep-alive comments before a stream's first event",
     )  # fmt: skip
     ap.add_argument(
-        "--stream-head", choices=("first-token", "arrival"), default="first-token",
+        "--stream-head", choices=("arrival", "first-token"), default="arrival",
         help="when the HTTP workers send a stream's head (arrival: vLLM's way)",
     )  # fmt: skip
     ap.add_argument(

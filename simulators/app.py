@@ -228,10 +228,11 @@ class WorkerOptions:
     real LMCache does silently)."""
     lmcache_chunk_size: int = LMCACHE_CHUNK_TOKENS
     """Tokens per LMCache chunk (its ``chunk_size``); p and d must agree."""
-    stream_head: str = "first_token"
-    """When a streamed answer's 200 and event-stream head goes out: ``first_token`` (after the
-    prefill, with the first event) or ``arrival`` (at once, before queueing and prefill, as
-    vLLM's OpenAI server does: uvicorn writes a StreamingResponse's head when it starts)."""
+    stream_head: str = "arrival"
+    """When a streamed answer's 200 and event-stream head goes out: ``arrival`` (at once,
+    before queueing and prefill, as vLLM's OpenAI server does: uvicorn writes a
+    StreamingResponse's head when it starts) or ``first_token`` (after the prefill, with the
+    first event, as the simulators did before)."""
     serial_prefill: bool = False
     """Prefills compute one at a time, FIFO (:attr:`EngineConfig.serial_prefill`): a busy worker
     queues, so time to first token grows with load and cache hits raise capacity."""

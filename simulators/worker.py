@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dis.add_argument(
         "--stream-head",
-        choices=("first-token", "arrival"),
-        default="first-token",
+        choices=("arrival", "first-token"),
+        default="arrival",
         help="when a stream's head goes out: with its first event, or at arrival (vLLM's way)",
     )
     dis.add_argument(

@@ -634,10 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sim.add_argument(
         "--stream-head",
-        choices=("first-token", "arrival"),
-        default="first-token",
-        help="when the HTTP workers send a stream's head: with its first event, or at arrival"
-        " as vLLM does (before the queue and the prefill)",
+        choices=("arrival", "first-token"),
+        default="arrival",
+        help="when the HTTP workers send a stream's head: at arrival as vLLM does (before the"
+        " queue and the prefill), or with its first event",
     )
     p_sim.add_argument(
         "--coalesce",

@@ -302,8 +302,8 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
                 roles_args.setdefault(role, []).append("--enable-lora")
                 if slots:  # vLLM's --max-loras: the contention LoRA affinity routes around
                     roles_args[role] += ["--max-loras", str(slots)]
-    head = getattr(args, "stream_head", "first-token")
-    if head != "first-token":
+    head = getattr(args, "stream_head", "arrival")
+    if head != "arrival":
         if transport == "zmq":
             log.error("--stream-head is for HTTP workers (the simulated vLLM API)")
             return 2

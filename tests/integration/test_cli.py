@@ -125,7 +125,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             "warning",
             *(["--dialect", dialect] if dialect else []),
             *(["--enable-lora", "--max-loras", "1"] if lora else []),
-            *(["--stream-head", "arrival"] if spec == "2pd" else []),
+            *(["--stream-head", "first-token"] if spec == "2pd" else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -165,7 +165,7 @@ def test_simulate_serves_then_stops_cleanly_on_sigterm(
             assert slots["max_loras"] == 1  # --max-loras reached the workers
         if spec == "2pd":  # --stream-head reached the workers
             pd_url = workers_out["pd"].split()[0]
-            assert get_json(pd_url + "/sim/stats")["stream_head"] == "arrival"
+            assert get_json(pd_url + "/sim/stats")["stream_head"] == "first_token"
         body = json.dumps(
             {
                 "model": model,
