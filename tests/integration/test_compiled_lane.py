@@ -135,8 +135,8 @@ async def test_streams_stay_in_the_lane(gateway: GatewayFactory) -> None:
 async def test_a_stream_the_lane_does_not_take_hands_the_connection_over(
     gateway: GatewayFactory,
 ) -> None:
-    """With hedging (the server's relay races the workers), a stream is the server's, and the
-    connection stays there."""
+    """With hedging (the server's relay races the workers), a stream it would hedge is the
+    server's, and the connection stays there."""
     gw = await gateway(1, hedging=HEDGING)
     relay = gw.gateway.server.lane.relay
     c = await _client(gw)
@@ -146,6 +146,34 @@ async def test_a_stream_the_lane_does_not_take_hands_the_connection_over(
     assert (await c.ask(CHAT)).status == 200  # served by the trio server now
     assert relay.served == 1 and relay.demoted == 1 and relay.clients == 0
     assert gw.gateway.server.active_connections == 1
+
+
+async def test_with_hedging_the_streams_it_would_not_hedge_stay_in_the_lane(
+    gateway: GatewayFactory,
+) -> None:
+    """Hedging only races short streams, once an adaptive delay has its samples: a long
+    prompt's stream stays in the lane; with an adaptive delay, the first ``min_samples``
+    streams do, and their first tokens are its samples; then the hedger takes them."""
+    fixed = HedgingConfig(enabled=True, delay_s=1.0, max_body_bytes=300)
+    gw = await gateway(1, hedging=fixed)
+    relay = gw.gateway.server.lane.relay
+    long = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "x " * 200}]}
+    c = await _client(gw)
+    for _ in range(2):
+        r = await c.ask(long)
+        assert r.status == 200 and r.body.endswith(b"data: [DONE]\n\n")
+    assert relay.streamed == 2 and relay.demoted == 0
+    adaptive = HedgingConfig(enabled=True, min_samples=3, max_body_bytes=300)
+    gw = await gateway(1, hedging=adaptive)
+    relay = gw.gateway.server.lane.relay
+    hedger = gw.gateway.pipeline.hedger
+    c = await _client(gw)
+    for _ in range(3):
+        assert (await c.ask({**CHAT, "stream": True})).status == 200
+    assert relay.streamed == 3 and relay.demoted == 0
+    assert hedger._delays[MODEL].samples == 3  # the lane's first tokens
+    assert (await c.ask({**CHAT, "stream": True})).status == 200
+    assert relay.streamed == 3 and relay.demoted == 1  # the hedger's now
 
 
 def _text(r: RawResponse) -> str:

@@ -80,3 +80,34 @@ def test_the_budget_refills_at_its_ratio() -> None:
     for _ in range(10):
         budget.earn()
     assert budget.spend() and not budget.spend()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.floats(0.0, 1.0),
+    st.integers(1, 5),
+    st.booleans(),
+    st.integers(0, 400),
+    st.lists(st.floats(0.001, 1.0), max_size=8),
+)
+def test_would_hedge_is_delay_without_counting(
+    delay_s: float, min_samples: int, stream: bool, body_bytes: int, seen: list[float]
+) -> None:
+    """What the compiled lane asks (would this stream be hedged now?) is what ``delay``
+    answers, and asking spends and earns no budget."""
+    from lmgw.config import HedgingConfig
+    from lmgw.metrics import Metrics
+    from lmgw.pipeline.hedge import Hedger
+    from lmgw.pipeline.request import GatewayRequest
+
+    cfg = HedgingConfig(enabled=True, delay_s=delay_s, min_samples=min_samples, max_body_bytes=200)
+    hedger = Hedger(cfg, Metrics())
+    for t in seen:
+        hedger.observe("m", t)
+    tokens = hedger.budget.tokens
+    would = hedger.would_hedge("m", stream, body_bytes)
+    assert hedger.budget.tokens == tokens
+    greq = GatewayRequest(
+        "chat", "/v1/chat/completions", "m", stream, b"x" * body_bytes, "r", [], 0.0
+    )
+    assert would == (hedger.delay(greq) is not None)

@@ -270,8 +270,6 @@ class LaneApp:
             return self._decline("error")  # the server answers it, the same way
         pipe = self.pipe
         stream = bool(view.stream)
-        if stream and not self._streams():
-            return self._decline("stream")
         if not api._express(model, view.model, body, endpoint, lane=True):
             return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
@@ -290,6 +288,9 @@ class LaneApp:
             if changed:
                 body = req.body = msgspec.json.encode(obj)
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
+        hedger = pipe.hedger
+        if hedger is not None and dialect is None and hedger.would_hedge(model, stream, len(body)):
+            return self._decline("stream")  # a stream to hedge: the server's race
         rid, forward = api._identify(req)
         req.request_id = rid
         if dialect is None:
@@ -361,11 +362,6 @@ class LaneApp:
         pipe.policies["pd"].on_dispatch(worker, ctx)
         self._tap(ex)
         return self._plan(ex, slot, head + payload if payload else head)
-
-    def _streams(self) -> bool:
-        """Whether the lane relays a stream for this gateway: not with hedging, which the
-        server's relay does."""
-        return self.pipe.hedger is None
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
@@ -620,6 +616,8 @@ class LaneApp:
         metrics.stage_ttft.observe((ex.stage, worker.id), now - ex.t_sent)
         if ex.stage in pipe.first_token_roles:  # this leg's prefill is over
             pipe.policies[ex.stage].on_first_token(worker, ex.ctx)
+        if pipe.hedger is not None and ex.stage == "pd":  # the adaptive hedging delay's sample
+            pipe.hedger.observe(ex.model, now - ex.t_sent)
 
     def on_stream_end(self, ex: Exchange) -> None:
         """The stream's last chunk came (and went to the client): its per-token time, then

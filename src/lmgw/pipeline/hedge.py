@@ -184,11 +184,25 @@ class Hedger:
         est.observe(seconds)
         self.delay_gauge.set((model,), max(est.value, self.cfg.min_delay_s))
 
+    def eligible(self, stream: bool, body_bytes: int) -> bool:
+        """Whether a request may be hedged at all: a stream, short enough."""
+        return stream and body_bytes <= self.cfg.max_body_bytes
+
+    def would_hedge(self, model: str, stream: bool, body_bytes: int) -> bool:
+        """Whether such a request would wait to be hedged now (:meth:`delay` would give a
+        delay), without counting it: the compiled lane relays the others."""
+        if not self.eligible(stream, body_bytes):
+            return False
+        if self.cfg.delay_s:
+            return True
+        est = self._delays.get(model)
+        return est is not None and est.samples >= self.cfg.min_samples
+
     def delay(self, greq: GatewayRequest) -> float | None:
         """How long ``greq`` waits for its first token before a hedge, or None when it is
         not to be hedged (not a stream, too long, or no estimate yet)."""
         cfg = self.cfg
-        if not greq.stream or len(greq.body) > cfg.max_body_bytes:
+        if not self.eligible(greq.stream, len(greq.body)):
             return None
         self.budget.earn()
         if cfg.delay_s:
