@@ -584,11 +584,16 @@ class LaneApp:
             return None
         if ex.head_sent:  # with a keep-alive comment
             return b"", ex.head_keep
+        keep = self._commit(ex)
+        return build_head(200, self._answer_headers(ex, SSE_HEADERS), _CHUNKED, keep), keep
+
+    def _commit(self, ex: Exchange) -> bool:
+        """The stream's 200 head goes out now: whether it keeps the connection alive."""
         if ex.meter is not None:
             ex.meter.status = 200
         ex.head_sent = True
         keep = ex.head_keep = ex.keep_alive and not self.draining
-        return build_head(200, self._answer_headers(ex, SSE_HEADERS), _CHUNKED, keep), keep
+        return keep
 
     def on_beat(self, ex: Exchange) -> bytes | None:
         """A stream with no event yet after ``limits.sse_keepalive_s``: a keep-alive comment,
@@ -599,10 +604,7 @@ class LaneApp:
             return None
         if ex.head_sent:
             return _BEAT
-        if ex.meter is not None:
-            ex.meter.status = 200
-        ex.head_sent = True
-        keep = ex.head_keep = ex.keep_alive and not self.draining
+        keep = self._commit(ex)
         headers = self._answer_headers(ex, SSE_HEADERS, early=True)
         return build_head(200, headers, _CHUNKED, keep) + _BEAT
 
