@@ -24,10 +24,12 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 ASK = [{"role": "user", "content": "What is the weather like? use get_weather"}]
 
 
-async def start(nursery: trio.Nursery, sim_worker, fmt: str, **model) -> str:
+async def start(
+    nursery: trio.Nursery, sim_worker, fmt: str, compiled_lane: bool = True, **model
+) -> str:
     sim = await sim_worker(model=MODEL, speed=math.inf, tool_format=fmt)
     cfg = GatewayConfig(
-        server=ServerConfig(port=0),
+        server=ServerConfig(port=0, compiled_lane=compiled_lane),
         health=HealthConfig(interval_s=30),
         models=[ModelConfig(name=MODEL, **model)],
         workers=[WorkerConfig(url=sim.url, role="pd")],
@@ -130,21 +132,26 @@ async def test_worker_tool_choice_none_for_workers_without_auto_tool_choice(
     assert seen[-1]["tool_choice"] == "none" and seen[-1]["tools"] == TOOLS
 
 
+@pytest.mark.parametrize("compiled_lane", [True, False], ids=["lane", "trio"])
 async def test_requests_without_tools_skip_the_tool_parser(
-    nursery: trio.Nursery, sim_worker
+    nursery: trio.Nursery, sim_worker, compiled_lane: bool
 ) -> None:
-    """A model with a tool parser: a chat that offers no tools is plain (the express lane, and
-    the compiled lane when it is on), one that offers tools is parsed; with a reasoning parser
-    every answer is read, so none is plain."""
+    """A model with a tool parser: a chat that offers no tools is plain (the express lane),
+    one that offers tools is parsed; with a reasoning parser every answer is read, so none is
+    plain. The compiled lane parses answers itself: it serves them all."""
     import urllib.request
 
-    def express(base: str) -> float:
+    def counted(base: str, name: str) -> float:
         with urllib.request.urlopen(base.removesuffix("/v1") + "/metrics", timeout=5) as r:
             text = r.read().decode()
-        line = next(ln for ln in text.splitlines() if ln.startswith("lmgw_express_requests_total"))
+        line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
         return float(line.rsplit(" ", 1)[1])
 
-    base = await start(nursery, sim_worker, "hermes", tool_parser="hermes")
+    def express(base: str) -> float:
+        return counted(base, "lmgw_express_requests_total")
+
+    lane = 1 if compiled_lane else 0
+    base = await start(nursery, sim_worker, "hermes", compiled_lane, tool_parser="hermes")
     client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
     plain = await trio.to_thread.run_sync(
         lambda: client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
@@ -152,10 +159,15 @@ async def test_requests_without_tools_skip_the_tool_parser(
     assert plain.choices[0].message.content and await trio.to_thread.run_sync(express, base) == 1
     _, calls, finish = await trio.to_thread.run_sync(calls_of, base, False)
     assert calls and calls[0][0] == "get_weather" and finish == "tool_calls"
-    assert await trio.to_thread.run_sync(express, base) == 1  # the tools' request was parsed
-    thinking = await start(nursery, sim_worker, "hermes", reasoning_parser="think")
+    assert await trio.to_thread.run_sync(express, base) == 1 + lane  # parsed (by the lane)
+    thinking = await start(nursery, sim_worker, "hermes", compiled_lane, reasoning_parser="think")
     client = openai.OpenAI(base_url=thinking, api_key="x", max_retries=0)
     await trio.to_thread.run_sync(
         lambda: client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
     )
-    assert await trio.to_thread.run_sync(express, thinking) == 0
+    assert await trio.to_thread.run_sync(express, thinking) == lane
+    if compiled_lane:
+        assert await trio.to_thread.run_sync(counted, base, "lmgw_lane_answers_total") == 2
+        _, calls, finish = await trio.to_thread.run_sync(calls_of, base, True)  # a stream
+        assert calls and calls[0][0] == "get_weather" and finish == "tool_calls"
+        assert await trio.to_thread.run_sync(counted, base, "lmgw_lane_streams_total") == 1

@@ -52,7 +52,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import msgspec
 import trio
 
 from .._fast.relay_py import (
@@ -77,6 +76,7 @@ from ..pipeline import migration
 from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
 from ..pipeline.request import GatewayRequest
+from ..pipeline.runner import _chain
 from ..routing.policy import route_header
 from ..streams import asks_resumable
 from ..transport import pool as upstream
@@ -108,8 +108,8 @@ class Exchange:
 
     __slots__ = (
         "audit", "ctx", "endpoint", "extra", "forward", "greq", "head_keep", "head_sent",
-        "keep_alive", "leg_trace", "meter", "model", "path", "req", "rid", "stage", "stream", "t0",
-        "t_first", "t_sent", "trace", "usage_fill", "worker",
+        "keep_alive", "leg_trace", "meter", "model", "output", "path", "req", "rid", "stage",
+        "stream", "t0", "t_first", "t_sent", "trace", "usage_fill", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -131,6 +131,8 @@ class Exchange:
         self.usage_fill: Callable[[bytes], bytes] | None = None
         #: a streamed answer's relay state (lmgw.transport.sse_stream), None for a whole one
         self.stream: SseStream | None = None
+        #: the model's tool-call and reasoning parsing of the answer (tools.relay.OutputRewriter)
+        self.output: Any = None
         self.forward: list[tuple[bytes, bytes]] = []
         self.worker: Any = None
         self.ctx: Any = None  # the routing context
@@ -276,17 +278,22 @@ class LaneApp:
             return self._decline("priority")  # the server checks it
         text = self.gw.text_for(model)
         prompt_ids = None
+        edited: _Body | None = None  # (as _serve_model's: decoded once, encoded once)
         if text is not None and text.validate_context:
+            edited = _Body(body)
             try:  # (as _serve_model: the context check, max_tokens filled in)
-                obj = _Body(body).obj
-                checked = text.validate_inline(endpoint, obj)
+                checked = text.validate_inline(endpoint, edited.obj)
             except GatewayError:
                 return self._decline("error")  # the server answers it, the same way
             if checked is None:
                 return self._decline("tokenize")  # a long prompt: the server's worker thread
-            changed, prompt_ids = checked
-            if changed:
-                body = req.body = msgspec.json.encode(obj)
+            edited.changed, prompt_ids = checked
+        output = None
+        if endpoint == "chat" and self.gw.output_parsers:  # tool calls, reasoning: parsed here
+            edited = edited or _Body(body)
+            output = api._output_parsing(edited, model)
+        if edited is not None and edited.changed:
+            body = req.body = edited.final()
         dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
         hedger = pipe.hedger
         if hedger is not None and dialect is None and hedger.would_hedge(model, stream, len(body)):
@@ -299,12 +306,14 @@ class LaneApp:
             ex = pd = PDExchange(req, endpoint, path, model, rid)
             pd.greq = GatewayRequest(endpoint, path, model, stream, body, rid, forward, t0)
             pd.greq.prompt_ids = prompt_ids
+            pd.greq.output = output
             pd.body = self.disagg.plain_body(pd.greq, dialect)
             if pd.body is None:
                 return self._decline("not_plain")
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
+        ex.output = output
         if prompt_ids is not None and not stream:  # (as _serve_model: usage an answer lacks)
             ex.usage_fill = partial(text.fill_usage, len(prompt_ids))  # type: ignore[union-attr]
             if ex.greq is not None:
@@ -372,13 +381,11 @@ class LaneApp:
             policy = pipe.policies[ex.stage]
             ex.audit = pipe.audit_tap(policy, ex.worker, ex.ctx, ex.model)
         stream = ex.stream
-        if stream is not None:
+        if stream is not None:  # (as Pipeline.answer: the audit reads the worker's events,
+            # the output parsing rewrites them, the meter reads what the client gets)
+            output = ex.output.events if ex.output is not None else None
             meter = ex.meter.events_of if ex.meter is not None else None
-            if ex.audit is not None and meter is not None:
-                audit = ex.audit
-                stream.tap = lambda data: meter(audit(data))
-            else:
-                stream.tap = ex.audit or meter
+            stream.tap = _chain(_chain(ex.audit, output), meter)
 
     def _answer_headers(
         self, ex: Exchange, first: list[tuple[bytes, bytes]], *, early: bool = False
@@ -565,6 +572,8 @@ class LaneApp:
             ex.audit(body)
         if ex.usage_fill is not None:
             body = ex.usage_fill(body)
+        if ex.output is not None:  # tool calls and reasoning, parsed out of the text
+            body = ex.output.body(body)
         self._settle(ex, True)
         if self.trimmer is not None and len(body) > LARGE_ANSWER_BYTES:
             self.trimmer.released(len(body))
@@ -891,6 +900,7 @@ class LaneApp:
         )  # fmt: skip
         greq.trace = ex.trace  # a retry's legs under the request's span
         greq.usage_fill = ex.usage_fill
+        greq.output = ex.output  # (one parse state: a continuation goes on with it)
         return greq
 
 

@@ -423,8 +423,9 @@ class OpenAIAPI:
         """Whether this non-streamed request is plain (:mod:`lmgw.pipeline.express`): what
         :meth:`_serve_model` would do to it before the pipeline, it would not do (no alias to
         rename, media, tool loop, output parsing or context check), and the pipeline has the
-        lane for the model (``lane``: the compiled lane, :meth:`Pipeline.lane_for`). Decided
-        per request: tokenizers and fleets change at run time."""
+        lane for the model (``lane``: the compiled lane, :meth:`Pipeline.lane_for`, which
+        parses the output and checks the context itself). Decided per request: tokenizers
+        and fleets change at run time."""
         gw = self.gw
         pipe = gw.pipeline
         if asked != model or not (pipe.lane_for(model) if lane else pipe.express_for(model)):
@@ -433,7 +434,7 @@ class OpenAIAPI:
             if self.tool_loop is not None:
                 return False
             parsers = gw.output_parsers.get(model)
-            if parsers is not None:  # (native's forced tool calls: not express_for)
+            if parsers is not None and not lane:  # (the compiled lane parses the output itself)
                 tools, reasoning = parsers
                 # the tool parser reads only answers to requests that offer tools
                 if reasoning is not None or (tools is not None and b'"tools"' in body):
