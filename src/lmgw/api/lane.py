@@ -289,7 +289,9 @@ class LaneApp:
                 return self._decline("tokenize")  # a long prompt: the server's worker thread
             edited.changed, prompt_ids = checked
         output = None
-        if endpoint == "chat" and self.gw.output_parsers:  # tool calls, reasoning: parsed here
+        parsers = self.gw.output_parsers.get(model) if endpoint == "chat" else None
+        # tool calls (only for requests that offer tools) and reasoning: parsed here
+        if parsers is not None and (parsers[1] is not None or b'"tools"' in body):
             edited = edited or _Body(body)
             output = api._output_parsing(edited, model)
         if edited is not None and edited.changed:
