@@ -7,6 +7,8 @@ for the worker, every callback recorded.
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import socket
 import threading
@@ -320,6 +322,38 @@ def test_a_request_and_its_answer_then_keep_alive(harness: Callable[..., Harness
     assert h.client.recv(100) == b"ANSWER second"
     assert (h.relay.connects, h.relay.reuses, h.relay.in_flight) == (1, 1, 0)
     assert h.relay.idle_upstreams() == 1
+
+
+def test_a_request_whose_worker_connection_grows_the_table(
+    harness: Callable[..., Harness],
+) -> None:
+    """The worker's connection is the first fd past the connection table (1024 entries):
+    the table grows under the request being started, which must still own its connection
+    (a client gone meanwhile closes it: the worker sees the abort)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"needs 1100 file descriptors (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    held: list[int] = []
+    try:
+        h = harness()
+        while True:  # every fd below 1024 taken: the worker's connection gets one above
+            fd = os.open(os.devnull, os.O_RDONLY)
+            held.append(fd)
+            if fd >= 1023:
+                break
+        h.client.sendall(REQ)
+        h.spin(lambda: h.workers and h.relay.in_flight == 1)
+        w = h.workers[0]
+        assert h.worker_reads(w, len(REQ) - 1)
+        h.client.close()
+        h.spin(lambda: "abandon" in h.kinds())
+        assert w.recv(10) == b""  # the abort: the client's exchange owned the connection
+        assert (h.relay.in_flight, h.relay.upstreams) == (0, 0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_pipelined_requests_are_answered_in_order(harness: Callable[..., Harness]) -> None:

@@ -841,6 +841,7 @@ cdef class Relay:
         c.since = now
         self.in_flight += 1
         ufd = self._checkout(slot, now)
+        c = &self.conns[fd]  # (a new connection may have grown the table: ``c`` moved)
         if ufd < 0:
             self._fail(fd, LOCAL if ufd == -2 else CONNECT)
             return
