@@ -422,6 +422,9 @@ cdef class Relay:
 
     # -- table ------------------------------------------------------------------------------
     cdef Conn* _conn(self, int fd) except NULL:
+        """``fd``'s entry, the table grown to hold it. Growing may move the table: a ``Conn*``
+        held across anything that may add a connection (``_checkout``, so ``_start`` and all
+        that can lead to it) must be read again before use."""
         cdef int n
         cdef Conn* grown
         if fd >= self.nconns:
