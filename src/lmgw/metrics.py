@@ -309,6 +309,11 @@ class Metrics:
             "Requests abandoned because the client went away.",
             ("endpoint",),
         )
+        self.keepalives = Counter(
+            "lmgw_sse_keepalives_total",
+            "SSE keep-alive comments written to streams still waiting for their first event"
+            " (limits.sse_keepalive_s), by the trio server and the compiled lane.",
+        )
         self.in_flight = Gauge(
             "lmgw_worker_in_flight",
             "Requests in flight per worker.",
@@ -329,7 +334,8 @@ class Metrics:
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,
             self.lane_handovers,
-            self.lane_declined, self.lane_connections, self.disconnects, self.in_flight,
+            self.lane_declined, self.lane_connections, self.disconnects, self.keepalives,
+            self.in_flight,
             self.healthy,
         ]  # fmt: skip
         # Admission control (lmgw.admission): the gauges are read at scrape time from the

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 import trio
-from gateway_support import MODEL, http_request, open_stream
+from gateway_support import MODEL, http_request, metric_value, open_stream
 from test_compiled_lane import KeepAlive
 
 BODY = {
@@ -57,6 +57,8 @@ async def test_comments_until_the_first_event_then_the_same_answer(
     assert b": keep-alive" not in got[first_data:]  # comments stop once the answer begins
     assert r.headers["x-request-id"]
     in_lane(slow)
+    metrics = (await http_request(slow.url, "GET", "/metrics")).body.decode()
+    assert metric_value(metrics, "lmgw_sse_keepalives_total") == first_data  # each counted
     client = openai.OpenAI(base_url=slow.url + "/v1", api_key="x", max_retries=0)
 
     def via_openai() -> str:

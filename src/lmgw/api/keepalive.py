@@ -60,13 +60,22 @@ def _event_stream(status: int, headers: Headers) -> bool:
 class KeepAliveResponder:
     """The client's responder, with keep-alive comments until the pipeline's first write."""
 
-    __slots__ = ("_head_sent", "_inner", "_lock", "_request_id", "content")
+    __slots__ = ("_counted", "_head_sent", "_inner", "_lock", "_request_id", "content")
 
-    def __init__(self, inner: Responder, request_id: str, *, head_sent: bool = False) -> None:
+    def __init__(
+        self,
+        inner: Responder,
+        request_id: str,
+        *,
+        head_sent: bool = False,
+        counted: Callable[[], None] | None = None,
+    ) -> None:
         """``head_sent``: the 200 and event-stream head reached the client already (the
-        compiled lane's keep-alives, for a request it hands over)."""
+        compiled lane's keep-alives, for a request it hands over); ``counted()`` after each
+        comment (``lmgw_sse_keepalives_total``)."""
         self._inner = inner
         self._request_id = request_id
+        self._counted = counted
         self._lock = trio.Lock()
         self._head_sent = head_sent  # the status is 200 now, whatever comes
         #: the pipeline wrote (the beat has stopped)
@@ -90,6 +99,8 @@ class KeepAliveResponder:
                         head = [*SSE_HEAD, (b"x-request-id", self._request_id.encode())]
                         await self._inner.start(200, head)
                     await self._inner.send(KEEPALIVE)
+                if self._counted is not None:
+                    self._counted()
 
     async def _begin(self) -> None:
         if not self.content:

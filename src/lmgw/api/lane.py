@@ -613,6 +613,7 @@ class LaneApp:
         stream = ex.stream
         if stream is None or stream.started:
             return None
+        self.api.metrics.keepalives.inc()
         if ex.head_sent:
             return _BEAT
         keep = self._commit(ex)
@@ -856,7 +857,9 @@ class LaneApp:
         beating: KeepAliveResponder | None = None
         if interval and ex.head_sent and stream is not None and not stream.started:
             # comments until the first event go on here (as generate's), after the lane's head
-            beating = KeepAliveResponder(responder, ex.rid, head_sent=True)
+            beating = KeepAliveResponder(
+                responder, ex.rid, head_sent=True, counted=api.metrics.keepalives.inc
+            )
         try:
             if beating is None:
                 await finish(req, responder)

@@ -402,7 +402,9 @@ class OpenAIAPI:
                                 forward, t0, trace, meter=meter)  # fmt: skip
             try:
                 if self.sse_keepalive_s and view.stream:  # comments until the first event
-                    responder = KeepAliveResponder(responder, rid)
+                    responder = KeepAliveResponder(
+                        responder, rid, counted=self.metrics.keepalives.inc
+                    )
                     await with_keepalive(responder, self.sse_keepalive_s,
                                          partial(serve, responder))  # fmt: skip
                 else:
