@@ -32,12 +32,8 @@ import trio
 
 from ..errors import parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
-
-KEEPALIVE = b": keep-alive\n\n"
-SSE_HEAD: Headers = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-]
+from ..transport.openai_http import SSE_HEADERS
+from ..transport.sse import KEEPALIVE
 
 
 def committed_answer(status: int, body: bytes) -> bytes:
@@ -96,7 +92,7 @@ class KeepAliveResponder:
                 with trio.CancelScope(shield=True):  # never cut a comment in half
                     if not self._head_sent:
                         self._head_sent = True
-                        head = [*SSE_HEAD, (b"x-request-id", self._request_id.encode())]
+                        head = [*SSE_HEADERS, (b"x-request-id", self._request_id.encode())]
                         await self._inner.start(200, head)
                     await self._inner.send(KEEPALIVE)
                 if self._counted is not None:

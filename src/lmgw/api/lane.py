@@ -82,9 +82,10 @@ from ..streams import asks_resumable
 from ..transport import pool as upstream
 from ..transport.h1client import ResponseReader
 from ..transport.openai_http import SSE_HEADERS
+from ..transport.sse import KEEPALIVE
 from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
-from .keepalive import KEEPALIVE, KeepAliveResponder, committed_answer, with_keepalive
+from .keepalive import KeepAliveResponder, committed_answer, with_keepalive
 from .keys import RateLimitHeaders, UsageMeter
 from .openai import _Body, decode_view
 

@@ -43,6 +43,7 @@ from ..config import GatewayConfig, ToolLoopConfig
 from ..errors import DECODE_ERRORS, GatewayError, parse_error_body, sse_error_event
 from ..http.types import Headers, Responder
 from ..pipeline.request import GatewayRequest
+from ..transport.sse import KEEPALIVE
 from .caller import ToolCaller, ToolResult
 from .ids import tool_call_id
 
@@ -52,7 +53,6 @@ log = logging.getLogger("lmgw.tools")
 LOOP_FIELD = "lmgw_tool_loop"
 #: the answer field (and stream chunk field) with the messages the gateway appended
 MESSAGES_FIELD = "lmgw_tool_messages"
-KEEPALIVE = b": keep-alive\n\n"
 _DONE = b"data: [DONE]\n\n"
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode

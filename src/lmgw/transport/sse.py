@@ -7,6 +7,9 @@ a worker failure always starts on an event boundary.
 
 from __future__ import annotations
 
+KEEPALIVE = b": keep-alive\n\n"
+"""An SSE comment (clients ignore it) that keeps a silent stream's connection in use."""
+
 
 def split_complete(data: bytes) -> int:
     """Index just past the last complete SSE event in ``data`` (0 if there is none).
