@@ -862,10 +862,16 @@ class LaneApp:
                 responder, ex.rid, head_sent=True, counted=api.metrics.keepalives.inc
             )
         try:
-            if beating is None:
+            if stream is None:
                 await finish(req, responder)
-            else:
-                await with_keepalive(beating, interval, partial(finish, req, beating))
+            else:  # a deadline after the stream began ends only this (Request.stream_scope)
+                with trio.CancelScope() as req.stream_scope:
+                    if beating is None:
+                        await finish(req, responder)
+                    else:
+                        await with_keepalive(beating, interval, partial(finish, req, beating))
+                if req.stream_scope.cancelled_caught:  # the server ends the stream
+                    status = api.abandoned(req, ex.rid, ex.model, ex.endpoint)
         except GatewayError as exc:
             status = await api.answer_error(exc, responder, ex.rid, ex.model, ex.endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -401,14 +401,20 @@ class OpenAIAPI:
                 serve = partial(self._run_route, req, view, route, served, endpoint, path, rid,
                                 forward, t0, trace, meter=meter)  # fmt: skip
             try:
-                if self.sse_keepalive_s and view.stream:  # comments until the first event
-                    responder = KeepAliveResponder(
-                        responder, rid, counted=self.metrics.keepalives.inc
-                    )
-                    await with_keepalive(responder, self.sse_keepalive_s,
-                                         partial(serve, responder))  # fmt: skip
-                else:
+                if not view.stream:
                     await serve(responder)
+                else:  # a deadline after the stream began ends only this (Request.stream_scope)
+                    with trio.CancelScope() as req.stream_scope:
+                        if self.sse_keepalive_s:  # comments until the first event
+                            responder = KeepAliveResponder(
+                                responder, rid, counted=self.metrics.keepalives.inc
+                            )
+                            await with_keepalive(responder, self.sse_keepalive_s,
+                                                 partial(serve, responder))  # fmt: skip
+                        else:
+                            await serve(responder)
+                    if req.stream_scope.cancelled_caught:  # the server ends the stream
+                        status = self.abandoned(req, rid, model, endpoint)
             finally:
                 model = served[0]
         except GatewayError as exc:

@@ -255,7 +255,6 @@ class _Conn:
         "handed",
         "phase",
         "phase_since",
-        "req_scope",
         "request",
         "reserved",
         "responder",
@@ -282,9 +281,6 @@ class _Conn:
         self.responder: _Responder | None = None
         #: cancels the whole connection: client gone, timeout, drain
         self.scope: trio.CancelScope | None = None
-        #: cancels the request being handled only (its deadline, once its answer has started:
-        #: the answer's end leaves the connection clean, and the head promised keep-alive)
-        self.req_scope: trio.CancelScope | None = None
         #: set by the watchdog when it cancels for a timeout: the status to answer with (or 0)
         self.timeout_status = 0
         self.watch_scope: trio.CancelScope | None = None
@@ -566,9 +562,9 @@ class HTTPServer:
                 ):
                     c.request.deadline_exceeded = True
                     c.timeout_status = 504
-                    responder = c.responder
-                    if c.req_scope is not None and responder is not None and responder.started:
-                        c.req_scope.cancel()  # its stream ends; the connection goes on
+                    stream = c.request.stream_scope
+                    if stream is not None and c.responder is not None and c.responder.started:
+                        stream.cancel()  # its stream ends; the connection goes on
                     else:
                         c.scope.cancel()  # a 504 that says the connection closes
                     continue
@@ -801,10 +797,9 @@ class HTTPServer:
             if self._nap is not None:  # the watchdog naps: this request needs it awake
                 self._nap.cancel()
             try:
-                with trio.CancelScope() as c.req_scope:
-                    if midstream:
-                        await stream.send_all(midstream)
-                    await run(ev, responder)
+                if midstream:
+                    await stream.send_all(midstream)
+                await run(ev, responder)
             except (trio.BrokenResourceError, trio.ClosedResourceError, AbortResponse):
                 return
             except Exception:
@@ -818,7 +813,6 @@ class HTTPServer:
                     error_body(500, "internal gateway error"),
                 )
             finally:
-                c.req_scope = None
                 busy.discard(c)
                 c.busy = False
                 if c.reserved:
@@ -827,7 +821,7 @@ class HTTPServer:
                 c.watch_scope.cancel()
                 await c.watch_done.wait()
                 c.watch_done = c.watch_scope = None
-            if c.timeout_status == 504:  # its deadline passed after its answer began
+            if c.timeout_status == 504:  # its deadline ended its stream (request.stream_scope)
                 c.timeout_status = 0
                 if not responder.finished and not responder.broken:
                     with trio.move_on_after(1):  # the stream's end: an error event

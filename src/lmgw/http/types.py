@@ -9,7 +9,7 @@ clean up in ``finally`` blocks and never poll for disconnects themselves.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -29,6 +29,7 @@ class Request:
         "principal",
         "query",
         "request_id",
+        "stream_scope",
     )
 
     def __init__(
@@ -54,6 +55,10 @@ class Request:
         self.request_id: str | None = None
         #: set by the server before it cancels a handler that ran past the request deadline
         self.deadline_exceeded = False
+        #: a streamed answer's handler sets it around the stream: a deadline after the stream
+        #: began cancels only that (the stream ends with an error event, and the connection
+        #: goes on, as its head promised), not the whole connection
+        self.stream_scope: Any = None
         #: the client's API key entry (``lmgw.auth.KeyEntry``) once the key check passed;
         #: None when no keys are configured
         self.principal = None
