@@ -27,11 +27,12 @@ same bytes (:func:`committed_answer` for a whole answer after the head).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
 from ..errors import parse_error_body, sse_error_event
-from ..http.types import Headers, Responder
+from ..http.types import Headers, Request, Responder
 from ..transport.openai_http import SSE_HEADERS
 from ..transport.sse import KEEPALIVE
 
@@ -154,3 +155,26 @@ async def with_keepalive(
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+async def run_stream(
+    req: Request,
+    responder: Responder,
+    serve: Callable[[Responder], Awaitable[None]],
+    interval_s: float,
+    *,
+    head_sent: bool = False,
+    counted: Callable[[], None] | None = None,
+) -> bool:
+    """``serve(responder)`` for a streamed answer, inside ``req.stream_scope`` (a deadline
+    after the stream began ends only this, and the server ends the stream), with keep-alive
+    comments every ``interval_s`` until its first event (0: none). True when the deadline
+    ended it."""
+    with trio.CancelScope() as req.stream_scope:
+        if interval_s:
+            beating = KeepAliveResponder(responder, req.request_id or "", head_sent=head_sent,
+                                         counted=counted)  # fmt: skip
+            await with_keepalive(beating, interval_s, partial(serve, beating))
+        else:
+            await serve(responder)
+    return req.stream_scope.cancelled_caught

@@ -85,7 +85,7 @@ from ..transport.openai_http import SSE_HEADERS
 from ..transport.sse import KEEPALIVE
 from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
-from .keepalive import KeepAliveResponder, committed_answer, with_keepalive
+from .keepalive import committed_answer, run_stream
 from .keys import RateLimitHeaders, UsageMeter
 from .openai import _Body, decode_view
 
@@ -659,10 +659,7 @@ class LaneApp:
         if ex.meter is not None:
             ex.meter.t_end = _now()
         if kind == DEADLINE:  # the request ends; its stream's end leaves the connection clean
-            msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
-            self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
-            self._close(ex, 504)
-            return _sse_end(sse_error_event(504, msg)), ex.head_keep
+            return self._deadline_end(ex, self._deadline(ex))
         exc = _stream_error(worker, kind, pipe.stall_s or 0.0)
         pipe.metrics.upstream_errors.inc((ex.stage, worker.id, exc.kind))
         pipe.registry.record_failure(worker, exc.message, eject=False)
@@ -691,18 +688,27 @@ class LaneApp:
         keep-alive sent the stream's head, the stream's last event (the connection goes on as
         that head said: the client could not be told otherwise)."""
         self._settle(ex, False)
-        api = self.api
-        msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
-        api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
+        msg = self._deadline(ex)
         if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
-            self._close(ex, 504)
-            return _sse_end(sse_error_event(504, msg)), ex.head_keep
+            return self._deadline_end(ex, msg)
         body = GatewayError(504, msg).body()
         headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
         headers += _limits(ex)
         head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
         self._close(ex, 504)
         return head + body
+
+    def _deadline(self, ex: Exchange) -> str:
+        """The deadline's message, recorded among the recent errors."""
+        msg = f"request {ex.rid} exceeded the gateway deadline of {self.request_timeout_s:g} s"
+        self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
+        return msg
+
+    def _deadline_end(self, ex: Exchange, msg: str) -> tuple[bytes, bool]:
+        """A stream's end at the deadline (its 504 event): the request's end, the connection
+        kept as the stream's head said."""
+        self._close(ex, 504)
+        return _sse_end(sse_error_event(504, msg)), ex.head_keep
 
     def on_abandon(self, ex: Exchange) -> None:
         """The client left (or the lane closed) with the request in flight."""
@@ -853,25 +859,16 @@ class LaneApp:
             meter.t_start = ex.meter.t_start
             meter.carry(ex.meter)  # (a stream the lane began: what it relayed counts too)
             responder = ex.meter = meter
-        interval = self.api.sse_keepalive_s
         stream = ex.stream
-        beating: KeepAliveResponder | None = None
-        if interval and ex.head_sent and stream is not None and not stream.started:
-            # comments until the first event go on here (as generate's), after the lane's head
-            beating = KeepAliveResponder(
-                responder, ex.rid, head_sent=True, counted=api.metrics.keepalives.inc
-            )
         try:
             if stream is None:
                 await finish(req, responder)
-            else:  # a deadline after the stream began ends only this (Request.stream_scope)
-                with trio.CancelScope() as req.stream_scope:
-                    if beating is None:
-                        await finish(req, responder)
-                    else:
-                        await with_keepalive(beating, interval, partial(finish, req, beating))
-                if req.stream_scope.cancelled_caught:  # the server ends the stream
-                    status = api.abandoned(req, ex.rid, ex.model, ex.endpoint)
+            elif await run_stream(  # (as generate's: comments until the first event, after
+                req, responder, partial(finish, req),  # the lane's head if it sent one)
+                api.sse_keepalive_s if not stream.started else 0.0,
+                head_sent=ex.head_sent, counted=api.metrics.keepalives.inc,
+            ):  # fmt: skip
+                status = api.abandoned(req, ex.rid, ex.model, ex.endpoint)  # (the deadline's)
         except GatewayError as exc:
             status = await api.answer_error(exc, responder, ex.rid, ex.model, ex.endpoint)
         except (trio.Cancelled, trio.BrokenResourceError, trio.ClosedResourceError):

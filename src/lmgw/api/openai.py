@@ -30,7 +30,7 @@ from ..model_routes import ModelRoute
 from ..pipeline.express import run_express
 from ..pipeline.request import GatewayRequest
 from ..routing.policy import RouteContext, session_key_of
-from .keepalive import KeepAliveResponder, with_keepalive
+from .keepalive import run_stream
 from .keys import UsageMeter
 from .limits import RequestLimits
 
@@ -403,18 +403,9 @@ class OpenAIAPI:
             try:
                 if not view.stream:
                     await serve(responder)
-                else:  # a deadline after the stream began ends only this (Request.stream_scope)
-                    with trio.CancelScope() as req.stream_scope:
-                        if self.sse_keepalive_s:  # comments until the first event
-                            responder = KeepAliveResponder(
-                                responder, rid, counted=self.metrics.keepalives.inc
-                            )
-                            await with_keepalive(responder, self.sse_keepalive_s,
-                                                 partial(serve, responder))  # fmt: skip
-                        else:
-                            await serve(responder)
-                    if req.stream_scope.cancelled_caught:  # the server ends the stream
-                        status = self.abandoned(req, rid, model, endpoint)
+                elif await run_stream(req, responder, serve, self.sse_keepalive_s,
+                                      counted=self.metrics.keepalives.inc):  # fmt: skip
+                    status = self.abandoned(req, rid, model, endpoint)  # (the deadline's)
             finally:
                 model = served[0]
         except GatewayError as exc:
