@@ -157,6 +157,9 @@ class Harness:
         self.beats = False
         self.beat: Callable[[str], Any] | None = None
         self.head_out = False
+        #: side legs: plans carry this one (an eighth item), and on_side answers ``side_says``
+        self.side: tuple | None = None
+        self.side_says: Any = False
         self.relay = impl.Relay(
             self._request,
             self._answer,
@@ -170,6 +173,7 @@ class Harness:
             on_stream_end=self._stream_end,
             on_broken=self._broken,
             on_beat=self._beat,
+            on_side=self._side,
             beat_s=0.05,
             keepalive_s=5.0,
             partial_s=0.2,
@@ -194,7 +198,9 @@ class Harness:
             plan = (0, data.replace(b"host: gw", b"host: w"), f"t{self.tokens}", self.deadline, 0.0)
             if self.stream is not None:
                 self.streams.append(self.stream())
-                return (*plan, self.streams[-1], self.beats)
+                plan = (*plan, self.streams[-1], self.beats)
+            if self.side is not None:
+                plan = (*plan, None, False)[:7] + (self.side,)
             return plan
         return what
 
@@ -232,6 +238,10 @@ class Harness:
             return b"B|"
         self.head_out = True
         return b"H|B|"
+
+    def _side(self, token: str, kind: int, data: bytes) -> Any:
+        self.calls.append(("side", (token, kind, data)))
+        return self.side_says
 
     def _first(self, token: str) -> None:
         self.calls.append(("first", token))

@@ -83,6 +83,7 @@ cdef enum:
     WHOLE = 1
     HANDOFF = 2
     STREAM = 3
+    BAD = 4
     CONNECT = 1
     LOCAL = 2
     DROPPED = 3
@@ -91,13 +92,16 @@ cdef enum:
     ABORTED = 6
     CONNECT_TIMEOUT = 7
     DEADLINE = 8
+    SIDE = 9
+    CANCELLED = 10
 
-assert (MORE, NOT_OURS, WHOLE, HANDOFF, STREAM) == (
-    _twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF, _twin.STREAM
+assert (MORE, NOT_OURS, WHOLE, HANDOFF, STREAM, BAD) == (
+    _twin.MORE, _twin.NOT_OURS, _twin.WHOLE, _twin.HANDOFF, _twin.STREAM, _twin.BAD
 )
-assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED, CONNECT_TIMEOUT, DEADLINE) == (
+assert (CONNECT, LOCAL, DROPPED, TIMEOUT, PROTOCOL, ABORTED, CONNECT_TIMEOUT, DEADLINE, SIDE,
+        CANCELLED) == (
     _twin.CONNECT, _twin.LOCAL, _twin.DROPPED, _twin.TIMEOUT, _twin.PROTOCOL, _twin.ABORTED,
-    _twin.CONNECT_TIMEOUT, _twin.DEADLINE,
+    _twin.CONNECT_TIMEOUT, _twin.DEADLINE, _twin.SIDE, _twin.CANCELLED,
 )
 
 cdef enum:
@@ -278,6 +282,112 @@ cdef Py_ssize_t _stream_head(const unsigned char* p, Py_ssize_t n, int* kind, in
     return head_end + 4
 
 
+cdef Py_ssize_t _chunked_end(const unsigned char* p, Py_ssize_t n, Py_ssize_t at) noexcept nogil:
+    """See `relay_py._chunked_end`: where a chunked body from ``at`` ends; 0 while it is not
+    whole, -1 when its framing is wrong."""
+    cdef const unsigned char* h
+    cdef Py_ssize_t eol, s, e, size, digits, i
+    cdef unsigned char ch
+    while True:
+        h = <const unsigned char*>memmem(p + at, n - at, b"\r\n", 2)
+        if h == NULL:
+            return MORE if n - at < 1024 else -1
+        eol = h - p
+        e = at
+        while e < eol and p[e] != 59:  # ';': a chunk extension
+            e += 1
+        s = at
+        while s < e and (p[s] == 32 or p[s] == 9):
+            s += 1
+        while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
+            e -= 1
+        digits = e - s
+        if digits == 0 or digits > 15:
+            return -1
+        size = 0
+        for i in range(s, e):
+            ch = p[i]
+            if 48 <= ch <= 57:
+                size = size * 16 + (ch - 48)
+            elif 97 <= _low(ch) <= 102:
+                size = size * 16 + (_low(ch) - 87)
+            else:
+                return -1
+        at = eol + 2
+        if size == 0:
+            break
+        if n < at + size + 2:
+            return MORE
+        if p[at + size] != 13 or p[at + size + 1] != 10:
+            return -1
+        at += size + 2
+    while True:  # trailers, up to an empty line
+        h = <const unsigned char*>memmem(p + at, n - at, b"\r\n", 2)
+        if h == NULL:
+            return MORE if n - at < 8192 else -1
+        eol = h - p
+        if eol == at:
+            return eol + 2
+        at = eol + 2
+
+
+cdef Py_ssize_t _side_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, bint eof, int* kind, int* keep) noexcept nogil:
+    cdef Py_ssize_t head_end, first, length, start, stop
+    cdef int flags, status
+    keep[0] = 0
+    head_end = _response_head(p, n, &status)
+    if head_end < 0:
+        kind[0] = MORE if n < RESPONSE_HEAD_CAP else BAD
+        return 0
+    kind[0] = BAD
+    if status < 0:
+        return 0
+    first = 0
+    while first < head_end and p[first] != 13:
+        first += 1
+    length = _scan_head(p, first + 2, head_end, &flags)
+    start = head_end + 4
+    if flags & F_BAD or (flags & F_CHUNKED and length >= 0):
+        return 0
+    keep[0] = not (flags & F_CLOSE)
+    if status < 200 or status == 204 or status == 304:
+        kind[0] = WHOLE
+        return start
+    if flags & F_CHUNKED:
+        stop = _chunked_end(p, n, start)
+        if stop < 0 or stop - start > cap:
+            keep[0] = 0
+            return 0
+        if stop == MORE:
+            keep[0] = 0
+            kind[0] = BAD if n - start > cap else MORE
+            return 0
+        kind[0] = WHOLE
+        return stop
+    if length >= 0:
+        if length > cap:
+            keep[0] = 0
+            return 0
+        if n < start + length:
+            keep[0] = 0
+            kind[0] = MORE
+            return 0
+        kind[0] = WHOLE
+        return start + length
+    keep[0] = 0
+    if n - start > cap:
+        return 0
+    kind[0] = WHOLE if eof else MORE
+    return n if eof else 0
+
+
+def side_frame(bytes data not None, Py_ssize_t cap, bint eof):
+    """See `relay_py.side_frame`."""
+    cdef int kind, keep
+    cdef Py_ssize_t n = _side_frame(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), cap, eof, &kind, &keep)
+    return kind, n, bool(keep)
+
+
 def stream_head(bytes data not None):
     """See `relay_py.stream_head`."""
     cdef int kind, keep
@@ -320,6 +430,10 @@ cdef struct Conn:
     PyObject* ident
     PyObject* token
     PyObject* stream  # a client's streamed answer (lmgw.transport.sse_stream.SseStream)
+    # a client's side leg in flight (its fd); a side leg's client while its request is in
+    # flight (a side leg's ``token`` is its request's; a main leg's is NULL)
+    int side
+    int owner
 
 
 cdef struct Slot:
@@ -341,14 +455,14 @@ cdef class Relay:
     cdef int nslots
     cdef epoll_event events[MAXEV]
     cdef object on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon, on_demote
-    cdef object on_stream, on_first, on_stream_end, on_broken, on_beat
+    cdef object on_stream, on_first, on_stream_end, on_broken, on_beat, on_side
     cdef public double beat_s
     cdef public Py_ssize_t max_head, max_body, answer_cap
     cdef public double keepalive_s, write_timeout_s, upstream_idle_s, partial_s, connect_timeout_s
     cdef public Py_ssize_t lane_body
     cdef public int max_idle
     cdef readonly long clients, in_flight, upstreams, closed, connects, reuses, served
-    cdef readonly long demoted, stale, streamed
+    cdef readonly long demoted, stale, streamed, sides
     cdef bint _closed
     cdef bint _busy  # this pass has more than one ready connection
     cdef list _paused  # (fd, gen, until): streams not read for a moment (burst pacing)
@@ -369,7 +483,7 @@ cdef class Relay:
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, on_stream=None, on_first=None, on_stream_end=None,
-                 on_broken=None, on_beat=None, double beat_s=0.0, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
+                 on_broken=None, on_beat=None, on_side=None, double beat_s=0.0, Py_ssize_t max_head=65536, Py_ssize_t max_body=32 << 20,
                  Py_ssize_t answer_cap=8 << 20, double keepalive_s=75.0,
                  double write_timeout_s=60.0, double upstream_idle_s=55.0,
                  double partial_s=1.0, Py_ssize_t lane_body=1 << 20,
@@ -386,6 +500,7 @@ cdef class Relay:
         self.on_stream_end = on_stream_end
         self.on_broken = on_broken
         self.on_beat = on_beat
+        self.on_side = on_side
         self.beat_s = beat_s
         self.max_head = max_head
         self.max_body = max_body
@@ -470,7 +585,7 @@ cdef class Relay:
         elif c.kind == UPSTREAM:
             self.upstreams -= 1
         c.kind = FREE
-        c.peer = -1
+        c.peer = c.side = c.owner = -1
         c.gen += 1
         Py_XDECREF(c.ident)
         c.ident = NULL
@@ -503,7 +618,7 @@ cdef class Relay:
             raise ValueError(f"fd {fd} is already in the lane")
         c.kind = CLIENT
         c.state = C_IDLE
-        c.peer = -1
+        c.peer = c.side = c.owner = -1
         c.slot = -1
         c.keep = 1
         c.since = now
@@ -549,7 +664,8 @@ cdef class Relay:
         cdef int n = 0
         for fd in range(self.nconns):
             c = &self.conns[fd]
-            if c.kind == UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != U_IDLE:
+            # (a side leg's token: its request's)
+            if c.kind == UPSTREAM and c.slot == slot and (c.peer >= 0 or c.token != NULL) and c.state != U_IDLE:
                 c.aborted = 1
                 shutdown(fd, SHUT_RDWR)
                 n += 1
@@ -590,6 +706,11 @@ cdef class Relay:
             elif c.kind == UPSTREAM:
                 if c.state == U_IDLE and now - c.since > self.upstream_idle_s:
                     self._close_upstream(fd)
+                elif c.token != NULL:  # a side leg
+                    if c.state == U_CONNECT and now - c.since > self.connect_timeout_s:
+                        self._side_done(fd, CONNECT_TIMEOUT, now, 0, 0)
+                    elif c.resp_deadline and now >= c.resp_deadline:
+                        self._side_done(fd, TIMEOUT, now, 0, 0)
                 elif c.state == U_CONNECT and c.peer >= 0 and now - c.since > self.connect_timeout_s:
                     self._fail(c.peer, CONNECT_TIMEOUT)
 
@@ -614,8 +735,14 @@ cdef class Relay:
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.kind == CLIENT and c.token != NULL:
+                self._cancel_side(c.side)
                 token = self._finish(fd)
                 _call(self.on_abandon, (token,))
+        for fd in range(self.nconns):  # the side legs that outlived their request
+            if self.conns[fd].kind == UPSTREAM and self.conns[fd].token != NULL:
+                self._cancel_side(fd)
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
             if c.kind == CLIENT:
                 self._closed_idents.append(<object>c.ident if c.ident != NULL else None)
                 self.closed += 1
@@ -755,6 +882,7 @@ cdef class Relay:
         cdef Conn* c = &self.conns[fd]
         cdef object token
         if (c.state == C_WAIT or c.state == C_STREAM) and c.token != NULL:
+            self._cancel_side(c.side)
             if c.peer >= 0:
                 self._close_upstream(c.peer)  # closing is how the worker learns
             token = self._finish(fd)
@@ -763,6 +891,7 @@ cdef class Relay:
 
     cdef void _close_client(self, int fd):
         cdef Conn* c = &self.conns[fd]
+        self._cancel_side(c.side)
         if c.peer >= 0:
             self._close_upstream(c.peer)
         self._closed_idents.append(<object>c.ident if c.ident != NULL else None)
@@ -820,12 +949,13 @@ cdef class Relay:
             self.closed += 1
 
     cdef void _start(self, int fd, Conn* c, tuple plan, double now):
-        """``plan``: (slot, payload, token, deadline, response deadline[, stream[, beats]])
-        from on_request (or on_answer: the next leg)."""
+        """``plan``: (slot, payload, token, deadline, response deadline[, stream[, beats[,
+        side]]]) from on_request (or on_answer: the next leg)."""
         cdef int slot = plan[0]
         cdef bytes payload = plan[1]
         cdef object token = plan[2]
         cdef object stream = plan[5] if len(plan) > 5 else None
+        cdef object side = plan[7] if len(plan) > 7 else None
         cdef int ufd
         cdef Conn* u
         if len(plan) > 6 and plan[6] and self.beat_s > 0:
@@ -843,6 +973,8 @@ cdef class Relay:
         c.state = C_WAIT
         c.since = now
         self.in_flight += 1
+        if side is not None and self._side_start(fd, <tuple>side, token, now) < 0:
+            return  # the side leg's failure ended the request
         ufd = self._checkout(slot, now)
         c = &self.conns[fd]  # (a new connection may have grown the table: ``c`` moved)
         if ufd < 0:
@@ -944,6 +1076,9 @@ cdef class Relay:
         Py_XDECREF(c.stream)
         c.stream = NULL
         c.peer = -1
+        if c.side >= 0:  # the side leg goes on by itself
+            self.conns[c.side].owner = -1
+            c.side = -1
         c.deadline = c.resp_deadline = c.beat_at = 0
         self.in_flight -= 1
         return token
@@ -954,11 +1089,12 @@ cdef class Relay:
         cdef Conn* c = &self.conns[fd]
         cdef int reused = 0, sent = 1, got = 0
         cdef object token, cont
+        self._cancel_side(c.side)
         if c.peer >= 0:
             u = &self.conns[c.peer]
             reused = u.reused
             got = u.rlen > 0
-            if u.aborted:
+            if u.aborted and kind != SIDE:
                 kind = ABORTED
             sent = u.state == U_WAIT or (u.state == U_SEND and u.woff > 0)
             if kind == CONNECT or kind == LOCAL or kind == CONNECT_TIMEOUT:
@@ -977,6 +1113,7 @@ cdef class Relay:
     cdef void _deadline(self, int fd, double now):
         cdef Conn* c = &self.conns[fd]
         cdef object token, answer
+        self._cancel_side(c.side)
         if c.peer >= 0:
             self._close_upstream(c.peer)
         token = self._finish(fd)
@@ -1024,7 +1161,7 @@ cdef class Relay:
         u.kind = UPSTREAM
         u.state = U_CONNECT
         u.slot = slot
-        u.peer = -1
+        u.peer = u.side = u.owner = -1
         u.reused = 0
         u.aborted = 0
         u.rlen = u.rcap = u.wlen = u.woff = 0
@@ -1057,6 +1194,8 @@ cdef class Relay:
                     break
         if u.peer >= 0:
             self.conns[u.peer].peer = -1
+        if u.owner >= 0:
+            self.conns[u.owner].side = -1
         self._forget(fd, u)
         close(fd)
 
@@ -1098,6 +1237,9 @@ cdef class Relay:
         cdef int cfd = u.peer
         cdef object token, res, data
         cdef double beat_at
+        if u.token != NULL:
+            self._side_event(ufd, u, ev, now)
+            return
         if cfd < 0:
             self._close_upstream(ufd)
             return
@@ -1318,8 +1460,9 @@ cdef class Relay:
         """The stream ends before its last chunk: Python says how (``on_broken``)."""
         cdef Conn* c = &self.conns[cfd]
         cdef object token, res, unsent
+        self._cancel_side(c.side)
         if c.peer >= 0:
-            if self.conns[c.peer].aborted:
+            if self.conns[c.peer].aborted and kind != SIDE:
                 kind = ABORTED
             self._close_upstream(c.peer)
         token = self._finish(cfd)
@@ -1344,8 +1487,10 @@ cdef class Relay:
         upstream connection and its bytes go to Python, and with them the client."""
         cdef Conn* u = &self.conns[ufd]
         cdef Conn* c = &self.conns[cfd]
-        cdef object data = PyBytes_FromStringAndSize(u.rbuf, u.rlen)
+        cdef object data
         cdef object token, cont
+        self._cancel_side(c.side)
+        data = PyBytes_FromStringAndSize(u.rbuf, u.rlen)
         u.peer = -1
         c.peer = -1
         self._forget(ufd, u)  # not closed: Python reads the rest from it
@@ -1358,6 +1503,135 @@ cdef class Relay:
             return
         self._demote(cfd, cont)
 
+
+    # -- side legs ----------------------------------------------------------------------------
+    cdef int _side_start(self, int fd, tuple side, object token, double now):
+        """Send the side leg of client ``fd``'s request; -1 when its failure at once ended
+        the request (``on_side`` said so)."""
+        cdef int slot = side[0]
+        cdef bytes payload = side[1]
+        cdef int ufd = self._checkout(slot, now)
+        cdef Conn* u
+        cdef Conn* c
+        cdef object res
+        if ufd < 0:
+            res = _call(self.on_side, (token, LOCAL if ufd == -2 else CONNECT, b""))
+            if res is True or res is _FAILED:
+                self._fail(fd, SIDE)
+                return -1
+            return 0
+        u = &self.conns[ufd]
+        Py_INCREF(token)
+        u.token = <PyObject*>token
+        u.owner = fd
+        self.conns[fd].side = ufd
+        self.sides += 1
+        u.since = now
+        u.resp_deadline = side[2]
+        u.rlen = 0
+        if u.state == U_CONNECT:
+            self._queue(u, payload, 0)
+            return 0
+        if self._send(ufd, u, payload) < 0:
+            self._side_done(ufd, DROPPED, now, 0, 0)
+            c = &self.conns[fd]
+            return -1 if c.kind != CLIENT or c.token != <PyObject*>token else 0
+        return 0
+
+    cdef void _side_event(self, int ufd, Conn* u, unsigned int ev, double now):
+        cdef int err = 0, kind, keep
+        cdef socklen_t elen = sizeof(err)
+        cdef ssize_t r
+        cdef Py_ssize_t length
+        if u.state == U_CONNECT:
+            if not ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                return
+            getsockopt(ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err or ev & (EPOLLERR | EPOLLHUP):
+                self._side_done(ufd, CONNECT, now, 0, 0)
+                return
+            u.state = U_SEND
+            ev |= EPOLLOUT
+        if u.state == U_SEND and ev & EPOLLOUT:
+            if self._flush(ufd, u) < 0:
+                self._side_done(ufd, DROPPED, now, 0, 0)
+                return
+            if u.wlen:
+                self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+                return
+            u.state = U_WAIT
+            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
+        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            return
+        try:
+            self._reserve(u, 16384)
+        except MemoryError:
+            self._side_done(ufd, PROTOCOL, now, 0, 0)
+            return
+        r = recv(ufd, u.rbuf + u.rlen, u.rcap - u.rlen, 0)
+        if r < 0 and (errno == EAGAIN or errno == EINTR):
+            return
+        if r <= 0:  # the worker closed: an answer without a length ends so
+            length = _side_frame(<const unsigned char*>u.rbuf, u.rlen, self.answer_cap, True, &kind, &keep)
+            if u.aborted or kind != WHOLE:
+                self._side_done(ufd, ABORTED if u.aborted else DROPPED, now, 0, 0)
+            else:
+                self._side_done(ufd, 0, now, length, 0)
+            return
+        u.rlen += r
+        length = _side_frame(<const unsigned char*>u.rbuf, u.rlen, self.answer_cap, False, &kind, &keep)
+        if kind == MORE:
+            return
+        if kind == BAD:
+            self._side_done(ufd, PROTOCOL, now, 0, 0)
+            return
+        self._side_done(ufd, 0, now, length, keep and u.rlen == length)
+
+    cdef void _side_done(self, int ufd, int kind, double now, Py_ssize_t length, bint keep):
+        """The side leg on ``ufd`` is over (``kind`` 0: its answer is ``length`` bytes): its
+        connection back to its slot or closed, then ``on_side``, which may end its request."""
+        cdef Conn* u = &self.conns[ufd]
+        cdef Conn* c
+        cdef int owner = u.owner
+        cdef object token = <object>u.token
+        cdef object data = PyBytes_FromStringAndSize(u.rbuf, length if kind == 0 else u.rlen)
+        Py_DECREF(token)  # the reference held by ``token`` here stays
+        u.token = NULL
+        self.sides -= 1
+        if owner >= 0:
+            self.conns[owner].side = -1
+            u.owner = -1
+        if kind == 0 and keep:
+            self._release(ufd, u, now)
+        else:
+            self._close_upstream(ufd)
+        if _call(self.on_side, (token, kind, data)) is not True or owner < 0:
+            return
+        c = &self.conns[owner]
+        if c.kind != CLIENT or c.token != <PyObject*>token:
+            return
+        if c.state == C_WAIT:
+            self._fail(owner, SIDE)
+        elif c.state == C_STREAM:
+            self._broken(owner, SIDE, now)
+
+    cdef void _cancel_side(self, int ufd):
+        """The side leg on ``ufd`` (none: -1) is cancelled (``on_side`` CANCELLED): its
+        request ends other than by its answer, or the lane closes."""
+        cdef Conn* u
+        cdef object token
+        if ufd < 0:
+            return
+        u = &self.conns[ufd]
+        token = <object>u.token
+        Py_DECREF(token)
+        u.token = NULL
+        if u.owner >= 0:
+            self.conns[u.owner].side = -1
+            u.owner = -1
+        self.sides -= 1
+        self._close_upstream(ufd)
+        _call(self.on_side, (token, CANCELLED, b""))
 
 
 cdef object _call(object fn, tuple args):

@@ -43,6 +43,18 @@ next read and write carry more events (what ``lmgw.transport.pacing`` does on tr
 says how many wait, and ``run`` reads them again once their time has come (the caller wakes it
 that soon).
 
+Side legs (a plan with an eighth item, ``(slot, payload, response_deadline)``): a second
+exchange of the same request, sent at the same time as its main leg on a connection of its
+own, whose answer no client sees (an SGLang prefill leg, which runs alongside its decode leg).
+The relay reads its whole answer (a Content-Length, chunked, or until the worker closes) and
+calls ``on_side(token, kind, data)`` exactly once: ``kind`` 0 with the whole answer, or a
+failure kind with what was read (CANCELLED: the request ended first, other than by its answer:
+a failure, a hand-over, its deadline, a broken stream, the client gone, the lane closed; it is
+cancelled before that end's callback). A side leg outlives the answer of its request (it goes
+on by itself, its connection back to its slot after). While the request is in flight, an
+``on_side`` that returns True ends it: ``on_failure`` (or ``on_broken`` mid-stream) with kind
+SIDE.
+
 SSE keep-alive comments (``beat_s`` > 0, and a plan whose seventh item is true: a streamed
 request, on any of its legs): every ``beat_s`` until the stream's first event, ``on_beat(token)
 -> bytes | None`` gives what to write, the client's head with the first comment while the
@@ -67,7 +79,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Relay", "request_frame", "response_frame", "stream_head"]
+__all__ = ["Relay", "request_frame", "response_frame", "side_frame", "stream_head"]
 
 # frame results
 MORE = 0  #: the message is not whole yet
@@ -75,6 +87,7 @@ NOT_OURS = -1  #: a request the lane does not take (chunked, Expect, too large, 
 WHOLE = 1  #: a whole 2xx/3xx answer with a Content-Length
 HANDOFF = 2  #: an answer the lane passes to Python with its connection
 STREAM = 3  #: the head of a streamed (2xx, chunked) answer
+BAD = 4  #: a side leg's answer that cannot be read (side_frame)
 
 # failure kinds (on_failure)
 CONNECT = 1  #: the connection could not be made
@@ -85,6 +98,8 @@ PROTOCOL = 5  #: the answer could not be held
 ABORTED = 6  #: the gateway took the worker out of rotation meanwhile (abort_origin)
 CONNECT_TIMEOUT = 7  #: the connection was not made within the connect timeout
 DEADLINE = 8  #: the request's deadline passed mid-stream
+SIDE = 9  #: the request's side leg failed, and Python ends the request for it (on_side)
+CANCELLED = 10  #: a side leg whose request ended first (other than by its answer)
 
 STREAM_HIGH = 1 << 18
 """Bytes of a stream the client has not taken, at most, before the worker is not read."""
@@ -204,6 +219,71 @@ def stream_head(data: bytes) -> tuple[int, int, bool]:
     return STREAM, end + 4, not close
 
 
+def _chunked_end(data: bytes, at: int) -> int:
+    """Where a chunked body that starts at ``at`` ends (after its last chunk and trailers);
+    MORE (0) while it is not whole, -1 when the framing is wrong."""
+    n = len(data)
+    while True:
+        eol = data.find(b"\r\n", at)
+        if eol < 0:
+            return MORE if n - at < 1024 else -1
+        line = data[at:eol]
+        size_text = line.split(b";", 1)[0].strip(b" \t")
+        if not size_text or len(size_text) > 15 or size_text.strip(b"0123456789abcdefABCDEF"):
+            return -1
+        size = int(size_text, 16)
+        at = eol + 2
+        if size == 0:
+            break
+        if n < at + size + 2:
+            return MORE
+        if data[at + size : at + size + 2] != b"\r\n":
+            return -1
+        at += size + 2
+    while True:  # trailers, up to an empty line
+        eol = data.find(b"\r\n", at)
+        if eol < 0:
+            return MORE if n - at < 8192 else -1
+        if eol == at:
+            return eol + 2
+        at = eol + 2
+
+
+def side_frame(data: bytes, cap: int, eof: bool) -> tuple[int, int, bool]:
+    """(kind, length, keep-alive) of a side leg's answer at the start of ``data``: WHOLE
+    with its length, whatever its status; MORE while it is not whole; BAD when it cannot be
+    read (no status line, an odd length, bad chunks, over ``cap`` bytes or a 64 KiB head).
+    The body: a Content-Length, chunked, none (1xx, 204, 304), or up to the worker's close
+    (``eof``: the worker closed after ``data``)."""
+    end, status = _response_head(data)
+    if end < 0:
+        return (MORE if len(data) < RESPONSE_HEAD_CAP else BAD), 0, False
+    if status < 0:
+        return BAD, 0, False
+    length, odd, close, chunked, _ = _scan_head(data[:end])
+    start = end + 4
+    if odd or (chunked and length >= 0):
+        return BAD, 0, False
+    if status < 200 or status in (204, 304):
+        return WHOLE, start, not close
+    if chunked:
+        stop = _chunked_end(data, start)
+        if stop < 0 or stop - start > cap:
+            return BAD, 0, False
+        if stop == MORE:
+            return (BAD if len(data) - start > cap else MORE), 0, False
+        return WHOLE, stop, not close
+    if length >= 0:
+        if length > cap:
+            return BAD, 0, False
+        if len(data) < start + length:
+            return MORE, 0, False
+        return WHOLE, start + length, not close
+    if len(data) - start > cap:
+        return BAD, 0, False
+    return (WHOLE, len(data), False) if eof else (MORE, 0, False)
+
+
 class _Conn:
     __slots__ = (
         "aborted",
@@ -214,10 +294,12 @@ class _Conn:
         "keep",
         "kind",
         "mask",
+        "owner",
         "peer",
         "rbuf",
         "resp_deadline",
         "reused",
+        "side",
         "since",
         "slot",
         "sock",
@@ -234,6 +316,10 @@ class _Conn:
         self.state = 0
         self.gen = 0
         self.peer = -1
+        #: a client's side leg in flight (its fd), a side leg's client while its request is
+        #: in flight (a side leg's ``token`` is its request's; a main leg's is None)
+        self.side = -1
+        self.owner = -1
         self.slot = -1
         self.reused = False
         self.aborted = False
@@ -278,6 +364,7 @@ class Relay:
         on_stream_end: Callable[[Any], Any] | None = None,
         on_broken: Callable[[Any, int, bytes], Any] | None = None,
         on_beat: Callable[[Any], Any] | None = None,
+        on_side: Callable[[Any, int, bytes], Any] | None = None,
         beat_s: float = 0.0,
         max_head: int = 65536,
         max_body: int = 32 << 20,
@@ -296,6 +383,7 @@ class Relay:
         self.on_stream, self.on_first = on_stream, on_first
         self.on_stream_end, self.on_broken = on_stream_end, on_broken
         self.on_beat = on_beat
+        self.on_side = on_side
         #: seconds between SSE keep-alive comments (limits.sse_keepalive_s; 0: none)
         self.beat_s = beat_s
         self.max_head, self.max_body, self.answer_cap = max_head, max_body, answer_cap
@@ -315,6 +403,7 @@ class Relay:
         self._closed_idents: list[Any] = []  # the idents of the client connections closed
         self.connects = self.reuses = self.served = self.demoted = self.stale = 0
         self.streamed = 0  # streamed answers relayed to their end
+        self.sides = 0  # side legs in flight
         self._busy = False  # this pass has more than one ready connection
         self._paused: list[tuple[int, int, float]] = []  # (fd, gen, until): burst pacing
 
@@ -346,7 +435,7 @@ class Relay:
         else:
             self.upstreams -= 1
         c.kind = 0
-        c.peer = -1
+        c.peer = c.side = c.owner = -1
         c.ident = c.token = None
         c.rbuf = bytearray()
         c.wbuf = b""
@@ -377,7 +466,8 @@ class Relay:
     def abort_origin(self, slot: int) -> int:
         n = 0
         for c in list(self._conns.values()):
-            if c.kind == _UPSTREAM and c.slot == slot and c.peer >= 0 and c.state != _U_IDLE:
+            busy = c.peer >= 0 or c.token is not None  # (a side leg's token: its request's)
+            if c.kind == _UPSTREAM and c.slot == slot and busy and c.state != _U_IDLE:
                 c.aborted = True
                 try:
                     c.sock.shutdown(socket.SHUT_RDWR)
@@ -416,6 +506,11 @@ class Relay:
                     self._close_client(fd)
             elif c.state == _U_IDLE and now - c.since > self.upstream_idle_s:
                 self._close_upstream(fd)
+            elif c.token is not None:  # a side leg
+                if c.state == _U_CONNECT and now - c.since > self.connect_timeout_s:
+                    self._side_done(fd, CONNECT_TIMEOUT, now)
+                elif c.resp_deadline and now >= c.resp_deadline:
+                    self._side_done(fd, TIMEOUT, now)
             elif c.state == _U_CONNECT and c.peer >= 0 and now - c.since > self.connect_timeout_s:
                 self._fail(c.peer, CONNECT_TIMEOUT)
 
@@ -431,7 +526,12 @@ class Relay:
             return
         for fd, c in list(self._conns.items()):
             if c.kind == _CLIENT and c.token is not None:
+                self._cancel_side(c.side)
                 _call(self.on_abandon, self._finish(fd))
+        for fd, c in list(self._conns.items()):  # the side legs that outlived their request
+            if c.kind == _UPSTREAM and c.token is not None:
+                self._cancel_side(fd)
+        for fd, c in list(self._conns.items()):
             if c.kind == _CLIENT:
                 self._closed_idents.append(c.ident)
                 self.closed += 1
@@ -538,6 +638,7 @@ class Relay:
     def _gone(self, fd: int) -> None:
         c = self._conns[fd]
         if (c.state == _C_WAIT or c.state == _C_STREAM) and c.token is not None:
+            self._cancel_side(c.side)
             if c.peer >= 0:
                 self._close_upstream(c.peer)
             _call(self.on_abandon, self._finish(fd))
@@ -545,6 +646,7 @@ class Relay:
 
     def _close_client(self, fd: int) -> None:
         c = self._conns[fd]
+        self._cancel_side(c.side)
         if c.peer >= 0:
             self._close_upstream(c.peer)
         self._closed_idents.append(c.ident)
@@ -609,6 +711,9 @@ class Relay:
         c.state = _C_WAIT
         c.since = now
         self.in_flight += 1
+        side = plan[7] if len(plan) > 7 else None
+        if side is not None and self._side_start(fd, side, token, now) < 0:
+            return  # the side leg's failure ended the request
         ufd = self._checkout(slot, now)
         if ufd < 0:
             self._fail(fd, LOCAL if ufd == -2 else CONNECT)
@@ -684,19 +789,23 @@ class Relay:
         token, c.token = c.token, None
         c.stream = None
         c.peer = -1
+        if c.side >= 0:  # the side leg goes on by itself
+            self._conns[c.side].owner = -1
+            c.side = -1
         c.deadline = c.resp_deadline = c.beat_at = 0.0
         self.in_flight -= 1
         return token
 
     def _fail(self, fd: int, kind: int) -> None:
         c = self._conns[fd]
+        self._cancel_side(c.side)
         reused = got = False
         sent = kind not in (CONNECT, LOCAL, CONNECT_TIMEOUT)
         if c.peer >= 0:
             u = self._conns[c.peer]
             reused = u.reused
             got = bool(u.rbuf)
-            if u.aborted:
+            if u.aborted and kind != SIDE:
                 kind = ABORTED
             if sent:
                 sent = u.state == _U_WAIT or (u.state == _U_SEND and u.woff > 0)
@@ -711,6 +820,7 @@ class Relay:
 
     def _deadline(self, fd: int, now: float) -> None:
         c = self._conns[fd]
+        self._cancel_side(c.side)
         if c.peer >= 0:
             self._close_upstream(c.peer)
         token = self._finish(fd)
@@ -768,6 +878,8 @@ class Relay:
             peer = self._conns.get(u.peer)
             if peer is not None:
                 peer.peer = -1
+        if u.owner >= 0:
+            self._conns[u.owner].side = -1
         sock = u.sock
         self._forget(fd, u)
         sock.close()
@@ -784,6 +896,9 @@ class Relay:
         self._mask(ufd, u, _IN | _RDHUP)
 
     def _upstream_event(self, ufd: int, u: _Conn, ev: int, now: float) -> None:
+        if u.token is not None:
+            self._side_event(ufd, u, ev, now)
+            return
         cfd = u.peer
         if cfd < 0:
             self._close_upstream(ufd)
@@ -980,8 +1095,9 @@ class Relay:
     def _broken(self, cfd: int, kind: int, now: float) -> None:
         """The stream ends before its last chunk: Python says how (``on_broken``)."""
         c = self._conns[cfd]
+        self._cancel_side(c.side)
         if c.peer >= 0:
-            if self._conns[c.peer].aborted:
+            if self._conns[c.peer].aborted and kind != SIDE:
                 kind = ABORTED
             self._close_upstream(c.peer)
         token = self._finish(cfd)
@@ -1003,6 +1119,7 @@ class Relay:
     def _handoff(self, cfd: int, ufd: int) -> None:
         u = self._conns[ufd]
         c = self._conns[cfd]
+        self._cancel_side(c.side)
         data = bytes(u.rbuf)
         u.peer = c.peer = -1
         sock = u.sock
@@ -1016,6 +1133,116 @@ class Relay:
             self._close_client(cfd)
             return
         self._demote(cfd, cont)
+
+    # -- side legs ----------------------------------------------------------------------------
+    def _side_start(self, fd: int, side: tuple, token: Any, now: float) -> int:
+        """Send the side leg of client ``fd``'s request; -1 when its failure at once ended
+        the request (``on_side`` said so)."""
+        slot, payload, resp_deadline = side
+        ufd = self._checkout(slot, now)
+        if ufd < 0:
+            res = _call(self.on_side, token, LOCAL if ufd == -2 else CONNECT, b"")
+            if res is True or res is _FAILED:
+                self._fail(fd, SIDE)
+                return -1
+            return 0
+        u = self._conns[ufd]
+        u.token = token
+        u.owner = fd
+        self._conns[fd].side = ufd
+        self.sides += 1
+        u.since = now
+        u.resp_deadline = resp_deadline
+        u.rbuf = bytearray()
+        if u.state == _U_CONNECT:
+            u.wbuf, u.woff = payload, 0
+            return 0
+        if self._send(ufd, u, payload) < 0:
+            self._side_done(ufd, DROPPED, now)
+            return -1 if self._conns.get(fd) is None or self._conns[fd].token is not token else 0
+        return 0
+
+    def _side_event(self, ufd: int, u: _Conn, ev: int, now: float) -> None:
+        if u.state == _U_CONNECT:
+            if not ev & (_OUT | _ERR | _HUP):
+                return
+            err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_ERR | _HUP):
+                self._side_done(ufd, CONNECT, now)
+                return
+            u.state = _U_SEND
+            ev |= _OUT
+        if u.state == _U_SEND and ev & _OUT:
+            if self._flush(u) < 0:
+                self._side_done(ufd, DROPPED, now)
+                return
+            if u.wbuf:
+                self._mask(ufd, u, _OUT | _IN | _RDHUP)
+                return
+            u.state = _U_WAIT
+            self._mask(ufd, u, _IN | _RDHUP)
+        if not ev & (_IN | _RDHUP | _HUP | _ERR):
+            return
+        data = _recv(u.sock)
+        if data is None:
+            return
+        if not data:  # the worker closed: an answer without a length ends so
+            kind, length, _ = side_frame(bytes(u.rbuf), self.answer_cap, True)
+            if u.aborted or kind != WHOLE:
+                self._side_done(ufd, ABORTED if u.aborted else DROPPED, now)
+            else:
+                self._side_done(ufd, 0, now, length)
+            return
+        u.rbuf += data
+        kind, length, keep = side_frame(bytes(u.rbuf), self.answer_cap, False)
+        if kind == MORE:
+            return
+        if kind == BAD:
+            self._side_done(ufd, PROTOCOL, now)
+            return
+        self._side_done(ufd, 0, now, length, keep and len(u.rbuf) == length)
+
+    def _side_done(
+        self, ufd: int, kind: int, now: float, length: int = 0, keep: bool = False
+    ) -> None:
+        """The side leg on ``ufd`` is over (``kind`` 0: its answer is ``length`` bytes): its
+        connection back to its slot or closed, then ``on_side``, which may end its request."""
+        u = self._conns[ufd]
+        token, owner = u.token, u.owner
+        data = bytes(u.rbuf[:length]) if kind == 0 else bytes(u.rbuf)
+        u.token = None
+        self.sides -= 1
+        if owner >= 0:
+            self._conns[owner].side = -1
+            u.owner = -1
+        if kind == 0 and keep:
+            self._release(ufd, u, now)
+        else:
+            self._close_upstream(ufd)
+        if _call(self.on_side, token, kind, data) is not True or owner < 0:
+            return
+        c = self._conns.get(owner)
+        if c is None or c.token is not token:
+            return
+        if c.state == _C_WAIT:
+            self._fail(owner, SIDE)
+        elif c.state == _C_STREAM:
+            self._broken(owner, SIDE, now)
+
+    def _cancel_side(self, ufd: int) -> None:
+        """The side leg on ``ufd`` (none: -1) is cancelled (``on_side`` CANCELLED): its
+        request ends other than by its answer, or the lane closes."""
+        if ufd < 0:
+            return
+        u = self._conns[ufd]
+        token = u.token
+        if u.owner >= 0:
+            self._conns[u.owner].side = -1
+        u.token = None
+        u.owner = -1
+        self.sides -= 1
+        self._close_upstream(ufd)
+        _call(self.on_side, token, CANCELLED, b"")
 
 
 def _recv(sock: socket.socket) -> bytes | None:
