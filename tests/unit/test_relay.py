@@ -200,7 +200,7 @@ class Harness:
                 self.streams.append(self.stream())
                 plan = (*plan, self.streams[-1], self.beats)
             if self.side is not None:
-                plan = (*plan, None, False)[:7] + (self.side,)
+                plan = (*(*plan, None, False)[:7], self.side)
             return plan
         return what
 

@@ -104,8 +104,8 @@ _SIDE_HEADS = [
     b"HTTP/1.0 200 OK\r\n\r\n",
 ]
 _CHUNK_PIECES = st.sampled_from(
-    [b"5\r\nhello\r\n", b"0\r\n\r\n", b"3;ext=1\r\nabc\r\n", b" 2 \r\nhi\r\n", b"A\r\n0123456789\r\n",
-     b"0\r\nx-trailer: 1\r\n\r\n", b"g\r\n", b"2\r\nabc\r\n", b"hello", b"\r\n", b"1\r\n"]
+    [b"5\r\nhello\r\n", b"0\r\n\r\n", b"3;ext=1\r\nabc\r\n", b" 2 \r\nhi\r\n",
+     b"A\r\n0123456789\r\n", b"0\r\nx-trailer: 1\r\n\r\n", b"g\r\n", b"2\r\nabc\r\n", b"hello", b"\r\n", b"1\r\n"]
 )  # fmt: skip
 
 
@@ -200,7 +200,8 @@ def test_a_failed_side_leg_ends_its_request_when_python_says(
     p.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart")
     p.close()
     h.spin(lambda: "failure" in h.kinds())
-    assert h.sides() == [("t1", relay_py.DROPPED, b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart")]
+    read = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart"
+    assert h.sides() == [("t1", relay_py.DROPPED, read)]
     token, kind, sent, _, _ = h.calls[-2][1]
     assert (token, kind, sent) == ("t1", relay_py.SIDE, True)
     assert h.calls[-1] == ("demote", ("client-1", b"", "cont-failure"))
@@ -330,7 +331,7 @@ def test_an_unknown_side_slot_fails_at_once(sided: Callable[[], SideHarness]) ->
 def test_a_side_answer_without_a_length_ends_when_the_worker_closes(
     sided: Callable[[], SideHarness],
 ) -> None:
-    h, w, p = both_sent(sided)
+    h, _w, p = both_sent(sided)
     p.sendall(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
     h.step()
     assert h.sides() == []
@@ -343,7 +344,7 @@ def test_a_side_answer_without_a_length_ends_when_the_worker_closes(
 def test_a_side_answer_that_cannot_be_read_is_a_protocol_failure(
     sided: Callable[[], SideHarness],
 ) -> None:
-    h, w, p = both_sent(sided)
+    h, _w, p = both_sent(sided)
     p.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nnot-hex\r\n")
     h.spin(lambda: h.sides())
     assert h.sides()[0][1] == relay_py.PROTOCOL
@@ -351,7 +352,7 @@ def test_a_side_answer_that_cannot_be_read_is_a_protocol_failure(
 
 
 def test_abort_origin_reaches_side_legs(sided: Callable[[], SideHarness]) -> None:
-    h, w, p = both_sent(sided)
+    h, _w, _p = both_sent(sided)
     assert h.relay.abort_origin(1) == 1
     h.spin(lambda: h.sides())
     assert h.sides()[0][1] == relay_py.ABORTED
