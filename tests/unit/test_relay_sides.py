@@ -105,7 +105,8 @@ _SIDE_HEADS = [
 ]
 _CHUNK_PIECES = st.sampled_from(
     [b"5\r\nhello\r\n", b"0\r\n\r\n", b"3;ext=1\r\nabc\r\n", b" 2 \r\nhi\r\n",
-     b"A\r\n0123456789\r\n", b"0\r\nx-trailer: 1\r\n\r\n", b"g\r\n", b"2\r\nabc\r\n", b"hello", b"\r\n", b"1\r\n"]
+     b"A\r\n0123456789\r\n", b"0\r\nx-trailer: 1\r\n\r\n", b"g\r\n", b"2\r\nabc\r\n",
+     b"hello", b"\r\n", b"1\r\n"]
 )  # fmt: skip
 
 
