@@ -368,4 +368,3 @@ def test_close_cancels_the_side_legs_that_outlived_their_request(
     h.relay.close()
     assert h.sides() == [("t1", relay_py.CANCELLED, b"")]
     assert p.recv(10) == b""
-
