@@ -621,11 +621,13 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
 
 async def _pd_gateway(
     nursery: trio.Nursery, sim_worker: Any, prefills: int = 2, tracer_provider: Any = None,
-    decodes: int = 1, limits: dict[str, Any] | None = None, **prefill_opts: Any,
+    decodes: int = 1, limits: dict[str, Any] | None = None, dialect: str = "vllm-nixl",
+    **prefill_opts: Any,
 ) -> Any:  # fmt: skip
-    """A vllm-nixl P/D gateway on the lane: ``prefills`` prefill workers (the first with
-    ``prefill_opts``) and ``decodes`` decode workers; the simulators as ``gw.sims`` (decode
-    last)."""
+    """A P/D gateway on the lane (vllm-nixl unless ``dialect``): ``prefills`` prefill workers
+    (the first with ``prefill_opts``) and ``decodes`` decode workers; the simulators as
+    ``gw.sims`` (decode last). SGLang: a simulated prefill worker's bootstrap server is its
+    HTTP port."""
     from gateway_support import server_config
 
     from lmgw.config import (
@@ -643,9 +645,12 @@ async def _pd_gateway(
         server=server_config("lane", port=0, graceful_shutdown_s=1.0),
         health=HealthConfig(interval_s=300.0),
         limits=LimitsConfig(**(limits or {})),
-        models=[ModelConfig(name=MODEL, flow="p/d", dialect="vllm-nixl")],
+        models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
         workers=[
-            *(WorkerConfig(url=p.url, role="p", id=f"p{i}") for i, p in enumerate(ps)),
+            *(
+                WorkerConfig(url=p.url, role="p", id=f"p{i}", bootstrap_port=_port(p.url))
+                for i, p in enumerate(ps)
+            ),
             *(WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)),
         ],
     )
@@ -654,6 +659,10 @@ async def _pd_gateway(
     with trio.fail_after(10):
         await nursery.start(gw.run)
     return gw
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 async def test_p_d_requests_run_both_legs_in_the_lane(
@@ -793,6 +802,114 @@ async def test_p_d_a_failing_prefill_is_retried_on_the_other(
         assert r.status == 200, r.body
     assert relay.demoted >= 1  # those went on on the server
     assert all(w.in_flight == 0 for w in gw.registry)
+
+
+async def _settled(gw: Any) -> None:
+    """Every leg over: a concurrent pair's prefill leg may end after its request's answer."""
+    relay = gw.server.lane.relay
+    with trio.fail_after(5):  # (a continuation's end follows its answer's last byte)
+        while (
+            relay.sides or relay.in_flight or gw.app.admission.in_flight
+            or any(w.in_flight for w in gw.registry)
+        ):  # fmt: skip
+            await trio.sleep(0.005)
+    assert not gw.pipeline.placement.queued
+
+
+async def test_sglang_pairs_run_in_the_lane(nursery: trio.Nursery, sim_worker: Any) -> None:
+    """SGLang: both legs at once, in one room, the prefill leg as the relay's side leg; whole
+    answers and streams, the same text, nothing handed to the server."""
+    gw = await _pd_gateway(nursery, sim_worker, prefills=2, dialect="sglang-bootstrap")
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    whole = set()
+    for _ in range(4):
+        r = await c.ask(CHAT)
+        assert r.status == 200, r.body
+        whole.add(r.json()["choices"][0]["message"]["content"])
+    assert len(whole) == 1
+    for _ in range(3):
+        r = await c.ask({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status == 200 and r.events()[-1] == "[DONE]"
+        assert _text(r) == next(iter(whole))
+    await _settled(gw)
+    assert relay.served == 4 and relay.streamed == 3 and relay.demoted == 0
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    legs = [f'lmgw_stage_duration_seconds_count{{role="p",worker="p{i}"}}' for i in (0, 1)]
+    assert sum(metric_value(text, leg) for leg in legs) == 7  # each prefill leg accounted
+    ok = f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
+    assert metric_value(text, ok) == 7
+
+
+async def test_sglang_a_failing_prefill_ends_the_request_in_the_lane(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """The prefill leg answers 500: its decode leg, waiting for KV that never comes, is
+    cancelled at once; a whole answer (or a stream) is the 502; a stream whose head went out
+    with keep-alive comments ends with the error as its last event. The connection goes on."""
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=1, dialect="sglang-bootstrap", faults={"error_rate": 1.0},
+        limits={"sse_keepalive_s": 0.02},
+    )  # fmt: skip
+    p = gw.sims[0]
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    message = "prefill stage failed: Simulated engine failure (fault: error_rate)."
+    with trio.fail_after(3):  # (the decode worker would wait 30 s for the room)
+        for body in (CHAT, {**CHAT, "stream": True}):
+            r = await c.ask(body)
+            assert r.status == 502 and r.json()["error"]["message"] == message, r.body
+        await p.set_faults(error_rate=0.0, stall_rate=1.0, stall_s=0.15, drop_at_token=0)
+        r = await c.ask({**CHAT, "stream": True})
+    comments, events = _comments_then_events(r)
+    assert comments >= 2 and events[-1] == b"data: [DONE]"
+    error = msgspec.json.decode(events[-2][6:])["error"]
+    assert error["message"].startswith("prefill stage failed: worker p0") and error["code"] == 502
+    await _settled(gw)
+    assert not p.sim._kv_waiters  # the decode worker's wait for the room ended with its leg
+    assert (await c.ask(CHAT)).status == 502  # the connection goes on
+
+
+async def test_sglang_a_decode_failing_first_restarts_the_pair(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """A decode leg that fails before its first byte cancels its prefill leg; the server goes
+    on with a fresh pair (a new room) on the other decode worker."""
+    gw = await _pd_gateway(nursery, sim_worker, prefills=1, decodes=2, dialect="sglang-bootstrap")
+    await gw.sims[1].set_faults(error_rate=1.0)  # d0
+    relay = gw.server.lane.relay
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    for body in (CHAT, CHAT, {**CHAT, "stream": True}, {**CHAT, "stream": True}):
+        r = await c.ask(body)
+        assert r.status == 200, r.body
+    await _settled(gw)
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    retries = metric_value(text, 'lmgw_retries_total{role="d"}')
+    assert retries >= 2 and relay.demoted >= retries
+
+
+async def test_sglang_a_client_gone_cancels_both_legs(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=1, dialect="sglang-bootstrap",
+        faults={"stall_rate": 1.0, "stall_s": 5.0},
+    )  # fmt: skip
+    p = gw.sims[0]
+    stream = await open_stream(gw.url)
+    await stream.send_all(
+        request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, {"x-request-id": "sgl-gone"})
+    )
+    with trio.fail_after(5):  # the prefill leg stalled, the decode leg parked on its room
+        while not (p.sim.stats.in_flight and p.sim._kv_waiters):
+            await trio.sleep(0.005)
+    await stream.aclose()
+    await wait_for_abort(p.sim, "sgl-gone")
+    with trio.fail_after(5):  # the decode worker stopped waiting: its leg was cancelled
+        while p.sim._kv_waiters:
+            await trio.sleep(0.005)
+    await _settled(gw)
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    assert metric_value(text, 'lmgw_client_disconnects_total{endpoint="chat"}') == 1
 
 
 async def test_its_metrics(gateway: GatewayFactory) -> None:

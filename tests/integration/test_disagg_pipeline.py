@@ -68,6 +68,7 @@ class Fake:
         self.headers: list[dict] = []
         self.url = ""
         self.delay = 0.0  #: seconds before each generation answer
+        self.event_gap = 0.0  #: seconds between the SSE events of an answer
         self.kv_address: str | None = None  #: P2P NCCL "ip:kv_port" (set by start())
 
     async def __call__(self, req: Request, responder: Responder) -> None:
@@ -89,7 +90,9 @@ class Fake:
             await responder.end()
         elif isinstance(payload, list):  # SSE events
             await responder.start(status, [(b"content-type", b"text/event-stream")])
-            for ev in payload:
+            for i, ev in enumerate(payload):
+                if i and self.event_gap:
+                    await trio.sleep(self.event_gap)
                 await responder.send(
                     b"data: " + (ev if isinstance(ev, bytes) else msgspec.json.encode(ev)) + b"\n\n"
                 )
@@ -539,8 +542,9 @@ PD_DIALECTS = ["vllm-nixl", "vllm-p2pnccl", "vllm-lmcache", "sglang-bootstrap"]
 #: decode worker can take it); NIXL's only one that never got the request (D pulls the blocks
 #: and P frees them once read: test_leg_that_cannot_connect_is_retried_on_another_worker...)
 RETRY_KEEPS_HANDOFF = {"vllm-lmcache": True}
-#: the dialects on the express lane (non-streamed requests)
-EXPRESS_DIALECTS = {"vllm-nixl", "vllm-lmcache"}
+#: the dialects on the express lanes (non-streamed requests; SGLang's concurrent pairs on the
+#: compiled lane only, which these gateways have)
+EXPRESS_DIALECTS = {"vllm-nixl", "vllm-lmcache", "sglang-bootstrap"}
 
 
 def prefill_ok(body: dict) -> tuple[int, Any]:
@@ -567,6 +571,34 @@ async def test_prefill_failure_is_a_502_naming_the_stage(
     assert "engine dead" in r.json()["error"]["message"]
     if dialect != "sglang-bootstrap":  # sequential dialects: no decode without the hand-off
         assert d.seen == []
+
+
+@pytest.mark.parametrize("express", [True, False])
+async def test_sglang_a_prefill_failing_mid_stream_ends_the_stream(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    """SGLang: the decode leg's stream began (its head and first events out), then the
+    prefill leg that went with it fails: the stream's last event names the prefill's error,
+    and the decode leg is cancelled (on the compiled lane and on the server alike)."""
+    p = await start(nursery, Fake("p0", lambda b: (500, {"error": {"message": "engine dead"}})))
+    p.delay = 0.3
+    delta = {"index": 0, "delta": {"content": "x"}}
+    chunk = {"object": "chat.completion.chunk", "choices": [delta]}
+    d = await start(nursery, Fake("d0", lambda b: (200, [chunk] * 40 + [b"[DONE]"])))
+    d.event_gap = 0.02
+    url = await gateway_for(nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)],
+                            express=express)  # fmt: skip
+    with trio.fail_after(3):
+        r = await http_request(url, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    events = r.events()
+    assert r.status == 200 and events[-1] == "[DONE]", r.body
+    assert events[-2]["error"]["message"] == "prefill stage failed: engine dead"
+    assert 1 <= len(events) - 2 < 40  # some of the decode leg's events, not all
+    assert p.seen[0]["bootstrap_room"] == d.seen[0]["bootstrap_room"]
+    metrics = (await http_request(url, "GET", "/metrics")).body.decode()
+    # the lane ended the stream itself: the GET is the one connection it handed over (without
+    # upstream.express_lane, no lane)
+    assert metric_value(metrics, "lmgw_lane_handovers_total") == (1 if express else 0)
 
 
 @pytest.mark.parametrize("express", [True, False])
@@ -961,12 +993,12 @@ async def test_express_pd_with_joint_placement_releases_its_accounting(
     assert metric_value(text, EXPRESS) == (6 if express else 0)
 
 
-@pytest.mark.parametrize("dialect", ["vllm-p2pnccl", "sglang-bootstrap"])
+@pytest.mark.parametrize("dialect", ["vllm-p2pnccl"])
 async def test_express_lane_leaves_other_dialects_and_streams_alone(
     nursery: trio.Nursery, dialect: str
 ) -> None:
-    """Dialects whose decode retry needs a fresh pair (P2P NCCL, SGLang) and streamed
-    requests take the general path even with the lane on."""
+    """Dialects whose decode retry needs a fresh pair (P2P NCCL) and streamed requests take
+    the general path even with the lane on."""
     p = await start(nursery, Fake("p0", prefill_ok))
     d = await start(nursery, Fake("d0", any_decode))
     url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])

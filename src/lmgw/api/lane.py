@@ -8,7 +8,11 @@ admission, the route and the load accounting, then the answer's head and the met
 as plain calls, one when the request is whole and one per answer. A P/D request (the express
 lane's dialects: vllm-nixl, vllm-lmcache, vllm-epd without media) is two legs: the prefill
 leg's answer gives the hand-off, and the decode leg's answer goes to the client
-(:meth:`DisaggRunner.express`'s steps).
+(:meth:`DisaggRunner.express`'s steps). In a concurrent dialect (SGLang's bootstrap rooms) the
+two legs go at once (:meth:`DisaggRunner._concurrent`'s steps): the prefill leg as the relay's
+side leg of the decode leg, its answer read for its accounting (:meth:`LaneApp.on_side`); a
+failed prefill ends the request (the decode worker would wait for KV that never comes), a
+decode leg that fails first cancels it, and the server goes on with a fresh pair.
 
 A policy that learns from usage (cache_aware: the routing audit) reads the client-facing leg's
 answer here too (:meth:`Pipeline.audit_tap`), and ``routing.route_header`` is added here.
@@ -56,12 +60,14 @@ import trio
 
 from .._fast.relay_py import (
     ABORTED,
+    CANCELLED,
     CONNECT,
     CONNECT_TIMEOUT,
     DEADLINE,
     DROPPED,
     LOCAL,
     PROTOCOL,
+    SIDE,
     TIMEOUT,
     pack_sockaddr,
 )
@@ -155,11 +161,19 @@ class PDExchange(Exchange):
     """A P/D request: the legs' dialect and body, the pair, the stage context, the legs and
     the hand-off."""
 
-    __slots__ = ("body", "decode", "dialect", "handoff", "leg", "pctx", "pre", "prefill")
+    __slots__ = (
+        "body", "decode", "dialect", "handoff", "leg", "p_sent", "pctx", "pre", "prefill",
+        "side_error", "side_trace",
+    )  # fmt: skip
 
     def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
         super().__init__(req, endpoint, path, model, rid)
         self.dialect: Any = None
+        #: a concurrent dialect's prefill leg (the relay's side leg): when it left, its span,
+        #: and the failure that ended the request (on_side)
+        self.p_sent = 0.0
+        self.side_trace: Any = None
+        self.side_error: Any = None
         self.body: Any = None
         self.prefill: Any = None
         self.decode: Any = None
@@ -313,6 +327,8 @@ class LaneApp:
             pd.body = self.disagg.plain_body(pd.greq, dialect)
             if pd.body is None:
                 return self._decline("not_plain")
+            if dialect.concurrent_prefill_decode and dialect.needs_prefill_response(pd.body):
+                return self._decline("not_plain")  # (a decode answer merged with the prefill's)
             pd.dialect = dialect
         ex.t0 = t0
         ex.forward = forward
@@ -426,9 +442,9 @@ class LaneApp:
         req.principal = entry
         return entry
 
-    def _plan(self, ex: Exchange, slot: int, payload: bytes) -> tuple:
+    def _plan(self, ex: Exchange, slot: int, payload: bytes, side: tuple | None = None) -> tuple:
         """The relay's plan for the leg in flight (``ex.stage``); a stream's client-facing
-        leg carries the stream's state."""
+        leg carries the stream's state; ``side``: the side leg that goes with it."""
         stream = ex.stream if ex.stage != "p" else None
         now = ex.t_sent = _now()
         rt = self.pipe.response_timeout_s
@@ -439,10 +455,12 @@ class LaneApp:
             ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
             now + rt if rt != math.inf else 0.0,
         )
-        if ex.stream is None:
-            return plan
-        # a streamed request: SSE keep-alive comments on every leg until the first event
-        return (*plan, stream, self.api.sse_keepalive_s > 0)
+        if ex.stream is not None:
+            # a streamed request: SSE keep-alive comments on every leg until the first event
+            plan = (*plan, stream, self.api.sse_keepalive_s > 0)
+        elif side is not None:
+            plan = (*plan, None, False)
+        return plan if side is None else (*plan, side)
 
     def _slot(self, origin: Any) -> int:
         """The lane's slot for ``origin``: -2 for good (TLS, or a name that did not resolve),
@@ -481,8 +499,12 @@ class LaneApp:
         if ex.stream is None:  # (lmgw_express_requests_total: not streams)
             pipe.express_served += 1
         ex.pctx = disagg.context(greq, ex.prefill, ex.decode)
+        concurrent = ex.dialect.concurrent_prefill_decode
         if self._slot(ex.prefill.origin) < 0 or self._slot(ex.decode.origin) < 0:
-            return self._continue(ex, partial(self._prefilled, ex, None))
+            rest = self._pair if concurrent else self._prefilled
+            return self._continue(ex, partial(rest, ex, None))
+        if concurrent:
+            return self._concurrent(ex)
         try:
             ex.pre = pre = ex.dialect.prefill_request(ex.body, ex.pctx)
         except _ANSWERABLE as exc:
@@ -509,6 +531,10 @@ class LaneApp:
             return self._continue(ex, _raising(_client_error(greq, exc)))
         if dialect.rewrites_decode(ex.handoff):  # the general leg, on the server
             return self._continue(ex, partial(self._after_decode, ex, None))
+        return self._send_decode(ex, leg)
+
+    def _send_decode(self, ex: PDExchange, leg: Any, side: tuple | None = None) -> tuple:
+        """The plan of the decode leg ``leg`` (with ``side``, the relay's side leg)."""
         decode = ex.worker = ex.decode
         headers = leg.headers
         if ex.trace is not None:
@@ -519,7 +545,62 @@ class LaneApp:
         self.pipe.registry.acquire(decode)
         self.pipe.policies["d"].on_dispatch(decode, ex.ctx)
         self._tap(ex)
-        return self._plan(ex, decode.origin.slot, head + payload if payload else head)
+        return self._plan(ex, decode.origin.slot, head + payload if payload else head, side)
+
+    def _concurrent(self, ex: PDExchange) -> tuple | Continuation:
+        """A concurrent dialect's pair (:meth:`DisaggRunner._concurrent`): both legs at once,
+        the prefill leg as the decode leg's side leg."""
+        greq, dialect, prefill = ex.greq, ex.dialect, ex.prefill
+        try:
+            ex.pre = pre = dialect.prefill_request(ex.body, ex.pctx)
+            ex.handoff = pre.handoff
+            ex.leg = leg = dialect.decode_request(ex.body, pre.handoff, ex.pctx)
+        except _ANSWERABLE as exc:
+            return self._continue(ex, _raising(_client_error(greq, exc)))
+        headers = pre.headers
+        if ex.trace is not None:
+            ex.side_trace = ex.trace.leg("p", prefill)
+            headers = ex.side_trace.headers(headers)
+        head, payload = upstream.request_message(
+            prefill.origin, "POST", pre.path, headers, pre.body
+        )
+        ex.p_sent = self.disagg.leg_begin("p", prefill, ex.ctx)
+        rt = self.pipe.response_timeout_s
+        deadline = _now() + rt if rt != math.inf else 0.0
+        side = (prefill.origin.slot, head + payload if payload else head, deadline)
+        return self._send_decode(ex, leg, side)
+
+    def on_side(self, ex: PDExchange, kind: int, data: bytes) -> bool:
+        """A concurrent pair's prefill leg is over (``kind`` 0: ``data`` is its answer): its
+        accounting (:meth:`DisaggRunner._leg`'s); True when it failed, which ends the request
+        if it is still in flight (``on_failure`` or ``on_broken`` with SIDE)."""
+        disagg, worker = self.disagg, ex.prefill
+        ok = False
+        error: Any = None
+        if kind == 0:
+            got = parse_response(data)
+            if got is None:  # chunked, or a head the one-call parser leaves to httptools
+                reader = ResponseReader()
+                reader.feed(data)
+                got = (reader.status, None, None, True, reader.take_body())
+            status, body = got[0], got[4]
+            ok = disagg.leg_answered(worker, status)
+            try:
+                ex.dialect.read_prefill(ex.pre, status, body)
+            except _ANSWERABLE as exc:
+                error = exc
+        elif kind != CANCELLED:  # (cancelled: the request ended first; no fault of the worker)
+            sent = kind not in (CONNECT, LOCAL, CONNECT_TIMEOUT)
+            exc = _upstream_error(worker, kind, sent, self.pipe.response_timeout_s)
+            error = disagg.leg_failed("p", worker, exc)
+        if ex.side_trace is not None:
+            ex.side_trace.end(None if ok else "failed")
+            ex.side_trace = None
+        disagg.leg_end(ex.greq, "p", worker, ex.ctx, ex.p_sent, ok)
+        if error is None:
+            return False
+        ex.side_error = error
+        return True
 
     # -- the end of a leg --------------------------------------------------------------------
     def _settle(self, ex: Exchange, ok: bool) -> None:
@@ -660,6 +741,10 @@ class LaneApp:
             ex.meter.t_end = _now()
         if kind == DEADLINE:  # the request ends; its stream's end leaves the connection clean
             return self._deadline_end(ex, self._deadline(ex))
+        if kind == SIDE:  # the prefill leg that went with it failed: the stream's last event
+            self._close(ex, 200)
+            message = f"prefill stage failed: {ex.side_error.message}"  # type: ignore[union-attr]
+            return _sse_end(sse_error_event(502, message)), ex.keep_alive and not self.draining
         exc = _stream_error(worker, kind, pipe.stall_s or 0.0)
         pipe.metrics.upstream_errors.inc((ex.stage, worker.id, exc.kind))
         pipe.registry.record_failure(worker, exc.message, eject=False)
@@ -720,7 +805,12 @@ class LaneApp:
         self, ex: Exchange, kind: int, sent: bool, reused: bool, got: bool
     ) -> Continuation:
         """No answer came: the same judgement as the pool's and the express lane's (retry on
-        another worker, or the error), run on the handed-back connection."""
+        another worker, or the error), run on the handed-back connection. SIDE: the prefill
+        leg that went with it failed (:meth:`on_side`), which the client hears."""
+        if kind == SIDE:
+            self._settle(ex, False)  # (cancelled: no fault of the decode worker)
+            error = _client_error(ex.greq, ex.side_error)  # type: ignore[union-attr]
+            return self._continue(ex, _raising(error))
         exc = _upstream_error(ex.worker, kind, sent, self.pipe.response_timeout_s)
         self._settle(ex, False)
         gone = kind == DROPPED and sent and reused and not got
@@ -894,9 +984,18 @@ class LaneApp:
     async def _after_decode(
         self, ex: PDExchange, failure: Any, req: Request, responder: Responder
     ) -> None:
+        if ex.dialect.concurrent_prefill_decode:  # (its prefill leg was cancelled with it)
+            await self._pair(ex, failure, req, responder)
+            return
         await self.disagg.after_decode(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
             ex.leg, ex.handoff, failure, _journal(ex),
+        )  # fmt: skip
+
+    async def _pair(self, ex: PDExchange, failure: Any, req: Request, responder: Responder) -> None:
+        await self.disagg.pair_after(
+            ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
+            failure, _journal(ex),
         )  # fmt: skip
 
     async def _attempts(self, ex: Exchange, req: Request, responder: Responder) -> None:

@@ -64,7 +64,8 @@ class Lane:
             app.on_request, app.on_answer, app.on_handoff, app.on_failure, app.on_timeout,
             app.on_abandon, self._on_demote,
             on_stream=app.on_stream, on_first=app.on_first, on_stream_end=app.on_stream_end,
-            on_broken=app.on_broken, on_beat=app.on_beat, beat_s=app.api.sse_keepalive_s,
+            on_broken=app.on_broken, on_beat=app.on_beat, on_side=app.on_side,
+            beat_s=app.api.sse_keepalive_s,
             max_head=lim.max_header_bytes, max_body=lim.max_body_bytes,
             keepalive_s=lim.keepalive_timeout_s, write_timeout_s=lim.write_timeout_s,
             upstream_idle_s=app.pool.idle_timeout_s, connect_timeout_s=app.pool.connect_timeout_s,
@@ -141,7 +142,7 @@ class Lane:
         if relay.beat_s:  # keep-alive comments at most half an interval late
             busy, idle = min(busy, relay.beat_s / 2), min(idle, relay.beat_s / 2)
         while True:
-            await trio.sleep(busy if relay.in_flight else idle)
+            await trio.sleep(busy if relay.in_flight or relay.sides else idle)
             relay.sweep(_now())
             if relay.closed:
                 self._closed()

@@ -518,19 +518,47 @@ class DisaggRunner:
         or, None, from the start: another decode worker with the same hand-off, a fresh pair
         when the failed attempt consumed it, or (a rewritten decode) the general leg. With a
         stream's ``journal``, a decode that breaks mid-stream is continued (:meth:`_continue`)."""
+        if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
+            await self.pair_after(  # a fresh pair
+                greq, responder, body, ctx, dialect, prefill, decode, route, failure, journal
+            )
+            return
         try:
-            if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
-                failed = (decode,)  # a fresh pair
-                decode = self._restart_with(greq, route, failure, failed)
-                ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
-                await self._prefill_decode(
-                    greq, responder, body, ctx, dialect, prefill, decode, route, journal,
-                    restart=False, tried=failed,
-                )  # fmt: skip
-                return
             await self._final(
                 greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure,
                 journal=journal,
+            )  # fmt: skip
+        except _BrokenStream as broken:  # (continue_broken answers its own failures)
+            await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
+        except _ANSWERABLE as exc:
+            raise _client_error(greq, exc) from None
+
+    async def pair_after(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        body: ClientBody,
+        ctx: StageContext,
+        dialect: Dialect,
+        prefill: Worker,
+        decode: Worker,
+        route: RouteContext,
+        failure: GatewayError | None,
+        journal: list[bytes] | None = None,
+    ) -> None:
+        """The pair's legs from the start (``failure`` None), or a fresh pair without
+        ``decode``, whose leg failed so before any byte with its hand-off used up (or, in a
+        concurrent dialect, its prefill leg cancelled): :meth:`after_decode`'s restart, and
+        the compiled lane's for a concurrent pair it did not finish."""
+        try:
+            tried: tuple[Worker, ...] = ()
+            if failure is not None:
+                tried = (decode,)
+                decode = self._restart_with(greq, route, failure, tried)
+                ctx = msgspec.structs.replace(ctx, decode=_peer(decode))
+            await self._prefill_decode(
+                greq, responder, body, ctx, dialect, prefill, decode, route, journal,
+                restart=failure is None, tried=tried,
             )  # fmt: skip
         except _BrokenStream as broken:  # (continue_broken answers its own failures)
             await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)

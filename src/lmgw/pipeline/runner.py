@@ -258,11 +258,12 @@ class Pipeline:
         (prefix warming, usage audits, the route header)."""
         if self.audits or self.route_header:
             return False
-        return self.lane_for(model)
+        return self.lane_for(model, concurrent=False)
 
-    def lane_for(self, model: str) -> bool:
+    def lane_for(self, model: str, concurrent: bool = True) -> bool:
         """:meth:`express_for` for the compiled lane (:mod:`lmgw.api.lane`), which reads
-        usage for the audits and adds the route header itself."""
+        usage for the audits and adds the route header itself, and runs the legs of a
+        concurrent dialect (SGLang) at once (``concurrent``: the express lane does not)."""
         if not self.express_lane or self.warmer is not None:
             return False
         if self.native.handles(model):
@@ -270,11 +271,11 @@ class Pipeline:
         dialect = self.dialect_of(model)
         if dialect is None:
             return True
-        return (  # e+p+d: the API sends only requests without media (the E stage is skipped)
-            self.flows.get(model, self.default_flow) in ("p/d", "e+p+d")
-            and not dialect.concurrent_prefill_decode
-            and dialect.decode_retry_keeps_handoff
-        )
+        if self.flows.get(model, self.default_flow) not in ("p/d", "e+p+d"):
+            return False  # (e+p+d: the API sends only requests without media: no E stage)
+        if dialect.concurrent_prefill_decode:
+            return concurrent
+        return dialect.decode_retry_keeps_handoff
 
     def dialect_of(self, model: str) -> Dialect | None:
         """The dialect of ``model``'s flow; None for merged workers spoken to in plain OpenAI."""
