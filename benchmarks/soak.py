@@ -7,7 +7,8 @@ a second. This drives one ``lmgw serve`` process for ``--minutes``:
 
 * fleets (simulator processes, realistic timing at ``--speed``): ``sim-epd`` on one encoder,
   one prefill and two decode workers (flow e+p+d, vllm-epd), and ``sim-pd`` on two merged
-  workers;
+  workers; with ``--sglang`` also ``sim-sgl`` on one prefill and two decode workers (flow
+  p/d, SGLang's bootstrap rooms: both legs at once);
 * ``--clients`` keep-alive clients in closed loops, each request drawn from a mix: chat (plain,
   streamed with usage, with an image through the encoder, a forced tool call), completions
   with ``n = 2``, streams the client drops after two events, bad JSON, an unknown model;
@@ -25,7 +26,7 @@ faults are lifted and the gateway left idle; the report compares the idle figure
 after, and fits the RSS drift over the run's second half (MB per hour).
 
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
-        [--keys] [--sse-keepalive 0.5] [--stream-head first-token]
+        [--keys] [--sse-keepalive 0.5] [--stream-head first-token] [--sglang]
 
 ``--keys`` configures three API keys (one plain, one with a rate limit, one with a
 tokens-per-minute limit, none of them ever reached) and the clients send them in turn; the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
@@ -72,7 +74,9 @@ from lmgw.config import (
 from lmgw.simulators.fleet import Fleet, open_fleet, stop_process
 
 LOG_DIR = F.RESULTS / "soak-logs"
-EPD, PD = "sim-epd", "sim-pd"
+EPD, PD, SGL = "sim-epd", "sim-pd", "sim-sgl"
+#: the models text requests go to (SGL too with --sglang)
+TEXT_MODELS = [EPD, PD]
 REQUEST_TIMEOUT_S = 10.0
 
 
@@ -161,7 +165,7 @@ def chat(model: str, content: Any, **extra: Any) -> dict[str, Any]:
 
 def make_request(kind: str, rng: random.Random) -> tuple[str, bytes]:
     """(path, body) of one request of ``kind``."""
-    model = rng.choice((EPD, PD))
+    model = rng.choice(TEXT_MODELS)
     n_tokens = rng.randint(4, 24)
     body: Any
     if kind == "chat":
@@ -450,7 +454,14 @@ def gateway_config(
 ) -> GatewayConfig:
     native = fleets[PD].transport == "zmq"  # the native protocol: one dialect for every flow
     workers = [
-        WorkerConfig(url=m.url, role=m.role, id=f"{model}-{m.role}{i}", models=[model])
+        WorkerConfig(
+            url=m.url,
+            role=m.role,
+            id=f"{model}-{m.role}{i}",
+            models=[model],
+            # (SGLang: a simulated prefill worker's bootstrap server is its HTTP port)
+            bootstrap_port=int(m.url.rsplit(":", 1)[1]) if model == SGL else None,
+        )
         for model, fleet in fleets.items()
         for i, m in enumerate(fleet.members)
     ]
@@ -484,6 +495,11 @@ def gateway_config(
                 tool_parser="hermes",
                 dialect=NATIVE_DIALECT if native else "openai",
             ),
+            *(
+                [ModelConfig(name=SGL, flow="p/d", tokenizer=tokenizer, dialect="sglang-bootstrap")]
+                if SGL in fleets
+                else []
+            ),
         ],
         workers=workers,
     )
@@ -500,8 +516,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             **fleet_options,
         ) as epd,
         open_fleet({"pd": 2}, model=PD, **fleet_options) as pd,
+        contextlib.AsyncExitStack() as more,
     ):  # fmt: skip
         fleets = {EPD: epd, PD: pd}
+        if args.sglang:
+            fleets[SGL] = await more.enter_async_context(
+                open_fleet({"p": 1, "d": 2}, model=SGL, **fleet_options)
+            )
+            TEXT_MODELS.append(SGL)
         proc, url = await F.start_gateway(
             "soak",
             [],
@@ -529,7 +551,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 nursery.start_soon(
                     chaos,
                     [f for f in FAULTS if next(iter(f)) in args.faults.split(",")],
-                    [epd, pd],
+                    list(fleets.values()),
                     args.fault_every,
                     args.fault_for,
                     args.seed,
@@ -550,7 +572,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             SECRETS[i % len(SECRETS)] if args.keys else None,
                         )
                 nursery.cancel_scope.cancel()  # the load is over: stop faults and samples
-            for m in [*epd.members, *pd.members] if not zmq else ():
+            for m in [m for f in fleets.values() for m in f.members] if not zmq else ():
                 await F.http(m.url, "POST", "/sim/faults", json.dumps(NO_FAULTS).encode())
             after = await idle_sample(url, t0, settle_s=args.settle)
             alive = proc.returncode is None
@@ -650,6 +672,10 @@ def main() -> int:
     ap.add_argument(
         "--transport", choices=("http", "zmq"), default="http",
         help="how the gateway reaches the workers: HTTP (vLLM's API) or the native protocol",
+    )  # fmt: skip
+    ap.add_argument(
+        "--sglang", action="store_true",
+        help="a third fleet in SGLang's P/D (bootstrap rooms) sharing the text requests",
     )  # fmt: skip
     ap.add_argument(
         "--stuck-timeout", type=float, default=5.0,
