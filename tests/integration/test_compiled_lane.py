@@ -109,6 +109,25 @@ async def test_plain_requests_stay_in_the_lane(gateway: GatewayFactory) -> None:
     assert relay.served == 5 and relay.demoted == 0 and relay.clients == 1
 
 
+async def test_an_alias_is_renamed_in_the_lane(gateway: GatewayFactory) -> None:
+    """A model alias: the worker gets the canonical name (the simulator knows no other), the
+    answer names it too, and the request stays in the lane (the whole body re-encoded once,
+    with its other fields)."""
+    gw = await gateway(1, models=[MODEL], aliases=["short"])
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    direct = await http_request(gw.sims[0].url, "POST", "/v1/chat/completions", CHAT)
+    for body in ({**CHAT, "model": "short"}, {**CHAT, "model": "short", "stream": True}):
+        r = await c.ask(body)
+        assert r.status == 200, r.body
+        if body.get("stream"):
+            assert _text(r) == direct.json()["choices"][0]["message"]["content"]
+        else:
+            assert r.json()["model"] == MODEL
+            assert r.json()["choices"] == direct.json()["choices"]
+    assert relay.served == 1 and relay.streamed == 1 and relay.demoted == 0
+
+
 async def test_a_request_in_two_writes_is_still_the_lanes(gateway: GatewayFactory) -> None:
     gw = await gateway(1)
     relay = gw.gateway.server.lane.relay

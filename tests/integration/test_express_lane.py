@@ -153,11 +153,12 @@ async def test_not_plain_requests_take_the_general_path(
     assert r.status == 200 and r.events()[-1] == "[DONE]"
     r = await gw.request("POST", "/v1/chat/completions", {**_chat(), "model": "alias-model"})
     assert r.status == 200, r.body
-    assert r.json()["model"] == MODEL  # renamed on the way: the general path's job
-    assert await _express_count(gw) == 0
+    assert r.json()["model"] == MODEL  # renamed on the way: the general path's job, or the
+    lane = express and gw.server == "lane"  # compiled lane's
+    assert await _express_count(gw) == (1 if lane else 0)
     r = await gw.request("POST", "/v1/chat/completions", _chat())
     assert r.status == 200
-    assert await _express_count(gw) == (1 if express else 0)
+    assert await _express_count(gw) == (1 if express else 0) + (1 if lane else 0)
 
 
 @pytest.mark.parametrize("express", [True, False])

@@ -294,8 +294,12 @@ class LaneApp:
         text = self.gw.text_for(model)
         prompt_ids = None
         edited: _Body | None = None  # (as _serve_model's: decoded once, encoded once)
-        if text is not None and text.validate_context:
+        if model != view.model:  # an alias: workers know the canonical name
             edited = _Body(body)
+            edited.obj["model"] = model
+            edited.changed = True
+        if text is not None and text.validate_context:
+            edited = edited or _Body(body)
             try:  # (as _serve_model: the context check, max_tokens filled in)
                 checked = text.validate_inline(endpoint, edited.obj)
             except GatewayError:

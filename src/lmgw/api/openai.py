@@ -423,12 +423,14 @@ class OpenAIAPI:
         :meth:`_serve_model` would do to it before the pipeline, it would not do (no alias to
         rename, media, tool loop, output parsing or context check), and the pipeline has the
         lane for the model (``lane``: the compiled lane, :meth:`Pipeline.lane_for`, which
-        parses the output and checks the context itself). Decided per request: tokenizers
-        and fleets change at run time."""
+        renames an alias, parses the output and checks the context itself). Decided per
+        request: tokenizers and fleets change at run time."""
         gw = self.gw
         pipe = gw.pipeline
-        if asked != model or not (pipe.lane_for(model) if lane else pipe.express_for(model)):
+        if not (pipe.lane_for(model) if lane else pipe.express_for(model)):
             return False
+        if asked != model and (not lane or asked is None):  # (the compiled lane renames an
+            return False  # alias itself: LaneApp.on_request)
         if endpoint == "chat":
             if self.tool_loop is not None:
                 return False
