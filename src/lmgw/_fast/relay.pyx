@@ -1229,9 +1229,38 @@ cdef class Relay:
         s.nidle += 1
         self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
 
-    cdef void _upstream_event(self, int ufd, Conn* u, unsigned int ev, double now):
-        cdef int err = 0, kind, keep
+    cdef int _ready(self, int ufd, Conn* u, unsigned int ev):
+        """An upstream connection's event up to its answer's read: the connect, then the
+        request's bytes. 0 when the answer may be read now (room reserved for it), -1 when
+        there is nothing to do yet, else how the exchange failed."""
+        cdef int err = 0
         cdef socklen_t elen = sizeof(err)
+        if u.state == U_CONNECT:
+            if not ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                return -1
+            getsockopt(ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
+            if err or ev & (EPOLLERR | EPOLLHUP):
+                return CONNECT
+            u.state = U_SEND
+            ev |= EPOLLOUT
+        if u.state == U_SEND and ev & EPOLLOUT:
+            if self._flush(ufd, u) < 0:
+                return DROPPED
+            if u.wlen:
+                self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
+                return -1
+            u.state = U_WAIT
+            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
+        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            return -1
+        try:
+            self._reserve(u, 16384)
+        except MemoryError:
+            return PROTOCOL
+        return 0
+
+    cdef void _upstream_event(self, int ufd, Conn* u, unsigned int ev, double now):
+        cdef int kind, keep
         cdef ssize_t r
         cdef Py_ssize_t length
         cdef int cfd = u.peer
@@ -1243,30 +1272,10 @@ cdef class Relay:
         if cfd < 0:
             self._close_upstream(ufd)
             return
-        if u.state == U_CONNECT:
-            if not ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                return
-            getsockopt(ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err or ev & (EPOLLERR | EPOLLHUP):
-                self._fail(cfd, CONNECT)
-                return
-            u.state = U_SEND
-            ev |= EPOLLOUT
-        if u.state == U_SEND and ev & EPOLLOUT:
-            if self._flush(ufd, u) < 0:
-                self._fail(cfd, DROPPED)
-                return
-            if u.wlen:
-                self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
-                return
-            u.state = U_WAIT
-            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
-        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            return
-        try:
-            self._reserve(u, 16384)
-        except MemoryError:
-            self._fail(cfd, PROTOCOL)
+        kind = self._ready(ufd, u, ev)
+        if kind:
+            if kind > 0:
+                self._fail(cfd, kind)
             return
         if u.state == U_STREAM:
             u.rlen = 0  # (a stream's reads go on at once: nothing is kept between them)
@@ -1539,34 +1548,13 @@ cdef class Relay:
         return 0
 
     cdef void _side_event(self, int ufd, Conn* u, unsigned int ev, double now):
-        cdef int err = 0, kind, keep
-        cdef socklen_t elen = sizeof(err)
+        cdef int kind, keep
         cdef ssize_t r
         cdef Py_ssize_t length
-        if u.state == U_CONNECT:
-            if not ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                return
-            getsockopt(ufd, SOL_SOCKET, SO_ERROR, &err, &elen)
-            if err or ev & (EPOLLERR | EPOLLHUP):
-                self._side_done(ufd, CONNECT, now, 0, 0)
-                return
-            u.state = U_SEND
-            ev |= EPOLLOUT
-        if u.state == U_SEND and ev & EPOLLOUT:
-            if self._flush(ufd, u) < 0:
-                self._side_done(ufd, DROPPED, now, 0, 0)
-                return
-            if u.wlen:
-                self._mask(ufd, u, EPOLLOUT | EPOLLIN | EPOLLRDHUP)
-                return
-            u.state = U_WAIT
-            self._mask(ufd, u, EPOLLIN | EPOLLRDHUP)
-        if not ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            return
-        try:
-            self._reserve(u, 16384)
-        except MemoryError:
-            self._side_done(ufd, PROTOCOL, now, 0, 0)
+        kind = self._ready(ufd, u, ev)
+        if kind:
+            if kind > 0:
+                self._side_done(ufd, kind, now, 0, 0)
             return
         r = recv(ufd, u.rbuf + u.rlen, u.rcap - u.rlen, 0)
         if r < 0 and (errno == EAGAIN or errno == EINTR):

@@ -895,6 +895,28 @@ class Relay:
         self._idle[u.slot].append(ufd)
         self._mask(ufd, u, _IN | _RDHUP)
 
+    def _ready(self, ufd: int, u: _Conn, ev: int) -> int:
+        """An upstream connection's event up to its answer's read: the connect, then the
+        request's bytes. 0 when the answer may be read now, -1 when there is nothing to do
+        yet, else how the exchange failed."""
+        if u.state == _U_CONNECT:
+            if not ev & (_OUT | _ERR | _HUP):
+                return -1
+            err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & (_ERR | _HUP):
+                return CONNECT
+            u.state = _U_SEND
+            ev |= _OUT
+        if u.state == _U_SEND and ev & _OUT:
+            if self._flush(u) < 0:
+                return DROPPED
+            if u.wbuf:
+                self._mask(ufd, u, _OUT | _IN | _RDHUP)
+                return -1
+            u.state = _U_WAIT
+            self._mask(ufd, u, _IN | _RDHUP)
+        return 0 if ev & (_IN | _RDHUP | _HUP | _ERR) else -1
+
     def _upstream_event(self, ufd: int, u: _Conn, ev: int, now: float) -> None:
         if u.token is not None:
             self._side_event(ufd, u, ev, now)
@@ -903,25 +925,10 @@ class Relay:
         if cfd < 0:
             self._close_upstream(ufd)
             return
-        if u.state == _U_CONNECT:
-            if not ev & (_OUT | _ERR | _HUP):
-                return
-            err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err or ev & (_ERR | _HUP):
-                self._fail(cfd, CONNECT)
-                return
-            u.state = _U_SEND
-            ev |= _OUT
-        if u.state == _U_SEND and ev & _OUT:
-            if self._flush(u) < 0:
-                self._fail(cfd, DROPPED)
-                return
-            if u.wbuf:
-                self._mask(ufd, u, _OUT | _IN | _RDHUP)
-                return
-            u.state = _U_WAIT
-            self._mask(ufd, u, _IN | _RDHUP)
-        if not ev & (_IN | _RDHUP | _HUP | _ERR):
+        kind = self._ready(ufd, u, ev)
+        if kind:
+            if kind > 0:
+                self._fail(cfd, kind)
             return
         data = _recv(u.sock)
         if data is None:
@@ -1163,25 +1170,10 @@ class Relay:
         return 0
 
     def _side_event(self, ufd: int, u: _Conn, ev: int, now: float) -> None:
-        if u.state == _U_CONNECT:
-            if not ev & (_OUT | _ERR | _HUP):
-                return
-            err = u.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err or ev & (_ERR | _HUP):
-                self._side_done(ufd, CONNECT, now)
-                return
-            u.state = _U_SEND
-            ev |= _OUT
-        if u.state == _U_SEND and ev & _OUT:
-            if self._flush(u) < 0:
-                self._side_done(ufd, DROPPED, now)
-                return
-            if u.wbuf:
-                self._mask(ufd, u, _OUT | _IN | _RDHUP)
-                return
-            u.state = _U_WAIT
-            self._mask(ufd, u, _IN | _RDHUP)
-        if not ev & (_IN | _RDHUP | _HUP | _ERR):
+        kind = self._ready(ufd, u, ev)
+        if kind:
+            if kind > 0:
+                self._side_done(ufd, kind, now)
             return
         data = _recv(u.sock)
         if data is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -523,15 +523,13 @@ class DisaggRunner:
                 greq, responder, body, ctx, dialect, prefill, decode, route, failure, journal
             )
             return
-        try:
-            await self._final(
-                greq, responder, leg, decode, "d", dialect, handoff, route, failure=failure,
-                journal=journal,
-            )  # fmt: skip
-        except _BrokenStream as broken:  # (continue_broken answers its own failures)
-            await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
-        except _ANSWERABLE as exc:
-            raise _client_error(greq, exc) from None
+        await self._answering(
+            greq, responder, dialect, route, journal,
+            partial(
+                self._final, greq, responder, leg, decode, "d", dialect, handoff, route,
+                failure=failure, journal=journal,
+            ),
+        )  # fmt: skip
 
     async def pair_after(
         self,
@@ -550,8 +548,10 @@ class DisaggRunner:
         ``decode``, whose leg failed so before any byte with its hand-off used up (or, in a
         concurrent dialect, its prefill leg cancelled): :meth:`after_decode`'s restart, and
         the compiled lane's for a concurrent pair it did not finish."""
-        try:
+
+        async def legs() -> None:
             tried: tuple[Worker, ...] = ()
+            nonlocal decode, ctx
             if failure is not None:
                 tried = (decode,)
                 decode = self._restart_with(greq, route, failure, tried)
@@ -560,6 +560,22 @@ class DisaggRunner:
                 greq, responder, body, ctx, dialect, prefill, decode, route, journal,
                 restart=failure is None, tried=tried,
             )  # fmt: skip
+
+        await self._answering(greq, responder, dialect, route, journal, legs)
+
+    async def _answering(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        dialect: Dialect,
+        route: RouteContext,
+        journal: list[bytes] | None,
+        legs: Callable[[], Awaitable[None]],
+    ) -> None:
+        """``legs`` of a request taken up after its first legs: a client-facing stream that
+        breaks is continued (:meth:`continue_broken`), a leg's failure is the client's error."""
+        try:
+            await legs()
         except _BrokenStream as broken:  # (continue_broken answers its own failures)
             await self.continue_broken(greq, responder, dialect, route, broken.worker, journal)
         except _ANSWERABLE as exc:
