@@ -48,8 +48,10 @@ class KeepAlive:
         self.url = url
         self.buf = b""
 
-    async def ask(self, body: Any, split: float = 0.0) -> RawResponse:
-        data = request_bytes(self.url, "POST", "/v1/chat/completions", body, close=False)
+    async def ask(
+        self, body: Any, split: float = 0.0, path: str = "/v1/chat/completions"
+    ) -> RawResponse:
+        data = request_bytes(self.url, "POST", path, body, close=False)
         with trio.fail_after(10):
             if split:  # the head first, the body a moment later (as some clients write)
                 at = data.index(b"\r\n\r\n") + 4
@@ -126,6 +128,26 @@ async def test_an_alias_is_renamed_in_the_lane(gateway: GatewayFactory) -> None:
             assert r.json()["model"] == MODEL
             assert r.json()["choices"] == direct.json()["choices"]
     assert relay.served == 1 and relay.streamed == 1 and relay.demoted == 0
+
+
+async def test_sglangs_generate_is_the_lanes_too(gateway: GatewayFactory) -> None:
+    """SGLang's native ``/generate`` (no model named: the one served), whole and streamed,
+    in the lane, the same answers as the worker's own."""
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    body = {"text": "Tell me a story", "sampling_params": {"max_new_tokens": 6}}
+    direct = await http_request(gw.sims[0].url, "POST", "/generate", body)
+    r = await c.ask(body, path="/generate")
+    assert r.status == 200, r.body
+    assert r.json()["text"] == direct.json()["text"] and r.headers["x-request-id"]
+    r = await c.ask({**body, "stream": True}, path="/generate")
+    assert r.status == 200 and r.events()[-1] == "[DONE]"
+    assert r.events()[-2]["text"] == direct.json()["text"]  # (SGLang's text: cumulative)
+    assert relay.served == 1 and relay.streamed == 1 and relay.demoted == 0
+    text = await gw.metrics()
+    assert metric_value(text, f'lmgw_requests_total{{endpoint="generate",model="{MODEL}",'
+                              'flow="pd",status="200"}') == 2  # fmt: skip
 
 
 async def test_a_request_in_two_writes_is_still_the_lanes(gateway: GatewayFactory) -> None:
@@ -851,11 +873,15 @@ async def test_sglang_pairs_run_in_the_lane(nursery: trio.Nursery, sim_worker: A
         r = await c.ask({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
         assert r.status == 200 and r.events()[-1] == "[DONE]"
         assert _text(r) == next(iter(whole))
+    # SGLang's native API too
+    generate = {"text": "Tell me a story", "sampling_params": {"max_new_tokens": 4}}
+    r = await c.ask(generate, path="/generate")
+    assert r.status == 200 and r.json()["text"], r.body
     await _settled(gw)
-    assert relay.served == 4 and relay.streamed == 3 and relay.demoted == 0
+    assert relay.served == 5 and relay.streamed == 3 and relay.demoted == 0
     text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
     legs = [f'lmgw_stage_duration_seconds_count{{role="p",worker="p{i}"}}' for i in (0, 1)]
-    assert sum(metric_value(text, leg) for leg in legs) == 7  # each prefill leg accounted
+    assert sum(metric_value(text, leg) for leg in legs) == 8  # each prefill leg accounted
     ok = f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
     assert metric_value(text, ok) == 7
 

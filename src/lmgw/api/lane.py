@@ -104,6 +104,7 @@ _BEAT = b"%x\r\n%b\r\n" % (len(KEEPALIVE), KEEPALIVE)  # a keep-alive comment, a
 _ROUTES = {
     b"/v1/chat/completions": ("chat", "/v1/chat/completions"),
     b"/v1/completions": ("completions", "/v1/completions"),
+    b"/generate": ("generate", "/generate"),  # SGLang's native API
 }
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
@@ -294,11 +295,11 @@ class LaneApp:
         text = self.gw.text_for(model)
         prompt_ids = None
         edited: _Body | None = None  # (as _serve_model's: decoded once, encoded once)
-        if model != view.model:  # an alias: workers know the canonical name
-            edited = _Body(body)
+        if view.model is not None and model != view.model:  # an alias: workers know the
+            edited = _Body(body)  # canonical name
             edited.obj["model"] = model
             edited.changed = True
-        if text is not None and text.validate_context:
+        if text is not None and text.validate_context and endpoint != "generate":
             edited = edited or _Body(body)
             try:  # (as _serve_model: the context check, max_tokens filled in)
                 checked = text.validate_inline(endpoint, edited.obj)

@@ -429,8 +429,8 @@ class OpenAIAPI:
         pipe = gw.pipeline
         if not (pipe.lane_for(model) if lane else pipe.express_for(model)):
             return False
-        if asked != model and (not lane or asked is None):  # (the compiled lane renames an
-            return False  # alias itself: LaneApp.on_request)
+        if asked != model and not lane:  # (the compiled lane renames an alias itself:
+            return False  # LaneApp.on_request; no model named: the one served, as it is)
         if endpoint == "chat":
             if self.tool_loop is not None:
                 return False
