@@ -20,6 +20,9 @@ this script runs, against the same two workers and the same wrk load,
   and sent on every request (the lane checks keys itself since session 19),
 * ``lmgw-ca`` and ``lmgw-ca-trio``: ``lmgw`` and ``lmgw-trio`` with ``routing.policy =
   "cache_aware"`` (text keys; the lane reads its usage audit itself since session 20),
+* ``lmgw-alias`` and ``lmgw-alias-trio``: ``lmgw`` and ``lmgw-trio`` with every request
+  naming the model by an alias (the lane renames it itself since session 22; on trio it takes
+  the general path),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -65,11 +68,13 @@ CONNS = 64
 MOCK_PYTHON = [sys.executable]
 SYSTEMS = (
     "relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general", "lmgw-keys",
-    "lmgw-keys-trio", "lmgw-ca", "lmgw-ca-trio",
+    "lmgw-keys-trio", "lmgw-ca", "lmgw-ca-trio", "lmgw-alias", "lmgw-alias-trio",
 )  # fmt: skip
 KEY = "sk-floor-0123456789abcdef0123456789abcdef"
 _KEYS = f'[[auth.keys]]\nkey = "{KEY}"\n'
 KEYED = ("lmgw-keys", "lmgw-keys-trio")
+ALIAS = "floor-alias"
+ALIASED = ("lmgw-alias", "lmgw-alias-trio")
 SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 #: the lmgw systems' configs beyond the defaults
 CONFIGS = {
@@ -93,6 +98,9 @@ def _load_overhead() -> Any:
 
 
 oh = _load_overhead()
+_ALIASES = f'[[models]]\nname = "{oh.MODEL}"\naliases = ["{ALIAS}"]\n'
+CONFIGS["lmgw-alias"] = _ALIASES
+CONFIGS["lmgw-alias-trio"] = "[server]\ncompiled_lane = false\n" + _ALIASES
 
 
 def log(*parts: object) -> None:
@@ -161,7 +169,8 @@ def start_system(
 def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
     proc, port = start_system(children, name, ctx["workers"], ctx["cpus"])
     try:
-        return wrk_cpu(children, ctx, name, proc, port, ctx["bodies"])
+        bodies = ctx["bodies_alias"] if name in ALIASED else ctx["bodies"]
+        return wrk_cpu(children, ctx, name, proc, port, bodies)
     finally:
         children.stop(proc)
 
@@ -266,6 +275,8 @@ def main() -> int:
     cpus, children, lua = harness()
     bodies = LOG_DIR / "bodies.jsonl"
     oh.write_bodies(bodies, stream=False)
+    aliased = LOG_DIR / "bodies-alias.jsonl"
+    aliased.write_text(bodies.read_text().replace(f'"{oh.MODEL}"', f'"{ALIAS}"'))
     systems = [s for s in args.systems.split(",") if s] if args.systems else list(SYSTEMS)
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -276,7 +287,7 @@ def main() -> int:
     try:
         ctx = {"workers": start_workers(children, args.mock), "cpus": cpus, "lua": lua}
         ctx["lua_keys"] = LOG_DIR / "wrk_bodies_keys.lua"
-        ctx |= {"bodies": bodies, "duration": duration}
+        ctx |= {"bodies": bodies, "bodies_alias": aliased, "duration": duration}
         for i in range(rounds):
             order = systems if i % 2 == 0 else systems[::-1]
             for name in order:
@@ -297,6 +308,8 @@ def main() -> int:
     featured = paired(runs, "lmgw", "featured")
     keyed = paired(runs, "lmgw-keys", "lmgw-keys-trio")
     cache_aware = paired(runs, "lmgw-ca", "lmgw-ca-trio")
+    alias = paired(runs, "lmgw-alias", "lmgw-alias-trio")
+    alias_cost = paired(runs, "lmgw-alias", "lmgw")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<14} {'req/s':>9} {'CPU µs/req':>11}")
     for name in systems:
@@ -309,6 +322,8 @@ def main() -> int:
         ("lmgw / lmgw-twin (the lane's loop in Cython / its Python twin)", twin),
         ("lmgw-keys / lmgw-keys-trio (with an API key: lane / trio)", keyed),
         ("lmgw-ca / lmgw-ca-trio (cache_aware: lane / trio)", cache_aware),
+        ("lmgw-alias / lmgw-alias-trio (a model alias: lane / trio)", alias),
+        ("lmgw-alias / lmgw (a model alias in the lane / the model's name)", alias_cost),
     ):
         if pairs:
             print(f"{label}: x{statistics.median(pairs):.2f} (paired per round)")
@@ -336,6 +351,8 @@ def main() -> int:
                 "lmgw_to_featured_paired": featured,
                 "keys_lane_to_trio_paired": keyed,
                 "cache_aware_lane_to_trio_paired": cache_aware,
+                "alias_lane_to_trio_paired": alias,
+                "alias_to_name_paired": alias_cost,
                 "mock_python": MOCK_PYTHON[0],
                 "syscalls_per_request": counted,
             },
