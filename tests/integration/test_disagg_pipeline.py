@@ -133,11 +133,13 @@ async def gateway_for(
     response_timeout_s: float = 600.0,
     routing: RoutingConfig | None = None,
     zones: dict[str, str] | None = None,
+    compiled: bool = True,
 ) -> str:
     """A gateway in front of ``workers``; ``express``: upstream.express_lane (plain
-    non-streamed P/D requests in sequential dialects take it); ``zones``: by worker name."""
+    non-streamed P/D requests in sequential dialects take it); ``zones``: by worker name;
+    ``compiled``: server.compiled_lane."""
     cfg = GatewayConfig(
-        server=ServerConfig(port=0),
+        server=ServerConfig(port=0, compiled_lane=compiled),
         health=HealthConfig(interval_s=30),
         media=media or MediaLimits(),
         upstream=UpstreamConfig(express_lane=express, response_timeout_s=response_timeout_s),
@@ -542,9 +544,9 @@ PD_DIALECTS = ["vllm-nixl", "vllm-p2pnccl", "vllm-lmcache", "sglang-bootstrap"]
 #: decode worker can take it); NIXL's only one that never got the request (D pulls the blocks
 #: and P frees them once read: test_leg_that_cannot_connect_is_retried_on_another_worker...)
 RETRY_KEEPS_HANDOFF = {"vllm-lmcache": True}
-#: the dialects on the express lanes (non-streamed requests; SGLang's concurrent pairs on the
-#: compiled lane only, which these gateways have)
-EXPRESS_DIALECTS = {"vllm-nixl", "vllm-lmcache", "sglang-bootstrap"}
+#: the dialects on the express lanes (non-streamed requests; SGLang's concurrent pairs and P2P
+#: NCCL's on the compiled lane only, which these gateways have)
+EXPRESS_DIALECTS = {"vllm-nixl", "vllm-lmcache", "sglang-bootstrap", "vllm-p2pnccl"}
 
 
 def prefill_ok(body: dict) -> tuple[int, Any]:
@@ -993,18 +995,18 @@ async def test_express_pd_with_joint_placement_releases_its_accounting(
     assert metric_value(text, EXPRESS) == (6 if express else 0)
 
 
-@pytest.mark.parametrize("dialect", ["vllm-p2pnccl"])
+@pytest.mark.parametrize("dialect", ["vllm-p2pnccl", "sglang-bootstrap"])
 async def test_express_lane_leaves_other_dialects_and_streams_alone(
     nursery: trio.Nursery, dialect: str
 ) -> None:
-    """Dialects whose decode retry needs a fresh pair (P2P NCCL) and streamed requests take
-    the general path even with the lane on."""
+    """On trio (no compiled lane), dialects whose decode retry needs a fresh pair (P2P NCCL,
+    SGLang) and streamed requests take the general path even with the express lane on."""
     p = await start(nursery, Fake("p0", prefill_ok))
     d = await start(nursery, Fake("d0", any_decode))
-    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)])
+    url = await gateway_for(nursery, "p/d", dialect, [("p", p), ("d", d)], compiled=False)
     r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
     assert r.status == 200, r.body
-    nixl, _, _ = await _pd_pair(nursery, True, decode_answer)
+    nixl, _, _ = await _pd_pair(nursery, True, decode_answer, compiled=False)
     r = await http_request(nixl, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
     assert r.status == 200 and r.events()[-1] == "[DONE]"
     for where in (url, nixl):

@@ -171,7 +171,7 @@ async def test_pd_requests_under_faults_all_end_cleanly(
                 break
             await trio.sleep(0.02)
     plain = REQUESTS // 2  # the non-streamed half
-    lane = express and dialect in ("vllm-nixl", "vllm-lmcache", "sglang-bootstrap")
+    lane = express  # (the compiled lane takes every P/D dialect's plain requests)
     assert metric_value(text, "lmgw_express_requests_total") == (plain if lane else 0)
     ok = metric_value(
         text, f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'

@@ -989,9 +989,6 @@ class LaneApp:
     async def _after_decode(
         self, ex: PDExchange, failure: Any, req: Request, responder: Responder
     ) -> None:
-        if ex.dialect.concurrent_prefill_decode:  # (its prefill leg was cancelled with it)
-            await self._pair(ex, failure, req, responder)
-            return
         await self.disagg.after_decode(
             ex.greq, responder, ex.body, ex.pctx, ex.dialect, ex.prefill, ex.decode, ex.ctx,
             ex.leg, ex.handoff, failure, _journal(ex),

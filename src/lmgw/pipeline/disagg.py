@@ -514,11 +514,15 @@ class DisaggRunner:
         failure: GatewayError | None,
         journal: list[bytes] | None = None,
     ) -> None:
-        """The decode leg of :meth:`express` after its first attempt failed so (``failure``),
-        or, None, from the start: another decode worker with the same hand-off, a fresh pair
-        when the failed attempt consumed it, or (a rewritten decode) the general leg. With a
+        """The decode leg of :meth:`express` (or the compiled lane's) after its first attempt
+        failed so (``failure``), or, None, from the start: another decode worker with the same
+        hand-off, a fresh pair when the hand-off names the failed decode (P2P NCCL, SGLang) or
+        the failed attempt consumed it (NIXL), or (a rewritten decode) the general leg. With a
         stream's ``journal``, a decode that breaks mid-stream is continued (:meth:`_continue`)."""
-        if failure is not None and failure.delivered and dialect.decode_consumes_handoff:
+        if failure is not None and (
+            not dialect.decode_retry_keeps_handoff
+            or (failure.delivered and dialect.decode_consumes_handoff)
+        ):
             await self.pair_after(  # a fresh pair
                 greq, responder, body, ctx, dialect, prefill, decode, route, failure, journal
             )

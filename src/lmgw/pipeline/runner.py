@@ -258,12 +258,14 @@ class Pipeline:
         (prefix warming, usage audits, the route header)."""
         if self.audits or self.route_header:
             return False
-        return self.lane_for(model, concurrent=False)
+        return self.lane_for(model, compiled=False)
 
-    def lane_for(self, model: str, concurrent: bool = True) -> bool:
+    def lane_for(self, model: str, compiled: bool = True) -> bool:
         """:meth:`express_for` for the compiled lane (:mod:`lmgw.api.lane`), which reads
-        usage for the audits and adds the route header itself, and runs the legs of a
-        concurrent dialect (SGLang) at once (``concurrent``: the express lane does not)."""
+        usage for the audits and adds the route header itself, runs the legs of a concurrent
+        dialect (SGLang) at once, and restarts a pair whose decode leg failed with a hand-off
+        that names it (P2P NCCL, SGLang). ``compiled``: False for the express lane on trio,
+        which does neither."""
         if not self.express_lane or self.warmer is not None:
             return False
         if self.native.handles(model):
@@ -273,9 +275,9 @@ class Pipeline:
             return True
         if self.flows.get(model, self.default_flow) not in ("p/d", "e+p+d"):
             return False  # (e+p+d: the API sends only requests without media: no E stage)
-        if dialect.concurrent_prefill_decode:
-            return concurrent
-        return dialect.decode_retry_keeps_handoff
+        return compiled or (
+            not dialect.concurrent_prefill_decode and dialect.decode_retry_keeps_handoff
+        )
 
     def dialect_of(self, model: str) -> Dialect | None:
         """The dialect of ``model``'s flow; None for merged workers spoken to in plain OpenAI."""
