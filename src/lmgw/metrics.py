@@ -294,8 +294,8 @@ class Metrics:
         self.lane_declined = Counter(
             "lmgw_lane_declined_total",
             "Requests the compiled lane left to the trio server, by reason: stream, not_plain"
-            " (media, tools to parse, an alias, a context check...), queue, error (the"
-            " server answers it), key, key_limit, priority, resumable, model_route,"
+            " (media, the tool loop, a P/D request split into pairs...), queue, error (the"
+            " server answers it), tokenize, key, key_limit, priority, resumable, model_route,"
             " other_route (GETs, other paths), replaced_route, draining, unparsed.",
             ("reason",),
         )
