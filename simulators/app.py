@@ -857,6 +857,9 @@ class SimWorker:
             "/health": (frozenset({"GET"}), self._health),
             "/metrics": (frozenset({"GET"}), self._metrics),
             "/version": (frozenset({"GET"}), self._version),
+            # SGLang's (the older name, and the newer): its P/D mode and bootstrap port
+            "/get_server_info": (frozenset({"GET"}), self._server_info),
+            "/server_info": (frozenset({"GET"}), self._server_info),
             "/tokenize": (frozenset({"POST"}), self._tokenize),
             "/detokenize": (frozenset({"POST"}), self._detokenize),
             "/sim/stats": (frozenset({"GET"}), self._sim_stats),
@@ -2467,6 +2470,22 @@ class SimWorker:
 
     async def _version(self, request: Request, responder: Responder, rid: bytes) -> None:
         await _send_json(responder, 200, b'{"version":"0.0.0+lmgw.sim"}', rid)
+
+    async def _server_info(self, request: Request, responder: Responder, rid: bytes) -> None:
+        """SGLang's server arguments, the ones a router reads: the P/D mode and, for a
+        prefill worker, its bootstrap port (this simulator's: its HTTP port)."""
+        role = self.options.role
+        mode = {"p": "prefill", "d": "decode"}.get(role, "null")
+        info = {
+            "model_path": self._default_model,
+            "served_model_name": self._default_model,
+            "disaggregation_mode": mode,
+            "disaggregation_bootstrap_port": self.side_port if role == "p" else 8998,
+            "dp_size": 1,
+            "tp_size": 1,
+            "version": "0.0.0+lmgw.sim",
+        }
+        await _send_json(responder, 200, msgspec.json.encode(info), rid)
 
     async def _tokenize(self, request: Request, responder: Responder, rid: bytes) -> None:
         try:

@@ -195,6 +195,11 @@ class Gateway:
         self.auto_ranks = AutoRanks()
         self._retiring: set[str] = set()  # ranks a server no longer has, drained until idle
         self.monitor = HealthMonitor(self.registry, self.pool, config.health, auth)
+        pipe = self.pipeline
+        self.monitor.asks_bootstrap = any(
+            d is not None and d.names_bootstrap_port
+            for d in (*pipe.dialects.values(), pipe.default_dialect)
+        )
         self.metrics.add(
             Counter(
                 "lmgw_worker_stuck_total",

@@ -99,14 +99,12 @@ def fleet_config(fleet: Fleet, spec: FleetSpec, args: argparse.Namespace) -> Gat
     for m in fleet.members:
         if not m.url:
             continue
-        # a simulated prefill worker serves its SGLang bootstrap rendezvous on its HTTP port
-        port = int(m.url.rsplit(":", 1)[1]) if m.role == "p" and not native else None
         workers.append(
             WorkerConfig(
                 url=m.url,
                 role=m.role,
                 models=[args.model],
-                bootstrap_port=port,
+                # (SGLang's bootstrap port: the gateway asks a prefill worker for it)
                 kv_address=m.kv_address,  # set for vllm-p2pnccl fleets
                 kv_events=m.kv_events,  # set for --kv-events fleets
                 zone=m.zone,  # set for --zones fleets

@@ -663,12 +663,12 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
 async def _pd_gateway(
     nursery: trio.Nursery, sim_worker: Any, prefills: int = 2, tracer_provider: Any = None,
     decodes: int = 1, limits: dict[str, Any] | None = None, dialect: str = "vllm-nixl",
-    **prefill_opts: Any,
+    bootstrap: bool = True, **prefill_opts: Any,
 ) -> Any:  # fmt: skip
     """A P/D gateway on the lane (vllm-nixl unless ``dialect``): ``prefills`` prefill workers
     (the first with ``prefill_opts``) and ``decodes`` decode workers; the simulators as
     ``gw.sims`` (decode last). SGLang: a simulated prefill worker's bootstrap server is its
-    HTTP port."""
+    HTTP port (configured unless not ``bootstrap``: then the gateway asks the worker)."""
     from gateway_support import server_config
 
     from lmgw.config import (
@@ -689,7 +689,12 @@ async def _pd_gateway(
         models=[ModelConfig(name=MODEL, flow="p/d", dialect=dialect)],
         workers=[
             *(
-                WorkerConfig(url=p.url, role="p", id=f"p{i}", bootstrap_port=_port(p.url))
+                WorkerConfig(
+                    url=p.url,
+                    role="p",
+                    id=f"p{i}",
+                    bootstrap_port=_port(p.url) if bootstrap else None,
+                )
                 for i, p in enumerate(ps)
             ),
             *(WorkerConfig(url=d.url, role="d", id=f"d{i}") for i, d in enumerate(ds)),
@@ -884,6 +889,25 @@ async def test_sglang_pairs_run_in_the_lane(nursery: trio.Nursery, sim_worker: A
     assert sum(metric_value(text, leg) for leg in legs) == 8  # each prefill leg accounted
     ok = f'lmgw_requests_total{{endpoint="chat",model="{MODEL}",flow="p/d",status="200"}}'
     assert metric_value(text, ok) == 7
+
+
+async def test_sglang_bootstrap_ports_are_asked_of_the_prefill_workers(
+    nursery: trio.Nursery, sim_worker: Any
+) -> None:
+    """No ``bootstrap_port`` configured: the gateway reads each prefill worker's from its
+    ``/get_server_info`` (SGLang's ``disaggregation_bootstrap_port``) at its first probe, and
+    the legs name it (the simulated decode worker refuses a null one)."""
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=2, dialect="sglang-bootstrap", bootstrap=False
+    )
+    for i in (0, 1):
+        assert gw.registry.get(f"p{i}").bootstrap_port == _port(gw.sims[i].url)
+    assert gw.registry.get("d0").bootstrap_port is None  # (decode workers are not asked)
+    c = KeepAlive(await open_stream(gw.url), gw.url)
+    for _ in range(2):
+        r = await c.ask(CHAT)
+        assert r.status == 200, r.body
+    await _settled(gw)
 
 
 async def test_sglang_a_failing_prefill_ends_the_request_in_the_lane(

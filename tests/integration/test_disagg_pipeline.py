@@ -249,6 +249,8 @@ async def test_sglang_legs_share_a_bootstrap_room(nursery: trio.Nursery) -> None
     assert pre == dec  # the same body to both legs
     assert pre["bootstrap_host"] == "127.0.0.1"
     assert 0 <= pre["bootstrap_room"] < 2**63
+    # none configured, and the worker's /get_server_info names none: null, SGLang's default
+    assert pre["bootstrap_port"] is None
 
 
 def sgl_generate(text: str, logprobs: list) -> dict:

@@ -128,6 +128,10 @@ class HealthMonitor:
         self.progress = ProgressWatch(cfg.stuck_timeout_s)
         #: (role, worker id) -> times it was found stuck (lmgw_worker_stuck_total)
         self.stuck: dict[tuple[str, str], int] = {}
+        #: a dialect names the prefill workers' bootstrap ports (SGLang): ask a prefill worker
+        #: configured without one (_discover_bootstrap), once
+        self.asks_bootstrap = False
+        self._bootstrap_asked: set[str] = set()
 
     async def probe(self, worker: Worker) -> bool:
         """One probe of ``worker``; updates its state and models. Returns health. Native
@@ -153,6 +157,8 @@ class HealthMonitor:
                 reason = "" if ok else f"health probe returned {resp.status}"
                 if ok and worker.static_models is None:
                     await self._discover_models(worker)
+                if ok and self.asks_bootstrap and worker.role == "p":
+                    await self._discover_bootstrap(worker)
                 if ok and self.cfg.scrape_metrics:
                     reason = await self._scrape(worker)
                     ok = not reason
@@ -187,6 +193,41 @@ class HealthMonitor:
             return
         self.registry.note_lora((m.id, m.parent) for m in entries if m.parent is not None)
         self.registry.set_models(worker, models)
+
+    async def _discover_bootstrap(self, worker: Worker) -> None:
+        """An SGLang prefill worker's bootstrap port, when its configuration names none: from
+        its ``/get_server_info`` (``disaggregation_bootstrap_port``, with
+        ``disaggregation_mode`` "prefill"). Without it the legs carry ``bootstrap_port: null``,
+        and a prefill server started on another port than SGLang's default (8998) never gets
+        its decode workers' connections. Asked once per worker that answers."""
+        if worker.bootstrap_port is not None or worker.id in self._bootstrap_asked:
+            return
+        try:
+            resp = await self.pool.request(worker.origin, "GET", "/get_server_info", self._headers)
+            try:
+                body = await resp.read_all(1 << 20)
+            finally:
+                resp.release()
+        except UpstreamError:
+            return  # asked again at the next probe
+        self._bootstrap_asked.add(worker.id)
+        try:
+            info = msgspec.json.decode(body) if resp.status == 200 else None
+        except DECODE_ERRORS:
+            info = None
+        if not isinstance(info, dict):
+            info = {}
+        port = info.get("disaggregation_bootstrap_port")
+        prefill = info.get("disaggregation_mode") == "prefill"
+        if type(port) is not int or not 0 < port < 65536 or not prefill:
+            log.warning(
+                "worker %s: no bootstrap port configured (bootstrap_port=...) and none in its"
+                " /get_server_info: its legs carry bootstrap_port null (SGLang's default)",
+                worker.id,
+            )
+            return
+        worker.bootstrap_port = port
+        log.info("worker %s: SGLang bootstrap port %d (its /get_server_info)", worker.id, port)
 
     async def _scrape(self, worker: Worker) -> str:
         """The worker's own load from its Prometheus ``/metrics`` (vLLM's names); a worker

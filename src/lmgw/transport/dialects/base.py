@@ -255,6 +255,9 @@ class Dialect:
       prefill answers one ``kv_transfer_params`` for a whole batch, or for ``n`` samples), so
       a ``/v1/completions`` batch or ``n > 1`` is split into one pair per prompt and sample
       (:mod:`lmgw.pipeline.batch_split`).
+    - ``names_bootstrap_port``: True when the prefill worker's bootstrap port goes on the wire
+      (SGLang): the gateway then asks a prefill worker configured without one for it
+      (``/get_server_info``'s ``disaggregation_bootstrap_port``).
     - ``local_prefill``: True when a decode worker serves a request that carries no hand-off
       by prefilling it itself (vLLM's decode instances are whole engines; SGLang's decode
       servers only take transferred KV), so a short prompt may skip the prefill leg
@@ -269,6 +272,7 @@ class Dialect:
     one_prompt: ClassVar[bool] = False
     serves_generate: ClassVar[bool] = False
     local_prefill: ClassVar[bool] = False
+    names_bootstrap_port: ClassVar[bool] = False
 
     def peer_problem(self, role: str, peer: Peer) -> str | None:
         """Why a worker of ``role`` cannot take part in this dialect's legs (None: it can).

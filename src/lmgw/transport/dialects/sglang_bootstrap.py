@@ -152,6 +152,7 @@ class SglangBootstrap(Dialect):
     flows: ClassVar[frozenset[str]] = frozenset({"p/d"})
     concurrent_prefill_decode: ClassVar[bool] = True
     serves_generate: ClassVar[bool] = True
+    names_bootstrap_port: ClassVar[bool] = True
     #: a room pairs one P request with one D: a retry is a fresh pair with a fresh room
     decode_retry_keeps_handoff: ClassVar[bool] = False
 
