@@ -172,17 +172,24 @@ class HealthMonitor:
         self._apply(worker, ok, reason)
         return ok
 
-    async def _discover_models(self, worker: Worker) -> None:
+    async def _get(self, worker: Worker, path: str, limit: int) -> tuple[int, bytes] | None:
+        """``GET path`` on ``worker``: its status and body (at most ``limit`` bytes); None
+        when the exchange failed."""
         try:
-            resp = await self.pool.request(worker.origin, "GET", "/v1/models", self._headers)
+            resp = await self.pool.request(worker.origin, "GET", path, self._headers)
             try:
-                body = await resp.read_all(4 << 20)
+                body = await resp.read_all(limit)
             finally:
                 resp.release()
         except UpstreamError:
+            return None
+        return resp.status, body
+
+    async def _discover_models(self, worker: Worker) -> None:
+        got = await self._get(worker, "/v1/models", 4 << 20)
+        if got is None or got[0] != 200:
             return
-        if resp.status != 200:
-            return
+        body = got[1]
         try:
             entries = _decode_models(body).data
             models = frozenset(m.id for m in entries)
@@ -202,17 +209,12 @@ class HealthMonitor:
         its decode workers' connections. Asked once per worker that answers."""
         if worker.bootstrap_port is not None or worker.id in self._bootstrap_asked:
             return
-        try:
-            resp = await self.pool.request(worker.origin, "GET", "/get_server_info", self._headers)
-            try:
-                body = await resp.read_all(1 << 20)
-            finally:
-                resp.release()
-        except UpstreamError:
+        got = await self._get(worker, "/get_server_info", 1 << 20)
+        if got is None:
             return  # asked again at the next probe
         self._bootstrap_asked.add(worker.id)
         try:
-            info = msgspec.json.decode(body) if resp.status == 200 else None
+            info = msgspec.json.decode(got[1]) if got[0] == 200 else None
         except DECODE_ERRORS:
             info = None
         if not isinstance(info, dict):
@@ -234,16 +236,10 @@ class HealthMonitor:
         without them (or unreadable ones) keeps its last values. Returns why the worker
         cannot serve, else "": a data-parallel rank the server's engines do not include
         (``dp=8`` in front of a 4-rank server would send its requests to ranks vLLM refuses)."""
-        try:
-            resp = await self.pool.request(worker.origin, "GET", "/metrics", self._headers)
-            try:
-                body = await resp.read_all(8 << 20)
-            finally:
-                resp.release()
-        except UpstreamError:
+        got = await self._get(worker, "/metrics", 8 << 20)
+        if got is None or got[0] != 200:
             return ""
-        if resp.status != 200:
-            return ""
+        body = got[1]
         rank = worker.dp_rank
         if b'engine="1"' in body:  # data-parallel: count the ranks (only such servers pay)
             n = len(set(_ENGINE.findall(body)))
