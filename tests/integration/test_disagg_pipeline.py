@@ -5,7 +5,7 @@ flows with real KV bytes elsewhere; these pin down the gateway's side exactly.)"
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +17,7 @@ from lmgw.config import (
     DiscoveryConfig,
     GatewayConfig,
     HealthConfig,
+    LimitsConfig,
     ModelConfig,
     RoutingConfig,
     ServerConfig,
@@ -69,6 +70,9 @@ class Fake:
         self.url = ""
         self.delay = 0.0  #: seconds before each generation answer
         self.event_gap = 0.0  #: seconds between the SSE events of an answer
+        #: awaited with the request's body before answering (an SGLang decode worker answers
+        #: only once its prefill worker has the request: the KV comes from there)
+        self.after: Callable[[dict], Awaitable[None]] | None = None
         self.kv_address: str | None = None  #: P2P NCCL "ip:kv_port" (set by start())
 
     async def __call__(self, req: Request, responder: Responder) -> None:
@@ -80,6 +84,8 @@ class Fake:
         self.seen.append(obj)
         self.headers.append({k.decode(): v.decode() for k, v in req.headers})
         await trio.sleep(self.delay)
+        if self.after is not None:
+            await self.after(obj)
         status, payload = self.answer(obj)
         if isinstance(payload, tuple):  # a JSON body written in pieces (chunked, split)
             await responder.start(status, JSON)
@@ -99,6 +105,17 @@ class Fake:
             await responder.end()
         else:
             await responder.send_full(status, JSON, msgspec.json.encode(payload))
+
+
+def room_of(prefill: Fake) -> Callable[[dict], Awaitable[None]]:
+    """A decode Fake's ``after`` for SGLang: wait until ``prefill`` has seen the body's room."""
+
+    async def after(obj: dict) -> None:
+        with trio.fail_after(5):
+            while not any(b.get("bootstrap_room") == obj["bootstrap_room"] for b in prefill.seen):
+                await trio.sleep(0.002)
+
+    return after
 
 
 def decode_answer(obj: dict) -> tuple[int, Any]:
@@ -134,6 +151,7 @@ async def gateway_for(
     routing: RoutingConfig | None = None,
     zones: dict[str, str] | None = None,
     compiled: bool = True,
+    request_timeout_s: float = 600.0,
 ) -> str:
     """A gateway in front of ``workers``; ``express``: upstream.express_lane (plain
     non-streamed P/D requests in sequential dialects take it); ``zones``: by worker name;
@@ -143,6 +161,7 @@ async def gateway_for(
         health=HealthConfig(interval_s=30),
         media=media or MediaLimits(),
         upstream=UpstreamConfig(express_lane=express, response_timeout_s=response_timeout_s),
+        limits=LimitsConfig(request_timeout_s=request_timeout_s),
         routing=routing or RoutingConfig(),
         models=[ModelConfig(name=MODEL, flow=flow, dialect=dialect)],
         workers=[
@@ -578,6 +597,33 @@ async def test_prefill_failure_is_a_502_naming_the_stage(
 
 
 @pytest.mark.parametrize("express", [True, False])
+async def test_sglang_a_prefill_leg_that_outlives_its_answer_ends_at_the_deadline(
+    nursery: trio.Nursery, express: bool
+) -> None:
+    """The decode leg answered whole and the prefill leg's answer is late: the answer goes
+    out at once, with nothing after it, and the prefill leg ends: on the server at the
+    answer's end (its KV came over; waiting would hold the connection), on the compiled lane,
+    where it goes on alone, at the request's deadline, before the longer response timeout."""
+    p = await start(nursery, Fake("p0", lambda b: (200, completion("x"))))
+    p.delay = 30.0
+    d = await start(nursery, Fake("d0", lambda b: (200, completion("sg"))))
+    url = await gateway_for(
+        nursery, "p/d", "sglang-bootstrap", [("p", p), ("d", d)], express=express,
+        response_timeout_s=60.0, request_timeout_s=0.5,
+    )  # fmt: skip
+    with trio.fail_after(3):
+        r = await http_request(url, "POST", "/v1/chat/completions", CHAT)
+    assert r.json()["choices"][0]["message"]["content"] == "sg"
+    gauge = 'lmgw_worker_in_flight{role="p",worker="p0"}'
+    with trio.fail_after(5):
+        while True:
+            text = (await http_request(url, "GET", "/metrics")).body.decode()
+            if metric_value(text, gauge) == 0:
+                break
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("express", [True, False])
 async def test_sglang_a_prefill_failing_mid_stream_ends_the_stream(
     nursery: trio.Nursery, express: bool
 ) -> None:
@@ -652,6 +698,8 @@ async def test_decode_failure_before_first_token(
     p = await start(nursery, Fake("p0", prefill_ok))
     bad = await start(nursery, Fake("d-bad", lambda b: (500, {"error": {"message": "oom"}})))
     good = await start(nursery, Fake("d-good", any_decode))
+    if dialect == "sglang-bootstrap":  # (a decode answers once its prefill has the request)
+        good.after = room_of(p)
     workers = [("p", p), ("d", bad), ("d", good)]
     url = await gateway_for(nursery, "p/d", dialect, workers, express=express)
     results = [(await http_request(url, "POST", "/v1/chat/completions", CHAT)) for _ in range(4)]

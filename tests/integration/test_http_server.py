@@ -303,6 +303,34 @@ async def test_stdlib_client_reuses_the_connection() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_deadline_after_the_whole_answer_adds_nothing_to_it(
+    nursery: trio.Nursery,
+) -> None:
+    """The handler answered whole, then went on working past the request's deadline: the
+    deadline ends that work and the connection, and writes nothing after the answer (the
+    deadline hook is not asked: an answer there would be bytes after a complete one)."""
+    asked: list[bool] = []
+
+    async def handler(req: Request, resp: Responder) -> None:
+        await resp.send_full(200, [], b"whole")
+        await trio.sleep(30)  # (a leg still drained after the client's answer)
+
+    async def on_timeout(req: Request, resp: Responder) -> None:
+        asked.append(True)
+        await resp.send(b"AFTER")
+
+    server = HTTPServer(handler, ServerLimits(**{**FAST, "request_timeout_s": 0.3}), on_timeout)
+    port = await nursery.start(server.serve, HOST, 0)
+    c = await Client.open(port)
+    await c.send(get("/"))
+    assert (await c.response()).body == b"whole"
+    with trio.fail_after(5):
+        rest = b""
+        while chunk := await c.stream.receive_some(65536):
+            rest += chunk
+    assert rest == b"" and asked == []
+
+
 async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
     _, port = await start_server(nursery, App())
     c = await Client.open(port)

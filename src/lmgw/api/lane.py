@@ -570,9 +570,16 @@ class LaneApp:
             prefill.origin, "POST", pre.path, headers, pre.body
         )
         ex.p_sent = self.disagg.leg_begin("p", prefill, ex.ctx)
+        # its answer within the response timeout, and not past the request's deadline, even
+        # when it goes on after the request's answer (as the server's request scope holds it)
         rt = self.pipe.response_timeout_s
-        deadline = _now() + rt if rt != math.inf else 0.0
-        side = (prefill.origin.slot, head + payload if payload else head, deadline)
+        ends = [
+            t for t in (
+                _now() + rt if rt != math.inf else 0.0,
+                ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0,
+            ) if t
+        ]  # fmt: skip
+        side = (prefill.origin.slot, head + payload if payload else head, min(ends, default=0.0))
         return self._send_decode(ex, leg, side)
 
     def on_side(self, ex: PDExchange, kind: int, data: bytes) -> bool:

@@ -667,7 +667,8 @@ class HTTPServer:
             if c.timeout_status == 504 and c.request is not None and c.responder is not None:
                 if not c.responder.started:  # the connection ends with this answer: say so
                     c.responder.keep_alive = False
-                if not c.responder.broken:
+                # (an answer already whole: the deadline ended only the handler's rest)
+                if not c.responder.broken and not c.responder.finished:
                     with trio.move_on_after(1):
                         await self.on_timeout(c.request, c.responder)
             elif c.timeout_status:

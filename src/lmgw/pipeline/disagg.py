@@ -955,6 +955,11 @@ class DisaggRunner:
                     greq, responder, leg, decode, "d", dialect, pre.handoff, route, gate,
                     restartable=restartable, journal=journal, splice=splice,
                 )  # fmt: skip
+            if not failed and not decode_scope.cancelled_caught:
+                # the client's answer is whole, so the KV came over: a prefill answer still
+                # due is not waited for (it would hold the connection's next request, and the
+                # request's deadline); its connection closes (the compiled lane lets it run)
+                nursery.cancel_scope.cancel()
         if failed:
             exc = failed[0]
             if not responder.started:
