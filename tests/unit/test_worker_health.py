@@ -149,3 +149,42 @@ def test_least_load_counts_the_queue_the_worker_reports() -> None:
     policy = LeastLoad()
     picks = {policy.choose((a, b), RouteContext("m")).id for _ in range(4)}
     assert picks == {"b"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "port"),
+    [
+        ((200, b'{"disaggregation_mode":"prefill","disaggregation_bootstrap_port":9001}'), 9001),
+        ((200, b'{"disaggregation_mode":"decode","disaggregation_bootstrap_port":9001}'), None),
+        ((200, b'{"disaggregation_mode":"prefill","disaggregation_bootstrap_port":70000}'), None),
+        ((200, b'{"disaggregation_mode":"prefill","disaggregation_bootstrap_port":"9001"}'), None),
+        ((200, b"not json"), None),
+        ((404, b'{"detail":"Not Found"}'), None),
+    ],
+)
+def test_an_sglang_prefill_workers_bootstrap_port_is_asked_once(
+    answer: tuple[int, bytes], port: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefill worker without a configured bootstrap port: its /get_server_info's, when it
+    says it is a prefill server on a real port; else a warning, and it is not asked again. A
+    failed exchange is asked again at the next probe; a configured port is never asked."""
+    import trio
+
+    asked: list[str] = []
+    answers: list[tuple[int, bytes] | None] = [None, answer]
+
+    async def get(worker: Worker, path: str, limit: int) -> tuple[int, bytes] | None:
+        asked.append(path)
+        return answers.pop(0)
+
+    m = monitor_mod.HealthMonitor(Registry(), None, monitor_mod.HealthConfig())  # type: ignore[arg-type]
+    m._get = get  # type: ignore[method-assign]
+    w = Worker("p0", "http://127.0.0.1:8100", "p")
+    for _ in range(3):  # the first exchange fails, the second answers, the third is not made
+        trio.run(m._discover_bootstrap, w)
+    assert asked == ["/get_server_info"] * 2
+    assert w.bootstrap_port == port
+    assert ("none in its /get_server_info" in caplog.text) == (port is None)
+    configured = Worker("p1", "http://127.0.0.1:8101", "p", bootstrap_port=8998)
+    trio.run(m._discover_bootstrap, configured)
+    assert asked == ["/get_server_info"] * 2 and configured.bootstrap_port == 8998
