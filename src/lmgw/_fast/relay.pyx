@@ -195,18 +195,24 @@ cdef Py_ssize_t _scan_head(const unsigned char* p, Py_ssize_t line, Py_ssize_t h
     return length
 
 
+cdef inline Py_ssize_t _head_fields(const unsigned char* p, Py_ssize_t head_end, int* flags) noexcept nogil:
+    """The header lines after a head's first line (:func:`_scan_head`): the Content-Length
+    (-1 without one) and ``flags``."""
+    cdef Py_ssize_t first = 0
+    while first < head_end and p[first] != 13:
+        first += 1
+    return _scan_head(p, first + 2, head_end, flags)
+
+
 cdef Py_ssize_t _request_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t max_head, Py_ssize_t max_body) noexcept nogil:
     cdef Py_ssize_t window = n if n < max_head + 4 else max_head + 4
     cdef const unsigned char* h = <const unsigned char*>memmem(p, window, b"\r\n\r\n", 4)
-    cdef Py_ssize_t head_end, first, length
+    cdef Py_ssize_t head_end, length
     cdef int flags
     if h == NULL:
         return MORE if n < max_head + 4 else NOT_OURS
     head_end = h - p
-    first = 0
-    while first < head_end and p[first] != 13:
-        first += 1
-    length = _scan_head(p, first + 2, head_end, &flags)
+    length = _head_fields(p, head_end, &flags)
     if flags & (F_CHUNKED | F_EXPECT | F_BAD | F_UPGRADE):
         return NOT_OURS
     if length < 0:
@@ -236,7 +242,7 @@ cdef Py_ssize_t _response_head(const unsigned char* p, Py_ssize_t n, int* status
 
 
 cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, int* kind, int* keep) noexcept nogil:
-    cdef Py_ssize_t head_end, first, length
+    cdef Py_ssize_t head_end, length
     cdef int flags, status
     keep[0] = 0
     head_end = _response_head(p, n, &status)
@@ -246,10 +252,7 @@ cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t
     kind[0] = HANDOFF
     if status < 200 or status >= 400 or status == 204 or status == 304:
         return 0
-    first = 0
-    while first < head_end and p[first] != 13:
-        first += 1
-    length = _scan_head(p, first + 2, head_end, &flags)
+    length = _head_fields(p, head_end, &flags)
     if flags & (F_CHUNKED | F_BAD) or length < 0 or length > cap:
         return 0
     keep[0] = not (flags & F_CLOSE)
@@ -261,7 +264,7 @@ cdef Py_ssize_t _response_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t
 
 
 cdef Py_ssize_t _stream_head(const unsigned char* p, Py_ssize_t n, int* kind, int* keep) noexcept nogil:
-    cdef Py_ssize_t head_end, first, length
+    cdef Py_ssize_t head_end, length
     cdef int flags, status
     keep[0] = 0
     head_end = _response_head(p, n, &status)
@@ -271,10 +274,7 @@ cdef Py_ssize_t _stream_head(const unsigned char* p, Py_ssize_t n, int* kind, in
     kind[0] = HANDOFF
     if status < 200 or status >= 300 or status == 204:
         return 0
-    first = 0
-    while first < head_end and p[first] != 13:
-        first += 1
-    length = _scan_head(p, first + 2, head_end, &flags)
+    length = _head_fields(p, head_end, &flags)
     if flags & F_BAD or not flags & F_CHUNKED or length >= 0:
         return 0
     keep[0] = not (flags & F_CLOSE)
@@ -332,7 +332,7 @@ cdef Py_ssize_t _chunked_end(const unsigned char* p, Py_ssize_t n, Py_ssize_t at
 
 
 cdef Py_ssize_t _side_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap, bint eof, int* kind, int* keep) noexcept nogil:
-    cdef Py_ssize_t head_end, first, length, start, stop
+    cdef Py_ssize_t head_end, length, start, stop
     cdef int flags, status
     keep[0] = 0
     head_end = _response_head(p, n, &status)
@@ -342,10 +342,7 @@ cdef Py_ssize_t _side_frame(const unsigned char* p, Py_ssize_t n, Py_ssize_t cap
     kind[0] = BAD
     if status < 0:
         return 0
-    first = 0
-    while first < head_end and p[first] != 13:
-        first += 1
-    length = _scan_head(p, first + 2, head_end, &flags)
+    length = _head_fields(p, head_end, &flags)
     start = head_end + 4
     if flags & F_BAD or (flags & F_CHUNKED and length >= 0):
         return 0
