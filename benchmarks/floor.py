@@ -23,6 +23,13 @@ this script runs, against the same two workers and the same wrk load,
 * ``lmgw-alias`` and ``lmgw-alias-trio``: ``lmgw`` and ``lmgw-trio`` with every request
   naming the model by an alias (the lane renames it itself since session 22; on trio it takes
   the general path),
+* ``lmgw-probed`` and ``lmgw-probed-trio``: ``lmgw`` and ``lmgw-trio`` with one request in
+  ``PROBE_EVERY`` a ``GET /v1/models`` on the same connections (a client that lists the models,
+  a probe sharing its pool): the GETs are the trio server's, and since session 23 the
+  connection returns to the lane after one,
+* ``lmgw-capped`` and ``lmgw-capped-trio``: ``lmgw`` and ``lmgw-trio`` with
+  ``limits.max_concurrent_requests = 16`` under the 64 connections: the admission queue holds
+  most requests (the server's), and every one that waited is a crossing to trio and back,
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -69,11 +76,15 @@ MOCK_PYTHON = [sys.executable]
 SYSTEMS = (
     "relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general", "lmgw-keys",
     "lmgw-keys-trio", "lmgw-ca", "lmgw-ca-trio", "lmgw-alias", "lmgw-alias-trio",
+    "lmgw-probed", "lmgw-probed-trio", "lmgw-capped", "lmgw-capped-trio",
 )  # fmt: skip
 KEY = "sk-floor-0123456789abcdef0123456789abcdef"
 _KEYS = f'[[auth.keys]]\nkey = "{KEY}"\n'
 KEYED = ("lmgw-keys", "lmgw-keys-trio")
 ALIAS = "floor-alias"
+PROBED = ("lmgw-probed", "lmgw-probed-trio")
+PROBE_EVERY = 50
+CAPPED = 16
 ALIASED = ("lmgw-alias", "lmgw-alias-trio")
 SCRIPTS = {"relay": "floor_relay.py", "featured": "floor_featured.py"}
 #: the lmgw systems' configs beyond the defaults
@@ -101,6 +112,10 @@ oh = _load_overhead()
 _ALIASES = f'[[models]]\nname = "{oh.MODEL}"\naliases = ["{ALIAS}"]\n'
 CONFIGS["lmgw-alias"] = _ALIASES
 CONFIGS["lmgw-alias-trio"] = "[server]\ncompiled_lane = false\n" + _ALIASES
+CONFIGS["lmgw-probed-trio"] = "[server]\ncompiled_lane = false\n"
+_CAPPED = f"[limits]\nmax_concurrent_requests = {CAPPED}\n"
+CONFIGS["lmgw-capped"] = _CAPPED
+CONFIGS["lmgw-capped-trio"] = "[server]\ncompiled_lane = false\n" + _CAPPED
 
 
 def log(*parts: object) -> None:
@@ -169,7 +184,11 @@ def start_system(
 def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
     proc, port = start_system(children, name, ctx["workers"], ctx["cpus"])
     try:
-        bodies = ctx["bodies_alias"] if name in ALIASED else ctx["bodies"]
+        bodies = ctx["bodies"]
+        if name in ALIASED:
+            bodies = ctx["bodies_alias"]
+        elif name in PROBED:
+            bodies = ctx["bodies_probed"]
         return wrk_cpu(children, ctx, name, proc, port, bodies)
     finally:
         children.stop(proc)
@@ -182,6 +201,8 @@ def wrk_cpu(
     ``ctx["duration"]``): requests/s and the process's CPU µs per request."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     lua = ctx["lua_keys"] if name in KEYED else ctx["lua"]
+    if name in PROBED:
+        lua = ctx["lua_probed"]
     oh.run_wrk(children, url, bodies, CONNS, 1, lua)  # warm-up
     tree = oh.proc_tree(proc.pid)
     c0 = oh.cpu_s(tree)
@@ -209,6 +230,13 @@ def harness() -> tuple[set[int] | None, Any, Path]:
     assert plain in oh.WRK_LUA
     keyed = f'{{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {KEY}"}}'
     (LOG_DIR / "wrk_bodies_keys.lua").write_text(oh.WRK_LUA.replace(plain, keyed))
+    post = f'bodies[count] = wrk.format("POST", nil, {plain}, line)'
+    assert post in oh.WRK_LUA
+    probed = (  # a line "GET <path>": that GET instead of a POST
+        'if line:sub(1, 4) == "GET " then bodies[count] = wrk.format("GET", line:sub(5))'
+        f" else {post} end"
+    )
+    (LOG_DIR / "wrk_bodies_probed.lua").write_text(oh.WRK_LUA.replace(post, probed))
     return cpus, children, lua
 
 
@@ -277,6 +305,14 @@ def main() -> int:
     oh.write_bodies(bodies, stream=False)
     aliased = LOG_DIR / "bodies-alias.jsonl"
     aliased.write_text(bodies.read_text().replace(f'"{oh.MODEL}"', f'"{ALIAS}"'))
+    probed = LOG_DIR / "bodies-probed.jsonl"
+    lines = bodies.read_text().splitlines()
+    probed.write_text(
+        "".join(
+            ("GET /v1/models" if i % PROBE_EVERY == PROBE_EVERY - 1 else line) + "\n"
+            for i, line in enumerate(lines * PROBE_EVERY)  # (a whole number of cycles)
+        )
+    )
     systems = [s for s in args.systems.split(",") if s] if args.systems else list(SYSTEMS)
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -288,6 +324,7 @@ def main() -> int:
         ctx = {"workers": start_workers(children, args.mock), "cpus": cpus, "lua": lua}
         ctx["lua_keys"] = LOG_DIR / "wrk_bodies_keys.lua"
         ctx |= {"bodies": bodies, "bodies_alias": aliased, "duration": duration}
+        ctx |= {"bodies_probed": probed, "lua_probed": LOG_DIR / "wrk_bodies_probed.lua"}
         for i in range(rounds):
             order = systems if i % 2 == 0 else systems[::-1]
             for name in order:
@@ -310,6 +347,8 @@ def main() -> int:
     cache_aware = paired(runs, "lmgw-ca", "lmgw-ca-trio")
     alias = paired(runs, "lmgw-alias", "lmgw-alias-trio")
     alias_cost = paired(runs, "lmgw-alias", "lmgw")
+    probed_pairs = paired(runs, "lmgw-probed", "lmgw-probed-trio")
+    capped_pairs = paired(runs, "lmgw-capped", "lmgw-capped-trio")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<14} {'req/s':>9} {'CPU µs/req':>11}")
     for name in systems:
@@ -324,6 +363,8 @@ def main() -> int:
         ("lmgw-ca / lmgw-ca-trio (cache_aware: lane / trio)", cache_aware),
         ("lmgw-alias / lmgw-alias-trio (a model alias: lane / trio)", alias),
         ("lmgw-alias / lmgw (a model alias in the lane / the model's name)", alias_cost),
+        (f"lmgw-probed / lmgw-probed-trio (a GET in {PROBE_EVERY}: lane / trio)", probed_pairs),
+        (f"lmgw-capped / lmgw-capped-trio ({CAPPED} at once: lane / trio)", capped_pairs),
     ):
         if pairs:
             print(f"{label}: x{statistics.median(pairs):.2f} (paired per round)")

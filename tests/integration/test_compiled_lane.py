@@ -395,7 +395,100 @@ async def test_an_error_answer_is_relayed_by_the_server(gateway: GatewayFactory)
     r = await c.ask({**CHAT, "max_tokens": -1})  # the gateway's own 400: never leaves Python
     assert r.status == 400 and r.headers["content-type"] == "application/json"
     assert relay.demoted == 1
-    assert (await c.ask(CHAT)).status == 200
+    for _ in range(2):  # one bad request: the connection comes back to the lane after it
+        assert (await c.ask(CHAT)).status == 200
+    assert relay.served == 2 and relay.demoted == 1 and relay.clients == 1
+
+
+async def test_a_get_between_chats_leaves_the_connection_in_the_lane(
+    gateway: GatewayFactory,
+) -> None:
+    """A client that lists the models first (the openai client's ``models.list()``), or that
+    a probe shares: the GET is the server's, the chats after it the lane's."""
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    for round_ in range(2):
+        await c.stream.send_all(request_bytes(gw.url, "GET", "/v1/models", close=False))
+        r = await c.next_answer()
+        assert r.status == 200 and r.json()["data"][0]["id"] == MODEL
+        for _ in range(2):
+            assert (await c.ask(CHAT)).status == 200
+        assert relay.served == 2 * (round_ + 1) and relay.demoted == round_ + 1
+    assert relay.clients == 1
+
+
+async def test_a_client_of_another_post_route_stays_on_the_server(
+    gateway: GatewayFactory,
+) -> None:
+    """A POST the lane does not take is what that client sends every time: the connection
+    stays with the server instead of crossing over and back on each request."""
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+    c = await _client(gw)
+    body = {"model": MODEL, "prompt": "hi"}
+    for _ in range(3):
+        assert (await c.ask(body, path="/tokenize")).status == 200
+    assert (await c.ask(CHAT)).status == 200  # (the server's too)
+    assert relay.demoted == 1 and relay.served == 0 and relay.clients == 0
+
+
+async def test_after_a_wait_in_the_queue_the_connection_comes_back(
+    gateway: GatewayFactory,
+) -> None:
+    """One request at a time (limits.max_concurrent_requests): a request that met a full
+    gateway waits in the server's queue; its connection is the lane's again after it, so a
+    burst does not leave its clients on the trio path."""
+    gw = await gateway(
+        per_worker=[{"timing": (("a", 0.3),), "speed": 1.0}], limits={"max_concurrent_requests": 1}
+    )
+    relay = gw.gateway.server.lane.relay
+    admission = gw.gateway.app.admission
+    first, second = await _client(gw), await _client(gw)
+    await first.stream.send_all(request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT,
+                                              close=False))  # fmt: skip
+    with trio.fail_after(5):
+        while admission.in_flight == 0:
+            await trio.sleep(0.01)
+    waited = await second.ask(CHAT)  # queued behind the first (the server's)
+    assert waited.status == 200 and relay.demoted == 1
+    assert (await first.next_answer()).status == 200
+    for _ in range(2):
+        assert (await second.ask(CHAT)).status == 200
+    assert relay.served == 3 and relay.demoted == 1 and relay.clients == 2
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 1
+
+
+async def test_under_a_standing_queue_a_connection_stays_on_the_server(
+    gateway: GatewayFactory,
+) -> None:
+    """A request that waited, answered while another still waits, leaves its connection with
+    the server (crossing over and back for every waiting request would cost more); the
+    connections answered once nothing waits go back to the lane."""
+    gw = await gateway(
+        per_worker=[{"timing": (("a", 0.2),), "speed": 1.0}], limits={"max_concurrent_requests": 1}
+    )
+    relay = gw.gateway.server.lane.relay
+    admission = gw.gateway.app.admission
+    conns = [await _client(gw) for _ in range(4)]
+    chat = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    with trio.fail_after(5):
+        for i, c in enumerate(conns):  # one in flight, then three waiting, in this order
+            await c.stream.send_all(chat)
+            while (admission.in_flight, admission.waiting) != (1, i):
+                await trio.sleep(0.005)
+    for c in conns:
+        assert (await c.next_answer()).status == 200
+    # the second was answered while the fourth still waited: it stays; the third and the
+    # fourth were answered with nothing waiting: back in the lane
+    assert relay.served == 1 and relay.demoted == 3
+    for c in conns:
+        assert (await c.ask(CHAT)).status == 200
+    # the first's, the third's and the fourth's in the lane, the second's on the server (after
+    # which it goes back too: nothing waits now)
+    assert relay.served == 1 + 3 and relay.demoted == 3 and relay.clients == 4
+    assert (await conns[1].ask(CHAT)).status == 200 and relay.served == 5
 
 
 KEY, LIMITED, NARROW, SINGLE, METERED, ONCE = (f"sk-lane-{n}-0123456789abcdef" for n in range(6))
@@ -655,9 +748,9 @@ async def test_a_keys_concurrency_cap_holds_in_the_lane(gateway: GatewayFactory)
     assert r.status == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.body
     assert (await first.next_answer()).status == 200
     assert single.in_flight == 0
-    assert (await _ask_with(second, CHAT, SINGLE)).status == 200  # (on the server now)
+    assert (await _ask_with(second, CHAT, SINGLE)).status == 200  # (back in the lane)
     relay = gw.gateway.server.lane.relay
-    assert relay.served == 1 and relay.demoted == 1 and single.requests == 2
+    assert relay.served == 2 and relay.demoted == 1 and single.requests == 2
 
 
 async def _pd_gateway(

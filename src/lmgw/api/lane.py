@@ -238,6 +238,9 @@ class LaneApp:
         self.tracing = api.tracing
         #: requests left to the server, by reason (lmgw_lane_declined_total)
         self.declined: Counter[str] = Counter()
+        #: the request just declined is a passing one: when this says so after it, its
+        #: connection comes back to the lane (:meth:`take_back`)
+        self._back: Callable[[], bool] | None = None
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -259,7 +262,9 @@ class LaneApp:
         method, target, headers, body, keep_alive, _ = parts
         route = _ROUTES.get(target)
         if route is None or method != "POST":
-            return self._decline("other_route")
+            # (a GET between a client's chat requests, /v1/models or a probe, is passing; a
+            # client of another POST route would cross over and back each time)
+            return self._decline("other_route", _always if method != "POST" else None)
         if self.draining:
             return self._decline("draining")
         endpoint, path = route
@@ -285,7 +290,7 @@ class LaneApp:
             if entry is not None:
                 KeyTable.check_model(entry, model, view.model)
         except GatewayError:
-            return self._decline("error")  # the server answers it, the same way
+            return self._decline("error", _always)  # the server answers it, the same way
         pipe = self.pipe
         stream = bool(view.stream)
         if not api._express(model, view.model, body, endpoint, lane=True):
@@ -304,9 +309,10 @@ class LaneApp:
             try:  # (as _serve_model: the context check, max_tokens filled in)
                 checked = text.validate_inline(endpoint, edited.obj)
             except GatewayError:
-                return self._decline("error")  # the server answers it, the same way
+                return self._decline("error", _always)  # the server answers it, the same way
             if checked is None:
-                return self._decline("tokenize")  # a long prompt: the server's worker thread
+                # a long prompt: the server's worker thread
+                return self._decline("tokenize", _always)
             edited.changed, prompt_ids = checked
         output = None
         parsers = self.gw.output_parsers.get(model) if endpoint == "chat" else None
@@ -358,11 +364,14 @@ class LaneApp:
             try:  # (a refusal spends nothing: the server's own admit refuses it the same way)
                 keys.table.admit(entry, _key_clock())
             except AuthError:
-                return self._decline("key_limit")  # the server answers the 429, counts it
+                # the server answers the 429, counts it
+                return self._decline("key_limit", _always)
         if not admission.enter():
             if entry is not None:
                 KeyTable.refund(entry)  # the server admits it again
-            return self._decline("queue")  # a queue to wait in: the server's
+            # (back once nothing waits: under a standing queue, crossing over and back for
+            # every request that waited costs more than the lane saves; floor.py lmgw-capped)
+            return self._decline("queue", self._no_queue)  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
         if self.tracing is not None:
@@ -428,9 +437,26 @@ class LaneApp:
         headers += _limits(ex)
         return headers
 
-    def _decline(self, reason: str) -> None:
-        """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total)."""
+    def _decline(self, reason: str, back: Callable[[], bool] | None = None) -> None:
+        """Leave a request to the server, counted by ``reason`` (lmgw_lane_declined_total).
+
+        ``back``: a passing reason (an error, a queue, a rate limit, a long prompt, a GET), not
+        one every request of this client will have (a stream to hedge, a model the lane does
+        not serve): the connection returns to the lane once this request is answered, if
+        ``back()`` says so then. Else a keep-alive client that met one burst (a queue) or sent
+        one bad request would stay on the slower trio path for as long as it is connected."""
         self.declined[reason] += 1
+        self._back = back
+
+    def take_back(self) -> Callable[[], bool] | None:
+        """For the connection the relay is handing over now (``on_demote``, called right after
+        the ``on_request`` that declined): whether it comes back to the lane after its
+        request, asked then (None: it stays with the server)."""
+        back, self._back = self._back, None
+        return back
+
+    def _no_queue(self) -> bool:
+        return not self.api.admission.waiting
 
     def _key(self, req: Request) -> Any:
         """The request's API key (:class:`lmgw.auth.KeyEntry`, now ``req.principal``), or None
@@ -1019,6 +1045,10 @@ class LaneApp:
         greq.usage_fill = ex.usage_fill
         greq.output = ex.output  # (one parse state: a continuation goes on with it)
         return greq
+
+
+def _always() -> bool:
+    return True
 
 
 def _journal(ex: Exchange) -> list[bytes] | None:

@@ -196,4 +196,5 @@ class Lane:
         nursery = self._nursery
         if nursery is None:
             raise RuntimeError("the lane is not running")
-        nursery.start_soon(self.server.adopt, fd, client, pending, cont)
+        back = self.app.take_back()
+        nursery.start_soon(self.server.adopt, fd, client, pending, cont, back)

@@ -15,6 +15,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,13 +457,23 @@ class HTTPServer:
         if not self._conns and (self.lane is None or not self.lane.clients):
             self._idle_event.set()
 
-    async def adopt(self, fd: int, client: str, pending: bytes, cont: Any) -> None:
+    async def adopt(
+        self,
+        fd: int,
+        client: str,
+        pending: bytes,
+        cont: Any,
+        back: Callable[[], bool] | None = None,
+    ) -> None:
         """Serve a connection the compiled lane handed back: ``pending``, the bytes it read
         and did not take; ``cont``, a request of the lane's to finish first (an
-        :class:`lmgw.api.lane.Continuation`) or None."""
+        :class:`lmgw.api.lane.Continuation`) or None; ``back``: the lane takes it back once
+        it is between requests (as after a continuation) if ``back()`` says so then."""
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        await self._connection(RawStream(sock), client=client, pending=pending, first=cont)
+        await self._connection(
+            RawStream(sock), client=client, pending=pending, first=cont, back=back
+        )
 
     async def _reserve_body(self, c: _Conn, length: int, budget: int) -> None:
         """Reserve a body's declared length before reading it; while the bodies already
@@ -627,9 +638,10 @@ class HTTPServer:
         client: str | None = None,
         pending: bytes = b"",
         first: Any = None,
+        back: Callable[[], bool] | None = None,
     ) -> None:
         """Serve one connection (``client`` given: one the lane handed back, already admitted,
-        with ``pending`` and ``first``: see :meth:`adopt`)."""
+        with ``pending``, ``first`` and ``back``: see :meth:`adopt`)."""
         lim = self.limits
         adopted = client is not None
         if client is None:
@@ -663,7 +675,7 @@ class HTTPServer:
             if self._nap is not None:  # its head and idle timeouts need the sweeps
                 self._nap.cancel()
             with trio.CancelScope() as c.scope:
-                await self._serve_connection(c, pending, first)
+                await self._serve_connection(c, pending, first, back)
             if c.timeout_status == 504 and c.request is not None and c.responder is not None:
                 if not c.responder.started:  # the connection ends with this answer: say so
                     c.responder.keep_alive = False
@@ -725,7 +737,13 @@ class HTTPServer:
             if quiet.cancelled_caught or not data:
                 return
 
-    async def _serve_connection(self, c: _Conn, pending: bytes = b"", first: Any = None) -> None:
+    async def _serve_connection(
+        self,
+        c: _Conn,
+        pending: bytes = b"",
+        first: Any = None,
+        back: Callable[[], bool] | None = None,
+    ) -> None:
         promote = first is not None
         stream = c.stream
         lim = self.limits
@@ -850,14 +868,15 @@ class HTTPServer:
             answered = True
             lane = self.lane
             if (
-                promote
+                (promote or (back is not None and back()))
                 and lane is not None
                 and conn.state == IDLE
                 and not conn.events
                 and not pending
             ):  # between requests, nothing read ahead: back to the compiled lane
-                # (only a connection the lane handed over mid-request: one whose requests it
-                # does not take stays here, instead of crossing over and back each time)
+                # (only a connection the lane handed over mid-request or for a passing reason:
+                # one whose requests it does not take stays here, instead of crossing over
+                # and back each time)
                 c.handed = True
                 lane.take(stream)
                 return
