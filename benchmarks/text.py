@@ -18,7 +18,12 @@ sim-model tokenizer (`simulators/model_files.py`, built locally, ~1.9k-token voc
    Llama-3's reserved tokens), which is what the split costs;
 5. a shared document and a new question in one user turn (RAG): one stretch, so a whole-stretch
    cache never hits it; with the cache cutting long stretches into chunks (the default) only
-   the chunk holding the question is encoded; side by side with chunking off.
+   the chunk holding the question is encoded; side by side with chunking off;
+6. short turns (session 23): every request's prompt, in order, for chats of short turns, with
+   the cache off, caching only stretches of 1024 characters or more (the default until session
+   23) and caching every stretch (the default now): conversations whose history grows by a
+   user and an assistant turn per request, 8 of them interleaved; a short system turn every
+   request shares and a new user turn; and no sharing at all (the cost of splitting).
 
     .venv/bin/python benchmarks/text.py [--quick]
 
@@ -39,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 from tokenizers import AddedToken, Tokenizer
@@ -251,10 +257,10 @@ async def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         assert cached.encode(prompts[0], add_special_tokens=False) == whole[0]
         cold = time.perf_counter() - t0
-        assert [cached.encode(p, add_special_tokens=False) for p in prompts] == whole
         off = timed(lambda p=prompts[0], t=plain: t.encode(p, add_special_tokens=False), n * 4)
         rest = iter(prompts[1:])  # a new question each time: only the system turn is shared
         warm = timed(lambda t=cached, it=rest: t.encode(next(it), add_special_tokens=False), n * 4)
+        assert [cached.encode(p, add_special_tokens=False) for p in prompts] == whole
         for p in prompts:
             reserved.encode(p, add_special_tokens=False)  # fill its cache
         warm_reserved = timed(
@@ -297,17 +303,82 @@ async def run(args: argparse.Namespace) -> dict:
             assert [cached.encode(p, add_special_tokens=False) for p in prompts] == whole
         row["speedup"] = row["whole_stretches_ms"] / row["chunks_ms"]
         rag_rows.append(row)
+    turns_rows = short_turns(tok, template, folder, n)
     return {
         "rows": rows,
         "hop": hop_rows,
         "prefix": prefix_rows,
         "rag": rag_rows,
+        "short_turns": turns_rows,
         "repeats": n,
         "noise_cores": {
             "median": statistics.median(noise.samples),
             "max": max(noise.samples),
         },
     }
+
+
+SHORT_TURN_CONFIGS = (  # label: ModelTokenizer.load options
+    ("cache_off", {"prefix_cache_chars": 0}),
+    ("min_1024", {"prefix_cache_min_chars": 1024}),
+    ("default", {}),
+)
+
+
+def short_turns(tok: ModelTokenizer, template: ChatTemplate, folder: Path, n: int) -> list[dict]:
+    """Section 6: µs per request's prompt, each workload under each SHORT_TURN_CONFIGS entry
+    (a fresh tokenizer per run: the first requests are cold, as after a start)."""
+    system = {"role": "system", "content": "You are a concise assistant for an engineering team."}
+
+    def render(messages: list[dict]) -> str:
+        return template.render(messages, add_generation_prompt=True)
+
+    seed = iter(range(10_000, 100_000))
+    conversations: list[list[dict]] = [[system] for _ in range(8)]
+    multi_turn = []
+    for _ in range(12):  # 12 rounds of 8 interleaved conversations
+        for history in conversations:
+            history.append({"role": "user", "content": make_text(tok, 50, next(seed))})
+            multi_turn.append(render(history))
+            history.append({"role": "assistant", "content": make_text(tok, 60, next(seed))})
+    shared = [
+        render([system, {"role": "user", "content": make_text(tok, 30, next(seed))}])
+        for _ in range(96)
+    ]
+    unshared = [
+        render(
+            [
+                {"role": "system", "content": make_text(tok, 15, next(seed))},
+                {"role": "user", "content": make_text(tok, 30, next(seed))},
+            ]
+        )
+        for _ in range(96)
+    ]
+    plain = ModelTokenizer.load(folder, prefix_cache_chars=0)
+    rows = []
+    for name, prompts in (
+        ("multi-turn", multi_turn),
+        ("shared system", shared),
+        ("nothing shared", unshared),
+    ):
+        want = [plain.encode(p, add_special_tokens=False) for p in prompts]
+        row: dict[str, Any] = {
+            "workload": name,
+            "prompts": len(prompts),
+            "mean_chars": sum(map(len, prompts)) / len(prompts),
+        }
+        for label, options in SHORT_TURN_CONFIGS:
+            runs = []
+            for _ in range(n):
+                t = ModelTokenizer.load(folder, **options)
+                t0 = time.perf_counter()
+                got = [t.encode(p, add_special_tokens=False) for p in prompts]
+                runs.append((time.perf_counter() - t0) / len(prompts))
+                assert got == want, (name, label)
+            row[f"{label}_us"] = statistics.median(runs) * 1e6
+        row["default_vs_min_1024"] = row["default_us"] / row["min_1024_us"]
+        rows.append(row)
+    return rows
 
 
 def report(res: dict) -> None:
@@ -366,6 +437,18 @@ def report(res: dict) -> None:
         print(
             f"{r['doc_tokens']:>8} {r['prompt_tokens']:>10} {r['chunks_ms']:>10.3f}"
             f" {r['whole_stretches_ms']:>19.3f} {r['speedup']:>5.1f}x"
+        )
+    print()
+    print("segment cache, short turns: µs per request's prompt (every request, cold ones too)")
+    print(
+        f"{'workload':<15} {'prompts':>7} {'chars':>6} {'cache off':>10} {'>=1024 only':>12}"
+        f" {'every stretch':>14} {'ratio':>6}"
+    )
+    for r in res["short_turns"]:
+        print(
+            f"{r['workload']:<15} {r['prompts']:>7} {r['mean_chars']:>6.0f}"
+            f" {r['cache_off_us']:>10.1f} {r['min_1024_us']:>12.1f} {r['default_us']:>14.1f}"
+            f" {r['default_vs_min_1024']:>5.2f}x"
         )
 
 

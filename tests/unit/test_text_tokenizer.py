@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from lmgw.simulators import model_files
 from lmgw.text import ModelTokenizer, TokenIdError, TokenizerLoadError, resolve_model_dir
-from lmgw.text.tokenizer import _CHUNK_PROBES, chunk_cuts
+from lmgw.text.tokenizer import _CHUNK_PROBES, ENTRY_CHARS, chunk_cuts
 
 TEXT = st.lists(
     st.one_of(
@@ -307,7 +307,8 @@ def test_clean_up_tokenization_spaces_like_transformers(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(texts=st.lists(TEXT, min_size=1, max_size=4))
 def test_segment_cache_gives_the_ids_of_a_whole_encode(sim_dir: Path, texts: list[str]) -> None:
-    cached = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=1, prefix_cache_chars=200)
+    budget = 200 + 4 * ENTRY_CHARS  # (a few entries: evictions)
+    cached = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=1, prefix_cache_chars=budget)
     assert cached.prefix_cache_off_reason is None
     plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
     for text in [*texts, *texts]:  # the second round hits what the first one stored
@@ -315,7 +316,8 @@ def test_segment_cache_gives_the_ids_of_a_whole_encode(sim_dir: Path, texts: lis
         assert cached.encode(text, add_special_tokens=False) == want
         assert cached.count_tokens(text, add_special_tokens=False) == len(want)
     stats = cached.prefix_cache_statistics()
-    assert stats is not None and stats.chars <= 200
+    assert stats is not None and stats.chars <= budget
+    assert stats.chars == sum(len(t) + ENTRY_CHARS for t in cached._segments._entries)  # type: ignore[union-attr]
 
 
 @settings(max_examples=60, deadline=None)
@@ -325,7 +327,10 @@ def test_chunked_stretches_give_the_ids_of_a_whole_encode(
 ) -> None:
     """Chunks of a few characters cut the hypothesis texts in many places: still exact."""
     cached = ModelTokenizer.load(
-        sim_dir, prefix_cache_min_chars=1, prefix_cache_chars=400, prefix_cache_chunk_chars=chunk
+        sim_dir,
+        prefix_cache_min_chars=1,
+        prefix_cache_chars=400 + 8 * ENTRY_CHARS,
+        prefix_cache_chunk_chars=chunk,
     )
     assert cached.prefix_cache_chunk_off_reason is None
     plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
@@ -415,22 +420,42 @@ def test_segment_cache_reuses_a_shared_system_turn(sim_dir: Path) -> None:
 
 
 def test_segment_cache_evicts_least_recently_used(sim_dir: Path) -> None:
-    tok = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=10, prefix_cache_chars=100)
-    a, b, c, d, e = (ch * 24 for ch in "abcde")  # 24 chars each; entries over 25 are not kept
+    entry = 24 + ENTRY_CHARS  # what each of a..e counts
+    budget = 4 * entry + 4
+    tok = ModelTokenizer.load(sim_dir, prefix_cache_min_chars=10, prefix_cache_chars=budget)
+    a, b, c, d, e = (ch * 24 for ch in "abcde")
 
     def hits(text: str) -> int:
         tok.encode(f"{text}<|im_end|>", add_special_tokens=False)
         stats = tok.prefix_cache_statistics()
-        assert stats is not None and stats.chars <= 100
+        assert stats is not None and stats.chars <= budget
         return stats.hits
 
-    for text in (a, b, a, c, d):  # 96 chars; b is now the least recently used
+    for text in (a, b, a, c, d):  # four entries; b is now the least recently used
         hits(text)
-    hits(e)  # 120 chars: b goes
-    before = hits("x" * 5)
+    hits(e)  # five: b goes
+    before = hits("x" * 5)  # (under prefix_cache_min_chars: not kept)
     assert hits(a) == before + 1  # a survived
     assert hits(b) == before + 1  # b was evicted: a miss
-    assert hits("f" * 30) == before + 1 and hits("f" * 30) == before + 1  # too big to keep
+    big = "f" * (budget // 4 + 1)
+    assert hits(big) == before + 1 and hits(big) == before + 1  # too big to keep
+
+
+def test_many_tiny_stretches_stay_within_the_budget(sim_dir: Path) -> None:
+    """Every stretch is cached by default, a newline between two turns too: each counts
+    its Python objects (ENTRY_CHARS), so thousands of distinct tiny ones are evicted in
+    time rather than growing the memory far past the budget's characters."""
+    budget = 50 * ENTRY_CHARS
+    tok = ModelTokenizer.load(sim_dir, prefix_cache_chars=budget)
+    plain = ModelTokenizer.load(sim_dir, prefix_cache_chars=0)
+    for i in range(2000):
+        text = f"{i}<|im_end|>\n<|im_start|>{i % 7}"
+        assert tok.encode(text, add_special_tokens=False) == plain.encode(
+            text, add_special_tokens=False
+        )
+    stats = tok.prefix_cache_statistics()
+    assert stats is not None and stats.chars <= budget and stats.entries <= 50
+    assert stats.hits >= 1999  # the newline, and the digits 0-6 after their first time
 
 
 def test_segment_cache_stays_off_where_it_could_be_wrong() -> None:
