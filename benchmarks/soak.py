@@ -11,7 +11,9 @@ a second. This drives one ``lmgw serve`` process for ``--minutes``:
   p/d, SGLang's bootstrap rooms: both legs at once);
 * ``--clients`` keep-alive clients in closed loops, each request drawn from a mix: chat (plain,
   streamed with usage, with an image through the encoder, a forced tool call), completions
-  with ``n = 2``, streams the client drops after two events, bad JSON, an unknown model;
+  with ``n = 2``, streams the client drops after two events, bad JSON, an unknown model, a
+  ``GET /v1/models`` (on the same connections: each of these last three hands the connection
+  from the compiled lane to the server and back);
 * a chaos task that, every ``--fault-every`` seconds, gives one random worker one fault for
   ``--fault-for`` seconds: errors on half its requests, a connection dropped mid-answer,
   answers that never come, stalls, 503s for everything, a flapping ``/health``, 5x slower.
@@ -190,6 +192,8 @@ def make_request(kind: str, rng: random.Random) -> tuple[str, bytes]:
         return "/v1/chat/completions", b'{"model": "' + PD.encode() + b'", "messages": ['
     elif kind == "unknown_model":
         body = chat("no-such-model", "hi", max_tokens=4)
+    elif kind == "models":
+        return "/v1/models", b""  # (a GET)
     else:
         raise ValueError(kind)
     return "/v1/chat/completions", json.dumps(body).encode()
@@ -198,7 +202,7 @@ def make_request(kind: str, rng: random.Random) -> tuple[str, bytes]:
 #: kind -> weight in the mix
 MIX = {
     "chat": 4, "stream": 4, "image": 2, "tool": 1, "completions": 2, "dropped": 1,
-    "bad_json": 1, "unknown_model": 1,
+    "bad_json": 1, "unknown_model": 1, "models": 1,
 }  # fmt: skip
 
 
@@ -260,12 +264,16 @@ class Client:
             self.stream = await trio.open_tcp_stream(self.host, self.port)
             self.conn = h11.Connection(h11.CLIENT)
             self.served, self.last = 0, ""
-        headers = [("host", self.host), ("content-type", "application/json"),
-                   ("content-length", str(len(body)))]  # fmt: skip
+        method = "POST" if body else "GET"
+        headers = [("host", self.host)]
+        if body:
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
         if self.key is not None:
             headers.append(("authorization", f"Bearer {self.key}"))
-        out = self.conn.send(h11.Request(method="POST", target=path, headers=headers))
-        out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
+        out = self.conn.send(h11.Request(method=method, target=path, headers=headers))
+        if body:
+            out += self.conn.send(h11.Data(data=body))
+        out += self.conn.send(h11.EndOfMessage())
         await self.stream.send_all(out)
         status, data = 0, bytearray()
         while True:
