@@ -105,7 +105,14 @@ def log(*parts: object) -> None:
     print(f"[zmq_vs_http {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 
 
-def write_bodies(path: Path, *, stream: bool, n: int = 64) -> None:
+BODIES = 50_000
+"""Distinct bodies wrk cycles through: a shared system turn and a user turn new to the gateway
+(more than a run sends), as real traffic has. With the 64 of sessions before 23, the tokenizer's
+segment cache, which now keeps short stretches too, would have held every prompt: ``zmq`` and
+``http`` would have paid no tokenizing at all."""
+
+
+def write_bodies(path: Path, *, stream: bool, n: int = BODIES) -> None:
     with open(path, "w") as f:
         for i in range(n):
             body = oh.chat_body(i, stream=stream)
