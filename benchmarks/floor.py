@@ -30,6 +30,12 @@ this script runs, against the same two workers and the same wrk load,
 * ``lmgw-capped`` and ``lmgw-capped-trio``: ``lmgw`` and ``lmgw-trio`` with
   ``limits.max_concurrent_requests = 16`` under the 64 connections: the admission queue holds
   most requests (the server's), and every one that waited is a crossing to trio and back,
+* ``lmgw-ca-chat`` and ``lmgw-ca-tok-chat``: ``routing.policy = "cache_aware"`` on
+  multi-turn chats (``CHAT_BODIES`` requests of routing.py's chat workload: a short shared
+  system turn, then each conversation's history and a new ~120-word user turn), keyed by text,
+  and by token ids (``models[].tokenizer``: the sim model's; the gateway renders the chat
+  template and tokenizes every request, which its segment cache makes cheap for the turns
+  seen before),
 
 each a fresh process alone on the second CPU (wrk, the workers and this script on the first),
 alternating order over rounds, and reports requests/s, CPU µs per request (all threads,
@@ -57,6 +63,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -76,13 +83,16 @@ MOCK_PYTHON = [sys.executable]
 SYSTEMS = (
     "relay", "featured", "lmgw", "lmgw-twin", "lmgw-trio", "lmgw-general", "lmgw-keys",
     "lmgw-keys-trio", "lmgw-ca", "lmgw-ca-trio", "lmgw-alias", "lmgw-alias-trio",
-    "lmgw-probed", "lmgw-probed-trio", "lmgw-capped", "lmgw-capped-trio",
+    "lmgw-probed", "lmgw-probed-trio", "lmgw-capped", "lmgw-capped-trio", "lmgw-ca-chat",
+    "lmgw-ca-tok-chat",
 )  # fmt: skip
 KEY = "sk-floor-0123456789abcdef0123456789abcdef"
 _KEYS = f'[[auth.keys]]\nkey = "{KEY}"\n'
 KEYED = ("lmgw-keys", "lmgw-keys-trio")
 ALIAS = "floor-alias"
 PROBED = ("lmgw-probed", "lmgw-probed-trio")
+CHATS = ("lmgw-ca-chat", "lmgw-ca-tok-chat")
+CHAT_BODIES = 5000
 PROBE_EVERY = 50
 CAPPED = 16
 ALIASED = ("lmgw-alias", "lmgw-alias-trio")
@@ -116,6 +126,27 @@ CONFIGS["lmgw-probed-trio"] = "[server]\ncompiled_lane = false\n"
 _CAPPED = f"[limits]\nmax_concurrent_requests = {CAPPED}\n"
 CONFIGS["lmgw-capped"] = _CAPPED
 CONFIGS["lmgw-capped-trio"] = "[server]\ncompiled_lane = false\n" + _CAPPED
+CONFIGS["lmgw-ca-chat"] = CONFIGS["lmgw-ca"]
+
+
+def chat_bodies() -> Path:
+    """``CHAT_BODIES`` requests of routing.py's chat workload (its conversations in turn,
+    each answered with the same few words), for :data:`CHATS`."""
+    spec = importlib.util.spec_from_file_location("lmgw_bench_routing", HERE / "routing.py")
+    assert spec is not None and spec.loader is not None
+    routing = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = routing  # (its dataclasses look their module up)
+    spec.loader.exec_module(routing)
+    workload = routing.make_workload("chat", 2, 7)
+    rng = random.Random(3)
+    path = LOG_DIR / "bodies-chat.jsonl"
+    with open(path, "w") as f:
+        for _ in range(CHAT_BODIES):
+            item = workload.next(rng)
+            body = routing.request_body(item) | {"model": oh.MODEL, "max_tokens": 4}
+            f.write(json.dumps(body, separators=(",", ":")) + "\n")
+            workload.finish(item, "an answer of a few words " * 8)
+    return path
 
 
 def log(*parts: object) -> None:
@@ -189,6 +220,8 @@ def measure(children: Any, ctx: dict[str, Any], name: str) -> dict[str, Any]:
             bodies = ctx["bodies_alias"]
         elif name in PROBED:
             bodies = ctx["bodies_probed"]
+        elif name in CHATS:
+            bodies = ctx["bodies_chat"]
         return wrk_cpu(children, ctx, name, proc, port, bodies)
     finally:
         children.stop(proc)
@@ -325,6 +358,14 @@ def main() -> int:
         ctx["lua_keys"] = LOG_DIR / "wrk_bodies_keys.lua"
         ctx |= {"bodies": bodies, "bodies_alias": aliased, "duration": duration}
         ctx |= {"bodies_probed": probed, "lua_probed": LOG_DIR / "wrk_bodies_probed.lua"}
+        if set(systems) & set(CHATS):
+            ctx["bodies_chat"] = chat_bodies()
+            from lmgw.simulators import model_files
+
+            CONFIGS["lmgw-ca-tok-chat"] = CONFIGS["lmgw-ca"] + (
+                f'[[models]]\nname = "{oh.MODEL}"\ntokenizer = "{model_files.default_model_dir()}"'
+                "\nmax_model_len = 32768\n"
+            )
         for i in range(rounds):
             order = systems if i % 2 == 0 else systems[::-1]
             for name in order:
@@ -348,6 +389,7 @@ def main() -> int:
     alias = paired(runs, "lmgw-alias", "lmgw-alias-trio")
     alias_cost = paired(runs, "lmgw-alias", "lmgw")
     probed_pairs = paired(runs, "lmgw-probed", "lmgw-probed-trio")
+    tok_pairs = paired(runs, "lmgw-ca-tok-chat", "lmgw-ca-chat")
     capped_pairs = paired(runs, "lmgw-capped", "lmgw-capped-trio")
     print(f"c={CONNS}, small non-streamed chat, {rounds} round(s) of {duration} s, medians")
     print(f"{'system':<14} {'req/s':>9} {'CPU µs/req':>11}")
@@ -365,6 +407,7 @@ def main() -> int:
         ("lmgw-alias / lmgw (a model alias in the lane / the model's name)", alias_cost),
         (f"lmgw-probed / lmgw-probed-trio (a GET in {PROBE_EVERY}: lane / trio)", probed_pairs),
         (f"lmgw-capped / lmgw-capped-trio ({CAPPED} at once: lane / trio)", capped_pairs),
+        ("lmgw-ca-tok-chat / lmgw-ca-chat (multi-turn, cache_aware: tokens / text)", tok_pairs),
     ):
         if pairs:
             print(f"{label}: x{statistics.median(pairs):.2f} (paired per round)")
