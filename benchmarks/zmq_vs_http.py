@@ -708,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lua = LOG_DIR / "wrk_bodies.lua"
     lua.write_text(oh.WRK_LUA)
     bodies = {"small": LOG_DIR / "bodies_small.jsonl", "stream": LOG_DIR / "bodies_stream.jsonl"}
-    oh.write_bodies(bodies["small"], stream=False)
+    write_bodies(bodies["small"], stream=False)
     write_bodies(bodies["stream"], stream=True)
     started = time.perf_counter()
     try:
