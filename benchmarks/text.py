@@ -23,7 +23,11 @@ sim-model tokenizer (`simulators/model_files.py`, built locally, ~1.9k-token voc
    the cache off, caching only stretches of 1024 characters or more (the default until session
    23) and caching every stretch (the default now): conversations whose history grows by a
    user and an assistant turn per request, 8 of them interleaved; a short system turn every
-   request shares and a new user turn; and no sharing at all (the cost of splitting).
+   request shares and a new user turn; and no sharing at all (the cost of splitting);
+7. rendering the chat template (session 23): µs per request's render for the same multi-turn
+   chats and a short shared system turn, with lmgw's sandbox (a plain dict's ``message.role``
+   looked up as an item at once) and with jinja's own ``getattr`` (the attribute first, an
+   AttributeError caught, then the item), alternating, the same text from both.
 
     .venv/bin/python benchmarks/text.py [--quick]
 
@@ -304,12 +308,14 @@ async def run(args: argparse.Namespace) -> dict:
         row["speedup"] = row["whole_stretches_ms"] / row["chunks_ms"]
         rag_rows.append(row)
     turns_rows = short_turns(tok, template, folder, n)
+    render_rows = renders(tok, template, n)
     return {
         "rows": rows,
         "hop": hop_rows,
         "prefix": prefix_rows,
         "rag": rag_rows,
         "short_turns": turns_rows,
+        "render": render_rows,
         "repeats": n,
         "noise_cores": {
             "median": statistics.median(noise.samples),
@@ -377,6 +383,48 @@ def short_turns(tok: ModelTokenizer, template: ChatTemplate, folder: Path, n: in
                 assert got == want, (name, label)
             row[f"{label}_us"] = statistics.median(runs) * 1e6
         row["default_vs_min_1024"] = row["default_us"] / row["min_1024_us"]
+        rows.append(row)
+    return rows
+
+
+def renders(tok: ModelTokenizer, template: ChatTemplate, n: int) -> list[dict]:
+    """Section 7: µs per render, lmgw's sandbox vs jinja's getattr, alternating."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from lmgw.text import chat_template
+
+    sandbox = chat_template._Sandbox
+    fast = sandbox.getattr
+    system = {"role": "system", "content": "You are a concise assistant for an engineering team."}
+    seed = iter(range(200_000, 300_000))
+    multi_turn: list[list[dict]] = []
+    history = [system]
+    for turn in range(8 * 12):
+        if turn % 12 == 0:
+            history = [system]
+        history = [*history, {"role": "user", "content": make_text(tok, 50, next(seed))}]
+        multi_turn.append(history)
+        history = [*history, {"role": "assistant", "content": make_text(tok, 60, next(seed))}]
+    shared = [[system, {"role": "user", "content": make_text(tok, 30, next(seed))}]] * 96
+    rows = []
+    for name, conversations in (("multi-turn", multi_turn), ("shared system", shared)):
+        mean_messages = statistics.mean(map(len, conversations))
+        row: dict[str, Any] = {"workload": name, "messages": mean_messages}
+        texts = {}
+        for label, getattr_ in (("jinja", ImmutableSandboxedEnvironment.getattr), ("lmgw", fast)):
+            sandbox.getattr = getattr_  # type: ignore[method-assign]
+            try:
+                runs = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    out = [template.render(c, add_generation_prompt=True) for c in conversations]
+                    runs.append((time.perf_counter() - t0) / len(conversations))
+                texts[label] = out
+            finally:
+                sandbox.getattr = fast  # type: ignore[method-assign]
+            row[f"{label}_us"] = statistics.median(runs) * 1e6
+        assert texts["jinja"] == texts["lmgw"], name
+        row["ratio"] = row["lmgw_us"] / row["jinja_us"]
         rows.append(row)
     return rows
 
@@ -449,6 +497,14 @@ def report(res: dict) -> None:
             f"{r['workload']:<15} {r['prompts']:>7} {r['mean_chars']:>6.0f}"
             f" {r['cache_off_us']:>10.1f} {r['min_1024_us']:>12.1f} {r['default_us']:>14.1f}"
             f" {r['default_vs_min_1024']:>5.2f}x"
+        )
+    print()
+    print("chat template render: µs per request, jinja's getattr vs lmgw's sandbox")
+    print(f"{'workload':<15} {'messages':>8} {'jinja':>8} {'lmgw':>8} {'ratio':>6}")
+    for r in res["render"]:
+        print(
+            f"{r['workload']:<15} {r['messages']:>8.1f} {r['jinja_us']:>8.1f}"
+            f" {r['lmgw_us']:>8.1f} {r['ratio']:>5.2f}x"
         )
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmgw.simulators import model_files
 from lmgw.text import (
@@ -451,3 +454,32 @@ def test_tools_are_dumped_like_vllms_models() -> None:
     assert tpl.render([user("")], tools=[{"type": "function", "function": {"name": "f"}}]) == (
         '{"name": "f", "description": null, "parameters": null, "strict": null}'
     )
+
+
+_NAMES = ["role", "content", "items", "get", "keys", "update", "__class__", "__len__", "missing"]
+
+
+@given(
+    message=st.dictionaries(st.sampled_from(_NAMES), st.one_of(st.none(), st.text(max_size=4),
+                                                                st.integers())),
+    name=st.sampled_from(_NAMES),
+    wrap=st.booleans(),
+)  # fmt: skip
+def test_the_sandboxs_fast_dict_lookup_renders_as_jinjas_own(
+    message: dict[str, Any], name: str, wrap: bool
+) -> None:
+    """``message.name`` on a plain dict (the fast path), on a dict subclass and inside a list:
+    defined or not, callable or not, and the value, as jinja's own sandbox gives them."""
+    source = (
+        "{% set m = ms[0] if wrap else m %}{{ m.NAME is defined }}|{{ m.NAME is callable }}|"
+        "{% if m.NAME is defined and m.NAME is not callable %}{{ m.NAME }}{% endif %}|"
+        "{{ m['NAME'] is defined }}"
+    ).replace("NAME", name)
+
+    class Sub(dict):  # (not the fast path)
+        pass
+
+    for value in (message, Sub(message)):
+        ours = make_environment().from_string(source).render(m=value, ms=[value], wrap=wrap)
+        theirs = ImmutableSandboxedEnvironment().from_string(source)
+        assert ours == theirs.render(m=value, ms=[value], wrap=wrap)

@@ -182,9 +182,30 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with a faster ``message.role``.
+
+    Jinja's ``obj.name`` tries the attribute first and the item after it. On a message (a plain
+    dict), every ``message.role`` or ``message.content`` raised and caught an AttributeError
+    first: a quarter of rendering a chat (routing.py's multi-turn chats: 85 -> 63 µs per
+    request). A plain dict's attributes are its type's, so a name that is not one of them goes
+    straight to the item, as the sandbox would after the failed attribute."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 def make_environment() -> ImmutableSandboxedEnvironment:
     """The sandbox chat templates run in, with transformers' globals, filters and extensions."""
-    env = ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationExtension, jinja2.ext.loopcontrols],
