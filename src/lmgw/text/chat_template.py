@@ -290,8 +290,12 @@ def _plain(value: Any) -> Any:
     """A fresh copy built from JSON types only (transformers does the same before rendering):
     objects with methods never reach the sandbox, and edits never touch the caller's data."""
     kind = type(value)
-    if value is None or kind is str or kind is int or kind is float or kind is bool:
+    if kind is str or value is None or kind is int or kind is float or kind is bool:
         return value
+    if kind is dict:  # (JSON's own types first: the ABC checks below cost more than the copy)
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -888,7 +892,7 @@ class ChatTemplate:
         for i, message in enumerate(conversation):
             if not isinstance(message, Mapping):
                 raise ChatTemplateError(f"messages[{i}] must be an object")
-            plain = _plain({k: v for k, v in message.items() if v is not None})
+            plain = {_plain(k): _plain(v) for k, v in message.items() if v is not None}
             chat.append(_alias_reasoning(plain))
         final_text: str | None = None
         if continue_final_message:
