@@ -418,6 +418,27 @@ async def test_a_get_between_chats_leaves_the_connection_in_the_lane(
     assert relay.clients == 1
 
 
+async def test_the_openai_client_lists_the_models_then_chats_in_the_lane(
+    gateway: GatewayFactory,
+) -> None:
+    """``models.list()`` and then chats on the openai client's pooled connection: the list is
+    the server's, the chats after it the lane's."""
+    gw = await gateway(1)
+    relay = gw.gateway.server.lane.relay
+
+    def run() -> list[str]:
+        client = client_for(gw)
+        ids = [m.id for m in client.models.list()]
+        for _ in range(3):
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
+        return ids
+
+    assert await in_thread(run) == [MODEL]
+    assert relay.demoted == 1 and relay.served == 3 and relay.clients == 1
+
+
 async def test_a_client_of_another_post_route_stays_on_the_server(
     gateway: GatewayFactory,
 ) -> None:
