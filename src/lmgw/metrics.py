@@ -291,6 +291,12 @@ class Metrics:
             "Client connections the compiled lane handed to the trio server: a request it"
             " does not take, or one of its own to finish there (a failure, an error answer).",
         )
+        self.lane_returns = Counter(
+            "lmgw_lane_returns_total",
+            "Client connections the trio server gave back to the compiled lane between"
+            " requests: after a request the lane handed over mid-way, or for a passing reason"
+            " (an error, a key's rate limit, a long prompt, a GET, a queue that emptied).",
+        )
         self.lane_declined = Counter(
             "lmgw_lane_declined_total",
             "Requests the compiled lane left to the trio server, by reason: stream, not_plain"
@@ -333,7 +339,7 @@ class Metrics:
             self.tokenizer_parity, self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,
-            self.lane_handovers,
+            self.lane_handovers, self.lane_returns,
             self.lane_declined, self.lane_connections, self.disconnects, self.keepalives,
             self.in_flight,
             self.healthy,

@@ -416,6 +416,9 @@ async def test_a_get_between_chats_leaves_the_connection_in_the_lane(
             assert (await c.ask(CHAT)).status == 200
         assert relay.served == 2 * (round_ + 1) and relay.demoted == round_ + 1
     assert relay.clients == 1
+    text = await gw.metrics()  # (its own GET: the server's, the connection given back after)
+    assert metric_value(text, "lmgw_lane_returns_total") == 2
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="other_route"}') == 3
 
 
 async def test_the_openai_client_lists_the_models_then_chats_in_the_lane(

@@ -75,6 +75,8 @@ class Lane:
         #: host names to look up for the lane (LaneApp.resolve), and those it reaches
         self._lookups, self._pending = trio.open_memory_channel[Any](math.inf)
         self._named: list[Any] = []
+        #: connections the server gave back between requests (lmgw_lane_returns_total)
+        self.returned = 0
 
     @property
     def clients(self) -> int:
@@ -86,6 +88,7 @@ class Lane:
         metrics.lane_answers.collect = lambda: [((), float(relay.served))]
         metrics.lane_streams.collect = lambda: [((), float(relay.streamed))]
         metrics.lane_handovers.collect = lambda: [((), float(relay.demoted))]
+        metrics.lane_returns.collect = lambda: [((), float(self.returned))]
         declined = self.app.declined
         metrics.lane_declined.collect = lambda: [((r,), float(n)) for r, n in declined.items()]
         metrics.lane_connections.collect = lambda: [
@@ -93,10 +96,12 @@ class Lane:
             (("upstream",), float(relay.upstreams)),
         ]
 
-    def take(self, stream: RawStream, client: str | None = None) -> None:
+    def take(self, stream: RawStream, client: str | None = None, *, back: bool = False) -> None:
         """Serve the accepted connection ``stream`` (from ``client``, "host:port", else its
         peer's) in the lane from now on (closed, and counted closed, when the lane cannot
-        hold it)."""
+        hold it); ``back``: one the server gives back (lmgw_lane_returns_total)."""
+        if back:
+            self.returned += 1
         if client is None:
             client = peer_of(stream)
         fd = stream.socket.detach()

@@ -878,7 +878,7 @@ class HTTPServer:
                 # one whose requests it does not take stays here, instead of crossing over
                 # and back each time)
                 c.handed = True
-                lane.take(stream)
+                lane.take(stream, back=True)
                 return
 
     async def _upgrade(self, c: _Conn, req: UpgradeRequest) -> None:
