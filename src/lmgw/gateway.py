@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -234,6 +234,7 @@ class Gateway:
 
             self.texts = load_model_texts(config.models)
             self.pipeline.native.texts = self.texts
+            self._segment_metrics()
             self.parity = ParityChecker(
                 self.registry, self.pool, self.texts, self.metrics.tokenizer_parity
             )
@@ -512,6 +513,26 @@ class Gateway:
         if managed.base is not None:
             return managed.base
         return next(iter(self.texts)) if len(self.texts) == 1 else model
+
+    def _segment_metrics(self) -> None:
+        """The tokenizers' segment caches, read at scrape time (``lmgw_tokenizer_segment_*``)."""
+        texts, m = self.texts, self.metrics
+
+        def samples(field: str) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+            def collect() -> list[tuple[tuple[str, ...], float]]:
+                out = []
+                for name, text in texts.items():
+                    stats = text.tokenizer.prefix_cache_statistics()
+                    if stats is not None:
+                        out.append(((name,), float(getattr(stats, field))))
+                return out
+
+            return collect
+
+        m.segment_hits.collect = samples("hits")
+        m.segment_misses.collect = samples("misses")
+        m.segment_hit_tokens.collect = samples("hit_tokens")
+        m.segment_chars.collect = samples("chars")
 
     def text_for(self, model: str) -> ModelText | None:
         """The tokenizer and chat template of ``model`` (an adapter's: its base model's)."""

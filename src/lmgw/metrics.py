@@ -233,6 +233,28 @@ class Metrics:
             " 0 when they differ (token-level routing then falls back to byte keys).",
             ("model", "worker"),
         )
+        self.segment_hits = Counter(
+            "lmgw_tokenizer_segment_cache_hits_total",
+            "Stretches of chat prompts (the text between two added tokens) whose token ids the"
+            " gateway's tokenizer found in its segment cache instead of encoding them.",
+            ("model",),
+        )
+        self.segment_misses = Counter(
+            "lmgw_tokenizer_segment_cache_misses_total",
+            "Stretches of chat prompts the gateway's tokenizer encoded (and cached).",
+            ("model",),
+        )
+        self.segment_hit_tokens = Counter(
+            "lmgw_tokenizer_segment_cache_hit_tokens_total",
+            "Token ids the segment cache gave without encoding.",
+            ("model",),
+        )
+        self.segment_chars = Gauge(
+            "lmgw_tokenizer_segment_cache_chars",
+            "What the segment cache holds, in characters (its budget's unit: each entry counts"
+            " its own and 200 for its objects).",
+            ("model",),
+        )
         self.routing_predicted = Counter(
             "lmgw_routing_predicted_cached_tokens_total",
             "Prompt tokens the routing policy expected the chosen worker to have cached.",
@@ -336,7 +358,9 @@ class Metrics:
             self.migrations,
             self.pd_splits, self.pd_split_pairs, self.pd_local_prefill,
             self.placements, self.placement_speed, self.placement_queued,
-            self.tokenizer_parity, self.routing_predicted, self.routing_reported,
+            self.tokenizer_parity, self.segment_hits, self.segment_misses,
+            self.segment_hit_tokens, self.segment_chars,
+            self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,
             self.lane_handovers, self.lane_returns,

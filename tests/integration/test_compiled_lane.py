@@ -372,6 +372,20 @@ async def test_cache_aware_on_token_ids_in_the_lane(nursery: trio.Nursery, sim_w
     assert len(set(chosen)) == 1, chosen  # the prompt's holder, every time
     assert all(n > 0 for n in cached[1:]), cached
     assert relay.served == 2 and relay.streamed == 2 and relay.demoted == 0
+    # the segment cache: the system turn and the short stretches around the turns (the
+    # template's newlines, "assistant\n") hit from the second request on
+    text = (await http_request(gw.url, "GET", "/metrics")).body.decode()
+    hits = metric_value(text, f'lmgw_tokenizer_segment_cache_hits_total{{model="{MODEL}"}}', None)
+    misses = metric_value(
+        text, f'lmgw_tokenizer_segment_cache_misses_total{{model="{MODEL}"}}', None
+    )
+    stats = gw.texts[MODEL].tokenizer.prefix_cache_statistics()
+    assert stats is not None and (hits, misses) == (stats.hits, stats.misses)
+    assert hits >= 3 * 2 and misses >= 4  # (each new user turn is a miss)
+    hit_tokens = f'lmgw_tokenizer_segment_cache_hit_tokens_total{{model="{MODEL}"}}'
+    assert metric_value(text, hit_tokens) >= 3 * 40 * 5
+    chars = metric_value(text, f'lmgw_tokenizer_segment_cache_chars{{model="{MODEL}"}}')
+    assert chars == stats.chars > len(system["content"])
 
 
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
