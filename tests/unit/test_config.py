@@ -327,6 +327,11 @@ BAD = [
         "collides with `models[0].aliases[0]`",
     ),
     ("[[models]]\nname = 'a'\nextra = 1", "models[0]", "unknown key `extra`"),
+    (
+        "[[models]]\nname = 'a'\ntokenizer_cache_chars = -1",
+        "models[0].tokenizer_cache_chars",
+        ">= 0",
+    ),
     ("models = 'a'", "models", "expected an array"),
     ("[[workers]]\nrole = 'pd'", "workers[0]", "missing required key `url`"),
     (W + "[[workers]]\nurl = 'http://h:2'\nrole = 'x'", "workers[1].role", "'x' is not a role"),

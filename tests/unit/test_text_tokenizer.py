@@ -505,3 +505,22 @@ def test_generation_config_defaults(sim_dir: Path, tmp_path: Path) -> None:
     assert tok.eos_token_ids == (7, tok.eos_token_id)
     assert tok.generation_max_tokens == 4096
     assert tok.generation_config["max_length"] == 4096
+
+
+def test_models_tokenizer_cache_chars_sizes_the_segment_cache(sim_dir: Path) -> None:
+    from lmgw.config import ModelConfig
+    from lmgw.text.service import load_model_texts
+
+    texts = load_model_texts(
+        [
+            ModelConfig(name="small", tokenizer=str(sim_dir), tokenizer_cache_chars=ENTRY_CHARS),
+            ModelConfig(name="off", tokenizer=str(sim_dir), tokenizer_cache_chars=0),
+        ]
+    )
+    small, off = texts["small"].tokenizer, texts["off"].tokenizer
+    for text in ("<|im_start|>a<|im_end|>b", "<|im_start|>c<|im_end|>d"):
+        small.encode(text, add_special_tokens=False)
+    stats = small.prefix_cache_statistics()
+    assert stats is not None and stats.chars <= ENTRY_CHARS and stats.entries <= 1
+    assert off.prefix_cache_statistics() is None
+    assert "disabled" in (off.prefix_cache_off_reason or "")

@@ -299,7 +299,11 @@ def load_model_texts(models: Sequence[Any]) -> dict[str, ModelText]:
         if m.tokenizer is None:
             continue
         try:
-            tok = ModelTokenizer.load(m.tokenizer, max_model_len=m.max_model_len)
+            tok = ModelTokenizer.load(
+                m.tokenizer,
+                max_model_len=m.max_model_len,
+                prefix_cache_chars=m.tokenizer_cache_chars,
+            )
             try:
                 template: ChatTemplate | None = ChatTemplate.load(
                     m.tokenizer,
