@@ -103,6 +103,10 @@ async def test_cap_queue_and_429s(gateway: GatewayFactory) -> None:
     assert metric_value(metrics, 'lmgw_admission_rejected_total{reason="queue_timeout"}') == 0
     assert metric_value(metrics, "lmgw_requests_in_flight") == 0
     assert metric_value(metrics, "lmgw_admission_queue_depth") == 0
+    # plain requests take the express lane after their wait too (the general path cost a
+    # standing queue's requests more), and the wait is observed once each
+    assert metric_value(metrics, "lmgw_express_requests_total") == 4
+    assert metric_value(metrics, "lmgw_queue_time_seconds_count") == 4
 
 
 async def test_queue_timeout_is_a_429(gateway: GatewayFactory) -> None:
