@@ -129,6 +129,7 @@ cdef enum:
 
 cdef Py_ssize_t PIPELINE_CAP = 1 << 20  # client bytes read ahead while a request is upstream
 cdef Py_ssize_t RESPONSE_HEAD_CAP = 1 << 16
+cdef int PARK = _twin.PARK  # a plan's slot that parks the request (Relay.resume)
 cdef Py_ssize_t STREAM_HIGH = _twin.STREAM_HIGH  # untaken stream bytes before the worker waits
 cdef Py_ssize_t BURST_EVENTS = _twin.BURST_EVENTS  # events in one read that make it a burst
 cdef double BURST_WAIT_S = _twin.BURST_WAIT_S  # how long a burst on a busy loop is not read
@@ -464,6 +465,7 @@ cdef class Relay:
     cdef bint _busy  # this pass has more than one ready connection
     cdef list _paused  # (fd, gen, until): streams not read for a moment (burst pacing)
     cdef list _closed_idents  # the idents of the client connections closed since take_closed
+    cdef dict _parked  # token -> client fd: requests parked (PARK)
 
     def __cinit__(self):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -477,6 +479,7 @@ cdef class Relay:
         self._closed_idents = []
         self._busy = False
         self._paused = []
+        self._parked = {}
 
     def __init__(self, on_request, on_answer, on_handoff, on_failure, on_timeout, on_abandon,
                  on_demote, *, on_stream=None, on_first=None, on_stream_end=None,
@@ -949,12 +952,8 @@ cdef class Relay:
         """``plan``: (slot, payload, token, deadline, response deadline[, stream[, beats[,
         side]]]) from on_request (or on_answer: the next leg)."""
         cdef int slot = plan[0]
-        cdef bytes payload = plan[1]
         cdef object token = plan[2]
         cdef object stream = plan[5] if len(plan) > 5 else None
-        cdef object side = plan[7] if len(plan) > 7 else None
-        cdef int ufd
-        cdef Conn* u
         if len(plan) > 6 and plan[6] and self.beat_s > 0:
             if not c.beat_at:  # (a next leg keeps the beat's rhythm)
                 c.beat_at = now + self.beat_s
@@ -970,6 +969,20 @@ cdef class Relay:
         c.state = C_WAIT
         c.since = now
         self.in_flight += 1
+        if slot == PARK:
+            self._parked[token] = fd
+            return
+        self._launch(fd, plan, now)
+
+    cdef void _launch(self, int fd, tuple plan, double now):
+        """The upstream leg of ``plan`` for the client ``fd`` in C_WAIT (and its side leg)."""
+        cdef int slot = plan[0]
+        cdef bytes payload = plan[1]
+        cdef object token = plan[2]
+        cdef object side = plan[7] if len(plan) > 7 else None
+        cdef int ufd
+        cdef Conn* u
+        cdef Conn* c
         if side is not None and self._side_start(fd, <tuple>side, token, now) < 0:
             return  # the side leg's failure ended the request
         ufd = self._checkout(slot, now)
@@ -1064,12 +1077,67 @@ cdef class Relay:
             c.rbuf = NULL
             c.rcap = 0
 
+    cdef int _parked_fd(self, object token):
+        """The client fd of the request ``token`` parked (unparked now), or -1."""
+        cdef int fd = self._parked.pop(token, -1)
+        cdef Conn* c
+        if fd < 0 or fd >= self.nconns:
+            return -1
+        c = &self.conns[fd]
+        if c.kind != CLIENT or c.token != <PyObject*>token or c.state != C_WAIT or c.peer >= 0:
+            return -1
+        return fd
+
+    def resume(self, token, tuple plan, double now):
+        """See `relay_py.Relay.resume`."""
+        cdef int fd = self._parked_fd(token)
+        cdef Conn* c
+        cdef object stream
+        if fd < 0:
+            return False
+        c = &self.conns[fd]
+        stream = plan[5] if len(plan) > 5 else None
+        Py_XDECREF(c.stream)
+        c.stream = NULL
+        if stream is not None:
+            Py_INCREF(stream)
+            c.stream = <PyObject*>stream
+        if len(plan) > 6 and plan[6] and self.beat_s > 0:
+            c.beat_at = now + self.beat_s
+        else:
+            c.beat_at = 0
+        c.deadline = plan[3]
+        c.resp_deadline = plan[4]
+        self._launch(fd, plan, now)
+        return True
+
+    def reply(self, token, bytes answer, bint keep, double now):
+        """See `relay_py.Relay.reply`."""
+        cdef int fd = self._parked_fd(token)
+        if fd < 0:
+            return False
+        self._finish(fd)
+        self._answer(fd, answer, keep, now)
+        return True
+
+    def hand(self, token, cont):
+        """See `relay_py.Relay.hand`."""
+        cdef int fd = self._parked_fd(token)
+        if fd < 0:
+            return False
+        self._finish(fd)
+        self.conns[fd].state = C_IDLE
+        self._demote(fd, cont)
+        return True
+
     cdef object _finish(self, int fd):
         """Unlink the client's exchange; its token (the caller's reference)."""
         cdef Conn* c = &self.conns[fd]
         cdef object token = <object>c.token
         Py_DECREF(token)  # the reference held by ``token`` here stays
         c.token = NULL
+        if self._parked:
+            self._parked.pop(token, None)
         Py_XDECREF(c.stream)
         c.stream = NULL
         c.peer = -1

@@ -55,6 +55,13 @@ on by itself, its connection back to its slot after). While the request is in fl
 ``on_side`` that returns True ends it: ``on_failure`` (or ``on_broken`` mid-stream) with kind
 SIDE.
 
+Parked requests (a plan whose slot is ``PARK``): the request waits with no upstream leg (in
+the gateway's admission queue) and its deadlines run; Python then calls one of
+:meth:`Relay.resume` (a plan: the request goes on as if that plan had come first),
+:meth:`Relay.reply` (a whole answer: the request ends) or :meth:`Relay.hand` (a continuation:
+the connection is handed over with it). Each returns False when the request ended meanwhile
+(its deadline, ``on_timeout``; the client gone, ``on_abandon``).
+
 SSE keep-alive comments (``beat_s`` > 0, and a plan whose seventh item is true: a streamed
 request, on any of its legs): every ``beat_s`` until the stream's first event, ``on_beat(token)
 -> bytes | None`` gives what to write, the client's head with the first comment while the
@@ -100,6 +107,9 @@ CONNECT_TIMEOUT = 7  #: the connection was not made within the connect timeout
 DEADLINE = 8  #: the request's deadline passed mid-stream
 SIDE = 9  #: the request's side leg failed, and Python ends the request for it (on_side)
 CANCELLED = 10  #: a side leg whose request ended first (other than by its answer)
+
+PARK = -4
+"""A plan's slot that parks the request: no upstream leg until :meth:`Relay.resume`."""
 
 STREAM_HIGH = 1 << 18
 """Bytes of a stream the client has not taken, at most, before the worker is not read."""
@@ -406,6 +416,7 @@ class Relay:
         self.sides = 0  # side legs in flight
         self._busy = False  # this pass has more than one ready connection
         self._paused: list[tuple[int, int, float]] = []  # (fd, gen, until): burst pacing
+        self._parked: dict[Any, int] = {}  # token -> client fd: requests parked (PARK)
 
     def fileno(self) -> int:
         return self._ep.fileno() if self._ep is not None else -1
@@ -711,6 +722,14 @@ class Relay:
         c.state = _C_WAIT
         c.since = now
         self.in_flight += 1
+        if slot == PARK:
+            self._parked[token] = fd
+            return
+        self._launch(fd, c, plan, now)
+
+    def _launch(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:
+        """The upstream leg of ``plan`` for the client ``fd`` in C_WAIT (and its side leg)."""
+        slot, payload, token = plan[:3]
         side = plan[7] if len(plan) > 7 else None
         if side is not None and self._side_start(fd, side, token, now) < 0:
             return  # the side leg's failure ended the request
@@ -784,9 +803,54 @@ class Relay:
         if c.rbuf:
             self._dispatch(fd, c, now)
 
+    def _parked_fd(self, token: Any) -> int:
+        """The client fd of the request ``token`` parked (unparked now), or -1."""
+        fd = self._parked.pop(token, -1)
+        if fd < 0:
+            return -1
+        c = self._conns.get(fd)
+        if c is None or c.token is not token or c.state != _C_WAIT or c.peer >= 0:
+            return -1
+        return fd
+
+    def resume(self, token: Any, plan: tuple, now: float) -> bool:
+        """The parked request ``token`` goes on with ``plan`` (its deadlines, stream and leg:
+        as :meth:`_start`'s); False when it ended meanwhile."""
+        fd = self._parked_fd(token)
+        if fd < 0:
+            return False
+        c = self._conns[fd]
+        c.stream = plan[5] if len(plan) > 5 else None
+        c.beat_at = now + self.beat_s if len(plan) > 6 and plan[6] and self.beat_s > 0 else 0.0
+        c.deadline, c.resp_deadline = plan[3], plan[4]
+        self._launch(fd, c, plan, now)
+        return True
+
+    def reply(self, token: Any, answer: bytes, keep: bool, now: float) -> bool:
+        """The parked request ``token`` ends with ``answer``; False when it ended meanwhile."""
+        fd = self._parked_fd(token)
+        if fd < 0:
+            return False
+        self._finish(fd)
+        self._answer(fd, answer, keep, now)
+        return True
+
+    def hand(self, token: Any, cont: Any) -> bool:
+        """The parked request ``token``'s connection goes to Python with ``cont`` (as after a
+        failure); False when it ended meanwhile."""
+        fd = self._parked_fd(token)
+        if fd < 0:
+            return False
+        self._finish(fd)
+        self._conns[fd].state = _C_IDLE
+        self._demote(fd, cont)
+        return True
+
     def _finish(self, fd: int) -> Any:
         c = self._conns[fd]
         token, c.token = c.token, None
+        if self._parked:
+            self._parked.pop(token, None)
         c.stream = None
         c.peer = -1
         if c.side >= 0:  # the side leg goes on by itself

@@ -1,0 +1,137 @@
+"""Parked requests in the compiled lane's loop (lmgw._fast.relay and its twin): a request that
+waits with no upstream leg (in the admission queue) until Python resumes it with a plan,
+answers it, or hands its connection over; its deadline and its client's leaving still end it.
+
+Each test runs on both implementations, over real sockets (test_relay's harness).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_relay import IMPLS, REQ, Harness, answer
+
+from lmgw._fast import relay_py
+
+
+class ParkHarness(Harness):
+    """Every request is parked; ``parked`` keeps its token."""
+
+    def __init__(self, impl: Any) -> None:
+        super().__init__(impl, plan=self._park)
+        self.parked: list[str] = []
+
+    def _park(self, data: bytes) -> Any:
+        self.tokens += 1
+        token = f"t{self.tokens}"
+        self.parked.append(token)
+        return (relay_py.PARK, b"", token, self.deadline, 0.0)
+
+    def forward(self, token: str) -> tuple:
+        return (0, REQ.replace(b"host: gw", b"host: w"), token, self.deadline, 0.0)
+
+
+@pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def parking(request: pytest.FixtureRequest):
+    made: list[ParkHarness] = []
+
+    def make() -> ParkHarness:
+        h = ParkHarness(request.param)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def _parked(h: ParkHarness, n: int = 1) -> None:
+    h.spin(lambda: len(h.parked) == n and h.relay.in_flight == 1)
+
+
+def test_a_parked_request_resumed_goes_upstream_and_is_answered(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    for _ in range(3):  # parked: nothing goes anywhere
+        h.step()
+    assert not h.workers and h.kinds() == ["request"]
+    token = h.parked[0]
+    assert h.relay.resume(token, h.forward(token), time.perf_counter())
+    h.spin(lambda: h.workers)
+    w = h.workers[0]
+    sent = REQ.replace(b"host: gw", b"host: w")
+    assert h.worker_reads(w, len(sent)) == sent
+    w.sendall(answer(b"late"))
+    h.spin(lambda: "answer" in h.kinds())
+    assert h.client.recv(100) == b"ANSWER late"
+    assert h.relay.in_flight == 0
+    assert not h.relay.resume(token, h.forward(token), time.perf_counter())  # (once)
+    # the connection is the lane's as before: the next request is parked too
+    h.client.sendall(REQ)
+    _parked(h, 2)
+
+
+def test_a_parked_request_answered_from_python(parking: Callable[[], ParkHarness]) -> None:
+    h = parking()
+    h.client.sendall(REQ + REQ)  # (a pipelined second request waits its turn)
+    _parked(h)
+    assert h.relay.reply(h.parked[0], b"HTTP/1.1 429 X\r\n\r\n", True, time.perf_counter())
+    assert h.client.recv(100) == b"HTTP/1.1 429 X\r\n\r\n"
+    _parked(h, 2)  # the pipelined one, dispatched after the answer
+    assert not h.relay.reply(h.parked[0], b"again", True, time.perf_counter())
+    assert h.relay.reply(h.parked[1], b"bye", False, time.perf_counter())
+    h.spin(lambda: h.relay.clients == 0)
+    assert h.client.recv(100) == b"bye" and h.client.recv(100) == b""
+
+
+def test_a_parked_requests_connection_handed_over(parking: Callable[[], ParkHarness]) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    assert h.relay.hand(h.parked[0], "cont-parked")
+    assert h.calls[-1] == ("demote", ("client-1", b"", "cont-parked"))
+    assert h.relay.in_flight == 0 and h.relay.clients == 0
+    assert not h.relay.hand(h.parked[0], "again")
+
+
+def test_a_parked_requests_deadline_and_then_a_late_resume(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    h = parking()
+    h.deadline = time.perf_counter() + 0.05
+    h.client.sendall(REQ)
+    _parked(h)
+    while "timeout" not in h.kinds():
+        h.step()
+        h.relay.sweep(time.perf_counter())
+    assert h.calls[-1] == ("timeout", h.parked[0])
+    assert h.client.recv(100) == b"TIMEOUT"
+    assert h.relay.in_flight == 0
+    token = h.parked[0]
+    assert not h.relay.resume(token, h.forward(token), time.perf_counter())
+    assert not h.workers
+
+
+def test_a_parked_requests_client_gone(parking: Callable[[], ParkHarness]) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    h.client.close()
+    h.spin(lambda: "abandon" in h.kinds())
+    assert h.calls[-1] == ("abandon", h.parked[0]) and h.relay.in_flight == 0
+    assert not h.relay.reply(h.parked[0], b"late", True, time.perf_counter())
+
+
+def test_closing_the_relay_abandons_the_parked(parking: Callable[[], ParkHarness]) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    h.relay.close()
+    assert ("abandon", h.parked[0]) in h.calls and h.relay.in_flight == 0
+    assert not h.relay.resume(h.parked[0], h.forward(h.parked[0]), time.perf_counter())
