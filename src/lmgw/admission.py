@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -291,6 +291,66 @@ class Admission:
             f" freed within {self.queue_timeout_s:g} s; retry later",
         )
 
+    # -- the queue without a task (the compiled lane parks its requests) ----------------------
+    def park(self, req: Request | None, view: Any, on_event: Callable[[], None]) -> Waiter | None:
+        """:meth:`wait`'s place in the queue without waiting in a task: the waiter, whose
+        grant or eviction calls ``on_event()`` (its ``state`` says which; then
+        :meth:`granted` or :meth:`evicted`); None when the queue is full and nobody yields
+        a place (nothing done: :meth:`wait` answers that 429). A parked request that ends
+        otherwise (its deadline, its client gone) calls :meth:`unpark`."""
+        w = self.waiter(req, view)
+        if self.waiting >= self.queue_size:
+            victim = self._queue.evict_for(w)
+            if victim is None:
+                return None
+            self._left(victim)
+            victim.event.set()  # it wakes up to its 429 (state EVICTED)
+        w.event = _Signal(on_event)  # type: ignore[assignment]
+        self._queue.push(w)
+        self.waiting += 1
+        by_model = self.waiting_by_model
+        by_model[w.model] = by_model.get(w.model, 0) + 1
+        return w
+
+    def granted(self, w: Waiter) -> float:
+        """A parked waiter holds a slot now (``state`` GRANTED): accounted as :meth:`wait`
+        accounts it; returns how long it waited."""
+        waited = self._count(w, "admitted")
+        if self._metrics is not None:
+            self._metrics.admission_wait.observe((priority_class(w.priority),), waited)
+        return waited
+
+    def evicted(self, w: Waiter) -> Rejected:
+        """A parked waiter whose place went to another (``state`` EVICTED): its 429."""
+        self._count(w, "evicted")
+        return self._reject(
+            429,
+            "evicted",
+            f"the gateway is at its limit of {self.cap} concurrent requests and its wait"
+            f" queue ({self.queue_size}) is full: this request yielded its place to one"
+            " of higher priority or of a tenant with fewer requests waiting; retry later",
+        )
+
+    def unpark(self, w: Waiter, timed_out: bool) -> Rejected | None:
+        """A parked waiter's request ended before it ran (``timed_out``: after
+        ``queue_timeout_s``, whose 429 this returns; else its deadline or its client): out
+        of the queue, or the slot granted to it passed on."""
+        if w.state == GRANTED:
+            self._pass_on()
+        elif w.state == WAITING:
+            self._queue.remove(w)
+            self._left(w)
+        if not timed_out:
+            self._count(w, "cancelled")
+            return None
+        self._count(w, "queue_timeout")
+        return self._reject(
+            429,
+            "queue_timeout",
+            f"the gateway is at its limit of {self.cap} concurrent requests and no slot"
+            f" freed within {self.queue_timeout_s:g} s; retry later",
+        )
+
     def _hand_over(self) -> None:
         w = self._queue.pop()
         self._left(w)
@@ -335,6 +395,19 @@ class Admission:
         if self._metrics is not None:
             self._metrics.admission_rejected.inc((reason,))
         return Rejected(status, message, self.retry_after(), reason)
+
+
+class _Signal:
+    """A parked waiter's ``event``: its grant or eviction calls back instead of waking a
+    task."""
+
+    __slots__ = ("_on_set",)
+
+    def __init__(self, on_set: Callable[[], None]) -> None:
+        self._on_set = on_set
+
+    def set(self) -> None:
+        self._on_set()
 
 
 def priority_class(priority: int) -> str:

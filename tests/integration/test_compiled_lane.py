@@ -471,62 +471,138 @@ async def test_a_client_of_another_post_route_stays_on_the_server(
     assert relay.demoted == 1 and relay.served == 0 and relay.clients == 0
 
 
-async def test_after_a_wait_in_the_queue_the_connection_comes_back(
-    gateway: GatewayFactory,
-) -> None:
-    """One request at a time (limits.max_concurrent_requests): a request that met a full
-    gateway waits in the server's queue; its connection is the lane's again after it, so a
-    burst does not leave its clients on the trio path."""
-    gw = await gateway(
-        per_worker=[{"timing": (("a", 0.3),), "speed": 1.0}], limits={"max_concurrent_requests": 1}
-    )
-    relay = gw.gateway.server.lane.relay
+def _capped(delay: float = 0.2, **limits: Any) -> dict[str, Any]:
+    """A gateway that runs one request at a time, on a worker with a ``delay`` per request."""
+    return {
+        "per_worker": [{"timing": (("a", delay),), "speed": 1.0}],
+        "limits": {"max_concurrent_requests": 1, **limits},
+    }
+
+
+async def _in_order(gw: Any, conns: list[KeepAlive], body: Any = CHAT) -> None:
+    """Send ``body`` on each of ``conns``: the first runs, the others wait in this order."""
     admission = gw.gateway.app.admission
-    first, second = await _client(gw), await _client(gw)
-    await first.stream.send_all(request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT,
-                                              close=False))  # fmt: skip
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", body, close=False)
     with trio.fail_after(5):
-        while admission.in_flight == 0:
-            await trio.sleep(0.01)
-    waited = await second.ask(CHAT)  # queued behind the first (the server's)
-    assert waited.status == 200 and relay.demoted == 1
-    assert (await first.next_answer()).status == 200
-    for _ in range(2):
-        assert (await second.ask(CHAT)).status == 200
-    assert relay.served == 3 and relay.demoted == 1 and relay.clients == 2
-    text = await gw.metrics()
-    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 1
+        for i, c in enumerate(conns):
+            await c.stream.send_all(data)
+            while (admission.in_flight, admission.waiting) != (1, i):
+                await trio.sleep(0.005)
 
 
-async def test_under_a_standing_queue_a_connection_stays_on_the_server(
-    gateway: GatewayFactory,
-) -> None:
-    """A request that waited, answered while another still waits, leaves its connection with
-    the server (crossing over and back for every waiting request would cost more); the
-    connections answered once nothing waits go back to the lane."""
-    gw = await gateway(
-        per_worker=[{"timing": (("a", 0.2),), "speed": 1.0}], limits={"max_concurrent_requests": 1}
-    )
+async def test_requests_wait_for_a_slot_in_the_lane(gateway: GatewayFactory) -> None:
+    """One request at a time (limits.max_concurrent_requests): the requests that meet a full
+    gateway wait in the admission queue without leaving the lane (no hand-over), and run in
+    their turn; the queue's metrics count them as the server's path would."""
+    gw = await gateway(**_capped())
     relay = gw.gateway.server.lane.relay
     admission = gw.gateway.app.admission
     conns = [await _client(gw) for _ in range(4)]
-    chat = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
-    with trio.fail_after(5):
-        for i, c in enumerate(conns):  # one in flight, then three waiting, in this order
-            await c.stream.send_all(chat)
-            while (admission.in_flight, admission.waiting) != (1, i):
-                await trio.sleep(0.005)
+    await _in_order(gw, conns)
+    assert relay.in_flight == 4  # one upstream, three parked
     for c in conns:
         assert (await c.next_answer()).status == 200
-    # the second was answered while the fourth still waited: it stays; the third and the
-    # fourth were answered with nothing waiting: back in the lane
-    assert relay.served == 1 and relay.demoted == 3
-    for c in conns:
+    assert relay.served == 4 and relay.demoted == 0 and relay.in_flight == 0
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+    for c in conns:  # and on
         assert (await c.ask(CHAT)).status == 200
-    # the first's, the third's and the fourth's in the lane, the second's on the server (after
-    # which it goes back too: nothing waits now)
-    assert relay.served == 1 + 3 and relay.demoted == 3 and relay.clients == 4
-    assert (await conns[1].ask(CHAT)).status == 200 and relay.served == 5
+    assert relay.served == 8 and relay.demoted == 0
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 0
+    assert metric_value(text, "lmgw_queue_time_seconds_count") == 8
+    assert (
+        metric_value(text, 'lmgw_admission_tenant_requests_total{tenant="-",outcome="admitted"}')
+        == 3
+    )
+    ok = 'lmgw_requests_total{endpoint="chat",model="sim-model",flow="pd",status="200"}'
+    assert metric_value(text, ok) == 8
+
+
+async def test_a_wait_longer_than_the_queue_timeout_is_a_429_in_the_lane(
+    gateway: GatewayFactory,
+) -> None:
+    gw = await gateway(**_capped(1.0, queue_timeout_s=0.05))
+    relay = gw.gateway.server.lane.relay
+    first, second = await _client(gw), await _client(gw)
+    await _in_order(gw, [first, second])
+    r = await second.next_answer()
+    assert r.status == 429 and int(r.headers["retry-after"]) >= 1
+    assert "no slot freed within 0.05 s" in r.json()["error"]["message"]
+    assert (await first.next_answer()).status == 200
+    assert (await second.ask(CHAT)).status == 200  # the connection goes on, in the lane
+    assert relay.demoted == 0 and relay.served == 2
+    admission = gw.gateway.app.admission
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_admission_rejected_total{reason="queue_timeout"}') == 1
+    assert (
+        metric_value(
+            text, 'lmgw_requests_total{endpoint="chat",model="sim-model",flow="pd",status="429"}'
+        )
+        == 1
+    )
+
+
+async def test_a_client_gone_from_the_queue_gives_its_place_back(gateway: GatewayFactory) -> None:
+    gw = await gateway(**_capped())
+    relay = gw.gateway.server.lane.relay
+    admission = gw.gateway.app.admission
+    first, gone, third = [await _client(gw) for _ in range(3)]
+    await _in_order(gw, [first, gone, third])
+    await gone.stream.aclose()
+    with trio.fail_after(5):
+        while admission.waiting != 1:
+            await trio.sleep(0.005)
+    assert (await first.next_answer()).status == 200
+    assert (await third.next_answer()).status == 200  # it moved up
+    assert (admission.in_flight, admission.waiting) == (0, 0) and relay.in_flight == 0
+    text = await gw.metrics()
+    assert (
+        metric_value(text, 'lmgw_admission_tenant_requests_total{tenant="-",outcome="cancelled"}')
+        == 1
+    )
+    assert metric_value(text, 'lmgw_client_disconnects_total{endpoint="chat"}') == 1
+
+
+async def test_a_waiter_evicted_for_a_higher_priority_gets_its_429(
+    gateway: GatewayFactory,
+) -> None:
+    """A full queue (one place) and a request of higher priority: the fair order gives it the
+    place of the one waiting, which gets its 429 in the lane; the newcomer runs next."""
+    gw = await gateway(**_capped(queue_size=1))
+    first, low, high = [await _client(gw) for _ in range(3)]
+    await _in_order(gw, [first, low])
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", {**CHAT, "priority": -5},
+                         close=False)  # fmt: skip
+    await high.stream.send_all(data)
+    r = await low.next_answer()
+    assert r.status == 429 and "yielded its place" in r.json()["error"]["message"]
+    assert (await first.next_answer()).status == 200
+    assert (await high.next_answer()).status == 200
+    relay = gw.gateway.server.lane.relay
+    assert relay.demoted == 0 and relay.in_flight == 0
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_admission_rejected_total{reason="evicted"}') == 1
+
+
+async def test_a_stream_waits_on_the_server_and_its_connection_comes_back(
+    gateway: GatewayFactory,
+) -> None:
+    """A stream that meets a full gateway waits on the server (its keep-alive comments are
+    the server's); its connection is the lane's again once nothing waits."""
+    gw = await gateway(**_capped())
+    relay = gw.gateway.server.lane.relay
+    first, streamer = await _client(gw), await _client(gw)
+    await _in_order(gw, [first])
+    streamed = await streamer.ask({**CHAT, "stream": True})
+    assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
+    assert relay.demoted == 1
+    assert (await first.next_answer()).status == 200
+    for _ in range(2):
+        assert (await streamer.ask(CHAT)).status == 200
+    assert relay.served == 3 and relay.demoted == 1 and relay.clients == 2
+    text = await gw.metrics()
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 1
 
 
 KEY, LIMITED, NARROW, SINGLE, METERED, ONCE = (f"sk-lane-{n}-0123456789abcdef" for n in range(6))

@@ -709,7 +709,7 @@ class Relay:
             self.closed += 1
 
     def _start(self, fd: int, c: _Conn, plan: tuple, now: float) -> None:
-        slot, payload, token, deadline, resp_deadline = plan[:5]
+        slot, _, token, deadline, resp_deadline = plan[:5]
         c.stream = plan[5] if len(plan) > 5 else None
         if len(plan) > 6 and plan[6] and self.beat_s > 0:
             if not c.beat_at:  # (a next leg keeps the beat's rhythm)

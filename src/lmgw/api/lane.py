@@ -66,13 +66,16 @@ from .._fast.relay_py import (
     DEADLINE,
     DROPPED,
     LOCAL,
+    PARK,
     PROTOCOL,
     SIDE,
     TIMEOUT,
     pack_sockaddr,
 )
+from ..admission import Rejected
 from ..auth import AuthError, KeyTable, rate_limit_headers
 from ..errors import GatewayError, sse_error_event
+from ..fairqueue import GRANTED
 from ..http.h1parse import parse_request, parse_response
 from ..http.server import build_head
 from ..http.types import Request, Responder
@@ -116,8 +119,9 @@ class Exchange:
 
     __slots__ = (
         "audit", "ctx", "endpoint", "extra", "forward", "greq", "head_keep", "head_sent",
-        "keep_alive", "leg_trace", "meter", "model", "output", "path", "req", "rid", "stage",
-        "stream", "t0", "t_first", "t_sent", "trace", "usage_fill", "worker",
+        "keep_alive", "leg_trace", "meter", "model", "output", "path", "queue_until", "req",
+        "rid", "stage", "stream", "t0", "t_first", "t_parked", "t_sent", "trace", "usage_fill",
+        "waiter", "worker",
     )  # fmt: skip
     # what only a P/D request has (:class:`PDExchange`)
     dialect: Any = None
@@ -156,6 +160,11 @@ class Exchange:
         #: whether it kept the connection alive
         self.head_sent = False
         self.head_keep = True
+        #: parked in the admission queue (Relay PARK): its waiter (None once it ran or ended),
+        #: since when, and when the queue's timeout ends the wait
+        self.waiter: Any = None
+        self.t_parked = 0.0
+        self.queue_until = 0.0
 
 
 class PDExchange(Exchange):
@@ -241,6 +250,9 @@ class LaneApp:
         #: the request just declined is a passing one: when this says so after it, its
         #: connection comes back to the lane (:meth:`take_back`)
         self._back: Callable[[], bool] | None = None
+        #: ``resume_soon(ex)``: a parked request's grant or eviction, for :meth:`resume` from
+        #: a task of the lane's (not from inside the relay's pass); None: nothing is parked
+        self.resume_soon: Callable[[Exchange], None] | None = None
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -354,7 +366,7 @@ class LaneApp:
             allowed = self.cors.allow(req)
             if allowed is not None:
                 ex.extra = self.cors.headers(allowed)
-        ctx = ex.ctx = (
+        ex.ctx = (
             api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
             if pipe.route_keys
             else pipe.context(model, rid)
@@ -367,6 +379,10 @@ class LaneApp:
                 # the server answers the 429, counts it
                 return self._decline("key_limit", _always)
         if not admission.enter():
+            if not stream and ex.dialect is None and self.resume_soon is not None:
+                parked = self._park(ex, view)
+                if parked is not None:
+                    return parked
             if entry is not None:
                 KeyTable.refund(entry)  # the server admits it again
             # (back once nothing waits: under a standing queue, crossing over and back for
@@ -374,6 +390,13 @@ class LaneApp:
             return self._decline("queue", self._no_queue)  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
+        return self._admitted(ex, stream)
+
+    def _admitted(self, ex: Exchange, stream: bool) -> tuple | Continuation:
+        """The rest of :meth:`on_request` once the request holds an admission slot: its
+        span, its stream, its worker and the plan (or the continuation the server runs)."""
+        req, endpoint, rid, model, path = ex.req, ex.endpoint, ex.rid, ex.model, ex.path
+        pipe, ctx, forward, body = self.pipe, ex.ctx, ex.forward, req.body
         if self.tracing is not None:
             ex.trace = self.tracing.request(req, endpoint, rid)
             if ex.greq is not None:  # (P/D: the server's legs, if it goes on there)
@@ -404,6 +427,78 @@ class LaneApp:
         pipe.policies["pd"].on_dispatch(worker, ctx)
         self._tap(ex)
         return self._plan(ex, slot, head + payload if payload else head)
+
+    # -- the admission queue, in the lane ------------------------------------------------------
+    def _park(self, ex: Exchange, view: Any) -> tuple | None:
+        """Wait for an admission slot in the lane: the parked plan, or None when the queue
+        is full (the server answers the 429). A whole answer's request only: a stream waits
+        on the server, which keeps its client's connection alive with comments meanwhile."""
+        admission = self.api.admission
+        w = admission.park(ex.req, view, partial(self.resume_soon, ex))  # type: ignore[arg-type]
+        if w is None:
+            return None
+        ex.waiter = w
+        now = ex.t_parked = _now()
+        wait = admission.queue_timeout_s
+        ex.queue_until = now + wait if wait != math.inf else 0.0
+        deadline = ex.t0 + self.request_timeout_s if self.request_timeout_s else 0.0
+        if ex.queue_until and (not deadline or ex.queue_until < deadline):
+            deadline = ex.queue_until
+        else:
+            ex.queue_until = 0.0  # (the request's deadline comes first)
+        return (PARK, b"", ex, deadline, 0.0)
+
+    def resume(self, ex: Exchange) -> None:
+        """A parked request's wait is over (``resume_soon``): granted a slot, it goes on
+        (:meth:`_admitted`); evicted, its 429. Nothing when it ended meanwhile."""
+        w = ex.waiter
+        if w is None:
+            return  # (its deadline or its client ended it first: Admission.unpark)
+        ex.waiter = None
+        api, relay, now = self.api, self.relay, _now()
+        if w.state == GRANTED:
+            api.admission.granted(w)
+            api.metrics.queue_time.observe((), now - ex.t_parked)
+            result = self._admitted(ex, False)
+            if type(result) is tuple:
+                relay.resume(ex, result, now)
+            else:
+                relay.hand(ex, result)
+            return
+        relay.reply(ex, self._refused(ex, api.admission.evicted(w)), ex.keep_alive, now)
+
+    def _refused(self, ex: Exchange, exc: Rejected) -> bytes:
+        """A parked request's 429 (evicted, or the queue's timeout): the answer the server
+        gives (``Rejected.send``), accounted as the request's end."""
+        self.api.recent_errors.add(exc.status, exc.message, ex.rid, ex.model, ex.endpoint)
+        body = exc.body()
+        headers = [(b"content-type", _JSON), (b"retry-after", str(exc.retry_after).encode()),
+                   (b"x-request-id", ex.rid.encode()), *ex.extra, *_limits(ex)]  # fmt: skip
+        head = build_head(
+            exc.status, headers, b"content-length: %d\r\n\r\n" % len(body), ex.keep_alive
+        )
+        self._close(ex, exc.status, admitted=False)
+        return head + body
+
+    def _unpark(self, ex: Exchange, status: int) -> bytes | tuple[bytes, bool]:
+        """A parked request ended by the relay: its deadline (the queue's timeout: its 429;
+        the request's: the 504) or its client gone (``status`` 499: nothing to answer)."""
+        w, ex.waiter = ex.waiter, None
+        queue_timeout = status == 504 and bool(ex.queue_until)
+        exc = self.api.admission.unpark(w, queue_timeout)
+        if exc is not None:
+            return self._refused(ex, exc), ex.keep_alive
+        if status == 499:
+            self.api.metrics.disconnects.inc((ex.endpoint,))
+            self._close(ex, 499, admitted=False)
+            return b""
+        msg = self._deadline(ex)
+        body = GatewayError(504, msg).body()
+        headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
+        headers += _limits(ex)
+        head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
+        self._close(ex, 504, admitted=False)
+        return head + body
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
@@ -658,15 +753,17 @@ class LaneApp:
         if ok:
             pipe.registry.record_success(worker)
 
-    def _close(self, ex: Exchange, status: int) -> None:
+    def _close(self, ex: Exchange, status: int, admitted: bool = True) -> None:
         """The end of the request: what :meth:`OpenAIAPI.generate` does in its ``finally``
         (its metrics; with ``ex.meter``, the usage charge and the KV-cache occupancy), and
-        :class:`lmgw.api.keys.Guarded`'s release of the key."""
+        :class:`lmgw.api.keys.Guarded`'s release of the key (``admitted``: it held an
+        admission slot; a parked request that never ran did not)."""
         api = self.api
         placement = self.pipe.placement
         if placement is not None and ex.dialect is not None:  # (idempotent)
             placement.release(ex.ctx)
-        api.admission.leave(ex.t0)
+        if admitted:
+            api.admission.leave(ex.t0)
         if ex.req.principal is not None:
             KeyTable.release(ex.req.principal)
         api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, ex.trace, ex.meter)
@@ -809,7 +906,10 @@ class LaneApp:
     def on_timeout(self, ex: Exchange) -> bytes | tuple[bytes, bool]:
         """The request's deadline passed: the 504 (the connection closes after it); or, when a
         keep-alive sent the stream's head, the stream's last event (the connection goes on as
-        that head said: the client could not be told otherwise)."""
+        that head said: the client could not be told otherwise). A parked request: the
+        queue's 429 or the 504 (:meth:`_unpark`)."""
+        if ex.waiter is not None:
+            return self._unpark(ex, 504)
         self._settle(ex, False)
         msg = self._deadline(ex)
         if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
@@ -835,6 +935,9 @@ class LaneApp:
 
     def on_abandon(self, ex: Exchange) -> None:
         """The client left (or the lane closed) with the request in flight."""
+        if ex.waiter is not None:
+            self._unpark(ex, 499)
+            return
         self._settle(ex, False)
         self.api.metrics.disconnects.inc((ex.endpoint,))
         self._close(ex, 499)

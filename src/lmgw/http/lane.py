@@ -74,6 +74,8 @@ class Lane:
         self._nursery: trio.Nursery | None = None
         #: host names to look up for the lane (LaneApp.resolve), and those it reaches
         self._lookups, self._pending = trio.open_memory_channel[Any](math.inf)
+        #: parked requests whose wait for an admission slot is over (LaneApp.resume_soon)
+        self._resumes, self._to_resume = trio.open_memory_channel[Any](math.inf)
         self._named: list[Any] = []
         #: connections the server gave back between requests (lmgw_lane_returns_total)
         self.returned = 0
@@ -122,10 +124,12 @@ class Lane:
         relay = self.relay
         self.app.bind(relay)
         self.app.resolve = self._lookups.send_nowait
+        self.app.resume_soon = self._resumes.send_nowait
         try:
             async with trio.open_nursery() as own:
                 own.start_soon(self._sweep)
                 own.start_soon(self._resolver)
+                own.start_soon(self._resumer)
                 while True:
                     if relay.paused:  # streams left unread for a moment: read them again soon
                         with trio.move_on_after(BURST_WAIT_S):
@@ -136,7 +140,7 @@ class Lane:
                     if relay.closed:
                         self._closed()
         finally:
-            self.app.resolve = None
+            self.app.resolve = self.app.resume_soon = None
             self.app.unbind()
             relay.close()
             self._closed()
@@ -151,6 +155,23 @@ class Lane:
             relay.sweep(_now())
             if relay.closed:
                 self._closed()
+
+    async def _resumer(self) -> None:
+        """Go on with the parked requests whose wait for an admission slot is over, here in
+        a task of the lane's: the grant comes from wherever a slot was given back, often from
+        inside the relay's own pass, which must not be re-entered."""
+        to_resume = self._to_resume
+        async for ex in to_resume:
+            while True:  # (every grant of the relay's last pass at one wake-up)
+                try:
+                    self.app.resume(ex)
+                except Exception:  # (a bug: the request's deadline still ends it)
+                    log.exception("lane: resuming a parked request failed")
+                try:
+                    ex = to_resume.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            self._closed()
 
     async def _resolver(self) -> None:
         """Look up the host names of workers (a worker named ``vllm-0:8000`` rather than by
