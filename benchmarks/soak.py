@@ -30,6 +30,10 @@ after, and fits the RSS drift over the run's second half (MB per hour).
     .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 24] [--server hypercorn]
         [--keys] [--sse-keepalive 0.5] [--stream-head first-token] [--sglang]
 
+``--max-concurrent N`` caps the requests running at once (``limits.max_concurrent_requests``,
+with ``queue_timeout_s`` 3 s): most requests then wait in the admission queue, in the compiled
+lane or on the server, and a 429 for a wait too long is an error answer, not a bug.
+
 ``--keys`` configures three API keys (one plain, one with a rate limit, one with a
 tokens-per-minute limit, none of them ever reached) and the clients send them in turn; the
 keys' requests in flight must then return to 0 as well.
@@ -459,6 +463,7 @@ def gateway_config(
     stuck_timeout_s: float = 5.0,
     keys: bool = False,
     sse_keepalive_s: float = 0.0,
+    max_concurrent: int = 0,
 ) -> GatewayConfig:
     native = fleets[PD].transport == "zmq"  # the native protocol: one dialect for every flow
     workers = [
@@ -484,6 +489,8 @@ def gateway_config(
             request_timeout_s=REQUEST_TIMEOUT_S,
             keepalive_timeout_s=5.0,
             sse_keepalive_s=sse_keepalive_s,
+            max_concurrent_requests=max_concurrent,
+            queue_timeout_s=3.0,
         ),
         # probes every second, and a hung worker (the hang fault) ejected within 5 s by
         # default: before the requests waiting on it reach the 10 s deadline
@@ -539,7 +546,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             LOG_DIR,
             model=PD,
             config=lambda port: gateway_config(
-                fleets, port, args.server, args.stuck_timeout, args.keys, args.sse_keepalive
+                fleets,
+                port,
+                args.server,
+                args.stuck_timeout,
+                args.keys,
+                args.sse_keepalive,
+                args.max_concurrent,
             ),
             env_extra=dict(kv.split("=", 1) for kv in args.gateway_env),
             headers={"authorization": f"Bearer {SECRETS[0]}"} if args.keys else None,
@@ -672,6 +685,10 @@ def main() -> int:
     ap.add_argument(
         "--sse-keepalive", type=float, default=0.0, metavar="S",
         help="limits.sse_keepalive_s: keep-alive comments before a stream's first event",
+    )  # fmt: skip
+    ap.add_argument(
+        "--max-concurrent", type=int, default=0, metavar="N",
+        help="limits.max_concurrent_requests (a queue of 3 s at most): requests wait for a slot",
     )  # fmt: skip
     ap.add_argument(
         "--stream-head", choices=("arrival", "first-token"), default="arrival",
