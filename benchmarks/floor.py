@@ -29,7 +29,8 @@ this script runs, against the same two workers and the same wrk load,
   connection returns to the lane after one,
 * ``lmgw-capped`` and ``lmgw-capped-trio``: ``lmgw`` and ``lmgw-trio`` with
   ``limits.max_concurrent_requests = 16`` under the 64 connections: the admission queue holds
-  most requests (the server's), and every one that waited is a crossing to trio and back,
+  most requests (since session 23 parked in the compiled lane's relay until their grant; on
+  trio, waiting in the server's queue),
 * ``lmgw-ca-chat`` and ``lmgw-ca-tok-chat``: ``routing.policy = "cache_aware"`` on
   multi-turn chats (``CHAT_BODIES`` requests of routing.py's chat workload: a short shared
   system turn, then each conversation's history and a new ~120-word user turn), keyed by text,
