@@ -118,7 +118,7 @@ class Exchange:
     ``stage``: the leg in flight, "pd" (a merged worker), "p" or "d"; ``worker`` its worker."""
 
     __slots__ = (
-        "audit", "ctx", "endpoint", "extra", "forward", "greq", "head_keep", "head_sent",
+        "audit", "ctx", "endpoint", "extra", "forward", "granted", "greq", "head_keep", "head_sent",
         "keep_alive", "leg_trace", "meter", "model", "output", "path", "queue_until", "req",
         "rid", "stage", "stream", "t0", "t_first", "t_parked", "t_sent", "trace", "usage_fill",
         "waiter", "worker",
@@ -163,6 +163,8 @@ class Exchange:
         #: parked in the admission queue (Relay PARK): its waiter (None once it ran or ended),
         #: since when, and when the queue's timeout ends the wait
         self.waiter: Any = None
+        #: the waiter it was granted its slot as, for the fair share's settlement at its end
+        self.granted: Any = None
         self.t_parked = 0.0
         self.queue_until = 0.0
 
@@ -458,6 +460,7 @@ class LaneApp:
         api, relay, now = self.api, self.relay, _now()
         if w.state == GRANTED:
             api.admission.granted(w)
+            ex.granted = w
             api.metrics.queue_time.observe((), now - ex.t_parked)
             result = self._admitted(ex, False)
             if type(result) is tuple:
@@ -763,7 +766,10 @@ class LaneApp:
         if placement is not None and ex.dialect is not None:  # (idempotent)
             placement.release(ex.ctx)
         if admitted:
-            api.admission.leave(ex.t0)
+            admission = api.admission
+            admission.leave(ex.t0)
+            if ex.granted is not None and ex.meter is not None and admission.by_kv:
+                admission.settle(ex.granted, ex.meter.kv_token_seconds(len(ex.req.body)))
         if ex.req.principal is not None:
             KeyTable.release(ex.req.principal)
         api.account(ex.req, ex.endpoint, ex.model, status, ex.t0, ex.trace, ex.meter)
