@@ -298,18 +298,27 @@ class Harness:
             w.close()
 
 
-@pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
-def harness(request: pytest.FixtureRequest):
-    made: list[Harness] = []
+def harnesses(cls: type[Harness], name: str) -> Any:
+    """A fixture ``name`` that makes ``cls`` harnesses (its arguments after the relay's
+    implementation's), on each implementation, and closes them after the test."""
 
-    def make(plan: Callable[[bytes], Any] | None = None) -> Harness:
-        h = Harness(request.param, plan)
-        made.append(h)
-        return h
+    @pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1], name=name)
+    def fixture(request: pytest.FixtureRequest):
+        made: list[Harness] = []
 
-    yield make
-    for h in made:
-        h.close()
+        def make(*args: Any, **kwargs: Any) -> Any:
+            h = cls(request.param, *args, **kwargs)
+            made.append(h)
+            return h
+
+        yield make
+        for h in made:
+            h.close()
+
+    return fixture
+
+
+harness = harnesses(Harness, "harness")
 
 
 def test_a_request_and_its_answer_then_keep_alive(harness: Callable[..., Harness]) -> None:

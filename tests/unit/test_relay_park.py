@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-from test_relay import IMPLS, REQ, Harness, answer
+from test_relay import REQ, Harness, answer, harnesses
 
 from lmgw._fast import relay_py
 
@@ -34,18 +33,7 @@ class ParkHarness(Harness):
         return (0, REQ.replace(b"host: gw", b"host: w"), token, self.deadline, 0.0)
 
 
-@pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
-def parking(request: pytest.FixtureRequest):
-    made: list[ParkHarness] = []
-
-    def make() -> ParkHarness:
-        h = ParkHarness(request.param)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+parking = harnesses(ParkHarness, "parking")
 
 
 def _parked(h: ParkHarness, n: int = 1) -> None:

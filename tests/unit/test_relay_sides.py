@@ -23,6 +23,7 @@ from test_relay import (
     answer,
     chunk,
     client_reads,
+    harnesses,
     needs_c,
     relay_c,
 )
@@ -65,18 +66,7 @@ class SideHarness(Harness):
             p.close()
 
 
-@pytest.fixture(params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[1])
-def sided(request: pytest.FixtureRequest):
-    made: list[SideHarness] = []
-
-    def make() -> SideHarness:
-        h = SideHarness(request.param)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+sided = harnesses(SideHarness, "sided")
 
 
 def both_sent(make: Callable[[], SideHarness]) -> tuple[SideHarness, socket.socket, socket.socket]:
