@@ -543,6 +543,25 @@ async def test_a_wait_longer_than_the_queue_timeout_is_a_429_in_the_lane(
     )
 
 
+async def test_the_requests_deadline_ends_a_wait_with_its_504(gateway: GatewayFactory) -> None:
+    """The request's deadline before the queue's timeout: the parked request's 504 (and the
+    running one's), the slot and the queue left as they were."""
+    gw = await gateway(**_capped(2.0, request_timeout_s=0.3, queue_timeout_s=30))
+    first, second = await _client(gw), await _client(gw)
+    await _in_order(gw, [first, second])
+    r = await second.next_answer()
+    assert r.status == 504 and "deadline" in r.json()["error"]["message"]
+    assert (await first.next_answer()).status == 504
+    admission = gw.gateway.app.admission
+    with trio.fail_after(5):
+        while admission.in_flight:
+            await trio.sleep(0.01)
+    assert admission.waiting == 0 and gw.gateway.server.lane.relay.in_flight == 0
+    text = await gw.metrics()
+    cancelled = 'lmgw_admission_tenant_requests_total{tenant="-",outcome="cancelled"}'
+    assert metric_value(text, cancelled) == 1
+
+
 async def test_a_client_gone_from_the_queue_gives_its_place_back(gateway: GatewayFactory) -> None:
     gw = await gateway(**_capped())
     relay = gw.gateway.server.lane.relay

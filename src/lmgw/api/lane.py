@@ -495,13 +495,7 @@ class LaneApp:
             self.api.metrics.disconnects.inc((ex.endpoint,))
             self._close(ex, 499, admitted=False)
             return b""
-        msg = self._deadline(ex)
-        body = GatewayError(504, msg).body()
-        headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
-        headers += _limits(ex)
-        head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
-        self._close(ex, 504, admitted=False)
-        return head + body
+        return self._gateway_timeout(ex, self._deadline(ex), admitted=False)
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
@@ -920,11 +914,15 @@ class LaneApp:
         msg = self._deadline(ex)
         if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
             return self._deadline_end(ex, msg)
+        return self._gateway_timeout(ex, msg)
+
+    def _gateway_timeout(self, ex: Exchange, msg: str, admitted: bool = True) -> bytes:
+        """The deadline's 504, the request's end (the connection closes after it)."""
         body = GatewayError(504, msg).body()
         headers = [(b"content-type", _JSON), (b"x-request-id", ex.rid.encode()), *ex.extra]
         headers += _limits(ex)
         head = build_head(504, headers, b"content-length: %d\r\n\r\n" % len(body), False)
-        self._close(ex, 504)
+        self._close(ex, 504, admitted)
         return head + body
 
     def _deadline(self, ex: Exchange) -> str:
