@@ -604,24 +604,42 @@ async def test_a_waiter_evicted_for_a_higher_priority_gets_its_429(
     assert metric_value(text, 'lmgw_admission_rejected_total{reason="evicted"}') == 1
 
 
-async def test_a_stream_waits_on_the_server_and_its_connection_comes_back(
+async def test_a_stream_waits_in_the_lane_with_keep_alive_comments(
     gateway: GatewayFactory,
 ) -> None:
-    """A stream that meets a full gateway waits on the server (its keep-alive comments are
-    the server's); its connection is the lane's again once nothing waits."""
-    gw = await gateway(**_capped())
+    """A stream that meets a full gateway waits in the lane too; while it waits its client
+    gets the 200 head and keep-alive comments (limits.sse_keepalive_s), then its events."""
+    gw = await gateway(**_capped(0.5, sse_keepalive_s=0.05))
     relay = gw.gateway.server.lane.relay
     first, streamer = await _client(gw), await _client(gw)
     await _in_order(gw, [first])
-    streamed = await streamer.ask({**CHAT, "stream": True})
+    streamed = await streamer.ask({**CHAT, "stream": True})  # (waits behind the first)
     assert streamed.status == 200 and streamed.body.endswith(b"data: [DONE]\n\n")
-    assert relay.demoted == 1
+    assert streamed.body.count(b": keep-alive") >= 3
     assert (await first.next_answer()).status == 200
-    for _ in range(2):
-        assert (await streamer.ask(CHAT)).status == 200
-    assert relay.served == 3 and relay.demoted == 1 and relay.clients == 2
+    assert (await streamer.ask(CHAT)).status == 200
+    assert relay.demoted == 0 and relay.streamed == 1 and relay.served == 2
     text = await gw.metrics()
-    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 1
+    assert metric_value(text, 'lmgw_lane_declined_total{reason="queue"}') == 0
+    assert metric_value(text, "lmgw_sse_keepalives_total") >= 3
+
+
+async def test_a_stream_whose_wait_times_out_after_its_head_ends_with_the_429_event(
+    gateway: GatewayFactory,
+) -> None:
+    """Its keep-alive head went out while it waited: the queue's timeout is the stream's
+    last event (a 429 error and [DONE]), the connection kept as the head said."""
+    gw = await gateway(**_capped(1.0, sse_keepalive_s=0.05, queue_timeout_s=0.3))
+    first, streamer = await _client(gw), await _client(gw)
+    await _in_order(gw, [first])
+    streamed = await streamer.ask({**CHAT, "stream": True})
+    assert streamed.status == 200 and b": keep-alive" in streamed.body
+    events = [e for e in streamed.body.split(b"\n\n") if e.startswith(b"data:")]
+    assert b'"code":429' in events[-2] and events[-1] == b"data: [DONE]"
+    assert (await first.next_answer()).status == 200
+    assert (await streamer.ask(CHAT)).status == 200  # (the same connection)
+    admission = gw.gateway.app.admission
+    assert (admission.in_flight, admission.waiting) == (0, 0)
 
 
 KEY, LIMITED, NARROW, SINGLE, METERED, ONCE = (f"sk-lane-{n}-0123456789abcdef" for n in range(6))

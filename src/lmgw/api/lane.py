@@ -380,8 +380,11 @@ class LaneApp:
             except AuthError:
                 # the server answers the 429, counts it
                 return self._decline("key_limit", _always)
+        if stream:  # (as Pipeline.run: the journal when the stream may be continued)
+            journal = migration.Journal(endpoint) if pipe.migrations else None
+            ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         if not admission.enter():
-            if not stream and ex.dialect is None and self.resume_soon is not None:
+            if ex.dialect is None and self.resume_soon is not None:
                 parked = self._park(ex, view)
                 if parked is not None:
                     return parked
@@ -392,20 +395,18 @@ class LaneApp:
             return self._decline("queue", self._no_queue)  # a queue to wait in: the server's
         if admission.cap:
             api.metrics.queue_time.observe((), 0.0)
-        return self._admitted(ex, stream)
+        return self._admitted(ex)
 
-    def _admitted(self, ex: Exchange, stream: bool) -> tuple | Continuation:
+    def _admitted(self, ex: Exchange) -> tuple | Continuation:
         """The rest of :meth:`on_request` once the request holds an admission slot: its
-        span, its stream, its worker and the plan (or the continuation the server runs)."""
+        span, its worker and the plan (or the continuation the server runs)."""
         req, endpoint, rid, model, path = ex.req, ex.endpoint, ex.rid, ex.model, ex.path
         pipe, ctx, forward, body = self.pipe, ex.ctx, ex.forward, req.body
+        stream = ex.stream is not None
         if self.tracing is not None:
             ex.trace = self.tracing.request(req, endpoint, rid)
             if ex.greq is not None:  # (P/D: the server's legs, if it goes on there)
                 ex.greq.trace = ex.trace
-        if stream:  # (as Pipeline.run: the journal when the stream may be continued)
-            journal = migration.Journal(endpoint) if pipe.migrations else None
-            ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         if isinstance(ex, PDExchange):
             return self._prefill(ex)
         try:
@@ -433,8 +434,8 @@ class LaneApp:
     # -- the admission queue, in the lane ------------------------------------------------------
     def _park(self, ex: Exchange, view: Any) -> tuple | None:
         """Wait for an admission slot in the lane: the parked plan, or None when the queue
-        is full (the server answers the 429). A whole answer's request only: a stream waits
-        on the server, which keeps its client's connection alive with comments meanwhile."""
+        is full (the server answers the 429). A stream gets its keep-alive comments while it
+        waits (``limits.sse_keepalive_s``), as on the server."""
         admission = self.api.admission
         w = admission.park(ex.req, view, partial(self.resume_soon, ex))  # type: ignore[arg-type]
         if w is None:
@@ -448,6 +449,8 @@ class LaneApp:
             deadline = ex.queue_until
         else:
             ex.queue_until = 0.0  # (the request's deadline comes first)
+        if ex.stream is not None:
+            return (PARK, b"", ex, deadline, 0.0, ex.stream, self.api.sse_keepalive_s > 0)
         return (PARK, b"", ex, deadline, 0.0)
 
     def resume(self, ex: Exchange) -> None:
@@ -462,18 +465,23 @@ class LaneApp:
             api.admission.granted(w)
             ex.granted = w
             api.metrics.queue_time.observe((), now - ex.t_parked)
-            result = self._admitted(ex, False)
+            result = self._admitted(ex)
             if type(result) is tuple:
                 relay.resume(ex, result, now)
             else:
                 relay.hand(ex, result)
             return
-        relay.reply(ex, self._refused(ex, api.admission.evicted(w)), ex.keep_alive, now)
+        answer = self._refused(ex, api.admission.evicted(w))
+        relay.reply(ex, answer, ex.head_keep if ex.head_sent else ex.keep_alive, now)
 
     def _refused(self, ex: Exchange, exc: Rejected) -> bytes:
         """A parked request's 429 (evicted, or the queue's timeout): the answer the server
-        gives (``Rejected.send``), accounted as the request's end."""
+        gives (``Rejected.send``; a stream whose keep-alive head went out: its error event,
+        as ``answer_error``), accounted as the request's end."""
         self.api.recent_errors.add(exc.status, exc.message, ex.rid, ex.model, ex.endpoint)
+        if ex.head_sent:
+            self._close(ex, exc.status, admitted=False)
+            return _sse_end(sse_error_event(exc.status, exc.message))
         body = exc.body()
         headers = [(b"content-type", _JSON), (b"retry-after", str(exc.retry_after).encode()),
                    (b"x-request-id", ex.rid.encode()), *ex.extra, *_limits(ex)]  # fmt: skip
@@ -490,12 +498,15 @@ class LaneApp:
         queue_timeout = status == 504 and bool(ex.queue_until)
         exc = self.api.admission.unpark(w, queue_timeout)
         if exc is not None:
-            return self._refused(ex, exc), ex.keep_alive
+            return self._refused(ex, exc), ex.head_keep if ex.head_sent else ex.keep_alive
         if status == 499:
             self.api.metrics.disconnects.inc((ex.endpoint,))
             self._close(ex, 499, admitted=False)
             return b""
-        return self._gateway_timeout(ex, self._deadline(ex), admitted=False)
+        msg = self._deadline(ex)
+        if ex.head_sent:  # a keep-alive committed the stream: the error as its last event
+            return self._deadline_end(ex, msg, admitted=False)
+        return self._gateway_timeout(ex, msg, admitted=False)
 
     def _tap(self, ex: Exchange) -> None:
         """The routing audit's tap on the client-facing leg just dispatched (as
@@ -931,10 +942,10 @@ class LaneApp:
         self.api.recent_errors.add(504, msg, ex.rid, ex.model, ex.endpoint)
         return msg
 
-    def _deadline_end(self, ex: Exchange, msg: str) -> tuple[bytes, bool]:
+    def _deadline_end(self, ex: Exchange, msg: str, admitted: bool = True) -> tuple[bytes, bool]:
         """A stream's end at the deadline (its 504 event): the request's end, the connection
         kept as the stream's head said."""
-        self._close(ex, 504)
+        self._close(ex, 504, admitted)
         return _sse_end(sse_error_event(504, msg)), ex.head_keep
 
     def on_abandon(self, ex: Exchange) -> None:
