@@ -955,6 +955,35 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+@pytest.mark.parametrize("dialect", ["vllm-nixl", "sglang-bootstrap"])
+async def test_p_d_requests_wait_for_a_slot_in_the_lane(
+    nursery: trio.Nursery, sim_worker: Any, dialect: str
+) -> None:
+    """One request at a time: a P/D request (legs one after the other, or SGLang's pair at
+    once) that meets a full gateway is parked in the lane, then runs both its legs there."""
+    gw = await _pd_gateway(
+        nursery, sim_worker, prefills=1, limits={"max_concurrent_requests": 1}, dialect=dialect,
+        timing=(("a", 0.3),), speed=1.0,
+    )  # fmt: skip
+    relay = gw.server.lane.relay
+    conns = [KeepAlive(await open_stream(gw.url), gw.url) for _ in range(3)]
+    data = request_bytes(gw.url, "POST", "/v1/chat/completions", CHAT, close=False)
+    admission = gw.app.admission
+    with trio.fail_after(5):
+        for i, c in enumerate(conns):
+            await c.stream.send_all(data)
+            while (admission.in_flight, admission.waiting) != (1, i):
+                await trio.sleep(0.005)
+    texts = set()
+    for c in conns:
+        r = await c.next_answer()
+        assert r.status == 200, r.body
+        texts.add(r.json()["choices"][0]["message"]["content"])
+    assert len(texts) == 1 and relay.demoted == 0 and relay.in_flight == 0
+    assert (admission.in_flight, admission.waiting) == (0, 0)
+    assert gw.registry.get("d0").in_flight == 0 and not gw.pipeline.placement.queued
+
+
 async def test_p_d_requests_run_both_legs_in_the_lane(
     nursery: trio.Nursery, sim_worker: Any
 ) -> None:

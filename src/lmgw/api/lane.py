@@ -384,7 +384,7 @@ class LaneApp:
             journal = migration.Journal(endpoint) if pipe.migrations else None
             ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         if not admission.enter():
-            if ex.dialect is None and self.resume_soon is not None:
+            if self.resume_soon is not None:
                 parked = self._park(ex, view)
                 if parked is not None:
                     return parked
