@@ -238,58 +238,44 @@ class Admission:
                 ``queue_timeout_s``, or when a more entitled request takes its place.
         """
         w = self.waiter(req, view)
-        queue = self._queue
-        if self.waiting >= self.queue_size:
-            victim = queue.evict_for(w)
-            if victim is None:
-                self._count(w, "queue_full", 0.0)
-                raise self._reject(
-                    429,
-                    "queue_full",
-                    f"the gateway is at its limit of {self.cap} concurrent requests and its wait"
-                    f" queue ({self.queue_size}) is full; retry later",
-                )
-            self._left(victim)
-            victim.event.set()  # it wakes up to its 429 (state EVICTED)
-        queue.push(w)
-        self.waiting += 1
-        by_model = self.waiting_by_model
-        by_model[w.model] = by_model.get(w.model, 0) + 1
+        if not self._enqueue(w):
+            self._count(w, "queue_full", 0.0)
+            raise self._reject(
+                429,
+                "queue_full",
+                f"the gateway is at its limit of {self.cap} concurrent requests and its wait"
+                f" queue ({self.queue_size}) is full; retry later",
+            )
         try:
             with trio.move_on_after(self.queue_timeout_s):
                 await w.event.wait()
         except BaseException:  # cancelled while queued: the client left or the deadline passed
-            if w.state == GRANTED:
-                self._pass_on()  # a slot was handed over just now: hand it on
-            elif w.state == WAITING:
-                queue.remove(w)
-                self._left(w)
-            self._count(w, "cancelled")
+            self.unpark(w, False)
             raise
         # a slot handed over in the same tick as the timeout still counts: take it
         if w.state == GRANTED:
-            waited = self._count(w, "admitted")
-            if self._metrics is not None:
-                self._metrics.admission_wait.observe((priority_class(w.priority),), waited)
+            self.granted(w)
             return w
         if w.state == EVICTED:
-            self._count(w, "evicted")
-            raise self._reject(
-                429,
-                "evicted",
-                f"the gateway is at its limit of {self.cap} concurrent requests and its wait"
-                f" queue ({self.queue_size}) is full: this request yielded its place to one"
-                " of higher priority or of a tenant with fewer requests waiting; retry later",
-            )
-        queue.remove(w)
-        self._left(w)
-        self._count(w, "queue_timeout")
-        raise self._reject(
-            429,
-            "queue_timeout",
-            f"the gateway is at its limit of {self.cap} concurrent requests and no slot"
-            f" freed within {self.queue_timeout_s:g} s; retry later",
-        )
+            raise self.evicted(w)
+        timed_out = self.unpark(w, True)  # (out of the queue: WAITING still)
+        assert timed_out is not None
+        raise timed_out
+
+    def _enqueue(self, w: Waiter) -> bool:
+        """Put ``w`` in the queue, evicting a less entitled waiter when it is full (the
+        evicted one's event is set: state EVICTED); False when full and nobody yields."""
+        if self.waiting >= self.queue_size:
+            victim = self._queue.evict_for(w)
+            if victim is None:
+                return False
+            self._left(victim)
+            victim.event.set()  # it wakes up to its 429 (state EVICTED)
+        self._queue.push(w)
+        self.waiting += 1
+        by_model = self.waiting_by_model
+        by_model[w.model] = by_model.get(w.model, 0) + 1
+        return True
 
     # -- the queue without a task (the compiled lane parks its requests) ----------------------
     def park(self, req: Request | None, view: Any, on_event: Callable[[], None]) -> Waiter | None:
@@ -299,29 +285,19 @@ class Admission:
         a place (nothing done: :meth:`wait` answers that 429). A parked request that ends
         otherwise (its deadline, its client gone) calls :meth:`unpark`."""
         w = self.waiter(req, view)
-        if self.waiting >= self.queue_size:
-            victim = self._queue.evict_for(w)
-            if victim is None:
-                return None
-            self._left(victim)
-            victim.event.set()  # it wakes up to its 429 (state EVICTED)
         w.event = _Signal(on_event)  # type: ignore[assignment]
-        self._queue.push(w)
-        self.waiting += 1
-        by_model = self.waiting_by_model
-        by_model[w.model] = by_model.get(w.model, 0) + 1
-        return w
+        return w if self._enqueue(w) else None
 
     def granted(self, w: Waiter) -> float:
-        """A parked waiter holds a slot now (``state`` GRANTED): accounted as :meth:`wait`
-        accounts it; returns how long it waited."""
+        """A waiter holds a slot now (``state`` GRANTED): accounted; returns how long it
+        waited."""
         waited = self._count(w, "admitted")
         if self._metrics is not None:
             self._metrics.admission_wait.observe((priority_class(w.priority),), waited)
         return waited
 
     def evicted(self, w: Waiter) -> Rejected:
-        """A parked waiter whose place went to another (``state`` EVICTED): its 429."""
+        """A waiter whose place went to another (``state`` EVICTED): its 429."""
         self._count(w, "evicted")
         return self._reject(
             429,
@@ -332,17 +308,21 @@ class Admission:
         )
 
     def unpark(self, w: Waiter, timed_out: bool) -> Rejected | None:
-        """A parked waiter's request ended before it ran (``timed_out``: after
-        ``queue_timeout_s``, whose 429 this returns; else its deadline or its client): out
-        of the queue, or the slot granted to it passed on."""
+        """A waiter's request ended before it ran (``timed_out``: after ``queue_timeout_s``,
+        whose 429 this returns; else its deadline or its client): out of the queue, or the
+        slot granted to it meanwhile passed on."""
         if w.state == GRANTED:
             self._pass_on()
         elif w.state == WAITING:
             self._queue.remove(w)
             self._left(w)
-        if not timed_out:
-            self._count(w, "cancelled")
-            return None
+        if timed_out:
+            return self._timed_out(w)
+        self._count(w, "cancelled")
+        return None
+
+    def _timed_out(self, w: Waiter) -> Rejected:
+        """The 429 of a waiter out of the queue after ``queue_timeout_s``."""
         self._count(w, "queue_timeout")
         return self._reject(
             429,

@@ -471,17 +471,17 @@ class LaneApp:
             else:
                 relay.hand(ex, result)
             return
-        answer = self._refused(ex, api.admission.evicted(w))
-        relay.reply(ex, answer, ex.head_keep if ex.head_sent else ex.keep_alive, now)
+        relay.reply(ex, *self._refused(ex, api.admission.evicted(w)), now)
 
-    def _refused(self, ex: Exchange, exc: Rejected) -> bytes:
+    def _refused(self, ex: Exchange, exc: Rejected) -> tuple[bytes, bool]:
         """A parked request's 429 (evicted, or the queue's timeout): the answer the server
         gives (``Rejected.send``; a stream whose keep-alive head went out: its error event,
-        as ``answer_error``), accounted as the request's end."""
+        as ``answer_error``), accounted as the request's end; and whether the connection
+        stays open."""
         self.api.recent_errors.add(exc.status, exc.message, ex.rid, ex.model, ex.endpoint)
         if ex.head_sent:
             self._close(ex, exc.status, admitted=False)
-            return _sse_end(sse_error_event(exc.status, exc.message))
+            return _sse_end(sse_error_event(exc.status, exc.message)), ex.head_keep
         body = exc.body()
         headers = [(b"content-type", _JSON), (b"retry-after", str(exc.retry_after).encode()),
                    (b"x-request-id", ex.rid.encode()), *ex.extra, *_limits(ex)]  # fmt: skip
@@ -489,7 +489,7 @@ class LaneApp:
             exc.status, headers, b"content-length: %d\r\n\r\n" % len(body), ex.keep_alive
         )
         self._close(ex, exc.status, admitted=False)
-        return head + body
+        return head + body, ex.keep_alive
 
     def _unpark(self, ex: Exchange, status: int) -> bytes | tuple[bytes, bool]:
         """A parked request ended by the relay: its deadline (the queue's timeout: its 429;
@@ -498,7 +498,7 @@ class LaneApp:
         queue_timeout = status == 504 and bool(ex.queue_until)
         exc = self.api.admission.unpark(w, queue_timeout)
         if exc is not None:
-            return self._refused(ex, exc), ex.head_keep if ex.head_sent else ex.keep_alive
+            return self._refused(ex, exc)
         if status == 499:
             self.api.metrics.disconnects.inc((ex.endpoint,))
             self._close(ex, 499, admitted=False)
