@@ -904,15 +904,11 @@ class NativeRunner:
     ) -> tuple[Any, list[Any]]:
         """One intermediate leg (Encode, Prefill): its answer and the answer's payload frames,
         accounted like a dispatch."""
-        p = self.p
-        policy = p.policies[role]
         chan = worker.channel  # type: ignore[attr-defined]
         if msg.tensors:
             msg, payload = await self._fit(chan, msg, payload, pins)
-        p.registry.acquire(worker)
-        policy.on_dispatch(worker, route)
+        t0 = self.leg_start(worker, role, route)
         ok = False
-        t0 = _now()
         try:
             for wire in _wire_ids(msg):
                 try:
@@ -925,18 +921,13 @@ class NativeRunner:
             ok = True
             return answer
         except RpcError as exc:
-            self._failed(worker, role, exc)
+            self.failed(worker, role, exc)
             raise
         finally:
-            elapsed = _now() - t0
-            p.metrics.stage.observe((role, worker.id), elapsed)
+            elapsed = self.leg_end(worker, role, route, t0, ok)
             if greq.timings is None:
                 greq.timings = []
             greq.timings.append((STAGE_NAMES[role], elapsed))
-            policy.on_finish(worker, route, ok)
-            p.registry.release(worker)
-            if ok:
-                p.registry.record_success(worker)
 
     async def _fit(
         self, chan: RpcChannel, msg: Any, payload: Sequence[Any], pins: Pins | None = None
@@ -967,7 +958,25 @@ class NativeRunner:
             if nbytes:
                 self.p.metrics.handoff_bytes.inc((kind, via), nbytes)
 
-    def _failed(self, worker: Worker, role: str, exc: RpcError) -> None:
+    def leg_start(self, worker: Worker, role: str, route: RouteContext) -> float:
+        """A leg leaves for ``worker``: its load accounting (every leg's, the compiled
+        lane's too); returns when."""
+        self.p.registry.acquire(worker)
+        self.p.policies[role].on_dispatch(worker, route)
+        return _now()
+
+    def leg_end(self, worker: Worker, role: str, route: RouteContext, t0: float, ok: bool) -> float:
+        """The leg that left at ``t0`` is over: its time (returned), load and health."""
+        p = self.p
+        elapsed = _now() - t0
+        p.metrics.stage.observe((role, worker.id), elapsed)
+        p.policies[role].on_finish(worker, route, ok)
+        p.registry.release(worker)
+        if ok:
+            p.registry.record_success(worker)
+        return elapsed
+
+    def failed(self, worker: Worker, role: str, exc: RpcError) -> None:
         kind = "timeout" if exc.code is FailureCode.TIMEOUT else "transport"
         self.p.metrics.upstream_errors.inc((role, worker.id, kind))
         if exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED):
@@ -992,19 +1001,36 @@ class NativeRunner:
                 return await leg(worker)
             except RpcError as exc:
                 tried += (worker,)
-                again = not exc.sent or exc.retryable
-                if retry_sent:
-                    again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
-                other = self._pick(greq.model, role, route, tried)
-                if not again or other is None or attempt + 1 >= p.max_attempts:
-                    raise _client_error(role, worker, exc) from None
-                p.metrics.retries.inc((role,))
-                log.info("request %s: %s retried on %s after %s",
-                         greq.request_id, STAGE_NAMES[role], other.id, exc,
-                         extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
-                worker = other
+                last = attempt + 1 >= p.max_attempts
+                worker = self.next_worker(greq, role, route, worker, exc, tried, last, retry_sent)
                 await p.backoff(attempt)
         raise AssertionError("unreachable")
+
+    def next_worker(
+        self,
+        greq: GatewayRequest,
+        role: str,
+        route: RouteContext,
+        worker: Worker,
+        exc: RpcError,
+        tried: tuple[Worker, ...],
+        last: bool,
+        retry_sent: bool = False,
+    ) -> Worker:
+        """After ``exc`` on ``worker``: the worker for the next attempt (not ``tried``), or the
+        client's error raised. Retried: a failure that cannot have started work, or a
+        retryable one (``retry_sent``: any but a bad request), unless ``last``."""
+        again = not exc.sent or exc.retryable
+        if retry_sent:
+            again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
+        other = None if last or not again else self._pick(greq.model, role, route, tried)
+        if other is None:
+            raise _client_error(role, worker, exc) from None
+        self.p.metrics.retries.inc((role,))
+        log.info("request %s: %s retried on %s after %s",
+                 greq.request_id, STAGE_NAMES[role], other.id, exc,
+                 extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
+        return other
 
     async def _encode(
         self, greq: GatewayRequest, items: Sequence[Any]
@@ -1169,12 +1195,15 @@ class NativeRunner:
         done_tokens: int,
         *,
         child: bool = False,
+        first_attempt: int = 0,
+        worker: Worker | None = None,
     ) -> None:
         """P (split flows) then the client-facing Generate; a decode that failed before its
         first byte is retried once on another decode worker with the same hand-off (a fresh
         prefill instead when the KV stayed on P and the failed decode got the request: it may
         have pulled it), a merged leg like any leg. ``child``: one choice of a fanned-out
-        request (the request's time to first token is the fan-out's)."""
+        request (the request's time to first token is the fan-out's). ``first_attempt`` and
+        ``worker``: the attempts after the compiled lane's first (:meth:`lane_retry`)."""
         p = self.p
         continued = child or bool(tried)
         role = "d" if "p" in roles else "pd"
@@ -1204,35 +1233,47 @@ class NativeRunner:
 
         msg, payload = await generate()
         near = route.scratch.get(_PREFILLED_ON) if route.scratch is not None else None
-        worker = self._pick(greq.model, role, route, tried, near)
+        if worker is None:
+            worker = self._pick(greq.model, role, route, tried, near)
         if worker is None:
             raise GatewayError(
                 503, f"no healthy {ROLE_NAMES[role]} worker available for model {greq.model!r}"
             )
         attempts = 2 if role == "d" else p.max_attempts
-        for attempt in range(attempts):
+        for attempt in range(first_attempt, attempts):
             try:
                 await self._final(greq, responder, worker, role, route, msg, payload, synth,
                                   continued, done_tokens, job.pins)  # fmt: skip
                 return
             except RpcError as exc:
                 tried += (worker,)
-                again = not exc.sent or exc.retryable
-                if role == "d":  # any decode worker can take the hand-off (renewed below)
-                    again = exc.code not in (FailureCode.BAD_REQUEST, FailureCode.ABORTED)
-                other = self._pick(greq.model, role, route, tried)
-                if not again or other is None or attempt + 1 >= attempts:
-                    raise _client_error(role, worker, exc) from None
-                p.metrics.retries.inc((role,))
-                log.info("request %s: %s retried on %s after %s",
-                         greq.request_id, STAGE_NAMES[role], other.id, exc,
-                         extra={"request_id": greq.request_id, "worker": other.id})  # fmt: skip
-                worker = other
+                # (a decode worker: any can take the hand-off, renewed below)
+                last = attempt + 1 >= attempts
+                worker = self.next_worker(greq, role, route, worker, exc, tried, last, role == "d")
                 await p.backoff(attempt)
                 if role == "d" and exc.sent and msg.kv_transfer_params and not msg.kv_tensors:
                     # the KV stayed on P, named by the params, and the decode that got them
                     # may have pulled it (NIXL: P frees blocks once read): a fresh prefill
                     msg, payload = await generate()
+
+    async def lane_retry(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        route: RouteContext,
+        synth: OpenAISynth,
+        worker: Worker,
+        exc: RpcError,
+    ) -> None:
+        """The compiled lane's merged Generate failed on ``worker`` before its answer (the
+        lane's first attempt): the attempts after it, as :meth:`_generate` makes them."""
+        p = self.p
+        tried = (worker,)
+        other = self.next_worker(greq, "pd", route, worker, exc, tried, p.max_attempts <= 1)
+        await p.backoff(0)
+        await self._generate(greq, responder, job, ("pd",), route, synth, job.prompt, job.params,
+                             tried, 0, first_attempt=1, worker=other)  # fmt: skip
 
     async def _final(
         self,
@@ -1250,22 +1291,12 @@ class NativeRunner:
     ) -> None:
         """Send the Generate and answer the client from its events. Raises RpcError when it
         failed before anything reached the client, :class:`_Broken` after."""
-        p = self.p
-        registry, policy, metrics = p.registry, p.policies[role], p.metrics
         chan: RpcChannel = worker.channel  # type: ignore[attr-defined]
-        params = msg.params
-        if params.logprobs or params.prompt_logprobs is not None:
-            _check_capability(chan, worker, "top_logprobs", _NO_TOP_LOGPROBS)
-        if params.structured is not None:
-            _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
-        if msg.kv_tensors:
-            _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
+        check_generate(chan, worker, msg)
         if msg.tensors:  # (the common request has none: no call at all)
             msg, payload = await self._fit(chan, msg, payload, pins)
-        registry.acquire(worker)
-        policy.on_dispatch(worker, route)
+        t0 = self.leg_start(worker, role, route)
         ok = False
-        t0 = _now()
         try:
             for wire in _wire_ids(msg):
                 entered = False
@@ -1285,15 +1316,12 @@ class NativeRunner:
                         raise
             ok = True
         except RpcError as exc:
-            self._failed(worker, role, exc)
+            self.failed(worker, role, exc)
             if responder.started:
                 raise _Broken(worker, exc) from None
             raise
         finally:
-            metrics.stage.observe((role, worker.id), _now() - t0)
-            policy.on_finish(worker, route, ok)
-            registry.release(worker)
-        registry.record_success(worker)
+            self.leg_end(worker, role, route, t0, ok)
 
     async def _relay(
         self,
@@ -1387,32 +1415,14 @@ class NativeRunner:
         self, greq: GatewayRequest, responder: Responder, answers: Any, synth: OpenAISynth
     ) -> None:
         """A non-streamed answer: the worker's (merged) deltas, then one JSON body."""
-        parts: list[str] = []
-        ids: list[int] = []
-        logprobs: list[Any] | None = None
+        answer = WholeAnswer()
         async for event in answers:
             if type(event) is Delta:
-                parts.append(event.text)
-                ids.extend(event.token_ids)
-                if event.logprobs is not None:
-                    logprobs = (logprobs or []) + list(event.logprobs)
+                answer.add(event)
                 continue
             if type(event) is not Finish:
                 raise RpcError(FailureCode.PROTOCOL, f"a {type(event).__name__} in a stream")
-            usage = event.usage
-            body = synth.response(
-                "".join(parts),
-                event.finish_reason,
-                event.stop_reason,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cached_tokens,
-                ids,
-                logprobs,
-                prompt_lps=event.prompt_logprobs,
-            )
-            if greq.output is not None:
-                body = greq.output.body(body)
+            body = answer.body(event, synth, greq.output)
             await responder.send_full(200, self._headers(greq, [_JSON]), body)
             return
         raise RpcError(FailureCode.PROTOCOL, "the stream ended without Finish")
@@ -1431,6 +1441,43 @@ _NO_STRUCTURED = (
 )
 _NO_KV_TENSORS = "does not take a prefill's KV as tensor frames"
 _NO_SHM = CAPABILITIES - {"tensor_shm"}
+
+
+class WholeAnswer:
+    """A non-streamed answer as its events come (sans-IO): the deltas' text, token ids and
+    logprobs, then at the Finish the one JSON body. The trio path (``NativeRunner._whole``)
+    and the compiled lane (:mod:`lmgw.api.lane_native`) build it alike."""
+
+    __slots__ = ("ids", "logprobs", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[Any] | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.parts.append(delta.text)
+        self.ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+
+    def body(self, finish: Finish, synth: OpenAISynth, output: Any = None) -> bytes:
+        """The answer's body (``output``: the tool-call / reasoning rewriter, or None)."""
+        usage = finish.usage
+        body = synth.response(
+            "".join(self.parts),
+            finish.finish_reason,
+            finish.stop_reason,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            self.ids,
+            self.logprobs,
+            prompt_lps=finish.prompt_logprobs,
+        )
+        return output.body(body) if output is not None else body
 
 
 class _HandOff:
@@ -1472,6 +1519,17 @@ def _pin(refs: Sequence[TensorRef], pins: Pins, what: str) -> None:
         pins.add(refs)
     except ShmError as exc:
         raise GatewayError(502, f"{what} in shared memory was lost: {exc}") from None
+
+
+def check_generate(chan: RpcChannel, worker: Worker, msg: Generate) -> None:
+    """A 400 naming what ``msg`` asks that ``worker``'s session lacks."""
+    params = msg.params
+    if params.logprobs or params.prompt_logprobs is not None:
+        _check_capability(chan, worker, "top_logprobs", _NO_TOP_LOGPROBS)
+    if params.structured is not None:
+        _check_capability(chan, worker, "structured_outputs", _NO_STRUCTURED)
+    if msg.kv_tensors:
+        _check_capability(chan, worker, "kv_tensors", _NO_KV_TENSORS)
 
 
 def _check_capability(chan: RpcChannel, worker: Worker, capability: str, lacks: str) -> None:

@@ -247,6 +247,38 @@ class _Route:
         return Abort_.SUCCEEDED
 
 
+class _CallbackRoute(_Route):
+    """A route whose messages go to ``on_item`` as the reader dispatches them, and whose end
+    to ``on_end`` (with the failure, or None): no task waits on it. The compiled lane's
+    requests (:meth:`RpcChannel.open_nowait`) are answered from the reader that way. The
+    callbacks run inside the reader's dispatch: they must not raise, nor open routes."""
+
+    __slots__ = ("on_end", "on_item")
+
+    def __init__(
+        self,
+        request_id: str,
+        on_item: Callable[[Message | Incoming], None],
+        on_end: Callable[[RpcError | None], None],
+    ) -> None:
+        super().__init__(request_id, 0)
+        self.on_item = on_item
+        self.on_end = on_end
+
+    def push(self, item: Message | Incoming) -> bool:
+        if self.ended:
+            return False
+        self.on_item(item)
+        return True
+
+    def end(self, error: RpcError | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.failure = error
+        self.on_end(error)
+
+
 class RpcChannel:
     """Many concurrent requests to one worker over one DEALER socket.
 
@@ -508,11 +540,7 @@ class RpcChannel:
                     f"{len(outbox)} messages waiting to be sent to {self.endpoint}",
                     sent=False,
                 )
-            self._routes[request_id] = route
-            self.stats["requests"] += 1
-            route.sent = True  # it leaves now or with the next flush, or fails unsent (_flush)
-            outbox.add(msg, payload, route)
-            self._queued(sock)
+            self._enqueue(sock, route, msg, payload)
             return route
         self._routes[request_id] = route
         self.stats["requests"] += 1
@@ -537,6 +565,47 @@ class RpcChannel:
             raise
         route.sent = True
         return route
+
+    def _enqueue(
+        self, sock: ZmqSocket, route: _Route, msg: Message, payload: Sequence[Any]
+    ) -> None:
+        self._routes[route.request_id] = route
+        self.stats["requests"] += 1
+        route.sent = True  # it leaves now or with the next flush, or fails unsent (_flush)
+        self._outbox.add(msg, payload, route)
+        self._queued(sock)
+
+    def open_nowait(
+        self,
+        msg: Message,
+        on_item: Callable[[Message | Incoming], None],
+        on_end: Callable[[RpcError | None], None],
+    ) -> _Route | None:
+        """Send ``msg`` (a request without payload) and hand its answers to ``on_item`` as
+        they come, its end to ``on_end`` (None after the terminal message, else the failure),
+        without a task waiting (see :class:`_CallbackRoute`); :meth:`cancel` stops it early.
+        None when it cannot leave at once: no session or connection, a batching peer's outbox
+        full, too many in flight, the id in flight already. :meth:`stream` then says why."""
+        request_id: str = msg.request_id  # type: ignore[attr-defined]
+        sock = self._sock
+        if (
+            self.state is not ChannelState.READY
+            or not self._connected
+            or not self._batching
+            or sock is None
+            or request_id in self._routes
+            or len(self._routes) >= self.max_inflight
+            or len(self._outbox) >= self._outbox_cap
+        ):
+            return None
+        route = _CallbackRoute(request_id, on_item, on_end)
+        self._enqueue(sock, route, msg, ())
+        return route
+
+    def cancel(self, route: _Route, reason: str) -> None:
+        """Stop a request opened with :meth:`open_nowait` before its end: forgotten here,
+        ABORT sent to the worker. Its ``on_end`` is not called."""
+        self._finish(route, route.ended, reason)
 
     async def _receive(self, route: _Route, timeout: float) -> Message | Incoming:
         items = route.items
