@@ -308,6 +308,11 @@ class Metrics:
             "lmgw_lane_streams_total",
             "Streamed answers the compiled lane relayed to their end itself; server.compiled_lane.",
         )
+        self.lane_native = Counter(
+            "lmgw_lane_native_total",
+            "Native (zmq+) workers' answers the compiled lane built and wrote itself"
+            " (non-streamed requests of merged workers); server.compiled_lane.",
+        )
         self.lane_handovers = Counter(
             "lmgw_lane_handovers_total",
             "Client connections the compiled lane handed to the trio server: a request it"
@@ -324,7 +329,8 @@ class Metrics:
             "Requests the compiled lane left to the trio server, by reason: stream, not_plain"
             " (media, the tool loop, a P/D request split into pairs...), queue, error (the"
             " server answers it), tokenize, key, key_limit, priority, resumable, model_route,"
-            " other_route (GETs, other paths), replaced_route, draining, unparsed.",
+            " other_route (GETs, other paths), replaced_route, draining, unparsed,"
+            " native_stream (a native model's stream).",
             ("reason",),
         )
         self.lane_connections = Gauge(
@@ -363,7 +369,7 @@ class Metrics:
             self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,
-            self.lane_handovers, self.lane_returns,
+            self.lane_native, self.lane_handovers, self.lane_returns,
             self.lane_declined, self.lane_connections, self.disconnects, self.keepalives,
             self.in_flight,
             self.healthy,

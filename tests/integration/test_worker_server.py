@@ -437,6 +437,49 @@ async def test_abort_reaches_the_engine_before_the_request_would_finish(
     assert metrics["vllm:request_aborted_total"] == 1
 
 
+async def test_open_nowait_hands_answers_to_callbacks(
+    ctx: zmq.Context, nursery: trio.Nursery
+) -> None:
+    """The compiled lane's way (RpcChannel.open_nowait): no task waits; the reader calls back
+    with each message, then the end (None after the Finish, the failure otherwise); cancel()
+    aborts a request on the worker and no end is called; nothing opens without a session."""
+    engine = sim(speed=1.0)
+    server = await start_server(nursery, ctx, engine)
+    chan = await start_channel(nursery, ctx, server.endpoint, ready=False)
+    quick = SamplingParams(max_tokens=8, ignore_eos=True)
+    msg = Generate("nw-0", MODEL, prompt="x", params=quick, stream=False)
+    got: list[Any] = []
+    if chan.state is not ChannelState.READY:  # (no session yet: the caller's trio path)
+        assert chan.open_nowait(msg, got.append, got.append) is None
+    with trio.fail_after(BOUND):
+        await chan.wait_ready()
+    fast = sim()
+    fast_server = await start_server(nursery, ctx, fast)
+    fchan = await start_channel(nursery, ctx, fast_server.endpoint)
+    route = fchan.open_nowait(msg, got.append, lambda error: got.append(("end", error)))
+    assert route is not None
+    assert fchan.open_nowait(msg, got.append, got.append) is None  # the id is in flight
+    await until(lambda: got and got[-1] == ("end", None))
+    assert [type(m) for m in got[:-1]] == [Delta, Finish] and len(got[0].token_ids) == 8
+    # a long one, cancelled: the worker gets the abort; no callback after
+    ends: list[Any] = []
+    endless = SamplingParams(max_tokens=2000, ignore_eos=True)
+    long_msg = Generate("nw-1", MODEL, prompt="x", params=endless, stream=False)
+    route = chan.open_nowait(long_msg, ends.append, ends.append)
+    assert route is not None
+    await until(lambda: engine.run_of("nw-1") is not None)
+    chan.cancel(route, "client gone")
+    await until(lambda: "nw-1" in engine.aborted)
+    assert ends == [] and chan.in_flight == 0
+    # a failure: the end callback gets it
+    failing = await start_server(nursery, ctx, sim(faults=Faults(error_rate=1.0)))
+    bchan = await start_channel(nursery, ctx, failing.endpoint)
+    errors: list[Any] = []
+    assert bchan.open_nowait(msg, errors.append, errors.append) is not None
+    await until(lambda: bool(errors))
+    assert isinstance(errors[0], RpcError) and errors[0].code is FailureCode.ENGINE_ERROR
+
+
 async def test_deadline_passes_on_the_worker(ctx: zmq.Context, nursery: trio.Nursery) -> None:
     engine = sim(speed=1.0)
     server = await start_server(nursery, ctx, engine)

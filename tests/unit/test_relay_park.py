@@ -123,3 +123,25 @@ def test_closing_the_relay_abandons_the_parked(parking: Callable[[], ParkHarness
     h.relay.close()
     assert ("abandon", h.parked[0]) in h.calls and h.relay.in_flight == 0
     assert not h.relay.resume(h.parked[0], h.forward(h.parked[0]), time.perf_counter())
+
+
+def test_a_resumed_request_parked_again_keeps_its_new_deadlines(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    """A ``PARK`` plan given to resume (the native lane: the request got its slot and now
+    waits for a worker's answer) parks it again under that plan's deadlines."""
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    token = h.parked[0]
+    now = time.perf_counter()
+    assert h.relay.resume(token, (relay_py.PARK, b"", token, 0.0, now + 0.05), now)
+    assert h.relay.in_flight == 1 and not h.workers
+    while "failure" not in h.kinds():  # its response deadline: the relay's TIMEOUT
+        h.step()
+        h.relay.sweep(time.perf_counter())
+    failure = next(args for kind, args in h.calls if kind == "failure")
+    assert failure[:2] == (token, relay_py.TIMEOUT)
+    assert h.calls[-1][0] == "demote"  # (with the continuation on_failure gave)
+    assert h.relay.in_flight == 0
+    assert not h.relay.reply(token, b"late", True, time.perf_counter())

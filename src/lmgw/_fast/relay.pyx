@@ -1108,6 +1108,9 @@ cdef class Relay:
             c.beat_at = 0
         c.deadline = plan[3]
         c.resp_deadline = plan[4]
+        if plan[0] == PARK:  # parked again, for the rest of its wait (e.g. a native answer)
+            self._parked[token] = fd
+            return True
         self._launch(fd, plan, now)
         return True
 

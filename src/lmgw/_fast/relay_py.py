@@ -815,7 +815,8 @@ class Relay:
 
     def resume(self, token: Any, plan: tuple, now: float) -> bool:
         """The parked request ``token`` goes on with ``plan`` (its deadlines, stream and leg:
-        as :meth:`_start`'s); False when it ended meanwhile."""
+        as :meth:`_start`'s; a ``PARK`` plan parks it again with those deadlines); False when
+        it ended meanwhile."""
         fd = self._parked_fd(token)
         if fd < 0:
             return False
@@ -823,6 +824,9 @@ class Relay:
         c.stream = plan[5] if len(plan) > 5 else None
         c.beat_at = now + self.beat_s if len(plan) > 6 and plan[6] and self.beat_s > 0 else 0.0
         c.deadline, c.resp_deadline = plan[3], plan[4]
+        if plan[0] == PARK:  # parked again, for the rest of its wait (e.g. a native answer)
+            self._parked[token] = fd
+            return True
         self._launch(fd, c, plan, now)
         return True
 

@@ -84,6 +84,7 @@ from ..netio import RawStream
 from ..pipeline import migration
 from ..pipeline.disagg import _ANSWERABLE, _client_error, _stage_failed
 from ..pipeline.express import serve_express
+from ..pipeline.native import WholeAnswer
 from ..pipeline.request import GatewayRequest
 from ..pipeline.runner import _chain
 from ..routing.policy import route_header
@@ -96,7 +97,8 @@ from ..transport.sse_stream import SseStream
 from .cors import CorsResponder
 from .keepalive import committed_answer, run_stream
 from .keys import RateLimitHeaders, UsageMeter
-from .openai import _Body, decode_view
+from .lane_native import NativeLane
+from .openai import _MEDIA_MARK, _Body, decode_view
 
 _now = time.perf_counter
 #: the API keys' buckets are stamped on this clock (lmgw.api.keys)
@@ -195,6 +197,22 @@ class PDExchange(Exchange):
         self.handoff: Any = None
 
 
+class NativeExchange(Exchange):
+    """A native model's request (:mod:`.lane_native`): the trio path's job and answer
+    builder, the channel and its route while the Generate is in flight (``leg``: None once
+    it is over)."""
+
+    __slots__ = ("answer", "chan", "job", "leg", "synth")
+
+    def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
+        super().__init__(req, endpoint, path, model, rid)
+        self.answer = WholeAnswer()
+        self.chan: Any = None
+        self.job: Any = None
+        self.leg: Any = None
+        self.synth: Any = None
+
+
 class Continuation:
     """The rest of a lane request, run by the server on the connection the lane handed back:
     :attr:`run` is a handler for :attr:`request` (the server's deadline and disconnect watch
@@ -255,6 +273,9 @@ class LaneApp:
         #: ``resume_soon(ex)``: a parked request's grant or eviction, for :meth:`resume` from
         #: a task of the lane's (not from inside the relay's pass); None: nothing is parked
         self.resume_soon: Callable[[Exchange], None] | None = None
+        native = self.pipe.native
+        #: native workers' requests (lmgw.api.lane_native), None without native models
+        self.native = NativeLane(self, NativeExchange) if native.models or native.default else None
 
     def bind(self, relay: Any) -> None:
         """Start serving with ``relay``; its upstream connections follow the pool's aborts."""
@@ -307,7 +328,13 @@ class LaneApp:
             return self._decline("error", _always)  # the server answers it, the same way
         pipe = self.pipe
         stream = bool(view.stream)
-        if not api._express(model, view.model, body, endpoint, lane=True):
+        native = self.native if self.native is not None and self.native.serves(model) else None
+        if native is not None:
+            if stream:
+                return self._decline("native_stream")
+            if endpoint == "generate" or api.tool_loop is not None or _MEDIA_MARK.search(body):
+                return self._decline("not_plain")  # (the server's 400, tools, media)
+        elif not api._express(model, view.model, body, endpoint, lane=True):
             return self._decline("not_plain")
         if entry is not None and view.priority is not None and entry.min_priority is not None:
             return self._decline("priority")  # the server checks it
@@ -318,7 +345,19 @@ class LaneApp:
             edited = _Body(body)  # canonical name
             edited.obj["model"] = model
             edited.changed = True
-        if text is not None and text.validate_context and endpoint != "generate":
+        if native is not None:  # (the worker takes token ids: always tokenized here)
+            if text is None:
+                return self._decline("error", _always)  # the server's 500
+            edited = edited or _Body(body)
+            try:
+                prompt_ids = native.prompt(text, endpoint, edited)
+            except GatewayError:
+                return self._decline("error", _always)  # the server answers it, the same way
+            if prompt_ids is None:  # a long prompt, a batch, a template of the request's own
+                return self._decline("tokenize", _always)
+            if not native.plain(edited.obj):
+                return self._decline("not_plain")  # n > 1: the server's fan-out
+        elif text is not None and text.validate_context and endpoint != "generate":
             edited = edited or _Body(body)
             try:  # (as _serve_model: the context check, max_tokens filled in)
                 checked = text.validate_inline(endpoint, edited.obj)
@@ -331,18 +370,29 @@ class LaneApp:
         output = None
         parsers = self.gw.output_parsers.get(model) if endpoint == "chat" else None
         # tool calls (only for requests that offer tools) and reasoning: parsed here
-        if parsers is not None and (parsers[1] is not None or b'"tools"' in body):
+        if native is not None and endpoint == "chat":  # (as _serve_model: a forced tool too)
+            try:
+                output = api._output_parsing(edited, model)  # type: ignore[arg-type]
+            except GatewayError:  # (a tool choice naming no tool offered)
+                return self._decline("error", _always)  # the server answers it, the same way
+        elif parsers is not None and (parsers[1] is not None or b'"tools"' in body):
             edited = edited or _Body(body)
             output = api._output_parsing(edited, model)
         if edited is not None and edited.changed:
             body = req.body = edited.final()
-        dialect = pipe.dialect_of(model)  # (P/D: asked of express models only)
+        dialect = pipe.dialect_of(model) if native is None else None  # (P/D: express models)
         hedger = pipe.hedger
         if hedger is not None and dialect is None and hedger.would_hedge(model, stream, len(body)):
             return self._decline("stream")  # a stream to hedge: the server's race
         rid, forward = api._identify(req)
         req.request_id = rid
-        if dialect is None:
+        if native is not None:
+            try:
+                ex = native.exchange(req, endpoint, path, model, rid, forward,
+                                     edited.obj, prompt_ids, output, t0)  # type: ignore[union-attr,arg-type]  # fmt: skip
+            except GatewayError:  # a bad sampling parameter
+                return self._decline("error", _always)  # the server answers it, the same way
+        elif dialect is None:
             ex = Exchange(req, endpoint, path, model, rid)
         else:
             ex = pd = PDExchange(req, endpoint, path, model, rid)
@@ -368,11 +418,12 @@ class LaneApp:
             allowed = self.cors.allow(req)
             if allowed is not None:
                 ex.extra = self.cors.headers(allowed)
-        ex.ctx = (
-            api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
-            if pipe.route_keys
-            else pipe.context(model, rid)
-        )
+        if native is None:  # (a native request's: the trio path's, set with its exchange)
+            ex.ctx = (
+                api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
+                if pipe.route_keys
+                else pipe.context(model, rid)
+            )
         admission = api.admission
         if entry is not None:
             try:  # (a refusal spends nothing: the server's own admit refuses it the same way)
@@ -409,6 +460,8 @@ class LaneApp:
                 ex.greq.trace = ex.trace
         if isinstance(ex, PDExchange):
             return self._prefill(ex)
+        if type(ex) is NativeExchange:
+            return self.native.start(ex)  # type: ignore[union-attr]
         try:
             worker = ex.worker = pipe.pick(model, "pd", ctx)
         except GatewayError as exc:  # answered as generate() would, on the server
@@ -747,6 +800,9 @@ class LaneApp:
     def _settle(self, ex: Exchange, ok: bool) -> None:
         """The leg in flight is over: what :meth:`Pipeline.dispatch_whole` (a merged or decode
         leg) or :meth:`DisaggRunner._leg` (a prefill leg) does in its ``finally``."""
+        if type(ex) is NativeExchange:
+            self.native.settle(ex, ok)  # type: ignore[union-attr]
+            return
         pipe, worker = self.pipe, ex.worker
         if ex.leg_trace is not None:  # (as Pipeline.dispatch and DisaggRunner._leg)
             ex.leg_trace.end(None if ok else "failed")
@@ -963,6 +1019,8 @@ class LaneApp:
         """No answer came: the same judgement as the pool's and the express lane's (retry on
         another worker, or the error), run on the handed-back connection. SIDE: the prefill
         leg that went with it failed (:meth:`on_side`), which the client hears."""
+        if type(ex) is NativeExchange:  # (parked for its answer: only its time runs out)
+            return self.native.timed_out(ex)  # type: ignore[union-attr]
         if kind == SIDE:
             self._settle(ex, False)  # (cancelled: no fault of the decode worker)
             error = _client_error(ex.greq, ex.side_error)  # type: ignore[union-attr]
@@ -1083,6 +1141,10 @@ class LaneApp:
         return upstream.Response(self.pool, ex.worker.origin, conn)
 
     # -- continuations -----------------------------------------------------------------------
+    def raising(self, ex: Exchange, exc: GatewayError) -> Continuation:
+        """The continuation that answers ``exc`` on the server."""
+        return self._continue(ex, _raising(exc))
+
     def _continue(self, ex: Exchange, finish: Handler) -> Continuation:
         cont = Continuation(ex.req, partial(self._finishing, ex, finish), ex.t0)
         cont.midstream = ex.head_sent  # (a keep-alive's head: the server sends no other)

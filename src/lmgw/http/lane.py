@@ -90,6 +90,8 @@ class Lane:
         metrics.lane_answers.collect = lambda: [((), float(relay.served))]
         metrics.lane_streams.collect = lambda: [((), float(relay.streamed))]
         metrics.lane_handovers.collect = lambda: [((), float(relay.demoted))]
+        native = self.app.native
+        metrics.lane_native.collect = lambda: [((), float(native.answered if native else 0))]
         metrics.lane_returns.collect = lambda: [((), float(self.returned))]
         declined = self.app.declined
         metrics.lane_declined.collect = lambda: [((r,), float(n)) for r, n in declined.items()]

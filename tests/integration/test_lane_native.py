@@ -1,0 +1,250 @@
+"""Native (zmq+) workers' plain requests in the compiled lane (lmgw.api.lane_native).
+
+The lane renders and tokenizes the request, sends the Generate on the worker's channel without
+a task and writes the answer the channel's reader built. Checked against the same gateway with
+``server.compiled_lane = false`` (the trio path): the same answers; the lane counted them
+(``lmgw_lane_native_total``); failures before the answer are retried or answered as the trio
+path does; a client gone or a deadline passed aborts the request on the worker.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+import trio
+from gateway_support import MODEL
+from test_native_e2e import (
+    BOUND,
+    PROMPT,
+    TEXT_ONLY,
+    Recording,
+    chat,
+    complete,
+    gateway_config,
+    run,
+    start_gateway,
+    start_worker,
+)
+
+from lmgw.config import LimitsConfig, ServerConfig
+from lmgw.simulators import WorkerOptions
+from lmgw.simulators.faults import Faults
+from lmgw.worker import WorkerServer
+
+pytestmark = pytest.mark.usefixtures("hard_deadline")
+
+
+def config(workers: list[tuple[str, str]], *, lane: bool = True, **kw: Any) -> Any:
+    limits = kw.pop("limits", None)
+    cfg = gateway_config(workers, **kw)
+    cfg = msgspec.structs.replace(cfg, server=ServerConfig(port=0, compiled_lane=lane))
+    if limits is not None:
+        cfg = msgspec.structs.replace(cfg, limits=LimitsConfig(**limits))
+    return cfg
+
+
+def native_answers(gw: Any) -> int:
+    return gw.server.lane.app.native.answered
+
+
+def declined(gw: Any, reason: str) -> int:
+    return gw.server.lane.app.declined[reason]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=BOUND)
+
+
+def shown(answer: tuple) -> tuple:
+    """An answer without its cached-token count (the worker's prefix cache warms up)."""
+    text, usage = answer[0], answer[1]
+    return text, usage.prompt_tokens, usage.completion_tokens, *answer[2:]
+
+
+def logprobs_chat(url: str) -> Any:
+    r = client(url).chat.completions.create(
+        model=MODEL, messages=TEXT_ONLY, max_tokens=6, seed=3, logprobs=True, top_logprobs=2
+    )
+    return r.choices[0].message.content, r.choices[0].logprobs.model_dump()
+
+
+async def test_the_lanes_answers_are_the_trio_paths(nursery: trio.Nursery) -> None:
+    _, w = await start_worker(nursery, "pd")
+    lane_gw, lane = await start_gateway(nursery, config([("pd", w)]))
+    _, trio_url = await start_gateway(nursery, config([("pd", w)], lane=False))
+    for url in (lane, trio_url):
+        assert shown(await run(chat, url, TEXT_ONLY, False)) == shown(
+            await run(chat, trio_url, TEXT_ONLY, False)
+        )
+        assert shown(await run(complete, url, False)) == shown(await run(complete, trio_url, False))
+        assert await run(logprobs_chat, url) == await run(logprobs_chat, trio_url)
+    assert native_answers(lane_gw) == 3
+    # what the lane leaves to the server: streams, n > 1, a bad parameter (the server's 400)
+    text, _, _ = await run(chat, lane, TEXT_ONLY, True)
+    assert text == (await run(chat, trio_url, TEXT_ONLY, True))[0]
+    r = await run(lambda: client(lane).chat.completions.create(
+        model=MODEL, messages=TEXT_ONLY, max_tokens=4, n=2, seed=3))  # fmt: skip
+    assert len(r.choices) == 2
+    with pytest.raises(openai.BadRequestError):
+        await run(chat, lane, TEXT_ONLY, False, temperature=-1)
+    assert native_answers(lane_gw) == 3
+    assert declined(lane_gw, "native_stream") == 1
+    assert declined(lane_gw, "not_plain") == 1
+    metrics = (await run(lambda: client(lane)._client.get(lane + "/metrics"))).text
+    assert "lmgw_lane_native_total 3" in metrics
+
+
+async def test_keep_alive_clients_stay_in_the_lane(nursery: trio.Nursery) -> None:
+    """One connection, many requests (the official client's pool): every answer the lane's."""
+    _, w = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(nursery, config([("pd", w)]))
+    c = client(url)
+
+    def several() -> list[str]:
+        return [
+            c.completions.create(model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=4).choices[0].text
+            for i in range(6)
+        ]
+
+    assert len(await run(several)) == 6
+    relay = gw.server.lane.relay
+    assert native_answers(gw) == 6 and relay.demoted == 0 and relay.clients == 1
+
+
+async def test_a_refused_generate_is_retried_on_another_worker(nursery: trio.Nursery) -> None:
+    """A worker that refuses every Generate ``overloaded`` (not started: another may take it)."""
+    full = WorkerServer(
+        Recording(WorkerOptions(role="pd", model=MODEL, speed=math.inf)),
+        bind="tcp://127.0.0.1:0", control_bind=None,
+    )  # fmt: skip
+    full.max_inflight = 0
+    w_full = "zmq+" + (await nursery.start(full.run)).endpoint
+    _, w_good = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(nursery, config([("pd", w_full), ("pd", w_good)]))
+    _, trio_url = await start_gateway(nursery, config([("pd", w_good)], lane=False))
+    expected = shown(await run(chat, trio_url, TEXT_ONLY, False))
+    for _ in range(4):  # round robin: the full worker is picked first every other time
+        assert shown(await run(chat, url, TEXT_ONLY, False)) == expected
+    retried = gw.metrics.retries.values.get(("pd",), 0)
+    assert retried >= 1
+    assert native_answers(gw) == 4 - retried  # the retries were the server's
+
+
+async def test_an_engine_error_is_a_502_naming_the_stage(nursery: trio.Nursery) -> None:
+    """Started work that failed is not run twice (as on the trio path)."""
+    bad, w_bad = await start_worker(nursery, "pd", faults=Faults(error_rate=1.0))
+    _, w_good = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(nursery, config([("pd", w_bad), ("pd", w_good)]))
+    with pytest.raises(openai.APIStatusError) as info:
+        await run(chat, url, TEXT_ONLY, False)
+    assert info.value.status_code == 502
+    assert "merged stage failed: worker pd0: engine_error" in str(info.value)
+    assert bad.counters["errors_injected"] == 1
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_no_worker_left_is_a_502_naming_the_stage(nursery: trio.Nursery) -> None:
+    _, w = await start_worker(nursery, "pd", faults=Faults(error_rate=1.0))
+    _, url = await start_gateway(nursery, config([("pd", w)]))
+    with pytest.raises(openai.APIStatusError) as info:
+        await run(chat, url, TEXT_ONLY, False)
+    assert info.value.status_code == 502
+    assert "merged stage failed" in str(info.value)
+
+
+async def raw_chat(url: str, rid: str, max_tokens: int = 2000) -> trio.SocketStream:
+    """A non-streamed chat sent on a raw connection (the caller reads or hangs up)."""
+    body = msgspec.json.encode({
+        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": max_tokens, "ignore_eos": True,
+    })  # fmt: skip
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
+        f"application/json\r\nx-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(head + body)
+    return stream
+
+
+async def read_answer(stream: trio.SocketStream) -> bytes:
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + int(
+        got.lower().split(b"content-length: ")[1].split(b"\r\n")[0]
+    ):
+        more = await stream.receive_some(65536)
+        if not more:
+            break
+        got += more
+    return got
+
+
+async def test_a_client_gone_aborts_the_request_on_the_worker(nursery: trio.Nursery) -> None:
+    engine, w = await start_worker(nursery, "pd", speed=1.0)
+    gw, url = await start_gateway(nursery, config([("pd", w)]))
+    with trio.fail_after(BOUND):
+        stream = await raw_chat(url, "gone-1")
+        while engine.run_of("gone-1") is None:  # the worker has it
+            await trio.sleep(0.005)
+        await stream.aclose()
+        while "gone-1" not in engine.abort_at:
+            await trio.sleep(0.005)
+        while gw.server.lane.relay.in_flight:
+            await trio.sleep(0.005)
+    assert engine.run_of("gone-1").state == "cut"
+    assert gw.metrics.disconnects.values.get(("chat",), 0) == 1
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_no_answer_in_time_is_a_504_and_an_abort(nursery: trio.Nursery) -> None:
+    engine, w = await start_worker(nursery, "pd", speed=1.0)
+    gw, url = await start_gateway(
+        nursery, config([("pd", w)], upstream={"response_timeout_s": 0.3})
+    )
+    with trio.fail_after(BOUND):
+        stream = await raw_chat(url, "slow-1")
+        answer = await read_answer(stream)
+        while "slow-1" not in engine.abort_at:
+            await trio.sleep(0.005)
+    assert answer.startswith(b"HTTP/1.1 504"), answer[:200]
+    assert b"merged stage failed" in answer and b"timeout" in answer
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_the_request_deadline_is_a_504_and_an_abort(nursery: trio.Nursery) -> None:
+    engine, w = await start_worker(nursery, "pd", speed=1.0)
+    gw, url = await start_gateway(nursery, config([("pd", w)], limits={"request_timeout_s": 0.3}))
+    with trio.fail_after(BOUND):
+        stream = await raw_chat(url, "late-1")
+        answer = await read_answer(stream)
+        while "late-1" not in engine.abort_at:
+            await trio.sleep(0.005)
+    assert answer.startswith(b"HTTP/1.1 504"), answer[:200]
+    assert b"deadline" in answer  # (the gateway's, or the worker's: it was sent the time left)
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_requests_that_waited_for_a_slot_go_on_in_the_lane(nursery: trio.Nursery) -> None:
+    """max_concurrent_requests = 1: the others wait parked in the lane, then their Generate
+    leaves and they wait parked again for its answer."""
+    _, w = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(
+        nursery, config([("pd", w)], limits={"max_concurrent_requests": 1})
+    )
+    _, trio_url = await start_gateway(nursery, config([("pd", w)], lane=False))
+    expected = shown(await run(chat, trio_url, TEXT_ONLY, False))
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append(shown(await run(chat, url, TEXT_ONLY, False)))
+
+    async with trio.open_nursery() as inner:
+        for _ in range(6):
+            inner.start_soon(one)
+    assert results == [expected] * 6
+    assert native_answers(gw) == 6
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
