@@ -145,3 +145,89 @@ def test_a_resumed_request_parked_again_keeps_its_new_deadlines(
     assert h.calls[-1][0] == "demote"  # (with the continuation on_failure gave)
     assert h.relay.in_flight == 0
     assert not h.relay.reply(token, b"late", True, time.perf_counter())
+
+
+def _recv_exactly(sock: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return data
+
+
+def test_a_parked_request_answered_as_a_stream_python_writes(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    """push() writes each part (a native worker's events), reply() the last bytes; then the
+    connection goes on with its next request. Nothing is written after the end."""
+    h = parking()
+    h.client.sendall(REQ + REQ)
+    _parked(h)
+    token, now = h.parked[0], time.perf_counter()
+    for part in (b"HEAD|", b"e1|", b"e2|"):
+        assert h.relay.push(token, part, 0.0, now)
+    assert h.relay.in_flight == 1
+    assert h.relay.reply(token, b"END", True, now)
+    assert _recv_exactly(h.client, 14) == b"HEAD|e1|e2|END"
+    _parked(h, 2)  # the pipelined request, after the stream
+    assert not h.relay.push(token, b"late", 0.0, now)
+    assert not h.relay.reply(token, b"late", True, now)
+
+
+def test_a_pushed_stream_keeps_what_a_slow_client_has_not_taken(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    token, now = h.parked[0], time.perf_counter()
+    big = b"x" * (1 << 20)  # more than the socket pair takes at once
+    for _ in range(4):
+        assert h.relay.push(token, big, 0.0, now)
+    assert h.relay.reply(token, b"END", False, now)
+    got = b""
+    while len(got) < 4 * len(big) + 3:
+        h.step()  # the loop writes the rest as the client reads
+        h.client.settimeout(0.01)
+        try:
+            got += h.client.recv(1 << 20)
+        except TimeoutError:
+            pass
+    assert got == big * 4 + b"END"
+    h.spin(lambda: h.relay.clients == 0)  # (keep False: closed after the end)
+
+
+def test_a_pushed_stream_that_breaks_or_stalls_ends_through_on_broken(
+    parking: Callable[[], ParkHarness],
+) -> None:
+    h = parking()
+    h.client.sendall(REQ + REQ)
+    _parked(h)
+    token, now = h.parked[0], time.perf_counter()
+    assert not h.relay.broke(token, relay_py.PROTOCOL, now)  # parked: not a stream yet
+    assert h.relay.push(token, b"HEAD|", 0.0, now)
+    assert h.relay.broke(token, relay_py.PROTOCOL, now)
+    assert h.calls[-1][0] == "request"  # (the pipelined one, after the stream's tail)
+    assert ("broken", (token, relay_py.PROTOCOL, b"")) in h.calls
+    assert _recv_exactly(h.client, 12) == b"HEAD||BROKEN"
+    _parked(h, 2)
+    token = h.parked[1]
+    assert h.relay.push(token, b"a|", time.perf_counter() + 0.05, time.perf_counter())
+    while ("broken", (token, relay_py.TIMEOUT, b"")) not in h.calls:
+        h.step()
+        h.relay.sweep(time.perf_counter())  # the stall deadline the push gave
+    assert ("broken", (token, relay_py.TIMEOUT, b"")) in h.calls
+    assert _recv_exactly(h.client, 9) == b"a||BROKEN"
+
+
+def test_a_pushed_streams_client_gone(parking: Callable[[], ParkHarness]) -> None:
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    token = h.parked[0]
+    assert h.relay.push(token, b"HEAD|", 0.0, time.perf_counter())
+    h.client.close()
+    h.spin(lambda: "abandon" in h.kinds())
+    assert h.calls[-1] == ("abandon", token) and h.relay.in_flight == 0
+    assert not h.relay.push(token, b"late", 0.0, time.perf_counter())

@@ -131,6 +131,7 @@ cdef Py_ssize_t PIPELINE_CAP = 1 << 20  # client bytes read ahead while a reques
 cdef Py_ssize_t RESPONSE_HEAD_CAP = 1 << 16
 cdef int PARK = _twin.PARK  # a plan's slot that parks the request (Relay.resume)
 cdef Py_ssize_t STREAM_HIGH = _twin.STREAM_HIGH  # untaken stream bytes before the worker waits
+cdef Py_ssize_t PUSH_MAX = _twin.PUSH_MAX  # untaken pushed bytes before the client is gone
 cdef Py_ssize_t BURST_EVENTS = _twin.BURST_EVENTS  # events in one read that make it a burst
 cdef double BURST_WAIT_S = _twin.BURST_WAIT_S  # how long a burst on a busy loop is not read
 
@@ -1077,15 +1078,68 @@ cdef class Relay:
             c.rbuf = NULL
             c.rcap = 0
 
-    cdef int _parked_fd(self, object token):
-        """The client fd of the request ``token`` parked (unparked now), or -1."""
-        cdef int fd = self._parked.pop(token, -1)
+    cdef int _held_fd(self, object token):
+        """See `relay_py.Relay._held_fd`."""
+        cdef object found = self._parked.get(token)
+        cdef int fd
         cdef Conn* c
+        if found is None:
+            return -1
+        fd = found
         if fd < 0 or fd >= self.nconns:
             return -1
         c = &self.conns[fd]
-        if c.kind != CLIENT or c.token != <PyObject*>token or c.state != C_WAIT or c.peer >= 0:
+        if c.kind != CLIENT or c.token != <PyObject*>token or c.peer >= 0:
             return -1
+        if c.state != C_WAIT and c.state != C_STREAM:
+            return -1
+        return fd
+
+    def push(self, token, bytes data, double resp_deadline, double now):
+        """See `relay_py.Relay.push`."""
+        cdef int fd = self._held_fd(token)
+        cdef Conn* c
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef ssize_t r
+        if fd < 0:
+            return False
+        c = &self.conns[fd]
+        if c.state == C_WAIT:
+            c.state = C_STREAM
+            c.since = now
+        c.beat_at = 0
+        c.resp_deadline = resp_deadline
+        if c.wlen:
+            if c.wlen > PUSH_MAX or self._push(c, PyBytes_AS_STRING(data), n) < 0:
+                shutdown(fd, SHUT_RDWR)
+                return False
+            return True
+        r = send(fd, PyBytes_AS_STRING(data), n, MSG_NOSIGNAL)
+        if r < 0:
+            if errno != EAGAIN and errno != EINTR:
+                shutdown(fd, SHUT_RDWR)
+                return False
+            r = 0
+        if r < n:
+            self._queue(c, data, r)
+            c.since = now
+            self._mask(fd, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT)
+        return True
+
+    def broke(self, token, int kind, double now):
+        """See `relay_py.Relay.broke`."""
+        cdef int fd = self._held_fd(token)
+        if fd < 0 or self.conns[fd].state != C_STREAM:
+            return False
+        self._broken(fd, kind, now)
+        return True
+
+    cdef int _parked_fd(self, object token):
+        """The client fd of the request ``token`` parked (unparked now), or -1."""
+        cdef int fd = self._held_fd(token)
+        if fd < 0 or self.conns[fd].state != C_WAIT:
+            return -1
+        del self._parked[token]
         return fd
 
     def resume(self, token, tuple plan, double now):
@@ -1116,11 +1170,15 @@ cdef class Relay:
 
     def reply(self, token, bytes answer, bint keep, double now):
         """See `relay_py.Relay.reply`."""
-        cdef int fd = self._parked_fd(token)
+        cdef int fd = self._held_fd(token)
+        cdef Conn* c
         if fd < 0:
             return False
+        c = &self.conns[fd]
         self._finish(fd)
-        self._answer(fd, answer, keep, now)
+        if not keep:
+            c.keep = 0
+        self._stream_tail(fd, c, answer, now)
         return True
 
     def hand(self, token, cont):

@@ -60,7 +60,11 @@ the gateway's admission queue) and its deadlines run; Python then calls one of
 :meth:`Relay.resume` (a plan: the request goes on as if that plan had come first),
 :meth:`Relay.reply` (a whole answer: the request ends) or :meth:`Relay.hand` (a continuation:
 the connection is handed over with it). Each returns False when the request ended meanwhile
-(its deadline, ``on_timeout``; the client gone, ``on_abandon``).
+(its deadline, ``on_timeout``; the client gone, ``on_abandon``). A parked request's answer
+may also come as a stream Python writes itself (a native worker's events): :meth:`Relay.push`
+writes each part (the request is a stream from the first: its write timeout, its deadline and
+the stall deadline each push gives apply; a break is ``on_broken``'s), :meth:`Relay.reply`
+writes its last bytes, :meth:`Relay.broke` ends it as a broken stream.
 
 SSE keep-alive comments (``beat_s`` > 0, and a plan whose seventh item is true: a streamed
 request, on any of its legs): every ``beat_s`` until the stream's first event, ``on_beat(token)
@@ -112,6 +116,9 @@ PARK = -4
 """A plan's slot that parks the request: no upstream leg until :meth:`Relay.resume`."""
 
 STREAM_HIGH = 1 << 18
+#: bytes Python pushed (:meth:`Relay.push`) that a client has not taken yet, past which it is
+#: taken for gone (the stream's source, unlike a worker's socket, cannot be made to wait)
+PUSH_MAX = 8 << 20
 """Bytes of a stream the client has not taken, at most, before the worker is not read."""
 BURST_EVENTS = 3
 """Events in one read of a stream that make it a burst (as lmgw.transport.pacing's)."""
@@ -803,14 +810,65 @@ class Relay:
         if c.rbuf:
             self._dispatch(fd, c, now)
 
+    def _held_fd(self, token: Any) -> int:
+        """The client fd of the request ``token`` that has no upstream leg (parked, or a
+        stream Python writes), or -1; it stays held."""
+        fd = self._parked.get(token, -1)
+        c = self._conns.get(fd)
+        if c is None or c.token is not token or c.peer >= 0 or c.state not in (_C_WAIT, _C_STREAM):
+            return -1
+        return fd
+
+    def push(self, token: Any, data: bytes, resp_deadline: float, now: float) -> bool:
+        """Write ``data`` to the client of the held request ``token`` (parked, or pushed to
+        before), after what it has not taken yet; from the first push the request is a
+        stream (no more keep-alive comments) whose next part is due by ``resp_deadline`` (0:
+        none). False when it ended meanwhile, or its client is gone or too far behind (then
+        shut down: the loop abandons it)."""
+        fd = self._held_fd(token)
+        if fd < 0:
+            return False
+        c = self._conns[fd]
+        if c.state == _C_WAIT:
+            c.state = _C_STREAM
+            c.since = now
+        c.beat_at = 0.0
+        c.resp_deadline = resp_deadline
+        if c.wbuf:
+            if len(c.wbuf) - c.woff > PUSH_MAX:
+                c.sock.shutdown(socket.SHUT_RDWR)
+                return False
+            c.wbuf = bytes(memoryview(c.wbuf)[c.woff :]) + data
+            c.woff = 0
+            return True
+        try:
+            r = c.sock.send(data, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            if exc.errno not in _AGAIN:
+                c.sock.shutdown(socket.SHUT_RDWR)
+                return False
+            r = 0
+        if r < len(data):
+            c.wbuf, c.woff = data, r
+            c.since = now
+            self._mask(fd, c, _IN | _RDHUP | _OUT)
+        return True
+
+    def broke(self, token: Any, kind: int, now: float) -> bool:
+        """The stream Python writes for ``token`` broke (``kind``): ``on_broken`` says how it
+        ends, as for a worker's stream. False when it is not such a stream (any more)."""
+        fd = self._held_fd(token)
+        if fd < 0 or self._conns[fd].state != _C_STREAM:
+            return False
+        self._broken(fd, kind, now)
+        return True
+
     def _parked_fd(self, token: Any) -> int:
         """The client fd of the request ``token`` parked (unparked now), or -1."""
-        fd = self._parked.pop(token, -1)
-        if fd < 0:
+        fd = self._held_fd(token)
+        if fd < 0 or self._conns[fd].state != _C_WAIT:
             return -1
-        c = self._conns.get(fd)
-        if c is None or c.token is not token or c.state != _C_WAIT or c.peer >= 0:
-            return -1
+        del self._parked[token]
         return fd
 
     def resume(self, token: Any, plan: tuple, now: float) -> bool:
@@ -831,12 +889,16 @@ class Relay:
         return True
 
     def reply(self, token: Any, answer: bytes, keep: bool, now: float) -> bool:
-        """The parked request ``token`` ends with ``answer``; False when it ended meanwhile."""
-        fd = self._parked_fd(token)
+        """The held request ``token`` ends with ``answer`` (a stream's: its last bytes); False
+        when it ended meanwhile."""
+        fd = self._held_fd(token)
         if fd < 0:
             return False
+        c = self._conns[fd]
         self._finish(fd)
-        self._answer(fd, answer, keep, now)
+        if not keep:
+            c.keep = False
+        self._stream_tail(fd, c, answer, now)
         return True
 
     def hand(self, token: Any, cont: Any) -> bool:

@@ -916,7 +916,7 @@ class RpcChannel:
                 return
             if cls is not Delta:
                 route.end()
-                del self._routes[route.request_id]
+                self._routes.pop(route.request_id, None)  # (a callback route may be gone)
         elif cls is Failure:
             self._on_failure(msg)  # type: ignore[arg-type]
         elif cls is HeartbeatAck:
