@@ -310,8 +310,8 @@ class Metrics:
         )
         self.lane_native = Counter(
             "lmgw_lane_native_total",
-            "Native (zmq+) workers' answers the compiled lane built and wrote itself"
-            " (non-streamed requests of merged workers); server.compiled_lane.",
+            "Native (zmq+) workers' answers the compiled lane built and wrote itself (whole"
+            " and streamed, merged workers); server.compiled_lane.",
         )
         self.lane_handovers = Counter(
             "lmgw_lane_handovers_total",
@@ -329,8 +329,7 @@ class Metrics:
             "Requests the compiled lane left to the trio server, by reason: stream, not_plain"
             " (media, the tool loop, a P/D request split into pairs...), queue, error (the"
             " server answers it), tokenize, key, key_limit, priority, resumable, model_route,"
-            " other_route (GETs, other paths), replaced_route, draining, unparsed,"
-            " native_stream (a native model's stream).",
+            " other_route (GETs, other paths), replaced_route, draining, unparsed.",
             ("reason",),
         )
         self.lane_connections = Gauge(

@@ -83,19 +83,24 @@ async def test_the_lanes_answers_are_the_trio_paths(nursery: trio.Nursery) -> No
         assert shown(await run(complete, url, False)) == shown(await run(complete, trio_url, False))
         assert await run(logprobs_chat, url) == await run(logprobs_chat, trio_url)
     assert native_answers(lane_gw) == 3
-    # what the lane leaves to the server: streams, n > 1, a bad parameter (the server's 400)
-    text, _, _ = await run(chat, lane, TEXT_ONLY, True)
-    assert text == (await run(chat, trio_url, TEXT_ONLY, True))[0]
+    for stream in (True, False):
+        assert shown(await run(chat, lane, TEXT_ONLY, stream)) == shown(
+            await run(chat, trio_url, TEXT_ONLY, stream)
+        )
+        assert shown(await run(complete, lane, stream)) == shown(
+            await run(complete, trio_url, stream)
+        )
+    assert native_answers(lane_gw) == 7
+    # what the lane leaves to the server: n > 1, a bad parameter (the server's 400)
     r = await run(lambda: client(lane).chat.completions.create(
         model=MODEL, messages=TEXT_ONLY, max_tokens=4, n=2, seed=3))  # fmt: skip
     assert len(r.choices) == 2
     with pytest.raises(openai.BadRequestError):
         await run(chat, lane, TEXT_ONLY, False, temperature=-1)
-    assert native_answers(lane_gw) == 3
-    assert declined(lane_gw, "native_stream") == 1
+    assert native_answers(lane_gw) == 7
     assert declined(lane_gw, "not_plain") == 1
     metrics = (await run(lambda: client(lane)._client.get(lane + "/metrics"))).text
-    assert "lmgw_lane_native_total 3" in metrics
+    assert "lmgw_lane_native_total 7" in metrics
 
 
 async def test_keep_alive_clients_stay_in_the_lane(nursery: trio.Nursery) -> None:
@@ -248,3 +253,123 @@ async def test_requests_that_waited_for_a_slot_go_on_in_the_lane(nursery: trio.N
     assert results == [expected] * 6
     assert native_answers(gw) == 6
     assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+def stream_chat(url: str, max_tokens: int = 30) -> tuple[str, str | None, Any]:
+    """(text, finish_reason, usage) of a streamed chat, the official client's way."""
+    parts: list[str] = []
+    finish = usage = None
+    for chunk in client(url).chat.completions.create(
+        model=MODEL, messages=TEXT_ONLY, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    ):  # fmt: skip
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    return "".join(parts), finish, usage
+
+
+@pytest.mark.parametrize("migrate", [1, 0])
+async def test_a_stream_that_breaks_is_continued_or_ends_with_an_error_event(
+    nursery: trio.Nursery, migrate: int
+) -> None:
+    """A worker failing after 4 tokens: the stream goes on on the other worker (one stream,
+    to the token budget), or ends with an error event after what the client got."""
+    _, w_bad = await start_worker(nursery, "pd", faults=Faults(crash_at_token=4))
+    _, w_good = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(
+        nursery, config([("pd", w_bad), ("pd", w_good)], upstream={"migrate_streams": migrate})
+    )
+    _, trio_url = await start_gateway(nursery, config([("pd", w_good)], lane=False))
+    full, _, _ = await run(stream_chat, trio_url)
+    if migrate:
+        for _ in range(2):  # round robin: one of them starts on the failing worker
+            text, finish, usage = await run(stream_chat, url)
+            assert finish == "length" and usage.completion_tokens == 30
+            assert text.startswith(full[:8])
+        assert gw.metrics.migrations.values.get(("pd", "continued")) == 1
+    else:
+        outcomes = []
+        for _ in range(2):
+            try:
+                outcomes.append(await run(stream_chat, url))
+            except openai.APIError as exc:
+                outcomes.append(exc)
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(errors) == 1 and "not continued" in str(errors[0]), outcomes
+    assert native_answers(gw) == 1  # the healthy worker's stream; the other, the server's
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_a_stream_that_stalls_is_continued_elsewhere(nursery: trio.Nursery) -> None:
+    """upstream.stream_stall_timeout_s: nothing for that long mid-stream breaks the stream (the
+    stalled worker gets an ABORT) and it goes on on the other worker."""
+    slow, w_slow = await start_worker(nursery, "pd", speed=0.05)  # ~160 ms per token
+    _, w_good = await start_worker(nursery, "pd")
+    gw, url = await start_gateway(
+        nursery,
+        config([("pd", w_slow), ("pd", w_good)],
+               upstream={"stream_stall_timeout_s": 0.05, "response_timeout_s": 5.0}),
+    )  # fmt: skip
+    for _ in range(2):  # round robin: one starts on the slow worker
+        _, finish, usage = await run(stream_chat, url, 12)
+        assert finish == "length" and usage.completion_tokens == 12
+    assert gw.metrics.migrations.values.get(("pd", "continued")) == 1
+    with trio.fail_after(BOUND):
+        while not slow.abort_at:
+            await trio.sleep(0.005)
+
+
+async def test_a_stream_client_gone_aborts_on_the_worker(nursery: trio.Nursery) -> None:
+    engine, w = await start_worker(nursery, "pd", speed=1.0)
+    gw, url = await start_gateway(nursery, config([("pd", w)]))
+    body = msgspec.json.encode({
+        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
+        "stream": True,
+    })  # fmt: skip
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
+        f"application/json\r\nx-request-id: sgone\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(BOUND):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(head + body)
+        got = b""
+        while got.count(b'"content"') < 4:
+            got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+        await stream.aclose()
+        while "sgone" not in engine.abort_at:
+            await trio.sleep(0.005)
+        while gw.server.lane.relay.in_flight:
+            await trio.sleep(0.005)
+    run_ = engine.run_of("sgone")
+    assert run_ is not None and run_.state == "cut"
+    assert gw.metrics.disconnects.values.get(("chat",), 0) == 1
+    assert gw.pipeline.registry.get("pd0").in_flight == 0
+
+
+async def test_streams_wait_for_a_slot_with_keep_alives(nursery: trio.Nursery) -> None:
+    """max_concurrent_requests = 1 and SSE keep-alives: parked streams get comments, then their
+    events, each stream whole."""
+    _, w = await start_worker(nursery, "pd", speed=2.0)
+    gw, url = await start_gateway(
+        nursery,
+        config([("pd", w)], limits={"max_concurrent_requests": 1, "sse_keepalive_s": 0.02}),
+    )
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append(await run(stream_chat, url, 10))
+
+    async with trio.open_nursery() as inner:
+        for _ in range(4):
+            inner.start_soon(one)
+    assert [(finish, usage.completion_tokens) for _, finish, usage in results] == [
+        ("length", 10)
+    ] * 4
+    assert len({text for text, _, _ in results}) == 1
+    assert native_answers(gw) == 4
+    assert gw.metrics.keepalives.values.get((), 0) > 0

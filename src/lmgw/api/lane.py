@@ -202,11 +202,13 @@ class NativeExchange(Exchange):
     builder, the channel and its route while the Generate is in flight (``leg``: None once
     it is over)."""
 
-    __slots__ = ("answer", "chan", "job", "leg", "synth")
+    __slots__ = ("answer", "chan", "failure", "job", "leg", "synth")
 
     def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
         super().__init__(req, endpoint, path, model, rid)
         self.answer = WholeAnswer()
+        #: the worker's failure that broke the stream (lmgw.api.lane_native.NativeLane.broken)
+        self.failure: Any = None
         self.chan: Any = None
         self.job: Any = None
         self.leg: Any = None
@@ -330,8 +332,6 @@ class LaneApp:
         stream = bool(view.stream)
         native = self.native if self.native is not None and self.native.serves(model) else None
         if native is not None:
-            if stream:
-                return self._decline("native_stream")
             if endpoint == "generate" or api.tool_loop is not None or _MEDIA_MARK.search(body):
                 return self._decline("not_plain")  # (the server's 400, tools, media)
         elif not api._express(model, view.model, body, endpoint, lane=True):
@@ -389,7 +389,7 @@ class LaneApp:
         if native is not None:
             try:
                 ex = native.exchange(req, endpoint, path, model, rid, forward,
-                                     edited.obj, prompt_ids, output, t0)  # type: ignore[union-attr,arg-type]  # fmt: skip
+                                     edited.obj, prompt_ids, output, t0, stream)  # type: ignore[union-attr,arg-type]  # fmt: skip
             except GatewayError:  # a bad sampling parameter
                 return self._decline("error", _always)  # the server answers it, the same way
         elif dialect is None:
@@ -432,7 +432,8 @@ class LaneApp:
                 # the server answers the 429, counts it
                 return self._decline("key_limit", _always)
         if stream:  # (as Pipeline.run: the journal when the stream may be continued)
-            journal = migration.Journal(endpoint) if pipe.migrations else None
+            # (a native stream is continued from its synthesizer's record: no journal)
+            journal = migration.Journal(endpoint) if pipe.migrations and not native else None
             ex.stream = SseStream(pipe.stall_s or 0.0, journal)
         if not admission.enter():
             if self.resume_soon is not None:
@@ -943,6 +944,8 @@ class LaneApp:
             ex.meter.t_end = _now()
         if kind == DEADLINE:  # the request ends; its stream's end leaves the connection clean
             return self._deadline_end(ex, self._deadline(ex))
+        if type(ex) is NativeExchange:
+            return self.native.broken(ex, kind, unsent)  # type: ignore[union-attr]
         if kind == SIDE:  # the prefill leg that went with it failed: the stream's last event
             self._close(ex, 200)
             message = f"prefill stage failed: {ex.side_error.message}"  # type: ignore[union-attr]

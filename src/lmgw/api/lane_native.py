@@ -27,7 +27,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from .._fast.relay_py import PARK
+from .._fast.relay_py import PARK, PROTOCOL
 from ..config import FLOW_ROLES
 from ..errors import GatewayError
 from ..http.server import build_head
@@ -35,6 +35,7 @@ from ..pipeline.native import _Job, check_generate, choices, sampling_params
 from ..pipeline.request import GatewayRequest
 from ..protocol.messages import Delta, FailureCode, Finish, Generate, Incoming
 from ..routing.policy import RouteContext
+from ..transport.openai_http import SSE_HEADERS
 from ..transport.zmq.channel import RpcError
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 _now = time.perf_counter
 log = logging.getLogger("lmgw.lane")
 _JSON = b"application/json"
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _ROLES = ("pd",)
 
 
@@ -79,12 +81,13 @@ class NativeLane:
         prompt: list[int],
         output: Any,
         t0: float,
+        stream: bool,
     ) -> NativeExchange:
         """The request's exchange (``obj``: its decoded body, as the worker runs it; raises
         :class:`GatewayError` for a bad sampling parameter: the server answers it)."""
         params = sampling_params(endpoint, obj)
         ex = self.exchange_class(req, endpoint, path, model, rid)
-        greq = ex.greq = GatewayRequest(endpoint, path, model, False, req.body, rid, forward, t0)
+        greq = ex.greq = GatewayRequest(endpoint, path, model, stream, req.body, rid, forward, t0)
         greq.obj = obj
         greq.prompt_ids = prompt
         greq.output = output
@@ -131,46 +134,62 @@ class NativeLane:
             return lane.raising(ex, exc)
         chan = worker.channel
         job = ex.job
+        stream = ex.stream
         msg = Generate(
             ex.rid, ex.model, prompt_token_ids=job.prompt, params=job.params,
-            timeout_s=runner._timeout_s(ex.greq), stream=False,
+            timeout_s=runner._timeout_s(ex.greq), stream=stream is not None,
         )  # fmt: skip
         try:
             check_generate(chan, worker, msg)
         except RpcError as exc:  # a capability it lacks: another worker, as on the server
             return lane._continue(ex, partial(self._retry, ex, worker, exc))
-        route = chan.open_nowait(msg, partial(self._item, ex), partial(self._end, ex))
+        if stream is None:
+            route = chan.open_nowait(msg, partial(self._item, ex), partial(self._end, ex))
+        else:
+            route = chan.open_nowait(
+                msg, partial(self._item, ex), partial(self._end, ex), partial(self._events, ex)
+            )
         if route is None:  # the server's path waits for the channel, or says why not
             return lane._continue(ex, partial(self._serve, ex))
         ex.worker, ex.chan, ex.leg = worker, chan, route
         ex.t_sent = runner.leg_start(worker, "pd", ex.ctx)
         timeout = lane.request_timeout_s
         first = runner.first_timeout_s
-        return (
+        plan = (
             PARK,
             b"",
             ex,
             ex.t0 + timeout if timeout else 0.0,
             ex.t_sent + first if first and first != math.inf else 0.0,
         )
+        if stream is not None:  # keep-alive comments until the first event
+            return (*plan, stream, lane.api.sse_keepalive_s > 0)
+        return plan
 
     # -- the channel's callbacks (inside its reader's dispatch) ------------------------------
     def _item(self, ex: Any, item: Any) -> None:
         msg = item.msg if type(item) is Incoming else item
         cls = type(msg)
         if cls is Delta:
-            ex.answer.add(msg)
+            if ex.stream is None:
+                ex.answer.add(msg)
+            else:
+                self._events(ex, [msg])
             return
         if cls is not Finish:
             self._end(ex, RpcError(FailureCode.PROTOCOL, f"a {cls.__name__} answered Generate"))
             return
         try:
-            self._answer(ex, msg)
+            if ex.stream is None:
+                self._answer(ex, msg)
+            else:
+                self._last(ex, msg)
         except Exception as exc:  # (a bug: the client still hears of it)
             log.exception("lane: the native answer of request %s failed", ex.rid)
             self._end(ex, RpcError(FailureCode.PROTOCOL, f"building the answer failed: {exc}"))
 
     def _answer(self, ex: Any, finish: Finish) -> None:
+        """A whole answer, at its Finish."""
         if ex.leg is None:
             return
         lane = self.lane
@@ -185,17 +204,71 @@ class NativeLane:
             self.answered += 1
             lane._close(ex, 200)
 
+    def _events(self, ex: Any, deltas: list[Delta]) -> None:
+        """A stream's Deltas (a batch's together): their events in one write."""
+        if ex.leg is None:
+            return
+        synth = ex.synth
+        if len(deltas) == 1:
+            d = deltas[0]
+            data = synth.delta(d.text, d.token_ids, d.logprobs)
+        else:
+            data = synth.deltas(deltas)
+        self._send(ex, data, len(deltas))
+
+    def _send(self, ex: Any, data: bytes, n: int, last: bool = False) -> None:
+        """Events for the client (``last``: the stream's end): the head before the first,
+        chunked; the first event's metrics; the stall deadline of the next."""
+        lane, stream = self.lane, ex.stream
+        if ex.output is not None:  # may hold text back (a tool call being parsed): b""
+            data = ex.output.events(data)
+        if ex.meter is not None:
+            data = ex.meter.events_of(data)
+        out = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+        if not stream.started:
+            stream.started = True
+            if not ex.head_sent:
+                keep = lane._commit(ex)
+                out = build_head(200, lane._answer_headers(ex, SSE_HEADERS), _CHUNKED, keep) + out
+            lane.on_first(ex)
+        stream.events += n
+        now = _now()
+        if last:
+            if lane.relay.reply(ex, out + b"0\r\n\r\n", ex.head_keep, now):
+                self.answered += 1
+                lane.on_stream_end(ex)
+            return
+        stall = self.runner.stall_s
+        lane.relay.push(ex, out, now + stall if stall != math.inf else 0.0, now)
+
+    def _last(self, ex: Any, finish: Finish) -> None:
+        """A stream's Finish: its last events, then the end."""
+        if ex.leg is None:
+            return
+        usage = finish.usage
+        data = ex.synth.finish(
+            finish.finish_reason, finish.stop_reason, usage.prompt_tokens,
+            usage.completion_tokens, usage.cached_tokens,
+        )  # fmt: skip
+        self.settle(ex, True, cancel=False)
+        self._send(ex, data, 1, last=True)
+
     def _end(self, ex: Any, error: RpcError | None) -> None:
         """The route ended: after the answer (nothing to do), or failed before it: the
-        attempts after this one are the server's."""
+        attempts after this one are the server's; a stream that sent events breaks
+        (:meth:`broken`)."""
         if ex.leg is None:
             return  # answered, or ended by the relay (its deadline, the client gone)
         if error is None:
             error = RpcError(FailureCode.PROTOCOL, "the request ended without Finish")
         worker = ex.worker
         self.runner.failed(worker, "pd", error)
-        self.settle(ex, False)
         lane = self.lane
+        if ex.stream is not None and ex.stream.started:
+            ex.failure = error
+            lane.relay.broke(ex, PROTOCOL, _now())
+            return
+        self.settle(ex, False)
         lane.relay.hand(ex, lane._continue(ex, partial(self._retry, ex, worker, error)))
 
     # -- the relay's ends ----------------------------------------------------------------------
@@ -222,6 +295,24 @@ class NativeLane:
         self.settle(ex, False)
         return self.lane._continue(ex, partial(self._retry, ex, worker, error))
 
+    def broken(self, ex: Any, kind: int, unsent: bytes) -> Continuation:
+        """A stream that sent events broke: the worker's failure (:meth:`_end`), or nothing
+        for ``upstream.stream_stall_timeout_s`` (the relay's TIMEOUT). Continued on another
+        worker, or ended with an error event, on the server (as the trio path's
+        ``_answer``), after what the client has not taken yet."""
+        worker, error = ex.worker, ex.failure
+        if error is None:  # (the stall)
+            error = RpcError(
+                FailureCode.TIMEOUT,
+                f"{ex.chan.endpoint} sent nothing for {self.runner.stall_s:g}s mid-stream",
+            )
+            self.runner.failed(worker, "pd", error)
+        self.settle(ex, False)
+        cont = self.lane._continue(ex, partial(self._continued, ex, worker, error))
+        cont.midstream = True
+        cont.unsent = unsent
+        return cont
+
     # -- on the server -------------------------------------------------------------------------
     async def _serve(self, ex: Any, req: Request, responder: Responder) -> None:
         await self.runner.run(ex.greq, responder)
@@ -230,3 +321,8 @@ class NativeLane:
         self, ex: Any, worker: Any, error: RpcError, req: Request, responder: Responder
     ) -> None:
         await self.runner.lane_retry(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error)
+
+    async def _continued(
+        self, ex: Any, worker: Any, error: RpcError, req: Request, responder: Responder
+    ) -> None:
+        await self.runner.lane_broken(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error)

@@ -1140,8 +1140,10 @@ class NativeRunner:
         route: RouteContext,
         synth: OpenAISynth,
         text: ModelText,
+        broken: _Broken | None = None,
     ) -> None:
-        """Generate (after P, for split flows) and answer; continue a broken stream."""
+        """Generate (after P, for split flows) and answer; continue a broken stream
+        (``broken``: the compiled lane's stream that broke, to continue from the start)."""
         p = self.p
         role = "d" if "d" in roles else "pd"
         prompt, params = job.prompt, job.params
@@ -1149,15 +1151,18 @@ class NativeRunner:
         done_tokens = 0  # tokens the client got from legs that broke
         for migration_left in range(p.migrations if greq.stream else 0, -1, -1):
             try:
+                if broken is not None:
+                    raise broken  # (the lane's leg: judged as this loop's own)
                 await self._generate(
                     greq, responder, job, roles, route, synth, prompt, params, tried, done_tokens
                 )
                 if tried:
                     p.metrics.migrations.inc((role, "continued"))
                 return
-            except _Broken as broken:
-                tried += (broken.worker,)
-                reason = f"{broken.error.code}: {broken.error.message}"
+            except _Broken as exc:
+                broken = None
+                tried += (exc.worker,)
+                reason = f"{exc.error.code}: {exc.error.message}"
                 if not migration_left:
                     if p.migrations:
                         reason = f"the stream broke {p.migrations + 1} times ({reason})"
@@ -1177,7 +1182,7 @@ class NativeRunner:
                 params = sampling_params(greq.endpoint, obj)
                 done_tokens = synth.tokens
                 log.warning("request %s: stream broke after %d tokens (%s); continuing",
-                            greq.request_id, synth.tokens, broken.error,
+                            greq.request_id, synth.tokens, exc.error,
                             extra={"request_id": greq.request_id})  # fmt: skip
         await p.end_broken_stream(responder, role, reason)
 
@@ -1274,6 +1279,21 @@ class NativeRunner:
         await p.backoff(0)
         await self._generate(greq, responder, job, ("pd",), route, synth, job.prompt, job.params,
                              tried, 0, first_attempt=1, worker=other)  # fmt: skip
+
+    async def lane_broken(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        route: RouteContext,
+        synth: OpenAISynth,
+        worker: Worker,
+        exc: RpcError,
+    ) -> None:
+        """The compiled lane's merged stream broke on ``worker`` after its first events: its
+        continuation on another worker, or its error event, as :meth:`_answer` does."""
+        text = self.texts[greq.model]
+        await self._answer(greq, responder, job, ("pd",), route, synth, text, _Broken(worker, exc))
 
     async def _final(
         self,

@@ -250,33 +250,52 @@ class _Route:
 class _CallbackRoute(_Route):
     """A route whose messages go to ``on_item`` as the reader dispatches them, and whose end
     to ``on_end`` (with the failure, or None): no task waits on it. The compiled lane's
-    requests (:meth:`RpcChannel.open_nowait`) are answered from the reader that way. The
-    callbacks run inside the reader's dispatch: they must not raise, nor open routes."""
+    requests (:meth:`RpcChannel.open_nowait`) are answered from the reader that way. With
+    ``on_deltas``, the Deltas of one received batch come together, in one call at the batch's
+    end (or before the next message of the request). The callbacks run inside the reader's
+    dispatch: they must not raise, nor open routes."""
 
-    __slots__ = ("on_end", "on_item")
+    __slots__ = ("on_deltas", "on_end", "on_item")
 
     def __init__(
         self,
         request_id: str,
         on_item: Callable[[Message | Incoming], None],
         on_end: Callable[[RpcError | None], None],
+        on_deltas: Callable[[list[Delta]], None] | None = None,
     ) -> None:
-        super().__init__(request_id, 0)
+        super().__init__(request_id, _CALLBACK_BURST if on_deltas is not None else 0)
         self.on_item = on_item
         self.on_end = on_end
+        self.on_deltas = on_deltas
 
     def push(self, item: Message | Incoming) -> bool:
         if self.ended:
             return False
+        if self.items:
+            self.flush()
         self.on_item(item)
         return True
+
+    def flush(self) -> None:
+        """The Deltas queued in a batch, to ``on_deltas``."""
+        burst = list(self.items)
+        self.items.clear()
+        self.on_deltas(burst)  # type: ignore[misc]
 
     def end(self, error: RpcError | None = None) -> None:
         if self.ended:
             return
+        if self.items:
+            self.flush()
         self.ended = True
         self.failure = error
         self.on_end(error)
+
+
+#: Deltas of one batch a callback route collects before it hands them on (a batch holds
+#: DEFAULT_MAX_BATCH messages at most: this is never reached with a batching worker)
+_CALLBACK_BURST = 1 << 16
 
 
 class RpcChannel:
@@ -580,10 +599,12 @@ class RpcChannel:
         msg: Message,
         on_item: Callable[[Message | Incoming], None],
         on_end: Callable[[RpcError | None], None],
+        on_deltas: Callable[[list[Delta]], None] | None = None,
     ) -> _Route | None:
         """Send ``msg`` (a request without payload) and hand its answers to ``on_item`` as
-        they come, its end to ``on_end`` (None after the terminal message, else the failure),
-        without a task waiting (see :class:`_CallbackRoute`); :meth:`cancel` stops it early.
+        they come (a batch's Deltas to ``on_deltas`` together, when given), its end to
+        ``on_end`` (None after the terminal message, else the failure), without a task
+        waiting (see :class:`_CallbackRoute`); :meth:`cancel` stops it early.
         None when it cannot leave at once: no session or connection, a batching peer's outbox
         full, too many in flight, the id in flight already. :meth:`stream` then says why."""
         request_id: str = msg.request_id  # type: ignore[attr-defined]
@@ -598,7 +619,7 @@ class RpcChannel:
             or len(self._outbox) >= self._outbox_cap
         ):
             return None
-        route = _CallbackRoute(request_id, on_item, on_end)
+        route = _CallbackRoute(request_id, on_item, on_end, on_deltas)
         self._enqueue(sock, route, msg, ())
         return route
 
@@ -800,6 +821,7 @@ class RpcChannel:
             dispatch = self._dispatch
             routes = self._routes
             items = msg.messages
+            called: list[_Route] | None = None  # callback routes with Deltas queued
             for item in items:
                 if type(item) is Delta:  # the bulk of a batch: queued here, no call each
                     route = routes.get(item.request_id)
@@ -807,8 +829,16 @@ class RpcChannel:
                         route.items.append(item)
                         if route.waiter is not None:
                             route.wake()
+                        elif type(route) is _CallbackRoute and len(route.items) == 1:
+                            if called is None:
+                                called = []
+                            called.append(route)
                         continue
                 dispatch(item, item)  # the rest, and the Deltas that are stray or overflow
+            if called is not None:  # their bursts, in one call each
+                for route in called:
+                    if route.items and not route.ended:
+                        route.flush()  # type: ignore[attr-defined]
             return len(items)
         self._dispatch(msg, incoming if incoming.payload else msg)
         return 1
