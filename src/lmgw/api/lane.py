@@ -370,7 +370,11 @@ class LaneApp:
         output = None
         parsers = self.gw.output_parsers.get(model) if endpoint == "chat" else None
         # tool calls (only for requests that offer tools) and reasoning: parsed here
-        if native is not None and endpoint == "chat":  # (as _serve_model: a forced tool too)
+        if (
+            native is not None
+            and endpoint == "chat"
+            and (parsers is not None or b'"tool_choice"' in body)
+        ):  # (as _serve_model: a forced tool's output is read back too)
             try:
                 output = api._output_parsing(edited, model)  # type: ignore[arg-type]
             except GatewayError:  # (a tool choice naming no tool offered)
