@@ -48,7 +48,8 @@ def config(workers: list[tuple[str, str]], *, lane: bool = True, **kw: Any) -> A
 
 
 def native_answers(gw: Any) -> int:
-    return gw.server.lane.app.native.answered
+    lane = gw.server.lane
+    return lane.app.native.answered if lane is not None else 0
 
 
 def declined(gw: Any, reason: str) -> int:
@@ -373,3 +374,31 @@ async def test_streams_wait_for_a_slot_with_keep_alives(nursery: trio.Nursery) -
     assert len({text for text, _, _ in results}) == 1
     assert native_answers(gw) == 4
     assert gw.metrics.keepalives.values.get((), 0) > 0
+
+
+@pytest.mark.parametrize("lane", [True, False])
+async def test_a_session_stays_on_its_worker(nursery: trio.Nursery, lane: bool) -> None:
+    """consistent_hash on ``X-Session-Id`` (and ``user``): a native model's requests carry
+    the session key to the policy, on the lane and on the trio path alike."""
+    engines = [await start_worker(nursery, "pd") for _ in range(3)]
+    cfg = config([("pd", w) for _, w in engines], lane=lane)
+    cfg = msgspec.structs.replace(
+        cfg, routing=msgspec.structs.replace(cfg.routing, policy="consistent_hash")
+    )
+    gw, url = await start_gateway(nursery, cfg)
+
+    def served_by(session: str) -> set[int]:
+        seen = set()
+        for i in range(4):
+            before = [len(e.stage_tensors) for e, _ in engines]  # (one per Generate)
+            client(url).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"turn {i}"}], max_tokens=2,
+                extra_headers={"x-session-id": session},
+            )  # fmt: skip
+            after = [len(e.stage_tensors) for e, _ in engines]
+            seen |= {k for k in range(3) if after[k] != before[k]}
+        return seen
+
+    for session in ("alice", "bob", "carol", "dave"):
+        assert len(await run(served_by, session)) == 1, session
+    assert native_answers(gw) == (16 if lane else 0)

@@ -422,12 +422,14 @@ class LaneApp:
             allowed = self.cors.allow(req)
             if allowed is not None:
                 ex.extra = self.cors.headers(allowed)
-        if native is None:  # (a native request's: the trio path's, set with its exchange)
-            ex.ctx = (
-                api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
-                if pipe.route_keys
-                else pipe.context(model, rid)
-            )
+        ex.ctx = (
+            api._route_keys(req, model, rid, endpoint, body, view, prompt_ids)
+            if pipe.route_keys
+            else pipe.context(model, rid)
+        )
+        if native is not None:  # (the worker takes these very ids: as NativeRunner._route)
+            ex.ctx.tokens, ex.ctx.text_key = prompt_ids, None
+            ex.greq.route = ex.ctx
         admission = api.admission
         if entry is not None:
             try:  # (a refusal spends nothing: the server's own admit refuses it the same way)

@@ -34,7 +34,6 @@ from ..http.server import build_head
 from ..pipeline.native import _Job, check_generate, choices, sampling_params
 from ..pipeline.request import GatewayRequest
 from ..protocol.messages import Delta, FailureCode, Finish, Generate, Incoming
-from ..routing.policy import RouteContext
 from ..transport.openai_http import SSE_HEADERS
 from ..transport.zmq.channel import RpcError
 
@@ -93,8 +92,6 @@ class NativeLane:
         greq.output = output
         job = ex.job = _Job(obj, prompt, params)
         ex.synth = self.runner._synth(greq, job, self.lane.gw.text_for(model), obj)
-        ctx = ex.ctx = RouteContext(model, rid)
-        ctx.tokens = prompt
         return ex
 
     @staticmethod

@@ -661,8 +661,7 @@ class NativeRunner:
             if n > 1 or len(prompts) > 1:
                 await self._fan_out(greq, responder, job, prompts, n, roles, text)
                 return
-            route = RouteContext(greq.model, greq.request_id)
-            route.tokens = job.prompt
+            route = self._route(greq, greq.request_id, job.prompt)
             synth = self._synth(greq, job, text, obj)
             await self._answer(greq, responder, job, roles, route, synth, text)
         finally:
@@ -697,8 +696,7 @@ class NativeRunner:
 
         async def one(k: int) -> None:
             cgreq = child_request(greq, k)
-            route = RouteContext(greq.model, cgreq.request_id)
-            route.tokens = jobs[k].prompt
+            route = self._route(greq, cgreq.request_id, jobs[k].prompt)
             try:
                 await self._generate(cgreq, fan.sink(k), jobs[k], roles, route, synths[k],
                                      jobs[k].prompt, jobs[k].params, (), 0, child=True)  # fmt: skip
@@ -738,6 +736,18 @@ class NativeRunner:
             raise fan.error
         if not greq.stream:
             await responder.send_full(200, self._headers(greq, [_JSON]), fan.merged())
+
+    def _route(self, greq: GatewayRequest, request_id: str, prompt: list[int]) -> RouteContext:
+        """A request's (or a fanned-out choice's) routing context: the keys the API found
+        (the session), with the prompt's token ids, which native workers take as they are."""
+        keys = greq.route
+        return RouteContext(
+            greq.model,
+            request_id,
+            session_key=keys.session_key if keys is not None else None,
+            tokens=prompt,
+            lora=keys.lora if keys is not None else None,
+        )
 
     # -- preparation ----------------------------------------------------------------------------
     @staticmethod
