@@ -162,10 +162,11 @@ async def test_no_worker_left_is_a_502_naming_the_stage(nursery: trio.Nursery) -
     assert "merged stage failed" in str(info.value)
 
 
-async def raw_chat(url: str, rid: str, max_tokens: int = 2000) -> trio.SocketStream:
-    """A non-streamed chat sent on a raw connection (the caller reads or hangs up)."""
+async def raw_chat(url: str, rid: str, stream: bool = False) -> trio.SocketStream:
+    """A long chat (2000 tokens) sent on a raw connection (the caller reads or hangs up)."""
     body = msgspec.json.encode({
-        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": max_tokens, "ignore_eos": True,
+        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
+        "stream": stream,
     })  # fmt: skip
     host, port = url.removeprefix("http://").split(":")
     head = (
@@ -325,18 +326,8 @@ async def test_a_stream_that_stalls_is_continued_elsewhere(nursery: trio.Nursery
 async def test_a_stream_client_gone_aborts_on_the_worker(nursery: trio.Nursery) -> None:
     engine, w = await start_worker(nursery, "pd", speed=1.0)
     gw, url = await start_gateway(nursery, config([("pd", w)]))
-    body = msgspec.json.encode({
-        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
-        "stream": True,
-    })  # fmt: skip
-    host, port = url.removeprefix("http://").split(":")
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
-        f"application/json\r\nx-request-id: sgone\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
     with trio.fail_after(BOUND):
-        stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(head + body)
+        stream = await raw_chat(url, "sgone", stream=True)
         got = b""
         while got.count(b'"content"') < 4:
             got += await stream.receive_some(65536)
