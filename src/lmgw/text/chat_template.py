@@ -352,6 +352,8 @@ def _content(
     placeholders: Mapping[str, str],
     where: str,
 ) -> str | list[dict[str, Any]]:
+    if type(content) is str:  # (the common message: its text as it is, or one text part)
+        return content if fmt == "string" else [{"type": "text", "text": content}]
     if content is None:
         parts: list[Any] = []
     elif isinstance(content, str):
