@@ -349,14 +349,14 @@ class LaneApp:
             if text is None:
                 return self._decline("error", _always)  # the server's 500
             edited = edited or _Body(body)
+            if not native.plain(edited.obj):
+                return self._decline("not_plain")  # n > 1: the server's fan-out
             try:
                 prompt_ids = native.prompt(text, endpoint, edited)
             except GatewayError:
                 return self._decline("error", _always)  # the server answers it, the same way
             if prompt_ids is None:  # a long prompt, a batch, a template of the request's own
                 return self._decline("tokenize", _always)
-            if not native.plain(edited.obj):
-                return self._decline("not_plain")  # n > 1: the server's fan-out
         elif text is not None and text.validate_context and endpoint != "generate":
             edited = edited or _Body(body)
             try:  # (as _serve_model: the context check, max_tokens filled in)
