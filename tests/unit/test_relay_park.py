@@ -231,3 +231,20 @@ def test_a_pushed_streams_client_gone(parking: Callable[[], ParkHarness]) -> Non
     h.spin(lambda: "abandon" in h.kinds())
     assert h.calls[-1] == ("abandon", token) and h.relay.in_flight == 0
     assert not h.relay.push(token, b"late", 0.0, time.perf_counter())
+
+
+def test_a_pushed_stream_too_far_behind_is_given_up(parking: Callable[[], ParkHarness]) -> None:
+    """A client that takes nothing while PUSH_MAX bytes wait for it: the push says so, and
+    the loop abandons the request (its source cannot be made to wait)."""
+    h = parking()
+    h.client.sendall(REQ)
+    _parked(h)
+    token, now = h.parked[0], time.perf_counter()
+    part = b"x" * (1 << 20)
+    pushed = 0
+    while h.relay.push(token, part, 0.0, now):
+        pushed += len(part)
+        assert pushed <= relay_py.PUSH_MAX + 2 * len(part)
+    assert pushed >= relay_py.PUSH_MAX
+    h.spin(lambda: "abandon" in h.kinds())
+    assert h.calls[-1] == ("abandon", token) and h.relay.in_flight == 0
