@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from test_relay import REQ, Harness, answer, harnesses
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_relay import IMPLS, REQ, Harness, answer, harnesses
 
 from lmgw._fast import relay_py
 
@@ -248,3 +250,50 @@ def test_a_pushed_stream_too_far_behind_is_given_up(parking: Callable[[], ParkHa
     assert pushed >= relay_py.PUSH_MAX
     h.spin(lambda: "abandon" in h.kinds())
     assert h.calls[-1] == ("abandon", token) and h.relay.in_flight == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=300_000), min_size=1, max_size=8),
+    st.binary(max_size=2000),
+    st.booleans(),
+    st.lists(st.integers(1, 400_000), max_size=6),
+)
+def test_pushed_parts_reach_the_client_whole_and_in_order(
+    parts: list[bytes], tail: bytes, keep: bool, reads: list[int]
+) -> None:
+    """Whatever the parts' sizes and however the client reads meanwhile: it gets every part
+    in order, then the tail, on both twins alike; then the connection goes on or closes as
+    asked."""
+    for impl in IMPLS:
+        h = ParkHarness(impl)
+        try:
+            h.client.sendall(REQ)
+            _parked(h)
+            token = h.parked[0]
+            got = b""
+            for i, part in enumerate(parts):
+                assert h.relay.push(token, part, 0.0, time.perf_counter())
+                if i < len(reads):  # the client takes some now and then
+                    h.client.settimeout(0.01)
+                    try:
+                        got += h.client.recv(reads[i])
+                    except TimeoutError:
+                        pass
+                    h.step()
+            assert h.relay.reply(token, tail, keep, time.perf_counter())
+            want = b"".join(parts) + tail
+            h.client.settimeout(0.01)
+            while len(got) < len(want):
+                h.step()
+                try:
+                    got += h.client.recv(1 << 20)
+                except TimeoutError:
+                    pass
+            assert got == want
+            assert h.relay.in_flight == 0
+            if not keep:
+                relay = h.relay
+                h.spin(lambda: relay.clients == 0)  # noqa: B023 (spun here, in this turn)
+        finally:
+            h.close()
