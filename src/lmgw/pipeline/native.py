@@ -934,10 +934,18 @@ class NativeRunner:
             self.failed(worker, role, exc)
             raise
         finally:
-            elapsed = self.leg_end(worker, role, route, t0, ok)
-            if greq.timings is None:
-                greq.timings = []
-            greq.timings.append((STAGE_NAMES[role], elapsed))
+            self.leg_done(greq, worker, role, route, t0, ok)
+
+    def leg_done(
+        self, greq: GatewayRequest, worker: Worker, role: str, route: RouteContext, t0: float,
+        ok: bool,
+    ) -> None:  # fmt: skip
+        """An intermediate leg (Encode, Prefill) is over: :meth:`leg_end`, and its time in
+        the answer's Server-Timing."""
+        elapsed = self.leg_end(worker, role, route, t0, ok)
+        if greq.timings is None:
+            greq.timings = []
+        greq.timings.append((STAGE_NAMES[role], elapsed))
 
     async def _fit(
         self, chan: RpcChannel, msg: Any, payload: Sequence[Any], pins: Pins | None = None
@@ -999,14 +1007,23 @@ class NativeRunner:
         route: RouteContext,
         leg: Callable[[Worker], Any],
         retry_sent: bool = False,
+        *,
+        tried: tuple[Worker, ...] = (),
     ) -> Any:
         """Run ``leg(worker)`` on the role's choice; on a failure that cannot have started
         work (or a retryable one, or any but a bad request when ``retry_sent``), again on
         another worker, up to ``upstream.max_attempts`` times in all."""
         p = self.p
-        worker: Worker = self._first(greq.model, role, route)
-        tried: tuple[Worker, ...] = ()
-        for attempt in range(p.max_attempts):
+        if tried:  # (the compiled lane's first attempt failed on these)
+            other = self._pick(greq.model, role, route, tried)
+            if other is None:
+                raise GatewayError(
+                    503, f"no healthy {ROLE_NAMES[role]} worker available for {greq.model!r}"
+                )
+            worker: Worker = other
+        else:
+            worker = self._first(greq.model, role, route)
+        for attempt in range(len(tried), p.max_attempts):
             try:
                 return await leg(worker)
             except RpcError as exc:
@@ -1114,6 +1131,7 @@ class NativeRunner:
         route: RouteContext,
         prompt: list[int],
         params: SamplingParams,
+        tried: tuple[Worker, ...] = (),
     ) -> _HandOff:
         msg = Prefill(
             greq.request_id,
@@ -1127,18 +1145,25 @@ class NativeRunner:
 
         async def leg(worker: Worker) -> _HandOff:
             done, payload = await self._call(greq, worker, "p", route, msg, job.payload, job.pins)
-            if not isinstance(done, PrefillDone):
-                raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
-            route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
-            if done.tensors:
-                self._count_handoff("kv", done.tensors, payload)
-                try:
-                    _pin(done.tensors, job.pins, "the prefill's KV")
-                except GatewayError as exc:  # the worker's segment is gone: try another
-                    raise RpcError(FailureCode.ENGINE_ERROR, exc.message) from None
-            return _HandOff(done.kv_transfer_params, done.tensors, payload)
+            return self.handed(job, route, worker, done, payload)
 
-        return await self._with_retries(greq, "p", route, leg)
+        return await self._with_retries(greq, "p", route, leg, tried=tried)
+
+    def handed(
+        self, job: _Job, route: RouteContext, worker: Worker, done: Any, payload: Sequence[Any]
+    ) -> _HandOff:
+        """A prefill leg's answer as the decode leg takes it (its KV pinned when it came
+        through the gateway); raises RpcError for a wrong answer or a lost segment."""
+        if not isinstance(done, PrefillDone):
+            raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
+        route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
+        if done.tensors:
+            self._count_handoff("kv", done.tensors, payload)
+            try:
+                _pin(done.tensors, job.pins, "the prefill's KV")
+            except GatewayError as exc:  # the worker's segment is gone: try another
+                raise RpcError(FailureCode.ENGINE_ERROR, exc.message) from None
+        return _HandOff(done.kv_transfer_params, done.tensors, list(payload))
 
     # -- the client-facing leg ------------------------------------------------------------------
     async def _answer(
@@ -1151,9 +1176,13 @@ class NativeRunner:
         synth: OpenAISynth,
         text: ModelText,
         broken: _Broken | None = None,
+        *,
+        handoff: _HandOff | None = None,
+        prefill_tried: tuple[Worker, ...] = (),
     ) -> None:
         """Generate (after P, for split flows) and answer; continue a broken stream
-        (``broken``: the compiled lane's stream that broke, to continue from the start)."""
+        (``broken``: the compiled lane's stream that broke, to continue from the start;
+        ``handoff``, ``prefill_tried``: its prefill leg's, see :meth:`lane_prefill`)."""
         p = self.p
         role = "d" if "d" in roles else "pd"
         prompt, params = job.prompt, job.params
@@ -1164,8 +1193,10 @@ class NativeRunner:
                 if broken is not None:
                     raise broken  # (the lane's leg: judged as this loop's own)
                 await self._generate(
-                    greq, responder, job, roles, route, synth, prompt, params, tried, done_tokens
-                )
+                    greq, responder, job, roles, route, synth, prompt, params, tried, done_tokens,
+                    handoff=handoff, prefill_tried=prefill_tried,
+                )  # fmt: skip
+                handoff, prefill_tried = None, ()
                 if tried:
                     p.metrics.migrations.inc((role, "continued"))
                 return
@@ -1212,22 +1243,30 @@ class NativeRunner:
         child: bool = False,
         first_attempt: int = 0,
         worker: Worker | None = None,
+        handoff: _HandOff | None = None,
+        prefill_tried: tuple[Worker, ...] = (),
     ) -> None:
         """P (split flows) then the client-facing Generate; a decode that failed before its
         first byte is retried once on another decode worker with the same hand-off (a fresh
         prefill instead when the KV stayed on P and the failed decode got the request: it may
         have pulled it), a merged leg like any leg. ``child``: one choice of a fanned-out
-        request (the request's time to first token is the fan-out's). ``first_attempt`` and
-        ``worker``: the attempts after the compiled lane's first (:meth:`lane_retry`)."""
+        request (the request's time to first token is the fan-out's). The compiled lane's
+        requests after its first leg: ``first_attempt`` and ``worker`` (:meth:`lane_retry`),
+        ``handoff`` (its prefill's, for the first decode attempt) or ``prefill_tried`` (the
+        prefill workers that failed it)."""
         p = self.p
-        continued = child or bool(tried)
+        continued = child or (bool(tried) and not first_attempt)
         role = "d" if "p" in roles else "pd"
+        given = handoff
 
         async def generate() -> tuple[Generate, Sequence[Any]]:
             """The client-facing leg's message (after the prefill, in split flows)."""
+            nonlocal given
             tensors, payload, kv_params, kv_tensors = job.tensors, job.payload, None, []
             if role == "d":
-                handoff = await self._prefill(greq, job, route, prompt, params)
+                handoff, given = given, None
+                if handoff is None:
+                    handoff = await self._prefill(greq, job, route, prompt, params, prefill_tried)
                 kv_params = handoff.params
                 if handoff.refs:  # the KV itself came through: on to D with the media tensors
                     tensors, payload = list(tensors), list(payload)
@@ -1280,15 +1319,45 @@ class NativeRunner:
         synth: OpenAISynth,
         worker: Worker,
         exc: RpcError,
+        role: str = "pd",
+        handoff: _HandOff | None = None,
     ) -> None:
-        """The compiled lane's merged Generate failed on ``worker`` before its answer (the
-        lane's first attempt): the attempts after it, as :meth:`_generate` makes them."""
+        """The compiled lane's client-facing Generate (merged, or a decode leg after
+        ``handoff``) failed on ``worker`` before its answer (the lane's first attempt): the
+        attempts after it, as :meth:`_generate` makes them (a decode worker that got the
+        hand-off may have pulled the KV: a fresh prefill then)."""
         p = self.p
         tried = (worker,)
-        other = self.next_worker(greq, "pd", route, worker, exc, tried, p.max_attempts <= 1)
+        attempts = 2 if role == "d" else p.max_attempts
+        other = self.next_worker(greq, role, route, worker, exc, tried, attempts <= 1, role == "d")
+        if handoff is not None and exc.sent and handoff.params and not handoff.refs:
+            handoff = None
         await p.backoff(0)
-        await self._generate(greq, responder, job, ("pd",), route, synth, job.prompt, job.params,
-                             tried, 0, first_attempt=1, worker=other)  # fmt: skip
+        roles = ("p", "d") if role == "d" else ("pd",)
+        await self._generate(greq, responder, job, roles, route, synth, job.prompt, job.params,
+                             tried, 0, first_attempt=1, worker=other, handoff=handoff)  # fmt: skip
+
+    async def lane_prefill(
+        self,
+        greq: GatewayRequest,
+        responder: Responder,
+        job: _Job,
+        route: RouteContext,
+        synth: OpenAISynth,
+        worker: Worker | None = None,
+        exc: RpcError | None = None,
+        handoff: _HandOff | None = None,
+    ) -> None:
+        """The rest of the compiled lane's P/D request on the server: after its prefill leg
+        failed on ``worker`` (``exc``: the prefill's next attempts, then the decode), or
+        with its prefill's ``handoff`` (KV that came through the gateway: the decode leg)."""
+        tried: tuple[Worker, ...] = ()
+        if worker is not None and exc is not None:
+            tried = (worker,)
+            self.next_worker(greq, "p", route, worker, exc, tried, self.p.max_attempts <= 1)
+            await self.p.backoff(0)
+        await self._answer(greq, responder, job, ("p", "d"), route, synth, self.texts[greq.model],
+                           handoff=handoff, prefill_tried=tried)  # fmt: skip
 
     async def lane_broken(
         self,
@@ -1299,11 +1368,12 @@ class NativeRunner:
         synth: OpenAISynth,
         worker: Worker,
         exc: RpcError,
+        roles: tuple[str, ...] = ("pd",),
     ) -> None:
-        """The compiled lane's merged stream broke on ``worker`` after its first events: its
+        """The compiled lane's stream broke on ``worker`` after its first events: its
         continuation on another worker, or its error event, as :meth:`_answer` does."""
         text = self.texts[greq.model]
-        await self._answer(greq, responder, job, ("pd",), route, synth, text, _Broken(worker, exc))
+        await self._answer(greq, responder, job, roles, route, synth, text, _Broken(worker, exc))
 
     async def _final(
         self,
