@@ -38,9 +38,11 @@ from lmgw.worker import WorkerServer
 pytestmark = pytest.mark.usefixtures("hard_deadline")
 
 
-def config(workers: list[tuple[str, str]], *, lane: bool = True, **kw: Any) -> Any:
+def config(
+    workers: list[tuple[str, str]], *, lane: bool = True, flow: str = "pd", **kw: Any
+) -> Any:
     limits = kw.pop("limits", None)
-    cfg = gateway_config(workers, **kw)
+    cfg = gateway_config(workers, flow, **kw)
     cfg = msgspec.structs.replace(cfg, server=ServerConfig(port=0, compiled_lane=lane))
     if limits is not None:
         cfg = msgspec.structs.replace(cfg, limits=LimitsConfig(**limits))
@@ -123,12 +125,7 @@ async def test_keep_alive_clients_stay_in_the_lane(nursery: trio.Nursery) -> Non
 
 async def test_a_refused_generate_is_retried_on_another_worker(nursery: trio.Nursery) -> None:
     """A worker that refuses every Generate ``overloaded`` (not started: another may take it)."""
-    full = WorkerServer(
-        Recording(WorkerOptions(role="pd", model=MODEL, speed=math.inf)),
-        bind="tcp://127.0.0.1:0", control_bind=None,
-    )  # fmt: skip
-    full.max_inflight = 0
-    w_full = "zmq+" + (await nursery.start(full.run)).endpoint
+    w_full = "zmq+" + (await nursery.start(full_worker("pd").run)).endpoint
     _, w_good = await start_worker(nursery, "pd")
     gw, url = await start_gateway(nursery, config([("pd", w_full), ("pd", w_good)]))
     _, trio_url = await start_gateway(nursery, config([("pd", w_good)], lane=False))
@@ -393,3 +390,78 @@ async def test_a_session_stays_on_its_worker(nursery: trio.Nursery, lane: bool) 
     for session in ("alice", "bob", "carol", "dave"):
         assert len(await run(served_by, session)) == 1, session
     assert native_answers(gw) == (16 if lane else 0)
+
+
+def full_worker(role: str) -> WorkerServer:
+    """A worker that refuses every request ``overloaded`` (not started: another may take it)."""
+    server = WorkerServer(
+        Recording(WorkerOptions(role=role, model=MODEL, speed=math.inf)),
+        bind="tcp://127.0.0.1:0", control_bind=None,
+    )  # fmt: skip
+    server.max_inflight = 0
+    return server
+
+
+async def test_pd_requests_in_the_lane_answer_as_the_trio_path(nursery: trio.Nursery) -> None:
+    """p/d: the prefill leg, then the decode leg near it with the hand-off, both sent by the
+    lane; the answer carries the prefill's Server-Timing, as on the trio path."""
+    pe, p = await start_worker(nursery, "p")
+    _, d1 = await start_worker(nursery, "d")
+    _, d2 = await start_worker(nursery, "d")
+    workers = [("p", p), ("d", d1), ("d", d2)]
+    gw, url = await start_gateway(nursery, config(workers, flow="p/d"))
+    _, trio_url = await start_gateway(nursery, config(workers, flow="p/d", lane=False))
+    for stream in (False, True):
+        assert shown(await run(chat, url, TEXT_ONLY, stream)) == shown(
+            await run(chat, trio_url, TEXT_ONLY, stream)
+        )
+        assert shown(await run(complete, url, stream)) == shown(
+            await run(complete, trio_url, stream)
+        )
+    assert native_answers(gw) == 4
+    assert len(pe.stage_tensors) == 8  # one prefill per request, on each gateway
+    r = await run(lambda: client(url).chat.completions.with_raw_response.create(
+        model=MODEL, messages=TEXT_ONLY, max_tokens=4))  # fmt: skip
+    assert "prefill" in r.headers.get("server-timing", "")
+    assert gw.pipeline.registry.get("p0").in_flight == 0
+
+
+async def test_a_refused_prefill_or_decode_goes_on_elsewhere(nursery: trio.Nursery) -> None:
+    """The lane's prefill leg refused: the server's next attempt on the other prefill worker,
+    then the decode. Its decode leg refused: the next decode worker with the same hand-off
+    (refused: not started, so the KV is still there), no second prefill."""
+    full_p, full_d = full_worker("p"), full_worker("d")
+    p_bad = "zmq+" + (await nursery.start(full_p.run)).endpoint
+    d_bad = "zmq+" + (await nursery.start(full_d.run)).endpoint
+    pe, p_good = await start_worker(nursery, "p")
+    _, d_good = await start_worker(nursery, "d")
+    workers = [("p", p_bad), ("p", p_good), ("d", d_bad), ("d", d_good)]
+    gw, url = await start_gateway(nursery, config(workers, flow="p/d"))
+    _, trio_url = await start_gateway(nursery, config([("p", p_good), ("d", d_good)],
+                                                      flow="p/d", lane=False))  # fmt: skip
+    expected = shown(await run(chat, trio_url, TEXT_ONLY, False))
+    pe.stage_tensors.clear()
+    for stream in (False, False, True, True):  # round robin: each bad worker is met
+        assert shown(await run(chat, url, TEXT_ONLY, stream))[0] == expected[0]
+    retries = gw.metrics.retries.values
+    assert retries.get(("p",), 0) >= 1 and retries.get(("d",), 0) >= 1
+    assert len(pe.stage_tensors) == 4  # no prefill twice
+    for wid in ("p0", "p1", "d2", "d3"):
+        assert gw.pipeline.registry.get(wid).in_flight == 0
+
+
+async def test_kv_through_the_gateway_is_decoded_on_the_server(nursery: trio.Nursery) -> None:
+    """A prefill whose KV comes back as tensor frames: the lane hands the request, with the
+    hand-off, to the server's decode leg (which relays the frames); same answer."""
+    _, p = await start_worker(nursery, "p", handoff="gateway")
+    de, d = await start_worker(nursery, "d", handoff="gateway")
+    gw, url = await start_gateway(nursery, config([("p", p), ("d", d)], flow="p/d"))
+    _, trio_url = await start_gateway(nursery, config([("p", p), ("d", d)], flow="p/d",
+                                                      lane=False))  # fmt: skip
+    for stream in (False, True):
+        assert shown(await run(chat, url, TEXT_ONLY, stream)) == shown(
+            await run(chat, trio_url, TEXT_ONLY, stream)
+        )
+    assert native_answers(gw) == 0  # (the decode legs were the server's)
+    assert gw.metrics.handoff_bytes.values[("kv", "frames")] > 0
+    assert de.counters["kv_blocks_verified"] > 0

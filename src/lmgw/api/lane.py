@@ -202,13 +202,17 @@ class NativeExchange(Exchange):
     builder, the channel and its route while the Generate is in flight (``leg``: None once
     it is over)."""
 
-    __slots__ = ("answer", "chan", "failure", "job", "leg", "synth")
+    __slots__ = ("answer", "chan", "failure", "handoff", "job", "leg", "legno", "synth")
 
     def __init__(self, req: Request, endpoint: str, path: str, model: str, rid: str) -> None:
         super().__init__(req, endpoint, path, model, rid)
         self.answer = WholeAnswer()
         #: the worker's failure that broke the stream (lmgw.api.lane_native.NativeLane.broken)
         self.failure: Any = None
+        #: a P/D request's prefill answer (lmgw.pipeline.native._HandOff), once it came
+        self.handoff: Any = None
+        #: the legs sent so far: a leg's callbacks act only while it is the last one
+        self.legno = 0
         self.chan: Any = None
         self.job: Any = None
         self.leg: Any = None

@@ -28,12 +28,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .._fast.relay_py import PARK, PROTOCOL
-from ..config import FLOW_ROLES
+from ..config import FLOW_ROLES, ROLE_NAMES
 from ..errors import GatewayError
 from ..http.server import build_head
-from ..pipeline.native import _Job, check_generate, choices, sampling_params
+from ..pipeline.native import PREFILLED_ON, _Job, check_generate, choices, sampling_params
 from ..pipeline.request import GatewayRequest
-from ..protocol.messages import Delta, FailureCode, Finish, Generate, Incoming
+from ..protocol.messages import Delta, FailureCode, Finish, Generate, Incoming, Prefill
 from ..transport.openai_http import SSE_HEADERS
 from ..transport.zmq.channel import RpcError
 
@@ -61,12 +61,9 @@ class NativeLane:
         self.answered = 0
 
     def serves(self, model: str) -> bool:
-        """Whether ``model`` is a native model whose plain requests the lane takes."""
-        runner = self.runner
-        if not runner.handles(model):
-            return False
-        pipe = runner.p
-        return FLOW_ROLES[pipe.flows.get(model, pipe.default_flow)] == _ROLES
+        """Whether ``model`` is a native model (any flow: a request without media skips an
+        encoder stage)."""
+        return self.runner.handles(model)
 
     def exchange(
         self,
@@ -92,6 +89,9 @@ class NativeLane:
         greq.output = output
         job = ex.job = _Job(obj, prompt, params)
         ex.synth = self.runner._synth(greq, job, self.lane.gw.text_for(model), obj)
+        pipe = self.runner.p
+        if "p" in FLOW_ROLES[pipe.flows.get(model, pipe.default_flow)]:
+            ex.stage = "d"  # (a prefill leg first: start)
         return ex
 
     @staticmethod
@@ -120,38 +120,80 @@ class NativeLane:
             return False  # (the server answers the 400)
 
     def start(self, ex: Any) -> tuple | Continuation:
-        """The request holds its admission slot: its Generate leaves, and the client waits
-        parked for the answer (the plan), or the server takes the request."""
-        lane, runner = self.lane, self.runner
+        """The request holds its admission slot: its first leg leaves (the prefill of a P/D
+        flow, else the Generate), and the client waits parked for the answer (the plan), or
+        the server takes the request."""
         if ex.trace is not None:  # spans: the server's native path makes them
-            return lane._continue(ex, partial(self._serve, ex))
+            return self.lane._continue(ex, partial(self._serve, ex))
+        if ex.stage == "d":
+            return self._prefill(ex)
+        return self._client_leg(ex, None)
+
+    def _prefill(self, ex: Any) -> tuple | Continuation:
+        lane, runner = self.lane, self.runner
         try:
-            worker = runner._first(ex.model, "pd", ex.ctx)
+            worker = runner._first(ex.model, "p", ex.ctx)
         except GatewayError as exc:
             return lane.raising(ex, exc)
+        job = ex.job
+        msg = Prefill(
+            ex.rid, ex.model, prompt_token_ids=job.prompt, params=job.params,
+            timeout_s=runner._timeout_s(ex.greq),
+        )  # fmt: skip
+        chan = worker.channel
+        n = ex.legno = ex.legno + 1
+        route = chan.open_nowait(msg, partial(self._prefilled, ex, n), partial(self._p_end, ex, n))
+        if route is None:  # the server's path waits for the channel, or says why not
+            return lane._continue(ex, partial(self._serve, ex))
+        ex.stage, ex.worker, ex.chan, ex.leg = "p", worker, chan, route
+        ex.t_sent = runner.leg_start(worker, "p", ex.ctx)
+        return self._parked(ex)
+
+    def _client_leg(self, ex: Any, handoff: Any) -> tuple | Continuation:
+        """The client-facing Generate (a decode leg with the prefill's ``handoff``)."""
+        lane, runner = self.lane, self.runner
+        role = "pd" if handoff is None else "d"
+        ctx = ex.ctx
+        near = ctx.scratch.get(PREFILLED_ON) if ctx.scratch is not None else None
+        worker = runner._pick(ex.model, role, ctx, (), near)
+        if worker is None:
+            error = GatewayError(
+                503, f"no healthy {ROLE_NAMES[role]} worker available for model {ex.model!r}"
+            )
+            return lane.raising(ex, error)
         chan = worker.channel
         job = ex.job
         stream = ex.stream
         msg = Generate(
             ex.rid, ex.model, prompt_token_ids=job.prompt, params=job.params,
+            kv_transfer_params=handoff.params if handoff is not None else None,
             timeout_s=runner._timeout_s(ex.greq), stream=stream is not None,
         )  # fmt: skip
+        ex.stage = role
         try:
             check_generate(chan, worker, msg)
         except RpcError as exc:  # a capability it lacks: another worker, as on the server
             return lane._continue(ex, partial(self._retry, ex, worker, exc))
+        n = ex.legno = ex.legno + 1
+        on_item, on_end = partial(self._item, ex, n), partial(self._end, ex, n)
         if stream is None:
-            route = chan.open_nowait(msg, partial(self._item, ex), partial(self._end, ex))
+            route = chan.open_nowait(msg, on_item, on_end)
         else:
-            route = chan.open_nowait(
-                msg, partial(self._item, ex), partial(self._end, ex), partial(self._events, ex)
-            )
+            route = chan.open_nowait(msg, on_item, on_end, partial(self._events, ex, n))
         if route is None:  # the server's path waits for the channel, or says why not
-            return lane._continue(ex, partial(self._serve, ex))
+            if handoff is None:
+                return lane._continue(ex, partial(self._serve, ex))
+            return lane._continue(ex, partial(self._rest, ex, None, None))
         ex.worker, ex.chan, ex.leg = worker, chan, route
-        ex.t_sent = runner.leg_start(worker, "pd", ex.ctx)
+        ex.t_sent = runner.leg_start(worker, role, ctx)
+        return self._parked(ex)
+
+    def _parked(self, ex: Any) -> tuple:
+        """The plan that parks the client for the leg in flight: the request's deadline, the
+        answer's timeout; a stream's keep-alive comments until its first event."""
+        lane = self.lane
         timeout = lane.request_timeout_s
-        first = runner.first_timeout_s
+        first = self.runner.first_timeout_s
         plan = (
             PARK,
             b"",
@@ -159,22 +201,68 @@ class NativeLane:
             ex.t0 + timeout if timeout else 0.0,
             ex.t_sent + first if first and first != math.inf else 0.0,
         )
-        if stream is not None:  # keep-alive comments until the first event
-            return (*plan, stream, lane.api.sse_keepalive_s > 0)
+        if ex.stream is not None:
+            return (*plan, ex.stream, lane.api.sse_keepalive_s > 0)
         return plan
 
+    # -- a prefill leg's callbacks ---------------------------------------------------------------
+    def _prefilled(self, ex: Any, n: int, item: Any) -> None:
+        """The prefill's answer: the decode leg leaves from here (KV that came through the
+        gateway: the server's decode leg takes its frames)."""
+        if n != ex.legno or ex.leg is None:
+            return
+        lane, runner = self.lane, self.runner
+        msg, payload = (item.msg, item.payload) if type(item) is Incoming else (item, ())
+        worker = ex.worker
+        try:
+            handoff = runner.handed(ex.job, ex.ctx, worker, msg, payload)
+        except RpcError as exc:
+            self._p_end(ex, n, exc)
+            return
+        self.settle(ex, True, cancel=False)
+        ex.handoff = handoff
+        if handoff.refs:
+            lane.relay.hand(ex, lane._continue(ex, partial(self._rest, ex, None, None)))
+            return
+        try:
+            plan = self._client_leg(ex, handoff)
+        except Exception as exc:  # (a bug: the server's path goes on from the hand-off)
+            log.exception("lane: the decode leg of request %s failed to start", ex.rid)
+            plan = lane.raising(ex, GatewayError(500, f"the decode leg failed to start: {exc}"))
+        if type(plan) is tuple:
+            lane.relay.resume(ex, plan, _now())
+        else:
+            lane.relay.hand(ex, plan)
+
+    def _p_end(self, ex: Any, n: int, error: RpcError | None) -> None:
+        """The prefill leg failed (or ended without its answer): its next attempts, then the
+        decode leg, are the server's."""
+        if n != ex.legno or ex.leg is None:
+            return  # answered (the decode leg is on), or ended by the relay
+        if error is None:
+            error = RpcError(FailureCode.PROTOCOL, "the prefill ended without PrefillDone")
+        worker = ex.worker
+        self.runner.failed(worker, "p", error)
+        self.settle(ex, False)
+        lane = self.lane
+        lane.relay.hand(ex, lane._continue(ex, partial(self._rest, ex, worker, error)))
+
     # -- the channel's callbacks (inside its reader's dispatch) ------------------------------
-    def _item(self, ex: Any, item: Any) -> None:
+    # -- the client-facing leg's callbacks -------------------------------------------------------
+    def _item(self, ex: Any, n: int, item: Any) -> None:
+        if n != ex.legno:
+            return
         msg = item.msg if type(item) is Incoming else item
         cls = type(msg)
         if cls is Delta:
             if ex.stream is None:
                 ex.answer.add(msg)
             else:
-                self._events(ex, [msg])
+                self._events(ex, n, [msg])
             return
         if cls is not Finish:
-            self._end(ex, RpcError(FailureCode.PROTOCOL, f"a {cls.__name__} answered Generate"))
+            error = RpcError(FailureCode.PROTOCOL, f"a {cls.__name__} answered Generate")
+            self._end(ex, n, error)
             return
         try:
             if ex.stream is None:
@@ -183,7 +271,7 @@ class NativeLane:
                 self._last(ex, msg)
         except Exception as exc:  # (a bug: the client still hears of it)
             log.exception("lane: the native answer of request %s failed", ex.rid)
-            self._end(ex, RpcError(FailureCode.PROTOCOL, f"building the answer failed: {exc}"))
+            self._end(ex, n, RpcError(FailureCode.PROTOCOL, f"building the answer failed: {exc}"))
 
     def _answer(self, ex: Any, finish: Finish) -> None:
         """A whole answer, at its Finish."""
@@ -201,9 +289,9 @@ class NativeLane:
             self.answered += 1
             lane._close(ex, 200)
 
-    def _events(self, ex: Any, deltas: list[Delta]) -> None:
+    def _events(self, ex: Any, n: int, deltas: list[Delta]) -> None:
         """A stream's Deltas (a batch's together): their events in one write."""
-        if ex.leg is None:
+        if n != ex.legno or ex.leg is None:
             return
         synth = ex.synth
         if len(deltas) == 1:
@@ -250,16 +338,16 @@ class NativeLane:
         self.settle(ex, True, cancel=False)
         self._send(ex, data, 1, last=True)
 
-    def _end(self, ex: Any, error: RpcError | None) -> None:
+    def _end(self, ex: Any, n: int, error: RpcError | None) -> None:
         """The route ended: after the answer (nothing to do), or failed before it: the
         attempts after this one are the server's; a stream that sent events breaks
         (:meth:`broken`)."""
-        if ex.leg is None:
+        if n != ex.legno or ex.leg is None:
             return  # answered, or ended by the relay (its deadline, the client gone)
         if error is None:
             error = RpcError(FailureCode.PROTOCOL, "the request ended without Finish")
         worker = ex.worker
-        self.runner.failed(worker, "pd", error)
+        self.runner.failed(worker, ex.stage, error)
         lane = self.lane
         if ex.stream is not None and ex.stream.started:
             ex.failure = error
@@ -278,19 +366,23 @@ class NativeLane:
         ex.leg = None
         if cancel and not route.ended:
             ex.chan.cancel(route, "the request ended")
-        self.runner.leg_end(ex.worker, "pd", ex.ctx, ex.t_sent, ok)
+        if ex.stage == "p":  # (its time in the answer's Server-Timing)
+            self.runner.leg_done(ex.greq, ex.worker, "p", ex.ctx, ex.t_sent, ok)
+        else:
+            self.runner.leg_end(ex.worker, ex.stage, ex.ctx, ex.t_sent, ok)
 
     def timed_out(self, ex: Any) -> Continuation:
         """No answer within ``upstream.response_timeout_s`` (the relay's TIMEOUT): judged as
         the trio path's wait judges it, on the server."""
-        worker = ex.worker
+        worker, stage = ex.worker, ex.stage
         error = RpcError(
             FailureCode.TIMEOUT,
             f"no answer from {ex.chan.endpoint} within {self.runner.first_timeout_s:g}s",
         )
-        self.runner.failed(worker, "pd", error)
+        self.runner.failed(worker, stage, error)
         self.settle(ex, False)
-        return self.lane._continue(ex, partial(self._retry, ex, worker, error))
+        finish = self._rest if stage == "p" else self._retry
+        return self.lane._continue(ex, partial(finish, ex, worker, error))
 
     def broken(self, ex: Any, kind: int, unsent: bytes) -> Continuation:
         """A stream that sent events broke: the worker's failure (:meth:`_end`), or nothing
@@ -303,7 +395,7 @@ class NativeLane:
                 FailureCode.TIMEOUT,
                 f"{ex.chan.endpoint} sent nothing for {self.runner.stall_s:g}s mid-stream",
             )
-            self.runner.failed(worker, "pd", error)
+            self.runner.failed(worker, ex.stage, error)
         self.settle(ex, False)
         cont = self.lane._continue(ex, partial(self._continued, ex, worker, error))
         cont.midstream = True
@@ -317,9 +409,19 @@ class NativeLane:
     async def _retry(
         self, ex: Any, worker: Any, error: RpcError, req: Request, responder: Responder
     ) -> None:
-        await self.runner.lane_retry(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error)
+        await self.runner.lane_retry(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error,
+                                     ex.stage, ex.handoff)  # fmt: skip
+
+    async def _rest(
+        self, ex: Any, worker: Any, error: RpcError | None, req: Request, responder: Responder
+    ) -> None:
+        """A P/D request after its prefill leg failed on ``worker``, or with its hand-off."""
+        await self.runner.lane_prefill(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker,
+                                       error, ex.handoff)  # fmt: skip
 
     async def _continued(
         self, ex: Any, worker: Any, error: RpcError, req: Request, responder: Responder
     ) -> None:
-        await self.runner.lane_broken(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error)
+        roles = ("p", "d") if ex.stage == "d" else ("pd",)
+        await self.runner.lane_broken(ex.greq, responder, ex.job, ex.ctx, ex.synth, worker, error,
+                                      roles)  # fmt: skip

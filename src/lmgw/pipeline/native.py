@@ -118,7 +118,7 @@ _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control
 
 
 #: the route-scratch key of the worker a native P/D request's prefill ran on
-_PREFILLED_ON = ("native", "prefilled_on")
+PREFILLED_ON = ("native", "prefilled_on")
 
 
 class NativeWorker(Worker):
@@ -1156,7 +1156,7 @@ class NativeRunner:
         through the gateway); raises RpcError for a wrong answer or a lost segment."""
         if not isinstance(done, PrefillDone):
             raise RpcError(FailureCode.PROTOCOL, f"a {type(done).__name__} answered Prefill")
-        route.memo()[_PREFILLED_ON] = worker  # its decode is picked near it
+        route.memo()[PREFILLED_ON] = worker  # its decode is picked near it
         if done.tensors:
             self._count_handoff("kv", done.tensors, payload)
             try:
@@ -1192,11 +1192,12 @@ class NativeRunner:
             try:
                 if broken is not None:
                     raise broken  # (the lane's leg: judged as this loop's own)
+                given, failed_on = handoff, prefill_tried  # (the first leg's only)
+                handoff, prefill_tried = None, ()
                 await self._generate(
                     greq, responder, job, roles, route, synth, prompt, params, tried, done_tokens,
-                    handoff=handoff, prefill_tried=prefill_tried,
+                    handoff=given, prefill_tried=failed_on,
                 )  # fmt: skip
-                handoff, prefill_tried = None, ()
                 if tried:
                     p.metrics.migrations.inc((role, "continued"))
                 return
@@ -1286,7 +1287,7 @@ class NativeRunner:
             return msg, payload
 
         msg, payload = await generate()
-        near = route.scratch.get(_PREFILLED_ON) if route.scratch is not None else None
+        near = route.scratch.get(PREFILLED_ON) if route.scratch is not None else None
         if worker is None:
             worker = self._pick(greq.model, role, route, tried, near)
         if worker is None:
