@@ -311,7 +311,7 @@ class Metrics:
         self.lane_native = Counter(
             "lmgw_lane_native_total",
             "Native (zmq+) workers' answers the compiled lane built and wrote itself (whole"
-            " and streamed, merged workers); server.compiled_lane.",
+            " and streamed, merged or P/D workers); server.compiled_lane.",
         )
         self.lane_handovers = Counter(
             "lmgw_lane_handovers_total",

@@ -6,17 +6,24 @@ request beside the chat template and the tokenizer (issue 4, ``benchmarks/zmq_vs
 Here the lane parses the request and renders and tokenizes it inline, as it does for the
 context check (:meth:`ModelText.validate_inline`), and sends the ``Generate`` on the chosen
 worker's channel without a task (:meth:`RpcChannel.open_nowait`). The client waits parked in
-the relay (``PARK``: its deadlines run there); the channel's reader hands the answer's events
-to this module as they come (:class:`WholeAnswer` builds the body, as the trio path does) and
-the answer goes out with :meth:`Relay.reply`.
+the relay (``PARK``: its deadlines run there); the channel's reader hands the answer's
+messages to this module as they come. A whole answer is built at the Finish
+(:class:`WholeAnswer`, as the trio path builds it) and goes out with :meth:`Relay.reply`; a
+stream's events are built per received batch and go out with :meth:`Relay.push`. A P/D
+request sends its ``Prefill`` first the same way; at its ``PrefillDone`` the decode leg
+leaves from here, near the prefill worker, with the hand-off (the client parked again).
 
-Taken here: a non-streamed chat or completion of one prompt, one choice, no media, on a model
-whose flow is merged workers, without tracing. A failure before the answer (the worker's, the
-channel's, the answer's timeout) goes to the server as a continuation that makes the attempts
-after this first one (:meth:`NativeRunner.lane_retry`); a channel that cannot take the message
-at once (no session yet, a full outbox, the request id in flight already) hands the request to
-the server's native path whole. The client gone or the request's deadline passed: the worker
-gets an ABORT.
+Taken here: a chat or completion of one prompt and one choice, without media, of a native
+model, without tracing. Everything after a leg that failed goes to the server as a
+continuation running the trio path's own steps: a client-facing leg's next attempts
+(:meth:`NativeRunner.lane_retry`), a prefill's next attempts and the decode leg, or a decode
+leg with KV that came through the gateway (:meth:`NativeRunner.lane_prefill`), a stream that
+broke or stalled after its first events (:meth:`NativeRunner.lane_broken`: continued, or its
+error event). A channel that cannot take the message at once (no session yet, a full outbox,
+the request id in flight already) hands the request to the server's native path whole. The
+client gone, the request's deadline or the answer's timeout: the worker gets an ABORT.
+Each leg's callbacks are bound to its number (``legno``): a leg's late end never touches the
+leg after it.
 """
 
 from __future__ import annotations
