@@ -14,6 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import h11
 import pytest
@@ -605,6 +606,33 @@ async def test_slow_handler_is_not_a_timeout(nursery: trio.Nursery) -> None:
     c = await Client.open(port)
     await c.send(get("/sleep?ms=400&id=slow"))
     assert (await c.response()).body == b"slow"
+
+
+async def test_a_long_requests_connection_is_not_idle_when_it_ends(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request longer than keepalive_timeout_s: the connection's idle time starts at its
+    answer's end. The watchdog's sweep may run while the request's disconnect watcher
+    retires (widened here to 0.15 s): it once counted the idle time from the request's start
+    there, and closed the connection under the client's next request (soak.py: one request
+    in ~50,000 got no answer or a reset, after a request that outlived the soak's 5 s)."""
+    watch = HTTPServer._watch
+
+    async def slow_retirement(c: Any, scope: trio.CancelScope, done: trio.Event) -> None:
+        retired = trio.Event()
+        await watch(c, scope, retired)
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.15)
+        done.set()
+
+    monkeypatch.setattr(HTTPServer, "_watch", staticmethod(slow_retirement))
+    _, port = await start_server(
+        nursery, App(), keepalive_timeout_s=0.3, watchdog_interval_s=0.005, watch_after_s=0.02
+    )
+    c = await Client.open(port)
+    for i in range(3):
+        await c.send(get(f"/sleep?ms=500&id=long{i}"))
+        assert (await c.response()).body == f"long{i}".encode()
 
 
 async def test_the_watchdog_sleeps_while_nothing_runs(nursery: trio.Nursery) -> None:

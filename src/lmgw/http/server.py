@@ -832,6 +832,10 @@ class HTTPServer:
                     error_body(500, "internal gateway error"),
                 )
             finally:
+                # the idle timers run from the answer's end: the watchdog's sweep may come
+                # before this loop's next turn (while the watcher retires, below), and a
+                # request longer than keepalive_timeout_s must not look idle that long
+                c.phase_since = _now()
                 busy.discard(c)
                 c.busy = False
                 if c.reserved:
