@@ -25,6 +25,7 @@ from test_native_e2e import (
     chat,
     complete,
     gateway_config,
+    raw_chat,
     run,
     start_gateway,
     start_worker,
@@ -68,6 +69,16 @@ def shown(answer: tuple) -> tuple:
     return text, usage.prompt_tokens, usage.completion_tokens, *answer[2:]
 
 
+async def same_answers(url: str, other: str, streams: tuple[bool, ...] = (False, True)) -> None:
+    """A chat and a completion, whole and streamed (``streams``), answer the same at ``url``
+    as at ``other``."""
+    for stream in streams:
+        got = shown(await run(chat, url, TEXT_ONLY, stream))
+        assert got == shown(await run(chat, other, TEXT_ONLY, stream)), stream
+        got = shown(await run(complete, url, stream))
+        assert got == shown(await run(complete, other, stream)), stream
+
+
 def logprobs_chat(url: str) -> Any:
     r = client(url).chat.completions.create(
         model=MODEL, messages=TEXT_ONLY, max_tokens=6, seed=3, logprobs=True, top_logprobs=2
@@ -80,19 +91,10 @@ async def test_the_lanes_answers_are_the_trio_paths(nursery: trio.Nursery) -> No
     lane_gw, lane = await start_gateway(nursery, config([("pd", w)]))
     _, trio_url = await start_gateway(nursery, config([("pd", w)], lane=False))
     for url in (lane, trio_url):
-        assert shown(await run(chat, url, TEXT_ONLY, False)) == shown(
-            await run(chat, trio_url, TEXT_ONLY, False)
-        )
-        assert shown(await run(complete, url, False)) == shown(await run(complete, trio_url, False))
+        await same_answers(url, trio_url, streams=(False,))
         assert await run(logprobs_chat, url) == await run(logprobs_chat, trio_url)
     assert native_answers(lane_gw) == 3
-    for stream in (True, False):
-        assert shown(await run(chat, lane, TEXT_ONLY, stream)) == shown(
-            await run(chat, trio_url, TEXT_ONLY, stream)
-        )
-        assert shown(await run(complete, lane, stream)) == shown(
-            await run(complete, trio_url, stream)
-        )
+    await same_answers(lane, trio_url, streams=(True, False))
     assert native_answers(lane_gw) == 7
     # what the lane leaves to the server: n > 1, a bad parameter (the server's 400)
     r = await run(lambda: client(lane).chat.completions.create(
@@ -157,22 +159,6 @@ async def test_no_worker_left_is_a_502_naming_the_stage(nursery: trio.Nursery) -
         await run(chat, url, TEXT_ONLY, False)
     assert info.value.status_code == 502
     assert "merged stage failed" in str(info.value)
-
-
-async def raw_chat(url: str, rid: str, stream: bool = False) -> trio.SocketStream:
-    """A long chat (2000 tokens) sent on a raw connection (the caller reads or hangs up)."""
-    body = msgspec.json.encode({
-        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
-        "stream": stream,
-    })  # fmt: skip
-    host, port = url.removeprefix("http://").split(":")
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
-        f"application/json\r\nx-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
-    stream = await trio.open_tcp_stream(host, int(port))
-    await stream.send_all(head + body)
-    return stream
 
 
 async def read_answer(stream: trio.SocketStream) -> bytes:
@@ -411,13 +397,7 @@ async def test_pd_requests_in_the_lane_answer_as_the_trio_path(nursery: trio.Nur
     workers = [("p", p), ("d", d1), ("d", d2)]
     gw, url = await start_gateway(nursery, config(workers, flow="p/d"))
     _, trio_url = await start_gateway(nursery, config(workers, flow="p/d", lane=False))
-    for stream in (False, True):
-        assert shown(await run(chat, url, TEXT_ONLY, stream)) == shown(
-            await run(chat, trio_url, TEXT_ONLY, stream)
-        )
-        assert shown(await run(complete, url, stream)) == shown(
-            await run(complete, trio_url, stream)
-        )
+    await same_answers(url, trio_url)
     assert native_answers(gw) == 4
     assert len(pe.stage_tensors) == 8  # one prefill per request, on each gateway
     r = await run(lambda: client(url).chat.completions.with_raw_response.create(

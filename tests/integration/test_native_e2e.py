@@ -200,6 +200,23 @@ def complete(url: str, stream: bool) -> tuple[str, Any]:
     return "".join(parts), usage
 
 
+async def raw_chat(url: str, rid: str, stream: bool = False, **extra: Any) -> trio.SocketStream:
+    """A long chat (2000 tokens; ``extra``: more body fields) sent with ``X-Request-Id: rid``
+    on a raw connection (the caller reads or hangs up)."""
+    body = msgspec.json.encode({
+        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
+        "stream": stream, **extra,
+    })  # fmt: skip
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
+        f"application/json\r\nx-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = await trio.open_tcp_stream(host, int(port))
+    await sock.send_all(head + body)
+    return sock
+
+
 async def run(fn: Any, *args: Any, **kw: Any) -> Any:
     with trio.fail_after(BOUND):
         return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
@@ -643,18 +660,8 @@ async def test_client_disconnect_aborts_on_the_worker(nursery: trio.Nursery) -> 
             gateway_config([(r, u) for r, (_, u) in zip(roles, started, strict=True)], flow),
         )
         rid = f"abort-{flow.replace('/', '')}"
-        body = msgspec.json.encode({
-            "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
-            "stream": True,
-        })  # fmt: skip
-        host, port = url.removeprefix("http://").split(":")
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
-            f"application/json\r\nx-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode()
         with trio.fail_after(BOUND):
-            stream = await trio.open_tcp_stream(host, int(port))
-            await stream.send_all(head + body)
+            stream = await raw_chat(url, rid, stream=True)
             got = b""
             while got.count(b'"content"') < 4:  # the role event and 3 tokens
                 got += await stream.receive_some(65536)

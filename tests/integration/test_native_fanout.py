@@ -19,7 +19,15 @@ import openai
 import pytest
 import trio
 from gateway_support import MODEL
-from test_native_e2e import BOUND, TEXT_ONLY, gateway_config, run, start_gateway, start_worker
+from test_native_e2e import (
+    BOUND,
+    TEXT_ONLY,
+    gateway_config,
+    raw_chat,
+    run,
+    start_gateway,
+    start_worker,
+)
 
 from lmgw.pipeline.fanout import SAMPLE_INDEX
 from lmgw.simulators.engine import SAMPLE_INDEX as SIM_SAMPLE_INDEX
@@ -249,19 +257,9 @@ async def test_client_disconnect_aborts_every_choice(nursery: trio.Nursery) -> N
     engines = [e for e, _ in started]
     gw, url = await start_gateway(nursery, gateway_config([("pd", u) for _, u in started]))
     rid = "fan-abort"
-    body = msgspec.json.encode({
-        "model": MODEL, "messages": TEXT_ONLY, "max_tokens": 2000, "ignore_eos": True,
-        "stream": True, "n": 3,
-    })  # fmt: skip
-    host, port = url.removeprefix("http://").split(":")
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: "
-        f"application/json\r\nx-request-id: {rid}\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
     children = {f"{rid}:{k}" for k in range(3)}
     with trio.fail_after(BOUND):
-        stream = await trio.open_tcp_stream(host, int(port))
-        await stream.send_all(head + body)
+        stream = await raw_chat(url, rid, stream=True, n=3)
         got = b""
         while got.count(b'"content"') < 9:  # every choice's role event and a few tokens
             got += await stream.receive_some(65536)

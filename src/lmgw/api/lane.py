@@ -334,7 +334,10 @@ class LaneApp:
             return self._decline("error", _always)  # the server answers it, the same way
         pipe = self.pipe
         stream = bool(view.stream)
-        native = self.native if self.native is not None and self.native.serves(model) else None
+        # (a native model, any flow: a request without media skips an encoder stage)
+        native = (
+            self.native if self.native is not None and self.native.runner.handles(model) else None
+        )
         if native is not None:
             if endpoint == "generate" or api.tool_loop is not None or _MEDIA_MARK.search(body):
                 return self._decline("not_plain")  # (the server's 400, tools, media)

@@ -67,11 +67,6 @@ class NativeLane:
         #: answers built and written here (lmgw_lane_native_total)
         self.answered = 0
 
-    def serves(self, model: str) -> bool:
-        """Whether ``model`` is a native model (any flow: a request without media skips an
-        encoder stage)."""
-        return self.runner.handles(model)
-
     def exchange(
         self,
         req: Request,
