@@ -1365,6 +1365,10 @@ class ModelConfig(msgspec.Struct, **_STRUCT_OPTS):
     # Defaults for the template's variables (e.g. {enable_thinking = false}); requests'
     # chat_template_kwargs win.
     chat_template_kwargs: dict[str, Any] = {}
+    # Render plain conversations (roles and string contents) by shape: each shape's prompt is
+    # learned from the template once and then joined around the contents, exactly where the
+    # template's use of contents allows it (docs/text.md). false: every prompt through jinja.
+    chat_template_shapes: bool = True
     # Context length; unset: the tokenizer folder's (config.json / tokenizer_config.json).
     max_model_len: int | None = None
     # The tokenizer's segment cache, in characters: the token ids of chat prompts' stretches

@@ -534,6 +534,19 @@ class Gateway:
         m.segment_hit_tokens.collect = samples("hit_tokens")
         m.segment_chars.collect = samples("chars")
 
+        def renders() -> list[tuple[tuple[str, ...], float]]:
+            out = []
+            for name, text in texts.items():
+                shapes = text.template.shapes if text.template is not None else None
+                if shapes is not None:
+                    stats = shapes.stats
+                    out.append(((name, "shape"), float(stats.shaped)))
+                    out.append(((name, "full"), float(stats.full)))
+                    out.append(((name, "mismatch"), float(stats.mismatches)))
+            return out
+
+        m.template_renders.collect = renders
+
     def text_for(self, model: str) -> ModelText | None:
         """The tokenizer and chat template of ``model`` (an adapter's: its base model's)."""
         texts = self.texts

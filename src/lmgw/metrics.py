@@ -255,6 +255,13 @@ class Metrics:
             " its own and 200 for its objects).",
             ("model",),
         )
+        self.template_renders = Counter(
+            "lmgw_chat_template_renders_total",
+            'Chat prompts rendered, by path: "shape" (a plain conversation joined into its'
+            ' shape\'s learned text, about 1 µs), "full" (jinja), "mismatch" (a sampled'
+            " check found a shaped prompt that differed: shapes are then off for the model).",
+            ("model", "path"),
+        )
         self.routing_predicted = Counter(
             "lmgw_routing_predicted_cached_tokens_total",
             "Prompt tokens the routing policy expected the chosen worker to have cached.",
@@ -364,7 +371,7 @@ class Metrics:
             self.pd_splits, self.pd_split_pairs, self.pd_local_prefill,
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.segment_hits, self.segment_misses,
-            self.segment_hit_tokens, self.segment_chars,
+            self.segment_hit_tokens, self.segment_chars, self.template_renders,
             self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,

@@ -386,6 +386,10 @@ async def test_cache_aware_on_token_ids_in_the_lane(nursery: trio.Nursery, sim_w
     assert metric_value(text, hit_tokens) >= 3 * 40 * 5
     chars = metric_value(text, f'lmgw_tokenizer_segment_cache_chars{{model="{MODEL}"}}')
     assert chars == stats.chars > len(system["content"])
+    # every prompt rendered by its shape (system, user), never checked wrong
+    renders = 'lmgw_chat_template_renders_total{model="%s",path="%s"}'
+    assert metric_value(text, renders % (MODEL, "shape")) >= 4
+    assert metric_value(text, renders % (MODEL, "mismatch"), None) == 0
 
 
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:

@@ -46,6 +46,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmgw.errors import GatewayError
 
+from .template_shapes import ShapeRenderer, Unshaped, analyze
+
 __all__ = [
     "CONTINUE_FINAL_MESSAGE_TAG",
     "ChatTemplate",
@@ -68,6 +70,7 @@ CONTINUE_FINAL_MESSAGE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _RESERVED_KWARGS = frozenset({"chat_template", "tokenize"})  # vLLM rejects these
 _EXPLICIT = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+_EXPLICIT_KWARGS = _EXPLICIT | {"continue_final_message"}
 _TEXT_PARTS = {
     "text": "text",
     "input_text": "text",
@@ -667,6 +670,7 @@ class ChatTemplate:
         default_kwargs: Mapping[str, Any] | None = None,
         media_placeholders: Mapping[str, str] | None = None,
         origin: str = "",
+        shapes: bool = True,
     ) -> None:
         if content_format not in ("auto", "string", "openai"):
             raise ChatTemplateConfigError(f"unknown content format {content_format!r}")
@@ -689,6 +693,30 @@ class ChatTemplate:
         self.media_placeholders: Mapping[str, str] = MappingProxyType(
             dict(media_placeholders or {})
         )
+        self.shapes: ShapeRenderer | None = None
+        """Plain conversations rendered by shape (:mod:`lmgw.text.template_shapes`)."""
+        self.unshaped: str | None = None
+        """Why the template renders every request in full (None: it has shapes)."""
+        if shapes:
+            self._learn_shapes()
+        else:
+            self.unshaped = "turned off (models[].chat_template_shapes)"
+
+    def _learn_shapes(self) -> None:
+        if _EXPLICIT_KWARGS & self.default_kwargs.keys():
+            self.unshaped = "chat_template_kwargs set tools, documents or the prompt flags"
+            return
+        compiled = self.get(None)
+        try:
+            use = analyze(self._env.parse(compiled.source))
+        except Unshaped as exc:
+            self.unshaped = str(exc)
+            return
+
+        def full(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+            return self._render(messages, add_generation_prompt=add_generation_prompt)
+
+        self.shapes = ShapeRenderer(use, full, self.origin or "inline")
 
     def _compile(self, name: str, source: str, fmt: ContentFormatOption) -> CompiledTemplate:
         if not isinstance(source, str):
@@ -790,6 +818,40 @@ class ChatTemplate:
         Raises:
             ChatTemplateError: bad messages or kwargs, or the template refused the input.
         """
+        shapes = self.shapes
+        if shapes is not None:
+            if (
+                tools is None
+                and documents is None
+                and not chat_template_kwargs
+                and template_name is None
+                and not continue_final_message
+            ):
+                text = shapes.render(messages, add_generation_prompt)
+                if text is not None:
+                    return text
+            shapes.stats.full += 1
+        return self._render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            chat_template_kwargs=chat_template_kwargs,
+            template_name=template_name,
+        )
+
+    def _render(
+        self,
+        messages: Any,
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        template_name: str | None = None,
+    ) -> str:
         kwargs = {**self.default_kwargs, **(chat_template_kwargs or {})}
         reserved = sorted(_RESERVED_KWARGS & kwargs.keys())
         if reserved:

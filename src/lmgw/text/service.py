@@ -312,6 +312,7 @@ def load_model_texts(models: Sequence[Any]) -> dict[str, ModelText]:
                     content_format=m.chat_template_content_format,
                     default_kwargs=dict(m.chat_template_kwargs),
                     media_placeholders=dict(m.media_placeholders),
+                    shapes=m.chat_template_shapes,
                 )
             except ChatTemplateConfigError:
                 if m.chat_template is not None:
