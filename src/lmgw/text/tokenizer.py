@@ -57,6 +57,8 @@ from tokenizers import AddedToken, Tokenizer
 
 from lmgw.errors import GatewayError
 
+from .word_ids import WordIds
+
 __all__ = [
     "DEFAULT_OFFLOAD_THRESHOLD_CHARS",
     "NAMED_SPECIAL_TOKENS",
@@ -292,6 +294,7 @@ class ModelTokenizer:
         prefix_cache_chars: int = DEFAULT_PREFIX_CACHE_CHARS,
         prefix_cache_min_chars: int = DEFAULT_PREFIX_CACHE_MIN_CHARS,
         prefix_cache_chunk_chars: int = DEFAULT_PREFIX_CACHE_CHUNK_CHARS,
+        word_ids: bool = True,
         name: str = "",
     ) -> None:
         if offload_threshold_chars < 0 or offload_threshold_ids < 0:
@@ -371,6 +374,15 @@ class ModelTokenizer:
             self.prefix_cache_off_reason = reason
         if self._segments is None:
             self.prefix_cache_chunk_off_reason = self.prefix_cache_off_reason
+        self.word_ids: WordIds | None = None
+        """Plain ASCII stretches encoded by pre-token (:mod:`lmgw.text.word_ids`), or None."""
+        self.word_ids_off_reason: str | None = "the segment cache is off"
+        if self._segments is not None and word_ids:
+            self.word_ids, self.word_ids_off_reason = WordIds.build(
+                tokenizer, avoid=[a.content for a in self.added_tokens], name=name
+            )
+        elif not word_ids:
+            self.word_ids_off_reason = "disabled"
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -521,9 +533,16 @@ class ModelTokenizer:
 
     def _encode_each(self, texts: list[str]) -> list[list[int]]:
         # Inline: keep the GIL (encode_batch_fast would release it, and taking it back can wait
-        # for another thread's switch interval).
+        # for another thread's switch interval). The stretches hold no added token.
         encode = self._tok.encode
-        return [encode(t, add_special_tokens=False).ids for t in texts]
+        words = self.word_ids
+        if words is None:
+            return [encode(t, add_special_tokens=False).ids for t in texts]
+        out = []
+        for t in texts:
+            ids = words.encode(t)
+            out.append(encode(t, add_special_tokens=False).ids if ids is None else ids)
+        return out
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
