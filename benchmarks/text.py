@@ -27,7 +27,11 @@ sim-model tokenizer (`simulators/model_files.py`, built locally, ~1.9k-token voc
 7. rendering the chat template (session 23): µs per request's render for the same multi-turn
    chats and a short shared system turn, with lmgw's sandbox (a plain dict's ``message.role``
    looked up as an item at once) and with jinja's own ``getattr`` (the attribute first, an
-   AttributeError caught, then the item), alternating, the same text from both.
+   AttributeError caught, then the item), alternating, the same text from both; and (session
+   25) by shape, the default (``lmgw.text.template_shapes``: each shape learned once, then
+   joined around the contents), the same text again. Section 6 gained (session 25) the
+   segment cache with and without encoding plain ASCII stretches by pre-token
+   (``lmgw.text.word_ids``).
 
     .venv/bin/python benchmarks/text.py [--quick]
 
@@ -326,7 +330,8 @@ async def run(args: argparse.Namespace) -> dict:
 
 SHORT_TURN_CONFIGS = (  # label: ModelTokenizer.load options
     ("cache_off", {"prefix_cache_chars": 0}),
-    ("min_1024", {"prefix_cache_min_chars": 1024}),
+    ("min_1024", {"prefix_cache_min_chars": 1024, "word_ids": False}),
+    ("no_word_ids", {"word_ids": False}),
     ("default", {}),
 )
 
@@ -383,6 +388,7 @@ def short_turns(tok: ModelTokenizer, template: ChatTemplate, folder: Path, n: in
                 assert got == want, (name, label)
             row[f"{label}_us"] = statistics.median(runs) * 1e6
         row["default_vs_min_1024"] = row["default_us"] / row["min_1024_us"]
+        row["word_ids_ratio"] = row["default_us"] / row["no_word_ids_us"]
         rows.append(row)
     return rows
 
@@ -411,20 +417,29 @@ def renders(tok: ModelTokenizer, template: ChatTemplate, n: int) -> list[dict]:
         mean_messages = statistics.mean(map(len, conversations))
         row: dict[str, Any] = {"workload": name, "messages": mean_messages}
         texts = {}
+        full = template._render  # (jinja every time: render() takes plain chats by shape)
         for label, getattr_ in (("jinja", ImmutableSandboxedEnvironment.getattr), ("lmgw", fast)):
             sandbox.getattr = getattr_  # type: ignore[method-assign]
             try:
                 runs = []
                 for _ in range(n):
                     t0 = time.perf_counter()
-                    out = [template.render(c, add_generation_prompt=True) for c in conversations]
+                    out = [full(c, add_generation_prompt=True) for c in conversations]
                     runs.append((time.perf_counter() - t0) / len(conversations))
                 texts[label] = out
             finally:
                 sandbox.getattr = fast  # type: ignore[method-assign]
             row[f"{label}_us"] = statistics.median(runs) * 1e6
-        assert texts["jinja"] == texts["lmgw"], name
+        runs = []
+        for _ in range(n):  # by shape (the default): learned once per shape, then joined
+            t0 = time.perf_counter()
+            out = [template.render(c, add_generation_prompt=True) for c in conversations]
+            runs.append((time.perf_counter() - t0) / len(conversations))
+        texts["shapes"] = out
+        row["shapes_us"] = statistics.median(runs) * 1e6
+        assert texts["jinja"] == texts["lmgw"] == texts["shapes"], name
         row["ratio"] = row["lmgw_us"] / row["jinja_us"]
+        row["shapes_ratio"] = row["shapes_us"] / row["lmgw_us"]
         rows.append(row)
     return rows
 
@@ -490,21 +505,27 @@ def report(res: dict) -> None:
     print("segment cache, short turns: µs per request's prompt (every request, cold ones too)")
     print(
         f"{'workload':<15} {'prompts':>7} {'chars':>6} {'cache off':>10} {'>=1024 only':>12}"
-        f" {'every stretch':>14} {'ratio':>6}"
+        f" {'every stretch':>14} {'+ word ids':>11} {'ratio':>6} {'words':>6}"
     )
     for r in res["short_turns"]:
         print(
             f"{r['workload']:<15} {r['prompts']:>7} {r['mean_chars']:>6.0f}"
-            f" {r['cache_off_us']:>10.1f} {r['min_1024_us']:>12.1f} {r['default_us']:>14.1f}"
-            f" {r['default_vs_min_1024']:>5.2f}x"
+            f" {r['cache_off_us']:>10.1f} {r['min_1024_us']:>12.1f} {r['no_word_ids_us']:>14.1f}"
+            f" {r['default_us']:>11.1f} {r['default_vs_min_1024']:>5.2f}x"
+            f" {r['word_ids_ratio']:>5.2f}x"
         )
+    print("  (ratio: every stretch + word ids vs >=1024 only; words: with vs without word ids)")
     print()
-    print("chat template render: µs per request, jinja's getattr vs lmgw's sandbox")
-    print(f"{'workload':<15} {'messages':>8} {'jinja':>8} {'lmgw':>8} {'ratio':>6}")
+    print("chat template render: µs per request, jinja's getattr vs lmgw's sandbox vs by shape")
+    print(
+        f"{'workload':<15} {'messages':>8} {'jinja':>8} {'lmgw':>8} {'ratio':>6} {'shapes':>8}"
+        f" {'ratio':>6}"
+    )
     for r in res["render"]:
         print(
             f"{r['workload']:<15} {r['messages']:>8.1f} {r['jinja_us']:>8.1f}"
-            f" {r['lmgw_us']:>8.1f} {r['ratio']:>5.2f}x"
+            f" {r['lmgw_us']:>8.1f} {r['ratio']:>5.2f}x {r['shapes_us']:>8.1f}"
+            f" {r['shapes_ratio']:>5.2f}x"
         )
 
 

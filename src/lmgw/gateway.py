@@ -547,6 +547,19 @@ class Gateway:
 
         m.template_renders.collect = renders
 
+        def words() -> list[tuple[tuple[str, ...], float]]:
+            out = []
+            for name, text in texts.items():
+                encoder = text.tokenizer.word_ids
+                if encoder is not None:
+                    stats = encoder.stats
+                    out.append(((name, "words"), float(stats.words)))
+                    out.append(((name, "other"), float(stats.other)))
+                    out.append(((name, "mismatch"), float(stats.mismatches)))
+            return out
+
+        m.word_ids.collect = words
+
     def text_for(self, model: str) -> ModelText | None:
         """The tokenizer and chat template of ``model`` (an adapter's: its base model's)."""
         texts = self.texts

@@ -262,6 +262,14 @@ class Metrics:
             " check found a shaped prompt that differed: shapes are then off for the model).",
             ("model", "path"),
         )
+        self.word_ids = Counter(
+            "lmgw_tokenizer_word_ids_total",
+            "Stretches of prompts the segment cache had to encode, by path: \"words\" (plain"
+            " ASCII, encoded pre-token by pre-token in the gateway), \"other\" (left to the"
+            " tokenizers library: other characters), \"mismatch\" (a sampled check found"
+            " different ids: the pre-token path is then off for the model).",
+            ("model", "path"),
+        )
         self.routing_predicted = Counter(
             "lmgw_routing_predicted_cached_tokens_total",
             "Prompt tokens the routing policy expected the chosen worker to have cached.",
@@ -372,6 +380,7 @@ class Metrics:
             self.placements, self.placement_speed, self.placement_queued,
             self.tokenizer_parity, self.segment_hits, self.segment_misses,
             self.segment_hit_tokens, self.segment_chars, self.template_renders,
+            self.word_ids,
             self.routing_predicted, self.routing_reported,
             self.routing_matched, self.routing_precision,
             self.worker_requests, self.express, self.lane_answers, self.lane_streams,

@@ -390,6 +390,10 @@ async def test_cache_aware_on_token_ids_in_the_lane(nursery: trio.Nursery, sim_w
     renders = 'lmgw_chat_template_renders_total{model="%s",path="%s"}'
     assert metric_value(text, renders % (MODEL, "shape")) >= 4
     assert metric_value(text, renders % (MODEL, "mismatch"), None) == 0
+    # the new user turns (plain ASCII) encoded pre-token by pre-token
+    words = 'lmgw_tokenizer_word_ids_total{model="%s",path="%s"}'
+    assert metric_value(text, words % (MODEL, "words")) >= 4
+    assert metric_value(text, words % (MODEL, "mismatch"), None) == 0
 
 
 async def test_after_a_failover_the_connection_comes_back(gateway: GatewayFactory) -> None:
