@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -534,31 +535,33 @@ class Gateway:
         m.segment_hit_tokens.collect = samples("hit_tokens")
         m.segment_chars.collect = samples("chars")
 
-        def renders() -> list[tuple[tuple[str, ...], float]]:
-            out = []
-            for name, text in texts.items():
-                shapes = text.template.shapes if text.template is not None else None
-                if shapes is not None:
-                    stats = shapes.stats
-                    out.append(((name, "shape"), float(stats.shaped)))
-                    out.append(((name, "full"), float(stats.full)))
-                    out.append(((name, "mismatch"), float(stats.mismatches)))
-            return out
+        def by_path(
+            of: Callable[[ModelText], Any], paths: tuple[tuple[str, str], ...]
+        ) -> Callable[[], list[tuple[tuple[str, ...], float]]]:
+            """Per model and path, the counter at the dotted attribute of ``of(text)``."""
+            getters = [(path, attrgetter(field)) for path, field in paths]
 
-        m.template_renders.collect = renders
+            def collect() -> list[tuple[tuple[str, ...], float]]:
+                out = []
+                for name, text in texts.items():
+                    fast = of(text)
+                    if fast is not None:
+                        out += [((name, path), float(get(fast))) for path, get in getters]
+                return out
 
-        def words() -> list[tuple[tuple[str, ...], float]]:
-            out = []
-            for name, text in texts.items():
-                encoder = text.tokenizer.word_ids
-                if encoder is not None:
-                    stats = encoder.stats
-                    out.append(((name, "words"), float(stats.words)))
-                    out.append(((name, "other"), float(stats.other)))
-                    out.append(((name, "mismatch"), float(stats.mismatches)))
-            return out
+            return collect
 
-        m.word_ids.collect = words
+        def shapes(text: ModelText) -> Any:
+            return text.template.shapes if text.template is not None else None
+
+        mismatch = ("mismatch", "check.mismatches")
+        m.template_renders.collect = by_path(
+            shapes, (("shape", "stats.shaped"), ("full", "stats.full"), mismatch)
+        )
+        m.word_ids.collect = by_path(
+            lambda text: text.tokenizer.word_ids,
+            (("words", "stats.words"), ("other", "stats.other"), mismatch),
+        )
 
     def text_for(self, model: str) -> ModelText | None:
         """The tokenizer and chat template of ``model`` (an adapter's: its base model's)."""

@@ -264,9 +264,9 @@ class Metrics:
         )
         self.word_ids = Counter(
             "lmgw_tokenizer_word_ids_total",
-            "Stretches of prompts the segment cache had to encode, by path: \"words\" (plain"
-            " ASCII, encoded pre-token by pre-token in the gateway), \"other\" (left to the"
-            " tokenizers library: other characters), \"mismatch\" (a sampled check found"
+            'Stretches of prompts the segment cache had to encode, by path: "words" (plain'
+            ' ASCII, encoded pre-token by pre-token in the gateway), "other" (left to the'
+            ' tokenizers library: other characters), "mismatch" (a sampled check found'
             " different ids: the pre-token path is then off for the model).",
             ("model", "path"),
         )

@@ -25,7 +25,8 @@ from tests.property.test_chat_template_diff import CHATML, LLAMA3, MISTRAL
 import lmgw.text.chat_template as chat_template_module
 import lmgw.text.template_shapes as shapes_module
 from lmgw.text import ChatTemplate, ChatTemplateError
-from lmgw.text.template_shapes import VERIFY_EVERY, ContentUse, Unshaped, analyze
+from lmgw.text.sampled_check import EVERY
+from lmgw.text.template_shapes import ContentUse, Unshaped, analyze
 
 # In the style of reasoning models' templates: the reasoning split off an assistant turn at
 # </think>, a tool response recognised by its tags, the last real user turn found by a loop.
@@ -297,9 +298,9 @@ def test_a_mismatch_turns_shapes_off(caplog: pytest.LogCaptureFixture) -> None:
     template.render(msgs, add_generation_prompt=False)
     (key,) = shapes._shapes
     shapes._shapes[key] = "<|im_start|>user\nWRONG {0}<|im_end|>\n"  # a shape gone bad
-    for _ in range(VERIFY_EVERY + 1):
+    for _ in range(EVERY + 1):
         template.render(msgs, add_generation_prompt=False)
-    assert shapes.off is not None and shapes.stats.mismatches == 1
+    assert shapes.check.off is not None and shapes.check.mismatches == 1
     assert "turned off" in caplog.text
     assert template.render(msgs, add_generation_prompt=False) == template._render(msgs)
 

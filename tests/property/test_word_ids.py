@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmgw.text import ModelTokenizer
-from lmgw.text.word_ids import GPT2_PATTERN, VERIFY_EVERY, WordIds, translate
+from lmgw.text.sampled_check import EVERY
+from lmgw.text.word_ids import GPT2_PATTERN, WordIds, translate
 
 LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -199,9 +200,9 @@ def test_a_wrong_id_at_run_time_turns_it_off(caplog: pytest.LogCaptureFixture) -
     assert words is not None
     words.encode("hello world")
     words._words[" world"] = [0]  # a cache entry gone bad
-    for _ in range(VERIFY_EVERY + 1):
+    for _ in range(EVERY + 1):
         words.encode("hello world")
-    assert words.off is not None and words.stats.mismatches == 1
+    assert words.check.off is not None and words.check.mismatches == 1
     assert "turned off" in caplog.text
     assert words.encode("hello world") is None
 

@@ -24,9 +24,9 @@ When that is exact, and what makes it so:
   skeleton, and rich contents (quotes, backslashes, newlines, braces, markup, non-ASCII) must
   then give exactly the skeleton filled with them; a template that transforms what it prints
   (``tojson``, ``lower``, escaping) fails that and its shape renders in full.
-* One in :data:`VERIFY_EVERY` shaped renders is also rendered in full and compared; a
-  difference turns shapes off for the template (logged, and counted in
-  ``lmgw_chat_template_renders_total{path="mismatch"}``).
+* One in 256 shaped renders is also rendered in full and compared
+  (:class:`lmgw.text.sampled_check.SampledCheck`); a difference turns shapes off for the
+  template (logged, and counted in ``lmgw_chat_template_renders_total{path="mismatch"}``).
 
 Templates that print ``strftime_now(<literal format>)`` (Llama 3's date) get the formatted
 clock in the shape key, so a new day learns a new shape.
@@ -34,7 +34,6 @@ clock in the shape key, so a new day learns a new shape.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,15 +42,14 @@ from typing import Any
 
 import jinja2.nodes as nodes
 
-__all__ = ["ContentUse", "ShapeRenderer", "analyze"]
+from .sampled_check import SampledCheck
 
-log = logging.getLogger("lmgw.text")
+__all__ = ["ContentUse", "ShapeRenderer", "analyze"]
 
 ROLES = frozenset({"system", "user", "assistant"})
 """Roles a shaped conversation may have: the ones vLLM passes through untouched."""
 MAX_MESSAGES = 256
 MAX_SHAPES = 1024
-VERIFY_EVERY = 256
 
 _TYPE_TESTS = frozenset(
     {
@@ -515,7 +513,6 @@ class ShapeStats:
     shaped: int = 0
     full: int = 0
     shapes: int = 0
-    mismatches: int = 0
 
 
 class ShapeRenderer:
@@ -538,13 +535,11 @@ class ShapeRenderer:
         self._admits = use.admits
         self._clock = use.clock_formats
         self.stats = ShapeStats()
-        self.off: str | None = None
-        """Why shapes were turned off (a mismatch), or None."""
-        self._countdown = VERIFY_EVERY
+        self.check = SampledCheck(f"chat template {name}: rendering by shape")
 
     def render(self, messages: Any, add_generation_prompt: bool) -> str | None:
         """The prompt of a plain conversation; None for any other (render it in full)."""
-        if self.off is not None or type(messages) is not list or len(messages) > MAX_MESSAGES:
+        if self.check.off is not None or type(messages) is not list or len(messages) > MAX_MESSAGES:
             return None
         admits = self._admits
         roles = []
@@ -571,9 +566,7 @@ class ShapeRenderer:
             return None
         out = fmt.format(*contents)
         self.stats.shaped += 1
-        self._countdown -= 1
-        if self._countdown <= 0:
-            self._countdown = VERIFY_EVERY
+        if self.check.due():
             self._verify(messages, add_generation_prompt, out)
         return out
 
@@ -638,12 +631,7 @@ class ShapeRenderer:
         except Exception as exc:
             want = f"<raises {type(exc).__name__}>"
         if want != got:
-            self.stats.mismatches += 1
-            self.off = "a shaped render differed from the full render"
             self._shapes.clear()
-            log.warning(
-                "chat template %s: rendering by shape turned off: a shaped prompt differed from"
-                " the full render (%d messages)",
-                self.name,
-                len(messages),
+            self.check.failed(
+                f"a shaped prompt differed from the full render ({len(messages)} messages)"
             )

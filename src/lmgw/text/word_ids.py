@@ -17,15 +17,14 @@ characters, as the ByteLevel pre-tokenizer maps them). Other text (any other cha
 encoded by the tokenizer as before.
 
 Checks: at load, the split and the ids must agree with the tokenizer on a probe corpus and on
-seeded random ASCII strings (else off, with the reason); at run time one encode in
-:data:`VERIFY_EVERY` is compared with the tokenizer, and a difference turns this off for the
-model (logged, counted).
+seeded random ASCII strings (else off, with the reason); at run time one encode in 256 is
+compared with the tokenizer (:class:`lmgw.text.sampled_check.SampledCheck`), and a difference
+turns this off for the model (logged, counted).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import random
 import re
 from collections.abc import Sequence
@@ -34,13 +33,12 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-__all__ = ["GPT2_PATTERN", "WordIds", "translate"]
+from .sampled_check import SampledCheck
 
-log = logging.getLogger("lmgw.text")
+__all__ = ["GPT2_PATTERN", "WordIds", "translate"]
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The split of ``ByteLevel(use_regex=true)``."""
-VERIFY_EVERY = 256
 MAX_WORDS = 1 << 16
 
 # Unicode classes as their ASCII members ("": none in ASCII).
@@ -198,7 +196,6 @@ class WordStats:
     """Texts encoded here."""
     other: int = 0
     """Texts left to the tokenizer (a character outside plain ASCII)."""
-    mismatches: int = 0
 
 
 class WordIds:
@@ -212,8 +209,7 @@ class WordIds:
         self._words: dict[str, list[int]] = {}
         self.name = name
         self.stats = WordStats()
-        self.off: str | None = None
-        self._countdown = VERIFY_EVERY
+        self.check = SampledCheck(f"tokenizer {name}: encoding by pre-token")
 
     @classmethod
     def build(
@@ -259,7 +255,7 @@ class WordIds:
 
     def encode(self, text: str) -> list[int] | None:
         """``text``'s ids (``text`` holds no added token), or None: the tokenizer's to do."""
-        if self.off is not None or _PLAIN(text) is not None:
+        if self.check.off is not None or _PLAIN(text) is not None:
             self.stats.other += 1
             return None
         ids = self._encode(text)
@@ -267,19 +263,9 @@ class WordIds:
             self.stats.other += 1
             return None
         self.stats.words += 1
-        self._countdown -= 1
-        if self._countdown <= 0:
-            self._countdown = VERIFY_EVERY
-            if ids != self._tok.encode(text, add_special_tokens=False).ids:
-                self.stats.mismatches += 1
-                self.off = "pre-token ids differed from a whole encode"
-                log.warning(
-                    "tokenizer %s: encoding by pre-token turned off: ids differed from a whole"
-                    " encode (%d characters)",
-                    self.name,
-                    len(text),
-                )
-                return None
+        if self.check.due() and ids != self._tok.encode(text, add_special_tokens=False).ids:
+            self.check.failed(f"ids differed from a whole encode ({len(text)} characters)")
+            return None
         return ids
 
     def _encode(self, text: str) -> list[int] | None:
