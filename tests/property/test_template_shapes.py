@@ -98,12 +98,46 @@ DATED = """\
 {%- endif %}
 """
 
+# In the style of Gemma 3: the system turn folded into the first user turn, list contents read
+# by index in a branch string contents never take, every content trimmed.
+FOLDED = """\
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- if messages[0]['content'] is string %}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' %}
+    {%- else %}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' %}
+    {%- endif %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set first_user_prefix = "" %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif %}
+    {%- set role = "model" if message['role'] == 'assistant' else message['role'] %}
+    {{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string %}
+        {{- message['content'] | trim }}
+    {%- else %}
+        {%- for item in message['content'] %}
+            {%- if item['type'] == 'text' %}{{- item['text'] | trim }}{%- endif %}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<end_of_turn>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}
+"""
+
 # Prints contents through filters: every shape fails its rich probe, so every request renders
 # in full (and correctly).
 TRANSFORMING = """\
 {%- for message in messages %}
     {{- message.role + ': ' + (message.content | tojson) + '\\n' }}
     {{- message.content | upper }}
+    {{- message.content[-1] }}
 {%- endfor %}
 """
 
@@ -146,8 +180,11 @@ TEMPLATES = {
     "transforming": TRANSFORMING,
     "parts": PARTS,
     "stripping": STRIPPING,
+    "folded": FOLDED,
 }
-SHAPED = {"chatml", "llama3", "mistral", "sim", "reasoning", "dated", "parts", "stripping"}
+SHAPED = {
+    "chatml", "llama3", "mistral", "sim", "reasoning", "dated", "parts", "stripping", "folded",
+}  # fmt: skip
 
 
 def _template(name: str) -> ChatTemplate:
@@ -383,7 +420,8 @@ def test_guards(source: str, literals: tuple, strip_space: bool, strip_chars: st
     [
         "{% for m in messages %}{% if m.content | length > 10 %}long{% endif %}{% endfor %}",
         "{% for m in messages %}{{ m.content[:100] }}{% endfor %}",
-        "{% for m in messages %}{{ m.content[0] }}{% endfor %}",
+        "{% for m in messages %}{{ m.content[n] }}{% endfor %}",
+        "{% for m in messages %}{% if m.content[0] == 'x' %}!{% endif %}{% endfor %}",
         "{% for m in messages %}{{ m.content.split('x')[1] }}{% endfor %}",
         "{% for m in messages %}{{ m.content.split() | join(' ') }}{% endfor %}",
         "{% for m in messages %}{% if m.content in 'abc' %}!{% endif %}{% endfor %}",
@@ -411,3 +449,12 @@ def test_guards(source: str, literals: tuple, strip_space: bool, strip_chars: st
 def test_uses_no_guard_covers(source: str) -> None:
     with pytest.raises(Unshaped):
         _analyze(source)
+
+
+def test_a_printed_index_passes_the_analysis_and_fails_the_probe() -> None:
+    template = ChatTemplate("{% for m in messages %}{{ m.role }}:{{ m.content[-1] }}{% endfor %}")
+    assert template.unshaped is None  # (a character of a content, printed: the probe decides)
+    msgs = [{"role": "user", "content": "hello"}]
+    for _ in range(2):
+        assert template.render(msgs) == "user:o"
+    assert template.shapes is not None and template.shapes.stats.shaped == 0

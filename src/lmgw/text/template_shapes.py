@@ -366,7 +366,9 @@ def _climb(a: _Analysis, node: nodes.Node, *, transformed: bool) -> None:
     if isinstance(p, nodes.Getitem) and p.node is node:
         key = _const_str(p.arg)
         if key is None:
-            raise Unshaped("a content indexed or sliced")
+            if _int_const(p.arg) is not None:  # one character (or one part): printed only
+                return _climb(a, p, transformed=True)
+            raise Unshaped("a content sliced or indexed by a computed value")
         if key in ("text", "content"):
             return _climb(a, p, transformed=transformed)
         return
