@@ -458,3 +458,15 @@ def test_a_printed_index_passes_the_analysis_and_fails_the_probe() -> None:
     for _ in range(2):
         assert template.render(msgs) == "user:o"
     assert template.shapes is not None and template.shapes.stats.shaped == 0
+
+
+def test_an_analysis_that_breaks_leaves_the_template_in_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(ast: Any) -> ContentUse:
+        raise KeyError("unforeseen")
+
+    monkeypatch.setattr(chat_template_module, "analyze", broken)
+    template = ChatTemplate(CHATML)
+    assert template.shapes is None and "KeyError" in (template.unshaped or "")
+    assert template.render([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")

@@ -221,3 +221,18 @@ def test_model_tokenizer_uses_it_for_uncached_stretches() -> None:
     assert stats.words >= 1 and stats.other >= 1  # the ASCII stretches here, café not
     off = ModelTokenizer(Tokenizer.from_str(TOKENIZERS["llama3-style"].to_str()), word_ids=False)
     assert off.word_ids is None and off.word_ids_off_reason == "disabled"
+
+
+def test_a_build_that_breaks_leaves_the_tokenizer_to_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("unforeseen")
+
+    monkeypatch.setattr(WordIds, "build", broken)
+    tok = ModelTokenizer(Tokenizer.from_str(TOKENIZERS["gpt2-style"].to_str()))
+    assert tok.word_ids is None and "ValueError" in (tok.word_ids_off_reason or "")
+    assert (
+        tok.encode("hello world", add_special_tokens=False)
+        == TOKENIZERS["gpt2-style"].encode("hello world", add_special_tokens=False).ids
+    )

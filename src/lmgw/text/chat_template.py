@@ -712,6 +712,9 @@ class ChatTemplate:
         except Unshaped as exc:
             self.unshaped = str(exc)
             return
+        except Exception as exc:  # (a template shape the analysis did not foresee: full renders)
+            self.unshaped = f"the analysis failed: {type(exc).__name__}: {exc}"
+            return
 
         def full(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
             return self._render(messages, add_generation_prompt=add_generation_prompt)

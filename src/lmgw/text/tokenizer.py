@@ -378,9 +378,12 @@ class ModelTokenizer:
         """Plain ASCII stretches encoded by pre-token (:mod:`lmgw.text.word_ids`), or None."""
         self.word_ids_off_reason: str | None = "the segment cache is off"
         if self._segments is not None and word_ids:
-            self.word_ids, self.word_ids_off_reason = WordIds.build(
-                tokenizer, avoid=[a.content for a in self.added_tokens], name=name
-            )
+            try:
+                self.word_ids, self.word_ids_off_reason = WordIds.build(
+                    tokenizer, avoid=[a.content for a in self.added_tokens], name=name
+                )
+            except Exception as exc:  # (a tokenizer it did not foresee: the library encodes)
+                self.word_ids_off_reason = f"the check failed: {type(exc).__name__}: {exc}"
         elif not word_ids:
             self.word_ids_off_reason = "disabled"
 
