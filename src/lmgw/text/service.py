@@ -10,6 +10,7 @@ prompt encoded with them), so the counts match what the engine will see.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import msgspec
 from ..errors import DECODE_ERRORS, GatewayError
 from .chat_template import ChatTemplate, ChatTemplateConfigError
 from .tokenizer import ModelTokenizer, TokenizerLoadError
+
+log = logging.getLogger("lmgw.text")
 
 
 class ModelText:
@@ -321,4 +324,15 @@ def load_model_texts(models: Sequence[Any]) -> dict[str, ModelText]:
         except (TokenizerLoadError, ChatTemplateConfigError) as exc:
             raise ValueError(f"model {m.name!r}: {exc}") from None
         out[m.name] = ModelText(m.name, tok, template, tok.max_model_len, m.validate_context)
+        log.info(
+            "model %s: chat template by shape %s; segment cache %s; pre-token ids %s",
+            m.name,
+            "n/a" if template is None else _on_off(template.unshaped),
+            _on_off(tok.prefix_cache_off_reason),
+            _on_off(tok.word_ids_off_reason),
+        )
     return out
+
+
+def _on_off(reason: str | None) -> str:
+    return "on" if reason is None else f"off ({reason})"
