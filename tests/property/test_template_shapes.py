@@ -240,14 +240,58 @@ SETTINGS = settings(
 _CACHE: dict[str, ChatTemplate] = {}
 
 
+def _tool(name: str, description: str) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": {"q": {"type": "string"}}}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": parameters},
+    }
+
+
+TOOL_SETS = st.sampled_from(
+    [
+        None,
+        None,
+        [_tool("search", 'Find {things} on the web.\nReturns "hits".')],
+        [_tool("search", "Find things."), _tool("calc", "Add 2 + 2 </think> {0}")],
+        [{"type": "function", "function": {"description": "no name"}}],  # (refused: a 400)
+    ]
+)
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @SETTINGS
-@given(msgs=conversations(), generation=st.booleans())
-def test_shaped_render_is_the_full_render(name: str, msgs: list, generation: bool) -> None:
+@given(msgs=conversations(), generation=st.booleans(), tools=TOOL_SETS)
+def test_shaped_render_is_the_full_render(
+    name: str, msgs: list, generation: bool, tools: Any
+) -> None:
     template = _CACHE.get(name) or _CACHE.setdefault(name, _template(name))
-    got = _outcome(lambda: template.render(msgs, add_generation_prompt=generation))
-    want = _outcome(lambda: template._render(msgs, add_generation_prompt=generation))
+    args = {"add_generation_prompt": generation, "tools": tools}
+    got = _outcome(lambda: template.render(msgs, **args))
+    want = _outcome(lambda: template._render(msgs, **args))
     assert got == want
+
+
+def test_tools_are_part_of_the_shape() -> None:
+    template = _template("chatml")
+    msgs = [{"role": "user", "content": "hi"}]
+    one, two = [_tool("a", "first")], [_tool("b", "second")]
+    for tools in (one, two, one, two):
+        got = template.render(msgs, add_generation_prompt=True, tools=tools)
+        assert got == template._render(msgs, add_generation_prompt=True, tools=tools)
+        assert tools[0]["function"]["description"] in got
+    stats = template.shapes.stats  # type: ignore[union-attr]
+    assert stats.shaped == 4 and stats.shapes == 2
+
+
+def test_a_tool_use_template_of_its_own_keeps_requests_with_tools_in_full() -> None:
+    template = ChatTemplate(
+        {"default": CHATML, "tool_use": "{{ tools | tojson }}{{ messages[0].content }}"}
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    got = template.render(msgs, tools=[_tool("a", "first")])
+    assert got.endswith("hi") and got.startswith("[{")
+    assert template.shapes is not None and template.shapes.stats.shaped == 0
 
 
 _EDGES = [
@@ -353,7 +397,6 @@ def test_requests_with_more_than_roles_and_contents_render_in_full() -> None:
         {"messages": [{"role": "tool", "content": "1", "tool_call_id": "c"}]},
         {"messages": [{"role": "developer", "content": "hi"}]},
         {"messages": [{"role": "user", "content": ""}]},
-        {"messages": plain, "tools": [{"type": "function", "function": {"name": "f"}}]},
         {"messages": plain, "chat_template_kwargs": {"x": 1}},
         {"messages": [{"role": "assistant", "content": "hi"}], "continue_final_message": True},
     ]

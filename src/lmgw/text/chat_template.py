@@ -697,6 +697,7 @@ class ChatTemplate:
         """Plain conversations rendered by shape (:mod:`lmgw.text.template_shapes`)."""
         self.unshaped: str | None = None
         """Why the template renders every request in full (None: it has shapes)."""
+        self._shaped_tools = False  # (requests with tools use the shapes' template too)
         if shapes:
             self._learn_shapes()
         else:
@@ -716,10 +717,12 @@ class ChatTemplate:
             self.unshaped = f"the analysis failed: {type(exc).__name__}: {exc}"
             return
 
-        def full(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-            return self._render(messages, add_generation_prompt=add_generation_prompt)
+        def full(messages: list[dict[str, str]], add_generation_prompt: bool, tools: Any) -> str:
+            return self._render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
         self.shapes = ShapeRenderer(use, full, self.origin or "inline")
+        # (with a "tool_use" template of its own, a request with tools is that template's)
+        self._shaped_tools = self.get(None, tools=[]) is compiled
 
     def _compile(self, name: str, source: str, fmt: ContentFormatOption) -> CompiledTemplate:
         if not isinstance(source, str):
@@ -824,13 +827,13 @@ class ChatTemplate:
         shapes = self.shapes
         if shapes is not None:
             if (
-                tools is None
+                (tools is None or self._shaped_tools)
                 and documents is None
                 and not chat_template_kwargs
                 and template_name is None
                 and not continue_final_message
             ):
-                text = shapes.render(messages, add_generation_prompt)
+                text = shapes.render(messages, add_generation_prompt, tools)
                 if text is not None:
                     return text
             shapes.stats.full += 1

@@ -3,9 +3,9 @@ contents, learned once per shape and then joined.
 
 Why: jinja renders a short chat in about 20 µs, the largest single cost of a tokenizing
 gateway's request beside the encode (issue 4's ``benchmarks/zmq_vs_http.py``). Most requests
-are plain conversations (roles and string contents, no tools), and most templates only *print*
-a message's content: then the prompt is the same literal text around the contents for every
-conversation with the same roles in the same order. So each such shape is rendered once with
+are plain conversations (roles and string contents), and most templates only *print* a
+message's content: then the prompt is the same literal text around the contents for every
+conversation with the same roles in the same order (and the same tools, where there are any). So each such shape is rendered once with
 sentinel contents, split at the sentinels into a format string, and later requests of that
 shape are one ``str.format`` call (about 1 µs).
 
@@ -41,6 +41,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2.nodes as nodes
+import msgspec
 
 from .sampled_check import SampledCheck
 
@@ -50,6 +51,8 @@ ROLES = frozenset({"system", "user", "assistant"})
 """Roles a shaped conversation may have: the ones vLLM passes through untouched."""
 MAX_MESSAGES = 256
 MAX_SHAPES = 1024
+MAX_TOOLS_BYTES = 1 << 16
+"""A request's tools are part of its shape's key up to this size (as JSON)."""
 
 _TYPE_TESTS = frozenset(
     {
@@ -69,6 +72,7 @@ _IMPURE_GLOBALS = frozenset({"lipsum"})  # (random text)
 # strftime directives that change at most once a day (a shape is learned per value)
 _DAILY = frozenset("%" + c for c in "aAbBdejmuUwWyYgGVCDFx%")
 _DIRECTIVE = re.compile("%-?.")
+_encode_json = msgspec.json.Encoder().encode
 _SENTINEL = re.compile("\ue000([0-9]+)\ue001")
 
 
@@ -522,13 +526,13 @@ class ShapeRenderer:
 
     Args:
         use: the template's guards (:func:`analyze`).
-        full: renders ``(messages, add_generation_prompt)`` through the full path (the
+        full: renders ``(messages, add_generation_prompt, tools)`` through the full path (the
             reference; raises for a conversation the template refuses).
         name: for log lines.
     """
 
     def __init__(
-        self, use: ContentUse, full: Callable[[list[dict[str, str]], bool], str], name: str
+        self, use: ContentUse, full: Callable[[list[dict[str, str]], bool, Any], str], name: str
     ) -> None:
         self.use = use
         self._full = full
@@ -539,10 +543,19 @@ class ShapeRenderer:
         self.stats = ShapeStats()
         self.check = SampledCheck(f"chat template {name}: rendering by shape")
 
-    def render(self, messages: Any, add_generation_prompt: bool) -> str | None:
-        """The prompt of a plain conversation; None for any other (render it in full)."""
+    def render(self, messages: Any, add_generation_prompt: bool, tools: Any = None) -> str | None:
+        """The prompt of a plain conversation (``tools``: the request's, part of the shape);
+        None for any other (render it in full)."""
         if self.check.off is not None or type(messages) is not list or len(messages) > MAX_MESSAGES:
             return None
+        tools_key = b""
+        if tools is not None:  # (an agent's first turn: the same tools, request after request)
+            try:
+                tools_key = _encode_json(tools)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            if len(tools_key) > MAX_TOOLS_BYTES:
+                return None
         admits = self._admits
         roles = []
         contents = []
@@ -559,17 +572,17 @@ class ShapeRenderer:
             contents.append(content)
         if not roles:
             return None
-        key = (tuple(roles), add_generation_prompt, *self._clock_key())
+        key = (tuple(roles), add_generation_prompt, tools_key, *self._clock_key())
         shapes = self._shapes
         fmt = shapes.get(key, "")
         if fmt == "":
-            fmt = self._learn(key, roles, add_generation_prompt)
+            fmt = self._learn(key, roles, add_generation_prompt, tools)
         if fmt is None:
             return None
         out = fmt.format(*contents)
         self.stats.shaped += 1
         if self.check.due():
-            self._verify(messages, add_generation_prompt, out)
+            self._verify(messages, add_generation_prompt, tools, out)
         return out
 
     def _clock_key(self) -> tuple[str, ...]:
@@ -578,10 +591,12 @@ class ShapeRenderer:
         now = datetime.now()
         return tuple(now.strftime(f) for f in self._clock)
 
-    def _learn(self, key: tuple, roles: list[str], add_generation_prompt: bool) -> str | None:
+    def _learn(
+        self, key: tuple, roles: list[str], add_generation_prompt: bool, tools: Any
+    ) -> str | None:
         shapes = self._shapes
-        fmt = self._skeleton(roles, add_generation_prompt)
-        if key[2:] != self._clock_key():
+        fmt = self._skeleton(roles, add_generation_prompt, tools)
+        if key[3:] != self._clock_key():
             return fmt  # the clock moved while learning: use it once, keep nothing
         if len(shapes) >= MAX_SHAPES:
             del shapes[next(iter(shapes))]
@@ -589,7 +604,7 @@ class ShapeRenderer:
         self.stats.shapes = len(shapes)
         return fmt
 
-    def _skeleton(self, roles: list[str], add_generation_prompt: bool) -> str | None:
+    def _skeleton(self, roles: list[str], add_generation_prompt: bool, tools: Any) -> str | None:
         """The shape's format string from sentinel contents, checked with rich ones."""
         n = len(roles)
         sentinels = [f"\ue000{i}\ue001" for i in range(n)]
@@ -600,10 +615,12 @@ class ShapeRenderer:
             text = self._full(
                 [{"role": r, "content": c} for r, c in zip(roles, sentinels, strict=True)],
                 add_generation_prompt,
+                tools,
             )
             want = self._full(
                 [{"role": r, "content": c} for r, c in zip(roles, rich, strict=True)],
                 add_generation_prompt,
+                tools,
             )
         except Exception:  # (the full path raises the request's own error)
             return None
@@ -626,10 +643,10 @@ class ShapeRenderer:
         return out
 
     def _verify(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool, got: str
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, tools: Any, got: str
     ) -> None:
         try:
-            want = self._full(messages, add_generation_prompt)
+            want = self._full(messages, add_generation_prompt, tools)
         except Exception as exc:
             want = f"<raises {type(exc).__name__}>"
         if want != got:
