@@ -412,8 +412,29 @@ def renders(tok: ModelTokenizer, template: ChatTemplate, n: int) -> list[dict]:
         multi_turn.append(history)
         history = [*history, {"role": "assistant", "content": make_text(tok, 60, next(seed))}]
     shared = [[system, {"role": "user", "content": make_text(tok, 30, next(seed))}]] * 96
+    tools = [  # an agent's first turn: six tools, the same in every request
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": make_text(tok, 20, next(seed)),
+                "parameters": {
+                    "type": "object",
+                    "properties": {"q": {"type": "string", "description": "the query"}},
+                    "required": ["q"],
+                },
+            },
+        }
+        for i in range(6)
+    ]
+    first_turns = [[system, {"role": "user", "content": make_text(tok, 30, next(seed))}]
+                   for _ in range(96)]  # fmt: skip
     rows = []
-    for name, conversations in (("multi-turn", multi_turn), ("shared system", shared)):
+    for name, conversations, with_tools in (
+        ("multi-turn", multi_turn, None),
+        ("shared system", shared, None),
+        ("+ six tools", first_turns, tools),
+    ):
         mean_messages = statistics.mean(map(len, conversations))
         row: dict[str, Any] = {"workload": name, "messages": mean_messages}
         texts = {}
@@ -424,7 +445,9 @@ def renders(tok: ModelTokenizer, template: ChatTemplate, n: int) -> list[dict]:
                 runs = []
                 for _ in range(n):
                     t0 = time.perf_counter()
-                    out = [full(c, add_generation_prompt=True) for c in conversations]
+                    out = [
+                        full(c, add_generation_prompt=True, tools=with_tools) for c in conversations
+                    ]
                     runs.append((time.perf_counter() - t0) / len(conversations))
                 texts[label] = out
             finally:
@@ -433,7 +456,10 @@ def renders(tok: ModelTokenizer, template: ChatTemplate, n: int) -> list[dict]:
         runs = []
         for _ in range(n):  # by shape (the default): learned once per shape, then joined
             t0 = time.perf_counter()
-            out = [template.render(c, add_generation_prompt=True) for c in conversations]
+            out = [
+                template.render(c, add_generation_prompt=True, tools=with_tools)
+                for c in conversations
+            ]
             runs.append((time.perf_counter() - t0) / len(conversations))
         texts["shapes"] = out
         row["shapes_us"] = statistics.median(runs) * 1e6
