@@ -5,9 +5,9 @@ Why: jinja renders a short chat in about 20 µs, the largest single cost of a to
 gateway's request beside the encode (issue 4's ``benchmarks/zmq_vs_http.py``). Most requests
 are plain conversations (roles and string contents), and most templates only *print* a
 message's content: then the prompt is the same literal text around the contents for every
-conversation with the same roles in the same order (and the same tools, where there are any). So each such shape is rendered once with
-sentinel contents, split at the sentinels into a format string, and later requests of that
-shape are one ``str.format`` call (about 1 µs).
+conversation with the same roles in the same order (and the same tools, where there are
+any). So each such shape is rendered once with sentinel contents, split at the sentinels into
+a format string, and later requests of that shape are one ``str.format`` call (about 1 µs).
 
 When that is exact, and what makes it so:
 
