@@ -20,7 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from lmgw.text import ModelTokenizer
 from lmgw.text.sampled_check import EVERY
-from lmgw.text.word_ids import GPT2_PATTERN, WordIds, translate
+from lmgw.text.word_ids import GPT2_PATTERN, SYMBOLS, WordIds, translate
 
 LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -42,6 +42,7 @@ ASCII = st.lists(
     st.one_of(
         st.characters(min_codepoint=32, max_codepoint=126),
         st.sampled_from(["\t", "\n", "\r", " ", "  ", "'s", "'LL", "123", "\r\n", "word"]),
+        st.sampled_from(SYMBOLS),  # (curly quotes, dashes, currency, emoji...)
     ),
     max_size=30,
 ).map("".join)
@@ -145,7 +146,7 @@ def test_ids_are_a_whole_encodes(name: str, text: str) -> None:
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 def test_other_text_is_left_to_the_tokenizer(name: str) -> None:
     words = _words(name)
-    for text in ("café", "日本語", "tab\x0bvertical", "nul\x00", "emoji 😀", "\x7f"):
+    for text in ("café", "日本語", "tab\x0bvertical", "nul\x00", "nbsp\u00a0", "\x7f", "²"):
         assert words.encode(text) is None
 
 
@@ -186,6 +187,16 @@ def test_text_the_split_does_not_cover_is_left_to_the_tokenizer() -> None:
     assert words is not None, why
     assert words.encode("abc123") == tok.encode("abc123", add_special_tokens=False).ids
     assert words.encode("abc, 123") is None  # ", " lies between the matches
+
+
+def test_symbols_a_normalizer_changes_are_left_to_the_tokenizer() -> None:
+    tok = _trained(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    tok.normalizer = normalizers.NFKC()
+    words, why = WordIds.build(tok)
+    assert words is not None, why
+    for text in ("etc\u2026", "5\u2122"):  # NFKC: "...", "TM"
+        assert words.encode(text) is None
+    assert words.encode("a \u2014 b") == tok.encode("a \u2014 b", add_special_tokens=False).ids
 
 
 def test_a_normalizer_that_changes_ascii_turns_it_off() -> None:

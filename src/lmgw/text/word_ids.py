@@ -10,8 +10,10 @@ lookup per word take ~2 µs.
 Why it is exact: in a byte-level BPE (GPT-2, Llama 3, Qwen, DeepSeek...) merges never cross a
 pre-token, so a pre-token has the same ids wherever it stands, provided nothing is added in
 front of the text (``add_prefix_space`` false) and the normalizer leaves ASCII alone. For text
-of printable ASCII plus tab, newline and carriage return, the model's split regex (onig syntax,
-``\\p{L}``...) has an exact ``re`` equivalent with ASCII classes (:func:`translate`). A new
+of printable ASCII plus tab, newline and carriage return, and punctuation or symbols beyond
+ASCII (:data:`SYMBOLS`: curly quotes, dashes, currency signs, emoji...), the model's split regex
+(onig syntax, ``\\p{L}``...) has an exact ``re`` equivalent with ASCII classes
+(:func:`translate`). A new
 pre-token's ids come from the tokenizer's BPE model itself (its bytes mapped to byte-level
 characters, as the ByteLevel pre-tokenizer maps them). Other text (any other character) is
 encoded by the tokenizer as before.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,19 +52,53 @@ _CLASSES = {
 }  # fmt: skip
 # Escapes that mean the same in onig and in ``re`` with re.ASCII, for ASCII text.
 _SAME_ESCAPES = frozenset("sSdDwWrntfv\\'\"-.[](){}?*+|^$/!#%&,:;<=>@_`~ ")
-_PLAIN = re.compile(r"[^\t\n\r -~]").search
 
 
-def _byte_chars() -> dict[int, str]:
+def _symbols() -> str:
+    """Characters beyond ASCII that every split regex here treats as ASCII punctuation: not a
+    letter, digit, mark or space in any Unicode version (categories P* and S*), such as curly
+    quotes, dashes, the ellipsis, currency signs and emoji. A text may hold them and still be
+    split by the translated regex: each class it names (letters, digits, spaces) leaves them
+    out, as onig's do, and ``(?i:...)`` folds none of them to an ASCII letter."""
+    ranges = [(0xA1, 0xBF), (0x2010, 0x205E), (0x20A0, 0x20C0), (0x2190, 0x23FF),
+              (0x2500, 0x27BF), (0x1F300, 0x1FAFF)]  # fmt: skip
+    return "".join(
+        chr(c)
+        for lo, hi in ranges
+        for c in range(lo, hi + 1)
+        if unicodedata.category(chr(c))[0] in "PS"
+    )
+
+
+SYMBOLS = _symbols()
+
+
+def _other(symbols: str) -> Any:
+    """A search for the first character outside printable ASCII, tab, newline, carriage return
+    and ``symbols``."""
+    return re.compile("[^\t\n\r -~" + re.escape(symbols) + "]").search
+
+
+def _byte_table() -> list[str]:
     """Byte-level BPE's byte -> character map (GPT-2's): printable bytes stand for themselves,
-    the others for the characters from U+0100 on, in byte order. ASCII's part of it."""
+    the others for the characters from U+0100 on, in byte order."""
     kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     shifted = [b for b in range(256) if b not in kept]
     table = {b: chr(b) for b in kept} | {b: chr(256 + i) for i, b in enumerate(shifted)}
-    return {b: table[b] for b in range(128)}
+    return [table[b] for b in range(256)]
 
 
-_BYTE_CHARS = str.maketrans(_byte_chars())
+_BYTE_TABLE = _byte_table()
+_BYTE_CHARS = str.maketrans(dict(enumerate(_BYTE_TABLE[:128])))
+
+
+def _byte_level(word: str) -> str:
+    """``word`` as the ByteLevel pre-tokenizer hands it to the model: its UTF-8 bytes mapped."""
+    if word.isascii():
+        return word.translate(_BYTE_CHARS)
+    return "".join(_BYTE_TABLE[b] for b in word.encode())
+
+
 _NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})  # (identities on ASCII)
 
 _PROBES = (
@@ -79,6 +116,9 @@ _PROBES = (
     "\n",
     "  ",
     "x",
+    "Don\u2019t \u2014 \u201csmart\u201d quotes\u2026 \u2018single\u2019 \u2013 dashes;"
+    " \u20ac5, \u00a33 \u00a9 \u00ae \u2122 \u00b0 \u00b1 \u00d7 \u2192 \u2022 \u2030"
+    " \u00bf\u00a1 \U0001f600\U0001f44d \U0001f389ok",
 )
 
 
@@ -171,18 +211,18 @@ def _split_pattern(raw: dict[str, Any]) -> str | None:
     return regex if isinstance(regex, str) else None
 
 
+def _normalizers(raw: dict[str, Any]) -> list[Any]:
+    norm = raw.get("normalizer")
+    if isinstance(norm, dict) and norm.get("type") == "Sequence":
+        return [n.get("type") for n in norm.get("normalizers") or []]
+    return [norm.get("type")] if isinstance(norm, dict) else []
+
+
 def _unsupported(raw: dict[str, Any]) -> str | None:
     model = raw.get("model") or {}
     if model.get("type") != "BPE" or model.get("dropout"):
         return "not a byte-level BPE without dropout"
-    norm = raw.get("normalizer")
-    kinds = (
-        [n.get("type") for n in norm.get("normalizers") or []]
-        if isinstance(norm, dict) and norm.get("type") == "Sequence"
-        else [norm.get("type")]
-        if isinstance(norm, dict)
-        else []
-    )
+    kinds = _normalizers(raw)
     if any(k not in _NORMALIZERS for k in kinds):
         return f"a normalizer that changes ASCII ({', '.join(map(str, kinds))})"
     return None
@@ -202,8 +242,15 @@ class WordIds:
     """A byte-level BPE's ids, pre-token by pre-token, for plain ASCII text (build with
     :meth:`build`)."""
 
-    def __init__(self, tokenizer: Tokenizer, pattern: re.Pattern[str], name: str = "") -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        pattern: re.Pattern[str],
+        name: str = "",
+        symbols: str = SYMBOLS,
+    ) -> None:
         self._tok = tokenizer
+        self._other = _other(symbols)
         self._findall = pattern.findall
         self._tokenize = tokenizer.model.tokenize
         self._words: dict[str, list[int]] = {}
@@ -231,7 +278,11 @@ class WordIds:
             pattern = re.compile(translated, re.ASCII)
         except re.error as exc:
             return None, f"the split regex does not compile for re: {exc}"
-        words = cls(tokenizer, pattern, name)
+        forms = _normalizers(raw)  # (symbols the normalizer would change are other text)
+        symbols = "".join(
+            c for c in SYMBOLS if all(unicodedata.normalize(f, c) == c for f in forms)
+        )
+        words = cls(tokenizer, pattern, name, symbols)
         reason = words.self_test(avoid)
         if reason:
             return None, reason
@@ -242,12 +293,13 @@ class WordIds:
         """Agreement with the tokenizer on the probes and on seeded random ASCII strings."""
         rng = random.Random(20261127)
         alphabet = "".join(chr(c) for c in range(32, 127)) + "\t\n\r" + " " * 12 + "e" * 6
+        alphabet += "".join(rng.sample(SYMBOLS, 40))
         texts = list(_PROBES)
         texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(400)]
         encode = self._tok.encode
         for text in texts:
-            if any(a in text for a in avoid if a):
-                continue
+            if any(a in text for a in avoid if a) or self._other(text) is not None:
+                continue  # (text encode() leaves to the tokenizer)
             got = self._encode(text)
             if got is not None and got != encode(text, add_special_tokens=False).ids:
                 return f"pre-token ids differ from a whole encode on {text!r}"
@@ -255,7 +307,7 @@ class WordIds:
 
     def encode(self, text: str) -> list[int] | None:
         """``text``'s ids (``text`` holds no added token), or None: the tokenizer's to do."""
-        if self.check.off is not None or _PLAIN(text) is not None:
+        if self.check.off is not None or self._other(text) is not None:
             self.stats.other += 1
             return None
         ids = self._encode(text)
@@ -277,7 +329,7 @@ class WordIds:
         for word in self._findall(text):
             ids = words.get(word)
             if ids is None:  # (the model alone: ~1 µs; a whole encode call costs ~3)
-                ids = [t.id for t in self._tokenize(word.translate(_BYTE_CHARS))]
+                ids = [t.id for t in self._tokenize(_byte_level(word))]
                 if len(words) >= MAX_WORDS:
                     words.clear()
                 words[word] = ids
