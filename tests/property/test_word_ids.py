@@ -20,7 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from lmgw.text import ModelTokenizer
 from lmgw.text.sampled_check import EVERY
-from lmgw.text.word_ids import GPT2_PATTERN, SYMBOLS, WordIds, translate
+from lmgw.text.word_ids import GPT2_PATTERN, LATIN1_ALNUM, SYMBOLS, WordIds, translate
 
 LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -43,6 +43,7 @@ ASCII = st.lists(
         st.characters(min_codepoint=32, max_codepoint=126),
         st.sampled_from(["\t", "\n", "\r", " ", "  ", "'s", "'LL", "123", "\r\n", "word"]),
         st.sampled_from(SYMBOLS),  # (curly quotes, dashes, currency, emoji...)
+        st.sampled_from(LATIN1_ALNUM),  # (é, ß, ª, ², ½...)
     ),
     max_size=30,
 ).map("".join)
@@ -65,15 +66,28 @@ def test_translated_split_is_the_tokenizers_split(name: str, text: str) -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    [r"\p{P}+", r"\P{L}", r"[[:alpha:]]", r"\X", r"(?<name>a)", r"[\p{Lt}]", r"\h+", "[a"],
+    [
+        r"\p{P}+",
+        r"\P{L}",
+        r"[[:alpha:]]",
+        r"\X",
+        r"(?<name>a)",
+        r"[\p{Lt}]",
+        r"\h+",
+        "[a",
+        r"\w+",
+        r"(?i:[a-z]+)",
+    ],
 )
 def test_patterns_without_an_ascii_equivalent(pattern: str) -> None:
     assert translate(pattern) is None
 
 
 def test_translation_keeps_classes_and_literals() -> None:
-    assert translate(r" ?\p{L}+") == " ?[A-Za-z]+"
-    assert translate(r"[^\s\p{L}\p{N}]") == r"[^\sA-Za-z0-9]"
+    assert (
+        translate(r" ?\p{Lu}+") == " ?[A-Z" + "".join(c for c in LATIN1_ALNUM if c.isupper()) + "]+"
+    )
+    assert translate(r"[^\s\p{Nd}]") == r"[^\s0-9]"
     assert translate(r"\p{Lt}|x") == "(?!)|x"
     assert translate(r"[]a]") == r"[\]a]"
 
@@ -146,8 +160,10 @@ def test_ids_are_a_whole_encodes(name: str, text: str) -> None:
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 def test_other_text_is_left_to_the_tokenizer(name: str) -> None:
     words = _words(name)
-    for text in ("café", "日本語", "tab\x0bvertical", "nul\x00", "nbsp\u00a0", "\x7f", "²"):
+    for text in ("\u0100", "日本語", "Ωmega", "tab\x0b", "nul\x00", "nbsp\u00a0", "\x7f", "\u00ad"):
         assert words.encode(text) is None
+    for text in ("café", "Straße", "x²", "½"):  # (Latin-1's letters and numbers are taken)
+        assert words.encode(text) == TOKENIZERS[name].encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.parametrize(
@@ -225,11 +241,11 @@ def test_model_tokenizer_uses_it_for_uncached_stretches() -> None:
         prefix_cache_min_chars=1,
     )
     assert tok.word_ids is not None, tok.word_ids_off_reason
-    text = "<|end|>Hello world, it's fine.<|end|>\ncafé and more<|end|>"
+    text = "<|end|>Hello world, it's fine.<|end|>\nΩmega and more<|end|>"
     want = TOKENIZERS["llama3-style"].encode(text, add_special_tokens=False).ids
     assert tok.encode(text, add_special_tokens=False) == want
     stats = tok.word_ids.stats
-    assert stats.words >= 1 and stats.other >= 1  # the ASCII stretches here, café not
+    assert stats.words >= 1 and stats.other >= 1  # the plain stretches here, the Greek one not
     off = ModelTokenizer(Tokenizer.from_str(TOKENIZERS["llama3-style"].to_str()), word_ids=False)
     assert off.word_ids is None and off.word_ids_off_reason == "disabled"
 

@@ -1,5 +1,6 @@
-"""Token ids of plain ASCII text, pre-token by pre-token: a byte-level BPE's split regex run by
-Python's ``re``, and each pre-token's ids from a dictionary.
+"""Token ids of plain text (ASCII, Latin-1's letters, punctuation and symbols), pre-token by
+pre-token: a byte-level BPE's split regex run by Python's ``re``, and each pre-token's ids from
+a dictionary.
 
 Why: after the chat template (:mod:`lmgw.text.template_shapes`), encoding a request's new turn
 is the largest cost of a tokenizing gateway's request. ``tokenizers`` takes ~14 µs for a
@@ -9,19 +10,19 @@ lookup per word take ~2 µs.
 
 Why it is exact: in a byte-level BPE (GPT-2, Llama 3, Qwen, DeepSeek...) merges never cross a
 pre-token, so a pre-token has the same ids wherever it stands, provided nothing is added in
-front of the text (``add_prefix_space`` false) and the normalizer leaves ASCII alone. For text
-of printable ASCII plus tab, newline and carriage return, and punctuation or symbols beyond
+front of the text (``add_prefix_space`` false) and the normalizer leaves the text alone (a
+character it would change is other text). For text of printable ASCII, tab, newline, carriage
+return, Latin-1's letters and numbers (:data:`LATIN1_ALNUM`) and punctuation or symbols beyond
 ASCII (:data:`SYMBOLS`: curly quotes, dashes, currency signs, emoji...), the model's split regex
-(onig syntax, ``\\p{L}``...) has an exact ``re`` equivalent with ASCII classes
-(:func:`translate`). A new
-pre-token's ids come from the tokenizer's BPE model itself (its bytes mapped to byte-level
-characters, as the ByteLevel pre-tokenizer maps them). Other text (any other character) is
-encoded by the tokenizer as before.
+(onig syntax, ``\\p{L}``...) has an exact ``re`` equivalent with explicit classes
+(:func:`translate`). A new pre-token's ids come from the tokenizer's BPE model itself (its
+bytes mapped to byte-level characters, as the ByteLevel pre-tokenizer maps them). Other text
+(any other character) is encoded by the tokenizer as before.
 
 Checks: at load, the split and the ids must agree with the tokenizer on a probe corpus and on
-seeded random ASCII strings (else off, with the reason); at run time one encode in 256 is
-compared with the tokenizer (:class:`lmgw.text.sampled_check.SampledCheck`), and a difference
-turns this off for the model (logged, counted).
+seeded random strings of those characters (else off, with the reason); at run time one encode
+in 256 is compared with the tokenizer (:class:`lmgw.text.sampled_check.SampledCheck`), and a
+difference turns this off for the model (logged, counted).
 """
 
 from __future__ import annotations
@@ -44,14 +45,34 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 """The split of ``ByteLevel(use_regex=true)``."""
 MAX_WORDS = 1 << 16
 
-# Unicode classes as their ASCII members ("": none in ASCII).
+
+def _latin1(categories: tuple[str, ...]) -> str:
+    """The characters of U+00A0-U+00FF in ``categories``, as class members (Latin-1's letters
+    and numbers: é, ß, ª, ², ½... whose categories have not changed since Unicode 1.1)."""
+    return "".join(
+        re.escape(chr(c)) for c in range(0xA0, 0x100) if unicodedata.category(chr(c)) in categories
+    )
+
+
+_LETTERS = ("Lu", "Ll", "Lt", "Lm", "Lo")
+_NUMBERS = ("Nd", "Nl", "No")
+# Unicode classes as their members in ASCII and Latin-1 ("": none there).
 _CLASSES = {
-    "L": "A-Za-z", "Lu": "A-Z", "Ll": "a-z", "Lt": "", "Lm": "", "Lo": "",
-    "N": "0-9", "Nd": "0-9", "Nl": "", "No": "",
+    "L": "A-Za-z" + _latin1(_LETTERS), "Lu": "A-Z" + _latin1(("Lu",)),
+    "Ll": "a-z" + _latin1(("Ll",)), "Lt": "", "Lm": "", "Lo": _latin1(("Lo",)),
+    "N": "0-9" + _latin1(_NUMBERS), "Nd": "0-9", "Nl": "", "No": _latin1(("No",)),
     "M": "", "Mn": "", "Mc": "", "Me": "",
 }  # fmt: skip
-# Escapes that mean the same in onig and in ``re`` with re.ASCII, for ASCII text.
-_SAME_ESCAPES = frozenset("sSdDwWrntfv\\'\"-.[](){}?*+|^$/!#%&,:;<=>@_`~ ")
+LATIN1_ALNUM = "".join(
+    chr(c) for c in range(0xA0, 0x100) if unicodedata.category(chr(c)) in _LETTERS + _NUMBERS
+)
+"""Latin-1's letters and numbers: text may hold them (the classes above name them)."""
+# The one case-insensitive group the split regexes use: ASCII literals, which no admitted
+# character folds to.
+_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+# Escapes that mean the same in onig and in ``re`` with re.ASCII for the text admitted (not
+# \w: onig's holds é).
+_SAME_ESCAPES = frozenset("sSdDrntfv\\'\"-.[](){}?*+|^$/!#%&,:;<=>@_`~ ")
 
 
 def _symbols() -> str:
@@ -119,12 +140,16 @@ _PROBES = (
     "Don\u2019t \u2014 \u201csmart\u201d quotes\u2026 \u2018single\u2019 \u2013 dashes;"
     " \u20ac5, \u00a33 \u00a9 \u00ae \u2122 \u00b0 \u00b1 \u00d7 \u2192 \u2022 \u2030"
     " \u00bf\u00a1 \U0001f600\U0001f44d \U0001f389ok",
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, Stra\u00dfe \u00fcber M\u00fcnchen, ni\u00f1o,"
+    " \u00c0 la fa\u00e7on, 2\u00b2 + \u00bd, \u00aa \u00ba \u00b5s, L'\u00c9T\u00c9 it's",
 )
 
 
 def translate(pattern: str) -> str | None:
     """``pattern`` (onig syntax, as tokenizer.json holds it) for ``re`` with ASCII classes, or
     None when it uses something without a known ASCII equivalent."""
+    if "(?i" in pattern.replace(_CONTRACTIONS, ""):
+        return None  # (another case-insensitive part: onig folds beyond ASCII, re.ASCII not)
     out: list[str] = []
     in_class = False
     class_start = body_at = 0
@@ -278,9 +303,11 @@ class WordIds:
             pattern = re.compile(translated, re.ASCII)
         except re.error as exc:
             return None, f"the split regex does not compile for re: {exc}"
-        forms = _normalizers(raw)  # (symbols the normalizer would change are other text)
+        forms = _normalizers(raw)  # (characters the normalizer would change are other text)
         symbols = "".join(
-            c for c in SYMBOLS if all(unicodedata.normalize(f, c) == c for f in forms)
+            c
+            for c in SYMBOLS + LATIN1_ALNUM
+            if all(unicodedata.normalize(f, c) == c for f in forms)
         )
         words = cls(tokenizer, pattern, name, symbols)
         reason = words.self_test(avoid)
@@ -293,7 +320,7 @@ class WordIds:
         """Agreement with the tokenizer on the probes and on seeded random ASCII strings."""
         rng = random.Random(20261127)
         alphabet = "".join(chr(c) for c in range(32, 127)) + "\t\n\r" + " " * 12 + "e" * 6
-        alphabet += "".join(rng.sample(SYMBOLS, 40))
+        alphabet += "".join(rng.sample(SYMBOLS, 40)) + LATIN1_ALNUM
         texts = list(_PROBES)
         texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(400)]
         encode = self._tok.encode
