@@ -275,6 +275,8 @@ class ModelTokenizer:
         prefix_cache_chars: the segment cache's budget in characters (an entry counts its own
             and :data:`ENTRY_CHARS`); 0 turns it off.
         prefix_cache_min_chars: stretches shorter than this are never cached.
+        word_ids: encode the stretches the segment cache misses pre-token by pre-token where
+            that is exact (:mod:`lmgw.text.word_ids`; needs the segment cache).
         name: the folder or id, for messages.
     """
 
@@ -375,7 +377,7 @@ class ModelTokenizer:
         if self._segments is None:
             self.prefix_cache_chunk_off_reason = self.prefix_cache_off_reason
         self.word_ids: WordIds | None = None
-        """Plain ASCII stretches encoded by pre-token (:mod:`lmgw.text.word_ids`), or None."""
+        """Plain-text stretches encoded by pre-token (:mod:`lmgw.text.word_ids`), or None."""
         self.word_ids_off_reason: str | None = "the segment cache is off"
         if self._segments is not None and word_ids:
             try:
