@@ -506,10 +506,23 @@ def test_a_printed_index_passes_the_analysis_and_fails_the_probe() -> None:
 def test_an_analysis_that_breaks_leaves_the_template_in_full(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(ast: Any) -> ContentUse:
+    def broken(*args: Any) -> ContentUse:
         raise KeyError("unforeseen")
 
     monkeypatch.setattr(chat_template_module, "analyze", broken)
     template = ChatTemplate(CHATML)
     assert template.shapes is None and "KeyError" in (template.unshaped or "")
     assert template.render([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")
+
+
+def test_a_loop_over_a_string_content_has_no_shapes() -> None:
+    source = "{% for m in messages %}{% for c in m.content %}{{ c }}{% endfor %}{% endfor %}"
+    with pytest.raises(Unshaped, match="characters"):
+        _analyze(source)  # (a loop as long as the content: loop.index could branch on it)
+    template = ChatTemplate(source, content_format="string")
+    assert template.shapes is None and "characters" in (template.unshaped or "")
+    assert _analyze_openai(source) is not None  # (over the parts of a string content: one)
+
+
+def _analyze_openai(source: str) -> ContentUse:
+    return analyze(chat_template_module.make_environment().parse(source), "openai")

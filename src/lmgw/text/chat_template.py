@@ -709,7 +709,7 @@ class ChatTemplate:
             return
         compiled = self.get(None)
         try:
-            use = analyze(self._env.parse(compiled.source))
+            use = analyze(self._env.parse(compiled.source), compiled.content_format)
         except Unshaped as exc:
             self.unshaped = str(exc)
             return

@@ -113,6 +113,7 @@ class ContentUse:
 class _Analysis:
     parents: dict[int, nodes.Node]
     macros: dict[str, nodes.Macro]
+    content_format: str = "string"
     # names (and namespace attributes) bound to a content, or to a transformed one
     bound: set[tuple[str, str | None, bool]] = field(default_factory=set)
     message_names: set[str] = field(default_factory=set)
@@ -183,8 +184,9 @@ def _refers_to_list(node: nodes.Node, lists: set[str]) -> bool:
     return isinstance(node, nodes.Name) and node.name in lists
 
 
-def analyze(ast: nodes.Template) -> ContentUse:
-    """The guards under which shapes render ``ast``'s template exactly.
+def analyze(ast: nodes.Template, content_format: str = "string") -> ContentUse:
+    """The guards under which shapes render ``ast``'s template exactly (``content_format``:
+    how contents reach it, "string" or "openai": a list of text parts).
 
     Raises:
         Unshaped: a use of contents no guard covers.
@@ -195,7 +197,7 @@ def analyze(ast: nodes.Template) -> ContentUse:
         parents[id(child)] = parent
         every.append(child)
     macros = {m.name: m for m in every if isinstance(m, nodes.Macro)}
-    a = _Analysis(parents, macros)
+    a = _Analysis(parents, macros, content_format)
     formats: list[str] = []
     for node in every:
         if isinstance(node, nodes.Call) and isinstance(node.node, nodes.Name):
@@ -381,9 +383,10 @@ def _climb(a: _Analysis, node: nodes.Node, *, transformed: bool) -> None:
     if isinstance(p, nodes.Assign) and p.node is node:
         return _bind(a, p.target, transformed)
     if isinstance(p, nodes.For) and p.iter is node:
-        if transformed:
-            raise Unshaped("a loop over a transformed content")
-        return _bind(a, p.target, False)
+        if transformed or a.content_format != "openai":
+            # (over a string: its characters, a loop as long as the content)
+            raise Unshaped("a loop over a content's characters")
+        return _bind(a, p.target, False)  # (its parts: one per string content)
     if isinstance(p, nodes.Call) and node in p.args:
         callee = p.node
         if isinstance(callee, nodes.Name) and callee.name == "raise_exception":
