@@ -332,9 +332,9 @@ def _climb(a: _Analysis, node: nodes.Node, *, transformed: bool) -> None:
     p = a.parents.get(id(node))
     if p is None:
         raise Unshaped("a content at the template's top")
-    if isinstance(p, nodes.Output | nodes.MarkSafe | nodes.MarkSafeIfAutoescape):
-        if isinstance(p, nodes.Output):
-            return
+    if isinstance(p, nodes.Output):
+        return
+    if isinstance(p, nodes.MarkSafe | nodes.MarkSafeIfAutoescape):
         return _climb(a, p, transformed=transformed)
     if isinstance(p, nodes.Add | nodes.Concat):  # (a test of a joined text is not guarded)
         return _climb(a, p, transformed=True)
@@ -521,7 +521,6 @@ class ShapeStats:
 
     shaped: int = 0
     full: int = 0
-    shapes: int = 0
 
 
 class ShapeRenderer:
@@ -546,19 +545,16 @@ class ShapeRenderer:
         self.stats = ShapeStats()
         self.check = SampledCheck(f"chat template {name}: rendering by shape")
 
+    @property
+    def learned(self) -> int:
+        """Shapes known now (those refused by their probe included)."""
+        return len(self._shapes)
+
     def render(self, messages: Any, add_generation_prompt: bool, tools: Any = None) -> str | None:
         """The prompt of a plain conversation (``tools``: the request's, part of the shape);
         None for any other (render it in full)."""
         if self.check.off is not None or type(messages) is not list or len(messages) > MAX_MESSAGES:
             return None
-        tools_key = b""
-        if tools is not None:  # (an agent's first turn: the same tools, request after request)
-            try:
-                tools_key = _encode_json(tools)
-            except (TypeError, ValueError, OverflowError):
-                return None
-            if len(tools_key) > MAX_TOOLS_BYTES:
-                return None
         admits = self._admits
         roles = []
         contents = []
@@ -575,6 +571,14 @@ class ShapeRenderer:
             contents.append(content)
         if not roles:
             return None
+        tools_key = b""
+        if tools is not None:  # (an agent's first turn: the same tools, request after request)
+            try:
+                tools_key = _encode_json(tools)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            if len(tools_key) > MAX_TOOLS_BYTES:
+                return None
         key = (tuple(roles), add_generation_prompt, tools_key, *self._clock_key())
         shapes = self._shapes
         fmt = shapes.get(key, "")
@@ -604,7 +608,6 @@ class ShapeRenderer:
         if len(shapes) >= MAX_SHAPES:
             del shapes[next(iter(shapes))]
         shapes[key] = fmt
-        self.stats.shapes = len(shapes)
         return fmt
 
     def _skeleton(self, roles: list[str], add_generation_prompt: bool, tools: Any) -> str | None:
