@@ -128,8 +128,22 @@ async def _reader_loop_recv(dealer: ZmqSocket) -> list:
     return frames
 
 
+async def _pending_loop_recv(dealer: ZmqSocket) -> list:
+    """The channel's reader after a batch: ``recv_pending`` (EVENTS) instead of a failed
+    receive, then ``wait_recv_ready(checked=True)`` when nothing is queued."""
+    while not dealer.recv_pending():
+        await dealer.wait_recv_ready(checked=True)
+    frames = dealer.try_recv_multipart()  # (no checkpoint since: it is still queued)
+    assert frames is not None
+    return frames
+
+
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:*", "inproc://share"])
-@pytest.mark.parametrize("receive", [_recv, _reader_loop_recv], ids=["recv", "reader-loop"])
+@pytest.mark.parametrize(
+    "receive",
+    [_recv, _reader_loop_recv, _pending_loop_recv],
+    ids=["recv", "reader-loop", "pending-loop"],
+)
 async def test_sender_and_receiver_tasks_share_one_socket(
     ctx: zmq.Context, endpoint: str, receive: Callable[[ZmqSocket], Awaitable[list]]
 ) -> None:
@@ -259,6 +273,22 @@ async def test_router_mandatory_reports_unknown_peer(ctx: zmq.Context) -> None:
             await router.send_multipart([b"nobody", b"hello"])
         with pytest.raises(PeerUnreachable):
             router.try_send_multipart([b"nobody", b"hello"])
+
+
+async def test_recv_pending_says_whether_a_message_is_queued(ctx: zmq.Context) -> None:
+    with ZmqSocket.open(ctx, zmq.PULL) as pull, ZmqSocket.open(ctx, zmq.PUSH) as push:
+        push.connect(pull.bind("tcp://127.0.0.1:*"))
+        assert not pull.recv_pending()
+        await push.send_multipart([b"one"])
+        with trio.fail_after(BOUND):
+            while not pull.recv_pending():
+                await pull.wait_recv_ready(checked=True)
+        assert pull.recv_pending()  # (asking again takes nothing)
+        assert pull.try_recv_multipart() == [b"one"]
+        assert not pull.recv_pending()
+        pull.close()
+        with pytest.raises(trio.ClosedResourceError):
+            pull.recv_pending()
 
 
 async def test_receive_timeout_cancel_and_close(ctx: zmq.Context) -> None:

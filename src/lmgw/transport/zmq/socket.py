@@ -271,6 +271,15 @@ class ZmqSocket:
         check)."""
         await self._wait(_POLLIN, checked=checked)
 
+    def recv_pending(self) -> bool:
+        """Whether a message is queued now. Reading EVENTS processes ZeroMQ's pending
+        commands, as a failed receive does, so a caller told False may go on with
+        ``wait_recv_ready(checked=True)``; cheaper than that failed receive, whose ``zmq.Again``
+        costs an exception (a reader that has just dispatched a batch asks this instead)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the zmq socket was closed")
+        return bool(self._recheck() & _POLLIN)
+
     def _try_recv(self, copy: bool) -> list | None:
         if self._closed:
             raise trio.ClosedResourceError("the zmq socket was closed")
