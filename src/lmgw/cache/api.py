@@ -124,7 +124,8 @@ class CachePool:
 
     async def get_many_entries(self, keys: Iterable[str]) -> dict[str, Entry]:
         """Each tier is asked once (one round trip for Redis) for the keys still missing, in
-        order; a lower tier's hits are promoted as that tier answers."""
+        order; a lower tier's hits are promoted once it has answered them all (a key it answered
+        is found even if an earlier key's promotion demotes something that evicts it there)."""
         now = self.clock()
         todo = list(dict.fromkeys(keys))
         found: dict[str, Entry] = {}
