@@ -4,7 +4,8 @@ Why our own wire format instead of the seed's: the seed embedded vLLM's ``Sampli
 both ends had to run the same vLLM), used one type byte shared by both directions, resent
 cumulative text and prompt ids in every chunk, and let one malformed message kill its reader
 (PROTOCOLS.md §1.6). Here every message is a frozen, tagged, ``array_like`` msgspec Struct of
-our own; the union is decoded in one step by the tag; decoding anything malformed raises
+our own (``gc=False``: plain data that never forms a cycle, so the collector never tracks
+it); the union is decoded in one step by the tag; decoding anything malformed raises
 :class:`ProtocolError` and nothing else, so a reader can count it and go on.
 
 Framing of one ZeroMQ multipart message::
@@ -184,7 +185,7 @@ class ProtocolError(Exception):
 # -- building blocks --------------------------------------------------------------------------
 
 
-class ShmHandle(msgspec.Struct, frozen=True, array_like=True):
+class ShmHandle(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A tensor in a shared-memory segment on the same host (``lmgw.transport.shm``): the
     segment, the data size, the tensor-frame header, and the segment's generation when written.
 
@@ -198,7 +199,7 @@ class ShmHandle(msgspec.Struct, frozen=True, array_like=True):
     generation: Count = 0
 
 
-class TensorRef(msgspec.Struct, frozen=True, array_like=True):
+class TensorRef(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """An array. ``frame`` indexes the payload frames after the header; ``header`` is a small
     opaque description (dtype, shape, layout) owned by tensorframe. With ``shm`` (capability
     ``tensor_shm``), the array is in that segment instead and ``frame`` is ignored (0)."""
@@ -208,7 +209,7 @@ class TensorRef(msgspec.Struct, frozen=True, array_like=True):
     shm: ShmHandle | None = None
 
 
-class MediaItem(msgspec.Struct, frozen=True, array_like=True):
+class MediaItem(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One multimodal input: by URL, by content hash (expected cached), or by tensor."""
 
     kind: Name  # "image" | "audio" | "video"
@@ -227,7 +228,7 @@ STRUCTURED_OPTIONS = frozenset(
 """The settings that may come with a constraint (vLLM's names)."""
 
 
-class StructuredOutput(msgspec.Struct, frozen=True, array_like=True):
+class StructuredOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """Output the engine must constrain (capability ``structured_outputs``): ``kind`` one of
     :data:`STRUCTURED_KINDS`; ``spec`` the schema (``json``: an object), the text (``regex``,
     ``grammar``, ``structural_tag``) or the options (``choice``: a list of strings), None for
@@ -258,7 +259,7 @@ class StructuredOutput(msgspec.Struct, frozen=True, array_like=True):
             raise ValueError(f"unknown structured output options: {', '.join(unknown)}")
 
 
-class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """Engine-neutral sampling settings (not vLLM's struct: no version coupling).
     ``extra`` carries engine-specific keys through untouched."""
 
@@ -277,13 +278,13 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True):
     structured: StructuredOutput | None = None  # capability structured_outputs
 
 
-class Usage(msgspec.Struct, frozen=True, array_like=True):
+class Usage(msgspec.Struct, frozen=True, array_like=True, gc=False):
     prompt_tokens: Count = 0
     completion_tokens: Count = 0
     cached_tokens: Count = 0
 
 
-class Token(msgspec.Struct, frozen=True, array_like=True):
+class Token(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """The logprob entry of one position: the token there (sampled, or the prompt's own), its
     logprob and rank (1: the most likely; None: not reported), and the ``k`` most likely
     tokens asked for (``SamplingParams.logprobs`` / ``prompt_logprobs``) as parallel lists,
@@ -308,7 +309,7 @@ class Token(msgspec.Struct, frozen=True, array_like=True):
 # -- the message union ------------------------------------------------------------------------
 
 
-class Message(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
+class Message(msgspec.Struct, frozen=True, array_like=True, tag_field="t", gc=False):
     """Base of every wire message (never sent itself)."""
 
 

@@ -278,7 +278,7 @@ class WordIds:
         self._other = _other(symbols)
         self._findall = pattern.findall
         self._tokenize = tokenizer.model.tokenize
-        self._words: dict[str, list[int]] = {}
+        self._words: dict[str, tuple[int, ...]] = {}  # (tuples of ints: untracked by the GC)
         self.name = name
         self.stats = WordStats()
         self.check = SampledCheck(f"tokenizer {name}: encoding by pre-token")
@@ -356,7 +356,7 @@ class WordIds:
         for word in self._findall(text):
             ids = words.get(word)
             if ids is None:  # (the model alone: ~1 µs; a whole encode call costs ~3)
-                ids = [t.id for t in self._tokenize(_byte_level(word))]
+                ids = tuple([t.id for t in self._tokenize(_byte_level(word))])
                 if len(words) >= MAX_WORDS:
                     words.clear()
                 words[word] = ids
