@@ -435,11 +435,51 @@ def choices(obj: Mapping[str, Any]) -> int:
     return n
 
 
+_UNREAD = frozenset(
+    {
+        "model", "messages", "prompt", "user", "stream_options", "n", "best_of", "documents",
+        "chat_template", "chat_template_kwargs", "add_generation_prompt",
+        "continue_final_message", "add_special_tokens", "echo", "mm_processor_kwargs",
+        "request_id", "priority", "kv_transfer_params", "metadata", "store", "service_tier",
+        "modalities", "audio", "prediction", "web_search_options", "return_tokens_as_token_ids",
+        "truncate_prompt_tokens",
+    }
+)  # fmt: skip
+"""Body keys :func:`sampling_params` never reads (all of them in ``_NOT_SAMPLING``)."""
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_MEMO_SIZE = 256
+_memo: dict[tuple[Any, ...], SamplingParams] = {}
+
+
 def sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
     """An OpenAI chat/completions body's sampling fields as our :class:`SamplingParams`:
     the fields it has, and the other sampling keys (vLLM's ``repetition_penalty``,
     ``min_p``, ``response_format``...) in ``extra`` (``n`` is :func:`choices`'). Raises
-    GatewayError(400)."""
+    GatewayError(400).
+
+    A fleet's clients send a few settings over and over: a body whose other keys all hold
+    scalars is looked up by them (each value with its type: ``1``, ``1.0`` and ``true`` are
+    different answers) before it is built (~0.4 µs instead of ~2)."""
+    key: list[Any] = [endpoint]
+    for name, value in obj.items():
+        if name in _UNREAD:
+            continue
+        kind = type(value)
+        if kind not in _SCALARS:
+            return _sampling_params(endpoint, obj)
+        key.append((name, kind, value))
+    memo_key = tuple(key)
+    params = _memo.get(memo_key)
+    if params is None:
+        params = _sampling_params(endpoint, obj)  # (a bad one raises: nothing kept)
+        if len(_memo) >= _MEMO_SIZE:
+            _memo.clear()
+        _memo[memo_key] = params
+    return params
+
+
+def _sampling_params(endpoint: str, obj: Mapping[str, Any]) -> SamplingParams:
     if endpoint == "chat":
         max_tokens = _int(obj, "max_completion_tokens")
         if max_tokens is None:

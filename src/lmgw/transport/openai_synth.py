@@ -149,17 +149,8 @@ class OpenAISynth:
         #: (prompt, completion, cached) tokens of the answer, once it finished
         self.final_usage: tuple[int, int, int] | None = None
         self._index = index
-        idx = b'{"index":%d,' % index
-        obj = b"chat.completion.chunk" if self.chat else b"text_completion"
-        self._head = (
-            b'data: {"id":' + _encode(self.id) + b',"object":"' + obj + b'","created":'
-            + str(created).encode() + b',"model":' + _encode(model) + b',"choices":['
-        )  # fmt: skip
-        self._pre = self._head + idx + (b'"delta":{"content":' if self.chat else b'"text":')
-        self._mid = b"}" if self.chat else b""  # closes the chat delta object
-        self._post = b',"finish_reason":null' + (b"}" if self.chat else b',"stop_reason":null}')
-        #: what follows a plain event's text (no logprobs, no continuous usage)
-        self._end = self._mid + b',"logprobs":null' + self._post + b"]}\n\n"
+        #: the stream events' fixed parts (:meth:`_templates`, once a stream opens)
+        self._head = self._pre = self._mid = self._post = self._end = b""
         #: plain events take the template path (set once the stream is open)
         self._fast = False
         self._parts: list[str] = []
@@ -179,6 +170,7 @@ class OpenAISynth:
         if self.opened:
             return b""
         self.opened = True
+        self._templates()
         self._fast = not self._logprobs and not self.continuous_usage
         if self.chat:
             return (
@@ -188,6 +180,21 @@ class OpenAISynth:
         if self.echo:
             return self._pre + _encode(self.echo) + b',"logprobs":null' + self._post + self._tail(0)
         return b""
+
+    def _templates(self) -> None:
+        """Build the stream events' fixed parts: only a stream needs them, so a whole answer
+        does not pay for them."""
+        idx = b'{"index":%d,' % self._index
+        obj = b"chat.completion.chunk" if self.chat else b"text_completion"
+        self._head = (
+            b'data: {"id":' + _encode(self.id) + b',"object":"' + obj + b'","created":'
+            + str(self.created).encode() + b',"model":' + _encode(self.model) + b',"choices":['
+        )  # fmt: skip
+        self._pre = self._head + idx + (b'"delta":{"content":' if self.chat else b'"text":')
+        self._mid = b"}" if self.chat else b""  # closes the chat delta object
+        self._post = b',"finish_reason":null' + (b"}" if self.chat else b',"stop_reason":null}')
+        #: what follows a plain event's text (no logprobs, no continuous usage)
+        self._end = self._mid + b',"logprobs":null' + self._post + b"]}\n\n"
 
     def delta(
         self, text: str, token_ids: Sequence[int] = (), logprobs: Sequence[Any] | None = None
@@ -249,6 +256,8 @@ class OpenAISynth:
         choice's when fanned out), then ``[DONE]``."""
         if not self.include_usage:
             return DONE
+        if not self._head:  # (a fan-out's usage event, from a builder whose stream never opened)
+            self._templates()
         usage = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
         return self._head + b'],"usage":' + _encode(usage) + b"}\n\n" + DONE
 
