@@ -28,12 +28,14 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import trio
 import zmq
 
 from lmgw.protocol import (
+    CAPABILITIES,
     Batch,
     Delta,
     Drain,
@@ -239,18 +241,23 @@ async def test_token_ids_chat_ids_stop_and_non_streamed(
     )
     assert "".join(d.text for d in deltas) == want.text
 
-    # stream=False: one Delta with everything, then Finish(seq=1)
-    deltas, finish = await collect(
-        chan,
-        Generate(
-            "whole",
-            MODEL,
-            prompt_token_ids=ids,
-            params=SamplingParams(max_tokens=64, seed=3),
-            stream=False,
-        ),
+    # stream=False: the whole output in the Finish (capability finish_output), one message
+    whole = Generate(
+        "whole", MODEL, prompt_token_ids=ids, params=SamplingParams(max_tokens=64, seed=3),
+        stream=False,
+    )  # fmt: skip
+    assert "finish_output" in chan.session.capabilities
+    deltas, finish = await collect(chan, whole)
+    assert deltas == [] and finish.seq == 0
+    assert (finish.text, finish.token_ids) == (want.text, list(want.token_ids))
+    # a gateway without it: one Delta with everything, then Finish(seq=1) with none
+    old = await start_channel(
+        nursery, ctx, server.endpoint, capabilities=CAPABILITIES - {"finish_output"}
     )
+    deltas, finish = await collect(old, msgspec.structs.replace(whole, request_id="whole-old"))
     assert len(deltas) == 1 and deltas[0].text == want.text and finish.seq == 1
+    assert deltas[0].token_ids == list(want.token_ids)
+    assert (finish.text, finish.token_ids, finish.logprobs) == ("", [], None)
 
     # a stop string: the text is cut there, stop_reason says which
     stop = want.text.split()[2]
@@ -460,7 +467,7 @@ async def test_open_nowait_hands_answers_to_callbacks(
     assert route is not None
     assert fchan.open_nowait(msg, got.append, got.append) is None  # the id is in flight
     await until(lambda: got and got[-1] == ("end", None))
-    assert [type(m) for m in got[:-1]] == [Delta, Finish] and len(got[0].token_ids) == 8
+    assert [type(m) for m in got[:-1]] == [Finish] and len(got[0].token_ids) == 8
     # a long one, cancelled: the worker gets the abort; no callback after
     ends: list[Any] = []
     endless = SamplingParams(max_tokens=2000, ignore_eos=True)

@@ -633,7 +633,7 @@ def test_capabilities_name_top_logprobs_where_the_role_generates() -> None:
 
 def test_worker_server_sends_alternatives_and_prompt_logprobs() -> None:
     """Over the wire from vLLM's shapes: streamed Deltas carry each token's entry with its
-    alternatives; a whole answer's one Delta all of them, its Finish the prompt's logprobs."""
+    alternatives; a whole answer's Finish all of them and the prompt's logprobs."""
     llm = FakeAsyncLLM()
     ctx = zmq.Context()
     params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=1)
@@ -666,8 +666,9 @@ def test_worker_server_sends_alternatives_and_prompt_logprobs() -> None:
     *deltas, finish = out[True]
     assert [t for d in deltas for t in d.logprobs] == want and len(deltas) == 6
     assert isinstance(finish, Finish) and finish.prompt_logprobs == prompt
-    delta, finish = out[False]
-    assert delta.logprobs == want and finish.prompt_logprobs == prompt
+    (finish,) = out[False]  # a whole answer: all of it in the Finish (finish_output)
+    assert finish.logprobs == want and finish.prompt_logprobs == prompt
+    assert finish.token_ids == [1000 + i for i in range(6)]
     assert llm.calls[-1][2].prompt_logprobs == 1 and llm.calls[-1][2].logprobs == 2
 
 

@@ -38,7 +38,14 @@ from .._fast.relay_py import PARK, PROTOCOL
 from ..config import FLOW_ROLES, ROLE_NAMES
 from ..errors import GatewayError
 from ..http.server import build_head
-from ..pipeline.native import PREFILLED_ON, _Job, check_generate, choices, sampling_params
+from ..pipeline.native import (
+    PREFILLED_ON,
+    _Job,
+    check_generate,
+    choices,
+    finish_output,
+    sampling_params,
+)
 from ..pipeline.request import GatewayRequest
 from ..protocol.messages import Delta, FailureCode, Finish, Generate, Incoming, Prefill
 from ..transport.openai_http import SSE_HEADERS
@@ -333,7 +340,8 @@ class NativeLane:
         if ex.leg is None:
             return
         usage = finish.usage
-        data = ex.synth.finish(
+        synth = ex.synth
+        data = finish_output(synth, finish) + synth.finish(
             finish.finish_reason, finish.stop_reason, usage.prompt_tokens,
             usage.completion_tokens, usage.cached_tokens,
         )  # fmt: skip

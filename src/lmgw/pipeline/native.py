@@ -1505,7 +1505,8 @@ class NativeRunner:
                 prompt_tokens = usage.prompt_tokens
                 if continued:  # as the HTTP splice: the continuation's prompt held them
                     prompt_tokens = max(0, prompt_tokens - done_tokens)
-                data = synth.finish(
+                last = finish_output(synth, event)
+                data = last + synth.finish(
                     event.finish_reason,
                     event.stop_reason,
                     prompt_tokens,
@@ -1584,6 +1585,14 @@ _NO_KV_TENSORS = "does not take a prefill's KV as tensor frames"
 _NO_SHM = CAPABILITIES - {"tensor_shm"}
 
 
+def finish_output(synth: OpenAISynth, finish: Finish) -> bytes:
+    """The event of the output a stream's Finish carries itself (``finish_output``: an lmgw
+    worker folds only a non-streamed answer, but a peer may), else nothing."""
+    if finish.text or finish.token_ids or finish.logprobs is not None:
+        return synth.delta(finish.text, finish.token_ids, finish.logprobs)
+    return b""
+
+
 class WholeAnswer:
     """A non-streamed answer as its events come (sans-IO): the deltas' text, token ids and
     logprobs, then at the Finish the one JSON body. The trio path (``NativeRunner._whole``)
@@ -1605,7 +1614,10 @@ class WholeAnswer:
             self.logprobs.extend(delta.logprobs)
 
     def body(self, finish: Finish, synth: OpenAISynth, output: Any = None) -> bytes:
-        """The answer's body (``output``: the tool-call / reasoning rewriter, or None)."""
+        """The answer's body (``output``: the tool-call / reasoning rewriter, or None); the
+        output a Finish carries itself (``finish_output``) is the answer's last."""
+        if finish.text or finish.token_ids or finish.logprobs is not None:
+            self.add(finish)  # type: ignore[arg-type]
         usage = finish.usage
         body = synth.response(
             "".join(self.parts),

@@ -120,6 +120,7 @@ CAPABILITIES: frozenset[str] = frozenset(
         "batch",  # several frame-less messages in one ZeroMQ message (Batch), both directions
         "structured_outputs",  # SamplingParams.structured: the worker constrains its output
         "kv_tensors",  # Generate.kv_tensors: a prefill's KV handed to the decode as tensor frames
+        "finish_output",  # Finish.text/token_ids/logprobs: a non-streamed answer in one message
     }
 )
 """Optional features this build understands; a session uses the intersection of both sides."""
@@ -415,7 +416,10 @@ class Delta(Message, tag=17):
 
 
 class Finish(Message, tag=18):
-    """Worker -> gateway: the end of a Generate, after its last Delta."""
+    """Worker -> gateway: the end of a Generate, after its last Delta. With the
+    ``finish_output`` capability, a non-streamed Generate's whole output may come in the
+    Finish itself (``text``, ``token_ids``, ``logprobs``: as one Delta before it would carry
+    them), so its answer is one message, not two; a stream's never does."""
 
     request_id: RequestId
     seq: Count
@@ -426,6 +430,10 @@ class Finish(Message, tag=18):
     #: ``SamplingParams.prompt_logprobs``: one entry per prompt position, None for the first
     #: (vLLM's ``prompt_logprobs``, sent once as vLLM's first output does; here at the end)
     prompt_logprobs: list[Token | None] | None = None
+    #: output not sent as a Delta (capability ``finish_output``)
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[Token] | None = None
 
 
 class PrefillDone(Message, tag=19):

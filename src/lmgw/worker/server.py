@@ -106,7 +106,7 @@ __all__ = ["SERVER_CAPABILITIES", "WorkerServer", "control_endpoint_for"]
 log = logging.getLogger("lmgw.worker")
 
 SERVER_CAPABILITIES: frozenset[str] = frozenset(
-    {"abort", "metrics", "drain", "batch", "tensor_shm"}
+    {"abort", "metrics", "drain", "batch", "tensor_shm", "finish_output"}
 )
 """What the server implements for any engine (the engine adds its stage capabilities)."""
 WAITING_METRIC = "vllm:num_requests_waiting"
@@ -143,7 +143,8 @@ class _PeerOutbox(Outbox):
 
 class _Job:
     __slots__ = (
-        "aborted", "kind", "mapped", "outbox", "peer", "request_id", "scope", "shm", "timeout_s",
+        "aborted", "fold", "kind", "mapped", "outbox", "peer", "request_id", "scope", "shm",
+        "timeout_s",
     )  # fmt: skip
 
     def __init__(
@@ -164,6 +165,8 @@ class _Job:
             self.scope.deadline = trio.current_time() + timeout_s
         self.aborted: str | None = None  # the gateway's reason, once it aborted the request
         self.shm = False  # the peer shares this host: big hand-offs go by shared memory
+        #: the peer agreed on "finish_output": a non-streamed answer goes in its Finish
+        self.fold = False
         self.mapped: list[Callable[[], None]] = []  # closers of the segments it reads
 
 
@@ -641,6 +644,7 @@ class WorkerServer:
             info = self._peers[peer]
             job = _Job(peer, rid, type(msg), msg.timeout_s, info.outbox)
             job.shm = info.shm
+            job.fold = "finish_output" in info.capabilities
             try:
                 tensors = _received_tensors(msg.tensors, payload, job.mapped)
             except ShmError as exc:
@@ -830,6 +834,13 @@ class WorkerServer:
                         if out.logprobs:
                             logprobs = (logprobs or []) + out.logprobs
                 if out.finish_reason is not None:
+                    if not stream and job.fold:  # the whole answer in one message
+                        await self._send(sock, job, Finish(
+                            rid, 0, out.finish_reason, out.stop_reason, out.usage or Usage(),
+                            out.kv_transfer_params, prompt_logprobs, "".join(texts), ids,
+                            logprobs,
+                        ))  # fmt: skip
+                        return
                     merged = None
                     if not stream and (texts or ids or logprobs):
                         merged = Delta(rid, 0, "".join(texts), ids, logprobs)
