@@ -56,3 +56,21 @@ def test_a_stream_finish_with_output_gives_its_event_first(
     )  # fmt: skip
     assert finish_output(b, folded) + b.finish("stop", None, 12, 3, 4) == want
     assert finish_output(_synth(kind, logprobs), finish) == b""
+
+
+def test_output_in_both_a_delta_and_the_finish_is_joined() -> None:
+    """A peer may send part of a whole answer as a Delta and the rest in its Finish."""
+    first, rest = (
+        Delta("r1", 0, "Hello, ", [5, 6], LOGPROBS[:1]),
+        Delta("r1", 1, "world", [7], LOGPROBS[1:]),
+    )
+    two = WholeAnswer()
+    two.add(first)
+    two.add(rest)
+    want = two.body(Finish("r1", 2, "stop", None, USAGE), _synth("chat", True))
+    got = WholeAnswer()
+    got.add(first)
+    folded = Finish(
+        "r1", 1, "stop", None, USAGE, text="world", token_ids=[7], logprobs=LOGPROBS[1:]
+    )
+    assert got.body(folded, _synth("chat", True)) == want

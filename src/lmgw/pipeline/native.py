@@ -86,7 +86,7 @@ from ..structured import StructuredOutputError, structured_output
 from ..transport.openai_synth import OpenAISynth, token_id_name
 from ..transport.shm_host import DEFAULT_THRESHOLD as SHM_THRESHOLD
 from ..transport.zmq.channel import ChannelState, RpcChannel, RpcError
-from ..workers.registry import Registry
+from ..workers.registry import Candidates, Registry
 from ..workers.worker import Worker, WorkerState
 from . import migration
 from .fanout import BEST_OF_MESSAGE, Fanout, child_params, child_request, leaf_of
@@ -924,7 +924,12 @@ class NativeRunner:
         ``near``: with joint placement, among those in that worker's zone when there are any
         (a decode worker for the prefill that holds the KV)."""
         candidates: Sequence[Worker] = self.p.registry.candidates(model, role)
-        if tried or not all(type(w) is NativeWorker for w in candidates):
+        native = getattr(candidates, "native_only", None)
+        if native is None:  # (once per fleet change: the registry keeps the tuple till then)
+            native = all(type(w) is NativeWorker for w in candidates)
+            if type(candidates) is Candidates:
+                candidates.native_only = native
+        if tried or not native:
             candidates = [w for w in candidates if type(w) is NativeWorker and w not in tried]
         if not candidates:
             return None
@@ -1616,18 +1621,23 @@ class WholeAnswer:
     def body(self, finish: Finish, synth: OpenAISynth, output: Any = None) -> bytes:
         """The answer's body (``output``: the tool-call / reasoning rewriter, or None); the
         output a Finish carries itself (``finish_output``) is the answer's last."""
-        if finish.text or finish.token_ids or finish.logprobs is not None:
-            self.add(finish)  # type: ignore[arg-type]
+        parts = self.parts
+        if not parts:  # no Delta came: the output is the Finish's own (or there is none)
+            text, ids, logprobs = finish.text, finish.token_ids, finish.logprobs
+        else:
+            if finish.text or finish.token_ids or finish.logprobs is not None:
+                self.add(finish)  # type: ignore[arg-type]
+            text, ids, logprobs = "".join(parts), self.ids, self.logprobs
         usage = finish.usage
         body = synth.response(
-            "".join(self.parts),
+            text,
             finish.finish_reason,
             finish.stop_reason,
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.cached_tokens,
-            self.ids,
-            self.logprobs,
+            ids,
+            logprobs,
             prompt_lps=finish.prompt_logprobs,
         )
         return output.body(body) if output is not None else body

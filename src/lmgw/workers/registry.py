@@ -40,6 +40,8 @@ class Candidates(tuple):  # type: ignore[type-arg]
     #: no worker of the (model, role) is routable: these are ejected ones whose health probe
     #: passes (panic routing), tried rather than failing every request
     panic = False
+    #: whether every candidate is a native worker (:mod:`lmgw.pipeline.native` finds out once)
+    native_only: bool | None = None
 
     def loads(self) -> list[float]:
         """Each candidate's :attr:`Worker.load`, in order (do not modify)."""
