@@ -23,7 +23,9 @@ cache_aware; on the no-sharing control <= 1.05x round_robin; max/mean requests p
   power_of_two, prefix_hash and cache_aware (text keys: the raw prompt bytes), cache_aware with
   the gateway's tokenizer (``models[].tokenizer`` = the sim-model folder: chat-templated token
   ids, as the engine caches them) and cache_aware exact (tokenizer + ``workers[].kv_events``:
-  the workers' own reports); plus, when their venv exists (``$PEERS_VENV``, default
+  the workers' own reports); variants with one knob changed (``+rep2``: replicas 2,
+  ``+missN``: miss weight N, ``+bl2``/``+bl3``: bounded_load_factor 2 or 3, and pairs of
+  them); plus, when their venv exists (``$PEERS_VENV``, default
   ``~/.cache/lmgw-peers-venv``, see /work/shared/bench), sglang-router and vllm-router with
   their ``cache_aware`` policy, command lines as in ``run_peers.py``.
 * figures, over requests that arrived after the warm-up (the first ``--warmup`` share of each
@@ -107,6 +109,9 @@ CACHE_AWARE = (
     "cache_aware+tok+miss3",
     "cache_aware+tok+miss4",
     "cache_aware+tok+miss3+rep2",
+    "cache_aware+tok+bl2",
+    "cache_aware+tok+bl3",
+    "cache_aware+tok+miss3+bl2",
 )
 
 
@@ -131,6 +136,9 @@ class System:
     """cache_aware: ``routing.cache_aware_replicas`` (hot prefixes warmed on more holders)."""
     miss_weight: float = 1.0
     """cache_aware: ``routing.cache_aware_miss_weight``."""
+    bounded_load_factor: float = 1.25
+    """``routing.bounded_load_factor`` (cache_aware: the share of recent dispatches a holder
+    of the prompt may take before a hit spills elsewhere)."""
 
 
 SYSTEMS: dict[str, System] = {
@@ -147,6 +155,15 @@ SYSTEMS: dict[str, System] = {
         System("cache_aware+tok+miss2", "cache_aware", tokenizer=True, miss_weight=2.0),
         System("cache_aware+tok+miss3", "cache_aware", tokenizer=True, miss_weight=3.0),
         System("cache_aware+tok+miss4", "cache_aware", tokenizer=True, miss_weight=4.0),
+        System("cache_aware+tok+bl2", "cache_aware", tokenizer=True, bounded_load_factor=2.0),
+        System("cache_aware+tok+bl3", "cache_aware", tokenizer=True, bounded_load_factor=3.0),
+        System(
+            "cache_aware+tok+miss3+bl2",
+            "cache_aware",
+            tokenizer=True,
+            miss_weight=3.0,
+            bounded_load_factor=2.0,
+        ),
         System(
             "cache_aware+tok+miss3+rep2", "cache_aware", tokenizer=True, miss_weight=3.0, replicas=2
         ),
@@ -207,6 +224,7 @@ def gateway_argv(system: System, fleet: Fleet, port: int, run_dir: Path) -> list
             policy=system.policy,
             cache_aware_replicas=system.replicas,
             cache_aware_miss_weight=system.miss_weight,
+            bounded_load_factor=system.bounded_load_factor,
         ),
         logging=LoggingConfig(level="warning"),
         models=models,
