@@ -1,5 +1,5 @@
-"""The process's own resources, as every Prometheus client exports them (``process_*``), plus
-the gateway's trio tasks and client connections.
+"""The process's own resources, as every Prometheus client exports them (``process_*``,
+``python_gc_*``), plus the gateway's trio tasks and client connections.
 
 Why: a gateway that runs for weeks must show its memory, open files and tasks staying flat;
 the usual leak alerts and Grafana panels are written against the ``process_*`` names of the
@@ -10,6 +10,7 @@ from ``/proc`` (Linux) or the trio run: nothing is added to a request. The parsi
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ class ProcessReader:
 Samples = Iterable[tuple[tuple[str, ...], float]]
 
 
+def gc_samples(key: str) -> Samples:
+    """``gc.get_stats()``'s ``key`` (collections, collected, uncollectable) per generation,
+    labelled as the official client labels them ("0", "1", "2")."""
+    return [((str(i),), float(g[key])) for i, g in enumerate(gc.get_stats())]
+
+
 def register_process_metrics(
     metrics: Metrics,
     *,
@@ -174,6 +181,24 @@ def register_process_metrics(
             "OS threads of the process (trio's thread cache, the asyncio bridge, ZeroMQ's I/O"
             " thread, tokenizer pools).",
             collect=stat("threads"),
+        ),
+        Counter(
+            "python_gc_collections_total",
+            "Number of times this generation was collected.",
+            ("generation",),
+            collect=lambda: gc_samples("collections"),
+        ),
+        Counter(
+            "python_gc_objects_collected_total",
+            "Objects collected during gc.",
+            ("generation",),
+            collect=lambda: gc_samples("collected"),
+        ),
+        Counter(
+            "python_gc_objects_uncollectable_total",
+            "Uncollectable objects found during GC.",
+            ("generation",),
+            collect=lambda: gc_samples("uncollectable"),
         ),
         Gauge(
             "lmgw_tasks",

@@ -364,3 +364,30 @@ async def test_the_routes_cli(
     assert "404: no model route `chat`" in capsys.readouterr().err
     assert await lmgw("routes", "list", "--token", "wrong", *common) == 1
     assert "401" in capsys.readouterr().err
+
+
+async def test_serve_freezes_start_up_and_raises_the_young_gc_threshold() -> None:
+    """``lmgw serve`` (the CLI's ``serve``): what start-up built is frozen out of the
+    collector's sight and young collections wait for GC_YOUNG_THRESHOLD allocations; the
+    process's own settings are put back here, as they are global."""
+    import gc
+
+    from lmgw.cli import GC_YOUNG_THRESHOLD, serve
+    from lmgw.config import config_from_mapping
+    from lmgw.gateway import Gateway
+
+    old = gc.get_threshold()
+    assert old[0] < GC_YOUNG_THRESHOLD
+    try:
+        gateway = Gateway(config_from_mapping({"server": {"host": "127.0.0.1", "port": 0}}))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, gateway)
+            with trio.fail_after(20):
+                while gc.get_threshold()[0] < GC_YOUNG_THRESHOLD:
+                    await trio.sleep(0.01)
+            assert gc.get_threshold()[1:] == old[1:]
+            assert gc.get_freeze_count() > 0
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*old)

@@ -68,7 +68,7 @@ def _documented() -> dict[str, tuple[str, tuple[str, ...]]]:
     text = (DOCS / "metrics.md").read_text(encoding="utf-8")
     out = {}
     for line in text.splitlines():
-        m = re.match(r"^\| `((?:lmgw|process)_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", line)
+        m = re.match(r"^\| `((?:lmgw|process|python)_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", line)
         if m:
             labels = tuple(re.findall(r"`([a-z_]+)`", m.group(3)))
             assert labels or m.group(3).strip() == "none", line

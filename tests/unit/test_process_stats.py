@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -122,3 +123,23 @@ async def test_task_count_follows_the_tasks_of_the_run() -> None:
         assert count_tasks(trio.lowlevel.current_task()) == 1 + 3 + 1 + 2
         outer.cancel_scope.cancel()
     assert current_tasks() == base
+
+
+def test_gc_series_follow_the_collector(tmp_path: Path) -> None:
+    """python_gc_* as the official client names and labels them, read at scrape time."""
+    metrics = Metrics()
+    register_process_metrics(metrics, connections=lambda: None, reader=ProcessReader(tmp_path))
+    before = render(metrics)
+    for gen in ("0", "1", "2"):
+        for name in ("collections", "objects_collected", "objects_uncollectable"):
+            assert f'python_gc_{name}_total{{generation="{gen}"}}' in before
+    cycle: list[object] = []
+    cycle.append(cycle)  # garbage only the collector frees
+    del cycle
+    gc.collect()
+    after = render(metrics)
+    key = 'python_gc_collections_total{generation="2"}'
+    assert after[key] == before[key] + 1
+    assert after['python_gc_objects_collected_total{generation="2"}'] >= (
+        before['python_gc_objects_collected_total{generation="2"}'] + 1
+    )
