@@ -9,7 +9,6 @@ answers an error, with the gateway's message.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from .config import (
 from .errors import DECODE_ERRORS
 from .fdlimit import ensure_open_files
 from .gateway import Gateway
+from .gctune import tune_gc
 from .logs import setup_logging
 from .model_routes import SPLITS, route_body
 from .routing.registry import UnknownPolicy
@@ -59,26 +59,12 @@ async def run_until_signal(gateway, nursery: trio.Nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations (net of frees) of tracked objects between two young collections under
-``lmgw serve`` (benchmarks/README.md, "GC")."""
-
-
 async def serve(gateway: Gateway, *, ready_line: bool = False) -> None:
     cfg = gateway.config
-    ensure_open_files()  # the CLI's call, as gc.freeze() below: an embedder keeps its own
+    ensure_open_files()  # the CLI's call, as tune_gc() below: an embedder keeps its own
     async with trio.open_nursery() as nursery:
         port = await nursery.start(gateway.run)
-        # What start-up made (modules, config, routing tables, tokenizers) lives as long as the
-        # process: out of the collector's sight, a full collection under load takes ~0.4 ms
-        # instead of ~14 ms, a pause of every request in flight (benchmarks/README.md, "GC").
-        # The CLI's call: an embedding application decides for its own heap.
-        gc.freeze()
-        # A request in flight holds ~20 tracked objects (its body, exchange, route, answer
-        # builder) and leaves no cycles: at the default threshold of 700, 64 in flight made a
-        # young collection every ~40 requests that found nothing to free (~1.7 µs a request).
-        gen0, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(gen0, GC_YOUNG_THRESHOLD), gen1, gen2)
+        tune_gc()
         if ready_line:
             print(f"READY http://{cfg.server.host}:{port}", flush=True)
         await run_until_signal(gateway, nursery)

@@ -64,6 +64,7 @@ from .config import (
 from .fdlimit import ensure_open_files
 from .fleetspec import FleetSpec
 from .gateway import Gateway
+from .gctune import tune_gc
 from .pipeline.runner import dialect_for
 from .planner.standby import StandbyScaler
 from .simulators.engine import DEFAULT_TOOL_FORMAT
@@ -389,6 +390,7 @@ async def run_simulation(spec: FleetSpec, args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()  # stops the fleet
             return 2
         ports = [await nursery.start(gw.run) for gw in gateways]
+        tune_gc()  # as lmgw serve does, once the gateways have started
         spare = {wc.url for wc in standby}
         for m in fleet.members:
             kv = f"  kv_address={m.kv_address}" if m.kv_address else ""

@@ -372,9 +372,10 @@ async def test_serve_freezes_start_up_and_raises_the_young_gc_threshold() -> Non
     process's own settings are put back here, as they are global."""
     import gc
 
-    from lmgw.cli import GC_YOUNG_THRESHOLD, serve
+    from lmgw.cli import serve
     from lmgw.config import config_from_mapping
     from lmgw.gateway import Gateway
+    from lmgw.gctune import GC_YOUNG_THRESHOLD
 
     old = gc.get_threshold()
     assert old[0] < GC_YOUNG_THRESHOLD
