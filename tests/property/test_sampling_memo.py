@@ -64,6 +64,10 @@ def test_equal_values_of_other_types_are_not_confused(value: Any) -> None:
     )
 
 
+def test_the_keys_left_out_of_the_memo_key_never_reach_extra() -> None:
+    assert native._UNREAD <= native._NOT_SAMPLING
+
+
 def test_the_memo_stays_bounded() -> None:
     native._memo.clear()
     for i in range(native._MEMO_SIZE * 3):

@@ -1624,9 +1624,8 @@ class WholeAnswer:
         parts = self.parts
         if not parts:  # no Delta came: the output is the Finish's own (or there is none)
             text, ids, logprobs = finish.text, finish.token_ids, finish.logprobs
-        else:
-            if finish.text or finish.token_ids or finish.logprobs is not None:
-                self.add(finish)  # type: ignore[arg-type]
+        else:  # (a Finish without output adds nothing but an empty part)
+            self.add(finish)  # type: ignore[arg-type]
             text, ids, logprobs = "".join(parts), self.ids, self.logprobs
         usage = finish.usage
         body = synth.response(

@@ -834,17 +834,14 @@ class WorkerServer:
                         if out.logprobs:
                             logprobs = (logprobs or []) + out.logprobs
                 if out.finish_reason is not None:
-                    if not stream and job.fold:  # the whole answer in one message
-                        await self._send(sock, job, Finish(
-                            rid, 0, out.finish_reason, out.stop_reason, out.usage or Usage(),
-                            out.kv_transfer_params, prompt_logprobs, "".join(texts), ids,
-                            logprobs,
-                        ))  # fmt: skip
-                        return
                     merged = None
+                    output: tuple[str, list[int], list[Token] | None] = ("", [], None)
                     if not stream and (texts or ids or logprobs):
-                        merged = Delta(rid, 0, "".join(texts), ids, logprobs)
-                        seq = 1
+                        output = ("".join(texts), ids, logprobs)
+                        if not job.fold:  # a peer without finish_output: a Delta first
+                            merged = Delta(rid, 0, *output)
+                            output = ("", [], None)
+                            seq = 1
                     finish = Finish(
                         rid,
                         seq,
@@ -853,6 +850,7 @@ class WorkerServer:
                         out.usage or Usage(),
                         out.kv_transfer_params,
                         prompt_logprobs,
+                        *output,
                     )
                     if merged is not None:  # one send for both (one batch when batching)
                         await self._send(sock, job, merged, then=finish)
